@@ -1,0 +1,188 @@
+//! The one error type of the format layer.
+//!
+//! Messages start with QEMU's wording where QEMU has one (so that tools which
+//! match on qemu-img's errors keep working) and name the offending field and
+//! its value.
+
+use thiserror::Error;
+
+/// What is wrong with the bytes of an image.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum FormatError {
+    /// Fewer bytes than a structure needs.
+    #[error("{what} is truncated: need {needed} bytes, have {available}")]
+    Truncated {
+        /// The structure being parsed.
+        what: &'static str,
+        /// Bytes needed.
+        needed: u64,
+        /// Bytes available.
+        available: u64,
+    },
+    /// The magic is not `QFI\xfb`.
+    #[error("Image is not in qcow2 format")]
+    BadMagic {
+        /// The magic found.
+        found: u32,
+    },
+    /// `version` is neither 2 nor 3.
+    #[error("Unsupported qcow2 version {0}")]
+    UnsupportedVersion(u32),
+    /// `cluster_bits` outside 9..=21.
+    #[error("Unsupported cluster size: 2^{0}")]
+    ClusterBits(u32),
+    /// v3 `header_length` below 104.
+    #[error("qcow2 header too short (header_length {0}, at least 104 required)")]
+    HeaderTooShort(u32),
+    /// `header_length` larger than the cluster.
+    #[error("qcow2 header exceeds cluster size (header_length {header_length}, cluster size {cluster_size})")]
+    HeaderExceedsCluster {
+        /// The header length field.
+        header_length: u32,
+        /// The cluster size.
+        cluster_size: u64,
+    },
+    /// `header_length` not a multiple of 8 (the spec requires it; QEMU does not check).
+    #[error("qcow2 header_length {0} is not a multiple of 8")]
+    HeaderLengthUnaligned(u32),
+    /// `backing_file_offset` outside cluster 0.
+    #[error("Invalid backing file offset (backing_file_offset {offset}, cluster size {cluster_size})")]
+    BackingFileOffset {
+        /// The field.
+        offset: u64,
+        /// The cluster size.
+        cluster_size: u64,
+    },
+    /// Backing file name longer than 1023 bytes or past cluster 0.
+    #[error("Backing file name too long (backing_file_size {0})")]
+    BackingNameTooLong(u32),
+    /// Backing file name is not UTF-8.
+    #[error("Backing file name is not valid UTF-8")]
+    BackingNameEncoding,
+    /// A header extension runs past the end of the extension area.
+    #[error("Header extension too large (extension 0x{magic:08x} at offset {offset} with length {length})")]
+    ExtensionTooLarge {
+        /// The extension type.
+        magic: u32,
+        /// Where its data starts.
+        offset: u64,
+        /// The length field.
+        length: u32,
+    },
+    /// An extension type appears twice.
+    #[error("Header extension 0x{0:08x} appears more than once")]
+    DuplicateExtension(u32),
+    /// A known extension has the wrong size or content.
+    #[error("Invalid header extension 0x{magic:08x}: {reason}")]
+    InvalidExtension {
+        /// The extension type.
+        magic: u32,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Unknown incompatible feature bits.
+    #[error("Unsupported qcow2 feature(s): {0}")]
+    UnsupportedFeatures(String),
+    /// `refcount_order` above 6.
+    #[error("Reference count entry width too large; may not exceed 64 bits (refcount_order {0})")]
+    RefcountOrder(u32),
+    /// `crypt_method` above 2.
+    #[error("Unsupported encryption method: {0}")]
+    CryptMethod(u32),
+    /// The compression type is unknown or disagrees with incompatible bit 3.
+    #[error("qcow2: {0}")]
+    CompressionType(String),
+    /// Extended L2 with clusters too small for 512-byte subclusters.
+    #[error("Unsupported subcluster size: {0}")]
+    SubclusterSize(u64),
+    /// `refcount_table_clusters` is 0.
+    #[error("Image does not contain a reference count table")]
+    NoRefcountTable,
+    /// A table is larger than its limit.
+    #[error("{table} too large ({entries} entries of {entry_size} bytes, limit {limit} bytes)")]
+    TableTooLarge {
+        /// Which table.
+        table: &'static str,
+        /// Its entry count.
+        entries: u64,
+        /// Bytes per entry.
+        entry_size: u64,
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// A table offset is unaligned or the table would end past `i64::MAX`.
+    #[error("{table} offset invalid (offset 0x{offset:x})")]
+    TableOffset {
+        /// Which table.
+        table: &'static str,
+        /// The offset.
+        offset: u64,
+    },
+    /// A table lies (partly) past the end of the image file.
+    #[error("{table} at offset 0x{offset:x} with {length} bytes lies past the end of the file ({file_len} bytes)")]
+    TablePastEof {
+        /// Which table.
+        table: &'static str,
+        /// The offset.
+        offset: u64,
+        /// The table size in bytes.
+        length: u64,
+        /// The file length.
+        file_len: u64,
+    },
+    /// A table overlaps the header cluster.
+    #[error("{table} at offset 0x{offset:x} overlaps the image header")]
+    TableOverlapsHeader {
+        /// Which table.
+        table: &'static str,
+        /// The offset.
+        offset: u64,
+    },
+    /// The guest size makes L1 index arithmetic overflow.
+    #[error("Image is too big (size {0})")]
+    ImageTooBig(u64),
+    /// The active L1 is too small for the guest size.
+    #[error("L1 table is too small (l1_size {l1_size}, {needed} entries needed for size {size})")]
+    L1TooSmall {
+        /// The l1_size field.
+        l1_size: u32,
+        /// Entries needed.
+        needed: u64,
+        /// The guest size.
+        size: u64,
+    },
+    /// A table entry has reserved bits set or an unaligned offset.
+    #[error("{table} entry 0x{entry:016x} is invalid: {reason}")]
+    InvalidEntry {
+        /// Which table.
+        table: &'static str,
+        /// The raw entry.
+        entry: u64,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// A snapshot table entry is malformed.
+    #[error("Snapshot table entry {index} is invalid: {reason}")]
+    InvalidSnapshot {
+        /// Position in the table.
+        index: u32,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A value does not fit a header field.
+    #[error("{field} value {value} does not fit the header")]
+    FieldOverflow {
+        /// The field.
+        field: &'static str,
+        /// The value.
+        value: u64,
+    },
+    /// The header with its extensions and backing name does not fit cluster 0.
+    #[error("The header does not fit in the first cluster ({needed} bytes needed, cluster size {cluster_size})")]
+    HeaderTooLarge {
+        /// Bytes needed.
+        needed: u64,
+        /// The cluster size.
+        cluster_size: u64,
+    },
+}

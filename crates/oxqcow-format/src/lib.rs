@@ -1,0 +1,26 @@
+//! The qcow2 on-disk format: bytes in, validated typed values out, and back.
+//!
+//! This crate owns every byte layout of a qcow2 image: the header and its
+//! extensions, L1/L2 table entries, refcount table entries and refcount
+//! blocks of any width, compressed cluster descriptors and the snapshot table.
+//! It does no I/O and keeps no state; the engine (`oxqcow`) reads bytes from
+//! storage and hands them here, so that no logic module ever slices bytes.
+//! Every size read from disk is bounded here (see [`limits`]) before anything
+//! is allocated or computed from it.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod header;
+pub mod limits;
+pub mod refcount;
+pub mod snapshot;
+pub mod table;
+pub mod types;
+
+pub use error::FormatError;
+pub use header::{Extensions, FeatureName, FeatureType, Header, UnknownExtension};
+pub use refcount::{RefcountBlock, RefcountTableEntry};
+pub use snapshot::{SnapshotEntry, SnapshotTable};
+pub use table::{CompressedDescriptor, L1Entry, L2Entry, L2Mapping};
+pub use types::{Geometry, GuestOffset, HostCluster, HostOffset};
