@@ -828,3 +828,19 @@ fn parse_extensions(
 
 #[cfg(test)]
 mod tests;
+
+/// Byte position and encoding of the `refcount_table_offset` and
+/// `refcount_table_clusters` fields, for the one in-place header update that
+/// refcount table growth makes (as QEMU does, without rewriting cluster 0).
+pub fn refcount_table_fields(offset: u64, clusters: u32) -> (u64, [u8; 12]) {
+    let mut b = [0u8; 12];
+    b[..8].copy_from_slice(&offset.to_be_bytes());
+    b[8..].copy_from_slice(&clusters.to_be_bytes());
+    (48, b)
+}
+
+/// Byte position and encoding of `incompatible_features`, for setting the
+/// dirty bit in place before the first write with lazy refcounts.
+pub fn incompatible_features_field(features: u64) -> (u64, [u8; 8]) {
+    (72, features.to_be_bytes())
+}

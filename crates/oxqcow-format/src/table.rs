@@ -40,6 +40,19 @@ pub fn encode_entries_into(entries: &[u64], out: &mut [u8]) {
     }
 }
 
+/// Reads the first word of L2 entry `index` from an L2 table's bytes
+/// (`entry_size` is 8, or 16 for extended entries).
+pub fn read_l2_word(table: &[u8], index: usize, entry_size: usize) -> u64 {
+    let at = index * entry_size;
+    u64::from_be_bytes(table[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Writes the first word of L2 entry `index` into an L2 table's bytes.
+pub fn write_l2_word(table: &mut [u8], index: usize, entry_size: usize, word: u64) {
+    let at = index * entry_size;
+    table[at..at + 8].copy_from_slice(&word.to_be_bytes());
+}
+
 /// An entry of an L1 table: the host offset of an L2 table and COPIED.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct L1Entry(pub u64);

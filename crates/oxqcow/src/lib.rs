@@ -1,1 +1,45 @@
-//! placeholder
+//! oxqcow: a qcow2 disk image engine.
+//!
+//! Open or create qcow2 (v2 and v3) and raw images and use them from many
+//! threads at once: [`Image`] / [`Qcow2`] / [`Raw`] take `&self` for every
+//! I/O call (`read_at`, `write_at`, `write_zeroes_at`, `discard`, `flush`,
+//! `block_status`), and the metadata lock is never held across guest data
+//! I/O. See ARCHITECTURE.md for the design and the crash-safety rules.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod cache;
+pub mod check;
+pub mod cursor;
+pub mod error;
+pub mod image;
+pub mod mapping;
+pub mod measure;
+pub mod options;
+mod qcow2;
+pub mod raw;
+mod refcount;
+mod resize;
+pub mod storage;
+mod write;
+
+pub use check::{CheckReport, RepairMode};
+pub use cursor::ImageCursor;
+pub use error::{Error, ErrorKind, Result};
+pub use image::{probe_format, BlockDevice, Image};
+pub use mapping::Extent;
+pub use options::{Compat, CompressionType, CreateOptions, ImageFormat, OpenOptions, Preallocation};
+pub use oxqcow_format as format;
+pub use qcow2::{Qcow2, Qcow2Info};
+pub use raw::Raw;
+pub use storage::{FileStorage, MemoryStorage, Storage};
+
+impl Qcow2 {
+    /// Checks the image's consistency, repairing what `repair` allows.
+    pub fn check(&self, repair: Option<RepairMode>) -> Result<CheckReport> {
+        if repair.is_some() && self.is_read_only() {
+            return Err(Error::ReadOnly);
+        }
+        self.exclusive(|m, st| check::check(m, st, repair))
+    }
+}

@@ -1,0 +1,104 @@
+//! The engine's one error type.
+//!
+//! Every variant says what was wrong and where: host I/O errors carry the
+//! operation and offset, format errors the field and value, corruption the
+//! offset of the damaged structure.
+
+use std::io;
+
+use oxqcow_format::FormatError;
+use thiserror::Error;
+
+/// A stable classification of errors, for callers that branch on them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The host storage failed.
+    Io,
+    /// The image bytes are not a valid image of the format.
+    InvalidFormat,
+    /// The image uses something this version does not implement.
+    Unsupported,
+    /// The image's metadata is inconsistent.
+    Corrupt,
+    /// A request reaches past the end of the disk.
+    OutOfBounds,
+    /// The image was opened read-only.
+    ReadOnly,
+    /// A caller-supplied value is invalid.
+    InvalidArgument,
+    /// A table would exceed its size limit.
+    NoSpace,
+    /// An earlier metadata write failed; the image refuses writes until reopened.
+    Failed,
+}
+
+/// Errors of the oxqcow engine.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// The host storage failed.
+    #[error("{op} at offset {offset}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// Host offset.
+        offset: u64,
+        /// The host error.
+        #[source]
+        source: io::Error,
+    },
+    /// The image is not valid.
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    /// Not implemented yet.
+    #[error("not supported yet: {0}")]
+    Unsupported(String),
+    /// Inconsistent metadata.
+    #[error("{0}")]
+    Corrupt(String),
+    /// Request outside the disk.
+    #[error("request at offset {offset} with length {len} is past the end of the disk ({size} bytes)")]
+    OutOfBounds {
+        /// Guest offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// Disk size.
+        size: u64,
+    },
+    /// Write to a read-only image.
+    #[error("Image is read-only")]
+    ReadOnly,
+    /// Bad caller input.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// A table would grow past its limit.
+    #[error("{0}")]
+    NoSpace(String),
+    /// Sticky failure after a failed metadata write.
+    #[error("an earlier metadata update failed ({0}); reopen the image")]
+    Failed(String),
+}
+
+impl Error {
+    /// The classification of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Io { .. } => ErrorKind::Io,
+            Error::Format(_) => ErrorKind::InvalidFormat,
+            Error::Unsupported(_) => ErrorKind::Unsupported,
+            Error::Corrupt(_) => ErrorKind::Corrupt,
+            Error::OutOfBounds { .. } => ErrorKind::OutOfBounds,
+            Error::ReadOnly => ErrorKind::ReadOnly,
+            Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
+            Error::NoSpace(_) => ErrorKind::NoSpace,
+            Error::Failed(_) => ErrorKind::Failed,
+        }
+    }
+
+    pub(crate) fn io(op: &'static str, offset: u64) -> impl FnOnce(io::Error) -> Error {
+        move |source| Error::Io { op, offset, source }
+    }
+}
+
+/// Result with the engine's error.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,208 @@
+//! One type for every format: [`Image`] opens qcow2 or raw (probing when the
+//! caller does not say) and [`BlockDevice`] is what convert, compare, the
+//! NBD server and the cursor adapter work against.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::check::{CheckReport, RepairMode};
+use crate::error::{Error, Result};
+use crate::mapping::Extent;
+use crate::options::{CreateOptions, ImageFormat, OpenOptions, Preallocation};
+use crate::qcow2::Qcow2;
+use crate::raw::Raw;
+use crate::storage::{FileStorage, Storage};
+
+/// Byte-granular block I/O, safe from many threads at once.
+pub trait BlockDevice: Send + Sync {
+    /// Disk size in bytes.
+    fn len(&self) -> u64;
+    /// Whether the disk is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Reads `buf.len()` bytes at `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// Writes `buf` at `offset`.
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+    /// Makes a range read as zeros; with `may_unmap` storage may be released.
+    fn write_zeroes_at(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()>;
+    /// Tells the image a range is no longer needed.
+    fn discard(&self, offset: u64, len: u64) -> Result<()>;
+    /// Makes completed writes durable.
+    fn flush(&self) -> Result<()>;
+    /// Allocation status of a range.
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>>;
+    /// Whether writes are refused.
+    fn is_read_only(&self) -> bool;
+}
+
+/// An open image of any supported format.
+// One value per open image: the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum Image {
+    /// qcow2.
+    Qcow2(Qcow2),
+    /// raw.
+    Raw(Raw),
+}
+
+/// Guesses the format of storage from its first bytes, as QEMU probes:
+/// qcow2 by its magic, raw otherwise.
+pub fn probe_format(storage: &dyn Storage) -> Result<ImageFormat> {
+    let mut prefix = [0u8; 8];
+    storage.read_at(&mut prefix, 0).map_err(Error::io("probing the image format", 0))?;
+    Ok(if oxqcow_format::header::has_magic(&prefix) { ImageFormat::Qcow2 } else { ImageFormat::Raw })
+}
+
+impl Image {
+    /// Opens the image file at `path`.
+    pub fn open(path: &Path, opts: &OpenOptions) -> Result<Image> {
+        let storage = FileStorage::open(path, !opts.read_only).map_err(Error::io("opening the image", 0))?;
+        Image::open_storage(Arc::new(storage), opts)
+    }
+
+    /// Opens an image on any storage.
+    pub fn open_storage(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Image> {
+        let format = match opts.format {
+            Some(f) => f,
+            None => probe_format(&*storage)?,
+        };
+        Ok(match format {
+            ImageFormat::Qcow2 => Image::Qcow2(Qcow2::open(storage, opts)?),
+            ImageFormat::Raw => Image::Raw(Raw::open(storage, opts.read_only)?),
+        })
+    }
+
+    /// Creates an image file at `path` (replacing any file there).
+    pub fn create(path: &Path, opts: &CreateOptions) -> Result<Image> {
+        let storage = FileStorage::create(path).map_err(Error::io("creating the image", 0))?;
+        Image::create_storage(Arc::new(storage), opts)
+    }
+
+    /// Creates an image on any storage.
+    pub fn create_storage(storage: Arc<dyn Storage>, opts: &CreateOptions) -> Result<Image> {
+        Ok(match opts.format {
+            ImageFormat::Qcow2 => Image::Qcow2(Qcow2::create(storage, opts)?),
+            ImageFormat::Raw => Image::Raw(Raw::create(storage, opts.size, opts.preallocation)?),
+        })
+    }
+
+    /// The format.
+    pub fn format(&self) -> ImageFormat {
+        match self {
+            Image::Qcow2(_) => ImageFormat::Qcow2,
+            Image::Raw(_) => ImageFormat::Raw,
+        }
+    }
+
+    /// The host storage.
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        match self {
+            Image::Qcow2(q) => q.storage(),
+            Image::Raw(r) => r.storage(),
+        }
+    }
+
+    /// The qcow2 image, if it is one.
+    pub fn as_qcow2(&self) -> Option<&Qcow2> {
+        match self {
+            Image::Qcow2(q) => Some(q),
+            Image::Raw(_) => None,
+        }
+    }
+
+    /// Changes the disk size.
+    pub fn resize(&self, new_size: u64, prealloc: Preallocation) -> Result<()> {
+        match self {
+            Image::Qcow2(q) => q.resize(new_size, prealloc),
+            Image::Raw(r) => r.resize(new_size, prealloc),
+        }
+    }
+
+    /// Checks the image (qcow2 only; raw images cannot be checked).
+    pub fn check(&self, repair: Option<RepairMode>) -> Result<CheckReport> {
+        match self {
+            Image::Qcow2(q) => q.check(repair),
+            Image::Raw(_) => Err(Error::Unsupported("checking raw images".into())),
+        }
+    }
+
+    /// Flushes and closes.
+    pub fn close(self) -> Result<()> {
+        match self {
+            Image::Qcow2(q) => q.close(),
+            Image::Raw(r) => r.flush(),
+        }
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $inner:ident => $e:expr) => {
+        match $self {
+            Image::Qcow2($inner) => $e,
+            Image::Raw($inner) => $e,
+        }
+    };
+}
+
+impl BlockDevice for Image {
+    fn len(&self) -> u64 {
+        delegate!(self, i => i.len())
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        delegate!(self, i => i.read_at(buf, offset))
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        delegate!(self, i => i.write_at(buf, offset))
+    }
+    fn write_zeroes_at(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        delegate!(self, i => i.write_zeroes_at(offset, len, may_unmap))
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        delegate!(self, i => i.discard(offset, len))
+    }
+    fn flush(&self) -> Result<()> {
+        delegate!(self, i => i.flush())
+    }
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        delegate!(self, i => i.block_status(offset, len))
+    }
+    fn is_read_only(&self) -> bool {
+        delegate!(self, i => i.is_read_only())
+    }
+}
+
+macro_rules! impl_block_device {
+    ($t:ty) => {
+        impl BlockDevice for $t {
+            fn len(&self) -> u64 {
+                <$t>::len(self)
+            }
+            fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+                <$t>::read_at(self, buf, offset)
+            }
+            fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+                <$t>::write_at(self, buf, offset)
+            }
+            fn write_zeroes_at(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+                <$t>::write_zeroes_at(self, offset, len, may_unmap)
+            }
+            fn discard(&self, offset: u64, len: u64) -> Result<()> {
+                <$t>::discard(self, offset, len)
+            }
+            fn flush(&self) -> Result<()> {
+                <$t>::flush(self)
+            }
+            fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+                <$t>::block_status(self, offset, len)
+            }
+            fn is_read_only(&self) -> bool {
+                <$t>::is_read_only(self)
+            }
+        }
+    };
+}
+
+impl_block_device!(Qcow2);
+impl_block_device!(Raw);

@@ -1,0 +1,265 @@
+//! Guest offset to host location: L1/L2 lookup, read plans and block status.
+//!
+//! A lookup runs under the metadata lock and returns a plan; the caller
+//! performs the data I/O after releasing the lock.
+
+use oxqcow_format::table::{read_l2_word, L1Entry};
+use oxqcow_format::{GuestOffset, L2Entry, L2Mapping};
+
+use crate::error::{Error, Result};
+use crate::qcow2::Meta;
+use crate::storage::Storage;
+
+/// One piece of a read plan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ReadSegment {
+    /// Reads as zeros.
+    Zero(u64),
+    /// Reads from the image file.
+    Data {
+        /// Host offset.
+        host: u64,
+        /// Length.
+        len: u64,
+    },
+}
+
+impl ReadSegment {
+    pub(crate) fn len(&self) -> u64 {
+        match *self {
+            ReadSegment::Zero(l) | ReadSegment::Data { len: l, .. } => l,
+        }
+    }
+}
+
+/// The status of a run of guest bytes, as `qemu-img map` reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// Guest offset.
+    pub offset: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// Described by some layer of the image (`present` in qemu-img map).
+    pub present: bool,
+    /// Reads as zeros.
+    pub zero: bool,
+    /// Stored as data in some layer.
+    pub data: bool,
+    /// Stored compressed.
+    pub compressed: bool,
+    /// Host offset of the data, when it is stored uncompressed.
+    pub host_offset: Option<u64>,
+    /// Number of backing layers above the one that describes the run.
+    pub depth: u32,
+}
+
+impl Extent {
+    fn mergeable(&self, next: &Extent) -> bool {
+        self.offset + self.length == next.offset
+            && self.present == next.present
+            && self.zero == next.zero
+            && self.data == next.data
+            && self.compressed == next.compressed
+            && self.depth == next.depth
+            && match (self.host_offset, next.host_offset) {
+                (None, None) => true,
+                (Some(a), Some(b)) => a + self.length == b,
+                _ => false,
+            }
+    }
+}
+
+/// Appends an extent, merging it into the last one when they continue each other.
+pub(crate) fn push_extent(out: &mut Vec<Extent>, e: Extent) {
+    if let Some(last) = out.last_mut() {
+        if last.mergeable(&e) {
+            last.length += e.length;
+            return;
+        }
+    }
+    out.push(e);
+}
+
+impl Meta {
+    /// The L2 table offset for `l1_index`, or `None` when unallocated.
+    pub(crate) fn l2_offset(&self, l1_index: u64) -> Result<Option<u64>> {
+        let Some(&raw) = self.l1.get(l1_index as usize) else { return Ok(None) };
+        let e = L1Entry(raw);
+        e.validate(&self.geometry).map_err(|err| Error::Corrupt(format!("L1 entry {l1_index} is invalid: {err}")))?;
+        match e.l2_offset() {
+            None => Ok(None),
+            Some(o) => {
+                if self.geometry.host_cluster(o).0 >= self.refcounts.host_end {
+                    return Err(Error::Corrupt(format!(
+                        "L1 entry {l1_index} points at an L2 table at offset 0x{:x}, past the end of the file",
+                        o.0
+                    )));
+                }
+                if o.0 < self.geometry.cluster_size() {
+                    return Err(Error::Corrupt(format!("L1 entry {l1_index} points at the image header")));
+                }
+                Ok(Some(o.0))
+            }
+        }
+    }
+
+    /// Makes sure the L2 table at `offset` is cached.
+    pub(crate) fn load_l2(&mut self, storage: &dyn Storage, offset: u64) -> Result<()> {
+        if self.l2.contains(offset) {
+            return Ok(());
+        }
+        self.make_room_l2(storage)?;
+        let mut data = vec![0u8; self.geometry.cluster_size() as usize].into_boxed_slice();
+        storage.read_at(&mut data, offset).map_err(Error::io("reading an L2 table", offset))?;
+        self.l2.insert(offset, data, false);
+        Ok(())
+    }
+
+    /// Evicts tables until there is room for one more.
+    pub(crate) fn make_room_l2(&mut self, storage: &dyn Storage) -> Result<()> {
+        while let Some((offset, dirty)) = self.l2.victim() {
+            if dirty {
+                self.write_back_l2(storage, offset)?;
+            }
+            self.l2.remove(offset);
+        }
+        Ok(())
+    }
+
+    /// Reads L2 entry `index` of the cached table at `offset`.
+    pub(crate) fn l2_entry(&mut self, offset: u64, index: usize) -> L2Entry {
+        let size = self.geometry.l2_entry_size() as usize;
+        L2Entry(read_l2_word(self.l2.get(offset).expect("table loaded"), index, size))
+    }
+
+    /// The decoded mapping of entry `index` of the cached table at `table`.
+    pub(crate) fn mapping_at(&mut self, table: u64, index: usize) -> Result<L2Mapping> {
+        let entry = self.l2_entry(table, index);
+        self.decode(entry, table, index)
+    }
+
+    /// Decodes an entry, turning format errors into corruption reports that
+    /// say where the entry is, and checking the host offset is in the file.
+    pub(crate) fn decode(&self, entry: L2Entry, table: u64, index: usize) -> Result<L2Mapping> {
+        let m = entry
+            .mapping(&self.geometry, self.header.version)
+            .map_err(|e| Error::Corrupt(format!("L2 table at offset 0x{table:x}, entry {index}: {e}")))?;
+        if let Some(host) = m.host_cluster() {
+            if self.geometry.host_cluster(host).0 >= self.refcounts.host_end {
+                return Err(Error::Corrupt(format!(
+                    "L2 table at offset 0x{table:x}, entry {index}: cluster offset 0x{:x} is past the end of the file",
+                    host.0
+                )));
+            }
+            if host.0 < self.geometry.cluster_size() {
+                return Err(Error::Corrupt(format!(
+                    "L2 table at offset 0x{table:x}, entry {index}: data cluster overlaps the image header"
+                )));
+            }
+        }
+        if let L2Mapping::Compressed(_) = m {
+            return Err(Error::Unsupported(format!(
+                "compressed clusters (L2 table at offset 0x{table:x}, entry {index})"
+            )));
+        }
+        Ok(m)
+    }
+
+    /// Visits the mapping of every cluster touched by `[offset, offset + len)`,
+    /// calling `f(guest_offset_of_piece, piece_len, offset_in_cluster, mapping)`.
+    fn walk(
+        &mut self,
+        storage: &dyn Storage,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(u64, u64, u64, L2Mapping),
+    ) -> Result<()> {
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let l1_index = g.l1_index(GuestOffset(pos));
+            let table_end = end.min((l1_index + 1) * g.bytes_per_l2());
+            match self.l2_offset(l1_index)? {
+                None => {
+                    f(pos, table_end - pos, g.offset_in_cluster(pos), L2Mapping::Unallocated);
+                    pos = table_end;
+                }
+                Some(table) => {
+                    self.load_l2(storage, table)?;
+                    while pos < table_end {
+                        let index = g.l2_index(GuestOffset(pos));
+                        let in_cluster = g.offset_in_cluster(pos);
+                        let piece = (cs - in_cluster).min(table_end - pos);
+                        let entry = self.l2_entry(table, index);
+                        let m = self.decode(entry, table, index)?;
+                        f(pos, piece, in_cluster, m);
+                        pos += piece;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Plans a read of `[offset, offset + len)`.
+    pub(crate) fn plan_read(&mut self, storage: &dyn Storage, offset: u64, len: u64) -> Result<Vec<ReadSegment>> {
+        let mut plan: Vec<ReadSegment> = Vec::new();
+        self.walk(storage, offset, len, |_, piece, in_cluster, m| {
+            let seg = match m {
+                L2Mapping::Normal { host, .. } => ReadSegment::Data { host: host.0 + in_cluster, len: piece },
+                _ => ReadSegment::Zero(piece),
+            };
+            match (plan.last_mut(), seg) {
+                (Some(ReadSegment::Zero(l)), ReadSegment::Zero(n)) => *l += n,
+                (Some(ReadSegment::Data { host, len }), ReadSegment::Data { host: h, len: n }) if *host + *len == h => {
+                    *len += n
+                }
+                _ => plan.push(seg),
+            }
+        })?;
+        Ok(plan)
+    }
+
+    /// Block status of `[offset, offset + len)`.
+    pub(crate) fn block_status(&mut self, storage: &dyn Storage, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let mut out = Vec::new();
+        self.walk(storage, offset, len, |pos, piece, in_cluster, m| {
+            let (present, zero, data, host) = match m {
+                L2Mapping::Unallocated => (false, true, false, None),
+                L2Mapping::ZeroPlain => (true, true, false, None),
+                L2Mapping::ZeroAllocated { host, .. } => (true, true, false, Some(host.0 + in_cluster)),
+                L2Mapping::Normal { host, .. } => (true, false, true, Some(host.0 + in_cluster)),
+                L2Mapping::Compressed(_) => (true, false, true, None),
+            };
+            let compressed = matches!(m, L2Mapping::Compressed(_));
+            push_extent(
+                &mut out,
+                Extent { offset: pos, length: piece, present, zero, data, compressed, host_offset: host, depth: 0 },
+            );
+        })?;
+        // Data clusters over holes of the host file read as zeros too.
+        let mut refined = Vec::with_capacity(out.len());
+        for e in out {
+            match e.host_offset {
+                Some(host) if e.data => {
+                    let runs =
+                        storage.data_runs(host, e.length).map_err(Error::io("querying host allocation", host))?;
+                    for (h, l, is_data) in runs {
+                        let piece = Extent {
+                            offset: e.offset + (h - host),
+                            length: l,
+                            zero: !is_data,
+                            host_offset: Some(h),
+                            ..e
+                        };
+                        push_extent(&mut refined, piece);
+                    }
+                }
+                _ => push_extent(&mut refined, e),
+            }
+        }
+        Ok(refined)
+    }
+}

@@ -1,0 +1,1 @@
+//! Space estimates for new images (`qemu-img measure`).

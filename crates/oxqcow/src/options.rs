@@ -1,0 +1,467 @@
+//! Typed options for opening and creating images, and the parser for QEMU's
+//! option strings (`-o key=value,...`) that the command line shares.
+
+use crate::error::{Error, Result};
+
+/// Image formats.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ImageFormat {
+    /// qcow2.
+    #[default]
+    Qcow2,
+    /// A flat image.
+    Raw,
+}
+
+impl ImageFormat {
+    /// The format's name as QEMU spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ImageFormat::Qcow2 => "qcow2",
+            ImageFormat::Raw => "raw",
+        }
+    }
+    /// Parses a format name.
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name {
+            "qcow2" => Ok(ImageFormat::Qcow2),
+            "raw" => Ok(ImageFormat::Raw),
+            other => Err(Error::InvalidArgument(format!("Unknown driver '{other}'"))),
+        }
+    }
+}
+
+/// How much of a new image (or of the new part of a grown one) to allocate up front.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Preallocation {
+    /// Nothing.
+    #[default]
+    Off,
+    /// Metadata (L2 tables and data cluster mappings), file left sparse.
+    Metadata,
+    /// Metadata and host space reserved with `fallocate`.
+    Falloc,
+    /// Metadata and zeros written to every data cluster.
+    Full,
+}
+
+impl Preallocation {
+    /// Parses QEMU's names.
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name {
+            "off" => Ok(Preallocation::Off),
+            "metadata" => Ok(Preallocation::Metadata),
+            "falloc" => Ok(Preallocation::Falloc),
+            "full" => Ok(Preallocation::Full),
+            other => Err(Error::InvalidArgument(format!("Parameter 'preallocation' does not accept value '{other}'"))),
+        }
+    }
+    /// QEMU's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preallocation::Off => "off",
+            Preallocation::Metadata => "metadata",
+            Preallocation::Falloc => "falloc",
+            Preallocation::Full => "full",
+        }
+    }
+}
+
+/// Options for opening an image.
+#[derive(Clone, Debug, Default)]
+pub struct OpenOptions {
+    /// Open read-only.
+    pub read_only: bool,
+    /// The format; probed from the first bytes when `None`.
+    pub format: Option<ImageFormat>,
+    /// L2 table cache size in bytes (`l2-cache-size`).
+    pub l2_cache_size: Option<u64>,
+    /// Refcount block cache size in bytes (`refcount-cache-size`).
+    pub refcount_cache_size: Option<u64>,
+    /// Combined cache size in bytes (`cache-size`).
+    pub cache_size: Option<u64>,
+    /// Punch holes in the host file for clusters freed by discard requests
+    /// (`pass-discard-request`).
+    pub discard_passthrough: bool,
+    /// Open for repair: accept the corrupt and dirty bits without the
+    /// automatic refcount rebuild (what `check -r` needs).
+    pub repair: bool,
+    /// Override the image's lazy refcounts setting for this session
+    /// (`lazy-refcounts`).
+    pub lazy_refcounts: Option<bool>,
+}
+
+impl OpenOptions {
+    /// Default options: read-write, format probed.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Sets read-only.
+    pub fn read_only(mut self, ro: bool) -> Self {
+        self.read_only = ro;
+        self
+    }
+    /// Sets the format.
+    pub fn format(mut self, format: ImageFormat) -> Self {
+        self.format = Some(format);
+        self
+    }
+    /// Applies one QEMU runtime option (`l2-cache-size=1M`, ...).
+    pub fn apply_qemu_option(&mut self, key: &str, value: &str) -> Result<()> {
+        match key {
+            "l2-cache-size" => self.l2_cache_size = Some(parse_size(value)?),
+            "refcount-cache-size" => self.refcount_cache_size = Some(parse_size(value)?),
+            "cache-size" => self.cache_size = Some(parse_size(value)?),
+            "pass-discard-request" => self.discard_passthrough = parse_bool(key, value)?,
+            "lazy-refcounts" => self.lazy_refcounts = Some(parse_bool(key, value)?),
+            "read-only" => self.read_only = parse_bool(key, value)?,
+            "driver" => self.format = Some(ImageFormat::from_name(value)?),
+            _ => return Err(Error::InvalidArgument(format!("Invalid parameter '{key}'"))),
+        }
+        Ok(())
+    }
+}
+
+/// qcow2 compatibility level.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Compat {
+    /// Version 2 (`compat=0.10`).
+    V2,
+    /// Version 3 (`compat=1.1`).
+    #[default]
+    V3,
+}
+
+impl Compat {
+    /// The header version.
+    pub fn version(self) -> u32 {
+        match self {
+            Compat::V2 => 2,
+            Compat::V3 => 3,
+        }
+    }
+    /// QEMU's name ("0.10" or "1.1").
+    pub fn name(self) -> &'static str {
+        match self {
+            Compat::V2 => "0.10",
+            Compat::V3 => "1.1",
+        }
+    }
+}
+
+/// Compression algorithm for compressed clusters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CompressionType {
+    /// Raw deflate ("zlib" in QEMU's options).
+    #[default]
+    Zlib,
+    /// zstd.
+    Zstd,
+}
+
+impl CompressionType {
+    /// QEMU's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            CompressionType::Zlib => "zlib",
+            CompressionType::Zstd => "zstd",
+        }
+    }
+}
+
+/// Options for creating an image.
+#[derive(Clone, Debug)]
+pub struct CreateOptions {
+    /// The format.
+    pub format: ImageFormat,
+    /// Guest size in bytes (rounded up to 512 as QEMU does).
+    pub size: u64,
+    /// Compatibility level.
+    pub compat: Compat,
+    /// Cluster size in bytes.
+    pub cluster_size: u64,
+    /// Lazy refcounts.
+    pub lazy_refcounts: bool,
+    /// Refcount width in bits.
+    pub refcount_bits: u32,
+    /// Preallocation mode.
+    pub preallocation: Preallocation,
+    /// Extended L2 entries.
+    pub extended_l2: bool,
+    /// Compression type.
+    pub compression_type: CompressionType,
+    /// Backing file name to record.
+    pub backing_file: Option<String>,
+    /// Backing file format to record.
+    pub backing_format: Option<String>,
+    /// External data file.
+    pub data_file: Option<String>,
+    /// External data file is raw.
+    pub data_file_raw: bool,
+    /// Whether `size` was given (the backing file supplies it otherwise).
+    pub size_given: bool,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            format: ImageFormat::Qcow2,
+            size: 0,
+            compat: Compat::V3,
+            cluster_size: 65536,
+            lazy_refcounts: false,
+            refcount_bits: 16,
+            preallocation: Preallocation::Off,
+            extended_l2: false,
+            compression_type: CompressionType::Zlib,
+            backing_file: None,
+            backing_format: None,
+            data_file: None,
+            data_file_raw: false,
+            size_given: false,
+        }
+    }
+}
+
+impl CreateOptions {
+    /// A qcow2 image of `size` bytes with QEMU's defaults.
+    pub fn qcow2(size: u64) -> Self {
+        CreateOptions { size, size_given: true, ..Default::default() }
+    }
+    /// A raw image of `size` bytes.
+    pub fn raw(size: u64) -> Self {
+        CreateOptions { format: ImageFormat::Raw, size, size_given: true, ..Default::default() }
+    }
+    /// Sets the cluster size.
+    pub fn cluster_size(mut self, bytes: u64) -> Self {
+        self.cluster_size = bytes;
+        self
+    }
+    /// Sets the compatibility level.
+    pub fn compat(mut self, compat: Compat) -> Self {
+        self.compat = compat;
+        self
+    }
+    /// Sets the refcount width.
+    pub fn refcount_bits(mut self, bits: u32) -> Self {
+        self.refcount_bits = bits;
+        self
+    }
+    /// Sets lazy refcounts.
+    pub fn lazy_refcounts(mut self, on: bool) -> Self {
+        self.lazy_refcounts = on;
+        self
+    }
+    /// Sets the preallocation mode.
+    pub fn preallocation(mut self, mode: Preallocation) -> Self {
+        self.preallocation = mode;
+        self
+    }
+
+    /// Applies one QEMU creation option (`cluster_size=4k`, `compat=0.10`, ...).
+    pub fn apply_qemu_option(&mut self, key: &str, value: &str) -> Result<()> {
+        let qcow2_only = |s: &Self| -> Result<()> {
+            if s.format != ImageFormat::Qcow2 {
+                return Err(Error::InvalidArgument(format!("Invalid parameter '{key}'")));
+            }
+            Ok(())
+        };
+        match key {
+            "size" => {
+                self.size = parse_size(value)?;
+                self.size_given = true;
+            }
+            "preallocation" => self.preallocation = Preallocation::from_name(value)?,
+            "compat" => {
+                qcow2_only(self)?;
+                self.compat = match value {
+                    "0.10" | "v2" => Compat::V2,
+                    "1.1" | "v3" => Compat::V3,
+                    other => return Err(Error::InvalidArgument(format!("Invalid compatibility level: '{other}'"))),
+                }
+            }
+            "cluster_size" => {
+                qcow2_only(self)?;
+                self.cluster_size = parse_size(value)?;
+            }
+            "lazy_refcounts" => {
+                qcow2_only(self)?;
+                self.lazy_refcounts = parse_bool(key, value)?;
+            }
+            "refcount_bits" => {
+                qcow2_only(self)?;
+                self.refcount_bits = value.parse().map_err(|_| {
+                    Error::InvalidArgument(format!("Parameter 'refcount_bits' expects a number, got '{value}'"))
+                })?;
+            }
+            "extended_l2" => {
+                qcow2_only(self)?;
+                self.extended_l2 = parse_bool(key, value)?;
+            }
+            "compression_type" => {
+                qcow2_only(self)?;
+                self.compression_type = match value {
+                    "zlib" => CompressionType::Zlib,
+                    "zstd" => CompressionType::Zstd,
+                    other => {
+                        return Err(Error::InvalidArgument(format!(
+                            "Parameter 'compression-type' does not accept value '{other}'"
+                        )))
+                    }
+                }
+            }
+            "backing_file" => {
+                qcow2_only(self)?;
+                self.backing_file = Some(value.to_string());
+            }
+            "backing_fmt" => {
+                qcow2_only(self)?;
+                self.backing_format = Some(value.to_string());
+            }
+            "data_file" => {
+                qcow2_only(self)?;
+                self.data_file = Some(value.to_string());
+            }
+            "data_file_raw" => {
+                qcow2_only(self)?;
+                self.data_file_raw = parse_bool(key, value)?;
+            }
+            _ => return Err(Error::InvalidArgument(format!("Invalid parameter '{key}'"))),
+        }
+        Ok(())
+    }
+
+    /// Applies a whole option string such as `cluster_size=4k,compat=0.10`.
+    pub fn apply_option_string(&mut self, s: &str) -> Result<()> {
+        for (k, v) in parse_option_list(s)? {
+            self.apply_qemu_option(&k, &v)?;
+        }
+        Ok(())
+    }
+}
+
+/// Splits a QEMU option string into key/value pairs. `,,` stands for a
+/// literal comma inside a value; a key without `=` means `key=on`.
+pub fn parse_option_list(s: &str) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    let mut items = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push(',');
+            } else {
+                items.push(std::mem::take(&mut cur));
+            }
+        } else {
+            cur.push(c);
+        }
+    }
+    items.push(cur);
+    for item in items {
+        if item.is_empty() {
+            continue;
+        }
+        match item.split_once('=') {
+            Some((k, v)) => out.push((k.to_string(), v.to_string())),
+            None => out.push((item, "on".to_string())),
+        }
+    }
+    Ok(out)
+}
+
+/// Parses a boolean as QEMU does (on/off, yes/no, true/false).
+pub fn parse_bool(key: &str, value: &str) -> Result<bool> {
+    match value {
+        "on" | "yes" | "true" | "y" => Ok(true),
+        "off" | "no" | "false" | "n" => Ok(false),
+        _ => Err(Error::InvalidArgument(format!("Parameter '{key}' expects 'on' or 'off'"))),
+    }
+}
+
+/// Parses a size with an optional suffix (`k`/`K`, `M`, `G`, `T`, `P`, `E`,
+/// powers of 1024; `B` or none for bytes), decimal fractions allowed as in
+/// QEMU's `qemu_strtosz` ("1.5G"). Sizes must stay below 2^63.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let bad = || Error::InvalidArgument(format!("Invalid size '{s}'"));
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, suffix) = t.split_at(split);
+    if num.is_empty() {
+        return Err(bad());
+    }
+    let shift = match suffix {
+        "" | "b" | "B" => 0,
+        "k" | "K" => 10,
+        "m" | "M" => 20,
+        "g" | "G" => 30,
+        "t" | "T" => 40,
+        "p" | "P" => 50,
+        "e" | "E" => 60,
+        _ => return Err(bad()),
+    };
+    let value = if let Some((int, frac)) = num.split_once('.') {
+        if shift == 0 || frac.contains('.') {
+            return Err(bad());
+        }
+        let int: u64 = if int.is_empty() { 0 } else { int.parse().map_err(|_| bad())? };
+        let frac_val: f64 = format!("0.{frac}").parse().map_err(|_| bad())?;
+        let whole = int.checked_shl(shift).filter(|v| v >> shift == int).ok_or_else(bad)?;
+        whole.checked_add((frac_val * (1u64 << shift) as f64) as u64).ok_or_else(bad)?
+    } else {
+        let n: u64 = num.parse().map_err(|_| bad())?;
+        if shift > 0 && n > (u64::MAX >> shift) {
+            return Err(bad());
+        }
+        n << shift
+    };
+    if value >= 1 << 63 {
+        return Err(bad());
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("0").unwrap(), 0);
+        assert_eq!(parse_size("512").unwrap(), 512);
+        assert_eq!(parse_size("4k").unwrap(), 4096);
+        assert_eq!(parse_size("64K").unwrap(), 65536);
+        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
+        assert_eq!(parse_size("1.5M").unwrap(), 3 << 19);
+        assert_eq!(parse_size("2T").unwrap(), 2 << 40);
+        assert!(parse_size("8E").is_err());
+        assert!(parse_size("1x").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("k").is_err());
+        assert!(parse_size("99999999999999999999").is_err());
+    }
+
+    #[test]
+    fn option_lists() {
+        let v = parse_option_list("cluster_size=4k,compat=0.10,lazy_refcounts").unwrap();
+        assert_eq!(v[0], ("cluster_size".into(), "4k".into()));
+        assert_eq!(v[2], ("lazy_refcounts".into(), "on".into()));
+        let v = parse_option_list("backing_file=a,,b").unwrap();
+        assert_eq!(v, vec![("backing_file".into(), "a,b".into())]);
+    }
+
+    #[test]
+    fn create_options() {
+        let mut o = CreateOptions::qcow2(1 << 20);
+        o.apply_option_string("cluster_size=512,refcount_bits=1,compat=1.1,preallocation=metadata").unwrap();
+        assert_eq!(o.cluster_size, 512);
+        assert_eq!(o.refcount_bits, 1);
+        assert_eq!(o.preallocation, Preallocation::Metadata);
+        assert!(o.apply_qemu_option("nonsense", "1").is_err());
+        assert!(o.apply_qemu_option("compat", "2.0").is_err());
+        let mut r = CreateOptions::raw(0);
+        assert!(r.apply_qemu_option("cluster_size", "4k").is_err());
+    }
+}

@@ -1,0 +1,866 @@
+//! The qcow2 image: open, create, and the public I/O entry points.
+//!
+//! Locking: `meta` (a mutex) guards all metadata: header, L1, the L2 and
+//! refcount caches, in-flight allocations and deferred frees. It is held
+//! only to plan an operation or to record its result, never across guest
+//! data I/O. `io_gate` (a read-write lock) is held shared for the duration
+//! of every request's data I/O; applying deferred frees takes it exclusive,
+//! so a host cluster is never reused while a request planned against its old
+//! owner may still read or write it. Lock order: `io_gate`, then `meta`.
+//!
+//! Flush order (see ARCHITECTURE.md): refcount blocks, then (after a sync)
+//! refcount table entries for new blocks, sync, L2 tables, sync, L1
+//! entries, sync; only then are deferred refcount decrements applied, so a
+//! crash at any point leaves at worst leaked clusters.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+
+use oxqcow_format::header::{self, autoclear, incompat, peek_cluster_bits, Header};
+use oxqcow_format::snapshot::SnapshotTable;
+use oxqcow_format::table::{decode_entries, encode_entries};
+use oxqcow_format::{Geometry, HostCluster, HostOffset};
+
+use crate::cache::TableCache;
+use crate::error::{Error, Result};
+use crate::mapping::{Extent, ReadSegment};
+use crate::options::{OpenOptions, Preallocation};
+use crate::refcount::Refcounts;
+use crate::storage::Storage;
+use crate::write::{Inflight, WritePlan};
+
+/// QEMU's default L2 cache limit on Linux (`DEFAULT_L2_CACHE_MAX_SIZE`).
+const DEFAULT_L2_CACHE_MAX: u64 = 32 << 20;
+/// QEMU's minimum L2 cache: two tables (`MIN_L2_CACHE_SIZE`).
+const MIN_L2_CACHE_TABLES: u64 = 2;
+/// QEMU's minimum and default refcount cache: four blocks (`MIN_REFCOUNT_CACHE_SIZE`).
+const MIN_REFCOUNT_CACHE_TABLES: u64 = 4;
+/// Deferred frees are applied by an internal flush once this many pile up,
+/// so that a workload that never flushes still gets its space back.
+const MAX_PENDING_FREES: usize = 16384;
+
+/// All metadata of an open image; guarded by `Qcow2::meta`.
+pub(crate) struct Meta {
+    pub(crate) header: Header,
+    pub(crate) geometry: Geometry,
+    pub(crate) l1: Vec<u64>,
+    pub(crate) l1_dirty: BTreeSet<usize>,
+    pub(crate) l2: TableCache,
+    pub(crate) refcounts: Refcounts,
+    pub(crate) inflight: Vec<Inflight>,
+    pub(crate) next_inflight_id: u64,
+    /// Host clusters whose refcount drops by one once the L2/L1 changes that
+    /// stopped referencing them are durable.
+    pub(crate) pending_frees: Vec<HostCluster>,
+    /// Set when a metadata write failed: further writes are refused.
+    pub(crate) failed: Option<String>,
+    pub(crate) lazy_refcounts: bool,
+    pub(crate) snapshots: SnapshotTable,
+    pub(crate) read_only: bool,
+}
+
+/// Facts about an open qcow2 image, for `info`.
+#[derive(Clone, Debug)]
+pub struct Qcow2Info {
+    /// Header version (2 or 3).
+    pub version: u32,
+    /// Cluster size in bytes.
+    pub cluster_size: u64,
+    /// Refcount width in bits.
+    pub refcount_bits: u32,
+    /// Lazy refcounts enabled.
+    pub lazy_refcounts: bool,
+    /// Corrupt bit set.
+    pub corrupt: bool,
+    /// Dirty bit set (as found at open).
+    pub dirty: bool,
+    /// Extended L2 entries.
+    pub extended_l2: bool,
+    /// "zlib" or "zstd".
+    pub compression_type: &'static str,
+    /// Backing file name from the header.
+    pub backing_file: Option<String>,
+    /// Backing format from the header.
+    pub backing_format: Option<String>,
+    /// Number of internal snapshots.
+    pub snapshots: usize,
+    /// Whether persistent bitmaps are present.
+    pub has_bitmaps: bool,
+    /// External data file name.
+    pub data_file: Option<String>,
+    /// Raw external data file.
+    pub data_file_raw: bool,
+    /// Encryption method (0 none).
+    pub crypt_method: u32,
+}
+
+/// An open qcow2 image.
+pub struct Qcow2 {
+    storage: Arc<dyn Storage>,
+    geometry: Geometry,
+    version: u32,
+    read_only: bool,
+    discard_passthrough: bool,
+    size: AtomicU64,
+    io_gate: RwLock<()>,
+    meta: Mutex<Meta>,
+    alloc_done: Condvar,
+    dirty_at_open: bool,
+    closed: AtomicBool,
+}
+
+fn cache_tables(opts: &OpenOptions, geometry: &Geometry, size: u64) -> Result<(usize, usize)> {
+    let cs = geometry.cluster_size();
+    let max_l2 = geometry.clusters_for(size).saturating_mul(geometry.l2_entry_size());
+    let max_l2 = max_l2.div_ceil(cs) * cs;
+    let (l2, rc) = match (opts.cache_size, opts.l2_cache_size, opts.refcount_cache_size) {
+        (Some(_), Some(_), Some(_)) => {
+            return Err(Error::InvalidArgument(
+                "cache-size, l2-cache-size and refcount-cache-size may not be set at the same time".into(),
+            ))
+        }
+        (Some(total), Some(l2), None) => {
+            if l2 > total {
+                return Err(Error::InvalidArgument("l2-cache-size may not exceed cache-size".into()));
+            }
+            (l2, total - l2)
+        }
+        (Some(total), None, Some(rc)) => {
+            if rc > total {
+                return Err(Error::InvalidArgument("refcount-cache-size may not exceed cache-size".into()));
+            }
+            (total - rc, rc)
+        }
+        (Some(total), None, None) => {
+            let l2 = total.min(max_l2);
+            (l2, total - l2)
+        }
+        (None, l2, rc) => {
+            (l2.unwrap_or_else(|| max_l2.min(DEFAULT_L2_CACHE_MAX)), rc.unwrap_or(MIN_REFCOUNT_CACHE_TABLES * cs))
+        }
+    };
+    let l2_tables = (l2 / cs).max(MIN_L2_CACHE_TABLES);
+    let rc_tables = (rc / cs).max(MIN_REFCOUNT_CACHE_TABLES);
+    Ok((l2_tables as usize, rc_tables as usize))
+}
+
+/// Reads the header cluster of an image.
+pub(crate) fn read_header(storage: &dyn Storage) -> Result<Header> {
+    let mut prefix = [0u8; 512];
+    storage.read_at(&mut prefix, 0).map_err(Error::io("reading the qcow2 header", 0))?;
+    let cluster_bits = peek_cluster_bits(&prefix)?;
+    let mut cluster0 = vec![0u8; 1 << cluster_bits];
+    storage.read_at(&mut cluster0, 0).map_err(Error::io("reading the qcow2 header", 0))?;
+    Ok(Header::parse(&cluster0)?)
+}
+
+/// Reads and parses the snapshot table, growing the read as entries demand
+/// (never beyond the table's 64 MiB limit or the file's end).
+fn read_snapshots(storage: &dyn Storage, header: &Header, file_len: u64) -> Result<SnapshotTable> {
+    if header.nb_snapshots == 0 {
+        return Ok(SnapshotTable::default());
+    }
+    let limit = oxqcow_format::limits::MAX_SNAPSHOT_TABLE_BYTES.min(file_len.saturating_sub(header.snapshots_offset));
+    let mut len = (u64::from(header.nb_snapshots) * 64).min(limit).max(1);
+    loop {
+        let mut buf = vec![0u8; len as usize];
+        storage
+            .read_at(&mut buf, header.snapshots_offset)
+            .map_err(Error::io("reading the snapshot table", header.snapshots_offset))?;
+        match SnapshotTable::parse(&buf, header.nb_snapshots) {
+            Ok(t) => return Ok(t),
+            Err(e) if len < limit => {
+                let _ = e;
+                len = (len * 2).min(limit);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+impl Meta {
+    /// Host cluster ranges the allocator must never return.
+    pub(crate) fn update_reserved(&mut self) {
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        let mut ranges = vec![(0, 1)];
+        if self.header.l1_size > 0 {
+            ranges.push((self.header.l1_table_offset / cs, g.clusters_for(u64::from(self.header.l1_size) * 8)));
+        }
+        ranges.push((self.refcounts.table_offset() / cs, u64::from(self.refcounts.table_clusters())));
+        if self.header.nb_snapshots > 0 {
+            ranges.push((self.header.snapshots_offset / cs, g.clusters_for(self.snapshots.byte_size)));
+        }
+        self.refcounts.reserved.set(ranges);
+    }
+
+    /// Records a failed metadata update: the image refuses writes from now on.
+    pub(crate) fn fail(&mut self, e: &Error) {
+        if self.failed.is_none() {
+            self.failed = Some(e.to_string());
+        }
+    }
+
+    pub(crate) fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        if let Some(f) = &self.failed {
+            return Err(Error::Failed(f.clone()));
+        }
+        Ok(())
+    }
+
+    /// Writes the whole header cluster (the refcount table fields as the
+    /// allocator last left them).
+    pub(crate) fn write_header(&mut self, storage: &dyn Storage) -> Result<()> {
+        self.header.refcount_table_offset = self.refcounts.table_offset();
+        self.header.refcount_table_clusters = self.refcounts.table_clusters();
+        let bytes = self.header.serialize()?;
+        storage.write_at(&bytes, 0).map_err(Error::io("writing the header", 0))
+    }
+
+    /// Sets the dirty bit before the first metadata change with lazy refcounts.
+    pub(crate) fn mark_dirty(&mut self, storage: &dyn Storage) -> Result<()> {
+        if !self.lazy_refcounts || self.header.is_dirty() || self.header.version < 3 {
+            return Ok(());
+        }
+        let features = self.header.incompatible_features | incompat::DIRTY;
+        let (pos, bytes) = header::incompatible_features_field(features);
+        storage.write_at(&bytes, pos).map_err(Error::io("setting the dirty bit", pos))?;
+        storage.sync().map_err(Error::io("syncing the dirty bit", pos))?;
+        self.header.incompatible_features = features;
+        Ok(())
+    }
+
+    /// Writes dirty L1 entries (grouped into contiguous runs).
+    fn write_l1(&mut self, storage: &dyn Storage) -> Result<()> {
+        let indices: Vec<usize> = self.l1_dirty.iter().copied().collect();
+        let mut i = 0;
+        while i < indices.len() {
+            let start = indices[i];
+            let mut end = start + 1;
+            while i + 1 < indices.len() && indices[i + 1] == end {
+                i += 1;
+                end += 1;
+            }
+            let offset = self.header.l1_table_offset + start as u64 * 8;
+            storage
+                .write_at(&encode_entries(&self.l1[start..end]), offset)
+                .map_err(Error::io("writing the L1 table", offset))?;
+            i += 1;
+        }
+        self.l1_dirty.clear();
+        Ok(())
+    }
+
+    /// Writes one dirty L2 table back, after making what it depends on
+    /// (guest data and refcounts of the clusters it references) durable.
+    pub(crate) fn write_back_l2(&mut self, storage: &dyn Storage, offset: u64) -> Result<()> {
+        if !self.lazy_refcounts {
+            self.refcounts.write_dirty(storage)?;
+        }
+        storage.sync().map_err(Error::io("syncing before an L2 write", offset))?;
+        let data = self.l2.peek(offset).expect("dirty tables are cached");
+        storage.write_at(data, offset).map_err(Error::io("writing an L2 table", offset))?;
+        self.l2.mark_clean(offset);
+        Ok(())
+    }
+
+    /// Writes every dirty table in the safe order and syncs.
+    pub(crate) fn flush(&mut self, storage: &dyn Storage) -> Result<()> {
+        let l2_dirty = self.l2.dirty_offsets();
+        let need_l1 = !self.l1_dirty.is_empty();
+        if !self.lazy_refcounts {
+            self.refcounts.write_dirty(storage)?;
+        }
+        if !l2_dirty.is_empty() || need_l1 {
+            // Data and refcounts before the tables that reference them.
+            storage.sync().map_err(Error::io("syncing data and refcounts", 0))?;
+        }
+        for &offset in &l2_dirty {
+            let data = self.l2.peek(offset).expect("dirty tables are cached");
+            storage.write_at(data, offset).map_err(Error::io("writing an L2 table", offset))?;
+            self.l2.mark_clean(offset);
+        }
+        if need_l1 {
+            if !l2_dirty.is_empty() {
+                storage.sync().map_err(Error::io("syncing L2 tables", 0))?;
+            }
+            self.write_l1(storage)?;
+        }
+        storage.sync().map_err(Error::io("syncing metadata", 0))?;
+        Ok(())
+    }
+
+    /// Writes everything including lazily kept refcounts (for close and for
+    /// operations that rewrite structures).
+    pub(crate) fn flush_all(&mut self, storage: &dyn Storage) -> Result<()> {
+        self.flush(storage)?;
+        if self.refcounts.write_dirty(storage)? {
+            storage.sync().map_err(Error::io("syncing refcounts", 0))?;
+        }
+        Ok(())
+    }
+
+    /// Applies deferred refcount decrements. Call only after a flush made
+    /// the table changes that dropped these references durable, with the io
+    /// gate held exclusively.
+    pub(crate) fn apply_frees(&mut self, storage: &dyn Storage, frees: Vec<HostCluster>, punch: bool) -> Result<()> {
+        let cs = self.geometry.cluster_size();
+        for c in frees {
+            let left = self.refcounts.update(storage, c, -1)?;
+            if left == 0 && punch {
+                let offset = self.geometry.cluster_offset(c).0;
+                storage.punch_hole(offset, cs).map_err(Error::io("discarding a host cluster", offset))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Qcow2 {
+    /// Opens a qcow2 image on `storage`.
+    pub fn open(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Self> {
+        let st = &*storage;
+        let file_len = st.len().map_err(Error::io("reading the file length", 0))?;
+        let header = read_header(st)?;
+        header.validate_against_file(file_len)?;
+        let geometry = header.geometry();
+
+        if header.crypt_method != 0 {
+            return Err(Error::Unsupported("encrypted images".into()));
+        }
+        if header.has_data_file() {
+            return Err(Error::Unsupported("external data files".into()));
+        }
+        if header.extended_l2() {
+            return Err(Error::Unsupported("extended L2 entries".into()));
+        }
+        if header.backing_file.is_some() {
+            return Err(Error::Unsupported(format!(
+                "backing files (this image is an overlay of '{}')",
+                header.backing_file.as_deref().unwrap_or_default()
+            )));
+        }
+        let mut read_only = opts.read_only;
+        if !read_only {
+            if header.is_corrupt() && !opts.repair {
+                return Err(Error::Corrupt("qcow2: Image is corrupt; cannot be opened read/write".into()));
+            }
+            if header.nb_snapshots > 0 {
+                return Err(Error::Unsupported("writing to images with internal snapshots (open read-only)".into()));
+            }
+            if header.extensions.bitmaps.is_some() {
+                return Err(Error::Unsupported("writing to images with persistent bitmaps (open read-only)".into()));
+            }
+        }
+        if header.is_dirty() && read_only {
+            // Refcounts may be stale; reading through the L1/L2 tables is
+            // still exact.
+            read_only = true;
+        }
+
+        let l1_bytes = u64::from(header.l1_size) * 8;
+        let mut l1_raw = vec![0u8; l1_bytes as usize];
+        if l1_bytes > 0 {
+            st.read_at(&mut l1_raw, header.l1_table_offset)
+                .map_err(Error::io("reading the L1 table", header.l1_table_offset))?;
+        }
+        let l1 = decode_entries(&l1_raw);
+        let (l2_tables, rc_tables) = cache_tables(opts, &geometry, header.size)?;
+        let refcounts = Refcounts::load(
+            st,
+            geometry,
+            header.refcount_table_offset,
+            header.refcount_table_clusters,
+            rc_tables,
+            file_len,
+        )?;
+        let snapshots = read_snapshots(st, &header, file_len)?;
+        let lazy = opts.lazy_refcounts.unwrap_or(header.lazy_refcounts()) && header.version >= 3;
+        let dirty_at_open = header.is_dirty();
+        let version = header.version;
+        let size = header.size;
+        let mut meta = Meta {
+            header,
+            geometry,
+            l1,
+            l1_dirty: BTreeSet::new(),
+            l2: TableCache::new(l2_tables),
+            refcounts,
+            inflight: Vec::new(),
+            next_inflight_id: 0,
+            pending_frees: Vec::new(),
+            failed: None,
+            lazy_refcounts: lazy,
+            snapshots,
+            read_only,
+        };
+        meta.update_reserved();
+
+        if !read_only {
+            let mut rewrite = false;
+            if meta.header.autoclear_features & !autoclear::KNOWN != 0 {
+                meta.header.autoclear_features &= autoclear::KNOWN;
+                rewrite = true;
+            }
+            if meta.header.extensions.stale_bitmaps {
+                meta.header.extensions.stale_bitmaps = false;
+                rewrite = true;
+            }
+            if rewrite {
+                meta.write_header(st)?;
+                st.sync().map_err(Error::io("syncing the header", 0))?;
+            }
+            if meta.header.is_dirty() && !opts.repair {
+                crate::check::rebuild_refcounts(&mut meta, st)?;
+                meta.header.incompatible_features &= !incompat::DIRTY;
+                meta.write_header(st)?;
+                st.sync().map_err(Error::io("syncing the header", 0))?;
+            }
+        }
+
+        Ok(Qcow2 {
+            storage,
+            geometry,
+            version,
+            read_only,
+            discard_passthrough: opts.discard_passthrough,
+            size: AtomicU64::new(size),
+            io_gate: RwLock::new(()),
+            meta: Mutex::new(meta),
+            alloc_done: Condvar::new(),
+            dirty_at_open,
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    pub(crate) fn lock_meta(&self) -> MutexGuard<'_, Meta> {
+        self.meta.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn storage_ref(&self) -> &dyn Storage {
+        &*self.storage
+    }
+
+    /// The host storage.
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    /// Guest disk size in bytes.
+    pub fn len(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Whether the guest disk is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether the image was opened read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// The image geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    /// A copy of the current header.
+    pub fn header(&self) -> Header {
+        self.lock_meta().header.clone()
+    }
+
+    /// Facts for `info`.
+    pub fn info(&self) -> Qcow2Info {
+        let m = self.lock_meta();
+        let h = &m.header;
+        Qcow2Info {
+            version: h.version,
+            cluster_size: h.cluster_size(),
+            refcount_bits: self.geometry.refcount_bits(),
+            lazy_refcounts: h.lazy_refcounts(),
+            corrupt: h.is_corrupt(),
+            dirty: self.dirty_at_open,
+            extended_l2: h.extended_l2(),
+            compression_type: if h.compression_type == 1 { "zstd" } else { "zlib" },
+            backing_file: h.backing_file.clone(),
+            backing_format: h.extensions.backing_format.clone(),
+            snapshots: m.snapshots.entries.len(),
+            has_bitmaps: h.extensions.bitmaps.is_some(),
+            data_file: h.extensions.data_file.clone(),
+            data_file_raw: h.autoclear_features & autoclear::DATA_FILE_RAW != 0,
+            crypt_method: h.crypt_method,
+        }
+    }
+
+    /// The snapshot table as read at open.
+    pub fn snapshots(&self) -> Vec<oxqcow_format::SnapshotEntry> {
+        self.lock_meta().snapshots.entries.clone()
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        let size = self.len();
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(Error::OutOfBounds { offset, len, size });
+        }
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes at guest `offset`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        let _gate = self.io_gate.read().unwrap_or_else(|p| p.into_inner());
+        let plan = self.lock_meta().plan_read(self.storage_ref(), offset, buf.len() as u64)?;
+        let mut pos = 0usize;
+        for seg in plan {
+            let len = seg.len() as usize;
+            let out = &mut buf[pos..pos + len];
+            match seg {
+                ReadSegment::Zero(_) => out.fill(0),
+                ReadSegment::Data { host, .. } => {
+                    self.storage.read_at(out, host).map_err(Error::io("reading guest data", host))?;
+                }
+            }
+            pos += len;
+        }
+        Ok(())
+    }
+
+    /// Writes `buf` at guest `offset`.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        let mut done = 0u64;
+        let total = buf.len() as u64;
+        while done < total {
+            let pos = offset + done;
+            let gate = self.io_gate.read().unwrap_or_else(|p| p.into_inner());
+            let plan = {
+                let mut m = self.lock_meta();
+                m.check_writable()?;
+                loop {
+                    match m.plan_write(self.storage_ref(), pos, total - done) {
+                        Ok(WritePlan::Wait) => m = self.alloc_done.wait(m).unwrap_or_else(|p| p.into_inner()),
+                        Ok(plan) => break plan,
+                        Err(e) => {
+                            m.fail(&e);
+                            return Err(e);
+                        }
+                    }
+                }
+            };
+            let chunk = &buf[done as usize..];
+            match plan {
+                WritePlan::Wait => unreachable!("handled above"),
+                WritePlan::InPlace { host, len } => {
+                    self.storage
+                        .write_at(&chunk[..len as usize], host)
+                        .map_err(Error::io("writing guest data", host))?;
+                    drop(gate);
+                    done += len;
+                }
+                WritePlan::Allocate(alloc) => {
+                    let len = alloc.len;
+                    let io = self.write_allocated(&alloc, &chunk[..len as usize]);
+                    drop(gate);
+                    let mut m = self.lock_meta();
+                    let res = match io {
+                        Ok(()) => m.commit_alloc(self.storage_ref(), alloc.id),
+                        Err(e) => {
+                            let _ = m.abort_alloc(self.storage_ref(), alloc.id);
+                            Err(e)
+                        }
+                    };
+                    self.alloc_done.notify_all();
+                    if let Err(e) = res {
+                        m.fail(&e);
+                        return Err(e);
+                    }
+                    let pending = m.pending_frees.len();
+                    drop(m);
+                    if pending > MAX_PENDING_FREES {
+                        self.flush()?;
+                    }
+                    done += len;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes zeros over `[offset, offset + len)`. With `may_unmap`, whole
+    /// clusters give back their host clusters.
+    ///
+    /// As in QEMU, whole clusters become zero clusters; a partial cluster at
+    /// either end becomes a zero cluster too when it held no data, and gets
+    /// zeros written as data otherwise. Version 2 images have no zero flag
+    /// and always get zeros written.
+    pub fn write_zeroes_at(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        if self.version < 3 {
+            return self.write_zero_buffer(offset, len);
+        }
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        let size = self.len();
+        let end = offset + len;
+        // The end of the disk counts as a cluster boundary.
+        let aligned = |o: u64| o % cs == 0 || o == size;
+        let head_end = if aligned(offset) { offset } else { end.min(g.align_up(offset)) };
+        let tail_start = if aligned(end) { end } else { g.align_down(end).max(head_end) };
+        if head_end > offset {
+            self.zero_partial(offset, head_end - offset, may_unmap)?;
+        }
+        if tail_start > head_end {
+            self.zero_clusters(head_end, g.align_up(tail_start) - head_end, may_unmap)?;
+        }
+        if end > tail_start {
+            self.zero_partial(tail_start, end - tail_start, may_unmap)?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes part of one cluster: the whole cluster becomes a zero cluster
+    /// if it holds no data, else zeros are written.
+    fn zero_partial(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        let g = self.geometry;
+        let start = g.align_down(offset);
+        let end = (start + g.cluster_size()).min(self.len());
+        if self.reads_as_zero(start, end - start)? {
+            self.zero_clusters(start, g.cluster_size(), may_unmap)
+        } else {
+            self.write_zero_buffer(offset, len)
+        }
+    }
+
+    fn reads_as_zero(&self, offset: u64, len: u64) -> Result<bool> {
+        if len == 0 {
+            return Ok(true);
+        }
+        let extents = self.block_status(offset, len)?;
+        Ok(extents.iter().all(|e| e.zero && !e.data))
+    }
+
+    fn write_zero_buffer(&self, offset: u64, len: u64) -> Result<()> {
+        let chunk = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(chunk.len() as u64);
+            self.write_at(&chunk[..n as usize], offset + done)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn zero_clusters(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        self.update_clusters(offset, len, |m, st, o, l| m.zero_range(st, o, l, may_unmap))
+    }
+
+    /// Runs a whole-cluster metadata update in chunks of one L2 table,
+    /// waiting out in-flight allocations that overlap each chunk.
+    fn update_clusters(
+        &self,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(&mut Meta, &dyn Storage, u64, u64) -> Result<bool>,
+    ) -> Result<()> {
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let chunk_end =
+                end.min((self.geometry.l1_index(HostOffset(pos).into_guest()) + 1) * self.geometry.bytes_per_l2());
+            let _gate = self.io_gate.read().unwrap_or_else(|p| p.into_inner());
+            let mut m = self.lock_meta();
+            m.check_writable()?;
+            loop {
+                match f(&mut m, self.storage_ref(), pos, chunk_end - pos) {
+                    Ok(true) => break,
+                    Ok(false) => m = self.alloc_done.wait(m).unwrap_or_else(|p| p.into_inner()),
+                    Err(e) => {
+                        m.fail(&e);
+                        return Err(e);
+                    }
+                }
+            }
+            let pending = m.pending_frees.len();
+            drop(m);
+            drop(_gate);
+            if pending > MAX_PENDING_FREES {
+                self.flush()?;
+            }
+            pos = chunk_end;
+        }
+        Ok(())
+    }
+
+    /// Discards whole clusters inside `[offset, offset + len)` (and the last
+    /// partial cluster when the range reaches the end of the disk), as QEMU
+    /// does: partial clusters keep their data.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)?;
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let size = self.len();
+        let start = self.geometry.align_up(offset);
+        let end =
+            if offset + len == size { self.geometry.align_up(size) } else { self.geometry.align_down(offset + len) };
+        if start >= end {
+            return Ok(());
+        }
+        self.update_clusters(start, end - start, |m, st, o, l| m.discard_range(st, o, l))
+    }
+
+    /// Makes every completed write durable.
+    pub fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let frees = {
+            let mut m = self.lock_meta();
+            if let Some(f) = &m.failed {
+                return Err(Error::Failed(f.clone()));
+            }
+            if let Err(e) = m.flush(self.storage_ref()) {
+                m.fail(&e);
+                return Err(e);
+            }
+            std::mem::take(&mut m.pending_frees)
+        };
+        if frees.is_empty() {
+            return Ok(());
+        }
+        // Wait for every request that may still use a freed cluster.
+        let _gate = self.io_gate.write().unwrap_or_else(|p| p.into_inner());
+        let mut m = self.lock_meta();
+        if let Err(e) = m.apply_frees(self.storage_ref(), frees, self.discard_passthrough) {
+            m.fail(&e);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Describes `[offset, offset + len)` as extents of equal status.
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.check_range(offset, len)?;
+        self.lock_meta().block_status(self.storage_ref(), offset, len)
+    }
+
+    /// Runs `f` with exclusive access: no request in flight, no allocation
+    /// pending, metadata flushed.
+    pub(crate) fn exclusive<T>(&self, f: impl FnOnce(&mut Meta, &dyn Storage) -> Result<T>) -> Result<T> {
+        let _gate = self.io_gate.write().unwrap_or_else(|p| p.into_inner());
+        let mut m = self.lock_meta();
+        while !m.inflight.is_empty() {
+            m = self.alloc_done.wait(m).unwrap_or_else(|p| p.into_inner());
+        }
+        if !m.read_only {
+            if let Some(f) = &m.failed {
+                return Err(Error::Failed(f.clone()));
+            }
+            m.flush_all(self.storage_ref())?;
+            let frees = std::mem::take(&mut m.pending_frees);
+            m.apply_frees(self.storage_ref(), frees, self.discard_passthrough)?;
+            m.flush_all(self.storage_ref())?;
+        }
+        let res = f(&mut m, self.storage_ref());
+        if let Err(e) = &res {
+            if !m.read_only && e.kind() == crate::ErrorKind::Io {
+                m.fail(e);
+            }
+        }
+        let size = m.header.size;
+        self.size.store(size, Ordering::Release);
+        res
+    }
+
+    /// Changes the guest size. Growing maps the new space as `prealloc`
+    /// says; shrinking frees every cluster past the new end.
+    pub fn resize(&self, new_size: u64, prealloc: Preallocation) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        self.exclusive(|m, st| m.resize(st, new_size, prealloc))
+    }
+
+    /// Flushes everything, clears the dirty bit and closes the image.
+    pub fn close(self) -> Result<()> {
+        self.close_inner()
+    }
+
+    fn close_inner(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::AcqRel) || self.read_only {
+            return Ok(());
+        }
+        self.flush()?;
+        let mut m = self.lock_meta();
+        if m.failed.is_some() {
+            return Ok(());
+        }
+        m.flush_all(self.storage_ref())?;
+        if m.header.is_dirty() {
+            m.header.incompatible_features &= !incompat::DIRTY;
+            m.write_header(self.storage_ref())?;
+            self.storage.sync().map_err(Error::io("syncing the header", 0))?;
+        }
+        Ok(())
+    }
+
+    /// Writes an allocated run: the copy-on-write head, the new data and the
+    /// copy-on-write tail, as one write when they are small.
+    fn write_allocated(&self, alloc: &crate::write::Allocation, data: &[u8]) -> Result<()> {
+        let head = self.read_cow(&alloc.head)?;
+        let tail = self.read_cow(&alloc.tail)?;
+        let host = alloc.host;
+        let cs = self.geometry.cluster_size() as usize;
+        if head.len() + data.len() + tail.len() <= 4 * cs {
+            let mut buf = Vec::with_capacity(head.len() + data.len() + tail.len());
+            buf.extend_from_slice(&head);
+            buf.extend_from_slice(data);
+            buf.extend_from_slice(&tail);
+            return self.storage.write_at(&buf, host).map_err(Error::io("writing guest data", host));
+        }
+        let mut at = host;
+        for part in [&head[..], data, &tail[..]] {
+            if !part.is_empty() {
+                self.storage.write_at(part, at).map_err(Error::io("writing guest data", at))?;
+                at += part.len() as u64;
+            }
+        }
+        Ok(())
+    }
+
+    fn read_cow(&self, region: &Option<crate::write::CowRegion>) -> Result<Vec<u8>> {
+        let Some(r) = region else { return Ok(Vec::new()) };
+        let mut buf = vec![0u8; r.len as usize];
+        match r.source {
+            crate::write::CowSource::Zero => {}
+            crate::write::CowSource::Host(host) => {
+                self.storage.read_at(&mut buf, host).map_err(Error::io("reading data to copy", host))?;
+            }
+        }
+        Ok(buf)
+    }
+}
+
+impl Drop for Qcow2 {
+    fn drop(&mut self) {
+        let _ = self.close_inner();
+    }
+}
+
+trait IntoGuest {
+    fn into_guest(self) -> oxqcow_format::GuestOffset;
+}
+impl IntoGuest for HostOffset {
+    fn into_guest(self) -> oxqcow_format::GuestOffset {
+        oxqcow_format::GuestOffset(self.0)
+    }
+}

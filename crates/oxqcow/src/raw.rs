@@ -1,0 +1,150 @@
+//! The raw format: the guest disk is the file, byte for byte.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::mapping::{push_extent, Extent};
+use crate::options::Preallocation;
+use crate::storage::Storage;
+
+/// An open raw image.
+pub struct Raw {
+    storage: Arc<dyn Storage>,
+    size: AtomicU64,
+    read_only: bool,
+}
+
+impl Raw {
+    /// Opens raw storage.
+    pub fn open(storage: Arc<dyn Storage>, read_only: bool) -> Result<Raw> {
+        let size = storage.len().map_err(Error::io("reading the file length", 0))?;
+        Ok(Raw { storage, size: AtomicU64::new(size), read_only })
+    }
+
+    /// Creates a raw image of `size` bytes.
+    pub fn create(storage: Arc<dyn Storage>, size: u64, prealloc: Preallocation) -> Result<Raw> {
+        storage.set_len(0).map_err(Error::io("truncating the new image", 0))?;
+        let raw = Raw { storage, size: AtomicU64::new(0), read_only: false };
+        raw.resize(size, prealloc)?;
+        Ok(raw)
+    }
+
+    /// The host storage.
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    /// Disk size in bytes.
+    pub fn len(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Whether the disk is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether opened read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn check(&self, offset: u64, len: u64, write: bool) -> Result<()> {
+        if write && self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let size = self.len();
+        if offset.checked_add(len).is_none_or(|e| e > size) {
+            return Err(Error::OutOfBounds { offset, len, size });
+        }
+        Ok(())
+    }
+
+    /// Reads at `offset`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check(offset, buf.len() as u64, false)?;
+        self.storage.read_at(buf, offset).map_err(Error::io("reading", offset))
+    }
+
+    /// Writes at `offset`.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check(offset, buf.len() as u64, true)?;
+        self.storage.write_at(buf, offset).map_err(Error::io("writing", offset))
+    }
+
+    /// Zeroes a range, punching a hole when `may_unmap`.
+    pub fn write_zeroes_at(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        self.check(offset, len, true)?;
+        let r = if may_unmap { self.storage.punch_hole(offset, len) } else { self.storage.write_zeroes(offset, len) };
+        r.map_err(Error::io("zeroing", offset))
+    }
+
+    /// Discards a range (punches a hole).
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check(offset, len, true)?;
+        self.storage.punch_hole(offset, len).map_err(Error::io("discarding", offset))
+    }
+
+    /// Syncs the file.
+    pub fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.storage.sync().map_err(Error::io("syncing", 0))
+    }
+
+    /// Data and holes of the file.
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.check(offset, len, false)?;
+        let runs = self.storage.data_runs(offset, len).map_err(Error::io("querying allocation", offset))?;
+        let mut out = Vec::new();
+        for (o, l, data) in runs {
+            push_extent(
+                &mut out,
+                Extent {
+                    offset: o,
+                    length: l,
+                    present: true,
+                    zero: !data,
+                    data,
+                    compressed: false,
+                    host_offset: Some(o),
+                    depth: 0,
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    /// Changes the size.
+    pub fn resize(&self, new_size: u64, prealloc: Preallocation) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let old = self.len();
+        self.storage.set_len(new_size).map_err(Error::io("resizing", new_size))?;
+        if new_size > old {
+            match prealloc {
+                Preallocation::Off => {}
+                Preallocation::Metadata => {
+                    return Err(Error::InvalidArgument("Unsupported preallocation mode 'metadata'".into()))
+                }
+                Preallocation::Falloc => {
+                    self.storage.allocate(old, new_size - old).map_err(Error::io("preallocating", old))?
+                }
+                Preallocation::Full => {
+                    let zeros = vec![0u8; 1 << 20];
+                    let mut pos = old;
+                    while pos < new_size {
+                        let n = (new_size - pos).min(zeros.len() as u64);
+                        self.storage.write_at(&zeros[..n as usize], pos).map_err(Error::io("preallocating", pos))?;
+                        pos += n;
+                    }
+                }
+            }
+        }
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
+    }
+}

@@ -1,0 +1,459 @@
+//! Refcount table and blocks, and the cluster allocator built on them.
+//!
+//! Owns the in-memory refcount table, the refcount block cache, and the
+//! search for free clusters. Allocation raises refcounts in the cache only;
+//! the image's flush writes dirty blocks, syncs, and only then writes table
+//! entries that point at new blocks, so a table entry never reaches the disk
+//! before the block it names. New refcount blocks describe themselves when
+//! they fall inside their own range, and a full table is replaced by a larger
+//! one placed past the current coverage together with the blocks that cover
+//! it (written, synced, then the header switched, then the old table freed).
+//! All methods run under the image's metadata lock.
+
+use std::collections::BTreeSet;
+
+use oxqcow_format::header::refcount_table_fields;
+use oxqcow_format::limits::{HOST_OFFSET_MASK, MAX_REFTABLE_BYTES};
+use oxqcow_format::refcount::RefcountBlock;
+use oxqcow_format::table::{decode_entries, encode_entries};
+use oxqcow_format::{Geometry, HostCluster, RefcountTableEntry};
+
+use crate::cache::TableCache;
+use crate::error::{Error, Result};
+use crate::storage::Storage;
+
+/// Host cluster ranges that must never be handed out by the allocator
+/// whatever their refcount says (the fixed metadata: header, L1, refcount
+/// table, snapshot table). Finding one free means the refcounts are corrupt.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ReservedRanges {
+    ranges: Vec<(u64, u64)>,
+}
+
+impl ReservedRanges {
+    pub(crate) fn set(&mut self, ranges: Vec<(u64, u64)>) {
+        self.ranges = ranges;
+    }
+    fn overlaps(&self, start: u64, n: u64) -> Option<(u64, u64)> {
+        self.ranges.iter().copied().find(|&(s, len)| start < s + len && s < start + n)
+    }
+}
+
+/// The refcount structures of one image.
+pub(crate) struct Refcounts {
+    geometry: Geometry,
+    table: Vec<u64>,
+    table_offset: u64,
+    table_clusters: u32,
+    dirty_table: BTreeSet<usize>,
+    blocks: TableCache,
+    /// No cluster below this index is free.
+    free_hint: u64,
+    /// Clusters that the allocator must never return.
+    pub(crate) reserved: ReservedRanges,
+    /// One past the highest cluster ever allocated or present in the file.
+    pub(crate) host_end: u64,
+}
+
+impl Refcounts {
+    /// Reads the refcount table.
+    pub(crate) fn load(
+        storage: &dyn Storage,
+        geometry: Geometry,
+        table_offset: u64,
+        table_clusters: u32,
+        cache_tables: usize,
+        file_len: u64,
+    ) -> Result<Self> {
+        let bytes_len = u64::from(table_clusters) * geometry.cluster_size();
+        let mut bytes = vec![0u8; bytes_len as usize];
+        storage.read_at(&mut bytes, table_offset).map_err(Error::io("reading the refcount table", table_offset))?;
+        let table = decode_entries(&bytes);
+        for (i, &e) in table.iter().enumerate() {
+            let entry = RefcountTableEntry(e);
+            entry.validate(&geometry)?;
+            if let Some(o) = entry.block_offset() {
+                if o.0 >= file_len {
+                    return Err(Error::Corrupt(format!(
+                        "refcount table entry {i} points at offset 0x{:x}, past the end of the file ({file_len} bytes)",
+                        o.0
+                    )));
+                }
+            }
+        }
+        Ok(Refcounts {
+            geometry,
+            table,
+            table_offset,
+            table_clusters,
+            dirty_table: BTreeSet::new(),
+            blocks: TableCache::new(cache_tables),
+            free_hint: 0,
+            reserved: ReservedRanges::default(),
+            host_end: geometry.clusters_for(file_len),
+        })
+    }
+
+    pub(crate) fn table_offset(&self) -> u64 {
+        self.table_offset
+    }
+    pub(crate) fn table_clusters(&self) -> u32 {
+        self.table_clusters
+    }
+    pub(crate) fn table_entries(&self) -> &[u64] {
+        &self.table
+    }
+
+    fn block_offset(&self, ti: u64) -> Option<u64> {
+        RefcountTableEntry(*self.table.get(ti as usize)?).block_offset().map(|o| o.0)
+    }
+
+    fn make_room(&mut self, storage: &dyn Storage) -> Result<()> {
+        while let Some((offset, dirty)) = self.blocks.victim() {
+            if dirty {
+                let data = self.blocks.peek(offset).expect("victim is cached");
+                storage.write_at(data, offset).map_err(Error::io("writing a refcount block", offset))?;
+            }
+            self.blocks.remove(offset);
+        }
+        Ok(())
+    }
+
+    fn load_block(&mut self, storage: &dyn Storage, offset: u64) -> Result<()> {
+        if self.blocks.contains(offset) {
+            return Ok(());
+        }
+        self.make_room(storage)?;
+        let mut data = vec![0u8; self.geometry.cluster_size() as usize].into_boxed_slice();
+        storage.read_at(&mut data, offset).map_err(Error::io("reading a refcount block", offset))?;
+        self.blocks.insert(offset, data, false);
+        Ok(())
+    }
+
+    /// The refcount of `cluster` (0 where no block covers it).
+    pub(crate) fn get(&mut self, storage: &dyn Storage, cluster: HostCluster) -> Result<u64> {
+        let ti = self.geometry.reftable_index(cluster);
+        let Some(offset) = self.block_offset(ti) else { return Ok(0) };
+        self.load_block(storage, offset)?;
+        let block = self.blocks.get(offset).expect("just loaded");
+        Ok(RefcountBlock::get(block, self.geometry.refblock_index(cluster), self.geometry.refcount_order()))
+    }
+
+    /// Adds `delta` (+1 or -1 typically) to the refcount of `cluster`. The
+    /// block must exist (allocation creates blocks before raising counts).
+    pub(crate) fn update(&mut self, storage: &dyn Storage, cluster: HostCluster, delta: i64) -> Result<u64> {
+        let ti = self.geometry.reftable_index(cluster);
+        let Some(offset) = self.block_offset(ti) else {
+            return Err(Error::Corrupt(format!(
+                "refcount of cluster {} (offset 0x{:x}) changed by {delta}, but no refcount block covers it",
+                cluster.0,
+                self.geometry.cluster_offset(cluster).0
+            )));
+        };
+        self.load_block(storage, offset)?;
+        let order = self.geometry.refcount_order();
+        let max = self.geometry.max_refcount();
+        let index = self.geometry.refblock_index(cluster);
+        let block = self.blocks.get_mut(offset).expect("just loaded");
+        let old = RefcountBlock::get(block, index, order);
+        let new = if delta >= 0 { old.checked_add(delta as u64) } else { old.checked_sub(delta.unsigned_abs()) };
+        let new = match new {
+            Some(n) if n <= max => n,
+            _ => {
+                // Leave the block untouched: it was marked dirty but not changed.
+                return Err(if delta >= 0 {
+                    Error::InvalidArgument(format!(
+                        "refcount of cluster {} would exceed the maximum {max} of {}-bit refcounts",
+                        cluster.0,
+                        self.geometry.refcount_bits()
+                    ))
+                } else {
+                    Error::Corrupt(format!(
+                        "refcount of cluster {} (offset 0x{:x}) would drop below zero",
+                        cluster.0,
+                        self.geometry.cluster_offset(cluster).0
+                    ))
+                });
+            }
+        };
+        RefcountBlock::set(block, index, order, new);
+        if new == 0 && cluster.0 < self.free_hint {
+            self.free_hint = cluster.0;
+        }
+        Ok(new)
+    }
+
+    /// Finds `n` contiguous clusters with refcount 0, starting at the hint.
+    fn find_free(&mut self, storage: &dyn Storage, n: u64) -> Result<u64> {
+        let rpb = self.geometry.refcounts_per_block();
+        let order = self.geometry.refcount_order();
+        let mut c = self.free_hint;
+        let mut run_start = c;
+        let mut run_len = 0u64;
+        let max_cluster = (HOST_OFFSET_MASK + (1 << 9)) >> self.geometry.cluster_bits();
+        loop {
+            if c >= max_cluster {
+                return Err(Error::NoSpace("the image file reached the largest host offset qcow2 can address".into()));
+            }
+            let ti = c / rpb;
+            let block_end = (ti + 1) * rpb;
+            match self.block_offset(ti) {
+                None => {
+                    if run_len == 0 {
+                        run_start = c;
+                    }
+                    if ti >= self.table.len() as u64 {
+                        // Past the table's reach every cluster is free.
+                        run_len = n;
+                    } else {
+                        run_len += block_end - c;
+                        c = block_end;
+                    }
+                }
+                Some(offset) => {
+                    self.load_block(storage, offset)?;
+                    let block = self.blocks.get(offset).expect("just loaded");
+                    while c < block_end {
+                        if RefcountBlock::get(block, (c % rpb) as usize, order) == 0 {
+                            if run_len == 0 {
+                                run_start = c;
+                            }
+                            run_len += 1;
+                            if run_len >= n {
+                                break;
+                            }
+                        } else {
+                            run_len = 0;
+                        }
+                        c += 1;
+                    }
+                    if run_len < n {
+                        continue;
+                    }
+                }
+            }
+            if run_len >= n {
+                if let Some((s, len)) = self.reserved.overlaps(run_start, n) {
+                    return Err(Error::Corrupt(format!(
+                        "refcounts say metadata clusters {s}..{} are free (refcount 0 for a used cluster)",
+                        s + len
+                    )));
+                }
+                return Ok(run_start);
+            }
+        }
+    }
+
+    /// Allocates `n` contiguous clusters with refcount 1.
+    pub(crate) fn alloc(&mut self, storage: &dyn Storage, n: u64) -> Result<HostCluster> {
+        assert!(n > 0);
+        loop {
+            let start = self.find_free(storage, n)?;
+            if self.ensure_blocks(storage, start, n)? {
+                continue;
+            }
+            for c in start..start + n {
+                self.update(storage, HostCluster(c), 1)?;
+            }
+            if start == self.free_hint {
+                self.free_hint = start + n;
+            }
+            self.host_end = self.host_end.max(start + n);
+            return Ok(HostCluster(start));
+        }
+    }
+
+    /// Creates missing refcount blocks for `[start, start + n)`. Returns
+    /// true if it created one (the caller searches again: the new block may
+    /// occupy a cluster it had picked).
+    fn ensure_blocks(&mut self, storage: &dyn Storage, start: u64, n: u64) -> Result<bool> {
+        let first = self.geometry.reftable_index(HostCluster(start));
+        let last = self.geometry.reftable_index(HostCluster(start + n - 1));
+        for ti in first..=last {
+            if self.block_offset(ti).is_some() {
+                continue;
+            }
+            if ti >= self.table.len() as u64 {
+                self.grow_table(storage, ti + 1)?;
+            } else {
+                self.create_block(storage, ti)?;
+            }
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    fn create_block(&mut self, storage: &dyn Storage, ti: u64) -> Result<()> {
+        let c = self.find_free(storage, 1)?;
+        let cti = self.geometry.reftable_index(HostCluster(c));
+        let mut block = vec![0u8; self.geometry.cluster_size() as usize].into_boxed_slice();
+        if cti == ti {
+            // The block lies in its own range: it counts itself.
+            RefcountBlock::set(
+                &mut block,
+                self.geometry.refblock_index(HostCluster(c)),
+                self.geometry.refcount_order(),
+                1,
+            );
+        } else if self.block_offset(cti).is_some() {
+            self.update(storage, HostCluster(c), 1)?;
+        } else {
+            // The first free cluster is in yet another uncovered range: cover
+            // that one first (its block will describe itself), then retry.
+            if cti >= self.table.len() as u64 {
+                self.grow_table(storage, cti + 1)?;
+            } else {
+                self.create_block(storage, cti)?;
+            }
+            return self.create_block(storage, ti);
+        }
+        let offset = self.geometry.cluster_offset(HostCluster(c)).0;
+        self.make_room(storage)?;
+        self.blocks.insert(offset, block, true);
+        self.table[ti as usize] = offset;
+        self.dirty_table.insert(ti as usize);
+        if c == self.free_hint {
+            self.free_hint = c + 1;
+        }
+        self.host_end = self.host_end.max(c + 1);
+        Ok(())
+    }
+
+    /// Replaces the table by one with at least `min_entries` entries.
+    fn grow_table(&mut self, storage: &dyn Storage, min_entries: u64) -> Result<()> {
+        let g = self.geometry;
+        let per_cluster = g.reftable_entries_per_cluster();
+        let rpb = g.refcounts_per_block();
+        let max_entries = MAX_REFTABLE_BYTES / 8;
+        let old_entries = self.table.len() as u64;
+        let mut entries = min_entries.max(old_entries + old_entries / 2).div_ceil(per_cluster) * per_cluster;
+        // The new table and its blocks go right past the old table's reach,
+        // where every cluster is free.
+        let area = old_entries * rpb;
+        let (table_clusters, nblocks) = loop {
+            if entries > max_entries {
+                return Err(Error::NoSpace(format!(
+                    "the refcount table would need {entries} entries, more than the {} that fit in 8 MiB",
+                    max_entries
+                )));
+            }
+            let t = entries / per_cluster;
+            let mut b = 1u64;
+            while (t + b).div_ceil(rpb) > b {
+                b += 1;
+            }
+            let last_index = (area + t + b - 1) / rpb;
+            if last_index < entries {
+                break (t, b);
+            }
+            entries = (last_index + 1).div_ceil(per_cluster) * per_cluster;
+        };
+        // Blocks the old table points at must be on disk before the new
+        // table (a copy of the old one) is.
+        self.write_dirty_blocks(storage)?;
+
+        let cs = g.cluster_size();
+        let table_start = area;
+        let blocks_start = area + table_clusters;
+        let used_end = blocks_start + nblocks;
+        let mut new_table = self.table.clone();
+        new_table.resize(entries as usize, 0);
+        for k in 0..nblocks {
+            let block_cluster = blocks_start + k;
+            let range_start = area + k * rpb;
+            let mut block = vec![0u8; cs as usize];
+            for c in range_start.max(table_start)..used_end.min(range_start + rpb) {
+                RefcountBlock::set(&mut block, (c - range_start) as usize, g.refcount_order(), 1);
+            }
+            let offset = block_cluster * cs;
+            storage.write_at(&block, offset).map_err(Error::io("writing a refcount block", offset))?;
+            new_table[(range_start / rpb) as usize] = offset;
+        }
+        let table_offset = table_start * cs;
+        storage
+            .write_at(&encode_entries(&new_table), table_offset)
+            .map_err(Error::io("writing the refcount table", table_offset))?;
+        storage.sync().map_err(Error::io("syncing the new refcount table", table_offset))?;
+        let (pos, field) = refcount_table_fields(table_offset, table_clusters as u32);
+        storage.write_at(&field, pos).map_err(Error::io("updating the header", pos))?;
+        storage.sync().map_err(Error::io("syncing the header", pos))?;
+
+        let old_offset = self.table_offset;
+        let old_clusters = u64::from(self.table_clusters);
+        self.table = new_table;
+        self.table_offset = table_offset;
+        self.table_clusters = table_clusters as u32;
+        // Entries written with the new table are durable.
+        self.dirty_table.clear();
+        self.host_end = self.host_end.max(used_end);
+        self.reserved_replace(old_offset, old_clusters * cs, table_offset, table_clusters * cs);
+        let old_first = g.host_cluster(oxqcow_format::HostOffset(old_offset)).0;
+        for c in old_first..old_first + old_clusters {
+            self.update(storage, HostCluster(c), -1)?;
+        }
+        Ok(())
+    }
+
+    fn reserved_replace(&mut self, old_off: u64, old_len: u64, new_off: u64, new_len: u64) {
+        let cs = self.geometry.cluster_size();
+        let old = (old_off / cs, old_len.div_ceil(cs));
+        let new = (new_off / cs, new_len.div_ceil(cs));
+        for r in self.reserved.ranges.iter_mut() {
+            if *r == old {
+                *r = new;
+            }
+        }
+    }
+
+    fn write_dirty_blocks(&mut self, storage: &dyn Storage) -> Result<bool> {
+        let dirty = self.blocks.dirty_offsets();
+        for &offset in &dirty {
+            let data = self.blocks.peek(offset).expect("dirty blocks are cached");
+            storage.write_at(data, offset).map_err(Error::io("writing a refcount block", offset))?;
+            self.blocks.mark_clean(offset);
+        }
+        Ok(!dirty.is_empty())
+    }
+
+    /// Writes dirty blocks, then (after a sync) the table entries that point
+    /// at new blocks. Returns whether anything was written.
+    pub(crate) fn write_dirty(&mut self, storage: &dyn Storage) -> Result<bool> {
+        let wrote = self.write_dirty_blocks(storage)?;
+        if self.dirty_table.is_empty() {
+            return Ok(wrote);
+        }
+        storage.sync().map_err(Error::io("syncing refcount blocks", self.table_offset))?;
+        let indices: Vec<usize> = self.dirty_table.iter().copied().collect();
+        let mut i = 0;
+        while i < indices.len() {
+            let start = indices[i];
+            let mut end = start + 1;
+            while i + 1 < indices.len() && indices[i + 1] == end {
+                i += 1;
+                end += 1;
+            }
+            let offset = self.table_offset + start as u64 * 8;
+            storage
+                .write_at(&encode_entries(&self.table[start..end]), offset)
+                .map_err(Error::io("writing the refcount table", offset))?;
+            i += 1;
+        }
+        self.dirty_table.clear();
+        Ok(true)
+    }
+
+    /// Forgets cached blocks (after the structures were rebuilt on disk).
+    pub(crate) fn reload(
+        &mut self,
+        storage: &dyn Storage,
+        table_offset: u64,
+        table_clusters: u32,
+        file_len: u64,
+    ) -> Result<()> {
+        let cache = self.blocks.capacity();
+        let reserved = std::mem::take(&mut self.reserved);
+        *self = Refcounts::load(storage, self.geometry, table_offset, table_clusters, cache, file_len)?;
+        self.reserved = reserved;
+        Ok(())
+    }
+}

@@ -1,0 +1,64 @@
+//! Host storage: where image bytes live.
+//!
+//! The trait is deliberately small (positional read and write, length,
+//! sync, hole punching) so that a test backend can model crashes exactly:
+//! everything the engine does to the host goes through these calls.
+
+mod file;
+mod memory;
+
+use std::io;
+
+pub use file::FileStorage;
+pub use memory::MemoryStorage;
+
+/// Byte-addressed host storage, shared between threads.
+pub trait Storage: Send + Sync {
+    /// Reads `buf.len()` bytes at `offset`; bytes past the end read as zeros.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`, extending the storage if needed.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Whether the storage is empty.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+    /// Truncates or extends (with zeros).
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Makes every completed write durable.
+    fn sync(&self) -> io::Result<()>;
+    /// Deallocates a range; it reads as zeros afterwards. The length is kept.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.write_zeroes(offset, len)
+    }
+    /// Makes a range read as zeros, preferably without writing them.
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        let chunk = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(chunk.len() as u64);
+            self.write_at(&chunk[..n as usize], offset + done)?;
+            done += n;
+        }
+        Ok(())
+    }
+    /// Reserves space for a range without changing its content, extending the
+    /// length if the range ends past it (`fallocate` mode 0).
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        let end = offset + len;
+        if self.len()? < end {
+            self.set_len(end)?;
+        }
+        Ok(())
+    }
+    /// Splits `[offset, offset + len)` into runs of data (`true`) and holes
+    /// (`false`), as far as the storage knows; the default says "all data".
+    fn data_runs(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, u64, bool)>> {
+        Ok(vec![(offset, len, true)])
+    }
+    /// Bytes the storage occupies on the host (for `disk size` in info).
+    fn allocated_bytes(&self) -> io::Result<u64> {
+        self.len()
+    }
+}
