@@ -1,1 +1,1 @@
-//! placeholder
+//! Test helpers for oxqcow (filled in by the test suite work).

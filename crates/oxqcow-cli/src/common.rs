@@ -1,0 +1,56 @@
+//! What every subcommand shares: the program name for messages, error
+//! printing in qemu-img's style, opening images with qemu-img's error text,
+//! and size formatting.
+
+use std::path::Path;
+
+use oxqcow::{Image, ImageFormat, OpenOptions};
+
+/// The invocation context.
+pub struct Ctx {
+    /// The program name as invoked (basename of argv[0]), prefixed to errors.
+    pub prog: String,
+}
+
+impl Ctx {
+    /// Builds the context from argv[0].
+    pub fn from_argv0(argv0: &str) -> Ctx {
+        let prog = Path::new(argv0).file_name().and_then(|s| s.to_str()).unwrap_or("oxqcow").to_string();
+        Ctx { prog }
+    }
+
+    /// Prints `prog: msg` on stderr and returns exit code 1.
+    pub fn fail(&self, msg: &str) -> i32 {
+        self.error(msg);
+        1
+    }
+
+    /// Prints `prog: msg` on stderr.
+    pub fn error(&self, msg: &str) {
+        eprintln!("{}: {}", self.prog, msg);
+    }
+}
+
+/// Opens an image as qemu-img does, returning qemu-img's message on failure
+/// ("Could not open 'PATH': REASON").
+pub fn open_image(path: &str, format: Option<&str>, opts: OpenOptions) -> Result<Image, String> {
+    let mut opts = opts;
+    if let Some(f) = format {
+        opts.format = Some(ImageFormat::from_name(f).map_err(|e| e.to_string())?);
+    }
+    Image::open(Path::new(path), &opts).map_err(|e| format!("Could not open '{path}': {}", describe(&e)))
+}
+
+/// The message for an engine error, with host I/O errors described the way
+/// QEMU describes errno values.
+pub fn describe(e: &oxqcow::Error) -> String {
+    match e {
+        oxqcow::Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            "No such file or directory".to_string()
+        }
+        oxqcow::Error::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => {
+            "Permission denied".to_string()
+        }
+        other => other.to_string(),
+    }
+}

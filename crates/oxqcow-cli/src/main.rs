@@ -1,0 +1,59 @@
+//! The `oxqcow` command: `qemu-img` compatible subcommands plus `io` (a
+//! `qemu-io` subset). Each subcommand lives in its own module with a
+//! `run(ctx, args) -> exit code` entry point; this file only dispatches.
+#![forbid(unsafe_code)]
+
+#[allow(dead_code)] // used by the subcommand modules as they land
+mod common;
+
+use common::Ctx;
+
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+fn usage(ctx: &Ctx) -> String {
+    format!(
+        "{prog} version {VERSION} (oxqcow)\n\
+         usage: {prog} [standard options] command [command options]\n\
+         QEMU disk image utility, qemu-img compatible\n\n\
+         Command syntax: see '{prog} COMMAND --help'.\n\
+         Commands: create, info, check, map, compare, convert, resize, measure, bench, io\n",
+        prog = ctx.prog
+    )
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let ctx = Ctx::from_argv0(args.first().map(String::as_str).unwrap_or("oxqcow"));
+    std::process::exit(run(&ctx, &args[1.min(args.len())..]));
+}
+
+fn run(ctx: &Ctx, args: &[String]) -> i32 {
+    let mut args = args;
+    // Global options before the command, as qemu-img takes them.
+    while let Some(first) = args.first() {
+        match first.as_str() {
+            "-V" | "--version" => {
+                println!("{} version {VERSION} (oxqcow)", ctx.prog);
+                return 0;
+            }
+            "-h" | "--help" => {
+                print!("{}", usage(ctx));
+                return 0;
+            }
+            "-T" | "--trace" => args = &args[2.min(args.len())..],
+            t if t.starts_with("--trace=") || (t.starts_with("-T") && t.len() > 2) => args = &args[1..],
+            _ => break,
+        }
+    }
+    let Some(command) = args.first() else {
+        return ctx.fail("Not enough arguments\nTry 'qemu-img --help' for more information");
+    };
+    let rest = &args[1..];
+    match command.as_str() {
+        // Subcommands register here: "name" => name::run(ctx, rest),
+        other => {
+            let _ = rest;
+            ctx.fail(&format!("Command not found: {other}"))
+        }
+    }
+}
