@@ -27,6 +27,7 @@ fn main() {
     std::process::exit(run(&ctx, &args[1.min(args.len())..]));
 }
 
+#[allow(clippy::match_single_binding)] // until the subcommands register
 fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let mut args = args;
     // Global options before the command, as qemu-img takes them.
