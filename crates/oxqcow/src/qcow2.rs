@@ -816,9 +816,22 @@ impl Qcow2 {
     /// Writes an allocated run: the copy-on-write head, the new data and the
     /// copy-on-write tail, as one write when they are small.
     fn write_allocated(&self, alloc: &crate::write::Allocation, data: &[u8]) -> Result<()> {
+        let host = alloc.host;
+        let is_zero = |r: &Option<crate::write::CowRegion>| {
+            r.as_ref().is_none_or(|r| matches!(r.source, crate::write::CowSource::Zero))
+        };
+        if (alloc.head.is_some() || alloc.tail.is_some()) && is_zero(&alloc.head) && is_zero(&alloc.tail) {
+            // Zero the new clusters without writing zeros, then write only
+            // the data (QEMU's handle_alloc_space does the same).
+            let head_len = alloc.head.map_or(0, |r| r.len);
+            let total = head_len + data.len() as u64 + alloc.tail.map_or(0, |r| r.len);
+            if self.storage.write_zeroes_fast(host, total).map_err(Error::io("zeroing new clusters", host))? {
+                let at = host + head_len;
+                return self.storage.write_at(data, at).map_err(Error::io("writing guest data", at));
+            }
+        }
         let head = self.read_cow(&alloc.head)?;
         let tail = self.read_cow(&alloc.tail)?;
-        let host = alloc.host;
         let cs = self.geometry.cluster_size() as usize;
         if head.len() + data.len() + tail.len() <= 4 * cs {
             let mut buf = Vec::with_capacity(head.len() + data.len() + tail.len());

@@ -184,12 +184,21 @@ impl Refcounts {
     }
 
     /// Finds `n` contiguous clusters with refcount 0, starting at the hint.
+    /// Moves the hint to the first free cluster seen, so that later searches
+    /// do not rescan the used clusters before it.
     fn find_free(&mut self, storage: &dyn Storage, n: u64) -> Result<u64> {
+        let (start, first_free) = self.find_free_run(storage, n)?;
+        self.free_hint = first_free;
+        Ok(start)
+    }
+
+    fn find_free_run(&mut self, storage: &dyn Storage, n: u64) -> Result<(u64, u64)> {
         let rpb = self.geometry.refcounts_per_block();
         let order = self.geometry.refcount_order();
         let mut c = self.free_hint;
         let mut run_start = c;
         let mut run_len = 0u64;
+        let mut first_free: Option<u64> = None;
         let max_cluster = (HOST_OFFSET_MASK + (1 << 9)) >> self.geometry.cluster_bits();
         loop {
             if c >= max_cluster {
@@ -202,6 +211,7 @@ impl Refcounts {
                     if run_len == 0 {
                         run_start = c;
                     }
+                    first_free.get_or_insert(c);
                     if ti >= self.table.len() as u64 {
                         // Past the table's reach every cluster is free.
                         run_len = n;
@@ -215,6 +225,7 @@ impl Refcounts {
                     let block = self.blocks.get(offset).expect("just loaded");
                     while c < block_end {
                         if RefcountBlock::get(block, (c % rpb) as usize, order) == 0 {
+                            first_free.get_or_insert(c);
                             if run_len == 0 {
                                 run_start = c;
                             }
@@ -239,7 +250,7 @@ impl Refcounts {
                         s + len
                     )));
                 }
-                return Ok(run_start);
+                return Ok((run_start, first_free.unwrap_or(run_start)));
             }
         }
     }

@@ -93,6 +93,16 @@ impl Storage for FileStorage {
         }
     }
 
+    fn write_zeroes_fast(&self, offset: u64, len: u64) -> io::Result<bool> {
+        match rustix::fs::fallocate(&self.file, FallocateFlags::ZERO_RANGE, offset, len) {
+            Ok(()) => Ok(true),
+            Err(rustix::io::Errno::OPNOTSUPP) | Err(rustix::io::Errno::NOSYS) | Err(rustix::io::Errno::INVAL) => {
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
         match rustix::fs::fallocate(&self.file, FallocateFlags::empty(), offset, len) {
             Ok(()) => Ok(()),

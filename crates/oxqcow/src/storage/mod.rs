@@ -43,6 +43,13 @@ pub trait Storage: Send + Sync {
         }
         Ok(())
     }
+    /// Zeroes a range only if the storage can do it without writing the
+    /// zeros (`fallocate` zero-range); returns whether it did. Callers fall
+    /// back to writing zeros themselves.
+    fn write_zeroes_fast(&self, offset: u64, len: u64) -> io::Result<bool> {
+        let _ = (offset, len);
+        Ok(false)
+    }
     /// Reserves space for a range without changing its content, extending the
     /// length if the range ends past it (`fallocate` mode 0).
     fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
