@@ -10,6 +10,7 @@
 
 mod cache;
 pub mod check;
+pub mod compress;
 pub mod cursor;
 pub mod error;
 pub mod image;

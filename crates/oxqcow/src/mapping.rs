@@ -4,7 +4,7 @@
 //! performs the data I/O after releasing the lock.
 
 use oxqcow_format::table::{read_l2_word, L1Entry};
-use oxqcow_format::{GuestOffset, L2Entry, L2Mapping};
+use oxqcow_format::{CompressedDescriptor, GuestOffset, L2Entry, L2Mapping};
 
 use crate::error::{Error, Result};
 use crate::qcow2::Meta;
@@ -22,12 +22,21 @@ pub(crate) enum ReadSegment {
         /// Length.
         len: u64,
     },
+    /// Part of a compressed cluster.
+    Compressed {
+        /// Where the compressed stream is.
+        desc: CompressedDescriptor,
+        /// Offset of the piece inside the decompressed cluster.
+        in_cluster: u64,
+        /// Length.
+        len: u64,
+    },
 }
 
 impl ReadSegment {
     pub(crate) fn len(&self) -> u64 {
         match *self {
-            ReadSegment::Zero(l) | ReadSegment::Data { len: l, .. } => l,
+            ReadSegment::Zero(l) | ReadSegment::Data { len: l, .. } | ReadSegment::Compressed { len: l, .. } => l,
         }
     }
 }
@@ -157,10 +166,15 @@ impl Meta {
                 )));
             }
         }
-        if let L2Mapping::Compressed(_) = m {
-            return Err(Error::Unsupported(format!(
-                "compressed clusters (L2 table at offset 0x{table:x}, entry {index})"
-            )));
+        if let L2Mapping::Compressed(d) = m {
+            let cs = self.geometry.cluster_size();
+            let end = self.refcounts.host_end * cs;
+            if d.offset.0 < cs || d.offset.0 >= end || d.offset.0 + d.max_len() > end + cs {
+                return Err(Error::Corrupt(format!(
+                    "L2 table at offset 0x{table:x}, entry {index}: compressed cluster at 0x{:x} ({} sectors) lies outside the image file",
+                    d.offset.0, d.sectors
+                )));
+            }
         }
         Ok(m)
     }
@@ -209,6 +223,7 @@ impl Meta {
         self.walk(storage, offset, len, |_, piece, in_cluster, m| {
             let seg = match m {
                 L2Mapping::Normal { host, .. } => ReadSegment::Data { host: host.0 + in_cluster, len: piece },
+                L2Mapping::Compressed(desc) => ReadSegment::Compressed { desc, in_cluster, len: piece },
                 _ => ReadSegment::Zero(piece),
             };
             match (plan.last_mut(), seg) {

@@ -23,6 +23,7 @@ use oxqcow_format::table::{decode_entries, encode_entries};
 use oxqcow_format::{Geometry, HostCluster, HostOffset};
 
 use crate::cache::TableCache;
+use crate::compress::Codec;
 use crate::error::{Error, Result};
 use crate::mapping::{Extent, ReadSegment};
 use crate::options::{OpenOptions, Preallocation};
@@ -58,6 +59,8 @@ pub(crate) struct Meta {
     pub(crate) lazy_refcounts: bool,
     pub(crate) snapshots: SnapshotTable,
     pub(crate) read_only: bool,
+    /// Where the next compressed cluster is packed (0: start a new cluster).
+    pub(crate) free_byte_offset: u64,
 }
 
 /// Facts about an open qcow2 image, for `info`.
@@ -99,6 +102,7 @@ pub struct Qcow2Info {
 pub struct Qcow2 {
     storage: Arc<dyn Storage>,
     geometry: Geometry,
+    codec: Codec,
     version: u32,
     read_only: bool,
     discard_passthrough: bool,
@@ -383,6 +387,7 @@ impl Qcow2 {
         let dirty_at_open = header.is_dirty();
         let version = header.version;
         let size = header.size;
+        let compression_type = header.compression_type;
         let mut meta = Meta {
             header,
             geometry,
@@ -397,6 +402,7 @@ impl Qcow2 {
             lazy_refcounts: lazy,
             snapshots,
             read_only,
+            free_byte_offset: 0,
         };
         meta.update_reserved();
 
@@ -425,6 +431,7 @@ impl Qcow2 {
         Ok(Qcow2 {
             storage,
             geometry,
+            codec: Codec::from_type(compression_type),
             version,
             read_only,
             discard_passthrough: opts.discard_passthrough,
@@ -524,6 +531,10 @@ impl Qcow2 {
                 ReadSegment::Zero(_) => out.fill(0),
                 ReadSegment::Data { host, .. } => {
                     self.storage.read_at(out, host).map_err(Error::io("reading guest data", host))?;
+                }
+                ReadSegment::Compressed { desc, in_cluster, .. } => {
+                    let cluster = self.read_compressed(desc)?;
+                    out.copy_from_slice(&cluster[in_cluster as usize..in_cluster as usize + len]);
                 }
             }
             pos += len;
@@ -858,8 +869,82 @@ impl Qcow2 {
             crate::write::CowSource::Host(host) => {
                 self.storage.read_at(&mut buf, host).map_err(Error::io("reading data to copy", host))?;
             }
+            crate::write::CowSource::Compressed(desc, at) => {
+                let cluster = self.read_compressed(desc)?;
+                buf.copy_from_slice(&cluster[at as usize..(at + r.len) as usize]);
+            }
         }
         Ok(buf)
+    }
+
+    /// Reads and decompresses one compressed cluster.
+    fn read_compressed(&self, desc: oxqcow_format::CompressedDescriptor) -> Result<Vec<u8>> {
+        let mut src = vec![0u8; desc.max_len() as usize];
+        self.storage.read_at(&mut src, desc.offset.0).map_err(Error::io("reading compressed data", desc.offset.0))?;
+        let mut out = vec![0u8; self.geometry.cluster_size() as usize];
+        self.codec.decompress(&src, &mut out, || format!("compressed cluster at host offset 0x{:x}", desc.offset.0))?;
+        Ok(out)
+    }
+
+    /// Writes whole clusters compressed (`buf` starts at a cluster boundary
+    /// and covers whole clusters, or ends at the end of the disk). Clusters
+    /// that do not shrink are written uncompressed, as QEMU does. Like QEMU,
+    /// compressed data only goes to clusters that hold no data yet.
+    pub fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        let cs = self.geometry.cluster_size();
+        let end = offset + buf.len() as u64;
+        if offset % cs != 0 || (end % cs != 0 && end != self.len()) {
+            return Err(Error::InvalidArgument(format!(
+                "compressed writes must cover whole clusters (offset {offset}, length {})",
+                buf.len()
+            )));
+        }
+        for (i, chunk) in buf.chunks(cs as usize).enumerate() {
+            let at = offset + i as u64 * cs;
+            let mut cluster = chunk.to_vec();
+            cluster.resize(cs as usize, 0);
+            match self.codec.compress(&cluster, cs as usize - 1)? {
+                None => self.write_at(chunk, at)?,
+                Some(data) => self.write_compressed_cluster(&data, at)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn write_compressed_cluster(&self, data: &[u8], offset: u64) -> Result<()> {
+        let gate = self.io_gate.read().unwrap_or_else(|p| p.into_inner());
+        let (id, host) = {
+            let mut m = self.lock_meta();
+            m.check_writable()?;
+            loop {
+                match m.plan_compressed(self.storage_ref(), offset, data.len() as u64) {
+                    Ok(Some(plan)) => break plan,
+                    Ok(None) => m = self.alloc_done.wait(m).unwrap_or_else(|p| p.into_inner()),
+                    Err(e) => {
+                        if e.kind() != crate::ErrorKind::InvalidArgument {
+                            m.fail(&e);
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        let io = self.storage.write_at(data, host).map_err(Error::io("writing compressed data", host));
+        drop(gate);
+        let mut m = self.lock_meta();
+        let res = match io {
+            Ok(()) => m.commit_alloc(self.storage_ref(), id),
+            Err(e) => {
+                let _ = m.abort_alloc(self.storage_ref(), id);
+                Err(e)
+            }
+        };
+        self.alloc_done.notify_all();
+        if let Err(e) = &res {
+            m.fail(e);
+        }
+        res
     }
 }
 

@@ -23,6 +23,8 @@ pub(crate) enum CowSource {
     Zero,
     /// The old cluster's bytes at this host offset.
     Host(u64),
+    /// The old compressed cluster, decompressed, from this offset in it.
+    Compressed(oxqcow_format::CompressedDescriptor, u64),
 }
 
 /// A region of a new cluster to fill with old content.
@@ -41,6 +43,8 @@ pub(crate) struct Inflight {
     pub(crate) count: u64,
     /// Host offset of the first new cluster.
     pub(crate) host: u64,
+    /// For a compressed write: the descriptor to link.
+    pub(crate) compressed: Option<oxqcow_format::CompressedDescriptor>,
 }
 
 /// What the writer must do for an allocating write.
@@ -76,10 +80,61 @@ impl Meta {
     }
 
     /// Drops the reference an old L2 mapping held, once the change is durable.
+    /// A compressed cluster holds one reference on every host cluster its
+    /// sectors touch.
     pub(crate) fn defer_free(&mut self, old: L2Mapping) {
-        if let Some(host) = old.host_cluster() {
-            self.pending_frees.push(self.geometry.host_cluster(host));
+        match old {
+            L2Mapping::Compressed(d) => {
+                for c in self.compressed_clusters(&d) {
+                    self.pending_frees.push(HostCluster(c));
+                }
+            }
+            other => {
+                if let Some(host) = other.host_cluster() {
+                    self.pending_frees.push(self.geometry.host_cluster(host));
+                }
+            }
         }
+    }
+
+    /// The host clusters a compressed cluster's sectors touch.
+    pub(crate) fn compressed_clusters(&self, d: &oxqcow_format::CompressedDescriptor) -> std::ops::RangeInclusive<u64> {
+        let start = d.offset.0 & !511;
+        let first = self.geometry.host_cluster(HostOffset(start)).0;
+        let last = self.geometry.host_cluster(HostOffset(start + d.sectors * 512 - 1)).0;
+        first..=last
+    }
+
+    /// Allocates `size` bytes for compressed data, packing them after the
+    /// previous compressed cluster when they fit (QEMU's `qcow2_alloc_bytes`):
+    /// every host cluster the bytes touch gains one reference.
+    pub(crate) fn alloc_bytes(&mut self, storage: &dyn Storage, size: u64) -> Result<u64> {
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        let mut offset = self.free_byte_offset;
+        if offset != 0 {
+            // Never pack into a cluster that was freed (and maybe reused)
+            // meanwhile, nor one whose refcount is already at the maximum.
+            let rc = self.refcounts.get(storage, g.host_cluster(HostOffset(offset)))?;
+            if rc == 0 || rc == g.max_refcount() {
+                offset = 0;
+            }
+        }
+        let free_in_cluster = if offset == 0 { 0 } else { cs - g.offset_in_cluster(offset) };
+        if offset != 0 && free_in_cluster >= size {
+            self.refcounts.update(storage, g.host_cluster(HostOffset(offset)), 1)?;
+        } else {
+            let new = self.alloc_clusters(storage, 1)?;
+            if offset != 0 && g.align_up(offset) == new && size <= free_in_cluster + cs {
+                // Continue into the adjacent new cluster.
+                self.refcounts.update(storage, g.host_cluster(HostOffset(offset)), 1)?;
+            } else {
+                offset = new;
+            }
+        }
+        let end = offset + size;
+        self.free_byte_offset = if g.offset_in_cluster(end) == 0 { 0 } else { end };
+        Ok(offset)
     }
 
     /// The L2 table for `l1_index`, allocated (or copied, when shared) for writing.
@@ -175,6 +230,7 @@ impl Meta {
         let cow = |m: L2Mapping, at: u64, len: u64| -> CowRegion {
             let source = match m {
                 L2Mapping::Normal { host, .. } => CowSource::Host(host.0 + at),
+                L2Mapping::Compressed(d) => CowSource::Compressed(d, at),
                 _ => CowSource::Zero,
             };
             CowRegion { len, source }
@@ -184,13 +240,53 @@ impl Meta {
         let tail = (tail_at != 0).then(|| cow(last_mapping, tail_at, cs - tail_at));
         let id = self.next_inflight_id;
         self.next_inflight_id += 1;
-        self.inflight.push(Inflight { id, first_cluster: first, count, host });
+        self.inflight.push(Inflight { id, first_cluster: first, count, host, compressed: None });
         Ok(WritePlan::Allocate(Allocation { id, host, head, tail, len: covered_end - offset }))
     }
 
     fn take_inflight(&mut self, id: u64) -> Inflight {
         let pos = self.inflight.iter().position(|a| a.id == id).expect("allocation is in flight");
         self.inflight.swap_remove(pos)
+    }
+
+    /// Plans a compressed write of `len` bytes of compressed data for the
+    /// guest cluster at `offset`. Like QEMU, compressed data only goes into
+    /// clusters that hold no data yet.
+    pub(crate) fn plan_compressed(
+        &mut self,
+        storage: &dyn Storage,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<(u64, u64)>> {
+        let g = self.geometry;
+        let cluster = g.guest_cluster_index(GuestOffset(offset));
+        if self.inflight_overlaps(cluster, 1) {
+            return Ok(None);
+        }
+        let l1_index = g.l1_index(GuestOffset(offset));
+        let table = self.ensure_l2_for_write(storage, l1_index)?;
+        self.load_l2(storage, table)?;
+        let index = g.l2_index(GuestOffset(offset));
+        match self.mapping_at(table, index)? {
+            L2Mapping::Unallocated | L2Mapping::ZeroPlain => {}
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "cannot write compressed data over the allocated cluster at guest offset {offset}"
+                )))
+            }
+        }
+        self.mark_dirty(storage)?;
+        let host = self.alloc_bytes(storage, len)?;
+        let start_sector = host / 512;
+        let end_sector = (host + len - 1) / 512;
+        let desc =
+            oxqcow_format::CompressedDescriptor { offset: HostOffset(host), sectors: end_sector - start_sector + 1 };
+        // Check the descriptor encodes before anything is written.
+        desc.encode(&g)?;
+        let id = self.next_inflight_id;
+        self.next_inflight_id += 1;
+        self.inflight.push(Inflight { id, first_cluster: cluster, count: 1, host, compressed: Some(desc) });
+        Ok(Some((id, host)))
     }
 
     /// Links the clusters of a finished allocation into the L2 table.
@@ -203,6 +299,12 @@ impl Meta {
         let table = self.ensure_l2_for_write(storage, l1_index)?;
         self.load_l2(storage, table)?;
         let index = g.l2_index(guest);
+        if let Some(desc) = a.compressed {
+            let old = self.mapping_at(table, index)?;
+            self.set_l2_entry(table, index, L2Entry::compressed(&desc, &g)?);
+            self.defer_free(old);
+            return Ok(());
+        }
         for i in 0..a.count as usize {
             let old = self.mapping_at(table, index + i)?;
             self.set_l2_entry(table, index + i, L2Entry::normal(HostOffset(a.host + i as u64 * cs)));
@@ -215,6 +317,13 @@ impl Meta {
     /// they can be freed at once).
     pub(crate) fn abort_alloc(&mut self, storage: &dyn Storage, id: u64) -> Result<()> {
         let a = self.take_inflight(id);
+        if let Some(desc) = a.compressed {
+            // Never referenced, so released at once.
+            for c in self.compressed_clusters(&desc) {
+                self.refcounts.update(storage, HostCluster(c), -1)?;
+            }
+            return Ok(());
+        }
         let first = self.geometry.host_cluster(HostOffset(a.host));
         for c in 0..a.count {
             self.refcounts.update(storage, HostCluster(first.0 + c), -1)?;

@@ -1,0 +1,140 @@
+//! Compression of whole clusters: raw deflate with a 4 KiB window (what QEMU
+//! reads and writes for compression type "zlib") and zstd.
+//!
+//! A compressed cluster's stored length is only known to 512-byte
+//! precision, so decompression stops as soon as the cluster is full and
+//! ignores whatever follows in the last sector.
+
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+
+use crate::error::{Error, Result};
+
+/// The compression algorithm of an image (header field `compression_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Codec {
+    /// Raw deflate, window bits 12 (QEMU's "zlib").
+    Deflate,
+    /// zstd.
+    Zstd,
+}
+
+/// QEMU compresses with zlib's default level.
+const DEFLATE_LEVEL: u32 = 6;
+/// QEMU deflates with a 4 KiB window and no zlib header.
+const DEFLATE_WINDOW_BITS: u8 = 12;
+/// zstd's default level, which QEMU uses.
+const ZSTD_LEVEL: i32 = 3;
+
+impl Codec {
+    /// The codec for a header's `compression_type`.
+    pub fn from_type(compression_type: u8) -> Codec {
+        if compression_type == 1 {
+            Codec::Zstd
+        } else {
+            Codec::Deflate
+        }
+    }
+
+    /// Compresses `src`; `None` when the result would not fit in `max_len`
+    /// bytes (the caller then stores the cluster uncompressed, as QEMU does).
+    pub fn compress(self, src: &[u8], max_len: usize) -> Result<Option<Vec<u8>>> {
+        let mut out = vec![0u8; max_len];
+        let n = match self {
+            Codec::Deflate => {
+                let mut c = Compress::new_with_window_bits(Compression::new(DEFLATE_LEVEL), false, DEFLATE_WINDOW_BITS);
+                match c.compress(src, &mut out, FlushCompress::Finish) {
+                    Ok(Status::StreamEnd) => c.total_out() as usize,
+                    Ok(_) => return Ok(None),
+                    Err(e) => return Err(Error::InvalidArgument(format!("deflate failed: {e}"))),
+                }
+            }
+            Codec::Zstd => match zstd::bulk::compress_to_buffer(src, &mut out, ZSTD_LEVEL) {
+                Ok(n) => n,
+                // The only failure for valid input is a too small buffer.
+                Err(_) => return Ok(None),
+            },
+        };
+        out.truncate(n);
+        Ok(Some(out))
+    }
+
+    /// Decompresses `src` into exactly `out.len()` bytes. `where_` names the
+    /// cluster for the error message.
+    pub fn decompress(self, src: &[u8], out: &mut [u8], where_: impl Fn() -> String) -> Result<()> {
+        let bad = |why: String| Error::Corrupt(format!("{}: compressed data is invalid: {why}", where_()));
+        match self {
+            Codec::Deflate => {
+                let mut d = Decompress::new_with_window_bits(false, DEFLATE_WINDOW_BITS);
+                match d.decompress(src, out, FlushDecompress::Finish) {
+                    Ok(_) if d.total_out() as usize == out.len() => Ok(()),
+                    Ok(_) => Err(bad(format!("inflates to {} bytes instead of {}", d.total_out(), out.len()))),
+                    Err(e) => Err(bad(e.to_string())),
+                }
+            }
+            Codec::Zstd => {
+                use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
+                let mut dec = Decoder::new().map_err(|e| bad(e.to_string()))?;
+                let mut input = InBuffer::around(src);
+                let mut output = OutBuffer::around(out);
+                loop {
+                    let before = (input.pos(), output.pos());
+                    let hint = dec.run(&mut input, &mut output).map_err(|e| bad(e.to_string()))?;
+                    if output.pos() == output.capacity() {
+                        return Ok(());
+                    }
+                    if hint == 0 || (input.pos(), output.pos()) == before {
+                        let got = output.pos();
+                        return Err(bad(format!("decompresses to {got} bytes instead of {}", output.capacity())));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(len: usize) -> Vec<u8> {
+        (0..len).map(|i| ((i / 7) % 251) as u8).collect()
+    }
+
+    #[test]
+    fn roundtrip_with_sector_padding() {
+        for codec in [Codec::Deflate, Codec::Zstd] {
+            let src = sample(65536);
+            let mut c = codec.compress(&src, 65535).unwrap().expect("compressible");
+            // Stored length is rounded up to sectors: garbage may follow.
+            c.extend_from_slice(&[0xa5; 300]);
+            let mut out = vec![0u8; 65536];
+            codec.decompress(&c, &mut out, || "test".into()).unwrap();
+            assert_eq!(out, src);
+        }
+    }
+
+    #[test]
+    fn incompressible_data_does_not_fit() {
+        let mut x = 1u64;
+        let src: Vec<u8> = (0..4096)
+            .map(|_| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                (x >> 56) as u8
+            })
+            .collect();
+        for codec in [Codec::Deflate, Codec::Zstd] {
+            assert!(codec.compress(&src, 4095).unwrap().is_none());
+        }
+    }
+
+    #[test]
+    fn garbage_and_short_streams_are_errors() {
+        for codec in [Codec::Deflate, Codec::Zstd] {
+            let mut out = vec![0u8; 4096];
+            assert!(codec.decompress(&[0xff; 100], &mut out, || "x".into()).is_err());
+            let c = codec.compress(&sample(2048), 4095).unwrap().unwrap();
+            assert!(codec.decompress(&c, &mut out, || "x".into()).is_err(), "stream ends before the cluster is full");
+            assert!(codec.decompress(&[], &mut out, || "x".into()).is_err());
+        }
+    }
+}
