@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::backing::{open_backing, resolve_backing_path, BackingPolicy, Chain};
 use crate::check::{CheckReport, RepairMode};
 use crate::error::{Error, Result};
 use crate::mapping::Extent;
@@ -56,13 +57,33 @@ pub fn probe_format(storage: &dyn Storage) -> Result<ImageFormat> {
 }
 
 impl Image {
-    /// Opens the image file at `path`.
+    /// Opens the image file at `path`, with its backing chain as
+    /// `opts.backing` allows.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Image> {
-        let storage = FileStorage::open(path, !opts.read_only).map_err(Error::io("opening the image", 0))?;
-        Image::open_storage(Arc::new(storage), opts)
+        Image::open_in_chain(path, opts, &mut Chain::default())
     }
 
-    /// Opens an image on any storage.
+    pub(crate) fn open_in_chain(path: &Path, opts: &OpenOptions, chain: &mut Chain) -> Result<Image> {
+        chain.enter(path)?;
+        let storage: Arc<dyn Storage> =
+            Arc::new(FileStorage::open(path, !opts.read_only).map_err(Error::io("opening the image", 0))?);
+        let format = match opts.format {
+            Some(f) => f,
+            None => probe_format(&*storage)?,
+        };
+        if format == ImageFormat::Raw {
+            return Ok(Image::Raw(Raw::open(storage, opts.read_only)?));
+        }
+        let header = crate::qcow2::read_header(&*storage)?;
+        let backing = match &header.backing_file {
+            Some(name) => open_backing(path, name, header.extensions.backing_format.as_deref(), opts, chain)?,
+            None => None,
+        };
+        Ok(Image::Qcow2(Qcow2::open_with_backing(storage, opts, backing)?))
+    }
+
+    /// Opens an image on any storage. A qcow2 image that names a backing
+    /// file needs [`Qcow2::open_with_backing`] (or `BackingPolicy::Ignore`).
     pub fn open_storage(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Image> {
         let format = match opts.format {
             Some(f) => f,
@@ -74,10 +95,45 @@ impl Image {
         })
     }
 
-    /// Creates an image file at `path` (replacing any file there).
+    /// Creates an image file at `path` (replacing any file there) and opens
+    /// it. A backing file is checked by opening it (unless
+    /// `opts.unsafe_backing`), and gives the size when `opts.size_given` is
+    /// false; its name is stored as given, relative names being relative to
+    /// the new image's directory.
     pub fn create(path: &Path, opts: &CreateOptions) -> Result<Image> {
+        let mut opts = opts.clone();
+        if let Some(name) = opts.backing_file.clone() {
+            let backing_path = resolve_backing_path(path, &name);
+            if let (Ok(a), Ok(b)) = (std::fs::canonicalize(&backing_path), std::fs::canonicalize(path)) {
+                if a == b {
+                    return Err(Error::InvalidArgument(
+                        "Error: Trying to create an image with the same filename as the backing file".into(),
+                    ));
+                }
+            }
+            if !opts.unsafe_backing || !opts.size_given {
+                let format = opts.backing_format.as_deref().map(ImageFormat::from_name).transpose()?;
+                let backing =
+                    Image::open(&backing_path, &OpenOptions { read_only: true, format, ..Default::default() })
+                        .map_err(|e| {
+                            Error::InvalidArgument(format!(
+                                "Could not open '{name}': {e}\nCould not open backing image."
+                            ))
+                        })?;
+                if !opts.size_given {
+                    opts.size = backing.len();
+                    opts.size_given = true;
+                }
+            }
+        }
         let storage = FileStorage::create(path).map_err(Error::io("creating the image", 0))?;
-        Image::create_storage(Arc::new(storage), opts)
+        if opts.backing_file.is_none() {
+            return Image::create_storage(Arc::new(storage), &opts);
+        }
+        // Reopen so that the backing chain is attached.
+        Qcow2::create_unattached(Arc::new(storage), &opts)?.close()?;
+        let policy = if opts.unsafe_backing { BackingPolicy::Ignore } else { BackingPolicy::Follow };
+        Image::open(path, &OpenOptions::new().backing(policy))
     }
 
     /// Creates an image on any storage.

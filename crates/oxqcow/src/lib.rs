@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod backing;
 mod cache;
 pub mod check;
 pub mod compress;

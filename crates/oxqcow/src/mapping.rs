@@ -22,6 +22,13 @@ pub(crate) enum ReadSegment {
         /// Length.
         len: u64,
     },
+    /// Not allocated here: read the backing image at this guest offset.
+    Backing {
+        /// Guest offset.
+        guest: u64,
+        /// Length.
+        len: u64,
+    },
     /// Part of a compressed cluster.
     Compressed {
         /// Where the compressed stream is.
@@ -36,7 +43,10 @@ pub(crate) enum ReadSegment {
 impl ReadSegment {
     pub(crate) fn len(&self) -> u64 {
         match *self {
-            ReadSegment::Zero(l) | ReadSegment::Data { len: l, .. } | ReadSegment::Compressed { len: l, .. } => l,
+            ReadSegment::Zero(l)
+            | ReadSegment::Data { len: l, .. }
+            | ReadSegment::Compressed { len: l, .. }
+            | ReadSegment::Backing { len: l, .. } => l,
         }
     }
 }
@@ -220,10 +230,12 @@ impl Meta {
     /// Plans a read of `[offset, offset + len)`.
     pub(crate) fn plan_read(&mut self, storage: &dyn Storage, offset: u64, len: u64) -> Result<Vec<ReadSegment>> {
         let mut plan: Vec<ReadSegment> = Vec::new();
-        self.walk(storage, offset, len, |_, piece, in_cluster, m| {
+        let has_backing = self.has_backing;
+        self.walk(storage, offset, len, |pos, piece, in_cluster, m| {
             let seg = match m {
                 L2Mapping::Normal { host, .. } => ReadSegment::Data { host: host.0 + in_cluster, len: piece },
                 L2Mapping::Compressed(desc) => ReadSegment::Compressed { desc, in_cluster, len: piece },
+                L2Mapping::Unallocated if has_backing => ReadSegment::Backing { guest: pos, len: piece },
                 _ => ReadSegment::Zero(piece),
             };
             match (plan.last_mut(), seg) {
@@ -231,6 +243,7 @@ impl Meta {
                 (Some(ReadSegment::Data { host, len }), ReadSegment::Data { host: h, len: n }) if *host + *len == h => {
                     *len += n
                 }
+                (Some(ReadSegment::Backing { len, .. }), ReadSegment::Backing { len: n, .. }) => *len += n,
                 _ => plan.push(seg),
             }
         })?;

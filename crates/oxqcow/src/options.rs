@@ -89,6 +89,8 @@ pub struct OpenOptions {
     /// Override the image's lazy refcounts setting for this session
     /// (`lazy-refcounts`).
     pub lazy_refcounts: Option<bool>,
+    /// What to do with backing files the image names.
+    pub backing: crate::backing::BackingPolicy,
 }
 
 impl OpenOptions {
@@ -104,6 +106,11 @@ impl OpenOptions {
     /// Sets the format.
     pub fn format(mut self, format: ImageFormat) -> Self {
         self.format = Some(format);
+        self
+    }
+    /// Sets the backing file policy.
+    pub fn backing(mut self, policy: crate::backing::BackingPolicy) -> Self {
+        self.backing = policy;
         self
     }
     /// Applies one QEMU runtime option (`l2-cache-size=1M`, ...).
@@ -200,6 +207,8 @@ pub struct CreateOptions {
     pub data_file_raw: bool,
     /// Whether `size` was given (the backing file supplies it otherwise).
     pub size_given: bool,
+    /// Do not open the backing file to check it (qemu-img's `-u`).
+    pub unsafe_backing: bool,
 }
 
 impl Default for CreateOptions {
@@ -219,6 +228,7 @@ impl Default for CreateOptions {
             data_file: None,
             data_file_raw: false,
             size_given: false,
+            unsafe_backing: false,
         }
     }
 }
@@ -255,6 +265,12 @@ impl CreateOptions {
     /// Sets the preallocation mode.
     pub fn preallocation(mut self, mode: Preallocation) -> Self {
         self.preallocation = mode;
+        self
+    }
+    /// Records a backing file and its format.
+    pub fn backing(mut self, file: &str, format: &str) -> Self {
+        self.backing_file = Some(file.to_string());
+        self.backing_format = Some(format.to_string());
         self
     }
 

@@ -61,6 +61,8 @@ pub(crate) struct Meta {
     pub(crate) read_only: bool,
     /// Where the next compressed cluster is packed (0: start a new cluster).
     pub(crate) free_byte_offset: u64,
+    /// Whether unallocated clusters read from a backing image.
+    pub(crate) has_backing: bool,
 }
 
 /// Facts about an open qcow2 image, for `info`.
@@ -108,6 +110,7 @@ pub struct Qcow2 {
     discard_passthrough: bool,
     size: AtomicU64,
     io_gate: RwLock<()>,
+    backing: Option<Arc<crate::image::Image>>,
     meta: Mutex<Meta>,
     alloc_done: Condvar,
     dirty_at_open: bool,
@@ -325,8 +328,20 @@ impl Meta {
 }
 
 impl Qcow2 {
-    /// Opens a qcow2 image on `storage`.
+    /// Opens a qcow2 image on `storage`. An image that names a backing file
+    /// is refused unless `opts.backing` is `BackingPolicy::Ignore` (use
+    /// [`Qcow2::open_with_backing`] or `Image::open`, which resolves names).
     pub fn open(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Self> {
+        Self::open_with_backing(storage, opts, None)
+    }
+
+    /// Opens a qcow2 image with `backing` as the image its unallocated
+    /// clusters read from.
+    pub fn open_with_backing(
+        storage: Arc<dyn Storage>,
+        opts: &OpenOptions,
+        backing: Option<Arc<crate::image::Image>>,
+    ) -> Result<Self> {
         let st = &*storage;
         let file_len = st.len().map_err(Error::io("reading the file length", 0))?;
         let header = read_header(st)?;
@@ -342,11 +357,12 @@ impl Qcow2 {
         if header.extended_l2() {
             return Err(Error::Unsupported("extended L2 entries".into()));
         }
-        if header.backing_file.is_some() {
-            return Err(Error::Unsupported(format!(
-                "backing files (this image is an overlay of '{}')",
-                header.backing_file.as_deref().unwrap_or_default()
-            )));
+        if let Some(name) = &header.backing_file {
+            if backing.is_none() && !matches!(opts.backing, crate::backing::BackingPolicy::Ignore) {
+                return Err(Error::InvalidArgument(format!(
+                    "the image has a backing file ('{name}'): open it with Image::open, Qcow2::open_with_backing, or BackingPolicy::Ignore"
+                )));
+            }
         }
         let mut read_only = opts.read_only;
         if !read_only {
@@ -403,6 +419,7 @@ impl Qcow2 {
             snapshots,
             read_only,
             free_byte_offset: 0,
+            has_backing: backing.is_some(),
         };
         meta.update_reserved();
 
@@ -437,6 +454,7 @@ impl Qcow2 {
             discard_passthrough: opts.discard_passthrough,
             size: AtomicU64::new(size),
             io_gate: RwLock::new(()),
+            backing,
             meta: Mutex::new(meta),
             alloc_done: Condvar::new(),
             dirty_at_open,
@@ -536,6 +554,7 @@ impl Qcow2 {
                     let cluster = self.read_compressed(desc)?;
                     out.copy_from_slice(&cluster[in_cluster as usize..in_cluster as usize + len]);
                 }
+                ReadSegment::Backing { guest, .. } => self.read_backing(out, guest)?,
             }
             pos += len;
         }
@@ -759,9 +778,34 @@ impl Qcow2 {
     }
 
     /// Describes `[offset, offset + len)` as extents of equal status.
+    /// Ranges this image does not allocate are described by the backing
+    /// image, one level deeper; past the backing image's end they read as
+    /// zeros at this level (as qemu-img map reports them).
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.check_range(offset, len)?;
-        self.lock_meta().block_status(self.storage_ref(), offset, len)
+        let own = self.lock_meta().block_status(self.storage_ref(), offset, len)?;
+        let Some(backing) = &self.backing else { return Ok(own) };
+        let blen = crate::image::BlockDevice::len(&**backing);
+        let mut out = Vec::with_capacity(own.len());
+        for e in own {
+            if e.present {
+                crate::mapping::push_extent(&mut out, e);
+                continue;
+            }
+            let end = e.offset + e.length;
+            let inside = end.min(blen).saturating_sub(e.offset);
+            if inside > 0 {
+                for mut b in crate::image::BlockDevice::block_status(&**backing, e.offset, inside)? {
+                    b.depth += 1;
+                    crate::mapping::push_extent(&mut out, b);
+                }
+            }
+            if inside < e.length {
+                let rest = Extent { offset: e.offset + inside, length: e.length - inside, ..e };
+                crate::mapping::push_extent(&mut out, rest);
+            }
+        }
+        Ok(out)
     }
 
     /// Runs `f` with exclusive access: no request in flight, no allocation
@@ -798,7 +842,18 @@ impl Qcow2 {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
-        self.exclusive(|m, st| m.resize(st, new_size, prealloc))
+        let old_size = self.len();
+        self.exclusive(|m, st| m.resize(st, new_size, prealloc))?;
+        // A grown overlay must not show what its backing image has past
+        // the old end: zero the new area, as QEMU's truncate does.
+        if let Some(backing) = &self.backing {
+            let blen = crate::image::BlockDevice::len(&**backing);
+            if new_size > old_size && blen > old_size {
+                let end = if self.version >= 3 { new_size } else { new_size.min(blen) };
+                self.write_zeroes_at(old_size, end - old_size, false)?;
+            }
+        }
+        Ok(())
     }
 
     /// Flushes everything, clears the dirty bit and closes the image.
@@ -873,8 +928,29 @@ impl Qcow2 {
                 let cluster = self.read_compressed(desc)?;
                 buf.copy_from_slice(&cluster[at as usize..(at + r.len) as usize]);
             }
+            crate::write::CowSource::Backing(guest) => self.read_backing(&mut buf, guest)?,
         }
         Ok(buf)
+    }
+
+    /// Reads from the backing image; past its end everything reads as zeros.
+    fn read_backing(&self, out: &mut [u8], guest: u64) -> Result<()> {
+        let Some(backing) = &self.backing else {
+            out.fill(0);
+            return Ok(());
+        };
+        let blen = crate::image::BlockDevice::len(&**backing);
+        let n = blen.saturating_sub(guest).min(out.len() as u64) as usize;
+        if n > 0 {
+            crate::image::BlockDevice::read_at(&**backing, &mut out[..n], guest)?;
+        }
+        out[n..].fill(0);
+        Ok(())
+    }
+
+    /// The backing image, when the image has one and it was opened.
+    pub fn backing(&self) -> Option<&Arc<crate::image::Image>> {
+        self.backing.as_ref()
     }
 
     /// Reads and decompresses one compressed cluster.

@@ -50,7 +50,19 @@ pub(crate) fn validate_create(opts: &CreateOptions) -> Result<Geometry> {
         return Err(Error::Unsupported("extended L2 entries".into()));
     }
     if opts.backing_file.is_some() {
-        return Err(Error::Unsupported("backing files".into()));
+        if opts.backing_format.is_none() {
+            return Err(Error::InvalidArgument("Backing file specified without backing format".into()));
+        }
+        if opts.preallocation != Preallocation::Off {
+            return Err(Error::InvalidArgument(
+                "Backing file and preallocation can only be used at the same time if extended_l2 is on".into(),
+            ));
+        }
+        if opts.backing_file.as_deref().is_some_and(|n| n.len() > oxqcow_format::limits::MAX_BACKING_NAME as usize) {
+            return Err(Error::InvalidArgument("Backing file name too long".into()));
+        }
+    } else if opts.backing_format.is_some() {
+        return Err(Error::InvalidArgument("backing_fmt requires backing_file".into()));
     }
     if opts.data_file.is_some() || opts.data_file_raw {
         return Err(Error::Unsupported("external data files".into()));
@@ -61,8 +73,19 @@ pub(crate) fn validate_create(opts: &CreateOptions) -> Result<Geometry> {
 
 impl Qcow2 {
     /// Creates a qcow2 image on `storage` (whose content is replaced) and
-    /// opens it read-write.
+    /// opens it read-write. Images with a backing file are made by
+    /// `Image::create`, which resolves and attaches the backing file.
     pub fn create(storage: Arc<dyn Storage>, opts: &CreateOptions) -> Result<Qcow2> {
+        if opts.backing_file.is_some() {
+            return Err(Error::InvalidArgument(
+                "images with a backing file are created with Image::create, which opens the backing chain".into(),
+            ));
+        }
+        Self::create_unattached(storage, opts)
+    }
+
+    /// Creates the image; a backing file name is recorded but not opened.
+    pub(crate) fn create_unattached(storage: Arc<dyn Storage>, opts: &CreateOptions) -> Result<Qcow2> {
         let g = validate_create(opts)?;
         let size = opts.size.div_ceil(512) * 512;
         let cs = g.cluster_size();
@@ -89,6 +112,11 @@ impl Qcow2 {
                 m.refcounts.update(st, HostCluster(c), 1)?;
             }
             m.resize(st, size, opts.preallocation)?;
+            if let Some(name) = &opts.backing_file {
+                m.header.backing_file = Some(name.clone());
+                m.header.extensions.backing_format = opts.backing_format.clone();
+                m.write_header(st)?;
+            }
             m.flush_all(st)
         })?;
         Ok(image)

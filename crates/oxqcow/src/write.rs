@@ -25,6 +25,8 @@ pub(crate) enum CowSource {
     Host(u64),
     /// The old compressed cluster, decompressed, from this offset in it.
     Compressed(oxqcow_format::CompressedDescriptor, u64),
+    /// The backing image at this guest offset.
+    Backing(u64),
 }
 
 /// A region of a new cluster to fill with old content.
@@ -227,17 +229,19 @@ impl Meta {
         }
         let host = self.alloc_clusters(storage, count)?;
         let covered_end = end.min((first + count) * cs);
-        let cow = |m: L2Mapping, at: u64, len: u64| -> CowRegion {
+        let has_backing = self.has_backing;
+        let cow = |m: L2Mapping, cluster: u64, at: u64, len: u64| -> CowRegion {
             let source = match m {
                 L2Mapping::Normal { host, .. } => CowSource::Host(host.0 + at),
                 L2Mapping::Compressed(d) => CowSource::Compressed(d, at),
+                L2Mapping::Unallocated if has_backing => CowSource::Backing(cluster * cs + at),
                 _ => CowSource::Zero,
             };
             CowRegion { len, source }
         };
-        let head = (in_cluster != 0).then(|| cow(m0, 0, in_cluster));
+        let head = (in_cluster != 0).then(|| cow(m0, first, 0, in_cluster));
         let tail_at = g.offset_in_cluster(covered_end);
-        let tail = (tail_at != 0).then(|| cow(last_mapping, tail_at, cs - tail_at));
+        let tail = (tail_at != 0).then(|| cow(last_mapping, first + count - 1, tail_at, cs - tail_at));
         let id = self.next_inflight_id;
         self.next_inflight_id += 1;
         self.inflight.push(Inflight { id, first_cluster: first, count, host, compressed: None });
@@ -401,9 +405,14 @@ impl Meta {
     /// backing file) and their host clusters are freed.
     pub(crate) fn discard_range(&mut self, storage: &dyn Storage, offset: u64, len: u64) -> Result<bool> {
         let v3 = self.header.version >= 3;
+        let backing = self.has_backing;
+        // QEMU's rule: with a backing file (or for allocated clusters) the
+        // cluster must read as zeros afterwards, which only v3 can say;
+        // without one, unallocated already reads as zeros.
         self.rewrite_clusters(storage, offset, len, |old, _| match old {
+            L2Mapping::Unallocated if backing && v3 => Some((L2Entry::ZERO_PLAIN, false)),
             L2Mapping::Unallocated => None,
-            // Without a backing file a plain zero cluster reads like an unallocated one.
+            L2Mapping::ZeroPlain if backing => None,
             L2Mapping::ZeroPlain => Some((L2Entry::UNALLOCATED, false)),
             _ => Some((if v3 { L2Entry::ZERO_PLAIN } else { L2Entry::UNALLOCATED }, true)),
         })
