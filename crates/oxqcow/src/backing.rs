@@ -140,7 +140,7 @@ pub(crate) fn open_backing(
     backing_opts.format = format;
     backing_opts.repair = false;
     let image = Image::open_in_chain(&path, &backing_opts, chain).map_err(|e| match e {
-        Error::Io { op, offset, source } if op == "opening the image" => Error::Io {
+        Error::Io { op: "opening the image", offset, source } => Error::Io {
             op: "opening the backing file",
             offset,
             source: std::io::Error::new(
