@@ -10,6 +10,7 @@
 
 pub mod backing;
 mod cache;
+pub mod chain_ops;
 pub mod check;
 pub mod compress;
 pub mod cursor;

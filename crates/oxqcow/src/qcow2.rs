@@ -856,6 +856,40 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Records a different backing file (or none) in the header. The data
+    /// is not touched: this is `rebase -u`. The backing image attached to
+    /// this handle stays until the image is reopened.
+    pub fn set_backing_file(&self, name: Option<&str>, format: Option<&str>) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        if let Some(n) = name {
+            if n.len() > oxqcow_format::limits::MAX_BACKING_NAME as usize {
+                return Err(Error::InvalidArgument(format!("Backing file name too long ({} bytes)", n.len())));
+            }
+        }
+        self.exclusive(|m, st| {
+            let old = (m.header.backing_file.clone(), m.header.extensions.backing_format.clone());
+            m.header.backing_file = name.map(str::to_string);
+            m.header.extensions.backing_format = format.map(str::to_string);
+            if let Err(e) = m.header.clone().serialize() {
+                (m.header.backing_file, m.header.extensions.backing_format) = old;
+                return Err(e.into());
+            }
+            m.write_header(st)?;
+            st.sync().map_err(Error::io("syncing the header", 0))
+        })
+    }
+
+    /// Drops every cluster of the active layer: the image then reads as its
+    /// backing file (or zeros). Used by commit.
+    pub fn make_empty(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        self.exclusive(|m, st| m.drop_all_clusters(st))
+    }
+
     /// Flushes everything, clears the dirty bit and closes the image.
     pub fn close(self) -> Result<()> {
         self.close_inner()

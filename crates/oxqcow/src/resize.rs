@@ -234,6 +234,22 @@ impl Meta {
         Ok(())
     }
 
+    /// Drops every cluster of the active layer (entries become unallocated).
+    pub(crate) fn drop_all_clusters(&mut self, storage: &dyn Storage) -> Result<()> {
+        let g = self.geometry;
+        let end = g.align_up(self.header.size);
+        let mut pos = 0;
+        while pos < end {
+            let chunk_end = end.min((g.l1_index(GuestOffset(pos)) + 1) * g.bytes_per_l2());
+            self.drop_clusters(storage, pos, chunk_end - pos)?;
+            pos = chunk_end;
+        }
+        self.flush_all(storage)?;
+        let frees = std::mem::take(&mut self.pending_frees);
+        self.apply_frees(storage, frees, false)?;
+        self.flush_all(storage)
+    }
+
     /// Drops whole clusters (shrink): entries become unallocated.
     fn drop_clusters(&mut self, storage: &dyn Storage, offset: u64, len: u64) -> Result<()> {
         let g = self.geometry;

@@ -187,3 +187,88 @@ fn loops_json_names_and_forbidden_backing_are_refused() {
     assert!(Image::open(&np, &OpenOptions::new().read_only(true).backing(BackingPolicy::FollowWithoutProbing)).is_err());
     assert!(Image::open(&np, &OpenOptions::new().read_only(true)).is_ok());
 }
+
+/// Copies the chain files of `chain()` into `dst` (same names).
+fn copy_chain(src: &Path, dst: &Path) {
+    for f in ["base.raw", "mid.qcow2", "top.qcow2"] {
+        std::fs::copy(src.join(f), dst.join(f)).unwrap();
+    }
+}
+
+#[test]
+fn commit_matches_qemu() {
+    for explicit_base in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let ours = dir.path().join("ours");
+        let theirs = dir.path().join("theirs");
+        std::fs::create_dir_all(&ours).unwrap();
+        std::fs::create_dir_all(&theirs).unwrap();
+        chain(dir.path());
+        copy_chain(dir.path(), &ours);
+        copy_chain(dir.path(), &theirs);
+        let before = as_raw(dir.path(), &ours.join("top.qcow2"));
+        if explicit_base {
+            oxqcow::chain_ops::commit(&ours.join("top.qcow2"), Some(&ours.join("base.raw")), false, &mut |_, _| {})
+                .unwrap();
+            run(&["qemu-img", "commit", "-q", "-b", p(&theirs.join("base.raw")), p(&theirs.join("top.qcow2"))]);
+        } else {
+            oxqcow::chain_ops::commit(&ours.join("top.qcow2"), None, false, &mut |_, _| {}).unwrap();
+            run(&["qemu-img", "commit", "-q", p(&theirs.join("top.qcow2"))]);
+        }
+        for f in ["base.raw", "mid.qcow2", "top.qcow2"] {
+            let a = ours.join(f);
+            let b = theirs.join(f);
+            if f.ends_with("qcow2") {
+                run(&["qemu-img", "check", p(&a)]);
+            }
+            // Compare each layer on its own, as a flat image.
+            let fa = dir.path().join("fa.raw");
+            let fb = dir.path().join("fb.raw");
+            let fmt = if f.ends_with("raw") { "raw" } else { "qcow2" };
+            for (src, dst) in [(&a, &fa), (&b, &fb)] {
+                run(&["qemu-img", "convert", "-f", fmt, "-O", "raw", p(src), p(dst)]);
+            }
+            assert!(
+                std::fs::read(&fa).unwrap() == std::fs::read(&fb).unwrap(),
+                "{f} differs (explicit base: {explicit_base})"
+            );
+        }
+        assert!(as_raw(dir.path(), &ours.join("top.qcow2")) == before, "the guest view must not change");
+    }
+}
+
+#[test]
+fn rebase_matches_qemu() {
+    for (new_backing, unsafe_mode) in [(Some("base.raw"), false), (None, false), (Some("base.raw"), true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let ours = dir.path().join("ours");
+        let theirs = dir.path().join("theirs");
+        std::fs::create_dir_all(&ours).unwrap();
+        std::fs::create_dir_all(&theirs).unwrap();
+        chain(dir.path());
+        copy_chain(dir.path(), &ours);
+        copy_chain(dir.path(), &theirs);
+        let target = new_backing.map(|n| (n, Some(oxqcow::ImageFormat::Raw)));
+        oxqcow::chain_ops::rebase(&ours.join("top.qcow2"), target, unsafe_mode, &mut |_, _| {}).unwrap();
+        let mut args = vec!["qemu-img", "rebase", "-q"];
+        if unsafe_mode {
+            args.push("-u");
+        }
+        let b = new_backing.unwrap_or("");
+        args.extend(["-b", b]);
+        if new_backing.is_some() {
+            args.extend(["-F", "raw"]);
+        }
+        let t = theirs.join("top.qcow2");
+        args.push(p(&t));
+        run(&args);
+        run(&["qemu-img", "check", p(&ours.join("top.qcow2"))]);
+        run(&["qemu-img", "compare", p(&ours.join("top.qcow2")), p(&theirs.join("top.qcow2"))]);
+        let info_a = run(&["qemu-img", "info", "--output=json", p(&ours.join("top.qcow2"))]);
+        let info_b = run(&["qemu-img", "info", "--output=json", p(&theirs.join("top.qcow2"))]);
+        let backing_line = |s: &str| -> Vec<String> {
+            s.lines().filter(|l| l.contains("\"backing-filename")).map(|l| l.trim().to_string()).collect()
+        };
+        assert_eq!(backing_line(&info_a), backing_line(&info_b));
+    }
+}

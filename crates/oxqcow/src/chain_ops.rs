@@ -1,0 +1,230 @@
+//! Operations across a backing chain: commit, rebase, and changing the
+//! backing file recorded in a header.
+//!
+//! Both work through the public block interfaces (`BlockDevice`), so raw
+//! images take part as bases and commit targets like qcow2 ones.
+
+use std::path::{Path, PathBuf};
+
+use crate::backing::{resolve_backing_path, BackingPolicy};
+use crate::error::{Error, Result};
+use crate::image::{BlockDevice, Image};
+use crate::options::{ImageFormat, OpenOptions};
+
+/// Copy granularity of commit and rebase.
+const CHUNK: u64 = 1 << 20;
+
+/// Reports progress as (done, total) bytes.
+pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
+
+/// The files of a backing chain, top first, as their headers name them.
+#[derive(Clone, Debug)]
+pub struct ChainLayer {
+    /// Path of the image file.
+    pub path: PathBuf,
+    /// Its format.
+    pub format: ImageFormat,
+    /// The backing file name as recorded in its header.
+    pub backing_name: Option<String>,
+    /// The backing format as recorded in its header.
+    pub backing_format: Option<String>,
+}
+
+/// Lists the layers of the chain starting at `top` (following header names
+/// the way `Image::open` does, without opening the images for I/O).
+pub fn chain_layers(top: &Path, format: Option<ImageFormat>) -> Result<Vec<ChainLayer>> {
+    let mut layers: Vec<ChainLayer> = Vec::new();
+    let mut path = top.to_path_buf();
+    let mut fmt = format;
+    loop {
+        if layers.len() >= crate::backing::MAX_CHAIN_DEPTH {
+            return Err(Error::InvalidArgument(format!("Backing file chain deeper than {} images", layers.len())));
+        }
+        let canonical = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+        if layers.iter().any(|l| std::fs::canonicalize(&l.path).unwrap_or_else(|_| l.path.clone()) == canonical) {
+            return Err(Error::InvalidArgument(format!(
+                "Backing file chain loop: '{}' is its own ancestor",
+                path.display()
+            )));
+        }
+        let opts = OpenOptions { read_only: true, format: fmt, backing: BackingPolicy::Ignore, ..Default::default() };
+        let image = Image::open(&path, &opts)?;
+        let (name, bfmt) = match image.as_qcow2() {
+            Some(q) => {
+                let h = q.header();
+                (h.backing_file.clone(), h.extensions.backing_format.clone())
+            }
+            None => (None, None),
+        };
+        layers.push(ChainLayer {
+            path: path.clone(),
+            format: image.format(),
+            backing_name: name.clone(),
+            backing_format: bfmt.clone(),
+        });
+        let Some(name) = name else { return Ok(layers) };
+        if name.starts_with("json:") {
+            return Err(Error::Unsupported(format!("json: pseudo-filenames as backing files ('{name}')")));
+        }
+        path = resolve_backing_path(&path, &name);
+        fmt = bfmt.as_deref().map(ImageFormat::from_name).transpose()?;
+    }
+}
+
+/// Copies everything the layers above `base` hold into `base` (the image's
+/// own backing file when `base` is `None`), then empties the top image
+/// unless `keep_top` (qemu-img commit's `-d`; with an explicit base QEMU
+/// keeps the top image too).
+pub fn commit(top: &Path, base: Option<&Path>, keep_top: bool, progress: Progress<'_>) -> Result<()> {
+    let layers = chain_layers(top, None)?;
+    if layers.len() < 2 {
+        return Err(Error::InvalidArgument(format!("Image '{}' does not have a backing file", top.display())));
+    }
+    let base_index = match base {
+        None => 1,
+        Some(b) => {
+            let want = std::fs::canonicalize(b).unwrap_or_else(|_| b.to_path_buf());
+            layers
+                .iter()
+                .position(|l| std::fs::canonicalize(&l.path).unwrap_or_else(|_| l.path.clone()) == want)
+                .filter(|&i| i > 0)
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "'{}' is not in the backing file chain of '{}'",
+                        b.display(),
+                        top.display()
+                    ))
+                })?
+        }
+    };
+    let top_image = Image::open(top, &OpenOptions::new().read_only(true))?;
+    let base_layer = &layers[base_index];
+    let base_image = Image::open(
+        &base_layer.path,
+        &OpenOptions { format: Some(base_layer.format), backing: BackingPolicy::Ignore, ..Default::default() },
+    )?;
+    let size = top_image.len();
+    if base_image.len() < size {
+        base_image.resize(size, crate::options::Preallocation::Off)?;
+    }
+    let mut pos = 0;
+    let mut buf = Vec::new();
+    while pos < size {
+        let len = CHUNK.min(size - pos);
+        for e in top_image.block_status(pos, len)? {
+            // Ranges described at the base's depth or deeper are already there.
+            if e.depth as usize >= base_index || !e.present {
+                continue;
+            }
+            if e.zero && !e.data {
+                base_image.write_zeroes_at(e.offset, e.length, false)?;
+            } else {
+                buf.resize(e.length as usize, 0);
+                top_image.read_at(&mut buf, e.offset)?;
+                base_image.write_at(&buf, e.offset)?;
+            }
+        }
+        pos += len;
+        progress(pos, size);
+    }
+    base_image.flush()?;
+    base_image.close()?;
+    drop(top_image);
+    if !keep_top && base.is_none() {
+        let top_rw = Image::open(top, &OpenOptions { backing: BackingPolicy::Ignore, ..Default::default() })?;
+        if let Some(q) = top_rw.as_qcow2() {
+            q.make_empty()?;
+        }
+        top_rw.close()?;
+    }
+    Ok(())
+}
+
+/// Changes the backing file of `top` to `new_backing` (`None`: no backing
+/// file). Safe mode first copies into `top` every range whose content would
+/// change, so the guest sees the same disk; unsafe mode only rewrites the
+/// header (qemu-img rebase `-u`).
+pub fn rebase(
+    top: &Path,
+    new_backing: Option<(&str, Option<ImageFormat>)>,
+    unsafe_mode: bool,
+    progress: Progress<'_>,
+) -> Result<()> {
+    let resolved_format = |name: &str, fmt: Option<ImageFormat>| -> Result<ImageFormat> {
+        match fmt {
+            Some(f) => Ok(f),
+            None => {
+                let p = resolve_backing_path(top, name);
+                let probe = Image::open(
+                    &p,
+                    &OpenOptions { read_only: true, backing: BackingPolicy::Ignore, ..Default::default() },
+                )?;
+                Ok(probe.format())
+            }
+        }
+    };
+    if unsafe_mode {
+        let img = Image::open(top, &OpenOptions { backing: BackingPolicy::Ignore, ..Default::default() })?;
+        let q = img.as_qcow2().ok_or_else(|| Error::InvalidArgument("only qcow2 images have a backing file".into()))?;
+        match new_backing {
+            Some((name, fmt)) => {
+                // Unsafe mode does not need the file, but records a format
+                // when it can learn it.
+                let f = fmt.or_else(|| resolved_format(name, None).ok());
+                q.set_backing_file(Some(name), f.map(ImageFormat::name))?;
+            }
+            None => q.set_backing_file(None, None)?,
+        }
+        return img.close();
+    }
+    let img = Image::open(top, &OpenOptions::new())?;
+    let q = img.as_qcow2().ok_or_else(|| Error::InvalidArgument("only qcow2 images have a backing file".into()))?;
+    let new_image = match new_backing {
+        Some((name, fmt)) => {
+            let f = resolved_format(name, fmt)?;
+            let p = resolve_backing_path(top, name);
+            Some((Image::open(&p, &OpenOptions { read_only: true, format: Some(f), ..Default::default() })?, f))
+        }
+        None => None,
+    };
+    let size = img.len();
+    let new_len = new_image.as_ref().map_or(0, |(i, _)| i.len());
+    let cs = q.geometry().cluster_size();
+    let mut old = vec![0u8; cs as usize];
+    let mut new = vec![0u8; cs as usize];
+    let mut pos = 0;
+    while pos < size {
+        let len = CHUNK.min(size - pos);
+        for e in img.block_status(pos, len)? {
+            if e.depth == 0 && e.present {
+                continue;
+            }
+            // Compare the old view with the new backing file, cluster by cluster.
+            let mut at = e.offset;
+            let end = e.offset + e.length;
+            while at < end {
+                let n = (cs - at % cs).min(end - at) as usize;
+                img.read_at(&mut old[..n], at)?;
+                new[..n].fill(0);
+                if let Some((ni, _)) = &new_image {
+                    let m = new_len.saturating_sub(at).min(n as u64) as usize;
+                    if m > 0 {
+                        ni.read_at(&mut new[..m], at)?;
+                    }
+                }
+                if old[..n] != new[..n] {
+                    img.write_at(&old[..n], at)?;
+                }
+                at += n as u64;
+            }
+        }
+        pos += len;
+        progress(pos, size);
+    }
+    img.flush()?;
+    match &new_backing {
+        Some((name, _)) => q.set_backing_file(Some(name), new_image.as_ref().map(|(_, f)| f.name()))?,
+        None => q.set_backing_file(None, None)?,
+    }
+    img.close()
+}
