@@ -227,8 +227,19 @@ impl Meta {
         Ok(())
     }
 
+    /// Re-checks a request against the size under the lock (a resize may
+    /// have run since the caller's unlocked check).
+    pub(crate) fn check_in_disk(&self, offset: u64, len: u64) -> Result<()> {
+        let size = self.header.size;
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(Error::OutOfBounds { offset, len, size });
+        }
+        Ok(())
+    }
+
     /// Plans a read of `[offset, offset + len)`.
     pub(crate) fn plan_read(&mut self, storage: &dyn Storage, offset: u64, len: u64) -> Result<Vec<ReadSegment>> {
+        self.check_in_disk(offset, len)?;
         let mut plan: Vec<ReadSegment> = Vec::new();
         let has_backing = self.has_backing;
         self.walk(storage, offset, len, |pos, piece, in_cluster, m| {

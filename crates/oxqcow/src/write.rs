@@ -176,6 +176,7 @@ impl Meta {
 
     /// Plans the next piece of a write at `offset` of `len` bytes.
     pub(crate) fn plan_write(&mut self, storage: &dyn Storage, offset: u64, len: u64) -> Result<WritePlan> {
+        self.check_in_disk(offset, len)?;
         let g = self.geometry;
         let cs = g.cluster_size();
         let first = g.guest_cluster_index(GuestOffset(offset));
