@@ -346,6 +346,9 @@ impl Meta {
         len: u64,
         mut f: impl FnMut(L2Mapping, L2Entry) -> Option<(L2Entry, bool)>,
     ) -> Result<bool> {
+        if offset >= self.header.size {
+            return Err(Error::OutOfBounds { offset, len, size: self.header.size });
+        }
         let g = self.geometry;
         let cs = g.cluster_size();
         let first = offset / cs;
