@@ -54,7 +54,64 @@ fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
+impl SnapshotEntry {
+    /// The VM state size (from the 64-bit field when present).
+    pub fn vm_state_bytes(&self) -> u64 {
+        self.vm_state_size_large.unwrap_or(u64::from(self.vm_state_size))
+    }
+
+    /// Appends the entry as QEMU writes it: fixed part, 24 bytes of known
+    /// extra data (VM state size, disk size, instruction count), the extra
+    /// data this implementation does not know, id and name, padded to 8.
+    /// `default_disk_size` fills in a disk size the entry did not record.
+    pub fn write_to(&self, out: &mut Vec<u8>, default_disk_size: u64) -> Result<(), FormatError> {
+        let too_long = |what: &str, len: usize| FormatError::InvalidSnapshot {
+            index: 0,
+            reason: format!("snapshot {what} of {len} bytes is too long"),
+        };
+        let id_len = u16::try_from(self.id.len()).map_err(|_| too_long("id", self.id.len()))?;
+        let name_len = u16::try_from(self.name.len()).map_err(|_| too_long("name", self.name.len()))?;
+        let extra_len = 24 + self.unknown_extra.len();
+        if extra_len > MAX_SNAPSHOT_EXTRA_DATA as usize {
+            return Err(too_long("extra data", extra_len));
+        }
+        let vm_state = self.vm_state_bytes();
+        out.extend_from_slice(&self.l1_table_offset.to_be_bytes());
+        out.extend_from_slice(&self.l1_size.to_be_bytes());
+        out.extend_from_slice(&id_len.to_be_bytes());
+        out.extend_from_slice(&name_len.to_be_bytes());
+        out.extend_from_slice(&self.date_sec.to_be_bytes());
+        out.extend_from_slice(&self.date_nsec.to_be_bytes());
+        out.extend_from_slice(&self.vm_clock_nsec.to_be_bytes());
+        out.extend_from_slice(&u32::try_from(vm_state).unwrap_or(0).to_be_bytes());
+        out.extend_from_slice(&(extra_len as u32).to_be_bytes());
+        out.extend_from_slice(&vm_state.to_be_bytes());
+        out.extend_from_slice(&self.disk_size.unwrap_or(default_disk_size).to_be_bytes());
+        out.extend_from_slice(&self.icount.unwrap_or(u64::MAX).to_be_bytes());
+        out.extend_from_slice(&self.unknown_extra);
+        out.extend_from_slice(self.id.as_bytes());
+        out.extend_from_slice(self.name.as_bytes());
+        Ok(())
+    }
+}
+
 impl SnapshotTable {
+    /// Serialises a table (entries 8-byte aligned, as QEMU lays them out).
+    pub fn serialize(entries: &[SnapshotEntry], default_disk_size: u64) -> Result<Vec<u8>, FormatError> {
+        let mut out = Vec::new();
+        for e in entries {
+            out.resize(out.len().div_ceil(8) * 8, 0);
+            e.write_to(&mut out, default_disk_size)?;
+        }
+        if out.len() as u64 > MAX_SNAPSHOT_TABLE_BYTES {
+            return Err(FormatError::InvalidSnapshot {
+                index: entries.len() as u32,
+                reason: "snapshot table would exceed 64 MiB".into(),
+            });
+        }
+        Ok(out)
+    }
+
     /// Parses `count` entries from `bytes` (the table's bytes, at most
     /// [`MAX_SNAPSHOT_TABLE_BYTES`]).
     pub fn parse(bytes: &[u8], count: u32) -> Result<SnapshotTable, FormatError> {
@@ -143,6 +200,26 @@ mod tests {
         assert_eq!(table.entries[0].icount, None);
         assert_eq!(table.entries[1].name, "other");
         assert_eq!(table.byte_size, t.len() as u64);
+    }
+
+    #[test]
+    fn serialize_roundtrip() {
+        let mut extra = Vec::new();
+        extra.extend_from_slice(&0u64.to_be_bytes());
+        extra.extend_from_slice(&(1u64 << 30).to_be_bytes());
+        extra.extend_from_slice(&7u64.to_be_bytes());
+        extra.extend_from_slice(b"futurefield!");
+        let mut t = entry("1", "snap", &extra);
+        t.extend(entry("22", "other name", &[]));
+        let table = SnapshotTable::parse(&t, 2).unwrap();
+        assert_eq!(table.entries[0].unknown_extra, b"futurefield!");
+        let bytes = SnapshotTable::serialize(&table.entries, 5 << 20).unwrap();
+        let again = SnapshotTable::parse(&bytes, 2).unwrap();
+        assert_eq!(again.entries[0], table.entries[0]);
+        // The entry without extra data gets QEMU's defaults written.
+        assert_eq!(again.entries[1].disk_size, Some(5 << 20));
+        assert_eq!(again.entries[1].icount, Some(u64::MAX));
+        assert_eq!(again.entries[1].name, "other name");
     }
 
     #[test]

@@ -76,6 +76,14 @@ impl TableCache {
         self.dirty.remove(&offset);
     }
 
+    /// Drops every clean table.
+    pub(crate) fn drop_clean(&mut self) {
+        let clean: Vec<u64> = self.tables.iter().map(|(o, _)| *o).filter(|o| !self.dirty.contains(o)).collect();
+        for o in clean {
+            self.tables.pop(&o);
+        }
+    }
+
     /// Offsets of dirty tables, ascending.
     pub(crate) fn dirty_offsets(&self) -> Vec<u64> {
         self.dirty.iter().copied().collect()

@@ -23,6 +23,7 @@ mod qcow2;
 pub mod raw;
 mod refcount;
 mod resize;
+mod snapshot;
 pub mod storage;
 mod write;
 

@@ -91,6 +91,12 @@ pub struct OpenOptions {
     pub lazy_refcounts: Option<bool>,
     /// What to do with backing files the image names.
     pub backing: crate::backing::BackingPolicy,
+    /// Open the content of this internal snapshot (id or name) instead of
+    /// the active layer; read-only (`convert -l`, `qemu-io -l`).
+    pub snapshot: Option<String>,
+    /// Punch holes for clusters freed by deleting snapshots
+    /// (`pass-discard-snapshot`, on unless set to false).
+    pub pass_discard_snapshot: Option<bool>,
 }
 
 impl OpenOptions {
@@ -120,6 +126,7 @@ impl OpenOptions {
             "refcount-cache-size" => self.refcount_cache_size = Some(parse_size(value)?),
             "cache-size" => self.cache_size = Some(parse_size(value)?),
             "pass-discard-request" => self.discard_passthrough = parse_bool(key, value)?,
+            "pass-discard-snapshot" => self.pass_discard_snapshot = Some(parse_bool(key, value)?),
             "lazy-refcounts" => self.lazy_refcounts = Some(parse_bool(key, value)?),
             "read-only" => self.read_only = parse_bool(key, value)?,
             "driver" => self.format = Some(ImageFormat::from_name(value)?),

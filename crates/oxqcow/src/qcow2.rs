@@ -108,6 +108,7 @@ pub struct Qcow2 {
     version: u32,
     read_only: bool,
     discard_passthrough: bool,
+    discard_snapshot: bool,
     size: AtomicU64,
     io_gate: RwLock<()>,
     backing: Option<Arc<crate::image::Image>>,
@@ -369,9 +370,6 @@ impl Qcow2 {
             if header.is_corrupt() && !opts.repair {
                 return Err(Error::Corrupt("qcow2: Image is corrupt; cannot be opened read/write".into()));
             }
-            if header.nb_snapshots > 0 {
-                return Err(Error::Unsupported("writing to images with internal snapshots (open read-only)".into()));
-            }
             if header.extensions.bitmaps.is_some() {
                 return Err(Error::Unsupported("writing to images with persistent bitmaps (open read-only)".into()));
             }
@@ -423,6 +421,17 @@ impl Qcow2 {
         };
         meta.update_reserved();
 
+        let mut size = size;
+        if let Some(name) = &opts.snapshot {
+            if !read_only {
+                return Err(Error::InvalidArgument("snapshots can only be opened read-only".into()));
+            }
+            let (l1, disk_size) = meta.snapshot_view(st, name)?;
+            meta.l1 = l1;
+            meta.header.size = disk_size;
+            size = disk_size;
+        }
+
         if !read_only {
             let mut rewrite = false;
             if meta.header.autoclear_features & !autoclear::KNOWN != 0 {
@@ -452,6 +461,7 @@ impl Qcow2 {
             version,
             read_only,
             discard_passthrough: opts.discard_passthrough,
+            discard_snapshot: opts.pass_discard_snapshot.unwrap_or(true),
             size: AtomicU64::new(size),
             io_gate: RwLock::new(()),
             backing,
@@ -854,6 +864,31 @@ impl Qcow2 {
             }
         }
         Ok(())
+    }
+
+    /// Creates an internal snapshot of the active layer named `name`.
+    pub fn snapshot_create(&self, name: &str) -> Result<oxqcow_format::SnapshotEntry> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        self.exclusive(|m, st| m.snapshot_create(st, name))
+    }
+
+    /// Deletes the snapshot with this id (or, failing that, this name).
+    pub fn snapshot_delete(&self, id_or_name: &str) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let punch = self.discard_snapshot;
+        self.exclusive(|m, st| m.snapshot_delete(st, id_or_name, punch))
+    }
+
+    /// Reverts the active layer to the snapshot with this id (or name).
+    pub fn snapshot_apply(&self, id_or_name: &str) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        self.exclusive(|m, st| m.snapshot_apply(st, id_or_name))
     }
 
     /// Records a different backing file (or none) in the header. The data

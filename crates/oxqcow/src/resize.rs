@@ -126,6 +126,10 @@ impl Qcow2 {
 impl Meta {
     /// Grows the L1 table to `entries` entries: a new table is written,
     /// synced, switched to in the header, and the old one freed.
+    pub(crate) fn grow_l1_to(&mut self, storage: &dyn Storage, entries: u64) -> Result<()> {
+        self.grow_l1(storage, entries)
+    }
+
     fn grow_l1(&mut self, storage: &dyn Storage, entries: u64) -> Result<()> {
         if entries * 8 > MAX_L1_BYTES {
             return Err(Error::NoSpace(format!(

@@ -1,0 +1,305 @@
+//! Internal snapshots: create, apply, delete, and the refcount walks they
+//! rest on.
+//!
+//! A snapshot is a copy of the active L1 table plus one more reference on
+//! every L2 table and data cluster the copy reaches; COPIED is cleared
+//! wherever a cluster becomes shared, so the next write to it copies. All
+//! operations run with exclusive access and order their writes so that a
+//! crash leaves at worst leaked clusters: references are added (and made
+//! durable) before the table that needs them is written, and dropped only
+//! after the table that held them is durably gone.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use oxqcow_format::limits::{MAX_L1_BYTES, MAX_SNAPSHOTS};
+use oxqcow_format::snapshot::SnapshotTable;
+use oxqcow_format::table::{decode_entries, encode_entries, L1Entry, COPIED};
+use oxqcow_format::{HostCluster, HostOffset, L2Entry, L2Mapping, SnapshotEntry};
+
+use crate::error::{Error, Result};
+use crate::qcow2::Meta;
+use crate::storage::Storage;
+
+/// Finds a snapshot by id first, then by name (QEMU's `find_snapshot_by_id_or_name`).
+pub(crate) fn find(entries: &[SnapshotEntry], id_or_name: &str) -> Option<usize> {
+    entries.iter().position(|s| s.id == id_or_name).or_else(|| entries.iter().position(|s| s.name == id_or_name))
+}
+
+impl Meta {
+    /// Every host cluster one reference of the tree under `l1` holds, in a
+    /// fixed order: per L2 table, its data clusters, then the table itself.
+    fn for_each_tree_cluster(
+        &mut self,
+        storage: &dyn Storage,
+        l1: &[u64],
+        f: &mut dyn FnMut(&mut Meta, HostCluster) -> Result<bool>,
+    ) -> Result<bool> {
+        let g = self.geometry;
+        for (i, &raw) in l1.iter().enumerate() {
+            let e = L1Entry(raw);
+            e.validate(&g).map_err(|err| Error::Corrupt(format!("L1 entry {i}: {err}")))?;
+            let Some(table) = e.l2_offset() else { continue };
+            self.load_l2(storage, table.0)?;
+            for j in 0..g.l2_entries() as usize {
+                let entry = self.l2_entry(table.0, j);
+                if entry == L2Entry::UNALLOCATED {
+                    continue;
+                }
+                match self.decode(entry, table.0, j)? {
+                    L2Mapping::Normal { host, .. } | L2Mapping::ZeroAllocated { host, .. } => {
+                        if !f(self, g.host_cluster(host))? {
+                            return Ok(false);
+                        }
+                    }
+                    L2Mapping::Compressed(d) => {
+                        for c in self.compressed_clusters(&d) {
+                            if !f(self, HostCluster(c))? {
+                                return Ok(false);
+                            }
+                        }
+                    }
+                    L2Mapping::Unallocated | L2Mapping::ZeroPlain => {}
+                }
+            }
+            if !f(self, g.host_cluster(table))? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Adds `delta` to every reference the tree under `l1` holds. An
+    /// increase that would overflow the refcount width is undone completely
+    /// and reported (QEMU fails the snapshot the same way).
+    pub(crate) fn update_tree_refcounts(&mut self, storage: &dyn Storage, l1: &[u64], delta: i64) -> Result<()> {
+        let mut done = 0u64;
+        let mut failure = None;
+        self.for_each_tree_cluster(storage, l1, &mut |m, c| match m.refcounts.update(storage, c, delta) {
+            Ok(_) => {
+                done += 1;
+                Ok(true)
+            }
+            Err(e) => {
+                failure = Some(e);
+                Ok(false)
+            }
+        })?;
+        let Some(err) = failure else { return Ok(()) };
+        let mut undo = done;
+        self.for_each_tree_cluster(storage, l1, &mut |m, c| {
+            if undo == 0 {
+                return Ok(false);
+            }
+            undo -= 1;
+            m.refcounts.update(storage, c, -delta)?;
+            Ok(true)
+        })?;
+        Err(err)
+    }
+
+    /// Sets COPIED on the active L1 and L2 entries exactly where the
+    /// referenced cluster's refcount is one.
+    pub(crate) fn refresh_copied_flags(&mut self, storage: &dyn Storage) -> Result<()> {
+        let g = self.geometry;
+        for i in 0..self.l1.len() {
+            let e = L1Entry(self.l1[i]);
+            let Some(table) = e.l2_offset() else { continue };
+            for j in 0..g.l2_entries() as usize {
+                self.load_l2(storage, table.0)?;
+                let entry = self.l2_entry(table.0, j);
+                let host = match self.decode(entry, table.0, j)? {
+                    L2Mapping::Normal { host, .. } | L2Mapping::ZeroAllocated { host, .. } => host,
+                    _ => continue,
+                };
+                let want = self.refcounts.get(storage, g.host_cluster(host))? == 1;
+                if want != entry.copied() {
+                    self.load_l2(storage, table.0)?;
+                    let data = self.l2.get_mut(table.0).expect("loaded");
+                    oxqcow_format::table::write_l2_word(data, j, g.l2_entry_size() as usize, entry.with_copied(want).0);
+                }
+            }
+            let want = self.refcounts.get(storage, g.host_cluster(table))? == 1;
+            if want != e.copied() {
+                self.l1[i] = if want { e.0 | COPIED } else { e.0 & !COPIED };
+                self.l1_dirty.insert(i);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a new snapshot table, switches the header to it and frees the old one.
+    fn write_snapshot_table(&mut self, storage: &dyn Storage, entries: Vec<SnapshotEntry>) -> Result<()> {
+        let g = self.geometry;
+        let bytes = SnapshotTable::serialize(&entries, self.header.size)?;
+        let new_offset = if entries.is_empty() {
+            0
+        } else {
+            let offset = self.alloc_clusters(storage, g.clusters_for(bytes.len() as u64))?;
+            storage.write_at(&bytes, offset).map_err(Error::io("writing the snapshot table", offset))?;
+            offset
+        };
+        self.flush_all(storage)?;
+        let old_offset = self.header.snapshots_offset;
+        let old_clusters = if self.header.nb_snapshots > 0 { g.clusters_for(self.snapshots.byte_size) } else { 0 };
+        self.header.nb_snapshots = entries.len() as u32;
+        self.header.snapshots_offset = new_offset;
+        self.write_header(storage)?;
+        storage.sync().map_err(Error::io("syncing the header", 0))?;
+        self.snapshots = SnapshotTable { byte_size: bytes.len() as u64, entries };
+        let first = g.host_cluster(HostOffset(old_offset)).0;
+        for c in first..first + old_clusters {
+            self.refcounts.update(storage, HostCluster(c), -1)?;
+        }
+        self.update_reserved();
+        Ok(())
+    }
+
+    fn read_l1(&self, storage: &dyn Storage, offset: u64, entries: u32) -> Result<Vec<u64>> {
+        let bytes = u64::from(entries) * 8;
+        let g = self.geometry;
+        if bytes > MAX_L1_BYTES || offset % g.cluster_size() != 0 || (bytes > 0 && offset < g.cluster_size()) {
+            return Err(Error::Corrupt(format!(
+                "Snapshot L1 table offset invalid (offset 0x{offset:x}, {entries} entries)"
+            )));
+        }
+        if g.host_cluster(HostOffset(offset + bytes)).0 > self.refcounts.host_end + 1 {
+            return Err(Error::Corrupt(format!("Snapshot L1 table at 0x{offset:x} lies past the end of the file")));
+        }
+        let mut buf = vec![0u8; bytes as usize];
+        storage.read_at(&mut buf, offset).map_err(Error::io("reading a snapshot L1 table", offset))?;
+        Ok(decode_entries(&buf))
+    }
+
+    /// Creates a snapshot of the active layer.
+    pub(crate) fn snapshot_create(&mut self, storage: &dyn Storage, name: &str) -> Result<SnapshotEntry> {
+        if self.snapshots.entries.len() as u64 >= u64::from(MAX_SNAPSHOTS) {
+            return Err(Error::NoSpace(format!("File too large (an image holds at most {MAX_SNAPSHOTS} snapshots)")));
+        }
+        let next_id = self.snapshots.entries.iter().filter_map(|s| s.id.parse::<u64>().ok()).max().unwrap_or(0) + 1;
+        let g = self.geometry;
+        let l1 = self.l1.clone();
+        let l1_bytes = l1.len() as u64 * 8;
+        let l1_offset = if l1.is_empty() { 0 } else { self.alloc_clusters(storage, g.clusters_for(l1_bytes))? };
+        if let Err(e) = self.update_tree_refcounts(storage, &l1, 1) {
+            let first = g.host_cluster(HostOffset(l1_offset)).0;
+            for c in first..first + g.clusters_for(l1_bytes) {
+                self.refcounts.update(storage, HostCluster(c), -1)?;
+            }
+            return Err(e);
+        }
+        if !l1.is_empty() {
+            storage
+                .write_at(&encode_entries(&l1), l1_offset)
+                .map_err(Error::io("writing a snapshot L1 table", l1_offset))?;
+        }
+        self.refresh_copied_flags(storage)?;
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let entry = SnapshotEntry {
+            l1_table_offset: l1_offset,
+            l1_size: l1.len() as u32,
+            id: next_id.to_string(),
+            name: name.to_string(),
+            date_sec: now.as_secs() as u32,
+            date_nsec: now.subsec_nanos(),
+            vm_clock_nsec: 0,
+            vm_state_size: 0,
+            vm_state_size_large: Some(0),
+            disk_size: Some(self.header.size),
+            icount: Some(u64::MAX),
+            unknown_extra: Vec::new(),
+        };
+        let mut entries = self.snapshots.entries.clone();
+        entries.push(entry.clone());
+        self.write_snapshot_table(storage, entries)?;
+        self.l2_cache_reset(storage)?;
+        Ok(entry)
+    }
+
+    /// Deletes a snapshot and drops its references.
+    pub(crate) fn snapshot_delete(&mut self, storage: &dyn Storage, id_or_name: &str, punch: bool) -> Result<()> {
+        let index = find(&self.snapshots.entries, id_or_name)
+            .ok_or_else(|| Error::InvalidArgument(format!("Can't find the snapshot '{id_or_name}'")))?;
+        let mut entries = self.snapshots.entries.clone();
+        let sn = entries.remove(index);
+        let l1 = self.read_l1(storage, sn.l1_table_offset, sn.l1_size)?;
+        self.write_snapshot_table(storage, entries)?;
+        // The snapshot is durably gone: its references can go.
+        let mut freed = Vec::new();
+        self.for_each_tree_cluster(storage, &l1, &mut |m, c| {
+            if m.refcounts.update(storage, c, -1)? == 0 {
+                freed.push(c);
+            }
+            Ok(true)
+        })?;
+        let g = self.geometry;
+        let first = g.host_cluster(HostOffset(sn.l1_table_offset)).0;
+        for c in first..first + g.clusters_for(u64::from(sn.l1_size) * 8) {
+            if self.refcounts.update(storage, HostCluster(c), -1)? == 0 {
+                freed.push(HostCluster(c));
+            }
+        }
+        // Refcounts first (flush order), then the COPIED flags they allow.
+        self.flush_all(storage)?;
+        self.l2_cache_reset(storage)?;
+        self.refresh_copied_flags(storage)?;
+        self.flush_all(storage)?;
+        if punch {
+            for c in freed {
+                let offset = g.cluster_offset(c).0;
+                storage.punch_hole(offset, g.cluster_size()).map_err(Error::io("discarding a host cluster", offset))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reverts the active layer to a snapshot (its size follows the snapshot).
+    pub(crate) fn snapshot_apply(&mut self, storage: &dyn Storage, id_or_name: &str) -> Result<()> {
+        let index = find(&self.snapshots.entries, id_or_name)
+            .ok_or_else(|| Error::InvalidArgument(format!("Can't find the snapshot '{id_or_name}'")))?;
+        let sn = self.snapshots.entries[index].clone();
+        let g = self.geometry;
+        let sn_l1 = self.read_l1(storage, sn.l1_table_offset, sn.l1_size)?;
+        let disk_size = sn.disk_size.unwrap_or(self.header.size);
+        let needed = g.l1_entries_for(disk_size).max(u64::from(sn.l1_size));
+        if needed > self.l1.len() as u64 {
+            self.grow_l1_to(storage, needed)?;
+        }
+        // New references first, durable before the L1 that needs them.
+        self.update_tree_refcounts(storage, &sn_l1, 1)?;
+        self.flush_all(storage)?;
+        let mut new_l1 = sn_l1;
+        new_l1.resize(self.l1.len(), 0);
+        let l1_offset = self.header.l1_table_offset;
+        storage.write_at(&encode_entries(&new_l1), l1_offset).map_err(Error::io("writing the L1 table", l1_offset))?;
+        storage.sync().map_err(Error::io("syncing the L1 table", l1_offset))?;
+        let old_l1 = std::mem::replace(&mut self.l1, new_l1);
+        self.l1_dirty.clear();
+        // The old tree is durably unreferenced by the active L1.
+        self.update_tree_refcounts(storage, &old_l1, -1)?;
+        if self.header.size != disk_size {
+            self.header.size = disk_size;
+            self.write_header(storage)?;
+        }
+        self.flush_all(storage)?;
+        self.l2_cache_reset(storage)?;
+        self.refresh_copied_flags(storage)?;
+        self.flush_all(storage)
+    }
+
+    /// Drops every cached L2 table (flushing first): after trees changed
+    /// owners, tables may have been freed.
+    fn l2_cache_reset(&mut self, storage: &dyn Storage) -> Result<()> {
+        self.flush_all(storage)?;
+        self.l2.drop_clean();
+        Ok(())
+    }
+
+    /// The L1 table of a snapshot, for reading its content.
+    pub(crate) fn snapshot_view(&self, storage: &dyn Storage, id_or_name: &str) -> Result<(Vec<u64>, u64)> {
+        let index = find(&self.snapshots.entries, id_or_name)
+            .ok_or_else(|| Error::InvalidArgument(format!("Can't find the snapshot '{id_or_name}'")))?;
+        let sn = &self.snapshots.entries[index];
+        let l1 = self.read_l1(storage, sn.l1_table_offset, sn.l1_size)?;
+        Ok((l1, sn.disk_size.unwrap_or(self.header.size)))
+    }
+}
