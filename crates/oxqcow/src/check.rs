@@ -471,6 +471,14 @@ fn fix_leaked_clusters(meta: &mut Meta, storage: &dyn Storage) -> Result<()> {
 
 /// Writes new refcount structures that match the references exactly.
 pub(crate) fn rebuild_refcounts(meta: &mut Meta, storage: &dyn Storage) -> Result<()> {
+    let order = meta.geometry.refcount_order();
+    rebuild_refcounts_with_order(meta, storage, order)
+}
+
+/// Rebuilds the refcount structures with entries `1 << order` bits wide
+/// (amend's `refcount_bits`). The header switches to the new table and
+/// width in one write of its first sector.
+pub(crate) fn rebuild_refcounts_with_order(meta: &mut Meta, storage: &dyn Storage, order: u32) -> Result<()> {
     let mut w = new_walker(meta, storage)?;
     w.count(false)?;
     if w.report.corruptions > 0 {
@@ -481,7 +489,8 @@ pub(crate) fn rebuild_refcounts(meta: &mut Meta, storage: &dyn Storage) -> Resul
         )));
     }
     let refs = w.refs;
-    let g = meta.geometry;
+    let old_geometry = meta.geometry;
+    let g = oxqcow_format::Geometry::new(old_geometry.cluster_bits(), order, old_geometry.extended_l2())?;
     let cs = g.cluster_size();
     let rpb = g.refcounts_per_block();
     let per_table_cluster = g.reftable_entries_per_cluster();
@@ -493,10 +502,16 @@ pub(crate) fn rebuild_refcounts(meta: &mut Meta, storage: &dyn Storage) -> Resul
         if r > 0 {
             highest = c;
             if r > max {
-                return Err(Error::Corrupt(format!(
-                    "cluster {c} has {r} references, more than {}-bit refcounts can count",
-                    g.refcount_bits()
-                )));
+                let msg =
+                    format!("cluster {c} has {r} references, more than {}-bit refcounts can count", g.refcount_bits());
+                return Err(if order == old_geometry.refcount_order() {
+                    Error::Corrupt(msg)
+                } else {
+                    Error::InvalidArgument(format!(
+                        "Cannot decrease refcount entry width to {} bits: {msg}",
+                        g.refcount_bits()
+                    ))
+                });
             }
         }
     }
@@ -562,11 +577,23 @@ pub(crate) fn rebuild_refcounts(meta: &mut Meta, storage: &dyn Storage) -> Resul
         .write_at(&encode_entries(&table), table_offset)
         .map_err(Error::io("writing the refcount table", table_offset))?;
     storage.sync().map_err(Error::io("syncing the rebuilt refcounts", table_offset))?;
-    let (pos, field) = refcount_table_fields(table_offset, table_clusters as u32);
-    storage.write_at(&field, pos).map_err(Error::io("updating the header", pos))?;
-    storage.sync().map_err(Error::io("syncing the header", pos))?;
+    if order == old_geometry.refcount_order() {
+        let (pos, field) = refcount_table_fields(table_offset, table_clusters as u32);
+        storage.write_at(&field, pos).map_err(Error::io("updating the header", pos))?;
+    } else {
+        // Width and table change together, in the header's first sector.
+        let mut header = meta.header.clone();
+        header.refcount_order = order;
+        header.refcount_table_offset = table_offset;
+        header.refcount_table_clusters = table_clusters as u32;
+        let bytes = header.serialize()?;
+        storage.write_at(&bytes[..512], 0).map_err(Error::io("updating the header", 0))?;
+    }
+    storage.sync().map_err(Error::io("syncing the header", 0))?;
     let file_len = storage.len().map_err(Error::io("reading the file length", 0))?;
-    meta.refcounts.reload(storage, table_offset, table_clusters as u32, file_len)?;
+    meta.header.refcount_order = order;
+    meta.geometry = g;
+    meta.refcounts.reload_with_geometry(storage, g, table_offset, table_clusters as u32, file_len)?;
     meta.header.refcount_table_offset = table_offset;
     meta.header.refcount_table_clusters = table_clusters as u32;
     meta.update_reserved();

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod amend;
 pub mod backing;
 mod cache;
 pub mod chain_ops;

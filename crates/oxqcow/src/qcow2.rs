@@ -500,9 +500,9 @@ impl Qcow2 {
         self.read_only
     }
 
-    /// The image geometry.
+    /// The image geometry (the refcount width can change with amend).
     pub fn geometry(&self) -> Geometry {
-        self.geometry
+        self.lock_meta().geometry
     }
 
     /// A copy of the current header.
@@ -517,7 +517,7 @@ impl Qcow2 {
         Qcow2Info {
             version: h.version,
             cluster_size: h.cluster_size(),
-            refcount_bits: self.geometry.refcount_bits(),
+            refcount_bits: m.geometry.refcount_bits(),
             lazy_refcounts: h.lazy_refcounts(),
             corrupt: h.is_corrupt(),
             dirty: self.dirty_at_open,

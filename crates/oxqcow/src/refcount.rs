@@ -453,18 +453,22 @@ impl Refcounts {
         Ok(true)
     }
 
-    /// Forgets cached blocks (after the structures were rebuilt on disk).
-    pub(crate) fn reload(
+    /// Forgets cached blocks and reads the table again (after the
+    /// structures were rebuilt on disk, possibly with another width).
+    pub(crate) fn reload_with_geometry(
         &mut self,
         storage: &dyn Storage,
+        geometry: Geometry,
         table_offset: u64,
         table_clusters: u32,
         file_len: u64,
     ) -> Result<()> {
         let cache = self.blocks.capacity();
         let reserved = std::mem::take(&mut self.reserved);
-        *self = Refcounts::load(storage, self.geometry, table_offset, table_clusters, cache, file_len)?;
+        let host_end = self.host_end;
+        *self = Refcounts::load(storage, geometry, table_offset, table_clusters, cache, file_len)?;
         self.reserved = reserved;
+        self.host_end = self.host_end.max(host_end);
         Ok(())
     }
 }

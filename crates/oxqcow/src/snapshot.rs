@@ -128,7 +128,7 @@ impl Meta {
     }
 
     /// Writes a new snapshot table, switches the header to it and frees the old one.
-    fn write_snapshot_table(&mut self, storage: &dyn Storage, entries: Vec<SnapshotEntry>) -> Result<()> {
+    pub(crate) fn write_snapshot_table(&mut self, storage: &dyn Storage, entries: Vec<SnapshotEntry>) -> Result<()> {
         let g = self.geometry;
         let bytes = SnapshotTable::serialize(&entries, self.header.size)?;
         let new_offset = if entries.is_empty() {
