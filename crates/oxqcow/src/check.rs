@@ -428,8 +428,7 @@ fn fix_copied_flags(meta: &mut Meta, storage: &dyn Storage) -> Result<()> {
         }
         let want = refs.get(g.host_cluster(l2).0) == 1;
         if want != e.copied() {
-            meta.l1[i] = if want { e.0 | oxqcow_format::table::COPIED } else { e.0 & !oxqcow_format::table::COPIED };
-            meta.l1_dirty.insert(i);
+            meta.set_l1(i, if want { e.0 | oxqcow_format::table::COPIED } else { e.0 & !oxqcow_format::table::COPIED });
         }
         meta.load_l2(storage, l2.0)?;
         for j in 0..g.l2_entries() as usize {

@@ -20,6 +20,7 @@ pub mod image;
 pub mod mapping;
 pub mod measure;
 pub mod options;
+pub mod overlap;
 mod qcow2;
 pub mod raw;
 mod refcount;

@@ -97,6 +97,9 @@ pub struct OpenOptions {
     /// Punch holes for clusters freed by deleting snapshots
     /// (`pass-discard-snapshot`, on unless set to false).
     pub pass_discard_snapshot: Option<bool>,
+    /// Metadata overlap checks (`overlap-check`, default `cached`); a mask
+    /// of the templates in [`crate::overlap`].
+    pub overlap_check: Option<u32>,
 }
 
 impl OpenOptions {
@@ -129,6 +132,11 @@ impl OpenOptions {
             "pass-discard-snapshot" => self.pass_discard_snapshot = Some(parse_bool(key, value)?),
             "lazy-refcounts" => self.lazy_refcounts = Some(parse_bool(key, value)?),
             "read-only" => self.read_only = parse_bool(key, value)?,
+            k if k.starts_with("overlap-check") => {
+                let mut mask = self.overlap_check.unwrap_or(crate::overlap::CACHED);
+                crate::overlap::apply_option(&mut mask, k, value)?;
+                self.overlap_check = Some(mask);
+            }
             "driver" => self.format = Some(ImageFormat::from_name(value)?),
             _ => return Err(Error::InvalidArgument(format!("Invalid parameter '{key}'"))),
         }

@@ -19,7 +19,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 use oxqcow_format::header::{self, autoclear, incompat, peek_cluster_bits, Header};
 use oxqcow_format::snapshot::SnapshotTable;
-use oxqcow_format::table::{decode_entries, encode_entries};
+use oxqcow_format::table::{decode_entries, encode_entries, L1Entry};
 use oxqcow_format::{Geometry, HostCluster, HostOffset};
 
 use crate::cache::TableCache;
@@ -27,6 +27,7 @@ use crate::compress::Codec;
 use crate::error::{Error, Result};
 use crate::mapping::{Extent, ReadSegment};
 use crate::options::{OpenOptions, Preallocation};
+use crate::overlap;
 use crate::refcount::Refcounts;
 use crate::storage::Storage;
 use crate::write::{Inflight, WritePlan};
@@ -188,25 +189,100 @@ fn read_snapshots(storage: &dyn Storage, header: &Header, file_len: u64) -> Resu
 }
 
 impl Meta {
-    /// Host cluster ranges the allocator must never return.
+    /// Recomputes where the metadata lies (for overlap checks and the
+    /// allocator) after structures moved.
     pub(crate) fn update_reserved(&mut self) {
         let g = self.geometry;
         let cs = g.cluster_size();
-        let mut ranges = vec![(0, 1)];
+        let mut constant = vec![(overlap::MAIN_HEADER, 0, 1)];
         if self.header.l1_size > 0 {
-            ranges.push((self.header.l1_table_offset / cs, g.clusters_for(u64::from(self.header.l1_size) * 8)));
+            let n = g.clusters_for(u64::from(self.header.l1_size) * 8);
+            constant.push((overlap::ACTIVE_L1, self.header.l1_table_offset / cs, n));
         }
-        ranges.push((self.refcounts.table_offset() / cs, u64::from(self.refcounts.table_clusters())));
+        constant.push((
+            overlap::REFCOUNT_TABLE,
+            self.refcounts.table_offset() / cs,
+            u64::from(self.refcounts.table_clusters()),
+        ));
         if self.header.nb_snapshots > 0 {
-            ranges.push((self.header.snapshots_offset / cs, g.clusters_for(self.snapshots.byte_size)));
+            constant.push((
+                overlap::SNAPSHOT_TABLE,
+                self.header.snapshots_offset / cs,
+                g.clusters_for(self.snapshots.byte_size),
+            ));
         }
-        self.refcounts.reserved.set(ranges);
+        if let Some(b) = &self.header.extensions.bitmaps {
+            constant.push((overlap::BITMAP_DIRECTORY, b.directory_offset / cs, g.clusters_for(b.directory_size)));
+        }
+        let map = &mut self.refcounts.map;
+        map.constant = constant;
+        map.active_l2 = self.l1.iter().filter_map(|&e| L1Entry(e).l2_offset()).map(|o| o.0 / cs).collect();
+        map.inactive_l1.clear();
+        map.inactive_l2.clear();
     }
 
-    /// Records a failed metadata update: the image refuses writes from now on.
-    pub(crate) fn fail(&mut self, e: &Error) {
+    /// Loads snapshot L1 locations and their L2 tables into the metadata
+    /// map (overlap-check mode `all` only: it reads every snapshot L1).
+    pub(crate) fn load_inactive_map(&mut self, storage: &dyn Storage) -> Result<()> {
+        if self.refcounts.map.mask & (overlap::INACTIVE_L1 | overlap::INACTIVE_L2) == 0 {
+            return Ok(());
+        }
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        let mut l1s = Vec::new();
+        let mut l2s = std::collections::BTreeSet::new();
+        for s in &self.snapshots.entries {
+            let bytes = u64::from(s.l1_size) * 8;
+            if bytes > oxqcow_format::limits::MAX_L1_BYTES || s.l1_table_offset % cs != 0 {
+                continue;
+            }
+            l1s.push((s.l1_table_offset / cs, g.clusters_for(bytes)));
+            let mut buf = vec![0u8; bytes as usize];
+            storage
+                .read_at(&mut buf, s.l1_table_offset)
+                .map_err(Error::io("reading a snapshot L1 table", s.l1_table_offset))?;
+            l2s.extend(decode_entries(&buf).into_iter().filter_map(|e| L1Entry(e).l2_offset()).map(|o| o.0 / cs));
+        }
+        self.refcounts.map.inactive_l1 = l1s;
+        self.refcounts.map.inactive_l2 = l2s;
+        Ok(())
+    }
+
+    /// Sets active L1 entry `index` (keeping the metadata map in step).
+    pub(crate) fn set_l1(&mut self, index: usize, raw: u64) {
+        let cs = self.geometry.cluster_size();
+        if let Some(old) = L1Entry(self.l1[index]).l2_offset() {
+            self.refcounts.map.active_l2.remove(&(old.0 / cs));
+        }
+        if let Some(new) = L1Entry(raw).l2_offset() {
+            self.refcounts.map.active_l2.insert(new.0 / cs);
+        }
+        self.l1[index] = raw;
+        self.l1_dirty.insert(index);
+    }
+
+    /// Records a failed metadata update: the image refuses writes from now
+    /// on. Corruption found while the image is writable also sets the
+    /// corrupt bit (version 3), so that no later session writes to it
+    /// before `check -r` (QEMU's `qcow2_signal_corruption`).
+    pub(crate) fn fail(&mut self, storage: &dyn Storage, e: &Error) {
         if self.failed.is_none() {
             self.failed = Some(e.to_string());
+        }
+        if e.kind() == crate::ErrorKind::Corrupt && !self.read_only {
+            self.mark_corrupt(storage);
+        }
+    }
+
+    fn mark_corrupt(&mut self, storage: &dyn Storage) {
+        if self.header.version < 3 || self.header.is_corrupt() {
+            return;
+        }
+        let features = self.header.incompatible_features | incompat::CORRUPT;
+        let (pos, bytes) = header::incompatible_features_field(features);
+        // Best effort: the image is refused for writing from now on anyway.
+        if storage.write_at(&bytes, pos).and_then(|()| storage.sync()).is_ok() {
+            self.header.incompatible_features = features;
         }
     }
 
@@ -254,6 +330,7 @@ impl Meta {
                 end += 1;
             }
             let offset = self.header.l1_table_offset + start as u64 * 8;
+            self.refcounts.check_write(offset, (end - start) as u64 * 8, overlap::ACTIVE_L1)?;
             storage
                 .write_at(&encode_entries(&self.l1[start..end]), offset)
                 .map_err(Error::io("writing the L1 table", offset))?;
@@ -271,6 +348,7 @@ impl Meta {
         }
         storage.sync().map_err(Error::io("syncing before an L2 write", offset))?;
         let data = self.l2.peek(offset).expect("dirty tables are cached");
+        self.refcounts.check_write(offset, data.len() as u64, overlap::ACTIVE_L2 | overlap::INACTIVE_L2)?;
         storage.write_at(data, offset).map_err(Error::io("writing an L2 table", offset))?;
         self.l2.mark_clean(offset);
         Ok(())
@@ -289,6 +367,7 @@ impl Meta {
         }
         for &offset in &l2_dirty {
             let data = self.l2.peek(offset).expect("dirty tables are cached");
+            self.refcounts.check_write(offset, data.len() as u64, overlap::ACTIVE_L2 | overlap::INACTIVE_L2)?;
             storage.write_at(data, offset).map_err(Error::io("writing an L2 table", offset))?;
             self.l2.mark_clean(offset);
         }
@@ -419,7 +498,9 @@ impl Qcow2 {
             free_byte_offset: 0,
             has_backing: backing.is_some(),
         };
+        meta.refcounts.map.mask = opts.overlap_check.unwrap_or(overlap::CACHED);
         meta.update_reserved();
+        meta.load_inactive_map(st)?;
 
         let mut size = size;
         if let Some(name) = &opts.snapshot {
@@ -550,7 +631,18 @@ impl Qcow2 {
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         let _gate = self.io_gate.read().unwrap_or_else(|p| p.into_inner());
-        let plan = self.lock_meta().plan_read(self.storage_ref(), offset, buf.len() as u64)?;
+        let plan = {
+            let mut m = self.lock_meta();
+            match m.plan_read(self.storage_ref(), offset, buf.len() as u64) {
+                Ok(p) => p,
+                Err(e) => {
+                    if e.kind() == crate::ErrorKind::Corrupt {
+                        m.fail(self.storage_ref(), &e);
+                    }
+                    return Err(e);
+                }
+            }
+        };
         let mut pos = 0usize;
         for seg in plan {
             let len = seg.len() as usize;
@@ -587,7 +679,7 @@ impl Qcow2 {
                         Ok(WritePlan::Wait) => m = self.alloc_done.wait(m).unwrap_or_else(|p| p.into_inner()),
                         Ok(plan) => break plan,
                         Err(e) => {
-                            m.fail(&e);
+                            m.fail(self.storage_ref(), &e);
                             return Err(e);
                         }
                     }
@@ -617,7 +709,7 @@ impl Qcow2 {
                     };
                     self.alloc_done.notify_all();
                     if let Err(e) = res {
-                        m.fail(&e);
+                        m.fail(self.storage_ref(), &e);
                         return Err(e);
                     }
                     let pending = m.pending_frees.len();
@@ -724,7 +816,7 @@ impl Qcow2 {
                     Ok(true) => break,
                     Ok(false) => m = self.alloc_done.wait(m).unwrap_or_else(|p| p.into_inner()),
                     Err(e) => {
-                        m.fail(&e);
+                        m.fail(self.storage_ref(), &e);
                         return Err(e);
                     }
                 }
@@ -769,7 +861,7 @@ impl Qcow2 {
                 return Err(Error::Failed(f.clone()));
             }
             if let Err(e) = m.flush(self.storage_ref()) {
-                m.fail(&e);
+                m.fail(self.storage_ref(), &e);
                 return Err(e);
             }
             std::mem::take(&mut m.pending_frees)
@@ -781,7 +873,7 @@ impl Qcow2 {
         let _gate = self.io_gate.write().unwrap_or_else(|p| p.into_inner());
         let mut m = self.lock_meta();
         if let Err(e) = m.apply_frees(self.storage_ref(), frees, self.discard_passthrough) {
-            m.fail(&e);
+            m.fail(self.storage_ref(), &e);
             return Err(e);
         }
         Ok(())
@@ -838,7 +930,7 @@ impl Qcow2 {
         let res = f(&mut m, self.storage_ref());
         if let Err(e) = &res {
             if !m.read_only && e.kind() == crate::ErrorKind::Io {
-                m.fail(e);
+                m.fail(self.storage_ref(), e);
             }
         }
         let size = m.header.size;
@@ -1068,7 +1160,7 @@ impl Qcow2 {
                     Ok(None) => m = self.alloc_done.wait(m).unwrap_or_else(|p| p.into_inner()),
                     Err(e) => {
                         if e.kind() != crate::ErrorKind::InvalidArgument {
-                            m.fail(&e);
+                            m.fail(self.storage_ref(), &e);
                         }
                         return Err(e);
                     }
@@ -1087,7 +1179,7 @@ impl Qcow2 {
         };
         self.alloc_done.notify_all();
         if let Err(e) = &res {
-            m.fail(e);
+            m.fail(self.storage_ref(), e);
         }
         res
     }

@@ -20,24 +20,8 @@ use oxqcow_format::{Geometry, HostCluster, RefcountTableEntry};
 
 use crate::cache::TableCache;
 use crate::error::{Error, Result};
+use crate::overlap::{self, MetadataMap};
 use crate::storage::Storage;
-
-/// Host cluster ranges that must never be handed out by the allocator
-/// whatever their refcount says (the fixed metadata: header, L1, refcount
-/// table, snapshot table). Finding one free means the refcounts are corrupt.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct ReservedRanges {
-    ranges: Vec<(u64, u64)>,
-}
-
-impl ReservedRanges {
-    pub(crate) fn set(&mut self, ranges: Vec<(u64, u64)>) {
-        self.ranges = ranges;
-    }
-    fn overlaps(&self, start: u64, n: u64) -> Option<(u64, u64)> {
-        self.ranges.iter().copied().find(|&(s, len)| start < s + len && s < start + n)
-    }
-}
 
 /// The refcount structures of one image.
 pub(crate) struct Refcounts {
@@ -49,8 +33,10 @@ pub(crate) struct Refcounts {
     blocks: TableCache,
     /// No cluster below this index is free.
     free_hint: u64,
-    /// Clusters that the allocator must never return.
-    pub(crate) reserved: ReservedRanges,
+    /// Where the metadata is, for overlap checks and the allocator.
+    pub(crate) map: MetadataMap,
+    /// Clusters holding refcount blocks.
+    block_clusters: BTreeSet<u64>,
     /// One past the highest cluster ever allocated or present in the file.
     pub(crate) host_end: u64,
 }
@@ -81,6 +67,11 @@ impl Refcounts {
                 }
             }
         }
+        let block_clusters = table
+            .iter()
+            .filter_map(|&e| RefcountTableEntry(e).block_offset())
+            .map(|o| geometry.host_cluster(o).0)
+            .collect();
         Ok(Refcounts {
             geometry,
             table,
@@ -89,7 +80,8 @@ impl Refcounts {
             dirty_table: BTreeSet::new(),
             blocks: TableCache::new(cache_tables),
             free_hint: 0,
-            reserved: ReservedRanges::default(),
+            map: MetadataMap::default(),
+            block_clusters,
             host_end: geometry.clusters_for(file_len),
         })
     }
@@ -108,10 +100,39 @@ impl Refcounts {
         RefcountTableEntry(*self.table.get(ti as usize)?).block_offset().map(|o| o.0)
     }
 
+    /// The template a write of `len` bytes at `offset` would overlap
+    /// (outside `ignore`), refcount blocks included.
+    pub(crate) fn overlap(&self, offset: u64, len: u64, ignore: u32) -> Option<u32> {
+        if len == 0 {
+            return None;
+        }
+        let first = offset >> self.geometry.cluster_bits();
+        let last = (offset + len - 1) >> self.geometry.cluster_bits();
+        if let Some(t) = self.map.find(first, last, ignore) {
+            return Some(t);
+        }
+        let check_blocks = self.map.mask & !ignore & overlap::REFCOUNT_BLOCK != 0;
+        (check_blocks && self.block_clusters.range(first..=last).next().is_some()).then_some(overlap::REFCOUNT_BLOCK)
+    }
+
+    /// Fails when a write would overlap metadata outside `ignore`.
+    pub(crate) fn check_write(&self, offset: u64, len: u64, ignore: u32) -> Result<()> {
+        match self.overlap(offset, len, ignore) {
+            Some(t) => Err(overlap::overlap_error(t, offset, len)),
+            None => Ok(()),
+        }
+    }
+
+    fn write_block(&self, storage: &dyn Storage, offset: u64, data: &[u8]) -> Result<()> {
+        self.check_write(offset, data.len() as u64, overlap::REFCOUNT_BLOCK)?;
+        storage.write_at(data, offset).map_err(Error::io("writing a refcount block", offset))
+    }
+
     fn make_room(&mut self, storage: &dyn Storage) -> Result<()> {
         while let Some((offset, dirty)) = self.blocks.victim() {
             if dirty {
                 let data = self.blocks.peek(offset).expect("victim is cached");
+                self.check_write(offset, data.len() as u64, overlap::REFCOUNT_BLOCK)?;
                 storage.write_at(data, offset).map_err(Error::io("writing a refcount block", offset))?;
             }
             self.blocks.remove(offset);
@@ -244,7 +265,7 @@ impl Refcounts {
                 }
             }
             if run_len >= n {
-                if let Some((s, len)) = self.reserved.overlaps(run_start, n) {
+                if let Some((s, len)) = self.map.constant_overlap(run_start, n) {
                     return Err(Error::Corrupt(format!(
                         "refcounts say metadata clusters {s}..{} are free (refcount 0 for a used cluster)",
                         s + len
@@ -319,8 +340,10 @@ impl Refcounts {
             return self.create_block(storage, ti);
         }
         let offset = self.geometry.cluster_offset(HostCluster(c)).0;
+        self.check_write(offset, self.geometry.cluster_size(), 0)?;
         self.make_room(storage)?;
         self.blocks.insert(offset, block, true);
+        self.block_clusters.insert(c);
         self.table[ti as usize] = offset;
         self.dirty_table.insert(ti as usize);
         if c == self.free_hint {
@@ -377,10 +400,11 @@ impl Refcounts {
                 RefcountBlock::set(&mut block, (c - range_start) as usize, g.refcount_order(), 1);
             }
             let offset = block_cluster * cs;
-            storage.write_at(&block, offset).map_err(Error::io("writing a refcount block", offset))?;
+            self.write_block(storage, offset, &block)?;
             new_table[(range_start / rpb) as usize] = offset;
         }
         let table_offset = table_start * cs;
+        self.check_write(table_offset, table_clusters * cs, 0)?;
         storage
             .write_at(&encode_entries(&new_table), table_offset)
             .map_err(Error::io("writing the refcount table", table_offset))?;
@@ -394,10 +418,15 @@ impl Refcounts {
         self.table = new_table;
         self.table_offset = table_offset;
         self.table_clusters = table_clusters as u32;
+        self.block_clusters.extend(blocks_start..used_end);
         // Entries written with the new table are durable.
         self.dirty_table.clear();
         self.host_end = self.host_end.max(used_end);
-        self.reserved_replace(old_offset, old_clusters * cs, table_offset, table_clusters * cs);
+        for r in self.map.constant.iter_mut() {
+            if r.0 == overlap::REFCOUNT_TABLE {
+                *r = (overlap::REFCOUNT_TABLE, table_start, table_clusters);
+            }
+        }
         let old_first = g.host_cluster(oxqcow_format::HostOffset(old_offset)).0;
         for c in old_first..old_first + old_clusters {
             self.update(storage, HostCluster(c), -1)?;
@@ -405,22 +434,11 @@ impl Refcounts {
         Ok(())
     }
 
-    fn reserved_replace(&mut self, old_off: u64, old_len: u64, new_off: u64, new_len: u64) {
-        let cs = self.geometry.cluster_size();
-        let old = (old_off / cs, old_len.div_ceil(cs));
-        let new = (new_off / cs, new_len.div_ceil(cs));
-        for r in self.reserved.ranges.iter_mut() {
-            if *r == old {
-                *r = new;
-            }
-        }
-    }
-
     fn write_dirty_blocks(&mut self, storage: &dyn Storage) -> Result<bool> {
         let dirty = self.blocks.dirty_offsets();
         for &offset in &dirty {
             let data = self.blocks.peek(offset).expect("dirty blocks are cached");
-            storage.write_at(data, offset).map_err(Error::io("writing a refcount block", offset))?;
+            self.write_block(storage, offset, data)?;
             self.blocks.mark_clean(offset);
         }
         Ok(!dirty.is_empty())
@@ -444,6 +462,7 @@ impl Refcounts {
                 end += 1;
             }
             let offset = self.table_offset + start as u64 * 8;
+            self.check_write(offset, (end - start) as u64 * 8, overlap::REFCOUNT_TABLE)?;
             storage
                 .write_at(&encode_entries(&self.table[start..end]), offset)
                 .map_err(Error::io("writing the refcount table", offset))?;
@@ -464,10 +483,10 @@ impl Refcounts {
         file_len: u64,
     ) -> Result<()> {
         let cache = self.blocks.capacity();
-        let reserved = std::mem::take(&mut self.reserved);
+        let map = std::mem::take(&mut self.map);
         let host_end = self.host_end;
         *self = Refcounts::load(storage, geometry, table_offset, table_clusters, cache, file_len)?;
-        self.reserved = reserved;
+        self.map = map;
         self.host_end = self.host_end.max(host_end);
         Ok(())
     }

@@ -146,6 +146,7 @@ impl Meta {
         // Exactly the entries, as QEMU writes them: the rest of the last
         // cluster may lie past the end of the file and reads as zeros.
         let bytes = encode_entries(&l1);
+        self.refcounts.check_write(new_offset, bytes.len() as u64, 0)?;
         storage.write_at(&bytes, new_offset).map_err(Error::io("writing the L1 table", new_offset))?;
         self.refcounts.write_dirty(storage)?;
         storage.sync().map_err(Error::io("syncing the new L1 table", new_offset))?;
@@ -214,8 +215,7 @@ impl Meta {
                     self.l2.remove(offset);
                 }
                 self.pending_frees.push(g.host_cluster(HostOffset(offset)));
-                self.l1[i] = 0;
-                self.l1_dirty.insert(i);
+                self.set_l1(i, 0);
             }
         }
         self.header.size = new_size;

@@ -120,8 +120,7 @@ impl Meta {
             }
             let want = self.refcounts.get(storage, g.host_cluster(table))? == 1;
             if want != e.copied() {
-                self.l1[i] = if want { e.0 | COPIED } else { e.0 & !COPIED };
-                self.l1_dirty.insert(i);
+                self.set_l1(i, if want { e.0 | COPIED } else { e.0 & !COPIED });
             }
         }
         Ok(())
@@ -135,6 +134,7 @@ impl Meta {
             0
         } else {
             let offset = self.alloc_clusters(storage, g.clusters_for(bytes.len() as u64))?;
+            self.refcounts.check_write(offset, bytes.len() as u64, 0)?;
             storage.write_at(&bytes, offset).map_err(Error::io("writing the snapshot table", offset))?;
             offset
         };
@@ -151,7 +151,7 @@ impl Meta {
             self.refcounts.update(storage, HostCluster(c), -1)?;
         }
         self.update_reserved();
-        Ok(())
+        self.load_inactive_map(storage)
     }
 
     fn read_l1(&self, storage: &dyn Storage, offset: u64, entries: u32) -> Result<Vec<u64>> {
@@ -188,6 +188,7 @@ impl Meta {
             return Err(e);
         }
         if !l1.is_empty() {
+            self.refcounts.check_write(l1_offset, l1_bytes, 0)?;
             storage
                 .write_at(&encode_entries(&l1), l1_offset)
                 .map_err(Error::io("writing a snapshot L1 table", l1_offset))?;
@@ -270,10 +271,12 @@ impl Meta {
         let mut new_l1 = sn_l1;
         new_l1.resize(self.l1.len(), 0);
         let l1_offset = self.header.l1_table_offset;
+        self.refcounts.check_write(l1_offset, new_l1.len() as u64 * 8, crate::overlap::ACTIVE_L1)?;
         storage.write_at(&encode_entries(&new_l1), l1_offset).map_err(Error::io("writing the L1 table", l1_offset))?;
         storage.sync().map_err(Error::io("syncing the L1 table", l1_offset))?;
         let old_l1 = std::mem::replace(&mut self.l1, new_l1);
         self.l1_dirty.clear();
+        self.update_reserved();
         // The old tree is durably unreferenced by the active L1.
         self.update_tree_refcounts(storage, &old_l1, -1)?;
         if self.header.size != disk_size {

@@ -163,8 +163,7 @@ impl Meta {
         };
         self.make_room_l2(storage)?;
         self.l2.insert(new, data, true);
-        self.l1[l1_index as usize] = L1Entry::new(HostOffset(new)).0;
-        self.l1_dirty.insert(l1_index as usize);
+        self.set_l1(l1_index as usize, L1Entry::new(HostOffset(new)).0);
         Ok(new)
     }
 
@@ -212,6 +211,7 @@ impl Meta {
                 }
             }
             let run_len = (run_end * cs).min(end) - offset;
+            self.refcounts.check_write(host.0 + in_cluster, run_len, 0)?;
             return Ok(WritePlan::InPlace { host: host.0 + in_cluster, len: run_len });
         }
 
@@ -229,6 +229,7 @@ impl Meta {
             count += 1;
         }
         let host = self.alloc_clusters(storage, count)?;
+        self.refcounts.check_write(host, count * cs, 0)?;
         let covered_end = end.min((first + count) * cs);
         let has_backing = self.has_backing;
         let cow = |m: L2Mapping, cluster: u64, at: u64, len: u64| -> CowRegion {
@@ -282,6 +283,7 @@ impl Meta {
         }
         self.mark_dirty(storage)?;
         let host = self.alloc_bytes(storage, len)?;
+        self.refcounts.check_write(host, len, 0)?;
         let start_sector = host / 512;
         let end_sector = (host + len - 1) / 512;
         let desc =

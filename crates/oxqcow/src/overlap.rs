@@ -1,0 +1,185 @@
+//! Metadata overlap checks: before anything is written to the image file,
+//! make sure it does not land on metadata it is not meant to replace.
+//!
+//! QEMU's templates and modes: `none`, `constant` (header, active L1,
+//! refcount table, snapshot table, bitmap directory: positions known
+//! without I/O), `cached` (the default: also active L2 tables and refcount
+//! blocks, known from the in-memory L1 and refcount table) and `all` (also
+//! snapshot L1 and L2 tables). A hit means the metadata is corrupt: the
+//! image is marked corrupt and the write refused.
+
+use std::collections::BTreeSet;
+
+use crate::error::{Error, Result};
+use crate::options::parse_bool;
+
+/// The image header.
+pub const MAIN_HEADER: u32 = 1 << 0;
+/// The active L1 table.
+pub const ACTIVE_L1: u32 = 1 << 1;
+/// L2 tables of the active L1.
+pub const ACTIVE_L2: u32 = 1 << 2;
+/// The refcount table.
+pub const REFCOUNT_TABLE: u32 = 1 << 3;
+/// Refcount blocks.
+pub const REFCOUNT_BLOCK: u32 = 1 << 4;
+/// The snapshot table.
+pub const SNAPSHOT_TABLE: u32 = 1 << 5;
+/// Snapshot L1 tables.
+pub const INACTIVE_L1: u32 = 1 << 6;
+/// L2 tables of snapshots.
+pub const INACTIVE_L2: u32 = 1 << 7;
+/// The persistent bitmap directory.
+pub const BITMAP_DIRECTORY: u32 = 1 << 8;
+
+/// Mode `constant`.
+pub const CONSTANT: u32 = MAIN_HEADER | ACTIVE_L1 | REFCOUNT_TABLE | SNAPSHOT_TABLE | BITMAP_DIRECTORY;
+/// Mode `cached` (the default).
+pub const CACHED: u32 = CONSTANT | ACTIVE_L2 | REFCOUNT_BLOCK;
+/// Mode `all`.
+pub const ALL: u32 = CACHED | INACTIVE_L1 | INACTIVE_L2;
+
+const TEMPLATES: [(u32, &str, &str); 9] = [
+    (MAIN_HEADER, "main-header", "qcow2_header"),
+    (ACTIVE_L1, "active-l1", "active L1 table"),
+    (ACTIVE_L2, "active-l2", "active L2 table"),
+    (REFCOUNT_TABLE, "refcount-table", "refcount table"),
+    (REFCOUNT_BLOCK, "refcount-block", "refcount block"),
+    (SNAPSHOT_TABLE, "snapshot-table", "snapshot table"),
+    (INACTIVE_L1, "inactive-l1", "inactive L1 table"),
+    (INACTIVE_L2, "inactive-l2", "inactive L2 table"),
+    (BITMAP_DIRECTORY, "bitmap-directory", "bitmap directory"),
+];
+
+/// The name QEMU gives a template in its messages.
+pub fn template_name(template: u32) -> &'static str {
+    TEMPLATES.iter().find(|t| t.0 == template).map_or("metadata", |t| t.2)
+}
+
+/// Applies `overlap-check` or `overlap-check.<template>` to a mask.
+pub fn apply_option(mask: &mut u32, key: &str, value: &str) -> Result<()> {
+    if key == "overlap-check" || key == "overlap-check.template" {
+        *mask = match value {
+            "none" => 0,
+            "constant" => CONSTANT,
+            "cached" => CACHED,
+            "all" => ALL,
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "Unsupported value '{other}' for qcow2 option 'overlap-check'. Allowed are any of the following: none, constant, cached, all"
+                )))
+            }
+        };
+        return Ok(());
+    }
+    let name = key
+        .strip_prefix("overlap-check.")
+        .ok_or_else(|| Error::InvalidArgument(format!("Invalid parameter '{key}'")))?;
+    let bit = TEMPLATES
+        .iter()
+        .find(|t| t.1 == name)
+        .map(|t| t.0)
+        .ok_or_else(|| Error::InvalidArgument(format!("Invalid parameter '{key}'")))?;
+    if parse_bool(key, value)? {
+        *mask |= bit;
+    } else {
+        *mask &= !bit;
+    }
+    Ok(())
+}
+
+/// Where the metadata is, in host clusters, as far as the mask asks.
+#[derive(Clone, Debug)]
+pub(crate) struct MetadataMap {
+    /// Templates checked.
+    pub(crate) mask: u32,
+    /// Fixed structures: (template, first cluster, clusters).
+    pub(crate) constant: Vec<(u32, u64, u64)>,
+    /// Clusters of active L2 tables.
+    pub(crate) active_l2: BTreeSet<u64>,
+    /// Snapshot L1 tables (first cluster, clusters), when `mask` has INACTIVE_L1.
+    pub(crate) inactive_l1: Vec<(u64, u64)>,
+    /// Clusters of snapshot L2 tables, when `mask` has INACTIVE_L2.
+    pub(crate) inactive_l2: BTreeSet<u64>,
+}
+
+impl Default for MetadataMap {
+    fn default() -> Self {
+        MetadataMap {
+            mask: CACHED,
+            constant: Vec::new(),
+            active_l2: BTreeSet::new(),
+            inactive_l1: Vec::new(),
+            inactive_l2: BTreeSet::new(),
+        }
+    }
+}
+
+impl MetadataMap {
+    /// The first template (outside `ignore`) that clusters `first..=last`
+    /// overlap, ignoring refcount blocks (the refcount layer checks those).
+    pub(crate) fn find(&self, first: u64, last: u64, ignore: u32) -> Option<u32> {
+        let mask = self.mask & !ignore;
+        for &(template, start, count) in &self.constant {
+            if mask & template != 0 && count > 0 && first < start + count && start <= last {
+                return Some(template);
+            }
+        }
+        if mask & ACTIVE_L2 != 0 && self.active_l2.range(first..=last).next().is_some() {
+            return Some(ACTIVE_L2);
+        }
+        if mask & INACTIVE_L1 != 0 && self.inactive_l1.iter().any(|&(s, n)| n > 0 && first < s + n && s <= last) {
+            return Some(INACTIVE_L1);
+        }
+        if mask & INACTIVE_L2 != 0 && self.inactive_l2.range(first..=last).next().is_some() {
+            return Some(INACTIVE_L2);
+        }
+        None
+    }
+
+    /// Constant structures only (what must never be allocated).
+    pub(crate) fn constant_overlap(&self, first: u64, count: u64) -> Option<(u64, u64)> {
+        self.constant.iter().find(|&&(_, s, n)| n > 0 && first < s + n && s < first + count).map(|&(_, s, n)| (s, n))
+    }
+}
+
+/// The error for a refused write.
+pub(crate) fn overlap_error(template: u32, offset: u64, len: u64) -> Error {
+    Error::Corrupt(format!(
+        "Preventing invalid write on metadata (overlaps with {}) at offset 0x{offset:x}, {len} bytes",
+        template_name(template)
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_and_templates() {
+        let mut m = CACHED;
+        apply_option(&mut m, "overlap-check", "none").unwrap();
+        assert_eq!(m, 0);
+        apply_option(&mut m, "overlap-check.active-l2", "on").unwrap();
+        assert_eq!(m, ACTIVE_L2);
+        apply_option(&mut m, "overlap-check", "all").unwrap();
+        apply_option(&mut m, "overlap-check.inactive-l2", "off").unwrap();
+        assert_eq!(m, ALL & !INACTIVE_L2);
+        assert!(apply_option(&mut m, "overlap-check", "some").is_err());
+        assert!(apply_option(&mut m, "overlap-check.nothing", "on").is_err());
+    }
+
+    #[test]
+    fn finds_overlaps() {
+        let mut map = MetadataMap::default();
+        map.constant = vec![(MAIN_HEADER, 0, 1), (ACTIVE_L1, 3, 1)];
+        map.active_l2.insert(10);
+        assert_eq!(map.find(0, 0, 0), Some(MAIN_HEADER));
+        assert_eq!(map.find(2, 4, 0), Some(ACTIVE_L1));
+        assert_eq!(map.find(3, 3, ACTIVE_L1), None);
+        assert_eq!(map.find(9, 11, 0), Some(ACTIVE_L2));
+        assert_eq!(map.find(11, 20, 0), None);
+        map.mask = CONSTANT;
+        assert_eq!(map.find(10, 10, 0), None);
+    }
+}
