@@ -171,8 +171,7 @@ mod tests {
 
     #[test]
     fn finds_overlaps() {
-        let mut map = MetadataMap::default();
-        map.constant = vec![(MAIN_HEADER, 0, 1), (ACTIVE_L1, 3, 1)];
+        let mut map = MetadataMap { constant: vec![(MAIN_HEADER, 0, 1), (ACTIVE_L1, 3, 1)], ..Default::default() };
         map.active_l2.insert(10);
         assert_eq!(map.find(0, 0, 0), Some(MAIN_HEADER));
         assert_eq!(map.find(2, 4, 0), Some(ACTIVE_L1));
