@@ -97,6 +97,9 @@ pub struct OpenOptions {
     /// Punch holes for clusters freed by deleting snapshots
     /// (`pass-discard-snapshot`, on unless set to false).
     pub pass_discard_snapshot: Option<bool>,
+    /// Punch holes for clusters freed by anything but discard requests and
+    /// snapshot deletion, e.g. copy on write (`pass-discard-other`, off).
+    pub pass_discard_other: bool,
     /// Metadata overlap checks (`overlap-check`, default `cached`); a mask
     /// of the templates in [`crate::overlap`].
     pub overlap_check: Option<u32>,
@@ -130,6 +133,7 @@ impl OpenOptions {
             "cache-size" => self.cache_size = Some(parse_size(value)?),
             "pass-discard-request" => self.discard_passthrough = parse_bool(key, value)?,
             "pass-discard-snapshot" => self.pass_discard_snapshot = Some(parse_bool(key, value)?),
+            "pass-discard-other" => self.pass_discard_other = parse_bool(key, value)?,
             "lazy-refcounts" => self.lazy_refcounts = Some(parse_bool(key, value)?),
             "read-only" => self.read_only = parse_bool(key, value)?,
             k if k.starts_with("overlap-check") => {

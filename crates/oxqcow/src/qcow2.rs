@@ -42,6 +42,39 @@ const MIN_REFCOUNT_CACHE_TABLES: u64 = 4;
 /// so that a workload that never flushes still gets its space back.
 const MAX_PENDING_FREES: usize = 16384;
 
+/// Why a cluster is freed: decides whether its host space is given back
+/// too (QEMU's pass-discard-request / -snapshot / -other options).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FreeReason {
+    /// A guest discard or unmapping zero write.
+    Request,
+    /// Deleting a snapshot.
+    Snapshot,
+    /// Anything else (copy on write, overwritten compressed data).
+    Other,
+    /// Shrinking the image: always given back.
+    Always,
+}
+
+/// Which freed clusters get their host space punched out.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct DiscardModes {
+    pub(crate) request: bool,
+    pub(crate) snapshot: bool,
+    pub(crate) other: bool,
+}
+
+impl DiscardModes {
+    pub(crate) fn punches(&self, reason: FreeReason) -> bool {
+        match reason {
+            FreeReason::Request => self.request,
+            FreeReason::Snapshot => self.snapshot,
+            FreeReason::Other => self.other,
+            FreeReason::Always => true,
+        }
+    }
+}
+
 /// All metadata of an open image; guarded by `Qcow2::meta`.
 pub(crate) struct Meta {
     pub(crate) header: Header,
@@ -54,7 +87,7 @@ pub(crate) struct Meta {
     pub(crate) next_inflight_id: u64,
     /// Host clusters whose refcount drops by one once the L2/L1 changes that
     /// stopped referencing them are durable.
-    pub(crate) pending_frees: Vec<HostCluster>,
+    pub(crate) pending_frees: Vec<(HostCluster, FreeReason)>,
     /// Set when a metadata write failed: further writes are refused.
     pub(crate) failed: Option<String>,
     pub(crate) lazy_refcounts: bool,
@@ -108,8 +141,7 @@ pub struct Qcow2 {
     codec: Codec,
     version: u32,
     read_only: bool,
-    discard_passthrough: bool,
-    discard_snapshot: bool,
+    discard: DiscardModes,
     size: AtomicU64,
     io_gate: RwLock<()>,
     backing: Option<Arc<crate::image::Image>>,
@@ -394,11 +426,16 @@ impl Meta {
     /// Applies deferred refcount decrements. Call only after a flush made
     /// the table changes that dropped these references durable, with the io
     /// gate held exclusively.
-    pub(crate) fn apply_frees(&mut self, storage: &dyn Storage, frees: Vec<HostCluster>, punch: bool) -> Result<()> {
+    pub(crate) fn apply_frees(
+        &mut self,
+        storage: &dyn Storage,
+        frees: Vec<(HostCluster, FreeReason)>,
+        modes: DiscardModes,
+    ) -> Result<()> {
         let cs = self.geometry.cluster_size();
-        for c in frees {
+        for (c, reason) in frees {
             let left = self.refcounts.update(storage, c, -1)?;
-            if left == 0 && punch {
+            if left == 0 && modes.punches(reason) {
                 let offset = self.geometry.cluster_offset(c).0;
                 storage.punch_hole(offset, cs).map_err(Error::io("discarding a host cluster", offset))?;
             }
@@ -541,8 +578,11 @@ impl Qcow2 {
             codec: Codec::from_type(compression_type),
             version,
             read_only,
-            discard_passthrough: opts.discard_passthrough,
-            discard_snapshot: opts.pass_discard_snapshot.unwrap_or(true),
+            discard: DiscardModes {
+                request: opts.discard_passthrough,
+                snapshot: opts.pass_discard_snapshot.unwrap_or(true),
+                other: opts.pass_discard_other,
+            },
             size: AtomicU64::new(size),
             io_gate: RwLock::new(()),
             backing,
@@ -872,7 +912,7 @@ impl Qcow2 {
         // Wait for every request that may still use a freed cluster.
         let _gate = self.io_gate.write().unwrap_or_else(|p| p.into_inner());
         let mut m = self.lock_meta();
-        if let Err(e) = m.apply_frees(self.storage_ref(), frees, self.discard_passthrough) {
+        if let Err(e) = m.apply_frees(self.storage_ref(), frees, self.discard) {
             m.fail(self.storage_ref(), &e);
             return Err(e);
         }
@@ -924,7 +964,7 @@ impl Qcow2 {
             }
             m.flush_all(self.storage_ref())?;
             let frees = std::mem::take(&mut m.pending_frees);
-            m.apply_frees(self.storage_ref(), frees, self.discard_passthrough)?;
+            m.apply_frees(self.storage_ref(), frees, self.discard)?;
             m.flush_all(self.storage_ref())?;
         }
         let res = f(&mut m, self.storage_ref());
@@ -971,8 +1011,8 @@ impl Qcow2 {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
-        let punch = self.discard_snapshot;
-        self.exclusive(|m, st| m.snapshot_delete(st, id_or_name, punch))
+        let modes = self.discard;
+        self.exclusive(|m, st| m.snapshot_delete(st, id_or_name, modes))
     }
 
     /// Reverts the active layer to the snapshot with this id (or name).

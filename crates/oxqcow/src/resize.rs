@@ -14,7 +14,7 @@ use oxqcow_format::{Geometry, GuestOffset, HostCluster, HostOffset, L2Entry, L2M
 
 use crate::error::{Error, Result};
 use crate::options::{Compat, CompressionType, CreateOptions, OpenOptions, Preallocation};
-use crate::qcow2::{Meta, Qcow2};
+use crate::qcow2::{DiscardModes, FreeReason, Meta, Qcow2};
 use crate::storage::Storage;
 
 /// Checks creation options as QEMU does, with its messages.
@@ -214,7 +214,7 @@ impl Meta {
                 if self.l2.contains(offset) {
                     self.l2.remove(offset);
                 }
-                self.pending_frees.push(g.host_cluster(HostOffset(offset)));
+                self.pending_frees.push((g.host_cluster(HostOffset(offset)), FreeReason::Always));
                 self.set_l1(i, 0);
             }
         }
@@ -222,7 +222,7 @@ impl Meta {
         self.write_header(storage)?;
         self.flush_all(storage)?;
         let frees = std::mem::take(&mut self.pending_frees);
-        self.apply_frees(storage, frees, false)?;
+        self.apply_frees(storage, frees, DiscardModes::default())?;
         self.flush_all(storage)?;
         // Give the space back: cut the file after the last used cluster.
         let file_len = storage.len().map_err(Error::io("reading the file length", 0))?;
@@ -250,7 +250,7 @@ impl Meta {
         }
         self.flush_all(storage)?;
         let frees = std::mem::take(&mut self.pending_frees);
-        self.apply_frees(storage, frees, false)?;
+        self.apply_frees(storage, frees, DiscardModes::default())?;
         self.flush_all(storage)
     }
 
@@ -273,7 +273,7 @@ impl Meta {
             let old = self.decode(entry, table, index + i)?;
             let data = self.l2.get_mut(table).expect("loaded");
             oxqcow_format::table::write_l2_word(data, index + i, g.l2_entry_size() as usize, 0);
-            self.defer_free(old);
+            self.defer_free(old, FreeReason::Always);
         }
         Ok(())
     }

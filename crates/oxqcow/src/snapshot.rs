@@ -17,7 +17,7 @@ use oxqcow_format::table::{decode_entries, encode_entries, L1Entry, COPIED};
 use oxqcow_format::{HostCluster, HostOffset, L2Entry, L2Mapping, SnapshotEntry};
 
 use crate::error::{Error, Result};
-use crate::qcow2::Meta;
+use crate::qcow2::{DiscardModes, FreeReason, Meta};
 use crate::storage::Storage;
 
 /// Finds a snapshot by id first, then by name (QEMU's `find_snapshot_by_id_or_name`).
@@ -217,7 +217,12 @@ impl Meta {
     }
 
     /// Deletes a snapshot and drops its references.
-    pub(crate) fn snapshot_delete(&mut self, storage: &dyn Storage, id_or_name: &str, punch: bool) -> Result<()> {
+    pub(crate) fn snapshot_delete(
+        &mut self,
+        storage: &dyn Storage,
+        id_or_name: &str,
+        modes: DiscardModes,
+    ) -> Result<()> {
         let index = find(&self.snapshots.entries, id_or_name)
             .ok_or_else(|| Error::InvalidArgument(format!("Can't find the snapshot '{id_or_name}'")))?;
         let mut entries = self.snapshots.entries.clone();
@@ -244,7 +249,7 @@ impl Meta {
         self.l2_cache_reset(storage)?;
         self.refresh_copied_flags(storage)?;
         self.flush_all(storage)?;
-        if punch {
+        if modes.punches(FreeReason::Snapshot) {
             for c in freed {
                 let offset = g.cluster_offset(c).0;
                 storage.punch_hole(offset, g.cluster_size()).map_err(Error::io("discarding a host cluster", offset))?;

@@ -13,7 +13,7 @@ use oxqcow_format::table::{write_l2_word, L1Entry};
 use oxqcow_format::{GuestOffset, HostCluster, HostOffset, L2Entry, L2Mapping};
 
 use crate::error::{Error, Result};
-use crate::qcow2::Meta;
+use crate::qcow2::{FreeReason, Meta};
 use crate::storage::Storage;
 
 /// Where the untouched bytes of a newly allocated cluster come from.
@@ -84,16 +84,16 @@ impl Meta {
     /// Drops the reference an old L2 mapping held, once the change is durable.
     /// A compressed cluster holds one reference on every host cluster its
     /// sectors touch.
-    pub(crate) fn defer_free(&mut self, old: L2Mapping) {
+    pub(crate) fn defer_free(&mut self, old: L2Mapping, reason: FreeReason) {
         match old {
             L2Mapping::Compressed(d) => {
                 for c in self.compressed_clusters(&d) {
-                    self.pending_frees.push(HostCluster(c));
+                    self.pending_frees.push((HostCluster(c), reason));
                 }
             }
             other => {
                 if let Some(host) = other.host_cluster() {
-                    self.pending_frees.push(self.geometry.host_cluster(host));
+                    self.pending_frees.push((self.geometry.host_cluster(host), reason));
                 }
             }
         }
@@ -156,7 +156,7 @@ impl Meta {
             Some(old) => {
                 self.load_l2(storage, old)?;
                 let copy: Box<[u8]> = self.l2.peek(old).expect("just loaded").into();
-                self.pending_frees.push(self.geometry.host_cluster(HostOffset(old)));
+                self.pending_frees.push((self.geometry.host_cluster(HostOffset(old)), FreeReason::Other));
                 copy
             }
             None => vec![0u8; self.geometry.cluster_size() as usize].into_boxed_slice(),
@@ -309,13 +309,13 @@ impl Meta {
         if let Some(desc) = a.compressed {
             let old = self.mapping_at(table, index)?;
             self.set_l2_entry(table, index, L2Entry::compressed(&desc, &g)?);
-            self.defer_free(old);
+            self.defer_free(old, FreeReason::Other);
             return Ok(());
         }
         for i in 0..a.count as usize {
             let old = self.mapping_at(table, index + i)?;
             self.set_l2_entry(table, index + i, L2Entry::normal(HostOffset(a.host + i as u64 * cs)));
-            self.defer_free(old);
+            self.defer_free(old, FreeReason::Other);
         }
         Ok(())
     }
@@ -381,7 +381,7 @@ impl Meta {
                     self.set_l2_entry(table, index + i, new);
                 }
                 if free_old {
-                    self.defer_free(old);
+                    self.defer_free(old, FreeReason::Request);
                 }
             }
         }
