@@ -236,6 +236,9 @@ impl Walker<'_> {
             self.add_range("refcount table", table_offset, u64::from(m.refcounts.table_clusters()) * cs);
             let entries = m.refcounts.table_entries().to_vec();
             for (i, &e) in entries.iter().enumerate() {
+                if m.refcounts.unreferenced.contains(&i) {
+                    continue;
+                }
                 let entry = RefcountTableEntry(e);
                 if let Err(err) = entry.validate(&g) {
                     self.corruption(format!(
@@ -295,38 +298,57 @@ pub(crate) fn check(meta: &mut Meta, storage: &dyn Storage, repair: Option<Repai
     let Some(mode) = repair else { return Ok(first) };
     let fix_leaks = first.leaks > 0;
     let fix_corruptions = mode == RepairMode::All && first.corruptions > 0;
-    if !fix_leaks && !fix_corruptions {
-        return Ok(first);
-    }
-    if mode == RepairMode::Leaks && first.corruptions > 0 {
-        // Rebuilding would also rewrite corrupted counts, which -r leaks
-        // must not touch: fix leaks one by one instead.
-        fix_leaked_clusters(meta, storage)?;
+    let report = if !fix_leaks && !fix_corruptions {
+        first
     } else {
-        if mode == RepairMode::All {
-            fix_copied_flags(meta, storage)?;
+        if mode == RepairMode::Leaks && first.corruptions > 0 {
+            // Rebuilding would also rewrite corrupted counts, which -r leaks
+            // must not touch: fix leaks one by one instead.
+            fix_leaked_clusters(meta, storage)?;
+        } else {
+            if mode == RepairMode::All {
+                fix_copied_flags(meta, storage)?;
+            }
+            rebuild_refcounts(meta, storage)?;
         }
-        rebuild_refcounts(meta, storage)?;
+        meta.refcounts.damaged.clear();
+        let mut after = check_once(meta, storage)?;
+        after.leaks_fixed = first.leaks.saturating_sub(after.leaks);
+        after.corruptions_fixed = first.corruptions.saturating_sub(after.corruptions);
+        let mut messages = first.messages;
+        messages.append(&mut after.messages);
+        after.messages = messages;
+        after
+    };
+    if report.corruptions == 0 && report.check_errors == 0 && meta.header.is_corrupt() {
+        // Consistent again: the image may be written (QEMU's qcow2_mark_consistent).
+        meta.header.incompatible_features &= !oxqcow_format::header::incompat::CORRUPT;
+        meta.write_header(storage)?;
+        storage.sync().map_err(Error::io("syncing the header", 0))?;
     }
-    let mut after = check_once(meta, storage)?;
-    after.leaks_fixed = first.leaks.saturating_sub(after.leaks);
-    after.corruptions_fixed = first.corruptions.saturating_sub(after.corruptions);
-    let mut messages = first.messages;
-    messages.append(&mut after.messages);
-    after.messages = messages;
-    Ok(after)
+    Ok(report)
 }
 
 fn check_once(meta: &mut Meta, storage: &dyn Storage) -> Result<CheckReport> {
     let mut w = new_walker(meta, storage)?;
     w.count(true)?;
     let Walker { refs, mut report, .. } = w;
+    for problem in &meta.refcounts.damaged {
+        report.corruptions += 1;
+        report.messages.push(problem.clone());
+    }
     let g = meta.geometry;
     let mut highest: Option<u64> = None;
     let mut covered = 0u64;
     let mut messages = Vec::new();
-    let (mut leaks, mut corruptions) = (0u64, 0u64);
+    let (mut leaks, mut corruptions, mut check_errors) = (0u64, 0u64, 0u64);
+    let limit = refs.len();
     for_each_stored(meta, storage, |c, stored| {
+        // Like QEMU, refcounts of clusters past the end of the file (and
+        // past every reference) are not compared.
+        if c >= limit {
+            return;
+        }
         covered = covered.max(c + 1);
         let computed = refs.get(c);
         if stored > 0 || computed > 0 {
@@ -356,6 +378,12 @@ fn check_once(meta: &mut Meta, storage: &dyn Storage) -> Result<CheckReport> {
             continue;
         }
         let computed = refs.get(c);
+        let ti = g.reftable_index(HostCluster(c)) as usize;
+        if meta.refcounts.unreadable.contains(&ti) {
+            check_errors += 1;
+            messages.push(format!("Can't get refcount for cluster {c}: Input/output error"));
+            continue;
+        }
         if computed > 0 {
             highest = Some(highest.map_or(c, |h| h.max(c)));
             corruptions += 1;
@@ -364,6 +392,7 @@ fn check_once(meta: &mut Meta, storage: &dyn Storage) -> Result<CheckReport> {
     }
     report.leaks += leaks;
     report.corruptions += corruptions;
+    report.check_errors += check_errors;
     report.messages.append(&mut messages);
     check_copied(meta, storage, &mut report)?;
     report.image_end_offset = highest.map_or(0, |h| (h + 1) * g.cluster_size());
@@ -375,6 +404,10 @@ fn check_once(meta: &mut Meta, storage: &dyn Storage) -> Result<CheckReport> {
 fn check_copied(meta: &mut Meta, storage: &dyn Storage, report: &mut CheckReport) -> Result<()> {
     let g = meta.geometry;
     let cs = g.cluster_size();
+    // Refcounts that cannot be read end this pass, as the failed refcount
+    // lookup ends QEMU's check (the check errors are already counted).
+    let unreadable = meta.refcounts.unreadable.clone();
+    let readable = |c: HostCluster| !unreadable.contains(&(g.reftable_index(c) as usize));
     let file_len = storage.len().map_err(Error::io("reading the file length", 0))?;
     for i in 0..meta.l1.len() {
         let e = L1Entry(meta.l1[i]);
@@ -384,6 +417,9 @@ fn check_copied(meta: &mut Meta, storage: &dyn Storage, report: &mut CheckReport
         let Some(l2) = e.l2_offset() else { continue };
         if l2.0 + cs > file_len {
             continue;
+        }
+        if !readable(g.host_cluster(l2)) {
+            return Ok(());
         }
         let rc = meta.refcounts.get(storage, g.host_cluster(l2))?;
         if (rc == 1) != e.copied() {
@@ -403,6 +439,9 @@ fn check_copied(meta: &mut Meta, storage: &dyn Storage, report: &mut CheckReport
             };
             if host.0 + cs > file_len {
                 continue;
+            }
+            if !readable(g.host_cluster(host)) {
+                return Ok(());
             }
             let rc = meta.refcounts.get(storage, g.host_cluster(host))?;
             if (rc == 1) != copied {

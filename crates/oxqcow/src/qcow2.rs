@@ -511,6 +511,7 @@ impl Qcow2 {
             header.refcount_table_clusters,
             rc_tables,
             file_len,
+            opts.repair,
         )?;
         let snapshots = read_snapshots(st, &header, file_len)?;
         let lazy = opts.lazy_refcounts.unwrap_or(header.lazy_refcounts()) && header.version >= 3;

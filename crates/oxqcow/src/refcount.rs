@@ -39,6 +39,13 @@ pub(crate) struct Refcounts {
     block_clusters: BTreeSet<u64>,
     /// One past the highest cluster ever allocated or present in the file.
     pub(crate) host_end: u64,
+    /// Invalid refcount table entries found by a tolerant (repair) load.
+    pub(crate) damaged: Vec<String>,
+    /// Table entries (with reserved bits set) whose block is read but not
+    /// counted as referenced.
+    pub(crate) unreferenced: BTreeSet<usize>,
+    /// Table entries whose block cannot be read (unaligned offsets).
+    pub(crate) unreadable: BTreeSet<usize>,
 }
 
 impl Refcounts {
@@ -50,22 +57,40 @@ impl Refcounts {
         table_clusters: u32,
         cache_tables: usize,
         file_len: u64,
+        tolerant: bool,
     ) -> Result<Self> {
         let bytes_len = u64::from(table_clusters) * geometry.cluster_size();
         let mut bytes = vec![0u8; bytes_len as usize];
         storage.read_at(&mut bytes, table_offset).map_err(Error::io("reading the refcount table", table_offset))?;
-        let table = decode_entries(&bytes);
-        for (i, &e) in table.iter().enumerate() {
-            let entry = RefcountTableEntry(e);
-            entry.validate(&geometry)?;
-            if let Some(o) = entry.block_offset() {
-                if o.0 >= file_len {
-                    return Err(Error::Corrupt(format!(
-                        "refcount table entry {i} points at offset 0x{:x}, past the end of the file ({file_len} bytes)",
-                        o.0
-                    )));
-                }
+        let mut table = decode_entries(&bytes);
+        let mut damaged = Vec::new();
+        let mut unreferenced = BTreeSet::new();
+        let mut unreadable = BTreeSet::new();
+        for (i, e) in table.iter_mut().enumerate() {
+            let entry = RefcountTableEntry(*e);
+            let masked = RefcountTableEntry(*e & !0x1ff).block_offset().map_or(0, |o| o.0);
+            let problem = if entry.reserved_bits() != 0 {
+                // QEMU still reads refcounts through the masked offset but
+                // does not count the entry as a reference to the block.
+                unreferenced.insert(i);
+                Some((format!("ERROR refcount table entry {i} has reserved bits set"), masked))
+            } else if !geometry.is_cluster_aligned(masked) {
+                // Its refcounts cannot be read at all (QEMU: check errors).
+                unreadable.insert(i);
+                Some((format!("ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"), 0))
+            } else if masked >= file_len {
+                Some((format!("ERROR refcount block {i} is outside image"), 0))
+            } else {
+                None
+            };
+            let Some((problem, keep)) = problem else { continue };
+            if !tolerant {
+                return Err(Error::Corrupt(format!("refcount table entry {i} (0x{:x}) is invalid: {problem}", *e)));
             }
+            // Repair mode: check reports it and the repair rebuilds the
+            // refcount structures.
+            damaged.push(problem);
+            *e = keep;
         }
         let block_clusters = table
             .iter()
@@ -83,6 +108,9 @@ impl Refcounts {
             map: MetadataMap::default(),
             block_clusters,
             host_end: geometry.clusters_for(file_len),
+            damaged,
+            unreferenced,
+            unreadable,
         })
     }
 
@@ -485,7 +513,7 @@ impl Refcounts {
         let cache = self.blocks.capacity();
         let map = std::mem::take(&mut self.map);
         let host_end = self.host_end;
-        *self = Refcounts::load(storage, geometry, table_offset, table_clusters, cache, file_len)?;
+        *self = Refcounts::load(storage, geometry, table_offset, table_clusters, cache, file_len, false)?;
         self.map = map;
         self.host_end = self.host_end.max(host_end);
         Ok(())
