@@ -69,7 +69,8 @@ fn damaged(dir: &Path, name: &str, damage: impl FnOnce(&mut Vec<u8>)) -> std::pa
 fn verdicts_and_repairs_match_qemu() {
     let dir = tempfile::tempdir().unwrap();
     let refblock = 0x20000usize;
-    let cases: Vec<(&str, Box<dyn FnOnce(&mut Vec<u8>)>, RepairMode)> = vec![
+    type Damage = Box<dyn FnOnce(&mut Vec<u8>)>;
+    let cases: Vec<(&str, Damage, RepairMode)> = vec![
         // Refcount of cluster 6 (freed by the discard) raised: one leak.
         (
             "leak",
