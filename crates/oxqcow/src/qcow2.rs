@@ -58,6 +58,10 @@ pub(crate) struct Meta {
     pub(crate) lazy_refcounts: bool,
     pub(crate) snapshots: SnapshotTable,
     pub(crate) read_only: bool,
+    /// Whether the image looks preallocated with `preallocation=metadata`
+    /// (QEMU's `qcow2_detect_metadata_preallocation`), decided at the first
+    /// block status query and kept for the rest of the session as QEMU does.
+    pub(crate) metadata_preallocation: Option<bool>,
 }
 
 /// Facts about an open qcow2 image, for `info`.
@@ -397,6 +401,7 @@ impl Qcow2 {
             lazy_refcounts: lazy,
             snapshots,
             read_only,
+            metadata_preallocation: None,
         };
         meta.update_reserved();
 
