@@ -602,15 +602,13 @@ impl Qcow2 {
     ///
     /// As in QEMU, whole clusters become zero clusters; a partial cluster at
     /// either end becomes a zero cluster too when it held no data, and gets
-    /// zeros written as data otherwise. Version 2 images have no zero flag
-    /// and always get zeros written.
+    /// zeros written as data otherwise. Version 2 images have no zero flag:
+    /// their whole clusters are discarded (they have no backing file, so
+    /// unallocated clusters read as zeros), as QEMU does.
     pub fn write_zeroes_at(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         self.check_range(offset, len)?;
         if len == 0 {
             return Ok(());
-        }
-        if self.version < 3 {
-            return self.write_zero_buffer(offset, len);
         }
         let g = self.geometry;
         let cs = g.cluster_size();
@@ -665,6 +663,11 @@ impl Qcow2 {
     }
 
     fn zero_clusters(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        if self.version < 3 {
+            // Version 2 has no zero flag, but without a backing file an
+            // unallocated cluster reads as zeros: QEMU discards instead.
+            return self.update_clusters(offset, len, |m, st, o, l| m.discard_range(st, o, l));
+        }
         self.update_clusters(offset, len, |m, st, o, l| m.zero_range(st, o, l, may_unmap))
     }
 
