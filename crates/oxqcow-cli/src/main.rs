@@ -6,6 +6,7 @@
 #[allow(dead_code)] // used by the subcommand modules as they land
 mod common;
 mod compare;
+mod convert;
 mod getopt;
 mod map;
 mod progress;
@@ -58,6 +59,7 @@ fn run(ctx: &Ctx, args: &[String]) -> i32 {
     match command.as_str() {
         // Subcommands register here: "name" => name::run(ctx, rest),
         "compare" => compare::run(ctx, rest),
+        "convert" => convert::run(ctx, rest),
         "map" => map::run(ctx, rest),
         other => {
             let _ = rest;
