@@ -227,11 +227,18 @@ fn read(img: &Image, buf: &mut [u8], offset: u64, file: &str) -> Result<(), Fail
 }
 
 /// qemu-img's `check_empty_sectors`: the run must read as zeros; the
-/// message names the first nonzero byte.
+/// message names the start of the first 512-byte piece (counted from the
+/// start of the run) holding a nonzero byte.
 fn check_empty(img: &Image, offset: u64, len: u64, file: &str, buf: &mut [u8]) -> Result<Option<String>, Fail> {
     let buf = &mut buf[..len as usize];
     read(img, buf, offset, file)?;
-    Ok(buf.iter().position(|&b| b != 0).map(|i| format!("Content mismatch at offset {}!", offset + i as u64)))
+    Ok(first_nonzero_sector(buf).map(|i| format!("Content mismatch at offset {}!", offset + i as u64)))
+}
+
+/// qemu-img's `find_nonzero`: where the first 512-byte piece with a nonzero
+/// byte starts.
+fn first_nonzero_sector(buf: &[u8]) -> Option<usize> {
+    buf.chunks(SECTOR).position(|c| c.iter().any(|&b| b != 0)).map(|i| i * SECTOR)
 }
 
 /// qemu-img's `compare_buffers` in sector units: the offset of the first
@@ -253,5 +260,7 @@ mod tests {
         assert_eq!(first_differing_sector(&a, &b), Some(1024));
         b[3] = 1;
         assert_eq!(first_differing_sector(&a, &b), Some(0));
+        assert_eq!(first_nonzero_sector(&a), None);
+        assert_eq!(first_nonzero_sector(&b[4..]), Some(1024));
     }
 }
