@@ -35,6 +35,9 @@ impl Ctx {
 /// ("Could not open 'PATH': REASON").
 pub fn open_image(path: &str, format: Option<&str>, opts: OpenOptions) -> Result<Image, String> {
     let mut opts = opts;
+    if Path::new(path).is_dir() {
+        return Err(format!("Could not open '{path}': 'file' driver requires '{path}' to be a regular file"));
+    }
     if let Some(f) = format {
         opts.format =
             Some(ImageFormat::from_name(f).map_err(|e| format!("Could not open '{path}': {}", describe(&e)))?);
@@ -71,16 +74,18 @@ pub fn is_cache_mode(mode: &str) -> bool {
 /// qemu's `strerror`-like text for an engine error.
 pub fn strerror(e: &oxqcow::Error) -> String {
     match e {
-        oxqcow::Error::Io { source, .. } => match source.raw_os_error() {
-            Some(code) => std::io::Error::from_raw_os_error(code)
-                .to_string()
-                .split(" (os error")
-                .next()
-                .unwrap_or_default()
-                .to_string(),
-            None => source.to_string(),
-        },
+        oxqcow::Error::Io { source, .. } => os_error(source),
         other => describe(other),
+    }
+}
+
+/// The C library's text for a host error ("No such file or directory"),
+/// without Rust's " (os error N)" suffix.
+pub fn os_error(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    match text.find(" (os error") {
+        Some(cut) => text[..cut].to_string(),
+        None => text,
     }
 }
 

@@ -15,7 +15,7 @@ use std::sync::{Condvar, Mutex};
 
 use oxqcow::{BlockDevice, CreateOptions, Image, ImageFormat, OpenOptions};
 
-use crate::common::{cvtnum, describe, is_cache_mode, open_image, strerror, Ctx};
+use crate::common::{cvtnum, describe, is_cache_mode, open_image, os_error, strerror, Ctx};
 use crate::getopt::{self, long, HasArg};
 use crate::progress::Progress;
 use crate::status::StatusCursor;
@@ -251,8 +251,15 @@ fn convert(_ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
         if opts.backing_file.is_some() {
             return Err("backing files for the target are not supported yet".into());
         }
-        let image = Image::create(Path::new(&a.target), &opts)
-            .map_err(|e| format!("{}: error while converting {out_fmt}: {}", a.target, describe(&e)))?;
+        let image = Image::create(Path::new(&a.target), &opts).map_err(|e| {
+            let why = match &e {
+                oxqcow::Error::Io { op: "creating the image", source, .. } => {
+                    format!("Could not create '{}': {}", a.target, os_error(source))
+                }
+                other => describe(other),
+            };
+            format!("{}: error while converting {out_fmt}: {why}", a.target)
+        })?;
         Some(image)
     };
     if !is_cache_mode(&a.cache) {

@@ -200,6 +200,8 @@ fn convert_errors_match_qemu() {
         &["convert", "--foo", "a.raw", "x"],
         &["convert", "-O"],
         &["convert", "-p", "missing", "x"],
+        &["convert", "a.raw", "no-such-dir/x"],
+        &["convert", "-O", "qcow2", "a.raw", "no-such-dir/x"],
     ] {
         let out = s.assert_same(args);
         assert_eq!(out.code, 1, "{args:?} should fail");

@@ -80,6 +80,11 @@ fn map_errors_match_qemu() {
     let s = Scratch::new();
     cluster_kinds(&s, "a.qcow2", "cluster_size=65536");
     std::fs::write(s.path("plain.raw"), vec![1u8; 4096]).unwrap();
+    std::fs::create_dir(s.path("adir")).unwrap();
+    // qcow2 magic with a version QEMU does not know: still probed as qcow2.
+    let mut bad = b"QFI\xfb\x1d\xb9\x00\x3c".to_vec();
+    bad.resize(65536, 7);
+    std::fs::write(s.path("badversion.qcow2"), bad).unwrap();
     for args in [
         &["map"][..],
         &["map", "a.qcow2", "b.qcow2"],
@@ -90,6 +95,8 @@ fn map_errors_match_qemu() {
         &["map", "--max-length", "abc", "a.qcow2"],
         &["map", "-f", "qcow3", "a.qcow2"],
         &["map", "-f", "qcow2", "plain.raw"],
+        &["map", "adir"],
+        &["map", "badversion.qcow2"],
         &["map", "-z", "a.qcow2"],
         &["map", "--bogus", "a.qcow2"],
         &["map", "-f"],
