@@ -108,3 +108,14 @@ fn map_errors_match_qemu() {
     // Options after the file name and abbreviated long options work as in qemu-img.
     s.assert_same(&["map", "a.qcow2", "--out=json", "-U"]);
 }
+
+#[test]
+fn map_matches_qemu_on_compressed_clusters() {
+    let s = Scratch::new();
+    common::random_raw(&s.path("src.raw"), 2 << 20, 21);
+    s.qemu_ok(&["convert", "-c", "-O", "qcow2", "src.raw", "c.qcow2"]);
+    // JSON lists compressed runs; the human format refuses them.
+    s.assert_same(&["map", "--output=json", "c.qcow2"]);
+    let out = s.assert_same(&["map", "c.qcow2"]);
+    assert_eq!(out.code, 1);
+}

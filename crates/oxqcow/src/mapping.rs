@@ -141,6 +141,18 @@ impl Meta {
     /// Decodes an entry, turning format errors into corruption reports that
     /// say where the entry is, and checking the host offset is in the file.
     pub(crate) fn decode(&self, entry: L2Entry, table: u64, index: usize) -> Result<L2Mapping> {
+        let m = self.decode_any(entry, table, index)?;
+        if let L2Mapping::Compressed(_) = m {
+            return Err(Error::Unsupported(format!(
+                "compressed clusters (L2 table at offset 0x{table:x}, entry {index})"
+            )));
+        }
+        Ok(m)
+    }
+
+    /// Like [`Meta::decode`], but compressed clusters are returned rather
+    /// than refused (block status can describe them without reading them).
+    fn decode_any(&self, entry: L2Entry, table: u64, index: usize) -> Result<L2Mapping> {
         let m = entry
             .mapping(&self.geometry, self.header.version)
             .map_err(|e| Error::Corrupt(format!("L2 table at offset 0x{table:x}, entry {index}: {e}")))?;
@@ -157,21 +169,18 @@ impl Meta {
                 )));
             }
         }
-        if let L2Mapping::Compressed(_) = m {
-            return Err(Error::Unsupported(format!(
-                "compressed clusters (L2 table at offset 0x{table:x}, entry {index})"
-            )));
-        }
         Ok(m)
     }
 
     /// Visits the mapping of every cluster touched by `[offset, offset + len)`,
     /// calling `f(guest_offset_of_piece, piece_len, offset_in_cluster, mapping)`.
+    /// Compressed clusters are refused unless `allow_compressed`.
     fn walk(
         &mut self,
         storage: &dyn Storage,
         offset: u64,
         len: u64,
+        allow_compressed: bool,
         mut f: impl FnMut(u64, u64, u64, L2Mapping),
     ) -> Result<()> {
         let g = self.geometry;
@@ -193,7 +202,11 @@ impl Meta {
                         let in_cluster = g.offset_in_cluster(pos);
                         let piece = (cs - in_cluster).min(table_end - pos);
                         let entry = self.l2_entry(table, index);
-                        let m = self.decode(entry, table, index)?;
+                        let m = if allow_compressed {
+                            self.decode_any(entry, table, index)?
+                        } else {
+                            self.decode(entry, table, index)?
+                        };
                         f(pos, piece, in_cluster, m);
                         pos += piece;
                     }
@@ -206,7 +219,7 @@ impl Meta {
     /// Plans a read of `[offset, offset + len)`.
     pub(crate) fn plan_read(&mut self, storage: &dyn Storage, offset: u64, len: u64) -> Result<Vec<ReadSegment>> {
         let mut plan: Vec<ReadSegment> = Vec::new();
-        self.walk(storage, offset, len, |_, piece, in_cluster, m| {
+        self.walk(storage, offset, len, false, |_, piece, in_cluster, m| {
             let seg = match m {
                 L2Mapping::Normal { host, .. } => ReadSegment::Data { host: host.0 + in_cluster, len: piece },
                 _ => ReadSegment::Zero(piece),
@@ -252,7 +265,7 @@ impl Meta {
     /// Block status of `[offset, offset + len)`.
     pub(crate) fn block_status(&mut self, storage: &dyn Storage, offset: u64, len: u64) -> Result<Vec<Extent>> {
         let mut out = Vec::new();
-        self.walk(storage, offset, len, |pos, piece, in_cluster, m| {
+        self.walk(storage, offset, len, true, |pos, piece, in_cluster, m| {
             let (present, zero, data, host) = match m {
                 L2Mapping::Unallocated => (false, true, false, None),
                 L2Mapping::ZeroPlain => (true, true, false, None),
