@@ -35,10 +35,58 @@ impl Ctx {
 /// ("Could not open 'PATH': REASON").
 pub fn open_image(path: &str, format: Option<&str>, opts: OpenOptions) -> Result<Image, String> {
     let mut opts = opts;
-    if let Some(f) = format {
-        opts.format = Some(ImageFormat::from_name(f).map_err(|e| e.to_string())?);
+    if Path::new(path).is_dir() {
+        return Err(format!("Could not open '{path}': 'file' driver requires '{path}' to be a regular file"));
     }
-    Image::open(Path::new(path), &opts).map_err(|e| format!("Could not open '{path}': {}", describe(&e)))
+    if let Some(f) = format {
+        opts.format =
+            Some(ImageFormat::from_name(f).map_err(|e| format!("Could not open '{path}': {}", describe(&e)))?);
+    }
+    Image::open(Path::new(path), &opts).map_err(|e| match &e {
+        // QEMU's file layer names the file again: "Could not open 'x':
+        // Could not open 'x': No such file or directory".
+        oxqcow::Error::Io { op: "opening the image", .. } => {
+            format!("Could not open '{path}': Could not open '{path}': {}", describe(&e))
+        }
+        _ => format!("Could not open '{path}': {}", describe(&e)),
+    })
+}
+
+/// qemu-img's `cvtnum_full`: a size with an optional suffix, between `min`
+/// and `max`, with qemu-img's messages naming the value as `name`.
+pub fn cvtnum(name: &str, value: &str, min: u64, max: u64) -> Result<u64, String> {
+    let range = || format!("Invalid {name} specified. Must be between {min} and {max}.");
+    if value.trim_start().starts_with('-') {
+        return Err(range());
+    }
+    let n = oxqcow::options::parse_size(value).map_err(|_| format!("Invalid {name} specified: '{value}'."))?;
+    if n < min || n > max {
+        return Err(range());
+    }
+    Ok(n)
+}
+
+/// Whether `mode` is one of QEMU's cache modes (`-t`/`-T`).
+pub fn is_cache_mode(mode: &str) -> bool {
+    matches!(mode, "none" | "off" | "writeback" | "writethrough" | "directsync" | "unsafe")
+}
+
+/// qemu's `strerror`-like text for an engine error.
+pub fn strerror(e: &oxqcow::Error) -> String {
+    match e {
+        oxqcow::Error::Io { source, .. } => os_error(source),
+        other => describe(other),
+    }
+}
+
+/// The C library's text for a host error ("No such file or directory"),
+/// without Rust's " (os error N)" suffix.
+pub fn os_error(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    match text.find(" (os error") {
+        Some(cut) => text[..cut].to_string(),
+        None => text,
+    }
 }
 
 /// The message for an engine error, with host I/O errors described the way

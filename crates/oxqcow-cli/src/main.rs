@@ -5,6 +5,12 @@
 
 #[allow(dead_code)] // used by the subcommand modules as they land
 mod common;
+mod compare;
+mod convert;
+mod getopt;
+mod map;
+mod progress;
+mod status;
 
 use common::Ctx;
 
@@ -52,6 +58,9 @@ fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let rest = &args[1..];
     match command.as_str() {
         // Subcommands register here: "name" => name::run(ctx, rest),
+        "compare" => compare::run(ctx, rest),
+        "convert" => convert::run(ctx, rest),
+        "map" => map::run(ctx, rest),
         other => {
             let _ = rest;
             ctx.fail(&format!("Command not found: {other}"))

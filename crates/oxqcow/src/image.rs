@@ -49,11 +49,20 @@ pub enum Image {
 }
 
 /// Guesses the format of storage from its first bytes, as QEMU probes:
-/// qcow2 by its magic, raw otherwise.
+/// qcow2 by its magic and a version of at least 2, raw otherwise.
 pub fn probe_format(storage: &dyn Storage) -> Result<ImageFormat> {
     let mut prefix = [0u8; 8];
     storage.read_at(&mut prefix, 0).map_err(Error::io("probing the image format", 0))?;
-    Ok(if oxqcow_format::header::has_magic(&prefix) { ImageFormat::Qcow2 } else { ImageFormat::Raw })
+    // QEMU's qcow2 probe claims any file with the magic and a version of 2
+    // or more, so that an unsupported version is reported as such rather
+    // than the file being opened as raw.
+    let magic = prefix[..4] == [b'Q', b'F', b'I', 0xfb];
+    let version = u32::from_be_bytes([prefix[4], prefix[5], prefix[6], prefix[7]]);
+    Ok(if oxqcow_format::header::has_magic(&prefix) || (magic && version >= 2) {
+        ImageFormat::Qcow2
+    } else {
+        ImageFormat::Raw
+    })
 }
 
 impl Image {

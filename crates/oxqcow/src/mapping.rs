@@ -261,6 +261,33 @@ impl Meta {
         Ok(plan)
     }
 
+    /// QEMU's `qcow2_detect_metadata_preallocation`: the image counts as
+    /// preallocated with metadata when clearly more clusters are in use
+    /// (nonzero refcount) than the host file has allocated: at least
+    /// `max(allocated * 10 / 9, allocated + 2)` of them.
+    fn looks_metadata_preallocated(&mut self, storage: &dyn Storage) -> Result<bool> {
+        if let Some(known) = self.metadata_preallocation {
+            return Ok(known);
+        }
+        let cs = self.geometry.cluster_size();
+        let file_len = storage.len().map_err(Error::io("reading the file length", 0))?;
+        let allocated = storage.allocated_bytes().map_err(Error::io("reading the allocated file size", 0))?;
+        let real_clusters = allocated / cs;
+        let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
+        let end_cluster = file_len.div_ceil(cs);
+        let mut in_use = 0;
+        let mut i = 0;
+        while i < end_cluster && in_use < threshold {
+            if self.refcounts.get(storage, oxqcow_format::HostCluster(i))? != 0 {
+                in_use += 1;
+            }
+            i += 1;
+        }
+        let found = in_use >= threshold;
+        self.metadata_preallocation = Some(found);
+        Ok(found)
+    }
+
     /// Block status of `[offset, offset + len)`.
     pub(crate) fn block_status(&mut self, storage: &dyn Storage, offset: u64, len: u64) -> Result<Vec<Extent>> {
         let mut out = Vec::new();
@@ -278,7 +305,13 @@ impl Meta {
                 Extent { offset: pos, length: piece, present, zero, data, compressed, host_offset: host, depth: 0 },
             );
         })?;
-        // Data clusters over holes of the host file read as zeros too.
+        // Data clusters over holes of the host file read as zeros too. QEMU
+        // only looks at the host file for images that seem preallocated
+        // with metadata (its BDRV_BLOCK_RECURSE), and so do we, so that
+        // `map` and `compare` agree with qemu-img.
+        if !self.looks_metadata_preallocated(storage)? {
+            return Ok(out);
+        }
         let mut refined = Vec::with_capacity(out.len());
         for e in out {
             match e.host_offset {

@@ -97,6 +97,10 @@ pub(crate) struct Meta {
     pub(crate) free_byte_offset: u64,
     /// Whether unallocated clusters read from a backing image.
     pub(crate) has_backing: bool,
+    /// Whether the image looks preallocated with `preallocation=metadata`
+    /// (QEMU's `qcow2_detect_metadata_preallocation`), decided at the first
+    /// block status query and kept for the rest of the session as QEMU does.
+    pub(crate) metadata_preallocation: Option<bool>,
 }
 
 /// Facts about an open qcow2 image, for `info`.
@@ -535,6 +539,7 @@ impl Qcow2 {
             read_only,
             free_byte_offset: 0,
             has_backing: backing.is_some(),
+            metadata_preallocation: None,
         };
         meta.refcounts.map.mask = opts.overlap_check.unwrap_or(overlap::CACHED);
         meta.update_reserved();
@@ -770,15 +775,13 @@ impl Qcow2 {
     ///
     /// As in QEMU, whole clusters become zero clusters; a partial cluster at
     /// either end becomes a zero cluster too when it held no data, and gets
-    /// zeros written as data otherwise. Version 2 images have no zero flag
-    /// and always get zeros written.
+    /// zeros written as data otherwise. Version 2 images have no zero flag:
+    /// their whole clusters are discarded (they have no backing file, so
+    /// unallocated clusters read as zeros), as QEMU does.
     pub fn write_zeroes_at(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         self.check_range(offset, len)?;
         if len == 0 {
             return Ok(());
-        }
-        if self.version < 3 {
-            return self.write_zero_buffer(offset, len);
         }
         let g = self.geometry;
         let cs = g.cluster_size();
@@ -833,6 +836,16 @@ impl Qcow2 {
     }
 
     fn zero_clusters(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        if self.version < 3 {
+            // Version 2 has no zero flag. Without a backing file an
+            // unallocated cluster reads as zeros, so QEMU discards; over a
+            // backing file it has to write zeros.
+            if self.backing.is_some() {
+                let end = (offset + len).min(self.len());
+                return self.write_zero_buffer(offset, end - offset);
+            }
+            return self.update_clusters(offset, len, |m, st, o, l| m.discard_range(st, o, l));
+        }
         self.update_clusters(offset, len, |m, st, o, l| m.zero_range(st, o, l, may_unmap))
     }
 

@@ -8,6 +8,9 @@ use crate::mapping::{push_extent, Extent};
 use crate::options::Preallocation;
 use crate::storage::Storage;
 
+/// The unit QEMU sizes disks in.
+const SECTOR_SIZE: u64 = 512;
+
 /// An open raw image.
 pub struct Raw {
     storage: Arc<dyn Storage>,
@@ -18,7 +21,10 @@ pub struct Raw {
 impl Raw {
     /// Opens raw storage.
     pub fn open(storage: Arc<dyn Storage>, read_only: bool) -> Result<Raw> {
-        let size = storage.len().map_err(Error::io("reading the file length", 0))?;
+        let len = storage.len().map_err(Error::io("reading the file length", 0))?;
+        // QEMU counts disks in whole sectors: a file of 1000 bytes is a disk
+        // of 1024 whose last 24 bytes read as zeros (and map as a hole).
+        let size = len.div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
         Ok(Raw { storage, size: AtomicU64::new(size), read_only })
     }
 

@@ -1,0 +1,669 @@
+//! `convert`: copies one or more images (concatenated) into a new or an
+//! existing image, possibly of another format, as `qemu-img convert` does.
+//!
+//! The source is walked by block status: runs that read as zeros are never
+//! read, and on a fresh target (which reads as zeros already) never written.
+//! Data runs are read in chunks of at most 2 MiB and scanned for runs of
+//! zeros at least `-S` bytes long, which are skipped too, so holes stay
+//! holes. `-m N` workers take chunks in order and read them in parallel;
+//! unless `-W` is given they write them in order, so a qcow2 target gets
+//! its clusters laid out as a sequential copy would.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex};
+
+use oxqcow::{BlockDevice, CreateOptions, Image, ImageFormat, OpenOptions};
+
+use crate::common::{cvtnum, describe, is_cache_mode, open_image, os_error, strerror, Ctx};
+use crate::getopt::{self, long, HasArg};
+use crate::progress::Progress;
+use crate::status::StatusCursor;
+
+/// qemu-img's `IO_BUF_SIZE`: the largest chunk read and written at once.
+const IO_BUF_SIZE: u64 = 2 << 20;
+/// The largest zero run handed to the target in one request.
+const MAX_ZERO_CHUNK: u64 = 1 << 30;
+/// QEMU's sector, the unit of zero detection.
+const SECTOR: u64 = 512;
+/// qemu-img's `MAX_COROUTINES`.
+const MAX_WORKERS: u64 = 16;
+/// qemu-img's default number of coroutines.
+const DEFAULT_WORKERS: u64 = 8;
+/// qemu-img's `MAX_BUF_SECTORS`: the largest `-S`, in sectors.
+const MAX_SPARSE_SECTORS: u64 = 32768;
+/// Default `-S`: 4 KiB of zeros make a hole.
+const DEFAULT_MIN_SPARSE: u64 = 4096;
+
+const LONGS: &[getopt::LongOpt] = &[
+    long("help", HasArg::No, "h"),
+    long("quiet", HasArg::No, "q"),
+    long("progress", HasArg::No, "p"),
+    long("source-format", HasArg::Required, "f"),
+    long("source-image-opts", HasArg::No, "image-opts"),
+    long("image-opts", HasArg::No, "image-opts"),
+    long("source-snapshot", HasArg::Required, "l"),
+    long("source-cache", HasArg::Required, "T"),
+    long("target-format", HasArg::Required, "O"),
+    long("target-image-opts", HasArg::No, "target-image-opts"),
+    long("target-options", HasArg::Required, "o"),
+    long("compress", HasArg::No, "c"),
+    long("target-cache", HasArg::Required, "t"),
+    long("backing", HasArg::Required, "B"),
+    long("backing-format", HasArg::Required, "F"),
+    long("no-create", HasArg::No, "n"),
+    long("target-is-zero", HasArg::No, "target-is-zero"),
+    long("sparse-size", HasArg::Required, "S"),
+    long("bitmaps", HasArg::No, "bitmaps"),
+    long("skip-broken-bitmaps", HasArg::No, "skip-broken-bitmaps"),
+    long("force-share", HasArg::No, "U"),
+    long("rate", HasArg::Required, "r"),
+    long("parallel", HasArg::Required, "m"),
+    long("copy-range-offloading", HasArg::No, "C"),
+    long("salvage", HasArg::No, "salvage"),
+    long("oob-writes", HasArg::No, "W"),
+    long("object", HasArg::Required, "object"),
+];
+
+fn help(prog: &str) {
+    print!(
+        "Usage:\n\
+         Copy one image to another with optional format conversion.  Usage:\n\n  \
+         {prog} convert [-f SRC_FMT] [-T SRC_CACHE] [-o TGT_OPTS] [-t TGT_CACHE] [-n]\n        \
+         [-O TGT_FMT] [-S SPARSE_SIZE] [-m NUM] [-W] [-p] [-q] [-U]\n        \
+         SRC_FILENAME [SRC_FILENAME2 [...]] TGT_FILENAME\n\n\
+         Arguments:\n  \
+         -h, --help\n     print this help and exit\n  \
+         -q, --quiet\n     quiet operations\n  \
+         -p, --progress\n     show operation progress\n  \
+         -f, --source-format SRC_FMT\n     specify SRC_FILENAME source image format explicitly\n  \
+         -T, --source-cache SRC_CACHE\n     source image(s) cache mode (writeback)\n  \
+         -O, --target-format TGT_FMT\n     specify TGT_FILENAME image format (default is raw)\n  \
+         -o, --target-options TGT_OPTS\n     TARGET_FMT-specific options\n  \
+         -t, --target-cache TGT_CACHE\n     cache mode when opening output image (unsafe)\n  \
+         -n, --no-create\n     omit target volume creation\n  \
+         --target-is-zero\n     the existing target (-n) reads as zeros already\n  \
+         -S, --sparse-size SPARSE_SIZE\n     runs of zeros at least this long stay holes (default 4k; 0 allocates everything)\n  \
+         -U, --force-share\n     open images in shared mode for concurrent access\n  \
+         -m, --parallel NUM_COROUTINES\n     specify parallelism (default 8)\n  \
+         -W, --oob-writes\n     enable out-of-order writes to improve performance\n  \
+         SRC_FILENAME\n     source image file name\n  \
+         TGT_FILENAME\n     target (output) image file name\n"
+    );
+}
+
+/// The parsed command line.
+struct Args {
+    src_fmt: Option<String>,
+    out_fmt: Option<String>,
+    options: Option<String>,
+    cache: String,
+    src_cache: String,
+    skip_create: bool,
+    target_is_zero: bool,
+    progress: bool,
+    quiet: bool,
+    workers: usize,
+    in_order: bool,
+    /// `-S` in bytes; 0 disables zero detection.
+    min_sparse: u64,
+    sources: Vec<String>,
+    target: String,
+}
+
+/// Runs `convert`.
+pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
+    let prog = &ctx.prog;
+    let parsed = match getopt::parse(prog, "convert", args, ":hf:O:B:CcF:o:l:S:pt:T:qnm:WUr:", LONGS) {
+        Ok(p) => p,
+        Err(msg) => {
+            eprintln!("{msg}");
+            return 1;
+        }
+    };
+    let mut a = Args {
+        src_fmt: None,
+        out_fmt: None,
+        options: None,
+        cache: "unsafe".into(),
+        src_cache: "writeback".into(),
+        skip_create: false,
+        target_is_zero: false,
+        progress: false,
+        quiet: false,
+        workers: DEFAULT_WORKERS as usize,
+        in_order: true,
+        min_sparse: DEFAULT_MIN_SPARSE,
+        sources: Vec::new(),
+        target: String::new(),
+    };
+    for (key, value) in parsed.opts {
+        let v = value.unwrap_or_default();
+        match key.as_str() {
+            "h" => {
+                help(prog);
+                return 0;
+            }
+            "f" => a.src_fmt = Some(v),
+            "O" => a.out_fmt = Some(v),
+            "o" => {
+                a.options = Some(match a.options.take() {
+                    Some(old) => format!("{old},{v}"),
+                    None => v,
+                })
+            }
+            "t" => a.cache = v,
+            "T" => a.src_cache = v,
+            "n" => a.skip_create = true,
+            "target-is-zero" => a.target_is_zero = true,
+            "p" => a.progress = true,
+            "q" => a.quiet = true,
+            "U" => {}
+            "W" => a.in_order = false,
+            "m" => match cvtnum("number of coroutines", &v, 1, MAX_WORKERS) {
+                Ok(n) => a.workers = n as usize,
+                Err(msg) => return ctx.fail(&msg),
+            },
+            "S" => match cvtnum("buffer size for sparse output", &v, 0, i64::MAX as u64) {
+                Ok(n) if n % SECTOR == 0 && n / SECTOR <= MAX_SPARSE_SECTORS => a.min_sparse = n,
+                Ok(_) => {
+                    return ctx.fail(&format!(
+                        "Invalid buffer size for sparse output specified. Valid sizes are multiples of {SECTOR} up \
+                         to {}. Select 0 to disable sparse detection (fully allocates output).",
+                        MAX_SPARSE_SECTORS * SECTOR
+                    ))
+                }
+                Err(msg) => return ctx.fail(&msg),
+            },
+            "c" => return ctx.fail("compressed output (-c) is not supported yet"),
+            "B" | "F" => return ctx.fail("backing files for the target (-B/-F) are not supported yet"),
+            "l" => return ctx.fail("converting from a snapshot (-l) is not supported yet"),
+            "C" => return ctx.fail("copy offloading (-C) is not supported yet"),
+            "r" => return ctx.fail("rate limiting (-r) is not supported yet"),
+            "object" | "image-opts" | "target-image-opts" | "bitmaps" | "skip-broken-bitmaps" | "salvage" => {
+                return ctx.fail(&format!("--{key} is not supported yet"))
+            }
+            _ => unreachable!("getopt only returns declared options"),
+        }
+    }
+    if a.target_is_zero && !a.skip_create {
+        return ctx.fail("--target-is-zero requires use of -n flag");
+    }
+    if parsed.operands.len() < 2 {
+        return ctx.fail("Must specify image file name");
+    }
+    let (target, sources) = parsed.operands.split_last().expect("two operands at least");
+    a.target = target.clone();
+    a.sources = sources.to_vec();
+    if a.skip_create && a.options.is_some() {
+        return ctx.fail("-o has no effect when skipping image creation");
+    }
+    if !is_cache_mode(&a.src_cache) {
+        return ctx.fail(&format!("Invalid source cache option: {}", a.src_cache));
+    }
+    if a.quiet {
+        a.progress = false;
+    }
+    let progress = Progress::new(a.progress, 1.0);
+    progress.print(0.0, 100);
+    let code = match convert(ctx, &a, &progress) {
+        Ok(()) => {
+            progress.print(100.0, 0);
+            0
+        }
+        Err(msg) => ctx.fail(&msg),
+    };
+    progress.end();
+    code
+}
+
+/// One source image and where it starts in the concatenated whole.
+struct Source {
+    image: Image,
+    start: u64,
+    len: u64,
+}
+
+fn convert(_ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
+    let mut sources = Vec::with_capacity(a.sources.len());
+    let mut total = 0u64;
+    for name in &a.sources {
+        let image = open_image(name, a.src_fmt.as_deref(), OpenOptions::new().read_only(true))?;
+        let len = image.len();
+        sources.push(Source { image, start: total, len });
+        total = total.checked_add(len).ok_or("the sources are too large together")?;
+    }
+    let out_fmt = a.out_fmt.as_deref().unwrap_or("raw");
+    let format = ImageFormat::from_name(out_fmt).map_err(|_| format!("Unknown file format '{out_fmt}'"))?;
+
+    let target = if a.skip_create {
+        None
+    } else {
+        let mut opts = match format {
+            ImageFormat::Qcow2 => CreateOptions::qcow2(total),
+            ImageFormat::Raw => CreateOptions::raw(total),
+        };
+        if let Some(o) = &a.options {
+            opts.apply_option_string(o).map_err(|e| describe(&e))?;
+        }
+        opts.size = total;
+        opts.size_given = true;
+        if opts.backing_file.is_some() {
+            return Err("backing files for the target are not supported yet".into());
+        }
+        let image = Image::create(Path::new(&a.target), &opts).map_err(|e| {
+            let why = match &e {
+                oxqcow::Error::Io { op: "creating the image", source, .. } => {
+                    format!("Could not create '{}': {}", a.target, os_error(source))
+                }
+                other => describe(other),
+            };
+            format!("{}: error while converting {out_fmt}: {why}", a.target)
+        })?;
+        Some(image)
+    };
+    if !is_cache_mode(&a.cache) {
+        return Err(format!("Invalid cache option: {}", a.cache));
+    }
+    let target = match target {
+        Some(t) => t,
+        // Like qemu-img, which opens the target with unmap allowed: clusters
+        // freed by zeroing give their space back to the host.
+        None => {
+            let mut opts = OpenOptions::new();
+            opts.discard_passthrough = true;
+            open_image(&a.target, Some(out_fmt), opts)?
+        }
+    };
+    if a.skip_create && target.len() < total {
+        return Err("output file is smaller than input file".into());
+    }
+
+    let job = Job {
+        sources: &sources,
+        target: &target,
+        total,
+        min_sparse: a.min_sparse,
+        alignment: alignment(a.min_sparse),
+        has_zero_init: !a.skip_create || a.target_is_zero,
+        in_order: a.in_order,
+        progress,
+        data_total: if a.progress { count_data(&sources, a.min_sparse)? } else { 0 },
+    };
+    job.run(a.workers.max(1))?;
+    target.flush().map_err(|e| format!("error while flushing the target: {}", strerror(&e)))?;
+    target.close().map_err(|e| format!("error while closing the target: {}", strerror(&e)))?;
+    Ok(())
+}
+
+/// qemu-img's write alignment for zero detection, in bytes: the sparse size
+/// rounded down to a power of two, at least one sector.
+fn alignment(min_sparse: u64) -> u64 {
+    let sectors = min_sparse / SECTOR;
+    let pow2 = if sectors == 0 { 1 } else { 1u64 << (63 - sectors.leading_zeros()) };
+    pow2.max(1) * SECTOR
+}
+
+/// Bytes the copy will read and write as data, for the progress display
+/// (qemu-img's `allocated_sectors`).
+fn count_data(sources: &[Source], min_sparse: u64) -> Result<u64, String> {
+    let mut n = 0;
+    for s in sources {
+        let mut cur = StatusCursor::new(&s.image);
+        let mut off = 0;
+        while off < s.len {
+            let e = cur.at(off).map_err(|e| status_error(off, &e))?;
+            if !e.zero || min_sparse == 0 {
+                n += e.length;
+            }
+            off += e.length;
+        }
+    }
+    Ok(n)
+}
+
+fn status_error(offset: u64, e: &oxqcow::Error) -> String {
+    format!("error while reading block status at offset {offset}: {}", strerror(e))
+}
+
+/// What one chunk of the copy is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// Read from the source, then written (less its zero runs).
+    Data,
+    /// Reads as zeros in the source.
+    Zero,
+    /// Reads as zeros in the source but must be written as data (`-S 0`).
+    ZeroAsData,
+}
+
+/// A chunk of the copy, numbered in order.
+#[derive(Clone, Copy, Debug)]
+struct Chunk {
+    index: u64,
+    source: usize,
+    /// Offset in the source.
+    src_offset: u64,
+    /// Offset in the target.
+    offset: u64,
+    len: u64,
+    kind: Kind,
+}
+
+/// Hands out chunks front to back.
+struct Planner<'a> {
+    cursors: Vec<StatusCursor<'a>>,
+    sources: &'a [Source],
+    pos: u64,
+    source: usize,
+    next_index: u64,
+}
+
+impl Planner<'_> {
+    fn next(&mut self, total: u64, min_sparse: u64) -> Result<Option<Chunk>, String> {
+        while self.source < self.sources.len() {
+            let s = &self.sources[self.source];
+            if self.pos < s.start + s.len {
+                break;
+            }
+            self.source += 1;
+        }
+        if self.pos >= total || self.source >= self.sources.len() {
+            return Ok(None);
+        }
+        let s = &self.sources[self.source];
+        let src_offset = self.pos - s.start;
+        let e = self.cursors[self.source].at(src_offset).map_err(|e| status_error(src_offset, &e))?;
+        let (kind, cap) = match (e.zero, min_sparse) {
+            (false, _) => (Kind::Data, IO_BUF_SIZE),
+            (true, 0) => (Kind::ZeroAsData, IO_BUF_SIZE),
+            (true, _) => (Kind::Zero, MAX_ZERO_CHUNK),
+        };
+        let len = e.length.min(cap).min(s.len - src_offset);
+        let chunk = Chunk { index: self.next_index, source: self.source, src_offset, offset: self.pos, len, kind };
+        self.next_index += 1;
+        self.pos += len;
+        Ok(Some(chunk))
+    }
+}
+
+/// The copy, shared by the workers.
+struct Job<'a> {
+    sources: &'a [Source],
+    target: &'a Image,
+    total: u64,
+    min_sparse: u64,
+    alignment: u64,
+    has_zero_init: bool,
+    in_order: bool,
+    progress: &'a Progress,
+    data_total: u64,
+}
+
+/// Shared state of the workers.
+struct Shared<'a> {
+    planner: Mutex<Planner<'a>>,
+    /// Index of the chunk whose turn it is to write (in-order mode), and
+    /// the data bytes done so far (progress).
+    turn: Mutex<(u64, u64)>,
+    turn_changed: Condvar,
+    failed: AtomicBool,
+    error: Mutex<Option<String>>,
+}
+
+impl Shared<'_> {
+    fn fail(&self, msg: String) {
+        let mut e = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        if e.is_none() {
+            *e = Some(msg);
+        }
+        self.failed.store(true, Ordering::Release);
+        drop(e);
+        let _t = self.turn.lock().unwrap_or_else(|p| p.into_inner());
+        self.turn_changed.notify_all();
+    }
+}
+
+impl Job<'_> {
+    fn run(&self, workers: usize) -> Result<(), String> {
+        let cursors = self.sources.iter().map(|s| StatusCursor::new(&s.image)).collect();
+        let shared = Shared {
+            planner: Mutex::new(Planner { cursors, sources: self.sources, pos: 0, source: 0, next_index: 0 }),
+            turn: Mutex::new((0, 0)),
+            turn_changed: Condvar::new(),
+            failed: AtomicBool::new(false),
+            error: Mutex::new(None),
+        };
+        std::thread::scope(|scope| {
+            for _ in 0..workers {
+                scope.spawn(|| self.worker(&shared));
+            }
+        });
+        match shared.error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(msg) => Err(msg),
+            None => Ok(()),
+        }
+    }
+
+    fn worker(&self, shared: &Shared<'_>) {
+        let mut buf = vec![0u8; IO_BUF_SIZE as usize];
+        loop {
+            if shared.failed.load(Ordering::Acquire) {
+                return;
+            }
+            let next = shared.planner.lock().unwrap_or_else(|p| p.into_inner()).next(self.total, self.min_sparse);
+            let chunk = match next {
+                Ok(Some(c)) => c,
+                Ok(None) => return,
+                Err(msg) => return shared.fail(msg),
+            };
+            let data = &mut buf[..if chunk.kind == Kind::Zero { 0 } else { chunk.len as usize }];
+            match chunk.kind {
+                Kind::Data => {
+                    let src = &self.sources[chunk.source].image;
+                    if let Err(e) = src.read_at(data, chunk.src_offset) {
+                        return shared.fail(format!("error while reading at byte {}: {}", chunk.offset, strerror(&e)));
+                    }
+                }
+                Kind::ZeroAsData => data.fill(0),
+                Kind::Zero => {}
+            }
+            if self.in_order && !self.wait_turn(shared, chunk.index) {
+                return;
+            }
+            let res = self.write_chunk(&chunk, data);
+            {
+                let mut t = shared.turn.lock().unwrap_or_else(|p| p.into_inner());
+                if self.in_order {
+                    t.0 += 1;
+                    shared.turn_changed.notify_all();
+                }
+                if chunk.kind != Kind::Zero && res.is_ok() {
+                    t.1 += chunk.len;
+                    if self.data_total > 0 {
+                        // Under the lock, so the display only moves forward.
+                        self.progress.print((100.0 * t.1 as f64 / self.data_total as f64) as f32, 0);
+                    }
+                }
+            }
+            if let Err(msg) = res {
+                return shared.fail(msg);
+            }
+        }
+    }
+
+    /// Waits until chunk `index` may write; false when the copy failed.
+    fn wait_turn(&self, shared: &Shared<'_>, index: u64) -> bool {
+        let mut t = shared.turn.lock().unwrap_or_else(|p| p.into_inner());
+        while t.0 != index {
+            if shared.failed.load(Ordering::Acquire) {
+                return false;
+            }
+            t = shared.turn_changed.wait(t).unwrap_or_else(|p| p.into_inner());
+        }
+        !shared.failed.load(Ordering::Acquire)
+    }
+
+    /// Writes one chunk: its data, less the zero runs found in it.
+    fn write_chunk(&self, chunk: &Chunk, data: &[u8]) -> Result<(), String> {
+        if chunk.kind == Kind::Zero {
+            return self.zero(chunk.offset, chunk.len);
+        }
+        if self.min_sparse == 0 || chunk.len % SECTOR != 0 || chunk.offset % SECTOR != 0 {
+            return self.write(chunk.offset, data);
+        }
+        let min = self.min_sparse / SECTOR;
+        let align = self.alignment / SECTOR;
+        let mut sector = chunk.offset / SECTOR;
+        let mut rest = data;
+        while !rest.is_empty() {
+            let n_sectors = rest.len() as u64 / SECTOR;
+            let (is_data, n) = allocated_sectors_min(rest, n_sectors, min, sector, align);
+            let bytes = (n * SECTOR) as usize;
+            let offset = sector * SECTOR;
+            if is_data {
+                self.write(offset, &rest[..bytes])?;
+            } else {
+                self.zero(offset, bytes as u64)?;
+            }
+            sector += n;
+            rest = &rest[bytes..];
+        }
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), String> {
+        self.target
+            .write_at(data, offset)
+            .map_err(|e| format!("error while writing at byte {offset}: {}", strerror(&e)))
+    }
+
+    /// Makes a target range read as zeros: nothing to do on a target that
+    /// starts zeroed; otherwise only where it does not read as zeros yet.
+    fn zero(&self, offset: u64, len: u64) -> Result<(), String> {
+        if self.has_zero_init || len == 0 {
+            return Ok(());
+        }
+        let err = |e: oxqcow::Error| format!("error while writing at byte {offset}: {}", strerror(&e));
+        for e in self.target.block_status(offset, len).map_err(err)? {
+            if !e.zero {
+                self.target.write_zeroes_at(e.offset, e.length, true).map_err(err)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// qemu-img's `is_allocated_sectors`: the length of the run of sectors
+/// starting `buf` that are all zero or all nonzero, and whether it is data.
+/// Run ends are moved to `align` boundaries (in sectors) where that avoids a
+/// read-modify-write of a partial block: a short zero run that ends
+/// unaligned becomes data, and a data run is extended to the next boundary.
+fn allocated_sectors(buf: &[u8], n: u64, sector_num: u64, align: u64) -> (bool, u64) {
+    if n == 0 {
+        return (false, 0);
+    }
+    let sector = |i: u64| &buf[(i * SECTOR) as usize..((i + 1) * SECTOR) as usize];
+    let mut zero = is_zero(sector(0));
+    let mut i = 1;
+    while i < n && is_zero(sector(i)) == zero {
+        i += 1;
+    }
+    if i == n {
+        return (!zero, i);
+    }
+    let tail = (sector_num + i) & (align - 1);
+    if tail != 0 {
+        if zero && i <= tail {
+            // The next sector is data and the partial block will be written
+            // anyway: write these zeros with it.
+            zero = false;
+        }
+        if !zero {
+            i = (i + align - tail).min(n);
+        } else {
+            i -= tail;
+        }
+    }
+    (!zero, i)
+}
+
+/// qemu-img's `is_allocated_sectors_min`: like [`allocated_sectors`], but
+/// once the buffer starts with data, zero runs shorter than `min` sectors
+/// are written as data rather than splitting the write.
+fn allocated_sectors_min(buf: &[u8], n: u64, min: u64, sector_num: u64, align: u64) -> (bool, u64) {
+    let min = min.min(n);
+    let (data, first) = allocated_sectors(buf, n, sector_num, align);
+    if !data {
+        return (false, first);
+    }
+    let mut used = first;
+    let mut checked = first;
+    while checked < n {
+        let at = (checked * SECTOR) as usize;
+        let (data, len) = allocated_sectors(&buf[at..], n - checked, sector_num + checked, align);
+        checked += len;
+        if data {
+            used = checked;
+        } else if len >= min {
+            break;
+        }
+    }
+    (true, used)
+}
+
+/// Whether a buffer is all zeros (64 bytes at a time, which vectorizes).
+fn is_zero(b: &[u8]) -> bool {
+    let mut blocks = b.chunks_exact(64);
+    for block in &mut blocks {
+        if block.iter().fold(0u8, |acc, &x| acc | x) != 0 {
+            return false;
+        }
+    }
+    blocks.remainder().iter().all(|&x| x == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn buf(pattern: &[(u64, bool)]) -> Vec<u8> {
+        let mut v = Vec::new();
+        for &(sectors, data) in pattern {
+            v.extend(std::iter::repeat_n(u8::from(data), (sectors * SECTOR) as usize));
+        }
+        v
+    }
+
+    #[test]
+    fn zero_runs_are_aligned() {
+        // 1 data sector, 15 zeros, 16 data: with 8-sector alignment the data
+        // run grows to sector 8 and the zero run covers sectors 8..16.
+        let b = buf(&[(1, true), (15, false), (16, true)]);
+        assert_eq!(allocated_sectors(&b, 32, 0, 8), (true, 8));
+        assert_eq!(allocated_sectors(&b[8 * 512..], 24, 8, 8), (false, 8));
+        // A short leading zero run ending unaligned is written as data.
+        let b = buf(&[(3, false), (5, true)]);
+        assert_eq!(allocated_sectors(&b, 8, 0, 8), (true, 8));
+    }
+
+    #[test]
+    fn short_zero_runs_do_not_split_writes() {
+        let b = buf(&[(8, true), (8, false), (8, true), (32, false)]);
+        // min 16: the 8-sector zero run is written with the data; the
+        // 32-sector run ends the write.
+        assert_eq!(allocated_sectors_min(&b, 56, 16, 0, 8), (true, 24));
+        // min 8: the first zero run already ends the write.
+        assert_eq!(allocated_sectors_min(&b, 56, 8, 0, 8), (true, 8));
+        let zeros = buf(&[(16, false)]);
+        assert_eq!(allocated_sectors_min(&zeros, 16, 8, 0, 8), (false, 16));
+    }
+
+    #[test]
+    fn alignment_is_a_power_of_two() {
+        assert_eq!(alignment(4096), 4096);
+        assert_eq!(alignment(6144), 4096);
+        assert_eq!(alignment(512), 512);
+        assert_eq!(alignment(0), 512);
+    }
+}

@@ -1,0 +1,228 @@
+//! `oxqcow convert`: round trips between raw and qcow2 checked with
+//! `qemu-img compare` and `qemu-img check`, compactness against qemu-img's
+//! own output, existing targets, several sources, and qemu-img's errors.
+
+mod common;
+
+use common::Scratch;
+
+/// Clusters of slack allowed over qemu-img's allocation.
+const SLACK: u64 = 65536;
+
+#[test]
+fn convert_round_trip_raw_qcow2_raw_qcow2() {
+    let s = Scratch::new();
+    common::random_raw(&s.path("src.raw"), 24 << 20, 7);
+    // A megabyte of zeros written as data, between two of random data.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::options().write(true).open(s.path("src.raw")).unwrap();
+        let mut data = vec![0u8; 3 << 20];
+        common::Rng::new(3).fill(&mut data[..1 << 20]);
+        common::Rng::new(4).fill(&mut data[2 << 20..]);
+        f.write_all_at(&data, 15 << 20).unwrap();
+    }
+    // raw -> qcow2 -> raw -> qcow2 (4k clusters), each step checked.
+    s.ours_ok(&["convert", "-O", "qcow2", "src.raw", "1.qcow2"]);
+    s.assert_identical("src.raw", "1.qcow2");
+    s.assert_clean("1.qcow2");
+    s.ours_ok(&["convert", "-O", "raw", "1.qcow2", "2.raw"]);
+    s.assert_identical("src.raw", "2.raw");
+    s.ours_ok(&["convert", "-O", "qcow2", "-o", "cluster_size=4k", "2.raw", "3.qcow2"]);
+    s.assert_identical("src.raw", "3.qcow2");
+    s.assert_clean("3.qcow2");
+    s.ours_ok(&["convert", "-f", "qcow2", "-O", "qcow2", "3.qcow2", "4.qcow2"]);
+    s.assert_identical("src.raw", "4.qcow2");
+    s.assert_clean("4.qcow2");
+
+    // As compact as qemu-img's output for the same sources.
+    s.qemu_ok(&["convert", "-O", "qcow2", "src.raw", "q1.qcow2"]);
+    s.qemu_ok(&["convert", "-O", "raw", "q1.qcow2", "q2.raw"]);
+    s.qemu_ok(&["convert", "-O", "qcow2", "-o", "cluster_size=4k", "q2.raw", "q3.qcow2"]);
+    s.qemu_ok(&["convert", "-f", "qcow2", "-O", "qcow2", "3.qcow2", "q4.qcow2"]);
+    for (ours, theirs) in [("1.qcow2", "q1.qcow2"), ("3.qcow2", "q3.qcow2"), ("4.qcow2", "q4.qcow2")] {
+        let (o, q) = (s.data_bytes(ours), s.data_bytes(theirs));
+        assert!(o <= q + SLACK, "{ours} maps {o} data bytes, qemu-img's {theirs} {q}");
+        let (o, q) = (s.allocated(ours), s.allocated(theirs));
+        assert!(o <= q + 4 * SLACK, "{ours} allocates {o} host bytes, qemu-img's {theirs} {q}");
+    }
+    // The raw copy keeps the holes (qemu-img also allocates the first 4k).
+    assert!(s.allocated("2.raw") <= s.allocated("q2.raw") + 4096);
+    // No data clusters for zero runs.
+    assert_eq!(s.data_bytes_in("src.raw", 16 << 20, 1 << 20), 1 << 20);
+    for image in ["1.qcow2", "2.raw", "3.qcow2", "4.qcow2"] {
+        assert_eq!(s.data_bytes_in(image, 16 << 20, 1 << 20), 0, "{image} allocated a zero run");
+        assert_eq!(s.data_bytes_in(image, 15 << 20, 1 << 20), 1 << 20, "{image} lost data");
+    }
+}
+
+#[test]
+fn convert_options_keep_content() {
+    let s = Scratch::new();
+    common::random_raw(&s.path("src.raw"), 8 << 20, 99);
+    s.qemu_ok(&["create", "-q", "-f", "qcow2", "z.qcow2", "8M"]);
+    s.qemu_io(
+        "qcow2",
+        "z.qcow2",
+        &["write -P 1 0 64k", "write -z 128k 64k", "write -P 2 256k 128k", "write -z 256k 64k"],
+    );
+    let cases: &[&[&str]] = &[
+        &["-O", "qcow2", "-W", "-m", "16"],
+        &["-O", "qcow2", "-m", "1"],
+        &["-O", "qcow2", "-m", "3", "-S", "64k"],
+        &["-O", "qcow2", "-o", "compat=0.10"],
+        &["-O", "qcow2", "-o", "cluster_size=512,refcount_bits=1"],
+        &["-O", "qcow2", "-o", "preallocation=metadata"],
+        &["-O", "qcow2", "-o", "preallocation=full"],
+        &["-O", "qcow2", "-t", "none", "-T", "writeback", "-U", "-q"],
+        &["-O", "raw", "-S", "0"],
+        &["-O", "raw", "-W"],
+    ];
+    for (i, opts) in cases.iter().enumerate() {
+        for src in ["src.raw", "z.qcow2"] {
+            let out = format!("out{i}-{src}");
+            let mut args = vec!["convert"];
+            args.extend_from_slice(opts);
+            args.push(src);
+            args.push(&out);
+            let r = s.ours_ok(&args);
+            assert_eq!(r.stdout, "", "{args:?} printed {r:?}");
+            s.assert_identical(src, &out);
+            if opts.contains(&"qcow2") {
+                s.assert_clean(&out);
+            }
+        }
+    }
+    // In-order writes lay the clusters out as qemu-img does.
+    s.qemu_ok(&["convert", "-O", "qcow2", "src.raw", "q.qcow2"]);
+    s.ours_ok(&["convert", "-O", "qcow2", "src.raw", "o.qcow2"]);
+    assert_eq!(
+        s.ours_ok(&["map", "o.qcow2"]).stdout.replace("o.qcow2", "q.qcow2"),
+        s.qemu_ok(&["map", "q.qcow2"]).stdout
+    );
+    // -S 0 allocates everything, on both tools.
+    s.qemu_ok(&["convert", "-O", "qcow2", "-S", "0", "src.raw", "qfull.qcow2"]);
+    s.ours_ok(&["convert", "-O", "qcow2", "-S", "0", "src.raw", "ofull.qcow2"]);
+    assert_eq!(s.data_bytes("ofull.qcow2"), 8 << 20);
+    assert_eq!(s.data_bytes("qfull.qcow2"), 8 << 20);
+}
+
+#[test]
+fn convert_into_existing_targets() {
+    let s = Scratch::new();
+    common::random_raw(&s.path("src.raw"), 6 << 20, 5);
+    for (fmt, opts) in [("qcow2", "compat=1.1"), ("qcow2", "compat=0.10"), ("raw", "")] {
+        for who in ["q", "o"] {
+            let name = format!("{who}-{fmt}-{opts}");
+            let mut args = vec!["create", "-q", "-f", fmt];
+            if !opts.is_empty() {
+                args.extend(["-o", opts]);
+            }
+            args.extend([name.as_str(), "7M"]);
+            s.qemu_ok(&args);
+            s.qemu_io(fmt, &name, &["write -P 0xaa 0 7M"]);
+        }
+        let (q, o) = (format!("q-{fmt}-{opts}"), format!("o-{fmt}-{opts}"));
+        s.qemu_ok(&["convert", "-n", "-O", fmt, "src.raw", &q]);
+        s.ours_ok(&["convert", "-n", "-O", fmt, "src.raw", &o]);
+        // The old content past the source stays, as with qemu-img.
+        s.assert_identical(&q, &o);
+        if fmt == "qcow2" {
+            s.assert_clean(&o);
+            assert!(s.data_bytes(&o) <= s.data_bytes(&q) + SLACK);
+        }
+    }
+    // A target that reads as zeros already.
+    s.qemu_ok(&["create", "-q", "-f", "qcow2", "zero.qcow2", "6M"]);
+    s.ours_ok(&["convert", "-n", "--target-is-zero", "-O", "qcow2", "src.raw", "zero.qcow2"]);
+    s.assert_identical("src.raw", "zero.qcow2");
+    s.assert_clean("zero.qcow2");
+}
+
+#[test]
+fn convert_concatenates_sources() {
+    let s = Scratch::new();
+    common::random_raw(&s.path("a.raw"), 3 << 20, 1);
+    common::random_raw(&s.path("b.raw"), 2 << 20, 2);
+    s.qemu_ok(&["convert", "-O", "qcow2", "b.raw", "b.qcow2"]);
+    s.qemu_ok(&["convert", "-O", "qcow2", "a.raw", "b.qcow2", "a.raw", "q.qcow2"]);
+    s.ours_ok(&["convert", "-O", "qcow2", "a.raw", "b.qcow2", "a.raw", "o.qcow2"]);
+    s.assert_identical("q.qcow2", "o.qcow2");
+    s.assert_clean("o.qcow2");
+    assert_eq!(s.ours_ok(&["compare", "-s", "q.qcow2", "o.qcow2"]).code, 0);
+}
+
+#[test]
+fn convert_progress_is_qemu_style() {
+    let s = Scratch::new();
+    common::random_raw(&s.path("src.raw"), 8 << 20, 3);
+    let out = s.ours_ok(&["convert", "-p", "-O", "qcow2", "src.raw", "o.qcow2"]).stdout;
+    assert!(out.starts_with("    (0.00/100%)\r"), "{out:?}");
+    assert!(out.ends_with("    (100.00/100%)\r\n"), "{out:?}");
+    let values: Vec<f64> = out
+        .trim_end_matches('\n')
+        .split_terminator('\r')
+        .map(|l| {
+            let v = l.strip_prefix("    (").and_then(|l| l.strip_suffix("/100%)")).unwrap_or_else(|| panic!("{l:?}"));
+            v.parse().unwrap()
+        })
+        .collect();
+    assert!(values.windows(2).all(|w| w[0] <= w[1]), "progress went backwards: {values:?}");
+    // -q silences it.
+    assert_eq!(s.ours_ok(&["convert", "-p", "-q", "-O", "qcow2", "src.raw", "o2.qcow2"]).stdout, "");
+}
+
+#[test]
+fn convert_errors_match_qemu() {
+    let s = Scratch::new();
+    common::random_raw(&s.path("a.raw"), 1 << 20, 4);
+    s.qemu_ok(&["create", "-q", "-f", "qcow2", "small.qcow2", "64k"]);
+    for args in [
+        &["convert"][..],
+        &["convert", "a.raw"],
+        &["convert", "-O", "qcow3", "a.raw", "x"],
+        &["convert", "missing", "x"],
+        &["convert", "-f", "qcow2", "a.raw", "x"],
+        &["convert", "-n", "a.raw", "missing-target"],
+        &["convert", "-n", "-O", "qcow2", "a.raw", "small.qcow2"],
+        &["convert", "-n", "-o", "compat=1.1", "a.raw", "small.qcow2"],
+        &["convert", "-S", "100", "a.raw", "x"],
+        &["convert", "-S", "abc", "a.raw", "x"],
+        &["convert", "-m", "0", "a.raw", "x"],
+        &["convert", "-m", "17", "a.raw", "x"],
+        &["convert", "-m", "x", "a.raw", "x"],
+        &["convert", "-o", "foo=bar", "-O", "qcow2", "a.raw", "x"],
+        &["convert", "-o", "cluster_size=3k", "-O", "qcow2", "a.raw", "x"],
+        &["convert", "-O", "raw", "-o", "cluster_size=4k", "a.raw", "x"],
+        &["convert", "-T", "bogus", "a.raw", "x"],
+        &["convert", "--target-is-zero", "a.raw", "x"],
+        &["convert", "-z", "a.raw", "x"],
+        &["convert", "--foo", "a.raw", "x"],
+        &["convert", "-O"],
+        &["convert", "-p", "missing", "x"],
+        &["convert", "a.raw", "no-such-dir/x"],
+        &["convert", "-O", "qcow2", "a.raw", "no-such-dir/x"],
+    ] {
+        let out = s.assert_same(args);
+        assert_eq!(out.code, 1, "{args:?} should fail");
+        let _ = std::fs::remove_file(s.path("x"));
+    }
+}
+
+#[test]
+fn convert_refuses_what_it_cannot_do() {
+    let s = Scratch::new();
+    common::random_raw(&s.path("a.raw"), 1 << 20, 4);
+    for args in [
+        &["convert", "-c", "-O", "qcow2", "a.raw", "x"][..],
+        &["convert", "-B", "a.raw", "-F", "raw", "-O", "qcow2", "a.raw", "x"],
+        &["convert", "-l", "snap", "a.raw", "x"],
+        &["convert", "--bitmaps", "-O", "qcow2", "a.raw", "x"],
+    ] {
+        let out = s.ours(args);
+        assert_eq!(out.code, 1, "{args:?}: {out:?}");
+        assert!(out.stderr.starts_with("qemu-img: ") && out.stderr.contains("not supported"), "{args:?}: {out:?}");
+        assert_eq!(out.stderr.lines().count(), 1, "{args:?}: {out:?}");
+        assert!(!s.path("x").exists(), "{args:?} created the target");
+    }
+}
