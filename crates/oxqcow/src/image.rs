@@ -8,6 +8,7 @@ use std::sync::Arc;
 use crate::backing::{open_backing, resolve_backing_path, BackingPolicy, Chain};
 use crate::check::{CheckReport, RepairMode};
 use crate::error::{Error, Result};
+use crate::lock::LockSet;
 use crate::mapping::Extent;
 use crate::options::{CreateOptions, ImageFormat, OpenOptions, Preallocation};
 use crate::qcow2::Qcow2;
@@ -74,8 +75,15 @@ impl Image {
 
     pub(crate) fn open_in_chain(path: &Path, opts: &OpenOptions, chain: &mut Chain) -> Result<Image> {
         chain.enter(path)?;
-        let storage: Arc<dyn Storage> =
-            Arc::new(FileStorage::open(path, !opts.read_only).map_err(Error::io("opening the image", 0))?);
+        if opts.force_share && !opts.read_only {
+            return Err(Error::InvalidArgument("force-share=on can only be used with read-only images".into()));
+        }
+        let file = FileStorage::open(path, !opts.read_only).map_err(Error::io("opening the image", 0))?;
+        if opts.locking.unwrap_or(true) {
+            let set = LockSet::for_open(opts.read_only, opts.force_share);
+            crate::lock::lock(file.file(), set, &path.display().to_string())?;
+        }
+        let storage: Arc<dyn Storage> = Arc::new(file);
         let format = match opts.format {
             Some(f) => f,
             None => probe_format(&*storage)?,
@@ -136,6 +144,7 @@ impl Image {
             }
         }
         let storage = FileStorage::create(path).map_err(Error::io("creating the image", 0))?;
+        crate::lock::lock(storage.file(), LockSet::for_open(false, false), &path.display().to_string())?;
         if opts.backing_file.is_none() {
             return Image::create_storage(Arc::new(storage), &opts);
         }

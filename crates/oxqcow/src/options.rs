@@ -100,6 +100,12 @@ pub struct OpenOptions {
     /// Punch holes for clusters freed by anything but discard requests and
     /// snapshot deletion, e.g. copy on write (`pass-discard-other`, off).
     pub pass_discard_other: bool,
+    /// Share the image with writers (qemu-img's `-U`, `force-share`); only
+    /// for read-only opens.
+    pub force_share: bool,
+    /// Take QEMU-compatible image locks (on unless set to false, like
+    /// QEMU's `file.locking`).
+    pub locking: Option<bool>,
     /// Metadata overlap checks (`overlap-check`, default `cached`); a mask
     /// of the templates in [`crate::overlap`].
     pub overlap_check: Option<u32>,
@@ -136,6 +142,13 @@ impl OpenOptions {
             "pass-discard-other" => self.pass_discard_other = parse_bool(key, value)?,
             "lazy-refcounts" => self.lazy_refcounts = Some(parse_bool(key, value)?),
             "read-only" => self.read_only = parse_bool(key, value)?,
+            "force-share" => self.force_share = parse_bool(key, value)?,
+            "file.locking" | "locking" => {
+                self.locking = Some(match value {
+                    "auto" => true,
+                    v => parse_bool(key, v)?,
+                })
+            }
             k if k.starts_with("overlap-check") => {
                 let mut mask = self.overlap_check.unwrap_or(crate::overlap::CACHED);
                 crate::overlap::apply_option(&mut mask, k, value)?;

@@ -22,9 +22,11 @@ impl FileStorage {
         Ok(FileStorage { file })
     }
 
-    /// Creates (or truncates) a file.
+    /// Creates a file, or opens an existing one without truncating it: the
+    /// caller locks it first and truncates after (QEMU does the same, so
+    /// that creating over an image in use fails without destroying it).
     pub fn create(path: &Path) -> io::Result<Self> {
-        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
         Ok(FileStorage { file })
     }
 
