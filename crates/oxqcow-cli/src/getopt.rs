@@ -1,0 +1,179 @@
+//! Command-line parsing with GNU `getopt_long` semantics, as qemu-img uses
+//! it: options and operands may be interleaved, `--` ends the options, short
+//! options cluster (`-qf qcow2`, `-fqcow2`), long options take `=value` or
+//! the next argument and may be abbreviated to any unique prefix. Errors
+//! carry glibc's wording so that messages match qemu-img's.
+
+/// Whether an option takes an argument.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HasArg {
+    /// A flag.
+    No,
+    /// Takes a value (`-f FMT`, `--format FMT`, `--format=FMT`).
+    Required,
+}
+
+/// One option a command accepts.
+#[derive(Clone, Copy, Debug)]
+pub struct Opt {
+    /// Long name without the dashes, if any.
+    pub long: Option<&'static str>,
+    /// Short letter, if any.
+    pub short: Option<char>,
+    /// Argument requirement.
+    pub arg: HasArg,
+}
+
+impl Opt {
+    /// An option with both a short and a long spelling.
+    pub const fn both(short: char, long: &'static str, arg: HasArg) -> Opt {
+        Opt { long: Some(long), short: Some(short), arg }
+    }
+    /// A long-only option.
+    pub const fn long(long: &'static str, arg: HasArg) -> Opt {
+        Opt { long: Some(long), short: None, arg }
+    }
+    /// The name the parse result reports: the short letter when there is
+    /// one, the long name otherwise.
+    pub fn key(&self) -> String {
+        match (self.short, self.long) {
+            (Some(c), _) => c.to_string(),
+            (None, Some(l)) => l.to_string(),
+            (None, None) => String::new(),
+        }
+    }
+}
+
+/// The options (in order) and the operands of a command line.
+#[derive(Debug, Default)]
+pub struct Parsed {
+    /// `(key, value)` pairs; `key` as [`Opt::key`].
+    pub opts: Vec<(String, Option<String>)>,
+    /// Operands, in order.
+    pub operands: Vec<String>,
+}
+
+/// Parses `args` against `spec`. `prog` prefixes error messages the way
+/// glibc prefixes them with argv[0] ("qemu-img info: ...").
+pub fn parse(prog: &str, args: &[String], spec: &[Opt]) -> Result<Parsed, String> {
+    let mut out = Parsed::default();
+    let mut i = 0;
+    while i < args.len() {
+        let arg = &args[i];
+        i += 1;
+        if arg == "--" {
+            out.operands.extend(args[i..].iter().cloned());
+            break;
+        }
+        if let Some(body) = arg.strip_prefix("--") {
+            let (name, inline) = match body.split_once('=') {
+                Some((n, v)) => (n, Some(v.to_string())),
+                None => (body, None),
+            };
+            let opt = find_long(prog, arg, name, spec)?;
+            let long = opt.long.unwrap_or(name);
+            let value = match (opt.arg, inline) {
+                (HasArg::No, Some(_)) => return Err(format!("{prog}: option '--{long}' doesn't allow an argument")),
+                (HasArg::No, None) => None,
+                (HasArg::Required, Some(v)) => Some(v),
+                (HasArg::Required, None) => {
+                    let Some(v) = args.get(i) else {
+                        return Err(format!("{prog}: option '--{long}' requires an argument"));
+                    };
+                    i += 1;
+                    Some(v.clone())
+                }
+            };
+            out.opts.push((opt.key(), value));
+            continue;
+        }
+        if arg.len() > 1 && arg.starts_with('-') {
+            let chars: Vec<char> = arg.chars().skip(1).collect();
+            let mut k = 0;
+            while k < chars.len() {
+                let c = chars[k];
+                k += 1;
+                let Some(opt) = spec.iter().find(|o| o.short == Some(c)) else {
+                    return Err(format!("{prog}: invalid option -- '{c}'"));
+                };
+                match opt.arg {
+                    HasArg::No => out.opts.push((opt.key(), None)),
+                    HasArg::Required => {
+                        let value = if k < chars.len() {
+                            chars[k..].iter().collect()
+                        } else if let Some(v) = args.get(i) {
+                            i += 1;
+                            v.clone()
+                        } else {
+                            return Err(format!("{prog}: option requires an argument -- '{c}'"));
+                        };
+                        out.opts.push((opt.key(), Some(value)));
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.operands.push(arg.clone());
+    }
+    Ok(out)
+}
+
+fn find_long<'a>(prog: &str, arg: &str, name: &str, spec: &'a [Opt]) -> Result<&'a Opt, String> {
+    if let Some(exact) = spec.iter().find(|o| o.long == Some(name)) {
+        return Ok(exact);
+    }
+    let candidates: Vec<&Opt> = spec.iter().filter(|o| o.long.is_some_and(|l| l.starts_with(name))).collect();
+    match candidates.as_slice() {
+        [] => Err(format!("{prog}: unrecognized option '{arg}'")),
+        [one] => Ok(one),
+        many => {
+            let names: Vec<String> = many.iter().map(|o| format!("'--{}'", o.long.unwrap_or_default())).collect();
+            Err(format!("{prog}: option '{arg}' is ambiguous; possibilities: {}", names.join(" ")))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPEC: &[Opt] = &[
+        Opt::both('f', "format", HasArg::Required),
+        Opt { long: None, short: Some('q'), arg: HasArg::No },
+        Opt::long("output", HasArg::Required),
+        Opt::long("object", HasArg::Required),
+        Opt::both('h', "help", HasArg::No),
+    ];
+
+    fn args(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn interleaved_and_clustered() {
+        let p = parse("p", &args(&["x", "-qfqcow2", "--out=json", "y", "--format", "raw", "--", "-z"]), SPEC).unwrap();
+        assert_eq!(p.operands, args(&["x", "y", "-z"]));
+        let keys: Vec<(&str, Option<&str>)> = p.opts.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
+        assert_eq!(keys, vec![("q", None), ("f", Some("qcow2")), ("output", Some("json")), ("f", Some("raw"))]);
+    }
+
+    #[test]
+    fn glibc_messages() {
+        assert_eq!(parse("p", &args(&["-z"]), SPEC).unwrap_err(), "p: invalid option -- 'z'");
+        assert_eq!(parse("p", &args(&["-f"]), SPEC).unwrap_err(), "p: option requires an argument -- 'f'");
+        assert_eq!(parse("p", &args(&["--foo=1"]), SPEC).unwrap_err(), "p: unrecognized option '--foo=1'");
+        assert_eq!(parse("p", &args(&["--output"]), SPEC).unwrap_err(), "p: option '--output' requires an argument");
+        assert_eq!(parse("p", &args(&["--help=x"]), SPEC).unwrap_err(), "p: option '--help' doesn't allow an argument");
+        assert_eq!(
+            parse("p", &args(&["--o=json"]), SPEC).unwrap_err(),
+            "p: option '--o=json' is ambiguous; possibilities: '--output' '--object'"
+        );
+    }
+
+    #[test]
+    fn lone_dash_is_an_operand() {
+        let p = parse("p", &args(&["-"]), SPEC).unwrap();
+        assert_eq!(p.operands, args(&["-"]));
+    }
+}
