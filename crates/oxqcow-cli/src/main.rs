@@ -3,8 +3,16 @@
 //! `run(ctx, args) -> exit code` entry point; this file only dispatches.
 #![forbid(unsafe_code)]
 
+mod check;
 #[allow(dead_code)] // used by the subcommand modules as they land
 mod common;
+mod create;
+mod getopt;
+mod imgopts;
+mod info;
+mod measure;
+mod qjson;
+mod resize;
 
 use common::Ctx;
 
@@ -27,7 +35,6 @@ fn main() {
     std::process::exit(run(&ctx, &args[1.min(args.len())..]));
 }
 
-#[allow(clippy::match_single_binding)] // until the subcommands register
 fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let mut args = args;
     // Global options before the command, as qemu-img takes them.
@@ -52,9 +59,11 @@ fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let rest = &args[1..];
     match command.as_str() {
         // Subcommands register here: "name" => name::run(ctx, rest),
-        other => {
-            let _ = rest;
-            ctx.fail(&format!("Command not found: {other}"))
-        }
+        "check" => check::run(ctx, rest),
+        "create" => create::run(ctx, rest),
+        "info" => info::run(ctx, rest),
+        "measure" => measure::run(ctx, rest),
+        "resize" => resize::run(ctx, rest),
+        other => ctx.fail(&format!("Command not found: {other}")),
     }
 }
