@@ -10,13 +10,16 @@ use oxqcow::{Image, ImageFormat, OpenOptions};
 pub struct Ctx {
     /// The program name as invoked (basename of argv[0]), prefixed to errors.
     pub prog: String,
+    /// argv[0] itself, which qemu-img names in usage hints and option
+    /// parsing errors ("Try '/usr/bin/qemu-img info --help' ...").
+    pub argv0: String,
 }
 
 impl Ctx {
     /// Builds the context from argv[0].
     pub fn from_argv0(argv0: &str) -> Ctx {
         let prog = Path::new(argv0).file_name().and_then(|s| s.to_str()).unwrap_or("oxqcow").to_string();
-        Ctx { prog }
+        Ctx { prog, argv0: argv0.to_string() }
     }
 
     /// Prints `prog: msg` on stderr and returns exit code 1.
@@ -141,7 +144,7 @@ impl Ctx {
 
     /// Prints "Try 'PROG COMMAND --help' for more info" and returns 1.
     pub fn try_help(&self, command: &str) -> i32 {
-        eprintln!("Try '{} {command} --help' for more info", self.prog);
+        eprintln!("Try '{} {command} --help' for more info", self.argv0);
         1
     }
 
@@ -153,7 +156,7 @@ impl Ctx {
         args: &[String],
         spec: &[crate::getopt::Opt],
     ) -> Result<crate::getopt::Parsed, i32> {
-        crate::getopt::parse(&format!("{} {command}", self.prog), args, spec).map_err(|msg| {
+        crate::getopt::parse(&format!("{} {command}", self.argv0), args, spec).map_err(|msg| {
             eprintln!("{msg}");
             self.try_help(command)
         })

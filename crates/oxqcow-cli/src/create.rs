@@ -151,8 +151,14 @@ fn create(req: &Request) -> Result<(), String> {
         let backing_fmt = opts.get_str("backing_fmt").map(String::from);
         if !req.unsafe_backing {
             let path = backing_path(req.filename, backing);
-            let image = open_image(&path.to_string_lossy(), backing_fmt.as_deref(), OpenOptions::new().read_only(true))
-                .map_err(|msg| format!("{msg}\nCould not open backing image."))?;
+            let shown = path.to_string_lossy();
+            let image =
+                open_image(&shown, backing_fmt.as_deref(), OpenOptions::new().read_only(true)).map_err(|msg| {
+                    // Here QEMU names the file once, not once per layer.
+                    let doubled = format!("Could not open '{shown}': ");
+                    let msg = msg.strip_prefix(&doubled).filter(|m| m.starts_with(&doubled)).unwrap_or(&msg);
+                    format!("{msg}\nCould not open backing image.")
+                })?;
             if backing_fmt.is_none() {
                 return Err(format!(
                     "Backing file specified without backing format\nDetected format of {}.",
@@ -171,6 +177,10 @@ fn create(req: &Request) -> Result<(), String> {
     }
     if !req.quiet {
         println!("Formatting '{}', fmt={} {}", req.filename, req.fmt, opts.summary());
+    }
+    if format == ImageFormat::Raw && opts.get_str("preallocation") == Some("metadata") {
+        // QEMU's file driver creates the file before refusing the mode.
+        std::fs::File::create(req.filename).map_err(|e| format!("Could not create '{}': {e}", req.filename))?;
     }
     let create_opts = opts.to_create_options()?;
     create_opts.validate().map_err(|e| describe(&e))?;
