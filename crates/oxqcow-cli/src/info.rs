@@ -6,7 +6,10 @@
 //! "Format specific information" section, which qemu-img dumps from the
 //! same dictionary in the same order.
 
-use oxqcow::{BlockDevice, Image, OpenOptions};
+use std::path::Path;
+
+use oxqcow::format::SnapshotEntry;
+use oxqcow::{probe_format, FileStorage, Image, ImageFormat, OpenOptions, Qcow2, Qcow2Info, Storage};
 use serde_json::{json, Map, Value};
 
 use crate::common::{
@@ -71,26 +74,48 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     if image_opts && fmt.is_some() {
         return ctx.fail("--image-opts and --format are mutually exclusive");
     }
-    let opened = if image_opts {
-        parse_image_opts(filename).and_then(|(path, format, opts)| {
-            open_image(&path, format.as_deref(), opts.read_only(true)).map(|img| (path, img))
-        })
+    let (path, format, opts) = if image_opts {
+        match parse_image_opts(filename) {
+            Ok(v) => v,
+            Err(msg) => return ctx.fail(&msg),
+        }
     } else {
-        open_image(filename, fmt.as_deref(), OpenOptions::new().read_only(true)).map(|img| (filename.clone(), img))
+        (filename.clone(), fmt, OpenOptions::new())
     };
-    let (path, image) = match opened {
-        Ok(v) => v,
-        Err(msg) => return ctx.fail(&msg),
-    };
-    let info = match graph_info(ctx, &path, &image) {
-        Ok(v) => v,
-        Err(msg) => return ctx.fail(&msg),
-    };
-    // Backing files are not supported yet, so a chain is this one image.
+    let mut infos = Vec::new();
+    let (mut path, mut format, mut opts) = (path, format, opts.read_only(true));
+    let mut seen = std::collections::HashSet::new();
+    loop {
+        if !seen.insert(path.clone()) {
+            return ctx.fail(&format!("Backing file '{path}' creates an infinite loop."));
+        }
+        let source = match open_source(&path, format.as_deref(), opts) {
+            Ok(s) => s,
+            Err(msg) => return ctx.fail(&msg),
+        };
+        let info = match graph_info(ctx, &path, &source) {
+            Ok(v) => v,
+            Err(msg) => return ctx.fail(&msg),
+        };
+        let backing = info.get("full-backing-filename").and_then(Value::as_str).map(String::from);
+        let backing_format = info.get("backing-filename-format").and_then(Value::as_str).map(String::from);
+        infos.push(info);
+        match backing {
+            Some(b) if chain => {
+                path = b;
+                format = backing_format;
+                opts = OpenOptions::new().read_only(true);
+            }
+            _ => break,
+        }
+    }
     match (output, chain) {
-        (OutputFormat::Json, false) => print_json(&info),
-        (OutputFormat::Json, true) => print_json(&Value::Array(vec![info])),
-        (OutputFormat::Human, _) => print!("{}", human(&info, 0, "/")),
+        (OutputFormat::Json, false) => print_json(&infos[0]),
+        (OutputFormat::Json, true) => print_json(&Value::Array(infos)),
+        (OutputFormat::Human, _) => {
+            let text: Vec<String> = infos.iter().map(|i| human(i, 0, "/")).collect();
+            print!("{}", text.join("\n"));
+        }
     }
     0
 }
@@ -100,9 +125,44 @@ fn sectors_up(bytes: u64) -> u64 {
     bytes.div_ceil(512) * 512
 }
 
+/// What `info` describes: an open image, or, for a qcow2 image using
+/// features the engine cannot open yet (backing files, extended L2
+/// entries, external data files), what its header says.
+enum Source {
+    Open(Image),
+    Header { storage: FileStorage, info: Qcow2Info, snapshots: Vec<SnapshotEntry> },
+}
+
+fn open_source(path: &str, format: Option<&str>, opts: OpenOptions) -> Result<Source, String> {
+    let err = match open_image(path, format, opts) {
+        Ok(image) => return Ok(Source::Open(image)),
+        Err(msg) => msg,
+    };
+    let Ok(storage) = FileStorage::open(Path::new(path), false) else { return Err(err) };
+    let qcow2 = match format {
+        Some(f) => f == "qcow2",
+        None => probe_format(&storage).ok() == Some(ImageFormat::Qcow2),
+    };
+    if !qcow2 {
+        return Err(err);
+    }
+    match Qcow2::inspect(&storage) {
+        Ok((info, snapshots))
+            if (info.backing_file.is_some() || info.extended_l2 || info.data_file.is_some())
+                && info.crypt_method == 0 =>
+        {
+            Ok(Source::Header { storage, info, snapshots })
+        }
+        _ => Err(err),
+    }
+}
+
 /// The image as qemu's `BlockGraphInfo`, keys in QAPI order.
-fn graph_info(ctx: &Ctx, path: &str, image: &Image) -> Result<Value, String> {
-    let storage = image.storage();
+fn graph_info(ctx: &Ctx, path: &str, source: &Source) -> Result<Value, String> {
+    let storage: &dyn Storage = match source {
+        Source::Open(image) => &**image.storage(),
+        Source::Header { storage, .. } => storage,
+    };
     let file_len = storage.len().map_err(|e| format!("Could not get the file length of '{path}': {e}"))?;
     let allocated = storage.allocated_bytes().ok();
     let mut file = Map::new();
@@ -118,78 +178,88 @@ fn graph_info(ctx: &Ctx, path: &str, image: &Image) -> Result<Value, String> {
 
     let mut top = Map::new();
     top.insert("filename".into(), json!(path));
-    top.insert("format".into(), json!(image.format().name()));
-    match image {
-        Image::Raw(_) => {
+    let (qi, snapshots) = match source {
+        Source::Open(Image::Raw(raw)) => {
+            top.insert("format".into(), json!("raw"));
             top.insert("dirty-flag".into(), json!(false));
             if let Some(a) = allocated {
                 top.insert("actual-size".into(), json!(a));
             }
-            top.insert("virtual-size".into(), json!(sectors_up(image.len())));
+            top.insert("virtual-size".into(), json!(sectors_up(raw.len())));
+            top.insert("children".into(), json!([{"name": "file", "info": Value::Object(file)}]));
+            return Ok(Value::Object(top));
         }
-        Image::Qcow2(q) => {
-            let qi = q.info();
-            top.insert("dirty-flag".into(), json!(qi.dirty));
-            if let Some(a) = allocated {
-                top.insert("actual-size".into(), json!(a));
-            }
-            top.insert("virtual-size".into(), json!(image.len()));
-            top.insert("cluster-size".into(), json!(qi.cluster_size));
-            if let Some(b) = &qi.backing_file {
-                top.insert("backing-filename".into(), json!(b));
-                top.insert("full-backing-filename".into(), json!(b));
-                if let Some(f) = &qi.backing_format {
-                    top.insert("backing-filename-format".into(), json!(f));
-                }
-            }
-            let snapshots: Vec<Value> = q
-                .snapshots()
-                .iter()
-                .map(|s| {
-                    let mut m = Map::new();
-                    m.insert("id".into(), json!(s.id));
-                    m.insert("name".into(), json!(s.name));
-                    m.insert(
-                        "vm-state-size".into(),
-                        json!(s.vm_state_size_large.unwrap_or(u64::from(s.vm_state_size))),
-                    );
-                    m.insert("date-sec".into(), json!(s.date_sec));
-                    m.insert("date-nsec".into(), json!(s.date_nsec));
-                    m.insert("vm-clock-sec".into(), json!(s.vm_clock_nsec / 1_000_000_000));
-                    m.insert("vm-clock-nsec".into(), json!(s.vm_clock_nsec % 1_000_000_000));
-                    if let Some(ic) = s.icount.filter(|&i| i != u64::MAX) {
-                        m.insert("icount".into(), json!(ic));
-                    }
-                    Value::Object(m)
-                })
-                .collect();
-            if !snapshots.is_empty() {
-                top.insert("snapshots".into(), Value::Array(snapshots));
-            }
-            let mut data = Map::new();
-            if qi.version == 2 {
-                data.insert("compat".into(), json!("0.10"));
-                data.insert("refcount-bits".into(), json!(qi.refcount_bits));
-            } else {
-                data.insert("compat".into(), json!("1.1"));
-                if let Some(df) = &qi.data_file {
-                    data.insert("data-file".into(), json!(df));
-                    data.insert("data-file-raw".into(), json!(qi.data_file_raw));
-                }
-                data.insert("extended-l2".into(), json!(qi.extended_l2));
-                data.insert("lazy-refcounts".into(), json!(qi.lazy_refcounts));
-                data.insert("corrupt".into(), json!(qi.corrupt));
-                data.insert("refcount-bits".into(), json!(qi.refcount_bits));
-                if qi.has_bitmaps {
-                    ctx.error("warning: the image has persistent bitmaps, which are not listed yet");
-                }
-            }
-            data.insert("compression-type".into(), json!(qi.compression_type));
-            top.insert("format-specific".into(), json!({"type": "qcow2", "data": Value::Object(data)}));
+        Source::Open(Image::Qcow2(q)) => (q.info(), q.snapshots()),
+        Source::Header { info, snapshots, .. } => (info.clone(), snapshots.clone()),
+    };
+    top.insert("format".into(), json!("qcow2"));
+    top.insert("dirty-flag".into(), json!(qi.dirty));
+    if let Some(a) = allocated {
+        top.insert("actual-size".into(), json!(a));
+    }
+    top.insert("virtual-size".into(), json!(qi.size));
+    top.insert("cluster-size".into(), json!(qi.cluster_size));
+    if let Some(b) = &qi.backing_file {
+        top.insert("backing-filename".into(), json!(b));
+        top.insert("full-backing-filename".into(), json!(full_backing_path(path, b)));
+        if let Some(f) = &qi.backing_format {
+            top.insert("backing-filename-format".into(), json!(f));
         }
     }
+    let snapshots: Vec<Value> = snapshots
+        .iter()
+        .map(|s| {
+            let mut m = Map::new();
+            m.insert("id".into(), json!(s.id));
+            m.insert("name".into(), json!(s.name));
+            m.insert("vm-state-size".into(), json!(s.vm_state_size_large.unwrap_or(u64::from(s.vm_state_size))));
+            m.insert("date-sec".into(), json!(s.date_sec));
+            m.insert("date-nsec".into(), json!(s.date_nsec));
+            m.insert("vm-clock-sec".into(), json!(s.vm_clock_nsec / 1_000_000_000));
+            m.insert("vm-clock-nsec".into(), json!(s.vm_clock_nsec % 1_000_000_000));
+            if let Some(ic) = s.icount.filter(|&i| i != u64::MAX) {
+                m.insert("icount".into(), json!(ic));
+            }
+            Value::Object(m)
+        })
+        .collect();
+    if !snapshots.is_empty() {
+        top.insert("snapshots".into(), Value::Array(snapshots));
+    }
+    let mut data = Map::new();
+    if qi.version == 2 {
+        data.insert("compat".into(), json!("0.10"));
+        data.insert("refcount-bits".into(), json!(qi.refcount_bits));
+    } else {
+        data.insert("compat".into(), json!("1.1"));
+        if let Some(df) = &qi.data_file {
+            data.insert("data-file".into(), json!(df));
+            data.insert("data-file-raw".into(), json!(qi.data_file_raw));
+        }
+        data.insert("extended-l2".into(), json!(qi.extended_l2));
+        data.insert("lazy-refcounts".into(), json!(qi.lazy_refcounts));
+        data.insert("corrupt".into(), json!(qi.corrupt));
+        data.insert("refcount-bits".into(), json!(qi.refcount_bits));
+        if qi.has_bitmaps {
+            ctx.error("warning: the image has persistent bitmaps, which are not listed yet");
+        }
+    }
+    data.insert("compression-type".into(), json!(qi.compression_type));
+    top.insert("format-specific".into(), json!({"type": "qcow2", "data": Value::Object(data)}));
     top.insert("children".into(), json!([{"name": "file", "info": Value::Object(file)}]));
     Ok(Value::Object(top))
+}
+
+/// Where QEMU looks for a backing file: relative names are relative to the
+/// directory of the image naming them.
+fn full_backing_path(image: &str, backing: &str) -> String {
+    if backing.starts_with('/') {
+        return backing.to_string();
+    }
+    match image.rfind('/') {
+        Some(i) => format!("{}{backing}", &image[..=i]),
+        None => backing.to_string(),
+    }
 }
 
 /// qemu-img's human rendering of a `BlockGraphInfo` (`dump_human_image_info`).

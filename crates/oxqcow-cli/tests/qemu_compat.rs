@@ -32,6 +32,11 @@ fn fixtures() -> tempfile::TempDir {
     must(d, qemu_io(), &["-c", "write -P 1 0 1M", "snap.qcow2"]);
     must(d, q, &words("snapshot -c first snap.qcow2"));
     must(d, q, &["snapshot", "-c", "a longer snapshot name", "snap.qcow2"]);
+    // Features the engine cannot open yet; info reads their headers.
+    must(d, q, &words("create -q -f qcow2 -b v3.qcow2 -F qcow2 overlay.qcow2"));
+    must(d, q, &words("create -q -f qcow2 -u -b /nonexistent/base.raw -F raw absback.qcow2 1G"));
+    must(d, q, &words("create -q -f qcow2 -o extended_l2=on extl2.qcow2 10M"));
+    must(d, q, &words("create -q -f qcow2 -o data_file=datafile.raw datafile.qcow2 1M"));
     // Header flags: dirty (incompatible bit 0), corrupt (bit 1).
     std::fs::copy(d.join("v3.qcow2"), d.join("dirty.qcow2")).unwrap();
     patch(&d.join("dirty.qcow2"), 79, &[1]);
@@ -205,6 +210,10 @@ fn info_matches_qemu() {
         "dirty.qcow2",
         "corrupt.qcow2",
         "leak.qcow2",
+        "overlay.qcow2",
+        "absback.qcow2",
+        "extl2.qcow2",
+        "datafile.qcow2",
     ] {
         pair.same_output(&["info", image]);
         pair.same_output(&["info", "--output=json", image]);
