@@ -128,6 +128,8 @@ fn sectors_up(bytes: u64) -> u64 {
 /// What `info` describes: an open image, or, for a qcow2 image using
 /// features the engine cannot open yet (backing files, extended L2
 /// entries, external data files), what its header says.
+// One value per described image: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Source {
     Open(Image),
     Header { storage: FileStorage, info: Qcow2Info, snapshots: Vec<SnapshotEntry> },
