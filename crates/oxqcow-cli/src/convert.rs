@@ -16,7 +16,7 @@ use std::sync::{Condvar, Mutex};
 use oxqcow::{BlockDevice, CreateOptions, Image, ImageFormat, OpenOptions};
 
 use crate::common::{cvtnum, describe, is_cache_mode, open_image, os_error, strerror, Ctx};
-use crate::getopt::{self, long, HasArg};
+use crate::getopt::{self, HasArg, Opt};
 use crate::progress::Progress;
 use crate::status::StatusCursor;
 
@@ -35,34 +35,34 @@ const MAX_SPARSE_SECTORS: u64 = 32768;
 /// Default `-S`: 4 KiB of zeros make a hole.
 const DEFAULT_MIN_SPARSE: u64 = 4096;
 
-const LONGS: &[getopt::LongOpt] = &[
-    long("help", HasArg::No, "h"),
-    long("quiet", HasArg::No, "q"),
-    long("progress", HasArg::No, "p"),
-    long("source-format", HasArg::Required, "f"),
-    long("source-image-opts", HasArg::No, "image-opts"),
-    long("image-opts", HasArg::No, "image-opts"),
-    long("source-snapshot", HasArg::Required, "l"),
-    long("source-cache", HasArg::Required, "T"),
-    long("target-format", HasArg::Required, "O"),
-    long("target-image-opts", HasArg::No, "target-image-opts"),
-    long("target-options", HasArg::Required, "o"),
-    long("compress", HasArg::No, "c"),
-    long("target-cache", HasArg::Required, "t"),
-    long("backing", HasArg::Required, "B"),
-    long("backing-format", HasArg::Required, "F"),
-    long("no-create", HasArg::No, "n"),
-    long("target-is-zero", HasArg::No, "target-is-zero"),
-    long("sparse-size", HasArg::Required, "S"),
-    long("bitmaps", HasArg::No, "bitmaps"),
-    long("skip-broken-bitmaps", HasArg::No, "skip-broken-bitmaps"),
-    long("force-share", HasArg::No, "U"),
-    long("rate", HasArg::Required, "r"),
-    long("parallel", HasArg::Required, "m"),
-    long("copy-range-offloading", HasArg::No, "C"),
-    long("salvage", HasArg::No, "salvage"),
-    long("oob-writes", HasArg::No, "W"),
-    long("object", HasArg::Required, "object"),
+const LONGS: &[Opt] = &[
+    Opt::alias("help", HasArg::No, "h"),
+    Opt::alias("quiet", HasArg::No, "q"),
+    Opt::alias("progress", HasArg::No, "p"),
+    Opt::alias("source-format", HasArg::Required, "f"),
+    Opt::alias("source-image-opts", HasArg::No, "image-opts"),
+    Opt::alias("image-opts", HasArg::No, "image-opts"),
+    Opt::alias("source-snapshot", HasArg::Required, "l"),
+    Opt::alias("source-cache", HasArg::Required, "T"),
+    Opt::alias("target-format", HasArg::Required, "O"),
+    Opt::alias("target-image-opts", HasArg::No, "target-image-opts"),
+    Opt::alias("target-options", HasArg::Required, "o"),
+    Opt::alias("compress", HasArg::No, "c"),
+    Opt::alias("target-cache", HasArg::Required, "t"),
+    Opt::alias("backing", HasArg::Required, "B"),
+    Opt::alias("backing-format", HasArg::Required, "F"),
+    Opt::alias("no-create", HasArg::No, "n"),
+    Opt::alias("target-is-zero", HasArg::No, "target-is-zero"),
+    Opt::alias("sparse-size", HasArg::Required, "S"),
+    Opt::alias("bitmaps", HasArg::No, "bitmaps"),
+    Opt::alias("skip-broken-bitmaps", HasArg::No, "skip-broken-bitmaps"),
+    Opt::alias("force-share", HasArg::No, "U"),
+    Opt::alias("rate", HasArg::Required, "r"),
+    Opt::alias("parallel", HasArg::Required, "m"),
+    Opt::alias("copy-range-offloading", HasArg::No, "C"),
+    Opt::alias("salvage", HasArg::No, "salvage"),
+    Opt::alias("oob-writes", HasArg::No, "W"),
+    Opt::alias("object", HasArg::Required, "object"),
 ];
 
 fn help(prog: &str) {
@@ -114,7 +114,7 @@ struct Args {
 /// Runs `convert`.
 pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let prog = &ctx.prog;
-    let parsed = match getopt::parse(prog, "convert", args, ":hf:O:B:CcF:o:l:S:pt:T:qnm:WUr:", LONGS) {
+    let parsed = match getopt::parse_declared(prog, "convert", args, ":hf:O:B:CcF:o:l:S:pt:T:qnm:WUr:", LONGS) {
         Ok(p) => p,
         Err(msg) => {
             eprintln!("{msg}");

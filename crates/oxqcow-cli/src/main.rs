@@ -3,13 +3,20 @@
 //! `run(ctx, args) -> exit code` entry point; this file only dispatches.
 #![forbid(unsafe_code)]
 
+mod check;
 #[allow(dead_code)] // used by the subcommand modules as they land
 mod common;
 mod compare;
 mod convert;
+mod create;
 mod getopt;
+mod imgopts;
+mod info;
 mod map;
+mod measure;
 mod progress;
+mod qjson;
+mod resize;
 mod status;
 
 use common::Ctx;
@@ -33,7 +40,6 @@ fn main() {
     std::process::exit(run(&ctx, &args[1.min(args.len())..]));
 }
 
-#[allow(clippy::match_single_binding)] // until the subcommands register
 fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let mut args = args;
     // Global options before the command, as qemu-img takes them.
@@ -58,12 +64,14 @@ fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let rest = &args[1..];
     match command.as_str() {
         // Subcommands register here: "name" => name::run(ctx, rest),
+        "check" => check::run(ctx, rest),
         "compare" => compare::run(ctx, rest),
         "convert" => convert::run(ctx, rest),
+        "create" => create::run(ctx, rest),
+        "info" => info::run(ctx, rest),
         "map" => map::run(ctx, rest),
-        other => {
-            let _ = rest;
-            ctx.fail(&format!("Command not found: {other}"))
-        }
+        "measure" => measure::run(ctx, rest),
+        "resize" => resize::run(ctx, rest),
+        other => ctx.fail(&format!("Command not found: {other}")),
     }
 }

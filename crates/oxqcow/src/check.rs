@@ -132,7 +132,6 @@ impl Walker<'_> {
     fn walk_l1(&mut self, l1: &[u64], active: bool) -> Result<()> {
         let g = self.meta.geometry;
         let cs = g.cluster_size();
-        let mut next_contiguous = 0u64;
         for (i, &raw) in l1.iter().enumerate() {
             let e = L1Entry(raw);
             if let Err(err) = e.validate(&g) {
@@ -146,6 +145,8 @@ impl Walker<'_> {
             }
             self.add_range("L2 table", l2.0, cs);
             let table = self.read("reading an L2 table", l2.0, cs)?;
+            // Fragmentation is counted within each L2 table, as QEMU does.
+            let mut next_contiguous = 0u64;
             let esize = g.l2_entry_size() as usize;
             for j in 0..g.l2_entries() as usize {
                 let entry = L2Entry(read_l2_word(&table, j, esize));
@@ -342,15 +343,15 @@ fn check_once(meta: &mut Meta, storage: &dyn Storage) -> Result<CheckReport> {
     let mut covered = 0u64;
     let mut messages = Vec::new();
     let (mut leaks, mut corruptions, mut check_errors) = (0u64, 0u64, 0u64);
-    let limit = refs.len();
+    let file_clusters = g.clusters_for(storage.len().map_err(Error::io("reading the file length", 0))?);
     for_each_stored(meta, storage, |c, stored| {
-        // Like QEMU, refcounts of clusters past the end of the file (and
-        // past every reference) are not compared.
-        if c >= limit {
-            return;
-        }
         covered = covered.max(c + 1);
         let computed = refs.get(c);
+        if c >= file_clusters && computed == 0 {
+            // Like QEMU, compare only the clusters inside the file: a count
+            // left past its end is harmless and not reported.
+            return;
+        }
         if stored > 0 || computed > 0 {
             highest = Some(highest.map_or(c, |h| h.max(c)));
         }

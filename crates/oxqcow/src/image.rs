@@ -158,7 +158,8 @@ impl Image {
     pub fn create_storage(storage: Arc<dyn Storage>, opts: &CreateOptions) -> Result<Image> {
         Ok(match opts.format {
             ImageFormat::Qcow2 => Image::Qcow2(Qcow2::create(storage, opts)?),
-            ImageFormat::Raw => Image::Raw(Raw::create(storage, opts.size, opts.preallocation)?),
+            // QEMU sizes new raw files in whole sectors too.
+            ImageFormat::Raw => Image::Raw(Raw::create(storage, opts.size.div_ceil(512) * 512, opts.preallocation)?),
         })
     }
 

@@ -306,6 +306,17 @@ impl CreateOptions {
         self
     }
 
+    /// Checks the options as creating a qcow2 image would, with QEMU's
+    /// messages, without touching any file. Options this engine does not
+    /// implement yet (backing files, external data files, extended L2
+    /// entries) are refused with [`Error::Unsupported`].
+    pub fn validate(&self) -> Result<()> {
+        match self.format {
+            ImageFormat::Qcow2 => crate::resize::validate_create(self).map(|_| ()),
+            ImageFormat::Raw => Ok(()),
+        }
+    }
+
     /// Applies one QEMU creation option (`cluster_size=4k`, `compat=0.10`, ...).
     pub fn apply_qemu_option(&mut self, key: &str, value: &str) -> Result<()> {
         let qcow2_only = |s: &Self| -> Result<()> {

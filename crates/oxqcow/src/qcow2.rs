@@ -136,6 +136,8 @@ pub struct Qcow2Info {
     pub data_file_raw: bool,
     /// Encryption method (0 none).
     pub crypt_method: u32,
+    /// Guest size in bytes, from the header.
+    pub size: u64,
 }
 
 /// An open qcow2 image.
@@ -640,26 +642,50 @@ impl Qcow2 {
     /// Facts for `info`.
     pub fn info(&self) -> Qcow2Info {
         let m = self.lock_meta();
-        let h = &m.header;
+        let mut info = Qcow2Info::from_header(&m.header, m.snapshots.entries.len());
+        info.refcount_bits = m.geometry.refcount_bits();
+        info.dirty = self.dirty_at_open;
+        info
+    }
+
+    /// Reads what `info` reports from the header and the snapshot table
+    /// alone, without opening the image: this works for images whose
+    /// features this engine cannot read or write yet (backing files,
+    /// external data files, extended L2 entries, encryption).
+    pub fn inspect(storage: &dyn Storage) -> Result<(Qcow2Info, Vec<oxqcow_format::SnapshotEntry>)> {
+        let file_len = storage.len().map_err(Error::io("reading the file length", 0))?;
+        let header = read_header(storage)?;
+        header.validate_against_file(file_len)?;
+        let snapshots = read_snapshots(storage, &header, file_len)?;
+        let info = Qcow2Info::from_header(&header, snapshots.entries.len());
+        Ok((info, snapshots.entries))
+    }
+}
+
+impl Qcow2Info {
+    fn from_header(h: &Header, snapshots: usize) -> Qcow2Info {
         Qcow2Info {
             version: h.version,
             cluster_size: h.cluster_size(),
-            refcount_bits: m.geometry.refcount_bits(),
+            refcount_bits: h.geometry().refcount_bits(),
             lazy_refcounts: h.lazy_refcounts(),
             corrupt: h.is_corrupt(),
-            dirty: self.dirty_at_open,
+            dirty: h.is_dirty(),
             extended_l2: h.extended_l2(),
             compression_type: if h.compression_type == 1 { "zstd" } else { "zlib" },
             backing_file: h.backing_file.clone(),
             backing_format: h.extensions.backing_format.clone(),
-            snapshots: m.snapshots.entries.len(),
+            snapshots,
             has_bitmaps: h.extensions.bitmaps.is_some(),
             data_file: h.extensions.data_file.clone(),
             data_file_raw: h.autoclear_features & autoclear::DATA_FILE_RAW != 0,
             crypt_method: h.crypt_method,
+            size: h.size,
         }
     }
+}
 
+impl Qcow2 {
     /// The snapshot table as read at open.
     pub fn snapshots(&self) -> Vec<oxqcow_format::SnapshotEntry> {
         self.lock_meta().snapshots.entries.clone()
