@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 
-use oxqcow::{BlockDevice, CreateOptions, Image, ImageFormat, OpenOptions};
+use oxqcow::{BlockDevice, CacheMode, CreateOptions, Image, ImageFormat, OpenOptions};
 
 use crate::common::{cvtnum, describe, is_cache_mode, open_image, os_error, strerror, Ctx};
 use crate::getopt::{self, HasArg, Opt};
@@ -278,6 +278,9 @@ fn convert(_ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
     if a.skip_create && target.len() < total {
         return Err("output file is smaller than input file".into());
     }
+    // qemu-img's default target cache is "unsafe": no flush until the end,
+    // and none at the end either.
+    target.set_cache_mode(CacheMode::from_name(&a.cache).map_err(|e| describe(&e))?);
 
     let job = Job {
         sources: &sources,

@@ -70,7 +70,9 @@ impl Image {
     /// Opens the image file at `path`, with its backing chain as
     /// `opts.backing` allows.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Image> {
-        Image::open_in_chain(path, opts, &mut Chain::default())
+        let image = Image::open_in_chain(path, opts, &mut Chain::default())?;
+        image.set_cache_mode(opts.cache);
+        Ok(image)
     }
 
     pub(crate) fn open_in_chain(path: &Path, opts: &OpenOptions, chain: &mut Chain) -> Result<Image> {
@@ -146,12 +148,14 @@ impl Image {
         let storage = FileStorage::create(path).map_err(Error::io("creating the image", 0))?;
         crate::lock::lock(storage.file(), LockSet::for_open(false, false), &path.display().to_string())?;
         if opts.backing_file.is_none() {
-            return Image::create_storage(Arc::new(storage), &opts);
+            let image = Image::create_storage(Arc::new(storage), &opts)?;
+            image.set_cache_mode(opts.cache);
+            return Ok(image);
         }
         // Reopen so that the backing chain is attached.
         Qcow2::create_unattached(Arc::new(storage), &opts)?.close()?;
         let policy = if opts.unsafe_backing { BackingPolicy::Ignore } else { BackingPolicy::Follow };
-        Image::open(path, &OpenOptions::new().backing(policy))
+        Image::open(path, &OpenOptions { cache: opts.cache, ..OpenOptions::new().backing(policy) })
     }
 
     /// Creates an image on any storage.
@@ -161,6 +165,14 @@ impl Image {
             // QEMU sizes new raw files in whole sectors too.
             ImageFormat::Raw => Image::Raw(Raw::create(storage, opts.size.div_ceil(512) * 512, opts.preallocation)?),
         })
+    }
+
+    /// Applies a cache mode (see [`crate::options::CacheMode`]).
+    pub fn set_cache_mode(&self, mode: crate::options::CacheMode) {
+        match self {
+            Image::Qcow2(q) => q.set_cache_mode(mode),
+            Image::Raw(r) => r.set_cache_mode(mode),
+        }
     }
 
     /// The format.

@@ -37,7 +37,7 @@ pub use cursor::ImageCursor;
 pub use error::{Error, ErrorKind, Result};
 pub use image::{probe_format, BlockDevice, Image};
 pub use mapping::Extent;
-pub use options::{Compat, CompressionType, CreateOptions, ImageFormat, OpenOptions, Preallocation};
+pub use options::{CacheMode, Compat, CompressionType, CreateOptions, ImageFormat, OpenOptions, Preallocation};
 pub use oxqcow_format as format;
 pub use qcow2::{Qcow2, Qcow2Info};
 pub use raw::Raw;

@@ -67,11 +67,49 @@ impl Preallocation {
     }
 }
 
+/// QEMU's cache modes (`-t`/`-T`, `cache=`). Data always goes through
+/// the host page cache here; the modes differ in when it is forced to disk.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CacheMode {
+    /// Flushes make writes durable (the default).
+    #[default]
+    Writeback,
+    /// Every write is durable when it returns.
+    Writethrough,
+    /// Like writeback (QEMU would bypass the page cache with O_DIRECT).
+    None,
+    /// Like writethrough (QEMU would also bypass the page cache).
+    DirectSync,
+    /// Flushes are ignored: fast, and nothing is guaranteed after a crash
+    /// (qemu-img convert's default for its target).
+    Unsafe,
+}
+
+impl CacheMode {
+    /// Parses QEMU's names (`off` is `none`).
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name {
+            "writeback" => Ok(CacheMode::Writeback),
+            "writethrough" => Ok(CacheMode::Writethrough),
+            "none" | "off" => Ok(CacheMode::None),
+            "directsync" => Ok(CacheMode::DirectSync),
+            "unsafe" => Ok(CacheMode::Unsafe),
+            other => Err(Error::InvalidArgument(format!("Invalid cache option: {other}"))),
+        }
+    }
+    /// Whether each write must be made durable before it returns.
+    pub fn writes_through(self) -> bool {
+        matches!(self, CacheMode::Writethrough | CacheMode::DirectSync)
+    }
+}
+
 /// Options for opening an image.
 #[derive(Clone, Debug, Default)]
 pub struct OpenOptions {
     /// Open read-only.
     pub read_only: bool,
+    /// Cache mode.
+    pub cache: CacheMode,
     /// The format; probed from the first bytes when `None`.
     pub format: Option<ImageFormat>,
     /// L2 table cache size in bytes (`l2-cache-size`).
@@ -142,6 +180,7 @@ impl OpenOptions {
             "pass-discard-other" => self.pass_discard_other = parse_bool(key, value)?,
             "lazy-refcounts" => self.lazy_refcounts = Some(parse_bool(key, value)?),
             "read-only" => self.read_only = parse_bool(key, value)?,
+            "cache" => self.cache = CacheMode::from_name(value)?,
             "force-share" => self.force_share = parse_bool(key, value)?,
             "file.locking" | "locking" => {
                 self.locking = Some(match value {
@@ -241,6 +280,8 @@ pub struct CreateOptions {
     pub size_given: bool,
     /// Do not open the backing file to check it (qemu-img's `-u`).
     pub unsafe_backing: bool,
+    /// Cache mode of the new image as it is returned open.
+    pub cache: CacheMode,
 }
 
 impl Default for CreateOptions {
@@ -261,6 +302,7 @@ impl Default for CreateOptions {
             data_file_raw: false,
             size_given: false,
             unsafe_backing: false,
+            cache: CacheMode::Writeback,
         }
     }
 }

@@ -148,6 +148,8 @@ pub struct Qcow2 {
     version: u32,
     read_only: bool,
     discard: DiscardModes,
+    /// Cache mode writethrough: every write request ends with a flush.
+    writethrough: AtomicBool,
     size: AtomicU64,
     io_gate: RwLock<()>,
     backing: Option<Arc<crate::image::Image>>,
@@ -586,6 +588,7 @@ impl Qcow2 {
             codec: Codec::from_type(compression_type),
             version,
             read_only,
+            writethrough: AtomicBool::new(opts.cache.writes_through()),
             discard: DiscardModes {
                 request: opts.discard_passthrough,
                 snapshot: opts.pass_discard_snapshot.unwrap_or(true),
@@ -737,6 +740,26 @@ impl Qcow2 {
 
     /// Writes `buf` at guest `offset`.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_at_inner(buf, offset)?;
+        self.write_through()
+    }
+
+    /// Flushes after a write request in cache mode writethrough.
+    fn write_through(&self) -> Result<()> {
+        if self.writethrough.load(Ordering::Relaxed) {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Applies a cache mode: `unsafe` ignores flushes, writethrough makes
+    /// every write request durable before it returns.
+    pub fn set_cache_mode(&self, mode: crate::options::CacheMode) {
+        self.storage.set_ignore_sync(mode == crate::options::CacheMode::Unsafe);
+        self.writethrough.store(mode.writes_through(), Ordering::Relaxed);
+    }
+
+    fn write_at_inner(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         let mut done = 0u64;
         let total = buf.len() as u64;
@@ -805,6 +828,11 @@ impl Qcow2 {
     /// their whole clusters are discarded (they have no backing file, so
     /// unallocated clusters read as zeros), as QEMU does.
     pub fn write_zeroes_at(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        self.write_zeroes_inner(offset, len, may_unmap)?;
+        self.write_through()
+    }
+
+    fn write_zeroes_inner(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         self.check_range(offset, len)?;
         if len == 0 {
             return Ok(());
@@ -855,7 +883,7 @@ impl Qcow2 {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(chunk.len() as u64);
-            self.write_at(&chunk[..n as usize], offset + done)?;
+            self.write_at_inner(&chunk[..n as usize], offset + done)?;
             done += n;
         }
         Ok(())
@@ -916,6 +944,11 @@ impl Qcow2 {
     /// partial cluster when the range reaches the end of the disk), as QEMU
     /// does: partial clusters keep their data.
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.discard_inner(offset, len)?;
+        self.write_through()
+    }
+
+    fn discard_inner(&self, offset: u64, len: u64) -> Result<()> {
         self.check_range(offset, len)?;
         if self.read_only {
             return Err(Error::ReadOnly);
@@ -1208,6 +1241,11 @@ impl Qcow2 {
     /// that do not shrink are written uncompressed, as QEMU does. Like QEMU,
     /// compressed data only goes to clusters that hold no data yet.
     pub fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_compressed_inner(buf, offset)?;
+        self.write_through()
+    }
+
+    fn write_compressed_inner(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         let cs = self.geometry.cluster_size();
         let end = offset + buf.len() as u64;
@@ -1222,7 +1260,7 @@ impl Qcow2 {
             let mut cluster = chunk.to_vec();
             cluster.resize(cs as usize, 0);
             match self.codec.compress(&cluster, cs as usize - 1)? {
-                None => self.write_at(chunk, at)?,
+                None => self.write_at_inner(chunk, at)?,
                 Some(data) => self.write_compressed_cluster(&data, at)?,
             }
         }
