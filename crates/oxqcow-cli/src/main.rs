@@ -12,9 +12,11 @@ mod create;
 mod getopt;
 mod imgopts;
 mod info;
+mod io;
 mod map;
 mod measure;
 mod progress;
+mod qparse;
 mod qjson;
 mod resize;
 mod status;
@@ -69,6 +71,7 @@ fn run(ctx: &Ctx, args: &[String]) -> i32 {
         "convert" => convert::run(ctx, rest),
         "create" => create::run(ctx, rest),
         "info" => info::run(ctx, rest),
+        "io" => io::run(ctx, rest),
         "map" => map::run(ctx, rest),
         "measure" => measure::run(ctx, rest),
         "resize" => resize::run(ctx, rest),
