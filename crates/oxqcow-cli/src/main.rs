@@ -3,6 +3,7 @@
 //! `run(ctx, args) -> exit code` entry point; this file only dispatches.
 #![forbid(unsafe_code)]
 
+mod bench;
 mod check;
 #[allow(dead_code)] // used by the subcommand modules as they land
 mod common;
@@ -66,6 +67,7 @@ fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let rest = &args[1..];
     match command.as_str() {
         // Subcommands register here: "name" => name::run(ctx, rest),
+        "bench" => bench::run(ctx, rest),
         "check" => check::run(ctx, rest),
         "compare" => compare::run(ctx, rest),
         "convert" => convert::run(ctx, rest),
