@@ -18,31 +18,25 @@ use std::time::Instant;
 use oxqcow::{BlockDevice, Image};
 
 use crate::common::Ctx;
+use crate::common::{qemu_strtosz, strtoul0, SizeError};
+use crate::getopt::{self, HasArg, Opt};
 use crate::io::cmds::errno_text;
 use crate::io::open::{open, OpenSpec};
-use crate::qparse::{getopt, strtosz, strtoul0, HasArg, Item, LongOpt, SizeError};
 
 /// Most threads one run uses; deeper queues share them.
 pub const MAX_WORKERS: u64 = 256;
 
 const INT_MAX: u64 = i32::MAX as u64;
 
-const OPT_FLUSH_INTERVAL: char = '\u{100}';
-const OPT_IMAGE_OPTS: char = '\u{101}';
-const OPT_PATTERN: char = '\u{102}';
-const OPT_NO_DRAIN: char = '\u{103}';
-const OPT_RANDOM: char = '\u{104}';
-const OPT_SEED: char = '\u{105}';
-
-const LONG: &[LongOpt] = &[
-    LongOpt { name: "help", arg: HasArg::No, key: 'h' },
-    LongOpt { name: "flush-interval", arg: HasArg::Yes, key: OPT_FLUSH_INTERVAL },
-    LongOpt { name: "image-opts", arg: HasArg::No, key: OPT_IMAGE_OPTS },
-    LongOpt { name: "pattern", arg: HasArg::Yes, key: OPT_PATTERN },
-    LongOpt { name: "no-drain", arg: HasArg::No, key: OPT_NO_DRAIN },
-    LongOpt { name: "force-share", arg: HasArg::No, key: 'U' },
-    LongOpt { name: "random", arg: HasArg::No, key: OPT_RANDOM },
-    LongOpt { name: "seed", arg: HasArg::Yes, key: OPT_SEED },
+const OPTIONS: &[Opt] = &[
+    Opt::both('h', "help", HasArg::No),
+    Opt::long("flush-interval", HasArg::Required),
+    Opt::long("image-opts", HasArg::No),
+    Opt::long("pattern", HasArg::Required),
+    Opt::long("no-drain", HasArg::No),
+    Opt::both('U', "force-share", HasArg::No),
+    Opt::long("random", HasArg::No),
+    Opt::long("seed", HasArg::Required),
 ];
 
 fn help(prog: &str) -> String {
@@ -113,7 +107,7 @@ fn splitmix64(x: u64) -> u64 {
 /// A number in `[min, max]` with qemu-img's messages; `size` selects its
 /// size syntax (suffixes, fractions) over C integer syntax (`0x`, octal).
 fn ranged(name: &str, value: &str, min: u64, max: u64, size: bool) -> Result<u64, String> {
-    let parsed = if size { strtosz(value) } else { strtoul0(value) };
+    let parsed = if size { qemu_strtosz(value) } else { strtoul0(value) };
     match parsed {
         Err(SizeError::Invalid) => Err(format!("Invalid {name} specified: '{value}'.")),
         Ok(v) if (min..=max).contains(&v) => Ok(v),
@@ -123,8 +117,16 @@ fn ranged(name: &str, value: &str, min: u64, max: u64, size: bool) -> Result<u64
 
 /// Runs `oxqcow bench ARGS`.
 pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
-    let prog = format!("{} bench", ctx.prog);
-    let parsed = getopt(&prog, args, "hc:d:f:ni:o:qs:S:t:wU", LONG);
+    let mut spec_opts = getopt::short_options("hc:d:f:ni:o:qs:S:t:wU");
+    spec_opts.extend_from_slice(OPTIONS);
+    let parsed = match getopt::parse(&format!("{} bench", ctx.argv0), args, &spec_opts) {
+        Ok(p) => p,
+        Err(msg) => {
+            eprintln!("{msg}");
+            eprintln!("Try '{} bench --help' for more info", ctx.argv0);
+            return 1;
+        }
+    };
     let mut plan = Plan {
         count: 75000,
         depth: 64,
@@ -146,54 +148,47 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     spec.unmap = false;
     let mut format: Option<String> = None;
     let mut image_opts = false;
-    for item in parsed.items {
-        let (key, value) = match item {
-            Item::Opt(k, v) => (k, v.unwrap_or_default()),
-            Item::Error(msg) => {
-                eprintln!("{msg}");
-                eprintln!("Try '{prog} --help' for more info");
-                return 1;
-            }
-        };
-        let res = match key {
-            'h' => {
+    for (key, value) in parsed.opts {
+        let value = value.unwrap_or_default();
+        let res = match key.as_str() {
+            "h" => {
                 print!("{}", help(&ctx.prog));
                 return 0;
             }
-            'c' => ranged("request count", &value, 1, INT_MAX, false).map(|v| plan.count = v),
-            'd' => ranged("queue depth", &value, 1, INT_MAX, false).map(|v| plan.depth = v),
-            'o' => ranged("offset", &value, 0, i64::MAX as u64, true).map(|v| plan.offset = v),
-            's' => ranged("buffer size", &value, 1, INT_MAX, true).map(|v| plan.bufsize = v),
-            'S' => ranged("step size", &value, 0, INT_MAX, true).map(|v| plan.step = v),
-            OPT_PATTERN => ranged("pattern byte", &value, 0, 0xff, false).map(|v| plan.pattern = v as u8),
-            OPT_FLUSH_INTERVAL => ranged("flush interval", &value, 0, INT_MAX, false).map(|v| plan.flush_interval = v),
-            OPT_SEED => ranged("seed", &value, 0, u64::MAX, false).map(|v| plan.seed = v),
-            OPT_NO_DRAIN => {
+            "c" => ranged("request count", &value, 1, INT_MAX, false).map(|v| plan.count = v),
+            "d" => ranged("queue depth", &value, 1, INT_MAX, false).map(|v| plan.depth = v),
+            "o" => ranged("offset", &value, 0, i64::MAX as u64, true).map(|v| plan.offset = v),
+            "s" => ranged("buffer size", &value, 1, INT_MAX, true).map(|v| plan.bufsize = v),
+            "S" => ranged("step size", &value, 0, INT_MAX, true).map(|v| plan.step = v),
+            "pattern" => ranged("pattern byte", &value, 0, 0xff, false).map(|v| plan.pattern = v as u8),
+            "flush-interval" => ranged("flush interval", &value, 0, INT_MAX, false).map(|v| plan.flush_interval = v),
+            "seed" => ranged("seed", &value, 0, u64::MAX, false).map(|v| plan.seed = v),
+            "no-drain" => {
                 plan.drain = false;
                 Ok(())
             }
-            OPT_RANDOM => {
+            "random" => {
                 plan.random = true;
                 Ok(())
             }
-            OPT_IMAGE_OPTS => {
+            "image-opts" => {
                 image_opts = true;
                 Ok(())
             }
-            'f' => {
+            "f" => {
                 format = Some(value);
                 Ok(())
             }
-            'w' => {
+            "w" => {
                 plan.write = true;
                 spec.read_only = false;
                 Ok(())
             }
-            'q' => Ok(()), // qemu-img bench prints its lines even with -q
-            't' => spec.apply_flag('t', &value).map_err(|_| "Invalid cache mode".to_string()),
-            'i' => spec.apply_flag('i', &value),
-            'n' => spec.apply_flag('k', ""),
-            'U' => spec.apply_flag('U', ""),
+            "q" => Ok(()), // qemu-img bench prints its lines even with -q
+            "t" => spec.apply_flag('t', &value).map_err(|_| "Invalid cache mode".to_string()),
+            "i" => spec.apply_flag('i', &value),
+            "n" => spec.apply_flag('k', ""),
+            "U" => spec.apply_flag('U', ""),
             other => Err(format!("unexpected option '{other}'")),
         };
         if let Err(msg) = res {
@@ -203,7 +198,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     }
     let [filename] = parsed.operands.as_slice() else {
         ctx.error("Expecting one image file name");
-        eprintln!("Try '{prog} --help' for more info");
+        eprintln!("Try '{} bench --help' for more info", ctx.argv0);
         return 1;
     };
     if !plan.write && plan.flush_interval > 0 {
@@ -251,7 +246,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         println!("Using random offsets (seed {}, aligned to {} bytes)", plan.seed, plan.step);
     }
     let start = Instant::now();
-    let result = send(&opened.image, &plan, opened.writethrough && !opened.no_flush);
+    let result = send(&opened.image, &plan);
     let elapsed = start.elapsed();
     if let Err(msg) = result {
         return ctx.fail(&msg);
@@ -264,7 +259,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
 }
 
 /// Sends every request of `plan` with `plan.depth` of them in flight.
-fn send(image: &Image, plan: &Plan, writethrough: bool) -> Result<(), String> {
+fn send(image: &Image, plan: &Plan) -> Result<(), String> {
     let workers = plan.depth.min(plan.count).min(MAX_WORKERS) as usize;
     // With a drained flush interval the requests go in windows of that
     // size: all of one window complete, one flush, then the next window.
@@ -299,13 +294,7 @@ fn send(image: &Image, plan: &Plan, writethrough: bool) -> Result<(), String> {
                         }
                         let offset = plan.offset_of(i);
                         let res = if plan.write {
-                            image.write_at(&write_buf, offset).and_then(|()| {
-                                if writethrough {
-                                    image.flush()
-                                } else {
-                                    Ok(())
-                                }
-                            })
+                            image.write_at(&write_buf, offset)
                         } else {
                             image.read_at(&mut read_buf, offset)
                         };

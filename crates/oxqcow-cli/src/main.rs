@@ -17,7 +17,6 @@ mod io;
 mod map;
 mod measure;
 mod progress;
-mod qparse;
 mod qjson;
 mod resize;
 mod status;

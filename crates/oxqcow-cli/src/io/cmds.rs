@@ -8,8 +8,8 @@ use oxqcow::{BlockDevice, Image, ImageFormat, Preallocation};
 use super::open::{split_options, OpenSpec};
 use super::report::{dump, human_size, report};
 use super::{CmdInfo, CmdResult, Failed, Session};
-use crate::common::describe;
-use crate::qparse::{cvtnum, getopt, strtoul0, Item, SizeError};
+use crate::common::{describe, os_error, qemu_strtosz, strtoul0, SizeError};
+use crate::getopt;
 
 /// QEMU's limit on one request (`BDRV_REQUEST_MAX_BYTES`: `INT_MAX`
 /// rounded down to whole sectors).
@@ -18,13 +18,7 @@ pub const MAX_REQUEST: u64 = 2_147_483_136;
 /// The text of a host error as C's `strerror` gives it.
 pub fn io_error_text(e: &std::io::Error) -> String {
     match e.raw_os_error() {
-        Some(code) => {
-            let s = std::io::Error::from_raw_os_error(code).to_string();
-            match s.rfind(" (os error ") {
-                Some(at) => s[..at].to_string(),
-                None => s,
-            }
-        }
+        Some(_) => os_error(e),
         None => "Input/output error".into(),
     }
 }
@@ -38,6 +32,7 @@ pub fn errno_text(e: &oxqcow::Error) -> String {
             K::InvalidArgument => "Invalid argument",
             K::Unsupported => "Operation not supported",
             K::ReadOnly => "Operation not permitted",
+            K::Locked => "Resource temporarily unavailable",
             K::NoSpace => "File too large",
             K::Io | K::InvalidFormat | K::Corrupt | K::OutOfBounds | K::Failed => "Input/output error",
         }
@@ -362,7 +357,8 @@ fn image<'s>(s: &'s Session) -> &'s Image {
 
 /// A number argument, with qemu-io's message when it does not parse.
 fn num(arg: &str) -> Result<u64, Failed> {
-    cvtnum(arg).map_err(|e| {
+    let parsed = qemu_strtosz(arg).and_then(|v| if v > i64::MAX as u64 { Err(SizeError::Range) } else { Ok(v) });
+    parsed.map_err(|e| {
         match e {
             SizeError::Invalid => {
                 println!("Parsing error: non-numeric argument, or extraneous/unrecognized suffix -- {arg}")
@@ -385,14 +381,32 @@ fn pattern(arg: &str) -> Result<u8, Failed> {
     }
 }
 
-/// Handles one getopt item of a command: an error ends the command with
-/// its usage line.
-fn opt(item: Item, info: &CmdInfo) -> Result<(char, Option<String>), Failed> {
-    match item {
-        Item::Opt(c, v) => Ok((c, v)),
-        Item::Error(msg) => {
-            eprintln!("{msg}");
-            Err(info.usage().unwrap_err())
+/// A command's options (letters, in order, up to a malformed one), its
+/// operands, and glibc's message for the malformed option if any.
+struct Args {
+    opts: Vec<(char, String)>,
+    operands: Vec<String>,
+    error: Option<String>,
+}
+
+/// Parses a command's arguments as qemu-io's getopt loop sees them; the
+/// program name in messages is the command as typed.
+fn parse_args(argv: &[String], short: &str) -> Args {
+    let (parsed, error) = getopt::parse_until_error(&argv[0], &argv[1..], &getopt::short_options(short));
+    let opts = parsed.opts.into_iter().map(|(k, v)| (k.chars().next().unwrap_or('?'), v.unwrap_or_default())).collect();
+    Args { opts, operands: parsed.operands, error }
+}
+
+impl Args {
+    /// After the options the command took: a malformed option ends it with
+    /// the usage line, as qemu-io's getopt loop does.
+    fn check(&self, info: &CmdInfo) -> CmdResult {
+        match &self.error {
+            Some(msg) => {
+                eprintln!("{msg}");
+                info.usage()
+            }
+            None => Ok(()),
         }
     }
 }
@@ -421,21 +435,22 @@ fn buffer(len: u64, fill: u8) -> Result<Vec<u8>, Failed> {
 }
 
 fn read(s: &mut Session, info: &CmdInfo, argv: &[String]) -> CmdResult {
-    let p = getopt(&argv[0], &argv[1..], "bCl:pP:qrs:v", &[]);
+    let p = parse_args(argv, "bCl:pP:qrs:v");
     let (mut vm_state, mut machine, mut quiet, mut verbose) = (false, false, false, false);
     let (mut pat, mut pat_off, mut pat_len) = (None, None, None);
-    for item in p.items {
-        match opt(item, info)? {
+    for (c, v) in &p.opts {
+        match (*c, v) {
             ('b', _) => vm_state = true,
             ('C', _) => machine = true,
-            ('l', v) => pat_len = Some(num(&v.unwrap_or_default())?),
-            ('P', v) => pat = Some(pattern(&v.unwrap_or_default())?),
+            ('l', v) => pat_len = Some(num(v)?),
+            ('P', v) => pat = Some(pattern(v)?),
             ('q', _) => quiet = true,
-            ('s', v) => pat_off = Some(num(&v.unwrap_or_default())?),
+            ('s', v) => pat_off = Some(num(v)?),
             ('v', _) => verbose = true,
             _ => {} // -p and -r change nothing here
         }
     }
+    p.check(info)?;
     let [off_arg, len_arg] = p.operands.as_slice() else { return info.usage() };
     let offset = num(off_arg)?;
     let count = num(len_arg)?;
@@ -516,21 +531,22 @@ fn iovec_len(args: &[String]) -> Result<u64, Failed> {
 /// request failures and pattern mismatches do not fail it.
 fn readv(s: &mut Session, info: &CmdInfo, argv: &[String], aio: bool) -> CmdResult {
     let optstring = if aio { "CiP:qrv" } else { "CP:qrv" };
-    let p = getopt(&argv[0], &argv[1..], optstring, &[]);
+    let p = parse_args(argv, optstring);
     let (mut machine, mut quiet, mut verbose, mut pat) = (false, false, false, None);
-    for item in p.items {
-        match opt(item, info)? {
+    for (c, v) in &p.opts {
+        match (*c, v) {
             ('C', _) => machine = true,
             ('i', _) => {
                 println!("injecting invalid read request");
                 return Ok(());
             }
-            ('P', v) => pat = Some(pattern(&v.unwrap_or_default())?),
+            ('P', v) => pat = Some(pattern(v)?),
             ('q', _) => quiet = true,
             ('v', _) => verbose = true,
             _ => {}
         }
     }
+    p.check(info)?;
     if p.operands.len() < 2 {
         return info.usage();
     }
@@ -560,12 +576,11 @@ fn readv(s: &mut Session, info: &CmdInfo, argv: &[String], aio: bool) -> CmdResu
     ret
 }
 
-/// Flushes after a write when the cache mode is writethrough (QEMU sends
-/// such writes with FUA) or the request asked for FUA.
+/// `-f` (FUA): the write is durable when it completes. (Writethrough
+/// cache modes make every write so in the engine.)
 fn after_write(s: &Session, fua: bool) -> oxqcow::Result<()> {
-    let img = s.image.as_ref().expect("an image is open");
-    if (img.writethrough || fua) && !img.no_flush {
-        img.image.flush()?;
+    if fua {
+        image(s).flush()?;
     }
     Ok(())
 }
@@ -588,26 +603,27 @@ fn probed_raw_guard(s: &Session, buf: &[u8], offset: u64) -> oxqcow::Result<()> 
 }
 
 fn write(s: &mut Session, info: &CmdInfo, argv: &[String]) -> CmdResult {
-    let p = getopt(&argv[0], &argv[1..], "bcCfnpP:qrs:uz", &[]);
+    let p = parse_args(argv, "bcCfnpP:qrs:uz");
     let (mut vm_state, mut compressed, mut machine, mut fua, mut no_fallback) = (false, false, false, false, false);
     let (mut quiet, mut registered, mut unmap, mut zero) = (false, false, false, false);
     let (mut pat, mut source) = (None, None);
-    for item in p.items {
-        match opt(item, info)? {
+    for (c, v) in &p.opts {
+        match (*c, v) {
             ('b', _) => vm_state = true,
             ('c', _) => compressed = true,
             ('C', _) => machine = true,
             ('f', _) => fua = true,
             ('n', _) => no_fallback = true,
-            ('P', v) => pat = Some(pattern(&v.unwrap_or_default())?),
+            ('P', v) => pat = Some(pattern(v)?),
             ('q', _) => quiet = true,
             ('r', _) => registered = true,
-            ('s', v) => source = v,
+            ('s', v) => source = Some(v.clone()),
             ('u', _) => unmap = true,
             ('z', _) => zero = true,
             _ => {}
         }
     }
+    p.check(info)?;
     let [off_arg, len_arg] = p.operands.as_slice() else { return info.usage() };
     let refuse = |msg: &str| {
         println!("{msg}");
@@ -656,7 +672,7 @@ fn write(s: &mut Session, info: &CmdInfo, argv: &[String]) -> CmdResult {
             if no_fallback {
                 fast_zero_possible(img, offset, count)?;
             }
-            img.write_zeroes_at(offset, count, unmap)?;
+            img.write_zeroes_at(offset, count, may_unmap(s, unmap))?;
         } else if compressed {
             write_compressed(img, &buf, offset)?;
         } else {
@@ -755,19 +771,19 @@ fn write_compressed(img: &Image, buf: &[u8], offset: u64) -> oxqcow::Result<()> 
 /// `writev` and `aio_write` (whose failures do not fail the command).
 fn writev(s: &mut Session, info: &CmdInfo, argv: &[String], aio: bool) -> CmdResult {
     let optstring = if aio { "CfiP:qruz" } else { "CfP:qr" };
-    let p = getopt(&argv[0], &argv[1..], optstring, &[]);
+    let p = parse_args(argv, optstring);
     let (mut machine, mut fua, mut quiet, mut registered, mut unmap, mut zero) =
         (false, false, false, false, false, false);
     let mut pat = None;
-    for item in p.items {
-        match opt(item, info)? {
+    for (c, v) in &p.opts {
+        match (*c, v) {
             ('C', _) => machine = true,
             ('f', _) => fua = true,
             ('i', _) => {
                 println!("injecting invalid write request");
                 return Ok(());
             }
-            ('P', v) => pat = Some(pattern(&v.unwrap_or_default())?),
+            ('P', v) => pat = Some(pattern(v)?),
             ('q', _) => quiet = true,
             ('r', _) => registered = true,
             ('u', _) => unmap = true,
@@ -775,6 +791,7 @@ fn writev(s: &mut Session, info: &CmdInfo, argv: &[String], aio: bool) -> CmdRes
             _ => {}
         }
     }
+    p.check(info)?;
     if p.operands.len() < 2 {
         return info.usage();
     }
@@ -788,9 +805,8 @@ fn writev(s: &mut Session, info: &CmdInfo, argv: &[String], aio: bool) -> CmdRes
     if unmap && !zero {
         return refuse("-u requires -z to be specified");
     }
-    if zero && pat.is_some() {
-        return refuse("-z and -P cannot be specified at the same time");
-    }
+    // qemu-io 10 means to refuse -z with -P here but never notices -P
+    // (its check reads a flag that aio_write does not set): -P is ignored.
     if zero && registered {
         return refuse("cannot combine zero write with registered I/O buffer");
     }
@@ -801,7 +817,7 @@ fn writev(s: &mut Session, info: &CmdInfo, argv: &[String], aio: bool) -> CmdRes
             if count > MAX_REQUEST {
                 return Err(oxqcow::Error::OutOfBounds { offset, len: count, size: image(s).len() });
             }
-            image(s).write_zeroes_at(offset, count, unmap)?;
+            image(s).write_zeroes_at(offset, count, may_unmap(s, unmap))?;
             after_write(s, fua)
         });
         (res, count, t)
@@ -826,23 +842,20 @@ fn writev(s: &mut Session, info: &CmdInfo, argv: &[String], aio: bool) -> CmdRes
 }
 
 fn flush(s: &mut Session) -> CmdResult {
-    let img = s.image.as_ref().expect("an image is open");
-    if img.no_flush {
-        return Ok(());
-    }
-    img.image.flush().map_err(|_| Failed)
+    image(s).flush().map_err(|_| Failed)
 }
 
 fn discard(s: &mut Session, info: &CmdInfo, argv: &[String]) -> CmdResult {
-    let p = getopt(&argv[0], &argv[1..], "Cq", &[]);
+    let p = parse_args(argv, "Cq");
     let (mut machine, mut quiet) = (false, false);
-    for item in p.items {
-        match opt(item, info)? {
+    for (c, v) in &p.opts {
+        match (*c, v) {
             ('C', _) => machine = true,
             ('q', _) => quiet = true,
             _ => {}
         }
     }
+    p.check(info)?;
     let [off_arg, len_arg] = p.operands.as_slice() else { return info.usage() };
     let offset = num(off_arg)?;
     let bytes = num(len_arg)?;
@@ -850,12 +863,28 @@ fn discard(s: &mut Session, info: &CmdInfo, argv: &[String]) -> CmdResult {
         println!("length cannot exceed {MAX_REQUEST}, given {len_arg}");
         return Err(Failed);
     }
-    let (res, t) = timed(|| image(s).discard(offset, bytes));
+    // With discard=ignore QEMU drops discard requests before the format.
+    let unmap = s.image.as_ref().is_some_and(|i| i.unmap);
+    let (res, t) = timed(|| if unmap { image(s).discard(offset, bytes) } else { in_range(image(s), offset, bytes) });
     res.map_err(|e| read_failed("discard", &e))?;
     if !quiet {
         print!("{}", report("discard", t, offset, bytes, bytes, 1, machine));
     }
     Ok(())
+}
+
+/// Fails like the block layer's request check when a range leaves the disk.
+fn in_range(img: &Image, offset: u64, len: u64) -> oxqcow::Result<()> {
+    let size = img.len();
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(oxqcow::Error::OutOfBounds { offset, len, size }),
+    }
+}
+
+/// Zero writes may unmap only when the image was opened with discard on.
+fn may_unmap(s: &Session, requested: bool) -> bool {
+    requested && s.image.as_ref().is_some_and(|i| i.unmap)
 }
 
 /// Runs of `[offset, offset + len)` as (length, allocated in this image),
@@ -951,11 +980,11 @@ fn info_cmd(s: &mut Session) -> CmdResult {
 }
 
 fn truncate(s: &mut Session, info: &CmdInfo, argv: &[String]) -> CmdResult {
-    let p = getopt(&argv[0], &argv[1..], "m:", &[]);
+    let p = parse_args(argv, "m:");
     let mut prealloc = Preallocation::Off;
-    for item in p.items {
-        if let ('m', Some(v)) = opt(item, info)? {
-            prealloc = match Preallocation::from_name(&v) {
+    for (c, v) in &p.opts {
+        if *c == 'm' {
+            prealloc = match Preallocation::from_name(v) {
                 Ok(m) => m,
                 Err(_) => {
                     s.ctx.error(&format!("Invalid preallocation mode '{v}'"));
@@ -964,6 +993,7 @@ fn truncate(s: &mut Session, info: &CmdInfo, argv: &[String]) -> CmdResult {
             };
         }
     }
+    p.check(info)?;
     let Some(arg) = p.operands.first() else { return info.usage() };
     let new_size = num(arg)?;
     let img = image(s);
@@ -1001,28 +1031,28 @@ fn truncate(s: &mut Session, info: &CmdInfo, argv: &[String]) -> CmdResult {
 }
 
 fn open_cmd(s: &mut Session, info: &CmdInfo, argv: &[String]) -> CmdResult {
-    let p = getopt(&argv[0], &argv[1..], "snCro:ki:t:d:U", &[]);
+    let p = parse_args(argv, "snCro:ki:t:d:U");
     let mut spec = OpenSpec::for_command_line();
-    for item in p.items {
-        let (c, v) = opt(item, info)?;
-        let v = v.unwrap_or_default();
+    for (c, v) in &p.opts {
+        let (c, v) = (*c, v.as_str());
         if c == 'o' {
             if s.image_opts {
                 println!("--image-opts and 'open -o' are mutually exclusive");
                 return Err(Failed);
             }
-            match split_options(&s.ctx.prog, &v) {
+            match split_options(&s.ctx.prog, v) {
                 Ok(o) => spec.options.extend(o),
                 Err(msg) => {
                     s.ctx.error(&msg);
                     return Err(Failed);
                 }
             }
-        } else if let Err(msg) = spec.apply_flag(c, &v) {
+        } else if let Err(msg) = spec.apply_flag(c, v) {
             s.ctx.error(&msg);
             return Err(Failed);
         }
     }
+    p.check(info)?;
     let mut operands = p.operands.as_slice();
     if s.image_opts && operands.len() == 1 {
         match split_options(&s.ctx.prog, &operands[0]) {

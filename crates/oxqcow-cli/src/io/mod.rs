@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::io::BufRead;
 
 use crate::common::Ctx;
-use crate::qparse::{getopt, HasArg, Item, LongOpt};
+use crate::getopt::{self, HasArg, Opt};
 use open::{OpenSpec, Opened};
 
 /// What `run` returns when a command failed; the command printed why.
@@ -38,27 +38,24 @@ pub struct Session<'a> {
     quit: bool,
 }
 
-const MAIN_SHORT: &str = "hVc:d:f:rsnCmki:t:T:U";
-const OPT_OBJECT: char = '\u{100}';
-const OPT_IMAGE_OPTS: char = '\u{101}';
-const MAIN_LONG: &[LongOpt] = &[
-    LongOpt { name: "help", arg: HasArg::No, key: 'h' },
-    LongOpt { name: "version", arg: HasArg::No, key: 'V' },
-    LongOpt { name: "cmd", arg: HasArg::Yes, key: 'c' },
-    LongOpt { name: "format", arg: HasArg::Yes, key: 'f' },
-    LongOpt { name: "read-only", arg: HasArg::No, key: 'r' },
-    LongOpt { name: "snapshot", arg: HasArg::No, key: 's' },
-    LongOpt { name: "nocache", arg: HasArg::No, key: 'n' },
-    LongOpt { name: "copy-on-read", arg: HasArg::No, key: 'C' },
-    LongOpt { name: "misalign", arg: HasArg::No, key: 'm' },
-    LongOpt { name: "native-aio", arg: HasArg::No, key: 'k' },
-    LongOpt { name: "discard", arg: HasArg::Yes, key: 'd' },
-    LongOpt { name: "cache", arg: HasArg::Yes, key: 't' },
-    LongOpt { name: "aio", arg: HasArg::Yes, key: 'i' },
-    LongOpt { name: "trace", arg: HasArg::Yes, key: 'T' },
-    LongOpt { name: "object", arg: HasArg::Yes, key: OPT_OBJECT },
-    LongOpt { name: "image-opts", arg: HasArg::No, key: OPT_IMAGE_OPTS },
-    LongOpt { name: "force-share", arg: HasArg::No, key: 'U' },
+const MAIN_OPTIONS: &[Opt] = &[
+    Opt::both('h', "help", HasArg::No),
+    Opt::both('V', "version", HasArg::No),
+    Opt::both('c', "cmd", HasArg::Required),
+    Opt::both('f', "format", HasArg::Required),
+    Opt::both('r', "read-only", HasArg::No),
+    Opt::both('s', "snapshot", HasArg::No),
+    Opt::both('n', "nocache", HasArg::No),
+    Opt::both('C', "copy-on-read", HasArg::No),
+    Opt::both('m', "misalign", HasArg::No),
+    Opt::both('k', "native-aio", HasArg::No),
+    Opt::both('d', "discard", HasArg::Required),
+    Opt::both('t', "cache", HasArg::Required),
+    Opt::both('i', "aio", HasArg::Required),
+    Opt::both('T', "trace", HasArg::Required),
+    Opt::long("object", HasArg::Required),
+    Opt::long("image-opts", HasArg::No),
+    Opt::both('U', "force-share", HasArg::No),
 ];
 
 fn usage(prog: &str) -> String {
@@ -94,49 +91,47 @@ fn usage(prog: &str) -> String {
 
 /// Runs `oxqcow io ARGS`.
 pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
-    let parsed = getopt(&ctx.prog, args, MAIN_SHORT, MAIN_LONG);
+    let (parsed, error) = getopt::parse_until_error(&ctx.argv0, args, MAIN_OPTIONS);
     let mut spec = OpenSpec::for_command_line();
     let mut commands: Vec<String> = Vec::new();
     let mut format: Option<String> = None;
     let mut session = Session { ctx, image: None, image_opts: false, secrets: HashMap::new(), quit: false };
-    for item in parsed.items {
-        let (key, value) = match item {
-            Item::Opt(k, v) => (k, v.unwrap_or_default()),
-            Item::Error(msg) => {
-                eprintln!("{msg}");
-                print!("{}", usage(&ctx.prog));
-                return 1;
-            }
-        };
-        let res = match key {
-            'c' => {
+    for (key, value) in parsed.opts {
+        let value = value.unwrap_or_default();
+        let res = match key.as_str() {
+            "c" => {
                 commands.push(value);
                 Ok(())
             }
-            'f' => {
+            "f" => {
                 format = Some(value);
                 Ok(())
             }
-            'h' => {
+            "h" => {
                 print!("{}", usage(&ctx.prog));
                 return 0;
             }
-            'V' => {
+            "V" => {
                 println!("{} io version {} (oxqcow)", ctx.prog, env!("CARGO_PKG_VERSION"));
                 return 0;
             }
-            'T' | 'm' => Ok(()),
-            OPT_OBJECT => session.add_object(&value),
-            OPT_IMAGE_OPTS => {
+            "T" | "m" => Ok(()),
+            "object" => session.add_object(&value),
+            "image-opts" => {
                 session.image_opts = true;
                 Ok(())
             }
-            other => spec.apply_flag(other, &value),
+            other => spec.apply_flag(other.chars().next().unwrap_or('?'), &value),
         };
         if let Err(msg) = res {
             ctx.error(&msg);
             return 1;
         }
+    }
+    if let Some(msg) = error {
+        eprintln!("{msg}");
+        print!("{}", usage(&ctx.prog));
+        return 1;
     }
     if parsed.operands.len() > 1 {
         print!("{}", usage(&ctx.prog));

@@ -8,13 +8,14 @@ use std::path::Path;
 use std::sync::Arc;
 
 use oxqcow::backing::BackingPolicy;
+use oxqcow::options::CacheMode;
 use oxqcow::{
     probe_format, BlockDevice, CreateOptions, FileStorage, Image, ImageFormat, MemoryStorage, OpenOptions, Qcow2,
     Storage,
 };
 
 use super::cmds::{errno_text, io_error_text};
-use crate::common::describe;
+use crate::common::{describe, warn_probed_raw};
 
 /// How to open an image: qemu-io's flags plus driver options.
 #[derive(Clone, Debug)]
@@ -23,10 +24,10 @@ pub struct OpenSpec {
     pub read_only: bool,
     /// Write into a throwaway overlay (`-s`).
     pub snapshot: bool,
-    /// `-U`: only allowed read-only (there are no image locks to share).
+    /// `-U`: share the image with writers (only allowed read-only).
     pub force_share: bool,
-    /// `cache.direct`: bypass the host page cache (accepted; the engine
-    /// always uses buffered I/O, which gives the same content).
+    /// `cache.direct`: bypass the host page cache (the engine always uses
+    /// buffered I/O, which gives the same content).
     pub direct: bool,
     /// Flush after every write (qemu-io's default `writethrough` cache mode).
     pub writethrough: bool,
@@ -112,14 +113,26 @@ impl OpenSpec {
     }
 }
 
-/// An open image and the cache behaviour it was opened with.
+impl OpenSpec {
+    /// The engine's cache mode for these flags.
+    pub fn cache_mode(&self) -> CacheMode {
+        match (self.no_flush, self.direct, self.writethrough) {
+            (true, _, _) => CacheMode::Unsafe,
+            (false, true, true) => CacheMode::DirectSync,
+            (false, true, false) => CacheMode::None,
+            (false, false, true) => CacheMode::Writethrough,
+            (false, false, false) => CacheMode::Writeback,
+        }
+    }
+}
+
+/// An open image.
 pub struct Opened {
     /// The image (for `-s`, the in-memory overlay).
     pub image: Image,
-    /// Flush after every write.
-    pub writethrough: bool,
-    /// Ignore flushes.
-    pub no_flush: bool,
+    /// Discard requests reach the image (QEMU's `BDRV_O_UNMAP`); without
+    /// it, discards do nothing and zero writes may not unmap.
+    pub unmap: bool,
     /// The format was probed and guessed raw: QEMU then refuses writes that
     /// would make the first sector look like another format.
     pub probed_raw: bool,
@@ -133,10 +146,6 @@ impl Opened {
 
     /// Flushes (unless `cache=unsafe`) and closes.
     pub fn close(self) -> Result<(), String> {
-        if self.no_flush {
-            drop(self.image);
-            return Ok(());
-        }
         self.image.close().map_err(|e| describe(&e))
     }
 }
@@ -226,11 +235,6 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
                     return Err(format!("protocol driver '{value}' is not supported by oxqcow (only 'file' is)"));
                 }
             }
-            "file.locking" => {
-                if !matches!(value.as_str(), "on" | "off" | "auto") {
-                    return Err(format!("Parameter 'locking' does not accept value '{value}'"));
-                }
-            }
             "aio" | "file.aio" => spec.set_aio(&value).map_err(|()| format!("Invalid aio option: {value}"))?,
             "discard" => spec.set_discard(&value).map_err(|()| format!("Invalid discard option: {value}"))?,
             "read-only" => spec.read_only = parse_bool(&key, &value)?,
@@ -269,7 +273,12 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
         let storage = FileStorage::open(Path::new(&path), false)
             .map_err(|e| format!("Could not open '{path}': {}", io_error_text(&e)))?;
         if storage.file().metadata().is_ok_and(|m| m.is_dir()) {
-            return Err(format!("'{path}' is not a regular file"));
+            // QEMU's read-write open fails in open(2); read-only it checks.
+            return Err(if spec.read_only || spec.snapshot {
+                format!("'file' driver requires '{path}' to be a regular file")
+            } else {
+                format!("Could not open '{path}': Is a directory")
+            });
         }
         probe_format(&storage).map_err(|e| describe(&e))?
     };
@@ -282,6 +291,8 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
     let mut opts = OpenOptions::new().format(format);
     opts.read_only = spec.read_only || spec.snapshot;
     opts.discard_passthrough = spec.unmap;
+    opts.cache = spec.cache_mode();
+    opts.force_share = spec.force_share;
     if protocol_only {
         opts.backing = BackingPolicy::Ignore;
     }
@@ -304,22 +315,19 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
     // QEMU warns (and guards sector 0) only when the probed image is writable.
     let probed_raw = explicit.is_none() && format == ImageFormat::Raw && !opts.read_only;
     if probed_raw {
-        eprintln!(
-            "WARNING: Image format was not specified for '{path}' and probing guessed raw.\n         \
-             Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         \
-             Specify the 'raw' format explicitly to remove the restrictions."
-        );
+        warn_probed_raw(&path);
     }
-    let image = if spec.snapshot { temporary_overlay(image, spec.read_only)? } else { image };
-    Ok(Opened { image, writethrough: spec.writethrough, no_flush: spec.no_flush, probed_raw })
+    let image = if spec.snapshot { temporary_overlay(image, &opts, spec.read_only)? } else { image };
+    Ok(Opened { image, unmap: spec.unmap, probed_raw })
 }
 
 /// `-s`: a qcow2 overlay in memory over the image, which is open read-only.
-fn temporary_overlay(base: Image, read_only: bool) -> Result<Image, String> {
+fn temporary_overlay(base: Image, base_opts: &OpenOptions, read_only: bool) -> Result<Image, String> {
     let fail = |e: oxqcow::Error| format!("Could not create temporary overlay: {}", errno_text(&e));
     let storage: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
     Qcow2::create(storage.clone(), &CreateOptions::qcow2(base.len())).and_then(Qcow2::close).map_err(fail)?;
-    let opts = OpenOptions::new().read_only(read_only);
+    let opts = OpenOptions { read_only, cache: base_opts.cache, ..OpenOptions::new() };
     let overlay = Qcow2::open_with_backing(storage, &opts, Some(Arc::new(base))).map_err(fail)?;
+    overlay.set_cache_mode(opts.cache);
     Ok(Image::Qcow2(overlay))
 }
