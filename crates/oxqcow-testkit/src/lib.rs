@@ -25,3 +25,15 @@ pub mod prng;
 pub mod probe;
 pub mod qemu;
 pub mod workload;
+
+/// A temporary directory for image files: on tmpfs (`/dev/shm`) when the
+/// machine has one, where syncs cost nothing, else the system default.
+pub fn scratch_dir() -> tempfile::TempDir {
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir() {
+        if let Ok(d) = tempfile::Builder::new().prefix("oxqcow-test-").tempdir_in(shm) {
+            return d;
+        }
+    }
+    tempfile::tempdir().expect("creating a temporary directory")
+}

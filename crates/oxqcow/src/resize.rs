@@ -119,7 +119,17 @@ impl Qcow2 {
             }
             m.flush_all(st)
         })?;
-        Ok(image)
+        // That handle was opened while the disk had size 0, so its L2 cache
+        // holds two tables: every write reaching a third table would evict
+        // a dirty one, with a sync. Reopen so the caches are sized for the
+        // disk, as any later open sizes them.
+        image.close()?;
+        let reopen = if opts.backing_file.is_some() {
+            OpenOptions::new().backing(crate::backing::BackingPolicy::Ignore)
+        } else {
+            OpenOptions::new()
+        };
+        Qcow2::open(storage, &reopen)
     }
 }
 
