@@ -11,7 +11,10 @@
 //!   sectors (sector writes are atomic, a multi-sector write is not);
 //! - [`CrashModel::Unsynced`]: only what a `sync` made durable survives;
 //!   every mutation since the last completed sync is lost (redb's "live"
-//!   and "durable" copies, kept here as an undo log of the live copy).
+//!   and "durable" copies, kept here as an undo log of the live copy);
+//! - [`CrashModel::Reordered`]: what a sync made durable survives, and of
+//!   the mutations since, a random subset (a disk cache may write them
+//!   back in any order).
 
 use std::io;
 use std::sync::Mutex;
@@ -31,14 +34,23 @@ pub enum CrashModel {
     },
     /// Only what the last completed sync made durable.
     Unsynced,
+    /// What the last completed sync made durable, plus each later mutation
+    /// with probability 1/2 (drawn from the seed).
+    Reordered {
+        /// Chooses which unsynced mutations persist.
+        seed: u64,
+    },
 }
 
-/// How to undo one mutation: the old length and the old bytes of the
-/// range it touched (inside the old length).
+/// How to undo (and redo) one mutation: the length before and after, and
+/// the bytes of the range it touched before (inside the old length) and
+/// after (inside the new length).
 struct Undo {
     old_len: usize,
     offset: usize,
     old: Vec<u8>,
+    new_len: usize,
+    new: Vec<u8>,
 }
 
 struct State {
@@ -108,10 +120,19 @@ impl FaultyStorage {
     pub fn durable_bytes(&self) -> Vec<u8> {
         let s = self.lock();
         let mut bytes = s.live.clone();
-        if s.model == CrashModel::Unsynced {
+        if matches!(s.model, CrashModel::Unsynced | CrashModel::Reordered { .. }) {
             for u in s.undo.iter().rev() {
                 bytes.resize(u.old_len, 0);
                 bytes[u.offset..u.offset + u.old.len()].copy_from_slice(&u.old);
+            }
+        }
+        if let CrashModel::Reordered { seed } = s.model {
+            let mut rng = Prng::new(seed);
+            for u in &s.undo {
+                if rng.chance(1, 2) {
+                    bytes.resize(u.new_len, 0);
+                    bytes[u.offset..u.offset + u.new.len()].copy_from_slice(&u.new);
+                }
             }
         }
         bytes
@@ -154,14 +175,20 @@ impl FaultyStorage {
             (offset, len)
         };
         if len > 0 || (!stop && !tearable) {
-            if s.model == CrashModel::Unsynced {
+            let logged = matches!(s.model, CrashModel::Unsynced | CrashModel::Reordered { .. });
+            let before = logged.then(|| {
                 let old_len = s.live.len();
                 let start = (offset as usize).min(old_len);
                 let end = ((offset + len) as usize).min(old_len);
-                let old = s.live[start..end].to_vec();
-                s.undo.push(Undo { old_len, offset: start, old });
-            }
+                (old_len, start, s.live[start..end].to_vec())
+            });
             apply(&mut s.live, offset, len);
+            if let Some((old_len, start, old)) = before {
+                let new_len = s.live.len();
+                let end = ((offset + len) as usize).min(new_len).max(start.min(new_len));
+                let new = s.live[start.min(new_len)..end].to_vec();
+                s.undo.push(Undo { old_len, offset: start, old, new_len, new });
+            }
         }
         if stop {
             return Err(crashed());
@@ -276,6 +303,27 @@ mod tests {
         s.write_at(&[6; 10], 800).unwrap();
         s.write_at(&[7; 1], 0).unwrap_err();
         assert_eq!(s.durable_bytes(), vec![1; 1024]);
+    }
+
+    #[test]
+    fn reordered_keeps_synced_data_and_some_unsynced_writes() {
+        let mut kept = [0; 2];
+        for seed in 0..32 {
+            let s = FaultyStorage::with_crash(vec![1; 1024], Some(3), CrashModel::Reordered { seed });
+            s.write_at(&[2; 10], 0).unwrap();
+            s.sync().unwrap();
+            s.write_at(&[3; 10], 100).unwrap();
+            s.write_at(&[4; 10], 2000).unwrap();
+            s.write_at(&[5; 10], 200).unwrap_err();
+            let d = s.durable_bytes();
+            assert_eq!(&d[..10], &[2; 10]);
+            assert_eq!(&d[200..210], &[1; 10], "the crashing write never lands");
+            kept[0] += usize::from(d[100] == 3);
+            kept[1] += usize::from(d.len() == 2010 && d[2000] == 4);
+            assert!(d[100] == 3 || d[100..110] == [1; 10]);
+            assert!(d.len() == 1024 || d.len() == 2010);
+        }
+        assert!(kept.iter().all(|&k| k > 0 && k < 32), "{kept:?}");
     }
 
     #[test]

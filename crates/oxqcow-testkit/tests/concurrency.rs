@@ -10,6 +10,12 @@
 //!   unallocated; writers overwrite it in unaligned chunks while readers
 //!   read random ranges and check that every byte is either the old or
 //!   the new value.
+//! - Churners: each thread owns every other cluster of region D and runs
+//!   write, discard, partial write, zero write (with and without unmap),
+//!   partial write on each: clusters are freed and reallocated while the
+//!   others allocate.
+//! - A flusher flushes in a loop the whole time, so deferred frees are
+//!   applied while requests are in flight.
 //!
 //! Afterwards the content equals the model and check is clean, also after
 //! close and reopen, and qemu-img agrees (check clean, compare identical to
@@ -52,8 +58,8 @@ fn assert_clean(img: &Image, what: &str) {
 /// through cache evictions.
 fn run(cfg: ImageConfig, seed: u64, small_cache: bool) {
     let cs = cfg.cluster_size;
-    let size = 3 * REGION;
-    let (a, b, c) = (0, REGION, 2 * REGION);
+    let size = 4 * REGION;
+    let (a, b, c, d) = (0, REGION, 2 * REGION, 3 * REGION);
     let dir = oxqcow_testkit::scratch_dir();
     let path = dir.path().join("shared.qcow2");
     let mut img = Image::create(&path, &cfg.create_options(size)).unwrap();
@@ -92,6 +98,27 @@ fn run(cfg: ImageConfig, seed: u64, small_cache: bool) {
     for &(o, l) in &chunks {
         model.apply(&Op::Write { offset: o, len: l, seed: NEW });
     }
+    let churn_ops = |k: u64, i: u64| -> Vec<Op> {
+        let off = d + (2 * i + k) * cs;
+        let half = cs / 2;
+        let mut ops = vec![
+            Op::Write { offset: off, len: cs, seed: 20 + k as u8 },
+            Op::Discard { offset: off, len: cs },
+            Op::Write { offset: off + half, len: half, seed: 30 + k as u8 },
+            Op::WriteZeroes { offset: off, len: cs, may_unmap: i % 2 == 0 },
+        ];
+        if i % 3 != 0 {
+            ops.push(Op::Write { offset: off, len: half, seed: 40 + k as u8 });
+        }
+        ops
+    };
+    for k in 0..2 {
+        for i in 0..REGION / cs / 2 {
+            for op in churn_ops(k, i) {
+                model.apply(&op);
+            }
+        }
+    }
 
     let done = AtomicBool::new(false);
     let reads = AtomicU64::new(0);
@@ -118,6 +145,34 @@ fn run(cfg: ImageConfig, seed: u64, small_cache: bool) {
                 }
             }));
         }
+        for k in 0..2u64 {
+            let (img, churn_ops) = (&img, &churn_ops);
+            writers.push(s.spawn(move || {
+                let mut rng = Prng::new(seed ^ ((k + 3) * 0x5555_1111));
+                for i in shuffled(REGION / cs / 2, &mut rng) {
+                    for op in churn_ops(k, i) {
+                        let r = match op {
+                            Op::Write { offset, len, seed } => img.write_at(&pattern(seed, offset, len), offset),
+                            Op::Discard { offset, len } => img.discard(offset, len),
+                            Op::WriteZeroes { offset, len, may_unmap } => img.write_zeroes_at(offset, len, may_unmap),
+                            _ => unreachable!(),
+                        };
+                        r.unwrap_or_else(|e| panic!("{op:?}: {e}"));
+                    }
+                }
+            }));
+        }
+        let flushes = {
+            let (img, done) = (&img, &done);
+            s.spawn(move || {
+                let mut n = 0u64;
+                while !done.load(Ordering::Acquire) || n == 0 {
+                    img.flush().unwrap();
+                    n += 1;
+                }
+                n
+            })
+        };
         for w in 0..2usize {
             let (img, chunks) = (&img, &chunks);
             writers.push(s.spawn(move || {
@@ -156,6 +211,7 @@ fn run(cfg: ImageConfig, seed: u64, small_cache: bool) {
             w.join().expect("a writer panicked");
         }
         done.store(true, Ordering::Release);
+        assert!(flushes.join().expect("the flusher panicked") > 0);
     });
     assert!(reads.load(Ordering::Relaxed) >= 40);
 
