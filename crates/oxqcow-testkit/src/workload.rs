@@ -156,14 +156,27 @@ pub struct Harness {
     pub max_size: u64,
     /// The operations applied so far (for failure messages).
     pub log: Vec<Op>,
+    /// How the image is (re)opened.
+    pub open_options: OpenOptions,
 }
 
 impl Harness {
-    /// Creates an image of `size` bytes.
-    pub fn new(config: ImageConfig, size: u64, max_size: u64) -> Result<Self, String> {
+    /// Creates an image of `size` bytes. With `small_cache` it is
+    /// reopened (and every later reopen opens it) with QEMU's minimum
+    /// caches, two L2 tables and four refcount blocks, so tables are
+    /// evicted and written back all the time.
+    pub fn new(config: ImageConfig, size: u64, max_size: u64, small_cache: bool) -> Result<Self, String> {
         let storage = Arc::new(MemoryStorage::new());
-        let image = Image::create_storage(storage.clone(), &config.create_options(size))
+        let mut image = Image::create_storage(storage.clone(), &config.create_options(size))
             .map_err(|e| format!("create {config:?}: {e}"))?;
+        let mut open_options = OpenOptions::new();
+        if small_cache {
+            open_options.l2_cache_size = Some(2 * config.cluster_size);
+            open_options.refcount_cache_size = Some(4 * config.cluster_size);
+            image.close().map_err(|e| format!("close after create: {e}"))?;
+            let st: Arc<dyn Storage> = storage.clone();
+            image = Image::open_storage(st, &open_options).map_err(|e| format!("open with small caches: {e}"))?;
+        }
         Ok(Harness {
             config,
             storage,
@@ -171,6 +184,7 @@ impl Harness {
             model: Model::new(size, config.cluster_size),
             max_size,
             log: Vec::new(),
+            open_options,
         })
     }
 
@@ -202,7 +216,7 @@ impl Harness {
             Op::Reopen => {
                 self.image.take().expect("open").close().map_err(fail)?;
                 let storage: Arc<dyn Storage> = self.storage.clone();
-                self.image = Some(Image::open_storage(storage, &OpenOptions::new()).map_err(fail)?);
+                self.image = Some(Image::open_storage(storage, &self.open_options).map_err(fail)?);
             }
             Op::CrashReopen => {
                 // Flushing twice leaves nothing in the caches: the first
@@ -214,7 +228,7 @@ impl Harness {
                 self.image().flush().map_err(fail)?;
                 let copy = Arc::new(MemoryStorage::from_bytes(self.storage.to_bytes()));
                 let storage: Arc<dyn Storage> = copy.clone();
-                let reopened = Image::open_storage(storage, &OpenOptions::new()).map_err(fail)?;
+                let reopened = Image::open_storage(storage, &self.open_options).map_err(fail)?;
                 // The old handle closes its own (now unused) storage.
                 drop(self.image.replace(reopened));
                 self.storage = copy;

@@ -5,7 +5,9 @@
 //! `check` must find no corruption, no leak and no check error.
 //!
 //! Each property covers one cluster size over every refcount width (1, 16,
-//! 64) and compat 0.10 / 1.1 / 1.1 with lazy refcounts. The default case
+//! 64) and compat 0.10 / 1.1 / 1.1 with lazy refcounts, with default caches
+//! or QEMU's minimum ones (two L2 tables, four refcount blocks: constant
+//! write-back on eviction). The default case
 //! count keeps `cargo test` quick; set PROPTEST_CASES for a longer run.
 
 use oxqcow_testkit::model::ImageConfig;
@@ -22,9 +24,15 @@ fn config(default_cases: u32) -> Config {
 }
 
 /// Runs `specs` on a fresh image and checks after every step.
-fn run(cfg: ImageConfig, initial: u16, max_size: u64, specs: &[OpSpec]) -> Result<(), TestCaseError> {
+fn run(
+    cfg: ImageConfig,
+    small_cache: bool,
+    initial: u16,
+    max_size: u64,
+    specs: &[OpSpec],
+) -> Result<(), TestCaseError> {
     let size = (u64::from(initial) * max_size / 65536).div_ceil(512).max(1) * 512;
-    let mut h = Harness::new(cfg, size, max_size).map_err(TestCaseError::fail)?;
+    let mut h = Harness::new(cfg, size, max_size, small_cache).map_err(TestCaseError::fail)?;
     h.verify().map_err(|e| TestCaseError::fail(format!("{cfg:?} fresh image: {e}")))?;
     for spec in specs {
         let step = h.log.len();
@@ -51,10 +59,11 @@ proptest! {
     #[test]
     fn model_512_byte_clusters(
         cfg in prop::sample::select(configs(512)),
+        small_cache in any::<bool>(),
         initial in any::<u16>(),
         specs in op_specs(30),
     ) {
-        run(cfg, initial, 3 << 20, &specs)?;
+        run(cfg, small_cache, initial, 3 << 20, &specs)?;
     }
 
     /// 4 KiB clusters (an L2 table covers 2 MiB, so growing past it
@@ -62,19 +71,21 @@ proptest! {
     #[test]
     fn model_4k_clusters(
         cfg in prop::sample::select(configs(4096)),
+        small_cache in any::<bool>(),
         initial in any::<u16>(),
         specs in op_specs(30),
     ) {
-        run(cfg, initial, 6 << 20, &specs)?;
+        run(cfg, small_cache, initial, 6 << 20, &specs)?;
     }
 
     /// 64 KiB clusters, QEMU's default.
     #[test]
     fn model_64k_clusters(
         cfg in prop::sample::select(configs(65536)),
+        small_cache in any::<bool>(),
         initial in any::<u16>(),
         specs in op_specs(30),
     ) {
-        run(cfg, initial, 6 << 20, &specs)?;
+        run(cfg, small_cache, initial, 6 << 20, &specs)?;
     }
 }

@@ -31,3 +31,29 @@ fn created_image_has_a_cache_covering_the_disk() {
     assert!(syncs < 20, "256 writes without a flush issued {syncs} syncs");
     img.close().unwrap();
 }
+
+/// Bug (found by the model test): growing with preallocation=metadata or
+/// falloc linked free host clusters into the new area without zeroing
+/// them. Clusters freed earlier without a hole punch (a discard without
+/// pass-discard-request, the default) still held their old data, so the
+/// new part of the disk showed discarded data instead of zeros. (QEMU only
+/// frees clusters on discard when it also passes the discard down to the
+/// file, so its reused clusters are holes.)
+#[test]
+fn preallocated_growth_reads_zeros_over_reused_clusters() {
+    use oxqcow::{MemoryStorage, Preallocation};
+    for prealloc in [Preallocation::Metadata, Preallocation::Falloc, Preallocation::Full] {
+        let storage = Arc::new(MemoryStorage::new());
+        let cfg = ImageConfig::new(4096, 16, Compat::V3, false);
+        let img = Image::create_storage(storage, &cfg.create_options(16 << 10)).unwrap();
+        img.write_at(&[0x2a; 12 << 10], 0).unwrap();
+        img.discard(0, 8 << 10).unwrap();
+        img.flush().unwrap();
+        img.resize(24 << 10, prealloc).unwrap();
+        let mut buf = vec![0xffu8; 8 << 10];
+        img.read_at(&mut buf, 16 << 10).unwrap();
+        assert!(buf.iter().all(|&b| b == 0), "{prealloc:?}: the grown area shows old data");
+        let r = img.check(None).unwrap();
+        assert_eq!((r.corruptions, r.leaks), (0, 0), "{r:?}");
+    }
+}

@@ -314,6 +314,11 @@ impl Meta {
         let g = self.geometry;
         let cs = g.cluster_size();
         let mut runs: Vec<(u64, u64)> = Vec::new();
+        // Free clusters below the current end of the file may still hold
+        // data from their previous use (freed without a hole punch, e.g. a
+        // discard without pass-discard-request): zero them before linking
+        // them. Clusters past the end read as zeros already.
+        let file_end = storage.len().map_err(Error::io("reading the file length", 0))?;
         let mut pos = from;
         while pos < to {
             let l1_index = g.l1_index(GuestOffset(pos));
@@ -334,6 +339,15 @@ impl Meta {
                     n += 1;
                 }
                 let host = self.alloc_clusters(storage, n)?;
+                let stale_end = (host + n * cs).min(file_end);
+                if stale_end > host && mode != Preallocation::Full {
+                    let res = if mode == Preallocation::Metadata {
+                        storage.punch_hole(host, stale_end - host)
+                    } else {
+                        storage.write_zeroes(host, stale_end - host)
+                    };
+                    res.map_err(Error::io("zeroing reused clusters", host))?;
+                }
                 for k in 0..n {
                     let data = self.l2.get_mut(table).expect("loaded");
                     let entry = L2Entry::normal(HostOffset(host + k * cs));
