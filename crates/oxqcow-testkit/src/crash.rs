@@ -150,9 +150,11 @@ pub fn run_workload(base: &[u8], cluster_size: u64, ops: &[Op], crash: Option<(u
 /// read-write (a dirty lazy-refcount image gets its refcounts rebuilt),
 /// check finds no corruption (leaks are allowed), every flushed byte reads
 /// back, and after `check -r leaks` the image is clean and writable.
-pub fn verify_crashed(bytes: Vec<u8>, tracker: &DurabilityTracker) -> Result<(), String> {
+/// Returns the image bytes after that final write and close.
+pub fn verify_crashed(bytes: Vec<u8>, tracker: &DurabilityTracker) -> Result<Vec<u8>, String> {
     let storage = Arc::new(MemoryStorage::from_bytes(bytes));
-    let image = Image::open_storage(storage, &OpenOptions::new()).map_err(|e| format!("open after the crash: {e}"))?;
+    let dynamic: Arc<dyn Storage> = storage.clone();
+    let image = Image::open_storage(dynamic, &OpenOptions::new()).map_err(|e| format!("open after the crash: {e}"))?;
     let report = image.check(None).map_err(|e| format!("check: {e}"))?;
     if report.corruptions != 0 || report.check_errors != 0 {
         return Err(format!(
@@ -178,5 +180,6 @@ pub fn verify_crashed(bytes: Vec<u8>, tracker: &DurabilityTracker) -> Result<(),
     if report.corruptions != 0 || report.leaks != 0 || report.check_errors != 0 {
         return Err(format!("check after a write: {:?}", report.messages));
     }
-    Ok(())
+    image.close().map_err(|e| format!("close after the crash: {e}"))?;
+    Ok(storage.to_bytes())
 }

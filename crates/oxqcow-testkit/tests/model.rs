@@ -2,7 +2,9 @@
 //! may-unmap), discards, flushes, resizes (grow and shrink), close/reopen
 //! and crash-style reopen, applied to an in-memory qcow2 image and to a flat
 //! byte vector. After every step the whole disk must equal the model and
-//! `check` must find no corruption, no leak and no check error.
+//! `check` must find no corruption, no leak and no check error; at the end
+//! `qemu-img check` finds the closed image clean and `qemu-img compare`
+//! finds it identical to the model.
 //!
 //! Each property covers one cluster size over every refcount width (1, 16,
 //! 64) and compat 0.10 / 1.1 / 1.1 with lazy refcounts, with default caches
@@ -11,6 +13,7 @@
 //! count keeps `cargo test` quick; set PROPTEST_CASES for a longer run.
 
 use oxqcow_testkit::model::ImageConfig;
+use oxqcow_testkit::qemu;
 use oxqcow_testkit::workload::{op_specs, Harness, OpSpec};
 use proptest::prelude::*;
 use proptest::test_runner::Config;
@@ -39,11 +42,21 @@ fn run(
         let res = h.apply_spec(spec).and_then(|()| h.verify());
         if let Err(e) = res {
             return Err(TestCaseError::fail(format!(
-                "{cfg:?}, initial size {size}, step {step}: {e}\nops: {:#?}",
+                "{cfg:?}, small cache {small_cache}, initial size {size}, step {step}: {e}\nops: {:#?}",
                 h.log
             )));
         }
     }
+    // QEMU, an independent reader and checker, agrees with the model.
+    h.image.take().expect("open").close().map_err(|e| TestCaseError::fail(format!("close: {e}")))?;
+    let dir = oxqcow_testkit::scratch_dir();
+    let (img, raw) = (dir.path().join("model.qcow2"), dir.path().join("model.raw"));
+    std::fs::write(&img, h.storage.to_bytes()).unwrap();
+    std::fs::write(&raw, &h.model.data).unwrap();
+    let check = qemu::check(&img);
+    prop_assert!(check.success(), "{cfg:?}: qemu-img check: {}\nops: {:#?}", check.text(), h.log);
+    let cmp = qemu::compare(&img, "qcow2", &raw, "raw");
+    prop_assert!(cmp.success(), "{cfg:?}: qemu-img compare with the model: {}\nops: {:#?}", cmp.text(), h.log);
     Ok(())
 }
 
