@@ -23,6 +23,9 @@ enum Qemu {
     RefusesOpen(&'static str),
     /// `info` works; `check` reports corruption (exit 2) with this message.
     CheckFinds(&'static str),
+    /// `info` and `check` accept it; reading the first 64 KiB with qemu-io
+    /// fails with this message.
+    ReadFails(&'static str),
     /// Both accept it.
     Accepts,
 }
@@ -30,6 +33,10 @@ enum Qemu {
 struct Base {
     plain: Vec<u8>,
     snap: Vec<u8>,
+    /// 64 KiB of compressed data at guest offset 0.
+    compressed: Vec<u8>,
+    /// An overlay naming `plain` as its backing file.
+    overlay: Vec<u8>,
 }
 
 impl Base {
@@ -64,7 +71,14 @@ fn make_base(dir: &Path) -> Base {
     let plain = std::fs::read(&p).unwrap();
     qemu::qemu_img_ok(&["snapshot", "-c", "s1", ps]);
     let snap = std::fs::read(&p).unwrap();
-    let base = Base { plain, snap };
+    let c = dir.join("compressed.qcow2");
+    qemu::qemu_img_ok(&["create", "-q", "-f", "qcow2", c.to_str().unwrap(), "1M"]);
+    qemu::qemu_io_ok(&c, &["write -c -P 7 0 64k".into(), "write -P 1 128k 64k".into()]);
+    let compressed = std::fs::read(&c).unwrap();
+    let o = dir.join("overlay.qcow2");
+    qemu::qemu_img_ok(&["create", "-q", "-f", "qcow2", "-b", ps, "-F", "qcow2", o.to_str().unwrap()]);
+    let overlay = std::fs::read(&o).unwrap();
+    let base = Base { plain, snap, compressed, overlay };
     // The layout the cases rely on: 64 KiB clusters, header extensions
     // from offset 112 (the feature name table first).
     assert_eq!(base.field(20, 4), 16);
@@ -80,7 +94,15 @@ fn cases(b: &Base) -> Vec<Case> {
     const COPIED: u64 = 1 << 63;
     let p = || b.plain.clone();
     let (l1, rt, l2) = (b.l1(), b.reftable(), b.l2());
-    let snaps_at = be(&b.snap, 64, 8);
+    let snaps_at = be(&b.snap, 64, 8) as usize;
+    let c = &b.compressed;
+    let c_l2 = (be(c, be(c, 40, 8) as usize, 8) & 0x00ff_ffff_ffff_fe00) as usize;
+    let c_entry = be(c, c_l2, 8);
+    assert_eq!(c_entry >> 62, 1, "the first cluster is compressed");
+    // 64 KiB clusters: the compressed host offset is in bits 0..=53.
+    let c_data = (c_entry & ((1 << 54) - 1)) as usize;
+    let mut garbage = c.clone();
+    garbage[c_data..c_data + 64].fill(0xff);
     vec![
         ("bad magic", put(p(), 0, 4, 0x5858_5858), Qemu::RefusesOpen("Image is not in qcow2 format")),
         ("version 1", put(p(), 4, 4, 1), Qemu::RefusesOpen("Unsupported qcow2 version 1")),
@@ -109,7 +131,7 @@ fn cases(b: &Base) -> Vec<Case> {
         ("refcount table offset past EOF", put(p(), 48, 8, 1 << 40), Qemu::CheckFinds("exceeding the end of the file")),
         (
             "unaligned snapshot table offset",
-            put(b.snap.clone(), 64, 8, snaps_at + 0x200),
+            put(b.snap.clone(), 64, 8, snaps_at as u64 + 0x200),
             Qemu::RefusesOpen("Snapshot table offset invalid"),
         ),
         (
@@ -159,6 +181,38 @@ fn cases(b: &Base) -> Vec<Case> {
             "refcount table entry past EOF",
             put(p(), rt, 8, 1 << 40),
             Qemu::CheckFinds("refcount block 0 is outside image"),
+        ),
+        (
+            "compressed cluster past EOF",
+            put(c.clone(), c_l2, 8, 1 << 62 | 1 << 40),
+            Qemu::CheckFinds("exceeding the end of the file"),
+        ),
+        ("compressed data that does not inflate", garbage, Qemu::ReadFails("Input/output error")),
+        (
+            "unknown incompatible feature",
+            put(p(), 72, 8, 1 << 40),
+            Qemu::RefusesOpen("Unsupported qcow2 feature(s): Unknown incompatible feature"),
+        ),
+        ("crypt_method 3", put(p(), 32, 4, 3), Qemu::RefusesOpen("Unsupported encryption method 3")),
+        (
+            "backing file name past the header cluster",
+            put(put(b.overlay.clone(), 8, 8, 65530), 16, 4, 100),
+            Qemu::RefusesOpen("Backing file name too long"),
+        ),
+        (
+            "backing file name too long",
+            put(b.overlay.clone(), 16, 4, 2000),
+            Qemu::RefusesOpen("Backing file name too long"),
+        ),
+        (
+            "snapshot L1 table past EOF",
+            put(b.snap.clone(), snaps_at, 8, 1 << 40),
+            Qemu::CheckFinds("exceeding the end of the file"),
+        ),
+        (
+            "snapshot L1 table too large",
+            put(b.snap.clone(), snaps_at + 8, 4, 0x7fff_ffff),
+            Qemu::CheckFinds("L1 table is too large"),
         ),
     ]
 }
@@ -223,6 +277,17 @@ fn hostile_headers_and_tables_are_refused_cleanly() {
                         info.code,
                         check.code,
                         check.text()
+                    ));
+                }
+            }
+            Qemu::ReadFails(msg) => {
+                let read = qemu::run("qemu-io", &["-f", "qcow2", "-r", "-c", "read 0 64k", f.to_str().unwrap()]);
+                if !info.success() || !check.success() || read.success() || !read.text().contains(msg) {
+                    failures.push(format!(
+                        "{name}: expected info and check to pass and qemu-io read to fail with '{msg}': info {:?}, check {:?}, read: {}",
+                        info.code,
+                        check.code,
+                        read.text()
                     ));
                 }
             }
