@@ -161,22 +161,15 @@ pub struct Harness {
 }
 
 impl Harness {
-    /// Creates an image of `size` bytes. With `small_cache` it is
-    /// reopened (and every later reopen opens it) with QEMU's minimum
-    /// caches, two L2 tables and four refcount blocks, so tables are
-    /// evicted and written back all the time.
-    pub fn new(config: ImageConfig, size: u64, max_size: u64, small_cache: bool) -> Result<Self, String> {
+    /// Creates an image of `size` bytes, closes it and opens it again with
+    /// `open_options` (every later reopen uses them too).
+    pub fn new(config: ImageConfig, size: u64, max_size: u64, open_options: OpenOptions) -> Result<Self, String> {
         let storage = Arc::new(MemoryStorage::new());
-        let mut image = Image::create_storage(storage.clone(), &config.create_options(size))
+        Image::create_storage(storage.clone(), &config.create_options(size))
+            .and_then(|i| i.close())
             .map_err(|e| format!("create {config:?}: {e}"))?;
-        let mut open_options = OpenOptions::new();
-        if small_cache {
-            open_options.l2_cache_size = Some(2 * config.cluster_size);
-            open_options.refcount_cache_size = Some(4 * config.cluster_size);
-            image.close().map_err(|e| format!("close after create: {e}"))?;
-            let st: Arc<dyn Storage> = storage.clone();
-            image = Image::open_storage(st, &open_options).map_err(|e| format!("open with small caches: {e}"))?;
-        }
+        let st: Arc<dyn Storage> = storage.clone();
+        let image = Image::open_storage(st, &open_options).map_err(|e| format!("open {open_options:?}: {e}"))?;
         Ok(Harness {
             config,
             storage,
@@ -186,6 +179,20 @@ impl Harness {
             log: Vec::new(),
             open_options,
         })
+    }
+
+    /// Open options with QEMU's minimum caches (two L2 tables, four
+    /// refcount blocks, so tables are evicted and written back all the
+    /// time) when `small_cache`, and discards passed down to the host
+    /// (`pass-discard-request`) when `passthrough`.
+    pub fn open_options(config: &ImageConfig, small_cache: bool, passthrough: bool) -> OpenOptions {
+        let mut o = OpenOptions::new();
+        if small_cache {
+            o.l2_cache_size = Some(2 * config.cluster_size);
+            o.refcount_cache_size = Some(4 * config.cluster_size);
+        }
+        o.discard_passthrough = passthrough;
+        o
     }
 
     /// The open image.

@@ -9,7 +9,7 @@
 //! Each property covers one cluster size over every refcount width (1, 16,
 //! 64) and compat 0.10 / 1.1 / 1.1 with lazy refcounts, with default caches
 //! or QEMU's minimum ones (two L2 tables, four refcount blocks: constant
-//! write-back on eviction). The default case
+//! write-back on eviction), with and without pass-discard-request. The default case
 //! count keeps `cargo test` quick; set PROPTEST_CASES for a longer run.
 
 use oxqcow_testkit::model::ImageConfig;
@@ -30,19 +30,21 @@ fn config(default_cases: u32) -> Config {
 fn run(
     cfg: ImageConfig,
     small_cache: bool,
+    passthrough: bool,
     initial: u16,
     max_size: u64,
     specs: &[OpSpec],
 ) -> Result<(), TestCaseError> {
     let size = (u64::from(initial) * max_size / 65536).div_ceil(512).max(1) * 512;
-    let mut h = Harness::new(cfg, size, max_size, small_cache).map_err(TestCaseError::fail)?;
+    let opts = Harness::open_options(&cfg, small_cache, passthrough);
+    let mut h = Harness::new(cfg, size, max_size, opts).map_err(TestCaseError::fail)?;
     h.verify().map_err(|e| TestCaseError::fail(format!("{cfg:?} fresh image: {e}")))?;
     for spec in specs {
         let step = h.log.len();
         let res = h.apply_spec(spec).and_then(|()| h.verify());
         if let Err(e) = res {
             return Err(TestCaseError::fail(format!(
-                "{cfg:?}, small cache {small_cache}, initial size {size}, step {step}: {e}\nops: {:#?}",
+                "{cfg:?}, small cache {small_cache}, discard passthrough {passthrough}, initial size {size}, step {step}: {e}\nops: {:#?}",
                 h.log
             )));
         }
@@ -73,10 +75,11 @@ proptest! {
     fn model_512_byte_clusters(
         cfg in prop::sample::select(configs(512)),
         small_cache in any::<bool>(),
+        passthrough in any::<bool>(),
         initial in any::<u16>(),
         specs in op_specs(30),
     ) {
-        run(cfg, small_cache, initial, 3 << 20, &specs)?;
+        run(cfg, small_cache, passthrough, initial, 3 << 20, &specs)?;
     }
 
     /// 4 KiB clusters (an L2 table covers 2 MiB, so growing past it
@@ -85,10 +88,11 @@ proptest! {
     fn model_4k_clusters(
         cfg in prop::sample::select(configs(4096)),
         small_cache in any::<bool>(),
+        passthrough in any::<bool>(),
         initial in any::<u16>(),
         specs in op_specs(30),
     ) {
-        run(cfg, small_cache, initial, 6 << 20, &specs)?;
+        run(cfg, small_cache, passthrough, initial, 6 << 20, &specs)?;
     }
 
     /// 64 KiB clusters, QEMU's default.
@@ -96,9 +100,10 @@ proptest! {
     fn model_64k_clusters(
         cfg in prop::sample::select(configs(65536)),
         small_cache in any::<bool>(),
+        passthrough in any::<bool>(),
         initial in any::<u16>(),
         specs in op_specs(30),
     ) {
-        run(cfg, small_cache, initial, 6 << 20, &specs)?;
+        run(cfg, small_cache, passthrough, initial, 6 << 20, &specs)?;
     }
 }
