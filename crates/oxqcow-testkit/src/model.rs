@@ -139,7 +139,8 @@ pub enum Op {
     Reopen,
     /// Flush, then reopen a copy of the host bytes without closing (as
     /// after a power cut right after the flush): a lazy-refcount image is
-    /// dirty and gets its refcounts rebuilt on open.
+    /// dirty and gets its refcounts rebuilt on open; either way check must
+    /// find it clean.
     CrashReopen,
 }
 

@@ -912,8 +912,21 @@ impl Qcow2 {
         // Wait for every request that may still use a freed cluster.
         let _gate = self.io_gate.write().unwrap_or_else(|p| p.into_inner());
         let mut m = self.lock_meta();
-        if let Err(e) = m.apply_frees(self.storage_ref(), frees, self.discard) {
-            m.fail(self.storage_ref(), &e);
+        let st = self.storage_ref();
+        let mut res = m.apply_frees(st, frees, self.discard);
+        // The decrements are in the refcount cache now: write them too, so
+        // that a crash after flush returns leaves no leaked cluster (with
+        // lazy refcounts, refcounts are rebuilt after a crash anyway).
+        if res.is_ok() && !m.lazy_refcounts {
+            res = m.refcounts.write_dirty(st).and_then(|wrote| {
+                if wrote {
+                    st.sync().map_err(Error::io("syncing refcounts", 0))?;
+                }
+                Ok(())
+            });
+        }
+        if let Err(e) = res {
+            m.fail(st, &e);
             return Err(e);
         }
         Ok(())
