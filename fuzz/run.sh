@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Runs the open_read_check fuzz target on stable Rust (no sanitizer),
+# Runs a fuzz target on stable Rust (no sanitizer),
 # seeded with valid images of several geometries made by the library.
-# Usage: fuzz/run.sh [SECONDS]   (default 60)
+# Usage: fuzz/run.sh [SECONDS] [TARGET]   (default 60 s, open_read_check;
+# the other target is open_write_check)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-60}"
-corpus=fuzz/corpus/open_read_check
+target="${2:-open_read_check}"
+corpus="fuzz/corpus/$target"
 mkdir -p "$corpus"
 cargo run -q -p oxqcow-testkit --bin oxqcow-fuzz-seeds -- "$corpus"
 cd fuzz
-cargo fuzz run -s none open_read_check "corpus/open_read_check" -- \
+cargo fuzz run -s none "$target" "corpus/$target" -- \
     -max_total_time="$secs" -max_len=65536 -rss_limit_mb=2048 -timeout=30

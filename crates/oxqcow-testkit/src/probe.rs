@@ -141,6 +141,88 @@ pub fn open_read_check(data: &[u8]) -> Verdict {
     probe_storage(Arc::new(MemoryStorage::from_bytes(data.to_vec())), ProbeLimits::default())
 }
 
+/// In-memory storage that refuses to grow past a limit (an I/O error, not
+/// an allocation of whatever size a hostile image asks for).
+pub struct BoundedStorage {
+    inner: MemoryStorage,
+    limit: u64,
+}
+
+impl BoundedStorage {
+    /// `bytes`, growing to at most `limit` bytes.
+    pub fn new(bytes: Vec<u8>, limit: u64) -> Self {
+        BoundedStorage { inner: MemoryStorage::from_bytes(bytes), limit }
+    }
+
+    fn fits(&self, end: Option<u64>) -> std::io::Result<()> {
+        match end {
+            Some(e) if e <= self.limit => Ok(()),
+            _ => Err(std::io::Error::other(format!("storage limit of {} bytes reached", self.limit))),
+        }
+    }
+}
+
+impl Storage for BoundedStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.fits(offset.checked_add(buf.len() as u64))?;
+        self.inner.write_at(buf, offset)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.fits(Some(len))?;
+        self.inner.set_len(len)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.fits(offset.checked_add(len))?;
+        self.inner.write_zeroes(offset, len)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.fits(offset.checked_add(len))?;
+        self.inner.punch_hole(offset, len)
+    }
+    fn allocate(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.fits(offset.checked_add(len))?;
+        self.inner.allocate(offset, len)
+    }
+}
+
+/// A second fuzz body for the write path: open `data` read-write (growing
+/// the file to at most 64 MiB past its size), write, zero, discard,
+/// flush, check and close, then open the result read-only and probe it.
+/// Every error is fine; a panic is a bug. Returns the final probe's
+/// verdict, `None` when the image did not open for writing.
+pub fn open_write_check(data: &[u8]) -> Option<Verdict> {
+    let limit = data.len() as u64 + (64 << 20);
+    let storage = Arc::new(BoundedStorage::new(data.to_vec(), limit));
+    let opts = OpenOptions::new().format(ImageFormat::Qcow2).backing(BackingPolicy::Ignore);
+    let dynamic: Arc<dyn Storage> = storage.clone();
+    let Ok(image) = Image::open_storage(dynamic, &opts) else { return None };
+    let size = image.len();
+    let cs = image.as_qcow2().map_or(512, |q| q.geometry().cluster_size());
+    if size > 0 {
+        let at = |frac: u64| size / 8 * frac;
+        let _ = image.write_at(&pattern(1, 0, 4096.min(size)), 0);
+        let _ = image.write_at(&pattern(2, at(3), 700.min(size - at(3))), at(3));
+        let _ = image.write_zeroes_at(at(5), (2 * cs).min(size - at(5)), false);
+        let _ = image.write_zeroes_at(at(6), (2 * cs).min(size - at(6)), true);
+        let _ = image.discard(at(4), (3 * cs).min(size - at(4)));
+        let _ = image.write_at(&[9], size - 1);
+        let _ = image.flush();
+        let _ = image.check(None);
+    }
+    let _ = image.close();
+    let after: Arc<dyn Storage> = Arc::new(MemoryStorage::from_bytes(storage.inner.to_bytes()));
+    Some(probe_storage(after, ProbeLimits::default()))
+}
+
 /// Valid images of several geometries, made by the library and small
 /// enough to fuzz: data, zero clusters, discards, compressed clusters and
 /// an internal snapshot.

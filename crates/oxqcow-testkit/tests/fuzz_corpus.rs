@@ -2,12 +2,13 @@
 //! `cargo test`: over the seed corpus (valid images of several geometries
 //! made by the library, which must probe clean), over seeded random byte
 //! mutations of each seed (any error is fine, a panic is not), and over
-//! every input the fuzzer ever crashed on (fuzz/regressions/).
+//! every input the fuzzer ever crashed on (fuzz/regressions/). The same
+//! for the write-path body of the `open_write_check` target.
 //!
 //! FUZZ_MUTATIONS sets the number of mutations per seed (default 300).
 
 use oxqcow_testkit::prng::Prng;
-use oxqcow_testkit::probe::{mutate, open_read_check, seed_images, Verdict};
+use oxqcow_testkit::probe::{mutate, open_read_check, open_write_check, seed_images, Verdict};
 
 #[test]
 fn seed_images_probe_clean() {
@@ -52,6 +53,25 @@ fn mutated_seed_images_never_panic() {
 }
 
 #[test]
+fn mutated_seed_images_survive_writes() {
+    let per_seed: u64 = std::env::var("FUZZ_MUTATIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(300) / 3;
+    for (i, (name, bytes)) in seed_images().into_iter().enumerate() {
+        let v = open_write_check(&bytes).expect("a seed opens for writing");
+        assert!(v.is_clean(), "seed {name} after writes: {}", v.describe());
+        let mut rng = Prng::new(0x3717e + i as u64);
+        for n in 0..per_seed {
+            let mut input = bytes.clone();
+            mutate(&mut input, &mut rng);
+            if std::panic::catch_unwind(|| open_write_check(&input)).is_err() {
+                let path = std::env::temp_dir().join(format!("oxqcow-fuzz-write-{name}-{n}.qcow2"));
+                std::fs::write(&path, &input).unwrap();
+                panic!("seed {name}, mutation {n} panicked in the write path; input saved to {}", path.display());
+            }
+        }
+    }
+}
+
+#[test]
 fn fuzz_regressions_never_panic() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/regressions");
     let Ok(entries) = std::fs::read_dir(&dir) else { return };
@@ -60,5 +80,6 @@ fn fuzz_regressions_never_panic() {
         let bytes = std::fs::read(&path).unwrap();
         let v = open_read_check(&bytes);
         println!("{}: {}", path.display(), v.describe());
+        open_write_check(&bytes);
     }
 }
