@@ -128,7 +128,7 @@ pub fn run_workload(base: &[u8], cluster_size: u64, ops: &[Op], crash: Option<(u
                 Op::Discard { offset, len } => image.discard(offset, len),
                 Op::Flush => image.flush(),
                 Op::Resize { size, prealloc } => image.resize(size, prealloc),
-                Op::Reopen | Op::CrashReopen => panic!("crash workloads keep the image open"),
+                other => panic!("crash workloads do not use {other:?}"),
             };
             res.map_err(|e| (i, format!("{op:?}: {e}")))?;
             if *op == Op::Flush {

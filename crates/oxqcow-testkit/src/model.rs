@@ -98,7 +98,7 @@ pub fn pattern(seed: u8, offset: u64, len: u64) -> Vec<u8> {
 }
 
 /// One operation on a disk, with concrete offsets.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
     /// Write `pattern(seed, offset, len)`.
     Write {
@@ -137,6 +137,14 @@ pub enum Op {
     },
     /// Close the image and open it again.
     Reopen,
+    /// Create an internal snapshot (the content does not change).
+    SnapshotCreate,
+    /// Revert to the snapshot with this index (modulo the number of
+    /// snapshots; nothing when there is none): the content and size become
+    /// the snapshot's.
+    SnapshotApply(u8),
+    /// Delete the snapshot with this index (modulo the number of snapshots).
+    SnapshotDelete(u8),
     /// Flush, then reopen a copy of the host bytes without closing (as
     /// after a power cut right after the flush): a lazy-refcount image is
     /// dirty and gets its refcounts rebuilt on open; either way check must
@@ -194,7 +202,10 @@ impl Model {
                 let (lo, hi) = (old.min(size), old.max(size));
                 Some((lo, hi - lo))
             }
-            Op::Flush | Op::Reopen | Op::CrashReopen => None,
+            // Snapshots are the harness's business: the model only holds
+            // the active layer.
+            Op::Flush | Op::Reopen | Op::CrashReopen | Op::SnapshotCreate | Op::SnapshotDelete(_) => None,
+            Op::SnapshotApply(_) => panic!("the harness applies snapshot reverts to the model"),
         }
     }
 

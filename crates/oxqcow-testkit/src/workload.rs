@@ -54,6 +54,12 @@ pub enum OpSpec {
     Reopen,
     /// Reopen a copy taken after a flush, without closing.
     CrashReopen,
+    /// Create a snapshot.
+    SnapshotCreate,
+    /// Revert to a snapshot.
+    SnapshotApply(u8),
+    /// Delete a snapshot.
+    SnapshotDelete(u8),
 }
 
 impl OpSpec {
@@ -108,6 +114,9 @@ impl OpSpec {
             }
             OpSpec::Reopen => Op::Reopen,
             OpSpec::CrashReopen => Op::CrashReopen,
+            OpSpec::SnapshotCreate => Op::SnapshotCreate,
+            OpSpec::SnapshotApply(i) => Op::SnapshotApply(i),
+            OpSpec::SnapshotDelete(i) => Op::SnapshotDelete(i),
         }
     }
 }
@@ -134,6 +143,9 @@ pub fn op_spec() -> impl Strategy<Value = OpSpec> {
         2 => (any::<u16>(), any::<bool>(), any::<u8>()).prop_map(|(f, s, p)| OpSpec::Resize(f, s, p)),
         1 => Just(OpSpec::Reopen),
         1 => Just(OpSpec::CrashReopen),
+        1 => Just(OpSpec::SnapshotCreate),
+        1 => any::<u8>().prop_map(OpSpec::SnapshotApply),
+        1 => any::<u8>().prop_map(OpSpec::SnapshotDelete),
     ]
 }
 
@@ -158,6 +170,10 @@ pub struct Harness {
     pub log: Vec<Op>,
     /// How the image is (re)opened.
     pub open_options: OpenOptions,
+    /// Internal snapshots: name and content.
+    pub snapshots: Vec<(String, Vec<u8>)>,
+    /// Snapshots created so far (for fresh names).
+    pub snapshots_made: u32,
 }
 
 impl Harness {
@@ -178,6 +194,8 @@ impl Harness {
             max_size,
             log: Vec::new(),
             open_options,
+            snapshots: Vec::new(),
+            snapshots_made: 0,
         })
     }
 
@@ -208,7 +226,7 @@ impl Harness {
 
     /// Applies `op` to the image and the model.
     pub fn apply(&mut self, op: &Op) -> Result<(), String> {
-        self.log.push(op.clone());
+        self.log.push(*op);
         let fail = |e: oxqcow::Error| format!("{op:?} failed: {e}");
         match *op {
             Op::Write { offset, len, seed } => {
@@ -234,6 +252,35 @@ impl Harness {
                 // The old handle closes its own (now unused) storage.
                 drop(self.image.replace(reopened));
                 self.storage = copy;
+            }
+            Op::SnapshotCreate => {
+                let name = format!("snap{}", self.snapshots_made);
+                let q = self.image().as_qcow2().expect("qcow2");
+                match q.snapshot_create(&name) {
+                    Ok(_) => {
+                        self.snapshots_made += 1;
+                        self.snapshots.push((name, self.model.data.clone()));
+                    }
+                    // 1-bit refcounts cannot count a second reference: the
+                    // snapshot is refused and nothing changes (verify
+                    // checks that).
+                    Err(_) if self.config.refcount_bits == 1 => {}
+                    Err(e) => return Err(fail(e)),
+                }
+            }
+            Op::SnapshotApply(i) => {
+                if !self.snapshots.is_empty() {
+                    let (name, data) = self.snapshots[usize::from(i) % self.snapshots.len()].clone();
+                    self.image().as_qcow2().expect("qcow2").snapshot_apply(&name).map_err(fail)?;
+                    self.model.data = data;
+                }
+                return Ok(());
+            }
+            Op::SnapshotDelete(i) => {
+                if !self.snapshots.is_empty() {
+                    let (name, _) = self.snapshots.remove(usize::from(i) % self.snapshots.len());
+                    self.image().as_qcow2().expect("qcow2").snapshot_delete(&name).map_err(fail)?;
+                }
             }
         }
         self.model.apply(op);

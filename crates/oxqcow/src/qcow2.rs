@@ -999,6 +999,9 @@ impl Qcow2 {
             return Err(Error::ReadOnly);
         }
         let old_size = self.len();
+        if new_size > old_size {
+            self.unshare_last_cluster(old_size)?;
+        }
         self.exclusive(|m, st| m.resize(st, new_size, prealloc))?;
         // A grown overlay must not show what its backing image has past
         // the old end: zero the new area, as QEMU's truncate does.

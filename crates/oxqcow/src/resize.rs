@@ -133,6 +133,37 @@ impl Qcow2 {
     }
 }
 
+impl Qcow2 {
+    /// Growing zeroes the bytes past the old end inside its last cluster,
+    /// in place. When a snapshot shares that cluster (no COPIED flag),
+    /// rewrite its in-disk part first: the write copies the cluster into
+    /// one of our own, where the zeroing may land.
+    pub(crate) fn unshare_last_cluster(&self, old_size: u64) -> Result<()> {
+        let g = self.geometry();
+        let start = g.align_down(old_size);
+        if start == old_size {
+            return Ok(());
+        }
+        let shared = {
+            let mut m = self.lock_meta();
+            match m.l2_offset(g.l1_index(GuestOffset(start)))? {
+                None => false,
+                Some(table) => {
+                    m.load_l2(self.storage_ref(), table)?;
+                    let index = g.l2_index(GuestOffset(start));
+                    matches!(m.mapping_at(table, index)?, L2Mapping::Normal { copied: false, .. })
+                }
+            }
+        };
+        if shared {
+            let mut buf = vec![0u8; (old_size - start) as usize];
+            self.read_at(&mut buf, start)?;
+            self.write_at(&buf, start)?;
+        }
+        Ok(())
+    }
+}
+
 impl Meta {
     /// Grows the L1 table to `entries` entries: a new table is written,
     /// synced, switched to in the header, and the old one freed.
