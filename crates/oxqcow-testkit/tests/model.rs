@@ -1,7 +1,8 @@
 //! Model test: random sequences of writes, zero writes (with and without
-//! may-unmap), discards, flushes, resizes (grow and shrink), close/reopen
-//! and crash-style reopen, applied to an in-memory qcow2 image and to a flat
-//! byte vector. After every step the whole disk must equal the model and
+//! may-unmap), discards, flushes, resizes (grow and shrink, with every
+//! preallocation mode), close/reopen, crash-style reopen and internal
+//! snapshots (create, revert, delete), applied to an in-memory qcow2 image
+//! and to a flat byte vector. After every step the whole disk must equal the model and
 //! `check` must find no corruption, no leak and no check error; at the end
 //! `qemu-img check` finds the closed image clean and `qemu-img compare`
 //! finds it identical to the model.
