@@ -1038,12 +1038,33 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Creates an internal snapshot of the active layer named `name`.
+    /// Creates an internal snapshot of the active layer named `name`, dated
+    /// now, with no instruction count recorded.
     pub fn snapshot_create(&self, name: &str) -> Result<oxqcow_format::SnapshotEntry> {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        self.snapshot_create_with(&oxqcow_format::SnapshotEntry {
+            name: name.to_string(),
+            date_sec: now.as_secs() as u32,
+            date_nsec: now.subsec_nanos(),
+            icount: Some(u64::MAX),
+            ..Default::default()
+        })
+    }
+
+    /// Creates an internal snapshot of the active layer described by
+    /// `template`: its name, id (empty: the next free number; an id in use
+    /// is refused), date, VM clock and instruction count are recorded as
+    /// given (`qemu-img snapshot -c` records microsecond dates and an
+    /// instruction count of 0); everything else comes from the image.
+    pub fn snapshot_create_with(
+        &self,
+        template: &oxqcow_format::SnapshotEntry,
+    ) -> Result<oxqcow_format::SnapshotEntry> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
-        self.exclusive(|m, st| m.snapshot_create(st, name))
+        let modes = self.discard;
+        self.exclusive(|m, st| m.snapshot_create(st, template, modes))
     }
 
     /// Deletes the snapshot with this id (or, failing that, this name).

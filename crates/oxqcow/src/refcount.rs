@@ -179,6 +179,17 @@ impl Refcounts {
         Ok(())
     }
 
+    /// The raw table entry `ti` (0 past the table's end).
+    pub(crate) fn table_entry(&self, ti: u64) -> u64 {
+        self.table.get(ti as usize).copied().unwrap_or(0)
+    }
+
+    /// A copy of the refcount block at `offset`, as the cache holds it.
+    pub(crate) fn block_copy(&mut self, storage: &dyn Storage, offset: u64) -> Result<Box<[u8]>> {
+        self.load_block(storage, offset)?;
+        Ok(self.blocks.get(offset).expect("just loaded").to_vec().into_boxed_slice())
+    }
+
     /// The refcount of `cluster` (0 where no block covers it).
     pub(crate) fn get(&mut self, storage: &dyn Storage, cluster: HostCluster) -> Result<u64> {
         let ti = self.geometry.reftable_index(cluster);

@@ -9,8 +9,6 @@
 //! durable) before the table that needs them is written, and dropped only
 //! after the table that held them is durably gone.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use oxqcow_format::limits::{MAX_L1_BYTES, MAX_SNAPSHOTS};
 use oxqcow_format::snapshot::SnapshotTable;
 use oxqcow_format::table::{decode_entries, encode_entries, L1Entry, COPIED};
@@ -19,6 +17,12 @@ use oxqcow_format::{HostCluster, HostOffset, L2Entry, L2Mapping, SnapshotEntry};
 use crate::error::{Error, Result};
 use crate::qcow2::{DiscardModes, FreeReason, Meta};
 use crate::storage::Storage;
+
+/// Finds the first snapshot matching both `id` and `name` where given
+/// (QEMU's `find_snapshot_by_id_and_name`).
+pub(crate) fn find_exact(entries: &[SnapshotEntry], id: Option<&str>, name: Option<&str>) -> Option<usize> {
+    entries.iter().position(|s| id.is_none_or(|i| s.id == i) && name.is_none_or(|n| s.name == n))
+}
 
 /// Finds a snapshot by id first, then by name (QEMU's `find_snapshot_by_id_or_name`).
 pub(crate) fn find(entries: &[SnapshotEntry], id_or_name: &str) -> Option<usize> {
@@ -126,8 +130,15 @@ impl Meta {
         Ok(())
     }
 
-    /// Writes a new snapshot table, switches the header to it and frees the old one.
-    pub(crate) fn write_snapshot_table(&mut self, storage: &dyn Storage, entries: Vec<SnapshotEntry>) -> Result<()> {
+    /// Writes a new snapshot table, switches the header to it and frees the
+    /// old one (giving its host space back when `modes` pass snapshot
+    /// discards, as QEMU frees it with `QCOW2_DISCARD_SNAPSHOT`).
+    pub(crate) fn write_snapshot_table(
+        &mut self,
+        storage: &dyn Storage,
+        entries: Vec<SnapshotEntry>,
+        modes: DiscardModes,
+    ) -> Result<()> {
         let g = self.geometry;
         let bytes = SnapshotTable::serialize(&entries, self.header.size)?;
         let new_offset = if entries.is_empty() {
@@ -148,7 +159,10 @@ impl Meta {
         self.snapshots = SnapshotTable { byte_size: bytes.len() as u64, entries };
         let first = g.host_cluster(HostOffset(old_offset)).0;
         for c in first..first + old_clusters {
-            self.refcounts.update(storage, HostCluster(c), -1)?;
+            if self.refcounts.update(storage, HostCluster(c), -1)? == 0 && modes.punches(FreeReason::Snapshot) {
+                let offset = g.cluster_offset(HostCluster(c)).0;
+                storage.punch_hole(offset, g.cluster_size()).map_err(Error::io("discarding a host cluster", offset))?;
+            }
         }
         self.update_reserved();
         self.load_inactive_map(storage)
@@ -170,12 +184,34 @@ impl Meta {
         Ok(decode_entries(&buf))
     }
 
-    /// Creates a snapshot of the active layer.
-    pub(crate) fn snapshot_create(&mut self, storage: &dyn Storage, name: &str) -> Result<SnapshotEntry> {
+    /// Creates a snapshot of the active layer. `template` supplies what the
+    /// caller decides (QEMU's `QEMUSnapshotInfo`): name, id (empty: the next
+    /// free number), dates, VM clock and instruction count; the table
+    /// location, sizes and VM state come from the image.
+    pub(crate) fn snapshot_create(
+        &mut self,
+        storage: &dyn Storage,
+        template: &SnapshotEntry,
+        modes: DiscardModes,
+    ) -> Result<SnapshotEntry> {
         if self.snapshots.entries.len() as u64 >= u64::from(MAX_SNAPSHOTS) {
             return Err(Error::NoSpace(format!("File too large (an image holds at most {MAX_SNAPSHOTS} snapshots)")));
         }
-        let next_id = self.snapshots.entries.iter().filter_map(|s| s.id.parse::<u64>().ok()).max().unwrap_or(0) + 1;
+        let id = if template.id.is_empty() {
+            // QEMU's find_new_snapshot_id: one past the largest id, read as
+            // strtoul reads it (leading digits; none counts as 0).
+            let numeric = |id: &str| {
+                let digits: String = id.trim_start().chars().take_while(char::is_ascii_digit).collect();
+                digits.parse::<u64>().unwrap_or(if digits.is_empty() { 0 } else { u64::MAX })
+            };
+            let max = self.snapshots.entries.iter().map(|s| numeric(&s.id)).max().unwrap_or(0);
+            max.saturating_add(1).to_string()
+        } else {
+            template.id.clone()
+        };
+        if find_exact(&self.snapshots.entries, Some(&id), None).is_some() {
+            return Err(Error::InvalidArgument(format!("File exists (a snapshot with id '{id}' exists)")));
+        }
         let g = self.geometry;
         let l1 = self.l1.clone();
         let l1_bytes = l1.len() as u64 * 8;
@@ -194,24 +230,23 @@ impl Meta {
                 .map_err(Error::io("writing a snapshot L1 table", l1_offset))?;
         }
         self.refresh_copied_flags(storage)?;
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         let entry = SnapshotEntry {
             l1_table_offset: l1_offset,
             l1_size: l1.len() as u32,
-            id: next_id.to_string(),
-            name: name.to_string(),
-            date_sec: now.as_secs() as u32,
-            date_nsec: now.subsec_nanos(),
-            vm_clock_nsec: 0,
+            id,
+            name: template.name.clone(),
+            date_sec: template.date_sec,
+            date_nsec: template.date_nsec,
+            vm_clock_nsec: template.vm_clock_nsec,
             vm_state_size: 0,
             vm_state_size_large: Some(0),
             disk_size: Some(self.header.size),
-            icount: Some(u64::MAX),
+            icount: template.icount,
             unknown_extra: Vec::new(),
         };
         let mut entries = self.snapshots.entries.clone();
         entries.push(entry.clone());
-        self.write_snapshot_table(storage, entries)?;
+        self.write_snapshot_table(storage, entries, modes)?;
         self.l2_cache_reset(storage)?;
         Ok(entry)
     }
@@ -228,7 +263,7 @@ impl Meta {
         let mut entries = self.snapshots.entries.clone();
         let sn = entries.remove(index);
         let l1 = self.read_l1(storage, sn.l1_table_offset, sn.l1_size)?;
-        self.write_snapshot_table(storage, entries)?;
+        self.write_snapshot_table(storage, entries, modes)?;
         // The snapshot is durably gone: its references can go.
         let mut freed = Vec::new();
         self.for_each_tree_cluster(storage, &l1, &mut |m, c| {
