@@ -547,15 +547,15 @@ impl Qcow2 {
         meta.update_reserved();
         meta.load_inactive_map(st)?;
 
-        let mut size = size;
         if let Some(name) = &opts.snapshot {
             if !read_only {
                 return Err(Error::InvalidArgument("snapshots can only be opened read-only".into()));
             }
-            let (l1, disk_size) = meta.snapshot_view(st, name)?;
+            // The guest size stays the active layer's, as with QEMU's
+            // bdrv_snapshot_load_tmp: past the snapshot's own disk size (and
+            // its L1 table) everything reads as zeros.
+            let (l1, _disk_size) = meta.snapshot_view(st, name)?;
             meta.l1 = l1;
-            meta.header.size = disk_size;
-            size = disk_size;
         }
 
         if !read_only {
