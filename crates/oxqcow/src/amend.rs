@@ -349,7 +349,7 @@ impl Meta {
         self.header = header;
         self.geometry = new;
         let file_len = storage.len().map_err(Error::io("reading the file length", 0))?;
-        self.refcounts.reload_with_geometry(storage, new, new_table_offset, new_clusters, file_len)?;
+        self.refcounts.reload_with_geometry(storage, new, new_table_offset, new_clusters, file_len, false)?;
         self.update_reserved();
         // The old blocks and table are free now, counted in the new structures.
         for &e in &old_table {

@@ -26,6 +26,7 @@ pub mod options;
 pub mod overlap;
 mod qcow2;
 pub mod raw;
+mod rebuild;
 mod refcount;
 mod resize;
 mod snapshot;

@@ -101,6 +101,9 @@ pub(crate) struct Meta {
     /// (QEMU's `qcow2_detect_metadata_preallocation`), decided at the first
     /// block status query and kept for the rest of the session as QEMU does.
     pub(crate) metadata_preallocation: Option<bool>,
+    /// Whether a corruption event was reported already (QEMU prints the
+    /// first one only: `signaled_corruption`).
+    pub(crate) signaled_corruption: bool,
 }
 
 /// Facts about an open qcow2 image, for `info`.
@@ -542,6 +545,7 @@ impl Qcow2 {
             free_byte_offset: 0,
             has_backing: backing.is_some(),
             metadata_preallocation: None,
+            signaled_corruption: false,
         };
         meta.refcounts.map.mask = opts.overlap_check.unwrap_or(overlap::CACHED);
         meta.update_reserved();
@@ -573,7 +577,7 @@ impl Qcow2 {
                 st.sync().map_err(Error::io("syncing the header", 0))?;
             }
             if meta.header.is_dirty() && !opts.repair {
-                crate::check::rebuild_refcounts(&mut meta, st)?;
+                crate::rebuild::rebuild_refcounts(&mut meta, st)?;
                 meta.header.incompatible_features &= !incompat::DIRTY;
                 meta.write_header(st)?;
                 st.sync().map_err(Error::io("syncing the header", 0))?;
