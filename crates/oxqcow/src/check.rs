@@ -261,6 +261,7 @@ pub(crate) fn check(meta: &mut Meta, storage: &dyn Storage, repair: Option<Repai
         }
         let modes = crate::qcow2::DiscardModes { snapshot: true, ..Default::default() };
         c.meta.write_snapshot_table(storage, entries, modes)?;
+        c.meta.flush_all(storage)?;
         snapshot_res.corruptions_fixed += snapshot_res.corruptions;
         snapshot_res.corruptions = 0;
     }
