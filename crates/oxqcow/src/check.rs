@@ -355,6 +355,12 @@ impl Checker<'_> {
         Ok(())
     }
 
+    /// A write refused by the overlap check: QEMU signals a corruption.
+    fn signal_overlap(&mut self, template: u32) -> Result<()> {
+        let name = crate::overlap::template_name(template);
+        self.signal_corruption(format!("Preventing invalid write on metadata (overlaps with {name})"))
+    }
+
     /// The stored refcount of host cluster `c` (QEMU's `qcow2_get_refcount`).
     fn get_refcount(&mut self, c: u64) -> Step<u64> {
         let g = self.g;
@@ -557,10 +563,13 @@ impl Checker<'_> {
         table[i * 8..i * 8 + 8].copy_from_slice(&OFLAG_ZERO.to_be_bytes());
         let at = l2_offset + i as u64 * 8;
         let ignore = if active { crate::overlap::ACTIVE_L2 } else { crate::overlap::INACTIVE_L2 };
-        if self.meta.refcounts.check_write(at, 8, ignore).is_err() {
+        if let Some(t) = self.meta.refcounts.overlap(at, 8, ignore) {
+            // QEMU signals the corruption, and the check of this table and
+            // the whole check end there.
+            self.signal_overlap(t)?;
             self.messages.push("ERROR: Overlap check failed".into());
             res.check_errors += 1;
-            return Ok(false);
+            return Err(Stop::Errno(EIO));
         }
         self.st.write_at(&table[i * 8..i * 8 + 8], at).map_err(Error::io("writing an L2 entry", at))?;
         self.st.sync().map_err(Error::io("syncing an L2 entry", at))?;
@@ -813,7 +822,8 @@ impl Checker<'_> {
                 if repair {
                     let new = if rc == 1 { l1_entry | OFLAG_COPIED } else { l1_entry & !OFLAG_COPIED };
                     let at = self.meta.header.l1_table_offset + i as u64 * 8;
-                    if self.meta.refcounts.check_write(at, 8, crate::overlap::ACTIVE_L1).is_err() {
+                    if let Some(t) = self.meta.refcounts.overlap(at, 8, crate::overlap::ACTIVE_L1) {
+                        self.signal_overlap(t)?;
                         res.check_errors += 1;
                         return Err(Stop::Errno(EIO));
                     }
@@ -843,7 +853,8 @@ impl Checker<'_> {
                 }
             }
             if dirty > 0 {
-                if self.meta.refcounts.check_write(l2_offset, cs, crate::overlap::ACTIVE_L2).is_err() {
+                if let Some(t) = self.meta.refcounts.overlap(l2_offset, cs, crate::overlap::ACTIVE_L2) {
+                    self.signal_overlap(t)?;
                     self.messages
                         .push(format!("ERROR: Could not write L2 table; metadata overlap check failed: {EIO}"));
                     res.check_errors += 1;
