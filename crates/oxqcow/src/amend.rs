@@ -559,6 +559,8 @@ impl Meta {
         let zeros = vec![0u8; cs as usize];
         let mut seen = HashSet::new();
         let l1_entries: i64 = trees.iter().map(|t| t.len() as i64).sum();
+        // References dropped once the tables that held them are durable.
+        let mut released = Vec::new();
         let mut visited = 0i64;
         for l1 in trees {
             for &raw in &l1 {
@@ -580,8 +582,27 @@ impl Meta {
                     }
                     let new = match self.decode(entry, table.0, j)? {
                         L2Mapping::ZeroAllocated { host, .. } => {
-                            storage.write_at(&zeros, host.0).map_err(Error::io("writing zeros", host.0))?;
-                            L2Entry(entry.0 & !oxqcow_format::table::ZERO)
+                            let old = g.host_cluster(host);
+                            let refs = self.refcounts.get(storage, old)?;
+                            if refs > sharers {
+                                // A table outside this one's sharers (a
+                                // snapshot's own L2 table) still reads the
+                                // cluster's data: zero a new cluster
+                                // instead. (QEMU 10 zeroes the shared
+                                // cluster in place, changing the snapshot.)
+                                let new = self.alloc_clusters(storage, 1)?;
+                                for _ in 1..sharers {
+                                    self.refcounts.update(storage, g.host_cluster(HostOffset(new)), 1)?;
+                                }
+                                storage.write_at(&zeros, new).map_err(Error::io("writing zeros", new))?;
+                                for _ in 0..sharers {
+                                    released.push(old);
+                                }
+                                L2Entry(new | if sharers == 1 { COPIED } else { 0 })
+                            } else {
+                                storage.write_at(&zeros, host.0).map_err(Error::io("writing zeros", host.0))?;
+                                L2Entry(entry.0 & !oxqcow_format::table::ZERO).with_copied(refs == 1)
+                            }
                         }
                         L2Mapping::ZeroPlain if !self.has_backing => L2Entry::UNALLOCATED,
                         L2Mapping::ZeroPlain => {
@@ -601,6 +622,10 @@ impl Meta {
                 }
                 status.report(visited, l1_entries);
             }
+        }
+        self.flush_all(storage)?;
+        for c in released {
+            self.refcounts.update(storage, c, -1)?;
         }
         self.flush_all(storage)
     }
