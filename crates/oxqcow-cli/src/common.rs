@@ -45,14 +45,22 @@ pub fn open_image(path: &str, format: Option<&str>, opts: OpenOptions) -> Result
         opts.format =
             Some(ImageFormat::from_name(f).map_err(|e| format!("Could not open '{path}': {}", describe(&e)))?);
     }
-    Image::open(Path::new(path), &opts).map_err(|e| match &e {
+    let image = Image::open(Path::new(path), &opts).map_err(|e| match &e {
         // QEMU's file layer names the file again: "Could not open 'x':
         // Could not open 'x': No such file or directory".
         oxqcow::Error::Io { op: "opening the image", .. } => {
             format!("Could not open '{path}': Could not open '{path}': {}", describe(&e))
         }
         _ => format!("Could not open '{path}': {}", describe(&e)),
-    })
+    })?;
+    // QEMU repairs a dirty image (lazy refcounts) when it opens it
+    // read-write, printing the check's lines as it goes.
+    if let Image::Qcow2(q) = &image {
+        for line in q.open_repair().map(|r| r.messages.as_slice()).unwrap_or_default() {
+            eprintln!("{line}");
+        }
+    }
+    Ok(image)
 }
 
 /// qemu-img's `cvtnum_full`: a size with an optional suffix, between `min`

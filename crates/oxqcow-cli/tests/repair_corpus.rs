@@ -282,3 +282,29 @@ fn exit_codes_and_quiet_like_qemu() {
         pair.same_output(&words(args));
     }
 }
+
+/// A dirty image (lazy refcounts) opened read-write is repaired first, as
+/// `check -r all` repairs it, with the check's lines on stderr.
+#[test]
+fn dirty_images_are_repaired_when_opened_like_qemu() {
+    let bases = bases();
+    let damages: [(&str, Vec<(u64, Vec<u8>)>); 3] = [
+        ("leak", vec![(79, vec![1]), (RB + 2 * 6, be16(2))]),
+        ("zero_refcount", vec![(79, vec![1]), (RB + 2 * 5, be16(0))]),
+        ("clean", vec![(79, vec![1])]),
+    ];
+    for (name, patches) in damages {
+        let pair = Pair::new();
+        for d in [&pair.qemu, &pair.ox] {
+            std::fs::copy(bases.path().join("lazy.qcow2"), d.join("x.qcow2")).unwrap();
+            for (offset, bytes) in &patches {
+                patch(&d.join("x.qcow2"), *offset, bytes);
+            }
+        }
+        pair.same_output(&["check", "x.qcow2"]);
+        pair.same_output(&["resize", "x.qcow2", "128M"]);
+        pair.same_output(&["check", "x.qcow2"]);
+        pair.same_output(&["info", "x.qcow2"]);
+        pair.same_files(&[name]);
+    }
+}

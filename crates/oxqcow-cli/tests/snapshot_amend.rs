@@ -302,3 +302,52 @@ fn amend_sequences_match_qemu() {
     }
     pair.same_files(&["amend error cases"]);
 }
+
+#[test]
+fn convert_from_snapshots_matches_qemu() {
+    let pair = Pair::new();
+    for d in [&pair.qemu, &pair.ox] {
+        must(d, qemu_img(), &words("create -q -f qcow2 a.qcow2 64M"));
+        must(d, qemu_io(), &["-c", "write -P 1 0 1M", "a.qcow2"]);
+        must(d, qemu_img(), &words("snapshot -c s1 a.qcow2"));
+        must(d, qemu_io(), &["-c", "write -P 2 0 512k", "-c", "write -z 2M 64k", "a.qcow2"]);
+        // The snapshots are read through the active size, as in QEMU.
+        must(d, qemu_img(), &words("resize -q a.qcow2 128M"));
+        must(d, qemu_img(), &words("snapshot -c s2 a.qcow2"));
+        must(d, qemu_io(), &["-c", "write -P 3 100M 1M", "a.qcow2"]);
+        must(d, qemu_img(), &words("create -q -f raw r.img 1M"));
+    }
+    for l in [
+        "s1",
+        "1",
+        "s2",
+        "snapshot.name=s1",
+        "snapshot.id=1",
+        "snapshot.id=2,snapshot.name=s2",
+        "snapshot.id=1,snapshot.name=s2",
+        "nope",
+        "snapshot.name=nope",
+        "snapshot.id=",
+        "snapshot.foo=1",
+    ] {
+        for fmt in ["raw", "qcow2"] {
+            let out = format!("out.{fmt}");
+            pair.same_output(&["convert", "-l", l, "-O", fmt, "a.qcow2", &out]);
+            pair.same_file_names(&["convert", "-l", l]);
+            if pair.qemu.join(&out).exists() {
+                let (q, o) = (pair.qemu.join(&out), pair.ox.join(&out));
+                let cmp = run_in(&pair.ox, qemu_img(), &["compare", q.to_str().unwrap(), o.to_str().unwrap()]);
+                assert_eq!(cmp.code, 0, "-l {l} -O {fmt}: {cmp:?}");
+                if fmt == "raw" {
+                    assert!(std::fs::read(&q).unwrap() == std::fs::read(&o).unwrap(), "-l {l}: raw output differs");
+                }
+                for d in [&pair.qemu, &pair.ox] {
+                    std::fs::remove_file(d.join(&out)).unwrap();
+                }
+            }
+        }
+    }
+    for args in ["convert -l s1 -O raw a.qcow2 a.qcow2 out.raw", "convert -l s1 -O raw r.img out.raw"] {
+        pair.same_output(&words(args));
+    }
+}

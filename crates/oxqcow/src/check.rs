@@ -250,9 +250,12 @@ pub(crate) fn check(meta: &mut Meta, storage: &dyn Storage, repair: Option<Repai
     if let Err(stop) = outcome {
         return c.finish(result, Some(stop), snapshot_res);
     }
+    // The engine's view of the refcount structures follows the repair
+    // before anything else writes (a header write takes the table
+    // location from it).
+    c.reload_meta()?;
     // qcow2_check_fix_snapshot_table.
     if snapshot_res.corruptions > 0 && fix.errors {
-        c.reload_meta()?;
         let size = c.meta.header.size;
         let mut entries = c.meta.snapshots.entries.clone();
         for e in &mut entries {

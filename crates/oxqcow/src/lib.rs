@@ -26,7 +26,6 @@ pub mod options;
 pub mod overlap;
 mod qcow2;
 pub mod raw;
-mod rebuild;
 mod refcount;
 mod resize;
 mod snapshot;

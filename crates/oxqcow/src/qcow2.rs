@@ -157,6 +157,8 @@ pub struct Qcow2 {
     meta: Mutex<Meta>,
     alloc_done: Condvar,
     dirty_at_open: bool,
+    /// The repair a dirty image got at open, with QEMU's messages.
+    open_repair: Option<crate::check::CheckReport>,
     closed: AtomicBool,
 }
 
@@ -551,6 +553,7 @@ impl Qcow2 {
         meta.update_reserved();
         meta.load_inactive_map(st)?;
 
+        let mut open_repair = None;
         if let Some(name) = &opts.snapshot {
             if !read_only {
                 return Err(Error::InvalidArgument("snapshots can only be opened read-only".into()));
@@ -577,10 +580,14 @@ impl Qcow2 {
                 st.sync().map_err(Error::io("syncing the header", 0))?;
             }
             if meta.header.is_dirty() && !opts.repair {
-                crate::rebuild::rebuild_refcounts(&mut meta, st)?;
-                meta.header.incompatible_features &= !incompat::DIRTY;
-                meta.write_header(st)?;
-                st.sync().map_err(Error::io("syncing the header", 0))?;
+                // As QEMU: a full repair (`check -r all`), which also
+                // clears the dirty bit once the image is consistent.
+                let report = crate::check::check(&mut meta, st, Some(crate::check::RepairMode::All))?;
+                if report.error.is_some() || report.check_errors > 0 {
+                    let why = report.error.unwrap_or_else(|| "Input/output error".into());
+                    return Err(Error::Corrupt(format!("Could not repair dirty image: {why}")));
+                }
+                open_repair = Some(report);
             }
         }
 
@@ -601,6 +608,7 @@ impl Qcow2 {
             meta: Mutex::new(meta),
             alloc_done: Condvar::new(),
             dirty_at_open,
+            open_repair,
             closed: AtomicBool::new(false),
         })
     }
@@ -690,6 +698,13 @@ impl Qcow2Info {
 }
 
 impl Qcow2 {
+    /// The repair a dirty image (lazy refcounts) got when it was opened
+    /// read-write, as `check -r all` reports it: its `messages` are the
+    /// lines QEMU prints while opening such an image.
+    pub fn open_repair(&self) -> Option<&crate::check::CheckReport> {
+        self.open_repair.as_ref()
+    }
+
     /// The snapshot table as read at open.
     pub fn snapshots(&self) -> Vec<oxqcow_format::SnapshotEntry> {
         self.lock_meta().snapshots.entries.clone()

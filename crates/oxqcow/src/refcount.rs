@@ -39,9 +39,6 @@ pub(crate) struct Refcounts {
     block_clusters: BTreeSet<u64>,
     /// One past the highest cluster ever allocated or present in the file.
     pub(crate) host_end: u64,
-    /// Table entries (with reserved bits set) whose block is read but not
-    /// counted as referenced.
-    pub(crate) unreferenced: BTreeSet<usize>,
 }
 
 impl Refcounts {
@@ -59,14 +56,12 @@ impl Refcounts {
         let mut bytes = vec![0u8; bytes_len as usize];
         storage.read_at(&mut bytes, table_offset).map_err(Error::io("reading the refcount table", table_offset))?;
         let mut table = decode_entries(&bytes);
-        let mut unreferenced = BTreeSet::new();
         for (i, e) in table.iter_mut().enumerate() {
             let entry = RefcountTableEntry(*e);
             let masked = RefcountTableEntry(*e & !0x1ff).block_offset().map_or(0, |o| o.0);
             let problem = if entry.reserved_bits() != 0 {
                 // QEMU still reads refcounts through the masked offset but
                 // does not count the entry as a reference to the block.
-                unreferenced.insert(i);
                 Some((format!("ERROR refcount table entry {i} has reserved bits set"), masked))
             } else if !geometry.is_cluster_aligned(masked) {
                 // Its refcounts cannot be read at all (the check reports it).
@@ -100,7 +95,6 @@ impl Refcounts {
             map: MetadataMap::default(),
             block_clusters,
             host_end: geometry.clusters_for(file_len),
-            unreferenced,
         })
     }
 
