@@ -72,14 +72,17 @@ enum Known {
     OpenRefused,
 }
 
+/// Bytes written over an image: (offset, bytes).
+type Patches = Vec<(u64, Vec<u8>)>;
+
 struct Case {
     name: &'static str,
     base: &'static str,
-    patches: Vec<(u64, Vec<u8>)>,
+    patches: Patches,
     known: Known,
 }
 
-fn case(name: &'static str, base: &'static str, patches: Vec<(u64, Vec<u8>)>) -> Case {
+fn case(name: &'static str, base: &'static str, patches: Patches) -> Case {
     Case { name, base, patches, known: Known::Same }
 }
 
@@ -288,7 +291,7 @@ fn exit_codes_and_quiet_like_qemu() {
 #[test]
 fn dirty_images_are_repaired_when_opened_like_qemu() {
     let bases = bases();
-    let damages: [(&str, Vec<(u64, Vec<u8>)>); 3] = [
+    let damages: [(&str, Patches); 3] = [
         ("leak", vec![(79, vec![1]), (RB + 2 * 6, be16(2))]),
         ("zero_refcount", vec![(79, vec![1]), (RB + 2 * 5, be16(0))]),
         ("clean", vec![(79, vec![1])]),
