@@ -50,6 +50,10 @@ fn bases() -> tempfile::TempDir {
     // rb1: 1-bit refcounts, 4 KiB clusters (L2 at 0x4000, data 0x5000..).
     must(d, q, &words("create -q -f qcow2 -o refcount_bits=1,cluster_size=4k rb1.qcow2 1M"));
     must(d, qemu_io(), &["-c", "write -P 1 0 16k", "rb1.qcow2"]);
+    // bitmap: a persistent bitmap (directory, table and data clusters).
+    must(d, q, &words("create -q -f qcow2 bitmap.qcow2 64M"));
+    must(d, q, &words("bitmap --add bitmap.qcow2 bm"));
+    must(d, qemu_io(), &["-c", "write -P 1 0 256k", "bitmap.qcow2"]);
     // lazy: lazy refcounts.
     must(d, q, &words("create -q -f qcow2 -o lazy_refcounts=on lazy.qcow2 64M"));
     must(d, qemu_io(), &["-c", "write -P 1 0 256k", "lazy.qcow2"]);
@@ -279,6 +283,8 @@ fn exit_codes_and_quiet_like_qemu() {
         "check -r leaks bad.qcow2",
         "check -q -r leaks leak.qcow2",
         "check -f raw plain.qcow2",
+        "check bitmap.qcow2",
+        "check --output=json bitmap.qcow2",
         "check -r foo plain.qcow2",
         "check -U -r all plain.qcow2",
     ] {

@@ -88,6 +88,7 @@ const MAX_REPAIR_GROWTH: u64 = 1 << 30;
 
 const EIO: &str = "Input/output error";
 const EFBIG: &str = "File too large";
+const EINVAL: &str = "Invalid argument";
 
 /// Why a step of the check stopped: an errno-like condition QEMU reports
 /// by its text, or a real error of the engine.
@@ -203,8 +204,9 @@ struct Checker<'a> {
     /// The refcount table as QEMU keeps it in memory: raw entries.
     reftable: Vec<u64>,
     reftable_offset: u64,
-    /// The last refcount block read: (offset, bytes).
-    block: Option<(u64, Vec<u8>)>,
+    /// The last refcount block read: (offset, bytes, changed and not yet
+    /// written).
+    block: Option<(u64, Vec<u8>, bool)>,
     imrt: Imrt,
     messages: Vec<String>,
 }
@@ -381,13 +383,33 @@ impl Checker<'_> {
             ))?;
             return Err(Stop::Errno(EIO));
         }
-        if self.block.as_ref().is_none_or(|(o, _)| *o != offset) {
-            let data = self.read_padded(offset, g.cluster_size())?;
-            self.block = Some((offset, data));
-        }
-        let (_, data) = self.block.as_ref().expect("just read");
+        self.load_block(offset)?;
+        let (_, data, _) = self.block.as_ref().expect("just read");
         let index = (c & (g.refcounts_per_block() - 1)) as usize;
         Ok(RefcountBlock::get(data, index, g.refcount_order()))
+    }
+
+    /// Makes the block at `offset` the cached one (writing back a changed
+    /// one first).
+    fn load_block(&mut self, offset: u64) -> Result<()> {
+        if self.block.as_ref().is_some_and(|(o, _, _)| *o == offset) {
+            return Ok(());
+        }
+        self.write_block()?;
+        let data = self.read_padded(offset, self.g.cluster_size())?;
+        self.block = Some((offset, data, false));
+        Ok(())
+    }
+
+    /// Writes the cached block back if it changed.
+    fn write_block(&mut self) -> Result<()> {
+        if let Some((offset, data, dirty)) = &mut self.block {
+            if *dirty {
+                self.st.write_at(data, *offset).map_err(Error::io("writing a refcount block", *offset))?;
+                *dirty = false;
+            }
+        }
+        Ok(())
     }
 
     /// Changes the stored refcount of `c` by `diff` (QEMU's
@@ -399,11 +421,11 @@ impl Checker<'_> {
         if offset == 0 || !g.is_cluster_aligned(offset) {
             return Err(Stop::Errno(EIO));
         }
-        let mut data = self.read_padded(offset, g.cluster_size())?;
+        self.load_block(offset)?;
+        let (_, data, dirty) = self.block.as_mut().expect("just read");
         let index = (c & (g.refcounts_per_block() - 1)) as usize;
-        RefcountBlock::set(&mut data, index, g.refcount_order(), value);
-        self.st.write_at(&data, offset).map_err(Error::io("writing a refcount block", offset))?;
-        self.block = Some((offset, data));
+        RefcountBlock::set(data, index, g.refcount_order(), value);
+        *dirty = true;
         if value == 0 {
             // Freed with QCOW2_DISCARD_ALWAYS: the host space goes back.
             let at = c << g.cluster_bits();
@@ -617,7 +639,56 @@ impl Checker<'_> {
             self.inc_refcounts(res, offset, size)?;
         }
         self.inc_refcounts(res, self.reftable_offset, self.reftable.len() as u64 * 8)?;
+        self.count_bitmaps(res)?;
         self.check_refblocks(res, fix, rebuild)
+    }
+
+    /// QEMU's `qcow2_check_bitmaps_refcounts`: the bitmap directory, every
+    /// bitmap table and the clusters the tables name.
+    fn count_bitmaps(&mut self, res: &mut CheckReport) -> Step<()> {
+        let Some(b) = self.meta.header.extensions.bitmaps.clone() else { return Ok(()) };
+        if b.nb_bitmaps == 0 {
+            return Ok(());
+        }
+        self.inc_refcounts(res, b.directory_offset, b.directory_size)?;
+        let dir = self
+            .read_padded(b.directory_offset, b.directory_size.min(oxqcow_format::limits::MAX_BITMAP_DIRECTORY_BYTES))?;
+        let be32 = |at: usize| u32::from_be_bytes(dir[at..at + 4].try_into().expect("4 bytes"));
+        let mut tables = Vec::new();
+        let mut pos = 0usize;
+        for _ in 0..b.nb_bitmaps {
+            if pos + 24 > dir.len() {
+                res.corruptions += 1;
+                return Err(Stop::Errno(EINVAL));
+            }
+            let offset = u64::from_be_bytes(dir[pos..pos + 8].try_into().expect("8 bytes"));
+            let size = u64::from(be32(pos + 8));
+            let name = u16::from_be_bytes([dir[pos + 18], dir[pos + 19]]) as usize;
+            let extra = be32(pos + 20) as usize;
+            tables.push((offset, size));
+            pos += (24 + extra + name).div_ceil(8) * 8;
+        }
+        let cs = self.g.cluster_size();
+        for (offset, size) in tables {
+            self.inc_refcounts(res, offset, size * 8)?;
+            if size * 8 > oxqcow_format::limits::MAX_L1_BYTES {
+                res.corruptions += 1;
+                return Err(Stop::Errno(EINVAL));
+            }
+            for entry in decode_entries(&self.read_padded(offset, size * 8)?) {
+                let at = entry & L2E_OFFSET_MASK;
+                let bad =
+                    entry & 0xff00_0000_0000_01fe != 0 || !self.g.is_cluster_aligned(at) || (entry & 1 != 0 && at != 0);
+                if bad {
+                    res.corruptions += 1;
+                    continue;
+                }
+                if at != 0 {
+                    self.inc_refcounts(res, at, cs)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// QEMU's `check_refblocks`.
@@ -739,6 +810,8 @@ impl Checker<'_> {
             }
             i += 1;
         }
+        self.write_block()?;
+        self.st.sync().map_err(Error::io("syncing refcount blocks", 0))?;
         Ok(highest)
     }
 
@@ -981,6 +1054,8 @@ impl Checker<'_> {
 
     /// QEMU's `rebuild_refcount_structure`.
     fn rebuild_refcount_structure(&mut self) -> Step<()> {
+        self.write_block()?;
+        self.block = None;
         let g = self.g;
         let avoid = self.named_by_reftable();
         let mut table: Vec<u64> = Vec::new();
