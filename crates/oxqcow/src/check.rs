@@ -646,7 +646,7 @@ impl Checker<'_> {
     /// QEMU's `qcow2_check_bitmaps_refcounts`: the bitmap directory, every
     /// bitmap table and the clusters the tables name.
     fn count_bitmaps(&mut self, res: &mut CheckReport) -> Step<()> {
-        let Some(b) = self.meta.header.extensions.bitmaps.clone() else { return Ok(()) };
+        let Some(b) = self.meta.header.extensions.bitmaps else { return Ok(()) };
         if b.nb_bitmaps == 0 {
             return Ok(());
         }
