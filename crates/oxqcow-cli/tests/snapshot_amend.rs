@@ -153,6 +153,35 @@ fn snapshot_sequences_match_qemu() {
         same_content(&pair, image);
         same_but_dates(&pair.qemu.join(image), &pair.ox.join(image));
     }
+    // Snapshots of different sizes, applied and deleted, with compressed
+    // clusters: the snapshot trees' COPIED flags are rewritten as QEMU
+    // rewrites them, and freed clusters are given back.
+    let both = |args: &[&str]| {
+        for d in [&pair.qemu, &pair.ox] {
+            must(d, qemu_img(), args);
+        }
+    };
+    both(&words("create -q -f qcow2 c.qcow2 64M"));
+    io(&["write -P 1 0 1M"], "c.qcow2");
+    same_masked(&pair, &words("snapshot -c s1 c.qcow2"));
+    both(&words("resize -q c.qcow2 128M"));
+    io(&["write -P 2 100M 1M"], "c.qcow2");
+    same_masked(&pair, &words("snapshot -c s2 c.qcow2"));
+    same_masked(&pair, &words("snapshot -a s1 c.qcow2"));
+    same_masked(&pair, &words("info c.qcow2"));
+    same_masked(&pair, &words("snapshot -a s2 c.qcow2"));
+    both(&words("resize -q --shrink c.qcow2 32M"));
+    same_masked(&pair, &words("snapshot -a s2 c.qcow2"));
+    same_masked(&pair, &words("snapshot -d s1 c.qcow2"));
+    same_masked(&pair, &words("snapshot -c s3 c.qcow2"));
+    io(&["write -P 5 0 64k", "write -c -P 6 50M 64k"], "c.qcow2");
+    same_masked(&pair, &words("snapshot -a s3 c.qcow2"));
+    same_masked(&pair, &words("snapshot -d s2 c.qcow2"));
+    same_masked(&pair, &words("info c.qcow2"));
+    same_masked(&pair, &words("check c.qcow2"));
+    same_content(&pair, "c.qcow2");
+    same_but_dates(&pair.qemu.join("c.qcow2"), &pair.ox.join("c.qcow2"));
+
     for args in [
         "snapshot",
         "snapshot a.qcow2 b",

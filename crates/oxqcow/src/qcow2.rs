@@ -1100,7 +1100,8 @@ impl Qcow2 {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
-        self.exclusive(|m, st| m.snapshot_apply(st, id_or_name))
+        let modes = self.discard;
+        self.exclusive(|m, st| m.snapshot_apply(st, id_or_name, modes))
     }
 
     /// Records a different backing file (or none) in the header. The data

@@ -265,13 +265,8 @@ impl Meta {
         let l1 = self.read_l1(storage, sn.l1_table_offset, sn.l1_size)?;
         self.write_snapshot_table(storage, entries, modes)?;
         // The snapshot is durably gone: its references can go.
-        let mut freed = Vec::new();
-        self.for_each_tree_cluster(storage, &l1, &mut |m, c| {
-            if m.refcounts.update(storage, c, -1)? == 0 {
-                freed.push(c);
-            }
-            Ok(true)
-        })?;
+        self.l2_cache_reset(storage)?;
+        let mut freed = self.release_tree(storage, &l1)?;
         let g = self.geometry;
         let first = g.host_cluster(HostOffset(sn.l1_table_offset)).0;
         for c in first..first + g.clusters_for(u64::from(sn.l1_size) * 8) {
@@ -279,22 +274,88 @@ impl Meta {
                 freed.push(HostCluster(c));
             }
         }
-        // Refcounts first (flush order), then the COPIED flags they allow.
+        // Refcounts first (flush order), then the COPIED flags they allow,
+        // in the tables the snapshot shared and in the active ones.
         self.flush_all(storage)?;
         self.l2_cache_reset(storage)?;
+        self.recompute_tree_flags(storage, &l1)?;
         self.refresh_copied_flags(storage)?;
         self.flush_all(storage)?;
-        if modes.punches(FreeReason::Snapshot) {
-            for c in freed {
-                let offset = g.cluster_offset(c).0;
-                storage.punch_hole(offset, g.cluster_size()).map_err(Error::io("discarding a host cluster", offset))?;
+        self.punch_freed(storage, &freed, modes)?;
+        // Freed tables may still be cached (clean): forget them.
+        self.l2.drop_clean();
+        Ok(())
+    }
+
+    /// Recomputes COPIED in the still-allocated L2 tables of the tree under
+    /// `l1` (set where the cluster's refcount is one, never on compressed,
+    /// zero-plain or unallocated entries) and returns the L1 entries with
+    /// COPIED recomputed too, as QEMU's `qcow2_update_snapshot_refcount`
+    /// leaves every tree it walks.
+    fn recompute_tree_flags(&mut self, storage: &dyn Storage, l1: &[u64]) -> Result<Vec<u64>> {
+        let g = self.geometry;
+        let mut out = l1.to_vec();
+        let mut seen = std::collections::HashSet::new();
+        for (i, &raw) in l1.iter().enumerate() {
+            let Some(table) = L1Entry(raw).l2_offset() else { continue };
+            let table_refs = self.refcounts.get(storage, g.host_cluster(table))?;
+            out[i] = if table_refs == 1 { raw | COPIED } else { raw & !COPIED };
+            if table_refs == 0 || !seen.insert(table.0) {
+                continue;
             }
+            for j in 0..g.l2_entries() as usize {
+                self.load_l2(storage, table.0)?;
+                let entry = self.l2_entry(table.0, j);
+                let want = match self.decode(entry, table.0, j)? {
+                    L2Mapping::Normal { host, .. } | L2Mapping::ZeroAllocated { host, .. } => {
+                        self.refcounts.get(storage, g.host_cluster(host))? == 1
+                    }
+                    _ => false,
+                };
+                if want != entry.copied() {
+                    self.load_l2(storage, table.0)?;
+                    let data = self.l2.get_mut(table.0).expect("loaded");
+                    oxqcow_format::table::write_l2_word(data, j, g.l2_entry_size() as usize, entry.with_copied(want).0);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drops one reference of every cluster of the tree under `l1` and
+    /// returns the clusters that became free.
+    fn release_tree(&mut self, storage: &dyn Storage, l1: &[u64]) -> Result<Vec<HostCluster>> {
+        let mut freed = Vec::new();
+        self.for_each_tree_cluster(storage, l1, &mut |m, c| {
+            if m.refcounts.update(storage, c, -1)? == 0 {
+                freed.push(c);
+            }
+            Ok(true)
+        })?;
+        Ok(freed)
+    }
+
+    /// Gives the host space of freed clusters back when snapshot discards
+    /// pass (QEMU frees them with `QCOW2_DISCARD_SNAPSHOT`).
+    fn punch_freed(&self, storage: &dyn Storage, freed: &[HostCluster], modes: DiscardModes) -> Result<()> {
+        if !modes.punches(FreeReason::Snapshot) {
+            return Ok(());
+        }
+        let g = self.geometry;
+        for &c in freed {
+            let offset = g.cluster_offset(c).0;
+            storage.punch_hole(offset, g.cluster_size()).map_err(Error::io("discarding a host cluster", offset))?;
         }
         Ok(())
     }
 
     /// Reverts the active layer to a snapshot (its size follows the snapshot).
-    pub(crate) fn snapshot_apply(&mut self, storage: &dyn Storage, id_or_name: &str) -> Result<()> {
+    pub(crate) fn snapshot_apply(
+        &mut self,
+        storage: &dyn Storage,
+        id_or_name: &str,
+        modes: DiscardModes,
+    ) -> Result<()> {
         let index = find(&self.snapshots.entries, id_or_name)
             .ok_or_else(|| Error::InvalidArgument(format!("Can't find the snapshot '{id_or_name}'")))?;
         let sn = self.snapshots.entries[index].clone();
@@ -307,7 +368,16 @@ impl Meta {
         }
         // New references first, durable before the L1 that needs them.
         self.update_tree_refcounts(storage, &sn_l1, 1)?;
+        // The snapshot's own tree gets its COPIED flags recomputed (QEMU
+        // rewrites its L1 and L2 tables so).
+        let sn_flags = self.recompute_tree_flags(storage, &sn_l1)?;
         self.flush_all(storage)?;
+        if sn_flags != sn_l1 {
+            let at = sn.l1_table_offset;
+            self.refcounts.check_write(at, sn_flags.len() as u64 * 8, crate::overlap::INACTIVE_L1)?;
+            storage.write_at(&encode_entries(&sn_flags), at).map_err(Error::io("writing a snapshot L1 table", at))?;
+            storage.sync().map_err(Error::io("syncing a snapshot L1 table", at))?;
+        }
         let mut new_l1 = sn_l1;
         new_l1.resize(self.l1.len(), 0);
         let l1_offset = self.header.l1_table_offset;
@@ -318,15 +388,21 @@ impl Meta {
         self.l1_dirty.clear();
         self.update_reserved();
         // The old tree is durably unreferenced by the active L1.
-        self.update_tree_refcounts(storage, &old_l1, -1)?;
+        self.l2_cache_reset(storage)?;
+        let freed = self.release_tree(storage, &old_l1)?;
         if self.header.size != disk_size {
             self.header.size = disk_size;
             self.write_header(storage)?;
         }
         self.flush_all(storage)?;
         self.l2_cache_reset(storage)?;
+        self.recompute_tree_flags(storage, &old_l1)?;
         self.refresh_copied_flags(storage)?;
-        self.flush_all(storage)
+        self.flush_all(storage)?;
+        self.punch_freed(storage, &freed, modes)?;
+        // Freed tables may still be cached (clean): forget them.
+        self.l2.drop_clean();
+        Ok(())
     }
 
     /// Drops every cached L2 table (flushing first): after trees changed
