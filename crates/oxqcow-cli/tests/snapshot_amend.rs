@@ -261,14 +261,12 @@ fn amend_sequences_match_qemu() {
         pair.same_output(&["info", image]);
         pair.same_files(&[image]);
     }
-    // Shrinking an image that has snapshots: qemu-img 10 leaves COPIED set
-    // on a cluster the snapshot shares (its own check then reports an
-    // error); oxqcow's image is clean, with the same content.
+    // Shrinking an image that has snapshots.
     let pair = Pair::from(fixtures.path());
     pair.same_output(&words("amend -o size=32M snap.qcow2"));
-    let check = run_in(&pair.ox, qemu_img(), &["check", "snap.qcow2"]);
-    assert_eq!(check.code, 0, "{check:?}");
+    pair.same_output(&words("check snap.qcow2"));
     same_content(&pair, "snap.qcow2");
+    pair.same_files(&["amend -o size=32M snap.qcow2"]);
 
     // Downgrading expands a zero cluster that the snapshot shares: qemu-img
     // 10 writes the zeros into the shared cluster (the snapshot's content
