@@ -104,7 +104,8 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         return ctx.fail(&format!("Could not open '{path}': force-share=on can only be used with read-only images"));
     }
     opts.read_only = repair.is_none();
-    opts.repair = repair.is_some();
+    // Damaged refcount tables are what check is for: open tolerantly.
+    opts.repair = true;
     let image = match open_image(&path, format.as_deref(), opts) {
         Ok(i) => i,
         Err(msg) => return ctx.fail(&msg),
@@ -113,24 +114,32 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         ctx.error("This image format does not support checks");
         return EXIT_NOT_SUPPORTED;
     }
-    let report = match image.check(repair) {
+    // As qemu-img: a check (repairing when asked); when it fixed something,
+    // the summary of the repairs and a second, plain check whose result is
+    // the one reported.
+    let mut report = match run_check(ctx, &image, repair) {
         Ok(r) => r,
-        Err(e) => return ctx.fail(&format!("Check failed: {}", describe(&e))),
+        Err(code) => return code,
     };
-    for line in &report.messages {
-        eprintln!("{line}");
+    if report.corruptions_fixed > 0 || report.leaks_fixed > 0 {
+        let (leaks_fixed, corruptions_fixed) = (report.leaks_fixed, report.corruptions_fixed);
+        if output == OutputFormat::Human && !quiet {
+            print!(
+                "The following inconsistencies were found and repaired:\n\n    {leaks_fixed} leaked clusters\n    \
+                 {corruptions_fixed} corruptions\n\nDouble checking the fixed image now...\n"
+            );
+        }
+        report = match run_check(ctx, &image, None) {
+            Ok(r) => r,
+            Err(code) => return code,
+        };
+        report.leaks_fixed = leaks_fixed;
+        report.corruptions_fixed = corruptions_fixed;
     }
     if let Err(e) = image.close() {
         return ctx.fail(&format!("Check failed: {}", describe(&e)));
     }
     if !quiet {
-        if output == OutputFormat::Human && (report.corruptions_fixed > 0 || report.leaks_fixed > 0) {
-            print!(
-                "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\n\
-                 Double checking the fixed image now...\n",
-                report.leaks_fixed, report.corruptions_fixed
-            );
-        }
         match output {
             OutputFormat::Human => print!("{}", human(&report)),
             OutputFormat::Json => print_json(&to_json(&path, &report)),
@@ -140,6 +149,19 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         return ctx.fail("Check failed");
     }
     exit_code(&report)
+}
+
+/// One check: its messages on stderr; a check that failed prints
+/// "Check failed: REASON" and gives exit code 1.
+fn run_check(ctx: &Ctx, image: &Image, repair: Option<RepairMode>) -> Result<CheckReport, i32> {
+    let report = image.check(repair).map_err(|e| ctx.fail(&format!("Check failed: {}", describe(&e))))?;
+    for line in &report.messages {
+        eprintln!("{line}");
+    }
+    match &report.error {
+        Some(reason) => Err(ctx.fail(&format!("Check failed: {reason}"))),
+        None => Ok(report),
+    }
 }
 
 /// 2 when corruptions remain, 3 when only leaks do, 0 when clean.

@@ -45,14 +45,22 @@ pub fn open_image(path: &str, format: Option<&str>, opts: OpenOptions) -> Result
         opts.format =
             Some(ImageFormat::from_name(f).map_err(|e| format!("Could not open '{path}': {}", describe(&e)))?);
     }
-    Image::open(Path::new(path), &opts).map_err(|e| match &e {
+    let image = Image::open(Path::new(path), &opts).map_err(|e| match &e {
         // QEMU's file layer names the file again: "Could not open 'x':
         // Could not open 'x': No such file or directory".
         oxqcow::Error::Io { op: "opening the image", .. } => {
             format!("Could not open '{path}': Could not open '{path}': {}", describe(&e))
         }
         _ => format!("Could not open '{path}': {}", describe(&e)),
-    })
+    })?;
+    // QEMU repairs a dirty image (lazy refcounts) when it opens it
+    // read-write, printing the check's lines as it goes.
+    if let Image::Qcow2(q) = &image {
+        for line in q.open_repair().map(|r| r.messages.as_slice()).unwrap_or_default() {
+            eprintln!("{line}");
+        }
+    }
+    Ok(image)
 }
 
 /// qemu-img's `cvtnum_full`: a size with an optional suffix, between `min`
@@ -128,19 +136,107 @@ pub fn snapshot_header() -> String {
 pub fn snapshot_line(sn: &serde_json::Value) -> String {
     let s = |k: &str| sn.get(k).and_then(serde_json::Value::as_str).unwrap_or_default().to_string();
     let n = |k: &str| sn.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
-    let secs = n("vm-clock-sec");
-    let clock =
-        format!("{:04}:{:02}:{:02}.{:03}", secs / 3600, (secs / 60) % 60, secs % 60, n("vm-clock-nsec") / 1_000_000);
-    let icount = sn.get("icount").and_then(serde_json::Value::as_u64).map(|i| i.to_string()).unwrap_or_default();
-    format!(
-        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
-        s("id"),
-        s("name"),
-        size_to_str(n("vm-state-size")),
-        utc_date(n("date-sec")),
-        clock,
-        icount
+    let icount = sn.get("icount").and_then(serde_json::Value::as_u64);
+    snapshot_row(
+        &s("id"),
+        &s("name"),
+        n("vm-state-size"),
+        n("date-sec"),
+        n("vm-clock-sec") * 1_000_000_000 + n("vm-clock-nsec"),
+        icount,
     )
+}
+
+/// One line of qemu's `bdrv_snapshot_dump`: `%-7s %-16s %8s %19s %15s %10s`
+/// (C pads by bytes, not characters), the instruction count left blank
+/// when not recorded.
+pub fn snapshot_row(
+    id: &str,
+    name: &str,
+    vm_state_size: u64,
+    date_sec: u64,
+    vm_clock_nsec: u64,
+    icount: Option<u64>,
+) -> String {
+    let secs = vm_clock_nsec / 1_000_000_000;
+    let clock = format!(
+        "{:04}:{:02}:{:02}.{:03}",
+        secs / 3600,
+        (secs / 60) % 60,
+        secs % 60,
+        (vm_clock_nsec / 1_000_000) % 1000
+    );
+    let icount = icount.filter(|&i| i != u64::MAX).map(|i| i.to_string()).unwrap_or_default();
+    format!(
+        "{} {} {} {} {} {}",
+        pad_bytes(id, 7, true),
+        pad_bytes(name, 16, true),
+        pad_bytes(&size_to_str(vm_state_size), 8, false),
+        pad_bytes(&utc_date(date_sec), 19, false),
+        pad_bytes(&clock, 15, false),
+        pad_bytes(&icount, 10, false)
+    )
+}
+
+/// printf's `%-Ns` / `%Ns`: padding counts bytes.
+fn pad_bytes(s: &str, width: usize, left: bool) -> String {
+    let pad = " ".repeat(width.saturating_sub(s.len()));
+    if left {
+        format!("{s}{pad}")
+    } else {
+        format!("{pad}{s}")
+    }
+}
+
+/// Checks an `--object` definition as qemu-img's `user_creatable_process_cmdline`
+/// would for the one object type oxqcow knows, `secret` (`id`, and `data`
+/// or `file`, optional `format=raw|base64`), with QEMU's messages.
+pub fn check_object(spec: &str) -> Result<(), String> {
+    // An implied first key: a leading token without '=' is the type.
+    let (mut qom_type, rest) = match spec.split_once(',') {
+        Some((first, rest)) if !first.contains('=') => (Some(first.to_string()), rest),
+        None if !spec.contains('=') => (Some(spec.to_string()), ""),
+        _ => (None, spec),
+    };
+    let mut params = Vec::new();
+    for (k, v) in crate::imgopts::split_options(rest) {
+        if k == "qom-type" {
+            qom_type = Some(v);
+        } else {
+            params.push((k, v));
+        }
+    }
+    let Some(qom_type) = qom_type.filter(|t| !t.is_empty()) else {
+        return Err("Parameter 'qom-type' is missing".into());
+    };
+    if qom_type != "secret" {
+        return Err(format!("Parameter 'qom-type' does not accept value '{qom_type}'"));
+    }
+    let get = |k: &str| params.iter().rev().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+    let Some(id) = get("id") else { return Err("Parameter 'id' is missing".into()) };
+    let valid_id = id.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+    if !valid_id {
+        return Err("Parameter 'id' expects an identifier\n\
+                    Identifiers consist of letters, digits, '-', '.', '_', starting with a letter."
+            .into());
+    }
+    if let Some((k, _)) =
+        params.iter().find(|(k, _)| !matches!(k.as_str(), "id" | "data" | "file" | "format" | "keyid" | "iv"))
+    {
+        return Err(format!("Parameter '{k}' is unexpected"));
+    }
+    if let Some(f) = get("format").filter(|f| f != "raw" && f != "base64") {
+        return Err(format!("Parameter 'format' does not accept value '{f}'"));
+    }
+    match (get("data"), get("file")) {
+        (None, None) => Err("Either 'file' or 'data' must be provided".into()),
+        (Some(_), Some(_)) => Err("'data' and 'file' are mutually exclusive".into()),
+        (None, Some(file)) => std::fs::read(&file).map(|_| ()).map_err(|e| {
+            format!("Unable to read {file}: Failed to open file \u{201c}{file}\u{201d}: {}", os_error(&e))
+        }),
+        (Some(_), None) => Ok(()),
+    }
 }
 
 /// `YYYY-MM-DD HH:MM:SS` for seconds since the epoch, in UTC.

@@ -95,6 +95,7 @@ fn help(prog: &str) {
 /// The parsed command line.
 struct Args {
     src_fmt: Option<String>,
+    snapshot: Option<SnapshotParam>,
     out_fmt: Option<String>,
     options: Option<String>,
     cache: String,
@@ -123,6 +124,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     };
     let mut a = Args {
         src_fmt: None,
+        snapshot: None,
         out_fmt: None,
         options: None,
         cache: "unsafe".into(),
@@ -177,7 +179,13 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             },
             "c" => return ctx.fail("compressed output (-c) is not supported yet"),
             "B" | "F" => return ctx.fail("backing files for the target (-B/-F) are not supported yet"),
-            "l" => return ctx.fail("converting from a snapshot (-l) is not supported yet"),
+            "l" => match SnapshotParam::parse(&v) {
+                Ok(p) => a.snapshot = Some(p),
+                Err(key) => {
+                    ctx.error(&format!("Invalid parameter '{key}'"));
+                    return ctx.fail(&format!("Failed in parsing snapshot param '{v}'"));
+                }
+            },
             "C" => return ctx.fail("copy offloading (-C) is not supported yet"),
             "r" => return ctx.fail("rate limiting (-r) is not supported yet"),
             "object" | "image-opts" | "target-image-opts" | "bitmaps" | "skip-broken-bitmaps" | "salvage" => {
@@ -195,6 +203,9 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let (target, sources) = parsed.operands.split_last().expect("two operands at least");
     a.target = target.clone();
     a.sources = sources.to_vec();
+    if a.sources.len() > 1 && a.snapshot.is_some() {
+        return ctx.fail("No support for concatenating multiple snapshot");
+    }
     if a.skip_create && a.options.is_some() {
         return ctx.fail("-o has no effect when skipping image creation");
     }
@@ -229,6 +240,10 @@ fn convert(_ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
     let mut total = 0u64;
     for name in &a.sources {
         let image = open_image(name, a.src_fmt.as_deref(), OpenOptions::new().read_only(true))?;
+        let image = match &a.snapshot {
+            Some(p) => p.load(image, name, a.src_fmt.as_deref())?,
+            None => image,
+        };
         let len = image.len();
         sources.push(Source { image, start: total, len });
         total = total.checked_add(len).ok_or("the sources are too large together")?;
@@ -668,5 +683,60 @@ mod tests {
         assert_eq!(alignment(6144), 4096);
         assert_eq!(alignment(512), 512);
         assert_eq!(alignment(0), 512);
+    }
+}
+
+/// `-l`: which internal snapshot of the source to read (qemu-img's
+/// `snapshot.id=ID,snapshot.name=NAME` or a bare id-or-name).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum SnapshotParam {
+    /// Found by id, then by name.
+    IdOrName(String),
+    /// Found by id and name, each when given.
+    Exact { id: Option<String>, name: Option<String> },
+}
+
+impl SnapshotParam {
+    /// Parses `-l`; an unknown key is returned as the error.
+    fn parse(v: &str) -> Result<SnapshotParam, String> {
+        if !v.starts_with("snapshot.") {
+            return Ok(SnapshotParam::IdOrName(v.to_string()));
+        }
+        let (mut id, mut name) = (None, None);
+        for (key, value) in crate::imgopts::split_options(v) {
+            match key.as_str() {
+                "snapshot.id" => id = Some(value),
+                "snapshot.name" => name = Some(value),
+                other => return Err(other.to_string()),
+            }
+        }
+        Ok(SnapshotParam::Exact { id, name })
+    }
+
+    /// Reopens `image` on the snapshot's content (QEMU's
+    /// `bdrv_snapshot_load_tmp`), with qemu-img's messages.
+    fn load(&self, image: Image, path: &str, fmt: Option<&str>) -> Result<Image, String> {
+        let Image::Qcow2(q) = &image else {
+            return Err(format!(
+                "Failed to load snapshot: Block format '{}' used by device '' does not support temporarily loading \
+                 internal snapshots",
+                image.format().name()
+            ));
+        };
+        let snapshots = q.snapshots();
+        let found = match self {
+            SnapshotParam::IdOrName(s) => {
+                snapshots.iter().find(|sn| &sn.id == s).or_else(|| snapshots.iter().find(|sn| &sn.name == s))
+            }
+            SnapshotParam::Exact { id: None, name: None } => None,
+            SnapshotParam::Exact { id, name } => snapshots
+                .iter()
+                .find(|sn| id.as_ref().is_none_or(|i| &sn.id == i) && name.as_ref().is_none_or(|n| &sn.name == n)),
+        };
+        let Some(sn) = found else { return Err("Failed to load snapshot: Can't find snapshot".into()) };
+        let id = sn.id.clone();
+        drop(image);
+        let opts = OpenOptions { read_only: true, snapshot: Some(id), ..OpenOptions::new() };
+        open_image(path, fmt, opts).map_err(|e| format!("Failed to load snapshot: {e}"))
     }
 }

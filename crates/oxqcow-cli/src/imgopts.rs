@@ -212,6 +212,42 @@ pub fn print_help(format: ImageFormat, with_filename: bool) {
     }
 }
 
+/// Whether `s` parses against the format's creation options alone (not
+/// the protocol's), as qemu-img's amend tries before hinting that an option
+/// is only for image creation. `first` is tried first, its definitions
+/// winning (QEMU appends the creation list to the amend list).
+pub fn parses_with_create_opts(format: ImageFormat, first: &[OptDesc], s: &str) -> bool {
+    let mut list: Vec<&OptDesc> = first.iter().collect();
+    for d in format_opts(format) {
+        if !list.iter().any(|o| o.name == d.name) {
+            list.push(d);
+        }
+    }
+    split_options(s).iter().all(|(k, v)| list.iter().find(|d| d.name == k).is_some_and(|d| d.check(v).is_ok()))
+}
+
+impl OptDesc {
+    /// Type-checks a value with QEMU's messages.
+    pub fn check(&self, value: &str) -> Result<(), String> {
+        match self.ty {
+            OptType::Str => Ok(()),
+            OptType::Bool => parse_bool(self.name, value).map(|_| ()),
+            OptType::Number => parse_number(self.name, value).map(|_| ()),
+            OptType::Size => parse_size_option(self.name, value).map(|_| ()),
+        }
+    }
+
+    /// A description of an option (for other commands' option lists).
+    pub const fn new(name: &'static str, ty: OptType, help: &'static str) -> OptDesc {
+        desc(name, ty, help, None)
+    }
+
+    /// The `-o help` line: `  name=<type>  - help`.
+    pub fn help_line(&self) -> String {
+        format!("  {:<22} - {}", format!("{}=<{}>", self.name, self.ty.help_name()), self.help)
+    }
+}
+
 /// A parsed value.
 #[derive(Clone, Debug)]
 enum Parsed {
@@ -372,7 +408,7 @@ impl ImgOpts {
 }
 
 /// QEMU's boolean option values.
-fn parse_bool(name: &str, value: &str) -> Result<bool, String> {
+pub fn parse_bool(name: &str, value: &str) -> Result<bool, String> {
     match value {
         "on" | "yes" | "true" | "y" => Ok(true),
         "off" | "no" | "false" | "n" => Ok(false),
@@ -382,7 +418,7 @@ fn parse_bool(name: &str, value: &str) -> Result<bool, String> {
 
 /// QEMU's number option values (`qemu_strtou64` with base 0: decimal, `0x`
 /// hex, `0` octal, a sign wrapping around).
-fn parse_number(name: &str, value: &str) -> Result<u64, String> {
+pub fn parse_number(name: &str, value: &str) -> Result<u64, String> {
     let invalid = || format!("Parameter '{name}' expects a number");
     let t = value.trim_start_matches(|c: char| c.is_ascii_whitespace());
     let (negative, t) = match t.as_bytes().first() {

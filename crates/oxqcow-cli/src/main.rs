@@ -3,6 +3,7 @@
 //! `run(ctx, args) -> exit code` entry point; this file only dispatches.
 #![forbid(unsafe_code)]
 
+mod amend;
 mod bench;
 mod check;
 #[allow(dead_code)] // used by the subcommand modules as they land
@@ -19,6 +20,7 @@ mod measure;
 mod progress;
 mod qjson;
 mod resize;
+mod snapshot;
 mod status;
 
 use common::Ctx;
@@ -31,7 +33,7 @@ fn usage(ctx: &Ctx) -> String {
          usage: {prog} [standard options] command [command options]\n\
          QEMU disk image utility, qemu-img compatible\n\n\
          Command syntax: see '{prog} COMMAND --help'.\n\
-         Commands: create, info, check, map, compare, convert, resize, measure, bench, io\n",
+         Commands: create, info, check, map, compare, convert, resize, measure, snapshot, amend, bench, io\n",
         prog = ctx.prog
     )
 }
@@ -66,6 +68,7 @@ fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let rest = &args[1..];
     match command.as_str() {
         // Subcommands register here: "name" => name::run(ctx, rest),
+        "amend" => amend::run(ctx, rest),
         "bench" => bench::run(ctx, rest),
         "check" => check::run(ctx, rest),
         "compare" => compare::run(ctx, rest),
@@ -76,6 +79,7 @@ fn run(ctx: &Ctx, args: &[String]) -> i32 {
         "map" => map::run(ctx, rest),
         "measure" => measure::run(ctx, rest),
         "resize" => resize::run(ctx, rest),
+        "snapshot" => snapshot::run(ctx, rest),
         other => ctx.fail(&format!("Command not found: {other}")),
     }
 }

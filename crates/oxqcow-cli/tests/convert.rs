@@ -216,7 +216,6 @@ fn convert_refuses_what_it_cannot_do() {
     for args in [
         &["convert", "-c", "-O", "qcow2", "a.raw", "x"][..],
         &["convert", "-B", "a.raw", "-F", "raw", "-O", "qcow2", "a.raw", "x"],
-        &["convert", "-l", "snap", "a.raw", "x"],
         &["convert", "--bitmaps", "-O", "qcow2", "a.raw", "x"],
     ] {
         let out = s.ours(args);

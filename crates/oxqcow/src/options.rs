@@ -130,7 +130,8 @@ pub struct OpenOptions {
     /// What to do with backing files the image names.
     pub backing: crate::backing::BackingPolicy,
     /// Open the content of this internal snapshot (id or name) instead of
-    /// the active layer; read-only (`convert -l`, `qemu-io -l`).
+    /// the active layer; read-only (`convert -l`, `qemu-io -l`). As in
+    /// QEMU, the guest size stays the active layer's.
     pub snapshot: Option<String>,
     /// Punch holes for clusters freed by deleting snapshots
     /// (`pass-discard-snapshot`, on unless set to false).

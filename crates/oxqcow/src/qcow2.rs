@@ -102,6 +102,9 @@ pub(crate) struct Meta {
     /// (QEMU's `qcow2_detect_metadata_preallocation`), decided at the first
     /// block status query and kept for the rest of the session as QEMU does.
     pub(crate) metadata_preallocation: Option<bool>,
+    /// Whether a corruption event was reported already (QEMU prints the
+    /// first one only: `signaled_corruption`).
+    pub(crate) signaled_corruption: bool,
 }
 
 /// Facts about an open qcow2 image, for `info`.
@@ -157,6 +160,8 @@ pub struct Qcow2 {
     meta: Mutex<Meta>,
     alloc_done: Condvar,
     dirty_at_open: bool,
+    /// The repair a dirty image got at open, with QEMU's messages.
+    open_repair: Option<crate::check::CheckReport>,
     closed: AtomicBool,
 }
 
@@ -545,20 +550,22 @@ impl Qcow2 {
             free_byte_offset: 0,
             has_backing: backing.is_some(),
             metadata_preallocation: None,
+            signaled_corruption: false,
         };
         meta.refcounts.map.mask = opts.overlap_check.unwrap_or(overlap::CACHED);
         meta.update_reserved();
         meta.load_inactive_map(st)?;
 
-        let mut size = size;
+        let mut open_repair = None;
         if let Some(name) = &opts.snapshot {
             if !read_only {
                 return Err(Error::InvalidArgument("snapshots can only be opened read-only".into()));
             }
-            let (l1, disk_size) = meta.snapshot_view(st, name)?;
+            // The guest size stays the active layer's, as with QEMU's
+            // bdrv_snapshot_load_tmp: past the snapshot's own disk size (and
+            // its L1 table) everything reads as zeros.
+            let (l1, _disk_size) = meta.snapshot_view(st, name)?;
             meta.l1 = l1;
-            meta.header.size = disk_size;
-            size = disk_size;
         }
 
         if !read_only {
@@ -576,10 +583,14 @@ impl Qcow2 {
                 st.sync().map_err(Error::io("syncing the header", 0))?;
             }
             if meta.header.is_dirty() && !opts.repair {
-                crate::check::rebuild_refcounts(&mut meta, st)?;
-                meta.header.incompatible_features &= !incompat::DIRTY;
-                meta.write_header(st)?;
-                st.sync().map_err(Error::io("syncing the header", 0))?;
+                // As QEMU: a full repair (`check -r all`), which also
+                // clears the dirty bit once the image is consistent.
+                let report = crate::check::check(&mut meta, st, Some(crate::check::RepairMode::All))?;
+                if report.error.is_some() || report.check_errors > 0 {
+                    let why = report.error.unwrap_or_else(|| "Input/output error".into());
+                    return Err(Error::Corrupt(format!("Could not repair dirty image: {why}")));
+                }
+                open_repair = Some(report);
             }
         }
 
@@ -601,6 +612,7 @@ impl Qcow2 {
             meta: Mutex::new(meta),
             alloc_done: Condvar::new(),
             dirty_at_open,
+            open_repair,
             closed: AtomicBool::new(false),
         })
     }
@@ -690,6 +702,13 @@ impl Qcow2Info {
 }
 
 impl Qcow2 {
+    /// The repair a dirty image (lazy refcounts) got when it was opened
+    /// read-write, as `check -r all` reports it: its `messages` are the
+    /// lines QEMU prints while opening such an image.
+    pub fn open_repair(&self) -> Option<&crate::check::CheckReport> {
+        self.open_repair.as_ref()
+    }
+
     /// The snapshot table as read at open.
     pub fn snapshots(&self) -> Vec<oxqcow_format::SnapshotEntry> {
         self.lock_meta().snapshots.entries.clone()
@@ -1088,12 +1107,33 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Creates an internal snapshot of the active layer named `name`.
+    /// Creates an internal snapshot of the active layer named `name`, dated
+    /// now, with no instruction count recorded.
     pub fn snapshot_create(&self, name: &str) -> Result<oxqcow_format::SnapshotEntry> {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        self.snapshot_create_with(&oxqcow_format::SnapshotEntry {
+            name: name.to_string(),
+            date_sec: now.as_secs() as u32,
+            date_nsec: now.subsec_nanos(),
+            icount: Some(u64::MAX),
+            ..Default::default()
+        })
+    }
+
+    /// Creates an internal snapshot of the active layer described by
+    /// `template`: its name, id (empty: the next free number; an id in use
+    /// is refused), date, VM clock and instruction count are recorded as
+    /// given (`qemu-img snapshot -c` records microsecond dates and an
+    /// instruction count of 0); everything else comes from the image.
+    pub fn snapshot_create_with(
+        &self,
+        template: &oxqcow_format::SnapshotEntry,
+    ) -> Result<oxqcow_format::SnapshotEntry> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
-        self.exclusive(|m, st| m.snapshot_create(st, name))
+        let modes = self.discard;
+        self.exclusive(|m, st| m.snapshot_create(st, template, modes))
     }
 
     /// Deletes the snapshot with this id (or, failing that, this name).
@@ -1110,7 +1150,8 @@ impl Qcow2 {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
-        self.exclusive(|m, st| m.snapshot_apply(st, id_or_name))
+        let modes = self.discard;
+        self.exclusive(|m, st| m.snapshot_apply(st, id_or_name, modes))
     }
 
     /// Records a different backing file (or none) in the header. The data
