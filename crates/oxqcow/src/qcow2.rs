@@ -353,7 +353,15 @@ impl Meta {
 
     /// Sets the dirty bit before the first metadata change with lazy refcounts.
     pub(crate) fn mark_dirty(&mut self, storage: &dyn Storage) -> Result<()> {
-        if !self.lazy_refcounts || self.header.is_dirty() || self.header.version < 3 {
+        if !self.lazy_refcounts {
+            return Ok(());
+        }
+        self.set_dirty_bit(storage)
+    }
+
+    /// Sets the dirty bit (version 3) and syncs it.
+    fn set_dirty_bit(&mut self, storage: &dyn Storage) -> Result<()> {
+        if self.header.is_dirty() || self.header.version < 3 {
             return Ok(());
         }
         let features = self.header.incompatible_features | incompat::DIRTY;
@@ -362,6 +370,30 @@ impl Meta {
         storage.sync().map_err(Error::io("syncing the dirty bit", pos))?;
         self.header.incompatible_features = features;
         Ok(())
+    }
+
+    /// Runs a multi-step metadata operation (snapshot create, apply,
+    /// delete) under the dirty bit: a crash between its steps can leave
+    /// refcounts and COPIED flags disagreeing, and the dirty bit makes the
+    /// next read-write open repair that, as for lazy refcounts. The bit is
+    /// cleared once the operation is complete and flushed (unless lazy
+    /// refcounts keep the image dirty anyway).
+    pub(crate) fn with_dirty_bit<T>(
+        &mut self,
+        storage: &dyn Storage,
+        f: impl FnOnce(&mut Meta) -> Result<T>,
+    ) -> Result<T> {
+        let was_dirty = self.header.is_dirty();
+        self.set_dirty_bit(storage)?;
+        let value = f(self)?;
+        if !was_dirty && !self.lazy_refcounts && self.header.is_dirty() {
+            self.flush_all(storage)?;
+            self.header.incompatible_features &= !incompat::DIRTY;
+            let (pos, bytes) = header::incompatible_features_field(self.header.incompatible_features);
+            storage.write_at(&bytes, pos).map_err(Error::io("clearing the dirty bit", pos))?;
+            storage.sync().map_err(Error::io("syncing the dirty bit", pos))?;
+        }
+        Ok(value)
     }
 
     /// Writes dirty L1 entries (grouped into contiguous runs).
@@ -1133,7 +1165,7 @@ impl Qcow2 {
             return Err(Error::ReadOnly);
         }
         let modes = self.discard;
-        self.exclusive(|m, st| m.snapshot_create(st, template, modes))
+        self.exclusive(|m, st| m.with_dirty_bit(st, |m| m.snapshot_create(st, template, modes)))
     }
 
     /// Deletes the snapshot with this id (or, failing that, this name).
@@ -1142,7 +1174,7 @@ impl Qcow2 {
             return Err(Error::ReadOnly);
         }
         let modes = self.discard;
-        self.exclusive(|m, st| m.snapshot_delete(st, id_or_name, modes))
+        self.exclusive(|m, st| m.with_dirty_bit(st, |m| m.snapshot_delete(st, id_or_name, modes)))
     }
 
     /// Reverts the active layer to the snapshot with this id (or name).
@@ -1151,7 +1183,7 @@ impl Qcow2 {
             return Err(Error::ReadOnly);
         }
         let modes = self.discard;
-        self.exclusive(|m, st| m.snapshot_apply(st, id_or_name, modes))
+        self.exclusive(|m, st| m.with_dirty_bit(st, |m| m.snapshot_apply(st, id_or_name, modes)))
     }
 
     /// Records a different backing file (or none) in the header. The data
