@@ -33,6 +33,11 @@ pub(crate) struct Refcounts {
     blocks: TableCache,
     /// No cluster below this index is free.
     free_hint: u64,
+    /// The host cluster compressed data is being packed into
+    /// (`Meta::alloc_bytes`). Forgotten as soon as its refcount drops to
+    /// zero: the cluster may be reused for anything (an L2 table, say)
+    /// before the next compressed write, which must then not pack into it.
+    pub(crate) packing: Option<u64>,
     /// Where the metadata is, for overlap checks and the allocator.
     pub(crate) map: MetadataMap,
     /// Clusters holding refcount blocks.
@@ -105,6 +110,7 @@ impl Refcounts {
             dirty_table: BTreeSet::new(),
             blocks: TableCache::new(cache_tables),
             free_hint: 0,
+            packing: None,
             map: MetadataMap::default(),
             block_clusters,
             host_end: geometry.clusters_for(file_len),
@@ -228,6 +234,9 @@ impl Refcounts {
         RefcountBlock::set(block, index, order, new);
         if new == 0 && cluster.0 < self.free_hint {
             self.free_hint = cluster.0;
+        }
+        if new == 0 && self.packing == Some(cluster.0) {
+            self.packing = None;
         }
         Ok(new)
     }
