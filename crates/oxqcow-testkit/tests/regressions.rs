@@ -146,3 +146,58 @@ fn compressed_data_is_not_packed_into_a_freed_and_reused_cluster() {
     let r = img.check(None).unwrap();
     assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
 }
+
+/// Bug (found by the model test with amend): an open image kept the
+/// version it was opened with for its zero writes, so after an amend to
+/// compat 0.10 a zero write still set the zero flag, which version 2 does
+/// not have: the image became unreadable ("zero cluster flag in a version
+/// 2 image"), for QEMU too.
+#[test]
+fn zero_writes_after_a_downgrade_follow_version_2_rules() {
+    use oxqcow::amend::AmendOptions;
+    use oxqcow::{MemoryStorage, OpenOptions};
+    let storage = Arc::new(MemoryStorage::new());
+    let cfg = ImageConfig::new(4096, 16, Compat::V3, false);
+    let img = Image::create_storage(storage.clone(), &cfg.create_options(64 << 10)).unwrap();
+    img.write_at(&[5; 16 << 10], 0).unwrap();
+    let q = img.as_qcow2().unwrap();
+    q.amend(&AmendOptions { compat: Some(Compat::V2), ..Default::default() }, &mut |_, _| {}).unwrap();
+    img.write_zeroes_at(0, 8 << 10, false).unwrap();
+    img.write_zeroes_at(8 << 10, 100, true).unwrap();
+    let mut buf = vec![1u8; 16 << 10];
+    img.read_at(&mut buf, 0).unwrap();
+    assert!(buf[..(8 << 10) + 100].iter().all(|&b| b == 0) && buf[(8 << 10) + 100..].iter().all(|&b| b == 5));
+    let r = img.check(None).unwrap();
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+    img.close().unwrap();
+    let img = Image::open_storage(storage, &OpenOptions::new()).unwrap();
+    let mut again = vec![1u8; 16 << 10];
+    img.read_at(&mut again, 0).unwrap();
+    assert_eq!(again, buf);
+}
+
+/// Bug (found by the model test with amend and compression): an open
+/// image kept the codec it was opened with, so after an amend to compat
+/// 0.10 turned a zstd image (without compressed clusters) into a zlib one,
+/// compressed writes still stored zstd streams under a header that says
+/// zlib: they read back in that session only, and QEMU (or a reopen)
+/// failed to decompress them.
+#[test]
+fn compressed_writes_after_a_downgrade_use_the_new_compression_type() {
+    use oxqcow::amend::AmendOptions;
+    use oxqcow::{CompressionType, MemoryStorage, OpenOptions};
+    let storage = Arc::new(MemoryStorage::new());
+    let mut opts = ImageConfig::new(4096, 16, Compat::V3, false).create_options(64 << 10);
+    opts.compression_type = CompressionType::Zstd;
+    let img = Image::create_storage(storage.clone(), &opts).unwrap();
+    let q = img.as_qcow2().unwrap();
+    q.amend(&AmendOptions { compat: Some(Compat::V2), ..Default::default() }, &mut |_, _| {}).unwrap();
+    let data: Vec<u8> = (0..4096u32).map(|i| (i / 64) as u8).collect();
+    q.write_compressed(&data, 0).unwrap();
+    assert_eq!(img.check(None).unwrap().compressed_clusters, 1);
+    img.close().unwrap();
+    let img = Image::open_storage(storage, &OpenOptions::new()).unwrap();
+    let mut back = vec![0u8; 4096];
+    img.read_at(&mut back, 0).unwrap();
+    assert_eq!(back, data);
+}

@@ -84,7 +84,12 @@ impl Qcow2 {
         if self.is_read_only() {
             return Err(Error::ReadOnly);
         }
-        self.exclusive(|m, st| m.amend(st, opts, progress))?;
+        self.exclusive(|m, st| {
+            let res = m.amend(st, opts, progress);
+            // Also after a failure: an upgrade may have succeeded before it.
+            self.refresh_header_facts(m);
+            res
+        })?;
         if let Some(size) = opts.size {
             if size != self.len() {
                 self.resize(size, Preallocation::Off)?;
