@@ -201,3 +201,33 @@ fn compressed_writes_after_a_downgrade_use_the_new_compression_type() {
     img.read_at(&mut back, 0).unwrap();
     assert_eq!(back, data);
 }
+
+/// Bug (found by the model test on overlays): growing an overlay with
+/// preallocation mapped every unallocated cluster from the old last one
+/// on to a new, zeroed host cluster, including an old partial last
+/// cluster that read the backing file: its in-disk part turned to zeros.
+/// QEMU copies the old content into the preallocated cluster.
+#[test]
+fn preallocated_growth_keeps_backing_data_in_the_old_last_cluster() {
+    use oxqcow::{ImageFormat, MemoryStorage, OpenOptions, Preallocation, Qcow2};
+    for compat in [Compat::V2, Compat::V3] {
+        for prealloc in [Preallocation::Metadata, Preallocation::Falloc, Preallocation::Full] {
+            let backing = Arc::new(MemoryStorage::from_bytes(vec![0x5a; 1024]));
+            let opts = OpenOptions::new().read_only(true).format(ImageFormat::Raw);
+            let backing = Arc::new(Image::open_storage(backing, &opts).unwrap());
+            let storage = Arc::new(MemoryStorage::new());
+            let cfg = ImageConfig::new(65536, 16, compat, false);
+            let q = Qcow2::create(storage.clone(), &cfg.create_options(512)).unwrap();
+            q.set_backing_file(Some("backing.img"), Some("raw")).unwrap();
+            q.close().unwrap();
+            let img = Qcow2::open_with_backing(storage, &OpenOptions::new(), Some(backing)).unwrap();
+            img.resize(65536, prealloc).unwrap();
+            let mut buf = vec![0u8; 65536];
+            img.read_at(&mut buf, 0).unwrap();
+            assert!(buf[..512].iter().all(|&b| b == 0x5a), "{compat:?} {prealloc:?}: the old content was lost");
+            assert!(buf[512..].iter().all(|&b| b == 0), "{compat:?} {prealloc:?}: the grown part must read as zeros");
+            let r = img.check(None).unwrap();
+            assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+        }
+    }
+}

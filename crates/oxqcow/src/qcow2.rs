@@ -1092,7 +1092,7 @@ impl Qcow2 {
         }
         let old_size = self.len();
         if new_size > old_size {
-            self.unshare_last_cluster(old_size)?;
+            self.unshare_last_cluster(old_size, prealloc != Preallocation::Off)?;
         }
         self.exclusive(|m, st| m.resize(st, new_size, prealloc))?;
         // A grown overlay must not show what its backing image has past
