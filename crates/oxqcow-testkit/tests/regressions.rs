@@ -261,3 +261,33 @@ fn no_hidden_leak_past_the_end_of_the_file_after_a_crash() {
             .unwrap_or_else(|e| panic!("crash at host write {n} of {total}: {e}"));
     }
 }
+
+/// Bug (found by the amend crash tests): downgrading a lazy-refcount
+/// overlay to compat 0.10 gives every plain zero cluster a new cluster of
+/// zeros (version 2 cannot mask the backing file otherwise). The image was
+/// made clean first, but the expansion still ran in lazy-refcount mode:
+/// the L2 tables pointing at the new clusters were written before their
+/// refcounts, with the dirty bit clear, so a crash in between left
+/// clusters referenced with refcount 0 that no rebuild on open would fix.
+#[test]
+fn downgrading_a_lazy_refcount_overlay_survives_a_crash() {
+    use oxqcow_testkit::crash::{run_workload_on, verify_crashed_on};
+    use oxqcow_testkit::faulty::CrashModel;
+    use oxqcow_testkit::model::{AmendOp, Op};
+    use oxqcow_testkit::workload::{Backing, Harness};
+    let backing = Backing::raw(vec![0x33; 64 << 10]).unwrap();
+    let cfg = ImageConfig::new(512, 16, Compat::V3, true);
+    let opts = Harness::open_options(&cfg, false, false);
+    let mut h = Harness::with_backing(cfg, 64 << 10, 64 << 10, opts, backing.clone()).unwrap();
+    // Plain zero clusters masking the backing file.
+    h.apply(&Op::Discard { offset: 0, len: 8 << 10 }).unwrap();
+    h.image.take().unwrap().close().unwrap();
+    let base = h.storage.to_bytes();
+    let ops = [Op::Amend(AmendOp::Compat(Compat::V2))];
+    let total = run_workload_on(&base, Some(&backing), 512, &ops, None).storage.writes();
+    for n in 0..total {
+        let run = run_workload_on(&base, Some(&backing), 512, &ops, Some((n, CrashModel::Torn { seed: n })));
+        verify_crashed_on(run.storage.durable_bytes(), Some(&backing), &run.tracker, 512, false)
+            .unwrap_or_else(|e| panic!("crash at host write {n} of {total}: {e}"));
+    }
+}

@@ -206,9 +206,17 @@ impl Meta {
                 "Cannot downgrade an image with incompatible features 0x{blocking:x} set"
             )));
         }
-        self.expand_zero_clusters(storage)?;
+        // The image is clean now: expand with ordered flushes (refcounts
+        // before the tables that need them), not in lazy-refcount mode,
+        // which would write the tables first with the dirty bit clear.
+        let lazy = std::mem::replace(&mut self.lazy_refcounts, false);
+        if let Err(e) = self.expand_zero_clusters(storage) {
+            self.lazy_refcounts = lazy;
+            return Err(e);
+        }
         if self.header.incompatible_features & incompat::COMPRESSION != 0 {
             if self.has_compressed_clusters(storage)? {
+                self.lazy_refcounts = lazy;
                 return Err(Error::Unsupported(
                     "Cannot downgrade an image with zstd compression type and existing compressed clusters".into(),
                 ));
