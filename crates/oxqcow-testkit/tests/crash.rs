@@ -579,6 +579,13 @@ fn crash_torn_write_amend_downgrade_overlay() {
     crash_amend(true, false, vec![Op::Amend(AmendOp::Compat(Compat::V2))], 2, 4, |n| CrashModel::Torn { seed: n });
 }
 
+/// The same with lazy refcounts, where the new clusters' refcounts must
+/// still be durable before the L2 tables that point at them.
+#[test]
+fn crash_torn_write_amend_downgrade_overlay_lazy_refcounts() {
+    crash_amend(true, true, vec![Op::Amend(AmendOp::Compat(Compat::V2))], 2, 4, |n| CrashModel::Torn { seed: n });
+}
+
 /// The same, unsynced writes reordered.
 #[test]
 fn crash_reordered_unsynced_amend_downgrade_overlay() {
