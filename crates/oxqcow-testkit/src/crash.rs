@@ -8,10 +8,11 @@
 
 use std::sync::Arc;
 
-use oxqcow::{BlockDevice, Image, MemoryStorage, OpenOptions, RepairMode, Storage};
+use oxqcow::{BlockDevice, MemoryStorage, OpenOptions, RepairMode, Storage};
 
 use crate::faulty::{CrashModel, FaultyStorage};
-use crate::model::{pattern, Model, Op};
+use crate::model::{compressible_pattern, pattern, AmendOp, Model, Op};
+use crate::workload::{open_image, Backing};
 
 /// What must survive a crash.
 #[derive(Clone, Debug)]
@@ -95,28 +96,44 @@ pub struct Run {
 /// Opens the image in `base` on a faulty storage, applies `ops` and closes
 /// it, stopping at the first error (the injected crash).
 pub fn run_workload(base: &[u8], cluster_size: u64, ops: &[Op], crash: Option<(u64, CrashModel)>) -> Run {
+    run_workload_on(base, None, cluster_size, ops, crash)
+}
+
+/// [`run_workload`] on an overlay of `backing` (`None`: no backing file).
+pub fn run_workload_on(
+    base: &[u8],
+    backing: Option<&Backing>,
+    cluster_size: u64,
+    ops: &[Op],
+    crash: Option<(u64, CrashModel)>,
+) -> Run {
     let storage = Arc::new(match crash {
         Some((n, model)) => FaultyStorage::with_crash(base.to_vec(), Some(n), model),
         None => FaultyStorage::new(base.to_vec()),
     });
     let dynamic: Arc<dyn Storage> = storage.clone();
     let probe =
-        Image::open_storage(Arc::new(MemoryStorage::from_bytes(base.to_vec())), &OpenOptions::new().read_only(true))
+        open_image(Arc::new(MemoryStorage::from_bytes(base.to_vec())), &OpenOptions::new().read_only(true), backing)
             .expect("the base image opens");
     let mut content = vec![0u8; probe.len() as usize];
     probe.read_at(&mut content, 0).expect("the base image reads");
+    let v2 = probe.as_qcow2().is_some_and(|q| q.info().version == 2);
     drop(probe);
-    let mut model = Model { data: content, cluster_size };
+    let mut model = Model::new(0, cluster_size);
+    if let Some(b) = backing {
+        model = Model::with_backing(0, cluster_size, b.content.clone(), v2);
+    }
+    model.data = content;
     let mut tracker = DurabilityTracker::new(&model);
     let run = |tracker: &mut DurabilityTracker| -> Result<usize, (usize, String)> {
-        let image = Image::open_storage(dynamic, &OpenOptions::new()).map_err(|e| (0, format!("open: {e}")))?;
+        let image = open_image(dynamic, &OpenOptions::new(), backing).map_err(|e| (0, format!("open: {e}")))?;
         let (mut snapshots, mut snapshots_made) = (Vec::new(), 0);
         for (i, op) in ops.iter().enumerate() {
             let old_len = model.len();
             if let Some((o, l)) = model.apply(op) {
                 tracker.touch(o, l);
             }
-            if let Op::Resize { size, .. } = op {
+            if let Op::Resize { size, .. } | Op::Amend(AmendOp::Size(size)) = op {
                 tracker.sizes.push(*size);
                 // A crash may leave the old size, with data past the new end.
                 if *size < old_len {
@@ -125,6 +142,10 @@ pub fn run_workload(base: &[u8], cluster_size: u64, ops: &[Op], crash: Option<(u
             }
             let res = match *op {
                 Op::Write { offset, len, seed } => image.write_at(&pattern(seed, offset, len), offset),
+                Op::WriteCompressed { offset, len, seed } => {
+                    image.as_qcow2().expect("qcow2").write_compressed(&compressible_pattern(seed, offset, len), offset)
+                }
+                Op::Amend(a) => image.as_qcow2().expect("qcow2").amend(&a.options(), &mut |_, _| {}),
                 Op::WriteZeroes { offset, len, may_unmap } => image.write_zeroes_at(offset, len, may_unmap),
                 Op::Discard { offset, len } => image.discard(offset, len),
                 Op::Flush => image.flush(),
@@ -233,9 +254,20 @@ pub fn verify_crashed(
     cluster_size: u64,
     allow_copied_mismatch: bool,
 ) -> Result<Survivor, String> {
+    verify_crashed_on(bytes, None, tracker, cluster_size, allow_copied_mismatch)
+}
+
+/// [`verify_crashed`] for an overlay of `backing`.
+pub fn verify_crashed_on(
+    bytes: Vec<u8>,
+    backing: Option<&Backing>,
+    tracker: &DurabilityTracker,
+    cluster_size: u64,
+    allow_copied_mismatch: bool,
+) -> Result<Survivor, String> {
     let storage = Arc::new(MemoryStorage::from_bytes(bytes));
     let dynamic: Arc<dyn Storage> = storage.clone();
-    let image = Image::open_storage(dynamic, &OpenOptions::new()).map_err(|e| format!("open after the crash: {e}"))?;
+    let image = open_image(dynamic, &OpenOptions::new(), backing).map_err(|e| format!("open after the crash: {e}"))?;
     let report = image.check(None).map_err(|e| format!("check: {e}"))?;
     let mut copied_mismatches = 0;
     if report.corruptions != 0 || report.check_errors != 0 {

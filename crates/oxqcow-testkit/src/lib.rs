@@ -3,6 +3,9 @@
 //! - [`model`]: a flat `Vec<u8>` reference model of a disk with qcow2's
 //!   discard rules, image configurations (geometries), and the operations
 //!   the model tests apply to both an image and the model.
+//! - [`layout`]: the allocation model (what each cluster's L2 entry says,
+//!   by QEMU's rules), which tells the harness which compressed writes must
+//!   be refused and is compared with block status.
 //! - [`workload`]: random operation sequences (proptest strategies) and the
 //!   harness that applies them and compares after every step.
 //! - [`crash`]: the crash harness (workload runner, durability tracker,
@@ -20,6 +23,7 @@
 
 pub mod crash;
 pub mod faulty;
+pub mod layout;
 pub mod model;
 pub mod prng;
 pub mod probe;

@@ -12,9 +12,19 @@
 //!   the unaligned pieces, and accepts the piece that starts aligned and
 //!   ends at the end of the disk). Partial clusters keep their data;
 //! - `resize` truncates or extends with zeros;
+//! - a compressed write stores its bytes (which clusters the engine takes
+//!   is [`crate::layout`]'s business: the harness applies only those);
+//! - amend changes nothing visible but the size;
 //! - flush, close and reopen change nothing visible.
+//!
+//! Over a backing file the disk starts as the backing file's content
+//! (zeros past its end); every rule above stays, except that a discard on
+//! a version 2 overlay makes the clusters read the backing file again
+//! (version 2 has no zero flag to mask it).
 
-use oxqcow::{Compat, CreateOptions, Preallocation};
+use std::sync::Arc;
+
+use oxqcow::{Compat, CompressionType, CreateOptions, Preallocation};
 
 /// How an image is created: the geometry and features a test runs over.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,39 +39,57 @@ pub struct ImageConfig {
     pub lazy_refcounts: bool,
     /// Preallocation at creation.
     pub preallocation: Preallocation,
+    /// Compression type of compressed clusters.
+    pub compression_type: CompressionType,
 }
 
 impl ImageConfig {
     /// A configuration with preallocation off.
     pub fn new(cluster_size: u64, refcount_bits: u32, compat: Compat, lazy_refcounts: bool) -> Self {
-        ImageConfig { cluster_size, refcount_bits, compat, lazy_refcounts, preallocation: Preallocation::Off }
+        ImageConfig {
+            cluster_size,
+            refcount_bits,
+            compat,
+            lazy_refcounts,
+            preallocation: Preallocation::Off,
+            compression_type: CompressionType::Zlib,
+        }
     }
 
-    /// Whether QEMU accepts the combination: lazy refcounts and refcount
-    /// widths other than 16 need compat 1.1.
+    /// The same configuration with compression type `t`.
+    pub fn with_compression(self, t: CompressionType) -> Self {
+        ImageConfig { compression_type: t, ..self }
+    }
+
+    /// Whether QEMU accepts the combination: lazy refcounts, refcount
+    /// widths other than 16 and zstd compression need compat 1.1.
     pub fn is_valid(&self) -> bool {
-        self.compat == Compat::V3 || (!self.lazy_refcounts && self.refcount_bits == 16)
+        self.compat == Compat::V3
+            || (!self.lazy_refcounts && self.refcount_bits == 16 && self.compression_type == CompressionType::Zlib)
     }
 
     /// Library creation options for an image of `size` bytes.
     pub fn create_options(&self, size: u64) -> CreateOptions {
-        CreateOptions::qcow2(size)
+        let mut o = CreateOptions::qcow2(size)
             .cluster_size(self.cluster_size)
             .refcount_bits(self.refcount_bits)
             .compat(self.compat)
             .lazy_refcounts(self.lazy_refcounts)
-            .preallocation(self.preallocation)
+            .preallocation(self.preallocation);
+        o.compression_type = self.compression_type;
+        o
     }
 
     /// The same options as a `qemu-img create -o` string.
     pub fn qemu_options(&self) -> String {
         format!(
-            "cluster_size={},refcount_bits={},compat={},lazy_refcounts={},preallocation={}",
+            "cluster_size={},refcount_bits={},compat={},lazy_refcounts={},preallocation={},compression_type={}",
             self.cluster_size,
             self.refcount_bits,
             self.compat.name(),
             if self.lazy_refcounts { "on" } else { "off" },
-            self.preallocation.name()
+            self.preallocation.name(),
+            self.compression_type.name()
         )
     }
 
@@ -97,11 +125,68 @@ pub fn pattern(seed: u8, offset: u64, len: u64) -> Vec<u8> {
     (offset..offset + len).map(|p| pattern_byte(seed, p)).collect()
 }
 
+/// The buffer a compressed write of `len` bytes at `offset` with `seed`
+/// stores: runs of equal bytes (4 to 64 long, by seed) whose values vary
+/// with the position and the seed, so every cluster compresses (with a
+/// ratio that varies, so compressed clusters have different lengths and
+/// pack differently) and misplaced or stale data is still caught. Seeds
+/// that are 7 modulo 8 give random bytes instead (a strong hash of the
+/// position and the seed), which no codec shrinks, so the fallback to
+/// uncompressed clusters runs too.
+pub fn compressible_pattern(seed: u8, offset: u64, len: u64) -> Vec<u8> {
+    if seed % 8 == 7 {
+        let noise =
+            |p: u64| (crate::prng::Prng::new(p.wrapping_mul(0x9e37_79b9) ^ u64::from(seed)).next_u64() >> 56) as u8;
+        return (offset..offset + len).map(noise).collect();
+    }
+    let run = 4u64 << (seed % 5);
+    (offset..offset + len).map(|p| pattern_byte(seed, p / run * run)).collect()
+}
+
+/// An option change of `qemu-img amend`, one at a time (so that a refused
+/// amend leaves nothing half done).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AmendOp {
+    /// Change the compatibility level (a downgrade expands zero clusters).
+    Compat(Compat),
+    /// Change the refcount width (rebuilds the refcount structures).
+    RefcountBits(u32),
+    /// Switch lazy refcounts on or off.
+    LazyRefcounts(bool),
+    /// Change the size (as a resize without preallocation).
+    Size(u64),
+}
+
+impl AmendOp {
+    /// The library's amend options for this change.
+    pub fn options(&self) -> oxqcow::amend::AmendOptions {
+        let mut o = oxqcow::amend::AmendOptions::default();
+        match *self {
+            AmendOp::Compat(c) => o.compat = Some(c),
+            AmendOp::RefcountBits(b) => o.refcount_bits = Some(b),
+            AmendOp::LazyRefcounts(l) => o.lazy_refcounts = Some(l),
+            AmendOp::Size(s) => o.size = Some(s),
+        }
+        o
+    }
+}
+
 /// One operation on a disk, with concrete offsets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
     /// Write `pattern(seed, offset, len)`.
     Write {
+        /// Guest offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// Pattern seed.
+        seed: u8,
+    },
+    /// Write `compressible_pattern(seed, offset, len)` compressed:
+    /// `offset` is cluster aligned and `len` covers whole clusters (the
+    /// last one may end at the end of the disk).
+    WriteCompressed {
         /// Guest offset.
         offset: u64,
         /// Length.
@@ -150,6 +235,8 @@ pub enum Op {
     /// dirty and gets its refcounts rebuilt on open; either way check must
     /// find it clean.
     CrashReopen,
+    /// `qemu-img amend`: the content does not change (but for the size).
+    Amend(AmendOp),
 }
 
 /// A disk as a flat byte vector.
@@ -159,12 +246,40 @@ pub struct Model {
     pub data: Vec<u8>,
     /// The image's cluster size (discard granularity).
     pub cluster_size: u64,
+    /// The backing file's content, if the image has one.
+    pub backing: Option<Arc<Vec<u8>>>,
+    /// Whether a discard shows the backing file again (a version 2
+    /// overlay) instead of zeros.
+    pub discard_shows_backing: bool,
 }
 
 impl Model {
     /// A zeroed disk of `size` bytes.
     pub fn new(size: u64, cluster_size: u64) -> Self {
-        Model { data: vec![0; size as usize], cluster_size }
+        Model { data: vec![0; size as usize], cluster_size, backing: None, discard_shows_backing: false }
+    }
+
+    /// A disk of `size` bytes over a backing file holding `backing`: it
+    /// reads the backing file's bytes, and zeros past its end. `v2` says
+    /// whether the image is a version 2 overlay.
+    pub fn with_backing(size: u64, cluster_size: u64, backing: Arc<Vec<u8>>, v2: bool) -> Self {
+        let mut data = vec![0; size as usize];
+        let n = backing.len().min(data.len());
+        data[..n].copy_from_slice(&backing[..n]);
+        Model { data, cluster_size, backing: Some(backing), discard_shows_backing: v2 }
+    }
+
+    /// What the backing file shows at `[start, end)` (zeros without one
+    /// and past its end).
+    pub fn backing_bytes(&self, start: u64, end: u64) -> Vec<u8> {
+        let mut out = vec![0u8; (end - start) as usize];
+        if let Some(b) = &self.backing {
+            let hi = (end as usize).min(b.len());
+            if (start as usize) < hi {
+                out[..hi - start as usize].copy_from_slice(&b[start as usize..hi]);
+            }
+        }
+        out
     }
 
     /// The disk size.
@@ -190,13 +305,20 @@ impl Model {
                 self.data[offset as usize..(offset + len) as usize].fill(0);
                 Some((offset, len))
             }
+            Op::WriteCompressed { offset, len, seed } => {
+                let buf = compressible_pattern(seed, offset, len);
+                self.data[offset as usize..(offset + len) as usize].copy_from_slice(&buf);
+                Some((offset, len))
+            }
             Op::Discard { offset, len } => {
                 if let Some((s, e)) = self.discarded_range(offset, len) {
-                    self.data[s as usize..e as usize].fill(0);
+                    let fill =
+                        if self.discard_shows_backing { self.backing_bytes(s, e) } else { vec![0; (e - s) as usize] };
+                    self.data[s as usize..e as usize].copy_from_slice(&fill);
                 }
                 Some((offset, len))
             }
-            Op::Resize { size, .. } => {
+            Op::Amend(AmendOp::Size(size)) | Op::Resize { size, .. } => {
                 let old = self.len();
                 self.data.resize(size as usize, 0);
                 let (lo, hi) = (old.min(size), old.max(size));
@@ -204,7 +326,13 @@ impl Model {
             }
             // Snapshots are the harness's business: the model only holds
             // the active layer.
-            Op::Flush | Op::Reopen | Op::CrashReopen | Op::SnapshotCreate | Op::SnapshotDelete(_) => None,
+            Op::Amend(AmendOp::Compat(c)) => {
+                self.discard_shows_backing = self.backing.is_some() && c == Compat::V2;
+                None
+            }
+            Op::Flush | Op::Reopen | Op::CrashReopen | Op::SnapshotCreate | Op::SnapshotDelete(_) | Op::Amend(_) => {
+                None
+            }
             Op::SnapshotApply(_) => panic!("the harness applies snapshot reverts to the model"),
         }
     }
@@ -247,6 +375,23 @@ mod tests {
         let before = m.clone();
         m.apply(&Op::Discard { offset: 1, len: 510 });
         assert_eq!(m, before);
+    }
+
+    #[test]
+    fn compressible_patterns_compress_and_random_ones_do_not() {
+        use oxqcow::compress::Codec;
+        for codec in [Codec::Deflate, Codec::Zstd] {
+            for cs in [512usize, 4096, 65536] {
+                for seed in 0..16u8 {
+                    let data = compressible_pattern(seed, 3 * cs as u64, cs as u64);
+                    let packed = codec.compress(&data, cs - 1).unwrap();
+                    assert_eq!(packed.is_some(), seed % 8 != 7, "{codec:?}, {cs}-byte cluster, seed {seed}");
+                }
+            }
+        }
+        // Different seeds and positions give different data.
+        assert_ne!(compressible_pattern(1, 0, 512), compressible_pattern(2, 0, 512));
+        assert_ne!(compressible_pattern(1, 0, 512), compressible_pattern(1, 512, 512));
     }
 
     #[test]

@@ -6,13 +6,25 @@
 //! boundaries) and are resolved into concrete [`Op`]s against the disk
 //! size at the time they run, so a shrink earlier in the sequence never
 //! makes a later operation invalid and proptest can shrink sequences freely.
+//!
+//! Beside the content model the harness keeps the allocation model
+//! ([`Layout`]) of the active layer and of every snapshot, predicts from it
+//! which compressed writes, amends and snapshot operations the engine must
+//! refuse (a refusal must leave everything unchanged), and compares it with
+//! the image's block status after every step.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
-use oxqcow::{BlockDevice, Image, MemoryStorage, OpenOptions, Preallocation, Storage};
+use oxqcow::compress::Codec;
+use oxqcow::{
+    BlockDevice, Compat, CompressionType, ErrorKind, Image, ImageFormat, MemoryStorage, OpenOptions, Preallocation,
+    Qcow2, Storage,
+};
 use proptest::prelude::*;
 
-use crate::model::{pattern, ImageConfig, Model, Op};
+use crate::layout::{expand_zero_tree, observed_states, BackingMap, Cluster, Layout};
+use crate::model::{compressible_pattern, pattern, AmendOp, ImageConfig, Model, Op};
 
 /// Where an operation starts, relative to the disk size.
 #[derive(Clone, Copy, Debug)]
@@ -40,6 +52,9 @@ pub enum Len {
 pub enum OpSpec {
     /// A write.
     Write(Pos, Len, u8),
+    /// A compressed write of 1 to 3 whole clusters (the cluster at the
+    /// position, aligned down) with a seed.
+    WriteCompressed(Pos, u8, u8),
     /// A zero write.
     WriteZeroes(Pos, Len, bool),
     /// A discard.
@@ -60,7 +75,14 @@ pub enum OpSpec {
     SnapshotApply(u8),
     /// Delete a snapshot.
     SnapshotDelete(u8),
+    /// Amend one option: the first field picks which (compat 0.10 or 1.1,
+    /// refcount width, lazy refcounts, size), the second its value.
+    Amend(u8, u16),
 }
+
+/// Refcount widths amend may pick (16 twice: it is the only width
+/// compat 0.10 has).
+pub const REFCOUNT_WIDTHS: [u32; 8] = [1, 2, 4, 8, 16, 16, 32, 64];
 
 impl OpSpec {
     /// The concrete operation on a disk of `size` bytes (at least 512)
@@ -90,6 +112,11 @@ impl OpSpec {
                 let (offset, len) = place(p, l);
                 Op::Write { offset, len, seed }
             }
+            OpSpec::WriteCompressed(p, n, seed) => {
+                let offset = (u64::from(p.frac) * size / 65536 / cs * cs).min((size - 1) / cs * cs);
+                let len = ((u64::from(n % 3) + 1) * cs).min(size - offset);
+                Op::WriteCompressed { offset, len, seed }
+            }
             OpSpec::WriteZeroes(p, l, may_unmap) => {
                 let (offset, len) = place(p, l);
                 Op::WriteZeroes { offset, len, may_unmap }
@@ -117,6 +144,18 @@ impl OpSpec {
             OpSpec::SnapshotCreate => Op::SnapshotCreate,
             OpSpec::SnapshotApply(i) => Op::SnapshotApply(i),
             OpSpec::SnapshotDelete(i) => Op::SnapshotDelete(i),
+            // Downgrades are the most involved amend and succeed only
+            // under conditions (16-bit refcounts, ...): 3 amends in 8.
+            OpSpec::Amend(kind, v) => Op::Amend(match kind % 8 {
+                0..=2 => AmendOp::Compat(Compat::V2),
+                3 => AmendOp::Compat(Compat::V3),
+                4 | 5 => AmendOp::RefcountBits(REFCOUNT_WIDTHS[usize::from(v) % REFCOUNT_WIDTHS.len()]),
+                6 => AmendOp::LazyRefcounts(v % 2 == 0),
+                _ => {
+                    let raw = u64::from(v) * max_size / 65536;
+                    AmendOp::Size((raw.div_ceil(512) * 512).clamp(512, max_size))
+                }
+            }),
         }
     }
 }
@@ -137,6 +176,7 @@ fn len() -> impl Strategy<Value = Len> {
 pub fn op_spec() -> impl Strategy<Value = OpSpec> {
     prop_oneof![
         10 => (pos(), len(), any::<u8>()).prop_map(|(p, l, s)| OpSpec::Write(p, l, s)),
+        4 => (pos(), any::<u8>(), any::<u8>()).prop_map(|(p, n, s)| OpSpec::WriteCompressed(p, n, s)),
         3 => (pos(), len(), any::<bool>()).prop_map(|(p, l, u)| OpSpec::WriteZeroes(p, l, u)),
         3 => (pos(), len()).prop_map(|(p, l)| OpSpec::Discard(p, l)),
         2 => Just(OpSpec::Flush),
@@ -146,6 +186,18 @@ pub fn op_spec() -> impl Strategy<Value = OpSpec> {
         1 => Just(OpSpec::SnapshotCreate),
         1 => any::<u8>().prop_map(OpSpec::SnapshotApply),
         1 => any::<u8>().prop_map(OpSpec::SnapshotDelete),
+        3 => (any::<u8>(), any::<u16>()).prop_map(|(k, v)| OpSpec::Amend(k, v)),
+    ]
+}
+
+/// One operation that builds a backing file: writes (plain and
+/// compressed), zero writes and discards.
+pub fn backing_op_spec() -> impl Strategy<Value = OpSpec> {
+    prop_oneof![
+        4 => (pos(), len(), any::<u8>()).prop_map(|(p, l, s)| OpSpec::Write(p, l, s)),
+        2 => (pos(), any::<u8>(), any::<u8>()).prop_map(|(p, n, s)| OpSpec::WriteCompressed(p, n, s)),
+        1 => (pos(), len(), any::<bool>()).prop_map(|(p, l, u)| OpSpec::WriteZeroes(p, l, u)),
+        1 => (pos(), len()).prop_map(|(p, l)| OpSpec::Discard(p, l)),
     ]
 }
 
@@ -154,9 +206,112 @@ pub fn op_specs(max: usize) -> impl Strategy<Value = Vec<OpSpec>> {
     prop::collection::vec(op_spec(), 1..=max)
 }
 
+/// The name overlays record for their backing file (next to them).
+pub const BACKING_NAME: &str = "backing.img";
+
+/// A backing file for overlays: the open image every (re)open of an
+/// overlay attaches, its content, and what block status reports for it.
+#[derive(Clone)]
+pub struct Backing {
+    /// The backing image, open read-only.
+    pub image: Arc<Image>,
+    /// Its format.
+    pub format: ImageFormat,
+    /// Its disk content.
+    pub content: Arc<Vec<u8>>,
+    /// Where block status reports zeros without data.
+    pub map: Arc<BackingMap>,
+    /// Its host bytes (to write the file for QEMU).
+    pub bytes: Vec<u8>,
+}
+
+impl Backing {
+    /// A raw backing file holding `content` (a multiple of 512 bytes).
+    pub fn raw(content: Vec<u8>) -> Result<Self, String> {
+        let storage = Arc::new(MemoryStorage::from_bytes(content.clone()));
+        let opts = OpenOptions::new().read_only(true).format(ImageFormat::Raw);
+        let image = Image::open_storage(storage, &opts).map_err(|e| format!("opening the raw backing file: {e}"))?;
+        Ok(Backing {
+            image: Arc::new(image),
+            format: ImageFormat::Raw,
+            map: Arc::new(BackingMap::all_data(content.len() as u64)),
+            content: Arc::new(content.clone()),
+            bytes: content,
+        })
+    }
+
+    /// A qcow2 backing file: the image `h` built (closed here), with the
+    /// allocation its layout model says.
+    pub fn qcow2(mut h: Harness) -> Result<Self, String> {
+        h.image.take().expect("open").close().map_err(|e| format!("closing the backing file: {e}"))?;
+        let bytes = h.storage.to_bytes();
+        let storage = Arc::new(MemoryStorage::from_bytes(bytes.clone()));
+        let image = Image::open_storage(storage, &OpenOptions::new().read_only(true))
+            .map_err(|e| format!("opening the qcow2 backing file: {e}"))?;
+        Ok(Backing {
+            image: Arc::new(image),
+            format: ImageFormat::Qcow2,
+            map: Arc::new(BackingMap::from_layout(&h.layout)),
+            content: Arc::new(h.model.data),
+            bytes,
+        })
+    }
+}
+
+/// An internal snapshot as the harness knows it.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    /// Its name.
+    pub name: String,
+    /// Its content (and so its disk size).
+    pub data: Vec<u8>,
+    /// Its allocation.
+    pub clusters: Vec<Cluster>,
+}
+
+/// How often the interesting outcomes happened (to show a workload
+/// reaches them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Clusters stored compressed.
+    pub compressed: u64,
+    /// Compressed writes refused (over a cluster with a host offset).
+    pub compressed_refused: u64,
+    /// Amends that changed the refcount width.
+    pub width_changes: u64,
+    /// Downgrades to compat 0.10 that succeeded.
+    pub downgrades: u64,
+    /// Amends and snapshot operations refused as predicted.
+    pub refusals: u64,
+}
+
+impl std::ops::AddAssign for Stats {
+    fn add_assign(&mut self, o: Stats) {
+        self.compressed += o.compressed;
+        self.compressed_refused += o.compressed_refused;
+        self.width_changes += o.width_changes;
+        self.downgrades += o.downgrades;
+        self.refusals += o.refusals;
+    }
+}
+
+/// Opens a qcow2 image (attaching `backing`) or any image on `storage`.
+pub fn open_image(storage: Arc<dyn Storage>, opts: &OpenOptions, backing: Option<&Backing>) -> oxqcow::Result<Image> {
+    match backing {
+        Some(b) => Ok(Image::Qcow2(Qcow2::open_with_backing(storage, opts, Some(b.image.clone()))?)),
+        None => Image::open_storage(storage, opts),
+    }
+}
+
+/// Whether a refusal is what `e` says (not a failure of the image).
+fn is_refusal(e: &oxqcow::Error) -> bool {
+    matches!(e.kind(), ErrorKind::InvalidArgument | ErrorKind::Unsupported)
+}
+
 /// Applies [`Op`]s to a qcow2 image in memory and to a [`Model`].
 pub struct Harness {
-    /// How the image was created.
+    /// How the image is configured now (amend changes compat, refcount
+    /// width, lazy refcounts and, by downgrading, the compression type).
     pub config: ImageConfig,
     /// The host bytes.
     pub storage: Arc<MemoryStorage>,
@@ -164,38 +319,80 @@ pub struct Harness {
     pub image: Option<Image>,
     /// The expected content.
     pub model: Model,
+    /// The expected allocation of the active layer.
+    pub layout: Layout,
     /// The largest size resizes may reach.
     pub max_size: u64,
     /// The operations applied so far (for failure messages).
     pub log: Vec<Op>,
     /// How the image is (re)opened.
     pub open_options: OpenOptions,
-    /// Internal snapshots: name and content.
-    pub snapshots: Vec<(String, Vec<u8>)>,
+    /// Internal snapshots.
+    pub snapshots: Vec<Snapshot>,
     /// Snapshots created so far (for fresh names).
     pub snapshots_made: u32,
+    /// The backing file, for overlays.
+    pub backing: Option<Backing>,
+    /// What happened so far.
+    pub stats: Stats,
 }
 
 impl Harness {
     /// Creates an image of `size` bytes, closes it and opens it again with
     /// `open_options` (every later reopen uses them too).
     pub fn new(config: ImageConfig, size: u64, max_size: u64, open_options: OpenOptions) -> Result<Self, String> {
+        Self::create(config, size, max_size, open_options, None)
+    }
+
+    /// The same for an overlay of `backing` (recorded as [`BACKING_NAME`]).
+    pub fn with_backing(
+        config: ImageConfig,
+        size: u64,
+        max_size: u64,
+        open_options: OpenOptions,
+        backing: Backing,
+    ) -> Result<Self, String> {
+        Self::create(config, size, max_size, open_options, Some(backing))
+    }
+
+    fn create(
+        config: ImageConfig,
+        size: u64,
+        max_size: u64,
+        open_options: OpenOptions,
+        backing: Option<Backing>,
+    ) -> Result<Self, String> {
         let storage = Arc::new(MemoryStorage::new());
-        Image::create_storage(storage.clone(), &config.create_options(size))
-            .and_then(|i| i.close())
+        let q = Qcow2::create(storage.clone(), &config.create_options(size))
             .map_err(|e| format!("create {config:?}: {e}"))?;
+        if let Some(b) = &backing {
+            q.set_backing_file(Some(BACKING_NAME), Some(b.format.name()))
+                .map_err(|e| format!("recording the backing file: {e}"))?;
+        }
+        q.close().map_err(|e| format!("close after create: {e}"))?;
         let st: Arc<dyn Storage> = storage.clone();
-        let image = Image::open_storage(st, &open_options).map_err(|e| format!("open {open_options:?}: {e}"))?;
+        let image =
+            open_image(st, &open_options, backing.as_ref()).map_err(|e| format!("open {open_options:?}: {e}"))?;
+        let cs = config.cluster_size;
+        let v2 = config.compat == Compat::V2;
+        let model = match &backing {
+            Some(b) => Model::with_backing(size, cs, b.content.clone(), v2),
+            None => Model::new(size, cs),
+        };
+        let layout = Layout::new(size, cs, config.compat.version(), backing.as_ref().map(|b| b.map.clone()));
         Ok(Harness {
             config,
             storage,
             image: Some(image),
-            model: Model::new(size, config.cluster_size),
+            model,
+            layout,
             max_size,
             log: Vec::new(),
             open_options,
             snapshots: Vec::new(),
             snapshots_made: 0,
+            backing,
+            stats: Stats::default(),
         })
     }
 
@@ -218,6 +415,27 @@ impl Harness {
         self.image.as_ref().expect("image is open")
     }
 
+    fn qcow2(&self) -> &Qcow2 {
+        self.image().as_qcow2().expect("qcow2")
+    }
+
+    /// Ids of the host clusters snapshots reference.
+    fn shared(&self) -> HashSet<u64> {
+        self.snapshots.iter().flat_map(|s| s.clusters.iter().filter(|c| c.id != 0).map(|c| c.id)).collect()
+    }
+
+    /// Whether a refcount of `bits` bits may overflow with `trees` trees
+    /// (active layer and snapshots) referencing clusters: each tree holds
+    /// one reference on a shared cluster, and compressed clusters packed
+    /// into one host cluster hold one each (how many share a host cluster
+    /// is not modelled, but stays far below 16-bit refcounts here).
+    fn may_overflow(&self, bits: u32, trees: u64) -> bool {
+        let max = if bits >= 64 { u64::MAX } else { (1u64 << bits) - 1 };
+        let compressed = self.layout.any_compressed()
+            || self.snapshots.iter().any(|s| s.clusters.iter().any(|c| c.state == crate::layout::State::Compressed));
+        trees > max || (bits < 16 && compressed)
+    }
+
     /// Resolves and applies a generated operation.
     pub fn apply_spec(&mut self, spec: &OpSpec) -> Result<(), String> {
         let op = spec.resolve(self.model.len(), self.config.cluster_size, self.max_size);
@@ -228,67 +446,226 @@ impl Harness {
     pub fn apply(&mut self, op: &Op) -> Result<(), String> {
         self.log.push(*op);
         let fail = |e: oxqcow::Error| format!("{op:?} failed: {e}");
+        let shared = self.shared();
         match *op {
             Op::Write { offset, len, seed } => {
-                self.image().write_at(&pattern(seed, offset, len), offset).map_err(fail)?
+                self.image().write_at(&pattern(seed, offset, len), offset).map_err(fail)?;
+                self.layout.write(offset, len, &shared);
             }
+            Op::WriteCompressed { offset, len, seed } => return self.write_compressed(op, offset, len, seed),
             Op::WriteZeroes { offset, len, may_unmap } => {
-                self.image().write_zeroes_at(offset, len, may_unmap).map_err(fail)?
+                self.image().write_zeroes_at(offset, len, may_unmap).map_err(fail)?;
+                self.layout.write_zeroes(offset, len, may_unmap, &shared);
             }
-            Op::Discard { offset, len } => self.image().discard(offset, len).map_err(fail)?,
+            Op::Discard { offset, len } => {
+                self.image().discard(offset, len).map_err(fail)?;
+                self.layout.discard(offset, len);
+            }
             Op::Flush => self.image().flush().map_err(fail)?,
-            Op::Resize { size, prealloc } => self.image().resize(size, prealloc).map_err(fail)?,
+            Op::Resize { size, prealloc } => {
+                self.image().resize(size, prealloc).map_err(fail)?;
+                self.layout.resize(size, prealloc, &shared);
+            }
             Op::Reopen => {
                 self.image.take().expect("open").close().map_err(fail)?;
                 let storage: Arc<dyn Storage> = self.storage.clone();
-                self.image = Some(Image::open_storage(storage, &self.open_options).map_err(fail)?);
+                self.image = Some(open_image(storage, &self.open_options, self.backing.as_ref()).map_err(fail)?);
             }
             Op::CrashReopen => {
                 // A crash right after a flush leaves a clean image.
                 self.image().flush().map_err(fail)?;
                 let copy = Arc::new(MemoryStorage::from_bytes(self.storage.to_bytes()));
                 let storage: Arc<dyn Storage> = copy.clone();
-                let reopened = Image::open_storage(storage, &self.open_options).map_err(fail)?;
+                let reopened = open_image(storage, &self.open_options, self.backing.as_ref()).map_err(fail)?;
                 // The old handle closes its own (now unused) storage.
                 drop(self.image.replace(reopened));
                 self.storage = copy;
             }
             Op::SnapshotCreate => {
                 let name = format!("snap{}", self.snapshots_made);
-                let q = self.image().as_qcow2().expect("qcow2");
-                match q.snapshot_create(&name) {
+                match self.qcow2().snapshot_create(&name) {
                     Ok(_) => {
                         self.snapshots_made += 1;
-                        self.snapshots.push((name, self.model.data.clone()));
+                        let clusters = self.layout.clusters.clone();
+                        self.snapshots.push(Snapshot { name, data: self.model.data.clone(), clusters });
                     }
-                    // 1-bit refcounts cannot count a second reference: the
+                    // A refcount too narrow for one more reference: the
                     // snapshot is refused and nothing changes (verify
-                    // checks that).
-                    Err(_) if self.config.refcount_bits == 1 => {}
+                    // checks that). 1-bit refcounts refuse any snapshot of
+                    // an image with clusters.
+                    Err(e) if is_refusal(&e) || self.config.refcount_bits < 16 => {
+                        let trees = self.snapshots.len() as u64 + 2;
+                        if !self.may_overflow(self.config.refcount_bits, trees) {
+                            return Err(format!("{op:?} refused, but no refcount can overflow: {e}"));
+                        }
+                        self.stats.refusals += 1;
+                    }
                     Err(e) => return Err(fail(e)),
                 }
             }
             Op::SnapshotApply(i) => {
                 if !self.snapshots.is_empty() {
-                    let (name, data) = self.snapshots[usize::from(i) % self.snapshots.len()].clone();
-                    self.image().as_qcow2().expect("qcow2").snapshot_apply(&name).map_err(fail)?;
-                    self.model.data = data;
+                    let s = self.snapshots[usize::from(i) % self.snapshots.len()].clone();
+                    match self.qcow2().snapshot_apply(&s.name) {
+                        Ok(()) => {
+                            self.model.data = s.data;
+                            self.layout.size = self.model.len();
+                            self.layout.clusters = s.clusters;
+                        }
+                        // Applying adds the snapshot's references before
+                        // dropping the active layer's.
+                        Err(e) if self.may_overflow(self.config.refcount_bits, self.snapshots.len() as u64 + 2) => {
+                            let _ = e;
+                            self.stats.refusals += 1;
+                        }
+                        Err(e) => return Err(fail(e)),
+                    }
                 }
                 return Ok(());
             }
             Op::SnapshotDelete(i) => {
                 if !self.snapshots.is_empty() {
-                    let (name, _) = self.snapshots.remove(usize::from(i) % self.snapshots.len());
-                    self.image().as_qcow2().expect("qcow2").snapshot_delete(&name).map_err(fail)?;
+                    let s = self.snapshots.remove(usize::from(i) % self.snapshots.len());
+                    self.qcow2().snapshot_delete(&s.name).map_err(fail)?;
                 }
             }
+            Op::Amend(a) => return self.amend(op, a),
         }
         self.model.apply(op);
         Ok(())
     }
 
-    /// Compares the whole disk with the model and runs `check`: no
-    /// corruption, no leak, no check error.
+    fn write_compressed(&mut self, op: &Op, offset: u64, len: u64, seed: u8) -> Result<(), String> {
+        let cs = self.config.cluster_size;
+        let buf = compressible_pattern(seed, offset, len);
+        let codec = Codec::from_type(match self.config.compression_type {
+            CompressionType::Zlib => 0,
+            CompressionType::Zstd => 1,
+        });
+        let compresses = buf
+            .chunks(cs as usize)
+            .map(|chunk| {
+                let mut cluster = chunk.to_vec();
+                cluster.resize(cs as usize, 0);
+                codec.compress(&cluster, cs as usize - 1).map(|c| c.is_some())
+            })
+            .collect::<Result<Vec<bool>, _>>()
+            .map_err(|e| format!("compressing: {e}"))?;
+        let shared = self.shared();
+        let expected = self.layout.write_compressed(offset, len, &compresses, &shared);
+        let written = match expected {
+            Ok(()) => compresses.len() as u64,
+            Err(at) => (at - offset) / cs,
+        };
+        self.stats.compressed += compresses.iter().take(written as usize).filter(|&&c| c).count() as u64;
+        match (expected, self.qcow2().write_compressed(&buf, offset)) {
+            (Ok(()), Ok(())) => {
+                self.model.apply(op);
+                Ok(())
+            }
+            (Err(at), Err(e)) if e.kind() == ErrorKind::InvalidArgument => {
+                self.stats.compressed_refused += 1;
+                let done = (at - offset) as usize;
+                self.model.data[offset as usize..at as usize].copy_from_slice(&buf[..done]);
+                Ok(())
+            }
+            (Ok(()), Err(e)) => Err(format!("{op:?} failed: {e} (the model expects it to succeed)")),
+            (Err(at), Ok(())) => Err(format!(
+                "{op:?} succeeded, but the cluster at guest offset {at} holds a host offset ({:?}) and QEMU refuses compressed data there",
+                self.layout.clusters[(at / cs) as usize].state
+            )),
+            (Err(_), Err(e)) => Err(format!("{op:?} failed: {e} (the model expects a refusal)")),
+        }
+    }
+
+    fn amend(&mut self, op: &Op, a: AmendOp) -> Result<(), String> {
+        let call = |h: &Harness| h.qcow2().amend(&a.options(), &mut |_, _| {});
+        let must_succeed = |h: &Harness| call(h).map_err(|e| format!("{op:?} failed: {e}"));
+        let refused = |h: &mut Harness, why: &str| match call(h) {
+            Ok(()) => Err(format!("{op:?} succeeded, but it must be refused: {why}")),
+            Err(e) if is_refusal(&e) => {
+                h.stats.refusals += 1;
+                Ok(())
+            }
+            Err(e) => Err(format!("{op:?} failed ({why}): {e}")),
+        };
+        let version = self.layout.version;
+        match a {
+            AmendOp::Compat(Compat::V3) => {
+                must_succeed(self)?;
+                self.config.compat = Compat::V3;
+                self.layout.version = 3;
+                self.model.discard_shows_backing = false;
+            }
+            AmendOp::Compat(Compat::V2) if version == 2 => must_succeed(self)?,
+            AmendOp::Compat(Compat::V2) => {
+                if self.config.refcount_bits != 16 {
+                    return refused(self, "compat 0.10 needs 16-bit refcounts");
+                }
+                if self.snapshots.iter().any(|s| s.data.len() != self.model.data.len()) {
+                    return refused(self, "a snapshot has another disk size");
+                }
+                if self.backing.is_some() && !self.snapshots.is_empty() {
+                    // Zero clusters over a backing file become new data
+                    // clusters, shared by every snapshot whose L2 table
+                    // holds them; the model does not track L2 table
+                    // sharing, so this case is left out (nothing is done).
+                    return Ok(());
+                }
+                self.layout.expand_zero_clusters();
+                for s in &mut self.snapshots {
+                    expand_zero_tree(&mut s.clusters);
+                }
+                if self.config.compression_type == CompressionType::Zstd && self.layout.any_compressed() {
+                    // Refused after the zero clusters were expanded.
+                    return refused(self, "zstd-compressed clusters cannot be downgraded");
+                }
+                must_succeed(self)?;
+                self.stats.downgrades += 1;
+                self.config.compat = Compat::V2;
+                self.config.lazy_refcounts = false;
+                self.config.compression_type = CompressionType::Zlib;
+                self.layout.version = 2;
+                self.model.discard_shows_backing = self.backing.is_some();
+            }
+            AmendOp::RefcountBits(bits) => {
+                if version == 2 && bits != 16 {
+                    return refused(self, "compat 0.10 has only 16-bit refcounts");
+                }
+                match call(self) {
+                    Ok(()) => {
+                        if bits != self.config.refcount_bits {
+                            self.stats.width_changes += 1;
+                        }
+                        self.config.refcount_bits = bits;
+                    }
+                    Err(e) if is_refusal(&e) && self.may_overflow(bits, self.snapshots.len() as u64 + 1) => {
+                        self.stats.refusals += 1;
+                    }
+                    Err(e) => return Err(format!("{op:?} failed: {e}")),
+                }
+            }
+            AmendOp::LazyRefcounts(true) if version == 2 => {
+                return refused(self, "lazy refcounts need compat 1.1");
+            }
+            AmendOp::LazyRefcounts(on) => {
+                must_succeed(self)?;
+                self.config.lazy_refcounts = on && version == 3;
+            }
+            AmendOp::Size(size) => {
+                must_succeed(self)?;
+                let shared = self.shared();
+                self.layout.resize(size, Preallocation::Off, &shared);
+                self.model.apply(op);
+            }
+        }
+        Ok(())
+    }
+
+    /// Compares the whole disk with the model, the allocation of every
+    /// cluster with the layout model and the header with the
+    /// configuration, and runs `check`: no corruption, no leak, no check
+    /// error.
     pub fn verify(&self) -> Result<(), String> {
         let img = self.image();
         if img.len() != self.model.len() {
@@ -309,6 +686,140 @@ impl Harness {
                 report.corruptions, report.leaks, report.check_errors, report.messages
             ));
         }
+        self.verify_layout()?;
+        let info = self.qcow2().info();
+        let c = &self.config;
+        let want = (c.compat.version(), c.refcount_bits, c.lazy_refcounts, c.compression_type.name());
+        let got = (info.version, info.refcount_bits, info.lazy_refcounts, info.compression_type);
+        if want != got {
+            return Err(format!(
+                "header (version, refcount bits, lazy refcounts, compression) is {got:?}, expected {want:?}"
+            ));
+        }
         Ok(())
+    }
+
+    /// Compares block status with the layout model.
+    pub fn verify_layout(&self) -> Result<(), String> {
+        let (cs, size) = (self.config.cluster_size, self.model.len());
+        if self.layout.size != size {
+            return Err(format!("the layout model has size {}, the content model {size}", self.layout.size));
+        }
+        let extents = self.image().block_status(0, size).map_err(|e| format!("block status: {e}"))?;
+        let seen = observed_states(&extents, cs, size)?;
+        for (i, (got, want)) in seen.iter().zip(&self.layout.clusters).enumerate() {
+            if *got != want.state {
+                return Err(format!(
+                    "cluster {i} (guest offset {}) is {got:?}, but the layout model says {:?}",
+                    i as u64 * cs,
+                    want.state
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The harness's checks can fail: each test breaks the model on purpose
+    //! and expects the step or the verification to report it.
+    use super::*;
+    use crate::layout::State;
+
+    fn harness(compat: Compat) -> Harness {
+        Harness::new(ImageConfig::new(512, 16, compat, false), 8 * 512, 8 * 512, OpenOptions::new()).unwrap()
+    }
+
+    #[test]
+    fn verify_catches_an_allocation_the_model_does_not_expect() {
+        let mut h = harness(Compat::V3);
+        h.apply(&Op::Write { offset: 0, len: 512, seed: 1 }).unwrap();
+        h.verify().unwrap();
+        h.layout.clusters[0].state = State::ZeroAlloc;
+        let e = h.verify().unwrap_err();
+        assert!(e.contains("cluster 0") && e.contains("Normal"), "{e}");
+    }
+
+    #[test]
+    fn compressed_write_predictions_are_checked() {
+        // The model forgot the data in cluster 0: it expects the compressed
+        // write to land, the engine refuses it.
+        let mut h = harness(Compat::V3);
+        h.apply(&Op::Write { offset: 0, len: 512, seed: 1 }).unwrap();
+        h.layout.clusters[0].state = State::Unallocated;
+        let e = h.apply(&Op::WriteCompressed { offset: 0, len: 512, seed: 2 }).unwrap_err();
+        assert!(e.contains("expects it to succeed"), "{e}");
+        // The model believes cluster 1 holds data: the engine takes the
+        // compressed write the model says QEMU refuses.
+        let mut h = harness(Compat::V3);
+        h.layout.clusters[1].state = State::Normal;
+        let e = h.apply(&Op::WriteCompressed { offset: 512, len: 512, seed: 2 }).unwrap_err();
+        assert!(e.contains("QEMU refuses"), "{e}");
+        // A correct model: the refusal is expected and changes nothing.
+        let mut h = harness(Compat::V3);
+        h.apply(&Op::WriteZeroes { offset: 0, len: 512, may_unmap: false }).unwrap();
+        h.apply(&Op::Write { offset: 512, len: 512, seed: 1 }).unwrap();
+        h.apply(&Op::WriteCompressed { offset: 0, len: 1024, seed: 2 }).unwrap();
+        h.verify().unwrap();
+        assert_eq!(h.stats.compressed_refused, 1);
+    }
+
+    #[test]
+    fn amend_predictions_are_checked() {
+        // Believing the image has 64-bit refcounts, the harness expects a
+        // downgrade to be refused; it succeeds.
+        let mut h = harness(Compat::V3);
+        h.config.refcount_bits = 64;
+        let e = h.apply(&Op::Amend(AmendOp::Compat(Compat::V2))).unwrap_err();
+        assert!(e.contains("must be refused"), "{e}");
+        // The header must say what the amends said.
+        let mut h = harness(Compat::V3);
+        h.apply(&Op::Amend(AmendOp::LazyRefcounts(true))).unwrap();
+        h.verify().unwrap();
+        h.config.lazy_refcounts = false;
+        assert!(h.verify().unwrap_err().contains("header"));
+        // A downgrade expands zero clusters: a layout model that kept them
+        // is caught.
+        let mut h = harness(Compat::V3);
+        h.apply(&Op::Write { offset: 0, len: 1024, seed: 1 }).unwrap();
+        h.apply(&Op::WriteZeroes { offset: 0, len: 512, may_unmap: false }).unwrap();
+        let kept = h.layout.clusters[0];
+        h.apply(&Op::Amend(AmendOp::Compat(Compat::V2))).unwrap();
+        h.verify().unwrap();
+        h.layout.clusters[0] = kept;
+        assert!(h.verify().unwrap_err().contains("cluster 0"));
+    }
+
+    #[test]
+    fn overlay_masking_is_checked() {
+        // A version 2 overlay shows the backing file again where a discard
+        // lands; a model that shows zeros there is caught.
+        let backing = Backing::raw(vec![7; 4096]).unwrap();
+        let cfg = ImageConfig::new(512, 16, Compat::V2, false);
+        let mut h = Harness::with_backing(cfg, 4096, 4096, OpenOptions::new(), backing.clone()).unwrap();
+        h.apply(&Op::Write { offset: 0, len: 1024, seed: 1 }).unwrap();
+        h.verify().unwrap();
+        h.model.discard_shows_backing = false;
+        h.apply(&Op::Discard { offset: 0, len: 1024 }).unwrap();
+        assert!(h.verify().unwrap_err().contains("content differs at offset 0"));
+        // On version 3 zero clusters mask it: a model that shows the
+        // backing file is caught.
+        let cfg = ImageConfig::new(512, 16, Compat::V3, false);
+        let mut h = Harness::with_backing(cfg, 4096, 4096, OpenOptions::new(), backing).unwrap();
+        h.model.discard_shows_backing = true;
+        h.apply(&Op::Discard { offset: 0, len: 1024 }).unwrap();
+        assert!(h.verify().unwrap_err().contains("content differs at offset 0"));
+    }
+
+    #[test]
+    fn refused_snapshots_must_be_explained_by_the_refcount_width() {
+        // 1-bit refcounts refuse a snapshot of an image with data; a
+        // harness that believes in 16-bit refcounts reports the refusal.
+        let mut h = Harness::new(ImageConfig::new(512, 1, Compat::V3, false), 4096, 4096, OpenOptions::new()).unwrap();
+        h.apply(&Op::Write { offset: 0, len: 512, seed: 1 }).unwrap();
+        h.config.refcount_bits = 16;
+        let e = h.apply(&Op::SnapshotCreate).unwrap_err();
+        assert!(e.contains("no refcount can overflow"), "{e}");
     }
 }

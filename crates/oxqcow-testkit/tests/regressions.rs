@@ -115,3 +115,179 @@ fn growing_with_a_shared_partial_last_cluster() {
         assert_eq!(snap, vec![7; 2 * 4096 + 512], "{compat:?}: the snapshot changed");
     }
 }
+
+/// Bug (found by the model test with compressed writes): compressed data
+/// is packed after the previous compressed cluster while that host cluster
+/// has room (`free_byte_offset`). When every compressed cluster in it was
+/// freed (here by a shrink) and the host cluster was reused for an L2
+/// table, the next compressed write still packed into it, because the
+/// allocator only refused a packing cluster whose refcount was 0 or at the
+/// maximum: the overlap check caught the write into the L2 table
+/// ("Preventing invalid write on metadata") and the image went read-only.
+#[test]
+fn compressed_data_is_not_packed_into_a_freed_and_reused_cluster() {
+    use oxqcow::{MemoryStorage, Preallocation};
+    let storage = Arc::new(MemoryStorage::new());
+    let cfg = ImageConfig::new(4096, 16, Compat::V3, false);
+    let img = Image::create_storage(storage, &cfg.create_options(4 << 20)).unwrap();
+    let q = img.as_qcow2().unwrap();
+    // The second L2 table's range: a new L2 table, then the compressed
+    // data packed into the next host cluster.
+    let far = 2711552;
+    q.write_compressed(&[1; 4096], far).unwrap();
+    // Shrinking below 2 MiB frees both; the next L2 table reuses the
+    // cluster the compressed data was in.
+    img.resize(2101248, Preallocation::Off).unwrap();
+    let data: Vec<u8> = (0..4096u32).map(|i| (i / 64) as u8).collect();
+    q.write_compressed(&data, 0).unwrap();
+    let mut back = vec![0u8; 4096];
+    img.read_at(&mut back, 0).unwrap();
+    assert_eq!(back, data);
+    let r = img.check(None).unwrap();
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+}
+
+/// Bug (found by the model test with amend): an open image kept the
+/// version it was opened with for its zero writes, so after an amend to
+/// compat 0.10 a zero write still set the zero flag, which version 2 does
+/// not have: the image became unreadable ("zero cluster flag in a version
+/// 2 image"), for QEMU too.
+#[test]
+fn zero_writes_after_a_downgrade_follow_version_2_rules() {
+    use oxqcow::amend::AmendOptions;
+    use oxqcow::{MemoryStorage, OpenOptions};
+    let storage = Arc::new(MemoryStorage::new());
+    let cfg = ImageConfig::new(4096, 16, Compat::V3, false);
+    let img = Image::create_storage(storage.clone(), &cfg.create_options(64 << 10)).unwrap();
+    img.write_at(&[5; 16 << 10], 0).unwrap();
+    let q = img.as_qcow2().unwrap();
+    q.amend(&AmendOptions { compat: Some(Compat::V2), ..Default::default() }, &mut |_, _| {}).unwrap();
+    img.write_zeroes_at(0, 8 << 10, false).unwrap();
+    img.write_zeroes_at(8 << 10, 100, true).unwrap();
+    let mut buf = vec![1u8; 16 << 10];
+    img.read_at(&mut buf, 0).unwrap();
+    assert!(buf[..(8 << 10) + 100].iter().all(|&b| b == 0) && buf[(8 << 10) + 100..].iter().all(|&b| b == 5));
+    let r = img.check(None).unwrap();
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+    img.close().unwrap();
+    let img = Image::open_storage(storage, &OpenOptions::new()).unwrap();
+    let mut again = vec![1u8; 16 << 10];
+    img.read_at(&mut again, 0).unwrap();
+    assert_eq!(again, buf);
+}
+
+/// Bug (found by the model test with amend and compression): an open
+/// image kept the codec it was opened with, so after an amend to compat
+/// 0.10 turned a zstd image (without compressed clusters) into a zlib one,
+/// compressed writes still stored zstd streams under a header that says
+/// zlib: they read back in that session only, and QEMU (or a reopen)
+/// failed to decompress them.
+#[test]
+fn compressed_writes_after_a_downgrade_use_the_new_compression_type() {
+    use oxqcow::amend::AmendOptions;
+    use oxqcow::{CompressionType, MemoryStorage, OpenOptions};
+    let storage = Arc::new(MemoryStorage::new());
+    let mut opts = ImageConfig::new(4096, 16, Compat::V3, false).create_options(64 << 10);
+    opts.compression_type = CompressionType::Zstd;
+    let img = Image::create_storage(storage.clone(), &opts).unwrap();
+    let q = img.as_qcow2().unwrap();
+    q.amend(&AmendOptions { compat: Some(Compat::V2), ..Default::default() }, &mut |_, _| {}).unwrap();
+    let data: Vec<u8> = (0..4096u32).map(|i| (i / 64) as u8).collect();
+    q.write_compressed(&data, 0).unwrap();
+    assert_eq!(img.check(None).unwrap().compressed_clusters, 1);
+    img.close().unwrap();
+    let img = Image::open_storage(storage, &OpenOptions::new()).unwrap();
+    let mut back = vec![0u8; 4096];
+    img.read_at(&mut back, 0).unwrap();
+    assert_eq!(back, data);
+}
+
+/// Bug (found by the model test on overlays): growing an overlay with
+/// preallocation mapped every unallocated cluster from the old last one
+/// on to a new, zeroed host cluster, including an old partial last
+/// cluster that read the backing file: its in-disk part turned to zeros.
+/// QEMU copies the old content into the preallocated cluster.
+#[test]
+fn preallocated_growth_keeps_backing_data_in_the_old_last_cluster() {
+    use oxqcow::{ImageFormat, MemoryStorage, OpenOptions, Preallocation, Qcow2};
+    for compat in [Compat::V2, Compat::V3] {
+        for prealloc in [Preallocation::Metadata, Preallocation::Falloc, Preallocation::Full] {
+            let backing = Arc::new(MemoryStorage::from_bytes(vec![0x5a; 1024]));
+            let opts = OpenOptions::new().read_only(true).format(ImageFormat::Raw);
+            let backing = Arc::new(Image::open_storage(backing, &opts).unwrap());
+            let storage = Arc::new(MemoryStorage::new());
+            let cfg = ImageConfig::new(65536, 16, compat, false);
+            let q = Qcow2::create(storage.clone(), &cfg.create_options(512)).unwrap();
+            q.set_backing_file(Some("backing.img"), Some("raw")).unwrap();
+            q.close().unwrap();
+            let img = Qcow2::open_with_backing(storage, &OpenOptions::new(), Some(backing)).unwrap();
+            img.resize(65536, prealloc).unwrap();
+            let mut buf = vec![0u8; 65536];
+            img.read_at(&mut buf, 0).unwrap();
+            assert!(buf[..512].iter().all(|&b| b == 0x5a), "{compat:?} {prealloc:?}: the old content was lost");
+            assert!(buf[512..].iter().all(|&b| b == 0), "{compat:?} {prealloc:?}: the grown part must read as zeros");
+            let r = img.check(None).unwrap();
+            assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+        }
+    }
+}
+
+/// Bug (found by the crash test on overlays): a zero write (or a discard
+/// on an overlay) into a range without an L2 table allocates a new L2
+/// table past the end of the file, and flush writes its refcount before
+/// the table. A crash between the two left refcount 1 on a cluster past
+/// the end of the file: check looks only at clusters inside the file (as
+/// QEMU's does), so the leak was invisible and `check -r leaks` could not
+/// fix it, until a later write grew the file over it and check reported
+/// it. The file is now extended over every allocated cluster before
+/// refcounts that count them are written.
+#[test]
+fn no_hidden_leak_past_the_end_of_the_file_after_a_crash() {
+    use oxqcow::MemoryStorage;
+    use oxqcow_testkit::crash::{run_workload, verify_crashed};
+    use oxqcow_testkit::faulty::CrashModel;
+    use oxqcow_testkit::model::Op;
+    let storage = Arc::new(MemoryStorage::new());
+    let cfg = ImageConfig::new(512, 16, Compat::V3, false);
+    Image::create_storage(storage.clone(), &cfg.create_options(1 << 20)).unwrap().close().unwrap();
+    let base = storage.to_bytes();
+    let ops = [Op::WriteZeroes { offset: 100 << 10, len: 4096, may_unmap: false }, Op::Flush];
+    let total = run_workload(&base, 512, &ops, None).storage.writes();
+    for n in 0..total {
+        let run = run_workload(&base, 512, &ops, Some((n, CrashModel::Torn { seed: n })));
+        // Opens, checks (leaks allowed), repairs leaks, writes past the old
+        // end of the file and checks again: clean.
+        verify_crashed(run.storage.durable_bytes(), &run.tracker, 512, false)
+            .unwrap_or_else(|e| panic!("crash at host write {n} of {total}: {e}"));
+    }
+}
+
+/// Bug (found by the amend crash tests): downgrading a lazy-refcount
+/// overlay to compat 0.10 gives every plain zero cluster a new cluster of
+/// zeros (version 2 cannot mask the backing file otherwise). The image was
+/// made clean first, but the expansion still ran in lazy-refcount mode:
+/// the L2 tables pointing at the new clusters were written before their
+/// refcounts, with the dirty bit clear, so a crash in between left
+/// clusters referenced with refcount 0 that no rebuild on open would fix.
+#[test]
+fn downgrading_a_lazy_refcount_overlay_survives_a_crash() {
+    use oxqcow_testkit::crash::{run_workload_on, verify_crashed_on};
+    use oxqcow_testkit::faulty::CrashModel;
+    use oxqcow_testkit::model::{AmendOp, Op};
+    use oxqcow_testkit::workload::{Backing, Harness};
+    let backing = Backing::raw(vec![0x33; 64 << 10]).unwrap();
+    let cfg = ImageConfig::new(512, 16, Compat::V3, true);
+    let opts = Harness::open_options(&cfg, false, false);
+    let mut h = Harness::with_backing(cfg, 64 << 10, 64 << 10, opts, backing.clone()).unwrap();
+    // Plain zero clusters masking the backing file.
+    h.apply(&Op::Discard { offset: 0, len: 8 << 10 }).unwrap();
+    h.image.take().unwrap().close().unwrap();
+    let base = h.storage.to_bytes();
+    let ops = [Op::Amend(AmendOp::Compat(Compat::V2))];
+    let total = run_workload_on(&base, Some(&backing), 512, &ops, None).storage.writes();
+    for n in 0..total {
+        let run = run_workload_on(&base, Some(&backing), 512, &ops, Some((n, CrashModel::Torn { seed: n })));
+        verify_crashed_on(run.storage.durable_bytes(), Some(&backing), &run.tracker, 512, false)
+            .unwrap_or_else(|e| panic!("crash at host write {n} of {total}: {e}"));
+    }
+}

@@ -169,7 +169,12 @@ impl Qcow2 {
             current_operation: Operation::None,
             last_work_size: 0,
         };
-        self.exclusive(|m, st| m.amend_up_to_size(st, opts, new_version, &mut status))?;
+        self.exclusive(|m, st| {
+            let res = m.amend_up_to_size(st, opts, new_version, &mut status);
+            // Also after a failure: an upgrade may have succeeded before it.
+            self.refresh_header_facts(m);
+            res
+        })?;
         if let Some(size) = opts.size.filter(|&s| s != 0) {
             self.exclusive(|m, _| {
                 if size % 512 != 0 {
@@ -184,7 +189,11 @@ impl Qcow2 {
         }
         if new_version < old_version {
             status.current_operation = Operation::Downgrading;
-            self.exclusive(|m, st| m.downgrade(st, &mut status))?;
+            self.exclusive(|m, st| {
+                let res = m.downgrade(st, &mut status);
+                self.refresh_header_facts(m);
+                res
+            })?;
         }
         Ok(())
     }
@@ -510,6 +519,9 @@ impl Meta {
         }
         self.header.compatible_features = 0;
         self.header.autoclear_features = 0;
+        // The image is clean now: expand with ordered flushes (refcounts
+        // before the tables that need them), not in lazy-refcount mode,
+        // which would write the tables first with the dirty bit clear.
         self.lazy_refcounts = false;
         self.expand_zero_clusters(storage, status)?;
         if self.header.incompatible_features & incompat::COMPRESSION != 0 {

@@ -15,7 +15,7 @@
 //! leaves at worst leaked clusters, and none after a completed flush.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 use oxqcow_format::header::{self, autoclear, incompat, peek_cluster_bits, Header};
@@ -148,8 +148,10 @@ pub struct Qcow2Info {
 pub struct Qcow2 {
     storage: Arc<dyn Storage>,
     geometry: Geometry,
-    codec: Codec,
-    version: u32,
+    /// The header's `compression_type` and version, read without the
+    /// metadata lock; amend changes both (see [`Qcow2::refresh_header_facts`]).
+    compression_type: AtomicU8,
+    version: AtomicU32,
     read_only: bool,
     discard: DiscardModes,
     /// Cache mode writethrough: every write request ends with a flush.
@@ -629,8 +631,8 @@ impl Qcow2 {
         Ok(Qcow2 {
             storage,
             geometry,
-            codec: Codec::from_type(compression_type),
-            version,
+            compression_type: AtomicU8::new(compression_type),
+            version: AtomicU32::new(version),
             read_only,
             writethrough: AtomicBool::new(opts.cache.writes_through()),
             discard: DiscardModes {
@@ -647,6 +649,23 @@ impl Qcow2 {
             open_repair,
             closed: AtomicBool::new(false),
         })
+    }
+
+    /// The codec of compressed clusters written now.
+    fn codec(&self) -> Codec {
+        Codec::from_type(self.compression_type.load(Ordering::Acquire))
+    }
+
+    /// The header version now.
+    fn version(&self) -> u32 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    /// Takes over the header facts amend may change (version, compression
+    /// type), under exclusive access so no request runs with stale ones.
+    pub(crate) fn refresh_header_facts(&self, m: &Meta) {
+        self.version.store(m.header.version, Ordering::Release);
+        self.compression_type.store(m.header.compression_type, Ordering::Release);
     }
 
     pub(crate) fn lock_meta(&self) -> MutexGuard<'_, Meta> {
@@ -942,7 +961,7 @@ impl Qcow2 {
     }
 
     fn zero_clusters(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
-        if self.version < 3 {
+        if self.version() < 3 {
             // Version 2 has no zero flag. Without a backing file an
             // unallocated cluster reads as zeros, so QEMU discards; over a
             // backing file it has to write zeros.
@@ -1124,7 +1143,7 @@ impl Qcow2 {
         }
         let old_size = self.len();
         if new_size > old_size {
-            self.unshare_last_cluster(old_size)?;
+            self.unshare_last_cluster(old_size, prealloc != Preallocation::Off)?;
         }
         self.exclusive(|m, st| m.resize(st, new_size, prealloc))?;
         // A grown overlay must not show what its backing image has past
@@ -1132,7 +1151,7 @@ impl Qcow2 {
         if let Some(backing) = &self.backing {
             let blen = crate::image::BlockDevice::len(&**backing);
             if new_size > old_size && blen > old_size {
-                let end = if self.version >= 3 { new_size } else { new_size.min(blen) };
+                let end = if self.version() >= 3 { new_size } else { new_size.min(blen) };
                 self.write_zeroes_at(old_size, end - old_size, false)?;
             }
         }
@@ -1322,7 +1341,8 @@ impl Qcow2 {
         let mut src = vec![0u8; desc.max_len() as usize];
         self.storage.read_at(&mut src, desc.offset.0).map_err(Error::io("reading compressed data", desc.offset.0))?;
         let mut out = vec![0u8; self.geometry.cluster_size() as usize];
-        self.codec.decompress(&src, &mut out, || format!("compressed cluster at host offset 0x{:x}", desc.offset.0))?;
+        self.codec()
+            .decompress(&src, &mut out, || format!("compressed cluster at host offset 0x{:x}", desc.offset.0))?;
         Ok(out)
     }
 
@@ -1349,7 +1369,7 @@ impl Qcow2 {
             let at = offset + i as u64 * cs;
             let mut cluster = chunk.to_vec();
             cluster.resize(cs as usize, 0);
-            match self.codec.compress(&cluster, cs as usize - 1)? {
+            match self.codec().compress(&cluster, cs as usize - 1)? {
                 None => self.write_at_inner(chunk, at)?,
                 Some(data) => self.write_compressed_cluster(&data, at)?,
             }

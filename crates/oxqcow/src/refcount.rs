@@ -33,6 +33,11 @@ pub(crate) struct Refcounts {
     blocks: TableCache,
     /// No cluster below this index is free.
     free_hint: u64,
+    /// The host cluster compressed data is being packed into
+    /// (`Meta::alloc_bytes`). Forgotten as soon as its refcount drops to
+    /// zero: the cluster may be reused for anything (an L2 table, say)
+    /// before the next compressed write, which must then not pack into it.
+    pub(crate) packing: Option<u64>,
     /// Where the metadata is, for overlap checks and the allocator.
     pub(crate) map: MetadataMap,
     /// Clusters holding refcount blocks.
@@ -92,6 +97,7 @@ impl Refcounts {
             dirty_table: BTreeSet::new(),
             blocks: TableCache::new(cache_tables),
             free_hint: 0,
+            packing: None,
             map: MetadataMap::default(),
             block_clusters,
             host_end: geometry.clusters_for(file_len),
@@ -140,9 +146,31 @@ impl Refcounts {
         storage.write_at(data, offset).map_err(Error::io("writing a refcount block", offset))
     }
 
+    /// Extends the file into the last allocated cluster; called before
+    /// refcount blocks are written. A cluster allocated for metadata that
+    /// is written later (a new L2 table, say) may lie past the end of the
+    /// file; were its refcount durable before the file reached it, a crash
+    /// would leave a leak past the end, which check cannot see (it looks
+    /// at the clusters the file reaches into, as QEMU's does) and so
+    /// cannot repair until the file grows over it. One byte of the cluster
+    /// is enough, and keeps files QEMU's length (a new L1 table, written
+    /// before its refcount, may end inside its cluster).
+    fn cover_allocated(&self, storage: &dyn Storage) -> Result<()> {
+        if self.host_end == 0 {
+            return Ok(());
+        }
+        let end = (self.host_end - 1) * self.geometry.cluster_size() + 1;
+        let len = storage.len().map_err(Error::io("reading the file length", 0))?;
+        if len < end {
+            storage.set_len(end).map_err(Error::io("extending the file over allocated clusters", len))?;
+        }
+        Ok(())
+    }
+
     fn make_room(&mut self, storage: &dyn Storage) -> Result<()> {
         while let Some((offset, dirty)) = self.blocks.victim() {
             if dirty {
+                self.cover_allocated(storage)?;
                 let data = self.blocks.peek(offset).expect("victim is cached");
                 self.check_write(offset, data.len() as u64, overlap::REFCOUNT_BLOCK)?;
                 storage.write_at(data, offset).map_err(Error::io("writing a refcount block", offset))?;
@@ -223,6 +251,9 @@ impl Refcounts {
         RefcountBlock::set(block, index, order, new);
         if new == 0 && cluster.0 < self.free_hint {
             self.free_hint = cluster.0;
+        }
+        if new == 0 && self.packing == Some(cluster.0) {
+            self.packing = None;
         }
         Ok(new)
     }
@@ -459,6 +490,9 @@ impl Refcounts {
 
     fn write_dirty_blocks(&mut self, storage: &dyn Storage) -> Result<bool> {
         let dirty = self.blocks.dirty_offsets();
+        if !dirty.is_empty() {
+            self.cover_allocated(storage)?;
+        }
         for &offset in &dirty {
             let data = self.blocks.peek(offset).expect("dirty blocks are cached");
             self.write_block(storage, offset, data)?;

@@ -162,20 +162,30 @@ impl Qcow2 {
     /// in place. When a snapshot shares that cluster (no COPIED flag),
     /// rewrite its in-disk part first: the write copies the cluster into
     /// one of our own, where the zeroing may land.
-    pub(crate) fn unshare_last_cluster(&self, old_size: u64) -> Result<()> {
+    ///
+    /// With `preallocating` over a backing file, an unallocated old last
+    /// cluster is rewritten the same way: preallocation would map it to a
+    /// new cluster of zeros, losing the backing file's data in the old
+    /// disk (QEMU copies it into the preallocated cluster).
+    pub(crate) fn unshare_last_cluster(&self, old_size: u64, preallocating: bool) -> Result<()> {
         let g = self.geometry();
         let start = g.align_down(old_size);
         if start == old_size {
             return Ok(());
         }
+        let reads_backing = preallocating && self.backing().is_some();
         let shared = {
             let mut m = self.lock_meta();
             match m.l2_offset(g.l1_index(GuestOffset(start)))? {
-                None => false,
+                None => reads_backing,
                 Some(table) => {
                     m.load_l2(self.storage_ref(), table)?;
                     let index = g.l2_index(GuestOffset(start));
-                    matches!(m.mapping_at(table, index)?, L2Mapping::Normal { copied: false, .. })
+                    match m.mapping_at(table, index)? {
+                        L2Mapping::Normal { copied: false, .. } => true,
+                        L2Mapping::Unallocated => reads_backing,
+                        _ => false,
+                    }
                 }
             }
         };

@@ -117,8 +117,9 @@ impl Meta {
         if offset != 0 {
             // Never pack into a cluster that was freed (and maybe reused)
             // meanwhile, nor one whose refcount is already at the maximum.
-            let rc = self.refcounts.get(storage, g.host_cluster(HostOffset(offset)))?;
-            if rc == 0 || rc == g.max_refcount() {
+            let cluster = g.host_cluster(HostOffset(offset));
+            let rc = self.refcounts.get(storage, cluster)?;
+            if self.refcounts.packing != Some(cluster.0) || rc == 0 || rc == g.max_refcount() {
                 offset = 0;
             }
         }
@@ -136,6 +137,7 @@ impl Meta {
         }
         let end = offset + size;
         self.free_byte_offset = if g.offset_in_cluster(end) == 0 { 0 } else { end };
+        self.refcounts.packing = (self.free_byte_offset != 0).then(|| g.host_cluster(HostOffset(end)).0);
         Ok(offset)
     }
 
