@@ -220,6 +220,10 @@ pub(crate) fn check(meta: &mut Meta, storage: &dyn Storage, repair: Option<Repai
         Some(RepairMode::All) => Fix { leaks: true, errors: true },
     };
     let g = meta.geometry;
+    // The allocator moves the refcount table without touching the header
+    // copy in memory (it rewrites only the two fields on disk).
+    meta.header.refcount_table_offset = meta.refcounts.table_offset();
+    meta.header.refcount_table_clusters = meta.refcounts.table_clusters();
     let reftable_offset = meta.header.refcount_table_offset;
     let reftable_bytes = u64::from(meta.header.refcount_table_clusters) * g.cluster_size();
     let mut c = Checker {
