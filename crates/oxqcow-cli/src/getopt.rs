@@ -139,6 +139,12 @@ fn short_arg(short: &str, c: char) -> Option<HasArg> {
     None
 }
 
+/// oxqcow's own long options, which qemu-img does not have: they match only
+/// when spelled out, so that every abbreviation qemu-img accepts keeps its
+/// meaning (`--fo=qcow2` stays `--format`, not ambiguous with
+/// `--forbid-backing`).
+const EXACT_ONLY: &[&str] = &[crate::common::FORBID_BACKING];
+
 enum LongLookup {
     Unknown,
     Ambiguous(Vec<&'static str>),
@@ -151,7 +157,8 @@ fn find_long<'a>(longs: &'a [LongOpt], name: &str) -> Result<&'a LongOpt, LongLo
     if let Some(o) = longs.iter().find(|o| o.name == name) {
         return Ok(o);
     }
-    let matches: Vec<&LongOpt> = longs.iter().filter(|o| o.name.starts_with(name)).collect();
+    let matches: Vec<&LongOpt> =
+        longs.iter().filter(|o| o.name.starts_with(name) && !EXACT_ONLY.contains(&o.name)).collect();
     match matches.as_slice() {
         [] => Err(LongLookup::Unknown),
         [one] => Ok(one),
@@ -196,6 +203,16 @@ mod tests {
         let p = parse("q", "map", &v(&["--", "-U"]), "U", LONGS).unwrap();
         assert_eq!(p.operands, v(&["-U"]));
         assert!(p.opts.is_empty());
+    }
+
+    #[test]
+    fn own_options_match_only_spelled_out() {
+        let longs = &[long("format", HasArg::Required, "f"), long("forbid-backing", HasArg::No, "forbid-backing")];
+        let p = parse("q", "map", &v(&["--fo=qcow2", "--forbid-backing"]), "f:", longs).unwrap();
+        let keys: Vec<_> = p.opts.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
+        assert_eq!(keys, vec![("f", Some("qcow2")), ("forbid-backing", None)]);
+        let e = parse("q", "map", &v(&["--forbid"]), "f:", longs).unwrap_err();
+        assert!(e.starts_with("q map: unrecognized option '--forbid'\n"), "{e}");
     }
 
     #[test]

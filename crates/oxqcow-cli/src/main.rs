@@ -3,6 +3,7 @@
 //! `run(ctx, args) -> exit code` entry point; this file only dispatches.
 #![forbid(unsafe_code)]
 
+mod commit;
 #[allow(dead_code)] // used by the subcommand modules as they land
 mod common;
 mod compare;
@@ -10,6 +11,7 @@ mod convert;
 mod getopt;
 mod map;
 mod progress;
+mod rebase;
 mod status;
 
 use common::Ctx;
@@ -22,7 +24,10 @@ fn usage(ctx: &Ctx) -> String {
          usage: {prog} [standard options] command [command options]\n\
          QEMU disk image utility, qemu-img compatible\n\n\
          Command syntax: see '{prog} COMMAND --help'.\n\
-         Commands: create, info, check, map, compare, convert, resize, measure, bench, io\n",
+         Commands: create, info, check, map, compare, convert, commit, rebase, resize, measure, bench, io\n\n\
+         Global options (before the command):\n  \
+         --forbid-backing\n     refuse every image that names a backing file instead of opening the\n     \
+         backing file (for images from untrusted sources)\n",
         prog = ctx.prog
     )
 }
@@ -48,6 +53,10 @@ fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 return 0;
             }
             "-T" | "--trace" => args = &args[2.min(args.len())..],
+            "--forbid-backing" => {
+                common::forbid_backing();
+                args = &args[1..];
+            }
             t if t.starts_with("--trace=") || (t.starts_with("-T") && t.len() > 2) => args = &args[1..],
             _ => break,
         }
@@ -58,9 +67,11 @@ fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let rest = &args[1..];
     match command.as_str() {
         // Subcommands register here: "name" => name::run(ctx, rest),
+        "commit" => commit::run(ctx, rest),
         "compare" => compare::run(ctx, rest),
         "convert" => convert::run(ctx, rest),
         "map" => map::run(ctx, rest),
+        "rebase" => rebase::run(ctx, rest),
         other => {
             let _ = rest;
             ctx.fail(&format!("Command not found: {other}"))
