@@ -110,6 +110,9 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         Ok(i) => i,
         Err(msg) => return ctx.fail(&msg),
     };
+    if format.is_none() && image.format() == oxqcow::ImageFormat::Raw {
+        crate::common::warn_probed_raw(filename);
+    }
     let layers = chain(&image, filename);
     if layers.len() < 2 {
         return ctx.fail("Image does not have a backing file");

@@ -166,6 +166,16 @@ pub fn chain_filenames(image: &Image, filename: &str) -> Vec<String> {
     names
 }
 
+/// The warning QEMU prints when it opens a file for writing whose format
+/// it had to guess as raw.
+pub fn warn_probed_raw(path: &str) {
+    eprintln!(
+        "WARNING: Image format was not specified for '{path}' and probing guessed raw.\n         \
+         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be \
+         restricted.\n         Specify the 'raw' format explicitly to remove the restrictions."
+    );
+}
+
 /// qemu-img's `cvtnum_full`: a size with an optional suffix, between `min`
 /// and `max`, with qemu-img's messages naming the value as `name`.
 pub fn cvtnum(name: &str, value: &str, min: u64, max: u64) -> Result<u64, String> {

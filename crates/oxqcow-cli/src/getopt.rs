@@ -68,7 +68,8 @@ pub fn parse(prog: &str, cmd: &str, args: &[String], short: &str, longs: &[LongO
                 Err(LongLookup::Ambiguous(names)) => {
                     let list: Vec<String> = names.iter().map(|n| format!("'--{n}'")).collect();
                     return Err(format!(
-                        "{who}: option '--{name}' is ambiguous; possibilities: {}\n{hint}",
+                        // glibc names the whole argument, value included.
+                        "{who}: option '--{body}' is ambiguous; possibilities: {}\n{hint}",
                         list.join(" ")
                     ));
                 }
@@ -141,7 +142,7 @@ fn short_arg(short: &str, c: char) -> Option<HasArg> {
 
 /// oxqcow's own long options, which qemu-img does not have: they match only
 /// when spelled out, so that every abbreviation qemu-img accepts keeps its
-/// meaning (`--fo=qcow2` stays `--format`, not ambiguous with
+/// meaning (`--form=qcow2` stays `--format`, not ambiguous with
 /// `--forbid-backing`).
 const EXACT_ONLY: &[&str] = &[crate::common::FORBID_BACKING];
 
@@ -208,9 +209,15 @@ mod tests {
     #[test]
     fn own_options_match_only_spelled_out() {
         let longs = &[long("format", HasArg::Required, "f"), long("forbid-backing", HasArg::No, "forbid-backing")];
-        let p = parse("q", "map", &v(&["--fo=qcow2", "--forbid-backing"]), "f:", longs).unwrap();
+        let p = parse("q", "map", &v(&["--for=qcow2", "--forbid-backing"]), "f:", longs).unwrap();
         let keys: Vec<_> = p.opts.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
         assert_eq!(keys, vec![("f", Some("qcow2")), ("forbid-backing", None)]);
+        let e =
+            parse("q", "map", &v(&["--fo=x"]), "f:", &[longs[0], long("force-share", HasArg::No, "U")]).unwrap_err();
+        assert!(
+            e.starts_with("q map: option '--fo=x' is ambiguous; possibilities: '--format' '--force-share'\n"),
+            "{e}"
+        );
         let e = parse("q", "map", &v(&["--forbid"]), "f:", longs).unwrap_err();
         assert!(e.starts_with("q map: unrecognized option '--forbid'\n"), "{e}");
     }

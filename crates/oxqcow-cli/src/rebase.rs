@@ -141,6 +141,9 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         Ok(i) => i,
         Err(msg) => return ctx.fail(&msg),
     };
+    if format.is_none() && image.format() == oxqcow::ImageFormat::Raw {
+        crate::common::warn_probed_raw(filename);
+    }
     if image.as_qcow2().is_none() {
         return ctx.fail(&format!("Could not change the backing file to '{shown}': Operation not supported"));
     }
