@@ -118,7 +118,8 @@ fn chain_failure(path: &str, format: Option<ImageFormat>) -> Option<String> {
     let mut prefix = format!("Could not open '{path}': ");
     let mut layer_path = PathBuf::from(path);
     let mut layer = top;
-    loop {
+    // A chain that loops or is too deep is the engine's own error to report.
+    for _ in 0..oxqcow::backing::MAX_CHAIN_DEPTH {
         let info = layer.as_qcow2()?.info();
         let name = info.backing_file?;
         prefix.push_str("Could not open backing file: ");
@@ -148,6 +149,7 @@ fn chain_failure(path: &str, format: Option<ImageFormat>) -> Option<String> {
         };
         layer_path = next;
     }
+    None
 }
 
 /// The file names of the layers of an open image's backing chain, top

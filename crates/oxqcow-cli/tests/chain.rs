@@ -421,3 +421,28 @@ fn forbid_backing_refuses_images_with_backing_files() {
     let o = s.ours(&["map", "--forbid", "solo.qcow2"]);
     assert_eq!(o.code, 1, "{o:?}");
 }
+
+/// Regression: on an image whose chain loops, building the error message
+/// walked the chain again without loop detection and never returned.
+#[test]
+fn chain_loops_are_reported_not_followed() {
+    let s = Scratch::new();
+    s.qemu_ok(&["create", "-q", "-f", "qcow2", "l1.qcow2", "1M"]);
+    s.qemu_ok(&["create", "-q", "-f", "qcow2", "-u", "-b", "l1.qcow2", "-F", "qcow2", "l2.qcow2", "1M"]);
+    s.qemu_ok(&["rebase", "-u", "-b", "l2.qcow2", "-F", "qcow2", "l1.qcow2"]);
+    for args in [
+        &["map", "l1.qcow2"][..],
+        &["convert", "l1.qcow2", "x.raw"],
+        &["commit", "l2.qcow2"],
+        &["rebase", "-b", "", "l1.qcow2"],
+    ] {
+        let o = s.ours(args);
+        assert_eq!(o.code, 1, "{args:?}: {o:?}");
+        assert_eq!(o.stderr.lines().count(), 1, "{args:?}: {o:?}");
+        assert!(o.stderr.contains("loop"), "{args:?}: {o:?}");
+    }
+    assert_eq!(s.ours(&["compare", "l1.qcow2", "l1.qcow2"]).code, 2);
+    // Unsafe mode does not follow the chain, so it can break the loop.
+    s.ours_ok(&["rebase", "-u", "-b", "", "l1.qcow2"]);
+    s.ours_ok(&["map", "l2.qcow2"]);
+}
