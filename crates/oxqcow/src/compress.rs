@@ -4,8 +4,14 @@
 //! A compressed cluster's stored length is only known to 512-byte
 //! precision, so decompression stops as soon as the cluster is full and
 //! ignores whatever follows in the last sector.
+//!
+//! zstd contexts are costly to set up (their tables are larger than a
+//! cluster), so each thread keeps its own and reuses it for every cluster.
+
+use std::cell::RefCell;
 
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
 
 use crate::error::{Error, Result};
 
@@ -67,7 +73,7 @@ impl Codec {
     pub fn compress(self, src: &[u8], max_len: usize) -> Result<Option<Vec<u8>>> {
         let mut out = vec![0u8; max_len];
         if self == Codec::Deflate && byte_entropy(src) >= RANDOM_ENTROPY_BITS {
-            match zstd::bulk::compress_to_buffer(src, &mut out, PROBE_ZSTD_LEVEL) {
+            match zstd_compress(PROBE_ZSTD_LEVEL, src, &mut out) {
                 Ok(n) if n < max_len => {}
                 _ => return Ok(None),
             }
@@ -81,7 +87,7 @@ impl Codec {
                     Err(e) => return Err(Error::InvalidArgument(format!("deflate failed: {e}"))),
                 }
             }
-            Codec::Zstd => match zstd::bulk::compress_to_buffer(src, &mut out, ZSTD_LEVEL) {
+            Codec::Zstd => match zstd_compress(ZSTD_LEVEL, src, &mut out) {
                 Ok(n) => n,
                 // The only failure for valid input is a too small buffer.
                 Err(_) => return Ok(None),
@@ -104,9 +110,15 @@ impl Codec {
                     Err(e) => Err(bad(e.to_string())),
                 }
             }
-            Codec::Zstd => {
-                use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
-                let mut dec = Decoder::new().map_err(|e| bad(e.to_string()))?;
+            Codec::Zstd => ZSTD_DECODER.with(|cell| {
+                let mut slot = cell.borrow_mut();
+                let dec = match slot.as_mut() {
+                    Some(dec) => {
+                        dec.reinit().map_err(|e| bad(e.to_string()))?;
+                        dec
+                    }
+                    None => slot.insert(Decoder::new().map_err(|e| bad(e.to_string()))?),
+                };
                 let mut input = InBuffer::around(src);
                 let mut output = OutBuffer::around(out);
                 loop {
@@ -120,9 +132,33 @@ impl Codec {
                         return Err(bad(format!("decompresses to {got} bytes instead of {}", output.capacity())));
                     }
                 }
-            }
+            }),
         }
     }
+}
+
+thread_local! {
+    /// This thread's zstd compression contexts, one per level used.
+    static ZSTD_COMPRESSORS: RefCell<Vec<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(Vec::new()) };
+    /// This thread's zstd decompression context.
+    static ZSTD_DECODER: RefCell<Option<Decoder<'static>>> = const { RefCell::new(None) };
+}
+
+/// Compresses `src` into `out` with zstd at `level`, on this thread's
+/// context for that level; the length written, or an error when `out` is
+/// too small.
+fn zstd_compress(level: i32, src: &[u8], out: &mut [u8]) -> std::io::Result<usize> {
+    ZSTD_COMPRESSORS.with(|cell| {
+        let mut contexts = cell.borrow_mut();
+        let i = match contexts.iter().position(|(l, _)| *l == level) {
+            Some(i) => i,
+            None => {
+                contexts.push((level, zstd::bulk::Compressor::new(level)?));
+                contexts.len() - 1
+            }
+        };
+        contexts[i].1.compress_to_buffer(src, out)
+    })
 }
 
 #[cfg(test)]
