@@ -194,6 +194,7 @@ fn convert_onto_a_backing_file_writes_only_differences() {
             (&["-m", "1", "-o", "cluster_size=4k"], "top.qcow2", "mid.qcow2", 4096),
             (&["-c", "-o", "compression_type=zstd,cluster_size=4k"], "top.qcow2", "base", 4096),
             (&["-W", "-S", "0"], "flat.raw", "base", 65536),
+            (&["-o", "compat=0.10"], "flat.raw", "mid.qcow2", 65536),
         ];
         for (i, (extra, src, backing, cs)) in cases.iter().enumerate() {
             let target = f(&format!("b{i}.qcow2"));
