@@ -13,21 +13,21 @@ use oxqcow::backing::resolve_backing_path;
 use oxqcow::{Image, OpenOptions};
 
 use crate::common::{cvtnum, describe, is_cache_mode, open_image, Ctx, FORBID_BACKING};
-use crate::getopt::{self, long, HasArg};
+use crate::getopt::{HasArg, Opt};
 use crate::progress::Progress;
 
-const LONGS: &[getopt::LongOpt] = &[
-    long("help", HasArg::No, "h"),
-    long("object", HasArg::Required, "object"),
-    long("image-opts", HasArg::No, "image-opts"),
-    long("quiet", HasArg::No, "q"),
-    long("progress", HasArg::No, "p"),
-    long("format", HasArg::Required, "f"),
-    long("cache", HasArg::Required, "t"),
-    long("drop", HasArg::No, "d"),
-    long("base", HasArg::Required, "b"),
-    long("rate", HasArg::Required, "r"),
-    long(FORBID_BACKING, HasArg::No, FORBID_BACKING),
+const SPEC: &[Opt] = &[
+    Opt::both('h', "help", HasArg::No),
+    Opt::long("object", HasArg::Required),
+    Opt::long("image-opts", HasArg::No),
+    Opt::both('q', "quiet", HasArg::No),
+    Opt::both('p', "progress", HasArg::No),
+    Opt::both('f', "format", HasArg::Required),
+    Opt::both('t', "cache", HasArg::Required),
+    Opt::both('d', "drop", HasArg::No),
+    Opt::both('b', "base", HasArg::Required),
+    Opt::both('r', "rate", HasArg::Required),
+    Opt::long(FORBID_BACKING, HasArg::No),
 ];
 
 fn help(prog: &str) {
@@ -57,12 +57,9 @@ fn help(prog: &str) {
 /// Runs `commit`.
 pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let prog = &ctx.prog;
-    let parsed = match getopt::parse(prog, "commit", args, ":hf:t:b:dpqr:", LONGS) {
+    let parsed = match ctx.getopt("commit", args, SPEC) {
         Ok(p) => p,
-        Err(msg) => {
-            eprintln!("{msg}");
-            return 1;
-        }
+        Err(code) => return code,
     };
     let mut format = None;
     let mut cache = "writeback".to_string();
@@ -101,7 +98,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         progress = false;
     }
     let [filename] = parsed.operands.as_slice() else {
-        return ctx.fail(&format!("Expecting one image file name\nTry '{prog} commit --help' for more info"));
+        return ctx.usage_error("commit", "Expecting one image file name");
     };
     if !is_cache_mode(&cache) {
         return ctx.fail(&format!("Invalid cache option: {cache}"));

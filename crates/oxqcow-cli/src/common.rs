@@ -50,13 +50,16 @@ pub fn backing_policy(wanted: BackingPolicy) -> BackingPolicy {
 pub struct Ctx {
     /// The program name as invoked (basename of argv[0]), prefixed to errors.
     pub prog: String,
+    /// argv[0] itself, which qemu-img names in usage hints and option
+    /// parsing errors ("Try '/usr/bin/qemu-img info --help' ...").
+    pub argv0: String,
 }
 
 impl Ctx {
     /// Builds the context from argv[0].
     pub fn from_argv0(argv0: &str) -> Ctx {
         let prog = Path::new(argv0).file_name().and_then(|s| s.to_str()).unwrap_or("oxqcow").to_string();
-        Ctx { prog }
+        Ctx { prog, argv0: argv0.to_string() }
     }
 
     /// Prints `prog: msg` on stderr and returns exit code 1.
@@ -85,7 +88,7 @@ pub fn open_image(path: &str, format: Option<&str>, opts: OpenOptions) -> Result
         opts.format =
             Some(ImageFormat::from_name(f).map_err(|e| format!("Could not open '{path}': {}", describe(&e)))?);
     }
-    Image::open(Path::new(path), &opts).map_err(|e| {
+    let image = Image::open(Path::new(path), &opts).map_err(|e| {
         // Under Forbid or Ignore no backing file was opened, so the failure
         // is the top image's (or the refusal itself).
         let follows = !matches!(opts.backing, BackingPolicy::Forbid | BackingPolicy::Ignore);
@@ -100,7 +103,15 @@ pub fn open_image(path: &str, format: Option<&str>, opts: OpenOptions) -> Result
             }
             _ => format!("Could not open '{path}': {}", describe(&e)),
         }
-    })
+    })?;
+    // QEMU repairs a dirty image (lazy refcounts) when it opens it
+    // read-write, printing the check's lines as it goes.
+    if let Image::Qcow2(q) = &image {
+        for line in q.open_repair().map(|r| r.messages.as_slice()).unwrap_or_default() {
+            eprintln!("{line}");
+        }
+    }
+    Ok(image)
 }
 
 /// When the image at `path` opens alone but a file down its backing chain
@@ -168,16 +179,6 @@ pub fn chain_filenames(image: &Image, filename: &str) -> Vec<String> {
     names
 }
 
-/// The warning QEMU prints when it opens a file for writing whose format
-/// it had to guess as raw.
-pub fn warn_probed_raw(path: &str) {
-    eprintln!(
-        "WARNING: Image format was not specified for '{path}' and probing guessed raw.\n         \
-         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be \
-         restricted.\n         Specify the 'raw' format explicitly to remove the restrictions."
-    );
-}
-
 /// qemu-img's `cvtnum_full`: a size with an optional suffix, between `min`
 /// and `max`, with qemu-img's messages naming the value as `name`.
 pub fn cvtnum(name: &str, value: &str, min: u64, max: u64) -> Result<u64, String> {
@@ -215,6 +216,162 @@ pub fn os_error(e: &std::io::Error) -> String {
     }
 }
 
+/// Splits an `--image-opts` specification (`driver=qcow2,file.filename=x,
+/// l2-cache-size=1M`) into the file name, the format and open options.
+pub fn parse_image_opts(spec: &str) -> Result<(String, Option<String>, OpenOptions), String> {
+    let fail = |msg: String| format!("Could not open '{spec}': {msg}");
+    let mut path = None;
+    let mut format = None;
+    let mut opts = OpenOptions::new();
+    if !spec.contains('=') {
+        return Err(fail(format!("Cannot find device='{spec}' nor node-name='{spec}'")));
+    }
+    for (key, value) in crate::imgopts::split_options(spec) {
+        match key.as_str() {
+            "file.filename" | "filename" => path = Some(value),
+            "driver" => format = Some(value),
+            "file.driver" if value == "file" => {}
+            "file.driver" => return Err(fail(format!("Unknown protocol '{value}'"))),
+            _ => opts.apply_qemu_option(&key, &value).map_err(|e| fail(describe(&e)))?,
+        }
+    }
+    let Some(path) = path else {
+        return Err(fail("A block device must be specified for \"file\"".to_string()));
+    };
+    Ok((path, format, opts))
+}
+
+/// The header of a snapshot table, as qemu-img prints it.
+pub fn snapshot_header() -> String {
+    format!("{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}", "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT")
+}
+
+/// One snapshot line from a qemu `SnapshotInfo` JSON object (`id`, `name`,
+/// `vm-state-size`, `date-sec`, `vm-clock-sec`, `vm-clock-nsec`, `icount`).
+/// Dates are shown in UTC.
+pub fn snapshot_line(sn: &serde_json::Value) -> String {
+    let s = |k: &str| sn.get(k).and_then(serde_json::Value::as_str).unwrap_or_default().to_string();
+    let n = |k: &str| sn.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+    let icount = sn.get("icount").and_then(serde_json::Value::as_u64);
+    snapshot_row(
+        &s("id"),
+        &s("name"),
+        n("vm-state-size"),
+        n("date-sec"),
+        n("vm-clock-sec") * 1_000_000_000 + n("vm-clock-nsec"),
+        icount,
+    )
+}
+
+/// One line of qemu's `bdrv_snapshot_dump`: `%-7s %-16s %8s %19s %15s %10s`
+/// (C pads by bytes, not characters), the instruction count left blank
+/// when not recorded.
+pub fn snapshot_row(
+    id: &str,
+    name: &str,
+    vm_state_size: u64,
+    date_sec: u64,
+    vm_clock_nsec: u64,
+    icount: Option<u64>,
+) -> String {
+    let secs = vm_clock_nsec / 1_000_000_000;
+    let clock = format!(
+        "{:04}:{:02}:{:02}.{:03}",
+        secs / 3600,
+        (secs / 60) % 60,
+        secs % 60,
+        (vm_clock_nsec / 1_000_000) % 1000
+    );
+    let icount = icount.filter(|&i| i != u64::MAX).map(|i| i.to_string()).unwrap_or_default();
+    format!(
+        "{} {} {} {} {} {}",
+        pad_bytes(id, 7, true),
+        pad_bytes(name, 16, true),
+        pad_bytes(&size_to_str(vm_state_size), 8, false),
+        pad_bytes(&utc_date(date_sec), 19, false),
+        pad_bytes(&clock, 15, false),
+        pad_bytes(&icount, 10, false)
+    )
+}
+
+/// printf's `%-Ns` / `%Ns`: padding counts bytes.
+fn pad_bytes(s: &str, width: usize, left: bool) -> String {
+    let pad = " ".repeat(width.saturating_sub(s.len()));
+    if left {
+        format!("{s}{pad}")
+    } else {
+        format!("{pad}{s}")
+    }
+}
+
+/// Checks an `--object` definition as qemu-img's `user_creatable_process_cmdline`
+/// would for the one object type oxqcow knows, `secret` (`id`, and `data`
+/// or `file`, optional `format=raw|base64`), with QEMU's messages.
+pub fn check_object(spec: &str) -> Result<(), String> {
+    // An implied first key: a leading token without '=' is the type.
+    let (mut qom_type, rest) = match spec.split_once(',') {
+        Some((first, rest)) if !first.contains('=') => (Some(first.to_string()), rest),
+        None if !spec.contains('=') => (Some(spec.to_string()), ""),
+        _ => (None, spec),
+    };
+    let mut params = Vec::new();
+    for (k, v) in crate::imgopts::split_options(rest) {
+        if k == "qom-type" {
+            qom_type = Some(v);
+        } else {
+            params.push((k, v));
+        }
+    }
+    let Some(qom_type) = qom_type.filter(|t| !t.is_empty()) else {
+        return Err("Parameter 'qom-type' is missing".into());
+    };
+    if qom_type != "secret" {
+        return Err(format!("Parameter 'qom-type' does not accept value '{qom_type}'"));
+    }
+    let get = |k: &str| params.iter().rev().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+    let Some(id) = get("id") else { return Err("Parameter 'id' is missing".into()) };
+    let valid_id = id.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+    if !valid_id {
+        return Err("Parameter 'id' expects an identifier\n\
+                    Identifiers consist of letters, digits, '-', '.', '_', starting with a letter."
+            .into());
+    }
+    if let Some((k, _)) =
+        params.iter().find(|(k, _)| !matches!(k.as_str(), "id" | "data" | "file" | "format" | "keyid" | "iv"))
+    {
+        return Err(format!("Parameter '{k}' is unexpected"));
+    }
+    if let Some(f) = get("format").filter(|f| f != "raw" && f != "base64") {
+        return Err(format!("Parameter 'format' does not accept value '{f}'"));
+    }
+    match (get("data"), get("file")) {
+        (None, None) => Err("Either 'file' or 'data' must be provided".into()),
+        (Some(_), Some(_)) => Err("'data' and 'file' are mutually exclusive".into()),
+        (None, Some(file)) => std::fs::read(&file).map(|_| ()).map_err(|e| {
+            format!("Unable to read {file}: Failed to open file \u{201c}{file}\u{201d}: {}", os_error(&e))
+        }),
+        (Some(_), None) => Ok(()),
+    }
+}
+
+/// `YYYY-MM-DD HH:MM:SS` for seconds since the epoch, in UTC.
+fn utc_date(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}", rem / 3600, (rem / 60) % 60, rem % 60)
+}
+
 /// The message for an engine error, with host I/O errors described the way
 /// QEMU describes errno values.
 pub fn describe(e: &oxqcow::Error) -> String {
@@ -226,5 +383,310 @@ pub fn describe(e: &oxqcow::Error) -> String {
             "Permission denied".to_string()
         }
         other => other.to_string(),
+    }
+}
+
+impl Ctx {
+    /// Reports a usage error as qemu-img's `error_exit` does: the message,
+    /// then a pointer to the command's help. Returns exit code 1.
+    pub fn usage_error(&self, command: &str, msg: &str) -> i32 {
+        self.error(msg);
+        self.try_help(command)
+    }
+
+    /// Prints "Try 'PROG COMMAND --help' for more info" and returns 1.
+    pub fn try_help(&self, command: &str) -> i32 {
+        eprintln!("Try '{} {command} --help' for more info", self.argv0);
+        1
+    }
+
+    /// Parses a command's arguments; on error prints glibc's message and
+    /// the help pointer, returning the exit code.
+    pub fn getopt(
+        &self,
+        command: &str,
+        args: &[String],
+        spec: &[crate::getopt::Opt],
+    ) -> Result<crate::getopt::Parsed, i32> {
+        crate::getopt::parse(&format!("{} {command}", self.argv0), args, spec).map_err(|msg| {
+            eprintln!("{msg}");
+            self.try_help(command)
+        })
+    }
+}
+
+/// `--output` formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputFormat {
+    /// Text for people.
+    Human,
+    /// qemu-img's JSON.
+    Json,
+}
+
+impl OutputFormat {
+    /// Parses an `--output` value, with qemu-img's message on failure.
+    pub fn parse(value: &str) -> Result<OutputFormat, String> {
+        match value {
+            "human" => Ok(OutputFormat::Human),
+            "json" => Ok(OutputFormat::Json),
+            other => Err(format!("--output expects 'human' or 'json' not '{other}'")),
+        }
+    }
+}
+
+/// Prints a JSON value the way qemu-img does, followed by a newline.
+pub fn print_json(v: &serde_json::Value) {
+    println!("{}", crate::qjson::to_string(v));
+}
+
+/// A size as QEMU's `size_to_str` writes it: three significant digits and a
+/// binary unit, switching to the next unit from 1000 of the current one
+/// ("0 B", "196 KiB", "1.5 MiB", "1 GiB").
+pub fn size_to_str(bytes: u64) -> String {
+    const SUFFIXES: [&str; 7] = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"];
+    let scaled = bytes as f64 / (1000.0 / 1024.0);
+    // frexp's exponent: scaled = m * 2^e with m in [0.5, 1).
+    let e = if scaled == 0.0 { 0 } else { ((scaled.to_bits() >> 52) & 0x7ff) as i64 - 1022 };
+    // C division truncates towards zero.
+    let i = ((e - 1) / 10).clamp(0, SUFFIXES.len() as i64 - 1) as usize;
+    let value = bytes as f64 / (1u64 << (i * 10)) as f64;
+    format!("{} {}B", format_g3(value), SUFFIXES[i])
+}
+
+/// printf's `%.3g`.
+fn format_g3(v: f64) -> String {
+    const PRECISION: i32 = 3;
+    if v == 0.0 {
+        return "0".to_string();
+    }
+    let sci = format!("{:.*e}", (PRECISION - 1) as usize, v);
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let trim = |s: String| -> String {
+        if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.').to_string()
+        } else {
+            s
+        }
+    };
+    if !(-4..PRECISION).contains(&exp) {
+        let m = trim(mantissa.to_string());
+        let sign = if exp < 0 { '-' } else { '+' };
+        format!("{m}e{sign}{:02}", exp.abs())
+    } else {
+        trim(format!("{:.*}", (PRECISION - 1 - exp) as usize, v))
+    }
+}
+
+/// Why a size did not parse (QEMU's `qemu_strtosz` results).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SizeError {
+    /// Not a size.
+    Invalid,
+    /// A size, but not below 2^64 (or negative).
+    Range,
+}
+
+/// Parses a size as QEMU's `qemu_strtosz`: decimal with an optional
+/// fraction and a binary suffix (b, k/K, M, G, T, P, E; a fraction needs a
+/// suffix other than b), or `0x` hex without fraction or suffix; leading
+/// whitespace and `+` are allowed, nothing may follow.
+pub fn qemu_strtosz(s: &str) -> Result<u64, SizeError> {
+    let t = s.trim_start_matches(|c: char| c.is_ascii_whitespace());
+    if let Some(negative) = t.strip_prefix('-') {
+        // A negative number is out of range; a lone minus sign is junk.
+        let number = negative.starts_with(|c: char| c.is_ascii_digit())
+            || negative.strip_prefix('.').is_some_and(|f| f.starts_with(|c: char| c.is_ascii_digit()));
+        return Err(if number { SizeError::Range } else { SizeError::Invalid });
+    }
+    let t = t.strip_prefix('+').unwrap_or(t);
+    let digits = t.bytes().take_while(u8::is_ascii_digit).count();
+    let (int_part, rest) = t.split_at(digits);
+    if int_part == "0" && (rest.starts_with('x') || rest.starts_with('X')) {
+        let hex = &rest[1..];
+        if hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(SizeError::Invalid);
+        }
+        return u64::from_str_radix(hex, 16).map_err(|_| SizeError::Range);
+    }
+    let int: u64 = if int_part.is_empty() { 0 } else { int_part.parse().map_err(|_| SizeError::Range)? };
+    let (frac_digits, rest) = match rest.strip_prefix('.') {
+        Some(after) => {
+            let n = after.bytes().take_while(u8::is_ascii_digit).count();
+            (Some(&after[..n]), &after[n..])
+        }
+        None => (None, rest),
+    };
+    if int_part.is_empty() && frac_digits.is_none_or(str::is_empty) {
+        return Err(SizeError::Invalid);
+    }
+    let shift = match rest {
+        "" | "b" | "B" => 0,
+        "k" | "K" => 10,
+        "m" | "M" => 20,
+        "g" | "G" => 30,
+        "t" | "T" => 40,
+        "p" | "P" => 50,
+        "e" | "E" => 60,
+        _ => return Err(SizeError::Invalid),
+    };
+    // The fraction as a 64-bit binary fixed-point number, as QEMU keeps it.
+    let frac: u64 = match frac_digits {
+        Some(d) if !d.is_empty() => {
+            let f: f64 = format!("0.{d}").parse().map_err(|_| SizeError::Invalid)?;
+            if f >= 1.0 {
+                u64::MAX
+            } else {
+                let v = (f * 18_446_744_073_709_551_616.0) as u64;
+                if v == 0 && f > 0.0 {
+                    1
+                } else {
+                    v
+                }
+            }
+        }
+        _ => 0,
+    };
+    if shift == 0 {
+        if frac != 0 {
+            return Err(SizeError::Invalid);
+        }
+        return Ok(int);
+    }
+    // 64.64 fixed point times 2^shift, rounding 0.5 up.
+    let whole = u128::from(int) << shift;
+    let frac_scaled = u128::from(frac) << shift;
+    let value = whole + (frac_scaled >> 64) + ((frac_scaled >> 63) & 1);
+    u64::try_from(value).map_err(|_| SizeError::Range)
+}
+
+/// An integer as C's `strtoul(s, &end, 0)` reads it with nothing allowed
+/// after it: decimal, `0x` hexadecimal or `0` octal, optionally signed.
+/// Negative values (other than zero) and overflow are out of range.
+pub fn strtoul0(s: &str) -> Result<u64, SizeError> {
+    let t = s.trim_start_matches(|c: char| c.is_ascii_whitespace());
+    let (negative, t) = match t.as_bytes().first() {
+        Some(b'-') => (true, &t[1..]),
+        Some(b'+') => (false, &t[1..]),
+        _ => (false, t),
+    };
+    let hex = (t.starts_with("0x") || t.starts_with("0X")) && t[2..].starts_with(|c: char| c.is_ascii_hexdigit());
+    let (radix, digits) = if hex {
+        (16, &t[2..])
+    } else if t.starts_with('0') {
+        (8, t)
+    } else {
+        (10, t)
+    };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return Err(SizeError::Invalid);
+    }
+    let v = u64::from_str_radix(digits, radix).map_err(|_| SizeError::Range)?;
+    if negative && v != 0 {
+        return Err(SizeError::Range);
+    }
+    Ok(v)
+}
+
+/// Parses a size operand as qemu-img's `cvtnum` does, with its messages
+/// ("Invalid image size specified: 'x'." / "... Must be between ...").
+pub fn parse_size_operand(what: &str, s: &str) -> Result<u64, String> {
+    match qemu_strtosz(s) {
+        Ok(v) if v <= i64::MAX as u64 => Ok(v),
+        Err(SizeError::Invalid) => Err(format!("Invalid {what} specified: '{s}'.")),
+        _ => Err(format!("Invalid {what} specified. Must be between 0 and {}.", i64::MAX)),
+    }
+}
+
+/// Parses a size-typed QemuOpts value (`-o cluster_size=...`), with QEMU's
+/// messages.
+pub fn parse_size_option(name: &str, value: &str) -> Result<u64, String> {
+    match qemu_strtosz(value) {
+        Ok(v) => Ok(v),
+        Err(SizeError::Range) => Err(format!("Value '{value}' is out of range for parameter '{name}'")),
+        Err(SizeError::Invalid) => Err(format!(
+            "Parameter '{name}' expects a non-negative number below 2^64\n\
+             Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n\
+             and exabytes, respectively."
+        )),
+    }
+}
+
+/// The warning QEMU prints when a probed raw image is opened for writing.
+pub fn warn_probed_raw(path: &str) {
+    eprintln!(
+        "WARNING: Image format was not specified for '{path}' and probing guessed raw.\n         \
+         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         \
+         Specify the 'raw' format explicitly to remove the restrictions."
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_in_utc() {
+        assert_eq!(utc_date(0), "1970-01-01 00:00:00");
+        assert_eq!(utc_date(1_795_539_009), "2026-11-24 16:50:09");
+        assert_eq!(utc_date(951_782_400), "2000-02-29 00:00:00");
+    }
+
+    #[test]
+    fn sizes_as_qemu_prints_them() {
+        assert_eq!(size_to_str(0), "0 B");
+        assert_eq!(size_to_str(200_704), "196 KiB");
+        assert_eq!(size_to_str(197_120), "192 KiB");
+        assert_eq!(size_to_str(1 << 30), "1 GiB");
+        assert_eq!(size_to_str(3 << 19), "1.5 MiB");
+        assert_eq!(size_to_str(1_331_200), "1.27 MiB");
+        assert_eq!(size_to_str(999), "999 B");
+        assert_eq!(size_to_str(1000), "0.977 KiB");
+        assert_eq!(size_to_str(1023 * 1024), "0.999 MiB");
+    }
+
+    #[test]
+    fn strtosz_like_qemu() {
+        let ok = |s: &str| qemu_strtosz(s).unwrap();
+        assert_eq!(ok("0X10"), 16);
+        assert_eq!(ok("1.k"), 1024);
+        assert_eq!(ok(".5k"), 512);
+        assert_eq!(ok("1.5K"), 1536);
+        assert_eq!(ok(" 1k"), 1024);
+        assert_eq!(ok("+1"), 1);
+        assert_eq!(ok("010"), 10);
+        assert_eq!(ok("1b"), 1);
+        assert_eq!(ok("1.0000000001k"), 1024);
+        assert_eq!(ok("7.99E"), 9_211_842_821_808_707_328);
+        for bad in ["0x1k", "0x", "1.5", "1.5b", "1k5", "1k ", "0.1", "1e3", "1kb", "1G.", "", "k", "."] {
+            assert_eq!(qemu_strtosz(bad), Err(SizeError::Invalid), "{bad}");
+        }
+        assert_eq!(qemu_strtosz("-1"), Err(SizeError::Range));
+        assert_eq!(qemu_strtosz("-.5k"), Err(SizeError::Range));
+        assert_eq!(qemu_strtosz("-x"), Err(SizeError::Invalid));
+        assert_eq!(qemu_strtosz("-"), Err(SizeError::Invalid));
+        assert_eq!(ok("0.1k"), 102);
+        assert_eq!(ok("1e"), 1 << 60);
+        assert_eq!(qemu_strtosz("16E"), Err(SizeError::Range));
+        assert_eq!(qemu_strtosz("99999999999999999999"), Err(SizeError::Range));
+        assert_eq!(
+            parse_size_operand("image size", "8E").unwrap_err(),
+            "Invalid image size specified. Must be between 0 and 9223372036854775807."
+        );
+    }
+
+    #[test]
+    fn strtoul_like_c() {
+        assert_eq!(strtoul0("10"), Ok(10));
+        assert_eq!(strtoul0("010"), Ok(8));
+        assert_eq!(strtoul0("0x10"), Ok(16));
+        assert_eq!(strtoul0(" +7"), Ok(7));
+        assert_eq!(strtoul0("-0"), Ok(0));
+        assert_eq!(strtoul0("-1"), Err(SizeError::Range));
+        assert_eq!(strtoul0("99999999999999999999"), Err(SizeError::Range));
+        for bad in ["1k", "08", "0x", "", "1.0", "x", "-"] {
+            assert_eq!(strtoul0(bad), Err(SizeError::Invalid), "{bad}");
+        }
     }
 }

@@ -12,7 +12,7 @@
 use oxqcow::{BlockDevice, Image, OpenOptions};
 
 use crate::common::{is_cache_mode, open_image, strerror, Ctx, FORBID_BACKING};
-use crate::getopt::{self, long, HasArg};
+use crate::getopt::{self, HasArg, Opt};
 use crate::progress::Progress;
 use crate::status::StatusCursor;
 
@@ -21,18 +21,18 @@ const IO_BUF_SIZE: u64 = 2 << 20;
 /// Data runs are compared in units of this many bytes (qemu's sectors).
 const SECTOR: usize = 512;
 
-const LONGS: &[getopt::LongOpt] = &[
-    long("help", HasArg::No, "h"),
-    long("object", HasArg::Required, "object"),
-    long("image-opts", HasArg::No, "image-opts"),
-    long("force-share", HasArg::No, "U"),
-    long("quiet", HasArg::No, "q"),
-    long("progress", HasArg::No, "p"),
-    long("a-format", HasArg::Required, "f"),
-    long("b-format", HasArg::Required, "F"),
-    long("strict", HasArg::No, "s"),
-    long("cache", HasArg::Required, "T"),
-    long(FORBID_BACKING, HasArg::No, FORBID_BACKING),
+const LONGS: &[Opt] = &[
+    Opt::alias("help", HasArg::No, "h"),
+    Opt::alias("object", HasArg::Required, "object"),
+    Opt::alias("image-opts", HasArg::No, "image-opts"),
+    Opt::alias("force-share", HasArg::No, "U"),
+    Opt::alias("quiet", HasArg::No, "q"),
+    Opt::alias("progress", HasArg::No, "p"),
+    Opt::alias("a-format", HasArg::Required, "f"),
+    Opt::alias("b-format", HasArg::Required, "F"),
+    Opt::alias("strict", HasArg::No, "s"),
+    Opt::alias("cache", HasArg::Required, "T"),
+    Opt::long(FORBID_BACKING, HasArg::No),
 ];
 
 fn help(prog: &str) {
@@ -68,7 +68,7 @@ struct Args {
 /// Runs `compare`.
 pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let prog = &ctx.prog;
-    let parsed = match getopt::parse(prog, "compare", args, ":hf:F:T:pqsU", LONGS) {
+    let parsed = match getopt::parse_declared(prog, "compare", args, ":hf:F:T:pqsU", LONGS) {
         Ok(p) => p,
         Err(msg) => {
             eprintln!("{msg}");

@@ -30,12 +30,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use oxqcow::backing::resolve_backing_path;
-use oxqcow::{BlockDevice, CreateOptions, FileStorage, Image, ImageFormat, OpenOptions, Preallocation, Storage};
+use oxqcow::{BlockDevice, CacheMode, CreateOptions, Image, ImageFormat, OpenOptions, Preallocation};
 
 use crate::common::{
     backing_forbidden, cvtnum, describe, is_cache_mode, open_image, os_error, strerror, Ctx, FORBID_BACKING,
 };
-use crate::getopt::{self, long, HasArg};
+use crate::getopt::{self, HasArg, Opt};
 use crate::progress::Progress;
 use crate::status::StatusCursor;
 
@@ -54,35 +54,35 @@ const MAX_SPARSE_SECTORS: u64 = 32768;
 /// Default `-S`: 4 KiB of zeros make a hole.
 const DEFAULT_MIN_SPARSE: u64 = 4096;
 
-const LONGS: &[getopt::LongOpt] = &[
-    long("help", HasArg::No, "h"),
-    long("quiet", HasArg::No, "q"),
-    long("progress", HasArg::No, "p"),
-    long("source-format", HasArg::Required, "f"),
-    long("source-image-opts", HasArg::No, "image-opts"),
-    long("image-opts", HasArg::No, "image-opts"),
-    long("source-snapshot", HasArg::Required, "l"),
-    long("source-cache", HasArg::Required, "T"),
-    long("target-format", HasArg::Required, "O"),
-    long("target-image-opts", HasArg::No, "target-image-opts"),
-    long("target-options", HasArg::Required, "o"),
-    long("compress", HasArg::No, "c"),
-    long("target-cache", HasArg::Required, "t"),
-    long("backing", HasArg::Required, "B"),
-    long("backing-format", HasArg::Required, "F"),
-    long("no-create", HasArg::No, "n"),
-    long("target-is-zero", HasArg::No, "target-is-zero"),
-    long("sparse-size", HasArg::Required, "S"),
-    long("bitmaps", HasArg::No, "bitmaps"),
-    long("skip-broken-bitmaps", HasArg::No, "skip-broken-bitmaps"),
-    long("force-share", HasArg::No, "U"),
-    long("rate", HasArg::Required, "r"),
-    long("parallel", HasArg::Required, "m"),
-    long("copy-range-offloading", HasArg::No, "C"),
-    long("salvage", HasArg::No, "salvage"),
-    long("oob-writes", HasArg::No, "W"),
-    long("object", HasArg::Required, "object"),
-    long(FORBID_BACKING, HasArg::No, FORBID_BACKING),
+const LONGS: &[Opt] = &[
+    Opt::alias("help", HasArg::No, "h"),
+    Opt::alias("quiet", HasArg::No, "q"),
+    Opt::alias("progress", HasArg::No, "p"),
+    Opt::alias("source-format", HasArg::Required, "f"),
+    Opt::alias("source-image-opts", HasArg::No, "image-opts"),
+    Opt::alias("image-opts", HasArg::No, "image-opts"),
+    Opt::alias("source-snapshot", HasArg::Required, "l"),
+    Opt::alias("source-cache", HasArg::Required, "T"),
+    Opt::alias("target-format", HasArg::Required, "O"),
+    Opt::alias("target-image-opts", HasArg::No, "target-image-opts"),
+    Opt::alias("target-options", HasArg::Required, "o"),
+    Opt::alias("compress", HasArg::No, "c"),
+    Opt::alias("target-cache", HasArg::Required, "t"),
+    Opt::alias("backing", HasArg::Required, "B"),
+    Opt::alias("backing-format", HasArg::Required, "F"),
+    Opt::alias("no-create", HasArg::No, "n"),
+    Opt::alias("target-is-zero", HasArg::No, "target-is-zero"),
+    Opt::alias("sparse-size", HasArg::Required, "S"),
+    Opt::alias("bitmaps", HasArg::No, "bitmaps"),
+    Opt::alias("skip-broken-bitmaps", HasArg::No, "skip-broken-bitmaps"),
+    Opt::alias("force-share", HasArg::No, "U"),
+    Opt::alias("rate", HasArg::Required, "r"),
+    Opt::alias("parallel", HasArg::Required, "m"),
+    Opt::alias("copy-range-offloading", HasArg::No, "C"),
+    Opt::alias("salvage", HasArg::No, "salvage"),
+    Opt::alias("oob-writes", HasArg::No, "W"),
+    Opt::alias("object", HasArg::Required, "object"),
+    Opt::long(FORBID_BACKING, HasArg::No),
 ];
 
 fn help(prog: &str) {
@@ -121,6 +121,7 @@ fn help(prog: &str) {
 /// The parsed command line.
 struct Args {
     src_fmt: Option<String>,
+    snapshot: Option<SnapshotParam>,
     out_fmt: Option<String>,
     options: Option<String>,
     cache: String,
@@ -146,7 +147,7 @@ struct Args {
 /// Runs `convert`.
 pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let prog = &ctx.prog;
-    let parsed = match getopt::parse(prog, "convert", args, ":hf:O:B:CcF:o:l:S:pt:T:qnm:WUr:", LONGS) {
+    let parsed = match getopt::parse_declared(prog, "convert", args, ":hf:O:B:CcF:o:l:S:pt:T:qnm:WUr:", LONGS) {
         Ok(p) => p,
         Err(msg) => {
             eprintln!("{msg}");
@@ -155,6 +156,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     };
     let mut a = Args {
         src_fmt: None,
+        snapshot: None,
         out_fmt: None,
         options: None,
         cache: "unsafe".into(),
@@ -214,7 +216,13 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             "B" => a.backing = Some(v),
             "F" => a.backing_fmt = Some(v),
             FORBID_BACKING => crate::common::forbid_backing(),
-            "l" => return ctx.fail("converting from a snapshot (-l) is not supported yet"),
+            "l" => match SnapshotParam::parse(&v) {
+                Ok(p) => a.snapshot = Some(p),
+                Err(key) => {
+                    ctx.error(&format!("Invalid parameter '{key}'"));
+                    return ctx.fail(&format!("Failed in parsing snapshot param '{v}'"));
+                }
+            },
             "C" => return ctx.fail("copy offloading (-C) is not supported yet"),
             "r" => return ctx.fail("rate limiting (-r) is not supported yet"),
             "object" | "image-opts" | "target-image-opts" | "bitmaps" | "skip-broken-bitmaps" | "salvage" => {
@@ -232,6 +240,9 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let (target, sources) = parsed.operands.split_last().expect("two operands at least");
     a.target = target.clone();
     a.sources = sources.to_vec();
+    if a.sources.len() > 1 && a.snapshot.is_some() {
+        return ctx.fail("No support for concatenating multiple snapshot");
+    }
     if a.sources.len() > 1 && a.backing.is_some() {
         return ctx
             .fail("Having a backing file for the target makes no sense when concatenating multiple input images");
@@ -321,6 +332,10 @@ fn convert(_ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
     let mut total = 0u64;
     for name in &a.sources {
         let image = open_image(name, a.src_fmt.as_deref(), OpenOptions::new().read_only(true))?;
+        let image = match &a.snapshot {
+            Some(p) => p.load(image, name, a.src_fmt.as_deref())?,
+            None => image,
+        };
         let len = image.len();
         sources.push(Source { image, start: total, len });
         total = total.checked_add(len).ok_or("the sources are too large together")?;
@@ -390,11 +405,6 @@ fn convert(_ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
             open_image(&a.target, Some(out_fmt), opts)?
         }
     };
-    let target = if a.cache == "unsafe" {
-        without_flushes(target, &a.target).map_err(|e| format!("Could not open '{}': {}", a.target, describe(&e)))?
-    } else {
-        target
-    };
     if a.skip_create && target.len() < total {
         return Err("output file is smaller than input file".into());
     }
@@ -424,6 +434,9 @@ fn convert(_ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
             DEFAULT_WORKERS as usize
         }
     });
+    // qemu-img's default target cache is "unsafe": no flush until the end,
+    // and none at the end either.
+    target.set_cache_mode(CacheMode::from_name(&a.cache).map_err(|e| describe(&e))?);
 
     let job = Job {
         sources: &sources,
@@ -446,71 +459,6 @@ fn convert(_ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
     target.flush().map_err(|e| format!("error while flushing the target: {}", strerror(&e)))?;
     target.close().map_err(|e| format!("error while closing the target: {}", strerror(&e)))?;
     Ok(())
-}
-
-/// Host storage whose flushes do nothing: qemu-img's default target cache
-/// mode `unsafe` ignores flush requests, so a convert does not wait for
-/// the target to reach the disk (the page cache writes it back later).
-struct NoFlush(FileStorage);
-
-impl Storage for NoFlush {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.0.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.0.write_at(buf, offset)
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.0.len()
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.0.set_len(len)
-    }
-    fn sync(&self) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.0.punch_hole(offset, len)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.0.write_zeroes(offset, len)
-    }
-    fn write_zeroes_fast(&self, offset: u64, len: u64) -> std::io::Result<bool> {
-        self.0.write_zeroes_fast(offset, len)
-    }
-    fn allocate(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.0.allocate(offset, len)
-    }
-    fn data_runs(&self, offset: u64, len: u64) -> std::io::Result<Vec<(u64, u64, bool)>> {
-        self.0.data_runs(offset, len)
-    }
-    fn allocated_bytes(&self) -> std::io::Result<u64> {
-        self.0.allocated_bytes()
-    }
-}
-
-/// Reopens an open target on storage that ignores flushes (cache mode
-/// `unsafe`), keeping its backing chain.
-fn without_flushes(target: Image, path: &str) -> oxqcow::Result<Image> {
-    let format = target.format();
-    let backing = target.as_qcow2().and_then(|q| q.backing()).cloned();
-    target.close()?;
-    let file = FileStorage::open(Path::new(path), true).map_err(|source| oxqcow::Error::Io {
-        op: "opening the image",
-        offset: 0,
-        source,
-    })?;
-    let storage: Arc<dyn Storage> = Arc::new(NoFlush(file));
-    let mut opts = OpenOptions::new().format(format);
-    // Clusters freed by zeroing give their space back, as in qemu-img.
-    opts.discard_passthrough = true;
-    if backing.is_none() {
-        opts.backing = oxqcow::backing::BackingPolicy::Ignore;
-    }
-    Ok(match format {
-        ImageFormat::Qcow2 => Image::Qcow2(oxqcow::Qcow2::open_with_backing(storage, &opts, backing)?),
-        ImageFormat::Raw => Image::open_storage(storage, &opts)?,
-    })
 }
 
 /// qemu-img's write alignment for zero detection, in bytes: the sparse size
@@ -1064,5 +1012,60 @@ mod tests {
         assert_eq!(alignment(6144), 4096);
         assert_eq!(alignment(512), 512);
         assert_eq!(alignment(0), 512);
+    }
+}
+
+/// `-l`: which internal snapshot of the source to read (qemu-img's
+/// `snapshot.id=ID,snapshot.name=NAME` or a bare id-or-name).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum SnapshotParam {
+    /// Found by id, then by name.
+    IdOrName(String),
+    /// Found by id and name, each when given.
+    Exact { id: Option<String>, name: Option<String> },
+}
+
+impl SnapshotParam {
+    /// Parses `-l`; an unknown key is returned as the error.
+    fn parse(v: &str) -> Result<SnapshotParam, String> {
+        if !v.starts_with("snapshot.") {
+            return Ok(SnapshotParam::IdOrName(v.to_string()));
+        }
+        let (mut id, mut name) = (None, None);
+        for (key, value) in crate::imgopts::split_options(v) {
+            match key.as_str() {
+                "snapshot.id" => id = Some(value),
+                "snapshot.name" => name = Some(value),
+                other => return Err(other.to_string()),
+            }
+        }
+        Ok(SnapshotParam::Exact { id, name })
+    }
+
+    /// Reopens `image` on the snapshot's content (QEMU's
+    /// `bdrv_snapshot_load_tmp`), with qemu-img's messages.
+    fn load(&self, image: Image, path: &str, fmt: Option<&str>) -> Result<Image, String> {
+        let Image::Qcow2(q) = &image else {
+            return Err(format!(
+                "Failed to load snapshot: Block format '{}' used by device '' does not support temporarily loading \
+                 internal snapshots",
+                image.format().name()
+            ));
+        };
+        let snapshots = q.snapshots();
+        let found = match self {
+            SnapshotParam::IdOrName(s) => {
+                snapshots.iter().find(|sn| &sn.id == s).or_else(|| snapshots.iter().find(|sn| &sn.name == s))
+            }
+            SnapshotParam::Exact { id: None, name: None } => None,
+            SnapshotParam::Exact { id, name } => snapshots
+                .iter()
+                .find(|sn| id.as_ref().is_none_or(|i| &sn.id == i) && name.as_ref().is_none_or(|n| &sn.name == n)),
+        };
+        let Some(sn) = found else { return Err("Failed to load snapshot: Can't find snapshot".into()) };
+        let id = sn.id.clone();
+        drop(image);
+        let opts = OpenOptions { read_only: true, snapshot: Some(id), ..OpenOptions::new() };
+        open_image(path, fmt, opts).map_err(|e| format!("Failed to load snapshot: {e}"))
     }
 }

@@ -1,53 +1,110 @@
-//! Command line parsing as qemu-img does it: GNU `getopt_long` with its
-//! argument permutation (options may follow operands until `--`), clustered
-//! short flags (`-pq`), attached values (`-fqcow2`, `--output=json`),
-//! unambiguous long-option prefixes (`--out=json`), and glibc's error lines
-//! ("qemu-img map: invalid option -- 'z'") followed by qemu-img's hint.
+//! Command-line parsing with GNU `getopt_long` semantics, as qemu-img uses
+//! it: options and operands may be interleaved, `--` ends the options, short
+//! options cluster (`-qf qcow2`, `-fqcow2`), long options take `=value` or
+//! the next argument and may be abbreviated to any unique prefix. Errors
+//! carry glibc's wording so that messages match qemu-img's.
 
-/// Whether an option takes a value.
+/// Whether an option takes an argument.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HasArg {
     /// A flag.
     No,
-    /// Takes a value (`--name=value` or `--name value`).
+    /// Takes a value (`-f FMT`, `--format FMT`, `--format=FMT`).
     Required,
 }
 
-/// One long option: its name, whether it takes a value, and the key the
-/// parser reports for it (the equivalent short option's letter, or the long
-/// name itself when there is none).
+/// One option a command accepts.
 #[derive(Clone, Copy, Debug)]
-pub struct LongOpt {
-    /// Name without the leading dashes.
-    pub name: &'static str,
-    /// Whether it takes a value.
+pub struct Opt {
+    /// Long name without the dashes, if any.
+    pub long: Option<&'static str>,
+    /// Short letter, if any.
+    pub short: Option<char>,
+    /// Argument requirement.
     pub arg: HasArg,
-    /// The key reported in [`Parsed::opts`].
-    pub key: &'static str,
+    /// The key reported for it, when not the default (see [`Opt::key`]).
+    pub alias_of: Option<&'static str>,
 }
 
-/// Shorthand for a [`LongOpt`].
-pub const fn long(name: &'static str, arg: HasArg, key: &'static str) -> LongOpt {
-    LongOpt { name, arg, key }
+impl Opt {
+    /// An option with both a short and a long spelling.
+    pub const fn both(short: char, long: &'static str, arg: HasArg) -> Opt {
+        Opt { long: Some(long), short: Some(short), arg, alias_of: None }
+    }
+    /// A long-only option.
+    pub const fn long(long: &'static str, arg: HasArg) -> Opt {
+        Opt { long: Some(long), short: None, arg, alias_of: None }
+    }
+    /// A short-only option.
+    pub const fn short(short: char, arg: HasArg) -> Opt {
+        Opt { long: None, short: Some(short), arg, alias_of: None }
+    }
+    /// A long option reported under another option's key (qemu-img's
+    /// `--source-image-opts` means `--image-opts`, `--a-format` means `-f`).
+    pub const fn alias(long: &'static str, arg: HasArg, key: &'static str) -> Opt {
+        Opt { long: Some(long), short: None, arg, alias_of: Some(key) }
+    }
+    /// The name the parse result reports: the alias target, else the short
+    /// letter when there is one, else the long name.
+    pub fn key(&self) -> String {
+        match (self.alias_of, self.short, self.long) {
+            (Some(k), _, _) => k.to_string(),
+            (None, Some(c), _) => c.to_string(),
+            (None, None, Some(l)) => l.to_string(),
+            (None, None, None) => String::new(),
+        }
+    }
 }
 
-/// What the command line said, in order.
+/// Parses a command line declared the way qemu-img declares it: a getopt
+/// short option string (`"hf:U"`, a leading `:` allowed) and long options
+/// given as aliases of keys. Errors carry glibc's line naming `prog cmd`
+/// and the "Try ... --help" hint.
+pub fn parse_declared(prog: &str, cmd: &str, args: &[String], short: &str, longs: &[Opt]) -> Result<Parsed, String> {
+    let mut spec = short_options(short);
+    spec.extend_from_slice(longs);
+    parse(&format!("{prog} {cmd}"), args, &spec).map_err(|e| format!("{e}\nTry '{prog} {cmd} --help' for more info"))
+}
+
+/// The options of a getopt short option string (`"hf:U"`: a colon after a
+/// letter means it takes a value; a leading `:` is allowed).
+pub fn short_options(short: &str) -> Vec<Opt> {
+    let mut spec: Vec<Opt> = Vec::new();
+    let mut chars = short.trim_start_matches(':').chars().peekable();
+    while let Some(c) = chars.next() {
+        let arg = if chars.peek() == Some(&':') {
+            chars.next();
+            HasArg::Required
+        } else {
+            HasArg::No
+        };
+        spec.push(Opt::short(c, arg));
+    }
+    spec
+}
+
+/// The options (in order) and the operands of a command line.
 #[derive(Debug, Default)]
 pub struct Parsed {
-    /// `(key, value)` pairs: the key is the short letter as a string, or a
-    /// long option's own key.
+    /// `(key, value)` pairs; `key` as [`Opt::key`].
     pub opts: Vec<(String, Option<String>)>,
-    /// The non-option arguments.
+    /// Operands, in order.
     pub operands: Vec<String>,
 }
 
-/// Parses `args` (without the command name) against a getopt short option
-/// string (`"hf:U"`: a letter followed by `:` takes a value) and long
-/// options. On error, returns the complete message (glibc's line and the
-/// hint line), ready to print on stderr.
-pub fn parse(prog: &str, cmd: &str, args: &[String], short: &str, longs: &[LongOpt]) -> Result<Parsed, String> {
-    let hint = format!("Try '{prog} {cmd} --help' for more info");
-    let who = format!("{prog} {cmd}");
+/// Parses `args` against `spec`. `prog` prefixes error messages the way
+/// glibc prefixes them with argv[0] ("qemu-img info: ...").
+pub fn parse(prog: &str, args: &[String], spec: &[Opt]) -> Result<Parsed, String> {
+    match parse_until_error(prog, args, spec) {
+        (parsed, None) => Ok(parsed),
+        (_, Some(error)) => Err(error),
+    }
+}
+
+/// Like [`parse`], but keeps the options that came before a malformed one:
+/// programs that act on each option as getopt returns it (qemu-io) report
+/// a bad value in an earlier option before the malformed later one.
+pub fn parse_until_error(prog: &str, args: &[String], spec: &[Opt]) -> (Parsed, Option<String>) {
     let mut out = Parsed::default();
     let mut i = 0;
     while i < args.len() {
@@ -62,82 +119,58 @@ pub fn parse(prog: &str, cmd: &str, args: &[String], short: &str, longs: &[LongO
                 Some((n, v)) => (n, Some(v.to_string())),
                 None => (body, None),
             };
-            let opt = match find_long(longs, name) {
-                Ok(o) => o,
-                Err(LongLookup::Unknown) => return Err(format!("{who}: unrecognized option '--{name}'\n{hint}")),
-                Err(LongLookup::Ambiguous(names)) => {
-                    let list: Vec<String> = names.iter().map(|n| format!("'--{n}'")).collect();
-                    return Err(format!(
-                        // glibc names the whole argument, value included.
-                        "{who}: option '--{body}' is ambiguous; possibilities: {}\n{hint}",
-                        list.join(" ")
-                    ));
-                }
+            let opt = match find_long(prog, arg, name, spec) {
+                Ok(opt) => opt,
+                Err(e) => return (out, Some(e)),
             };
+            let long = opt.long.unwrap_or(name);
             let value = match (opt.arg, inline) {
                 (HasArg::No, Some(_)) => {
-                    return Err(format!("{who}: option '--{}' doesn't allow an argument\n{hint}", opt.name))
+                    return (out, Some(format!("{prog}: option '--{long}' doesn't allow an argument")))
                 }
                 (HasArg::No, None) => None,
                 (HasArg::Required, Some(v)) => Some(v),
                 (HasArg::Required, None) => {
                     let Some(v) = args.get(i) else {
-                        return Err(format!("{who}: option '--{}' requires an argument\n{hint}", opt.name));
+                        return (out, Some(format!("{prog}: option '--{long}' requires an argument")));
                     };
                     i += 1;
                     Some(v.clone())
                 }
             };
-            out.opts.push((opt.key.to_string(), value));
+            out.opts.push((opt.key(), value));
             continue;
         }
-        if arg.len() < 2 || !arg.starts_with('-') {
-            out.operands.push(arg.clone());
-            continue;
-        }
-        // A cluster of short options.
-        let chars: Vec<char> = arg[1..].chars().collect();
-        let mut k = 0;
-        while k < chars.len() {
-            let c = chars[k];
-            k += 1;
-            match short_arg(short, c) {
-                None => return Err(format!("{who}: invalid option -- '{c}'\n{hint}")),
-                Some(HasArg::No) => out.opts.push((c.to_string(), None)),
-                Some(HasArg::Required) => {
-                    let value = if k < chars.len() {
-                        let v: String = chars[k..].iter().collect();
-                        k = chars.len();
-                        v
-                    } else if let Some(v) = args.get(i) {
-                        i += 1;
-                        v.clone()
-                    } else {
-                        return Err(format!("{who}: option requires an argument -- '{c}'\n{hint}"));
-                    };
-                    out.opts.push((c.to_string(), Some(value)));
+        if arg.len() > 1 && arg.starts_with('-') {
+            let chars: Vec<char> = arg.chars().skip(1).collect();
+            let mut k = 0;
+            while k < chars.len() {
+                let c = chars[k];
+                k += 1;
+                let Some(opt) = spec.iter().find(|o| o.short == Some(c)) else {
+                    return (out, Some(format!("{prog}: invalid option -- '{c}'")));
+                };
+                match opt.arg {
+                    HasArg::No => out.opts.push((opt.key(), None)),
+                    HasArg::Required => {
+                        let value = if k < chars.len() {
+                            chars[k..].iter().collect()
+                        } else if let Some(v) = args.get(i) {
+                            i += 1;
+                            v.clone()
+                        } else {
+                            return (out, Some(format!("{prog}: option requires an argument -- '{c}'")));
+                        };
+                        out.opts.push((opt.key(), Some(value)));
+                        break;
+                    }
                 }
             }
+            continue;
         }
+        out.operands.push(arg.clone());
     }
-    Ok(out)
-}
-
-fn short_arg(short: &str, c: char) -> Option<HasArg> {
-    if c == ':' {
-        return None;
-    }
-    let mut it = short.trim_start_matches(':').chars().peekable();
-    while let Some(x) = it.next() {
-        let takes = it.peek() == Some(&':');
-        if takes {
-            it.next();
-        }
-        if x == c {
-            return Some(if takes { HasArg::Required } else { HasArg::No });
-        }
-    }
-    None
+    (out, None)
 }
 
 /// oxqcow's own long options, which qemu-img does not have: they match only
@@ -146,31 +179,20 @@ fn short_arg(short: &str, c: char) -> Option<HasArg> {
 /// `--forbid-backing`).
 const EXACT_ONLY: &[&str] = &[crate::common::FORBID_BACKING];
 
-enum LongLookup {
-    Unknown,
-    Ambiguous(Vec<&'static str>),
-}
-
-fn find_long<'a>(longs: &'a [LongOpt], name: &str) -> Result<&'a LongOpt, LongLookup> {
-    if name.is_empty() {
-        return Err(LongLookup::Unknown);
+fn find_long<'a>(prog: &str, arg: &str, name: &str, spec: &'a [Opt]) -> Result<&'a Opt, String> {
+    if let Some(exact) = spec.iter().find(|o| o.long == Some(name)) {
+        return Ok(exact);
     }
-    if let Some(o) = longs.iter().find(|o| o.name == name) {
-        return Ok(o);
-    }
-    let matches: Vec<&LongOpt> =
-        longs.iter().filter(|o| o.name.starts_with(name) && !EXACT_ONLY.contains(&o.name)).collect();
-    match matches.as_slice() {
-        [] => Err(LongLookup::Unknown),
+    let candidates: Vec<&Opt> =
+        spec.iter().filter(|o| o.long.is_some_and(|l| l.starts_with(name) && !EXACT_ONLY.contains(&l))).collect();
+    match candidates.as_slice() {
+        [] => Err(format!("{prog}: unrecognized option '{arg}'")),
         [one] => Ok(one),
+        // Like glibc: prefixes of several names meaning the same option are fine.
+        [first, rest @ ..] if rest.iter().all(|o| o.key() == first.key() && o.arg == first.arg) => Ok(first),
         many => {
-            // Prefixes of several names that all mean the same option are fine.
-            let first = many[0];
-            if many.iter().all(|o| o.key == first.key && o.arg == first.arg) {
-                Ok(first)
-            } else {
-                Err(LongLookup::Ambiguous(many.iter().map(|o| o.name).collect()))
-            }
+            let names: Vec<String> = many.iter().map(|o| format!("'--{}'", o.long.unwrap_or_default())).collect();
+            Err(format!("{prog}: option '{arg}' is ambiguous; possibilities: {}", names.join(" ")))
         }
     }
 }
@@ -179,60 +201,71 @@ fn find_long<'a>(longs: &'a [LongOpt], name: &str) -> Result<&'a LongOpt, LongLo
 mod tests {
     use super::*;
 
-    fn v(args: &[&str]) -> Vec<String> {
-        args.iter().map(|s| s.to_string()).collect()
-    }
-
-    const LONGS: &[LongOpt] = &[
-        long("help", HasArg::No, "h"),
-        long("output", HasArg::Required, "output"),
-        long("start-offset", HasArg::Required, "start-offset"),
-        long("force-share", HasArg::No, "U"),
+    const SPEC: &[Opt] = &[
+        Opt::both('f', "format", HasArg::Required),
+        Opt::short('q', HasArg::No),
+        Opt::long("output", HasArg::Required),
+        Opt::long("object", HasArg::Required),
+        Opt::both('h', "help", HasArg::No),
     ];
 
-    #[test]
-    fn permutes_and_clusters() {
-        let p =
-            parse("q", "map", &v(&["a", "-Uffmt", "--out=json", "--start-offset", "5", "b"]), "hf:U", LONGS).unwrap();
-        assert_eq!(p.operands, v(&["a", "b"]));
-        let keys: Vec<_> = p.opts.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
-        assert_eq!(keys, vec![("U", None), ("f", Some("fmt")), ("output", Some("json")), ("start-offset", Some("5"))]);
+    fn args(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
     }
 
     #[test]
-    fn double_dash_ends_options() {
-        let p = parse("q", "map", &v(&["--", "-U"]), "U", LONGS).unwrap();
-        assert_eq!(p.operands, v(&["-U"]));
-        assert!(p.opts.is_empty());
-    }
-
-    #[test]
-    fn own_options_match_only_spelled_out() {
-        let longs = &[long("format", HasArg::Required, "f"), long("forbid-backing", HasArg::No, "forbid-backing")];
-        let p = parse("q", "map", &v(&["--for=qcow2", "--forbid-backing"]), "f:", longs).unwrap();
-        let keys: Vec<_> = p.opts.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
-        assert_eq!(keys, vec![("f", Some("qcow2")), ("forbid-backing", None)]);
-        let e =
-            parse("q", "map", &v(&["--fo=x"]), "f:", &[longs[0], long("force-share", HasArg::No, "U")]).unwrap_err();
-        assert!(
-            e.starts_with("q map: option '--fo=x' is ambiguous; possibilities: '--format' '--force-share'\n"),
-            "{e}"
-        );
-        let e = parse("q", "map", &v(&["--forbid"]), "f:", longs).unwrap_err();
-        assert!(e.starts_with("q map: unrecognized option '--forbid'\n"), "{e}");
+    fn interleaved_and_clustered() {
+        let p = parse("p", &args(&["x", "-qfqcow2", "--out=json", "y", "--format", "raw", "--", "-z"]), SPEC).unwrap();
+        assert_eq!(p.operands, args(&["x", "y", "-z"]));
+        let keys: Vec<(&str, Option<&str>)> = p.opts.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
+        assert_eq!(keys, vec![("q", None), ("f", Some("qcow2")), ("output", Some("json")), ("f", Some("raw"))]);
     }
 
     #[test]
     fn glibc_messages() {
-        let e = parse("q", "map", &v(&["-z"]), "hf:U", LONGS).unwrap_err();
-        assert_eq!(e, "q map: invalid option -- 'z'\nTry 'q map --help' for more info");
-        let e = parse("q", "map", &v(&["-f"]), "hf:U", LONGS).unwrap_err();
-        assert_eq!(e, "q map: option requires an argument -- 'f'\nTry 'q map --help' for more info");
-        let e = parse("q", "map", &v(&["--foo"]), "hf:U", LONGS).unwrap_err();
-        assert!(e.starts_with("q map: unrecognized option '--foo'\n"));
-        let e = parse("q", "map", &v(&["--output"]), "hf:U", LONGS).unwrap_err();
-        assert!(e.starts_with("q map: option '--output' requires an argument\n"));
-        let e = parse("q", "map", &v(&["--help=x"]), "hf:U", LONGS).unwrap_err();
-        assert!(e.starts_with("q map: option '--help' doesn't allow an argument\n"));
+        assert_eq!(parse("p", &args(&["-z"]), SPEC).unwrap_err(), "p: invalid option -- 'z'");
+        assert_eq!(parse("p", &args(&["-f"]), SPEC).unwrap_err(), "p: option requires an argument -- 'f'");
+        assert_eq!(parse("p", &args(&["--foo=1"]), SPEC).unwrap_err(), "p: unrecognized option '--foo=1'");
+        assert_eq!(parse("p", &args(&["--output"]), SPEC).unwrap_err(), "p: option '--output' requires an argument");
+        assert_eq!(parse("p", &args(&["--help=x"]), SPEC).unwrap_err(), "p: option '--help' doesn't allow an argument");
+        assert_eq!(
+            parse("p", &args(&["--o=json"]), SPEC).unwrap_err(),
+            "p: option '--o=json' is ambiguous; possibilities: '--output' '--object'"
+        );
+    }
+
+    #[test]
+    fn own_options_match_only_spelled_out() {
+        let spec = &[
+            Opt::both('f', "format", HasArg::Required),
+            Opt::long("force-share", HasArg::No),
+            Opt::long(crate::common::FORBID_BACKING, HasArg::No),
+        ];
+        let p = parse("p", &args(&["--form=qcow2", "--forbid-backing"]), spec).unwrap();
+        let keys: Vec<(&str, Option<&str>)> = p.opts.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
+        assert_eq!(keys, vec![("f", Some("qcow2")), ("forbid-backing", None)]);
+        assert_eq!(
+            parse("p", &args(&["--fo=x"]), spec).unwrap_err(),
+            "p: option '--fo=x' is ambiguous; possibilities: '--format' '--force-share'"
+        );
+        assert_eq!(parse("p", &args(&["--forbid"]), spec).unwrap_err(), "p: unrecognized option '--forbid'");
+    }
+
+    #[test]
+    fn options_before_an_error_are_kept() {
+        let (p, err) = parse_until_error("p", &args(&["-fraw", "-q", "-z", "-q"]), SPEC);
+        let keys: Vec<&str> = p.opts.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, vec!["f", "q"]);
+        assert_eq!(err.as_deref(), Some("p: invalid option -- 'z'"));
+        assert_eq!(
+            short_options("P:q").iter().map(|o| (o.short, o.arg)).collect::<Vec<_>>(),
+            [(Some('P'), HasArg::Required), (Some('q'), HasArg::No)]
+        );
+    }
+
+    #[test]
+    fn lone_dash_is_an_operand() {
+        let p = parse("p", &args(&["-"]), SPEC).unwrap();
+        assert_eq!(p.operands, args(&["-"]));
     }
 }

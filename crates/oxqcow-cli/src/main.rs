@@ -3,15 +3,26 @@
 //! `run(ctx, args) -> exit code` entry point; this file only dispatches.
 #![forbid(unsafe_code)]
 
+mod amend;
+mod bench;
+mod check;
 mod commit;
 #[allow(dead_code)] // used by the subcommand modules as they land
 mod common;
 mod compare;
 mod convert;
+mod create;
 mod getopt;
+mod imgopts;
+mod info;
+mod io;
 mod map;
+mod measure;
 mod progress;
+mod qjson;
 mod rebase;
+mod resize;
+mod snapshot;
 mod status;
 
 use common::Ctx;
@@ -24,7 +35,8 @@ fn usage(ctx: &Ctx) -> String {
          usage: {prog} [standard options] command [command options]\n\
          QEMU disk image utility, qemu-img compatible\n\n\
          Command syntax: see '{prog} COMMAND --help'.\n\
-         Commands: create, info, check, map, compare, convert, commit, rebase, resize, measure, bench, io\n\n\
+         Commands: create, info, check, map, compare, convert, commit, rebase, resize, measure, snapshot, amend,\n          \
+         bench, io\n\n\
          Global options (before the command):\n  \
          --forbid-backing\n     refuse every image that names a backing file instead of opening the\n     \
          backing file (for images from untrusted sources)\n",
@@ -38,7 +50,6 @@ fn main() {
     std::process::exit(run(&ctx, &args[1.min(args.len())..]));
 }
 
-#[allow(clippy::match_single_binding)] // until the subcommands register
 fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let mut args = args;
     // Global options before the command, as qemu-img takes them.
@@ -67,14 +78,20 @@ fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let rest = &args[1..];
     match command.as_str() {
         // Subcommands register here: "name" => name::run(ctx, rest),
+        "amend" => amend::run(ctx, rest),
+        "bench" => bench::run(ctx, rest),
+        "check" => check::run(ctx, rest),
         "commit" => commit::run(ctx, rest),
         "compare" => compare::run(ctx, rest),
         "convert" => convert::run(ctx, rest),
+        "create" => create::run(ctx, rest),
+        "info" => info::run(ctx, rest),
+        "io" => io::run(ctx, rest),
         "map" => map::run(ctx, rest),
+        "measure" => measure::run(ctx, rest),
         "rebase" => rebase::run(ctx, rest),
-        other => {
-            let _ = rest;
-            ctx.fail(&format!("Command not found: {other}"))
-        }
+        "resize" => resize::run(ctx, rest),
+        "snapshot" => snapshot::run(ctx, rest),
+        other => ctx.fail(&format!("Command not found: {other}")),
     }
 }

@@ -13,7 +13,7 @@
 use oxqcow::{BlockDevice, Extent, OpenOptions};
 
 use crate::common::{chain_filenames, cvtnum, open_image, strerror, Ctx, FORBID_BACKING};
-use crate::getopt::{self, long, HasArg};
+use crate::getopt::{self, HasArg, Opt};
 
 /// Block status is asked for in windows of this many bytes, so the extent
 /// list of a huge, fragmented image never sits in memory all at once.
@@ -91,23 +91,23 @@ fn help(prog: &str) {
     );
 }
 
-const LONGS: &[getopt::LongOpt] = &[
-    long("help", HasArg::No, "h"),
-    long("format", HasArg::Required, "f"),
-    long("output", HasArg::Required, "output"),
-    long("object", HasArg::Required, "object"),
-    long("image-opts", HasArg::No, "image-opts"),
-    long("force-share", HasArg::No, "U"),
-    long("start-offset", HasArg::Required, "start-offset"),
-    long("max-length", HasArg::Required, "max-length"),
-    long(FORBID_BACKING, HasArg::No, FORBID_BACKING),
+const LONGS: &[Opt] = &[
+    Opt::alias("help", HasArg::No, "h"),
+    Opt::alias("format", HasArg::Required, "f"),
+    Opt::alias("output", HasArg::Required, "output"),
+    Opt::alias("object", HasArg::Required, "object"),
+    Opt::alias("image-opts", HasArg::No, "image-opts"),
+    Opt::alias("force-share", HasArg::No, "U"),
+    Opt::alias("start-offset", HasArg::Required, "start-offset"),
+    Opt::alias("max-length", HasArg::Required, "max-length"),
+    Opt::long(FORBID_BACKING, HasArg::No),
 ];
 
 /// Runs `map`.
 pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let prog = &ctx.prog;
     let hint = format!("Try '{prog} map --help' for more info");
-    let parsed = match getopt::parse(prog, "map", args, "hf:U", LONGS) {
+    let parsed = match getopt::parse_declared(prog, "map", args, "hf:U", LONGS) {
         Ok(p) => p,
         Err(msg) => {
             eprintln!("{msg}");

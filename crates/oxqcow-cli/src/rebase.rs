@@ -18,27 +18,27 @@ use oxqcow::{ImageFormat, OpenOptions};
 
 use crate::common::{chain_filenames, describe, is_cache_mode, open_image, Ctx, FORBID_BACKING};
 
-use crate::getopt::{self, long, HasArg};
+use crate::getopt::{HasArg, Opt};
 use crate::progress::Progress;
 
 /// qemu-img's `IO_BUF_SIZE`: rebase reports progress once per this many bytes.
 const IO_BUF_SIZE: u64 = 2 << 20;
 
-const LONGS: &[getopt::LongOpt] = &[
-    long("help", HasArg::No, "h"),
-    long("object", HasArg::Required, "object"),
-    long("image-opts", HasArg::No, "image-opts"),
-    long("force-share", HasArg::No, "U"),
-    long("quiet", HasArg::No, "q"),
-    long("progress", HasArg::No, "p"),
-    long("format", HasArg::Required, "f"),
-    long("cache", HasArg::Required, "t"),
-    long("backing", HasArg::Required, "b"),
-    long("backing-format", HasArg::Required, "F"),
-    long("backing-cache", HasArg::Required, "T"),
-    long("backing-unsafe", HasArg::No, "u"),
-    long("compress", HasArg::No, "c"),
-    long(FORBID_BACKING, HasArg::No, FORBID_BACKING),
+const SPEC: &[Opt] = &[
+    Opt::both('h', "help", HasArg::No),
+    Opt::long("object", HasArg::Required),
+    Opt::long("image-opts", HasArg::No),
+    Opt::both('U', "force-share", HasArg::No),
+    Opt::both('q', "quiet", HasArg::No),
+    Opt::both('p', "progress", HasArg::No),
+    Opt::both('f', "format", HasArg::Required),
+    Opt::both('t', "cache", HasArg::Required),
+    Opt::both('b', "backing", HasArg::Required),
+    Opt::both('F', "backing-format", HasArg::Required),
+    Opt::both('T', "backing-cache", HasArg::Required),
+    Opt::both('u', "backing-unsafe", HasArg::No),
+    Opt::both('c', "compress", HasArg::No),
+    Opt::long(FORBID_BACKING, HasArg::No),
 ];
 
 fn help(prog: &str) {
@@ -72,12 +72,9 @@ fn help(prog: &str) {
 /// Runs `rebase`.
 pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let prog = &ctx.prog;
-    let parsed = match getopt::parse(prog, "rebase", args, ":hf:F:b:upt:T:qUc", LONGS) {
+    let parsed = match ctx.getopt("rebase", args, SPEC) {
         Ok(p) => p,
-        Err(msg) => {
-            eprintln!("{msg}");
-            return 1;
-        }
+        Err(code) => return code,
     };
     let mut format = None;
     let mut backing: Option<String> = None;
@@ -113,12 +110,10 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         progress = false;
     }
     let [filename] = parsed.operands.as_slice() else {
-        return ctx.fail(&format!("Expecting one image file name\nTry '{prog} rebase --help' for more info"));
+        return ctx.usage_error("rebase", "Expecting one image file name");
     };
     if !unsafe_mode && backing.is_none() {
-        return ctx.fail(&format!(
-            "Must specify backing file (-b) or use unsafe mode (-u)\nTry '{prog} rebase --help' for more info"
-        ));
+        return ctx.usage_error("rebase", "Must specify backing file (-b) or use unsafe mode (-u)");
     }
     let backing_format = match backing_fmt.as_deref().map(|f| (f, ImageFormat::from_name(f))) {
         None => None,

@@ -404,6 +404,9 @@ fn forbid_backing_refuses_images_with_backing_files() {
         &["--forbid-backing", "commit", "c/top.qcow2"],
         &["rebase", "--forbid-backing", "-u", "-b", "", "c/top.qcow2"],
         &["rebase", "--forbid-backing", "-b", "c/base", "-F", "raw", "solo.qcow2"],
+        &["--forbid-backing", "info", "--backing-chain", "c/top.qcow2"],
+        &["--forbid-backing", "check", "c/top.qcow2"],
+        &["--forbid-backing", "io", "-c", "read 0 512", "c/top.qcow2"],
     ] {
         refused(args);
         assert!(!s.path("x").exists(), "{args:?} created the target");
@@ -417,7 +420,7 @@ fn forbid_backing_refuses_images_with_backing_files() {
     s.ours_ok(&["convert", "--forbid-backing", "-O", "qcow2", "solo.qcow2", "y.qcow2"]);
     assert_eq!(s.ours_ok(&["compare", "--forbid-backing", "solo.qcow2", "y.qcow2"]).stdout, "Images are identical.\n");
     // The flag is oxqcow's own: qemu-img's abbreviations keep their meaning.
-    s.assert_same(&["map", "--for=qcow2", "--output=json", "solo.qcow2"]);
+    s.assert_same(&["map", "--form=qcow2", "--output=json", "solo.qcow2"]);
     s.assert_same(&["map", "--fo=qcow2", "--output=json", "solo.qcow2"]);
     let o = s.ours(&["map", "--forbid", "solo.qcow2"]);
     assert_eq!(o.code, 1, "{o:?}");

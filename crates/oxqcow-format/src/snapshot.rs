@@ -7,7 +7,7 @@ use crate::error::FormatError;
 use crate::limits::{MAX_SNAPSHOT_EXTRA_DATA, MAX_SNAPSHOT_TABLE_BYTES, SNAPSHOT_HEADER_SIZE};
 
 /// One snapshot table entry.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SnapshotEntry {
     /// Offset of the snapshot's L1 table.
     pub l1_table_offset: u64,

@@ -2,15 +2,19 @@
 //! level in both directions (expanding zero clusters, also in snapshots, on
 //! the way down), lazy refcounts, refcount width, and size.
 //!
-//! Steps run in QEMU's order: upgrade first, then refcount width, lazy
-//! refcounts and size, downgrade last, so that a downgrade sees the final
-//! state and can refuse what version 2 cannot express.
+//! Steps run in QEMU's order (`qcow2_amend_options`): the option values are
+//! checked, then the upgrade, the refcount width change, a header rewrite,
+//! the backing file check, lazy refcounts, the size, and the downgrade last,
+//! so that a downgrade sees the final state and can refuse what version 2
+//! cannot express. A failing step leaves the earlier ones done, as in QEMU.
+//! Progress is reported as QEMU's amend status callback reports it.
 
 use std::collections::HashSet;
 
 use oxqcow_format::header::{autoclear, incompat};
-use oxqcow_format::table::{decode_entries, write_l2_word, L1Entry, COPIED};
-use oxqcow_format::{HostOffset, L2Entry, L2Mapping};
+use oxqcow_format::refcount::RefcountBlock;
+use oxqcow_format::table::{decode_entries, encode_entries, write_l2_word, L1Entry, COPIED};
+use oxqcow_format::{HostCluster, HostOffset, L2Entry, L2Mapping};
 
 use crate::error::{Error, Result};
 use crate::options::{parse_bool, parse_option_list, parse_size, Compat, Preallocation};
@@ -26,17 +30,27 @@ pub struct AmendOptions {
     pub lazy_refcounts: Option<bool>,
     /// Refcount width in bits.
     pub refcount_bits: Option<u32>,
-    /// New guest size.
+    /// New guest size (0, like absent, leaves the size alone as in QEMU).
     pub size: Option<u64>,
     /// Backing file: may only repeat the current one (use rebase to change it).
     pub backing_file: Option<String>,
     /// Backing format: may only repeat the current one.
     pub backing_format: Option<String>,
+    /// External data file name: only for images that have one.
+    pub data_file: Option<String>,
+    /// Whether the external data file is raw: cannot be turned on.
+    pub data_file_raw: Option<bool>,
+    /// Whether any `encrypt.*` option was given (only LUKS images take them).
+    pub encryption: bool,
 }
 
 /// Options qemu-img accepts at creation only.
 const CREATE_ONLY: &[&str] =
     &["cluster_size", "preallocation", "extended_l2", "compression_type", "encryption", "encrypt.format"];
+
+/// The `encrypt.*` options qcow2 can amend (on LUKS images).
+const ENCRYPT_AMEND: &[&str] =
+    &["encrypt.state", "encrypt.keyslot", "encrypt.old-secret", "encrypt.new-secret", "encrypt.iter-time"];
 
 impl AmendOptions {
     /// Parses a QEMU option string (`compat=0.10,lazy_refcounts=off`).
@@ -44,29 +58,22 @@ impl AmendOptions {
         let mut o = AmendOptions::default();
         for (k, v) in parse_option_list(s)? {
             match k.as_str() {
-                "compat" => {
-                    o.compat = Some(match v.as_str() {
-                        "0.10" | "v2" => Compat::V2,
-                        "1.1" | "v3" => Compat::V3,
-                        other => return Err(Error::InvalidArgument(format!("Unknown compatibility level {other}"))),
-                    })
-                }
+                "compat" => o.compat = Some(Compat::from_amend_name(&v)?),
                 "lazy_refcounts" => o.lazy_refcounts = Some(parse_bool(&k, &v)?),
                 "refcount_bits" => {
                     let bits: u32 = v.parse().map_err(|_| {
                         Error::InvalidArgument(format!("Parameter 'refcount_bits' expects a number, got '{v}'"))
                     })?;
-                    if bits == 0 || bits > 64 || !bits.is_power_of_two() {
-                        return Err(Error::InvalidArgument(
-                            "Refcount width must be a power of two and may not exceed 64 bits".into(),
-                        ));
-                    }
+                    check_refcount_bits(bits)?;
                     o.refcount_bits = Some(bits);
                 }
                 "size" => o.size = Some(parse_size(&v)?),
                 "backing_file" => o.backing_file = Some(v),
                 "backing_fmt" => o.backing_format = Some(v),
-                key if CREATE_ONLY.contains(&key) => {
+                "data_file" => o.data_file = Some(v),
+                "data_file_raw" => o.data_file_raw = Some(parse_bool(&k, &v)?),
+                key if ENCRYPT_AMEND.contains(&key) => o.encryption = true,
+                key if CREATE_ONLY.contains(&key) || key.starts_with("encrypt.") => {
                     return Err(Error::InvalidArgument(format!(
                         "Invalid parameter '{key}'\nThis option is only supported for image creation"
                     )))
@@ -78,94 +85,394 @@ impl AmendOptions {
     }
 }
 
+impl Compat {
+    /// Parses a `compat=` value as amend and create take it.
+    pub fn from_amend_name(v: &str) -> Result<Compat> {
+        match v {
+            "0.10" | "v2" => Ok(Compat::V2),
+            "1.1" | "v3" => Ok(Compat::V3),
+            other => Err(Error::InvalidArgument(format!("Unknown compatibility level {other}"))),
+        }
+    }
+}
+
+/// QEMU's refcount width rule.
+pub fn check_refcount_bits(bits: u32) -> Result<()> {
+    if bits == 0 || bits > 64 || !bits.is_power_of_two() {
+        return Err(Error::InvalidArgument("Refcount width must be a power of two and may not exceed 64 bits".into()));
+    }
+    Ok(())
+}
+
+/// The operations whose progress amend reports (QEMU's `Qcow2AmendOperation`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Operation {
+    None,
+    Upgrading,
+    ChangingRefcountOrder,
+    Downgrading,
+}
+
+/// QEMU's `qcow2_amend_helper_cb`: folds the progress of several
+/// operations into one (offset, total work) stream, projecting the work of
+/// the operations not started yet from the ones seen so far.
+struct Status<'a> {
+    cb: &'a mut dyn FnMut(u64, u64),
+    total_operations: i64,
+    operations_completed: i64,
+    offset_completed: i64,
+    last_operation: Operation,
+    current_operation: Operation,
+    last_work_size: i64,
+}
+
+impl Status<'_> {
+    fn report(&mut self, offset: i64, work_size: i64) {
+        if self.current_operation != self.last_operation {
+            if self.last_operation != Operation::None {
+                self.offset_completed += self.last_work_size;
+                self.operations_completed += 1;
+            }
+            self.last_operation = self.current_operation;
+        }
+        if self.total_operations <= 0 || self.operations_completed >= self.total_operations {
+            return;
+        }
+        self.last_work_size = work_size;
+        let current = self.offset_completed + work_size;
+        let projected =
+            current * (self.total_operations - self.operations_completed - 1) / (self.operations_completed + 1);
+        (self.cb)((self.offset_completed + offset) as u64, (current + projected) as u64);
+    }
+}
+
 impl Qcow2 {
-    /// Changes the image's options. `progress(done, total)` reports work.
+    /// Changes the image's options as `qemu-img amend` does. `progress`
+    /// receives QEMU's amend status: (work done, total work), which
+    /// qemu-img prints as `100 * done / total` percent.
     pub fn amend(&self, opts: &AmendOptions, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
         if self.is_read_only() {
             return Err(Error::ReadOnly);
         }
-        self.exclusive(|m, st| m.amend(st, opts, progress))?;
-        if let Some(size) = opts.size {
-            if size != self.len() {
-                self.resize(size, Preallocation::Off)?;
-            }
+        let (old_version, new_version) = self.exclusive(|m, _| {
+            m.amend_check(opts)?;
+            Ok((m.header.version, opts.compat.map_or(m.header.version, Compat::version)))
+        })?;
+        let old_bits = self.geometry().refcount_bits();
+        let mut status = Status {
+            cb: progress,
+            total_operations: i64::from(new_version != old_version)
+                + i64::from(opts.refcount_bits.is_some_and(|b| b != old_bits)),
+            operations_completed: 0,
+            offset_completed: 0,
+            last_operation: Operation::None,
+            current_operation: Operation::None,
+            last_work_size: 0,
+        };
+        self.exclusive(|m, st| m.amend_up_to_size(st, opts, new_version, &mut status))?;
+        if let Some(size) = opts.size.filter(|&s| s != 0) {
+            self.exclusive(|m, _| {
+                if size % 512 != 0 {
+                    return Err(Error::InvalidArgument("The new size must be a multiple of 512".into()));
+                }
+                if !m.snapshots.entries.is_empty() && m.header.version < 3 {
+                    return Err(Error::InvalidArgument("Can't resize a v2 image which has snapshots".into()));
+                }
+                Ok(())
+            })?;
+            self.resize(size, Preallocation::Off)?;
+        }
+        if new_version < old_version {
+            status.current_operation = Operation::Downgrading;
+            self.exclusive(|m, st| m.downgrade(st, &mut status))?;
         }
         Ok(())
     }
 }
 
 impl Meta {
-    fn amend(&mut self, storage: &dyn Storage, opts: &AmendOptions, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
-        let old_version = self.header.version;
-        let new_version = opts.compat.map_or(old_version, Compat::version);
-        let bits = opts.refcount_bits.unwrap_or(self.geometry.refcount_bits());
-        if new_version < 3 && bits != 16 {
-            return Err(Error::InvalidArgument(if bits != self.geometry.refcount_bits() {
-                "Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)"
-                    .into()
+    /// The checks QEMU makes on the option values before changing anything,
+    /// in the order of its option list.
+    fn amend_check(&self, opts: &AmendOptions) -> Result<()> {
+        if opts.encryption {
+            return Err(if self.header.crypt_method == 0 {
+                Error::InvalidArgument("Can't amend encryption options - encryption not present".into())
             } else {
-                "compat=0.10 requires refcount_bits=16".into()
-            }));
+                Error::InvalidArgument("Only LUKS encryption options can be amended".into())
+            });
         }
-        if opts.lazy_refcounts == Some(true) && new_version < 3 {
+        if opts.data_file.is_some() && !self.header.has_data_file() {
             return Err(Error::InvalidArgument(
-                "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)"
-                    .into(),
+                "data-file can only be set for images that use an external data file".into(),
             ));
         }
+        if opts.data_file_raw == Some(true) && self.header.autoclear_features & autoclear::DATA_FILE_RAW == 0 {
+            return Err(Error::InvalidArgument("data-file-raw cannot be set on existing images".into()));
+        }
+        if let Some(bits) = opts.refcount_bits {
+            check_refcount_bits(bits)?;
+        }
+        Ok(())
+    }
+
+    /// Everything amend does before the size change.
+    fn amend_up_to_size(
+        &mut self,
+        storage: &dyn Storage,
+        opts: &AmendOptions,
+        new_version: u32,
+        status: &mut Status<'_>,
+    ) -> Result<()> {
+        if new_version > self.header.version {
+            status.current_operation = Operation::Upgrading;
+            self.upgrade(storage, status)?;
+        }
+        if let Some(bits) = opts.refcount_bits.filter(|&b| b != self.geometry.refcount_bits()) {
+            if new_version < 3 && bits != 16 {
+                return Err(Error::InvalidArgument(
+                    "Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 \
+                     or greater)"
+                        .into(),
+                ));
+            }
+            status.current_operation = Operation::ChangingRefcountOrder;
+            self.change_refcount_order(storage, bits.trailing_zeros(), status)?;
+        }
+        if opts.data_file_raw == Some(false) {
+            self.header.autoclear_features &= !autoclear::DATA_FILE_RAW;
+        }
+        self.write_header(storage)?;
+        storage.sync().map_err(Error::io("syncing the header", 0))?;
         if opts.backing_file.is_some() || opts.backing_format.is_some() {
-            let same = opts.backing_file.as_deref().is_none_or(|b| Some(b) == self.header.backing_file.as_deref())
-                && opts
-                    .backing_format
-                    .as_deref()
-                    .is_none_or(|f| Some(f) == self.header.extensions.backing_format.as_deref());
-            if !same {
+            // Both must equal what the header says (an absent one counts as none).
+            if opts.backing_file != self.header.backing_file
+                || opts.backing_format != self.header.extensions.backing_format
+            {
                 return Err(Error::InvalidArgument(
                     "Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.".into(),
                 ));
             }
         }
-        progress(0, 100);
-        if new_version > old_version {
-            // v3 snapshot entries need the 64-bit VM state and disk size,
-            // which the table writer always includes.
-            self.header.version = 3;
-            self.header.header_length = oxqcow_format::limits::V3_HEADER_LENGTH;
-            if self.snapshots.entries.iter().any(|s| s.disk_size.is_none() || s.vm_state_size_large.is_none()) {
-                let mut entries = self.snapshots.entries.clone();
-                for e in &mut entries {
-                    e.disk_size.get_or_insert(self.header.size);
-                    e.vm_state_size_large.get_or_insert(u64::from(e.vm_state_size));
+        if let Some(lazy) = opts.lazy_refcounts.filter(|&l| l != self.lazy_refcounts) {
+            if lazy {
+                if new_version < 3 {
+                    return Err(Error::InvalidArgument(
+                        "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or \
+                         greater)"
+                            .into(),
+                    ));
                 }
-                self.write_snapshot_table(storage, entries)?;
+                self.header.compatible_features |= oxqcow_format::header::compat::LAZY_REFCOUNTS;
+            } else {
+                self.make_clean(storage)?;
+                self.header.compatible_features &= !oxqcow_format::header::compat::LAZY_REFCOUNTS;
             }
+            self.lazy_refcounts = lazy;
             self.write_header(storage)?;
             storage.sync().map_err(Error::io("syncing the header", 0))?;
         }
-        progress(25, 100);
-        if bits != self.geometry.refcount_bits() {
-            crate::check::rebuild_refcounts_with_order(self, storage, bits.trailing_zeros())?;
+        Ok(())
+    }
+
+    /// Version 2 to 3: snapshot entries get the extra data version 3
+    /// requires, then the header switches.
+    fn upgrade(&mut self, storage: &dyn Storage, status: &mut Status<'_>) -> Result<()> {
+        status.report(0, 2);
+        if self.snapshots.entries.iter().any(|s| s.disk_size.is_none() || s.vm_state_size_large.is_none()) {
+            let mut entries = self.snapshots.entries.clone();
+            for e in &mut entries {
+                e.disk_size.get_or_insert(self.header.size);
+                e.vm_state_size_large.get_or_insert(u64::from(e.vm_state_size));
+            }
+            // QEMU's qcow2_write_snapshots frees the old table with snapshot discards.
+            let modes = crate::qcow2::DiscardModes { snapshot: true, ..Default::default() };
+            self.write_snapshot_table(storage, entries, modes)?;
         }
-        progress(50, 100);
-        if let Some(lazy) = opts.lazy_refcounts {
-            if lazy != self.header.lazy_refcounts() {
-                if lazy {
-                    self.header.compatible_features |= oxqcow_format::header::compat::LAZY_REFCOUNTS;
-                } else {
-                    self.make_clean(storage)?;
-                    self.header.compatible_features &= !oxqcow_format::header::compat::LAZY_REFCOUNTS;
+        status.report(1, 2);
+        self.header.version = 3;
+        self.header.header_length = oxqcow_format::limits::V3_HEADER_LENGTH;
+        self.write_header(storage)?;
+        storage.sync().map_err(Error::io("syncing the header", 0))?;
+        status.report(2, 2);
+        Ok(())
+    }
+
+    /// Rewrites the refcount structures with `1 << order`-bit entries the
+    /// way QEMU's `qcow2_change_refcount_order` does, so that the new
+    /// structures land where QEMU puts them: walks over the old table
+    /// allocate the new blocks with the ordinary allocator until a walk
+    /// allocates nothing, one more walk writes them, then the new table is
+    /// written, the header switches (width and table in one write), and
+    /// the old structures are freed in the new ones.
+    fn change_refcount_order(&mut self, storage: &dyn Storage, order: u32, status: &mut Status<'_>) -> Result<()> {
+        let old = self.geometry;
+        let new = oxqcow_format::Geometry::new(old.cluster_bits(), order, old.extended_l2())?;
+        let mut walk = RefcountWalk { new, table: Vec::new(), index: 0 };
+        let mut walk_index = 0i64;
+        let mut new_table_offset = 0u64;
+        let mut allocated_entries = 0u64;
+        loop {
+            let total = (walk_index + 2).max(3);
+            let allocated = self.walk_refcounts(storage, &mut walk, false, status, walk_index, total)?;
+            walk_index += 1;
+            walk.index = 0;
+            if !allocated {
+                break;
+            }
+            if new_table_offset != 0 {
+                let first = old.host_cluster(HostOffset(new_table_offset)).0;
+                for c in first..first + old.clusters_for(allocated_entries * 8) {
+                    self.refcounts.update(storage, HostCluster(c), -1)?;
                 }
-                self.lazy_refcounts = lazy;
-                self.write_header(storage)?;
-                storage.sync().map_err(Error::io("syncing the header", 0))?;
+            }
+            new_table_offset = self.alloc_clusters(storage, old.clusters_for(walk.table.len() as u64 * 8))?;
+            allocated_entries = walk.table.len() as u64;
+        }
+        let allocated = self.walk_refcounts(storage, &mut walk, true, status, walk_index, walk_index + 1)?;
+        debug_assert!(!allocated);
+        let table_bytes = encode_entries(&walk.table);
+        self.refcounts.check_write(new_table_offset, table_bytes.len() as u64, 0)?;
+        storage
+            .write_at(&table_bytes, new_table_offset)
+            .map_err(Error::io("writing the new refcount table", new_table_offset))?;
+        self.flush_all(storage)?;
+        // Width and table switch together, in one header write.
+        let old_table: Vec<u64> = self.refcounts.table_entries().to_vec();
+        let old_table_offset = self.refcounts.table_offset();
+        let new_clusters = new.clusters_for(walk.table.len() as u64 * 8) as u32;
+        let mut header = self.header.clone();
+        header.refcount_order = order;
+        header.refcount_table_offset = new_table_offset;
+        header.refcount_table_clusters = new_clusters;
+        storage.write_at(&header.serialize()?, 0).map_err(Error::io("updating the header", 0))?;
+        storage.sync().map_err(Error::io("syncing the header", 0))?;
+        self.header = header;
+        self.geometry = new;
+        let file_len = storage.len().map_err(Error::io("reading the file length", 0))?;
+        self.refcounts.reload_with_geometry(storage, new, new_table_offset, new_clusters, file_len, false)?;
+        self.update_reserved();
+        // The old blocks and table are free now, counted in the new structures.
+        for &e in &old_table {
+            if let Some(o) = oxqcow_format::RefcountTableEntry(e).block_offset() {
+                self.refcounts.update(storage, new.host_cluster(o), -1)?;
             }
         }
-        progress(75, 100);
-        if new_version < old_version {
-            self.downgrade(storage)?;
+        let first = new.host_cluster(HostOffset(old_table_offset)).0;
+        for c in first..first + new.clusters_for(old_table.len() as u64 * 8) {
+            self.refcounts.update(storage, HostCluster(c), -1)?;
         }
-        progress(100, 100);
-        Ok(())
+        self.flush_all(storage)
+    }
+
+    /// One walk over the old refcount table (QEMU's `walk_over_reftable`):
+    /// every refcount is carried into blocks of the new width; a full new
+    /// block is allocated (`write` false) or written (`write` true). Returns
+    /// whether a new block was allocated.
+    fn walk_refcounts(
+        &mut self,
+        storage: &dyn Storage,
+        walk: &mut RefcountWalk,
+        write: bool,
+        status: &mut Status<'_>,
+        index: i64,
+        total: i64,
+    ) -> Result<bool> {
+        let old = self.geometry;
+        let new = walk.new;
+        let new_bits = new.refcount_bits();
+        let new_per_block = new.refcounts_per_block();
+        let mut block = vec![0u8; new.cluster_size() as usize];
+        let mut in_block = 0u64;
+        let mut empty = true;
+        let mut allocated = false;
+        let mut ti = 0u64;
+        while ti < self.refcounts.table_entries().len() as u64 {
+            let table_len = self.refcounts.table_entries().len() as i64;
+            status.report(index * table_len + ti as i64, total * table_len);
+            let offset = self.refcounts.table_entry(ti) & oxqcow_format::limits::HOST_OFFSET_MASK & !0x1ff;
+            let old_block = if offset == 0 {
+                None
+            } else {
+                if !old.is_cluster_aligned(offset) {
+                    return Err(Error::Corrupt("Image is corrupt (unaligned refblock offset)".into()));
+                }
+                Some(self.refcounts.block_copy(storage, offset)?)
+            };
+            for ri in 0..old.refcounts_per_block() {
+                if in_block >= new_per_block {
+                    allocated |= self.finish_new_block(storage, walk, &block, empty, write)?;
+                    walk.index += 1;
+                    in_block = 0;
+                    empty = true;
+                    block.fill(0);
+                }
+                let refcount =
+                    old_block.as_ref().map_or(0, |b| RefcountBlock::get(b, ri as usize, old.refcount_order()));
+                if new_bits < 64 && refcount >> new_bits != 0 {
+                    let at = (ti * old.refcounts_per_block() + ri) << old.cluster_bits();
+                    return Err(Error::InvalidArgument(format!(
+                        "Cannot decrease refcount entry width to {new_bits} bits: Cluster at offset {at:#x} has a \
+                         refcount of {refcount}"
+                    )));
+                }
+                if write && refcount != 0 {
+                    RefcountBlock::set(&mut block, in_block as usize, new.refcount_order(), refcount);
+                }
+                in_block += 1;
+                empty &= refcount == 0;
+            }
+            ti += 1;
+        }
+        if in_block > 0 {
+            allocated |= self.finish_new_block(storage, walk, &block, empty, write)?;
+            walk.index += 1;
+        }
+        let table_len = self.refcounts.table_entries().len() as i64;
+        status.report((index + 1) * table_len, total * table_len);
+        Ok(allocated)
+    }
+
+    /// A new refcount block is complete: allocate its cluster (QEMU's
+    /// `alloc_refblock`) or write it there (`flush_refblock`).
+    fn finish_new_block(
+        &mut self,
+        storage: &dyn Storage,
+        walk: &mut RefcountWalk,
+        block: &[u8],
+        empty: bool,
+        write: bool,
+    ) -> Result<bool> {
+        let i = walk.index as usize;
+        if write {
+            match walk.table.get(i).copied().filter(|&o| o != 0) {
+                Some(offset) => {
+                    self.refcounts.check_write(offset, block.len() as u64, 0)?;
+                    storage.write_at(block, offset).map_err(Error::io("writing a refcount block", offset))?;
+                }
+                None => debug_assert!(empty),
+            }
+            return Ok(false);
+        }
+        if empty {
+            return Ok(false);
+        }
+        if i >= walk.table.len() {
+            let per_cluster = walk.new.cluster_size() as usize / 8;
+            let entries = (i + 1).div_ceil(per_cluster) * per_cluster;
+            if entries as u64 * 8 > oxqcow_format::limits::MAX_REFTABLE_BYTES {
+                return Err(Error::InvalidArgument(
+                    "This operation would make the refcount table grow beyond the maximum size supported by QEMU, \
+                     aborting"
+                        .into(),
+                ));
+            }
+            walk.table.resize(entries, 0);
+        }
+        if walk.table[i] != 0 {
+            return Ok(false);
+        }
+        walk.table[i] = self.alloc_clusters(storage, 1)?;
+        Ok(true)
     }
 
     /// Writes all metadata and clears the dirty bit.
@@ -179,12 +486,12 @@ impl Meta {
         Ok(())
     }
 
-    fn downgrade(&mut self, storage: &dyn Storage) -> Result<()> {
+    fn downgrade(&mut self, storage: &dyn Storage, status: &mut Status<'_>) -> Result<()> {
         if self.geometry.refcount_bits() != 16 {
-            return Err(Error::Unsupported("compat=0.10 requires refcount_bits=16".into()));
+            return Err(Error::InvalidArgument("compat=0.10 requires refcount_bits=16".into()));
         }
         if self.header.has_data_file() {
-            return Err(Error::Unsupported("Cannot downgrade an image with a data file".into()));
+            return Err(Error::InvalidArgument("Cannot downgrade an image with a data file".into()));
         }
         if self
             .snapshots
@@ -192,28 +499,28 @@ impl Meta {
             .iter()
             .any(|s| s.vm_state_bytes() > u64::from(u32::MAX) || s.disk_size.is_some_and(|d| d != self.header.size))
         {
-            return Err(Error::Unsupported("Internal snapshots prevent downgrade of image".into()));
+            return Err(Error::InvalidArgument("Internal snapshots prevent downgrade of image".into()));
         }
         self.make_clean(storage)?;
         let blocking = self.header.incompatible_features & !incompat::COMPRESSION;
         if blocking != 0 {
-            return Err(Error::Unsupported(format!(
+            return Err(Error::InvalidArgument(format!(
                 "Cannot downgrade an image with incompatible features 0x{blocking:x} set"
             )));
         }
-        self.expand_zero_clusters(storage)?;
+        self.header.compatible_features = 0;
+        self.header.autoclear_features = 0;
+        self.lazy_refcounts = false;
+        self.expand_zero_clusters(storage, status)?;
         if self.header.incompatible_features & incompat::COMPRESSION != 0 {
             if self.has_compressed_clusters(storage)? {
-                return Err(Error::Unsupported(
+                return Err(Error::InvalidArgument(
                     "Cannot downgrade an image with zstd compression type and existing compressed clusters".into(),
                 ));
             }
             self.header.incompatible_features &= !incompat::COMPRESSION;
             self.header.compression_type = 0;
         }
-        self.header.compatible_features = 0;
-        self.header.autoclear_features &= !autoclear::KNOWN;
-        self.lazy_refcounts = false;
         self.header.version = 2;
         self.write_header(storage)?;
         storage.sync().map_err(Error::io("syncing the header", 0))
@@ -237,7 +544,7 @@ impl Meta {
     /// version 2 can say: an allocated zero cluster gets zeros written and
     /// keeps its cluster; a plain one becomes unallocated, or, over a
     /// backing file, a new cluster of zeros.
-    fn expand_zero_clusters(&mut self, storage: &dyn Storage) -> Result<()> {
+    fn expand_zero_clusters(&mut self, storage: &dyn Storage, status: &mut Status<'_>) -> Result<()> {
         let g = self.geometry;
         let cs = g.cluster_size();
         let mut trees: Vec<Vec<u64>> = vec![self.l1.clone()];
@@ -251,10 +558,19 @@ impl Meta {
         }
         let zeros = vec![0u8; cs as usize];
         let mut seen = HashSet::new();
+        let l1_entries: i64 = trees.iter().map(|t| t.len() as i64).sum();
+        // References dropped once the tables that held them are durable.
+        let mut released = Vec::new();
+        let mut visited = 0i64;
         for l1 in trees {
             for &raw in &l1 {
-                let Some(table) = L1Entry(raw).l2_offset() else { continue };
+                visited += 1;
+                let Some(table) = L1Entry(raw).l2_offset() else {
+                    status.report(visited, l1_entries);
+                    continue;
+                };
                 if !seen.insert(table.0) {
+                    status.report(visited, l1_entries);
                     continue;
                 }
                 let sharers = self.refcounts.get(storage, g.host_cluster(table))?;
@@ -266,8 +582,27 @@ impl Meta {
                     }
                     let new = match self.decode(entry, table.0, j)? {
                         L2Mapping::ZeroAllocated { host, .. } => {
-                            storage.write_at(&zeros, host.0).map_err(Error::io("writing zeros", host.0))?;
-                            L2Entry(entry.0 & !oxqcow_format::table::ZERO)
+                            let old = g.host_cluster(host);
+                            let refs = self.refcounts.get(storage, old)?;
+                            if refs > sharers {
+                                // A table outside this one's sharers (a
+                                // snapshot's own L2 table) still reads the
+                                // cluster's data: zero a new cluster
+                                // instead. (QEMU 10 zeroes the shared
+                                // cluster in place, changing the snapshot.)
+                                let new = self.alloc_clusters(storage, 1)?;
+                                for _ in 1..sharers {
+                                    self.refcounts.update(storage, g.host_cluster(HostOffset(new)), 1)?;
+                                }
+                                storage.write_at(&zeros, new).map_err(Error::io("writing zeros", new))?;
+                                for _ in 0..sharers {
+                                    released.push(old);
+                                }
+                                L2Entry(new | if sharers == 1 { COPIED } else { 0 })
+                            } else {
+                                storage.write_at(&zeros, host.0).map_err(Error::io("writing zeros", host.0))?;
+                                L2Entry(entry.0 & !oxqcow_format::table::ZERO).with_copied(refs == 1)
+                            }
                         }
                         L2Mapping::ZeroPlain if !self.has_backing => L2Entry::UNALLOCATED,
                         L2Mapping::ZeroPlain => {
@@ -285,8 +620,20 @@ impl Meta {
                     let data = self.l2.get_mut(table.0).expect("loaded");
                     write_l2_word(data, j, g.l2_entry_size() as usize, new.0);
                 }
+                status.report(visited, l1_entries);
             }
+        }
+        self.flush_all(storage)?;
+        for c in released {
+            self.refcounts.update(storage, c, -1)?;
         }
         self.flush_all(storage)
     }
+}
+
+/// The new refcount table being built by [`Meta::change_refcount_order`].
+struct RefcountWalk {
+    new: oxqcow_format::Geometry,
+    table: Vec<u64>,
+    index: u64,
 }

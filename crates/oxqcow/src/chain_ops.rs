@@ -97,7 +97,9 @@ pub fn commit(top: &Path, base: Option<&Path>, keep_top: bool, progress: Progres
                 })?
         }
     };
-    let top_image = Image::open(top, &OpenOptions::new().read_only(true))?;
+    // The chain is only read, and the base is about to be opened for
+    // writing by this very process: share it.
+    let top_image = Image::open(top, &OpenOptions { read_only: true, force_share: true, ..Default::default() })?;
     let base_layer = &layers[base_index];
     // The base is opened with its own backing chain: a version 2 image
     // with a backing file must write zeros as data (it has no zero flag),

@@ -1,19 +1,31 @@
-//! Consistency check and refcount rebuild.
+//! Consistency check and repair, done the way QEMU's qcow2 driver does them
+//! (`qcow2_co_check_locked` and the refcount check it runs), so that the
+//! verdict, the counts, every message line and the repaired image are the
+//! ones `qemu-img check` gives.
 //!
-//! The check counts, for every host cluster, the references the metadata
-//! holds (header, L1 and L2 tables, data and compressed clusters, refcount
-//! structures, snapshot tables), compares them with the stored refcounts,
-//! and checks the COPIED flags, reporting what QEMU's `qemu-img check`
-//! reports. The rebuild writes brand-new refcount structures from those
-//! counts past the end of everything in use, syncs, and only then points the
-//! header at them, so a crash during a rebuild loses nothing.
+//! The check reads the metadata straight from the file: it counts, in an
+//! in-memory refcount table, every reference the header, the L1 and L2
+//! tables (active and snapshots), the snapshot table and the refcount
+//! structures hold, then compares those counts with the stored refcounts,
+//! then checks the COPIED flags of the active tables. A repair fixes counts
+//! one by one (leaks, and with `All` too-low counts), or, where a stored
+//! count is 0 for a used cluster or the refcount structures themselves are
+//! broken, rebuilds them from the in-memory table in the clusters it says
+//! are free (QEMU's `rebuild_refcount_structure`), points the header at
+//! them, and frees the old ones. It also fixes COPIED flags, unaligned
+//! preallocated zero clusters and incomplete snapshot table entries.
+//!
+//! Where QEMU's repair would fail (a rebuild whose new blocks land on a
+//! refcount block that a broken table entry still names), the rebuild here
+//! steps over every cluster any table entry names, and succeeds. Growing
+//! the file to reach a refcount block past its end is bounded.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
-use oxqcow_format::header::refcount_table_fields;
+use oxqcow_format::header::incompat;
 use oxqcow_format::refcount::RefcountBlock;
-use oxqcow_format::table::{decode_entries, encode_entries, read_l2_word, L1Entry};
-use oxqcow_format::{CompressedDescriptor, HostCluster, HostOffset, L2Entry, L2Mapping, RefcountTableEntry};
+use oxqcow_format::table::{decode_entries, encode_entries};
+use oxqcow_format::Geometry;
 
 use crate::error::{Error, Result};
 use crate::qcow2::Meta;
@@ -53,21 +65,73 @@ pub struct CheckReport {
     pub compressed_clusters: u64,
     /// The lines QEMU prints on stderr for each problem, in order.
     pub messages: Vec<String>,
+    /// When the check itself failed, the error text QEMU gives for it
+    /// (`qemu-img` then prints "Check failed: TEXT" and no summary).
+    pub error: Option<String>,
 }
 
-/// Reference counts per host cluster: 16 bits each, larger counts on the side
-/// (so checking a huge image costs two bytes per host cluster).
-struct RefMap {
+const L1E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+const L1E_RESERVED_MASK: u64 = 0x7f00_0000_0000_01ff;
+const L2E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+const L2E_STD_RESERVED_MASK: u64 = 0x3f00_0000_0000_01fe;
+const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+const REFT_RESERVED_MASK: u64 = 0x1ff;
+const OFLAG_COPIED: u64 = 1 << 63;
+const OFLAG_COMPRESSED: u64 = 1 << 62;
+const OFLAG_ZERO: u64 = 1;
+/// QEMU refuses to check images of more than `INT_MAX` host clusters.
+const MAX_CHECK_CLUSTERS: u64 = i32::MAX as u64;
+/// How far a repair may grow the file to reach a refcount block that lies
+/// past its end (QEMU grows it without a bound; a hostile table entry
+/// could ask for terabytes).
+const MAX_REPAIR_GROWTH: u64 = 1 << 30;
+
+const EIO: &str = "Input/output error";
+const EFBIG: &str = "File too large";
+const EINVAL: &str = "Invalid argument";
+
+/// Why a step of the check stopped: an errno-like condition QEMU reports
+/// by its text, or a real error of the engine.
+enum Stop {
+    Errno(&'static str),
+    Engine(Error),
+}
+
+impl From<Error> for Stop {
+    fn from(e: Error) -> Self {
+        Stop::Engine(e)
+    }
+}
+
+type Step<T> = std::result::Result<T, Stop>;
+
+/// printf's `%#x`: `0` for zero, `0x...` otherwise.
+fn alt_hex(v: u64) -> String {
+    if v == 0 {
+        "0".into()
+    } else {
+        format!("{v:#x}")
+    }
+}
+
+/// The in-memory refcount table (QEMU's "IMRT"): 16 bits per host cluster,
+/// larger counts on the side, and a length that grows as QEMU's does.
+struct Imrt {
     counts: Vec<u16>,
     big: HashMap<u64, u64>,
 }
 
-impl RefMap {
-    fn new(clusters: u64) -> Self {
-        RefMap { counts: vec![0; clusters as usize], big: HashMap::new() }
+impl Imrt {
+    fn new(len: u64) -> Self {
+        Imrt { counts: vec![0; len as usize], big: HashMap::new() }
     }
     fn len(&self) -> u64 {
         self.counts.len() as u64
+    }
+    fn grow(&mut self, len: u64) {
+        if len > self.len() {
+            self.counts.resize(len as usize, 0);
+        }
     }
     fn get(&self, c: u64) -> u64 {
         match self.counts.get(c as usize) {
@@ -76,564 +140,953 @@ impl RefMap {
             None => 0,
         }
     }
-    /// Adds one reference; `false` when the cluster is past the map.
-    fn add(&mut self, c: u64) -> bool {
-        let Some(v) = self.counts.get_mut(c as usize) else { return false };
-        if *v == u16::MAX - 1 {
-            *v = u16::MAX;
-            self.big.insert(c, u64::from(u16::MAX));
-        } else if *v == u16::MAX {
-            *self.big.get_mut(&c).expect("saturated counts live in big") += 1;
+    fn set(&mut self, c: u64, v: u64) {
+        self.grow(c + 1);
+        if v >= u64::from(u16::MAX) {
+            self.counts[c as usize] = u16::MAX;
+            self.big.insert(c, v);
         } else {
-            *v += 1;
+            self.counts[c as usize] = v as u16;
+            self.big.remove(&c);
         }
-        true
+    }
+    fn clear(&mut self) {
+        self.counts.fill(0);
+        self.big.clear();
     }
 }
 
-struct Walker<'a> {
-    meta: &'a Meta,
-    storage: &'a dyn Storage,
-    refs: RefMap,
-    report: CheckReport,
-    file_len: u64,
+/// Which repairs a pass may make (QEMU's `BdrvCheckMode` bits).
+#[derive(Clone, Copy, Default)]
+struct Fix {
+    leaks: bool,
+    errors: bool,
 }
 
-impl Walker<'_> {
-    fn corruption(&mut self, msg: String) {
-        self.report.corruptions += 1;
-        self.report.messages.push(msg);
+impl Fix {
+    fn any(self) -> bool {
+        self.leaks || self.errors
     }
+}
 
-    /// Counts a reference to every cluster of `[offset, offset + len)`.
-    fn add_range(&mut self, what: &str, offset: u64, len: u64) {
-        if len == 0 {
-            return;
+/// The cluster types of QEMU's `qcow2_get_cluster_type` (no subclusters,
+/// no external data file: this engine opens neither).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ClusterType {
+    Unallocated,
+    ZeroPlain,
+    ZeroAlloc,
+    Normal,
+    Compressed,
+}
+
+fn cluster_type(entry: u64) -> ClusterType {
+    if entry & OFLAG_COMPRESSED != 0 {
+        ClusterType::Compressed
+    } else if entry & OFLAG_ZERO != 0 {
+        if entry & L2E_OFFSET_MASK != 0 {
+            ClusterType::ZeroAlloc
+        } else {
+            ClusterType::ZeroPlain
         }
-        let g = self.meta.geometry;
-        let first = g.host_cluster(HostOffset(offset)).0;
-        let last = g.host_cluster(HostOffset(offset + len - 1)).0;
-        for c in first..=last {
-            if !self.refs.add(c) {
-                self.corruption(format!(
-                    "ERROR {what} at offset 0x{offset:x}: cluster {c} is beyond the end of the image file"
-                ));
-                return;
+    } else if entry & L2E_OFFSET_MASK == 0 {
+        ClusterType::Unallocated
+    } else {
+        ClusterType::Normal
+    }
+}
+
+struct Checker<'a> {
+    meta: &'a mut Meta,
+    st: &'a dyn Storage,
+    g: Geometry,
+    writable: bool,
+    /// The refcount table as QEMU keeps it in memory: raw entries.
+    reftable: Vec<u64>,
+    reftable_offset: u64,
+    /// The last refcount block read: (offset, bytes, changed and not yet
+    /// written).
+    block: Option<(u64, Vec<u8>, bool)>,
+    imrt: Imrt,
+    messages: Vec<String>,
+}
+
+/// Checks the image as QEMU's qcow2 check does. The caller holds exclusive
+/// access with metadata flushed.
+pub(crate) fn check(meta: &mut Meta, storage: &dyn Storage, repair: Option<RepairMode>) -> Result<CheckReport> {
+    let fix = match repair {
+        None => Fix::default(),
+        Some(RepairMode::Leaks) => Fix { leaks: true, errors: false },
+        Some(RepairMode::All) => Fix { leaks: true, errors: true },
+    };
+    let g = meta.geometry;
+    let reftable_offset = meta.header.refcount_table_offset;
+    let reftable_bytes = u64::from(meta.header.refcount_table_clusters) * g.cluster_size();
+    let mut c = Checker {
+        writable: !meta.read_only,
+        st: storage,
+        g,
+        reftable: Vec::new(),
+        reftable_offset,
+        block: None,
+        imrt: Imrt::new(0),
+        messages: Vec::new(),
+        meta,
+    };
+    c.reftable = decode_entries(&c.read_padded(reftable_offset, reftable_bytes)?);
+    let mut report = CheckReport::default();
+    // The snapshot table (QEMU's qcow2_check_read_snapshot_table).
+    let mut snapshot_res = CheckReport::default();
+    let incomplete: Vec<usize> = if c.meta.header.version >= 3 {
+        (0..c.meta.snapshots.entries.len()).filter(|&i| c.meta.snapshots.entries[i].disk_size.is_none()).collect()
+    } else {
+        Vec::new()
+    };
+    for &i in &incomplete {
+        snapshot_res.corruptions += 1;
+        let verb = if fix.errors { "Repairing" } else { "ERROR" };
+        c.messages.push(format!("{verb} snapshot table entry {i} is incomplete"));
+    }
+    let outcome = c.check_refcounts(&mut report, fix);
+    let mut result = report;
+    if let Err(stop) = outcome {
+        return c.finish(result, Some(stop), snapshot_res);
+    }
+    // The engine's view of the refcount structures follows the repair
+    // before anything else writes (a header write takes the table
+    // location from it).
+    c.reload_meta()?;
+    // qcow2_check_fix_snapshot_table.
+    if snapshot_res.corruptions > 0 && fix.errors {
+        let size = c.meta.header.size;
+        let mut entries = c.meta.snapshots.entries.clone();
+        for e in &mut entries {
+            e.disk_size.get_or_insert(size);
+            e.vm_state_size_large.get_or_insert(u64::from(e.vm_state_size));
+        }
+        let modes = crate::qcow2::DiscardModes { snapshot: true, ..Default::default() };
+        c.meta.write_snapshot_table(storage, entries, modes)?;
+        c.meta.flush_all(storage)?;
+        snapshot_res.corruptions_fixed += snapshot_res.corruptions;
+        snapshot_res.corruptions = 0;
+    }
+    result.corruptions += snapshot_res.corruptions;
+    result.corruptions_fixed += snapshot_res.corruptions_fixed;
+    if fix.any() && result.check_errors == 0 && result.corruptions == 0 {
+        // qcow2_mark_clean and qcow2_mark_consistent.
+        let h = &mut c.meta.header;
+        if h.incompatible_features & (incompat::DIRTY | incompat::CORRUPT) != 0 {
+            h.incompatible_features &= !(incompat::DIRTY | incompat::CORRUPT);
+            c.meta.write_header(storage)?;
+            storage.sync().map_err(Error::io("syncing the header", 0))?;
+        }
+    }
+    c.finish(result, None, CheckReport::default())
+}
+
+impl Checker<'_> {
+    /// Hands the report back, after bringing the engine's view of the
+    /// metadata in line with what the repair wrote.
+    fn finish(mut self, mut report: CheckReport, stop: Option<Stop>, extra: CheckReport) -> Result<CheckReport> {
+        report.corruptions += extra.corruptions;
+        report.corruptions_fixed += extra.corruptions_fixed;
+        if let Some(stop) = stop {
+            match stop {
+                Stop::Errno(text) => report.error = Some(text.to_string()),
+                Stop::Engine(e) => {
+                    self.reload_meta()?;
+                    return Err(e);
+                }
             }
         }
+        report.messages = std::mem::take(&mut self.messages);
+        self.reload_meta()?;
+        Ok(report)
     }
 
-    fn read(&mut self, what: &'static str, offset: u64, len: u64) -> Result<Vec<u8>> {
+    /// Reloads the refcount structures and tables the engine caches.
+    fn reload_meta(&mut self) -> Result<()> {
+        if self.meta.read_only {
+            return Ok(());
+        }
+        let st = self.st;
+        let file_len = st.len().map_err(Error::io("reading the file length", 0))?;
+        let h = &self.meta.header;
+        let (g, offset, clusters) = (self.meta.geometry, h.refcount_table_offset, h.refcount_table_clusters);
+        self.meta.refcounts.reload_with_geometry(st, g, offset, clusters, file_len, true)?;
+        self.meta.l2.drop_clean();
+        self.meta.update_reserved();
+        self.meta.load_inactive_map(st)
+    }
+
+    fn file_len(&self) -> Result<u64> {
+        self.st.len().map_err(Error::io("reading the file length", 0))
+    }
+
+    /// Reads `len` bytes at `offset`; what lies past the end of the file
+    /// reads as zeros, as QEMU's file driver returns it.
+    fn read_padded(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; len as usize];
-        self.storage.read_at(&mut buf, offset).map_err(Error::io(what, offset))?;
+        let file_len = self.file_len()?;
+        let n = file_len.saturating_sub(offset).min(len) as usize;
+        if n > 0 {
+            self.st.read_at(&mut buf[..n], offset).map_err(Error::io("reading metadata", offset))?;
+        }
         Ok(buf)
     }
 
-    fn walk_l1(&mut self, l1: &[u64], active: bool) -> Result<()> {
-        let g = self.meta.geometry;
-        let cs = g.cluster_size();
-        let mut next_contiguous = 0u64;
-        for (i, &raw) in l1.iter().enumerate() {
-            let e = L1Entry(raw);
-            if let Err(err) = e.validate(&g) {
-                self.corruption(format!("ERROR l1 entry {i}: {err}"));
-                continue;
-            }
-            let Some(l2) = e.l2_offset() else { continue };
-            if l2.0 + cs > self.file_len {
-                self.corruption(format!("ERROR l2_offset=0x{:x}: L2 table is outside the image file", l2.0));
-                continue;
-            }
-            self.add_range("L2 table", l2.0, cs);
-            let table = self.read("reading an L2 table", l2.0, cs)?;
-            let esize = g.l2_entry_size() as usize;
-            for j in 0..g.l2_entries() as usize {
-                let entry = L2Entry(read_l2_word(&table, j, esize));
-                let mapping = match entry.mapping(&g, self.meta.header.version) {
-                    Ok(m) => m,
-                    Err(err) => {
-                        self.corruption(format!("ERROR L2 table at 0x{:x} index {j}: {err}", l2.0));
-                        continue;
-                    }
-                };
-                match mapping {
-                    L2Mapping::Normal { host, .. } | L2Mapping::ZeroAllocated { host, .. } => {
-                        if active {
-                            self.report.allocated_clusters += 1;
-                            if next_contiguous != 0 && host.0 != next_contiguous {
-                                self.report.fragmented_clusters += 1;
-                            }
-                            next_contiguous = host.0 + cs;
-                        }
-                        if host.0 + cs > self.file_len && matches!(mapping, L2Mapping::Normal { .. }) {
-                            self.corruption(format!(
-                                "ERROR offset=0x{:x}: Cluster is outside the image file (L2 entry 0x{:x})",
-                                host.0, entry.0
-                            ));
-                            continue;
-                        }
-                        self.add_range("data cluster", host.0, cs);
-                    }
-                    L2Mapping::Compressed(CompressedDescriptor { offset, .. }) => {
-                        let CompressedDescriptor { sectors, .. } = match mapping {
-                            L2Mapping::Compressed(d) => d,
-                            _ => unreachable!(),
-                        };
-                        let d = CompressedDescriptor { offset, sectors };
-                        if active {
-                            self.report.allocated_clusters += 1;
-                            self.report.compressed_clusters += 1;
-                            self.report.fragmented_clusters += 1;
-                        }
-                        if offset.0 + d.max_len() > self.file_len.div_ceil(512) * 512 {
-                            self.corruption(format!(
-                                "ERROR compressed cluster at 0x{:x} ({} bytes) runs past the end of the image file",
-                                offset.0,
-                                d.max_len()
-                            ));
-                            continue;
-                        }
-                        self.add_range("compressed cluster", offset.0, d.max_len());
-                    }
-                    L2Mapping::Unallocated | L2Mapping::ZeroPlain => {}
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Counts every reference; `with_refcount_structures` includes the
-    /// refcount table and blocks (false when rebuilding them).
-    fn count(&mut self, with_refcount_structures: bool) -> Result<()> {
-        let m = self.meta;
-        let g = m.geometry;
-        let cs = g.cluster_size();
-        self.add_range("header", 0, cs);
-        self.add_range("L1 table", m.header.l1_table_offset, u64::from(m.header.l1_size) * 8);
-        let l1 = m.l1.clone();
-        self.walk_l1(&l1, true)?;
-        for (i, s) in m.snapshots.entries.iter().enumerate() {
-            let bytes = u64::from(s.l1_size) * 8;
-            if s.l1_table_offset % cs != 0
-                || bytes > oxqcow_format::limits::MAX_L1_BYTES
-                || s.l1_table_offset + bytes > self.file_len
-            {
-                self.corruption(format!(
-                    "ERROR snapshot {i} ({}) has an invalid L1 table (offset 0x{:x}, {} entries)",
-                    s.id, s.l1_table_offset, s.l1_size
-                ));
-                continue;
-            }
-            self.add_range("snapshot L1 table", s.l1_table_offset, bytes);
-            let l1 = decode_entries(&self.read("reading a snapshot L1 table", s.l1_table_offset, bytes)?);
-            self.walk_l1(&l1, false)?;
-        }
-        if m.header.nb_snapshots > 0 {
-            self.add_range("snapshot table", m.header.snapshots_offset, m.snapshots.byte_size);
-        }
-        if with_refcount_structures {
-            let table_offset = m.refcounts.table_offset();
-            self.add_range("refcount table", table_offset, u64::from(m.refcounts.table_clusters()) * cs);
-            let entries = m.refcounts.table_entries().to_vec();
-            for (i, &e) in entries.iter().enumerate() {
-                if m.refcounts.unreferenced.contains(&i) {
-                    continue;
-                }
-                let entry = RefcountTableEntry(e);
-                if let Err(err) = entry.validate(&g) {
-                    self.corruption(format!(
-                        "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted ({err})"
-                    ));
-                    continue;
-                }
-                if let Some(o) = entry.block_offset() {
-                    if o.0 + cs > self.file_len {
-                        self.corruption(format!("ERROR refcount block {i} is outside image"));
-                        continue;
-                    }
-                    self.add_range("refcount block", o.0, cs);
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-fn new_walker<'a>(meta: &'a Meta, storage: &'a dyn Storage) -> Result<Walker<'a>> {
-    let file_len = storage.len().map_err(Error::io("reading the file length", 0))?;
-    let g = meta.geometry;
-    let clusters = g.clusters_for(file_len).max(meta.refcounts.host_end);
-    Ok(Walker { meta, storage, refs: RefMap::new(clusters), report: CheckReport::default(), file_len })
-}
-
-/// Stored refcounts, block by block, read straight from disk: `f(cluster, refcount)`
-/// for every cluster covered by an existing block.
-fn for_each_stored(meta: &Meta, storage: &dyn Storage, mut f: impl FnMut(u64, u64)) -> Result<()> {
-    let g = meta.geometry;
-    let cs = g.cluster_size();
-    let rpb = g.refcounts_per_block();
-    let file_len = storage.len().map_err(Error::io("reading the file length", 0))?;
-    let mut block = vec![0u8; cs as usize];
-    for (ti, &e) in meta.refcounts.table_entries().iter().enumerate() {
-        let entry = RefcountTableEntry(e);
-        if entry.validate(&g).is_err() {
-            continue;
-        }
-        let Some(o) = entry.block_offset() else { continue };
-        if o.0 + cs > file_len {
-            continue;
-        }
-        storage.read_at(&mut block, o.0).map_err(Error::io("reading a refcount block", o.0))?;
-        for i in 0..rpb {
-            let v = RefcountBlock::get(&block, i as usize, g.refcount_order());
-            f(ti as u64 * rpb + i, v);
-        }
-    }
-    Ok(())
-}
-
-/// Checks the image. The caller holds exclusive access with metadata flushed.
-pub(crate) fn check(meta: &mut Meta, storage: &dyn Storage, repair: Option<RepairMode>) -> Result<CheckReport> {
-    let first = check_once(meta, storage)?;
-    let Some(mode) = repair else { return Ok(first) };
-    let fix_leaks = first.leaks > 0;
-    let fix_corruptions = mode == RepairMode::All && first.corruptions > 0;
-    let report = if !fix_leaks && !fix_corruptions {
-        first
-    } else {
-        if mode == RepairMode::Leaks && first.corruptions > 0 {
-            // Rebuilding would also rewrite corrupted counts, which -r leaks
-            // must not touch: fix leaks one by one instead.
-            fix_leaked_clusters(meta, storage)?;
-        } else {
-            if mode == RepairMode::All {
-                fix_copied_flags(meta, storage)?;
-            }
-            rebuild_refcounts(meta, storage)?;
-        }
-        meta.refcounts.damaged.clear();
-        let mut after = check_once(meta, storage)?;
-        after.leaks_fixed = first.leaks.saturating_sub(after.leaks);
-        after.corruptions_fixed = first.corruptions.saturating_sub(after.corruptions);
-        let mut messages = first.messages;
-        messages.append(&mut after.messages);
-        after.messages = messages;
-        after
-    };
-    if report.corruptions == 0 && report.check_errors == 0 && meta.header.is_corrupt() {
-        // Consistent again: the image may be written (QEMU's qcow2_mark_consistent).
-        meta.header.incompatible_features &= !oxqcow_format::header::incompat::CORRUPT;
-        meta.write_header(storage)?;
-        storage.sync().map_err(Error::io("syncing the header", 0))?;
-    }
-    Ok(report)
-}
-
-fn check_once(meta: &mut Meta, storage: &dyn Storage) -> Result<CheckReport> {
-    let mut w = new_walker(meta, storage)?;
-    w.count(true)?;
-    let Walker { refs, mut report, .. } = w;
-    for problem in &meta.refcounts.damaged {
-        report.corruptions += 1;
-        report.messages.push(problem.clone());
-    }
-    let g = meta.geometry;
-    let mut highest: Option<u64> = None;
-    let mut covered = 0u64;
-    let mut messages = Vec::new();
-    let (mut leaks, mut corruptions, mut check_errors) = (0u64, 0u64, 0u64);
-    let limit = refs.len();
-    for_each_stored(meta, storage, |c, stored| {
-        // Like QEMU, refcounts of clusters past the end of the file (and
-        // past every reference) are not compared.
-        if c >= limit {
-            return;
-        }
-        covered = covered.max(c + 1);
-        let computed = refs.get(c);
-        if stored > 0 || computed > 0 {
-            highest = Some(highest.map_or(c, |h| h.max(c)));
-        }
-        if stored != computed {
-            if stored < computed {
-                corruptions += 1;
-                messages.push(format!("ERROR cluster {c} refcount={stored} reference={computed}"));
-            } else {
-                leaks += 1;
-                messages.push(format!("Leaked cluster {c} refcount={stored} reference={computed}"));
-            }
-        }
-    })?;
-    // Referenced clusters that no refcount block covers.
-    for c in 0..refs.len() {
-        let covered_by_block = {
-            let ti = g.reftable_index(HostCluster(c));
-            meta.refcounts
-                .table_entries()
-                .get(ti as usize)
-                .and_then(|&e| RefcountTableEntry(e).block_offset())
-                .is_some()
-        };
-        if covered_by_block {
-            continue;
-        }
-        let computed = refs.get(c);
-        let ti = g.reftable_index(HostCluster(c)) as usize;
-        if meta.refcounts.unreadable.contains(&ti) {
-            check_errors += 1;
-            messages.push(format!("Can't get refcount for cluster {c}: Input/output error"));
-            continue;
-        }
-        if computed > 0 {
-            highest = Some(highest.map_or(c, |h| h.max(c)));
-            corruptions += 1;
-            messages.push(format!("ERROR cluster {c} refcount=0 reference={computed}"));
-        }
-    }
-    report.leaks += leaks;
-    report.corruptions += corruptions;
-    report.check_errors += check_errors;
-    report.messages.append(&mut messages);
-    check_copied(meta, storage, &mut report)?;
-    report.image_end_offset = highest.map_or(0, |h| (h + 1) * g.cluster_size());
-    report.total_clusters = g.clusters_for(meta.header.size);
-    Ok(report)
-}
-
-/// Checks COPIED on the active L1 and L2 entries against stored refcounts.
-fn check_copied(meta: &mut Meta, storage: &dyn Storage, report: &mut CheckReport) -> Result<()> {
-    let g = meta.geometry;
-    let cs = g.cluster_size();
-    // Refcounts that cannot be read end this pass, as the failed refcount
-    // lookup ends QEMU's check (the check errors are already counted).
-    let unreadable = meta.refcounts.unreadable.clone();
-    let readable = |c: HostCluster| !unreadable.contains(&(g.reftable_index(c) as usize));
-    let file_len = storage.len().map_err(Error::io("reading the file length", 0))?;
-    for i in 0..meta.l1.len() {
-        let e = L1Entry(meta.l1[i]);
-        if e.validate(&g).is_err() {
-            continue;
-        }
-        let Some(l2) = e.l2_offset() else { continue };
-        if l2.0 + cs > file_len {
-            continue;
-        }
-        if !readable(g.host_cluster(l2)) {
+    /// QEMU's `qcow2_signal_corruption` for a fatal event: on a writable
+    /// image the corrupt bit is set; the message is printed once.
+    fn signal_corruption(&mut self, what: String) -> Result<()> {
+        if self.meta.signaled_corruption && (!self.writable || self.meta.header.is_corrupt()) {
             return Ok(());
         }
-        let rc = meta.refcounts.get(storage, g.host_cluster(l2))?;
-        if (rc == 1) != e.copied() {
-            report.corruptions += 1;
-            report
-                .messages
-                .push(format!("ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={:x} refcount={rc}", e.0));
+        if self.writable {
+            self.messages
+                .push(format!("qcow2: Marking image as corrupt: {what}; further corruption events will be suppressed"));
+            if self.meta.header.version >= 3 && !self.meta.header.is_corrupt() {
+                let features = self.meta.header.incompatible_features | incompat::CORRUPT;
+                let (pos, bytes) = oxqcow_format::header::incompatible_features_field(features);
+                self.st.write_at(&bytes, pos).map_err(Error::io("setting the corrupt bit", pos))?;
+                self.st.sync().map_err(Error::io("syncing the header", pos))?;
+                self.meta.header.incompatible_features = features;
+            }
+        } else {
+            self.messages.push(format!(
+                "qcow2: Image is corrupt: {what}; further non-fatal corruption events will be suppressed"
+            ));
         }
-        let mut table = vec![0u8; cs as usize];
-        storage.read_at(&mut table, l2.0).map_err(Error::io("reading an L2 table", l2.0))?;
-        for j in 0..g.l2_entries() as usize {
-            let entry = L2Entry(read_l2_word(&table, j, g.l2_entry_size() as usize));
-            let Ok(m) = entry.mapping(&g, meta.header.version) else { continue };
-            let (host, copied) = match m {
-                L2Mapping::Normal { host, copied } | L2Mapping::ZeroAllocated { host, copied } => (host, copied),
-                _ => continue,
-            };
-            if host.0 + cs > file_len {
+        self.meta.signaled_corruption = true;
+        Ok(())
+    }
+
+    /// A write refused by the overlap check: QEMU signals a corruption.
+    fn signal_overlap(&mut self, template: u32) -> Result<()> {
+        let name = crate::overlap::template_name(template);
+        self.signal_corruption(format!("Preventing invalid write on metadata (overlaps with {name})"))
+    }
+
+    /// The stored refcount of host cluster `c` (QEMU's `qcow2_get_refcount`).
+    fn get_refcount(&mut self, c: u64) -> Step<u64> {
+        let g = self.g;
+        let ti = c >> g.refcount_block_bits();
+        let Some(&entry) = self.reftable.get(ti as usize) else { return Ok(0) };
+        let offset = entry & REFT_OFFSET_MASK;
+        if offset == 0 {
+            return Ok(0);
+        }
+        if !g.is_cluster_aligned(offset) {
+            self.signal_corruption(format!(
+                "Refblock offset {} unaligned (reftable index: {})",
+                alt_hex(offset),
+                alt_hex(ti)
+            ))?;
+            return Err(Stop::Errno(EIO));
+        }
+        self.load_block(offset)?;
+        let (_, data, _) = self.block.as_ref().expect("just read");
+        let index = (c & (g.refcounts_per_block() - 1)) as usize;
+        Ok(RefcountBlock::get(data, index, g.refcount_order()))
+    }
+
+    /// Makes the block at `offset` the cached one (writing back a changed
+    /// one first).
+    fn load_block(&mut self, offset: u64) -> Result<()> {
+        if self.block.as_ref().is_some_and(|(o, _, _)| *o == offset) {
+            return Ok(());
+        }
+        self.write_block()?;
+        let data = self.read_padded(offset, self.g.cluster_size())?;
+        self.block = Some((offset, data, false));
+        Ok(())
+    }
+
+    /// Writes the cached block back if it changed.
+    fn write_block(&mut self) -> Result<()> {
+        if let Some((offset, data, dirty)) = &mut self.block {
+            if *dirty {
+                self.st.write_at(data, *offset).map_err(Error::io("writing a refcount block", *offset))?;
+                *dirty = false;
+            }
+        }
+        Ok(())
+    }
+
+    /// Changes the stored refcount of `c` by `diff` (QEMU's
+    /// `update_refcount` as the check calls it: the block exists).
+    fn update_refcount(&mut self, c: u64, value: u64) -> Step<()> {
+        let g = self.g;
+        let ti = c >> g.refcount_block_bits();
+        let offset = self.reftable.get(ti as usize).map_or(0, |e| e & REFT_OFFSET_MASK);
+        if offset == 0 || !g.is_cluster_aligned(offset) {
+            return Err(Stop::Errno(EIO));
+        }
+        self.load_block(offset)?;
+        let (_, data, dirty) = self.block.as_mut().expect("just read");
+        let index = (c & (g.refcounts_per_block() - 1)) as usize;
+        RefcountBlock::set(data, index, g.refcount_order(), value);
+        *dirty = true;
+        if value == 0 {
+            // Freed with QCOW2_DISCARD_ALWAYS: the host space goes back.
+            let at = c << g.cluster_bits();
+            self.st.punch_hole(at, g.cluster_size()).map_err(Error::io("discarding a host cluster", at))?;
+        }
+        Ok(())
+    }
+
+    /// QEMU's `qcow2_inc_refcounts_imrt`.
+    fn inc_refcounts(&mut self, res: &mut CheckReport, offset: u64, size: u64) -> Step<()> {
+        if size == 0 {
+            return Ok(());
+        }
+        let g = self.g;
+        let cs = g.cluster_size();
+        let file_len = self.file_len()?;
+        if i128::from(offset) + i128::from(size) - i128::from(file_len) >= i128::from(cs) {
+            self.messages.push(format!(
+                "ERROR: counting reference for region exceeding the end of the file by one cluster or more: \
+                 offset 0x{offset:x} size 0x{size:x}"
+            ));
+            res.corruptions += 1;
+            return Ok(());
+        }
+        let max = g.max_refcount();
+        let first = offset >> g.cluster_bits();
+        let last = (offset + size - 1) >> g.cluster_bits();
+        for k in first..=last {
+            let r = self.imrt.get(k);
+            if r == max {
+                self.messages.push(format!("ERROR: overflow cluster offset=0x{:x}", k << g.cluster_bits()));
+                self.messages.push(
+                    "Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean \
+                     copy if the image cannot be opened for writing"
+                        .into(),
+                );
+                res.corruptions += 1;
                 continue;
             }
-            if !readable(g.host_cluster(host)) {
-                return Ok(());
-            }
-            let rc = meta.refcounts.get(storage, g.host_cluster(host))?;
-            if (rc == 1) != copied {
-                report.corruptions += 1;
-                report.messages.push(format!("ERROR OFLAG_COPIED data cluster: l2_entry={:x} refcount={rc}", entry.0));
-            }
+            self.imrt.set(k, r + 1);
         }
+        Ok(())
     }
-    Ok(())
-}
 
-/// Sets COPIED wherever the refcount (as the references count it) is one.
-fn fix_copied_flags(meta: &mut Meta, storage: &dyn Storage) -> Result<()> {
-    let mut w = new_walker(meta, storage)?;
-    w.count(true)?;
-    let refs = w.refs;
-    let g = meta.geometry;
-    for i in 0..meta.l1.len() {
-        let e = L1Entry(meta.l1[i]);
-        let Some(l2) = e.l2_offset() else { continue };
-        if e.validate(&g).is_err() {
-            continue;
+    /// QEMU's `check_refcounts_l1`.
+    fn check_l1(
+        &mut self,
+        res: &mut CheckReport,
+        l1_offset: u64,
+        l1_size: u64,
+        frag_info: bool,
+        fix: Fix,
+        active: bool,
+    ) -> Step<()> {
+        if l1_size == 0 {
+            return Ok(());
         }
-        let want = refs.get(g.host_cluster(l2).0) == 1;
-        if want != e.copied() {
-            meta.set_l1(i, if want { e.0 | oxqcow_format::table::COPIED } else { e.0 & !oxqcow_format::table::COPIED });
+        self.inc_refcounts(res, l1_offset, l1_size * 8)?;
+        let l1 = decode_entries(&self.read_padded(l1_offset, l1_size * 8)?);
+        for &e in &l1 {
+            if e == 0 {
+                continue;
+            }
+            if e & L1E_RESERVED_MASK != 0 {
+                self.messages.push(format!("ERROR found L1 entry with reserved bits set: {e:x}"));
+                res.corruptions += 1;
+            }
+            let l2_offset = e & L1E_OFFSET_MASK;
+            self.inc_refcounts(res, l2_offset, self.g.cluster_size())?;
+            if !self.g.is_cluster_aligned(l2_offset) {
+                self.messages
+                    .push(format!("ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; L1 entry corrupted"));
+                res.corruptions += 1;
+            }
+            self.check_l2(res, l2_offset, frag_info, fix, active)?;
         }
-        meta.load_l2(storage, l2.0)?;
-        for j in 0..g.l2_entries() as usize {
-            let entry = meta.l2_entry(l2.0, j);
-            let Ok(m) = entry.mapping(&g, meta.header.version) else { continue };
-            let (host, copied) = match m {
-                L2Mapping::Normal { host, copied } | L2Mapping::ZeroAllocated { host, copied } => (host, copied),
-                _ => continue,
+        Ok(())
+    }
+
+    /// QEMU's `check_refcounts_l2`.
+    fn check_l2(&mut self, res: &mut CheckReport, l2_offset: u64, frag_info: bool, fix: Fix, active: bool) -> Step<()> {
+        let g = self.g;
+        let cs = g.cluster_size();
+        let mut table = self.read_padded(l2_offset, cs)?;
+        let mut next_contiguous = 0u64;
+        let csize_shift = g.compressed_size_shift();
+        let offset_mask = (1u64 << csize_shift) - 1;
+        let csize_mask = (1u64 << (g.cluster_bits() - 8)) - 1;
+        for i in 0..(cs / 8) as usize {
+            let mut entry = u64::from_be_bytes(table[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+            let ty = cluster_type(entry);
+            if ty != ClusterType::Compressed && entry & L2E_STD_RESERVED_MASK != 0 {
+                self.messages.push(format!("ERROR found l2 entry with reserved bits set: {entry:x}"));
+                res.corruptions += 1;
+            }
+            match ty {
+                ClusterType::Compressed => {
+                    if entry & OFLAG_COPIED != 0 {
+                        self.messages.push(format!(
+                            "ERROR: coffset=0x{:x}: copied flag must never be set for compressed clusters",
+                            entry & offset_mask
+                        ));
+                        entry &= !OFLAG_COPIED;
+                        res.corruptions += 1;
+                    }
+                    let coffset = entry & offset_mask;
+                    let sectors = ((entry >> csize_shift) & csize_mask) + 1;
+                    let csize = sectors * 512 - (coffset & 511);
+                    self.inc_refcounts(res, coffset, csize)?;
+                    if frag_info {
+                        res.allocated_clusters += 1;
+                        res.compressed_clusters += 1;
+                        res.fragmented_clusters += 1;
+                    }
+                }
+                ClusterType::ZeroAlloc | ClusterType::Normal => {
+                    let offset = entry & L2E_OFFSET_MASK;
+                    if !g.is_cluster_aligned(offset) {
+                        res.corruptions += 1;
+                        if entry & OFLAG_ZERO != 0 {
+                            let verb = if fix.errors { "Repairing" } else { "ERROR" };
+                            self.messages.push(format!(
+                                "{verb} offset={offset:x}: Preallocated cluster is not properly aligned; L2 entry \
+                                 corrupted."
+                            ));
+                            if fix.errors && self.fix_l2_entry_by_zero(res, l2_offset, &mut table, i, active)? {
+                                continue;
+                            }
+                        } else {
+                            self.messages.push(format!(
+                                "ERROR offset={offset:x}: Data cluster is not properly aligned; L2 entry corrupted."
+                            ));
+                        }
+                    }
+                    if frag_info {
+                        res.allocated_clusters += 1;
+                        if next_contiguous != 0 && offset != next_contiguous {
+                            res.fragmented_clusters += 1;
+                        }
+                        next_contiguous = offset + cs;
+                    }
+                    self.inc_refcounts(res, offset, cs)?;
+                }
+                ClusterType::ZeroPlain | ClusterType::Unallocated => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// QEMU's `fix_l2_entry_by_zero`: the entry becomes a plain zero
+    /// cluster. Returns whether it was fixed.
+    fn fix_l2_entry_by_zero(
+        &mut self,
+        res: &mut CheckReport,
+        l2_offset: u64,
+        table: &mut [u8],
+        i: usize,
+        active: bool,
+    ) -> Step<bool> {
+        table[i * 8..i * 8 + 8].copy_from_slice(&OFLAG_ZERO.to_be_bytes());
+        let at = l2_offset + i as u64 * 8;
+        let ignore = if active { crate::overlap::ACTIVE_L2 } else { crate::overlap::INACTIVE_L2 };
+        if let Some(t) = self.meta.refcounts.overlap(at, 8, ignore) {
+            // QEMU signals the corruption, and the check of this table and
+            // the whole check end there.
+            self.signal_overlap(t)?;
+            self.messages.push("ERROR: Overlap check failed".into());
+            res.check_errors += 1;
+            return Err(Stop::Errno(EIO));
+        }
+        self.st.write_at(&table[i * 8..i * 8 + 8], at).map_err(Error::io("writing an L2 entry", at))?;
+        self.st.sync().map_err(Error::io("syncing an L2 entry", at))?;
+        res.corruptions -= 1;
+        res.corruptions_fixed += 1;
+        Ok(true)
+    }
+
+    /// QEMU's `calculate_refcounts`.
+    fn calculate_refcounts(&mut self, res: &mut CheckReport, fix: Fix, rebuild: &mut bool) -> Step<()> {
+        let cs = self.g.cluster_size();
+        self.inc_refcounts(res, 0, cs)?;
+        let (l1_offset, l1_size) = (self.meta.header.l1_table_offset, u64::from(self.meta.header.l1_size));
+        self.check_l1(res, l1_offset, l1_size, true, fix, true)?;
+        let snapshots = self.meta.snapshots.entries.clone();
+        for sn in &snapshots {
+            if !self.g.is_cluster_aligned(sn.l1_table_offset) {
+                self.messages.push(format!(
+                    "ERROR snapshot {} ({}) l1_offset={}: L1 table is not cluster aligned; snapshot table entry \
+                     corrupted",
+                    sn.id,
+                    sn.name,
+                    alt_hex(sn.l1_table_offset)
+                ));
+                res.corruptions += 1;
+                continue;
+            }
+            if u64::from(sn.l1_size) > oxqcow_format::limits::MAX_L1_BYTES / 8 {
+                self.messages.push(format!(
+                    "ERROR snapshot {} ({}) l1_size={}: L1 table is too large; snapshot table entry corrupted",
+                    sn.id,
+                    sn.name,
+                    alt_hex(u64::from(sn.l1_size))
+                ));
+                res.corruptions += 1;
+                continue;
+            }
+            self.check_l1(res, sn.l1_table_offset, u64::from(sn.l1_size), false, fix, false)?;
+        }
+        if !snapshots.is_empty() {
+            let (offset, size) = (self.meta.header.snapshots_offset, self.meta.snapshots.byte_size);
+            self.inc_refcounts(res, offset, size)?;
+        }
+        self.inc_refcounts(res, self.reftable_offset, self.reftable.len() as u64 * 8)?;
+        self.count_bitmaps(res)?;
+        self.check_refblocks(res, fix, rebuild)
+    }
+
+    /// QEMU's `qcow2_check_bitmaps_refcounts`: the bitmap directory, every
+    /// bitmap table and the clusters the tables name.
+    fn count_bitmaps(&mut self, res: &mut CheckReport) -> Step<()> {
+        let Some(b) = self.meta.header.extensions.bitmaps else { return Ok(()) };
+        if b.nb_bitmaps == 0 {
+            return Ok(());
+        }
+        self.inc_refcounts(res, b.directory_offset, b.directory_size)?;
+        let dir = self
+            .read_padded(b.directory_offset, b.directory_size.min(oxqcow_format::limits::MAX_BITMAP_DIRECTORY_BYTES))?;
+        let be32 = |at: usize| u32::from_be_bytes(dir[at..at + 4].try_into().expect("4 bytes"));
+        let mut tables = Vec::new();
+        let mut pos = 0usize;
+        for _ in 0..b.nb_bitmaps {
+            if pos + 24 > dir.len() {
+                res.corruptions += 1;
+                return Err(Stop::Errno(EINVAL));
+            }
+            let offset = u64::from_be_bytes(dir[pos..pos + 8].try_into().expect("8 bytes"));
+            let size = u64::from(be32(pos + 8));
+            let name = u16::from_be_bytes([dir[pos + 18], dir[pos + 19]]) as usize;
+            let extra = be32(pos + 20) as usize;
+            tables.push((offset, size));
+            pos += (24 + extra + name).div_ceil(8) * 8;
+        }
+        let cs = self.g.cluster_size();
+        for (offset, size) in tables {
+            self.inc_refcounts(res, offset, size * 8)?;
+            if size * 8 > oxqcow_format::limits::MAX_L1_BYTES {
+                res.corruptions += 1;
+                return Err(Stop::Errno(EINVAL));
+            }
+            for entry in decode_entries(&self.read_padded(offset, size * 8)?) {
+                let at = entry & L2E_OFFSET_MASK;
+                let bad =
+                    entry & 0xff00_0000_0000_01fe != 0 || !self.g.is_cluster_aligned(at) || (entry & 1 != 0 && at != 0);
+                if bad {
+                    res.corruptions += 1;
+                    continue;
+                }
+                if at != 0 {
+                    self.inc_refcounts(res, at, cs)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// QEMU's `check_refblocks`.
+    fn check_refblocks(&mut self, res: &mut CheckReport, fix: Fix, rebuild: &mut bool) -> Step<()> {
+        let g = self.g;
+        let cs = g.cluster_size();
+        for i in 0..self.reftable.len() {
+            let entry = self.reftable[i];
+            let offset = entry & REFT_OFFSET_MASK;
+            let cluster = offset >> g.cluster_bits();
+            if entry & REFT_RESERVED_MASK != 0 {
+                self.messages.push(format!("ERROR refcount table entry {i} has reserved bits set"));
+                res.corruptions += 1;
+                *rebuild = true;
+                continue;
+            }
+            if !g.is_cluster_aligned(offset) {
+                self.messages
+                    .push(format!("ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"));
+                res.corruptions += 1;
+                *rebuild = true;
+                continue;
+            }
+            if cluster >= self.imrt.len() {
+                res.corruptions += 1;
+                let verb = if fix.errors { "Repairing" } else { "ERROR" };
+                self.messages.push(format!("{verb} refcount block {i} is outside image"));
+                if fix.errors {
+                    let file_len = self.file_len()?;
+                    let new_len = offset.checked_add(cs).filter(|&end| end - file_len.min(end) <= MAX_REPAIR_GROWTH);
+                    match new_len {
+                        Some(end) => {
+                            self.st.set_len(end).map_err(Error::io("growing the image file", end))?;
+                            self.imrt.grow(g.clusters_for(end));
+                            res.corruptions -= 1;
+                            res.corruptions_fixed += 1;
+                            self.inc_refcounts(res, offset, cs)?;
+                            continue;
+                        }
+                        None => {
+                            *rebuild = true;
+                            self.messages.push(format!("ERROR could not resize image: {EFBIG}"));
+                        }
+                    }
+                }
+                continue;
+            }
+            if offset != 0 {
+                self.inc_refcounts(res, offset, cs)?;
+                let r = self.imrt.get(cluster);
+                if r != 1 {
+                    self.messages.push(format!("ERROR refcount block {i} refcount={r}"));
+                    res.corruptions += 1;
+                    *rebuild = true;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// QEMU's `compare_ref_counts`; returns the highest cluster in use.
+    fn compare(&mut self, res: &mut CheckReport, fix: Fix, rebuild: &mut bool) -> Step<u64> {
+        let mut highest = 0;
+        let mut i = 0;
+        while i < self.imrt.len() {
+            let stored = match self.get_refcount(i) {
+                Ok(r) => r,
+                Err(Stop::Errno(text)) => {
+                    self.messages.push(format!("Can't get refcount for cluster {i}: {text}"));
+                    res.check_errors += 1;
+                    i += 1;
+                    continue;
+                }
+                Err(e) => return Err(e),
             };
-            let want = refs.get(g.host_cluster(host).0) == 1;
-            if want != copied {
-                let data = meta.l2.get_mut(l2.0).expect("loaded");
-                oxqcow_format::table::write_l2_word(data, j, g.l2_entry_size() as usize, entry.with_copied(want).0);
+            let counted = self.imrt.get(i);
+            if stored > 0 || counted > 0 {
+                highest = i;
             }
-        }
-    }
-    meta.flush(storage)
-}
-
-/// Lowers the refcount of every leaked cluster to its reference count.
-fn fix_leaked_clusters(meta: &mut Meta, storage: &dyn Storage) -> Result<()> {
-    let mut w = new_walker(meta, storage)?;
-    w.count(true)?;
-    let refs = w.refs;
-    let mut leaked = Vec::new();
-    for_each_stored(meta, storage, |c, stored| {
-        let computed = refs.get(c);
-        if stored > computed {
-            leaked.push((c, stored - computed));
-        }
-    })?;
-    for (c, excess) in leaked {
-        for _ in 0..excess {
-            meta.refcounts.update(storage, HostCluster(c), -1)?;
-        }
-    }
-    meta.flush_all(storage)
-}
-
-/// Writes new refcount structures that match the references exactly.
-pub(crate) fn rebuild_refcounts(meta: &mut Meta, storage: &dyn Storage) -> Result<()> {
-    let order = meta.geometry.refcount_order();
-    rebuild_refcounts_with_order(meta, storage, order)
-}
-
-/// Rebuilds the refcount structures with entries `1 << order` bits wide
-/// (amend's `refcount_bits`). The header switches to the new table and
-/// width in one write of its first sector.
-pub(crate) fn rebuild_refcounts_with_order(meta: &mut Meta, storage: &dyn Storage, order: u32) -> Result<()> {
-    let mut w = new_walker(meta, storage)?;
-    w.count(false)?;
-    if w.report.corruptions > 0 {
-        return Err(Error::Corrupt(format!(
-            "cannot rebuild refcounts: the metadata has {} errors ({})",
-            w.report.corruptions,
-            w.report.messages.first().cloned().unwrap_or_default()
-        )));
-    }
-    let refs = w.refs;
-    let old_geometry = meta.geometry;
-    let g = oxqcow_format::Geometry::new(old_geometry.cluster_bits(), order, old_geometry.extended_l2())?;
-    let cs = g.cluster_size();
-    let rpb = g.refcounts_per_block();
-    let per_table_cluster = g.reftable_entries_per_cluster();
-    let max = g.max_refcount();
-    let file_clusters = g.clusters_for(storage.len().map_err(Error::io("reading the file length", 0))?);
-    let mut highest = 0u64;
-    for c in 0..refs.len() {
-        let r = refs.get(c);
-        if r > 0 {
-            highest = c;
-            if r > max {
-                let msg =
-                    format!("cluster {c} has {r} references, more than {}-bit refcounts can count", g.refcount_bits());
-                return Err(if order == old_geometry.refcount_order() {
-                    Error::Corrupt(msg)
+            if stored != counted {
+                #[derive(PartialEq)]
+                enum Fixed {
+                    No,
+                    Leak,
+                    Corruption,
+                }
+                let fixed = if stored == 0 {
+                    *rebuild = true;
+                    Fixed::No
+                } else if stored > counted && fix.leaks {
+                    Fixed::Leak
+                } else if stored < counted && fix.errors {
+                    Fixed::Corruption
                 } else {
-                    Error::InvalidArgument(format!(
-                        "Cannot decrease refcount entry width to {} bits: {msg}",
-                        g.refcount_bits()
-                    ))
-                });
+                    Fixed::No
+                };
+                let verb = if fixed != Fixed::No {
+                    "Repairing"
+                } else if stored < counted {
+                    "ERROR"
+                } else {
+                    "Leaked"
+                };
+                self.messages.push(format!("{verb} cluster {i} refcount={stored} reference={counted}"));
+                if fixed != Fixed::No && self.update_refcount(i, counted).is_ok() {
+                    if fixed == Fixed::Leak {
+                        res.leaks_fixed += 1;
+                    } else {
+                        res.corruptions_fixed += 1;
+                    }
+                    i += 1;
+                    continue;
+                }
+                if stored < counted {
+                    res.corruptions += 1;
+                } else {
+                    res.leaks += 1;
+                }
+            }
+            i += 1;
+        }
+        self.write_block()?;
+        self.st.sync().map_err(Error::io("syncing refcount blocks", 0))?;
+        Ok(highest)
+    }
+
+    /// QEMU's `qcow2_check_refcounts`.
+    fn check_refcounts(&mut self, res: &mut CheckReport, fix: Fix) -> Step<()> {
+        let g = self.g;
+        let file_len = self.file_len()?;
+        let nb_clusters = g.clusters_for(file_len);
+        if nb_clusters > MAX_CHECK_CLUSTERS {
+            res.check_errors += 1;
+            return Err(Stop::Errno(EFBIG));
+        }
+        res.total_clusters = g.clusters_for(self.meta.header.size);
+        self.imrt = Imrt::new(nb_clusters);
+        let mut rebuild = false;
+        self.calculate_refcounts(res, fix, &mut rebuild)?;
+        let pre_compare = res.clone();
+        let mut highest = self.compare(res, Fix::default(), &mut rebuild)?;
+        if rebuild && fix.errors {
+            let old = res.clone();
+            self.messages.push("Rebuilding refcount structure".into());
+            self.rebuild_refcount_structure()?;
+            res.corruptions = 0;
+            res.leaks = 0;
+            rebuild = false;
+            self.imrt.clear();
+            self.calculate_refcounts(res, Fix::default(), &mut rebuild)?;
+            let mut fresh_leaks = 0;
+            if fix.leaks {
+                let saved = std::mem::take(res);
+                highest = self.compare(res, Fix { leaks: true, errors: false }, &mut rebuild)?;
+                if rebuild {
+                    self.messages.push("ERROR rebuilt refcount structure is still broken".into());
+                }
+                fresh_leaks = res.leaks;
+                *res = saved;
+            }
+            if res.corruptions < old.corruptions {
+                res.corruptions_fixed += old.corruptions - res.corruptions;
+            }
+            if res.leaks < old.leaks {
+                res.leaks_fixed += old.leaks - res.leaks;
+            }
+            res.leaks += fresh_leaks;
+        } else if fix.any() {
+            if rebuild {
+                self.messages.push("ERROR need to rebuild refcount structures".into());
+                res.check_errors += 1;
+                return Err(Stop::Errno(EIO));
+            }
+            if res.leaks > 0 || res.corruptions > 0 {
+                *res = pre_compare;
+                highest = self.compare(res, fix, &mut rebuild)?;
             }
         }
+        self.check_oflag_copied(res, fix)?;
+        res.image_end_offset = (highest + 1) * g.cluster_size();
+        Ok(())
     }
-    // New structures go past everything in use and past the old file end,
-    // so nothing live is overwritten before the header switches.
-    let area = (highest + 1).max(file_clusters);
-    let blocks_with_refs: Vec<u64> = (0..=highest / rpb)
-        .filter(|&ti| (ti * rpb..((ti + 1) * rpb).min(refs.len())).any(|c| refs.get(c) > 0))
-        .collect();
-    let mut table_clusters = 1u64;
-    let mut new_blocks;
-    loop {
-        // Blocks needed for the new area itself.
-        let mut nb = 1u64;
-        loop {
-            let end = area + table_clusters + blocks_with_refs.len() as u64 + nb;
-            let area_blocks: Vec<u64> =
-                (area / rpb..=(end - 1) / rpb).filter(|ti| !blocks_with_refs.contains(ti)).collect();
-            if area_blocks.len() as u64 <= nb {
-                new_blocks = area_blocks;
-                break;
+
+    /// QEMU's `check_oflag_copied` over the active L1 and L2 tables.
+    fn check_oflag_copied(&mut self, res: &mut CheckReport, fix: Fix) -> Step<()> {
+        let g = self.g;
+        let cs = g.cluster_size();
+        let repair = if fix.errors {
+            true
+        } else if fix.leaks {
+            res.check_errors == 0 && res.corruptions == 0 && res.leaks == 0
+        } else {
+            false
+        };
+        let verb = if repair { "Repairing" } else { "ERROR" };
+        for i in 0..self.meta.l1.len() {
+            let l1_entry = self.meta.l1[i];
+            let l2_offset = l1_entry & L1E_OFFSET_MASK;
+            if l2_offset == 0 {
+                continue;
             }
-            nb = area_blocks.len() as u64;
-        }
-        let total_blocks = blocks_with_refs.len() as u64 + new_blocks.len() as u64;
-        let end = area + table_clusters + total_blocks;
-        let entries = (end - 1) / rpb + 1;
-        let needed = entries.div_ceil(per_table_cluster);
-        if needed <= table_clusters {
-            break;
-        }
-        table_clusters = needed;
-    }
-    if table_clusters * cs > oxqcow_format::limits::MAX_REFTABLE_BYTES {
-        return Err(Error::NoSpace("the rebuilt refcount table would exceed 8 MiB".into()));
-    }
-    let mut all_blocks: Vec<u64> = blocks_with_refs.iter().copied().chain(new_blocks.iter().copied()).collect();
-    all_blocks.sort_unstable();
-    all_blocks.dedup();
-    let table_start = area;
-    let blocks_start = area + table_clusters;
-    let used_end = blocks_start + all_blocks.len() as u64;
-    let mut table = vec![0u64; (table_clusters * per_table_cluster) as usize];
-    let mut block = vec![0u8; cs as usize];
-    for (k, &ti) in all_blocks.iter().enumerate() {
-        block.fill(0);
-        for i in 0..rpb {
-            let c = ti * rpb + i;
-            let mut r = refs.get(c);
-            if c >= table_start && c < used_end {
-                r += 1;
+            let Ok(rc) = self.get_refcount(l2_offset >> g.cluster_bits()) else { continue };
+            if (rc == 1) != (l1_entry & OFLAG_COPIED != 0) {
+                res.corruptions += 1;
+                self.messages
+                    .push(format!("{verb} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1_entry:x} refcount={rc}"));
+                if repair {
+                    let new = if rc == 1 { l1_entry | OFLAG_COPIED } else { l1_entry & !OFLAG_COPIED };
+                    let at = self.meta.header.l1_table_offset + i as u64 * 8;
+                    if let Some(t) = self.meta.refcounts.overlap(at, 8, crate::overlap::ACTIVE_L1) {
+                        self.signal_overlap(t)?;
+                        res.check_errors += 1;
+                        return Err(Stop::Errno(EIO));
+                    }
+                    self.st.write_at(&new.to_be_bytes(), at).map_err(Error::io("writing an L1 entry", at))?;
+                    self.st.sync().map_err(Error::io("syncing an L1 entry", at))?;
+                    self.meta.l1[i] = new;
+                    res.corruptions -= 1;
+                    res.corruptions_fixed += 1;
+                }
             }
-            if r > 0 {
-                RefcountBlock::set(&mut block, i as usize, g.refcount_order(), r);
+            let mut table = self.read_padded(l2_offset, cs)?;
+            let mut dirty = 0u64;
+            for j in 0..(cs / 8) as usize {
+                let entry = u64::from_be_bytes(table[j * 8..j * 8 + 8].try_into().expect("8 bytes"));
+                if !matches!(cluster_type(entry), ClusterType::Normal | ClusterType::ZeroAlloc) {
+                    continue;
+                }
+                let Ok(rc) = self.get_refcount((entry & L2E_OFFSET_MASK) >> g.cluster_bits()) else { continue };
+                if (rc == 1) != (entry & OFLAG_COPIED != 0) {
+                    res.corruptions += 1;
+                    self.messages.push(format!("{verb} OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={rc}"));
+                    if repair {
+                        let new = if rc == 1 { entry | OFLAG_COPIED } else { entry & !OFLAG_COPIED };
+                        table[j * 8..j * 8 + 8].copy_from_slice(&new.to_be_bytes());
+                        dirty += 1;
+                    }
+                }
+            }
+            if dirty > 0 {
+                if let Some(t) = self.meta.refcounts.overlap(l2_offset, cs, crate::overlap::ACTIVE_L2) {
+                    self.signal_overlap(t)?;
+                    self.messages
+                        .push(format!("ERROR: Could not write L2 table; metadata overlap check failed: {EIO}"));
+                    res.check_errors += 1;
+                    return Err(Stop::Errno(EIO));
+                }
+                self.st.write_at(&table, l2_offset).map_err(Error::io("writing an L2 table", l2_offset))?;
+                res.corruptions -= dirty;
+                res.corruptions_fixed += dirty;
             }
         }
-        let offset = (blocks_start + k as u64) * cs;
-        storage.write_at(&block, offset).map_err(Error::io("writing a refcount block", offset))?;
-        table[ti as usize] = offset;
+        self.st.sync().map_err(Error::io("syncing the repaired tables", 0))?;
+        Ok(())
     }
-    let table_offset = table_start * cs;
-    storage
-        .write_at(&encode_entries(&table), table_offset)
-        .map_err(Error::io("writing the refcount table", table_offset))?;
-    storage.sync().map_err(Error::io("syncing the rebuilt refcounts", table_offset))?;
-    if order == old_geometry.refcount_order() {
-        let (pos, field) = refcount_table_fields(table_offset, table_clusters as u32);
-        storage.write_at(&field, pos).map_err(Error::io("updating the header", pos))?;
-    } else {
-        // Width and table change together, in the header's first sector.
-        let mut header = meta.header.clone();
-        header.refcount_order = order;
-        header.refcount_table_offset = table_offset;
-        header.refcount_table_clusters = table_clusters as u32;
-        let bytes = header.serialize()?;
-        storage.write_at(&bytes[..512], 0).map_err(Error::io("updating the header", 0))?;
+
+    /// Clusters that some refcount table entry names, valid or not: the
+    /// rebuild never puts new structures there (QEMU does, when the entry
+    /// is broken, and then fails on its overlap check).
+    fn named_by_reftable(&self) -> BTreeSet<u64> {
+        let g = self.g;
+        let mut out = BTreeSet::new();
+        for &e in &self.reftable {
+            let offset = e & REFT_OFFSET_MASK;
+            if offset != 0 {
+                out.insert(offset >> g.cluster_bits());
+                out.insert((offset + g.cluster_size() - 1) >> g.cluster_bits());
+            }
+        }
+        out
     }
-    storage.sync().map_err(Error::io("syncing the header", 0))?;
-    let file_len = storage.len().map_err(Error::io("reading the file length", 0))?;
-    meta.header.refcount_order = order;
-    meta.geometry = g;
-    meta.refcounts.reload_with_geometry(storage, g, table_offset, table_clusters as u32, file_len)?;
-    meta.header.refcount_table_offset = table_offset;
-    meta.header.refcount_table_clusters = table_clusters as u32;
-    meta.update_reserved();
-    Ok(())
+
+    /// QEMU's `alloc_clusters_imrt`: the first run of `count` clusters the
+    /// in-memory table says are free, from `*first_free` on.
+    fn alloc_imrt(&mut self, count: u64, first_free: &mut u64, avoid: &BTreeSet<u64>) -> u64 {
+        let mut cluster = *first_free;
+        let mut contiguous = 0u64;
+        let mut first_gap = true;
+        while cluster < self.imrt.len() && contiguous < count {
+            if self.imrt.get(cluster) == 0 && !avoid.contains(&cluster) {
+                contiguous += 1;
+                if first_gap {
+                    *first_free = cluster;
+                    first_gap = false;
+                }
+            } else if contiguous > 0 {
+                contiguous = 0;
+            }
+            cluster += 1;
+        }
+        while contiguous < count {
+            // Past the table's end every cluster is free, but for those a
+            // broken entry names.
+            if avoid.contains(&cluster) {
+                contiguous = 0;
+            } else {
+                contiguous += 1;
+            }
+            cluster += 1;
+        }
+        self.imrt.grow(cluster);
+        let start = cluster - contiguous;
+        for c in start..start + count {
+            self.imrt.set(c, 1);
+        }
+        start << self.g.cluster_bits()
+    }
+
+    /// Writes one refcount block: the in-memory counts of its range.
+    fn write_refblock(&mut self, index: u64, offset: u64) -> Step<()> {
+        let g = self.g;
+        let per_block = g.refcounts_per_block();
+        let mut block = vec![0u8; g.cluster_size() as usize];
+        for k in 0..per_block {
+            let r = self.imrt.get(index * per_block + k);
+            if r != 0 {
+                RefcountBlock::set(&mut block, k as usize, g.refcount_order(), r);
+            }
+        }
+        self.st.write_at(&block, offset).map_err(Error::io("writing a refcount block", offset))?;
+        Ok(())
+    }
+
+    /// QEMU's `rebuild_refcounts_write_refblocks`: a block for every range
+    /// of `[first, end)` with a count in it. Returns whether the table grew.
+    fn write_refblocks(&mut self, first: u64, mut end: u64, table: &mut Vec<u64>, avoid: &BTreeSet<u64>) -> Step<bool> {
+        let g = self.g;
+        let per_block = g.refcounts_per_block();
+        let per_table_cluster = g.cluster_size() / 8;
+        let mut first_free = 0u64;
+        let mut grown = false;
+        let mut cluster = first;
+        while cluster < end {
+            if self.imrt.get(cluster) == 0 {
+                cluster += 1;
+                continue;
+            }
+            let index = cluster / per_block;
+            let start = index * per_block;
+            let offset = match table.get(index as usize).copied().filter(|&o| o != 0) {
+                Some(o) => o,
+                None => {
+                    first_free = first_free.max(start);
+                    let o = self.alloc_imrt(1, &mut first_free, avoid);
+                    let c = o >> g.cluster_bits();
+                    if c >= end {
+                        end = c + 1;
+                    }
+                    if table.len() as u64 <= index {
+                        let entries = (index + 1).div_ceil(per_table_cluster) * per_table_cluster;
+                        table.resize(entries as usize, 0);
+                        grown = true;
+                    }
+                    table[index as usize] = o;
+                    o
+                }
+            };
+            self.write_refblock(index, offset)?;
+            cluster = start + per_block;
+        }
+        Ok(grown)
+    }
+
+    /// QEMU's `rebuild_refcount_structure`.
+    fn rebuild_refcount_structure(&mut self) -> Step<()> {
+        self.write_block()?;
+        self.block = None;
+        let g = self.g;
+        let avoid = self.named_by_reftable();
+        let mut table: Vec<u64> = Vec::new();
+        let len = self.imrt.len();
+        self.write_refblocks(0, len, &mut table, &avoid)?;
+        let (offset, clusters) = loop {
+            let clusters = g.clusters_for(table.len() as u64 * 8);
+            let mut first_free = 0;
+            let offset = self.alloc_imrt(clusters, &mut first_free, &avoid);
+            let start = offset >> g.cluster_bits();
+            if !self.write_refblocks(start, start + clusters, &mut table, &avoid)? {
+                break (offset, clusters);
+            }
+            for c in start..start + clusters {
+                self.imrt.set(c, 0);
+            }
+        };
+        if table.len() as u64 * 8 > oxqcow_format::limits::MAX_REFTABLE_BYTES {
+            return Err(Stop::Errno(EFBIG));
+        }
+        let bytes = encode_entries(&table);
+        self.st.write_at(&bytes, offset).map_err(Error::io("writing the refcount table", offset))?;
+        self.st.sync().map_err(Error::io("syncing the rebuilt refcounts", offset))?;
+        let (pos, field) = oxqcow_format::header::refcount_table_fields(offset, clusters as u32);
+        self.st.write_at(&field, pos).map_err(Error::io("updating the header", pos))?;
+        self.st.sync().map_err(Error::io("syncing the header", pos))?;
+        self.meta.header.refcount_table_offset = offset;
+        self.meta.header.refcount_table_clusters = clusters as u32;
+        self.reftable = table;
+        self.reftable_offset = offset;
+        self.block = None;
+        Ok(())
+    }
 }

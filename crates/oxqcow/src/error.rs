@@ -30,6 +30,8 @@ pub enum ErrorKind {
     NoSpace,
     /// An earlier metadata write failed; the image refuses writes until reopened.
     Failed,
+    /// Another user holds a conflicting image lock.
+    Locked,
 }
 
 /// Errors of the oxqcow engine.
@@ -74,6 +76,9 @@ pub enum Error {
     /// A table would grow past its limit.
     #[error("{0}")]
     NoSpace(String),
+    /// Another process (or open) holds a conflicting lock.
+    #[error("{0}")]
+    Locked(String),
     /// Sticky failure after a failed metadata write.
     #[error("an earlier metadata update failed ({0}); reopen the image")]
     Failed(String),
@@ -92,6 +97,7 @@ impl Error {
             Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
             Error::NoSpace(_) => ErrorKind::NoSpace,
             Error::Failed(_) => ErrorKind::Failed,
+            Error::Locked(_) => ErrorKind::Locked,
         }
     }
 

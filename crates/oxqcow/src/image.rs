@@ -8,6 +8,7 @@ use std::sync::Arc;
 use crate::backing::{open_backing, resolve_backing_path, BackingPolicy, Chain};
 use crate::check::{CheckReport, RepairMode};
 use crate::error::{Error, Result};
+use crate::lock::LockSet;
 use crate::mapping::Extent;
 use crate::options::{CreateOptions, ImageFormat, OpenOptions, Preallocation};
 use crate::qcow2::Qcow2;
@@ -69,13 +70,22 @@ impl Image {
     /// Opens the image file at `path`, with its backing chain as
     /// `opts.backing` allows.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Image> {
-        Image::open_in_chain(path, opts, &mut Chain::default())
+        let image = Image::open_in_chain(path, opts, &mut Chain::default())?;
+        image.set_cache_mode(opts.cache);
+        Ok(image)
     }
 
     pub(crate) fn open_in_chain(path: &Path, opts: &OpenOptions, chain: &mut Chain) -> Result<Image> {
         chain.enter(path)?;
-        let storage: Arc<dyn Storage> =
-            Arc::new(FileStorage::open(path, !opts.read_only).map_err(Error::io("opening the image", 0))?);
+        if opts.force_share && !opts.read_only {
+            return Err(Error::InvalidArgument("force-share=on can only be used with read-only images".into()));
+        }
+        let file = FileStorage::open(path, !opts.read_only).map_err(Error::io("opening the image", 0))?;
+        if opts.locking.unwrap_or(true) {
+            let set = LockSet::for_open(opts.read_only, opts.force_share);
+            crate::lock::lock(file.file(), set, &path.display().to_string())?;
+        }
+        let storage: Arc<dyn Storage> = Arc::new(file);
         let format = match opts.format {
             Some(f) => f,
             None => probe_format(&*storage)?,
@@ -136,21 +146,33 @@ impl Image {
             }
         }
         let storage = FileStorage::create(path).map_err(Error::io("creating the image", 0))?;
+        crate::lock::lock(storage.file(), LockSet::for_open(false, false), &path.display().to_string())?;
         if opts.backing_file.is_none() {
-            return Image::create_storage(Arc::new(storage), &opts);
+            let image = Image::create_storage(Arc::new(storage), &opts)?;
+            image.set_cache_mode(opts.cache);
+            return Ok(image);
         }
         // Reopen so that the backing chain is attached.
         Qcow2::create_unattached(Arc::new(storage), &opts)?.close()?;
         let policy = if opts.unsafe_backing { BackingPolicy::Ignore } else { BackingPolicy::Follow };
-        Image::open(path, &OpenOptions::new().backing(policy))
+        Image::open(path, &OpenOptions { cache: opts.cache, ..OpenOptions::new().backing(policy) })
     }
 
     /// Creates an image on any storage.
     pub fn create_storage(storage: Arc<dyn Storage>, opts: &CreateOptions) -> Result<Image> {
         Ok(match opts.format {
             ImageFormat::Qcow2 => Image::Qcow2(Qcow2::create(storage, opts)?),
-            ImageFormat::Raw => Image::Raw(Raw::create(storage, opts.size, opts.preallocation)?),
+            // QEMU sizes new raw files in whole sectors too.
+            ImageFormat::Raw => Image::Raw(Raw::create(storage, opts.size.div_ceil(512) * 512, opts.preallocation)?),
         })
+    }
+
+    /// Applies a cache mode (see [`crate::options::CacheMode`]).
+    pub fn set_cache_mode(&self, mode: crate::options::CacheMode) {
+        match self {
+            Image::Qcow2(q) => q.set_cache_mode(mode),
+            Image::Raw(r) => r.set_cache_mode(mode),
+        }
     }
 
     /// The format.

@@ -67,11 +67,49 @@ impl Preallocation {
     }
 }
 
+/// QEMU's cache modes (`-t`/`-T`, `cache=`). Data always goes through
+/// the host page cache here; the modes differ in when it is forced to disk.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CacheMode {
+    /// Flushes make writes durable (the default).
+    #[default]
+    Writeback,
+    /// Every write is durable when it returns.
+    Writethrough,
+    /// Like writeback (QEMU would bypass the page cache with O_DIRECT).
+    None,
+    /// Like writethrough (QEMU would also bypass the page cache).
+    DirectSync,
+    /// Flushes are ignored: fast, and nothing is guaranteed after a crash
+    /// (qemu-img convert's default for its target).
+    Unsafe,
+}
+
+impl CacheMode {
+    /// Parses QEMU's names (`off` is `none`).
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name {
+            "writeback" => Ok(CacheMode::Writeback),
+            "writethrough" => Ok(CacheMode::Writethrough),
+            "none" | "off" => Ok(CacheMode::None),
+            "directsync" => Ok(CacheMode::DirectSync),
+            "unsafe" => Ok(CacheMode::Unsafe),
+            other => Err(Error::InvalidArgument(format!("Invalid cache option: {other}"))),
+        }
+    }
+    /// Whether each write must be made durable before it returns.
+    pub fn writes_through(self) -> bool {
+        matches!(self, CacheMode::Writethrough | CacheMode::DirectSync)
+    }
+}
+
 /// Options for opening an image.
 #[derive(Clone, Debug, Default)]
 pub struct OpenOptions {
     /// Open read-only.
     pub read_only: bool,
+    /// Cache mode.
+    pub cache: CacheMode,
     /// The format; probed from the first bytes when `None`.
     pub format: Option<ImageFormat>,
     /// L2 table cache size in bytes (`l2-cache-size`).
@@ -92,7 +130,8 @@ pub struct OpenOptions {
     /// What to do with backing files the image names.
     pub backing: crate::backing::BackingPolicy,
     /// Open the content of this internal snapshot (id or name) instead of
-    /// the active layer; read-only (`convert -l`, `qemu-io -l`).
+    /// the active layer; read-only (`convert -l`, `qemu-io -l`). As in
+    /// QEMU, the guest size stays the active layer's.
     pub snapshot: Option<String>,
     /// Punch holes for clusters freed by deleting snapshots
     /// (`pass-discard-snapshot`, on unless set to false).
@@ -100,6 +139,12 @@ pub struct OpenOptions {
     /// Punch holes for clusters freed by anything but discard requests and
     /// snapshot deletion, e.g. copy on write (`pass-discard-other`, off).
     pub pass_discard_other: bool,
+    /// Share the image with writers (qemu-img's `-U`, `force-share`); only
+    /// for read-only opens.
+    pub force_share: bool,
+    /// Take QEMU-compatible image locks (on unless set to false, like
+    /// QEMU's `file.locking`).
+    pub locking: Option<bool>,
     /// Metadata overlap checks (`overlap-check`, default `cached`); a mask
     /// of the templates in [`crate::overlap`].
     pub overlap_check: Option<u32>,
@@ -136,6 +181,14 @@ impl OpenOptions {
             "pass-discard-other" => self.pass_discard_other = parse_bool(key, value)?,
             "lazy-refcounts" => self.lazy_refcounts = Some(parse_bool(key, value)?),
             "read-only" => self.read_only = parse_bool(key, value)?,
+            "cache" => self.cache = CacheMode::from_name(value)?,
+            "force-share" => self.force_share = parse_bool(key, value)?,
+            "file.locking" | "locking" => {
+                self.locking = Some(match value {
+                    "auto" => true,
+                    v => parse_bool(key, v)?,
+                })
+            }
             k if k.starts_with("overlap-check") => {
                 let mut mask = self.overlap_check.unwrap_or(crate::overlap::CACHED);
                 crate::overlap::apply_option(&mut mask, k, value)?;
@@ -228,6 +281,8 @@ pub struct CreateOptions {
     pub size_given: bool,
     /// Do not open the backing file to check it (qemu-img's `-u`).
     pub unsafe_backing: bool,
+    /// Cache mode of the new image as it is returned open.
+    pub cache: CacheMode,
 }
 
 impl Default for CreateOptions {
@@ -248,6 +303,7 @@ impl Default for CreateOptions {
             data_file_raw: false,
             size_given: false,
             unsafe_backing: false,
+            cache: CacheMode::Writeback,
         }
     }
 }
@@ -291,6 +347,17 @@ impl CreateOptions {
         self.backing_file = Some(file.to_string());
         self.backing_format = Some(format.to_string());
         self
+    }
+
+    /// Checks the options as creating a qcow2 image would, with QEMU's
+    /// messages, without touching any file. Options this engine does not
+    /// implement yet (backing files, external data files, extended L2
+    /// entries) are refused with [`Error::Unsupported`].
+    pub fn validate(&self) -> Result<()> {
+        match self.format {
+            ImageFormat::Qcow2 => crate::resize::validate_create(self).map(|_| ()),
+            ImageFormat::Raw => Ok(()),
+        }
     }
 
     /// Applies one QEMU creation option (`cluster_size=4k`, `compat=0.10`, ...).

@@ -10,8 +10,9 @@
 //!
 //! Flush order (see ARCHITECTURE.md): refcount blocks, then (after a sync)
 //! refcount table entries for new blocks, sync, L2 tables, sync, L1
-//! entries, sync; only then are deferred refcount decrements applied, so a
-//! crash at any point leaves at worst leaked clusters.
+//! entries, sync; only then are deferred refcount decrements applied (and,
+//! without lazy refcounts, written and synced), so a crash at any point
+//! leaves at worst leaked clusters, and none after a completed flush.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -101,6 +102,9 @@ pub(crate) struct Meta {
     /// (QEMU's `qcow2_detect_metadata_preallocation`), decided at the first
     /// block status query and kept for the rest of the session as QEMU does.
     pub(crate) metadata_preallocation: Option<bool>,
+    /// Whether a corruption event was reported already (QEMU prints the
+    /// first one only: `signaled_corruption`).
+    pub(crate) signaled_corruption: bool,
 }
 
 /// Facts about an open qcow2 image, for `info`.
@@ -136,6 +140,8 @@ pub struct Qcow2Info {
     pub data_file_raw: bool,
     /// Encryption method (0 none).
     pub crypt_method: u32,
+    /// Guest size in bytes, from the header.
+    pub size: u64,
 }
 
 /// An open qcow2 image.
@@ -146,12 +152,16 @@ pub struct Qcow2 {
     version: u32,
     read_only: bool,
     discard: DiscardModes,
+    /// Cache mode writethrough: every write request ends with a flush.
+    writethrough: AtomicBool,
     size: AtomicU64,
     io_gate: RwLock<()>,
     backing: Option<Arc<crate::image::Image>>,
     meta: Mutex<Meta>,
     alloc_done: Condvar,
     dirty_at_open: bool,
+    /// The repair a dirty image got at open, with QEMU's messages.
+    open_repair: Option<crate::check::CheckReport>,
     closed: AtomicBool,
 }
 
@@ -343,7 +353,15 @@ impl Meta {
 
     /// Sets the dirty bit before the first metadata change with lazy refcounts.
     pub(crate) fn mark_dirty(&mut self, storage: &dyn Storage) -> Result<()> {
-        if !self.lazy_refcounts || self.header.is_dirty() || self.header.version < 3 {
+        if !self.lazy_refcounts {
+            return Ok(());
+        }
+        self.set_dirty_bit(storage)
+    }
+
+    /// Sets the dirty bit (version 3) and syncs it.
+    fn set_dirty_bit(&mut self, storage: &dyn Storage) -> Result<()> {
+        if self.header.is_dirty() || self.header.version < 3 {
             return Ok(());
         }
         let features = self.header.incompatible_features | incompat::DIRTY;
@@ -352,6 +370,30 @@ impl Meta {
         storage.sync().map_err(Error::io("syncing the dirty bit", pos))?;
         self.header.incompatible_features = features;
         Ok(())
+    }
+
+    /// Runs a multi-step metadata operation (snapshot create, apply,
+    /// delete) under the dirty bit: a crash between its steps can leave
+    /// refcounts and COPIED flags disagreeing, and the dirty bit makes the
+    /// next read-write open repair that, as for lazy refcounts. The bit is
+    /// cleared once the operation is complete and flushed (unless lazy
+    /// refcounts keep the image dirty anyway).
+    pub(crate) fn with_dirty_bit<T>(
+        &mut self,
+        storage: &dyn Storage,
+        f: impl FnOnce(&mut Meta) -> Result<T>,
+    ) -> Result<T> {
+        let was_dirty = self.header.is_dirty();
+        self.set_dirty_bit(storage)?;
+        let value = f(self)?;
+        if !was_dirty && !self.lazy_refcounts && self.header.is_dirty() {
+            self.flush_all(storage)?;
+            self.header.incompatible_features &= !incompat::DIRTY;
+            let (pos, bytes) = header::incompatible_features_field(self.header.incompatible_features);
+            storage.write_at(&bytes, pos).map_err(Error::io("clearing the dirty bit", pos))?;
+            storage.sync().map_err(Error::io("syncing the dirty bit", pos))?;
+        }
+        Ok(value)
     }
 
     /// Writes dirty L1 entries (grouped into contiguous runs).
@@ -540,20 +582,22 @@ impl Qcow2 {
             free_byte_offset: 0,
             has_backing: backing.is_some(),
             metadata_preallocation: None,
+            signaled_corruption: false,
         };
         meta.refcounts.map.mask = opts.overlap_check.unwrap_or(overlap::CACHED);
         meta.update_reserved();
         meta.load_inactive_map(st)?;
 
-        let mut size = size;
+        let mut open_repair = None;
         if let Some(name) = &opts.snapshot {
             if !read_only {
                 return Err(Error::InvalidArgument("snapshots can only be opened read-only".into()));
             }
-            let (l1, disk_size) = meta.snapshot_view(st, name)?;
+            // The guest size stays the active layer's, as with QEMU's
+            // bdrv_snapshot_load_tmp: past the snapshot's own disk size (and
+            // its L1 table) everything reads as zeros.
+            let (l1, _disk_size) = meta.snapshot_view(st, name)?;
             meta.l1 = l1;
-            meta.header.size = disk_size;
-            size = disk_size;
         }
 
         if !read_only {
@@ -571,10 +615,14 @@ impl Qcow2 {
                 st.sync().map_err(Error::io("syncing the header", 0))?;
             }
             if meta.header.is_dirty() && !opts.repair {
-                crate::check::rebuild_refcounts(&mut meta, st)?;
-                meta.header.incompatible_features &= !incompat::DIRTY;
-                meta.write_header(st)?;
-                st.sync().map_err(Error::io("syncing the header", 0))?;
+                // As QEMU: a full repair (`check -r all`), which also
+                // clears the dirty bit once the image is consistent.
+                let report = crate::check::check(&mut meta, st, Some(crate::check::RepairMode::All))?;
+                if report.error.is_some() || report.check_errors > 0 {
+                    let why = report.error.unwrap_or_else(|| "Input/output error".into());
+                    return Err(Error::Corrupt(format!("Could not repair dirty image: {why}")));
+                }
+                open_repair = Some(report);
             }
         }
 
@@ -584,6 +632,7 @@ impl Qcow2 {
             codec: Codec::from_type(compression_type),
             version,
             read_only,
+            writethrough: AtomicBool::new(opts.cache.writes_through()),
             discard: DiscardModes {
                 request: opts.discard_passthrough,
                 snapshot: opts.pass_discard_snapshot.unwrap_or(true),
@@ -595,6 +644,7 @@ impl Qcow2 {
             meta: Mutex::new(meta),
             alloc_done: Condvar::new(),
             dirty_at_open,
+            open_repair,
             closed: AtomicBool::new(false),
         })
     }
@@ -640,24 +690,55 @@ impl Qcow2 {
     /// Facts for `info`.
     pub fn info(&self) -> Qcow2Info {
         let m = self.lock_meta();
-        let h = &m.header;
+        let mut info = Qcow2Info::from_header(&m.header, m.snapshots.entries.len());
+        info.refcount_bits = m.geometry.refcount_bits();
+        info.dirty = self.dirty_at_open;
+        info
+    }
+
+    /// Reads what `info` reports from the header and the snapshot table
+    /// alone, without opening the image: this works for images whose
+    /// features this engine cannot read or write yet (backing files,
+    /// external data files, extended L2 entries, encryption).
+    pub fn inspect(storage: &dyn Storage) -> Result<(Qcow2Info, Vec<oxqcow_format::SnapshotEntry>)> {
+        let file_len = storage.len().map_err(Error::io("reading the file length", 0))?;
+        let header = read_header(storage)?;
+        header.validate_against_file(file_len)?;
+        let snapshots = read_snapshots(storage, &header, file_len)?;
+        let info = Qcow2Info::from_header(&header, snapshots.entries.len());
+        Ok((info, snapshots.entries))
+    }
+}
+
+impl Qcow2Info {
+    fn from_header(h: &Header, snapshots: usize) -> Qcow2Info {
         Qcow2Info {
             version: h.version,
             cluster_size: h.cluster_size(),
-            refcount_bits: m.geometry.refcount_bits(),
+            refcount_bits: h.geometry().refcount_bits(),
             lazy_refcounts: h.lazy_refcounts(),
             corrupt: h.is_corrupt(),
-            dirty: self.dirty_at_open,
+            dirty: h.is_dirty(),
             extended_l2: h.extended_l2(),
             compression_type: if h.compression_type == 1 { "zstd" } else { "zlib" },
             backing_file: h.backing_file.clone(),
             backing_format: h.extensions.backing_format.clone(),
-            snapshots: m.snapshots.entries.len(),
+            snapshots,
             has_bitmaps: h.extensions.bitmaps.is_some(),
             data_file: h.extensions.data_file.clone(),
             data_file_raw: h.autoclear_features & autoclear::DATA_FILE_RAW != 0,
             crypt_method: h.crypt_method,
+            size: h.size,
         }
+    }
+}
+
+impl Qcow2 {
+    /// The repair a dirty image (lazy refcounts) got when it was opened
+    /// read-write, as `check -r all` reports it: its `messages` are the
+    /// lines QEMU prints while opening such an image.
+    pub fn open_repair(&self) -> Option<&crate::check::CheckReport> {
+        self.open_repair.as_ref()
     }
 
     /// The snapshot table as read at open.
@@ -715,6 +796,26 @@ impl Qcow2 {
 
     /// Writes `buf` at guest `offset`.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_at_inner(buf, offset)?;
+        self.write_through()
+    }
+
+    /// Flushes after a write request in cache mode writethrough.
+    fn write_through(&self) -> Result<()> {
+        if self.writethrough.load(Ordering::Relaxed) {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Applies a cache mode: `unsafe` ignores flushes, writethrough makes
+    /// every write request durable before it returns.
+    pub fn set_cache_mode(&self, mode: crate::options::CacheMode) {
+        self.storage.set_ignore_sync(mode == crate::options::CacheMode::Unsafe);
+        self.writethrough.store(mode.writes_through(), Ordering::Relaxed);
+    }
+
+    fn write_at_inner(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         let mut done = 0u64;
         let total = buf.len() as u64;
@@ -783,6 +884,11 @@ impl Qcow2 {
     /// their whole clusters are discarded (they have no backing file, so
     /// unallocated clusters read as zeros), as QEMU does.
     pub fn write_zeroes_at(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        self.write_zeroes_inner(offset, len, may_unmap)?;
+        self.write_through()
+    }
+
+    fn write_zeroes_inner(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         self.check_range(offset, len)?;
         if len == 0 {
             return Ok(());
@@ -833,7 +939,7 @@ impl Qcow2 {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(chunk.len() as u64);
-            self.write_at(&chunk[..n as usize], offset + done)?;
+            self.write_at_inner(&chunk[..n as usize], offset + done)?;
             done += n;
         }
         Ok(())
@@ -894,6 +1000,11 @@ impl Qcow2 {
     /// partial cluster when the range reaches the end of the disk), as QEMU
     /// does: partial clusters keep their data.
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.discard_inner(offset, len)?;
+        self.write_through()
+    }
+
+    fn discard_inner(&self, offset: u64, len: u64) -> Result<()> {
         self.check_range(offset, len)?;
         if self.read_only {
             return Err(Error::ReadOnly);
@@ -930,8 +1041,21 @@ impl Qcow2 {
         // Wait for every request that may still use a freed cluster.
         let _gate = self.io_gate.write().unwrap_or_else(|p| p.into_inner());
         let mut m = self.lock_meta();
-        if let Err(e) = m.apply_frees(self.storage_ref(), frees, self.discard) {
-            m.fail(self.storage_ref(), &e);
+        let st = self.storage_ref();
+        let mut res = m.apply_frees(st, frees, self.discard);
+        // The decrements are in the refcount cache now: write them too, so
+        // that a crash after flush returns leaves no leaked cluster (with
+        // lazy refcounts, refcounts are rebuilt after a crash anyway).
+        if res.is_ok() && !m.lazy_refcounts {
+            res = m.refcounts.write_dirty(st).and_then(|wrote| {
+                if wrote {
+                    st.sync().map_err(Error::io("syncing refcounts", 0))?;
+                }
+                Ok(())
+            });
+        }
+        if let Err(e) = res {
+            m.fail(st, &e);
             return Err(e);
         }
         Ok(())
@@ -1003,6 +1127,9 @@ impl Qcow2 {
             return Err(Error::ReadOnly);
         }
         let old_size = self.len();
+        if new_size > old_size {
+            self.unshare_last_cluster(old_size)?;
+        }
         self.exclusive(|m, st| m.resize(st, new_size, prealloc))?;
         // A grown overlay must not show what its backing image has past
         // the old end: zero the new area, as QEMU's truncate does.
@@ -1016,12 +1143,33 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Creates an internal snapshot of the active layer named `name`.
+    /// Creates an internal snapshot of the active layer named `name`, dated
+    /// now, with no instruction count recorded.
     pub fn snapshot_create(&self, name: &str) -> Result<oxqcow_format::SnapshotEntry> {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        self.snapshot_create_with(&oxqcow_format::SnapshotEntry {
+            name: name.to_string(),
+            date_sec: now.as_secs() as u32,
+            date_nsec: now.subsec_nanos(),
+            icount: Some(u64::MAX),
+            ..Default::default()
+        })
+    }
+
+    /// Creates an internal snapshot of the active layer described by
+    /// `template`: its name, id (empty: the next free number; an id in use
+    /// is refused), date, VM clock and instruction count are recorded as
+    /// given (`qemu-img snapshot -c` records microsecond dates and an
+    /// instruction count of 0); everything else comes from the image.
+    pub fn snapshot_create_with(
+        &self,
+        template: &oxqcow_format::SnapshotEntry,
+    ) -> Result<oxqcow_format::SnapshotEntry> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
-        self.exclusive(|m, st| m.snapshot_create(st, name))
+        let modes = self.discard;
+        self.exclusive(|m, st| m.with_dirty_bit(st, |m| m.snapshot_create(st, template, modes)))
     }
 
     /// Deletes the snapshot with this id (or, failing that, this name).
@@ -1030,7 +1178,7 @@ impl Qcow2 {
             return Err(Error::ReadOnly);
         }
         let modes = self.discard;
-        self.exclusive(|m, st| m.snapshot_delete(st, id_or_name, modes))
+        self.exclusive(|m, st| m.with_dirty_bit(st, |m| m.snapshot_delete(st, id_or_name, modes)))
     }
 
     /// Reverts the active layer to the snapshot with this id (or name).
@@ -1038,7 +1186,8 @@ impl Qcow2 {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
-        self.exclusive(|m, st| m.snapshot_apply(st, id_or_name))
+        let modes = self.discard;
+        self.exclusive(|m, st| m.with_dirty_bit(st, |m| m.snapshot_apply(st, id_or_name, modes)))
     }
 
     /// Records a different backing file (or none) in the header. The data
@@ -1192,6 +1341,11 @@ impl Qcow2 {
     /// that do not shrink are written uncompressed, as QEMU does. Like QEMU,
     /// compressed data only goes to clusters that hold no data yet.
     pub fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_compressed_inner(buf, offset)?;
+        self.write_through()
+    }
+
+    fn write_compressed_inner(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         let cs = self.geometry.cluster_size();
         let end = offset + buf.len() as u64;
@@ -1206,7 +1360,7 @@ impl Qcow2 {
             let mut cluster = chunk.to_vec();
             cluster.resize(cs as usize, 0);
             match self.codec.compress(&cluster, cs as usize - 1)? {
-                None => self.write_at(chunk, at)?,
+                None => self.write_at_inner(chunk, at)?,
                 Some(data) => self.write_compressed_cluster(&data, at)?,
             }
         }

@@ -1,6 +1,6 @@
 //! The raw format: the guest disk is the file, byte for byte.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
@@ -16,6 +16,8 @@ pub struct Raw {
     storage: Arc<dyn Storage>,
     size: AtomicU64,
     read_only: bool,
+    /// Cache mode writethrough: every write request ends with a sync.
+    writethrough: AtomicBool,
 }
 
 impl Raw {
@@ -25,13 +27,13 @@ impl Raw {
         // QEMU counts disks in whole sectors: a file of 1000 bytes is a disk
         // of 1024 whose last 24 bytes read as zeros (and map as a hole).
         let size = len.div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
-        Ok(Raw { storage, size: AtomicU64::new(size), read_only })
+        Ok(Raw { storage, size: AtomicU64::new(size), read_only, writethrough: AtomicBool::new(false) })
     }
 
     /// Creates a raw image of `size` bytes.
     pub fn create(storage: Arc<dyn Storage>, size: u64, prealloc: Preallocation) -> Result<Raw> {
         storage.set_len(0).map_err(Error::io("truncating the new image", 0))?;
-        let raw = Raw { storage, size: AtomicU64::new(0), read_only: false };
+        let raw = Raw { storage, size: AtomicU64::new(0), read_only: false, writethrough: AtomicBool::new(false) };
         raw.resize(size, prealloc)?;
         Ok(raw)
     }
@@ -76,20 +78,36 @@ impl Raw {
     /// Writes at `offset`.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check(offset, buf.len() as u64, true)?;
-        self.storage.write_at(buf, offset).map_err(Error::io("writing", offset))
+        self.storage.write_at(buf, offset).map_err(Error::io("writing", offset))?;
+        self.write_through()
+    }
+
+    fn write_through(&self) -> Result<()> {
+        if self.writethrough.load(Ordering::Relaxed) {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Applies a cache mode (see `Qcow2::set_cache_mode`).
+    pub fn set_cache_mode(&self, mode: crate::options::CacheMode) {
+        self.storage.set_ignore_sync(mode == crate::options::CacheMode::Unsafe);
+        self.writethrough.store(mode.writes_through(), Ordering::Relaxed);
     }
 
     /// Zeroes a range, punching a hole when `may_unmap`.
     pub fn write_zeroes_at(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         self.check(offset, len, true)?;
         let r = if may_unmap { self.storage.punch_hole(offset, len) } else { self.storage.write_zeroes(offset, len) };
-        r.map_err(Error::io("zeroing", offset))
+        r.map_err(Error::io("zeroing", offset))?;
+        self.write_through()
     }
 
     /// Discards a range (punches a hole).
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check(offset, len, true)?;
-        self.storage.punch_hole(offset, len).map_err(Error::io("discarding", offset))
+        self.storage.punch_hole(offset, len).map_err(Error::io("discarding", offset))?;
+        self.write_through()
     }
 
     /// Syncs the file.

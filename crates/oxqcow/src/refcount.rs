@@ -39,13 +39,6 @@ pub(crate) struct Refcounts {
     block_clusters: BTreeSet<u64>,
     /// One past the highest cluster ever allocated or present in the file.
     pub(crate) host_end: u64,
-    /// Invalid refcount table entries found by a tolerant (repair) load.
-    pub(crate) damaged: Vec<String>,
-    /// Table entries (with reserved bits set) whose block is read but not
-    /// counted as referenced.
-    pub(crate) unreferenced: BTreeSet<usize>,
-    /// Table entries whose block cannot be read (unaligned offsets).
-    pub(crate) unreadable: BTreeSet<usize>,
 }
 
 impl Refcounts {
@@ -63,20 +56,15 @@ impl Refcounts {
         let mut bytes = vec![0u8; bytes_len as usize];
         storage.read_at(&mut bytes, table_offset).map_err(Error::io("reading the refcount table", table_offset))?;
         let mut table = decode_entries(&bytes);
-        let mut damaged = Vec::new();
-        let mut unreferenced = BTreeSet::new();
-        let mut unreadable = BTreeSet::new();
         for (i, e) in table.iter_mut().enumerate() {
             let entry = RefcountTableEntry(*e);
             let masked = RefcountTableEntry(*e & !0x1ff).block_offset().map_or(0, |o| o.0);
             let problem = if entry.reserved_bits() != 0 {
                 // QEMU still reads refcounts through the masked offset but
                 // does not count the entry as a reference to the block.
-                unreferenced.insert(i);
                 Some((format!("ERROR refcount table entry {i} has reserved bits set"), masked))
             } else if !geometry.is_cluster_aligned(masked) {
-                // Its refcounts cannot be read at all (QEMU: check errors).
-                unreadable.insert(i);
+                // Its refcounts cannot be read at all (the check reports it).
                 Some((format!("ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"), 0))
             } else if masked >= file_len {
                 Some((format!("ERROR refcount block {i} is outside image"), 0))
@@ -87,9 +75,8 @@ impl Refcounts {
             if !tolerant {
                 return Err(Error::Corrupt(format!("refcount table entry {i} (0x{:x}) is invalid: {problem}", *e)));
             }
-            // Repair mode: check reports it and the repair rebuilds the
-            // refcount structures.
-            damaged.push(problem);
+            // Repair mode: the check reports it and the repair rebuilds
+            // the refcount structures.
             *e = keep;
         }
         let block_clusters = table
@@ -108,9 +95,6 @@ impl Refcounts {
             map: MetadataMap::default(),
             block_clusters,
             host_end: geometry.clusters_for(file_len),
-            damaged,
-            unreferenced,
-            unreadable,
         })
     }
 
@@ -177,6 +161,17 @@ impl Refcounts {
         storage.read_at(&mut data, offset).map_err(Error::io("reading a refcount block", offset))?;
         self.blocks.insert(offset, data, false);
         Ok(())
+    }
+
+    /// The raw table entry `ti` (0 past the table's end).
+    pub(crate) fn table_entry(&self, ti: u64) -> u64 {
+        self.table.get(ti as usize).copied().unwrap_or(0)
+    }
+
+    /// A copy of the refcount block at `offset`, as the cache holds it.
+    pub(crate) fn block_copy(&mut self, storage: &dyn Storage, offset: u64) -> Result<Box<[u8]>> {
+        self.load_block(storage, offset)?;
+        Ok(self.blocks.get(offset).expect("just loaded").to_vec().into_boxed_slice())
     }
 
     /// The refcount of `cluster` (0 where no block covers it).
@@ -509,11 +504,12 @@ impl Refcounts {
         table_offset: u64,
         table_clusters: u32,
         file_len: u64,
+        tolerant: bool,
     ) -> Result<()> {
         let cache = self.blocks.capacity();
         let map = std::mem::take(&mut self.map);
         let host_end = self.host_end;
-        *self = Refcounts::load(storage, geometry, table_offset, table_clusters, cache, file_len, false)?;
+        *self = Refcounts::load(storage, geometry, table_offset, table_clusters, cache, file_len, tolerant)?;
         self.map = map;
         self.host_end = self.host_end.max(host_end);
         Ok(())

@@ -17,34 +17,58 @@ use crate::options::{Compat, CompressionType, CreateOptions, OpenOptions, Preall
 use crate::qcow2::{DiscardModes, FreeReason, Meta, Qcow2};
 use crate::storage::Storage;
 
-/// Checks creation options as QEMU does, with its messages.
+/// Checks creation options as QEMU's `qcow2_co_create` does, in its order
+/// and with its messages; then refuses, naming them, the valid options this
+/// engine does not implement yet.
 pub(crate) fn validate_create(opts: &CreateOptions) -> Result<Geometry> {
+    let invalid = |msg: &str| Err(Error::InvalidArgument(msg.to_string()));
+    let v2 = opts.compat == Compat::V2;
+    if opts.extended_l2 && v2 {
+        return invalid(
+            "Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)",
+        );
+    }
     let cs = opts.cluster_size;
     if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
-        return Err(Error::InvalidArgument("Cluster size must be a power of two between 512 and 2048k".into()));
+        return invalid("Cluster size must be a power of two between 512 and 2048k");
+    }
+    if opts.extended_l2 && cs < 512 * u64::from(oxqcow_format::limits::SUBCLUSTERS_PER_CLUSTER) {
+        return invalid("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes");
+    }
+    if opts.backing_file.is_some() && opts.preallocation != Preallocation::Off && !opts.extended_l2 {
+        return invalid("Backing file and preallocation can only be used at the same time if extended_l2 is on");
+    }
+    if opts.backing_format.is_some() && opts.backing_file.is_none() {
+        return invalid("Backing format cannot be used without backing file");
+    }
+    if opts.lazy_refcounts && v2 {
+        return invalid(
+            "Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)",
+        );
     }
     if opts.refcount_bits > 64 || !opts.refcount_bits.is_power_of_two() {
-        return Err(Error::InvalidArgument("Refcount width must be a power of two and may not exceed 64 bits".into()));
+        return invalid("Refcount width must be a power of two and may not exceed 64 bits");
     }
-    if opts.compat == Compat::V2 {
-        if opts.refcount_bits != 16 {
-            return Err(Error::InvalidArgument(
-                "Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)"
-                    .into(),
-            ));
-        }
-        if opts.lazy_refcounts {
-            return Err(Error::InvalidArgument(
-                "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)"
-                    .into(),
-            ));
-        }
-        if opts.compression_type != CompressionType::Zlib {
-            return Err(Error::InvalidArgument(
-                "Non-zlib compression type is only supported with compatibility level 1.1 and above (use compat=1.1 or greater)"
-                    .into(),
-            ));
-        }
+    if v2 && opts.refcount_bits != 16 {
+        return invalid(
+            "Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)",
+        );
+    }
+    if opts.data_file_raw && opts.data_file.is_none() {
+        return invalid("data-file-raw requires data-file");
+    }
+    if opts.data_file_raw && opts.backing_file.is_some() {
+        return invalid("Backing file and data-file-raw cannot be used at the same time");
+    }
+    if opts.data_file.is_some() && v2 {
+        return invalid(
+            "External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)",
+        );
+    }
+    if v2 && opts.compression_type != CompressionType::Zlib {
+        return invalid(
+            "Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)",
+        );
     }
     if opts.extended_l2 {
         return Err(Error::Unsupported("extended L2 entries".into()));
@@ -64,7 +88,7 @@ pub(crate) fn validate_create(opts: &CreateOptions) -> Result<Geometry> {
     } else if opts.backing_format.is_some() {
         return Err(Error::InvalidArgument("backing_fmt requires backing_file".into()));
     }
-    if opts.data_file.is_some() || opts.data_file_raw {
+    if opts.data_file.is_some() {
         return Err(Error::Unsupported("external data files".into()));
     }
     let order = opts.refcount_bits.trailing_zeros();
@@ -119,7 +143,48 @@ impl Qcow2 {
             }
             m.flush_all(st)
         })?;
-        Ok(image)
+        // That handle was opened while the disk had size 0, so its L2 cache
+        // holds two tables: every write reaching a third table would evict
+        // a dirty one, with a sync. Reopen so the caches are sized for the
+        // disk, as any later open sizes them.
+        image.close()?;
+        let reopen = if opts.backing_file.is_some() {
+            OpenOptions::new().backing(crate::backing::BackingPolicy::Ignore)
+        } else {
+            OpenOptions::new()
+        };
+        Qcow2::open(storage, &reopen)
+    }
+}
+
+impl Qcow2 {
+    /// Growing zeroes the bytes past the old end inside its last cluster,
+    /// in place. When a snapshot shares that cluster (no COPIED flag),
+    /// rewrite its in-disk part first: the write copies the cluster into
+    /// one of our own, where the zeroing may land.
+    pub(crate) fn unshare_last_cluster(&self, old_size: u64) -> Result<()> {
+        let g = self.geometry();
+        let start = g.align_down(old_size);
+        if start == old_size {
+            return Ok(());
+        }
+        let shared = {
+            let mut m = self.lock_meta();
+            match m.l2_offset(g.l1_index(GuestOffset(start)))? {
+                None => false,
+                Some(table) => {
+                    m.load_l2(self.storage_ref(), table)?;
+                    let index = g.l2_index(GuestOffset(start));
+                    matches!(m.mapping_at(table, index)?, L2Mapping::Normal { copied: false, .. })
+                }
+            }
+        };
+        if shared {
+            let mut buf = vec![0u8; (old_size - start) as usize];
+            self.read_at(&mut buf, start)?;
+            self.write_at(&buf, start)?;
+        }
+        Ok(())
     }
 }
 
@@ -304,6 +369,11 @@ impl Meta {
         let g = self.geometry;
         let cs = g.cluster_size();
         let mut runs: Vec<(u64, u64)> = Vec::new();
+        // Free clusters below the current end of the file may still hold
+        // data from their previous use (freed without a hole punch, e.g. a
+        // discard without pass-discard-request): zero them before linking
+        // them. Clusters past the end read as zeros already.
+        let file_end = storage.len().map_err(Error::io("reading the file length", 0))?;
         let mut pos = from;
         while pos < to {
             let l1_index = g.l1_index(GuestOffset(pos));
@@ -324,6 +394,15 @@ impl Meta {
                     n += 1;
                 }
                 let host = self.alloc_clusters(storage, n)?;
+                let stale_end = (host + n * cs).min(file_end);
+                if stale_end > host && mode != Preallocation::Full {
+                    let res = if mode == Preallocation::Metadata {
+                        storage.punch_hole(host, stale_end - host)
+                    } else {
+                        storage.write_zeroes(host, stale_end - host)
+                    };
+                    res.map_err(Error::io("zeroing reused clusters", host))?;
+                }
                 for k in 0..n {
                     let data = self.l2.get_mut(table).expect("loaded");
                     let entry = L2Entry::normal(HostOffset(host + k * cs));

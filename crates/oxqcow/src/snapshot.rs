@@ -9,8 +9,6 @@
 //! durable) before the table that needs them is written, and dropped only
 //! after the table that held them is durably gone.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use oxqcow_format::limits::{MAX_L1_BYTES, MAX_SNAPSHOTS};
 use oxqcow_format::snapshot::SnapshotTable;
 use oxqcow_format::table::{decode_entries, encode_entries, L1Entry, COPIED};
@@ -19,6 +17,12 @@ use oxqcow_format::{HostCluster, HostOffset, L2Entry, L2Mapping, SnapshotEntry};
 use crate::error::{Error, Result};
 use crate::qcow2::{DiscardModes, FreeReason, Meta};
 use crate::storage::Storage;
+
+/// Finds the first snapshot matching both `id` and `name` where given
+/// (QEMU's `find_snapshot_by_id_and_name`).
+pub(crate) fn find_exact(entries: &[SnapshotEntry], id: Option<&str>, name: Option<&str>) -> Option<usize> {
+    entries.iter().position(|s| id.is_none_or(|i| s.id == i) && name.is_none_or(|n| s.name == n))
+}
 
 /// Finds a snapshot by id first, then by name (QEMU's `find_snapshot_by_id_or_name`).
 pub(crate) fn find(entries: &[SnapshotEntry], id_or_name: &str) -> Option<usize> {
@@ -126,8 +130,15 @@ impl Meta {
         Ok(())
     }
 
-    /// Writes a new snapshot table, switches the header to it and frees the old one.
-    pub(crate) fn write_snapshot_table(&mut self, storage: &dyn Storage, entries: Vec<SnapshotEntry>) -> Result<()> {
+    /// Writes a new snapshot table, switches the header to it and frees the
+    /// old one (giving its host space back when `modes` pass snapshot
+    /// discards, as QEMU frees it with `QCOW2_DISCARD_SNAPSHOT`).
+    pub(crate) fn write_snapshot_table(
+        &mut self,
+        storage: &dyn Storage,
+        entries: Vec<SnapshotEntry>,
+        modes: DiscardModes,
+    ) -> Result<()> {
         let g = self.geometry;
         let bytes = SnapshotTable::serialize(&entries, self.header.size)?;
         let new_offset = if entries.is_empty() {
@@ -148,7 +159,10 @@ impl Meta {
         self.snapshots = SnapshotTable { byte_size: bytes.len() as u64, entries };
         let first = g.host_cluster(HostOffset(old_offset)).0;
         for c in first..first + old_clusters {
-            self.refcounts.update(storage, HostCluster(c), -1)?;
+            if self.refcounts.update(storage, HostCluster(c), -1)? == 0 && modes.punches(FreeReason::Snapshot) {
+                let offset = g.cluster_offset(HostCluster(c)).0;
+                storage.punch_hole(offset, g.cluster_size()).map_err(Error::io("discarding a host cluster", offset))?;
+            }
         }
         self.update_reserved();
         self.load_inactive_map(storage)
@@ -170,12 +184,34 @@ impl Meta {
         Ok(decode_entries(&buf))
     }
 
-    /// Creates a snapshot of the active layer.
-    pub(crate) fn snapshot_create(&mut self, storage: &dyn Storage, name: &str) -> Result<SnapshotEntry> {
+    /// Creates a snapshot of the active layer. `template` supplies what the
+    /// caller decides (QEMU's `QEMUSnapshotInfo`): name, id (empty: the next
+    /// free number), dates, VM clock and instruction count; the table
+    /// location, sizes and VM state come from the image.
+    pub(crate) fn snapshot_create(
+        &mut self,
+        storage: &dyn Storage,
+        template: &SnapshotEntry,
+        modes: DiscardModes,
+    ) -> Result<SnapshotEntry> {
         if self.snapshots.entries.len() as u64 >= u64::from(MAX_SNAPSHOTS) {
             return Err(Error::NoSpace(format!("File too large (an image holds at most {MAX_SNAPSHOTS} snapshots)")));
         }
-        let next_id = self.snapshots.entries.iter().filter_map(|s| s.id.parse::<u64>().ok()).max().unwrap_or(0) + 1;
+        let id = if template.id.is_empty() {
+            // QEMU's find_new_snapshot_id: one past the largest id, read as
+            // strtoul reads it (leading digits; none counts as 0).
+            let numeric = |id: &str| {
+                let digits: String = id.trim_start().chars().take_while(char::is_ascii_digit).collect();
+                digits.parse::<u64>().unwrap_or(if digits.is_empty() { 0 } else { u64::MAX })
+            };
+            let max = self.snapshots.entries.iter().map(|s| numeric(&s.id)).max().unwrap_or(0);
+            max.saturating_add(1).to_string()
+        } else {
+            template.id.clone()
+        };
+        if find_exact(&self.snapshots.entries, Some(&id), None).is_some() {
+            return Err(Error::InvalidArgument(format!("File exists (a snapshot with id '{id}' exists)")));
+        }
         let g = self.geometry;
         let l1 = self.l1.clone();
         let l1_bytes = l1.len() as u64 * 8;
@@ -194,24 +230,23 @@ impl Meta {
                 .map_err(Error::io("writing a snapshot L1 table", l1_offset))?;
         }
         self.refresh_copied_flags(storage)?;
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         let entry = SnapshotEntry {
             l1_table_offset: l1_offset,
             l1_size: l1.len() as u32,
-            id: next_id.to_string(),
-            name: name.to_string(),
-            date_sec: now.as_secs() as u32,
-            date_nsec: now.subsec_nanos(),
-            vm_clock_nsec: 0,
+            id,
+            name: template.name.clone(),
+            date_sec: template.date_sec,
+            date_nsec: template.date_nsec,
+            vm_clock_nsec: template.vm_clock_nsec,
             vm_state_size: 0,
             vm_state_size_large: Some(0),
             disk_size: Some(self.header.size),
-            icount: Some(u64::MAX),
+            icount: template.icount,
             unknown_extra: Vec::new(),
         };
         let mut entries = self.snapshots.entries.clone();
         entries.push(entry.clone());
-        self.write_snapshot_table(storage, entries)?;
+        self.write_snapshot_table(storage, entries, modes)?;
         self.l2_cache_reset(storage)?;
         Ok(entry)
     }
@@ -228,15 +263,10 @@ impl Meta {
         let mut entries = self.snapshots.entries.clone();
         let sn = entries.remove(index);
         let l1 = self.read_l1(storage, sn.l1_table_offset, sn.l1_size)?;
-        self.write_snapshot_table(storage, entries)?;
+        self.write_snapshot_table(storage, entries, modes)?;
         // The snapshot is durably gone: its references can go.
-        let mut freed = Vec::new();
-        self.for_each_tree_cluster(storage, &l1, &mut |m, c| {
-            if m.refcounts.update(storage, c, -1)? == 0 {
-                freed.push(c);
-            }
-            Ok(true)
-        })?;
+        self.l2_cache_reset(storage)?;
+        let mut freed = self.release_tree(storage, &l1)?;
         let g = self.geometry;
         let first = g.host_cluster(HostOffset(sn.l1_table_offset)).0;
         for c in first..first + g.clusters_for(u64::from(sn.l1_size) * 8) {
@@ -244,22 +274,88 @@ impl Meta {
                 freed.push(HostCluster(c));
             }
         }
-        // Refcounts first (flush order), then the COPIED flags they allow.
+        // Refcounts first (flush order), then the COPIED flags they allow,
+        // in the tables the snapshot shared and in the active ones.
         self.flush_all(storage)?;
         self.l2_cache_reset(storage)?;
+        self.recompute_tree_flags(storage, &l1)?;
         self.refresh_copied_flags(storage)?;
         self.flush_all(storage)?;
-        if modes.punches(FreeReason::Snapshot) {
-            for c in freed {
-                let offset = g.cluster_offset(c).0;
-                storage.punch_hole(offset, g.cluster_size()).map_err(Error::io("discarding a host cluster", offset))?;
+        self.punch_freed(storage, &freed, modes)?;
+        // Freed tables may still be cached (clean): forget them.
+        self.l2.drop_clean();
+        Ok(())
+    }
+
+    /// Recomputes COPIED in the still-allocated L2 tables of the tree under
+    /// `l1` (set where the cluster's refcount is one, never on compressed,
+    /// zero-plain or unallocated entries) and returns the L1 entries with
+    /// COPIED recomputed too, as QEMU's `qcow2_update_snapshot_refcount`
+    /// leaves every tree it walks.
+    fn recompute_tree_flags(&mut self, storage: &dyn Storage, l1: &[u64]) -> Result<Vec<u64>> {
+        let g = self.geometry;
+        let mut out = l1.to_vec();
+        let mut seen = std::collections::HashSet::new();
+        for (i, &raw) in l1.iter().enumerate() {
+            let Some(table) = L1Entry(raw).l2_offset() else { continue };
+            let table_refs = self.refcounts.get(storage, g.host_cluster(table))?;
+            out[i] = if table_refs == 1 { raw | COPIED } else { raw & !COPIED };
+            if table_refs == 0 || !seen.insert(table.0) {
+                continue;
             }
+            for j in 0..g.l2_entries() as usize {
+                self.load_l2(storage, table.0)?;
+                let entry = self.l2_entry(table.0, j);
+                let want = match self.decode(entry, table.0, j)? {
+                    L2Mapping::Normal { host, .. } | L2Mapping::ZeroAllocated { host, .. } => {
+                        self.refcounts.get(storage, g.host_cluster(host))? == 1
+                    }
+                    _ => false,
+                };
+                if want != entry.copied() {
+                    self.load_l2(storage, table.0)?;
+                    let data = self.l2.get_mut(table.0).expect("loaded");
+                    oxqcow_format::table::write_l2_word(data, j, g.l2_entry_size() as usize, entry.with_copied(want).0);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drops one reference of every cluster of the tree under `l1` and
+    /// returns the clusters that became free.
+    fn release_tree(&mut self, storage: &dyn Storage, l1: &[u64]) -> Result<Vec<HostCluster>> {
+        let mut freed = Vec::new();
+        self.for_each_tree_cluster(storage, l1, &mut |m, c| {
+            if m.refcounts.update(storage, c, -1)? == 0 {
+                freed.push(c);
+            }
+            Ok(true)
+        })?;
+        Ok(freed)
+    }
+
+    /// Gives the host space of freed clusters back when snapshot discards
+    /// pass (QEMU frees them with `QCOW2_DISCARD_SNAPSHOT`).
+    fn punch_freed(&self, storage: &dyn Storage, freed: &[HostCluster], modes: DiscardModes) -> Result<()> {
+        if !modes.punches(FreeReason::Snapshot) {
+            return Ok(());
+        }
+        let g = self.geometry;
+        for &c in freed {
+            let offset = g.cluster_offset(c).0;
+            storage.punch_hole(offset, g.cluster_size()).map_err(Error::io("discarding a host cluster", offset))?;
         }
         Ok(())
     }
 
     /// Reverts the active layer to a snapshot (its size follows the snapshot).
-    pub(crate) fn snapshot_apply(&mut self, storage: &dyn Storage, id_or_name: &str) -> Result<()> {
+    pub(crate) fn snapshot_apply(
+        &mut self,
+        storage: &dyn Storage,
+        id_or_name: &str,
+        modes: DiscardModes,
+    ) -> Result<()> {
         let index = find(&self.snapshots.entries, id_or_name)
             .ok_or_else(|| Error::InvalidArgument(format!("Can't find the snapshot '{id_or_name}'")))?;
         let sn = self.snapshots.entries[index].clone();
@@ -272,7 +368,16 @@ impl Meta {
         }
         // New references first, durable before the L1 that needs them.
         self.update_tree_refcounts(storage, &sn_l1, 1)?;
+        // The snapshot's own tree gets its COPIED flags recomputed (QEMU
+        // rewrites its L1 and L2 tables so).
+        let sn_flags = self.recompute_tree_flags(storage, &sn_l1)?;
         self.flush_all(storage)?;
+        if sn_flags != sn_l1 {
+            let at = sn.l1_table_offset;
+            self.refcounts.check_write(at, sn_flags.len() as u64 * 8, crate::overlap::INACTIVE_L1)?;
+            storage.write_at(&encode_entries(&sn_flags), at).map_err(Error::io("writing a snapshot L1 table", at))?;
+            storage.sync().map_err(Error::io("syncing a snapshot L1 table", at))?;
+        }
         let mut new_l1 = sn_l1;
         new_l1.resize(self.l1.len(), 0);
         let l1_offset = self.header.l1_table_offset;
@@ -283,15 +388,21 @@ impl Meta {
         self.l1_dirty.clear();
         self.update_reserved();
         // The old tree is durably unreferenced by the active L1.
-        self.update_tree_refcounts(storage, &old_l1, -1)?;
+        self.l2_cache_reset(storage)?;
+        let freed = self.release_tree(storage, &old_l1)?;
         if self.header.size != disk_size {
             self.header.size = disk_size;
             self.write_header(storage)?;
         }
         self.flush_all(storage)?;
         self.l2_cache_reset(storage)?;
+        self.recompute_tree_flags(storage, &old_l1)?;
         self.refresh_copied_flags(storage)?;
-        self.flush_all(storage)
+        self.flush_all(storage)?;
+        self.punch_freed(storage, &freed, modes)?;
+        // Freed tables may still be cached (clean): forget them.
+        self.l2.drop_clean();
+        Ok(())
     }
 
     /// Drops every cached L2 table (flushing first): after trees changed

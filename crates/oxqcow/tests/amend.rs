@@ -25,9 +25,10 @@ fn info_fields(path: &Path) -> Vec<String> {
     let info = run(&["qemu-img", "info", "--output=json", p(path)]);
     info.lines()
         .filter(|l| {
-            ["\"compat\"", "\"lazy-refcounts\"", "\"refcount-bits\"", "\"virtual-size\": 1", "\"corrupt\""]
-                .iter()
-                .any(|k| l.contains(k))
+            // The guest size is the top-level "virtual-size" (four spaces in);
+            // the file child's one is the host file's length.
+            ["\"compat\"", "\"lazy-refcounts\"", "\"refcount-bits\"", "\"corrupt\""].iter().any(|k| l.contains(k))
+                || l.starts_with("    \"virtual-size\"")
         })
         .map(|l| l.trim().to_string())
         .collect()
@@ -71,6 +72,10 @@ fn amend_sequences_match_qemu() {
                 run(&["qemu-io", "-c", "write -z 0 65536", "-c", "write -P 3 200000 1000", p(f)]);
             }
         }
+        let before = dir.path().join("before.raw");
+        if with_snapshot {
+            run(&["qemu-img", "convert", "-l", "snapshot.name=snap", "-O", "raw", p(&ours), p(&before)]);
+        }
         for step in steps {
             let img = Image::open(&ours, &OpenOptions::new()).unwrap();
             img.as_qcow2().unwrap().amend(&AmendOptions::parse(step).unwrap(), &mut |_, _| {}).unwrap();
@@ -82,11 +87,16 @@ fn amend_sequences_match_qemu() {
         run(&["qemu-img", "compare", p(&ours), p(&theirs)]);
         assert_eq!(info_fields(&ours), info_fields(&theirs), "{create} {steps:?}");
         if with_snapshot {
+            // The snapshot keeps its content (compared with what it read
+            // before: QEMU 10's downgrade changes a snapshot that shares a
+            // zero-allocated cluster with the active layer).
             let a = dir.path().join("a.raw");
-            let b = dir.path().join("b.raw");
             run(&["qemu-img", "convert", "-l", "snapshot.name=snap", "-O", "raw", p(&ours), p(&a)]);
-            run(&["qemu-img", "convert", "-l", "snapshot.name=snap", "-O", "raw", p(&theirs), p(&b)]);
-            assert!(std::fs::read(a).unwrap() == std::fs::read(b).unwrap(), "{create} {steps:?}: snapshot differs");
+            // (Read through the active layer's size, which may have grown.)
+            let (after, before) = (std::fs::read(a).unwrap(), std::fs::read(&before).unwrap());
+            let n = before.len().min(after.len());
+            assert!(after[..n] == before[..n], "{create} {steps:?}: snapshot changed");
+            assert!(after[n..].iter().all(|&b| b == 0), "{create} {steps:?}: snapshot changed");
         }
     }
 }

@@ -107,13 +107,35 @@ fn verdicts_and_repairs_match_qemu() {
     for (name, damage, mode) in cases {
         let path = damaged(dir.path(), name, damage);
         let want = qemu_counts(&path);
+        // QEMU's repair of a copy tells how many problems a repair fixes.
+        let copy = dir.path().join(format!("{name}-qemu.qcow2"));
+        std::fs::copy(&path, &copy).unwrap();
+        let flag = if mode == RepairMode::All { "all" } else { "leaks" };
+        let out = qemu(&["qemu-img", "check", "-r", flag, "--output=json", p(&copy)]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let fixed = |k: &str| {
+            text.lines()
+                .find(|l| l.trim_start().starts_with(&format!("\"{k}\"")))
+                .and_then(|l| l.split(':').nth(1))
+                .map_or(0, |v| v.trim().trim_end_matches(',').parse::<u64>().unwrap())
+        };
         let before = read_all(&path);
         let img = Image::open(&path, &OpenOptions { repair: true, ..Default::default() }).unwrap();
         let report = img.check(None).unwrap();
         assert_eq!((report.corruptions, report.leaks), want, "{name}: {:?}", report.messages);
         let repaired = img.check(Some(mode)).unwrap();
         assert_eq!((repaired.corruptions, repaired.leaks), (0, 0), "{name}: {:?}", repaired.messages);
-        assert_eq!(repaired.leaks_fixed + repaired.corruptions_fixed, want.0 + want.1, "{name}");
+        if out.status.success() {
+            assert_eq!(
+                (repaired.leaks_fixed, repaired.corruptions_fixed),
+                (fixed("leaks-fixed"), fixed("corruptions-fixed")),
+                "{name}"
+            );
+        } else {
+            // QEMU's rebuild puts a new block on the cluster the broken
+            // table entry names and fails its overlap check; ours avoids it.
+            assert!(repaired.corruptions_fixed > 0, "{name}: {:?}", repaired.messages);
+        }
         img.close().unwrap();
         assert_eq!(qemu_counts(&path), (0, 0), "{name}: qemu-img check after our repair");
         assert!(read_all(&path) == before, "{name}: content changed by the repair");

@@ -4,6 +4,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rustix::fs::{FallocateFlags, SeekFrom};
 
@@ -13,24 +14,28 @@ use super::Storage;
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,
+    /// Cache mode `unsafe`: syncs are skipped.
+    ignore_sync: AtomicBool,
 }
 
 impl FileStorage {
     /// Opens an existing file.
     pub fn open(path: &Path, writable: bool) -> io::Result<Self> {
         let file = std::fs::OpenOptions::new().read(true).write(writable).open(path)?;
-        Ok(FileStorage { file })
+        Ok(FileStorage { file, ignore_sync: AtomicBool::new(false) })
     }
 
-    /// Creates (or truncates) a file.
+    /// Creates a file, or opens an existing one without truncating it: the
+    /// caller locks it first and truncates after (QEMU does the same, so
+    /// that creating over an image in use fails without destroying it).
     pub fn create(path: &Path) -> io::Result<Self> {
-        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
-        Ok(FileStorage { file })
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+        Ok(FileStorage { file, ignore_sync: AtomicBool::new(false) })
     }
 
     /// Wraps an open file.
     pub fn from_file(file: File) -> Self {
-        FileStorage { file }
+        FileStorage { file, ignore_sync: AtomicBool::new(false) }
     }
 
     /// The underlying file.
@@ -69,6 +74,9 @@ impl Storage for FileStorage {
     }
 
     fn sync(&self) -> io::Result<()> {
+        if self.ignore_sync.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         self.file.sync_data()
     }
 
@@ -146,6 +154,10 @@ impl Storage for FileStorage {
             pos = data_end;
         }
         Ok(runs)
+    }
+
+    fn set_ignore_sync(&self, ignore: bool) {
+        self.ignore_sync.store(ignore, Ordering::Relaxed);
     }
 
     fn allocated_bytes(&self) -> io::Result<u64> {

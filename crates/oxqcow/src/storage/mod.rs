@@ -64,6 +64,10 @@ pub trait Storage: Send + Sync {
     fn data_runs(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, u64, bool)>> {
         Ok(vec![(offset, len, true)])
     }
+    /// Cache mode `unsafe`: make [`Storage::sync`] a no-op (or not).
+    fn set_ignore_sync(&self, ignore: bool) {
+        let _ = ignore;
+    }
     /// Bytes the storage occupies on the host (for `disk size` in info).
     fn allocated_bytes(&self) -> io::Result<u64> {
         self.len()
