@@ -8,17 +8,19 @@
 #
 #   scripts/bench.sh                 # 1 GiB data set
 #   BENCH_SIZE_MB=256 scripts/bench.sh
+#   BENCH_ONLY='compress|compressed' scripts/bench.sh   # only the cases whose name matches
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SIZE_MB=${BENCH_SIZE_MB:-1024}
 REPEAT=${BENCH_REPEAT:-3}
+ONLY=${BENCH_ONLY:-}
 WORK=${BENCH_DIR:-$(mktemp -d /tmp/oxqcow-bench.XXXXXX)}
 QEMU_IMG=${QEMU_IMG:-qemu-img}
 command -v "$QEMU_IMG" >/dev/null || { echo "bench: $QEMU_IMG not found (apt-get install qemu-utils)" >&2; exit 1; }
 
 cargo build --release -q --bin oxqcow
-OX=$PWD/target/release/oxqcow
+OX=${CARGO_TARGET_DIR:-$PWD/target}/release/oxqcow
 trap 'rm -rf "$WORK"' EXIT
 
 # A mixed data set: random data, text, zero-filled runs and holes, in 1 MiB pieces.
@@ -55,6 +57,9 @@ peak_rss=0
 # case NAME SETUP-FN QEMU-CMD OX-CMD (commands as strings; SETUP runs before each run)
 bench_case() {
     local name=$1 setup=$2 qcmd=$3 ocmd=$4 q=() o=() r case_rss=0
+    last_ran=0
+    if [[ -n $ONLY && ! $name =~ $ONLY ]]; then return 0; fi
+    last_ran=1
     for _ in $(seq "$REPEAT"); do
         $setup; r=$(run bash -c "$qcmd"); q+=("${r% *}")
         $setup; r=$(run bash -c "$ocmd"); o+=("${r% *}")
@@ -82,6 +87,30 @@ bench_case "convert qcow2->raw" clean_out \
     "$QEMU_IMG convert -f qcow2 -O raw $WORK/src.qcow2 $WORK/out.raw" \
     "$OX convert -f qcow2 -O raw $WORK/src.qcow2 $WORK/out.raw"
 
+# Compressed output (-c), deflate and zstd: oxqcow compresses on every core
+# (-m defaults to the number of cores), qemu-img on one. The last output of
+# each tool is kept and checked with qemu-img, so the figures are for
+# images QEMU reads.
+verify_compressed() {
+    (( last_ran )) || return 0
+    "$QEMU_IMG" check -q "$WORK/out.qcow2" && "$QEMU_IMG" compare -q "$WORK/src.raw" "$WORK/out.qcow2" || {
+        echo "bench: oxqcow's compressed image does not pass qemu-img check/compare" >&2; exit 1; }
+    results+=("$(printf '%-34s %s' "  (output)" "$(du -k "$WORK/out.qcow2" | cut -f1) KiB, qemu-img check and compare pass")")
+}
+bench_case "convert -c raw->qcow2 (deflate)" clean_out \
+    "$QEMU_IMG convert -c -f raw -O qcow2 $WORK/src.raw $WORK/out.qcow2" \
+    "$OX convert -c -f raw -O qcow2 $WORK/src.raw $WORK/out.qcow2"
+verify_compressed
+bench_case "convert -c raw->qcow2 (zstd)" clean_out \
+    "$QEMU_IMG convert -c -f raw -O qcow2 -o compression_type=zstd $WORK/src.raw $WORK/out.qcow2" \
+    "$OX convert -c -f raw -O qcow2 -o compression_type=zstd $WORK/src.raw $WORK/out.qcow2"
+verify_compressed
+# Reading a compressed image (made by qemu-img, deflate).
+"$QEMU_IMG" convert -c -f raw -O qcow2 "$WORK/src.raw" "$WORK/src-c.qcow2"
+bench_case "convert compressed qcow2->raw" clean_out \
+    "$QEMU_IMG convert -f qcow2 -O raw $WORK/src-c.qcow2 $WORK/out.raw" \
+    "$OX convert -f qcow2 -O raw $WORK/src-c.qcow2 $WORK/out.raw"
+
 reqs=$(( SIZE_MB * 256 / 2 ))
 bench_case "bench 4k read (qd 64)" nothing \
     "$QEMU_IMG bench -f qcow2 -c $reqs -d 64 -s 4k $WORK/src.qcow2" \
@@ -97,5 +126,6 @@ bench_case "check 64 GiB, 4k clusters (prealloc)" nothing \
     "$OX check $WORK/big.qcow2"
 
 echo "oxqcow vs qemu-img ($("$QEMU_IMG" --version | head -n 1)), ${SIZE_MB} MiB data set, best of $REPEAT"
+echo "$(nproc) cores, load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
 printf '%s\n' "${results[@]}"
 echo "oxqcow peak RSS: $peak_rss KiB"

@@ -4,10 +4,14 @@
 //!
 //! Runs that read as zeros on both sides are never read; a run allocated on
 //! one side only is read on that side alone and must be all zeros.
+//!
+//! Images are compared as the guest sees them: backing chains are read
+//! through (and, in strict mode, the allocation status compared is that of
+//! the whole chain, as qemu-img's is).
 
 use oxqcow::{BlockDevice, Image, OpenOptions};
 
-use crate::common::{is_cache_mode, open_image, strerror, Ctx};
+use crate::common::{is_cache_mode, open_image, strerror, Ctx, FORBID_BACKING};
 use crate::getopt::{self, HasArg, Opt};
 use crate::progress::Progress;
 use crate::status::StatusCursor;
@@ -28,6 +32,7 @@ const LONGS: &[Opt] = &[
     Opt::alias("b-format", HasArg::Required, "F"),
     Opt::alias("strict", HasArg::No, "s"),
     Opt::alias("cache", HasArg::Required, "T"),
+    Opt::long(FORBID_BACKING, HasArg::No),
 ];
 
 fn help(prog: &str) {
@@ -44,6 +49,7 @@ fn help(prog: &str) {
          -s, --strict\n     strict mode, also check if sizes are equal\n  \
          -T, --cache CACHE_MODE\n     images caching mode (writeback)\n  \
          -U, --force-share\n     open images in shared mode for concurrent access\n  \
+         --forbid-backing\n     refuse images that name a backing file (oxqcow)\n  \
          FILENAME1, FILENAME2\n     image files to compare\n"
     );
 }
@@ -93,6 +99,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             "s" => a.strict = true,
             "U" => {}
             "object" | "image-opts" => return ctx.fail(&format!("--{key} is not supported yet")),
+            FORBID_BACKING => crate::common::forbid_backing(),
             _ => unreachable!("getopt only returns declared options"),
         }
     }

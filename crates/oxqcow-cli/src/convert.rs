@@ -8,14 +8,33 @@
 //! holes. `-m N` workers take chunks in order and read them in parallel;
 //! unless `-W` is given they write them in order, so a qcow2 target gets
 //! its clusters laid out as a sequential copy would.
+//!
+//! Sources that are overlays are read through their backing chains.
+//!
+//! `-c` compresses every data cluster of a qcow2 target (deflate or zstd as
+//! `-o compression_type` says). Chunks are then whole target clusters, and
+//! the workers (`-m`, by default one per core) each compress their own
+//! chunk in parallel: compression runs in `write_compressed` outside the
+//! engine's locks, so compressed chunks are written as soon as they are
+//! ready, in any order (the content does not depend on the order; only the
+//! host layout does). Clusters that read as zeros stay holes.
+//!
+//! `-B BACKING` (with `-F FMT`) makes the target an overlay of BACKING, and
+//! only what differs from BACKING is written: every chunk is compared with
+//! BACKING's content cluster by cluster, and clusters that read the same
+//! stay unallocated in the target (zero clusters where the source reads
+//! zeros over BACKING data).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
-use oxqcow::{BlockDevice, CacheMode, CreateOptions, Image, ImageFormat, OpenOptions};
+use oxqcow::backing::resolve_backing_path;
+use oxqcow::{BlockDevice, CacheMode, CreateOptions, Image, ImageFormat, OpenOptions, Preallocation};
 
-use crate::common::{cvtnum, describe, is_cache_mode, open_image, os_error, strerror, Ctx};
+use crate::common::{
+    backing_forbidden, cvtnum, describe, is_cache_mode, open_image, os_error, strerror, Ctx, FORBID_BACKING,
+};
 use crate::getopt::{self, HasArg, Opt};
 use crate::progress::Progress;
 use crate::status::StatusCursor;
@@ -63,6 +82,7 @@ const LONGS: &[Opt] = &[
     Opt::alias("salvage", HasArg::No, "salvage"),
     Opt::alias("oob-writes", HasArg::No, "W"),
     Opt::alias("object", HasArg::Required, "object"),
+    Opt::long(FORBID_BACKING, HasArg::No),
 ];
 
 fn help(prog: &str) {
@@ -70,7 +90,8 @@ fn help(prog: &str) {
         "Usage:\n\
          Copy one image to another with optional format conversion.  Usage:\n\n  \
          {prog} convert [-f SRC_FMT] [-T SRC_CACHE] [-o TGT_OPTS] [-t TGT_CACHE] [-n]\n        \
-         [-O TGT_FMT] [-S SPARSE_SIZE] [-m NUM] [-W] [-p] [-q] [-U]\n        \
+         [-O TGT_FMT] [-c] [-B BACKING_FILENAME [-F BACKING_FMT]] [-S SPARSE_SIZE]\n        \
+         [-m NUM] [-W] [-p] [-q] [-U] [--forbid-backing]\n        \
          SRC_FILENAME [SRC_FILENAME2 [...]] TGT_FILENAME\n\n\
          Arguments:\n  \
          -h, --help\n     print this help and exit\n  \
@@ -80,13 +101,18 @@ fn help(prog: &str) {
          -T, --source-cache SRC_CACHE\n     source image(s) cache mode (writeback)\n  \
          -O, --target-format TGT_FMT\n     specify TGT_FILENAME image format (default is raw)\n  \
          -o, --target-options TGT_OPTS\n     TARGET_FMT-specific options\n  \
+         -c, --compress\n     create compressed output image (qcow2 only; -o compression_type=zlib|zstd)\n  \
          -t, --target-cache TGT_CACHE\n     cache mode when opening output image (unsafe)\n  \
+         -B, --backing BACKING_FILENAME\n     create output to be a CoW on top of BACKING_FILENAME\n     \
+         (only what differs from it is written)\n  \
+         -F, --backing-format BACKING_FMT\n     specify BACKING_FILENAME image format explicitly\n  \
          -n, --no-create\n     omit target volume creation\n  \
          --target-is-zero\n     the existing target (-n) reads as zeros already\n  \
          -S, --sparse-size SPARSE_SIZE\n     runs of zeros at least this long stay holes (default 4k; 0 allocates everything)\n  \
          -U, --force-share\n     open images in shared mode for concurrent access\n  \
-         -m, --parallel NUM_COROUTINES\n     specify parallelism (default 8)\n  \
+         -m, --parallel NUM_COROUTINES\n     specify parallelism (default 8; with -c, one per core)\n  \
          -W, --oob-writes\n     enable out-of-order writes to improve performance\n  \
+         --forbid-backing\n     refuse images that name a backing file (oxqcow)\n  \
          SRC_FILENAME\n     source image file name\n  \
          TGT_FILENAME\n     target (output) image file name\n"
     );
@@ -104,8 +130,14 @@ struct Args {
     target_is_zero: bool,
     progress: bool,
     quiet: bool,
-    workers: usize,
+    /// `-m`; `None`: the default.
+    workers: Option<usize>,
     in_order: bool,
+    compress: bool,
+    /// `-B`.
+    backing: Option<String>,
+    /// `-F`.
+    backing_fmt: Option<String>,
     /// `-S` in bytes; 0 disables zero detection.
     min_sparse: u64,
     sources: Vec<String>,
@@ -133,8 +165,11 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         target_is_zero: false,
         progress: false,
         quiet: false,
-        workers: DEFAULT_WORKERS as usize,
+        workers: None,
         in_order: true,
+        compress: false,
+        backing: None,
+        backing_fmt: None,
         min_sparse: DEFAULT_MIN_SPARSE,
         sources: Vec::new(),
         target: String::new(),
@@ -163,7 +198,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             "U" => {}
             "W" => a.in_order = false,
             "m" => match cvtnum("number of coroutines", &v, 1, MAX_WORKERS) {
-                Ok(n) => a.workers = n as usize,
+                Ok(n) => a.workers = Some(n as usize),
                 Err(msg) => return ctx.fail(&msg),
             },
             "S" => match cvtnum("buffer size for sparse output", &v, 0, i64::MAX as u64) {
@@ -177,8 +212,10 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 }
                 Err(msg) => return ctx.fail(&msg),
             },
-            "c" => return ctx.fail("compressed output (-c) is not supported yet"),
-            "B" | "F" => return ctx.fail("backing files for the target (-B/-F) are not supported yet"),
+            "c" => a.compress = true,
+            "B" => a.backing = Some(v),
+            "F" => a.backing_fmt = Some(v),
+            FORBID_BACKING => crate::common::forbid_backing(),
             "l" => match SnapshotParam::parse(&v) {
                 Ok(p) => a.snapshot = Some(p),
                 Err(key) => {
@@ -205,6 +242,10 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     a.sources = sources.to_vec();
     if a.sources.len() > 1 && a.snapshot.is_some() {
         return ctx.fail("No support for concatenating multiple snapshot");
+    }
+    if a.sources.len() > 1 && a.backing.is_some() {
+        return ctx
+            .fail("Having a backing file for the target makes no sense when concatenating multiple input images");
     }
     if a.skip_create && a.options.is_some() {
         return ctx.fail("-o has no effect when skipping image creation");
@@ -235,6 +276,57 @@ struct Source {
     len: u64,
 }
 
+/// What the target's backing file is, for `-B`.
+struct TargetBacking {
+    /// The name recorded in the target's header.
+    name: String,
+    /// Its format (`-F`).
+    format: String,
+}
+
+/// The target's backing file from `-B`/`-F` and `-o backing_file`/`backing_fmt`,
+/// checked as qemu-img checks them.
+fn target_backing(a: &Args, opts: &mut CreateOptions, format: ImageFormat) -> Result<Option<TargetBacking>, String> {
+    if let Some(b) = &a.backing {
+        if format != ImageFormat::Qcow2 {
+            return Err(format!("Backing file not supported for file format '{}'", format.name()));
+        }
+        opts.backing_file = Some(b.clone());
+    }
+    if let Some(f) = &a.backing_fmt {
+        if format == ImageFormat::Qcow2 {
+            opts.backing_format = Some(f.clone());
+        }
+    }
+    let Some(name) = opts.backing_file.clone() else {
+        if opts.backing_format.is_some() || (a.backing_fmt.is_some() && !a.skip_create) {
+            return Err(format!(
+                "{}: error while converting {}: Backing format cannot be used without backing file",
+                a.target,
+                format.name()
+            ));
+        }
+        return Ok(None);
+    };
+    let Some(fmt) = opts.backing_format.clone() else {
+        return Err("Use of backing file requires explicit backing format".into());
+    };
+    if ImageFormat::from_name(&fmt).is_err() {
+        return Err(format!(
+            "{}: error while converting {}: Unknown backing file format '{fmt}'",
+            a.target,
+            format.name()
+        ));
+    }
+    if backing_forbidden() {
+        return Err(format!(
+            "'{}' would have a backing file ('{name}') and opening backing files is forbidden",
+            a.target
+        ));
+    }
+    Ok(Some(TargetBacking { name, format: fmt }))
+}
+
 fn convert(_ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
     let mut sources = Vec::with_capacity(a.sources.len());
     let mut total = 0u64;
@@ -251,21 +343,39 @@ fn convert(_ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
     let out_fmt = a.out_fmt.as_deref().unwrap_or("raw");
     let format = ImageFormat::from_name(out_fmt).map_err(|_| format!("Unknown file format '{out_fmt}'"))?;
 
+    let mut opts = match format {
+        ImageFormat::Qcow2 => CreateOptions::qcow2(total),
+        ImageFormat::Raw => CreateOptions::raw(total),
+    };
+    if let Some(o) = &a.options {
+        opts.apply_option_string(o).map_err(|e| {
+            let msg = describe(&e);
+            // qcow2 itself checks the compression type, when creating.
+            if msg.starts_with("Parameter 'compression-type'") {
+                format!("{}: error while converting {out_fmt}: {msg}", a.target)
+            } else {
+                msg
+            }
+        })?;
+    }
+    opts.size = total;
+    opts.size_given = true;
+    let backing = if a.skip_create && a.backing.is_none() { None } else { target_backing(a, &mut opts, format)? };
+    if a.compress {
+        if format != ImageFormat::Qcow2 {
+            return Err("Compression not supported for this file format".into());
+        }
+        if opts.preallocation != Preallocation::Off {
+            return Err("Compression and preallocation not supported at the same time".into());
+        }
+    }
+
     let target = if a.skip_create {
         None
     } else {
-        let mut opts = match format {
-            ImageFormat::Qcow2 => CreateOptions::qcow2(total),
-            ImageFormat::Raw => CreateOptions::raw(total),
-        };
-        if let Some(o) = &a.options {
-            opts.apply_option_string(o).map_err(|e| describe(&e))?;
-        }
-        opts.size = total;
-        opts.size_given = true;
-        if opts.backing_file.is_some() {
-            return Err("backing files for the target are not supported yet".into());
-        }
+        // Like qemu-img, create without looking at the backing file; opening
+        // the new image below reports a backing file that cannot be opened.
+        opts.unsafe_backing = true;
         let image = Image::create(Path::new(&a.target), &opts).map_err(|e| {
             let why = match &e {
                 oxqcow::Error::Io { op: "creating the image", source, .. } => {
@@ -275,7 +385,12 @@ fn convert(_ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
             };
             format!("{}: error while converting {out_fmt}: {why}", a.target)
         })?;
-        Some(image)
+        if backing.is_some() {
+            image.close().map_err(|e| format!("error while closing the target: {}", strerror(&e)))?;
+            None
+        } else {
+            Some(image)
+        }
     };
     if !is_cache_mode(&a.cache) {
         return Err(format!("Invalid cache option: {}", a.cache));
@@ -293,6 +408,32 @@ fn convert(_ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
     if a.skip_create && target.len() < total {
         return Err("output file is smaller than input file".into());
     }
+    // The image the target's unallocated clusters read from.
+    let backing_image: Option<Arc<Image>> = match &backing {
+        None => None,
+        Some(b) if !a.skip_create => match target.as_qcow2().and_then(|q| q.backing()) {
+            Some(image) => Some(image.clone()),
+            None => return Err(format!("Could not open '{}': the backing file was not opened", a.target)),
+        },
+        // With -n, the existing target is trusted to be an overlay of -B.
+        Some(b) => {
+            let path = resolve_backing_path(Path::new(&a.target), &b.name);
+            let shown = path.to_string_lossy().into_owned();
+            Some(Arc::new(open_image(&shown, Some(&b.format), OpenOptions::new().read_only(true))?))
+        }
+    };
+    let cluster = target.as_qcow2().map_or(SECTOR, |q| q.geometry().cluster_size());
+    if a.compress && target.as_qcow2().is_none() {
+        return Err("Compression not supported for this file format".into());
+    }
+    let workers = a.workers.unwrap_or_else(|| {
+        if a.compress {
+            // Compression is CPU bound: one worker per core.
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            DEFAULT_WORKERS as usize
+        }
+    });
     // qemu-img's default target cache is "unsafe": no flush until the end,
     // and none at the end either.
     target.set_cache_mode(CacheMode::from_name(&a.cache).map_err(|e| describe(&e))?);
@@ -300,15 +441,21 @@ fn convert(_ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
     let job = Job {
         sources: &sources,
         target: &target,
+        backing: backing_image.as_deref(),
         total,
+        target_len: target.len(),
+        cluster,
+        compress: a.compress,
         min_sparse: a.min_sparse,
         alignment: alignment(a.min_sparse),
         has_zero_init: !a.skip_create || a.target_is_zero,
-        in_order: a.in_order,
+        // Compressed chunks are written as soon as they are compressed.
+        in_order: a.in_order && !a.compress,
         progress,
         data_total: if a.progress { count_data(&sources, a.min_sparse)? } else { 0 },
     };
-    job.run(a.workers.max(1))?;
+    job.run(workers.max(1))?;
+    drop(backing_image);
     target.flush().map_err(|e| format!("error while flushing the target: {}", strerror(&e)))?;
     target.close().map_err(|e| format!("error while closing the target: {}", strerror(&e)))?;
     Ok(())
@@ -355,14 +502,11 @@ enum Kind {
     ZeroAsData,
 }
 
-/// A chunk of the copy, numbered in order.
+/// A chunk of the copy, numbered in order. Offsets are in the target (the
+/// sources concatenated).
 #[derive(Clone, Copy, Debug)]
 struct Chunk {
     index: u64,
-    source: usize,
-    /// Offset in the source.
-    src_offset: u64,
-    /// Offset in the target.
     offset: u64,
     len: u64,
     kind: Kind,
@@ -375,6 +519,10 @@ struct Planner<'a> {
     pos: u64,
     source: usize,
     next_index: u64,
+    /// Chunks start and end on multiples of this (the cluster size when
+    /// compressing: compressed writes cover whole clusters), except at the
+    /// end of the whole; 0 when chunks follow the sources' status exactly.
+    align: u64,
 }
 
 impl Planner<'_> {
@@ -392,15 +540,29 @@ impl Planner<'_> {
         let s = &self.sources[self.source];
         let src_offset = self.pos - s.start;
         let e = self.cursors[self.source].at(src_offset).map_err(|e| status_error(src_offset, &e))?;
-        let (kind, cap) = match (e.zero, min_sparse) {
-            (false, _) => (Kind::Data, IO_BUF_SIZE),
-            (true, 0) => (Kind::ZeroAsData, IO_BUF_SIZE),
-            (true, _) => (Kind::Zero, MAX_ZERO_CHUNK),
+        // End of the run in target offsets (a run never crosses a source).
+        let run_end = self.pos + e.length.min(s.len - src_offset);
+        let (kind, end) = if self.align == 0 {
+            let (kind, cap) = match (e.zero, min_sparse) {
+                (false, _) => (Kind::Data, IO_BUF_SIZE),
+                (true, 0) => (Kind::ZeroAsData, IO_BUF_SIZE),
+                (true, _) => (Kind::Zero, MAX_ZERO_CHUNK),
+            };
+            (kind, run_end.min(self.pos + cap))
+        } else {
+            let align = self.align;
+            let zero_end = if run_end == total { total } else { run_end / align * align };
+            if e.zero && min_sparse != 0 && zero_end > self.pos {
+                (Kind::Zero, zero_end.min(self.pos + MAX_ZERO_CHUNK))
+            } else {
+                // Data, or zeros too short to fill a cluster: whole clusters
+                // of data, read across runs (and sources) as needed.
+                (Kind::Data, run_end.div_ceil(align).saturating_mul(align).min(self.pos + IO_BUF_SIZE).min(total))
+            }
         };
-        let len = e.length.min(cap).min(s.len - src_offset);
-        let chunk = Chunk { index: self.next_index, source: self.source, src_offset, offset: self.pos, len, kind };
+        let chunk = Chunk { index: self.next_index, offset: self.pos, len: end - self.pos, kind };
         self.next_index += 1;
-        self.pos += len;
+        self.pos = end;
         Ok(Some(chunk))
     }
 }
@@ -409,7 +571,15 @@ impl Planner<'_> {
 struct Job<'a> {
     sources: &'a [Source],
     target: &'a Image,
+    /// The target's backing image (`-B`): only what differs from it is written.
+    backing: Option<&'a Image>,
     total: u64,
+    /// The target's size (the sources' size rounded up to a sector).
+    target_len: u64,
+    /// The granularity of comparisons with the backing image and of
+    /// compressed writes: the target's cluster size.
+    cluster: u64,
+    compress: bool,
     min_sparse: u64,
     alignment: u64,
     has_zero_init: bool,
@@ -442,11 +612,23 @@ impl Shared<'_> {
     }
 }
 
+/// What to do with one cluster-sized piece of a chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Action {
+    /// Nothing: the target reads the same already.
+    Skip,
+    /// Make it read as zeros.
+    Zero,
+    /// Write the data.
+    Write,
+}
+
 impl Job<'_> {
     fn run(&self, workers: usize) -> Result<(), String> {
         let cursors = self.sources.iter().map(|s| StatusCursor::new(&s.image)).collect();
+        let align = if self.compress { self.cluster } else { 0 };
         let shared = Shared {
-            planner: Mutex::new(Planner { cursors, sources: self.sources, pos: 0, source: 0, next_index: 0 }),
+            planner: Mutex::new(Planner { cursors, sources: self.sources, pos: 0, source: 0, next_index: 0, align }),
             turn: Mutex::new((0, 0)),
             turn_changed: Condvar::new(),
             failed: AtomicBool::new(false),
@@ -464,7 +646,10 @@ impl Job<'_> {
     }
 
     fn worker(&self, shared: &Shared<'_>) {
-        let mut buf = vec![0u8; IO_BUF_SIZE as usize];
+        // A compressed chunk may be extended to the end of the target, past
+        // the end of the sources, by less than a cluster.
+        let mut buf = vec![0u8; (IO_BUF_SIZE + self.cluster) as usize];
+        let mut base = Vec::new();
         loop {
             if shared.failed.load(Ordering::Acquire) {
                 return;
@@ -478,18 +663,28 @@ impl Job<'_> {
             let data = &mut buf[..if chunk.kind == Kind::Zero { 0 } else { chunk.len as usize }];
             match chunk.kind {
                 Kind::Data => {
-                    let src = &self.sources[chunk.source].image;
-                    if let Err(e) = src.read_at(data, chunk.src_offset) {
-                        return shared.fail(format!("error while reading at byte {}: {}", chunk.offset, strerror(&e)));
+                    if let Err(msg) = self.read_sources(data, chunk.offset) {
+                        return shared.fail(msg);
                     }
                 }
                 Kind::ZeroAsData => data.fill(0),
                 Kind::Zero => {}
             }
+            // What the target shows there now, read before waiting for the turn.
+            if let (Some(b), false) = (self.backing, data.is_empty()) {
+                base.resize(data.len(), 0);
+                if let Err(e) = read_clipped(b, &mut base, chunk.offset) {
+                    return shared.fail(format!(
+                        "error while reading the backing file at byte {}: {}",
+                        chunk.offset,
+                        strerror(&e)
+                    ));
+                }
+            }
             if self.in_order && !self.wait_turn(shared, chunk.index) {
                 return;
             }
-            let res = self.write_chunk(&chunk, data);
+            let res = self.write_chunk(&chunk, data, &mut base);
             {
                 let mut t = shared.turn.lock().unwrap_or_else(|p| p.into_inner());
                 if self.in_order {
@@ -500,7 +695,8 @@ impl Job<'_> {
                     t.1 += chunk.len;
                     if self.data_total > 0 {
                         // Under the lock, so the display only moves forward.
-                        self.progress.print((100.0 * t.1 as f64 / self.data_total as f64) as f32, 0);
+                        let percent = (100.0 * t.1 as f64 / self.data_total as f64).min(100.0);
+                        self.progress.print(percent as f32, 0);
                     }
                 }
             }
@@ -508,6 +704,28 @@ impl Job<'_> {
                 return shared.fail(msg);
             }
         }
+    }
+
+    /// Reads `buf.len()` bytes of the concatenated sources at `offset`;
+    /// past their end the target reads zeros.
+    fn read_sources(&self, buf: &mut [u8], offset: u64) -> Result<(), String> {
+        let mut done = 0usize;
+        for s in self.sources {
+            let at = offset + done as u64;
+            if done == buf.len() {
+                break;
+            }
+            if at >= s.start + s.len {
+                continue;
+            }
+            let n = (s.start + s.len - at).min((buf.len() - done) as u64) as usize;
+            s.image
+                .read_at(&mut buf[done..done + n], at - s.start)
+                .map_err(|e| format!("error while reading at byte {at}: {}", strerror(&e)))?;
+            done += n;
+        }
+        buf[done..].fill(0);
+        Ok(())
     }
 
     /// Waits until chunk `index` may write; false when the copy failed.
@@ -522,10 +740,17 @@ impl Job<'_> {
         !shared.failed.load(Ordering::Acquire)
     }
 
-    /// Writes one chunk: its data, less the zero runs found in it.
-    fn write_chunk(&self, chunk: &Chunk, data: &[u8]) -> Result<(), String> {
+    /// Writes one chunk. `base` holds the backing image's content of the
+    /// chunk (with `-B`; scratch space otherwise).
+    fn write_chunk(&self, chunk: &Chunk, data: &mut [u8], base: &mut Vec<u8>) -> Result<(), String> {
         if chunk.kind == Kind::Zero {
-            return self.zero(chunk.offset, chunk.len);
+            return match self.backing {
+                Some(b) => self.zero_over_backing(b, chunk.offset, chunk.len, base),
+                None => self.zero(chunk.offset, chunk.len),
+            };
+        }
+        if self.compress || self.backing.is_some() {
+            return self.write_by_cluster(chunk.offset, data, base);
         }
         if self.min_sparse == 0 || chunk.len % SECTOR != 0 || chunk.offset % SECTOR != 0 {
             return self.write(chunk.offset, data);
@@ -533,7 +758,7 @@ impl Job<'_> {
         let min = self.min_sparse / SECTOR;
         let align = self.alignment / SECTOR;
         let mut sector = chunk.offset / SECTOR;
-        let mut rest = data;
+        let mut rest = &data[..];
         while !rest.is_empty() {
             let n_sectors = rest.len() as u64 / SECTOR;
             let (is_data, n) = allocated_sectors_min(rest, n_sectors, min, sector, align);
@@ -546,6 +771,99 @@ impl Job<'_> {
             }
             sector += n;
             rest = &rest[bytes..];
+        }
+        Ok(())
+    }
+
+    /// Writes a chunk cluster by cluster: clusters that read the same as
+    /// the backing image are skipped, clusters of zeros are zeroed (or left
+    /// as holes), the rest written (compressed with `-c`), runs of equal
+    /// treatment in one request.
+    fn write_by_cluster(&self, offset: u64, data: &[u8], base: &[u8]) -> Result<(), String> {
+        let cs = self.cluster;
+        // A compressed write of the last cluster covers it up to the end of
+        // the target, which may lie past the end of the sources.
+        let mut padded = Vec::new();
+        let data = if self.compress && offset + data.len() as u64 == self.total && self.target_len > self.total {
+            padded.extend_from_slice(data);
+            padded.resize((self.target_len - offset) as usize, 0);
+            &padded[..]
+        } else {
+            data
+        };
+        let mut run: Option<(Action, usize)> = None;
+        let mut at = 0usize;
+        while at < data.len() {
+            let piece_end = (((offset + at as u64) / cs + 1) * cs - offset).min(data.len() as u64) as usize;
+            let piece = &data[at..piece_end];
+            let action = match self.backing {
+                Some(_) => {
+                    let b = base.get(at..piece_end).unwrap_or(&[]);
+                    if piece.len() == b.len() && piece == b || b.is_empty() && is_zero(piece) {
+                        Action::Skip
+                    } else if is_zero(piece) && self.min_sparse != 0 {
+                        Action::Zero
+                    } else {
+                        Action::Write
+                    }
+                }
+                None if is_zero(piece) && self.min_sparse != 0 => Action::Zero,
+                None => Action::Write,
+            };
+            match run {
+                Some((a, _)) if a == action => {}
+                Some((a, start)) => {
+                    self.apply(a, offset + start as u64, &data[start..at])?;
+                    run = Some((action, at));
+                }
+                None => run = Some((action, at)),
+            }
+            at = piece_end;
+        }
+        if let Some((a, start)) = run {
+            self.apply(a, offset + start as u64, &data[start..])?;
+        }
+        Ok(())
+    }
+
+    fn apply(&self, action: Action, offset: u64, data: &[u8]) -> Result<(), String> {
+        match action {
+            Action::Skip => Ok(()),
+            Action::Zero if self.backing.is_some() => self
+                .target
+                .write_zeroes_at(offset, data.len() as u64, false)
+                .map_err(|e| format!("error while writing at byte {offset}: {}", strerror(&e))),
+            Action::Zero => self.zero(offset, data.len() as u64),
+            Action::Write if self.compress => {
+                let q = self.target.as_qcow2().expect("compression needs a qcow2 target");
+                q.write_compressed(data, offset)
+                    .map_err(|e| format!("error while writing at byte {offset}: {}", strerror(&e)))
+            }
+            Action::Write => self.write(offset, data),
+        }
+    }
+
+    /// Makes a range that reads as zeros in the source read as zeros in
+    /// the target too, where the backing image has anything else.
+    fn zero_over_backing(&self, b: &Image, offset: u64, len: u64, buf: &mut Vec<u8>) -> Result<(), String> {
+        let blen = b.len();
+        let end = (offset + len).min(blen);
+        if offset >= end {
+            return Ok(());
+        }
+        let err =
+            |at: u64, e: oxqcow::Error| format!("error while reading the backing file at byte {at}: {}", strerror(&e));
+        let extents = b.block_status(offset, end - offset).map_err(|e| err(offset, e))?;
+        for e in extents.iter().filter(|e| !e.zero) {
+            let mut at = e.offset;
+            while at < e.offset + e.length {
+                let n = (e.offset + e.length - at).min(IO_BUF_SIZE);
+                buf.resize(n as usize, 0);
+                b.read_at(buf, at).map_err(|x| err(at, x))?;
+                let zeros = vec![0u8; n as usize];
+                self.write_by_cluster(at, &zeros, buf)?;
+                at += n;
+            }
         }
         Ok(())
     }
@@ -570,6 +888,17 @@ impl Job<'_> {
         }
         Ok(())
     }
+}
+
+/// Reads `buf.len()` bytes at `offset` of an image that may be shorter:
+/// what lies past its end reads as zeros.
+fn read_clipped(image: &Image, buf: &mut [u8], offset: u64) -> oxqcow::Result<()> {
+    let n = image.len().saturating_sub(offset).min(buf.len() as u64) as usize;
+    if n > 0 {
+        image.read_at(&mut buf[..n], offset)?;
+    }
+    buf[n..].fill(0);
+    Ok(())
 }
 
 /// qemu-img's `is_allocated_sectors`: the length of the run of sectors

@@ -173,11 +173,18 @@ pub fn parse_until_error(prog: &str, args: &[String], spec: &[Opt]) -> (Parsed, 
     (out, None)
 }
 
+/// oxqcow's own long options, which qemu-img does not have: they match only
+/// when spelled out, so that every abbreviation qemu-img accepts keeps its
+/// meaning (`--form=qcow2` stays `--format`, not ambiguous with
+/// `--forbid-backing`).
+const EXACT_ONLY: &[&str] = &[crate::common::FORBID_BACKING];
+
 fn find_long<'a>(prog: &str, arg: &str, name: &str, spec: &'a [Opt]) -> Result<&'a Opt, String> {
     if let Some(exact) = spec.iter().find(|o| o.long == Some(name)) {
         return Ok(exact);
     }
-    let candidates: Vec<&Opt> = spec.iter().filter(|o| o.long.is_some_and(|l| l.starts_with(name))).collect();
+    let candidates: Vec<&Opt> =
+        spec.iter().filter(|o| o.long.is_some_and(|l| l.starts_with(name) && !EXACT_ONLY.contains(&l))).collect();
     match candidates.as_slice() {
         [] => Err(format!("{prog}: unrecognized option '{arg}'")),
         [one] => Ok(one),
@@ -225,6 +232,23 @@ mod tests {
             parse("p", &args(&["--o=json"]), SPEC).unwrap_err(),
             "p: option '--o=json' is ambiguous; possibilities: '--output' '--object'"
         );
+    }
+
+    #[test]
+    fn own_options_match_only_spelled_out() {
+        let spec = &[
+            Opt::both('f', "format", HasArg::Required),
+            Opt::long("force-share", HasArg::No),
+            Opt::long(crate::common::FORBID_BACKING, HasArg::No),
+        ];
+        let p = parse("p", &args(&["--form=qcow2", "--forbid-backing"]), spec).unwrap();
+        let keys: Vec<(&str, Option<&str>)> = p.opts.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
+        assert_eq!(keys, vec![("f", Some("qcow2")), ("forbid-backing", None)]);
+        assert_eq!(
+            parse("p", &args(&["--fo=x"]), spec).unwrap_err(),
+            "p: option '--fo=x' is ambiguous; possibilities: '--format' '--force-share'"
+        );
+        assert_eq!(parse("p", &args(&["--forbid"]), spec).unwrap_err(), "p: unrecognized option '--forbid'");
     }
 
     #[test]

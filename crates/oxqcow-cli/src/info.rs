@@ -101,6 +101,12 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         let backing_format = info.get("backing-filename-format").and_then(Value::as_str).map(String::from);
         infos.push(info);
         match backing {
+            // --forbid-backing: the header is described, its backing file never opened.
+            Some(b) if chain && crate::common::backing_forbidden() => {
+                return ctx.fail(&format!(
+                    "Could not open '{b}': '{path}' has a backing file and opening backing files is forbidden"
+                ));
+            }
             Some(b) if chain => {
                 path = b;
                 format = backing_format;

@@ -6,6 +6,7 @@
 mod amend;
 mod bench;
 mod check;
+mod commit;
 #[allow(dead_code)] // used by the subcommand modules as they land
 mod common;
 mod compare;
@@ -19,6 +20,7 @@ mod map;
 mod measure;
 mod progress;
 mod qjson;
+mod rebase;
 mod resize;
 mod snapshot;
 mod status;
@@ -33,7 +35,11 @@ fn usage(ctx: &Ctx) -> String {
          usage: {prog} [standard options] command [command options]\n\
          QEMU disk image utility, qemu-img compatible\n\n\
          Command syntax: see '{prog} COMMAND --help'.\n\
-         Commands: create, info, check, map, compare, convert, resize, measure, snapshot, amend, bench, io\n",
+         Commands: create, info, check, map, compare, convert, commit, rebase, resize, measure, snapshot, amend,\n          \
+         bench, io\n\n\
+         Global options (before the command):\n  \
+         --forbid-backing\n     refuse every image that names a backing file instead of opening the\n     \
+         backing file (for images from untrusted sources)\n",
         prog = ctx.prog
     )
 }
@@ -58,6 +64,10 @@ fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 return 0;
             }
             "-T" | "--trace" => args = &args[2.min(args.len())..],
+            "--forbid-backing" => {
+                common::forbid_backing();
+                args = &args[1..];
+            }
             t if t.starts_with("--trace=") || (t.starts_with("-T") && t.len() > 2) => args = &args[1..],
             _ => break,
         }
@@ -71,6 +81,7 @@ fn run(ctx: &Ctx, args: &[String]) -> i32 {
         "amend" => amend::run(ctx, rest),
         "bench" => bench::run(ctx, rest),
         "check" => check::run(ctx, rest),
+        "commit" => commit::run(ctx, rest),
         "compare" => compare::run(ctx, rest),
         "convert" => convert::run(ctx, rest),
         "create" => create::run(ctx, rest),
@@ -78,6 +89,7 @@ fn run(ctx: &Ctx, args: &[String]) -> i32 {
         "io" => io::run(ctx, rest),
         "map" => map::run(ctx, rest),
         "measure" => measure::run(ctx, rest),
+        "rebase" => rebase::run(ctx, rest),
         "resize" => resize::run(ctx, rest),
         "snapshot" => snapshot::run(ctx, rest),
         other => ctx.fail(&format!("Command not found: {other}")),

@@ -4,10 +4,15 @@
 //! (`entry_mergeable`) and printer (`dump_map_entry`), including the human
 //! format's habit of treating every non-data run as plain zeros so that
 //! more of them coalesce.
+//!
+//! On a backing chain each run carries the depth of the layer that
+//! describes it, and the human format's File column names that layer's file
+//! as QEMU names it (backing file names taken relative to the directory of
+//! the image naming them).
 
 use oxqcow::{BlockDevice, Extent, OpenOptions};
 
-use crate::common::{cvtnum, open_image, strerror, Ctx};
+use crate::common::{chain_filenames, cvtnum, open_image, strerror, Ctx, FORBID_BACKING};
 use crate::getopt::{self, HasArg, Opt};
 
 /// Block status is asked for in windows of this many bytes, so the extent
@@ -81,6 +86,7 @@ fn help(prog: &str) {
          --max-length LENGTH\n  \
          --output human|json\n     specify output format name (default human)\n  \
          -U, --force-share\n     open image in shared mode for concurrent access\n  \
+         --forbid-backing\n     refuse images that name a backing file (oxqcow)\n  \
          FILENAME\n     image file name\n"
     );
 }
@@ -94,6 +100,7 @@ const LONGS: &[Opt] = &[
     Opt::alias("force-share", HasArg::No, "U"),
     Opt::alias("start-offset", HasArg::Required, "start-offset"),
     Opt::alias("max-length", HasArg::Required, "max-length"),
+    Opt::long(FORBID_BACKING, HasArg::No),
 ];
 
 /// Runs `map`.
@@ -136,6 +143,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 Err(msg) => return ctx.fail(&msg),
             },
             "object" | "image-opts" => return ctx.fail(&format!("--{key} is not supported yet")),
+            FORBID_BACKING => crate::common::forbid_backing(),
             _ => unreachable!("getopt only returns declared options"),
         }
     }
@@ -150,14 +158,16 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     if let Some(max) = max_length {
         length = length.min(start_offset.saturating_add(max));
     }
-    match dump(&image, filename, output, start_offset, length) {
+    let files = chain_filenames(&image, filename);
+    match dump(&image, &files, output, start_offset, length) {
         Ok(()) => 0,
         Err(msg) => ctx.fail(&msg),
     }
 }
 
 /// Prints the map of `[start, end)`, merging and printing as qemu-img does.
-fn dump(image: &dyn BlockDevice, filename: &str, output: Output, start: u64, end: u64) -> Result<(), String> {
+/// `files` names the layers of the chain, top first.
+fn dump(image: &dyn BlockDevice, files: &[String], output: Output, start: u64, end: u64) -> Result<(), String> {
     let mut out = std::io::stdout().lock();
     match output {
         Output::Human => writeln(&mut out, &format!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to"))?,
@@ -193,11 +203,11 @@ fn dump(image: &dyn BlockDevice, filename: &str, output: Output, start: u64, end
             continue;
         }
         if curr.length > 0 {
-            dump_entry(&mut out, output, &curr, Some(&mut next), filename)?;
+            dump_entry(&mut out, output, &curr, Some(&mut next), files)?;
         }
         curr = next;
     }
-    dump_entry(&mut out, output, &curr, None, filename)?;
+    dump_entry(&mut out, output, &curr, None, files)?;
     if output == Output::Json {
         writeln(&mut out, "]")?;
     }
@@ -210,7 +220,7 @@ fn dump_entry(
     output: Output,
     e: &MapEntry,
     next: Option<&mut MapEntry>,
-    filename: &str,
+    files: &[String],
 ) -> Result<(), String> {
     match output {
         Output::Human => {
@@ -218,6 +228,10 @@ fn dump_entry(
                 return Err("File contains external, encrypted or compressed clusters.".into());
             }
             if e.data && !e.zero {
+                // The layer at this depth; a run past the end of a shorter
+                // backing file has depth 0 and reads as zeros, so this
+                // always names an opened layer.
+                let filename = files.get(e.depth as usize).or(files.last()).map_or("", String::as_str);
                 let line = format!(
                     "{:<16}{:<16}{:<16}{}",
                     c_hex(e.start),

@@ -213,11 +213,7 @@ fn convert_errors_match_qemu() {
 fn convert_refuses_what_it_cannot_do() {
     let s = Scratch::new();
     common::random_raw(&s.path("a.raw"), 1 << 20, 4);
-    for args in [
-        &["convert", "-c", "-O", "qcow2", "a.raw", "x"][..],
-        &["convert", "-B", "a.raw", "-F", "raw", "-O", "qcow2", "a.raw", "x"],
-        &["convert", "--bitmaps", "-O", "qcow2", "a.raw", "x"],
-    ] {
+    for args in [&["convert", "--bitmaps", "-O", "qcow2", "a.raw", "x"][..], &["convert", "-C", "a.raw", "x"]] {
         let out = s.ours(args);
         assert_eq!(out.code, 1, "{args:?}: {out:?}");
         assert!(out.stderr.starts_with("qemu-img: ") && out.stderr.contains("not supported"), "{args:?}: {out:?}");

@@ -101,10 +101,11 @@ pub fn commit(top: &Path, base: Option<&Path>, keep_top: bool, progress: Progres
     // writing by this very process: share it.
     let top_image = Image::open(top, &OpenOptions { read_only: true, force_share: true, ..Default::default() })?;
     let base_layer = &layers[base_index];
-    let base_image = Image::open(
-        &base_layer.path,
-        &OpenOptions { format: Some(base_layer.format), backing: BackingPolicy::Ignore, ..Default::default() },
-    )?;
+    // The base is opened with its own backing chain: a version 2 image
+    // with a backing file must write zeros as data (it has no zero flag),
+    // which the engine only does when it knows about the backing file.
+    let base_image =
+        Image::open(&base_layer.path, &OpenOptions { format: Some(base_layer.format), ..Default::default() })?;
     let size = top_image.len();
     if base_image.len() < size {
         base_image.resize(size, crate::options::Preallocation::Off)?;

@@ -798,6 +798,10 @@ impl Qcow2 {
                 ReadSegment::Data { host, .. } => {
                     self.storage.read_at(out, host).map_err(Error::io("reading guest data", host))?;
                 }
+                // A whole cluster is inflated straight into the caller's buffer.
+                ReadSegment::Compressed { desc, in_cluster: 0, .. } if len as u64 == self.geometry.cluster_size() => {
+                    self.read_compressed_into(desc, out)?;
+                }
                 ReadSegment::Compressed { desc, in_cluster, .. } => {
                     let cluster = self.read_compressed(desc)?;
                     out.copy_from_slice(&cluster[in_cluster as usize..in_cluster as usize + len]);
@@ -1338,12 +1342,17 @@ impl Qcow2 {
 
     /// Reads and decompresses one compressed cluster.
     fn read_compressed(&self, desc: oxqcow_format::CompressedDescriptor) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; self.geometry.cluster_size() as usize];
+        self.read_compressed_into(desc, &mut out)?;
+        Ok(out)
+    }
+
+    /// Reads and decompresses one compressed cluster into `out` (one
+    /// cluster long).
+    fn read_compressed_into(&self, desc: oxqcow_format::CompressedDescriptor, out: &mut [u8]) -> Result<()> {
         let mut src = vec![0u8; desc.max_len() as usize];
         self.storage.read_at(&mut src, desc.offset.0).map_err(Error::io("reading compressed data", desc.offset.0))?;
-        let mut out = vec![0u8; self.geometry.cluster_size() as usize];
-        self.codec()
-            .decompress(&src, &mut out, || format!("compressed cluster at host offset 0x{:x}", desc.offset.0))?;
-        Ok(out)
+        self.codec().decompress(&src, out, || format!("compressed cluster at host offset 0x{:x}", desc.offset.0))
     }
 
     /// Writes whole clusters compressed (`buf` starts at a cluster boundary

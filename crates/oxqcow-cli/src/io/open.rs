@@ -296,6 +296,8 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
     if protocol_only {
         opts.backing = BackingPolicy::Ignore;
     }
+    // `oxqcow --forbid-backing io ...` refuses images with backing files.
+    opts.backing = crate::common::backing_policy(opts.backing);
     for (key, value) in &runtime {
         let unsupported = || format!("Block format '{format_name}' does not support the option '{key}'");
         if format == ImageFormat::Raw && qcow2_only(key) {

@@ -235,9 +235,23 @@ impl Scratch {
         self.run(Path::new("qemu-img"), args)
     }
 
-    /// Runs oxqcow (invoked as `qemu-img`).
+    /// Runs oxqcow, started as `qemu-img` through PATH so that its argv[0]
+    /// (which usage hints quote) is the same as qemu-img's.
     pub fn ours(&self, args: &[&str]) -> Out {
-        self.run(&self.ours, args)
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
+        dirs.insert(0, self.ours.parent().unwrap().to_path_buf());
+        let o = Command::new("qemu-img")
+            .args(args)
+            .env("PATH", std::env::join_paths(dirs).unwrap())
+            .current_dir(self.dir.path())
+            .output()
+            .unwrap_or_else(|e| panic!("running {}: {e}", self.ours.display()));
+        Out {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
     }
 
     /// Runs qemu-img with `args`, which must succeed.

@@ -1,0 +1,198 @@
+//! `rebase`: changes the backing file of an image, as `qemu-img rebase`
+//! does, on top of the library's [`oxqcow::chain_ops::rebase`].
+//!
+//! Safe mode (the default) first copies into the image every range whose
+//! content would change, so the guest sees the same disk on the new backing
+//! file (`-b ""`: on no backing file at all); `-u` only rewrites the header.
+//! A relative new backing file name is taken from the image's directory,
+//! as QEMU takes it.
+//!
+//! Unlike qemu-img, which copies the data and only then refuses to record a
+//! backing file without its format, a missing `-F` is refused before
+//! anything is written.
+
+use std::path::Path;
+
+use oxqcow::backing::{resolve_backing_path, BackingPolicy};
+use oxqcow::{ImageFormat, OpenOptions};
+
+use crate::common::{chain_filenames, describe, is_cache_mode, open_image, Ctx, FORBID_BACKING};
+
+use crate::getopt::{HasArg, Opt};
+use crate::progress::Progress;
+
+/// qemu-img's `IO_BUF_SIZE`: rebase reports progress once per this many bytes.
+const IO_BUF_SIZE: u64 = 2 << 20;
+
+const SPEC: &[Opt] = &[
+    Opt::both('h', "help", HasArg::No),
+    Opt::long("object", HasArg::Required),
+    Opt::long("image-opts", HasArg::No),
+    Opt::both('U', "force-share", HasArg::No),
+    Opt::both('q', "quiet", HasArg::No),
+    Opt::both('p', "progress", HasArg::No),
+    Opt::both('f', "format", HasArg::Required),
+    Opt::both('t', "cache", HasArg::Required),
+    Opt::both('b', "backing", HasArg::Required),
+    Opt::both('F', "backing-format", HasArg::Required),
+    Opt::both('T', "backing-cache", HasArg::Required),
+    Opt::both('u', "backing-unsafe", HasArg::No),
+    Opt::both('c', "compress", HasArg::No),
+    Opt::long(FORBID_BACKING, HasArg::No),
+];
+
+fn help(prog: &str) {
+    print!(
+        "Usage:\n\
+         Change backing file of the image.  Usage:\n\n  \
+         {prog} rebase [-f FMT | --image-opts] [-t CACHE] [-q] [-U] [-p]\n        \
+         [-b BACKING_FILENAME [-F BACKING_FMT] [-T BACKING_CACHE]] [-u]\n        \
+         [--object OBJDEF] [-c] FILENAME\n\
+         Rebases FILENAME on top of BACKING_FILENAME or no backing file\n\n\
+         Arguments:\n  \
+         -h, --help\n     print this help and exit\n  \
+         -q, --quiet\n     quiet operation\n  \
+         -p, --progress\n     show progress indicator\n  \
+         -f, --format FMT\n     specify FILENAME format explicitly\n  \
+         --image-opts\n     indicates that FILENAME is a complete image specification\n     \
+         instead of a file name (incompatible with --format)\n  \
+         -t, --cache CACHE\n     cache mode for FILENAME (writeback)\n  \
+         -b, --backing BACKING_FILENAME|\"\"\n     rebase onto this file (or no backing file)\n  \
+         -F, --backing-format BACKING_FMT\n     specify format for BACKING_FILENAME\n  \
+         -T, --backing-cache CACHE\n     BACKING_FILENAME cache mode (writeback)\n  \
+         -u, --backing-unsafe\n     do not fail if BACKING_FILENAME can not be read\n  \
+         -c, --compress\n     compress image (when image supports this)\n  \
+         -U, --force-share\n     open image in shared mode for concurrent access\n  \
+         --object OBJDEF\n     QEMU user-creatable object (eg encryption key)\n  \
+         --forbid-backing\n     refuse images that name a backing file (oxqcow)\n  \
+         FILENAME\n     image file name (or specification with --image-opts)\n"
+    );
+}
+
+/// Runs `rebase`.
+pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
+    let prog = &ctx.prog;
+    let parsed = match ctx.getopt("rebase", args, SPEC) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let mut format = None;
+    let mut backing: Option<String> = None;
+    let mut backing_fmt: Option<String> = None;
+    let mut cache = "writeback".to_string();
+    let mut src_cache = "writeback".to_string();
+    let mut unsafe_mode = false;
+    let mut progress = false;
+    let mut quiet = false;
+    for (key, value) in parsed.opts {
+        let v = value.unwrap_or_default();
+        match key.as_str() {
+            "h" => {
+                help(prog);
+                return 0;
+            }
+            "f" => format = Some(v),
+            "b" => backing = Some(v),
+            "F" => backing_fmt = Some(v),
+            "t" => cache = v,
+            "T" => src_cache = v,
+            "u" => unsafe_mode = true,
+            "p" => progress = true,
+            "q" => quiet = true,
+            "U" => {}
+            "c" => return ctx.fail("compressing the copied data (-c) is not supported yet"),
+            FORBID_BACKING => crate::common::forbid_backing(),
+            "object" | "image-opts" => return ctx.fail(&format!("--{key} is not supported yet")),
+            _ => unreachable!("getopt only returns declared options"),
+        }
+    }
+    if quiet {
+        progress = false;
+    }
+    let [filename] = parsed.operands.as_slice() else {
+        return ctx.usage_error("rebase", "Expecting one image file name");
+    };
+    if !unsafe_mode && backing.is_none() {
+        return ctx.usage_error("rebase", "Must specify backing file (-b) or use unsafe mode (-u)");
+    }
+    let backing_format = match backing_fmt.as_deref().map(|f| (f, ImageFormat::from_name(f))) {
+        None => None,
+        Some((_, Ok(f))) => Some(f),
+        Some((f, Err(_))) => return ctx.fail(&format!("Invalid format name: '{f}'")),
+    };
+    if !is_cache_mode(&cache) {
+        return ctx.fail(&format!("Invalid cache option: {cache}"));
+    }
+    if !is_cache_mode(&src_cache) {
+        return ctx.fail(&format!("Invalid source cache option: {src_cache}"));
+    }
+    // `-b ""` means no backing file.
+    let backing = backing.filter(|b| !b.is_empty());
+    let shown = backing.as_deref().unwrap_or("(null)");
+
+    // Unsafe mode never reads the old backing file.
+    let policy = if unsafe_mode { BackingPolicy::Ignore } else { BackingPolicy::Follow };
+    let image = match open_image(filename, format.as_deref(), OpenOptions::new().backing(policy)) {
+        Ok(i) => i,
+        Err(msg) => return ctx.fail(&msg),
+    };
+    if format.is_none() && image.format() == oxqcow::ImageFormat::Raw {
+        crate::common::warn_probed_raw(filename);
+    }
+    if image.as_qcow2().is_none() {
+        return ctx.fail(&format!("Could not change the backing file to '{shown}': Operation not supported"));
+    }
+    if let (Some(name), true) = (&backing, crate::common::backing_forbidden()) {
+        return ctx.fail(&format!(
+            "'{filename}' would have a backing file ('{name}') and opening backing files is forbidden"
+        ));
+    }
+    if backing.is_some() && backing_format.is_none() {
+        return ctx.fail(&format!("Could not change the backing file to '{shown}': backing format must be specified"));
+    }
+    if let (Some(name), Some(fmt), false) = (&backing, backing_fmt.as_deref(), unsafe_mode) {
+        // The new backing file, opened (with its own chain) to check it and
+        // to refuse chains that would loop back to the image.
+        let path = resolve_backing_path(Path::new(filename), name);
+        let path_str = path.to_string_lossy().into_owned();
+        let fail = |why: &str| ctx.fail(&format!("Could not open new backing file '{name}': {why}"));
+        let new = match open_image(&path_str, Some(fmt), OpenOptions::new().read_only(true)) {
+            Ok(i) => i,
+            Err(msg) => {
+                let prefix = format!("Could not open '{path_str}': ");
+                return fail(msg.strip_prefix(&prefix).unwrap_or(&msg));
+            }
+        };
+        let me = std::fs::canonicalize(filename).ok();
+        let loops = chain_filenames(&new, &path_str)
+            .iter()
+            .any(|layer| std::fs::canonicalize(layer).ok().is_some_and(|p| Some(p) == me));
+        if loops {
+            return fail(&format!("'{filename}' would become its own backing file"));
+        }
+    }
+    // The library opens the images itself.
+    drop(image);
+
+    let display = Progress::new(progress, 2.0);
+    display.print(0.0, 100);
+    // qemu-img reports once per IO_BUF_SIZE bytes walked.
+    let mut reported = 0u64;
+    let mut on_progress = |done: u64, total: u64| {
+        while reported < total && (done >= reported + IO_BUF_SIZE || done == total) {
+            let n = IO_BUF_SIZE.min(total - reported);
+            display.print(n as f32 / total as f32 * 100.0, 100);
+            reported += n;
+        }
+    };
+    let new_backing = backing.as_deref().map(|b| (b, backing_format));
+    let res = oxqcow::chain_ops::rebase(Path::new(filename), new_backing, unsafe_mode, &mut on_progress);
+    if unsafe_mode && res.is_ok() {
+        display.print(100.0, 0);
+    }
+    display.end();
+    match res {
+        Ok(()) => 0,
+        Err(e) => ctx.fail(&format!("Could not change the backing file to '{shown}': {}", describe(&e))),
+    }
+}
