@@ -17,6 +17,7 @@ mod measure;
 mod progress;
 mod qjson;
 mod resize;
+mod serve;
 mod status;
 
 use common::Ctx;
@@ -72,6 +73,7 @@ fn run(ctx: &Ctx, args: &[String]) -> i32 {
         "map" => map::run(ctx, rest),
         "measure" => measure::run(ctx, rest),
         "resize" => resize::run(ctx, rest),
+        "serve" => serve::run(ctx, rest),
         other => ctx.fail(&format!("Command not found: {other}")),
     }
 }
