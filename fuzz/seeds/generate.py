@@ -5,10 +5,10 @@
                  qemu-img, nbdinfo and nbdcopy send, plus hostile variants.
   nbd_requests/  a configuration byte, then transmission requests.
 
-The seeds are committed; rerun this after changing it. They start the
-fuzzer, which writes what it finds into the first (git-ignored) directory:
+The seeds are committed; rerun this after changing it. fuzz/run.sh copies
+them into the (git-ignored) corpus before fuzzing:
 
-  cargo fuzz run -s none nbd_session fuzz/corpus/nbd_session fuzz/seeds/nbd_session -- -max_total_time=60
+  fuzz/run.sh 60 nbd_session
 
 and `cargo test -p oxqcow-nbd --test fuzz_seeds` runs the drivers over
 them and over mutations of them.

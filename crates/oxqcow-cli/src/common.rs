@@ -282,8 +282,11 @@ pub enum SizeError {
 /// whitespace and `+` are allowed, nothing may follow.
 pub fn qemu_strtosz(s: &str) -> Result<u64, SizeError> {
     let t = s.trim_start_matches(|c: char| c.is_ascii_whitespace());
-    if t.starts_with('-') {
-        return Err(SizeError::Range);
+    if let Some(negative) = t.strip_prefix('-') {
+        // A negative number is out of range; a lone minus sign is junk.
+        let number = negative.starts_with(|c: char| c.is_ascii_digit())
+            || negative.strip_prefix('.').is_some_and(|f| f.starts_with(|c: char| c.is_ascii_digit()));
+        return Err(if number { SizeError::Range } else { SizeError::Invalid });
     }
     let t = t.strip_prefix('+').unwrap_or(t);
     let digits = t.bytes().take_while(u8::is_ascii_digit).count();
@@ -344,6 +347,34 @@ pub fn qemu_strtosz(s: &str) -> Result<u64, SizeError> {
     let frac_scaled = u128::from(frac) << shift;
     let value = whole + (frac_scaled >> 64) + ((frac_scaled >> 63) & 1);
     u64::try_from(value).map_err(|_| SizeError::Range)
+}
+
+/// An integer as C's `strtoul(s, &end, 0)` reads it with nothing allowed
+/// after it: decimal, `0x` hexadecimal or `0` octal, optionally signed.
+/// Negative values (other than zero) and overflow are out of range.
+pub fn strtoul0(s: &str) -> Result<u64, SizeError> {
+    let t = s.trim_start_matches(|c: char| c.is_ascii_whitespace());
+    let (negative, t) = match t.as_bytes().first() {
+        Some(b'-') => (true, &t[1..]),
+        Some(b'+') => (false, &t[1..]),
+        _ => (false, t),
+    };
+    let hex = (t.starts_with("0x") || t.starts_with("0X")) && t[2..].starts_with(|c: char| c.is_ascii_hexdigit());
+    let (radix, digits) = if hex {
+        (16, &t[2..])
+    } else if t.starts_with('0') {
+        (8, t)
+    } else {
+        (10, t)
+    };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return Err(SizeError::Invalid);
+    }
+    let v = u64::from_str_radix(digits, radix).map_err(|_| SizeError::Range)?;
+    if negative && v != 0 {
+        return Err(SizeError::Range);
+    }
+    Ok(v)
 }
 
 /// Parses a size operand as qemu-img's `cvtnum` does, with its messages
@@ -420,11 +451,30 @@ mod tests {
             assert_eq!(qemu_strtosz(bad), Err(SizeError::Invalid), "{bad}");
         }
         assert_eq!(qemu_strtosz("-1"), Err(SizeError::Range));
+        assert_eq!(qemu_strtosz("-.5k"), Err(SizeError::Range));
+        assert_eq!(qemu_strtosz("-x"), Err(SizeError::Invalid));
+        assert_eq!(qemu_strtosz("-"), Err(SizeError::Invalid));
+        assert_eq!(ok("0.1k"), 102);
+        assert_eq!(ok("1e"), 1 << 60);
         assert_eq!(qemu_strtosz("16E"), Err(SizeError::Range));
         assert_eq!(qemu_strtosz("99999999999999999999"), Err(SizeError::Range));
         assert_eq!(
             parse_size_operand("image size", "8E").unwrap_err(),
             "Invalid image size specified. Must be between 0 and 9223372036854775807."
         );
+    }
+
+    #[test]
+    fn strtoul_like_c() {
+        assert_eq!(strtoul0("10"), Ok(10));
+        assert_eq!(strtoul0("010"), Ok(8));
+        assert_eq!(strtoul0("0x10"), Ok(16));
+        assert_eq!(strtoul0(" +7"), Ok(7));
+        assert_eq!(strtoul0("-0"), Ok(0));
+        assert_eq!(strtoul0("-1"), Err(SizeError::Range));
+        assert_eq!(strtoul0("99999999999999999999"), Err(SizeError::Range));
+        for bad in ["1k", "08", "0x", "", "1.0", "x", "-"] {
+            assert_eq!(strtoul0(bad), Err(SizeError::Invalid), "{bad}");
+        }
     }
 }

@@ -61,6 +61,14 @@ impl Opt {
 /// given as aliases of keys. Errors carry glibc's line naming `prog cmd`
 /// and the "Try ... --help" hint.
 pub fn parse_declared(prog: &str, cmd: &str, args: &[String], short: &str, longs: &[Opt]) -> Result<Parsed, String> {
+    let mut spec = short_options(short);
+    spec.extend_from_slice(longs);
+    parse(&format!("{prog} {cmd}"), args, &spec).map_err(|e| format!("{e}\nTry '{prog} {cmd} --help' for more info"))
+}
+
+/// The options of a getopt short option string (`"hf:U"`: a colon after a
+/// letter means it takes a value; a leading `:` is allowed).
+pub fn short_options(short: &str) -> Vec<Opt> {
     let mut spec: Vec<Opt> = Vec::new();
     let mut chars = short.trim_start_matches(':').chars().peekable();
     while let Some(c) = chars.next() {
@@ -72,8 +80,7 @@ pub fn parse_declared(prog: &str, cmd: &str, args: &[String], short: &str, longs
         };
         spec.push(Opt::short(c, arg));
     }
-    spec.extend_from_slice(longs);
-    parse(&format!("{prog} {cmd}"), args, &spec).map_err(|e| format!("{e}\nTry '{prog} {cmd} --help' for more info"))
+    spec
 }
 
 /// The options (in order) and the operands of a command line.
@@ -88,6 +95,16 @@ pub struct Parsed {
 /// Parses `args` against `spec`. `prog` prefixes error messages the way
 /// glibc prefixes them with argv[0] ("qemu-img info: ...").
 pub fn parse(prog: &str, args: &[String], spec: &[Opt]) -> Result<Parsed, String> {
+    match parse_until_error(prog, args, spec) {
+        (parsed, None) => Ok(parsed),
+        (_, Some(error)) => Err(error),
+    }
+}
+
+/// Like [`parse`], but keeps the options that came before a malformed one:
+/// programs that act on each option as getopt returns it (qemu-io) report
+/// a bad value in an earlier option before the malformed later one.
+pub fn parse_until_error(prog: &str, args: &[String], spec: &[Opt]) -> (Parsed, Option<String>) {
     let mut out = Parsed::default();
     let mut i = 0;
     while i < args.len() {
@@ -102,15 +119,20 @@ pub fn parse(prog: &str, args: &[String], spec: &[Opt]) -> Result<Parsed, String
                 Some((n, v)) => (n, Some(v.to_string())),
                 None => (body, None),
             };
-            let opt = find_long(prog, arg, name, spec)?;
+            let opt = match find_long(prog, arg, name, spec) {
+                Ok(opt) => opt,
+                Err(e) => return (out, Some(e)),
+            };
             let long = opt.long.unwrap_or(name);
             let value = match (opt.arg, inline) {
-                (HasArg::No, Some(_)) => return Err(format!("{prog}: option '--{long}' doesn't allow an argument")),
+                (HasArg::No, Some(_)) => {
+                    return (out, Some(format!("{prog}: option '--{long}' doesn't allow an argument")))
+                }
                 (HasArg::No, None) => None,
                 (HasArg::Required, Some(v)) => Some(v),
                 (HasArg::Required, None) => {
                     let Some(v) = args.get(i) else {
-                        return Err(format!("{prog}: option '--{long}' requires an argument"));
+                        return (out, Some(format!("{prog}: option '--{long}' requires an argument")));
                     };
                     i += 1;
                     Some(v.clone())
@@ -126,7 +148,7 @@ pub fn parse(prog: &str, args: &[String], spec: &[Opt]) -> Result<Parsed, String
                 let c = chars[k];
                 k += 1;
                 let Some(opt) = spec.iter().find(|o| o.short == Some(c)) else {
-                    return Err(format!("{prog}: invalid option -- '{c}'"));
+                    return (out, Some(format!("{prog}: invalid option -- '{c}'")));
                 };
                 match opt.arg {
                     HasArg::No => out.opts.push((opt.key(), None)),
@@ -137,7 +159,7 @@ pub fn parse(prog: &str, args: &[String], spec: &[Opt]) -> Result<Parsed, String
                             i += 1;
                             v.clone()
                         } else {
-                            return Err(format!("{prog}: option requires an argument -- '{c}'"));
+                            return (out, Some(format!("{prog}: option requires an argument -- '{c}'")));
                         };
                         out.opts.push((opt.key(), Some(value)));
                         break;
@@ -148,7 +170,7 @@ pub fn parse(prog: &str, args: &[String], spec: &[Opt]) -> Result<Parsed, String
         }
         out.operands.push(arg.clone());
     }
-    Ok(out)
+    (out, None)
 }
 
 fn find_long<'a>(prog: &str, arg: &str, name: &str, spec: &'a [Opt]) -> Result<&'a Opt, String> {
@@ -202,6 +224,18 @@ mod tests {
         assert_eq!(
             parse("p", &args(&["--o=json"]), SPEC).unwrap_err(),
             "p: option '--o=json' is ambiguous; possibilities: '--output' '--object'"
+        );
+    }
+
+    #[test]
+    fn options_before_an_error_are_kept() {
+        let (p, err) = parse_until_error("p", &args(&["-fraw", "-q", "-z", "-q"]), SPEC);
+        let keys: Vec<&str> = p.opts.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, vec!["f", "q"]);
+        assert_eq!(err.as_deref(), Some("p: invalid option -- 'z'"));
+        assert_eq!(
+            short_options("P:q").iter().map(|o| (o.short, o.arg)).collect::<Vec<_>>(),
+            [(Some('P'), HasArg::Required), (Some('q'), HasArg::No)]
         );
     }
 

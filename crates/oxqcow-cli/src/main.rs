@@ -3,6 +3,7 @@
 //! `run(ctx, args) -> exit code` entry point; this file only dispatches.
 #![forbid(unsafe_code)]
 
+mod bench;
 mod check;
 #[allow(dead_code)] // used by the subcommand modules as they land
 mod common;
@@ -12,6 +13,7 @@ mod create;
 mod getopt;
 mod imgopts;
 mod info;
+mod io;
 mod map;
 mod measure;
 mod progress;
@@ -65,11 +67,13 @@ fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let rest = &args[1..];
     match command.as_str() {
         // Subcommands register here: "name" => name::run(ctx, rest),
+        "bench" => bench::run(ctx, rest),
         "check" => check::run(ctx, rest),
         "compare" => compare::run(ctx, rest),
         "convert" => convert::run(ctx, rest),
         "create" => create::run(ctx, rest),
         "info" => info::run(ctx, rest),
+        "io" => io::run(ctx, rest),
         "map" => map::run(ctx, rest),
         "measure" => measure::run(ctx, rest),
         "resize" => resize::run(ctx, rest),

@@ -10,8 +10,9 @@
 //!
 //! Flush order (see ARCHITECTURE.md): refcount blocks, then (after a sync)
 //! refcount table entries for new blocks, sync, L2 tables, sync, L1
-//! entries, sync; only then are deferred refcount decrements applied, so a
-//! crash at any point leaves at worst leaked clusters.
+//! entries, sync; only then are deferred refcount decrements applied (and,
+//! without lazy refcounts, written and synced), so a crash at any point
+//! leaves at worst leaked clusters, and none after a completed flush.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -1038,8 +1039,21 @@ impl Qcow2 {
         // Wait for every request that may still use a freed cluster.
         let _gate = self.io_gate.write().unwrap_or_else(|p| p.into_inner());
         let mut m = self.lock_meta();
-        if let Err(e) = m.apply_frees(self.storage_ref(), frees, self.discard) {
-            m.fail(self.storage_ref(), &e);
+        let st = self.storage_ref();
+        let mut res = m.apply_frees(st, frees, self.discard);
+        // The decrements are in the refcount cache now: write them too, so
+        // that a crash after flush returns leaves no leaked cluster (with
+        // lazy refcounts, refcounts are rebuilt after a crash anyway).
+        if res.is_ok() && !m.lazy_refcounts {
+            res = m.refcounts.write_dirty(st).and_then(|wrote| {
+                if wrote {
+                    st.sync().map_err(Error::io("syncing refcounts", 0))?;
+                }
+                Ok(())
+            });
+        }
+        if let Err(e) = res {
+            m.fail(st, &e);
             return Err(e);
         }
         Ok(())
@@ -1111,6 +1125,9 @@ impl Qcow2 {
             return Err(Error::ReadOnly);
         }
         let old_size = self.len();
+        if new_size > old_size {
+            self.unshare_last_cluster(old_size)?;
+        }
         self.exclusive(|m, st| m.resize(st, new_size, prealloc))?;
         // A grown overlay must not show what its backing image has past
         // the old end: zero the new area, as QEMU's truncate does.

@@ -143,7 +143,48 @@ impl Qcow2 {
             }
             m.flush_all(st)
         })?;
-        Ok(image)
+        // That handle was opened while the disk had size 0, so its L2 cache
+        // holds two tables: every write reaching a third table would evict
+        // a dirty one, with a sync. Reopen so the caches are sized for the
+        // disk, as any later open sizes them.
+        image.close()?;
+        let reopen = if opts.backing_file.is_some() {
+            OpenOptions::new().backing(crate::backing::BackingPolicy::Ignore)
+        } else {
+            OpenOptions::new()
+        };
+        Qcow2::open(storage, &reopen)
+    }
+}
+
+impl Qcow2 {
+    /// Growing zeroes the bytes past the old end inside its last cluster,
+    /// in place. When a snapshot shares that cluster (no COPIED flag),
+    /// rewrite its in-disk part first: the write copies the cluster into
+    /// one of our own, where the zeroing may land.
+    pub(crate) fn unshare_last_cluster(&self, old_size: u64) -> Result<()> {
+        let g = self.geometry();
+        let start = g.align_down(old_size);
+        if start == old_size {
+            return Ok(());
+        }
+        let shared = {
+            let mut m = self.lock_meta();
+            match m.l2_offset(g.l1_index(GuestOffset(start)))? {
+                None => false,
+                Some(table) => {
+                    m.load_l2(self.storage_ref(), table)?;
+                    let index = g.l2_index(GuestOffset(start));
+                    matches!(m.mapping_at(table, index)?, L2Mapping::Normal { copied: false, .. })
+                }
+            }
+        };
+        if shared {
+            let mut buf = vec![0u8; (old_size - start) as usize];
+            self.read_at(&mut buf, start)?;
+            self.write_at(&buf, start)?;
+        }
+        Ok(())
     }
 }
 
@@ -328,6 +369,11 @@ impl Meta {
         let g = self.geometry;
         let cs = g.cluster_size();
         let mut runs: Vec<(u64, u64)> = Vec::new();
+        // Free clusters below the current end of the file may still hold
+        // data from their previous use (freed without a hole punch, e.g. a
+        // discard without pass-discard-request): zero them before linking
+        // them. Clusters past the end read as zeros already.
+        let file_end = storage.len().map_err(Error::io("reading the file length", 0))?;
         let mut pos = from;
         while pos < to {
             let l1_index = g.l1_index(GuestOffset(pos));
@@ -348,6 +394,15 @@ impl Meta {
                     n += 1;
                 }
                 let host = self.alloc_clusters(storage, n)?;
+                let stale_end = (host + n * cs).min(file_end);
+                if stale_end > host && mode != Preallocation::Full {
+                    let res = if mode == Preallocation::Metadata {
+                        storage.punch_hole(host, stale_end - host)
+                    } else {
+                        storage.write_zeroes(host, stale_end - host)
+                    };
+                    res.map_err(Error::io("zeroing reused clusters", host))?;
+                }
                 for k in 0..n {
                     let data = self.l2.get_mut(table).expect("loaded");
                     let entry = L2Entry::normal(HostOffset(host + k * cs));
