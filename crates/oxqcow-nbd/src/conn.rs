@@ -2,10 +2,14 @@
 //!
 //! - The reader (the connection's own thread) frames requests, reads write
 //!   payloads, validates, and hands each request to the worker pool.
-//! - Workers run requests concurrently and give each encoded reply to the
-//!   writer; replies leave in completion order, not request order.
-//! - The writer thread owns the socket's sending side, so replies go out
-//!   whole, and gathers whatever replies are ready into one `writev`.
+//! - Workers run requests concurrently; replies leave in completion order,
+//!   not request order, each one whole.
+//! - The outbox orders the sending: a worker whose reply finds the socket
+//!   idle sends it itself, without blocking (MSG_DONTWAIT); whatever does
+//!   not go out at once waits in the outbox for the writer thread, which
+//!   sends blocking, several replies per `writev`. Only the writer ever
+//!   blocks on the socket, so a client that stops reading stalls its own
+//!   connection and never a worker.
 //!
 //! Memory is bounded per connection: requests in flight (queued, running
 //! or waiting to be sent) may hold at most [`MAX_INFLIGHT_BYTES`] of
@@ -13,13 +17,15 @@
 //! stops reading until replies have gone out. A client that stops reading
 //! replies therefore stalls only itself.
 //!
-//! Locks: the in-flight budget (a mutex and condvar, held to count).
+//! Locks: the in-flight budget (a mutex and condvar, held to count); the
+//! outbox (held to queue or take replies, never across a blocking send).
 
+use std::collections::VecDeque;
 use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,6 +42,36 @@ pub const MAX_INFLIGHT: usize = 64;
 pub const MAX_INFLIGHT_BYTES: usize = 64 << 20;
 /// The writer sends at most this many replies in one system call.
 const MAX_BATCH: usize = 64;
+/// Capacity of idle buffers one connection keeps for reuse.
+const RECYCLE_BYTES: usize = 16 << 20;
+
+/// Reply and payload buffers of one connection, kept for reuse: a reused
+/// buffer needs no fresh pages from the kernel and, holding initialised
+/// bytes already, no clearing (see `Session::execute_into`).
+struct Buffers {
+    free: Mutex<(Vec<Vec<u8>>, usize)>,
+}
+
+impl Buffers {
+    fn get(&self) -> Vec<u8> {
+        let mut f = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        match f.0.pop() {
+            Some(v) => {
+                f.1 -= v.capacity();
+                v
+            }
+            None => Vec::new(),
+        }
+    }
+
+    fn put(&self, v: Vec<u8>) {
+        let mut f = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        if v.capacity() > 0 && f.1 + v.capacity() <= RECYCLE_BYTES {
+            f.1 += v.capacity();
+            f.0.push(v);
+        }
+    }
+}
 
 /// A connected client socket.
 pub enum Stream {
@@ -59,6 +95,13 @@ impl Stream {
         match self {
             Stream::Unix(s) => s.shutdown(how),
             Stream::Tcp(s) => s.shutdown(how),
+        }
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Stream::Unix(s) => s.as_fd(),
+            Stream::Tcp(s) => s.as_fd(),
         }
     }
 
@@ -145,33 +188,56 @@ impl Write for Deadlined<'_> {
 
 /// Requests in flight on one connection.
 struct Budget {
-    state: Mutex<(usize, usize)>,
+    state: Mutex<BudgetState>,
     changed: Condvar,
+}
+
+struct BudgetState {
+    requests: usize,
+    bytes: usize,
+    /// Threads waiting for the budget to shrink (the reader): releases
+    /// wake only when someone waits.
+    waiting: usize,
 }
 
 impl Budget {
     /// Waits until `bytes` more fit (always true when nothing is in flight).
+    fn new() -> Budget {
+        Budget { state: Mutex::new(BudgetState { requests: 0, bytes: 0, waiting: 0 }), changed: Condvar::new() }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BudgetState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn acquire(&self, bytes: usize) {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        while st.0 > 0 && (st.0 >= MAX_INFLIGHT || st.1 + bytes > MAX_INFLIGHT_BYTES) {
+        let mut st = self.lock();
+        while st.requests > 0 && (st.requests >= MAX_INFLIGHT || st.bytes + bytes > MAX_INFLIGHT_BYTES) {
+            st.waiting += 1;
             st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+            st.waiting -= 1;
         }
-        st.0 += 1;
-        st.1 += bytes;
+        st.requests += 1;
+        st.bytes += bytes;
     }
 
     fn release(&self, bytes: usize) {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        st.0 -= 1;
-        st.1 -= bytes;
+        let mut st = self.lock();
+        st.requests -= 1;
+        st.bytes -= bytes;
+        let wake = st.waiting > 0;
         drop(st);
-        self.changed.notify_all();
+        if wake {
+            self.changed.notify_all();
+        }
     }
 
     fn wait_idle(&self) {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        while st.0 > 0 {
+        let mut st = self.lock();
+        while st.requests > 0 {
+            st.waiting += 1;
             st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+            st.waiting -= 1;
         }
     }
 }
@@ -179,7 +245,91 @@ impl Budget {
 /// A reply ready to send, with the budget it holds.
 struct Outgoing {
     bytes: Vec<u8>,
+    /// Bytes already sent.
+    sent: usize,
     cost: usize,
+}
+
+struct OutQueue {
+    replies: VecDeque<Outgoing>,
+    /// Someone is sending on the socket.
+    busy: bool,
+    /// No more replies will come: the writer ends once the queue is empty.
+    closed: bool,
+    /// A send failed: replies are dropped.
+    broken: bool,
+}
+
+/// The replies of one connection on their way out (see the module doc).
+struct Outbox {
+    queue: Mutex<OutQueue>,
+    changed: Condvar,
+    budget: Arc<Budget>,
+    buffers: Arc<Buffers>,
+}
+
+impl Outbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, OutQueue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands over a finished reply: sent at once if the socket is idle and
+    /// takes it without blocking, else queued for the writer.
+    fn send(&self, sock: &Stream, bytes: Vec<u8>, cost: usize) {
+        let mut out = Outgoing { bytes, sent: 0, cost };
+        let mut q = self.lock();
+        if q.broken {
+            drop(q);
+            self.budget.release(cost);
+            self.buffers.put(out.bytes);
+            return;
+        }
+        if q.busy || !q.replies.is_empty() {
+            q.replies.push_back(out);
+            drop(q);
+            self.changed.notify_one();
+            return;
+        }
+        q.busy = true;
+        drop(q);
+        let done = loop {
+            if out.sent == out.bytes.len() {
+                break true;
+            }
+            match crate::sys::send_nonblocking(sock.fd(), &out.bytes[out.sent..]) {
+                Ok(0) => break false,
+                Ok(n) => out.sent += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break false,
+            }
+        };
+        let mut q = self.lock();
+        q.busy = false;
+        let sent = if done {
+            Some(out)
+        } else {
+            // The rest goes first: the writer sends it, blocking, or finds
+            // the socket broken.
+            q.replies.push_front(out);
+            None
+        };
+        // Only the writer waits here, and only for queued replies: a wake
+        // is a system call, so none when it has nothing to do.
+        let wake = !q.replies.is_empty();
+        drop(q);
+        if wake {
+            self.changed.notify_one();
+        }
+        if let Some(out) = sent {
+            self.budget.release(cost);
+            self.buffers.put(out.bytes);
+        }
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.changed.notify_all();
+    }
 }
 
 /// Serves one client until it disconnects, breaks the protocol, or its
@@ -201,26 +351,29 @@ pub fn serve(mut stream: Stream, export: Arc<Export>, pool: &Pool, handshake_lim
         let _ = t.set_nodelay(true);
     }
     let Ok(mut sender) = stream.try_clone() else { return };
+    let Ok(reader_half) = stream.try_clone() else { return };
     let session = Arc::new(Session::new(export, neg));
-    let budget = Arc::new(Budget { state: Mutex::new((0, 0)), changed: Condvar::new() });
-    let (tx, rx) = mpsc::channel::<Outgoing>();
-    let writer_budget = Arc::clone(&budget);
+    let budget = Arc::new(Budget::new());
+    let buffers = Arc::new(Buffers { free: Mutex::new((Vec::new(), 0)) });
+    let outbox = Arc::new(Outbox {
+        queue: Mutex::new(OutQueue { replies: VecDeque::new(), busy: false, closed: false, broken: false }),
+        changed: Condvar::new(),
+        budget: Arc::clone(&budget),
+        buffers: Arc::clone(&buffers),
+    });
+    let writer_box = Arc::clone(&outbox);
     let writer = std::thread::Builder::new().name("nbd-writer".into()).spawn(move || {
-        write_replies(&mut sender, &rx, &writer_budget);
+        write_replies(&mut sender, &writer_box);
     });
     let Ok(writer) = writer else { return };
-    let Ok(reader_half) = stream.try_clone() else {
-        let _ = stream.shutdown(Shutdown::Both);
-        drop(tx);
-        let _ = writer.join();
-        return;
-    };
-    read_requests(BufReader::with_capacity(64 << 10, reader_half), &session, pool, &budget, &tx);
+    let sock = Arc::new(stream);
+    let reader = BufReader::with_capacity(64 << 10, reader_half);
+    read_requests(reader, &session, pool, &budget, &outbox, &sock, &buffers);
     // Replies to everything already received go out before the close.
     budget.wait_idle();
-    drop(tx);
+    outbox.close();
     let _ = writer.join();
-    let _ = stream.shutdown(Shutdown::Both);
+    let _ = sock.shutdown(Shutdown::Both);
 }
 
 fn read_requests(
@@ -228,7 +381,9 @@ fn read_requests(
     session: &Arc<Session>,
     pool: &Pool,
     budget: &Arc<Budget>,
-    tx: &mpsc::Sender<Outgoing>,
+    outbox: &Arc<Outbox>,
+    sock: &Arc<Stream>,
+    buffers: &Arc<Buffers>,
 ) {
     loop {
         let mut hdr = [0u8; proto::REQUEST_HEADER_LEN];
@@ -242,10 +397,11 @@ fn read_requests(
             Payload::None => {}
             Payload::Read(n) => {
                 budget.acquire(n as usize);
-                payload.reserve_exact(n as usize);
-                let got = (&mut r).take(u64::from(n)).read_to_end(&mut payload);
+                payload = buffers.get();
+                crate::session::fit(&mut payload, n as usize);
+                let got = r.read_exact(&mut payload);
                 budget.release(n as usize);
-                if !matches!(got, Ok(k) if k == n as usize) {
+                if got.is_err() {
                     return;
                 }
             }
@@ -259,10 +415,7 @@ fn read_requests(
             Ok(op) => op,
             Err(refusal) => {
                 budget.acquire(0);
-                if tx.send(Outgoing { bytes: session.refusal_reply(&h, &refusal), cost: 0 }).is_err() {
-                    budget.release(0);
-                    return;
-                }
+                outbox.send(sock, session.refusal_reply(&h, &refusal), 0);
                 continue;
             }
         };
@@ -272,47 +425,57 @@ fn read_requests(
                 _ => 0,
             };
         budget.acquire(cost);
-        let (session, tx, budget) = (Arc::clone(session), tx.clone(), Arc::clone(budget));
+        let (session, outbox, sock, buffers) =
+            (Arc::clone(session), Arc::clone(outbox), Arc::clone(sock), Arc::clone(buffers));
         pool.submit(move || {
-            let cookie = h.cookie;
-            let bytes = catch_unwind(AssertUnwindSafe(|| session.execute(cookie, op, &payload))).unwrap_or_else(|_| {
-                session
-                    .refusal_reply(&h, &crate::session::Refusal { errno: Errno::Io, message: "internal error".into() })
-            });
-            drop(payload);
-            if tx.send(Outgoing { bytes, cost }).is_err() {
-                budget.release(cost);
+            let mut bytes = buffers.get();
+            let ran = catch_unwind(AssertUnwindSafe(|| session.execute_into(&mut bytes, h.cookie, op, &payload)));
+            if ran.is_err() {
+                let internal = crate::session::Refusal { errno: Errno::Io, message: "internal error".into() };
+                bytes = session.refusal_reply(&h, &internal);
             }
+            buffers.put(payload);
+            outbox.send(&sock, bytes, cost);
         });
     }
 }
 
-/// Sends replies as they come, several per system call when several are
-/// ready. After a send failure the socket is shut down (which stops the
-/// reader) and the remaining replies are dropped, releasing their budget.
-fn write_replies(s: &mut Stream, rx: &mpsc::Receiver<Outgoing>, budget: &Budget) {
-    let mut broken = false;
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(o) => batch.push(o),
-                Err(_) => break,
+/// Sends the replies workers could not send themselves, blocking, several
+/// per system call. After a send failure the socket is shut down (which
+/// stops the reader) and every reply is dropped, releasing its budget.
+fn write_replies(s: &mut Stream, outbox: &Outbox) {
+    loop {
+        let mut batch = {
+            let mut q = outbox.lock();
+            while !(q.closed && q.replies.is_empty()) && (q.busy || q.replies.is_empty()) {
+                q = outbox.changed.wait(q).unwrap_or_else(|p| p.into_inner());
             }
-        }
-        if !broken && write_all_vectored(s, &batch).is_err() {
-            broken = true;
+            if q.replies.is_empty() {
+                return;
+            }
+            let n = q.replies.len().min(MAX_BATCH);
+            q.busy = true;
+            q.replies.drain(..n).collect::<Vec<_>>()
+        };
+        let ok = !outbox.lock().broken && write_all_vectored(s, &mut batch).is_ok();
+        let mut q = outbox.lock();
+        q.busy = false;
+        if !ok && !q.broken {
+            q.broken = true;
             let _ = s.shutdown(Shutdown::Both);
         }
-        for o in batch {
-            budget.release(o.cost);
+        let dropped: Vec<Outgoing> = if q.broken { q.replies.drain(..).collect() } else { Vec::new() };
+        drop(q);
+        for o in batch.into_iter().chain(dropped) {
+            outbox.budget.release(o.cost);
+            outbox.buffers.put(o.bytes);
         }
     }
 }
 
-fn write_all_vectored(s: &mut Stream, batch: &[Outgoing]) -> io::Result<()> {
+fn write_all_vectored(s: &mut Stream, batch: &mut [Outgoing]) -> io::Result<()> {
     let mut slices: Vec<IoSlice<'_>> =
-        batch.iter().filter(|o| !o.bytes.is_empty()).map(|o| IoSlice::new(&o.bytes)).collect();
+        batch.iter().filter(|o| o.sent < o.bytes.len()).map(|o| IoSlice::new(&o.bytes[o.sent..])).collect();
     let mut bufs = &mut slices[..];
     while !bufs.is_empty() {
         match s.write_vectored(bufs) {

@@ -13,6 +13,10 @@ type Job = Box<dyn FnOnce() + Send + 'static>;
 struct Queue {
     jobs: VecDeque<Job>,
     closing: bool,
+    /// Workers waiting for a job: a submit wakes one only if there is one
+    /// (a wake is a system call, and most submits find every worker busy
+    /// or about to look at the queue again).
+    idle: usize,
 }
 
 struct Shared {
@@ -30,7 +34,7 @@ impl Pool {
     /// Starts `n` workers (at least one).
     pub fn new(n: usize) -> std::io::Result<Pool> {
         let shared = Arc::new(Shared {
-            queue: Mutex::new(Queue { jobs: VecDeque::new(), closing: false }),
+            queue: Mutex::new(Queue { jobs: VecDeque::new(), closing: false, idle: 0 }),
             ready: Condvar::new(),
         });
         let mut threads = Vec::new();
@@ -45,8 +49,11 @@ impl Pool {
     pub fn submit(&self, job: impl FnOnce() + Send + 'static) {
         let mut q = self.shared.queue.lock().unwrap_or_else(|p| p.into_inner());
         q.jobs.push_back(Box::new(job));
+        let wake = q.idle > 0;
         drop(q);
-        self.shared.ready.notify_one();
+        if wake {
+            self.shared.ready.notify_one();
+        }
     }
 }
 
@@ -61,7 +68,9 @@ fn work(s: &Shared) {
                 if q.closing {
                     return;
                 }
+                q.idle += 1;
                 q = s.ready.wait(q).unwrap_or_else(|p| p.into_inner());
+                q.idle -= 1;
             }
         };
         job();

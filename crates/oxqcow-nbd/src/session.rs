@@ -250,6 +250,19 @@ impl Session {
         proto::simple_reply(cookie, 0).to_vec()
     }
 
+    /// [`Session::execute`] into `out`, reusing its allocation (and, for
+    /// reads, its bytes: see `read_into`).
+    pub fn execute_into(&self, out: &mut Vec<u8>, cookie: u64, op: Op, payload: &[u8]) {
+        match op {
+            Op::Read { offset, length, df } => self.read_into(out, cookie, offset, length, df),
+            other => {
+                let reply = self.execute(cookie, other, payload);
+                out.clear();
+                out.extend_from_slice(&reply);
+            }
+        }
+    }
+
     /// Runs `op` and returns its encoded reply. `payload` is the write data
     /// (empty for other commands).
     pub fn execute(&self, cookie: u64, op: Op, payload: &[u8]) -> Vec<u8> {
@@ -259,7 +272,11 @@ impl Session {
         };
         let img = &*self.export.image;
         match op {
-            Op::Read { offset, length, df } => self.read(cookie, offset, length, df),
+            Op::Read { offset, length, df } => {
+                let mut out = Vec::new();
+                self.read_into(&mut out, cookie, offset, length, df);
+                out
+            }
             Op::Write { offset, fua } => done(self.write(offset, payload).and_then(|()| flush_if(img, fua))),
             Op::Flush => done(img.flush()),
             Op::Trim { offset, length, fua } => {
@@ -295,23 +312,28 @@ impl Session {
 }
 
 impl Session {
-    fn read(&self, cookie: u64, offset: u64, length: u32, df: bool) -> Vec<u8> {
+    /// Builds a READ reply in `out`. The bytes `out` holds may be left
+    /// from an earlier reply: only what grows past its length is cleared,
+    /// so a recycled buffer costs neither fresh pages nor zeroing.
+    fn read_into(&self, out: &mut Vec<u8>, cookie: u64, offset: u64, length: u32, df: bool) {
         let img = &*self.export.image;
         let len = length as usize;
         if !self.neg.structured {
-            let mut out = vec![0u8; proto::SIMPLE_REPLY_LEN + len];
-            return match img.read_at(&mut out[proto::SIMPLE_REPLY_LEN..], offset) {
-                Ok(()) => {
-                    out[..proto::SIMPLE_REPLY_LEN].copy_from_slice(&proto::simple_reply(cookie, 0));
-                    out
+            let total = proto::SIMPLE_REPLY_LEN + len;
+            fit(out, total);
+            match img.read_at(&mut out[proto::SIMPLE_REPLY_LEN..total], offset) {
+                Ok(()) => out[..proto::SIMPLE_REPLY_LEN].copy_from_slice(&proto::simple_reply(cookie, 0)),
+                Err(e) => {
+                    out.clear();
+                    out.extend_from_slice(&proto::simple_reply(cookie, errno_of(&e) as u32));
                 }
-                Err(e) => proto::simple_reply(cookie, errno_of(&e) as u32).to_vec(),
-            };
+            }
+            return;
         }
         if length == 0 {
-            let mut out = Vec::with_capacity(proto::CHUNK_HEADER_LEN);
-            proto::chunk_header(&mut out, reply::FLAG_DONE, reply::TYPE_NONE, cookie, 0);
-            return out;
+            out.clear();
+            proto::chunk_header(out, reply::FLAG_DONE, reply::TYPE_NONE, cookie, 0);
+            return;
         }
         // Runs of (offset, length, reads as zeros), holes only when the
         // client lets the reply be fragmented.
@@ -321,21 +343,28 @@ impl Session {
         for &(_, l, hole) in &runs {
             size += proto::CHUNK_HEADER_LEN + if hole { 12 } else { 8 + l as usize };
         }
-        let mut out = Vec::with_capacity(size);
+        fit(out, size);
+        let mut header = Vec::with_capacity(proto::CHUNK_HEADER_LEN + 12);
+        let mut pos = 0;
         for (i, &(o, l, hole)) in runs.iter().enumerate() {
             let flags = if i + 1 == runs.len() { reply::FLAG_DONE } else { 0 };
+            header.clear();
             if hole {
-                proto::hole_chunk(&mut out, flags, cookie, o, l as u32);
-                continue;
+                proto::hole_chunk(&mut header, flags, cookie, o, l as u32);
+            } else {
+                proto::data_chunk_header(&mut header, flags, cookie, o, l as u32);
             }
-            proto::data_chunk_header(&mut out, flags, cookie, o, l as u32);
-            let at = out.len();
-            out.resize(at + l as usize, 0);
-            if let Err(e) = img.read_at(&mut out[at..], o) {
-                return self.error_reply(cookie, errno_of(&e), &e.to_string());
+            out[pos..pos + header.len()].copy_from_slice(&header);
+            pos += header.len();
+            if !hole {
+                if let Err(e) = img.read_at(&mut out[pos..pos + l as usize], o) {
+                    *out = self.error_reply(cookie, errno_of(&e), &e.to_string());
+                    return;
+                }
+                pos += l as usize;
             }
         }
-        out
+        debug_assert_eq!(pos, size);
     }
 
     /// The read range as runs of data and holes, adjacent runs of the same
@@ -465,6 +494,15 @@ impl Session {
             proto::block_status_chunk(&mut out, flags, cookie, id, &descs);
         }
         out
+    }
+}
+
+/// Makes `v` exactly `n` bytes long, clearing only bytes it did not hold.
+pub fn fit(v: &mut Vec<u8>, n: usize) {
+    if v.len() < n {
+        v.resize(n, 0);
+    } else {
+        v.truncate(n);
     }
 }
 

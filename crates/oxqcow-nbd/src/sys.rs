@@ -170,3 +170,17 @@ pub fn activated_listeners() -> Result<Option<Vec<Listener>>, String> {
     }
     Ok(Some(out))
 }
+
+/// Sends as much of `buf` as the socket takes without blocking
+/// (`MSG_DONTWAIT`; `MSG_NOSIGNAL` so a closed peer is an error, not a
+/// signal). Returns the bytes sent; `WouldBlock` when none fit.
+pub fn send_nonblocking(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is readable for `buf.len()` bytes and `fd` is open for
+    // the borrow; send(2) only reads the buffer.
+    let n =
+        unsafe { libc::send(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}

@@ -456,3 +456,27 @@ fn trim_frees_clusters() {
     let st = s.export().image().block_status(0, CLUSTER).unwrap();
     assert!(st.iter().all(|e| !e.data && e.zero), "{st:?}");
 }
+
+#[test]
+fn replies_built_in_recycled_buffers_hold_nothing_old() {
+    for structured in [false, true] {
+        let s = session(false, structured, Contexts::default());
+        run(&s, req(cmd::WRITE, 0, CLUSTER, 8), b"newbytes");
+        let mut out = vec![0xeeu8; 1 << 20];
+        let h = req(cmd::READ, 0, CLUSTER - 8, 16);
+        s.execute_into(&mut out, h.cookie, s.check(&h).unwrap(), &[]);
+        assert!(!out.contains(&0xee), "structured={structured}: stale bytes in {out:?}");
+        if structured {
+            let c = chunks(&out, h.cookie);
+            assert_eq!(c.len(), 2);
+            assert_eq!(&c[1].2[8..], b"newbytes");
+        } else {
+            assert_eq!(out.len(), 16 + 16);
+            assert_eq!(&out[16..], b"\0\0\0\0\0\0\0\0newbytes");
+        }
+        // A small reply after a big one.
+        let f = req(cmd::FLUSH, 0, 0, 0);
+        s.execute_into(&mut out, f.cookie, Op::Flush, &[]);
+        assert_eq!(out, proto::simple_reply(f.cookie, 0).to_vec());
+    }
+}
