@@ -834,3 +834,59 @@ fn handshake_limit_drops_silent_clients() {
     srv.stop();
     assert_clean(&img);
 }
+
+/// Bytes qemu-img map calls data in `[start, start + len)`.
+fn data_in(image: &Path, start: u64, len: u64) -> u64 {
+    let runs = map_runs(&qemu_img(&["map", "--output=json", "-f", "qcow2", image.to_str().unwrap()]));
+    runs.iter().filter(|r| r.2).map(|r| (r.0 + r.1).min(start + len).saturating_sub(r.0.max(start))).sum()
+}
+
+#[test]
+fn discard_and_detect_zeroes_follow_their_flags() {
+    let d = Dir::new();
+    let img = d.image("disk.qcow2", "8M");
+    qemu_io(&["-f", "qcow2", img.to_str().unwrap()], &["write -P 5 0 4M"]);
+    let mb = 1 << 20;
+    // Default (--discard=ignore): TRIM succeeds and changes nothing.
+    let srv = Server::unix(&d.path("a.sock"), &["-f", "qcow2", "-t", img.to_str().unwrap()]);
+    qemu_io(&["-f", "raw", &srv.uri()], &["discard 0 1M", "write -z -u 1M 1M"]);
+    srv.stop();
+    assert_eq!(data_in(&img, 0, mb), mb, "a TRIM without --discard=unmap freed clusters");
+    // --discard=unmap: TRIM frees; the zero write reads as zeros either way.
+    let srv = Server::unix(&d.path("b.sock"), &["-f", "qcow2", "-t", "--discard=unmap", img.to_str().unwrap()]);
+    qemu_io(&["-f", "raw", &srv.uri()], &["discard 0 1M", "read -P 0 1M 1M", "read -P 5 2M 2M"]);
+    srv.stop();
+    assert_eq!(data_in(&img, 0, mb), 0, "a TRIM with --discard=unmap kept its clusters");
+    // --detect-zeroes=on: a write of zeros becomes a zero write.
+    let srv = Server::unix(&d.path("c.sock"), &["-f", "qcow2", "-t", "--detect-zeroes=on", img.to_str().unwrap()]);
+    qemu_io(&["-f", "raw", &srv.uri()], &["write -P 0 6M 1M", "write -P 7 7M 4k"]);
+    srv.stop();
+    assert_eq!(data_in(&img, 6 * mb, mb), 0, "zeros were stored as data with --detect-zeroes=on");
+    assert_eq!(data_in(&img, 7 * mb, 4096), 4096);
+    qemu_io(&["-f", "qcow2", img.to_str().unwrap()], &["read -P 0 6M 1M", "read -P 7 7M 4k", "read -P 5 2M 2M"]);
+    assert_clean(&img);
+}
+
+#[test]
+fn image_opts_and_internal_snapshots() {
+    require("nbdinfo", "libnbd-bin");
+    let d = Dir::new();
+    let img = d.image("disk.qcow2", "4M");
+    qemu_io(&["-f", "qcow2", img.to_str().unwrap()], &["write -P 1 0 1M"]);
+    qemu_img(&["snapshot", "-c", "before", img.to_str().unwrap()]);
+    qemu_io(&["-f", "qcow2", img.to_str().unwrap()], &["write -P 2 0 1M"]);
+    let opts = format!("driver=qcow2,file.filename={}", img.display());
+    let srv = Server::unix(&d.path("a.sock"), &["-t", "--image-opts", &opts]);
+    qemu_io(&["-f", "raw", &srv.uri()], &["read -P 2 0 1M"]);
+    srv.stop();
+    // -l exports the snapshot, read-only.
+    let srv = Server::unix(&d.path("b.sock"), &["-t", "-f", "qcow2", "-l", "before", img.to_str().unwrap()]);
+    qemu_io(&["-r", "-f", "raw", &srv.uri()], &["read -P 1 0 1M"]);
+    assert!(run_ok("nbdinfo", &[&srv.uri()]).contains("is_read_only: true"));
+    srv.stop();
+    let srv = Server::unix(&d.path("c.sock"), &["-t", "-f", "qcow2", "-l", "snapshot.name=before", img.to_str().unwrap()]);
+    qemu_io(&["-r", "-f", "raw", &srv.uri()], &["read -P 1 0 1M"]);
+    srv.stop();
+    qemu_io(&["-f", "qcow2", img.to_str().unwrap()], &["read -P 2 0 1M"]);
+    assert_clean(&img);
+}
