@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # Runs a fuzz target on stable Rust (no sanitizer),
-# seeded with valid images of several geometries made by the library.
+# seeded with valid images of several geometries made by the library, or
+# for the NBD targets with the client byte streams in fuzz/seeds/TARGET.
 # Usage: fuzz/run.sh [SECONDS] [TARGET]   (default 60 s, open_read_check;
-# the other target is open_write_check)
+# the others are open_write_check, nbd_session and nbd_requests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-60}"
 target="${2:-open_read_check}"
 corpus="fuzz/corpus/$target"
 mkdir -p "$corpus"
-cargo run -q -p oxqcow-testkit --bin oxqcow-fuzz-seeds -- "$corpus"
+if [[ "$target" == nbd_* ]]; then
+    cp fuzz/seeds/"$target"/* "$corpus"/
+else
+    cargo run -q -p oxqcow-testkit --bin oxqcow-fuzz-seeds -- "$corpus"
+fi
 cd fuzz
 cargo fuzz run -s none "$target" "corpus/$target" -- \
     -max_total_time="$secs" -max_len=65536 -rss_limit_mb=2048 -timeout=30

@@ -6,9 +6,15 @@
 # times, the ratio oxqcow/qemu-img (below 1.0 means oxqcow is faster) and
 # oxqcow's peak RSS. Page cache is warm for both tools alike.
 #
+# Then `oxqcow serve` against qemu-nbd on the same image with the same
+# clients (fio's nbd engine, nbdcopy) over a Unix socket: throughput of each,
+# best of REPEAT, and the ratio oxqcow/qemu-nbd (above 1.0 means oxqcow serves
+# faster). Needs fio and nbdcopy (apt-get install fio libnbd-bin).
+#
 #   scripts/bench.sh                 # 1 GiB data set
 #   BENCH_SIZE_MB=256 scripts/bench.sh
 #   BENCH_ONLY='compress|compressed' scripts/bench.sh   # only the cases whose name matches
+#   BENCH_NBD=only scripts/bench.sh  # only the NBD figures (BENCH_NBD=0: none)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +27,7 @@ command -v "$QEMU_IMG" >/dev/null || { echo "bench: $QEMU_IMG not found (apt-get
 
 cargo build --release -q --bin oxqcow
 OX=${CARGO_TARGET_DIR:-$PWD/target}/release/oxqcow
+NBD=${BENCH_NBD:-1}
 trap 'rm -rf "$WORK"' EXIT
 
 # A mixed data set: random data, text, zero-filled runs and holes, in 1 MiB pieces.
@@ -80,6 +87,7 @@ fresh_write_image() { rm -f "$WORK/w.qcow2"; "$QEMU_IMG" create -q -f qcow2 "$WO
 
 "$QEMU_IMG" convert -f raw -O qcow2 "$WORK/src.raw" "$WORK/src.qcow2"
 
+if [[ $NBD != only ]]; then
 bench_case "convert raw->qcow2" clean_out \
     "$QEMU_IMG convert -f raw -O qcow2 $WORK/src.raw $WORK/out.qcow2" \
     "$OX convert -f raw -O qcow2 $WORK/src.raw $WORK/out.qcow2"
@@ -124,8 +132,110 @@ bench_case "bench 4k allocating write (qd 64)" fresh_write_image \
 bench_case "check 64 GiB, 4k clusters (prealloc)" nothing \
     "$QEMU_IMG check $WORK/big.qcow2" \
     "$OX check $WORK/big.qcow2"
+fi
 
-echo "oxqcow vs qemu-img ($("$QEMU_IMG" --version | head -n 1)), ${SIZE_MB} MiB data set, best of $REPEAT"
-echo "$(nproc) cores, load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
-printf '%s\n' "${results[@]}"
-echo "oxqcow peak RSS: $peak_rss KiB"
+# ---- NBD: oxqcow serve vs qemu-nbd ------------------------------------------
+NBD_RUNTIME=${BENCH_NBD_RUNTIME:-10}
+nbd_results=()
+SOCK=$WORK/nbd.sock
+URI="nbd+unix:///?socket=$SOCK"
+server_pid=
+
+# start_server qemu|ox IMAGE: both with the same flags (qcow2, writeback
+# cache, persistent, up to 4 clients so that both advertise multi-conn).
+start_server() {
+    rm -f "$SOCK"
+    if [[ $1 == qemu ]]; then
+        qemu-nbd -f qcow2 --cache=writeback -t -e 4 -k "$SOCK" "$2" >/dev/null 2>"$WORK/server.err" &
+    else
+        "$OX" serve -f qcow2 --cache=writeback -t -e 4 -k "$SOCK" "$2" >/dev/null 2>"$WORK/server.err" &
+    fi
+    server_pid=$!
+    for _ in $(seq 500); do [[ -S $SOCK ]] && return; sleep 0.02; done
+    echo "bench: $1 server did not start" >&2; cat "$WORK/server.err" >&2; exit 1
+}
+stop_server() { kill "$server_pid"; wait "$server_pid" || true; server_pid=; }
+trap '[[ -n $server_pid ]] && kill "$server_pid"; rm -rf "$WORK"' EXIT
+
+# fio_figure RW BS QD: one fio run against $URI; prints IOPS and MiB/s.
+fio_figure() {
+    fio --name=nbd --ioengine=nbd --uri="$URI" --rw="$1" --bs="$2" --iodepth="$3" \
+        --size="${SIZE_MB}M" --time_based --runtime="$NBD_RUNTIME" --ramp_time=1 \
+        --output-format=json >"$WORK/fio.json" 2>"$WORK/fio.err" || {
+        echo "bench: fio failed" >&2; cat "$WORK/fio.err" >&2; exit 1; }
+    python3 - "$WORK/fio.json" <<'PY'
+import json, sys
+text = open(sys.argv[1]).read()
+job = json.loads(text[text.index("{"):])["jobs"][0]   # fio's nbd engine prints a line first
+side = job["read"] if job["read"]["io_bytes"] else job["write"]
+print(f'{side["iops"]:.0f} {side["bw"] / 1024:.1f}')
+PY
+}
+
+# nbd_case NAME IMAGE-SETUP FIELD(iops|mibs) FIO-ARGS...: best of REPEAT
+# for each server, alternating.
+nbd_case() {
+    local name=$1 setup=$2 field=$3 q=() o=() r; shift 3
+    if [[ -n $ONLY && ! $name =~ $ONLY ]]; then return 0; fi
+    for _ in $(seq "$REPEAT"); do
+        for kind in qemu ox; do
+            $setup; start_server "$kind" "$NBD_IMAGE"
+            r=$(fio_figure "$@"); stop_server
+            if [[ $field == iops ]]; then r=${r% *}; else r=${r#* }; fi
+            if [[ $kind == qemu ]]; then q+=("$r"); else o+=("$r"); fi
+        done
+    done
+    nbd_report "$name" "$field" "$(printf '%s\n' "${q[@]}" | sort -g | tail -n 1)" \
+        "$(printf '%s\n' "${o[@]}" | sort -g | tail -n 1)"
+}
+
+nbd_report() {
+    local unit=IOPS; [[ $2 == mibs ]] && unit=MiB/s
+    nbd_results+=("$(printf '%-34s qemu-nbd %9.0f %-5s  oxqcow %9.0f %-5s  ratio %5.2f' \
+        "$1" "$3" "$unit" "$4" "$unit" "$(python3 -c "print($4/max($3,1e-9))")")")
+}
+
+# nbdcopy_case NAME IMAGE-SETUP SRC DST: MiB/s of a whole-disk nbdcopy.
+nbdcopy_case() {
+    local name=$1 setup=$2 src=$3 dst=$4 q=() o=() t
+    if [[ -n $ONLY && ! $name =~ $ONLY ]]; then return 0; fi
+    for _ in $(seq "$REPEAT"); do
+        for kind in qemu ox; do
+            $setup; start_server "$kind" "$NBD_IMAGE"
+            t=$(run nbdcopy "${src//@URI@/$URI}" "${dst//@URI@/$URI}"); stop_server
+            t=$(python3 -c "print($SIZE_MB / max(${t% *}, 1e-3))")
+            if [[ $kind == qemu ]]; then q+=("$t"); else o+=("$t"); fi
+        done
+    done
+    nbd_report "$name" mibs "$(printf '%s\n' "${q[@]}" | sort -g | tail -n 1)" \
+        "$(printf '%s\n' "${o[@]}" | sort -g | tail -n 1)"
+}
+
+data_image() { NBD_IMAGE=$WORK/src.qcow2; }
+empty_image() {
+    NBD_IMAGE=$WORK/nbd-w.qcow2; rm -f "$NBD_IMAGE"
+    "$QEMU_IMG" create -q -f qcow2 "$NBD_IMAGE" "${SIZE_MB}M"
+}
+
+if [[ $NBD != 0 ]]; then
+    for tool in fio nbdcopy qemu-nbd; do
+        command -v "$tool" >/dev/null || { echo "bench: $tool not found (apt-get install fio libnbd-bin qemu-utils)" >&2; exit 1; }
+    done
+    nbd_case "nbd fio 4k random read (qd 16)" data_image iops randread 4k 16
+    nbd_case "nbd fio 4k random write (qd 16)" empty_image iops randwrite 4k 16
+    nbd_case "nbd fio 1M sequential read (qd 8)" data_image mibs read 1M 8
+    nbd_case "nbd fio 1M sequential write (qd 8)" empty_image mibs write 1M 8
+    nbdcopy_case "nbdcopy export -> null" data_image @URI@ null:
+    nbdcopy_case "nbdcopy raw -> export" empty_image "$WORK/src.raw" @URI@
+fi
+
+if (( ${#results[@]} )); then
+    echo "oxqcow vs qemu-img ($("$QEMU_IMG" --version | head -n 1)), ${SIZE_MB} MiB data set, best of $REPEAT"
+    echo "$(nproc) cores, load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
+    printf '%s\n' "${results[@]}"
+    echo "oxqcow peak RSS: $peak_rss KiB"
+fi
+if (( ${#nbd_results[@]} )); then
+    echo "oxqcow serve vs qemu-nbd, ${SIZE_MB} MiB image, unix socket, best of $REPEAT (ratio above 1.0: oxqcow faster)"
+    printf '%s\n' "${nbd_results[@]}"
+fi

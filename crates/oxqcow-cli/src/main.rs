@@ -23,6 +23,7 @@ mod qjson;
 mod rebase;
 mod resize;
 mod snapshot;
+mod serve;
 mod status;
 
 use common::Ctx;
@@ -92,6 +93,7 @@ fn run(ctx: &Ctx, args: &[String]) -> i32 {
         "rebase" => rebase::run(ctx, rest),
         "resize" => resize::run(ctx, rest),
         "snapshot" => snapshot::run(ctx, rest),
+        "serve" => serve::run(ctx, rest),
         other => ctx.fail(&format!("Command not found: {other}")),
     }
 }

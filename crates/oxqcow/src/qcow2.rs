@@ -933,24 +933,77 @@ impl Qcow2 {
     }
 
     /// Zeroes part of one cluster: the whole cluster becomes a zero cluster
-    /// if it holds no data, else zeros are written.
+    /// if it holds no data, else zeros are written over the part.
+    ///
+    /// The check and the metadata update happen in one hold of the metadata
+    /// lock, retried once no allocation of the cluster is in flight, so that
+    /// a concurrent write to another part of the cluster is never zeroed over
+    /// (QEMU serialises such requests in its block layer). Version 2 images
+    /// over a backing file have no metadata-only zeros: zeros are written.
     fn zero_partial(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         let g = self.geometry;
+        let cs = g.cluster_size();
         let start = g.align_down(offset);
-        let end = (start + g.cluster_size()).min(self.len());
-        if self.reads_as_zero(start, end - start)? {
-            self.zero_clusters(start, g.cluster_size(), may_unmap)
+        let end = (start + cs).min(self.len());
+        if self.version() < 3 && self.backing.is_some() {
+            return self.write_zero_buffer(offset, len);
+        }
+        let (zeroed, pending) = {
+            let _gate = self.io_gate.read().unwrap_or_else(|p| p.into_inner());
+            let mut m = self.lock_meta();
+            m.check_writable()?;
+            let zeroed = loop {
+                let own = m.block_status(self.storage_ref(), start, end - start)?;
+                if !self.extents_read_as_zero(&own)? {
+                    break false;
+                }
+                let updated = if self.version() < 3 {
+                    m.discard_range(self.storage_ref(), start, cs)
+                } else {
+                    m.zero_range(self.storage_ref(), start, cs, may_unmap)
+                };
+                match updated {
+                    Ok(true) => break true,
+                    Ok(false) => m = self.alloc_done.wait(m).unwrap_or_else(|p| p.into_inner()),
+                    Err(e) => {
+                        m.fail(self.storage_ref(), &e);
+                        return Err(e);
+                    }
+                }
+            };
+            (zeroed, m.pending_frees.len())
+        };
+        if pending > MAX_PENDING_FREES {
+            self.flush()?;
+        }
+        if zeroed {
+            Ok(())
         } else {
             self.write_zero_buffer(offset, len)
         }
     }
 
-    fn reads_as_zero(&self, offset: u64, len: u64) -> Result<bool> {
-        if len == 0 {
-            return Ok(true);
+    /// Whether extents of this layer read as zeros, asking the backing image
+    /// about the ones this layer does not allocate.
+    fn extents_read_as_zero(&self, own: &[Extent]) -> Result<bool> {
+        for e in own {
+            if e.present {
+                if !e.zero || e.data {
+                    return Ok(false);
+                }
+                continue;
+            }
+            let Some(backing) = &self.backing else { continue };
+            let blen = crate::image::BlockDevice::len(&**backing);
+            let inside = (e.offset + e.length).min(blen).saturating_sub(e.offset);
+            if inside > 0 {
+                let below = crate::image::BlockDevice::block_status(&**backing, e.offset, inside)?;
+                if !below.iter().all(|b| b.zero && !b.data) {
+                    return Ok(false);
+                }
+            }
         }
-        let extents = self.block_status(offset, len)?;
-        Ok(extents.iter().all(|e| e.zero && !e.data))
+        Ok(true)
     }
 
     fn write_zero_buffer(&self, offset: u64, len: u64) -> Result<()> {

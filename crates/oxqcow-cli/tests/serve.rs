@@ -1,0 +1,892 @@
+//! `oxqcow serve` with real NBD clients: QEMU's qemu-img and qemu-io over
+//! `nbd+unix://` and `nbd://`, libnbd's nbdinfo and nbdcopy, fio's nbd
+//! engine, several clients at once, socket activation, `--fork`, and
+//! hostile clients speaking raw bytes. After every test the image must pass
+//! `qemu-img check`.
+//!
+//! Tools come from Debian's qemu-utils, libnbd-bin and fio (installed by
+//! .ci/run); a test that needs a missing tool fails and says which. Every
+//! test has its own directory, socket path and port, so tests run in
+//! parallel. Waits (for a socket to appear, a process to end) are bounded
+//! and fail loudly; nothing asserts on time.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const OXQCOW: &str = env!("CARGO_BIN_EXE_oxqcow");
+/// Generous bound on waits for a server to come up or go away.
+const WAIT: Duration = Duration::from_secs(60);
+
+fn require(tool: &str, package: &str) {
+    let found =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file())).unwrap_or(false);
+    assert!(found, "{tool} is required by this test but is not installed (apt-get install {package})");
+}
+
+fn run(program: &str, args: &[&str]) -> Output {
+    Command::new(program).args(args).output().unwrap_or_else(|e| panic!("running {program}: {e}"))
+}
+
+fn run_ok(program: &str, args: &[&str]) -> String {
+    let o = run(program, args);
+    assert!(
+        o.status.success(),
+        "{program} {args:?} failed ({}):\n{}\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn qemu_img(args: &[&str]) -> String {
+    require("qemu-img", "qemu-utils");
+    run_ok("qemu-img", args)
+}
+
+/// Runs qemu-io commands on a target; every read pattern must verify.
+fn qemu_io(args: &[&str], cmds: &[&str]) -> String {
+    require("qemu-io", "qemu-utils");
+    let mut all: Vec<&str> = args.to_vec();
+    for c in cmds {
+        all.push("-c");
+        all.push(c);
+    }
+    let out = run_ok("qemu-io", &all);
+    assert!(!out.contains("fail") && !out.contains("error"), "qemu-io {all:?}:\n{out}");
+    out
+}
+
+/// `qemu-img check` finds no errors and no leaks.
+fn assert_clean(image: &Path) {
+    let out = qemu_img(&["check", "-f", "qcow2", image.to_str().unwrap()]);
+    assert!(out.contains("No errors were found on the image."), "qemu-img check {}:\n{out}", image.display());
+}
+
+/// A scratch directory with one qcow2 image.
+struct Dir {
+    dir: tempfile::TempDir,
+}
+
+impl Dir {
+    fn new() -> Dir {
+        Dir { dir: tempfile::tempdir().unwrap() }
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    fn s(&self, name: &str) -> String {
+        self.path(name).to_str().unwrap().to_string()
+    }
+    /// A new qcow2 image of `size` made by qemu-img.
+    fn image(&self, name: &str, size: &str) -> PathBuf {
+        qemu_img(&["create", "-q", "-f", "qcow2", &self.s(name), size]);
+        self.path(name)
+    }
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < WAIT, "gave up waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running `oxqcow serve`.
+struct Server {
+    child: Option<Child>,
+    socket: Option<PathBuf>,
+    port: Option<u16>,
+}
+
+impl Server {
+    /// Serves on a Unix socket `sock` with `args` (which name the image).
+    fn unix(sock: &Path, args: &[&str]) -> Server {
+        let mut all = vec!["serve", "-k", sock.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let child = Command::new(OXQCOW).args(&all).stdin(Stdio::null()).spawn().expect("starting oxqcow serve");
+        let mut s = Server { child: Some(child), socket: Some(sock.to_path_buf()), port: None };
+        wait_until("the server's socket", || {
+            s.assert_running();
+            sock.exists()
+        });
+        s
+    }
+
+    /// Serves on 127.0.0.1 at a port of its own, persistently (`-t`: the
+    /// probe that waits for the listener is a client too).
+    fn tcp(args: &[&str]) -> Server {
+        let port = free_port();
+        let p = port.to_string();
+        let mut all = vec!["serve", "-b", "127.0.0.1", "-p", &p, "-t"];
+        all.extend_from_slice(args);
+        let child = Command::new(OXQCOW).args(&all).stdin(Stdio::null()).spawn().expect("starting oxqcow serve");
+        let mut s = Server { child: Some(child), socket: None, port: Some(port) };
+        wait_until("the server's TCP port", || {
+            s.assert_running();
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        s
+    }
+
+    fn assert_running(&mut self) {
+        if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+            panic!("oxqcow serve exited early: {status}");
+        }
+    }
+
+    fn uri(&self) -> String {
+        match (&self.socket, self.port) {
+            (Some(s), _) => format!("nbd+unix:///?socket={}", s.display()),
+            (None, Some(p)) => format!("nbd://127.0.0.1:{p}"),
+            _ => unreachable!(),
+        }
+    }
+
+    fn uri_named(&self, export: &str) -> String {
+        match (&self.socket, self.port) {
+            (Some(s), _) => format!("nbd+unix:///{export}?socket={}", s.display()),
+            (None, Some(p)) => format!("nbd://127.0.0.1:{p}/{export}"),
+            _ => unreachable!(),
+        }
+    }
+
+    /// SIGTERM, then the exit status must be 0 and the socket gone.
+    fn stop(mut self) {
+        let mut child = self.child.take().unwrap();
+        run_ok("kill", &["-TERM", &child.id().to_string()]);
+        let status = wait_child(&mut child);
+        assert!(status.success(), "oxqcow serve exited with {status} after SIGTERM");
+        if let Some(s) = &self.socket {
+            assert!(!s.exists(), "the socket {} was left behind", s.display());
+        }
+    }
+
+    /// Waits for the server to exit on its own; it must exit with 0.
+    fn wait_exit(mut self) {
+        let mut child = self.child.take().unwrap();
+        let status = wait_child(&mut child);
+        assert!(status.success(), "oxqcow serve exited with {status}");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn wait_child(child: &mut Child) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if start.elapsed() > WAIT {
+            let _ = child.kill();
+            panic!("oxqcow serve did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// qemu-img map's JSON as runs of (start, length, data, zero), adjacent
+/// runs with the same flags merged: comparable whatever the offsets.
+fn map_runs(json: &str) -> Vec<(u64, u64, bool, bool)> {
+    let v: serde_json::Value = serde_json::from_str(json).expect("map json");
+    let mut out: Vec<(u64, u64, bool, bool)> = Vec::new();
+    for e in v.as_array().unwrap() {
+        let (s, l) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+        let (d, z) = (e["data"].as_bool().unwrap(), e["zero"].as_bool().unwrap());
+        match out.last_mut() {
+            Some(last) if last.2 == d && last.3 == z && last.0 + last.1 == s => last.1 += l,
+            _ => out.push((s, l, d, z)),
+        }
+    }
+    out
+}
+
+/// Fills an image with data, zeros and holes through qemu-io.
+fn populate(image: &Path) {
+    qemu_io(
+        &["-f", "qcow2", image.to_str().unwrap()],
+        &[
+            "write -P 0x11 0 1M",
+            "write -P 0x22 3M 512k",
+            "write -z 5M 1M",
+            "write -P 0x33 7340032 4096",
+            "write -P 0x44 12M 2M",
+        ],
+    );
+}
+
+#[test]
+fn qemu_io_reads_and_writes_over_a_unix_socket() {
+    let d = Dir::new();
+    let img = d.image("disk.qcow2", "64M");
+    let srv = Server::unix(&d.path("s.sock"), &["-f", "qcow2", "-t", img.to_str().unwrap()]);
+    let uri = srv.uri();
+    qemu_io(
+        &["-f", "raw", &uri],
+        &[
+            "write -P 0xa1 0 1M",
+            "write -P 0xa2 10M 64k",
+            "write -P 0xa3 1000 3000",
+            "aio_write -P 0xa4 20M 128k",
+            "aio_write -P 0xa5 30M 4k",
+            "aio_flush",
+            "write -z 10M 4k",
+            "write -z -u 40M 2M",
+            "discard 50M 1M",
+            "flush",
+            "read -P 0xa1 0 1000",
+            "read -P 0xa3 1000 3000",
+            "read -P 0xa1 4000 1044576",
+            "read -P 0 10M 4k",
+            "read -P 0xa2 10489856 61440",
+            "read -P 0xa4 20M 128k",
+            "read -P 0xa5 30M 4k",
+        ],
+    );
+    srv.stop();
+    // The data is in the file, as QEMU reads it.
+    qemu_io(
+        &["-f", "qcow2", img.to_str().unwrap()],
+        &["read -P 0xa3 1000 3000", "read -P 0xa2 10489856 61440", "read -P 0xa4 20M 128k", "read -P 0 40M 2M"],
+    );
+    assert_clean(&img);
+}
+
+#[test]
+fn qemu_img_map_convert_and_compare_over_tcp() {
+    let d = Dir::new();
+    let img = d.image("disk.qcow2", "16M");
+    populate(&img);
+    let local = map_runs(&qemu_img(&["map", "--output=json", "-f", "qcow2", img.to_str().unwrap()]));
+    let srv = Server::tcp(&["-r", "-f", "qcow2", img.to_str().unwrap()]);
+    let uri = srv.uri();
+    let remote = map_runs(&qemu_img(&["map", "--output=json", "-f", "raw", &uri]));
+    assert_eq!(remote, local, "qemu-img map over NBD disagrees with the local map");
+    let copy = d.s("copy.qcow2");
+    qemu_img(&["convert", "-f", "raw", "-O", "qcow2", &uri, &copy]);
+    assert_eq!(
+        qemu_img(&["compare", "-f", "raw", "-F", "qcow2", &uri, &copy]),
+        "Images are identical.\n",
+        "compare over NBD"
+    );
+    // The converted copy keeps the holes the server reported.
+    assert_eq!(map_runs(&qemu_img(&["map", "--output=json", &copy])), local);
+    qemu_io(&["-r", "-f", "raw", &uri], &["read -P 0x33 7340032 4096", "read -P 0x44 12M 2M", "read -P 0 5M 1M"]);
+    srv.stop();
+    assert_eq!(
+        qemu_img(&["compare", "-f", "qcow2", "-F", "qcow2", img.to_str().unwrap(), &copy]),
+        "Images are identical.\n"
+    );
+    assert_clean(&img);
+    assert_clean(Path::new(&copy));
+}
+
+#[test]
+fn qemu_io_writes_over_tcp() {
+    let d = Dir::new();
+    let img = d.image("disk.qcow2", "32M");
+    let srv = Server::tcp(&["-f", "qcow2", "-x", "named", img.to_str().unwrap()]);
+    let uri = srv.uri_named("named");
+    qemu_io(&["-f", "raw", &uri], &["write -P 0x5a 1M 3M", "flush", "read -P 0x5a 1M 3M", "read -P 0 0 1M"]);
+    // The wrong export name is refused.
+    let o = run("qemu-io", &["-f", "raw", "-c", "read 0 512", &srv.uri_named("other")]);
+    assert!(!o.status.success(), "a wrong export name was accepted");
+    srv.stop();
+    qemu_io(&["-f", "qcow2", img.to_str().unwrap()], &["read -P 0x5a 1M 3M"]);
+    assert_clean(&img);
+}
+
+/// nbdinfo against qemu-nbd and against oxqcow serve on the same socket
+/// path and the same image prints the same thing.
+fn nbdinfo_both(d: &Dir, img: &Path, server_args: &[&str], nbdinfo_args: &[&str]) -> (String, String) {
+    require("nbdinfo", "libnbd-bin");
+    require("qemu-nbd", "qemu-utils");
+    let sock = d.path("cmp.sock");
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let mut args: Vec<&str> = nbdinfo_args.to_vec();
+    args.push(&uri);
+    let mut qargs = vec!["-k", sock.to_str().unwrap(), "-A"];
+    qargs.extend_from_slice(server_args);
+    qargs.push(img.to_str().unwrap());
+    let mut q = Command::new("qemu-nbd").args(&qargs).spawn().expect("starting qemu-nbd");
+    wait_until("qemu-nbd's socket", || sock.exists());
+    let theirs = run_ok("nbdinfo", &args);
+    let _ = q.kill();
+    let _ = q.wait();
+    let _ = std::fs::remove_file(&sock);
+    let mut oargs: Vec<&str> = server_args.to_vec();
+    oargs.push(img.to_str().unwrap());
+    let srv = Server::unix(&sock, &oargs);
+    let ours = run_ok("nbdinfo", &args);
+    srv.stop();
+    (theirs, ours)
+}
+
+#[test]
+fn nbdinfo_matches_qemu_nbd() {
+    let d = Dir::new();
+    let img = d.image("disk.qcow2", "16M");
+    populate(&img);
+    for (server, info) in [
+        (&["-f", "qcow2", "-t", "-D", "a description"][..], &[][..]),
+        (&["-f", "qcow2", "-t", "-r", "-e", "3"][..], &[][..]),
+        (&["-f", "qcow2", "-t", "-D", "listed"][..], &["--list"][..]),
+        (&["-f", "qcow2", "-t"][..], &["--map"][..]),
+        (&["-f", "qcow2", "-t"][..], &["--map=qemu:allocation-depth"][..]),
+        (&["-f", "qcow2", "-t"][..], &["--json"][..]),
+    ] {
+        let (theirs, ours) = nbdinfo_both(&d, &img, server, info);
+        assert_eq!(ours, theirs, "nbdinfo {info:?} differs (server flags {server:?})");
+    }
+    assert_clean(&img);
+}
+
+#[test]
+fn nbdinfo_maps_allocation_depth_of_a_backing_chain() {
+    let d = Dir::new();
+    let base = d.image("base.qcow2", "8M");
+    qemu_io(&["-f", "qcow2", base.to_str().unwrap()], &["write -P 1 0 2M", "write -P 2 6M 1M"]);
+    let top = d.s("top.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", &top]);
+    qemu_io(&["-f", "qcow2", &top], &["write -P 3 1M 2M", "write -z 6M 512k"]);
+    let (theirs, ours) = nbdinfo_both(&d, Path::new(&top), &["-f", "qcow2", "-t"], &["--map=qemu:allocation-depth"]);
+    assert_eq!(ours, theirs);
+    assert!(ours.contains("backing depth 2"), "no backing extent in:\n{ours}");
+    let (theirs, ours) = nbdinfo_both(&d, Path::new(&top), &["-f", "qcow2", "-t"], &["--map"]);
+    assert_eq!(ours, theirs);
+    assert_clean(Path::new(&top));
+    assert_clean(&base);
+}
+
+#[test]
+fn nbdcopy_both_directions() {
+    require("nbdcopy", "libnbd-bin");
+    let d = Dir::new();
+    let img = d.image("disk.qcow2", "24M");
+    populate(&img);
+    let srv = Server::unix(&d.path("s.sock"), &["-f", "qcow2", "-t", img.to_str().unwrap()]);
+    let out = d.s("out.raw");
+    run_ok("nbdcopy", &[&srv.uri(), &out]);
+    assert_eq!(
+        qemu_img(&["compare", "-U", "-f", "qcow2", "-F", "raw", img.to_str().unwrap(), &out]),
+        "Images are identical.\n"
+    );
+    // And back: a different raw image written over the export.
+    let src = d.s("src.raw");
+    qemu_img(&["create", "-q", "-f", "raw", &src, "24M"]);
+    qemu_io(&["-f", "raw", &src], &["write -P 0x77 2M 5M", "write -P 0x78 20M 4k"]);
+    run_ok("nbdcopy", &[&src, &srv.uri()]);
+    srv.stop();
+    assert_eq!(
+        qemu_img(&["compare", "-f", "qcow2", "-F", "raw", img.to_str().unwrap(), &src]),
+        "Images are identical.\n"
+    );
+    assert_clean(&img);
+}
+
+#[test]
+fn fio_verified_random_writes() {
+    require("fio", "fio");
+    let d = Dir::new();
+    let img = d.image("disk.qcow2", "128M");
+    let srv = Server::unix(&d.path("s.sock"), &["-f", "qcow2", "-t", img.to_str().unwrap()]);
+    let uri = format!("--uri={}", srv.uri());
+    let out = run_ok(
+        "fio",
+        &[
+            "--name=verify",
+            "--ioengine=nbd",
+            &uri,
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=64M",
+            "--iodepth=16",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--randrepeat=0",
+        ],
+    );
+    assert!(out.contains("WRITE:") && out.contains("READ:"), "fio did not write and verify:\n{out}");
+    let unaligned = run_ok(
+        "fio",
+        &[
+            "--name=mixed",
+            "--ioengine=nbd",
+            &uri,
+            "--rw=randwrite",
+            "--bsrange=512-256k",
+            "--size=32M",
+            "--offset=64M",
+            "--iodepth=32",
+            "--verify=md5",
+            "--do_verify=1",
+            "--verify_fatal=1",
+        ],
+    );
+    assert!(unaligned.contains("READ:"), "fio did not verify:\n{unaligned}");
+    srv.stop();
+    assert_clean(&img);
+}
+
+#[test]
+fn several_clients_at_once() {
+    require("nbdinfo", "libnbd-bin");
+    let d = Dir::new();
+    let img = d.image("disk.qcow2", "64M");
+    let srv = Server::unix(&d.path("s.sock"), &["-f", "qcow2", "-t", "-e", "4", img.to_str().unwrap()]);
+    let uri = srv.uri();
+    assert!(run_ok("nbdinfo", &[&uri]).contains("can_multi_conn: true"));
+    let clients: Vec<_> = (0..4u64)
+        .map(|i| {
+            let uri = uri.clone();
+            std::thread::spawn(move || {
+                let w = format!("write -P {} {}M 4M", 0x10 + i, i * 8);
+                let a = format!("aio_write -P {} {}M 1M", 0x20 + i, i * 8 + 5);
+                let r = format!("read -P {} {}M 4M", 0x10 + i, i * 8);
+                qemu_io(&["-f", "raw", &uri], &[&w, &a, "aio_flush", &r]);
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    srv.stop();
+    for i in 0..4u64 {
+        let r = format!("read -P {} {}M 4M", 0x10 + i, i * 8);
+        let a = format!("read -P {} {}M 1M", 0x20 + i, i * 8 + 5);
+        qemu_io(&["-f", "qcow2", img.to_str().unwrap()], &[&r, &a]);
+    }
+    assert_clean(&img);
+}
+
+#[test]
+fn exits_after_the_last_client_unless_persistent() {
+    let d = Dir::new();
+    let img = d.image("disk.qcow2", "8M");
+    let srv = Server::unix(&d.path("s.sock"), &["-f", "qcow2", img.to_str().unwrap()]);
+    qemu_io(&["-f", "raw", &srv.uri()], &["write -P 9 0 64k"]);
+    srv.wait_exit();
+    assert!(!d.path("s.sock").exists(), "the socket was left behind");
+    qemu_io(&["-f", "qcow2", img.to_str().unwrap()], &["read -P 9 0 64k"]);
+    assert_clean(&img);
+}
+
+#[test]
+fn socket_activation() {
+    require("nbdinfo", "libnbd-bin");
+    let d = Dir::new();
+    let img = d.image("disk.qcow2", "8M");
+    populate_small(&img);
+    // nbdinfo starts the server with LISTEN_PID/LISTEN_FDS and a socket on fd 3.
+    let out = run_ok("nbdinfo", &["--map", "--", "[", OXQCOW, "serve", "-f", "qcow2", img.to_str().unwrap(), "]"]);
+    assert_eq!(
+        out.lines().next().map(|l| l.split_whitespace().collect::<Vec<_>>()),
+        Some(vec!["0", "65536", "0", "data"])
+    );
+    assert_clean(&img);
+}
+
+fn populate_small(image: &Path) {
+    qemu_io(&["-f", "qcow2", image.to_str().unwrap()], &["write -P 1 0 64k"]);
+}
+
+#[test]
+fn fork_and_pid_file() {
+    require("nbdinfo", "libnbd-bin");
+    let d = Dir::new();
+    let img = d.image("disk.qcow2", "8M");
+    let (sock, pid_file) = (d.s("s.sock"), d.s("pid"));
+    // The parent returns once the server listens.
+    let o = run(
+        OXQCOW,
+        &["serve", "--fork", "--pid-file", &pid_file, "-k", &sock, "-t", "-f", "qcow2", img.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "serve --fork: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(Path::new(&sock).exists(), "no socket once the parent returned");
+    let pid = std::fs::read_to_string(&pid_file).unwrap().trim().to_string();
+    let uri = format!("nbd+unix:///?socket={sock}");
+    qemu_io(&["-f", "raw", &uri], &["write -P 3 0 1M"]);
+    assert!(run_ok("nbdinfo", &[&uri]).contains("export-size: 8388608"));
+    run_ok("kill", &["-TERM", &pid]);
+    wait_until("the forked server to exit", || !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(&pid));
+    wait_until("the pid file to go", || !Path::new(&pid_file).exists());
+    assert!(!Path::new(&sock).exists());
+    qemu_io(&["-f", "qcow2", img.to_str().unwrap()], &["read -P 3 0 1M"]);
+    assert_clean(&img);
+    // A child that fails reports through the parent's exit status.
+    let o = run(OXQCOW, &["serve", "--fork", "-k", &sock, "-f", "qcow2", &d.s("missing.qcow2")]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("Failed to blk_new_open"));
+}
+
+fn is_zombie(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| s.contains(") Z ")).unwrap_or(true)
+}
+
+#[test]
+fn command_line_errors_like_qemu_nbd() {
+    let d = Dir::new();
+    let img = d.image("disk.qcow2", "1M");
+    let i = img.to_str().unwrap();
+    for (args, msg) in [
+        (vec!["serve"], "Invalid number of arguments"),
+        (vec!["serve", "-e", "x", i], "Invalid shared device number 'x'"),
+        (vec!["serve", "-k", "rel.sock", i], "socket path must be absolute"),
+        (vec!["serve", "--discard=foo", i], "Invalid discard mode `foo'"),
+        (vec!["serve", "--cache=foo", i], "Invalid cache mode `foo'"),
+        (vec!["serve", "--detect-zeroes=unmap", i], "not allowed without setting discard operation to unmap"),
+        (vec!["serve", "--image-opts", "-f", "qcow2", i], "--image-opts and -f are mutually exclusive"),
+        (vec!["serve", "-f", "qcow2", &d.s("nope.qcow2")], "Failed to blk_new_open"),
+        (vec!["serve", "--tls-creds=x", i], "TLS"),
+        (vec!["serve", "-o", "512", i], "not supported"),
+        (vec!["serve", "--object", "tls-creds-x509,id=t", i], "qom-type"),
+        (vec!["serve", "-U", i], "--read-only"),
+    ] {
+        let o = run(OXQCOW, &args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(msg), "{args:?}: expected '{msg}' in: {err}");
+    }
+    assert_clean(&img);
+}
+
+// ---------------------------------------------------------------------------
+// Hostile clients, speaking raw bytes.
+
+const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+const REQUEST_MAGIC: u32 = 0x2560_9513;
+const SIMPLE_MAGIC: u32 = 0x6744_6698;
+
+trait Conn: Read + Write {}
+impl<T: Read + Write> Conn for T {}
+
+fn connect(sock: &Path) -> UnixStream {
+    let s = UnixStream::connect(sock).expect("connect");
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s
+}
+
+fn read_n(c: &mut dyn Conn, n: usize) -> Vec<u8> {
+    let mut b = vec![0u8; n];
+    c.read_exact(&mut b).expect("reading from the server");
+    b
+}
+
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes(b[..4].try_into().unwrap())
+}
+
+/// Reads the greeting and sends the client flags (fixed newstyle, no zeroes).
+fn greet(c: &mut dyn Conn) {
+    let g = read_n(c, 18);
+    assert_eq!(&g[..8], b"NBDMAGIC");
+    c.write_all(&3u32.to_be_bytes()).unwrap();
+}
+
+fn send_option(c: &mut dyn Conn, code: u32, data: &[u8]) {
+    let mut m = IHAVEOPT.to_be_bytes().to_vec();
+    m.extend_from_slice(&code.to_be_bytes());
+    m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    m.extend_from_slice(data);
+    c.write_all(&m).unwrap();
+}
+
+/// One option reply: (type, data).
+fn option_reply(c: &mut dyn Conn) -> (u32, Vec<u8>) {
+    let h = read_n(c, 20);
+    let len = be32(&h[16..]) as usize;
+    (be32(&h[12..]), read_n(c, len))
+}
+
+/// Handshake to transmission with simple replies on export "".
+fn go(c: &mut dyn Conn) {
+    greet(c);
+    send_option(c, 7, &[0, 0, 0, 0, 0, 0]);
+    loop {
+        match option_reply(c).0 {
+            3 => {}
+            1 => break,
+            other => panic!("GO failed with reply {other:#x}"),
+        }
+    }
+}
+
+fn request(c: &mut dyn Conn, kind: u16, flags: u16, cookie: u64, offset: u64, len: u32) {
+    let mut m = REQUEST_MAGIC.to_be_bytes().to_vec();
+    m.extend_from_slice(&flags.to_be_bytes());
+    m.extend_from_slice(&kind.to_be_bytes());
+    m.extend_from_slice(&cookie.to_be_bytes());
+    m.extend_from_slice(&offset.to_be_bytes());
+    m.extend_from_slice(&len.to_be_bytes());
+    c.write_all(&m).unwrap();
+}
+
+/// A simple reply: (error, cookie).
+fn simple_reply(c: &mut dyn Conn) -> (u32, u64) {
+    let r = read_n(c, 16);
+    assert_eq!(be32(&r), SIMPLE_MAGIC);
+    (be32(&r[4..]), u64::from_be_bytes(r[8..16].try_into().unwrap()))
+}
+
+/// The peer closed the connection (EOF or reset) rather than answering.
+fn closed(c: &mut dyn Conn) -> bool {
+    let mut b = [0u8; 1];
+    matches!(c.read(&mut b), Ok(0) | Err(_))
+}
+
+#[test]
+fn hostile_clients_get_errors_or_a_clean_disconnect() {
+    let d = Dir::new();
+    let img = d.image("disk.qcow2", "16M");
+    let sock = d.path("s.sock");
+    let srv = Server::unix(&sock, &["-f", "qcow2", "-t", "-e", "0", img.to_str().unwrap()]);
+    let mb = 1u64 << 20;
+
+    // Bad option magic: disconnected.
+    let mut c = connect(&sock);
+    greet(&mut c);
+    c.write_all(&[0x55; 16]).unwrap();
+    assert!(closed(&mut c), "bad option magic was not disconnected");
+
+    // Unknown client flags: disconnected.
+    let mut c = connect(&sock);
+    read_n(&mut c, 18);
+    c.write_all(&0x8000_0001u32.to_be_bytes()).unwrap();
+    assert!(closed(&mut c));
+
+    // An EXPORT_NAME longer than any name: disconnected without reading it.
+    let mut c = connect(&sock);
+    greet(&mut c);
+    let mut m = IHAVEOPT.to_be_bytes().to_vec();
+    m.extend_from_slice(&1u32.to_be_bytes());
+    m.extend_from_slice(&0xffff_fff0u32.to_be_bytes());
+    c.write_all(&m).unwrap();
+    assert!(closed(&mut c));
+
+    // Unknown and oversized options are refused and the negotiation goes on.
+    let mut c = connect(&sock);
+    greet(&mut c);
+    send_option(&mut c, 0x1234, b"junk");
+    assert_eq!(option_reply(&mut c).0, 0x8000_0001, "unknown option: ERR_UNSUP");
+    send_option(&mut c, 0x4321, &vec![7u8; 200_000]);
+    assert_eq!(option_reply(&mut c).0, 0x8000_0009, "oversized option: ERR_TOO_BIG");
+    send_option(&mut c, 3, &[]);
+    assert_eq!(option_reply(&mut c).0, 2, "LIST still answered");
+    assert_eq!(option_reply(&mut c).0, 1);
+    send_option(&mut c, 2, &[]);
+    assert_eq!(option_reply(&mut c).0, 1);
+
+    // An option flood is cut off.
+    let mut c = connect(&sock);
+    greet(&mut c);
+    let flood: Vec<u8> = (0..2000)
+        .flat_map(|_| {
+            let mut m = IHAVEOPT.to_be_bytes().to_vec();
+            m.extend_from_slice(&0x99u32.to_be_bytes());
+            m.extend_from_slice(&0u32.to_be_bytes());
+            m
+        })
+        .collect();
+    let writer = {
+        let mut w = c.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let _ = w.write_all(&flood);
+        })
+    };
+    let mut replies = 0;
+    let mut buf = [0u8; 20];
+    while c.read_exact(&mut buf).is_ok() {
+        replies += 1;
+        let len = be32(&buf[16..]) as usize;
+        read_n(&mut c, len);
+    }
+    writer.join().unwrap();
+    assert!((1..2000).contains(&replies), "option flood: {replies} replies");
+
+    // Transmission: every bad request gets its error and the stream stays usable.
+    let mut c = connect(&sock);
+    go(&mut c);
+    request(&mut c, 0, 0, 1, 15 * mb, (2 * mb) as u32); // past the end
+    assert_eq!(simple_reply(&mut c), (22, 1));
+    request(&mut c, 0, 0, 2, u64::MAX - 10, 100); // offset overflow
+    assert_eq!(simple_reply(&mut c), (22, 2));
+    request(&mut c, 0, 0, 3, 0, 64 << 20); // larger than the maximum block
+    assert_eq!(simple_reply(&mut c), (22, 3));
+    request(&mut c, 1, 0, 4, 16 * mb, 512); // write past the end: ENOSPC
+    c.write_all(&[1u8; 512]).unwrap();
+    assert_eq!(simple_reply(&mut c), (28, 4));
+    request(&mut c, 1, 0, 5, 0, 40 << 20); // oversized write: payload drained, EINVAL
+    c.write_all(&vec![2u8; 40 << 20]).unwrap();
+    assert_eq!(simple_reply(&mut c), (22, 5));
+    request(&mut c, 42, 0, 6, 0, 0); // unknown command
+    assert_eq!(simple_reply(&mut c), (22, 6));
+    request(&mut c, 0, 0x8000, 7, 0, 512); // unknown flag
+    assert_eq!(simple_reply(&mut c), (22, 7));
+    request(&mut c, 7, 0, 8, 0, 512); // block status without a context
+    assert_eq!(simple_reply(&mut c), (22, 8));
+    request(&mut c, 1, 0, 9, 4096, 4); // a good write after all that
+    c.write_all(b"good").unwrap();
+    assert_eq!(simple_reply(&mut c), (0, 9));
+    request(&mut c, 0, 0, 10, 4096, 4);
+    assert_eq!(simple_reply(&mut c), (0, 10));
+    assert_eq!(read_n(&mut c, 4), b"good");
+    // A bad request magic ends the session.
+    c.write_all(&[0xee; 28]).unwrap();
+    assert!(closed(&mut c), "bad request magic was not disconnected");
+
+    // Half-closed: requests, then the client closes its sending side; every
+    // reply still arrives, then the server closes.
+    let mut c = connect(&sock);
+    go(&mut c);
+    for i in 0..32u64 {
+        request(&mut c, 0, 0, 100 + i, i * 4096, 4096);
+    }
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut cookies = Vec::new();
+    for _ in 0..32 {
+        let (err, cookie) = simple_reply(&mut c);
+        assert_eq!(err, 0);
+        read_n(&mut c, 4096);
+        cookies.push(cookie);
+    }
+    cookies.sort();
+    assert_eq!(cookies, (100..132).collect::<Vec<_>>());
+    assert!(closed(&mut c));
+
+    // A client that never reads its replies, and one that vanishes in the
+    // middle of a write payload, do not stop the others.
+    let mut lazy = connect(&sock);
+    go(&mut lazy);
+    for i in 0..200u64 {
+        request(&mut lazy, 0, 0, i, 0, 1 << 20);
+    }
+    let mut gone = connect(&sock);
+    go(&mut gone);
+    request(&mut gone, 1, 0, 1, 0, 1 << 20);
+    gone.write_all(&[9u8; 1000]).unwrap();
+    drop(gone);
+    qemu_io(&["-f", "raw", &srv.uri()], &["write -P 0x66 8M 1M", "read -P 0x66 8M 1M", "read -P 0 0 4096"]);
+    drop(lazy);
+    srv.stop();
+    qemu_io(&["-f", "qcow2", img.to_str().unwrap()], &["read -P 0x66 8M 1M"]);
+    assert_clean(&img);
+}
+
+#[test]
+fn read_only_exports_refuse_writes() {
+    let d = Dir::new();
+    let img = d.image("disk.qcow2", "8M");
+    populate_small(&img);
+    let sock = d.path("s.sock");
+    let srv = Server::unix(&sock, &["-r", "-f", "qcow2", "-t", img.to_str().unwrap()]);
+    let mut c = connect(&sock);
+    go(&mut c);
+    request(&mut c, 1, 0, 1, 0, 4096);
+    c.write_all(&[0xff; 4096]).unwrap();
+    assert_eq!(simple_reply(&mut c), (1, 1), "write to a read-only export: EPERM");
+    request(&mut c, 6, 0, 2, 0, 4096);
+    assert_eq!(simple_reply(&mut c), (1, 2), "zero write: EPERM");
+    request(&mut c, 4, 0, 3, 0, 4096);
+    assert_eq!(simple_reply(&mut c), (1, 3), "trim: EPERM");
+    request(&mut c, 0, 0, 4, 0, 4);
+    assert_eq!(simple_reply(&mut c), (0, 4));
+    assert_eq!(read_n(&mut c, 4), vec![1u8; 4]);
+    request(&mut c, 2, 0, 5, 0, 0);
+    assert!(closed(&mut c));
+    let o = run("qemu-io", &["-f", "raw", "-c", "write 0 512", &srv.uri()]);
+    assert!(!o.status.success() || String::from_utf8_lossy(&o.stdout).contains("failed"));
+    srv.stop();
+    qemu_io(&["-f", "qcow2", img.to_str().unwrap()], &["read -P 1 0 64k"]);
+    assert_clean(&img);
+}
+
+#[test]
+fn handshake_limit_drops_silent_clients() {
+    let d = Dir::new();
+    let img = d.image("disk.qcow2", "1M");
+    let sock = d.path("s.sock");
+    let srv = Server::unix(&sock, &["-f", "qcow2", "-t", "--handshake-limit=1", img.to_str().unwrap()]);
+    let mut c = connect(&sock);
+    // Say nothing: the server gives up and closes (EOF, not our timeout).
+    let mut got = Vec::new();
+    c.read_to_end(&mut got).expect("the server closed a silent client");
+    assert!(got.len() <= 18 && got[..] == b"NBDMAGICIHAVEOPT\0\x03"[..got.len()], "{got:?}");
+    // The slot is free again for a real client.
+    qemu_io(&["-f", "raw", &srv.uri()], &["read -P 0 0 4096"]);
+    srv.stop();
+    assert_clean(&img);
+}
+
+/// Bytes qemu-img map calls data in `[start, start + len)`.
+fn data_in(image: &Path, start: u64, len: u64) -> u64 {
+    let runs = map_runs(&qemu_img(&["map", "--output=json", "-f", "qcow2", image.to_str().unwrap()]));
+    runs.iter().filter(|r| r.2).map(|r| (r.0 + r.1).min(start + len).saturating_sub(r.0.max(start))).sum()
+}
+
+#[test]
+fn discard_and_detect_zeroes_follow_their_flags() {
+    let d = Dir::new();
+    let img = d.image("disk.qcow2", "8M");
+    qemu_io(&["-f", "qcow2", img.to_str().unwrap()], &["write -P 5 0 4M"]);
+    let mb = 1 << 20;
+    // Default (--discard=ignore): TRIM succeeds and changes nothing.
+    let srv = Server::unix(&d.path("a.sock"), &["-f", "qcow2", "-t", img.to_str().unwrap()]);
+    qemu_io(&["-f", "raw", &srv.uri()], &["discard 0 1M", "write -z -u 1M 1M"]);
+    srv.stop();
+    assert_eq!(data_in(&img, 0, mb), mb, "a TRIM without --discard=unmap freed clusters");
+    // --discard=unmap: TRIM frees; the zero write reads as zeros either way.
+    let srv = Server::unix(&d.path("b.sock"), &["-f", "qcow2", "-t", "--discard=unmap", img.to_str().unwrap()]);
+    qemu_io(&["-f", "raw", &srv.uri()], &["discard 0 1M", "read -P 0 1M 1M", "read -P 5 2M 2M"]);
+    srv.stop();
+    assert_eq!(data_in(&img, 0, mb), 0, "a TRIM with --discard=unmap kept its clusters");
+    // --detect-zeroes=on: a write of zeros becomes a zero write.
+    let srv = Server::unix(&d.path("c.sock"), &["-f", "qcow2", "-t", "--detect-zeroes=on", img.to_str().unwrap()]);
+    qemu_io(&["-f", "raw", &srv.uri()], &["write -P 0 6M 1M", "write -P 7 7M 4k"]);
+    srv.stop();
+    assert_eq!(data_in(&img, 6 * mb, mb), 0, "zeros were stored as data with --detect-zeroes=on");
+    assert_eq!(data_in(&img, 7 * mb, 4096), 4096);
+    qemu_io(&["-f", "qcow2", img.to_str().unwrap()], &["read -P 0 6M 1M", "read -P 7 7M 4k", "read -P 5 2M 2M"]);
+    assert_clean(&img);
+}
+
+#[test]
+fn image_opts_and_internal_snapshots() {
+    require("nbdinfo", "libnbd-bin");
+    let d = Dir::new();
+    let img = d.image("disk.qcow2", "4M");
+    qemu_io(&["-f", "qcow2", img.to_str().unwrap()], &["write -P 1 0 1M"]);
+    qemu_img(&["snapshot", "-c", "before", img.to_str().unwrap()]);
+    qemu_io(&["-f", "qcow2", img.to_str().unwrap()], &["write -P 2 0 1M"]);
+    let opts = format!("driver=qcow2,file.filename={}", img.display());
+    let srv = Server::unix(&d.path("a.sock"), &["-t", "--image-opts", &opts]);
+    qemu_io(&["-f", "raw", &srv.uri()], &["read -P 2 0 1M"]);
+    srv.stop();
+    // -l exports the snapshot, read-only.
+    let srv = Server::unix(&d.path("b.sock"), &["-t", "-f", "qcow2", "-l", "before", img.to_str().unwrap()]);
+    qemu_io(&["-r", "-f", "raw", &srv.uri()], &["read -P 1 0 1M"]);
+    assert!(run_ok("nbdinfo", &[&srv.uri()]).contains("is_read_only: true"));
+    srv.stop();
+    let srv = Server::unix(&d.path("c.sock"), &["-t", "-f", "qcow2", "-l", "snapshot.name=before", img.to_str().unwrap()]);
+    qemu_io(&["-r", "-f", "raw", &srv.uri()], &["read -P 1 0 1M"]);
+    srv.stop();
+    qemu_io(&["-f", "qcow2", img.to_str().unwrap()], &["read -P 2 0 1M"]);
+    assert_clean(&img);
+}

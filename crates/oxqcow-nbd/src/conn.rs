@@ -1,0 +1,489 @@
+//! One client connection: the handshake, then three parties.
+//!
+//! - The reader (the connection's own thread) frames requests, reads write
+//!   payloads, validates, and hands each request to the worker pool.
+//! - Workers run requests concurrently; replies leave in completion order,
+//!   not request order, each one whole.
+//! - The outbox orders the sending: a worker whose reply finds the socket
+//!   idle sends it itself, without blocking (MSG_DONTWAIT); whatever does
+//!   not go out at once waits in the outbox for the writer thread, which
+//!   sends blocking, several replies per `writev`. Only the writer ever
+//!   blocks on the socket, so a client that stops reading stalls its own
+//!   connection and never a worker.
+//!
+//! Memory is bounded per connection: requests in flight (queued, running
+//! or waiting to be sent) may hold at most [`MAX_INFLIGHT_BYTES`] of
+//! payload and reply data and number at most [`MAX_INFLIGHT`]; the reader
+//! stops reading until replies have gone out. A client that stops reading
+//! replies therefore stalls only itself.
+//!
+//! Locks: the in-flight budget (a mutex and condvar, held to count); the
+//! outbox (held to queue or take replies, never across a blocking send).
+
+use std::collections::VecDeque;
+use std::io::{self, BufReader, IoSlice, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::export::Export;
+use crate::handshake::{self, Outcome};
+use crate::pool::Pool;
+use crate::proto::{self, Errno, RequestHeader};
+use crate::session::{Op, Payload, Session};
+
+/// Requests one connection may have in flight.
+pub const MAX_INFLIGHT: usize = 64;
+/// Payload and reply bytes one connection may have in flight (a single
+/// request larger than this still runs, alone).
+pub const MAX_INFLIGHT_BYTES: usize = 64 << 20;
+/// The writer sends at most this many replies in one system call.
+const MAX_BATCH: usize = 64;
+/// Capacity of idle buffers one connection keeps for reuse.
+const RECYCLE_BYTES: usize = 16 << 20;
+
+/// Reply and payload buffers of one connection, kept for reuse: a reused
+/// buffer needs no fresh pages from the kernel and, holding initialised
+/// bytes already, no clearing (see `Session::execute_into`).
+struct Buffers {
+    free: Mutex<(Vec<Vec<u8>>, usize)>,
+}
+
+impl Buffers {
+    fn get(&self) -> Vec<u8> {
+        let mut f = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        match f.0.pop() {
+            Some(v) => {
+                f.1 -= v.capacity();
+                v
+            }
+            None => Vec::new(),
+        }
+    }
+
+    fn put(&self, v: Vec<u8>) {
+        let mut f = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        if v.capacity() > 0 && f.1 + v.capacity() <= RECYCLE_BYTES {
+            f.1 += v.capacity();
+            f.0.push(v);
+        }
+    }
+}
+
+/// A connected client socket.
+pub enum Stream {
+    /// A Unix domain socket.
+    Unix(UnixStream),
+    /// A TCP socket.
+    Tcp(TcpStream),
+}
+
+impl Stream {
+    /// Another handle to the same socket.
+    pub fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+        })
+    }
+
+    /// Shuts down one or both directions.
+    pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.shutdown(how),
+            Stream::Tcp(s) => s.shutdown(how),
+        }
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Stream::Unix(s) => s.as_fd(),
+            Stream::Tcp(s) => s.as_fd(),
+        }
+    }
+
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_read_timeout(t),
+            Stream::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_write_timeout(t),
+            Stream::Tcp(s) => s.set_write_timeout(t),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(buf),
+            Stream::Tcp(s) => s.write(buf),
+        }
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write_vectored(bufs),
+            Stream::Tcp(s) => s.write_vectored(bufs),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The stream during the handshake: every read and write must finish
+/// before the deadline (qemu-nbd's `--handshake-limit`).
+struct Deadlined<'a> {
+    s: &'a mut Stream,
+    deadline: Option<Instant>,
+}
+
+impl Deadlined<'_> {
+    fn arm(&self, write: bool) -> io::Result<()> {
+        let Some(d) = self.deadline else { return Ok(()) };
+        let left = d.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "handshake time limit reached"));
+        }
+        if write {
+            self.s.set_write_timeout(Some(left))
+        } else {
+            self.s.set_read_timeout(Some(left))
+        }
+    }
+}
+
+impl Read for Deadlined<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.arm(false)?;
+        self.s.read(buf)
+    }
+}
+
+impl Write for Deadlined<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.arm(true)?;
+        self.s.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Requests in flight on one connection.
+struct Budget {
+    state: Mutex<BudgetState>,
+    changed: Condvar,
+}
+
+struct BudgetState {
+    requests: usize,
+    bytes: usize,
+    /// Threads waiting for the budget to shrink (the reader): releases
+    /// wake only when someone waits.
+    waiting: usize,
+}
+
+impl Budget {
+    /// Waits until `bytes` more fit (always true when nothing is in flight).
+    fn new() -> Budget {
+        Budget { state: Mutex::new(BudgetState { requests: 0, bytes: 0, waiting: 0 }), changed: Condvar::new() }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BudgetState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn acquire(&self, bytes: usize) {
+        let mut st = self.lock();
+        while st.requests > 0 && (st.requests >= MAX_INFLIGHT || st.bytes + bytes > MAX_INFLIGHT_BYTES) {
+            st.waiting += 1;
+            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+            st.waiting -= 1;
+        }
+        st.requests += 1;
+        st.bytes += bytes;
+    }
+
+    fn release(&self, bytes: usize) {
+        let mut st = self.lock();
+        st.requests -= 1;
+        st.bytes -= bytes;
+        let wake = st.waiting > 0;
+        drop(st);
+        if wake {
+            self.changed.notify_all();
+        }
+    }
+
+    fn wait_idle(&self) {
+        let mut st = self.lock();
+        while st.requests > 0 {
+            st.waiting += 1;
+            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+            st.waiting -= 1;
+        }
+    }
+}
+
+/// A reply ready to send, with the budget it holds.
+struct Outgoing {
+    bytes: Vec<u8>,
+    /// Bytes already sent.
+    sent: usize,
+    cost: usize,
+}
+
+struct OutQueue {
+    replies: VecDeque<Outgoing>,
+    /// Someone is sending on the socket.
+    busy: bool,
+    /// No more replies will come: the writer ends once the queue is empty.
+    closed: bool,
+    /// A send failed: replies are dropped.
+    broken: bool,
+}
+
+/// The replies of one connection on their way out (see the module doc).
+struct Outbox {
+    queue: Mutex<OutQueue>,
+    changed: Condvar,
+    budget: Arc<Budget>,
+    buffers: Arc<Buffers>,
+}
+
+impl Outbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, OutQueue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands over a finished reply: sent at once if the socket is idle and
+    /// takes it without blocking, else queued for the writer.
+    fn send(&self, sock: &Stream, bytes: Vec<u8>, cost: usize) {
+        let mut out = Outgoing { bytes, sent: 0, cost };
+        let mut q = self.lock();
+        if q.broken {
+            drop(q);
+            self.budget.release(cost);
+            self.buffers.put(out.bytes);
+            return;
+        }
+        if q.busy || !q.replies.is_empty() {
+            q.replies.push_back(out);
+            drop(q);
+            self.changed.notify_one();
+            return;
+        }
+        q.busy = true;
+        drop(q);
+        let done = loop {
+            if out.sent == out.bytes.len() {
+                break true;
+            }
+            match crate::sys::send_nonblocking(sock.fd(), &out.bytes[out.sent..]) {
+                Ok(0) => break false,
+                Ok(n) => out.sent += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break false,
+            }
+        };
+        let mut q = self.lock();
+        q.busy = false;
+        let sent = if done {
+            Some(out)
+        } else {
+            // The rest goes first: the writer sends it, blocking, or finds
+            // the socket broken.
+            q.replies.push_front(out);
+            None
+        };
+        // Only the writer waits here, and only for queued replies: a wake
+        // is a system call, so none when it has nothing to do.
+        let wake = !q.replies.is_empty();
+        drop(q);
+        if wake {
+            self.changed.notify_one();
+        }
+        if let Some(out) = sent {
+            self.budget.release(cost);
+            self.buffers.put(out.bytes);
+        }
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.changed.notify_all();
+    }
+}
+
+/// Serves one client until it disconnects, breaks the protocol, or its
+/// socket is shut down (server shutdown). Never panics on client input.
+pub fn serve(mut stream: Stream, export: Arc<Export>, pool: &Pool, handshake_limit: Option<Duration>) {
+    let deadline = handshake_limit.map(|d| Instant::now() + d);
+    let outcome = handshake::negotiate(&mut Deadlined { s: &mut stream, deadline }, &export);
+    let neg = match outcome {
+        Ok(Outcome::Transmission(n)) => n,
+        Ok(Outcome::Aborted) | Err(_) => {
+            let _ = stream.shutdown(Shutdown::Both);
+            return;
+        }
+    };
+    if stream.set_read_timeout(None).and_then(|()| stream.set_write_timeout(None)).is_err() {
+        return;
+    }
+    if let Stream::Tcp(t) = &stream {
+        let _ = t.set_nodelay(true);
+    }
+    let Ok(mut sender) = stream.try_clone() else { return };
+    let Ok(reader_half) = stream.try_clone() else { return };
+    let session = Arc::new(Session::new(export, neg));
+    let budget = Arc::new(Budget::new());
+    let buffers = Arc::new(Buffers { free: Mutex::new((Vec::new(), 0)) });
+    let outbox = Arc::new(Outbox {
+        queue: Mutex::new(OutQueue { replies: VecDeque::new(), busy: false, closed: false, broken: false }),
+        changed: Condvar::new(),
+        budget: Arc::clone(&budget),
+        buffers: Arc::clone(&buffers),
+    });
+    let writer_box = Arc::clone(&outbox);
+    let writer = std::thread::Builder::new().name("nbd-writer".into()).spawn(move || {
+        write_replies(&mut sender, &writer_box);
+    });
+    let Ok(writer) = writer else { return };
+    let sock = Arc::new(stream);
+    let reader = BufReader::with_capacity(64 << 10, reader_half);
+    read_requests(reader, &session, pool, &budget, &outbox, &sock, &buffers);
+    // Replies to everything already received go out before the close.
+    budget.wait_idle();
+    outbox.close();
+    let _ = writer.join();
+    let _ = sock.shutdown(Shutdown::Both);
+}
+
+fn read_requests(
+    mut r: BufReader<Stream>,
+    session: &Arc<Session>,
+    pool: &Pool,
+    budget: &Arc<Budget>,
+    outbox: &Arc<Outbox>,
+    sock: &Arc<Stream>,
+    buffers: &Arc<Buffers>,
+) {
+    loop {
+        let mut hdr = [0u8; proto::REQUEST_HEADER_LEN];
+        if r.read_exact(&mut hdr).is_err() {
+            return;
+        }
+        // A bad magic leaves no way to find the next request: disconnect.
+        let Ok(h) = RequestHeader::parse(&hdr) else { return };
+        let mut payload = Vec::new();
+        match session.payload(&h) {
+            Payload::None => {}
+            Payload::Read(n) => {
+                budget.acquire(n as usize);
+                payload = buffers.get();
+                crate::session::fit(&mut payload, n as usize);
+                let got = r.read_exact(&mut payload);
+                budget.release(n as usize);
+                if got.is_err() {
+                    return;
+                }
+            }
+            Payload::Discard(n) => match io::copy(&mut (&mut r).take(u64::from(n)), &mut io::sink()) {
+                Ok(k) if k == u64::from(n) => {}
+                _ => return,
+            },
+        }
+        let op = match session.check(&h) {
+            Ok(Op::Disconnect) => return,
+            Ok(op) => op,
+            Err(refusal) => {
+                budget.acquire(0);
+                outbox.send(sock, session.refusal_reply(&h, &refusal), 0);
+                continue;
+            }
+        };
+        let cost = payload.len()
+            + match op {
+                Op::Read { length, .. } => length as usize,
+                _ => 0,
+            };
+        budget.acquire(cost);
+        let (session, outbox, sock, buffers) =
+            (Arc::clone(session), Arc::clone(outbox), Arc::clone(sock), Arc::clone(buffers));
+        pool.submit(move || {
+            let mut bytes = buffers.get();
+            let ran = catch_unwind(AssertUnwindSafe(|| session.execute_into(&mut bytes, h.cookie, op, &payload)));
+            if ran.is_err() {
+                let internal = crate::session::Refusal { errno: Errno::Io, message: "internal error".into() };
+                bytes = session.refusal_reply(&h, &internal);
+            }
+            buffers.put(payload);
+            outbox.send(&sock, bytes, cost);
+        });
+    }
+}
+
+/// Sends the replies workers could not send themselves, blocking, several
+/// per system call. After a send failure the socket is shut down (which
+/// stops the reader) and every reply is dropped, releasing its budget.
+fn write_replies(s: &mut Stream, outbox: &Outbox) {
+    loop {
+        let mut batch = {
+            let mut q = outbox.lock();
+            while !(q.closed && q.replies.is_empty()) && (q.busy || q.replies.is_empty()) {
+                q = outbox.changed.wait(q).unwrap_or_else(|p| p.into_inner());
+            }
+            if q.replies.is_empty() {
+                return;
+            }
+            let n = q.replies.len().min(MAX_BATCH);
+            q.busy = true;
+            q.replies.drain(..n).collect::<Vec<_>>()
+        };
+        let ok = !outbox.lock().broken && write_all_vectored(s, &mut batch).is_ok();
+        let mut q = outbox.lock();
+        q.busy = false;
+        if !ok && !q.broken {
+            q.broken = true;
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        let dropped: Vec<Outgoing> = if q.broken { q.replies.drain(..).collect() } else { Vec::new() };
+        drop(q);
+        for o in batch.into_iter().chain(dropped) {
+            outbox.budget.release(o.cost);
+            outbox.buffers.put(o.bytes);
+        }
+    }
+}
+
+fn write_all_vectored(s: &mut Stream, batch: &mut [Outgoing]) -> io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> =
+        batch.iter().filter(|o| o.sent < o.bytes.len()).map(|o| IoSlice::new(&o.bytes[o.sent..])).collect();
+    let mut bufs = &mut slices[..];
+    while !bufs.is_empty() {
+        match s.write_vectored(bufs) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,153 @@
+//! What is served: one image with its name, description and policies, and
+//! the transmission flags and block sizes that describe it to clients.
+//!
+//! The export holds the one [`Image`] every connection shares, so a flush
+//! on any connection covers the writes of all of them: that is what makes
+//! advertising `NBD_FLAG_CAN_MULTI_CONN` honest.
+
+use std::sync::Arc;
+
+use oxqcow::{BlockDevice, Image, ImageFormat};
+
+use crate::proto::transmission_flags as tf;
+
+/// The smallest request the server handles (any byte offset and length).
+pub const MIN_BLOCK: u32 = 1;
+/// The request size clients should prefer.
+pub const PREFERRED_BLOCK: u32 = 4096;
+/// The largest READ or WRITE payload the server accepts, as qemu-nbd
+/// (`NBD_MAX_BUFFER_SIZE`): larger reads are refused with EINVAL, larger
+/// write payloads are read and discarded before the refusal.
+pub const MAX_BLOCK: u32 = 32 << 20;
+
+/// What `--detect-zeroes` does with WRITE payloads that are all zeros.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DetectZeroes {
+    /// Write them as data.
+    #[default]
+    Off,
+    /// Turn them into zero writes that keep the allocation.
+    On,
+    /// Turn them into zero writes that may free the allocation (needs
+    /// discard = unmap).
+    Unmap,
+}
+
+/// How an export is configured.
+#[derive(Clone, Debug, Default)]
+pub struct ExportOptions {
+    /// The export name clients ask for (qemu-nbd's `-x`, empty by default).
+    pub name: String,
+    /// A description shown by `nbdinfo` (`-D`).
+    pub description: String,
+    /// Refuse writes (`-r`); the image must be open read-only too.
+    pub read_only: bool,
+    /// Pass TRIM and hole-punching zero writes to the image
+    /// (`--discard=unmap`); otherwise TRIM succeeds without effect.
+    pub discard: bool,
+    /// `--detect-zeroes`.
+    pub detect_zeroes: DetectZeroes,
+    /// Advertise `NBD_FLAG_CAN_MULTI_CONN` (true when several clients may
+    /// connect: one image behind all of them makes flushes global).
+    pub multi_conn: bool,
+    /// Every write request must be durable before its reply (cache modes
+    /// writethrough and directsync); the engine does this for its own
+    /// calls, the export for the zeroing it does on the host file.
+    pub writethrough: bool,
+}
+
+/// How WRITE_ZEROES with `NBD_CMD_FLAG_FAST_ZERO` can be honoured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FastZero {
+    /// qcow2 with zero clusters (v3) or without a backing file (v2, where
+    /// zeroing discards): whole clusters are a metadata update; partial
+    /// clusters are fast only when they already read as zeros.
+    Qcow2 { cluster_size: u64 },
+    /// raw: fast when the host file zeroes a range without writing it.
+    Raw,
+    /// Zeroing would write data (v2 qcow2 over a backing file).
+    Never,
+}
+
+/// One served image.
+pub struct Export {
+    pub(crate) image: Arc<Image>,
+    pub(crate) opts: ExportOptions,
+    pub(crate) size: u64,
+    pub(crate) fast_zero: FastZero,
+}
+
+impl Export {
+    /// Serves `image` as `opts` say. A read-only export needs no read-only
+    /// image, but a writable export of a read-only image is refused.
+    pub fn new(image: Arc<Image>, opts: ExportOptions) -> Result<Export, String> {
+        if !opts.read_only && image.is_read_only() {
+            return Err("the image is open read-only: export it read-only".into());
+        }
+        if opts.name.len() > crate::proto::MAX_STRING || opts.description.len() > crate::proto::MAX_STRING {
+            return Err(format!("export names and descriptions are limited to {} bytes", crate::proto::MAX_STRING));
+        }
+        if opts.detect_zeroes == DetectZeroes::Unmap && !opts.discard {
+            return Err(
+                "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap".into()
+            );
+        }
+        let fast_zero = match image.format() {
+            ImageFormat::Raw => FastZero::Raw,
+            ImageFormat::Qcow2 => {
+                let q = image.as_qcow2().map(|q| q.info());
+                match q {
+                    Some(info) if info.version >= 3 || info.backing_file.is_none() => {
+                        FastZero::Qcow2 { cluster_size: info.cluster_size }
+                    }
+                    _ => FastZero::Never,
+                }
+            }
+        };
+        let size = image.len();
+        Ok(Export { image, opts, size, fast_zero })
+    }
+
+    /// The export name.
+    pub fn name(&self) -> &str {
+        &self.opts.name
+    }
+
+    /// The description.
+    pub fn description(&self) -> &str {
+        &self.opts.description
+    }
+
+    /// The disk size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The image behind the export.
+    pub fn image(&self) -> &Arc<Image> {
+        &self.image
+    }
+
+    /// Whether writes are refused.
+    pub fn read_only(&self) -> bool {
+        self.opts.read_only
+    }
+
+    /// The transmission flags, as qemu-nbd sets them: DF only with
+    /// structured replies, the write commands only when writable.
+    pub fn transmission_flags(&self, structured: bool) -> u16 {
+        let mut f = tf::HAS_FLAGS | tf::SEND_FLUSH | tf::SEND_FUA | tf::SEND_CACHE;
+        if structured {
+            f |= tf::SEND_DF;
+        }
+        if self.opts.read_only {
+            f |= tf::READ_ONLY;
+        } else {
+            f |= tf::SEND_TRIM | tf::SEND_WRITE_ZEROES | tf::SEND_FAST_ZERO;
+        }
+        if self.opts.multi_conn {
+            f |= tf::CAN_MULTI_CONN;
+        }
+        f
+    }
+}

@@ -1,0 +1,278 @@
+//! The fixed newstyle handshake: greeting, client flags, then options until
+//! the client picks the export (GO or EXPORT_NAME) or leaves.
+//!
+//! Generic over any `Read + Write`, so tests and the fuzzer drive it over
+//! in-memory streams. Options the server does not know, or knows but finds
+//! malformed, are answered with an error reply and the negotiation goes on;
+//! only what the protocol cannot answer (a bad magic, unknown client flags,
+//! a bad EXPORT_NAME) or an option flood ends the session.
+
+use std::io::{self, Read, Write};
+
+use crate::export::{Export, MAX_BLOCK, MIN_BLOCK, PREFERRED_BLOCK};
+use crate::proto::{self, client_flags, info, opt, rep, ClientOption, MetaQuery, OptionHeader};
+
+/// Option data larger than this is read and thrown away, and the option is
+/// refused with `NBD_REP_ERR_TOO_BIG`: the largest legitimate option, a
+/// meta context query list, is far smaller (qemu's bound is 32 MiB, but it
+/// keeps the data; here no buffer grows past this).
+pub const MAX_OPTION_DATA: u32 = 64 << 10;
+
+/// Options one connection may send before the server gives up on it: real
+/// clients send fewer than ten. A flood past this ends the session (the
+/// protocol allows a hard disconnect for a client that is a denial of
+/// service).
+pub const MAX_OPTIONS: usize = 1024;
+
+/// Metadata context ids, as qemu-nbd numbers them.
+pub const CONTEXT_BASE_ALLOCATION: u32 = 0;
+/// See [`CONTEXT_BASE_ALLOCATION`].
+pub const CONTEXT_ALLOCATION_DEPTH: u32 = 1;
+const BASE_ALLOCATION: &str = "base:allocation";
+const ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
+
+/// The selected metadata contexts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Contexts {
+    /// `base:allocation`.
+    pub base_allocation: bool,
+    /// `qemu:allocation-depth`.
+    pub allocation_depth: bool,
+}
+
+impl Contexts {
+    /// Whether any context is selected.
+    pub fn any(&self) -> bool {
+        self.base_allocation || self.allocation_depth
+    }
+
+    /// The selected contexts with their ids and names.
+    pub fn list(&self) -> Vec<(u32, &'static str)> {
+        let mut v = Vec::new();
+        if self.base_allocation {
+            v.push((CONTEXT_BASE_ALLOCATION, BASE_ALLOCATION));
+        }
+        if self.allocation_depth {
+            v.push((CONTEXT_ALLOCATION_DEPTH, ALLOCATION_DEPTH));
+        }
+        v
+    }
+
+    /// The contexts `queries` name. For LIST a bare namespace (`base:`,
+    /// `qemu:`) names every context in it and no query means all; for SET
+    /// only full names select, as qemu-nbd does.
+    fn matching(queries: &[String], listing: bool) -> Contexts {
+        if queries.is_empty() {
+            return Contexts { base_allocation: listing, allocation_depth: listing };
+        }
+        let mut c = Contexts::default();
+        for q in queries {
+            match q.as_str() {
+                BASE_ALLOCATION => c.base_allocation = true,
+                ALLOCATION_DEPTH => c.allocation_depth = true,
+                "base:" if listing => c.base_allocation = true,
+                "qemu:" if listing => c.allocation_depth = true,
+                _ => {}
+            }
+        }
+        c
+    }
+}
+
+/// What the negotiation settled.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Negotiated {
+    /// Structured replies are on.
+    pub structured: bool,
+    /// The metadata contexts BLOCK_STATUS reports.
+    pub contexts: Contexts,
+}
+
+/// How a negotiation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The client chose the export: transmission follows.
+    Transmission(Negotiated),
+    /// The client ended the session (NBD_OPT_ABORT).
+    Aborted,
+}
+
+fn violation(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+/// Runs the server side of the handshake for `export` over `s`. `Err`
+/// means the session must end (I/O failure or a protocol violation).
+pub fn negotiate<S: Read + Write>(s: &mut S, export: &Export) -> io::Result<Outcome> {
+    s.write_all(&proto::greeting())?;
+    s.flush()?;
+    let mut w = [0u8; 4];
+    s.read_exact(&mut w)?;
+    let cflags = u32::from_be_bytes(w);
+    if cflags & !client_flags::KNOWN != 0 {
+        return Err(violation(format!("unknown client flags {cflags:#x}")));
+    }
+    let no_zeroes = cflags & client_flags::NO_ZEROES != 0;
+    let mut state = Negotiated::default();
+    // The export name the selected contexts were set for.
+    let mut contexts_for: Option<String> = None;
+    for _ in 0..MAX_OPTIONS {
+        let mut hdr = [0u8; proto::OPTION_HEADER_LEN];
+        s.read_exact(&mut hdr)?;
+        let h = OptionHeader::parse(&hdr).map_err(|e| violation(format!("option: {e}")))?;
+        let mut out = Vec::new();
+        if h.length > MAX_OPTION_DATA {
+            if h.option == opt::EXPORT_NAME {
+                return Err(violation(format!("export name of {} bytes", h.length)));
+            }
+            io::copy(&mut Read::by_ref(s).take(u64::from(h.length)), &mut io::sink())?;
+            let msg = format!("option data of {} bytes exceeds the limit of {MAX_OPTION_DATA}", h.length);
+            proto::option_reply(&mut out, h.option, rep::ERR_TOO_BIG, msg.as_bytes());
+            send(s, &out)?;
+            continue;
+        }
+        let mut data = vec![0u8; h.length as usize];
+        s.read_exact(&mut data)?;
+        let parsed = match ClientOption::parse(h.option, &data) {
+            Ok(o) => o,
+            Err(e) if h.option == opt::EXPORT_NAME => return Err(violation(e.0)),
+            Err(e) => {
+                proto::option_reply(&mut out, h.option, rep::ERR_INVALID, e.0.as_bytes());
+                send(s, &out)?;
+                continue;
+            }
+        };
+        match parsed {
+            ClientOption::ExportName(name) => {
+                if name != export.name() {
+                    return Err(violation(format!("no export named '{name}'")));
+                }
+                if contexts_for.as_deref() != Some(name.as_str()) {
+                    state.contexts = Contexts::default();
+                }
+                out.extend_from_slice(&export.size().to_be_bytes());
+                out.extend_from_slice(&export.transmission_flags(state.structured).to_be_bytes());
+                if !no_zeroes {
+                    out.extend_from_slice(&[0u8; 124]);
+                }
+                send(s, &out)?;
+                return Ok(Outcome::Transmission(state));
+            }
+            ClientOption::Abort => {
+                proto::option_reply(&mut out, h.option, rep::ACK, &[]);
+                // The client may close without reading the reply.
+                let _ = send(s, &out);
+                return Ok(Outcome::Aborted);
+            }
+            ClientOption::List => {
+                let mut server = (export.name().len() as u32).to_be_bytes().to_vec();
+                server.extend_from_slice(export.name().as_bytes());
+                server.extend_from_slice(export.description().as_bytes());
+                proto::option_reply(&mut out, h.option, rep::SERVER, &server);
+                proto::option_reply(&mut out, h.option, rep::ACK, &[]);
+            }
+            ClientOption::StartTls => {
+                proto::option_reply(&mut out, h.option, rep::ERR_POLICY, b"TLS is not configured");
+            }
+            ClientOption::Info(req) | ClientOption::Go(req) => {
+                if req.name != export.name() {
+                    let msg = format!("export '{}' not present", req.name);
+                    proto::option_reply(&mut out, h.option, rep::ERR_UNKNOWN, msg.as_bytes());
+                    send(s, &out)?;
+                    continue;
+                }
+                let flags = export.transmission_flags(state.structured);
+                for kind in dedup(&req.requests) {
+                    let payload = match kind {
+                        info::NAME => proto::info_string(info::NAME, export.name()),
+                        info::DESCRIPTION if !export.description().is_empty() => {
+                            proto::info_string(info::DESCRIPTION, export.description())
+                        }
+                        info::BLOCK_SIZE => proto::info_block_size(MIN_BLOCK, PREFERRED_BLOCK, MAX_BLOCK),
+                        _ => continue,
+                    };
+                    proto::option_reply(&mut out, h.option, rep::INFO, &payload);
+                }
+                proto::option_reply(&mut out, h.option, rep::INFO, &proto::info_export(export.size(), flags));
+                proto::option_reply(&mut out, h.option, rep::ACK, &[]);
+                send(s, &out)?;
+                if h.option == opt::GO {
+                    if contexts_for.as_deref() != Some(req.name.as_str()) {
+                        state.contexts = Contexts::default();
+                    }
+                    return Ok(Outcome::Transmission(state));
+                }
+                continue;
+            }
+            ClientOption::StructuredReply => {
+                if state.structured {
+                    proto::option_reply(&mut out, h.option, rep::ERR_INVALID, b"structured replies already on");
+                } else {
+                    state.structured = true;
+                    proto::option_reply(&mut out, h.option, rep::ACK, &[]);
+                }
+            }
+            ClientOption::ListMetaContext(q) | ClientOption::SetMetaContext(q) => {
+                let set = h.option == opt::SET_META_CONTEXT;
+                if let Some((code, msg)) = meta_refusal(&q, export, state.structured) {
+                    proto::option_reply(&mut out, h.option, code, msg.as_bytes());
+                    if set {
+                        // A failed SET leaves no context selected.
+                        state.contexts = Contexts::default();
+                        contexts_for = None;
+                    }
+                } else {
+                    let found = Contexts::matching(&q.queries, !set);
+                    for (id, name) in found.list() {
+                        let mut d = id.to_be_bytes().to_vec();
+                        d.extend_from_slice(name.as_bytes());
+                        proto::option_reply(&mut out, h.option, rep::META_CONTEXT, &d);
+                    }
+                    proto::option_reply(&mut out, h.option, rep::ACK, &[]);
+                    if set {
+                        state.contexts = found;
+                        contexts_for = Some(q.export);
+                    }
+                }
+            }
+            ClientOption::ExtendedHeaders => {
+                proto::option_reply(&mut out, h.option, rep::ERR_UNSUP, b"extended headers are not supported");
+            }
+            ClientOption::Unknown(code) => {
+                let msg = format!("option {code} is not supported");
+                proto::option_reply(&mut out, h.option, rep::ERR_UNSUP, msg.as_bytes());
+            }
+        }
+        send(s, &out)?;
+    }
+    Err(violation(format!("more than {MAX_OPTIONS} options")))
+}
+
+fn meta_refusal(q: &MetaQuery, export: &Export, structured: bool) -> Option<(u32, String)> {
+    if !structured {
+        return Some((rep::ERR_INVALID, "structured replies are not negotiated".into()));
+    }
+    if q.export != export.name() {
+        return Some((rep::ERR_UNKNOWN, format!("export '{}' not present", q.export)));
+    }
+    None
+}
+
+/// The known information types asked for, each once, in order of first
+/// request (a hostile list of 32768 entries costs one pass).
+fn dedup(requests: &[u16]) -> Vec<u16> {
+    let mut seen = 0u16;
+    let mut out = Vec::new();
+    for &r in requests {
+        if r <= info::BLOCK_SIZE && seen & (1 << r) == 0 {
+            seen |= 1 << r;
+            out.push(r);
+        }
+    }
+    out
+}
+
+fn send<S: Write>(s: &mut S, bytes: &[u8]) -> io::Result<()> {
+    s.write_all(bytes)?;
+    s.flush()
+}

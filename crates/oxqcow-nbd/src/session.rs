@@ -1,0 +1,539 @@
+//! The transmission phase of one connection, without the sockets: request
+//! validation, execution against the image, and reply encoding.
+//!
+//! [`Session::check`] turns a framed header into an [`Op`] or a refusal,
+//! the way qemu-nbd judges requests (unknown commands and flags, lengths
+//! past the block size limit, ranges past the end, writes to a read-only
+//! export); [`Session::execute`] runs an op and returns the whole encoded
+//! reply, so a reply always goes out in one piece. Both are synchronous
+//! and touch no socket: the connection code runs them on worker threads,
+//! the fuzzer and the tests call them directly.
+
+use std::sync::Arc;
+
+use oxqcow::{BlockDevice, Error as EngineError, ErrorKind};
+
+use crate::export::{DetectZeroes, Export, FastZero, MAX_BLOCK};
+use crate::handshake::{Negotiated, CONTEXT_ALLOCATION_DEPTH, CONTEXT_BASE_ALLOCATION};
+use crate::proto::{self, cmd, cmd_flags, reply, Errno, RequestHeader};
+
+/// Block status is computed for at most this many bytes per request; the
+/// reply then covers less than asked, which the protocol allows, and the
+/// client asks again from where it ends. Bounds the work and the extent
+/// list one request can cause, whatever its length.
+pub const STATUS_WINDOW: u64 = 256 << 20;
+/// With `NBD_CMD_FLAG_REQ_ONE` only the first extent is sent: a smaller
+/// window is enough.
+pub const STATUS_WINDOW_ONE: u64 = 64 << 20;
+/// At most this many extents per context in one reply (qemu sends at most
+/// 2^17; a fragmented window of small clusters could otherwise make the
+/// reply megabytes long).
+pub const MAX_EXTENTS: usize = 1 << 16;
+/// CACHE reads at most this much of its range (it is advice; the rest is
+/// left to later reads), in pieces of [`CACHE_CHUNK`].
+pub const CACHE_LIMIT: u64 = MAX_BLOCK as u64;
+const CACHE_CHUNK: usize = 1 << 20;
+
+/// `base:allocation` flags.
+const STATE_HOLE: u32 = 1;
+const STATE_ZERO: u32 = 2;
+
+/// A request that passed validation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Read `length` bytes.
+    Read {
+        /// Offset.
+        offset: u64,
+        /// Length.
+        length: u32,
+        /// Answer in one chunk (`NBD_CMD_FLAG_DF`).
+        df: bool,
+    },
+    /// Write the payload.
+    Write {
+        /// Offset.
+        offset: u64,
+        /// Flush before replying.
+        fua: bool,
+    },
+    /// Flush.
+    Flush,
+    /// Discard.
+    Trim {
+        /// Offset.
+        offset: u64,
+        /// Length.
+        length: u32,
+        /// Flush before replying.
+        fua: bool,
+    },
+    /// Prefetch.
+    Cache {
+        /// Offset.
+        offset: u64,
+        /// Length.
+        length: u32,
+    },
+    /// Write zeros.
+    WriteZeroes {
+        /// Offset.
+        offset: u64,
+        /// Length.
+        length: u32,
+        /// Keep the allocation (`NBD_CMD_FLAG_NO_HOLE`).
+        no_hole: bool,
+        /// Fail with ENOTSUP rather than write data (`NBD_CMD_FLAG_FAST_ZERO`).
+        fast: bool,
+        /// Flush before replying.
+        fua: bool,
+    },
+    /// Report metadata.
+    BlockStatus {
+        /// Offset.
+        offset: u64,
+        /// Length.
+        length: u32,
+        /// One extent per context.
+        one: bool,
+    },
+    /// Disconnect.
+    Disconnect,
+}
+
+/// A request refused before it ran: the error and a message for the client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// The error value.
+    pub errno: Errno,
+    /// Why, for people.
+    pub message: String,
+}
+
+fn refuse(errno: Errno, message: impl Into<String>) -> Refusal {
+    Refusal { errno, message: message.into() }
+}
+
+/// What the reader must do with the bytes after a request header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Payload {
+    /// Nothing follows.
+    None,
+    /// Read this many bytes of write data.
+    Read(u32),
+    /// Read and throw away this many bytes (a write payload over the
+    /// limit): the request is then refused, and the stream stays in step.
+    Discard(u32),
+}
+
+/// One connection's transmission state.
+pub struct Session {
+    export: Arc<Export>,
+    neg: Negotiated,
+}
+
+impl Session {
+    /// A session on `export` with what the handshake negotiated.
+    pub fn new(export: Arc<Export>, neg: Negotiated) -> Session {
+        Session { export, neg }
+    }
+
+    /// The export.
+    pub fn export(&self) -> &Arc<Export> {
+        &self.export
+    }
+
+    /// The bytes that follow `h` on the wire.
+    pub fn payload(&self, h: &RequestHeader) -> Payload {
+        match (h.kind, h.length) {
+            (cmd::WRITE, n) if n > MAX_BLOCK => Payload::Discard(n),
+            (cmd::WRITE, n) => Payload::Read(n),
+            _ => Payload::None,
+        }
+    }
+
+    /// Validates a request header, as qemu-nbd does: flags the command does
+    /// not take, lengths past the block size limit, ranges past the end of
+    /// the export, writes to a read-only export and status queries without
+    /// a selected context are refused.
+    pub fn check(&self, h: &RequestHeader) -> Result<Op, Refusal> {
+        let mut valid = cmd_flags::FUA;
+        match h.kind {
+            cmd::READ if self.neg.structured => valid |= cmd_flags::DF,
+            cmd::WRITE_ZEROES => valid |= cmd_flags::NO_HOLE | cmd_flags::FAST_ZERO,
+            cmd::BLOCK_STATUS => valid |= cmd_flags::REQ_ONE,
+            _ => {}
+        }
+        let known = matches!(
+            h.kind,
+            cmd::READ
+                | cmd::WRITE
+                | cmd::DISC
+                | cmd::FLUSH
+                | cmd::TRIM
+                | cmd::CACHE
+                | cmd::WRITE_ZEROES
+                | cmd::BLOCK_STATUS
+        );
+        if !known {
+            return Err(refuse(Errno::Inval, format!("unsupported command {}", h.kind)));
+        }
+        if h.flags & !valid != 0 {
+            return Err(refuse(Errno::Inval, format!("unsupported flags {:#x} for command {}", h.flags, h.kind)));
+        }
+        let fua = h.flags & cmd_flags::FUA != 0;
+        if matches!(h.kind, cmd::READ | cmd::WRITE) && h.length > MAX_BLOCK {
+            return Err(refuse(Errno::Inval, format!("length {} exceeds the maximum of {MAX_BLOCK}", h.length)));
+        }
+        let writes = matches!(h.kind, cmd::WRITE | cmd::WRITE_ZEROES | cmd::TRIM);
+        if !matches!(h.kind, cmd::DISC | cmd::FLUSH) {
+            let in_range = h.offset.checked_add(u64::from(h.length)).is_some_and(|end| end <= self.export.size());
+            if !in_range {
+                let errno = if matches!(h.kind, cmd::WRITE | cmd::WRITE_ZEROES) { Errno::NoSpc } else { Errno::Inval };
+                return Err(refuse(
+                    errno,
+                    format!(
+                        "request at offset {} with length {} is past the end of the export ({} bytes)",
+                        h.offset,
+                        h.length,
+                        self.export.size()
+                    ),
+                ));
+            }
+        }
+        if writes && self.export.read_only() {
+            return Err(refuse(Errno::Perm, "the export is read-only"));
+        }
+        let (offset, length) = (h.offset, h.length);
+        Ok(match h.kind {
+            cmd::READ => Op::Read { offset, length, df: h.flags & cmd_flags::DF != 0 },
+            cmd::WRITE => Op::Write { offset, fua },
+            cmd::DISC => Op::Disconnect,
+            cmd::FLUSH => Op::Flush,
+            cmd::TRIM => Op::Trim { offset, length, fua },
+            cmd::CACHE => Op::Cache { offset, length },
+            cmd::WRITE_ZEROES => Op::WriteZeroes {
+                offset,
+                length,
+                no_hole: h.flags & cmd_flags::NO_HOLE != 0,
+                fast: h.flags & cmd_flags::FAST_ZERO != 0,
+                fua,
+            },
+            _ => {
+                if !self.neg.contexts.any() {
+                    return Err(refuse(Errno::Inval, "no metadata context was negotiated"));
+                }
+                if length == 0 {
+                    return Err(refuse(Errno::Inval, "block status of zero bytes"));
+                }
+                Op::BlockStatus { offset, length, one: h.flags & cmd_flags::REQ_ONE != 0 }
+            }
+        })
+    }
+
+    /// The encoded reply refusing a request.
+    pub fn refusal_reply(&self, h: &RequestHeader, r: &Refusal) -> Vec<u8> {
+        self.error_reply(h.cookie, r.errno, &r.message)
+    }
+
+    fn error_reply(&self, cookie: u64, errno: Errno, message: &str) -> Vec<u8> {
+        if self.neg.structured {
+            let mut out = Vec::with_capacity(proto::CHUNK_HEADER_LEN + 6 + message.len().min(proto::MAX_STRING));
+            proto::error_chunk(&mut out, cookie, errno, message);
+            out
+        } else {
+            proto::simple_reply(cookie, errno as u32).to_vec()
+        }
+    }
+
+    fn ok_reply(&self, cookie: u64) -> Vec<u8> {
+        proto::simple_reply(cookie, 0).to_vec()
+    }
+
+    /// [`Session::execute`] into `out`, reusing its allocation (and, for
+    /// reads, its bytes: see `read_into`).
+    pub fn execute_into(&self, out: &mut Vec<u8>, cookie: u64, op: Op, payload: &[u8]) {
+        match op {
+            Op::Read { offset, length, df } => self.read_into(out, cookie, offset, length, df),
+            other => {
+                let reply = self.execute(cookie, other, payload);
+                out.clear();
+                out.extend_from_slice(&reply);
+            }
+        }
+    }
+
+    /// Runs `op` and returns its encoded reply. `payload` is the write data
+    /// (empty for other commands).
+    pub fn execute(&self, cookie: u64, op: Op, payload: &[u8]) -> Vec<u8> {
+        let done = |r: Result<(), EngineError>| match r {
+            Ok(()) => self.ok_reply(cookie),
+            Err(e) => self.error_reply(cookie, errno_of(&e), &e.to_string()),
+        };
+        let img = &*self.export.image;
+        match op {
+            Op::Read { offset, length, df } => {
+                let mut out = Vec::new();
+                self.read_into(&mut out, cookie, offset, length, df);
+                out
+            }
+            Op::Write { offset, fua } => done(self.write(offset, payload).and_then(|()| flush_if(img, fua))),
+            Op::Flush => done(img.flush()),
+            Op::Trim { offset, length, fua } => {
+                let r = if self.export.opts.discard { img.discard(offset, u64::from(length)) } else { Ok(()) };
+                done(r.and_then(|()| flush_if(img, fua)))
+            }
+            Op::Cache { offset, length } => done(self.cache(offset, length)),
+            Op::WriteZeroes { offset, length, no_hole, fast, fua } => {
+                let len = u64::from(length);
+                let may_unmap = !no_hole && self.export.opts.discard;
+                if !fast {
+                    return done(img.write_zeroes_at(offset, len, may_unmap).and_then(|()| flush_if(img, fua)));
+                }
+                let not_fast = || self.error_reply(cookie, Errno::NotSup, "zeroing this range would write data");
+                match self.export.fast_zero {
+                    FastZero::Never => not_fast(),
+                    FastZero::Raw => match self.raw_fast_zero(offset, len) {
+                        Ok(true) => done(flush_if(img, fua || self.export.opts.writethrough)),
+                        Ok(false) => not_fast(),
+                        Err(e) => done(Err(e)),
+                    },
+                    FastZero::Qcow2 { cluster_size } => match self.partial_clusters_zero(offset, len, cluster_size) {
+                        Ok(true) => done(img.write_zeroes_at(offset, len, may_unmap).and_then(|()| flush_if(img, fua))),
+                        Ok(false) => not_fast(),
+                        Err(e) => done(Err(e)),
+                    },
+                }
+            }
+            Op::BlockStatus { offset, length, one } => self.block_status(cookie, offset, length, one),
+            Op::Disconnect => Vec::new(),
+        }
+    }
+}
+
+impl Session {
+    /// Builds a READ reply in `out`. The bytes `out` holds may be left
+    /// from an earlier reply: only what grows past its length is cleared,
+    /// so a recycled buffer costs neither fresh pages nor zeroing.
+    fn read_into(&self, out: &mut Vec<u8>, cookie: u64, offset: u64, length: u32, df: bool) {
+        let img = &*self.export.image;
+        let len = length as usize;
+        if !self.neg.structured {
+            let total = proto::SIMPLE_REPLY_LEN + len;
+            fit(out, total);
+            match img.read_at(&mut out[proto::SIMPLE_REPLY_LEN..total], offset) {
+                Ok(()) => out[..proto::SIMPLE_REPLY_LEN].copy_from_slice(&proto::simple_reply(cookie, 0)),
+                Err(e) => {
+                    out.clear();
+                    out.extend_from_slice(&proto::simple_reply(cookie, errno_of(&e) as u32));
+                }
+            }
+            return;
+        }
+        if length == 0 {
+            out.clear();
+            proto::chunk_header(out, reply::FLAG_DONE, reply::TYPE_NONE, cookie, 0);
+            return;
+        }
+        // Runs of (offset, length, reads as zeros), holes only when the
+        // client lets the reply be fragmented.
+        let runs =
+            if df { vec![(offset, u64::from(length), false)] } else { self.read_runs(offset, u64::from(length)) };
+        let mut size = 0usize;
+        for &(_, l, hole) in &runs {
+            size += proto::CHUNK_HEADER_LEN + if hole { 12 } else { 8 + l as usize };
+        }
+        fit(out, size);
+        let mut header = Vec::with_capacity(proto::CHUNK_HEADER_LEN + 12);
+        let mut pos = 0;
+        for (i, &(o, l, hole)) in runs.iter().enumerate() {
+            let flags = if i + 1 == runs.len() { reply::FLAG_DONE } else { 0 };
+            header.clear();
+            if hole {
+                proto::hole_chunk(&mut header, flags, cookie, o, l as u32);
+            } else {
+                proto::data_chunk_header(&mut header, flags, cookie, o, l as u32);
+            }
+            out[pos..pos + header.len()].copy_from_slice(&header);
+            pos += header.len();
+            if !hole {
+                if let Err(e) = img.read_at(&mut out[pos..pos + l as usize], o) {
+                    *out = self.error_reply(cookie, errno_of(&e), &e.to_string());
+                    return;
+                }
+                pos += l as usize;
+            }
+        }
+        debug_assert_eq!(pos, size);
+    }
+
+    /// The read range as runs of data and holes, adjacent runs of the same
+    /// kind merged. When block status fails, the whole range is data (the
+    /// read itself reports the error).
+    fn read_runs(&self, offset: u64, length: u64) -> Vec<(u64, u64, bool)> {
+        let Ok(extents) = self.export.image.block_status(offset, length) else {
+            return vec![(offset, length, false)];
+        };
+        let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+        let mut pos = offset;
+        for e in extents {
+            // Extents cover the range in order; anything else is treated as data.
+            if e.offset != pos || e.length == 0 || e.offset + e.length > offset + length {
+                return vec![(offset, length, false)];
+            }
+            match runs.last_mut() {
+                Some(last) if last.2 == e.zero => last.1 += e.length,
+                _ => runs.push((e.offset, e.length, e.zero)),
+            }
+            pos += e.length;
+        }
+        if pos != offset + length {
+            return vec![(offset, length, false)];
+        }
+        runs
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), EngineError> {
+        let img = &*self.export.image;
+        let detect = self.export.opts.detect_zeroes;
+        if detect != DetectZeroes::Off && !data.is_empty() && is_zero(data) {
+            let may_unmap = detect == DetectZeroes::Unmap;
+            return img.write_zeroes_at(offset, data.len() as u64, may_unmap);
+        }
+        img.write_at(data, offset)
+    }
+
+    fn cache(&self, offset: u64, length: u32) -> Result<(), EngineError> {
+        let len = u64::from(length).min(CACHE_LIMIT);
+        let mut buf = vec![0u8; (len as usize).min(CACHE_CHUNK)];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(buf.len() as u64) as usize;
+            self.export.image.read_at(&mut buf[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Whether the partial clusters at either end of a qcow2 zero request
+    /// already read as zeros: whole clusters are a metadata update, and so
+    /// is a partial one that holds no data; otherwise zeros would be
+    /// written, which FAST_ZERO forbids (QEMU's qcow2 answers ENOTSUP the
+    /// same way).
+    fn partial_clusters_zero(&self, offset: u64, len: u64, cluster: u64) -> Result<bool, EngineError> {
+        let size = self.export.size;
+        let end = offset + len;
+        let mut edges = Vec::new();
+        if offset % cluster != 0 {
+            edges.push(offset - offset % cluster);
+        }
+        if end % cluster != 0 && end != size {
+            edges.push(end - end % cluster);
+        }
+        for start in edges {
+            let l = cluster.min(size - start);
+            let ext = self.export.image.block_status(start, l)?;
+            if !ext.iter().all(|e| e.zero && !e.data) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Zeroes a raw range through the host file's zero-range call; false
+    /// when the file system cannot do it without writing.
+    fn raw_fast_zero(&self, offset: u64, len: u64) -> Result<bool, EngineError> {
+        self.export.image.storage().write_zeroes_fast(offset, len).map_err(|source| EngineError::Io {
+            op: "zeroing",
+            offset,
+            source,
+        })
+    }
+
+    fn block_status(&self, cookie: u64, offset: u64, length: u32, one: bool) -> Vec<u8> {
+        let window = u64::from(length).min(if one { STATUS_WINDOW_ONE } else { STATUS_WINDOW });
+        let extents = match self.export.image.block_status(offset, window) {
+            Ok(e) => e,
+            Err(e) => return self.error_reply(cookie, errno_of(&e), &e.to_string()),
+        };
+        let limit = if one { 1 } else { MAX_EXTENTS };
+        let contexts = self.neg.contexts.list();
+        let mut out = Vec::new();
+        for (i, &(id, _)) in contexts.iter().enumerate() {
+            let mut descs: Vec<(u32, u32)> = Vec::new();
+            let mut pos = offset;
+            for e in &extents {
+                if e.offset != pos || e.length == 0 {
+                    break;
+                }
+                pos += e.length;
+                let flags = if id == CONTEXT_BASE_ALLOCATION {
+                    (if e.data { 0 } else { STATE_HOLE }) | if e.zero { STATE_ZERO } else { 0 }
+                } else {
+                    debug_assert_eq!(id, CONTEXT_ALLOCATION_DEPTH);
+                    if e.present {
+                        e.depth.saturating_add(1)
+                    } else {
+                        0
+                    }
+                };
+                // The window is below 4 GiB, so every length fits.
+                let len = e.length as u32;
+                if let Some(last) = descs.last_mut().filter(|l| l.1 == flags && l.0.checked_add(len).is_some()) {
+                    last.0 += len;
+                } else if descs.len() == limit {
+                    break;
+                } else {
+                    descs.push((len, flags));
+                }
+            }
+            if descs.is_empty() {
+                return self.error_reply(cookie, Errno::Io, "block status described nothing");
+            }
+            let flags = if i + 1 == contexts.len() { reply::FLAG_DONE } else { 0 };
+            proto::block_status_chunk(&mut out, flags, cookie, id, &descs);
+        }
+        out
+    }
+}
+
+/// Makes `v` exactly `n` bytes long, clearing only bytes it did not hold.
+pub fn fit(v: &mut Vec<u8>, n: usize) {
+    if v.len() < n {
+        v.resize(n, 0);
+    } else {
+        v.truncate(n);
+    }
+}
+
+fn flush_if(img: &oxqcow::Image, yes: bool) -> Result<(), EngineError> {
+    if yes {
+        img.flush()
+    } else {
+        Ok(())
+    }
+}
+
+fn is_zero(data: &[u8]) -> bool {
+    let mut words = data.chunks_exact(16);
+    words.by_ref().all(|w| u128::from_ne_bytes(w.try_into().unwrap_or([1; 16])) == 0)
+        && words.remainder().iter().all(|&b| b == 0)
+}
+
+/// The NBD error for an engine error.
+pub fn errno_of(e: &EngineError) -> Errno {
+    match e.kind() {
+        ErrorKind::ReadOnly => Errno::Perm,
+        ErrorKind::OutOfBounds | ErrorKind::InvalidArgument => Errno::Inval,
+        ErrorKind::NoSpace => Errno::NoSpc,
+        ErrorKind::Io => match e {
+            EngineError::Io { source, .. }
+                if matches!(source.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) =>
+            {
+                Errno::NoSpc
+            }
+            _ => Errno::Io,
+        },
+        _ => Errno::Io,
+    }
+}
