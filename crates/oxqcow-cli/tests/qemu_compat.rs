@@ -32,6 +32,8 @@ fn fixtures() -> tempfile::TempDir {
     must(d, qemu_io(), &["-c", "write -P 1 0 1M", "snap.qcow2"]);
     must(d, q, &words("snapshot -c first snap.qcow2"));
     must(d, q, &["snapshot", "-c", "a longer snapshot name", "snap.qcow2"]);
+    must(d, q, &words("create -q -f qcow2 -o compat=0.10 v2snap.qcow2 1M"));
+    must(d, q, &words("snapshot -c s1 v2snap.qcow2"));
     // Features the engine cannot open yet; info reads their headers.
     must(d, q, &words("create -q -f qcow2 -b v3.qcow2 -F qcow2 overlay.qcow2"));
     must(d, q, &words("create -q -f qcow2 -u -b /nonexistent/base.raw -F raw absback.qcow2 1G"));
@@ -339,6 +341,10 @@ fn resize_matches_qemu() {
         "resize -f qcow2 raw.img 1M",
         "resize nonexistent 1G",
         "resize -U v3.qcow2 1G",
+        // QEMU refuses any new size for a version 2 image with snapshots.
+        "resize v2snap.qcow2 2M",
+        "resize v2snap.qcow2 1M",
+        "amend -o size=2M v2snap.qcow2",
     ] {
         let pair = Pair::from(fixture_dir());
         let args = words(case);

@@ -463,6 +463,16 @@ impl Harness {
             }
             Op::Flush => self.image().flush().map_err(fail)?,
             Op::Resize { size, prealloc } => {
+                if self.layout.version == 2 && !self.snapshots.is_empty() {
+                    return match self.image().resize(size, prealloc) {
+                        Ok(()) => Err(format!("{op:?} succeeded on a version 2 image with snapshots (QEMU refuses)")),
+                        Err(e) if is_refusal(&e) => {
+                            self.stats.refusals += 1;
+                            Ok(())
+                        }
+                        Err(e) => Err(fail(e)),
+                    };
+                }
                 self.image().resize(size, prealloc).map_err(fail)?;
                 self.layout.resize(size, prealloc, &shared);
             }
@@ -651,6 +661,9 @@ impl Harness {
             AmendOp::LazyRefcounts(on) => {
                 must_succeed(self)?;
                 self.config.lazy_refcounts = on && version == 3;
+            }
+            AmendOp::Size(_) if version == 2 && !self.snapshots.is_empty() => {
+                return refused(self, "QEMU resizes no version 2 image with snapshots");
             }
             AmendOp::Size(size) => {
                 must_succeed(self)?;

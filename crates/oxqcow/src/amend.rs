@@ -517,12 +517,23 @@ impl Meta {
                 "Cannot downgrade an image with incompatible features 0x{blocking:x} set"
             )));
         }
+        // A failed downgrade leaves the features as they were (QEMU clears
+        // them in memory before it may fail, but never writes them then).
+        let saved = (self.header.compatible_features, self.header.autoclear_features, self.lazy_refcounts);
         self.header.compatible_features = 0;
         self.header.autoclear_features = 0;
         // The image is clean now: expand with ordered flushes (refcounts
         // before the tables that need them), not in lazy-refcount mode,
         // which would write the tables first with the dirty bit clear.
         self.lazy_refcounts = false;
+        let res = self.expand_and_write_v2_header(storage, status);
+        if res.is_err() {
+            (self.header.compatible_features, self.header.autoclear_features, self.lazy_refcounts) = saved;
+        }
+        res
+    }
+
+    fn expand_and_write_v2_header(&mut self, storage: &dyn Storage, status: &mut Status<'_>) -> Result<()> {
         self.expand_zero_clusters(storage, status)?;
         if self.header.incompatible_features & incompat::COMPRESSION != 0 {
             if self.has_compressed_clusters(storage)? {

@@ -1198,6 +1198,7 @@ impl Qcow2 {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
+        self.lock_meta().check_resize(new_size)?;
         let old_size = self.len();
         if new_size > old_size {
             self.unshare_last_cluster(old_size, prealloc != Preallocation::Off)?;

@@ -244,10 +244,21 @@ impl Meta {
     }
 
     /// Changes the guest size (exclusive access, metadata flushed).
-    pub(crate) fn resize(&mut self, storage: &dyn Storage, new_size: u64, prealloc: Preallocation) -> Result<()> {
+    /// The refusals QEMU's truncate makes before it changes anything.
+    pub(crate) fn check_resize(&self, new_size: u64) -> Result<()> {
         if new_size % 512 != 0 {
             return Err(Error::InvalidArgument(format!("The new size must be a multiple of 512 (got {new_size})")));
         }
+        // Version 2 snapshot entries record no disk size, so a snapshot
+        // could not say how large its disk was (QEMU's rule, any new size).
+        if !self.snapshots.entries.is_empty() && self.header.version < 3 {
+            return Err(Error::InvalidArgument("Can't resize a v2 image which has snapshots".into()));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn resize(&mut self, storage: &dyn Storage, new_size: u64, prealloc: Preallocation) -> Result<()> {
+        self.check_resize(new_size)?;
         let g = self.geometry;
         let old_size = self.header.size;
         let needed = g.l1_entries_for(new_size);
