@@ -61,6 +61,43 @@ fn fixture_dir() -> &'static Path {
     DIR.get_or_init(fixtures).path()
 }
 
+/// `dd` writes the same bytes into the same files as qemu-img dd, and
+/// fails with the same messages and exit codes.
+#[test]
+fn dd_matches_qemu() {
+    for case in [
+        "dd if=data.qcow2 of=out.raw",
+        "dd -f qcow2 -O qcow2 bs=64k count=3 skip=1 if=data.qcow2 of=out.qcow2",
+        "dd -O qcow2 bs=1M if=data.qcow2 of=out.qcow2",
+        "dd bs=1k count=010 skip=0x2 if=sparse.img of=out.raw",
+        "dd bs=3 count=5 if=data.qcow2 of=out.raw",
+        "dd count=0 if=data.qcow2 of=out.raw",
+        "dd skip=999999999 if=data.qcow2 of=out.raw",
+        "dd bs=1G skip=9223372036854775807 if=data.qcow2 of=out.raw",
+        "dd -f raw if=v3.qcow2 of=out.raw",
+        "dd -U if=snap.qcow2 of=out.raw bs=1M",
+        "dd --image-opts if=driver=qcow2,file.filename=data.qcow2 of=out.raw bs=64k",
+        "dd",
+        "dd if=data.qcow2",
+        "dd if=data.qcow2 of=out.raw foo=1",
+        "dd if=data.qcow2 of=out.raw if",
+        "dd if=data.qcow2 of=out.raw bs=0",
+        "dd if=data.qcow2 of=out.raw bs=1x",
+        "dd if=data.qcow2 of=out.raw count=1k",
+        "dd if=data.qcow2 of=out.raw skip=-1",
+        "dd if=data.qcow2 of=out.raw count=9223372036854775808",
+        "dd -O foo if=data.qcow2 of=out.raw",
+        "dd if=nonexistent of=out.raw",
+        "dd if=data.qcow2 of=/nonexistent/out.raw",
+        "dd -x if=data.qcow2 of=out.raw",
+    ] {
+        let pair = Pair::from(fixture_dir());
+        let args = words(case);
+        pair.same_output(&args);
+        pair.same_files(&args);
+    }
+}
+
 #[test]
 fn create_output_and_images_match_qemu() {
     let cases = [
