@@ -73,32 +73,6 @@ fn fcntl_lock(file: &File, cmd: libc::c_int, kind: libc::c_short, byte: u64) -> 
 /// Takes QEMU's locks for `set` on `file`, or explains the conflict.
 /// `path` names the image in the message, as QEMU does.
 pub(crate) fn lock(file: &File, set: LockSet, path: &str) -> Result<()> {
-    // A conflict may be our own past: a file description this process just
-    // closed lives on, locks and all, in a child that another thread forked
-    // and that has not reached exec yet (CLOEXEC acts only at exec). Such a
-    // holder goes away within moments, so retry briefly before refusing.
-    const ATTEMPTS: u32 = 5;
-    let mut attempt = 1;
-    loop {
-        match try_lock(file, set, path) {
-            Err(e) if attempt < ATTEMPTS && is_conflict(&e) => {
-                std::thread::sleep(std::time::Duration::from_millis(20 * u64::from(attempt)));
-                attempt += 1;
-            }
-            res => return res,
-        }
-    }
-}
-
-fn is_conflict(e: &Error) -> bool {
-    match e {
-        Error::Locked(_) => true,
-        Error::Io { source, .. } => matches!(source.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)),
-        _ => false,
-    }
-}
-
-fn try_lock(file: &File, set: LockSet, path: &str) -> Result<()> {
     let io_err = |e: io::Error| Error::Io { op: "locking the image", offset: 0, source: e };
     for (bit, _) in PERMS.iter().enumerate() {
         let mask = 1 << bit;
@@ -133,8 +107,12 @@ fn try_lock(file: &File, set: LockSet, path: &str) -> Result<()> {
     Ok(())
 }
 
-/// Drops every lock byte this file description holds.
-fn unlock(file: &File) {
+/// Drops every lock byte this file description holds. Called before the
+/// file is closed too: a child that another thread forked and that has
+/// not reached exec yet shares the description (CLOEXEC acts only at
+/// exec), so closing alone could leave the locks held for a moment after
+/// the image was closed.
+pub(crate) fn unlock(file: &File) {
     for bit in 0..PERMS.len() as u64 {
         for base in [PERM_BASE, SHARED_BASE] {
             let _ = fcntl_lock(file, libc::F_OFD_SETLK, libc::F_UNLCK as libc::c_short, base + bit);

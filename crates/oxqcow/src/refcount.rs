@@ -159,12 +159,11 @@ impl Refcounts {
         if self.host_end == 0 {
             return Ok(());
         }
-        let end = (self.host_end - 1) * self.geometry.cluster_size() + 1;
-        let len = storage.len().map_err(Error::io("reading the file length", 0))?;
-        if len < end {
-            storage.set_len(end).map_err(Error::io("extending the file over allocated clusters", len))?;
-        }
-        Ok(())
+        // Grow only, never truncate: guest data is being written into
+        // clusters past the end by other threads right now, and a length
+        // read here would be stale by the time a set_len acted on it.
+        let last = (self.host_end - 1) * self.geometry.cluster_size();
+        storage.allocate(last, 1).map_err(Error::io("extending the file over allocated clusters", last))
     }
 
     fn make_room(&mut self, storage: &dyn Storage) -> Result<()> {

@@ -18,6 +18,14 @@ pub struct FileStorage {
     ignore_sync: AtomicBool,
 }
 
+impl Drop for FileStorage {
+    fn drop(&mut self) {
+        // Release QEMU's lock bytes explicitly: closing the descriptor may
+        // not end the open file description (see `lock::unlock`).
+        crate::lock::unlock(&self.file);
+    }
+}
+
 impl FileStorage {
     /// Opens an existing file.
     pub fn open(path: &Path, writable: bool) -> io::Result<Self> {
@@ -115,6 +123,9 @@ impl Storage for FileStorage {
         match rustix::fs::fallocate(&self.file, FallocateFlags::empty(), offset, len) {
             Ok(()) => Ok(()),
             Err(rustix::io::Errno::OPNOTSUPP) | Err(rustix::io::Errno::NOSYS) => {
+                // Without fallocate there is no atomic "grow only": a write
+                // extending the file concurrently could be cut off here.
+                // Only file systems lacking fallocate take this path.
                 if self.len()? < offset + len {
                     self.set_len(offset + len)?;
                 }
