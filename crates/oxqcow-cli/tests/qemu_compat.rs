@@ -27,7 +27,7 @@ fn fixtures() -> tempfile::TempDir {
     // A raw image with two data runs and holes.
     must(d, q, &words("create -q -f raw sparse.img 8M"));
     must(d, qemu_io(), &["-f", "raw", "-c", "write -P 7 4k 4k", "-c", "write -P 9 5M 100k", "sparse.img"]);
-    // Snapshots (listed by info; dates in UTC for both tools).
+    // Snapshots (listed by info; dates in local time for both tools).
     must(d, q, &words("create -q -f qcow2 snap.qcow2 64M"));
     must(d, qemu_io(), &["-c", "write -P 1 0 1M", "snap.qcow2"]);
     must(d, q, &words("snapshot -c first snap.qcow2"));

@@ -319,7 +319,7 @@ impl Meta {
         let new_len = last * g.cluster_size();
         if new_len < file_len {
             storage.set_len(new_len).map_err(Error::io("truncating the image file", new_len))?;
-            self.refcounts.host_end = last;
+            self.refcounts.file_shrunk(new_len);
         }
         Ok(())
     }

@@ -123,9 +123,6 @@ impl Storage for FileStorage {
         match rustix::fs::fallocate(&self.file, FallocateFlags::empty(), offset, len) {
             Ok(()) => Ok(()),
             Err(rustix::io::Errno::OPNOTSUPP) | Err(rustix::io::Errno::NOSYS) => {
-                // Without fallocate there is no atomic "grow only": a write
-                // extending the file concurrently could be cut off here.
-                // Only file systems lacking fallocate take this path.
                 if self.len()? < offset + len {
                     self.set_len(offset + len)?;
                 }

@@ -51,11 +51,7 @@ pub trait Storage: Send + Sync {
         Ok(false)
     }
     /// Reserves space for a range without changing its content, extending the
-    /// length if the range ends past it (`fallocate` mode 0). The engine
-    /// calls it while other threads write guest data past the old end, so
-    /// an implementation must never shorten the storage, even when a
-    /// concurrent write extends it between its length check and its update
-    /// (this default, for single-threaded storage, does not guarantee that).
+    /// length if the range ends past it (`fallocate` mode 0).
     fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
         let end = offset + len;
         if self.len()? < end {
