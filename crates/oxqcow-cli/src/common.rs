@@ -376,6 +376,8 @@ fn utc_date(secs: u64) -> String {
 /// QEMU describes errno values.
 pub fn describe(e: &oxqcow::Error) -> String {
     match e {
+        // Worded completely by the engine, as QEMU words it.
+        oxqcow::Error::Io { op: oxqcow::data_file::OPENING, source, .. } => source.to_string(),
         oxqcow::Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
             "No such file or directory".to_string()
         }
