@@ -97,7 +97,7 @@ pub(crate) fn open_for(image: &Path, header: &Header, opts: &OpenOptions) -> Res
     if opts.locking.unwrap_or(true) {
         crate::lock::lock(
             file.file(),
-            LockSet::for_open(opts.read_only, opts.force_share),
+            LockSet::for_data_file(opts.read_only, opts.force_share),
             &path.display().to_string(),
         )?;
     }
@@ -139,7 +139,7 @@ pub(crate) fn create_for(image: &Path, name: &str, size: u64) -> Result<Arc<dyn 
         offset: 0,
         source: std::io::Error::new(e.kind(), format!("Could not create '{}': {}", path.display(), strerror(&e))),
     })?;
-    crate::lock::lock(file.file(), LockSet::for_open(false, false), &path.display().to_string())?;
+    crate::lock::lock(file.file(), LockSet::for_data_file(false, false), &path.display().to_string())?;
     file.set_len(0).map_err(Error::io("truncating the data file", 0))?;
     file.set_len(size).map_err(Error::io("sizing the data file", size))?;
     Ok(Arc::new(file))

@@ -148,8 +148,8 @@ impl Image {
                 }
             }
         }
-        let storage = FileStorage::create(path).map_err(Error::io("creating the image", 0))?;
-        crate::lock::lock(storage.file(), LockSet::for_open(false, false), &path.display().to_string())?;
+        // QEMU creates the data file first: a data file in use stops the
+        // creation before the image file is touched.
         let data = match (&opts.data_file, opts.format) {
             (Some(name), ImageFormat::Qcow2) => {
                 crate::resize::validate_create(&opts)?;
@@ -157,6 +157,8 @@ impl Image {
             }
             _ => None,
         };
+        let storage = FileStorage::create(path).map_err(Error::io("creating the image", 0))?;
+        crate::lock::lock(storage.file(), LockSet::for_open(false, false), &path.display().to_string())?;
         if opts.backing_file.is_none() {
             let image = match data {
                 Some(data) => Image::Qcow2(Qcow2::create_with_data_file(Arc::new(storage), data, &opts)?),
