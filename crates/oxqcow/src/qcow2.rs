@@ -136,8 +136,11 @@ pub struct Qcow2Info {
     pub snapshots: usize,
     /// Whether persistent bitmaps are present.
     pub has_bitmaps: bool,
-    /// External data file name.
+    /// External data file name (the header extension).
     pub data_file: Option<String>,
+    /// Whether guest data lives in an external data file (incompatible
+    /// feature bit 2; the name may be missing).
+    pub has_data_file: bool,
     /// Raw external data file.
     pub data_file_raw: bool,
     /// Encryption method (0 none).
@@ -788,6 +791,7 @@ impl Qcow2Info {
             snapshots,
             has_bitmaps: h.extensions.bitmaps.is_some(),
             data_file: h.extensions.data_file.clone(),
+            has_data_file: h.has_data_file(),
             data_file_raw: h.autoclear_features & autoclear::DATA_FILE_RAW != 0,
             crypt_method: h.crypt_method,
             size: h.size,
