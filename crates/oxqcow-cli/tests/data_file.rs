@@ -81,6 +81,8 @@ fn create_matches_qemu_img_byte_for_byte() {
             &["check", "--output=json", "a.qcow2"],
             &["map", "a.qcow2"],
             &["map", "--output=json", "a.qcow2"],
+            // The data file's holes too.
+            &["map", "-f", "raw", "--output=json", "d.raw"],
         ] {
             p.same_output(args);
         }

@@ -126,10 +126,10 @@ fn resolve_named(image: &Path, name: &str, policy: &BackingPolicy) -> Result<Pat
     Ok(path)
 }
 
-/// Creates the data file named by `-o data_file=NAME` next to the image at
-/// `image` (relative names are relative to its directory), sized to the
-/// guest size as QEMU's file driver creates it, and locked for writing.
-pub(crate) fn create_for(image: &Path, name: &str, size: u64) -> Result<Arc<dyn Storage>> {
+/// Creates (or opens without truncating) the data file named by `-o
+/// data_file=NAME` next to the image at `image` (relative names are
+/// relative to its directory) and locks it for writing.
+pub(crate) fn create_for(image: &Path, name: &str) -> Result<Arc<dyn Storage>> {
     if name.starts_with("json:") {
         return Err(Error::Unsupported(format!("json: pseudo-filenames as data files ('{name}')")));
     }
@@ -140,7 +140,7 @@ pub(crate) fn create_for(image: &Path, name: &str, size: u64) -> Result<Arc<dyn 
         source: std::io::Error::new(e.kind(), format!("Could not create '{}': {}", path.display(), strerror(&e))),
     })?;
     crate::lock::lock(file.file(), LockSet::for_data_file(false, false), &path.display().to_string())?;
-    file.set_len(0).map_err(Error::io("truncating the data file", 0))?;
-    file.set_len(size).map_err(Error::io("sizing the data file", size))?;
+    // Emptied and sized by the image creation, which does that for data
+    // files on any storage.
     Ok(Arc::new(file))
 }

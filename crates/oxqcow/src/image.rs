@@ -153,7 +153,7 @@ impl Image {
         let data = match (&opts.data_file, opts.format) {
             (Some(name), ImageFormat::Qcow2) => {
                 crate::resize::validate_create(&opts)?;
-                Some(crate::data_file::create_for(path, name, opts.size.div_ceil(512) * 512)?)
+                Some(crate::data_file::create_for(path, name)?)
             }
             _ => None,
         };

@@ -156,8 +156,12 @@ impl Qcow2 {
             if opts.data_file_raw {
                 header.autoclear_features |= oxqcow_format::header::autoclear::DATA_FILE_RAW;
             }
+            // As QEMU's file driver creates it: the disk's size, the first
+            // block allocated (so that later alignment probes find data).
             data.set_len(0).map_err(Error::io("truncating the data file", 0))?;
             data.set_len(size).map_err(Error::io("sizing the data file", size))?;
+            let first = vec![0u8; size.min(4096) as usize];
+            data.write_at(&first, 0).map_err(Error::io("allocating the first block of the data file", 0))?;
         }
         st.write_at(&header.serialize()?, 0).map_err(Error::io("writing the header", 0))?;
         let mut table = vec![0u8; 2 * cs as usize];
