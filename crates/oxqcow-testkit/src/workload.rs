@@ -817,6 +817,23 @@ mod tests {
     }
 
     #[test]
+    fn verify_catches_a_raw_data_file_that_differs_from_the_disk() {
+        let cfg = ImageConfig::new(512, 16, Compat::V3, false).with_data_file(true);
+        let mut h = Harness::new(cfg, 8 * 512, 8 * 512, OpenOptions::new()).unwrap();
+        h.apply(&Op::Write { offset: 0, len: 1024, seed: 1 }).unwrap();
+        h.apply(&Op::WriteZeroes { offset: 512, len: 512, may_unmap: false }).unwrap();
+        // Refused, changing nothing.
+        h.apply(&Op::SnapshotCreate).unwrap();
+        h.apply(&Op::WriteCompressed { offset: 1024, len: 512, seed: 2 }).unwrap();
+        assert_eq!(h.stats.refusals, 2);
+        h.verify().unwrap();
+        // The disk reads zeros there (a zero cluster), the data file not.
+        h.data.as_ref().unwrap().write_at(&[7], 600).unwrap();
+        let e = h.verify().unwrap_err();
+        assert!(e.contains("raw data file differs from the disk at offset 600"), "{e}");
+    }
+
+    #[test]
     fn verify_catches_an_allocation_the_model_does_not_expect() {
         let mut h = harness(Compat::V3);
         h.apply(&Op::Write { offset: 0, len: 512, seed: 1 }).unwrap();

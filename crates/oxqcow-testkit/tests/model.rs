@@ -20,7 +20,11 @@
 //! eviction), with and without pass-discard-request. The overlay
 //! properties run the same operations on an overlay (compat 0.10 and 1.1)
 //! of a qcow2 or raw backing file that a random workload filled, shorter
-//! or longer than the overlay.
+//! or longer than the overlay. The data file property runs them on images
+//! keeping their data in an external data file (a second in-memory
+//! storage), with `data_file_raw` on or off: snapshots and compressed
+//! writes must be refused and change nothing, and a raw data file must
+//! equal the disk after every step.
 //!
 //! Each property also checks that its cases reached what it is about
 //! (compressed clusters, refused compressed writes, refcount width
