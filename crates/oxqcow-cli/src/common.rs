@@ -9,7 +9,8 @@
 //! With `--forbid-backing` (given before the subcommand, `oxqcow
 //! --forbid-backing info x.qcow2`, or as an option of a subcommand that
 //! declares it) no backing file is ever opened: every image whose header
-//! names one is refused with an error, whatever the subcommand. The flag is
+//! names one is refused with an error, whatever the subcommand; the same
+//! holds for external data files (their names are just as dangerous). The flag is
 //! process-wide: [`open_image`] applies it to every image it opens, so a
 //! subcommand gets it by opening images through [`open_image`] (or by
 //! asking [`backing_policy`]).
@@ -374,6 +375,8 @@ fn date_in(secs: u64, tz: &jiff::tz::TimeZone) -> String {
 /// QEMU describes errno values.
 pub fn describe(e: &oxqcow::Error) -> String {
     match e {
+        // Worded completely by the engine, as QEMU words it.
+        oxqcow::Error::Io { op: oxqcow::data_file::OPENING, source, .. } => source.to_string(),
         oxqcow::Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
             "No such file or directory".to_string()
         }

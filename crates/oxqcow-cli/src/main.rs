@@ -40,8 +40,8 @@ fn usage(ctx: &Ctx) -> String {
          Commands: create, info, check, map, compare, convert, commit, rebase, resize, measure, snapshot, amend,\n          \
          dd, bench, io, serve\n\n\
          Global options (before the command):\n  \
-         --forbid-backing\n     refuse every image that names a backing file instead of opening the\n     \
-         backing file (for images from untrusted sources)\n",
+         --forbid-backing\n     refuse every image that names a backing file or an external data file\n     \
+         instead of opening that file (for images from untrusted sources)\n",
         prog = ctx.prog
     )
 }

@@ -197,7 +197,6 @@ fn create_output_and_images_match_qemu() {
 fn unsupported_create_features_fail_clearly() {
     for case in [
         "create -f qcow2 -o extended_l2=on a.qcow2 1G",
-        "create -f qcow2 -o data_file=d.raw a.qcow2 1G",
         "create -f qcow2 -o encrypt.format=luks a.qcow2 1G",
         "create -f qcow2 -o encryption=on a.qcow2 1G",
     ] {

@@ -247,8 +247,19 @@ impl Meta {
             status.current_operation = Operation::ChangingRefcountOrder;
             self.change_refcount_order(storage, bits.trailing_zeros(), status)?;
         }
+        if let Some(name) = &opts.data_file {
+            // An empty name removes the extension, as in QEMU (the image
+            // then needs an explicit data file to open).
+            let mut probe = self.header.clone();
+            probe.extensions.data_file = (!name.is_empty()).then(|| name.clone());
+            probe.serialize()?;
+            self.header.extensions.data_file = probe.extensions.data_file;
+        }
         if opts.data_file_raw == Some(false) {
             self.header.autoclear_features &= !autoclear::DATA_FILE_RAW;
+            if let Some(d) = self.data_file.as_mut() {
+                d.raw = false;
+            }
         }
         self.write_header(storage)?;
         storage.sync().map_err(Error::io("syncing the header", 0))?;
