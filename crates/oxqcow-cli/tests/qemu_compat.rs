@@ -478,3 +478,19 @@ fn measure_matches_qemu() {
         pair.same_output(&words(case));
     }
 }
+
+/// A new raw image has its first block allocated, as QEMU allocates it
+/// (for alignment probing), so `disk size` / `actual-size` agree.
+#[test]
+fn raw_create_allocates_the_first_block_as_qemu() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for size in ["1M", "1000", "100"] {
+        must(d, qemu_img(), &["create", "-q", "-f", "raw", "q.img", size]);
+        must(d, oxqcow(), &["create", "-q", "-f", "raw", "o.img", size]);
+        let q = std::fs::metadata(d.join("q.img")).unwrap();
+        let o = std::fs::metadata(d.join("o.img")).unwrap();
+        assert_eq!((o.len(), o.blocks()), (q.len(), q.blocks()), "size {size}: length and allocated blocks");
+    }
+}

@@ -147,9 +147,17 @@ impl Raw {
             return Err(Error::ReadOnly);
         }
         let old = self.len();
+        let old_file_len = self.storage.len().map_err(Error::io("reading the file length", 0))?;
         self.storage.set_len(new_size).map_err(Error::io("resizing", new_size))?;
         if new_size > old {
             match prealloc {
+                // QEMU writes the first block of a file that grows from
+                // nothing, to help later alignment probing; the file then
+                // shows that block allocated, as QEMU's does.
+                Preallocation::Off if old_file_len == 0 => {
+                    let n = if new_size < 4096 { 512 } else { 4096 };
+                    self.storage.write_at(&vec![0u8; n], 0).map_err(Error::io("allocating the first block", 0))?
+                }
                 Preallocation::Off => {}
                 Preallocation::Metadata => {
                     return Err(Error::InvalidArgument("Unsupported preallocation mode 'metadata'".into()))
