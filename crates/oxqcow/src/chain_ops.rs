@@ -120,7 +120,7 @@ pub fn commit(top: &Path, base: Option<&Path>, keep_top: bool, progress: Progres
                 continue;
             }
             if e.zero && !e.data {
-                base_image.write_zeroes_at(e.offset, e.length, false)?;
+                base_image.write_zeroes_at(e.offset, e.length, true)?;
             } else {
                 buf.resize(e.length as usize, 0);
                 top_image.read_at(&mut buf, e.offset)?;
