@@ -450,3 +450,27 @@ fn chain_loops_are_reported_not_followed() {
     s.ours_ok(&["rebase", "-u", "-b", "", "l1.qcow2"]);
     s.ours_ok(&["map", "l2.qcow2"]);
 }
+
+/// Zeros in the top image are committed as plain zero clusters (no host
+/// cluster behind them), as QEMU's commit unmaps: the base's map equals
+/// qemu-img's, byte for byte of the JSON.
+#[test]
+fn commit_unmaps_zeros_in_the_base() {
+    let s = Scratch::new();
+    for who in ["q", "o"] {
+        let (base, top) = (format!("{who}-base.qcow2"), format!("{who}-top.qcow2"));
+        s.qemu_ok(&["create", "-q", "-f", "qcow2", &base, "1M"]);
+        s.qemu_io("qcow2", &base, &["write -P 1 0 1M"]);
+        s.qemu_ok(&["create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &top]);
+        s.qemu_io("qcow2", &top, &["write -z 0 128k", "write -z -u 256k 128k"]);
+        if who == "q" {
+            s.qemu_ok(&["commit", &top]);
+        } else {
+            s.ours_ok(&["commit", &top]);
+        }
+    }
+    let q = s.qemu_ok(&["map", "--output=json", "q-base.qcow2"]).stdout;
+    let o = s.qemu_ok(&["map", "--output=json", "o-base.qcow2"]).stdout;
+    assert_eq!(o, q);
+    s.assert_clean("o-base.qcow2");
+}
