@@ -22,8 +22,8 @@ mod progress;
 mod qjson;
 mod rebase;
 mod resize;
-mod snapshot;
 mod serve;
+mod snapshot;
 mod status;
 
 use common::Ctx;
