@@ -41,6 +41,9 @@ pub struct ImageConfig {
     pub preallocation: Preallocation,
     /// Compression type of compressed clusters.
     pub compression_type: CompressionType,
+    /// Extended L2 entries (subclusters; compat 1.1, clusters of 16 KiB
+    /// and more).
+    pub extended_l2: bool,
 }
 
 impl ImageConfig {
@@ -53,7 +56,13 @@ impl ImageConfig {
             lazy_refcounts,
             preallocation: Preallocation::Off,
             compression_type: CompressionType::Zlib,
+            extended_l2: false,
         }
+    }
+
+    /// The same configuration with extended L2 entries on or off.
+    pub fn with_extended_l2(self, on: bool) -> Self {
+        ImageConfig { extended_l2: on, ..self }
     }
 
     /// The same configuration with compression type `t`.
@@ -62,8 +71,12 @@ impl ImageConfig {
     }
 
     /// Whether QEMU accepts the combination: lazy refcounts, refcount
-    /// widths other than 16 and zstd compression need compat 1.1.
+    /// widths other than 16, zstd compression and extended L2 entries need
+    /// compat 1.1; extended L2 entries need clusters of 16 KiB or more.
     pub fn is_valid(&self) -> bool {
+        if self.extended_l2 && (self.compat != Compat::V3 || self.cluster_size < 16384) {
+            return false;
+        }
         self.compat == Compat::V3
             || (!self.lazy_refcounts && self.refcount_bits == 16 && self.compression_type == CompressionType::Zlib)
     }
@@ -77,19 +90,21 @@ impl ImageConfig {
             .lazy_refcounts(self.lazy_refcounts)
             .preallocation(self.preallocation);
         o.compression_type = self.compression_type;
+        o.extended_l2 = self.extended_l2;
         o
     }
 
     /// The same options as a `qemu-img create -o` string.
     pub fn qemu_options(&self) -> String {
         format!(
-            "cluster_size={},refcount_bits={},compat={},lazy_refcounts={},preallocation={},compression_type={}",
+            "cluster_size={},refcount_bits={},compat={},lazy_refcounts={},preallocation={},compression_type={},extended_l2={}",
             self.cluster_size,
             self.refcount_bits,
             self.compat.name(),
             if self.lazy_refcounts { "on" } else { "off" },
             self.preallocation.name(),
-            self.compression_type.name()
+            self.compression_type.name(),
+            if self.extended_l2 { "on" } else { "off" }
         )
     }
 

@@ -1238,7 +1238,12 @@ impl Qcow2 {
                 }
             }
             if inside < e.length {
-                let rest = Extent { offset: e.offset + inside, length: e.length - inside, ..e };
+                let rest = Extent {
+                    offset: e.offset + inside,
+                    length: e.length - inside,
+                    host_offset: e.host_offset.map(|h| h + inside),
+                    ..e
+                };
                 crate::mapping::push_extent(&mut out, rest);
             }
         }

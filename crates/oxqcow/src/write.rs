@@ -611,12 +611,12 @@ impl Meta {
         }
         // QEMU's rule: with a backing file (or for allocated clusters) the
         // cluster must read as zeros afterwards, which only v3 can say;
-        // without one, unallocated already reads as zeros.
+        // without one, unallocated already reads as zeros. A plain zero
+        // cluster is left as it is (QEMU's discard_in_l2_slice).
         self.rewrite_clusters(storage, offset, len, |old, _, b| match old {
             L2Mapping::Unallocated if backing && v3 => Some((L2Entry::ZERO_PLAIN, b, false)),
             L2Mapping::Unallocated => None,
-            L2Mapping::ZeroPlain if backing => None,
-            L2Mapping::ZeroPlain => Some((L2Entry::UNALLOCATED, b, false)),
+            L2Mapping::ZeroPlain => None,
             _ => Some((if v3 { L2Entry::ZERO_PLAIN } else { L2Entry::UNALLOCATED }, b, true)),
         })
     }
