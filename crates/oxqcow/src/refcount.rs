@@ -160,11 +160,10 @@ impl Refcounts {
             return Ok(());
         }
         let end = (self.host_end - 1) * self.geometry.cluster_size() + 1;
-        let len = storage.len().map_err(Error::io("reading the file length", 0))?;
-        if len < end {
-            storage.set_len(end).map_err(Error::io("extending the file over allocated clusters", len))?;
-        }
-        Ok(())
+        // Data is written without the metadata lock: a write into the last
+        // cluster may be extending the file right now, so never set a
+        // length that could be shorter than the file.
+        storage.extend_to(end).map_err(Error::io("extending the file over allocated clusters", end))
     }
 
     fn make_room(&mut self, storage: &dyn Storage) -> Result<()> {

@@ -8,6 +8,11 @@
 //! it (QEMU's dependency on `QCowL2Meta`) instead of allocating again; the L2
 //! entry is switched to the new cluster only after the data is written, and
 //! the old cluster's reference is dropped only after that switch is durable.
+//!
+//! With extended L2 entries the same machinery works per subcluster: copy
+//! on write covers only the partial subclusters a write touches, and a
+//! write into unallocated subclusters of a cluster of ours is an in-flight
+//! allocation that keeps its cluster and sets allocation bits on commit.
 
 use oxqcow_format::table::{write_l2_bitmap, write_l2_word, L1Entry};
 use oxqcow_format::{GuestOffset, HostCluster, HostOffset, L2Bitmap, L2Entry, L2Mapping};

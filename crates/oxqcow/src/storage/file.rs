@@ -111,6 +111,26 @@ impl Storage for FileStorage {
         }
     }
 
+    fn extend_to(&self, len: u64) -> io::Result<()> {
+        if len == 0 || self.len()? >= len {
+            return Ok(());
+        }
+        // fallocate only ever grows the file, atomically with respect to
+        // writes that extend it at the same time (a length check followed
+        // by ftruncate would cut such a write off). It reserves the last
+        // block, which the metadata or data allocated there fills anyway.
+        match rustix::fs::fallocate(&self.file, FallocateFlags::empty(), len - 1, 1) {
+            Ok(()) => Ok(()),
+            Err(rustix::io::Errno::OPNOTSUPP) | Err(rustix::io::Errno::NOSYS) => {
+                if self.len()? < len {
+                    self.set_len(len)?;
+                }
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
         match rustix::fs::fallocate(&self.file, FallocateFlags::empty(), offset, len) {
             Ok(()) => Ok(()),

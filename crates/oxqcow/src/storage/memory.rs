@@ -51,6 +51,14 @@ impl Storage for MemoryStorage {
         Ok(self.bytes.read().expect("poisoned").len() as u64)
     }
 
+    fn extend_to(&self, len: u64) -> io::Result<()> {
+        let mut bytes = self.bytes.write().expect("poisoned");
+        if (bytes.len() as u64) < len {
+            bytes.resize(len as usize, 0);
+        }
+        Ok(())
+    }
+
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.bytes.write().expect("poisoned").resize(len as usize, 0);
         Ok(())

@@ -50,6 +50,16 @@ pub trait Storage: Send + Sync {
         let _ = (offset, len);
         Ok(false)
     }
+    /// Grows the storage to at least `len` bytes, never shrinking it. Unlike
+    /// checking the length and then setting it, this must not lose a
+    /// concurrent write that extends the storage further meanwhile (the
+    /// default is only right for storage used from one thread).
+    fn extend_to(&self, len: u64) -> io::Result<()> {
+        if self.len()? < len {
+            self.set_len(len)?;
+        }
+        Ok(())
+    }
     /// Reserves space for a range without changing its content, extending the
     /// length if the range ends past it (`fallocate` mode 0).
     fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
