@@ -35,9 +35,9 @@ pub(crate) fn validate_create(opts: &CreateOptions) -> Result<Geometry> {
     if opts.extended_l2 && cs < 512 * u64::from(oxqcow_format::limits::SUBCLUSTERS_PER_CLUSTER) {
         return invalid("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes");
     }
-    // QEMU's message mentions extended_l2, but qemu-img create refuses
-    // the combination with extended_l2=on too.
-    if opts.backing_file.is_some() && opts.preallocation != Preallocation::Off {
+    // With extended L2 entries preallocated clusters have no allocated
+    // subclusters, so they still read from the backing file.
+    if opts.backing_file.is_some() && opts.preallocation != Preallocation::Off && !opts.extended_l2 {
         return invalid("Backing file and preallocation can only be used at the same time if extended_l2 is on");
     }
     if opts.backing_format.is_some() && opts.backing_file.is_none() {
@@ -76,7 +76,7 @@ pub(crate) fn validate_create(opts: &CreateOptions) -> Result<Geometry> {
         if opts.backing_format.is_none() {
             return Err(Error::InvalidArgument("Backing file specified without backing format".into()));
         }
-        if opts.preallocation != Preallocation::Off {
+        if opts.preallocation != Preallocation::Off && !opts.extended_l2 {
             return Err(Error::InvalidArgument(
                 "Backing file and preallocation can only be used at the same time if extended_l2 is on".into(),
             ));
