@@ -132,8 +132,8 @@ fn sectors_up(bytes: u64) -> u64 {
 }
 
 /// What `info` describes: an open image, or, for a qcow2 image using
-/// features the engine cannot open yet (backing files, extended L2
-/// entries, external data files), what its header says.
+/// features the engine cannot open yet (backing files that cannot be
+/// opened, external data files), what its header says.
 // One value per described image: the size difference costs nothing.
 #[allow(clippy::large_enum_variant)]
 enum Source {
@@ -156,7 +156,7 @@ fn open_source(path: &str, format: Option<&str>, opts: OpenOptions) -> Result<So
     }
     match Qcow2::inspect(&storage) {
         Ok((info, snapshots))
-            if (info.backing_file.is_some() || info.extended_l2 || info.data_file.is_some() || info.has_data_file)
+            if (info.backing_file.is_some() || info.data_file.is_some() || info.has_data_file)
                 && info.crypt_method == 0 =>
         {
             Ok(Source::Header { storage, info, snapshots })

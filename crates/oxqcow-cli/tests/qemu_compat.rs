@@ -172,6 +172,10 @@ fn create_output_and_images_match_qemu() {
         "create -f qcow2 -o compat=0.10,compression_type=zstd a.qcow2 1G",
         "create -f qcow2 -o compat=0.10,extended_l2=on a.qcow2 1G",
         "create -f qcow2 -o extended_l2=on,cluster_size=4k a.qcow2 1G",
+        "create -f qcow2 -o extended_l2=on a.qcow2 1G",
+        "create -f qcow2 -o extended_l2=on,cluster_size=16k a.qcow2 100G",
+        "create -f qcow2 -o extended_l2=on,cluster_size=2M,preallocation=metadata a.qcow2 5G",
+        "create -f qcow2 -o extended_l2=on,preallocation=metadata -b v3.qcow2 -F qcow2 a.qcow2 1G",
         "create -f qcow2 -o data_file_raw=on a.qcow2 1G",
         "create -f qcow2 -o backing_fmt=qcow2 a.qcow2 1G",
         "create -f qcow2 -o preallocation=metadata -b v3.qcow2 -F qcow2 a.qcow2 1G",
@@ -195,11 +199,7 @@ fn create_output_and_images_match_qemu() {
 
 #[test]
 fn unsupported_create_features_fail_clearly() {
-    for case in [
-        "create -f qcow2 -o extended_l2=on a.qcow2 1G",
-        "create -f qcow2 -o encrypt.format=luks a.qcow2 1G",
-        "create -f qcow2 -o encryption=on a.qcow2 1G",
-    ] {
+    for case in ["create -f qcow2 -o encrypt.format=luks a.qcow2 1G", "create -f qcow2 -o encryption=on a.qcow2 1G"] {
         let pair = Pair::from(fixture_dir());
         let o = run_in(&pair.ox, oxqcow(), &words(case));
         assert_eq!(o.code, 1, "{case}");

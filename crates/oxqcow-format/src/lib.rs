@@ -22,5 +22,5 @@ pub use error::FormatError;
 pub use header::{Extensions, FeatureName, FeatureType, Header, UnknownExtension};
 pub use refcount::{RefcountBlock, RefcountTableEntry};
 pub use snapshot::{SnapshotEntry, SnapshotTable};
-pub use table::{CompressedDescriptor, L1Entry, L2Entry, L2Mapping};
+pub use table::{CompressedDescriptor, L1Entry, L2Bitmap, L2Entry, L2Mapping, Subcluster};
 pub use types::{Geometry, GuestOffset, HostCluster, HostOffset};

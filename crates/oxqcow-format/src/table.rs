@@ -53,6 +53,18 @@ pub fn write_l2_word(table: &mut [u8], index: usize, entry_size: usize, word: u6
     table[at..at + 8].copy_from_slice(&word.to_be_bytes());
 }
 
+/// Reads the subcluster bitmap (second word) of extended L2 entry `index`.
+pub fn read_l2_bitmap(table: &[u8], index: usize) -> L2Bitmap {
+    let at = index * 16 + 8;
+    L2Bitmap(u64::from_be_bytes(table[at..at + 8].try_into().expect("8 bytes")))
+}
+
+/// Writes the subcluster bitmap of extended L2 entry `index`.
+pub fn write_l2_bitmap(table: &mut [u8], index: usize, bitmap: L2Bitmap) {
+    let at = index * 16 + 8;
+    table[at..at + 8].copy_from_slice(&bitmap.0.to_be_bytes());
+}
+
 /// An entry of an L1 table: the host offset of an L2 table and COPIED.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct L1Entry(pub u64);
@@ -202,8 +214,10 @@ impl L2Entry {
         if self.is_compressed() {
             return 0;
         }
-        let zero = if geometry.extended_l2() { 0 } else { ZERO };
-        self.0 & !(HOST_OFFSET_MASK | COPIED | zero)
+        // Bit 0 is the zero flag; with extended L2 entries it has no meaning
+        // and QEMU ignores it (its check does not count it as reserved).
+        let _ = geometry;
+        self.0 & !(HOST_OFFSET_MASK | COPIED | ZERO)
     }
 
     /// Decodes the entry. `version` is the image version: the zero flag is
@@ -252,6 +266,157 @@ impl L2Entry {
             return Ok(L2Mapping::Unallocated);
         }
         Ok(L2Mapping::Normal { host: HostOffset(host), copied })
+    }
+}
+
+/// Bits 0-31 of a subcluster bitmap: subcluster `i` is allocated (bit `i`).
+pub const SUB_ALLOC_ALL: u64 = 0xffff_ffff;
+/// Bits 32-63 of a subcluster bitmap: subcluster `i` reads as zeros (bit `32 + i`).
+pub const SUB_ZERO_ALL: u64 = 0xffff_ffff << 32;
+
+/// What one subcluster of an extended L2 entry holds (QEMU's
+/// `QCow2SubclusterType` without the invalid case, which
+/// [`L2Bitmap::validate`] rules out first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Subcluster {
+    /// Data in the entry's host cluster.
+    Normal,
+    /// Reads as zeros; the entry has no host cluster.
+    ZeroPlain,
+    /// Reads as zeros; the entry has a host cluster.
+    ZeroAlloc,
+    /// Not allocated (backing file or zeros); no host cluster.
+    UnallocatedPlain,
+    /// Not allocated (backing file or zeros); the entry has a host cluster
+    /// whose bytes for this subcluster mean nothing.
+    UnallocatedAlloc,
+    /// Part of a compressed cluster (compressed clusters have no subclusters).
+    Compressed,
+}
+
+impl Subcluster {
+    /// Whether the subcluster's bytes are the host cluster's (written in
+    /// place without copy on write).
+    pub fn is_allocated(self) -> bool {
+        self == Subcluster::Normal
+    }
+}
+
+/// The second word of an extended L2 entry: 32 allocation bits and 32
+/// "reads as zeros" bits, one of each per subcluster.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct L2Bitmap(pub u64);
+
+/// The mask of subclusters `first..end` in one half of a bitmap.
+fn sc_mask(first: u32, end: u32) -> u32 {
+    debug_assert!(first <= end && end <= 32);
+    if first == end {
+        return 0;
+    }
+    let high = if end == 32 { u32::MAX } else { (1u32 << end) - 1 };
+    high & !((1u32 << first) - 1)
+}
+
+impl L2Bitmap {
+    /// Every subcluster reads as zeros.
+    pub const ALL_ZEROES: L2Bitmap = L2Bitmap(SUB_ZERO_ALL);
+
+    /// The allocation bits.
+    pub fn alloc(self) -> u32 {
+        self.0 as u32
+    }
+    /// The "reads as zeros" bits.
+    pub fn zero(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
+
+    /// Checks the bitmap against the mapping of its entry, with QEMU's rules
+    /// for an invalid subcluster type: a cluster with a host offset must not
+    /// have a subcluster both allocated and zero, a cluster without one must
+    /// not have allocated subclusters. Compressed clusters have no
+    /// subclusters: their bitmap is not looked at when reading (only
+    /// `check` reports it when it is not zero, as QEMU does).
+    pub fn validate(self, m: &L2Mapping) -> Result<(), FormatError> {
+        let invalid = |reason| FormatError::InvalidEntry { table: "L2 subcluster bitmap", entry: self.0, reason };
+        match m {
+            L2Mapping::Compressed(_) => Ok(()),
+            L2Mapping::Unallocated | L2Mapping::ZeroPlain => {
+                if self.alloc() != 0 {
+                    Err(invalid("allocated subclusters in a cluster without a host offset"))
+                } else {
+                    Ok(())
+                }
+            }
+            L2Mapping::Normal { .. } | L2Mapping::ZeroAllocated { .. } => {
+                if self.alloc() & self.zero() != 0 {
+                    Err(invalid("a subcluster is both allocated and zero"))
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// The type of subcluster `sc` of a validated entry with mapping `m`.
+    pub fn subcluster(self, m: &L2Mapping, sc: u32) -> Subcluster {
+        let bit = 1u32 << sc;
+        let host = match m {
+            L2Mapping::Compressed(_) => return Subcluster::Compressed,
+            L2Mapping::Normal { .. } | L2Mapping::ZeroAllocated { .. } => true,
+            L2Mapping::Unallocated | L2Mapping::ZeroPlain => false,
+        };
+        match (self.zero() & bit != 0, self.alloc() & bit != 0, host) {
+            (true, _, true) => Subcluster::ZeroAlloc,
+            (true, _, false) => Subcluster::ZeroPlain,
+            (false, true, _) => Subcluster::Normal,
+            (false, false, true) => Subcluster::UnallocatedAlloc,
+            (false, false, false) => Subcluster::UnallocatedPlain,
+        }
+    }
+
+    /// The type of subcluster `sc` and how many subclusters from `sc` on
+    /// (to the end of the cluster) have that type.
+    pub fn run(self, m: &L2Mapping, sc: u32) -> (Subcluster, u32) {
+        let ty = self.subcluster(m, sc);
+        let mut n = 1;
+        if ty != Subcluster::Compressed {
+            while sc + n < 32 && self.subcluster(m, sc + n) == ty {
+                n += 1;
+            }
+        } else {
+            n = 32 - sc;
+        }
+        (ty, n)
+    }
+
+    /// The mapping a run of subclusters of type `ty` reads as, in terms of
+    /// whole-cluster mappings (so that read plans and block status treat
+    /// subclusters as small clusters).
+    pub fn as_mapping(ty: Subcluster, m: &L2Mapping) -> L2Mapping {
+        match (ty, *m) {
+            (Subcluster::Normal, L2Mapping::Normal { host, copied } | L2Mapping::ZeroAllocated { host, copied }) => {
+                L2Mapping::Normal { host, copied }
+            }
+            (Subcluster::ZeroAlloc, L2Mapping::Normal { host, copied } | L2Mapping::ZeroAllocated { host, copied }) => {
+                L2Mapping::ZeroAllocated { host, copied }
+            }
+            (Subcluster::ZeroPlain | Subcluster::ZeroAlloc, _) => L2Mapping::ZeroPlain,
+            (Subcluster::Compressed, m) => m,
+            _ => L2Mapping::Unallocated,
+        }
+    }
+
+    /// Subclusters `first..end` marked allocated (their zero bits cleared).
+    pub fn with_allocated(self, first: u32, end: u32) -> Self {
+        let m = u64::from(sc_mask(first, end));
+        L2Bitmap((self.0 | m) & !(m << 32))
+    }
+
+    /// Subclusters `first..end` marked as reading zeros (their allocation
+    /// bits cleared).
+    pub fn with_zeroes(self, first: u32, end: u32) -> Self {
+        let m = u64::from(sc_mask(first, end));
+        L2Bitmap((self.0 | (m << 32)) & !m)
     }
 }
 
@@ -318,6 +483,66 @@ mod tests {
         }
         let d = CompressedDescriptor { offset: HostOffset(1000), sectors: 2 };
         assert_eq!(d.max_len(), 1024 - 488);
+    }
+
+    fn g64k_ext() -> Geometry {
+        Geometry::new(16, 4, true).unwrap()
+    }
+
+    #[test]
+    fn extended_entries_ignore_the_zero_flag() {
+        let g = g64k_ext();
+        assert_eq!(L2Entry(1).mapping(&g, 3), Ok(L2Mapping::Unallocated));
+        assert_eq!(
+            L2Entry(0x50000 | 1 | COPIED).mapping(&g, 3),
+            Ok(L2Mapping::Normal { host: HostOffset(0x50000), copied: true })
+        );
+    }
+
+    #[test]
+    fn bitmap_validation_follows_qemu() {
+        let normal = L2Mapping::Normal { host: HostOffset(0x50000), copied: true };
+        assert!(L2Bitmap(0x3).validate(&normal).is_ok());
+        assert!(L2Bitmap(0x4_0000_0003).validate(&normal).is_ok());
+        assert!(L2Bitmap(0x1_0000_0001).validate(&normal).is_err(), "allocated and zero");
+        assert!(L2Bitmap(0x1).validate(&L2Mapping::Unallocated).is_err(), "allocated without host");
+        assert!(L2Bitmap::ALL_ZEROES.validate(&L2Mapping::Unallocated).is_ok());
+        let c = L2Mapping::Compressed(CompressedDescriptor { offset: HostOffset(0x20000), sectors: 1 });
+        assert!(L2Bitmap(u64::MAX).validate(&c).is_ok(), "ignored at run time");
+    }
+
+    #[test]
+    fn subcluster_types_and_runs() {
+        let normal = L2Mapping::Normal { host: HostOffset(0x50000), copied: true };
+        let b = L2Bitmap(0b0111 | (0b1000 << 32));
+        assert_eq!(b.run(&normal, 0), (Subcluster::Normal, 3));
+        assert_eq!(b.run(&normal, 1), (Subcluster::Normal, 2));
+        assert_eq!(b.run(&normal, 3), (Subcluster::ZeroAlloc, 1));
+        assert_eq!(b.run(&normal, 4), (Subcluster::UnallocatedAlloc, 28));
+        assert_eq!(b.run(&L2Mapping::Unallocated, 31), (Subcluster::UnallocatedPlain, 1));
+        assert_eq!(L2Bitmap::ALL_ZEROES.run(&L2Mapping::Unallocated, 0), (Subcluster::ZeroPlain, 32));
+        assert_eq!(L2Bitmap::as_mapping(Subcluster::UnallocatedAlloc, &normal), L2Mapping::Unallocated);
+        assert_eq!(
+            L2Bitmap::as_mapping(Subcluster::ZeroAlloc, &normal),
+            L2Mapping::ZeroAllocated { host: HostOffset(0x50000), copied: true }
+        );
+    }
+
+    #[test]
+    fn bitmap_ranges() {
+        let b = L2Bitmap::ALL_ZEROES.with_allocated(2, 5);
+        assert_eq!(b.alloc(), 0b11100);
+        assert_eq!(b.zero(), !0b11100);
+        let z = L2Bitmap(u64::from(u32::MAX)).with_zeroes(30, 32);
+        assert_eq!(z.alloc(), 0x3fff_ffff);
+        assert_eq!(z.zero(), 0xc000_0000);
+        assert_eq!(L2Bitmap(0).with_allocated(0, 32).0, SUB_ALLOC_ALL);
+        assert_eq!(L2Bitmap(7).with_allocated(3, 3).0, 7);
+        let mut t = vec![0u8; 64];
+        write_l2_bitmap(&mut t, 1, L2Bitmap(0x1234));
+        write_l2_word(&mut t, 1, 16, 0x50000);
+        assert_eq!(read_l2_bitmap(&t, 1), L2Bitmap(0x1234));
+        assert_eq!(read_l2_word(&t, 1, 16), 0x50000);
     }
 
     #[test]

@@ -22,16 +22,14 @@
 //!   may-unmap; everything else becomes plain zero (freeing its cluster).
 //!   v2 without backing: as a discard. v2 with backing: zeros are written
 //!   as data.
-//! - zero write, partial cluster: if the whole cluster reads as zeros
-//!   without data (zero, zero-allocated, or unallocated over zeros of the
-//!   backing file or past its end), as a whole-cluster zero write; else
-//!   zeros are written as data. (QEMU looks only at the part outside the
-//!   request and also accepts a cluster whose data lies inside it; the
-//!   engine looks at the whole cluster. Both read the same.)
+//! - zero write, partial cluster (QEMU's `qcow2_co_pwrite_zeroes`): if the
+//!   cluster is zero, zero-allocated or unallocated and the part outside
+//!   the request reads as zeros without data (zeros of the backing file or
+//!   past its end for an unallocated cluster), as a whole-cluster zero
+//!   write; else zeros are written as data.
 //! - discard: unallocated stays so, but becomes plain zero on a v3
-//!   overlay; plain zero stays so on an overlay and becomes unallocated
-//!   otherwise; every other cluster becomes plain zero on v3, unallocated
-//!   on v2.
+//!   overlay; plain zero stays so; every other cluster becomes plain zero
+//!   on v3, unallocated on v2.
 //! - resize: growing first copies a shared partial last cluster;
 //!   preallocation maps every unallocated cluster from the old last one on
 //!   to a new data cluster; an overlay whose backing file reaches past the
@@ -243,7 +241,11 @@ impl Layout {
     fn zero_partial(&mut self, offset: u64, len: u64, unmap: bool, shared: &HashSet<u64>) {
         let start = self.align_down(offset);
         let end = (start + self.cluster_size).min(self.size);
-        if self.reads_as_zero(start, end) {
+        let own_zero_or_unallocated = matches!(
+            self.clusters[(start / self.cluster_size) as usize].state,
+            State::Unallocated | State::ZeroPlain | State::ZeroAlloc
+        );
+        if own_zero_or_unallocated && self.reads_as_zero(start, offset) && self.reads_as_zero(offset + len, end) {
             self.zero_clusters(start, self.cluster_size, unmap, shared);
         } else {
             self.write(offset, len, shared);
@@ -291,8 +293,7 @@ impl Layout {
             self.clusters[i] = match self.clusters[i].state {
                 State::Unallocated if backing && v3 => ZERO_PLAIN,
                 State::Unallocated => UNALLOCATED,
-                State::ZeroPlain if backing => ZERO_PLAIN,
-                State::ZeroPlain => UNALLOCATED,
+                State::ZeroPlain => ZERO_PLAIN,
                 _ if v3 => ZERO_PLAIN,
                 _ => UNALLOCATED,
             };
@@ -397,6 +398,182 @@ pub fn observed_states(extents: &[Extent], cluster_size: u64, size: u64) -> Resu
         });
     }
     Ok(out)
+}
+
+/// What one subcluster of an image with extended L2 entries says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sub {
+    /// Not allocated (the backing file, or zeros).
+    Unallocated,
+    /// Reads as zeros.
+    Zero,
+    /// Data in the cluster's host cluster.
+    Data,
+}
+
+/// The allocation model of an image with extended L2 entries, per
+/// subcluster, by QEMU's rules (no internal snapshots, no compressed
+/// clusters, no resizes: every host cluster is the active layer's own):
+/// - write: every subcluster the write touches becomes data (copy on
+///   write fills the rest of a partly written one), and the cluster gets
+///   a host cluster; the other subclusters keep what they said.
+/// - zero write: at subcluster granularity. A partial subcluster that is
+///   not data, whose part outside the request reads as zeros, becomes a
+///   zero subcluster (the whole cluster becomes zero when it is the first
+///   subcluster of the last cluster and reaches the end of the disk), else
+///   zeros are written as data. Aligned subclusters of a partial cluster
+///   become zero; whole clusters become all zero, losing their host
+///   cluster with may-unmap.
+/// - discard (whole clusters): a cluster with a host cluster, or any
+///   cluster of an overlay, becomes all zero without a host cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubclusterLayout {
+    /// Cluster size.
+    pub cluster_size: u64,
+    /// Disk size.
+    pub size: u64,
+    /// Per cluster: the L2 entry holds a host offset.
+    pub host: Vec<bool>,
+    /// Per subcluster (32 per cluster).
+    pub subs: Vec<Sub>,
+    /// The backing file, if any.
+    pub backing: Option<Arc<BackingMap>>,
+}
+
+impl SubclusterLayout {
+    /// A new image: everything unallocated.
+    pub fn new(size: u64, cluster_size: u64, backing: Option<Arc<BackingMap>>) -> Self {
+        let clusters = size.div_ceil(cluster_size) as usize;
+        SubclusterLayout {
+            cluster_size,
+            size,
+            host: vec![false; clusters],
+            subs: vec![Sub::Unallocated; clusters * 32],
+            backing,
+        }
+    }
+
+    fn sc(&self) -> u64 {
+        self.cluster_size / 32
+    }
+
+    /// A write of `[offset, offset + len)`.
+    pub fn write(&mut self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let sc = self.sc();
+        for i in offset / sc..=(offset + len - 1) / sc {
+            self.subs[i as usize] = Sub::Data;
+            self.host[(i / 32) as usize] = true;
+        }
+    }
+
+    /// Whether `[a, b)` reads as zeros without data.
+    fn reads_zero(&self, a: u64, b: u64) -> bool {
+        let sc = self.sc();
+        let mut pos = a;
+        while pos < b {
+            let end = b.min((pos / sc + 1) * sc);
+            let ok = match self.subs[(pos / sc) as usize] {
+                Sub::Zero => true,
+                Sub::Data => false,
+                Sub::Unallocated => self.backing.as_ref().is_none_or(|m| m.reads_zero(pos, end)),
+            };
+            if !ok {
+                return false;
+            }
+            pos = end;
+        }
+        true
+    }
+
+    fn zero_cluster(&mut self, c: usize, unmap: bool) {
+        if unmap {
+            self.host[c] = false;
+        }
+        self.subs[c * 32..(c + 1) * 32].fill(Sub::Zero);
+    }
+
+    /// A zero write of `[offset, offset + len)`.
+    pub fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) {
+        if len == 0 {
+            return;
+        }
+        let (sc, size, end) = (self.sc(), self.size, offset + len);
+        let aligned = |o: u64| o % sc == 0 || o == size;
+        let head_end = if aligned(offset) { offset } else { end.min(offset.div_ceil(sc) * sc) };
+        let tail_start = if aligned(end) { end } else { (end / sc * sc).max(head_end) };
+        if head_end > offset {
+            self.zero_partial(offset, head_end - offset, unmap);
+        }
+        if tail_start > head_end {
+            self.zeroize(head_end, tail_start, unmap);
+        }
+        if end > tail_start {
+            self.zero_partial(tail_start, end - tail_start, unmap);
+        }
+    }
+
+    fn zero_partial(&mut self, offset: u64, len: u64, unmap: bool) {
+        let (sc, cs) = (self.sc(), self.cluster_size);
+        let start = offset / sc * sc;
+        let end = (start + sc).min(self.size);
+        let own = self.subs[(start / sc) as usize];
+        if own != Sub::Data && self.reads_zero(start, offset) && self.reads_zero(offset + len, end) {
+            if start % cs == 0 && start + sc >= self.size {
+                self.zero_cluster((start / cs) as usize, unmap);
+            } else {
+                self.subs[(start / sc) as usize] = Sub::Zero;
+            }
+        } else {
+            self.write(offset, len);
+        }
+    }
+
+    fn zeroize(&mut self, start: u64, end: u64, unmap: bool) {
+        let (sc, cs) = (self.sc(), self.cluster_size);
+        let head_end = end.min(start.div_ceil(cs) * cs);
+        let tail_start = if end >= self.size { end } else { (end / cs * cs).max(head_end) };
+        for i in start / sc..head_end.div_ceil(sc) {
+            self.subs[i as usize] = Sub::Zero;
+        }
+        if tail_start > head_end {
+            for c in head_end / cs..tail_start.div_ceil(cs) {
+                self.zero_cluster(c as usize, unmap);
+            }
+        }
+        for i in tail_start / sc..end.div_ceil(sc) {
+            self.subs[i as usize] = Sub::Zero;
+        }
+    }
+
+    /// A discard: whole clusters inside the range, and the partial last
+    /// cluster of the disk when the range reaches the end.
+    pub fn discard(&mut self, offset: u64, len: u64) {
+        let cs = self.cluster_size;
+        let start = offset.div_ceil(cs) * cs;
+        let end = if offset + len == self.size { self.size.div_ceil(cs) * cs } else { (offset + len) / cs * cs };
+        for c in start / cs..end.max(start) / cs {
+            let c = c as usize;
+            if self.backing.is_some() || self.host[c] {
+                self.zero_cluster(c, true);
+            }
+        }
+    }
+
+    /// What block status should say of every subcluster inside the disk.
+    pub fn expected(&self) -> Vec<State> {
+        let sc = self.sc();
+        (0..self.size.div_ceil(sc) as usize)
+            .map(|i| match self.subs[i] {
+                Sub::Data => State::Normal,
+                Sub::Zero if self.host[i / 32] => State::ZeroAlloc,
+                Sub::Zero => State::ZeroPlain,
+                Sub::Unallocated => State::Unallocated,
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]

@@ -44,6 +44,9 @@ pub struct ImageConfig {
     /// Guest data in an external data file (named [`DATA_FILE_NAME`]);
     /// `Some(true)`: with `data_file_raw=on`.
     pub data_file: Option<bool>,
+    /// Extended L2 entries (subclusters; compat 1.1, clusters of 16 KiB
+    /// and more).
+    pub extended_l2: bool,
 }
 
 /// The name images with an external data file record for it.
@@ -60,6 +63,7 @@ impl ImageConfig {
             preallocation: Preallocation::Off,
             compression_type: CompressionType::Zlib,
             data_file: None,
+            extended_l2: false,
         }
     }
 
@@ -69,14 +73,23 @@ impl ImageConfig {
         ImageConfig { data_file: Some(raw), ..self }
     }
 
+    /// The same configuration with extended L2 entries on or off.
+    pub fn with_extended_l2(self, on: bool) -> Self {
+        ImageConfig { extended_l2: on, ..self }
+    }
+
     /// The same configuration with compression type `t`.
     pub fn with_compression(self, t: CompressionType) -> Self {
         ImageConfig { compression_type: t, ..self }
     }
 
     /// Whether QEMU accepts the combination: lazy refcounts, refcount
-    /// widths other than 16 and zstd compression need compat 1.1.
+    /// widths other than 16, zstd compression and extended L2 entries need
+    /// compat 1.1; extended L2 entries need clusters of 16 KiB or more.
     pub fn is_valid(&self) -> bool {
+        if self.extended_l2 && (self.compat != Compat::V3 || self.cluster_size < 16384) {
+            return false;
+        }
         self.compat == Compat::V3
             || (!self.lazy_refcounts
                 && self.refcount_bits == 16
@@ -97,6 +110,7 @@ impl ImageConfig {
             o.data_file = Some(DATA_FILE_NAME.to_string());
             o.data_file_raw = raw;
         }
+        o.extended_l2 = self.extended_l2;
         o
     }
 
@@ -107,13 +121,14 @@ impl ImageConfig {
             None => String::new(),
         };
         let base = format!(
-            "cluster_size={},refcount_bits={},compat={},lazy_refcounts={},preallocation={},compression_type={}",
+            "cluster_size={},refcount_bits={},compat={},lazy_refcounts={},preallocation={},compression_type={},extended_l2={}",
             self.cluster_size,
             self.refcount_bits,
             self.compat.name(),
             if self.lazy_refcounts { "on" } else { "off" },
             self.preallocation.name(),
-            self.compression_type.name()
+            self.compression_type.name(),
+            if self.extended_l2 { "on" } else { "off" }
         );
         base + &data_file
     }

@@ -23,7 +23,7 @@ use oxqcow::{
 };
 use proptest::prelude::*;
 
-use crate::layout::{expand_zero_tree, observed_states, BackingMap, Cluster, Layout, State};
+use crate::layout::{expand_zero_tree, observed_states, BackingMap, Cluster, Layout, State, SubclusterLayout};
 use crate::model::{compressible_pattern, pattern, AmendOp, ImageConfig, Model, Op};
 
 /// Where an operation starts, relative to the disk size.
@@ -201,6 +201,20 @@ pub fn backing_op_spec() -> impl Strategy<Value = OpSpec> {
     ]
 }
 
+/// One operation for images with extended L2 entries (what the
+/// subcluster model covers): writes (many small and unaligned ones), zero
+/// writes, discards, flushes and reopens.
+pub fn extended_l2_op_spec() -> impl Strategy<Value = OpSpec> {
+    prop_oneof![
+        10 => (pos(), len(), any::<u8>()).prop_map(|(p, l, s)| OpSpec::Write(p, l, s)),
+        4 => (pos(), len(), any::<bool>()).prop_map(|(p, l, u)| OpSpec::WriteZeroes(p, l, u)),
+        3 => (pos(), len()).prop_map(|(p, l)| OpSpec::Discard(p, l)),
+        2 => Just(OpSpec::Flush),
+        1 => Just(OpSpec::Reopen),
+        1 => Just(OpSpec::CrashReopen),
+    ]
+}
+
 /// A sequence of up to `max` operations.
 pub fn op_specs(max: usize) -> impl Strategy<Value = Vec<OpSpec>> {
     prop::collection::vec(op_spec(), 1..=max)
@@ -336,6 +350,9 @@ pub struct Harness {
     pub model: Model,
     /// The expected allocation of the active layer.
     pub layout: Layout,
+    /// With extended L2 entries: the expected allocation per subcluster
+    /// (compared instead of `layout`, which is per cluster).
+    pub subclusters: Option<SubclusterLayout>,
     /// The largest size resizes may reach.
     pub max_size: u64,
     /// The operations applied so far (for failure messages).
@@ -408,6 +425,8 @@ impl Harness {
             layout = Layout::new(0, cs, config.compat.version(), None);
             layout.resize(size, Preallocation::Metadata, &HashSet::new());
         }
+        let subclusters =
+            config.extended_l2.then(|| SubclusterLayout::new(size, cs, backing.as_ref().map(|b| b.map.clone())));
         Ok(Harness {
             config,
             storage,
@@ -415,6 +434,7 @@ impl Harness {
             image: Some(image),
             model,
             layout,
+            subclusters,
             max_size,
             log: Vec::new(),
             open_options,
@@ -496,6 +516,15 @@ impl Harness {
             }
         }
         let shared = self.shared();
+        if let Some(sub) = &mut self.subclusters {
+            match *op {
+                Op::Write { offset, len, .. } => sub.write(offset, len),
+                Op::WriteZeroes { offset, len, may_unmap } => sub.write_zeroes(offset, len, may_unmap),
+                Op::Discard { offset, len } => sub.discard(offset, len),
+                Op::Flush | Op::Reopen | Op::CrashReopen => {}
+                _ => return Err(format!("{op:?}: the subcluster model does not cover this operation")),
+            }
+        }
         match *op {
             Op::Write { offset, len, seed } => {
                 self.image().write_at(&pattern(seed, offset, len), offset).map_err(fail)?;
@@ -797,6 +826,19 @@ impl Harness {
             return Err(format!("the layout model has size {}, the content model {size}", self.layout.size));
         }
         let extents = self.image().block_status(0, size).map_err(|e| format!("block status: {e}"))?;
+        if let Some(sub) = &self.subclusters {
+            let sc = cs / 32;
+            let seen = observed_states(&extents, sc, size)?;
+            for (i, (got, want)) in seen.iter().zip(sub.expected()).enumerate() {
+                if *got != want {
+                    return Err(format!(
+                        "subcluster {i} (guest offset {}) is {got:?}, but the subcluster model says {want:?}",
+                        i as u64 * sc
+                    ));
+                }
+            }
+            return Ok(());
+        }
         let seen = observed_states(&extents, cs, size)?;
         for (i, (got, want)) in seen.iter().zip(&self.layout.clusters).enumerate() {
             // In a data file guest cluster 0 lives at host offset 0, and a

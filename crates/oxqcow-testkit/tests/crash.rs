@@ -678,3 +678,76 @@ fn crash_harness_detects_half_done_amends() {
     let e = verify_crashed(v2, &full.tracker, CS, false).expect_err("zero clusters in a v2 image must fail");
     assert!(e.contains("zero cluster flag in a version 2 image"), "{e}");
 }
+
+// ---------------------------------------------------------------------------
+// Extended L2 entries.
+
+/// Clusters of 16 KiB: 512-byte subclusters.
+const ECS: u64 = 16 << 10;
+
+/// A 1 MiB image with extended L2 entries (an overlay of `backing` if
+/// given).
+fn extended_base(backing: Option<&Backing>, lazy: bool) -> Vec<u8> {
+    let cfg = ImageConfig::new(ECS, 16, Compat::V3, lazy).with_extended_l2(true);
+    let opts = Harness::open_options(&cfg, false, false);
+    let mut h = match backing {
+        Some(b) => Harness::with_backing(cfg, MIB, MIB, opts, b.clone()),
+        None => Harness::new(cfg, MIB, MIB, opts),
+    }
+    .unwrap();
+    h.image.take().unwrap().close().unwrap();
+    h.storage.to_bytes()
+}
+
+/// Subcluster writes into fresh clusters (copy on write of the touched
+/// subclusters only), writes into unallocated and zero subclusters of
+/// allocated clusters (in place, copy on write of partial subclusters, a
+/// bitmap update), zero writes of whole and partial subclusters, discards,
+/// and a zero write with unmap over whole clusters.
+fn extended_workload() -> Vec<Op> {
+    let w = |offset: u64, len: u64, seed: u8| Op::Write { offset, len, seed };
+    let z = |offset: u64, len: u64, may_unmap: bool| Op::WriteZeroes { offset, len, may_unmap };
+    vec![
+        w(2 * ECS + 1000, 300, 1),
+        w(2 * ECS + 5000, 2000, 2),
+        w(3 * ECS - 100, 700, 3),
+        Op::Flush,
+        z(2 * ECS + 2048, 1024, false),
+        z(5 * ECS + 100, 200, false),
+        w(2 * ECS + 2058, 100, 4),
+        Op::Discard { offset: 3 * ECS, len: ECS },
+        Op::Flush,
+        w(3 * ECS + 7000, 100, 5),
+        z(10 * ECS, 3 * ECS + 1536, true),
+        w(11 * ECS + 300, 5000, 6),
+        Op::Flush,
+        w(600_000, 40_000, 7),
+        w(BACKING_LEN - 300, 600, 8),
+    ]
+}
+
+fn crash_extended(backing: Option<Backing>, lazy: bool, model: fn(u64) -> CrashModel) {
+    let base = extended_base(backing.as_ref(), lazy);
+    let scenario = Scenario { base, backing, cs: ECS, ops: extended_workload(), snapshots: false, qemu_before: !lazy };
+    scenario.crash_everywhere(model);
+}
+
+/// Extended L2 entries over a shorter backing file, torn writes: a
+/// subcluster copied on write never loses the backing file's bytes, and
+/// a bitmap never claims a subcluster whose data is not written.
+#[test]
+fn crash_torn_write_extended_l2_overlay() {
+    crash_extended(Some(backing_file()), false, |n| CrashModel::Torn { seed: n });
+}
+
+/// Extended L2 entries, unsynced writes reordered.
+#[test]
+fn crash_reordered_unsynced_extended_l2() {
+    crash_extended(None, false, |n| CrashModel::Reordered { seed: n });
+}
+
+/// Extended L2 entries, unsynced writes lost, lazy refcounts.
+#[test]
+fn crash_unsynced_lost_extended_l2_lazy_refcounts() {
+    crash_extended(None, true, |_| CrashModel::Unsynced);
+}

@@ -7,7 +7,8 @@
 //!   allocation, or hang;
 //! - asks `qemu-img info` and `qemu-img check` for their verdict, asserts
 //!   QEMU 10 answers as recorded in the table (HOSTILE.md lists the
-//!   messages), and where QEMU refuses to open the image, oxqcow must
+//!   messages; invalid subcluster bitmaps of extended L2 entries are
+//!   among the cases), and where QEMU refuses to open the image, oxqcow must
 //!   refuse at open too. Where QEMU accepts what the spec forbids
 //!   (header_length 105), oxqcow is stricter.
 
@@ -37,6 +38,9 @@ struct Base {
     compressed: Vec<u8>,
     /// An overlay naming `plain` as its backing file.
     overlay: Vec<u8>,
+    /// Extended L2 entries (64 KiB clusters): data in cluster 0, a
+    /// compressed cluster 2, zero subclusters in cluster 4.
+    ext: Vec<u8>,
 }
 
 impl Base {
@@ -78,7 +82,11 @@ fn make_base(dir: &Path) -> Base {
     let o = dir.join("overlay.qcow2");
     qemu::qemu_img_ok(&["create", "-q", "-f", "qcow2", "-b", ps, "-F", "qcow2", o.to_str().unwrap()]);
     let overlay = std::fs::read(&o).unwrap();
-    let base = Base { plain, snap, compressed, overlay };
+    let e = dir.join("extended.qcow2");
+    qemu::qemu_img_ok(&["create", "-q", "-f", "qcow2", "-o", "extended_l2=on", e.to_str().unwrap(), "1M"]);
+    qemu::qemu_io_ok(&e, &["write -P 1 0 4k".into(), "write -c -P 7 128k 64k".into(), "write -z 256k 64k".into()]);
+    let ext = std::fs::read(&e).unwrap();
+    let base = Base { plain, snap, compressed, overlay, ext };
     // The layout the cases rely on: 64 KiB clusters, header extensions
     // from offset 112 (the feature name table first).
     assert_eq!(base.field(20, 4), 16);
@@ -101,6 +109,11 @@ fn cases(b: &Base) -> Vec<Case> {
     assert_eq!(c_entry >> 62, 1, "the first cluster is compressed");
     // 64 KiB clusters: the compressed host offset is in bits 0..=53.
     let c_data = (c_entry & ((1 << 54) - 1)) as usize;
+    let x = || b.ext.clone();
+    let x_l2 = (be(&b.ext, be(&b.ext, 40, 8) as usize, 8) & 0x00ff_ffff_ffff_fe00) as usize;
+    // The subcluster bitmap of extended L2 entry `i`.
+    let bitmap = |i: usize| x_l2 + i * 16 + 8;
+    assert_eq!(be(&b.ext, bitmap(0), 8), 0x3, "cluster 0 has its first 4 KiB (two subclusters) allocated");
     let mut garbage = c.clone();
     garbage[c_data..c_data + 64].fill(0xff);
     vec![
@@ -208,6 +221,26 @@ fn cases(b: &Base) -> Vec<Case> {
             "snapshot L1 table past EOF",
             put(b.snap.clone(), snaps_at, 8, 1 << 40),
             Qemu::CheckFinds("exceeding the end of the file"),
+        ),
+        (
+            "subcluster both allocated and zero",
+            put(x(), bitmap(0), 8, 0x1_0000_0003),
+            Qemu::CheckFinds("Allocated cluster has corrupted subcluster allocation bitmap"),
+        ),
+        (
+            "allocated subcluster without a host cluster",
+            put(x(), bitmap(1), 8, 1),
+            Qemu::CheckFinds("Unallocated cluster has non-zero subcluster allocation map"),
+        ),
+        (
+            "compressed cluster with a subcluster bitmap",
+            put(x(), bitmap(2), 8, 0x8000_0000),
+            Qemu::CheckFinds("compressed cluster 2 with non-zero subcluster allocation bitmap"),
+        ),
+        (
+            "extended L2 with 256-byte subclusters",
+            put(x(), 20, 4, 13),
+            Qemu::RefusesOpen("Unsupported subcluster size: 256"),
         ),
         (
             "snapshot L1 table too large",

@@ -26,6 +26,11 @@
 //! writes must be refused and change nothing, and a raw data file must
 //! equal the disk after every step.
 //!
+//! The extended L2 properties run writes (mostly small and unaligned),
+//! zero writes, discards, flushes and reopens on images with subclusters
+//! (16 KiB and 64 KiB clusters), fresh and as overlays, and compare block
+//! status with a per-subcluster allocation model.
+//!
 //! Each property also checks that its cases reached what it is about
 //! (compressed clusters, refused compressed writes, refcount width
 //! changes, downgrades), so a generator that stopped producing them fails.
@@ -40,7 +45,9 @@ use std::sync::Mutex;
 use oxqcow::{Compat, CompressionType};
 use oxqcow_testkit::model::{pattern, ImageConfig, DATA_FILE_NAME};
 use oxqcow_testkit::qemu;
-use oxqcow_testkit::workload::{backing_op_spec, op_specs, Backing, Harness, OpSpec, Stats, BACKING_NAME};
+use oxqcow_testkit::workload::{
+    backing_op_spec, extended_l2_op_spec, op_specs, Backing, Harness, OpSpec, Stats, BACKING_NAME,
+};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed, TestRunner};
 
@@ -289,4 +296,41 @@ fn model_overlay_of_qcow2() {
 #[test]
 fn model_overlay_of_raw() {
     assert_reached(overlay_property(true, 16), "overlays of raw");
+}
+
+/// Images with extended L2 entries: 16 KiB clusters (512-byte subclusters)
+/// or 64 KiB clusters (2 KiB subclusters), refcount width 1, 16 or 64,
+/// with or without lazy refcounts; fresh or as an overlay of a qcow2
+/// backing file (without subclusters) that a short workload filled,
+/// shorter or longer than the overlay.
+fn extended_l2_property(seed: u64, overlay_of_qcow2: bool, default_cases: u32) -> Stats {
+    let cfg = (prop::sample::select(&[16384u64, 65536][..]), prop::sample::select(&[1u32, 16, 64][..]), any::<bool>())
+        .prop_map(|(cs, rb, lazy)| ImageConfig::new(cs, rb, Compat::V3, lazy).with_extended_l2(true));
+    let strategy = (
+        (cfg, any::<bool>(), any::<u16>()),
+        (any::<u16>(), prop::collection::vec(backing_op_spec(), 1..8)),
+        prop::collection::vec(extended_l2_op_spec(), 1..=30),
+    );
+    property(seed, default_cases, strategy, |((cfg, small, initial), (bfrac, bspecs), specs)| {
+        let max_size = 1 << 20;
+        if overlay_of_qcow2 {
+            let bcfg = ImageConfig::new(4096, 16, Compat::V3, false);
+            let bspecs = bspecs.into_iter().filter(|s| !matches!(s, OpSpec::WriteCompressed(..))).collect();
+            overlay(cfg, false, bcfg, bfrac, bspecs, small, initial, max_size, specs)
+        } else {
+            plain(cfg, small, false, initial, max_size, specs)
+        }
+    })
+}
+
+/// Fresh images with extended L2 entries.
+#[test]
+fn model_extended_l2() {
+    println!("extended L2: {:?}", extended_l2_property(16384, false, 24));
+}
+
+/// Overlays with extended L2 entries.
+#[test]
+fn model_extended_l2_overlay() {
+    println!("extended L2 overlays: {:?}", extended_l2_property(16385, true, 24));
 }

@@ -317,3 +317,58 @@ fn metadata_prealloc_growth_512_byte_clusters_64_bit_refcounts() {
     let r = img.check(None).unwrap();
     assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", &r.messages[..r.messages.len().min(8)]);
 }
+
+/// Bug (found by the extended L2 concurrency test): before writing
+/// refcount blocks, a flush extended the file into the last allocated
+/// cluster by reading the file length and, when shorter, setting it. Data
+/// is written without the metadata lock, so a write into a freshly
+/// allocated cluster at the end of the file could land between the two:
+/// the flush then cut the file back to one byte into that cluster, and the
+/// cluster read as zeros after its first byte (check found nothing: the
+/// cluster was allocated and referenced). The file is now extended when a
+/// cluster is allocated, before any write can target it. Here writers
+/// append fresh clusters while a flusher flushes; every cluster must keep
+/// its data.
+#[test]
+fn a_flush_never_cuts_off_a_write_at_the_end_of_the_file() {
+    use oxqcow_testkit::model::pattern;
+    let dir = oxqcow_testkit::scratch_dir();
+    let path = dir.path().join("append.qcow2");
+    let cs = 16384u64;
+    let (threads, per_thread) = (4u64, 128u64);
+    let size = threads * per_thread * cs;
+    let cfg = ImageConfig::new(cs, 16, Compat::V3, false);
+    let img = Image::create(&path, &cfg.create_options(size)).unwrap();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let writers: Vec<_> = (0..threads)
+            .map(|t| {
+                let img = &img;
+                s.spawn(move || {
+                    for i in 0..per_thread {
+                        let off = (i * threads + t) * cs;
+                        img.write_at(&pattern(t as u8 + 1, off, cs), off).unwrap();
+                    }
+                })
+            })
+            .collect();
+        let (img, done) = (&img, &done);
+        let flusher = s.spawn(move || {
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
+                img.flush().unwrap();
+            }
+        });
+        for w in writers {
+            w.join().unwrap();
+        }
+        done.store(true, std::sync::atomic::Ordering::Release);
+        flusher.join().unwrap();
+    });
+    let mut buf = vec![0u8; cs as usize];
+    for c in 0..threads * per_thread {
+        img.read_at(&mut buf, c * cs).unwrap();
+        let want = pattern((c % threads) as u8 + 1, c * cs, cs);
+        assert!(buf == want, "cluster {c} lost its data");
+    }
+    img.close().unwrap();
+}

@@ -24,8 +24,11 @@ use std::collections::{BTreeSet, HashMap};
 
 use oxqcow_format::header::{autoclear, incompat};
 use oxqcow_format::refcount::RefcountBlock;
-use oxqcow_format::table::{decode_entries, encode_entries};
+use oxqcow_format::table::{
+    decode_entries, encode_entries, read_l2_bitmap, read_l2_word, write_l2_bitmap, write_l2_word,
+};
 use oxqcow_format::Geometry;
+use oxqcow_format::L2Bitmap;
 
 use crate::error::{Error, Result};
 use crate::qcow2::Meta;
@@ -169,8 +172,8 @@ impl Fix {
     }
 }
 
-/// The cluster types of QEMU's `qcow2_get_cluster_type` (no subclusters:
-/// this engine does not open such images).
+/// The cluster types of QEMU's `qcow2_get_cluster_type`. With extended L2
+/// entries the zero flag has no meaning, so there are no zero clusters.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum ClusterType {
     Unallocated,
@@ -182,10 +185,10 @@ enum ClusterType {
 
 /// `external`: the image keeps its data in an external data file, where
 /// offset 0 with COPIED is guest cluster 0, not an unallocated entry.
-fn cluster_type(entry: u64, external: bool) -> ClusterType {
+fn cluster_type(entry: u64, extended_l2: bool, external: bool) -> ClusterType {
     if entry & OFLAG_COMPRESSED != 0 {
         ClusterType::Compressed
-    } else if entry & OFLAG_ZERO != 0 {
+    } else if entry & OFLAG_ZERO != 0 && !extended_l2 {
         if entry & L2E_OFFSET_MASK != 0 {
             ClusterType::ZeroAlloc
         } else {
@@ -537,10 +540,13 @@ impl Checker<'_> {
         let csize_shift = g.compressed_size_shift();
         let offset_mask = (1u64 << csize_shift) - 1;
         let csize_mask = (1u64 << (g.cluster_bits() - 8)) - 1;
-        for i in 0..(cs / 8) as usize {
-            let mut entry = u64::from_be_bytes(table[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-            let external = self.meta.data_file.is_some();
-            let ty = cluster_type(entry, external);
+        let ext = g.extended_l2();
+        let esize = g.l2_entry_size() as usize;
+        let external = self.meta.data_file.is_some();
+        for i in 0..g.l2_entries() as usize {
+            let mut entry = read_l2_word(&table, i, esize);
+            let bitmap = if ext { read_l2_bitmap(&table, i) } else { L2Bitmap(0) };
+            let ty = cluster_type(entry, ext, external);
             if ty != ClusterType::Compressed && entry & L2E_STD_RESERVED_MASK != 0 {
                 self.messages.push(format!("ERROR found l2 entry with reserved bits set: {entry:x}"));
                 res.corruptions += 1;
@@ -560,6 +566,13 @@ impl Checker<'_> {
                         res.corruptions += 1;
                         continue;
                     }
+                    if bitmap.0 != 0 {
+                        self.messages.push(format!(
+                            "ERROR compressed cluster {i} with non-zero subcluster allocation bitmap, entry=0x{entry:x}"
+                        ));
+                        res.corruptions += 1;
+                        continue;
+                    }
                     let coffset = entry & offset_mask;
                     let sectors = ((entry >> csize_shift) & csize_mask) + 1;
                     let csize = sectors * 512 - (coffset & 511);
@@ -572,9 +585,16 @@ impl Checker<'_> {
                 }
                 ClusterType::ZeroAlloc | ClusterType::Normal => {
                     let offset = entry & L2E_OFFSET_MASK;
+                    if bitmap.alloc() & bitmap.zero() != 0 {
+                        res.corruptions += 1;
+                        self.messages.push(format!(
+                            "ERROR offset={offset:x}: Allocated cluster has corrupted subcluster allocation bitmap"
+                        ));
+                    }
                     if !g.is_cluster_aligned(offset) {
                         res.corruptions += 1;
-                        if entry & OFLAG_ZERO != 0 {
+                        let contains_data = if ext { bitmap.alloc() != 0 } else { entry & OFLAG_ZERO == 0 };
+                        if !contains_data {
                             let verb = if fix.errors { "Repairing" } else { "ERROR" };
                             self.messages.push(format!(
                                 "{verb} offset={offset:x}: Preallocated cluster is not properly aligned; L2 entry \
@@ -601,7 +621,13 @@ impl Checker<'_> {
                         self.inc_refcounts(res, offset, cs)?;
                     }
                 }
-                ClusterType::ZeroPlain | ClusterType::Unallocated => {}
+                ClusterType::ZeroPlain => {}
+                ClusterType::Unallocated => {
+                    if bitmap.alloc() != 0 {
+                        res.corruptions += 1;
+                        self.messages.push("ERROR: Unallocated cluster has non-zero subcluster allocation map".into());
+                    }
+                }
             }
         }
         Ok(())
@@ -617,10 +643,18 @@ impl Checker<'_> {
         i: usize,
         active: bool,
     ) -> Step<bool> {
-        table[i * 8..i * 8 + 8].copy_from_slice(&OFLAG_ZERO.to_be_bytes());
-        let at = l2_offset + i as u64 * 8;
+        let esize = self.g.l2_entry_size() as usize;
+        if self.g.extended_l2() {
+            // Allocated subclusters become zero, the host offset goes.
+            let b = read_l2_bitmap(table, i).0;
+            write_l2_bitmap(table, i, L2Bitmap((b | (b << 32)) & L2Bitmap::ALL_ZEROES.0));
+            write_l2_word(table, i, esize, 0);
+        } else {
+            write_l2_word(table, i, esize, OFLAG_ZERO);
+        }
+        let at = l2_offset + (i * esize) as u64;
         let ignore = if active { crate::overlap::ACTIVE_L2 } else { crate::overlap::INACTIVE_L2 };
-        if let Some(t) = self.meta.refcounts.overlap(at, 8, ignore) {
+        if let Some(t) = self.meta.refcounts.overlap(at, esize as u64, ignore) {
             // QEMU signals the corruption, and the check of this table and
             // the whole check end there.
             self.signal_overlap(t)?;
@@ -628,7 +662,7 @@ impl Checker<'_> {
             res.check_errors += 1;
             return Err(Stop::Errno(EIO));
         }
-        self.st.write_at(&table[i * 8..i * 8 + 8], at).map_err(Error::io("writing an L2 entry", at))?;
+        self.st.write_at(&table[i * esize..(i + 1) * esize], at).map_err(Error::io("writing an L2 entry", at))?;
         self.st.sync().map_err(Error::io("syncing an L2 entry", at))?;
         res.corruptions -= 1;
         res.corruptions_fixed += 1;
@@ -944,10 +978,14 @@ impl Checker<'_> {
             }
             let mut table = self.read_padded(l2_offset, cs)?;
             let mut dirty = 0u64;
-            for j in 0..(cs / 8) as usize {
-                let entry = u64::from_be_bytes(table[j * 8..j * 8 + 8].try_into().expect("8 bytes"));
-                let external = self.meta.data_file.is_some();
-                if !matches!(cluster_type(entry, external), ClusterType::Normal | ClusterType::ZeroAlloc) {
+            let esize = g.l2_entry_size() as usize;
+            let external = self.meta.data_file.is_some();
+            for j in 0..g.l2_entries() as usize {
+                let entry = read_l2_word(&table, j, esize);
+                if !matches!(
+                    cluster_type(entry, g.extended_l2(), external),
+                    ClusterType::Normal | ClusterType::ZeroAlloc
+                ) {
                     continue;
                 }
                 // QEMU takes every data file cluster's refcount to be 1.
@@ -962,7 +1000,7 @@ impl Checker<'_> {
                     self.messages.push(format!("{verb} OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={rc}"));
                     if repair {
                         let new = if rc == 1 { entry | OFLAG_COPIED } else { entry & !OFLAG_COPIED };
-                        table[j * 8..j * 8 + 8].copy_from_slice(&new.to_be_bytes());
+                        write_l2_word(&mut table, j, esize, new);
                         dirty += 1;
                     }
                 }

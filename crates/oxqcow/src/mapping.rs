@@ -3,8 +3,8 @@
 //! A lookup runs under the metadata lock and returns a plan; the caller
 //! performs the data I/O after releasing the lock.
 
-use oxqcow_format::table::{read_l2_word, L1Entry};
-use oxqcow_format::{CompressedDescriptor, GuestOffset, L2Entry, L2Mapping};
+use oxqcow_format::table::{read_l2_bitmap, read_l2_word, L1Entry};
+use oxqcow_format::{CompressedDescriptor, GuestOffset, L2Bitmap, L2Entry, L2Mapping};
 
 use crate::error::{Error, Result};
 use crate::qcow2::Meta;
@@ -151,6 +151,27 @@ impl Meta {
         L2Entry(read_l2_word(self.l2.get(offset).expect("table loaded"), index, size))
     }
 
+    /// The subcluster bitmap of L2 entry `index` of the cached table at
+    /// `offset` (zero without extended L2 entries).
+    pub(crate) fn l2_bitmap(&mut self, offset: u64, index: usize) -> L2Bitmap {
+        if !self.geometry.extended_l2() {
+            return L2Bitmap(0);
+        }
+        read_l2_bitmap(self.l2.get(offset).expect("table loaded"), index)
+    }
+
+    /// The decoded mapping and the validated subcluster bitmap of entry
+    /// `index` of the cached table at `table`. An invalid bitmap is
+    /// corruption, as QEMU reports it ("Invalid cluster entry found").
+    pub(crate) fn mapping_with_bitmap(&mut self, table: u64, index: usize) -> Result<(L2Mapping, L2Bitmap)> {
+        let m = self.mapping_at(table, index)?;
+        let bitmap = self.l2_bitmap(table, index);
+        bitmap.validate(&m).map_err(|e| {
+            Error::Corrupt(format!("Invalid cluster entry found (L2 offset: 0x{table:x}, L2 index: 0x{index:x}): {e}"))
+        })?;
+        Ok((m, bitmap))
+    }
+
     /// The decoded mapping of entry `index` of the cached table at `table`.
     pub(crate) fn mapping_at(&mut self, table: u64, index: usize) -> Result<L2Mapping> {
         let entry = self.l2_entry(table, index);
@@ -218,12 +239,16 @@ impl Meta {
 
     /// Visits the mapping of every cluster touched by `[offset, offset + len)`,
     /// calling `f(guest_offset_of_piece, piece_len, offset_in_cluster, mapping)`.
-    fn walk(
+    /// With extended L2 entries a cluster is visited in runs of subclusters
+    /// of one type, each with the mapping it reads as; unallocated
+    /// subclusters of a cluster with a host offset also get that offset
+    /// (the last argument: QEMU reports it in block status).
+    pub(crate) fn walk(
         &mut self,
         storage: &dyn Storage,
         offset: u64,
         len: u64,
-        mut f: impl FnMut(u64, u64, u64, L2Mapping),
+        mut f: impl FnMut(u64, u64, u64, L2Mapping, Option<u64>),
     ) -> Result<()> {
         let g = self.geometry;
         let cs = g.cluster_size();
@@ -234,7 +259,7 @@ impl Meta {
             let table_end = end.min((l1_index + 1) * g.bytes_per_l2());
             match self.l2_offset(l1_index)? {
                 None => {
-                    f(pos, table_end - pos, g.offset_in_cluster(pos), L2Mapping::Unallocated);
+                    f(pos, table_end - pos, g.offset_in_cluster(pos), L2Mapping::Unallocated, None);
                     pos = table_end;
                 }
                 Some(table) => {
@@ -243,10 +268,34 @@ impl Meta {
                         let index = g.l2_index(GuestOffset(pos));
                         let in_cluster = g.offset_in_cluster(pos);
                         let piece = (cs - in_cluster).min(table_end - pos);
+                        if g.extended_l2() {
+                            let (m, bitmap) = self.mapping_with_bitmap(table, index)?;
+                            self.check_data_file_host(&m, pos, index)?;
+                            let sc_size = g.subcluster_size();
+                            let mut at = in_cluster;
+                            while at < in_cluster + piece {
+                                let (ty, n) = bitmap.run(&m, (at / sc_size) as u32);
+                                let run_end = ((at / sc_size + u64::from(n)) * sc_size).min(in_cluster + piece);
+                                let unalloc_host = match ty {
+                                    oxqcow_format::Subcluster::UnallocatedAlloc => m.host_cluster().map(|h| h.0),
+                                    _ => None,
+                                };
+                                f(
+                                    pos + (at - in_cluster),
+                                    run_end - at,
+                                    at,
+                                    L2Bitmap::as_mapping(ty, &m),
+                                    unalloc_host,
+                                );
+                                at = run_end;
+                            }
+                            pos += piece;
+                            continue;
+                        }
                         let entry = self.l2_entry(table, index);
                         let m = self.decode(entry, table, index)?;
                         self.check_data_file_host(&m, pos, index)?;
-                        f(pos, piece, in_cluster, m);
+                        f(pos, piece, in_cluster, m, None);
                         pos += piece;
                     }
                 }
@@ -268,9 +317,16 @@ impl Meta {
     /// Plans a read of `[offset, offset + len)`.
     pub(crate) fn plan_read(&mut self, storage: &dyn Storage, offset: u64, len: u64) -> Result<Vec<ReadSegment>> {
         self.check_in_disk(offset, len)?;
+        self.plan_range(storage, offset, len)
+    }
+
+    /// Plans a read of `[offset, offset + len)` without the size check: the
+    /// copy-on-write regions of the last cluster may lie past the end of the
+    /// disk (they read as the old cluster, or the backing image, or zeros).
+    pub(crate) fn plan_range(&mut self, storage: &dyn Storage, offset: u64, len: u64) -> Result<Vec<ReadSegment>> {
         let mut plan: Vec<ReadSegment> = Vec::new();
         let has_backing = self.has_backing;
-        self.walk(storage, offset, len, |pos, piece, in_cluster, m| {
+        self.walk(storage, offset, len, |pos, piece, in_cluster, m, _| {
             let seg = match m {
                 L2Mapping::Normal { host, .. } => ReadSegment::Data { host: host.0 + in_cluster, len: piece },
                 L2Mapping::Compressed(desc) => ReadSegment::Compressed { desc, in_cluster, len: piece },
@@ -319,9 +375,9 @@ impl Meta {
     /// Block status of `[offset, offset + len)`.
     pub(crate) fn block_status(&mut self, storage: &dyn Storage, offset: u64, len: u64) -> Result<Vec<Extent>> {
         let mut out = Vec::new();
-        self.walk(storage, offset, len, |pos, piece, in_cluster, m| {
+        self.walk(storage, offset, len, |pos, piece, in_cluster, m, unalloc_host| {
             let (present, zero, data, host) = match m {
-                L2Mapping::Unallocated => (false, true, false, None),
+                L2Mapping::Unallocated => (false, true, false, unalloc_host.map(|h| h + in_cluster)),
                 L2Mapping::ZeroPlain => (true, true, false, None),
                 L2Mapping::ZeroAllocated { host, .. } => (true, true, false, Some(host.0 + in_cluster)),
                 L2Mapping::Normal { host, .. } => (true, false, true, Some(host.0 + in_cluster)),

@@ -21,7 +21,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use oxqcow_format::header::{self, autoclear, incompat, peek_cluster_bits, Header};
 use oxqcow_format::snapshot::SnapshotTable;
 use oxqcow_format::table::{decode_entries, encode_entries, L1Entry};
-use oxqcow_format::{Geometry, HostCluster, HostOffset};
+use oxqcow_format::{Geometry, HostCluster, HostOffset, L2Mapping};
 
 use crate::cache::TableCache;
 use crate::compress::Codec;
@@ -561,9 +561,6 @@ impl Qcow2 {
             }
             _ => {}
         }
-        if header.extended_l2() {
-            return Err(Error::Unsupported("extended L2 entries".into()));
-        }
         if let Some(name) = &header.backing_file {
             if backing.is_none() && !matches!(opts.backing, crate::backing::BackingPolicy::Ignore) {
                 return Err(Error::InvalidArgument(format!(
@@ -836,8 +833,13 @@ impl Qcow2 {
                 }
             }
         };
+        self.read_segments(&plan, buf)
+    }
+
+    /// Performs a read plan into `buf` (as long as the plan).
+    fn read_segments(&self, plan: &[ReadSegment], buf: &mut [u8]) -> Result<()> {
         let mut pos = 0usize;
-        for seg in plan {
+        for &seg in plan {
             let len = seg.len() as usize;
             let out = &mut buf[pos..pos + len];
             match seg {
@@ -958,19 +960,21 @@ impl Qcow2 {
         if len == 0 {
             return Ok(());
         }
-        let g = self.geometry;
-        let cs = g.cluster_size();
+        // QEMU zeroes at subcluster granularity (the cluster without
+        // extended L2 entries): unaligned ends are handled one unit at a
+        // time, the aligned middle in metadata.
+        let unit = self.geometry.subcluster_size();
         let size = self.len();
         let end = offset + len;
-        // The end of the disk counts as a cluster boundary.
-        let aligned = |o: u64| o % cs == 0 || o == size;
-        let head_end = if aligned(offset) { offset } else { end.min(g.align_up(offset)) };
-        let tail_start = if aligned(end) { end } else { g.align_down(end).max(head_end) };
+        // The end of the disk counts as a unit boundary.
+        let aligned = |o: u64| o % unit == 0 || o == size;
+        let head_end = if aligned(offset) { offset } else { end.min(offset.div_ceil(unit) * unit) };
+        let tail_start = if aligned(end) { end } else { (end / unit * unit).max(head_end) };
         if head_end > offset {
             self.zero_partial(offset, head_end - offset, may_unmap)?;
         }
         if tail_start > head_end {
-            self.zero_clusters(head_end, g.align_up(tail_start) - head_end, may_unmap)?;
+            self.zeroize(head_end, tail_start - head_end, may_unmap)?;
         }
         if end > tail_start {
             self.zero_partial(tail_start, end - tail_start, may_unmap)?;
@@ -978,8 +982,11 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Zeroes part of one cluster: the whole cluster becomes a zero cluster
-    /// if it holds no data, else zeros are written over the part.
+    /// Zeroes part of one unit (subcluster, or cluster without extended L2
+    /// entries), as QEMU's `qcow2_co_pwrite_zeroes` does: when the rest of
+    /// the unit reads as zeros and the unit holds no data of this layer,
+    /// the whole unit becomes zeros in metadata, else zeros are written
+    /// over the part.
     ///
     /// The check and the metadata update happen in one hold of the metadata
     /// lock, retried once no allocation of the cluster is in flight, so that
@@ -989,24 +996,31 @@ impl Qcow2 {
     fn zero_partial(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         let g = self.geometry;
         let cs = g.cluster_size();
-        let start = g.align_down(offset);
-        let end = (start + cs).min(self.len());
+        let unit = g.subcluster_size();
+        let size = self.len();
+        let start = offset / unit * unit;
+        let end = (start + unit).min(size);
         if self.version() < 3 && self.backing.is_some() {
             return self.write_zero_buffer(offset, len);
         }
+        // QEMU zeroes the whole cluster when the unit is its first
+        // subcluster and reaches the end of the disk (its zeroize has no
+        // tail there), and always without subclusters.
+        let whole_cluster = !g.extended_l2() || (start % cs == 0 && start + unit >= size);
         let (zeroed, pending) = {
             let _gate = self.io_gate.read().unwrap_or_else(|p| p.into_inner());
             let mut m = self.lock_meta();
             m.check_writable()?;
             let zeroed = loop {
-                let own = m.block_status(self.storage_ref(), start, end - start)?;
-                if !self.extents_read_as_zero(&own)? {
+                if !self.unit_can_be_zeroed(&mut m, start, offset, offset + len, end)? {
                     break false;
                 }
                 let updated = if self.version() < 3 {
-                    m.discard_range(self.storage_ref(), start, cs)
+                    m.discard_range(self.storage_ref(), g.align_down(start), cs)
+                } else if whole_cluster {
+                    m.zero_range(self.storage_ref(), g.align_down(start), cs, may_unmap)
                 } else {
-                    m.zero_range(self.storage_ref(), start, cs, may_unmap)
+                    m.zero_subclusters(self.storage_ref(), start, unit).map(|r| r.is_some())
                 };
                 match updated {
                     Ok(true) => break true,
@@ -1027,6 +1041,24 @@ impl Qcow2 {
         } else {
             self.write_zero_buffer(offset, len)
         }
+    }
+
+    /// QEMU's test before zeroing a whole unit for a partial zero write:
+    /// `[start, from)` and `[to, end)` read as zeros (through the backing
+    /// chain), and the unit is unallocated or zero in this layer.
+    fn unit_can_be_zeroed(&self, m: &mut Meta, start: u64, from: u64, to: u64, end: u64) -> Result<bool> {
+        let st = self.storage_ref();
+        for (a, b) in [(start, from), (to, end)] {
+            if b > a {
+                let own = m.block_status(st, a, b - a)?;
+                if !self.extents_read_as_zero(&own)? {
+                    return Ok(false);
+                }
+            }
+        }
+        let mut own_kind = None;
+        m.walk(st, start, 1, |_, _, _, mapping, _| own_kind = Some(mapping))?;
+        Ok(matches!(own_kind, Some(L2Mapping::Unallocated | L2Mapping::ZeroPlain | L2Mapping::ZeroAllocated { .. })))
     }
 
     /// Whether extents of this layer read as zeros, asking the backing image
@@ -1063,18 +1095,67 @@ impl Qcow2 {
         Ok(())
     }
 
-    fn zero_clusters(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+    /// QEMU's `qcow2_subcluster_zeroize` for a unit-aligned range (its end
+    /// may be the end of the disk): subclusters of a partial cluster at
+    /// either end become zero subclusters, whole clusters zero clusters.
+    /// A compressed partial cluster cannot be zeroed in part; QEMU's block
+    /// layer then writes zeros over the whole range, and so do we.
+    fn zeroize(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        let g = self.geometry;
+        let size = self.len();
+        let end = offset + len;
         if self.version() < 3 {
             // Version 2 has no zero flag. Without a backing file an
             // unallocated cluster reads as zeros, so QEMU discards; over a
             // backing file it has to write zeros.
             if self.backing.is_some() {
-                let end = (offset + len).min(self.len());
+                return self.write_zero_buffer(offset, end.min(size) - offset);
+            }
+            return self.update_clusters(offset, g.align_up(end) - offset, |m, st, o, l| m.discard_range(st, o, l));
+        }
+        let head = end.min(g.align_up(offset)) - offset;
+        let mid_start = offset + head;
+        let tail = if end >= size { 0 } else { end - mid_start.max(g.align_down(end)) };
+        let mid_end = end - tail;
+        if head > 0 || tail > 0 {
+            let compressed = {
+                let mut m = self.lock_meta();
+                (head > 0 && m.is_compressed_at(self.storage_ref(), offset)?)
+                    || (tail > 0 && m.is_compressed_at(self.storage_ref(), mid_end)?)
+            };
+            if compressed {
                 return self.write_zero_buffer(offset, end - offset);
             }
-            return self.update_clusters(offset, len, |m, st, o, l| m.discard_range(st, o, l));
         }
-        self.update_clusters(offset, len, |m, st, o, l| m.zero_range(st, o, l, may_unmap))
+        if head > 0 {
+            self.zero_subclusters(offset, head)?;
+        }
+        if mid_end > mid_start {
+            self.update_clusters(mid_start, g.align_up(mid_end) - mid_start, |m, st, o, l| {
+                m.zero_range(st, o, l, may_unmap)
+            })?;
+        }
+        if tail > 0 {
+            self.zero_subclusters(mid_end, tail)?;
+        }
+        Ok(())
+    }
+
+    /// Zero subclusters inside one cluster, waiting out allocations in flight.
+    fn zero_subclusters(&self, offset: u64, len: u64) -> Result<()> {
+        let _gate = self.io_gate.read().unwrap_or_else(|p| p.into_inner());
+        let mut m = self.lock_meta();
+        m.check_writable()?;
+        loop {
+            match m.zero_subclusters(self.storage_ref(), offset, len) {
+                Ok(Some(_)) => return Ok(()),
+                Ok(None) => m = self.alloc_done.wait(m).unwrap_or_else(|p| p.into_inner()),
+                Err(e) => {
+                    m.fail(self.storage_ref(), &e);
+                    return Err(e);
+                }
+            }
+        }
     }
 
     /// Runs a whole-cluster metadata update in chunks of one L2 table,
@@ -1205,7 +1286,12 @@ impl Qcow2 {
                 }
             }
             if inside < e.length {
-                let rest = Extent { offset: e.offset + inside, length: e.length - inside, ..e };
+                let rest = Extent {
+                    offset: e.offset + inside,
+                    length: e.length - inside,
+                    host_offset: e.host_offset.map(|h| h + inside),
+                    ..e
+                };
                 crate::mapping::push_extent(&mut out, rest);
             }
         }
@@ -1375,14 +1461,14 @@ impl Qcow2 {
     /// copy-on-write tail, as one write when they are small.
     fn write_allocated(&self, alloc: &crate::write::Allocation, data: &[u8]) -> Result<()> {
         let host = alloc.host;
-        let is_zero = |r: &Option<crate::write::CowRegion>| {
-            r.as_ref().is_none_or(|r| matches!(r.source, crate::write::CowSource::Zero))
-        };
-        if (alloc.head.is_some() || alloc.tail.is_some()) && is_zero(&alloc.head) && is_zero(&alloc.tail) {
+        if (alloc.head.is_some() || alloc.tail.is_some())
+            && self.cow_reads_zero(&alloc.head)?
+            && self.cow_reads_zero(&alloc.tail)?
+        {
             // Zero the new clusters without writing zeros, then write only
             // the data (QEMU's handle_alloc_space does the same).
-            let head_len = alloc.head.map_or(0, |r| r.len);
-            let total = head_len + data.len() as u64 + alloc.tail.map_or(0, |r| r.len);
+            let head_len = alloc.head.as_ref().map_or(0, |r| r.len);
+            let total = head_len + data.len() as u64 + alloc.tail.as_ref().map_or(0, |r| r.len);
             if self.data.write_zeroes_fast(host, total).map_err(Error::io("zeroing new clusters", host))? {
                 let at = host + head_len;
                 return self.data.write_at(data, at).map_err(Error::io("writing guest data", at));
@@ -1408,20 +1494,38 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Whether a copy-on-write region reads as zeros as far as metadata
+    /// tells (QEMU's `is_zero_cow`, which asks `bdrv_co_is_zero_fast`: zero
+    /// clusters and subclusters, unallocated ranges over nothing or over
+    /// zeros in the backing chain; data is never looked at). Then the new
+    /// clusters are zeroed on the host instead of written, as QEMU's
+    /// `handle_alloc_space` does.
+    fn cow_reads_zero(&self, region: &Option<crate::write::CowRegion>) -> Result<bool> {
+        let Some(r) = region else { return Ok(true) };
+        for seg in &r.plan {
+            match *seg {
+                ReadSegment::Zero(_) => {}
+                ReadSegment::Backing { guest, len } => {
+                    let Some(backing) = &self.backing else { continue };
+                    let blen = crate::image::BlockDevice::len(&**backing);
+                    let inside = (guest + len).min(blen).saturating_sub(guest);
+                    if inside > 0 {
+                        let below = crate::image::BlockDevice::block_status(&**backing, guest, inside)?;
+                        if !below.iter().all(|b| b.zero && !b.data) {
+                            return Ok(false);
+                        }
+                    }
+                }
+                _ => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
     fn read_cow(&self, region: &Option<crate::write::CowRegion>) -> Result<Vec<u8>> {
         let Some(r) = region else { return Ok(Vec::new()) };
         let mut buf = vec![0u8; r.len as usize];
-        match r.source {
-            crate::write::CowSource::Zero => {}
-            crate::write::CowSource::Host(host) => {
-                self.data.read_at(&mut buf, host).map_err(Error::io("reading data to copy", host))?;
-            }
-            crate::write::CowSource::Compressed(desc, at) => {
-                let cluster = self.read_compressed(desc)?;
-                buf.copy_from_slice(&cluster[at as usize..(at + r.len) as usize]);
-            }
-            crate::write::CowSource::Backing(guest) => self.read_backing(&mut buf, guest)?,
-        }
+        self.read_segments(&r.plan, &mut buf)?;
         Ok(buf)
     }
 

@@ -35,6 +35,8 @@ pub(crate) fn validate_create(opts: &CreateOptions) -> Result<Geometry> {
     if opts.extended_l2 && cs < 512 * u64::from(oxqcow_format::limits::SUBCLUSTERS_PER_CLUSTER) {
         return invalid("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes");
     }
+    // With extended L2 entries preallocated clusters have no allocated
+    // subclusters, so they still read from the backing file.
     if opts.backing_file.is_some() && opts.preallocation != Preallocation::Off && !opts.extended_l2 {
         return invalid("Backing file and preallocation can only be used at the same time if extended_l2 is on");
     }
@@ -70,14 +72,11 @@ pub(crate) fn validate_create(opts: &CreateOptions) -> Result<Geometry> {
             "Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)",
         );
     }
-    if opts.extended_l2 {
-        return Err(Error::Unsupported("extended L2 entries".into()));
-    }
     if opts.backing_file.is_some() {
         if opts.backing_format.is_none() {
             return Err(Error::InvalidArgument("Backing file specified without backing format".into()));
         }
-        if opts.preallocation != Preallocation::Off {
+        if opts.preallocation != Preallocation::Off && !opts.extended_l2 {
             return Err(Error::InvalidArgument(
                 "Backing file and preallocation can only be used at the same time if extended_l2 is on".into(),
             ));
@@ -89,7 +88,7 @@ pub(crate) fn validate_create(opts: &CreateOptions) -> Result<Geometry> {
         return Err(Error::InvalidArgument("backing_fmt requires backing_file".into()));
     }
     let order = opts.refcount_bits.trailing_zeros();
-    Ok(Geometry::new(cs.trailing_zeros(), order, false)?)
+    Ok(Geometry::new(cs.trailing_zeros(), order, opts.extended_l2)?)
 }
 
 impl Qcow2 {
@@ -409,12 +408,16 @@ impl Meta {
         let index = g.l2_index(GuestOffset(offset));
         for i in 0..g.clusters_for(len) as usize {
             let entry = self.l2_entry(table, index + i);
-            if entry == L2Entry::UNALLOCATED {
+            if entry == L2Entry::UNALLOCATED && self.l2_bitmap(table, index + i).0 == 0 {
                 continue;
             }
             let old = self.decode(entry, table, index + i)?;
             let data = self.l2.get_mut(table).expect("loaded");
             oxqcow_format::table::write_l2_word(data, index + i, g.l2_entry_size() as usize, 0);
+            if g.extended_l2() {
+                // QEMU's full discard: the whole 128-bit entry is cleared.
+                oxqcow_format::table::write_l2_bitmap(data, index + i, oxqcow_format::L2Bitmap(0));
+            }
             self.defer_free(old, FreeReason::Always)?;
         }
         Ok(())

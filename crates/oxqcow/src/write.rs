@@ -8,32 +8,27 @@
 //! it (QEMU's dependency on `QCowL2Meta`) instead of allocating again; the L2
 //! entry is switched to the new cluster only after the data is written, and
 //! the old cluster's reference is dropped only after that switch is durable.
+//!
+//! With extended L2 entries the same machinery works per subcluster: copy
+//! on write covers only the partial subclusters a write touches, and a
+//! write into unallocated subclusters of a cluster of ours is an in-flight
+//! allocation that keeps its cluster and sets allocation bits on commit.
 
-use oxqcow_format::table::{write_l2_word, L1Entry};
-use oxqcow_format::{GuestOffset, HostCluster, HostOffset, L2Entry, L2Mapping};
+use oxqcow_format::table::{write_l2_bitmap, write_l2_word, L1Entry};
+use oxqcow_format::{GuestOffset, HostCluster, HostOffset, L2Bitmap, L2Entry, L2Mapping};
 
 use crate::error::{Error, Result};
+use crate::mapping::ReadSegment;
 use crate::qcow2::{FreeReason, Meta};
 use crate::storage::Storage;
 
-/// Where the untouched bytes of a newly allocated cluster come from.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum CowSource {
-    /// The old cluster read as zeros.
-    Zero,
-    /// The old cluster's bytes at this host offset.
-    Host(u64),
-    /// The old compressed cluster, decompressed, from this offset in it.
-    Compressed(oxqcow_format::CompressedDescriptor, u64),
-    /// The backing image at this guest offset.
-    Backing(u64),
-}
-
-/// A region of a new cluster to fill with old content.
-#[derive(Clone, Copy, Debug)]
+/// A region of a new cluster to fill with old content: what the guest read
+/// there before the write (the old cluster, a compressed cluster, the
+/// backing image or zeros), as a read plan made when the write was planned.
+#[derive(Clone, Debug)]
 pub(crate) struct CowRegion {
     pub(crate) len: u64,
-    pub(crate) source: CowSource,
+    pub(crate) plan: Vec<ReadSegment>,
 }
 
 /// An allocation in flight.
@@ -47,12 +42,20 @@ pub(crate) struct Inflight {
     pub(crate) host: u64,
     /// For a compressed write: the descriptor to link.
     pub(crate) compressed: Option<oxqcow_format::CompressedDescriptor>,
+    /// The clusters are the ones already linked (an in-place write that
+    /// allocates subclusters): nothing to free or give back.
+    pub(crate) keep_old: bool,
+    /// Guest bytes `[start, end)` the write fills (data and copy on write):
+    /// with extended L2 entries their subclusters become allocated.
+    pub(crate) start: u64,
+    pub(crate) end: u64,
 }
 
 /// What the writer must do for an allocating write.
 pub(crate) struct Allocation {
     pub(crate) id: u64,
-    /// Host offset of the first new cluster; the head region starts here.
+    /// Host offset where the head region starts (the first new cluster's
+    /// start, or with extended L2 entries the first subcluster written).
     pub(crate) host: u64,
     pub(crate) head: Option<CowRegion>,
     pub(crate) tail: Option<CowRegion>,
@@ -183,11 +186,44 @@ impl Meta {
         write_l2_word(data, index, size, entry.0);
     }
 
+    fn set_l2_bitmap(&mut self, table: u64, index: usize, bitmap: L2Bitmap) {
+        if self.geometry.extended_l2() {
+            let data = self.l2.get_mut(table).expect("table loaded");
+            write_l2_bitmap(data, index, bitmap);
+        }
+    }
+
+    /// Registers an allocation as in flight and returns its id.
+    fn register_inflight(
+        &mut self,
+        first_cluster: u64,
+        count: u64,
+        host: u64,
+        keep_old: bool,
+        start: u64,
+        end: u64,
+    ) -> u64 {
+        let id = self.next_inflight_id;
+        self.next_inflight_id += 1;
+        self.inflight.push(Inflight { id, first_cluster, count, host, compressed: None, keep_old, start, end });
+        id
+    }
+
     /// Plans the next piece of a write at `offset` of `len` bytes.
+    ///
+    /// With extended L2 entries (QEMU's `calculate_l2_meta`), copy on write
+    /// only covers what must be copied: the untouched part of the first and
+    /// last subcluster written, and for a cluster that held data the
+    /// subclusters between the written ones and the allocated ones; the
+    /// other subclusters of a new cluster stay unallocated. A write into a
+    /// cluster of ours whose touched subclusters are not all allocated is
+    /// written in place, copying on write the partial subclusters, and
+    /// then marks them allocated.
     pub(crate) fn plan_write(&mut self, storage: &dyn Storage, offset: u64, len: u64) -> Result<WritePlan> {
         self.check_in_disk(offset, len)?;
         let g = self.geometry;
         let cs = g.cluster_size();
+        let sc = g.subcluster_size();
         let first = g.guest_cluster_index(GuestOffset(offset));
         if self.inflight_overlaps(first, 1) {
             return Ok(WritePlan::Wait);
@@ -206,7 +242,7 @@ impl Meta {
         let last_cluster = (end - 1) / cs; // inclusive
         let limit = last_cluster.min(table_end_cluster - 1);
 
-        let m0 = self.mapping_at(table, index)?;
+        let (m0, b0) = self.mapping_with_bitmap(table, index)?;
         self.check_data_file_host(&m0, offset, index)?;
         let external = self.data_file.is_some();
         if let L2Mapping::Normal { host, copied: true } = m0 {
@@ -214,7 +250,7 @@ impl Meta {
             let mut next_host = host.0 + cs;
             while run_end <= limit && !self.inflight_overlaps(run_end, 1) {
                 let i = index + (run_end - first) as usize;
-                match self.mapping_at(table, i)? {
+                match self.mapping_with_bitmap(table, i)?.0 {
                     L2Mapping::Normal { host: h, copied: true } if h.0 == next_host => {
                         run_end += 1;
                         next_host += cs;
@@ -223,23 +259,47 @@ impl Meta {
                 }
             }
             let run_len = (run_end * cs).min(end) - offset;
-            if !external {
-                self.refcounts.check_write(host.0 + in_cluster, run_len, 0)?;
+            if !g.extended_l2() || self.subclusters_allocated(table, index, offset, offset + run_len) {
+                if !external {
+                    self.refcounts.check_write(host.0 + in_cluster, run_len, 0)?;
+                }
+                return Ok(WritePlan::InPlace { host: host.0 + in_cluster, len: run_len });
             }
-            return Ok(WritePlan::InPlace { host: host.0 + in_cluster, len: run_len });
+            // In place, but some subclusters need copy on write and all of
+            // them a bitmap update (QEMU's keep_old case).
+            let w_end = offset + run_len;
+            let head_from = match b0.subcluster(&m0, (in_cluster / sc) as u32) {
+                oxqcow_format::Subcluster::Normal => offset,
+                _ => offset - in_cluster % sc,
+            };
+            let last_index = index + (run_end - 1 - first) as usize;
+            let (ml, bl) = self.mapping_with_bitmap(table, last_index)?;
+            let tail_to = match bl.subcluster(&ml, (g.offset_in_cluster(w_end - 1) / sc) as u32) {
+                oxqcow_format::Subcluster::Normal => w_end,
+                _ => w_end.div_ceil(sc) * sc,
+            };
+            let head = self.cow_region(storage, head_from, offset)?;
+            let tail = self.cow_region(storage, w_end, tail_to)?;
+            let head_host = host.0 + g.offset_in_cluster(head_from);
+            if !external {
+                self.refcounts.check_write(head_host, tail_to - head_from, 0)?;
+            }
+            self.mark_dirty(storage)?;
+            let id = self.register_inflight(first, run_end - first, host.0, true, head_from, tail_to);
+            return Ok(WritePlan::Allocate(Allocation { id, host: head_host, head, tail, len: run_len }));
         }
 
         // Allocate a run of clusters that all need allocation.
         self.mark_dirty(storage)?;
         let mut count = 1;
-        let mut last_mapping = m0;
+        let (mut last_mapping, mut last_bitmap) = (m0, b0);
         while first + count <= limit && !self.inflight_overlaps(first + count, 1) {
             let i = index + count as usize;
-            let m = self.mapping_at(table, i)?;
+            let (m, b) = self.mapping_with_bitmap(table, i)?;
             if matches!(m, L2Mapping::Normal { copied: true, .. }) {
                 break;
             }
-            last_mapping = m;
+            (last_mapping, last_bitmap) = (m, b);
             count += 1;
         }
         let host = if external {
@@ -252,23 +312,73 @@ impl Meta {
             host
         };
         let covered_end = end.min((first + count) * cs);
-        let has_backing = self.has_backing;
-        let cow = |m: L2Mapping, cluster: u64, at: u64, len: u64| -> CowRegion {
-            let source = match m {
-                L2Mapping::Normal { host, .. } => CowSource::Host(host.0 + at),
-                L2Mapping::Compressed(d) => CowSource::Compressed(d, at),
-                L2Mapping::Unallocated if has_backing => CowSource::Backing(cluster * cs + at),
-                _ => CowSource::Zero,
+        // Where copy on write starts in the first cluster and ends in the
+        // last one (QEMU's cow_start_from / cow_end_to): a cluster that
+        // held data keeps every allocated subcluster, a compressed one is
+        // copied whole, one without a host cluster only the touched
+        // subclusters. Without extended L2 entries this is the whole cluster.
+        let first_start = first * cs;
+        let sc_index = in_cluster / sc;
+        let cow_start = first_start
+            + match m0 {
+                L2Mapping::Compressed(_) => 0,
+                m if m.host_cluster().is_some() => sc_index.min(u64::from(b0.alloc().trailing_zeros())) * sc,
+                _ => sc_index * sc,
             };
-            CowRegion { len, source }
+        let last_start = (first + count - 1) * cs;
+        let last_sc = g.offset_in_cluster(covered_end - 1) / sc;
+        let spc = g.subclusters_per_cluster();
+        let cow_end = match last_mapping {
+            L2Mapping::Compressed(_) => last_start + cs,
+            m if m.host_cluster().is_some() => {
+                last_start + cs - (spc - last_sc - 1).min(u64::from(last_bitmap.alloc().leading_zeros())) * sc
+            }
+            _ => covered_end.div_ceil(sc) * sc,
         };
-        let head = (in_cluster != 0).then(|| cow(m0, first, 0, in_cluster));
-        let tail_at = g.offset_in_cluster(covered_end);
-        let tail = (tail_at != 0).then(|| cow(last_mapping, first + count - 1, tail_at, cs - tail_at));
-        let id = self.next_inflight_id;
-        self.next_inflight_id += 1;
-        self.inflight.push(Inflight { id, first_cluster: first, count, host, compressed: None });
-        Ok(WritePlan::Allocate(Allocation { id, host, head, tail, len: covered_end - offset }))
+        let head = self.cow_region(storage, cow_start, offset)?;
+        let tail = self.cow_region(storage, covered_end, cow_end)?;
+        let id = self.register_inflight(first, count, host, false, cow_start, cow_end);
+        Ok(WritePlan::Allocate(Allocation {
+            id,
+            host: host + (cow_start - first_start),
+            head,
+            tail,
+            len: covered_end - offset,
+        }))
+    }
+
+    /// The old content of guest bytes `[from, to)`, to copy on write.
+    fn cow_region(&mut self, storage: &dyn Storage, from: u64, to: u64) -> Result<Option<CowRegion>> {
+        if to <= from {
+            return Ok(None);
+        }
+        let plan = self.plan_range(storage, from, to - from)?;
+        Ok(Some(CowRegion { len: to - from, plan }))
+    }
+
+    /// Whether every subcluster `[from, to)` touches is allocated (written
+    /// in place without copy on write or bitmap change). The range lies in
+    /// clusters with host offsets, inside one L2 table.
+    fn subclusters_allocated(&mut self, table: u64, index: usize, from: u64, to: u64) -> bool {
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        let sc = g.subcluster_size();
+        let mut pos = from;
+        let mut i = index;
+        while pos < to {
+            let cluster_end = (pos / cs + 1) * cs;
+            let piece_end = to.min(cluster_end);
+            let first_sc = (g.offset_in_cluster(pos) / sc) as u32;
+            let last_sc = (g.offset_in_cluster(piece_end - 1) / sc) as u32;
+            let alloc = self.l2_bitmap(table, i).alloc();
+            let want = L2Bitmap(0).with_allocated(first_sc, last_sc + 1).alloc();
+            if alloc & want != want {
+                return false;
+            }
+            pos = piece_end;
+            i += 1;
+        }
+        true
     }
 
     fn take_inflight(&mut self, id: u64) -> Inflight {
@@ -313,7 +423,16 @@ impl Meta {
         desc.encode(&g)?;
         let id = self.next_inflight_id;
         self.next_inflight_id += 1;
-        self.inflight.push(Inflight { id, first_cluster: cluster, count: 1, host, compressed: Some(desc) });
+        self.inflight.push(Inflight {
+            id,
+            first_cluster: cluster,
+            count: 1,
+            host,
+            compressed: Some(desc),
+            keep_old: false,
+            start: 0,
+            end: 0,
+        });
         Ok(Some((id, host)))
     }
 
@@ -330,11 +449,27 @@ impl Meta {
         if let Some(desc) = a.compressed {
             let old = self.mapping_at(table, index)?;
             self.set_l2_entry(table, index, L2Entry::compressed(&desc, &g)?);
+            // Compressed clusters have no subclusters: their bitmap is zero.
+            self.set_l2_bitmap(table, index, L2Bitmap(0));
             self.defer_free(old, FreeReason::Other)?;
             return Ok(());
         }
         let external = self.data_file.is_some();
+        let sc = g.subcluster_size();
         for i in 0..a.count as usize {
+            let cluster_start = guest.0 + i as u64 * cs;
+            if g.extended_l2() {
+                // Mark the subclusters written (data and copy on write).
+                let from = a.start.max(cluster_start) - cluster_start;
+                let to = a.end.min(cluster_start + cs) - cluster_start;
+                let bitmap = self.l2_bitmap(table, index + i);
+                let first_sc = (from / sc) as u32;
+                let end_sc = to.div_ceil(sc) as u32;
+                self.set_l2_bitmap(table, index + i, bitmap.with_allocated(first_sc, end_sc));
+            }
+            if a.keep_old {
+                continue;
+            }
             let old = self.mapping_at(table, index + i)?;
             self.set_l2_entry(table, index + i, L2Entry::normal(HostOffset(a.host + i as u64 * cs)));
             // In a data file the new cluster is the old one's place: nothing
@@ -357,8 +492,8 @@ impl Meta {
             }
             return Ok(());
         }
-        if self.data_file.is_some() {
-            // Data file clusters were never counted.
+        // Data file clusters were never counted; kept clusters were not new.
+        if self.data_file.is_some() || a.keep_old {
             return Ok(());
         }
         let first = self.geometry.host_cluster(HostOffset(a.host));
@@ -368,7 +503,8 @@ impl Meta {
         Ok(())
     }
 
-    /// Applies `f(old) -> new entry` to every cluster of `[offset, offset +
+    /// Applies `f(old mapping, old entry, old bitmap) -> (new entry, new
+    /// bitmap, free the old cluster)` to every cluster of `[offset, offset +
     /// len)` (cluster aligned, inside one L2 table). Returns `false` without
     /// changing anything if an allocation in flight overlaps.
     fn rewrite_clusters(
@@ -376,7 +512,7 @@ impl Meta {
         storage: &dyn Storage,
         offset: u64,
         len: u64,
-        mut f: impl FnMut(L2Mapping, L2Entry) -> Option<(L2Entry, bool)>,
+        mut f: impl FnMut(L2Mapping, L2Entry, L2Bitmap) -> Option<(L2Entry, L2Bitmap, bool)>,
     ) -> Result<bool> {
         if offset >= self.header.size {
             return Err(Error::OutOfBounds { offset, len, size: self.header.size });
@@ -394,7 +530,7 @@ impl Meta {
             Some(_) => self.ensure_l2_for_write(storage, l1_index)?,
             None => {
                 // Unallocated everywhere: only zero writes need a table.
-                if f(L2Mapping::Unallocated, L2Entry::UNALLOCATED).is_none() {
+                if f(L2Mapping::Unallocated, L2Entry::UNALLOCATED, L2Bitmap(0)).is_none() {
                     return Ok(true);
                 }
                 self.ensure_l2_for_write(storage, l1_index)?
@@ -404,12 +540,14 @@ impl Meta {
         let index = g.l2_index(GuestOffset(offset));
         for i in 0..count as usize {
             let entry = self.l2_entry(table, index + i);
+            let bitmap = self.l2_bitmap(table, index + i);
             let old = self.decode(entry, table, index + i)?;
             self.check_data_file_host(&old, offset + i as u64 * cs, index + i)?;
-            if let Some((new, free_old)) = f(old, entry) {
-                if new != entry {
+            if let Some((new, new_bitmap, free_old)) = f(old, entry, bitmap) {
+                if new != entry || new_bitmap != bitmap {
                     self.mark_dirty(storage)?;
                     self.set_l2_entry(table, index + i, new);
+                    self.set_l2_bitmap(table, index + i, new_bitmap);
                 }
                 if free_old {
                     self.defer_free(old, FreeReason::Request)?;
@@ -419,37 +557,95 @@ impl Meta {
         Ok(true)
     }
 
-    /// Turns whole clusters into zero clusters (version 3).
+    /// Turns whole clusters into zero clusters (version 3). With extended
+    /// L2 entries (QEMU's `zero_in_l2_slice`) every subcluster becomes
+    /// zero; the host cluster is kept unless `may_unmap` (compressed
+    /// clusters are always given back).
     pub(crate) fn zero_range(&mut self, storage: &dyn Storage, offset: u64, len: u64, may_unmap: bool) -> Result<bool> {
-        if let Some(d) = self.data_file.as_ref().filter(|d| d.raw) {
-            // The data file must read as the disk does: real zeros there
-            // first (QEMU's qcow2_subcluster_zeroize), then the metadata.
-            let cs = self.geometry.cluster_size();
-            if self.inflight_overlaps(offset / cs, len.div_ceil(cs)) {
-                return Ok(false);
-            }
-            let end = (offset + len).min(self.header.size);
-            if end > offset {
-                let st = &d.storage;
-                let res =
-                    if may_unmap { st.punch_hole(offset, end - offset) } else { st.write_zeroes(offset, end - offset) };
-                res.map_err(Error::io("zeroing in the data file", offset))?;
-            }
+        if !self.zero_in_raw_data_file(offset, len, may_unmap)? {
+            return Ok(false);
         }
-        self.rewrite_clusters(storage, offset, len, |old, entry| match old {
+        if self.geometry.extended_l2() {
+            return self.rewrite_clusters(storage, offset, len, |old, entry, _| {
+                let unmap = match old {
+                    L2Mapping::Compressed(_) => true,
+                    m => may_unmap && m.host_cluster().is_some(),
+                };
+                let new = if unmap { L2Entry::UNALLOCATED } else { entry };
+                Some((new, L2Bitmap::ALL_ZEROES, unmap))
+            });
+        }
+        self.rewrite_clusters(storage, offset, len, |old, _, b| match old {
             L2Mapping::ZeroPlain => None,
             L2Mapping::ZeroAllocated { .. } if !may_unmap => None,
             L2Mapping::Normal { host, copied: true } | L2Mapping::ZeroAllocated { host, copied: true }
                 if !may_unmap =>
             {
-                Some((L2Entry(host.0 | oxqcow_format::table::ZERO | oxqcow_format::table::COPIED), false))
+                Some((L2Entry(host.0 | oxqcow_format::table::ZERO | oxqcow_format::table::COPIED), b, false))
             }
-            L2Mapping::Unallocated => Some((L2Entry::ZERO_PLAIN, false)),
-            _ => {
-                let _ = entry;
-                Some((L2Entry::ZERO_PLAIN, true))
-            }
+            L2Mapping::Unallocated => Some((L2Entry::ZERO_PLAIN, b, false)),
+            _ => Some((L2Entry::ZERO_PLAIN, b, true)),
         })
+    }
+
+    /// With a raw external data file, which must read as the disk does:
+    /// real zeros there first (QEMU's `qcow2_subcluster_zeroize`), before
+    /// the metadata changes. Returns `false` (nothing done) when an
+    /// allocation in flight overlaps the range.
+    fn zero_in_raw_data_file(&mut self, offset: u64, len: u64, may_unmap: bool) -> Result<bool> {
+        let Some(d) = self.data_file.as_ref().filter(|d| d.raw) else { return Ok(true) };
+        let cs = self.geometry.cluster_size();
+        if self.inflight_overlaps(offset / cs, (offset % cs + len).div_ceil(cs)) {
+            return Ok(false);
+        }
+        let end = (offset + len).min(self.header.size);
+        if end > offset {
+            let st = &d.storage;
+            let res =
+                if may_unmap { st.punch_hole(offset, end - offset) } else { st.write_zeroes(offset, end - offset) };
+            res.map_err(Error::io("zeroing in the data file", offset))?;
+        }
+        Ok(true)
+    }
+
+    /// Makes subclusters of one cluster read as zeros (QEMU's
+    /// `zero_l2_subclusters`): `[offset, offset + len)` is subcluster
+    /// aligned and less than a cluster. Returns `Ok(None)` when an
+    /// allocation of the cluster is in flight, `Ok(Some(false))` when the
+    /// cluster is compressed (which cannot be zeroed in part: the caller
+    /// writes zeros instead).
+    pub(crate) fn zero_subclusters(&mut self, storage: &dyn Storage, offset: u64, len: u64) -> Result<Option<bool>> {
+        let g = self.geometry;
+        let cluster = g.guest_cluster_index(GuestOffset(offset));
+        if self.inflight_overlaps(cluster, 1) {
+            return Ok(None);
+        }
+        let l1_index = g.l1_index(GuestOffset(offset));
+        let table = self.ensure_l2_for_write(storage, l1_index)?;
+        self.load_l2(storage, table)?;
+        let index = g.l2_index(GuestOffset(offset));
+        if matches!(self.mapping_at(table, index)?, L2Mapping::Compressed(_)) {
+            return Ok(Some(false));
+        }
+        self.zero_in_raw_data_file(offset, len, false)?;
+        let sc = g.subcluster_size();
+        let first_sc = (g.offset_in_cluster(offset) / sc) as u32;
+        let end_sc = first_sc + len.div_ceil(sc) as u32;
+        let old = self.l2_bitmap(table, index);
+        let new = old.with_zeroes(first_sc, end_sc);
+        if new != old {
+            self.mark_dirty(storage)?;
+            self.set_l2_bitmap(table, index, new);
+        }
+        Ok(Some(true))
+    }
+
+    /// Whether the cluster containing `offset` is compressed.
+    pub(crate) fn is_compressed_at(&mut self, storage: &dyn Storage, offset: u64) -> Result<bool> {
+        let g = self.geometry;
+        let Some(table) = self.l2_offset(g.l1_index(GuestOffset(offset)))? else { return Ok(false) };
+        self.load_l2(storage, table)?;
+        Ok(matches!(self.mapping_at(table, g.l2_index(GuestOffset(offset)))?, L2Mapping::Compressed(_)))
     }
 
     /// Discards whole clusters: they read as zeros afterwards (version 3; in
@@ -458,15 +654,27 @@ impl Meta {
     pub(crate) fn discard_range(&mut self, storage: &dyn Storage, offset: u64, len: u64) -> Result<bool> {
         let v3 = self.header.version >= 3;
         let backing = self.has_backing;
+        if self.geometry.extended_l2() {
+            // QEMU's discard_in_l2_slice with subclusters: every subcluster
+            // reads as zeros, unless the cluster was unallocated and there
+            // is no backing file (it reads as zeros already).
+            return self.rewrite_clusters(storage, offset, len, |old, _, _| {
+                let allocated = matches!(old, L2Mapping::Compressed(_)) || old.host_cluster().is_some();
+                if !backing && !allocated {
+                    return None;
+                }
+                Some((L2Entry::UNALLOCATED, L2Bitmap::ALL_ZEROES, allocated))
+            });
+        }
         // QEMU's rule: with a backing file (or for allocated clusters) the
         // cluster must read as zeros afterwards, which only v3 can say;
-        // without one, unallocated already reads as zeros.
-        self.rewrite_clusters(storage, offset, len, |old, _| match old {
-            L2Mapping::Unallocated if backing && v3 => Some((L2Entry::ZERO_PLAIN, false)),
+        // without one, unallocated already reads as zeros. A plain zero
+        // cluster is left as it is (QEMU's discard_in_l2_slice).
+        self.rewrite_clusters(storage, offset, len, |old, _, b| match old {
+            L2Mapping::Unallocated if backing && v3 => Some((L2Entry::ZERO_PLAIN, b, false)),
             L2Mapping::Unallocated => None,
-            L2Mapping::ZeroPlain if backing => None,
-            L2Mapping::ZeroPlain => Some((L2Entry::UNALLOCATED, false)),
-            _ => Some((if v3 { L2Entry::ZERO_PLAIN } else { L2Entry::UNALLOCATED }, true)),
+            L2Mapping::ZeroPlain => None,
+            _ => Some((if v3 { L2Entry::ZERO_PLAIN } else { L2Entry::UNALLOCATED }, b, true)),
         })
     }
 }
