@@ -421,6 +421,8 @@ fn fio_verified_random_writes() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            // No verify state file in the working directory.
+            "--verify_state_save=0",
             "--randrepeat=0",
         ],
     );
@@ -439,6 +441,8 @@ fn fio_verified_random_writes() {
             "--verify=md5",
             "--do_verify=1",
             "--verify_fatal=1",
+            // No verify state file in the working directory.
+            "--verify_state_save=0",
         ],
     );
     assert!(unaligned.contains("READ:"), "fio did not verify:\n{unaligned}");
