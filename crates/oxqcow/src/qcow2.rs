@@ -105,6 +105,8 @@ pub(crate) struct Meta {
     /// Whether a corruption event was reported already (QEMU prints the
     /// first one only: `signaled_corruption`).
     pub(crate) signaled_corruption: bool,
+    /// Persistent dirty bitmaps (see `bitmap.rs`).
+    pub(crate) bitmaps: crate::bitmap::Bitmaps,
 }
 
 /// Facts about an open qcow2 image, for `info`.
@@ -134,6 +136,8 @@ pub struct Qcow2Info {
     pub snapshots: usize,
     /// Whether persistent bitmaps are present.
     pub has_bitmaps: bool,
+    /// The persistent bitmaps, as the directory on disk lists them.
+    pub bitmaps: Vec<crate::bitmap::BitmapInfo>,
     /// External data file name.
     pub data_file: Option<String>,
     /// Raw external data file.
@@ -165,6 +169,9 @@ pub struct Qcow2 {
     /// The repair a dirty image got at open, with QEMU's messages.
     open_repair: Option<crate::check::CheckReport>,
     closed: AtomicBool,
+    /// Whether an enabled bitmap records writes (read without the lock on
+    /// every write; changed under it).
+    tracking: AtomicBool,
 }
 
 fn cache_tables(opts: &OpenOptions, geometry: &Geometry, size: u64) -> Result<(usize, usize)> {
@@ -530,13 +537,8 @@ impl Qcow2 {
             }
         }
         let mut read_only = opts.read_only;
-        if !read_only {
-            if header.is_corrupt() && !opts.repair {
-                return Err(Error::Corrupt("qcow2: Image is corrupt; cannot be opened read/write".into()));
-            }
-            if header.extensions.bitmaps.is_some() {
-                return Err(Error::Unsupported("writing to images with persistent bitmaps (open read-only)".into()));
-            }
+        if !read_only && header.is_corrupt() && !opts.repair {
+            return Err(Error::Corrupt("qcow2: Image is corrupt; cannot be opened read/write".into()));
         }
         if header.is_dirty() && read_only {
             // Refcounts may be stale; reading through the L1/L2 tables is
@@ -585,6 +587,7 @@ impl Qcow2 {
             has_backing: backing.is_some(),
             metadata_preallocation: None,
             signaled_corruption: false,
+            bitmaps: Default::default(),
         };
         meta.refcounts.map.mask = opts.overlap_check.unwrap_or(overlap::CACHED);
         meta.update_reserved();
@@ -627,6 +630,8 @@ impl Qcow2 {
                 open_repair = Some(report);
             }
         }
+        meta.load_bitmaps(st, !read_only)?;
+        let tracking = AtomicBool::new(!read_only && meta.bitmaps_tracking());
 
         Ok(Qcow2 {
             storage,
@@ -648,7 +653,20 @@ impl Qcow2 {
             dirty_at_open,
             open_repair,
             closed: AtomicBool::new(false),
+            tracking,
         })
+    }
+
+    /// Records a guest write, zero write or discard in the enabled bitmaps
+    /// (whether or not it succeeded, as QEMU's `bdrv_co_write_req_finish`).
+    fn record_dirty(&self, offset: u64, len: u64) {
+        if self.tracking.load(Ordering::Acquire) {
+            self.lock_meta().mark_bitmaps(offset, len);
+        }
+    }
+
+    pub(crate) fn set_tracking(&self, on: bool) {
+        self.tracking.store(on, Ordering::Release);
     }
 
     /// The codec of compressed clusters written now.
@@ -712,6 +730,7 @@ impl Qcow2 {
         let mut info = Qcow2Info::from_header(&m.header, m.snapshots.entries.len());
         info.refcount_bits = m.geometry.refcount_bits();
         info.dirty = self.dirty_at_open;
+        info.bitmaps = m.bitmaps.dir.iter().map(Into::into).collect();
         info
     }
 
@@ -724,7 +743,8 @@ impl Qcow2 {
         let header = read_header(storage)?;
         header.validate_against_file(file_len)?;
         let snapshots = read_snapshots(storage, &header, file_len)?;
-        let info = Qcow2Info::from_header(&header, snapshots.entries.len());
+        let mut info = Qcow2Info::from_header(&header, snapshots.entries.len());
+        info.bitmaps = crate::bitmap::read_directory(storage, &header, file_len)?.iter().map(Into::into).collect();
         Ok((info, snapshots.entries))
     }
 }
@@ -744,6 +764,7 @@ impl Qcow2Info {
             backing_format: h.extensions.backing_format.clone(),
             snapshots,
             has_bitmaps: h.extensions.bitmaps.is_some(),
+            bitmaps: Vec::new(),
             data_file: h.extensions.data_file.clone(),
             data_file_raw: h.autoclear_features & autoclear::DATA_FILE_RAW != 0,
             crypt_method: h.crypt_method,
@@ -815,7 +836,9 @@ impl Qcow2 {
 
     /// Writes `buf` at guest `offset`.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.write_at_inner(buf, offset)?;
+        let res = self.write_at_inner(buf, offset);
+        self.record_dirty(offset, buf.len() as u64);
+        res?;
         self.write_through()
     }
 
@@ -834,7 +857,7 @@ impl Qcow2 {
         self.writethrough.store(mode.writes_through(), Ordering::Relaxed);
     }
 
-    fn write_at_inner(&self, buf: &[u8], offset: u64) -> Result<()> {
+    pub(crate) fn write_at_inner(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         let mut done = 0u64;
         let total = buf.len() as u64;
@@ -903,7 +926,9 @@ impl Qcow2 {
     /// their whole clusters are discarded (they have no backing file, so
     /// unallocated clusters read as zeros), as QEMU does.
     pub fn write_zeroes_at(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
-        self.write_zeroes_inner(offset, len, may_unmap)?;
+        let res = self.write_zeroes_inner(offset, len, may_unmap);
+        self.record_dirty(offset, len);
+        res?;
         self.write_through()
     }
 
@@ -1072,7 +1097,9 @@ impl Qcow2 {
     /// partial cluster when the range reaches the end of the disk), as QEMU
     /// does: partial clusters keep their data.
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.discard_inner(offset, len)?;
+        let res = self.discard_inner(offset, len);
+        self.record_dirty(offset, len);
+        res?;
         self.write_through()
     }
 
@@ -1199,17 +1226,25 @@ impl Qcow2 {
             return Err(Error::ReadOnly);
         }
         let old_size = self.len();
+        self.lock_meta().check_bitmaps_resizable()?;
         if new_size > old_size {
             self.unshare_last_cluster(old_size, prealloc != Preallocation::Off)?;
         }
-        self.exclusive(|m, st| m.resize(st, new_size, prealloc))?;
+        self.exclusive(|m, st| {
+            m.resize(st, new_size, prealloc)?;
+            m.resize_bitmaps(new_size);
+            Ok(())
+        })?;
         // A grown overlay must not show what its backing image has past
         // the old end: zero the new area, as QEMU's truncate does.
         if let Some(backing) = &self.backing {
             let blen = crate::image::BlockDevice::len(&**backing);
             if new_size > old_size && blen > old_size {
                 let end = if self.version() >= 3 { new_size } else { new_size.min(blen) };
-                self.write_zeroes_at(old_size, end - old_size, false)?;
+                // Not a guest write: bitmaps do not record it (as in QEMU,
+                // where the driver zeroes the area itself).
+                self.write_zeroes_inner(old_size, end - old_size, false)?;
+                self.write_through()?;
             }
         }
         Ok(())
@@ -1310,7 +1345,10 @@ impl Qcow2 {
         if m.failed.is_some() {
             return Ok(());
         }
+        // As QEMU's qcow2_inactivate: bitmaps first, then the caches.
+        let stored = m.store_bitmaps(self.storage_ref());
         m.flush_all(self.storage_ref())?;
+        stored?;
         if m.header.is_dirty() {
             m.header.incompatible_features &= !incompat::DIRTY;
             m.write_header(self.storage_ref())?;
@@ -1413,7 +1451,9 @@ impl Qcow2 {
     /// that do not shrink are written uncompressed, as QEMU does. Like QEMU,
     /// compressed data only goes to clusters that hold no data yet.
     pub fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.write_compressed_inner(buf, offset)?;
+        let res = self.write_compressed_inner(buf, offset);
+        self.record_dirty(offset, buf.len() as u64);
+        res?;
         self.write_through()
     }
 
