@@ -577,3 +577,20 @@ impl crate::Qcow2 {
 /// How QEMU names the node in its messages when qemu-img opened the image
 /// without a node name (the number varies there; oxqcow has one node).
 pub const NODE_NAME: &str = "#block101";
+
+/// Space copying these bitmaps of a disk of `len` bytes needs in an image
+/// with `cluster_size` clusters, as QEMU's
+/// `qcow2_get_persistent_dirty_bitmap_size` estimates it: every bitmap
+/// fully allocated, its table, and the directory.
+pub fn bitmaps_size(bitmaps: &[BitmapInfo], len: u64, cluster_size: u64) -> u64 {
+    let mut total = 0;
+    let mut dir = 0;
+    for b in bitmaps {
+        let bytes = oxqcow_format::bitmap::bytes_needed(len, b.granularity.trailing_zeros() as u8);
+        let clusters = bytes.div_ceil(cluster_size);
+        total += clusters * cluster_size;
+        total += (clusters * 8).div_ceil(cluster_size) * cluster_size;
+        dir += dir_entry_size(b.name.len(), 0);
+    }
+    total + dir.div_ceil(cluster_size) * cluster_size
+}
