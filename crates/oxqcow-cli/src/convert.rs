@@ -419,7 +419,7 @@ fn convert(ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
             open_image(&a.target, Some(out_fmt), opts)?
         }
     };
-    if a.bitmaps && !target.as_qcow2().is_some_and(|q| q.header().version >= 3) {
+    if a.bitmaps && target.as_qcow2().is_none_or(|q| q.header().version < 3) {
         return Err(format!("Format driver '{out_fmt}' does not support bitmaps"));
     }
     if a.skip_create && target.len() < total {
