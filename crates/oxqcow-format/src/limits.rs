@@ -58,8 +58,9 @@ pub const HOST_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 
 /// Largest number of bitmaps QEMU accepts (`QCOW2_MAX_BITMAPS`).
 pub const MAX_BITMAPS: u32 = 65535;
-/// Largest bitmap directory QEMU accepts (`QCOW2_MAX_BITMAP_DIRECTORY_SIZE`).
-pub const MAX_BITMAP_DIRECTORY_BYTES: u64 = 64 * 1024 * 1024;
+/// Largest bitmap directory QEMU accepts (`QCOW2_MAX_BITMAP_DIRECTORY_SIZE`:
+/// 1 KiB per bitmap, just under 64 MiB).
+pub const MAX_BITMAP_DIRECTORY_BYTES: u64 = 1024 * MAX_BITMAPS as u64;
 /// Fixed part of a bitmap directory entry.
 pub const BITMAP_DIR_ENTRY_HEADER: usize = 24;
 /// A bitmap name is at most 1023 bytes (QEMU's `BME_MAX_NAME_SIZE`).
