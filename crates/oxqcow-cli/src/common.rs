@@ -107,6 +107,13 @@ pub fn open_image(path: &str, format: Option<&str>, opts: OpenOptions) -> Result
     // QEMU repairs a dirty image (lazy refcounts) when it opens it
     // read-write, printing the check's lines as it goes.
     if let Image::Qcow2(q) = &image {
+        if let Some(why) = q.stale_bitmaps_warning() {
+            let argv0 = std::env::args().next().unwrap_or_default();
+            let prog = Path::new(&argv0).file_name().and_then(|s| s.to_str()).unwrap_or("oxqcow").to_string();
+            eprintln!("{prog}: warning: {why}");
+            // QEMU prints this line with error_printf, without a newline.
+            eprint!("Some clusters may be leaked, run 'qemu-img check -r' on the image file to fix.");
+        }
         for line in q.open_repair().map(|r| r.messages.as_slice()).unwrap_or_default() {
             eprintln!("{line}");
         }

@@ -91,6 +91,14 @@ fn bitmaps_made_and_updated_like_qemu() {
     pair.same_output(&words("measure --output=json -O qcow2 -o cluster_size=4k a.qcow2"));
     pair.same_output(&words("convert --bitmaps -O qcow2 a.qcow2 copy.qcow2"));
     pair.same_files(&["convert --bitmaps"]);
+    // Internal snapshots: created and deleted with bitmaps present, but
+    // not applied (QEMU: "Device has active dirty bitmaps").
+    for args in
+        ["snapshot -c s1 a.qcow2", "snapshot -a s1 a.qcow2", "snapshot -a nope a.qcow2", "snapshot -d s1 a.qcow2"]
+    {
+        pair.same_output(&words(args));
+    }
+    pair.same_output(&words("check a.qcow2"));
     // Resizing keeps the bitmaps (QEMU 10 resizes them).
     pair.same_output(&words("resize a.qcow2 80M"));
     pair.same_files(&["resize"]);
@@ -139,6 +147,29 @@ fn bitmap_errors_like_qemu_img() {
     let tail = |e: &str| e.rsplit(": ").next().unwrap().to_string();
     assert_eq!(tail(&o.stderr), tail(&q.stderr));
     assert!(o.stderr.contains("Can't make bitmap 'b' persistent in '#block"), "{}", o.stderr);
+}
+
+/// A downgrade to compat 0.10 keeps the extension in a header without
+/// autoclear bits: every later open warns as QEMU does and drops the
+/// bitmaps; a v3 image whose autoclear bit was cleared behaves alike.
+#[test]
+fn stale_bitmaps_extensions_warn_like_qemu() {
+    let pair = Pair::new();
+    for args in ["create -q -f qcow2 a.qcow2 1M", "bitmap --add a.qcow2 b0", "amend -o compat=0.10 a.qcow2"] {
+        pair.same_output(&words(args));
+    }
+    pair.same_files(&["amend -o compat=0.10"]);
+    for args in ["create -q -f qcow2 v3.qcow2 1M", "bitmap --add v3.qcow2 b0"] {
+        pair.same_output(&words(args));
+    }
+    // Clear the autoclear bits (header offset 88), as a program without
+    // bitmap support would.
+    patch(&pair.qemu.join("v3.qcow2"), 88, &0u64.to_be_bytes());
+    patch(&pair.ox.join("v3.qcow2"), 88, &0u64.to_be_bytes());
+    for args in ["info a.qcow2", "check a.qcow2", "info v3.qcow2", "check -r all v3.qcow2", "info v3.qcow2"] {
+        pair.same_output(&words(args));
+    }
+    pair.same_files(&["check -r all of a stale extension"]);
 }
 
 /// A crash while the image is open (qemu-io killed) leaves the bitmaps in

@@ -460,6 +460,11 @@ impl crate::Qcow2 {
         self.lock_meta().bitmaps.dir.iter().map(Into::into).collect()
     }
 
+    /// Whether the image has persistent bitmaps (consistent or not).
+    pub fn has_bitmaps(&self) -> bool {
+        !self.lock_meta().bitmaps.live.is_empty()
+    }
+
     /// The bits of bitmap `name` as they are now (an inconsistent bitmap is
     /// refused with QEMU's message).
     pub fn bitmap_contents(&self, name: &str) -> Result<DirtyBitmap> {

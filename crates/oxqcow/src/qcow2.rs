@@ -172,6 +172,9 @@ pub struct Qcow2 {
     /// Whether an enabled bitmap records writes (read without the lock on
     /// every write; changed under it).
     tracking: AtomicBool,
+    /// The header had a bitmaps extension without the autoclear bit: a
+    /// program without bitmap support wrote to the image (QEMU warns).
+    stale_bitmaps: Option<u32>,
 }
 
 fn cache_tables(opts: &OpenOptions, geometry: &Geometry, size: u64) -> Result<(usize, usize)> {
@@ -566,6 +569,7 @@ impl Qcow2 {
         let snapshots = read_snapshots(st, &header, file_len)?;
         let lazy = opts.lazy_refcounts.unwrap_or(header.lazy_refcounts()) && header.version >= 3;
         let dirty_at_open = header.is_dirty();
+        let stale_bitmaps = header.extensions.stale_bitmaps.then_some(header.version);
         let version = header.version;
         let size = header.size;
         let compression_type = header.compression_type;
@@ -654,6 +658,7 @@ impl Qcow2 {
             open_repair,
             closed: AtomicBool::new(false),
             tracking,
+            stale_bitmaps,
         })
     }
 
@@ -667,6 +672,18 @@ impl Qcow2 {
 
     pub(crate) fn set_tracking(&self, on: bool) {
         self.tracking.store(on, Ordering::Release);
+    }
+
+    /// QEMU's warning for a bitmaps extension that a program without
+    /// bitmap support left behind (the bitmaps are dropped), if there was one.
+    pub fn stale_bitmaps_warning(&self) -> Option<&'static str> {
+        self.stale_bitmaps.map(|version| {
+            if version < 3 {
+                "This qcow2 v2 image contains bitmaps, but they may have been modified by a program without persistent bitmap support; so now they must all be considered inconsistent"
+            } else {
+                "a program lacking bitmap support modified this file, so all bitmaps are now considered inconsistent"
+            }
+        })
     }
 
     /// The codec of compressed clusters written now.
@@ -1289,9 +1306,15 @@ impl Qcow2 {
     }
 
     /// Reverts the active layer to the snapshot with this id (or name).
+    /// Refused while the image has persistent bitmaps, as QEMU's
+    /// `bdrv_snapshot_goto` refuses it (they would no longer describe the
+    /// disk).
     pub fn snapshot_apply(&self, id_or_name: &str) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
+        }
+        if self.has_bitmaps() {
+            return Err(Error::InvalidArgument("Device has active dirty bitmaps".into()));
         }
         let modes = self.discard;
         self.exclusive(|m, st| m.with_dirty_bit(st, |m| m.snapshot_apply(st, id_or_name, modes)))
