@@ -288,6 +288,15 @@ fn hostile_bitmap_directories_are_refused() {
     std::fs::copy(s.path("a.qcow2"), s.path("overlap.qcow2")).unwrap();
     patch(&s.path("overlap.qcow2"), dir, &0x10000u64.to_be_bytes());
     s.assert_same(&words("check overlap.qcow2"));
+    // Two bitmaps sharing one table: refused before anything is loaded.
+    s.qemu_ok(&words("bitmap --add a.qcow2 b1"));
+    let header = std::fs::read(s.path("a.qcow2")).unwrap();
+    let dir = u64::from_be_bytes(header[ext as usize + 24..ext as usize + 32].try_into().unwrap());
+    std::fs::copy(s.path("a.qcow2"), s.path("shared.qcow2")).unwrap();
+    patch(&s.path("shared.qcow2"), dir + 32, &header[dir as usize..dir as usize + 8]);
+    let o = s.ours(&words("bitmap --clear shared.qcow2 b0"));
+    assert_eq!(o.code, 1, "{o:?}");
+    assert!(o.stderr.contains("overlaps the table of bitmap"), "{}", o.stderr);
     let o = s.ours(&words("bitmap --clear overlap.qcow2 b0"));
     assert_eq!(o.code, 1, "{o:?}");
     assert!(o.stderr.contains("overlaps"), "{}", o.stderr);

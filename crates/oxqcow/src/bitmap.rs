@@ -97,6 +97,33 @@ pub(crate) fn read_directory(storage: &dyn Storage, header: &Header, file_len: u
     Ok(parse_directory(&buf, ext.nb_bitmaps, header.cluster_size(), header.size)?)
 }
 
+/// Refuses bitmap tables that share clusters. Besides being corrupt, a
+/// shared table would let a small file make us load the same large table
+/// for every bitmap: with disjoint tables (each checked to lie inside the
+/// file), what loading allocates is bounded by the file's size.
+fn check_tables_disjoint(dir: &[BitmapDirEntry], cluster_size: u64) -> Result<()> {
+    let mut spans: Vec<(u64, u64, &str)> = dir
+        .iter()
+        .filter(|e| !e.in_use())
+        .map(|e| {
+            let clusters = (u64::from(e.table_size) * 8).div_ceil(cluster_size);
+            (e.table_offset / cluster_size, clusters, e.name.as_str())
+        })
+        .collect();
+    spans.sort();
+    for pair in spans.windows(2) {
+        if pair[0].0 + pair[0].1 > pair[1].0 {
+            return Err(Error::Corrupt(format!(
+                "Bitmap '{}': its table at 0x{:x} overlaps the table of bitmap '{}'",
+                pair[1].2,
+                pair[1].0 * cluster_size,
+                pair[0].2
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl Meta {
     /// Reads a bitmap table, checking its place and every entry.
     pub(crate) fn read_bitmap_table(&self, storage: &dyn Storage, e: &BitmapDirEntry) -> Result<Vec<BitmapTableEntry>> {
@@ -162,6 +189,9 @@ impl Meta {
     pub(crate) fn load_bitmaps(&mut self, storage: &dyn Storage, writable: bool) -> Result<()> {
         let file_len = self.file_len(storage)?;
         let dir = read_directory(storage, &self.header, file_len)?;
+        if writable {
+            check_tables_disjoint(&dir, self.geometry.cluster_size())?;
+        }
         let mut live = Vec::with_capacity(dir.len());
         for e in &dir {
             let data = if writable && !e.in_use() {
