@@ -15,16 +15,27 @@ use common::{must, oxqcow, patch, qemu_io, run_in, words, Pair, Scratch};
 /// The dirty extents of bitmap `name` as QEMU sees them: `qemu-nbd -B`
 /// exporting the image read-only, read with `nbdinfo --map`.
 fn qemu_dirty_map(dir: &Path, image: &str, name: &str) -> String {
+    dirty_map(Command::new("qemu-nbd"), dir, image, name)
+}
+
+/// The same through `oxqcow serve -B`.
+fn our_dirty_map(dir: &Path, image: &str, name: &str) -> String {
+    let mut c = Command::new(oxqcow());
+    c.arg("serve");
+    dirty_map(c, dir, image, name)
+}
+
+fn dirty_map(mut server: Command, dir: &Path, image: &str, name: &str) -> String {
     // The socket lives outside `dir`, whose files the tests compare.
     let sockdir = tempfile::tempdir().unwrap();
     let sock = sockdir.path().join("nbd.sock");
-    let mut server: Child = Command::new("qemu-nbd")
+    let mut server: Child = server
         .args(["-r", "-f", "qcow2", "-B", name, "-k"])
         .arg(&sock)
         .arg(dir.join(image))
         .stdout(Stdio::null())
         .spawn()
-        .expect("qemu-nbd is required by this test");
+        .expect("qemu-nbd (and oxqcow) are required by this test");
     let mut waited = 0;
     while !sock.exists() {
         std::thread::sleep(std::time::Duration::from_millis(20));
@@ -83,6 +94,7 @@ fn bitmaps_made_and_updated_like_qemu() {
     for name in ["b0", "b1", "fine"] {
         let map = qemu_dirty_map(&pair.ox, "a.qcow2", name);
         assert_eq!(map, qemu_dirty_map(&pair.qemu, "a.qcow2", name), "bitmap {name}");
+        assert_eq!(our_dirty_map(&pair.ox, "a.qcow2", name), map, "oxqcow serve -B {name}");
         if name != "fine" {
             assert!(map.contains("  1  dirty"), "bitmap {name} recorded nothing: {map}");
         }
@@ -103,6 +115,57 @@ fn bitmaps_made_and_updated_like_qemu() {
     pair.same_output(&words("resize a.qcow2 80M"));
     pair.same_files(&["resize"]);
     pair.same_output(&words("check a.qcow2"));
+}
+
+/// Writes through `oxqcow serve` (an enabled bitmap exported with `-B`)
+/// are recorded and stored as through qemu-nbd; refusals as qemu-nbd's.
+#[test]
+fn serve_exports_and_records_bitmaps_like_qemu_nbd() {
+    let pair = Pair::new();
+    for args in
+        ["create -q -f qcow2 a.qcow2 64M", "bitmap --add a.qcow2 en", "bitmap --add -g 4k --disable a.qcow2 off"]
+    {
+        pair.same_output(&words(args));
+    }
+    for (dir, server) in [(&pair.qemu, Command::new("qemu-nbd")), (&pair.ox, Command::new(oxqcow()))] {
+        let mut server = server;
+        if dir == &pair.ox {
+            server.arg("serve");
+        }
+        let sockdir = tempfile::tempdir().unwrap();
+        let sock = sockdir.path().join("nbd.sock");
+        let mut child =
+            server.args(["-f", "qcow2", "-B", "en", "-k"]).arg(&sock).arg(dir.join("a.qcow2")).spawn().unwrap();
+        let mut waited = 0;
+        while !sock.exists() {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            waited += 1;
+            assert!(waited < 500, "the server did not create its socket");
+        }
+        let uri = format!("nbd+unix:///?socket={}", sock.display());
+        must(
+            dir,
+            qemu_io(),
+            &["-f", "raw", "-c", "write 30M 512", "-c", "write -z 40M 1M", "-c", "discard 50M 64k", &uri],
+        );
+        // Both servers end after their only client and store the bitmaps.
+        let status = child.wait().unwrap();
+        assert!(status.success(), "server exit: {status:?}");
+    }
+    pair.same_files(&["writes through the NBD server"]);
+    assert_eq!(our_dirty_map(&pair.ox, "a.qcow2", "en"), qemu_dirty_map(&pair.qemu, "a.qcow2", "en"));
+    pair.same_output(&words("bitmap --add a.qcow2 b1"));
+    // A bitmap left in use, and a missing one: qemu-nbd's messages.
+    let killed = run_in(&pair.ox, qemu_io(), &["-c", "write 0 64k", "-c", "sigraise 9", "a.qcow2"]);
+    assert_ne!(killed.code, 0);
+    std::fs::copy(pair.ox.join("a.qcow2"), pair.qemu.join("a.qcow2")).unwrap();
+    for name in ["b1", "nope"] {
+        let q = run_in(&pair.qemu, Path::new("qemu-nbd"), &["-r", "-B", name, "-k", "x.sock", "a.qcow2"]);
+        let o = run_in(&pair.ox, oxqcow(), &["serve", "-r", "-B", name, "-k", "x.sock", "a.qcow2"]);
+        assert_eq!(o.code, q.code, "{o:?} {q:?}");
+        let tail = |e: &str| e.split_once(": ").map(|x| x.1.to_string()).unwrap_or_default();
+        assert_eq!(tail(&o.stderr), tail(&q.stderr));
+    }
 }
 
 /// qemu-img's messages and exit codes for every refusal of `bitmap`.

@@ -490,6 +490,27 @@ impl crate::Qcow2 {
         self.lock_meta().bitmaps.dir.iter().map(Into::into).collect()
     }
 
+    /// Bitmap `name` over `[offset, offset + len)` as runs of `(length,
+    /// dirty)` (for NBD's `qemu:dirty-bitmap:` context). A read-only image
+    /// loads the bitmap once and keeps it.
+    pub fn bitmap_extents(&self, name: &str, offset: u64, len: u64) -> Result<Vec<(u64, bool)>> {
+        let mut m = self.lock_meta();
+        let i = m
+            .bitmaps
+            .live
+            .iter()
+            .position(|l| l.name == name)
+            .ok_or_else(|| Error::InvalidArgument(format!("Dirty bitmap '{name}' not found")))?;
+        if m.bitmaps.live[i].inconsistent {
+            return Err(inconsistent_error(name));
+        }
+        if m.bitmaps.live[i].data.is_none() {
+            let loaded = m.bitmap_contents(self.storage_ref(), name)?;
+            m.bitmaps.live[i].data = Some(loaded);
+        }
+        Ok(m.bitmaps.live[i].data.as_ref().expect("loaded above").extents(offset, len))
+    }
+
     /// Whether the image has persistent bitmaps (consistent or not).
     pub fn has_bitmaps(&self) -> bool {
         !self.lock_meta().bitmaps.live.is_empty()

@@ -150,6 +150,30 @@ impl DirtyBitmap {
         out
     }
 
+    /// `[offset, offset + len)` (clipped to the disk) as runs of
+    /// `(length, dirty)`, merged, covering the range exactly.
+    pub fn extents(&self, offset: u64, len: u64) -> Vec<(u64, bool)> {
+        let end = offset.saturating_add(len).min(self.len);
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let dirty = self.get(pos);
+            let ci = ((pos >> self.granularity_bits) / self.chunk_bits) as usize;
+            // A whole chunk without bits (or all ones) is one run.
+            let step_end = match &self.chunks[ci] {
+                Chunk::Zeros | Chunk::Ones => ((ci as u64 + 1) * self.chunk_bits) << self.granularity_bits,
+                Chunk::Bits(_) => ((pos >> self.granularity_bits) + 1) << self.granularity_bits,
+            };
+            let next = step_end.min(end);
+            match out.last_mut() {
+                Some(last) if last.1 == dirty => last.0 += next - pos,
+                _ => out.push((next - pos, dirty)),
+            }
+            pos = next;
+        }
+        out
+    }
+
     /// Number of dirty guest bytes (QEMU's `count`: dirty bits times the
     /// granularity, the last bit clipped to the disk).
     pub fn dirty_bytes(&self) -> u64 {
@@ -251,6 +275,15 @@ mod tests {
         assert_eq!(bytes[12], 0x0f);
         assert!(bytes[13..].iter().all(|&x| x == 0));
         assert_eq!(b.dirty_bytes(), 100 << 16);
+    }
+
+    #[test]
+    fn extents_cover_the_range() {
+        let mut b = DirtyBitmap::new(1 << 20, 16, 512);
+        b.set_range(3 << 16, 1);
+        assert_eq!(b.extents(0, 1 << 20), vec![(3 << 16, false), (1 << 16, true), (12 << 16, false)]);
+        assert_eq!(b.extents(100, 200), vec![(200, false)]);
+        assert_eq!(b.extents((3 << 16) + 5, 1 << 30), vec![((1 << 16) - 5, true), (12 << 16, false)]);
     }
 
     #[test]
