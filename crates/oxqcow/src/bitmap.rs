@@ -511,6 +511,23 @@ impl crate::Qcow2 {
         Ok(m.bitmaps.live[i].data.as_ref().expect("loaded above").extents(offset, len))
     }
 
+    /// The bitmaps as this handle has them (added ones included, removed
+    /// ones gone; `in_use` means inconsistent, `auto` enabled), in creation
+    /// order. [`bitmaps`](Self::bitmaps) lists what is on disk, as `info`.
+    pub fn open_bitmaps(&self) -> Vec<BitmapInfo> {
+        let m = self.lock_meta();
+        m.bitmaps
+            .live
+            .iter()
+            .map(|l| BitmapInfo {
+                name: l.name.clone(),
+                granularity: 1 << l.granularity_bits,
+                in_use: l.inconsistent,
+                auto: l.enabled,
+            })
+            .collect()
+    }
+
     /// Whether the image has persistent bitmaps (consistent or not).
     pub fn has_bitmaps(&self) -> bool {
         !self.lock_meta().bitmaps.live.is_empty()
