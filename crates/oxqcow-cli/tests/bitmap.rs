@@ -114,6 +114,9 @@ fn bitmaps_made_and_updated_like_qemu() {
     // Resizing keeps the bitmaps (QEMU 10 resizes them).
     pair.same_output(&words("resize a.qcow2 80M"));
     pair.same_files(&["resize"]);
+    // A refcount width change carries the bitmap clusters along.
+    pair.same_output(&words("amend -o refcount_bits=64 a.qcow2"));
+    pair.same_files(&["amend -o refcount_bits=64"]);
     pair.same_output(&words("check a.qcow2"));
 }
 
