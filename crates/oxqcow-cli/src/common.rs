@@ -9,7 +9,8 @@
 //! With `--forbid-backing` (given before the subcommand, `oxqcow
 //! --forbid-backing info x.qcow2`, or as an option of a subcommand that
 //! declares it) no backing file is ever opened: every image whose header
-//! names one is refused with an error, whatever the subcommand. The flag is
+//! names one is refused with an error, whatever the subcommand; the same
+//! holds for external data files (their names are just as dangerous). The flag is
 //! process-wide: [`open_image`] applies it to every image it opens, so a
 //! subcommand gets it by opening images through [`open_image`] (or by
 //! asking [`backing_policy`]).
@@ -260,7 +261,7 @@ pub fn snapshot_header() -> String {
 
 /// One snapshot line from a qemu `SnapshotInfo` JSON object (`id`, `name`,
 /// `vm-state-size`, `date-sec`, `vm-clock-sec`, `vm-clock-nsec`, `icount`).
-/// Dates are shown in UTC.
+/// Dates are shown in the local time zone, as qemu-img shows them.
 pub fn snapshot_line(sn: &serde_json::Value) -> String {
     let s = |k: &str| sn.get(k).and_then(serde_json::Value::as_str).unwrap_or_default().to_string();
     let n = |k: &str| sn.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
@@ -300,7 +301,7 @@ pub fn snapshot_row(
         pad_bytes(id, 7, true),
         pad_bytes(name, 16, true),
         pad_bytes(&size_to_str(vm_state_size), 8, false),
-        pad_bytes(&utc_date(date_sec), 19, false),
+        pad_bytes(&local_date(date_sec), 19, false),
         pad_bytes(&clock, 15, false),
         pad_bytes(&icount, 10, false)
     )
@@ -367,27 +368,27 @@ pub fn check_object(spec: &str) -> Result<(), String> {
     }
 }
 
-/// `YYYY-MM-DD HH:MM:SS` for seconds since the epoch, in UTC.
-fn utc_date(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}", rem / 3600, (rem / 60) % 60, rem % 60)
+/// `YYYY-MM-DD HH:MM:SS` for seconds since the epoch in the local time
+/// zone (`TZ`, else /etc/localtime), as QEMU prints snapshot dates with
+/// `localtime_r` (a date out of the calendar's range prints as its number
+/// of seconds).
+fn local_date(secs: u64) -> String {
+    date_in(secs, &jiff::tz::TimeZone::system())
+}
+
+fn date_in(secs: u64, tz: &jiff::tz::TimeZone) -> String {
+    match i64::try_from(secs).ok().and_then(|s| jiff::Timestamp::from_second(s).ok()) {
+        Some(t) => t.to_zoned(tz.clone()).strftime("%Y-%m-%d %H:%M:%S").to_string(),
+        None => secs.to_string(),
+    }
 }
 
 /// The message for an engine error, with host I/O errors described the way
 /// QEMU describes errno values.
 pub fn describe(e: &oxqcow::Error) -> String {
     match e {
+        // Worded completely by the engine, as QEMU words it.
+        oxqcow::Error::Io { op: oxqcow::data_file::OPENING, source, .. } => source.to_string(),
         oxqcow::Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
             "No such file or directory".to_string()
         }
@@ -639,10 +640,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dates_in_utc() {
-        assert_eq!(utc_date(0), "1970-01-01 00:00:00");
-        assert_eq!(utc_date(1_795_539_009), "2026-11-24 16:50:09");
-        assert_eq!(utc_date(951_782_400), "2000-02-29 00:00:00");
+    fn dates_in_a_time_zone() {
+        let utc = jiff::tz::TimeZone::UTC;
+        assert_eq!(date_in(0, &utc), "1970-01-01 00:00:00");
+        assert_eq!(date_in(1_795_539_009, &utc), "2026-11-24 16:50:09");
+        assert_eq!(date_in(951_782_400, &utc), "2000-02-29 00:00:00");
+        let paris = jiff::tz::TimeZone::posix("CET-1CEST,M3.5.0,M10.5.0/3").unwrap();
+        assert_eq!(date_in(1_795_539_009, &paris), "2026-11-24 17:50:09");
     }
 
     #[test]

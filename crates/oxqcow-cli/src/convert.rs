@@ -274,6 +274,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             progress.print(100.0, 0);
             0
         }
+        Err(msg) if msg.is_empty() => 1,
         Err(msg) => ctx.fail(&msg),
     };
     progress.end();
@@ -472,6 +473,13 @@ fn convert(ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
         data_total: if a.progress { count_data(&sources, a.min_sparse)? } else { 0 },
     };
     job.run(workers.max(1))?;
+    if a.compress && target.as_qcow2().is_some_and(|q| q.has_data_file()) {
+        // qemu-img ends a compressed conversion with an empty compressed
+        // write (to align the file end), which such targets refuse; it
+        // fails without a message. (With any data to copy, the first
+        // compressed write failed already, with one.)
+        return Err(String::new());
+    }
     drop(backing_image);
     if a.bitmaps {
         copy_bitmaps(ctx, &sources[0].image, &target, a.skip_broken_bitmaps)?;
@@ -900,8 +908,15 @@ impl Job<'_> {
             Action::Zero => self.zero(offset, data.len() as u64),
             Action::Write if self.compress => {
                 let q = self.target.as_qcow2().expect("compression needs a qcow2 target");
-                q.write_compressed(data, offset)
-                    .map_err(|e| format!("error while writing at byte {offset}: {}", strerror(&e)))
+                q.write_compressed(data, offset).map_err(|e| {
+                    // QEMU's -ENOTSUP (e.g. a target with an external data file).
+                    let why = if e.kind() == oxqcow::ErrorKind::Unsupported {
+                        "Operation not supported".to_string()
+                    } else {
+                        strerror(&e)
+                    };
+                    format!("error while writing at byte {offset}: {why}")
+                })
             }
             Action::Write => self.write(offset, data),
         }

@@ -156,7 +156,7 @@ fn open_source(path: &str, format: Option<&str>, opts: OpenOptions) -> Result<So
     }
     match Qcow2::inspect(&storage) {
         Ok((info, snapshots))
-            if (info.backing_file.is_some() || info.extended_l2 || info.data_file.is_some())
+            if (info.backing_file.is_some() || info.extended_l2 || info.data_file.is_some() || info.has_data_file)
                 && info.crypt_method == 0 =>
         {
             Ok(Source::Header { storage, info, snapshots })
@@ -240,8 +240,12 @@ fn graph_info(path: &str, source: &Source) -> Result<Value, String> {
         data.insert("refcount-bits".into(), json!(qi.refcount_bits));
     } else {
         data.insert("compat".into(), json!("1.1"));
+        // QEMU shows the name when the header has one, and the raw flag
+        // when the image uses a data file (incompatible bit 2).
         if let Some(df) = &qi.data_file {
             data.insert("data-file".into(), json!(df));
+        }
+        if qi.has_data_file {
             data.insert("data-file-raw".into(), json!(qi.data_file_raw));
         }
         data.insert("extended-l2".into(), json!(qi.extended_l2));

@@ -13,6 +13,7 @@ mod common;
 mod compare;
 mod convert;
 mod create;
+mod dd;
 mod getopt;
 mod imgopts;
 mod info;
@@ -38,10 +39,10 @@ fn usage(ctx: &Ctx) -> String {
          QEMU disk image utility, qemu-img compatible\n\n\
          Command syntax: see '{prog} COMMAND --help'.\n\
          Commands: create, info, check, map, compare, convert, commit, rebase, resize, measure, snapshot, amend,\n          \
-         bitmap, bench, io\n\n\
+         bitmap, dd, bench, io, serve\n\n\
          Global options (before the command):\n  \
-         --forbid-backing\n     refuse every image that names a backing file instead of opening the\n     \
-         backing file (for images from untrusted sources)\n",
+         --forbid-backing\n     refuse every image that names a backing file or an external data file\n     \
+         instead of opening that file (for images from untrusted sources)\n",
         prog = ctx.prog
     )
 }
@@ -88,6 +89,7 @@ fn run(ctx: &Ctx, args: &[String]) -> i32 {
         "compare" => compare::run(ctx, rest),
         "convert" => convert::run(ctx, rest),
         "create" => create::run(ctx, rest),
+        "dd" => dd::run(ctx, rest),
         "info" => info::run(ctx, rest),
         "io" => io::run(ctx, rest),
         "map" => map::run(ctx, rest),

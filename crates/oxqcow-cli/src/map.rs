@@ -158,11 +158,28 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     if let Some(max) = max_length {
         length = length.min(start_offset.saturating_add(max));
     }
-    let files = chain_filenames(&image, filename);
+    let files = data_filenames(&image, chain_filenames(&image, filename));
     match dump(&image, &files, output, start_offset, length) {
         Ok(()) => 0,
         Err(msg) => ctx.fail(&msg),
     }
+}
+
+/// The files the layers' data lives in, top first: a layer with an
+/// external data file maps its clusters into that file, which qemu-img's
+/// File column names (resolved like a backing file name).
+fn data_filenames(image: &oxqcow::Image, mut files: Vec<String>) -> Vec<String> {
+    let mut layer = Some(image);
+    for name in files.iter_mut() {
+        let Some(q) = layer.and_then(|l| l.as_qcow2()) else { break };
+        if let Some(data) = q.info().data_file.filter(|_| q.has_data_file()) {
+            *name = oxqcow::backing::resolve_backing_path(std::path::Path::new(name.as_str()), &data)
+                .to_string_lossy()
+                .into_owned();
+        }
+        layer = q.backing().map(|b| &**b);
+    }
+    files
 }
 
 /// Prints the map of `[start, end)`, merging and printing as qemu-img does.

@@ -209,6 +209,15 @@ impl L2Entry {
     /// Decodes the entry. `version` is the image version: the zero flag is
     /// only defined from version 3 on (QEMU treats it as corruption in v2).
     pub fn mapping(self, geometry: &Geometry, version: u32) -> Result<L2Mapping, FormatError> {
+        self.mapping_in(geometry, version, false)
+    }
+
+    /// Decodes the entry of an image whose guest data lives in an external
+    /// data file (`external`): there host offset 0 is a valid cluster (guest
+    /// cluster 0 lives at offset 0), and QEMU tells it from an unallocated
+    /// entry by the COPIED flag, which every data-file cluster carries
+    /// because its refcount is always taken to be 1.
+    pub fn mapping_in(self, geometry: &Geometry, version: u32, external: bool) -> Result<L2Mapping, FormatError> {
         let invalid = |reason| FormatError::InvalidEntry { table: "L2", entry: self.0, reason };
         if self.is_compressed() {
             if self.copied() {
@@ -239,7 +248,7 @@ impl L2Entry {
                 L2Mapping::ZeroAllocated { host: HostOffset(host), copied }
             });
         }
-        if host == 0 {
+        if host == 0 && !(external && copied) {
             return Ok(L2Mapping::Unallocated);
         }
         Ok(L2Mapping::Normal { host: HostOffset(host), copied })
@@ -263,6 +272,16 @@ mod tests {
         assert!(L1Entry(0x30001).validate(&g64k()).is_err());
         assert!(L1Entry(0x30200).validate(&g64k()).is_err());
         assert_eq!(L1Entry(0).l2_offset(), None);
+    }
+
+    #[test]
+    fn l2_entry_offset_zero_in_data_files() {
+        let g = g64k();
+        let e = L2Entry(COPIED);
+        assert_eq!(e.mapping(&g, 3), Ok(L2Mapping::Unallocated));
+        assert_eq!(e.mapping_in(&g, 3, true), Ok(L2Mapping::Normal { host: HostOffset(0), copied: true }));
+        assert_eq!(L2Entry(0).mapping_in(&g, 3, true), Ok(L2Mapping::Unallocated));
+        assert_eq!(L2Entry(COPIED | ZERO).mapping_in(&g, 3, true), Ok(L2Mapping::ZeroPlain));
     }
 
     #[test]

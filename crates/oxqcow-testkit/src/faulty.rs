@@ -271,7 +271,18 @@ impl Storage for FaultyStorage {
         if end <= cur {
             return Ok(());
         }
-        self.mutate(cur, 0, |live, _, _| live.resize(end as usize, 0), false)
+        // The length is checked again under the lock: a concurrent write may
+        // have extended the bytes since.
+        self.mutate(
+            cur,
+            0,
+            |live, _, _| {
+                if live.len() < end as usize {
+                    live.resize(end as usize, 0)
+                }
+            },
+            false,
+        )
     }
 }
 

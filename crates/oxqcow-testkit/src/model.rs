@@ -41,7 +41,13 @@ pub struct ImageConfig {
     pub preallocation: Preallocation,
     /// Compression type of compressed clusters.
     pub compression_type: CompressionType,
+    /// Guest data in an external data file (named [`DATA_FILE_NAME`]);
+    /// `Some(true)`: with `data_file_raw=on`.
+    pub data_file: Option<bool>,
 }
+
+/// The name images with an external data file record for it.
+pub const DATA_FILE_NAME: &str = "model.data";
 
 impl ImageConfig {
     /// A configuration with preallocation off.
@@ -53,7 +59,14 @@ impl ImageConfig {
             lazy_refcounts,
             preallocation: Preallocation::Off,
             compression_type: CompressionType::Zlib,
+            data_file: None,
         }
+    }
+
+    /// The same configuration with an external data file (`raw`:
+    /// `data_file_raw=on`).
+    pub fn with_data_file(self, raw: bool) -> Self {
+        ImageConfig { data_file: Some(raw), ..self }
     }
 
     /// The same configuration with compression type `t`.
@@ -65,7 +78,10 @@ impl ImageConfig {
     /// widths other than 16 and zstd compression need compat 1.1.
     pub fn is_valid(&self) -> bool {
         self.compat == Compat::V3
-            || (!self.lazy_refcounts && self.refcount_bits == 16 && self.compression_type == CompressionType::Zlib)
+            || (!self.lazy_refcounts
+                && self.refcount_bits == 16
+                && self.compression_type == CompressionType::Zlib
+                && self.data_file.is_none())
     }
 
     /// Library creation options for an image of `size` bytes.
@@ -77,12 +93,20 @@ impl ImageConfig {
             .lazy_refcounts(self.lazy_refcounts)
             .preallocation(self.preallocation);
         o.compression_type = self.compression_type;
+        if let Some(raw) = self.data_file {
+            o.data_file = Some(DATA_FILE_NAME.to_string());
+            o.data_file_raw = raw;
+        }
         o
     }
 
     /// The same options as a `qemu-img create -o` string.
     pub fn qemu_options(&self) -> String {
-        format!(
+        let data_file = match self.data_file {
+            Some(raw) => format!(",data_file={DATA_FILE_NAME},data_file_raw={}", if raw { "on" } else { "off" }),
+            None => String::new(),
+        };
+        let base = format!(
             "cluster_size={},refcount_bits={},compat={},lazy_refcounts={},preallocation={},compression_type={}",
             self.cluster_size,
             self.refcount_bits,
@@ -90,7 +114,8 @@ impl ImageConfig {
             if self.lazy_refcounts { "on" } else { "off" },
             self.preallocation.name(),
             self.compression_type.name()
-        )
+        );
+        base + &data_file
     }
 
     /// Every valid combination of the given cluster sizes and refcount

@@ -23,7 +23,7 @@ use oxqcow::{
 };
 use proptest::prelude::*;
 
-use crate::layout::{expand_zero_tree, observed_states, BackingMap, Cluster, Layout};
+use crate::layout::{expand_zero_tree, observed_states, BackingMap, Cluster, Layout, State};
 use crate::model::{compressible_pattern, pattern, AmendOp, ImageConfig, Model, Op};
 
 /// Where an operation starts, relative to the disk size.
@@ -297,6 +297,19 @@ impl std::ops::AddAssign for Stats {
 
 /// Opens a qcow2 image (attaching `backing`) or any image on `storage`.
 pub fn open_image(storage: Arc<dyn Storage>, opts: &OpenOptions, backing: Option<&Backing>) -> oxqcow::Result<Image> {
+    open_image_with(storage, None, opts, backing)
+}
+
+/// The same, with `data` as the image's external data file.
+pub fn open_image_with(
+    storage: Arc<dyn Storage>,
+    data: Option<Arc<dyn Storage>>,
+    opts: &OpenOptions,
+    backing: Option<&Backing>,
+) -> oxqcow::Result<Image> {
+    if data.is_some() {
+        return Ok(Image::Qcow2(Qcow2::open_with(storage, opts, backing.map(|b| b.image.clone()), data)?));
+    }
     match backing {
         Some(b) => Ok(Image::Qcow2(Qcow2::open_with_backing(storage, opts, Some(b.image.clone()))?)),
         None => Image::open_storage(storage, opts),
@@ -315,6 +328,8 @@ pub struct Harness {
     pub config: ImageConfig,
     /// The host bytes.
     pub storage: Arc<MemoryStorage>,
+    /// The external data file's bytes, for configurations with one.
+    pub data: Option<Arc<MemoryStorage>>,
     /// The open image (always `Some` between calls).
     pub image: Option<Image>,
     /// The expected content.
@@ -363,26 +378,40 @@ impl Harness {
         backing: Option<Backing>,
     ) -> Result<Self, String> {
         let storage = Arc::new(MemoryStorage::new());
-        let q = Qcow2::create(storage.clone(), &config.create_options(size))
-            .map_err(|e| format!("create {config:?}: {e}"))?;
+        let data = config.data_file.map(|_| Arc::new(MemoryStorage::new()));
+        if data.is_some() && backing.is_some() {
+            return Err("the harness does not model overlays with an external data file".into());
+        }
+        let q = match &data {
+            Some(d) => Qcow2::create_with_data_file(storage.clone(), d.clone(), &config.create_options(size)),
+            None => Qcow2::create(storage.clone(), &config.create_options(size)),
+        }
+        .map_err(|e| format!("create {config:?}: {e}"))?;
         if let Some(b) = &backing {
             q.set_backing_file(Some(BACKING_NAME), Some(b.format.name()))
                 .map_err(|e| format!("recording the backing file: {e}"))?;
         }
         q.close().map_err(|e| format!("close after create: {e}"))?;
         let st: Arc<dyn Storage> = storage.clone();
-        let image =
-            open_image(st, &open_options, backing.as_ref()).map_err(|e| format!("open {open_options:?}: {e}"))?;
+        let image = open_image_with(st, data.clone().map(|d| d as Arc<dyn Storage>), &open_options, backing.as_ref())
+            .map_err(|e| format!("open {open_options:?}: {e}"))?;
         let cs = config.cluster_size;
         let v2 = config.compat == Compat::V2;
         let model = match &backing {
             Some(b) => Model::with_backing(size, cs, b.content.clone(), v2),
             None => Model::new(size, cs),
         };
-        let layout = Layout::new(size, cs, config.compat.version(), backing.as_ref().map(|b| b.map.clone()));
+        let mut layout = Layout::new(size, cs, config.compat.version(), backing.as_ref().map(|b| b.map.clone()));
+        if config.data_file == Some(true) {
+            // A raw data file is mapped whole from the start (QEMU
+            // preallocates the metadata).
+            layout = Layout::new(0, cs, config.compat.version(), None);
+            layout.resize(size, Preallocation::Metadata, &HashSet::new());
+        }
         Ok(Harness {
             config,
             storage,
+            data,
             image: Some(image),
             model,
             layout,
@@ -446,6 +475,26 @@ impl Harness {
     pub fn apply(&mut self, op: &Op) -> Result<(), String> {
         self.log.push(*op);
         let fail = |e: oxqcow::Error| format!("{op:?} failed: {e}");
+        if self.data.is_some() {
+            // QEMU refuses internal snapshots and compressed clusters with
+            // an external data file (-ENOTSUP), changing nothing.
+            let refused = match *op {
+                Op::SnapshotCreate => Some(self.qcow2().snapshot_create("snap").map(|_| ())),
+                Op::WriteCompressed { offset, len, seed } => {
+                    Some(self.qcow2().write_compressed(&compressible_pattern(seed, offset, len), offset))
+                }
+                _ => None,
+            };
+            match refused {
+                Some(Err(e)) if e.kind() == ErrorKind::Unsupported => {
+                    self.stats.refusals += 1;
+                    return Ok(());
+                }
+                Some(Err(e)) => return Err(fail(e)),
+                Some(Ok(())) => return Err(format!("{op:?} succeeded on an image with an external data file")),
+                None => {}
+            }
+        }
         let shared = self.shared();
         match *op {
             Op::Write { offset, len, seed } => {
@@ -463,23 +512,39 @@ impl Harness {
             }
             Op::Flush => self.image().flush().map_err(fail)?,
             Op::Resize { size, prealloc } => {
+                if self.layout.version == 2 && !self.snapshots.is_empty() {
+                    return match self.image().resize(size, prealloc) {
+                        Ok(()) => Err(format!("{op:?} succeeded on a version 2 image with snapshots (QEMU refuses)")),
+                        Err(e) if is_refusal(&e) => {
+                            self.stats.refusals += 1;
+                            Ok(())
+                        }
+                        Err(e) => Err(fail(e)),
+                    };
+                }
                 self.image().resize(size, prealloc).map_err(fail)?;
-                self.layout.resize(size, prealloc, &shared);
+                self.layout.resize(size, self.growth_prealloc(prealloc), &shared);
             }
             Op::Reopen => {
                 self.image.take().expect("open").close().map_err(fail)?;
                 let storage: Arc<dyn Storage> = self.storage.clone();
-                self.image = Some(open_image(storage, &self.open_options, self.backing.as_ref()).map_err(fail)?);
+                let data = self.data.clone().map(|d| d as Arc<dyn Storage>);
+                self.image =
+                    Some(open_image_with(storage, data, &self.open_options, self.backing.as_ref()).map_err(fail)?);
             }
             Op::CrashReopen => {
                 // A crash right after a flush leaves a clean image.
                 self.image().flush().map_err(fail)?;
                 let copy = Arc::new(MemoryStorage::from_bytes(self.storage.to_bytes()));
+                let data_copy = self.data.as_ref().map(|d| Arc::new(MemoryStorage::from_bytes(d.to_bytes())));
                 let storage: Arc<dyn Storage> = copy.clone();
-                let reopened = open_image(storage, &self.open_options, self.backing.as_ref()).map_err(fail)?;
+                let data = data_copy.clone().map(|d| d as Arc<dyn Storage>);
+                let reopened =
+                    open_image_with(storage, data, &self.open_options, self.backing.as_ref()).map_err(fail)?;
                 // The old handle closes its own (now unused) storage.
                 drop(self.image.replace(reopened));
                 self.storage = copy;
+                self.data = data_copy;
             }
             Op::SnapshotCreate => {
                 let name = format!("snap{}", self.snapshots_made);
@@ -533,6 +598,15 @@ impl Harness {
         }
         self.model.apply(op);
         Ok(())
+    }
+
+    /// How new clusters of a grown disk are mapped: a raw data file maps
+    /// them all (QEMU preallocates the metadata).
+    fn growth_prealloc(&self, prealloc: Preallocation) -> Preallocation {
+        match (self.config.data_file, prealloc) {
+            (Some(true), Preallocation::Off) => Preallocation::Metadata,
+            _ => prealloc,
+        }
     }
 
     fn write_compressed(&mut self, op: &Op, offset: u64, len: u64, seed: u8) -> Result<(), String> {
@@ -598,6 +672,9 @@ impl Harness {
                 self.model.discard_shows_backing = false;
             }
             AmendOp::Compat(Compat::V2) if version == 2 => must_succeed(self)?,
+            AmendOp::Compat(Compat::V2) if self.data.is_some() => {
+                return refused(self, "images with a data file cannot be downgraded");
+            }
             AmendOp::Compat(Compat::V2) => {
                 if self.config.refcount_bits != 16 {
                     return refused(self, "compat 0.10 needs 16-bit refcounts");
@@ -652,10 +729,13 @@ impl Harness {
                 must_succeed(self)?;
                 self.config.lazy_refcounts = on && version == 3;
             }
+            AmendOp::Size(_) if version == 2 && !self.snapshots.is_empty() => {
+                return refused(self, "QEMU resizes no version 2 image with snapshots");
+            }
             AmendOp::Size(size) => {
                 must_succeed(self)?;
                 let shared = self.shared();
-                self.layout.resize(size, Preallocation::Off, &shared);
+                self.layout.resize(size, self.growth_prealloc(Preallocation::Off), &shared);
                 self.model.apply(op);
             }
         }
@@ -687,6 +767,17 @@ impl Harness {
             ));
         }
         self.verify_layout()?;
+        if let (Some(true), Some(data)) = (self.config.data_file, &self.data) {
+            // A raw data file reads as the disk at all times.
+            let mut raw = vec![0u8; self.model.len() as usize];
+            data.read_at(&mut raw, 0).map_err(|e| format!("reading the data file: {e}"))?;
+            if let Some(at) = self.model.first_difference(&raw) {
+                return Err(format!(
+                    "the raw data file differs from the disk at offset {at}: {:#04x}, model {:#04x}",
+                    raw[at as usize], self.model.data[at as usize]
+                ));
+            }
+        }
         let info = self.qcow2().info();
         let c = &self.config;
         let want = (c.compat.version(), c.refcount_bits, c.lazy_refcounts, c.compression_type.name());
@@ -708,7 +799,14 @@ impl Harness {
         let extents = self.image().block_status(0, size).map_err(|e| format!("block status: {e}"))?;
         let seen = observed_states(&extents, cs, size)?;
         for (i, (got, want)) in seen.iter().zip(&self.layout.clusters).enumerate() {
-            if *got != want.state {
+            // In a data file guest cluster 0 lives at host offset 0, and a
+            // zero cluster keeping host offset 0 cannot be told from a plain
+            // one (QEMU reads such an entry as a plain zero cluster).
+            let want_state = match want.state {
+                State::ZeroAlloc if i == 0 && self.data.is_some() => State::ZeroPlain,
+                s => s,
+            };
+            if *got != want_state {
                 return Err(format!(
                     "cluster {i} (guest offset {}) is {got:?}, but the layout model says {:?}",
                     i as u64 * cs,
@@ -729,6 +827,23 @@ mod tests {
 
     fn harness(compat: Compat) -> Harness {
         Harness::new(ImageConfig::new(512, 16, compat, false), 8 * 512, 8 * 512, OpenOptions::new()).unwrap()
+    }
+
+    #[test]
+    fn verify_catches_a_raw_data_file_that_differs_from_the_disk() {
+        let cfg = ImageConfig::new(512, 16, Compat::V3, false).with_data_file(true);
+        let mut h = Harness::new(cfg, 8 * 512, 8 * 512, OpenOptions::new()).unwrap();
+        h.apply(&Op::Write { offset: 0, len: 1024, seed: 1 }).unwrap();
+        h.apply(&Op::WriteZeroes { offset: 512, len: 512, may_unmap: false }).unwrap();
+        // Refused, changing nothing.
+        h.apply(&Op::SnapshotCreate).unwrap();
+        h.apply(&Op::WriteCompressed { offset: 1024, len: 512, seed: 2 }).unwrap();
+        assert_eq!(h.stats.refusals, 2);
+        h.verify().unwrap();
+        // The disk reads zeros there (a zero cluster), the data file not.
+        h.data.as_ref().unwrap().write_at(&[7], 600).unwrap();
+        let e = h.verify().unwrap_err();
+        assert!(e.contains("raw data file differs from the disk at offset 600"), "{e}");
     }
 
     #[test]

@@ -215,7 +215,13 @@ fn run(cfg: ImageConfig, seed: u64, small_cache: bool) {
     });
     assert!(reads.load(Ordering::Relaxed) >= 40);
 
-    assert!(model.first_difference(&read_all(&img)).is_none(), "{cfg:?}: content differs from the model");
+    let all = read_all(&img);
+    if let Some(at) = model.first_difference(&all) {
+        panic!(
+            "{cfg:?}: content differs from the model at {at} (image {:#04x}, model {:#04x}; regions at {a}, {b}, {c}, {d})",
+            all[at as usize], model.data[at as usize]
+        );
+    }
     assert_clean(&img, "after the threads");
     img.close().unwrap();
 

@@ -20,7 +20,11 @@
 //! eviction), with and without pass-discard-request. The overlay
 //! properties run the same operations on an overlay (compat 0.10 and 1.1)
 //! of a qcow2 or raw backing file that a random workload filled, shorter
-//! or longer than the overlay.
+//! or longer than the overlay. The data file property runs them on images
+//! keeping their data in an external data file (a second in-memory
+//! storage), with `data_file_raw` on or off: snapshots and compressed
+//! writes must be refused and change nothing, and a raw data file must
+//! equal the disk after every step.
 //!
 //! Each property also checks that its cases reached what it is about
 //! (compressed clusters, refused compressed writes, refcount width
@@ -34,7 +38,7 @@
 use std::sync::Mutex;
 
 use oxqcow::{Compat, CompressionType};
-use oxqcow_testkit::model::{pattern, ImageConfig};
+use oxqcow_testkit::model::{pattern, ImageConfig, DATA_FILE_NAME};
 use oxqcow_testkit::qemu;
 use oxqcow_testkit::workload::{backing_op_spec, op_specs, Backing, Harness, OpSpec, Stats, BACKING_NAME};
 use proptest::prelude::*;
@@ -102,9 +106,22 @@ fn run(mut h: Harness, what: &str, specs: &[OpSpec]) -> Result<Stats, TestCaseEr
     if let Some(b) = &h.backing {
         std::fs::write(dir.path().join(BACKING_NAME), &b.bytes).unwrap();
     }
-    let check = qemu::check(&img);
+    let Some(data) = &h.data else {
+        let check = qemu::check(&img);
+        prop_assert!(check.success(), "{what}: qemu-img check: {}\nops: {:#?}", check.text(), h.log);
+        let cmp = qemu::compare(&img, "qcow2", &raw, "raw");
+        prop_assert!(cmp.success(), "{what}: qemu-img compare with the model: {}\nops: {:#?}", cmp.text(), h.log);
+        return Ok(h.stats);
+    };
+    // QEMU takes the data file name relative to its working directory:
+    // name the file explicitly.
+    let data_path = dir.path().join(DATA_FILE_NAME);
+    std::fs::write(&data_path, data.to_bytes()).unwrap();
+    let spec = format!("driver=qcow2,file.filename={},data-file.filename={}", img.display(), data_path.display());
+    let check = qemu::qemu_img(&["check", "--image-opts", &spec]);
     prop_assert!(check.success(), "{what}: qemu-img check: {}\nops: {:#?}", check.text(), h.log);
-    let cmp = qemu::compare(&img, "qcow2", &raw, "raw");
+    let cmp =
+        qemu::qemu_img(&["compare", "--image-opts", &spec, &format!("driver=raw,file.filename={}", raw.display())]);
     prop_assert!(cmp.success(), "{what}: qemu-img compare with the model: {}\nops: {:#?}", cmp.text(), h.log);
     Ok(h.stats)
 }
@@ -180,6 +197,25 @@ fn model_4k_clusters() {
 #[test]
 fn model_64k_clusters() {
     assert_reached(plain_property(&[65536], 6 << 20), "64 KiB clusters");
+}
+
+/// Images keeping their data in an external data file, raw or not, with
+/// every cluster size: the same operations, snapshots and compressed
+/// writes refused (and changing nothing), downgrades refused, and with
+/// `data_file_raw=on` the data file equal to the disk after every step.
+#[test]
+fn model_data_file() {
+    let strategy =
+        (config(&[512, 4096, 65536]), any::<bool>(), any::<bool>(), any::<bool>(), any::<u16>(), op_specs(30));
+    let s = property(7, 24, strategy, |(cfg, raw, small, pass, initial, specs)| {
+        let cfg = ImageConfig { compat: Compat::V3, ..cfg }.with_data_file(raw);
+        let max_size = if cfg.cluster_size == 512 { 3 << 20 } else { 6 << 20 };
+        plain(cfg, small, pass, initial, max_size, specs)
+    });
+    println!("data files: {s:?}");
+    if default_seeds() {
+        assert!(s.refusals > 0, "snapshots and compressed writes were never tried: {s:?}");
+    }
 }
 
 /// An overlay: the backing file is a qcow2 image (cluster size, compat and

@@ -247,8 +247,19 @@ impl Meta {
             status.current_operation = Operation::ChangingRefcountOrder;
             self.change_refcount_order(storage, bits.trailing_zeros(), status)?;
         }
+        if let Some(name) = &opts.data_file {
+            // An empty name removes the extension, as in QEMU (the image
+            // then needs an explicit data file to open).
+            let mut probe = self.header.clone();
+            probe.extensions.data_file = (!name.is_empty()).then(|| name.clone());
+            probe.serialize()?;
+            self.header.extensions.data_file = probe.extensions.data_file;
+        }
         if opts.data_file_raw == Some(false) {
             self.header.autoclear_features &= !autoclear::DATA_FILE_RAW;
+            if let Some(d) = self.data_file.as_mut() {
+                d.raw = false;
+            }
         }
         self.write_header(storage)?;
         storage.sync().map_err(Error::io("syncing the header", 0))?;
@@ -517,12 +528,23 @@ impl Meta {
                 "Cannot downgrade an image with incompatible features 0x{blocking:x} set"
             )));
         }
+        // A failed downgrade leaves the features as they were (QEMU clears
+        // them in memory before it may fail, but never writes them then).
+        let saved = (self.header.compatible_features, self.header.autoclear_features, self.lazy_refcounts);
         self.header.compatible_features = 0;
         self.header.autoclear_features = 0;
         // The image is clean now: expand with ordered flushes (refcounts
         // before the tables that need them), not in lazy-refcount mode,
         // which would write the tables first with the dirty bit clear.
         self.lazy_refcounts = false;
+        let res = self.expand_and_write_v2_header(storage, status);
+        if res.is_err() {
+            (self.header.compatible_features, self.header.autoclear_features, self.lazy_refcounts) = saved;
+        }
+        res
+    }
+
+    fn expand_and_write_v2_header(&mut self, storage: &dyn Storage, status: &mut Status<'_>) -> Result<()> {
         self.expand_zero_clusters(storage, status)?;
         if self.header.incompatible_features & incompat::COMPRESSION != 0 {
             if self.has_compressed_clusters(storage)? {

@@ -139,6 +139,8 @@ pub(crate) fn open_backing(
     backing_opts.read_only = true;
     backing_opts.format = format;
     backing_opts.repair = false;
+    // An explicit data file belongs to the image it was given for.
+    backing_opts.data_file = None;
     let image = Image::open_in_chain(&path, &backing_opts, chain).map_err(|e| match e {
         Error::Io { op: "opening the image", offset, source } => Error::Io {
             op: "opening the backing file",

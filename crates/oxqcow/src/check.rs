@@ -22,7 +22,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use oxqcow_format::header::incompat;
+use oxqcow_format::header::{autoclear, incompat};
 use oxqcow_format::refcount::RefcountBlock;
 use oxqcow_format::table::{decode_entries, encode_entries};
 use oxqcow_format::Geometry;
@@ -169,8 +169,8 @@ impl Fix {
     }
 }
 
-/// The cluster types of QEMU's `qcow2_get_cluster_type` (no subclusters,
-/// no external data file: this engine opens neither).
+/// The cluster types of QEMU's `qcow2_get_cluster_type` (no subclusters:
+/// this engine does not open such images).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum ClusterType {
     Unallocated,
@@ -180,7 +180,9 @@ enum ClusterType {
     Compressed,
 }
 
-fn cluster_type(entry: u64) -> ClusterType {
+/// `external`: the image keeps its data in an external data file, where
+/// offset 0 with COPIED is guest cluster 0, not an unallocated entry.
+fn cluster_type(entry: u64, external: bool) -> ClusterType {
     if entry & OFLAG_COMPRESSED != 0 {
         ClusterType::Compressed
     } else if entry & OFLAG_ZERO != 0 {
@@ -189,7 +191,7 @@ fn cluster_type(entry: u64) -> ClusterType {
         } else {
             ClusterType::ZeroPlain
         }
-    } else if entry & L2E_OFFSET_MASK == 0 {
+    } else if entry & L2E_OFFSET_MASK == 0 && !(external && entry & OFLAG_COPIED != 0) {
         ClusterType::Unallocated
     } else {
         ClusterType::Normal
@@ -239,6 +241,23 @@ pub(crate) fn check(meta: &mut Meta, storage: &dyn Storage, repair: Option<Repai
     };
     c.reftable = decode_entries(&c.read_padded(reftable_offset, reftable_bytes)?);
     let mut report = CheckReport::default();
+    // QEMU's qcow2_check_header: a raw data file cannot stand for the disk
+    // when unallocated clusters read from a backing file.
+    if c.meta.has_backing && c.meta.header.autoclear_features & autoclear::DATA_FILE_RAW != 0 {
+        let verb = if fix.errors { "Repairing" } else { "ERROR in" };
+        c.messages.push(format!("{verb} header: data-file-raw cannot be set when there is a backing file."));
+        if fix.errors {
+            c.meta.header.autoclear_features &= !autoclear::DATA_FILE_RAW;
+            if let Some(d) = c.meta.data_file.as_mut() {
+                d.raw = false;
+            }
+            c.meta.write_header(storage)?;
+            storage.sync().map_err(Error::io("syncing the header", 0))?;
+            report.corruptions_fixed += 1;
+        } else {
+            report.corruptions += 1;
+        }
+    }
     // The snapshot table (QEMU's qcow2_check_read_snapshot_table).
     let mut snapshot_res = CheckReport::default();
     let incomplete: Vec<usize> = if c.meta.header.version >= 3 {
@@ -520,7 +539,8 @@ impl Checker<'_> {
         let csize_mask = (1u64 << (g.cluster_bits() - 8)) - 1;
         for i in 0..(cs / 8) as usize {
             let mut entry = u64::from_be_bytes(table[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-            let ty = cluster_type(entry);
+            let external = self.meta.data_file.is_some();
+            let ty = cluster_type(entry, external);
             if ty != ClusterType::Compressed && entry & L2E_STD_RESERVED_MASK != 0 {
                 self.messages.push(format!("ERROR found l2 entry with reserved bits set: {entry:x}"));
                 res.corruptions += 1;
@@ -534,6 +554,11 @@ impl Checker<'_> {
                         ));
                         entry &= !OFLAG_COPIED;
                         res.corruptions += 1;
+                    }
+                    if external {
+                        self.messages.push(format!("ERROR compressed cluster {i} with data file, entry=0x{entry:x}"));
+                        res.corruptions += 1;
+                        continue;
                     }
                     let coffset = entry & offset_mask;
                     let sectors = ((entry >> csize_shift) & csize_mask) + 1;
@@ -571,7 +596,10 @@ impl Checker<'_> {
                         }
                         next_contiguous = offset + cs;
                     }
-                    self.inc_refcounts(res, offset, cs)?;
+                    // Data file clusters are not refcounted in the image file.
+                    if !external {
+                        self.inc_refcounts(res, offset, cs)?;
+                    }
                 }
                 ClusterType::ZeroPlain | ClusterType::Unallocated => {}
             }
@@ -910,10 +938,17 @@ impl Checker<'_> {
             let mut dirty = 0u64;
             for j in 0..(cs / 8) as usize {
                 let entry = u64::from_be_bytes(table[j * 8..j * 8 + 8].try_into().expect("8 bytes"));
-                if !matches!(cluster_type(entry), ClusterType::Normal | ClusterType::ZeroAlloc) {
+                let external = self.meta.data_file.is_some();
+                if !matches!(cluster_type(entry, external), ClusterType::Normal | ClusterType::ZeroAlloc) {
                     continue;
                 }
-                let Ok(rc) = self.get_refcount((entry & L2E_OFFSET_MASK) >> g.cluster_bits()) else { continue };
+                // QEMU takes every data file cluster's refcount to be 1.
+                let rc = if external {
+                    1
+                } else {
+                    let Ok(rc) = self.get_refcount((entry & L2E_OFFSET_MASK) >> g.cluster_bits()) else { continue };
+                    rc
+                };
                 if (rc == 1) != (entry & OFLAG_COPIED != 0) {
                     res.corruptions += 1;
                     self.messages.push(format!("{verb} OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={rc}"));

@@ -94,11 +94,14 @@ impl Image {
             return Ok(Image::Raw(Raw::open(storage, opts.read_only)?));
         }
         let header = crate::qcow2::read_header(&*storage)?;
+        // QEMU opens the data file while opening the image, before the
+        // backing chain.
+        let data = crate::data_file::open_for(path, &header, opts)?;
         let backing = match &header.backing_file {
             Some(name) => open_backing(path, name, header.extensions.backing_format.as_deref(), opts, chain)?,
             None => None,
         };
-        Ok(Image::Qcow2(Qcow2::open_with_backing(storage, opts, backing)?))
+        Ok(Image::Qcow2(Qcow2::open_with(storage, opts, backing, data)?))
     }
 
     /// Opens an image on any storage. A qcow2 image that names a backing
@@ -145,15 +148,27 @@ impl Image {
                 }
             }
         }
+        // QEMU creates the data file first: a data file in use stops the
+        // creation before the image file is touched.
+        let data = match (&opts.data_file, opts.format) {
+            (Some(name), ImageFormat::Qcow2) => {
+                crate::resize::validate_create(&opts)?;
+                Some(crate::data_file::create_for(path, name)?)
+            }
+            _ => None,
+        };
         let storage = FileStorage::create(path).map_err(Error::io("creating the image", 0))?;
         crate::lock::lock(storage.file(), LockSet::for_open(false, false), &path.display().to_string())?;
         if opts.backing_file.is_none() {
-            let image = Image::create_storage(Arc::new(storage), &opts)?;
+            let image = match data {
+                Some(data) => Image::Qcow2(Qcow2::create_with_data_file(Arc::new(storage), data, &opts)?),
+                None => Image::create_storage(Arc::new(storage), &opts)?,
+            };
             image.set_cache_mode(opts.cache);
             return Ok(image);
         }
         // Reopen so that the backing chain is attached.
-        Qcow2::create_unattached(Arc::new(storage), &opts)?.close()?;
+        Qcow2::create_unattached(Arc::new(storage), data, &opts)?.close()?;
         let policy = if opts.unsafe_backing { BackingPolicy::Ignore } else { BackingPolicy::Follow };
         Image::open(path, &OpenOptions { cache: opts.cache, ..OpenOptions::new().backing(policy) })
     }

@@ -18,6 +18,7 @@ pub mod chain_ops;
 pub mod check;
 pub mod compress;
 pub mod cursor;
+pub mod data_file;
 pub mod dirty;
 pub mod error;
 pub mod image;

@@ -48,6 +48,18 @@ impl LockSet {
             (true, true) => LockSet { held: CONSISTENT_READ, unshared: 0 },
         }
     }
+
+    /// QEMU's choice for the external data file of an image opened that
+    /// way: a data child (`bdrv_default_perms_for_storage`) takes what the
+    /// image's user asked for plus "resize" when writing, and refuses to
+    /// share only "resize" (the user shares everything else).
+    pub(crate) fn for_data_file(read_only: bool, force_share: bool) -> LockSet {
+        match (read_only, force_share) {
+            (false, _) => LockSet { held: CONSISTENT_READ | WRITE | RESIZE, unshared: RESIZE },
+            (true, false) => LockSet { held: CONSISTENT_READ, unshared: RESIZE },
+            (true, true) => LockSet { held: CONSISTENT_READ, unshared: 0 },
+        }
+    }
 }
 
 #[allow(unsafe_code)]
@@ -89,6 +101,8 @@ pub(crate) fn lock(file: &File, set: LockSet, path: &str) -> Result<()> {
         let kind = fcntl_lock(file, libc::F_OFD_GETLK, libc::F_WRLCK as libc::c_short, byte).map_err(io_err)?;
         Ok(kind != libc::F_UNLCK as libc::c_short)
     };
+    // QEMU's raw_check_lock_bytes: every permission held first, then every
+    // one not shared, so the first conflict named is the one QEMU names.
     for (bit, name) in PERMS.iter().enumerate() {
         let mask = 1 << bit;
         if set.held & mask != 0 && conflict(SHARED_BASE + bit as u64)? {
@@ -97,6 +111,9 @@ pub(crate) fn lock(file: &File, set: LockSet, path: &str) -> Result<()> {
                 "Failed to get \"{name}\" lock\nIs another process using the image [{path}]?"
             )));
         }
+    }
+    for (bit, name) in PERMS.iter().enumerate() {
+        let mask = 1 << bit;
         if set.unshared & mask != 0 && conflict(PERM_BASE + bit as u64)? {
             unlock(file);
             return Err(Error::Locked(format!(
@@ -107,8 +124,12 @@ pub(crate) fn lock(file: &File, set: LockSet, path: &str) -> Result<()> {
     Ok(())
 }
 
-/// Drops every lock byte this file description holds.
-fn unlock(file: &File) {
+/// Drops every lock byte this file description holds. Called before the
+/// file is closed too: a child that another thread forked and that has
+/// not reached exec yet shares the description (CLOEXEC acts only at
+/// exec), so closing alone could leave the locks held for a moment after
+/// the image was closed.
+pub(crate) fn unlock(file: &File) {
     for bit in 0..PERMS.len() as u64 {
         for base in [PERM_BASE, SHARED_BASE] {
             let _ = fcntl_lock(file, libc::F_OFD_SETLK, libc::F_UNLCK as libc::c_short, base + bit);

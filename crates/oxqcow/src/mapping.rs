@@ -161,8 +161,18 @@ impl Meta {
     /// say where the entry is, and checking the host offset is in the file.
     pub(crate) fn decode(&self, entry: L2Entry, table: u64, index: usize) -> Result<L2Mapping> {
         let m = entry
-            .mapping(&self.geometry, self.header.version)
+            .mapping_in(&self.geometry, self.header.version, self.data_file.is_some())
             .map_err(|e| Error::Corrupt(format!("L2 table at offset 0x{table:x}, entry {index}: {e}")))?;
+        if self.data_file.is_some() {
+            // Data clusters live in the data file, at their guest offset
+            // (checked by the callers, which know it).
+            if let L2Mapping::Compressed(_) = m {
+                return Err(Error::Corrupt(format!(
+                    "Compressed cluster entry found in image with external data file (L2 offset: 0x{table:x}, L2 index: 0x{index:x})"
+                )));
+            }
+            return Ok(m);
+        }
         if let Some(host) = m.host_cluster() {
             if self.geometry.host_cluster(host).0 >= self.refcounts.host_end {
                 return Err(Error::Corrupt(format!(
@@ -187,6 +197,23 @@ impl Meta {
             }
         }
         Ok(m)
+    }
+
+    /// With an external data file, a data cluster must lie at its guest
+    /// offset (QEMU's check in `qcow2_get_host_offset`); `guest` is the
+    /// guest offset of the cluster the mapping belongs to.
+    pub(crate) fn check_data_file_host(&self, m: &L2Mapping, guest: u64, index: usize) -> Result<()> {
+        if self.data_file.is_none() {
+            return Ok(());
+        }
+        let cluster = self.geometry.align_down(guest);
+        match m.host_cluster() {
+            Some(host) if host.0 != cluster => Err(Error::Corrupt(format!(
+                "External data file host cluster offset 0x{:x} does not match guest cluster offset: 0x{cluster:x}, L2 index: 0x{index:x}",
+                host.0
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// Visits the mapping of every cluster touched by `[offset, offset + len)`,
@@ -218,6 +245,7 @@ impl Meta {
                         let piece = (cs - in_cluster).min(table_end - pos);
                         let entry = self.l2_entry(table, index);
                         let m = self.decode(entry, table, index)?;
+                        self.check_data_file_host(&m, pos, index)?;
                         f(pos, piece, in_cluster, m);
                         pos += piece;
                     }
@@ -313,11 +341,13 @@ impl Meta {
             return Ok(out);
         }
         let mut refined = Vec::with_capacity(out.len());
+        let data_storage = self.data_file.as_ref().map(|d| d.storage.clone());
+        let data_storage: &dyn Storage = data_storage.as_deref().unwrap_or(storage);
         for e in out {
             match e.host_offset {
                 Some(host) if e.data => {
                     let runs =
-                        storage.data_runs(host, e.length).map_err(Error::io("querying host allocation", host))?;
+                        data_storage.data_runs(host, e.length).map_err(Error::io("querying host allocation", host))?;
                     for (h, l, is_data) in runs {
                         let piece = Extent {
                             offset: e.offset + (h - host),

@@ -148,6 +148,10 @@ pub struct OpenOptions {
     /// Metadata overlap checks (`overlap-check`, default `cached`); a mask
     /// of the templates in [`crate::overlap`].
     pub overlap_check: Option<u32>,
+    /// The external data file to use instead of the one the image header
+    /// names (QEMU's `data-file` runtime option); only for images that
+    /// have one. Not passed down to backing files.
+    pub data_file: Option<std::path::PathBuf>,
 }
 
 impl OpenOptions {
@@ -195,6 +199,8 @@ impl OpenOptions {
                 self.overlap_check = Some(mask);
             }
             "driver" => self.format = Some(ImageFormat::from_name(value)?),
+            "data-file" | "data-file.filename" => self.data_file = Some(value.into()),
+            "data-file.driver" if value == "file" => {}
             _ => return Err(Error::InvalidArgument(format!("Invalid parameter '{key}'"))),
         }
         Ok(())

@@ -107,6 +107,8 @@ pub(crate) struct Meta {
     pub(crate) signaled_corruption: bool,
     /// Persistent dirty bitmaps (see `bitmap.rs`).
     pub(crate) bitmaps: crate::bitmap::Bitmaps,
+    /// The external data file, when guest data lives in one.
+    pub(crate) data_file: Option<crate::data_file::DataFile>,
 }
 
 /// Facts about an open qcow2 image, for `info`.
@@ -138,8 +140,11 @@ pub struct Qcow2Info {
     pub has_bitmaps: bool,
     /// The persistent bitmaps, as the directory on disk lists them.
     pub bitmaps: Vec<crate::bitmap::BitmapInfo>,
-    /// External data file name.
+    /// External data file name (the header extension).
     pub data_file: Option<String>,
+    /// Whether guest data lives in an external data file (incompatible
+    /// feature bit 2; the name may be missing).
+    pub has_data_file: bool,
     /// Raw external data file.
     pub data_file_raw: bool,
     /// Encryption method (0 none).
@@ -151,6 +156,9 @@ pub struct Qcow2Info {
 /// An open qcow2 image.
 pub struct Qcow2 {
     storage: Arc<dyn Storage>,
+    /// Where guest data clusters live: the external data file, or the
+    /// image file itself.
+    data: Arc<dyn Storage>,
     geometry: Geometry,
     /// The header's `compression_type` and version, read without the
     /// metadata lock; amend changes both (see [`Qcow2::refresh_header_facts`]).
@@ -436,6 +444,7 @@ impl Meta {
         if !self.lazy_refcounts {
             self.refcounts.write_dirty(storage)?;
         }
+        self.sync_data()?;
         storage.sync().map_err(Error::io("syncing before an L2 write", offset))?;
         let data = self.l2.peek(offset).expect("dirty tables are cached");
         self.refcounts.check_write(offset, data.len() as u64, overlap::ACTIVE_L2 | overlap::INACTIVE_L2)?;
@@ -453,6 +462,7 @@ impl Meta {
         }
         if !l2_dirty.is_empty() || need_l1 {
             // Data and refcounts before the tables that reference them.
+            self.sync_data()?;
             storage.sync().map_err(Error::io("syncing data and refcounts", 0))?;
         }
         for &offset in &l2_dirty {
@@ -469,6 +479,15 @@ impl Meta {
         }
         storage.sync().map_err(Error::io("syncing metadata", 0))?;
         Ok(())
+    }
+
+    /// Makes guest data in the external data file durable (the image
+    /// file's own sync covers data kept there).
+    pub(crate) fn sync_data(&self) -> Result<()> {
+        match &self.data_file {
+            Some(d) => d.storage.sync().map_err(Error::io("syncing the data file", 0)),
+            None => Ok(()),
+        }
     }
 
     /// Writes everything including lazily kept refcounts (for close and for
@@ -517,6 +536,19 @@ impl Qcow2 {
         opts: &OpenOptions,
         backing: Option<Arc<crate::image::Image>>,
     ) -> Result<Self> {
+        Self::open_with(storage, opts, backing, None)
+    }
+
+    /// Opens a qcow2 image with `backing` as its backing image and
+    /// `data_file` as the storage of its guest data. An image whose header
+    /// says its data lives in an external data file needs one; any other
+    /// image refuses one (QEMU's messages).
+    pub fn open_with(
+        storage: Arc<dyn Storage>,
+        opts: &OpenOptions,
+        backing: Option<Arc<crate::image::Image>>,
+        data_file: Option<Arc<dyn Storage>>,
+    ) -> Result<Self> {
         let st = &*storage;
         let file_len = st.len().map_err(Error::io("reading the file length", 0))?;
         let header = read_header(st)?;
@@ -526,8 +558,18 @@ impl Qcow2 {
         if header.crypt_method != 0 {
             return Err(Error::Unsupported("encrypted images".into()));
         }
-        if header.has_data_file() {
-            return Err(Error::Unsupported("external data files".into()));
+        let data_file_raw = header.autoclear_features & autoclear::DATA_FILE_RAW != 0;
+        match (header.has_data_file(), &data_file) {
+            (true, None) => return Err(Error::InvalidArgument("'data-file' is required for this image".into())),
+            (false, Some(_)) => {
+                return Err(Error::InvalidArgument(
+                    "'data-file' can only be set for images with an external data file".into(),
+                ))
+            }
+            (false, None) if data_file_raw => {
+                return Err(Error::InvalidArgument("data-file-raw requires a data file".into()))
+            }
+            _ => {}
         }
         if header.extended_l2() {
             return Err(Error::Unsupported("extended L2 entries".into()));
@@ -573,6 +615,12 @@ impl Qcow2 {
         let version = header.version;
         let size = header.size;
         let compression_type = header.compression_type;
+        let discard = DiscardModes {
+            request: opts.discard_passthrough,
+            snapshot: opts.pass_discard_snapshot.unwrap_or(true),
+            other: opts.pass_discard_other,
+        };
+        let data = data_file.clone().unwrap_or_else(|| storage.clone());
         let mut meta = Meta {
             header,
             geometry,
@@ -592,6 +640,7 @@ impl Qcow2 {
             metadata_preallocation: None,
             signaled_corruption: false,
             bitmaps: Default::default(),
+            data_file: data_file.map(|storage| crate::data_file::DataFile { storage, raw: data_file_raw, discard }),
         };
         meta.refcounts.map.mask = opts.overlap_check.unwrap_or(overlap::CACHED);
         meta.update_reserved();
@@ -639,16 +688,13 @@ impl Qcow2 {
 
         Ok(Qcow2 {
             storage,
+            data,
             geometry,
             compression_type: AtomicU8::new(compression_type),
             version: AtomicU32::new(version),
             read_only,
             writethrough: AtomicBool::new(opts.cache.writes_through()),
-            discard: DiscardModes {
-                request: opts.discard_passthrough,
-                snapshot: opts.pass_discard_snapshot.unwrap_or(true),
-                other: opts.pass_discard_other,
-            },
+            discard,
             size: AtomicU64::new(size),
             io_gate: RwLock::new(()),
             backing,
@@ -783,6 +829,7 @@ impl Qcow2Info {
             has_bitmaps: h.extensions.bitmaps.is_some(),
             bitmaps: Vec::new(),
             data_file: h.extensions.data_file.clone(),
+            has_data_file: h.has_data_file(),
             data_file_raw: h.autoclear_features & autoclear::DATA_FILE_RAW != 0,
             crypt_method: h.crypt_method,
             size: h.size,
@@ -834,7 +881,7 @@ impl Qcow2 {
             match seg {
                 ReadSegment::Zero(_) => out.fill(0),
                 ReadSegment::Data { host, .. } => {
-                    self.storage.read_at(out, host).map_err(Error::io("reading guest data", host))?;
+                    self.data.read_at(out, host).map_err(Error::io("reading guest data", host))?;
                 }
                 // A whole cluster is inflated straight into the caller's buffer.
                 ReadSegment::Compressed { desc, in_cluster: 0, .. } if len as u64 == self.geometry.cluster_size() => {
@@ -871,6 +918,7 @@ impl Qcow2 {
     /// every write request durable before it returns.
     pub fn set_cache_mode(&self, mode: crate::options::CacheMode) {
         self.storage.set_ignore_sync(mode == crate::options::CacheMode::Unsafe);
+        self.data.set_ignore_sync(mode == crate::options::CacheMode::Unsafe);
         self.writethrough.store(mode.writes_through(), Ordering::Relaxed);
     }
 
@@ -899,9 +947,7 @@ impl Qcow2 {
             match plan {
                 WritePlan::Wait => unreachable!("handled above"),
                 WritePlan::InPlace { host, len } => {
-                    self.storage
-                        .write_at(&chunk[..len as usize], host)
-                        .map_err(Error::io("writing guest data", host))?;
+                    self.data.write_at(&chunk[..len as usize], host).map_err(Error::io("writing guest data", host))?;
                     drop(gate);
                     done += len;
                 }
@@ -1145,7 +1191,9 @@ impl Qcow2 {
             if let Some(f) = &m.failed {
                 return Err(Error::Failed(f.clone()));
             }
-            if let Err(e) = m.flush(self.storage_ref()) {
+            // Guest data in an external data file first, as QEMU flushes
+            // its children: the metadata flush may make it reachable.
+            if let Err(e) = m.sync_data().and_then(|()| m.flush(self.storage_ref())) {
                 m.fail(self.storage_ref(), &e);
                 return Err(e);
             }
@@ -1242,6 +1290,7 @@ impl Qcow2 {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
+        self.lock_meta().check_resize(new_size)?;
         let old_size = self.len();
         self.lock_meta().check_bitmaps_resizable()?;
         if new_size > old_size {
@@ -1292,6 +1341,7 @@ impl Qcow2 {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
+        self.refuse_snapshots_with_data_file()?;
         let modes = self.discard;
         self.exclusive(|m, st| m.with_dirty_bit(st, |m| m.snapshot_create(st, template, modes)))
     }
@@ -1301,6 +1351,7 @@ impl Qcow2 {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
+        self.refuse_snapshots_with_data_file()?;
         let modes = self.discard;
         self.exclusive(|m, st| m.with_dirty_bit(st, |m| m.snapshot_delete(st, id_or_name, modes)))
     }
@@ -1316,6 +1367,7 @@ impl Qcow2 {
         if self.has_bitmaps() {
             return Err(Error::InvalidArgument("Device has active dirty bitmaps".into()));
         }
+        self.refuse_snapshots_with_data_file()?;
         let modes = self.discard;
         self.exclusive(|m, st| m.with_dirty_bit(st, |m| m.snapshot_apply(st, id_or_name, modes)))
     }
@@ -1392,9 +1444,9 @@ impl Qcow2 {
             // the data (QEMU's handle_alloc_space does the same).
             let head_len = alloc.head.map_or(0, |r| r.len);
             let total = head_len + data.len() as u64 + alloc.tail.map_or(0, |r| r.len);
-            if self.storage.write_zeroes_fast(host, total).map_err(Error::io("zeroing new clusters", host))? {
+            if self.data.write_zeroes_fast(host, total).map_err(Error::io("zeroing new clusters", host))? {
                 let at = host + head_len;
-                return self.storage.write_at(data, at).map_err(Error::io("writing guest data", at));
+                return self.data.write_at(data, at).map_err(Error::io("writing guest data", at));
             }
         }
         let head = self.read_cow(&alloc.head)?;
@@ -1405,12 +1457,12 @@ impl Qcow2 {
             buf.extend_from_slice(&head);
             buf.extend_from_slice(data);
             buf.extend_from_slice(&tail);
-            return self.storage.write_at(&buf, host).map_err(Error::io("writing guest data", host));
+            return self.data.write_at(&buf, host).map_err(Error::io("writing guest data", host));
         }
         let mut at = host;
         for part in [&head[..], data, &tail[..]] {
             if !part.is_empty() {
-                self.storage.write_at(part, at).map_err(Error::io("writing guest data", at))?;
+                self.data.write_at(part, at).map_err(Error::io("writing guest data", at))?;
                 at += part.len() as u64;
             }
         }
@@ -1423,7 +1475,7 @@ impl Qcow2 {
         match r.source {
             crate::write::CowSource::Zero => {}
             crate::write::CowSource::Host(host) => {
-                self.storage.read_at(&mut buf, host).map_err(Error::io("reading data to copy", host))?;
+                self.data.read_at(&mut buf, host).map_err(Error::io("reading data to copy", host))?;
             }
             crate::write::CowSource::Compressed(desc, at) => {
                 let cluster = self.read_compressed(desc)?;
@@ -1446,6 +1498,27 @@ impl Qcow2 {
             crate::image::BlockDevice::read_at(&**backing, &mut out[..n], guest)?;
         }
         out[n..].fill(0);
+        Ok(())
+    }
+
+    /// Whether guest data lives in an external data file.
+    pub fn has_data_file(&self) -> bool {
+        !Arc::ptr_eq(&self.data, &self.storage)
+    }
+
+    /// The storage guest data clusters live in: the external data file, or
+    /// the image file itself.
+    pub fn data_storage(&self) -> &Arc<dyn Storage> {
+        &self.data
+    }
+
+    /// Refuses internal snapshot operations on images with an external
+    /// data file, as QEMU does (-ENOTSUP): the snapshot could not keep its
+    /// own copy of the data.
+    fn refuse_snapshots_with_data_file(&self) -> Result<()> {
+        if self.has_data_file() {
+            return Err(Error::Unsupported("internal snapshots of images with an external data file".into()));
+        }
         Ok(())
     }
 
@@ -1482,6 +1555,11 @@ impl Qcow2 {
 
     fn write_compressed_inner(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
+        if self.has_data_file() {
+            // QEMU: -ENOTSUP; a compressed cluster cannot sit at host offset
+            // == guest offset.
+            return Err(Error::Unsupported("compressed clusters in images with an external data file".into()));
+        }
         let cs = self.geometry.cluster_size();
         let end = offset + buf.len() as u64;
         if offset % cs != 0 || (end % cs != 0 && end != self.len()) {

@@ -44,6 +44,8 @@ pub(crate) struct Refcounts {
     block_clusters: BTreeSet<u64>,
     /// One past the highest cluster ever allocated or present in the file.
     pub(crate) host_end: u64,
+    /// A length the file is known to have reached (see `cover_allocated`).
+    covered_len: u64,
 }
 
 impl Refcounts {
@@ -101,6 +103,7 @@ impl Refcounts {
             map: MetadataMap::default(),
             block_clusters,
             host_end: geometry.clusters_for(file_len),
+            covered_len: file_len,
         })
     }
 
@@ -146,31 +149,47 @@ impl Refcounts {
         storage.write_at(data, offset).map_err(Error::io("writing a refcount block", offset))
     }
 
-    /// Extends the file into the last allocated cluster; called before
-    /// refcount blocks are written. A cluster allocated for metadata that
-    /// is written later (a new L2 table, say) may lie past the end of the
-    /// file; were its refcount durable before the file reached it, a crash
-    /// would leave a leak past the end, which check cannot see (it looks
-    /// at the clusters the file reaches into, as QEMU's does) and so
-    /// cannot repair until the file grows over it. One byte of the cluster
-    /// is enough, and keeps files QEMU's length (a new L1 table, written
-    /// before its refcount, may end inside its cluster).
-    fn cover_allocated(&self, storage: &dyn Storage) -> Result<()> {
+    /// Extends the file into the last allocated cluster, as soon as it is
+    /// allocated. A cluster allocated for metadata that is written later (a
+    /// new L2 table, say) may lie past the end of the file; were its
+    /// refcount durable before the file reached it, a crash would leave a
+    /// leak past the end, which check cannot see (it looks at the clusters
+    /// the file reaches into, as QEMU's does) and so cannot repair until the
+    /// file grows over it. One byte of the cluster is enough, and keeps
+    /// files QEMU's length (a new L1 table, written before its refcount, may
+    /// end inside its cluster).
+    ///
+    /// Doing it at allocation, under the metadata lock, is what makes the
+    /// length check and the truncate safe against guest data writes running
+    /// meanwhile: those go only to clusters allocated earlier, which end at
+    /// or before the first byte of the newest cluster, so the truncate can
+    /// only lengthen the file past them. (Done later, the newest cluster
+    /// could be the one being written, and the truncate would cut it.)
+    fn cover_allocated(&mut self, storage: &dyn Storage) -> Result<()> {
         if self.host_end == 0 {
             return Ok(());
         }
         let end = (self.host_end - 1) * self.geometry.cluster_size() + 1;
+        if end <= self.covered_len {
+            return Ok(());
+        }
         let len = storage.len().map_err(Error::io("reading the file length", 0))?;
         if len < end {
             storage.set_len(end).map_err(Error::io("extending the file over allocated clusters", len))?;
         }
+        self.covered_len = len.max(end);
         Ok(())
+    }
+
+    /// Forgets what the file's length was known to be (after it shrank).
+    pub(crate) fn file_shrunk(&mut self, len: u64) {
+        self.covered_len = len;
+        self.host_end = self.geometry.clusters_for(len);
     }
 
     fn make_room(&mut self, storage: &dyn Storage) -> Result<()> {
         while let Some((offset, dirty)) = self.blocks.victim() {
             if dirty {
-                self.cover_allocated(storage)?;
                 let data = self.blocks.peek(offset).expect("victim is cached");
                 self.check_write(offset, data.len() as u64, overlap::REFCOUNT_BLOCK)?;
                 storage.write_at(data, offset).map_err(Error::io("writing a refcount block", offset))?;
@@ -345,6 +364,7 @@ impl Refcounts {
                 self.free_hint = start + n;
             }
             self.host_end = self.host_end.max(start + n);
+            self.cover_allocated(storage)?;
             return Ok(HostCluster(start));
         }
     }
@@ -404,6 +424,7 @@ impl Refcounts {
             self.free_hint = c + 1;
         }
         self.host_end = self.host_end.max(c + 1);
+        self.cover_allocated(storage)?;
         Ok(())
     }
 
@@ -490,9 +511,6 @@ impl Refcounts {
 
     fn write_dirty_blocks(&mut self, storage: &dyn Storage) -> Result<bool> {
         let dirty = self.blocks.dirty_offsets();
-        if !dirty.is_empty() {
-            self.cover_allocated(storage)?;
-        }
         for &offset in &dirty {
             let data = self.blocks.peek(offset).expect("dirty blocks are cached");
             self.write_block(storage, offset, data)?;

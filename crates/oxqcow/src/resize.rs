@@ -88,9 +88,6 @@ pub(crate) fn validate_create(opts: &CreateOptions) -> Result<Geometry> {
     } else if opts.backing_format.is_some() {
         return Err(Error::InvalidArgument("backing_fmt requires backing_file".into()));
     }
-    if opts.data_file.is_some() {
-        return Err(Error::Unsupported("external data files".into()));
-    }
     let order = opts.refcount_bits.trailing_zeros();
     Ok(Geometry::new(cs.trailing_zeros(), order, false)?)
 }
@@ -105,12 +102,37 @@ impl Qcow2 {
                 "images with a backing file are created with Image::create, which opens the backing chain".into(),
             ));
         }
-        Self::create_unattached(storage, opts)
+        Self::create_unattached(storage, None, opts)
+    }
+
+    /// Creates a qcow2 image on `storage` whose guest data lives in
+    /// `data` (`opts.data_file` is the name the header records for it;
+    /// `data` is emptied and sized to the disk, as QEMU creates it).
+    pub fn create_with_data_file(
+        storage: Arc<dyn Storage>,
+        data: Arc<dyn Storage>,
+        opts: &CreateOptions,
+    ) -> Result<Qcow2> {
+        if opts.backing_file.is_some() {
+            return Err(Error::InvalidArgument(
+                "images with a backing file are created with Image::create, which opens the backing chain".into(),
+            ));
+        }
+        Self::create_unattached(storage, Some(data), opts)
     }
 
     /// Creates the image; a backing file name is recorded but not opened.
-    pub(crate) fn create_unattached(storage: Arc<dyn Storage>, opts: &CreateOptions) -> Result<Qcow2> {
+    pub(crate) fn create_unattached(
+        storage: Arc<dyn Storage>,
+        data: Option<Arc<dyn Storage>>,
+        opts: &CreateOptions,
+    ) -> Result<Qcow2> {
         let g = validate_create(opts)?;
+        if opts.data_file.is_some() != data.is_some() {
+            return Err(Error::InvalidArgument(
+                "an image with an external data file needs both its name (data_file) and its storage".into(),
+            ));
+        }
         let size = opts.size.div_ceil(512) * 512;
         let cs = g.cluster_size();
         let st = &*storage;
@@ -125,12 +147,28 @@ impl Qcow2 {
             header.compression_type = 1;
             header.incompatible_features |= incompat::COMPRESSION;
         }
+        if let (Some(name), Some(data)) = (&opts.data_file, &data) {
+            if name.len() > oxqcow_format::limits::MAX_BACKING_NAME as usize {
+                return Err(Error::InvalidArgument(format!("Data file name too long ({} bytes)", name.len())));
+            }
+            header.incompatible_features |= incompat::DATA_FILE;
+            header.extensions.data_file = Some(name.clone());
+            if opts.data_file_raw {
+                header.autoclear_features |= oxqcow_format::header::autoclear::DATA_FILE_RAW;
+            }
+            // As QEMU's file driver creates it: the disk's size, the first
+            // block allocated (so that later alignment probes find data).
+            data.set_len(0).map_err(Error::io("truncating the data file", 0))?;
+            data.set_len(size).map_err(Error::io("sizing the data file", size))?;
+            let first = vec![0u8; size.min(4096) as usize];
+            data.write_at(&first, 0).map_err(Error::io("allocating the first block of the data file", 0))?;
+        }
         st.write_at(&header.serialize()?, 0).map_err(Error::io("writing the header", 0))?;
         let mut table = vec![0u8; 2 * cs as usize];
         table[..8].copy_from_slice(&encode_entries(&[2 * cs]));
         st.write_at(&table, cs).map_err(Error::io("writing the refcount table", cs))?;
 
-        let image = Qcow2::open(storage.clone(), &OpenOptions::new())?;
+        let image = Qcow2::open_with(storage.clone(), &OpenOptions::new(), None, data.clone())?;
         image.exclusive(|m, st| {
             for c in 0..3 {
                 m.refcounts.update(st, HostCluster(c), 1)?;
@@ -153,7 +191,7 @@ impl Qcow2 {
         } else {
             OpenOptions::new()
         };
-        Qcow2::open(storage, &reopen)
+        Qcow2::open_with(storage, &reopen, None, data)
     }
 }
 
@@ -244,16 +282,33 @@ impl Meta {
     }
 
     /// Changes the guest size (exclusive access, metadata flushed).
-    pub(crate) fn resize(&mut self, storage: &dyn Storage, new_size: u64, prealloc: Preallocation) -> Result<()> {
+    /// The refusals QEMU's truncate makes before it changes anything.
+    pub(crate) fn check_resize(&self, new_size: u64) -> Result<()> {
         if new_size % 512 != 0 {
             return Err(Error::InvalidArgument(format!("The new size must be a multiple of 512 (got {new_size})")));
         }
+        // Version 2 snapshot entries record no disk size, so a snapshot
+        // could not say how large its disk was (QEMU's rule, any new size).
+        if !self.snapshots.entries.is_empty() && self.header.version < 3 {
+            return Err(Error::InvalidArgument("Can't resize a v2 image which has snapshots".into()));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn resize(&mut self, storage: &dyn Storage, new_size: u64, prealloc: Preallocation) -> Result<()> {
+        self.check_resize(new_size)?;
         let g = self.geometry;
         let old_size = self.header.size;
         let needed = g.l1_entries_for(new_size);
         if needed > oxqcow_format::limits::MAX_L1_INDEX {
             return Err(Error::InvalidArgument(format!("Image size {new_size} is too big")));
         }
+        // A raw data file must read as the disk at all times: QEMU maps
+        // every new cluster (to its place in the data file) when growing.
+        let prealloc = match &self.data_file {
+            Some(d) if d.raw && prealloc == Preallocation::Off && new_size >= old_size => Preallocation::Metadata,
+            _ => prealloc,
+        };
         if new_size >= old_size {
             if needed > self.l1.len() as u64 {
                 self.grow_l1(storage, needed)?;
@@ -269,6 +324,7 @@ impl Meta {
             if prealloc != Preallocation::Off && new_size > old_size {
                 self.preallocate(storage, g.align_down(old_size), new_size, prealloc)?;
             }
+            self.size_data_file(new_size)?;
             return Ok(());
         }
         if prealloc != Preallocation::Off {
@@ -308,7 +364,18 @@ impl Meta {
         let new_len = last * g.cluster_size();
         if new_len < file_len {
             storage.set_len(new_len).map_err(Error::io("truncating the image file", new_len))?;
-            self.refcounts.host_end = last;
+            self.refcounts.file_shrunk(new_len);
+        }
+        self.size_data_file(new_size)
+    }
+
+    /// The data file follows the disk size, as QEMU truncates it with the
+    /// image.
+    fn size_data_file(&self, size: u64) -> Result<()> {
+        let Some(d) = &self.data_file else { return Ok(()) };
+        let len = d.storage.len().map_err(Error::io("reading the data file length", 0))?;
+        if len != size {
+            d.storage.set_len(size).map_err(Error::io("resizing the data file", size))?;
         }
         Ok(())
     }
@@ -348,7 +415,7 @@ impl Meta {
             let old = self.decode(entry, table, index + i)?;
             let data = self.l2.get_mut(table).expect("loaded");
             oxqcow_format::table::write_l2_word(data, index + i, g.l2_entry_size() as usize, 0);
-            self.defer_free(old, FreeReason::Always);
+            self.defer_free(old, FreeReason::Always)?;
         }
         Ok(())
     }
@@ -364,7 +431,11 @@ impl Meta {
         match self.mapping_at(table, index)? {
             L2Mapping::Normal { host, copied: true } => {
                 let at = host.0 + g.offset_in_cluster(offset);
-                storage.write_zeroes(at, len).map_err(Error::io("zeroing the old end of the disk", at))?;
+                let data = self.data_file.as_ref().map(|d| d.storage.clone());
+                data.as_deref()
+                    .unwrap_or(storage)
+                    .write_zeroes(at, len)
+                    .map_err(Error::io("zeroing the old end of the disk", at))?;
             }
             L2Mapping::Normal { .. } => {
                 return Err(Error::Unsupported("growing an image whose last cluster is shared".into()));
@@ -376,6 +447,7 @@ impl Meta {
 
     /// Maps every unallocated cluster of `[from, to)` to a new host cluster.
     fn preallocate(&mut self, storage: &dyn Storage, from: u64, to: u64, mode: Preallocation) -> Result<()> {
+        let image_file = storage;
         let g = self.geometry;
         let cs = g.cluster_size();
         let mut runs: Vec<(u64, u64)> = Vec::new();
@@ -384,6 +456,8 @@ impl Meta {
         // discard without pass-discard-request): zero them before linking
         // them. Clusters past the end read as zeros already.
         let file_end = storage.len().map_err(Error::io("reading the file length", 0))?;
+        let data = self.data_file.as_ref().map(|d| d.storage.clone());
+        let external = data.is_some();
         let mut pos = from;
         while pos < to {
             let l1_index = g.l1_index(GuestOffset(pos));
@@ -403,8 +477,9 @@ impl Meta {
                 while i + n < count && self.l2_entry(table, idx + n as usize) == L2Entry::UNALLOCATED {
                     n += 1;
                 }
-                let host = self.alloc_clusters(storage, n)?;
-                let stale_end = (host + n * cs).min(file_end);
+                // Data file clusters sit at their guest offset, unrefcounted.
+                let host = if external { (pos / cs + i) * cs } else { self.alloc_clusters(storage, n)? };
+                let stale_end = if external { host } else { (host + n * cs).min(file_end) };
                 if stale_end > host && mode != Preallocation::Full {
                     let res = if mode == Preallocation::Metadata {
                         storage.punch_hole(host, stale_end - host)
@@ -426,6 +501,7 @@ impl Meta {
             }
             pos = table_end;
         }
+        let storage: &dyn Storage = data.as_deref().unwrap_or(storage);
         for &(host, len) in &runs {
             match mode {
                 Preallocation::Full => {
@@ -452,6 +528,6 @@ impl Meta {
                 storage.set_len(end).map_err(Error::io("extending the image file", end))?;
             }
         }
-        self.flush_all(storage)
+        self.flush_all(image_file)
     }
 }

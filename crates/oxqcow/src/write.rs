@@ -84,7 +84,14 @@ impl Meta {
     /// Drops the reference an old L2 mapping held, once the change is durable.
     /// A compressed cluster holds one reference on every host cluster its
     /// sectors touch.
-    pub(crate) fn defer_free(&mut self, old: L2Mapping, reason: FreeReason) {
+    pub(crate) fn defer_free(&mut self, old: L2Mapping, reason: FreeReason) -> Result<()> {
+        if let Some(d) = &self.data_file {
+            // Not refcounted: only the data file's space can be given back.
+            if let Some(host) = old.host_cluster() {
+                d.release(host.0, self.geometry.cluster_size(), reason)?;
+            }
+            return Ok(());
+        }
         match old {
             L2Mapping::Compressed(d) => {
                 for c in self.compressed_clusters(&d) {
@@ -97,6 +104,7 @@ impl Meta {
                 }
             }
         }
+        Ok(())
     }
 
     /// The host clusters a compressed cluster's sectors touch.
@@ -199,6 +207,8 @@ impl Meta {
         let limit = last_cluster.min(table_end_cluster - 1);
 
         let m0 = self.mapping_at(table, index)?;
+        self.check_data_file_host(&m0, offset, index)?;
+        let external = self.data_file.is_some();
         if let L2Mapping::Normal { host, copied: true } = m0 {
             let mut run_end = first + 1;
             let mut next_host = host.0 + cs;
@@ -213,7 +223,9 @@ impl Meta {
                 }
             }
             let run_len = (run_end * cs).min(end) - offset;
-            self.refcounts.check_write(host.0 + in_cluster, run_len, 0)?;
+            if !external {
+                self.refcounts.check_write(host.0 + in_cluster, run_len, 0)?;
+            }
             return Ok(WritePlan::InPlace { host: host.0 + in_cluster, len: run_len });
         }
 
@@ -230,8 +242,15 @@ impl Meta {
             last_mapping = m;
             count += 1;
         }
-        let host = self.alloc_clusters(storage, count)?;
-        self.refcounts.check_write(host, count * cs, 0)?;
+        let host = if external {
+            // QEMU's rule for data files: the cluster lives at its guest
+            // offset, and has no refcount in the image file.
+            first * cs
+        } else {
+            let host = self.alloc_clusters(storage, count)?;
+            self.refcounts.check_write(host, count * cs, 0)?;
+            host
+        };
         let covered_end = end.min((first + count) * cs);
         let has_backing = self.has_backing;
         let cow = |m: L2Mapping, cluster: u64, at: u64, len: u64| -> CowRegion {
@@ -311,13 +330,18 @@ impl Meta {
         if let Some(desc) = a.compressed {
             let old = self.mapping_at(table, index)?;
             self.set_l2_entry(table, index, L2Entry::compressed(&desc, &g)?);
-            self.defer_free(old, FreeReason::Other);
+            self.defer_free(old, FreeReason::Other)?;
             return Ok(());
         }
+        let external = self.data_file.is_some();
         for i in 0..a.count as usize {
             let old = self.mapping_at(table, index + i)?;
             self.set_l2_entry(table, index + i, L2Entry::normal(HostOffset(a.host + i as u64 * cs)));
-            self.defer_free(old, FreeReason::Other);
+            // In a data file the new cluster is the old one's place: nothing
+            // to give back.
+            if !external {
+                self.defer_free(old, FreeReason::Other)?;
+            }
         }
         Ok(())
     }
@@ -331,6 +355,10 @@ impl Meta {
             for c in self.compressed_clusters(&desc) {
                 self.refcounts.update(storage, HostCluster(c), -1)?;
             }
+            return Ok(());
+        }
+        if self.data_file.is_some() {
+            // Data file clusters were never counted.
             return Ok(());
         }
         let first = self.geometry.host_cluster(HostOffset(a.host));
@@ -377,13 +405,14 @@ impl Meta {
         for i in 0..count as usize {
             let entry = self.l2_entry(table, index + i);
             let old = self.decode(entry, table, index + i)?;
+            self.check_data_file_host(&old, offset + i as u64 * cs, index + i)?;
             if let Some((new, free_old)) = f(old, entry) {
                 if new != entry {
                     self.mark_dirty(storage)?;
                     self.set_l2_entry(table, index + i, new);
                 }
                 if free_old {
-                    self.defer_free(old, FreeReason::Request);
+                    self.defer_free(old, FreeReason::Request)?;
                 }
             }
         }
@@ -392,6 +421,21 @@ impl Meta {
 
     /// Turns whole clusters into zero clusters (version 3).
     pub(crate) fn zero_range(&mut self, storage: &dyn Storage, offset: u64, len: u64, may_unmap: bool) -> Result<bool> {
+        if let Some(d) = self.data_file.as_ref().filter(|d| d.raw) {
+            // The data file must read as the disk does: real zeros there
+            // first (QEMU's qcow2_subcluster_zeroize), then the metadata.
+            let cs = self.geometry.cluster_size();
+            if self.inflight_overlaps(offset / cs, len.div_ceil(cs)) {
+                return Ok(false);
+            }
+            let end = (offset + len).min(self.header.size);
+            if end > offset {
+                let st = &d.storage;
+                let res =
+                    if may_unmap { st.punch_hole(offset, end - offset) } else { st.write_zeroes(offset, end - offset) };
+                res.map_err(Error::io("zeroing in the data file", offset))?;
+            }
+        }
         self.rewrite_clusters(storage, offset, len, |old, entry| match old {
             L2Mapping::ZeroPlain => None,
             L2Mapping::ZeroAllocated { .. } if !may_unmap => None,

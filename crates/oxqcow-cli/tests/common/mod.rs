@@ -60,7 +60,8 @@ pub fn oxqcow() -> &'static Path {
     P.get_or_init(|| oxqcow_dir().join("qemu-img"))
 }
 
-/// Runs `tool args...` in `dir` (dates in UTC, as oxqcow prints them).
+/// Runs `tool args...` in `dir`, in a time zone 5:30 east of UTC (so dates
+/// show that both tools print local time).
 /// Both qemu-img and oxqcow are started by the bare name `qemu-img` found
 /// through PATH, so that their argv[0], which they quote in usage hints, is
 /// the same.
@@ -78,7 +79,7 @@ pub fn run_in(dir: &Path, tool: &Path, args: &[&str]) -> Outcome {
     let out = cmd
         .args(args)
         .current_dir(dir)
-        .env("TZ", "UTC")
+        .env("TZ", "IST-5:30")
         .output()
         .unwrap_or_else(|e| panic!("running {}: {e}", tool.display()));
     Outcome {

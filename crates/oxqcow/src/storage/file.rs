@@ -18,6 +18,14 @@ pub struct FileStorage {
     ignore_sync: AtomicBool,
 }
 
+impl Drop for FileStorage {
+    fn drop(&mut self) {
+        // Release QEMU's lock bytes explicitly: closing the descriptor may
+        // not end the open file description (see `lock::unlock`).
+        crate::lock::unlock(&self.file);
+    }
+}
+
 impl FileStorage {
     /// Opens an existing file.
     pub fn open(path: &Path, writable: bool) -> io::Result<Self> {

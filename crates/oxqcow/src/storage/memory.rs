@@ -56,6 +56,17 @@ impl Storage for MemoryStorage {
         Ok(())
     }
 
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        // Under one hold of the lock: a concurrent write extending the
+        // buffer must not be cut off.
+        let mut bytes = self.bytes.write().expect("poisoned");
+        let end = (offset + len) as usize;
+        if bytes.len() < end {
+            bytes.resize(end, 0);
+        }
+        Ok(())
+    }
+
     fn sync(&self) -> io::Result<()> {
         Ok(())
     }
