@@ -107,12 +107,24 @@ pub fn open_image(path: &str, format: Option<&str>, opts: OpenOptions) -> Result
     })?;
     // QEMU repairs a dirty image (lazy refcounts) when it opens it
     // read-write, printing the check's lines as it goes.
+    warn_stale_bitmaps(&image);
     if let Image::Qcow2(q) = &image {
         for line in q.open_repair().map(|r| r.messages.as_slice()).unwrap_or_default() {
             eprintln!("{line}");
         }
     }
     Ok(image)
+}
+
+/// QEMU's warning (at every open) for a bitmaps extension that a program
+/// without bitmap support left behind: the bitmaps are dropped.
+pub fn warn_stale_bitmaps(image: &Image) {
+    let Some(why) = image.as_qcow2().and_then(|q| q.stale_bitmaps_warning()) else { return };
+    let argv0 = std::env::args().next().unwrap_or_default();
+    let prog = Path::new(&argv0).file_name().and_then(|s| s.to_str()).unwrap_or("oxqcow").to_string();
+    eprintln!("{prog}: warning: {why}");
+    // QEMU prints this line with error_printf, without a newline.
+    eprint!("Some clusters may be leaked, run 'qemu-img check -r' on the image file to fix.");
 }
 
 /// When the image at `path` opens alone but a file down its backing chain

@@ -134,6 +134,10 @@ struct Args {
     workers: Option<usize>,
     in_order: bool,
     compress: bool,
+    /// `--bitmaps`: copy the source's persistent bitmaps.
+    bitmaps: bool,
+    /// `--skip-broken-bitmaps`: leave inconsistent bitmaps out.
+    skip_broken_bitmaps: bool,
     /// `-B`.
     backing: Option<String>,
     /// `-F`.
@@ -168,6 +172,8 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         workers: None,
         in_order: true,
         compress: false,
+        bitmaps: false,
+        skip_broken_bitmaps: false,
         backing: None,
         backing_fmt: None,
         min_sparse: DEFAULT_MIN_SPARSE,
@@ -225,11 +231,16 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             },
             "C" => return ctx.fail("copy offloading (-C) is not supported yet"),
             "r" => return ctx.fail("rate limiting (-r) is not supported yet"),
-            "object" | "image-opts" | "target-image-opts" | "bitmaps" | "skip-broken-bitmaps" | "salvage" => {
+            "bitmaps" => a.bitmaps = true,
+            "skip-broken-bitmaps" => a.skip_broken_bitmaps = true,
+            "object" | "image-opts" | "target-image-opts" | "salvage" => {
                 return ctx.fail(&format!("--{key} is not supported yet"))
             }
             _ => unreachable!("getopt only returns declared options"),
         }
+    }
+    if a.skip_broken_bitmaps && !a.bitmaps {
+        return ctx.fail("Use of --skip-broken-bitmaps requires --bitmaps");
     }
     if a.target_is_zero && !a.skip_create {
         return ctx.fail("--target-is-zero requires use of -n flag");
@@ -328,7 +339,7 @@ fn target_backing(a: &Args, opts: &mut CreateOptions, format: ImageFormat) -> Re
     Ok(Some(TargetBacking { name, format: fmt }))
 }
 
-fn convert(_ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
+fn convert(ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
     let mut sources = Vec::with_capacity(a.sources.len());
     let mut total = 0u64;
     for name in &a.sources {
@@ -340,6 +351,9 @@ fn convert(_ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
         let len = image.len();
         sources.push(Source { image, start: total, len });
         total = total.checked_add(len).ok_or("the sources are too large together")?;
+    }
+    if a.bitmaps {
+        check_source_bitmaps(&sources, a.skip_broken_bitmaps)?;
     }
     let out_fmt = a.out_fmt.as_deref().unwrap_or("raw");
     let format = ImageFormat::from_name(out_fmt).map_err(|_| format!("Unknown file format '{out_fmt}'"))?;
@@ -406,6 +420,9 @@ fn convert(_ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
             open_image(&a.target, Some(out_fmt), opts)?
         }
     };
+    if a.bitmaps && target.as_qcow2().is_none_or(|q| q.header().version < 3) {
+        return Err(format!("Format driver '{out_fmt}' does not support bitmaps"));
+    }
     if a.skip_create && target.len() < total {
         return Err("output file is smaller than input file".into());
     }
@@ -464,8 +481,55 @@ fn convert(_ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
         return Err(String::new());
     }
     drop(backing_image);
+    if a.bitmaps {
+        copy_bitmaps(ctx, &sources[0].image, &target, a.skip_broken_bitmaps)?;
+    }
     target.flush().map_err(|e| format!("error while flushing the target: {}", strerror(&e)))?;
     target.close().map_err(|e| format!("error while closing the target: {}", strerror(&e)))?;
+    Ok(())
+}
+
+/// qemu-img's `convert_check_bitmaps`: one qcow2 (v3) source whose
+/// bitmaps are all consistent, unless broken ones are to be skipped.
+fn check_source_bitmaps(sources: &[Source], skip_broken: bool) -> Result<(), String> {
+    if sources.len() > 1 {
+        return Err("Copying bitmaps only possible with single source".into());
+    }
+    let Some(q) = sources[0].image.as_qcow2().filter(|q| q.header().version >= 3) else {
+        return Err("Source lacks bitmap support".into());
+    };
+    if skip_broken {
+        return Ok(());
+    }
+    // QEMU walks its bitmap list, newest (last loaded) first.
+    match q.bitmaps().iter().rev().find(|b| b.in_use) {
+        Some(b) => Err(format!(
+            "Cannot copy inconsistent bitmap '{}'\nTry --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it",
+            b.name
+        )),
+        None => Ok(()),
+    }
+}
+
+/// qemu-img's `convert_copy_bitmaps`: each bitmap is added to the target
+/// (same granularity, same enabled state) and filled from the source.
+fn copy_bitmaps(ctx: &Ctx, source: &Image, target: &Image, skip_broken: bool) -> Result<(), String> {
+    let (Some(src), Some(dst)) = (source.as_qcow2(), target.as_qcow2()) else { return Ok(()) };
+    for b in src.bitmaps().iter().rev() {
+        if b.in_use {
+            if skip_broken {
+                ctx.error(&format!("warning: Skipping inconsistent bitmap '{}'", b.name));
+            }
+            continue;
+        }
+        dst.bitmap_add(&b.name, Some(b.granularity), b.auto)
+            .map_err(|e| format!("Failed to create bitmap {}: {}", b.name, describe(&e)))?;
+        let filled = src.bitmap_contents(&b.name).and_then(|bits| dst.bitmap_merge(&b.name, &bits));
+        if let Err(e) = filled {
+            let _ = dst.bitmap_remove(&b.name);
+            return Err(format!("Failed to populate bitmap {}: {}", b.name, describe(&e)));
+        }
+    }
     Ok(())
 }
 

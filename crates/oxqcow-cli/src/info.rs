@@ -93,7 +93,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             Ok(s) => s,
             Err(msg) => return ctx.fail(&msg),
         };
-        let info = match graph_info(ctx, &path, &source) {
+        let info = match graph_info(&path, &source) {
             Ok(v) => v,
             Err(msg) => return ctx.fail(&msg),
         };
@@ -166,7 +166,7 @@ fn open_source(path: &str, format: Option<&str>, opts: OpenOptions) -> Result<So
 }
 
 /// The image as qemu's `BlockGraphInfo`, keys in QAPI order.
-fn graph_info(ctx: &Ctx, path: &str, source: &Source) -> Result<Value, String> {
+fn graph_info(path: &str, source: &Source) -> Result<Value, String> {
     let storage: &dyn Storage = match source {
         Source::Open(image) => &**image.storage(),
         Source::Header { storage, .. } => storage,
@@ -252,8 +252,22 @@ fn graph_info(ctx: &Ctx, path: &str, source: &Source) -> Result<Value, String> {
         data.insert("lazy-refcounts".into(), json!(qi.lazy_refcounts));
         data.insert("corrupt".into(), json!(qi.corrupt));
         data.insert("refcount-bits".into(), json!(qi.refcount_bits));
-        if qi.has_bitmaps {
-            ctx.error("warning: the image has persistent bitmaps, which are not listed yet");
+        if !qi.bitmaps.is_empty() {
+            let list: Vec<Value> = qi
+                .bitmaps
+                .iter()
+                .map(|b| {
+                    let mut flags = Vec::new();
+                    if b.in_use {
+                        flags.push(json!("in-use"));
+                    }
+                    if b.auto {
+                        flags.push(json!("auto"));
+                    }
+                    json!({"flags": flags, "name": b.name, "granularity": b.granularity})
+                })
+                .collect();
+            data.insert("bitmaps".into(), Value::Array(list));
         }
     }
     data.insert("compression-type".into(), json!(qi.compression_type));

@@ -5,6 +5,7 @@
 
 mod amend;
 mod bench;
+mod bitmap;
 mod check;
 mod commit;
 #[allow(dead_code)] // used by the subcommand modules as they land
@@ -38,7 +39,7 @@ fn usage(ctx: &Ctx) -> String {
          QEMU disk image utility, qemu-img compatible\n\n\
          Command syntax: see '{prog} COMMAND --help'.\n\
          Commands: create, info, check, map, compare, convert, commit, rebase, resize, measure, snapshot, amend,\n          \
-         dd, bench, io, serve\n\n\
+         bitmap, dd, bench, io, serve\n\n\
          Global options (before the command):\n  \
          --forbid-backing\n     refuse every image that names a backing file or an external data file\n     \
          instead of opening that file (for images from untrusted sources)\n",
@@ -82,6 +83,7 @@ fn run(ctx: &Ctx, args: &[String]) -> i32 {
         // Subcommands register here: "name" => name::run(ctx, rest),
         "amend" => amend::run(ctx, rest),
         "bench" => bench::run(ctx, rest),
+        "bitmap" => bitmap::run(ctx, rest),
         "check" => check::run(ctx, rest),
         "commit" => commit::run(ctx, rest),
         "compare" => compare::run(ctx, rest),

@@ -209,10 +209,7 @@ fn measure_qcow2_target(opts: &ImgOpts, source: Option<&Image>) -> Result<(Measu
     let m = measure_qcow2(virtual_size, data, &layout, prealloc).map_err(|e| describe(&e))?;
     let bitmaps = match source {
         Some(Image::Qcow2(q)) if layout.compat == Compat::V3 && q.info().version >= 3 => {
-            if q.info().has_bitmaps {
-                return Err("not supported yet: measuring persistent bitmaps".into());
-            }
-            Some(0)
+            Some(oxqcow::bitmap::bitmaps_size(&q.bitmaps(), q.len(), cs))
         }
         _ => None,
     };

@@ -82,6 +82,7 @@ Connection properties:
 
 Exposing the image:
   -A, --allocation-depth    accepted: qemu:allocation-depth is always offered
+  -B, --bitmap=NAME         expose a persistent dirty bitmap
 
 General purpose options:
   --object type,id=ID,...   define a 'secret' object (nothing here needs one yet)
@@ -108,7 +109,7 @@ Block device options:
       --detect-zeroes=MODE  set detect-zeroes mode (off, on, unmap)
       --image-opts          treat FILE as a full set of image options
 
-Not supported: -o/--offset, -s/--snapshot, -B/--bitmap, -c/--connect,
+Not supported: -o/--offset, -s/--snapshot, -c/--connect,
 -d/--disconnect, -L/--list, TLS, SELinux labels.
 ";
 
@@ -402,7 +403,7 @@ fn parse(ctx: &Ctx, args: &[String]) -> Result<Config, i32> {
             "selinux-label" => return fail("SELinux support not enabled in this binary".into()),
             "o" => return fail("-o/--offset is not supported".into()),
             "s" => return fail("-s/--snapshot is not supported".into()),
-            "B" => return fail(format!("Bitmap '{v}' is not found")),
+            "B" => cfg.export.bitmap = Some(v),
             "c" | "d" => return fail("-c/--connect and -d/--disconnect (kernel NBD devices) are not supported".into()),
             "L" => return fail("-L/--list is not supported (nbdinfo --list lists exports)".into()),
             _ => {}

@@ -188,7 +188,10 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         }
         (Image::Qcow2(q), Action::Apply(name)) => {
             let known = q.snapshots().iter().any(|s| s.id == name || s.name == name);
-            if !known {
+            if q.has_bitmaps() {
+                // bdrv_snapshot_goto refuses before looking the snapshot up.
+                ctx.fail(&format!("Could not apply snapshot '{name}': Device has active dirty bitmaps"))
+            } else if !known {
                 ctx.fail(&format!(
                     "Could not apply snapshot '{name}': Failed to load snapshot: No such file or directory"
                 ))

@@ -185,4 +185,7 @@ pub enum FormatError {
         /// The cluster size.
         cluster_size: u64,
     },
+    /// The bitmap directory or a bitmap is invalid (QEMU's messages).
+    #[error("{0}")]
+    Bitmap(String),
 }

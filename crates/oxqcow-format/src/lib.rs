@@ -2,7 +2,8 @@
 //!
 //! This crate owns every byte layout of a qcow2 image: the header and its
 //! extensions, L1/L2 table entries, refcount table entries and refcount
-//! blocks of any width, compressed cluster descriptors and the snapshot table.
+//! blocks of any width, compressed cluster descriptors, the snapshot table and
+//! the bitmap directory and bitmap tables.
 //! It does no I/O and keeps no state; the engine (`oxqcow`) reads bytes from
 //! storage and hands them here, so that no logic module ever slices bytes.
 //! Every size read from disk is bounded here (see [`limits`]) before anything
@@ -10,6 +11,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod bitmap;
 pub mod error;
 pub mod header;
 pub mod limits;
@@ -18,6 +20,7 @@ pub mod snapshot;
 pub mod table;
 pub mod types;
 
+pub use bitmap::{BitmapDirEntry, BitmapTableEntry};
 pub use error::FormatError;
 pub use header::{Extensions, FeatureName, FeatureType, Header, UnknownExtension};
 pub use refcount::{RefcountBlock, RefcountTableEntry};

@@ -58,5 +58,19 @@ pub const HOST_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 
 /// Largest number of bitmaps QEMU accepts (`QCOW2_MAX_BITMAPS`).
 pub const MAX_BITMAPS: u32 = 65535;
-/// Largest bitmap directory QEMU accepts (`QCOW2_MAX_BITMAP_DIRECTORY_SIZE`).
-pub const MAX_BITMAP_DIRECTORY_BYTES: u64 = 64 * 1024 * 1024;
+/// Largest bitmap directory QEMU accepts (`QCOW2_MAX_BITMAP_DIRECTORY_SIZE`:
+/// 1 KiB per bitmap, just under 64 MiB).
+pub const MAX_BITMAP_DIRECTORY_BYTES: u64 = 1024 * MAX_BITMAPS as u64;
+/// Fixed part of a bitmap directory entry.
+pub const BITMAP_DIR_ENTRY_HEADER: usize = 24;
+/// A bitmap name is at most 1023 bytes (QEMU's `BME_MAX_NAME_SIZE`).
+pub const MAX_BITMAP_NAME: usize = 1023;
+/// A bitmap table has at most this many entries (`BME_MAX_TABLE_SIZE`).
+pub const MAX_BITMAP_TABLE_ENTRIES: u32 = 0x800_0000;
+/// Serialized bitmap data is at most 512 MiB (`BME_MAX_PHYS_SIZE`, which
+/// bounds a bitmap's size in memory).
+pub const MAX_BITMAP_PHYS_BYTES: u64 = 0x2000_0000;
+/// Smallest bitmap granularity: 512 bytes per bit (`BME_MIN_GRANULARITY_BITS`).
+pub const MIN_BITMAP_GRANULARITY_BITS: u32 = 9;
+/// Largest bitmap granularity: 2 GiB per bit (`BME_MAX_GRANULARITY_BITS`).
+pub const MAX_BITMAP_GRANULARITY_BITS: u32 = 31;

@@ -54,6 +54,8 @@ pub struct ExportOptions {
     /// writethrough and directsync); the engine does this for its own
     /// calls, the export for the zeroing it does on the host file.
     pub writethrough: bool,
+    /// A persistent bitmap offered as `qemu:dirty-bitmap:NAME` (`-B`).
+    pub bitmap: Option<String>,
 }
 
 /// How WRITE_ZEROES with `NBD_CMD_FLAG_FAST_ZERO` can be honoured.
@@ -92,6 +94,20 @@ impl Export {
                 "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap".into()
             );
         }
+        if let Some(name) = &opts.bitmap {
+            // qemu-nbd's checks: the bitmap exists and is usable.
+            match image.as_qcow2() {
+                None => return Err(format!("Bitmap '{name}' is not found")),
+                Some(q) => {
+                    if !q.bitmaps().iter().any(|b| &b.name == name) {
+                        return Err(format!("Bitmap '{name}' is not found"));
+                    }
+                    // qemu-nbd reports the error without QEMU's hint line.
+                    q.bitmap_extents(name, 0, 0)
+                        .map_err(|e| e.to_string().lines().next().unwrap_or_default().to_string())?;
+                }
+            }
+        }
         let fast_zero = match image.format() {
             ImageFormat::Raw => FastZero::Raw,
             ImageFormat::Qcow2 => {
@@ -126,6 +142,11 @@ impl Export {
     /// The image behind the export.
     pub fn image(&self) -> &Arc<Image> {
         &self.image
+    }
+
+    /// The exported bitmap's name.
+    pub fn bitmap(&self) -> Option<&str> {
+        self.opts.bitmap.as_deref()
     }
 
     /// Whether writes are refused.

@@ -76,6 +76,8 @@ pub fn drive_requests(data: &[u8]) -> Vec<u8> {
         contexts: Contexts {
             base_allocation: structured && cfg & 2 != 0,
             allocation_depth: structured && cfg & 4 != 0,
+            // The memory export has no bitmap: the context is never offered.
+            dirty_bitmap: false,
         },
     };
     let export = Arc::new(memory_export("", cfg & 8 != 0, cfg & 16 != 0));

@@ -28,8 +28,12 @@ pub const MAX_OPTIONS: usize = 1024;
 pub const CONTEXT_BASE_ALLOCATION: u32 = 0;
 /// See [`CONTEXT_BASE_ALLOCATION`].
 pub const CONTEXT_ALLOCATION_DEPTH: u32 = 1;
+/// The exported dirty bitmap (`qemu:dirty-bitmap:NAME`, qemu-nbd's `-B`).
+pub const CONTEXT_DIRTY_BITMAP: u32 = 2;
 const BASE_ALLOCATION: &str = "base:allocation";
 const ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
+/// The namespace prefix of dirty bitmap contexts.
+pub const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
 
 /// The selected metadata contexts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -38,22 +42,28 @@ pub struct Contexts {
     pub base_allocation: bool,
     /// `qemu:allocation-depth`.
     pub allocation_depth: bool,
+    /// `qemu:dirty-bitmap:NAME` of the export's bitmap.
+    pub dirty_bitmap: bool,
 }
 
 impl Contexts {
     /// Whether any context is selected.
     pub fn any(&self) -> bool {
-        self.base_allocation || self.allocation_depth
+        self.base_allocation || self.allocation_depth || self.dirty_bitmap
     }
 
-    /// The selected contexts with their ids and names.
-    pub fn list(&self) -> Vec<(u32, &'static str)> {
+    /// The selected contexts with their ids and names (`bitmap`: the
+    /// export's bitmap).
+    pub fn list(&self, bitmap: Option<&str>) -> Vec<(u32, String)> {
         let mut v = Vec::new();
         if self.base_allocation {
-            v.push((CONTEXT_BASE_ALLOCATION, BASE_ALLOCATION));
+            v.push((CONTEXT_BASE_ALLOCATION, BASE_ALLOCATION.to_string()));
         }
         if self.allocation_depth {
-            v.push((CONTEXT_ALLOCATION_DEPTH, ALLOCATION_DEPTH));
+            v.push((CONTEXT_ALLOCATION_DEPTH, ALLOCATION_DEPTH.to_string()));
+        }
+        if let Some(name) = bitmap.filter(|_| self.dirty_bitmap) {
+            v.push((CONTEXT_DIRTY_BITMAP, format!("{DIRTY_BITMAP_PREFIX}{name}")));
         }
         v
     }
@@ -61,9 +71,14 @@ impl Contexts {
     /// The contexts `queries` name. For LIST a bare namespace (`base:`,
     /// `qemu:`) names every context in it and no query means all; for SET
     /// only full names select, as qemu-nbd does.
-    fn matching(queries: &[String], listing: bool) -> Contexts {
+    fn matching(queries: &[String], listing: bool, bitmap: Option<&str>) -> Contexts {
+        let has_bitmap = bitmap.is_some();
         if queries.is_empty() {
-            return Contexts { base_allocation: listing, allocation_depth: listing };
+            return Contexts {
+                base_allocation: listing,
+                allocation_depth: listing,
+                dirty_bitmap: listing && has_bitmap,
+            };
         }
         let mut c = Contexts::default();
         for q in queries {
@@ -71,8 +86,16 @@ impl Contexts {
                 BASE_ALLOCATION => c.base_allocation = true,
                 ALLOCATION_DEPTH => c.allocation_depth = true,
                 "base:" if listing => c.base_allocation = true,
-                "qemu:" if listing => c.allocation_depth = true,
-                _ => {}
+                "qemu:" if listing => {
+                    c.allocation_depth = true;
+                    c.dirty_bitmap |= has_bitmap;
+                }
+                DIRTY_BITMAP_PREFIX if listing => c.dirty_bitmap |= has_bitmap,
+                other => {
+                    if let Some(name) = other.strip_prefix(DIRTY_BITMAP_PREFIX) {
+                        c.dirty_bitmap |= bitmap == Some(name);
+                    }
+                }
             }
         }
         c
@@ -222,8 +245,8 @@ pub fn negotiate<S: Read + Write>(s: &mut S, export: &Export) -> io::Result<Outc
                         contexts_for = None;
                     }
                 } else {
-                    let found = Contexts::matching(&q.queries, !set);
-                    for (id, name) in found.list() {
+                    let found = Contexts::matching(&q.queries, !set, export.bitmap());
+                    for (id, name) in found.list(export.bitmap()) {
                         let mut d = id.to_be_bytes().to_vec();
                         d.extend_from_slice(name.as_bytes());
                         proto::option_reply(&mut out, h.option, rep::META_CONTEXT, &d);

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use oxqcow::{BlockDevice, Error as EngineError, ErrorKind};
 
 use crate::export::{DetectZeroes, Export, FastZero, MAX_BLOCK};
-use crate::handshake::{Negotiated, CONTEXT_ALLOCATION_DEPTH, CONTEXT_BASE_ALLOCATION};
+use crate::handshake::{Negotiated, CONTEXT_ALLOCATION_DEPTH, CONTEXT_BASE_ALLOCATION, CONTEXT_DIRTY_BITMAP};
 use crate::proto::{self, cmd, cmd_flags, reply, Errno, RequestHeader};
 
 /// Block status is computed for at most this many bytes per request; the
@@ -450,6 +450,22 @@ impl Session {
         })
     }
 
+    /// The exported bitmap over the window: `(length, 1 if dirty)`.
+    fn dirty_extents(&self, window: u64, offset: u64, limit: usize) -> Result<Vec<(u32, u32)>, EngineError> {
+        let (Some(name), Some(q)) = (self.export.bitmap(), self.export.image.as_qcow2()) else {
+            return Ok(vec![(window as u32, 0)]);
+        };
+        let mut descs = Vec::new();
+        for (len, dirty) in q.bitmap_extents(name, offset, window)? {
+            if descs.len() == limit {
+                break;
+            }
+            // The window is below 4 GiB, so every length fits.
+            descs.push((len as u32, u32::from(dirty)));
+        }
+        Ok(descs)
+    }
+
     fn block_status(&self, cookie: u64, offset: u64, length: u32, one: bool) -> Vec<u8> {
         let window = u64::from(length).min(if one { STATUS_WINDOW_ONE } else { STATUS_WINDOW });
         let extents = match self.export.image.block_status(offset, window) {
@@ -457,10 +473,19 @@ impl Session {
             Err(e) => return self.error_reply(cookie, errno_of(&e), &e.to_string()),
         };
         let limit = if one { 1 } else { MAX_EXTENTS };
-        let contexts = self.neg.contexts.list();
+        let contexts = self.neg.contexts.list(self.export.bitmap());
         let mut out = Vec::new();
         for (i, &(id, _)) in contexts.iter().enumerate() {
             let mut descs: Vec<(u32, u32)> = Vec::new();
+            if id == CONTEXT_DIRTY_BITMAP {
+                match self.dirty_extents(window, offset, limit) {
+                    Ok(d) => descs = d,
+                    Err(e) => return self.error_reply(cookie, errno_of(&e), &e.to_string()),
+                }
+                let flags = if i + 1 == contexts.len() { reply::FLAG_DONE } else { 0 };
+                proto::block_status_chunk(&mut out, flags, cookie, id, &descs);
+                continue;
+            }
             let mut pos = offset;
             for e in &extents {
                 if e.offset != pos || e.length == 0 {

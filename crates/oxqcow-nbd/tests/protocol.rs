@@ -128,7 +128,7 @@ fn qemu_sequence_falls_back_from_extended_headers() {
         other => panic!("expected transmission, got {other:?}"),
     };
     assert!(neg.structured);
-    assert_eq!(neg.contexts, Contexts { base_allocation: true, allocation_depth: false });
+    assert_eq!(neg.contexts, Contexts { base_allocation: true, allocation_depth: false, dirty_bitmap: false });
     assert!(rest.is_empty());
     assert_eq!(
         types(&replies),
@@ -282,7 +282,7 @@ fn set_meta_context_replaces_and_bare_namespaces_select_nothing() {
         ],
     );
     let Outcome::Transmission(n) = o.unwrap() else { panic!("no transmission") };
-    assert_eq!(n.contexts, Contexts { base_allocation: false, allocation_depth: true });
+    assert_eq!(n.contexts, Contexts { base_allocation: false, allocation_depth: true, dirty_bitmap: false });
     let metas: Vec<(u32, Vec<u8>)> =
         replies.iter().filter(|r| r.1 == rep::META_CONTEXT).map(|r| (r.0, r.2.clone())).collect();
     assert_eq!(metas.len(), 4, "{metas:?}");
@@ -330,7 +330,7 @@ fn requests_are_judged_like_qemu_nbd() {
         assert_eq!(errno(&ro, req(kind, 0, 0, 512)), Errno::Perm);
     }
     assert!(ro.check(&req(cmd::READ, 0, 0, 512)).is_ok());
-    let bs = session(false, true, Contexts { base_allocation: true, allocation_depth: false });
+    let bs = session(false, true, Contexts { base_allocation: true, allocation_depth: false, dirty_bitmap: false });
     assert_eq!(errno(&bs, req(cmd::BLOCK_STATUS, 0, 0, 0)), Errno::Inval);
     assert!(bs.check(&req(cmd::BLOCK_STATUS, cmd_flags::REQ_ONE, 0, u32::MAX)).is_err(), "past the end");
     assert!(bs.check(&req(cmd::BLOCK_STATUS, cmd_flags::REQ_ONE, 0, DISK as u32)).is_ok());
@@ -397,7 +397,7 @@ fn simple_reads_carry_the_data() {
 
 #[test]
 fn block_status_reports_both_contexts_and_honours_req_one() {
-    let s = session(false, true, Contexts { base_allocation: true, allocation_depth: true });
+    let s = session(false, true, Contexts { base_allocation: true, allocation_depth: true, dirty_bitmap: false });
     run(&s, req(cmd::WRITE, 0, 0, CLUSTER as u32), &vec![1u8; CLUSTER as usize]);
     run(&s, req(cmd::WRITE_ZEROES, cmd_flags::NO_HOLE, 2 * CLUSTER, CLUSTER as u32), &[]);
     let h = req(cmd::BLOCK_STATUS, 0, 0, DISK as u32);

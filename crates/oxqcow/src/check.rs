@@ -717,39 +717,31 @@ impl Checker<'_> {
             return Ok(());
         }
         self.inc_refcounts(res, b.directory_offset, b.directory_size)?;
-        let dir = self
-            .read_padded(b.directory_offset, b.directory_size.min(oxqcow_format::limits::MAX_BITMAP_DIRECTORY_BYTES))?;
-        let be32 = |at: usize| u32::from_be_bytes(dir[at..at + 4].try_into().expect("4 bytes"));
-        let mut tables = Vec::new();
-        let mut pos = 0usize;
-        for _ in 0..b.nb_bitmaps {
-            if pos + 24 > dir.len() {
-                res.corruptions += 1;
-                return Err(Stop::Errno(EINVAL));
-            }
-            let offset = u64::from_be_bytes(dir[pos..pos + 8].try_into().expect("8 bytes"));
-            let size = u64::from(be32(pos + 8));
-            let name = u16::from_be_bytes([dir[pos + 18], dir[pos + 19]]) as usize;
-            let extra = be32(pos + 20) as usize;
-            tables.push((offset, size));
-            pos += (24 + extra + name).div_ceil(8) * 8;
-        }
+        // The header parser bounded the directory size; bytes past the end
+        // of the file read as zeros, as QEMU's reads do.
+        let dir = self.read_padded(b.directory_offset, b.directory_size)?;
         let cs = self.g.cluster_size();
-        for (offset, size) in tables {
-            self.inc_refcounts(res, offset, size * 8)?;
-            if size * 8 > oxqcow_format::limits::MAX_L1_BYTES {
-                res.corruptions += 1;
-                return Err(Stop::Errno(EINVAL));
-            }
-            for entry in decode_entries(&self.read_padded(offset, size * 8)?) {
-                let at = entry & L2E_OFFSET_MASK;
-                let bad =
-                    entry & 0xff00_0000_0000_01fe != 0 || !self.g.is_cluster_aligned(at) || (entry & 1 != 0 && at != 0);
-                if bad {
-                    res.corruptions += 1;
-                    continue;
+        let Ok(entries) = oxqcow_format::bitmap::parse_directory(&dir, b.nb_bitmaps, cs, self.meta.header.size) else {
+            res.corruptions += 1;
+            return Err(Stop::Errno(EINVAL));
+        };
+        for e in entries {
+            // The directory parser bounded the table (512 MiB of bitmap data).
+            let bytes = u64::from(e.table_size) * 8;
+            self.inc_refcounts(res, e.table_offset, bytes)?;
+            let mut table = Vec::with_capacity(e.table_size as usize);
+            for raw in decode_entries(&self.read_padded(e.table_offset, bytes)?) {
+                match oxqcow_format::BitmapTableEntry::parse(raw, cs) {
+                    Ok(entry) => table.push(entry),
+                    Err(_) => {
+                        // QEMU's bitmap_table_load refuses the whole table.
+                        res.corruptions += 1;
+                        return Err(Stop::Errno(EINVAL));
+                    }
                 }
-                if at != 0 {
+            }
+            for entry in table {
+                if let oxqcow_format::BitmapTableEntry::Data(at) = entry {
                     self.inc_refcounts(res, at, cs)?;
                 }
             }

@@ -12,12 +12,14 @@
 
 pub mod amend;
 pub mod backing;
+pub mod bitmap;
 mod cache;
 pub mod chain_ops;
 pub mod check;
 pub mod compress;
 pub mod cursor;
 pub mod data_file;
+pub mod dirty;
 pub mod error;
 pub mod image;
 mod lock;
@@ -33,8 +35,10 @@ mod snapshot;
 pub mod storage;
 mod write;
 
+pub use bitmap::BitmapInfo;
 pub use check::{CheckReport, RepairMode};
 pub use cursor::ImageCursor;
+pub use dirty::DirtyBitmap;
 pub use error::{Error, ErrorKind, Result};
 pub use image::{probe_format, BlockDevice, Image};
 pub use mapping::Extent;

@@ -105,6 +105,8 @@ pub(crate) struct Meta {
     /// Whether a corruption event was reported already (QEMU prints the
     /// first one only: `signaled_corruption`).
     pub(crate) signaled_corruption: bool,
+    /// Persistent dirty bitmaps (see `bitmap.rs`).
+    pub(crate) bitmaps: crate::bitmap::Bitmaps,
     /// The external data file, when guest data lives in one.
     pub(crate) data_file: Option<crate::data_file::DataFile>,
 }
@@ -136,6 +138,8 @@ pub struct Qcow2Info {
     pub snapshots: usize,
     /// Whether persistent bitmaps are present.
     pub has_bitmaps: bool,
+    /// The persistent bitmaps, as the directory on disk lists them.
+    pub bitmaps: Vec<crate::bitmap::BitmapInfo>,
     /// External data file name (the header extension).
     pub data_file: Option<String>,
     /// Whether guest data lives in an external data file (incompatible
@@ -173,6 +177,12 @@ pub struct Qcow2 {
     /// The repair a dirty image got at open, with QEMU's messages.
     open_repair: Option<crate::check::CheckReport>,
     closed: AtomicBool,
+    /// Whether an enabled bitmap records writes (read without the lock on
+    /// every write; changed under it).
+    tracking: AtomicBool,
+    /// The header had a bitmaps extension without the autoclear bit: a
+    /// program without bitmap support wrote to the image (QEMU warns).
+    stale_bitmaps: Option<u32>,
 }
 
 fn cache_tables(opts: &OpenOptions, geometry: &Geometry, size: u64) -> Result<(usize, usize)> {
@@ -569,13 +579,8 @@ impl Qcow2 {
             }
         }
         let mut read_only = opts.read_only;
-        if !read_only {
-            if header.is_corrupt() && !opts.repair {
-                return Err(Error::Corrupt("qcow2: Image is corrupt; cannot be opened read/write".into()));
-            }
-            if header.extensions.bitmaps.is_some() {
-                return Err(Error::Unsupported("writing to images with persistent bitmaps (open read-only)".into()));
-            }
+        if !read_only && header.is_corrupt() && !opts.repair {
+            return Err(Error::Corrupt("qcow2: Image is corrupt; cannot be opened read/write".into()));
         }
         if header.is_dirty() && read_only {
             // Refcounts may be stale; reading through the L1/L2 tables is
@@ -603,6 +608,7 @@ impl Qcow2 {
         let snapshots = read_snapshots(st, &header, file_len)?;
         let lazy = opts.lazy_refcounts.unwrap_or(header.lazy_refcounts()) && header.version >= 3;
         let dirty_at_open = header.is_dirty();
+        let stale_bitmaps = header.extensions.stale_bitmaps.then_some(header.version);
         let version = header.version;
         let size = header.size;
         let compression_type = header.compression_type;
@@ -630,6 +636,7 @@ impl Qcow2 {
             has_backing: backing.is_some(),
             metadata_preallocation: None,
             signaled_corruption: false,
+            bitmaps: Default::default(),
             data_file: data_file.map(|storage| crate::data_file::DataFile { storage, raw: data_file_raw, discard }),
         };
         meta.refcounts.map.mask = opts.overlap_check.unwrap_or(overlap::CACHED);
@@ -673,6 +680,8 @@ impl Qcow2 {
                 open_repair = Some(report);
             }
         }
+        meta.load_bitmaps(st, !read_only)?;
+        let tracking = AtomicBool::new(!read_only && meta.bitmaps_tracking());
 
         Ok(Qcow2 {
             storage,
@@ -691,6 +700,32 @@ impl Qcow2 {
             dirty_at_open,
             open_repair,
             closed: AtomicBool::new(false),
+            tracking,
+            stale_bitmaps,
+        })
+    }
+
+    /// Records a guest write, zero write or discard in the enabled bitmaps
+    /// (whether or not it succeeded, as QEMU's `bdrv_co_write_req_finish`).
+    fn record_dirty(&self, offset: u64, len: u64) {
+        if self.tracking.load(Ordering::Acquire) {
+            self.lock_meta().mark_bitmaps(offset, len);
+        }
+    }
+
+    pub(crate) fn set_tracking(&self, on: bool) {
+        self.tracking.store(on, Ordering::Release);
+    }
+
+    /// QEMU's warning for a bitmaps extension that a program without
+    /// bitmap support left behind (the bitmaps are dropped), if there was one.
+    pub fn stale_bitmaps_warning(&self) -> Option<&'static str> {
+        self.stale_bitmaps.map(|version| {
+            if version < 3 {
+                "This qcow2 v2 image contains bitmaps, but they may have been modified by a program without persistent bitmap support; so now they must all be considered inconsistent"
+            } else {
+                "a program lacking bitmap support modified this file, so all bitmaps are now considered inconsistent"
+            }
         })
     }
 
@@ -755,6 +790,7 @@ impl Qcow2 {
         let mut info = Qcow2Info::from_header(&m.header, m.snapshots.entries.len());
         info.refcount_bits = m.geometry.refcount_bits();
         info.dirty = self.dirty_at_open;
+        info.bitmaps = m.bitmaps.dir.iter().map(Into::into).collect();
         info
     }
 
@@ -767,7 +803,8 @@ impl Qcow2 {
         let header = read_header(storage)?;
         header.validate_against_file(file_len)?;
         let snapshots = read_snapshots(storage, &header, file_len)?;
-        let info = Qcow2Info::from_header(&header, snapshots.entries.len());
+        let mut info = Qcow2Info::from_header(&header, snapshots.entries.len());
+        info.bitmaps = crate::bitmap::read_directory(storage, &header, file_len)?.iter().map(Into::into).collect();
         Ok((info, snapshots.entries))
     }
 }
@@ -787,6 +824,7 @@ impl Qcow2Info {
             backing_format: h.extensions.backing_format.clone(),
             snapshots,
             has_bitmaps: h.extensions.bitmaps.is_some(),
+            bitmaps: Vec::new(),
             data_file: h.extensions.data_file.clone(),
             has_data_file: h.has_data_file(),
             data_file_raw: h.autoclear_features & autoclear::DATA_FILE_RAW != 0,
@@ -864,7 +902,9 @@ impl Qcow2 {
 
     /// Writes `buf` at guest `offset`.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.write_at_inner(buf, offset)?;
+        let res = self.write_at_inner(buf, offset);
+        self.record_dirty(offset, buf.len() as u64);
+        res?;
         self.write_through()
     }
 
@@ -884,7 +924,7 @@ impl Qcow2 {
         self.writethrough.store(mode.writes_through(), Ordering::Relaxed);
     }
 
-    fn write_at_inner(&self, buf: &[u8], offset: u64) -> Result<()> {
+    pub(crate) fn write_at_inner(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         let mut done = 0u64;
         let total = buf.len() as u64;
@@ -951,7 +991,9 @@ impl Qcow2 {
     /// their whole clusters are discarded (they have no backing file, so
     /// unallocated clusters read as zeros), as QEMU does.
     pub fn write_zeroes_at(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
-        self.write_zeroes_inner(offset, len, may_unmap)?;
+        let res = self.write_zeroes_inner(offset, len, may_unmap);
+        self.record_dirty(offset, len);
+        res?;
         self.write_through()
     }
 
@@ -1199,7 +1241,9 @@ impl Qcow2 {
     /// partial cluster when the range reaches the end of the disk), as QEMU
     /// does: partial clusters keep their data.
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.discard_inner(offset, len)?;
+        let res = self.discard_inner(offset, len);
+        self.record_dirty(offset, len);
+        res?;
         self.write_through()
     }
 
@@ -1334,17 +1378,25 @@ impl Qcow2 {
         }
         self.lock_meta().check_resize(new_size)?;
         let old_size = self.len();
+        self.lock_meta().check_bitmaps_resizable()?;
         if new_size > old_size {
             self.unshare_last_cluster(old_size, prealloc != Preallocation::Off)?;
         }
-        self.exclusive(|m, st| m.resize(st, new_size, prealloc))?;
+        self.exclusive(|m, st| {
+            m.resize(st, new_size, prealloc)?;
+            m.resize_bitmaps(new_size);
+            Ok(())
+        })?;
         // A grown overlay must not show what its backing image has past
         // the old end: zero the new area, as QEMU's truncate does.
         if let Some(backing) = &self.backing {
             let blen = crate::image::BlockDevice::len(&**backing);
             if new_size > old_size && blen > old_size {
                 let end = if self.version() >= 3 { new_size } else { new_size.min(blen) };
-                self.write_zeroes_at(old_size, end - old_size, false)?;
+                // Not a guest write: bitmaps do not record it (as in QEMU,
+                // where the driver zeroes the area itself).
+                self.write_zeroes_inner(old_size, end - old_size, false)?;
+                self.write_through()?;
             }
         }
         Ok(())
@@ -1391,9 +1443,15 @@ impl Qcow2 {
     }
 
     /// Reverts the active layer to the snapshot with this id (or name).
+    /// Refused while the image has persistent bitmaps, as QEMU's
+    /// `bdrv_snapshot_goto` refuses it (they would no longer describe the
+    /// disk).
     pub fn snapshot_apply(&self, id_or_name: &str) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
+        }
+        if self.has_bitmaps() {
+            return Err(Error::InvalidArgument("Device has active dirty bitmaps".into()));
         }
         self.refuse_snapshots_with_data_file()?;
         let modes = self.discard;
@@ -1448,7 +1506,10 @@ impl Qcow2 {
         if m.failed.is_some() {
             return Ok(());
         }
+        // As QEMU's qcow2_inactivate: bitmaps first, then the caches.
+        let stored = m.store_bitmaps(self.storage_ref());
         m.flush_all(self.storage_ref())?;
+        stored?;
         if m.header.is_dirty() {
             m.header.incompatible_features &= !incompat::DIRTY;
             m.write_header(self.storage_ref())?;
@@ -1590,7 +1651,9 @@ impl Qcow2 {
     /// that do not shrink are written uncompressed, as QEMU does. Like QEMU,
     /// compressed data only goes to clusters that hold no data yet.
     pub fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.write_compressed_inner(buf, offset)?;
+        let res = self.write_compressed_inner(buf, offset);
+        self.record_dirty(offset, buf.len() as u64);
+        res?;
         self.write_through()
     }
 

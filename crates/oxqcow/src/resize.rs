@@ -229,7 +229,7 @@ impl Qcow2 {
         if shared {
             let mut buf = vec![0u8; (old_size - start) as usize];
             self.read_at(&mut buf, start)?;
-            self.write_at(&buf, start)?;
+            self.write_at_inner(&buf, start)?;
         }
         Ok(())
     }

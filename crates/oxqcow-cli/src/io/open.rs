@@ -314,6 +314,7 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
         }
         _ => describe(&e),
     })?;
+    crate::common::warn_stale_bitmaps(&image);
     // QEMU warns (and guards sector 0) only when the probed image is writable.
     let probed_raw = explicit.is_none() && format == ImageFormat::Raw && !opts.read_only;
     if probed_raw {
