@@ -18,12 +18,13 @@ mod info;
 mod io;
 mod map;
 mod measure;
+mod mount;
 mod progress;
 mod qjson;
 mod rebase;
 mod resize;
-mod snapshot;
 mod serve;
+mod snapshot;
 mod status;
 
 use common::Ctx;
@@ -37,7 +38,7 @@ fn usage(ctx: &Ctx) -> String {
          QEMU disk image utility, qemu-img compatible\n\n\
          Command syntax: see '{prog} COMMAND --help'.\n\
          Commands: create, info, check, map, compare, convert, commit, rebase, resize, measure, snapshot, amend,\n          \
-         bench, io\n\n\
+         bench, io, serve, mount\n\n\
          Global options (before the command):\n  \
          --forbid-backing\n     refuse every image that names a backing file instead of opening the\n     \
          backing file (for images from untrusted sources)\n",
@@ -90,6 +91,7 @@ fn run(ctx: &Ctx, args: &[String]) -> i32 {
         "io" => io::run(ctx, rest),
         "map" => map::run(ctx, rest),
         "measure" => measure::run(ctx, rest),
+        "mount" => mount::run(ctx, rest),
         "rebase" => rebase::run(ctx, rest),
         "resize" => resize::run(ctx, rest),
         "snapshot" => snapshot::run(ctx, rest),
