@@ -279,6 +279,21 @@ pub fn open_export_image(
     Ok(ExportImage { image, path })
 }
 
+/// The parent of a forked server (`serve --fork`, `mount --daemonize`):
+/// exits 0 once the child says it serves (one byte on `from_child`), else
+/// with the child's exit status (the child printed its error on the
+/// shared stderr).
+pub fn wait_for_daemon(mut from_child: std::os::unix::net::UnixStream, child: oxqcow_nbd::sys::ChildProcess) -> i32 {
+    let mut byte = [0u8; 1];
+    if matches!(std::io::Read::read(&mut from_child, &mut byte), Ok(1)) {
+        return 0;
+    }
+    match child.wait() {
+        Ok(0) | Err(_) => 1,
+        Ok(code) => code,
+    }
+}
+
 /// The header of a snapshot table, as qemu-img prints it.
 pub fn snapshot_header() -> String {
     format!("{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}", "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT")

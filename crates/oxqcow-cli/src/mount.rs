@@ -4,9 +4,11 @@
 //! This module parses the command line, opens the image (with `serve`'s
 //! helper), mounts the file system of `mount/export.rs`, serves it from
 //! several threads until the file is unmounted, then flushes and closes the
-//! image. Order of work: parse, check the mount point, block the
-//! termination signals (before any thread exists, so that only the waiting
-//! thread receives them), open the image, mount, serve, close.
+//! image. Order of work: parse, check the mount point, fork
+//! (`--daemonize`, before any thread exists), block the termination
+//! signals (before any thread exists too, so that only the waiting thread
+//! receives them), open the image, mount, write the pid file, tell the
+//! parent we are up, serve, close.
 //!
 //! A termination signal unmounts the file (lazily, as `umount -l` would):
 //! the process ends once nothing holds it open any more, so a loop device
@@ -14,14 +16,16 @@
 
 mod export;
 
+use std::io::Write;
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
 
 use fuser::{Config as FuseConfig, MountOption, Session, SessionACL};
 use oxqcow::{CacheMode, Image, OpenOptions};
-use oxqcow_nbd::sys::TerminationSignals;
+use oxqcow_nbd::sys::{self, Forked, TerminationSignals};
 
-use crate::common::{open_export_image, os_error, Ctx};
+use crate::common::{open_export_image, os_error, wait_for_daemon, Ctx};
 use crate::getopt::{HasArg, Opt};
 use export::{DiskFs, ExportConfig, Layout};
 
@@ -38,6 +42,8 @@ const SPEC: &[Opt] = &[
     Opt::long("growable", HasArg::No),
     Opt::long("allow-other", HasArg::Required),
     Opt::long("threads", HasArg::Required),
+    Opt::long("daemonize", HasArg::No),
+    Opt::long("pidfile", HasArg::Required),
 ];
 
 const HELP: &str = "\
@@ -47,8 +53,8 @@ semantics of qemu-storage-daemon's FUSE export (--export type=fuse).
 
 MOUNTPOINT is either an existing regular file, which the disk is mounted
 over (as QEMU does), or an existing directory, which then shows one file
-named after IMAGE. The command runs in the foreground until the file is
-unmounted (fusermount3 -u MOUNTPOINT, umount MOUNTPOINT) or it receives
+named after IMAGE. The command runs in the foreground (unless --daemonize)
+until the file is unmounted (fusermount3 -u MOUNTPOINT, umount MOUNTPOINT) or it receives
 SIGTERM, SIGINT or SIGHUP, which unmount it lazily: it exits once nothing
 holds the file open. Either way it flushes and closes the image before it
 exits (status 0 when that succeeded).
@@ -58,7 +64,9 @@ too), fallocate (PUNCH_HOLE|KEEP_SIZE zeroes without writing data and fails
 with EOPNOTSUPP where that is impossible, ZERO_RANGE writes zeroes, plain
 allocation only grows the disk at its end), lseek SEEK_DATA/SEEK_HOLE from
 the image's allocation, truncate (resizes the image) and chmod. Its size is
-the disk size; writes stop at the end of the disk unless --growable.
+the disk size; writes stop at the end of the disk unless --growable. As
+with QEMU, opening the file with O_TRUNC (dd without conv=notrunc) resizes
+the disk to 0 bytes.
 
   -h, --help                display this help and exit
   --object type,id=ID,...   define a 'secret' object (nothing here needs one yet)
@@ -74,6 +82,10 @@ the disk size; writes stop at the end of the disk unless --growable.
       --growable            writes past the end grow the disk
       --allow-other=MODE    on, off or auto (default: on if the mount allows it)
       --threads=N           threads serving requests (default 4)
+      --daemonize           run in the background; exit once the file is mounted
+                            (0), or with the error that prevented it
+      --pidfile=PATH        write the serving process's ID to PATH once mounted
+                            (removed at exit)
 ";
 
 /// Threads serving FUSE requests unless `--threads` says otherwise.
@@ -97,6 +109,8 @@ struct Config {
     growable: bool,
     allow_other: AllowOther,
     threads: usize,
+    daemonize: bool,
+    pidfile: Option<String>,
 }
 
 /// Runs `mount`.
@@ -111,6 +125,28 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     };
     if !meta.is_file() && !meta.is_dir() {
         return ctx.fail(&format!("'{}' is not a regular file", cfg.mountpoint));
+    }
+    // The parent waits on this socket for the child's word that it serves.
+    let mut ready: Option<UnixStream> = None;
+    if cfg.daemonize {
+        let (parent_end, child_end) = match UnixStream::pair() {
+            Ok(p) => p,
+            Err(e) => return ctx.fail(&format!("Failed to daemonize: {e}")),
+        };
+        // Before any thread exists: the child inherits no lock held by a
+        // thread it does not have.
+        match sys::fork() {
+            Err(e) => return ctx.fail(&format!("Failed to daemonize: {e}")),
+            Ok(Forked::Parent(child)) => {
+                drop(child_end);
+                return wait_for_daemon(parent_end, child);
+            }
+            Ok(Forked::Child) => {
+                drop(parent_end);
+                sys::setsid();
+                ready = Some(child_end);
+            }
+        }
     }
     let signals = match TerminationSignals::block() {
         Ok(s) => s,
@@ -144,7 +180,23 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             return ctx.fail(&format!("Failed to mount FUSE session to export: {}", os_error(&e)));
         }
     };
-    serve(ctx, session, image, signals)
+    if let Some(p) = &cfg.pidfile {
+        if let Err(e) = std::fs::write(p, format!("{}\n", std::process::id())) {
+            drop(session);
+            let _ = close(image);
+            return ctx.fail(&format!("Failed to write pid file '{p}': {}", os_error(&e)));
+        }
+    }
+    if let Some(r) = ready.as_mut() {
+        // Mounted: release the parent, and leave its terminal.
+        let _ = r.write_all(b"R");
+        let _ = sys::stdio_to_null(&[0, 1, 2]);
+    }
+    let code = serve(ctx, session, image, signals);
+    if let Some(p) = &cfg.pidfile {
+        let _ = std::fs::remove_file(p);
+    }
+    code
 }
 
 /// Mounts, trying `allow_other` first under `auto` (it needs root or
@@ -213,6 +265,8 @@ fn parse(ctx: &Ctx, args: &[String]) -> Result<Config, i32> {
         growable: false,
         allow_other: AllowOther::Auto,
         threads: DEFAULT_THREADS,
+        daemonize: false,
+        pidfile: None,
     };
     let fail = |msg: String| Err(ctx.fail(&msg));
     for (key, value) in p.opts {
@@ -250,6 +304,8 @@ fn parse(ctx: &Ctx, args: &[String]) -> Result<Config, i32> {
                     _ => return fail(format!("Parameter 'allow-other' does not accept value '{v}'")),
                 }
             }
+            "daemonize" => cfg.daemonize = true,
+            "pidfile" => cfg.pidfile = Some(v),
             "threads" => match v.trim().parse::<usize>() {
                 Ok(n) if (1..=MAX_THREADS).contains(&n) => cfg.threads = n,
                 _ => return fail(format!("Invalid number of threads '{v}' (1 to {MAX_THREADS})")),

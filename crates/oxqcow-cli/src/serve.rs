@@ -7,7 +7,7 @@
 //! termination signals, open the image, listen, write the pid file, tell
 //! the parent we are up, serve, flush, clean up.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
@@ -169,7 +169,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             Err(e) => return ctx.fail(&format!("Failed to fork: {e}")),
             Ok(Forked::Parent(child)) => {
                 drop(child_end);
-                return wait_for_child(parent_end, child);
+                return crate::common::wait_for_daemon(parent_end, child);
             }
             Ok(Forked::Child) => {
                 drop(parent_end);
@@ -185,19 +185,6 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         Err(e) => return ctx.fail(&format!("Failed to block signals: {e}")),
     };
     serve(ctx, cfg, activated, signals, ready.as_mut())
-}
-
-/// The parent of `--fork`: exits 0 once the child serves, else with the
-/// child's exit status (the child printed its error on the shared stderr).
-fn wait_for_child(mut from_child: UnixStream, child: sys::ChildProcess) -> i32 {
-    let mut byte = [0u8; 1];
-    if matches!(from_child.read(&mut byte), Ok(1)) {
-        return 0;
-    }
-    match child.wait() {
-        Ok(0) | Err(_) => 1,
-        Ok(code) => code,
-    }
 }
 
 fn serve(

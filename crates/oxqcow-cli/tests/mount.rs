@@ -704,3 +704,56 @@ fn command_line_errors() {
     assert!(o.status.success());
     assert!(String::from_utf8_lossy(&o.stdout).contains("MOUNTPOINT is either an existing regular file"));
 }
+
+#[test]
+fn daemonize_returns_once_mounted_and_writes_the_pid_file() {
+    require_fuse();
+    let d = Dir::new();
+    let img = d.image("bg.qcow2", "4M", &[]);
+    let point = d.point("disk").canonicalize().unwrap();
+    let pidfile = d.path("pid");
+
+    /// Unmounts even when an assertion fails.
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            if is_mounted(&self.0) && !run("fusermount3", &["-u", self.0.to_str().unwrap()]).status.success() {
+                let _ = run("umount", &["-l", self.0.to_str().unwrap()]);
+            }
+        }
+    }
+    let o = Command::new(OXQCOW)
+        .args(["mount", "--daemonize", "--pidfile", pidfile.to_str().unwrap(), img.to_str().unwrap()])
+        .arg(&point)
+        .output()
+        .unwrap();
+    let guard = Unmount(point.clone());
+    assert!(o.status.success(), "mount --daemonize: {}", String::from_utf8_lossy(&o.stderr));
+    // Mounted before the parent returned: no waiting here.
+    assert!(is_mounted(&point), "--daemonize returned before the file was mounted");
+    let pid = std::fs::read_to_string(&pidfile).unwrap().trim().to_string();
+    assert!(Path::new(&format!("/proc/{pid}")).exists(), "no process {pid}");
+    py(
+        "import os,sys; fd=os.open(sys.argv[1], os.O_WRONLY); os.pwrite(fd, b'\\x3c' * 5000, 4096)",
+        &[point.to_str().unwrap()],
+    );
+    run_ok("fusermount3", &["-u", point.to_str().unwrap()]);
+    drop(guard);
+    let start = Instant::now();
+    let gone =
+        || std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.split(' ').nth(2) == Some("Z"));
+    while !gone() || pidfile.exists() {
+        assert!(start.elapsed() < WAIT, "the daemon {pid} did not exit and remove its pid file");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    qemu_io(&img, &["read -P 0x3c 4096 5000", "read -P 0 0 4096"]);
+    assert_clean(&img);
+
+    // A failure before mounting is the parent's exit status and message.
+    let missing = d.path("missing.qcow2");
+    let o =
+        Command::new(OXQCOW).args(["mount", "--daemonize", missing.to_str().unwrap()]).arg(&point).output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("Could not open"), "{o:?}");
+    assert!(!is_mounted(&point));
+}
