@@ -579,7 +579,9 @@ fn directory_mount_point_shows_one_file_named_after_the_image() {
     let expected = qemu_raw(d.dir.path(), &img);
     let point = d.path("mnt");
     std::fs::create_dir(&point).unwrap();
-    let m = Mounted::new(&["-r"], &img, &point);
+    // With --image-opts the file is named after file.filename.
+    let opts = format!("driver=qcow2,file.filename={}", img.display());
+    let m = Mounted::new(&["-r", "--object", "secret,id=s0,data=x", "--image-opts"], Path::new(&opts), &point);
     let names: Vec<String> =
         std::fs::read_dir(&point).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     assert_eq!(names, ["disk image.qcow2"]);
@@ -756,4 +758,28 @@ fn daemonize_returns_once_mounted_and_writes_the_pid_file() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("Could not open"), "{o:?}");
     assert!(!is_mounted(&point));
+}
+
+#[test]
+fn concurrent_writers_through_the_mount() {
+    let d = Dir::new();
+    let img = d.image("c.qcow2", "32M", &["-o", "cluster_size=4k"]);
+    let point = d.point("disk");
+    let m = Mounted::new(&["--threads", "8"], &img, &point);
+    // 8 threads, each writing its own pattern into every 8th 20 KiB slot
+    // (slots straddle clusters, so neighbours allocate the same clusters).
+    py(
+        "import os,sys,threading; fd=os.open(sys.argv[1], os.O_WRONLY)\n\
+         def w(t):\n    for i in range(t, 1600, 8):\n        os.pwrite(fd, bytes([t + 1]) * 20480, i * 20480)\n\
+         ts=[threading.Thread(target=w, args=(t,)) for t in range(8)]\n\
+         [t.start() for t in ts]; [t.join() for t in ts]; os.fsync(fd)",
+        &[m.path()],
+    );
+    m.unmount_ok();
+    let raw = qemu_raw(d.dir.path(), &img);
+    for (i, slot) in raw.chunks(20480).enumerate() {
+        let want = if i < 1600 { (i % 8) as u8 + 1 } else { 0 };
+        assert!(slot.iter().all(|&b| b == want), "slot {i} should hold {want}");
+    }
+    assert_clean(&img);
 }
