@@ -33,6 +33,10 @@ const TTL: Duration = Duration::from_secs(1);
 const DIR_INO: INodeNo = INodeNo::ROOT;
 /// The disk file's inode when a directory holds it.
 const FILE_IN_DIR_INO: INodeNo = INodeNo(2);
+/// The largest read served, as QEMU's export bounds its bounce buffer (the
+/// kernel asks for far less; this only keeps a bogus request from
+/// allocating gigabytes).
+const MAX_READ: u32 = 64 << 20;
 /// Block status is asked for in windows of this size, so that a seek over
 /// a huge fragmented disk never holds all of its extents at once.
 const STATUS_WINDOW: u64 = 1 << 30;
@@ -418,6 +422,9 @@ impl Filesystem for DiskFs {
     ) {
         if ino != self.file_ino() {
             return reply.error(Errno::EISDIR);
+        }
+        if size > MAX_READ {
+            return reply.error(Errno::EINVAL);
         }
         let _g = self.read_guard();
         let disk = self.image.len();
