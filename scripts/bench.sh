@@ -15,6 +15,7 @@
 #   BENCH_SIZE_MB=256 scripts/bench.sh
 #   BENCH_ONLY='compress|compressed' scripts/bench.sh   # only the cases whose name matches
 #   BENCH_NBD=only scripts/bench.sh  # only the NBD figures (BENCH_NBD=0: none)
+#   BENCH_FUSE=0 scripts/bench.sh    # without the FUSE figures (oxqcow mount vs qemu-storage-daemon)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -257,6 +258,64 @@ if [[ $NBD != 0 ]]; then
     nbdcopy_case "nbdcopy raw -> export" empty_image "$WORK/src.raw" @URI@
 fi
 
+# ---- FUSE: oxqcow mount vs qemu-storage-daemon --export type=fuse ------------
+# dd through the mounted file, each run on a fresh mount (the kernel's page
+# cache of the FUSE file starts empty; the image file's host cache is warm
+# for both). Needs /dev/fuse, fusermount3 and qemu-storage-daemon; skipped
+# with a note when one is missing. BENCH_FUSE=0 skips them; BENCH_NBD=0
+# BENCH_ONLY=fuse runs only them.
+FUSE=${BENCH_FUSE:-1}
+fuse_results=()
+MNT=$WORK/fuse-mnt
+fuse_pid=
+mounted() { grep -q " $MNT fuse" /proc/mounts; }
+start_fuse() {
+    : >"$MNT"
+    if [[ $1 == qemu ]]; then
+        qemu-storage-daemon --blockdev "driver=file,node-name=f,filename=$2" \
+            --blockdev driver=qcow2,node-name=q,file=f \
+            --export "type=fuse,id=e,node-name=q,mountpoint=$MNT,writable=on" 2>"$WORK/server.err" &
+    else
+        "$OX" mount -f qcow2 "$2" "$MNT" 2>"$WORK/server.err" &
+    fi
+    fuse_pid=$!
+    for _ in $(seq 3000); do mounted && return; sleep 0.02; done
+    echo "bench: $1 FUSE export did not mount" >&2; cat "$WORK/server.err" >&2; exit 1
+}
+stop_fuse() {
+    if [[ $1 == qemu ]]; then kill "$fuse_pid"; else fusermount3 -u "$MNT"; fi
+    wait "$fuse_pid" || true; fuse_pid=
+}
+trap '[[ -n $server_pid ]] && kill "$server_pid"; mounted && fusermount3 -u "$MNT"; [[ -n $fuse_pid ]] && kill "$fuse_pid"; rm -rf "$WORK"' EXIT
+
+# fuse_case NAME IMAGE-SETUP DD-ARGS...: MiB/s of one dd, best of REPEAT.
+fuse_case() {
+    local name=$1 setup=$2 q=() o=() t; shift 2
+    if [[ -n $ONLY && ! $name =~ $ONLY ]]; then return 0; fi
+    for _ in $(seq "$REPEAT"); do
+        for kind in qemu ox; do
+            $setup; start_fuse "$kind" "$NBD_IMAGE"
+            t=$(run dd "${@//@MNT@/$MNT}" bs=1M status=none); stop_fuse "$kind"
+            t=$(python3 -c "print($SIZE_MB / max(${t% *}, 1e-3))")
+            if [[ $kind == qemu ]]; then q+=("$t"); else o+=("$t"); fi
+        done
+    done
+    local qb ob
+    qb=$(printf '%s\n' "${q[@]}" | sort -g | tail -n 1)
+    ob=$(printf '%s\n' "${o[@]}" | sort -g | tail -n 1)
+    fuse_results+=("$(printf '%-34s qsd %9.0f MiB/s  oxqcow %9.0f MiB/s  ratio %5.2f' "$name" "$qb" "$ob" \
+        "$(python3 -c "print($ob / max($qb, 1e-9))")")")
+}
+
+if [[ $FUSE != 0 && $NBD != only ]]; then
+    if [[ ! -e /dev/fuse ]] || ! command -v fusermount3 >/dev/null || ! command -v qemu-storage-daemon >/dev/null; then
+        echo "bench: FUSE figures skipped (need /dev/fuse, fusermount3 and qemu-storage-daemon)" >&2
+    else
+        fuse_case "fuse dd 1M sequential read" data_image if=@MNT@ of=/dev/null
+        fuse_case "fuse dd 1M sequential write" empty_image if="$WORK/src.raw" of=@MNT@ conv=notrunc,fsync
+    fi
+fi
+
 if (( ${#results[@]} )); then
     echo "oxqcow vs qemu-img ($("$QEMU_IMG" --version | head -n 1)), ${SIZE_MB} MiB data set, best of $REPEAT"
     echo "$(nproc) cores, load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -266,4 +325,8 @@ fi
 if (( ${#nbd_results[@]} )); then
     echo "oxqcow serve vs qemu-nbd, ${SIZE_MB} MiB image, unix socket, best of $REPEAT (ratio above 1.0: oxqcow faster)"
     printf '%s\n' "${nbd_results[@]}"
+fi
+if (( ${#fuse_results[@]} )); then
+    echo "oxqcow mount vs qemu-storage-daemon FUSE export, ${SIZE_MB} MiB image, dd bs=1M, best of $REPEAT (ratio above 1.0: oxqcow faster)"
+    printf '%s\n' "${fuse_results[@]}"
 fi

@@ -254,6 +254,59 @@ pub fn parse_image_opts(spec: &str) -> Result<(String, Option<String>, OpenOptio
     Ok((path, format, opts))
 }
 
+/// An image a long-running export serves (`serve`, `mount`), opened.
+pub struct ExportImage {
+    /// The image.
+    pub image: Image,
+    /// The host file it was opened from (`file.filename` with `--image-opts`).
+    pub path: String,
+}
+
+/// Opens the image an export serves: FILE in the format `-f` names (probed
+/// otherwise), or with `--image-opts` the image the option string describes.
+/// The command line's open options go on top of the option string's: either
+/// may ask for read-only, discard passthrough or force-share; the cache mode
+/// and the snapshot come from the command line. Warns as QEMU does when a
+/// probed raw image is opened for writing. The error is the bare message;
+/// each command prefixes it its own way.
+pub fn open_export_image(
+    file: &str,
+    image_opts: bool,
+    format: Option<&str>,
+    cli: &OpenOptions,
+) -> Result<ExportImage, String> {
+    let (path, format, mut open) = if image_opts {
+        parse_image_opts(file)?
+    } else {
+        (file.to_string(), format.map(str::to_string), OpenOptions::new())
+    };
+    open.read_only = open.read_only || cli.read_only;
+    open.cache = cli.cache;
+    open.discard_passthrough = open.discard_passthrough || cli.discard_passthrough;
+    open.force_share = open.force_share || cli.force_share;
+    open.snapshot = cli.snapshot.clone();
+    let image = open_image(&path, format.as_deref(), open.clone())?;
+    if format.is_none() && image.format() == ImageFormat::Raw && !open.read_only {
+        warn_probed_raw(&path);
+    }
+    Ok(ExportImage { image, path })
+}
+
+/// The parent of a forked server (`serve --fork`, `mount --daemonize`):
+/// exits 0 once the child says it serves (one byte on `from_child`), else
+/// with the child's exit status (the child printed its error on the
+/// shared stderr).
+pub fn wait_for_daemon(mut from_child: std::os::unix::net::UnixStream, child: oxqcow_nbd::sys::ChildProcess) -> i32 {
+    let mut byte = [0u8; 1];
+    if matches!(std::io::Read::read(&mut from_child, &mut byte), Ok(1)) {
+        return 0;
+    }
+    match child.wait() {
+        Ok(0) | Err(_) => 1,
+        Ok(code) => code,
+    }
+}
+
 /// The header of a snapshot table, as qemu-img prints it.
 pub fn snapshot_header() -> String {
     format!("{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}", "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT")

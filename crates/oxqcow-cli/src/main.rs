@@ -20,6 +20,7 @@ mod info;
 mod io;
 mod map;
 mod measure;
+mod mount;
 mod progress;
 mod qjson;
 mod rebase;
@@ -39,7 +40,7 @@ fn usage(ctx: &Ctx) -> String {
          QEMU disk image utility, qemu-img compatible\n\n\
          Command syntax: see '{prog} COMMAND --help'.\n\
          Commands: create, info, check, map, compare, convert, commit, rebase, resize, measure, snapshot, amend,\n          \
-         bitmap, dd, bench, io, serve\n\n\
+         bitmap, dd, bench, io, serve, mount\n\n\
          Global options (before the command):\n  \
          --forbid-backing\n     refuse every image that names a backing file or an external data file\n     \
          instead of opening that file (for images from untrusted sources)\n",
@@ -94,6 +95,7 @@ fn run(ctx: &Ctx, args: &[String]) -> i32 {
         "io" => io::run(ctx, rest),
         "map" => map::run(ctx, rest),
         "measure" => measure::run(ctx, rest),
+        "mount" => mount::run(ctx, rest),
         "rebase" => rebase::run(ctx, rest),
         "resize" => resize::run(ctx, rest),
         "snapshot" => snapshot::run(ctx, rest),

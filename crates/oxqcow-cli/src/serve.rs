@@ -7,17 +7,17 @@
 //! termination signals, open the image, listen, write the pid file, tell
 //! the parent we are up, serve, flush, clean up.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use oxqcow::{CacheMode, ImageFormat, OpenOptions};
+use oxqcow::{BlockDevice, CacheMode, OpenOptions};
 use oxqcow_nbd::sys::{self, Forked, TerminationSignals};
 use oxqcow_nbd::{DetectZeroes, Export, ExportOptions, Listener, Server, ServerOptions};
 
-use crate::common::{open_image, parse_image_opts, warn_probed_raw, Ctx};
+use crate::common::{open_export_image, Ctx};
 use crate::getopt::{HasArg, Opt};
 
 /// qemu-nbd's options, in its order.
@@ -170,7 +170,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             Err(e) => return ctx.fail(&format!("Failed to fork: {e}")),
             Ok(Forked::Parent(child)) => {
                 drop(child_end);
-                return wait_for_child(parent_end, child);
+                return crate::common::wait_for_daemon(parent_end, child);
             }
             Ok(Forked::Child) => {
                 drop(parent_end);
@@ -188,19 +188,6 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     serve(ctx, cfg, activated, signals, ready.as_mut())
 }
 
-/// The parent of `--fork`: exits 0 once the child serves, else with the
-/// child's exit status (the child printed its error on the shared stderr).
-fn wait_for_child(mut from_child: UnixStream, child: sys::ChildProcess) -> i32 {
-    let mut byte = [0u8; 1];
-    if matches!(from_child.read(&mut byte), Ok(1)) {
-        return 0;
-    }
-    match child.wait() {
-        Ok(0) | Err(_) => 1,
-        Ok(code) => code,
-    }
-}
-
 fn serve(
     ctx: &Ctx,
     cfg: Config,
@@ -209,28 +196,12 @@ fn serve(
     ready: Option<&mut UnixStream>,
 ) -> i32 {
     let read_only = cfg.export.read_only;
-    let (path, format, mut open) = if cfg.image_opts {
-        match parse_image_opts(&cfg.file) {
-            Ok(t) => t,
-            Err(msg) => return ctx.fail(&format!("Failed to blk_new_open '{}': {msg}", cfg.file)),
-        }
-    } else {
-        (cfg.file.clone(), cfg.format.clone(), OpenOptions::new())
-    };
-    open.read_only = open.read_only || cfg.open.read_only;
-    open.cache = cfg.open.cache;
-    open.discard_passthrough = open.discard_passthrough || cfg.open.discard_passthrough;
-    open.force_share = open.force_share || cfg.open.force_share;
-    open.snapshot = cfg.open.snapshot.clone();
-    let image = match open_image(&path, format.as_deref(), open.clone()) {
-        Ok(i) => Arc::new(i),
+    let image = match open_export_image(&cfg.file, cfg.image_opts, cfg.format.as_deref(), &cfg.open) {
+        Ok(opened) => Arc::new(opened.image),
         Err(msg) => return ctx.fail(&format!("Failed to blk_new_open '{}': {msg}", cfg.file)),
     };
-    if format.is_none() && image.format() == ImageFormat::Raw && !open.read_only {
-        warn_probed_raw(&path);
-    }
     let mut export_opts = cfg.export.clone();
-    export_opts.read_only = read_only || open.read_only;
+    export_opts.read_only = read_only || image.is_read_only();
     let export = match Export::new(Arc::clone(&image), export_opts) {
         Ok(e) => e,
         Err(msg) => return ctx.fail(&msg),

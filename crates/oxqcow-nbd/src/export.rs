@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use oxqcow::{BlockDevice, Image, ImageFormat};
+use oxqcow::{BlockDevice, Image};
 
 use crate::proto::transmission_flags as tf;
 
@@ -58,25 +58,11 @@ pub struct ExportOptions {
     pub bitmap: Option<String>,
 }
 
-/// How WRITE_ZEROES with `NBD_CMD_FLAG_FAST_ZERO` can be honoured.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum FastZero {
-    /// qcow2 with zero clusters (v3) or without a backing file (v2, where
-    /// zeroing discards): whole clusters are a metadata update; partial
-    /// clusters are fast only when they already read as zeros.
-    Qcow2 { cluster_size: u64 },
-    /// raw: fast when the host file zeroes a range without writing it.
-    Raw,
-    /// Zeroing would write data (v2 qcow2 over a backing file).
-    Never,
-}
-
 /// One served image.
 pub struct Export {
     pub(crate) image: Arc<Image>,
     pub(crate) opts: ExportOptions,
     pub(crate) size: u64,
-    pub(crate) fast_zero: FastZero,
 }
 
 impl Export {
@@ -108,20 +94,8 @@ impl Export {
                 }
             }
         }
-        let fast_zero = match image.format() {
-            ImageFormat::Raw => FastZero::Raw,
-            ImageFormat::Qcow2 => {
-                let q = image.as_qcow2().map(|q| q.info());
-                match q {
-                    Some(info) if info.version >= 3 || info.backing_file.is_none() => {
-                        FastZero::Qcow2 { cluster_size: info.cluster_size }
-                    }
-                    _ => FastZero::Never,
-                }
-            }
-        };
         let size = image.len();
-        Ok(Export { image, opts, size, fast_zero })
+        Ok(Export { image, opts, size })
     }
 
     /// The export name.

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use oxqcow::{BlockDevice, Error as EngineError, ErrorKind};
 
-use crate::export::{DetectZeroes, Export, FastZero, MAX_BLOCK};
+use crate::export::{DetectZeroes, Export, MAX_BLOCK};
 use crate::handshake::{Negotiated, CONTEXT_ALLOCATION_DEPTH, CONTEXT_BASE_ALLOCATION, CONTEXT_DIRTY_BITMAP};
 use crate::proto::{self, cmd, cmd_flags, reply, Errno, RequestHeader};
 
@@ -290,19 +290,10 @@ impl Session {
                 if !fast {
                     return done(img.write_zeroes_at(offset, len, may_unmap).and_then(|()| flush_if(img, fua)));
                 }
-                let not_fast = || self.error_reply(cookie, Errno::NotSup, "zeroing this range would write data");
-                match self.export.fast_zero {
-                    FastZero::Never => not_fast(),
-                    FastZero::Raw => match self.raw_fast_zero(offset, len) {
-                        Ok(true) => done(flush_if(img, fua || self.export.opts.writethrough)),
-                        Ok(false) => not_fast(),
-                        Err(e) => done(Err(e)),
-                    },
-                    FastZero::Qcow2 { cluster_size } => match self.partial_clusters_zero(offset, len, cluster_size) {
-                        Ok(true) => done(img.write_zeroes_at(offset, len, may_unmap).and_then(|()| flush_if(img, fua))),
-                        Ok(false) => not_fast(),
-                        Err(e) => done(Err(e)),
-                    },
+                match img.write_zeroes_no_fallback(offset, len, may_unmap) {
+                    Ok(true) => done(flush_if(img, fua)),
+                    Ok(false) => self.error_reply(cookie, Errno::NotSup, "zeroing this range would write data"),
+                    Err(e) => done(Err(e)),
                 }
             }
             Op::BlockStatus { offset, length, one } => self.block_status(cookie, offset, length, one),
@@ -413,41 +404,6 @@ impl Session {
             done += n as u64;
         }
         Ok(())
-    }
-
-    /// Whether the partial clusters at either end of a qcow2 zero request
-    /// already read as zeros: whole clusters are a metadata update, and so
-    /// is a partial one that holds no data; otherwise zeros would be
-    /// written, which FAST_ZERO forbids (QEMU's qcow2 answers ENOTSUP the
-    /// same way).
-    fn partial_clusters_zero(&self, offset: u64, len: u64, cluster: u64) -> Result<bool, EngineError> {
-        let size = self.export.size;
-        let end = offset + len;
-        let mut edges = Vec::new();
-        if offset % cluster != 0 {
-            edges.push(offset - offset % cluster);
-        }
-        if end % cluster != 0 && end != size {
-            edges.push(end - end % cluster);
-        }
-        for start in edges {
-            let l = cluster.min(size - start);
-            let ext = self.export.image.block_status(start, l)?;
-            if !ext.iter().all(|e| e.zero && !e.data) {
-                return Ok(false);
-            }
-        }
-        Ok(true)
-    }
-
-    /// Zeroes a raw range through the host file's zero-range call; false
-    /// when the file system cannot do it without writing.
-    fn raw_fast_zero(&self, offset: u64, len: u64) -> Result<bool, EngineError> {
-        self.export.image.storage().write_zeroes_fast(offset, len).map_err(|source| EngineError::Io {
-            op: "zeroing",
-            offset,
-            source,
-        })
     }
 
     /// The exported bitmap over the window: `(length, 1 if dirty)`.

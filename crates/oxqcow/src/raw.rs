@@ -103,6 +103,21 @@ impl Raw {
         self.write_through()
     }
 
+    /// Zeroes a range without writing zeros (QEMU's `BDRV_REQ_NO_FALLBACK`):
+    /// a hole punched when `may_unmap`, else the host file's zero-range
+    /// call. `false` when the file system cannot do it that way; nothing
+    /// was changed then.
+    pub fn write_zeroes_no_fallback(&self, offset: u64, len: u64, may_unmap: bool) -> Result<bool> {
+        self.check(offset, len, true)?;
+        if may_unmap {
+            self.storage.punch_hole(offset, len).map_err(Error::io("zeroing", offset))?;
+        } else if !self.storage.write_zeroes_fast(offset, len).map_err(Error::io("zeroing", offset))? {
+            return Ok(false);
+        }
+        self.write_through()?;
+        Ok(true)
+    }
+
     /// Discards a range (punches a hole).
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check(offset, len, true)?;
