@@ -83,7 +83,12 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 return ctx.fail(&format!("Invalid source cache option: {value}"));
             }
             "q" => quiet = true,
-            _ => {} // --object: nothing here needs secrets
+            "object" => {
+                if let Err(msg) = crate::common::check_object(&value) {
+                    return ctx.fail(&msg);
+                }
+            }
+            _ => {}
         }
     }
     let [filename] = p.operands.as_slice() else {

@@ -232,6 +232,7 @@ pub fn parse_image_opts(spec: &str) -> Result<(String, Option<String>, OpenOptio
             "driver" => format = Some(value),
             "file.driver" if value == "file" => {}
             "file.driver" => return Err(fail(format!("Unknown protocol '{value}'"))),
+            _ if crate::secrets::apply_open_option(&mut opts, &key, &value).map_err(fail)? => {}
             _ => opts.apply_qemu_option(&key, &value).map_err(|e| fail(describe(&e)))?,
         }
     }
@@ -304,55 +305,9 @@ fn pad_bytes(s: &str, width: usize, left: bool) -> String {
     }
 }
 
-/// Checks an `--object` definition as qemu-img's `user_creatable_process_cmdline`
-/// would for the one object type oxqcow knows, `secret` (`id`, and `data`
-/// or `file`, optional `format=raw|base64`), with QEMU's messages.
+/// Defines an `--object` (see [`crate::secrets::define`]).
 pub fn check_object(spec: &str) -> Result<(), String> {
-    // An implied first key: a leading token without '=' is the type.
-    let (mut qom_type, rest) = match spec.split_once(',') {
-        Some((first, rest)) if !first.contains('=') => (Some(first.to_string()), rest),
-        None if !spec.contains('=') => (Some(spec.to_string()), ""),
-        _ => (None, spec),
-    };
-    let mut params = Vec::new();
-    for (k, v) in crate::imgopts::split_options(rest) {
-        if k == "qom-type" {
-            qom_type = Some(v);
-        } else {
-            params.push((k, v));
-        }
-    }
-    let Some(qom_type) = qom_type.filter(|t| !t.is_empty()) else {
-        return Err("Parameter 'qom-type' is missing".into());
-    };
-    if qom_type != "secret" {
-        return Err(format!("Parameter 'qom-type' does not accept value '{qom_type}'"));
-    }
-    let get = |k: &str| params.iter().rev().find(|(key, _)| key == k).map(|(_, v)| v.clone());
-    let Some(id) = get("id") else { return Err("Parameter 'id' is missing".into()) };
-    let valid_id = id.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
-        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
-    if !valid_id {
-        return Err("Parameter 'id' expects an identifier\n\
-                    Identifiers consist of letters, digits, '-', '.', '_', starting with a letter."
-            .into());
-    }
-    if let Some((k, _)) =
-        params.iter().find(|(k, _)| !matches!(k.as_str(), "id" | "data" | "file" | "format" | "keyid" | "iv"))
-    {
-        return Err(format!("Parameter '{k}' is unexpected"));
-    }
-    if let Some(f) = get("format").filter(|f| f != "raw" && f != "base64") {
-        return Err(format!("Parameter 'format' does not accept value '{f}'"));
-    }
-    match (get("data"), get("file")) {
-        (None, None) => Err("Either 'file' or 'data' must be provided".into()),
-        (Some(_), Some(_)) => Err("'data' and 'file' are mutually exclusive".into()),
-        (None, Some(file)) => std::fs::read(&file).map(|_| ()).map_err(|e| {
-            format!("Unable to read {file}: Failed to open file \u{201c}{file}\u{201d}: {}", os_error(&e))
-        }),
-        (Some(_), None) => Ok(()),
-    }
+    crate::secrets::define(spec)
 }
 
 /// `YYYY-MM-DD HH:MM:SS` for seconds since the epoch, in UTC.

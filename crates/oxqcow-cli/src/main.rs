@@ -22,8 +22,9 @@ mod progress;
 mod qjson;
 mod rebase;
 mod resize;
-mod snapshot;
+mod secrets;
 mod serve;
+mod snapshot;
 mod status;
 
 use common::Ctx;

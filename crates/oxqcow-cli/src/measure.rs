@@ -78,7 +78,12 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 Ok(n) => size = Some(n),
                 Err(msg) => return ctx.fail(&msg),
             },
-            _ => {} // -U: no locking yet; --object: nothing here needs secrets
+            "object" => {
+                if let Err(msg) = crate::common::check_object(&value) {
+                    return ctx.fail(&msg);
+                }
+            }
+            _ => {} // -U: no locking yet
         }
     }
     let filename = match p.operands.as_slice() {

@@ -61,7 +61,12 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 Ok(p) => prealloc = p,
                 Err(_) => return ctx.fail(&format!("Invalid preallocation mode '{value}'")),
             },
-            _ => {} // --object: nothing here needs secrets
+            "object" => {
+                if let Err(msg) = crate::common::check_object(&value) {
+                    return ctx.fail(&msg);
+                }
+            }
+            _ => {}
         }
     }
     let [filename] = p.operands.as_slice() else {

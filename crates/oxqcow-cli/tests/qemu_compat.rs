@@ -159,8 +159,6 @@ fn unsupported_create_features_fail_clearly() {
     for case in [
         "create -f qcow2 -o extended_l2=on a.qcow2 1G",
         "create -f qcow2 -o data_file=d.raw a.qcow2 1G",
-        "create -f qcow2 -o encrypt.format=luks a.qcow2 1G",
-        "create -f qcow2 -o encryption=on a.qcow2 1G",
     ] {
         let pair = Pair::from(fixture_dir());
         let o = run_in(&pair.ox, oxqcow(), &words(case));

@@ -884,7 +884,8 @@ fn image_opts_and_internal_snapshots() {
     qemu_io(&["-r", "-f", "raw", &srv.uri()], &["read -P 1 0 1M"]);
     assert!(run_ok("nbdinfo", &[&srv.uri()]).contains("is_read_only: true"));
     srv.stop();
-    let srv = Server::unix(&d.path("c.sock"), &["-t", "-f", "qcow2", "-l", "snapshot.name=before", img.to_str().unwrap()]);
+    let srv =
+        Server::unix(&d.path("c.sock"), &["-t", "-f", "qcow2", "-l", "snapshot.name=before", img.to_str().unwrap()]);
     qemu_io(&["-r", "-f", "raw", &srv.uri()], &["read -P 1 0 1M"]);
     srv.stop();
     qemu_io(&["-f", "qcow2", img.to_str().unwrap()], &["read -P 2 0 1M"]);

@@ -2,7 +2,8 @@
 //!
 //! This crate owns every byte layout of a qcow2 image: the header and its
 //! extensions, L1/L2 table entries, refcount table entries and refcount
-//! blocks of any width, compressed cluster descriptors and the snapshot table.
+//! blocks of any width, compressed cluster descriptors, the snapshot table and the LUKS1 header
+//! of encrypted images.
 //! It does no I/O and keeps no state; the engine (`oxqcow`) reads bytes from
 //! storage and hands them here, so that no logic module ever slices bytes.
 //! Every size read from disk is bounded here (see [`limits`]) before anything
@@ -13,6 +14,7 @@
 pub mod error;
 pub mod header;
 pub mod limits;
+pub mod luks;
 pub mod refcount;
 pub mod snapshot;
 pub mod table;

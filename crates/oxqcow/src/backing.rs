@@ -139,6 +139,10 @@ pub(crate) fn open_backing(
     backing_opts.read_only = true;
     backing_opts.format = format;
     backing_opts.repair = false;
+    // As in QEMU, the overlay's secret is not the backing file's: that one
+    // comes from `backing.encrypt.key-secret`.
+    backing_opts.passphrase = opts.backing_passphrase.clone();
+    backing_opts.backing_passphrase = None;
     let image = Image::open_in_chain(&path, &backing_opts, chain).map_err(|e| match e {
         Error::Io { op: "opening the image", offset, source } => Error::Io {
             op: "opening the backing file",

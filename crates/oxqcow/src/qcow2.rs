@@ -140,6 +140,8 @@ pub struct Qcow2Info {
     pub data_file_raw: bool,
     /// Encryption method (0 none).
     pub crypt_method: u32,
+    /// The LUKS header of a LUKS-encrypted image (`crypt_method` 2).
+    pub luks: Option<oxqcow_format::luks::LuksHeader>,
     /// Guest size in bytes, from the header.
     pub size: u64,
 }
@@ -165,6 +167,9 @@ pub struct Qcow2 {
     /// The repair a dirty image got at open, with QEMU's messages.
     open_repair: Option<crate::check::CheckReport>,
     closed: AtomicBool,
+    /// The cipher of an encrypted image: guest data is encrypted on its way
+    /// to the host file and decrypted on its way back (see `crypt.rs`).
+    crypt: Option<crate::crypt::Crypt>,
 }
 
 fn cache_tables(opts: &OpenOptions, geometry: &Geometry, size: u64) -> Result<(usize, usize)> {
@@ -513,9 +518,7 @@ impl Qcow2 {
         header.validate_against_file(file_len)?;
         let geometry = header.geometry();
 
-        if header.crypt_method != 0 {
-            return Err(Error::Unsupported("encrypted images".into()));
-        }
+        let crypt = crate::crypt::open_image(st, &header, opts.passphrase.as_deref())?;
         if header.has_data_file() {
             return Err(Error::Unsupported("external data files".into()));
         }
@@ -648,6 +651,7 @@ impl Qcow2 {
             dirty_at_open,
             open_repair,
             closed: AtomicBool::new(false),
+            crypt,
         })
     }
 
@@ -712,6 +716,9 @@ impl Qcow2 {
         let mut info = Qcow2Info::from_header(&m.header, m.snapshots.entries.len());
         info.refcount_bits = m.geometry.refcount_bits();
         info.dirty = self.dirty_at_open;
+        // It was read and checked at open; only a failing disk fails now.
+        info.luks =
+            m.header.extensions.crypto.and_then(|c| crate::crypt::read_luks_header(self.storage_ref(), &c).ok());
         info
     }
 
@@ -724,7 +731,10 @@ impl Qcow2 {
         let header = read_header(storage)?;
         header.validate_against_file(file_len)?;
         let snapshots = read_snapshots(storage, &header, file_len)?;
-        let info = Qcow2Info::from_header(&header, snapshots.entries.len());
+        let mut info = Qcow2Info::from_header(&header, snapshots.entries.len());
+        if let (crate::format::header::crypt::LUKS, Some(c)) = (header.crypt_method, header.extensions.crypto) {
+            info.luks = Some(crate::crypt::read_luks_header(storage, &c)?);
+        }
         Ok((info, snapshots.entries))
     }
 }
@@ -747,6 +757,7 @@ impl Qcow2Info {
             data_file: h.extensions.data_file.clone(),
             data_file_raw: h.autoclear_features & autoclear::DATA_FILE_RAW != 0,
             crypt_method: h.crypt_method,
+            luks: None,
             size: h.size,
         }
     }
@@ -776,6 +787,15 @@ impl Qcow2 {
     /// Reads `buf.len()` bytes at guest `offset`.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
+        if self.crypt.is_some() && !is_sector_aligned(offset, buf.len() as u64) {
+            // Encryption works on whole sectors: read them and copy out.
+            let (start, end) = sector_bounds(offset, buf.len() as u64);
+            let mut bounce = vec![0u8; (end - start) as usize];
+            self.read_at(&mut bounce, start)?;
+            let at = (offset - start) as usize;
+            buf.copy_from_slice(&bounce[at..at + buf.len()]);
+            return Ok(());
+        }
         let _gate = self.io_gate.read().unwrap_or_else(|p| p.into_inner());
         let plan = {
             let mut m = self.lock_meta();
@@ -797,6 +817,9 @@ impl Qcow2 {
                 ReadSegment::Zero(_) => out.fill(0),
                 ReadSegment::Data { host, .. } => {
                     self.storage.read_at(out, host).map_err(Error::io("reading guest data", host))?;
+                    if let Some(c) = &self.crypt {
+                        c.decrypt(out, if c.uses_host_offset() { host } else { offset + pos as u64 })?;
+                    }
                 }
                 // A whole cluster is inflated straight into the caller's buffer.
                 ReadSegment::Compressed { desc, in_cluster: 0, .. } if len as u64 == self.geometry.cluster_size() => {
@@ -836,6 +859,17 @@ impl Qcow2 {
 
     fn write_at_inner(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
+        if self.crypt.is_some() && !is_sector_aligned(offset, buf.len() as u64) {
+            // Encryption works on whole sectors: read, modify, write them
+            // (QEMU's block layer does the same for its 512-byte request
+            // alignment of encrypted images).
+            let (start, end) = sector_bounds(offset, buf.len() as u64);
+            let mut bounce = vec![0u8; (end - start) as usize];
+            self.read_at(&mut bounce, start)?;
+            let at = (offset - start) as usize;
+            bounce[at..at + buf.len()].copy_from_slice(buf);
+            return self.write_at_inner(&bounce, start);
+        }
         let mut done = 0u64;
         let total = buf.len() as u64;
         while done < total {
@@ -859,9 +893,17 @@ impl Qcow2 {
             match plan {
                 WritePlan::Wait => unreachable!("handled above"),
                 WritePlan::InPlace { host, len } => {
-                    self.storage
-                        .write_at(&chunk[..len as usize], host)
-                        .map_err(Error::io("writing guest data", host))?;
+                    let data = &chunk[..len as usize];
+                    match &self.crypt {
+                        None => self.storage.write_at(data, host),
+                        Some(c) => {
+                            // Into a scratch buffer: the caller's stays plaintext.
+                            let mut scratch = data.to_vec();
+                            c.encrypt(&mut scratch, if c.uses_host_offset() { host } else { pos })?;
+                            self.storage.write_at(&scratch, host)
+                        }
+                    }
+                    .map_err(Error::io("writing guest data", host))?;
                     drop(gate);
                     done += len;
                 }
@@ -1326,6 +1368,9 @@ impl Qcow2 {
         let is_zero = |r: &Option<crate::write::CowRegion>| {
             r.as_ref().is_none_or(|r| matches!(r.source, crate::write::CowSource::Zero))
         };
+        if let Some(c) = &self.crypt {
+            return self.write_allocated_encrypted(c, alloc, data);
+        }
         if (alloc.head.is_some() || alloc.tail.is_some()) && is_zero(&alloc.head) && is_zero(&alloc.tail) {
             // Zero the new clusters without writing zeros, then write only
             // the data (QEMU's handle_alloc_space does the same).
@@ -1356,6 +1401,24 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Writes an allocated run of an encrypted image: the copy-on-write
+    /// regions are read as plaintext (decrypted with their old sector
+    /// numbers) and everything is encrypted for the new clusters, in one
+    /// scratch buffer.
+    fn write_allocated_encrypted(
+        &self,
+        c: &crate::crypt::Crypt,
+        alloc: &crate::write::Allocation,
+        data: &[u8],
+    ) -> Result<()> {
+        let mut buf = self.read_cow(&alloc.head)?;
+        buf.extend_from_slice(data);
+        buf.extend_from_slice(&self.read_cow(&alloc.tail)?);
+        let host = alloc.host;
+        c.encrypt(&mut buf, if c.uses_host_offset() { host } else { alloc.guest })?;
+        self.storage.write_at(&buf, host).map_err(Error::io("writing guest data", host))
+    }
+
     fn read_cow(&self, region: &Option<crate::write::CowRegion>) -> Result<Vec<u8>> {
         let Some(r) = region else { return Ok(Vec::new()) };
         let mut buf = vec![0u8; r.len as usize];
@@ -1363,6 +1426,9 @@ impl Qcow2 {
             crate::write::CowSource::Zero => {}
             crate::write::CowSource::Host(host) => {
                 self.storage.read_at(&mut buf, host).map_err(Error::io("reading data to copy", host))?;
+                if let Some(c) = &self.crypt {
+                    c.decrypt(&mut buf, if c.uses_host_offset() { host } else { r.guest })?;
+                }
             }
             crate::write::CowSource::Compressed(desc, at) => {
                 let cluster = self.read_compressed(desc)?;
@@ -1419,6 +1485,10 @@ impl Qcow2 {
 
     fn write_compressed_inner(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
+        if self.crypt.is_some() {
+            // QEMU's qcow2 has no compressed writes for encrypted images.
+            return Err(Error::Unsupported("compressed writes to encrypted images".into()));
+        }
         let cs = self.geometry.cluster_size();
         let end = offset + buf.len() as u64;
         if offset % cs != 0 || (end % cs != 0 && end != self.len()) {
@@ -1479,6 +1549,17 @@ impl Drop for Qcow2 {
     fn drop(&mut self) {
         let _ = self.close_inner();
     }
+}
+
+/// Whether a request covers whole 512-byte sectors.
+fn is_sector_aligned(offset: u64, len: u64) -> bool {
+    offset % crate::crypt::SECTOR == 0 && len % crate::crypt::SECTOR == 0
+}
+
+/// The whole sectors around a request.
+fn sector_bounds(offset: u64, len: u64) -> (u64, u64) {
+    let s = crate::crypt::SECTOR;
+    (offset / s * s, (offset + len).div_ceil(s) * s)
 }
 
 trait IntoGuest {

@@ -33,6 +33,8 @@ pub(crate) enum CowSource {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct CowRegion {
     pub(crate) len: u64,
+    /// Guest offset of the region (encryption numbers legacy AES sectors by it).
+    pub(crate) guest: u64,
     pub(crate) source: CowSource,
 }
 
@@ -54,6 +56,8 @@ pub(crate) struct Allocation {
     pub(crate) id: u64,
     /// Host offset of the first new cluster; the head region starts here.
     pub(crate) host: u64,
+    /// Guest offset of the first new cluster.
+    pub(crate) guest: u64,
     pub(crate) head: Option<CowRegion>,
     pub(crate) tail: Option<CowRegion>,
     /// Request bytes this allocation covers.
@@ -241,7 +245,7 @@ impl Meta {
                 L2Mapping::Unallocated if has_backing => CowSource::Backing(cluster * cs + at),
                 _ => CowSource::Zero,
             };
-            CowRegion { len, source }
+            CowRegion { len, guest: cluster * cs + at, source }
         };
         let head = (in_cluster != 0).then(|| cow(m0, first, 0, in_cluster));
         let tail_at = g.offset_in_cluster(covered_end);
@@ -249,7 +253,7 @@ impl Meta {
         let id = self.next_inflight_id;
         self.next_inflight_id += 1;
         self.inflight.push(Inflight { id, first_cluster: first, count, host, compressed: None });
-        Ok(WritePlan::Allocate(Allocation { id, host, head, tail, len: covered_end - offset }))
+        Ok(WritePlan::Allocate(Allocation { id, host, guest: first * cs, head, tail, len: covered_end - offset }))
     }
 
     fn take_inflight(&mut self, id: u64) -> Inflight {
