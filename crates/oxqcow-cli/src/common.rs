@@ -242,6 +242,28 @@ pub fn parse_image_opts(spec: &str) -> Result<(String, Option<String>, OpenOptio
     Ok((path, format, opts))
 }
 
+/// Opens an image operand: a file name (with `format`), or with
+/// `image_opts` an option string naming the file, its format, secrets and
+/// runtime options. `read_only` applies either way. Returns the image and
+/// the file name.
+pub fn open_operand(
+    operand: &str,
+    image_opts: bool,
+    format: Option<&str>,
+    read_only: bool,
+) -> Result<(Image, String), String> {
+    if !image_opts {
+        let image = open_image(operand, format, OpenOptions::new().read_only(read_only))?;
+        return Ok((image, operand.to_string()));
+    }
+    if format.is_some() {
+        return Err("--image-opts and --format are mutually exclusive".into());
+    }
+    let (path, fmt, opts) = parse_image_opts(operand)?;
+    let image = open_image(&path, fmt.as_deref(), opts.read_only(read_only))?;
+    Ok((image, path))
+}
+
 /// The header of a snapshot table, as qemu-img prints it.
 pub fn snapshot_header() -> String {
     format!("{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}", "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT")

@@ -409,7 +409,7 @@ impl ImgOpts {
     /// The `encryption` / `encrypt.*` options as QEMU's qcow2 creation
     /// reads them (`QCryptoBlockCreateOptions`), with its messages; the
     /// secret is looked up by id.
-    fn encryption(&self) -> Result<Option<Encryption>, String> {
+    pub fn encryption(&self) -> Result<Option<Encryption>, String> {
         use oxqcow::format::luks::{CipherAlg, CipherMode, HashAlg, IvGenAlg};
         let legacy = self.get_bool("encryption") == Some(true);
         let format = match (self.get_str("encrypt.format"), legacy) {

@@ -156,10 +156,7 @@ fn create_output_and_images_match_qemu() {
 
 #[test]
 fn unsupported_create_features_fail_clearly() {
-    for case in [
-        "create -f qcow2 -o extended_l2=on a.qcow2 1G",
-        "create -f qcow2 -o data_file=d.raw a.qcow2 1G",
-    ] {
+    for case in ["create -f qcow2 -o extended_l2=on a.qcow2 1G", "create -f qcow2 -o data_file=d.raw a.qcow2 1G"] {
         let pair = Pair::from(fixture_dir());
         let o = run_in(&pair.ox, oxqcow(), &words(case));
         assert_eq!(o.code, 1, "{case}");

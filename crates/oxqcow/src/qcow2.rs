@@ -1181,7 +1181,12 @@ impl Qcow2 {
     /// zeros at this level (as qemu-img map reports them).
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.check_range(offset, len)?;
-        let own = self.lock_meta().block_status(self.storage_ref(), offset, len)?;
+        let mut own = self.lock_meta().block_status(self.storage_ref(), offset, len)?;
+        if self.crypt.is_some() {
+            // The host bytes are ciphertext: as QEMU, no offset is reported
+            // for them.
+            own.iter_mut().for_each(|e| e.host_offset = None);
+        }
         let Some(backing) = &self.backing else { return Ok(own) };
         let blen = crate::image::BlockDevice::len(&**backing);
         let mut out = Vec::with_capacity(own.len());
