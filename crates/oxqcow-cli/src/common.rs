@@ -79,6 +79,19 @@ impl Ctx {
 /// for every backing level the failure is down the chain). Backing files
 /// are followed as `opts.backing` says, unless `--forbid-backing` was given.
 pub fn open_image(path: &str, format: Option<&str>, opts: OpenOptions) -> Result<Image, String> {
+    open_image_as(path, path, format, opts)
+}
+
+/// [`open_image`] for an image named on the command line as `shown` (an
+/// `--image-opts` string), which qemu-img's open errors name.
+pub fn open_image_as(path: &str, shown: &str, format: Option<&str>, opts: OpenOptions) -> Result<Image, String> {
+    open_image_inner(path, format, opts).map_err(|msg| match msg.strip_prefix(&format!("Could not open '{path}': ")) {
+        Some(rest) if shown != path => format!("Could not open '{shown}': {rest}"),
+        _ => msg,
+    })
+}
+
+fn open_image_inner(path: &str, format: Option<&str>, opts: OpenOptions) -> Result<Image, String> {
     let mut opts = opts;
     opts.backing = backing_policy(opts.backing);
     if Path::new(path).is_dir() {
@@ -260,7 +273,7 @@ pub fn open_operand(
         return Err("--image-opts and --format are mutually exclusive".into());
     }
     let (path, fmt, opts) = parse_image_opts(operand)?;
-    let image = open_image(&path, fmt.as_deref(), opts.read_only(read_only))?;
+    let image = open_image_as(&path, operand, fmt.as_deref(), opts.read_only(read_only))?;
     Ok((image, path))
 }
 

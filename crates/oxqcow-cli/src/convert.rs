@@ -439,7 +439,7 @@ fn convert(_ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
             }
             let (path, fmt, mut opts) = crate::common::parse_image_opts(&a.target)?;
             opts.discard_passthrough = true;
-            open_image(&path, fmt.as_deref(), opts)?
+            crate::common::open_image_as(&path, &a.target, fmt.as_deref(), opts)?
         }
         None => {
             let mut opts = OpenOptions::new();

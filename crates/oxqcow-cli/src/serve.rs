@@ -17,7 +17,7 @@ use oxqcow::{CacheMode, ImageFormat, OpenOptions};
 use oxqcow_nbd::sys::{self, Forked, TerminationSignals};
 use oxqcow_nbd::{DetectZeroes, Export, ExportOptions, Listener, Server, ServerOptions};
 
-use crate::common::{open_image, parse_image_opts, warn_probed_raw, Ctx};
+use crate::common::{parse_image_opts, warn_probed_raw, Ctx};
 use crate::getopt::{HasArg, Opt};
 
 /// qemu-nbd's options, in its order.
@@ -221,7 +221,7 @@ fn serve(
     open.discard_passthrough = open.discard_passthrough || cfg.open.discard_passthrough;
     open.force_share = open.force_share || cfg.open.force_share;
     open.snapshot = cfg.open.snapshot.clone();
-    let image = match open_image(&path, format.as_deref(), open.clone()) {
+    let image = match crate::common::open_image_as(&path, &cfg.file, format.as_deref(), open.clone()) {
         Ok(i) => Arc::new(i),
         Err(msg) => return ctx.fail(&format!("Failed to blk_new_open '{}': {msg}", cfg.file)),
     };

@@ -272,6 +272,8 @@ pub struct Crypt {
     sectors: SectorCrypt,
     /// LUKS numbers sectors by host offset, legacy AES by guest offset.
     host_offsets: bool,
+    /// The LUKS master key (kept to fill new key slots); empty for AES.
+    master_key: Vec<u8>,
 }
 
 impl std::fmt::Debug for Crypt {
@@ -294,6 +296,7 @@ impl Crypt {
                 ivgen: IvGen::Plain64,
             },
             host_offsets: false,
+            master_key: Vec::new(),
         }
     }
 
@@ -310,7 +313,8 @@ impl Crypt {
                 continue;
             }
             if let Some(key) = try_slot(header, slot, passphrase, read)? {
-                return Ok((Crypt { sectors: SectorCrypt::for_luks(header, &key), host_offsets: true }, i));
+                let sectors = SectorCrypt::for_luks(header, &key);
+                return Ok((Crypt { sectors, host_offsets: true, master_key: key }, i));
             }
         }
         Err(Error::InvalidArgument("Invalid password, cannot unlock any keyslot".into()))
@@ -510,7 +514,7 @@ pub fn create_luks(params: &LuksParams, passphrase: &[u8]) -> Result<(Vec<u8>, C
     let mut area = vec![0u8; h.payload_offset() as usize];
     set_slot(&mut h, &mut area, 0, &master, passphrase, params.iter_time_ms)?;
     area[..luks::HEADER_SIZE].copy_from_slice(&h.serialize());
-    let crypt = Crypt { sectors: SectorCrypt::for_luks(&h, &master), host_offsets: true };
+    let crypt = Crypt { sectors: SectorCrypt::for_luks(&h, &master), host_offsets: true, master_key: master };
     Ok((area, crypt))
 }
 
@@ -565,6 +569,151 @@ impl crate::qcow2::Meta {
             }
         }
         self.write_header(st)
+    }
+}
+
+/// A key slot change (`qemu-img amend -o encrypt.state=...`).
+#[derive(Clone, Debug)]
+pub enum KeyslotChange {
+    /// Put the master key into a slot under a new passphrase.
+    Activate {
+        /// The slot; the first inactive one when `None`.
+        keyslot: Option<usize>,
+        /// The new passphrase.
+        new_secret: Vec<u8>,
+        /// Milliseconds of PBKDF2 (2000 by default).
+        iter_time_ms: u64,
+        /// Overwrite an active slot.
+        force: bool,
+    },
+    /// Erase slots: the one given, or every one the old passphrase opens.
+    Erase {
+        /// The slot to erase.
+        keyslot: Option<usize>,
+        /// Erase the slots this passphrase opens.
+        old_secret: Option<Vec<u8>>,
+        /// Allow erasing the last active slot.
+        force: bool,
+    },
+}
+
+impl crate::qcow2::Qcow2 {
+    /// Adds or erases LUKS key slots with qemu-img amend's rules and
+    /// messages (QEMU's `qcrypto_block_luks_amend_options`). Key material
+    /// is written before the header that activates it; an erased slot is
+    /// deactivated in the header before its material is overwritten with
+    /// random bytes.
+    pub fn amend_encryption(&self, change: &KeyslotChange) -> Result<()> {
+        if self.is_read_only() {
+            return Err(Error::ReadOnly);
+        }
+        let Some(crypt) = self.crypt().filter(|c| !c.master_key.is_empty()) else {
+            return Err(Error::InvalidArgument("Only LUKS encryption options can be amended".into()));
+        };
+        self.exclusive(|m, st| {
+            let ext = m.header.extensions.crypto.expect("LUKS images have the extension");
+            let mut h = read_luks_header(st, &ext)?;
+            let invalid = |msg: String| Err(Error::InvalidArgument(msg));
+            let write_header = |h: &LuksHeader| -> Result<()> {
+                st.write_at(&h.serialize(), ext.offset).map_err(Error::io("writing the LUKS header", ext.offset))?;
+                st.sync().map_err(Error::io("syncing the LUKS header", ext.offset))
+            };
+            let material_len = (h.split_key_len() as u64).div_ceil(SECTOR) * SECTOR;
+            match change {
+                KeyslotChange::Activate { keyslot, new_secret, iter_time_ms, force } => {
+                    let index = match keyslot {
+                        Some(i) if h.slots[*i].active && !force => {
+                            return invalid(format!("Refusing to overwrite active keyslot {i} - please erase it first"))
+                        }
+                        Some(i) => *i,
+                        None => match h.slots.iter().position(|s| !s.active) {
+                            Some(i) => i,
+                            None => return invalid("Can't add a keyslot - all keyslots are in use".into()),
+                        },
+                    };
+                    let at = u64::from(h.slots[index].key_offset_sector) * SECTOR;
+                    let mut area = vec![0u8; (at + material_len) as usize];
+                    set_slot(&mut h, &mut area, index, &crypt.master_key, new_secret, *iter_time_ms)?;
+                    // An overwritten active slot is first taken out of use.
+                    if *force {
+                        let mut off = h.clone();
+                        off.slots[index] = read_luks_header(st, &ext)?.slots[index];
+                        off.slots[index].active = false;
+                        write_header(&off)?;
+                    }
+                    let pos = ext.offset + at;
+                    st.write_at(&area[at as usize..], pos).map_err(Error::io("writing LUKS key material", pos))?;
+                    st.sync().map_err(Error::io("syncing LUKS key material", pos))?;
+                    write_header(&h)
+                }
+                KeyslotChange::Erase { keyslot, old_secret, force } => {
+                    let active = h.slots.iter().filter(|s| s.active).count();
+                    let read = |offset: u64, buf: &mut [u8]| -> Result<()> {
+                        let at = ext.offset + offset;
+                        st.read_at(buf, at).map_err(Error::io("reading LUKS key material", at))
+                    };
+                    let targets: Vec<usize> = match (keyslot, old_secret) {
+                        (Some(i), old) => {
+                            if !h.slots[*i].active {
+                                return invalid(format!("Given keyslot {i} is already erased (inactive) "));
+                            }
+                            if let Some(old) = old {
+                                if try_slot(&h, &h.slots[*i], old, &read)?.is_none() {
+                                    return invalid(format!(
+                                        "Given keyslot {i} doesn't contain the given old password for erase operation"
+                                    ));
+                                }
+                            }
+                            if active == 1 && !force {
+                                return invalid(format!(
+                                    "Attempt to erase the only active keyslot {i} which will erase all the data in \
+                                     the image irreversibly - refusing operation"
+                                ));
+                            }
+                            vec![*i]
+                        }
+                        (None, Some(old)) => {
+                            let mut hits = Vec::new();
+                            for (i, s) in h.slots.iter().enumerate() {
+                                if s.active && try_slot(&h, s, old, &read)?.is_some() {
+                                    hits.push(i);
+                                }
+                            }
+                            if hits.is_empty() {
+                                return invalid("No keyslots match given (old) password for erase operation".into());
+                            }
+                            if hits.len() == active && !force {
+                                return invalid(
+                                    "All the active keyslots match the (old) password that was given and erasing \
+                                     them will erase all the data in the image irreversibly - refusing operation"
+                                        .into(),
+                                );
+                            }
+                            hits
+                        }
+                        (None, None) => {
+                            return invalid(
+                                "To erase keyslot(s), either explicit keyslot index or the password currently \
+                                 contained in them must be given"
+                                    .into(),
+                            )
+                        }
+                    };
+                    for i in targets {
+                        h.slots[i].active = false;
+                        h.slots[i].iterations = 0;
+                        h.slots[i].salt = [0; luks::SALT_LEN];
+                        write_header(&h)?;
+                        let mut junk = vec![0u8; material_len as usize];
+                        random_bytes(&mut junk)?;
+                        let pos = ext.offset + u64::from(h.slots[i].key_offset_sector) * SECTOR;
+                        st.write_at(&junk, pos).map_err(Error::io("erasing LUKS key material", pos))?;
+                        st.sync().map_err(Error::io("syncing LUKS key material", pos))?;
+                    }
+                    Ok(())
+                }
+            }
+        })
     }
 }
 

@@ -655,6 +655,11 @@ impl Qcow2 {
         })
     }
 
+    /// The cipher state of an encrypted image.
+    pub(crate) fn crypt(&self) -> Option<&crate::crypt::Crypt> {
+        self.crypt.as_ref()
+    }
+
     /// The codec of compressed clusters written now.
     fn codec(&self) -> Codec {
         Codec::from_type(self.compression_type.load(Ordering::Acquire))
