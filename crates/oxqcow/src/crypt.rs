@@ -367,6 +367,11 @@ pub(crate) fn open_image(storage: &dyn Storage, header: &Header, passphrase: Opt
     if header.crypt_method == crypt::NONE {
         return Ok(None);
     }
+    // A broken LUKS header is reported as such, with or without a passphrase.
+    let luks = match header.extensions.crypto {
+        Some(ext) if header.crypt_method == crypt::LUKS => Some((ext, read_luks_header(storage, &ext)?)),
+        _ => None,
+    };
     let Some(passphrase) = passphrase else {
         return Err(Error::InvalidArgument("Parameter 'encrypt.key-secret' is required for cipher".into()));
     };
@@ -376,11 +381,9 @@ pub(crate) fn open_image(storage: &dyn Storage, header: &Header, passphrase: Opt
             header.size
         )));
     }
-    if header.crypt_method == crypt::AES {
+    let Some((ext, luks)) = luks else {
         return Ok(Some(Crypt::legacy_aes(passphrase)));
-    }
-    let ext = header.extensions.crypto.expect("the format layer requires the extension for LUKS");
-    let luks = read_luks_header(storage, &ext)?;
+    };
     let read = |offset: u64, buf: &mut [u8]| -> Result<()> {
         // Bounded by the header's checks: material lies inside the area.
         let at = ext.offset + offset;
@@ -441,31 +444,42 @@ impl Default for LuksParams {
     }
 }
 
-/// How many PBKDF2 iterations `hash` runs per second on this machine, as
-/// QEMU's `qcrypto_pbkdf2_count_iters` measures it: grow the count until
-/// one run takes at least half a second.
-fn iterations_per_second(hash: HashAlg, password: &[u8], salt: &[u8], out_len: usize) -> Result<u64> {
-    let mut out = vec![0u8; out_len];
+/// This thread's CPU time in milliseconds (what QEMU's calibration
+/// measures, so that a busy machine does not skew it).
+fn thread_cpu_ms() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    t.tv_sec as u64 * 1000 + t.tv_nsec as u64 / 1_000_000
+}
+
+/// Shortest calibration run. QEMU's `qcrypto_pbkdf2_count_iters` grows the
+/// count the same way until one run takes over 500 ms of CPU; a fifth of
+/// that measures the rate as well and makes creating an image (two
+/// calibrations) take a fraction of a second instead of seconds.
+const CALIBRATION_MS: u64 = 100;
+
+/// How many PBKDF2 iterations `hash` runs per second of this thread's CPU
+/// time (QEMU's `qcrypto_pbkdf2_count_iters`, with a 32-byte output).
+fn iterations_per_second(hash: HashAlg, password: &[u8], salt: &[u8]) -> Result<u64> {
+    let mut out = [0u8; 32];
     let mut iterations: u64 = 1 << 15;
     loop {
-        let start = std::time::Instant::now();
-        pbkdf2(hash, password, salt, iterations as u32, &mut out);
-        let ms = start.elapsed().as_millis() as u64;
-        if ms > 500 {
-            return Ok(iterations * 1000 / ms);
-        }
-        if iterations > u64::from(u32::MAX) / 10 {
+        if iterations > u64::from(u32::MAX) {
             return Err(Error::InvalidArgument(format!("PBKDF iterations {iterations} too large to scale")));
         }
-        // As QEMU: grow quickly while far from the target.
-        iterations = if ms < 100 { iterations * 10 } else { iterations * 1000 / ms.max(1) };
+        let start = thread_cpu_ms();
+        pbkdf2(hash, password, salt, iterations as u32, &mut out);
+        let ms = thread_cpu_ms() - start;
+        if ms > CALIBRATION_MS {
+            return Ok(iterations * 1000 / ms);
+        }
+        iterations = if ms < CALIBRATION_MS / 5 { iterations * 10 } else { iterations * 2 * CALIBRATION_MS / ms };
     }
 }
 
 /// Iterations for `iter_time_ms` of PBKDF2, divided by `divisor`, at
 /// least QEMU's minimum.
-fn calibrated(hash: HashAlg, pw: &[u8], salt: &[u8], out_len: usize, iter_time_ms: u64, divisor: u64) -> Result<u32> {
-    let per_sec = iterations_per_second(hash, pw, salt, out_len)?;
+fn calibrated(hash: HashAlg, pw: &[u8], salt: &[u8], iter_time_ms: u64, divisor: u64) -> Result<u32> {
+    let per_sec = iterations_per_second(hash, pw, salt)?;
     let iters = per_sec.checked_mul(iter_time_ms).map(|v| v / 1000 / divisor).ok_or_else(|| {
         Error::InvalidArgument(format!("PBKDF iterations {per_sec} too large to scale: Numerical result out of range"))
     })?;
@@ -475,6 +489,7 @@ fn calibrated(hash: HashAlg, pw: &[u8], salt: &[u8], out_len: usize, iter_time_m
             u32::MAX
         )));
     }
+    // Never more than oxqcow opens again (see `MAX_PBKDF2_ITERATIONS`).
     Ok((iters as u32).clamp(luks::MIN_ITERATIONS, luks::MAX_PBKDF2_ITERATIONS))
 }
 
@@ -505,7 +520,6 @@ pub fn create_luks(params: &LuksParams, passphrase: &[u8]) -> Result<(Vec<u8>, C
         h.hash_alg,
         &master,
         &h.master_key_salt,
-        luks::DIGEST_LEN,
         params.iter_time_ms,
         // cryptsetup's (and QEMU's) eighth for the digest.
         8,
@@ -532,7 +546,7 @@ fn set_slot(
     let key_len = h.key_bytes as usize;
     let mut salt = [0u8; luks::SALT_LEN];
     random_bytes(&mut salt)?;
-    let iterations = calibrated(h.hash_alg, passphrase, &salt, key_len, iter_time_ms, 1)?;
+    let iterations = calibrated(h.hash_alg, passphrase, &salt, iter_time_ms, 1)?;
     let mut slot_key = vec![0u8; key_len];
     pbkdf2(h.hash_alg, passphrase, &salt, iterations, &mut slot_key);
     let mut split = af_split(h.hash_alg, master, luks::STRIPES as usize)?;
