@@ -32,7 +32,6 @@ const OPTIONS: &[Opt] = &[
     Opt::both('h', "help", HasArg::No),
     Opt::long("flush-interval", HasArg::Required),
     Opt::long("image-opts", HasArg::No),
-    Opt::long("object", HasArg::Required),
     Opt::long("pattern", HasArg::Required),
     Opt::long("no-drain", HasArg::No),
     Opt::both('U', "force-share", HasArg::No),
@@ -176,7 +175,6 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 image_opts = true;
                 Ok(())
             }
-            "object" => crate::secrets::define(&value),
             "f" => {
                 format = Some(value);
                 Ok(())
@@ -217,12 +215,12 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             Ok(o) => spec.options = o,
             Err(msg) => return ctx.fail(&msg),
         }
-        open(&spec, None, &crate::secrets::all())
+        open(&spec, None, &Default::default())
     } else {
         if let Some(f) = format {
             spec.options.push(("driver".into(), f));
         }
-        open(&spec, Some(filename), &crate::secrets::all())
+        open(&spec, Some(filename), &Default::default())
     };
     let opened = match image {
         Ok(i) => i,

@@ -87,11 +87,6 @@ pub fn lookup(id: &str) -> Result<Vec<u8>, String> {
     secrets.get(id).cloned().ok_or_else(|| format!("No secret with id '{id}'"))
 }
 
-/// Every secret defined so far, by id.
-pub fn all() -> std::collections::HashMap<String, Vec<u8>> {
-    SECRETS.lock().unwrap_or_else(|p| p.into_inner()).clone().into_iter().collect()
-}
-
 /// Applies an `encrypt.*` open option (`encrypt.key-secret=ID`,
 /// `backing.encrypt.key-secret=ID`, `encrypt.format=...`). `Ok(false)`
 /// when `key` is not one of them.
