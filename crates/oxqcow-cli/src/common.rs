@@ -232,6 +232,17 @@ pub fn os_error(e: &std::io::Error) -> String {
 /// Splits an `--image-opts` specification (`driver=qcow2,file.filename=x,
 /// l2-cache-size=1M`) into the file name, the format and open options.
 pub fn parse_image_opts(spec: &str) -> Result<(String, Option<String>, OpenOptions), String> {
+    parse_image_opts_for(spec, true)
+}
+
+/// [`parse_image_opts`] for opens that read no guest data (qemu-img info's
+/// `BDRV_O_NO_IO`): secrets are not looked up, so an unknown or missing
+/// one is no error.
+pub fn parse_image_opts_no_io(spec: &str) -> Result<(String, Option<String>, OpenOptions), String> {
+    parse_image_opts_for(spec, false)
+}
+
+fn parse_image_opts_for(spec: &str, io: bool) -> Result<(String, Option<String>, OpenOptions), String> {
     let fail = |msg: String| format!("Could not open '{spec}': {msg}");
     let mut path = None;
     let mut format = None;
@@ -245,6 +256,7 @@ pub fn parse_image_opts(spec: &str) -> Result<(String, Option<String>, OpenOptio
             "driver" => format = Some(value),
             "file.driver" if value == "file" => {}
             "file.driver" => return Err(fail(format!("Unknown protocol '{value}'"))),
+            k if !io && k.ends_with("encrypt.key-secret") => {}
             _ if crate::secrets::apply_open_option(&mut opts, &key, &value).map_err(fail)? => {}
             _ => opts.apply_qemu_option(&key, &value).map_err(|e| fail(describe(&e)))?,
         }

@@ -12,9 +12,7 @@ use oxqcow::format::SnapshotEntry;
 use oxqcow::{probe_format, FileStorage, Image, ImageFormat, OpenOptions, Qcow2, Qcow2Info, Storage};
 use serde_json::{json, Map, Value};
 
-use crate::common::{
-    open_image, parse_image_opts, print_json, size_to_str, snapshot_header, snapshot_line, Ctx, OutputFormat,
-};
+use crate::common::{open_image, print_json, size_to_str, snapshot_header, snapshot_line, Ctx, OutputFormat};
 use crate::getopt::{HasArg, Opt};
 
 const SPEC: &[Opt] = &[
@@ -80,7 +78,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         return ctx.fail("--image-opts and --format are mutually exclusive");
     }
     let (path, format, opts) = if image_opts {
-        match parse_image_opts(filename) {
+        match crate::common::parse_image_opts_no_io(filename) {
             Ok(v) => v,
             Err(msg) => return ctx.fail(&msg),
         }
