@@ -8,9 +8,10 @@
 //! progress lines around the library's status reports.
 
 use oxqcow::amend::AmendOptions;
+use oxqcow::crypt::KeyslotChange;
 use oxqcow::{Compat, Image, ImageFormat, OpenOptions};
 
-use crate::common::{check_object, describe, is_cache_mode, open_image, parse_image_opts, warn_probed_raw, Ctx};
+use crate::common::{check_object, describe, is_cache_mode, parse_image_opts, warn_probed_raw, Ctx};
 use crate::getopt::{HasArg, Opt};
 use crate::imgopts::{self, split_options, OptDesc, OptType};
 use crate::progress::Progress;
@@ -86,6 +87,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let mut options: Option<String> = None;
     let mut fmt: Option<String> = None;
     let mut cache = "writeback".to_string();
+    let mut force = false;
     let (mut quiet, mut progress, mut image_opts) = (false, false, false);
     for (key, value) in p.opts {
         let value = value.unwrap_or_default();
@@ -109,16 +111,23 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                     return ctx.fail(&msg);
                 }
             }
-            _ => {} // --force: only LUKS keyslot changes need it
+            "force" => force = true,
+            _ => {}
         }
     }
     let Some(options) = options else {
         return ctx.usage_error("amend", "Must specify options (-o)");
     };
     let bar = Progress::new(progress && !quiet, 1.0);
-    let code = amend(ctx, &options, fmt, &cache, image_opts, &p.operands, &bar);
+    let code = amend(ctx, &options, fmt, &cache, Flags { image_opts, force }, &p.operands, &bar);
     bar.end();
     code
+}
+
+/// `--image-opts` and `--force`.
+struct Flags {
+    image_opts: bool,
+    force: bool,
 }
 
 fn amend(
@@ -126,10 +135,11 @@ fn amend(
     options: &str,
     fmt: Option<String>,
     cache: &str,
-    image_opts: bool,
+    flags: Flags,
     operands: &[String],
     bar: &Progress,
 ) -> i32 {
+    let Flags { image_opts, force } = flags;
     let help = imgopts::has_help_option(options);
     if let (Some(f), true) = (&fmt, help) {
         return print_amend_help(ctx, f);
@@ -151,7 +161,7 @@ fn amend(
     } else {
         (filename.clone(), fmt, OpenOptions::new())
     };
-    let image = match open_image(&path, format.as_deref(), opts.read_only(false)) {
+    let image = match crate::common::open_image_as(&path, filename, format.as_deref(), opts.read_only(false)) {
         Ok(i) => i,
         Err(msg) => return ctx.fail(&msg),
     };
@@ -168,9 +178,15 @@ fn amend(
         return ctx.fail(&msg);
     }
     bar.print(0.0, 0);
-    let result = to_amend_options(options, &q.info()).and_then(|o| {
+    let result = to_amend_options(options, &q.info()).and_then(|(o, keyslots)| {
         let mut status = |done: u64, total: u64| bar.print(100.0f32 * done as f32 / total as f32, 0);
-        q.amend(&o, &mut status).map_err(|e| describe(&e))
+        q.amend(&o, &mut status).map_err(|e| describe(&e))?;
+        match keyslots {
+            Some(change) => {
+                keyslot_change(&change, force).and_then(|c| q.amend_encryption(&c).map_err(|e| describe(&e)))
+            }
+            None => Ok(()),
+        }
     });
     bar.print(100.0, 0);
     if let Err(msg) = result {
@@ -218,12 +234,21 @@ fn check_types(options: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// One `key=value` of an option string.
+type KeyValue = (String, String);
+
 /// The typed options (already type-checked), with QEMU's messages for
 /// values its amend code refuses, in the order of its option list.
-fn to_amend_options(options: &str, info: &oxqcow::Qcow2Info) -> Result<AmendOptions, String> {
+fn to_amend_options(options: &str, info: &oxqcow::Qcow2Info) -> Result<(AmendOptions, Option<Vec<KeyValue>>), String> {
     let pairs = split_options(options);
     let last = |k: &str| pairs.iter().rev().find(|(key, _)| key == k).map(|(_, v)| v.clone());
     let mut o = AmendOptions { encryption: pairs.iter().any(|(k, _)| k.starts_with("encrypt.")), ..Default::default() };
+    let mut keyslots = None;
+    if o.encryption && info.crypt_method == 2 {
+        // Key slot changes, made after the other amendments.
+        keyslots = Some(pairs.iter().filter(|(k, _)| k.starts_with("encrypt.")).cloned().collect());
+        o.encryption = false;
+    }
     if o.encryption {
         return Err(if info.crypt_method == 0 {
             "Can't amend encryption options - encryption not present".into()
@@ -259,5 +284,48 @@ fn to_amend_options(options: &str, info: &oxqcow::Qcow2Info) -> Result<AmendOpti
         oxqcow::amend::check_refcount_bits(bits).map_err(|e| describe(&e))?;
         o.refcount_bits = Some(bits);
     }
-    Ok(o)
+    Ok((o, keyslots))
+}
+
+/// The LUKS key slot change the `encrypt.*` amend options ask for, with
+/// QEMU's messages (`QCryptoBlockAmendOptionsLUKS`).
+fn keyslot_change(pairs: &[(String, String)], force: bool) -> Result<KeyslotChange, String> {
+    let last = |k: &str| pairs.iter().rev().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+    let state = match last("encrypt.state").as_deref() {
+        None => return Err("Parameter 'state' is missing".into()),
+        Some("active") => true,
+        Some("inactive") => false,
+        Some(other) => return Err(format!("Parameter 'state' does not accept value '{other}'")),
+    };
+    let keyslot = match last("encrypt.keyslot") {
+        None => None,
+        Some(v) => {
+            let n = imgopts::parse_number("encrypt.keyslot", &v)?;
+            if n >= 8 {
+                return Err(format!("Invalid keyslot {n} specified, must be between 0 and 7"));
+            }
+            Some(n as usize)
+        }
+    };
+    let secret = |k: &str| last(k).map(|id| crate::secrets::lookup(&id)).transpose();
+    let old_secret = secret("encrypt.old-secret")?;
+    let new_secret = secret("encrypt.new-secret")?;
+    if state {
+        if old_secret.is_some() {
+            return Err("'old-secret' must not be given when activating keyslots".into());
+        }
+        let Some(new_secret) = new_secret else {
+            return Err("'new-secret' is required to activate a keyslot".into());
+        };
+        let iter_time_ms = match last("encrypt.iter-time") {
+            Some(v) => imgopts::parse_number("encrypt.iter-time", &v)?,
+            None => 2000,
+        };
+        Ok(KeyslotChange::Activate { keyslot, new_secret, iter_time_ms, force })
+    } else {
+        if new_secret.is_some() {
+            return Err("'new-secret' must not be given when erasing keyslots".into());
+        }
+        Ok(KeyslotChange::Erase { keyslot, old_secret, force })
+    }
 }

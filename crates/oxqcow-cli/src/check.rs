@@ -7,7 +7,7 @@
 use oxqcow::{CheckReport, Image, OpenOptions, RepairMode};
 use serde_json::{json, Map, Value};
 
-use crate::common::{describe, open_image, parse_image_opts, print_json, Ctx, OutputFormat};
+use crate::common::{describe, parse_image_opts, print_json, Ctx, OutputFormat};
 use crate::getopt::{HasArg, Opt};
 
 /// In qemu-img's order, which ambiguity messages list.
@@ -83,7 +83,12 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 return ctx.fail(&format!("Invalid source cache option: {value}"));
             }
             "q" => quiet = true,
-            _ => {} // --object: nothing here needs secrets
+            "object" => {
+                if let Err(msg) = crate::common::check_object(&value) {
+                    return ctx.fail(&msg);
+                }
+            }
+            _ => {}
         }
     }
     let [filename] = p.operands.as_slice() else {
@@ -106,7 +111,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     opts.read_only = repair.is_none();
     // Damaged refcount tables are what check is for: open tolerantly.
     opts.repair = true;
-    let image = match open_image(&path, format.as_deref(), opts) {
+    let image = match crate::common::open_image_as(&path, filename, format.as_deref(), opts) {
         Ok(i) => i,
         Err(msg) => return ctx.fail(&msg),
     };

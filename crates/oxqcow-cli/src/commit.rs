@@ -10,9 +10,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use oxqcow::backing::resolve_backing_path;
-use oxqcow::{Image, OpenOptions};
+use oxqcow::Image;
 
-use crate::common::{cvtnum, describe, is_cache_mode, open_image, Ctx, FORBID_BACKING};
+use crate::common::{cvtnum, describe, is_cache_mode, Ctx, FORBID_BACKING};
 use crate::getopt::{HasArg, Opt};
 use crate::progress::Progress;
 
@@ -68,6 +68,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let mut progress = false;
     let mut quiet = false;
     let mut rate = 0u64;
+    let mut image_opts = false;
     for (key, value) in parsed.opts {
         let v = value.unwrap_or_default();
         match key.as_str() {
@@ -90,7 +91,12 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 Err(msg) => return ctx.fail(&msg),
             },
             FORBID_BACKING => crate::common::forbid_backing(),
-            "object" | "image-opts" => return ctx.fail(&format!("--{key} is not supported yet")),
+            "object" => {
+                if let Err(msg) = crate::common::check_object(&v) {
+                    return ctx.fail(&msg);
+                }
+            }
+            "image-opts" => image_opts = true,
             _ => unreachable!("getopt only returns declared options"),
         }
     }
@@ -103,10 +109,11 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     if !is_cache_mode(&cache) {
         return ctx.fail(&format!("Invalid cache option: {cache}"));
     }
-    let image = match open_image(filename, format.as_deref(), OpenOptions::new()) {
+    let (image, filename) = match crate::common::open_operand(filename, image_opts, format.as_deref(), false) {
         Ok(i) => i,
         Err(msg) => return ctx.fail(&msg),
     };
+    let filename = &filename;
     if format.is_none() && image.format() == oxqcow::ImageFormat::Raw {
         crate::common::warn_probed_raw(filename);
     }

@@ -80,6 +80,19 @@ impl Ctx {
 /// for every backing level the failure is down the chain). Backing files
 /// are followed as `opts.backing` says, unless `--forbid-backing` was given.
 pub fn open_image(path: &str, format: Option<&str>, opts: OpenOptions) -> Result<Image, String> {
+    open_image_as(path, path, format, opts)
+}
+
+/// [`open_image`] for an image named on the command line as `shown` (an
+/// `--image-opts` string), which qemu-img's open errors name.
+pub fn open_image_as(path: &str, shown: &str, format: Option<&str>, opts: OpenOptions) -> Result<Image, String> {
+    open_image_inner(path, format, opts).map_err(|msg| match msg.strip_prefix(&format!("Could not open '{path}': ")) {
+        Some(rest) if shown != path => format!("Could not open '{shown}': {rest}"),
+        _ => msg,
+    })
+}
+
+fn open_image_inner(path: &str, format: Option<&str>, opts: OpenOptions) -> Result<Image, String> {
     let mut opts = opts;
     opts.backing = backing_policy(opts.backing);
     if Path::new(path).is_dir() {
@@ -232,6 +245,17 @@ pub fn os_error(e: &std::io::Error) -> String {
 /// Splits an `--image-opts` specification (`driver=qcow2,file.filename=x,
 /// l2-cache-size=1M`) into the file name, the format and open options.
 pub fn parse_image_opts(spec: &str) -> Result<(String, Option<String>, OpenOptions), String> {
+    parse_image_opts_for(spec, true)
+}
+
+/// [`parse_image_opts`] for opens that read no guest data (qemu-img info's
+/// `BDRV_O_NO_IO`): secrets are not looked up, so an unknown or missing
+/// one is no error.
+pub fn parse_image_opts_no_io(spec: &str) -> Result<(String, Option<String>, OpenOptions), String> {
+    parse_image_opts_for(spec, false)
+}
+
+fn parse_image_opts_for(spec: &str, io: bool) -> Result<(String, Option<String>, OpenOptions), String> {
     let fail = |msg: String| format!("Could not open '{spec}': {msg}");
     let mut path = None;
     let mut format = None;
@@ -245,6 +269,8 @@ pub fn parse_image_opts(spec: &str) -> Result<(String, Option<String>, OpenOptio
             "driver" => format = Some(value),
             "file.driver" if value == "file" => {}
             "file.driver" => return Err(fail(format!("Unknown protocol '{value}'"))),
+            k if !io && k.ends_with("encrypt.key-secret") => {}
+            _ if crate::secrets::apply_open_option(&mut opts, &key, &value).map_err(fail)? => {}
             _ => opts.apply_qemu_option(&key, &value).map_err(|e| fail(describe(&e)))?,
         }
     }
@@ -285,7 +311,8 @@ pub fn open_export_image(
     open.discard_passthrough = open.discard_passthrough || cli.discard_passthrough;
     open.force_share = open.force_share || cli.force_share;
     open.snapshot = cli.snapshot.clone();
-    let image = open_image(&path, format.as_deref(), open.clone())?;
+    // Open errors name the option string with --image-opts, as QEMU's do.
+    let image = open_image_as(&path, file, format.as_deref(), open.clone())?;
     if format.is_none() && image.format() == ImageFormat::Raw && !open.read_only {
         warn_probed_raw(&path);
     }
@@ -305,6 +332,28 @@ pub fn wait_for_daemon(mut from_child: std::os::unix::net::UnixStream, child: ox
         Ok(0) | Err(_) => 1,
         Ok(code) => code,
     }
+}
+
+/// Opens an image operand: a file name (with `format`), or with
+/// `image_opts` an option string naming the file, its format, secrets and
+/// runtime options. `read_only` applies either way. Returns the image and
+/// the file name.
+pub fn open_operand(
+    operand: &str,
+    image_opts: bool,
+    format: Option<&str>,
+    read_only: bool,
+) -> Result<(Image, String), String> {
+    if !image_opts {
+        let image = open_image(operand, format, OpenOptions::new().read_only(read_only))?;
+        return Ok((image, operand.to_string()));
+    }
+    if format.is_some() {
+        return Err("--image-opts and --format are mutually exclusive".into());
+    }
+    let (path, fmt, opts) = parse_image_opts(operand)?;
+    let image = open_image_as(&path, operand, fmt.as_deref(), opts.read_only(read_only))?;
+    Ok((image, path))
 }
 
 /// The header of a snapshot table, as qemu-img prints it.
@@ -370,55 +419,9 @@ fn pad_bytes(s: &str, width: usize, left: bool) -> String {
     }
 }
 
-/// Checks an `--object` definition as qemu-img's `user_creatable_process_cmdline`
-/// would for the one object type oxqcow knows, `secret` (`id`, and `data`
-/// or `file`, optional `format=raw|base64`), with QEMU's messages.
+/// Defines an `--object` (see [`crate::secrets::define`]).
 pub fn check_object(spec: &str) -> Result<(), String> {
-    // An implied first key: a leading token without '=' is the type.
-    let (mut qom_type, rest) = match spec.split_once(',') {
-        Some((first, rest)) if !first.contains('=') => (Some(first.to_string()), rest),
-        None if !spec.contains('=') => (Some(spec.to_string()), ""),
-        _ => (None, spec),
-    };
-    let mut params = Vec::new();
-    for (k, v) in crate::imgopts::split_options(rest) {
-        if k == "qom-type" {
-            qom_type = Some(v);
-        } else {
-            params.push((k, v));
-        }
-    }
-    let Some(qom_type) = qom_type.filter(|t| !t.is_empty()) else {
-        return Err("Parameter 'qom-type' is missing".into());
-    };
-    if qom_type != "secret" {
-        return Err(format!("Parameter 'qom-type' does not accept value '{qom_type}'"));
-    }
-    let get = |k: &str| params.iter().rev().find(|(key, _)| key == k).map(|(_, v)| v.clone());
-    let Some(id) = get("id") else { return Err("Parameter 'id' is missing".into()) };
-    let valid_id = id.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
-        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
-    if !valid_id {
-        return Err("Parameter 'id' expects an identifier\n\
-                    Identifiers consist of letters, digits, '-', '.', '_', starting with a letter."
-            .into());
-    }
-    if let Some((k, _)) =
-        params.iter().find(|(k, _)| !matches!(k.as_str(), "id" | "data" | "file" | "format" | "keyid" | "iv"))
-    {
-        return Err(format!("Parameter '{k}' is unexpected"));
-    }
-    if let Some(f) = get("format").filter(|f| f != "raw" && f != "base64") {
-        return Err(format!("Parameter 'format' does not accept value '{f}'"));
-    }
-    match (get("data"), get("file")) {
-        (None, None) => Err("Either 'file' or 'data' must be provided".into()),
-        (Some(_), Some(_)) => Err("'data' and 'file' are mutually exclusive".into()),
-        (None, Some(file)) => std::fs::read(&file).map(|_| ()).map_err(|e| {
-            format!("Unable to read {file}: Failed to open file \u{201c}{file}\u{201d}: {}", os_error(&e))
-        }),
-        (Some(_), None) => Ok(()),
-    }
+    crate::secrets::define(spec)
 }
 
 /// `YYYY-MM-DD HH:MM:SS` for seconds since the epoch in the local time

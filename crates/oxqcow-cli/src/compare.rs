@@ -9,9 +9,9 @@
 //! through (and, in strict mode, the allocation status compared is that of
 //! the whole chain, as qemu-img's is).
 
-use oxqcow::{BlockDevice, Image, OpenOptions};
+use oxqcow::{BlockDevice, Image};
 
-use crate::common::{is_cache_mode, open_image, strerror, Ctx, FORBID_BACKING};
+use crate::common::{is_cache_mode, strerror, Ctx, FORBID_BACKING};
 use crate::getopt::{self, HasArg, Opt};
 use crate::progress::Progress;
 use crate::status::StatusCursor;
@@ -61,6 +61,7 @@ struct Args {
     progress: bool,
     quiet: bool,
     strict: bool,
+    image_opts: bool,
     file1: String,
     file2: String,
 }
@@ -82,6 +83,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         progress: false,
         quiet: false,
         strict: false,
+        image_opts: false,
         file1: String::new(),
         file2: String::new(),
     };
@@ -98,7 +100,12 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             "q" => a.quiet = true,
             "s" => a.strict = true,
             "U" => {}
-            "object" | "image-opts" => return ctx.fail(&format!("--{key} is not supported yet")),
+            "object" => {
+                if let Err(msg) = crate::common::check_object(&value.unwrap_or_default()) {
+                    return ctx.fail(&msg);
+                }
+            }
+            "image-opts" => a.image_opts = true,
             FORBID_BACKING => crate::common::forbid_backing(),
             _ => unreachable!("getopt only returns declared options"),
         }
@@ -125,7 +132,9 @@ fn compare(ctx: &Ctx, a: &Args, progress: &Progress) -> i32 {
         ctx.error(&format!("Invalid source cache option: {}", a.cache));
         return 2;
     }
-    let open = |file: &str, fmt: &Option<String>| open_image(file, fmt.as_deref(), OpenOptions::new().read_only(true));
+    let open = |file: &str, fmt: &Option<String>| {
+        crate::common::open_operand(file, a.image_opts, fmt.as_deref(), true).map(|(image, _)| image)
+    };
     let img1 = match open(&a.file1, &a.fmt1) {
         Ok(i) => i,
         Err(msg) => {

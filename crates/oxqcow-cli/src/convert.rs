@@ -146,6 +146,10 @@ struct Args {
     min_sparse: u64,
     sources: Vec<String>,
     target: String,
+    /// `--image-opts`: sources are option strings.
+    image_opts: bool,
+    /// `--target-image-opts`: the target is an option string (needs `-n`).
+    target_image_opts: bool,
 }
 
 /// Runs `convert`.
@@ -179,6 +183,8 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         min_sparse: DEFAULT_MIN_SPARSE,
         sources: Vec::new(),
         target: String::new(),
+        image_opts: false,
+        target_image_opts: false,
     };
     for (key, value) in parsed.opts {
         let v = value.unwrap_or_default();
@@ -233,14 +239,22 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             "r" => return ctx.fail("rate limiting (-r) is not supported yet"),
             "bitmaps" => a.bitmaps = true,
             "skip-broken-bitmaps" => a.skip_broken_bitmaps = true,
-            "object" | "image-opts" | "target-image-opts" | "salvage" => {
-                return ctx.fail(&format!("--{key} is not supported yet"))
+            "object" => {
+                if let Err(msg) = crate::common::check_object(&v) {
+                    return ctx.fail(&msg);
+                }
             }
+            "image-opts" => a.image_opts = true,
+            "target-image-opts" => a.target_image_opts = true,
+            "salvage" => return ctx.fail(&format!("--{key} is not supported yet")),
             _ => unreachable!("getopt only returns declared options"),
         }
     }
     if a.skip_broken_bitmaps && !a.bitmaps {
         return ctx.fail("Use of --skip-broken-bitmaps requires --bitmaps");
+    }
+    if a.target_image_opts && !a.skip_create {
+        return ctx.fail("--target-image-opts requires use of -n flag");
     }
     if a.target_is_zero && !a.skip_create {
         return ctx.fail("--target-is-zero requires use of -n flag");
@@ -343,7 +357,7 @@ fn convert(ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
     let mut sources = Vec::with_capacity(a.sources.len());
     let mut total = 0u64;
     for name in &a.sources {
-        let image = open_image(name, a.src_fmt.as_deref(), OpenOptions::new().read_only(true))?;
+        let (image, _) = crate::common::open_operand(name, a.image_opts, a.src_fmt.as_deref(), true)?;
         let image = match &a.snapshot {
             Some(p) => p.load(image, name, a.src_fmt.as_deref())?,
             None => image,
@@ -363,7 +377,24 @@ fn convert(ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
         ImageFormat::Raw => CreateOptions::raw(total),
     };
     if let Some(o) = &a.options {
-        opts.apply_option_string(o).map_err(|e| {
+        // The encryption options are read as create reads them (secrets by
+        // id, QEMU's messages); the rest are the library's.
+        let (enc, rest): (Vec<_>, Vec<_>) = crate::imgopts::split_options(o)
+            .into_iter()
+            .partition(|(k, _)| k == "encryption" || k.starts_with("encrypt."));
+        if format == ImageFormat::Qcow2 && !enc.is_empty() {
+            let mut io = crate::imgopts::ImgOpts::new(format);
+            for (k, v) in &enc {
+                io.set(k, v)?;
+            }
+            opts.encryption = io.encryption()?;
+        }
+        let o = if format == ImageFormat::Qcow2 {
+            rest.iter().map(|(k, v)| format!("{k}={}", v.replace(',', ",,"))).collect::<Vec<_>>().join(",")
+        } else {
+            o.clone()
+        };
+        opts.apply_option_string(&o).map_err(|e| {
             let msg = describe(&e);
             // qcow2 itself checks the compression type, when creating.
             if msg.starts_with("Parameter 'compression-type'") {
@@ -379,6 +410,9 @@ fn convert(ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
     if a.compress {
         if format != ImageFormat::Qcow2 {
             return Err("Compression not supported for this file format".into());
+        }
+        if opts.encryption.is_some() {
+            return Err("Compression and encryption not supported at the same time".into());
         }
         if opts.preallocation != Preallocation::Off {
             return Err("Compression and preallocation not supported at the same time".into());
@@ -414,6 +448,14 @@ fn convert(ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
         Some(t) => t,
         // Like qemu-img, which opens the target with unmap allowed: clusters
         // freed by zeroing give their space back to the host.
+        None if a.target_image_opts => {
+            if a.out_fmt.is_some() {
+                return Err("--image-opts and --format are mutually exclusive".into());
+            }
+            let (path, fmt, mut opts) = crate::common::parse_image_opts(&a.target)?;
+            opts.discard_passthrough = true;
+            crate::common::open_image_as(&path, &a.target, fmt.as_deref(), opts)?
+        }
         None => {
             let mut opts = OpenOptions::new();
             opts.discard_passthrough = true;

@@ -72,7 +72,12 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             "b" => backing = Some(value),
             "F" => backing_fmt = Some(value),
             "u" => unsafe_backing = true,
-            _ => {} // --object: secrets only matter for encryption, which is refused later
+            "object" => {
+                if let Err(msg) = crate::common::check_object(&value) {
+                    return ctx.fail(&msg);
+                }
+            }
+            _ => {}
         }
     }
     let mut operands = p.operands.into_iter();

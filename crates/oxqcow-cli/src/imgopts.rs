@@ -3,7 +3,7 @@
 //! typed parsing with QEMU's messages, the "Formatting ..." line, `-o help`,
 //! and the translation into the library's [`CreateOptions`].
 
-use oxqcow::{Compat, CompressionType, CreateOptions, ImageFormat, Preallocation};
+use oxqcow::{Compat, CompressionType, CreateOptions, Encryption, EncryptionFormat, ImageFormat, Preallocation};
 
 use crate::common::parse_size_option;
 
@@ -369,9 +369,7 @@ impl ImgOpts {
             return Ok(o);
         }
         let mut o = CreateOptions::qcow2(size);
-        if self.get_bool("encryption") == Some(true) || self.is_set("encrypt.format") {
-            return Err("not supported yet: encrypted images".into());
-        }
+        o.encryption = self.encryption()?;
         // Values of the wrong kind, in the order QEMU's QAPI visitor meets them.
         if let Some(v) = self.get_str("compat") {
             o.compat = match v {
@@ -404,6 +402,108 @@ impl ImgOpts {
             o.refcount_bits = u32::try_from(bits).unwrap_or(u32::MAX);
         }
         Ok(o)
+    }
+}
+
+impl ImgOpts {
+    /// The `encryption` / `encrypt.*` options as QEMU's qcow2 creation
+    /// reads them (`QCryptoBlockCreateOptions`), with its messages; the
+    /// secret is looked up by id.
+    pub fn encryption(&self) -> Result<Option<Encryption>, String> {
+        use oxqcow::format::luks::{CipherAlg, CipherMode, HashAlg, IvGenAlg};
+        let legacy = self.get_bool("encryption") == Some(true);
+        let format = match (self.get_str("encrypt.format"), legacy) {
+            (Some(_), true) => {
+                return Err("'encrypt.format' and its alias 'encryption' can't be used at the same time".into())
+            }
+            (Some(f), false) => f,
+            (None, true) => "aes",
+            (None, false) => {
+                let any = QCOW2_OPTS.iter().any(|d| d.name.starts_with("encrypt.") && self.is_set(d.name));
+                return if any { Err("Parameter 'encrypt.format' is missing".into()) } else { Ok(None) };
+            }
+        };
+        const LUKS_ONLY: [&str; 6] = [
+            "encrypt.cipher-alg",
+            "encrypt.cipher-mode",
+            "encrypt.ivgen-alg",
+            "encrypt.ivgen-hash-alg",
+            "encrypt.hash-alg",
+            "encrypt.iter-time",
+        ];
+        let format = match format {
+            "aes" => {
+                if let Some(k) = LUKS_ONLY.iter().find(|k| self.is_set(k)) {
+                    return Err(format!("Parameter '{k}' is unexpected"));
+                }
+                EncryptionFormat::Aes
+            }
+            "luks" => {
+                // QEMU's enum names; the ones it knows that oxqcow cannot
+                // do yet are refused as such.
+                fn pick<T>(
+                    v: Option<&str>,
+                    name: &str,
+                    known: &[&str],
+                    parse: fn(&str) -> Option<T>,
+                ) -> Result<Option<T>, String> {
+                    let Some(v) = v else { return Ok(None) };
+                    if let Some(t) = parse(v) {
+                        return Ok(Some(t));
+                    }
+                    if known.contains(&v) {
+                        return Err(format!("not supported yet: {name} '{v}'"));
+                    }
+                    Err(format!("Parameter '{name}' does not accept value '{v}'"))
+                }
+                const CIPHERS: &[&str] = &[
+                    "des",
+                    "3des",
+                    "cast5-128",
+                    "serpent-128",
+                    "serpent-192",
+                    "serpent-256",
+                    "twofish-128",
+                    "twofish-192",
+                    "twofish-256",
+                    "sm4",
+                ];
+                const HASHES: &[&str] = &["md5", "ripemd160", "sm3"];
+                let mut p = oxqcow::crypt::LuksParams::default();
+                if let Some(a) = pick(self.get_str("encrypt.cipher-alg"), "cipher-alg", CIPHERS, CipherAlg::from_name)?
+                {
+                    p.cipher_alg = a;
+                }
+                if let Some(m) =
+                    pick(self.get_str("encrypt.cipher-mode"), "cipher-mode", &["ecb", "ctr"], CipherMode::from_name)?
+                {
+                    p.cipher_mode = m;
+                }
+                if let Some(g) = pick(self.get_str("encrypt.ivgen-alg"), "ivgen-alg", &[], IvGenAlg::from_name)? {
+                    p.ivgen_alg = g;
+                }
+                p.ivgen_hash_alg =
+                    pick(self.get_str("encrypt.ivgen-hash-alg"), "ivgen-hash-alg", HASHES, HashAlg::from_name)?;
+                if let Some(h) = pick(self.get_str("encrypt.hash-alg"), "hash-alg", HASHES, HashAlg::from_name)? {
+                    p.hash_alg = h;
+                }
+                if let Some(t) = self.get_number("encrypt.iter-time") {
+                    p.iter_time_ms = t;
+                }
+                EncryptionFormat::Luks(p)
+            }
+            other => return Err(format!("Parameter 'format' does not accept value '{other}'")),
+        };
+        let Some(id) = self.get_str("encrypt.key-secret") else {
+            return Err("Parameter 'encrypt.key-secret' is required for cipher".into());
+        };
+        let passphrase = crate::secrets::lookup(id)?;
+        if let EncryptionFormat::Luks(p) = &format {
+            if let (IvGenAlg::Essiv, h) = (p.ivgen_alg, p.ivgen_hash_alg.unwrap_or(HashAlg::Sha256)) {
+                oxqcow::format::luks::essiv_cipher(p.cipher_alg, h)?;
+            }
+        }
+        Ok(Some(Encryption { format, passphrase }))
     }
 }
 

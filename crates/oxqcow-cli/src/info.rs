@@ -12,9 +12,7 @@ use oxqcow::format::SnapshotEntry;
 use oxqcow::{probe_format, FileStorage, Image, ImageFormat, OpenOptions, Qcow2, Qcow2Info, Storage};
 use serde_json::{json, Map, Value};
 
-use crate::common::{
-    open_image, parse_image_opts, print_json, size_to_str, snapshot_header, snapshot_line, Ctx, OutputFormat,
-};
+use crate::common::{open_image, print_json, size_to_str, snapshot_header, snapshot_line, Ctx, OutputFormat};
 use crate::getopt::{HasArg, Opt};
 
 const SPEC: &[Opt] = &[
@@ -65,7 +63,12 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 Ok(o) => output = o,
                 Err(msg) => return ctx.usage_error("info", &msg),
             },
-            _ => {} // -U: no locking yet; --object: nothing here needs secrets
+            "object" => {
+                if let Err(msg) = crate::common::check_object(&value) {
+                    return ctx.fail(&msg);
+                }
+            }
+            _ => {} // -U: no locking yet
         }
     }
     let [filename] = p.operands.as_slice() else {
@@ -75,7 +78,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         return ctx.fail("--image-opts and --format are mutually exclusive");
     }
     let (path, format, opts) = if image_opts {
-        match parse_image_opts(filename) {
+        match crate::common::parse_image_opts_no_io(filename) {
             Ok(v) => v,
             Err(msg) => return ctx.fail(&msg),
         }
@@ -156,8 +159,11 @@ fn open_source(path: &str, format: Option<&str>, opts: OpenOptions) -> Result<So
     }
     match Qcow2::inspect(&storage) {
         Ok((info, snapshots))
-            if (info.backing_file.is_some() || info.data_file.is_some() || info.has_data_file)
-                && info.crypt_method == 0 =>
+            if info.backing_file.is_some()
+                || info.data_file.is_some()
+                || info.has_data_file
+                // QEMU's info opens without I/O: no secret is needed.
+                || info.crypt_method != 0 =>
         {
             Ok(Source::Header { storage, info, snapshots })
         }
@@ -207,6 +213,9 @@ fn graph_info(path: &str, source: &Source) -> Result<Value, String> {
     }
     top.insert("virtual-size".into(), json!(qi.size));
     top.insert("cluster-size".into(), json!(qi.cluster_size));
+    if qi.crypt_method != 0 {
+        top.insert("encrypted".into(), json!(true));
+    }
     if let Some(b) = &qi.backing_file {
         top.insert("backing-filename".into(), json!(b));
         top.insert("full-backing-filename".into(), json!(full_backing_path(path, b)));
@@ -271,9 +280,53 @@ fn graph_info(path: &str, source: &Source) -> Result<Value, String> {
         }
     }
     data.insert("compression-type".into(), json!(qi.compression_type));
+    if let Some(e) = encrypt_info(&qi) {
+        data.insert("encrypt".into(), e);
+    }
     top.insert("format-specific".into(), json!({"type": "qcow2", "data": Value::Object(data)}));
     top.insert("children".into(), json!([{"name": "file", "info": Value::Object(file)}]));
     Ok(Value::Object(top))
+}
+
+/// The `encrypt` member of qcow2's format-specific information
+/// (`QCryptoBlockInfo`).
+fn encrypt_info(qi: &Qcow2Info) -> Option<Value> {
+    match qi.crypt_method {
+        1 => Some(json!({"format": "aes"})),
+        2 => {
+            let h = qi.luks.as_ref()?;
+            let mut m = Map::new();
+            m.insert("format".into(), json!("luks"));
+            m.insert("cipher-alg".into(), json!(h.cipher_alg.name()));
+            m.insert("cipher-mode".into(), json!(h.cipher_mode.name()));
+            m.insert("ivgen-alg".into(), json!(h.ivgen_alg.name()));
+            if let (oxqcow::format::luks::IvGenAlg::Essiv, Some(ih)) = (h.ivgen_alg, h.ivgen_hash_alg) {
+                m.insert("ivgen-hash-alg".into(), json!(ih.name()));
+            }
+            m.insert("hash-alg".into(), json!(h.hash_alg.name()));
+            m.insert("detached-header".into(), json!(false));
+            m.insert("payload-offset".into(), json!(h.payload_offset()));
+            m.insert("master-key-iters".into(), json!(h.master_key_iterations));
+            m.insert("uuid".into(), json!(h.uuid_str()));
+            let slots: Vec<Value> = h
+                .slots
+                .iter()
+                .map(|s| {
+                    let mut o = Map::new();
+                    o.insert("active".into(), json!(s.active));
+                    if s.active {
+                        o.insert("iters".into(), json!(s.iterations));
+                        o.insert("stripes".into(), json!(s.stripes));
+                    }
+                    o.insert("key-offset".into(), json!(u64::from(s.key_offset_sector) * 512));
+                    Value::Object(o)
+                })
+                .collect();
+            m.insert("slots".into(), Value::Array(slots));
+            Some(Value::Object(m))
+        }
+        _ => None,
+    }
 }
 
 /// Where QEMU looks for a backing file: relative names are relative to the
@@ -305,6 +358,9 @@ fn human(info: &Value, indentation: usize, path: &str) -> String {
     out += &format!("{ind}{l2}: {}\n", s("format"));
     out += &format!("{ind}{l3}: {} ({size} bytes)\n", size_to_str(size));
     out += &format!("{ind}disk size: {disk}\n");
+    if get("encrypted").and_then(Value::as_bool) == Some(true) {
+        out += &format!("{ind}encrypted: yes\n");
+    }
     if let Some(cs) = n("cluster-size") {
         out += &format!("{ind}cluster_size: {cs}\n");
     }

@@ -25,6 +25,7 @@ mod progress;
 mod qjson;
 mod rebase;
 mod resize;
+mod secrets;
 mod serve;
 mod snapshot;
 mod status;

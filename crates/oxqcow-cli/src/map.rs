@@ -10,9 +10,9 @@
 //! as QEMU names it (backing file names taken relative to the directory of
 //! the image naming them).
 
-use oxqcow::{BlockDevice, Extent, OpenOptions};
+use oxqcow::{BlockDevice, Extent};
 
-use crate::common::{chain_filenames, cvtnum, open_image, strerror, Ctx, FORBID_BACKING};
+use crate::common::{chain_filenames, cvtnum, strerror, Ctx, FORBID_BACKING};
 use crate::getopt::{self, HasArg, Opt};
 
 /// Block status is asked for in windows of this many bytes, so the extent
@@ -118,6 +118,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let mut output = Output::Human;
     let mut start_offset = 0u64;
     let mut max_length: Option<u64> = None;
+    let mut image_opts = false;
     for (key, value) in &parsed.opts {
         let value = value.as_deref().unwrap_or_default();
         match key.as_str() {
@@ -142,7 +143,12 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 Ok(n) => max_length = Some(n),
                 Err(msg) => return ctx.fail(&msg),
             },
-            "object" | "image-opts" => return ctx.fail(&format!("--{key} is not supported yet")),
+            "object" => {
+                if let Err(msg) = crate::common::check_object(value) {
+                    return ctx.fail(&msg);
+                }
+            }
+            "image-opts" => image_opts = true,
             FORBID_BACKING => crate::common::forbid_backing(),
             _ => unreachable!("getopt only returns declared options"),
         }
@@ -150,10 +156,11 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let [filename] = parsed.operands.as_slice() else {
         return ctx.fail(&format!("Expecting one image file name\n{hint}"));
     };
-    let image = match open_image(filename, format.as_deref(), OpenOptions::new().read_only(true)) {
+    let (image, filename) = match crate::common::open_operand(filename, image_opts, format.as_deref(), true) {
         Ok(i) => i,
         Err(msg) => return ctx.fail(&msg),
     };
+    let filename = &filename;
     let mut length = image.len();
     if let Some(max) = max_length {
         length = length.min(start_offset.saturating_add(max));

@@ -2,8 +2,9 @@
 //! given size or for converting an existing image. The arithmetic lives in
 //! the library ([`oxqcow::measure`]); this module parses and prints.
 
+use oxqcow::format::luks::{HashAlg, IvGenAlg, LuksHeader};
 use oxqcow::measure::{data_bytes, measure_qcow2, measure_raw, Measurement, Qcow2Layout};
-use oxqcow::{BlockDevice, Compat, Image, ImageFormat, OpenOptions, Preallocation};
+use oxqcow::{BlockDevice, Compat, Encryption, EncryptionFormat, Image, ImageFormat, OpenOptions, Preallocation};
 use serde_json::{json, Map, Value};
 
 use crate::common::{describe, open_image, parse_image_opts, parse_size_operand, print_json, Ctx, OutputFormat};
@@ -78,7 +79,12 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 Ok(n) => size = Some(n),
                 Err(msg) => return ctx.fail(&msg),
             },
-            _ => {} // -U: no locking yet; --object: nothing here needs secrets
+            "object" => {
+                if let Err(msg) = crate::common::check_object(&value) {
+                    return ctx.fail(&msg);
+                }
+            }
+            _ => {} // -U: no locking yet
         }
     }
     let filename = match p.operands.as_slice() {
@@ -99,7 +105,8 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         None => None,
         Some(name) => {
             let opened = if image_opts {
-                parse_image_opts(name).and_then(|(path, f, o)| open_image(&path, f.as_deref(), o.read_only(true)))
+                parse_image_opts(name)
+                    .and_then(|(path, f, o)| crate::common::open_image_as(&path, name, f.as_deref(), o.read_only(true)))
             } else {
                 open_image(name, fmt.as_deref(), OpenOptions::new().read_only(true))
             };
@@ -188,10 +195,20 @@ fn measure_qcow2_target(opts: &ImgOpts, source: Option<&Image>) -> Result<(Measu
         None => Preallocation::Off,
         Some(p) => Preallocation::from_name(p).map_err(|_| format!("invalid parameter value: {p}"))?,
     };
-    if bool_opt("encryption") || opts.is_set("encrypt.format") {
-        return Err("not supported yet: encrypted images".into());
-    }
     let cs = layout.cluster_size;
+    // A LUKS header takes whole clusters of its own (QEMU's
+    // qcrypto_block_calculate_payload_offset, rounded up to clusters).
+    let luks_bytes = match opts.encryption()? {
+        Some(Encryption { format: EncryptionFormat::Luks(p), .. }) => {
+            let ivhash = match p.ivgen_alg {
+                IvGenAlg::Essiv => Some(p.ivgen_hash_alg.unwrap_or(HashAlg::Sha256)),
+                _ => p.ivgen_hash_alg,
+            };
+            let h = LuksHeader::layout(p.cipher_alg, p.cipher_mode, p.ivgen_alg, ivhash, p.hash_alg, "");
+            h.payload_offset().div_ceil(cs) * cs
+        }
+        _ => 0,
+    };
     let (virtual_size, data) = match source {
         None => (opts.get_number("size").unwrap_or(0), None),
         Some(image) => {
@@ -206,7 +223,9 @@ fn measure_qcow2_target(opts: &ImgOpts, source: Option<&Image>) -> Result<(Measu
             (len, Some(data))
         }
     };
-    let m = measure_qcow2(virtual_size, data, &layout, prealloc).map_err(|e| describe(&e))?;
+    let mut m = measure_qcow2(virtual_size, data, &layout, prealloc).map_err(|e| describe(&e))?;
+    m.required += luks_bytes;
+    m.fully_allocated += luks_bytes;
     let bitmaps = match source {
         Some(Image::Qcow2(q)) if layout.compat == Compat::V3 && q.info().version >= 3 => {
             Some(oxqcow::bitmap::bitmaps_size(&q.bitmaps(), q.len(), cs))

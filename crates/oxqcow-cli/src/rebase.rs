@@ -77,6 +77,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         Err(code) => return code,
     };
     let mut format = None;
+    let mut image_opts = false;
     let mut backing: Option<String> = None;
     let mut backing_fmt: Option<String> = None;
     let mut cache = "writeback".to_string();
@@ -102,7 +103,12 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             "U" => {}
             "c" => return ctx.fail("compressing the copied data (-c) is not supported yet"),
             FORBID_BACKING => crate::common::forbid_backing(),
-            "object" | "image-opts" => return ctx.fail(&format!("--{key} is not supported yet")),
+            "object" => {
+                if let Err(msg) = crate::common::check_object(&v) {
+                    return ctx.fail(&msg);
+                }
+            }
+            "image-opts" => image_opts = true,
             _ => unreachable!("getopt only returns declared options"),
         }
     }
@@ -132,10 +138,22 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
 
     // Unsafe mode never reads the old backing file.
     let policy = if unsafe_mode { BackingPolicy::Ignore } else { BackingPolicy::Follow };
-    let image = match open_image(filename, format.as_deref(), OpenOptions::new().backing(policy)) {
+    let opened = if image_opts {
+        if format.is_some() {
+            return ctx.fail("--image-opts and --format are mutually exclusive");
+        }
+        crate::common::parse_image_opts(filename).and_then(|(path, fmt, opts)| {
+            crate::common::open_image_as(&path, filename, fmt.as_deref(), opts.backing(policy))
+                .map(|image| (image, path))
+        })
+    } else {
+        open_image(filename, format.as_deref(), OpenOptions::new().backing(policy)).map(|i| (i, filename.clone()))
+    };
+    let (image, filename) = match opened {
         Ok(i) => i,
         Err(msg) => return ctx.fail(&msg),
     };
+    let filename = &filename;
     if format.is_none() && image.format() == oxqcow::ImageFormat::Raw {
         crate::common::warn_probed_raw(filename);
     }

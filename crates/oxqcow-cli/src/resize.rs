@@ -5,7 +5,7 @@
 
 use oxqcow::{Image, ImageFormat, OpenOptions, Preallocation};
 
-use crate::common::{describe, open_image, parse_image_opts, parse_size_option, warn_probed_raw, Ctx};
+use crate::common::{describe, parse_image_opts, parse_size_option, warn_probed_raw, Ctx};
 use crate::getopt::{HasArg, Opt};
 
 /// In qemu-img's order, which ambiguity messages list.
@@ -61,7 +61,12 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 Ok(p) => prealloc = p,
                 Err(_) => return ctx.fail(&format!("Invalid preallocation mode '{value}'")),
             },
-            _ => {} // --object: nothing here needs secrets
+            "object" => {
+                if let Err(msg) = crate::common::check_object(&value) {
+                    return ctx.fail(&msg);
+                }
+            }
+            _ => {}
         }
     }
     let [filename] = p.operands.as_slice() else {
@@ -87,7 +92,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     } else {
         (filename.clone(), fmt, OpenOptions::new())
     };
-    let image = match open_image(&path, format.as_deref(), opts.read_only(false)) {
+    let image = match crate::common::open_image_as(&path, filename, format.as_deref(), opts.read_only(false)) {
         Ok(i) => i,
         Err(msg) => return ctx.fail(&msg),
     };

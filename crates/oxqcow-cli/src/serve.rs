@@ -85,7 +85,7 @@ Exposing the image:
   -B, --bitmap=NAME         expose a persistent dirty bitmap
 
 General purpose options:
-  --object type,id=ID,...   define a 'secret' object (nothing here needs one yet)
+  --object type,id=ID,...   define a 'secret' object (for encrypt.key-secret)
   -T, --trace ...           accepted for compatibility
   --fork                    fork off the server process and exit the parent
                             once the server is running
@@ -338,10 +338,8 @@ fn parse(ctx: &Ctx, args: &[String]) -> Result<Config, i32> {
             "f" => cfg.format = Some(v),
             "t" => cfg.persistent = true,
             "object" => {
-                let kind = v.split(',').next().unwrap_or_default();
-                let kind = kind.strip_prefix("qom-type=").unwrap_or(kind);
-                if kind != "secret" {
-                    return fail(format!("Parameter 'qom-type' does not accept value '{kind}'"));
+                if let Err(msg) = crate::secrets::define(&v) {
+                    return fail(msg);
                 }
             }
             "export-name" | "x" => {

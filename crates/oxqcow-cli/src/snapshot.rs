@@ -12,7 +12,7 @@ use oxqcow::format::SnapshotEntry;
 use oxqcow::{Image, ImageFormat, OpenOptions};
 
 use crate::common::{
-    check_object, describe, open_image, parse_image_opts, snapshot_header, snapshot_row, strerror, warn_probed_raw, Ctx,
+    check_object, describe, parse_image_opts, snapshot_header, snapshot_row, strerror, warn_probed_raw, Ctx,
 };
 use crate::getopt::{HasArg, Opt};
 
@@ -144,7 +144,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     }
     opts.read_only = opts.read_only || read_only;
     opts.force_share = force_share;
-    let image = match open_image(&path, format.as_deref(), opts) {
+    let image = match crate::common::open_image_as(&path, filename, format.as_deref(), opts) {
         Ok(i) => i,
         Err(msg) => return ctx.fail(&msg),
     };

@@ -86,6 +86,9 @@ pub enum FormatError {
     /// `refcount_order` above 6.
     #[error("Reference count entry width too large; may not exceed 64 bits (refcount_order {0})")]
     RefcountOrder(u32),
+    /// A LUKS header field is invalid (QEMU's message where it has one).
+    #[error("{0}")]
+    Luks(String),
     /// `crypt_method` above 2.
     #[error("Unsupported encryption method: {0}")]
     CryptMethod(u32),

@@ -545,6 +545,19 @@ impl Header {
                 return Err(FormatError::TablePastEof { table, offset, length, file_len });
             }
         }
+        if let Some(c) = &self.extensions.crypto {
+            if c.offset == 0 {
+                return Err(FormatError::TableOverlapsHeader { table: "Encryption header", offset: 0 });
+            }
+            if c.offset.saturating_add(c.length) > file_len {
+                return Err(FormatError::TablePastEof {
+                    table: "Encryption header",
+                    offset: c.offset,
+                    length: c.length,
+                    file_len,
+                });
+            }
+        }
         if self.nb_snapshots > 0 {
             if self.snapshots_offset == 0 {
                 return Err(FormatError::TableOverlapsHeader { table: "Snapshot table", offset: 0 });
@@ -813,6 +826,17 @@ fn parse_extensions(
                         reason: format!(
                             "Encryption header offset '{}' is not a multiple of cluster size '{}'",
                             c.offset, cluster_size
+                        ),
+                    });
+                }
+                if c.length < crate::luks::HEADER_SIZE as u64 || c.length > crate::luks::MAX_HEADER_AREA {
+                    return Err(FormatError::InvalidExtension {
+                        magic,
+                        reason: format!(
+                            "Encryption header length {} is outside {}..={} bytes",
+                            c.length,
+                            crate::luks::HEADER_SIZE,
+                            crate::luks::MAX_HEADER_AREA
                         ),
                     });
                 }

@@ -2,8 +2,9 @@
 //!
 //! This crate owns every byte layout of a qcow2 image: the header and its
 //! extensions, L1/L2 table entries, refcount table entries and refcount
-//! blocks of any width, compressed cluster descriptors, the snapshot table and
-//! the bitmap directory and bitmap tables.
+//! blocks of any width, compressed cluster descriptors, the snapshot table,
+//! the bitmap directory and bitmap tables, and the LUKS1 header of encrypted
+//! images.
 //! It does no I/O and keeps no state; the engine (`oxqcow`) reads bytes from
 //! storage and hands them here, so that no logic module ever slices bytes.
 //! Every size read from disk is bounded here (see [`limits`]) before anything
@@ -15,6 +16,7 @@ pub mod bitmap;
 pub mod error;
 pub mod header;
 pub mod limits;
+pub mod luks;
 pub mod refcount;
 pub mod snapshot;
 pub mod table;

@@ -203,7 +203,8 @@ impl Meta {
     /// The checks QEMU makes on the option values before changing anything,
     /// in the order of its option list.
     fn amend_check(&self, opts: &AmendOptions) -> Result<()> {
-        if opts.encryption {
+        // LUKS key slots are changed by `Qcow2::amend_encryption`.
+        if opts.encryption && self.header.crypt_method != crate::format::header::crypt::LUKS {
             return Err(if self.header.crypt_method == 0 {
                 Error::InvalidArgument("Can't amend encryption options - encryption not present".into())
             } else {

@@ -141,6 +141,10 @@ pub(crate) fn open_backing(
     backing_opts.repair = false;
     // An explicit data file belongs to the image it was given for.
     backing_opts.data_file = None;
+    // As in QEMU, the overlay's secret is not the backing file's: that one
+    // comes from `backing.encrypt.key-secret`.
+    backing_opts.passphrase = opts.backing_passphrase.clone();
+    backing_opts.backing_passphrase = None;
     let image = Image::open_in_chain(&path, &backing_opts, chain).map_err(|e| match e {
         Error::Io { op: "opening the image", offset, source } => Error::Io {
             op: "opening the backing file",

@@ -705,6 +705,10 @@ impl Checker<'_> {
             self.inc_refcounts(res, offset, size)?;
         }
         self.inc_refcounts(res, self.reftable_offset, self.reftable.len() as u64 * 8)?;
+        if let Some(c) = self.meta.header.extensions.crypto {
+            // The LUKS header and its key material.
+            self.inc_refcounts(res, c.offset, c.length)?;
+        }
         self.count_bitmaps(res)?;
         self.check_refblocks(res, fix, rebuild)
     }

@@ -17,6 +17,7 @@ mod cache;
 pub mod chain_ops;
 pub mod check;
 pub mod compress;
+pub mod crypt;
 pub mod cursor;
 pub mod data_file;
 pub mod dirty;
@@ -42,7 +43,10 @@ pub use dirty::DirtyBitmap;
 pub use error::{Error, ErrorKind, Result};
 pub use image::{probe_format, BlockDevice, Image};
 pub use mapping::Extent;
-pub use options::{CacheMode, Compat, CompressionType, CreateOptions, ImageFormat, OpenOptions, Preallocation};
+pub use options::{
+    CacheMode, Compat, CompressionType, CreateOptions, Encryption, EncryptionFormat, ImageFormat, OpenOptions,
+    Preallocation,
+};
 pub use oxqcow_format as format;
 pub use qcow2::{Qcow2, Qcow2Info};
 pub use raw::Raw;

@@ -152,6 +152,13 @@ pub struct OpenOptions {
     /// names (QEMU's `data-file` runtime option); only for images that
     /// have one. Not passed down to backing files.
     pub data_file: Option<std::path::PathBuf>,
+    /// The passphrase of an encrypted image (the bytes of the secret QEMU's
+    /// `encrypt.key-secret` names). Opening an encrypted image for data
+    /// without it fails; `Qcow2::inspect` needs none.
+    pub passphrase: Option<Vec<u8>>,
+    /// The passphrase of the backing image (QEMU's
+    /// `backing.encrypt.key-secret`).
+    pub backing_passphrase: Option<Vec<u8>>,
 }
 
 impl OpenOptions {
@@ -289,6 +296,33 @@ pub struct CreateOptions {
     pub unsafe_backing: bool,
     /// Cache mode of the new image as it is returned open.
     pub cache: CacheMode,
+    /// Encrypt the new image (`encrypt.format` and `encrypt.key-secret`).
+    pub encryption: Option<Encryption>,
+}
+
+/// How a new image is encrypted.
+#[derive(Clone, Debug)]
+pub enum EncryptionFormat {
+    /// Legacy qcow AES-CBC (`encrypt.format=aes`, crypt_method 1).
+    Aes,
+    /// LUKS1 in the image (`encrypt.format=luks`, crypt_method 2).
+    Luks(crate::crypt::LuksParams),
+}
+
+/// Encryption of a new image: the format and the passphrase.
+#[derive(Clone)]
+pub struct Encryption {
+    /// The format and its parameters.
+    pub format: EncryptionFormat,
+    /// The passphrase bytes.
+    pub passphrase: Vec<u8>,
+}
+
+impl std::fmt::Debug for Encryption {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The passphrase stays out of debug output.
+        f.debug_struct("Encryption").field("format", &self.format).finish_non_exhaustive()
+    }
 }
 
 impl Default for CreateOptions {
@@ -310,6 +344,7 @@ impl Default for CreateOptions {
             size_given: false,
             unsafe_backing: false,
             cache: CacheMode::Writeback,
+            encryption: None,
         }
     }
 }

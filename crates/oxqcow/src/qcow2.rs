@@ -149,6 +149,8 @@ pub struct Qcow2Info {
     pub data_file_raw: bool,
     /// Encryption method (0 none).
     pub crypt_method: u32,
+    /// The LUKS header of a LUKS-encrypted image (`crypt_method` 2).
+    pub luks: Option<oxqcow_format::luks::LuksHeader>,
     /// Guest size in bytes, from the header.
     pub size: u64,
 }
@@ -183,6 +185,9 @@ pub struct Qcow2 {
     /// The header had a bitmaps extension without the autoclear bit: a
     /// program without bitmap support wrote to the image (QEMU warns).
     stale_bitmaps: Option<u32>,
+    /// The cipher of an encrypted image: guest data is encrypted on its way
+    /// to the host file and decrypted on its way back (see `crypt.rs`).
+    crypt: Option<crate::crypt::Crypt>,
 }
 
 fn cache_tables(opts: &OpenOptions, geometry: &Geometry, size: u64) -> Result<(usize, usize)> {
@@ -555,9 +560,7 @@ impl Qcow2 {
         header.validate_against_file(file_len)?;
         let geometry = header.geometry();
 
-        if header.crypt_method != 0 {
-            return Err(Error::Unsupported("encrypted images".into()));
-        }
+        let crypt = crate::crypt::open_image(st, &header, opts.passphrase.as_deref())?;
         let data_file_raw = header.autoclear_features & autoclear::DATA_FILE_RAW != 0;
         match (header.has_data_file(), &data_file) {
             (true, None) => return Err(Error::InvalidArgument("'data-file' is required for this image".into())),
@@ -702,6 +705,7 @@ impl Qcow2 {
             closed: AtomicBool::new(false),
             tracking,
             stale_bitmaps,
+            crypt,
         })
     }
 
@@ -727,6 +731,11 @@ impl Qcow2 {
                 "a program lacking bitmap support modified this file, so all bitmaps are now considered inconsistent"
             }
         })
+    }
+
+    /// The cipher state of an encrypted image.
+    pub(crate) fn crypt(&self) -> Option<&crate::crypt::Crypt> {
+        self.crypt.as_ref()
     }
 
     /// The codec of compressed clusters written now.
@@ -791,6 +800,9 @@ impl Qcow2 {
         info.refcount_bits = m.geometry.refcount_bits();
         info.dirty = self.dirty_at_open;
         info.bitmaps = m.bitmaps.dir.iter().map(Into::into).collect();
+        // It was read and checked at open; only a failing disk fails now.
+        info.luks =
+            m.header.extensions.crypto.and_then(|c| crate::crypt::read_luks_header(self.storage_ref(), &c).ok());
         info
     }
 
@@ -805,6 +817,9 @@ impl Qcow2 {
         let snapshots = read_snapshots(storage, &header, file_len)?;
         let mut info = Qcow2Info::from_header(&header, snapshots.entries.len());
         info.bitmaps = crate::bitmap::read_directory(storage, &header, file_len)?.iter().map(Into::into).collect();
+        if let (crate::format::header::crypt::LUKS, Some(c)) = (header.crypt_method, header.extensions.crypto) {
+            info.luks = Some(crate::crypt::read_luks_header(storage, &c)?);
+        }
         Ok((info, snapshots.entries))
     }
 }
@@ -829,6 +844,7 @@ impl Qcow2Info {
             has_data_file: h.has_data_file(),
             data_file_raw: h.autoclear_features & autoclear::DATA_FILE_RAW != 0,
             crypt_method: h.crypt_method,
+            luks: None,
             size: h.size,
         }
     }
@@ -858,6 +874,15 @@ impl Qcow2 {
     /// Reads `buf.len()` bytes at guest `offset`.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
+        if self.crypt.is_some() && !is_sector_aligned(offset, buf.len() as u64) {
+            // Encryption works on whole sectors: read them and copy out.
+            let (start, end) = sector_bounds(offset, buf.len() as u64);
+            let mut bounce = vec![0u8; (end - start) as usize];
+            self.read_at(&mut bounce, start)?;
+            let at = (offset - start) as usize;
+            buf.copy_from_slice(&bounce[at..at + buf.len()]);
+            return Ok(());
+        }
         let _gate = self.io_gate.read().unwrap_or_else(|p| p.into_inner());
         let plan = {
             let mut m = self.lock_meta();
@@ -871,11 +896,12 @@ impl Qcow2 {
                 }
             }
         };
-        self.read_segments(&plan, buf)
+        self.read_segments(&plan, offset, buf)
     }
 
     /// Performs a read plan into `buf` (as long as the plan).
-    fn read_segments(&self, plan: &[ReadSegment], buf: &mut [u8]) -> Result<()> {
+    /// Reads `plan` into `buf`, whose first byte is at guest offset `guest`.
+    fn read_segments(&self, plan: &[ReadSegment], guest: u64, buf: &mut [u8]) -> Result<()> {
         let mut pos = 0usize;
         for &seg in plan {
             let len = seg.len() as usize;
@@ -884,6 +910,9 @@ impl Qcow2 {
                 ReadSegment::Zero(_) => out.fill(0),
                 ReadSegment::Data { host, .. } => {
                     self.data.read_at(out, host).map_err(Error::io("reading guest data", host))?;
+                    if let Some(c) = &self.crypt {
+                        c.decrypt(out, if c.uses_host_offset() { host } else { guest + pos as u64 })?;
+                    }
                 }
                 // A whole cluster is inflated straight into the caller's buffer.
                 ReadSegment::Compressed { desc, in_cluster: 0, .. } if len as u64 == self.geometry.cluster_size() => {
@@ -926,6 +955,17 @@ impl Qcow2 {
 
     pub(crate) fn write_at_inner(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
+        if self.crypt.is_some() && !is_sector_aligned(offset, buf.len() as u64) {
+            // Encryption works on whole sectors: read, modify, write them
+            // (QEMU's block layer does the same for its 512-byte request
+            // alignment of encrypted images).
+            let (start, end) = sector_bounds(offset, buf.len() as u64);
+            let mut bounce = vec![0u8; (end - start) as usize];
+            self.read_at(&mut bounce, start)?;
+            let at = (offset - start) as usize;
+            bounce[at..at + buf.len()].copy_from_slice(buf);
+            return self.write_at_inner(&bounce, start);
+        }
         let mut done = 0u64;
         let total = buf.len() as u64;
         while done < total {
@@ -949,7 +989,17 @@ impl Qcow2 {
             match plan {
                 WritePlan::Wait => unreachable!("handled above"),
                 WritePlan::InPlace { host, len } => {
-                    self.data.write_at(&chunk[..len as usize], host).map_err(Error::io("writing guest data", host))?;
+                    let data = &chunk[..len as usize];
+                    match &self.crypt {
+                        None => self.data.write_at(data, host),
+                        Some(c) => {
+                            // Into a scratch buffer: the caller's stays plaintext.
+                            let mut scratch = data.to_vec();
+                            c.encrypt(&mut scratch, if c.uses_host_offset() { host } else { pos })?;
+                            self.data.write_at(&scratch, host)
+                        }
+                    }
+                    .map_err(Error::io("writing guest data", host))?;
                     drop(gate);
                     done += len;
                 }
@@ -1312,7 +1362,12 @@ impl Qcow2 {
     /// zeros at this level (as qemu-img map reports them).
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.check_range(offset, len)?;
-        let own = self.lock_meta().block_status(self.storage_ref(), offset, len)?;
+        let mut own = self.lock_meta().block_status(self.storage_ref(), offset, len)?;
+        if self.crypt.is_some() {
+            // The host bytes are ciphertext: as QEMU, no offset is reported
+            // for them.
+            own.iter_mut().for_each(|e| e.host_offset = None);
+        }
         let Some(backing) = &self.backing else { return Ok(own) };
         let blen = crate::image::BlockDevice::len(&**backing);
         let mut out = Vec::with_capacity(own.len());
@@ -1522,6 +1577,9 @@ impl Qcow2 {
     /// copy-on-write tail, as one write when they are small.
     fn write_allocated(&self, alloc: &crate::write::Allocation, data: &[u8]) -> Result<()> {
         let host = alloc.host;
+        if let Some(c) = &self.crypt {
+            return self.write_allocated_encrypted(c, alloc, data);
+        }
         if (alloc.head.is_some() || alloc.tail.is_some())
             && self.cow_reads_zero(&alloc.head)?
             && self.cow_reads_zero(&alloc.tail)?
@@ -1583,10 +1641,28 @@ impl Qcow2 {
         Ok(true)
     }
 
+    /// Writes an allocated run of an encrypted image: the copy-on-write
+    /// regions are read as plaintext (decrypted with their old sector
+    /// numbers) and everything is encrypted for the new clusters, in one
+    /// scratch buffer.
+    fn write_allocated_encrypted(
+        &self,
+        c: &crate::crypt::Crypt,
+        alloc: &crate::write::Allocation,
+        data: &[u8],
+    ) -> Result<()> {
+        let mut buf = self.read_cow(&alloc.head)?;
+        buf.extend_from_slice(data);
+        buf.extend_from_slice(&self.read_cow(&alloc.tail)?);
+        let host = alloc.host;
+        c.encrypt(&mut buf, if c.uses_host_offset() { host } else { alloc.guest })?;
+        self.data.write_at(&buf, host).map_err(Error::io("writing guest data", host))
+    }
+
     fn read_cow(&self, region: &Option<crate::write::CowRegion>) -> Result<Vec<u8>> {
         let Some(r) = region else { return Ok(Vec::new()) };
         let mut buf = vec![0u8; r.len as usize];
-        self.read_segments(&r.plan, &mut buf)?;
+        self.read_segments(&r.plan, r.guest, &mut buf)?;
         Ok(buf)
     }
 
@@ -1664,6 +1740,10 @@ impl Qcow2 {
             // == guest offset.
             return Err(Error::Unsupported("compressed clusters in images with an external data file".into()));
         }
+        if self.crypt.is_some() {
+            // QEMU's qcow2 has no compressed writes for encrypted images.
+            return Err(Error::Unsupported("compressed writes to encrypted images".into()));
+        }
         let cs = self.geometry.cluster_size();
         let end = offset + buf.len() as u64;
         if offset % cs != 0 || (end % cs != 0 && end != self.len()) {
@@ -1724,6 +1804,17 @@ impl Drop for Qcow2 {
     fn drop(&mut self) {
         let _ = self.close_inner();
     }
+}
+
+/// Whether a request covers whole 512-byte sectors.
+fn is_sector_aligned(offset: u64, len: u64) -> bool {
+    offset % crate::crypt::SECTOR == 0 && len % crate::crypt::SECTOR == 0
+}
+
+/// The whole sectors around a request.
+fn sector_bounds(offset: u64, len: u64) -> (u64, u64) {
+    let s = crate::crypt::SECTOR;
+    (offset / s * s, (offset + len).div_ceil(s) * s)
 }
 
 trait IntoGuest {

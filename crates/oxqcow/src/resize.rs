@@ -178,6 +178,10 @@ impl Qcow2 {
                 m.header.extensions.backing_format = opts.backing_format.clone();
                 m.write_header(st)?;
             }
+            if let Some(enc) = &opts.encryption {
+                // After the size, as QEMU's qcow2_co_create sets it up.
+                m.set_up_encryption(st, enc)?;
+            }
             m.flush_all(st)
         })?;
         // That handle was opened while the disk had size 0, so its L2 cache
@@ -185,11 +189,12 @@ impl Qcow2 {
         // a dirty one, with a sync. Reopen so the caches are sized for the
         // disk, as any later open sizes them.
         image.close()?;
-        let reopen = if opts.backing_file.is_some() {
+        let mut reopen = if opts.backing_file.is_some() {
             OpenOptions::new().backing(crate::backing::BackingPolicy::Ignore)
         } else {
             OpenOptions::new()
         };
+        reopen.passphrase = opts.encryption.as_ref().map(|e| e.passphrase.clone());
         Qcow2::open_with(storage, &reopen, None, data)
     }
 }

@@ -28,6 +28,8 @@ use crate::storage::Storage;
 #[derive(Clone, Debug)]
 pub(crate) struct CowRegion {
     pub(crate) len: u64,
+    /// Guest offset of the region (encryption numbers legacy AES sectors by it).
+    pub(crate) guest: u64,
     pub(crate) plan: Vec<ReadSegment>,
 }
 
@@ -57,6 +59,8 @@ pub(crate) struct Allocation {
     /// Host offset where the head region starts (the first new cluster's
     /// start, or with extended L2 entries the first subcluster written).
     pub(crate) host: u64,
+    /// Guest offset that `host` maps (where the head region starts).
+    pub(crate) guest: u64,
     pub(crate) head: Option<CowRegion>,
     pub(crate) tail: Option<CowRegion>,
     /// Request bytes this allocation covers.
@@ -286,7 +290,14 @@ impl Meta {
             }
             self.mark_dirty(storage)?;
             let id = self.register_inflight(first, run_end - first, host.0, true, head_from, tail_to);
-            return Ok(WritePlan::Allocate(Allocation { id, host: head_host, head, tail, len: run_len }));
+            return Ok(WritePlan::Allocate(Allocation {
+                id,
+                host: head_host,
+                guest: head_from,
+                head,
+                tail,
+                len: run_len,
+            }));
         }
 
         // Allocate a run of clusters that all need allocation.
@@ -341,6 +352,7 @@ impl Meta {
         Ok(WritePlan::Allocate(Allocation {
             id,
             host: host + (cow_start - first_start),
+            guest: cow_start,
             head,
             tail,
             len: covered_end - offset,
@@ -353,7 +365,7 @@ impl Meta {
             return Ok(None);
         }
         let plan = self.plan_range(storage, from, to - from)?;
-        Ok(Some(CowRegion { len: to - from, plan }))
+        Ok(Some(CowRegion { len: to - from, guest: from, plan }))
     }
 
     /// Whether every subcluster `[from, to)` touches is allocated (written

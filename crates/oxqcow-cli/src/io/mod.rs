@@ -335,11 +335,11 @@ impl Session<'_> {
             (Some(_), Some(_)) => return Err("'data' and 'file' are mutually exclusive".into()),
             (None, None) => return Err("Either 'file' or 'data' must be provided".into()),
         };
-        match props.remove("format").as_deref() {
-            None | Some("raw") => {}
-            Some("base64") => return Err("base64 encoded secrets are not supported by oxqcow".into()),
+        let data = match props.remove("format").as_deref() {
+            None | Some("raw") => data,
+            Some("base64") => crate::secrets::decode_base64(&data)?,
             Some(other) => return Err(format!("Parameter 'format' does not accept value '{other}'")),
-        }
+        };
         if let Some(k) = props.keys().next() {
             return Err(format!("Parameter '{k}' is unexpected"));
         }

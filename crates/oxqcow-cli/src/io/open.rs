@@ -217,6 +217,8 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
     let mut path = name.map(str::to_string);
     let mut driver: Option<String> = None;
     let mut runtime: Vec<(String, String)> = Vec::new();
+    let mut passphrase = None;
+    let mut backing_passphrase = None;
     for (key, value) in std::mem::take(&mut spec.options) {
         match key.as_str() {
             "driver" => driver = Some(value),
@@ -241,12 +243,17 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
             "force-share" => spec.force_share = parse_bool(&key, &value)?,
             "cache.direct" | "file.cache.direct" => spec.direct = parse_bool(&key, &value)?,
             "cache.no-flush" | "file.cache.no-flush" => spec.no_flush = parse_bool(&key, &value)?,
-            "encrypt.key-secret" => {
-                if !secrets.contains_key(&value) {
+            "encrypt.key-secret" | "backing.encrypt.key-secret" => {
+                let Some(secret) = secrets.get(&value) else {
                     return Err(format!("No secret with id '{value}'"));
+                };
+                if key == "encrypt.key-secret" {
+                    passphrase = Some(secret.clone());
+                } else {
+                    backing_passphrase = Some(secret.clone());
                 }
-                // Encrypted images are refused by the engine when opened.
             }
+            "encrypt.format" => {}
             _ => runtime.push((key, value)),
         }
     }
@@ -293,6 +300,8 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
     opts.discard_passthrough = spec.unmap;
     opts.cache = spec.cache_mode();
     opts.force_share = spec.force_share;
+    opts.passphrase = passphrase;
+    opts.backing_passphrase = backing_passphrase;
     if protocol_only {
         opts.backing = BackingPolicy::Ignore;
     }

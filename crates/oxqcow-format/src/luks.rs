@@ -1,0 +1,621 @@
+//! The LUKS1 header that a LUKS-encrypted qcow2 image (`crypt_method` 2)
+//! keeps in the clusters its full disk encryption extension points at.
+//!
+//! This module owns the 592-byte LUKS1 partition header (cryptsetup's
+//! on-disk format 1.2.1): its fields, the names of the algorithms it may
+//! spell, the eight key slots, and every check QEMU's `block-luks.c` makes
+//! on them, plus the bounds oxqcow adds so that a hostile header can
+//! neither make us allocate in proportion to a number it chose nor run
+//! PBKDF2 for hours: key sizes come from a short list, stripes must be
+//! 4000, iteration counts are capped at [`MAX_PBKDF2_ITERATIONS`], and all
+//! key material must lie inside the area the qcow2 extension allots.
+//! No cryptography happens here: the engine's `crypt` module does that.
+
+use crate::error::FormatError;
+
+/// Size of the LUKS1 header proper (without key material).
+pub const HEADER_SIZE: usize = 592;
+/// LUKS sectors are 512 bytes.
+pub const SECTOR_SIZE: u64 = 512;
+/// Number of key slots.
+pub const NUM_KEY_SLOTS: usize = 8;
+/// Anti-forensic stripes per key slot (the only value LUKS1 writes and QEMU accepts).
+pub const STRIPES: u32 = 4000;
+/// Key material starts at 4 KiB; slot areas are aligned to it.
+pub const KEY_SLOT_OFFSET: u64 = 4096;
+/// Bytes of the master key digest.
+pub const DIGEST_LEN: usize = 20;
+/// Bytes of every PBKDF2 salt.
+pub const SALT_LEN: usize = 32;
+/// Bytes of the UUID field.
+pub const UUID_LEN: usize = 40;
+/// Key slot state: in use.
+pub const KEY_SLOT_ENABLED: u32 = 0x00AC_71F3;
+/// Key slot state: free.
+pub const KEY_SLOT_DISABLED: u32 = 0x0000_DEAD;
+/// QEMU's floor for PBKDF2 iterations of a key slot and of the master key digest.
+pub const MIN_ITERATIONS: u32 = 1000;
+/// oxqcow's ceiling for PBKDF2 iteration counts read from an image. QEMU
+/// has none; its default `iter-time` of 2 s gives some 6 million on a fast
+/// machine, so 100 million leaves room for long `iter-time`s while keeping
+/// a hostile header from making an open run PBKDF2 for hours.
+pub const MAX_PBKDF2_ITERATIONS: u32 = 100_000_000;
+/// oxqcow's ceiling for the area the qcow2 extension reserves for the LUKS
+/// header and its key material: eight slots of 64-byte keys with 4000
+/// stripes need 2 MiB, so 64 MiB is generous and still bounds allocations.
+pub const MAX_HEADER_AREA: u64 = 64 << 20;
+
+const MAGIC: [u8; 6] = *b"LUKS\xba\xbe";
+
+/// A cipher algorithm (the block cipher and its key size).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CipherAlg {
+    /// AES with a 128-bit key.
+    Aes128,
+    /// AES with a 192-bit key.
+    Aes192,
+    /// AES with a 256-bit key.
+    Aes256,
+}
+
+impl CipherAlg {
+    /// QEMU's name (`aes-256`).
+    pub fn name(self) -> &'static str {
+        match self {
+            CipherAlg::Aes128 => "aes-128",
+            CipherAlg::Aes192 => "aes-192",
+            CipherAlg::Aes256 => "aes-256",
+        }
+    }
+
+    /// Parses QEMU's name.
+    pub fn from_name(name: &str) -> Option<CipherAlg> {
+        Some(match name {
+            "aes-128" => CipherAlg::Aes128,
+            "aes-192" => CipherAlg::Aes192,
+            "aes-256" => CipherAlg::Aes256,
+            _ => return None,
+        })
+    }
+
+    /// Key length in bytes of the block cipher alone.
+    pub fn key_len(self) -> usize {
+        match self {
+            CipherAlg::Aes128 => 16,
+            CipherAlg::Aes192 => 24,
+            CipherAlg::Aes256 => 32,
+        }
+    }
+
+    fn from_key_len(len: u32) -> Option<CipherAlg> {
+        Some(match len {
+            16 => CipherAlg::Aes128,
+            24 => CipherAlg::Aes192,
+            32 => CipherAlg::Aes256,
+            _ => return None,
+        })
+    }
+}
+
+/// A block cipher mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CipherMode {
+    /// XTS (the key is two cipher keys).
+    Xts,
+    /// CBC.
+    Cbc,
+}
+
+impl CipherMode {
+    /// QEMU's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            CipherMode::Xts => "xts",
+            CipherMode::Cbc => "cbc",
+        }
+    }
+
+    /// Parses QEMU's name.
+    pub fn from_name(name: &str) -> Option<CipherMode> {
+        Some(match name {
+            "xts" => CipherMode::Xts,
+            "cbc" => CipherMode::Cbc,
+            _ => return None,
+        })
+    }
+}
+
+/// An IV generator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IvGenAlg {
+    /// The sector number, truncated to 32 bits, little endian.
+    Plain,
+    /// The sector number, 64 bits little endian.
+    Plain64,
+    /// The 64-bit sector number encrypted with a key hashed from the master key.
+    Essiv,
+}
+
+impl IvGenAlg {
+    /// QEMU's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            IvGenAlg::Plain => "plain",
+            IvGenAlg::Plain64 => "plain64",
+            IvGenAlg::Essiv => "essiv",
+        }
+    }
+
+    /// Parses QEMU's name.
+    pub fn from_name(name: &str) -> Option<IvGenAlg> {
+        Some(match name {
+            "plain" => IvGenAlg::Plain,
+            "plain64" => IvGenAlg::Plain64,
+            "essiv" => IvGenAlg::Essiv,
+            _ => return None,
+        })
+    }
+}
+
+/// A hash algorithm (for PBKDF2, the anti-forensic diffuser and ESSIV).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HashAlg {
+    /// SHA-1.
+    Sha1,
+    /// SHA-224.
+    Sha224,
+    /// SHA-256.
+    Sha256,
+    /// SHA-384.
+    Sha384,
+    /// SHA-512.
+    Sha512,
+}
+
+impl HashAlg {
+    /// QEMU's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            HashAlg::Sha1 => "sha1",
+            HashAlg::Sha224 => "sha224",
+            HashAlg::Sha256 => "sha256",
+            HashAlg::Sha384 => "sha384",
+            HashAlg::Sha512 => "sha512",
+        }
+    }
+
+    /// Parses QEMU's name.
+    pub fn from_name(name: &str) -> Option<HashAlg> {
+        Some(match name {
+            "sha1" => HashAlg::Sha1,
+            "sha224" => HashAlg::Sha224,
+            "sha256" => HashAlg::Sha256,
+            "sha384" => HashAlg::Sha384,
+            "sha512" => HashAlg::Sha512,
+            _ => return None,
+        })
+    }
+
+    /// Digest length in bytes.
+    pub fn digest_len(self) -> usize {
+        match self {
+            HashAlg::Sha1 => 20,
+            HashAlg::Sha224 => 28,
+            HashAlg::Sha256 => 32,
+            HashAlg::Sha384 => 48,
+            HashAlg::Sha512 => 64,
+        }
+    }
+}
+
+/// The cipher ESSIV encrypts sector numbers with: dm-crypt keys it with the
+/// whole digest of the master key, so the AES size follows the digest
+/// length, not the data cipher (QEMU's `qcrypto_block_luks_essiv_cipher`).
+pub fn essiv_cipher(cipher: CipherAlg, hash: HashAlg) -> Result<CipherAlg, String> {
+    let len = hash.digest_len();
+    if len == cipher.key_len() {
+        return Ok(cipher);
+    }
+    CipherAlg::from_key_len(len as u32).ok_or_else(|| format!("No AES cipher with key size {len} available"))
+}
+
+/// One key slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeySlot {
+    /// Whether the slot holds a key.
+    pub active: bool,
+    /// PBKDF2 iterations of the passphrase.
+    pub iterations: u32,
+    /// PBKDF2 salt.
+    pub salt: [u8; SALT_LEN],
+    /// Where the slot's key material starts, in 512-byte sectors from the
+    /// start of the LUKS header.
+    pub key_offset_sector: u32,
+    /// Anti-forensic stripes.
+    pub stripes: u32,
+}
+
+/// A parsed and validated LUKS1 header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LuksHeader {
+    /// Cipher and key size.
+    pub cipher_alg: CipherAlg,
+    /// Cipher mode.
+    pub cipher_mode: CipherMode,
+    /// IV generator.
+    pub ivgen_alg: IvGenAlg,
+    /// The hash named after `:` in the mode string (used by ESSIV only).
+    pub ivgen_hash_alg: Option<HashAlg>,
+    /// Hash of PBKDF2 and the anti-forensic diffuser.
+    pub hash_alg: HashAlg,
+    /// Where the encrypted payload would start, in sectors (qcow2 keeps its
+    /// payload in its own clusters; this marks the end of the key material).
+    pub payload_offset_sector: u32,
+    /// Master key length in bytes (twice the cipher key for XTS).
+    pub key_bytes: u32,
+    /// PBKDF2 digest of the master key.
+    pub master_key_digest: [u8; DIGEST_LEN],
+    /// Salt of that digest.
+    pub master_key_salt: [u8; SALT_LEN],
+    /// Iterations of that digest.
+    pub master_key_iterations: u32,
+    /// The UUID as stored (ASCII, NUL padded).
+    pub uuid: [u8; UUID_LEN],
+    /// The key slots.
+    pub slots: [KeySlot; NUM_KEY_SLOTS],
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn c_field<'a>(b: &'a [u8], what: &str) -> Result<&'a str, FormatError> {
+    let end =
+        b.iter().position(|&c| c == 0).ok_or_else(|| luks(format!("LUKS header {what} is not NUL terminated")))?;
+    std::str::from_utf8(&b[..end]).map_err(|_| luks(format!("LUKS header {what} is not valid UTF-8")))
+}
+
+fn luks(msg: String) -> FormatError {
+    FormatError::Luks(msg)
+}
+
+impl LuksHeader {
+    /// Bytes of one slot's anti-forensic key material.
+    pub fn split_key_len(&self) -> usize {
+        self.key_bytes as usize * STRIPES as usize
+    }
+
+    /// Sectors one slot's key material area spans (rounded up to 4 KiB, as
+    /// cryptsetup lays slots out).
+    pub fn split_key_sectors(key_bytes: u32, stripes: u32) -> u64 {
+        let sectors = (u64::from(key_bytes) * u64::from(stripes)).div_ceil(SECTOR_SIZE);
+        sectors.div_ceil(KEY_SLOT_OFFSET / SECTOR_SIZE) * (KEY_SLOT_OFFSET / SECTOR_SIZE)
+    }
+
+    /// The payload offset in bytes (QEMU's `payload-offset`).
+    pub fn payload_offset(&self) -> u64 {
+        u64::from(self.payload_offset_sector) * SECTOR_SIZE
+    }
+
+    /// The UUID as text.
+    pub fn uuid_str(&self) -> String {
+        let end = self.uuid.iter().position(|&c| c == 0).unwrap_or(UUID_LEN);
+        String::from_utf8_lossy(&self.uuid[..end]).into_owned()
+    }
+
+    /// The mode string as stored (`xts-plain64`, `cbc-essiv:sha256`).
+    pub fn cipher_mode_spec(&self) -> String {
+        match self.ivgen_hash_alg {
+            Some(h) => format!("{}-{}:{}", self.cipher_mode.name(), self.ivgen_alg.name(), h.name()),
+            None => format!("{}-{}", self.cipher_mode.name(), self.ivgen_alg.name()),
+        }
+    }
+
+    /// The cipher ESSIV uses, when the IV generator is ESSIV.
+    pub fn essiv_cipher(&self) -> Option<CipherAlg> {
+        match (self.ivgen_alg, self.ivgen_hash_alg) {
+            (IvGenAlg::Essiv, Some(h)) => essiv_cipher(self.cipher_alg, h).ok(),
+            _ => None,
+        }
+    }
+
+    /// Parses and validates the header at the start of `bytes`. `area_len`
+    /// is the length the qcow2 extension reserves: every slot's key material
+    /// must lie inside it. The checks follow QEMU's order and messages
+    /// (`qcrypto_block_luks_check_header` and `..._parse_header`), with
+    /// oxqcow's bounds after them.
+    pub fn parse(bytes: &[u8], area_len: u64) -> Result<LuksHeader, FormatError> {
+        if bytes.len() < HEADER_SIZE {
+            return Err(FormatError::Truncated {
+                what: "LUKS header",
+                needed: HEADER_SIZE as u64,
+                available: bytes.len() as u64,
+            });
+        }
+        let b = &bytes[..HEADER_SIZE];
+        if b[..6] != MAGIC {
+            return Err(luks("Volume is not in LUKS format".into()));
+        }
+        let version = u16::from_be_bytes([b[6], b[7]]);
+        if version != 1 {
+            return Err(luks(format!("LUKS version {version} is not supported")));
+        }
+        let cipher_name = c_field(&b[8..40], "cipher name")?;
+        let cipher_mode_str = c_field(&b[40..72], "cipher mode")?;
+        let hash_spec = c_field(&b[72..104], "hash spec")?;
+        let payload_offset_sector = be32(b, 104);
+        let key_bytes = be32(b, 108);
+        let mut master_key_digest = [0u8; DIGEST_LEN];
+        master_key_digest.copy_from_slice(&b[112..132]);
+        let mut master_key_salt = [0u8; SALT_LEN];
+        master_key_salt.copy_from_slice(&b[132..164]);
+        let master_key_iterations = be32(b, 164);
+        let mut uuid = [0u8; UUID_LEN];
+        uuid.copy_from_slice(&b[168..208]);
+        let mut slots =
+            [KeySlot { active: false, iterations: 0, salt: [0; SALT_LEN], key_offset_sector: 0, stripes: 0 };
+                NUM_KEY_SLOTS];
+        let mut states = [0u32; NUM_KEY_SLOTS];
+        for (i, slot) in slots.iter_mut().enumerate() {
+            let s = &b[208 + i * 48..208 + (i + 1) * 48];
+            states[i] = be32(s, 0);
+            slot.active = states[i] == KEY_SLOT_ENABLED;
+            slot.iterations = be32(s, 4);
+            slot.salt.copy_from_slice(&s[8..40]);
+            slot.key_offset_sector = be32(s, 40);
+            slot.stripes = be32(s, 44);
+        }
+
+        let header_sectors = KEY_SLOT_OFFSET.div_ceil(SECTOR_SIZE);
+        if u64::from(payload_offset_sector) < header_sectors {
+            return Err(luks("LUKS payload is overlapping with the header".into()));
+        }
+        if master_key_iterations == 0 {
+            return Err(luks("LUKS key iteration count is zero".into()));
+        }
+        for (i, slot) in slots.iter().enumerate() {
+            if slot.stripes != STRIPES {
+                return Err(luks(format!("Keyslot {i} is corrupted (stripes {} != {STRIPES})", slot.stripes)));
+            }
+            if states[i] != KEY_SLOT_ENABLED && states[i] != KEY_SLOT_DISABLED {
+                return Err(luks(format!("Keyslot {i} state (active/disable) is corrupted")));
+            }
+            if slot.active && slot.iterations == 0 {
+                return Err(luks(format!("Keyslot {i} iteration count is zero")));
+            }
+            if u64::from(slot.key_offset_sector) < header_sectors {
+                return Err(luks(format!("Keyslot {i} is overlapping with the LUKS header")));
+            }
+        }
+
+        // The algorithms, as QEMU parses them: "<mode>-<ivgen>[:<ivhash>]".
+        let Some((mode_name, ivgen_spec)) = cipher_mode_str.split_once('-') else {
+            return Err(luks(format!("Unexpected cipher mode string format {cipher_mode_str}")));
+        };
+        let (ivgen_name, ivhash_name) = match ivgen_spec.split_once(':') {
+            Some((g, h)) => (g, Some(h)),
+            None => (ivgen_spec, None),
+        };
+        let ivgen_hash_alg = match ivhash_name {
+            Some(h) => Some(HashAlg::from_name(h).ok_or_else(|| luks(format!("Hash algorithm {h} not supported")))?),
+            None => None,
+        };
+        let cipher_mode =
+            CipherMode::from_name(mode_name).ok_or_else(|| luks(format!("Cipher mode {mode_name} not supported")))?;
+        let alg_key = if cipher_mode == CipherMode::Xts { key_bytes / 2 } else { key_bytes };
+        let cipher_alg = (cipher_name == "aes")
+            .then(|| CipherAlg::from_key_len(alg_key))
+            .flatten()
+            .filter(|_| cipher_mode != CipherMode::Xts || key_bytes % 2 == 0)
+            .ok_or_else(|| luks(format!("Algorithm {cipher_name} with key size {alg_key} bytes not supported")))?;
+        let hash_alg =
+            HashAlg::from_name(hash_spec).ok_or_else(|| luks(format!("Hash algorithm {hash_spec} not supported")))?;
+        let ivgen_alg =
+            IvGenAlg::from_name(ivgen_name).ok_or_else(|| luks(format!("IV generator {ivgen_name} not supported")))?;
+        if ivgen_alg == IvGenAlg::Essiv {
+            let Some(h) = ivgen_hash_alg else {
+                return Err(luks("Missing IV generator hash specification".into()));
+            };
+            essiv_cipher(cipher_alg, h).map_err(luks)?;
+        }
+
+        // Now that key_bytes is known to be small, the slot areas can be
+        // computed without overflow.
+        let slot_sectors = Self::split_key_sectors(key_bytes, STRIPES);
+        for (i, slot) in slots.iter().enumerate() {
+            let start = u64::from(slot.key_offset_sector);
+            if start + slot_sectors > u64::from(payload_offset_sector) {
+                return Err(luks(format!("Keyslot {i} is overlapping with the encrypted payload")));
+            }
+            for (j, other) in slots.iter().enumerate().skip(i + 1) {
+                let o = u64::from(other.key_offset_sector);
+                if start < o + slot_sectors && o < start + slot_sectors {
+                    return Err(luks(format!("Keyslots {i} and {j} are overlapping in the header")));
+                }
+            }
+        }
+        let payload = u64::from(payload_offset_sector) * SECTOR_SIZE;
+        if payload > area_len {
+            return Err(luks(format!(
+                "LUKS payload offset {payload} lies past the end of the encryption header area ({area_len} bytes)"
+            )));
+        }
+        if master_key_iterations > MAX_PBKDF2_ITERATIONS {
+            return Err(luks(format!(
+                "LUKS master key iteration count {master_key_iterations} exceeds oxqcow's limit of {MAX_PBKDF2_ITERATIONS}"
+            )));
+        }
+        for (i, slot) in slots.iter().enumerate() {
+            if slot.active && slot.iterations > MAX_PBKDF2_ITERATIONS {
+                return Err(luks(format!(
+                    "Keyslot {i} iteration count {} exceeds oxqcow's limit of {MAX_PBKDF2_ITERATIONS}",
+                    slot.iterations
+                )));
+            }
+        }
+        Ok(LuksHeader {
+            cipher_alg,
+            cipher_mode,
+            ivgen_alg,
+            ivgen_hash_alg,
+            hash_alg,
+            payload_offset_sector,
+            key_bytes,
+            master_key_digest,
+            master_key_salt,
+            master_key_iterations,
+            uuid,
+            slots,
+        })
+    }
+
+    /// The 592 header bytes.
+    pub fn serialize(&self) -> Vec<u8> {
+        let mut b = vec![0u8; HEADER_SIZE];
+        b[..6].copy_from_slice(&MAGIC);
+        b[6..8].copy_from_slice(&1u16.to_be_bytes());
+        b[8..11].copy_from_slice(b"aes");
+        let mode = self.cipher_mode_spec();
+        b[40..40 + mode.len()].copy_from_slice(mode.as_bytes());
+        let hash = self.hash_alg.name();
+        b[72..72 + hash.len()].copy_from_slice(hash.as_bytes());
+        b[104..108].copy_from_slice(&self.payload_offset_sector.to_be_bytes());
+        b[108..112].copy_from_slice(&self.key_bytes.to_be_bytes());
+        b[112..132].copy_from_slice(&self.master_key_digest);
+        b[132..164].copy_from_slice(&self.master_key_salt);
+        b[164..168].copy_from_slice(&self.master_key_iterations.to_be_bytes());
+        b[168..208].copy_from_slice(&self.uuid);
+        for (i, slot) in self.slots.iter().enumerate() {
+            let s = &mut b[208 + i * 48..208 + (i + 1) * 48];
+            let state = if slot.active { KEY_SLOT_ENABLED } else { KEY_SLOT_DISABLED };
+            s[0..4].copy_from_slice(&state.to_be_bytes());
+            s[4..8].copy_from_slice(&slot.iterations.to_be_bytes());
+            s[8..40].copy_from_slice(&slot.salt);
+            s[40..44].copy_from_slice(&slot.key_offset_sector.to_be_bytes());
+            s[44..48].copy_from_slice(&slot.stripes.to_be_bytes());
+        }
+        b
+    }
+
+    /// A header laid out as cryptsetup and QEMU lay it out: slots one after
+    /// another from 4 KiB, each area rounded up to 4 KiB, the payload after
+    /// the last. Slots start inactive; digests and salts are the caller's.
+    pub fn layout(
+        cipher_alg: CipherAlg,
+        cipher_mode: CipherMode,
+        ivgen_alg: IvGenAlg,
+        ivgen_hash_alg: Option<HashAlg>,
+        hash_alg: HashAlg,
+        uuid: &str,
+    ) -> LuksHeader {
+        let key_bytes = cipher_alg.key_len() as u32 * if cipher_mode == CipherMode::Xts { 2 } else { 1 };
+        let slot_sectors = Self::split_key_sectors(key_bytes, STRIPES) as u32;
+        let first = (KEY_SLOT_OFFSET / SECTOR_SIZE) as u32;
+        let mut slots =
+            [KeySlot { active: false, iterations: 0, salt: [0; SALT_LEN], key_offset_sector: 0, stripes: STRIPES };
+                NUM_KEY_SLOTS];
+        for (i, s) in slots.iter_mut().enumerate() {
+            s.key_offset_sector = first + slot_sectors * i as u32;
+        }
+        let mut uuid_bytes = [0u8; UUID_LEN];
+        let n = uuid.len().min(UUID_LEN - 1);
+        uuid_bytes[..n].copy_from_slice(&uuid.as_bytes()[..n]);
+        LuksHeader {
+            cipher_alg,
+            cipher_mode,
+            ivgen_alg,
+            ivgen_hash_alg,
+            hash_alg,
+            payload_offset_sector: first + slot_sectors * NUM_KEY_SLOTS as u32,
+            key_bytes,
+            master_key_digest: [0; DIGEST_LEN],
+            master_key_salt: [0; SALT_LEN],
+            master_key_iterations: 0,
+            uuid: uuid_bytes,
+            slots,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> LuksHeader {
+        let mut h = LuksHeader::layout(
+            CipherAlg::Aes256,
+            CipherMode::Xts,
+            IvGenAlg::Plain64,
+            None,
+            HashAlg::Sha256,
+            "4a250ce8-2ad6-4bc1-998c-64fc3c19b913",
+        );
+        h.master_key_iterations = 1000;
+        h.slots[0].active = true;
+        h.slots[0].iterations = 1000;
+        h
+    }
+
+    #[test]
+    fn layout_matches_qemu() {
+        let h = sample();
+        // Offsets qemu-img info printed for an aes-256-xts image.
+        assert_eq!(h.slots[0].key_offset_sector as u64 * 512, 4096);
+        assert_eq!(h.slots[1].key_offset_sector as u64 * 512, 262144);
+        assert_eq!(h.slots[7].key_offset_sector as u64 * 512, 1810432);
+        assert_eq!(h.payload_offset(), 2068480);
+        assert_eq!(h.key_bytes, 64);
+    }
+
+    #[test]
+    fn round_trip() {
+        let h = sample();
+        let bytes = h.serialize();
+        assert_eq!(LuksHeader::parse(&bytes, h.payload_offset()).unwrap(), h);
+        assert_eq!(h.cipher_mode_spec(), "xts-plain64");
+    }
+
+    fn err(bytes: &[u8], area: u64) -> String {
+        LuksHeader::parse(bytes, area).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn hostile_fields_give_clean_errors() {
+        let h = sample();
+        let area = h.payload_offset();
+        let good = h.serialize();
+        let put = |at: usize, v: u32| {
+            let mut b = good.clone();
+            b[at..at + 4].copy_from_slice(&v.to_be_bytes());
+            b
+        };
+        assert_eq!(err(&put(108, 1 << 30), area), "Algorithm aes with key size 536870912 bytes not supported");
+        assert_eq!(err(&put(108, 40), area), "Algorithm aes with key size 20 bytes not supported");
+        assert_eq!(err(&put(164, 0), area), "LUKS key iteration count is zero");
+        assert!(err(&put(164, u32::MAX), area).contains("exceeds oxqcow's limit of 100000000"));
+        assert!(err(&put(208 + 4, u32::MAX), area).contains("Keyslot 0 iteration count 4294967295 exceeds"));
+        assert_eq!(err(&put(208 + 44, 1 << 31), area), "Keyslot 0 is corrupted (stripes 2147483648 != 4000)");
+        assert_eq!(err(&put(208 + 48 + 40, u32::MAX), area), "Keyslot 1 is overlapping with the encrypted payload");
+        assert_eq!(err(&put(208 + 48 + 40, 8), area), "Keyslots 0 and 1 are overlapping in the header");
+        assert_eq!(err(&put(208 + 40, 1), area), "Keyslot 0 is overlapping with the LUKS header");
+        assert_eq!(err(&put(208, 7), area), "Keyslot 0 state (active/disable) is corrupted");
+        assert_eq!(err(&put(104, 4), area), "LUKS payload is overlapping with the header");
+        assert!(err(&good, area - 512).contains("past the end of the encryption header area"));
+        assert_eq!(err(&good[..100], area), "LUKS header is truncated: need 592 bytes, have 100");
+        let mut b = good.clone();
+        b[0] = b'X';
+        assert_eq!(err(&b, area), "Volume is not in LUKS format");
+        let mut b = good.clone();
+        b[40..72].fill(b'x');
+        assert_eq!(err(&b, area), "LUKS header cipher mode is not NUL terminated");
+        let mut b = good.clone();
+        b[40..72].fill(0);
+        b[40..51].copy_from_slice(b"xts-foo:bar");
+        assert_eq!(err(&b, area), "Hash algorithm bar not supported");
+        let mut b = good;
+        b[40..72].fill(0);
+        b[40..49].copy_from_slice(b"cbc-essiv");
+        b[108..112].copy_from_slice(&32u32.to_be_bytes());
+        assert_eq!(err(&b, area), "Missing IV generator hash specification");
+    }
+}
