@@ -69,8 +69,9 @@ bench_case() {
     if [[ -n $ONLY && ! $name =~ $ONLY ]]; then return 0; fi
     last_ran=1
     for _ in $(seq "$REPEAT"); do
-        $setup; r=$(run bash -c "$qcmd"); q+=("${r% *}")
-        $setup; r=$(run bash -c "$ocmd"); o+=("${r% *}")
+        # sync: neither tool pays for writing back the other's dirty pages.
+        $setup; sync; r=$(run bash -c "$qcmd"); q+=("${r% *}")
+        $setup; sync; r=$(run bash -c "$ocmd"); o+=("${r% *}")
         local rss=${r#* }
         if (( rss > case_rss )); then case_rss=$rss; fi
     done
