@@ -104,7 +104,7 @@ impl CacheMode {
 }
 
 /// Options for opening an image.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct OpenOptions {
     /// Open read-only.
     pub read_only: bool,
@@ -159,6 +159,56 @@ pub struct OpenOptions {
     /// The passphrase of the backing image (QEMU's
     /// `backing.encrypt.key-secret`).
     pub backing_passphrase: Option<Vec<u8>>,
+}
+
+/// Passphrases are shown only as present or absent: options get logged.
+impl std::fmt::Debug for OpenOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Destructured without `..`, so a new field cannot be left out.
+        let OpenOptions {
+            read_only,
+            cache,
+            format,
+            l2_cache_size,
+            refcount_cache_size,
+            cache_size,
+            discard_passthrough,
+            repair,
+            lazy_refcounts,
+            backing,
+            snapshot,
+            pass_discard_snapshot,
+            pass_discard_other,
+            force_share,
+            locking,
+            overlap_check,
+            data_file,
+            passphrase,
+            backing_passphrase,
+        } = self;
+        let secret = |p: &Option<Vec<u8>>| p.as_ref().map(|_| "<redacted>");
+        f.debug_struct("OpenOptions")
+            .field("read_only", read_only)
+            .field("cache", cache)
+            .field("format", format)
+            .field("l2_cache_size", l2_cache_size)
+            .field("refcount_cache_size", refcount_cache_size)
+            .field("cache_size", cache_size)
+            .field("discard_passthrough", discard_passthrough)
+            .field("repair", repair)
+            .field("lazy_refcounts", lazy_refcounts)
+            .field("backing", backing)
+            .field("snapshot", snapshot)
+            .field("pass_discard_snapshot", pass_discard_snapshot)
+            .field("pass_discard_other", pass_discard_other)
+            .field("force_share", force_share)
+            .field("locking", locking)
+            .field("overlap_check", overlap_check)
+            .field("data_file", data_file)
+            .field("passphrase", &secret(passphrase))
+            .field("backing_passphrase", &secret(backing_passphrase))
+            .finish()
+    }
 }
 
 impl OpenOptions {
@@ -606,5 +656,18 @@ mod tests {
         assert!(o.apply_qemu_option("compat", "2.0").is_err());
         let mut r = CreateOptions::raw(0);
         assert!(r.apply_qemu_option("cluster_size", "4k").is_err());
+    }
+}
+
+#[cfg(test)]
+mod debug_tests {
+    use super::OpenOptions;
+
+    #[test]
+    fn debug_output_hides_passphrases() {
+        let opts = OpenOptions { passphrase: Some(b"hunter2".to_vec()), ..OpenOptions::new() };
+        let shown = format!("{opts:?}");
+        assert!(!shown.contains("hunter2") && !shown.contains("104, 117"), "{shown}");
+        assert!(shown.contains("passphrase: Some(\"<redacted>\")"), "{shown}");
     }
 }
