@@ -9,9 +9,9 @@
 
 use oxqcow::amend::AmendOptions;
 use oxqcow::crypt::KeyslotChange;
-use oxqcow::{Compat, Image, ImageFormat, OpenOptions};
+use oxqcow::{Compat, Image, ImageFormat};
 
-use crate::common::{check_object, describe, is_cache_mode, parse_image_opts, warn_probed_raw, Ctx};
+use crate::common::{check_object, describe, is_cache_mode, Ctx};
 use crate::getopt::{HasArg, Opt};
 use crate::imgopts::{self, split_options, OptDesc, OptType};
 use crate::progress::Progress;
@@ -150,24 +150,10 @@ fn amend(
     if !is_cache_mode(cache) {
         return ctx.fail(&format!("Invalid cache option: {cache}"));
     }
-    if image_opts && fmt.is_some() {
-        return ctx.fail("--image-opts and --format are mutually exclusive");
-    }
-    let (path, format, opts) = if image_opts {
-        match parse_image_opts(filename) {
-            Ok(v) => v,
-            Err(msg) => return ctx.fail(&msg),
-        }
-    } else {
-        (filename.clone(), fmt, OpenOptions::new())
-    };
-    let image = match crate::common::open_image_as(&path, filename, format.as_deref(), opts.read_only(false)) {
+    let image = match crate::common::open_operand_for_writing(filename, image_opts, fmt) {
         Ok(i) => i,
         Err(msg) => return ctx.fail(&msg),
     };
-    if format.is_none() && image.format() == ImageFormat::Raw {
-        warn_probed_raw(&path);
-    }
     if help {
         return print_amend_help(ctx, image.format().name());
     }

@@ -356,6 +356,22 @@ pub fn open_operand(
     Ok((image, path))
 }
 
+/// Opens an image operand read-write (`amend`, `resize`): a file name in
+/// `format` (probed when `None`), or with `image_opts` an option string.
+/// Warns as QEMU does when a probed raw image is opened for writing.
+pub fn open_operand_for_writing(operand: &str, image_opts: bool, format: Option<String>) -> Result<Image, String> {
+    if image_opts && format.is_some() {
+        return Err("--image-opts and --format are mutually exclusive".into());
+    }
+    let (path, format, opts) =
+        if image_opts { parse_image_opts(operand)? } else { (operand.to_string(), format, OpenOptions::new()) };
+    let image = open_image_as(&path, operand, format.as_deref(), opts.read_only(false))?;
+    if format.is_none() && image.format() == ImageFormat::Raw {
+        warn_probed_raw(&path);
+    }
+    Ok(image)
+}
+
 /// The header of a snapshot table, as qemu-img prints it.
 pub fn snapshot_header() -> String {
     format!("{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}", "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT")

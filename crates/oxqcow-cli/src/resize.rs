@@ -3,9 +3,9 @@
 //! The size is the last argument, taken before option parsing so that
 //! `-1G` is a size and not an option, as qemu-img does.
 
-use oxqcow::{Image, ImageFormat, OpenOptions, Preallocation};
+use oxqcow::{Image, ImageFormat, Preallocation};
 
-use crate::common::{describe, parse_image_opts, parse_size_option, warn_probed_raw, Ctx};
+use crate::common::{describe, parse_size_option, Ctx};
 use crate::getopt::{HasArg, Opt};
 
 /// In qemu-img's order, which ambiguity messages list.
@@ -81,24 +81,10 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         Ok(n) => n,
         Err(msg) => return ctx.fail(&msg),
     };
-    if image_opts && fmt.is_some() {
-        return ctx.fail("--image-opts and --format are mutually exclusive");
-    }
-    let (path, format, opts) = if image_opts {
-        match parse_image_opts(filename) {
-            Ok(v) => v,
-            Err(msg) => return ctx.fail(&msg),
-        }
-    } else {
-        (filename.clone(), fmt, OpenOptions::new())
-    };
-    let image = match crate::common::open_image_as(&path, filename, format.as_deref(), opts.read_only(false)) {
+    let image = match crate::common::open_operand_for_writing(filename, image_opts, fmt) {
         Ok(i) => i,
         Err(msg) => return ctx.fail(&msg),
     };
-    if format.is_none() && image.format() == ImageFormat::Raw {
-        warn_probed_raw(&path);
-    }
     let current = match &image {
         // QEMU's block layer sizes raw images in whole sectors.
         Image::Raw(r) => r.len().div_ceil(512) * 512,
