@@ -318,7 +318,7 @@ if [[ $FUSE != 0 && $NBD != only ]]; then
 fi
 
 if (( ${#results[@]} )); then
-    echo "oxqcow vs qemu-img ($("$QEMU_IMG" --version | head -n 1)), ${SIZE_MB} MiB data set, best of $REPEAT"
+    echo "oxqcow vs qemu-img ($("$QEMU_IMG" --version | sed -n 1p)), ${SIZE_MB} MiB data set, best of $REPEAT"
     echo "$(nproc) cores, load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
     printf '%s\n' "${results[@]}"
     echo "oxqcow peak RSS: $peak_rss KiB"
