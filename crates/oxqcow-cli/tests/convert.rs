@@ -140,6 +140,30 @@ fn convert_into_existing_targets() {
 }
 
 #[test]
+fn convert_replaces_existing_files() {
+    let s = Scratch::new();
+    common::random_raw(&s.path("src.raw"), 6 << 20, 6);
+    for fmt in ["qcow2", "raw"] {
+        for who in ["q", "o"] {
+            let name = format!("{who}.{fmt}");
+            s.qemu_ok(&["create", "-q", "-f", fmt, &name, "16M"]);
+            s.qemu_io(fmt, &name, &["write -P 0xaa 0 16M"]);
+        }
+        let (q, o) = (format!("q.{fmt}"), format!("o.{fmt}"));
+        s.qemu_ok(&["convert", "-O", fmt, "src.raw", &q]);
+        s.ours_ok(&["convert", "-O", fmt, "src.raw", &o]);
+        // Nothing of the old file survives: not its data, not its length.
+        s.assert_identical("src.raw", &o);
+        let len = |n: &str| std::fs::metadata(s.path(n)).unwrap().len();
+        assert_eq!(len(&o), len(&q), "{fmt}");
+        if fmt == "qcow2" {
+            s.assert_clean(&o);
+            assert_eq!(s.data_bytes(&o), s.data_bytes(&q));
+        }
+    }
+}
+
+#[test]
 fn convert_concatenates_sources() {
     let s = Scratch::new();
     common::random_raw(&s.path("a.raw"), 3 << 20, 1);

@@ -140,7 +140,8 @@ pub(crate) fn create_for(image: &Path, name: &str) -> Result<Arc<dyn Storage>> {
         source: std::io::Error::new(e.kind(), format!("Could not create '{}': {}", path.display(), strerror(&e))),
     })?;
     crate::lock::lock(file.file(), LockSet::for_data_file(false, false), &path.display().to_string())?;
-    // Emptied and sized by the image creation, which does that for data
-    // files on any storage.
+    file.empty(&path).map_err(Error::io("truncating the data file", 0))?;
+    // Sized by the image creation, which does that (and empties them) for
+    // data files on any storage.
     Ok(Arc::new(file))
 }

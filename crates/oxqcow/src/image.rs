@@ -159,6 +159,7 @@ impl Image {
         };
         let storage = FileStorage::create(path).map_err(Error::io("creating the image", 0))?;
         crate::lock::lock(storage.file(), LockSet::for_open(false, false), &path.display().to_string())?;
+        storage.empty(path).map_err(Error::io("truncating the new image", 0))?;
         if opts.backing_file.is_none() {
             let image = match data {
                 Some(data) => Image::Qcow2(Qcow2::create_with_data_file(Arc::new(storage), data, &opts)?),

@@ -32,7 +32,7 @@ impl Raw {
 
     /// Creates a raw image of `size` bytes.
     pub fn create(storage: Arc<dyn Storage>, size: u64, prealloc: Preallocation) -> Result<Raw> {
-        storage.set_len(0).map_err(Error::io("truncating the new image", 0))?;
+        crate::storage::empty(&*storage).map_err(Error::io("truncating the new image", 0))?;
         let raw = Raw { storage, size: AtomicU64::new(0), read_only: false, writethrough: AtomicBool::new(false) };
         raw.resize(size, prealloc)?;
         Ok(raw)

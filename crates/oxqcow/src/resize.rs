@@ -15,7 +15,7 @@ use oxqcow_format::{Geometry, GuestOffset, HostCluster, HostOffset, L2Entry, L2M
 use crate::error::{Error, Result};
 use crate::options::{Compat, CompressionType, CreateOptions, OpenOptions, Preallocation};
 use crate::qcow2::{DiscardModes, FreeReason, Meta, Qcow2};
-use crate::storage::Storage;
+use crate::storage::{empty, Storage};
 
 /// Checks creation options as QEMU's `qcow2_co_create` does, in its order
 /// and with its messages; then refuses, naming them, the valid options this
@@ -135,7 +135,7 @@ impl Qcow2 {
         let size = opts.size.div_ceil(512) * 512;
         let cs = g.cluster_size();
         let st = &*storage;
-        st.set_len(0).map_err(Error::io("truncating the new image", 0))?;
+        empty(st).map_err(Error::io("truncating the new image", 0))?;
         let mut header = Header::new(opts.compat.version(), g, 0);
         header.refcount_table_offset = cs;
         header.refcount_table_clusters = 1;
@@ -157,7 +157,7 @@ impl Qcow2 {
             }
             // As QEMU's file driver creates it: the disk's size, the first
             // block allocated (so that later alignment probes find data).
-            data.set_len(0).map_err(Error::io("truncating the data file", 0))?;
+            empty(&**data).map_err(Error::io("truncating the data file", 0))?;
             data.set_len(size).map_err(Error::io("sizing the data file", size))?;
             let first = vec![0u8; size.min(4096) as usize];
             data.write_at(&first, 0).map_err(Error::io("allocating the first block of the data file", 0))?;

@@ -73,3 +73,12 @@ pub trait Storage: Send + Sync {
         self.len()
     }
 }
+
+/// Empties a storage that will hold a new image; one already empty is not
+/// truncated again (see [`FileStorage::empty`] for why that matters).
+pub(crate) fn empty(storage: &dyn Storage) -> io::Result<()> {
+    if storage.is_empty()? {
+        return Ok(());
+    }
+    storage.set_len(0)
+}
