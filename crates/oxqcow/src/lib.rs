@@ -32,6 +32,7 @@ mod qcow2;
 pub mod raw;
 mod refcount;
 mod resize;
+mod serialise;
 mod snapshot;
 pub mod storage;
 mod write;

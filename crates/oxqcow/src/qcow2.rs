@@ -188,6 +188,9 @@ pub struct Qcow2 {
     /// The cipher of an encrypted image: guest data is encrypted on its way
     /// to the host file and decrypted on its way back (see `crypt.rs`).
     crypt: Option<crate::crypt::Crypt>,
+    /// Keeps the read-modify-write of a partly written encrypted sector
+    /// apart from other writes to that sector (unused without encryption).
+    serialiser: crate::serialise::RequestSerialiser,
 }
 
 fn cache_tables(opts: &OpenOptions, geometry: &Geometry, size: u64) -> Result<(usize, usize)> {
@@ -706,6 +709,7 @@ impl Qcow2 {
             tracking,
             stale_bitmaps,
             crypt,
+            serialiser: Default::default(),
         })
     }
 
@@ -931,10 +935,22 @@ impl Qcow2 {
 
     /// Writes `buf` at guest `offset`.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let in_flight = self.begin_write(offset, buf.len() as u64);
         let res = self.write_at_inner(buf, offset);
+        drop(in_flight);
         self.record_dirty(offset, buf.len() as u64);
         res?;
         self.write_through()
+    }
+
+    /// Registers a request that changes guest data on an encrypted image,
+    /// waiting for the conflicting ones in flight: one that covers part of
+    /// a sector (and so rewrites the whole sector) excludes every other
+    /// request on that sector (see `serialise.rs`).
+    fn begin_write(&self, offset: u64, len: u64) -> Option<crate::serialise::InFlight<'_>> {
+        self.crypt.as_ref()?;
+        let (start, end) = sector_bounds(offset, len);
+        Some(self.serialiser.begin(start, end, !is_sector_aligned(offset, len)))
     }
 
     /// Flushes after a write request in cache mode writethrough.
@@ -1041,7 +1057,9 @@ impl Qcow2 {
     /// their whole clusters are discarded (they have no backing file, so
     /// unallocated clusters read as zeros), as QEMU does.
     pub fn write_zeroes_at(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        let in_flight = self.begin_write(offset, len);
         let res = self.write_zeroes_inner(offset, len, may_unmap);
+        drop(in_flight);
         self.record_dirty(offset, len);
         res?;
         self.write_through()
@@ -1291,7 +1309,9 @@ impl Qcow2 {
     /// partial cluster when the range reaches the end of the disk), as QEMU
     /// does: partial clusters keep their data.
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let in_flight = self.begin_write(offset, len);
         let res = self.discard_inner(offset, len);
+        drop(in_flight);
         self.record_dirty(offset, len);
         res?;
         self.write_through()
