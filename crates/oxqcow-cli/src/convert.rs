@@ -362,6 +362,9 @@ fn convert(ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
             Some(p) => p.load(image, name, a.src_fmt.as_deref())?,
             None => image,
         };
+        image
+            .set_cache_mode(CacheMode::from_name(&a.src_cache).map_err(|e| describe(&e))?)
+            .map_err(|e| format!("Could not open '{name}': {}", describe(&e)))?;
         let len = image.len();
         sources.push(Source { image, start: total, len });
         total = total.checked_add(len).ok_or("the sources are too large together")?;
@@ -499,7 +502,9 @@ fn convert(ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
     });
     // qemu-img's default target cache is "unsafe": no flush until the end,
     // and none at the end either.
-    target.set_cache_mode(CacheMode::from_name(&a.cache).map_err(|e| describe(&e))?);
+    target
+        .set_cache_mode(CacheMode::from_name(&a.cache).map_err(|e| describe(&e))?)
+        .map_err(|e| format!("Could not open '{}': {}", a.target, describe(&e)))?;
 
     let job = Job {
         sources: &sources,

@@ -71,7 +71,7 @@ impl Image {
     /// `opts.backing` allows.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Image> {
         let image = Image::open_in_chain(path, opts, &mut Chain::default())?;
-        image.set_cache_mode(opts.cache);
+        image.set_cache_mode(opts.cache)?;
         Ok(image)
     }
 
@@ -165,7 +165,7 @@ impl Image {
                 Some(data) => Image::Qcow2(Qcow2::create_with_data_file(Arc::new(storage), data, &opts)?),
                 None => Image::create_storage(Arc::new(storage), &opts)?,
             };
-            image.set_cache_mode(opts.cache);
+            image.set_cache_mode(opts.cache)?;
             return Ok(image);
         }
         // Reopen so that the backing chain is attached.
@@ -184,7 +184,7 @@ impl Image {
     }
 
     /// Applies a cache mode (see [`crate::options::CacheMode`]).
-    pub fn set_cache_mode(&self, mode: crate::options::CacheMode) {
+    pub fn set_cache_mode(&self, mode: crate::options::CacheMode) -> Result<()> {
         match self {
             Image::Qcow2(q) => q.set_cache_mode(mode),
             Image::Raw(r) => r.set_cache_mode(mode),

@@ -76,9 +76,9 @@ pub enum CacheMode {
     Writeback,
     /// Every write is durable when it returns.
     Writethrough,
-    /// Like writeback (QEMU would bypass the page cache with O_DIRECT).
+    /// Like writeback, bypassing the host's page cache (O_DIRECT).
     None,
-    /// Like writethrough (QEMU would also bypass the page cache).
+    /// Like writethrough, bypassing the host's page cache.
     DirectSync,
     /// Flushes are ignored: fast, and nothing is guaranteed after a crash
     /// (qemu-img convert's default for its target).
@@ -100,6 +100,10 @@ impl CacheMode {
     /// Whether each write must be made durable before it returns.
     pub fn writes_through(self) -> bool {
         matches!(self, CacheMode::Writethrough | CacheMode::DirectSync)
+    }
+    /// Whether requests bypass the host's page cache (QEMU's `cache.direct`).
+    pub fn direct(self) -> bool {
+        matches!(self, CacheMode::None | CacheMode::DirectSync)
     }
 }
 

@@ -962,11 +962,22 @@ impl Qcow2 {
     }
 
     /// Applies a cache mode: `unsafe` ignores flushes, writethrough makes
-    /// every write request durable before it returns.
-    pub fn set_cache_mode(&self, mode: crate::options::CacheMode) {
+    /// every write request durable before it returns, `none` and
+    /// `directsync` bypass the host page cache for the image, its data
+    /// file and its backing chain (which inherit it, as in QEMU). Fails
+    /// when the file system cannot bypass its cache.
+    pub fn set_cache_mode(&self, mode: crate::options::CacheMode) -> Result<()> {
         self.storage.set_ignore_sync(mode == crate::options::CacheMode::Unsafe);
         self.data.set_ignore_sync(mode == crate::options::CacheMode::Unsafe);
         self.writethrough.store(mode.writes_through(), Ordering::Relaxed);
+        self.storage.set_direct(mode.direct()).map_err(Error::io("opening the image file for direct I/O", 0))?;
+        if !Arc::ptr_eq(&self.storage, &self.data) {
+            self.data.set_direct(mode.direct()).map_err(Error::io("opening the data file for direct I/O", 0))?;
+        }
+        match &self.backing {
+            Some(b) => b.set_cache_mode(mode),
+            None => Ok(()),
+        }
     }
 
     pub(crate) fn write_at_inner(&self, buf: &[u8], offset: u64) -> Result<()> {

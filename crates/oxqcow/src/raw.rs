@@ -90,9 +90,10 @@ impl Raw {
     }
 
     /// Applies a cache mode (see `Qcow2::set_cache_mode`).
-    pub fn set_cache_mode(&self, mode: crate::options::CacheMode) {
+    pub fn set_cache_mode(&self, mode: crate::options::CacheMode) -> Result<()> {
         self.storage.set_ignore_sync(mode == crate::options::CacheMode::Unsafe);
         self.writethrough.store(mode.writes_through(), Ordering::Relaxed);
+        self.storage.set_direct(mode.direct()).map_err(Error::io("opening the image file for direct I/O", 0))
     }
 
     /// Zeroes a range, punching a hole when `may_unmap`.

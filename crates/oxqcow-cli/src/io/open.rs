@@ -340,6 +340,6 @@ fn temporary_overlay(base: Image, base_opts: &OpenOptions, read_only: bool) -> R
     Qcow2::create(storage.clone(), &CreateOptions::qcow2(base.len())).and_then(Qcow2::close).map_err(fail)?;
     let opts = OpenOptions { read_only, cache: base_opts.cache, ..OpenOptions::new() };
     let overlay = Qcow2::open_with_backing(storage, &opts, Some(Arc::new(base))).map_err(fail)?;
-    overlay.set_cache_mode(opts.cache);
+    overlay.set_cache_mode(opts.cache).map_err(fail)?;
     Ok(Image::Qcow2(overlay))
 }

@@ -1,12 +1,24 @@
 //! Storage on a host file, with positional I/O from many threads.
+//!
+//! With cache modes `none` and `directsync` (QEMU's `cache.direct=on`) the
+//! file is also opened a second time with `O_DIRECT`, and every request
+//! whose offset, length and memory meet the file's direct I/O alignment
+//! bypasses the page cache through that descriptor. The rest (a header
+//! field, a partial sector of guest data) goes through the first one: the
+//! kernel keeps the two coherent (direct I/O writes back and drops the
+//! cached pages it overlaps), and byte-granular buffered writes need no
+//! read-modify-write of whole blocks, so concurrent writers of different
+//! bytes of one block cannot undo each other. Aligned requests whose
+//! memory is not aligned are copied through an aligned buffer.
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
-use rustix::fs::{FallocateFlags, SeekFrom};
+use rustix::fs::{FallocateFlags, OFlags, SeekFrom};
 
 use super::Storage;
 
@@ -16,6 +28,72 @@ pub struct FileStorage {
     file: File,
     /// Cache mode `unsafe`: syncs are skipped.
     ignore_sync: AtomicBool,
+    /// The `O_DIRECT` descriptor, opened by the first
+    /// [`Storage::set_direct`]`(true)`.
+    direct: OnceLock<Direct>,
+    /// Whether requests use `direct` (cache modes can change while open).
+    direct_on: AtomicBool,
+}
+
+/// The file opened with `O_DIRECT`, and the alignment its requests need.
+#[derive(Debug)]
+struct Direct {
+    file: File,
+    /// Alignment of the memory of a request.
+    mem_align: usize,
+    /// Alignment of a request's offset and length.
+    offset_align: u64,
+}
+
+impl Direct {
+    fn opens(file: &File) -> io::Result<Direct> {
+        let flags = rustix::fs::fcntl_getfl(file)?;
+        let writable = flags.intersects(OFlags::WRONLY | OFlags::RDWR);
+        // A new open file description of the same file: O_DIRECT on the
+        // first would also apply to every unaligned request.
+        let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(file));
+        let direct = std::fs::OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .custom_flags(OFlags::DIRECT.bits() as i32)
+            .open(&path)
+            .map_err(|e| io::Error::new(e.kind(), format!("the file system does not support O_DIRECT: {e}")))?;
+        // Linux 6.1 reports the alignments; before, the logical block size
+        // of nearly every device is at most 4 KiB.
+        let (mut mem_align, mut offset_align) = (4096u64, 4096u64);
+        if let Ok(st) =
+            rustix::fs::statx(&direct, "", rustix::fs::AtFlags::EMPTY_PATH, rustix::fs::StatxFlags::DIOALIGN)
+        {
+            if st.stx_mask & rustix::fs::StatxFlags::DIOALIGN.bits() != 0 && st.stx_dio_offset_align != 0 {
+                mem_align = u64::from(st.stx_dio_mem_align.max(1));
+                offset_align = u64::from(st.stx_dio_offset_align);
+            }
+        }
+        if !mem_align.is_power_of_two() || !offset_align.is_power_of_two() || offset_align > 1 << 20 {
+            return Err(io::Error::other(format!(
+                "unusable direct I/O alignment (memory {mem_align}, offset {offset_align})"
+            )));
+        }
+        Ok(Direct { file: direct, mem_align: mem_align as usize, offset_align })
+    }
+
+    /// Whether a request at `offset` of `len` bytes can go through the
+    /// direct descriptor (its memory may still need a bounce buffer).
+    fn fits(&self, offset: u64, len: usize) -> bool {
+        len != 0 && offset % self.offset_align == 0 && len as u64 % self.offset_align == 0
+    }
+
+    /// Whether `buf` can be handed to the direct descriptor as it is.
+    fn mem_aligned(&self, buf: &[u8]) -> bool {
+        buf.as_ptr() as usize % self.mem_align == 0
+    }
+
+    /// A zeroed buffer of `len` bytes whose start meets the memory alignment.
+    fn bounce<'a>(&self, store: &'a mut Vec<u8>, len: usize) -> &'a mut [u8] {
+        store.resize(len + self.mem_align, 0);
+        let skip = store.as_ptr().align_offset(self.mem_align);
+        &mut store[skip..skip + len]
+    }
 }
 
 impl Drop for FileStorage {
@@ -30,7 +108,7 @@ impl FileStorage {
     /// Opens an existing file.
     pub fn open(path: &Path, writable: bool) -> io::Result<Self> {
         let file = std::fs::OpenOptions::new().read(true).write(writable).open(path)?;
-        Ok(FileStorage { file, ignore_sync: AtomicBool::new(false) })
+        Ok(FileStorage::from_file(file))
     }
 
     /// Creates a file, or opens an existing one without truncating it: the
@@ -38,12 +116,26 @@ impl FileStorage {
     /// that creating over an image in use fails without destroying it).
     pub fn create(path: &Path) -> io::Result<Self> {
         let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
-        Ok(FileStorage { file, ignore_sync: AtomicBool::new(false) })
+        Ok(FileStorage::from_file(file))
     }
 
     /// Wraps an open file.
     pub fn from_file(file: File) -> Self {
-        FileStorage { file, ignore_sync: AtomicBool::new(false) }
+        FileStorage {
+            file,
+            ignore_sync: AtomicBool::new(false),
+            direct: OnceLock::new(),
+            direct_on: AtomicBool::new(false),
+        }
+    }
+
+    /// The direct descriptor, when requests use it.
+    fn direct(&self) -> Option<&Direct> {
+        if self.direct_on.load(Ordering::Relaxed) {
+            self.direct.get()
+        } else {
+            None
+        }
     }
 
     /// Empties the file for a new image written through this storage.
@@ -73,25 +165,60 @@ impl FileStorage {
     }
 }
 
+/// Reads `buf.len()` bytes at `offset` of `file`, zeros past its end.
+/// Returns how many bytes came from the file when a read came up short of
+/// the end of `buf` (the end of the file, or for a direct descriptor a
+/// tail it cannot read); the rest is left to the caller.
+fn read_full(file: &File, buf: &mut [u8], offset: u64, stop_short: bool) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => {
+                done += n;
+                if stop_short && done < buf.len() {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
 impl Storage for FileStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let mut done = 0;
-        while done < buf.len() {
-            match self.file.read_at(&mut buf[done..], offset + done as u64) {
-                Ok(0) => {
-                    buf[done..].fill(0);
-                    return Ok(());
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
+        if let Some(d) = self.direct().filter(|d| d.fits(offset, buf.len())) {
+            done = if d.mem_aligned(buf) {
+                read_full(&d.file, buf, offset, true)?
+            } else {
+                let mut store = Vec::new();
+                let bounce = d.bounce(&mut store, buf.len());
+                let n = read_full(&d.file, bounce, offset, true)?;
+                buf[..n].copy_from_slice(&bounce[..n]);
+                n
+            };
         }
+        // Whatever the direct read left (at the end of the file) comes
+        // through the page cache, as do unaligned requests.
+        let n = read_full(&self.file, &mut buf[done..], offset + done as u64, false)?;
+        buf[done + n..].fill(0);
         Ok(())
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.file.write_all_at(buf, offset)
+        match self.direct().filter(|d| d.fits(offset, buf.len())) {
+            Some(d) if d.mem_aligned(buf) => d.file.write_all_at(buf, offset),
+            Some(d) => {
+                let mut store = Vec::new();
+                let bounce = d.bounce(&mut store, buf.len());
+                bounce.copy_from_slice(buf);
+                d.file.write_all_at(bounce, offset)
+            }
+            None => self.file.write_all_at(buf, offset),
+        }
     }
 
     fn len(&self) -> io::Result<u64> {
@@ -187,6 +314,16 @@ impl Storage for FileStorage {
 
     fn set_ignore_sync(&self, ignore: bool) {
         self.ignore_sync.store(ignore, Ordering::Relaxed);
+    }
+
+    fn set_direct(&self, direct: bool) -> io::Result<()> {
+        if direct && self.direct.get().is_none() {
+            let d = Direct::opens(&self.file)?;
+            // Another thread may have won the race; either descriptor works.
+            let _ = self.direct.set(d);
+        }
+        self.direct_on.store(direct, Ordering::Relaxed);
+        Ok(())
     }
 
     fn allocated_bytes(&self) -> io::Result<u64> {

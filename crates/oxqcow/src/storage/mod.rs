@@ -64,6 +64,13 @@ pub trait Storage: Send + Sync {
     fn data_runs(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, u64, bool)>> {
         Ok(vec![(offset, len, true)])
     }
+    /// Cache modes `none` and `directsync`: bypass the host's page cache
+    /// where the storage can (QEMU's `cache.direct`); an error when it
+    /// cannot at all.
+    fn set_direct(&self, direct: bool) -> io::Result<()> {
+        let _ = direct;
+        Ok(())
+    }
     /// Cache mode `unsafe`: make [`Storage::sync`] a no-op (or not).
     fn set_ignore_sync(&self, ignore: bool) {
         let _ = ignore;
