@@ -150,7 +150,9 @@ fn amend(
     if !is_cache_mode(cache) {
         return ctx.fail(&format!("Invalid cache option: {cache}"));
     }
-    let image = match crate::common::open_operand_for_writing(filename, image_opts, fmt) {
+    let image = match crate::common::open_operand_for_writing(filename, image_opts, fmt)
+        .and_then(|image| crate::common::apply_cache_mode(&image, cache, filename).map(|()| image))
+    {
         Ok(i) => i,
         Err(msg) => return ctx.fail(&msg),
     };

@@ -32,7 +32,7 @@ Check basic image integrity.  Usage:
   -q, --quiet             print nothing on stdout
   -f, --format FMT        format of FILENAME (probed when omitted)
   --image-opts            FILENAME is an option string (driver=...,file.filename=...)
-  -T, --cache CACHE_MODE  accepted for compatibility
+  -T, --cache CACHE_MODE  cache mode of FILENAME (writeback)
   -U, --force-share       open the image in shared mode (not with -r)
   --output human|json     output format (default human)
   -r, --repair leaks|all  repair leaked clusters, or everything
@@ -54,6 +54,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let mut fmt: Option<String> = None;
     let mut output = OutputFormat::Human;
     let mut repair = None;
+    let mut cache = oxqcow::CacheMode::Writeback;
     let (mut quiet, mut image_opts, mut force_share) = (false, false, false);
     for (key, value) in p.opts {
         let value = value.unwrap_or_default();
@@ -79,9 +80,10 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             },
             "image-opts" => image_opts = true,
             "U" => force_share = true,
-            "T" if !matches!(value.as_str(), "none" | "writeback" | "writethrough" | "directsync" | "unsafe") => {
-                return ctx.fail(&format!("Invalid source cache option: {value}"));
-            }
+            "T" => match oxqcow::CacheMode::from_name(&value) {
+                Ok(mode) => cache = mode,
+                Err(_) => return ctx.fail(&format!("Invalid source cache option: {value}")),
+            },
             "q" => quiet = true,
             "object" => {
                 if let Err(msg) = crate::common::check_object(&value) {
@@ -109,6 +111,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         return ctx.fail(&format!("Could not open '{path}': force-share=on can only be used with read-only images"));
     }
     opts.read_only = repair.is_none();
+    opts.cache = cache;
     // Damaged refcount tables are what check is for: open tolerantly.
     opts.repair = true;
     let image = match crate::common::open_image_as(&path, filename, format.as_deref(), opts) {

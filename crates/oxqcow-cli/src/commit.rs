@@ -114,6 +114,9 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         Err(msg) => return ctx.fail(&msg),
     };
     let filename = &filename;
+    if let Err(msg) = crate::common::apply_cache_mode(&image, &cache, filename) {
+        return ctx.fail(&msg);
+    }
     if format.is_none() && image.format() == oxqcow::ImageFormat::Raw {
         crate::common::warn_probed_raw(filename);
     }

@@ -224,6 +224,14 @@ pub fn is_cache_mode(mode: &str) -> bool {
     matches!(mode, "none" | "off" | "writeback" | "writethrough" | "directsync" | "unsafe")
 }
 
+/// Applies a `-t`/`-T` cache mode (already checked by [`is_cache_mode`])
+/// to an open image; the error is QEMU's for a file that cannot be opened
+/// that way (direct I/O on a file system without it).
+pub fn apply_cache_mode(image: &Image, mode: &str, name: &str) -> Result<(), String> {
+    let mode = oxqcow::CacheMode::from_name(mode).map_err(|e| describe(&e))?;
+    image.set_cache_mode(mode).map_err(|e| format!("Could not open '{name}': {}", strerror(&e)))
+}
+
 /// qemu's `strerror`-like text for an engine error.
 pub fn strerror(e: &oxqcow::Error) -> String {
     match e {

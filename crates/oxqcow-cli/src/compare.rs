@@ -133,7 +133,9 @@ fn compare(ctx: &Ctx, a: &Args, progress: &Progress) -> i32 {
         return 2;
     }
     let open = |file: &str, fmt: &Option<String>| {
-        crate::common::open_operand(file, a.image_opts, fmt.as_deref(), true).map(|(image, _)| image)
+        let (image, _) = crate::common::open_operand(file, a.image_opts, fmt.as_deref(), true)?;
+        crate::common::apply_cache_mode(&image, &a.cache, file)?;
+        Ok::<_, String>(image)
     };
     let img1 = match open(&a.file1, &a.fmt1) {
         Ok(i) => i,
