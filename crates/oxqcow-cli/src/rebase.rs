@@ -14,9 +14,9 @@
 use std::path::Path;
 
 use oxqcow::backing::{resolve_backing_path, BackingPolicy};
-use oxqcow::{ImageFormat, OpenOptions};
+use oxqcow::{CacheMode, ImageFormat, OpenOptions};
 
-use crate::common::{chain_filenames, describe, is_cache_mode, open_image, Ctx, FORBID_BACKING};
+use crate::common::{chain_filenames, describe, open_image, Ctx, FORBID_BACKING};
 
 use crate::getopt::{HasArg, Opt};
 use crate::progress::Progress;
@@ -126,12 +126,12 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         Some((_, Ok(f))) => Some(f),
         Some((f, Err(_))) => return ctx.fail(&format!("Invalid format name: '{f}'")),
     };
-    if !is_cache_mode(&cache) {
+    let Ok(cache_mode) = CacheMode::from_name(&cache) else {
         return ctx.fail(&format!("Invalid cache option: {cache}"));
-    }
-    if !is_cache_mode(&src_cache) {
+    };
+    let Ok(backing_cache) = CacheMode::from_name(&src_cache) else {
         return ctx.fail(&format!("Invalid source cache option: {src_cache}"));
-    }
+    };
     // `-b ""` means no backing file.
     let backing = backing.filter(|b| !b.is_empty());
     let shown = backing.as_deref().unwrap_or("(null)");
@@ -204,7 +204,8 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         }
     };
     let new_backing = backing.as_deref().map(|b| (b, backing_format));
-    let res = oxqcow::chain_ops::rebase(Path::new(filename), new_backing, unsafe_mode, &mut on_progress);
+    let opts = oxqcow::chain_ops::RebaseOptions { unsafe_mode, cache: cache_mode, backing_cache };
+    let res = oxqcow::chain_ops::rebase(Path::new(filename), new_backing, opts, &mut on_progress);
     if unsafe_mode && res.is_ok() {
         display.print(100.0, 0);
     }

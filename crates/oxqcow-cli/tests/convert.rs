@@ -249,8 +249,8 @@ fn convert_refuses_what_it_cannot_do() {
     assert!(!s.path("x").exists(), "{args:?} created the target");
 }
 
-/// `-t none` / `-T none` (direct I/O) work in every subcommand that takes
-/// them and give qemu-img's results.
+/// `-t none` / `-T none` (direct I/O) work in convert, check, compare,
+/// commit, amend and rebase and give qemu-img's results.
 #[test]
 fn direct_io_cache_modes_give_the_same_results() {
     let s = Scratch::new();
@@ -278,14 +278,18 @@ fn direct_io_cache_modes_give_the_same_results() {
         s.qemu_io("qcow2", &top, &["write -P 0x5c 1000 70000"]);
         let commit = ["commit", "-q", "-t", "none", top.as_str()];
         let amend = ["amend", "-t", "none", "-o", "compat=0.10", top.as_str()];
+        let rebase = ["rebase", "-q", "-t", "none", "-T", "directsync", "-b", "", top.as_str()];
         if who == "q" {
             s.qemu_ok(&commit);
             s.qemu_ok(&amend);
+            s.qemu_ok(&rebase);
         } else {
             s.ours_ok(&commit);
             s.ours_ok(&amend);
+            s.ours_ok(&rebase);
         }
     }
+    s.assert_identical("q-top.qcow2", "o-top.qcow2");
     s.assert_identical("q-base.qcow2", "o-base.qcow2");
     s.assert_clean("o-base.qcow2");
     s.qemu_io("qcow2", "o-base.qcow2", &["read -P 0x5c 1000 70000"]);

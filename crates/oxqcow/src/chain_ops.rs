@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use crate::backing::{resolve_backing_path, BackingPolicy};
 use crate::error::{Error, Result};
 use crate::image::{BlockDevice, Image};
-use crate::options::{ImageFormat, OpenOptions};
+use crate::options::{CacheMode, ImageFormat, OpenOptions};
 
 /// Copy granularity of commit and rebase.
 const CHUNK: u64 = 1 << 20;
@@ -143,6 +143,17 @@ pub fn commit(top: &Path, base: Option<&Path>, keep_top: bool, progress: Progres
     Ok(())
 }
 
+/// How [`rebase`] works.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RebaseOptions {
+    /// Only rewrite the header (qemu-img rebase `-u`).
+    pub unsafe_mode: bool,
+    /// Cache mode of the image and its current chain (`-t`).
+    pub cache: CacheMode,
+    /// Cache mode of the new backing file (`-T`).
+    pub backing_cache: CacheMode,
+}
+
 /// Changes the backing file of `top` to `new_backing` (`None`: no backing
 /// file). Safe mode first copies into `top` every range whose content would
 /// change, so the guest sees the same disk; unsafe mode only rewrites the
@@ -150,7 +161,7 @@ pub fn commit(top: &Path, base: Option<&Path>, keep_top: bool, progress: Progres
 pub fn rebase(
     top: &Path,
     new_backing: Option<(&str, Option<ImageFormat>)>,
-    unsafe_mode: bool,
+    opts: RebaseOptions,
     progress: Progress<'_>,
 ) -> Result<()> {
     let resolved_format = |name: &str, fmt: Option<ImageFormat>| -> Result<ImageFormat> {
@@ -166,8 +177,9 @@ pub fn rebase(
             }
         }
     };
-    if unsafe_mode {
-        let img = Image::open(top, &OpenOptions { backing: BackingPolicy::Ignore, ..Default::default() })?;
+    if opts.unsafe_mode {
+        let img =
+            Image::open(top, &OpenOptions { backing: BackingPolicy::Ignore, cache: opts.cache, ..Default::default() })?;
         let q = img.as_qcow2().ok_or_else(|| Error::InvalidArgument("only qcow2 images have a backing file".into()))?;
         match new_backing {
             Some((name, fmt)) => {
@@ -180,13 +192,14 @@ pub fn rebase(
         }
         return img.close();
     }
-    let img = Image::open(top, &OpenOptions::new())?;
+    let img = Image::open(top, &OpenOptions { cache: opts.cache, ..OpenOptions::new() })?;
     let q = img.as_qcow2().ok_or_else(|| Error::InvalidArgument("only qcow2 images have a backing file".into()))?;
     let new_image = match new_backing {
         Some((name, fmt)) => {
             let f = resolved_format(name, fmt)?;
             let p = resolve_backing_path(top, name);
-            Some((Image::open(&p, &OpenOptions { read_only: true, format: Some(f), ..Default::default() })?, f))
+            let o = OpenOptions { read_only: true, format: Some(f), cache: opts.backing_cache, ..Default::default() };
+            Some((Image::open(&p, &o)?, f))
         }
         None => None,
     };

@@ -249,7 +249,8 @@ fn rebase_matches_qemu() {
         copy_chain(dir.path(), &ours);
         copy_chain(dir.path(), &theirs);
         let target = new_backing.map(|n| (n, Some(oxqcow::ImageFormat::Raw)));
-        oxqcow::chain_ops::rebase(&ours.join("top.qcow2"), target, unsafe_mode, &mut |_, _| {}).unwrap();
+        let opts = oxqcow::chain_ops::RebaseOptions { unsafe_mode, ..Default::default() };
+        oxqcow::chain_ops::rebase(&ours.join("top.qcow2"), target, opts, &mut |_, _| {}).unwrap();
         let mut args = vec!["qemu-img", "rebase", "-q"];
         if unsafe_mode {
             args.push("-u");
