@@ -256,7 +256,32 @@ pub fn seed_images() -> Vec<(String, Vec<u8>)> {
         img.close().expect("seed close");
         out.push((name.to_string(), storage.to_bytes()));
     }
+    out.push(("c16k-extl2-zstd-bitmap".to_string(), subcluster_seed()));
     out
+}
+
+/// A seed with the structures of later QEMU versions: extended L2 entries
+/// (allocated, zero and unallocated subclusters in one cluster), a zstd
+/// compressed cluster and a persistent dirty bitmap with set bits.
+fn subcluster_seed() -> Vec<u8> {
+    const CS: u64 = 16 << 10;
+    let storage = Arc::new(MemoryStorage::new());
+    let opts = CreateOptions {
+        extended_l2: true,
+        compression_type: oxqcow::CompressionType::Zstd,
+        ..CreateOptions::qcow2(16 * CS + 512).cluster_size(CS)
+    };
+    let img = Image::create_storage(storage.clone(), &opts).expect("seed image");
+    let q = img.as_qcow2().expect("qcow2");
+    q.bitmap_add("b0", Some(4096), true).expect("seed bitmap");
+    img.write_at(&pattern(4, 1000, 3000), 1000).expect("seed write");
+    img.write_zeroes_at(8192, 1024, false).expect("seed zero write");
+    img.write_at(&pattern(5, 3 * CS + 512, 2 * CS), 3 * CS + 512).expect("seed write");
+    img.discard(4 * CS, CS).expect("seed discard");
+    q.write_compressed(&[3u8; CS as usize], 8 * CS).expect("seed compressed write");
+    img.write_at(&[9], img.len() - 1).expect("seed write");
+    img.close().expect("seed close");
+    storage.to_bytes()
 }
 
 /// Applies a few random byte-level mutations: flipped bits, overwritten
