@@ -28,6 +28,7 @@ mod resize;
 mod secrets;
 mod serve;
 mod snapshot;
+mod snapshot_param;
 mod status;
 
 use common::Ctx;

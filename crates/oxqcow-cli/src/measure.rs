@@ -10,6 +10,7 @@ use serde_json::{json, Map, Value};
 use crate::common::{describe, open_image, parse_image_opts, parse_size_operand, print_json, Ctx, OutputFormat};
 use crate::getopt::{HasArg, Opt};
 use crate::imgopts::{self, ImgOpts};
+use crate::snapshot_param::SnapshotParam;
 
 /// In qemu-img's order, which ambiguity messages list.
 const SPEC: &[Opt] = &[
@@ -37,7 +38,7 @@ Calculate the file size a new image needs.  Usage:
   FILENAME                    measure a copy of this image
   -f, --format FMT            format of FILENAME (probed when omitted)
   --image-opts                FILENAME is an option string (driver=...,file.filename=...)
-  -l, --snapshot SNAPSHOT     not supported yet
+  -l, --snapshot SNAPSHOT     measure this internal snapshot of FILENAME
   --output human|json         output format (default human)
   -U, --force-share           open FILENAME in shared mode
 ";
@@ -53,7 +54,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let mut options: Option<String> = None;
     let mut output = OutputFormat::Human;
     let mut size: Option<u64> = None;
-    let mut snapshot: Option<String> = None;
+    let mut snapshot: Option<SnapshotParam> = None;
     let mut image_opts = false;
     for (key, value) in p.opts {
         let value = value.unwrap_or_default();
@@ -74,7 +75,13 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             },
             "f" => fmt = Some(value),
             "image-opts" => image_opts = true,
-            "l" => snapshot = Some(value),
+            "l" => match SnapshotParam::parse(&value) {
+                Ok(p) => snapshot = Some(p),
+                Err(key) => {
+                    ctx.error(&format!("Invalid parameter '{key}'"));
+                    return ctx.fail(&format!("Failed in parsing snapshot param '{value}'"));
+                }
+            },
             "s" => match parse_size_operand("image size", &value) {
                 Ok(n) => size = Some(n),
                 Err(msg) => return ctx.fail(&msg),
@@ -110,15 +117,16 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             } else {
                 open_image(name, fmt.as_deref(), OpenOptions::new().read_only(true))
             };
-            match opened {
+            let loaded = opened.and_then(|image| match &snapshot {
+                Some(p) => p.load(image, name, fmt.as_deref()),
+                None => Ok(image),
+            });
+            match loaded {
                 Ok(i) => Some(i),
                 Err(msg) => return ctx.fail(&msg),
             }
         }
     };
-    if snapshot.is_some() {
-        return ctx.fail("not supported yet: measuring an internal snapshot (-l)");
-    }
     let format = match imgopts::format_from_name(&out_fmt) {
         Ok(f) => f,
         Err(msg) => return ctx.fail(&msg),

@@ -331,7 +331,7 @@ fn amend_sequences_match_qemu() {
 }
 
 #[test]
-fn convert_from_snapshots_matches_qemu() {
+fn convert_and_measure_from_snapshots_match_qemu() {
     let pair = Pair::new();
     for d in [&pair.qemu, &pair.ox] {
         must(d, qemu_img(), &words("create -q -f qcow2 a.qcow2 64M"));
@@ -357,6 +357,9 @@ fn convert_from_snapshots_matches_qemu() {
         "snapshot.id=",
         "snapshot.foo=1",
     ] {
+        // measure reads the same snapshot views (and fails the same way).
+        pair.same_output(&["measure", "-l", l, "-O", "qcow2", "a.qcow2"]);
+        pair.same_output(&["measure", "-l", l, "-O", "raw", "--output=json", "a.qcow2"]);
         for fmt in ["raw", "qcow2"] {
             let out = format!("out.{fmt}");
             pair.same_output(&["convert", "-l", l, "-O", fmt, "a.qcow2", &out]);
@@ -374,7 +377,12 @@ fn convert_from_snapshots_matches_qemu() {
             }
         }
     }
-    for args in ["convert -l s1 -O raw a.qcow2 a.qcow2 out.raw", "convert -l s1 -O raw r.img out.raw"] {
+    for args in [
+        "convert -l s1 -O raw a.qcow2 a.qcow2 out.raw",
+        "convert -l s1 -O raw r.img out.raw",
+        "measure -l s1 r.img",
+        "measure -l s1 --size 1G",
+    ] {
         pair.same_output(&words(args));
     }
 }
