@@ -7,7 +7,6 @@
 //! copy to that many bytes per second.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use oxqcow::backing::resolve_backing_path;
 use oxqcow::Image;
@@ -136,17 +135,13 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
 
     let display = Progress::new(progress, 1.0);
     display.print(0.0, 100);
-    let started = Instant::now();
+    let limit = crate::ratelimit::RateLimit::new(rate);
     let mut on_progress = |done: u64, total: u64| {
         if total > 0 {
             display.print((done as f64 / total as f64 * 100.0) as f32, 0);
         }
-        if rate > 0 {
-            // Bytes per second: sleep until the copy is back under the rate.
-            let due = Duration::from_secs_f64(done as f64 / rate as f64);
-            if let Some(wait) = due.checked_sub(started.elapsed()) {
-                std::thread::sleep(wait);
-            }
+        if let Some(l) = &limit {
+            l.pace_total(done);
         }
     };
     let res =

@@ -92,7 +92,7 @@ fn help(prog: &str) {
          Copy one image to another with optional format conversion.  Usage:\n\n  \
          {prog} convert [-f SRC_FMT] [-T SRC_CACHE] [-o TGT_OPTS] [-t TGT_CACHE] [-n]\n        \
          [-O TGT_FMT] [-c] [-B BACKING_FILENAME [-F BACKING_FMT]] [-S SPARSE_SIZE]\n        \
-         [-m NUM] [-W] [-p] [-q] [-U] [--forbid-backing]\n        \
+         [-m NUM] [-W] [-r RATE] [-p] [-q] [-U] [--forbid-backing]\n        \
          SRC_FILENAME [SRC_FILENAME2 [...]] TGT_FILENAME\n\n\
          Arguments:\n  \
          -h, --help\n     print this help and exit\n  \
@@ -113,6 +113,7 @@ fn help(prog: &str) {
          -U, --force-share\n     open images in shared mode for concurrent access\n  \
          -m, --parallel NUM_COROUTINES\n     specify parallelism (default 8; with -c, one per core)\n  \
          -W, --oob-writes\n     enable out-of-order writes to improve performance\n  \
+         -r, --rate RATE\n     I/O rate limit, in bytes per second\n  \
          --forbid-backing\n     refuse images that name a backing file (oxqcow)\n  \
          SRC_FILENAME\n     source image file name\n  \
          TGT_FILENAME\n     target (output) image file name\n"
@@ -145,6 +146,8 @@ struct Args {
     backing_fmt: Option<String>,
     /// `-S` in bytes; 0 disables zero detection.
     min_sparse: u64,
+    /// `-r` in bytes per second; 0: no limit.
+    rate: u64,
     sources: Vec<String>,
     target: String,
     /// `--image-opts`: sources are option strings.
@@ -182,6 +185,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         backing: None,
         backing_fmt: None,
         min_sparse: DEFAULT_MIN_SPARSE,
+        rate: 0,
         sources: Vec::new(),
         target: String::new(),
         image_opts: false,
@@ -237,7 +241,10 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 }
             },
             "C" => return ctx.fail("copy offloading (-C) is not supported yet"),
-            "r" => return ctx.fail("rate limiting (-r) is not supported yet"),
+            "r" => match cvtnum("rate limit", &v, 0, i64::MAX as u64) {
+                Ok(n) => a.rate = n,
+                Err(msg) => return ctx.fail(&msg),
+            },
             "bitmaps" => a.bitmaps = true,
             "skip-broken-bitmaps" => a.skip_broken_bitmaps = true,
             "object" => {
@@ -525,6 +532,7 @@ fn convert(ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
         in_order: a.in_order && !a.compress && format != ImageFormat::Raw,
         progress,
         data_total: if a.progress { count_data(&sources, a.min_sparse)? } else { 0 },
+        rate: crate::ratelimit::RateLimit::new(a.rate),
     };
     job.run(workers.max(1))?;
     if a.compress && target.as_qcow2().is_some_and(|q| q.has_data_file()) {
@@ -712,6 +720,8 @@ struct Job<'a> {
     in_order: bool,
     progress: &'a Progress,
     data_total: u64,
+    /// `-r`: the data chunks read are paced to this rate.
+    rate: Option<crate::ratelimit::RateLimit>,
 }
 
 /// Shared state of the workers.
@@ -790,6 +800,9 @@ impl Job<'_> {
             let data = &mut buf[..if chunk.kind == Kind::Zero { 0 } else { chunk.len as usize }];
             match chunk.kind {
                 Kind::Data => {
+                    if let Some(r) = &self.rate {
+                        r.pace(chunk.len);
+                    }
                     if let Err(msg) = self.read_sources(data, chunk.offset) {
                         return shared.fail(msg);
                     }

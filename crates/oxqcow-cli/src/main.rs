@@ -23,6 +23,7 @@ mod measure;
 mod mount;
 mod progress;
 mod qjson;
+mod ratelimit;
 mod rebase;
 mod resize;
 mod secrets;

@@ -215,6 +215,8 @@ fn convert_errors_match_qemu() {
         &["convert", "-m", "0", "a.raw", "x"],
         &["convert", "-m", "17", "a.raw", "x"],
         &["convert", "-m", "x", "a.raw", "x"],
+        &["convert", "-r", "-5", "a.raw", "x"],
+        &["convert", "-r", "abc", "a.raw", "x"],
         &["convert", "-o", "foo=bar", "-O", "qcow2", "a.raw", "x"],
         &["convert", "-o", "cluster_size=3k", "-O", "qcow2", "a.raw", "x"],
         &["convert", "-O", "raw", "-o", "cluster_size=4k", "a.raw", "x"],
@@ -296,4 +298,19 @@ fn direct_io_cache_modes_give_the_same_results() {
     s.assert_clean("o-top.qcow2");
     assert!(s.qemu_ok(&["info", "o-top.qcow2"]).stdout.contains("compat: 0.10"));
     assert_eq!(s.data_bytes("o-base.qcow2"), s.data_bytes("q-base.qcow2"));
+}
+
+/// `-r` paces the copy (no timing is asserted) without changing what is
+/// written.
+#[test]
+fn rate_limited_convert_writes_the_same_image() {
+    let s = Scratch::new();
+    common::random_raw(&s.path("src.raw"), 3 << 20, 12);
+    s.qemu_ok(&["convert", "-r", "64M", "-O", "qcow2", "src.raw", "q.qcow2"]);
+    s.ours_ok(&["convert", "-r", "64M", "-O", "qcow2", "src.raw", "o.qcow2"]);
+    s.assert_identical("q.qcow2", "o.qcow2");
+    s.assert_clean("o.qcow2");
+    assert_eq!(s.data_bytes("o.qcow2"), s.data_bytes("q.qcow2"));
+    s.ours_ok(&["convert", "--rate=0", "-O", "raw", "o.qcow2", "o.raw"]);
+    s.assert_identical("src.raw", "o.raw");
 }
