@@ -92,7 +92,7 @@ fn help(prog: &str) {
          Copy one image to another with optional format conversion.  Usage:\n\n  \
          {prog} convert [-f SRC_FMT] [-T SRC_CACHE] [-o TGT_OPTS] [-t TGT_CACHE] [-n]\n        \
          [-O TGT_FMT] [-c] [-B BACKING_FILENAME [-F BACKING_FMT]] [-S SPARSE_SIZE]\n        \
-         [-m NUM] [-W] [-r RATE] [-p] [-q] [-U] [--forbid-backing]\n        \
+         [-m NUM] [-W] [-r RATE] [--salvage] [-p] [-q] [-U] [--forbid-backing]\n        \
          SRC_FILENAME [SRC_FILENAME2 [...]] TGT_FILENAME\n\n\
          Arguments:\n  \
          -h, --help\n     print this help and exit\n  \
@@ -114,6 +114,7 @@ fn help(prog: &str) {
          -m, --parallel NUM_COROUTINES\n     specify parallelism (default 8; with -c, one per core)\n  \
          -W, --oob-writes\n     enable out-of-order writes to improve performance\n  \
          -r, --rate RATE\n     I/O rate limit, in bytes per second\n  \
+         --salvage\n     copy unreadable source sectors as zeros (with a warning) instead of failing\n  \
          --forbid-backing\n     refuse images that name a backing file (oxqcow)\n  \
          SRC_FILENAME\n     source image file name\n  \
          TGT_FILENAME\n     target (output) image file name\n"
@@ -148,6 +149,8 @@ struct Args {
     min_sparse: u64,
     /// `-r` in bytes per second; 0: no limit.
     rate: u64,
+    /// `--salvage`: unreadable source sectors are copied as zeros.
+    salvage: bool,
     sources: Vec<String>,
     target: String,
     /// `--image-opts`: sources are option strings.
@@ -186,6 +189,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         backing_fmt: None,
         min_sparse: DEFAULT_MIN_SPARSE,
         rate: 0,
+        salvage: false,
         sources: Vec::new(),
         target: String::new(),
         image_opts: false,
@@ -254,7 +258,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             }
             "image-opts" => a.image_opts = true,
             "target-image-opts" => a.target_image_opts = true,
-            "salvage" => return ctx.fail(&format!("--{key} is not supported yet")),
+            "salvage" => a.salvage = true,
             _ => unreachable!("getopt only returns declared options"),
         }
     }
@@ -533,6 +537,7 @@ fn convert(ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
         progress,
         data_total: if a.progress { count_data(&sources, a.min_sparse)? } else { 0 },
         rate: crate::ratelimit::RateLimit::new(a.rate),
+        salvage: a.salvage.then_some(Salvage { prog: &ctx.prog, quiet: a.quiet }),
     };
     job.run(workers.max(1))?;
     if a.compress && target.as_qcow2().is_some_and(|q| q.has_data_file()) {
@@ -722,6 +727,31 @@ struct Job<'a> {
     data_total: u64,
     /// `-r`: the data chunks read are paced to this rate.
     rate: Option<crate::ratelimit::RateLimit>,
+    /// `--salvage`.
+    salvage: Option<Salvage<'a>>,
+}
+
+/// `--salvage`: a source read that fails is retried one sector at a time,
+/// and the sectors that still fail are copied as zeros, each with a warning
+/// (unless quiet), as qemu-img does.
+struct Salvage<'a> {
+    prog: &'a str,
+    quiet: bool,
+}
+
+impl Salvage<'_> {
+    /// Reads `buf.len()` bytes of `image` at `offset` sector by sector.
+    fn read(&self, image: &Image, buf: &mut [u8], offset: u64) {
+        for (i, sector) in buf.chunks_mut(SECTOR as usize).enumerate() {
+            let at = offset + i as u64 * SECTOR;
+            if let Err(e) = image.read_at(sector, at) {
+                if !self.quiet {
+                    eprintln!("{}: warning: error while reading offset {at}: {}", self.prog, strerror(&e));
+                }
+                sector.fill(0);
+            }
+        }
+    }
 }
 
 /// Shared state of the workers.
@@ -859,9 +889,13 @@ impl Job<'_> {
                 continue;
             }
             let n = (s.start + s.len - at).min((buf.len() - done) as u64) as usize;
-            s.image
-                .read_at(&mut buf[done..done + n], at - s.start)
-                .map_err(|e| format!("error while reading at byte {at}: {}", strerror(&e)))?;
+            let piece = &mut buf[done..done + n];
+            if let Err(e) = s.image.read_at(piece, at - s.start) {
+                match &self.salvage {
+                    Some(salvage) => salvage.read(&s.image, piece, at - s.start),
+                    None => return Err(format!("error while reading at byte {at}: {}", strerror(&e))),
+                }
+            }
             done += n;
         }
         buf[done..].fill(0);

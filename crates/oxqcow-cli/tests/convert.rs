@@ -314,3 +314,47 @@ fn rate_limited_convert_writes_the_same_image() {
     s.ours_ok(&["convert", "--rate=0", "-O", "raw", "o.qcow2", "o.raw"]);
     s.assert_identical("src.raw", "o.raw");
 }
+
+/// `--salvage` copies what cannot be read (here a compressed cluster whose
+/// data is damaged) as zeros, one warning per unreadable sector, as
+/// qemu-img does; without it the conversion fails.
+#[test]
+fn salvage_copies_unreadable_sectors_as_zeros() {
+    let s = Scratch::new();
+    s.qemu_ok(&["create", "-q", "-f", "qcow2", "bad.qcow2", "1M"]);
+    s.qemu_io("qcow2", "bad.qcow2", &["write -c -P 0x41 0 64k", "write -P 0x42 64k 64k"]);
+    // Damage the compressed data: L1 -> L2 -> first entry's host offset.
+    let image = std::fs::read(s.path("bad.qcow2")).unwrap();
+    let be = |at: usize| u64::from_be_bytes(image[at..at + 8].try_into().unwrap());
+    let l2 = be(be(40) as usize) & 0x00ff_ffff_ffff_fe00;
+    let entry = be(l2 as usize);
+    assert_ne!(entry & (1 << 62), 0, "the first cluster is not compressed");
+    let data = entry & ((1 << 54) - 1);
+    common::patch(&s.path("bad.qcow2"), data, &[0xff; 64]);
+
+    let (q, o) = (
+        s.qemu(&["convert", "-O", "raw", "bad.qcow2", "q.raw"]),
+        s.ours(&["convert", "-O", "raw", "bad.qcow2", "o.raw"]),
+    );
+    assert_eq!((q.code, o.code), (1, 1), "{q:?} {o:?}");
+    for quiet in [false, true] {
+        let mut args = vec!["convert", "--salvage", "-O", "raw", "bad.qcow2"];
+        if quiet {
+            args.push("-q");
+        }
+        let q = s.qemu_ok(&[&args[..], &["q.raw"]].concat());
+        let o = s.ours_ok(&[&args[..], &["o.raw"]].concat());
+        assert_eq!(std::fs::read(s.path("q.raw")).unwrap(), std::fs::read(s.path("o.raw")).unwrap());
+        let offsets = |stderr: &str| -> Vec<String> {
+            stderr
+                .lines()
+                .map(|l| l.strip_prefix("qemu-img: warning: error while reading offset ").unwrap_or(l))
+                .map(|l| l.split(':').next().unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(offsets(&o.stderr), offsets(&q.stderr), "quiet={quiet}");
+        assert_eq!(offsets(&o.stderr).len(), if quiet { 0 } else { 128 });
+    }
+    let raw = std::fs::read(s.path("o.raw")).unwrap();
+    assert!(raw[..65536].iter().all(|&b| b == 0) && raw[65536..131072].iter().all(|&b| b == 0x42));
+}
