@@ -82,6 +82,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let mut backing_fmt: Option<String> = None;
     let mut cache = "writeback".to_string();
     let mut src_cache = "writeback".to_string();
+    let mut compress = false;
     let mut unsafe_mode = false;
     let mut progress = false;
     let mut quiet = false;
@@ -101,7 +102,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             "p" => progress = true,
             "q" => quiet = true,
             "U" => {}
-            "c" => return ctx.fail("compressing the copied data (-c) is not supported yet"),
+            "c" => compress = true,
             FORBID_BACKING => crate::common::forbid_backing(),
             "object" => {
                 if let Err(msg) = crate::common::check_object(&v) {
@@ -157,6 +158,9 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     if format.is_none() && image.format() == oxqcow::ImageFormat::Raw {
         crate::common::warn_probed_raw(filename);
     }
+    if compress && image.as_qcow2().is_none() {
+        return ctx.fail("Compression not supported for this file format");
+    }
     if image.as_qcow2().is_none() {
         return ctx.fail(&format!("Could not change the backing file to '{shown}': Operation not supported"));
     }
@@ -204,7 +208,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         }
     };
     let new_backing = backing.as_deref().map(|b| (b, backing_format));
-    let opts = oxqcow::chain_ops::RebaseOptions { unsafe_mode, cache: cache_mode, backing_cache };
+    let opts = oxqcow::chain_ops::RebaseOptions { unsafe_mode, cache: cache_mode, backing_cache, compress };
     let res = oxqcow::chain_ops::rebase(Path::new(filename), new_backing, opts, &mut on_progress);
     if unsafe_mode && res.is_ok() {
         display.print(100.0, 0);

@@ -51,6 +51,23 @@ fn chain(s: &Scratch, dir: &str, qcow2_base: bool) {
     );
 }
 
+/// The bytes of an image's own compressed and uncompressed data clusters
+/// (from qemu-img's map).
+fn compressed_bytes(s: &Scratch, image: &str) -> (u64, u64) {
+    let map = s.qemu_ok(&["map", "--output=json", image]).stdout;
+    let extents: Vec<serde_json::Value> = serde_json::from_str(&map).unwrap();
+    let (mut compressed, mut plain) = (0, 0);
+    for e in extents.iter().filter(|e| e["depth"] == 0 && e["data"] == true) {
+        let len = e["length"].as_u64().unwrap();
+        if e["compressed"] == true {
+            compressed += len;
+        } else {
+            plain += len;
+        }
+    }
+    (compressed, plain)
+}
+
 /// Both chain flavours, each in its own directory.
 const CHAINS: &[(&str, bool)] = &[("rawbase", false), ("qbase", true)];
 
@@ -336,6 +353,24 @@ fn rebase_matches_qemu() {
             assert_eq!(o.code, 0, "{args:?}");
             // Safe mode keeps what the image shows.
             s.assert_identical("before.raw", "o/top.qcow2");
+        }
+        // -c: what is copied in goes in compressed, where it fills whole
+        // clusters the image does not hold yet.
+        for args in [
+            &["rebase", "-c", "-b", "", "{d}/top.qcow2"][..],
+            &["rebase", "-c", "-b", "", "{d}/mid.qcow2"],
+            &["rebase", "--compress", "-b", "base", "-F", base_fmt, "{d}/top.qcow2"],
+        ] {
+            assert_eq!(same_on_copies(&s, qbase, args).code, 0, "{args:?}");
+            s.assert_identical("before.raw", "o/top.qcow2");
+            let image = args[args.len() - 1].replace("{d}/", "");
+            let (q, o) = (compressed_bytes(&s, &format!("q/{image}")), compressed_bytes(&s, &format!("o/{image}")));
+            assert_eq!(o, q, "{args:?}: compressed and uncompressed data bytes");
+            assert!(o.0 > 0, "{args:?}: nothing was compressed");
+        }
+        if !qbase {
+            let o = same_on_copies(&s, qbase, &["rebase", "-c", "-f", "raw", "-b", "", "{d}/base"]);
+            assert_eq!(o.code, 1);
         }
         for args in [
             &["rebase", "-u", "-b", "base", "-F", base_fmt, "{d}/top.qcow2"][..],

@@ -143,6 +143,12 @@ pub fn commit(top: &Path, base: Option<&Path>, keep_top: bool, progress: Progres
     Ok(())
 }
 
+/// Whether `image` itself (not its backing chain) holds any of
+/// `[offset, offset + len)`.
+fn holds_any(image: &Image, offset: u64, len: u64) -> Result<bool> {
+    Ok(image.block_status(offset, len)?.iter().any(|e| e.depth == 0 && e.present))
+}
+
 /// How [`rebase`] works.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RebaseOptions {
@@ -152,6 +158,9 @@ pub struct RebaseOptions {
     pub cache: CacheMode,
     /// Cache mode of the new backing file (`-T`).
     pub backing_cache: CacheMode,
+    /// Write the clusters copied into the image compressed (`-c`), where
+    /// they are whole clusters the image does not hold yet.
+    pub compress: bool,
 }
 
 /// Changes the backing file of `top` to `new_backing` (`None`: no backing
@@ -208,6 +217,22 @@ pub fn rebase(
     let cs = q.geometry().cluster_size();
     let mut old = vec![0u8; cs as usize];
     let mut new = vec![0u8; cs as usize];
+    // Reads `n` bytes at `at` of the old view (into `old`) and of the new
+    // backing file (into `new`); whether they differ.
+    let differs = |old: &mut [u8], new: &mut [u8], at: u64, n: usize| -> Result<bool> {
+        img.read_at(&mut old[..n], at)?;
+        new[..n].fill(0);
+        if let Some((ni, _)) = &new_image {
+            let m = new_len.saturating_sub(at).min(n as u64) as usize;
+            if m > 0 {
+                ni.read_at(&mut new[..m], at)?;
+            }
+        }
+        Ok(old[..n] != new[..n])
+    };
+    // With -c, whole clusters the image holds no part of are compared and
+    // written whole (compressed); this far they are done.
+    let mut whole_until = 0u64;
     let mut pos = 0;
     while pos < size {
         let len = CHUNK.min(size - pos);
@@ -219,16 +244,24 @@ pub fn rebase(
             let mut at = e.offset;
             let end = e.offset + e.length;
             while at < end {
-                let n = (cs - at % cs).min(end - at) as usize;
-                img.read_at(&mut old[..n], at)?;
-                new[..n].fill(0);
-                if let Some((ni, _)) = &new_image {
-                    let m = new_len.saturating_sub(at).min(n as u64) as usize;
-                    if m > 0 {
-                        ni.read_at(&mut new[..m], at)?;
+                if opts.compress {
+                    let (start, stop) = (at / cs * cs, (at / cs * cs + cs).min(size));
+                    if start >= whole_until && !holds_any(&img, start, stop - start)? {
+                        whole_until = stop;
+                        let n = (stop - start) as usize;
+                        if differs(&mut old, &mut new, start, n)? {
+                            q.write_compressed(&old[..n], start)?;
+                        }
+                    }
+                    if at < whole_until {
+                        at = whole_until;
+                        continue;
                     }
                 }
-                if old[..n] != new[..n] {
+                // Part of a cluster the image holds already: the missing
+                // part is written as it is.
+                let n = (cs - at % cs).min(end - at) as usize;
+                if differs(&mut old, &mut new, at, n)? {
                     img.write_at(&old[..n], at)?;
                 }
                 at += n as u64;
