@@ -92,7 +92,7 @@ fn help(prog: &str) {
          Copy one image to another with optional format conversion.  Usage:\n\n  \
          {prog} convert [-f SRC_FMT] [-T SRC_CACHE] [-o TGT_OPTS] [-t TGT_CACHE] [-n]\n        \
          [-O TGT_FMT] [-c] [-B BACKING_FILENAME [-F BACKING_FMT]] [-S SPARSE_SIZE]\n        \
-         [-m NUM] [-W] [-r RATE] [--salvage] [-p] [-q] [-U] [--forbid-backing]\n        \
+         [-m NUM] [-W] [-r RATE] [--salvage] [-C] [-p] [-q] [-U] [--forbid-backing]\n        \
          SRC_FILENAME [SRC_FILENAME2 [...]] TGT_FILENAME\n\n\
          Arguments:\n  \
          -h, --help\n     print this help and exit\n  \
@@ -115,6 +115,7 @@ fn help(prog: &str) {
          -W, --oob-writes\n     enable out-of-order writes to improve performance\n  \
          -r, --rate RATE\n     I/O rate limit, in bytes per second\n  \
          --salvage\n     copy unreadable source sectors as zeros (with a warning) instead of failing\n  \
+         -C, --copy-range-offloading\n     copy data as it is, between raw files inside the kernel (copy_file_range)\n  \
          --forbid-backing\n     refuse images that name a backing file (oxqcow)\n  \
          SRC_FILENAME\n     source image file name\n  \
          TGT_FILENAME\n     target (output) image file name\n"
@@ -151,6 +152,11 @@ struct Args {
     rate: u64,
     /// `--salvage`: unreadable source sectors are copied as zeros.
     salvage: bool,
+    /// `-C`: copy offloading (copy_file_range between raw files); data is
+    /// copied as it is, without looking for zeros in it.
+    copy_range: bool,
+    /// Whether `-S` was given.
+    sparse_given: bool,
     sources: Vec<String>,
     target: String,
     /// `--image-opts`: sources are option strings.
@@ -190,6 +196,8 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         min_sparse: DEFAULT_MIN_SPARSE,
         rate: 0,
         salvage: false,
+        copy_range: false,
+        sparse_given: false,
         sources: Vec::new(),
         target: String::new(),
         image_opts: false,
@@ -223,7 +231,10 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 Err(msg) => return ctx.fail(&msg),
             },
             "S" => match cvtnum("buffer size for sparse output", &v, 0, i64::MAX as u64) {
-                Ok(n) if n % SECTOR == 0 && n / SECTOR <= MAX_SPARSE_SECTORS => a.min_sparse = n,
+                Ok(n) if n % SECTOR == 0 && n / SECTOR <= MAX_SPARSE_SECTORS => {
+                    a.min_sparse = n;
+                    a.sparse_given = true;
+                }
                 Ok(_) => {
                     return ctx.fail(&format!(
                         "Invalid buffer size for sparse output specified. Valid sizes are multiples of {SECTOR} up \
@@ -244,7 +255,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                     return ctx.fail(&format!("Failed in parsing snapshot param '{v}'"));
                 }
             },
-            "C" => return ctx.fail("copy offloading (-C) is not supported yet"),
+            "C" => a.copy_range = true,
             "r" => match cvtnum("rate limit", &v, 0, i64::MAX as u64) {
                 Ok(n) => a.rate = n,
                 Err(msg) => return ctx.fail(&msg),
@@ -264,6 +275,12 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     }
     if a.skip_broken_bitmaps && !a.bitmaps {
         return ctx.fail("Use of --skip-broken-bitmaps requires --bitmaps");
+    }
+    if a.copy_range && a.compress {
+        return ctx.fail("Cannot enable copy offloading when -c is used");
+    }
+    if a.copy_range && a.sparse_given {
+        return ctx.fail("Cannot enable copy offloading when -S is used");
     }
     if a.target_image_opts && !a.skip_create {
         return ctx.fail("--target-image-opts requires use of -n flag");
@@ -538,6 +555,7 @@ fn convert(ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
         data_total: if a.progress { count_data(&sources, a.min_sparse)? } else { 0 },
         rate: crate::ratelimit::RateLimit::new(a.rate),
         salvage: a.salvage.then_some(Salvage { prog: &ctx.prog, quiet: a.quiet }),
+        copy_range: a.copy_range,
     };
     job.run(workers.max(1))?;
     if a.compress && target.as_qcow2().is_some_and(|q| q.has_data_file()) {
@@ -729,6 +747,8 @@ struct Job<'a> {
     rate: Option<crate::ratelimit::RateLimit>,
     /// `--salvage`.
     salvage: Option<Salvage<'a>>,
+    /// `-C`.
+    copy_range: bool,
 }
 
 /// `--salvage`: a source read that fails is retried one sector at a time,
@@ -828,13 +848,22 @@ impl Job<'_> {
                 Err(msg) => return shared.fail(msg),
             };
             let data = &mut buf[..if chunk.kind == Kind::Zero { 0 } else { chunk.len as usize }];
+            let mut offloaded = false;
             match chunk.kind {
                 Kind::Data => {
                     if let Some(r) = &self.rate {
                         r.pace(chunk.len);
                     }
-                    if let Err(msg) = self.read_sources(data, chunk.offset) {
-                        return shared.fail(msg);
+                    if self.copy_range {
+                        match self.offload(&chunk) {
+                            Ok(done) => offloaded = done,
+                            Err(msg) => return shared.fail(msg),
+                        }
+                    }
+                    if !offloaded {
+                        if let Err(msg) = self.read_sources(data, chunk.offset) {
+                            return shared.fail(msg);
+                        }
                     }
                 }
                 Kind::ZeroAsData => data.fill(0),
@@ -854,7 +883,7 @@ impl Job<'_> {
             if self.in_order && !self.wait_turn(shared, chunk.index) {
                 return;
             }
-            let res = self.write_chunk(&chunk, data, &mut base);
+            let res = if offloaded { Ok(()) } else { self.write_chunk(&chunk, data, &mut base) };
             {
                 let mut t = shared.turn.lock().unwrap_or_else(|p| p.into_inner());
                 if self.in_order {
@@ -874,6 +903,22 @@ impl Job<'_> {
                 return shared.fail(msg);
             }
         }
+    }
+
+    /// `-C`: copies a data chunk from a raw source file to a raw target
+    /// file inside the kernel; false when that cannot be done (other
+    /// formats, file systems without copy_file_range), and the chunk is
+    /// then copied through memory.
+    fn offload(&self, chunk: &Chunk) -> Result<bool, String> {
+        let Image::Raw(target) = self.target else { return Ok(false) };
+        let end = chunk.offset + chunk.len;
+        let Some(s) = self.sources.iter().find(|s| chunk.offset >= s.start && end <= s.start + s.len) else {
+            return Ok(false);
+        };
+        let Image::Raw(source) = &s.image else { return Ok(false) };
+        source
+            .copy_range_to(target, chunk.offset - s.start, chunk.offset, chunk.len)
+            .map_err(|e| format!("error while writing at byte {}: {}", chunk.offset, strerror(&e)))
     }
 
     /// Reads `buf.len()` bytes of the concatenated sources at `offset`;
@@ -926,7 +971,9 @@ impl Job<'_> {
         if self.compress || self.backing.is_some() {
             return self.write_by_cluster(chunk.offset, data, base);
         }
-        if self.min_sparse == 0 || chunk.len % SECTOR != 0 || chunk.offset % SECTOR != 0 {
+        // With -C data is copied as it is, as qemu-img's copy offloading
+        // does, without looking for zeros in it.
+        if self.min_sparse == 0 || self.copy_range || chunk.len % SECTOR != 0 || chunk.offset % SECTOR != 0 {
             return self.write(chunk.offset, data);
         }
         let min = self.min_sparse / SECTOR;

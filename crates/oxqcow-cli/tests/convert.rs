@@ -217,6 +217,8 @@ fn convert_errors_match_qemu() {
         &["convert", "-m", "x", "a.raw", "x"],
         &["convert", "-r", "-5", "a.raw", "x"],
         &["convert", "-r", "abc", "a.raw", "x"],
+        &["convert", "-C", "-c", "-O", "qcow2", "a.raw", "x"],
+        &["convert", "-C", "-S", "4k", "a.raw", "x"],
         &["convert", "-o", "foo=bar", "-O", "qcow2", "a.raw", "x"],
         &["convert", "-o", "cluster_size=3k", "-O", "qcow2", "a.raw", "x"],
         &["convert", "-O", "raw", "-o", "cluster_size=4k", "a.raw", "x"],
@@ -243,12 +245,6 @@ fn convert_refuses_what_it_cannot_do() {
     let out = s.assert_same(&["convert", "--bitmaps", "-O", "qcow2", "a.raw", "x"]);
     assert_eq!(out.code, 1);
     assert!(!s.path("x").exists(), "convert --bitmaps of a raw source created the target");
-    let args = ["convert", "-C", "a.raw", "x"];
-    let out = s.ours(&args);
-    assert_eq!(out.code, 1, "{args:?}: {out:?}");
-    assert!(out.stderr.starts_with("qemu-img: ") && out.stderr.contains("not supported"), "{args:?}: {out:?}");
-    assert_eq!(out.stderr.lines().count(), 1, "{args:?}: {out:?}");
-    assert!(!s.path("x").exists(), "{args:?} created the target");
 }
 
 /// `-t none` / `-T none` (direct I/O) work in convert, check, compare,
@@ -357,4 +353,30 @@ fn salvage_copies_unreadable_sectors_as_zeros() {
     }
     let raw = std::fs::read(s.path("o.raw")).unwrap();
     assert!(raw[..65536].iter().all(|&b| b == 0) && raw[65536..131072].iter().all(|&b| b == 0x42));
+}
+
+/// `-C` (copy offloading) copies data as it is: zeros written in the
+/// source stay data in the target, as with qemu-img; raw to raw goes
+/// through copy_file_range.
+#[test]
+fn copy_offloading_matches_qemu() {
+    let s = Scratch::new();
+    common::random_raw(&s.path("src.raw"), 3 << 20, 13);
+    // Zeros written as data in the middle, a hole at the end.
+    common::patch(&s.path("src.raw"), 320 << 10, &[0u8; 256 << 10]);
+    std::fs::OpenOptions::new().write(true).open(s.path("src.raw")).unwrap().set_len(8 << 20).unwrap();
+    for fmt in ["raw", "qcow2"] {
+        let (q, o) = (format!("q.{fmt}"), format!("o.{fmt}"));
+        s.qemu_ok(&["convert", "-C", "-O", fmt, "src.raw", &q]);
+        s.ours_ok(&["convert", "--copy-range-offloading", "-O", fmt, "src.raw", &o]);
+        s.assert_identical("src.raw", &o);
+        let map = |name: &str| s.qemu_ok(&["map", "--output=json", "-f", fmt, name]).stdout;
+        assert_eq!(map(&o), map(&q), "{fmt}");
+        if fmt == "qcow2" {
+            s.assert_clean(&o);
+        }
+    }
+    // Without -C the zeros become a hole.
+    s.ours_ok(&["convert", "-O", "qcow2", "src.raw", "plain.qcow2"]);
+    assert!(s.data_bytes("plain.qcow2") < s.data_bytes("o.qcow2"));
 }

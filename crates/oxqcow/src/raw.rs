@@ -82,6 +82,23 @@ impl Raw {
         self.write_through()
     }
 
+    /// Copies `len` bytes at `offset` of this image to `dst_offset` of
+    /// `dst` inside the host kernel (`copy_file_range`: qemu-img convert's
+    /// copy offloading), when both are host files that allow it. Returns
+    /// false when they do not, or when the range reaches past the end of
+    /// this image's file (which reads as zeros there); the caller then
+    /// copies the range itself, over whatever part was copied.
+    pub fn copy_range_to(&self, dst: &Raw, offset: u64, dst_offset: u64, len: u64) -> Result<bool> {
+        self.check(offset, len, false)?;
+        dst.check(dst_offset, len, true)?;
+        let copied =
+            self.storage.copy_range(&*dst.storage, offset, dst_offset, len).map_err(Error::io("copying", offset))?;
+        if copied {
+            dst.write_through()?;
+        }
+        Ok(copied)
+    }
+
     fn write_through(&self) -> Result<()> {
         if self.writethrough.load(Ordering::Relaxed) {
             self.flush()?;

@@ -316,6 +316,35 @@ impl Storage for FileStorage {
         self.ignore_sync.store(ignore, Ordering::Relaxed);
     }
 
+    fn host_file(&self) -> Option<&File> {
+        Some(&self.file)
+    }
+
+    fn copy_range(&self, dst: &dyn Storage, offset: u64, dst_offset: u64, len: u64) -> io::Result<bool> {
+        let Some(out) = dst.host_file() else { return Ok(false) };
+        let (mut from, mut to) = (offset, dst_offset);
+        let end = offset + len;
+        while from < end {
+            let want = usize::try_from(end - from).unwrap_or(usize::MAX).min(1 << 30);
+            match rustix::fs::copy_file_range(&self.file, Some(&mut from), out, Some(&mut to), want) {
+                // The end of the source file: what lies past it reads as
+                // zeros, which the caller writes.
+                Ok(0) => return Ok(false),
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => {}
+                Err(
+                    rustix::io::Errno::XDEV
+                    | rustix::io::Errno::INVAL
+                    | rustix::io::Errno::NOSYS
+                    | rustix::io::Errno::OPNOTSUPP
+                    | rustix::io::Errno::BADF,
+                ) => return Ok(false),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(true)
+    }
+
     fn set_direct(&self, direct: bool) -> io::Result<()> {
         if direct && self.direct.get().is_none() {
             let d = Direct::opens(&self.file)?;

@@ -64,6 +64,18 @@ pub trait Storage: Send + Sync {
     fn data_runs(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, u64, bool)>> {
         Ok(vec![(offset, len, true)])
     }
+    /// The host file behind the storage, if it is one.
+    fn host_file(&self) -> Option<&std::fs::File> {
+        None
+    }
+    /// Copies `len` bytes at `offset` to `dst_offset` of `dst` without
+    /// passing them through memory (`copy_file_range`), when both are host
+    /// files that allow it and the source holds the whole range; false
+    /// otherwise (part may have been copied).
+    fn copy_range(&self, dst: &dyn Storage, offset: u64, dst_offset: u64, len: u64) -> io::Result<bool> {
+        let _ = (dst, offset, dst_offset, len);
+        Ok(false)
+    }
     /// Cache modes `none` and `directsync`: bypass the host's page cache
     /// where the storage can (QEMU's `cache.direct`); an error when it
     /// cannot at all.
