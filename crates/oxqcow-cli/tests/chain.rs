@@ -51,6 +51,36 @@ fn chain(s: &Scratch, dir: &str, qcow2_base: bool) {
     );
 }
 
+/// What an image allocates where (qemu-img's map without host offsets,
+/// runs of the same kind merged).
+fn allocation(s: &Scratch, image: &str) -> Vec<(u64, u64, String)> {
+    let map = s.qemu_ok(&["map", "-U", "--output=json", image]).stdout;
+    let extents: Vec<serde_json::Value> = serde_json::from_str(&map).unwrap();
+    let mut runs: Vec<(u64, u64, String)> = Vec::new();
+    for e in extents {
+        let kind = format!(
+            "depth {} present {} zero {} data {} compressed {}",
+            e["depth"], e["present"], e["zero"], e["data"], e["compressed"]
+        );
+        let (start, len) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+        match runs.last_mut() {
+            Some(last) if last.2 == kind && last.0 + last.1 == start => last.1 += len,
+            _ => runs.push((start, len, kind)),
+        }
+    }
+    runs
+}
+
+/// An image's map (qemu-img's JSON) without host offsets.
+fn own_map(s: &Scratch, image: &str) -> String {
+    let map = s.qemu_ok(&["map", "--output=json", image]).stdout;
+    let mut extents: Vec<serde_json::Value> = serde_json::from_str(&map).unwrap();
+    for e in &mut extents {
+        e.as_object_mut().unwrap().remove("offset");
+    }
+    serde_json::to_string_pretty(&extents).unwrap()
+}
+
 /// The bytes of an image's own compressed and uncompressed data clusters
 /// (from qemu-img's map).
 fn compressed_bytes(s: &Scratch, image: &str) -> (u64, u64) {
@@ -315,6 +345,13 @@ fn commit_matches_qemu() {
             assert_eq!(o.code, 0);
             // Committing keeps what the top image shows.
             s.assert_identical("before.raw", "o/top.qcow2");
+            // Every layer allocates what qemu-img's does (zeros past the
+            // end of a shorter layer are committed as zero clusters); only
+            // the order of the host clusters may differ.
+            for layer in ["top.qcow2", "mid.qcow2"].iter().chain(qbase.then_some(&"base")) {
+                let (q, o) = (allocation(&s, &format!("q/{layer}")), allocation(&s, &format!("o/{layer}")));
+                assert_eq!(o, q, "{args:?}: {layer}");
+            }
         }
         for args in [
             &["commit", "{d}/base"][..],
@@ -353,6 +390,9 @@ fn rebase_matches_qemu() {
             assert_eq!(o.code, 0, "{args:?}");
             // Safe mode keeps what the image shows.
             s.assert_identical("before.raw", "o/top.qcow2");
+            // And allocates as qemu-img does: clusters copied whole.
+            let image = args[args.len() - 1].replace("{d}/", "");
+            assert_eq!(own_map(&s, &format!("o/{image}")), own_map(&s, &format!("q/{image}")), "{args:?}");
         }
         // -c: what is copied in goes in compressed, where it fills whole
         // clusters the image does not hold yet.

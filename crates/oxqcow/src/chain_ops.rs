@@ -110,26 +110,34 @@ pub fn commit(top: &Path, base: Option<&Path>, keep_top: bool, progress: Progres
     if base_image.len() < size {
         base_image.resize(size, crate::options::Preallocation::Off)?;
     }
-    let mut pos = 0;
+    // qemu-img commit runs QEMU's mirror job: it marks every chunk of
+    // `grain` bytes that the layers above the base hold any part of, then
+    // copies each marked run chunk by chunk, writing zeros where the chain
+    // reads as zeros for whole chunks and data otherwise. Copying the same
+    // chunks gives the base the same allocation.
+    let grain = base_image.as_qcow2().map_or(MIRROR_GRAIN, |q| q.geometry().cluster_size().clamp(4096, MIRROR_GRAIN));
+    let marked = chunks_above_base(&top_image, base_index, size, grain)?;
     let mut buf = Vec::new();
-    while pos < size {
-        let len = CHUNK.min(size - pos);
-        for e in top_image.block_status(pos, len)? {
-            // Ranges described at the base's depth or deeper are already there.
-            if e.depth as usize >= base_index || !e.present {
-                continue;
-            }
-            if e.zero && !e.data {
-                base_image.write_zeroes_at(e.offset, e.length, true)?;
+    for (start, end) in marked {
+        let mut pos = start;
+        while pos < end {
+            let status = top_image.block_status(pos, (end - pos).min(CHUNK))?;
+            let e = status.first().ok_or_else(|| Error::InvalidArgument(format!("no block status at {pos}")))?;
+            let run = e.length.min(end - pos) / grain * grain;
+            if run >= grain && !e.data {
+                base_image.write_zeroes_at(pos, run, true)?;
+                pos += run;
             } else {
-                buf.resize(e.length as usize, 0);
-                top_image.read_at(&mut buf, e.offset)?;
-                base_image.write_at(&buf, e.offset)?;
+                let n = run.max(grain).min(end - pos);
+                buf.resize(n as usize, 0);
+                top_image.read_at(&mut buf, pos)?;
+                base_image.write_at(&buf, pos)?;
+                pos += n;
             }
+            progress(pos, size);
         }
-        pos += len;
-        progress(pos, size);
     }
+    progress(size, size);
     base_image.flush()?;
     base_image.close()?;
     drop(top_image);
@@ -141,6 +149,36 @@ pub fn commit(top: &Path, base: Option<&Path>, keep_top: bool, progress: Progres
         top_rw.close()?;
     }
     Ok(())
+}
+
+/// The granularity of QEMU's mirror job without a cluster size to follow.
+const MIRROR_GRAIN: u64 = 64 << 10;
+
+/// The runs of `grain`-sized chunks (the last one cut at `size`) of which
+/// the layers above the one at `base_index` hold any part: what they
+/// allocate, and zeros past the end of a shorter layer above the base,
+/// which QEMU counts as allocated in that layer.
+fn chunks_above_base(top: &Image, base_index: usize, size: u64, grain: u64) -> Result<Vec<(u64, u64)>> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    let mut pos = 0;
+    while pos < size {
+        let len = CHUNK.min(size - pos);
+        for e in top.block_status(pos, len)? {
+            let depth = e.depth as usize;
+            let above = if e.present { depth < base_index } else { e.zero && depth + 1 < base_index };
+            if !above {
+                continue;
+            }
+            let (start, end) =
+                (e.offset / grain * grain, (e.offset + e.length).div_ceil(grain).saturating_mul(grain).min(size));
+            match runs.last_mut() {
+                Some(last) if last.1 >= start => last.1 = last.1.max(end),
+                _ => runs.push((start, end)),
+            }
+        }
+        pos += len;
+    }
+    Ok(runs)
 }
 
 /// Whether `image` itself (not its backing chain) holds any of
@@ -230,8 +268,9 @@ pub fn rebase(
         }
         Ok(old[..n] != new[..n])
     };
-    // With -c, whole clusters the image holds no part of are compared and
-    // written whole (compressed); this far they are done.
+    // Clusters the image holds no part of are compared and written whole
+    // (compressed with -c), as qemu-img does, so that no copy on write
+    // fills their rest; this far they are done.
     let mut whole_until = 0u64;
     let mut pos = 0;
     while pos < size {
@@ -244,19 +283,21 @@ pub fn rebase(
             let mut at = e.offset;
             let end = e.offset + e.length;
             while at < end {
-                if opts.compress {
-                    let (start, stop) = (at / cs * cs, (at / cs * cs + cs).min(size));
-                    if start >= whole_until && !holds_any(&img, start, stop - start)? {
-                        whole_until = stop;
-                        let n = (stop - start) as usize;
-                        if differs(&mut old, &mut new, start, n)? {
+                let (start, stop) = (at / cs * cs, (at / cs * cs + cs).min(size));
+                if start >= whole_until && !holds_any(&img, start, stop - start)? {
+                    whole_until = stop;
+                    let n = (stop - start) as usize;
+                    if differs(&mut old, &mut new, start, n)? {
+                        if opts.compress {
                             q.write_compressed(&old[..n], start)?;
+                        } else {
+                            img.write_at(&old[..n], start)?;
                         }
                     }
-                    if at < whole_until {
-                        at = whole_until;
-                        continue;
-                    }
+                }
+                if at < whole_until {
+                    at = whole_until;
+                    continue;
                 }
                 // Part of a cluster the image holds already: the missing
                 // part is written as it is.
