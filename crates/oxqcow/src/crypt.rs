@@ -53,12 +53,13 @@ trait Block: BlockCipherEncrypt + BlockCipherDecrypt + KeyInit + Clone + Send + 
 impl<T: BlockCipherEncrypt + BlockCipherDecrypt + KeyInit + Clone + Send + Sync + 'static> Block for T {}
 
 /// Something built from a block cipher type chosen at run time: the one
-/// `match` on [`CipherAlg`] ([`with_cipher`]) calls `block16` or `block8`,
-/// since XTS exists only for 16-byte blocks.
+/// `match` on [`CipherAlg`] ([`with_cipher`]) calls `block16` for ciphers
+/// with 16-byte blocks, which XTS needs, and `any_block` for CAST5's 8.
 trait WithCipher {
     type Out;
     fn block16<C: Block + BlockSizeUser<BlockSize = U16>>(self, alg: CipherAlg) -> Self::Out;
-    fn block8<C: Block>(self, alg: CipherAlg) -> Self::Out;
+    /// Builds for any block size (also what `block16` falls back to).
+    fn any_block<C: Block>(self, alg: CipherAlg) -> Self::Out;
 }
 
 fn with_cipher<W: WithCipher>(alg: CipherAlg, w: W) -> W::Out {
@@ -68,7 +69,7 @@ fn with_cipher<W: WithCipher>(alg: CipherAlg, w: W) -> W::Out {
         CipherAlg::Aes256 => w.block16::<Aes256>(alg),
         CipherAlg::Serpent128 | CipherAlg::Serpent192 | CipherAlg::Serpent256 => w.block16::<Serpent>(alg),
         CipherAlg::Twofish128 | CipherAlg::Twofish192 | CipherAlg::Twofish256 => w.block16::<Twofish>(alg),
-        CipherAlg::Cast5 => w.block8::<Cast5>(alg),
+        CipherAlg::Cast5 => w.any_block::<Cast5>(alg),
     }
 }
 
@@ -180,13 +181,13 @@ impl WithCipher for SectorCipherFor<'_> {
 
     fn block16<C: Block + BlockSizeUser<BlockSize = U16>>(self, alg: CipherAlg) -> Self::Out {
         if self.mode != CipherMode::Xts {
-            return self.block8::<C>(alg);
+            return self.any_block::<C>(alg);
         }
         let (a, b) = self.key.split_at(self.key.len() / 2);
         Ok(Box::new(XtsSectors(Xts128::new(keyed::<C>(alg, a)?, keyed::<C>(alg, b)?))))
     }
 
-    fn block8<C: Block>(self, alg: CipherAlg) -> Self::Out {
+    fn any_block<C: Block>(self, alg: CipherAlg) -> Self::Out {
         luks::check_mode(alg, self.mode).map_err(Error::InvalidArgument)?;
         let c = keyed::<C>(alg, self.key)?;
         Ok(match self.mode {
@@ -230,9 +231,9 @@ struct EssivFor<'a>(&'a [u8]);
 impl WithCipher for EssivFor<'_> {
     type Out = Result<Box<dyn EssivCipher>>;
     fn block16<C: Block + BlockSizeUser<BlockSize = U16>>(self, alg: CipherAlg) -> Self::Out {
-        self.block8::<C>(alg)
+        self.any_block::<C>(alg)
     }
-    fn block8<C: Block>(self, alg: CipherAlg) -> Self::Out {
+    fn any_block<C: Block>(self, alg: CipherAlg) -> Self::Out {
         Ok(Box::new(Essiv(keyed::<C>(alg, self.0)?)))
     }
 }
