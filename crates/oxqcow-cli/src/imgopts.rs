@@ -431,6 +431,7 @@ impl ImgOpts {
             "encrypt.hash-alg",
             "encrypt.iter-time",
         ];
+        let mut unavailable = None;
         let format = match format {
             "aes" => {
                 if let Some(k) = LUKS_ONLY.iter().find(|k| self.is_set(k)) {
@@ -439,7 +440,7 @@ impl ImgOpts {
                 EncryptionFormat::Aes
             }
             "luks" => {
-                // QEMU's enum names; the ones it knows that oxqcow cannot
+                // QEMU's enum names; the hashes it knows that oxqcow cannot
                 // do yet are refused as such.
                 fn pick<T>(
                     v: Option<&str>,
@@ -456,27 +457,21 @@ impl ImgOpts {
                     }
                     Err(format!("Parameter '{name}' does not accept value '{v}'"))
                 }
-                const CIPHERS: &[&str] = &[
-                    "des",
-                    "3des",
-                    "cast5-128",
-                    "serpent-128",
-                    "serpent-192",
-                    "serpent-256",
-                    "twofish-128",
-                    "twofish-192",
-                    "twofish-256",
-                    "sm4",
-                ];
                 const HASHES: &[&str] = &["md5", "ripemd160", "sm3"];
                 let mut p = oxqcow::crypt::LuksParams::default();
-                if let Some(a) = pick(self.get_str("encrypt.cipher-alg"), "cipher-alg", CIPHERS, CipherAlg::from_name)?
-                {
-                    p.cipher_alg = a;
+                // QAPI knows these names, but QEMU's LUKS has no cipher name
+                // for them (and this QEMU build no SM4): refused with its
+                // message once the secret is looked up, as
+                // `qcrypto_block_luks_create` does.
+                match self.get_str("encrypt.cipher-alg") {
+                    Some(a @ ("des" | "3des" | "sm4")) => unavailable = Some(a),
+                    a => {
+                        if let Some(a) = pick(a, "cipher-alg", &[], CipherAlg::from_name)? {
+                            p.cipher_alg = a;
+                        }
+                    }
                 }
-                if let Some(m) =
-                    pick(self.get_str("encrypt.cipher-mode"), "cipher-mode", &["ecb", "ctr"], CipherMode::from_name)?
-                {
+                if let Some(m) = pick(self.get_str("encrypt.cipher-mode"), "cipher-mode", &[], CipherMode::from_name)? {
                     p.cipher_mode = m;
                 }
                 if let Some(g) = pick(self.get_str("encrypt.ivgen-alg"), "ivgen-alg", &[], IvGenAlg::from_name)? {
@@ -498,10 +493,14 @@ impl ImgOpts {
             return Err("Parameter 'encrypt.key-secret' is required for cipher".into());
         };
         let passphrase = crate::secrets::lookup(id)?;
+        if let Some(a) = unavailable {
+            return Err(format!("Algorithm '{a}' not supported"));
+        }
         if let EncryptionFormat::Luks(p) = &format {
             if let (IvGenAlg::Essiv, h) = (p.ivgen_alg, p.ivgen_hash_alg.unwrap_or(HashAlg::Sha256)) {
                 oxqcow::format::luks::essiv_cipher(p.cipher_alg, h)?;
             }
+            oxqcow::format::luks::check_mode(p.cipher_alg, p.cipher_mode)?;
         }
         Ok(Some(Encryption { format, passphrase }))
     }

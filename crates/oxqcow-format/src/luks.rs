@@ -47,7 +47,9 @@ pub const MAX_HEADER_AREA: u64 = 64 << 20;
 
 const MAGIC: [u8; 6] = *b"LUKS\xba\xbe";
 
-/// A cipher algorithm (the block cipher and its key size).
+/// A cipher algorithm (the block cipher and its key size): the ones QEMU's
+/// LUKS driver maps to LUKS cipher names (`qcrypto_block_luks_cipher_name_map`),
+/// less SM4, which QEMU builds without nettle's SM4 do not offer either.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CipherAlg {
     /// AES with a 128-bit key.
@@ -56,73 +58,143 @@ pub enum CipherAlg {
     Aes192,
     /// AES with a 256-bit key.
     Aes256,
+    /// CAST5 (CAST-128) with a 128-bit key; its blocks are 8 bytes.
+    Cast5,
+    /// Serpent with a 128-bit key.
+    Serpent128,
+    /// Serpent with a 192-bit key.
+    Serpent192,
+    /// Serpent with a 256-bit key.
+    Serpent256,
+    /// Twofish with a 128-bit key.
+    Twofish128,
+    /// Twofish with a 192-bit key.
+    Twofish192,
+    /// Twofish with a 256-bit key.
+    Twofish256,
 }
 
 impl CipherAlg {
-    /// QEMU's name (`aes-256`).
+    /// Every algorithm, in QEMU's enum order.
+    pub const ALL: [CipherAlg; 10] = [
+        CipherAlg::Aes128,
+        CipherAlg::Aes192,
+        CipherAlg::Aes256,
+        CipherAlg::Cast5,
+        CipherAlg::Serpent128,
+        CipherAlg::Serpent192,
+        CipherAlg::Serpent256,
+        CipherAlg::Twofish128,
+        CipherAlg::Twofish192,
+        CipherAlg::Twofish256,
+    ];
+
+    /// QEMU's name (`aes-256`, `cast5-128`).
     pub fn name(self) -> &'static str {
         match self {
             CipherAlg::Aes128 => "aes-128",
             CipherAlg::Aes192 => "aes-192",
             CipherAlg::Aes256 => "aes-256",
+            CipherAlg::Cast5 => "cast5-128",
+            CipherAlg::Serpent128 => "serpent-128",
+            CipherAlg::Serpent192 => "serpent-192",
+            CipherAlg::Serpent256 => "serpent-256",
+            CipherAlg::Twofish128 => "twofish-128",
+            CipherAlg::Twofish192 => "twofish-192",
+            CipherAlg::Twofish256 => "twofish-256",
         }
     }
 
     /// Parses QEMU's name.
     pub fn from_name(name: &str) -> Option<CipherAlg> {
-        Some(match name {
-            "aes-128" => CipherAlg::Aes128,
-            "aes-192" => CipherAlg::Aes192,
-            "aes-256" => CipherAlg::Aes256,
-            _ => return None,
-        })
+        Self::ALL.into_iter().find(|a| a.name() == name)
+    }
+
+    /// The block cipher's name in the LUKS header's `cipher_name`, which
+    /// leaves the key size to `key_bytes`.
+    pub fn luks_name(self) -> &'static str {
+        match self {
+            CipherAlg::Aes128 | CipherAlg::Aes192 | CipherAlg::Aes256 => "aes",
+            CipherAlg::Cast5 => "cast5",
+            CipherAlg::Serpent128 | CipherAlg::Serpent192 | CipherAlg::Serpent256 => "serpent",
+            CipherAlg::Twofish128 | CipherAlg::Twofish192 | CipherAlg::Twofish256 => "twofish",
+        }
+    }
+
+    /// The algorithm a LUKS header names with `cipher_name` and a key of
+    /// `key_len` bytes (for XTS, half of `key_bytes`).
+    pub fn from_luks(cipher_name: &str, key_len: u32) -> Option<CipherAlg> {
+        Self::ALL.into_iter().find(|a| a.luks_name() == cipher_name && a.key_len() as u32 == key_len)
     }
 
     /// Key length in bytes of the block cipher alone.
     pub fn key_len(self) -> usize {
         match self {
-            CipherAlg::Aes128 => 16,
-            CipherAlg::Aes192 => 24,
-            CipherAlg::Aes256 => 32,
+            CipherAlg::Aes128 | CipherAlg::Cast5 | CipherAlg::Serpent128 | CipherAlg::Twofish128 => 16,
+            CipherAlg::Aes192 | CipherAlg::Serpent192 | CipherAlg::Twofish192 => 24,
+            CipherAlg::Aes256 | CipherAlg::Serpent256 | CipherAlg::Twofish256 => 32,
         }
     }
 
-    fn from_key_len(len: u32) -> Option<CipherAlg> {
-        Some(match len {
-            16 => CipherAlg::Aes128,
-            24 => CipherAlg::Aes192,
-            32 => CipherAlg::Aes256,
-            _ => return None,
-        })
+    /// Block length in bytes.
+    pub fn block_len(self) -> usize {
+        match self {
+            CipherAlg::Cast5 => 8,
+            _ => 16,
+        }
     }
 }
 
 /// A block cipher mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CipherMode {
-    /// XTS (the key is two cipher keys).
-    Xts,
+    /// ECB: each block alone; no IV, so the IV generator goes unused.
+    Ecb,
     /// CBC.
     Cbc,
+    /// XTS (the key is two cipher keys; 16-byte blocks only).
+    Xts,
+    /// CTR: the IV is the initial big-endian counter block of each sector.
+    Ctr,
 }
 
 impl CipherMode {
     /// QEMU's name.
     pub fn name(self) -> &'static str {
         match self {
-            CipherMode::Xts => "xts",
+            CipherMode::Ecb => "ecb",
             CipherMode::Cbc => "cbc",
+            CipherMode::Xts => "xts",
+            CipherMode::Ctr => "ctr",
         }
     }
 
     /// Parses QEMU's name.
     pub fn from_name(name: &str) -> Option<CipherMode> {
         Some(match name {
-            "xts" => CipherMode::Xts,
+            "ecb" => CipherMode::Ecb,
             "cbc" => CipherMode::Cbc,
+            "xts" => CipherMode::Xts,
+            "ctr" => CipherMode::Ctr,
             _ => return None,
         })
     }
+
+    /// Master key length for `alg` in this mode (XTS takes two keys).
+    pub fn key_bytes(self, alg: CipherAlg) -> u32 {
+        alg.key_len() as u32 * if self == CipherMode::Xts { 2 } else { 1 }
+    }
+}
+
+/// Whether QEMU can run `alg` in `mode`: XTS needs 16-byte blocks, which
+/// CAST5 lacks (QEMU's cipher back ends refuse it when the cipher is made,
+/// so creating or unlocking such an image fails, while `info` still shows
+/// its header).
+pub fn check_mode(alg: CipherAlg, mode: CipherMode) -> Result<(), String> {
+    if mode == CipherMode::Xts && alg.block_len() != 16 {
+        return Err(format!("Unsupported cipher mode {}", mode.name()));
+    }
+    Ok(())
 }
 
 /// An IV generator.
@@ -209,14 +281,23 @@ impl HashAlg {
 }
 
 /// The cipher ESSIV encrypts sector numbers with: dm-crypt keys it with the
-/// whole digest of the master key, so the AES size follows the digest
-/// length, not the data cipher (QEMU's `qcrypto_block_luks_essiv_cipher`).
+/// whole digest of the master key, so the key size follows the digest
+/// length, not the data cipher; QEMU picks that size in the data cipher's
+/// family and refuses families (CAST5) or sizes it lacks
+/// (`qcrypto_block_luks_essiv_cipher`).
 pub fn essiv_cipher(cipher: CipherAlg, hash: HashAlg) -> Result<CipherAlg, String> {
     let len = hash.digest_len();
     if len == cipher.key_len() {
         return Ok(cipher);
     }
-    CipherAlg::from_key_len(len as u32).ok_or_else(|| format!("No AES cipher with key size {len} available"))
+    let family = match cipher.luks_name() {
+        "aes" => "AES",
+        "serpent" => "Serpent",
+        "twofish" => "Twofish",
+        _ => return Err(format!("Cipher {} not supported with essiv", cipher.name())),
+    };
+    CipherAlg::from_luks(cipher.luks_name(), len as u32)
+        .ok_or_else(|| format!("No {family} cipher with key size {len} available"))
 }
 
 /// One key slot.
@@ -390,28 +471,26 @@ impl LuksHeader {
 
         // The algorithms, as QEMU parses them: "<mode>-<ivgen>[:<ivhash>]".
         let Some((mode_name, ivgen_spec)) = cipher_mode_str.split_once('-') else {
-            return Err(luks(format!("Unexpected cipher mode string format {cipher_mode_str}")));
+            return Err(luks(format!("Unexpected cipher mode string format '{cipher_mode_str}'")));
         };
         let (ivgen_name, ivhash_name) = match ivgen_spec.split_once(':') {
             Some((g, h)) => (g, Some(h)),
             None => (ivgen_spec, None),
         };
         let ivgen_hash_alg = match ivhash_name {
-            Some(h) => Some(HashAlg::from_name(h).ok_or_else(|| luks(format!("Hash algorithm {h} not supported")))?),
+            Some(h) => Some(HashAlg::from_name(h).ok_or_else(|| luks(format!("Hash algorithm '{h}' not supported")))?),
             None => None,
         };
         let cipher_mode =
-            CipherMode::from_name(mode_name).ok_or_else(|| luks(format!("Cipher mode {mode_name} not supported")))?;
+            CipherMode::from_name(mode_name).ok_or_else(|| luks(format!("Cipher mode '{mode_name}' not supported")))?;
         let alg_key = if cipher_mode == CipherMode::Xts { key_bytes / 2 } else { key_bytes };
-        let cipher_alg = (cipher_name == "aes")
-            .then(|| CipherAlg::from_key_len(alg_key))
-            .flatten()
+        let cipher_alg = CipherAlg::from_luks(cipher_name, alg_key)
             .filter(|_| cipher_mode != CipherMode::Xts || key_bytes % 2 == 0)
-            .ok_or_else(|| luks(format!("Algorithm {cipher_name} with key size {alg_key} bytes not supported")))?;
+            .ok_or_else(|| luks(format!("Algorithm '{cipher_name}' with key size {alg_key} bytes not supported")))?;
         let hash_alg =
-            HashAlg::from_name(hash_spec).ok_or_else(|| luks(format!("Hash algorithm {hash_spec} not supported")))?;
-        let ivgen_alg =
-            IvGenAlg::from_name(ivgen_name).ok_or_else(|| luks(format!("IV generator {ivgen_name} not supported")))?;
+            HashAlg::from_name(hash_spec).ok_or_else(|| luks(format!("Hash algorithm '{hash_spec}' not supported")))?;
+        let ivgen_alg = IvGenAlg::from_name(ivgen_name)
+            .ok_or_else(|| luks(format!("IV generator '{ivgen_name}' not supported")))?;
         if ivgen_alg == IvGenAlg::Essiv {
             let Some(h) = ivgen_hash_alg else {
                 return Err(luks("Missing IV generator hash specification".into()));
@@ -474,7 +553,8 @@ impl LuksHeader {
         let mut b = vec![0u8; HEADER_SIZE];
         b[..6].copy_from_slice(&MAGIC);
         b[6..8].copy_from_slice(&1u16.to_be_bytes());
-        b[8..11].copy_from_slice(b"aes");
+        let name = self.cipher_alg.luks_name();
+        b[8..8 + name.len()].copy_from_slice(name.as_bytes());
         let mode = self.cipher_mode_spec();
         b[40..40 + mode.len()].copy_from_slice(mode.as_bytes());
         let hash = self.hash_alg.name();
@@ -508,7 +588,7 @@ impl LuksHeader {
         hash_alg: HashAlg,
         uuid: &str,
     ) -> LuksHeader {
-        let key_bytes = cipher_alg.key_len() as u32 * if cipher_mode == CipherMode::Xts { 2 } else { 1 };
+        let key_bytes = cipher_mode.key_bytes(cipher_alg);
         let slot_sectors = Self::split_key_sectors(key_bytes, STRIPES) as u32;
         let first = (KEY_SLOT_OFFSET / SECTOR_SIZE) as u32;
         let mut slots =
@@ -575,6 +655,41 @@ mod tests {
         assert_eq!(h.cipher_mode_spec(), "xts-plain64");
     }
 
+    #[test]
+    fn every_cipher_and_mode_round_trips_with_qemus_names() {
+        for alg in CipherAlg::ALL {
+            assert_eq!(CipherAlg::from_name(alg.name()), Some(alg));
+            for mode in [CipherMode::Ecb, CipherMode::Cbc, CipherMode::Xts, CipherMode::Ctr] {
+                assert_eq!(CipherMode::from_name(mode.name()), Some(mode));
+                let mut h = LuksHeader::layout(alg, mode, IvGenAlg::Plain64, None, HashAlg::Sha256, "u");
+                h.master_key_iterations = 1000;
+                let bytes = h.serialize();
+                assert_eq!(&bytes[8..8 + alg.luks_name().len() + 1], format!("{}\0", alg.luks_name()).as_bytes());
+                assert_eq!(LuksHeader::parse(&bytes, h.payload_offset()).unwrap(), h, "{alg:?} {mode:?}");
+                assert_eq!(h.key_bytes as usize, alg.key_len() * if mode == CipherMode::Xts { 2 } else { 1 });
+            }
+        }
+        let h = LuksHeader::layout(CipherAlg::Cast5, CipherMode::Ctr, IvGenAlg::Plain, None, HashAlg::Sha1, "u");
+        assert_eq!(h.cipher_mode_spec(), "ctr-plain");
+        assert_eq!(CipherAlg::from_name("serpent"), None);
+        assert_eq!(CipherAlg::from_name("sm4"), None);
+    }
+
+    #[test]
+    fn essiv_picks_the_digest_sized_cipher_of_the_same_family() {
+        use CipherAlg::*;
+        let pick = |c, h| essiv_cipher(c, h);
+        assert_eq!(pick(Aes128, HashAlg::Sha256), Ok(Aes256));
+        assert_eq!(pick(Serpent128, HashAlg::Sha256), Ok(Serpent256));
+        assert_eq!(pick(Twofish256, HashAlg::Sha224), Err("No Twofish cipher with key size 28 available".into()));
+        assert_eq!(pick(Serpent256, HashAlg::Sha512), Err("No Serpent cipher with key size 64 available".into()));
+        assert_eq!(pick(Aes192, HashAlg::Sha1), Err("No AES cipher with key size 20 available".into()));
+        assert_eq!(pick(Cast5, HashAlg::Sha256), Err("Cipher cast5-128 not supported with essiv".into()));
+        assert_eq!(check_mode(Cast5, CipherMode::Xts), Err("Unsupported cipher mode xts".into()));
+        assert_eq!(check_mode(Cast5, CipherMode::Ctr), Ok(()));
+        assert_eq!(check_mode(Twofish192, CipherMode::Xts), Ok(()));
+    }
+
     fn err(bytes: &[u8], area: u64) -> String {
         LuksHeader::parse(bytes, area).unwrap_err().to_string()
     }
@@ -589,8 +704,8 @@ mod tests {
             b[at..at + 4].copy_from_slice(&v.to_be_bytes());
             b
         };
-        assert_eq!(err(&put(108, 1 << 30), area), "Algorithm aes with key size 536870912 bytes not supported");
-        assert_eq!(err(&put(108, 40), area), "Algorithm aes with key size 20 bytes not supported");
+        assert_eq!(err(&put(108, 1 << 30), area), "Algorithm 'aes' with key size 536870912 bytes not supported");
+        assert_eq!(err(&put(108, 40), area), "Algorithm 'aes' with key size 20 bytes not supported");
         assert_eq!(err(&put(164, 0), area), "LUKS key iteration count is zero");
         assert!(err(&put(164, u32::MAX), area).contains("exceeds oxqcow's limit of 100000000"));
         assert!(err(&put(208 + 4, u32::MAX), area).contains("Keyslot 0 iteration count 4294967295 exceeds"));
@@ -611,7 +726,31 @@ mod tests {
         let mut b = good.clone();
         b[40..72].fill(0);
         b[40..51].copy_from_slice(b"xts-foo:bar");
-        assert_eq!(err(&b, area), "Hash algorithm bar not supported");
+        assert_eq!(err(&b, area), "Hash algorithm 'bar' not supported");
+        let mut b = good.clone();
+        b[8..40].fill(0);
+        b[8..11].copy_from_slice(b"sm4");
+        assert_eq!(err(&b, area), "Algorithm 'sm4' with key size 32 bytes not supported");
+        let mut b = good.clone();
+        b[40..72].fill(0);
+        b[40..51].copy_from_slice(b"gcm-plain64");
+        assert_eq!(err(&b, area), "Cipher mode 'gcm' not supported");
+        let mut b = good.clone();
+        b[40..72].fill(0);
+        b[40..43].copy_from_slice(b"xts");
+        assert_eq!(err(&b, area), "Unexpected cipher mode string format 'xts'");
+        // CAST5 in XTS parses (QEMU's info shows it); only its cipher fails.
+        let mut b = good.clone();
+        b[8..40].fill(0);
+        b[8..13].copy_from_slice(b"cast5");
+        b[108..112].copy_from_slice(&32u32.to_be_bytes());
+        assert_eq!(LuksHeader::parse(&b, area).unwrap().cipher_alg, CipherAlg::Cast5);
+        let mut b = good.clone();
+        b[8..40].fill(0);
+        b[8..15].copy_from_slice(b"serpent");
+        b[40..72].fill(0);
+        b[40..56].copy_from_slice(b"xts-essiv:sha512");
+        assert_eq!(err(&b, area), "No Serpent cipher with key size 64 available");
         let mut b = good;
         b[40..72].fill(0);
         b[40..49].copy_from_slice(b"cbc-essiv");
