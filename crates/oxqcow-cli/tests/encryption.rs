@@ -422,6 +422,17 @@ fn errors_and_measurements_match_qemu() {
         assert_eq!(out.code, 1, "{o}");
         assert!(!s.path("t.qcow2").exists(), "{o} left an image behind");
     }
+    // 192-bit keys outside XTS: qemu-img aborts on an assertion, oxqcow
+    // refuses to make an image QEMU could not open.
+    for alg in ["aes-192", "serpent-192", "twofish-192"] {
+        let args = create(&format!(
+            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.cipher-alg={alg},encrypt.cipher-mode=cbc"
+        ));
+        let out = s.ours(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(out.code, 1, "{alg}: {out:?}");
+        assert!(out.stderr.contains("QEMU cannot open them"), "{alg}: {out:?}");
+        assert!(!s.path("t.qcow2").exists(), "{alg} left an image behind");
+    }
     let wrong = opts("l.qcow2", "sec1");
     for args in [
         // Without a secret: only info works.
