@@ -632,6 +632,17 @@ fn ext4_on_a_loop_device_over_the_mounted_file() {
         fn drop(&mut self) {
             let _ = run("umount", &[self.fs.to_str().unwrap()]);
             let _ = run("losetup", &["-d", &self.dev]);
+            // A busy loop device is detached lazily, when its last user (a
+            // udev probe, say) lets go; until then it holds the mounted
+            // file and fusermount3 -u fails. Wait for it to go.
+            let start = Instant::now();
+            while start.elapsed() < WAIT {
+                // `losetup DEV` fails once DEV is detached.
+                if !run("losetup", &[&self.dev]).status.success() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
     }
     let dev = bounded_ok("losetup", &["-f", "--show", m.path()]).trim().to_string();
