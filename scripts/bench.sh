@@ -96,6 +96,10 @@ bench_case "convert raw->qcow2" clean_out \
 bench_case "convert qcow2->raw" clean_out \
     "$QEMU_IMG convert -f qcow2 -O raw $WORK/src.qcow2 $WORK/out.raw" \
     "$OX convert -f qcow2 -O raw $WORK/src.qcow2 $WORK/out.raw"
+# Direct I/O on both sides (-t none -T none: O_DIRECT, no page cache).
+bench_case "convert raw->qcow2 -t none -T none" clean_out \
+    "$QEMU_IMG convert -t none -T none -f raw -O qcow2 $WORK/src.raw $WORK/out.qcow2" \
+    "$OX convert -t none -T none -f raw -O qcow2 $WORK/src.raw $WORK/out.qcow2"
 
 # Compressed output (-c), deflate and zstd: oxqcow compresses on every core
 # (-m defaults to the number of cores), qemu-img on one. The last output of
