@@ -29,6 +29,7 @@ mod secrets;
 mod serve;
 mod snapshot;
 mod status;
+mod tlscreds;
 
 use common::Ctx;
 
