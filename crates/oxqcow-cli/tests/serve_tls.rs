@@ -172,6 +172,21 @@ impl Server {
         s
     }
 
+    /// Serves on 127.0.0.1 at a port of its own; returns the port.
+    fn tcp(args: &[&str]) -> (Server, u16) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let p = port.to_string();
+        let mut all = vec!["serve", "-t", "-b", "127.0.0.1", "-p", &p];
+        all.extend_from_slice(args);
+        let child = Command::new(OXQCOW).args(&all).stdin(Stdio::null()).spawn().expect("starting oxqcow serve");
+        let mut s = Server { child: Some(child), socket: PathBuf::new() };
+        wait_until("the server's TCP port", || {
+            s.assert_running();
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        (s, port)
+    }
+
     fn assert_running(&mut self) {
         if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
             panic!("oxqcow serve exited early: {status}");
@@ -250,8 +265,19 @@ fn qemu_io_and_qemu_img_over_tls() {
     let info = qemu_img(&["info", "--object", &client_object, "--image-opts", &target]);
     assert!(info.contains("virtual size: 16 MiB"), "qemu-img info over TLS:\n{info}");
     server.stop();
+
+    // Over TCP, the server certificate checked against the host name.
+    let (server, port) =
+        Server::tcp(&["--object", &object, "--tls-creds", "tls0", "-f", "qcow2", img.to_str().unwrap()]);
+    let target = format!("driver=nbd,server.type=inet,server.host=localhost,server.port={port},tls-creds=tls0");
+    let args = ["--object", client_object.as_str(), "--image-opts", target.as_str()];
+    qemu_io(&args, &["read -P 0x5a 0 1M", "write -P 0x66 2M 3M", "read -P 0x66 2M 3M"]);
+    server.stop();
     assert_clean(&img);
-    qemu_io(&["-f", "qcow2", img.to_str().unwrap()], &["read -P 0x5a 0 1M", "read -P 0x3c 12M 256k"]);
+    qemu_io(
+        &["-f", "qcow2", img.to_str().unwrap()],
+        &["read -P 0x5a 0 1M", "read -P 0x66 2M 3M", "read -P 0x3c 12M 256k"],
+    );
 }
 
 #[test]
