@@ -6,8 +6,8 @@
 //! qemu-nbd on the same directories).
 //!
 //! Certificates are made here with rcgen: a CA, a server certificate for
-//! "localhost", a client certificate, and a second CA with a client
-//! certificate of its own. A test that needs a missing tool fails and
+//! "localhost", client certificates (one revoked by a CRL), and a second
+//! CA with a client certificate of its own. A test that needs a missing tool fails and
 //! says which. Waits are bounded and fail loudly; nothing asserts on time.
 
 use std::path::{Path, PathBuf};
@@ -15,7 +15,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    date_time_ymd, BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams, SerialNumber,
 };
 
 const OXQCOW: &str = env!("CARGO_BIN_EXE_oxqcow");
@@ -93,8 +94,13 @@ impl Ca {
 
     /// A certificate and its key, for a server ("localhost") or a client.
     fn issue(&self, server: bool) -> (String, String) {
+        self.issue_serial(server, None)
+    }
+
+    fn issue_serial(&self, server: bool, serial: Option<u64>) -> (String, String) {
         let names = if server { vec!["localhost".to_string()] } else { Vec::new() };
         let mut params = CertificateParams::new(names).unwrap();
+        params.serial_number = serial.map(SerialNumber::from);
         params.distinguished_name.push(DnType::CommonName, if server { "localhost" } else { "client" });
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         params.extended_key_usages =
@@ -102,6 +108,24 @@ impl Ca {
         let key = KeyPair::generate().unwrap();
         let issuer = Issuer::from_params(&self.params, &self.key);
         (params.signed_by(&key, &issuer).unwrap().pem(), key.serialize_pem())
+    }
+
+    /// A CRL revoking the certificate with serial number `serial`.
+    fn crl(&self, serial: u64) -> String {
+        let params = CertificateRevocationListParams {
+            this_update: date_time_ymd(2020, 1, 1),
+            next_update: date_time_ymd(4000, 1, 1),
+            crl_number: SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: vec![RevokedCertParams {
+                serial_number: SerialNumber::from(serial),
+                revocation_time: date_time_ymd(2021, 1, 1),
+                reason_code: None,
+                invalidity_date: None,
+            }],
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        params.signed_by(&Issuer::from_params(&self.params, &self.key)).unwrap().pem().unwrap()
     }
 }
 
@@ -130,6 +154,13 @@ impl Setup {
         write("client", &[("ca-cert.pem", &ca.pem), ("client-cert.pem", &ccert), ("client-key.pem", &ckey)]);
         let (xcert, xkey) = other.issue(false);
         write("stranger", &[("ca-cert.pem", &ca.pem), ("client-cert.pem", &xcert), ("client-key.pem", &xkey)]);
+        let (rcert, rkey) = ca.issue_serial(false, Some(4242));
+        write("revoked", &[("ca-cert.pem", &ca.pem), ("client-cert.pem", &rcert), ("client-key.pem", &rkey)]);
+        let crl = ca.crl(4242);
+        write(
+            "server-crl",
+            &[("ca-cert.pem", &ca.pem), ("server-cert.pem", &scert), ("server-key.pem", &skey), ("ca-crl.pem", &crl)],
+        );
         Setup { dir }
     }
 
@@ -292,6 +323,21 @@ fn client_certificates_are_checked_unless_verify_peer_is_off() {
     let refused = run("nbdinfo", &[&t.uri(&sock, "stranger")]);
     assert!(!refused.status.success(), "a client certificate from another CA was accepted");
     run_ok("nbdinfo", &["--size", &t.uri(&sock, "client")]);
+    server.stop();
+
+    // With a CRL, a revoked client is refused and the others are served.
+    let object = format!("tls-creds-x509,id=tls0,dir={},endpoint=server", t.s("server-crl"));
+    let server =
+        Server::start(&sock, &["--object", &object, "--tls-creds", "tls0", "-f", "qcow2", img.to_str().unwrap()]);
+    let refused = run("nbdinfo", &[&t.uri(&sock, "revoked")]);
+    assert!(!refused.status.success(), "a revoked client certificate was accepted");
+    run_ok("nbdinfo", &["--size", &t.uri(&sock, "client")]);
+    server.stop();
+    // Without the CRL the same certificate is good.
+    let object = t.server_object("");
+    let server =
+        Server::start(&sock, &["--object", &object, "--tls-creds", "tls0", "-f", "qcow2", img.to_str().unwrap()]);
+    run_ok("nbdinfo", &["--size", &t.uri(&sock, "revoked")]);
     server.stop();
 
     let object = t.server_object(",verify-peer=off");

@@ -117,6 +117,7 @@ impl TlsServer {
         let cert_and_key = |reason: &str| format!("Cannot load certificate '{cert_path}' & key '{key_path}': {reason}");
         let key = PrivateKeyDer::from_pem_slice(&key_pem)
             .map_err(|_| cert_and_key("The requested data were not available."))?;
+        let crl_path = crl.as_ref().map(|(path, _)| path.clone());
         let crls = match crl {
             None => Vec::new(),
             Some((path, pem)) => {
@@ -137,10 +138,14 @@ impl TlsServer {
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("Cannot set up TLS: {e}"))?;
         let verifier = if verify_peer {
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .with_crls(crls)
-                .build()
-                .map_err(|e| format!("Unable to load CA certificate {ca_path}: {e}"))?
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).with_crls(crls).build().map_err(
+                |e| match &crl_path {
+                    // The roots were accepted one by one above: what fails
+                    // here is a revocation list.
+                    Some(path) => format!("Cannot load CRL '{path}': {e}"),
+                    None => format!("Unable to load CA certificate {ca_path}: {e}"),
+                },
+            )?
         } else {
             WebPkiClientVerifier::no_client_auth()
         };
