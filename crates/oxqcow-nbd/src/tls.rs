@@ -262,6 +262,11 @@ impl Pump {
             if self.to_local_pos == self.to_local.len() {
                 self.to_local.clear();
                 self.to_local_pos = 0;
+            } else if self.to_local_pos >= RELAY_LIMIT {
+                // A reader that always lags a little must not let the
+                // consumed prefix grow without end.
+                self.to_local.drain(..self.to_local_pos);
+                self.to_local_pos = 0;
             }
             let start = self.to_local.len();
             self.to_local.resize(start + CHUNK, 0);
