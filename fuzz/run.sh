@@ -3,14 +3,19 @@
 # seeded with valid images of several geometries made by the library, or
 # for the NBD targets with the client byte streams in fuzz/seeds/TARGET.
 # Usage: fuzz/run.sh [SECONDS] [TARGET]   (default 60 s, open_read_check;
-# the others are open_write_check, nbd_session and nbd_requests)
+# the others are open_write_check, nbd_session, nbd_tls_session and nbd_requests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-60}"
 target="${2:-open_read_check}"
 corpus="fuzz/corpus/$target"
 mkdir -p "$corpus"
-if [[ "$target" == nbd_* ]]; then
+if [[ "$target" == nbd_tls_session ]]; then
+    # The session seeds with STARTTLS after the client flags.
+    for f in fuzz/seeds/nbd_session/*; do
+        { head -c 4 "$f"; printf 'IHAVEOPT\0\0\0\5\0\0\0\0'; tail -c +5 "$f"; } >"$corpus/tls-$(basename "$f")"
+    done
+elif [[ "$target" == nbd_* ]]; then
     cp fuzz/seeds/"$target"/* "$corpus"/
 else
     cargo run -q -p oxqcow-testkit --bin oxqcow-fuzz-seeds -- "$corpus"

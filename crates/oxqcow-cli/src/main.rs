@@ -31,6 +31,7 @@ mod serve;
 mod snapshot;
 mod snapshot_param;
 mod status;
+mod tlscreds;
 
 use common::Ctx;
 

@@ -1,5 +1,7 @@
-//! `--object secret,...` definitions and the `encrypt.*` open options that
-//! name them.
+//! `--object` definitions (the parser every subcommand shares), the
+//! `secret` objects, and the `encrypt.*` open options that name them.
+//! TLS credentials objects are parsed here and kept by
+//! [`crate::tlscreds`].
 //!
 //! qemu-img takes passphrases only through secret objects
 //! (`--object secret,id=sec0,data=...` or `file=PATH`, optionally
@@ -18,9 +20,9 @@ use crate::common::os_error;
 static SECRETS: Mutex<BTreeMap<String, Vec<u8>>> = Mutex::new(BTreeMap::new());
 
 /// Checks an `--object` definition as qemu-img's `user_creatable_process_cmdline`
-/// does for the one object type oxqcow knows, `secret` (`id`, and `data`
-/// or `file`, optional `format=raw|base64`), with QEMU's messages, and
-/// keeps the secret for later lookups.
+/// does, with QEMU's messages, and keeps the object for later lookups:
+/// `secret` (`id`, and `data` or `file`, optional `format=raw|base64`)
+/// here, TLS credentials in [`crate::tlscreds`].
 pub fn define(spec: &str) -> Result<(), String> {
     // An implied first key: a leading token without '=' is the type.
     let (mut qom_type, rest) = match spec.split_once(',') {
@@ -39,7 +41,8 @@ pub fn define(spec: &str) -> Result<(), String> {
     let Some(qom_type) = qom_type.filter(|t| !t.is_empty()) else {
         return Err("Parameter 'qom-type' is missing".into());
     };
-    if qom_type != "secret" {
+    let tls = crate::tlscreds::handles(&qom_type);
+    if qom_type != "secret" && !tls {
         return Err(format!("Parameter 'qom-type' does not accept value '{qom_type}'"));
     }
     let get = |k: &str| params.iter().rev().find(|(key, _)| key == k).map(|(_, v)| v.clone());
@@ -50,6 +53,15 @@ pub fn define(spec: &str) -> Result<(), String> {
         return Err("Parameter 'id' expects an identifier\n\
                     Identifiers consist of letters, digits, '-', '.', '_', starting with a letter."
             .into());
+    }
+    // One name space for every object type, as QEMU's object tree.
+    let duplicate = || format!("attempt to add duplicate property '{id}' to object (type 'container')");
+    if tls {
+        if exists(&id) {
+            return Err(duplicate());
+        }
+        params.retain(|(k, _)| k != "id");
+        return crate::tlscreds::define(&qom_type, &id, &params);
     }
     if let Some((k, _)) =
         params.iter().find(|(k, _)| !matches!(k.as_str(), "id" | "data" | "file" | "format" | "keyid" | "iv"))
@@ -73,12 +85,20 @@ pub fn define(spec: &str) -> Result<(), String> {
         (Some(d), None) => d.into_bytes(),
     };
     let value = if base64 { decode_base64(&raw)? } else { raw };
+    if crate::tlscreds::exists(&id) {
+        return Err(duplicate());
+    }
     let mut secrets = SECRETS.lock().unwrap_or_else(|p| p.into_inner());
     if secrets.contains_key(&id) {
-        return Err(format!("attempt to add duplicate property '{id}' to object (type 'container')"));
+        return Err(duplicate());
     }
     secrets.insert(id, value);
     Ok(())
+}
+
+/// Whether a secret named `id` exists.
+pub fn exists(id: &str) -> bool {
+    SECRETS.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id)
 }
 
 /// The bytes of secret `id`, with QEMU's message when there is none.

@@ -5,7 +5,8 @@
 //! connection handling live in the oxqcow-nbd crate. Order of work, as
 //! qemu-nbd: parse, fork (`--fork`, before any thread exists), block the
 //! termination signals, open the image, listen, write the pid file, tell
-//! the parent we are up, serve, flush, clean up.
+//! the parent we are up, serve, flush, clean up. With `--tls-creds`, every
+//! client must start TLS (see `oxqcow_nbd::tls`).
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
@@ -15,7 +16,7 @@ use std::time::Duration;
 
 use oxqcow::{BlockDevice, CacheMode, OpenOptions};
 use oxqcow_nbd::sys::{self, Forked, TerminationSignals};
-use oxqcow_nbd::{DetectZeroes, Export, ExportOptions, Listener, Server, ServerOptions};
+use oxqcow_nbd::{DetectZeroes, Export, ExportOptions, Listener, Server, ServerOptions, TlsServer};
 
 use crate::common::{open_export_image, Ctx};
 use crate::getopt::{HasArg, Opt};
@@ -85,7 +86,10 @@ Exposing the image:
   -B, --bitmap=NAME         expose a persistent dirty bitmap
 
 General purpose options:
-  --object type,id=ID,...   define a 'secret' object (for encrypt.key-secret)
+  --object type,id=ID,...   define a 'secret' object (for encrypt.key-secret) or
+                            TLS credentials: tls-creds-x509,id=ID,dir=DIR,
+                            endpoint=server[,verify-peer=on|off]
+      --tls-creds=ID        use id of an earlier --object to provide TLS
   -T, --trace ...           accepted for compatibility
   --fork                    fork off the server process and exit the parent
                             once the server is running
@@ -110,7 +114,7 @@ Block device options:
       --image-opts          treat FILE as a full set of image options
 
 Not supported: -o/--offset, -s/--snapshot, -c/--connect,
--d/--disconnect, -L/--list, TLS, SELinux labels.
+-d/--disconnect, -L/--list, --tls-authz, tls-creds-psk, SELinux labels.
 ";
 
 /// qemu-nbd's default port.
@@ -133,6 +137,7 @@ struct Config {
     pid_file: Option<String>,
     handshake_limit: Option<Duration>,
     export: ExportOptions,
+    tls: Option<TlsServer>,
 }
 
 /// Runs `serve`.
@@ -223,6 +228,7 @@ fn serve(
         persistent: cfg.persistent,
         handshake_limit: cfg.handshake_limit,
         workers: WORKERS,
+        tls: cfg.tls.clone(),
     };
     let server = Server::new(export, listeners, opts);
     let stop = server.shutdown_handle();
@@ -286,7 +292,9 @@ fn parse(ctx: &Ctx, args: &[String]) -> Result<Config, i32> {
         pid_file: None,
         handshake_limit: Some(Duration::from_secs(10)),
         export: ExportOptions::default(),
+        tls: None,
     };
+    let (mut tls_creds, mut tls_authz, mut tls_hostname) = (None, None, None);
     let mut detect = DetectZeroes::Off;
     let fail = |msg: String| Err(ctx.fail(&msg));
     for (key, value) in p.opts {
@@ -367,8 +375,9 @@ fn parse(ctx: &Ctx, args: &[String]) -> Result<Config, i32> {
                 Err(_) => return fail(format!("Invalid handshake limit '{v}'")),
             },
             "U" => cfg.open.force_share = true,
-            "tls-creds" => return fail(format!("Failed to get TLS creds: No TLS credentials with id '{v}'")),
-            "tls-authz" | "tls-hostname" => return fail(format!("--{key} is not supported: TLS is not available")),
+            "tls-creds" => tls_creds = Some(v),
+            "tls-authz" => tls_authz = Some(v),
+            "tls-hostname" => tls_hostname = Some(v),
             "selinux-label" => return fail("SELinux support not enabled in this binary".into()),
             "o" => return fail("-o/--offset is not supported".into()),
             "s" => return fail("-s/--snapshot is not supported".into()),
@@ -387,6 +396,24 @@ fn parse(ctx: &Ctx, args: &[String]) -> Result<Config, i32> {
         return Err(1);
     }
     cfg.file = p.operands[0].clone();
+    // qemu-nbd's checks, in its order.
+    match tls_creds {
+        Some(id) => {
+            if tls_hostname.is_some() {
+                return fail("TLS hostname is only supported with export list".into());
+            }
+            match crate::tlscreds::server_creds(&id) {
+                Ok(creds) => cfg.tls = Some(creds),
+                Err(msg) => return fail(format!("Failed to get TLS creds: {msg}")),
+            }
+            if tls_authz.is_some() {
+                return fail("--tls-authz is not supported by oxqcow (TLS authorization is not implemented)".into());
+            }
+        }
+        None if tls_authz.is_some() => return fail("--tls-authz is not permitted without --tls-creds".into()),
+        None if tls_hostname.is_some() => return fail("--tls-hostname is not permitted without --tls-creds".into()),
+        None => {}
+    }
     cfg.export.read_only = cfg.open.read_only;
     cfg.export.discard = cfg.open.discard_passthrough;
     cfg.export.detect_zeroes = detect;

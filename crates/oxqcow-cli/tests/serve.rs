@@ -559,9 +559,10 @@ fn command_line_errors_like_qemu_nbd() {
         (vec!["serve", "--detect-zeroes=unmap", i], "not allowed without setting discard operation to unmap"),
         (vec!["serve", "--image-opts", "-f", "qcow2", i], "--image-opts and -f are mutually exclusive"),
         (vec!["serve", "-f", "qcow2", &d.s("nope.qcow2")], "Failed to blk_new_open"),
-        (vec!["serve", "--tls-creds=x", i], "TLS"),
+        (vec!["serve", "--tls-creds=x", i], "Failed to get TLS creds: No TLS credentials with id 'x'"),
         (vec!["serve", "-o", "512", i], "not supported"),
-        (vec!["serve", "--object", "tls-creds-x509,id=t", i], "qom-type"),
+        (vec!["serve", "--object", "tls-creds-x509,id=t", i], "Missing 'dir' property value"),
+        (vec!["serve", "--object", "authz-simple,id=a,identity=x", i], "not supported"),
         (vec!["serve", "-U", i], "--read-only"),
     ] {
         let o = run(OXQCOW, &args);

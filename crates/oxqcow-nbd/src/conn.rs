@@ -34,6 +34,7 @@ use crate::handshake::{self, Outcome};
 use crate::pool::Pool;
 use crate::proto::{self, Errno, RequestHeader};
 use crate::session::{Op, Payload, Session};
+use crate::tls::{Relay, TlsServer};
 
 /// Requests one connection may have in flight.
 pub const MAX_INFLIGHT: usize = 64;
@@ -98,7 +99,14 @@ impl Stream {
         }
     }
 
-    fn fd(&self) -> BorrowedFd<'_> {
+    pub(crate) fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_nonblocking(on),
+            Stream::Tcp(s) => s.set_nonblocking(on),
+        }
+    }
+
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
         match self {
             Stream::Unix(s) => s.as_fd(),
             Stream::Tcp(s) => s.as_fd(),
@@ -334,12 +342,57 @@ impl Outbox {
 
 /// Serves one client until it disconnects, breaks the protocol, or its
 /// socket is shut down (server shutdown). Never panics on client input.
-pub fn serve(mut stream: Stream, export: Arc<Export>, pool: &Pool, handshake_limit: Option<Duration>) {
+/// With `tls`, the client must start TLS before anything else; the
+/// connection then runs over the TLS relay's socket pair (see
+/// [`crate::tls`]), and returns once the relay has sent everything.
+pub fn serve(
+    stream: Stream,
+    export: Arc<Export>,
+    pool: &Pool,
+    handshake_limit: Option<Duration>,
+    tls: Option<&TlsServer>,
+) {
+    let mut relay = None;
+    serve_stream(stream, export, pool, handshake_limit, tls, &mut relay);
+    // Every handle on the connection's end of the pair is gone or shut down
+    // by now, so the relay ends.
+    if let Some(r) = relay {
+        r.join();
+    }
+}
+
+fn serve_stream(
+    mut stream: Stream,
+    export: Arc<Export>,
+    pool: &Pool,
+    handshake_limit: Option<Duration>,
+    tls: Option<&TlsServer>,
+    relay: &mut Option<Relay>,
+) {
     let deadline = handshake_limit.map(|d| Instant::now() + d);
-    let outcome = handshake::negotiate(&mut Deadlined { s: &mut stream, deadline }, &export);
+    let mut outcome = handshake::negotiate_with(&mut Deadlined { s: &mut stream, deadline }, &export, tls.is_some());
+    if let (Ok(Outcome::StartTls(resume)), Some(tls)) = (&outcome, tls) {
+        let resume = *resume;
+        if let Stream::Tcp(t) = &stream {
+            let _ = t.set_nodelay(true);
+        }
+        let Ok(net) = stream.try_clone() else { return };
+        let (inner, r) = match crate::tls::start(tls, &mut Deadlined { s: &mut stream, deadline }, net) {
+            Ok(started) => started,
+            Err(_) => {
+                let _ = stream.shutdown(Shutdown::Both);
+                return;
+            }
+        };
+        *relay = Some(r);
+        // The relay owns the client socket now; this end of the pair is
+        // the connection's socket.
+        stream = Stream::Unix(inner);
+        outcome = handshake::resume_in_tls(&mut Deadlined { s: &mut stream, deadline }, &export, resume);
+    }
     let neg = match outcome {
         Ok(Outcome::Transmission(n)) => n,
-        Ok(Outcome::Aborted) | Err(_) => {
+        Ok(Outcome::Aborted | Outcome::StartTls(_)) | Err(_) => {
             let _ = stream.shutdown(Shutdown::Both);
             return;
         }

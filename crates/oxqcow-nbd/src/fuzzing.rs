@@ -5,7 +5,8 @@
 //! the same input; [`drive_requests`] starts in transmission with the
 //! negotiated state chosen by the first byte, so the fuzzer reaches the
 //! request parser and every command without learning the handshake first.
-//! Both return what the server sent. Neither may panic on any input.
+//! [`drive_tls_session`] is [`drive_session`] on a server that requires
+//! TLS. All return what the server sent. None may panic on any input.
 
 use std::io::{self, Cursor, Read, Write};
 use std::sync::Arc;
@@ -59,6 +60,24 @@ pub fn drive_session(data: &[u8]) -> Vec<u8> {
     let export = Arc::new(memory_export("", false, true));
     let mut io = Duplex { input: Cursor::new(data), output: Vec::new() };
     if let Ok(Outcome::Transmission(neg)) = handshake::negotiate(&mut io, &export) {
+        let session = Session::new(export, neg);
+        transmission(&session, &mut io.input, &mut io.output);
+    }
+    io.output
+}
+
+/// [`drive_session`] on a server that requires TLS: options before
+/// STARTTLS are refused; after it the rest of `data` plays the decrypted
+/// stream (the TLS layer itself is rustls's, not fuzzed here), through
+/// the negotiation inside TLS and the requests.
+pub fn drive_tls_session(data: &[u8]) -> Vec<u8> {
+    let export = Arc::new(memory_export("", false, true));
+    let mut io = Duplex { input: Cursor::new(data), output: Vec::new() };
+    let mut outcome = handshake::negotiate_with(&mut io, &export, true);
+    if let Ok(Outcome::StartTls(resume)) = outcome {
+        outcome = handshake::resume_in_tls(&mut io, &export, resume);
+    }
+    if let Ok(Outcome::Transmission(neg)) = outcome {
         let session = Session::new(export, neg);
         transmission(&session, &mut io.input, &mut io.output);
     }

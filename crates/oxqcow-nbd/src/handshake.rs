@@ -118,15 +118,52 @@ pub enum Outcome {
     Transmission(Negotiated),
     /// The client ended the session (NBD_OPT_ABORT).
     Aborted,
+    /// NBD_OPT_STARTTLS was acknowledged: the caller runs the TLS handshake
+    /// on the socket, then continues with [`resume_in_tls`] over the
+    /// decrypted stream.
+    StartTls(Resume),
+}
+
+/// A negotiation interrupted by NBD_OPT_STARTTLS: what it settled before.
+/// Nothing the client chose in clear text survives but its flags (the
+/// protocol lets only STARTTLS and ABORT through before TLS).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resume {
+    no_zeroes: bool,
+    /// Options received so far (they count against [`MAX_OPTIONS`]).
+    options: usize,
+}
+
+/// Where the negotiation stands with respect to TLS; it decides the
+/// answers to STARTTLS and whether other options are served (qemu-nbd's
+/// rules, `nbd_negotiate_options`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tls {
+    /// No credentials: STARTTLS is refused with NBD_REP_ERR_POLICY.
+    Off,
+    /// Credentials, TLS not started: every option but STARTTLS is refused
+    /// with NBD_REP_ERR_TLS_REQD (EXPORT_NAME, which cannot be refused,
+    /// ends the session).
+    Required,
+    /// Inside TLS: a second STARTTLS is NBD_REP_ERR_INVALID.
+    Active,
 }
 
 fn violation(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
 }
 
-/// Runs the server side of the handshake for `export` over `s`. `Err`
-/// means the session must end (I/O failure or a protocol violation).
+/// Runs the server side of the handshake for `export` over `s`, for a
+/// server without TLS. `Err` means the session must end (I/O failure or a
+/// protocol violation).
 pub fn negotiate<S: Read + Write>(s: &mut S, export: &Export) -> io::Result<Outcome> {
+    negotiate_with(s, export, false)
+}
+
+/// [`negotiate`], for a server that requires TLS when `tls` is set: then
+/// the negotiation ends in [`Outcome::StartTls`] (or a refusal), never in
+/// transmission.
+pub fn negotiate_with<S: Read + Write>(s: &mut S, export: &Export, tls: bool) -> io::Result<Outcome> {
     s.write_all(&proto::greeting())?;
     s.flush()?;
     let mut w = [0u8; 4];
@@ -135,14 +172,67 @@ pub fn negotiate<S: Read + Write>(s: &mut S, export: &Export) -> io::Result<Outc
     if cflags & !client_flags::KNOWN != 0 {
         return Err(violation(format!("unknown client flags {cflags:#x}")));
     }
-    let no_zeroes = cflags & client_flags::NO_ZEROES != 0;
+    let resume = Resume { no_zeroes: cflags & client_flags::NO_ZEROES != 0, options: 0 };
+    options(s, export, if tls { Tls::Required } else { Tls::Off }, resume)
+}
+
+/// Continues a negotiation after STARTTLS, over the decrypted stream `s`.
+pub fn resume_in_tls<S: Read + Write>(s: &mut S, export: &Export, resume: Resume) -> io::Result<Outcome> {
+    options(s, export, Tls::Active, resume)
+}
+
+/// The answer to an option before TLS started on a server that requires it
+/// (`h`: the option, whose data has not been read): `Some` ends the
+/// option loop.
+fn before_tls<S: Read + Write>(s: &mut S, h: &OptionHeader, resume: Resume) -> io::Result<Option<Outcome>> {
+    let mut out = Vec::new();
+    match h.option {
+        // No way to refuse it: the connection is dropped.
+        opt::EXPORT_NAME => {
+            return Err(violation(format!("Option {:#x} not permitted before TLS", h.option)));
+        }
+        opt::STARTTLS if h.length != 0 => {
+            // A client that cannot start TLS properly is dropped.
+            let msg = "option 'starttls' has unexpected length".to_string();
+            proto::option_reply(&mut out, h.option, rep::ERR_INVALID, msg.as_bytes());
+            let _ = send(s, &out);
+            return Err(violation(msg));
+        }
+        opt::STARTTLS => {
+            proto::option_reply(&mut out, h.option, rep::ACK, &[]);
+            send(s, &out)?;
+            return Ok(Some(Outcome::StartTls(resume)));
+        }
+        _ => {}
+    }
+    io::copy(&mut Read::by_ref(s).take(u64::from(h.length)), &mut io::sink())?;
+    let msg = format!("Option {:#x} not permitted before TLS", h.option);
+    proto::option_reply(&mut out, h.option, rep::ERR_TLS_REQD, msg.as_bytes());
+    if h.option == opt::ABORT {
+        // The client may hang up without reading the refusal.
+        let _ = send(s, &out);
+        return Ok(Some(Outcome::Aborted));
+    }
+    send(s, &out)?;
+    Ok(None)
+}
+
+fn options<S: Read + Write>(s: &mut S, export: &Export, tls: Tls, mut resume: Resume) -> io::Result<Outcome> {
+    let no_zeroes = resume.no_zeroes;
     let mut state = Negotiated::default();
     // The export name the selected contexts were set for.
     let mut contexts_for: Option<String> = None;
-    for _ in 0..MAX_OPTIONS {
+    while resume.options < MAX_OPTIONS {
+        resume.options += 1;
         let mut hdr = [0u8; proto::OPTION_HEADER_LEN];
         s.read_exact(&mut hdr)?;
         let h = OptionHeader::parse(&hdr).map_err(|e| violation(format!("option: {e}")))?;
+        if tls == Tls::Required {
+            match before_tls(s, &h, resume)? {
+                Some(outcome) => return Ok(outcome),
+                None => continue,
+            }
+        }
         let mut out = Vec::new();
         if h.length > MAX_OPTION_DATA {
             if h.option == opt::EXPORT_NAME {
@@ -194,8 +284,11 @@ pub fn negotiate<S: Read + Write>(s: &mut S, export: &Export) -> io::Result<Outc
                 proto::option_reply(&mut out, h.option, rep::SERVER, &server);
                 proto::option_reply(&mut out, h.option, rep::ACK, &[]);
             }
+            ClientOption::StartTls if tls == Tls::Active => {
+                proto::option_reply(&mut out, h.option, rep::ERR_INVALID, b"TLS already enabled");
+            }
             ClientOption::StartTls => {
-                proto::option_reply(&mut out, h.option, rep::ERR_POLICY, b"TLS is not configured");
+                proto::option_reply(&mut out, h.option, rep::ERR_POLICY, b"TLS not configured");
             }
             ClientOption::Info(req) | ClientOption::Go(req) => {
                 if req.name != export.name() {

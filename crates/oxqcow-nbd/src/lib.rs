@@ -10,6 +10,8 @@
 //!   producing whole encoded replies. No sockets.
 //! - [`conn`]: one client's threads (reader, writer) around a session.
 //! - [`server`]: listeners, admission (`shared`), lifetime and shutdown.
+//! - [`tls`]: STARTTLS: x509 credentials, the TLS handshake, the relay
+//!   that runs a connection over TLS.
 //! - [`sys`]: the few system calls std lacks (signals, fork, socket
 //!   activation); the crate's only unsafe code.
 //!
@@ -26,6 +28,8 @@ pub mod proto;
 pub mod server;
 pub mod session;
 pub mod sys;
+pub mod tls;
 
 pub use export::{DetectZeroes, Export, ExportOptions};
 pub use server::{Listener, Server, ServerOptions, ShutdownHandle};
+pub use tls::TlsServer;

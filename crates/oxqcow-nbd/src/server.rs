@@ -29,6 +29,7 @@ use oxqcow::BlockDevice;
 use crate::conn::{self, Stream};
 use crate::export::Export;
 use crate::pool::Pool;
+use crate::tls::TlsServer;
 
 /// Hard limit on simultaneous clients when `shared` is 0 (unlimited): each
 /// client costs two threads and up to 64 MiB in flight.
@@ -111,11 +112,19 @@ pub struct ServerOptions {
     pub handshake_limit: Option<Duration>,
     /// Worker threads.
     pub workers: usize,
+    /// TLS credentials: clients must start TLS (`--tls-creds`).
+    pub tls: Option<TlsServer>,
 }
 
 impl Default for ServerOptions {
     fn default() -> Self {
-        ServerOptions { shared: 1, persistent: false, handshake_limit: Some(Duration::from_secs(10)), workers: 8 }
+        ServerOptions {
+            shared: 1,
+            persistent: false,
+            handshake_limit: Some(Duration::from_secs(10)),
+            workers: 8,
+            tls: None,
+        }
     }
 }
 
@@ -190,9 +199,10 @@ impl Server {
             let (l, shared, export, pool) =
                 (Arc::clone(l), Arc::clone(&self.shared), Arc::clone(&self.export), Arc::clone(&pool));
             let limit_hs = self.opts.handshake_limit;
+            let tls = self.opts.tls.clone();
             let t = std::thread::Builder::new()
                 .name("nbd-accept".into())
-                .spawn(move || accept_loop(&l, &shared, &export, &pool, limit, limit_hs));
+                .spawn(move || accept_loop(&l, &shared, &export, &pool, limit, limit_hs, tls.as_ref()));
             match t {
                 Ok(t) => acceptors.push(t),
                 Err(e) => {
@@ -251,6 +261,7 @@ fn accept_loop(
     pool: &Arc<Pool>,
     limit: usize,
     handshake_limit: Option<Duration>,
+    tls: Option<&TlsServer>,
 ) {
     loop {
         {
@@ -290,9 +301,9 @@ fn accept_loop(
             st.clients.insert(id, handle);
             id
         };
-        let (shared2, export, pool) = (Arc::clone(shared), Arc::clone(export), Arc::clone(pool));
+        let (shared2, export, pool, tls) = (Arc::clone(shared), Arc::clone(export), Arc::clone(pool), tls.cloned());
         let spawned = std::thread::Builder::new().name("nbd-conn".into()).spawn(move || {
-            conn::serve(stream, export, &pool, handshake_limit);
+            conn::serve(stream, export, &pool, handshake_limit, tls.as_ref());
             let mut st = shared2.lock();
             st.active -= 1;
             st.clients.remove(&id);

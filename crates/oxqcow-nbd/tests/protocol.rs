@@ -83,16 +83,32 @@ type Rep = (u32, u32, Vec<u8>);
 /// Runs a handshake on `client` bytes (after the client flags) and returns
 /// the outcome and the option replies.
 fn handshake(export: &Export, flags: u32, options: &[Vec<u8>]) -> (io::Result<Outcome>, Vec<Rep>, Vec<u8>) {
+    handshake_tls(export, flags, options, false)
+}
+
+/// [`handshake`] on a server that requires TLS when `tls` is set.
+fn handshake_tls(
+    export: &Export,
+    flags: u32,
+    options: &[Vec<u8>],
+    tls: bool,
+) -> (io::Result<Outcome>, Vec<Rep>, Vec<u8>) {
     let mut input = flags.to_be_bytes().to_vec();
     for o in options {
         input.extend_from_slice(o);
     }
     let mut d = Duplex { input: Cursor::new(input), output: Vec::new() };
-    let outcome = handshake::negotiate(&mut d, export);
+    let outcome = handshake::negotiate_with(&mut d, export, tls);
     let out = d.output;
     assert_eq!(&out[..18], &proto::greeting()[..], "greeting");
+    let (replies, rest) = option_replies(&out[18..]);
+    (outcome, replies, rest)
+}
+
+/// The option replies at the start of `out`, and the bytes after them.
+fn option_replies(out: &[u8]) -> (Vec<Rep>, Vec<u8>) {
     let mut replies = Vec::new();
-    let mut pos = 18;
+    let mut pos = 0;
     while pos + 20 <= out.len() && out[pos..pos + 8] == proto::OPTION_REPLY_MAGIC.to_be_bytes() {
         let o = u32::from_be_bytes(out[pos + 8..pos + 12].try_into().unwrap());
         let t = u32::from_be_bytes(out[pos + 12..pos + 16].try_into().unwrap());
@@ -100,7 +116,7 @@ fn handshake(export: &Export, flags: u32, options: &[Vec<u8>]) -> (io::Result<Ou
         replies.push((o, t, out[pos + 20..pos + 20 + l].to_vec()));
         pos += 20 + l;
     }
-    (outcome, replies, out[pos..].to_vec())
+    (replies, out[pos..].to_vec())
 }
 
 fn types(replies: &[Rep]) -> Vec<(u32, u32)> {
@@ -479,4 +495,76 @@ fn replies_built_in_recycled_buffers_hold_nothing_old() {
         s.execute_into(&mut out, f.cookie, Op::Flush, &[]);
         assert_eq!(out, proto::simple_reply(f.cookie, 0).to_vec());
     }
+}
+
+#[test]
+fn tls_is_required_before_anything_else() {
+    let e = export("", false);
+    // Options before STARTTLS are refused (their data read and dropped),
+    // then STARTTLS is acknowledged and the caller starts TLS.
+    let (outcome, replies, rest) = handshake_tls(
+        &e,
+        FIXED | NO_ZEROES,
+        &[
+            option(opt::LIST, &[]),
+            option(opt::GO, &info_data("", &[])),
+            option(opt::STRUCTURED_REPLY, &[]),
+            option(4242, b"whatever"),
+            option(opt::STARTTLS, &[]),
+            // Never read: the TLS handshake comes next.
+            option(opt::GO, &info_data("", &[])),
+        ],
+        true,
+    );
+    let Outcome::StartTls(resume) = outcome.unwrap() else { panic!("expected STARTTLS") };
+    assert_eq!(
+        types(&replies),
+        vec![
+            (opt::LIST, rep::ERR_TLS_REQD),
+            (opt::GO, rep::ERR_TLS_REQD),
+            (opt::STRUCTURED_REPLY, rep::ERR_TLS_REQD),
+            (4242, rep::ERR_TLS_REQD),
+            (opt::STARTTLS, rep::ACK),
+        ]
+    );
+    assert_eq!(replies[1].2, b"Option 0x7 not permitted before TLS");
+    assert!(rest.is_empty());
+
+    // Inside TLS: a second STARTTLS is invalid, the rest as usual, and the
+    // client flags from before TLS still hold (no zeroes after EXPORT_NAME).
+    let mut input = Vec::new();
+    for o in [option(opt::STARTTLS, &[]), option(opt::STRUCTURED_REPLY, &[]), option(opt::EXPORT_NAME, b"")] {
+        input.extend_from_slice(&o);
+    }
+    let mut d = Duplex { input: Cursor::new(input), output: Vec::new() };
+    let outcome = handshake::resume_in_tls(&mut d, &e, resume).unwrap();
+    assert!(matches!(outcome, Outcome::Transmission(n) if n.structured), "{outcome:?}");
+    let (replies, rest) = option_replies(&d.output);
+    assert_eq!(types(&replies), vec![(opt::STARTTLS, rep::ERR_INVALID), (opt::STRUCTURED_REPLY, rep::ACK)]);
+    assert_eq!(replies[0].2, b"TLS already enabled");
+    assert_eq!(rest.len(), 10, "EXPORT_NAME reply without zeroes");
+}
+
+#[test]
+fn before_tls_export_name_drops_and_abort_ends() {
+    let e = export("", false);
+    let (outcome, replies, _) =
+        handshake_tls(&e, FIXED, &[option(opt::INFO, &info_data("", &[])), option(opt::EXPORT_NAME, b"")], true);
+    assert!(outcome.is_err(), "EXPORT_NAME before TLS must drop the connection");
+    assert_eq!(types(&replies), vec![(opt::INFO, rep::ERR_TLS_REQD)]);
+
+    let (outcome, replies, _) = handshake_tls(&e, FIXED, &[option(opt::ABORT, &[])], true);
+    assert_eq!(outcome.unwrap(), Outcome::Aborted);
+    assert_eq!(types(&replies), vec![(opt::ABORT, rep::ERR_TLS_REQD)]);
+
+    // STARTTLS with data: refused, and the connection dropped.
+    let (outcome, replies, _) = handshake_tls(&e, FIXED, &[option(opt::STARTTLS, b"x")], true);
+    assert!(outcome.is_err());
+    assert_eq!(types(&replies), vec![(opt::STARTTLS, rep::ERR_INVALID)]);
+
+    // Without TLS configured, STARTTLS is a policy refusal, as in qemu-nbd.
+    let (outcome, replies, _) = handshake(&e, FIXED, &[option(opt::STARTTLS, &[]), option(opt::ABORT, &[])]);
+    assert_eq!(outcome.unwrap(), Outcome::Aborted);
+    assert_eq!(types(&replies), vec![(opt::STARTTLS, rep::ERR_POLICY), (opt::ABORT, rep::ACK)]);
+    assert_eq!(replies[0].2, b"TLS not configured");
 }

@@ -1,0 +1,433 @@
+//! TLS for NBD (NBD_OPT_STARTTLS), as qemu-nbd serves it with a
+//! `tls-creds-x509` object: the server credentials, the TLS handshake on a
+//! client socket, and the relay that lets the rest of the connection code
+//! run unchanged over the decrypted stream.
+//!
+//! Credentials ([`TlsServer::load_x509`]) come from a directory holding
+//! QEMU's file names: `ca-cert.pem`, `server-cert.pem`, `server-key.pem`,
+//! and optionally `ca-crl.pem` and `dh-params.pem`. They are checked in
+//! QEMU's order (`crypto/tlscredsx509.c`) and refused with its messages.
+//! With `verify-peer` (QEMU's default) a client must present a certificate
+//! signed by the CA; rustls checks it (chain, validity, key usage, CRLs).
+//! DH parameters are parsed for their PEM frame and otherwise unused:
+//! rustls negotiates ECDHE (and TLS 1.3 groups) only.
+//!
+//! After the handshake ([`start`]), a relay thread per connection owns the
+//! client socket and the rustls state: it decrypts what the client sends
+//! into one end of a Unix socket pair and encrypts what the connection
+//! code writes on the other end. The plain data path in `conn.rs` (its
+//! non-blocking sends and vectored writes on a socket) stays as it is; the
+//! cost is one copy per direction through the pair. The relay uses
+//! non-blocking sockets and `poll`, so it waits for whichever side can
+//! move, never blocks on one while the other has data.
+//!
+//! Shutdown, both ways: the client's close_notify or EOF (or the server
+//! shutting the client socket for reading) becomes EOF on the pair, so the
+//! connection stops reading; the connection closing its end becomes
+//! close_notify and the end of the relay once everything is sent; a failed
+//! send or a TLS error ends the relay, and the connection's next send or
+//! read on the pair fails.
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use rustix::event::{poll, PollFd, PollFlags};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig, ServerConnection};
+
+use crate::conn::Stream;
+
+/// The credentials file names in a `tls-creds-x509` directory (QEMU's).
+pub const CA_CERT: &str = "ca-cert.pem";
+/// See [`CA_CERT`].
+pub const CA_CRL: &str = "ca-crl.pem";
+/// See [`CA_CERT`].
+pub const SERVER_CERT: &str = "server-cert.pem";
+/// See [`CA_CERT`].
+pub const SERVER_KEY: &str = "server-key.pem";
+/// See [`CA_CERT`].
+pub const DH_PARAMS: &str = "dh-params.pem";
+
+/// Plaintext the relay holds in either direction before it stops reading
+/// from that side: bounds memory per connection and keeps backpressure.
+const RELAY_LIMIT: usize = 1 << 20;
+/// One read from the connection's end of the pair.
+const CHUNK: usize = 256 << 10;
+
+/// Server credentials: the rustls configuration every connection starts
+/// from.
+#[derive(Clone, Debug)]
+pub struct TlsServer {
+    config: Arc<ServerConfig>,
+}
+
+/// The text of an OS error without Rust's " (os error N)" suffix, as QEMU
+/// prints `strerror`.
+fn strerror(e: &io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error ") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+/// Reads a credentials file: `Ok(None)` when an optional one is absent,
+/// QEMU's "Unable to access credentials" otherwise.
+fn read_cred(dir: &Path, name: &str, required: bool) -> Result<Option<(String, Vec<u8>)>, String> {
+    let path = dir.join(name);
+    let shown = path.display().to_string();
+    match std::fs::read(&path) {
+        Ok(bytes) => Ok(Some((shown, bytes))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound && !required => Ok(None),
+        Err(e) => Err(format!("Unable to access credentials {shown}: {}", strerror(&e))),
+    }
+}
+
+fn certificates(pem: &[u8]) -> Option<Vec<CertificateDer<'static>>> {
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem).collect();
+    certs.ok().filter(|c| !c.is_empty())
+}
+
+impl TlsServer {
+    /// Loads server credentials from `dir` (QEMU's `tls-creds-x509` with
+    /// `endpoint=server`); `verify_peer` demands a client certificate
+    /// signed by the CA. Errors are QEMU's messages, naming the file.
+    pub fn load_x509(dir: &Path, verify_peer: bool) -> Result<TlsServer, String> {
+        // Presence first, in QEMU's order, then contents.
+        let (ca_path, ca_pem) = read_cred(dir, CA_CERT, true)?.unwrap_or_default();
+        let crl = read_cred(dir, CA_CRL, false)?;
+        let (cert_path, cert_pem) = read_cred(dir, SERVER_CERT, true)?.unwrap_or_default();
+        let (key_path, key_pem) = read_cred(dir, SERVER_KEY, true)?.unwrap_or_default();
+        let dh = read_cred(dir, DH_PARAMS, false)?;
+
+        let chain = certificates(&cert_pem).ok_or_else(|| {
+            format!("Unable to import server certificate {cert_path}: Base64 unexpected header error.")
+        })?;
+        let ca_list = || format!("Unable to import CA certificate list {ca_path}");
+        let ca = certificates(&ca_pem).ok_or_else(ca_list)?;
+        let mut roots = RootCertStore::empty();
+        for c in ca {
+            roots.add(c).map_err(|_| ca_list())?;
+        }
+        let cert_and_key = |reason: &str| format!("Cannot load certificate '{cert_path}' & key '{key_path}': {reason}");
+        let key = PrivateKeyDer::from_pem_slice(&key_pem)
+            .map_err(|_| cert_and_key("The requested data were not available."))?;
+        let crl_path = crl.as_ref().map(|(path, _)| path.clone());
+        let crls = match crl {
+            None => Vec::new(),
+            Some((path, pem)) => {
+                let crls: Result<Vec<_>, _> = CertificateRevocationListDer::pem_slice_iter(&pem).collect();
+                crls.ok()
+                    .filter(|c| !c.is_empty())
+                    .ok_or_else(|| format!("Cannot load CRL '{path}': Base64 decoding error."))?
+            }
+        };
+        if let Some((path, pem)) = dh {
+            if !String::from_utf8_lossy(&pem).contains("-----BEGIN DH PARAMETERS-----") {
+                return Err(format!("Unable to load DH parameters from {path}: Base64 unexpected header error."));
+            }
+        }
+
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("Cannot set up TLS: {e}"))?;
+        let verifier = if verify_peer {
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).with_crls(crls).build().map_err(
+                |e| match &crl_path {
+                    // The roots were accepted one by one above: what fails
+                    // here is a revocation list.
+                    Some(path) => format!("Cannot load CRL '{path}': {e}"),
+                    None => format!("Unable to load CA certificate {ca_path}: {e}"),
+                },
+            )?
+        } else {
+            WebPkiClientVerifier::no_client_auth()
+        };
+        let config = builder.with_client_cert_verifier(verifier).with_single_cert(chain, key).map_err(|e| match e {
+            rustls::Error::InconsistentKeys(_) => cert_and_key("The certificate and the given key do not match."),
+            other => cert_and_key(&other.to_string()),
+        })?;
+        Ok(TlsServer { config: Arc::new(config) })
+    }
+}
+
+/// The relay of one TLS connection (see the module doc).
+pub struct Relay {
+    thread: JoinHandle<()>,
+}
+
+impl Relay {
+    /// Waits until the relay has sent everything and ended. The caller must
+    /// have closed (or shut down) its end of the pair first.
+    pub fn join(self) {
+        let _ = self.thread.join();
+    }
+}
+
+/// Runs the TLS handshake on `io` (the client socket, behind the caller's
+/// deadline), then hands the socket `net` to a relay thread. Returns the
+/// connection's end of the pair, over which the negotiation continues in
+/// clear, and the relay.
+pub fn start<S: Read + Write>(tls: &TlsServer, io: &mut S, net: Stream) -> io::Result<(UnixStream, Relay)> {
+    let mut conn = ServerConnection::new(Arc::clone(&tls.config)).map_err(io::Error::other)?;
+    while conn.is_handshaking() {
+        conn.complete_io(io)?;
+    }
+    conn.set_buffer_limit(Some(RELAY_LIMIT));
+    let (inner, outer) = UnixStream::pair()?;
+    net.set_nonblocking(true)?;
+    outer.set_nonblocking(true)?;
+    let relay = Pump {
+        net,
+        tls: conn,
+        local: outer,
+        to_local: Vec::new(),
+        to_local_pos: 0,
+        to_net: Vec::new(),
+        to_net_pos: 0,
+        peer_done: false,
+        local_shut: false,
+        local_eof: false,
+    };
+    let thread = std::thread::Builder::new().name("nbd-tls".into()).spawn(move || relay.run())?;
+    Ok((inner, Relay { thread }))
+}
+
+struct Pump {
+    net: Stream,
+    tls: ServerConnection,
+    /// The relay's end of the pair.
+    local: UnixStream,
+    /// Decrypted bytes not yet taken by the connection.
+    to_local: Vec<u8>,
+    to_local_pos: usize,
+    /// Bytes from the connection not yet taken by rustls.
+    to_net: Vec<u8>,
+    to_net_pos: usize,
+    /// The client sent close_notify or closed its socket.
+    peer_done: bool,
+    /// The connection's end was told EOF.
+    local_shut: bool,
+    /// The connection closed its end: close_notify is queued.
+    local_eof: bool,
+}
+
+/// What one step of the relay did.
+enum Step {
+    Progress,
+    Idle,
+    /// The relay is over (finished or failed).
+    Done,
+}
+
+impl Pump {
+    fn run(mut self) {
+        loop {
+            let mut progress = false;
+            for step in [Pump::deliver, Pump::take, Pump::flush, Pump::receive] {
+                match step(&mut self) {
+                    Step::Progress => progress = true,
+                    Step::Idle => {}
+                    Step::Done => return self.finish(),
+                }
+            }
+            if self.local_eof && self.to_net_pos == self.to_net.len() && !self.tls.wants_write() {
+                // Everything the connection wrote, and close_notify, are out.
+                let _ = self.net.shutdown(std::net::Shutdown::Write);
+                return;
+            }
+            if !progress && !self.wait() {
+                return self.finish();
+            }
+        }
+    }
+
+    /// The relay failed: the client gets no more and the connection sees
+    /// its end closed when `self.local` drops.
+    fn finish(self) {
+        let _ = self.net.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Decrypted bytes to the connection.
+    fn deliver(&mut self) -> Step {
+        let mut progress = false;
+        // Take plaintext out of rustls while there is room.
+        while !self.peer_done && self.to_local.len() - self.to_local_pos < RELAY_LIMIT {
+            if self.to_local_pos == self.to_local.len() {
+                self.to_local.clear();
+                self.to_local_pos = 0;
+            } else if self.to_local_pos >= RELAY_LIMIT {
+                // A reader that always lags a little must not let the
+                // consumed prefix grow without end.
+                self.to_local.drain(..self.to_local_pos);
+                self.to_local_pos = 0;
+            }
+            let start = self.to_local.len();
+            self.to_local.resize(start + CHUNK, 0);
+            let got = self.tls.reader().read(&mut self.to_local[start..]);
+            self.to_local.truncate(start + *got.as_ref().unwrap_or(&0));
+            match got {
+                Ok(0) => self.peer_done = true,
+                Ok(_) => progress = true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                // EOF without close_notify: the client is gone all the same.
+                Err(_) => self.peer_done = true,
+            }
+        }
+        while self.to_local_pos < self.to_local.len() {
+            match (&self.local).write(&self.to_local[self.to_local_pos..]) {
+                Ok(n) => {
+                    self.to_local_pos += n;
+                    progress = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    // The connection stopped reading for good: what the
+                    // client sends now has no taker.
+                    self.to_local.clear();
+                    self.to_local_pos = 0;
+                    self.peer_done = true;
+                }
+            }
+        }
+        if self.peer_done && self.to_local_pos == self.to_local.len() && !self.local_shut {
+            self.local_shut = true;
+            let _ = self.local.shutdown(std::net::Shutdown::Write);
+            progress = true;
+        }
+        if progress {
+            Step::Progress
+        } else {
+            Step::Idle
+        }
+    }
+
+    /// Bytes from the connection into rustls, while it has room.
+    fn take(&mut self) -> Step {
+        let mut progress = false;
+        loop {
+            if self.to_net_pos < self.to_net.len() {
+                match self.tls.writer().write(&self.to_net[self.to_net_pos..]) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        self.to_net_pos += n;
+                        progress = true;
+                        continue;
+                    }
+                    Err(_) => return Step::Done,
+                }
+            }
+            if self.local_eof || self.tls.wants_write() {
+                break;
+            }
+            self.to_net.resize(CHUNK, 0);
+            self.to_net_pos = 0;
+            let got = (&self.local).read(&mut self.to_net);
+            self.to_net.truncate(*got.as_ref().unwrap_or(&0));
+            match got {
+                Ok(0) => {
+                    self.local_eof = true;
+                    self.tls.send_close_notify();
+                    progress = true;
+                }
+                Ok(_) => progress = true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Step::Done,
+            }
+        }
+        if progress {
+            Step::Progress
+        } else {
+            Step::Idle
+        }
+    }
+
+    /// TLS records to the client.
+    fn flush(&mut self) -> Step {
+        let mut progress = false;
+        while self.tls.wants_write() {
+            match self.tls.write_tls(&mut self.net) {
+                Ok(_) => progress = true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Step::Done,
+            }
+        }
+        if progress {
+            Step::Progress
+        } else {
+            Step::Idle
+        }
+    }
+
+    /// TLS records from the client, when rustls wants them (it does not
+    /// while decrypted bytes wait in it: backpressure).
+    fn receive(&mut self) -> Step {
+        if self.peer_done || !self.tls.wants_read() {
+            return Step::Idle;
+        }
+        match self.tls.read_tls(&mut self.net) {
+            Ok(0) => {
+                // rustls now reports the EOF through its reader.
+                let _ = self.tls.process_new_packets();
+                Step::Progress
+            }
+            Ok(_) => match self.tls.process_new_packets() {
+                Ok(_) => Step::Progress,
+                Err(_) => {
+                    // rustls queued an alert: send it if the socket takes it.
+                    let _ = self.tls.write_tls(&mut self.net);
+                    Step::Done
+                }
+            },
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Idle,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Step::Progress,
+            Err(_) => Step::Done,
+        }
+    }
+
+    /// Waits until a side can move; false when nothing could ever move.
+    fn wait(&self) -> bool {
+        let mut net = PollFlags::empty();
+        if !self.peer_done && self.tls.wants_read() {
+            net |= PollFlags::IN;
+        }
+        if self.tls.wants_write() {
+            net |= PollFlags::OUT;
+        }
+        let mut local = PollFlags::empty();
+        if !self.local_eof && self.to_net_pos == self.to_net.len() && !self.tls.wants_write() {
+            local |= PollFlags::IN;
+        }
+        if self.to_local_pos < self.to_local.len() {
+            local |= PollFlags::OUT;
+        }
+        if net.is_empty() && local.is_empty() {
+            return false;
+        }
+        // A side with nothing to wait for stays out of the set: poll would
+        // report its hang-up at once, again and again.
+        let mut fds = Vec::with_capacity(2);
+        if !net.is_empty() {
+            fds.push(PollFd::from_borrowed_fd(self.net.fd(), net));
+        }
+        if !local.is_empty() {
+            fds.push(PollFd::new(&self.local, local));
+        }
+        loop {
+            match poll(&mut fds, None) {
+                Ok(_) => return true,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(_) => return false,
+            }
+        }
+    }
+}
