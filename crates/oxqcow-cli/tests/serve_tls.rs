@@ -271,6 +271,14 @@ fn nbdinfo_and_nbdcopy_over_tls_and_plain_clients_refused() {
         "nbdcopy over TLS read different bytes"
     );
 
+    // And the other way: 8 MiB of varied bytes written over TLS, more
+    // than the relay buffers, read back the same.
+    let upload: Vec<u8> = (0..8u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(t.s("upload.raw"), &upload).unwrap();
+    run_ok("nbdcopy", &[&t.s("upload.raw"), &t.uri(&sock, "client")]);
+    run_ok("nbdcopy", &[&t.uri(&sock, "client"), &t.s("back.raw")]);
+    assert!(std::fs::read(t.s("back.raw")).unwrap() == upload, "nbdcopy over TLS wrote different bytes");
+
     // Without TLS: the server answers every option with NBD_REP_ERR_TLS_REQD.
     let plain = run("nbdinfo", &[&format!("nbd+unix:///?socket={sock}")]);
     assert!(!plain.status.success(), "a plain client was served by a TLS server");

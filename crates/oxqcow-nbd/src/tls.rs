@@ -187,10 +187,14 @@ pub fn start<S: Read + Write>(tls: &TlsServer, io: &mut S, net: Stream) -> io::R
         net,
         tls: conn,
         local: outer,
-        to_local: Vec::new(),
+        // Allocated (and zeroed) once: the loops below fill them by
+        // index, never by resizing, which zeroed a whole chunk per read.
+        to_local: vec![0; RELAY_LIMIT + CHUNK],
         to_local_pos: 0,
-        to_net: Vec::new(),
+        to_local_len: 0,
+        to_net: vec![0; CHUNK],
         to_net_pos: 0,
+        to_net_len: 0,
         peer_done: false,
         local_shut: false,
         local_eof: false,
@@ -204,12 +208,16 @@ struct Pump {
     tls: ServerConnection,
     /// The relay's end of the pair.
     local: UnixStream,
-    /// Decrypted bytes not yet taken by the connection.
+    /// Decrypted bytes not yet taken by the connection:
+    /// `to_local[to_local_pos..to_local_len]`.
     to_local: Vec<u8>,
     to_local_pos: usize,
-    /// Bytes from the connection not yet taken by rustls.
+    to_local_len: usize,
+    /// Bytes from the connection not yet taken by rustls:
+    /// `to_net[to_net_pos..to_net_len]`.
     to_net: Vec<u8>,
     to_net_pos: usize,
+    to_net_len: usize,
     /// The client sent close_notify or closed its socket.
     peer_done: bool,
     /// The connection's end was told EOF.
@@ -237,7 +245,7 @@ impl Pump {
                     Step::Done => return self.finish(),
                 }
             }
-            if self.local_eof && self.to_net_pos == self.to_net.len() && !self.tls.wants_write() {
+            if self.local_eof && self.to_net_pos == self.to_net_len && !self.tls.wants_write() {
                 // Everything the connection wrote, and close_notify, are out.
                 let _ = self.net.shutdown(std::net::Shutdown::Write);
                 return;
@@ -258,30 +266,31 @@ impl Pump {
     fn deliver(&mut self) -> Step {
         let mut progress = false;
         // Take plaintext out of rustls while there is room.
-        while !self.peer_done && self.to_local.len() - self.to_local_pos < RELAY_LIMIT {
-            if self.to_local_pos == self.to_local.len() {
-                self.to_local.clear();
+        while !self.peer_done && self.to_local_len - self.to_local_pos < RELAY_LIMIT {
+            if self.to_local_pos == self.to_local_len {
                 self.to_local_pos = 0;
-            } else if self.to_local_pos >= RELAY_LIMIT {
+                self.to_local_len = 0;
+            } else if self.to_local_pos >= RELAY_LIMIT || self.to_local.len() - self.to_local_len < CHUNK {
                 // A reader that always lags a little must not let the
-                // consumed prefix grow without end.
-                self.to_local.drain(..self.to_local_pos);
+                // consumed prefix fill the buffer.
+                self.to_local.copy_within(self.to_local_pos..self.to_local_len, 0);
+                self.to_local_len -= self.to_local_pos;
                 self.to_local_pos = 0;
             }
-            let start = self.to_local.len();
-            self.to_local.resize(start + CHUNK, 0);
-            let got = self.tls.reader().read(&mut self.to_local[start..]);
-            self.to_local.truncate(start + *got.as_ref().unwrap_or(&0));
+            let got = self.tls.reader().read(&mut self.to_local[self.to_local_len..]);
             match got {
                 Ok(0) => self.peer_done = true,
-                Ok(_) => progress = true,
+                Ok(n) => {
+                    self.to_local_len += n;
+                    progress = true;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 // EOF without close_notify: the client is gone all the same.
                 Err(_) => self.peer_done = true,
             }
         }
-        while self.to_local_pos < self.to_local.len() {
-            match (&self.local).write(&self.to_local[self.to_local_pos..]) {
+        while self.to_local_pos < self.to_local_len {
+            match (&self.local).write(&self.to_local[self.to_local_pos..self.to_local_len]) {
                 Ok(n) => {
                     self.to_local_pos += n;
                     progress = true;
@@ -291,13 +300,13 @@ impl Pump {
                 Err(_) => {
                     // The connection stopped reading for good: what the
                     // client sends now has no taker.
-                    self.to_local.clear();
+                    self.to_local_len = 0;
                     self.to_local_pos = 0;
                     self.peer_done = true;
                 }
             }
         }
-        if self.peer_done && self.to_local_pos == self.to_local.len() && !self.local_shut {
+        if self.peer_done && self.to_local_pos == self.to_local_len && !self.local_shut {
             self.local_shut = true;
             let _ = self.local.shutdown(std::net::Shutdown::Write);
             progress = true;
@@ -313,8 +322,8 @@ impl Pump {
     fn take(&mut self) -> Step {
         let mut progress = false;
         loop {
-            if self.to_net_pos < self.to_net.len() {
-                match self.tls.writer().write(&self.to_net[self.to_net_pos..]) {
+            if self.to_net_pos < self.to_net_len {
+                match self.tls.writer().write(&self.to_net[self.to_net_pos..self.to_net_len]) {
                     Ok(0) => break,
                     Ok(n) => {
                         self.to_net_pos += n;
@@ -327,17 +336,19 @@ impl Pump {
             if self.local_eof || self.tls.wants_write() {
                 break;
             }
-            self.to_net.resize(CHUNK, 0);
             self.to_net_pos = 0;
+            self.to_net_len = 0;
             let got = (&self.local).read(&mut self.to_net);
-            self.to_net.truncate(*got.as_ref().unwrap_or(&0));
             match got {
                 Ok(0) => {
                     self.local_eof = true;
                     self.tls.send_close_notify();
                     progress = true;
                 }
-                Ok(_) => progress = true,
+                Ok(n) => {
+                    self.to_net_len = n;
+                    progress = true;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => return Step::Done,
@@ -404,10 +415,10 @@ impl Pump {
             net |= PollFlags::OUT;
         }
         let mut local = PollFlags::empty();
-        if !self.local_eof && self.to_net_pos == self.to_net.len() && !self.tls.wants_write() {
+        if !self.local_eof && self.to_net_pos == self.to_net_len && !self.tls.wants_write() {
             local |= PollFlags::IN;
         }
-        if self.to_local_pos < self.to_local.len() {
+        if self.to_local_pos < self.to_local_len {
             local |= PollFlags::OUT;
         }
         if net.is_empty() && local.is_empty() {
