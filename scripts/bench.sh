@@ -174,15 +174,39 @@ nbd_results=()
 SOCK=$WORK/nbd.sock
 URI="nbd+unix:///?socket=$SOCK"
 server_pid=
+TLS_ARGS=()
+
+# TLS (x509) for both servers: a CA, a server and a client certificate made
+# with openssl in $WORK/tls-server and $WORK/tls-client (QEMU's and
+# libnbd's file names); with_tls switches the servers and $URI to it.
+make_tls() {
+    local d=$WORK/tls-make who
+    mkdir -p "$d" "$WORK/tls-server" "$WORK/tls-client"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=bench-ca \
+        -keyout "$d/ca-key.pem" -out "$WORK/tls-server/ca-cert.pem" 2>/dev/null
+    cp "$WORK/tls-server/ca-cert.pem" "$WORK/tls-client/ca-cert.pem"
+    for who in server client; do
+        openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN=localhost \
+            -keyout "$WORK/tls-$who/$who-key.pem" -out "$d/$who.csr" 2>/dev/null
+        printf 'subjectAltName=DNS:localhost\nextendedKeyUsage=%sAuth\n' "$who" >"$d/$who.ext"
+        openssl x509 -req -in "$d/$who.csr" -CA "$WORK/tls-server/ca-cert.pem" -CAkey "$d/ca-key.pem" \
+            -CAcreateserial -days 2 -extfile "$d/$who.ext" -out "$WORK/tls-$who/$who-cert.pem" 2>/dev/null
+    done
+}
+with_tls() {
+    TLS_ARGS=(--object "tls-creds-x509,id=tls0,dir=$WORK/tls-server,endpoint=server" --tls-creds tls0)
+    URI="nbds+unix:///?socket=$SOCK&tls-certificates=$WORK/tls-client"
+}
+without_tls() { TLS_ARGS=(); URI="nbd+unix:///?socket=$SOCK"; }
 
 # start_server qemu|ox IMAGE: both with the same flags (qcow2, writeback
 # cache, persistent, up to 4 clients so that both advertise multi-conn).
 start_server() {
     rm -f "$SOCK"
     if [[ $1 == qemu ]]; then
-        qemu-nbd -f qcow2 --cache=writeback -t -e 4 -k "$SOCK" "$2" >/dev/null 2>"$WORK/server.err" &
+        qemu-nbd "${TLS_ARGS[@]}" -f qcow2 --cache=writeback -t -e 4 -k "$SOCK" "$2" >/dev/null 2>"$WORK/server.err" &
     else
-        "$OX" serve -f qcow2 --cache=writeback -t -e 4 -k "$SOCK" "$2" >/dev/null 2>"$WORK/server.err" &
+        "$OX" serve "${TLS_ARGS[@]}" -f qcow2 --cache=writeback -t -e 4 -k "$SOCK" "$2" >/dev/null 2>"$WORK/server.err" &
     fi
     server_pid=$!
     for _ in $(seq 500); do [[ -S $SOCK ]] && return; sleep 0.02; done
@@ -236,7 +260,7 @@ nbdcopy_case() {
     for _ in $(seq "$REPEAT"); do
         for kind in qemu ox; do
             $setup; start_server "$kind" "$NBD_IMAGE"
-            t=$(run nbdcopy "${src//@URI@/$URI}" "${dst//@URI@/$URI}"); stop_server
+            t=$(run nbdcopy "${src//@URI@/"$URI"}" "${dst//@URI@/"$URI"}"); stop_server
             t=$(python3 -c "print($SIZE_MB / max(${t% *}, 1e-3))")
             if [[ $kind == qemu ]]; then q+=("$t"); else o+=("$t"); fi
         done
@@ -261,6 +285,15 @@ if [[ $NBD != 0 ]]; then
     nbd_case "nbd fio 1M sequential write (qd 8)" empty_image mibs write 1M 8
     nbdcopy_case "nbdcopy export -> null" data_image @URI@ null:
     nbdcopy_case "nbdcopy raw -> export" empty_image "$WORK/src.raw" @URI@
+    if command -v openssl >/dev/null; then
+        make_tls
+        with_tls
+        nbdcopy_case "nbdcopy export -> null (TLS)" data_image @URI@ null:
+        nbdcopy_case "nbdcopy raw -> export (TLS)" empty_image "$WORK/src.raw" @URI@
+        without_tls
+    else
+        echo "bench: TLS figures skipped (openssl not found)" >&2
+    fi
 fi
 
 # ---- FUSE: oxqcow mount vs qemu-storage-daemon --export type=fuse ------------
