@@ -16,40 +16,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const OXQCOW: &str = env!("CARGO_BIN_EXE_oxqcow");
-/// Generous bound on waits for a mount to appear or a server to exit.
-const WAIT: Duration = Duration::from_secs(60);
+mod external;
+use external::{assert_clean, qemu_img, require, run, run_ok, OXQCOW, WAIT};
+
 /// Bound, in seconds, on any one command that touches a mounted file.
 const TIMEOUT: &str = "120";
-
-fn find_tool(tool: &str) -> bool {
-    let dirs = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect::<Vec<_>>()).unwrap_or_default();
-    dirs.iter().chain([PathBuf::from("/sbin"), PathBuf::from("/usr/sbin")].iter()).any(|d| d.join(tool).is_file())
-}
-
-fn require(tool: &str, package: &str) {
-    assert!(find_tool(tool), "{tool} is required by this test but is not installed (apt-get install {package})");
-}
 
 fn require_fuse() {
     assert!(Path::new("/dev/fuse").exists(), "/dev/fuse is required by this test (modprobe fuse)");
     require("fusermount3", "fuse3");
-}
-
-fn run(program: &str, args: &[&str]) -> Output {
-    Command::new(program).args(args).output().unwrap_or_else(|e| panic!("running {program}: {e}"))
-}
-
-fn run_ok(program: &str, args: &[&str]) -> String {
-    let o = run(program, args);
-    assert!(
-        o.status.success(),
-        "{program} {args:?} failed ({}):\n{}\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 /// Runs a command on the mounted file, bounded by `timeout`.
@@ -79,11 +54,6 @@ fn py(script: &str, args: &[&str]) -> String {
     bounded_ok("python3", &all)
 }
 
-fn qemu_img(args: &[&str]) -> String {
-    require("qemu-img", "qemu-utils");
-    run_ok("qemu-img", args)
-}
-
 /// Runs qemu-io commands on an image; every read pattern must verify.
 fn qemu_io(image: &Path, cmds: &[&str]) -> String {
     require("qemu-io", "qemu-utils");
@@ -96,12 +66,6 @@ fn qemu_io(image: &Path, cmds: &[&str]) -> String {
     let out = run_ok("qemu-io", &all);
     assert!(!out.contains("fail") && !out.contains("error"), "qemu-io {all:?}:\n{out}");
     out
-}
-
-/// `qemu-img check` finds no errors and no leaks.
-fn assert_clean(image: &Path) {
-    let out = qemu_img(&["check", "-f", "qcow2", image.to_str().unwrap()]);
-    assert!(out.contains("No errors were found on the image."), "qemu-img check {}:\n{out}", image.display());
 }
 
 /// The guest disk as qemu-img sees it.

@@ -11,7 +11,7 @@
 //! says which. Waits are bounded and fail loudly; nothing asserts on time.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rcgen::{
@@ -19,35 +19,8 @@ use rcgen::{
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams, SerialNumber,
 };
 
-const OXQCOW: &str = env!("CARGO_BIN_EXE_oxqcow");
-const WAIT: Duration = Duration::from_secs(60);
-
-fn require(tool: &str, package: &str) {
-    let found =
-        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file())).unwrap_or(false);
-    assert!(found, "{tool} is required by this test but is not installed (apt-get install {package})");
-}
-
-fn run(program: &str, args: &[&str]) -> Output {
-    Command::new(program).args(args).output().unwrap_or_else(|e| panic!("running {program}: {e}"))
-}
-
-fn run_ok(program: &str, args: &[&str]) -> String {
-    let o = run(program, args);
-    assert!(
-        o.status.success(),
-        "{program} {args:?} failed ({}):\n{}\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn qemu_img(args: &[&str]) -> String {
-    require("qemu-img", "qemu-utils");
-    run_ok("qemu-img", args)
-}
+mod external;
+use external::{assert_clean, qemu_img, require, run, run_ok, wait_until, OXQCOW, WAIT};
 
 fn qemu_io(args: &[&str], cmds: &[&str]) -> String {
     require("qemu-io", "qemu-utils");
@@ -59,19 +32,6 @@ fn qemu_io(args: &[&str], cmds: &[&str]) -> String {
     let out = run_ok("qemu-io", &all);
     assert!(!out.contains("fail") && !out.contains("error"), "qemu-io {all:?}:\n{out}");
     out
-}
-
-fn assert_clean(image: &Path) {
-    let out = qemu_img(&["check", "-f", "qcow2", image.to_str().unwrap()]);
-    assert!(out.contains("No errors were found on the image."), "qemu-img check {}:\n{out}", image.display());
-}
-
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < WAIT, "gave up waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// A certificate authority that signs certificates for the tests.
