@@ -327,11 +327,35 @@ pub fn open_export_image(
     Ok(ExportImage { image, path })
 }
 
+/// Forks a server into the background (`serve --fork`, `mount
+/// --daemonize`), before any thread exists so that the child inherits no
+/// lock held by a thread it does not have. In the child: a new session,
+/// and `Ok` with the socket on which to tell the parent that it serves. In
+/// the parent, and on failure (reported as `FAILURE: reason`): `Err` with
+/// the exit code this process ends with.
+pub fn fork_daemon(ctx: &Ctx, failure: &str) -> Result<std::os::unix::net::UnixStream, i32> {
+    use oxqcow_nbd::sys::{self, Forked};
+    let (parent_end, child_end) =
+        std::os::unix::net::UnixStream::pair().map_err(|e| ctx.fail(&format!("{failure}: {e}")))?;
+    match sys::fork() {
+        Err(e) => Err(ctx.fail(&format!("{failure}: {e}"))),
+        Ok(Forked::Parent(child)) => {
+            drop(child_end);
+            Err(wait_for_daemon(parent_end, child))
+        }
+        Ok(Forked::Child) => {
+            drop(parent_end);
+            sys::setsid();
+            Ok(child_end)
+        }
+    }
+}
+
 /// The parent of a forked server (`serve --fork`, `mount --daemonize`):
 /// exits 0 once the child says it serves (one byte on `from_child`), else
 /// with the child's exit status (the child printed its error on the
 /// shared stderr).
-pub fn wait_for_daemon(mut from_child: std::os::unix::net::UnixStream, child: oxqcow_nbd::sys::ChildProcess) -> i32 {
+fn wait_for_daemon(mut from_child: std::os::unix::net::UnixStream, child: oxqcow_nbd::sys::ChildProcess) -> i32 {
     let mut byte = [0u8; 1];
     if matches!(std::io::Read::read(&mut from_child, &mut byte), Ok(1)) {
         return 0;

@@ -23,9 +23,9 @@ use std::sync::Arc;
 
 use fuser::{Config as FuseConfig, MountOption, Session, SessionACL};
 use oxqcow::{CacheMode, Image, OpenOptions};
-use oxqcow_nbd::sys::{self, Forked, TerminationSignals};
+use oxqcow_nbd::sys::{self, TerminationSignals};
 
-use crate::common::{open_export_image, os_error, wait_for_daemon, Ctx};
+use crate::common::{open_export_image, os_error, Ctx};
 use crate::getopt::{HasArg, Opt};
 use export::{DiskFs, ExportConfig, Layout};
 
@@ -129,23 +129,9 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     // The parent waits on this socket for the child's word that it serves.
     let mut ready: Option<UnixStream> = None;
     if cfg.daemonize {
-        let (parent_end, child_end) = match UnixStream::pair() {
-            Ok(p) => p,
-            Err(e) => return ctx.fail(&format!("Failed to daemonize: {e}")),
-        };
-        // Before any thread exists: the child inherits no lock held by a
-        // thread it does not have.
-        match sys::fork() {
-            Err(e) => return ctx.fail(&format!("Failed to daemonize: {e}")),
-            Ok(Forked::Parent(child)) => {
-                drop(child_end);
-                return wait_for_daemon(parent_end, child);
-            }
-            Ok(Forked::Child) => {
-                drop(parent_end);
-                sys::setsid();
-                ready = Some(child_end);
-            }
+        match crate::common::fork_daemon(ctx, "Failed to daemonize") {
+            Ok(to_parent) => ready = Some(to_parent),
+            Err(code) => return code,
         }
     }
     let signals = match TerminationSignals::block() {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use oxqcow::{BlockDevice, CacheMode, OpenOptions};
-use oxqcow_nbd::sys::{self, Forked, TerminationSignals};
+use oxqcow_nbd::sys::{self, TerminationSignals};
 use oxqcow_nbd::{DetectZeroes, Export, ExportOptions, Listener, Server, ServerOptions, TlsServer};
 
 use crate::common::{open_export_image, Ctx};
@@ -167,21 +167,9 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     // The parent waits on this socket for the child's word that it serves.
     let mut ready: Option<UnixStream> = None;
     if cfg.fork {
-        let (parent_end, child_end) = match UnixStream::pair() {
-            Ok(p) => p,
-            Err(e) => return ctx.fail(&format!("Failed to fork: {e}")),
-        };
-        match sys::fork() {
-            Err(e) => return ctx.fail(&format!("Failed to fork: {e}")),
-            Ok(Forked::Parent(child)) => {
-                drop(child_end);
-                return crate::common::wait_for_daemon(parent_end, child);
-            }
-            Ok(Forked::Child) => {
-                drop(parent_end);
-                sys::setsid();
-                ready = Some(child_end);
-            }
+        match crate::common::fork_daemon(ctx, "Failed to fork") {
+            Ok(to_parent) => ready = Some(to_parent),
+            Err(code) => return code,
         }
     }
     // Before any thread exists, so that every thread inherits the mask and
