@@ -48,18 +48,9 @@ fn py(script: &str, args: &[&str]) -> String {
     bounded_ok("python3", &all)
 }
 
-/// Runs qemu-io commands on an image; every read pattern must verify.
+/// Runs qemu-io commands on a qcow2 image; every read pattern must verify.
 fn qemu_io(image: &Path, cmds: &[&str]) -> String {
-    require("qemu-io", "qemu-utils");
-    let mut all = vec!["-f", "qcow2"];
-    for c in cmds {
-        all.push("-c");
-        all.push(c);
-    }
-    all.push(image.to_str().unwrap());
-    let out = run_ok("qemu-io", &all);
-    assert!(!out.contains("fail") && !out.contains("error"), "qemu-io {all:?}:\n{out}");
-    out
+    external::qemu_io(&["-f", "qcow2", image.to_str().unwrap()], cmds)
 }
 
 /// The guest disk as qemu-img sees it.

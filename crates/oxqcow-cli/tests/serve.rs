@@ -18,20 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod external;
-use external::{assert_clean, qemu_img, require, run, run_ok, wait_until, OXQCOW, WAIT};
-
-/// Runs qemu-io commands on a target; every read pattern must verify.
-fn qemu_io(args: &[&str], cmds: &[&str]) -> String {
-    require("qemu-io", "qemu-utils");
-    let mut all: Vec<&str> = args.to_vec();
-    for c in cmds {
-        all.push("-c");
-        all.push(c);
-    }
-    let out = run_ok("qemu-io", &all);
-    assert!(!out.contains("fail") && !out.contains("error"), "qemu-io {all:?}:\n{out}");
-    out
-}
+use external::{assert_clean, qemu_img, qemu_io, require, run, run_ok, wait_until, OXQCOW, WAIT};
 
 /// A scratch directory with one qcow2 image.
 struct Dir {

@@ -20,19 +20,7 @@ use rcgen::{
 };
 
 mod external;
-use external::{assert_clean, qemu_img, require, run, run_ok, wait_until, OXQCOW, WAIT};
-
-fn qemu_io(args: &[&str], cmds: &[&str]) -> String {
-    require("qemu-io", "qemu-utils");
-    let mut all: Vec<&str> = args.to_vec();
-    for c in cmds {
-        all.push("-c");
-        all.push(c);
-    }
-    let out = run_ok("qemu-io", &all);
-    assert!(!out.contains("fail") && !out.contains("error"), "qemu-io {all:?}:\n{out}");
-    out
-}
+use external::{assert_clean, qemu_img, qemu_io, require, run, run_ok, wait_until, OXQCOW, WAIT};
 
 /// A certificate authority that signs certificates for the tests.
 struct Ca {

@@ -47,6 +47,20 @@ pub fn qemu_img(args: &[&str]) -> String {
     run_ok("qemu-img", args)
 }
 
+/// Runs qemu-io with `args` (options and the image or target) and one
+/// `-c` per command; every read pattern must verify.
+pub fn qemu_io(args: &[&str], cmds: &[&str]) -> String {
+    require("qemu-io", "qemu-utils");
+    let mut all: Vec<&str> = args.to_vec();
+    for c in cmds {
+        all.push("-c");
+        all.push(c);
+    }
+    let out = run_ok("qemu-io", &all);
+    assert!(!out.contains("fail") && !out.contains("error"), "qemu-io {all:?}:\n{out}");
+    out
+}
+
 /// `qemu-img check` finds no errors and no leaks.
 pub fn assert_clean(image: &Path) {
     let out = qemu_img(&["check", "-f", "qcow2", image.to_str().unwrap()]);
