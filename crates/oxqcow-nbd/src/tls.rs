@@ -234,6 +234,16 @@ enum Step {
     Done,
 }
 
+impl Step {
+    fn moved(progress: bool) -> Step {
+        if progress {
+            Step::Progress
+        } else {
+            Step::Idle
+        }
+    }
+}
+
 impl Pump {
     fn run(mut self) {
         loop {
@@ -311,11 +321,7 @@ impl Pump {
             let _ = self.local.shutdown(std::net::Shutdown::Write);
             progress = true;
         }
-        if progress {
-            Step::Progress
-        } else {
-            Step::Idle
-        }
+        Step::moved(progress)
     }
 
     /// Bytes from the connection into rustls, while it has room.
@@ -354,11 +360,7 @@ impl Pump {
                 Err(_) => return Step::Done,
             }
         }
-        if progress {
-            Step::Progress
-        } else {
-            Step::Idle
-        }
+        Step::moved(progress)
     }
 
     /// TLS records to the client.
@@ -372,11 +374,7 @@ impl Pump {
                 Err(_) => return Step::Done,
             }
         }
-        if progress {
-            Step::Progress
-        } else {
-            Step::Idle
-        }
+        Step::moved(progress)
     }
 
     /// TLS records from the client, when rustls wants them (it does not
