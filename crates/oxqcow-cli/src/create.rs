@@ -183,10 +183,6 @@ fn create(req: &Request) -> Result<(), String> {
     if !req.quiet {
         println!("Formatting '{}', fmt={} {}", req.filename, req.fmt, opts.summary());
     }
-    if format == ImageFormat::Raw && opts.get_str("preallocation") == Some("metadata") {
-        // QEMU's file driver creates the file before refusing the mode.
-        std::fs::File::create(req.filename).map_err(|e| format!("Could not create '{}': {e}", req.filename))?;
-    }
     let mut create_opts = opts.to_create_options()?;
     create_opts.unsafe_backing = req.unsafe_backing;
     create_opts.validate().map_err(|e| describe(&e))?;
@@ -202,13 +198,9 @@ fn create(req: &Request) -> Result<(), String> {
         }
     }
     let path = Path::new(req.filename);
-    let result = Image::create(path, &create_opts).and_then(Image::close);
-    if let Err(e) = result {
-        // qemu-img removes what a failed qcow2 creation left behind (a
-        // failed raw creation leaves its empty file).
-        if format == ImageFormat::Qcow2 {
-            let _ = std::fs::remove_file(path);
-        }
+    // The library removes what a failed qcow2 creation left behind, and
+    // never a file it could not lock.
+    if let Err(e) = Image::create(path, &create_opts).and_then(Image::close) {
         return Err(match &e {
             oxqcow::Error::Io { source, .. } if source.raw_os_error() == Some(27) => too_large(req.fmt), // EFBIG
             oxqcow::Error::Io { op: "creating the image", .. } => {

@@ -362,7 +362,9 @@ impl ImgOpts {
                     "off" => Preallocation::Off,
                     "falloc" => Preallocation::Falloc,
                     "full" => Preallocation::Full,
-                    "metadata" => return Err("Unsupported preallocation mode: metadata".into()),
+                    // Refused by the raw driver after it took the file, as QEMU's
+                    // file driver refuses it (the file is then empty).
+                    "metadata" => Preallocation::Metadata,
                     other => return Err(format!("invalid parameter value: {other}")),
                 };
             }

@@ -158,18 +158,37 @@ impl Image {
             _ => None,
         };
         let storage = FileStorage::create(path).map_err(Error::io("creating the image", 0))?;
+        // A file someone else holds is left exactly as it is: no truncation,
+        // and no removal after the failure (it is their image).
         crate::lock::lock(storage.file(), LockSet::for_open(false, false), &path.display().to_string())?;
         storage.empty(path).map_err(Error::io("truncating the new image", 0))?;
+        let result = Image::format_locked(path, Arc::new(storage), data, &opts);
+        if result.is_err() && opts.format == ImageFormat::Qcow2 {
+            // The file is ours now and holds nothing of its former content:
+            // QEMU's qcow2 driver deletes what a failed creation left behind
+            // (its raw driver leaves the empty file).
+            let _ = std::fs::remove_file(path);
+        }
+        result
+    }
+
+    /// The part of [`Image::create`] after the new file is locked and empty.
+    fn format_locked(
+        path: &Path,
+        storage: Arc<dyn Storage>,
+        data: Option<Arc<dyn Storage>>,
+        opts: &CreateOptions,
+    ) -> Result<Image> {
         if opts.backing_file.is_none() {
             let image = match data {
-                Some(data) => Image::Qcow2(Qcow2::create_with_data_file(Arc::new(storage), data, &opts)?),
-                None => Image::create_storage(Arc::new(storage), &opts)?,
+                Some(data) => Image::Qcow2(Qcow2::create_with_data_file(storage, data, opts)?),
+                None => Image::create_storage(storage, opts)?,
             };
             image.set_cache_mode(opts.cache)?;
             return Ok(image);
         }
         // Reopen so that the backing chain is attached.
-        Qcow2::create_unattached(Arc::new(storage), data, &opts)?.close()?;
+        Qcow2::create_unattached(storage, data, opts)?.close()?;
         let policy = if opts.unsafe_backing { BackingPolicy::Ignore } else { BackingPolicy::Follow };
         Image::open(path, &OpenOptions { cache: opts.cache, ..OpenOptions::new().backing(policy) })
     }

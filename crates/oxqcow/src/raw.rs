@@ -180,6 +180,10 @@ impl Raw {
             return Err(Error::ReadOnly);
         }
         let old = self.len();
+        if new_size > old && prealloc == Preallocation::Metadata {
+            // Refused before the file changes, as QEMU's file driver does.
+            return Err(Error::InvalidArgument("Unsupported preallocation mode: metadata".into()));
+        }
         let old_file_len = self.storage.len().map_err(Error::io("reading the file length", 0))?;
         self.storage.set_len(new_size).map_err(Error::io("resizing", new_size))?;
         if new_size > old {
@@ -191,10 +195,7 @@ impl Raw {
                     let n = if new_size < 4096 { 512 } else { 4096 };
                     self.storage.write_at(&vec![0u8; n], 0).map_err(Error::io("allocating the first block", 0))?
                 }
-                Preallocation::Off => {}
-                Preallocation::Metadata => {
-                    return Err(Error::InvalidArgument("Unsupported preallocation mode 'metadata'".into()))
-                }
+                Preallocation::Off | Preallocation::Metadata => {}
                 Preallocation::Falloc => {
                     self.storage.allocate(old, new_size - old).map_err(Error::io("preallocating", old))?
                 }
