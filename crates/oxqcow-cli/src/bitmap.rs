@@ -7,6 +7,7 @@
 //! SOURCE of the same image, or of `-b SOURCE_FILE` (opened read-only).
 //! Changes are stored when the image is closed, as QEMU stores bitmaps.
 
+use oxqcow::backing::BackingPolicy;
 use oxqcow::{DirtyBitmap, Image, OpenOptions};
 
 use crate::common::{check_object, cvtnum, describe, open_image, parse_image_opts, Ctx};
@@ -155,15 +156,17 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     } else {
         (filename.clone(), fmt, OpenOptions::new())
     };
-    let image = match open_image(&path, format.as_deref(), opts) {
+    // Bitmaps live in the image itself: as qemu-img (BDRV_O_NO_BACKING),
+    // neither image's backing file is opened, so a base another process
+    // holds does not stand in the way.
+    let image = match open_image(&path, format.as_deref(), opts.backing(BackingPolicy::Ignore)) {
         Ok(i) => i,
         Err(msg) => return ctx.fail(&msg),
     };
     let source = match &src_file {
         None => None,
         Some(f) => {
-            let mut o = OpenOptions::new();
-            o.read_only = true;
+            let o = OpenOptions::new().read_only(true).backing(BackingPolicy::Ignore);
             match open_image(f, src_fmt.as_deref(), o) {
                 Ok(i) => Some(i),
                 Err(msg) => return ctx.fail(&msg),

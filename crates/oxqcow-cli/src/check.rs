@@ -111,6 +111,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         return ctx.fail(&format!("Could not open '{path}': force-share=on can only be used with read-only images"));
     }
     opts.read_only = repair.is_none();
+    opts.force_share |= force_share;
     opts.cache = cache;
     // Damaged refcount tables are what check is for: open tolerantly.
     opts.repair = true;

@@ -108,7 +108,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     if !is_cache_mode(&cache) {
         return ctx.fail(&format!("Invalid cache option: {cache}"));
     }
-    let (image, filename) = match crate::common::open_operand(filename, image_opts, format.as_deref(), false) {
+    let (image, filename) = match crate::common::open_operand(filename, image_opts, format.as_deref(), false, false) {
         Ok(i) => i,
         Err(msg) => return ctx.fail(&msg),
     };

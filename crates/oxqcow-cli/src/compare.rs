@@ -62,6 +62,7 @@ struct Args {
     quiet: bool,
     strict: bool,
     image_opts: bool,
+    force_share: bool,
     file1: String,
     file2: String,
 }
@@ -84,6 +85,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         quiet: false,
         strict: false,
         image_opts: false,
+        force_share: false,
         file1: String::new(),
         file2: String::new(),
     };
@@ -99,7 +101,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             "p" => a.progress = true,
             "q" => a.quiet = true,
             "s" => a.strict = true,
-            "U" => {}
+            "U" => a.force_share = true,
             "object" => {
                 if let Err(msg) = crate::common::check_object(&value.unwrap_or_default()) {
                     return ctx.fail(&msg);
@@ -133,7 +135,7 @@ fn compare(ctx: &Ctx, a: &Args, progress: &Progress) -> i32 {
         return 2;
     }
     let open = |file: &str, fmt: &Option<String>| {
-        let (image, _) = crate::common::open_operand(file, a.image_opts, fmt.as_deref(), true)?;
+        let (image, _) = crate::common::open_operand(file, a.image_opts, fmt.as_deref(), true, a.force_share)?;
         crate::common::apply_cache_mode(&image, &a.cache, file)?;
         Ok::<_, String>(image)
     };

@@ -161,6 +161,8 @@ struct Args {
     target: String,
     /// `--image-opts`: sources are option strings.
     image_opts: bool,
+    /// `-U`: sources are opened in shared mode.
+    force_share: bool,
     /// `--target-image-opts`: the target is an option string (needs `-n`).
     target_image_opts: bool,
 }
@@ -201,6 +203,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         sources: Vec::new(),
         target: String::new(),
         image_opts: false,
+        force_share: false,
         target_image_opts: false,
     };
     for (key, value) in parsed.opts {
@@ -224,7 +227,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             "target-is-zero" => a.target_is_zero = true,
             "p" => a.progress = true,
             "q" => a.quiet = true,
-            "U" => {}
+            "U" => a.force_share = true,
             "W" => a.in_order = false,
             "m" => match cvtnum("number of coroutines", &v, 1, MAX_WORKERS) {
                 Ok(n) => a.workers = Some(n as usize),
@@ -386,7 +389,7 @@ fn convert(ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
     let mut sources = Vec::with_capacity(a.sources.len());
     let mut total = 0u64;
     for name in &a.sources {
-        let (image, _) = crate::common::open_operand(name, a.image_opts, a.src_fmt.as_deref(), true)?;
+        let (image, _) = crate::common::open_operand(name, a.image_opts, a.src_fmt.as_deref(), true, a.force_share)?;
         let image = match &a.snapshot {
             Some(p) => p.load(image, name, a.src_fmt.as_deref())?,
             None => image,

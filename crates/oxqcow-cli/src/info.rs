@@ -8,6 +8,7 @@
 
 use std::path::Path;
 
+use oxqcow::backing::BackingPolicy;
 use oxqcow::format::SnapshotEntry;
 use oxqcow::{probe_format, FileStorage, Image, ImageFormat, OpenOptions, Qcow2, Qcow2Info, Storage};
 use serde_json::{json, Map, Value};
@@ -48,7 +49,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     };
     let mut fmt: Option<String> = None;
     let mut output = OutputFormat::Human;
-    let (mut image_opts, mut chain) = (false, false);
+    let (mut image_opts, mut chain, mut force_share) = (false, false, false);
     for (key, value) in p.opts {
         let value = value.unwrap_or_default();
         match key.as_str() {
@@ -68,7 +69,8 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                     return ctx.fail(&msg);
                 }
             }
-            _ => {} // -U: no locking yet
+            "U" => force_share = true,
+            _ => {}
         }
     }
     let [filename] = p.operands.as_slice() else {
@@ -87,10 +89,11 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     };
     let mut infos = Vec::new();
     let (mut path, mut format, mut opts) = (path, format, opts.read_only(true));
-    let mut seen = std::collections::HashSet::new();
+    opts.force_share |= force_share;
+    let mut layers = oxqcow::backing::Chain::new();
     loop {
-        if !seen.insert(path.clone()) {
-            return ctx.fail(&format!("Backing file '{path}' creates an infinite loop."));
+        if let Err(e) = layers.enter(Path::new(&path)) {
+            return ctx.fail(&crate::common::describe(&e));
         }
         let source = match open_source(&path, format.as_deref(), opts) {
             Ok(s) => s,
@@ -114,6 +117,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 path = b;
                 format = backing_format;
                 opts = OpenOptions::new().read_only(true);
+                opts.force_share = force_share;
             }
             _ => break,
         }
@@ -144,27 +148,46 @@ enum Source {
     Header { storage: FileStorage, info: Qcow2Info, snapshots: Vec<SnapshotEntry> },
 }
 
-fn open_source(path: &str, format: Option<&str>, opts: OpenOptions) -> Result<Source, String> {
-    let err = match open_image(path, format, opts) {
+/// Opens one layer for `info` as qemu-img opens it (`BDRV_O_NO_BACKING |
+/// BDRV_O_NO_IO`): no file the header names is opened, neither the backing
+/// file (each layer of `--backing-chain` is opened alone, so a deep chain
+/// costs one open per layer) nor the external data file, and no secret is
+/// needed. An image whose header names a data file, or that is encrypted,
+/// is described from its header alone; so is one whose backing file
+/// `--forbid-backing` refuses.
+fn open_source(path: &str, format: Option<&str>, mut opts: OpenOptions) -> Result<Source, String> {
+    opts.backing = BackingPolicy::Ignore;
+    let header_only = || -> Option<(FileStorage, Qcow2Info, Vec<SnapshotEntry>)> {
+        let storage = FileStorage::open(Path::new(path), false).ok()?;
+        let qcow2 = match format {
+            Some(f) => f == "qcow2",
+            None => probe_format(&storage).ok() == Some(ImageFormat::Qcow2),
+        };
+        if !qcow2 {
+            return None;
+        }
+        let (info, snapshots) = Qcow2::inspect(&storage).ok()?;
+        Some((storage, info, snapshots))
+    };
+    // Decided before opening: opening would open the data file, which may
+    // be anything (a FIFO blocks the open forever).
+    if let Some((storage, info, snapshots)) = header_only() {
+        if info.data_file.is_some() || info.has_data_file || info.crypt_method != 0 {
+            storage
+                .lock_image(Path::new(path), true, opts.force_share)
+                .map_err(|e| format!("Could not open '{path}': {}", crate::common::describe(&e)))?;
+            return Ok(Source::Header { storage, info, snapshots });
+        }
+    }
+    let err = match open_image(path, format, opts.clone()) {
         Ok(image) => return Ok(Source::Open(image)),
         Err(msg) => msg,
     };
-    let Ok(storage) = FileStorage::open(Path::new(path), false) else { return Err(err) };
-    let qcow2 = match format {
-        Some(f) => f == "qcow2",
-        None => probe_format(&storage).ok() == Some(ImageFormat::Qcow2),
-    };
-    if !qcow2 {
-        return Err(err);
-    }
-    match Qcow2::inspect(&storage) {
-        Ok((info, snapshots))
-            if info.backing_file.is_some()
-                || info.data_file.is_some()
-                || info.has_data_file
-                // QEMU's info opens without I/O: no secret is needed.
-                || info.crypt_method != 0 =>
-        {
+    match header_only() {
+        Some((storage, info, snapshots)) if info.backing_file.is_some() && crate::common::backing_forbidden() => {
+            storage
+                .lock_image(Path::new(path), true, opts.force_share)
+                .map_err(|e| format!("Could not open '{path}': {}", crate::common::describe(&e)))?;
             Ok(Source::Header { storage, info, snapshots })
         }
         _ => Err(err),

@@ -118,7 +118,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let mut output = Output::Human;
     let mut start_offset = 0u64;
     let mut max_length: Option<u64> = None;
-    let mut image_opts = false;
+    let (mut image_opts, mut force_share) = (false, false);
     for (key, value) in &parsed.opts {
         let value = value.as_deref().unwrap_or_default();
         match key.as_str() {
@@ -127,7 +127,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 return 0;
             }
             "f" => format = Some(value.to_string()),
-            "U" => {}
+            "U" => force_share = true,
             "output" => {
                 output = match value {
                     "human" => Output::Human,
@@ -156,10 +156,11 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let [filename] = parsed.operands.as_slice() else {
         return ctx.fail(&format!("Expecting one image file name\n{hint}"));
     };
-    let (image, filename) = match crate::common::open_operand(filename, image_opts, format.as_deref(), true) {
-        Ok(i) => i,
-        Err(msg) => return ctx.fail(&msg),
-    };
+    let (image, filename) =
+        match crate::common::open_operand(filename, image_opts, format.as_deref(), true, force_share) {
+            Ok(i) => i,
+            Err(msg) => return ctx.fail(&msg),
+        };
     let filename = &filename;
     let mut length = image.len();
     if let Some(max) = max_length {

@@ -55,7 +55,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let mut output = OutputFormat::Human;
     let mut size: Option<u64> = None;
     let mut snapshot: Option<SnapshotParam> = None;
-    let mut image_opts = false;
+    let (mut image_opts, mut force_share) = (false, false);
     for (key, value) in p.opts {
         let value = value.unwrap_or_default();
         match key.as_str() {
@@ -91,7 +91,8 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                     return ctx.fail(&msg);
                 }
             }
-            _ => {} // -U: no locking yet
+            "U" => force_share = true,
+            _ => {}
         }
     }
     let filename = match p.operands.as_slice() {
@@ -112,10 +113,14 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         None => None,
         Some(name) => {
             let opened = if image_opts {
-                parse_image_opts(name)
-                    .and_then(|(path, f, o)| crate::common::open_image_as(&path, name, f.as_deref(), o.read_only(true)))
+                parse_image_opts(name).and_then(|(path, f, mut o)| {
+                    o.force_share |= force_share;
+                    crate::common::open_image_as(&path, name, f.as_deref(), o.read_only(true))
+                })
             } else {
-                open_image(name, fmt.as_deref(), OpenOptions::new().read_only(true))
+                let mut o = OpenOptions::new().read_only(true);
+                o.force_share = force_share;
+                open_image(name, fmt.as_deref(), o)
             };
             let loaded = opened.and_then(|image| match &snapshot {
                 Some(p) => p.load(image, name, fmt.as_deref()),

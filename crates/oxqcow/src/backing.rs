@@ -69,21 +69,58 @@ pub fn resolve_backing_path(overlay: &Path, name: &str) -> PathBuf {
     }
 }
 
-/// The images already open in the chain being built, for loop detection.
+/// The files of a backing chain being walked, top first: every walk over a
+/// chain (opening one, listing its layers, `info --backing-chain`) goes
+/// through one, so that loops and overlong chains are refused alike.
+///
+/// A loop is recognised by file identity (device and inode), not by name:
+/// relative names can spell one file in endless ways (`./a`, `././a`, a
+/// hard link), so comparing names would follow such a chain until the
+/// depth limit, or forever without one.
 #[derive(Default)]
-pub(crate) struct Chain {
-    files: Vec<PathBuf>,
+pub struct Chain {
+    files: Vec<FileIdentity>,
+}
+
+#[derive(PartialEq, Eq)]
+enum FileIdentity {
+    Inode {
+        dev: u64,
+        ino: u64,
+    },
+    /// A file whose metadata cannot be read: its opening will fail and
+    /// report why, so the name is identity enough until then.
+    Name(PathBuf),
+}
+
+impl FileIdentity {
+    fn of(path: &Path) -> FileIdentity {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata(path) {
+            Ok(m) => FileIdentity::Inode { dev: m.dev(), ino: m.ino() },
+            Err(_) => FileIdentity::Name(path.to_path_buf()),
+        }
+    }
 }
 
 impl Chain {
-    /// Records `path` as the next layer; refuses loops and overlong chains.
-    pub(crate) fn enter(&mut self, path: &Path) -> Result<()> {
-        let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-        if self.files.contains(&canonical) {
-            return Err(Error::InvalidArgument(format!(
-                "Backing file chain loop: '{}' is its own ancestor",
-                path.display()
-            )));
+    /// An empty chain.
+    pub fn new() -> Chain {
+        Chain::default()
+    }
+
+    /// How many layers were entered.
+    pub fn depth(&self) -> usize {
+        self.files.len()
+    }
+
+    /// Records `path` as the next layer down; refuses a file already in
+    /// the chain (with `qemu-img info --backing-chain`'s message) and a
+    /// layer past [`MAX_CHAIN_DEPTH`].
+    pub fn enter(&mut self, path: &Path) -> Result<()> {
+        let id = FileIdentity::of(path);
+        if self.files.contains(&id) {
+            return Err(Error::InvalidArgument(format!("Backing file '{}' creates an infinite loop.", path.display())));
         }
         if self.files.len() >= MAX_CHAIN_DEPTH {
             return Err(Error::InvalidArgument(format!(
@@ -91,7 +128,7 @@ impl Chain {
                 path.display()
             )));
         }
-        self.files.push(canonical);
+        self.files.push(id);
         Ok(())
     }
 }
@@ -139,8 +176,11 @@ pub(crate) fn open_backing(
     backing_opts.read_only = true;
     backing_opts.format = format;
     backing_opts.repair = false;
-    // An explicit data file belongs to the image it was given for.
+    // An explicit data file, and the internal snapshot to read, belong to
+    // the image they were given for (QEMU's `bdrv_snapshot_load_tmp`
+    // loads the snapshot of the top image; its backing file reads as it is).
     backing_opts.data_file = None;
+    backing_opts.snapshot = None;
     // As in QEMU, the overlay's secret is not the backing file's: that one
     // comes from `backing.encrypt.key-secret`.
     backing_opts.passphrase = opts.backing_passphrase.clone();

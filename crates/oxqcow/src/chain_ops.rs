@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::backing::{resolve_backing_path, BackingPolicy};
+use crate::backing::{resolve_backing_path, BackingPolicy, Chain};
 use crate::error::{Error, Result};
 use crate::image::{BlockDevice, Image};
 use crate::options::{CacheMode, ImageFormat, OpenOptions};
@@ -36,17 +36,9 @@ pub fn chain_layers(top: &Path, format: Option<ImageFormat>) -> Result<Vec<Chain
     let mut layers: Vec<ChainLayer> = Vec::new();
     let mut path = top.to_path_buf();
     let mut fmt = format;
+    let mut chain = Chain::new();
     loop {
-        if layers.len() >= crate::backing::MAX_CHAIN_DEPTH {
-            return Err(Error::InvalidArgument(format!("Backing file chain deeper than {} images", layers.len())));
-        }
-        let canonical = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
-        if layers.iter().any(|l| std::fs::canonicalize(&l.path).unwrap_or_else(|_| l.path.clone()) == canonical) {
-            return Err(Error::InvalidArgument(format!(
-                "Backing file chain loop: '{}' is its own ancestor",
-                path.display()
-            )));
-        }
+        chain.enter(&path)?;
         let opts = OpenOptions { read_only: true, format: fmt, backing: BackingPolicy::Ignore, ..Default::default() };
         let image = Image::open(&path, &opts)?;
         let (name, bfmt) = match image.as_qcow2() {

@@ -159,6 +159,17 @@ impl FileStorage {
         Ok(())
     }
 
+    /// Takes QEMU's image locks on this file for an open that is read-only
+    /// or not and shares writers or not (`-U`), as [`crate::Image::open`]
+    /// takes them; they last as long as this storage.
+    pub fn lock_image(&self, path: &Path, read_only: bool, force_share: bool) -> crate::Result<()> {
+        crate::lock::lock(
+            &self.file,
+            crate::lock::LockSet::for_open(read_only, force_share),
+            &path.display().to_string(),
+        )
+    }
+
     /// The underlying file.
     pub fn file(&self) -> &File {
         &self.file
