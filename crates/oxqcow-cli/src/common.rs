@@ -95,6 +95,7 @@ pub fn open_image_as(path: &str, shown: &str, format: Option<&str>, opts: OpenOp
 fn open_image_inner(path: &str, format: Option<&str>, opts: OpenOptions) -> Result<Image, String> {
     let mut opts = opts;
     opts.backing = backing_policy(opts.backing);
+    opts.warnings = stderr_warnings();
     if Path::new(path).is_dir() {
         return Err(format!("Could not open '{path}': 'file' driver requires '{path}' to be a regular file"));
     }
@@ -127,6 +128,12 @@ fn open_image_inner(path: &str, format: Option<&str>, opts: OpenOptions) -> Resu
         }
     }
     Ok(image)
+}
+
+/// Run-time findings go to stderr as they happen, as QEMU's `error_report`
+/// lines do.
+pub fn stderr_warnings() -> oxqcow::Warnings {
+    oxqcow::Warnings::to(|line| eprintln!("{line}"))
 }
 
 /// QEMU's warning (at every open) for a bitmaps extension that a program
@@ -368,22 +375,26 @@ fn wait_for_daemon(mut from_child: std::os::unix::net::UnixStream, child: oxqcow
 
 /// Opens an image operand: a file name (with `format`), or with
 /// `image_opts` an option string naming the file, its format, secrets and
-/// runtime options. `read_only` applies either way. Returns the image and
-/// the file name.
+/// runtime options. `read_only` and `force_share` (`-U`) apply either way.
+/// Returns the image and the file name.
 pub fn open_operand(
     operand: &str,
     image_opts: bool,
     format: Option<&str>,
     read_only: bool,
+    force_share: bool,
 ) -> Result<(Image, String), String> {
     if !image_opts {
-        let image = open_image(operand, format, OpenOptions::new().read_only(read_only))?;
+        let mut opts = OpenOptions::new().read_only(read_only);
+        opts.force_share = force_share;
+        let image = open_image(operand, format, opts)?;
         return Ok((image, operand.to_string()));
     }
     if format.is_some() {
         return Err("--image-opts and --format are mutually exclusive".into());
     }
-    let (path, fmt, opts) = parse_image_opts(operand)?;
+    let (path, fmt, mut opts) = parse_image_opts(operand)?;
+    opts.force_share |= force_share;
     let image = open_image_as(&path, operand, fmt.as_deref(), opts.read_only(read_only))?;
     Ok((image, path))
 }

@@ -19,8 +19,8 @@
 //!
 //! Over a backing file the disk starts as the backing file's content
 //! (zeros past its end); every rule above stays, except that a discard on
-//! a version 2 overlay makes the clusters read the backing file again
-//! (version 2 has no zero flag to mask it).
+//! a version 2 overlay changes nothing (version 2 has no zero flag to mask
+//! the backing file with, so QEMU refuses it and keeps the data).
 
 use std::sync::Arc;
 
@@ -288,15 +288,15 @@ pub struct Model {
     pub cluster_size: u64,
     /// The backing file's content, if the image has one.
     pub backing: Option<Arc<Vec<u8>>>,
-    /// Whether a discard shows the backing file again (a version 2
-    /// overlay) instead of zeros.
-    pub discard_shows_backing: bool,
+    /// Whether a discard leaves the data as it is (a version 2 overlay)
+    /// instead of making it read as zeros.
+    pub discard_keeps_data: bool,
 }
 
 impl Model {
     /// A zeroed disk of `size` bytes.
     pub fn new(size: u64, cluster_size: u64) -> Self {
-        Model { data: vec![0; size as usize], cluster_size, backing: None, discard_shows_backing: false }
+        Model { data: vec![0; size as usize], cluster_size, backing: None, discard_keeps_data: false }
     }
 
     /// A disk of `size` bytes over a backing file holding `backing`: it
@@ -306,20 +306,7 @@ impl Model {
         let mut data = vec![0; size as usize];
         let n = backing.len().min(data.len());
         data[..n].copy_from_slice(&backing[..n]);
-        Model { data, cluster_size, backing: Some(backing), discard_shows_backing: v2 }
-    }
-
-    /// What the backing file shows at `[start, end)` (zeros without one
-    /// and past its end).
-    pub fn backing_bytes(&self, start: u64, end: u64) -> Vec<u8> {
-        let mut out = vec![0u8; (end - start) as usize];
-        if let Some(b) = &self.backing {
-            let hi = (end as usize).min(b.len());
-            if (start as usize) < hi {
-                out[..hi - start as usize].copy_from_slice(&b[start as usize..hi]);
-            }
-        }
-        out
+        Model { data, cluster_size, backing: Some(backing), discard_keeps_data: v2 }
     }
 
     /// The disk size.
@@ -351,10 +338,8 @@ impl Model {
                 Some((offset, len))
             }
             Op::Discard { offset, len } => {
-                if let Some((s, e)) = self.discarded_range(offset, len) {
-                    let fill =
-                        if self.discard_shows_backing { self.backing_bytes(s, e) } else { vec![0; (e - s) as usize] };
-                    self.data[s as usize..e as usize].copy_from_slice(&fill);
+                if let Some((s, e)) = self.discarded_range(offset, len).filter(|_| !self.discard_keeps_data) {
+                    self.data[s as usize..e as usize].fill(0);
                 }
                 Some((offset, len))
             }
@@ -367,7 +352,7 @@ impl Model {
             // Snapshots are the harness's business: the model only holds
             // the active layer.
             Op::Amend(AmendOp::Compat(c)) => {
-                self.discard_shows_backing = self.backing.is_some() && c == Compat::V2;
+                self.discard_keeps_data = self.backing.is_some() && c == Compat::V2;
                 None
             }
             Op::Flush | Op::Reopen | Op::CrashReopen | Op::SnapshotCreate | Op::SnapshotDelete(_) | Op::Amend(_) => {

@@ -698,7 +698,7 @@ impl Harness {
                 must_succeed(self)?;
                 self.config.compat = Compat::V3;
                 self.layout.version = 3;
-                self.model.discard_shows_backing = false;
+                self.model.discard_keeps_data = false;
             }
             AmendOp::Compat(Compat::V2) if version == 2 => must_succeed(self)?,
             AmendOp::Compat(Compat::V2) if self.data.is_some() => {
@@ -732,7 +732,7 @@ impl Harness {
                 self.config.lazy_refcounts = false;
                 self.config.compression_type = CompressionType::Zlib;
                 self.layout.version = 2;
-                self.model.discard_shows_backing = self.backing.is_some();
+                self.model.discard_keeps_data = self.backing.is_some();
             }
             AmendOp::RefcountBits(bits) => {
                 if version == 2 && bits != 16 {
@@ -950,21 +950,21 @@ mod tests {
 
     #[test]
     fn overlay_masking_is_checked() {
-        // A version 2 overlay shows the backing file again where a discard
-        // lands; a model that shows zeros there is caught.
+        // A discard on a version 2 overlay keeps the data; a model that
+        // shows zeros there is caught.
         let backing = Backing::raw(vec![7; 4096]).unwrap();
         let cfg = ImageConfig::new(512, 16, Compat::V2, false);
         let mut h = Harness::with_backing(cfg, 4096, 4096, OpenOptions::new(), backing.clone()).unwrap();
         h.apply(&Op::Write { offset: 0, len: 1024, seed: 1 }).unwrap();
         h.verify().unwrap();
-        h.model.discard_shows_backing = false;
+        h.model.discard_keeps_data = false;
         h.apply(&Op::Discard { offset: 0, len: 1024 }).unwrap();
         assert!(h.verify().unwrap_err().contains("content differs at offset 0"));
-        // On version 3 zero clusters mask it: a model that shows the
-        // backing file is caught.
+        // On version 3 the discarded clusters read as zeros: a model that
+        // keeps the data is caught.
         let cfg = ImageConfig::new(512, 16, Compat::V3, false);
         let mut h = Harness::with_backing(cfg, 4096, 4096, OpenOptions::new(), backing).unwrap();
-        h.model.discard_shows_backing = true;
+        h.model.discard_keeps_data = true;
         h.apply(&Op::Discard { offset: 0, len: 1024 }).unwrap();
         assert!(h.verify().unwrap_err().contains("content differs at offset 0"));
     }

@@ -46,7 +46,7 @@ pub use image::{probe_format, BlockDevice, Image};
 pub use mapping::Extent;
 pub use options::{
     CacheMode, Compat, CompressionType, CreateOptions, Encryption, EncryptionFormat, ImageFormat, OpenOptions,
-    Preallocation,
+    Preallocation, Warnings,
 };
 pub use oxqcow_format as format;
 pub use qcow2::{Qcow2, Qcow2Info};

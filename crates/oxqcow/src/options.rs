@@ -107,6 +107,35 @@ impl CacheMode {
     }
 }
 
+/// Where an open image reports what it found wrong and worked around while
+/// running (the lines QEMU prints with `error_report`): a function called
+/// with each line. None by default (nothing is reported).
+#[derive(Clone, Default)]
+pub struct Warnings(Option<std::sync::Arc<WarningFn>>);
+
+/// What [`Warnings`] calls with each line.
+type WarningFn = dyn Fn(&str) + Send + Sync;
+
+impl Warnings {
+    /// Reports each line to `f`.
+    pub fn to(f: impl Fn(&str) + Send + Sync + 'static) -> Warnings {
+        Warnings(Some(std::sync::Arc::new(f)))
+    }
+
+    /// Reports one line.
+    pub(crate) fn emit(&self, line: &str) {
+        if let Some(f) = &self.0 {
+            f(line);
+        }
+    }
+}
+
+impl std::fmt::Debug for Warnings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Warnings(reported)" } else { "Warnings(dropped)" })
+    }
+}
+
 /// Options for opening an image.
 #[derive(Clone, Default)]
 pub struct OpenOptions {
@@ -163,6 +192,8 @@ pub struct OpenOptions {
     /// The passphrase of the backing image (QEMU's
     /// `backing.encrypt.key-secret`).
     pub backing_passphrase: Option<Vec<u8>>,
+    /// Where problems found and worked around at run time are reported.
+    pub warnings: Warnings,
 }
 
 /// Passphrases are shown only as present or absent: options get logged.
@@ -189,6 +220,7 @@ impl std::fmt::Debug for OpenOptions {
             data_file,
             passphrase,
             backing_passphrase,
+            warnings,
         } = self;
         let secret = |p: &Option<Vec<u8>>| p.as_ref().map(|_| "<redacted>");
         f.debug_struct("OpenOptions")
@@ -211,6 +243,7 @@ impl std::fmt::Debug for OpenOptions {
             .field("data_file", data_file)
             .field("passphrase", &secret(passphrase))
             .field("backing_passphrase", &secret(backing_passphrase))
+            .field("warnings", warnings)
             .finish()
     }
 }

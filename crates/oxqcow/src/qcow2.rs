@@ -105,6 +105,11 @@ pub(crate) struct Meta {
     /// Whether a corruption event was reported already (QEMU prints the
     /// first one only: `signaled_corruption`).
     pub(crate) signaled_corruption: bool,
+    /// Host clusters whose COPIED flag was checked against their refcount
+    /// this session (see `Meta::copied_holds`).
+    pub(crate) verified: crate::write::VerifiedClusters,
+    /// Where run-time findings are reported.
+    pub(crate) warnings: crate::options::Warnings,
     /// Persistent dirty bitmaps (see `bitmap.rs`).
     pub(crate) bitmaps: crate::bitmap::Bitmaps,
     /// The external data file, when guest data lives in one.
@@ -358,6 +363,13 @@ impl Meta {
         if storage.write_at(&bytes, pos).and_then(|()| storage.sync()).is_ok() {
             self.header.incompatible_features = features;
         }
+    }
+
+    /// Whether the image has a backing file: one attached, or one its
+    /// header names (opened with `BackingPolicy::Ignore`, it will be
+    /// attached again later, so its data must stay masked all the same).
+    pub(crate) fn backing_named(&self) -> bool {
+        self.has_backing || self.header.backing_file.is_some()
     }
 
     pub(crate) fn check_writable(&self) -> Result<()> {
@@ -642,6 +654,8 @@ impl Qcow2 {
             has_backing: backing.is_some(),
             metadata_preallocation: None,
             signaled_corruption: false,
+            verified: Default::default(),
+            warnings: opts.warnings.clone(),
             bitmaps: Default::default(),
             data_file: data_file.map(|storage| crate::data_file::DataFile { storage, raw: data_file_raw, discard }),
         };
@@ -1034,21 +1048,7 @@ impl Qcow2 {
                     let len = alloc.len;
                     let io = self.write_allocated(&alloc, &chunk[..len as usize]);
                     drop(gate);
-                    let mut m = self.lock_meta();
-                    let res = match io {
-                        Ok(()) => m.commit_alloc(self.storage_ref(), alloc.id),
-                        Err(e) => {
-                            let _ = m.abort_alloc(self.storage_ref(), alloc.id);
-                            Err(e)
-                        }
-                    };
-                    self.alloc_done.notify_all();
-                    if let Err(e) = res {
-                        m.fail(self.storage_ref(), &e);
-                        return Err(e);
-                    }
-                    let pending = m.pending_frees.len();
-                    drop(m);
+                    let pending = self.finish_alloc(alloc.id, io)?;
                     if pending > MAX_PENDING_FREES {
                         self.flush()?;
                     }
@@ -1121,7 +1121,7 @@ impl Qcow2 {
         let size = self.len();
         let start = offset / unit * unit;
         let end = (start + unit).min(size);
-        if self.version() < 3 && self.backing.is_some() {
+        if self.version() < 3 && self.lock_meta().backing_named() {
             return self.write_zero_buffer(offset, len);
         }
         // QEMU zeroes the whole cluster when the unit is its first
@@ -1229,7 +1229,7 @@ impl Qcow2 {
             // Version 2 has no zero flag. Without a backing file an
             // unallocated cluster reads as zeros, so QEMU discards; over a
             // backing file it has to write zeros.
-            if self.backing.is_some() {
+            if self.lock_meta().backing_named() {
                 return self.write_zero_buffer(offset, end.min(size) - offset);
             }
             return self.update_clusters(offset, g.align_up(end) - offset, |m, st, o, l| m.discard_range(st, o, l));
@@ -1436,6 +1436,8 @@ impl Qcow2 {
         while !m.inflight.is_empty() {
             m = self.alloc_done.wait(m).unwrap_or_else(|p| p.into_inner());
         }
+        // Snapshot operations change which clusters are shared.
+        m.verified.clear();
         if !m.read_only {
             if let Some(f) = &m.failed {
                 return Err(Error::Failed(f.clone()));
@@ -1815,19 +1817,33 @@ impl Qcow2 {
         };
         let io = self.storage.write_at(data, host).map_err(Error::io("writing compressed data", host));
         drop(gate);
+        self.finish_alloc(id, io).map(|_| ())
+    }
+
+    /// Ends the in-flight allocation `id` after its data I/O gave `io`:
+    /// commits it (the L2 entries point at the new clusters), or gives its
+    /// clusters back. Returns how many frees are pending.
+    ///
+    /// A failed data I/O (an unreadable copy-on-write source, such as a
+    /// compressed cluster that does not inflate, or a failed data write)
+    /// fails this request only, as in QEMU: no metadata points at the new
+    /// clusters yet, so the image stays consistent and usable, and writes
+    /// acknowledged earlier are still flushed. Only metadata that could not
+    /// be updated makes the image refuse further writes.
+    fn finish_alloc(&self, id: u64, io: Result<()>) -> Result<usize> {
+        let st = self.storage_ref();
         let mut m = self.lock_meta();
         let res = match io {
-            Ok(()) => m.commit_alloc(self.storage_ref(), id),
+            Ok(()) => m.commit_alloc(st, id).inspect_err(|e| m.fail(st, e)),
             Err(e) => {
-                let _ = m.abort_alloc(self.storage_ref(), id);
+                if let Err(abort) = m.abort_alloc(st, id) {
+                    m.fail(st, &abort);
+                }
                 Err(e)
             }
         };
         self.alloc_done.notify_all();
-        if let Err(e) = &res {
-            m.fail(self.storage_ref(), e);
-        }
-        res
+        res.map(|()| m.pending_frees.len())
     }
 }
 

@@ -67,6 +67,46 @@ pub(crate) struct Allocation {
     pub(crate) len: u64,
 }
 
+/// Which entry's COPIED flag [`Meta::copied_holds`] checks.
+#[derive(Clone, Copy)]
+pub(crate) enum CopiedEntry {
+    /// An L2 entry (its raw word) pointing at a data cluster.
+    Data { l2_entry: u64 },
+    /// An L1 entry pointing at an L2 table.
+    L2Table { l1_index: u64, l1_entry: u64 },
+}
+
+/// Host clusters whose COPIED flag this session checked against their
+/// refcount, one bit each. Clusters past the end of the file are never
+/// remembered (they are checked each time), so the set is bounded by the
+/// file's size: 2 MiB per TiB of 64 KiB clusters.
+#[derive(Default)]
+pub(crate) struct VerifiedClusters {
+    words: Vec<u64>,
+}
+
+impl VerifiedClusters {
+    fn contains(&self, cluster: u64) -> bool {
+        self.words.get((cluster / 64) as usize).is_some_and(|w| w & (1 << (cluster % 64)) != 0)
+    }
+
+    /// Remembers `cluster` if it lies below `limit` (in clusters).
+    fn insert(&mut self, cluster: u64, limit: u64) {
+        if cluster >= limit {
+            return;
+        }
+        let word = (cluster / 64) as usize;
+        if word >= self.words.len() {
+            self.words.resize(word + 1, 0);
+        }
+        self.words[word] |= 1 << (cluster % 64);
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.words.clear();
+    }
+}
+
 /// The plan for the next piece of a write.
 pub(crate) enum WritePlan {
     /// Another request is allocating a cluster we touch: wait and replan.
@@ -82,9 +122,62 @@ impl Meta {
         self.inflight.iter().any(|a| first < a.first_cluster + a.count && a.first_cluster < first + count)
     }
 
+    /// Whether the COPIED flag of the entry `entry` (L1 or L2, `what` says
+    /// which) holds for its cluster at `host`: the cluster's refcount is 1,
+    /// so writing into it in place changes nothing else. QEMU trusts the
+    /// flag, and one wrong bit on a cluster an internal snapshot shares
+    /// makes a write change the snapshot. Checked once per cluster and
+    /// session (a refcount cache lookup); a mismatch is reported with the
+    /// line QEMU's check prints for it, and the caller then copies on write
+    /// as for any shared cluster (a count of 0 is no sharing: refcounts
+    /// that low are check's to repair).
+    pub(crate) fn copied_holds(&mut self, storage: &dyn Storage, host: HostOffset, what: CopiedEntry) -> Result<bool> {
+        if self.data_file.is_some() && matches!(what, CopiedEntry::Data { .. }) {
+            // Data file clusters have no refcount: COPIED is always right.
+            return Ok(true);
+        }
+        let cluster = self.geometry.host_cluster(host).0;
+        if self.verified.contains(cluster) {
+            return Ok(true);
+        }
+        let refcount = self.refcounts.get(storage, HostCluster(cluster))?;
+        if refcount == 1 {
+            self.verified.insert(cluster, self.refcounts.host_end);
+            return Ok(true);
+        }
+        self.warnings.emit(&match what {
+            CopiedEntry::Data { l2_entry } => {
+                format!("ERROR OFLAG_COPIED data cluster: l2_entry={l2_entry:x} refcount={refcount}")
+            }
+            CopiedEntry::L2Table { l1_index, l1_entry } => {
+                format!("ERROR OFLAG_COPIED L2 cluster: l1_index={l1_index} l1_entry={l1_entry:x} refcount={refcount}")
+            }
+        });
+        Ok(refcount == 0)
+    }
+
+    /// Whether the data cluster that entry `index` of `table` maps (as
+    /// `mapping`) takes a write in place: a normal cluster with COPIED,
+    /// whose flag holds.
+    fn writable_in_place(
+        &mut self,
+        storage: &dyn Storage,
+        table: u64,
+        index: usize,
+        mapping: L2Mapping,
+    ) -> Result<bool> {
+        let L2Mapping::Normal { host, copied: true } = mapping else { return Ok(false) };
+        let l2_entry = self.l2_entry(table, index).0;
+        self.copied_holds(storage, host, CopiedEntry::Data { l2_entry })
+    }
+
     /// Allocates host clusters and extends the known end of the file.
     pub(crate) fn alloc_clusters(&mut self, storage: &dyn Storage, n: u64) -> Result<u64> {
         let c = self.refcounts.alloc(storage, n)?;
+        // Ours alone: their COPIED flags need no check.
+        for i in 0..n {
+            self.verified.insert(c.0 + i, self.refcounts.host_end);
+        }
         Ok(self.geometry.cluster_offset(c).0)
     }
 
@@ -163,7 +256,8 @@ impl Meta {
             Error::Corrupt(format!("guest offset needs L1 entry {l1_index}, but the L1 table has {}", self.l1.len()))
         })?;
         if let Some(offset) = current {
-            if L1Entry(raw).copied() {
+            let what = CopiedEntry::L2Table { l1_index, l1_entry: raw };
+            if L1Entry(raw).copied() && self.copied_holds(storage, HostOffset(offset), what)? {
                 return Ok(offset);
             }
         }
@@ -233,11 +327,7 @@ impl Meta {
             return Ok(WritePlan::Wait);
         }
         let l1_index = g.l1_index(GuestOffset(offset));
-        // Read-only lookup first: in-place writes must not allocate L2 tables.
-        let table = match self.l2_offset(l1_index)? {
-            Some(t) if L1Entry(self.l1[l1_index as usize]).copied() => t,
-            _ => self.ensure_l2_for_write(storage, l1_index)?,
-        };
+        let table = self.ensure_l2_for_write(storage, l1_index)?;
         self.load_l2(storage, table)?;
         let index = g.l2_index(GuestOffset(offset));
         let in_cluster = g.offset_in_cluster(offset);
@@ -249,18 +339,17 @@ impl Meta {
         let (m0, b0) = self.mapping_with_bitmap(table, index)?;
         self.check_data_file_host(&m0, offset, index)?;
         let external = self.data_file.is_some();
-        if let L2Mapping::Normal { host, copied: true } = m0 {
+        if let (true, L2Mapping::Normal { host, .. }) = (self.writable_in_place(storage, table, index, m0)?, m0) {
             let mut run_end = first + 1;
             let mut next_host = host.0 + cs;
             while run_end <= limit && !self.inflight_overlaps(run_end, 1) {
                 let i = index + (run_end - first) as usize;
-                match self.mapping_with_bitmap(table, i)?.0 {
-                    L2Mapping::Normal { host: h, copied: true } if h.0 == next_host => {
-                        run_end += 1;
-                        next_host += cs;
-                    }
-                    _ => break,
+                let m = self.mapping_with_bitmap(table, i)?.0;
+                if m.host_cluster() != Some(HostOffset(next_host)) || !self.writable_in_place(storage, table, i, m)? {
+                    break;
                 }
+                run_end += 1;
+                next_host += cs;
             }
             let run_len = (run_end * cs).min(end) - offset;
             if !g.extended_l2() || self.subclusters_allocated(table, index, offset, offset + run_len) {
@@ -307,7 +396,7 @@ impl Meta {
         while first + count <= limit && !self.inflight_overlaps(first + count, 1) {
             let i = index + count as usize;
             let (m, b) = self.mapping_with_bitmap(table, i)?;
-            if matches!(m, L2Mapping::Normal { copied: true, .. }) {
+            if self.writable_in_place(storage, table, i, m)? {
                 break;
             }
             (last_mapping, last_bitmap) = (m, b);
@@ -665,6 +754,13 @@ impl Meta {
     /// backing file) and their host clusters are freed.
     pub(crate) fn discard_range(&mut self, storage: &dyn Storage, offset: u64, len: u64) -> Result<bool> {
         let v3 = self.header.version >= 3;
+        if !v3 && self.backing_named() {
+            // Version 2 cannot say "reads as zeros": an unallocated entry
+            // would expose the backing file's data. QEMU refuses
+            // (`qcow2_co_pdiscard`: ENOTSUP, which its block layer turns
+            // into a successful no-op), and so the data stays.
+            return Ok(true);
+        }
         let backing = self.has_backing;
         if self.geometry.extended_l2() {
             // QEMU's discard_in_l2_slice with subclusters: every subcluster

@@ -83,3 +83,116 @@ fn overlap_check_none_lets_the_write_through() {
     let bytes = std::fs::read(&path).unwrap();
     assert_eq!(&bytes[0x30000..0x30008], &[0; 8]);
 }
+
+/// A 64k-cluster image with a compressed cluster at guest 0 whose data no
+/// longer inflates, and data (pattern 2) at 128k.
+fn image_with_broken_compressed_cluster(path: &Path) {
+    assert!(qemu(&["qemu-img", "create", "-q", "-f", "qcow2", p(path), "1M"]).status.success());
+    let io = qemu(&["qemu-io", "-c", "write -c -P 1 0 64k", "-c", "write -P 2 128k 64k", p(path)]);
+    assert!(io.status.success());
+    let mut bytes = std::fs::read(path).unwrap();
+    let l2 = u64::from_be_bytes(bytes[0x30000..0x30008].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00;
+    let entry = u64::from_be_bytes(bytes[l2 as usize..l2 as usize + 8].try_into().unwrap());
+    assert_ne!(entry & 1 << 62, 0, "guest cluster 0 is compressed");
+    // 64k clusters: the host offset is the low 62 - (16 - 8) bits.
+    let host = (entry & ((1 << 54) - 1)) as usize;
+    bytes[host..host + 512].fill(0xff);
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// One write into a compressed cluster that did not inflate used to poison
+/// the image: the failed copy on write set the sticky failure and the
+/// corrupt bit, every later write and flush failed, and writes acknowledged
+/// before it were lost at close. QEMU fails only that request.
+#[test]
+fn unreadable_compressed_data_fails_only_its_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.qcow2");
+    image_with_broken_compressed_cluster(&path);
+
+    let img = Image::open(&path, &OpenOptions::new()).unwrap();
+    img.write_at(&[3; 4096], 256 << 10).unwrap();
+    let e = img.write_at(&[4; 512], 512).expect_err("the copy on write cannot read the cluster");
+    assert_ne!(e.kind(), ErrorKind::Failed, "{e}");
+    let mut buf = vec![0u8; 4096];
+    img.read_at(&mut buf, 0).expect_err("the cluster does not inflate");
+    img.write_at(&[5; 4096], 320 << 10).unwrap();
+    img.flush().unwrap();
+    // Acknowledged, never flushed by the caller: close must keep it.
+    img.write_at(&[6; 4096], 384 << 10).unwrap();
+    img.close().unwrap();
+
+    let info = String::from_utf8(qemu(&["qemu-img", "info", p(&path)]).stdout).unwrap();
+    assert!(info.contains("corrupt: false"), "{info}");
+    let check = qemu(&["qemu-img", "check", p(&path)]);
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stdout));
+    let out = qemu(&[
+        "qemu-io",
+        "-c",
+        "read -P 2 128k 64k",
+        "-c",
+        "read -P 3 256k 4k",
+        "-c",
+        "read -P 5 320k 4k",
+        "-c",
+        "read -P 6 384k 4k",
+        p(&path),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && !text.contains("fail"), "{text}");
+}
+
+/// An image (64k clusters) whose 128k of data (pattern 1) an internal
+/// snapshot shares, with COPIED wrongly set on the active first L2 entry
+/// (`flag_l2`) or on the active L1 entry of the shared L2 table.
+fn image_with_wrong_copied_flag(path: &Path, flag_l2: bool) {
+    assert!(qemu(&["qemu-img", "create", "-q", "-f", "qcow2", p(path), "4M"]).status.success());
+    assert!(qemu(&["qemu-io", "-c", "write -P 1 0 128k", p(path)]).status.success());
+    assert!(qemu(&["qemu-img", "snapshot", "-c", "s1", p(path)]).status.success());
+    let mut bytes = std::fs::read(path).unwrap();
+    let word = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+    let l1 = word(&bytes, 40) as usize;
+    let at = if flag_l2 { (word(&bytes, l1) & 0x00ff_ffff_ffff_fe00) as usize } else { l1 };
+    let flagged = word(&bytes, at) | 1 << 63;
+    bytes[at..at + 8].copy_from_slice(&flagged.to_be_bytes());
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// A write into a cluster whose entry says COPIED while the refcount says
+/// 2 (shared with a snapshot) changed the snapshot in place, as QEMU's
+/// does. The flag is now checked against the refcount before the first
+/// in-place write: the write copies on write, the snapshot keeps its data,
+/// and the mismatch is reported with `qemu-img check`'s line.
+#[test]
+fn a_wrong_copied_flag_does_not_let_a_write_change_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    for (flag_l2, write_at, line) in [
+        (true, 0u64, "ERROR OFLAG_COPIED data cluster: l2_entry=8000000000050000 refcount=2"),
+        (false, 1 << 20, "ERROR OFLAG_COPIED L2 cluster: l1_index=0 l1_entry=8000000000040000 refcount=2"),
+    ] {
+        let path = dir.path().join(format!("flag_l2_{flag_l2}.qcow2"));
+        image_with_wrong_copied_flag(&path, flag_l2);
+        let reported = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let sink = reported.clone();
+        let opts = OpenOptions {
+            warnings: oxqcow::Warnings::to(move |l| sink.lock().unwrap().push(l.into())),
+            ..OpenOptions::new()
+        };
+        let img = Image::open(&path, &opts).unwrap();
+        img.write_at(&[2; 4096], write_at).unwrap();
+        img.write_at(&[3; 4096], write_at + 8192).unwrap();
+        img.close().unwrap();
+        assert_eq!(*reported.lock().unwrap(), vec![line.to_string()], "reported once, as qemu-img check words it");
+
+        let check = qemu(&["qemu-img", "check", p(&path)]);
+        assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stdout));
+        let snap = dir.path().join("snap.raw");
+        let convert = qemu(&["qemu-img", "convert", "-l", "s1", "-O", "raw", p(&path), p(&snap)]);
+        assert!(convert.status.success());
+        let out = qemu(&["qemu-io", "-f", "raw", "-c", "read -P 1 0 128k", "-c", "read -P 0 1M 64k", p(&snap)]);
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("fail"), "the snapshot changed (flag_l2 {flag_l2})");
+        let active = format!("read -P 2 {write_at} 4k");
+        let out = qemu(&["qemu-io", "-c", &active, p(&path)]);
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("fail"), "the write was lost (flag_l2 {flag_l2})");
+    }
+}

@@ -302,6 +302,7 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
     opts.force_share = spec.force_share;
     opts.passphrase = passphrase;
     opts.backing_passphrase = backing_passphrase;
+    opts.warnings = crate::common::stderr_warnings();
     if protocol_only {
         opts.backing = BackingPolicy::Ignore;
     }
