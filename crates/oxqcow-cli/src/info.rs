@@ -152,7 +152,7 @@ fn open_source(path: &str, format: Option<&str>, opts: OpenOptions) -> Result<So
     let Ok(storage) = FileStorage::open(Path::new(path), false) else { return Err(err) };
     let qcow2 = match format {
         Some(f) => f == "qcow2",
-        None => probe_format(&storage).ok() == Some(ImageFormat::Qcow2),
+        None => probe_format(&storage, Some(Path::new(path))).ok() == Some(ImageFormat::Qcow2),
     };
     if !qcow2 {
         return Err(err);
