@@ -161,7 +161,7 @@ fn open_source(path: &str, format: Option<&str>, mut opts: OpenOptions) -> Resul
         let storage = FileStorage::open(Path::new(path), false).ok()?;
         let qcow2 = match format {
             Some(f) => f == "qcow2",
-            None => probe_format(&storage).ok() == Some(ImageFormat::Qcow2),
+            None => probe_format(&storage, Some(Path::new(path))).ok() == Some(ImageFormat::Qcow2),
         };
         if !qcow2 {
             return None;

@@ -198,6 +198,14 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             } else {
                 match q.snapshot_apply(&name) {
                     Ok(()) => 0,
+                    // QEMU first resizes the disk to the snapshot's size; that
+                    // resize reports its own error, the apply then fails.
+                    Err(oxqcow::Error::InvalidArgument(msg)) if msg.starts_with("The new size") => {
+                        ctx.error(&msg);
+                        ctx.fail(&format!(
+                            "Could not apply snapshot '{name}': Failed to load snapshot: Invalid argument"
+                        ))
+                    }
                     Err(e) => ctx.fail(&format!("Could not apply snapshot '{name}': {}", describe(&e))),
                 }
             }

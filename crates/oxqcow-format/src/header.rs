@@ -272,11 +272,6 @@ pub fn peek_cluster_bits(prefix: &[u8]) -> Result<u32, FormatError> {
     Ok(cluster_bits)
 }
 
-/// Whether the bytes start with the qcow2 magic (format probing).
-pub fn has_magic(prefix: &[u8]) -> bool {
-    prefix.len() >= 8 && be32(prefix, 0) == QCOW_MAGIC && matches!(be32(prefix, 4), 2 | 3)
-}
-
 impl Header {
     /// The geometry the header describes.
     pub fn geometry(&self) -> Geometry {

@@ -4,7 +4,8 @@
 //! extensions, L1/L2 table entries, refcount table entries and refcount
 //! blocks of any width, compressed cluster descriptors, the snapshot table,
 //! the bitmap directory and bitmap tables, and the LUKS1 header of encrypted
-//! images.
+//! images; and the signatures by which QEMU recognises every format it
+//! probes ([`probe`]).
 //! It does no I/O and keeps no state; the engine (`oxqcow`) reads bytes from
 //! storage and hands them here, so that no logic module ever slices bytes.
 //! Every size read from disk is bounded here (see [`limits`]) before anything
@@ -17,6 +18,7 @@ pub mod error;
 pub mod header;
 pub mod limits;
 pub mod luks;
+pub mod probe;
 pub mod refcount;
 pub mod snapshot;
 pub mod table;

@@ -491,12 +491,6 @@ pub(crate) fn open_image(storage: &dyn Storage, header: &Header, passphrase: Opt
     let Some(passphrase) = passphrase else {
         return Err(Error::InvalidArgument("Parameter 'encrypt.key-secret' is required for cipher".into()));
     };
-    if header.size % SECTOR != 0 {
-        return Err(Error::Unsupported(format!(
-            "encrypted images whose size ({}) is not a multiple of 512 bytes",
-            header.size
-        )));
-    }
     let Some((ext, luks)) = luks else {
         return Ok(Some(Crypt::legacy_aes(passphrase)));
     };

@@ -54,6 +54,12 @@ pub enum Error {
     /// Not implemented yet.
     #[error("not supported yet: {0}")]
     Unsupported(String),
+    /// Probing found an image format oxqcow does not implement (named as
+    /// QEMU names it). The text is what QEMU says when a probe finds a
+    /// format whose driver its build leaves out of the driver whitelist:
+    /// oxqcow is such a build, with qcow2 and raw whitelisted.
+    #[error("Driver '{0}' is not whitelisted")]
+    UnsupportedFormat(&'static str),
     /// Inconsistent metadata.
     #[error("{0}")]
     Corrupt(String),
@@ -90,7 +96,7 @@ impl Error {
         match self {
             Error::Io { .. } => ErrorKind::Io,
             Error::Format(_) => ErrorKind::InvalidFormat,
-            Error::Unsupported(_) => ErrorKind::Unsupported,
+            Error::Unsupported(_) | Error::UnsupportedFormat(_) => ErrorKind::Unsupported,
             Error::Corrupt(_) => ErrorKind::Corrupt,
             Error::OutOfBounds { .. } => ErrorKind::OutOfBounds,
             Error::ReadOnly => ErrorKind::ReadOnly,

@@ -1,9 +1,13 @@
 //! One type for every format: [`Image`] opens qcow2 or raw (probing when the
-//! caller does not say) and [`BlockDevice`] is what convert, compare, the
-//! NBD server and the cursor adapter work against.
+//! caller does not say, and refusing every other format the probe knows)
+//! and [`BlockDevice`] is what convert, compare, the NBD server and the
+//! cursor adapter work against.
 
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
+
+use oxqcow_format::probe::{probe_head, probe_trailer, Probed, PROBE_LEN, TRAILER_LEN};
 
 use crate::backing::{open_backing, resolve_backing_path, BackingPolicy, Chain};
 use crate::check::{CheckReport, RepairMode};
@@ -49,21 +53,44 @@ pub enum Image {
     Raw(Raw),
 }
 
-/// Guesses the format of storage from its first bytes, as QEMU probes:
-/// qcow2 by its magic and a version of at least 2, raw otherwise.
-pub fn probe_format(storage: &dyn Storage) -> Result<ImageFormat> {
-    let mut prefix = [0u8; 8];
-    storage.read_at(&mut prefix, 0).map_err(Error::io("probing the image format", 0))?;
-    // QEMU's qcow2 probe claims any file with the magic and a version of 2
-    // or more, so that an unsupported version is reported as such rather
-    // than the file being opened as raw.
-    let magic = prefix[..4] == [b'Q', b'F', b'I', 0xfb];
-    let version = u32::from_be_bytes([prefix[4], prefix[5], prefix[6], prefix[7]]);
-    Ok(if oxqcow_format::header::has_magic(&prefix) || (magic && version >= 2) {
-        ImageFormat::Qcow2
-    } else {
-        ImageFormat::Raw
-    })
+/// Names the format of the image in `storage` as QEMU's probe does (see
+/// [`oxqcow_format::probe`]): the first 512 bytes and `file_name` (the name
+/// the file is opened by; a name ending in `.dmg` is a dmg image to QEMU),
+/// and, when those say raw, oxqcow's look at the last sector for the
+/// formats whose only signature is a trailer. An empty file is raw.
+pub fn probe(storage: &dyn Storage, file_name: Option<&Path>) -> Result<Probed> {
+    let len = storage.len().map_err(Error::io("probing the image format", 0))?;
+    if len == 0 {
+        return Ok(Probed::Raw);
+    }
+    let mut head = [0u8; PROBE_LEN];
+    storage.read_at(&mut head, 0).map_err(Error::io("probing the image format", 0))?;
+    let probed = probe_head(&head, file_name.map(|p| p.as_os_str().as_bytes()));
+    if probed != Probed::Raw || len < TRAILER_LEN as u64 {
+        return Ok(probed);
+    }
+    let mut tail = [0u8; TRAILER_LEN];
+    let at = len - TRAILER_LEN as u64;
+    storage.read_at(&mut tail, at).map_err(Error::io("probing the image format", at))?;
+    Ok(probe_trailer(&tail).unwrap_or(Probed::Raw))
+}
+
+/// The format oxqcow opens the image in `storage` with, when the caller
+/// does not name one: what [`probe`] finds, if oxqcow implements it. Any
+/// other format it recognises is refused ([`Error::UnsupportedFormat`]),
+/// never opened as raw: its metadata would be read as guest data and
+/// writes would overwrite it. Naming the format raw opens it as raw.
+pub fn probe_format(storage: &dyn Storage, file_name: Option<&Path>) -> Result<ImageFormat> {
+    supported_format(probe(storage, file_name)?)
+}
+
+/// The implemented format a probe result maps to.
+pub fn supported_format(probed: Probed) -> Result<ImageFormat> {
+    match probed {
+        Probed::Qcow2 => Ok(ImageFormat::Qcow2),
+        Probed::Raw => Ok(ImageFormat::Raw),
+        other => Err(Error::UnsupportedFormat(other.name())),
+    }
 }
 
 impl Image {
@@ -88,10 +115,11 @@ impl Image {
         let storage: Arc<dyn Storage> = Arc::new(file);
         let format = match opts.format {
             Some(f) => f,
-            None => probe_format(&*storage)?,
+            None => probe_format(&*storage, Some(path))?,
         };
         if format == ImageFormat::Raw {
-            return Ok(Image::Raw(Raw::open(storage, opts.read_only)?));
+            let raw = Raw::open(storage, opts.read_only)?;
+            return Ok(Image::Raw(if opts.format.is_none() { raw.probed() } else { raw }));
         }
         let header = crate::qcow2::read_header(&*storage)?;
         // QEMU opens the data file while opening the image, before the
@@ -109,10 +137,11 @@ impl Image {
     pub fn open_storage(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Image> {
         let format = match opts.format {
             Some(f) => f,
-            None => probe_format(&*storage)?,
+            None => probe_format(&*storage, None)?,
         };
         Ok(match format {
             ImageFormat::Qcow2 => Image::Qcow2(Qcow2::open(storage, opts)?),
+            ImageFormat::Raw if opts.format.is_none() => Image::Raw(Raw::open(storage, opts.read_only)?.probed()),
             ImageFormat::Raw => Image::Raw(Raw::open(storage, opts.read_only)?),
         })
     }

@@ -42,13 +42,14 @@ pub use check::{CheckReport, RepairMode};
 pub use cursor::ImageCursor;
 pub use dirty::DirtyBitmap;
 pub use error::{Error, ErrorKind, Result};
-pub use image::{probe_format, BlockDevice, Image};
+pub use image::{probe, probe_format, supported_format, BlockDevice, Image};
 pub use mapping::Extent;
 pub use options::{
     CacheMode, Compat, CompressionType, CreateOptions, Encryption, EncryptionFormat, ImageFormat, OpenOptions,
     Preallocation, Warnings,
 };
 pub use oxqcow_format as format;
+pub use oxqcow_format::probe::Probed;
 pub use qcow2::{Qcow2, Qcow2Info};
 pub use raw::Raw;
 pub use storage::{FileStorage, MemoryStorage, Storage};

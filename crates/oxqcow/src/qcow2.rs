@@ -233,14 +233,24 @@ fn cache_tables(opts: &OpenOptions, geometry: &Geometry, size: u64) -> Result<(u
     Ok((l2_tables as usize, rc_tables as usize))
 }
 
-/// Reads the header cluster of an image.
+/// QEMU's `BDRV_SECTOR_SIZE`: the unit its block layer sizes disks in.
+const SECTOR_SIZE: u64 = 512;
+
+/// Reads the header cluster of an image, with the guest size as QEMU sees
+/// it: in whole sectors. QEMU validates the size the header records, then
+/// counts the disk in 512-byte sectors rounded down (`total_sectors`), so
+/// a tail of less than a sector is not part of the disk: not readable, not
+/// reported, not exported, and what QEMU writes back when it rewrites the
+/// header. Rounding here gives every user of the header that one view.
 pub(crate) fn read_header(storage: &dyn Storage) -> Result<Header> {
     let mut prefix = [0u8; 512];
     storage.read_at(&mut prefix, 0).map_err(Error::io("reading the qcow2 header", 0))?;
     let cluster_bits = peek_cluster_bits(&prefix)?;
     let mut cluster0 = vec![0u8; 1 << cluster_bits];
     storage.read_at(&mut cluster0, 0).map_err(Error::io("reading the qcow2 header", 0))?;
-    Ok(Header::parse(&cluster0)?)
+    let mut header = Header::parse(&cluster0)?;
+    header.size -= header.size % SECTOR_SIZE;
+    Ok(header)
 }
 
 /// Reads and parses the snapshot table, growing the read as entries demand

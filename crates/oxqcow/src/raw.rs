@@ -1,7 +1,10 @@
-//! The raw format: the guest disk is the file, byte for byte.
+//! The raw format: the guest disk is the file, byte for byte; and, for a
+//! file whose format was probed, QEMU's guard on its first sector.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use oxqcow_format::probe::{probe_head, Probed, PROBE_LEN};
 
 use crate::error::{Error, Result};
 use crate::mapping::{push_extent, Extent};
@@ -18,6 +21,13 @@ pub struct Raw {
     read_only: bool,
     /// Cache mode writethrough: every write request ends with a sync.
     writethrough: AtomicBool,
+    /// The format was probed rather than named (QEMU's `bs->probed`):
+    /// writes must not make the first sector probe as another format.
+    probed: bool,
+    /// Held by a write to the probed sector from its check until its data
+    /// is written, so that two partial writes cannot together build a
+    /// signature that neither check saw.
+    probe_sector: Mutex<()>,
 }
 
 impl Raw {
@@ -27,13 +37,34 @@ impl Raw {
         // QEMU counts disks in whole sectors: a file of 1000 bytes is a disk
         // of 1024 whose last 24 bytes read as zeros (and map as a hole).
         let size = len.div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
-        Ok(Raw { storage, size: AtomicU64::new(size), read_only, writethrough: AtomicBool::new(false) })
+        Ok(Raw::new(storage, size, read_only))
+    }
+
+    fn new(storage: Arc<dyn Storage>, size: u64, read_only: bool) -> Raw {
+        Raw {
+            storage,
+            size: AtomicU64::new(size),
+            read_only,
+            writethrough: AtomicBool::new(false),
+            probed: false,
+            probe_sector: Mutex::new(()),
+        }
+    }
+
+    /// Marks the image as one whose format was probed, not named. QEMU
+    /// then refuses (EPERM, here [`Error::ReadOnly`]) a write after which
+    /// the first sector would probe as another format: the next probing
+    /// open would trust guest-written bytes as that format's header
+    /// (CVE-2008-2004), e.g. a backing file name pointing at a host file.
+    pub fn probed(mut self) -> Raw {
+        self.probed = true;
+        self
     }
 
     /// Creates a raw image of `size` bytes.
     pub fn create(storage: Arc<dyn Storage>, size: u64, prealloc: Preallocation) -> Result<Raw> {
         crate::storage::empty(&*storage).map_err(Error::io("truncating the new image", 0))?;
-        let raw = Raw { storage, size: AtomicU64::new(0), read_only: false, writethrough: AtomicBool::new(false) };
+        let raw = Raw::new(storage, 0, false);
         raw.resize(size, prealloc)?;
         Ok(raw)
     }
@@ -78,8 +109,31 @@ impl Raw {
     /// Writes at `offset`.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check(offset, buf.len() as u64, true)?;
+        let guard = self.guard_probe_sector(buf, offset)?;
         self.storage.write_at(buf, offset).map_err(Error::io("writing", offset))?;
+        drop(guard);
         self.write_through()
+    }
+
+    /// For a probed image, refuses a write that would make the first
+    /// sector (as it will read afterwards) probe as anything but raw, as
+    /// QEMU's raw driver does; the returned lock is to be held until the
+    /// write is done. QEMU checks writes only: zero writes and discards can
+    /// leave zeros, which its probes do not look for.
+    fn guard_probe_sector(&self, buf: &[u8], offset: u64) -> Result<Option<MutexGuard<'_, ()>>> {
+        if !self.probed || offset >= PROBE_LEN as u64 || buf.is_empty() {
+            return Ok(None);
+        }
+        let lock = self.probe_sector.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sector = [0u8; PROBE_LEN];
+        self.storage.read_at(&mut sector, 0).map_err(Error::io("reading the first sector", 0))?;
+        let start = offset as usize;
+        let n = buf.len().min(PROBE_LEN - start);
+        sector[start..start + n].copy_from_slice(&buf[..n]);
+        if probe_head(&sector, None) != Probed::Raw {
+            return Err(Error::ReadOnly);
+        }
+        Ok(Some(lock))
     }
 
     /// Copies `len` bytes at `offset` of this image to `dst_offset` of
@@ -91,6 +145,10 @@ impl Raw {
     pub fn copy_range_to(&self, dst: &Raw, offset: u64, dst_offset: u64, len: u64) -> Result<bool> {
         self.check(offset, len, false)?;
         dst.check(dst_offset, len, true)?;
+        // Writes to a probed first sector go through the guard of write_at.
+        if dst.probed && dst_offset < PROBE_LEN as u64 {
+            return Ok(false);
+        }
         let copied =
             self.storage.copy_range(&*dst.storage, offset, dst_offset, len).map_err(Error::io("copying", offset))?;
         if copied {

@@ -362,6 +362,11 @@ impl Meta {
         let g = self.geometry;
         let sn_l1 = self.read_l1(storage, sn.l1_table_offset, sn.l1_size)?;
         let disk_size = sn.disk_size.unwrap_or(self.header.size);
+        // QEMU resizes the disk to the snapshot's size before anything
+        // else, and a resize to a size that is not whole sectors fails.
+        if disk_size % crate::crypt::SECTOR != 0 {
+            return Err(Error::InvalidArgument("The new size must be a multiple of 512".into()));
+        }
         let needed = g.l1_entries_for(disk_size).max(u64::from(sn.l1_size));
         if needed > self.l1.len() as u64 {
             self.grow_l1_to(storage, needed)?;

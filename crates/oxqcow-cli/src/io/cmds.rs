@@ -585,23 +585,6 @@ fn after_write(s: &Session, fua: bool) -> oxqcow::Result<()> {
     Ok(())
 }
 
-/// QEMU refuses, on a raw image whose format was probed, writes that would
-/// make its first sector look like an image header.
-fn probed_raw_guard(s: &Session, buf: &[u8], offset: u64) -> oxqcow::Result<()> {
-    let img = s.image.as_ref().expect("an image is open");
-    if !img.probed_raw || offset >= 512 || buf.is_empty() {
-        return Ok(());
-    }
-    let mut first = vec![0u8; 512.min(img.image.len()) as usize];
-    img.image.read_at(&mut first, 0)?;
-    let n = (first.len() as u64).saturating_sub(offset).min(buf.len() as u64) as usize;
-    first[offset as usize..offset as usize + n].copy_from_slice(&buf[..n]);
-    if oxqcow::format::header::has_magic(&first) {
-        return Err(oxqcow::Error::ReadOnly);
-    }
-    Ok(())
-}
-
 fn write(s: &mut Session, info: &CmdInfo, argv: &[String]) -> CmdResult {
     let p = parse_args(argv, "bcCfnpP:qrs:uz");
     let (mut vm_state, mut compressed, mut machine, mut fua, mut no_fallback) = (false, false, false, false, false);
@@ -676,7 +659,6 @@ fn write(s: &mut Session, info: &CmdInfo, argv: &[String]) -> CmdResult {
         } else if compressed {
             write_compressed(img, &buf, offset)?;
         } else {
-            probed_raw_guard(s, &buf, offset)?;
             img.write_at(&buf, offset)?;
         }
         after_write(s, fua)
@@ -825,7 +807,6 @@ fn writev(s: &mut Session, info: &CmdInfo, argv: &[String], aio: bool) -> CmdRes
         let count = iovec_len(&p.operands[1..])?;
         let buf = buffer(count, pat.unwrap_or(0xcd))?;
         let (res, t) = timed(|| {
-            probed_raw_guard(s, &buf, offset)?;
             image(s).write_at(&buf, offset)?;
             after_write(s, fua)
         });

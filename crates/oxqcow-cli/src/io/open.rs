@@ -10,8 +10,8 @@ use std::sync::Arc;
 use oxqcow::backing::BackingPolicy;
 use oxqcow::options::CacheMode;
 use oxqcow::{
-    probe_format, BlockDevice, CreateOptions, FileStorage, Image, ImageFormat, MemoryStorage, OpenOptions, Qcow2,
-    Storage,
+    supported_format, BlockDevice, CreateOptions, FileStorage, Image, ImageFormat, MemoryStorage, OpenOptions, Probed,
+    Qcow2, Storage,
 };
 
 use super::cmds::{errno_text, io_error_text};
@@ -133,9 +133,6 @@ pub struct Opened {
     /// Discard requests reach the image (QEMU's `BDRV_O_UNMAP`); without
     /// it, discards do nothing and zero writes may not unmap.
     pub unmap: bool,
-    /// The format was probed and guessed raw: QEMU then refuses writes that
-    /// would make the first sector look like another format.
-    pub probed_raw: bool,
 }
 
 impl Opened {
@@ -287,15 +284,22 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
                 format!("Could not open '{path}': Is a directory")
             });
         }
-        probe_format(&storage).map_err(|e| describe(&e))?
+        oxqcow::probe(&storage, Some(Path::new(&path))).map_err(|e| describe(&e))?
     };
-    if explicit == Some(ImageFormat::Qcow2) && probed != ImageFormat::Qcow2 {
+    if explicit == Some(ImageFormat::Qcow2) && probed != Probed::Qcow2 {
         return Err("Image is not in qcow2 format".into());
     }
-    let format = explicit.unwrap_or(probed);
+    // A format named on the command line is used as named (raw opens any
+    // file); a probed one must be one oxqcow implements.
+    let format = match explicit {
+        Some(f) => f,
+        None => supported_format(probed).map_err(|e| describe(&e))?,
+    };
     let format_name = if protocol_only { "file" } else { format.name() };
 
-    let mut opts = OpenOptions::new().format(format);
+    // Left unset when probed, so that the engine guards a probed raw
+    // image's first sector.
+    let mut opts = OpenOptions { format: explicit, ..OpenOptions::new() };
     opts.read_only = spec.read_only || spec.snapshot;
     opts.discard_passthrough = spec.unmap;
     opts.cache = spec.cache_mode();
@@ -326,12 +330,11 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
     })?;
     crate::common::warn_stale_bitmaps(&image);
     // QEMU warns (and guards sector 0) only when the probed image is writable.
-    let probed_raw = explicit.is_none() && format == ImageFormat::Raw && !opts.read_only;
-    if probed_raw {
+    if explicit.is_none() && format == ImageFormat::Raw && !opts.read_only {
         warn_probed_raw(&path);
     }
     let image = if spec.snapshot { temporary_overlay(image, &opts, spec.read_only)? } else { image };
-    Ok(Opened { image, unmap: spec.unmap, probed_raw })
+    Ok(Opened { image, unmap: spec.unmap })
 }
 
 /// `-s`: a qcow2 overlay in memory over the image, which is open read-only.
