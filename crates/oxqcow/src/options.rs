@@ -107,6 +107,22 @@ impl CacheMode {
     }
 }
 
+/// A line QEMU prints on stderr while it opens a qcow2 image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpenMessage<'a> {
+    /// The bitmaps extension was left by a program without bitmap support
+    /// and is dropped: QEMU's warning (the text after "warning: "), which
+    /// it follows with "Some clusters may be leaked, run 'qemu-img check
+    /// -r' on the image file to fix." (no newline).
+    StaleBitmaps(&'a str),
+    /// One line of the repair a dirty image (lazy refcounts) gets when it
+    /// is opened read-write, as `check -r all` prints it.
+    Repair(&'a str),
+}
+
+/// Receives the [`OpenMessage`]s of an open as they happen.
+pub type OpenMessages = std::sync::Arc<dyn Fn(OpenMessage<'_>) + Send + Sync>;
+
 /// Options for opening an image.
 #[derive(Clone, Default)]
 pub struct OpenOptions {
@@ -163,6 +179,13 @@ pub struct OpenOptions {
     /// The passphrase of the backing image (QEMU's
     /// `backing.encrypt.key-secret`).
     pub backing_passphrase: Option<Vec<u8>>,
+    /// Where the lines QEMU prints while opening go, in QEMU's order, as
+    /// they happen (a repair can find billions of problems, so they are
+    /// not collected). Without it the repair keeps the first
+    /// [`crate::MAX_KEPT_MESSAGES`] in [`crate::Qcow2::open_repair`] and
+    /// the warning is [`crate::Qcow2::stale_bitmaps_warning`]. Not passed
+    /// down to backing files.
+    pub messages: Option<OpenMessages>,
 }
 
 /// Passphrases are shown only as present or absent: options get logged.
@@ -189,6 +212,7 @@ impl std::fmt::Debug for OpenOptions {
             data_file,
             passphrase,
             backing_passphrase,
+            messages,
         } = self;
         let secret = |p: &Option<Vec<u8>>| p.as_ref().map(|_| "<redacted>");
         f.debug_struct("OpenOptions")
@@ -211,6 +235,7 @@ impl std::fmt::Debug for OpenOptions {
             .field("data_file", data_file)
             .field("passphrase", &secret(passphrase))
             .field("backing_passphrase", &secret(backing_passphrase))
+            .field("messages", &messages.as_ref().map(|_| "<sink>"))
             .finish()
     }
 }

@@ -302,6 +302,7 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
     opts.force_share = spec.force_share;
     opts.passphrase = passphrase;
     opts.backing_passphrase = backing_passphrase;
+    opts.messages = Some(crate::common::open_messages());
     if protocol_only {
         opts.backing = BackingPolicy::Ignore;
     }
@@ -323,7 +324,6 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
         }
         _ => describe(&e),
     })?;
-    crate::common::warn_stale_bitmaps(&image);
     // QEMU warns (and guards sector 0) only when the probed image is writable.
     let probed_raw = explicit.is_none() && format == ImageFormat::Raw && !opts.read_only;
     if probed_raw {
