@@ -419,11 +419,14 @@ impl Crypt {
     /// Unlocks a LUKS header with `passphrase`, trying every active slot in
     /// order. `read` reads bytes of the header area (offset relative to the
     /// LUKS header). Returns the cipher state and the slot that opened.
+    /// A header whose slots would make the attempt run more PBKDF2 than
+    /// [`luks::MAX_UNLOCK_WORK`] is refused before any runs.
     pub fn unlock_luks(
         header: &LuksHeader,
         passphrase: &[u8],
         read: &dyn Fn(u64, &mut [u8]) -> Result<()>,
     ) -> Result<(Crypt, usize)> {
+        header.check_unlock_work()?;
         for (i, slot) in header.slots.iter().enumerate() {
             if !slot.active {
                 continue;
@@ -605,8 +608,7 @@ fn calibrated(hash: HashAlg, pw: &[u8], salt: &[u8], iter_time_ms: u64, divisor:
             u32::MAX
         )));
     }
-    // Never more than oxqcow opens again (see `MAX_PBKDF2_ITERATIONS`).
-    Ok((iters as u32).clamp(luks::MIN_ITERATIONS, luks::MAX_PBKDF2_ITERATIONS))
+    Ok((iters as u32).max(luks::MIN_ITERATIONS))
 }
 
 /// A new LUKS header area: the header, slot 0 holding the master key under
@@ -675,6 +677,13 @@ fn set_slot(
     let mut salt = [0u8; luks::SALT_LEN];
     random_bytes(&mut salt)?;
     let iterations = calibrated(h.hash_alg, passphrase, &salt, iter_time_ms, 1)?;
+    // Never a header oxqcow would refuse to unlock.
+    let mut with_slot = h.clone();
+    with_slot.slots[index].active = true;
+    with_slot.slots[index].iterations = iterations;
+    with_slot
+        .check_unlock_work()
+        .map_err(|e| Error::InvalidArgument(format!("{e} (use a shorter encrypt.iter-time)")))?;
     let mut slot_key = vec![0u8; key_len];
     pbkdf2(h.hash_alg, passphrase, &salt, iterations, &mut slot_key);
     let mut split = af_split(h.hash_alg, master, luks::STRIPES as usize)?;
@@ -789,6 +798,8 @@ impl crate::qcow2::Qcow2 {
                     write_header(&h)
                 }
                 KeyslotChange::Erase { keyslot, old_secret, force } => {
+                    // Trying the old secret runs PBKDF2 over the slots.
+                    h.check_unlock_work()?;
                     let active = h.slots.iter().filter(|s| s.active).count();
                     let read = |offset: u64, buf: &mut [u8]| -> Result<()> {
                         let at = ext.offset + offset;
