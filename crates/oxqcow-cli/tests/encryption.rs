@@ -550,19 +550,19 @@ fn hostile_pbkdf2_work_is_refused_before_unlocking() {
             "eight slots of 100 million",
             eight_slots,
             "Keyslot 0 iteration count 100000000 (master key iteration count 1000, hash sha512) brings the PBKDF2 \
-             work of an unlock to 400004000 SHA-256 HMACs, over oxqcow's limit of 200000000",
+             work of an unlock to 400004000 SHA-256 HMACs, over oxqcow's limit of 250000000",
         ),
         (
             "slot count 2^32 - 1",
             vec![(slot(0, 4), u32::MAX), (164, 1000)],
             "Keyslot 0 iteration count 4294967295 (master key iteration count 1000, hash sha512) brings the PBKDF2 \
-             work of an unlock to 17179873180 SHA-256 HMACs, over oxqcow's limit of 200000000",
+             work of an unlock to 17179873180 SHA-256 HMACs, over oxqcow's limit of 250000000",
         ),
         (
             "digest count 2^32 - 1",
             vec![(slot(0, 4), 1000), (164, u32::MAX)],
             "Keyslot 0 iteration count 1000 (master key iteration count 4294967295, hash sha512) brings the PBKDF2 \
-             work of an unlock to 17179873180 SHA-256 HMACs, over oxqcow's limit of 200000000",
+             work of an unlock to 17179873180 SHA-256 HMACs, over oxqcow's limit of 250000000",
         ),
     ];
     for (what, patches, msg) in cases {
