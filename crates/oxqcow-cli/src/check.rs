@@ -160,13 +160,13 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     exit_code(&report)
 }
 
-/// One check: its messages on stderr; a check that failed prints
-/// "Check failed: REASON" and gives exit code 1.
+/// One check: its messages on stderr as they are found (whatever the
+/// output format, as qemu-img); a check that failed prints "Check failed:
+/// REASON" and gives exit code 1.
 fn run_check(ctx: &Ctx, image: &Image, repair: Option<RepairMode>) -> Result<CheckReport, i32> {
-    let report = image.check(repair).map_err(|e| ctx.fail(&format!("Check failed: {}", describe(&e))))?;
-    for line in &report.messages {
-        eprintln!("{line}");
-    }
+    let report = image
+        .check_with(repair, &mut |line| crate::common::stderr_line(line))
+        .map_err(|e| ctx.fail(&format!("Check failed: {}", describe(&e))))?;
     match &report.error {
         Some(reason) => Err(ctx.fail(&format!("Check failed: {reason}"))),
         None => Ok(report),

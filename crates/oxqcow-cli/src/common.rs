@@ -15,11 +15,13 @@
 //! subcommand gets it by opening images through [`open_image`] (or by
 //! asking [`backing_policy`]).
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use oxqcow::backing::{resolve_backing_path, BackingPolicy};
-use oxqcow::{Image, ImageFormat, OpenOptions};
+use oxqcow::{Image, ImageFormat, ImageMessage, ImageMessages, OpenOptions};
 
 /// The name of the flag that forbids backing files, without dashes.
 pub const FORBID_BACKING: &str = "forbid-backing";
@@ -95,7 +97,7 @@ pub fn open_image_as(path: &str, shown: &str, format: Option<&str>, opts: OpenOp
 fn open_image_inner(path: &str, format: Option<&str>, opts: OpenOptions) -> Result<Image, String> {
     let mut opts = opts;
     opts.backing = backing_policy(opts.backing);
-    opts.warnings = stderr_warnings();
+    opts.messages.get_or_insert_with(open_messages);
     if Path::new(path).is_dir() {
         return Err(format!("Could not open '{path}': 'file' driver requires '{path}' to be a regular file"));
     }
@@ -119,32 +121,34 @@ fn open_image_inner(path: &str, format: Option<&str>, opts: OpenOptions) -> Resu
             _ => format!("Could not open '{path}': {}", describe(&e)),
         }
     })?;
-    // QEMU repairs a dirty image (lazy refcounts) when it opens it
-    // read-write, printing the check's lines as it goes.
-    warn_stale_bitmaps(&image);
-    if let Image::Qcow2(q) = &image {
-        for line in q.open_repair().map(|r| r.messages.as_slice()).unwrap_or_default() {
-            eprintln!("{line}");
-        }
-    }
     Ok(image)
 }
 
-/// Run-time findings go to stderr as they happen, as QEMU's `error_report`
-/// lines do.
-pub fn stderr_warnings() -> oxqcow::Warnings {
-    oxqcow::Warnings::to(|line| eprintln!("{line}"))
+/// Prints what QEMU prints while opening and running an image, as it
+/// happens: the warning (at every open) for a bitmaps extension that a
+/// program without bitmap support left behind, the lines of the repair a
+/// dirty image (lazy refcounts) gets when it is opened read-write, and
+/// inconsistencies met and worked around later.
+pub fn open_messages() -> ImageMessages {
+    Arc::new(|m| match m {
+        ImageMessage::StaleBitmaps(why) => {
+            let argv0 = std::env::args().next().unwrap_or_default();
+            let prog = Path::new(&argv0).file_name().and_then(|s| s.to_str()).unwrap_or("oxqcow").to_string();
+            // QEMU prints the second line with error_printf, without a newline.
+            let _ = write!(
+                std::io::stderr().lock(),
+                "{prog}: warning: {why}\nSome clusters may be leaked, run 'qemu-img check -r' on the image file to fix."
+            );
+        }
+        ImageMessage::Repair(line) | ImageMessage::Inconsistency(line) => stderr_line(line),
+    })
 }
 
-/// QEMU's warning (at every open) for a bitmaps extension that a program
-/// without bitmap support left behind: the bitmaps are dropped.
-pub fn warn_stale_bitmaps(image: &Image) {
-    let Some(why) = image.as_qcow2().and_then(|q| q.stale_bitmaps_warning()) else { return };
-    let argv0 = std::env::args().next().unwrap_or_default();
-    let prog = Path::new(&argv0).file_name().and_then(|s| s.to_str()).unwrap_or("oxqcow").to_string();
-    eprintln!("{prog}: warning: {why}");
-    // QEMU prints this line with error_printf, without a newline.
-    eprint!("Some clusters may be leaked, run 'qemu-img check -r' on the image file to fix.");
+/// One line on stderr, as QEMU's check prints each problem it finds (there
+/// can be billions, so they are never collected). A failed write is
+/// ignored, as QEMU ignores fprintf's: the check or repair goes on.
+pub fn stderr_line(line: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
 /// When the image at `path` opens alone but a file down its backing chain

@@ -236,6 +236,19 @@ fn stale_bitmaps_extensions_warn_like_qemu() {
         pair.same_output(&words(args));
     }
     pair.same_files(&["check -r all of a stale extension"]);
+    // Dirty as well (lazy refcounts): a read-write open warns first, then
+    // prints the lines of the repair (the dropped bitmap's clusters leak),
+    // in QEMU's order, which the engine's message sink must keep.
+    for args in ["create -q -f qcow2 -o lazy_refcounts=on lazy.qcow2 1M", "bitmap --add lazy.qcow2 b0"] {
+        pair.same_output(&words(args));
+    }
+    for dir in [&pair.qemu, &pair.ox] {
+        patch(&dir.join("lazy.qcow2"), 88, &0u64.to_be_bytes());
+        patch(&dir.join("lazy.qcow2"), 79, &[1]);
+    }
+    let o = pair.same_output(&words("resize lazy.qcow2 2M"));
+    assert!(o.stderr.contains("fix.Leaked cluster"), "warning, then the repair: {}", o.stderr);
+    pair.same_files(&["resize of a dirty image with a stale extension"]);
 }
 
 /// A crash while the image is open (qemu-io killed) leaves the bitmaps in

@@ -185,6 +185,9 @@ pub(crate) fn open_backing(
     // comes from `backing.encrypt.key-secret`.
     backing_opts.passphrase = opts.backing_passphrase.clone();
     backing_opts.backing_passphrase = None;
+    // Backing files open read-only (no repair); their stale-bitmap warning
+    // is not printed (only the top image's).
+    backing_opts.messages = None;
     let image = Image::open_in_chain(&path, &backing_opts, chain).map_err(|e| match e {
         Error::Io { op: "opening the image", offset, source } => Error::Io {
             op: "opening the backing file",

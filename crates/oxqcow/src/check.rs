@@ -67,11 +67,39 @@ pub struct CheckReport {
     pub fragmented_clusters: u64,
     /// Compressed guest clusters.
     pub compressed_clusters: u64,
-    /// The lines QEMU prints on stderr for each problem, in order.
+    /// The lines QEMU prints on stderr for each problem, in order, when
+    /// the check collected them ([`crate::Qcow2::check`]): the first
+    /// [`MAX_KEPT_MESSAGES`]. Empty when they went to a caller's sink
+    /// ([`crate::Qcow2::check_with`]).
     pub messages: Vec<String>,
+    /// Lines left out of `messages` past [`MAX_KEPT_MESSAGES`].
+    pub messages_dropped: u64,
     /// When the check itself failed, the error text QEMU gives for it
     /// (`qemu-img` then prints "Check failed: TEXT" and no summary).
     pub error: Option<String>,
+}
+
+/// Most lines a collected [`CheckReport`] keeps. A damaged image can make
+/// a check print a line per reference (65536 L1 entries naming one full
+/// L2 table give billions); QEMU prints each as it finds it and keeps
+/// none, so a caller that wants them all gives a sink instead.
+pub const MAX_KEPT_MESSAGES: usize = 10_000;
+
+/// Runs `check` with a sink that keeps the first [`MAX_KEPT_MESSAGES`]
+/// lines in the report and counts the rest.
+pub(crate) fn collected(check: impl FnOnce(&mut dyn FnMut(&str)) -> Result<CheckReport>) -> Result<CheckReport> {
+    let mut kept = Vec::new();
+    let mut dropped = 0u64;
+    let mut report = check(&mut |line: &str| {
+        if kept.len() < MAX_KEPT_MESSAGES {
+            kept.push(line.to_string());
+        } else {
+            dropped += 1;
+        }
+    })?;
+    report.messages = kept;
+    report.messages_dropped = dropped;
+    Ok(report)
 }
 
 const L1E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -283,12 +311,20 @@ struct Checker<'a> {
     /// written).
     block: Option<(u64, Vec<u8>, bool)>,
     imrt: Imrt,
-    messages: Vec<String>,
+    /// Where each message line goes the moment it is found, as QEMU
+    /// prints it: nothing here grows with the number of problems.
+    out: &'a mut dyn FnMut(&str),
 }
 
-/// Checks the image as QEMU's qcow2 check does. The caller holds exclusive
-/// access with metadata flushed.
-pub(crate) fn check(meta: &mut Meta, storage: &dyn Storage, repair: Option<RepairMode>) -> Result<CheckReport> {
+/// Checks the image as QEMU's qcow2 check does, handing each message line
+/// to `out` as it is found. The caller holds exclusive access with
+/// metadata flushed.
+pub(crate) fn check(
+    meta: &mut Meta,
+    storage: &dyn Storage,
+    repair: Option<RepairMode>,
+    out: &mut dyn FnMut(&str),
+) -> Result<CheckReport> {
     let fix = match repair {
         None => Fix::default(),
         Some(RepairMode::Leaks) => Fix { leaks: true, errors: false },
@@ -310,7 +346,7 @@ pub(crate) fn check(meta: &mut Meta, storage: &dyn Storage, repair: Option<Repai
         reftable_offset,
         block: None,
         imrt: Imrt::new(0),
-        messages: Vec::new(),
+        out,
         meta,
     };
     c.reftable = decode_entries(&c.read_padded(reftable_offset, reftable_bytes)?);
@@ -319,7 +355,7 @@ pub(crate) fn check(meta: &mut Meta, storage: &dyn Storage, repair: Option<Repai
     // when unallocated clusters read from a backing file.
     if c.meta.has_backing && c.meta.header.autoclear_features & autoclear::DATA_FILE_RAW != 0 {
         let verb = if fix.errors { "Repairing" } else { "ERROR in" };
-        c.messages.push(format!("{verb} header: data-file-raw cannot be set when there is a backing file."));
+        c.say(&format!("{verb} header: data-file-raw cannot be set when there is a backing file."));
         if fix.errors {
             c.meta.header.autoclear_features &= !autoclear::DATA_FILE_RAW;
             if let Some(d) = c.meta.data_file.as_mut() {
@@ -342,7 +378,7 @@ pub(crate) fn check(meta: &mut Meta, storage: &dyn Storage, repair: Option<Repai
     for &i in &incomplete {
         snapshot_res.corruptions += 1;
         let verb = if fix.errors { "Repairing" } else { "ERROR" };
-        c.messages.push(format!("{verb} snapshot table entry {i} is incomplete"));
+        c.say(&format!("{verb} snapshot table entry {i} is incomplete"));
     }
     let outcome = c.check_refcounts(&mut report, fix);
     let mut result = report;
@@ -396,7 +432,6 @@ impl Checker<'_> {
                 }
             }
         }
-        report.messages = std::mem::take(&mut self.messages);
         self.reload_meta()?;
         Ok(report)
     }
@@ -414,6 +449,10 @@ impl Checker<'_> {
         self.meta.l2.drop_clean();
         self.meta.update_reserved();
         self.meta.load_inactive_map(st)
+    }
+
+    fn say(&mut self, line: &str) {
+        (self.out)(line);
     }
 
     fn file_len(&self) -> Result<u64> {
@@ -439,8 +478,7 @@ impl Checker<'_> {
             return Ok(());
         }
         if self.writable {
-            self.messages
-                .push(format!("qcow2: Marking image as corrupt: {what}; further corruption events will be suppressed"));
+            self.say(&format!("qcow2: Marking image as corrupt: {what}; further corruption events will be suppressed"));
             if self.meta.header.version >= 3 && !self.meta.header.is_corrupt() {
                 let features = self.meta.header.incompatible_features | incompat::CORRUPT;
                 let (pos, bytes) = oxqcow_format::header::incompatible_features_field(features);
@@ -449,7 +487,7 @@ impl Checker<'_> {
                 self.meta.header.incompatible_features = features;
             }
         } else {
-            self.messages.push(format!(
+            self.say(&format!(
                 "qcow2: Image is corrupt: {what}; further non-fatal corruption events will be suppressed"
             ));
         }
@@ -540,7 +578,7 @@ impl Checker<'_> {
         let cs = g.cluster_size();
         let file_len = self.file_len()?;
         if i128::from(offset) + i128::from(size) - i128::from(file_len) >= i128::from(cs) {
-            self.messages.push(format!(
+            self.say(&format!(
                 "ERROR: counting reference for region exceeding the end of the file by one cluster or more: \
                  offset 0x{offset:x} size 0x{size:x}"
             ));
@@ -553,11 +591,10 @@ impl Checker<'_> {
         for k in first..=last {
             let r = self.imrt.get(k);
             if r == max {
-                self.messages.push(format!("ERROR: overflow cluster offset=0x{:x}", k << g.cluster_bits()));
-                self.messages.push(
+                self.say(&format!("ERROR: overflow cluster offset=0x{:x}", k << g.cluster_bits()));
+                self.say(
                     "Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean \
-                     copy if the image cannot be opened for writing"
-                        .into(),
+                     copy if the image cannot be opened for writing",
                 );
                 res.corruptions += 1;
                 continue;
@@ -587,14 +624,13 @@ impl Checker<'_> {
                 continue;
             }
             if e & L1E_RESERVED_MASK != 0 {
-                self.messages.push(format!("ERROR found L1 entry with reserved bits set: {e:x}"));
+                self.say(&format!("ERROR found L1 entry with reserved bits set: {e:x}"));
                 res.corruptions += 1;
             }
             let l2_offset = e & L1E_OFFSET_MASK;
             self.inc_refcounts(res, l2_offset, self.g.cluster_size())?;
             if !self.g.is_cluster_aligned(l2_offset) {
-                self.messages
-                    .push(format!("ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; L1 entry corrupted"));
+                self.say(&format!("ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; L1 entry corrupted"));
                 res.corruptions += 1;
             }
             self.check_l2(res, l2_offset, frag_info, fix, active)?;
@@ -619,13 +655,13 @@ impl Checker<'_> {
             let bitmap = if ext { read_l2_bitmap(&table, i) } else { L2Bitmap(0) };
             let ty = cluster_type(entry, ext, external);
             if ty != ClusterType::Compressed && entry & L2E_STD_RESERVED_MASK != 0 {
-                self.messages.push(format!("ERROR found l2 entry with reserved bits set: {entry:x}"));
+                self.say(&format!("ERROR found l2 entry with reserved bits set: {entry:x}"));
                 res.corruptions += 1;
             }
             match ty {
                 ClusterType::Compressed => {
                     if entry & OFLAG_COPIED != 0 {
-                        self.messages.push(format!(
+                        self.say(&format!(
                             "ERROR: coffset=0x{:x}: copied flag must never be set for compressed clusters",
                             entry & offset_mask
                         ));
@@ -633,12 +669,12 @@ impl Checker<'_> {
                         res.corruptions += 1;
                     }
                     if external {
-                        self.messages.push(format!("ERROR compressed cluster {i} with data file, entry=0x{entry:x}"));
+                        self.say(&format!("ERROR compressed cluster {i} with data file, entry=0x{entry:x}"));
                         res.corruptions += 1;
                         continue;
                     }
                     if bitmap.0 != 0 {
-                        self.messages.push(format!(
+                        self.say(&format!(
                             "ERROR compressed cluster {i} with non-zero subcluster allocation bitmap, entry=0x{entry:x}"
                         ));
                         res.corruptions += 1;
@@ -658,7 +694,7 @@ impl Checker<'_> {
                     let offset = entry & L2E_OFFSET_MASK;
                     if bitmap.alloc() & bitmap.zero() != 0 {
                         res.corruptions += 1;
-                        self.messages.push(format!(
+                        self.say(&format!(
                             "ERROR offset={offset:x}: Allocated cluster has corrupted subcluster allocation bitmap"
                         ));
                     }
@@ -667,7 +703,7 @@ impl Checker<'_> {
                         let contains_data = if ext { bitmap.alloc() != 0 } else { entry & OFLAG_ZERO == 0 };
                         if !contains_data {
                             let verb = if fix.errors { "Repairing" } else { "ERROR" };
-                            self.messages.push(format!(
+                            self.say(&format!(
                                 "{verb} offset={offset:x}: Preallocated cluster is not properly aligned; L2 entry \
                                  corrupted."
                             ));
@@ -675,7 +711,7 @@ impl Checker<'_> {
                                 continue;
                             }
                         } else {
-                            self.messages.push(format!(
+                            self.say(&format!(
                                 "ERROR offset={offset:x}: Data cluster is not properly aligned; L2 entry corrupted."
                             ));
                         }
@@ -696,7 +732,7 @@ impl Checker<'_> {
                 ClusterType::Unallocated => {
                     if bitmap.alloc() != 0 {
                         res.corruptions += 1;
-                        self.messages.push("ERROR: Unallocated cluster has non-zero subcluster allocation map".into());
+                        self.say("ERROR: Unallocated cluster has non-zero subcluster allocation map");
                     }
                 }
             }
@@ -729,7 +765,7 @@ impl Checker<'_> {
             // QEMU signals the corruption, and the check of this table and
             // the whole check end there.
             self.signal_overlap(t)?;
-            self.messages.push("ERROR: Overlap check failed".into());
+            self.say("ERROR: Overlap check failed");
             res.check_errors += 1;
             return Err(Stop::Errno(EIO));
         }
@@ -749,7 +785,7 @@ impl Checker<'_> {
         let snapshots = self.meta.snapshots.entries.clone();
         for sn in &snapshots {
             if !self.g.is_cluster_aligned(sn.l1_table_offset) {
-                self.messages.push(format!(
+                self.say(&format!(
                     "ERROR snapshot {} ({}) l1_offset={}: L1 table is not cluster aligned; snapshot table entry \
                      corrupted",
                     sn.id,
@@ -760,7 +796,7 @@ impl Checker<'_> {
                 continue;
             }
             if u64::from(sn.l1_size) > oxqcow_format::limits::MAX_L1_BYTES / 8 {
-                self.messages.push(format!(
+                self.say(&format!(
                     "ERROR snapshot {} ({}) l1_size={}: L1 table is too large; snapshot table entry corrupted",
                     sn.id,
                     sn.name,
@@ -833,14 +869,13 @@ impl Checker<'_> {
             let offset = entry & REFT_OFFSET_MASK;
             let cluster = offset >> g.cluster_bits();
             if entry & REFT_RESERVED_MASK != 0 {
-                self.messages.push(format!("ERROR refcount table entry {i} has reserved bits set"));
+                self.say(&format!("ERROR refcount table entry {i} has reserved bits set"));
                 res.corruptions += 1;
                 *rebuild = true;
                 continue;
             }
             if !g.is_cluster_aligned(offset) {
-                self.messages
-                    .push(format!("ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"));
+                self.say(&format!("ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"));
                 res.corruptions += 1;
                 *rebuild = true;
                 continue;
@@ -848,7 +883,7 @@ impl Checker<'_> {
             if cluster >= self.imrt.len() {
                 res.corruptions += 1;
                 let verb = if fix.errors { "Repairing" } else { "ERROR" };
-                self.messages.push(format!("{verb} refcount block {i} is outside image"));
+                self.say(&format!("{verb} refcount block {i} is outside image"));
                 if fix.errors {
                     let file_len = self.file_len()?;
                     let new_len = offset.checked_add(cs).filter(|&end| end - file_len.min(end) <= MAX_REPAIR_GROWTH);
@@ -863,7 +898,7 @@ impl Checker<'_> {
                         }
                         None => {
                             *rebuild = true;
-                            self.messages.push(format!("ERROR could not resize image: {EFBIG}"));
+                            self.say(&format!("ERROR could not resize image: {EFBIG}"));
                         }
                     }
                 }
@@ -873,7 +908,7 @@ impl Checker<'_> {
                 self.inc_refcounts(res, offset, cs)?;
                 let r = self.imrt.get(cluster);
                 if r != 1 {
-                    self.messages.push(format!("ERROR refcount block {i} refcount={r}"));
+                    self.say(&format!("ERROR refcount block {i} refcount={r}"));
                     res.corruptions += 1;
                     *rebuild = true;
                 }
@@ -890,7 +925,7 @@ impl Checker<'_> {
             let stored = match self.get_refcount(i) {
                 Ok(r) => r,
                 Err(Stop::Errno(text)) => {
-                    self.messages.push(format!("Can't get refcount for cluster {i}: {text}"));
+                    self.say(&format!("Can't get refcount for cluster {i}: {text}"));
                     res.check_errors += 1;
                     i += 1;
                     continue;
@@ -925,7 +960,7 @@ impl Checker<'_> {
                 } else {
                     "Leaked"
                 };
-                self.messages.push(format!("{verb} cluster {i} refcount={stored} reference={counted}"));
+                self.say(&format!("{verb} cluster {i} refcount={stored} reference={counted}"));
                 if fixed != Fixed::No && self.update_refcount(i, counted).is_ok() {
                     if fixed == Fixed::Leak {
                         res.leaks_fixed += 1;
@@ -965,7 +1000,7 @@ impl Checker<'_> {
         let mut highest = self.compare(res, Fix::default(), &mut rebuild)?;
         if rebuild && fix.errors {
             let old = res.clone();
-            self.messages.push("Rebuilding refcount structure".into());
+            self.say("Rebuilding refcount structure");
             self.rebuild_refcount_structure()?;
             res.corruptions = 0;
             res.leaks = 0;
@@ -977,7 +1012,7 @@ impl Checker<'_> {
                 let saved = std::mem::take(res);
                 highest = self.compare(res, Fix { leaks: true, errors: false }, &mut rebuild)?;
                 if rebuild {
-                    self.messages.push("ERROR rebuilt refcount structure is still broken".into());
+                    self.say("ERROR rebuilt refcount structure is still broken");
                 }
                 fresh_leaks = res.leaks;
                 *res = saved;
@@ -991,7 +1026,7 @@ impl Checker<'_> {
             res.leaks += fresh_leaks;
         } else if fix.any() {
             if rebuild {
-                self.messages.push("ERROR need to rebuild refcount structures".into());
+                self.say("ERROR need to rebuild refcount structures");
                 res.check_errors += 1;
                 return Err(Stop::Errno(EIO));
             }
@@ -1026,8 +1061,7 @@ impl Checker<'_> {
             let Ok(rc) = self.get_refcount(l2_offset >> g.cluster_bits()) else { continue };
             if (rc == 1) != (l1_entry & OFLAG_COPIED != 0) {
                 res.corruptions += 1;
-                self.messages
-                    .push(format!("{verb} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1_entry:x} refcount={rc}"));
+                self.say(&format!("{verb} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1_entry:x} refcount={rc}"));
                 if repair {
                     let new = if rc == 1 { l1_entry | OFLAG_COPIED } else { l1_entry & !OFLAG_COPIED };
                     let at = self.meta.header.l1_table_offset + i as u64 * 8;
@@ -1064,7 +1098,7 @@ impl Checker<'_> {
                 };
                 if (rc == 1) != (entry & OFLAG_COPIED != 0) {
                     res.corruptions += 1;
-                    self.messages.push(format!("{verb} OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={rc}"));
+                    self.say(&format!("{verb} OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={rc}"));
                     if repair {
                         let new = if rc == 1 { entry | OFLAG_COPIED } else { entry & !OFLAG_COPIED };
                         write_l2_word(&mut table, j, esize, new);
@@ -1075,8 +1109,7 @@ impl Checker<'_> {
             if dirty > 0 {
                 if let Some(t) = self.meta.refcounts.overlap(l2_offset, cs, crate::overlap::ACTIVE_L2) {
                     self.signal_overlap(t)?;
-                    self.messages
-                        .push(format!("ERROR: Could not write L2 table; metadata overlap check failed: {EIO}"));
+                    self.say(&format!("ERROR: Could not write L2 table; metadata overlap check failed: {EIO}"));
                     res.check_errors += 1;
                     return Err(Stop::Errno(EIO));
                 }

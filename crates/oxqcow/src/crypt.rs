@@ -419,11 +419,14 @@ impl Crypt {
     /// Unlocks a LUKS header with `passphrase`, trying every active slot in
     /// order. `read` reads bytes of the header area (offset relative to the
     /// LUKS header). Returns the cipher state and the slot that opened.
+    /// A header whose slots would make the attempt run more PBKDF2 than
+    /// [`luks::MAX_UNLOCK_WORK`] is refused before any runs.
     pub fn unlock_luks(
         header: &LuksHeader,
         passphrase: &[u8],
         read: &dyn Fn(u64, &mut [u8]) -> Result<()>,
     ) -> Result<(Crypt, usize)> {
+        header.check_unlock_work()?;
         for (i, slot) in header.slots.iter().enumerate() {
             if !slot.active {
                 continue;
@@ -568,9 +571,9 @@ fn thread_cpu_ms() -> u64 {
 const CALIBRATION_MS: u64 = 100;
 
 /// How many PBKDF2 iterations `hash` runs per second of this thread's CPU
-/// time (QEMU's `qcrypto_pbkdf2_count_iters`, with a 32-byte output).
+/// time for an output of one digest (QEMU's `qcrypto_pbkdf2_count_iters`).
 fn iterations_per_second(hash: HashAlg, password: &[u8], salt: &[u8]) -> Result<u64> {
-    let mut out = [0u8; 32];
+    let mut out = vec![0u8; hash.digest_len()];
     let mut iterations: u64 = 1 << 15;
     loop {
         if iterations > u64::from(u32::MAX) {
@@ -586,10 +589,25 @@ fn iterations_per_second(hash: HashAlg, password: &[u8], salt: &[u8]) -> Result<
     }
 }
 
-/// Iterations for `iter_time_ms` of PBKDF2, divided by `divisor`, at
-/// least QEMU's minimum.
-fn calibrated(hash: HashAlg, pw: &[u8], salt: &[u8], iter_time_ms: u64, divisor: u64) -> Result<u32> {
-    let per_sec = iterations_per_second(hash, pw, salt)?;
+/// Iterations for `iter_time_ms` of PBKDF2 with an output of `out_len`
+/// bytes, divided by `divisor`, at least QEMU's minimum.
+fn calibrated(hash: HashAlg, pw: &[u8], salt: &[u8], out_len: usize, iter_time_ms: u64, divisor: u64) -> Result<u32> {
+    iterations_for(iterations_per_second(hash, pw, salt)?, hash, out_len, iter_time_ms, divisor)
+}
+
+/// [`calibrated`] at `one_block_per_sec` iterations a second with a
+/// one-digest output. QEMU measures with the output it will derive (the
+/// key for a slot, 20 bytes for the digest); each further digest-sized
+/// block of it runs all iterations again, so a 64-byte key from SHA-256
+/// gets half the iterations of the same time with one block.
+fn iterations_for(
+    one_block_per_sec: u64,
+    hash: HashAlg,
+    out_len: usize,
+    iter_time_ms: u64,
+    divisor: u64,
+) -> Result<u32> {
+    let per_sec = one_block_per_sec / out_len.div_ceil(hash.digest_len()) as u64;
     let iters = per_sec.checked_mul(iter_time_ms).map(|v| v / 1000 / divisor).ok_or_else(|| {
         Error::InvalidArgument(format!("PBKDF iterations {per_sec} too large to scale: Numerical result out of range"))
     })?;
@@ -599,8 +617,7 @@ fn calibrated(hash: HashAlg, pw: &[u8], salt: &[u8], iter_time_ms: u64, divisor:
             u32::MAX
         )));
     }
-    // Never more than oxqcow opens again (see `MAX_PBKDF2_ITERATIONS`).
-    Ok((iters as u32).clamp(luks::MIN_ITERATIONS, luks::MAX_PBKDF2_ITERATIONS))
+    Ok((iters as u32).max(luks::MIN_ITERATIONS))
 }
 
 /// A new LUKS header area: the header, slot 0 holding the master key under
@@ -642,6 +659,7 @@ pub fn create_luks(params: &LuksParams, passphrase: &[u8]) -> Result<(Vec<u8>, C
         h.hash_alg,
         &master,
         &h.master_key_salt,
+        luks::DIGEST_LEN,
         params.iter_time_ms,
         // cryptsetup's (and QEMU's) eighth for the digest.
         8,
@@ -668,7 +686,14 @@ fn set_slot(
     let key_len = h.key_bytes as usize;
     let mut salt = [0u8; luks::SALT_LEN];
     random_bytes(&mut salt)?;
-    let iterations = calibrated(h.hash_alg, passphrase, &salt, iter_time_ms, 1)?;
+    let iterations = calibrated(h.hash_alg, passphrase, &salt, key_len, iter_time_ms, 1)?;
+    // Never a header oxqcow would refuse to unlock.
+    let mut with_slot = h.clone();
+    with_slot.slots[index].active = true;
+    with_slot.slots[index].iterations = iterations;
+    with_slot
+        .check_unlock_work()
+        .map_err(|e| Error::InvalidArgument(format!("{e} (use a shorter encrypt.iter-time)")))?;
     let mut slot_key = vec![0u8; key_len];
     pbkdf2(h.hash_alg, passphrase, &salt, iterations, &mut slot_key);
     let mut split = af_split(h.hash_alg, master, luks::STRIPES as usize)?;
@@ -783,6 +808,8 @@ impl crate::qcow2::Qcow2 {
                     write_header(&h)
                 }
                 KeyslotChange::Erase { keyslot, old_secret, force } => {
+                    // Trying the old secret runs PBKDF2 over the slots.
+                    h.check_unlock_work()?;
                     let active = h.slots.iter().filter(|s| s.active).count();
                     let read = |offset: u64, buf: &mut [u8]| -> Result<()> {
                         let at = ext.offset + offset;
@@ -856,6 +883,26 @@ impl crate::qcow2::Qcow2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Guards against slots that took twice their `iter-time` to unlock:
+    /// the rate was measured with a 32-byte output whatever the key, so a
+    /// 64-byte key from SHA-256 (two blocks) got twice QEMU's iterations,
+    /// and the digest from SHA-1 (one block) half of them.
+    #[test]
+    fn calibration_counts_the_output_blocks_as_qemu_does() {
+        let at = |hash, out_len, ms, divisor| iterations_for(10_000_000, hash, out_len, ms, divisor).unwrap();
+        assert_eq!(at(HashAlg::Sha256, 64, 2000, 1), 10_000_000);
+        assert_eq!(at(HashAlg::Sha256, 32, 2000, 1), 20_000_000);
+        assert_eq!(at(HashAlg::Sha1, 64, 2000, 1), 5_000_000);
+        assert_eq!(at(HashAlg::Sha1, luks::DIGEST_LEN, 2000, 8), 2_500_000);
+        assert_eq!(at(HashAlg::Sha512, 64, 2000, 1), 20_000_000);
+        assert_eq!(at(HashAlg::Sha256, 64, 0, 1), luks::MIN_ITERATIONS);
+        let too_many = iterations_for(10_000_000, HashAlg::Sha256, 32, 1000 * 1000, 1).unwrap_err();
+        assert_eq!(
+            too_many.to_string(),
+            "PBKDF iterations 10000000000 larger than 4294967295: Numerical result out of range"
+        );
+    }
 
     #[test]
     fn af_split_and_merge_are_inverse() {

@@ -326,6 +326,14 @@ impl Image {
         }
     }
 
+    /// [`Image::check`], handing each message line to `out` as it is found.
+    pub fn check_with(&self, repair: Option<RepairMode>, out: &mut dyn FnMut(&str)) -> Result<CheckReport> {
+        match self {
+            Image::Qcow2(q) => q.check_with(repair, out),
+            Image::Raw(_) => Err(Error::Unsupported("checking raw images".into())),
+        }
+    }
+
     /// Flushes and closes.
     pub fn close(self) -> Result<()> {
         match self {

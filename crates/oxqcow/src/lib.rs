@@ -38,15 +38,15 @@ pub mod storage;
 mod write;
 
 pub use bitmap::BitmapInfo;
-pub use check::{CheckReport, RepairMode};
+pub use check::{CheckReport, RepairMode, MAX_KEPT_MESSAGES};
 pub use cursor::ImageCursor;
 pub use dirty::DirtyBitmap;
 pub use error::{Error, ErrorKind, Result};
 pub use image::{probe, probe_format, supported_format, BlockDevice, Image};
 pub use mapping::Extent;
 pub use options::{
-    CacheMode, Compat, CompressionType, CreateOptions, Encryption, EncryptionFormat, ImageFormat, OpenOptions,
-    Preallocation, Warnings,
+    CacheMode, Compat, CompressionType, CreateOptions, Encryption, EncryptionFormat, ImageFormat, ImageMessage,
+    ImageMessages, OpenOptions, Preallocation,
 };
 pub use oxqcow_format as format;
 pub use oxqcow_format::probe::Probed;
@@ -55,11 +55,18 @@ pub use raw::Raw;
 pub use storage::{FileStorage, MemoryStorage, Storage};
 
 impl Qcow2 {
-    /// Checks the image's consistency, repairing what `repair` allows.
+    /// Checks the image's consistency, repairing what `repair` allows. The
+    /// report keeps the first [`check::MAX_KEPT_MESSAGES`] message lines.
     pub fn check(&self, repair: Option<RepairMode>) -> Result<CheckReport> {
+        check::collected(|out| self.check_with(repair, out))
+    }
+
+    /// [`Qcow2::check`], handing each message line to `out` as it is found
+    /// (QEMU prints them on stderr as it goes); the report keeps none.
+    pub fn check_with(&self, repair: Option<RepairMode>, out: &mut dyn FnMut(&str)) -> Result<CheckReport> {
         if repair.is_some() && self.is_read_only() {
             return Err(Error::ReadOnly);
         }
-        self.exclusive(|m, st| check::check(m, st, repair))
+        self.exclusive(|m, st| check::check(m, st, repair, out))
     }
 }

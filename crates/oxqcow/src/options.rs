@@ -107,34 +107,25 @@ impl CacheMode {
     }
 }
 
-/// Where an open image reports what it found wrong and worked around while
-/// running (the lines QEMU prints with `error_report`): a function called
-/// with each line. None by default (nothing is reported).
-#[derive(Clone, Default)]
-pub struct Warnings(Option<std::sync::Arc<WarningFn>>);
-
-/// What [`Warnings`] calls with each line.
-type WarningFn = dyn Fn(&str) + Send + Sync;
-
-impl Warnings {
-    /// Reports each line to `f`.
-    pub fn to(f: impl Fn(&str) + Send + Sync + 'static) -> Warnings {
-        Warnings(Some(std::sync::Arc::new(f)))
-    }
-
-    /// Reports one line.
-    pub(crate) fn emit(&self, line: &str) {
-        if let Some(f) = &self.0 {
-            f(line);
-        }
-    }
+/// A line QEMU prints on stderr while it opens or runs a qcow2 image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageMessage<'a> {
+    /// The bitmaps extension was left by a program without bitmap support
+    /// and is dropped: QEMU's warning (the text after "warning: "), which
+    /// it follows with "Some clusters may be leaked, run 'qemu-img check
+    /// -r' on the image file to fix." (no newline).
+    StaleBitmaps(&'a str),
+    /// One line of the repair a dirty image (lazy refcounts) gets when it
+    /// is opened read-write, as `check -r all` prints it.
+    Repair(&'a str),
+    /// An inconsistency met while the image runs and worked around (a
+    /// COPIED flag its refcount contradicts), worded as `qemu-img check`
+    /// reports it.
+    Inconsistency(&'a str),
 }
 
-impl std::fmt::Debug for Warnings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() { "Warnings(reported)" } else { "Warnings(dropped)" })
-    }
-}
+/// Receives the [`ImageMessage`]s of an open image as they happen.
+pub type ImageMessages = std::sync::Arc<dyn Fn(ImageMessage<'_>) + Send + Sync>;
 
 /// Options for opening an image.
 #[derive(Clone, Default)]
@@ -192,8 +183,13 @@ pub struct OpenOptions {
     /// The passphrase of the backing image (QEMU's
     /// `backing.encrypt.key-secret`).
     pub backing_passphrase: Option<Vec<u8>>,
-    /// Where problems found and worked around at run time are reported.
-    pub warnings: Warnings,
+    /// Where the lines QEMU prints while opening and running the image go,
+    /// in QEMU's order, as they happen (a repair can find billions of problems, so they are
+    /// not collected). Without it the repair keeps the first
+    /// [`crate::MAX_KEPT_MESSAGES`] in [`crate::Qcow2::open_repair`] and
+    /// the warning is [`crate::Qcow2::stale_bitmaps_warning`]. Not passed
+    /// down to backing files.
+    pub messages: Option<ImageMessages>,
 }
 
 /// Passphrases are shown only as present or absent: options get logged.
@@ -220,7 +216,7 @@ impl std::fmt::Debug for OpenOptions {
             data_file,
             passphrase,
             backing_passphrase,
-            warnings,
+            messages,
         } = self;
         let secret = |p: &Option<Vec<u8>>| p.as_ref().map(|_| "<redacted>");
         f.debug_struct("OpenOptions")
@@ -243,7 +239,7 @@ impl std::fmt::Debug for OpenOptions {
             .field("data_file", data_file)
             .field("passphrase", &secret(passphrase))
             .field("backing_passphrase", &secret(backing_passphrase))
-            .field("warnings", warnings)
+            .field("messages", &messages.as_ref().map(|_| "<sink>"))
             .finish()
     }
 }

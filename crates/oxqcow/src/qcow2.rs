@@ -27,7 +27,7 @@ use crate::cache::TableCache;
 use crate::compress::Codec;
 use crate::error::{Error, Result};
 use crate::mapping::{Extent, ReadSegment};
-use crate::options::{OpenOptions, Preallocation};
+use crate::options::{ImageMessage, OpenOptions, Preallocation};
 use crate::overlap;
 use crate::refcount::Refcounts;
 use crate::storage::Storage;
@@ -109,7 +109,7 @@ pub(crate) struct Meta {
     /// this session (see `Meta::copied_holds`).
     pub(crate) verified: crate::write::VerifiedClusters,
     /// Where run-time findings are reported.
-    pub(crate) warnings: crate::options::Warnings,
+    pub(crate) messages: Option<crate::options::ImageMessages>,
     /// Persistent dirty bitmaps (see `bitmap.rs`).
     pub(crate) bitmaps: crate::bitmap::Bitmaps,
     /// The external data file, when guest data lives in one.
@@ -665,7 +665,7 @@ impl Qcow2 {
             metadata_preallocation: None,
             signaled_corruption: false,
             verified: Default::default(),
-            warnings: opts.warnings.clone(),
+            messages: opts.messages.clone(),
             bitmaps: Default::default(),
             data_file: data_file.map(|storage| crate::data_file::DataFile { storage, raw: data_file_raw, discard }),
         };
@@ -685,6 +685,10 @@ impl Qcow2 {
             meta.l1 = l1;
         }
 
+        // QEMU warns while reading the header extensions, before the repair.
+        if let (Some(version), Some(sink)) = (stale_bitmaps, &opts.messages) {
+            sink(ImageMessage::StaleBitmaps(stale_bitmaps_text(version)));
+        }
         if !read_only {
             let mut rewrite = false;
             if meta.header.autoclear_features & !autoclear::KNOWN != 0 {
@@ -702,7 +706,13 @@ impl Qcow2 {
             if meta.header.is_dirty() && !opts.repair {
                 // As QEMU: a full repair (`check -r all`), which also
                 // clears the dirty bit once the image is consistent.
-                let report = crate::check::check(&mut meta, st, Some(crate::check::RepairMode::All))?;
+                let all = Some(crate::check::RepairMode::All);
+                let report = match &opts.messages {
+                    Some(sink) => {
+                        crate::check::check(&mut meta, st, all, &mut |line: &str| sink(ImageMessage::Repair(line)))?
+                    }
+                    None => crate::check::collected(|out| crate::check::check(&mut meta, st, all, out))?,
+                };
                 if report.error.is_some() || report.check_errors > 0 {
                     let why = report.error.unwrap_or_else(|| "Input/output error".into());
                     return Err(Error::Corrupt(format!("Could not repair dirty image: {why}")));
@@ -752,13 +762,7 @@ impl Qcow2 {
     /// QEMU's warning for a bitmaps extension that a program without
     /// bitmap support left behind (the bitmaps are dropped), if there was one.
     pub fn stale_bitmaps_warning(&self) -> Option<&'static str> {
-        self.stale_bitmaps.map(|version| {
-            if version < 3 {
-                "This qcow2 v2 image contains bitmaps, but they may have been modified by a program without persistent bitmap support; so now they must all be considered inconsistent"
-            } else {
-                "a program lacking bitmap support modified this file, so all bitmaps are now considered inconsistent"
-            }
-        })
+        self.stale_bitmaps.map(stale_bitmaps_text)
     }
 
     /// The cipher state of an encrypted image.
@@ -878,10 +882,21 @@ impl Qcow2Info {
     }
 }
 
+/// QEMU's warning for a bitmaps extension of a header `version` that a
+/// program without bitmap support left behind.
+fn stale_bitmaps_text(version: u32) -> &'static str {
+    if version < 3 {
+        "This qcow2 v2 image contains bitmaps, but they may have been modified by a program without persistent bitmap support; so now they must all be considered inconsistent"
+    } else {
+        "a program lacking bitmap support modified this file, so all bitmaps are now considered inconsistent"
+    }
+}
+
 impl Qcow2 {
     /// The repair a dirty image (lazy refcounts) got when it was opened
-    /// read-write, as `check -r all` reports it: its `messages` are the
-    /// lines QEMU prints while opening such an image.
+    /// read-write, as `check -r all` reports it. Its `messages` are the
+    /// first lines QEMU prints while opening such an image, unless they
+    /// went to `OpenOptions::messages`.
     pub fn open_repair(&self) -> Option<&crate::check::CheckReport> {
         self.open_repair.as_ref()
     }

@@ -128,7 +128,7 @@ impl Meta {
     /// flag, and one wrong bit on a cluster an internal snapshot shares
     /// makes a write change the snapshot. Checked once per cluster and
     /// session (a refcount cache lookup); a mismatch is reported with the
-    /// line QEMU's check prints for it, and the caller then copies on write
+    /// line QEMU's check prints for it (`ImageMessage::Inconsistency`), and the caller then copies on write
     /// as for any shared cluster (a count of 0 is no sharing: refcounts
     /// that low are check's to repair).
     pub(crate) fn copied_holds(&mut self, storage: &dyn Storage, host: HostOffset, what: CopiedEntry) -> Result<bool> {
@@ -145,14 +145,17 @@ impl Meta {
             self.verified.insert(cluster, self.refcounts.host_end);
             return Ok(true);
         }
-        self.warnings.emit(&match what {
+        let line = match what {
             CopiedEntry::Data { l2_entry } => {
                 format!("ERROR OFLAG_COPIED data cluster: l2_entry={l2_entry:x} refcount={refcount}")
             }
             CopiedEntry::L2Table { l1_index, l1_entry } => {
                 format!("ERROR OFLAG_COPIED L2 cluster: l1_index={l1_index} l1_entry={l1_entry:x} refcount={refcount}")
             }
-        });
+        };
+        if let Some(sink) = &self.messages {
+            sink(crate::options::ImageMessage::Inconsistency(&line));
+        }
         Ok(refcount == 0)
     }
 

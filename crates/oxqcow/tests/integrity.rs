@@ -175,7 +175,11 @@ fn a_wrong_copied_flag_does_not_let_a_write_change_a_snapshot() {
         let reported = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
         let sink = reported.clone();
         let opts = OpenOptions {
-            warnings: oxqcow::Warnings::to(move |l| sink.lock().unwrap().push(l.into())),
+            messages: Some(std::sync::Arc::new(move |m| {
+                if let oxqcow::ImageMessage::Inconsistency(l) = m {
+                    sink.lock().unwrap().push(l.into());
+                }
+            })),
             ..OpenOptions::new()
         };
         let img = Image::open(&path, &opts).unwrap();

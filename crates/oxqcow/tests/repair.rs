@@ -4,8 +4,11 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
 
-use oxqcow::{BlockDevice, Image, OpenOptions, RepairMode};
+use oxqcow::{
+    BlockDevice, CreateOptions, Image, ImageMessage, MemoryStorage, OpenOptions, Qcow2, RepairMode, MAX_KEPT_MESSAGES,
+};
 
 fn qemu(args: &[&str]) -> std::process::Output {
     Command::new(args[0])
@@ -140,4 +143,62 @@ fn verdicts_and_repairs_match_qemu() {
         assert_eq!(qemu_counts(&path), (0, 0), "{name}: qemu-img check after our repair");
         assert!(read_all(&path) == before, "{name}: content changed by the repair");
     }
+}
+
+/// An image whose 65536 L1 entries all name the L2 table of guest
+/// cluster 0, which maps eight data clusters, with 1-bit refcounts: every
+/// reference after the first overflows, two message lines each.
+fn one_l2_table_named_65536_times(lazy_and_dirty: bool) -> Arc<MemoryStorage> {
+    let st = Arc::new(MemoryStorage::new());
+    let opts = CreateOptions::qcow2(2 << 30).cluster_size(512).refcount_bits(1).lazy_refcounts(lazy_and_dirty);
+    let q = Qcow2::create(st.clone(), &opts).unwrap();
+    q.write_at(&[1u8; 4096], 0).unwrap();
+    q.close().unwrap();
+    let mut b = st.to_bytes();
+    let l1 = u64_at(&b, 40) as usize;
+    let first = b[l1..l1 + 8].to_vec();
+    for i in 1..65536 {
+        b[l1 + i * 8..l1 + i * 8 + 8].copy_from_slice(&first);
+    }
+    if lazy_and_dirty {
+        b[79] |= 1;
+    }
+    Arc::new(MemoryStorage::from_bytes(b))
+}
+
+/// Guards against issue 9, item 7: the check kept every line it found (a
+/// line per reference: 1179630 here, billions for larger tables), until
+/// memory ran out. Collected reports keep the first MAX_KEPT_MESSAGES and
+/// count the rest; a sink gets every line.
+#[test]
+fn collected_check_messages_are_capped() {
+    const LINES: u64 = 1_179_630;
+    let st = one_l2_table_named_65536_times(false);
+    let q = Qcow2::open(st.clone(), &OpenOptions::new().read_only(true)).unwrap();
+    let r = q.check(None).unwrap();
+    assert_eq!(r.corruptions, LINES / 2);
+    assert_eq!(r.messages.len(), MAX_KEPT_MESSAGES);
+    assert_eq!(r.messages_dropped, LINES - MAX_KEPT_MESSAGES as u64);
+    assert_eq!(r.messages[0], "ERROR: overflow cluster offset=0x80600");
+    let mut seen = 0u64;
+    let streamed = q.check_with(None, &mut |_| seen += 1).unwrap();
+    assert_eq!((seen, streamed.messages.len(), streamed.corruptions), (LINES, 0, LINES / 2));
+
+    // The repair at a read-write open of the dirty image: capped without a
+    // sink, every line (in order) with one.
+    let st = one_l2_table_named_65536_times(true);
+    let bytes = st.to_bytes();
+    let q = Qcow2::open(st, &OpenOptions::new()).unwrap();
+    let repair = q.open_repair().expect("the dirty image was repaired at open");
+    assert_eq!((repair.messages.len(), repair.messages_dropped), (MAX_KEPT_MESSAGES, LINES - MAX_KEPT_MESSAGES as u64));
+    let lines = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = lines.clone();
+    let sink: oxqcow::ImageMessages = Arc::new(move |m| {
+        assert!(matches!(m, ImageMessage::Repair(_)), "{m:?}");
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    });
+    let opts = OpenOptions { messages: Some(sink), ..OpenOptions::new() };
+    let q = Qcow2::open(Arc::new(MemoryStorage::from_bytes(bytes)), &opts).unwrap();
+    assert_eq!(lines.load(std::sync::atomic::Ordering::Relaxed), LINES);
+    assert!(q.open_repair().unwrap().messages.is_empty());
 }

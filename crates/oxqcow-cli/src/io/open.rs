@@ -306,7 +306,7 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
     opts.force_share = spec.force_share;
     opts.passphrase = passphrase;
     opts.backing_passphrase = backing_passphrase;
-    opts.warnings = crate::common::stderr_warnings();
+    opts.messages = Some(crate::common::open_messages());
     if protocol_only {
         opts.backing = BackingPolicy::Ignore;
     }
@@ -328,7 +328,6 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
         }
         _ => describe(&e),
     })?;
-    crate::common::warn_stale_bitmaps(&image);
     // QEMU warns (and guards sector 0) only when the probed image is writable.
     if explicit.is_none() && format == ImageFormat::Raw && !opts.read_only {
         warn_probed_raw(&path);
