@@ -511,10 +511,11 @@ mod tests {
         let (a, b, c) = (Arc::new(m.account()), Arc::new(m.account()), Arc::new(m.account()));
         let a_buf = a.take(90 * KIB).unwrap();
         let c_buf = c.take(10 * KIB).unwrap();
-        // b holds nothing and queues; c holds memory and must let b go first.
+        // b holds nothing and queues; c holds memory and must let b go
+        // first (both fit alone once a is done, not together).
         let rb = take_in_thread(&b, 50 * KIB);
         until_waiting(&m, 1);
-        let rc = take_in_thread(&c, 40 * KIB);
+        let rc = take_in_thread(&c, 41 * KIB);
         until_waiting(&m, 2);
         a.give_back(a_buf, 90 * KIB);
         let b_buf = rb.recv().unwrap().unwrap();
@@ -522,7 +523,7 @@ mod tests {
         assert!(rc.try_recv().is_err(), "the connection holding memory went first");
         b.give_back(b_buf, 50 * KIB);
         let c2 = rc.recv().unwrap().unwrap();
-        c.give_back(c2, 40 * KIB);
+        c.give_back(c2, 41 * KIB);
         c.give_back(c_buf, 10 * KIB);
         assert_eq!(granted(&m), 0);
     }
