@@ -79,6 +79,10 @@ impl Server {
         s
     }
 
+    fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
     fn assert_running(&mut self) {
         if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
             panic!("oxqcow serve exited early: {status}");
@@ -180,7 +184,7 @@ fn populate(image: &Path) {
 #[test]
 fn qemu_io_reads_and_writes_over_a_unix_socket() {
     let d = Dir::new();
-    let img = d.image("disk.qcow2", "64M");
+    let img = d.image("disk.qcow2", "96M");
     let srv = Server::unix(&d.path("s.sock"), &["-f", "qcow2", "-t", img.to_str().unwrap()]);
     let uri = srv.uri();
     qemu_io(
@@ -399,7 +403,7 @@ fn fio_verified_random_writes() {
 fn several_clients_at_once() {
     require("nbdinfo", "libnbd-bin");
     let d = Dir::new();
-    let img = d.image("disk.qcow2", "64M");
+    let img = d.image("disk.qcow2", "96M");
     let srv = Server::unix(&d.path("s.sock"), &["-f", "qcow2", "-t", "-e", "4", img.to_str().unwrap()]);
     let uri = srv.uri();
     assert!(run_ok("nbdinfo", &[&uri]).contains("can_multi_conn: true"));
@@ -737,6 +741,137 @@ fn hostile_clients_get_errors_or_a_clean_disconnect() {
     drop(lazy);
     srv.stop();
     qemu_io(&["-f", "qcow2", img.to_str().unwrap()], &["read -P 0x66 8M 1M"]);
+    assert_clean(&img);
+}
+
+/// The process's virtual size (what an address-space limit counts), bytes.
+fn vm_size(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("reading /proc/PID/status");
+    let line = status.lines().find(|l| l.starts_with("VmSize:")).expect("VmSize in /proc/PID/status");
+    let kib: u64 = line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("VmSize value");
+    kib << 10
+}
+
+/// Reads one simple reply to a READ of `len` bytes: (error, cookie), and
+/// the data, checked against `pattern(cookie)`, 1 MiB at a time.
+fn read_reply(c: &mut UnixStream, len: usize, pattern: impl Fn(u64) -> u8) -> (u32, u64) {
+    let (err, cookie) = simple_reply(c);
+    if err == 0 {
+        let want = pattern(cookie);
+        let mut buf = vec![0u8; 1 << 20];
+        for at in (0..len).step_by(buf.len()) {
+            c.read_exact(&mut buf).expect("reading READ data from the server");
+            assert!(buf.iter().all(|&b| b == want), "cookie {cookie:#x}: wrong data near byte {at}");
+        }
+    }
+    (err, cookie)
+}
+
+/// Guards against the NBD server having no memory bound across connections
+/// (issue 9, item 9): 40 clients pipelining 32 MiB reads made it allocate
+/// 64 MiB for each, and under an address-space limit it aborted. Now all
+/// requests share one budget: with the limit set to what the server uses
+/// with every client connected plus little more than the budget, it must
+/// survive clients that read nothing, answer every request (the data or
+/// ENOMEM; a write refused so has its payload dropped and the connection
+/// goes on) and serve normally afterwards.
+#[test]
+fn many_clients_pipelining_large_reads_stay_within_the_memory_budget() {
+    require("prlimit", "util-linux");
+    const CLIENTS: usize = 40;
+    const DEPTH: u64 = 3;
+    const LEN: u32 = 32 << 20;
+    // The budget (oxqcow_nbd::memory::MEMORY_LIMIT, 256 MiB) and room for
+    // what the server allocates besides request buffers.
+    const HEADROOM: u64 = 384 << 20;
+    let d = Dir::new();
+    let img = d.image("disk.qcow2", "96M");
+    let img_s = img.to_str().unwrap();
+    qemu_io(&["-f", "qcow2", img_s], &["write -P 0xa5 0 32M", "write -P 0x5a 32M 32M"]);
+    let sock = d.path("s.sock");
+    let mut srv = Server::unix(&sock, &["-f", "qcow2", "-t", "-e", "42", img_s]);
+    // Cookie i * 16 + k: client i's k-th read, at 0 or 32 MiB.
+    let offset = |cookie: u64| (cookie % 2) * u64::from(LEN);
+    let pattern = |cookie: u64| if cookie % 2 == 0 { 0xa5 } else { 0x5a };
+
+    let mut clients: Vec<UnixStream> = (0..CLIENTS)
+        .map(|_| {
+            let mut c = connect(&sock);
+            go(&mut c);
+            c
+        })
+        .collect();
+    let (mut probe, mut writer) = (connect(&sock), connect(&sock));
+    go(&mut probe);
+    go(&mut writer);
+    // Every connection's threads exist now: the limit leaves room for the
+    // budget and little more.
+    let limit = vm_size(srv.pid()) + HEADROOM;
+    run_ok("prlimit", &["--pid", &srv.pid().to_string(), &format!("--as={limit}")]);
+    for (i, c) in clients.iter_mut().enumerate() {
+        for k in 0..DEPTH {
+            let cookie = i as u64 * 16 + k;
+            request(c, 0, 0, cookie, offset(cookie), LEN);
+        }
+    }
+    // Nobody reads yet, so the memory the server grants stays granted. A
+    // 41st client reads until the server answers ENOMEM: the budget is
+    // used up and the server is alive. (Without a budget the server
+    // allocated past the limit and aborted here.)
+    let mut exhausted = false;
+    for cookie in (1u64 << 32..).step_by(2).take(100) {
+        request(&mut probe, 0, 0, cookie, offset(cookie), LEN);
+        let (err, c) = read_reply(&mut probe, LEN as usize, pattern);
+        srv.assert_running();
+        assert_eq!(c, cookie);
+        if err != 0 {
+            assert_eq!(err, 12, "expected ENOMEM");
+            exhausted = true;
+            break;
+        }
+    }
+    assert!(exhausted, "100 reads of 32 MiB never exhausted the server's memory budget");
+    // A write cannot have its memory either: ENOMEM once none has come
+    // back for a while, its payload read and dropped, and the next request
+    // on the connection is answered.
+    let payload = vec![0x77u8; LEN as usize];
+    request(&mut writer, 1, 0, 1, 64 << 20, LEN);
+    writer.write_all(&payload).unwrap();
+    request(&mut writer, 3, 0, 2, 0, 0);
+    assert_eq!(simple_reply(&mut writer), (12, 1), "a write without memory: ENOMEM");
+    assert_eq!(simple_reply(&mut writer), (0, 2), "the flush after it");
+    srv.assert_running();
+
+    // Now every client reads its replies: each one the data or ENOMEM.
+    let readers: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut c)| {
+            std::thread::spawn(move || {
+                let mut cookies = Vec::new();
+                let mut enomem = 0;
+                for _ in 0..DEPTH {
+                    let (err, cookie) = read_reply(&mut c, LEN as usize, pattern);
+                    assert!(err == 0 || err == 12, "client {i}: error {err} for cookie {cookie:#x}");
+                    enomem += usize::from(err == 12);
+                    cookies.push(cookie);
+                }
+                cookies.sort();
+                assert_eq!(cookies, (0..DEPTH).map(|k| i as u64 * 16 + k).collect::<Vec<_>>(), "client {i}");
+                enomem
+            })
+        })
+        .collect();
+    let enomem: usize = readers.into_iter().map(|t| t.join().expect("a client failed")).sum();
+    assert!(enomem < CLIENTS * DEPTH as usize, "every read was refused");
+    srv.assert_running();
+    // And the server goes on serving.
+    request(&mut writer, 1, 0, 3, 64 << 20, LEN);
+    writer.write_all(&payload).unwrap();
+    assert_eq!(simple_reply(&mut writer), (0, 3));
+    drop((probe, writer));
+    qemu_io(&["-r", "-f", "raw", &srv.uri()], &["read -P 0xa5 0 32M", "read -P 0x5a 32M 32M", "read -P 0x77 64M 32M"]);
+    srv.stop();
     assert_clean(&img);
 }
 

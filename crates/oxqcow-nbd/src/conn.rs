@@ -1,7 +1,8 @@
 //! One client connection: the handshake, then three parties.
 //!
-//! - The reader (the connection's own thread) frames requests, reads write
-//!   payloads, validates, and hands each request to the worker pool.
+//! - The reader (the connection's own thread) frames requests, validates
+//!   them, takes the memory each needs and reads write payloads, and hands
+//!   each request to the worker pool.
 //! - Workers run requests concurrently; replies leave in completion order,
 //!   not request order, each one whole.
 //! - The outbox orders the sending: a worker whose reply finds the socket
@@ -11,14 +12,19 @@
 //!   blocks on the socket, so a client that stops reading stalls its own
 //!   connection and never a worker.
 //!
-//! Memory is bounded per connection: requests in flight (queued, running
-//! or waiting to be sent) may hold at most [`MAX_INFLIGHT_BYTES`] of
-//! payload and reply data and number at most [`MAX_INFLIGHT`]; the reader
-//! stops reading until replies have gone out. A client that stops reading
-//! replies therefore stalls only itself.
+//! Requests in flight (queued, running or waiting to be sent) number at
+//! most [`MAX_INFLIGHT`] per connection, and the buffers they hold (write
+//! payloads until the write ran, read and block status replies until they
+//! are sent) are granted from the server's memory budget
+//! ([`crate::memory`]: a share per connection, a bound over all of them).
+//! The reader stops reading while a request waits for either, so a client
+//! that stops reading replies stalls only itself; a request the budget
+//! cannot grant, or whose buffer cannot be allocated, is answered with
+//! ENOMEM (its write payload read and dropped), and the connection goes on.
 //!
-//! Locks: the in-flight budget (a mutex and condvar, held to count); the
-//! outbox (held to queue or take replies, never across a blocking send).
+//! Locks: the request count (a mutex and condvar, held to count); the
+//! outbox (held to queue or take replies, never across a blocking send);
+//! the memory budget (see its module).
 
 use std::collections::VecDeque;
 use std::io::{self, BufReader, IoSlice, Read, Write};
@@ -31,48 +37,16 @@ use std::time::{Duration, Instant};
 
 use crate::export::Export;
 use crate::handshake::{self, Outcome};
+use crate::memory::{Account, Memory, NoMemory};
 use crate::pool::Pool;
 use crate::proto::{self, Errno, RequestHeader};
-use crate::session::{Op, Payload, Session};
+use crate::session::{Op, Payload, Refusal, Session};
 use crate::tls::{Relay, TlsServer};
 
 /// Requests one connection may have in flight.
 pub const MAX_INFLIGHT: usize = 64;
-/// Payload and reply bytes one connection may have in flight (a single
-/// request larger than this still runs, alone).
-pub const MAX_INFLIGHT_BYTES: usize = 64 << 20;
 /// The writer sends at most this many replies in one system call.
 const MAX_BATCH: usize = 64;
-/// Capacity of idle buffers one connection keeps for reuse.
-const RECYCLE_BYTES: usize = 16 << 20;
-
-/// Reply and payload buffers of one connection, kept for reuse: a reused
-/// buffer needs no fresh pages from the kernel and, holding initialised
-/// bytes already, no clearing (see `Session::execute_into`).
-struct Buffers {
-    free: Mutex<(Vec<Vec<u8>>, usize)>,
-}
-
-impl Buffers {
-    fn get(&self) -> Vec<u8> {
-        let mut f = self.free.lock().unwrap_or_else(|p| p.into_inner());
-        match f.0.pop() {
-            Some(v) => {
-                f.1 -= v.capacity();
-                v
-            }
-            None => Vec::new(),
-        }
-    }
-
-    fn put(&self, v: Vec<u8>) {
-        let mut f = self.free.lock().unwrap_or_else(|p| p.into_inner());
-        if v.capacity() > 0 && f.1 + v.capacity() <= RECYCLE_BYTES {
-            f.1 += v.capacity();
-            f.0.push(v);
-        }
-    }
-}
 
 /// A connected client socket.
 pub enum Stream {
@@ -194,7 +168,7 @@ impl Write for Deadlined<'_> {
     }
 }
 
-/// Requests in flight on one connection.
+/// The number of requests in flight on one connection.
 struct Budget {
     state: Mutex<BudgetState>,
     changed: Condvar,
@@ -202,37 +176,34 @@ struct Budget {
 
 struct BudgetState {
     requests: usize,
-    bytes: usize,
-    /// Threads waiting for the budget to shrink (the reader): releases
-    /// wake only when someone waits.
+    /// Threads waiting for the count to drop (the reader): releases wake
+    /// only when someone waits.
     waiting: usize,
 }
 
 impl Budget {
-    /// Waits until `bytes` more fit (always true when nothing is in flight).
     fn new() -> Budget {
-        Budget { state: Mutex::new(BudgetState { requests: 0, bytes: 0, waiting: 0 }), changed: Condvar::new() }
+        Budget { state: Mutex::new(BudgetState { requests: 0, waiting: 0 }), changed: Condvar::new() }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BudgetState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn acquire(&self, bytes: usize) {
+    /// Waits until one more request may be in flight.
+    fn acquire(&self) {
         let mut st = self.lock();
-        while st.requests > 0 && (st.requests >= MAX_INFLIGHT || st.bytes + bytes > MAX_INFLIGHT_BYTES) {
+        while st.requests >= MAX_INFLIGHT {
             st.waiting += 1;
             st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
             st.waiting -= 1;
         }
         st.requests += 1;
-        st.bytes += bytes;
     }
 
-    fn release(&self, bytes: usize) {
+    fn release(&self) {
         let mut st = self.lock();
         st.requests -= 1;
-        st.bytes -= bytes;
         let wake = st.waiting > 0;
         drop(st);
         if wake {
@@ -250,12 +221,12 @@ impl Budget {
     }
 }
 
-/// A reply ready to send, with the budget it holds.
+/// A reply ready to send, with the memory granted for it.
 struct Outgoing {
     bytes: Vec<u8>,
     /// Bytes already sent.
     sent: usize,
-    cost: usize,
+    granted: usize,
 }
 
 struct OutQueue {
@@ -273,7 +244,7 @@ struct Outbox {
     queue: Mutex<OutQueue>,
     changed: Condvar,
     budget: Arc<Budget>,
-    buffers: Arc<Buffers>,
+    account: Arc<Account>,
 }
 
 impl Outbox {
@@ -281,15 +252,20 @@ impl Outbox {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// A reply is sent or dropped: its memory and its place go back.
+    fn done(&self, out: Outgoing) {
+        self.account.give_back(out.bytes, out.granted);
+        self.budget.release();
+    }
+
     /// Hands over a finished reply: sent at once if the socket is idle and
     /// takes it without blocking, else queued for the writer.
-    fn send(&self, sock: &Stream, bytes: Vec<u8>, cost: usize) {
-        let mut out = Outgoing { bytes, sent: 0, cost };
+    fn send(&self, sock: &Stream, bytes: Vec<u8>, granted: usize) {
+        let mut out = Outgoing { bytes, sent: 0, granted };
         let mut q = self.lock();
         if q.broken {
             drop(q);
-            self.budget.release(cost);
-            self.buffers.put(out.bytes);
+            self.done(out);
             return;
         }
         if q.busy || !q.replies.is_empty() {
@@ -329,8 +305,7 @@ impl Outbox {
             self.changed.notify_one();
         }
         if let Some(out) = sent {
-            self.budget.release(cost);
-            self.buffers.put(out.bytes);
+            self.done(out);
         }
     }
 
@@ -349,11 +324,12 @@ pub fn serve(
     stream: Stream,
     export: Arc<Export>,
     pool: &Pool,
+    memory: &Arc<Memory>,
     handshake_limit: Option<Duration>,
     tls: Option<&TlsServer>,
 ) {
     let mut relay = None;
-    serve_stream(stream, export, pool, handshake_limit, tls, &mut relay);
+    serve_stream(stream, export, pool, memory, handshake_limit, tls, &mut relay);
     // Every handle on the connection's end of the pair is gone or shut down
     // by now, so the relay ends.
     if let Some(r) = relay {
@@ -365,6 +341,7 @@ fn serve_stream(
     mut stream: Stream,
     export: Arc<Export>,
     pool: &Pool,
+    memory: &Arc<Memory>,
     handshake_limit: Option<Duration>,
     tls: Option<&TlsServer>,
     relay: &mut Option<Relay>,
@@ -407,12 +384,12 @@ fn serve_stream(
     let Ok(reader_half) = stream.try_clone() else { return };
     let session = Arc::new(Session::new(export, neg));
     let budget = Arc::new(Budget::new());
-    let buffers = Arc::new(Buffers { free: Mutex::new((Vec::new(), 0)) });
+    let account = Arc::new(memory.account());
     let outbox = Arc::new(Outbox {
         queue: Mutex::new(OutQueue { replies: VecDeque::new(), busy: false, closed: false, broken: false }),
         changed: Condvar::new(),
         budget: Arc::clone(&budget),
-        buffers: Arc::clone(&buffers),
+        account: Arc::clone(&account),
     });
     let writer_box = Arc::clone(&outbox);
     let writer = std::thread::Builder::new().name("nbd-writer".into()).spawn(move || {
@@ -421,7 +398,7 @@ fn serve_stream(
     let Ok(writer) = writer else { return };
     let sock = Arc::new(stream);
     let reader = BufReader::with_capacity(64 << 10, reader_half);
-    read_requests(reader, &session, pool, &budget, &outbox, &sock, &buffers);
+    read_requests(reader, &session, pool, &budget, &outbox, &sock, &account);
     // Replies to everything already received go out before the close.
     budget.wait_idle();
     outbox.close();
@@ -436,7 +413,7 @@ fn read_requests(
     budget: &Arc<Budget>,
     outbox: &Arc<Outbox>,
     sock: &Arc<Stream>,
-    buffers: &Arc<Buffers>,
+    account: &Arc<Account>,
 ) {
     loop {
         let mut hdr = [0u8; proto::REQUEST_HEADER_LEN];
@@ -445,52 +422,81 @@ fn read_requests(
         }
         // A bad magic leaves no way to find the next request: disconnect.
         let Ok(h) = RequestHeader::parse(&hdr) else { return };
+        let mut checked = session.check(&h);
+        if checked == Ok(Op::Disconnect) {
+            return;
+        }
+        budget.acquire();
+        // The write payload: read into granted memory when the write will
+        // run, else read and dropped, so the stream stays in step.
         let mut payload = Vec::new();
+        let mut payload_granted = 0;
+        let mut drop_payload = 0;
         match session.payload(&h) {
             Payload::None => {}
-            Payload::Read(n) => {
-                budget.acquire(n as usize);
-                payload = buffers.get();
-                crate::session::fit(&mut payload, n as usize);
-                let got = r.read_exact(&mut payload);
-                budget.release(n as usize);
-                if got.is_err() {
+            Payload::Read(n) if checked.is_ok() => match account.take(n as usize) {
+                Ok(buf) => (payload, payload_granted) = (buf, n as usize),
+                Err(e) => {
+                    checked = Err(no_memory(e));
+                    drop_payload = n;
+                }
+            },
+            Payload::Read(n) | Payload::Discard(n) => drop_payload = n,
+        }
+        if payload_granted > 0 {
+            crate::session::fit(&mut payload, payload_granted);
+            if r.read_exact(&mut payload).is_err() {
+                account.give_back(payload, payload_granted);
+                budget.release();
+                return;
+            }
+        }
+        if drop_payload > 0 {
+            match io::copy(&mut (&mut r).take(u64::from(drop_payload)), &mut io::sink()) {
+                Ok(k) if k == u64::from(drop_payload) => {}
+                _ => {
+                    budget.release();
                     return;
                 }
             }
-            Payload::Discard(n) => match io::copy(&mut (&mut r).take(u64::from(n)), &mut io::sink()) {
-                Ok(k) if k == u64::from(n) => {}
-                _ => return,
-            },
         }
-        let op = match session.check(&h) {
-            Ok(Op::Disconnect) => return,
+        // The reply's memory, for the replies that carry data.
+        let mut reply = Vec::new();
+        let mut reply_granted = 0;
+        if let Ok(op) = checked {
+            let need = session.reply_bound(op);
+            match account.take(need) {
+                Ok(buf) => (reply, reply_granted) = (buf, need),
+                Err(e) => checked = Err(no_memory(e)),
+            }
+        }
+        let op = match checked {
             Ok(op) => op,
             Err(refusal) => {
-                budget.acquire(0);
+                account.give_back(payload, payload_granted);
                 outbox.send(sock, session.refusal_reply(&h, &refusal), 0);
                 continue;
             }
         };
-        let cost = payload.len()
-            + match op {
-                Op::Read { length, .. } => length as usize,
-                _ => 0,
-            };
-        budget.acquire(cost);
-        let (session, outbox, sock, buffers) =
-            (Arc::clone(session), Arc::clone(outbox), Arc::clone(sock), Arc::clone(buffers));
+        let (session, outbox, sock, account) =
+            (Arc::clone(session), Arc::clone(outbox), Arc::clone(sock), Arc::clone(account));
         pool.submit(move || {
-            let mut bytes = buffers.get();
+            let mut bytes = reply;
             let ran = catch_unwind(AssertUnwindSafe(|| session.execute_into(&mut bytes, h.cookie, op, &payload)));
             if ran.is_err() {
-                let internal = crate::session::Refusal { errno: Errno::Io, message: "internal error".into() };
+                let internal = Refusal { errno: Errno::Io, message: "internal error".into() };
                 bytes = session.refusal_reply(&h, &internal);
             }
-            buffers.put(payload);
-            outbox.send(&sock, bytes, cost);
+            // The payload's memory goes back once the write ran, not when
+            // its (small) reply is sent.
+            account.give_back(payload, payload_granted);
+            outbox.send(&sock, bytes, reply_granted);
         });
     }
+}
+
+fn no_memory(e: NoMemory) -> Refusal {
+    Refusal { errno: Errno::NoMem, message: e.to_string() }
 }
 
 /// Sends the replies workers could not send themselves, blocking, several
@@ -520,8 +526,7 @@ fn write_replies(s: &mut Stream, outbox: &Outbox) {
         let dropped: Vec<Outgoing> = if q.broken { q.replies.drain(..).collect() } else { Vec::new() };
         drop(q);
         for o in batch.into_iter().chain(dropped) {
-            outbox.budget.release(o.cost);
-            outbox.buffers.put(o.bytes);
+            outbox.done(o);
         }
     }
 }

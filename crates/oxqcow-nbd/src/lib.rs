@@ -9,6 +9,8 @@
 //! - [`session`]: request validation and execution against the image,
 //!   producing whole encoded replies. No sockets.
 //! - [`conn`]: one client's threads (reader, writer) around a session.
+//! - [`memory`]: the budget all connections' requests draw their buffers
+//!   from: back-pressure, ENOMEM instead of aborting, buffer reuse.
 //! - [`server`]: listeners, admission (`shared`), lifetime and shutdown.
 //! - [`tls`]: STARTTLS: x509 credentials, the TLS handshake, the relay
 //!   that runs a connection over TLS.
@@ -23,6 +25,7 @@ pub mod conn;
 pub mod export;
 pub mod fuzzing;
 pub mod handshake;
+pub mod memory;
 mod pool;
 pub mod proto;
 pub mod server;

@@ -3,7 +3,8 @@
 //! One accept thread per listening socket admits clients while fewer than
 //! the `shared` limit are connected (like qemu-nbd, further clients wait in
 //! the socket's backlog), and each client gets a connection thread (see
-//! [`crate::conn`]). All connections share one worker pool and one export.
+//! [`crate::conn`]). All connections share one worker pool, one export and
+//! one memory budget ([`crate::memory`]).
 //!
 //! The server stops when [`ShutdownHandle::shutdown`] is called (signals),
 //! or, unless persistent, when the last client has gone after at least one
@@ -28,11 +29,13 @@ use oxqcow::BlockDevice;
 
 use crate::conn::{self, Stream};
 use crate::export::Export;
+use crate::memory::Memory;
 use crate::pool::Pool;
 use crate::tls::TlsServer;
 
 /// Hard limit on simultaneous clients when `shared` is 0 (unlimited): each
-/// client costs two threads and up to 64 MiB in flight.
+/// client costs two threads; the memory its requests hold comes from the
+/// budget all clients share ([`crate::memory`]).
 pub const MAX_CLIENTS: usize = 256;
 /// How long a stopping server waits for clients to take their last replies
 /// before it closes their sockets.
@@ -187,22 +190,26 @@ impl Server {
     /// Serves until stopped, then flushes the image. Returns the flush's
     /// result.
     pub fn run(self) -> Result<(), oxqcow::Error> {
-        let pool = Arc::new(Pool::new(self.opts.workers).map_err(|e| oxqcow::Error::Io {
+        let pool = Pool::new(self.opts.workers).map_err(|e| oxqcow::Error::Io {
             op: "starting worker threads",
             offset: 0,
             source: e,
-        })?);
+        })?;
+        let serving = Arc::new(Serving {
+            export: Arc::clone(&self.export),
+            pool,
+            memory: Arc::new(Memory::new()),
+            handshake_limit: self.opts.handshake_limit,
+            tls: self.opts.tls.clone(),
+        });
         let limit = if self.opts.shared == 0 { MAX_CLIENTS } else { self.opts.shared.min(MAX_CLIENTS) };
         let listeners: Vec<Arc<Listener>> = self.listeners.into_iter().map(Arc::new).collect();
         let mut acceptors: Vec<JoinHandle<()>> = Vec::new();
         for l in &listeners {
-            let (l, shared, export, pool) =
-                (Arc::clone(l), Arc::clone(&self.shared), Arc::clone(&self.export), Arc::clone(&pool));
-            let limit_hs = self.opts.handshake_limit;
-            let tls = self.opts.tls.clone();
+            let (l, shared, serving) = (Arc::clone(l), Arc::clone(&self.shared), Arc::clone(&serving));
             let t = std::thread::Builder::new()
                 .name("nbd-accept".into())
-                .spawn(move || accept_loop(&l, &shared, &export, &pool, limit, limit_hs, tls.as_ref()));
+                .spawn(move || accept_loop(&l, &shared, &serving, limit));
             match t {
                 Ok(t) => acceptors.push(t),
                 Err(e) => {
@@ -244,7 +251,7 @@ impl Server {
             st = self.shared.changed.wait_timeout(st, left).unwrap_or_else(|p| p.into_inner()).0;
         }
         drop(st);
-        drop(pool);
+        drop(serving);
         for l in &listeners {
             if let Listener::Unix { path: Some(p), .. } = &**l {
                 let _ = std::fs::remove_file(p);
@@ -254,15 +261,16 @@ impl Server {
     }
 }
 
-fn accept_loop(
-    l: &Listener,
-    shared: &Arc<Shared>,
-    export: &Arc<Export>,
-    pool: &Arc<Pool>,
-    limit: usize,
+/// What every connection is served with.
+struct Serving {
+    export: Arc<Export>,
+    pool: Pool,
+    memory: Arc<Memory>,
     handshake_limit: Option<Duration>,
-    tls: Option<&TlsServer>,
-) {
+    tls: Option<TlsServer>,
+}
+
+fn accept_loop(l: &Listener, shared: &Arc<Shared>, serving: &Arc<Serving>, limit: usize) {
     loop {
         {
             let mut st = shared.lock();
@@ -301,9 +309,9 @@ fn accept_loop(
             st.clients.insert(id, handle);
             id
         };
-        let (shared2, export, pool, tls) = (Arc::clone(shared), Arc::clone(export), Arc::clone(pool), tls.cloned());
+        let (shared2, sv) = (Arc::clone(shared), Arc::clone(serving));
         let spawned = std::thread::Builder::new().name("nbd-conn".into()).spawn(move || {
-            conn::serve(stream, export, &pool, handshake_limit, tls.as_ref());
+            conn::serve(stream, Arc::clone(&sv.export), &sv.pool, &sv.memory, sv.handshake_limit, sv.tls.as_ref());
             let mut st = shared2.lock();
             st.active -= 1;
             st.clients.remove(&id);

@@ -250,16 +250,31 @@ impl Session {
         proto::simple_reply(cookie, 0).to_vec()
     }
 
+    /// The most bytes [`Session::execute_into`] puts in its buffer for a
+    /// reply with data (reads, block status), so that a buffer of this
+    /// capacity is never reallocated; 0 for the other requests, whose
+    /// replies are small (at most an error message) and replace the buffer.
+    pub fn reply_bound(&self, op: Op) -> usize {
+        match op {
+            Op::Read { length, .. } if self.neg.structured => structured_read_bound(length),
+            Op::Read { length, .. } => proto::SIMPLE_REPLY_LEN + length as usize,
+            Op::BlockStatus { one, .. } => {
+                let extents = if one { 1 } else { MAX_EXTENTS };
+                self.neg.contexts.list(self.export.bitmap()).len() * (proto::CHUNK_HEADER_LEN + 4 + 8 * extents)
+            }
+            _ => 0,
+        }
+    }
+
     /// [`Session::execute`] into `out`, reusing its allocation (and, for
-    /// reads, its bytes: see `read_into`).
+    /// reads, its bytes: see `read_into`). With a capacity of at least
+    /// [`Session::reply_bound`], a reply with data fits without
+    /// reallocating.
     pub fn execute_into(&self, out: &mut Vec<u8>, cookie: u64, op: Op, payload: &[u8]) {
         match op {
             Op::Read { offset, length, df } => self.read_into(out, cookie, offset, length, df),
-            other => {
-                let reply = self.execute(cookie, other, payload);
-                out.clear();
-                out.extend_from_slice(&reply);
-            }
+            Op::BlockStatus { offset, length, one } => self.block_status(out, cookie, offset, length, one),
+            other => *out = self.execute(cookie, other, payload),
         }
     }
 
@@ -296,7 +311,11 @@ impl Session {
                     Err(e) => done(Err(e)),
                 }
             }
-            Op::BlockStatus { offset, length, one } => self.block_status(cookie, offset, length, one),
+            Op::BlockStatus { offset, length, one } => {
+                let mut out = Vec::new();
+                self.block_status(&mut out, cookie, offset, length, one);
+                out
+            }
             Op::Disconnect => Vec::new(),
         }
     }
@@ -328,11 +347,15 @@ impl Session {
         }
         // Runs of (offset, length, reads as zeros), holes only when the
         // client lets the reply be fragmented.
-        let runs =
-            if df { vec![(offset, u64::from(length), false)] } else { self.read_runs(offset, u64::from(length)) };
+        let mut runs = if df { Vec::new() } else { self.read_runs(offset, u64::from(length)) };
         let mut size = 0usize;
         for &(_, l, hole) in &runs {
             size += proto::CHUNK_HEADER_LEN + if hole { 12 } else { 8 + l as usize };
+        }
+        // Holes so short that their chunks outweigh their bytes are sent as
+        // data: one chunk is smaller, and within `reply_bound`.
+        if df || size > structured_read_bound(length) {
+            (runs, size) = (vec![(offset, u64::from(length), false)], proto::CHUNK_HEADER_LEN + 8 + len);
         }
         fit(out, size);
         let mut header = Vec::with_capacity(proto::CHUNK_HEADER_LEN + 12);
@@ -422,24 +445,31 @@ impl Session {
         Ok(descs)
     }
 
-    fn block_status(&self, cookie: u64, offset: u64, length: u32, one: bool) -> Vec<u8> {
+    /// The block status reply in `out` (emptied first).
+    fn block_status(&self, out: &mut Vec<u8>, cookie: u64, offset: u64, length: u32, one: bool) {
+        out.clear();
         let window = u64::from(length).min(if one { STATUS_WINDOW_ONE } else { STATUS_WINDOW });
         let extents = match self.export.image.block_status(offset, window) {
             Ok(e) => e,
-            Err(e) => return self.error_reply(cookie, errno_of(&e), &e.to_string()),
+            Err(e) => {
+                *out = self.error_reply(cookie, errno_of(&e), &e.to_string());
+                return;
+            }
         };
         let limit = if one { 1 } else { MAX_EXTENTS };
         let contexts = self.neg.contexts.list(self.export.bitmap());
-        let mut out = Vec::new();
         for (i, &(id, _)) in contexts.iter().enumerate() {
             let mut descs: Vec<(u32, u32)> = Vec::new();
             if id == CONTEXT_DIRTY_BITMAP {
                 match self.dirty_extents(window, offset, limit) {
                     Ok(d) => descs = d,
-                    Err(e) => return self.error_reply(cookie, errno_of(&e), &e.to_string()),
+                    Err(e) => {
+                        *out = self.error_reply(cookie, errno_of(&e), &e.to_string());
+                        return;
+                    }
                 }
                 let flags = if i + 1 == contexts.len() { reply::FLAG_DONE } else { 0 };
-                proto::block_status_chunk(&mut out, flags, cookie, id, &descs);
+                proto::block_status_chunk(out, flags, cookie, id, &descs);
                 continue;
             }
             let mut pos = offset;
@@ -469,13 +499,25 @@ impl Session {
                 }
             }
             if descs.is_empty() {
-                return self.error_reply(cookie, Errno::Io, "block status described nothing");
+                *out = self.error_reply(cookie, Errno::Io, "block status described nothing");
+                return;
             }
             let flags = if i + 1 == contexts.len() { reply::FLAG_DONE } else { 0 };
-            proto::block_status_chunk(&mut out, flags, cookie, id, &descs);
+            proto::block_status_chunk(out, flags, cookie, id, &descs);
         }
-        out
     }
+}
+
+/// The most bytes of a structured READ reply: one data chunk, and room for
+/// a short hole at either end of the range. Holes are whole sectors at
+/// least, so those inside the range cost less as hole chunks than as data;
+/// `read_into` sends a range that would need more as one data chunk.
+fn structured_read_bound(length: u32) -> usize {
+    if length == 0 {
+        return proto::CHUNK_HEADER_LEN;
+    }
+    let hole_and_split = 2 * proto::CHUNK_HEADER_LEN + 12 + 8;
+    proto::CHUNK_HEADER_LEN + 8 + length as usize + 2 * hole_and_split
 }
 
 /// Makes `v` exactly `n` bytes long, clearing only bytes it did not hold.

@@ -568,3 +568,38 @@ fn before_tls_export_name_drops_and_abort_ends() {
     assert_eq!(types(&replies), vec![(opt::STARTTLS, rep::ERR_POLICY), (opt::ABORT, rep::ACK)]);
     assert_eq!(replies[0].2, b"TLS not configured");
 }
+
+/// Guards the memory budget's accounting (issue 9): the connection grants a
+/// reply with data `reply_bound` bytes before it runs, and the reply must
+/// be built in them, never in a larger reallocation.
+#[test]
+fn replies_with_data_fit_in_their_bound() {
+    let both = Contexts { base_allocation: true, allocation_depth: true, dirty_bitmap: false };
+    for structured in [false, true] {
+        let s = session(false, structured, both);
+        // Data in every other cluster, and a partial cluster: many runs.
+        for c in (0..DISK / CLUSTER).step_by(2) {
+            run(&s, req(cmd::WRITE, 0, c * CLUSTER + 512, 4096), &[0x3c; 4096]);
+        }
+        let mut cases = vec![
+            req(cmd::READ, 0, 0, DISK as u32),
+            req(cmd::READ, 0, CLUSTER - 100, 3 * CLUSTER as u32 + 200),
+            req(cmd::READ, 0, 100, 1000),
+            req(cmd::READ, 0, 0, 0),
+        ];
+        if structured {
+            cases.push(req(cmd::READ, cmd_flags::DF, CLUSTER - 100, 3 * CLUSTER as u32));
+            cases.push(req(cmd::BLOCK_STATUS, 0, 0, DISK as u32));
+            cases.push(req(cmd::BLOCK_STATUS, cmd_flags::REQ_ONE, 100, DISK as u32 - 100));
+        }
+        for h in cases {
+            let op = s.check(&h).unwrap();
+            let bound = s.reply_bound(op);
+            let mut out = Vec::with_capacity(bound);
+            let at = out.as_ptr();
+            s.execute_into(&mut out, h.cookie, op, &[]);
+            assert!(out.len() <= bound && out.as_ptr() == at, "{h:?}: {} bytes in a bound of {bound}", out.len());
+            assert_eq!(out, s.execute(h.cookie, op, &[]), "{h:?}");
+        }
+    }
+}
