@@ -10,32 +10,21 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod amend;
-pub mod backing;
-pub mod bitmap;
-mod cache;
 pub mod chain_ops;
-pub mod check;
 pub mod compress;
 pub mod crypt;
 pub mod cursor;
-pub mod data_file;
 pub mod dirty;
 pub mod error;
 pub mod image;
-mod lock;
-pub mod mapping;
 pub mod measure;
 pub mod options;
-pub mod overlap;
 mod qcow2;
 pub mod raw;
-mod refcount;
-mod resize;
-mod serialise;
-mod snapshot;
 pub mod storage;
-mod write;
+
+pub use image::{backing, data_file};
+pub use qcow2::meta::{amend, bitmap, check, mapping, overlap};
 
 pub use bitmap::BitmapInfo;
 pub use check::{CheckReport, RepairMode, MAX_KEPT_MESSAGES};

@@ -152,7 +152,7 @@ pub struct OpenOptions {
     /// (`lazy-refcounts`).
     pub lazy_refcounts: Option<bool>,
     /// What to do with backing files the image names.
-    pub backing: crate::backing::BackingPolicy,
+    pub backing: crate::image::backing::BackingPolicy,
     /// Open the content of this internal snapshot (id or name) instead of
     /// the active layer; read-only (`convert -l`, `qemu-io -l`). As in
     /// QEMU, the guest size stays the active layer's.
@@ -170,7 +170,7 @@ pub struct OpenOptions {
     /// QEMU's `file.locking`).
     pub locking: Option<bool>,
     /// Metadata overlap checks (`overlap-check`, default `cached`); a mask
-    /// of the templates in [`crate::overlap`].
+    /// of the templates in [`crate::qcow2::meta::overlap`].
     pub overlap_check: Option<u32>,
     /// The external data file to use instead of the one the image header
     /// names (QEMU's `data-file` runtime option); only for images that
@@ -260,7 +260,7 @@ impl OpenOptions {
         self
     }
     /// Sets the backing file policy.
-    pub fn backing(mut self, policy: crate::backing::BackingPolicy) -> Self {
+    pub fn backing(mut self, policy: crate::image::backing::BackingPolicy) -> Self {
         self.backing = policy;
         self
     }
@@ -284,8 +284,8 @@ impl OpenOptions {
                 })
             }
             k if k.starts_with("overlap-check") => {
-                let mut mask = self.overlap_check.unwrap_or(crate::overlap::CACHED);
-                crate::overlap::apply_option(&mut mask, k, value)?;
+                let mut mask = self.overlap_check.unwrap_or(crate::qcow2::meta::overlap::CACHED);
+                crate::qcow2::meta::overlap::apply_option(&mut mask, k, value)?;
                 self.overlap_check = Some(mask);
             }
             "driver" => self.format = Some(ImageFormat::from_name(value)?),
@@ -479,7 +479,7 @@ impl CreateOptions {
     /// entries) are refused with [`Error::Unsupported`].
     pub fn validate(&self) -> Result<()> {
         match self.format {
-            ImageFormat::Qcow2 => crate::resize::validate_create(self).map(|_| ()),
+            ImageFormat::Qcow2 => crate::qcow2::meta::resize::validate_create(self).map(|_| ()),
             ImageFormat::Raw => Ok(()),
         }
     }

@@ -18,8 +18,8 @@ use oxqcow_format::table::{write_l2_bitmap, write_l2_word, L1Entry};
 use oxqcow_format::{GuestOffset, HostCluster, HostOffset, L2Bitmap, L2Entry, L2Mapping};
 
 use crate::error::{Error, Result};
-use crate::mapping::ReadSegment;
-use crate::qcow2::{FreeReason, Meta};
+use crate::qcow2::meta::mapping::ReadSegment;
+use crate::qcow2::meta::{FreeReason, Meta};
 use crate::storage::Storage;
 
 /// A region of a new cluster to fill with old content: what the guest read

@@ -27,11 +27,11 @@ use std::sync::Arc;
 
 use oxqcow_format::header::Header;
 
-use crate::backing::{resolve_backing_path, BackingPolicy};
 use crate::error::{Error, Result};
-use crate::lock::LockSet;
+use crate::image::backing::{resolve_backing_path, BackingPolicy};
 use crate::options::{ImageFormat, OpenOptions};
-use crate::qcow2::{DiscardModes, FreeReason};
+use crate::qcow2::meta::{DiscardModes, FreeReason};
+use crate::storage::lock::LockSet;
 use crate::storage::{FileStorage, Storage};
 
 /// The `op` of the I/O error for a data file that cannot be opened or
@@ -95,7 +95,7 @@ pub(crate) fn open_for(image: &Path, header: &Header, opts: &OpenOptions) -> Res
         source: std::io::Error::new(e.kind(), format!("Could not open '{}': {}", path.display(), strerror(&e))),
     })?;
     if opts.locking.unwrap_or(true) {
-        crate::lock::lock(
+        crate::storage::lock::lock(
             file.file(),
             LockSet::for_data_file(opts.read_only, opts.force_share),
             &path.display().to_string(),
@@ -139,7 +139,7 @@ pub(crate) fn create_for(image: &Path, name: &str) -> Result<Arc<dyn Storage>> {
         offset: 0,
         source: std::io::Error::new(e.kind(), format!("Could not create '{}': {}", path.display(), strerror(&e))),
     })?;
-    crate::lock::lock(file.file(), LockSet::for_data_file(false, false), &path.display().to_string())?;
+    crate::storage::lock::lock(file.file(), LockSet::for_data_file(false, false), &path.display().to_string())?;
     file.empty(&path).map_err(Error::io("truncating the data file", 0))?;
     // Sized by the image creation, which does that (and empties them) for
     // data files on any storage.

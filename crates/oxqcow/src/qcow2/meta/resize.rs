@@ -14,7 +14,8 @@ use oxqcow_format::{Geometry, GuestOffset, HostCluster, HostOffset, L2Entry, L2M
 
 use crate::error::{Error, Result};
 use crate::options::{Compat, CompressionType, CreateOptions, OpenOptions, Preallocation};
-use crate::qcow2::{DiscardModes, FreeReason, Meta, Qcow2};
+use crate::qcow2::meta::{DiscardModes, FreeReason, Meta};
+use crate::qcow2::Qcow2;
 use crate::storage::{empty, Storage};
 
 /// Checks creation options as QEMU's `qcow2_co_create` does, in its order
@@ -190,7 +191,7 @@ impl Qcow2 {
         // disk, as any later open sizes them.
         image.close()?;
         let mut reopen = if opts.backing_file.is_some() {
-            OpenOptions::new().backing(crate::backing::BackingPolicy::Ignore)
+            OpenOptions::new().backing(crate::image::backing::BackingPolicy::Ignore)
         } else {
             OpenOptions::new()
         };

@@ -14,24 +14,28 @@
 //! without lazy refcounts, written and synced), so a crash at any point
 //! leaves at worst leaked clusters, and none after a completed flush.
 
+pub(crate) mod meta;
+pub(crate) mod serialise;
+
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
-use oxqcow_format::header::{self, autoclear, incompat, peek_cluster_bits, Header};
+use oxqcow_format::header::{autoclear, incompat, peek_cluster_bits, Header};
 use oxqcow_format::snapshot::SnapshotTable;
-use oxqcow_format::table::{decode_entries, encode_entries, L1Entry};
-use oxqcow_format::{Geometry, HostCluster, HostOffset, L2Mapping};
+use oxqcow_format::table::decode_entries;
+use oxqcow_format::{Geometry, HostOffset, L2Mapping};
 
-use crate::cache::TableCache;
 use crate::compress::Codec;
 use crate::error::{Error, Result};
-use crate::mapping::{Extent, ReadSegment};
 use crate::options::{ImageMessage, OpenOptions, Preallocation};
-use crate::overlap;
-use crate::refcount::Refcounts;
+use crate::qcow2::meta::mapping::{Extent, ReadSegment};
+use crate::qcow2::meta::overlap;
+use crate::qcow2::meta::plan::WritePlan;
+use crate::qcow2::meta::refcount::Refcounts;
 use crate::storage::Storage;
-use crate::write::{Inflight, WritePlan};
+use meta::cache::TableCache;
+use meta::{DiscardModes, Meta};
 
 /// QEMU's default L2 cache limit on Linux (`DEFAULT_L2_CACHE_MAX_SIZE`).
 const DEFAULT_L2_CACHE_MAX: u64 = 32 << 20;
@@ -42,79 +46,6 @@ const MIN_REFCOUNT_CACHE_TABLES: u64 = 4;
 /// Deferred frees are applied by an internal flush once this many pile up,
 /// so that a workload that never flushes still gets its space back.
 const MAX_PENDING_FREES: usize = 16384;
-
-/// Why a cluster is freed: decides whether its host space is given back
-/// too (QEMU's pass-discard-request / -snapshot / -other options).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum FreeReason {
-    /// A guest discard or unmapping zero write.
-    Request,
-    /// Deleting a snapshot.
-    Snapshot,
-    /// Anything else (copy on write, overwritten compressed data).
-    Other,
-    /// Shrinking the image: always given back.
-    Always,
-}
-
-/// Which freed clusters get their host space punched out.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct DiscardModes {
-    pub(crate) request: bool,
-    pub(crate) snapshot: bool,
-    pub(crate) other: bool,
-}
-
-impl DiscardModes {
-    pub(crate) fn punches(&self, reason: FreeReason) -> bool {
-        match reason {
-            FreeReason::Request => self.request,
-            FreeReason::Snapshot => self.snapshot,
-            FreeReason::Other => self.other,
-            FreeReason::Always => true,
-        }
-    }
-}
-
-/// All metadata of an open image; guarded by `Qcow2::meta`.
-pub(crate) struct Meta {
-    pub(crate) header: Header,
-    pub(crate) geometry: Geometry,
-    pub(crate) l1: Vec<u64>,
-    pub(crate) l1_dirty: BTreeSet<usize>,
-    pub(crate) l2: TableCache,
-    pub(crate) refcounts: Refcounts,
-    pub(crate) inflight: Vec<Inflight>,
-    pub(crate) next_inflight_id: u64,
-    /// Host clusters whose refcount drops by one once the L2/L1 changes that
-    /// stopped referencing them are durable.
-    pub(crate) pending_frees: Vec<(HostCluster, FreeReason)>,
-    /// Set when a metadata write failed: further writes are refused.
-    pub(crate) failed: Option<String>,
-    pub(crate) lazy_refcounts: bool,
-    pub(crate) snapshots: SnapshotTable,
-    pub(crate) read_only: bool,
-    /// Where the next compressed cluster is packed (0: start a new cluster).
-    pub(crate) free_byte_offset: u64,
-    /// Whether unallocated clusters read from a backing image.
-    pub(crate) has_backing: bool,
-    /// Whether the image looks preallocated with `preallocation=metadata`
-    /// (QEMU's `qcow2_detect_metadata_preallocation`), decided at the first
-    /// block status query and kept for the rest of the session as QEMU does.
-    pub(crate) metadata_preallocation: Option<bool>,
-    /// Whether a corruption event was reported already (QEMU prints the
-    /// first one only: `signaled_corruption`).
-    pub(crate) signaled_corruption: bool,
-    /// Host clusters whose COPIED flag was checked against their refcount
-    /// this session (see `Meta::copied_holds`).
-    pub(crate) verified: crate::write::VerifiedClusters,
-    /// Where run-time findings are reported.
-    pub(crate) messages: Option<crate::options::ImageMessages>,
-    /// Persistent dirty bitmaps (see `bitmap.rs`).
-    pub(crate) bitmaps: crate::bitmap::Bitmaps,
-    /// The external data file, when guest data lives in one.
-    pub(crate) data_file: Option<crate::data_file::DataFile>,
-}
 
 /// Facts about an open qcow2 image, for `info`.
 #[derive(Clone, Debug)]
@@ -144,7 +75,7 @@ pub struct Qcow2Info {
     /// Whether persistent bitmaps are present.
     pub has_bitmaps: bool,
     /// The persistent bitmaps, as the directory on disk lists them.
-    pub bitmaps: Vec<crate::bitmap::BitmapInfo>,
+    pub bitmaps: Vec<crate::qcow2::meta::bitmap::BitmapInfo>,
     /// External data file name (the header extension).
     pub data_file: Option<String>,
     /// Whether guest data lives in an external data file (incompatible
@@ -182,7 +113,7 @@ pub struct Qcow2 {
     alloc_done: Condvar,
     dirty_at_open: bool,
     /// The repair a dirty image got at open, with QEMU's messages.
-    open_repair: Option<crate::check::CheckReport>,
+    open_repair: Option<crate::qcow2::meta::check::CheckReport>,
     closed: AtomicBool,
     /// Whether an enabled bitmap records writes (read without the lock on
     /// every write; changed under it).
@@ -195,7 +126,7 @@ pub struct Qcow2 {
     crypt: Option<crate::crypt::Crypt>,
     /// Keeps the read-modify-write of a partly written encrypted sector
     /// apart from other writes to that sector (unused without encryption).
-    serialiser: crate::serialise::RequestSerialiser,
+    serialiser: crate::qcow2::serialise::RequestSerialiser,
 }
 
 fn cache_tables(opts: &OpenOptions, geometry: &Geometry, size: u64) -> Result<(usize, usize)> {
@@ -277,280 +208,6 @@ fn read_snapshots(storage: &dyn Storage, header: &Header, file_len: u64) -> Resu
     }
 }
 
-impl Meta {
-    /// Recomputes where the metadata lies (for overlap checks and the
-    /// allocator) after structures moved.
-    pub(crate) fn update_reserved(&mut self) {
-        let g = self.geometry;
-        let cs = g.cluster_size();
-        let mut constant = vec![(overlap::MAIN_HEADER, 0, 1)];
-        if self.header.l1_size > 0 {
-            let n = g.clusters_for(u64::from(self.header.l1_size) * 8);
-            constant.push((overlap::ACTIVE_L1, self.header.l1_table_offset / cs, n));
-        }
-        constant.push((
-            overlap::REFCOUNT_TABLE,
-            self.refcounts.table_offset() / cs,
-            u64::from(self.refcounts.table_clusters()),
-        ));
-        if self.header.nb_snapshots > 0 {
-            constant.push((
-                overlap::SNAPSHOT_TABLE,
-                self.header.snapshots_offset / cs,
-                g.clusters_for(self.snapshots.byte_size),
-            ));
-        }
-        if let Some(b) = &self.header.extensions.bitmaps {
-            constant.push((overlap::BITMAP_DIRECTORY, b.directory_offset / cs, g.clusters_for(b.directory_size)));
-        }
-        let map = &mut self.refcounts.map;
-        map.constant = constant;
-        map.active_l2 = self.l1.iter().filter_map(|&e| L1Entry(e).l2_offset()).map(|o| o.0 / cs).collect();
-        map.inactive_l1.clear();
-        map.inactive_l2.clear();
-    }
-
-    /// Loads snapshot L1 locations and their L2 tables into the metadata
-    /// map (overlap-check mode `all` only: it reads every snapshot L1).
-    pub(crate) fn load_inactive_map(&mut self, storage: &dyn Storage) -> Result<()> {
-        if self.refcounts.map.mask & (overlap::INACTIVE_L1 | overlap::INACTIVE_L2) == 0 {
-            return Ok(());
-        }
-        let g = self.geometry;
-        let cs = g.cluster_size();
-        let mut l1s = Vec::new();
-        let mut l2s = std::collections::BTreeSet::new();
-        for s in &self.snapshots.entries {
-            let bytes = u64::from(s.l1_size) * 8;
-            if bytes > oxqcow_format::limits::MAX_L1_BYTES || s.l1_table_offset % cs != 0 {
-                continue;
-            }
-            l1s.push((s.l1_table_offset / cs, g.clusters_for(bytes)));
-            let mut buf = vec![0u8; bytes as usize];
-            storage
-                .read_at(&mut buf, s.l1_table_offset)
-                .map_err(Error::io("reading a snapshot L1 table", s.l1_table_offset))?;
-            l2s.extend(decode_entries(&buf).into_iter().filter_map(|e| L1Entry(e).l2_offset()).map(|o| o.0 / cs));
-        }
-        self.refcounts.map.inactive_l1 = l1s;
-        self.refcounts.map.inactive_l2 = l2s;
-        Ok(())
-    }
-
-    /// Sets active L1 entry `index` (keeping the metadata map in step).
-    pub(crate) fn set_l1(&mut self, index: usize, raw: u64) {
-        let cs = self.geometry.cluster_size();
-        if let Some(old) = L1Entry(self.l1[index]).l2_offset() {
-            self.refcounts.map.active_l2.remove(&(old.0 / cs));
-        }
-        if let Some(new) = L1Entry(raw).l2_offset() {
-            self.refcounts.map.active_l2.insert(new.0 / cs);
-        }
-        self.l1[index] = raw;
-        self.l1_dirty.insert(index);
-    }
-
-    /// Records a failed metadata update: the image refuses writes from now
-    /// on. Corruption found while the image is writable also sets the
-    /// corrupt bit (version 3), so that no later session writes to it
-    /// before `check -r` (QEMU's `qcow2_signal_corruption`).
-    pub(crate) fn fail(&mut self, storage: &dyn Storage, e: &Error) {
-        if self.failed.is_none() {
-            self.failed = Some(e.to_string());
-        }
-        if e.kind() == crate::ErrorKind::Corrupt && !self.read_only {
-            self.mark_corrupt(storage);
-        }
-    }
-
-    fn mark_corrupt(&mut self, storage: &dyn Storage) {
-        if self.header.version < 3 || self.header.is_corrupt() {
-            return;
-        }
-        let features = self.header.incompatible_features | incompat::CORRUPT;
-        let (pos, bytes) = header::incompatible_features_field(features);
-        // Best effort: the image is refused for writing from now on anyway.
-        if storage.write_at(&bytes, pos).and_then(|()| storage.sync()).is_ok() {
-            self.header.incompatible_features = features;
-        }
-    }
-
-    /// Whether the image has a backing file: one attached, or one its
-    /// header names (opened with `BackingPolicy::Ignore`, it will be
-    /// attached again later, so its data must stay masked all the same).
-    pub(crate) fn backing_named(&self) -> bool {
-        self.has_backing || self.header.backing_file.is_some()
-    }
-
-    pub(crate) fn check_writable(&self) -> Result<()> {
-        if self.read_only {
-            return Err(Error::ReadOnly);
-        }
-        if let Some(f) = &self.failed {
-            return Err(Error::Failed(f.clone()));
-        }
-        Ok(())
-    }
-
-    /// Writes the whole header cluster (the refcount table fields as the
-    /// allocator last left them).
-    pub(crate) fn write_header(&mut self, storage: &dyn Storage) -> Result<()> {
-        self.header.refcount_table_offset = self.refcounts.table_offset();
-        self.header.refcount_table_clusters = self.refcounts.table_clusters();
-        let bytes = self.header.serialize()?;
-        storage.write_at(&bytes, 0).map_err(Error::io("writing the header", 0))
-    }
-
-    /// Sets the dirty bit before the first metadata change with lazy refcounts.
-    pub(crate) fn mark_dirty(&mut self, storage: &dyn Storage) -> Result<()> {
-        if !self.lazy_refcounts {
-            return Ok(());
-        }
-        self.set_dirty_bit(storage)
-    }
-
-    /// Sets the dirty bit (version 3) and syncs it.
-    fn set_dirty_bit(&mut self, storage: &dyn Storage) -> Result<()> {
-        if self.header.is_dirty() || self.header.version < 3 {
-            return Ok(());
-        }
-        let features = self.header.incompatible_features | incompat::DIRTY;
-        let (pos, bytes) = header::incompatible_features_field(features);
-        storage.write_at(&bytes, pos).map_err(Error::io("setting the dirty bit", pos))?;
-        storage.sync().map_err(Error::io("syncing the dirty bit", pos))?;
-        self.header.incompatible_features = features;
-        Ok(())
-    }
-
-    /// Runs a multi-step metadata operation (snapshot create, apply,
-    /// delete) under the dirty bit: a crash between its steps can leave
-    /// refcounts and COPIED flags disagreeing, and the dirty bit makes the
-    /// next read-write open repair that, as for lazy refcounts. The bit is
-    /// cleared once the operation is complete and flushed (unless lazy
-    /// refcounts keep the image dirty anyway).
-    pub(crate) fn with_dirty_bit<T>(
-        &mut self,
-        storage: &dyn Storage,
-        f: impl FnOnce(&mut Meta) -> Result<T>,
-    ) -> Result<T> {
-        let was_dirty = self.header.is_dirty();
-        self.set_dirty_bit(storage)?;
-        let value = f(self)?;
-        if !was_dirty && !self.lazy_refcounts && self.header.is_dirty() {
-            self.flush_all(storage)?;
-            self.header.incompatible_features &= !incompat::DIRTY;
-            let (pos, bytes) = header::incompatible_features_field(self.header.incompatible_features);
-            storage.write_at(&bytes, pos).map_err(Error::io("clearing the dirty bit", pos))?;
-            storage.sync().map_err(Error::io("syncing the dirty bit", pos))?;
-        }
-        Ok(value)
-    }
-
-    /// Writes dirty L1 entries (grouped into contiguous runs).
-    fn write_l1(&mut self, storage: &dyn Storage) -> Result<()> {
-        let indices: Vec<usize> = self.l1_dirty.iter().copied().collect();
-        let mut i = 0;
-        while i < indices.len() {
-            let start = indices[i];
-            let mut end = start + 1;
-            while i + 1 < indices.len() && indices[i + 1] == end {
-                i += 1;
-                end += 1;
-            }
-            let offset = self.header.l1_table_offset + start as u64 * 8;
-            self.refcounts.check_write(offset, (end - start) as u64 * 8, overlap::ACTIVE_L1)?;
-            storage
-                .write_at(&encode_entries(&self.l1[start..end]), offset)
-                .map_err(Error::io("writing the L1 table", offset))?;
-            i += 1;
-        }
-        self.l1_dirty.clear();
-        Ok(())
-    }
-
-    /// Writes one dirty L2 table back, after making what it depends on
-    /// (guest data and refcounts of the clusters it references) durable.
-    pub(crate) fn write_back_l2(&mut self, storage: &dyn Storage, offset: u64) -> Result<()> {
-        if !self.lazy_refcounts {
-            self.refcounts.write_dirty(storage)?;
-        }
-        self.sync_data()?;
-        storage.sync().map_err(Error::io("syncing before an L2 write", offset))?;
-        let data = self.l2.peek(offset).expect("dirty tables are cached");
-        self.refcounts.check_write(offset, data.len() as u64, overlap::ACTIVE_L2 | overlap::INACTIVE_L2)?;
-        storage.write_at(data, offset).map_err(Error::io("writing an L2 table", offset))?;
-        self.l2.mark_clean(offset);
-        Ok(())
-    }
-
-    /// Writes every dirty table in the safe order and syncs.
-    pub(crate) fn flush(&mut self, storage: &dyn Storage) -> Result<()> {
-        let l2_dirty = self.l2.dirty_offsets();
-        let need_l1 = !self.l1_dirty.is_empty();
-        if !self.lazy_refcounts {
-            self.refcounts.write_dirty(storage)?;
-        }
-        if !l2_dirty.is_empty() || need_l1 {
-            // Data and refcounts before the tables that reference them.
-            self.sync_data()?;
-            storage.sync().map_err(Error::io("syncing data and refcounts", 0))?;
-        }
-        for &offset in &l2_dirty {
-            let data = self.l2.peek(offset).expect("dirty tables are cached");
-            self.refcounts.check_write(offset, data.len() as u64, overlap::ACTIVE_L2 | overlap::INACTIVE_L2)?;
-            storage.write_at(data, offset).map_err(Error::io("writing an L2 table", offset))?;
-            self.l2.mark_clean(offset);
-        }
-        if need_l1 {
-            if !l2_dirty.is_empty() {
-                storage.sync().map_err(Error::io("syncing L2 tables", 0))?;
-            }
-            self.write_l1(storage)?;
-        }
-        storage.sync().map_err(Error::io("syncing metadata", 0))?;
-        Ok(())
-    }
-
-    /// Makes guest data in the external data file durable (the image
-    /// file's own sync covers data kept there).
-    pub(crate) fn sync_data(&self) -> Result<()> {
-        match &self.data_file {
-            Some(d) => d.storage.sync().map_err(Error::io("syncing the data file", 0)),
-            None => Ok(()),
-        }
-    }
-
-    /// Writes everything including lazily kept refcounts (for close and for
-    /// operations that rewrite structures).
-    pub(crate) fn flush_all(&mut self, storage: &dyn Storage) -> Result<()> {
-        self.flush(storage)?;
-        if self.refcounts.write_dirty(storage)? {
-            storage.sync().map_err(Error::io("syncing refcounts", 0))?;
-        }
-        Ok(())
-    }
-
-    /// Applies deferred refcount decrements. Call only after a flush made
-    /// the table changes that dropped these references durable, with the io
-    /// gate held exclusively.
-    pub(crate) fn apply_frees(
-        &mut self,
-        storage: &dyn Storage,
-        frees: Vec<(HostCluster, FreeReason)>,
-        modes: DiscardModes,
-    ) -> Result<()> {
-        let cs = self.geometry.cluster_size();
-        for (c, reason) in frees {
-            let left = self.refcounts.update(storage, c, -1)?;
-            if left == 0 && modes.punches(reason) {
-                let offset = self.geometry.cluster_offset(c).0;
-                storage.punch_hole(offset, cs).map_err(Error::io("discarding a host cluster", offset))?;
-            }
-        }
-        Ok(())
-    }
-}
-
 impl Qcow2 {
     /// Opens a qcow2 image on `storage`. An image that names a backing file
     /// is refused unless `opts.backing` is `BackingPolicy::Ignore` (use
@@ -600,7 +257,7 @@ impl Qcow2 {
             _ => {}
         }
         if let Some(name) = &header.backing_file {
-            if backing.is_none() && !matches!(opts.backing, crate::backing::BackingPolicy::Ignore) {
+            if backing.is_none() && !matches!(opts.backing, crate::image::backing::BackingPolicy::Ignore) {
                 return Err(Error::InvalidArgument(format!(
                     "the image has a backing file ('{name}'): open it with Image::open, Qcow2::open_with_backing, or BackingPolicy::Ignore"
                 )));
@@ -667,7 +324,11 @@ impl Qcow2 {
             verified: Default::default(),
             messages: opts.messages.clone(),
             bitmaps: Default::default(),
-            data_file: data_file.map(|storage| crate::data_file::DataFile { storage, raw: data_file_raw, discard }),
+            data_file: data_file.map(|storage| crate::image::data_file::DataFile {
+                storage,
+                raw: data_file_raw,
+                discard,
+            }),
         };
         meta.refcounts.map.mask = opts.overlap_check.unwrap_or(overlap::CACHED);
         meta.update_reserved();
@@ -706,12 +367,14 @@ impl Qcow2 {
             if meta.header.is_dirty() && !opts.repair {
                 // As QEMU: a full repair (`check -r all`), which also
                 // clears the dirty bit once the image is consistent.
-                let all = Some(crate::check::RepairMode::All);
+                let all = Some(crate::qcow2::meta::check::RepairMode::All);
                 let report = match &opts.messages {
-                    Some(sink) => {
-                        crate::check::check(&mut meta, st, all, &mut |line: &str| sink(ImageMessage::Repair(line)))?
-                    }
-                    None => crate::check::collected(|out| crate::check::check(&mut meta, st, all, out))?,
+                    Some(sink) => crate::qcow2::meta::check::check(&mut meta, st, all, &mut |line: &str| {
+                        sink(ImageMessage::Repair(line))
+                    })?,
+                    None => crate::qcow2::meta::check::collected(|out| {
+                        crate::qcow2::meta::check::check(&mut meta, st, all, out)
+                    })?,
                 };
                 if report.error.is_some() || report.check_errors > 0 {
                     let why = report.error.unwrap_or_else(|| "Input/output error".into());
@@ -848,7 +511,8 @@ impl Qcow2 {
         header.validate_against_file(file_len)?;
         let snapshots = read_snapshots(storage, &header, file_len)?;
         let mut info = Qcow2Info::from_header(&header, snapshots.entries.len());
-        info.bitmaps = crate::bitmap::read_directory(storage, &header, file_len)?.iter().map(Into::into).collect();
+        info.bitmaps =
+            crate::qcow2::meta::bitmap::read_directory(storage, &header, file_len)?.iter().map(Into::into).collect();
         if let (crate::format::header::crypt::LUKS, Some(c)) = (header.crypt_method, header.extensions.crypto) {
             info.luks = Some(crate::crypt::read_luks_header(storage, &c)?);
         }
@@ -897,7 +561,7 @@ impl Qcow2 {
     /// read-write, as `check -r all` reports it. Its `messages` are the
     /// first lines QEMU prints while opening such an image, unless they
     /// went to `OpenOptions::messages`.
-    pub fn open_repair(&self) -> Option<&crate::check::CheckReport> {
+    pub fn open_repair(&self) -> Option<&crate::qcow2::meta::check::CheckReport> {
         self.open_repair.as_ref()
     }
 
@@ -986,7 +650,7 @@ impl Qcow2 {
     /// waiting for the conflicting ones in flight: one that covers part of
     /// a sector (and so rewrites the whole sector) excludes every other
     /// request on that sector (see `serialise.rs`).
-    fn begin_write(&self, offset: u64, len: u64) -> Option<crate::serialise::InFlight<'_>> {
+    fn begin_write(&self, offset: u64, len: u64) -> Option<crate::qcow2::serialise::InFlight<'_>> {
         self.crypt.as_ref()?;
         let (start, end) = sector_bounds(offset, len);
         Some(self.serialiser.begin(start, end, !is_sector_aligned(offset, len)))
@@ -1429,7 +1093,7 @@ impl Qcow2 {
         let mut out = Vec::with_capacity(own.len());
         for e in own {
             if e.present {
-                crate::mapping::push_extent(&mut out, e);
+                crate::qcow2::meta::mapping::push_extent(&mut out, e);
                 continue;
             }
             let end = e.offset + e.length;
@@ -1437,7 +1101,7 @@ impl Qcow2 {
             if inside > 0 {
                 for mut b in crate::image::BlockDevice::block_status(&**backing, e.offset, inside)? {
                     b.depth += 1;
-                    crate::mapping::push_extent(&mut out, b);
+                    crate::qcow2::meta::mapping::push_extent(&mut out, b);
                 }
             }
             if inside < e.length {
@@ -1447,7 +1111,7 @@ impl Qcow2 {
                     host_offset: e.host_offset.map(|h| h + inside),
                     ..e
                 };
-                crate::mapping::push_extent(&mut out, rest);
+                crate::qcow2::meta::mapping::push_extent(&mut out, rest);
             }
         }
         Ok(out)
@@ -1633,7 +1297,7 @@ impl Qcow2 {
 
     /// Writes an allocated run: the copy-on-write head, the new data and the
     /// copy-on-write tail, as one write when they are small.
-    fn write_allocated(&self, alloc: &crate::write::Allocation, data: &[u8]) -> Result<()> {
+    fn write_allocated(&self, alloc: &crate::qcow2::meta::plan::Allocation, data: &[u8]) -> Result<()> {
         let host = alloc.host;
         if let Some(c) = &self.crypt {
             return self.write_allocated_encrypted(c, alloc, data);
@@ -1677,7 +1341,7 @@ impl Qcow2 {
     /// zeros in the backing chain; data is never looked at). Then the new
     /// clusters are zeroed on the host instead of written, as QEMU's
     /// `handle_alloc_space` does.
-    fn cow_reads_zero(&self, region: &Option<crate::write::CowRegion>) -> Result<bool> {
+    fn cow_reads_zero(&self, region: &Option<crate::qcow2::meta::plan::CowRegion>) -> Result<bool> {
         let Some(r) = region else { return Ok(true) };
         for seg in &r.plan {
             match *seg {
@@ -1706,7 +1370,7 @@ impl Qcow2 {
     fn write_allocated_encrypted(
         &self,
         c: &crate::crypt::Crypt,
-        alloc: &crate::write::Allocation,
+        alloc: &crate::qcow2::meta::plan::Allocation,
         data: &[u8],
     ) -> Result<()> {
         let mut buf = self.read_cow(&alloc.head)?;
@@ -1717,7 +1381,7 @@ impl Qcow2 {
         self.data.write_at(&buf, host).map_err(Error::io("writing guest data", host))
     }
 
-    fn read_cow(&self, region: &Option<crate::write::CowRegion>) -> Result<Vec<u8>> {
+    fn read_cow(&self, region: &Option<crate::qcow2::meta::plan::CowRegion>) -> Result<Vec<u8>> {
         let Some(r) = region else { return Ok(Vec::new()) };
         let mut buf = vec![0u8; r.len as usize];
         self.read_segments(&r.plan, r.guest, &mut buf)?;

@@ -18,7 +18,8 @@ use oxqcow_format::{HostCluster, HostOffset, L2Entry, L2Mapping};
 
 use crate::error::{Error, Result};
 use crate::options::{parse_bool, parse_option_list, parse_size, Compat, Preallocation};
-use crate::qcow2::{Meta, Qcow2};
+use crate::qcow2::meta::Meta;
+use crate::qcow2::Qcow2;
 use crate::storage::Storage;
 
 /// The options `amend` may change. `None` leaves a setting as it is.
@@ -306,7 +307,7 @@ impl Meta {
                 e.vm_state_size_large.get_or_insert(u64::from(e.vm_state_size));
             }
             // QEMU's qcow2_write_snapshots frees the old table with snapshot discards.
-            let modes = crate::qcow2::DiscardModes { snapshot: true, ..Default::default() };
+            let modes = crate::qcow2::meta::DiscardModes { snapshot: true, ..Default::default() };
             self.write_snapshot_table(storage, entries, modes)?;
         }
         status.report(1, 2);

@@ -709,7 +709,7 @@ fn set_slot(
     Ok(())
 }
 
-impl crate::qcow2::Meta {
+impl crate::qcow2::meta::Meta {
     /// Makes a new (still empty) image encrypted: legacy AES only marks the
     /// header; LUKS allocates clusters for the header area, writes it there
     /// (the rest of its last cluster zeroed) and points the extension at it

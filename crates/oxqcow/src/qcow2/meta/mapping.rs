@@ -7,7 +7,7 @@ use oxqcow_format::table::{read_l2_bitmap, read_l2_word, L1Entry};
 use oxqcow_format::{CompressedDescriptor, GuestOffset, L2Bitmap, L2Entry, L2Mapping};
 
 use crate::error::{Error, Result};
-use crate::qcow2::Meta;
+use crate::qcow2::meta::Meta;
 use crate::storage::Storage;
 
 /// One piece of a read plan.

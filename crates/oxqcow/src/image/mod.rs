@@ -3,20 +3,23 @@
 //! and [`BlockDevice`] is what convert, compare, the NBD server and the
 //! cursor adapter work against.
 
+pub mod backing;
+pub mod data_file;
+
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
 
 use oxqcow_format::probe::{probe_head, probe_trailer, Probed, PROBE_LEN, TRAILER_LEN};
 
-use crate::backing::{open_backing, resolve_backing_path, BackingPolicy, Chain};
-use crate::check::{CheckReport, RepairMode};
 use crate::error::{Error, Result};
-use crate::lock::LockSet;
-use crate::mapping::Extent;
+use crate::image::backing::{open_backing, resolve_backing_path, BackingPolicy, Chain};
 use crate::options::{CreateOptions, ImageFormat, OpenOptions, Preallocation};
+use crate::qcow2::meta::check::{CheckReport, RepairMode};
+use crate::qcow2::meta::mapping::Extent;
 use crate::qcow2::Qcow2;
 use crate::raw::Raw;
+use crate::storage::lock::LockSet;
 use crate::storage::{FileStorage, Storage};
 
 /// Byte-granular block I/O, safe from many threads at once.
@@ -110,7 +113,7 @@ impl Image {
         let file = FileStorage::open(path, !opts.read_only).map_err(Error::io("opening the image", 0))?;
         if opts.locking.unwrap_or(true) {
             let set = LockSet::for_open(opts.read_only, opts.force_share);
-            crate::lock::lock(file.file(), set, &path.display().to_string())?;
+            crate::storage::lock::lock(file.file(), set, &path.display().to_string())?;
         }
         let storage: Arc<dyn Storage> = Arc::new(file);
         let format = match opts.format {
@@ -124,7 +127,7 @@ impl Image {
         let header = crate::qcow2::read_header(&*storage)?;
         // QEMU opens the data file while opening the image, before the
         // backing chain.
-        let data = crate::data_file::open_for(path, &header, opts)?;
+        let data = crate::image::data_file::open_for(path, &header, opts)?;
         let backing = match &header.backing_file {
             Some(name) => open_backing(path, name, header.extensions.backing_format.as_deref(), opts, chain)?,
             None => None,
@@ -181,15 +184,15 @@ impl Image {
         // creation before the image file is touched.
         let data = match (&opts.data_file, opts.format) {
             (Some(name), ImageFormat::Qcow2) => {
-                crate::resize::validate_create(&opts)?;
-                Some(crate::data_file::create_for(path, name)?)
+                crate::qcow2::meta::resize::validate_create(&opts)?;
+                Some(crate::image::data_file::create_for(path, name)?)
             }
             _ => None,
         };
         let storage = FileStorage::create(path).map_err(Error::io("creating the image", 0))?;
         // A file someone else holds is left exactly as it is: no truncation,
         // and no removal after the failure (it is their image).
-        crate::lock::lock(storage.file(), LockSet::for_open(false, false), &path.display().to_string())?;
+        crate::storage::lock::lock(storage.file(), LockSet::for_open(false, false), &path.display().to_string())?;
         storage.empty(path).map_err(Error::io("truncating the new image", 0))?;
         let result = Image::format_locked(path, Arc::new(storage), data, &opts);
         if result.is_err() && opts.format == ImageFormat::Qcow2 {

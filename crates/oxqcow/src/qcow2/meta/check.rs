@@ -32,7 +32,7 @@ use oxqcow_format::Geometry;
 use oxqcow_format::L2Bitmap;
 
 use crate::error::{Error, Result};
-use crate::qcow2::Meta;
+use crate::qcow2::meta::Meta;
 use crate::storage::Storage;
 
 /// What a repair may change.
@@ -397,7 +397,7 @@ pub(crate) fn check(
             e.disk_size.get_or_insert(size);
             e.vm_state_size_large.get_or_insert(u64::from(e.vm_state_size));
         }
-        let modes = crate::qcow2::DiscardModes { snapshot: true, ..Default::default() };
+        let modes = crate::qcow2::meta::DiscardModes { snapshot: true, ..Default::default() };
         c.meta.write_snapshot_table(storage, entries, modes)?;
         c.meta.flush_all(storage)?;
         snapshot_res.corruptions_fixed += snapshot_res.corruptions;
@@ -497,7 +497,7 @@ impl Checker<'_> {
 
     /// A write refused by the overlap check: QEMU signals a corruption.
     fn signal_overlap(&mut self, template: u32) -> Result<()> {
-        let name = crate::overlap::template_name(template);
+        let name = crate::qcow2::meta::overlap::template_name(template);
         self.signal_corruption(format!("Preventing invalid write on metadata (overlaps with {name})"))
     }
 
@@ -760,7 +760,8 @@ impl Checker<'_> {
             write_l2_word(table, i, esize, OFLAG_ZERO);
         }
         let at = l2_offset + (i * esize) as u64;
-        let ignore = if active { crate::overlap::ACTIVE_L2 } else { crate::overlap::INACTIVE_L2 };
+        let ignore =
+            if active { crate::qcow2::meta::overlap::ACTIVE_L2 } else { crate::qcow2::meta::overlap::INACTIVE_L2 };
         if let Some(t) = self.meta.refcounts.overlap(at, esize as u64, ignore) {
             // QEMU signals the corruption, and the check of this table and
             // the whole check end there.
@@ -1065,7 +1066,7 @@ impl Checker<'_> {
                 if repair {
                     let new = if rc == 1 { l1_entry | OFLAG_COPIED } else { l1_entry & !OFLAG_COPIED };
                     let at = self.meta.header.l1_table_offset + i as u64 * 8;
-                    if let Some(t) = self.meta.refcounts.overlap(at, 8, crate::overlap::ACTIVE_L1) {
+                    if let Some(t) = self.meta.refcounts.overlap(at, 8, crate::qcow2::meta::overlap::ACTIVE_L1) {
                         self.signal_overlap(t)?;
                         res.check_errors += 1;
                         return Err(Stop::Errno(EIO));
@@ -1107,7 +1108,7 @@ impl Checker<'_> {
                 }
             }
             if dirty > 0 {
-                if let Some(t) = self.meta.refcounts.overlap(l2_offset, cs, crate::overlap::ACTIVE_L2) {
+                if let Some(t) = self.meta.refcounts.overlap(l2_offset, cs, crate::qcow2::meta::overlap::ACTIVE_L2) {
                     self.signal_overlap(t)?;
                     self.say(&format!("ERROR: Could not write L2 table; metadata overlap check failed: {EIO}"));
                     res.check_errors += 1;

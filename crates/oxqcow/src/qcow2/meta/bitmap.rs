@@ -24,8 +24,8 @@ use oxqcow_format::{FormatError, HostCluster, HostOffset};
 
 use crate::dirty::DirtyBitmap;
 use crate::error::{Error, Result};
-use crate::overlap;
-use crate::qcow2::Meta;
+use crate::qcow2::meta::overlap;
+use crate::qcow2::meta::Meta;
 use crate::storage::Storage;
 
 /// A bitmap as `info` lists it (from the directory on disk).
