@@ -8,7 +8,7 @@
 //! progress lines around the library's status reports.
 
 use oxqcow::amend::AmendOptions;
-use oxqcow::crypt::KeyslotChange;
+use oxqcow::options::KeyslotChange;
 use oxqcow::{Compat, Image, ImageFormat};
 
 use crate::common::{check_object, describe, is_cache_mode, Ctx};

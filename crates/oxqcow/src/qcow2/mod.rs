@@ -1403,6 +1403,21 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Adds or erases LUKS key slots with qemu-img amend's rules and
+    /// messages (see [`crate::crypt`]).
+    pub fn amend_encryption(&self, change: &crate::options::KeyslotChange) -> Result<()> {
+        if self.is_read_only() {
+            return Err(Error::ReadOnly);
+        }
+        let Some(master_key) = self.crypt().and_then(crate::crypt::Crypt::luks_master_key) else {
+            return Err(Error::InvalidArgument("Only LUKS encryption options can be amended".into()));
+        };
+        self.exclusive(|m, st| {
+            let ext = m.header.extensions.crypto.expect("LUKS images have the extension");
+            crate::crypt::amend_keyslots(st, ext, master_key, change)
+        })
+    }
+
     /// Whether guest data lives in an external data file.
     pub fn has_data_file(&self) -> bool {
         !Arc::ptr_eq(&self.data, &self.storage)

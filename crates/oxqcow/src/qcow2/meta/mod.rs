@@ -7,6 +7,7 @@ pub mod amend;
 pub mod bitmap;
 pub(crate) mod cache;
 pub mod check;
+mod crypt;
 pub mod mapping;
 pub mod overlap;
 pub(crate) mod plan;
