@@ -92,6 +92,17 @@ pub(crate) fn validate_create(opts: &CreateOptions) -> Result<Geometry> {
     Ok(Geometry::new(cs.trailing_zeros(), order, opts.extended_l2)?)
 }
 
+impl crate::options::CreateOptions {
+    /// Checks the options as creating a qcow2 image would, with QEMU's
+    /// messages, without touching any file.
+    pub fn validate(&self) -> Result<()> {
+        match self.format {
+            crate::options::ImageFormat::Qcow2 => validate_create(self).map(|_| ()),
+            crate::options::ImageFormat::Raw => Ok(()),
+        }
+    }
+}
+
 impl Qcow2 {
     /// Creates a qcow2 image on `storage` (whose content is replaced) and
     /// opens it read-write. Images with a backing file are made by

@@ -1,9 +1,15 @@
 //! Typed options for opening and creating images, and the parser for QEMU's
 //! option strings (`-o key=value,...`) that the command line shares.
 
-use oxqcow_format::luks::{CipherAlg, CipherMode, HashAlg, IvGenAlg};
+mod amend;
+mod backing;
+mod encryption;
+pub mod overlap;
 
 use crate::error::{Error, Result};
+pub use amend::{check_refcount_bits, AmendOptions};
+pub use backing::{BackingGate, BackingPolicy};
+pub use encryption::{Encryption, EncryptionFormat, KeyslotChange, LuksParams};
 
 /// Image formats.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -154,7 +160,7 @@ pub struct OpenOptions {
     /// (`lazy-refcounts`).
     pub lazy_refcounts: Option<bool>,
     /// What to do with backing files the image names.
-    pub backing: crate::image::backing::BackingPolicy,
+    pub backing: BackingPolicy,
     /// Open the content of this internal snapshot (id or name) instead of
     /// the active layer; read-only (`convert -l`, `qemu-io -l`). As in
     /// QEMU, the guest size stays the active layer's.
@@ -172,7 +178,7 @@ pub struct OpenOptions {
     /// QEMU's `file.locking`).
     pub locking: Option<bool>,
     /// Metadata overlap checks (`overlap-check`, default `cached`); a mask
-    /// of the templates in [`crate::qcow2::meta::overlap`].
+    /// of the templates in [`overlap`].
     pub overlap_check: Option<u32>,
     /// The external data file to use instead of the one the image header
     /// names (QEMU's `data-file` runtime option); only for images that
@@ -262,7 +268,7 @@ impl OpenOptions {
         self
     }
     /// Sets the backing file policy.
-    pub fn backing(mut self, policy: crate::image::backing::BackingPolicy) -> Self {
+    pub fn backing(mut self, policy: BackingPolicy) -> Self {
         self.backing = policy;
         self
     }
@@ -286,8 +292,8 @@ impl OpenOptions {
                 })
             }
             k if k.starts_with("overlap-check") => {
-                let mut mask = self.overlap_check.unwrap_or(crate::qcow2::meta::overlap::CACHED);
-                crate::qcow2::meta::overlap::apply_option(&mut mask, k, value)?;
+                let mut mask = self.overlap_check.unwrap_or(overlap::CACHED);
+                overlap::apply_option(&mut mask, k, value)?;
                 self.overlap_check = Some(mask);
             }
             "driver" => self.format = Some(ImageFormat::from_name(value)?),
@@ -385,31 +391,6 @@ pub struct CreateOptions {
     pub encryption: Option<Encryption>,
 }
 
-/// How a new image is encrypted.
-#[derive(Clone, Debug)]
-pub enum EncryptionFormat {
-    /// Legacy qcow AES-CBC (`encrypt.format=aes`, crypt_method 1).
-    Aes,
-    /// LUKS1 in the image (`encrypt.format=luks`, crypt_method 2).
-    Luks(LuksParams),
-}
-
-/// Encryption of a new image: the format and the passphrase.
-#[derive(Clone)]
-pub struct Encryption {
-    /// The format and its parameters.
-    pub format: EncryptionFormat,
-    /// The passphrase bytes.
-    pub passphrase: Vec<u8>,
-}
-
-impl std::fmt::Debug for Encryption {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The passphrase stays out of debug output.
-        f.debug_struct("Encryption").field("format", &self.format).finish_non_exhaustive()
-    }
-}
-
 impl Default for CreateOptions {
     fn default() -> Self {
         CreateOptions {
@@ -473,17 +454,6 @@ impl CreateOptions {
         self.backing_file = Some(file.to_string());
         self.backing_format = Some(format.to_string());
         self
-    }
-
-    /// Checks the options as creating a qcow2 image would, with QEMU's
-    /// messages, without touching any file. Options this engine does not
-    /// implement yet (backing files, external data files, extended L2
-    /// entries) are refused with [`Error::Unsupported`].
-    pub fn validate(&self) -> Result<()> {
-        match self.format {
-            ImageFormat::Qcow2 => crate::qcow2::meta::resize::validate_create(self).map(|_| ()),
-            ImageFormat::Raw => Ok(()),
-        }
     }
 
     /// Applies one QEMU creation option (`cluster_size=4k`, `compat=0.10`, ...).
@@ -649,61 +619,6 @@ pub fn parse_size(s: &str) -> Result<u64> {
         return Err(bad());
     }
     Ok(value)
-}
-
-/// Parameters of a new LUKS header (`encrypt.*` options of create).
-#[derive(Clone, Debug)]
-pub struct LuksParams {
-    /// Cipher and key size (default aes-256).
-    pub cipher_alg: CipherAlg,
-    /// Mode (default xts).
-    pub cipher_mode: CipherMode,
-    /// IV generator (default plain64).
-    pub ivgen_alg: IvGenAlg,
-    /// IV hash (ESSIV; defaults to sha256 there).
-    pub ivgen_hash_alg: Option<HashAlg>,
-    /// PBKDF2 and diffuser hash (default sha256).
-    pub hash_alg: HashAlg,
-    /// Milliseconds of PBKDF2 per key (default 2000).
-    pub iter_time_ms: u64,
-}
-
-impl Default for LuksParams {
-    fn default() -> Self {
-        LuksParams {
-            cipher_alg: CipherAlg::Aes256,
-            cipher_mode: CipherMode::Xts,
-            ivgen_alg: IvGenAlg::Plain64,
-            ivgen_hash_alg: None,
-            hash_alg: HashAlg::Sha256,
-            iter_time_ms: 2000,
-        }
-    }
-}
-
-/// A key slot change (`qemu-img amend -o encrypt.state=...`).
-#[derive(Clone, Debug)]
-pub enum KeyslotChange {
-    /// Put the master key into a slot under a new passphrase.
-    Activate {
-        /// The slot; the first inactive one when `None`.
-        keyslot: Option<usize>,
-        /// The new passphrase.
-        new_secret: Vec<u8>,
-        /// Milliseconds of PBKDF2 (2000 by default).
-        iter_time_ms: u64,
-        /// Overwrite an active slot.
-        force: bool,
-    },
-    /// Erase slots: the one given, or every one the old passphrase opens.
-    Erase {
-        /// The slot to erase.
-        keyslot: Option<usize>,
-        /// Erase the slots this passphrase opens.
-        old_secret: Option<Vec<u8>>,
-        /// Allow erasing the last active slot.
-        force: bool,
-    },
 }
 
 #[cfg(test)]
