@@ -16,6 +16,7 @@ pub mod crypt;
 pub mod cursor;
 pub mod dirty;
 pub mod error;
+mod extent;
 pub mod image;
 pub mod measure;
 pub mod options;
@@ -31,8 +32,8 @@ pub use check::{CheckReport, RepairMode, MAX_KEPT_MESSAGES};
 pub use cursor::ImageCursor;
 pub use dirty::DirtyBitmap;
 pub use error::{Error, ErrorKind, Result};
+pub use extent::Extent;
 pub use image::{probe, probe_format, supported_format, BlockDevice, Image};
-pub use mapping::Extent;
 pub use options::{
     CacheMode, Compat, CompressionType, CreateOptions, Encryption, EncryptionFormat, ImageFormat, ImageMessage,
     ImageMessages, OpenOptions, Preallocation,

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use oxqcow_format::probe::{probe_head, Probed, PROBE_LEN};
 
 use crate::error::{Error, Result};
+use crate::extent::{push_extent, Extent};
 use crate::options::Preallocation;
-use crate::qcow2::meta::mapping::{push_extent, Extent};
 use crate::storage::Storage;
 
 /// The unit QEMU sizes disks in.

@@ -13,10 +13,10 @@ use std::sync::Arc;
 use oxqcow_format::probe::{probe_head, probe_trailer, Probed, PROBE_LEN, TRAILER_LEN};
 
 use crate::error::{Error, Result};
+use crate::extent::Extent;
 use crate::image::backing::{open_backing, resolve_backing_path, BackingPolicy, Chain};
 use crate::options::{CreateOptions, ImageFormat, OpenOptions, Preallocation};
 use crate::qcow2::meta::check::{CheckReport, RepairMode};
-use crate::qcow2::meta::mapping::Extent;
 use crate::qcow2::Qcow2;
 use crate::raw::Raw;
 use crate::storage::lock::LockSet;

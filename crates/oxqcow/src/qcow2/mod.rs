@@ -28,8 +28,9 @@ use oxqcow_format::{Geometry, HostOffset, L2Mapping};
 
 use crate::compress::Codec;
 use crate::error::{Error, Result};
+use crate::extent::Extent;
 use crate::options::{ImageMessage, OpenOptions, Preallocation};
-use crate::qcow2::meta::mapping::{Extent, ReadSegment};
+use crate::qcow2::meta::mapping::ReadSegment;
 use crate::qcow2::meta::overlap;
 use crate::qcow2::meta::plan::WritePlan;
 use crate::qcow2::meta::refcount::Refcounts;
@@ -1093,7 +1094,7 @@ impl Qcow2 {
         let mut out = Vec::with_capacity(own.len());
         for e in own {
             if e.present {
-                crate::qcow2::meta::mapping::push_extent(&mut out, e);
+                crate::extent::push_extent(&mut out, e);
                 continue;
             }
             let end = e.offset + e.length;
@@ -1101,7 +1102,7 @@ impl Qcow2 {
             if inside > 0 {
                 for mut b in crate::image::BlockDevice::block_status(&**backing, e.offset, inside)? {
                     b.depth += 1;
-                    crate::qcow2::meta::mapping::push_extent(&mut out, b);
+                    crate::extent::push_extent(&mut out, b);
                 }
             }
             if inside < e.length {
@@ -1111,7 +1112,7 @@ impl Qcow2 {
                     host_offset: e.host_offset.map(|h| h + inside),
                     ..e
                 };
-                crate::qcow2::meta::mapping::push_extent(&mut out, rest);
+                crate::extent::push_extent(&mut out, rest);
             }
         }
         Ok(out)
