@@ -43,20 +43,3 @@ pub use oxqcow_format::probe::Probed;
 pub use qcow2::{Qcow2, Qcow2Info};
 pub use raw::Raw;
 pub use storage::{FileStorage, MemoryStorage, Storage};
-
-impl Qcow2 {
-    /// Checks the image's consistency, repairing what `repair` allows. The
-    /// report keeps the first [`check::MAX_KEPT_MESSAGES`] message lines.
-    pub fn check(&self, repair: Option<RepairMode>) -> Result<CheckReport> {
-        check::collected(|out| self.check_with(repair, out))
-    }
-
-    /// [`Qcow2::check`], handing each message line to `out` as it is found
-    /// (QEMU prints them on stderr as it goes); the report keeps none.
-    pub fn check_with(&self, repair: Option<RepairMode>, out: &mut dyn FnMut(&str)) -> Result<CheckReport> {
-        if repair.is_some() && self.is_read_only() {
-            return Err(Error::ReadOnly);
-        }
-        self.exclusive(|m, st| check::check(m, st, repair, out))
-    }
-}

@@ -184,7 +184,7 @@ impl Image {
         // creation before the image file is touched.
         let data = match (&opts.data_file, opts.format) {
             (Some(name), ImageFormat::Qcow2) => {
-                crate::qcow2::meta::resize::validate_create(&opts)?;
+                opts.validate()?;
                 Some(crate::image::data_file::create_for(path, name)?)
             }
             _ => None,
@@ -220,7 +220,7 @@ impl Image {
             return Ok(image);
         }
         // Reopen so that the backing chain is attached.
-        Qcow2::create_unattached(storage, data, opts)?.close()?;
+        crate::qcow2::create_unattached(storage, data, opts)?.close()?;
         let policy = if opts.unsafe_backing { BackingPolicy::Ignore } else { BackingPolicy::Follow };
         Image::open(path, &OpenOptions { cache: opts.cache, ..OpenOptions::new().backing(policy) })
     }

@@ -17,14 +17,13 @@ use oxqcow_format::table::{decode_entries, encode_entries, write_l2_word, L1Entr
 use oxqcow_format::{HostCluster, HostOffset, L2Entry, L2Mapping};
 
 use crate::error::{Error, Result};
-use crate::options::{check_refcount_bits, AmendOptions, Compat, Preallocation};
+use crate::options::{check_refcount_bits, AmendOptions};
 use crate::qcow2::meta::Meta;
-use crate::qcow2::Qcow2;
 use crate::storage::Storage;
 
 /// The operations whose progress amend reports (QEMU's `Qcow2AmendOperation`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Operation {
+pub(crate) enum Operation {
     None,
     Upgrading,
     ChangingRefcountOrder,
@@ -34,7 +33,7 @@ enum Operation {
 /// QEMU's `qcow2_amend_helper_cb`: folds the progress of several
 /// operations into one (offset, total work) stream, projecting the work of
 /// the operations not started yet from the ones seen so far.
-struct Status<'a> {
+pub(crate) struct Status<'a> {
     cb: &'a mut dyn FnMut(u64, u64),
     total_operations: i64,
     operations_completed: i64,
@@ -45,6 +44,24 @@ struct Status<'a> {
 }
 
 impl Status<'_> {
+    /// Progress of `operations` operations reported to `cb`.
+    pub(crate) fn new(cb: &mut dyn FnMut(u64, u64), operations: i64) -> Status<'_> {
+        Status {
+            cb,
+            total_operations: operations,
+            operations_completed: 0,
+            offset_completed: 0,
+            last_operation: Operation::None,
+            current_operation: Operation::None,
+            last_work_size: 0,
+        }
+    }
+
+    /// The next reports belong to `operation`.
+    pub(crate) fn start(&mut self, operation: Operation) {
+        self.current_operation = operation;
+    }
+
     fn report(&mut self, offset: i64, work_size: i64) {
         if self.current_operation != self.last_operation {
             if self.last_operation != Operation::None {
@@ -64,63 +81,21 @@ impl Status<'_> {
     }
 }
 
-impl Qcow2 {
-    /// Changes the image's options as `qemu-img amend` does. `progress`
-    /// receives QEMU's amend status: (work done, total work), which
-    /// qemu-img prints as `100 * done / total` percent.
-    pub fn amend(&self, opts: &AmendOptions, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
-        if self.is_read_only() {
-            return Err(Error::ReadOnly);
+impl Meta {
+    /// QEMU's checks on a new size given to amend.
+    pub(crate) fn amend_size_check(&self, size: u64) -> Result<()> {
+        if size % 512 != 0 {
+            return Err(Error::InvalidArgument("The new size must be a multiple of 512".into()));
         }
-        let (old_version, new_version) = self.exclusive(|m, _| {
-            m.amend_check(opts)?;
-            Ok((m.header.version, opts.compat.map_or(m.header.version, Compat::version)))
-        })?;
-        let old_bits = self.geometry().refcount_bits();
-        let mut status = Status {
-            cb: progress,
-            total_operations: i64::from(new_version != old_version)
-                + i64::from(opts.refcount_bits.is_some_and(|b| b != old_bits)),
-            operations_completed: 0,
-            offset_completed: 0,
-            last_operation: Operation::None,
-            current_operation: Operation::None,
-            last_work_size: 0,
-        };
-        self.exclusive(|m, st| {
-            let res = m.amend_up_to_size(st, opts, new_version, &mut status);
-            // Also after a failure: an upgrade may have succeeded before it.
-            self.refresh_header_facts(m);
-            res
-        })?;
-        if let Some(size) = opts.size.filter(|&s| s != 0) {
-            self.exclusive(|m, _| {
-                if size % 512 != 0 {
-                    return Err(Error::InvalidArgument("The new size must be a multiple of 512".into()));
-                }
-                if !m.snapshots.entries.is_empty() && m.header.version < 3 {
-                    return Err(Error::InvalidArgument("Can't resize a v2 image which has snapshots".into()));
-                }
-                Ok(())
-            })?;
-            self.resize(size, Preallocation::Off)?;
-        }
-        if new_version < old_version {
-            status.current_operation = Operation::Downgrading;
-            self.exclusive(|m, st| {
-                let res = m.downgrade(st, &mut status);
-                self.refresh_header_facts(m);
-                res
-            })?;
+        if !self.snapshots.entries.is_empty() && self.header.version < 3 {
+            return Err(Error::InvalidArgument("Can't resize a v2 image which has snapshots".into()));
         }
         Ok(())
     }
-}
 
-impl Meta {
     /// The checks QEMU makes on the option values before changing anything,
     /// in the order of its option list.
-    fn amend_check(&self, opts: &AmendOptions) -> Result<()> {
+    pub(crate) fn amend_check(&self, opts: &AmendOptions) -> Result<()> {
         // LUKS key slots are changed by `Qcow2::amend_encryption`.
         if opts.encryption && self.header.crypt_method != crate::format::header::crypt::LUKS {
             return Err(if self.header.crypt_method == 0 {
@@ -144,7 +119,7 @@ impl Meta {
     }
 
     /// Everything amend does before the size change.
-    fn amend_up_to_size(
+    pub(crate) fn amend_up_to_size(
         &mut self,
         storage: &dyn Storage,
         opts: &AmendOptions,
@@ -425,7 +400,7 @@ impl Meta {
         Ok(())
     }
 
-    fn downgrade(&mut self, storage: &dyn Storage, status: &mut Status<'_>) -> Result<()> {
+    pub(crate) fn downgrade(&mut self, storage: &dyn Storage, status: &mut Status<'_>) -> Result<()> {
         if self.geometry.refcount_bits() != 16 {
             return Err(Error::InvalidArgument("compat=0.10 requires refcount_bits=16".into()));
         }

@@ -102,6 +102,11 @@ pub(crate) struct Meta {
 }
 
 impl Meta {
+    /// The header version.
+    pub(crate) fn version(&self) -> u32 {
+        self.header.version
+    }
+
     /// Recomputes where the metadata lies (for overlap checks and the
     /// allocator) after structures moved.
     pub(crate) fn update_reserved(&mut self) {
