@@ -4,8 +4,6 @@
 
 use std::sync::atomic::Ordering;
 
-use oxqcow_format::header::incompat;
-
 use super::meta::amend::{Operation, Status};
 use super::meta::Meta;
 use super::Qcow2;
@@ -100,17 +98,7 @@ pub(super) fn set_backing_file(q: &Qcow2, name: Option<&str>, format: Option<&st
             return Err(Error::InvalidArgument(format!("Backing file name too long ({} bytes)", n.len())));
         }
     }
-    q.exclusive(|m, st| {
-        let old = (m.header.backing_file.clone(), m.header.extensions.backing_format.clone());
-        m.header.backing_file = name.map(str::to_string);
-        m.header.extensions.backing_format = format.map(str::to_string);
-        if let Err(e) = m.header.clone().serialize() {
-            (m.header.backing_file, m.header.extensions.backing_format) = old;
-            return Err(e.into());
-        }
-        m.write_header(st)?;
-        st.sync().map_err(Error::io("syncing the header", 0))
-    })
+    q.exclusive(|m, st| m.set_backing_file(st, name, format))
 }
 
 /// Drops every cluster of the active layer: the image then reads as its
@@ -202,28 +190,15 @@ impl Qcow2 {
     pub(crate) fn exclusive<T>(&self, f: impl FnOnce(&mut Meta, &dyn Storage) -> Result<T>) -> Result<T> {
         let _gate = self.io_gate.write().unwrap_or_else(|p| p.into_inner());
         let mut m = self.lock_meta();
-        while !m.inflight.is_empty() {
+        while m.allocating() {
             m = self.alloc_done.wait(m).unwrap_or_else(|p| p.into_inner());
         }
-        // Snapshot operations change which clusters are shared.
-        m.verified.clear();
-        if !m.read_only {
-            if let Some(f) = &m.failed {
-                return Err(Error::Failed(f.clone()));
-            }
-            m.flush_all(self.storage_ref())?;
-            let frees = std::mem::take(&mut m.pending_frees);
-            m.apply_frees(self.storage_ref(), frees, self.discard)?;
-            m.flush_all(self.storage_ref())?;
-        }
+        m.settle(self.storage_ref(), self.discard)?;
         let res = f(&mut m, self.storage_ref());
         if let Err(e) = &res {
-            if !m.read_only && e.kind() == crate::ErrorKind::Io {
-                m.fail(self.storage_ref(), e);
-            }
+            m.exclusive_failed(self.storage_ref(), e);
         }
-        let size = m.header.size;
-        self.size.store(size, Ordering::Release);
+        self.size.store(m.size(), Ordering::Release);
         res
     }
 
@@ -232,20 +207,8 @@ impl Qcow2 {
             return Ok(());
         }
         self.flush()?;
-        let mut m = self.lock_meta();
-        if m.failed.is_some() {
-            return Ok(());
-        }
         // As QEMU's qcow2_inactivate: bitmaps first, then the caches.
-        let stored = m.store_bitmaps(self.storage_ref());
-        m.flush_all(self.storage_ref())?;
-        stored?;
-        if m.header.is_dirty() {
-            m.header.incompatible_features &= !incompat::DIRTY;
-            m.write_header(self.storage_ref())?;
-            self.storage.sync().map_err(Error::io("syncing the header", 0))?;
-        }
-        Ok(())
+        self.lock_meta().close(self.storage_ref())
     }
 
     /// Refuses internal snapshot operations on images with an external

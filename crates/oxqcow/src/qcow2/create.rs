@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use oxqcow_format::header::{compat, incompat, Header};
 use oxqcow_format::table::encode_entries;
-use oxqcow_format::{Geometry, HostCluster};
+use oxqcow_format::Geometry;
 
 use super::Qcow2;
 use crate::error::{Error, Result};
@@ -147,22 +147,7 @@ pub(crate) fn create_unattached(
     st.write_at(&table, cs).map_err(Error::io("writing the refcount table", cs))?;
 
     let image = Qcow2::open_with(storage.clone(), &OpenOptions::new(), None, data.clone())?;
-    image.exclusive(|m, st| {
-        for c in 0..3 {
-            m.refcounts.update(st, HostCluster(c), 1)?;
-        }
-        m.resize(st, size, opts.preallocation)?;
-        if let Some(name) = &opts.backing_file {
-            m.header.backing_file = Some(name.clone());
-            m.header.extensions.backing_format = opts.backing_format.clone();
-            m.write_header(st)?;
-        }
-        if let Some(enc) = &opts.encryption {
-            // After the size, as QEMU's qcow2_co_create sets it up.
-            m.set_up_encryption(st, enc)?;
-        }
-        m.flush_all(st)
-    })?;
+    image.exclusive(|m, st| m.finish_creation(st, opts, size))?;
     // That handle was opened while the disk had size 0, so its L2 cache
     // holds two tables: every write reaching a third table would evict
     // a dirty one, with a sync. Reopen so the caches are sized for the

@@ -49,8 +49,8 @@ pub(super) fn flush(q: &Qcow2) -> Result<()> {
     }
     let frees = {
         let mut m = q.lock_meta();
-        if let Some(f) = &m.failed {
-            return Err(Error::Failed(f.clone()));
+        if let Some(e) = m.failure() {
+            return Err(e);
         }
         // Guest data in an external data file first, as QEMU flushes
         // its children: the metadata flush may make it reachable.
@@ -58,7 +58,7 @@ pub(super) fn flush(q: &Qcow2) -> Result<()> {
             m.fail(q.storage_ref(), &e);
             return Err(e);
         }
-        std::mem::take(&mut m.pending_frees)
+        m.take_pending_frees()
     };
     if frees.is_empty() {
         return Ok(());
@@ -71,13 +71,8 @@ pub(super) fn flush(q: &Qcow2) -> Result<()> {
     // The decrements are in the refcount cache now: write them too, so
     // that a crash after flush returns leaves no leaked cluster (with
     // lazy refcounts, refcounts are rebuilt after a crash anyway).
-    if res.is_ok() && !m.lazy_refcounts {
-        res = m.refcounts.write_dirty(st).and_then(|wrote| {
-            if wrote {
-                st.sync().map_err(Error::io("syncing refcounts", 0))?;
-            }
-            Ok(())
-        });
+    if res.is_ok() {
+        res = m.write_applied_frees(st);
     }
     if let Err(e) = res {
         m.fail(st, &e);
@@ -325,7 +320,7 @@ impl Qcow2 {
                     }
                 }
             };
-            (zeroed, m.pending_frees.len())
+            (zeroed, m.pending_free_count())
         };
         if pending > MAX_PENDING_FREES {
             self.flush()?;
@@ -478,7 +473,7 @@ impl Qcow2 {
                     }
                 }
             }
-            let pending = m.pending_frees.len();
+            let pending = m.pending_free_count();
             drop(m);
             drop(_gate);
             if pending > MAX_PENDING_FREES {
@@ -704,7 +699,7 @@ impl Qcow2 {
             }
         };
         self.alloc_done.notify_all();
-        res.map(|()| m.pending_frees.len())
+        res.map(|()| m.pending_free_count())
     }
     /// Records a guest write, zero write or discard in the enabled bitmaps
     /// (whether or not it succeeded, as QEMU's `bdrv_co_write_req_finish`).

@@ -40,12 +40,6 @@ use meta::bitmap::BitmapInfo;
 use meta::check::{CheckReport, RepairMode};
 use meta::{DiscardModes, Meta};
 
-/// QEMU's default L2 cache limit on Linux (`DEFAULT_L2_CACHE_MAX_SIZE`).
-pub(super) const DEFAULT_L2_CACHE_MAX: u64 = 32 << 20;
-/// QEMU's minimum L2 cache: two tables (`MIN_L2_CACHE_SIZE`).
-pub(super) const MIN_L2_CACHE_TABLES: u64 = 2;
-/// QEMU's minimum and default refcount cache: four blocks (`MIN_REFCOUNT_CACHE_SIZE`).
-pub(super) const MIN_REFCOUNT_CACHE_TABLES: u64 = 4;
 /// Deferred frees are applied by an internal flush once this many pile up,
 /// so that a workload that never flushes still gets its space back.
 pub(crate) const MAX_PENDING_FREES: usize = 16384;
@@ -219,8 +213,8 @@ impl Qcow2 {
     /// Takes over the header facts amend may change (version, compression
     /// type), under exclusive access so no request runs with stale ones.
     pub(crate) fn refresh_header_facts(&self, m: &Meta) {
-        self.version.store(m.header.version, Ordering::Release);
-        self.compression_type.store(m.header.compression_type, Ordering::Release);
+        self.version.store(m.version(), Ordering::Release);
+        self.compression_type.store(m.compression_type(), Ordering::Release);
     }
 
     pub(crate) fn lock_meta(&self) -> MutexGuard<'_, Meta> {
@@ -253,24 +247,23 @@ impl Qcow2 {
 
     /// The image geometry (the refcount width can change with amend).
     pub fn geometry(&self) -> Geometry {
-        self.lock_meta().geometry
+        self.lock_meta().geometry()
     }
 
     /// A copy of the current header.
     pub fn header(&self) -> Header {
-        self.lock_meta().header.clone()
+        self.lock_meta().header()
     }
 
     /// Facts for `info`.
     pub fn info(&self) -> Qcow2Info {
         let m = self.lock_meta();
-        let mut info = Qcow2Info::from_header(&m.header, m.snapshots.entries.len());
-        info.refcount_bits = m.geometry.refcount_bits();
+        let mut info = Qcow2Info::from_header(&m.header(), m.snapshot_entries().len());
+        info.refcount_bits = m.geometry().refcount_bits();
         info.dirty = self.dirty_at_open;
-        info.bitmaps = m.bitmaps.dir.iter().map(Into::into).collect();
+        info.bitmaps = m.bitmaps_on_disk();
         // It was read and checked at open; only a failing disk fails now.
-        info.luks =
-            m.header.extensions.crypto.and_then(|c| crate::crypt::read_luks_header(self.storage_ref(), &c).ok());
+        info.luks = m.crypto_extension().and_then(|c| crate::crypt::read_luks_header(self.storage_ref(), &c).ok());
         info
     }
 
@@ -294,7 +287,7 @@ impl Qcow2 {
 
     /// The snapshot table as read at open.
     pub fn snapshots(&self) -> Vec<oxqcow_format::SnapshotEntry> {
-        self.lock_meta().snapshots.entries.clone()
+        self.lock_meta().snapshot_entries().to_vec()
     }
 
     /// Reads `buf.len()` bytes at guest `offset`.
@@ -445,7 +438,7 @@ impl Qcow2 {
             return Err(Error::InvalidArgument("Only LUKS encryption options can be amended".into()));
         };
         self.exclusive(|m, st| {
-            let ext = m.header.extensions.crypto.expect("LUKS images have the extension");
+            let ext = m.crypto_extension().expect("LUKS images have the extension");
             crate::crypt::amend_keyslots(st, ext, master_key, change)
         })
     }

@@ -17,16 +17,24 @@ pub(crate) mod snapshot;
 
 use std::collections::BTreeSet;
 
-use oxqcow_format::header::{self, incompat, Header};
+use oxqcow_format::header::{self, autoclear, incompat, CryptoExtension, Header};
 use oxqcow_format::snapshot::SnapshotTable;
 use oxqcow_format::table::{decode_entries, encode_entries, L1Entry};
 use oxqcow_format::{Geometry, HostCluster};
 
 use crate::error::{Error, Result};
+use crate::options::{ImageMessage, OpenOptions};
 use crate::storage::Storage;
 use cache::TableCache;
 use plan::Inflight;
 use refcount::Refcounts;
+
+/// QEMU's default L2 cache limit on Linux (`DEFAULT_L2_CACHE_MAX_SIZE`).
+const DEFAULT_L2_CACHE_MAX: u64 = 32 << 20;
+/// QEMU's minimum L2 cache: two tables (`MIN_L2_CACHE_SIZE`).
+const MIN_L2_CACHE_TABLES: u64 = 2;
+/// QEMU's minimum and default refcount cache: four blocks (`MIN_REFCOUNT_CACHE_SIZE`).
+const MIN_REFCOUNT_CACHE_TABLES: u64 = 4;
 
 /// Why a cluster is freed: decides whether its host space is given back
 /// too (QEMU's pass-discard-request / -snapshot / -other options).
@@ -63,45 +71,318 @@ impl DiscardModes {
 
 /// All metadata of an open image; guarded by `Qcow2::meta`.
 pub(crate) struct Meta {
-    pub(crate) header: Header,
-    pub(crate) geometry: Geometry,
-    pub(crate) l1: Vec<u64>,
-    pub(crate) l1_dirty: BTreeSet<usize>,
-    pub(crate) l2: TableCache,
-    pub(crate) refcounts: Refcounts,
-    pub(crate) inflight: Vec<Inflight>,
-    pub(crate) next_inflight_id: u64,
+    header: Header,
+    geometry: Geometry,
+    l1: Vec<u64>,
+    l1_dirty: BTreeSet<usize>,
+    l2: TableCache,
+    refcounts: Refcounts,
+    inflight: Vec<Inflight>,
+    next_inflight_id: u64,
     /// Host clusters whose refcount drops by one once the L2/L1 changes that
     /// stopped referencing them are durable.
-    pub(crate) pending_frees: Vec<(HostCluster, FreeReason)>,
+    pending_frees: Vec<(HostCluster, FreeReason)>,
     /// Set when a metadata write failed: further writes are refused.
-    pub(crate) failed: Option<String>,
-    pub(crate) lazy_refcounts: bool,
-    pub(crate) snapshots: SnapshotTable,
-    pub(crate) read_only: bool,
+    failed: Option<String>,
+    lazy_refcounts: bool,
+    snapshots: SnapshotTable,
+    read_only: bool,
     /// Where the next compressed cluster is packed (0: start a new cluster).
-    pub(crate) free_byte_offset: u64,
+    free_byte_offset: u64,
     /// Whether unallocated clusters read from a backing image.
-    pub(crate) has_backing: bool,
+    has_backing: bool,
     /// Whether the image looks preallocated with `preallocation=metadata`
     /// (QEMU's `qcow2_detect_metadata_preallocation`), decided at the first
     /// block status query and kept for the rest of the session as QEMU does.
-    pub(crate) metadata_preallocation: Option<bool>,
+    metadata_preallocation: Option<bool>,
     /// Whether a corruption event was reported already (QEMU prints the
     /// first one only: `signaled_corruption`).
-    pub(crate) signaled_corruption: bool,
+    signaled_corruption: bool,
     /// Host clusters whose COPIED flag was checked against their refcount
     /// this session (see `Meta::copied_holds`).
-    pub(crate) verified: crate::qcow2::meta::plan::VerifiedClusters,
+    verified: crate::qcow2::meta::plan::VerifiedClusters,
     /// Where run-time findings are reported.
-    pub(crate) messages: Option<crate::options::ImageMessages>,
+    messages: Option<crate::options::ImageMessages>,
     /// Persistent dirty bitmaps (see `bitmap.rs`).
-    pub(crate) bitmaps: crate::qcow2::meta::bitmap::Bitmaps,
+    bitmaps: crate::qcow2::meta::bitmap::Bitmaps,
     /// The external data file, when guest data lives in one.
-    pub(crate) data_file: Option<crate::image::data_file::DataFile>,
+    data_file: Option<crate::image::data_file::DataFile>,
 }
 
 impl Meta {
+    /// Loads the metadata of an image whose header was read and checked:
+    /// the L1 table, the caches sized from the options, the refcount
+    /// table, the snapshot table, the metadata map for overlap checks,
+    /// and with `opts.snapshot` that snapshot's L1 table as the view.
+    pub(crate) fn load(
+        st: &dyn Storage,
+        header: Header,
+        opts: &OpenOptions,
+        read_only: bool,
+        has_backing: bool,
+        data_file: Option<crate::image::data_file::DataFile>,
+        file_len: u64,
+    ) -> Result<Meta> {
+        let geometry = header.geometry();
+        let l1_bytes = u64::from(header.l1_size) * 8;
+        let mut l1_raw = vec![0u8; l1_bytes as usize];
+        if l1_bytes > 0 {
+            st.read_at(&mut l1_raw, header.l1_table_offset)
+                .map_err(Error::io("reading the L1 table", header.l1_table_offset))?;
+        }
+        let l1 = decode_entries(&l1_raw);
+        let (l2_tables, rc_tables) = cache_tables(opts, &geometry, header.size)?;
+        let refcounts = Refcounts::load(
+            st,
+            geometry,
+            header.refcount_table_offset,
+            header.refcount_table_clusters,
+            rc_tables,
+            file_len,
+            opts.repair,
+        )?;
+        let snapshots = read_snapshots(st, &header, file_len)?;
+        let lazy = opts.lazy_refcounts.unwrap_or(header.lazy_refcounts()) && header.version >= 3;
+        let mut meta = Meta {
+            header,
+            geometry,
+            l1,
+            l1_dirty: BTreeSet::new(),
+            l2: TableCache::new(l2_tables),
+            refcounts,
+            inflight: Vec::new(),
+            next_inflight_id: 0,
+            pending_frees: Vec::new(),
+            failed: None,
+            lazy_refcounts: lazy,
+            snapshots,
+            read_only,
+            free_byte_offset: 0,
+            has_backing,
+            metadata_preallocation: None,
+            signaled_corruption: false,
+            verified: Default::default(),
+            messages: opts.messages.clone(),
+            bitmaps: Default::default(),
+            data_file,
+        };
+        meta.refcounts.map.mask = opts.overlap_check.unwrap_or(overlap::CACHED);
+        meta.update_reserved();
+        meta.load_inactive_map(st)?;
+
+        if let Some(name) = &opts.snapshot {
+            if !read_only {
+                return Err(Error::InvalidArgument("snapshots can only be opened read-only".into()));
+            }
+            // The guest size stays the active layer's, as with QEMU's
+            // bdrv_snapshot_load_tmp: past the snapshot's own disk size (and
+            // its L1 table) everything reads as zeros.
+            let (l1, _disk_size) = meta.snapshot_view(st, name)?;
+            meta.l1 = l1;
+        }
+
+        Ok(meta)
+    }
+
+    /// Before a read-write session: unknown autoclear bits and a stale
+    /// bitmaps extension are dropped from the header, and a dirty image
+    /// (lazy refcounts) is repaired as `check -r all` repairs it (QEMU
+    /// does both at open). Returns that repair's report.
+    pub(crate) fn prepare_for_writing(
+        &mut self,
+        st: &dyn Storage,
+        opts: &OpenOptions,
+    ) -> Result<Option<check::CheckReport>> {
+        let mut rewrite = false;
+        if self.header.autoclear_features & !autoclear::KNOWN != 0 {
+            self.header.autoclear_features &= autoclear::KNOWN;
+            rewrite = true;
+        }
+        if self.header.extensions.stale_bitmaps {
+            self.header.extensions.stale_bitmaps = false;
+            rewrite = true;
+        }
+        if rewrite {
+            self.write_header(st)?;
+            st.sync().map_err(Error::io("syncing the header", 0))?;
+        }
+        if self.header.is_dirty() && !opts.repair {
+            // As QEMU: a full repair (`check -r all`), which also
+            // clears the dirty bit once the image is consistent.
+            let all = Some(crate::qcow2::meta::check::RepairMode::All);
+            let report = match &opts.messages {
+                Some(sink) => {
+                    crate::qcow2::meta::check::check(self, st, all, &mut |line: &str| sink(ImageMessage::Repair(line)))?
+                }
+                None => {
+                    crate::qcow2::meta::check::collected(|out| crate::qcow2::meta::check::check(self, st, all, out))?
+                }
+            };
+            if report.error.is_some() || report.check_errors > 0 {
+                let why = report.error.unwrap_or_else(|| "Input/output error".into());
+                return Err(Error::Corrupt(format!("Could not repair dirty image: {why}")));
+            }
+            return Ok(Some(report));
+        }
+        Ok(None)
+    }
+
+    /// The header as it would be written now: the refcount table's place
+    /// and size are the allocator's, not a second copy kept in step.
+    pub(crate) fn header(&self) -> Header {
+        let mut h = self.header.clone();
+        h.refcount_table_offset = self.refcounts.table_offset();
+        h.refcount_table_clusters = self.refcounts.table_clusters();
+        h
+    }
+
+    /// The cluster geometry.
+    pub(crate) fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    /// The guest size the header records.
+    pub(crate) fn size(&self) -> u64 {
+        self.header.size
+    }
+
+    /// The header's compression type.
+    pub(crate) fn compression_type(&self) -> u8 {
+        self.header.compression_type
+    }
+
+    /// The LUKS header area, for encrypted images.
+    pub(crate) fn crypto_extension(&self) -> Option<CryptoExtension> {
+        self.header.extensions.crypto
+    }
+
+    /// The internal snapshots, in table order.
+    pub(crate) fn snapshot_entries(&self) -> &[oxqcow_format::SnapshotEntry] {
+        &self.snapshots.entries
+    }
+
+    /// Why writes are refused since a metadata write failed, if one did.
+    pub(crate) fn failure(&self) -> Option<Error> {
+        self.failed.clone().map(Error::Failed)
+    }
+
+    /// How many deferred frees wait for the next flush.
+    pub(crate) fn pending_free_count(&self) -> usize {
+        self.pending_frees.len()
+    }
+
+    /// Takes the deferred frees, to apply once no request can still use
+    /// the clusters.
+    pub(crate) fn take_pending_frees(&mut self) -> Vec<(HostCluster, FreeReason)> {
+        std::mem::take(&mut self.pending_frees)
+    }
+
+    /// Whether an allocation is in flight.
+    pub(crate) fn allocating(&self) -> bool {
+        !self.inflight.is_empty()
+    }
+
+    /// Makes the refcount decrements just applied durable, unless lazy
+    /// refcounts leave that to the next clean close (a crash rebuilds them).
+    pub(crate) fn write_applied_frees(&mut self, st: &dyn Storage) -> Result<()> {
+        if self.lazy_refcounts {
+            return Ok(());
+        }
+        if self.refcounts.write_dirty(st)? {
+            st.sync().map_err(Error::io("syncing refcounts", 0))?;
+        }
+        Ok(())
+    }
+
+    /// Brings the metadata to rest before an operation that needs the
+    /// image to itself: everything flushed, deferred frees applied and
+    /// flushed, checked COPIED flags forgotten (the operation may change
+    /// which clusters are shared).
+    pub(crate) fn settle(&mut self, st: &dyn Storage, discard: DiscardModes) -> Result<()> {
+        self.verified.clear();
+        if self.read_only {
+            return Ok(());
+        }
+        if let Some(e) = self.failure() {
+            return Err(e);
+        }
+        self.flush_all(st)?;
+        let frees = self.take_pending_frees();
+        self.apply_frees(st, frees, discard)?;
+        self.flush_all(st)
+    }
+
+    /// Records the failure of an exclusive operation: host I/O errors in a
+    /// writable image are sticky (the metadata may be half written).
+    pub(crate) fn exclusive_failed(&mut self, st: &dyn Storage, e: &Error) {
+        if !self.read_only && e.kind() == crate::ErrorKind::Io {
+            self.fail(st, e);
+        }
+    }
+
+    /// Records a new backing file name and format (both `None`: no backing
+    /// file) in the header, written and synced; refused, changing nothing,
+    /// when the header would not fit its cluster.
+    pub(crate) fn set_backing_file(
+        &mut self,
+        st: &dyn Storage,
+        name: Option<&str>,
+        format: Option<&str>,
+    ) -> Result<()> {
+        let mut h = self.header.clone();
+        h.backing_file = name.map(str::to_string);
+        h.extensions.backing_format = format.map(str::to_string);
+        h.serialize()?;
+        self.header = h;
+        self.write_header(st)?;
+        st.sync().map_err(Error::io("syncing the header", 0))
+    }
+
+    /// The clean close: bitmaps stored, caches written, the dirty bit
+    /// cleared (QEMU's `qcow2_inactivate`). Nothing is written after a
+    /// metadata write failed.
+    pub(crate) fn close(&mut self, st: &dyn Storage) -> Result<()> {
+        if self.failed.is_some() {
+            return Ok(());
+        }
+        let stored = self.store_bitmaps(st);
+        self.flush_all(st)?;
+        stored?;
+        if self.header.is_dirty() {
+            self.header.incompatible_features &= !incompat::DIRTY;
+            self.write_header(st)?;
+            st.sync().map_err(Error::io("syncing the header", 0))?;
+        }
+        Ok(())
+    }
+
+    /// Completes a new image whose header, refcount table and first
+    /// refcount block (its first three clusters) were just written: counts
+    /// those clusters, sizes the disk with its preallocation, records the
+    /// backing file name and sets up encryption, in QEMU's order
+    /// (`qcow2_co_create`), then flushes.
+    pub(crate) fn finish_creation(
+        &mut self,
+        st: &dyn Storage,
+        opts: &crate::options::CreateOptions,
+        size: u64,
+    ) -> Result<()> {
+        for c in 0..3 {
+            self.refcounts.update(st, HostCluster(c), 1)?;
+        }
+        self.resize(st, size, opts.preallocation)?;
+        if let Some(name) = &opts.backing_file {
+            self.header.backing_file = Some(name.clone());
+            self.header.extensions.backing_format = opts.backing_format.clone();
+            self.write_header(st)?;
+        }
+        if let Some(enc) = &opts.encryption {
+            // After the size, as QEMU's qcow2_co_create sets it up.
+            self.set_up_encryption(st, enc)?;
+        }
+        self.flush_all(st)
+    }
+
     /// The header version.
     pub(crate) fn version(&self) -> u32 {
         self.header.version
@@ -377,5 +658,64 @@ impl Meta {
             }
         }
         Ok(())
+    }
+}
+
+fn cache_tables(opts: &OpenOptions, geometry: &Geometry, size: u64) -> Result<(usize, usize)> {
+    let cs = geometry.cluster_size();
+    let max_l2 = geometry.clusters_for(size).saturating_mul(geometry.l2_entry_size());
+    let max_l2 = max_l2.div_ceil(cs) * cs;
+    let (l2, rc) = match (opts.cache_size, opts.l2_cache_size, opts.refcount_cache_size) {
+        (Some(_), Some(_), Some(_)) => {
+            return Err(Error::InvalidArgument(
+                "cache-size, l2-cache-size and refcount-cache-size may not be set at the same time".into(),
+            ))
+        }
+        (Some(total), Some(l2), None) => {
+            if l2 > total {
+                return Err(Error::InvalidArgument("l2-cache-size may not exceed cache-size".into()));
+            }
+            (l2, total - l2)
+        }
+        (Some(total), None, Some(rc)) => {
+            if rc > total {
+                return Err(Error::InvalidArgument("refcount-cache-size may not exceed cache-size".into()));
+            }
+            (total - rc, rc)
+        }
+        (Some(total), None, None) => {
+            let l2 = total.min(max_l2);
+            (l2, total - l2)
+        }
+        (None, l2, rc) => {
+            (l2.unwrap_or_else(|| max_l2.min(DEFAULT_L2_CACHE_MAX)), rc.unwrap_or(MIN_REFCOUNT_CACHE_TABLES * cs))
+        }
+    };
+    let l2_tables = (l2 / cs).max(MIN_L2_CACHE_TABLES);
+    let rc_tables = (rc / cs).max(MIN_REFCOUNT_CACHE_TABLES);
+    Ok((l2_tables as usize, rc_tables as usize))
+}
+
+/// Reads and parses the snapshot table, growing the read as entries demand
+/// (never beyond the table's 64 MiB limit or the file's end).
+pub(crate) fn read_snapshots(storage: &dyn Storage, header: &Header, file_len: u64) -> Result<SnapshotTable> {
+    if header.nb_snapshots == 0 {
+        return Ok(SnapshotTable::default());
+    }
+    let limit = oxqcow_format::limits::MAX_SNAPSHOT_TABLE_BYTES.min(file_len.saturating_sub(header.snapshots_offset));
+    let mut len = (u64::from(header.nb_snapshots) * 64).min(limit).max(1);
+    loop {
+        let mut buf = vec![0u8; len as usize];
+        storage
+            .read_at(&mut buf, header.snapshots_offset)
+            .map_err(Error::io("reading the snapshot table", header.snapshots_offset))?;
+        match SnapshotTable::parse(&buf, header.nb_snapshots) {
+            Ok(t) => return Ok(t),
+            Err(e) if len < limit => {
+                let _ = e;
+                len = (len * 2).min(limit);
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
 }
