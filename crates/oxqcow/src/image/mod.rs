@@ -271,12 +271,8 @@ impl Image {
     /// hole punching); `Ok(false)` when zeros would have to be written, and
     /// nothing was changed then.
     ///
-    /// qcow2: whole clusters are a metadata update, and so is a partial
-    /// cluster at either end that already reads as zeros; any other partial
-    /// cluster would get zeros written as data (QEMU's qcow2 answers
-    /// ENOTSUP for it). Version 2 images over a backing file have no
-    /// metadata-only zeros at all. raw: the host file punches a hole or
-    /// zeroes the range in place, if its file system can.
+    /// qcow2: as [`Qcow2::zeroes_by_metadata`] decides. raw: the host file
+    /// punches a hole or zeroes the range in place, if its file system can.
     pub fn write_zeroes_no_fallback(&self, offset: u64, len: u64, may_unmap: bool) -> Result<bool> {
         let q = match self {
             Image::Raw(r) => return r.write_zeroes_no_fallback(offset, len, may_unmap),
@@ -285,29 +281,8 @@ impl Image {
         if q.is_read_only() {
             return Err(Error::ReadOnly);
         }
-        let size = q.len();
-        let end = match offset.checked_add(len) {
-            Some(e) if e <= size => e,
-            _ => return Err(Error::OutOfBounds { offset, len, size }),
-        };
-        let info = q.info();
-        if info.version < 3 && info.backing_file.is_some() {
+        if !q.zeroes_by_metadata(offset, len)? {
             return Ok(false);
-        }
-        let cluster = info.cluster_size;
-        let mut edges = Vec::with_capacity(2);
-        if offset % cluster != 0 {
-            edges.push(offset - offset % cluster);
-        }
-        // The end of the disk counts as a cluster boundary.
-        if end % cluster != 0 && end != size {
-            edges.push(end - end % cluster);
-        }
-        for start in edges {
-            let l = cluster.min(size - start);
-            if !q.block_status(start, l)?.iter().all(|e| e.zero && !e.data) {
-                return Ok(false);
-            }
         }
         q.write_zeroes_at(offset, len, may_unmap)?;
         Ok(true)

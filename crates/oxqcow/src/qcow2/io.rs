@@ -3,6 +3,7 @@
 //! it (see the module docs of [`super`] for the locking rules).
 
 use std::sync::atomic::Ordering;
+use std::sync::MutexGuard;
 
 use oxqcow_format::{HostOffset, L2Mapping};
 
@@ -122,7 +123,58 @@ pub(super) fn block_status(q: &Qcow2, offset: u64, len: u64) -> Result<Vec<Exten
     Ok(out)
 }
 
+/// See [`Qcow2::zeroes_by_metadata`].
+pub(super) fn zeroes_by_metadata(q: &Qcow2, offset: u64, len: u64) -> Result<bool> {
+    q.check_range(offset, len)?;
+    if q.version() < 3 {
+        return Ok(false);
+    }
+    let (size, unit) = (q.len(), q.geometry.subcluster_size());
+    let end = offset + len;
+    let mut partial = Vec::with_capacity(2);
+    if offset % unit != 0 {
+        partial.push(offset - offset % unit);
+    }
+    if end % unit != 0 && end != size {
+        partial.push(end - end % unit);
+    }
+    for start in partial {
+        let extents = q.block_status(start, unit.min(size - start))?;
+        if !extents.iter().all(|e| e.zero && !e.data) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 impl Qcow2 {
+    /// One metadata step of a request, as every request takes it (the
+    /// caller holds the I/O gate shared): under the metadata lock, refused
+    /// when the image takes no writes; `step` is rerun each time it asks to
+    /// wait for an allocation in flight (`Ok(None)`: the lock is released
+    /// while waiting); its error is a metadata failure and made sticky
+    /// (`Meta::fail`), unless it is a refusal of the request itself
+    /// (`InvalidArgument`). Returns the result with the lock still held.
+    pub(crate) fn meta_step<T>(
+        &self,
+        mut step: impl FnMut(&mut Meta, &dyn Storage) -> Result<Option<T>>,
+    ) -> Result<(T, MutexGuard<'_, Meta>)> {
+        let mut m = self.lock_meta();
+        m.check_writable()?;
+        loop {
+            match step(&mut m, self.storage_ref()) {
+                Ok(Some(done)) => return Ok((done, m)),
+                Ok(None) => m = self.alloc_done.wait(m).unwrap_or_else(|p| p.into_inner()),
+                Err(e) => {
+                    if e.kind() != crate::ErrorKind::InvalidArgument {
+                        m.fail(self.storage_ref(), &e);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+
     pub(crate) fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         let size = self.len();
         if offset.checked_add(len).is_none_or(|end| end > size) {
@@ -197,20 +249,13 @@ impl Qcow2 {
         while done < total {
             let pos = offset + done;
             let gate = self.io_gate.read().unwrap_or_else(|p| p.into_inner());
-            let plan = {
-                let mut m = self.lock_meta();
-                m.check_writable()?;
-                loop {
-                    match m.plan_write(self.storage_ref(), pos, total - done) {
-                        Ok(WritePlan::Wait) => m = self.alloc_done.wait(m).unwrap_or_else(|p| p.into_inner()),
-                        Ok(plan) => break plan,
-                        Err(e) => {
-                            m.fail(self.storage_ref(), &e);
-                            return Err(e);
-                        }
-                    }
-                }
-            };
+            let (plan, m) = self.meta_step(|m, st| {
+                Ok(match m.plan_write(st, pos, total - done)? {
+                    WritePlan::Wait => None,
+                    plan => Some(plan),
+                })
+            })?;
+            drop(m);
             let chunk = &buf[done as usize..];
             match plan {
                 WritePlan::Wait => unreachable!("handled above"),
@@ -298,28 +343,30 @@ impl Qcow2 {
         let whole_cluster = !g.extended_l2() || (start % cs == 0 && start + unit >= size);
         let (zeroed, pending) = {
             let _gate = self.io_gate.read().unwrap_or_else(|p| p.into_inner());
-            let mut m = self.lock_meta();
-            m.check_writable()?;
-            let zeroed = loop {
-                if !self.unit_can_be_zeroed(&mut m, start, offset, offset + len, end)? {
-                    break false;
-                }
-                let updated = if self.version() < 3 {
-                    m.discard_range(self.storage_ref(), g.align_down(start), cs)
-                } else if whole_cluster {
-                    m.zero_range(self.storage_ref(), g.align_down(start), cs, may_unmap)
-                } else {
-                    m.zero_subclusters(self.storage_ref(), start, unit).map(|r| r.is_some())
-                };
-                match updated {
-                    Ok(true) => break true,
-                    Ok(false) => m = self.alloc_done.wait(m).unwrap_or_else(|p| p.into_inner()),
+            // What the unit reads as is not metadata of this image: failing
+            // to find out fails the request, not the image.
+            let mut unknown = None;
+            let (zeroed, m) = self.meta_step(|m, st| {
+                match self.unit_can_be_zeroed(m, start, offset, offset + len, end) {
+                    Ok(true) => {}
+                    Ok(false) => return Ok(Some(false)),
                     Err(e) => {
-                        m.fail(self.storage_ref(), &e);
-                        return Err(e);
+                        unknown = Some(e);
+                        return Ok(Some(false));
                     }
                 }
-            };
+                let updated = if self.version() < 3 {
+                    m.discard_range(st, g.align_down(start), cs)?
+                } else if whole_cluster {
+                    m.zero_range(st, g.align_down(start), cs, may_unmap)?
+                } else {
+                    m.zero_subclusters(st, start, unit)?.is_some()
+                };
+                Ok(updated.then_some(true))
+            })?;
+            if let Some(e) = unknown {
+                return Err(e);
+            }
             (zeroed, m.pending_free_count())
         };
         if pending > MAX_PENDING_FREES {
@@ -433,18 +480,7 @@ impl Qcow2 {
     /// Zero subclusters inside one cluster, waiting out allocations in flight.
     pub(crate) fn zero_subclusters(&self, offset: u64, len: u64) -> Result<()> {
         let _gate = self.io_gate.read().unwrap_or_else(|p| p.into_inner());
-        let mut m = self.lock_meta();
-        m.check_writable()?;
-        loop {
-            match m.zero_subclusters(self.storage_ref(), offset, len) {
-                Ok(Some(_)) => return Ok(()),
-                Ok(None) => m = self.alloc_done.wait(m).unwrap_or_else(|p| p.into_inner()),
-                Err(e) => {
-                    m.fail(self.storage_ref(), &e);
-                    return Err(e);
-                }
-            }
-        }
+        self.meta_step(|m, st| m.zero_subclusters(st, offset, len)).map(|_| ())
     }
 
     /// Runs a whole-cluster metadata update in chunks of one L2 table,
@@ -461,18 +497,7 @@ impl Qcow2 {
             let chunk_end =
                 end.min((self.geometry.l1_index(HostOffset(pos).into_guest()) + 1) * self.geometry.bytes_per_l2());
             let _gate = self.io_gate.read().unwrap_or_else(|p| p.into_inner());
-            let mut m = self.lock_meta();
-            m.check_writable()?;
-            loop {
-                match f(&mut m, self.storage_ref(), pos, chunk_end - pos) {
-                    Ok(true) => break,
-                    Ok(false) => m = self.alloc_done.wait(m).unwrap_or_else(|p| p.into_inner()),
-                    Err(e) => {
-                        m.fail(self.storage_ref(), &e);
-                        return Err(e);
-                    }
-                }
-            }
+            let ((), m) = self.meta_step(|m, st| Ok(f(m, st, pos, chunk_end - pos)?.then_some(())))?;
             let pending = m.pending_free_count();
             drop(m);
             drop(_gate);
@@ -655,22 +680,8 @@ impl Qcow2 {
 
     pub(crate) fn write_compressed_cluster(&self, data: &[u8], offset: u64) -> Result<()> {
         let gate = self.io_gate.read().unwrap_or_else(|p| p.into_inner());
-        let (id, host) = {
-            let mut m = self.lock_meta();
-            m.check_writable()?;
-            loop {
-                match m.plan_compressed(self.storage_ref(), offset, data.len() as u64) {
-                    Ok(Some(plan)) => break plan,
-                    Ok(None) => m = self.alloc_done.wait(m).unwrap_or_else(|p| p.into_inner()),
-                    Err(e) => {
-                        if e.kind() != crate::ErrorKind::InvalidArgument {
-                            m.fail(self.storage_ref(), &e);
-                        }
-                        return Err(e);
-                    }
-                }
-            }
-        };
+        let ((id, host), m) = self.meta_step(|m, st| m.plan_compressed(st, offset, data.len() as u64))?;
+        drop(m);
         let io = self.storage.write_at(data, host).map_err(Error::io("writing compressed data", host));
         drop(gate);
         self.finish_alloc(id, io).map(|_| ())

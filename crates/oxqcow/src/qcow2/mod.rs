@@ -341,6 +341,19 @@ impl Qcow2 {
         self.write_through()
     }
 
+    /// Whether zeroing `[offset, offset + len)` changes metadata only, with
+    /// no zeros written as data: the one rule for requests that must not
+    /// fall back to writing (NBD's fast zero, the FUSE export's hole
+    /// punching, qemu-io's `write -z -n`; QEMU's `BDRV_REQ_NO_FALLBACK`).
+    /// Version 2 has no zero flag (QEMU's qcow2 answers ENOTSUP). Otherwise
+    /// whole units (subclusters with extended L2 entries, else clusters)
+    /// are, and so is a partial unit at either end that already reads as
+    /// zeros and holds no data of its own; the end of the disk counts as a
+    /// unit boundary.
+    pub fn zeroes_by_metadata(&self, offset: u64, len: u64) -> Result<bool> {
+        io::zeroes_by_metadata(self, offset, len)
+    }
+
     /// Discards whole clusters inside `[offset, offset + len)` (and the last
     /// partial cluster when the range reaches the end of the disk), as QEMU
     /// does: partial clusters keep their data.
