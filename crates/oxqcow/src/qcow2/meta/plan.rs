@@ -107,6 +107,22 @@ impl VerifiedClusters {
     }
 }
 
+/// Where a write starts, as [`Meta::plan_write`] found it: the guest range,
+/// the first guest cluster, its L2 table and index, the last cluster the
+/// plan may cover (inclusive, within the table), and the first cluster's
+/// entry.
+#[derive(Clone, Copy)]
+struct WriteStart {
+    offset: u64,
+    end: u64,
+    first: u64,
+    table: u64,
+    index: usize,
+    limit: u64,
+    mapping: L2Mapping,
+    bitmap: L2Bitmap,
+}
+
 /// The plan for the next piece of a write.
 pub(crate) enum WritePlan {
     /// Another request is allocating a cluster we touch: wait and replan.
@@ -324,7 +340,6 @@ impl Meta {
         self.check_in_disk(offset, len)?;
         let g = self.geometry;
         let cs = g.cluster_size();
-        let sc = g.subcluster_size();
         let first = g.guest_cluster_index(GuestOffset(offset));
         if self.inflight_overlaps(first, 1) {
             return Ok(WritePlan::Wait);
@@ -333,7 +348,6 @@ impl Meta {
         let table = self.ensure_l2_for_write(storage, l1_index)?;
         self.load_l2(storage, table)?;
         let index = g.l2_index(GuestOffset(offset));
-        let in_cluster = g.offset_in_cluster(offset);
         let end = offset + len;
         let table_end_cluster = first - index as u64 + g.l2_entries();
         let last_cluster = (end - 1) / cs; // inclusive
@@ -341,57 +355,82 @@ impl Meta {
 
         let (m0, b0) = self.mapping_with_bitmap(table, index)?;
         self.check_data_file_host(&m0, offset, index)?;
-        let external = self.data_file.is_some();
+        let w = WriteStart { offset, end, first, table, index, limit, mapping: m0, bitmap: b0 };
         if let (true, L2Mapping::Normal { host, .. }) = (self.writable_in_place(storage, table, index, m0)?, m0) {
-            let mut run_end = first + 1;
-            let mut next_host = host.0 + cs;
-            while run_end <= limit && !self.inflight_overlaps(run_end, 1) {
-                let i = index + (run_end - first) as usize;
-                let m = self.mapping_with_bitmap(table, i)?.0;
-                if m.host_cluster() != Some(HostOffset(next_host)) || !self.writable_in_place(storage, table, i, m)? {
-                    break;
-                }
-                run_end += 1;
-                next_host += cs;
-            }
-            let run_len = (run_end * cs).min(end) - offset;
-            if !g.extended_l2() || self.subclusters_allocated(table, index, offset, offset + run_len) {
-                if !external {
-                    self.refcounts.check_write(host.0 + in_cluster, run_len, 0)?;
-                }
-                return Ok(WritePlan::InPlace { host: host.0 + in_cluster, len: run_len });
-            }
-            // In place, but some subclusters need copy on write and all of
-            // them a bitmap update (QEMU's keep_old case).
-            let w_end = offset + run_len;
-            let head_from = match b0.subcluster(&m0, (in_cluster / sc) as u32) {
-                oxqcow_format::Subcluster::Normal => offset,
-                _ => offset - in_cluster % sc,
-            };
-            let last_index = index + (run_end - 1 - first) as usize;
-            let (ml, bl) = self.mapping_with_bitmap(table, last_index)?;
-            let tail_to = match bl.subcluster(&ml, (g.offset_in_cluster(w_end - 1) / sc) as u32) {
-                oxqcow_format::Subcluster::Normal => w_end,
-                _ => w_end.div_ceil(sc) * sc,
-            };
-            let head = self.cow_region(storage, head_from, offset)?;
-            let tail = self.cow_region(storage, w_end, tail_to)?;
-            let head_host = host.0 + g.offset_in_cluster(head_from);
-            if !external {
-                self.refcounts.check_write(head_host, tail_to - head_from, 0)?;
-            }
-            self.mark_dirty(storage)?;
-            let id = self.register_inflight(first, run_end - first, host.0, true, head_from, tail_to);
-            return Ok(WritePlan::Allocate(Allocation {
-                id,
-                host: head_host,
-                guest: head_from,
-                head,
-                tail,
-                len: run_len,
-            }));
+            return self.plan_in_place(storage, &w, host);
         }
+        self.plan_allocation(storage, &w)
+    }
 
+    /// The in-place part of [`Meta::plan_write`]: the first cluster is ours
+    /// (COPIED, refcount 1) at `host`; the run covers the following clusters
+    /// that are ours and contiguous on the host. With extended L2 entries a
+    /// run touching unallocated subclusters becomes an allocation that
+    /// keeps its cluster (QEMU's keep_old case).
+    fn plan_in_place(&mut self, storage: &dyn Storage, w: &WriteStart, host: HostOffset) -> Result<WritePlan> {
+        let WriteStart { offset, end, first, table, index, limit, mapping: m0, bitmap: b0 } = *w;
+        let g = self.geometry;
+        let (cs, sc) = (g.cluster_size(), g.subcluster_size());
+        let in_cluster = g.offset_in_cluster(offset);
+        let external = self.data_file.is_some();
+        let mut run_end = first + 1;
+        let mut next_host = host.0 + cs;
+        while run_end <= limit && !self.inflight_overlaps(run_end, 1) {
+            let i = index + (run_end - first) as usize;
+            let m = self.mapping_with_bitmap(table, i)?.0;
+            if m.host_cluster() != Some(HostOffset(next_host)) || !self.writable_in_place(storage, table, i, m)? {
+                break;
+            }
+            run_end += 1;
+            next_host += cs;
+        }
+        let run_len = (run_end * cs).min(end) - offset;
+        if !g.extended_l2() || self.subclusters_allocated(table, index, offset, offset + run_len) {
+            if !external {
+                self.refcounts.check_write(host.0 + in_cluster, run_len, 0)?;
+            }
+            return Ok(WritePlan::InPlace { host: host.0 + in_cluster, len: run_len });
+        }
+        // In place, but some subclusters need copy on write and all of
+        // them a bitmap update (QEMU's keep_old case).
+        let w_end = offset + run_len;
+        let head_from = match b0.subcluster(&m0, (in_cluster / sc) as u32) {
+            oxqcow_format::Subcluster::Normal => offset,
+            _ => offset - in_cluster % sc,
+        };
+        let last_index = index + (run_end - 1 - first) as usize;
+        let (ml, bl) = self.mapping_with_bitmap(table, last_index)?;
+        let tail_to = match bl.subcluster(&ml, (g.offset_in_cluster(w_end - 1) / sc) as u32) {
+            oxqcow_format::Subcluster::Normal => w_end,
+            _ => w_end.div_ceil(sc) * sc,
+        };
+        let head = self.cow_region(storage, head_from, offset)?;
+        let tail = self.cow_region(storage, w_end, tail_to)?;
+        let head_host = host.0 + g.offset_in_cluster(head_from);
+        if !external {
+            self.refcounts.check_write(head_host, tail_to - head_from, 0)?;
+        }
+        self.mark_dirty(storage)?;
+        let id = self.register_inflight(first, run_end - first, host.0, true, head_from, tail_to);
+        return Ok(WritePlan::Allocate(Allocation {
+            id,
+            host: head_host,
+            guest: head_from,
+            head,
+            tail,
+            len: run_len,
+        }));
+    }
+
+    /// The allocating part of [`Meta::plan_write`]: a run of clusters that
+    /// all need new host clusters, with the copy-on-write regions around
+    /// the data.
+    fn plan_allocation(&mut self, storage: &dyn Storage, w: &WriteStart) -> Result<WritePlan> {
+        let WriteStart { offset, end, first, table, index, limit, mapping: m0, bitmap: b0 } = *w;
+        let g = self.geometry;
+        let (cs, sc) = (g.cluster_size(), g.subcluster_size());
+        let in_cluster = g.offset_in_cluster(offset);
+        let external = self.data_file.is_some();
         // Allocate a run of clusters that all need allocation.
         self.mark_dirty(storage)?;
         let mut count = 1;
@@ -450,6 +489,7 @@ impl Meta {
             len: covered_end - offset,
         }))
     }
+
 
     /// The old content of guest bytes `[from, to)`, to copy on write.
     fn cow_region(&mut self, storage: &dyn Storage, from: u64, to: u64) -> Result<Option<CowRegion>> {
@@ -787,5 +827,86 @@ impl Meta {
             L2Mapping::ZeroPlain => None,
             _ => Some((if v3 { L2Entry::ZERO_PLAIN } else { L2Entry::UNALLOCATED }, b, true)),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::options::CreateOptions;
+    use crate::qcow2::Qcow2;
+    use crate::storage::MemoryStorage;
+
+    const CS: u64 = 65536;
+
+    fn image(opts: CreateOptions) -> (Qcow2, Arc<MemoryStorage>) {
+        let st = Arc::new(MemoryStorage::new());
+        (Qcow2::create(st.clone(), &opts).unwrap(), st)
+    }
+
+    fn allocation(plan: WritePlan) -> Allocation {
+        match plan {
+            WritePlan::Allocate(a) => a,
+            WritePlan::InPlace { .. } => panic!("planned in place"),
+            WritePlan::Wait => panic!("planned a wait"),
+        }
+    }
+
+    fn region(r: &Option<CowRegion>) -> Option<(u64, u64)> {
+        r.as_ref().map(|r| (r.guest, r.len))
+    }
+
+    #[test]
+    fn a_partial_write_into_a_new_cluster_copies_the_rest_of_it() {
+        let (q, st) = image(CreateOptions::qcow2(1 << 20));
+        let mut m = q.lock_meta();
+        let a = allocation(m.plan_write(&*st, 4096, 512).unwrap());
+        assert_eq!((a.guest, a.len), (0, 512));
+        assert_eq!(a.host % CS, 0, "a whole new cluster");
+        assert_eq!(region(&a.head), Some((0, 4096)));
+        assert_eq!(region(&a.tail), Some((4608, CS - 4608)));
+        // The whole cluster is in flight: a second write to it waits.
+        assert!(matches!(m.plan_write(&*st, 60000, 10).unwrap(), WritePlan::Wait));
+        m.commit_alloc(&*st, a.id).unwrap();
+        // Ours now: the next write goes in place.
+        match m.plan_write(&*st, 100, 200).unwrap() {
+            WritePlan::InPlace { host, len } => assert_eq!((host, len), (a.host + 100, 200)),
+            _ => panic!("not in place"),
+        }
+    }
+
+    #[test]
+    fn a_write_over_several_clusters_allocates_them_contiguously_with_head_and_tail() {
+        let (q, st) = image(CreateOptions::qcow2(1 << 20));
+        let mut m = q.lock_meta();
+        let a = allocation(m.plan_write(&*st, CS + 1000, 2 * CS).unwrap());
+        assert_eq!((a.guest, a.len), (CS, 2 * CS));
+        assert_eq!(region(&a.head), Some((CS, 1000)));
+        assert_eq!(region(&a.tail), Some((3 * CS + 1000, CS - 1000)));
+        m.abort_alloc(&*st, a.id).unwrap();
+        // Given back: the same clusters are handed out again.
+        let b = allocation(m.plan_write(&*st, CS + 1000, 2 * CS).unwrap());
+        assert_eq!(b.host, a.host);
+    }
+
+    #[test]
+    fn with_subclusters_copy_on_write_covers_only_the_touched_subclusters() {
+        let (q, st) = image(CreateOptions { extended_l2: true, ..CreateOptions::qcow2(1 << 20) });
+        let sc = CS / 32;
+        let mut m = q.lock_meta();
+        let a = allocation(m.plan_write(&*st, 2 * sc + 100, 100).unwrap());
+        assert_eq!(a.guest, 2 * sc, "copy on write starts at the subcluster");
+        assert_eq!(region(&a.head), Some((2 * sc, 100)));
+        assert_eq!(region(&a.tail), Some((2 * sc + 200, sc - 200)));
+        assert_eq!(a.host % CS, 2 * sc, "the data lands at its subcluster of the new cluster");
+        m.commit_alloc(&*st, a.id).unwrap();
+        // An untouched subcluster of that cluster keeps the cluster but
+        // needs its own copy on write and bitmap update.
+        let b = allocation(m.plan_write(&*st, 5 * sc + 10, 10).unwrap());
+        assert_eq!(b.host - b.host % CS, a.host - a.host % CS, "the cluster is kept");
+        assert_eq!(region(&b.head), Some((5 * sc, 10)));
+        assert_eq!(region(&b.tail), Some((5 * sc + 20, sc - 20)));
     }
 }
