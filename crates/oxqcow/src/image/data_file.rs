@@ -30,7 +30,6 @@ use oxqcow_format::header::Header;
 use crate::error::{Error, Result};
 use crate::image::backing::{resolve_backing_path, BackingPolicy};
 use crate::options::{ImageFormat, OpenOptions};
-use crate::qcow2::meta::{DiscardModes, FreeReason};
 use crate::storage::lock::LockSet;
 use crate::storage::{FileStorage, Storage};
 
@@ -45,28 +44,6 @@ fn strerror(e: &std::io::Error) -> String {
     match text.find(" (os error") {
         Some(i) => text[..i].to_string(),
         None => text,
-    }
-}
-
-/// The data file of an open image, as the metadata layer sees it.
-pub(crate) struct DataFile {
-    pub(crate) storage: Arc<dyn Storage>,
-    /// `data_file_raw`: the data file is a valid raw image at all times.
-    pub(crate) raw: bool,
-    /// Which freed clusters get their space back.
-    pub(crate) discard: DiscardModes,
-}
-
-impl DataFile {
-    /// Gives back the space of a data cluster that is no longer referenced
-    /// (there is no refcount to drop). Done at once, under the metadata
-    /// lock: the cluster's offset is its guest offset, so a deferred punch
-    /// could hit data a later write put there.
-    pub(crate) fn release(&self, host: u64, len: u64, reason: FreeReason) -> Result<()> {
-        if self.raw || self.discard.punches(reason) {
-            self.storage.punch_hole(host, len).map_err(Error::io("discarding in the data file", host))?;
-        }
-        Ok(())
     }
 }
 

@@ -154,7 +154,7 @@ pub(crate) fn create_unattached(
     // disk, as any later open sizes them.
     image.close()?;
     let mut reopen = if opts.backing_file.is_some() {
-        OpenOptions::new().backing(crate::image::backing::BackingPolicy::Ignore)
+        OpenOptions::new().backing(crate::options::BackingPolicy::Ignore)
     } else {
         OpenOptions::new()
     };

@@ -45,7 +45,7 @@ pub(super) fn open(
         _ => {}
     }
     if let Some(name) = &header.backing_file {
-        if backing.is_none() && !matches!(opts.backing, crate::image::backing::BackingPolicy::Ignore) {
+        if backing.is_none() && !matches!(opts.backing, crate::options::BackingPolicy::Ignore) {
             return Err(Error::InvalidArgument(format!(
                 "the image has a backing file ('{name}'): open it with Image::open, Qcow2::open_with_backing, or BackingPolicy::Ignore"
             )));
@@ -70,7 +70,7 @@ pub(super) fn open(
         other: opts.pass_discard_other,
     };
     let data = data_file.clone().unwrap_or_else(|| storage.clone());
-    let data_file = data_file.map(|storage| crate::image::data_file::DataFile { storage, raw: data_file_raw, discard });
+    let data_file = data_file.map(|storage| super::meta::data_file::DataFile { storage, raw: data_file_raw, discard });
     let mut meta = Meta::load(st, header, opts, read_only, backing.is_some(), data_file, file_len)?;
     // QEMU warns while reading the header extensions, before the repair.
     if let (Some(version), Some(sink)) = (stale_bitmaps, &opts.messages) {
@@ -116,7 +116,7 @@ pub(super) fn inspect(storage: &dyn Storage) -> Result<(Qcow2Info, Vec<oxqcow_fo
     let mut info = Qcow2Info::from_header(&header, snapshots.entries.len());
     info.bitmaps =
         crate::qcow2::meta::bitmap::read_directory(storage, &header, file_len)?.iter().map(Into::into).collect();
-    if let (crate::format::header::crypt::LUKS, Some(c)) = (header.crypt_method, header.extensions.crypto) {
+    if let (oxqcow_format::header::crypt::LUKS, Some(c)) = (header.crypt_method, header.extensions.crypto) {
         info.luks = Some(crate::crypt::read_luks_header(storage, &c)?);
     }
     Ok((info, snapshots.entries))

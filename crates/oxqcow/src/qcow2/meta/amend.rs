@@ -97,7 +97,7 @@ impl Meta {
     /// in the order of its option list.
     pub(crate) fn amend_check(&self, opts: &AmendOptions) -> Result<()> {
         // LUKS key slots are changed by `Qcow2::amend_encryption`.
-        if opts.encryption && self.header.crypt_method != crate::format::header::crypt::LUKS {
+        if opts.encryption && self.header.crypt_method != oxqcow_format::header::crypt::LUKS {
             return Err(if self.header.crypt_method == 0 {
                 Error::InvalidArgument("Can't amend encryption options - encryption not present".into())
             } else {

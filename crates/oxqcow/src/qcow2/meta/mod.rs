@@ -8,6 +8,7 @@ pub mod bitmap;
 pub(crate) mod cache;
 pub mod check;
 mod crypt;
+pub(crate) mod data_file;
 pub mod mapping;
 pub mod overlap;
 pub(crate) mod plan;
@@ -106,7 +107,7 @@ pub(crate) struct Meta {
     /// Persistent dirty bitmaps (see `bitmap.rs`).
     bitmaps: crate::qcow2::meta::bitmap::Bitmaps,
     /// The external data file, when guest data lives in one.
-    data_file: Option<crate::image::data_file::DataFile>,
+    data_file: Option<data_file::DataFile>,
 }
 
 impl Meta {
@@ -120,7 +121,7 @@ impl Meta {
         opts: &OpenOptions,
         read_only: bool,
         has_backing: bool,
-        data_file: Option<crate::image::data_file::DataFile>,
+        data_file: Option<data_file::DataFile>,
         file_len: u64,
     ) -> Result<Meta> {
         let geometry = header.geometry();

@@ -412,14 +412,7 @@ impl Meta {
         }
         self.mark_dirty(storage)?;
         let id = self.register_inflight(first, run_end - first, host.0, true, head_from, tail_to);
-        return Ok(WritePlan::Allocate(Allocation {
-            id,
-            host: head_host,
-            guest: head_from,
-            head,
-            tail,
-            len: run_len,
-        }));
+        return Ok(WritePlan::Allocate(Allocation { id, host: head_host, guest: head_from, head, tail, len: run_len }));
     }
 
     /// The allocating part of [`Meta::plan_write`]: a run of clusters that
@@ -489,7 +482,6 @@ impl Meta {
             len: covered_end - offset,
         }))
     }
-
 
     /// The old content of guest bytes `[from, to)`, to copy on write.
     fn cow_region(&mut self, storage: &dyn Storage, from: u64, to: u64) -> Result<Option<CowRegion>> {
