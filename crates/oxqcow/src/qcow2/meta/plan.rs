@@ -412,7 +412,7 @@ impl Meta {
         }
         self.mark_dirty(storage)?;
         let id = self.register_inflight(first, run_end - first, host.0, true, head_from, tail_to);
-        return Ok(WritePlan::Allocate(Allocation { id, host: head_host, guest: head_from, head, tail, len: run_len }));
+        Ok(WritePlan::Allocate(Allocation { id, host: head_host, guest: head_from, head, tail, len: run_len }))
     }
 
     /// The allocating part of [`Meta::plan_write`]: a run of clusters that
