@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::MutexGuard;
 
-use oxqcow_format::{HostOffset, L2Mapping};
+use oxqcow_format::{GuestOffset, L2Mapping};
 
 use super::meta::mapping::ReadSegment;
 use super::meta::plan::WritePlan;
@@ -30,7 +30,7 @@ pub(super) fn read(q: &Qcow2, buf: &mut [u8], offset: u64) -> Result<()> {
     let _gate = q.io_gate.read().unwrap_or_else(|p| p.into_inner());
     let plan = {
         let mut m = q.lock_meta();
-        match m.plan_read(q.storage_ref(), offset, buf.len() as u64) {
+        match m.plan_read(q.storage_ref(), GuestOffset(offset), buf.len() as u64) {
             Ok(p) => p,
             Err(e) => {
                 if e.kind() == crate::ErrorKind::Corrupt {
@@ -40,7 +40,7 @@ pub(super) fn read(q: &Qcow2, buf: &mut [u8], offset: u64) -> Result<()> {
             }
         }
     };
-    q.read_segments(&plan, offset, buf)
+    q.read_segments(&plan, GuestOffset(offset), buf)
 }
 
 /// Makes every completed write durable.
@@ -88,7 +88,7 @@ pub(super) fn flush(q: &Qcow2) -> Result<()> {
 /// zeros at this level (as qemu-img map reports them).
 pub(super) fn block_status(q: &Qcow2, offset: u64, len: u64) -> Result<Vec<Extent>> {
     q.check_range(offset, len)?;
-    let mut own = q.lock_meta().block_status(q.storage_ref(), offset, len)?;
+    let mut own = q.lock_meta().block_status(q.storage_ref(), GuestOffset(offset), len)?;
     if q.crypt.is_some() {
         // The host bytes are ciphertext: as QEMU, no offset is reported
         // for them.
@@ -185,7 +185,7 @@ impl Qcow2 {
 
     /// Performs a read plan into `buf` (as long as the plan).
     /// Reads `plan` into `buf`, whose first byte is at guest offset `guest`.
-    pub(crate) fn read_segments(&self, plan: &[ReadSegment], guest: u64, buf: &mut [u8]) -> Result<()> {
+    pub(crate) fn read_segments(&self, plan: &[ReadSegment], guest: GuestOffset, buf: &mut [u8]) -> Result<()> {
         let mut pos = 0usize;
         for &seg in plan {
             let len = seg.len() as usize;
@@ -193,9 +193,9 @@ impl Qcow2 {
             match seg {
                 ReadSegment::Zero(_) => out.fill(0),
                 ReadSegment::Data { host, .. } => {
-                    self.data.read_at(out, host).map_err(Error::io("reading guest data", host))?;
+                    self.data.read_at(out, host.0).map_err(Error::io("reading guest data", host.0))?;
                     if let Some(c) = &self.crypt {
-                        c.decrypt(out, if c.uses_host_offset() { host } else { guest + pos as u64 })?;
+                        c.decrypt(out, if c.uses_host_offset() { host.0 } else { guest.0 + pos as u64 })?;
                     }
                 }
                 // A whole cluster is inflated straight into the caller's buffer.
@@ -250,7 +250,7 @@ impl Qcow2 {
             let pos = offset + done;
             let gate = self.io_gate.read().unwrap_or_else(|p| p.into_inner());
             let (plan, m) = self.meta_step(|m, st| {
-                Ok(match m.plan_write(st, pos, total - done)? {
+                Ok(match m.plan_write(st, GuestOffset(pos), total - done)? {
                     WritePlan::Wait => None,
                     plan => Some(plan),
                 })
@@ -262,15 +262,15 @@ impl Qcow2 {
                 WritePlan::InPlace { host, len } => {
                     let data = &chunk[..len as usize];
                     match &self.crypt {
-                        None => self.data.write_at(data, host),
+                        None => self.data.write_at(data, host.0),
                         Some(c) => {
                             // Into a scratch buffer: the caller's stays plaintext.
                             let mut scratch = data.to_vec();
-                            c.encrypt(&mut scratch, if c.uses_host_offset() { host } else { pos })?;
-                            self.data.write_at(&scratch, host)
+                            c.encrypt(&mut scratch, if c.uses_host_offset() { host.0 } else { pos })?;
+                            self.data.write_at(&scratch, host.0)
                         }
                     }
-                    .map_err(Error::io("writing guest data", host))?;
+                    .map_err(Error::io("writing guest data", host.0))?;
                     drop(gate);
                     done += len;
                 }
@@ -356,11 +356,11 @@ impl Qcow2 {
                     }
                 }
                 let updated = if self.version() < 3 {
-                    m.discard_range(st, g.align_down(start), cs)?
+                    m.discard_range(st, GuestOffset(g.align_down(start)), cs)?
                 } else if whole_cluster {
-                    m.zero_range(st, g.align_down(start), cs, may_unmap)?
+                    m.zero_range(st, GuestOffset(g.align_down(start)), cs, may_unmap)?
                 } else {
-                    m.zero_subclusters(st, start, unit)?.is_some()
+                    m.zero_subclusters(st, GuestOffset(start), unit)?.is_some()
                 };
                 Ok(updated.then_some(true))
             })?;
@@ -386,7 +386,7 @@ impl Qcow2 {
         let st = self.storage_ref();
         for (a, b) in [(start, from), (to, end)] {
             if b > a {
-                let own = m.block_status(st, a, b - a)?;
+                let own = m.block_status(st, GuestOffset(a), b - a)?;
                 if !self.extents_read_as_zero(&own)? {
                     return Ok(false);
                 }
@@ -456,8 +456,8 @@ impl Qcow2 {
         if head > 0 || tail > 0 {
             let compressed = {
                 let mut m = self.lock_meta();
-                (head > 0 && m.is_compressed_at(self.storage_ref(), offset)?)
-                    || (tail > 0 && m.is_compressed_at(self.storage_ref(), mid_end)?)
+                (head > 0 && m.is_compressed_at(self.storage_ref(), GuestOffset(offset))?)
+                    || (tail > 0 && m.is_compressed_at(self.storage_ref(), GuestOffset(mid_end))?)
             };
             if compressed {
                 return self.write_zero_buffer(offset, end - offset);
@@ -480,7 +480,7 @@ impl Qcow2 {
     /// Zero subclusters inside one cluster, waiting out allocations in flight.
     pub(crate) fn zero_subclusters(&self, offset: u64, len: u64) -> Result<()> {
         let _gate = self.io_gate.read().unwrap_or_else(|p| p.into_inner());
-        self.meta_step(|m, st| m.zero_subclusters(st, offset, len)).map(|_| ())
+        self.meta_step(|m, st| m.zero_subclusters(st, GuestOffset(offset), len)).map(|_| ())
     }
 
     /// Runs a whole-cluster metadata update in chunks of one L2 table,
@@ -489,15 +489,14 @@ impl Qcow2 {
         &self,
         offset: u64,
         len: u64,
-        mut f: impl FnMut(&mut Meta, &dyn Storage, u64, u64) -> Result<bool>,
+        mut f: impl FnMut(&mut Meta, &dyn Storage, GuestOffset, u64) -> Result<bool>,
     ) -> Result<()> {
         let end = offset + len;
         let mut pos = offset;
         while pos < end {
-            let chunk_end =
-                end.min((self.geometry.l1_index(HostOffset(pos).into_guest()) + 1) * self.geometry.bytes_per_l2());
+            let chunk_end = end.min((self.geometry.l1_index(GuestOffset(pos)) + 1) * self.geometry.bytes_per_l2());
             let _gate = self.io_gate.read().unwrap_or_else(|p| p.into_inner());
-            let ((), m) = self.meta_step(|m, st| Ok(f(m, st, pos, chunk_end - pos)?.then_some(())))?;
+            let ((), m) = self.meta_step(|m, st| Ok(f(m, st, GuestOffset(pos), chunk_end - pos)?.then_some(())))?;
             let pending = m.pending_free_count();
             drop(m);
             drop(_gate);
@@ -539,9 +538,9 @@ impl Qcow2 {
             // the data (QEMU's handle_alloc_space does the same).
             let head_len = alloc.head.as_ref().map_or(0, |r| r.len);
             let total = head_len + data.len() as u64 + alloc.tail.as_ref().map_or(0, |r| r.len);
-            if self.data.write_zeroes_fast(host, total).map_err(Error::io("zeroing new clusters", host))? {
+            if self.data.write_zeroes_fast(host.0, total).map_err(Error::io("zeroing new clusters", host.0))? {
                 let at = host + head_len;
-                return self.data.write_at(data, at).map_err(Error::io("writing guest data", at));
+                return self.data.write_at(data, at.0).map_err(Error::io("writing guest data", at.0));
             }
         }
         let head = self.read_cow(&alloc.head)?;
@@ -552,12 +551,12 @@ impl Qcow2 {
             buf.extend_from_slice(&head);
             buf.extend_from_slice(data);
             buf.extend_from_slice(&tail);
-            return self.data.write_at(&buf, host).map_err(Error::io("writing guest data", host));
+            return self.data.write_at(&buf, host.0).map_err(Error::io("writing guest data", host.0));
         }
         let mut at = host;
         for part in [&head[..], data, &tail[..]] {
             if !part.is_empty() {
-                self.data.write_at(part, at).map_err(Error::io("writing guest data", at))?;
+                self.data.write_at(part, at.0).map_err(Error::io("writing guest data", at.0))?;
                 at += part.len() as u64;
             }
         }
@@ -578,9 +577,9 @@ impl Qcow2 {
                 ReadSegment::Backing { guest, len } => {
                     let Some(backing) = &self.backing else { continue };
                     let blen = crate::image::BlockDevice::len(&**backing);
-                    let inside = (guest + len).min(blen).saturating_sub(guest);
+                    let inside = (guest.0 + len).min(blen).saturating_sub(guest.0);
                     if inside > 0 {
-                        let below = crate::image::BlockDevice::block_status(&**backing, guest, inside)?;
+                        let below = crate::image::BlockDevice::block_status(&**backing, guest.0, inside)?;
                         if !below.iter().all(|b| b.zero && !b.data) {
                             return Ok(false);
                         }
@@ -606,8 +605,8 @@ impl Qcow2 {
         buf.extend_from_slice(data);
         buf.extend_from_slice(&self.read_cow(&alloc.tail)?);
         let host = alloc.host;
-        c.encrypt(&mut buf, if c.uses_host_offset() { host } else { alloc.guest })?;
-        self.data.write_at(&buf, host).map_err(Error::io("writing guest data", host))
+        c.encrypt(&mut buf, if c.uses_host_offset() { host.0 } else { alloc.guest.0 })?;
+        self.data.write_at(&buf, host.0).map_err(Error::io("writing guest data", host.0))
     }
 
     pub(crate) fn read_cow(&self, region: &Option<crate::qcow2::meta::plan::CowRegion>) -> Result<Vec<u8>> {
@@ -618,15 +617,15 @@ impl Qcow2 {
     }
 
     /// Reads from the backing image; past its end everything reads as zeros.
-    pub(crate) fn read_backing(&self, out: &mut [u8], guest: u64) -> Result<()> {
+    pub(crate) fn read_backing(&self, out: &mut [u8], guest: GuestOffset) -> Result<()> {
         let Some(backing) = &self.backing else {
             out.fill(0);
             return Ok(());
         };
         let blen = crate::image::BlockDevice::len(&**backing);
-        let n = blen.saturating_sub(guest).min(out.len() as u64) as usize;
+        let n = blen.saturating_sub(guest.0).min(out.len() as u64) as usize;
         if n > 0 {
-            crate::image::BlockDevice::read_at(&**backing, &mut out[..n], guest)?;
+            crate::image::BlockDevice::read_at(&**backing, &mut out[..n], guest.0)?;
         }
         out[n..].fill(0);
         Ok(())
@@ -680,9 +679,9 @@ impl Qcow2 {
 
     pub(crate) fn write_compressed_cluster(&self, data: &[u8], offset: u64) -> Result<()> {
         let gate = self.io_gate.read().unwrap_or_else(|p| p.into_inner());
-        let ((id, host), m) = self.meta_step(|m, st| m.plan_compressed(st, offset, data.len() as u64))?;
+        let ((id, host), m) = self.meta_step(|m, st| m.plan_compressed(st, GuestOffset(offset), data.len() as u64))?;
         drop(m);
-        let io = self.storage.write_at(data, host).map_err(Error::io("writing compressed data", host));
+        let io = self.storage.write_at(data, host.0).map_err(Error::io("writing compressed data", host.0));
         drop(gate);
         self.finish_alloc(id, io).map(|_| ())
     }
@@ -730,13 +729,4 @@ pub(super) fn is_sector_aligned(offset: u64, len: u64) -> bool {
 pub(super) fn sector_bounds(offset: u64, len: u64) -> (u64, u64) {
     let s = crate::crypt::SECTOR;
     (offset / s * s, (offset + len).div_ceil(s) * s)
-}
-
-pub(super) trait IntoGuest {
-    fn into_guest(self) -> oxqcow_format::GuestOffset;
-}
-impl IntoGuest for HostOffset {
-    fn into_guest(self) -> oxqcow_format::GuestOffset {
-        oxqcow_format::GuestOffset(self.0)
-    }
 }

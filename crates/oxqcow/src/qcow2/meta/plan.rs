@@ -29,7 +29,7 @@ use crate::storage::Storage;
 pub(crate) struct CowRegion {
     pub(crate) len: u64,
     /// Guest offset of the region (encryption numbers legacy AES sectors by it).
-    pub(crate) guest: u64,
+    pub(crate) guest: GuestOffset,
     pub(crate) plan: Vec<ReadSegment>,
 }
 
@@ -41,7 +41,7 @@ pub(crate) struct Inflight {
     /// Number of clusters.
     pub(crate) count: u64,
     /// Host offset of the first new cluster.
-    pub(crate) host: u64,
+    pub(crate) host: HostOffset,
     /// For a compressed write: the descriptor to link.
     pub(crate) compressed: Option<oxqcow_format::CompressedDescriptor>,
     /// The clusters are the ones already linked (an in-place write that
@@ -49,8 +49,8 @@ pub(crate) struct Inflight {
     pub(crate) keep_old: bool,
     /// Guest bytes `[start, end)` the write fills (data and copy on write):
     /// with extended L2 entries their subclusters become allocated.
-    pub(crate) start: u64,
-    pub(crate) end: u64,
+    pub(crate) start: GuestOffset,
+    pub(crate) end: GuestOffset,
 }
 
 /// What the writer must do for an allocating write.
@@ -58,9 +58,9 @@ pub(crate) struct Allocation {
     pub(crate) id: u64,
     /// Host offset where the head region starts (the first new cluster's
     /// start, or with extended L2 entries the first subcluster written).
-    pub(crate) host: u64,
+    pub(crate) host: HostOffset,
     /// Guest offset that `host` maps (where the head region starts).
-    pub(crate) guest: u64,
+    pub(crate) guest: GuestOffset,
     pub(crate) head: Option<CowRegion>,
     pub(crate) tail: Option<CowRegion>,
     /// Request bytes this allocation covers.
@@ -128,7 +128,7 @@ pub(crate) enum WritePlan {
     /// Another request is allocating a cluster we touch: wait and replan.
     Wait,
     /// Write in place.
-    InPlace { host: u64, len: u64 },
+    InPlace { host: HostOffset, len: u64 },
     /// Write into newly allocated clusters.
     Allocate(Allocation),
 }
@@ -322,7 +322,16 @@ impl Meta {
     ) -> u64 {
         let id = self.next_inflight_id;
         self.next_inflight_id += 1;
-        self.inflight.push(Inflight { id, first_cluster, count, host, compressed: None, keep_old, start, end });
+        self.inflight.push(Inflight {
+            id,
+            first_cluster,
+            count,
+            host: HostOffset(host),
+            compressed: None,
+            keep_old,
+            start: GuestOffset(start),
+            end: GuestOffset(end),
+        });
         id
     }
 
@@ -336,7 +345,8 @@ impl Meta {
     /// cluster of ours whose touched subclusters are not all allocated is
     /// written in place, copying on write the partial subclusters, and
     /// then marks them allocated.
-    pub(crate) fn plan_write(&mut self, storage: &dyn Storage, offset: u64, len: u64) -> Result<WritePlan> {
+    pub(crate) fn plan_write(&mut self, storage: &dyn Storage, at: GuestOffset, len: u64) -> Result<WritePlan> {
+        let offset = at.0;
         self.check_in_disk(offset, len)?;
         let g = self.geometry;
         let cs = g.cluster_size();
@@ -389,7 +399,7 @@ impl Meta {
             if !external {
                 self.refcounts.check_write(host.0 + in_cluster, run_len, 0)?;
             }
-            return Ok(WritePlan::InPlace { host: host.0 + in_cluster, len: run_len });
+            return Ok(WritePlan::InPlace { host: host + in_cluster, len: run_len });
         }
         // In place, but some subclusters need copy on write and all of
         // them a bitmap update (QEMU's keep_old case).
@@ -412,7 +422,14 @@ impl Meta {
         }
         self.mark_dirty(storage)?;
         let id = self.register_inflight(first, run_end - first, host.0, true, head_from, tail_to);
-        Ok(WritePlan::Allocate(Allocation { id, host: head_host, guest: head_from, head, tail, len: run_len }))
+        Ok(WritePlan::Allocate(Allocation {
+            id,
+            host: HostOffset(head_host),
+            guest: GuestOffset(head_from),
+            head,
+            tail,
+            len: run_len,
+        }))
     }
 
     /// The allocating part of [`Meta::plan_write`]: a run of clusters that
@@ -475,8 +492,8 @@ impl Meta {
         let id = self.register_inflight(first, count, host, false, cow_start, cow_end);
         Ok(WritePlan::Allocate(Allocation {
             id,
-            host: host + (cow_start - first_start),
-            guest: cow_start,
+            host: HostOffset(host + (cow_start - first_start)),
+            guest: GuestOffset(cow_start),
             head,
             tail,
             len: covered_end - offset,
@@ -488,8 +505,8 @@ impl Meta {
         if to <= from {
             return Ok(None);
         }
-        let plan = self.plan_range(storage, from, to - from)?;
-        Ok(Some(CowRegion { len: to - from, guest: from, plan }))
+        let plan = self.plan_range(storage, GuestOffset(from), to - from)?;
+        Ok(Some(CowRegion { len: to - from, guest: GuestOffset(from), plan }))
     }
 
     /// Whether every subcluster `[from, to)` touches is allocated (written
@@ -528,9 +545,10 @@ impl Meta {
     pub(crate) fn plan_compressed(
         &mut self,
         storage: &dyn Storage,
-        offset: u64,
+        at: GuestOffset,
         len: u64,
-    ) -> Result<Option<(u64, u64)>> {
+    ) -> Result<Option<(u64, HostOffset)>> {
+        let offset = at.0;
         let g = self.geometry;
         let cluster = g.guest_cluster_index(GuestOffset(offset));
         if self.inflight_overlaps(cluster, 1) {
@@ -563,13 +581,13 @@ impl Meta {
             id,
             first_cluster: cluster,
             count: 1,
-            host,
+            host: HostOffset(host),
             compressed: Some(desc),
             keep_old: false,
-            start: 0,
-            end: 0,
+            start: GuestOffset(0),
+            end: GuestOffset(0),
         });
-        Ok(Some((id, host)))
+        Ok(Some((id, HostOffset(host))))
     }
 
     /// Links the clusters of a finished allocation into the L2 table.
@@ -596,8 +614,8 @@ impl Meta {
             let cluster_start = guest.0 + i as u64 * cs;
             if g.extended_l2() {
                 // Mark the subclusters written (data and copy on write).
-                let from = a.start.max(cluster_start) - cluster_start;
-                let to = a.end.min(cluster_start + cs) - cluster_start;
+                let from = a.start.max(GuestOffset(cluster_start)) - GuestOffset(cluster_start);
+                let to = a.end.min(GuestOffset(cluster_start + cs)) - GuestOffset(cluster_start);
                 let bitmap = self.l2_bitmap(table, index + i);
                 let first_sc = (from / sc) as u32;
                 let end_sc = to.div_ceil(sc) as u32;
@@ -607,7 +625,7 @@ impl Meta {
                 continue;
             }
             let old = self.mapping_at(table, index + i)?;
-            self.set_l2_entry(table, index + i, L2Entry::normal(HostOffset(a.host + i as u64 * cs)));
+            self.set_l2_entry(table, index + i, L2Entry::normal(HostOffset((a.host + i as u64 * cs).0)));
             // In a data file the new cluster is the old one's place: nothing
             // to give back.
             if !external {
@@ -632,7 +650,7 @@ impl Meta {
         if self.data_file.is_some() || a.keep_old {
             return Ok(());
         }
-        let first = self.geometry.host_cluster(HostOffset(a.host));
+        let first = self.geometry.host_cluster(HostOffset(a.host.0));
         for c in 0..a.count {
             self.refcounts.update(storage, HostCluster(first.0 + c), -1)?;
         }
@@ -697,7 +715,14 @@ impl Meta {
     /// L2 entries (QEMU's `zero_in_l2_slice`) every subcluster becomes
     /// zero; the host cluster is kept unless `may_unmap` (compressed
     /// clusters are always given back).
-    pub(crate) fn zero_range(&mut self, storage: &dyn Storage, offset: u64, len: u64, may_unmap: bool) -> Result<bool> {
+    pub(crate) fn zero_range(
+        &mut self,
+        storage: &dyn Storage,
+        at: GuestOffset,
+        len: u64,
+        may_unmap: bool,
+    ) -> Result<bool> {
+        let offset = at.0;
         if !self.zero_in_raw_data_file(offset, len, may_unmap)? {
             return Ok(false);
         }
@@ -750,7 +775,13 @@ impl Meta {
     /// allocation of the cluster is in flight, `Ok(Some(false))` when the
     /// cluster is compressed (which cannot be zeroed in part: the caller
     /// writes zeros instead).
-    pub(crate) fn zero_subclusters(&mut self, storage: &dyn Storage, offset: u64, len: u64) -> Result<Option<bool>> {
+    pub(crate) fn zero_subclusters(
+        &mut self,
+        storage: &dyn Storage,
+        at: GuestOffset,
+        len: u64,
+    ) -> Result<Option<bool>> {
+        let offset = at.0;
         let g = self.geometry;
         let cluster = g.guest_cluster_index(GuestOffset(offset));
         if self.inflight_overlaps(cluster, 1) {
@@ -777,7 +808,8 @@ impl Meta {
     }
 
     /// Whether the cluster containing `offset` is compressed.
-    pub(crate) fn is_compressed_at(&mut self, storage: &dyn Storage, offset: u64) -> Result<bool> {
+    pub(crate) fn is_compressed_at(&mut self, storage: &dyn Storage, at: GuestOffset) -> Result<bool> {
+        let offset = at.0;
         let g = self.geometry;
         let Some(table) = self.l2_offset(g.l1_index(GuestOffset(offset)))? else { return Ok(false) };
         self.load_l2(storage, table)?;
@@ -787,7 +819,8 @@ impl Meta {
     /// Discards whole clusters: they read as zeros afterwards (version 3; in
     /// version 2 they become unallocated, which reads as zeros without a
     /// backing file) and their host clusters are freed.
-    pub(crate) fn discard_range(&mut self, storage: &dyn Storage, offset: u64, len: u64) -> Result<bool> {
+    pub(crate) fn discard_range(&mut self, storage: &dyn Storage, at: GuestOffset, len: u64) -> Result<bool> {
+        let offset = at.0;
         let v3 = self.header.version >= 3;
         if !v3 && self.backing_named() {
             // Version 2 cannot say "reads as zeros": an unallocated entry
@@ -847,23 +880,23 @@ mod tests {
     }
 
     fn region(r: &Option<CowRegion>) -> Option<(u64, u64)> {
-        r.as_ref().map(|r| (r.guest, r.len))
+        r.as_ref().map(|r| (r.guest.0, r.len))
     }
 
     #[test]
     fn a_partial_write_into_a_new_cluster_copies_the_rest_of_it() {
         let (q, st) = image(CreateOptions::qcow2(1 << 20));
         let mut m = q.lock_meta();
-        let a = allocation(m.plan_write(&*st, 4096, 512).unwrap());
-        assert_eq!((a.guest, a.len), (0, 512));
-        assert_eq!(a.host % CS, 0, "a whole new cluster");
+        let a = allocation(m.plan_write(&*st, GuestOffset(4096), 512).unwrap());
+        assert_eq!((a.guest.0, a.len), (0, 512));
+        assert_eq!(a.host.0 % CS, 0, "a whole new cluster");
         assert_eq!(region(&a.head), Some((0, 4096)));
         assert_eq!(region(&a.tail), Some((4608, CS - 4608)));
         // The whole cluster is in flight: a second write to it waits.
-        assert!(matches!(m.plan_write(&*st, 60000, 10).unwrap(), WritePlan::Wait));
+        assert!(matches!(m.plan_write(&*st, GuestOffset(60000), 10).unwrap(), WritePlan::Wait));
         m.commit_alloc(&*st, a.id).unwrap();
         // Ours now: the next write goes in place.
-        match m.plan_write(&*st, 100, 200).unwrap() {
+        match m.plan_write(&*st, GuestOffset(100), 200).unwrap() {
             WritePlan::InPlace { host, len } => assert_eq!((host, len), (a.host + 100, 200)),
             _ => panic!("not in place"),
         }
@@ -873,13 +906,13 @@ mod tests {
     fn a_write_over_several_clusters_allocates_them_contiguously_with_head_and_tail() {
         let (q, st) = image(CreateOptions::qcow2(1 << 20));
         let mut m = q.lock_meta();
-        let a = allocation(m.plan_write(&*st, CS + 1000, 2 * CS).unwrap());
-        assert_eq!((a.guest, a.len), (CS, 2 * CS));
+        let a = allocation(m.plan_write(&*st, GuestOffset(CS + 1000), 2 * CS).unwrap());
+        assert_eq!((a.guest.0, a.len), (CS, 2 * CS));
         assert_eq!(region(&a.head), Some((CS, 1000)));
         assert_eq!(region(&a.tail), Some((3 * CS + 1000, CS - 1000)));
         m.abort_alloc(&*st, a.id).unwrap();
         // Given back: the same clusters are handed out again.
-        let b = allocation(m.plan_write(&*st, CS + 1000, 2 * CS).unwrap());
+        let b = allocation(m.plan_write(&*st, GuestOffset(CS + 1000), 2 * CS).unwrap());
         assert_eq!(b.host, a.host);
     }
 
@@ -888,16 +921,16 @@ mod tests {
         let (q, st) = image(CreateOptions { extended_l2: true, ..CreateOptions::qcow2(1 << 20) });
         let sc = CS / 32;
         let mut m = q.lock_meta();
-        let a = allocation(m.plan_write(&*st, 2 * sc + 100, 100).unwrap());
-        assert_eq!(a.guest, 2 * sc, "copy on write starts at the subcluster");
+        let a = allocation(m.plan_write(&*st, GuestOffset(2 * sc + 100), 100).unwrap());
+        assert_eq!(a.guest.0, 2 * sc, "copy on write starts at the subcluster");
         assert_eq!(region(&a.head), Some((2 * sc, 100)));
         assert_eq!(region(&a.tail), Some((2 * sc + 200, sc - 200)));
-        assert_eq!(a.host % CS, 2 * sc, "the data lands at its subcluster of the new cluster");
+        assert_eq!(a.host.0 % CS, 2 * sc, "the data lands at its subcluster of the new cluster");
         m.commit_alloc(&*st, a.id).unwrap();
         // An untouched subcluster of that cluster keeps the cluster but
         // needs its own copy on write and bitmap update.
-        let b = allocation(m.plan_write(&*st, 5 * sc + 10, 10).unwrap());
-        assert_eq!(b.host - b.host % CS, a.host - a.host % CS, "the cluster is kept");
+        let b = allocation(m.plan_write(&*st, GuestOffset(5 * sc + 10), 10).unwrap());
+        assert_eq!(b.host.0 - b.host.0 % CS, a.host.0 - a.host.0 % CS, "the cluster is kept");
         assert_eq!(region(&b.head), Some((5 * sc, 10)));
         assert_eq!(region(&b.tail), Some((5 * sc + 20, sc - 20)));
     }
