@@ -15,6 +15,7 @@ pub(crate) mod plan;
 pub(crate) mod refcount;
 pub(crate) mod resize;
 pub(crate) mod snapshot;
+mod zero;
 
 use std::collections::BTreeSet;
 
