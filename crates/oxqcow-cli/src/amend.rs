@@ -7,8 +7,8 @@
 //! only), then the library amends in QEMU's order. `-p` prints qemu's
 //! progress lines around the library's status reports.
 
-use oxqcow::amend::AmendOptions;
-use oxqcow::crypt::KeyslotChange;
+use oxqcow::options::AmendOptions;
+use oxqcow::options::KeyslotChange;
 use oxqcow::{Compat, Image, ImageFormat};
 
 use crate::common::{check_object, describe, is_cache_mode, Ctx};
@@ -269,7 +269,7 @@ fn to_amend_options(options: &str, info: &oxqcow::Qcow2Info) -> Result<(AmendOpt
     if let Some(v) = last("refcount_bits") {
         let bits = imgopts::parse_number("refcount_bits", &v)?;
         let bits = u32::try_from(bits).unwrap_or(0);
-        oxqcow::amend::check_refcount_bits(bits).map_err(|e| describe(&e))?;
+        oxqcow::options::check_refcount_bits(bits).map_err(|e| describe(&e))?;
         o.refcount_bits = Some(bits);
     }
     Ok((o, keyslots))

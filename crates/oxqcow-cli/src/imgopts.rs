@@ -460,7 +460,7 @@ impl ImgOpts {
                     Err(format!("Parameter '{name}' does not accept value '{v}'"))
                 }
                 const HASHES: &[&str] = &["md5", "ripemd160", "sm3"];
-                let mut p = oxqcow::crypt::LuksParams::default();
+                let mut p = oxqcow::options::LuksParams::default();
                 // QAPI knows these names, but QEMU's LUKS has no cipher name
                 // for them (and this QEMU build no SM4): refused with its
                 // message once the secret is looked up, as

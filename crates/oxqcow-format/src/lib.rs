@@ -30,4 +30,4 @@ pub use header::{Extensions, FeatureName, FeatureType, Header, UnknownExtension}
 pub use refcount::{RefcountBlock, RefcountTableEntry};
 pub use snapshot::{SnapshotEntry, SnapshotTable};
 pub use table::{CompressedDescriptor, L1Entry, L2Bitmap, L2Entry, L2Mapping, Subcluster};
-pub use types::{Geometry, GuestOffset, HostCluster, HostOffset};
+pub use types::{Geometry, GuestCluster, GuestOffset, HostCluster, HostOffset};

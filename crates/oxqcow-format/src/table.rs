@@ -92,6 +92,11 @@ impl L1Entry {
     pub fn reserved_bits(self) -> u64 {
         self.0 & !(HOST_OFFSET_MASK | COPIED)
     }
+    /// The offset bits as they are, aligned or not (the tolerant reading
+    /// `check` reports from; [`L1Entry::validate`] is the strict one).
+    pub fn offset_bits(self) -> u64 {
+        self.0 & HOST_OFFSET_MASK
+    }
     /// Checks reserved bits and alignment.
     pub fn validate(self, geometry: &Geometry) -> Result<(), FormatError> {
         if self.reserved_bits() != 0 {
@@ -220,6 +225,33 @@ impl L2Entry {
         self.0 & !(HOST_OFFSET_MASK | COPIED | ZERO)
     }
 
+    /// The offset bits as they are, aligned or not (tolerant, for `check`).
+    pub fn offset_bits(self) -> u64 {
+        self.0 & HOST_OFFSET_MASK
+    }
+
+    /// What the entry is by QEMU's `qcow2_get_cluster_type`, without any
+    /// validation: the tolerant decoder `check` uses to report what is
+    /// wrong with an entry ([`L2Entry::mapping_in`] is the strict one, which
+    /// refuses it). With extended L2 entries the zero flag means nothing;
+    /// in an image with an external data file (`external`) offset 0 with
+    /// COPIED is guest cluster 0, not an unallocated entry.
+    pub fn cluster_type(self, extended_l2: bool, external: bool) -> ClusterType {
+        if self.is_compressed() {
+            ClusterType::Compressed
+        } else if self.0 & ZERO != 0 && !extended_l2 {
+            if self.offset_bits() != 0 {
+                ClusterType::ZeroAlloc
+            } else {
+                ClusterType::ZeroPlain
+            }
+        } else if self.offset_bits() == 0 && !(external && self.copied()) {
+            ClusterType::Unallocated
+        } else {
+            ClusterType::Normal
+        }
+    }
+
     /// Decodes the entry. `version` is the image version: the zero flag is
     /// only defined from version 3 on (QEMU treats it as corruption in v2).
     pub fn mapping(self, geometry: &Geometry, version: u32) -> Result<L2Mapping, FormatError> {
@@ -267,6 +299,22 @@ impl L2Entry {
         }
         Ok(L2Mapping::Normal { host: HostOffset(host), copied })
     }
+}
+
+/// An L2 entry's type as QEMU's `qcow2_get_cluster_type` names it (see
+/// [`L2Entry::cluster_type`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClusterType {
+    /// No offset, no flags: the backing file or zeros.
+    Unallocated,
+    /// The zero flag without an offset.
+    ZeroPlain,
+    /// The zero flag with a preallocated host cluster.
+    ZeroAlloc,
+    /// Data at a host offset.
+    Normal,
+    /// Compressed data.
+    Compressed,
 }
 
 /// Bits 0-31 of a subcluster bitmap: subcluster `i` is allocated (bit `i`).
@@ -549,5 +597,23 @@ mod tests {
     fn entries_roundtrip() {
         let v = vec![1u64, 0x8000_0000_0003_0000, u64::MAX];
         assert_eq!(decode_entries(&encode_entries(&v)), v);
+    }
+
+    #[test]
+    fn tolerant_cluster_types_as_qemu_names_them() {
+        let t = |e: u64, ext: bool, external: bool| L2Entry(e).cluster_type(ext, external);
+        assert_eq!(t(0, false, false), ClusterType::Unallocated);
+        assert_eq!(t(ZERO, false, false), ClusterType::ZeroPlain);
+        assert_eq!(t(ZERO | 0x10000, false, false), ClusterType::ZeroAlloc);
+        // Misaligned or with reserved bits: still named, for check to report.
+        assert_eq!(t(0x10200 | 1 << 57, false, false), ClusterType::Normal);
+        assert_eq!(t(COMPRESSED | COPIED, false, false), ClusterType::Compressed);
+        // The zero flag means nothing with extended L2 entries.
+        assert_eq!(t(ZERO, true, false), ClusterType::Unallocated);
+        // Offset 0 with COPIED is a cluster in an external data file.
+        assert_eq!(t(COPIED, false, true), ClusterType::Normal);
+        assert_eq!(t(COPIED, false, false), ClusterType::Unallocated);
+        assert_eq!(L1Entry(0x10200 | COPIED).offset_bits(), 0x10200);
+        assert_eq!(L2Entry(0x0100_0000_0001_0000).offset_bits(), 0x10000);
     }
 }

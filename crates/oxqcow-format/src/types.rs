@@ -21,6 +21,36 @@ pub struct HostOffset(pub u64);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct HostCluster(pub u64);
 
+/// The index of a cluster on the virtual disk (guest offset / cluster size).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GuestCluster(pub u64);
+
+/// Moving an offset by a byte count keeps it on its side (guest or host);
+/// the distance between two offsets of one side is a byte count.
+macro_rules! offset_arithmetic {
+    ($t:ident) => {
+        impl std::ops::Add<u64> for $t {
+            type Output = $t;
+            fn add(self, bytes: u64) -> $t {
+                $t(self.0 + bytes)
+            }
+        }
+        impl std::ops::AddAssign<u64> for $t {
+            fn add_assign(&mut self, bytes: u64) {
+                self.0 += bytes;
+            }
+        }
+        impl std::ops::Sub<$t> for $t {
+            type Output = u64;
+            fn sub(self, other: $t) -> u64 {
+                self.0 - other.0
+            }
+        }
+    };
+}
+offset_arithmetic!(GuestOffset);
+offset_arithmetic!(HostOffset);
+
 impl std::fmt::Display for HostOffset {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "0x{:x}", self.0)
@@ -116,6 +146,14 @@ impl Geometry {
     /// Index of the guest cluster containing `guest`.
     pub fn guest_cluster_index(&self, guest: GuestOffset) -> u64 {
         guest.0 >> self.cluster_bits
+    }
+    /// The guest cluster an offset lies in.
+    pub fn guest_cluster(&self, guest: GuestOffset) -> GuestCluster {
+        GuestCluster(self.guest_cluster_index(guest))
+    }
+    /// Where a guest cluster starts.
+    pub fn guest_cluster_offset(&self, cluster: GuestCluster) -> GuestOffset {
+        GuestOffset(cluster.0 << self.cluster_bits)
     }
     /// Byte offset of `offset` inside its cluster.
     pub fn offset_in_cluster(&self, offset: u64) -> u64 {

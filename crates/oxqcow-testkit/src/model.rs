@@ -199,8 +199,8 @@ pub enum AmendOp {
 
 impl AmendOp {
     /// The library's amend options for this change.
-    pub fn options(&self) -> oxqcow::amend::AmendOptions {
-        let mut o = oxqcow::amend::AmendOptions::default();
+    pub fn options(&self) -> oxqcow::options::AmendOptions {
+        let mut o = oxqcow::options::AmendOptions::default();
         match *self {
             AmendOp::Compat(c) => o.compat = Some(c),
             AmendOp::RefcountBits(b) => o.refcount_bits = Some(b),

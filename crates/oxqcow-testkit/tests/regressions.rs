@@ -160,7 +160,7 @@ fn compressed_data_is_not_packed_into_a_freed_and_reused_cluster() {
 /// 2 image"), for QEMU too.
 #[test]
 fn zero_writes_after_a_downgrade_follow_version_2_rules() {
-    use oxqcow::amend::AmendOptions;
+    use oxqcow::options::AmendOptions;
     use oxqcow::{MemoryStorage, OpenOptions};
     let storage = Arc::new(MemoryStorage::new());
     let cfg = ImageConfig::new(4096, 16, Compat::V3, false);
@@ -190,7 +190,7 @@ fn zero_writes_after_a_downgrade_follow_version_2_rules() {
 /// failed to decompress them.
 #[test]
 fn compressed_writes_after_a_downgrade_use_the_new_compression_type() {
-    use oxqcow::amend::AmendOptions;
+    use oxqcow::options::AmendOptions;
     use oxqcow::{CompressionType, MemoryStorage, OpenOptions};
     let storage = Arc::new(MemoryStorage::new());
     let mut opts = ImageConfig::new(4096, 16, Compat::V3, false).create_options(64 << 10);

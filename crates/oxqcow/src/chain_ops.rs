@@ -6,8 +6,8 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::backing::{resolve_backing_path, BackingPolicy, Chain};
 use crate::error::{Error, Result};
+use crate::image::backing::{resolve_backing_path, BackingPolicy, Chain};
 use crate::image::{BlockDevice, Image};
 use crate::options::{CacheMode, ImageFormat, OpenOptions};
 

@@ -219,7 +219,7 @@ pub fn data_bytes(source: &dyn BlockDevice, cluster_size: u64) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mapping::Extent;
+    use crate::extent::Extent;
 
     fn layout(cluster_size: u64, refcount_bits: u32) -> Qcow2Layout {
         Qcow2Layout { cluster_size, refcount_bits, ..Default::default() }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use oxqcow_format::probe::{probe_head, Probed, PROBE_LEN};
 
 use crate::error::{Error, Result};
-use crate::mapping::{push_extent, Extent};
+use crate::extent::{push_extent, Extent};
 use crate::options::Preallocation;
 use crate::storage::Storage;
 

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use oxqcow::amend::AmendOptions;
+use oxqcow::options::AmendOptions;
 use oxqcow::{BlockDevice, Image, OpenOptions};
 
 fn run(args: &[&str]) -> String {

@@ -109,7 +109,7 @@ fn partial_sector_writers_on_an_encrypted_image_keep_each_others_bytes() {
     const PIECE: u64 = 64;
     const SECTORS: u64 = 64;
     const DISK: u64 = 4 * CLUSTER;
-    let luks = oxqcow::crypt::LuksParams { iter_time_ms: 10, ..Default::default() };
+    let luks = oxqcow::options::LuksParams { iter_time_ms: 10, ..Default::default() };
     let opts = CreateOptions {
         encryption: Some(Encryption { format: EncryptionFormat::Luks(luks), passphrase: b"secret".to_vec() }),
         ..CreateOptions::qcow2(DISK)

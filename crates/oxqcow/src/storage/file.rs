@@ -100,7 +100,7 @@ impl Drop for FileStorage {
     fn drop(&mut self) {
         // Release QEMU's lock bytes explicitly: closing the descriptor may
         // not end the open file description (see `lock::unlock`).
-        crate::lock::unlock(&self.file);
+        crate::storage::lock::unlock(&self.file);
     }
 }
 
@@ -163,9 +163,9 @@ impl FileStorage {
     /// or not and shares writers or not (`-U`), as [`crate::Image::open`]
     /// takes them; they last as long as this storage.
     pub fn lock_image(&self, path: &Path, read_only: bool, force_share: bool) -> crate::Result<()> {
-        crate::lock::lock(
+        crate::storage::lock::lock(
             &self.file,
-            crate::lock::LockSet::for_open(read_only, force_share),
+            crate::storage::lock::LockSet::for_open(read_only, force_share),
             &path.display().to_string(),
         )
     }

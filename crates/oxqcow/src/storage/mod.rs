@@ -5,6 +5,7 @@
 //! everything the engine does to the host goes through these calls.
 
 mod file;
+pub(crate) mod lock;
 mod memory;
 
 use std::io;

@@ -4,10 +4,11 @@
 //! performs the data I/O after releasing the lock.
 
 use oxqcow_format::table::{read_l2_bitmap, read_l2_word, L1Entry};
-use oxqcow_format::{CompressedDescriptor, GuestOffset, L2Bitmap, L2Entry, L2Mapping};
+use oxqcow_format::{CompressedDescriptor, GuestOffset, HostOffset, L2Bitmap, L2Entry, L2Mapping};
 
 use crate::error::{Error, Result};
-use crate::qcow2::Meta;
+use crate::extent::{push_extent, Extent};
+use crate::qcow2::meta::Meta;
 use crate::storage::Storage;
 
 /// One piece of a read plan.
@@ -18,14 +19,14 @@ pub(crate) enum ReadSegment {
     /// Reads from the image file.
     Data {
         /// Host offset.
-        host: u64,
+        host: HostOffset,
         /// Length.
         len: u64,
     },
     /// Not allocated here: read the backing image at this guest offset.
     Backing {
         /// Guest offset.
-        guest: u64,
+        guest: GuestOffset,
         /// Length.
         len: u64,
     },
@@ -49,54 +50,6 @@ impl ReadSegment {
             | ReadSegment::Backing { len: l, .. } => l,
         }
     }
-}
-
-/// The status of a run of guest bytes, as `qemu-img map` reports it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Extent {
-    /// Guest offset.
-    pub offset: u64,
-    /// Length in bytes.
-    pub length: u64,
-    /// Described by some layer of the image (`present` in qemu-img map).
-    pub present: bool,
-    /// Reads as zeros.
-    pub zero: bool,
-    /// Stored as data in some layer.
-    pub data: bool,
-    /// Stored compressed.
-    pub compressed: bool,
-    /// Host offset of the data, when it is stored uncompressed.
-    pub host_offset: Option<u64>,
-    /// Number of backing layers above the one that describes the run.
-    pub depth: u32,
-}
-
-impl Extent {
-    fn mergeable(&self, next: &Extent) -> bool {
-        self.offset + self.length == next.offset
-            && self.present == next.present
-            && self.zero == next.zero
-            && self.data == next.data
-            && self.compressed == next.compressed
-            && self.depth == next.depth
-            && match (self.host_offset, next.host_offset) {
-                (None, None) => true,
-                (Some(a), Some(b)) => a + self.length == b,
-                _ => false,
-            }
-    }
-}
-
-/// Appends an extent, merging it into the last one when they continue each other.
-pub(crate) fn push_extent(out: &mut Vec<Extent>, e: Extent) {
-    if let Some(last) = out.last_mut() {
-        if last.mergeable(&e) {
-            last.length += e.length;
-            return;
-        }
-    }
-    out.push(e);
 }
 
 impl Meta {
@@ -315,22 +268,24 @@ impl Meta {
     }
 
     /// Plans a read of `[offset, offset + len)`.
-    pub(crate) fn plan_read(&mut self, storage: &dyn Storage, offset: u64, len: u64) -> Result<Vec<ReadSegment>> {
+    pub(crate) fn plan_read(&mut self, storage: &dyn Storage, at: GuestOffset, len: u64) -> Result<Vec<ReadSegment>> {
+        let offset = at.0;
         self.check_in_disk(offset, len)?;
-        self.plan_range(storage, offset, len)
+        self.plan_range(storage, GuestOffset(offset), len)
     }
 
     /// Plans a read of `[offset, offset + len)` without the size check: the
     /// copy-on-write regions of the last cluster may lie past the end of the
     /// disk (they read as the old cluster, or the backing image, or zeros).
-    pub(crate) fn plan_range(&mut self, storage: &dyn Storage, offset: u64, len: u64) -> Result<Vec<ReadSegment>> {
+    pub(crate) fn plan_range(&mut self, storage: &dyn Storage, at: GuestOffset, len: u64) -> Result<Vec<ReadSegment>> {
+        let offset = at.0;
         let mut plan: Vec<ReadSegment> = Vec::new();
         let has_backing = self.has_backing;
         self.walk(storage, offset, len, |pos, piece, in_cluster, m, _| {
             let seg = match m {
-                L2Mapping::Normal { host, .. } => ReadSegment::Data { host: host.0 + in_cluster, len: piece },
+                L2Mapping::Normal { host, .. } => ReadSegment::Data { host: host + in_cluster, len: piece },
                 L2Mapping::Compressed(desc) => ReadSegment::Compressed { desc, in_cluster, len: piece },
-                L2Mapping::Unallocated if has_backing => ReadSegment::Backing { guest: pos, len: piece },
+                L2Mapping::Unallocated if has_backing => ReadSegment::Backing { guest: GuestOffset(pos), len: piece },
                 _ => ReadSegment::Zero(piece),
             };
             match (plan.last_mut(), seg) {
@@ -373,7 +328,8 @@ impl Meta {
     }
 
     /// Block status of `[offset, offset + len)`.
-    pub(crate) fn block_status(&mut self, storage: &dyn Storage, offset: u64, len: u64) -> Result<Vec<Extent>> {
+    pub(crate) fn block_status(&mut self, storage: &dyn Storage, at: GuestOffset, len: u64) -> Result<Vec<Extent>> {
+        let offset = at.0;
         let mut out = Vec::new();
         self.walk(storage, offset, len, |pos, piece, in_cluster, m, unalloc_host| {
             let (present, zero, data, host) = match m {

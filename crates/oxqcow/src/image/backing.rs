@@ -20,41 +20,7 @@ use crate::options::{ImageFormat, OpenOptions};
 /// ran for minutes there); 256 layers is far beyond any real use.
 pub const MAX_CHAIN_DEPTH: usize = 256;
 
-/// Decides whether a backing file may be opened.
-pub trait BackingGate: Send + Sync {
-    /// `path` is the resolved file, `format` the format the image records
-    /// for it (`None`: it would be probed). Return an error to refuse.
-    fn check(&self, path: &Path, format: Option<ImageFormat>) -> Result<()>;
-}
-
-/// What to do with backing files named by an image.
-#[derive(Clone, Default)]
-pub enum BackingPolicy {
-    /// Open them (probing the format when the image records none).
-    #[default]
-    Follow,
-    /// Open them only when the image records their format.
-    FollowWithoutProbing,
-    /// Refuse to open images that have a backing file.
-    Forbid,
-    /// Open the image alone: clusters it does not allocate read as zeros
-    /// (for header-only work such as `info` or `rebase -u`).
-    Ignore,
-    /// Ask the gate for every backing file.
-    Gate(Arc<dyn BackingGate>),
-}
-
-impl std::fmt::Debug for BackingPolicy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            BackingPolicy::Follow => "Follow",
-            BackingPolicy::FollowWithoutProbing => "FollowWithoutProbing",
-            BackingPolicy::Forbid => "Forbid",
-            BackingPolicy::Ignore => "Ignore",
-            BackingPolicy::Gate(_) => "Gate",
-        })
-    }
-}
+pub use crate::options::{BackingGate, BackingPolicy};
 
 /// Resolves a backing file name as QEMU does: relative names are relative
 /// to the directory of the image that names them.

@@ -1,4 +1,4 @@
-//! Allocating writes, zero writes and discards.
+//! Write planning: allocating writes and writes in place.
 //!
 //! A write into a cluster that is not exclusively ours (unallocated, zero,
 //! shared, compressed) gets a fresh host cluster; the parts of that cluster
@@ -18,8 +18,8 @@ use oxqcow_format::table::{write_l2_bitmap, write_l2_word, L1Entry};
 use oxqcow_format::{GuestOffset, HostCluster, HostOffset, L2Bitmap, L2Entry, L2Mapping};
 
 use crate::error::{Error, Result};
-use crate::mapping::ReadSegment;
-use crate::qcow2::{FreeReason, Meta};
+use crate::qcow2::meta::mapping::ReadSegment;
+use crate::qcow2::meta::{FreeReason, Meta};
 use crate::storage::Storage;
 
 /// A region of a new cluster to fill with old content: what the guest read
@@ -29,7 +29,7 @@ use crate::storage::Storage;
 pub(crate) struct CowRegion {
     pub(crate) len: u64,
     /// Guest offset of the region (encryption numbers legacy AES sectors by it).
-    pub(crate) guest: u64,
+    pub(crate) guest: GuestOffset,
     pub(crate) plan: Vec<ReadSegment>,
 }
 
@@ -41,7 +41,7 @@ pub(crate) struct Inflight {
     /// Number of clusters.
     pub(crate) count: u64,
     /// Host offset of the first new cluster.
-    pub(crate) host: u64,
+    pub(crate) host: HostOffset,
     /// For a compressed write: the descriptor to link.
     pub(crate) compressed: Option<oxqcow_format::CompressedDescriptor>,
     /// The clusters are the ones already linked (an in-place write that
@@ -49,8 +49,8 @@ pub(crate) struct Inflight {
     pub(crate) keep_old: bool,
     /// Guest bytes `[start, end)` the write fills (data and copy on write):
     /// with extended L2 entries their subclusters become allocated.
-    pub(crate) start: u64,
-    pub(crate) end: u64,
+    pub(crate) start: GuestOffset,
+    pub(crate) end: GuestOffset,
 }
 
 /// What the writer must do for an allocating write.
@@ -58,9 +58,9 @@ pub(crate) struct Allocation {
     pub(crate) id: u64,
     /// Host offset where the head region starts (the first new cluster's
     /// start, or with extended L2 entries the first subcluster written).
-    pub(crate) host: u64,
+    pub(crate) host: HostOffset,
     /// Guest offset that `host` maps (where the head region starts).
-    pub(crate) guest: u64,
+    pub(crate) guest: GuestOffset,
     pub(crate) head: Option<CowRegion>,
     pub(crate) tail: Option<CowRegion>,
     /// Request bytes this allocation covers.
@@ -107,18 +107,34 @@ impl VerifiedClusters {
     }
 }
 
+/// Where a write starts, as [`Meta::plan_write`] found it: the guest range,
+/// the first guest cluster, its L2 table and index, the last cluster the
+/// plan may cover (inclusive, within the table), and the first cluster's
+/// entry.
+#[derive(Clone, Copy)]
+struct WriteStart {
+    offset: u64,
+    end: u64,
+    first: u64,
+    table: u64,
+    index: usize,
+    limit: u64,
+    mapping: L2Mapping,
+    bitmap: L2Bitmap,
+}
+
 /// The plan for the next piece of a write.
 pub(crate) enum WritePlan {
     /// Another request is allocating a cluster we touch: wait and replan.
     Wait,
     /// Write in place.
-    InPlace { host: u64, len: u64 },
+    InPlace { host: HostOffset, len: u64 },
     /// Write into newly allocated clusters.
     Allocate(Allocation),
 }
 
 impl Meta {
-    fn inflight_overlaps(&self, first: u64, count: u64) -> bool {
+    pub(super) fn inflight_overlaps(&self, first: u64, count: u64) -> bool {
         self.inflight.iter().any(|a| first < a.first_cluster + a.count && a.first_cluster < first + count)
     }
 
@@ -281,13 +297,13 @@ impl Meta {
         Ok(new)
     }
 
-    fn set_l2_entry(&mut self, table: u64, index: usize, entry: L2Entry) {
+    pub(super) fn set_l2_entry(&mut self, table: u64, index: usize, entry: L2Entry) {
         let size = self.geometry.l2_entry_size() as usize;
         let data = self.l2.get_mut(table).expect("table loaded");
         write_l2_word(data, index, size, entry.0);
     }
 
-    fn set_l2_bitmap(&mut self, table: u64, index: usize, bitmap: L2Bitmap) {
+    pub(super) fn set_l2_bitmap(&mut self, table: u64, index: usize, bitmap: L2Bitmap) {
         if self.geometry.extended_l2() {
             let data = self.l2.get_mut(table).expect("table loaded");
             write_l2_bitmap(data, index, bitmap);
@@ -306,7 +322,16 @@ impl Meta {
     ) -> u64 {
         let id = self.next_inflight_id;
         self.next_inflight_id += 1;
-        self.inflight.push(Inflight { id, first_cluster, count, host, compressed: None, keep_old, start, end });
+        self.inflight.push(Inflight {
+            id,
+            first_cluster,
+            count,
+            host: HostOffset(host),
+            compressed: None,
+            keep_old,
+            start: GuestOffset(start),
+            end: GuestOffset(end),
+        });
         id
     }
 
@@ -320,11 +345,11 @@ impl Meta {
     /// cluster of ours whose touched subclusters are not all allocated is
     /// written in place, copying on write the partial subclusters, and
     /// then marks them allocated.
-    pub(crate) fn plan_write(&mut self, storage: &dyn Storage, offset: u64, len: u64) -> Result<WritePlan> {
+    pub(crate) fn plan_write(&mut self, storage: &dyn Storage, at: GuestOffset, len: u64) -> Result<WritePlan> {
+        let offset = at.0;
         self.check_in_disk(offset, len)?;
         let g = self.geometry;
         let cs = g.cluster_size();
-        let sc = g.subcluster_size();
         let first = g.guest_cluster_index(GuestOffset(offset));
         if self.inflight_overlaps(first, 1) {
             return Ok(WritePlan::Wait);
@@ -333,7 +358,6 @@ impl Meta {
         let table = self.ensure_l2_for_write(storage, l1_index)?;
         self.load_l2(storage, table)?;
         let index = g.l2_index(GuestOffset(offset));
-        let in_cluster = g.offset_in_cluster(offset);
         let end = offset + len;
         let table_end_cluster = first - index as u64 + g.l2_entries();
         let last_cluster = (end - 1) / cs; // inclusive
@@ -341,57 +365,82 @@ impl Meta {
 
         let (m0, b0) = self.mapping_with_bitmap(table, index)?;
         self.check_data_file_host(&m0, offset, index)?;
-        let external = self.data_file.is_some();
+        let w = WriteStart { offset, end, first, table, index, limit, mapping: m0, bitmap: b0 };
         if let (true, L2Mapping::Normal { host, .. }) = (self.writable_in_place(storage, table, index, m0)?, m0) {
-            let mut run_end = first + 1;
-            let mut next_host = host.0 + cs;
-            while run_end <= limit && !self.inflight_overlaps(run_end, 1) {
-                let i = index + (run_end - first) as usize;
-                let m = self.mapping_with_bitmap(table, i)?.0;
-                if m.host_cluster() != Some(HostOffset(next_host)) || !self.writable_in_place(storage, table, i, m)? {
-                    break;
-                }
-                run_end += 1;
-                next_host += cs;
-            }
-            let run_len = (run_end * cs).min(end) - offset;
-            if !g.extended_l2() || self.subclusters_allocated(table, index, offset, offset + run_len) {
-                if !external {
-                    self.refcounts.check_write(host.0 + in_cluster, run_len, 0)?;
-                }
-                return Ok(WritePlan::InPlace { host: host.0 + in_cluster, len: run_len });
-            }
-            // In place, but some subclusters need copy on write and all of
-            // them a bitmap update (QEMU's keep_old case).
-            let w_end = offset + run_len;
-            let head_from = match b0.subcluster(&m0, (in_cluster / sc) as u32) {
-                oxqcow_format::Subcluster::Normal => offset,
-                _ => offset - in_cluster % sc,
-            };
-            let last_index = index + (run_end - 1 - first) as usize;
-            let (ml, bl) = self.mapping_with_bitmap(table, last_index)?;
-            let tail_to = match bl.subcluster(&ml, (g.offset_in_cluster(w_end - 1) / sc) as u32) {
-                oxqcow_format::Subcluster::Normal => w_end,
-                _ => w_end.div_ceil(sc) * sc,
-            };
-            let head = self.cow_region(storage, head_from, offset)?;
-            let tail = self.cow_region(storage, w_end, tail_to)?;
-            let head_host = host.0 + g.offset_in_cluster(head_from);
-            if !external {
-                self.refcounts.check_write(head_host, tail_to - head_from, 0)?;
-            }
-            self.mark_dirty(storage)?;
-            let id = self.register_inflight(first, run_end - first, host.0, true, head_from, tail_to);
-            return Ok(WritePlan::Allocate(Allocation {
-                id,
-                host: head_host,
-                guest: head_from,
-                head,
-                tail,
-                len: run_len,
-            }));
+            return self.plan_in_place(storage, &w, host);
         }
+        self.plan_allocation(storage, &w)
+    }
 
+    /// The in-place part of [`Meta::plan_write`]: the first cluster is ours
+    /// (COPIED, refcount 1) at `host`; the run covers the following clusters
+    /// that are ours and contiguous on the host. With extended L2 entries a
+    /// run touching unallocated subclusters becomes an allocation that
+    /// keeps its cluster (QEMU's keep_old case).
+    fn plan_in_place(&mut self, storage: &dyn Storage, w: &WriteStart, host: HostOffset) -> Result<WritePlan> {
+        let WriteStart { offset, end, first, table, index, limit, mapping: m0, bitmap: b0 } = *w;
+        let g = self.geometry;
+        let (cs, sc) = (g.cluster_size(), g.subcluster_size());
+        let in_cluster = g.offset_in_cluster(offset);
+        let external = self.data_file.is_some();
+        let mut run_end = first + 1;
+        let mut next_host = host.0 + cs;
+        while run_end <= limit && !self.inflight_overlaps(run_end, 1) {
+            let i = index + (run_end - first) as usize;
+            let m = self.mapping_with_bitmap(table, i)?.0;
+            if m.host_cluster() != Some(HostOffset(next_host)) || !self.writable_in_place(storage, table, i, m)? {
+                break;
+            }
+            run_end += 1;
+            next_host += cs;
+        }
+        let run_len = (run_end * cs).min(end) - offset;
+        if !g.extended_l2() || self.subclusters_allocated(table, index, offset, offset + run_len) {
+            if !external {
+                self.refcounts.check_write(host.0 + in_cluster, run_len, 0)?;
+            }
+            return Ok(WritePlan::InPlace { host: host + in_cluster, len: run_len });
+        }
+        // In place, but some subclusters need copy on write and all of
+        // them a bitmap update (QEMU's keep_old case).
+        let w_end = offset + run_len;
+        let head_from = match b0.subcluster(&m0, (in_cluster / sc) as u32) {
+            oxqcow_format::Subcluster::Normal => offset,
+            _ => offset - in_cluster % sc,
+        };
+        let last_index = index + (run_end - 1 - first) as usize;
+        let (ml, bl) = self.mapping_with_bitmap(table, last_index)?;
+        let tail_to = match bl.subcluster(&ml, (g.offset_in_cluster(w_end - 1) / sc) as u32) {
+            oxqcow_format::Subcluster::Normal => w_end,
+            _ => w_end.div_ceil(sc) * sc,
+        };
+        let head = self.cow_region(storage, head_from, offset)?;
+        let tail = self.cow_region(storage, w_end, tail_to)?;
+        let head_host = host.0 + g.offset_in_cluster(head_from);
+        if !external {
+            self.refcounts.check_write(head_host, tail_to - head_from, 0)?;
+        }
+        self.mark_dirty(storage)?;
+        let id = self.register_inflight(first, run_end - first, host.0, true, head_from, tail_to);
+        Ok(WritePlan::Allocate(Allocation {
+            id,
+            host: HostOffset(head_host),
+            guest: GuestOffset(head_from),
+            head,
+            tail,
+            len: run_len,
+        }))
+    }
+
+    /// The allocating part of [`Meta::plan_write`]: a run of clusters that
+    /// all need new host clusters, with the copy-on-write regions around
+    /// the data.
+    fn plan_allocation(&mut self, storage: &dyn Storage, w: &WriteStart) -> Result<WritePlan> {
+        let WriteStart { offset, end, first, table, index, limit, mapping: m0, bitmap: b0 } = *w;
+        let g = self.geometry;
+        let (cs, sc) = (g.cluster_size(), g.subcluster_size());
+        let in_cluster = g.offset_in_cluster(offset);
+        let external = self.data_file.is_some();
         // Allocate a run of clusters that all need allocation.
         self.mark_dirty(storage)?;
         let mut count = 1;
@@ -443,8 +492,8 @@ impl Meta {
         let id = self.register_inflight(first, count, host, false, cow_start, cow_end);
         Ok(WritePlan::Allocate(Allocation {
             id,
-            host: host + (cow_start - first_start),
-            guest: cow_start,
+            host: HostOffset(host + (cow_start - first_start)),
+            guest: GuestOffset(cow_start),
             head,
             tail,
             len: covered_end - offset,
@@ -456,8 +505,8 @@ impl Meta {
         if to <= from {
             return Ok(None);
         }
-        let plan = self.plan_range(storage, from, to - from)?;
-        Ok(Some(CowRegion { len: to - from, guest: from, plan }))
+        let plan = self.plan_range(storage, GuestOffset(from), to - from)?;
+        Ok(Some(CowRegion { len: to - from, guest: GuestOffset(from), plan }))
     }
 
     /// Whether every subcluster `[from, to)` touches is allocated (written
@@ -496,9 +545,10 @@ impl Meta {
     pub(crate) fn plan_compressed(
         &mut self,
         storage: &dyn Storage,
-        offset: u64,
+        at: GuestOffset,
         len: u64,
-    ) -> Result<Option<(u64, u64)>> {
+    ) -> Result<Option<(u64, HostOffset)>> {
+        let offset = at.0;
         let g = self.geometry;
         let cluster = g.guest_cluster_index(GuestOffset(offset));
         if self.inflight_overlaps(cluster, 1) {
@@ -531,13 +581,13 @@ impl Meta {
             id,
             first_cluster: cluster,
             count: 1,
-            host,
+            host: HostOffset(host),
             compressed: Some(desc),
             keep_old: false,
-            start: 0,
-            end: 0,
+            start: GuestOffset(0),
+            end: GuestOffset(0),
         });
-        Ok(Some((id, host)))
+        Ok(Some((id, HostOffset(host))))
     }
 
     /// Links the clusters of a finished allocation into the L2 table.
@@ -564,8 +614,8 @@ impl Meta {
             let cluster_start = guest.0 + i as u64 * cs;
             if g.extended_l2() {
                 // Mark the subclusters written (data and copy on write).
-                let from = a.start.max(cluster_start) - cluster_start;
-                let to = a.end.min(cluster_start + cs) - cluster_start;
+                let from = a.start.max(GuestOffset(cluster_start)) - GuestOffset(cluster_start);
+                let to = a.end.min(GuestOffset(cluster_start + cs)) - GuestOffset(cluster_start);
                 let bitmap = self.l2_bitmap(table, index + i);
                 let first_sc = (from / sc) as u32;
                 let end_sc = to.div_ceil(sc) as u32;
@@ -575,7 +625,7 @@ impl Meta {
                 continue;
             }
             let old = self.mapping_at(table, index + i)?;
-            self.set_l2_entry(table, index + i, L2Entry::normal(HostOffset(a.host + i as u64 * cs)));
+            self.set_l2_entry(table, index + i, L2Entry::normal(HostOffset((a.host + i as u64 * cs).0)));
             // In a data file the new cluster is the old one's place: nothing
             // to give back.
             if !external {
@@ -600,192 +650,91 @@ impl Meta {
         if self.data_file.is_some() || a.keep_old {
             return Ok(());
         }
-        let first = self.geometry.host_cluster(HostOffset(a.host));
+        let first = self.geometry.host_cluster(HostOffset(a.host.0));
         for c in 0..a.count {
             self.refcounts.update(storage, HostCluster(first.0 + c), -1)?;
         }
         Ok(())
     }
+}
 
-    /// Applies `f(old mapping, old entry, old bitmap) -> (new entry, new
-    /// bitmap, free the old cluster)` to every cluster of `[offset, offset +
-    /// len)` (cluster aligned, inside one L2 table). Returns `false` without
-    /// changing anything if an allocation in flight overlaps.
-    fn rewrite_clusters(
-        &mut self,
-        storage: &dyn Storage,
-        offset: u64,
-        len: u64,
-        mut f: impl FnMut(L2Mapping, L2Entry, L2Bitmap) -> Option<(L2Entry, L2Bitmap, bool)>,
-    ) -> Result<bool> {
-        if offset >= self.header.size {
-            return Err(Error::OutOfBounds { offset, len, size: self.header.size });
-        }
-        let g = self.geometry;
-        let cs = g.cluster_size();
-        let first = offset / cs;
-        let count = len.div_ceil(cs);
-        if self.inflight_overlaps(first, count) {
-            return Ok(false);
-        }
-        let l1_index = g.l1_index(GuestOffset(offset));
-        let table = match self.l2_offset(l1_index)? {
-            Some(t) if L1Entry(self.l1[l1_index as usize]).copied() => t,
-            Some(_) => self.ensure_l2_for_write(storage, l1_index)?,
-            None => {
-                // Unallocated everywhere: only zero writes need a table.
-                if f(L2Mapping::Unallocated, L2Entry::UNALLOCATED, L2Bitmap(0)).is_none() {
-                    return Ok(true);
-                }
-                self.ensure_l2_for_write(storage, l1_index)?
-            }
-        };
-        self.load_l2(storage, table)?;
-        let index = g.l2_index(GuestOffset(offset));
-        for i in 0..count as usize {
-            let entry = self.l2_entry(table, index + i);
-            let bitmap = self.l2_bitmap(table, index + i);
-            let old = self.decode(entry, table, index + i)?;
-            self.check_data_file_host(&old, offset + i as u64 * cs, index + i)?;
-            if let Some((new, new_bitmap, free_old)) = f(old, entry, bitmap) {
-                if new != entry || new_bitmap != bitmap {
-                    self.mark_dirty(storage)?;
-                    self.set_l2_entry(table, index + i, new);
-                    self.set_l2_bitmap(table, index + i, new_bitmap);
-                }
-                if free_old {
-                    self.defer_free(old, FreeReason::Request)?;
-                }
-            }
-        }
-        Ok(true)
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::options::CreateOptions;
+    use crate::qcow2::Qcow2;
+    use crate::storage::MemoryStorage;
+
+    const CS: u64 = 65536;
+
+    fn image(opts: CreateOptions) -> (Qcow2, Arc<MemoryStorage>) {
+        let st = Arc::new(MemoryStorage::new());
+        (Qcow2::create(st.clone(), &opts).unwrap(), st)
     }
 
-    /// Turns whole clusters into zero clusters (version 3). With extended
-    /// L2 entries (QEMU's `zero_in_l2_slice`) every subcluster becomes
-    /// zero; the host cluster is kept unless `may_unmap` (compressed
-    /// clusters are always given back).
-    pub(crate) fn zero_range(&mut self, storage: &dyn Storage, offset: u64, len: u64, may_unmap: bool) -> Result<bool> {
-        if !self.zero_in_raw_data_file(offset, len, may_unmap)? {
-            return Ok(false);
+    fn allocation(plan: WritePlan) -> Allocation {
+        match plan {
+            WritePlan::Allocate(a) => a,
+            WritePlan::InPlace { .. } => panic!("planned in place"),
+            WritePlan::Wait => panic!("planned a wait"),
         }
-        if self.geometry.extended_l2() {
-            return self.rewrite_clusters(storage, offset, len, |old, entry, _| {
-                let unmap = match old {
-                    L2Mapping::Compressed(_) => true,
-                    m => may_unmap && m.host_cluster().is_some(),
-                };
-                let new = if unmap { L2Entry::UNALLOCATED } else { entry };
-                Some((new, L2Bitmap::ALL_ZEROES, unmap))
-            });
-        }
-        self.rewrite_clusters(storage, offset, len, |old, _, b| match old {
-            L2Mapping::ZeroPlain => None,
-            L2Mapping::ZeroAllocated { .. } if !may_unmap => None,
-            L2Mapping::Normal { host, copied: true } | L2Mapping::ZeroAllocated { host, copied: true }
-                if !may_unmap =>
-            {
-                Some((L2Entry(host.0 | oxqcow_format::table::ZERO | oxqcow_format::table::COPIED), b, false))
-            }
-            L2Mapping::Unallocated => Some((L2Entry::ZERO_PLAIN, b, false)),
-            _ => Some((L2Entry::ZERO_PLAIN, b, true)),
-        })
     }
 
-    /// With a raw external data file, which must read as the disk does:
-    /// real zeros there first (QEMU's `qcow2_subcluster_zeroize`), before
-    /// the metadata changes. Returns `false` (nothing done) when an
-    /// allocation in flight overlaps the range.
-    fn zero_in_raw_data_file(&mut self, offset: u64, len: u64, may_unmap: bool) -> Result<bool> {
-        let Some(d) = self.data_file.as_ref().filter(|d| d.raw) else { return Ok(true) };
-        let cs = self.geometry.cluster_size();
-        if self.inflight_overlaps(offset / cs, (offset % cs + len).div_ceil(cs)) {
-            return Ok(false);
-        }
-        let end = (offset + len).min(self.header.size);
-        if end > offset {
-            let st = &d.storage;
-            let res =
-                if may_unmap { st.punch_hole(offset, end - offset) } else { st.write_zeroes(offset, end - offset) };
-            res.map_err(Error::io("zeroing in the data file", offset))?;
-        }
-        Ok(true)
+    fn region(r: &Option<CowRegion>) -> Option<(u64, u64)> {
+        r.as_ref().map(|r| (r.guest.0, r.len))
     }
 
-    /// Makes subclusters of one cluster read as zeros (QEMU's
-    /// `zero_l2_subclusters`): `[offset, offset + len)` is subcluster
-    /// aligned and less than a cluster. Returns `Ok(None)` when an
-    /// allocation of the cluster is in flight, `Ok(Some(false))` when the
-    /// cluster is compressed (which cannot be zeroed in part: the caller
-    /// writes zeros instead).
-    pub(crate) fn zero_subclusters(&mut self, storage: &dyn Storage, offset: u64, len: u64) -> Result<Option<bool>> {
-        let g = self.geometry;
-        let cluster = g.guest_cluster_index(GuestOffset(offset));
-        if self.inflight_overlaps(cluster, 1) {
-            return Ok(None);
+    #[test]
+    fn a_partial_write_into_a_new_cluster_copies_the_rest_of_it() {
+        let (q, st) = image(CreateOptions::qcow2(1 << 20));
+        let mut m = q.lock_meta();
+        let a = allocation(m.plan_write(&*st, GuestOffset(4096), 512).unwrap());
+        assert_eq!((a.guest.0, a.len), (0, 512));
+        assert_eq!(a.host.0 % CS, 0, "a whole new cluster");
+        assert_eq!(region(&a.head), Some((0, 4096)));
+        assert_eq!(region(&a.tail), Some((4608, CS - 4608)));
+        // The whole cluster is in flight: a second write to it waits.
+        assert!(matches!(m.plan_write(&*st, GuestOffset(60000), 10).unwrap(), WritePlan::Wait));
+        m.commit_alloc(&*st, a.id).unwrap();
+        // Ours now: the next write goes in place.
+        match m.plan_write(&*st, GuestOffset(100), 200).unwrap() {
+            WritePlan::InPlace { host, len } => assert_eq!((host, len), (a.host + 100, 200)),
+            _ => panic!("not in place"),
         }
-        let l1_index = g.l1_index(GuestOffset(offset));
-        let table = self.ensure_l2_for_write(storage, l1_index)?;
-        self.load_l2(storage, table)?;
-        let index = g.l2_index(GuestOffset(offset));
-        if matches!(self.mapping_at(table, index)?, L2Mapping::Compressed(_)) {
-            return Ok(Some(false));
-        }
-        self.zero_in_raw_data_file(offset, len, false)?;
-        let sc = g.subcluster_size();
-        let first_sc = (g.offset_in_cluster(offset) / sc) as u32;
-        let end_sc = first_sc + len.div_ceil(sc) as u32;
-        let old = self.l2_bitmap(table, index);
-        let new = old.with_zeroes(first_sc, end_sc);
-        if new != old {
-            self.mark_dirty(storage)?;
-            self.set_l2_bitmap(table, index, new);
-        }
-        Ok(Some(true))
     }
 
-    /// Whether the cluster containing `offset` is compressed.
-    pub(crate) fn is_compressed_at(&mut self, storage: &dyn Storage, offset: u64) -> Result<bool> {
-        let g = self.geometry;
-        let Some(table) = self.l2_offset(g.l1_index(GuestOffset(offset)))? else { return Ok(false) };
-        self.load_l2(storage, table)?;
-        Ok(matches!(self.mapping_at(table, g.l2_index(GuestOffset(offset)))?, L2Mapping::Compressed(_)))
+    #[test]
+    fn a_write_over_several_clusters_allocates_them_contiguously_with_head_and_tail() {
+        let (q, st) = image(CreateOptions::qcow2(1 << 20));
+        let mut m = q.lock_meta();
+        let a = allocation(m.plan_write(&*st, GuestOffset(CS + 1000), 2 * CS).unwrap());
+        assert_eq!((a.guest.0, a.len), (CS, 2 * CS));
+        assert_eq!(region(&a.head), Some((CS, 1000)));
+        assert_eq!(region(&a.tail), Some((3 * CS + 1000, CS - 1000)));
+        m.abort_alloc(&*st, a.id).unwrap();
+        // Given back: the same clusters are handed out again.
+        let b = allocation(m.plan_write(&*st, GuestOffset(CS + 1000), 2 * CS).unwrap());
+        assert_eq!(b.host, a.host);
     }
 
-    /// Discards whole clusters: they read as zeros afterwards (version 3; in
-    /// version 2 they become unallocated, which reads as zeros without a
-    /// backing file) and their host clusters are freed.
-    pub(crate) fn discard_range(&mut self, storage: &dyn Storage, offset: u64, len: u64) -> Result<bool> {
-        let v3 = self.header.version >= 3;
-        if !v3 && self.backing_named() {
-            // Version 2 cannot say "reads as zeros": an unallocated entry
-            // would expose the backing file's data. QEMU refuses
-            // (`qcow2_co_pdiscard`: ENOTSUP, which its block layer turns
-            // into a successful no-op), and so the data stays.
-            return Ok(true);
-        }
-        let backing = self.has_backing;
-        if self.geometry.extended_l2() {
-            // QEMU's discard_in_l2_slice with subclusters: every subcluster
-            // reads as zeros, unless the cluster was unallocated and there
-            // is no backing file (it reads as zeros already).
-            return self.rewrite_clusters(storage, offset, len, |old, _, _| {
-                let allocated = matches!(old, L2Mapping::Compressed(_)) || old.host_cluster().is_some();
-                if !backing && !allocated {
-                    return None;
-                }
-                Some((L2Entry::UNALLOCATED, L2Bitmap::ALL_ZEROES, allocated))
-            });
-        }
-        // QEMU's rule: with a backing file (or for allocated clusters) the
-        // cluster must read as zeros afterwards, which only v3 can say;
-        // without one, unallocated already reads as zeros. A plain zero
-        // cluster is left as it is (QEMU's discard_in_l2_slice).
-        self.rewrite_clusters(storage, offset, len, |old, _, b| match old {
-            L2Mapping::Unallocated if backing && v3 => Some((L2Entry::ZERO_PLAIN, b, false)),
-            L2Mapping::Unallocated => None,
-            L2Mapping::ZeroPlain => None,
-            _ => Some((if v3 { L2Entry::ZERO_PLAIN } else { L2Entry::UNALLOCATED }, b, true)),
-        })
+    #[test]
+    fn with_subclusters_copy_on_write_covers_only_the_touched_subclusters() {
+        let (q, st) = image(CreateOptions { extended_l2: true, ..CreateOptions::qcow2(1 << 20) });
+        let sc = CS / 32;
+        let mut m = q.lock_meta();
+        let a = allocation(m.plan_write(&*st, GuestOffset(2 * sc + 100), 100).unwrap());
+        assert_eq!(a.guest.0, 2 * sc, "copy on write starts at the subcluster");
+        assert_eq!(region(&a.head), Some((2 * sc, 100)));
+        assert_eq!(region(&a.tail), Some((2 * sc + 200, sc - 200)));
+        assert_eq!(a.host.0 % CS, 2 * sc, "the data lands at its subcluster of the new cluster");
+        m.commit_alloc(&*st, a.id).unwrap();
+        // An untouched subcluster of that cluster keeps the cluster but
+        // needs its own copy on write and bitmap update.
+        let b = allocation(m.plan_write(&*st, GuestOffset(5 * sc + 10), 10).unwrap());
+        assert_eq!(b.host.0 - b.host.0 % CS, a.host.0 - a.host.0 % CS, "the cluster is kept");
+        assert_eq!(region(&b.head), Some((5 * sc, 10)));
+        assert_eq!(region(&b.tail), Some((5 * sc + 20, sc - 20)));
     }
 }

@@ -3,20 +3,23 @@
 //! and [`BlockDevice`] is what convert, compare, the NBD server and the
 //! cursor adapter work against.
 
-use std::os::unix::ffi::OsStrExt;
+pub mod backing;
+pub mod data_file;
+mod probe;
+
+pub use probe::{probe, probe_format, supported_format};
+
 use std::path::Path;
 use std::sync::Arc;
 
-use oxqcow_format::probe::{probe_head, probe_trailer, Probed, PROBE_LEN, TRAILER_LEN};
-
-use crate::backing::{open_backing, resolve_backing_path, BackingPolicy, Chain};
-use crate::check::{CheckReport, RepairMode};
 use crate::error::{Error, Result};
-use crate::lock::LockSet;
-use crate::mapping::Extent;
+use crate::extent::Extent;
+use crate::image::backing::{open_backing, resolve_backing_path, BackingPolicy, Chain};
 use crate::options::{CreateOptions, ImageFormat, OpenOptions, Preallocation};
+use crate::qcow2::meta::check::{CheckReport, RepairMode};
 use crate::qcow2::Qcow2;
 use crate::raw::Raw;
+use crate::storage::lock::LockSet;
 use crate::storage::{FileStorage, Storage};
 
 /// Byte-granular block I/O, safe from many threads at once.
@@ -53,46 +56,6 @@ pub enum Image {
     Raw(Raw),
 }
 
-/// Names the format of the image in `storage` as QEMU's probe does (see
-/// [`oxqcow_format::probe`]): the first 512 bytes and `file_name` (the name
-/// the file is opened by; a name ending in `.dmg` is a dmg image to QEMU),
-/// and, when those say raw, oxqcow's look at the last sector for the
-/// formats whose only signature is a trailer. An empty file is raw.
-pub fn probe(storage: &dyn Storage, file_name: Option<&Path>) -> Result<Probed> {
-    let len = storage.len().map_err(Error::io("probing the image format", 0))?;
-    if len == 0 {
-        return Ok(Probed::Raw);
-    }
-    let mut head = [0u8; PROBE_LEN];
-    storage.read_at(&mut head, 0).map_err(Error::io("probing the image format", 0))?;
-    let probed = probe_head(&head, file_name.map(|p| p.as_os_str().as_bytes()));
-    if probed != Probed::Raw || len < TRAILER_LEN as u64 {
-        return Ok(probed);
-    }
-    let mut tail = [0u8; TRAILER_LEN];
-    let at = len - TRAILER_LEN as u64;
-    storage.read_at(&mut tail, at).map_err(Error::io("probing the image format", at))?;
-    Ok(probe_trailer(&tail).unwrap_or(Probed::Raw))
-}
-
-/// The format oxqcow opens the image in `storage` with, when the caller
-/// does not name one: what [`probe`] finds, if oxqcow implements it. Any
-/// other format it recognises is refused ([`Error::UnsupportedFormat`]),
-/// never opened as raw: its metadata would be read as guest data and
-/// writes would overwrite it. Naming the format raw opens it as raw.
-pub fn probe_format(storage: &dyn Storage, file_name: Option<&Path>) -> Result<ImageFormat> {
-    supported_format(probe(storage, file_name)?)
-}
-
-/// The implemented format a probe result maps to.
-pub fn supported_format(probed: Probed) -> Result<ImageFormat> {
-    match probed {
-        Probed::Qcow2 => Ok(ImageFormat::Qcow2),
-        Probed::Raw => Ok(ImageFormat::Raw),
-        other => Err(Error::UnsupportedFormat(other.name())),
-    }
-}
-
 impl Image {
     /// Opens the image file at `path`, with its backing chain as
     /// `opts.backing` allows.
@@ -110,7 +73,7 @@ impl Image {
         let file = FileStorage::open(path, !opts.read_only).map_err(Error::io("opening the image", 0))?;
         if opts.locking.unwrap_or(true) {
             let set = LockSet::for_open(opts.read_only, opts.force_share);
-            crate::lock::lock(file.file(), set, &path.display().to_string())?;
+            crate::storage::lock::lock(file.file(), set, &path.display().to_string())?;
         }
         let storage: Arc<dyn Storage> = Arc::new(file);
         let format = match opts.format {
@@ -124,7 +87,7 @@ impl Image {
         let header = crate::qcow2::read_header(&*storage)?;
         // QEMU opens the data file while opening the image, before the
         // backing chain.
-        let data = crate::data_file::open_for(path, &header, opts)?;
+        let data = crate::image::data_file::open_for(path, &header, opts)?;
         let backing = match &header.backing_file {
             Some(name) => open_backing(path, name, header.extensions.backing_format.as_deref(), opts, chain)?,
             None => None,
@@ -181,15 +144,15 @@ impl Image {
         // creation before the image file is touched.
         let data = match (&opts.data_file, opts.format) {
             (Some(name), ImageFormat::Qcow2) => {
-                crate::resize::validate_create(&opts)?;
-                Some(crate::data_file::create_for(path, name)?)
+                opts.validate()?;
+                Some(crate::image::data_file::create_for(path, name)?)
             }
             _ => None,
         };
         let storage = FileStorage::create(path).map_err(Error::io("creating the image", 0))?;
         // A file someone else holds is left exactly as it is: no truncation,
         // and no removal after the failure (it is their image).
-        crate::lock::lock(storage.file(), LockSet::for_open(false, false), &path.display().to_string())?;
+        crate::storage::lock::lock(storage.file(), LockSet::for_open(false, false), &path.display().to_string())?;
         storage.empty(path).map_err(Error::io("truncating the new image", 0))?;
         let result = Image::format_locked(path, Arc::new(storage), data, &opts);
         if result.is_err() && opts.format == ImageFormat::Qcow2 {
@@ -217,7 +180,7 @@ impl Image {
             return Ok(image);
         }
         // Reopen so that the backing chain is attached.
-        Qcow2::create_unattached(storage, data, opts)?.close()?;
+        crate::qcow2::create_unattached(storage, data, opts)?.close()?;
         let policy = if opts.unsafe_backing { BackingPolicy::Ignore } else { BackingPolicy::Follow };
         Image::open(path, &OpenOptions { cache: opts.cache, ..OpenOptions::new().backing(policy) })
     }
@@ -268,12 +231,8 @@ impl Image {
     /// hole punching); `Ok(false)` when zeros would have to be written, and
     /// nothing was changed then.
     ///
-    /// qcow2: whole clusters are a metadata update, and so is a partial
-    /// cluster at either end that already reads as zeros; any other partial
-    /// cluster would get zeros written as data (QEMU's qcow2 answers
-    /// ENOTSUP for it). Version 2 images over a backing file have no
-    /// metadata-only zeros at all. raw: the host file punches a hole or
-    /// zeroes the range in place, if its file system can.
+    /// qcow2: as [`Qcow2::zeroes_by_metadata`] decides. raw: the host file
+    /// punches a hole or zeroes the range in place, if its file system can.
     pub fn write_zeroes_no_fallback(&self, offset: u64, len: u64, may_unmap: bool) -> Result<bool> {
         let q = match self {
             Image::Raw(r) => return r.write_zeroes_no_fallback(offset, len, may_unmap),
@@ -282,29 +241,8 @@ impl Image {
         if q.is_read_only() {
             return Err(Error::ReadOnly);
         }
-        let size = q.len();
-        let end = match offset.checked_add(len) {
-            Some(e) if e <= size => e,
-            _ => return Err(Error::OutOfBounds { offset, len, size }),
-        };
-        let info = q.info();
-        if info.version < 3 && info.backing_file.is_some() {
+        if !q.zeroes_by_metadata(offset, len)? {
             return Ok(false);
-        }
-        let cluster = info.cluster_size;
-        let mut edges = Vec::with_capacity(2);
-        if offset % cluster != 0 {
-            edges.push(offset - offset % cluster);
-        }
-        // The end of the disk counts as a cluster boundary.
-        if end % cluster != 0 && end != size {
-            edges.push(end - end % cluster);
-        }
-        for start in edges {
-            let l = cluster.min(size - start);
-            if !q.block_status(start, l)?.iter().all(|e| e.zero && !e.data) {
-                return Ok(false);
-            }
         }
         q.write_zeroes_at(offset, len, may_unmap)?;
         Ok(true)

@@ -10,83 +10,8 @@
 
 use std::collections::BTreeSet;
 
-use crate::error::{Error, Result};
-use crate::options::parse_bool;
-
-/// The image header.
-pub const MAIN_HEADER: u32 = 1 << 0;
-/// The active L1 table.
-pub const ACTIVE_L1: u32 = 1 << 1;
-/// L2 tables of the active L1.
-pub const ACTIVE_L2: u32 = 1 << 2;
-/// The refcount table.
-pub const REFCOUNT_TABLE: u32 = 1 << 3;
-/// Refcount blocks.
-pub const REFCOUNT_BLOCK: u32 = 1 << 4;
-/// The snapshot table.
-pub const SNAPSHOT_TABLE: u32 = 1 << 5;
-/// Snapshot L1 tables.
-pub const INACTIVE_L1: u32 = 1 << 6;
-/// L2 tables of snapshots.
-pub const INACTIVE_L2: u32 = 1 << 7;
-/// The persistent bitmap directory.
-pub const BITMAP_DIRECTORY: u32 = 1 << 8;
-
-/// Mode `constant`.
-pub const CONSTANT: u32 = MAIN_HEADER | ACTIVE_L1 | REFCOUNT_TABLE | SNAPSHOT_TABLE | BITMAP_DIRECTORY;
-/// Mode `cached` (the default).
-pub const CACHED: u32 = CONSTANT | ACTIVE_L2 | REFCOUNT_BLOCK;
-/// Mode `all`.
-pub const ALL: u32 = CACHED | INACTIVE_L1 | INACTIVE_L2;
-
-const TEMPLATES: [(u32, &str, &str); 9] = [
-    (MAIN_HEADER, "main-header", "qcow2_header"),
-    (ACTIVE_L1, "active-l1", "active L1 table"),
-    (ACTIVE_L2, "active-l2", "active L2 table"),
-    (REFCOUNT_TABLE, "refcount-table", "refcount table"),
-    (REFCOUNT_BLOCK, "refcount-block", "refcount block"),
-    (SNAPSHOT_TABLE, "snapshot-table", "snapshot table"),
-    (INACTIVE_L1, "inactive-l1", "inactive L1 table"),
-    (INACTIVE_L2, "inactive-l2", "inactive L2 table"),
-    (BITMAP_DIRECTORY, "bitmap-directory", "bitmap directory"),
-];
-
-/// The name QEMU gives a template in its messages.
-pub fn template_name(template: u32) -> &'static str {
-    TEMPLATES.iter().find(|t| t.0 == template).map_or("metadata", |t| t.2)
-}
-
-/// Applies `overlap-check` or `overlap-check.<template>` to a mask.
-pub fn apply_option(mask: &mut u32, key: &str, value: &str) -> Result<()> {
-    if key == "overlap-check" || key == "overlap-check.template" {
-        *mask = match value {
-            "none" => 0,
-            "constant" => CONSTANT,
-            "cached" => CACHED,
-            "all" => ALL,
-            other => {
-                return Err(Error::InvalidArgument(format!(
-                    "Unsupported value '{other}' for qcow2 option 'overlap-check'. Allowed are any of the following: none, constant, cached, all"
-                )))
-            }
-        };
-        return Ok(());
-    }
-    let name = key
-        .strip_prefix("overlap-check.")
-        .ok_or_else(|| Error::InvalidArgument(format!("Invalid parameter '{key}'")))?;
-    let bit = TEMPLATES
-        .iter()
-        .find(|t| t.1 == name)
-        .map(|t| t.0)
-        .ok_or_else(|| Error::InvalidArgument(format!("Invalid parameter '{key}'")))?;
-    if parse_bool(key, value)? {
-        *mask |= bit;
-    } else {
-        *mask &= !bit;
-    }
-    Ok(())
-}
+use crate::error::Error;
+pub use crate::options::overlap::*;
 
 /// Where the metadata is, in host clusters, as far as the mask asks.
 #[derive(Clone, Debug)]

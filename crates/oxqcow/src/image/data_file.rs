@@ -27,11 +27,10 @@ use std::sync::Arc;
 
 use oxqcow_format::header::Header;
 
-use crate::backing::{resolve_backing_path, BackingPolicy};
 use crate::error::{Error, Result};
-use crate::lock::LockSet;
+use crate::image::backing::{resolve_backing_path, BackingPolicy};
 use crate::options::{ImageFormat, OpenOptions};
-use crate::qcow2::{DiscardModes, FreeReason};
+use crate::storage::lock::LockSet;
 use crate::storage::{FileStorage, Storage};
 
 /// The `op` of the I/O error for a data file that cannot be opened or
@@ -45,28 +44,6 @@ fn strerror(e: &std::io::Error) -> String {
     match text.find(" (os error") {
         Some(i) => text[..i].to_string(),
         None => text,
-    }
-}
-
-/// The data file of an open image, as the metadata layer sees it.
-pub(crate) struct DataFile {
-    pub(crate) storage: Arc<dyn Storage>,
-    /// `data_file_raw`: the data file is a valid raw image at all times.
-    pub(crate) raw: bool,
-    /// Which freed clusters get their space back.
-    pub(crate) discard: DiscardModes,
-}
-
-impl DataFile {
-    /// Gives back the space of a data cluster that is no longer referenced
-    /// (there is no refcount to drop). Done at once, under the metadata
-    /// lock: the cluster's offset is its guest offset, so a deferred punch
-    /// could hit data a later write put there.
-    pub(crate) fn release(&self, host: u64, len: u64, reason: FreeReason) -> Result<()> {
-        if self.raw || self.discard.punches(reason) {
-            self.storage.punch_hole(host, len).map_err(Error::io("discarding in the data file", host))?;
-        }
-        Ok(())
     }
 }
 
@@ -95,7 +72,7 @@ pub(crate) fn open_for(image: &Path, header: &Header, opts: &OpenOptions) -> Res
         source: std::io::Error::new(e.kind(), format!("Could not open '{}': {}", path.display(), strerror(&e))),
     })?;
     if opts.locking.unwrap_or(true) {
-        crate::lock::lock(
+        crate::storage::lock::lock(
             file.file(),
             LockSet::for_data_file(opts.read_only, opts.force_share),
             &path.display().to_string(),
@@ -139,7 +116,7 @@ pub(crate) fn create_for(image: &Path, name: &str) -> Result<Arc<dyn Storage>> {
         offset: 0,
         source: std::io::Error::new(e.kind(), format!("Could not create '{}': {}", path.display(), strerror(&e))),
     })?;
-    crate::lock::lock(file.file(), LockSet::for_data_file(false, false), &path.display().to_string())?;
+    crate::storage::lock::lock(file.file(), LockSet::for_data_file(false, false), &path.display().to_string())?;
     file.empty(&path).map_err(Error::io("truncating the data file", 0))?;
     // Sized by the image creation, which does that (and empties them) for
     // data files on any storage.

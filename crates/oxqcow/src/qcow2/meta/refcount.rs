@@ -18,9 +18,9 @@ use oxqcow_format::refcount::RefcountBlock;
 use oxqcow_format::table::{decode_entries, encode_entries};
 use oxqcow_format::{Geometry, HostCluster, RefcountTableEntry};
 
-use crate::cache::TableCache;
 use crate::error::{Error, Result};
-use crate::overlap::{self, MetadataMap};
+use crate::qcow2::meta::cache::TableCache;
+use crate::qcow2::meta::overlap::{self, MetadataMap};
 use crate::storage::Storage;
 
 /// The refcount structures of one image.

@@ -1,7 +1,15 @@
 //! Typed options for opening and creating images, and the parser for QEMU's
 //! option strings (`-o key=value,...`) that the command line shares.
 
+mod amend;
+mod backing;
+mod encryption;
+pub mod overlap;
+
 use crate::error::{Error, Result};
+pub use amend::{check_refcount_bits, AmendOptions};
+pub use backing::{BackingGate, BackingPolicy};
+pub use encryption::{Encryption, EncryptionFormat, KeyslotChange, LuksParams};
 
 /// Image formats.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -152,7 +160,7 @@ pub struct OpenOptions {
     /// (`lazy-refcounts`).
     pub lazy_refcounts: Option<bool>,
     /// What to do with backing files the image names.
-    pub backing: crate::backing::BackingPolicy,
+    pub backing: BackingPolicy,
     /// Open the content of this internal snapshot (id or name) instead of
     /// the active layer; read-only (`convert -l`, `qemu-io -l`). As in
     /// QEMU, the guest size stays the active layer's.
@@ -170,7 +178,7 @@ pub struct OpenOptions {
     /// QEMU's `file.locking`).
     pub locking: Option<bool>,
     /// Metadata overlap checks (`overlap-check`, default `cached`); a mask
-    /// of the templates in [`crate::overlap`].
+    /// of the templates in [`overlap`].
     pub overlap_check: Option<u32>,
     /// The external data file to use instead of the one the image header
     /// names (QEMU's `data-file` runtime option); only for images that
@@ -260,7 +268,7 @@ impl OpenOptions {
         self
     }
     /// Sets the backing file policy.
-    pub fn backing(mut self, policy: crate::backing::BackingPolicy) -> Self {
+    pub fn backing(mut self, policy: BackingPolicy) -> Self {
         self.backing = policy;
         self
     }
@@ -284,8 +292,8 @@ impl OpenOptions {
                 })
             }
             k if k.starts_with("overlap-check") => {
-                let mut mask = self.overlap_check.unwrap_or(crate::overlap::CACHED);
-                crate::overlap::apply_option(&mut mask, k, value)?;
+                let mut mask = self.overlap_check.unwrap_or(overlap::CACHED);
+                overlap::apply_option(&mut mask, k, value)?;
                 self.overlap_check = Some(mask);
             }
             "driver" => self.format = Some(ImageFormat::from_name(value)?),
@@ -383,31 +391,6 @@ pub struct CreateOptions {
     pub encryption: Option<Encryption>,
 }
 
-/// How a new image is encrypted.
-#[derive(Clone, Debug)]
-pub enum EncryptionFormat {
-    /// Legacy qcow AES-CBC (`encrypt.format=aes`, crypt_method 1).
-    Aes,
-    /// LUKS1 in the image (`encrypt.format=luks`, crypt_method 2).
-    Luks(crate::crypt::LuksParams),
-}
-
-/// Encryption of a new image: the format and the passphrase.
-#[derive(Clone)]
-pub struct Encryption {
-    /// The format and its parameters.
-    pub format: EncryptionFormat,
-    /// The passphrase bytes.
-    pub passphrase: Vec<u8>,
-}
-
-impl std::fmt::Debug for Encryption {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The passphrase stays out of debug output.
-        f.debug_struct("Encryption").field("format", &self.format).finish_non_exhaustive()
-    }
-}
-
 impl Default for CreateOptions {
     fn default() -> Self {
         CreateOptions {
@@ -471,17 +454,6 @@ impl CreateOptions {
         self.backing_file = Some(file.to_string());
         self.backing_format = Some(format.to_string());
         self
-    }
-
-    /// Checks the options as creating a qcow2 image would, with QEMU's
-    /// messages, without touching any file. Options this engine does not
-    /// implement yet (backing files, external data files, extended L2
-    /// entries) are refused with [`Error::Unsupported`].
-    pub fn validate(&self) -> Result<()> {
-        match self.format {
-            ImageFormat::Qcow2 => crate::resize::validate_create(self).map(|_| ()),
-            ImageFormat::Raw => Ok(()),
-        }
     }
 
     /// Applies one QEMU creation option (`cluster_size=4k`, `compat=0.10`, ...).

@@ -17,96 +17,13 @@ use oxqcow_format::table::{decode_entries, encode_entries, write_l2_word, L1Entr
 use oxqcow_format::{HostCluster, HostOffset, L2Entry, L2Mapping};
 
 use crate::error::{Error, Result};
-use crate::options::{parse_bool, parse_option_list, parse_size, Compat, Preallocation};
-use crate::qcow2::{Meta, Qcow2};
+use crate::options::{check_refcount_bits, AmendOptions};
+use crate::qcow2::meta::Meta;
 use crate::storage::Storage;
-
-/// The options `amend` may change. `None` leaves a setting as it is.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct AmendOptions {
-    /// Compatibility level.
-    pub compat: Option<Compat>,
-    /// Lazy refcounts.
-    pub lazy_refcounts: Option<bool>,
-    /// Refcount width in bits.
-    pub refcount_bits: Option<u32>,
-    /// New guest size (0, like absent, leaves the size alone as in QEMU).
-    pub size: Option<u64>,
-    /// Backing file: may only repeat the current one (use rebase to change it).
-    pub backing_file: Option<String>,
-    /// Backing format: may only repeat the current one.
-    pub backing_format: Option<String>,
-    /// External data file name: only for images that have one.
-    pub data_file: Option<String>,
-    /// Whether the external data file is raw: cannot be turned on.
-    pub data_file_raw: Option<bool>,
-    /// Whether any `encrypt.*` option was given (only LUKS images take them).
-    pub encryption: bool,
-}
-
-/// Options qemu-img accepts at creation only.
-const CREATE_ONLY: &[&str] =
-    &["cluster_size", "preallocation", "extended_l2", "compression_type", "encryption", "encrypt.format"];
-
-/// The `encrypt.*` options qcow2 can amend (on LUKS images).
-const ENCRYPT_AMEND: &[&str] =
-    &["encrypt.state", "encrypt.keyslot", "encrypt.old-secret", "encrypt.new-secret", "encrypt.iter-time"];
-
-impl AmendOptions {
-    /// Parses a QEMU option string (`compat=0.10,lazy_refcounts=off`).
-    pub fn parse(s: &str) -> Result<AmendOptions> {
-        let mut o = AmendOptions::default();
-        for (k, v) in parse_option_list(s)? {
-            match k.as_str() {
-                "compat" => o.compat = Some(Compat::from_amend_name(&v)?),
-                "lazy_refcounts" => o.lazy_refcounts = Some(parse_bool(&k, &v)?),
-                "refcount_bits" => {
-                    let bits: u32 = v.parse().map_err(|_| {
-                        Error::InvalidArgument(format!("Parameter 'refcount_bits' expects a number, got '{v}'"))
-                    })?;
-                    check_refcount_bits(bits)?;
-                    o.refcount_bits = Some(bits);
-                }
-                "size" => o.size = Some(parse_size(&v)?),
-                "backing_file" => o.backing_file = Some(v),
-                "backing_fmt" => o.backing_format = Some(v),
-                "data_file" => o.data_file = Some(v),
-                "data_file_raw" => o.data_file_raw = Some(parse_bool(&k, &v)?),
-                key if ENCRYPT_AMEND.contains(&key) => o.encryption = true,
-                key if CREATE_ONLY.contains(&key) || key.starts_with("encrypt.") => {
-                    return Err(Error::InvalidArgument(format!(
-                        "Invalid parameter '{key}'\nThis option is only supported for image creation"
-                    )))
-                }
-                key => return Err(Error::InvalidArgument(format!("Invalid parameter '{key}'"))),
-            }
-        }
-        Ok(o)
-    }
-}
-
-impl Compat {
-    /// Parses a `compat=` value as amend and create take it.
-    pub fn from_amend_name(v: &str) -> Result<Compat> {
-        match v {
-            "0.10" | "v2" => Ok(Compat::V2),
-            "1.1" | "v3" => Ok(Compat::V3),
-            other => Err(Error::InvalidArgument(format!("Unknown compatibility level {other}"))),
-        }
-    }
-}
-
-/// QEMU's refcount width rule.
-pub fn check_refcount_bits(bits: u32) -> Result<()> {
-    if bits == 0 || bits > 64 || !bits.is_power_of_two() {
-        return Err(Error::InvalidArgument("Refcount width must be a power of two and may not exceed 64 bits".into()));
-    }
-    Ok(())
-}
 
 /// The operations whose progress amend reports (QEMU's `Qcow2AmendOperation`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Operation {
+pub(crate) enum Operation {
     None,
     Upgrading,
     ChangingRefcountOrder,
@@ -116,7 +33,7 @@ enum Operation {
 /// QEMU's `qcow2_amend_helper_cb`: folds the progress of several
 /// operations into one (offset, total work) stream, projecting the work of
 /// the operations not started yet from the ones seen so far.
-struct Status<'a> {
+pub(crate) struct Status<'a> {
     cb: &'a mut dyn FnMut(u64, u64),
     total_operations: i64,
     operations_completed: i64,
@@ -127,6 +44,24 @@ struct Status<'a> {
 }
 
 impl Status<'_> {
+    /// Progress of `operations` operations reported to `cb`.
+    pub(crate) fn new(cb: &mut dyn FnMut(u64, u64), operations: i64) -> Status<'_> {
+        Status {
+            cb,
+            total_operations: operations,
+            operations_completed: 0,
+            offset_completed: 0,
+            last_operation: Operation::None,
+            current_operation: Operation::None,
+            last_work_size: 0,
+        }
+    }
+
+    /// The next reports belong to `operation`.
+    pub(crate) fn start(&mut self, operation: Operation) {
+        self.current_operation = operation;
+    }
+
     fn report(&mut self, offset: i64, work_size: i64) {
         if self.current_operation != self.last_operation {
             if self.last_operation != Operation::None {
@@ -146,65 +81,23 @@ impl Status<'_> {
     }
 }
 
-impl Qcow2 {
-    /// Changes the image's options as `qemu-img amend` does. `progress`
-    /// receives QEMU's amend status: (work done, total work), which
-    /// qemu-img prints as `100 * done / total` percent.
-    pub fn amend(&self, opts: &AmendOptions, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
-        if self.is_read_only() {
-            return Err(Error::ReadOnly);
+impl Meta {
+    /// QEMU's checks on a new size given to amend.
+    pub(crate) fn amend_size_check(&self, size: u64) -> Result<()> {
+        if size % 512 != 0 {
+            return Err(Error::InvalidArgument("The new size must be a multiple of 512".into()));
         }
-        let (old_version, new_version) = self.exclusive(|m, _| {
-            m.amend_check(opts)?;
-            Ok((m.header.version, opts.compat.map_or(m.header.version, Compat::version)))
-        })?;
-        let old_bits = self.geometry().refcount_bits();
-        let mut status = Status {
-            cb: progress,
-            total_operations: i64::from(new_version != old_version)
-                + i64::from(opts.refcount_bits.is_some_and(|b| b != old_bits)),
-            operations_completed: 0,
-            offset_completed: 0,
-            last_operation: Operation::None,
-            current_operation: Operation::None,
-            last_work_size: 0,
-        };
-        self.exclusive(|m, st| {
-            let res = m.amend_up_to_size(st, opts, new_version, &mut status);
-            // Also after a failure: an upgrade may have succeeded before it.
-            self.refresh_header_facts(m);
-            res
-        })?;
-        if let Some(size) = opts.size.filter(|&s| s != 0) {
-            self.exclusive(|m, _| {
-                if size % 512 != 0 {
-                    return Err(Error::InvalidArgument("The new size must be a multiple of 512".into()));
-                }
-                if !m.snapshots.entries.is_empty() && m.header.version < 3 {
-                    return Err(Error::InvalidArgument("Can't resize a v2 image which has snapshots".into()));
-                }
-                Ok(())
-            })?;
-            self.resize(size, Preallocation::Off)?;
-        }
-        if new_version < old_version {
-            status.current_operation = Operation::Downgrading;
-            self.exclusive(|m, st| {
-                let res = m.downgrade(st, &mut status);
-                self.refresh_header_facts(m);
-                res
-            })?;
+        if !self.snapshots.entries.is_empty() && self.header.version < 3 {
+            return Err(Error::InvalidArgument("Can't resize a v2 image which has snapshots".into()));
         }
         Ok(())
     }
-}
 
-impl Meta {
     /// The checks QEMU makes on the option values before changing anything,
     /// in the order of its option list.
-    fn amend_check(&self, opts: &AmendOptions) -> Result<()> {
+    pub(crate) fn amend_check(&self, opts: &AmendOptions) -> Result<()> {
         // LUKS key slots are changed by `Qcow2::amend_encryption`.
-        if opts.encryption && self.header.crypt_method != crate::format::header::crypt::LUKS {
+        if opts.encryption && self.header.crypt_method != oxqcow_format::header::crypt::LUKS {
             return Err(if self.header.crypt_method == 0 {
                 Error::InvalidArgument("Can't amend encryption options - encryption not present".into())
             } else {
@@ -226,7 +119,7 @@ impl Meta {
     }
 
     /// Everything amend does before the size change.
-    fn amend_up_to_size(
+    pub(crate) fn amend_up_to_size(
         &mut self,
         storage: &dyn Storage,
         opts: &AmendOptions,
@@ -306,7 +199,7 @@ impl Meta {
                 e.vm_state_size_large.get_or_insert(u64::from(e.vm_state_size));
             }
             // QEMU's qcow2_write_snapshots frees the old table with snapshot discards.
-            let modes = crate::qcow2::DiscardModes { snapshot: true, ..Default::default() };
+            let modes = crate::qcow2::meta::DiscardModes { snapshot: true, ..Default::default() };
             self.write_snapshot_table(storage, entries, modes)?;
         }
         status.report(1, 2);
@@ -507,7 +400,7 @@ impl Meta {
         Ok(())
     }
 
-    fn downgrade(&mut self, storage: &dyn Storage, status: &mut Status<'_>) -> Result<()> {
+    pub(crate) fn downgrade(&mut self, storage: &dyn Storage, status: &mut Status<'_>) -> Result<()> {
         if self.geometry.refcount_bits() != 16 {
             return Err(Error::InvalidArgument("compat=0.10 requires refcount_bits=16".into()));
         }

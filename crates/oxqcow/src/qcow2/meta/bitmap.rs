@@ -24,8 +24,8 @@ use oxqcow_format::{FormatError, HostCluster, HostOffset};
 
 use crate::dirty::DirtyBitmap;
 use crate::error::{Error, Result};
-use crate::overlap;
-use crate::qcow2::Meta;
+use crate::qcow2::meta::overlap;
+use crate::qcow2::meta::Meta;
 use crate::storage::Storage;
 
 /// A bitmap as `info` lists it (from the directory on disk).
@@ -484,39 +484,40 @@ impl Meta {
     }
 }
 
-impl crate::Qcow2 {
+impl Meta {
     /// The persistent bitmaps as the directory on disk lists them.
-    pub fn bitmaps(&self) -> Vec<BitmapInfo> {
-        self.lock_meta().bitmaps.dir.iter().map(Into::into).collect()
+    pub(crate) fn bitmaps_on_disk(&self) -> Vec<BitmapInfo> {
+        self.bitmaps.dir.iter().map(Into::into).collect()
     }
 
     /// Bitmap `name` over `[offset, offset + len)` as runs of `(length,
-    /// dirty)` (for NBD's `qemu:dirty-bitmap:` context). A read-only image
-    /// loads the bitmap once and keeps it.
-    pub fn bitmap_extents(&self, name: &str, offset: u64, len: u64) -> Result<Vec<(u64, bool)>> {
-        let mut m = self.lock_meta();
-        let i = m
+    /// dirty)`; a bitmap not loaded yet (read-only images) is loaded once.
+    pub(crate) fn bitmap_extents(
+        &mut self,
+        st: &dyn Storage,
+        name: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<(u64, bool)>> {
+        let i = self
             .bitmaps
             .live
             .iter()
             .position(|l| l.name == name)
             .ok_or_else(|| Error::InvalidArgument(format!("Dirty bitmap '{name}' not found")))?;
-        if m.bitmaps.live[i].inconsistent {
+        if self.bitmaps.live[i].inconsistent {
             return Err(inconsistent_error(name));
         }
-        if m.bitmaps.live[i].data.is_none() {
-            let loaded = m.bitmap_contents(self.storage_ref(), name)?;
-            m.bitmaps.live[i].data = Some(loaded);
+        if self.bitmaps.live[i].data.is_none() {
+            let loaded = self.bitmap_contents(st, name)?;
+            self.bitmaps.live[i].data = Some(loaded);
         }
-        Ok(m.bitmaps.live[i].data.as_ref().expect("loaded above").extents(offset, len))
+        Ok(self.bitmaps.live[i].data.as_ref().expect("loaded above").extents(offset, len))
     }
 
-    /// The bitmaps as this handle has them (added ones included, removed
-    /// ones gone; `in_use` means inconsistent, `auto` enabled), in creation
-    /// order. [`bitmaps`](Self::bitmaps) lists what is on disk, as `info`.
-    pub fn open_bitmaps(&self) -> Vec<BitmapInfo> {
-        let m = self.lock_meta();
-        m.bitmaps
+    /// The bitmaps as this session has them, in creation order.
+    pub(crate) fn bitmaps_in_session(&self) -> Vec<BitmapInfo> {
+        self.bitmaps
             .live
             .iter()
             .map(|l| BitmapInfo {
@@ -529,121 +530,57 @@ impl crate::Qcow2 {
     }
 
     /// Whether the image has persistent bitmaps (consistent or not).
-    pub fn has_bitmaps(&self) -> bool {
-        !self.lock_meta().bitmaps.live.is_empty()
+    pub(crate) fn has_bitmaps(&self) -> bool {
+        !self.bitmaps.live.is_empty()
     }
 
-    /// The bits of bitmap `name` as they are now (an inconsistent bitmap is
-    /// refused with QEMU's message).
-    pub fn bitmap_contents(&self, name: &str) -> Result<DirtyBitmap> {
-        let m = self.lock_meta();
-        m.bitmap_contents(self.storage_ref(), name)
-    }
-
-    /// The granularity QEMU gives a bitmap when none is asked for
-    /// (`bdrv_get_default_bitmap_granularity`): the cluster size, at least 4 KiB.
-    pub fn default_bitmap_granularity(&self) -> u64 {
-        self.geometry().cluster_size().max(4096)
-    }
-
-    fn bitmap_op<T>(&self, f: impl FnOnce(&mut Meta, &dyn Storage) -> Result<T>) -> Result<T> {
-        if self.is_read_only() {
-            return Err(Error::ReadOnly);
+    /// Adds an empty persistent bitmap (stored at close), with QEMU's checks
+    /// and messages.
+    pub(crate) fn add_bitmap(&mut self, name: &str, granularity: u64, enabled: bool) -> Result<()> {
+        if self.bitmaps.live.iter().any(|l| l.name == name) {
+            return Err(Error::InvalidArgument(format!("Bitmap already exists: {name}")));
         }
-        let res = self.exclusive(f);
-        let tracking = self.lock_meta().bitmaps_tracking();
-        self.set_tracking(tracking);
-        res
-    }
-
-    /// Adds an empty persistent bitmap, stored when the image is closed
-    /// (QEMU's `block-dirty-bitmap-add` with `persistent`), with QEMU's checks
-    /// and messages. `granularity` must be a power of two of at least 512.
-    pub fn bitmap_add(&self, name: &str, granularity: Option<u64>, enabled: bool) -> Result<()> {
-        let granularity = granularity.unwrap_or_else(|| self.default_bitmap_granularity());
-        if granularity < 512 || !granularity.is_power_of_two() || granularity > u64::from(u32::MAX) {
-            return Err(Error::InvalidArgument("Granularity must be power of 2 and at least 512".into()));
+        let cant = |why: String| {
+            Error::InvalidArgument(format!("Can't make bitmap '{name}' persistent in '{}': {why}", NODE_NAME))
+        };
+        if self.header.version < 3 {
+            return Err(cant("Cannot store dirty bitmaps in qcow2 v2 files".into()));
         }
-        self.bitmap_op(|m, _| {
-            if m.bitmaps.live.iter().any(|l| l.name == name) {
-                return Err(Error::InvalidArgument(format!("Bitmap already exists: {name}")));
-            }
-            let cant = |why: String| {
-                Error::InvalidArgument(format!("Can't make bitmap '{name}' persistent in '{}': {why}", NODE_NAME))
-            };
-            if m.header.version < 3 {
-                return Err(cant("Cannot store dirty bitmaps in qcow2 v2 files".into()));
-            }
-            let cs = m.geometry.cluster_size();
-            check_new_bitmap(name, granularity, cs, m.header.size).map_err(cant)?;
-            let count = m.bitmaps.live.len() + 1;
-            let dir: u64 = m.bitmaps.live.iter().map(|l| dir_entry_size(l.name.len(), 0)).sum::<u64>()
-                + dir_entry_size(name.len(), 0);
-            if count > MAX_BITMAPS as usize {
-                return Err(cant("Maximum number of persistent bitmaps is already reached".into()));
-            }
-            if dir > MAX_BITMAP_DIRECTORY_BYTES {
-                return Err(cant("Not enough space in the bitmap directory".into()));
-            }
-            let bits = granularity.trailing_zeros() as u8;
-            m.bitmaps.live.push(Live {
-                name: name.to_string(),
-                granularity_bits: bits,
-                enabled,
-                inconsistent: false,
-                data: Some(DirtyBitmap::new(m.header.size, bits, cs)),
-            });
-            Ok(())
-        })
-    }
-
-    /// Removes a bitmap from the image at once.
-    pub fn bitmap_remove(&self, name: &str) -> Result<()> {
-        self.bitmap_op(|m, st| m.remove_bitmap(st, name))
-    }
-
-    fn with_usable_bitmap(&self, name: &str, f: impl FnOnce(&mut Live)) -> Result<()> {
-        self.bitmap_op(|m, _| {
-            let live = m
-                .bitmaps
-                .live
-                .iter_mut()
-                .find(|l| l.name == name)
-                .ok_or_else(|| Error::InvalidArgument(format!("Dirty bitmap '{name}' not found")))?;
-            if live.inconsistent {
-                return Err(inconsistent_error(name));
-            }
-            f(live);
-            Ok(())
-        })
-    }
-
-    /// Clears every bit of a bitmap.
-    pub fn bitmap_clear(&self, name: &str) -> Result<()> {
-        self.with_usable_bitmap(name, |l| {
-            if let Some(d) = &mut l.data {
-                d.clear();
-            }
-        })
-    }
-
-    /// Makes a bitmap record writes (or stop recording them).
-    pub fn bitmap_set_enabled(&self, name: &str, enabled: bool) -> Result<()> {
-        self.with_usable_bitmap(name, |l| l.enabled = enabled)
-    }
-
-    /// Sets in bitmap `name` every bit set in `source` (QEMU's
-    /// `block-dirty-bitmap-merge`; the sizes must agree).
-    pub fn bitmap_merge(&self, name: &str, source: &DirtyBitmap) -> Result<()> {
-        let size = self.len();
-        if source.len() != size {
-            return Err(Error::InvalidArgument("Bitmaps are incompatible and can't be merged".into()));
+        let cs = self.geometry.cluster_size();
+        check_new_bitmap(name, granularity, cs, self.header.size).map_err(cant)?;
+        let count = self.bitmaps.live.len() + 1;
+        let dir: u64 = self.bitmaps.live.iter().map(|l| dir_entry_size(l.name.len(), 0)).sum::<u64>()
+            + dir_entry_size(name.len(), 0);
+        if count > MAX_BITMAPS as usize {
+            return Err(cant("Maximum number of persistent bitmaps is already reached".into()));
         }
-        self.with_usable_bitmap(name, |l| {
-            if let Some(d) = &mut l.data {
-                d.merge(source);
-            }
-        })
+        if dir > MAX_BITMAP_DIRECTORY_BYTES {
+            return Err(cant("Not enough space in the bitmap directory".into()));
+        }
+        let bits = granularity.trailing_zeros() as u8;
+        self.bitmaps.live.push(Live {
+            name: name.to_string(),
+            granularity_bits: bits,
+            enabled,
+            inconsistent: false,
+            data: Some(DirtyBitmap::new(self.header.size, bits, cs)),
+        });
+        Ok(())
+    }
+
+    /// Runs `f` on bitmap `name`, which must exist and be consistent.
+    pub(crate) fn with_usable_bitmap(&mut self, name: &str, f: impl FnOnce(&mut Live)) -> Result<()> {
+        let live = self
+            .bitmaps
+            .live
+            .iter_mut()
+            .find(|l| l.name == name)
+            .ok_or_else(|| Error::InvalidArgument(format!("Dirty bitmap '{name}' not found")))?;
+        if live.inconsistent {
+            return Err(inconsistent_error(name));
+        }
+        f(live);
+        Ok(())
     }
 }
 

@@ -5,242 +5,36 @@
 //! refcount table in cluster 1, one refcount block in cluster 2, then the L1
 //! table allocated by the same resize path that grows images later.
 
-use std::sync::Arc;
-
-use oxqcow_format::header::{compat, incompat, Header};
 use oxqcow_format::limits::MAX_L1_BYTES;
 use oxqcow_format::table::{encode_entries, L1Entry};
-use oxqcow_format::{Geometry, GuestOffset, HostCluster, HostOffset, L2Entry, L2Mapping};
+use oxqcow_format::{GuestOffset, HostCluster, HostOffset, L2Entry, L2Mapping};
 
 use crate::error::{Error, Result};
-use crate::options::{Compat, CompressionType, CreateOptions, OpenOptions, Preallocation};
-use crate::qcow2::{DiscardModes, FreeReason, Meta, Qcow2};
-use crate::storage::{empty, Storage};
-
-/// Checks creation options as QEMU's `qcow2_co_create` does, in its order
-/// and with its messages; then refuses, naming them, the valid options this
-/// engine does not implement yet.
-pub(crate) fn validate_create(opts: &CreateOptions) -> Result<Geometry> {
-    let invalid = |msg: &str| Err(Error::InvalidArgument(msg.to_string()));
-    let v2 = opts.compat == Compat::V2;
-    if opts.extended_l2 && v2 {
-        return invalid(
-            "Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)",
-        );
-    }
-    let cs = opts.cluster_size;
-    if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
-        return invalid("Cluster size must be a power of two between 512 and 2048k");
-    }
-    if opts.extended_l2 && cs < 512 * u64::from(oxqcow_format::limits::SUBCLUSTERS_PER_CLUSTER) {
-        return invalid("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes");
-    }
-    // With extended L2 entries preallocated clusters have no allocated
-    // subclusters, so they still read from the backing file.
-    if opts.backing_file.is_some() && opts.preallocation != Preallocation::Off && !opts.extended_l2 {
-        return invalid("Backing file and preallocation can only be used at the same time if extended_l2 is on");
-    }
-    if opts.backing_format.is_some() && opts.backing_file.is_none() {
-        return invalid("Backing format cannot be used without backing file");
-    }
-    if opts.lazy_refcounts && v2 {
-        return invalid(
-            "Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)",
-        );
-    }
-    if opts.refcount_bits > 64 || !opts.refcount_bits.is_power_of_two() {
-        return invalid("Refcount width must be a power of two and may not exceed 64 bits");
-    }
-    if v2 && opts.refcount_bits != 16 {
-        return invalid(
-            "Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)",
-        );
-    }
-    if opts.data_file_raw && opts.data_file.is_none() {
-        return invalid("data-file-raw requires data-file");
-    }
-    if opts.data_file_raw && opts.backing_file.is_some() {
-        return invalid("Backing file and data-file-raw cannot be used at the same time");
-    }
-    if opts.data_file.is_some() && v2 {
-        return invalid(
-            "External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)",
-        );
-    }
-    if v2 && opts.compression_type != CompressionType::Zlib {
-        return invalid(
-            "Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)",
-        );
-    }
-    if opts.backing_file.is_some() {
-        if opts.backing_format.is_none() {
-            return Err(Error::InvalidArgument("Backing file specified without backing format".into()));
-        }
-        if opts.preallocation != Preallocation::Off && !opts.extended_l2 {
-            return Err(Error::InvalidArgument(
-                "Backing file and preallocation can only be used at the same time if extended_l2 is on".into(),
-            ));
-        }
-        if opts.backing_file.as_deref().is_some_and(|n| n.len() > oxqcow_format::limits::MAX_BACKING_NAME as usize) {
-            return Err(Error::InvalidArgument("Backing file name too long".into()));
-        }
-    } else if opts.backing_format.is_some() {
-        return Err(Error::InvalidArgument("backing_fmt requires backing_file".into()));
-    }
-    let order = opts.refcount_bits.trailing_zeros();
-    Ok(Geometry::new(cs.trailing_zeros(), order, opts.extended_l2)?)
-}
-
-impl Qcow2 {
-    /// Creates a qcow2 image on `storage` (whose content is replaced) and
-    /// opens it read-write. Images with a backing file are made by
-    /// `Image::create`, which resolves and attaches the backing file.
-    pub fn create(storage: Arc<dyn Storage>, opts: &CreateOptions) -> Result<Qcow2> {
-        if opts.backing_file.is_some() {
-            return Err(Error::InvalidArgument(
-                "images with a backing file are created with Image::create, which opens the backing chain".into(),
-            ));
-        }
-        Self::create_unattached(storage, None, opts)
-    }
-
-    /// Creates a qcow2 image on `storage` whose guest data lives in
-    /// `data` (`opts.data_file` is the name the header records for it;
-    /// `data` is emptied and sized to the disk, as QEMU creates it).
-    pub fn create_with_data_file(
-        storage: Arc<dyn Storage>,
-        data: Arc<dyn Storage>,
-        opts: &CreateOptions,
-    ) -> Result<Qcow2> {
-        if opts.backing_file.is_some() {
-            return Err(Error::InvalidArgument(
-                "images with a backing file are created with Image::create, which opens the backing chain".into(),
-            ));
-        }
-        Self::create_unattached(storage, Some(data), opts)
-    }
-
-    /// Creates the image; a backing file name is recorded but not opened.
-    pub(crate) fn create_unattached(
-        storage: Arc<dyn Storage>,
-        data: Option<Arc<dyn Storage>>,
-        opts: &CreateOptions,
-    ) -> Result<Qcow2> {
-        let g = validate_create(opts)?;
-        if opts.data_file.is_some() != data.is_some() {
-            return Err(Error::InvalidArgument(
-                "an image with an external data file needs both its name (data_file) and its storage".into(),
-            ));
-        }
-        let size = opts.size.div_ceil(512) * 512;
-        let cs = g.cluster_size();
-        let st = &*storage;
-        empty(st).map_err(Error::io("truncating the new image", 0))?;
-        let mut header = Header::new(opts.compat.version(), g, 0);
-        header.refcount_table_offset = cs;
-        header.refcount_table_clusters = 1;
-        if opts.lazy_refcounts {
-            header.compatible_features |= compat::LAZY_REFCOUNTS;
-        }
-        if opts.compression_type == CompressionType::Zstd {
-            header.compression_type = 1;
-            header.incompatible_features |= incompat::COMPRESSION;
-        }
-        if let (Some(name), Some(data)) = (&opts.data_file, &data) {
-            if name.len() > oxqcow_format::limits::MAX_BACKING_NAME as usize {
-                return Err(Error::InvalidArgument(format!("Data file name too long ({} bytes)", name.len())));
-            }
-            header.incompatible_features |= incompat::DATA_FILE;
-            header.extensions.data_file = Some(name.clone());
-            if opts.data_file_raw {
-                header.autoclear_features |= oxqcow_format::header::autoclear::DATA_FILE_RAW;
-            }
-            // As QEMU's file driver creates it: the disk's size, the first
-            // block allocated (so that later alignment probes find data).
-            empty(&**data).map_err(Error::io("truncating the data file", 0))?;
-            data.set_len(size).map_err(Error::io("sizing the data file", size))?;
-            let first = vec![0u8; size.min(4096) as usize];
-            data.write_at(&first, 0).map_err(Error::io("allocating the first block of the data file", 0))?;
-        }
-        st.write_at(&header.serialize()?, 0).map_err(Error::io("writing the header", 0))?;
-        let mut table = vec![0u8; 2 * cs as usize];
-        table[..8].copy_from_slice(&encode_entries(&[2 * cs]));
-        st.write_at(&table, cs).map_err(Error::io("writing the refcount table", cs))?;
-
-        let image = Qcow2::open_with(storage.clone(), &OpenOptions::new(), None, data.clone())?;
-        image.exclusive(|m, st| {
-            for c in 0..3 {
-                m.refcounts.update(st, HostCluster(c), 1)?;
-            }
-            m.resize(st, size, opts.preallocation)?;
-            if let Some(name) = &opts.backing_file {
-                m.header.backing_file = Some(name.clone());
-                m.header.extensions.backing_format = opts.backing_format.clone();
-                m.write_header(st)?;
-            }
-            if let Some(enc) = &opts.encryption {
-                // After the size, as QEMU's qcow2_co_create sets it up.
-                m.set_up_encryption(st, enc)?;
-            }
-            m.flush_all(st)
-        })?;
-        // That handle was opened while the disk had size 0, so its L2 cache
-        // holds two tables: every write reaching a third table would evict
-        // a dirty one, with a sync. Reopen so the caches are sized for the
-        // disk, as any later open sizes them.
-        image.close()?;
-        let mut reopen = if opts.backing_file.is_some() {
-            OpenOptions::new().backing(crate::backing::BackingPolicy::Ignore)
-        } else {
-            OpenOptions::new()
-        };
-        reopen.passphrase = opts.encryption.as_ref().map(|e| e.passphrase.clone());
-        Qcow2::open_with(storage, &reopen, None, data)
-    }
-}
-
-impl Qcow2 {
-    /// Growing zeroes the bytes past the old end inside its last cluster,
-    /// in place. When a snapshot shares that cluster (no COPIED flag),
-    /// rewrite its in-disk part first: the write copies the cluster into
-    /// one of our own, where the zeroing may land.
-    ///
-    /// With `preallocating` over a backing file, an unallocated old last
-    /// cluster is rewritten the same way: preallocation would map it to a
-    /// new cluster of zeros, losing the backing file's data in the old
-    /// disk (QEMU copies it into the preallocated cluster).
-    pub(crate) fn unshare_last_cluster(&self, old_size: u64, preallocating: bool) -> Result<()> {
-        let g = self.geometry();
-        let start = g.align_down(old_size);
-        if start == old_size {
-            return Ok(());
-        }
-        let reads_backing = preallocating && self.backing().is_some();
-        let shared = {
-            let mut m = self.lock_meta();
-            match m.l2_offset(g.l1_index(GuestOffset(start)))? {
-                None => reads_backing,
-                Some(table) => {
-                    m.load_l2(self.storage_ref(), table)?;
-                    let index = g.l2_index(GuestOffset(start));
-                    match m.mapping_at(table, index)? {
-                        L2Mapping::Normal { copied: false, .. } => true,
-                        L2Mapping::Unallocated => reads_backing,
-                        _ => false,
-                    }
-                }
-            }
-        };
-        if shared {
-            let mut buf = vec![0u8; (old_size - start) as usize];
-            self.read_at(&mut buf, start)?;
-            self.write_at_inner(&buf, start)?;
-        }
-        Ok(())
-    }
-}
+use crate::options::Preallocation;
+use crate::qcow2::meta::{DiscardModes, FreeReason, Meta};
+use crate::storage::Storage;
 
 impl Meta {
+    /// Whether the cluster at guest `start` is shared with a snapshot
+    /// (normal without COPIED), or unallocated when `reads_backing` (its
+    /// content comes from the backing file): then it must be rewritten
+    /// into a cluster of ours before a resize changes it in place.
+    pub(crate) fn cluster_shared_or_backed(
+        &mut self,
+        st: &dyn Storage,
+        start: u64,
+        reads_backing: bool,
+    ) -> Result<bool> {
+        let g = self.geometry;
+        let Some(table) = self.l2_offset(g.l1_index(GuestOffset(start)))? else { return Ok(reads_backing) };
+        self.load_l2(st, table)?;
+        Ok(match self.mapping_at(table, g.l2_index(GuestOffset(start)))? {
+            L2Mapping::Normal { copied: false, .. } => true,
+            L2Mapping::Unallocated => reads_backing,
+            _ => false,
+        })
+    }
+
     /// Grows the L1 table to `entries` entries: a new table is written,
     /// synced, switched to in the header, and the old one freed.
     pub(crate) fn grow_l1_to(&mut self, storage: &dyn Storage, entries: u64) -> Result<()> {

@@ -15,7 +15,7 @@ use oxqcow_format::table::{decode_entries, encode_entries, L1Entry, COPIED};
 use oxqcow_format::{HostCluster, HostOffset, L2Entry, L2Mapping, SnapshotEntry};
 
 use crate::error::{Error, Result};
-use crate::qcow2::{DiscardModes, FreeReason, Meta};
+use crate::qcow2::meta::{DiscardModes, FreeReason, Meta};
 use crate::storage::Storage;
 
 /// Finds the first snapshot matching both `id` and `name` where given
@@ -379,14 +379,14 @@ impl Meta {
         self.flush_all(storage)?;
         if sn_flags != sn_l1 {
             let at = sn.l1_table_offset;
-            self.refcounts.check_write(at, sn_flags.len() as u64 * 8, crate::overlap::INACTIVE_L1)?;
+            self.refcounts.check_write(at, sn_flags.len() as u64 * 8, crate::qcow2::meta::overlap::INACTIVE_L1)?;
             storage.write_at(&encode_entries(&sn_flags), at).map_err(Error::io("writing a snapshot L1 table", at))?;
             storage.sync().map_err(Error::io("syncing a snapshot L1 table", at))?;
         }
         let mut new_l1 = sn_l1;
         new_l1.resize(self.l1.len(), 0);
         let l1_offset = self.header.l1_table_offset;
-        self.refcounts.check_write(l1_offset, new_l1.len() as u64 * 8, crate::overlap::ACTIVE_L1)?;
+        self.refcounts.check_write(l1_offset, new_l1.len() as u64 * 8, crate::qcow2::meta::overlap::ACTIVE_L1)?;
         storage.write_at(&encode_entries(&new_l1), l1_offset).map_err(Error::io("writing the L1 table", l1_offset))?;
         storage.sync().map_err(Error::io("syncing the L1 table", l1_offset))?;
         let old_l1 = std::mem::replace(&mut self.l1, new_l1);
