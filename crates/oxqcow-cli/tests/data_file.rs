@@ -354,9 +354,19 @@ fn the_data_file_is_locked_as_qemu_locks_it() {
     let by_qemu = s.qemu(&resize_raw);
     let pid = std::fs::read_to_string(&pid_file).unwrap().trim().to_string();
     assert!(Command::new("kill").arg(&pid).status().unwrap().success());
-    // Wait for it to exit (and drop its locks).
-    while Path::new(&format!("/proc/{pid}")).exists() {
+    // Wait for it to exit (and drop its locks). Forked, it is not our
+    // child: where nobody reaps orphans it stays a zombie, which holds no
+    // locks, so a zombie counts as gone (waiting for /proc to forget it
+    // hung this test there).
+    let alive = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|stat| stat.rsplit(") ").next().is_some_and(|rest| !rest.starts_with('Z')))
+    };
+    let mut waited = 0;
+    while alive() {
         std::thread::sleep(std::time::Duration::from_millis(20));
+        waited += 1;
+        assert!(waited < 1500, "qemu-nbd {pid} did not exit within 30 s of SIGTERM");
     }
     assert_eq!(by_qemu.code, 1, "{by_qemu:?}");
     assert!(by_qemu.stderr.contains("Failed to get \"resize\" lock"), "{by_qemu:?}");
