@@ -11,10 +11,13 @@ use oxqcow::amend::AmendOptions;
 use oxqcow::crypt::KeyslotChange;
 use oxqcow::{Compat, Image, ImageFormat};
 
-use crate::common::{check_object, describe, is_cache_mode, Ctx};
-use crate::getopt::{HasArg, Opt};
-use crate::imgopts::{self, split_options, OptDesc, OptType};
-use crate::progress::Progress;
+use crate::app::ctx::Ctx;
+use crate::app::getopt::{HasArg, Opt};
+use crate::app::image::is_cache_mode;
+use crate::app::imgopts::{self, split_options, OptDesc, OptType};
+use crate::app::messages::describe;
+use crate::app::objects::define as check_object;
+use crate::app::progress::Progress;
 
 /// In qemu-img's order, which ambiguity messages list.
 const SPEC: &[Opt] = &[
@@ -150,8 +153,8 @@ fn amend(
     if !is_cache_mode(cache) {
         return ctx.fail(&format!("Invalid cache option: {cache}"));
     }
-    let image = match crate::common::open_operand_for_writing(filename, image_opts, fmt)
-        .and_then(|image| crate::common::apply_cache_mode(&image, cache, filename).map(|()| image))
+    let image = match crate::app::image::open_operand_for_writing(filename, image_opts, fmt)
+        .and_then(|image| crate::app::image::apply_cache_mode(&image, cache, filename).map(|()| image))
     {
         Ok(i) => i,
         Err(msg) => return ctx.fail(&msg),
@@ -245,7 +248,7 @@ fn to_amend_options(options: &str, info: &oxqcow::Qcow2Info) -> Result<(AmendOpt
         });
     }
     if let Some(v) = last("size") {
-        o.size = Some(crate::common::parse_size_option("size", &v)?);
+        o.size = Some(crate::app::numbers::parse_size_option("size", &v)?);
     }
     if let Some(v) = last("compat") {
         o.compat = Some(Compat::from_amend_name(&v).map_err(|e| describe(&e))?);
@@ -295,7 +298,7 @@ fn keyslot_change(pairs: &[(String, String)], force: bool) -> Result<KeyslotChan
             Some(n as usize)
         }
     };
-    let secret = |k: &str| last(k).map(|id| crate::secrets::lookup(&id)).transpose();
+    let secret = |k: &str| last(k).map(|id| crate::app::secrets::lookup(&id)).transpose();
     let old_secret = secret("encrypt.old-secret")?;
     let new_secret = secret("encrypt.new-secret")?;
     if state {

@@ -17,11 +17,11 @@ use std::time::Instant;
 
 use oxqcow::{BlockDevice, Image};
 
-use crate::common::Ctx;
-use crate::common::{qemu_strtosz, strtoul0, SizeError};
-use crate::getopt::{self, HasArg, Opt};
-use crate::io::cmds::errno_text;
-use crate::io::open::{open, OpenSpec};
+use crate::app::ctx::Ctx;
+use crate::app::getopt::{self, HasArg, Opt};
+use crate::app::io_open::{open, split_options, OpenSpec};
+use crate::app::messages::errno_text;
+use crate::app::numbers::{qemu_strtosz, strtoul0, SizeError};
 
 /// Most threads one run uses; deeper queues share them.
 pub const MAX_WORKERS: u64 = 256;
@@ -211,7 +211,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         if format.is_some() {
             return ctx.fail("--image-opts and --format are mutually exclusive");
         }
-        match crate::io::open::split_options(&ctx.prog, filename) {
+        match split_options(&ctx.prog, filename) {
             Ok(o) => spec.options = o,
             Err(msg) => return ctx.fail(&msg),
         }

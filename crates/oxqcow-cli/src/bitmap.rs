@@ -10,8 +10,12 @@
 use oxqcow::backing::BackingPolicy;
 use oxqcow::{DirtyBitmap, Image, OpenOptions};
 
-use crate::common::{check_object, cvtnum, describe, open_image, parse_image_opts, Ctx};
-use crate::getopt::{HasArg, Opt};
+use crate::app::ctx::Ctx;
+use crate::app::getopt::{HasArg, Opt};
+use crate::app::image::{open_image, parse_image_opts};
+use crate::app::messages::describe;
+use crate::app::numbers::cvtnum;
+use crate::app::objects::define as check_object;
 
 /// In qemu-img's order, which ambiguity messages list.
 const SPEC: &[Opt] = &[

@@ -7,8 +7,11 @@
 use oxqcow::{CheckReport, Image, OpenOptions, RepairMode};
 use serde_json::{json, Map, Value};
 
-use crate::common::{describe, parse_image_opts, print_json, Ctx, OutputFormat};
-use crate::getopt::{HasArg, Opt};
+use crate::app::ctx::Ctx;
+use crate::app::getopt::{HasArg, Opt};
+use crate::app::image::parse_image_opts;
+use crate::app::messages::describe;
+use crate::app::output::{print_json, OutputFormat};
 
 /// In qemu-img's order, which ambiguity messages list.
 const SPEC: &[Opt] = &[
@@ -86,7 +89,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             },
             "q" => quiet = true,
             "object" => {
-                if let Err(msg) = crate::common::check_object(&value) {
+                if let Err(msg) = crate::app::objects::define(&value) {
                     return ctx.fail(&msg);
                 }
             }
@@ -115,7 +118,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     opts.cache = cache;
     // Damaged refcount tables are what check is for: open tolerantly.
     opts.repair = true;
-    let image = match crate::common::open_image_as(&path, filename, format.as_deref(), opts) {
+    let image = match crate::app::image::open_image_as(&path, filename, format.as_deref(), opts) {
         Ok(i) => i,
         Err(msg) => return ctx.fail(&msg),
     };
@@ -165,7 +168,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
 /// REASON" and gives exit code 1.
 fn run_check(ctx: &Ctx, image: &Image, repair: Option<RepairMode>) -> Result<CheckReport, i32> {
     let report = image
-        .check_with(repair, &mut |line| crate::common::stderr_line(line))
+        .check_with(repair, &mut |line| crate::app::messages::stderr_line(line))
         .map_err(|e| ctx.fail(&format!("Check failed: {}", describe(&e))))?;
     match &report.error {
         Some(reason) => Err(ctx.fail(&format!("Check failed: {reason}"))),

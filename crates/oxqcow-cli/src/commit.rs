@@ -11,9 +11,13 @@ use std::path::Path;
 use oxqcow::backing::resolve_backing_path;
 use oxqcow::Image;
 
-use crate::common::{cvtnum, describe, is_cache_mode, Ctx, FORBID_BACKING};
-use crate::getopt::{HasArg, Opt};
-use crate::progress::Progress;
+use crate::app::ctx::Ctx;
+use crate::app::forbid_backing::FORBID_BACKING;
+use crate::app::getopt::{HasArg, Opt};
+use crate::app::image::is_cache_mode;
+use crate::app::messages::describe;
+use crate::app::numbers::cvtnum;
+use crate::app::progress::Progress;
 
 const SPEC: &[Opt] = &[
     Opt::both('h', "help", HasArg::No),
@@ -89,9 +93,9 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 Ok(n) => rate = n,
                 Err(msg) => return ctx.fail(&msg),
             },
-            FORBID_BACKING => crate::common::forbid_backing(),
+            FORBID_BACKING => crate::app::forbid_backing::forbid_backing(),
             "object" => {
-                if let Err(msg) = crate::common::check_object(&v) {
+                if let Err(msg) = crate::app::objects::define(&v) {
                     return ctx.fail(&msg);
                 }
             }
@@ -108,16 +112,17 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     if !is_cache_mode(&cache) {
         return ctx.fail(&format!("Invalid cache option: {cache}"));
     }
-    let (image, filename) = match crate::common::open_operand(filename, image_opts, format.as_deref(), false, false) {
+    let (image, filename) = match crate::app::image::open_operand(filename, image_opts, format.as_deref(), false, false)
+    {
         Ok(i) => i,
         Err(msg) => return ctx.fail(&msg),
     };
     let filename = &filename;
-    if let Err(msg) = crate::common::apply_cache_mode(&image, &cache, filename) {
+    if let Err(msg) = crate::app::image::apply_cache_mode(&image, &cache, filename) {
         return ctx.fail(&msg);
     }
     if format.is_none() && image.format() == oxqcow::ImageFormat::Raw {
-        crate::common::warn_probed_raw(filename);
+        crate::app::messages::warn_probed_raw(filename);
     }
     let layers = chain(&image, filename);
     if layers.len() < 2 {
@@ -135,7 +140,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
 
     let display = Progress::new(progress, 1.0);
     display.print(0.0, 100);
-    let limit = crate::ratelimit::RateLimit::new(rate);
+    let limit = crate::app::ratelimit::RateLimit::new(rate);
     let mut on_progress = |done: u64, total: u64| {
         if total > 0 {
             display.print((done as f64 / total as f64 * 100.0) as f32, 0);

@@ -11,10 +11,13 @@
 
 use oxqcow::{BlockDevice, Image};
 
-use crate::common::{is_cache_mode, strerror, Ctx, FORBID_BACKING};
-use crate::getopt::{self, HasArg, Opt};
-use crate::progress::Progress;
-use crate::status::StatusCursor;
+use crate::app::ctx::Ctx;
+use crate::app::forbid_backing::FORBID_BACKING;
+use crate::app::getopt::{self, HasArg, Opt};
+use crate::app::image::is_cache_mode;
+use crate::app::messages::strerror;
+use crate::app::progress::Progress;
+use crate::app::status::StatusCursor;
 
 /// qemu-img's `IO_BUF_SIZE`: the most read from each image at once.
 const IO_BUF_SIZE: u64 = 2 << 20;
@@ -103,12 +106,12 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             "s" => a.strict = true,
             "U" => a.force_share = true,
             "object" => {
-                if let Err(msg) = crate::common::check_object(&value.unwrap_or_default()) {
+                if let Err(msg) = crate::app::objects::define(&value.unwrap_or_default()) {
                     return ctx.fail(&msg);
                 }
             }
             "image-opts" => a.image_opts = true,
-            FORBID_BACKING => crate::common::forbid_backing(),
+            FORBID_BACKING => crate::app::forbid_backing::forbid_backing(),
             _ => unreachable!("getopt only returns declared options"),
         }
     }
@@ -135,8 +138,8 @@ fn compare(ctx: &Ctx, a: &Args, progress: &Progress) -> i32 {
         return 2;
     }
     let open = |file: &str, fmt: &Option<String>| {
-        let (image, _) = crate::common::open_operand(file, a.image_opts, fmt.as_deref(), true, a.force_share)?;
-        crate::common::apply_cache_mode(&image, &a.cache, file)?;
+        let (image, _) = crate::app::image::open_operand(file, a.image_opts, fmt.as_deref(), true, a.force_share)?;
+        crate::app::image::apply_cache_mode(&image, &a.cache, file)?;
         Ok::<_, String>(image)
     };
     let img1 = match open(&a.file1, &a.fmt1) {

@@ -32,13 +32,15 @@ use std::sync::{Arc, Condvar, Mutex};
 use oxqcow::backing::resolve_backing_path;
 use oxqcow::{BlockDevice, CacheMode, CreateOptions, Image, ImageFormat, OpenOptions, Preallocation};
 
-use crate::common::{
-    backing_forbidden, cvtnum, describe, is_cache_mode, open_image, os_error, strerror, Ctx, FORBID_BACKING,
-};
-use crate::getopt::{self, HasArg, Opt};
-use crate::progress::Progress;
-use crate::snapshot_param::SnapshotParam;
-use crate::status::StatusCursor;
+use crate::app::ctx::Ctx;
+use crate::app::forbid_backing::{backing_forbidden, FORBID_BACKING};
+use crate::app::getopt::{self, HasArg, Opt};
+use crate::app::image::{is_cache_mode, open_image};
+use crate::app::messages::{describe, os_error, strerror};
+use crate::app::numbers::cvtnum;
+use crate::app::progress::Progress;
+use crate::app::snapshot_param::SnapshotParam;
+use crate::app::status::StatusCursor;
 
 /// qemu-img's `IO_BUF_SIZE`: the largest chunk read and written at once.
 const IO_BUF_SIZE: u64 = 2 << 20;
@@ -250,7 +252,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             "c" => a.compress = true,
             "B" => a.backing = Some(v),
             "F" => a.backing_fmt = Some(v),
-            FORBID_BACKING => crate::common::forbid_backing(),
+            FORBID_BACKING => crate::app::forbid_backing::forbid_backing(),
             "l" => match SnapshotParam::parse(&v) {
                 Ok(p) => a.snapshot = Some(p),
                 Err(key) => {
@@ -266,7 +268,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             "bitmaps" => a.bitmaps = true,
             "skip-broken-bitmaps" => a.skip_broken_bitmaps = true,
             "object" => {
-                if let Err(msg) = crate::common::check_object(&v) {
+                if let Err(msg) = crate::app::objects::define(&v) {
                     return ctx.fail(&msg);
                 }
             }
@@ -389,7 +391,8 @@ fn convert(ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
     let mut sources = Vec::with_capacity(a.sources.len());
     let mut total = 0u64;
     for name in &a.sources {
-        let (image, _) = crate::common::open_operand(name, a.image_opts, a.src_fmt.as_deref(), true, a.force_share)?;
+        let (image, _) =
+            crate::app::image::open_operand(name, a.image_opts, a.src_fmt.as_deref(), true, a.force_share)?;
         let image = match &a.snapshot {
             Some(p) => p.load(image, name, a.src_fmt.as_deref())?,
             None => image,
@@ -414,11 +417,11 @@ fn convert(ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
     if let Some(o) = &a.options {
         // The encryption options are read as create reads them (secrets by
         // id, QEMU's messages); the rest are the library's.
-        let (enc, rest): (Vec<_>, Vec<_>) = crate::imgopts::split_options(o)
+        let (enc, rest): (Vec<_>, Vec<_>) = crate::app::imgopts::split_options(o)
             .into_iter()
             .partition(|(k, _)| k == "encryption" || k.starts_with("encrypt."));
         if format == ImageFormat::Qcow2 && !enc.is_empty() {
-            let mut io = crate::imgopts::ImgOpts::new(format);
+            let mut io = crate::app::imgopts::ImgOpts::new(format);
             for (k, v) in &enc {
                 io.set(k, v)?;
             }
@@ -487,9 +490,9 @@ fn convert(ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
             if a.out_fmt.is_some() {
                 return Err("--image-opts and --format are mutually exclusive".into());
             }
-            let (path, fmt, mut opts) = crate::common::parse_image_opts(&a.target)?;
+            let (path, fmt, mut opts) = crate::app::image::parse_image_opts(&a.target)?;
             opts.discard_passthrough = true;
-            crate::common::open_image_as(&path, &a.target, fmt.as_deref(), opts)?
+            crate::app::image::open_image_as(&path, &a.target, fmt.as_deref(), opts)?
         }
         None => {
             let mut opts = OpenOptions::new();
@@ -556,7 +559,7 @@ fn convert(ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
         in_order: a.in_order && !a.compress && format != ImageFormat::Raw,
         progress,
         data_total: if a.progress { count_data(&sources, a.min_sparse)? } else { 0 },
-        rate: crate::ratelimit::RateLimit::new(a.rate),
+        rate: crate::app::ratelimit::RateLimit::new(a.rate),
         salvage: a.salvage.then_some(Salvage { prog: &ctx.prog, quiet: a.quiet }),
         copy_range: a.copy_range,
     };
@@ -747,7 +750,7 @@ struct Job<'a> {
     progress: &'a Progress,
     data_total: u64,
     /// `-r`: the data chunks read are paced to this rate.
-    rate: Option<crate::ratelimit::RateLimit>,
+    rate: Option<crate::app::ratelimit::RateLimit>,
     /// `--salvage`.
     salvage: Option<Salvage<'a>>,
     /// `-C`.

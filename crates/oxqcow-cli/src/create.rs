@@ -10,9 +10,12 @@ use std::path::{Path, PathBuf};
 use oxqcow::measure::{check_virtual_size, Qcow2Layout};
 use oxqcow::{BlockDevice, ErrorKind, Image, ImageFormat, OpenOptions};
 
-use crate::common::{describe, open_image, parse_size_operand, Ctx};
-use crate::getopt::{HasArg, Opt};
-use crate::imgopts::{self, ImgOpts};
+use crate::app::ctx::Ctx;
+use crate::app::getopt::{HasArg, Opt};
+use crate::app::image::open_image;
+use crate::app::imgopts::{self, ImgOpts};
+use crate::app::messages::describe;
+use crate::app::numbers::parse_size_operand;
 
 /// In qemu-img's order, which ambiguity messages list.
 const SPEC: &[Opt] = &[
@@ -73,7 +76,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             "F" => backing_fmt = Some(value),
             "u" => unsafe_backing = true,
             "object" => {
-                if let Err(msg) = crate::common::check_object(&value) {
+                if let Err(msg) = crate::app::objects::define(&value) {
                     return ctx.fail(&msg);
                 }
             }

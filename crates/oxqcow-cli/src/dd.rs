@@ -10,8 +10,11 @@ use std::path::Path;
 
 use oxqcow::{BlockDevice, CreateOptions, Image, ImageFormat, OpenOptions};
 
-use crate::common::{cvtnum, describe, open_image, os_error, parse_image_opts, strerror, strtoul0, Ctx, SizeError};
-use crate::getopt::{HasArg, Opt};
+use crate::app::ctx::Ctx;
+use crate::app::getopt::{HasArg, Opt};
+use crate::app::image::{open_image, parse_image_opts};
+use crate::app::messages::{describe, os_error, strerror};
+use crate::app::numbers::{cvtnum, strtoul0, SizeError};
 
 /// In qemu-img's order, which ambiguity messages list.
 const SPEC: &[Opt] = &[

@@ -13,8 +13,11 @@ use oxqcow::format::SnapshotEntry;
 use oxqcow::{probe_format, FileStorage, Image, ImageFormat, OpenOptions, Qcow2, Qcow2Info, Storage};
 use serde_json::{json, Map, Value};
 
-use crate::common::{open_image, print_json, size_to_str, snapshot_header, snapshot_line, Ctx, OutputFormat};
-use crate::getopt::{HasArg, Opt};
+use crate::app::ctx::Ctx;
+use crate::app::getopt::{HasArg, Opt};
+use crate::app::image::open_image;
+use crate::app::output::{print_json, size_to_str, OutputFormat};
+use crate::app::snapshot_table::{snapshot_header, snapshot_line};
 
 const SPEC: &[Opt] = &[
     // In qemu-img's order, which ambiguity messages list.
@@ -65,7 +68,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 Err(msg) => return ctx.usage_error("info", &msg),
             },
             "object" => {
-                if let Err(msg) = crate::common::check_object(&value) {
+                if let Err(msg) = crate::app::objects::define(&value) {
                     return ctx.fail(&msg);
                 }
             }
@@ -80,7 +83,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         return ctx.fail("--image-opts and --format are mutually exclusive");
     }
     let (path, format, opts) = if image_opts {
-        match crate::common::parse_image_opts_no_io(filename) {
+        match crate::app::image::parse_image_opts_no_io(filename) {
             Ok(v) => v,
             Err(msg) => return ctx.fail(&msg),
         }
@@ -93,7 +96,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let mut layers = oxqcow::backing::Chain::new();
     loop {
         if let Err(e) = layers.enter(Path::new(&path)) {
-            return ctx.fail(&crate::common::describe(&e));
+            return ctx.fail(&crate::app::messages::describe(&e));
         }
         let source = match open_source(&path, format.as_deref(), opts) {
             Ok(s) => s,
@@ -108,7 +111,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         infos.push(info);
         match backing {
             // --forbid-backing: the header is described, its backing file never opened.
-            Some(b) if chain && crate::common::backing_forbidden() => {
+            Some(b) if chain && crate::app::forbid_backing::backing_forbidden() => {
                 return ctx.fail(&format!(
                     "Could not open '{b}': '{path}' has a backing file and opening backing files is forbidden"
                 ));
@@ -175,7 +178,7 @@ fn open_source(path: &str, format: Option<&str>, mut opts: OpenOptions) -> Resul
         if info.data_file.is_some() || info.has_data_file || info.crypt_method != 0 {
             storage
                 .lock_image(Path::new(path), true, opts.force_share)
-                .map_err(|e| format!("Could not open '{path}': {}", crate::common::describe(&e)))?;
+                .map_err(|e| format!("Could not open '{path}': {}", crate::app::messages::describe(&e)))?;
             return Ok(Source::Header { storage, info, snapshots });
         }
     }
@@ -184,10 +187,12 @@ fn open_source(path: &str, format: Option<&str>, mut opts: OpenOptions) -> Resul
         Err(msg) => msg,
     };
     match header_only() {
-        Some((storage, info, snapshots)) if info.backing_file.is_some() && crate::common::backing_forbidden() => {
+        Some((storage, info, snapshots))
+            if info.backing_file.is_some() && crate::app::forbid_backing::backing_forbidden() =>
+        {
             storage
                 .lock_image(Path::new(path), true, opts.force_share)
-                .map_err(|e| format!("Could not open '{path}': {}", crate::common::describe(&e)))?;
+                .map_err(|e| format!("Could not open '{path}': {}", crate::app::messages::describe(&e)))?;
             Ok(Source::Header { storage, info, snapshots })
         }
         _ => Err(err),
@@ -428,7 +433,7 @@ fn human(info: &Value, indentation: usize, path: &str) -> String {
 /// QEMU's `dump_qdict`: `key: value` lines in QDict order, dashes in keys
 /// shown as spaces, nested containers indented.
 fn dump_dict(out: &mut String, indentation: usize, dict: &Map<String, Value>) {
-    for (key, value) in crate::qjson::qdict_order(dict) {
+    for (key, value) in crate::app::qjson::qdict_order(dict) {
         let composite = value.is_object() || value.is_array();
         out.push_str(&format!("{}{}:", "    ".repeat(indentation), key.replace('-', " ")));
         out.push_str(if composite { "\n" } else { " " });

@@ -4,36 +4,26 @@
 #![forbid(unsafe_code)]
 
 mod amend;
+mod app;
 mod bench;
 mod bitmap;
 mod check;
 mod commit;
-#[allow(dead_code)] // used by the subcommand modules as they land
-mod common;
 mod compare;
 mod convert;
 mod create;
 mod dd;
-mod getopt;
-mod imgopts;
 mod info;
 mod io;
 mod map;
 mod measure;
 mod mount;
-mod progress;
-mod qjson;
-mod ratelimit;
 mod rebase;
 mod resize;
-mod secrets;
 mod serve;
 mod snapshot;
-mod snapshot_param;
-mod status;
-mod tlscreds;
 
-use common::Ctx;
+use app::Ctx;
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -73,7 +63,7 @@ fn run(ctx: &Ctx, args: &[String]) -> i32 {
             }
             "-T" | "--trace" => args = &args[2.min(args.len())..],
             "--forbid-backing" => {
-                common::forbid_backing();
+                app::forbid_backing::forbid_backing();
                 args = &args[1..];
             }
             t if t.starts_with("--trace=") || (t.starts_with("-T") && t.len() > 2) => args = &args[1..],

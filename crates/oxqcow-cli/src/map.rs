@@ -12,8 +12,12 @@
 
 use oxqcow::{BlockDevice, Extent};
 
-use crate::common::{chain_filenames, cvtnum, strerror, Ctx, FORBID_BACKING};
-use crate::getopt::{self, HasArg, Opt};
+use crate::app::ctx::Ctx;
+use crate::app::forbid_backing::FORBID_BACKING;
+use crate::app::getopt::{self, HasArg, Opt};
+use crate::app::image::chain_filenames;
+use crate::app::messages::strerror;
+use crate::app::numbers::cvtnum;
 
 /// Block status is asked for in windows of this many bytes, so the extent
 /// list of a huge, fragmented image never sits in memory all at once.
@@ -144,12 +148,12 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 Err(msg) => return ctx.fail(&msg),
             },
             "object" => {
-                if let Err(msg) = crate::common::check_object(value) {
+                if let Err(msg) = crate::app::objects::define(value) {
                     return ctx.fail(&msg);
                 }
             }
             "image-opts" => image_opts = true,
-            FORBID_BACKING => crate::common::forbid_backing(),
+            FORBID_BACKING => crate::app::forbid_backing::forbid_backing(),
             _ => unreachable!("getopt only returns declared options"),
         }
     }
@@ -157,7 +161,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         return ctx.fail(&format!("Expecting one image file name\n{hint}"));
     };
     let (image, filename) =
-        match crate::common::open_operand(filename, image_opts, format.as_deref(), true, force_share) {
+        match crate::app::image::open_operand(filename, image_opts, format.as_deref(), true, force_share) {
             Ok(i) => i,
             Err(msg) => return ctx.fail(&msg),
         };

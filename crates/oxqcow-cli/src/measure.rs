@@ -7,10 +7,14 @@ use oxqcow::measure::{data_bytes, measure_qcow2, measure_raw, Measurement, Qcow2
 use oxqcow::{BlockDevice, Compat, Encryption, EncryptionFormat, Image, ImageFormat, OpenOptions, Preallocation};
 use serde_json::{json, Map, Value};
 
-use crate::common::{describe, open_image, parse_image_opts, parse_size_operand, print_json, Ctx, OutputFormat};
-use crate::getopt::{HasArg, Opt};
-use crate::imgopts::{self, ImgOpts};
-use crate::snapshot_param::SnapshotParam;
+use crate::app::ctx::Ctx;
+use crate::app::getopt::{HasArg, Opt};
+use crate::app::image::{open_image, parse_image_opts};
+use crate::app::imgopts::{self, ImgOpts};
+use crate::app::messages::describe;
+use crate::app::numbers::parse_size_operand;
+use crate::app::output::{print_json, OutputFormat};
+use crate::app::snapshot_param::SnapshotParam;
 
 /// In qemu-img's order, which ambiguity messages list.
 const SPEC: &[Opt] = &[
@@ -87,7 +91,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 Err(msg) => return ctx.fail(&msg),
             },
             "object" => {
-                if let Err(msg) = crate::common::check_object(&value) {
+                if let Err(msg) = crate::app::objects::define(&value) {
                     return ctx.fail(&msg);
                 }
             }
@@ -115,7 +119,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             let opened = if image_opts {
                 parse_image_opts(name).and_then(|(path, f, mut o)| {
                     o.force_share |= force_share;
-                    crate::common::open_image_as(&path, name, f.as_deref(), o.read_only(true))
+                    crate::app::image::open_image_as(&path, name, f.as_deref(), o.read_only(true))
                 })
             } else {
                 let mut o = OpenOptions::new().read_only(true);

@@ -25,8 +25,10 @@ use fuser::{Config as FuseConfig, MountOption, Session, SessionACL};
 use oxqcow::{CacheMode, Image, OpenOptions};
 use oxqcow_nbd::sys::{self, TerminationSignals};
 
-use crate::common::{open_export_image, os_error, Ctx};
-use crate::getopt::{HasArg, Opt};
+use crate::app::ctx::Ctx;
+use crate::app::daemon::open_export_image;
+use crate::app::getopt::{HasArg, Opt};
+use crate::app::messages::os_error;
 use export::{DiskFs, ExportConfig, Layout};
 
 const SPEC: &[Opt] = &[
@@ -129,7 +131,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     // The parent waits on this socket for the child's word that it serves.
     let mut ready: Option<UnixStream> = None;
     if cfg.daemonize {
-        match crate::common::fork_daemon(ctx, "Failed to daemonize") {
+        match crate::app::daemon::fork_daemon(ctx, "Failed to daemonize") {
             Ok(to_parent) => ready = Some(to_parent),
             Err(code) => return code,
         }
@@ -263,7 +265,7 @@ fn parse(ctx: &Ctx, args: &[String]) -> Result<Config, i32> {
                 return Err(0);
             }
             "object" => {
-                if let Err(msg) = crate::common::check_object(&v) {
+                if let Err(msg) = crate::app::objects::define(&v) {
                     return fail(msg);
                 }
             }

@@ -16,10 +16,13 @@ use std::path::Path;
 use oxqcow::backing::{resolve_backing_path, BackingPolicy};
 use oxqcow::{CacheMode, ImageFormat, OpenOptions};
 
-use crate::common::{chain_filenames, describe, open_image, Ctx, FORBID_BACKING};
+use crate::app::ctx::Ctx;
+use crate::app::forbid_backing::FORBID_BACKING;
+use crate::app::image::{chain_filenames, open_image};
+use crate::app::messages::describe;
 
-use crate::getopt::{HasArg, Opt};
-use crate::progress::Progress;
+use crate::app::getopt::{HasArg, Opt};
+use crate::app::progress::Progress;
 
 /// qemu-img's `IO_BUF_SIZE`: rebase reports progress once per this many bytes.
 const IO_BUF_SIZE: u64 = 2 << 20;
@@ -103,9 +106,9 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             "q" => quiet = true,
             "U" => {}
             "c" => compress = true,
-            FORBID_BACKING => crate::common::forbid_backing(),
+            FORBID_BACKING => crate::app::forbid_backing::forbid_backing(),
             "object" => {
-                if let Err(msg) = crate::common::check_object(&v) {
+                if let Err(msg) = crate::app::objects::define(&v) {
                     return ctx.fail(&msg);
                 }
             }
@@ -143,8 +146,8 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         if format.is_some() {
             return ctx.fail("--image-opts and --format are mutually exclusive");
         }
-        crate::common::parse_image_opts(filename).and_then(|(path, fmt, opts)| {
-            crate::common::open_image_as(&path, filename, fmt.as_deref(), opts.backing(policy))
+        crate::app::image::parse_image_opts(filename).and_then(|(path, fmt, opts)| {
+            crate::app::image::open_image_as(&path, filename, fmt.as_deref(), opts.backing(policy))
                 .map(|image| (image, path))
         })
     } else {
@@ -156,7 +159,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     };
     let filename = &filename;
     if format.is_none() && image.format() == oxqcow::ImageFormat::Raw {
-        crate::common::warn_probed_raw(filename);
+        crate::app::messages::warn_probed_raw(filename);
     }
     if compress && image.as_qcow2().is_none() {
         return ctx.fail("Compression not supported for this file format");
@@ -164,7 +167,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     if image.as_qcow2().is_none() {
         return ctx.fail(&format!("Could not change the backing file to '{shown}': Operation not supported"));
     }
-    if let (Some(name), true) = (&backing, crate::common::backing_forbidden()) {
+    if let (Some(name), true) = (&backing, crate::app::forbid_backing::backing_forbidden()) {
         return ctx.fail(&format!(
             "'{filename}' would have a backing file ('{name}') and opening backing files is forbidden"
         ));

@@ -5,8 +5,10 @@
 
 use oxqcow::{Image, ImageFormat, Preallocation};
 
-use crate::common::{describe, parse_size_option, Ctx};
-use crate::getopt::{HasArg, Opt};
+use crate::app::ctx::Ctx;
+use crate::app::getopt::{HasArg, Opt};
+use crate::app::messages::describe;
+use crate::app::numbers::parse_size_option;
 
 /// In qemu-img's order, which ambiguity messages list.
 const SPEC: &[Opt] = &[
@@ -62,7 +64,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 Err(_) => return ctx.fail(&format!("Invalid preallocation mode '{value}'")),
             },
             "object" => {
-                if let Err(msg) = crate::common::check_object(&value) {
+                if let Err(msg) = crate::app::objects::define(&value) {
                     return ctx.fail(&msg);
                 }
             }
@@ -81,7 +83,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         Ok(n) => n,
         Err(msg) => return ctx.fail(&msg),
     };
-    let image = match crate::common::open_operand_for_writing(filename, image_opts, fmt) {
+    let image = match crate::app::image::open_operand_for_writing(filename, image_opts, fmt) {
         Ok(i) => i,
         Err(msg) => return ctx.fail(&msg),
     };

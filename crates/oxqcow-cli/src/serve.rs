@@ -18,8 +18,9 @@ use oxqcow::{BlockDevice, CacheMode, OpenOptions};
 use oxqcow_nbd::sys::{self, TerminationSignals};
 use oxqcow_nbd::{DetectZeroes, Export, ExportOptions, Listener, Server, ServerOptions, TlsServer};
 
-use crate::common::{open_export_image, Ctx};
-use crate::getopt::{HasArg, Opt};
+use crate::app::ctx::Ctx;
+use crate::app::daemon::open_export_image;
+use crate::app::getopt::{HasArg, Opt};
 
 /// qemu-nbd's options, in its order.
 const SPEC: &[Opt] = &[
@@ -167,7 +168,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     // The parent waits on this socket for the child's word that it serves.
     let mut ready: Option<UnixStream> = None;
     if cfg.fork {
-        match crate::common::fork_daemon(ctx, "Failed to fork") {
+        match crate::app::daemon::fork_daemon(ctx, "Failed to fork") {
             Ok(to_parent) => ready = Some(to_parent),
             Err(code) => return code,
         }
@@ -208,7 +209,7 @@ fn serve(
     };
     if let Some(p) = &cfg.pid_file {
         if let Err(e) = std::fs::write(p, format!("{}\n", std::process::id())) {
-            return ctx.fail(&format!("Failed to write pid file '{p}': {}", crate::common::os_error(&e)));
+            return ctx.fail(&format!("Failed to write pid file '{p}': {}", crate::app::messages::os_error(&e)));
         }
     }
     let opts = ServerOptions {
@@ -251,7 +252,7 @@ fn listen(cfg: &Config) -> Result<Vec<Listener>, String> {
     if let Some(path) = &cfg.socket {
         return Listener::bind_unix(Path::new(path))
             .map(|l| vec![l])
-            .map_err(|e| format!("Failed to bind socket to {path}: {}", crate::common::os_error(&e)));
+            .map_err(|e| format!("Failed to bind socket to {path}: {}", crate::app::messages::os_error(&e)));
     }
     let host = cfg.bind.as_deref().unwrap_or("0.0.0.0");
     let port_text = cfg.port.as_deref().unwrap_or(DEFAULT_PORT);
@@ -261,7 +262,7 @@ fn listen(cfg: &Config) -> Result<Vec<Listener>, String> {
     // Brackets around IPv6 literals are qemu's spelling; the resolver wants none.
     let host_plain = host.trim_start_matches('[').trim_end_matches(']');
     Listener::bind_tcp(host_plain, port)
-        .map_err(|e| format!("Failed to find an available port: {}", crate::common::os_error(&e)))
+        .map_err(|e| format!("Failed to find an available port: {}", crate::app::messages::os_error(&e)))
 }
 
 fn parse(ctx: &Ctx, args: &[String]) -> Result<Config, i32> {
@@ -334,7 +335,7 @@ fn parse(ctx: &Ctx, args: &[String]) -> Result<Config, i32> {
             "f" => cfg.format = Some(v),
             "t" => cfg.persistent = true,
             "object" => {
-                if let Err(msg) = crate::secrets::define(&v) {
+                if let Err(msg) = crate::app::objects::define(&v) {
                     return fail(msg);
                 }
             }
@@ -390,7 +391,7 @@ fn parse(ctx: &Ctx, args: &[String]) -> Result<Config, i32> {
             if tls_hostname.is_some() {
                 return fail("TLS hostname is only supported with export list".into());
             }
-            match crate::tlscreds::server_creds(&id) {
+            match crate::app::tlscreds::server_creds(&id) {
                 Ok(creds) => cfg.tls = Some(creds),
                 Err(msg) => return fail(format!("Failed to get TLS creds: {msg}")),
             }

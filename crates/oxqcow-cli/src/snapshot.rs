@@ -11,10 +11,12 @@
 use oxqcow::format::SnapshotEntry;
 use oxqcow::{Image, ImageFormat, OpenOptions};
 
-use crate::common::{
-    check_object, describe, parse_image_opts, snapshot_header, snapshot_row, strerror, warn_probed_raw, Ctx,
-};
-use crate::getopt::{HasArg, Opt};
+use crate::app::ctx::Ctx;
+use crate::app::getopt::{HasArg, Opt};
+use crate::app::image::parse_image_opts;
+use crate::app::messages::{describe, strerror, warn_probed_raw};
+use crate::app::objects::define as check_object;
+use crate::app::snapshot_table::{snapshot_header, snapshot_row};
 
 /// In qemu-img's order, which ambiguity messages list.
 const SPEC: &[Opt] = &[
@@ -144,7 +146,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     }
     opts.read_only = opts.read_only || read_only;
     opts.force_share = force_share;
-    let image = match crate::common::open_image_as(&path, filename, format.as_deref(), opts) {
+    let image = match crate::app::image::open_image_as(&path, filename, format.as_deref(), opts) {
         Ok(i) => i,
         Err(msg) => return ctx.fail(&msg),
     };

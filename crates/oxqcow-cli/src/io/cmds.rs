@@ -5,40 +5,16 @@ use std::time::{Duration, Instant};
 
 use oxqcow::{BlockDevice, Image, ImageFormat, Preallocation};
 
-use super::open::{split_options, OpenSpec};
 use super::report::{dump, human_size, report};
 use super::{CmdInfo, CmdResult, Failed, Session};
-use crate::common::{describe, os_error, qemu_strtosz, strtoul0, SizeError};
-use crate::getopt;
+use crate::app::getopt;
+use crate::app::io_open::{split_options, OpenSpec};
+use crate::app::messages::{describe, errno_text, io_error_text};
+use crate::app::numbers::{qemu_strtosz, strtoul0, SizeError};
 
 /// QEMU's limit on one request (`BDRV_REQUEST_MAX_BYTES`: `INT_MAX`
 /// rounded down to whole sectors).
 pub const MAX_REQUEST: u64 = 2_147_483_136;
-
-/// The text of a host error as C's `strerror` gives it.
-pub fn io_error_text(e: &std::io::Error) -> String {
-    match e.raw_os_error() {
-        Some(_) => os_error(e),
-        None => "Input/output error".into(),
-    }
-}
-
-/// The `strerror` text QEMU would report for a failed request.
-pub fn errno_text(e: &oxqcow::Error) -> String {
-    use oxqcow::ErrorKind as K;
-    match e {
-        oxqcow::Error::Io { source, .. } => io_error_text(source),
-        _ => match e.kind() {
-            K::InvalidArgument => "Invalid argument",
-            K::Unsupported => "Operation not supported",
-            K::ReadOnly => "Operation not permitted",
-            K::Locked => "Resource temporarily unavailable",
-            K::NoSpace => "File too large",
-            K::Io | K::InvalidFormat | K::Corrupt | K::OutOfBounds | K::Failed => "Input/output error",
-        }
-        .into(),
-    }
-}
 
 const READ_HELP: &str = "
  reads a range of bytes from the given offset

@@ -7,16 +7,15 @@
 //! `aio_write` complete (and print their report) before the next command,
 //! which is one of the orders qemu-io itself may print them in.
 
-pub(crate) mod cmds;
-pub(crate) mod open;
+mod cmds;
 mod report;
 
 use std::collections::HashMap;
 use std::io::BufRead;
 
-use crate::common::Ctx;
-use crate::getopt::{self, HasArg, Opt};
-use open::{OpenSpec, Opened};
+use crate::app::ctx::Ctx;
+use crate::app::getopt::{self, HasArg, Opt};
+use crate::app::io_open::{self as open, OpenSpec, Opened};
 
 /// What `run` returns when a command failed; the command printed why.
 #[derive(Debug)]
@@ -329,15 +328,14 @@ impl Session<'_> {
         let Some(id) = props.remove("id") else { return Err("Parameter 'id' is missing".into()) };
         let data = match (props.remove("data"), props.remove("file")) {
             (Some(d), None) => d.into_bytes(),
-            (None, Some(f)) => {
-                std::fs::read(&f).map_err(|e| format!("Unable to read {f}: {}", cmds::io_error_text(&e)))?
-            }
+            (None, Some(f)) => std::fs::read(&f)
+                .map_err(|e| format!("Unable to read {f}: {}", crate::app::messages::io_error_text(&e)))?,
             (Some(_), Some(_)) => return Err("'data' and 'file' are mutually exclusive".into()),
             (None, None) => return Err("Either 'file' or 'data' must be provided".into()),
         };
         let data = match props.remove("format").as_deref() {
             None | Some("raw") => data,
-            Some("base64") => crate::secrets::decode_base64(&data)?,
+            Some("base64") => crate::app::secrets::decode_base64(&data)?,
             Some(other) => return Err(format!("Parameter 'format' does not accept value '{other}'")),
         };
         if let Some(k) = props.keys().next() {

@@ -5,7 +5,7 @@
 
 use oxqcow::{Compat, CompressionType, CreateOptions, Encryption, EncryptionFormat, ImageFormat, Preallocation};
 
-use crate::common::parse_size_option;
+use crate::app::numbers::parse_size_option;
 
 /// The type of an option's value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -494,7 +494,7 @@ impl ImgOpts {
         let Some(id) = self.get_str("encrypt.key-secret") else {
             return Err("Parameter 'encrypt.key-secret' is required for cipher".into());
         };
-        let passphrase = crate::secrets::lookup(id)?;
+        let passphrase = crate::app::secrets::lookup(id)?;
         if let Some(a) = unavailable {
             return Err(format!("Algorithm '{a}' not supported"));
         }

@@ -2,7 +2,7 @@
 //! as QEMU's `crypto/tlscredsx509.c` defines them, kept by id for
 //! `serve --tls-creds ID`.
 //!
-//! The shared `--object` parser ([`crate::secrets::define`]) hands these
+//! The shared `--object` parser ([`crate::app::objects::define`]) hands these
 //! types here with the id checked. Server credentials are loaded when the
 //! object is defined, as QEMU loads them when it completes the object, so
 //! a broken directory fails at startup with QEMU's message naming the
@@ -16,7 +16,7 @@ use std::sync::Mutex;
 
 use oxqcow_nbd::tls::{self, TlsServer};
 
-use crate::common::os_error;
+use crate::app::messages::os_error;
 
 /// One `tls-creds-x509` object.
 struct Creds {
@@ -109,7 +109,7 @@ pub fn server_creds(id: &str) -> Result<TlsServer, String> {
     match creds.get(id) {
         Some(Creds { server: Some(s) }) => Ok(s.clone()),
         Some(Creds { server: None }) => Err("Expected TLS credentials for a server endpoint".into()),
-        None if crate::secrets::exists(id) => Err(format!("Object with id '{id}' is not TLS credentials")),
+        None if crate::app::secrets::exists(id) => Err(format!("Object with id '{id}' is not TLS credentials")),
         None => Err(format!("No TLS credentials with id '{id}'")),
     }
 }

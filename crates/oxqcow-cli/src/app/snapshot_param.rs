@@ -3,7 +3,7 @@
 
 use oxqcow::{Image, OpenOptions};
 
-use crate::common::open_image;
+use crate::app::image::open_image;
 
 /// `-l`: which internal snapshot of the source to read (qemu-img's
 /// `snapshot.id=ID,snapshot.name=NAME` or a bare id-or-name).
@@ -22,7 +22,7 @@ impl SnapshotParam {
             return Ok(SnapshotParam::IdOrName(v.to_string()));
         }
         let (mut id, mut name) = (None, None);
-        for (key, value) in crate::imgopts::split_options(v) {
+        for (key, value) in crate::app::imgopts::split_options(v) {
             match key.as_str() {
                 "snapshot.id" => id = Some(value),
                 "snapshot.name" => name = Some(value),

@@ -177,7 +177,7 @@ pub fn parse_until_error(prog: &str, args: &[String], spec: &[Opt]) -> (Parsed, 
 /// when spelled out, so that every abbreviation qemu-img accepts keeps its
 /// meaning (`--form=qcow2` stays `--format`, not ambiguous with
 /// `--forbid-backing`).
-const EXACT_ONLY: &[&str] = &[crate::common::FORBID_BACKING];
+const EXACT_ONLY: &[&str] = &[crate::app::forbid_backing::FORBID_BACKING];
 
 fn find_long<'a>(prog: &str, arg: &str, name: &str, spec: &'a [Opt]) -> Result<&'a Opt, String> {
     if let Some(exact) = spec.iter().find(|o| o.long == Some(name)) {
@@ -239,7 +239,7 @@ mod tests {
         let spec = &[
             Opt::both('f', "format", HasArg::Required),
             Opt::long("force-share", HasArg::No),
-            Opt::long(crate::common::FORBID_BACKING, HasArg::No),
+            Opt::long(crate::app::forbid_backing::FORBID_BACKING, HasArg::No),
         ];
         let p = parse("p", &args(&["--form=qcow2", "--forbid-backing"]), spec).unwrap();
         let keys: Vec<(&str, Option<&str>)> = p.opts.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();

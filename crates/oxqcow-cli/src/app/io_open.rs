@@ -1,5 +1,6 @@
-//! Opening the image for `io`: qemu-io's open flags (`-r -s -n -t -i -d
-//! -U`), `-o`/`--image-opts` option strings, format probing with QEMU's raw
+//! Opening an image as qemu-io does (for `io`, and `bench`, which takes
+//! the same flags): qemu-io's open flags (`-r -s -n -t -i -d -U`),
+//! `-o`/`--image-opts` option strings, format probing with QEMU's raw
 //! warning, and `-s`'s throwaway overlay (a qcow2 image in memory whose
 //! backing image is the file, so nothing reaches the file).
 
@@ -14,8 +15,8 @@ use oxqcow::{
     Qcow2, Storage,
 };
 
-use super::cmds::{errno_text, io_error_text};
-use crate::common::{describe, warn_probed_raw};
+use crate::app::forbid_backing::backing_policy;
+use crate::app::messages::{describe, errno_text, io_error_text, open_messages, warn_probed_raw};
 
 /// How to open an image: qemu-io's flags plus driver options.
 #[derive(Clone, Debug)]
@@ -306,12 +307,12 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
     opts.force_share = spec.force_share;
     opts.passphrase = passphrase;
     opts.backing_passphrase = backing_passphrase;
-    opts.messages = Some(crate::common::open_messages());
+    opts.messages = Some(open_messages());
     if protocol_only {
         opts.backing = BackingPolicy::Ignore;
     }
     // `oxqcow --forbid-backing io ...` refuses images with backing files.
-    opts.backing = crate::common::backing_policy(opts.backing);
+    opts.backing = backing_policy(opts.backing);
     for (key, value) in &runtime {
         let unsupported = || format!("Block format '{format_name}' does not support the option '{key}'");
         if format == ImageFormat::Raw && qcow2_only(key) {
