@@ -1,27 +1,14 @@
 //! The `oxqcow` command: `qemu-img` compatible subcommands plus `io` (a
-//! `qemu-io` subset). Each subcommand lives in its own module with a
-//! `run(ctx, args) -> exit code` entry point; this file only dispatches.
+//! `qemu-io` subset), `serve` (qemu-nbd) and `mount` (a FUSE export). Each
+//! lives in its own module with a `run(ctx, args) -> exit code` entry
+//! point; this file only takes the global options and dispatches.
 #![forbid(unsafe_code)]
 
-mod amend;
 mod app;
-mod bench;
-mod bitmap;
-mod check;
-mod commit;
-mod compare;
-mod convert;
-mod create;
-mod dd;
-mod info;
+mod cmd;
 mod io;
-mod map;
-mod measure;
 mod mount;
-mod rebase;
-mod resize;
 mod serve;
-mod snapshot;
 
 use app::Ctx;
 
@@ -75,24 +62,24 @@ fn run(ctx: &Ctx, args: &[String]) -> i32 {
     };
     let rest = &args[1..];
     match command.as_str() {
-        // Subcommands register here: "name" => name::run(ctx, rest),
-        "amend" => amend::run(ctx, rest),
-        "bench" => bench::run(ctx, rest),
-        "bitmap" => bitmap::run(ctx, rest),
-        "check" => check::run(ctx, rest),
-        "commit" => commit::run(ctx, rest),
-        "compare" => compare::run(ctx, rest),
-        "convert" => convert::run(ctx, rest),
-        "create" => create::run(ctx, rest),
-        "dd" => dd::run(ctx, rest),
-        "info" => info::run(ctx, rest),
+        // Subcommands register here: "name" => cmd::name::run(ctx, rest),
+        "amend" => cmd::amend::run(ctx, rest),
+        "bench" => cmd::bench::run(ctx, rest),
+        "bitmap" => cmd::bitmap::run(ctx, rest),
+        "check" => cmd::check::run(ctx, rest),
+        "commit" => cmd::commit::run(ctx, rest),
+        "compare" => cmd::compare::run(ctx, rest),
+        "convert" => cmd::convert::run(ctx, rest),
+        "create" => cmd::create::run(ctx, rest),
+        "dd" => cmd::dd::run(ctx, rest),
+        "info" => cmd::info::run(ctx, rest),
         "io" => io::run(ctx, rest),
-        "map" => map::run(ctx, rest),
-        "measure" => measure::run(ctx, rest),
+        "map" => cmd::map::run(ctx, rest),
+        "measure" => cmd::measure::run(ctx, rest),
         "mount" => mount::run(ctx, rest),
-        "rebase" => rebase::run(ctx, rest),
-        "resize" => resize::run(ctx, rest),
-        "snapshot" => snapshot::run(ctx, rest),
+        "rebase" => cmd::rebase::run(ctx, rest),
+        "resize" => cmd::resize::run(ctx, rest),
+        "snapshot" => cmd::snapshot::run(ctx, rest),
         "serve" => serve::run(ctx, rest),
         other => ctx.fail(&format!("Command not found: {other}")),
     }
