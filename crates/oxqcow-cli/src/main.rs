@@ -6,9 +6,8 @@
 
 mod app;
 mod cmd;
+mod export;
 mod io;
-mod mount;
-mod serve;
 
 use app::Ctx;
 
@@ -76,11 +75,11 @@ fn run(ctx: &Ctx, args: &[String]) -> i32 {
         "io" => io::run(ctx, rest),
         "map" => cmd::map::run(ctx, rest),
         "measure" => cmd::measure::run(ctx, rest),
-        "mount" => mount::run(ctx, rest),
+        "mount" => export::mount::run(ctx, rest),
         "rebase" => cmd::rebase::run(ctx, rest),
         "resize" => cmd::resize::run(ctx, rest),
         "snapshot" => cmd::snapshot::run(ctx, rest),
-        "serve" => serve::run(ctx, rest),
+        "serve" => export::serve::run(ctx, rest),
         other => ctx.fail(&format!("Command not found: {other}")),
     }
 }

@@ -7,7 +7,6 @@
 //! round (`tests/layers.rs` checks it).
 
 pub mod ctx;
-pub mod daemon;
 pub mod forbid_backing;
 pub mod getopt;
 pub mod image;

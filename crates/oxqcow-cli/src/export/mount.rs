@@ -1,8 +1,8 @@
 //! `mount`: the guest disk of an image as one regular file, through the
 //! kernel's FUSE (what qemu-storage-daemon's `--export type=fuse` does).
 //!
-//! This module parses the command line, opens the image (with `serve`'s
-//! helper), mounts the file system of `mount/export.rs`, serves it from
+//! This module parses the command line, opens the image (with `export/daemon.rs`,
+//! as `serve` does), mounts the file system of `mount/filesystem.rs`, serves it from
 //! several threads until the file is unmounted, then flushes and closes the
 //! image. Order of work: parse, check the mount point, fork
 //! (`--daemonize`, before any thread exists), block the termination
@@ -14,7 +14,7 @@
 //! the process ends once nothing holds it open any more, so a loop device
 //! still attached to it keeps it served rather than losing its writes.
 
-mod export;
+mod filesystem;
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
@@ -26,10 +26,10 @@ use oxqcow::{CacheMode, Image, OpenOptions};
 use oxqcow_nbd::sys::{self, TerminationSignals};
 
 use crate::app::ctx::Ctx;
-use crate::app::daemon::open_export_image;
 use crate::app::getopt::{HasArg, Opt};
 use crate::app::messages::os_error;
-use export::{DiskFs, ExportConfig, Layout};
+use crate::export::daemon::{fork_daemon, open_export_image};
+use filesystem::{DiskFs, ExportConfig, Layout};
 
 const SPEC: &[Opt] = &[
     Opt::both('h', "help", HasArg::No),
@@ -131,7 +131,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     // The parent waits on this socket for the child's word that it serves.
     let mut ready: Option<UnixStream> = None;
     if cfg.daemonize {
-        match crate::app::daemon::fork_daemon(ctx, "Failed to daemonize") {
+        match fork_daemon(ctx, "Failed to daemonize") {
             Ok(to_parent) => ready = Some(to_parent),
             Err(code) => return code,
         }

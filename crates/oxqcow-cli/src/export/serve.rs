@@ -19,8 +19,8 @@ use oxqcow_nbd::sys::{self, TerminationSignals};
 use oxqcow_nbd::{DetectZeroes, Export, ExportOptions, Listener, Server, ServerOptions, TlsServer};
 
 use crate::app::ctx::Ctx;
-use crate::app::daemon::open_export_image;
 use crate::app::getopt::{HasArg, Opt};
+use crate::export::daemon::{fork_daemon, open_export_image};
 
 /// qemu-nbd's options, in its order.
 const SPEC: &[Opt] = &[
@@ -168,7 +168,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     // The parent waits on this socket for the child's word that it serves.
     let mut ready: Option<UnixStream> = None;
     if cfg.fork {
-        match crate::app::daemon::fork_daemon(ctx, "Failed to fork") {
+        match fork_daemon(ctx, "Failed to fork") {
             Ok(to_parent) => ready = Some(to_parent),
             Err(code) => return code,
         }
