@@ -6,6 +6,7 @@
 //! libraries; `cmd`, `io` and `export` import them, never the other way
 //! round (`tests/layers.rs` checks it).
 
+pub mod common_opts;
 pub mod ctx;
 pub mod forbid_backing;
 pub mod getopt;
@@ -25,4 +26,5 @@ pub mod snapshot_table;
 pub mod status;
 pub mod tlscreds;
 
+pub use common_opts::CommonOpts;
 pub use ctx::Ctx;

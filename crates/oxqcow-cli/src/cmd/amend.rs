@@ -16,8 +16,8 @@ use crate::app::getopt::{HasArg, Opt};
 use crate::app::image::is_cache_mode;
 use crate::app::imgopts::{self, split_options, OptDesc, OptType};
 use crate::app::messages::describe;
-use crate::app::objects::define as check_object;
 use crate::app::progress::Progress;
+use crate::app::CommonOpts;
 
 /// In qemu-img's order, which ambiguity messages list.
 const SPEC: &[Opt] = &[
@@ -88,10 +88,8 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         Err(code) => return code,
     };
     let mut options: Option<String> = None;
-    let mut fmt: Option<String> = None;
-    let mut cache = "writeback".to_string();
+    let mut common = CommonOpts::default();
     let mut force = false;
-    let (mut quiet, mut progress, mut image_opts) = (false, false, false);
     for (key, value) in p.opts {
         let value = value.unwrap_or_default();
         match key.as_str() {
@@ -104,25 +102,21 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                     return ctx.fail(&msg);
                 }
             }
-            "f" => fmt = Some(value),
-            "t" => cache = value,
-            "p" => progress = true,
-            "q" => quiet = true,
-            "image-opts" => image_opts = true,
-            "object" => {
-                if let Err(msg) = check_object(&value) {
+            "force" => force = true,
+            _ => {
+                if let Err(msg) = common.consume(&key, &value) {
                     return ctx.fail(&msg);
                 }
             }
-            "force" => force = true,
-            _ => {}
         }
     }
     let Some(options) = options else {
         return ctx.usage_error("amend", "Must specify options (-o)");
     };
-    let bar = Progress::new(progress && !quiet, 1.0);
-    let code = amend(ctx, &options, fmt, &cache, Flags { image_opts, force }, &p.operands, &bar);
+    let bar = Progress::new(common.show_progress(), 1.0);
+    let flags = Flags { image_opts: common.image_opts, force };
+    let cache = common.cache_or("writeback");
+    let code = amend(ctx, &options, common.format, &cache, flags, &p.operands, &bar);
     bar.end();
     code
 }

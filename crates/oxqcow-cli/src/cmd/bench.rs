@@ -22,6 +22,7 @@ use crate::app::getopt::{self, HasArg, Opt};
 use crate::app::io_open::{open, split_options, OpenSpec};
 use crate::app::messages::errno_text;
 use crate::app::numbers::{qemu_strtosz, strtoul0, SizeError};
+use crate::app::CommonOpts;
 
 /// Most threads one run uses; deeper queues share them.
 pub const MAX_WORKERS: u64 = 256;
@@ -146,8 +147,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     spec.read_only = true;
     spec.writethrough = false;
     spec.unmap = false;
-    let mut format: Option<String> = None;
-    let mut image_opts = false;
+    let mut common = CommonOpts::default();
     for (key, value) in parsed.opts {
         let value = value.unwrap_or_default();
         let res = match key.as_str() {
@@ -171,25 +171,17 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 plan.random = true;
                 Ok(())
             }
-            "image-opts" => {
-                image_opts = true;
-                Ok(())
-            }
-            "f" => {
-                format = Some(value);
-                Ok(())
-            }
             "w" => {
                 plan.write = true;
                 spec.read_only = false;
                 Ok(())
             }
-            "q" => Ok(()), // qemu-img bench prints its lines even with -q
+            // Checked as it is met, with bench's own message.
             "t" => spec.apply_flag('t', &value).map_err(|_| "Invalid cache mode".to_string()),
             "i" => spec.apply_flag('i', &value),
             "n" => spec.apply_flag('k', ""),
-            "U" => spec.apply_flag('U', ""),
-            other => Err(format!("unexpected option '{other}'")),
+            // -f, --image-opts, -U, and -q: qemu-img bench prints its lines even with -q.
+            _ => common.consume(&key, &value).map(|_| ()),
         };
         if let Err(msg) = res {
             ctx.error(&msg);
@@ -207,8 +199,9 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     if plan.flush_interval > 0 && plan.flush_interval < plan.depth {
         return ctx.fail("Flush interval can't be smaller than depth");
     }
-    let image = if image_opts {
-        if format.is_some() {
+    spec.force_share = common.force_share;
+    let image = if common.image_opts {
+        if common.format.is_some() {
             return ctx.fail("--image-opts and --format are mutually exclusive");
         }
         match split_options(&ctx.prog, filename) {
@@ -217,7 +210,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         }
         open(&spec, None, &Default::default())
     } else {
-        if let Some(f) = format {
+        if let Some(f) = common.format {
             spec.options.push(("driver".into(), f));
         }
         open(&spec, Some(filename), &Default::default())

@@ -15,7 +15,7 @@ use crate::app::getopt::{HasArg, Opt};
 use crate::app::image::{open_image, parse_image_opts};
 use crate::app::messages::describe;
 use crate::app::numbers::cvtnum;
-use crate::app::objects::define as check_object;
+use crate::app::CommonOpts;
 
 /// In qemu-img's order, which ambiguity messages list.
 const SPEC: &[Opt] = &[
@@ -100,10 +100,9 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         Ok(p) => p,
         Err(code) => return code,
     };
-    let mut fmt: Option<String> = None;
+    let mut common = CommonOpts::default();
     let (mut src_file, mut src_fmt): (Option<String>, Option<String>) = (None, None);
     let mut granularity: u64 = 0;
-    let mut image_opts = false;
     let mut actions = Vec::new();
     for (key, value) in p.opts {
         let value = value.unwrap_or_default();
@@ -112,26 +111,23 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 print!("{HELP}");
                 return 0;
             }
-            "f" => fmt = Some(value),
             "b" => src_file = Some(value),
             "F" => src_fmt = Some(value),
             "g" => match cvtnum("granularity", &value, 0, i64::MAX as u64) {
                 Ok(g) => granularity = g,
                 Err(msg) => return ctx.fail(&msg),
             },
-            "image-opts" => image_opts = true,
-            "object" => {
-                if let Err(msg) = check_object(&value) {
-                    return ctx.fail(&msg);
-                }
-            }
             "add" => actions.push(Action::Add),
             "remove" => actions.push(Action::Remove),
             "clear" => actions.push(Action::Clear),
             "enable" => actions.push(Action::Enable),
             "disable" => actions.push(Action::Disable),
             "merge" => actions.push(Action::Merge(value)),
-            _ => {}
+            _ => {
+                if let Err(msg) = common.consume(&key, &value) {
+                    return ctx.fail(&msg);
+                }
+            }
         }
     }
     if actions.is_empty() {
@@ -149,16 +145,16 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let [filename, bitmap] = p.operands.as_slice() else {
         return ctx.fail("Expecting filename and bitmap name");
     };
-    if image_opts && fmt.is_some() {
+    if common.image_opts && common.format.is_some() {
         return ctx.fail("--image-opts and --format are mutually exclusive");
     }
-    let (path, format, opts) = if image_opts {
+    let (path, format, opts) = if common.image_opts {
         match parse_image_opts(filename) {
             Ok(v) => v,
             Err(msg) => return ctx.fail(&msg),
         }
     } else {
-        (filename.clone(), fmt, OpenOptions::new())
+        (filename.clone(), common.format, OpenOptions::new())
     };
     // Bitmaps live in the image itself: as qemu-img (BDRV_O_NO_BACKING),
     // neither image's backing file is opened, so a base another process

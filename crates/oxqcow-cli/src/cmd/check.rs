@@ -12,6 +12,7 @@ use crate::app::getopt::{HasArg, Opt};
 use crate::app::image::parse_image_opts;
 use crate::app::messages::describe;
 use crate::app::output::{print_json, OutputFormat};
+use crate::app::CommonOpts;
 
 /// In qemu-img's order, which ambiguity messages list.
 const SPEC: &[Opt] = &[
@@ -39,7 +40,7 @@ Check basic image integrity.  Usage:
   -U, --force-share       open the image in shared mode (not with -r)
   --output human|json     output format (default human)
   -r, --repair leaks|all  repair leaked clusters, or everything
-  --object OBJDEF         accepted for compatibility
+  --object OBJDEF         QEMU user-creatable object (eg encryption key)
 
 Exit status: 0 no errors, 1 the check did not complete, 2 corruptions,
 3 leaked clusters only, 63 the format does not support checks.
@@ -54,11 +55,10 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         Ok(p) => p,
         Err(code) => return code,
     };
-    let mut fmt: Option<String> = None;
+    let mut common = CommonOpts::default();
     let mut output = OutputFormat::Human;
     let mut repair = None;
     let mut cache = oxqcow::CacheMode::Writeback;
-    let (mut quiet, mut image_opts, mut force_share) = (false, false, false);
     for (key, value) in p.opts {
         let value = value.unwrap_or_default();
         match key.as_str() {
@@ -66,7 +66,6 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 print!("{}", HELP.replace("PROG", &ctx.prog));
                 return 0;
             }
-            "f" => fmt = Some(value),
             "r" => {
                 repair = Some(match value.as_str() {
                     "leaks" => RepairMode::Leaks,
@@ -81,34 +80,32 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 Ok(o) => output = o,
                 Err(msg) => return ctx.usage_error("check", &msg),
             },
-            "image-opts" => image_opts = true,
-            "U" => force_share = true,
+            // Checked as it is met, unlike the shared -T.
             "T" => match oxqcow::CacheMode::from_name(&value) {
                 Ok(mode) => cache = mode,
                 Err(_) => return ctx.fail(&format!("Invalid source cache option: {value}")),
             },
-            "q" => quiet = true,
-            "object" => {
-                if let Err(msg) = crate::app::objects::define(&value) {
+            _ => {
+                if let Err(msg) = common.consume(&key, &value) {
                     return ctx.fail(&msg);
                 }
             }
-            _ => {}
         }
     }
     let [filename] = p.operands.as_slice() else {
         return ctx.usage_error("check", "Expecting one image file name");
     };
-    if image_opts && fmt.is_some() {
+    let (quiet, force_share) = (common.quiet, common.force_share);
+    if common.image_opts && common.format.is_some() {
         return ctx.fail("--image-opts and --format are mutually exclusive");
     }
-    let (path, format, mut opts) = if image_opts {
+    let (path, format, mut opts) = if common.image_opts {
         match parse_image_opts(filename) {
             Ok(v) => v,
             Err(msg) => return ctx.fail(&msg),
         }
     } else {
-        (filename.clone(), fmt, OpenOptions::new())
+        (filename.clone(), common.format, OpenOptions::new())
     };
     if repair.is_some() && force_share {
         return ctx.fail(&format!("Could not open '{path}': force-share=on can only be used with read-only images"));

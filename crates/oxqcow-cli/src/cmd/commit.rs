@@ -18,6 +18,7 @@ use crate::app::image::is_cache_mode;
 use crate::app::messages::describe;
 use crate::app::numbers::cvtnum;
 use crate::app::progress::Progress;
+use crate::app::CommonOpts;
 
 const SPEC: &[Opt] = &[
     Opt::both('h', "help", HasArg::No),
@@ -64,14 +65,10 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         Ok(p) => p,
         Err(code) => return code,
     };
-    let mut format = None;
-    let mut cache = "writeback".to_string();
+    let mut common = CommonOpts::default();
     let mut base = None;
     let mut keep_top = false;
-    let mut progress = false;
-    let mut quiet = false;
     let mut rate = 0u64;
-    let mut image_opts = false;
     for (key, value) in parsed.opts {
         let v = value.unwrap_or_default();
         match key.as_str() {
@@ -79,44 +76,35 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 help(prog);
                 return 0;
             }
-            "f" => format = Some(v),
-            "t" => cache = v,
             "b" => {
                 base = Some(v);
                 // -b implies -d: the images above the base stay valid.
                 keep_top = true;
             }
             "d" => keep_top = true,
-            "p" => progress = true,
-            "q" => quiet = true,
             "r" => match cvtnum("rate limit", &v, 0, i64::MAX as u64) {
                 Ok(n) => rate = n,
                 Err(msg) => return ctx.fail(&msg),
             },
-            FORBID_BACKING => crate::app::forbid_backing::forbid_backing(),
-            "object" => {
-                if let Err(msg) = crate::app::objects::define(&v) {
+            _ => {
+                if let Err(msg) = common.consume(&key, &v) {
                     return ctx.fail(&msg);
                 }
             }
-            "image-opts" => image_opts = true,
-            _ => unreachable!("getopt only returns declared options"),
         }
     }
-    if quiet {
-        progress = false;
-    }
+    let (format, cache, quiet) = (common.format.clone(), common.cache_or("writeback"), common.quiet);
     let [filename] = parsed.operands.as_slice() else {
         return ctx.usage_error("commit", "Expecting one image file name");
     };
     if !is_cache_mode(&cache) {
         return ctx.fail(&format!("Invalid cache option: {cache}"));
     }
-    let (image, filename) = match crate::app::image::open_operand(filename, image_opts, format.as_deref(), false, false)
-    {
-        Ok(i) => i,
-        Err(msg) => return ctx.fail(&msg),
-    };
+    let (image, filename) =
+        match crate::app::image::open_operand(filename, common.image_opts, format.as_deref(), false, false) {
+            Ok(i) => i,
+            Err(msg) => return ctx.fail(&msg),
+        };
     let filename = &filename;
     if let Err(msg) = crate::app::image::apply_cache_mode(&image, &cache, filename) {
         return ctx.fail(&msg);
@@ -138,7 +126,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     // The library opens the chain itself.
     drop(image);
 
-    let display = Progress::new(progress, 1.0);
+    let display = Progress::new(common.show_progress(), 1.0);
     display.print(0.0, 100);
     let limit = crate::app::ratelimit::RateLimit::new(rate);
     let mut on_progress = |done: u64, total: u64| {

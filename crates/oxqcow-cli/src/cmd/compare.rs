@@ -18,6 +18,7 @@ use crate::app::image::is_cache_mode;
 use crate::app::messages::strerror;
 use crate::app::progress::Progress;
 use crate::app::status::StatusCursor;
+use crate::app::CommonOpts;
 
 /// qemu-img's `IO_BUF_SIZE`: the most read from each image at once.
 const IO_BUF_SIZE: u64 = 2 << 20;
@@ -61,7 +62,6 @@ struct Args {
     fmt1: Option<String>,
     fmt2: Option<String>,
     cache: String,
-    progress: bool,
     quiet: bool,
     strict: bool,
     image_opts: bool,
@@ -80,50 +80,39 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             return 1;
         }
     };
-    let mut a = Args {
-        fmt1: None,
-        fmt2: None,
-        cache: "writeback".into(),
-        progress: false,
-        quiet: false,
-        strict: false,
-        image_opts: false,
-        force_share: false,
-        file1: String::new(),
-        file2: String::new(),
-    };
+    let mut common = CommonOpts::default();
+    let (mut fmt2, mut strict) = (None, false);
     for (key, value) in parsed.opts {
+        let value = value.unwrap_or_default();
         match key.as_str() {
             "h" => {
                 help(prog);
                 return 0;
             }
-            "f" => a.fmt1 = value,
-            "F" => a.fmt2 = value,
-            "T" => a.cache = value.unwrap_or_default(),
-            "p" => a.progress = true,
-            "q" => a.quiet = true,
-            "s" => a.strict = true,
-            "U" => a.force_share = true,
-            "object" => {
-                if let Err(msg) = crate::app::objects::define(&value.unwrap_or_default()) {
+            "F" => fmt2 = Some(value),
+            "s" => strict = true,
+            _ => {
+                if let Err(msg) = common.consume(&key, &value) {
                     return ctx.fail(&msg);
                 }
             }
-            "image-opts" => a.image_opts = true,
-            FORBID_BACKING => crate::app::forbid_backing::forbid_backing(),
-            _ => unreachable!("getopt only returns declared options"),
         }
-    }
-    if a.quiet {
-        a.progress = false;
     }
     let [file1, file2] = parsed.operands.as_slice() else {
         return ctx.fail(&format!("Expecting two image file names\nTry '{prog} compare --help' for more info"));
     };
-    a.file1 = file1.clone();
-    a.file2 = file2.clone();
-    let progress = Progress::new(a.progress, 2.0);
+    let progress = Progress::new(common.show_progress(), 2.0);
+    let a = Args {
+        cache: common.source_cache_or("writeback"),
+        fmt1: common.format,
+        fmt2,
+        quiet: common.quiet,
+        strict,
+        image_opts: common.image_opts,
+        force_share: common.force_share,
+        file1: file1.clone(),
+        file2: file2.clone(),
+    };
     let code = compare(ctx, &a, &progress);
     progress.end();
     code

@@ -41,6 +41,7 @@ use crate::app::numbers::cvtnum;
 use crate::app::progress::Progress;
 use crate::app::snapshot_param::SnapshotParam;
 use crate::app::status::StatusCursor;
+use crate::app::CommonOpts;
 
 /// qemu-img's `IO_BUF_SIZE`: the largest chunk read and written at once.
 const IO_BUF_SIZE: u64 = 2 << 20;
@@ -208,6 +209,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         force_share: false,
         target_image_opts: false,
     };
+    let mut common = CommonOpts::default();
     for (key, value) in parsed.opts {
         let v = value.unwrap_or_default();
         match key.as_str() {
@@ -215,7 +217,6 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 help(prog);
                 return 0;
             }
-            "f" => a.src_fmt = Some(v),
             "O" => a.out_fmt = Some(v),
             "o" => {
                 a.options = Some(match a.options.take() {
@@ -223,13 +224,8 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                     None => v,
                 })
             }
-            "t" => a.cache = v,
-            "T" => a.src_cache = v,
             "n" => a.skip_create = true,
             "target-is-zero" => a.target_is_zero = true,
-            "p" => a.progress = true,
-            "q" => a.quiet = true,
-            "U" => a.force_share = true,
             "W" => a.in_order = false,
             "m" => match cvtnum("number of coroutines", &v, 1, MAX_WORKERS) {
                 Ok(n) => a.workers = Some(n as usize),
@@ -252,7 +248,6 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             "c" => a.compress = true,
             "B" => a.backing = Some(v),
             "F" => a.backing_fmt = Some(v),
-            FORBID_BACKING => crate::app::forbid_backing::forbid_backing(),
             "l" => match SnapshotParam::parse(&v) {
                 Ok(p) => a.snapshot = Some(p),
                 Err(key) => {
@@ -267,17 +262,20 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             },
             "bitmaps" => a.bitmaps = true,
             "skip-broken-bitmaps" => a.skip_broken_bitmaps = true,
-            "object" => {
-                if let Err(msg) = crate::app::objects::define(&v) {
+            "target-image-opts" => a.target_image_opts = true,
+            "salvage" => a.salvage = true,
+            _ => {
+                if let Err(msg) = common.consume(&key, &v) {
                     return ctx.fail(&msg);
                 }
             }
-            "image-opts" => a.image_opts = true,
-            "target-image-opts" => a.target_image_opts = true,
-            "salvage" => a.salvage = true,
-            _ => unreachable!("getopt only returns declared options"),
         }
     }
+    a.src_fmt = common.format;
+    a.cache = common.cache.unwrap_or(a.cache);
+    a.src_cache = common.source_cache.unwrap_or(a.src_cache);
+    (a.progress, a.quiet) = (common.progress, common.quiet);
+    (a.image_opts, a.force_share) = (common.image_opts, common.force_share);
     if a.skip_broken_bitmaps && !a.bitmaps {
         return ctx.fail("Use of --skip-broken-bitmaps requires --bitmaps");
     }

@@ -16,6 +16,7 @@ use crate::app::image::open_image;
 use crate::app::imgopts::{self, ImgOpts};
 use crate::app::messages::describe;
 use crate::app::numbers::parse_size_operand;
+use crate::app::CommonOpts;
 
 /// In qemu-img's order, which ambiguity messages list.
 const SPEC: &[Opt] = &[
@@ -43,7 +44,7 @@ Create and format a new image file.  Usage:
   -F, --backing-format BACKING_FMT
                               format of BACKING_FILENAME
   -u, --backing-unsafe        do not open the backing image
-  --object OBJDEF             accepted for compatibility
+  --object OBJDEF             QEMU user-creatable object (eg encryption key)
   SIZE                        size with an optional suffix (powers of 1024);
                               taken from the backing image when omitted
 ";
@@ -54,10 +55,10 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         Ok(p) => p,
         Err(code) => return code,
     };
-    let mut fmt = "raw".to_string();
+    let mut common = CommonOpts::default();
     let mut options: Option<String> = None;
     let (mut backing, mut backing_fmt) = (None, None);
-    let (mut quiet, mut unsafe_backing) = (false, false);
+    let mut unsafe_backing = false;
     for (key, value) in p.opts {
         let value = value.unwrap_or_default();
         match key.as_str() {
@@ -65,8 +66,6 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 print!("{}", HELP.replace("PROG", &ctx.prog));
                 return 0;
             }
-            "q" => quiet = true,
-            "f" => fmt = value,
             "o" => {
                 if let Err(msg) = imgopts::accumulate(&mut options, &value) {
                     return ctx.fail(&msg);
@@ -75,14 +74,14 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             "b" => backing = Some(value),
             "F" => backing_fmt = Some(value),
             "u" => unsafe_backing = true,
-            "object" => {
-                if let Err(msg) = crate::app::objects::define(&value) {
+            _ => {
+                if let Err(msg) = common.consume(&key, &value) {
                     return ctx.fail(&msg);
                 }
             }
-            _ => {}
         }
     }
+    let (fmt, quiet) = (common.format.unwrap_or_else(|| "raw".to_string()), common.quiet);
     let mut operands = p.operands.into_iter();
     let filename = operands.next();
     if let Some(o) = &options {

@@ -15,6 +15,7 @@ use crate::app::getopt::{HasArg, Opt};
 use crate::app::image::{open_image, parse_image_opts};
 use crate::app::messages::{describe, os_error, strerror};
 use crate::app::numbers::{cvtnum, strtoul0, SizeError};
+use crate::app::CommonOpts;
 
 /// In qemu-img's order, which ambiguity messages list.
 const SPEC: &[Opt] = &[
@@ -37,7 +38,7 @@ Copy input to output with optional format conversion.  Usage:
   --image-opts                INPUT is an option string (driver=...,file.filename=...)
   -O, --output-format FMT     format of OUTPUT (default raw)
   -U, --force-share           open INPUT in shared mode for concurrent access
-  --object OBJDEF             accepted for compatibility
+  --object OBJDEF             QEMU user-creatable object (eg encryption key)
   bs=BLOCK_SIZE[kKMGTP]       size of an I/O block (default 512)
   count=BLOCKS                number of blocks to copy (default the whole INPUT)
   skip=BLOCKS                 number of blocks of INPUT to skip
@@ -106,8 +107,8 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         Ok(p) => p,
         Err(code) => return code,
     };
-    let (mut fmt, mut out_fmt) = (None::<String>, "raw".to_string());
-    let (mut image_opts, mut force_share) = (false, false);
+    let mut common = CommonOpts::default();
+    let mut out_fmt = "raw".to_string();
     for (key, value) in p.opts {
         let value = value.unwrap_or_default();
         match key.as_str() {
@@ -115,13 +116,16 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 print!("{}", HELP.replace("PROG", &ctx.prog));
                 return 0;
             }
-            "f" => fmt = Some(value),
             "O" => out_fmt = value,
-            "image-opts" => image_opts = true,
-            "U" => force_share = true,
-            _ => {} // --object: nothing here needs secrets
+            // --object too: an --image-opts input may name a secret.
+            _ => {
+                if let Err(msg) = common.consume(&key, &value) {
+                    return ctx.fail(&msg);
+                }
+            }
         }
     }
+    let (fmt, image_opts, force_share) = (common.format, common.image_opts, common.force_share);
     let ops = match parse_operands(&p.operands) {
         Ok(o) => o,
         Err(msg) => return ctx.fail(&msg),

@@ -18,6 +18,7 @@ use crate::app::getopt::{HasArg, Opt};
 use crate::app::image::open_image;
 use crate::app::output::{print_json, size_to_str, OutputFormat};
 use crate::app::snapshot_table::{snapshot_header, snapshot_line};
+use crate::app::CommonOpts;
 
 const SPEC: &[Opt] = &[
     // In qemu-img's order, which ambiguity messages list.
@@ -40,7 +41,7 @@ Display information about an image.  Usage:
   --image-opts            FILENAME is an option string (driver=...,file.filename=...)
   -b, --backing-chain     describe the whole backing chain
   -U, --force-share       open the image in shared mode
-  --object OBJDEF         accepted for compatibility
+  --object OBJDEF         QEMU user-creatable object (eg encryption key)
   --output human|json     output format (default human)
 ";
 
@@ -50,9 +51,9 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         Ok(p) => p,
         Err(code) => return code,
     };
-    let mut fmt: Option<String> = None;
+    let mut common = CommonOpts::default();
     let mut output = OutputFormat::Human;
-    let (mut image_opts, mut chain, mut force_share) = (false, false, false);
+    let mut chain = false;
     for (key, value) in p.opts {
         let value = value.unwrap_or_default();
         match key.as_str() {
@@ -60,22 +61,19 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 print!("{}", HELP.replace("PROG", &ctx.prog));
                 return 0;
             }
-            "f" => fmt = Some(value),
-            "image-opts" => image_opts = true,
             "b" => chain = true,
             "output" => match OutputFormat::parse(&value) {
                 Ok(o) => output = o,
                 Err(msg) => return ctx.usage_error("info", &msg),
             },
-            "object" => {
-                if let Err(msg) = crate::app::objects::define(&value) {
+            _ => {
+                if let Err(msg) = common.consume(&key, &value) {
                     return ctx.fail(&msg);
                 }
             }
-            "U" => force_share = true,
-            _ => {}
         }
     }
+    let (fmt, image_opts, force_share) = (common.format, common.image_opts, common.force_share);
     let [filename] = p.operands.as_slice() else {
         return ctx.usage_error("info", "Expecting one image file name");
     };

@@ -18,16 +18,12 @@ use crate::app::getopt::{self, HasArg, Opt};
 use crate::app::image::chain_filenames;
 use crate::app::messages::strerror;
 use crate::app::numbers::cvtnum;
+use crate::app::output::OutputFormat;
+use crate::app::CommonOpts;
 
 /// Block status is asked for in windows of this many bytes, so the extent
 /// list of a huge, fragmented image never sits in memory all at once.
 const STATUS_WINDOW: u64 = 1 << 30;
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Output {
-    Human,
-    Json,
-}
 
 /// qemu-img's `MapEntry`.
 #[derive(Clone, Debug, Default)]
@@ -118,11 +114,10 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             return 1;
         }
     };
-    let mut format = None;
-    let mut output = Output::Human;
+    let mut common = CommonOpts::default();
+    let mut output = OutputFormat::Human;
     let mut start_offset = 0u64;
     let mut max_length: Option<u64> = None;
-    let (mut image_opts, mut force_share) = (false, false);
     for (key, value) in &parsed.opts {
         let value = value.as_deref().unwrap_or_default();
         match key.as_str() {
@@ -130,15 +125,10 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 help(prog);
                 return 0;
             }
-            "f" => format = Some(value.to_string()),
-            "U" => force_share = true,
-            "output" => {
-                output = match value {
-                    "human" => Output::Human,
-                    "json" => Output::Json,
-                    other => return ctx.fail(&format!("--output expects 'human' or 'json' not '{other}'\n{hint}")),
-                }
-            }
+            "output" => match OutputFormat::parse(value) {
+                Ok(o) => output = o,
+                Err(msg) => return ctx.fail(&format!("{msg}\n{hint}")),
+            },
             "start-offset" => match cvtnum("start offset", value, 0, i64::MAX as u64) {
                 Ok(n) => start_offset = n,
                 Err(msg) => return ctx.fail(&msg),
@@ -147,16 +137,14 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 Ok(n) => max_length = Some(n),
                 Err(msg) => return ctx.fail(&msg),
             },
-            "object" => {
-                if let Err(msg) = crate::app::objects::define(value) {
+            _ => {
+                if let Err(msg) = common.consume(key, value) {
                     return ctx.fail(&msg);
                 }
             }
-            "image-opts" => image_opts = true,
-            FORBID_BACKING => crate::app::forbid_backing::forbid_backing(),
-            _ => unreachable!("getopt only returns declared options"),
         }
     }
+    let (format, image_opts, force_share) = (common.format, common.image_opts, common.force_share);
     let [filename] = parsed.operands.as_slice() else {
         return ctx.fail(&format!("Expecting one image file name\n{hint}"));
     };
@@ -196,11 +184,11 @@ fn data_filenames(image: &oxqcow::Image, mut files: Vec<String>) -> Vec<String> 
 
 /// Prints the map of `[start, end)`, merging and printing as qemu-img does.
 /// `files` names the layers of the chain, top first.
-fn dump(image: &dyn BlockDevice, files: &[String], output: Output, start: u64, end: u64) -> Result<(), String> {
+fn dump(image: &dyn BlockDevice, files: &[String], output: OutputFormat, start: u64, end: u64) -> Result<(), String> {
     let mut out = std::io::stdout().lock();
     match output {
-        Output::Human => writeln(&mut out, &format!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to"))?,
-        Output::Json => write(&mut out, "[")?,
+        OutputFormat::Human => writeln(&mut out, &format!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to"))?,
+        OutputFormat::Json => write(&mut out, "[")?,
     }
     let mut curr = MapEntry { start, ..MapEntry::default() };
     let mut pending: std::collections::VecDeque<Extent> = Default::default();
@@ -237,7 +225,7 @@ fn dump(image: &dyn BlockDevice, files: &[String], output: Output, start: u64, e
         curr = next;
     }
     dump_entry(&mut out, output, &curr, None, files)?;
-    if output == Output::Json {
+    if output == OutputFormat::Json {
         writeln(&mut out, "]")?;
     }
     Ok(())
@@ -246,13 +234,13 @@ fn dump(image: &dyn BlockDevice, files: &[String], output: Output, start: u64, e
 /// qemu-img's `dump_map_entry`.
 fn dump_entry(
     out: &mut impl std::io::Write,
-    output: Output,
+    output: OutputFormat,
     e: &MapEntry,
     next: Option<&mut MapEntry>,
     files: &[String],
 ) -> Result<(), String> {
     match output {
-        Output::Human => {
+        OutputFormat::Human => {
             if e.data && e.offset.is_none() {
                 return Err("File contains external, encrypted or compressed clusters.".into());
             }
@@ -279,7 +267,7 @@ fn dump_entry(
                 }
             }
         }
-        Output::Json => {
+        OutputFormat::Json => {
             let mut line = format!(
                 "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}, \"compressed\": {}",
                 e.start, e.length, e.depth, e.present, e.zero, e.data, e.compressed

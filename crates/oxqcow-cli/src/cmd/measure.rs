@@ -15,6 +15,7 @@ use crate::app::messages::describe;
 use crate::app::numbers::parse_size_operand;
 use crate::app::output::{print_json, OutputFormat};
 use crate::app::snapshot_param::SnapshotParam;
+use crate::app::CommonOpts;
 
 /// In qemu-img's order, which ambiguity messages list.
 const SPEC: &[Opt] = &[
@@ -53,13 +54,12 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         Ok(p) => p,
         Err(code) => return code,
     };
-    let mut fmt: Option<String> = None;
+    let mut common = CommonOpts::default();
     let mut out_fmt = "raw".to_string();
     let mut options: Option<String> = None;
     let mut output = OutputFormat::Human;
     let mut size: Option<u64> = None;
     let mut snapshot: Option<SnapshotParam> = None;
-    let (mut image_opts, mut force_share) = (false, false);
     for (key, value) in p.opts {
         let value = value.unwrap_or_default();
         match key.as_str() {
@@ -77,8 +77,6 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 Ok(o) => output = o,
                 Err(msg) => return ctx.usage_error("measure", &msg),
             },
-            "f" => fmt = Some(value),
-            "image-opts" => image_opts = true,
             "l" => match SnapshotParam::parse(&value) {
                 Ok(p) => snapshot = Some(p),
                 Err(key) => {
@@ -90,15 +88,14 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 Ok(n) => size = Some(n),
                 Err(msg) => return ctx.fail(&msg),
             },
-            "object" => {
-                if let Err(msg) = crate::app::objects::define(&value) {
+            _ => {
+                if let Err(msg) = common.consume(&key, &value) {
                     return ctx.fail(&msg);
                 }
             }
-            "U" => force_share = true,
-            _ => {}
         }
     }
+    let (fmt, image_opts, force_share) = (common.format, common.image_opts, common.force_share);
     let filename = match p.operands.as_slice() {
         [] => None,
         [one] => Some(one.clone()),

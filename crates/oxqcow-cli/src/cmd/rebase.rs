@@ -23,6 +23,7 @@ use crate::app::messages::describe;
 
 use crate::app::getopt::{HasArg, Opt};
 use crate::app::progress::Progress;
+use crate::app::CommonOpts;
 
 /// qemu-img's `IO_BUF_SIZE`: rebase reports progress once per this many bytes.
 const IO_BUF_SIZE: u64 = 2 << 20;
@@ -79,16 +80,11 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         Ok(p) => p,
         Err(code) => return code,
     };
-    let mut format = None;
-    let mut image_opts = false;
+    let mut common = CommonOpts::default();
     let mut backing: Option<String> = None;
     let mut backing_fmt: Option<String> = None;
-    let mut cache = "writeback".to_string();
-    let mut src_cache = "writeback".to_string();
     let mut compress = false;
     let mut unsafe_mode = false;
-    let mut progress = false;
-    let mut quiet = false;
     for (key, value) in parsed.opts {
         let v = value.unwrap_or_default();
         match key.as_str() {
@@ -96,29 +92,21 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 help(prog);
                 return 0;
             }
-            "f" => format = Some(v),
             "b" => backing = Some(v),
             "F" => backing_fmt = Some(v),
-            "t" => cache = v,
-            "T" => src_cache = v,
             "u" => unsafe_mode = true,
-            "p" => progress = true,
-            "q" => quiet = true,
-            "U" => {}
             "c" => compress = true,
-            FORBID_BACKING => crate::app::forbid_backing::forbid_backing(),
-            "object" => {
-                if let Err(msg) = crate::app::objects::define(&v) {
+            // -U is accepted and recorded, and changes nothing here.
+            _ => {
+                if let Err(msg) = common.consume(&key, &v) {
                     return ctx.fail(&msg);
                 }
             }
-            "image-opts" => image_opts = true,
-            _ => unreachable!("getopt only returns declared options"),
         }
     }
-    if quiet {
-        progress = false;
-    }
+    let (format, image_opts) = (common.format.clone(), common.image_opts);
+    let progress = common.show_progress();
+    let (cache, src_cache) = (common.cache_or("writeback"), common.source_cache_or("writeback"));
     let [filename] = parsed.operands.as_slice() else {
         return ctx.usage_error("rebase", "Expecting one image file name");
     };

@@ -9,6 +9,7 @@ use crate::app::ctx::Ctx;
 use crate::app::getopt::{HasArg, Opt};
 use crate::app::messages::describe;
 use crate::app::numbers::parse_size_option;
+use crate::app::CommonOpts;
 
 /// In qemu-img's order, which ambiguity messages list.
 const SPEC: &[Opt] = &[
@@ -32,7 +33,7 @@ Resize an image.  Usage:
   --image-opts                FILENAME is an option string (driver=...,file.filename=...)
   --shrink                    allow making the image smaller (data past the new end is lost)
   --preallocation PREALLOC    off, metadata, falloc or full, for the new area
-  --object OBJDEF             accepted for compatibility
+  --object OBJDEF             QEMU user-creatable object (eg encryption key)
   [+-]SIZE                    new size, or the amount to grow (+) or shrink (-) by
 ";
 
@@ -49,28 +50,25 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         Ok(p) => p,
         Err(code) => return code,
     };
-    let mut fmt: Option<String> = None;
+    let mut common = CommonOpts::default();
     let mut prealloc = Preallocation::Off;
-    let (mut quiet, mut image_opts, mut shrink) = (false, false, false);
+    let mut shrink = false;
     for (key, value) in p.opts {
         let value = value.unwrap_or_default();
         match key.as_str() {
-            "f" => fmt = Some(value),
-            "q" => quiet = true,
-            "image-opts" => image_opts = true,
             "shrink" => shrink = true,
             "preallocation" => match Preallocation::from_name(&value) {
                 Ok(p) => prealloc = p,
                 Err(_) => return ctx.fail(&format!("Invalid preallocation mode '{value}'")),
             },
-            "object" => {
-                if let Err(msg) = crate::app::objects::define(&value) {
+            _ => {
+                if let Err(msg) = common.consume(&key, &value) {
                     return ctx.fail(&msg);
                 }
             }
-            _ => {}
         }
     }
+    let (fmt, image_opts, quiet) = (common.format, common.image_opts, common.quiet);
     let [filename] = p.operands.as_slice() else {
         return ctx.usage_error("resize", "Expecting image file name and size");
     };

@@ -15,8 +15,8 @@ use crate::app::ctx::Ctx;
 use crate::app::getopt::{HasArg, Opt};
 use crate::app::image::parse_image_opts;
 use crate::app::messages::{describe, strerror, warn_probed_raw};
-use crate::app::objects::define as check_object;
 use crate::app::snapshot_table::{snapshot_header, snapshot_row};
+use crate::app::CommonOpts;
 
 /// In qemu-img's order, which ambiguity messages list.
 const SPEC: &[Opt] = &[
@@ -84,9 +84,8 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         Ok(p) => p,
         Err(code) => return code,
     };
-    let mut fmt: Option<String> = None;
+    let mut common = CommonOpts::default();
     let mut action: Option<Action> = None;
-    let (mut image_opts, mut force_share) = (false, false);
     for (key, value) in p.opts {
         let value = value.unwrap_or_default();
         let chosen = match key.as_str() {
@@ -94,29 +93,15 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 print!("{HELP}");
                 return 0;
             }
-            "f" => {
-                fmt = Some(value);
-                None
-            }
-            "image-opts" => {
-                image_opts = true;
-                None
-            }
-            "U" => {
-                force_share = true;
-                None
-            }
-            "object" => {
-                if let Err(msg) = check_object(&value) {
-                    return ctx.fail(&msg);
-                }
-                None
-            }
             "l" => Some(Action::List),
             "a" => Some(Action::Apply(value)),
             "c" => Some(Action::Create(value)),
             "d" => Some(Action::Delete(value)),
-            _ => None, // -q: nothing is printed but the list and errors
+            // -q too: nothing is printed but the list and errors.
+            _ => match common.consume(&key, &value) {
+                Ok(_) => None,
+                Err(msg) => return ctx.fail(&msg),
+            },
         };
         if let Some(a) = chosen {
             if action.is_some() {
@@ -128,6 +113,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let [filename] = p.operands.as_slice() else {
         return ctx.usage_error("snapshot", "Expecting one image file name");
     };
+    let (fmt, image_opts, force_share) = (common.format, common.image_opts, common.force_share);
     let action = action.unwrap_or(Action::List);
     if image_opts && fmt.is_some() {
         return ctx.fail("--image-opts and --format are mutually exclusive");

@@ -28,6 +28,7 @@ use oxqcow_nbd::sys::{self, TerminationSignals};
 use crate::app::ctx::Ctx;
 use crate::app::getopt::{HasArg, Opt};
 use crate::app::messages::os_error;
+use crate::app::CommonOpts;
 use crate::export::daemon::{fork_daemon, open_export_image};
 use filesystem::{DiskFs, ExportConfig, Layout};
 
@@ -257,6 +258,7 @@ fn parse(ctx: &Ctx, args: &[String]) -> Result<Config, i32> {
         pidfile: None,
     };
     let fail = |msg: String| Err(ctx.fail(&msg));
+    let mut common = CommonOpts::default();
     for (key, value) in p.opts {
         let v = value.unwrap_or_default();
         match key.as_str() {
@@ -264,15 +266,7 @@ fn parse(ctx: &Ctx, args: &[String]) -> Result<Config, i32> {
                 print!("{}", HELP.replace("PROG", &ctx.prog));
                 return Err(0);
             }
-            "object" => {
-                if let Err(msg) = crate::app::objects::define(&v) {
-                    return fail(msg);
-                }
-            }
-            "image-opts" => cfg.image_opts = true,
-            "f" => cfg.format = Some(v),
             "r" => cfg.open.read_only = true,
-            "U" => cfg.open.force_share = true,
             "n" => cfg.open.cache = CacheMode::None,
             "cache" => match CacheMode::from_name(&v) {
                 Ok(m) => cfg.open.cache = m,
@@ -298,9 +292,16 @@ fn parse(ctx: &Ctx, args: &[String]) -> Result<Config, i32> {
                 Ok(n) if (1..=MAX_THREADS).contains(&n) => cfg.threads = n,
                 _ => return fail(format!("Invalid number of threads '{v}' (1 to {MAX_THREADS})")),
             },
-            _ => {}
+            _ => {
+                if let Err(msg) = common.consume(&key, &v) {
+                    return fail(msg);
+                }
+            }
         }
     }
+    cfg.format = common.format;
+    cfg.image_opts = common.image_opts;
+    cfg.open.force_share = common.force_share;
     if cfg.image_opts && cfg.format.is_some() {
         return fail("--image-opts and -f are mutually exclusive".into());
     }

@@ -20,6 +20,7 @@ use oxqcow_nbd::{DetectZeroes, Export, ExportOptions, Listener, Server, ServerOp
 
 use crate::app::ctx::Ctx;
 use crate::app::getopt::{HasArg, Opt};
+use crate::app::CommonOpts;
 use crate::export::daemon::{fork_daemon, open_export_image};
 
 /// qemu-nbd's options, in its order.
@@ -286,6 +287,8 @@ fn parse(ctx: &Ctx, args: &[String]) -> Result<Config, i32> {
     let (mut tls_creds, mut tls_authz, mut tls_hostname) = (None, None, None);
     let mut detect = DetectZeroes::Off;
     let fail = |msg: String| Err(ctx.fail(&msg));
+    // -f, --image-opts, -U and --object; serve's -t, -p and -T are its own.
+    let mut common = CommonOpts::default();
     for (key, value) in p.opts {
         let v = value.unwrap_or_default();
         match key.as_str() {
@@ -332,13 +335,7 @@ fn parse(ctx: &Ctx, args: &[String]) -> Result<Config, i32> {
                 Ok(n) if (0..=i64::from(i32::MAX)).contains(&n) => cfg.shared = n as usize,
                 _ => return fail(format!("Invalid shared device number '{v}'")),
             },
-            "f" => cfg.format = Some(v),
             "t" => cfg.persistent = true,
-            "object" => {
-                if let Err(msg) = crate::app::objects::define(&v) {
-                    return fail(msg);
-                }
-            }
             "export-name" | "x" => {
                 if v.len() > oxqcow_nbd::proto::MAX_STRING {
                     return fail(format!("export name '{v}' too long"));
@@ -355,7 +352,6 @@ fn parse(ctx: &Ctx, args: &[String]) -> Result<Config, i32> {
                 cfg.open.snapshot = Some(parse_snapshot_param(&v).map_err(|m| ctx.fail(&m))?);
                 cfg.open.read_only = true;
             }
-            "image-opts" => cfg.image_opts = true,
             "fork" => cfg.fork = true,
             "pid-file" => cfg.pid_file = Some(v),
             "handshake-limit" => match v.trim().parse::<u32>() {
@@ -363,7 +359,6 @@ fn parse(ctx: &Ctx, args: &[String]) -> Result<Config, i32> {
                 Ok(n) => cfg.handshake_limit = Some(Duration::from_secs(u64::from(n))),
                 Err(_) => return fail(format!("Invalid handshake limit '{v}'")),
             },
-            "U" => cfg.open.force_share = true,
             "tls-creds" => tls_creds = Some(v),
             "tls-authz" => tls_authz = Some(v),
             "tls-hostname" => tls_hostname = Some(v),
@@ -373,9 +368,16 @@ fn parse(ctx: &Ctx, args: &[String]) -> Result<Config, i32> {
             "B" => cfg.export.bitmap = Some(v),
             "c" | "d" => return fail("-c/--connect and -d/--disconnect (kernel NBD devices) are not supported".into()),
             "L" => return fail("-L/--list is not supported (nbdinfo --list lists exports)".into()),
-            _ => {}
+            _ => {
+                if let Err(msg) = common.consume(&key, &v) {
+                    return fail(msg);
+                }
+            }
         }
     }
+    cfg.format = common.format;
+    cfg.image_opts = common.image_opts;
+    cfg.open.force_share = common.force_share;
     if cfg.image_opts && cfg.format.is_some() {
         return fail("--image-opts and -f are mutually exclusive".into());
     }
