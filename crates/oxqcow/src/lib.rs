@@ -17,6 +17,7 @@ mod cache;
 pub mod chain_ops;
 pub mod check;
 pub mod compress;
+pub mod copy;
 pub mod crypt;
 pub mod cursor;
 pub mod data_file;

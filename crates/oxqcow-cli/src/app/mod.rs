@@ -19,11 +19,9 @@ pub mod objects;
 pub mod output;
 pub mod progress;
 pub mod qjson;
-pub mod ratelimit;
 pub mod secrets;
 pub mod snapshot_param;
 pub mod snapshot_table;
-pub mod status;
 pub mod tlscreds;
 
 pub use common_opts::CommonOpts;

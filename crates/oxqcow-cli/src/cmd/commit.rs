@@ -128,7 +128,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
 
     let display = Progress::new(common.show_progress(), 1.0);
     display.print(0.0, 100);
-    let limit = crate::app::ratelimit::RateLimit::new(rate);
+    let limit = oxqcow::copy::RateLimit::new(rate);
     let mut on_progress = |done: u64, total: u64| {
         if total > 0 {
             display.print((done as f64 / total as f64 * 100.0) as f32, 0);

@@ -17,8 +17,8 @@ use crate::app::getopt::{self, HasArg, Opt};
 use crate::app::image::is_cache_mode;
 use crate::app::messages::strerror;
 use crate::app::progress::Progress;
-use crate::app::status::StatusCursor;
 use crate::app::CommonOpts;
+use oxqcow::copy::StatusCursor;
 
 /// qemu-img's `IO_BUF_SIZE`: the most read from each image at once.
 const IO_BUF_SIZE: u64 = 2 << 20;

@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 
-use oxqcow::{BlockDevice, Extent, Image};
+use crate::{BlockDevice, Extent, Image};
 
 /// How many bytes of block status one engine query covers.
 const WINDOW: u64 = 1 << 30;
@@ -60,7 +60,7 @@ impl<'a> StatusCursor<'a> {
         self.size
     }
 
-    fn fetch(&mut self) -> oxqcow::Result<()> {
+    fn fetch(&mut self) -> crate::Result<()> {
         let len = (self.size - self.fetched_to).min(WINDOW);
         for e in self.image.block_status(self.fetched_to, len)? {
             if e.length == 0 {
@@ -77,7 +77,7 @@ impl<'a> StatusCursor<'a> {
 
     /// The run of equal status starting at `offset` (which must be below
     /// the image size), as one QEMU block status query reports it.
-    pub fn at(&mut self, offset: u64) -> oxqcow::Result<Extent> {
+    pub fn at(&mut self, offset: u64) -> crate::Result<Extent> {
         debug_assert!(offset < self.size);
         while self.runs.front().is_some_and(|e| e.offset + e.length <= offset) {
             self.runs.pop_front();
@@ -90,7 +90,7 @@ impl<'a> StatusCursor<'a> {
             self.fetch()?;
         }
         let Some(front) = self.runs.front() else {
-            return Err(oxqcow::Error::Corrupt(format!("no block status returned for offset {offset}")));
+            return Err(crate::Error::Corrupt(format!("no block status returned for offset {offset}")));
         };
         let mut e = front.clone();
         if e.offset < offset {
