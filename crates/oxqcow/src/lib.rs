@@ -30,6 +30,7 @@ pub mod measure;
 pub mod options;
 pub mod overlap;
 mod qcow2;
+pub mod qemu_syntax;
 pub mod raw;
 mod refcount;
 mod resize;

@@ -8,7 +8,8 @@ use oxqcow::backing::{resolve_backing_path, BackingPolicy};
 use oxqcow::{Image, ImageFormat, OpenOptions};
 
 use crate::app::forbid_backing::backing_policy;
-use crate::app::messages::{describe, open_messages, strerror, warn_probed_raw};
+use crate::app::messages::{describe, open_messages, prog_name, strerror, warn_probed_raw};
+use crate::app::qemu_opts::split_noisily;
 
 /// Opens an image as qemu-img does, returning qemu-img's message on failure
 /// ("Could not open 'PATH': REASON", with one "Could not open backing file: "
@@ -156,7 +157,7 @@ fn parse_image_opts_for(spec: &str, io: bool) -> Result<(String, Option<String>,
     if !spec.contains('=') {
         return Err(fail(format!("Cannot find device='{spec}' nor node-name='{spec}'")));
     }
-    for (key, value) in crate::app::imgopts::split_options(spec) {
+    for (key, value) in split_noisily(&prog_name(), spec) {
         match key.as_str() {
             "file.filename" | "filename" => path = Some(value),
             "driver" => format = Some(value),

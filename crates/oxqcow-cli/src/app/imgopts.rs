@@ -5,7 +5,7 @@
 
 use oxqcow::{Compat, CompressionType, CreateOptions, Encryption, EncryptionFormat, ImageFormat, Preallocation};
 
-use crate::app::numbers::parse_size_option;
+use oxqcow::qemu_syntax::{parse_size_option, split_options};
 
 /// The type of an option's value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,53 +138,6 @@ pub fn accumulate(options: &mut Option<String>, arg: &str) -> Result<(), String>
         None => arg.to_string(),
     });
     Ok(())
-}
-
-/// Splits an option string into `(key, value)` pairs as QEMU does: `,,`
-/// is a literal comma in a value, a key without `=` means `key=on`, or
-/// `X=off` when the key is `noX`.
-pub fn split_options(s: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut chars = s.chars().peekable();
-    while chars.peek().is_some() {
-        let mut key = String::new();
-        let mut value = None;
-        while let Some(&c) = chars.peek() {
-            if c == '=' || c == ',' {
-                break;
-            }
-            key.push(c);
-            chars.next();
-        }
-        if chars.peek() == Some(&'=') {
-            chars.next();
-            let mut v = String::new();
-            while let Some(c) = chars.next() {
-                if c == ',' {
-                    if chars.peek() == Some(&',') {
-                        chars.next();
-                        v.push(',');
-                        continue;
-                    }
-                    break;
-                }
-                v.push(c);
-            }
-            value = Some(v);
-        } else {
-            // At a ',' (or the end): skip it.
-            chars.next();
-        }
-        let (key, value) = match value {
-            Some(v) => (key, v),
-            None => match key.strip_prefix("no") {
-                Some(rest) => (rest.to_string(), "off".to_string()),
-                None => (key, "on".to_string()),
-            },
-        };
-        out.push((key, value));
-    }
-    out
 }
 
 /// Whether an option string asks for help (`help` or `?` as a key).
@@ -547,10 +500,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn splitting_like_qemu() {
-        let v = split_options("a=1,,2,lazy,nofoo,b=");
-        let v: Vec<(&str, &str)> = v.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        assert_eq!(v, [("a", "1,2"), ("lazy", "on"), ("foo", "off"), ("b", "")]);
+    fn option_lists_as_qemu_img_accepts_them() {
         assert!(has_help_option("cluster_size=4k,help"));
         assert!(has_help_option("?"));
         assert!(!has_help_option("help=off"));

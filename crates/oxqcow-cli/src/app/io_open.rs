@@ -148,42 +148,6 @@ impl Opened {
     }
 }
 
-/// Splits a QEMU option string (`driver=qcow2,file.filename=a,,b`; `,,`
-/// is a literal comma). A bare `key` means `key=on` and `nokey` means
-/// `key=off`, with QEMU's deprecation warning (prefixed with `prog`).
-pub fn split_options(prog: &str, s: &str) -> Result<Vec<(String, String)>, String> {
-    let mut items = Vec::new();
-    let mut cur = String::new();
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c != ',' {
-            cur.push(c);
-        } else if chars.peek() == Some(&',') {
-            chars.next();
-            cur.push(',');
-        } else {
-            items.push(std::mem::take(&mut cur));
-        }
-    }
-    items.push(cur);
-    let mut out = Vec::new();
-    for item in items.into_iter().filter(|i| !i.is_empty()) {
-        match item.split_once('=') {
-            Some((k, v)) => out.push((k.to_string(), v.to_string())),
-            None => {
-                let (key, value) = match item.strip_prefix("no") {
-                    Some(rest) if !rest.is_empty() => (rest.to_string(), "off"),
-                    _ => (item.clone(), "on"),
-                };
-                eprintln!("{prog}: warning: short-form boolean option '{item}' deprecated");
-                eprintln!("Please use {key}={value} instead");
-                out.push((key, value.to_string()));
-            }
-        }
-    }
-    Ok(out)
-}
-
 /// Runtime options only qcow2 has; raw refuses them as QEMU's raw driver does.
 fn qcow2_only(key: &str) -> bool {
     key.starts_with("overlap-check")

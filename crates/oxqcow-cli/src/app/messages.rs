@@ -16,8 +16,7 @@ use oxqcow::{ImageMessage, ImageMessages};
 pub fn open_messages() -> ImageMessages {
     Arc::new(|m| match m {
         ImageMessage::StaleBitmaps(why) => {
-            let argv0 = std::env::args().next().unwrap_or_default();
-            let prog = Path::new(&argv0).file_name().and_then(|s| s.to_str()).unwrap_or("oxqcow").to_string();
+            let prog = prog_name();
             // QEMU prints the second line with error_printf, without a newline.
             let _ = write!(
                 std::io::stderr().lock(),
@@ -26,6 +25,13 @@ pub fn open_messages() -> ImageMessages {
         }
         ImageMessage::Repair(line) | ImageMessage::Inconsistency(line) => stderr_line(line),
     })
+}
+
+/// The program name as invoked (the basename of argv[0]), for messages
+/// printed where no [`crate::app::ctx::Ctx`] is at hand.
+pub fn prog_name() -> String {
+    let argv0 = std::env::args().next().unwrap_or_default();
+    Path::new(&argv0).file_name().and_then(|s| s.to_str()).unwrap_or("oxqcow").to_string()
 }
 
 /// One line on stderr, as QEMU's check prints each problem it finds (there

@@ -18,6 +18,7 @@ pub mod numbers;
 pub mod objects;
 pub mod output;
 pub mod progress;
+pub mod qemu_opts;
 pub mod qjson;
 pub mod secrets;
 pub mod snapshot_param;

@@ -4,7 +4,8 @@
 //! to the module that keeps its type (`secret` to [`secrets`], TLS
 //! credentials to [`tlscreds`]).
 
-use crate::app::imgopts::split_options;
+use oxqcow::qemu_syntax::option_items_implied;
+
 use crate::app::messages::os_error;
 use crate::app::{secrets, tlscreds};
 
@@ -13,18 +14,14 @@ use crate::app::{secrets, tlscreds};
 /// `secret` (`id`, and `data` or `file`, optional `format=raw|base64`)
 /// in [`secrets`], TLS credentials in [`tlscreds`].
 pub fn define(spec: &str) -> Result<(), String> {
-    // An implied first key: a leading token without '=' is the type.
-    let (mut qom_type, rest) = match spec.split_once(',') {
-        Some((first, rest)) if !first.contains('=') => (Some(first.to_string()), rest),
-        None if !spec.contains('=') => (Some(spec.to_string()), ""),
-        _ => (None, spec),
-    };
+    // An implied first key: a leading item without '=' is the type.
+    let mut qom_type = None;
     let mut params = Vec::new();
-    for (k, v) in split_options(rest) {
-        if k == "qom-type" {
-            qom_type = Some(v);
+    for item in option_items_implied(spec, "qom-type") {
+        if item.key == "qom-type" {
+            qom_type = Some(item.value);
         } else {
-            params.push((k, v));
+            params.push((item.key, item.value));
         }
     }
     let Some(qom_type) = qom_type.filter(|t| !t.is_empty()) else {

@@ -4,6 +4,8 @@
 use oxqcow::{Image, OpenOptions};
 
 use crate::app::image::open_image;
+use crate::app::messages::prog_name;
+use crate::app::qemu_opts::split_noisily;
 
 /// `-l`: which internal snapshot of the source to read (qemu-img's
 /// `snapshot.id=ID,snapshot.name=NAME` or a bare id-or-name).
@@ -16,13 +18,14 @@ pub enum SnapshotParam {
 }
 
 impl SnapshotParam {
-    /// Parses `-l`; an unknown key is returned as the error.
+    /// Parses `-l` as QemuOpts parses it noisily (warning about flags
+    /// written without `=`); an unknown key is returned as the error.
     pub fn parse(v: &str) -> Result<SnapshotParam, String> {
         if !v.starts_with("snapshot.") {
             return Ok(SnapshotParam::IdOrName(v.to_string()));
         }
         let (mut id, mut name) = (None, None);
-        for (key, value) in crate::app::imgopts::split_options(v) {
+        for (key, value) in split_noisily(&prog_name(), v) {
             match key.as_str() {
                 "snapshot.id" => id = Some(value),
                 "snapshot.name" => name = Some(value),

@@ -9,12 +9,13 @@
 
 use oxqcow::amend::AmendOptions;
 use oxqcow::crypt::KeyslotChange;
+use oxqcow::qemu_syntax::{parse_size_option, split_options};
 use oxqcow::{Compat, Image, ImageFormat};
 
 use crate::app::ctx::Ctx;
 use crate::app::getopt::{HasArg, Opt};
 use crate::app::image::is_cache_mode;
-use crate::app::imgopts::{self, split_options, OptDesc, OptType};
+use crate::app::imgopts::{self, OptDesc, OptType};
 use crate::app::messages::describe;
 use crate::app::progress::Progress;
 use crate::app::CommonOpts;
@@ -242,7 +243,7 @@ fn to_amend_options(options: &str, info: &oxqcow::Qcow2Info) -> Result<(AmendOpt
         });
     }
     if let Some(v) = last("size") {
-        o.size = Some(crate::app::numbers::parse_size_option("size", &v)?);
+        o.size = Some(parse_size_option("size", &v)?);
     }
     if let Some(v) = last("compat") {
         o.compat = Some(Compat::from_amend_name(&v).map_err(|e| describe(&e))?);

@@ -15,13 +15,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Barrier, Mutex};
 use std::time::Instant;
 
+use oxqcow::qemu_syntax::SizeError;
 use oxqcow::{BlockDevice, Image};
 
 use crate::app::ctx::Ctx;
 use crate::app::getopt::{self, HasArg, Opt};
-use crate::app::io_open::{open, split_options, OpenSpec};
+use crate::app::io_open::{open, OpenSpec};
 use crate::app::messages::errno_text;
-use crate::app::numbers::{qemu_strtosz, strtoul0, SizeError};
+use crate::app::numbers::{cvtnum, strtoul0};
+use crate::app::qemu_opts::split_noisily;
 use crate::app::CommonOpts;
 
 /// Most threads one run uses; deeper queues share them.
@@ -106,10 +108,13 @@ fn splitmix64(x: u64) -> u64 {
 }
 
 /// A number in `[min, max]` with qemu-img's messages; `size` selects its
-/// size syntax (suffixes, fractions) over C integer syntax (`0x`, octal).
+/// size syntax (suffixes, fractions: qemu-img's `cvtnum`) over C integer
+/// syntax (`0x`, octal).
 fn ranged(name: &str, value: &str, min: u64, max: u64, size: bool) -> Result<u64, String> {
-    let parsed = if size { qemu_strtosz(value) } else { strtoul0(value) };
-    match parsed {
+    if size {
+        return cvtnum(name, value, min, max);
+    }
+    match strtoul0(value) {
         Err(SizeError::Invalid) => Err(format!("Invalid {name} specified: '{value}'.")),
         Ok(v) if (min..=max).contains(&v) => Ok(v),
         _ => Err(format!("Invalid {name} specified. Must be between {min} and {max}.")),
@@ -204,10 +209,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         if common.format.is_some() {
             return ctx.fail("--image-opts and --format are mutually exclusive");
         }
-        match split_options(&ctx.prog, filename) {
-            Ok(o) => spec.options = o,
-            Err(msg) => return ctx.fail(&msg),
-        }
+        spec.options = split_noisily(&ctx.prog, filename);
         open(&spec, None, &Default::default())
     } else {
         if let Some(f) = common.format {

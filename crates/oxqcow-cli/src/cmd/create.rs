@@ -15,7 +15,7 @@ use crate::app::getopt::{HasArg, Opt};
 use crate::app::image::open_image;
 use crate::app::imgopts::{self, ImgOpts};
 use crate::app::messages::describe;
-use crate::app::numbers::parse_size_operand;
+use crate::app::numbers::cvtnum;
 use crate::app::CommonOpts;
 
 /// In qemu-img's order, which ambiguity messages list.
@@ -98,7 +98,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let Some(filename) = filename else {
         return ctx.usage_error("create", "Expecting image file name");
     };
-    let size = match operands.next().map(|s| parse_size_operand("image size", &s)).transpose() {
+    let size = match operands.next().map(|s| cvtnum("image size", &s, 0, i64::MAX as u64)).transpose() {
         Ok(s) => s,
         Err(msg) => return ctx.fail(&msg),
     };

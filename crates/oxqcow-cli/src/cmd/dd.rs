@@ -8,13 +8,14 @@
 
 use std::path::Path;
 
+use oxqcow::qemu_syntax::SizeError;
 use oxqcow::{BlockDevice, CreateOptions, Image, ImageFormat, OpenOptions};
 
 use crate::app::ctx::Ctx;
 use crate::app::getopt::{HasArg, Opt};
 use crate::app::image::{open_image, parse_image_opts};
 use crate::app::messages::{describe, os_error, strerror};
-use crate::app::numbers::{cvtnum, strtoul0, SizeError};
+use crate::app::numbers::{cvtnum, strtoul0};
 use crate::app::CommonOpts;
 
 /// In qemu-img's order, which ambiguity messages list.

@@ -12,7 +12,7 @@ use crate::app::getopt::{HasArg, Opt};
 use crate::app::image::{open_image, parse_image_opts};
 use crate::app::imgopts::{self, ImgOpts};
 use crate::app::messages::describe;
-use crate::app::numbers::parse_size_operand;
+use crate::app::numbers::cvtnum;
 use crate::app::output::{print_json, OutputFormat};
 use crate::app::snapshot_param::SnapshotParam;
 use crate::app::CommonOpts;
@@ -84,7 +84,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                     return ctx.fail(&format!("Failed in parsing snapshot param '{value}'"));
                 }
             },
-            "s" => match parse_size_operand("image size", &value) {
+            "s" => match cvtnum("image size", &value, 0, i64::MAX as u64) {
                 Ok(n) => size = Some(n),
                 Err(msg) => return ctx.fail(&msg),
             },

@@ -3,12 +3,12 @@
 //! The size is the last argument, taken before option parsing so that
 //! `-1G` is a size and not an option, as qemu-img does.
 
+use oxqcow::qemu_syntax::parse_size_option;
 use oxqcow::{Image, ImageFormat, Preallocation};
 
 use crate::app::ctx::Ctx;
 use crate::app::getopt::{HasArg, Opt};
 use crate::app::messages::describe;
-use crate::app::numbers::parse_size_option;
 use crate::app::CommonOpts;
 
 /// In qemu-img's order, which ambiguity messages list.

@@ -20,6 +20,7 @@ use oxqcow_nbd::{DetectZeroes, Export, ExportOptions, Listener, Server, ServerOp
 
 use crate::app::ctx::Ctx;
 use crate::app::getopt::{HasArg, Opt};
+use crate::app::snapshot_param::SnapshotParam;
 use crate::app::CommonOpts;
 use crate::export::daemon::{fork_daemon, open_export_image};
 
@@ -349,7 +350,14 @@ fn parse(ctx: &Ctx, args: &[String]) -> Result<Config, i32> {
                 cfg.export.description = v;
             }
             "l" => {
-                cfg.open.snapshot = Some(parse_snapshot_param(&v).map_err(|m| ctx.fail(&m))?);
+                let param = match SnapshotParam::parse(&v) {
+                    Ok(p) => p,
+                    Err(key) => {
+                        ctx.error(&format!("Invalid parameter '{key}'"));
+                        return fail(format!("Failed in parsing snapshot param `{v}'"));
+                    }
+                };
+                cfg.open.snapshot = Some(snapshot_id_or_name(param).map_err(|m| ctx.fail(&m))?);
                 cfg.open.read_only = true;
             }
             "fork" => cfg.fork = true,
@@ -419,18 +427,14 @@ fn parse(ctx: &Ctx, args: &[String]) -> Result<Config, i32> {
     Ok(cfg)
 }
 
-/// `-l`: `snapshot.id=ID,snapshot.name=NAME` (either) or a bare id or name.
-fn parse_snapshot_param(v: &str) -> Result<String, String> {
-    if !v.starts_with("snapshot.") {
-        return Ok(v.to_string());
+/// The snapshot `-l` names: a bare id or name, else the id of
+/// `snapshot.id=ID,snapshot.name=NAME` when given, else the name.
+fn snapshot_id_or_name(param: SnapshotParam) -> Result<String, String> {
+    match param {
+        SnapshotParam::IdOrName(s) => Ok(s),
+        SnapshotParam::Exact { id, name } => id
+            .or(name)
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| "Failed to load snapshot: Can't find snapshot".to_string()),
     }
-    let (mut id, mut name) = (None, None);
-    for part in v.split(',') {
-        match part.split_once('=') {
-            Some(("snapshot.id", x)) => id = Some(x.to_string()),
-            Some(("snapshot.name", x)) => name = Some(x.to_string()),
-            _ => return Err(format!("Invalid parameter '{part}'")),
-        }
-    }
-    id.or(name).filter(|s| !s.is_empty()).ok_or_else(|| "Failed to load snapshot: Can't find snapshot".to_string())
 }

@@ -16,7 +16,8 @@ use std::io::BufRead;
 
 use crate::app::ctx::Ctx;
 use crate::app::getopt::{self, HasArg, Opt};
-use crate::app::io_open::{self as open, OpenSpec};
+use crate::app::io_open::OpenSpec;
+use crate::app::qemu_opts::split_noisily;
 use session::Session;
 
 const MAIN_OPTIONS: &[Opt] = &[
@@ -124,13 +125,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     }
     if let Some(file) = parsed.operands.first() {
         let res = if session.image_opts {
-            spec.options = match open::split_options(&ctx.prog, file) {
-                Ok(o) => o,
-                Err(msg) => {
-                    ctx.error(&msg);
-                    return 1;
-                }
-            };
+            spec.options = split_noisily(&ctx.prog, file);
             session.open(spec, None)
         } else {
             if let Some(f) = format {

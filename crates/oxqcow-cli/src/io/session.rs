@@ -3,6 +3,8 @@
 
 use std::collections::HashMap;
 
+use oxqcow::qemu_syntax::option_items_implied;
+
 use crate::app::ctx::Ctx;
 use crate::app::io_open::{self as open, OpenSpec, Opened};
 use crate::app::messages::io_error_text;
@@ -63,16 +65,14 @@ impl Session<'_> {
     /// Handles `--object`: secrets are kept for `encrypt.key-secret`,
     /// other object types are refused.
     pub fn add_object(&mut self, def: &str) -> Result<(), String> {
-        let pairs = oxqcow::options::parse_option_list(def).map_err(|e| e.to_string())?;
         let mut kind = None;
         let mut props = HashMap::new();
-        for (i, (k, v)) in pairs.into_iter().enumerate() {
-            if i == 0 && v == "on" && !def.starts_with(&format!("{k}=")) {
-                kind = Some(k);
-            } else if k == "qom-type" {
-                kind = Some(v);
+        // A leading item without '=' is the type.
+        for item in option_items_implied(def, "qom-type") {
+            if item.key == "qom-type" {
+                kind = Some(item.value);
             } else {
-                props.insert(k, v);
+                props.insert(item.key, item.value);
             }
         }
         let Some(kind) = kind else { return Err("Parameter 'qom-type' is missing".into()) };

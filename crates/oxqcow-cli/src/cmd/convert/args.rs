@@ -5,6 +5,7 @@ use crate::app::ctx::Ctx;
 use crate::app::forbid_backing::FORBID_BACKING;
 use crate::app::getopt::{self, HasArg, Opt, Parsed};
 use crate::app::image::is_cache_mode;
+use crate::app::imgopts;
 use crate::app::numbers::cvtnum;
 use crate::app::snapshot_param::SnapshotParam;
 use crate::app::CommonOpts;
@@ -222,10 +223,9 @@ fn options(ctx: &Ctx, parsed: &Parsed) -> Result<Args, i32> {
             }
             "O" => a.out_fmt = Some(v),
             "o" => {
-                a.options = Some(match a.options.take() {
-                    Some(old) => format!("{old},{v}"),
-                    None => v,
-                })
+                if let Err(msg) = imgopts::accumulate(&mut a.options, &v) {
+                    return Err(ctx.fail(&msg));
+                }
             }
             "n" => a.skip_create = true,
             "target-is-zero" => a.target_is_zero = true,

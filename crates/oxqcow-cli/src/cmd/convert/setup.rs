@@ -7,13 +7,14 @@ use std::path::Path;
 use std::sync::Arc;
 
 use oxqcow::backing::resolve_backing_path;
+use oxqcow::qemu_syntax::split_options;
 use oxqcow::{BlockDevice, CacheMode, CreateOptions, Image, ImageFormat, OpenOptions, Preallocation};
 
 use super::args::Args;
 use crate::app::ctx::Ctx;
 use crate::app::forbid_backing::backing_forbidden;
 use crate::app::image::{is_cache_mode, open_image, open_image_as, open_operand, parse_image_opts};
-use crate::app::imgopts::{split_options, ImgOpts};
+use crate::app::imgopts::ImgOpts;
 use crate::app::messages::{describe, os_error, strerror};
 
 /// Opens the sources (on their `-l` snapshot, in the `-T` cache mode), and

@@ -4,11 +4,12 @@
 
 use std::time::{Duration, Instant};
 
+use oxqcow::qemu_syntax::{qemu_strtosz, SizeError};
 use oxqcow::{BlockDevice, Image};
 
 use crate::app::getopt;
 use crate::app::messages::errno_text;
-use crate::app::numbers::{qemu_strtosz, strtoul0, SizeError};
+use crate::app::numbers::strtoul0;
 use crate::io::session::{CmdResult, Failed, Session};
 
 /// QEMU's limit on one request (`BDRV_REQUEST_MAX_BYTES`: `INT_MAX`

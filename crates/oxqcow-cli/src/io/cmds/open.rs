@@ -1,6 +1,7 @@
 //! The commands that open and close images, and `quit`.
 
-use crate::app::io_open::{split_options, OpenSpec};
+use crate::app::io_open::OpenSpec;
+use crate::app::qemu_opts::split_noisily;
 use crate::io::cmds::args::{cmd, parse_args, CmdInfo};
 use crate::io::session::{CmdResult, Failed, Session};
 
@@ -61,13 +62,7 @@ fn open(s: &mut Session, info: &CmdInfo, argv: &[String]) -> CmdResult {
                 println!("--image-opts and 'open -o' are mutually exclusive");
                 return Err(Failed);
             }
-            match split_options(&s.ctx.prog, v) {
-                Ok(o) => spec.options.extend(o),
-                Err(msg) => {
-                    s.ctx.error(&msg);
-                    return Err(Failed);
-                }
-            }
+            spec.options.extend(split_noisily(&s.ctx.prog, v));
         } else if let Err(msg) = spec.apply_flag(c, v) {
             s.ctx.error(&msg);
             return Err(Failed);
@@ -76,13 +71,7 @@ fn open(s: &mut Session, info: &CmdInfo, argv: &[String]) -> CmdResult {
     p.check(info)?;
     let mut operands = p.operands.as_slice();
     if s.image_opts && operands.len() == 1 {
-        match split_options(&s.ctx.prog, &operands[0]) {
-            Ok(o) => spec.options.extend(o),
-            Err(msg) => {
-                s.ctx.error(&msg);
-                return Err(Failed);
-            }
-        }
+        spec.options.extend(split_noisily(&s.ctx.prog, &operands[0]));
         operands = &[];
     }
     match operands {
