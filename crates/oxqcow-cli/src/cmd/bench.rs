@@ -19,7 +19,7 @@ use oxqcow::qemu_syntax::SizeError;
 use oxqcow::{BlockDevice, Image};
 
 use crate::app::ctx::Ctx;
-use crate::app::getopt::{self, HasArg, Opt};
+use crate::app::getopt::{self, HasArg, Opt, Parsed};
 use crate::app::io_open::{open, OpenSpec};
 use crate::app::messages::errno_text;
 use crate::app::numbers::{cvtnum, strtoul0};
@@ -121,18 +121,9 @@ fn ranged(name: &str, value: &str, min: u64, max: u64, size: bool) -> Result<u64
     }
 }
 
-/// Runs `oxqcow bench ARGS`.
-pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
-    let mut spec_opts = getopt::short_options("hc:d:f:ni:o:qs:S:t:wU");
-    spec_opts.extend_from_slice(OPTIONS);
-    let parsed = match getopt::parse(&format!("{} bench", ctx.argv0), args, &spec_opts) {
-        Ok(p) => p,
-        Err(msg) => {
-            eprintln!("{msg}");
-            eprintln!("Try '{} bench --help' for more info", ctx.argv0);
-            return 1;
-        }
-    };
+/// The plan, the open flags and the shared options of the command line,
+/// taken in order (`Err`: the exit code, 0 after `-h`).
+fn options(ctx: &Ctx, parsed: &Parsed) -> Result<(Plan, OpenSpec, CommonOpts), i32> {
     let mut plan = Plan {
         count: 75000,
         depth: 64,
@@ -153,12 +144,12 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     spec.writethrough = false;
     spec.unmap = false;
     let mut common = CommonOpts::default();
-    for (key, value) in parsed.opts {
-        let value = value.unwrap_or_default();
+    for (key, value) in &parsed.opts {
+        let value = value.clone().unwrap_or_default();
         let res = match key.as_str() {
             "h" => {
                 print!("{}", help(&ctx.prog));
-                return 0;
+                return Err(0);
             }
             "c" => ranged("request count", &value, 1, INT_MAX, false).map(|v| plan.count = v),
             "d" => ranged("queue depth", &value, 1, INT_MAX, false).map(|v| plan.depth = v),
@@ -186,13 +177,32 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             "i" => spec.apply_flag('i', &value),
             "n" => spec.apply_flag('k', ""),
             // -f, --image-opts, -U, and -q: qemu-img bench prints its lines even with -q.
-            _ => common.consume(&key, &value).map(|_| ()),
+            _ => common.consume(key, &value).map(|_| ()),
         };
         if let Err(msg) = res {
             ctx.error(&msg);
-            return 1;
+            return Err(1);
         }
     }
+    Ok((plan, spec, common))
+}
+
+/// Runs `oxqcow bench ARGS`.
+pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
+    let mut spec_opts = getopt::short_options("hc:d:f:ni:o:qs:S:t:wU");
+    spec_opts.extend_from_slice(OPTIONS);
+    let parsed = match getopt::parse(&format!("{} bench", ctx.argv0), args, &spec_opts) {
+        Ok(p) => p,
+        Err(msg) => {
+            eprintln!("{msg}");
+            eprintln!("Try '{} bench --help' for more info", ctx.argv0);
+            return 1;
+        }
+    };
+    let (mut plan, mut spec, common) = match options(ctx, &parsed) {
+        Ok(o) => o,
+        Err(code) => return code,
+    };
     let [filename] = parsed.operands.as_slice() else {
         ctx.error("Expecting one image file name");
         eprintln!("Try '{} bench --help' for more info", ctx.argv0);

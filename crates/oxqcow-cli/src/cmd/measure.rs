@@ -112,26 +112,10 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     }
     let source = match &filename {
         None => None,
-        Some(name) => {
-            let opened = if image_opts {
-                parse_image_opts(name).and_then(|(path, f, mut o)| {
-                    o.force_share |= force_share;
-                    crate::app::image::open_image_as(&path, name, f.as_deref(), o.read_only(true))
-                })
-            } else {
-                let mut o = OpenOptions::new().read_only(true);
-                o.force_share = force_share;
-                open_image(name, fmt.as_deref(), o)
-            };
-            let loaded = opened.and_then(|image| match &snapshot {
-                Some(p) => p.load(image, name, fmt.as_deref()),
-                None => Ok(image),
-            });
-            match loaded {
-                Ok(i) => Some(i),
-                Err(msg) => return ctx.fail(&msg),
-            }
-        }
+        Some(name) => match open_source(name, image_opts, fmt.as_deref(), force_share, snapshot.as_ref()) {
+            Ok(i) => Some(i),
+            Err(msg) => return ctx.fail(&msg),
+        },
     };
     let format = match imgopts::format_from_name(&out_fmt) {
         Ok(f) => f,
@@ -176,6 +160,30 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         }
     }
     0
+}
+
+/// Opens the image to measure (read-only, `-U` shared), on its `-l`
+/// snapshot when one is given.
+fn open_source(
+    name: &str,
+    image_opts: bool,
+    fmt: Option<&str>,
+    force_share: bool,
+    snapshot: Option<&SnapshotParam>,
+) -> Result<Image, String> {
+    let image = if image_opts {
+        let (path, f, mut o) = parse_image_opts(name)?;
+        o.force_share |= force_share;
+        crate::app::image::open_image_as(&path, name, f.as_deref(), o.read_only(true))?
+    } else {
+        let mut o = OpenOptions::new().read_only(true);
+        o.force_share = force_share;
+        open_image(name, fmt, o)?
+    };
+    match snapshot {
+        Some(p) => p.load(image, name, fmt),
+        None => Ok(image),
+    }
 }
 
 /// A source's length as QEMU's block layer reports it: in whole sectors.

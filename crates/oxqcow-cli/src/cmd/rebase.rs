@@ -14,6 +14,7 @@
 use std::path::Path;
 
 use oxqcow::backing::{resolve_backing_path, BackingPolicy};
+use oxqcow::chain_ops::RebaseOptions;
 use oxqcow::{CacheMode, ImageFormat, OpenOptions};
 
 use crate::app::ctx::Ctx;
@@ -164,29 +165,53 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         return ctx.fail(&format!("Could not change the backing file to '{shown}': backing format must be specified"));
     }
     if let (Some(name), Some(fmt), false) = (&backing, backing_fmt.as_deref(), unsafe_mode) {
-        // The new backing file, opened (with its own chain) to check it and
-        // to refuse chains that would loop back to the image.
-        let path = resolve_backing_path(Path::new(filename), name);
-        let path_str = path.to_string_lossy().into_owned();
-        let fail = |why: &str| ctx.fail(&format!("Could not open new backing file '{name}': {why}"));
-        let new = match open_image(&path_str, Some(fmt), OpenOptions::new().read_only(true)) {
-            Ok(i) => i,
-            Err(msg) => {
-                let prefix = format!("Could not open '{path_str}': ");
-                return fail(msg.strip_prefix(&prefix).unwrap_or(&msg));
-            }
-        };
-        let me = std::fs::canonicalize(filename).ok();
-        let loops = chain_filenames(&new, &path_str)
-            .iter()
-            .any(|layer| std::fs::canonicalize(layer).ok().is_some_and(|p| Some(p) == me));
-        if loops {
-            return fail(&format!("'{filename}' would become its own backing file"));
+        if let Err(code) = check_new_backing(ctx, filename, name, fmt) {
+            return code;
         }
     }
     // The library opens the images itself.
     drop(image);
 
+    let new_backing = backing.as_deref().map(|b| (b, backing_format));
+    let opts = RebaseOptions { unsafe_mode, cache: cache_mode, backing_cache, compress };
+    match rebase(filename, new_backing, opts, progress) {
+        Ok(()) => 0,
+        Err(e) => ctx.fail(&format!("Could not change the backing file to '{shown}': {}", describe(&e))),
+    }
+}
+
+/// Opens the new backing file (with its own chain) to check it, and
+/// refuses a chain that would loop back to the image; on failure, the
+/// exit code.
+fn check_new_backing(ctx: &Ctx, filename: &str, name: &str, fmt: &str) -> Result<(), i32> {
+    let path = resolve_backing_path(Path::new(filename), name);
+    let path_str = path.to_string_lossy().into_owned();
+    let fail = |why: &str| ctx.fail(&format!("Could not open new backing file '{name}': {why}"));
+    let new = match open_image(&path_str, Some(fmt), OpenOptions::new().read_only(true)) {
+        Ok(i) => i,
+        Err(msg) => {
+            let prefix = format!("Could not open '{path_str}': ");
+            return Err(fail(msg.strip_prefix(&prefix).unwrap_or(&msg)));
+        }
+    };
+    let me = std::fs::canonicalize(filename).ok();
+    let loops = chain_filenames(&new, &path_str)
+        .iter()
+        .any(|layer| std::fs::canonicalize(layer).ok().is_some_and(|p| Some(p) == me));
+    if loops {
+        return Err(fail(&format!("'{filename}' would become its own backing file")));
+    }
+    Ok(())
+}
+
+/// The library's rebase, with qemu-img's progress display (`-p`).
+fn rebase(
+    filename: &str,
+    new_backing: Option<(&str, Option<ImageFormat>)>,
+    opts: RebaseOptions,
+    progress: bool,
+) -> oxqcow::Result<()> {
+    let unsafe_mode = opts.unsafe_mode;
     let display = Progress::new(progress, 2.0);
     display.print(0.0, 100);
     // qemu-img reports once per IO_BUF_SIZE bytes walked.
@@ -198,15 +223,10 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             reported += n;
         }
     };
-    let new_backing = backing.as_deref().map(|b| (b, backing_format));
-    let opts = oxqcow::chain_ops::RebaseOptions { unsafe_mode, cache: cache_mode, backing_cache, compress };
     let res = oxqcow::chain_ops::rebase(Path::new(filename), new_backing, opts, &mut on_progress);
     if unsafe_mode && res.is_ok() {
         display.print(100.0, 0);
     }
     display.end();
-    match res {
-        Ok(()) => 0,
-        Err(e) => ctx.fail(&format!("Could not change the backing file to '{shown}': {}", describe(&e))),
-    }
+    res
 }

@@ -139,7 +139,18 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     if !read_only && format.is_none() && image.format() == ImageFormat::Raw {
         warn_probed_raw(&path);
     }
-    let code = match (&image, action) {
+    let code = perform(ctx, &image, action);
+    if let Err(e) = image.close() {
+        if code == 0 {
+            return ctx.fail(&describe(&e));
+        }
+    }
+    code
+}
+
+/// Runs the action on the open image; the exit code.
+fn perform(ctx: &Ctx, image: &Image, action: Action) -> i32 {
+    match (image, action) {
         (Image::Qcow2(q), Action::List) => {
             let snapshots = q.snapshots();
             if !snapshots.is_empty() {
@@ -209,13 +220,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 },
             }
         }
-    };
-    if let Err(e) = image.close() {
-        if code == 0 {
-            return ctx.fail(&describe(&e));
-        }
     }
-    code
 }
 
 /// A table line for one snapshot, as `bdrv_snapshot_dump` prints it.

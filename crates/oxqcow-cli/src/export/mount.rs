@@ -72,7 +72,8 @@ with QEMU, opening the file with O_TRUNC (dd without conv=notrunc) resizes
 the disk to 0 bytes.
 
   -h, --help                display this help and exit
-  --object type,id=ID,...   define a 'secret' object (nothing here needs one yet)
+  --object type,id=ID,...   define a 'secret' object (for encrypt.key-secret=ID
+                            in --image-opts)
   --image-opts              treat IMAGE as a full set of image options
   -f, --format=FORMAT       image format (raw, qcow2); probed if not given
   -r, --read-only           export read-only (writes fail with EACCES)
