@@ -1,39 +1,15 @@
 //! The `oxqcow` command: `qemu-img` compatible subcommands plus `io` (a
-//! `qemu-io` subset). Each subcommand lives in its own module with a
-//! `run(ctx, args) -> exit code` entry point; this file only dispatches.
+//! `qemu-io` subset), `serve` (qemu-nbd) and `mount` (a FUSE export). Each
+//! lives in its own module with a `run(ctx, args) -> exit code` entry
+//! point; this file only takes the global options and dispatches.
 #![forbid(unsafe_code)]
 
-mod amend;
-mod bench;
-mod bitmap;
-mod check;
-mod commit;
-#[allow(dead_code)] // used by the subcommand modules as they land
-mod common;
-mod compare;
-mod convert;
-mod create;
-mod dd;
-mod getopt;
-mod imgopts;
-mod info;
+mod app;
+mod cmd;
+mod export;
 mod io;
-mod map;
-mod measure;
-mod mount;
-mod progress;
-mod qjson;
-mod ratelimit;
-mod rebase;
-mod resize;
-mod secrets;
-mod serve;
-mod snapshot;
-mod snapshot_param;
-mod status;
-mod tlscreds;
 
-use common::Ctx;
+use app::Ctx;
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -73,7 +49,7 @@ fn run(ctx: &Ctx, args: &[String]) -> i32 {
             }
             "-T" | "--trace" => args = &args[2.min(args.len())..],
             "--forbid-backing" => {
-                common::forbid_backing();
+                app::forbid_backing::forbid_backing();
                 args = &args[1..];
             }
             t if t.starts_with("--trace=") || (t.starts_with("-T") && t.len() > 2) => args = &args[1..],
@@ -85,25 +61,25 @@ fn run(ctx: &Ctx, args: &[String]) -> i32 {
     };
     let rest = &args[1..];
     match command.as_str() {
-        // Subcommands register here: "name" => name::run(ctx, rest),
-        "amend" => amend::run(ctx, rest),
-        "bench" => bench::run(ctx, rest),
-        "bitmap" => bitmap::run(ctx, rest),
-        "check" => check::run(ctx, rest),
-        "commit" => commit::run(ctx, rest),
-        "compare" => compare::run(ctx, rest),
-        "convert" => convert::run(ctx, rest),
-        "create" => create::run(ctx, rest),
-        "dd" => dd::run(ctx, rest),
-        "info" => info::run(ctx, rest),
+        // Subcommands register here: "name" => cmd::name::run(ctx, rest),
+        "amend" => cmd::amend::run(ctx, rest),
+        "bench" => cmd::bench::run(ctx, rest),
+        "bitmap" => cmd::bitmap::run(ctx, rest),
+        "check" => cmd::check::run(ctx, rest),
+        "commit" => cmd::commit::run(ctx, rest),
+        "compare" => cmd::compare::run(ctx, rest),
+        "convert" => cmd::convert::run(ctx, rest),
+        "create" => cmd::create::run(ctx, rest),
+        "dd" => cmd::dd::run(ctx, rest),
+        "info" => cmd::info::run(ctx, rest),
         "io" => io::run(ctx, rest),
-        "map" => map::run(ctx, rest),
-        "measure" => measure::run(ctx, rest),
-        "mount" => mount::run(ctx, rest),
-        "rebase" => rebase::run(ctx, rest),
-        "resize" => resize::run(ctx, rest),
-        "snapshot" => snapshot::run(ctx, rest),
-        "serve" => serve::run(ctx, rest),
+        "map" => cmd::map::run(ctx, rest),
+        "measure" => cmd::measure::run(ctx, rest),
+        "mount" => export::mount::run(ctx, rest),
+        "rebase" => cmd::rebase::run(ctx, rest),
+        "resize" => cmd::resize::run(ctx, rest),
+        "snapshot" => cmd::snapshot::run(ctx, rest),
+        "serve" => export::serve::run(ctx, rest),
         other => ctx.fail(&format!("Command not found: {other}")),
     }
 }

@@ -380,3 +380,38 @@ fn copy_offloading_matches_qemu() {
     s.ours_ok(&["convert", "-O", "qcow2", "src.raw", "plain.qcow2"]);
     assert!(s.data_bytes("plain.qcow2") < s.data_bytes("o.qcow2"));
 }
+
+/// convert joined its `-o` arguments without qemu-img's check, so a bad
+/// list reached the option parser ("Invalid parameter ''"); qemu-img
+/// refuses it first: "Invalid option list: ,cluster_size=4k".
+#[test]
+fn option_lists_are_checked_as_qemu_img_checks_them() {
+    let s = Scratch::new();
+    s.qemu_ok(&["create", "-q", "-f", "qcow2", "src.qcow2", "1M"]);
+    for o in [",cluster_size=4k", "cluster_size=4k,", ""] {
+        s.assert_same(&["convert", "-O", "qcow2", "-o", o, "src.qcow2", "t.qcow2"]);
+    }
+    s.assert_same(&[
+        "convert",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        "-o",
+        "lazy_refcounts=on",
+        "src.qcow2",
+        "t.qcow2",
+    ]);
+    s.assert_same(&["info", "t.qcow2"]);
+}
+
+/// -l was split without QemuOpts' warning for flags written without `=`.
+#[test]
+fn snapshot_params_warn_as_qemu_img_warns() {
+    let s = Scratch::new();
+    s.qemu_ok(&["create", "-q", "-f", "qcow2", "src.qcow2", "1M"]);
+    for l in ["snapshot.id=1,bogus", "snapshot.id=1,nosnapshot.name"] {
+        s.assert_same(&["convert", "-l", l, "-O", "raw", "src.qcow2", "t.raw"]);
+        s.assert_same(&["measure", "-l", l, "src.qcow2"]);
+    }
+}

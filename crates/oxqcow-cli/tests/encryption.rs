@@ -587,3 +587,20 @@ fn hostile_pbkdf2_work_is_refused_before_unlocking() {
         }
     }
 }
+
+/// dd ignored `--object`, so an encrypted input given with `--image-opts`
+/// could not be opened ("No secret with id 'sec0'") and a bad object was
+/// accepted; qemu-img dd defines objects as every other subcommand does.
+#[test]
+fn dd_defines_objects_for_encrypted_inputs() {
+    let s = Scratch::new();
+    let o = "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10";
+    s.qemu_ok(&["create", "-q", "-f", "qcow2", "--object", SECRET, "-o", o, "e.qcow2", "1M"]);
+    qemu_io(&s, "e.qcow2", &["write -P 0x5a 0 64k"]);
+    let spec = format!("if={}", opts("e.qcow2", "sec0"));
+    s.qemu_ok(&["dd", "--object", SECRET, "--image-opts", &spec, "of=q.raw"]);
+    s.ours_ok(&["dd", "--object", SECRET, "--image-opts", &spec, "of=o.raw"]);
+    assert_eq!(read(&s, "o.raw"), read(&s, "q.raw"));
+    assert!(read(&s, "o.raw")[..65536].iter().all(|&b| b == 0x5a));
+    s.assert_same(&["dd", "--object", "bogus,id=x", "if=e.qcow2", "of=b.raw"]);
+}

@@ -613,6 +613,27 @@ fn command_line_options_and_open_errors() {
     compare_images(&pair, "command line options");
 }
 
+/// io had its own option splitter, which dropped empty items, read `no`
+/// as the flag `no` and warned about `help`; QemuOpts reads `,x` and `no`
+/// as flags named "" (`=on`, `=off`) and does not warn about a help
+/// request. Now io splits as every other command does
+/// (`oxqcow::qemu_syntax`), with QEMU's warnings.
+#[test]
+fn image_opts_split_as_qemu_opts_splits_them() {
+    let pair = Pair::new("raw", None, "1M");
+    for spec in [
+        ",driver=raw,file.filename=IMG",
+        "driver=raw,file.filename=IMG,no",
+        "driver=raw,file.filename=IMG,help",
+        "driver=raw,file.filename=IMG,nohelp",
+        "driver=raw,file.filename=IMG,noread-only",
+        "driver=raw,file.filename=IMG,",
+    ] {
+        compare_io(&pair, &["--image-opts", "-c", "length", spec]);
+        compare_io(&pair, &["-c", &format!("open -o {spec}"), "-c", "length"]);
+    }
+}
+
 #[test]
 fn commands_from_standard_input() {
     let pair = Pair::new("qcow2", None, "1M");

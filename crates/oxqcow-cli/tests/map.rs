@@ -36,6 +36,20 @@ fn check_all_views(s: &Scratch, name: &str) {
     }
 }
 
+/// map's --start-offset and --max-length (and every other cvtnum) went
+/// through a size parser of their own that refused hex ("0x10000"),
+/// accepted trailing blanks and refused 8E as not a size; qemu-img's
+/// cvtnum is qemu_strtosz and a range check.
+#[test]
+fn offsets_are_read_as_qemu_img_reads_them() {
+    let s = Scratch::new();
+    cluster_kinds(&s, "a.qcow2", "cluster_size=65536");
+    for v in ["0x10000", "1k ", " 1k", "-x", "-1", "1.5", "99999999999999999999", "8E", "0x", "1.5k"] {
+        s.assert_same(&["map", "--output=json", "--start-offset", v, "a.qcow2"]);
+        s.assert_same(&["map", "--output=json", "--max-length", v, "a.qcow2"]);
+    }
+}
+
 #[test]
 fn map_matches_qemu_on_every_cluster_kind() {
     let s = Scratch::new();

@@ -483,3 +483,17 @@ fn raw_create_allocates_the_first_block_as_qemu() {
         assert_eq!((o.len(), o.blocks()), (q.len(), q.blocks()), "size {size}: length and allocated blocks");
     }
 }
+
+/// qemu-img parses --image-opts "noisily" (qemu_opts_parse_noisily) and
+/// warns about every flag written without `=`; oxqcow's qemu-img commands
+/// did not, while its io did.
+#[test]
+fn image_opts_flags_are_warned_about_as_qemu_img_does() {
+    let s = common::Scratch::new();
+    s.qemu_ok(&["create", "-q", "-f", "raw", "r.raw", "1M"]);
+    for flag in ["read-only", "noread-only", "force-share"] {
+        let spec = format!("driver=raw,file.filename=r.raw,{flag}");
+        s.assert_same(&["info", "--image-opts", &spec]);
+        s.assert_same(&["map", "--image-opts", &spec]);
+    }
+}

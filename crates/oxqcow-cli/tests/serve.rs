@@ -976,3 +976,24 @@ fn image_opts_and_internal_snapshots() {
     qemu_io(&["-f", "qcow2", img.to_str().unwrap()], &["read -P 2 0 1M"]);
     assert_clean(&img);
 }
+
+/// serve split -l at every comma and named the whole item in its error
+/// ("Invalid parameter 'snapshot.foo=1'"); qemu-nbd parses it with
+/// QemuOpts: a warning for a flag, the key, then "Failed in parsing
+/// snapshot param".
+#[test]
+fn snapshot_params_are_parsed_as_qemu_nbd_parses_them() {
+    require("qemu-nbd", "qemu-utils");
+    let d = Dir::new();
+    let img = d.image("disk.qcow2", "1M");
+    let i = img.to_str().unwrap();
+    let sock = d.s("x.sock");
+    for l in ["snapshot.foo=1", "snapshot.id=1,bogus", "snapshot.name=a,,b,x=1"] {
+        let q = run("qemu-nbd", &["-l", l, "-k", &sock, i]);
+        let o = run(OXQCOW, &["serve", "-l", l, "-k", &sock, i]);
+        let qe = String::from_utf8_lossy(&q.stderr).replace("qemu-nbd:", "PROG:");
+        let oe = String::from_utf8_lossy(&o.stderr).replace("oxqcow:", "PROG:");
+        assert_eq!((o.status.code(), oe), (q.status.code(), qe), "-l {l}");
+    }
+    assert_clean(&img);
+}

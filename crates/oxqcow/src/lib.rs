@@ -12,6 +12,7 @@
 
 pub mod chain_ops;
 pub mod compress;
+pub mod copy;
 pub mod crypt;
 pub mod cursor;
 pub mod dirty;
@@ -21,6 +22,7 @@ pub mod image;
 pub mod measure;
 pub mod options;
 mod qcow2;
+pub mod qemu_syntax;
 pub mod raw;
 pub mod storage;
 

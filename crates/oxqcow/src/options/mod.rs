@@ -275,9 +275,9 @@ impl OpenOptions {
     /// Applies one QEMU runtime option (`l2-cache-size=1M`, ...).
     pub fn apply_qemu_option(&mut self, key: &str, value: &str) -> Result<()> {
         match key {
-            "l2-cache-size" => self.l2_cache_size = Some(parse_size(value)?),
-            "refcount-cache-size" => self.refcount_cache_size = Some(parse_size(value)?),
-            "cache-size" => self.cache_size = Some(parse_size(value)?),
+            "l2-cache-size" => self.l2_cache_size = Some(size_option(key, value)?),
+            "refcount-cache-size" => self.refcount_cache_size = Some(size_option(key, value)?),
+            "cache-size" => self.cache_size = Some(size_option(key, value)?),
             "pass-discard-request" => self.discard_passthrough = parse_bool(key, value)?,
             "pass-discard-snapshot" => self.pass_discard_snapshot = Some(parse_bool(key, value)?),
             "pass-discard-other" => self.pass_discard_other = parse_bool(key, value)?,
@@ -466,7 +466,7 @@ impl CreateOptions {
         };
         match key {
             "size" => {
-                self.size = parse_size(value)?;
+                self.size = size_option(key, value)?;
                 self.size_given = true;
             }
             "preallocation" => self.preallocation = Preallocation::from_name(value)?,
@@ -480,7 +480,7 @@ impl CreateOptions {
             }
             "cluster_size" => {
                 qcow2_only(self)?;
-                self.cluster_size = parse_size(value)?;
+                self.cluster_size = size_option(key, value)?;
             }
             "lazy_refcounts" => {
                 qcow2_only(self)?;
@@ -538,36 +538,10 @@ impl CreateOptions {
     }
 }
 
-/// Splits a QEMU option string into key/value pairs. `,,` stands for a
-/// literal comma inside a value; a key without `=` means `key=on`.
+/// Splits a QEMU option string into key/value pairs, as
+/// [`crate::qemu_syntax::split_options`] does.
 pub fn parse_option_list(s: &str) -> Result<Vec<(String, String)>> {
-    let mut out = Vec::new();
-    let mut items = Vec::new();
-    let mut cur = String::new();
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-            } else {
-                items.push(std::mem::take(&mut cur));
-            }
-        } else {
-            cur.push(c);
-        }
-    }
-    items.push(cur);
-    for item in items {
-        if item.is_empty() {
-            continue;
-        }
-        match item.split_once('=') {
-            Some((k, v)) => out.push((k.to_string(), v.to_string())),
-            None => out.push((item, "on".to_string())),
-        }
-    }
-    Ok(out)
+    Ok(crate::qemu_syntax::split_options(s))
 }
 
 /// Parses a boolean as QEMU does (on/off, yes/no, true/false).
@@ -579,76 +553,19 @@ pub fn parse_bool(key: &str, value: &str) -> Result<bool> {
     }
 }
 
-/// Parses a size with an optional suffix (`k`/`K`, `M`, `G`, `T`, `P`, `E`,
-/// powers of 1024; `B` or none for bytes), decimal fractions allowed as in
-/// QEMU's `qemu_strtosz` ("1.5G"). Sizes must stay below 2^63.
+/// Parses a size as QEMU's `qemu_strtosz` ([`crate::qemu_syntax::qemu_strtosz`]).
 pub fn parse_size(s: &str) -> Result<u64> {
-    let bad = || Error::InvalidArgument(format!("Invalid size '{s}'"));
-    let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
-    let (num, suffix) = t.split_at(split);
-    if num.is_empty() {
-        return Err(bad());
-    }
-    let shift = match suffix {
-        "" | "b" | "B" => 0,
-        "k" | "K" => 10,
-        "m" | "M" => 20,
-        "g" | "G" => 30,
-        "t" | "T" => 40,
-        "p" | "P" => 50,
-        "e" | "E" => 60,
-        _ => return Err(bad()),
-    };
-    let value = if let Some((int, frac)) = num.split_once('.') {
-        if shift == 0 || frac.contains('.') {
-            return Err(bad());
-        }
-        let int: u64 = if int.is_empty() { 0 } else { int.parse().map_err(|_| bad())? };
-        let frac_val: f64 = format!("0.{frac}").parse().map_err(|_| bad())?;
-        let whole = int.checked_shl(shift).filter(|v| v >> shift == int).ok_or_else(bad)?;
-        whole.checked_add((frac_val * (1u64 << shift) as f64) as u64).ok_or_else(bad)?
-    } else {
-        let n: u64 = num.parse().map_err(|_| bad())?;
-        if shift > 0 && n > (u64::MAX >> shift) {
-            return Err(bad());
-        }
-        n << shift
-    };
-    if value >= 1 << 63 {
-        return Err(bad());
-    }
-    Ok(value)
+    crate::qemu_syntax::qemu_strtosz(s).map_err(|_| Error::InvalidArgument(format!("Invalid size '{s}'")))
+}
+
+/// A size-typed option value, with QEMU's messages naming `key`.
+fn size_option(key: &str, value: &str) -> Result<u64> {
+    crate::qemu_syntax::parse_size_option(key, value).map_err(Error::InvalidArgument)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("0").unwrap(), 0);
-        assert_eq!(parse_size("512").unwrap(), 512);
-        assert_eq!(parse_size("4k").unwrap(), 4096);
-        assert_eq!(parse_size("64K").unwrap(), 65536);
-        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
-        assert_eq!(parse_size("1.5M").unwrap(), 3 << 19);
-        assert_eq!(parse_size("2T").unwrap(), 2 << 40);
-        assert!(parse_size("8E").is_err());
-        assert!(parse_size("1x").is_err());
-        assert!(parse_size("").is_err());
-        assert!(parse_size("k").is_err());
-        assert!(parse_size("99999999999999999999").is_err());
-    }
-
-    #[test]
-    fn option_lists() {
-        let v = parse_option_list("cluster_size=4k,compat=0.10,lazy_refcounts").unwrap();
-        assert_eq!(v[0], ("cluster_size".into(), "4k".into()));
-        assert_eq!(v[2], ("lazy_refcounts".into(), "on".into()));
-        let v = parse_option_list("backing_file=a,,b").unwrap();
-        assert_eq!(v, vec![("backing_file".into(), "a,b".into())]);
-    }
 
     #[test]
     fn create_options() {

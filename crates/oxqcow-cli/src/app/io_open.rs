@@ -1,0 +1,313 @@
+//! Opening an image as qemu-io does (for `io`, and `bench`, which takes
+//! the same flags): qemu-io's open flags (`-r -s -n -t -i -d -U`),
+//! `-o`/`--image-opts` option strings, format probing with QEMU's raw
+//! warning, and `-s`'s throwaway overlay (a qcow2 image in memory whose
+//! backing image is the file, so nothing reaches the file).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use oxqcow::backing::BackingPolicy;
+use oxqcow::options::CacheMode;
+use oxqcow::{
+    supported_format, BlockDevice, CreateOptions, FileStorage, Image, ImageFormat, MemoryStorage, OpenOptions, Probed,
+    Qcow2, Storage,
+};
+
+use crate::app::forbid_backing::backing_policy;
+use crate::app::messages::{describe, errno_text, io_error_text, open_messages, warn_probed_raw};
+
+/// How to open an image: qemu-io's flags plus driver options.
+#[derive(Clone, Debug)]
+pub struct OpenSpec {
+    /// Open read-only.
+    pub read_only: bool,
+    /// Write into a throwaway overlay (`-s`).
+    pub snapshot: bool,
+    /// `-U`: share the image with writers (only allowed read-only).
+    pub force_share: bool,
+    /// `cache.direct`: bypass the host page cache (the engine always uses
+    /// buffered I/O, which gives the same content).
+    pub direct: bool,
+    /// Flush after every write (qemu-io's default `writethrough` cache mode).
+    pub writethrough: bool,
+    /// `cache=unsafe`: ignore flushes.
+    pub no_flush: bool,
+    /// `aio=native`, which QEMU allows only with `cache.direct`.
+    pub native_aio: bool,
+    /// Pass discard requests to the host file (`-d unmap`, qemu-io's default).
+    pub unmap: bool,
+    /// `key=value` options from `-o`, `-f` or `--image-opts`.
+    pub options: Vec<(String, String)>,
+}
+
+impl OpenSpec {
+    /// The defaults of qemu-io's command line and of its `open` command.
+    pub fn for_command_line() -> OpenSpec {
+        OpenSpec {
+            read_only: false,
+            snapshot: false,
+            force_share: false,
+            direct: false,
+            writethrough: true,
+            no_flush: false,
+            native_aio: false,
+            unmap: true,
+            options: Vec::new(),
+        }
+    }
+
+    /// Applies one of the open flags shared by the command line and the
+    /// `open` command; the error is the message to print.
+    pub fn apply_flag(&mut self, flag: char, value: &str) -> Result<(), String> {
+        match flag {
+            'r' => self.read_only = true,
+            's' => self.snapshot = true,
+            'U' => self.force_share = true,
+            'n' => {
+                self.direct = true;
+                self.writethrough = false;
+                self.no_flush = false;
+            }
+            'k' => self.native_aio = true,
+            'C' => return Err("copy-on-read (-C) is not supported by oxqcow".into()),
+            't' => self.set_cache(value).map_err(|()| format!("Invalid cache option: {value}"))?,
+            'i' => self.set_aio(value).map_err(|()| format!("Invalid aio option: {value}"))?,
+            'd' => self.set_discard(value).map_err(|()| format!("Invalid discard option: {value}"))?,
+            other => return Err(format!("unexpected open flag '{other}'")),
+        }
+        Ok(())
+    }
+
+    fn set_cache(&mut self, mode: &str) -> Result<(), ()> {
+        let (direct, writethrough, no_flush) = match mode {
+            "off" | "none" => (true, false, false),
+            "directsync" => (true, true, false),
+            "writeback" => (false, false, false),
+            "unsafe" => (false, false, true),
+            "writethrough" => (false, true, false),
+            _ => return Err(()),
+        };
+        self.direct = direct;
+        self.writethrough = writethrough;
+        self.no_flush = no_flush;
+        Ok(())
+    }
+
+    fn set_aio(&mut self, mode: &str) -> Result<(), ()> {
+        self.native_aio = match mode {
+            "native" => true,
+            "threads" | "io_uring" => false,
+            _ => return Err(()),
+        };
+        Ok(())
+    }
+
+    fn set_discard(&mut self, mode: &str) -> Result<(), ()> {
+        self.unmap = match mode {
+            "off" | "ignore" => false,
+            "on" | "unmap" => true,
+            _ => return Err(()),
+        };
+        Ok(())
+    }
+}
+
+impl OpenSpec {
+    /// The engine's cache mode for these flags.
+    pub fn cache_mode(&self) -> CacheMode {
+        match (self.no_flush, self.direct, self.writethrough) {
+            (true, _, _) => CacheMode::Unsafe,
+            (false, true, true) => CacheMode::DirectSync,
+            (false, true, false) => CacheMode::None,
+            (false, false, true) => CacheMode::Writethrough,
+            (false, false, false) => CacheMode::Writeback,
+        }
+    }
+}
+
+/// An open image.
+pub struct Opened {
+    /// The image (for `-s`, the in-memory overlay).
+    pub image: Image,
+    /// Discard requests reach the image (QEMU's `BDRV_O_UNMAP`); without
+    /// it, discards do nothing and zero writes may not unmap.
+    pub unmap: bool,
+}
+
+impl Opened {
+    /// Whether writes are refused.
+    pub fn read_only(&self) -> bool {
+        self.image.is_read_only()
+    }
+
+    /// Flushes (unless `cache=unsafe`) and closes.
+    pub fn close(self) -> Result<(), String> {
+        self.image.close().map_err(|e| describe(&e))
+    }
+}
+
+/// Runtime options only qcow2 has; raw refuses them as QEMU's raw driver does.
+fn qcow2_only(key: &str) -> bool {
+    key.starts_with("overlap-check")
+        || key.starts_with("encrypt.")
+        || matches!(
+            key,
+            "l2-cache-size"
+                | "l2-cache-entry-size"
+                | "refcount-cache-size"
+                | "cache-size"
+                | "cache-clean-interval"
+                | "pass-discard-request"
+                | "pass-discard-snapshot"
+                | "pass-discard-other"
+                | "lazy-refcounts"
+                | "discard-no-unref"
+        )
+}
+
+fn parse_bool(key: &str, value: &str) -> Result<bool, String> {
+    oxqcow::options::parse_bool(key, value).map_err(|e| describe(&e))
+}
+
+/// Opens an image as qemu-io's `openfile` does. `name` is the file name
+/// given on the command line (`None` when the options carry it). The
+/// error is the text after "can't open device NAME: ".
+pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u8>>) -> Result<Opened, String> {
+    let mut spec = spec.clone();
+    let mut path = name.map(str::to_string);
+    let mut driver: Option<String> = None;
+    let mut runtime: Vec<(String, String)> = Vec::new();
+    let mut passphrase = None;
+    let mut backing_passphrase = None;
+    for (key, value) in std::mem::take(&mut spec.options) {
+        match key.as_str() {
+            "driver" => driver = Some(value),
+            "file.filename" | "filename" => {
+                if path.is_none() {
+                    path = Some(value);
+                }
+            }
+            "file" => {
+                if path.is_none() {
+                    path = Some(value);
+                }
+            }
+            "file.driver" => {
+                if value != "file" {
+                    return Err(format!("protocol driver '{value}' is not supported by oxqcow (only 'file' is)"));
+                }
+            }
+            "aio" | "file.aio" => spec.set_aio(&value).map_err(|()| format!("Invalid aio option: {value}"))?,
+            "discard" => spec.set_discard(&value).map_err(|()| format!("Invalid discard option: {value}"))?,
+            "read-only" => spec.read_only = parse_bool(&key, &value)?,
+            "force-share" => spec.force_share = parse_bool(&key, &value)?,
+            "cache.direct" | "file.cache.direct" => spec.direct = parse_bool(&key, &value)?,
+            "cache.no-flush" | "file.cache.no-flush" => spec.no_flush = parse_bool(&key, &value)?,
+            "encrypt.key-secret" | "backing.encrypt.key-secret" => {
+                let Some(secret) = secrets.get(&value) else {
+                    return Err(format!("No secret with id '{value}'"));
+                };
+                if key == "encrypt.key-secret" {
+                    passphrase = Some(secret.clone());
+                } else {
+                    backing_passphrase = Some(secret.clone());
+                }
+            }
+            "encrypt.format" => {}
+            _ => runtime.push((key, value)),
+        }
+    }
+    // `driver=file` is the protocol layer alone: the bytes as they are.
+    let protocol_only = driver.as_deref() == Some("file");
+    let Some(path) = path else {
+        return Err(match driver {
+            Some(_) => "A block device must be specified for \"file\"".into(),
+            None => "Must specify either driver or file".into(),
+        });
+    };
+    if spec.force_share && !spec.read_only {
+        return Err("force-share=on can only be used with read-only images".into());
+    }
+    if spec.native_aio && !spec.direct {
+        return Err("aio=native was specified, but it requires cache.direct=on, which was not specified.".into());
+    }
+    let explicit = match driver.as_deref() {
+        None => None,
+        Some("file") => Some(ImageFormat::Raw),
+        Some(d) => Some(ImageFormat::from_name(d).map_err(|e| describe(&e))?),
+    };
+    let probed = {
+        let storage = FileStorage::open(Path::new(&path), false)
+            .map_err(|e| format!("Could not open '{path}': {}", io_error_text(&e)))?;
+        if storage.file().metadata().is_ok_and(|m| m.is_dir()) {
+            // QEMU's read-write open fails in open(2); read-only it checks.
+            return Err(if spec.read_only || spec.snapshot {
+                format!("'file' driver requires '{path}' to be a regular file")
+            } else {
+                format!("Could not open '{path}': Is a directory")
+            });
+        }
+        oxqcow::probe(&storage, Some(Path::new(&path))).map_err(|e| describe(&e))?
+    };
+    if explicit == Some(ImageFormat::Qcow2) && probed != Probed::Qcow2 {
+        return Err("Image is not in qcow2 format".into());
+    }
+    // A format named on the command line is used as named (raw opens any
+    // file); a probed one must be one oxqcow implements.
+    let format = match explicit {
+        Some(f) => f,
+        None => supported_format(probed).map_err(|e| describe(&e))?,
+    };
+    let format_name = if protocol_only { "file" } else { format.name() };
+
+    // Left unset when probed, so that the engine guards a probed raw
+    // image's first sector.
+    let mut opts = OpenOptions { format: explicit, ..OpenOptions::new() };
+    opts.read_only = spec.read_only || spec.snapshot;
+    opts.discard_passthrough = spec.unmap;
+    opts.cache = spec.cache_mode();
+    opts.force_share = spec.force_share;
+    opts.passphrase = passphrase;
+    opts.backing_passphrase = backing_passphrase;
+    opts.messages = Some(open_messages());
+    if protocol_only {
+        opts.backing = BackingPolicy::Ignore;
+    }
+    // `oxqcow --forbid-backing io ...` refuses images with backing files.
+    opts.backing = backing_policy(opts.backing);
+    for (key, value) in &runtime {
+        let unsupported = || format!("Block format '{format_name}' does not support the option '{key}'");
+        if format == ImageFormat::Raw && qcow2_only(key) {
+            return Err(unsupported());
+        }
+        if let Err(e) = opts.apply_qemu_option(key, value) {
+            let msg = describe(&e);
+            return Err(if msg.starts_with("Invalid parameter") { unsupported() } else { msg });
+        }
+    }
+    let image = Image::open(Path::new(&path), &opts).map_err(|e| match &e {
+        oxqcow::Error::Io { op: "opening the image", source, .. } => {
+            format!("Could not open '{path}': {}", io_error_text(source))
+        }
+        _ => describe(&e),
+    })?;
+    // QEMU warns (and guards sector 0) only when the probed image is writable.
+    if explicit.is_none() && format == ImageFormat::Raw && !opts.read_only {
+        warn_probed_raw(&path);
+    }
+    let image = if spec.snapshot { temporary_overlay(image, &opts, spec.read_only)? } else { image };
+    Ok(Opened { image, unmap: spec.unmap })
+}
+
+/// `-s`: a qcow2 overlay in memory over the image, which is open read-only.
+fn temporary_overlay(base: Image, base_opts: &OpenOptions, read_only: bool) -> Result<Image, String> {
+    let fail = |e: oxqcow::Error| format!("Could not create temporary overlay: {}", errno_text(&e));
+    let storage: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    Qcow2::create(storage.clone(), &CreateOptions::qcow2(base.len())).and_then(Qcow2::close).map_err(fail)?;
+    let opts = OpenOptions { read_only, cache: base_opts.cache, ..OpenOptions::new() };
+    let overlay = Qcow2::open_with_backing(storage, &opts, Some(Arc::new(base))).map_err(fail)?;
+    overlay.set_cache_mode(opts.cache).map_err(fail)?;
+    Ok(Image::Qcow2(overlay))
+}

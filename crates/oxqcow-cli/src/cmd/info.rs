@@ -1,0 +1,481 @@
+//! `info`: describe an image (`qemu-img info`).
+//!
+//! The facts are gathered once into qemu's `BlockGraphInfo` shape as a JSON
+//! value (keys inserted in QAPI schema order); `--output=json` prints it
+//! and the human output is rendered from the same value, including the
+//! "Format specific information" section, which qemu-img dumps from the
+//! same dictionary in the same order.
+
+use std::path::Path;
+
+use oxqcow::backing::BackingPolicy;
+use oxqcow::format::SnapshotEntry;
+use oxqcow::{probe_format, FileStorage, Image, ImageFormat, OpenOptions, Qcow2, Qcow2Info, Storage};
+use serde_json::{json, Map, Value};
+
+use crate::app::ctx::Ctx;
+use crate::app::getopt::{HasArg, Opt};
+use crate::app::image::open_image;
+use crate::app::output::{print_json, size_to_str, OutputFormat};
+use crate::app::snapshot_table::{snapshot_header, snapshot_line};
+use crate::app::CommonOpts;
+
+const SPEC: &[Opt] = &[
+    // In qemu-img's order, which ambiguity messages list.
+    Opt::both('h', "help", HasArg::No),
+    Opt::both('f', "format", HasArg::Required),
+    Opt::long("output", HasArg::Required),
+    Opt::both('b', "backing-chain", HasArg::No),
+    Opt::long("object", HasArg::Required),
+    Opt::long("image-opts", HasArg::No),
+    Opt::both('U', "force-share", HasArg::No),
+];
+
+const HELP: &str = "\
+Display information about an image.  Usage:
+
+  PROG info [-f FMT | --image-opts] [-b] [-U] [--object OBJDEF]
+        [--output human|json] FILENAME
+
+  -f, --format FMT        format of FILENAME (probed when omitted)
+  --image-opts            FILENAME is an option string (driver=...,file.filename=...)
+  -b, --backing-chain     describe the whole backing chain
+  -U, --force-share       open the image in shared mode
+  --object OBJDEF         QEMU user-creatable object (eg encryption key)
+  --output human|json     output format (default human)
+";
+
+/// Runs `info`.
+pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
+    let p = match ctx.getopt("info", args, SPEC) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let mut common = CommonOpts::default();
+    let mut output = OutputFormat::Human;
+    let mut chain = false;
+    for (key, value) in p.opts {
+        let value = value.unwrap_or_default();
+        match key.as_str() {
+            "h" => {
+                print!("{}", HELP.replace("PROG", &ctx.prog));
+                return 0;
+            }
+            "b" => chain = true,
+            "output" => match OutputFormat::parse(&value) {
+                Ok(o) => output = o,
+                Err(msg) => return ctx.usage_error("info", &msg),
+            },
+            _ => {
+                if let Err(msg) = common.consume(&key, &value) {
+                    return ctx.fail(&msg);
+                }
+            }
+        }
+    }
+    let (fmt, image_opts, force_share) = (common.format, common.image_opts, common.force_share);
+    let [filename] = p.operands.as_slice() else {
+        return ctx.usage_error("info", "Expecting one image file name");
+    };
+    if image_opts && fmt.is_some() {
+        return ctx.fail("--image-opts and --format are mutually exclusive");
+    }
+    let (path, format, opts) = if image_opts {
+        match crate::app::image::parse_image_opts_no_io(filename) {
+            Ok(v) => v,
+            Err(msg) => return ctx.fail(&msg),
+        }
+    } else {
+        (filename.clone(), fmt, OpenOptions::new())
+    };
+    let mut infos = Vec::new();
+    let (mut path, mut format, mut opts) = (path, format, opts.read_only(true));
+    opts.force_share |= force_share;
+    let mut layers = oxqcow::backing::Chain::new();
+    loop {
+        if let Err(e) = layers.enter(Path::new(&path)) {
+            return ctx.fail(&crate::app::messages::describe(&e));
+        }
+        let source = match open_source(&path, format.as_deref(), opts) {
+            Ok(s) => s,
+            Err(msg) => return ctx.fail(&msg),
+        };
+        let info = match graph_info(&path, &source) {
+            Ok(v) => v,
+            Err(msg) => return ctx.fail(&msg),
+        };
+        let backing = info.get("full-backing-filename").and_then(Value::as_str).map(String::from);
+        let backing_format = info.get("backing-filename-format").and_then(Value::as_str).map(String::from);
+        infos.push(info);
+        match backing {
+            // --forbid-backing: the header is described, its backing file never opened.
+            Some(b) if chain && crate::app::forbid_backing::backing_forbidden() => {
+                return ctx.fail(&format!(
+                    "Could not open '{b}': '{path}' has a backing file and opening backing files is forbidden"
+                ));
+            }
+            Some(b) if chain => {
+                path = b;
+                format = backing_format;
+                opts = OpenOptions::new().read_only(true);
+                opts.force_share = force_share;
+            }
+            _ => break,
+        }
+    }
+    match (output, chain) {
+        (OutputFormat::Json, false) => print_json(&infos[0]),
+        (OutputFormat::Json, true) => print_json(&Value::Array(infos)),
+        (OutputFormat::Human, _) => {
+            let text: Vec<String> = infos.iter().map(|i| human(i, 0, "/")).collect();
+            print!("{}", text.join("\n"));
+        }
+    }
+    0
+}
+
+/// QEMU's block layer reports lengths in whole sectors.
+fn sectors_up(bytes: u64) -> u64 {
+    bytes.div_ceil(512) * 512
+}
+
+/// What `info` describes: an open image, or, for a qcow2 image using
+/// features the engine cannot open yet (backing files that cannot be
+/// opened, external data files), what its header says.
+// One value per described image: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
+enum Source {
+    Open(Image),
+    Header { storage: FileStorage, info: Qcow2Info, snapshots: Vec<SnapshotEntry> },
+}
+
+/// Opens one layer for `info` as qemu-img opens it (`BDRV_O_NO_BACKING |
+/// BDRV_O_NO_IO`): no file the header names is opened, neither the backing
+/// file (each layer of `--backing-chain` is opened alone, so a deep chain
+/// costs one open per layer) nor the external data file, and no secret is
+/// needed. An image whose header names a data file, or that is encrypted,
+/// is described from its header alone; so is one whose backing file
+/// `--forbid-backing` refuses.
+fn open_source(path: &str, format: Option<&str>, mut opts: OpenOptions) -> Result<Source, String> {
+    opts.backing = BackingPolicy::Ignore;
+    let header_only = || -> Option<(FileStorage, Qcow2Info, Vec<SnapshotEntry>)> {
+        let storage = FileStorage::open(Path::new(path), false).ok()?;
+        let qcow2 = match format {
+            Some(f) => f == "qcow2",
+            None => probe_format(&storage, Some(Path::new(path))).ok() == Some(ImageFormat::Qcow2),
+        };
+        if !qcow2 {
+            return None;
+        }
+        let (info, snapshots) = Qcow2::inspect(&storage).ok()?;
+        Some((storage, info, snapshots))
+    };
+    // Decided before opening: opening would open the data file, which may
+    // be anything (a FIFO blocks the open forever).
+    if let Some((storage, info, snapshots)) = header_only() {
+        if info.data_file.is_some() || info.has_data_file || info.crypt_method != 0 {
+            storage
+                .lock_image(Path::new(path), true, opts.force_share)
+                .map_err(|e| format!("Could not open '{path}': {}", crate::app::messages::describe(&e)))?;
+            return Ok(Source::Header { storage, info, snapshots });
+        }
+    }
+    let err = match open_image(path, format, opts.clone()) {
+        Ok(image) => return Ok(Source::Open(image)),
+        Err(msg) => msg,
+    };
+    match header_only() {
+        Some((storage, info, snapshots))
+            if info.backing_file.is_some() && crate::app::forbid_backing::backing_forbidden() =>
+        {
+            storage
+                .lock_image(Path::new(path), true, opts.force_share)
+                .map_err(|e| format!("Could not open '{path}': {}", crate::app::messages::describe(&e)))?;
+            Ok(Source::Header { storage, info, snapshots })
+        }
+        _ => Err(err),
+    }
+}
+
+/// The image as qemu's `BlockGraphInfo`, keys in QAPI order.
+fn graph_info(path: &str, source: &Source) -> Result<Value, String> {
+    let storage: &dyn Storage = match source {
+        Source::Open(image) => &**image.storage(),
+        Source::Header { storage, .. } => storage,
+    };
+    let file_len = storage.len().map_err(|e| format!("Could not get the file length of '{path}': {e}"))?;
+    let allocated = storage.allocated_bytes().ok();
+    let mut file = Map::new();
+    file.insert("filename".into(), json!(path));
+    file.insert("format".into(), json!("file"));
+    file.insert("dirty-flag".into(), json!(false));
+    if let Some(a) = allocated {
+        file.insert("actual-size".into(), json!(a));
+    }
+    file.insert("virtual-size".into(), json!(sectors_up(file_len)));
+    file.insert("format-specific".into(), json!({"type": "file", "data": {}}));
+    file.insert("children".into(), json!([]));
+
+    let mut top = Map::new();
+    top.insert("filename".into(), json!(path));
+    let (qi, snapshots) = match source {
+        Source::Open(Image::Raw(raw)) => {
+            top.insert("format".into(), json!("raw"));
+            top.insert("dirty-flag".into(), json!(false));
+            if let Some(a) = allocated {
+                top.insert("actual-size".into(), json!(a));
+            }
+            top.insert("virtual-size".into(), json!(sectors_up(raw.len())));
+            top.insert("children".into(), json!([{"name": "file", "info": Value::Object(file)}]));
+            return Ok(Value::Object(top));
+        }
+        Source::Open(Image::Qcow2(q)) => (q.info(), q.snapshots()),
+        Source::Header { info, snapshots, .. } => (info.clone(), snapshots.clone()),
+    };
+    top.insert("format".into(), json!("qcow2"));
+    top.insert("dirty-flag".into(), json!(qi.dirty));
+    if let Some(a) = allocated {
+        top.insert("actual-size".into(), json!(a));
+    }
+    top.insert("virtual-size".into(), json!(qi.size));
+    top.insert("cluster-size".into(), json!(qi.cluster_size));
+    if qi.crypt_method != 0 {
+        top.insert("encrypted".into(), json!(true));
+    }
+    if let Some(b) = &qi.backing_file {
+        top.insert("backing-filename".into(), json!(b));
+        top.insert("full-backing-filename".into(), json!(full_backing_path(path, b)));
+        if let Some(f) = &qi.backing_format {
+            top.insert("backing-filename-format".into(), json!(f));
+        }
+    }
+    let snapshots: Vec<Value> = snapshots
+        .iter()
+        .map(|s| {
+            let mut m = Map::new();
+            m.insert("id".into(), json!(s.id));
+            m.insert("name".into(), json!(s.name));
+            m.insert("vm-state-size".into(), json!(s.vm_state_size_large.unwrap_or(u64::from(s.vm_state_size))));
+            m.insert("date-sec".into(), json!(s.date_sec));
+            m.insert("date-nsec".into(), json!(s.date_nsec));
+            m.insert("vm-clock-sec".into(), json!(s.vm_clock_nsec / 1_000_000_000));
+            m.insert("vm-clock-nsec".into(), json!(s.vm_clock_nsec % 1_000_000_000));
+            if let Some(ic) = s.icount.filter(|&i| i != u64::MAX) {
+                m.insert("icount".into(), json!(ic));
+            }
+            Value::Object(m)
+        })
+        .collect();
+    if !snapshots.is_empty() {
+        top.insert("snapshots".into(), Value::Array(snapshots));
+    }
+    let mut data = Map::new();
+    if qi.version == 2 {
+        data.insert("compat".into(), json!("0.10"));
+        data.insert("refcount-bits".into(), json!(qi.refcount_bits));
+    } else {
+        data.insert("compat".into(), json!("1.1"));
+        // QEMU shows the name when the header has one, and the raw flag
+        // when the image uses a data file (incompatible bit 2).
+        if let Some(df) = &qi.data_file {
+            data.insert("data-file".into(), json!(df));
+        }
+        if qi.has_data_file {
+            data.insert("data-file-raw".into(), json!(qi.data_file_raw));
+        }
+        data.insert("extended-l2".into(), json!(qi.extended_l2));
+        data.insert("lazy-refcounts".into(), json!(qi.lazy_refcounts));
+        data.insert("corrupt".into(), json!(qi.corrupt));
+        data.insert("refcount-bits".into(), json!(qi.refcount_bits));
+        if !qi.bitmaps.is_empty() {
+            let list: Vec<Value> = qi
+                .bitmaps
+                .iter()
+                .map(|b| {
+                    let mut flags = Vec::new();
+                    if b.in_use {
+                        flags.push(json!("in-use"));
+                    }
+                    if b.auto {
+                        flags.push(json!("auto"));
+                    }
+                    json!({"flags": flags, "name": b.name, "granularity": b.granularity})
+                })
+                .collect();
+            data.insert("bitmaps".into(), Value::Array(list));
+        }
+    }
+    data.insert("compression-type".into(), json!(qi.compression_type));
+    if let Some(e) = encrypt_info(&qi) {
+        data.insert("encrypt".into(), e);
+    }
+    top.insert("format-specific".into(), json!({"type": "qcow2", "data": Value::Object(data)}));
+    top.insert("children".into(), json!([{"name": "file", "info": Value::Object(file)}]));
+    Ok(Value::Object(top))
+}
+
+/// The `encrypt` member of qcow2's format-specific information
+/// (`QCryptoBlockInfo`).
+fn encrypt_info(qi: &Qcow2Info) -> Option<Value> {
+    match qi.crypt_method {
+        1 => Some(json!({"format": "aes"})),
+        2 => {
+            let h = qi.luks.as_ref()?;
+            let mut m = Map::new();
+            m.insert("format".into(), json!("luks"));
+            m.insert("cipher-alg".into(), json!(h.cipher_alg.name()));
+            m.insert("cipher-mode".into(), json!(h.cipher_mode.name()));
+            m.insert("ivgen-alg".into(), json!(h.ivgen_alg.name()));
+            if let (oxqcow::format::luks::IvGenAlg::Essiv, Some(ih)) = (h.ivgen_alg, h.ivgen_hash_alg) {
+                m.insert("ivgen-hash-alg".into(), json!(ih.name()));
+            }
+            m.insert("hash-alg".into(), json!(h.hash_alg.name()));
+            m.insert("detached-header".into(), json!(false));
+            m.insert("payload-offset".into(), json!(h.payload_offset()));
+            m.insert("master-key-iters".into(), json!(h.master_key_iterations));
+            m.insert("uuid".into(), json!(h.uuid_str()));
+            let slots: Vec<Value> = h
+                .slots
+                .iter()
+                .map(|s| {
+                    let mut o = Map::new();
+                    o.insert("active".into(), json!(s.active));
+                    if s.active {
+                        o.insert("iters".into(), json!(s.iterations));
+                        o.insert("stripes".into(), json!(s.stripes));
+                    }
+                    o.insert("key-offset".into(), json!(u64::from(s.key_offset_sector) * 512));
+                    Value::Object(o)
+                })
+                .collect();
+            m.insert("slots".into(), Value::Array(slots));
+            Some(Value::Object(m))
+        }
+        _ => None,
+    }
+}
+
+/// Where QEMU looks for a backing file: relative names are relative to the
+/// directory of the image naming them.
+fn full_backing_path(image: &str, backing: &str) -> String {
+    if backing.starts_with('/') {
+        return backing.to_string();
+    }
+    match image.rfind('/') {
+        Some(i) => format!("{}{backing}", &image[..=i]),
+        None => backing.to_string(),
+    }
+}
+
+/// qemu-img's human rendering of a `BlockGraphInfo` (`dump_human_image_info`).
+fn human(info: &Value, indentation: usize, path: &str) -> String {
+    let ind = "    ".repeat(indentation);
+    let get = |k: &str| info.get(k);
+    let s = |k: &str| get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+    let n = |k: &str| get(k).and_then(Value::as_u64);
+    let children = get("children").and_then(Value::as_array).cloned().unwrap_or_default();
+    let protocol = children.is_empty();
+    let mut out = String::new();
+    let size = n("virtual-size").unwrap_or(0);
+    let disk = n("actual-size").map_or_else(|| "unavailable".to_string(), size_to_str);
+    let (l1, l2, l3) =
+        if protocol { ("filename", "protocol type", "file length") } else { ("image", "file format", "virtual size") };
+    out += &format!("{ind}{l1}: {}\n", s("filename"));
+    out += &format!("{ind}{l2}: {}\n", s("format"));
+    out += &format!("{ind}{l3}: {} ({size} bytes)\n", size_to_str(size));
+    out += &format!("{ind}disk size: {disk}\n");
+    if get("encrypted").and_then(Value::as_bool) == Some(true) {
+        out += &format!("{ind}encrypted: yes\n");
+    }
+    if let Some(cs) = n("cluster-size") {
+        out += &format!("{ind}cluster_size: {cs}\n");
+    }
+    if get("dirty-flag").and_then(Value::as_bool) == Some(true) {
+        out += &format!("{ind}cleanly shut down: no\n");
+    }
+    if get("backing-filename").is_some() {
+        let b = s("backing-filename");
+        out += &format!("{ind}backing file: {b}");
+        match get("full-backing-filename").and_then(Value::as_str) {
+            None => out += " (cannot determine actual path)",
+            Some(full) if full != b => out += &format!(" (actual path: {full})"),
+            _ => {}
+        }
+        out += "\n";
+        if get("backing-filename-format").is_some() {
+            out += &format!("{ind}backing file format: {}\n", s("backing-filename-format"));
+        }
+    }
+    if let Some(snaps) = get("snapshots").and_then(Value::as_array) {
+        out += &format!("{ind}Snapshot list:\n{ind}{}\n", snapshot_header());
+        for sn in snaps {
+            out += &format!("{ind}{}\n", snapshot_line(sn));
+        }
+    }
+    if let Some(data) = get("format-specific").and_then(|f| f.get("data")).and_then(Value::as_object) {
+        if !data.is_empty() {
+            out += &format!("{ind}Format specific information:\n");
+            dump_dict(&mut out, indentation + 1, data);
+        }
+    }
+    for child in &children {
+        let name = child.get("name").and_then(Value::as_str).unwrap_or_default();
+        out += &format!("{ind}Child node '{path}{name}':\n");
+        if let Some(ci) = child.get("info") {
+            out += &human(ci, indentation + 1, &format!("{path}{name}/"));
+        }
+    }
+    out
+}
+
+/// QEMU's `dump_qdict`: `key: value` lines in QDict order, dashes in keys
+/// shown as spaces, nested containers indented.
+fn dump_dict(out: &mut String, indentation: usize, dict: &Map<String, Value>) {
+    for (key, value) in crate::app::qjson::qdict_order(dict) {
+        let composite = value.is_object() || value.is_array();
+        out.push_str(&format!("{}{}:", "    ".repeat(indentation), key.replace('-', " ")));
+        out.push_str(if composite { "\n" } else { " " });
+        dump_value(out, indentation + 1, value);
+        if !composite {
+            out.push('\n');
+        }
+    }
+}
+
+fn dump_value(out: &mut String, indentation: usize, v: &Value) {
+    match v {
+        Value::Object(m) => dump_dict(out, indentation, m),
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                let composite = item.is_object() || item.is_array();
+                out.push_str(&format!("{}[{i}]:{}", "    ".repeat(indentation), if composite { '\n' } else { ' ' }));
+                dump_value(out, indentation + 1, item);
+                if !composite {
+                    out.push('\n');
+                }
+            }
+        }
+        Value::String(s) => out.push_str(s),
+        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Value::Number(n) => out.push_str(&n.to_string()),
+        Value::Null => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn format_specific_section_in_qemu_order() {
+        let data = json!({"compat": "1.1", "extended-l2": false, "lazy-refcounts": false, "corrupt": false,
+                          "refcount-bits": 16, "compression-type": "zlib"});
+        let mut out = String::new();
+        dump_dict(&mut out, 1, data.as_object().unwrap());
+        assert_eq!(
+            out,
+            "    compat: 1.1\n    compression type: zlib\n    lazy refcounts: false\n    refcount bits: 16\n    \
+             corrupt: false\n    extended l2: false\n"
+        );
+    }
+}
