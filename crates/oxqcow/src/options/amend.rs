@@ -1,7 +1,7 @@
 //! What `amend` may change on an existing image, parsed from QEMU's option
 //! string with qemu-img's refusals.
 
-use super::{parse_bool, parse_option_list, parse_size, Compat};
+use super::{parse_bool, parse_size, Compat};
 use crate::error::{Error, Result};
 
 /// The options `amend` may change. `None` leaves a setting as it is.
@@ -39,7 +39,7 @@ impl AmendOptions {
     /// Parses a QEMU option string (`compat=0.10,lazy_refcounts=off`).
     pub fn parse(s: &str) -> Result<AmendOptions> {
         let mut o = AmendOptions::default();
-        for (k, v) in parse_option_list(s)? {
+        for (k, v) in crate::qemu_syntax::split_options(s) {
             match k.as_str() {
                 "compat" => o.compat = Some(Compat::from_amend_name(&v)?),
                 "lazy_refcounts" => o.lazy_refcounts = Some(parse_bool(&k, &v)?),

@@ -531,17 +531,11 @@ impl CreateOptions {
 
     /// Applies a whole option string such as `cluster_size=4k,compat=0.10`.
     pub fn apply_option_string(&mut self, s: &str) -> Result<()> {
-        for (k, v) in parse_option_list(s)? {
+        for (k, v) in crate::qemu_syntax::split_options(s) {
             self.apply_qemu_option(&k, &v)?;
         }
         Ok(())
     }
-}
-
-/// Splits a QEMU option string into key/value pairs, as
-/// [`crate::qemu_syntax::split_options`] does.
-pub fn parse_option_list(s: &str) -> Result<Vec<(String, String)>> {
-    Ok(crate::qemu_syntax::split_options(s))
 }
 
 /// Parses a boolean as QEMU does (on/off, yes/no, true/false).
@@ -553,8 +547,9 @@ pub fn parse_bool(key: &str, value: &str) -> Result<bool> {
     }
 }
 
-/// Parses a size as QEMU's `qemu_strtosz` ([`crate::qemu_syntax::qemu_strtosz`]).
-pub fn parse_size(s: &str) -> Result<u64> {
+/// A size as QEMU's `qemu_strtosz` reads it ([`crate::qemu_syntax::qemu_strtosz`]),
+/// as an engine error.
+pub(crate) fn parse_size(s: &str) -> Result<u64> {
     crate::qemu_syntax::qemu_strtosz(s).map_err(|_| Error::InvalidArgument(format!("Invalid size '{s}'")))
 }
 

@@ -195,10 +195,13 @@ fn write(s: &mut Session, info: &CmdInfo, argv: &[String]) -> CmdResult {
     }
     let (res, t) = timed(|| {
         let img = image(s);
-        if zero {
-            if no_fallback {
-                fast_zero_possible(img, offset, count)?;
+        if zero && no_fallback {
+            // The engine's one rule for zeroing without writing data, as
+            // NBD's fast zero and the FUSE hole punch follow it.
+            if !img.write_zeroes_no_fallback(offset, count, may_unmap(s, unmap))? {
+                return Err(oxqcow::Error::Unsupported("zeroing without fallback".into()));
             }
+        } else if zero {
             img.write_zeroes_at(offset, count, may_unmap(s, unmap))?;
         } else if compressed {
             write_compressed(img, &buf, offset)?;
@@ -234,39 +237,6 @@ fn buffer_from_file(file: &str, count: u64) -> Result<Vec<u8>, Failed> {
         buf.extend_from_slice(&data[..n]);
     }
     Ok(buf)
-}
-
-/// `write -z -n`: QEMU zeroes without falling back to writing zeros only
-/// where qcow2 can set zero flags, i.e. on version 3 images, for clusters
-/// the request covers whole and for partial clusters that already read
-/// as zeros without holding data.
-fn fast_zero_possible(img: &Image, offset: u64, count: u64) -> oxqcow::Result<()> {
-    let Some(q) = img.as_qcow2() else { return Ok(()) };
-    let not_supported = || oxqcow::Error::Unsupported("zeroing without fallback".into());
-    let info = q.info();
-    if info.version < 3 {
-        return Err(not_supported());
-    }
-    let (cs, size) = (info.cluster_size, img.len());
-    let end = offset.checked_add(count).filter(|&e| e <= size).ok_or(oxqcow::Error::OutOfBounds {
-        offset,
-        len: count,
-        size,
-    })?;
-    let mut partial = Vec::new();
-    if offset % cs != 0 {
-        partial.push(offset - offset % cs);
-    }
-    if end % cs != 0 && end != size {
-        partial.push(end - end % cs);
-    }
-    for start in partial {
-        let len = cs.min(size - start);
-        if !img.block_status(start, len)?.iter().all(|e| e.zero && !e.data) {
-            return Err(not_supported());
-        }
-    }
-    Ok(())
 }
 
 /// `write -c`: whole clusters compressed (qcow2 only). QEMU fails
