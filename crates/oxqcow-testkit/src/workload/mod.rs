@@ -304,25 +304,8 @@ impl Harness {
     pub fn apply(&mut self, op: &Op) -> Result<(), String> {
         self.log.push(*op);
         let fail = |e: oxqcow::Error| format!("{op:?} failed: {e}");
-        if self.data.is_some() {
-            // QEMU refuses internal snapshots and compressed clusters with
-            // an external data file (-ENOTSUP), changing nothing.
-            let refused = match *op {
-                Op::SnapshotCreate => Some(self.qcow2().snapshot_create("snap").map(|_| ())),
-                Op::WriteCompressed { offset, len, seed } => {
-                    Some(self.qcow2().write_compressed(&compressible_pattern(seed, offset, len), offset))
-                }
-                _ => None,
-            };
-            match refused {
-                Some(Err(e)) if e.kind() == ErrorKind::Unsupported => {
-                    self.stats.refusals += 1;
-                    return Ok(());
-                }
-                Some(Err(e)) => return Err(fail(e)),
-                Some(Ok(())) => return Err(format!("{op:?} succeeded on an image with an external data file")),
-                None => {}
-            }
+        if self.refused_with_data_file(op)? {
+            return Ok(());
         }
         let shared = self.shared();
         if let Some(sub) = &mut self.subclusters {
@@ -363,78 +346,127 @@ impl Harness {
                 self.image().resize(size, prealloc).map_err(fail)?;
                 self.layout.resize(size, self.growth_prealloc(prealloc), &shared);
             }
-            Op::Reopen => {
-                self.image.take().expect("open").close().map_err(fail)?;
-                let storage: Arc<dyn Storage> = self.storage.clone();
-                let data = self.data.clone().map(|d| d as Arc<dyn Storage>);
-                self.image =
-                    Some(open_image_with(storage, data, &self.open_options, self.backing.as_ref()).map_err(fail)?);
-            }
-            Op::CrashReopen => {
-                // A crash right after a flush leaves a clean image.
-                self.image().flush().map_err(fail)?;
-                let copy = Arc::new(MemoryStorage::from_bytes(self.storage.to_bytes()));
-                let data_copy = self.data.as_ref().map(|d| Arc::new(MemoryStorage::from_bytes(d.to_bytes())));
-                let storage: Arc<dyn Storage> = copy.clone();
-                let data = data_copy.clone().map(|d| d as Arc<dyn Storage>);
-                let reopened =
-                    open_image_with(storage, data, &self.open_options, self.backing.as_ref()).map_err(fail)?;
-                // The old handle closes its own (now unused) storage.
-                drop(self.image.replace(reopened));
-                self.storage = copy;
-                self.data = data_copy;
-            }
-            Op::SnapshotCreate => {
-                let name = format!("snap{}", self.snapshots_made);
-                match self.qcow2().snapshot_create(&name) {
-                    Ok(_) => {
-                        self.snapshots_made += 1;
-                        let clusters = self.layout.clusters.clone();
-                        self.snapshots.push(Snapshot { name, data: self.model.data.clone(), clusters });
-                    }
-                    // A refcount too narrow for one more reference: the
-                    // snapshot is refused and nothing changes (verify
-                    // checks that). 1-bit refcounts refuse any snapshot of
-                    // an image with clusters.
-                    Err(e) if is_refusal(&e) || self.config.refcount_bits < 16 => {
-                        let trees = self.snapshots.len() as u64 + 2;
-                        if !self.may_overflow(self.config.refcount_bits, trees) {
-                            return Err(format!("{op:?} refused, but no refcount can overflow: {e}"));
-                        }
-                        self.stats.refusals += 1;
-                    }
-                    Err(e) => return Err(fail(e)),
-                }
-            }
-            Op::SnapshotApply(i) => {
-                if !self.snapshots.is_empty() {
-                    let s = self.snapshots[usize::from(i) % self.snapshots.len()].clone();
-                    match self.qcow2().snapshot_apply(&s.name) {
-                        Ok(()) => {
-                            self.model.data = s.data;
-                            self.layout.size = self.model.len();
-                            self.layout.clusters = s.clusters;
-                        }
-                        // Applying adds the snapshot's references before
-                        // dropping the active layer's.
-                        Err(e) if self.may_overflow(self.config.refcount_bits, self.snapshots.len() as u64 + 2) => {
-                            let _ = e;
-                            self.stats.refusals += 1;
-                        }
-                        Err(e) => return Err(fail(e)),
-                    }
-                }
-                return Ok(());
-            }
-            Op::SnapshotDelete(i) => {
-                if !self.snapshots.is_empty() {
-                    let s = self.snapshots.remove(usize::from(i) % self.snapshots.len());
-                    self.qcow2().snapshot_delete(&s.name).map_err(fail)?;
-                }
-            }
+            Op::Reopen => self.reopen(op)?,
+            Op::CrashReopen => self.crash_reopen(op)?,
+            Op::SnapshotCreate => self.snapshot_create(op)?,
+            Op::SnapshotApply(i) => return self.snapshot_apply(op, i),
+            Op::SnapshotDelete(i) => self.snapshot_delete(op, i)?,
             Op::Amend(a) => return self.amend(op, a),
         }
         self.model.apply(op);
+        Ok(())
+    }
+
+    /// With an external data file QEMU refuses internal snapshots and
+    /// compressed clusters (-ENOTSUP), changing nothing: whether `op` was
+    /// such a refusal (an error when it was not refused as it must be).
+    fn refused_with_data_file(&mut self, op: &Op) -> Result<bool, String> {
+        if self.data.is_none() {
+            return Ok(false);
+        }
+        let fail = |e: oxqcow::Error| format!("{op:?} failed: {e}");
+        let refused = match *op {
+            Op::SnapshotCreate => Some(self.qcow2().snapshot_create("snap").map(|_| ())),
+            Op::WriteCompressed { offset, len, seed } => {
+                Some(self.qcow2().write_compressed(&compressible_pattern(seed, offset, len), offset))
+            }
+            _ => None,
+        };
+        match refused {
+            Some(Err(e)) if e.kind() == ErrorKind::Unsupported => {
+                self.stats.refusals += 1;
+                Ok(true)
+            }
+            Some(Err(e)) => Err(fail(e)),
+            Some(Ok(())) => Err(format!("{op:?} succeeded on an image with an external data file")),
+            None => Ok(false),
+        }
+    }
+
+    /// Closes and reopens the image.
+    fn reopen(&mut self, op: &Op) -> Result<(), String> {
+        let fail = |e: oxqcow::Error| format!("{op:?} failed: {e}");
+        self.image.take().expect("open").close().map_err(fail)?;
+        let storage: Arc<dyn Storage> = self.storage.clone();
+        let data = self.data.clone().map(|d| d as Arc<dyn Storage>);
+        self.image = Some(open_image_with(storage, data, &self.open_options, self.backing.as_ref()).map_err(fail)?);
+        Ok(())
+    }
+
+    /// Reopens a copy of the storage as a crash right after a flush leaves it.
+    fn crash_reopen(&mut self, op: &Op) -> Result<(), String> {
+        let fail = |e: oxqcow::Error| format!("{op:?} failed: {e}");
+        // A crash right after a flush leaves a clean image.
+        self.image().flush().map_err(fail)?;
+        let copy = Arc::new(MemoryStorage::from_bytes(self.storage.to_bytes()));
+        let data_copy = self.data.as_ref().map(|d| Arc::new(MemoryStorage::from_bytes(d.to_bytes())));
+        let storage: Arc<dyn Storage> = copy.clone();
+        let data = data_copy.clone().map(|d| d as Arc<dyn Storage>);
+        let reopened = open_image_with(storage, data, &self.open_options, self.backing.as_ref()).map_err(fail)?;
+        // The old handle closes its own (now unused) storage.
+        drop(self.image.replace(reopened));
+        self.storage = copy;
+        self.data = data_copy;
+        Ok(())
+    }
+
+    /// Creates a snapshot, or checks that its refusal is explained.
+    fn snapshot_create(&mut self, op: &Op) -> Result<(), String> {
+        let fail = |e: oxqcow::Error| format!("{op:?} failed: {e}");
+        let name = format!("snap{}", self.snapshots_made);
+        match self.qcow2().snapshot_create(&name) {
+            Ok(_) => {
+                self.snapshots_made += 1;
+                let clusters = self.layout.clusters.clone();
+                self.snapshots.push(Snapshot { name, data: self.model.data.clone(), clusters });
+            }
+            // A refcount too narrow for one more reference: the
+            // snapshot is refused and nothing changes (verify
+            // checks that). 1-bit refcounts refuse any snapshot of
+            // an image with clusters.
+            Err(e) if is_refusal(&e) || self.config.refcount_bits < 16 => {
+                let trees = self.snapshots.len() as u64 + 2;
+                if !self.may_overflow(self.config.refcount_bits, trees) {
+                    return Err(format!("{op:?} refused, but no refcount can overflow: {e}"));
+                }
+                self.stats.refusals += 1;
+            }
+            Err(e) => return Err(fail(e)),
+        }
+        Ok(())
+    }
+
+    /// Applies a snapshot: the model takes the snapshot's content (the
+    /// operation itself changes nothing else in it).
+    fn snapshot_apply(&mut self, op: &Op, i: u8) -> Result<(), String> {
+        let fail = |e: oxqcow::Error| format!("{op:?} failed: {e}");
+        if !self.snapshots.is_empty() {
+            let s = self.snapshots[usize::from(i) % self.snapshots.len()].clone();
+            match self.qcow2().snapshot_apply(&s.name) {
+                Ok(()) => {
+                    self.model.data = s.data;
+                    self.layout.size = self.model.len();
+                    self.layout.clusters = s.clusters;
+                }
+                // Applying adds the snapshot's references before
+                // dropping the active layer's.
+                Err(e) if self.may_overflow(self.config.refcount_bits, self.snapshots.len() as u64 + 2) => {
+                    let _ = e;
+                    self.stats.refusals += 1;
+                }
+                Err(e) => return Err(fail(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes a snapshot.
+    fn snapshot_delete(&mut self, op: &Op, i: u8) -> Result<(), String> {
+        let fail = |e: oxqcow::Error| format!("{op:?} failed: {e}");
+        if !self.snapshots.is_empty() {
+            let s = self.snapshots.remove(usize::from(i) % self.snapshots.len());
+            self.qcow2().snapshot_delete(&s.name).map_err(fail)?;
+        }
         Ok(())
     }
 
