@@ -15,7 +15,7 @@ const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 fn usage(ctx: &Ctx) -> String {
     format!(
-        "{prog} version {VERSION} (oxqcow)\n\
+        "{prog} version {QEMU} (oxqcow {VERSION})\n\
          usage: {prog} [standard options] command [command options]\n\
          QEMU disk image utility, qemu-img compatible\n\n\
          Command syntax: see '{prog} COMMAND --help'.\n\
@@ -24,14 +24,31 @@ fn usage(ctx: &Ctx) -> String {
          Global options (before the command):\n  \
          --forbid-backing\n     refuse every image that names a backing file or an external data file\n     \
          instead of opening that file (for images from untrusted sources)\n",
-        prog = ctx.prog
+        prog = ctx.prog,
+        QEMU = app::version::QEMU_INTERFACE,
     )
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let ctx = Ctx::from_argv0(args.first().map(String::as_str).unwrap_or("oxqcow"));
-    std::process::exit(run(&ctx, &args[1.min(args.len())..]));
+    let rest = &args[1.min(args.len())..];
+    // Busybox style: a link named after a QEMU tool is that tool. The
+    // command word may still follow (`exec -a qemu-io oxqcow io ...`).
+    let (tool, rest) = match (ctx.prog.as_str(), rest.first().map(String::as_str)) {
+        ("qemu-io", Some("io")) | ("qemu-nbd", Some("serve")) => (ctx.prog.as_str(), &rest[1..]),
+        ("qemu-io" | "qemu-nbd", _) => (ctx.prog.as_str(), rest),
+        _ => ("qemu-img", rest),
+    };
+    let serves = tool == "qemu-nbd" || matches!(rest.first().map(String::as_str), Some("serve" | "mount"));
+    if !serves {
+        oxqcow_nbd::sys::default_sigpipe();
+    }
+    std::process::exit(match tool {
+        "qemu-io" => io::run(&ctx, rest),
+        "qemu-nbd" => export::serve::run(&ctx, rest),
+        _ => run(&ctx, rest),
+    });
 }
 
 fn run(ctx: &Ctx, args: &[String]) -> i32 {
@@ -40,7 +57,7 @@ fn run(ctx: &Ctx, args: &[String]) -> i32 {
     while let Some(first) = args.first() {
         match first.as_str() {
             "-V" | "--version" => {
-                println!("{} version {VERSION} (oxqcow)", ctx.prog);
+                print!("{}", app::version::text(&ctx.prog));
                 return 0;
             }
             "-h" | "--help" => {
@@ -57,7 +74,7 @@ fn run(ctx: &Ctx, args: &[String]) -> i32 {
         }
     }
     let Some(command) = args.first() else {
-        return ctx.fail("Not enough arguments\nTry 'qemu-img --help' for more information");
+        return ctx.usage_error_global("Not enough arguments");
     };
     let rest = &args[1..];
     match command.as_str() {
@@ -80,6 +97,6 @@ fn run(ctx: &Ctx, args: &[String]) -> i32 {
         "resize" => cmd::resize::run(ctx, rest),
         "snapshot" => cmd::snapshot::run(ctx, rest),
         "serve" => export::serve::run(ctx, rest),
-        other => ctx.fail(&format!("Command not found: {other}")),
+        other => ctx.usage_error_global(&format!("Command not found: {other}")),
     }
 }

@@ -20,6 +20,19 @@ pub fn shutdown_listener(fd: BorrowedFd<'_>) {
     }
 }
 
+/// Restores the default action of SIGPIPE, which Rust's runtime ignores:
+/// a command writing to a pipe whose reader went away (`oxqcow map ... |
+/// head -1`) then ends quietly, killed by the signal, as QEMU's tools do,
+/// instead of failing its next write. Servers keep ignoring it: a client
+/// that goes away must not kill them.
+pub fn default_sigpipe() {
+    // SAFETY: signal(2) with SIG_DFL installs no handler, so no Rust code
+    // runs in signal context; it is called before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// The signals that stop the server, as qemu-nbd handles them.
 const TERMINATION: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
 

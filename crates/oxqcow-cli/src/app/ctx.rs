@@ -42,16 +42,35 @@ impl Ctx {
         self.try_help(command)
     }
 
+    /// Reports an error of the command line as a whole as qemu-img's
+    /// `error_exit` does: the message, then "Try 'ARGV0 --help' for more
+    /// info". Returns exit code 1.
+    pub fn usage_error_global(&self, msg: &str) -> i32 {
+        self.error(msg);
+        eprintln!("Try '{} --help' for more info", self.argv0);
+        1
+    }
+
+    /// How `command` was invoked, as its messages name it: `argv0 command`,
+    /// or `argv0` alone when oxqcow runs as the QEMU tool that command is
+    /// (a link named qemu-io runs `io`, one named qemu-nbd runs `serve`).
+    pub fn invoked_as(&self, command: &str) -> String {
+        match (self.prog.as_str(), command) {
+            ("qemu-io", "io") | ("qemu-nbd", "serve") => self.argv0.clone(),
+            _ => format!("{} {command}", self.argv0),
+        }
+    }
+
     /// Prints "Try 'PROG COMMAND --help' for more info" and returns 1.
     pub fn try_help(&self, command: &str) -> i32 {
-        eprintln!("Try '{} {command} --help' for more info", self.argv0);
+        eprintln!("Try '{} --help' for more info", self.invoked_as(command));
         1
     }
 
     /// Parses a command's arguments; on error prints glibc's message and
     /// the help pointer, returning the exit code.
     pub fn getopt(&self, command: &str, args: &[String], spec: &[getopt::Opt]) -> Result<getopt::Parsed, i32> {
-        getopt::parse(&format!("{} {command}", self.argv0), args, spec).map_err(|msg| {
+        getopt::parse(&self.invoked_as(command), args, spec).map_err(|msg| {
             eprintln!("{msg}");
             self.try_help(command)
         })

@@ -24,6 +24,7 @@ pub mod secrets;
 pub mod snapshot_param;
 pub mod snapshot_table;
 pub mod tlscreds;
+pub mod version;
 
 pub use common_opts::CommonOpts;
 pub use ctx::Ctx;

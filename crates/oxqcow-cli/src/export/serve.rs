@@ -268,7 +268,12 @@ fn listen(cfg: &Config) -> Result<Vec<Listener>, String> {
 }
 
 fn parse(ctx: &Ctx, args: &[String]) -> Result<Config, i32> {
-    let p = ctx.getopt("serve", args, SPEC)?;
+    // qemu-nbd prefixes both lines of an option error with its name.
+    let p = crate::app::getopt::parse(&ctx.invoked_as("serve"), args, SPEC).map_err(|msg| {
+        eprintln!("{msg}");
+        ctx.error(&format!("Try `{} --help' for more information.", ctx.invoked_as("serve")));
+        1
+    })?;
     let mut cfg = Config {
         file: String::new(),
         format: None,
@@ -298,7 +303,7 @@ fn parse(ctx: &Ctx, args: &[String]) -> Result<Config, i32> {
                 return Err(0);
             }
             "V" => {
-                println!("{} serve version {} (oxqcow)", ctx.prog, env!("CARGO_PKG_VERSION"));
+                print!("{}", crate::app::version::nbd_text(&ctx.prog));
                 return Err(0);
             }
             "b" => cfg.bind = Some(v),
@@ -391,7 +396,7 @@ fn parse(ctx: &Ctx, args: &[String]) -> Result<Config, i32> {
     }
     if p.operands.len() != 1 {
         ctx.error("Invalid number of arguments");
-        eprintln!("Try `{} serve --help' for more information.", ctx.argv0);
+        eprintln!("Try `{} --help' for more information.", ctx.invoked_as("serve"));
         return Err(1);
     }
     cfg.file = p.operands[0].clone();

@@ -94,7 +94,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 return 0;
             }
             "V" => {
-                println!("{} io version {} (oxqcow)", ctx.prog, env!("CARGO_PKG_VERSION"));
+                print!("{}", crate::app::version::text(&ctx.prog));
                 return 0;
             }
             "T" | "m" => Ok(()),
