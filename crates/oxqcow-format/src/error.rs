@@ -1,8 +1,10 @@
 //! The one error type of the format layer.
 //!
-//! Messages start with QEMU's wording where QEMU has one (so that tools which
-//! match on qemu-img's errors keep working) and name the offending field and
-//! its value.
+//! Where QEMU has a message for a condition, the text is QEMU's exactly
+//! (tools and QEMU's own tests match qemu-img's errors), and the variant's
+//! fields keep the offending values for callers. Where QEMU says nothing
+//! useful or accepts what is refused here, the message names the field,
+//! its value and where it is.
 
 use thiserror::Error;
 
@@ -32,10 +34,10 @@ pub enum FormatError {
     #[error("Unsupported cluster size: 2^{0}")]
     ClusterBits(u32),
     /// v3 `header_length` below 104.
-    #[error("qcow2 header too short (header_length {0}, at least 104 required)")]
+    #[error("qcow2 header too short")]
     HeaderTooShort(u32),
     /// `header_length` larger than the cluster.
-    #[error("qcow2 header exceeds cluster size (header_length {header_length}, cluster size {cluster_size})")]
+    #[error("qcow2 header exceeds cluster size")]
     HeaderExceedsCluster {
         /// The header length field.
         header_length: u32,
@@ -46,7 +48,7 @@ pub enum FormatError {
     #[error("qcow2 header_length {0} is not a multiple of 8")]
     HeaderLengthUnaligned(u32),
     /// `backing_file_offset` outside cluster 0.
-    #[error("Invalid backing file offset (backing_file_offset {offset}, cluster size {cluster_size})")]
+    #[error("Invalid backing file offset")]
     BackingFileOffset {
         /// The field.
         offset: u64,
@@ -54,13 +56,13 @@ pub enum FormatError {
         cluster_size: u64,
     },
     /// Backing file name longer than 1023 bytes or past cluster 0.
-    #[error("Backing file name too long (backing_file_size {0})")]
+    #[error("Backing file name too long")]
     BackingNameTooLong(u32),
     /// Backing file name is not UTF-8.
     #[error("Backing file name is not valid UTF-8")]
     BackingNameEncoding,
     /// A header extension runs past the end of the extension area.
-    #[error("Header extension too large (extension 0x{magic:08x} at offset {offset} with length {length})")]
+    #[error("Header extension too large")]
     ExtensionTooLarge {
         /// The extension type.
         magic: u32,
@@ -84,7 +86,7 @@ pub enum FormatError {
     #[error("Unsupported qcow2 feature(s): {0}")]
     UnsupportedFeatures(String),
     /// `refcount_order` above 6.
-    #[error("Reference count entry width too large; may not exceed 64 bits (refcount_order {0})")]
+    #[error("Reference count entry width too large; may not exceed 64 bits")]
     RefcountOrder(u32),
     /// A LUKS header field is invalid (QEMU's message where it has one).
     #[error("{0}")]
@@ -102,7 +104,7 @@ pub enum FormatError {
     #[error("Image does not contain a reference count table")]
     NoRefcountTable,
     /// A table is larger than its limit.
-    #[error("{table} too large ({entries} entries of {entry_size} bytes, limit {limit} bytes)")]
+    #[error("{table} too large")]
     TableTooLarge {
         /// Which table.
         table: &'static str,
@@ -114,7 +116,7 @@ pub enum FormatError {
         limit: u64,
     },
     /// A table offset is unaligned or the table would end past `i64::MAX`.
-    #[error("{table} offset invalid (offset 0x{offset:x})")]
+    #[error("{table} offset invalid")]
     TableOffset {
         /// Which table.
         table: &'static str,
@@ -142,10 +144,10 @@ pub enum FormatError {
         offset: u64,
     },
     /// The guest size makes L1 index arithmetic overflow.
-    #[error("Image is too big (size {0})")]
+    #[error("Image is too big")]
     ImageTooBig(u64),
     /// The active L1 is too small for the guest size.
-    #[error("L1 table is too small (l1_size {l1_size}, {needed} entries needed for size {size})")]
+    #[error("L1 table is too small")]
     L1TooSmall {
         /// The l1_size field.
         l1_size: u32,
