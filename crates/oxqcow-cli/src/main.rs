@@ -37,16 +37,18 @@ fn main() {
     // command word may still follow (`exec -a qemu-io oxqcow io ...`).
     let (tool, rest) = match (ctx.prog.as_str(), rest.first().map(String::as_str)) {
         ("qemu-io", Some("io")) | ("qemu-nbd", Some("serve")) => (ctx.prog.as_str(), &rest[1..]),
-        ("qemu-io" | "qemu-nbd", _) => (ctx.prog.as_str(), rest),
+        ("qemu-io" | "qemu-nbd" | "qemu-storage-daemon", _) => (ctx.prog.as_str(), rest),
         _ => ("qemu-img", rest),
     };
-    let serves = tool == "qemu-nbd" || matches!(rest.first().map(String::as_str), Some("serve" | "mount"));
+    let serves = matches!(tool, "qemu-nbd" | "qemu-storage-daemon")
+        || matches!(rest.first().map(String::as_str), Some("serve" | "mount"));
     if !serves {
         oxqcow_nbd::sys::default_sigpipe();
     }
     std::process::exit(match tool {
         "qemu-io" => io::run(&ctx, rest),
         "qemu-nbd" => export::serve::run(&ctx, rest),
+        "qemu-storage-daemon" => export::qsd::run(&ctx, rest),
         _ => run(&ctx, rest),
     });
 }

@@ -102,3 +102,39 @@ fn a_closed_pipe_ends_the_command_quietly() {
     // Killed by SIGPIPE, as qemu-img is: 128 + 13.
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "141");
 }
+
+/// A link named qemu-storage-daemon runs a node graph and one export, here
+/// over NBD (the FUSE export runs through `mount`'s code, tested there).
+#[test]
+fn a_link_named_qemu_storage_daemon_exports_a_node() {
+    let s = Scratch::new();
+    s.qemu_ok(&["create", "-q", "-f", "qcow2", "a.qcow2", "4M"]);
+    s.qemu_io("qcow2", "a.qcow2", &["write -P 9 0 1M"]);
+    let qsd = link(&s, "qemu-storage-daemon");
+    let sock = s.path("qsd.sock");
+    let mut child = Command::new(&qsd)
+        .args(["--blockdev", "file,node-name=f0,filename=a.qcow2", "--blockdev", "qcow2,node-name=q0,file=f0"])
+        .arg("--nbd-server")
+        .arg(format!("addr.type=unix,addr.path={}", sock.display()))
+        .args(["--export", "nbd,id=e0,node-name=q0,name=disk,writable=on"])
+        .current_dir(s.dir.path())
+        .spawn()
+        .unwrap();
+    for _ in 0..500 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let uri = format!("nbd+unix:///disk?socket={}", sock.display());
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read -P 9 0 1M", "-c", "write -P 8 1M 64k", &uri])
+        .output()
+        .expect("qemu-io is required by this test");
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    child.wait().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && !text.contains("fail"), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    s.qemu_io("qcow2", "a.qcow2", &["read -P 8 1M 64k"]);
+    s.assert_clean("a.qcow2");
+}

@@ -6,4 +6,5 @@
 
 pub mod daemon;
 pub mod mount;
+pub mod qsd;
 pub mod serve;
