@@ -254,10 +254,8 @@ fn hostile_data_file_names() {
         s.assert_same(&["info", image]);
         s.assert_same(&["compare", image, image]);
     }
-    let ours = s.ours(&["check", "long.qcow2"]);
-    assert_eq!(ours.code, 1);
-    assert!(ours.stderr.contains("Header extension too large"), "{ours:?}");
-    assert!(ours.stderr.contains("0x44415441"), "the extension is named: {ours:?}");
+    // QEMU's words exactly: scripts match them.
+    s.assert_same(&["check", "long.qcow2"]);
 
     // json: names are refused before anything is opened (QEMU would take
     // the name as a file name).
