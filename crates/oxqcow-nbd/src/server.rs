@@ -188,7 +188,8 @@ impl Server {
     }
 
     /// Serves until stopped, then flushes the image. Returns the flush's
-    /// result.
+    /// result, once no connection holds the export any more (so that the
+    /// caller can close the image as its last holder).
     pub fn run(self) -> Result<(), oxqcow::Error> {
         let pool = Pool::new(self.opts.workers).map_err(|e| oxqcow::Error::Io {
             op: "starting worker threads",
@@ -312,6 +313,11 @@ fn accept_loop(l: &Listener, shared: &Arc<Shared>, serving: &Arc<Serving>, limit
         let (shared2, sv) = (Arc::clone(shared), Arc::clone(serving));
         let spawned = std::thread::Builder::new().name("nbd-conn".into()).spawn(move || {
             conn::serve(stream, Arc::clone(&sv.export), &sv.pool, &sv.memory, sv.handshake_limit, sv.tls.as_ref());
+            // Let go of the export before counting this connection as gone:
+            // once none is active, `run` returns and its caller closes the
+            // image, which it can only do as its last holder (a clone still
+            // held here made the close, and the bitmaps it stores, a race).
+            drop(sv);
             let mut st = shared2.lock();
             st.active -= 1;
             st.clients.remove(&id);

@@ -242,7 +242,9 @@ fn serve(
     }
     let closed = match Arc::try_unwrap(image) {
         Ok(img) => img.close(),
-        Err(_) => Ok(()),
+        // No connection holds it once the server ran (see `Server::run`);
+        // should one ever, what it wrote is flushed at least.
+        Err(shared) => oxqcow::BlockDevice::flush(&*shared),
     };
     match result.and(closed) {
         Ok(()) => 0,
