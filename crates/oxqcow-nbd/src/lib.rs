@@ -21,6 +21,7 @@
 //! string with an in-memory image, for cargo-fuzz and the seed tests.
 #![warn(missing_docs)]
 
+pub mod client;
 pub mod conn;
 pub mod export;
 pub mod fuzzing;

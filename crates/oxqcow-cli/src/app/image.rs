@@ -5,11 +5,29 @@
 use std::path::{Path, PathBuf};
 
 use oxqcow::backing::{resolve_backing_path, BackingPolicy};
+use std::sync::Arc;
+
 use oxqcow::{Image, ImageFormat, OpenOptions};
+use oxqcow_nbd::client::{NbdAddress, NbdClient};
 
 use crate::app::forbid_backing::backing_policy;
 use crate::app::messages::{describe, open_messages, prog_name, strerror, warn_probed_raw};
 use crate::app::qemu_opts::split_noisily;
+
+/// Opens the image an NBD server exports (at `addr`, as parsed), as
+/// QEMU's nbd protocol driver does: its format probed or given, a
+/// read-only export refused for writing. The reason on failure, without
+/// the "Could not open" that callers put in front.
+pub fn open_nbd(addr: Result<NbdAddress, String>, opts: &OpenOptions) -> Result<Image, String> {
+    let addr = addr?;
+    let client = NbdClient::connect(&addr).map_err(|e| e.to_string())?;
+    if client.is_read_only() && !opts.read_only {
+        return Err("Could not open image: Permission denied".into());
+    }
+    // A qcow2 image on an export that names a backing file is refused by
+    // `open_storage`: there is no directory to resolve the name against.
+    Image::open_storage(Arc::new(client), opts).map_err(|e| describe(&e))
+}
 
 /// Opens an image as qemu-img does, returning qemu-img's message on failure
 /// ("Could not open 'PATH': REASON", with one "Could not open backing file: "
@@ -32,12 +50,15 @@ fn open_image_inner(path: &str, format: Option<&str>, opts: OpenOptions) -> Resu
     let mut opts = opts;
     opts.backing = backing_policy(opts.backing);
     opts.messages.get_or_insert_with(open_messages);
+    if let Some(format) = format {
+        opts.format =
+            Some(ImageFormat::from_name(format).map_err(|e| format!("Could not open '{path}': {}", describe(&e)))?);
+    }
+    if let Some(addr) = NbdAddress::parse(path) {
+        return open_nbd(addr, &opts).map_err(|reason| format!("Could not open '{path}': {reason}"));
+    }
     if Path::new(path).is_dir() {
         return Err(format!("Could not open '{path}': 'file' driver requires '{path}' to be a regular file"));
-    }
-    if let Some(f) = format {
-        opts.format =
-            Some(ImageFormat::from_name(f).map_err(|e| format!("Could not open '{path}': {}", describe(&e)))?);
     }
     let image = Image::open(Path::new(path), &opts).map_err(|e| {
         // Under Forbid or Ignore no backing file was opened, so the failure
@@ -112,7 +133,11 @@ fn chain_failure(path: &str, format: Option<ImageFormat>) -> Option<String> {
 /// the directory of the image that names it (`chain/top.qcow2` backed by
 /// `base.qcow2` gives `chain/base.qcow2`).
 pub fn chain_filenames(image: &Image, filename: &str) -> Vec<String> {
-    let mut names = vec![filename.to_string()];
+    let top = match NbdAddress::parse(filename) {
+        Some(Ok(addr)) => addr.display_name(),
+        _ => filename.to_string(),
+    };
+    let mut names = vec![top];
     let mut layer = image;
     while let Some(q) = layer.as_qcow2() {
         let (Some(name), Some(backing)) = (q.info().backing_file, q.backing()) else { break };

@@ -15,6 +15,8 @@ use oxqcow::{
     Qcow2, Storage,
 };
 
+use oxqcow_nbd::client::{NbdAddress, NbdClient};
+
 use crate::app::forbid_backing::backing_policy;
 use crate::app::messages::{describe, errno_text, io_error_text, open_messages, warn_probed_raw};
 
@@ -238,7 +240,19 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
         Some("file") => Some(ImageFormat::Raw),
         Some(d) => Some(ImageFormat::from_name(d).map_err(|e| describe(&e))?),
     };
-    let probed = {
+    // An NBD export is connected to once, and probed and opened through
+    // that connection.
+    let nbd = match NbdAddress::parse(&path) {
+        Some(addr) => {
+            let addr = addr?;
+            Some((addr.display_name(), Arc::new(NbdClient::connect(&addr).map_err(|e| e.to_string())?)))
+        }
+        None => None,
+    };
+    let shown = nbd.as_ref().map_or_else(|| path.clone(), |(name, _)| name.clone());
+    let probed = if let Some((_, client)) = &nbd {
+        oxqcow::probe(&**client, None).map_err(|e| describe(&e))?
+    } else {
         let storage = FileStorage::open(Path::new(&path), false)
             .map_err(|e| format!("Could not open '{path}': {}", io_error_text(&e)))?;
         if storage.file().metadata().is_ok_and(|m| m.is_dir()) {
@@ -287,15 +301,24 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
             return Err(if msg.starts_with("Invalid parameter") { unsupported() } else { msg });
         }
     }
-    let image = Image::open(Path::new(&path), &opts).map_err(|e| match &e {
-        oxqcow::Error::Io { op: "opening the image", source, .. } => {
-            format!("Could not open '{path}': {}", io_error_text(source))
+    let image = match &nbd {
+        Some((_, client)) => {
+            if client.is_read_only() && !opts.read_only {
+                return Err("Could not open image: Permission denied".into());
+            }
+            let storage: Arc<dyn Storage> = Arc::clone(client) as Arc<dyn Storage>;
+            Image::open_storage(storage, &opts).map_err(|e| describe(&e))?
         }
-        _ => describe(&e),
-    })?;
+        None => Image::open(Path::new(&path), &opts).map_err(|e| match &e {
+            oxqcow::Error::Io { op: "opening the image", source, .. } => {
+                format!("Could not open '{path}': {}", io_error_text(source))
+            }
+            _ => describe(&e),
+        })?,
+    };
     // QEMU warns (and guards sector 0) only when the probed image is writable.
     if explicit.is_none() && format == ImageFormat::Raw && !opts.read_only {
-        warn_probed_raw(&path);
+        warn_probed_raw(&shown);
     }
     let image = if spec.snapshot { temporary_overlay(image, &opts, spec.read_only)? } else { image };
     Ok(Opened { image, unmap: spec.unmap })

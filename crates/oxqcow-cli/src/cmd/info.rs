@@ -11,6 +11,7 @@ use std::path::Path;
 use oxqcow::backing::BackingPolicy;
 use oxqcow::format::SnapshotEntry;
 use oxqcow::{probe_format, FileStorage, Image, ImageFormat, OpenOptions, Qcow2, Qcow2Info, Storage};
+use oxqcow_nbd::client::NbdAddress;
 use serde_json::{json, Map, Value};
 
 use crate::app::ctx::Ctx;
@@ -204,16 +205,25 @@ fn graph_info(path: &str, source: &Source) -> Result<Value, String> {
         Source::Header { storage, .. } => storage,
     };
     let file_len = storage.len().map_err(|e| format!("Could not get the file length of '{path}': {e}"))?;
-    let allocated = storage.allocated_bytes().ok();
+    // An NBD export is named as QEMU names it, and has neither a disk size
+    // nor a dirty flag to report.
+    let nbd = NbdAddress::parse(path).and_then(Result::ok).map(|a| a.display_name());
+    let path = nbd.as_deref().unwrap_or(path);
+    let allocated = if nbd.is_some() { None } else { storage.allocated_bytes().ok() };
     let mut file = Map::new();
     file.insert("filename".into(), json!(path));
-    file.insert("format".into(), json!("file"));
-    file.insert("dirty-flag".into(), json!(false));
-    if let Some(a) = allocated {
-        file.insert("actual-size".into(), json!(a));
+    if nbd.is_some() {
+        file.insert("format".into(), json!("nbd"));
+        file.insert("virtual-size".into(), json!(file_len));
+    } else {
+        file.insert("format".into(), json!("file"));
+        file.insert("dirty-flag".into(), json!(false));
+        if let Some(a) = allocated {
+            file.insert("actual-size".into(), json!(a));
+        }
+        file.insert("virtual-size".into(), json!(sectors_up(file_len)));
+        file.insert("format-specific".into(), json!({"type": "file", "data": {}}));
     }
-    file.insert("virtual-size".into(), json!(sectors_up(file_len)));
-    file.insert("format-specific".into(), json!({"type": "file", "data": {}}));
     file.insert("children".into(), json!([]));
 
     let mut top = Map::new();
@@ -221,7 +231,9 @@ fn graph_info(path: &str, source: &Source) -> Result<Value, String> {
     let (qi, snapshots) = match source {
         Source::Open(Image::Raw(raw)) => {
             top.insert("format".into(), json!("raw"));
-            top.insert("dirty-flag".into(), json!(false));
+            if nbd.is_none() {
+                top.insert("dirty-flag".into(), json!(false));
+            }
             if let Some(a) = allocated {
                 top.insert("actual-size".into(), json!(a));
             }
