@@ -169,3 +169,33 @@ fn an_image_truncated_inside_its_l1_table_reads_the_missing_entries_as_zeros() {
     let (q, o) = (std::fs::read(s.path("q.qcow2")).unwrap(), std::fs::read(s.path("o.qcow2")).unwrap());
     assert!(q == o, "the files differ (lengths {} and {})", q.len(), o.len());
 }
+
+/// A refcount table entry that is not cluster aligned made the open fail;
+/// QEMU opens the image, serves reads, and fails (marking the image
+/// corrupt) only the request that needs that refcount block.
+#[test]
+fn an_unaligned_refcount_block_fails_the_write_that_needs_it_not_the_open() {
+    let s = Scratch::new();
+    for who in ["q", "o"] {
+        let name = format!("{who}.qcow2");
+        s.qemu_ok(&["create", "-q", "-f", "qcow2", &name, "64M"]);
+        s.qemu_io("qcow2", &name, &["write -P 7 0 64k"]);
+        let header = std::fs::read(s.path(&name)).unwrap();
+        let table = u64::from_be_bytes(header[48..56].try_into().unwrap());
+        let block = u64::from_be_bytes(header[table as usize..table as usize + 8].try_into().unwrap());
+        common::patch(&s.path(&name), table, &(block + 0x200).to_be_bytes());
+    }
+    let read = "read -P 7 0 64k";
+    let q = common::run_in(s.dir.path(), std::path::Path::new("qemu-io"), &["-f", "qcow2", "-c", read, "q.qcow2"]);
+    let o = s.ours(&["io", "-f", "qcow2", "-c", read, "o.qcow2"]);
+    assert_eq!((o.code, o.stdout.lines().next()), (q.code, q.stdout.lines().next()), "{o:?}");
+    let write = "write -P 8 1M 64k";
+    let q = common::run_in(s.dir.path(), std::path::Path::new("qemu-io"), &["-f", "qcow2", "-c", write, "q.qcow2"]);
+    let o = s.ours(&["io", "-f", "qcow2", "-c", write, "o.qcow2"]);
+    assert_eq!((o.code, o.stdout.lines().next()), (q.code, q.stdout.lines().next()), "{o:?}");
+    for name in ["q.qcow2", "o.qcow2"] {
+        let info = s.qemu_ok(&["info", name]).stdout;
+        assert!(info.contains("corrupt: true"), "{name} is not marked corrupt:\n{info}");
+    }
+    s.assert_identical("q.qcow2", "o.qcow2");
+}
