@@ -199,3 +199,27 @@ fn an_unaligned_refcount_block_fails_the_write_that_needs_it_not_the_open() {
     }
     s.assert_identical("q.qcow2", "o.qcow2");
 }
+
+/// An L1 entry naming the refcount table's cluster as an L2 table: the
+/// repair rebuilt the refcount structure elsewhere, then its COPIED repair
+/// refused to write that L2 table because the overlap check still knew the
+/// old table's place ("Check failed"). QEMU's repair completes.
+#[test]
+fn repair_writes_an_l2_table_placed_over_the_old_refcount_table() {
+    let s = Scratch::new();
+    for who in ["q", "o"] {
+        let name = format!("{who}.qcow2");
+        s.qemu_ok(&["create", "-q", "-f", "qcow2", &name, "64M"]);
+        s.qemu_io("qcow2", &name, &["write -P 1 0 64k"]);
+        let header = std::fs::read(s.path(&name)).unwrap();
+        let l1 = u64::from_be_bytes(header[40..48].try_into().unwrap());
+        let reftable = u64::from_be_bytes(header[48..56].try_into().unwrap());
+        common::patch(&s.path(&name), l1, &(reftable | 1 << 63).to_be_bytes());
+    }
+    let q = s.qemu(&["check", "-r", "all", "q.qcow2"]);
+    let o = s.ours(&["check", "-r", "all", "o.qcow2"]);
+    assert_eq!((o.code, o.stdout, o.stderr), (q.code, q.stdout, q.stderr));
+    s.assert_clean("o.qcow2");
+    let (q, o) = (std::fs::read(s.path("q.qcow2")).unwrap(), std::fs::read(s.path("o.qcow2")).unwrap());
+    assert!(q == o, "the repaired files differ");
+}
