@@ -106,7 +106,7 @@ fn nbdinfo_both(d: &Dir, img: &Path, server_args: &[&str], nbdinfo_args: &[&str]
     let uri = format!("nbd+unix:///?socket={}", sock.display());
     let mut args: Vec<&str> = nbdinfo_args.to_vec();
     args.push(&uri);
-    let mut qargs = vec!["-k", sock.to_str().unwrap(), "-A"];
+    let mut qargs = vec!["-k", sock.to_str().unwrap()];
     qargs.extend_from_slice(server_args);
     qargs.push(img.to_str().unwrap());
     let mut q = Command::new("qemu-nbd").args(&qargs).spawn().expect("starting qemu-nbd");
@@ -129,11 +129,15 @@ fn nbdinfo_matches_qemu_nbd() {
     let img = d.image("disk.qcow2", "16M");
     populate(&img);
     for (server, info) in [
-        (&["-f", "qcow2", "-t", "-D", "a description"][..], &[][..]),
-        (&["-f", "qcow2", "-t", "-r", "-e", "3"][..], &[][..]),
+        (&["-f", "qcow2", "-t", "-A", "-D", "a description"][..], &[][..]),
+        (&["-f", "qcow2", "-t", "-A", "-r", "-e", "3"][..], &[][..]),
+        (&["-f", "qcow2", "-t", "-A", "-D", "listed"][..], &["--list"][..]),
+        (&["-f", "qcow2", "-t", "-A"][..], &["--map"][..]),
+        (&["-f", "qcow2", "-t", "-A"][..], &["--map=qemu:allocation-depth"][..]),
+        (&["-f", "qcow2", "-t", "-A"][..], &["--json"][..]),
+        // Without -A qemu-nbd offers no qemu:allocation-depth (oxqcow
+        // offered it always).
         (&["-f", "qcow2", "-t", "-D", "listed"][..], &["--list"][..]),
-        (&["-f", "qcow2", "-t"][..], &["--map"][..]),
-        (&["-f", "qcow2", "-t"][..], &["--map=qemu:allocation-depth"][..]),
         (&["-f", "qcow2", "-t"][..], &["--json"][..]),
     ] {
         let (theirs, ours) = nbdinfo_both(&d, &img, server, info);
@@ -150,7 +154,8 @@ fn nbdinfo_maps_allocation_depth_of_a_backing_chain() {
     let top = d.s("top.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", &top]);
     qemu_io(&["-f", "qcow2", &top], &["write -P 3 1M 2M", "write -z 6M 512k"]);
-    let (theirs, ours) = nbdinfo_both(&d, Path::new(&top), &["-f", "qcow2", "-t"], &["--map=qemu:allocation-depth"]);
+    let (theirs, ours) =
+        nbdinfo_both(&d, Path::new(&top), &["-f", "qcow2", "-t", "-A"], &["--map=qemu:allocation-depth"]);
     assert_eq!(ours, theirs);
     assert!(ours.contains("backing depth 2"), "no backing extent in:\n{ours}");
     let (theirs, ours) = nbdinfo_both(&d, Path::new(&top), &["-f", "qcow2", "-t"], &["--map"]);

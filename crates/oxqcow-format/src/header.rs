@@ -449,21 +449,24 @@ impl Header {
 
     /// Checks that the tables the header names lie inside a file of
     /// `file_len` bytes and not on the header cluster. QEMU reads past the
-    /// end of the file as zeros here; we refuse, naming the table.
+    /// end of the file as zeros here; we refuse, naming the table, except
+    /// for the active L1 table: QEMU reads a truncated one with its missing
+    /// entries as zeros (unallocated), which is what lets `check -r all`
+    /// repair such an image, so the engine reads it that way too.
     pub fn validate_against_file(&self, file_len: u64) -> Result<(), FormatError> {
         let cs = self.cluster_size();
         let tables = [
-            ("Reference count table", self.refcount_table_offset, u64::from(self.refcount_table_clusters) * cs),
-            ("Active L1 table", self.l1_table_offset, u64::from(self.l1_size) * 8),
+            ("Reference count table", self.refcount_table_offset, u64::from(self.refcount_table_clusters) * cs, true),
+            ("Active L1 table", self.l1_table_offset, u64::from(self.l1_size) * 8, false),
         ];
-        for (table, offset, length) in tables {
+        for (table, offset, length, inside) in tables {
             if length == 0 {
                 continue;
             }
             if offset == 0 {
                 return Err(FormatError::TableOverlapsHeader { table, offset });
             }
-            if offset + length > file_len {
+            if inside && offset + length > file_len {
                 return Err(FormatError::TablePastEof { table, offset, length, file_len });
             }
         }

@@ -56,6 +56,8 @@ pub struct ExportOptions {
     pub writethrough: bool,
     /// A persistent bitmap offered as `qemu:dirty-bitmap:NAME` (`-B`).
     pub bitmap: Option<String>,
+    /// Offer `qemu:allocation-depth` (`-A`); qemu-nbd offers it only then.
+    pub allocation_depth: bool,
 }
 
 /// One served image.
@@ -121,6 +123,11 @@ impl Export {
     /// The exported bitmap's name.
     pub fn bitmap(&self) -> Option<&str> {
         self.opts.bitmap.as_deref()
+    }
+
+    /// Whether `qemu:allocation-depth` is offered.
+    pub fn allocation_depth(&self) -> bool {
+        self.opts.allocation_depth
     }
 
     /// Whether writes are refused.

@@ -50,7 +50,14 @@ pub fn memory_export(name: &str, read_only: bool, discard: bool) -> Export {
     // The image is writable; a read-only export refuses writes itself.
     Export::new(
         Arc::new(image),
-        ExportOptions { name: name.into(), read_only, discard, multi_conn: true, ..Default::default() },
+        ExportOptions {
+            name: name.into(),
+            read_only,
+            discard,
+            multi_conn: true,
+            allocation_depth: true,
+            ..Default::default()
+        },
     )
     .unwrap_or_else(|e| panic!("a memory export is always valid: {e}"))
 }

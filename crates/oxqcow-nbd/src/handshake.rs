@@ -70,13 +70,14 @@ impl Contexts {
 
     /// The contexts `queries` name. For LIST a bare namespace (`base:`,
     /// `qemu:`) names every context in it and no query means all; for SET
-    /// only full names select, as qemu-nbd does.
-    fn matching(queries: &[String], listing: bool, bitmap: Option<&str>) -> Contexts {
+    /// only full names select, as qemu-nbd does. `depth`: whether the
+    /// export offers `qemu:allocation-depth` at all.
+    fn matching(queries: &[String], listing: bool, bitmap: Option<&str>, depth: bool) -> Contexts {
         let has_bitmap = bitmap.is_some();
         if queries.is_empty() {
             return Contexts {
                 base_allocation: listing,
-                allocation_depth: listing,
+                allocation_depth: listing && depth,
                 dirty_bitmap: listing && has_bitmap,
             };
         }
@@ -84,10 +85,10 @@ impl Contexts {
         for q in queries {
             match q.as_str() {
                 BASE_ALLOCATION => c.base_allocation = true,
-                ALLOCATION_DEPTH => c.allocation_depth = true,
+                ALLOCATION_DEPTH => c.allocation_depth = depth,
                 "base:" if listing => c.base_allocation = true,
                 "qemu:" if listing => {
-                    c.allocation_depth = true;
+                    c.allocation_depth |= depth;
                     c.dirty_bitmap |= has_bitmap;
                 }
                 DIRTY_BITMAP_PREFIX if listing => c.dirty_bitmap |= has_bitmap,
@@ -338,7 +339,7 @@ fn options<S: Read + Write>(s: &mut S, export: &Export, tls: Tls, mut resume: Re
                         contexts_for = None;
                     }
                 } else {
-                    let found = Contexts::matching(&q.queries, !set, export.bitmap());
+                    let found = Contexts::matching(&q.queries, !set, export.bitmap(), export.allocation_depth());
                     for (id, name) in found.list(export.bitmap()) {
                         let mut d = id.to_be_bytes().to_vec();
                         d.extend_from_slice(name.as_bytes());

@@ -43,6 +43,7 @@ fn export(name: &str, read_only: bool) -> Arc<Export> {
         description: "a test disk".into(),
         read_only,
         discard: true,
+        allocation_depth: true,
         ..Default::default()
     };
     Arc::new(Export::new(Arc::new(image), opts).unwrap())
@@ -280,6 +281,29 @@ fn protocol_violations_end_the_session() {
     let mut cut = option(opt::GO, &info_data("", &[1, 2, 3]));
     cut.truncate(20);
     assert!(handshake(&e, FIXED, &[cut]).0.is_err());
+}
+
+/// qemu-nbd offers `qemu:allocation-depth` only with -A; the server
+/// offered it always, so a client listing contexts saw one qemu-nbd hides.
+#[test]
+fn allocation_depth_is_offered_only_when_asked_for() {
+    let image = Image::create_storage(Arc::new(MemoryStorage::new()), &CreateOptions::qcow2(DISK)).unwrap();
+    let e = Arc::new(Export::new(Arc::new(image), ExportOptions::default()).unwrap());
+    let (o, replies, _) = handshake(
+        &e,
+        FIXED,
+        &[
+            option(opt::STRUCTURED_REPLY, &[]),
+            option(opt::LIST_META_CONTEXT, &meta_data("", &[])),
+            option(opt::LIST_META_CONTEXT, &meta_data("", &["qemu:"])),
+            option(opt::SET_META_CONTEXT, &meta_data("", &["base:allocation", "qemu:allocation-depth"])),
+            option(opt::GO, &info_data("", &[])),
+        ],
+    );
+    let Outcome::Transmission(n) = o.unwrap() else { panic!("no transmission") };
+    assert_eq!(n.contexts, Contexts { base_allocation: true, allocation_depth: false, dirty_bitmap: false });
+    let listed: Vec<&[u8]> = replies.iter().filter(|r| r.1 == rep::META_CONTEXT).map(|r| &r.2[4..]).collect();
+    assert_eq!(listed, vec![&b"base:allocation"[..], &b"base:allocation"[..]]);
 }
 
 #[test]

@@ -11,8 +11,10 @@ use crate::image::backing::{resolve_backing_path, BackingPolicy, Chain};
 use crate::image::{BlockDevice, Image};
 use crate::options::{CacheMode, ImageFormat, OpenOptions};
 
-/// Copy granularity of commit and rebase.
+/// Copy granularity of commit.
 const CHUNK: u64 = 1 << 20;
+/// qemu-img's `IO_BUF_SIZE`: the most rebase compares at once.
+const REBASE_BUF: u64 = 2 << 20;
 
 /// Reports progress as (done, total) bytes.
 pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
@@ -173,12 +175,6 @@ fn chunks_above_base(top: &Image, base_index: usize, size: u64, grain: u64) -> R
     Ok(runs)
 }
 
-/// Whether `image` itself (not its backing chain) holds any of
-/// `[offset, offset + len)`.
-fn holds_any(image: &Image, offset: u64, len: u64) -> Result<bool> {
-    Ok(image.block_status(offset, len)?.iter().any(|e| e.depth == 0 && e.present))
-}
-
 /// How [`rebase`] works.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RebaseOptions {
@@ -244,64 +240,65 @@ pub fn rebase(
     };
     let size = img.len();
     let new_len = new_image.as_ref().map_or(0, |(i, _)| i.len());
-    let cs = q.geometry().cluster_size();
-    let mut old = vec![0u8; cs as usize];
-    let mut new = vec![0u8; cs as usize];
-    // Reads `n` bytes at `at` of the old view (into `old`) and of the new
-    // backing file (into `new`); whether they differ.
-    let differs = |old: &mut [u8], new: &mut [u8], at: u64, n: usize| -> Result<bool> {
-        img.read_at(&mut old[..n], at)?;
-        new[..n].fill(0);
+    // What lies past the old backing file's end (everything, without one)
+    // reads as zeros, and qemu-img writes zeros there as zero writes, not
+    // as data: on a version 3 image they become zero clusters.
+    let old_len = q.backing().map_or(0, |b| b.len());
+    // qemu-img compares in units of the image's subcluster (a compressed
+    // copy writes whole clusters), so that no write needs copy on write.
+    let g = q.geometry();
+    let align = if opts.compress { g.cluster_size() } else { g.subcluster_size() };
+    let mut old = vec![0u8; REBASE_BUF as usize];
+    let mut new = vec![0u8; REBASE_BUF as usize];
+    let mut offset = 0;
+    while offset < size {
+        // qemu-img's img_rebase: a window of at most 2 MiB, cut where the
+        // image's own allocation changes; what the image holds is skipped.
+        let window = REBASE_BUF.min(size - offset);
+        let status = img.block_status(offset, window)?;
+        let held = |e: &crate::extent::Extent| e.depth == 0 && e.present;
+        let Some(first) = status.first() else { break };
+        let allocated = held(first);
+        let n = status.iter().take_while(|e| held(e) == allocated).map(|e| e.length).sum::<u64>().min(window);
+        if allocated {
+            offset += n;
+            progress(offset, size);
+            continue;
+        }
+        let (old, new) = (&mut old[..n as usize], &mut new[..n as usize]);
+        img.read_at(old, offset)?;
+        new.fill(0);
         if let Some((ni, _)) = &new_image {
-            let m = new_len.saturating_sub(at).min(n as u64) as usize;
+            let m = new_len.saturating_sub(offset).min(n) as usize;
             if m > 0 {
-                ni.read_at(&mut new[..m], at)?;
+                ni.read_at(&mut new[..m], offset)?;
             }
         }
-        Ok(old[..n] != new[..n])
-    };
-    // Clusters the image holds no part of are compared and written whole
-    // (compressed with -c), as qemu-img does, so that no copy on write
-    // fills their rest; this far they are done.
-    let mut whole_until = 0u64;
-    let mut pos = 0;
-    while pos < size {
-        let len = CHUNK.min(size - pos);
-        for e in img.block_status(pos, len)? {
-            if e.depth == 0 && e.present {
-                continue;
+        // Runs of equal and of differing units; each differing run is
+        // written with the old content: as zeros once past the old
+        // backing file's end (decided at the run's start), else as data.
+        let mut written = 0usize;
+        let mut past_old_end = offset >= old_len;
+        while written < n as usize {
+            let (differs, len) = compare_units(&old[written..], &new[written..], align as usize);
+            if differs {
+                let at = offset + written as u64;
+                let data = &old[written..written + len];
+                if past_old_end {
+                    img.write_zeroes_at(at, len as u64, false)?;
+                } else if opts.compress && at % g.cluster_size() == 0 {
+                    q.write_compressed(data, at)?;
+                } else {
+                    img.write_at(data, at)?;
+                }
             }
-            // Compare the old view with the new backing file, cluster by cluster.
-            let mut at = e.offset;
-            let end = e.offset + e.length;
-            while at < end {
-                let (start, stop) = (at / cs * cs, (at / cs * cs + cs).min(size));
-                if start >= whole_until && !holds_any(&img, start, stop - start)? {
-                    whole_until = stop;
-                    let n = (stop - start) as usize;
-                    if differs(&mut old, &mut new, start, n)? {
-                        if opts.compress {
-                            q.write_compressed(&old[..n], start)?;
-                        } else {
-                            img.write_at(&old[..n], start)?;
-                        }
-                    }
-                }
-                if at < whole_until {
-                    at = whole_until;
-                    continue;
-                }
-                // Part of a cluster the image holds already: the missing
-                // part is written as it is.
-                let n = (cs - at % cs).min(end - at) as usize;
-                if differs(&mut old, &mut new, at, n)? {
-                    img.write_at(&old[..n], at)?;
-                }
-                at += n as u64;
+            written += len;
+            if offset + written as u64 >= old_len {
+                past_old_end = true;
             }
         }
-        pos += len;
-        progress(pos, size);
+        offset += n;
+        progress(offset, size);
     }
     img.flush()?;
     match &new_backing {
@@ -309,4 +306,17 @@ pub fn rebase(
         None => q.set_backing_file(None, None)?,
     }
     img.close()
+}
+
+/// qemu-img's `compare_buffers`: whether the first `align`-sized unit of
+/// `a` and `b` differs, and how long the run of units that agree with it on
+/// that is (the last unit may be shorter).
+fn compare_units(a: &[u8], b: &[u8], align: usize) -> (bool, usize) {
+    let unit = |i: usize| a[i..(i + align).min(a.len())] != b[i..(i + align).min(b.len())];
+    let differs = unit(0);
+    let mut i = align.min(a.len());
+    while i < a.len() && unit(i) == differs {
+        i = (i + align).min(a.len());
+    }
+    (differs, i)
 }

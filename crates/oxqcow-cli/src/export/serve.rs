@@ -85,7 +85,7 @@ Connection properties:
   Socket activation (LISTEN_PID/LISTEN_FDS) is used when the variables name this process.
 
 Exposing the image:
-  -A, --allocation-depth    accepted: qemu:allocation-depth is always offered
+  -A, --allocation-depth    expose the allocation depth
   -B, --bitmap=NAME         expose a persistent dirty bitmap
 
 General purpose options:
@@ -317,7 +317,8 @@ fn parse(ctx: &Ctx, args: &[String]) -> Result<Config, i32> {
                 cfg.socket = Some(v);
             }
             "r" => cfg.open.read_only = true,
-            "A" | "v" | "T" => {}
+            "A" => cfg.export.allocation_depth = true,
+            "v" | "T" => {}
             "n" => cfg.open.cache = CacheMode::None,
             "cache" => match CacheMode::from_name(&v) {
                 Ok(m) => cfg.open.cache = m,

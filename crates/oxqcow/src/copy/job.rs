@@ -383,18 +383,16 @@ impl Job<'_> {
     }
 
     /// Makes a target range read as zeros: nothing to do on a target that
-    /// starts zeroed; otherwise only where it does not read as zeros yet.
+    /// starts zeroed; otherwise the whole range is zeroed with unmapping
+    /// allowed, whatever it reads as now, as qemu-img's `convert_co_write`
+    /// does: a version 3 qcow2 target gets zero clusters even where it was
+    /// unallocated (`map` shows them present), an overlay of version 2
+    /// gets zeros written as data over its backing file.
     fn zero(&self, offset: u64, len: u64) -> Result<(), CopyError> {
         if self.has_zero_init || len == 0 {
             return Ok(());
         }
-        let err = |e: Error| CopyError::new(CopyStep::Write, offset, e);
-        for e in self.target.block_status(offset, len).map_err(err)? {
-            if !e.zero {
-                self.target.write_zeroes_at(e.offset, e.length, true).map_err(err)?;
-            }
-        }
-        Ok(())
+        self.target.write_zeroes_at(offset, len, true).map_err(|e| CopyError::new(CopyStep::Write, offset, e))
     }
 }
 

@@ -120,8 +120,8 @@ pub fn create_options(
 pub struct TargetBacking {
     /// The name recorded in the target's header.
     pub name: String,
-    /// Its format (`-F`).
-    pub format: String,
+    /// Its format (`-F`); without it an existing target's (`-n`) is probed.
+    pub format: Option<String>,
 }
 
 /// The target's backing file from `-B`/`-F` and `-o backing_file`/`backing_fmt`,
@@ -149,6 +149,11 @@ fn target_backing(a: &Args, opts: &mut CreateOptions, format: ImageFormat) -> Re
         return Ok(None);
     };
     let Some(fmt) = opts.backing_format.clone() else {
+        // The rule is creation's: with -n nothing is created, so qemu-img
+        // does not ask for the format.
+        if a.skip_create {
+            return Ok(Some(TargetBacking { name, format: None }));
+        }
         return Err("Use of backing file requires explicit backing format".into());
     };
     if ImageFormat::from_name(&fmt).is_err() {
@@ -164,7 +169,7 @@ fn target_backing(a: &Args, opts: &mut CreateOptions, format: ImageFormat) -> Re
             a.target
         ));
     }
-    Ok(Some(TargetBacking { name, format: fmt }))
+    Ok(Some(TargetBacking { name, format: Some(fmt) }))
 }
 
 /// Creates the target (unless `-n`) and opens it: with a backing file it
@@ -229,7 +234,7 @@ pub fn backing_image(a: &Args, target: &Image, backing: Option<&TargetBacking>) 
         Some(b) => {
             let path = resolve_backing_path(Path::new(&a.target), &b.name);
             let shown = path.to_string_lossy().into_owned();
-            Some(Arc::new(open_image(&shown, Some(&b.format), OpenOptions::new().read_only(true))?))
+            Some(Arc::new(open_image(&shown, b.format.as_deref(), OpenOptions::new().read_only(true))?))
         }
     })
 }

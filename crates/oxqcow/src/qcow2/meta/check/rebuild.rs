@@ -159,6 +159,10 @@ impl Checker<'_> {
         self.reftable = table;
         self.reftable_offset = offset;
         self.block = None;
+        // The overlap checks of the repairs still to come (COPIED flags)
+        // must see the new structures, not the old table: an L2 table the
+        // damage put over the old table is legitimate now, as in QEMU.
+        self.reload_meta()?;
         Ok(())
     }
 }
