@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use oxqcow::backing::{resolve_backing_path, BackingPolicy};
+use oxqcow::names::ImageName;
 use oxqcow::{Image, ImageFormat, OpenOptions};
 
 use crate::app::forbid_backing::backing_policy;
@@ -28,16 +29,31 @@ pub fn open_image_as(path: &str, shown: &str, format: Option<&str>, opts: OpenOp
     })
 }
 
-fn open_image_inner(path: &str, format: Option<&str>, opts: OpenOptions) -> Result<Image, String> {
+/// The host file an image name names, as QEMU reads the name: a `file:`
+/// (`host_device:`, `host_cdrom:`) prefix is stripped (`file:a:b` is
+/// `./a:b`), a colon after a slash is part of the file name, and a name
+/// another protocol parses is refused with QEMU's message or, for the
+/// protocols QEMU has and oxqcow does not open here, a plain one.
+pub fn host_filename(name: &str) -> Result<String, String> {
+    match oxqcow::names::parse_image_name(name)? {
+        ImageName::File { filename, .. } => Ok(filename),
+        ImageName::Json(_) => Err("json: pseudo-filenames are not supported here by oxqcow".into()),
+        ImageName::Protocol { driver, .. } => Err(format!("the '{driver}' protocol is not supported by oxqcow")),
+    }
+}
+
+fn open_image_inner(name: &str, format: Option<&str>, opts: OpenOptions) -> Result<Image, String> {
+    let host = host_filename(name).map_err(|m| format!("Could not open '{name}': {m}"))?;
+    let path = host.as_str();
     let mut opts = opts;
     opts.backing = backing_policy(opts.backing);
     opts.messages.get_or_insert_with(open_messages);
     if Path::new(path).is_dir() {
-        return Err(format!("Could not open '{path}': 'file' driver requires '{path}' to be a regular file"));
+        return Err(format!("Could not open '{name}': 'file' driver requires '{path}' to be a regular file"));
     }
     if let Some(f) = format {
         opts.format =
-            Some(ImageFormat::from_name(f).map_err(|e| format!("Could not open '{path}': {}", describe(&e)))?);
+            Some(ImageFormat::from_name(f).map_err(|e| format!("Could not open '{name}': {}", describe(&e)))?);
     }
     let image = Image::open(Path::new(path), &opts).map_err(|e| {
         // Under Forbid or Ignore no backing file was opened, so the failure
@@ -50,9 +66,9 @@ fn open_image_inner(path: &str, format: Option<&str>, opts: OpenOptions) -> Resu
             // QEMU's file layer names the file again: "Could not open 'x':
             // Could not open 'x': No such file or directory".
             oxqcow::Error::Io { op: "opening the image", .. } => {
-                format!("Could not open '{path}': Could not open '{path}': {}", describe(&e))
+                format!("Could not open '{name}': Could not open '{path}': {}", describe(&e))
             }
-            _ => format!("Could not open '{path}': {}", describe(&e)),
+            _ => format!("Could not open '{name}': {}", describe(&e)),
         }
     })?;
     Ok(image)
@@ -84,6 +100,10 @@ fn chain_failure(path: &str, format: Option<ImageFormat>) -> Option<String> {
         let next = resolve_backing_path(&layer_path, &name);
         let next_format = match info.backing_format.as_deref().map(ImageFormat::from_name) {
             None => None,
+            // A file-posix driver reads the host file as raw does.
+            Some(Err(_)) if info.backing_format.as_deref().is_some_and(oxqcow::image::is_host_driver) => {
+                Some(ImageFormat::Raw)
+            }
             Some(Ok(f)) => Some(f),
             Some(Err(_)) => {
                 let f = info.backing_format.unwrap_or_default();

@@ -267,6 +267,7 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
     let mut opts = OpenOptions { format: explicit, ..OpenOptions::new() };
     opts.read_only = spec.read_only || spec.snapshot;
     opts.discard_passthrough = spec.unmap;
+    opts.unmap = spec.unmap;
     opts.cache = spec.cache_mode();
     opts.force_share = spec.force_share;
     opts.passphrase = passphrase;

@@ -86,7 +86,9 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             Err(msg) => return ctx.fail(&msg),
         }
     } else {
-        (filename.clone(), fmt, OpenOptions::new())
+        // The image is named as QEMU names the node: without a `file:` prefix.
+        let host = crate::app::image::host_filename(filename).unwrap_or_else(|_| filename.clone());
+        (host, fmt, OpenOptions::new())
     };
     let mut infos = Vec::new();
     let (mut path, mut format, mut opts) = (path, format, opts.read_only(true));
