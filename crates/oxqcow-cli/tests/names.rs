@@ -51,3 +51,78 @@ fn the_file_prefix_and_names_with_colons() {
         pair.same_file_names(args);
     }
 }
+
+// Guards against `json:{...}` names being taken as file names ("No such
+// file or directory"): QEMU parses them (its JSON dialect, single quotes
+// included), opens null-co devices from them, and refuses bad ones with
+// its parser's and its drivers' messages.
+#[test]
+fn json_names_in_qemu_img() {
+    let setup = tempfile::tempdir().unwrap();
+    common::must(setup.path(), common::qemu_img(), &["create", "-q", "-f", "qcow2", "img.qcow2", "1M"]);
+    let pair = Pair::from(setup.path());
+    let null = "json:{ 'driver': 'null-co', 'size': 1048576, 'read-zeroes': true }";
+    for args in [
+        &["map", "--output=json", null][..],
+        &["map", "--output=json", "json:{\"driver\": \"null-aio\", \"size\": \"64k\"}"],
+        &["map", "--output=json", "json:{'driver':'null-co','size':'1M','x':1}"],
+        &["map", "json:{'driver':'qcow2','file':{'driver':'file','filename':'img.qcow2'},'l2-cache-size':'1M'}"],
+        &["map", "json:{'driver':'qcow2','file':{'filename':'img.qcow2'},'l2-cache-entry-size':'1000'}"],
+        &["map", "json:{"],
+        &["map", "json:[1]"],
+        &["convert", "-O", "qcow2", "-S", "512", null, "sparse.qcow2"],
+        &["map", "--output=json", "sparse.qcow2"],
+        &["convert", "-O", "qcow2", "-S", "0", null, "full.qcow2"],
+        &["map", "--output=json", "full.qcow2"],
+    ] {
+        pair.same_output(args);
+        pair.same_file_names(args);
+    }
+}
+
+/// qemu-io's output without its timing lines.
+fn untimed(o: common::Outcome) -> (i32, String, String) {
+    let keep = |s: &str| s.lines().filter(|l| !l.contains(" ops; ")).collect::<Vec<_>>().join("\n");
+    (o.code, keep(&o.stdout), keep(&o.stderr).replace("oxqcow: ", "qemu-io: "))
+}
+
+// Guards against qemu-io refusing `json:` names and null-co data files: an
+// image whose data file is a null device takes writes (its metadata is
+// written, its data dropped) as QEMU's does.
+#[test]
+fn json_names_in_qemu_io() {
+    let pair = Pair::new();
+    for dir in [&pair.qemu, &pair.ox] {
+        common::must(
+            dir,
+            common::qemu_img(),
+            &["create", "-q", "-f", "qcow2", "-o", "data_file=d.raw", "i.qcow2", "4M"],
+        );
+    }
+    let io = |dir: &std::path::Path, args: &[&str]| {
+        let ours = dir == pair.ox;
+        let tool = if ours { std::path::Path::new(env!("CARGO_BIN_EXE_oxqcow")) } else { common::qemu_io() };
+        let args: Vec<&str> =
+            if ours { std::iter::once("io").chain(args.iter().copied()).collect() } else { args.to_vec() };
+        untimed(common::run_in(dir, tool, &args))
+    };
+    for args in [
+        &[
+            "-c",
+            "write -P 1 0 64k",
+            "-c",
+            "read -P 0 0 64k",
+            "json:{'driver':'qcow2','file':{'filename':'i.qcow2'},'data-file':{'driver':'null-co','size':'4M','read-zeroes':true}}",
+        ][..],
+        &["-c", "read -P 0 0 4k", "-c", "map", "json:{'driver':'null-co','size':'1M','read-zeroes':true}"],
+        &["-c", "read 0 4k", "json:{'driver':'null-co','size':'1M','y':1}"],
+        &["-c", "read 0 4k", "json:{'driver':"],
+    ] {
+        assert_eq!(io(&pair.ox, args), io(&pair.qemu, args), "{args:?}");
+    }
+    common::must(&pair.ox, common::qemu_img(), &["check", "i.qcow2"]);
+    let maps: Vec<_> = [&pair.qemu, &pair.ox]
+        .map(|d| common::must(d, common::qemu_img(), &["map", "--output=json", "i.qcow2"]).stdout)
+        .into();
+    assert_eq!(maps[0], maps[1]);
+}

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use oxqcow::backing::{resolve_backing_path, BackingPolicy};
 use oxqcow::names::ImageName;
-use oxqcow::{Image, ImageFormat, OpenOptions};
+use std::sync::Arc;
+
+use oxqcow::{Children, Image, ImageFormat, OpenOptions, Storage};
 
 use crate::app::forbid_backing::backing_policy;
 use crate::app::messages::{describe, open_messages, prog_name, strerror, warn_probed_raw};
@@ -42,7 +44,59 @@ pub fn host_filename(name: &str) -> Result<String, String> {
     }
 }
 
+/// Takes the options under `prefix` (`file.`, `data-file.`, or `""` for
+/// the node itself) out of `options` when they name a null device
+/// (`null-co`, `null-aio`), and opens it.
+pub fn take_null(options: &mut Vec<(String, String)>, prefix: &str) -> Result<Option<Arc<dyn Storage>>, String> {
+    let key = format!("{prefix}driver");
+    let Some(driver) = options.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone()) else { return Ok(None) };
+    if !oxqcow::image::is_null_driver(&driver) {
+        return Ok(None);
+    }
+    let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(options).into_iter().partition(|(k, _)| k.starts_with(prefix));
+    *options = rest;
+    let mine: Vec<(String, String)> =
+        mine.into_iter().filter(|(k, _)| *k != key).map(|(k, v)| (k[prefix.len()..].to_string(), v)).collect();
+    oxqcow::image::open_null(&driver, &mine).map(Some).map_err(|e| describe(&e))
+}
+
+/// Opens a `json:{...}` image name: a null device itself, or an image
+/// whose file and data file may be null devices, with the runtime options
+/// the name sets. Errors name the image as given.
+fn open_json(name: &str, options: Vec<(String, String)>, opts: OpenOptions) -> Result<Image, String> {
+    let fail = |m: String| format!("Could not open '{name}': {m}");
+    let mut options = options;
+    if let Some(null) = take_null(&mut options, "").map_err(fail)? {
+        let o = OpenOptions { format: Some(ImageFormat::Raw), read_only: opts.read_only, ..OpenOptions::new() };
+        return Image::open_storage(null, &o).map_err(|e| fail(describe(&e)));
+    }
+    let children = Children {
+        file: take_null(&mut options, "file.").map_err(fail)?,
+        data_file: take_null(&mut options, "data-file.").map_err(fail)?,
+    };
+    let (path, format, json_opts) = image_opts_from(options, true).map_err(fail)?;
+    let path = match (path, &children.file) {
+        (Some(p), _) => p,
+        (None, Some(_)) => String::new(),
+        (None, None) => return Err(fail("A block device must be specified for \"file\"".into())),
+    };
+    let mut o = OpenOptions { read_only: opts.read_only, force_share: opts.force_share, ..json_opts };
+    o.backing = backing_policy(opts.backing);
+    o.messages = opts.messages.or_else(|| Some(open_messages()));
+    if let Some(f) = format {
+        o.format = Some(ImageFormat::from_name(&f).map_err(|e| fail(describe(&e)))?);
+    }
+    Image::open_with_children(Path::new(&path), &o, children).map_err(|e| match &e {
+        oxqcow::Error::Io { op: "opening the image", .. } => fail(format!("Could not open '{path}': {}", describe(&e))),
+        _ => fail(describe(&e)),
+    })
+}
+
 fn open_image_inner(name: &str, format: Option<&str>, opts: OpenOptions) -> Result<Image, String> {
+    if let Some(text) = name.strip_prefix("json:") {
+        let options = oxqcow::names::parse_json_name(text).map_err(|m| format!("Could not open '{name}': {m}"))?;
+        return open_json(name, options, opts);
+    }
     let host = host_filename(name).map_err(|m| format!("Could not open '{name}': {m}"))?;
     let path = host.as_str();
     let mut opts = opts;
@@ -171,26 +225,36 @@ pub fn parse_image_opts_no_io(spec: &str) -> Result<(String, Option<String>, Ope
 
 fn parse_image_opts_for(spec: &str, io: bool) -> Result<(String, Option<String>, OpenOptions), String> {
     let fail = |msg: String| format!("Could not open '{spec}': {msg}");
-    let mut path = None;
-    let mut format = None;
-    let mut opts = OpenOptions::new();
     if !spec.contains('=') {
         return Err(fail(format!("Cannot find device='{spec}' nor node-name='{spec}'")));
     }
-    for (key, value) in split_noisily(&prog_name(), spec) {
-        match key.as_str() {
-            "file.filename" | "filename" => path = Some(value),
-            "driver" => format = Some(value),
-            "file.driver" if value == "file" => {}
-            "file.driver" => return Err(fail(format!("Unknown protocol '{value}'"))),
-            k if !io && k.ends_with("encrypt.key-secret") => {}
-            _ if crate::app::secrets::apply_open_option(&mut opts, &key, &value).map_err(fail)? => {}
-            _ => opts.apply_qemu_option(&key, &value).map_err(|e| fail(describe(&e)))?,
-        }
-    }
+    let (path, format, opts) = image_opts_from(split_noisily(&prog_name(), spec), io).map_err(fail)?;
     let Some(path) = path else {
         return Err(fail("A block device must be specified for \"file\"".to_string()));
     };
+    Ok((path, format, opts))
+}
+
+/// The file name, the format and the open options that flattened image
+/// options (an `--image-opts` string's, a `json:` name's) set.
+fn image_opts_from(
+    options: Vec<(String, String)>,
+    io: bool,
+) -> Result<(Option<String>, Option<String>, OpenOptions), String> {
+    let mut path = None;
+    let mut format = None;
+    let mut opts = OpenOptions::new();
+    for (key, value) in options {
+        match key.as_str() {
+            "file.filename" | "filename" | "file" => path = Some(host_filename(&value)?),
+            "driver" => format = Some(value),
+            "file.driver" if value == "file" => {}
+            "file.driver" => return Err(format!("Unknown protocol '{value}'")),
+            k if !io && k.ends_with("encrypt.key-secret") => {}
+            _ if crate::app::secrets::apply_open_option(&mut opts, &key, &value)? => {}
+            _ => opts.apply_qemu_option(&key, &value).map_err(|e| describe(&e))?,
+        }
+    }
     Ok((path, format, opts))
 }
 

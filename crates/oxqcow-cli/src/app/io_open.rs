@@ -11,11 +11,12 @@ use std::sync::Arc;
 use oxqcow::backing::BackingPolicy;
 use oxqcow::options::CacheMode;
 use oxqcow::{
-    supported_format, BlockDevice, CreateOptions, FileStorage, Image, ImageFormat, MemoryStorage, OpenOptions, Probed,
-    Qcow2, Storage,
+    supported_format, BlockDevice, Children, CreateOptions, FileStorage, Image, ImageFormat, MemoryStorage,
+    OpenOptions, Probed, Qcow2, Storage,
 };
 
 use crate::app::forbid_backing::backing_policy;
+use crate::app::image::{host_filename, take_null};
 use crate::app::messages::{describe, errno_text, io_error_text, open_messages, warn_probed_raw};
 
 /// How to open an image: qemu-io's flags plus driver options.
@@ -176,12 +177,32 @@ fn parse_bool(key: &str, value: &str) -> Result<bool, String> {
 /// error is the text after "can't open device NAME: ".
 pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u8>>) -> Result<Opened, String> {
     let mut spec = spec.clone();
-    let mut path = name.map(str::to_string);
+    let mut options = std::mem::take(&mut spec.options);
+    // A `json:` name sets options as `-o` does (before them); another name
+    // is a host file's, prefix stripped.
+    let mut path = match name.map(|n| (n, n.strip_prefix("json:"))) {
+        Some((_, Some(text))) => {
+            let mut json = oxqcow::names::parse_json_name(text)?;
+            json.append(&mut options);
+            options = json;
+            None
+        }
+        Some((n, None)) => Some(host_filename(n)?),
+        None => None,
+    };
+    // The null devices QEMU's null-co and null-aio drivers open: the
+    // node itself, or the image's data file.
+    if let Some(null) = take_null(&mut options, "")? {
+        let o = OpenOptions { format: Some(ImageFormat::Raw), read_only: spec.read_only, ..OpenOptions::new() };
+        let image = Image::open_storage(null, &o).map_err(|e| describe(&e))?;
+        return Ok(Opened { image, unmap: spec.unmap });
+    }
+    let data_file = take_null(&mut options, "data-file.")?;
     let mut driver: Option<String> = None;
     let mut runtime: Vec<(String, String)> = Vec::new();
     let mut passphrase = None;
     let mut backing_passphrase = None;
-    for (key, value) in std::mem::take(&mut spec.options) {
+    for (key, value) in options {
         match key.as_str() {
             "driver" => driver = Some(value),
             "file.filename" | "filename" => {
@@ -288,7 +309,8 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
             return Err(if msg.starts_with("Invalid parameter") { unsupported() } else { msg });
         }
     }
-    let image = Image::open(Path::new(&path), &opts).map_err(|e| match &e {
+    let children = Children { file: None, data_file };
+    let image = Image::open_with_children(Path::new(&path), &opts, children).map_err(|e| match &e {
         oxqcow::Error::Io { op: "opening the image", source, .. } => {
             format!("Could not open '{path}': {}", io_error_text(source))
         }

@@ -86,6 +86,41 @@ pub fn check_host_file(driver: &str, path: &Path) -> Result<()> {
     }))
 }
 
+/// Whether `driver` is one of QEMU's null protocol drivers.
+pub fn is_null_driver(driver: &str) -> bool {
+    matches!(driver, "null-co" | "null-aio")
+}
+
+/// QEMU's default size of a null device: 1 GiB.
+const DEFAULT_NULL_SIZE: u64 = 1 << 30;
+
+/// A null device as QEMU's `null-co`/`null-aio` `driver` opens it from its
+/// options (`size`, default 1 GiB; `read-zeroes`, default off;
+/// `latency-ns`, which changes no result here), with QEMU's message for
+/// any other.
+pub fn open_null(driver: &str, options: &[(String, String)]) -> Result<Arc<dyn Storage>> {
+    let driver = match driver {
+        "null-co" => "null-co",
+        "null-aio" => "null-aio",
+        d => return Err(Error::InvalidArgument(format!("Unknown driver '{d}'"))),
+    };
+    let mut size = DEFAULT_NULL_SIZE;
+    let mut read_zeroes = false;
+    for (k, v) in options {
+        match k.as_str() {
+            "size" => size = crate::qemu_syntax::parse_size_option(k, v).map_err(Error::InvalidArgument)?,
+            "read-zeroes" => read_zeroes = crate::options::parse_bool(k, v)?,
+            "latency-ns" => {}
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "Block protocol '{driver}' doesn't support the option '{k}'"
+                )))
+            }
+        }
+    }
+    Ok(Arc::new(crate::storage::NullStorage::new(size, read_zeroes, driver)))
+}
+
 /// The options of QEMU's generic block layer that are refused whatever
 /// the format, with its messages.
 fn check_generic_options(opts: &OpenOptions) -> Result<()> {
