@@ -126,3 +126,51 @@ fn json_names_in_qemu_io() {
         .into();
     assert_eq!(maps[0], maps[1]);
 }
+
+// Guards against `file.driver=qcow2` being refused ("protocol driver 'qcow2'
+// is not supported"): QEMU opens a format as another format's file, and
+// the outer image reads the inner one's guest data.
+#[test]
+fn nested_formats_in_qemu_io() {
+    let setup = tempfile::tempdir().unwrap();
+    let img = |args: &[&str]| common::must(setup.path(), common::qemu_img(), args);
+    img(&["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
+    let w = common::run_in(
+        setup.path(),
+        common::qemu_io(),
+        &["-c", "write -P 42 0 512", "-c", "write -P 23 512 512", "base.qcow2"],
+    );
+    assert_eq!(w.code, 0, "{}", w.stderr);
+    img(&["convert", "-f", "raw", "-O", "qcow2", "base.qcow2", "t.qcow2"]);
+    let pair = Pair::from(setup.path());
+    let io = |dir: &std::path::Path, args: &[&str]| {
+        let ours = dir == pair.ox;
+        let tool = if ours { std::path::Path::new(env!("CARGO_BIN_EXE_oxqcow")) } else { common::qemu_io() };
+        let args: Vec<&str> =
+            if ours { std::iter::once("io").chain(args.iter().copied()).collect() } else { args.to_vec() };
+        untimed(common::run_in(dir, tool, &args))
+    };
+    for args in [
+        &[
+            "-c",
+            "open -o driver=qcow2,file.driver=qcow2,file.file.filename=t.qcow2",
+            "-c",
+            "read -P 42 0 512",
+            "-c",
+            "read -P 23 512 512",
+            "-c",
+            "map",
+        ][..],
+        &[
+            "-c",
+            "open -o driver=raw,file.driver=qcow2,file.file.filename=t.qcow2",
+            "-c",
+            "read -P 0x51 0 1",
+            "-c",
+            "map",
+        ],
+        &["-c", "read -P 42 0 512", "t.qcow2"],
+    ] {
+        assert_eq!(io(&pair.ox, args), io(&pair.qemu, args), "{args:?}");
+    }
+}

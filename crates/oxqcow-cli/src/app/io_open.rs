@@ -198,6 +198,21 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
         return Ok(Opened { image, unmap: spec.unmap });
     }
     let data_file = take_null(&mut options, "data-file.")?;
+    let mut file_child = take_null(&mut options, "file.")?;
+    // A format as the file's driver: that image, opened from the `file.*`
+    // options, is this one's file (QEMU's nested format nodes).
+    let nested = options.iter().any(|(k, v)| k == "file.driver" && ImageFormat::from_name(v).is_ok());
+    if nested {
+        let (inner, rest): (Vec<_>, Vec<_>) = options.into_iter().partition(|(k, _)| k.starts_with("file."));
+        options = rest;
+        let inner_options = inner.into_iter().map(|(k, v)| (k["file.".len()..].to_string(), v)).collect();
+        let inner_spec = OpenSpec { options: inner_options, snapshot: false, ..spec.clone() };
+        let opened = open(&inner_spec, None, secrets)?;
+        file_child = Some(Arc::new(oxqcow::image::ImageStorage(opened.image)));
+    }
+    if path.is_none() && file_child.is_some() {
+        path = Some(String::new());
+    }
     let mut driver: Option<String> = None;
     let mut runtime: Vec<(String, String)> = Vec::new();
     let mut passphrase = None;
@@ -259,7 +274,9 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
         Some("file") => Some(ImageFormat::Raw),
         Some(d) => Some(ImageFormat::from_name(d).map_err(|e| describe(&e))?),
     };
-    let probed = {
+    let probed = if let Some(file) = &file_child {
+        oxqcow::probe(&**file, None).map_err(|e| describe(&e))?
+    } else {
         let storage = FileStorage::open(Path::new(&path), false)
             .map_err(|e| format!("Could not open '{path}': {}", io_error_text(&e)))?;
         if storage.file().metadata().is_ok_and(|m| m.is_dir()) {
@@ -309,7 +326,7 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
             return Err(if msg.starts_with("Invalid parameter") { unsupported() } else { msg });
         }
     }
-    let children = Children { file: None, data_file };
+    let children = Children { file: file_child, data_file };
     let image = Image::open_with_children(Path::new(&path), &opts, children).map_err(|e| match &e {
         oxqcow::Error::Io { op: "opening the image", source, .. } => {
             format!("Could not open '{path}': {}", io_error_text(source))

@@ -86,6 +86,55 @@ pub fn check_host_file(driver: &str, path: &Path) -> Result<()> {
     }))
 }
 
+/// An open image as the storage of another image (QEMU's format node as
+/// another format's `file` child: `driver=qcow2,file.driver=qcow2`). Its
+/// size is the inner image's virtual size, which only a resize changes.
+pub struct ImageStorage(pub Image);
+
+fn io_error(e: Error) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+impl Storage for ImageStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        // Past the end reads zeros, as storage does.
+        let n = self.0.len().saturating_sub(offset).min(buf.len() as u64) as usize;
+        if n > 0 {
+            self.0.read_at(&mut buf[..n], offset).map_err(io_error)?;
+        }
+        buf[n..].fill(0);
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.0.write_at(buf, offset).map_err(io_error)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        Ok(self.0.len())
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        if len == self.0.len() {
+            return Ok(());
+        }
+        Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "an image used as a file keeps its size"))
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.0.flush().map_err(io_error)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.0.discard(offset, len).map_err(io_error)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.0.write_zeroes_at(offset, len, false).map_err(io_error)
+    }
+    fn data_runs(&self, offset: u64, len: u64) -> std::io::Result<Vec<(u64, u64, bool)>> {
+        let extents = self.0.block_status(offset, len).map_err(io_error)?;
+        Ok(extents.into_iter().map(|e| (e.offset, e.length, e.data)).collect())
+    }
+    fn driver_name(&self) -> &str {
+        self.0.format().name()
+    }
+}
+
 /// Whether `driver` is one of QEMU's null protocol drivers.
 pub fn is_null_driver(driver: &str) -> bool {
     matches!(driver, "null-co" | "null-aio")
