@@ -174,3 +174,25 @@ fn nested_formats_in_qemu_io() {
         assert_eq!(io(&pair.ox, args), io(&pair.qemu, args), "{args:?}");
     }
 }
+
+// Guards against options no driver takes being refused as "Invalid
+// parameter": QEMU names the format (given or probed) or the protocol
+// that does not support them, and refuses qcow2's options on raw images.
+#[test]
+fn options_a_driver_does_not_take() {
+    let setup = tempfile::tempdir().unwrap();
+    common::must(setup.path(), common::qemu_img(), &["create", "-q", "-f", "qcow2", "q.qcow2", "1M"]);
+    common::must(setup.path(), common::qemu_img(), &["create", "-q", "-f", "raw", "r.raw", "1M"]);
+    let pair = Pair::from(setup.path());
+    for spec in [
+        "driver=qcow2,file.filename=q.qcow2,bogus=1",
+        "file.filename=q.qcow2,bogus=1",
+        "driver=raw,file.filename=q.qcow2,l2-cache-size=1M",
+        "file.filename=r.raw,cache-clean-interval=1",
+        "file.filename=q.qcow2,file.bogus=1",
+        "file.filename=q.qcow2,l2-cache-size=1M,discard-no-unref=on",
+    ] {
+        pair.same_output(&["map", "--image-opts", spec]);
+    }
+    pair.same_output(&["map", "json:{'driver':'qcow2','file':{'filename':'q.qcow2'},'bogus':1}"]);
+}

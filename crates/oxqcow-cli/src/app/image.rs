@@ -244,6 +244,10 @@ fn image_opts_from(
     let mut path = None;
     let mut format = None;
     let mut opts = OpenOptions::new();
+    // Options no driver takes, and qcow2's, which raw does not take: QEMU
+    // names the format that refuses them, so they are judged at the end.
+    let mut unknown = None;
+    let mut qcow2_keys = Vec::new();
     for (key, value) in options {
         match key.as_str() {
             "file.filename" | "filename" | "file" => path = Some(host_filename(&value)?),
@@ -252,7 +256,32 @@ fn image_opts_from(
             "file.driver" => return Err(format!("Unknown protocol '{value}'")),
             k if !io && k.ends_with("encrypt.key-secret") => {}
             _ if crate::app::secrets::apply_open_option(&mut opts, &key, &value)? => {}
-            _ => opts.apply_qemu_option(&key, &value).map_err(|e| describe(&e))?,
+            _ => match opts.apply_qemu_option(&key, &value) {
+                Err(e) if describe(&e).starts_with("Invalid parameter") => {
+                    unknown.get_or_insert(key);
+                }
+                Err(e) => return Err(describe(&e)),
+                Ok(()) if crate::app::io_open::qcow2_only(&key) => qcow2_keys.push(key),
+                Ok(()) => {}
+            },
+        }
+    }
+    if let Some(rest) = unknown.as_deref().and_then(|k| k.strip_prefix("file.")) {
+        return Err(format!("Block protocol 'file' doesn't support the option '{rest}'"));
+    }
+    let refused = unknown.or_else(|| qcow2_keys.into_iter().next());
+    if let Some(key) = refused {
+        let probed = || {
+            let file = oxqcow::FileStorage::open(Path::new(path.as_deref()?), false).ok()?;
+            let probed = oxqcow::probe(&file, None).ok()?;
+            oxqcow::supported_format(probed).ok().map(|f| f.name().to_string())
+        };
+        match format.clone().or_else(probed) {
+            Some(f) if f != "qcow2" || !crate::app::io_open::qcow2_only(&key) => {
+                return Err(format!("Block format '{f}' does not support the option '{key}'"))
+            }
+            Some(_) => {}
+            None => return Err(format!("Invalid parameter '{key}'")),
         }
     }
     Ok((path, format, opts))

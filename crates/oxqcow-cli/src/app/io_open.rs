@@ -150,7 +150,7 @@ impl Opened {
 }
 
 /// Runtime options only qcow2 has; raw refuses them as QEMU's raw driver does.
-fn qcow2_only(key: &str) -> bool {
+pub(crate) fn qcow2_only(key: &str) -> bool {
     key.starts_with("overlap-check")
         || key.starts_with("encrypt.")
         || matches!(
