@@ -67,6 +67,9 @@ fn json_names_in_qemu_img() {
         &["map", "--output=json", "json:{\"driver\": \"null-aio\", \"size\": \"64k\"}"],
         &["map", "--output=json", "json:{'driver':'null-co','size':'1M','x':1}"],
         &["map", "json:{'driver':'qcow2','file':{'driver':'file','filename':'img.qcow2'},'l2-cache-size':'1M'}"],
+        // Named by its file, as QEMU names a node that says no more.
+        &["info", "json:{'driver':'qcow2','file':{'filename':'img.qcow2'}}"],
+        &["info", "--output=json", "json:{'file':{'driver':'file','filename':'img.qcow2'}}"],
         &["map", "json:{'driver':'qcow2','file':{'filename':'img.qcow2'},'l2-cache-entry-size':'1000'}"],
         &["map", "json:{"],
         &["map", "json:[1]"],

@@ -86,9 +86,16 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             Err(msg) => return ctx.fail(&msg),
         }
     } else {
-        // The image is named as QEMU names the node: without a `file:` prefix.
-        let host = crate::app::image::host_filename(filename).unwrap_or_else(|_| filename.clone());
-        (host, fmt, OpenOptions::new())
+        // The image is named as QEMU names the node: without a `file:`
+        // prefix, and by its file's name when a `json:` name says no more
+        // than the format and the file.
+        match plain_json(filename) {
+            Some((path, json_fmt)) => (path, json_fmt.or(fmt), OpenOptions::new()),
+            None => {
+                let host = crate::app::image::host_filename(filename).unwrap_or_else(|_| filename.clone());
+                (host, fmt, OpenOptions::new())
+            }
+        }
     };
     let mut infos = Vec::new();
     let (mut path, mut format, mut opts) = (path, format, opts.read_only(true));
@@ -137,6 +144,24 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
 }
 
 /// QEMU's block layer reports lengths in whole sectors.
+/// The file name and format of a `json:` name that sets nothing but the
+/// format driver and a host file (`{"driver": "qcow2", "file": {"filename":
+/// "x"}}`), which QEMU names the image by.
+fn plain_json(name: &str) -> Option<(String, Option<String>)> {
+    let options = oxqcow::names::parse_json_name(name.strip_prefix("json:")?).ok()?;
+    let mut path = None;
+    let mut format = None;
+    for (k, v) in options {
+        match k.as_str() {
+            "file.filename" | "filename" | "file" => path = Some(crate::app::image::host_filename(&v).ok()?),
+            "file.driver" if v == "file" => {}
+            "driver" if v != "file" => format = Some(v),
+            _ => return None,
+        }
+    }
+    Some((path?, format))
+}
+
 fn sectors_up(bytes: u64) -> u64 {
     bytes.div_ceil(512) * 512
 }
