@@ -44,6 +44,21 @@ pub fn host_filename(name: &str) -> Result<String, String> {
     }
 }
 
+/// The null device a `null-co://` or `null-aio://` name opens (the only
+/// file names QEMU's null drivers take; any other is refused with its
+/// message); `None` for other names.
+pub fn null_by_name(name: &str) -> Result<Option<Arc<dyn Storage>>, String> {
+    match oxqcow::names::parse_image_name(name) {
+        Ok(ImageName::Protocol { driver, .. }) if oxqcow::image::is_null_driver(driver) => {
+            if name != format!("{driver}://") {
+                return Err(format!("The only allowed filename for this driver is '{driver}://'"));
+            }
+            oxqcow::image::open_null(driver, &[]).map(Some).map_err(|e| describe(&e))
+        }
+        _ => Ok(None),
+    }
+}
+
 /// Takes the options under `prefix` (`file.`, `data-file.`, or `""` for
 /// the node itself) out of `options` when they name a null device
 /// (`null-co`, `null-aio`), and opens it.
@@ -97,7 +112,13 @@ fn open_image_inner(name: &str, format: Option<&str>, opts: OpenOptions) -> Resu
         let options = oxqcow::names::parse_json_name(text).map_err(|m| format!("Could not open '{name}': {m}"))?;
         return open_json(name, options, opts);
     }
-    let host = host_filename(name).map_err(|m| format!("Could not open '{name}': {m}"))?;
+    let fail = |m: String| format!("Could not open '{name}': {m}");
+    if let Some(null) = null_by_name(name).map_err(fail)? {
+        let format = format.map(ImageFormat::from_name).transpose().map_err(|e| fail(describe(&e)))?;
+        let o = OpenOptions { format, read_only: opts.read_only, ..OpenOptions::new() };
+        return Image::open_storage(null, &o).map_err(|e| fail(describe(&e)));
+    }
+    let host = host_filename(name).map_err(fail)?;
     let path = host.as_str();
     let mut opts = opts;
     opts.backing = backing_policy(opts.backing);

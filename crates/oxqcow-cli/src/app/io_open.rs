@@ -16,7 +16,7 @@ use oxqcow::{
 };
 
 use crate::app::forbid_backing::backing_policy;
-use crate::app::image::{host_filename, take_null};
+use crate::app::image::{host_filename, null_by_name, take_null};
 use crate::app::messages::{describe, errno_text, io_error_text, open_messages, warn_probed_raw};
 
 /// How to open an image: qemu-io's flags plus driver options.
@@ -187,7 +187,19 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
             options = json;
             None
         }
-        Some((n, None)) => Some(host_filename(n)?),
+        Some((n, None)) => match null_by_name(n)? {
+            Some(null) => {
+                let format = options.iter().find(|(k, _)| k == "driver").map(|(_, v)| v.as_str());
+                let format = format.map(ImageFormat::from_name).transpose().map_err(|e| describe(&e))?;
+                let o = OpenOptions { format, read_only: spec.read_only, ..OpenOptions::new() };
+                let image = Image::open_storage(null, &o).map_err(|e| describe(&e))?;
+                if o.format.is_none() && !o.read_only {
+                    warn_probed_raw(n);
+                }
+                return Ok(Opened { image, unmap: spec.unmap });
+            }
+            None => Some(host_filename(n)?),
+        },
         None => None,
     };
     // The null devices QEMU's null-co and null-aio drivers open: the

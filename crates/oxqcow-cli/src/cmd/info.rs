@@ -232,15 +232,23 @@ fn graph_info(path: &str, source: &Source) -> Result<Value, String> {
     };
     let file_len = storage.len().map_err(|e| format!("Could not get the file length of '{path}': {e}"))?;
     let allocated = storage.allocated_bytes().ok();
+    // Another protocol than a host file (a null device) has no
+    // format-specific facts and no dirty flag to report, at either level.
+    let protocol = storage.driver_name().to_string();
+    let host_file = protocol == "file";
     let mut file = Map::new();
     file.insert("filename".into(), json!(path));
-    file.insert("format".into(), json!("file"));
-    file.insert("dirty-flag".into(), json!(false));
+    file.insert("format".into(), json!(protocol));
+    if host_file {
+        file.insert("dirty-flag".into(), json!(false));
+    }
     if let Some(a) = allocated {
         file.insert("actual-size".into(), json!(a));
     }
     file.insert("virtual-size".into(), json!(sectors_up(file_len)));
-    file.insert("format-specific".into(), json!({"type": "file", "data": {}}));
+    if host_file {
+        file.insert("format-specific".into(), json!({"type": "file", "data": {}}));
+    }
     file.insert("children".into(), json!([]));
 
     let mut top = Map::new();
@@ -248,7 +256,9 @@ fn graph_info(path: &str, source: &Source) -> Result<Value, String> {
     let (qi, snapshots) = match source {
         Source::Open(Image::Raw(raw)) => {
             top.insert("format".into(), json!("raw"));
-            top.insert("dirty-flag".into(), json!(false));
+            if host_file {
+                top.insert("dirty-flag".into(), json!(false));
+            }
             if let Some(a) = allocated {
                 top.insert("actual-size".into(), json!(a));
             }

@@ -101,83 +101,6 @@ pub fn parse_json_name(text: &str) -> Result<Vec<(String, String)>, String> {
     json::flatten(&members)
 }
 
-/// A `json:` pseudo-filename for flattened options, as QEMU prints one
-/// (`json:{"driver": "raw", "file": {"driver": "null-co", "size": 1024}}`):
-/// dotted keys nest again, members keep their order, values that are
-/// whole decimal numbers are numbers and every other value a string.
-pub fn json_filename(options: &[(String, String)]) -> String {
-    #[derive(Default)]
-    struct Node {
-        value: Option<String>,
-        children: Vec<(String, Node)>,
-    }
-    fn insert(node: &mut Node, key: &str, value: &str) {
-        match key.split_once('.') {
-            None => match node.children.iter_mut().find(|(k, _)| k == key) {
-                Some((_, n)) => n.value = Some(value.to_string()),
-                None => {
-                    node.children.push((key.to_string(), Node { value: Some(value.to_string()), ..Node::default() }))
-                }
-            },
-            Some((head, tail)) => {
-                let i = match node.children.iter().position(|(k, _)| k == head) {
-                    Some(i) => i,
-                    None => {
-                        node.children.push((head.to_string(), Node::default()));
-                        node.children.len() - 1
-                    }
-                };
-                insert(&mut node.children[i].1, tail, value);
-            }
-        }
-    }
-    fn quote(s: &str) -> String {
-        let mut out = String::from('"');
-        for c in s.chars() {
-            match c {
-                '"' => out.push_str("\\\""),
-                '\\' => out.push_str("\\\\"),
-                '\n' => out.push_str("\\n"),
-                '\r' => out.push_str("\\r"),
-                '\t' => out.push_str("\\t"),
-                c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04X}", c as u32)),
-                c => out.push(c),
-            }
-        }
-        out.push('"');
-        out
-    }
-    fn render(node: &Node, out: &mut String) {
-        if node.children.is_empty() {
-            let v = node.value.as_deref().unwrap_or_default();
-            let number = !v.is_empty() && v.len() < 20 && v.bytes().all(|b| b.is_ascii_digit());
-            out.push_str(&if number { v.to_string() } else { quote(v) });
-            return;
-        }
-        out.push('{');
-        for (i, (k, child)) in node.children.iter().enumerate() {
-            if i > 0 {
-                out.push_str(", ");
-            }
-            out.push_str(&quote(k));
-            out.push_str(": ");
-            render(child, out);
-        }
-        out.push('}');
-    }
-    let mut root = Node::default();
-    for (k, v) in options {
-        insert(&mut root, k, v);
-    }
-    let mut out = String::from("json:");
-    if root.children.is_empty() {
-        out.push_str("{}");
-    } else {
-        render(&root, &mut out);
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,20 +144,6 @@ mod tests {
         assert_eq!(
             parse_image_name("json:{").unwrap_err(),
             "Could not parse the JSON options: JSON parse error, premature EOI"
-        );
-    }
-
-    #[test]
-    fn json_filenames_as_qemu_prints_them() {
-        let o = [
-            ("driver".to_string(), "raw".to_string()),
-            ("file.driver".into(), "null-co".into()),
-            ("file.size".into(), "1024".into()),
-            ("file.x".into(), "a\"b".into()),
-        ];
-        assert_eq!(
-            json_filename(&o),
-            r#"json:{"driver": "raw", "file": {"driver": "null-co", "size": 1024, "x": "a\"b"}}"#
         );
     }
 }
