@@ -675,3 +675,17 @@ fn bad_input_never_panics() {
     }
     assert_check_clean(&pair.ours, "after bad input");
 }
+
+// Guards against qemu-io's `discard=unmap` not reaching the engine: with
+// it, `detect-zeroes=unmap` was refused as if discards were ignored, and
+// zero buffers were written as data.
+#[test]
+fn detect_zeroes_with_image_opts() {
+    for opts in ["discard=unmap,detect-zeroes=unmap", "detect-zeroes=on", "discard=ignore,detect-zeroes=unmap"] {
+        let pair = Pair::new("qcow2", None, "4M");
+        let spec = format!("driver=qcow2,file.filename=IMG,{opts}");
+        io(&pair, &[], &["write -P 0xaa 0 256k"]);
+        compare_io(&pair, &["--image-opts", "-c", "write -P 0 0 64k", "-c", "write -P 0 128k 4k", "-c", "map", &spec]);
+        compare_images(&pair, opts);
+    }
+}

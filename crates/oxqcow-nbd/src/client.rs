@@ -723,6 +723,15 @@ impl Storage for NbdClient {
         }
     }
 
+    fn driver_name(&self) -> &str {
+        "nbd"
+    }
+
+    /// An export's disk usage is the server's secret ("unavailable").
+    fn allocated_bytes(&self) -> io::Result<u64> {
+        Err(io::Error::new(io::ErrorKind::Unsupported, "the disk usage of an NBD export is unknown"))
+    }
+
     fn data_runs(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, u64, bool)>> {
         let end = offset.saturating_add(len).min(self.size);
         if self.allocation_context.is_none() || offset >= end {

@@ -195,13 +195,20 @@ pub struct RebaseOptions {
 /// header (qemu-img rebase `-u`).
 pub fn rebase(
     top: &Path,
-    new_backing: Option<(&str, Option<ImageFormat>)>,
+    new_backing: Option<(&str, Option<&str>)>,
     opts: RebaseOptions,
     progress: Progress<'_>,
 ) -> Result<()> {
-    let resolved_format = |name: &str, fmt: Option<ImageFormat>| -> Result<ImageFormat> {
+    // QEMU's file-posix drivers may be named as the backing format: the
+    // header records the driver, and the file is read as raw shows it
+    // (after the check that it is the kind of file the driver opens).
+    let resolved_format = |name: &str, fmt: Option<&str>| -> Result<ImageFormat> {
         match fmt {
-            Some(f) => Ok(f),
+            Some(d) if crate::image::is_host_driver(d) => {
+                crate::image::check_host_file(d, &resolve_backing_path(top, name))?;
+                Ok(ImageFormat::Raw)
+            }
+            Some(f) => ImageFormat::from_name(f),
             None => {
                 let p = resolve_backing_path(top, name);
                 let probe = Image::open(
@@ -220,8 +227,8 @@ pub fn rebase(
             Some((name, fmt)) => {
                 // Unsafe mode does not need the file, but records a format
                 // when it can learn it.
-                let f = fmt.or_else(|| resolved_format(name, None).ok());
-                q.set_backing_file(Some(name), f.map(ImageFormat::name))?;
+                let probed = || resolved_format(name, None).ok().map(ImageFormat::name);
+                q.set_backing_file(Some(name), fmt.or_else(probed))?;
             }
             None => q.set_backing_file(None, None)?,
         }
@@ -234,7 +241,7 @@ pub fn rebase(
             let f = resolved_format(name, fmt)?;
             let p = resolve_backing_path(top, name);
             let o = OpenOptions { read_only: true, format: Some(f), cache: opts.backing_cache, ..Default::default() };
-            Some((Image::open(&p, &o)?, f))
+            Some((Image::open(&p, &o)?, fmt.unwrap_or(f.name())))
         }
         None => None,
     };
@@ -302,7 +309,7 @@ pub fn rebase(
     }
     img.flush()?;
     match &new_backing {
-        Some((name, _)) => q.set_backing_file(Some(name), new_image.as_ref().map(|(_, f)| f.name()))?,
+        Some((name, _)) => q.set_backing_file(Some(name), new_image.as_ref().map(|(_, f)| *f))?,
         None => q.set_backing_file(None, None)?,
     }
     img.close()

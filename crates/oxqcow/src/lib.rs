@@ -20,6 +20,7 @@ pub mod error;
 mod extent;
 pub mod image;
 pub mod measure;
+pub mod names;
 pub mod options;
 mod qcow2;
 pub mod qemu_syntax;
@@ -35,13 +36,13 @@ pub use cursor::ImageCursor;
 pub use dirty::DirtyBitmap;
 pub use error::{Error, ErrorKind, Result};
 pub use extent::Extent;
-pub use image::{probe, probe_format, supported_format, BlockDevice, Image};
+pub use image::{probe, probe_format, supported_format, BlockDevice, Children, Image};
 pub use options::{
-    CacheMode, Compat, CompressionType, CreateOptions, Encryption, EncryptionFormat, ImageFormat, ImageMessage,
-    ImageMessages, OpenOptions, Preallocation,
+    CacheMode, Compat, CompressionType, CreateOptions, DetectZeroes, Encryption, EncryptionFormat, ImageFormat,
+    ImageMessage, ImageMessages, OpenOptions, Preallocation,
 };
 pub use oxqcow_format as format;
 pub use oxqcow_format::probe::Probed;
 pub use qcow2::{Qcow2, Qcow2Info};
 pub use raw::Raw;
-pub use storage::{FileStorage, MemoryStorage, Storage};
+pub use storage::{FileStorage, MemoryStorage, NullStorage, Storage};

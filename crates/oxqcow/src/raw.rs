@@ -8,7 +8,7 @@ use oxqcow_format::probe::{probe_head, Probed, PROBE_LEN};
 
 use crate::error::{Error, Result};
 use crate::extent::{push_extent, Extent};
-use crate::options::Preallocation;
+use crate::options::{DetectZeroes, Preallocation};
 use crate::storage::Storage;
 
 /// The unit QEMU sizes disks in.
@@ -28,6 +28,8 @@ pub struct Raw {
     /// is written, so that two partial writes cannot together build a
     /// signature that neither check saw.
     probe_sector: Mutex<()>,
+    /// What writes of all-zero buffers become (`detect-zeroes`).
+    detect_zeroes: DetectZeroes,
 }
 
 impl Raw {
@@ -48,6 +50,7 @@ impl Raw {
             writethrough: AtomicBool::new(false),
             probed: false,
             probe_sector: Mutex::new(()),
+            detect_zeroes: DetectZeroes::Off,
         }
     }
 
@@ -58,6 +61,12 @@ impl Raw {
     /// (CVE-2008-2004), e.g. a backing file name pointing at a host file.
     pub fn probed(mut self) -> Raw {
         self.probed = true;
+        self
+    }
+
+    /// Sets what writes of all-zero buffers become (`detect-zeroes`).
+    pub fn with_detect_zeroes(mut self, mode: DetectZeroes) -> Raw {
+        self.detect_zeroes = mode;
         self
     }
 
@@ -108,6 +117,9 @@ impl Raw {
 
     /// Writes at `offset`.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        if let Some(may_unmap) = self.detect_zeroes.zero_write(buf) {
+            return self.write_zeroes_at(offset, buf.len() as u64, may_unmap);
+        }
         self.check(offset, buf.len() as u64, true)?;
         let guard = self.guard_probe_sector(buf, offset)?;
         self.storage.write_at(buf, offset).map_err(Error::io("writing", offset))?;
@@ -197,7 +209,7 @@ impl Raw {
     /// Discards a range (punches a hole).
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check(offset, len, true)?;
-        self.storage.punch_hole(offset, len).map_err(Error::io("discarding", offset))?;
+        self.storage.discard(offset, len).map_err(Error::io("discarding", offset))?;
         self.write_through()
     }
 
@@ -212,19 +224,23 @@ impl Raw {
     /// Data and holes of the file.
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.check(offset, len, false)?;
-        let runs = self.storage.data_runs(offset, len).map_err(Error::io("querying allocation", offset))?;
+        let runs = self.storage.allocation(offset, len).map_err(Error::io("querying allocation", offset))?;
         let mut out = Vec::new();
-        for (o, l, data) in runs {
+        for r in runs {
+            // A run that is neither data nor zeros (a null device without
+            // read-zeroes) is unknown to the protocol: QEMU reports it
+            // not present, without an offset.
+            let known = r.data || r.zero;
             push_extent(
                 &mut out,
                 Extent {
-                    offset: o,
-                    length: l,
-                    present: true,
-                    zero: !data,
-                    data,
+                    offset: r.offset,
+                    length: r.len,
+                    present: known,
+                    zero: r.zero,
+                    data: r.data,
                     compressed: false,
-                    host_offset: Some(o),
+                    host_offset: known.then_some(r.offset),
                     depth: 0,
                 },
             );

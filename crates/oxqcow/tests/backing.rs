@@ -248,7 +248,7 @@ fn rebase_matches_qemu() {
         chain(dir.path());
         copy_chain(dir.path(), &ours);
         copy_chain(dir.path(), &theirs);
-        let target = new_backing.map(|n| (n, Some(oxqcow::ImageFormat::Raw)));
+        let target = new_backing.map(|n| (n, Some("raw")));
         let opts = oxqcow::chain_ops::RebaseOptions { unsafe_mode, ..Default::default() };
         oxqcow::chain_ops::rebase(&ours.join("top.qcow2"), target, opts, &mut |_, _| {}).unwrap();
         let mut args = vec!["qemu-img", "rebase", "-q"];

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 /// The layers, lowest first; each module is named by its path under `src`.
 const LAYERS: &[&[&str]] = &[
-    &["error", "extent", "dirty", "qemu_syntax"],
+    &["error", "extent", "dirty", "qemu_syntax", "names"],
     &["options", "compress", "storage"],
     &["crypt"],
     &["qcow2::meta"],

@@ -5,9 +5,10 @@
 use std::path::{Path, PathBuf};
 
 use oxqcow::backing::{resolve_backing_path, BackingPolicy};
+use oxqcow::names::ImageName;
 use std::sync::Arc;
 
-use oxqcow::{Image, ImageFormat, OpenOptions};
+use oxqcow::{Children, Image, ImageFormat, OpenOptions, Storage};
 use oxqcow_nbd::client::{NbdAddress, NbdClient};
 
 use crate::app::forbid_backing::backing_policy;
@@ -46,19 +47,108 @@ pub fn open_image_as(path: &str, shown: &str, format: Option<&str>, opts: OpenOp
     })
 }
 
-fn open_image_inner(path: &str, format: Option<&str>, opts: OpenOptions) -> Result<Image, String> {
+/// The host file an image name names, as QEMU reads the name: a `file:`
+/// (`host_device:`, `host_cdrom:`) prefix is stripped (`file:a:b` is
+/// `./a:b`), a colon after a slash is part of the file name, and a name
+/// another protocol parses is refused with QEMU's message or, for the
+/// protocols QEMU has and oxqcow does not open here, a plain one.
+pub fn host_filename(name: &str) -> Result<String, String> {
+    match oxqcow::names::parse_image_name(name)? {
+        ImageName::File { filename, .. } => Ok(filename),
+        ImageName::Json(_) => Err("json: pseudo-filenames are not supported here by oxqcow".into()),
+        ImageName::Protocol { driver, .. } => Err(format!("the '{driver}' protocol is not supported by oxqcow")),
+    }
+}
+
+/// The null device a `null-co://` or `null-aio://` name opens (the only
+/// file names QEMU's null drivers take; any other is refused with its
+/// message); `None` for other names.
+pub fn null_by_name(name: &str) -> Result<Option<Arc<dyn Storage>>, String> {
+    match oxqcow::names::parse_image_name(name) {
+        Ok(ImageName::Protocol { driver, .. }) if oxqcow::image::is_null_driver(driver) => {
+            if name != format!("{driver}://") {
+                return Err(format!("The only allowed filename for this driver is '{driver}://'"));
+            }
+            oxqcow::image::open_null(driver, &[]).map(Some).map_err(|e| describe(&e))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Takes the options under `prefix` (`file.`, `data-file.`, or `""` for
+/// the node itself) out of `options` when they name a null device
+/// (`null-co`, `null-aio`), and opens it.
+pub fn take_null(options: &mut Vec<(String, String)>, prefix: &str) -> Result<Option<Arc<dyn Storage>>, String> {
+    let key = format!("{prefix}driver");
+    let Some(driver) = options.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone()) else { return Ok(None) };
+    if !oxqcow::image::is_null_driver(&driver) {
+        return Ok(None);
+    }
+    let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(options).into_iter().partition(|(k, _)| k.starts_with(prefix));
+    *options = rest;
+    let mine: Vec<(String, String)> =
+        mine.into_iter().filter(|(k, _)| *k != key).map(|(k, v)| (k[prefix.len()..].to_string(), v)).collect();
+    oxqcow::image::open_null(&driver, &mine).map(Some).map_err(|e| describe(&e))
+}
+
+/// Opens a `json:{...}` image name: a null device itself, or an image
+/// whose file and data file may be null devices, with the runtime options
+/// the name sets. Errors name the image as given.
+fn open_json(name: &str, options: Vec<(String, String)>, opts: OpenOptions) -> Result<Image, String> {
+    let fail = |m: String| format!("Could not open '{name}': {m}");
+    let mut options = options;
+    if let Some(null) = take_null(&mut options, "").map_err(fail)? {
+        let o = OpenOptions { format: Some(ImageFormat::Raw), read_only: opts.read_only, ..OpenOptions::new() };
+        return Image::open_storage(null, &o).map_err(|e| fail(describe(&e)));
+    }
+    let children = Children {
+        file: take_null(&mut options, "file.").map_err(fail)?,
+        data_file: take_null(&mut options, "data-file.").map_err(fail)?,
+    };
+    let (path, format, json_opts) = image_opts_from(options, true).map_err(fail)?;
+    let path = match (path, &children.file) {
+        (Some(p), _) => p,
+        (None, Some(_)) => String::new(),
+        (None, None) => return Err(fail("A block device must be specified for \"file\"".into())),
+    };
+    let mut o = OpenOptions { read_only: opts.read_only, force_share: opts.force_share, ..json_opts };
+    o.backing = backing_policy(opts.backing);
+    o.messages = opts.messages.or_else(|| Some(open_messages()));
+    if let Some(f) = format {
+        o.format = Some(ImageFormat::from_name(&f).map_err(|e| fail(describe(&e)))?);
+    }
+    Image::open_with_children(Path::new(&path), &o, children).map_err(|e| match &e {
+        oxqcow::Error::Io { op: "opening the image", .. } => fail(format!("Could not open '{path}': {}", describe(&e))),
+        _ => fail(describe(&e)),
+    })
+}
+
+fn open_image_inner(name: &str, format: Option<&str>, opts: OpenOptions) -> Result<Image, String> {
+    if let Some(text) = name.strip_prefix("json:") {
+        let options = oxqcow::names::parse_json_name(text).map_err(|m| format!("Could not open '{name}': {m}"))?;
+        return open_json(name, options, opts);
+    }
+    let fail = |m: String| format!("Could not open '{name}': {m}");
+    if let Some(null) = null_by_name(name).map_err(fail)? {
+        let format = format.map(ImageFormat::from_name).transpose().map_err(|e| fail(describe(&e)))?;
+        let o = OpenOptions { format, read_only: opts.read_only, ..OpenOptions::new() };
+        return Image::open_storage(null, &o).map_err(|e| fail(describe(&e)));
+    }
     let mut opts = opts;
     opts.backing = backing_policy(opts.backing);
     opts.messages.get_or_insert_with(open_messages);
-    if let Some(format) = format {
-        opts.format =
-            Some(ImageFormat::from_name(format).map_err(|e| format!("Could not open '{path}': {}", describe(&e)))?);
+    if let Some(addr) = NbdAddress::parse(name) {
+        opts.format = format.map(ImageFormat::from_name).transpose().map_err(|e| fail(describe(&e)))?;
+        return open_nbd(addr, &opts).map_err(fail);
     }
-    if let Some(addr) = NbdAddress::parse(path) {
-        return open_nbd(addr, &opts).map_err(|reason| format!("Could not open '{path}': {reason}"));
-    }
+    let host = host_filename(name).map_err(fail)?;
+    let path = host.as_str();
     if Path::new(path).is_dir() {
-        return Err(format!("Could not open '{path}': 'file' driver requires '{path}' to be a regular file"));
+        return Err(format!("Could not open '{name}': 'file' driver requires '{path}' to be a regular file"));
+    }
+    if let Some(f) = format {
+        opts.format =
+            Some(ImageFormat::from_name(f).map_err(|e| format!("Could not open '{name}': {}", describe(&e)))?);
     }
     let image = Image::open(Path::new(path), &opts).map_err(|e| {
         // Under Forbid or Ignore no backing file was opened, so the failure
@@ -71,9 +161,9 @@ fn open_image_inner(path: &str, format: Option<&str>, opts: OpenOptions) -> Resu
             // QEMU's file layer names the file again: "Could not open 'x':
             // Could not open 'x': No such file or directory".
             oxqcow::Error::Io { op: "opening the image", .. } => {
-                format!("Could not open '{path}': Could not open '{path}': {}", describe(&e))
+                format!("Could not open '{name}': Could not open '{path}': {}", describe(&e))
             }
-            _ => format!("Could not open '{path}': {}", describe(&e)),
+            _ => format!("Could not open '{name}': {}", describe(&e)),
         }
     })?;
     Ok(image)
@@ -105,6 +195,10 @@ fn chain_failure(path: &str, format: Option<ImageFormat>) -> Option<String> {
         let next = resolve_backing_path(&layer_path, &name);
         let next_format = match info.backing_format.as_deref().map(ImageFormat::from_name) {
             None => None,
+            // A file-posix driver reads the host file as raw does.
+            Some(Err(_)) if info.backing_format.as_deref().is_some_and(oxqcow::image::is_host_driver) => {
+                Some(ImageFormat::Raw)
+            }
             Some(Ok(f)) => Some(f),
             Some(Err(_)) => {
                 let f = info.backing_format.unwrap_or_default();
@@ -176,26 +270,65 @@ pub fn parse_image_opts_no_io(spec: &str) -> Result<(String, Option<String>, Ope
 
 fn parse_image_opts_for(spec: &str, io: bool) -> Result<(String, Option<String>, OpenOptions), String> {
     let fail = |msg: String| format!("Could not open '{spec}': {msg}");
-    let mut path = None;
-    let mut format = None;
-    let mut opts = OpenOptions::new();
     if !spec.contains('=') {
         return Err(fail(format!("Cannot find device='{spec}' nor node-name='{spec}'")));
     }
-    for (key, value) in split_noisily(&prog_name(), spec) {
-        match key.as_str() {
-            "file.filename" | "filename" => path = Some(value),
-            "driver" => format = Some(value),
-            "file.driver" if value == "file" => {}
-            "file.driver" => return Err(fail(format!("Unknown protocol '{value}'"))),
-            k if !io && k.ends_with("encrypt.key-secret") => {}
-            _ if crate::app::secrets::apply_open_option(&mut opts, &key, &value).map_err(fail)? => {}
-            _ => opts.apply_qemu_option(&key, &value).map_err(|e| fail(describe(&e)))?,
-        }
-    }
+    let (path, format, opts) = image_opts_from(split_noisily(&prog_name(), spec), io).map_err(fail)?;
     let Some(path) = path else {
         return Err(fail("A block device must be specified for \"file\"".to_string()));
     };
+    Ok((path, format, opts))
+}
+
+/// The file name, the format and the open options that flattened image
+/// options (an `--image-opts` string's, a `json:` name's) set.
+fn image_opts_from(
+    options: Vec<(String, String)>,
+    io: bool,
+) -> Result<(Option<String>, Option<String>, OpenOptions), String> {
+    let mut path = None;
+    let mut format = None;
+    let mut opts = OpenOptions::new();
+    // Options no driver takes, and qcow2's, which raw does not take: QEMU
+    // names the format that refuses them, so they are judged at the end.
+    let mut unknown = None;
+    let mut qcow2_keys = Vec::new();
+    for (key, value) in options {
+        match key.as_str() {
+            "file.filename" | "filename" | "file" => path = Some(host_filename(&value)?),
+            "driver" => format = Some(value),
+            "file.driver" if value == "file" => {}
+            "file.driver" => return Err(format!("Unknown protocol '{value}'")),
+            k if !io && k.ends_with("encrypt.key-secret") => {}
+            _ if crate::app::secrets::apply_open_option(&mut opts, &key, &value)? => {}
+            _ => match opts.apply_qemu_option(&key, &value) {
+                Err(e) if describe(&e).starts_with("Invalid parameter") => {
+                    unknown.get_or_insert(key);
+                }
+                Err(e) => return Err(describe(&e)),
+                Ok(()) if crate::app::io_open::qcow2_only(&key) => qcow2_keys.push(key),
+                Ok(()) => {}
+            },
+        }
+    }
+    if let Some(rest) = unknown.as_deref().and_then(|k| k.strip_prefix("file.")) {
+        return Err(format!("Block protocol 'file' doesn't support the option '{rest}'"));
+    }
+    let refused = unknown.or_else(|| qcow2_keys.into_iter().next());
+    if let Some(key) = refused {
+        let probed = || {
+            let file = oxqcow::FileStorage::open(Path::new(path.as_deref()?), false).ok()?;
+            let probed = oxqcow::probe(&file, None).ok()?;
+            oxqcow::supported_format(probed).ok().map(|f| f.name().to_string())
+        };
+        match format.clone().or_else(probed) {
+            Some(f) if f != "qcow2" || !crate::app::io_open::qcow2_only(&key) => {
+                return Err(format!("Block format '{f}' does not support the option '{key}'"))
+            }
+            Some(_) => {}
+            None => return Err(format!("Invalid parameter '{key}'")),
+        }
+    }
     Ok((path, format, opts))
 }
 

@@ -11,13 +11,14 @@ use std::sync::Arc;
 use oxqcow::backing::BackingPolicy;
 use oxqcow::options::CacheMode;
 use oxqcow::{
-    supported_format, BlockDevice, CreateOptions, FileStorage, Image, ImageFormat, MemoryStorage, OpenOptions, Probed,
-    Qcow2, Storage,
+    supported_format, BlockDevice, Children, CreateOptions, FileStorage, Image, ImageFormat, MemoryStorage,
+    OpenOptions, Probed, Qcow2, Storage,
 };
 
 use oxqcow_nbd::client::{NbdAddress, NbdClient};
 
 use crate::app::forbid_backing::backing_policy;
+use crate::app::image::{host_filename, null_by_name, take_null};
 use crate::app::messages::{describe, errno_text, io_error_text, open_messages, warn_probed_raw};
 
 /// How to open an image: qemu-io's flags plus driver options.
@@ -151,7 +152,7 @@ impl Opened {
 }
 
 /// Runtime options only qcow2 has; raw refuses them as QEMU's raw driver does.
-fn qcow2_only(key: &str) -> bool {
+pub(crate) fn qcow2_only(key: &str) -> bool {
     key.starts_with("overlap-check")
         || key.starts_with("encrypt.")
         || matches!(
@@ -178,12 +179,61 @@ fn parse_bool(key: &str, value: &str) -> Result<bool, String> {
 /// error is the text after "can't open device NAME: ".
 pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u8>>) -> Result<Opened, String> {
     let mut spec = spec.clone();
-    let mut path = name.map(str::to_string);
+    let mut options = std::mem::take(&mut spec.options);
+    // A `json:` name sets options as `-o` does (before them); another name
+    // is a host file's, prefix stripped.
+    let mut path = match name.map(|n| (n, n.strip_prefix("json:"))) {
+        Some((_, Some(text))) => {
+            let mut json = oxqcow::names::parse_json_name(text)?;
+            json.append(&mut options);
+            options = json;
+            None
+        }
+        Some((n, None)) => match null_by_name(n)? {
+            Some(null) => {
+                let format = options.iter().find(|(k, _)| k == "driver").map(|(_, v)| v.as_str());
+                let format = format.map(ImageFormat::from_name).transpose().map_err(|e| describe(&e))?;
+                let o = OpenOptions { format, read_only: spec.read_only, ..OpenOptions::new() };
+                let image = Image::open_storage(null, &o).map_err(|e| describe(&e))?;
+                if o.format.is_none() && !o.read_only {
+                    warn_probed_raw(n);
+                }
+                return Ok(Opened { image, unmap: spec.unmap });
+            }
+            // An NBD name stays whole: it is connected to below.
+            None if NbdAddress::parse(n).is_some() => Some(n.to_string()),
+            None => Some(host_filename(n)?),
+        },
+        None => None,
+    };
+    // The null devices QEMU's null-co and null-aio drivers open: the
+    // node itself, or the image's data file.
+    if let Some(null) = take_null(&mut options, "")? {
+        let o = OpenOptions { format: Some(ImageFormat::Raw), read_only: spec.read_only, ..OpenOptions::new() };
+        let image = Image::open_storage(null, &o).map_err(|e| describe(&e))?;
+        return Ok(Opened { image, unmap: spec.unmap });
+    }
+    let data_file = take_null(&mut options, "data-file.")?;
+    let mut file_child = take_null(&mut options, "file.")?;
+    // A format as the file's driver: that image, opened from the `file.*`
+    // options, is this one's file (QEMU's nested format nodes).
+    let nested = options.iter().any(|(k, v)| k == "file.driver" && ImageFormat::from_name(v).is_ok());
+    if nested {
+        let (inner, rest): (Vec<_>, Vec<_>) = options.into_iter().partition(|(k, _)| k.starts_with("file."));
+        options = rest;
+        let inner_options = inner.into_iter().map(|(k, v)| (k["file.".len()..].to_string(), v)).collect();
+        let inner_spec = OpenSpec { options: inner_options, snapshot: false, ..spec.clone() };
+        let opened = open(&inner_spec, None, secrets)?;
+        file_child = Some(Arc::new(oxqcow::image::ImageStorage(opened.image)));
+    }
+    if path.is_none() && file_child.is_some() {
+        path = Some(String::new());
+    }
     let mut driver: Option<String> = None;
     let mut runtime: Vec<(String, String)> = Vec::new();
     let mut passphrase = None;
     let mut backing_passphrase = None;
-    for (key, value) in std::mem::take(&mut spec.options) {
+    for (key, value) in options {
         match key.as_str() {
             "driver" => driver = Some(value),
             "file.filename" | "filename" => {
@@ -240,18 +290,22 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
         Some("file") => Some(ImageFormat::Raw),
         Some(d) => Some(ImageFormat::from_name(d).map_err(|e| describe(&e))?),
     };
-    // An NBD export is connected to once, and probed and opened through
-    // that connection.
-    let nbd = match NbdAddress::parse(&path) {
-        Some(addr) => {
+    // An NBD export is the image's file: connected to once, and probed
+    // and opened through that connection.
+    let mut shown = path.clone();
+    if file_child.is_none() {
+        if let Some(addr) = NbdAddress::parse(&path) {
             let addr = addr?;
-            Some((addr.display_name(), Arc::new(NbdClient::connect(&addr).map_err(|e| e.to_string())?)))
+            let client = NbdClient::connect(&addr).map_err(|e| e.to_string())?;
+            if client.is_read_only() && !(spec.read_only || spec.snapshot) {
+                return Err("Could not open image: Permission denied".into());
+            }
+            shown = addr.display_name();
+            file_child = Some(Arc::new(client));
         }
-        None => None,
-    };
-    let shown = nbd.as_ref().map_or_else(|| path.clone(), |(name, _)| name.clone());
-    let probed = if let Some((_, client)) = &nbd {
-        oxqcow::probe(&**client, None).map_err(|e| describe(&e))?
+    }
+    let probed = if let Some(file) = &file_child {
+        oxqcow::probe(&**file, None).map_err(|e| describe(&e))?
     } else {
         let storage = FileStorage::open(Path::new(&path), false)
             .map_err(|e| format!("Could not open '{path}': {}", io_error_text(&e)))?;
@@ -281,6 +335,7 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
     let mut opts = OpenOptions { format: explicit, ..OpenOptions::new() };
     opts.read_only = spec.read_only || spec.snapshot;
     opts.discard_passthrough = spec.unmap;
+    opts.unmap = spec.unmap;
     opts.cache = spec.cache_mode();
     opts.force_share = spec.force_share;
     opts.passphrase = passphrase;
@@ -301,21 +356,13 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
             return Err(if msg.starts_with("Invalid parameter") { unsupported() } else { msg });
         }
     }
-    let image = match &nbd {
-        Some((_, client)) => {
-            if client.is_read_only() && !opts.read_only {
-                return Err("Could not open image: Permission denied".into());
-            }
-            let storage: Arc<dyn Storage> = Arc::clone(client) as Arc<dyn Storage>;
-            Image::open_storage(storage, &opts).map_err(|e| describe(&e))?
+    let children = Children { file: file_child, data_file };
+    let image = Image::open_with_children(Path::new(&path), &opts, children).map_err(|e| match &e {
+        oxqcow::Error::Io { op: "opening the image", source, .. } => {
+            format!("Could not open '{path}': {}", io_error_text(source))
         }
-        None => Image::open(Path::new(&path), &opts).map_err(|e| match &e {
-            oxqcow::Error::Io { op: "opening the image", source, .. } => {
-                format!("Could not open '{path}': {}", io_error_text(source))
-            }
-            _ => describe(&e),
-        })?,
-    };
+        _ => describe(&e),
+    })?;
     // QEMU warns (and guards sector 0) only when the probed image is writable.
     if explicit.is_none() && format == ImageFormat::Raw && !opts.read_only {
         warn_probed_raw(&shown);

@@ -12,7 +12,7 @@ use oxqcow::{BlockDevice, ErrorKind, Image, ImageFormat, OpenOptions};
 
 use crate::app::ctx::Ctx;
 use crate::app::getopt::{HasArg, Opt};
-use crate::app::image::open_image;
+use crate::app::image::{host_filename, open_image};
 use crate::app::imgopts::{self, ImgOpts};
 use crate::app::messages::describe;
 use crate::app::numbers::cvtnum;
@@ -157,7 +157,7 @@ fn create(req: &Request) -> Result<(), String> {
         }
         let backing_fmt = opts.get_str("backing_fmt").map(String::from);
         if !req.unsafe_backing {
-            let path = backing_path(req.filename, backing);
+            let path = backing_path(&host_filename(req.filename)?, backing);
             let shown = path.to_string_lossy();
             let image =
                 open_image(&shown, backing_fmt.as_deref(), OpenOptions::new().read_only(true)).map_err(|msg| {
@@ -199,7 +199,8 @@ fn create(req: &Request) -> Result<(), String> {
             return Err(too_large(req.fmt));
         }
     }
-    let path = Path::new(req.filename);
+    let host = host_filename(req.filename).map_err(|m| format!("Could not create '{}': {m}", req.filename))?;
+    let path = Path::new(&host);
     // The library removes what a failed qcow2 creation left behind, and
     // never a file it could not lock.
     if let Err(e) = Image::create(path, &create_opts).and_then(Image::close) {

@@ -87,7 +87,16 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             Err(msg) => return ctx.fail(&msg),
         }
     } else {
-        (filename.clone(), fmt, OpenOptions::new())
+        // The image is named as QEMU names the node: without a `file:`
+        // prefix, and by its file's name when a `json:` name says no more
+        // than the format and the file.
+        match plain_json(filename) {
+            Some((path, json_fmt)) => (path, json_fmt.or(fmt), OpenOptions::new()),
+            None => {
+                let host = crate::app::image::host_filename(filename).unwrap_or_else(|_| filename.clone());
+                (host, fmt, OpenOptions::new())
+            }
+        }
     };
     let mut infos = Vec::new();
     let (mut path, mut format, mut opts) = (path, format, opts.read_only(true));
@@ -136,6 +145,24 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
 }
 
 /// QEMU's block layer reports lengths in whole sectors.
+/// The file name and format of a `json:` name that sets nothing but the
+/// format driver and a host file (`{"driver": "qcow2", "file": {"filename":
+/// "x"}}`), which QEMU names the image by.
+fn plain_json(name: &str) -> Option<(String, Option<String>)> {
+    let options = oxqcow::names::parse_json_name(name.strip_prefix("json:")?).ok()?;
+    let mut path = None;
+    let mut format = None;
+    for (k, v) in options {
+        match k.as_str() {
+            "file.filename" | "filename" | "file" => path = Some(crate::app::image::host_filename(&v).ok()?),
+            "file.driver" if v == "file" => {}
+            "driver" if v != "file" => format = Some(v),
+            _ => return None,
+        }
+    }
+    Some((path?, format))
+}
+
 fn sectors_up(bytes: u64) -> u64 {
     bytes.div_ceil(512) * 512
 }
@@ -205,23 +232,26 @@ fn graph_info(path: &str, source: &Source) -> Result<Value, String> {
         Source::Header { storage, .. } => storage,
     };
     let file_len = storage.len().map_err(|e| format!("Could not get the file length of '{path}': {e}"))?;
-    // An NBD export is named as QEMU names it, and has neither a disk size
-    // nor a dirty flag to report.
+    // An NBD export is named as QEMU names it.
     let nbd = NbdAddress::parse(path).and_then(Result::ok).map(|a| a.display_name());
     let path = nbd.as_deref().unwrap_or(path);
-    let allocated = if nbd.is_some() { None } else { storage.allocated_bytes().ok() };
+    let allocated = storage.allocated_bytes().ok();
+    // Another protocol than a host file (a null device) has no
+    // format-specific facts and no dirty flag to report, at either level.
+    let protocol = storage.driver_name().to_string();
+    let host_file = protocol == "file";
     let mut file = Map::new();
     file.insert("filename".into(), json!(path));
-    if nbd.is_some() {
-        file.insert("format".into(), json!("nbd"));
-        file.insert("virtual-size".into(), json!(file_len));
-    } else {
-        file.insert("format".into(), json!("file"));
+    file.insert("format".into(), json!(protocol));
+    if host_file {
         file.insert("dirty-flag".into(), json!(false));
-        if let Some(a) = allocated {
-            file.insert("actual-size".into(), json!(a));
-        }
-        file.insert("virtual-size".into(), json!(sectors_up(file_len)));
+    }
+    if let Some(a) = allocated {
+        file.insert("actual-size".into(), json!(a));
+    }
+    // Only a host file's length is shown in whole sectors.
+    file.insert("virtual-size".into(), json!(if host_file { sectors_up(file_len) } else { file_len }));
+    if host_file {
         file.insert("format-specific".into(), json!({"type": "file", "data": {}}));
     }
     file.insert("children".into(), json!([]));
@@ -231,7 +261,7 @@ fn graph_info(path: &str, source: &Source) -> Result<Value, String> {
     let (qi, snapshots) = match source {
         Source::Open(Image::Raw(raw)) => {
             top.insert("format".into(), json!("raw"));
-            if nbd.is_none() {
+            if host_file {
                 top.insert("dirty-flag".into(), json!(false));
             }
             if let Some(a) = allocated {

@@ -114,11 +114,14 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     if !unsafe_mode && backing.is_none() {
         return ctx.usage_error("rebase", "Must specify backing file (-b) or use unsafe mode (-u)");
     }
-    let backing_format = match backing_fmt.as_deref().map(|f| (f, ImageFormat::from_name(f))) {
-        None => None,
-        Some((_, Ok(f))) => Some(f),
-        Some((f, Err(_))) => return ctx.fail(&format!("Invalid format name: '{f}'")),
-    };
+    // QEMU takes any driver's name here; the file-posix ones name a
+    // host file read as it is.
+    if let Some(f) = backing_fmt.as_deref() {
+        if !oxqcow::image::is_host_driver(f) && ImageFormat::from_name(f).is_err() {
+            return ctx.fail(&format!("Invalid format name: '{f}'"));
+        }
+    }
+    let backing_format = backing_fmt.as_deref();
     let Ok(cache_mode) = CacheMode::from_name(&cache) else {
         return ctx.fail(&format!("Invalid cache option: {cache}"));
     };
@@ -187,6 +190,12 @@ fn check_new_backing(ctx: &Ctx, filename: &str, name: &str, fmt: &str) -> Result
     let path = resolve_backing_path(Path::new(filename), name);
     let path_str = path.to_string_lossy().into_owned();
     let fail = |why: &str| ctx.fail(&format!("Could not open new backing file '{name}': {why}"));
+    let fmt = if oxqcow::image::is_host_driver(fmt) {
+        oxqcow::image::check_host_file(fmt, &path).map_err(|e| fail(&describe(&e)))?;
+        "raw"
+    } else {
+        fmt
+    };
     let new = match open_image(&path_str, Some(fmt), OpenOptions::new().read_only(true)) {
         Ok(i) => i,
         Err(msg) => {
@@ -207,7 +216,7 @@ fn check_new_backing(ctx: &Ctx, filename: &str, name: &str, fmt: &str) -> Result
 /// The library's rebase, with qemu-img's progress display (`-p`).
 fn rebase(
     filename: &str,
-    new_backing: Option<(&str, Option<ImageFormat>)>,
+    new_backing: Option<(&str, Option<&str>)>,
     opts: RebaseOptions,
     progress: bool,
 ) -> oxqcow::Result<()> {

@@ -121,7 +121,11 @@ pub(crate) fn open_backing(
         return Err(Error::Unsupported(format!("json: pseudo-filenames as backing files ('{name}')")));
     }
     let path = resolve_backing_path(overlay, name);
+    // QEMU's file-posix drivers named as the backing format are the
+    // backing node themselves: the file's bytes, as raw shows them.
+    let host_driver = format.filter(|f| crate::image::is_host_driver(f));
     let format = match format {
+        Some(_) if host_driver.is_some() => Some(ImageFormat::Raw),
         Some(f) => Some(
             ImageFormat::from_name(f)
                 .map_err(|_| Error::Unsupported(format!("backing file format '{f}' (of '{}')", path.display())))?,
@@ -137,6 +141,9 @@ pub(crate) fn open_backing(
         }
         (BackingPolicy::Gate(gate), f) => gate.check(&path, f)?,
         _ => {}
+    }
+    if let Some(driver) = host_driver {
+        crate::image::check_host_file(driver, &path)?;
     }
     let mut backing_opts = opts.clone();
     backing_opts.read_only = true;
@@ -154,7 +161,7 @@ pub(crate) fn open_backing(
     // Backing files open read-only (no repair); their stale-bitmap warning
     // is not printed (only the top image's).
     backing_opts.messages = None;
-    let image = Image::open_in_chain(&path, &backing_opts, chain).map_err(|e| match e {
+    let image = Image::open_in_chain(&path, &backing_opts, chain, Default::default()).map_err(|e| match e {
         Error::Io { op: "opening the image", offset, source } => Error::Io {
             op: "opening the backing file",
             offset,

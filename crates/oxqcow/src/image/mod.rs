@@ -15,7 +15,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::extent::Extent;
 use crate::image::backing::{open_backing, resolve_backing_path, BackingPolicy, Chain};
-use crate::options::{CreateOptions, ImageFormat, OpenOptions, Preallocation};
+use crate::options::{CreateOptions, DetectZeroes, ImageFormat, OpenOptions, Preallocation};
 use crate::qcow2::meta::check::{CheckReport, RepairMode};
 use crate::qcow2::Qcow2;
 use crate::raw::Raw;
@@ -46,6 +46,169 @@ pub trait BlockDevice: Send + Sync {
     fn is_read_only(&self) -> bool;
 }
 
+/// Storage a caller opened for an image itself, instead of the files
+/// the image's name and header name (QEMU's `file` and `data-file`
+/// children given as nodes: an NBD export, a null device, another image).
+#[derive(Clone, Default)]
+pub struct Children {
+    /// The image's own bytes.
+    pub file: Option<Arc<dyn Storage>>,
+    /// The external data file of an image that has one.
+    pub data_file: Option<Arc<dyn Storage>>,
+}
+
+/// Whether `driver` is one of QEMU's `file-posix` protocol drivers, which
+/// show a host file's bytes as they are and may stand where a format is
+/// named (`-f host_device`, a backing format of `host_device`).
+pub fn is_host_driver(driver: &str) -> bool {
+    matches!(driver, "file" | "host_device" | "host_cdrom")
+}
+
+/// Checks that `path` is a file QEMU's `file-posix` `driver` opens: a
+/// regular file for `file`, a character or block device for
+/// `host_device` and `host_cdrom`, with QEMU's messages. A path that
+/// cannot be looked at is left for the open to report.
+pub fn check_host_file(driver: &str, path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::metadata(path) else { return Ok(()) };
+    let t = meta.file_type();
+    let fits = match driver {
+        "file" => t.is_file(),
+        _ => t.is_char_device() || t.is_block_device(),
+    };
+    if fits {
+        return Ok(());
+    }
+    let p = path.display();
+    Err(Error::InvalidArgument(match driver {
+        "file" => format!("'file' driver requires '{p}' to be a regular file"),
+        d => format!("'{d}' driver requires '{p}' to be either a character or block device"),
+    }))
+}
+
+/// An open image as the storage of another image (QEMU's format node as
+/// another format's `file` child: `driver=qcow2,file.driver=qcow2`). Its
+/// size is the inner image's virtual size, which only a resize changes.
+pub struct ImageStorage(pub Image);
+
+fn io_error(e: Error) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+impl Storage for ImageStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        // Past the end reads zeros, as storage does.
+        let n = self.0.len().saturating_sub(offset).min(buf.len() as u64) as usize;
+        if n > 0 {
+            self.0.read_at(&mut buf[..n], offset).map_err(io_error)?;
+        }
+        buf[n..].fill(0);
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.0.write_at(buf, offset).map_err(io_error)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        Ok(self.0.len())
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        if len == self.0.len() {
+            return Ok(());
+        }
+        Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "an image used as a file keeps its size"))
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.0.flush().map_err(io_error)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.0.discard(offset, len).map_err(io_error)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.0.write_zeroes_at(offset, len, false).map_err(io_error)
+    }
+    fn data_runs(&self, offset: u64, len: u64) -> std::io::Result<Vec<(u64, u64, bool)>> {
+        let extents = self.0.block_status(offset, len).map_err(io_error)?;
+        Ok(extents.into_iter().map(|e| (e.offset, e.length, e.data)).collect())
+    }
+    fn driver_name(&self) -> &str {
+        self.0.format().name()
+    }
+}
+
+/// Whether `driver` is one of QEMU's null protocol drivers.
+pub fn is_null_driver(driver: &str) -> bool {
+    matches!(driver, "null-co" | "null-aio")
+}
+
+/// QEMU's default size of a null device: 1 GiB.
+const DEFAULT_NULL_SIZE: u64 = 1 << 30;
+
+/// A null device as QEMU's `null-co`/`null-aio` `driver` opens it from its
+/// options (`size`, default 1 GiB; `read-zeroes`, default off;
+/// `latency-ns`, which changes no result here), with QEMU's message for
+/// any other.
+pub fn open_null(driver: &str, options: &[(String, String)]) -> Result<Arc<dyn Storage>> {
+    let driver = match driver {
+        "null-co" => "null-co",
+        "null-aio" => "null-aio",
+        d => return Err(Error::InvalidArgument(format!("Unknown driver '{d}'"))),
+    };
+    let mut size = DEFAULT_NULL_SIZE;
+    let mut read_zeroes = false;
+    for (k, v) in options {
+        match k.as_str() {
+            "size" => size = crate::qemu_syntax::parse_size_option(k, v).map_err(Error::InvalidArgument)?,
+            "read-zeroes" => read_zeroes = crate::options::parse_bool(k, v)?,
+            "latency-ns" => {}
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "Block protocol '{driver}' doesn't support the option '{k}'"
+                )))
+            }
+        }
+    }
+    Ok(Arc::new(crate::storage::NullStorage::new(size, read_zeroes, driver)))
+}
+
+/// The options of QEMU's generic block layer that are refused whatever
+/// the format, with its messages.
+fn check_generic_options(opts: &OpenOptions) -> Result<()> {
+    if opts.force_share && !opts.read_only {
+        return Err(Error::InvalidArgument("force-share=on can only be used with read-only images".into()));
+    }
+    if opts.detect_zeroes == DetectZeroes::Unmap && !opts.unmap {
+        return Err(Error::InvalidArgument(
+            "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Opens and locks the image file at `path`; with `auto-read-only`, a
+/// file that cannot be opened for writing is opened read-only (QEMU's
+/// file driver does so on EACCES, EPERM and EROFS). Returns the storage
+/// and whether it is read-only.
+fn open_file(path: &Path, opts: &OpenOptions) -> Result<(Arc<dyn Storage>, bool)> {
+    let mut read_only = opts.read_only;
+    let file = match FileStorage::open(path, !read_only) {
+        Err(e)
+            if opts.auto_read_only
+                && !read_only
+                && matches!(e.raw_os_error(), Some(libc::EACCES | libc::EPERM | libc::EROFS)) =>
+        {
+            read_only = true;
+            FileStorage::open(path, false)
+        }
+        r => r,
+    }
+    .map_err(Error::io("opening the image", 0))?;
+    if opts.locking.unwrap_or(true) {
+        let set = LockSet::for_open(read_only, opts.force_share);
+        crate::storage::lock::lock(file.file(), set, &path.display().to_string())?;
+    }
+    Ok((Arc::new(file), read_only))
+}
+
 /// An open image of any supported format.
 // One value per open image: the size difference between variants costs nothing.
 #[allow(clippy::large_enum_variant)]
@@ -60,34 +223,60 @@ impl Image {
     /// Opens the image file at `path`, with its backing chain as
     /// `opts.backing` allows.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Image> {
-        let image = Image::open_in_chain(path, opts, &mut Chain::default())?;
+        Image::open_with_children(path, opts, Children::default())
+    }
+
+    /// [`Image::open`], with the image's own bytes or its external data
+    /// file taken from storage the caller opened (QEMU's `file` and
+    /// `data-file` children given as nodes). With `children.file`, `path`
+    /// only names the image: backing file names in its header are
+    /// resolved against its directory.
+    pub fn open_with_children(path: &Path, opts: &OpenOptions, children: Children) -> Result<Image> {
+        let image = Image::open_in_chain(path, opts, &mut Chain::default(), children)?;
         image.set_cache_mode(opts.cache)?;
         Ok(image)
     }
 
-    pub(crate) fn open_in_chain(path: &Path, opts: &OpenOptions, chain: &mut Chain) -> Result<Image> {
+    pub(crate) fn open_in_chain(
+        path: &Path,
+        opts: &OpenOptions,
+        chain: &mut Chain,
+        children: Children,
+    ) -> Result<Image> {
         chain.enter(path)?;
-        if opts.force_share && !opts.read_only {
-            return Err(Error::InvalidArgument("force-share=on can only be used with read-only images".into()));
-        }
-        let file = FileStorage::open(path, !opts.read_only).map_err(Error::io("opening the image", 0))?;
-        if opts.locking.unwrap_or(true) {
-            let set = LockSet::for_open(opts.read_only, opts.force_share);
-            crate::storage::lock::lock(file.file(), set, &path.display().to_string())?;
-        }
-        let storage: Arc<dyn Storage> = Arc::new(file);
+        check_generic_options(opts)?;
+        let (storage, read_only) = match children.file {
+            Some(file) => (file, opts.read_only),
+            None => open_file(path, opts)?,
+        };
+        let adjusted;
+        let opts = if read_only == opts.read_only {
+            opts
+        } else {
+            // `auto-read-only` found the file read-only: so is the image.
+            adjusted = OpenOptions { read_only, ..opts.clone() };
+            &adjusted
+        };
         let format = match opts.format {
             Some(f) => f,
             None => probe_format(&*storage, Some(path))?,
         };
         if format == ImageFormat::Raw {
-            let raw = Raw::open(storage, opts.read_only)?;
+            let raw = Raw::open(storage, opts.read_only)?.with_detect_zeroes(opts.detect_zeroes);
             return Ok(Image::Raw(if opts.format.is_none() { raw.probed() } else { raw }));
         }
         let header = crate::qcow2::read_header(&*storage)?;
         // QEMU opens the data file while opening the image, before the
         // backing chain.
-        let data = crate::image::data_file::open_for(path, &header, opts)?;
+        let data = match children.data_file {
+            Some(d) if header.has_data_file() => Some(d),
+            Some(_) => {
+                return Err(Error::InvalidArgument(
+                    "'data-file' can only be set for images with an external data file".into(),
+                ))
+            }
+            None => crate::image::data_file::open_for(path, &header, opts)?,
+        };
         let backing = match &header.backing_file {
             Some(name) => open_backing(path, name, header.extensions.backing_format.as_deref(), opts, chain)?,
             None => None,
@@ -102,10 +291,13 @@ impl Image {
             Some(f) => f,
             None => probe_format(&*storage, None)?,
         };
+        check_generic_options(opts)?;
         Ok(match format {
             ImageFormat::Qcow2 => Image::Qcow2(Qcow2::open(storage, opts)?),
-            ImageFormat::Raw if opts.format.is_none() => Image::Raw(Raw::open(storage, opts.read_only)?.probed()),
-            ImageFormat::Raw => Image::Raw(Raw::open(storage, opts.read_only)?),
+            ImageFormat::Raw => {
+                let raw = Raw::open(storage, opts.read_only)?.with_detect_zeroes(opts.detect_zeroes);
+                Image::Raw(if opts.format.is_none() { raw.probed() } else { raw })
+            }
         })
     }
 

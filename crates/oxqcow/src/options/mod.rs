@@ -113,7 +113,73 @@ impl CacheMode {
     pub fn direct(self) -> bool {
         matches!(self, CacheMode::None | CacheMode::DirectSync)
     }
+    /// This mode with `cache.direct` set as given. `unsafe` stays as it is:
+    /// ignoring flushes is what matters of it, and its direct variant is
+    /// not one of the modes.
+    pub fn with_direct(self, direct: bool) -> Self {
+        match (self, direct) {
+            (CacheMode::Writeback, true) => CacheMode::None,
+            (CacheMode::Writethrough, true) => CacheMode::DirectSync,
+            (CacheMode::None, false) => CacheMode::Writeback,
+            (CacheMode::DirectSync, false) => CacheMode::Writethrough,
+            (mode, _) => mode,
+        }
+    }
+    /// This mode with `cache.no-flush` set as given (on: `unsafe`).
+    pub fn with_no_flush(self, no_flush: bool) -> Self {
+        match (self, no_flush) {
+            (_, true) => CacheMode::Unsafe,
+            (CacheMode::Unsafe, false) => CacheMode::Writeback,
+            (mode, false) => mode,
+        }
+    }
 }
+
+/// What writes of all-zero buffers become (QEMU's generic `detect-zeroes`
+/// option): left alone, zero writes, or zero writes that may unmap.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DetectZeroes {
+    /// Written as data (the default).
+    #[default]
+    Off,
+    /// Written as zero writes that keep the space allocated.
+    On,
+    /// Written as zero writes that may give the space back; needs
+    /// `discard=unmap`.
+    Unmap,
+}
+
+impl DetectZeroes {
+    /// Parses QEMU's names, with its message for any other.
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name {
+            "off" => Ok(DetectZeroes::Off),
+            "on" => Ok(DetectZeroes::On),
+            "unmap" => Ok(DetectZeroes::Unmap),
+            other => Err(Error::InvalidArgument(format!("invalid parameter value: {other}"))),
+        }
+    }
+
+    /// For a write of `buf`: `Some(may_unmap)` when it is to become a zero
+    /// write, `None` when it is written as it is.
+    pub fn zero_write(self, buf: &[u8]) -> Option<bool> {
+        if self == DetectZeroes::Off || buf.is_empty() || !is_zero(buf) {
+            return None;
+        }
+        Some(self == DetectZeroes::Unmap)
+    }
+}
+
+/// Whether a buffer is all zeros (64 bytes at a time, which vectorizes).
+fn is_zero(b: &[u8]) -> bool {
+    let mut blocks = b.chunks_exact(64);
+    blocks.by_ref().all(|block| block.iter().fold(0u8, |acc, &x| acc | x) == 0)
+        && blocks.remainder().iter().all(|&x| x == 0)
+}
+
+/// QEMU's default `cache-clean-interval` on Linux, in seconds: cached
+/// metadata tables unused for that long are dropped.
+pub const DEFAULT_CACHE_CLEAN_INTERVAL: u64 = 600;
 
 /// A line QEMU prints on stderr while it opens or runs a qcow2 image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,6 +212,15 @@ pub struct OpenOptions {
     pub format: Option<ImageFormat>,
     /// L2 table cache size in bytes (`l2-cache-size`).
     pub l2_cache_size: Option<u64>,
+    /// Size of the L2 cache's entries (`l2-cache-entry-size`): a power of
+    /// two from 512 bytes to the cluster size; the cache holds slices of L2
+    /// tables that big. QEMU's default: the cluster size, or 4 KiB when the
+    /// cache cannot cover the whole disk.
+    pub l2_cache_entry_size: Option<u64>,
+    /// Seconds after which cached metadata tables that were not used are
+    /// dropped (`cache-clean-interval`; 0 never,
+    /// [`DEFAULT_CACHE_CLEAN_INTERVAL`] when unset).
+    pub cache_clean_interval: Option<u64>,
     /// Refcount block cache size in bytes (`refcount-cache-size`).
     pub refcount_cache_size: Option<u64>,
     /// Combined cache size in bytes (`cache-size`).
@@ -153,6 +228,18 @@ pub struct OpenOptions {
     /// Punch holes in the host file for clusters freed by discard requests
     /// (`pass-discard-request`).
     pub discard_passthrough: bool,
+    /// Discard requests and unmapping zero writes keep the host clusters
+    /// allocated (zero clusters that still own them) instead of freeing
+    /// them (`discard-no-unref`; version 3 images only).
+    pub discard_no_unref: bool,
+    /// What writes of all-zero buffers become (`detect-zeroes`).
+    pub detect_zeroes: DetectZeroes,
+    /// Discard requests reach the image (`discard=unmap`, QEMU's
+    /// `BDRV_O_UNMAP`); `detect-zeroes=unmap` needs it.
+    pub unmap: bool,
+    /// Open read-only, without an error, when the file cannot be opened
+    /// for writing (`auto-read-only`).
+    pub auto_read_only: bool,
     /// Open for repair: accept the corrupt and dirty bits without the
     /// automatic refcount rebuild (what `check -r` needs).
     pub repair: bool,
@@ -180,6 +267,8 @@ pub struct OpenOptions {
     /// Metadata overlap checks (`overlap-check`, default `cached`); a mask
     /// of the templates in [`overlap`].
     pub overlap_check: Option<u32>,
+    /// The `overlap-check*` options as given, which set `overlap_check`.
+    pub overlap: overlap::OverlapOptions,
     /// The external data file to use instead of the one the image header
     /// names (QEMU's `data-file` runtime option); only for images that
     /// have one. Not passed down to backing files.
@@ -209,9 +298,15 @@ impl std::fmt::Debug for OpenOptions {
             cache,
             format,
             l2_cache_size,
+            l2_cache_entry_size,
+            cache_clean_interval,
             refcount_cache_size,
             cache_size,
             discard_passthrough,
+            discard_no_unref,
+            detect_zeroes,
+            unmap,
+            auto_read_only,
             repair,
             lazy_refcounts,
             backing,
@@ -221,6 +316,7 @@ impl std::fmt::Debug for OpenOptions {
             force_share,
             locking,
             overlap_check,
+            overlap,
             data_file,
             passphrase,
             backing_passphrase,
@@ -232,9 +328,15 @@ impl std::fmt::Debug for OpenOptions {
             .field("cache", cache)
             .field("format", format)
             .field("l2_cache_size", l2_cache_size)
+            .field("l2_cache_entry_size", l2_cache_entry_size)
+            .field("cache_clean_interval", cache_clean_interval)
             .field("refcount_cache_size", refcount_cache_size)
             .field("cache_size", cache_size)
             .field("discard_passthrough", discard_passthrough)
+            .field("discard_no_unref", discard_no_unref)
+            .field("detect_zeroes", detect_zeroes)
+            .field("unmap", unmap)
+            .field("auto_read_only", auto_read_only)
             .field("repair", repair)
             .field("lazy_refcounts", lazy_refcounts)
             .field("backing", backing)
@@ -244,6 +346,7 @@ impl std::fmt::Debug for OpenOptions {
             .field("force_share", force_share)
             .field("locking", locking)
             .field("overlap_check", overlap_check)
+            .field("overlap", overlap)
             .field("data_file", data_file)
             .field("passphrase", &secret(passphrase))
             .field("backing_passphrase", &secret(backing_passphrase))
@@ -276,6 +379,21 @@ impl OpenOptions {
     pub fn apply_qemu_option(&mut self, key: &str, value: &str) -> Result<()> {
         match key {
             "l2-cache-size" => self.l2_cache_size = Some(size_option(key, value)?),
+            "l2-cache-entry-size" => self.l2_cache_entry_size = Some(size_option(key, value)?),
+            "cache-clean-interval" => self.cache_clean_interval = Some(number_option(key, value)?),
+            "discard-no-unref" => self.discard_no_unref = parse_bool(key, value)?,
+            "detect-zeroes" => self.detect_zeroes = DetectZeroes::from_name(value)?,
+            "discard" => {
+                self.unmap = match value {
+                    "ignore" | "off" => false,
+                    "unmap" | "on" => true,
+                    other => return Err(Error::InvalidArgument(format!("Invalid discard option: {other}"))),
+                };
+                self.discard_passthrough = self.unmap;
+            }
+            "auto-read-only" => self.auto_read_only = parse_bool(key, value)?,
+            "cache.direct" => self.cache = self.cache.with_direct(parse_bool(key, value)?),
+            "cache.no-flush" => self.cache = self.cache.with_no_flush(parse_bool(key, value)?),
             "refcount-cache-size" => self.refcount_cache_size = Some(size_option(key, value)?),
             "cache-size" => self.cache_size = Some(size_option(key, value)?),
             "pass-discard-request" => self.discard_passthrough = parse_bool(key, value)?,
@@ -292,9 +410,8 @@ impl OpenOptions {
                 })
             }
             k if k.starts_with("overlap-check") => {
-                let mut mask = self.overlap_check.unwrap_or(overlap::CACHED);
-                overlap::apply_option(&mut mask, k, value)?;
-                self.overlap_check = Some(mask);
+                self.overlap.apply(k, value)?;
+                self.overlap_check = Some(self.overlap.mask()?);
             }
             "driver" => self.format = Some(ImageFormat::from_name(value)?),
             "data-file" | "data-file.filename" => self.data_file = Some(value.into()),
@@ -545,6 +662,27 @@ pub fn parse_bool(key: &str, value: &str) -> Result<bool> {
         "off" | "no" | "false" | "n" => Ok(false),
         _ => Err(Error::InvalidArgument(format!("Parameter '{key}' expects 'on' or 'off'"))),
     }
+}
+
+/// A number-typed option value as QemuOpts reads one (`qemu_strtou64`
+/// with base 0: decimal, `0x` hex or `0` octal; a minus sign wraps, as
+/// `strtoull` does), with QEMU's message naming `key`.
+fn number_option(key: &str, value: &str) -> Result<u64> {
+    let bad = || Error::InvalidArgument(format!("Parameter '{key}' expects a number"));
+    let t = value.trim_start();
+    let (negative, t) = match t.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, t.strip_prefix('+').unwrap_or(t)),
+    };
+    let n = if let Some(hex) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        u64::from_str_radix(hex, 16)
+    } else if t.len() > 1 && t.starts_with('0') {
+        u64::from_str_radix(&t[1..], 8)
+    } else {
+        t.parse::<u64>()
+    }
+    .map_err(|_| bad())?;
+    Ok(if negative { n.wrapping_neg() } else { n })
 }
 
 /// A size as QEMU's `qemu_strtosz` reads it ([`crate::qemu_syntax::qemu_strtosz`]),

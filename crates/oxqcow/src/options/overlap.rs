@@ -48,10 +48,54 @@ pub fn template_name(template: u32) -> &'static str {
     TEMPLATES.iter().find(|t| t.0 == template).map_or("metadata", |t| t.2)
 }
 
-/// Applies `overlap-check` or `overlap-check.<template>` to a mask.
-pub fn apply_option(mask: &mut u32, key: &str, value: &str) -> Result<()> {
-    if key == "overlap-check" || key == "overlap-check.template" {
-        *mask = match value {
+/// The `overlap-check` options as given: the template (`overlap-check`
+/// or its alias `overlap-check.template`) and the per-structure switches
+/// (`overlap-check.main-header=off`, ...), which override the template
+/// whatever their order, as QEMU reads them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OverlapOptions {
+    mode: Option<String>,
+    template: Option<String>,
+    switches: Vec<(u32, bool)>,
+}
+
+impl OverlapOptions {
+    /// Records one `overlap-check*` option, with QEMU's messages for an
+    /// unknown template, a template given twice differently and a switch
+    /// that is not a boolean.
+    pub fn apply(&mut self, key: &str, value: &str) -> Result<()> {
+        match key {
+            "overlap-check" => self.mode = Some(value.to_string()),
+            "overlap-check.template" => self.template = Some(value.to_string()),
+            _ => {
+                let name = key
+                    .strip_prefix("overlap-check.")
+                    .ok_or_else(|| Error::InvalidArgument(format!("Invalid parameter '{key}'")))?;
+                let bit = TEMPLATES
+                    .iter()
+                    .find(|t| t.1 == name)
+                    .map(|t| t.0)
+                    .ok_or_else(|| Error::InvalidArgument(format!("Invalid parameter '{key}'")))?;
+                let on = parse_bool(key, value)?;
+                self.switches.retain(|&(b, _)| b != bit);
+                self.switches.push((bit, on));
+                return Ok(());
+            }
+        }
+        self.mask().map(|_| ())
+    }
+
+    /// The mask these options select (`cached` when no template is given).
+    pub fn mask(&self) -> Result<u32> {
+        if let (Some(mode), Some(template)) = (&self.mode, &self.template) {
+            if mode != template {
+                return Err(Error::InvalidArgument(format!(
+                    "Conflicting values for qcow2 options 'overlap-check' ('{mode}') and 'overlap-check.template' ('{template}')"
+                )));
+            }
+        }
+        let name = self.mode.as_deref().or(self.template.as_deref()).unwrap_or("cached");
+        let mut mask = match name {
             "none" => 0,
             "constant" => CONSTANT,
             "cached" => CACHED,
@@ -62,20 +106,40 @@ pub fn apply_option(mask: &mut u32, key: &str, value: &str) -> Result<()> {
                 )))
             }
         };
-        return Ok(());
+        for &(bit, on) in &self.switches {
+            if on {
+                mask |= bit;
+            } else {
+                mask &= !bit;
+            }
+        }
+        Ok(mask)
     }
-    let name = key
-        .strip_prefix("overlap-check.")
-        .ok_or_else(|| Error::InvalidArgument(format!("Invalid parameter '{key}'")))?;
-    let bit = TEMPLATES
-        .iter()
-        .find(|t| t.1 == name)
-        .map(|t| t.0)
-        .ok_or_else(|| Error::InvalidArgument(format!("Invalid parameter '{key}'")))?;
-    if parse_bool(key, value)? {
-        *mask |= bit;
-    } else {
-        *mask &= !bit;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn switches_override_the_template_in_any_order() {
+        let mut o = OverlapOptions::default();
+        o.apply("overlap-check.main-header", "off").unwrap();
+        o.apply("overlap-check", "all").unwrap();
+        assert_eq!(o.mask().unwrap(), ALL & !MAIN_HEADER);
     }
-    Ok(())
+
+    #[test]
+    fn conflicting_templates_are_refused_with_qemus_message() {
+        let mut o = OverlapOptions::default();
+        o.apply("overlap-check", "constant").unwrap();
+        let e = o.apply("overlap-check.template", "all").unwrap_err().to_string();
+        assert!(
+            e.contains("Conflicting values for qcow2 options 'overlap-check' ('constant') and 'overlap-check.template' ('all')"),
+            "{e}"
+        );
+        let mut o = OverlapOptions::default();
+        let e = o.apply("overlap-check.template", "blubb").unwrap_err().to_string();
+        assert!(e.contains("Unsupported value 'blubb' for qcow2 option 'overlap-check'"), "{e}");
+    }
 }

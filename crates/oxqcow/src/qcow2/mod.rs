@@ -15,6 +15,7 @@
 //! leaves at worst leaked clusters, and none after a completed flush.
 
 mod admin;
+mod cleaner;
 mod create;
 mod io;
 pub(crate) mod meta;
@@ -106,8 +107,11 @@ pub struct Qcow2 {
     size: AtomicU64,
     io_gate: RwLock<()>,
     backing: Option<Arc<crate::image::Image>>,
-    meta: Mutex<Meta>,
+    /// Shared with the cache cleaner (`cleaner.rs`), which holds it weakly.
+    meta: Arc<Mutex<Meta>>,
     alloc_done: Condvar,
+    /// What writes of all-zero buffers become (`detect-zeroes`).
+    detect_zeroes: crate::options::DetectZeroes,
     dirty_at_open: bool,
     /// The repair a dirty image got at open, with QEMU's messages.
     open_repair: Option<crate::qcow2::meta::check::CheckReport>,
@@ -297,6 +301,9 @@ impl Qcow2 {
 
     /// Writes `buf` at guest `offset`.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        if let Some(may_unmap) = self.detect_zeroes.zero_write(buf) {
+            return self.write_zeroes_at(offset, buf.len() as u64, may_unmap);
+        }
         let in_flight = self.begin_write(offset, buf.len() as u64);
         let res = self.write_at_inner(buf, offset);
         drop(in_flight);

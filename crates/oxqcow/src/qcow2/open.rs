@@ -79,6 +79,8 @@ pub(super) fn open(
     let open_repair = if read_only { None } else { meta.prepare_for_writing(st, opts)? };
     meta.load_bitmaps(st, !read_only)?;
     let tracking = AtomicBool::new(!read_only && meta.bitmaps_tracking());
+    let meta = Arc::new(Mutex::new(meta));
+    super::cleaner::register(&meta, opts.cache_clean_interval.unwrap_or(crate::options::DEFAULT_CACHE_CLEAN_INTERVAL));
 
     Ok(Qcow2 {
         storage,
@@ -92,8 +94,9 @@ pub(super) fn open(
         size: AtomicU64::new(size),
         io_gate: RwLock::new(()),
         backing,
-        meta: Mutex::new(meta),
+        meta,
         alloc_done: Condvar::new(),
+        detect_zeroes: opts.detect_zeroes,
         dirty_at_open,
         open_repair,
         closed: AtomicBool::new(false),

@@ -7,11 +7,27 @@
 mod file;
 pub(crate) mod lock;
 mod memory;
+mod null;
 
 use std::io;
 
 pub use file::FileStorage;
 pub use memory::MemoryStorage;
+pub use null::NullStorage;
+
+/// The allocation of a run of storage bytes, as a protocol reports it
+/// (QEMU's block status of a protocol node).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Run {
+    /// Where the run starts.
+    pub offset: u64,
+    /// Its length.
+    pub len: u64,
+    /// Stored as data (not a hole).
+    pub data: bool,
+    /// Reads as zeros.
+    pub zero: bool,
+}
 
 /// Byte-addressed host storage, shared between threads.
 pub trait Storage: Send + Sync {
@@ -64,6 +80,27 @@ pub trait Storage: Send + Sync {
     /// (`false`), as far as the storage knows; the default says "all data".
     fn data_runs(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, u64, bool)>> {
         Ok(vec![(offset, len, true)])
+    }
+    /// [`Storage::data_runs`] with what each run reads as: a hole reads
+    /// as zeros unless the storage says otherwise (an NBD export's hole
+    /// without its zero flag, a null device that does not read zeros).
+    fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<Run>> {
+        Ok(self
+            .data_runs(offset, len)?
+            .into_iter()
+            .map(|(offset, len, data)| Run { offset, len, data, zero: !data })
+            .collect())
+    }
+    /// Tells the storage a range is no longer needed (a raw image's
+    /// discard); what it then reads is up to the storage. The default
+    /// punches a hole.
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.punch_hole(offset, len)
+    }
+    /// The name of QEMU's protocol driver that shows bytes this way, for
+    /// `info` ("file", "nbd", "null-co", ...).
+    fn driver_name(&self) -> &str {
+        "file"
     }
     /// The host file behind the storage, if it is one.
     fn host_file(&self) -> Option<&std::fs::File> {

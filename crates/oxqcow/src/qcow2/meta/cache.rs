@@ -7,7 +7,7 @@
 //! back if dirty (after whatever that table depends on, see `qcow2.rs`), and
 //! removes it. All access happens under the image's metadata lock.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 
 use lru::LruCache;
 
@@ -20,17 +20,25 @@ struct CachedTable {
 pub(crate) struct TableCache {
     tables: LruCache<u64, CachedTable>,
     dirty: BTreeSet<u64>,
+    /// Tables used since the last [`TableCache::clean_unused`].
+    used: HashSet<u64>,
     capacity: usize,
 }
 
 impl TableCache {
     /// A cache holding at most `capacity` tables (at least 1).
     pub(crate) fn new(capacity: usize) -> Self {
-        TableCache { tables: LruCache::unbounded(), dirty: BTreeSet::new(), capacity: capacity.max(1) }
+        TableCache {
+            tables: LruCache::unbounded(),
+            dirty: BTreeSet::new(),
+            used: HashSet::new(),
+            capacity: capacity.max(1),
+        }
     }
 
     /// The table at `offset`, marked most recently used.
     pub(crate) fn get(&mut self, offset: u64) -> Option<&[u8]> {
+        self.used.insert(offset);
         self.tables.get(&offset).map(|t| &*t.data)
     }
 
@@ -38,6 +46,7 @@ impl TableCache {
     pub(crate) fn get_mut(&mut self, offset: u64) -> Option<&mut [u8]> {
         let t = self.tables.get_mut(&offset)?;
         self.dirty.insert(offset);
+        self.used.insert(offset);
         Some(&mut t.data)
     }
 
@@ -54,6 +63,7 @@ impl TableCache {
     /// Adds a table. The caller made room first (see [`Self::victim`]).
     pub(crate) fn insert(&mut self, offset: u64, data: Box<[u8]>, dirty: bool) {
         self.tables.put(offset, CachedTable { data });
+        self.used.insert(offset);
         if dirty {
             self.dirty.insert(offset);
         } else {
@@ -74,6 +84,20 @@ impl TableCache {
     pub(crate) fn remove(&mut self, offset: u64) {
         self.tables.pop(&offset);
         self.dirty.remove(&offset);
+        self.used.remove(&offset);
+    }
+
+    /// Drops every clean table that was not used since the last call (QEMU's
+    /// `qcow2_cache_clean_unused`, run by the cache clean timer). Returns
+    /// how many were dropped.
+    pub(crate) fn clean_unused(&mut self) -> usize {
+        let idle: Vec<u64> =
+            self.tables.iter().map(|(o, _)| *o).filter(|o| !self.dirty.contains(o) && !self.used.contains(o)).collect();
+        for o in &idle {
+            self.tables.pop(o);
+        }
+        self.used.clear();
+        idle.len()
     }
 
     /// Drops every clean table.
@@ -81,6 +105,7 @@ impl TableCache {
         let clean: Vec<u64> = self.tables.iter().map(|(o, _)| *o).filter(|o| !self.dirty.contains(o)).collect();
         for o in clean {
             self.tables.pop(&o);
+            self.used.remove(&o);
         }
     }
 
@@ -118,5 +143,21 @@ mod tests {
         c.remove(2);
         assert_eq!(c.victim(), None);
         assert_eq!(c.peek(1), Some(&[9u8][..]));
+    }
+
+    #[test]
+    fn cleaning_drops_clean_tables_unused_since_the_last_cleaning() {
+        let mut c = TableCache::new(8);
+        c.insert(1, vec![1].into(), false);
+        c.insert(2, vec![2].into(), true);
+        c.insert(3, vec![3].into(), false);
+        // Everything was used since the cache was made.
+        assert_eq!(c.clean_unused(), 0);
+        c.get(3);
+        // 1 is clean and idle; 2 is dirty; 3 was used.
+        assert_eq!(c.clean_unused(), 1);
+        assert!(!c.contains(1) && c.contains(2) && c.contains(3));
+        assert_eq!(c.clean_unused(), 1);
+        assert!(!c.contains(3) && c.contains(2));
     }
 }

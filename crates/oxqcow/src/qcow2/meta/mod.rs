@@ -109,6 +109,12 @@ pub(crate) struct Meta {
     bitmaps: crate::qcow2::meta::bitmap::Bitmaps,
     /// The external data file, when guest data lives in one.
     data_file: Option<data_file::DataFile>,
+    /// `discard-no-unref`: discards and unmapping zero writes keep their
+    /// host clusters referenced (see `zero.rs`).
+    discard_no_unref: bool,
+    /// `pass-discard-request`: the host space of a discarded cluster is
+    /// given back (kept clusters included).
+    punch_requests: bool,
 }
 
 impl Meta {
@@ -134,6 +140,22 @@ impl Meta {
         }
         let l1 = decode_entries(&l1_raw);
         let (l2_tables, rc_tables) = cache_tables(opts, &geometry, header.size)?;
+        // The rest of QEMU's `qcow2_update_options_prepare`, in its order.
+        if opts.cache_clean_interval.is_some_and(|i| i > u64::from(u32::MAX)) {
+            return Err(Error::InvalidArgument("Cache clean interval too big".into()));
+        }
+        if opts.lazy_refcounts == Some(true) && header.version < 3 {
+            return Err(Error::InvalidArgument(
+                "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level".into(),
+            ));
+        }
+        let overlap_mask = match opts.overlap_check {
+            Some(mask) => mask,
+            None => opts.overlap.mask()?,
+        };
+        if opts.discard_no_unref && header.version < 3 {
+            return Err(Error::InvalidArgument("discard-no-unref is only supported since qcow2 version 3".into()));
+        }
         let refcounts = Refcounts::load(
             st,
             geometry,
@@ -167,8 +189,10 @@ impl Meta {
             messages: opts.messages.clone(),
             bitmaps: Default::default(),
             data_file,
+            discard_no_unref: opts.discard_no_unref,
+            punch_requests: opts.discard_passthrough,
         };
-        meta.refcounts.map.mask = opts.overlap_check.unwrap_or(overlap::CACHED);
+        meta.refcounts.map.mask = overlap_mask;
         meta.update_reserved();
         meta.load_inactive_map(st)?;
 
@@ -184,6 +208,12 @@ impl Meta {
         }
 
         Ok(meta)
+    }
+
+    /// Drops the clean cached L2 tables and refcount blocks that no request
+    /// used since the last call (`cache-clean-interval`); returns how many.
+    pub(crate) fn clean_unused_caches(&mut self) -> usize {
+        self.l2.clean_unused() + self.refcounts.clean_unused()
     }
 
     /// Before a read-write session: unknown autoclear bits and a stale
@@ -663,38 +693,62 @@ impl Meta {
     }
 }
 
+/// The cache sizes of QEMU's `read_cache_sizes` and
+/// `qcow2_update_options_prepare`, with their messages, in tables: the
+/// L2 cache in `l2-cache-entry-size` slices of tables, the refcount cache
+/// in blocks.
 fn cache_tables(opts: &OpenOptions, geometry: &Geometry, size: u64) -> Result<(usize, usize)> {
     let cs = geometry.cluster_size();
-    let max_l2 = geometry.clusters_for(size).saturating_mul(geometry.l2_entry_size());
-    let max_l2 = max_l2.div_ceil(cs) * cs;
-    let (l2, rc) = match (opts.cache_size, opts.l2_cache_size, opts.refcount_cache_size) {
-        (Some(_), Some(_), Some(_)) => {
-            return Err(Error::InvalidArgument(
-                "cache-size, l2-cache-size and refcount-cache-size may not be set at the same time".into(),
-            ))
-        }
-        (Some(total), Some(l2), None) => {
-            if l2 > total {
-                return Err(Error::InvalidArgument("l2-cache-size may not exceed cache-size".into()));
+    let min_refcount_cache = MIN_REFCOUNT_CACHE_TABLES * cs;
+    let max_l2_cache = geometry.clusters_for(size).saturating_mul(geometry.l2_entry_size()).div_ceil(cs) * cs;
+    let l2_setting = opts.l2_cache_size.unwrap_or(DEFAULT_L2_CACHE_MAX);
+    let mut l2 = max_l2_cache.min(l2_setting);
+    let mut rc = opts.refcount_cache_size.unwrap_or(0);
+    if let Some(total) = opts.cache_size {
+        let invalid = |m: &str| Err(Error::InvalidArgument(m.into()));
+        match (opts.l2_cache_size, opts.refcount_cache_size) {
+            (Some(_), Some(_)) => {
+                return invalid("cache-size, l2-cache-size and refcount-cache-size may not be set at the same time")
             }
-            (l2, total - l2)
+            (Some(setting), None) if setting > total => return invalid("l2-cache-size may not exceed cache-size"),
+            (_, Some(r)) if r > total => return invalid("refcount-cache-size may not exceed cache-size"),
+            _ => {}
         }
-        (Some(total), None, Some(rc)) => {
-            if rc > total {
-                return Err(Error::InvalidArgument("refcount-cache-size may not exceed cache-size".into()));
-            }
-            (total - rc, rc)
+        if opts.l2_cache_size.is_some() {
+            rc = total - l2;
+        } else if opts.refcount_cache_size.is_some() {
+            l2 = total - rc;
+        } else if total >= max_l2_cache.saturating_add(min_refcount_cache) {
+            // As much as possible for the L2 cache, the rest for refcounts.
+            l2 = max_l2_cache;
+            rc = total - l2;
+        } else {
+            rc = total.min(min_refcount_cache);
+            l2 = total - rc;
         }
-        (Some(total), None, None) => {
-            let l2 = total.min(max_l2);
-            (l2, total - l2)
-        }
-        (None, l2, rc) => {
-            (l2.unwrap_or_else(|| max_l2.min(DEFAULT_L2_CACHE_MAX)), rc.unwrap_or(MIN_REFCOUNT_CACHE_TABLES * cs))
-        }
+    }
+    // QEMU's default when the L2 cache cannot cover the whole disk: 4 KiB
+    // entries, which make loads and evictions cheaper.
+    let entry = match opts.l2_cache_entry_size {
+        Some(e) => e,
+        None if l2 < max_l2_cache => cs.min(4096),
+        None => cs,
     };
-    let l2_tables = (l2 / cs).max(MIN_L2_CACHE_TABLES);
+    if !(512..=cs).contains(&entry) || !entry.is_power_of_two() {
+        return Err(Error::InvalidArgument(format!(
+            "L2 cache entry size must be a power of two between 512 and the cluster size ({cs})"
+        )));
+    }
+    let l2_entries = (l2 / entry).max(MIN_L2_CACHE_TABLES);
+    if l2_entries > i32::MAX as u64 {
+        return Err(Error::InvalidArgument("L2 cache size too big".into()));
+    }
     let rc_tables = (rc / cs).max(MIN_REFCOUNT_CACHE_TABLES);
+    if rc_tables > i32::MAX as u64 {
+        return Err(Error::InvalidArgument("Refcount cache size too big".into()));
+    }
+    // The cache holds whole tables: as many as the slices' bytes make.
+    let l2_tables = (l2_entries * entry / cs).max(MIN_L2_CACHE_TABLES);
     Ok((l2_tables as usize, rc_tables as usize))
 }
 

@@ -82,16 +82,16 @@ mod tests {
 
     #[test]
     fn modes_and_templates() {
-        let mut m = CACHED;
-        apply_option(&mut m, "overlap-check", "none").unwrap();
-        assert_eq!(m, 0);
-        apply_option(&mut m, "overlap-check.active-l2", "on").unwrap();
-        assert_eq!(m, ACTIVE_L2);
-        apply_option(&mut m, "overlap-check", "all").unwrap();
-        apply_option(&mut m, "overlap-check.inactive-l2", "off").unwrap();
-        assert_eq!(m, ALL & !INACTIVE_L2);
-        assert!(apply_option(&mut m, "overlap-check", "some").is_err());
-        assert!(apply_option(&mut m, "overlap-check.nothing", "on").is_err());
+        let mut o = OverlapOptions::default();
+        o.apply("overlap-check", "none").unwrap();
+        assert_eq!(o.mask().unwrap(), 0);
+        o.apply("overlap-check.active-l2", "on").unwrap();
+        assert_eq!(o.mask().unwrap(), ACTIVE_L2);
+        o.apply("overlap-check", "all").unwrap();
+        o.apply("overlap-check.inactive-l2", "off").unwrap();
+        assert_eq!(o.mask().unwrap(), (ALL & !INACTIVE_L2) | ACTIVE_L2);
+        assert!(o.apply("overlap-check", "some").is_err());
+        assert!(o.apply("overlap-check.nothing", "on").is_err());
     }
 
     #[test]

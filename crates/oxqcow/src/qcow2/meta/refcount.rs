@@ -49,6 +49,11 @@ pub(crate) struct Refcounts {
 }
 
 impl Refcounts {
+    /// Drops the clean cached blocks no request used since the last call.
+    pub(crate) fn clean_unused(&mut self) -> usize {
+        self.blocks.clean_unused()
+    }
+
     /// Reads the refcount table.
     pub(crate) fn load(
         storage: &dyn Storage,

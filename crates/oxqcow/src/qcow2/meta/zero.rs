@@ -68,7 +68,9 @@ impl Meta {
     /// Turns whole clusters into zero clusters (version 3). With extended
     /// L2 entries (QEMU's `zero_in_l2_slice`) every subcluster becomes
     /// zero; the host cluster is kept unless `may_unmap` (compressed
-    /// clusters are always given back).
+    /// clusters are always given back). With `discard-no-unref` an
+    /// unmapping zero write keeps the host cluster referenced too, and only
+    /// its space is given back.
     pub(crate) fn zero_range(
         &mut self,
         storage: &dyn Storage,
@@ -80,27 +82,58 @@ impl Meta {
         if !self.zero_in_raw_data_file(offset, len, may_unmap)? {
             return Ok(false);
         }
-        if self.geometry.extended_l2() {
-            return self.rewrite_clusters(storage, offset, len, |old, entry, _| {
+        let keep = self.discard_no_unref;
+        let mut punch = Vec::new();
+        let done = if self.geometry.extended_l2() {
+            self.rewrite_clusters(storage, offset, len, |old, entry, bitmap| {
                 let unmap = match old {
                     L2Mapping::Compressed(_) => true,
                     m => may_unmap && m.host_cluster().is_some(),
                 };
+                if unmap && keep && !matches!(old, L2Mapping::Compressed(_)) {
+                    kept(&old, bitmap != L2Bitmap::ALL_ZEROES, &mut punch);
+                    return Some((entry, L2Bitmap::ALL_ZEROES, false));
+                }
                 let new = if unmap { L2Entry::UNALLOCATED } else { entry };
                 Some((new, L2Bitmap::ALL_ZEROES, unmap))
-            });
+            })?
+        } else {
+            self.rewrite_clusters(storage, offset, len, |old, entry, b| match old {
+                L2Mapping::ZeroPlain => None,
+                L2Mapping::ZeroAllocated { .. } if !may_unmap || keep => None,
+                L2Mapping::Normal { host, copied: true } | L2Mapping::ZeroAllocated { host, copied: true }
+                    if !may_unmap =>
+                {
+                    Some((L2Entry(host.0 | oxqcow_format::table::ZERO | oxqcow_format::table::COPIED), b, false))
+                }
+                L2Mapping::Unallocated => Some((L2Entry::ZERO_PLAIN, b, false)),
+                L2Mapping::Normal { .. } if keep => {
+                    kept(&old, true, &mut punch);
+                    Some((L2Entry(entry.0 | oxqcow_format::table::ZERO), b, false))
+                }
+                _ => Some((L2Entry::ZERO_PLAIN, b, true)),
+            })?
+        };
+        self.punch_kept(storage, &punch)?;
+        Ok(done)
+    }
+
+    /// Gives back the host space of clusters that `discard-no-unref` keeps
+    /// referenced, when `pass-discard-request` says so (QEMU passes the
+    /// discard on). The clusters read as zeros by their entries already.
+    fn punch_kept(&self, storage: &dyn Storage, hosts: &[u64]) -> Result<()> {
+        if !self.punch_requests || hosts.is_empty() {
+            return Ok(());
         }
-        self.rewrite_clusters(storage, offset, len, |old, _, b| match old {
-            L2Mapping::ZeroPlain => None,
-            L2Mapping::ZeroAllocated { .. } if !may_unmap => None,
-            L2Mapping::Normal { host, copied: true } | L2Mapping::ZeroAllocated { host, copied: true }
-                if !may_unmap =>
-            {
-                Some((L2Entry(host.0 | oxqcow_format::table::ZERO | oxqcow_format::table::COPIED), b, false))
-            }
-            L2Mapping::Unallocated => Some((L2Entry::ZERO_PLAIN, b, false)),
-            _ => Some((L2Entry::ZERO_PLAIN, b, true)),
-        })
+        let cs = self.geometry.cluster_size();
+        let st: &dyn Storage = match &self.data_file {
+            Some(d) => &*d.storage,
+            None => storage,
+        };
+        for &h in hosts {
+            st.punch_hole(h, cs).map_err(Error::io("discarding a host cluster", h))?;
+        }
+        Ok(())
     }
 
     /// With a raw external data file, which must read as the disk does:
@@ -184,27 +217,55 @@ impl Meta {
             return Ok(true);
         }
         let backing = self.has_backing;
-        if self.geometry.extended_l2() {
+        let keep = self.discard_no_unref;
+        let mut punch = Vec::new();
+        let done = if self.geometry.extended_l2() {
             // QEMU's discard_in_l2_slice with subclusters: every subcluster
             // reads as zeros, unless the cluster was unallocated and there
             // is no backing file (it reads as zeros already).
-            return self.rewrite_clusters(storage, offset, len, |old, _, _| {
+            self.rewrite_clusters(storage, offset, len, |old, entry, bitmap| {
                 let allocated = matches!(old, L2Mapping::Compressed(_)) || old.host_cluster().is_some();
                 if !backing && !allocated {
                     return None;
                 }
+                if keep && allocated && !matches!(old, L2Mapping::Compressed(_)) {
+                    kept(&old, bitmap != L2Bitmap::ALL_ZEROES, &mut punch);
+                    return Some((entry, L2Bitmap::ALL_ZEROES, false));
+                }
                 Some((L2Entry::UNALLOCATED, L2Bitmap::ALL_ZEROES, allocated))
-            });
-        }
-        // QEMU's rule: with a backing file (or for allocated clusters) the
-        // cluster must read as zeros afterwards, which only v3 can say;
-        // without one, unallocated already reads as zeros. A plain zero
-        // cluster is left as it is (QEMU's discard_in_l2_slice).
-        self.rewrite_clusters(storage, offset, len, |old, _, b| match old {
-            L2Mapping::Unallocated if backing && v3 => Some((L2Entry::ZERO_PLAIN, b, false)),
-            L2Mapping::Unallocated => None,
-            L2Mapping::ZeroPlain => None,
-            _ => Some((if v3 { L2Entry::ZERO_PLAIN } else { L2Entry::UNALLOCATED }, b, true)),
-        })
+            })?
+        } else {
+            // QEMU's rule: with a backing file (or for allocated clusters)
+            // the cluster must read as zeros afterwards, which only v3 can
+            // say; without one, unallocated already reads as zeros. A
+            // plain zero cluster is left as it is (QEMU's
+            // discard_in_l2_slice). With discard-no-unref (v3 only) an
+            // allocated cluster becomes a zero cluster that keeps it.
+            self.rewrite_clusters(storage, offset, len, |old, entry, b| match old {
+                L2Mapping::Unallocated if backing && v3 => Some((L2Entry::ZERO_PLAIN, b, false)),
+                L2Mapping::Unallocated => None,
+                L2Mapping::ZeroPlain => None,
+                L2Mapping::ZeroAllocated { .. } if keep => None,
+                L2Mapping::Normal { .. } if keep => {
+                    kept(&old, true, &mut punch);
+                    Some((L2Entry(entry.0 | oxqcow_format::table::ZERO), b, false))
+                }
+                _ => Some((if v3 { L2Entry::ZERO_PLAIN } else { L2Entry::UNALLOCATED }, b, true)),
+            })?
+        };
+        self.punch_kept(storage, &punch)?;
+        Ok(done)
+    }
+}
+
+/// Notes the host cluster of a cluster that `discard-no-unref` keeps, when
+/// its entry `changes`, for its space to be given back; only a cluster of
+/// this image alone (COPIED): the space of one a snapshot shares still
+/// holds the snapshot's data.
+fn kept(old: &L2Mapping, changes: bool, punch: &mut Vec<u64>) {
+    if let (true, L2Mapping::Normal { host, copied: true } | L2Mapping::ZeroAllocated { host, copied: true }) =
+        (changes, old)
+    {
+        punch.push(host.0);
     }
 }
