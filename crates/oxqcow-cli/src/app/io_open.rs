@@ -181,6 +181,7 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
     let mut runtime: Vec<(String, String)> = Vec::new();
     let mut passphrase = None;
     let mut backing_passphrase = None;
+    let mut auto_read_only = false;
     for (key, value) in std::mem::take(&mut spec.options) {
         match key.as_str() {
             "driver" => driver = Some(value),
@@ -216,6 +217,10 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
                 }
             }
             "encrypt.format" => {}
+            // Names for QMP, which oxqcow has no use for; `reopen` keeps
+            // them unchanged as QEMU's does.
+            k if NODE_NAMES.contains(&k) => check_node_name(&value)?,
+            "auto-read-only" => auto_read_only = parse_bool(&key, &value)?,
             _ => runtime.push((key, value)),
         }
     }
@@ -277,6 +282,7 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
     }
     // `oxqcow --forbid-backing io ...` refuses images with backing files.
     opts.backing = backing_policy(opts.backing);
+    overlap_conflict(&runtime)?;
     for (key, value) in &runtime {
         let unsupported = || format!("Block format '{format_name}' does not support the option '{key}'");
         if format == ImageFormat::Raw && qcow2_only(key) {
@@ -287,7 +293,13 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
             return Err(if msg.starts_with("Invalid parameter") { unsupported() } else { msg });
         }
     }
-    let image = Image::open(Path::new(&path), &opts).map_err(|e| match &e {
+    let mut opened = Image::open(Path::new(&path), &opts);
+    // auto-read-only: a file that cannot be written is opened read-only.
+    if auto_read_only && !opts.read_only && opened.as_ref().is_err_and(denied) {
+        opts.read_only = true;
+        opened = Image::open(Path::new(&path), &opts);
+    }
+    let image = opened.map_err(|e| match &e {
         oxqcow::Error::Io { op: "opening the image", source, .. } => {
             format!("Could not open '{path}': {}", io_error_text(source))
         }
@@ -299,6 +311,70 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
     }
     let image = if spec.snapshot { temporary_overlay(image, &opts, spec.read_only)? } else { image };
     Ok(Opened { image, unmap: spec.unmap })
+}
+
+/// The node-name options qemu-io accepts: the image's, its file's and its
+/// backing image's.
+const NODE_NAMES: &[&str] = &["node-name", "file.node-name", "backing.node-name"];
+
+/// QEMU's rule for node names (`id_wellformed`): a letter, then letters,
+/// digits, '-', '.' and '_'.
+fn check_node_name(name: &str) -> Result<(), String> {
+    let mut chars = name.chars();
+    let well_formed = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || "-._".contains(c));
+    if well_formed {
+        Ok(())
+    } else {
+        Err(format!("Invalid node-name: '{name}'"))
+    }
+}
+
+/// Whether opening failed for want of write permission.
+fn denied(e: &oxqcow::Error) -> bool {
+    matches!(e, oxqcow::Error::Io { source, .. }
+        if matches!(source.kind(), std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem))
+}
+
+/// QEMU refuses `overlap-check` and `overlap-check.template` naming
+/// different modes, before it looks at either value.
+fn overlap_conflict(runtime: &[(String, String)]) -> Result<(), String> {
+    let get = |k: &str| runtime.iter().rev().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+    match (get("overlap-check"), get("overlap-check.template")) {
+        (Some(mode), Some(template)) if mode != template => Err(format!(
+            "Conflicting values for qcow2 options 'overlap-check' ('{mode}') and 'overlap-check.template' ('{template}')"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Whether opening a `format` image takes option `key`: what `reopen`
+/// may change (any other option, QEMU says, cannot be changed).
+pub fn takes_option(format: ImageFormat, key: &str) -> bool {
+    const GENERIC: &[&str] = &[
+        "read-only",
+        "auto-read-only",
+        "force-share",
+        "discard",
+        "aio",
+        "file.aio",
+        "cache.direct",
+        "file.cache.direct",
+        "cache.no-flush",
+        "file.cache.no-flush",
+        "encrypt.key-secret",
+        "backing.encrypt.key-secret",
+        "encrypt.format",
+    ];
+    if GENERIC.contains(&key) {
+        return true;
+    }
+    if format != ImageFormat::Qcow2 && qcow2_only(key) {
+        return false;
+    }
+    // The engine names the options it does not know "Invalid parameter".
+    !matches!(OpenOptions::new().apply_qemu_option(key, ""),
+        Err(oxqcow::Error::InvalidArgument(m)) if m.starts_with("Invalid parameter"))
 }
 
 /// `-s`: a qcow2 overlay in memory over the image, which is open read-only.

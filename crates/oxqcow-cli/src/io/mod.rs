@@ -77,7 +77,8 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let mut spec = OpenSpec::for_command_line();
     let mut commands: Vec<String> = Vec::new();
     let mut format: Option<String> = None;
-    let mut session = Session { ctx, image: None, image_opts: false, secrets: HashMap::new(), quit: false };
+    let mut session =
+        Session { ctx, image: None, opened_with: None, image_opts: false, secrets: HashMap::new(), quit: false };
     for (key, value) in parsed.opts {
         let value = value.unwrap_or_default();
         let res = match key.as_str() {

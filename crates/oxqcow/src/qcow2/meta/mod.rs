@@ -693,6 +693,19 @@ fn cache_tables(opts: &OpenOptions, geometry: &Geometry, size: u64) -> Result<(u
             (l2.unwrap_or_else(|| max_l2.min(DEFAULT_L2_CACHE_MAX)), rc.unwrap_or(MIN_REFCOUNT_CACHE_TABLES * cs))
         }
     };
+    let entry_size = opts.l2_cache_entry_size.unwrap_or(cs);
+    if !entry_size.is_power_of_two() || !(512..=cs).contains(&entry_size) {
+        return Err(Error::InvalidArgument(format!(
+            "L2 cache entry size must be a power of two between 512 and the cluster size ({cs})"
+        )));
+    }
+    // QEMU counts its caches' entries in an int.
+    if l2 / entry_size > i32::MAX as u64 {
+        return Err(Error::InvalidArgument("L2 cache size too big".into()));
+    }
+    if rc / cs > i32::MAX as u64 {
+        return Err(Error::InvalidArgument("Refcount cache size too big".into()));
+    }
     let l2_tables = (l2 / cs).max(MIN_L2_CACHE_TABLES);
     let rc_tables = (rc / cs).max(MIN_REFCOUNT_CACHE_TABLES);
     Ok((l2_tables as usize, rc_tables as usize))
