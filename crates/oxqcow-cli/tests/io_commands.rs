@@ -188,3 +188,24 @@ fn wait_break_without_blkdebug_fails_instead_of_hanging() {
         "{out:?}"
     );
 }
+
+// Guards against a corruption found while writing being reported only at
+// close ("an earlier metadata update failed ..."): QEMU prints "qcow2:
+// Marking image as corrupt: ...; further corruption events will be
+// suppressed" when it happens, fails the request with EIO, later ones
+// (reads too) with ENOMEDIUM, and closes quietly.
+#[test]
+fn corruption_found_while_writing_is_signalled_as_qemu_signals_it() {
+    let pair = Pair::new("qcow2", None, "64M");
+    for image in [&pair.qemu, &pair.ours] {
+        // The header cluster's refcount (first entry of the refcount block
+        // at 0x20000) set to 0: the allocator would place the L2 table there.
+        let mut bytes = std::fs::read(image).expect("read image");
+        bytes[0x20000..0x20002].fill(0);
+        std::fs::write(image, bytes).expect("write image");
+    }
+    io(&pair, &["write 64k 64k", "write 0 512", "read 0 512"]);
+    assert_same_content(&pair.qemu, &pair.ours, "corrupt image");
+    let info = qemu_oracle::qemu("qemu-img", &["info", pair.ours.to_str().expect("utf-8")]);
+    assert!(info.stdout.contains("corrupt: true"), "{}", info.stdout);
+}

@@ -130,6 +130,11 @@ pub enum ImageMessage<'a> {
     /// COPIED flag its refcount contradicts), worded as `qemu-img check`
     /// reports it.
     Inconsistency(&'a str),
+    /// A corruption found while the image runs, as QEMU's
+    /// `qcow2_signal_corruption` prints it (the whole line): "qcow2:
+    /// Marking image as corrupt: ...; further corruption events will be
+    /// suppressed" on a writable image. Only the first is reported.
+    Corruption(&'a str),
 }
 
 /// Receives the [`ImageMessage`]s of an open image as they happen.

@@ -292,6 +292,7 @@ impl Qcow2 {
 
     /// Reads `buf.len()` bytes at guest `offset`.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.lock_meta().check_usable()?;
         io::read(self, buf, offset)
     }
 
