@@ -209,3 +209,32 @@ fn corruption_found_while_writing_is_signalled_as_qemu_signals_it() {
     let info = qemu_oracle::qemu("qemu-img", &["info", pair.ours.to_str().expect("utf-8")]);
     assert!(info.stdout.contains("corrupt: true"), "{}", info.stdout);
 }
+
+// Guards against `read -b`/`write -b` being refused ("the VM state area is
+// not supported"): the VM state lives after the disk in the image's
+// address space, where QEMU finds what oxqcow wrote, and the other way
+// round.
+#[test]
+fn vm_state_reads_and_writes_where_qemu_puts_them() {
+    let pair = Pair::new("qcow2", None, "64M");
+    let cmds = [
+        "write -b -P 0x11 0 4k",
+        "read -b -P 0x11 0 4k",
+        "read -b -P 0 64k 4k",
+        "write -b -P 0x22 1T 4k",
+        "read -b -P 0x22 1T 4k",
+        "read -b -P 0 2T 512",
+        "write -b 1 512",
+        "read -b 0 100",
+        "read -P 0 0 64k",
+        "map",
+    ];
+    io(&pair, &cmds);
+    assert_check_clean(&pair.ours, "vm state");
+    // Each tool reads what the other wrote.
+    let swapped = Pair { dir: tempfile::tempdir().expect("tempdir"), qemu: pair.ours.clone(), ours: pair.qemu.clone() };
+    io(&swapped, &["read -b -P 0x11 0 4k", "read -b -P 0x22 1T 4k"]);
+
+    let raw = Pair::new("raw", None, "1M");
+    compare_io(&raw, &["-f", "raw", "-c", "read -b 0 512", "-c", "write -b 0 512", "IMG"]);
+}

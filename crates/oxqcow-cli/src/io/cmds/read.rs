@@ -4,8 +4,8 @@ use oxqcow::BlockDevice;
 
 use crate::app::messages::errno_text;
 use crate::io::cmds::args::{
-    buffer, cmd, image, iovec_len, num, parse_args, pattern, read_failed, sector_aligned, timed, vm_state_unsupported,
-    CmdInfo, MAX_REQUEST,
+    buffer, cmd, image, iovec_len, num, parse_args, pattern, read_failed, read_vmstate, sector_aligned, timed, CmdInfo,
+    MAX_REQUEST,
 };
 use crate::io::report::{dump, report};
 use crate::io::session::{CmdResult, Failed, Session};
@@ -146,10 +146,10 @@ fn read(s: &mut Session, info: &CmdInfo, argv: &[String]) -> CmdResult {
     }
     if vm_state {
         sector_aligned(offset, count)?;
-        return vm_state_unsupported();
     }
     let mut buf = buffer(count, 0xab)?;
-    let (res, t) = timed(|| image(s).read_at(&mut buf, offset));
+    let (res, t) =
+        timed(|| if vm_state { read_vmstate(image(s), &mut buf, offset) } else { image(s).read_at(&mut buf, offset) });
     res.map_err(|e| read_failed("read", &e))?;
     let mut ret = Ok(());
     if let Some(p) = pat {
