@@ -238,3 +238,28 @@ fn vm_state_reads_and_writes_where_qemu_puts_them() {
     let raw = Pair::new("raw", None, "1M");
     compare_io(&raw, &["-f", "raw", "-c", "read -b 0 512", "-c", "write -b 0 512", "IMG"]);
 }
+
+// Guards against `-C` being refused ("copy-on-read (-C) is not supported"):
+// reads copy what the overlay does not allocate, over whole clusters, zeros
+// as zero clusters, from the command line and from `open -C`.
+#[test]
+fn copy_on_read_copies_what_the_overlay_lacks() {
+    let pair = Pair::new("qcow2", None, "1M");
+    let base = pair.path("base.qcow2");
+    let b = base.to_str().expect("utf-8");
+    qemu_oracle::create(&["-f", "qcow2", b, "1M"]);
+    let w = qemu_oracle::qemu("qemu-io", &["-c", "write -P 1 0 100k", "-c", "write -z 200k 64k", b]);
+    assert_eq!(w.code, 0, "{w:?}");
+    for image in [&pair.qemu, &pair.ours] {
+        qemu_oracle::create(&["-f", "qcow2", "-b", b, "-F", "qcow2", image.to_str().expect("utf-8")]);
+    }
+    compare_io(
+        &pair,
+        &["-C", "-c", "read -P 1 1000 10", "-c", "read 150k 150k", "-c", "readv 600k 512 512", "-c", "map", "IMG"],
+    );
+    compare_io(&pair, &["-c", "open -C IMG", "-c", "read 900k 512", "-c", "map"]);
+    compare_io(&pair, &["-C", "-r", "-c", "read 0 512", "IMG"]);
+    assert_same_content(&pair.qemu, &pair.ours, "copy on read");
+    assert_eq!(qemu_oracle::guest_map(&pair.ours), qemu_oracle::guest_map(&pair.qemu), "allocation after copy on read");
+    assert_check_clean(&pair.ours, "copy on read");
+}

@@ -54,7 +54,7 @@ fn usage(prog: &str) -> String {
          \x20 -r, --read-only      export read-only\n\
          \x20 -s, --snapshot       use snapshot file\n\
          \x20 -n, --nocache        disable host cache, short for -t none\n\
-         \x20 -C, --copy-on-read   enable copy-on-read (not supported)\n\
+         \x20 -C, --copy-on-read   enable copy-on-read\n\
          \x20 -m, --misalign       misalign allocations for O_DIRECT\n\
          \x20 -k, --native-aio     use kernel AIO implementation\n\
          \x20                      (Linux only, prefer use of -i)\n\

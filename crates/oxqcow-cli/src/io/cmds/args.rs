@@ -71,6 +71,12 @@ pub fn image<'s>(s: &'s Session) -> &'s Image {
     &s.image.as_ref().expect("commands that need an image are only run with one open").image
 }
 
+/// The open image with how it was opened (for reads, which copy on read
+/// with `-C`).
+pub fn opened<'s>(s: &'s Session) -> &'s crate::app::io_open::Opened {
+    s.image.as_ref().expect("commands that need an image are only run with one open")
+}
+
 /// A number argument, with qemu-io's message when it does not parse.
 pub fn num(arg: &str) -> Result<u64, Failed> {
     let parsed = qemu_strtosz(arg).and_then(|v| if v > i64::MAX as u64 { Err(SizeError::Range) } else { Ok(v) });

@@ -14,7 +14,7 @@ const OPEN_HELP: &str = "
  Opens a file for subsequent use by all of the other qemu-io commands.
  -r, -- open file read-only
  -s, -- use snapshot file
- -C, -- use copy-on-read (not supported)
+ -C, -- use copy-on-read
  -n, -- disable host cache, short for -t none
  -U, -- force shared permissions
  -k, -- use kernel AIO implementation (Linux only, prefer use of -i)
