@@ -59,6 +59,12 @@ fn reopen_changes_options_and_keeps_the_old_ones_when_refused() {
             "write -P 0x66 0 512",
             "reopen -c none",
             "reopen -c bogus",
+            // Flags replace what earlier options said.
+            "reopen -r -o cache.direct=on",
+            "write 0 512",
+            "reopen -w -c writeback",
+            "write -P 0x77 4k 512",
+            "read -P 0x77 4k 512",
             "reopen -r -w",
             "reopen extra",
             "reopen -x",
@@ -262,4 +268,32 @@ fn copy_on_read_copies_what_the_overlay_lacks() {
     assert_same_content(&pair.qemu, &pair.ours, "copy on read");
     assert_eq!(qemu_oracle::guest_map(&pair.ours), qemu_oracle::guest_map(&pair.qemu), "allocation after copy on read");
     assert_check_clean(&pair.ours, "copy on read");
+}
+
+// Guards against `reopen -o read-only=on` (without -r) making the image
+// read-only: qemu-io keeps its write permission, so QEMU refuses the
+// reopen and writes go on (the node's generated name differs, so the
+// message is compared with the name masked).
+#[test]
+fn read_only_by_option_alone_is_refused() {
+    let pair = Pair::new("qcow2", None, "1M");
+    let theirs = run(
+        "qemu-io",
+        &with_image(&["-c", "reopen -o read-only=on", "-c", "write -P 7 0 512", "IMG"], &pair.qemu),
+        None,
+    );
+    let ours = qemu_oracle::ox(&[
+        "io",
+        "-c",
+        "reopen -o read-only=on",
+        "-c",
+        "write -P 7 0 512",
+        pair.ours.to_str().expect("utf-8"),
+    ]);
+    let mask =
+        |e: &str| e.split('\'').enumerate().map(|(i, p)| if i == 1 { "NODE" } else { p }).collect::<Vec<_>>().join("'");
+    assert_eq!(mask(&normalize(&ours, None, "qemu-io").stderr), mask(&normalize(&theirs, None, "qemu-io").stderr));
+    assert_eq!(normalize(&ours, None, "qemu-io").stdout, normalize(&theirs, None, "qemu-io").stdout);
+    assert_eq!(ours.code, theirs.code);
+    assert_same_content(&pair.qemu, &pair.ours, "read-only by option");
 }

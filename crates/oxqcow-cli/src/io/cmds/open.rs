@@ -156,9 +156,20 @@ fn reopen(s: &mut Session, info: &CmdInfo, argv: &[String]) -> CmdResult {
             return fail(s, &format!("Parameter '{key}' expects 'on' or 'off'"));
         }
     }
-    let Some((old_spec, name)) = s.opened_with.clone() else {
-        unreachable!("reopen runs only with an image open, which records how it was opened")
-    };
+    // qemu-io keeps its write permission unless -r drops it, so a node
+    // made read-only by option alone is refused (QEMU names the node; an
+    // unnamed one gets a generated name, '#blockNNN').
+    let to_read_only = options.iter().rev().find(|(k, _)| k == "read-only").is_some_and(|(_, v)| v == "on");
+    if to_read_only && read_only.is_none() && s.image.as_ref().is_some_and(|i| !i.read_only()) {
+        let named = s
+            .opened_with
+            .as_ref()
+            .and_then(|(spec, _)| spec.options.iter().find(|(k, _)| k == "node-name").map(|(_, v)| v.clone()));
+        let node = named.unwrap_or_else(|| "#block0".into());
+        return fail(s, &format!("Read-only block node '{node}' cannot support read-write users"));
+    }
+    // Recorded with every image the session opens.
+    let Some((old_spec, name)) = s.opened_with.clone() else { return fail(s, "no file open, try 'help open'") };
     if old_spec.snapshot {
         return fail(s, "reopen of an image opened with -s is not supported by oxqcow");
     }
@@ -190,10 +201,14 @@ fn reopen(s: &mut Session, info: &CmdInfo, argv: &[String]) -> CmdResult {
         }
     }
     join_options(&mut new_spec.options, given);
+    // The flags replace what options said before (qemu-io turns them into
+    // these options).
     if let Some(ro) = read_only {
+        new_spec.options.retain(|(k, _)| k != "read-only");
         new_spec.read_only = ro;
     }
     if let Some(mode) = cache {
+        new_spec.options.retain(|(k, _)| !matches!(k.as_str(), "cache.direct" | "cache.no-flush"));
         new_spec.apply_flag('t', mode).expect("the cache mode was checked");
     }
     s.close_image()?;
