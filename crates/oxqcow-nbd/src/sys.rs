@@ -1,6 +1,7 @@
 //! The operating-system calls the server needs and std does not offer:
 //! waking a blocked accept, termination signals, forking into the
-//! background, and the sockets systemd passes in. Every unsafe block of the
+//! background, and the sockets systemd passes in; also `raise`, for
+//! qemu-io's `sigraise`. Every unsafe block of the
 //! crate is here, each with the reason it is sound.
 
 use std::io;
@@ -121,6 +122,18 @@ fn wait_child(pid: libc::pid_t) -> io::Result<i32> {
         }
     }
     Ok(if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { 128 + libc::WTERMSIG(status) })
+}
+
+/// Sends signal `sig` to the calling thread, as C's `raise(3)` (qemu-io's
+/// `sigraise`). A signal number the system does not know is refused.
+pub fn raise(sig: i32) -> io::Result<()> {
+    // SAFETY: raise(3) takes a plain integer and touches no memory of ours;
+    // whatever the signal does (including ending the process) is its
+    // documented effect.
+    if unsafe { libc::raise(sig) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Starts a new session, detaching from the controlling terminal, as a

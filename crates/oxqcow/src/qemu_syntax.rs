@@ -99,6 +99,29 @@ pub fn parse_size_option(name: &str, value: &str) -> Result<u64, String> {
     }
 }
 
+/// Parses a number-typed QemuOpts value (`cache-clean-interval=600`) as
+/// QEMU's `qemu_strtou64` reads it: decimal, `0x` hexadecimal or `0`
+/// octal, and a leading `-` negating modulo 2^64 as `strtoull` does.
+pub fn parse_number_option(name: &str, value: &str) -> Result<u64, String> {
+    let expects = || format!("Parameter '{name}' expects a number");
+    let (negative, t) = match value.as_bytes().first() {
+        Some(b'-') => (true, &value[1..]),
+        Some(b'+') => (false, &value[1..]),
+        _ => (false, value),
+    };
+    let (radix, digits) = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(hex) => (16, hex),
+        None if t.len() > 1 && t.starts_with('0') => (8, &t[1..]),
+        None => (10, t),
+    };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return Err(expects());
+    }
+    let v = u64::from_str_radix(digits, radix)
+        .map_err(|_| format!("Value '{value}' is too large for parameter '{name}'"))?;
+    Ok(if negative { v.wrapping_neg() } else { v })
+}
+
 /// One `key=value` of an option string.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OptionItem {
@@ -207,6 +230,24 @@ pub fn split_options(s: &str) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // Guards `cache-clean-interval=-1`, which QEMU reads as 2^64-1 (and
+    // then refuses as too big) rather than as a malformed number.
+    #[test]
+    fn numbers_as_qemu_strtou64_reads_them() {
+        let n = |s: &str| parse_number_option("n", s);
+        assert_eq!(n("600"), Ok(600));
+        assert_eq!(n("0x10"), Ok(16));
+        assert_eq!(n("010"), Ok(8));
+        assert_eq!(n("0"), Ok(0));
+        assert_eq!(n("-1"), Ok(u64::MAX));
+        assert_eq!(n("abc"), Err("Parameter 'n' expects a number".into()));
+        assert_eq!(n("5k"), Err("Parameter 'n' expects a number".into()));
+        assert_eq!(
+            n("99999999999999999999"),
+            Err("Value '99999999999999999999' is too large for parameter 'n'".into())
+        );
+    }
 
     #[test]
     fn strtosz_like_qemu() {

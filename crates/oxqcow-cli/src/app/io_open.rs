@@ -41,6 +41,8 @@ pub struct OpenSpec {
     pub native_aio: bool,
     /// Pass discard requests to the host file (`-d unmap`, qemu-io's default).
     pub unmap: bool,
+    /// `-C`: reads copy what the image does not allocate itself into it.
+    pub copy_on_read: bool,
     /// `key=value` options from `-o`, `-f` or `--image-opts`.
     pub options: Vec<(String, String)>,
 }
@@ -57,6 +59,7 @@ impl OpenSpec {
             no_flush: false,
             native_aio: false,
             unmap: true,
+            copy_on_read: false,
             options: Vec::new(),
         }
     }
@@ -74,7 +77,7 @@ impl OpenSpec {
                 self.no_flush = false;
             }
             'k' => self.native_aio = true,
-            'C' => return Err("copy-on-read (-C) is not supported by oxqcow".into()),
+            'C' => self.copy_on_read = true,
             't' => self.set_cache(value).map_err(|()| format!("Invalid cache option: {value}"))?,
             'i' => self.set_aio(value).map_err(|()| format!("Invalid aio option: {value}"))?,
             'd' => self.set_discard(value).map_err(|()| format!("Invalid discard option: {value}"))?,
@@ -137,12 +140,57 @@ pub struct Opened {
     /// Discard requests reach the image (QEMU's `BDRV_O_UNMAP`); without
     /// it, discards do nothing and zero writes may not unmap.
     pub unmap: bool,
+    /// Reads copy into the image what it does not allocate (`-C`).
+    pub copy_on_read: bool,
 }
 
 impl Opened {
     /// Whether writes are refused.
     pub fn read_only(&self) -> bool {
         self.image.is_read_only()
+    }
+
+    /// Reads at guest `offset`; with copy-on-read, first copies what the
+    /// image does not allocate itself (from its backing image, or zeros)
+    /// into it, over whole (sub)clusters as QEMU's copy-on-read does; zeros
+    /// are written as zeros.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> oxqcow::Result<()> {
+        if self.copy_on_read && !buf.is_empty() {
+            if let Some(q) = self.image.as_qcow2() {
+                let unit = q.geometry().subcluster_size();
+                let size = self.image.len();
+                let start = offset / unit * unit;
+                let end = (offset + buf.len() as u64).div_ceil(unit).saturating_mul(unit).min(size);
+                if start < end {
+                    self.copy_unallocated(start, end)?;
+                }
+            }
+        }
+        self.image.read_at(buf, offset)
+    }
+
+    fn copy_unallocated(&self, start: u64, end: u64) -> oxqcow::Result<()> {
+        // QEMU's bounce buffer bounds each copy the same way.
+        const PIECE: u64 = 1 << 20;
+        let mut pos = start;
+        for e in self.image.block_status(start, end - start)? {
+            let e_end = pos + e.length;
+            if !(e.present && e.depth == 0) {
+                while pos < e_end {
+                    let n = PIECE.min(e_end - pos);
+                    let mut bounce = vec![0u8; n as usize];
+                    self.image.read_at(&mut bounce, pos)?;
+                    if bounce.iter().all(|&b| b == 0) {
+                        self.image.write_zeroes_at(pos, n, false)?;
+                    } else {
+                        self.image.write_at(&bounce, pos)?;
+                    }
+                    pos += n;
+                }
+            }
+            pos = e_end;
+        }
+        Ok(())
     }
 
     /// Flushes (unless `cache=unsafe`) and closes.
@@ -268,6 +316,9 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
                 }
             }
             "encrypt.format" => {}
+            // Names for QMP, which oxqcow has no use for; `reopen` keeps
+            // them unchanged as QEMU's does.
+            k if NODE_NAMES.contains(&k) => check_node_name(&value)?,
             _ => runtime.push((key, value)),
         }
     }
@@ -279,6 +330,9 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
             None => "Must specify either driver or file".into(),
         });
     };
+    if spec.copy_on_read && spec.read_only {
+        return Err("Can't use copy-on-read on read-only device".into());
+    }
     if spec.force_share && !spec.read_only {
         return Err("force-share=on can only be used with read-only images".into());
     }
@@ -346,6 +400,7 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
     }
     // `oxqcow --forbid-backing io ...` refuses images with backing files.
     opts.backing = backing_policy(opts.backing);
+    overlap_conflict(&runtime)?;
     for (key, value) in &runtime {
         let unsupported = || format!("Block format '{format_name}' does not support the option '{key}'");
         if format == ImageFormat::Raw && qcow2_only(key) {
@@ -368,7 +423,66 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
         warn_probed_raw(&shown);
     }
     let image = if spec.snapshot { temporary_overlay(image, &opts, spec.read_only)? } else { image };
-    Ok(Opened { image, unmap: spec.unmap })
+    Ok(Opened { image, unmap: spec.unmap, copy_on_read: spec.copy_on_read })
+}
+
+/// The node-name options qemu-io accepts: the image's, its file's and its
+/// backing image's.
+const NODE_NAMES: &[&str] = &["node-name", "file.node-name", "backing.node-name"];
+
+/// QEMU's rule for node names (`id_wellformed`): a letter, then letters,
+/// digits, '-', '.' and '_'.
+fn check_node_name(name: &str) -> Result<(), String> {
+    let mut chars = name.chars();
+    let well_formed = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || "-._".contains(c));
+    if well_formed {
+        Ok(())
+    } else {
+        Err(format!("Invalid node-name: '{name}'"))
+    }
+}
+
+
+/// QEMU refuses `overlap-check` and `overlap-check.template` naming
+/// different modes, before it looks at either value.
+fn overlap_conflict(runtime: &[(String, String)]) -> Result<(), String> {
+    let get = |k: &str| runtime.iter().rev().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+    match (get("overlap-check"), get("overlap-check.template")) {
+        (Some(mode), Some(template)) if mode != template => Err(format!(
+            "Conflicting values for qcow2 options 'overlap-check' ('{mode}') and 'overlap-check.template' ('{template}')"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Whether opening a `format` image takes option `key`: what `reopen`
+/// may change (any other option, QEMU says, cannot be changed).
+pub fn takes_option(format: ImageFormat, key: &str) -> bool {
+    const GENERIC: &[&str] = &[
+        "read-only",
+        "auto-read-only",
+        "force-share",
+        "discard",
+        "aio",
+        "file.aio",
+        "cache.direct",
+        "file.cache.direct",
+        "cache.no-flush",
+        "file.cache.no-flush",
+        "encrypt.key-secret",
+        "backing.encrypt.key-secret",
+        "encrypt.format",
+    ];
+    if GENERIC.contains(&key) {
+        return true;
+    }
+    if format != ImageFormat::Qcow2 && qcow2_only(key) {
+        return false;
+    }
+    // The engine names the options it does not know "Invalid parameter".
+    !matches!(OpenOptions::new().apply_qemu_option(key, ""),
+        Err(oxqcow::Error::InvalidArgument(m)) if m.starts_with("Invalid parameter"))
 }
 
 /// `-s`: a qcow2 overlay in memory over the image, which is open read-only.

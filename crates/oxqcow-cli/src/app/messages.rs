@@ -11,8 +11,9 @@ use oxqcow::{ImageMessage, ImageMessages};
 /// Prints what QEMU prints while opening and running an image, as it
 /// happens: the warning (at every open) for a bitmaps extension that a
 /// program without bitmap support left behind, the lines of the repair a
-/// dirty image (lazy refcounts) gets when it is opened read-write, and
-/// inconsistencies met and worked around later.
+/// dirty image (lazy refcounts) gets when it is opened read-write,
+/// inconsistencies met and worked around later, and the corruption that
+/// stops the image.
 pub fn open_messages() -> ImageMessages {
     Arc::new(|m| match m {
         ImageMessage::StaleBitmaps(why) => {
@@ -23,7 +24,9 @@ pub fn open_messages() -> ImageMessages {
                 "{prog}: warning: {why}\nSome clusters may be leaked, run 'qemu-img check -r' on the image file to fix."
             );
         }
-        ImageMessage::Repair(line) | ImageMessage::Inconsistency(line) => stderr_line(line),
+        ImageMessage::Repair(line) | ImageMessage::Inconsistency(line) | ImageMessage::Corruption(line) => {
+            stderr_line(line)
+        }
     })
 }
 

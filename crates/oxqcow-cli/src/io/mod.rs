@@ -54,7 +54,7 @@ fn usage(prog: &str) -> String {
          \x20 -r, --read-only      export read-only\n\
          \x20 -s, --snapshot       use snapshot file\n\
          \x20 -n, --nocache        disable host cache, short for -t none\n\
-         \x20 -C, --copy-on-read   enable copy-on-read (not supported)\n\
+         \x20 -C, --copy-on-read   enable copy-on-read\n\
          \x20 -m, --misalign       misalign allocations for O_DIRECT\n\
          \x20 -k, --native-aio     use kernel AIO implementation\n\
          \x20                      (Linux only, prefer use of -i)\n\
@@ -77,7 +77,8 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let mut spec = OpenSpec::for_command_line();
     let mut commands: Vec<String> = Vec::new();
     let mut format: Option<String> = None;
-    let mut session = Session { ctx, image: None, image_opts: false, secrets: HashMap::new(), quit: false };
+    let mut session =
+        Session { ctx, image: None, opened_with: None, image_opts: false, secrets: HashMap::new(), quit: false };
     for (key, value) in parsed.opts {
         let value = value.unwrap_or_default();
         let res = match key.as_str() {

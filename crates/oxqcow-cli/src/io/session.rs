@@ -21,6 +21,9 @@ pub struct Session<'a> {
     pub ctx: &'a Ctx,
     /// The open image, if any.
     pub image: Option<Opened>,
+    /// How the open image was opened (its flags and options, and the name
+    /// given), which `reopen` starts from.
+    pub opened_with: Option<(OpenSpec, Option<String>)>,
     /// `--image-opts` was given: file names are option strings.
     pub image_opts: bool,
     /// Secrets defined with `--object secret,...`, by id.
@@ -36,11 +39,8 @@ impl Session<'_> {
             self.ctx.error("file open already, try 'help close'");
             return Err(Failed);
         }
-        match open::open(&spec, name, &self.secrets) {
-            Ok(img) => {
-                self.image = Some(img);
-                Ok(())
-            }
+        match self.open_as(spec, name) {
+            Ok(()) => Ok(()),
             Err(msg) => {
                 match name {
                     Some(n) => self.ctx.error(&format!("can't open device {n}: {msg}")),
@@ -51,8 +51,18 @@ impl Session<'_> {
         }
     }
 
+    /// Opens an image, keeping how for `reopen`; the error is the reason
+    /// (what follows "can't open device NAME: ").
+    pub fn open_as(&mut self, spec: OpenSpec, name: Option<&str>) -> Result<(), String> {
+        let img = open::open(&spec, name, &self.secrets)?;
+        self.image = Some(img);
+        self.opened_with = Some((spec, name.map(str::to_string)));
+        Ok(())
+    }
+
     /// Flushes and closes the open image.
     pub fn close_image(&mut self) -> CmdResult {
+        self.opened_with = None;
         match self.image.take() {
             Some(img) => img.close().map_err(|msg| {
                 self.ctx.error(&msg);

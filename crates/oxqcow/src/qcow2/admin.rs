@@ -203,7 +203,7 @@ impl Qcow2 {
     }
 
     pub(crate) fn close_inner(&self) -> Result<()> {
-        if self.closed.swap(true, Ordering::AcqRel) || self.read_only {
+        if self.closed.swap(true, Ordering::AcqRel) || self.read_only || self.lock_meta().stopped_by_corruption() {
             return Ok(());
         }
         self.flush()?;

@@ -18,11 +18,17 @@ use crate::storage::Storage;
 /// Reads `buf.len()` bytes at guest `offset`.
 pub(super) fn read(q: &Qcow2, buf: &mut [u8], offset: u64) -> Result<()> {
     q.check_range(offset, buf.len() as u64)?;
+    read_unchecked(q, buf, offset)
+}
+
+/// Reads at an offset the caller checked: in the disk, or in the VM state
+/// area after it.
+pub(super) fn read_unchecked(q: &Qcow2, buf: &mut [u8], offset: u64) -> Result<()> {
     if q.crypt.is_some() && !is_sector_aligned(offset, buf.len() as u64) {
         // Encryption works on whole sectors: read them and copy out.
         let (start, end) = sector_bounds(offset, buf.len() as u64);
         let mut bounce = vec![0u8; (end - start) as usize];
-        q.read_at(&mut bounce, start)?;
+        read_unchecked(q, &mut bounce, start)?;
         let at = (offset - start) as usize;
         buf.copy_from_slice(&bounce[at..at + buf.len()]);
         return Ok(());
@@ -233,6 +239,12 @@ impl Qcow2 {
 
     pub(crate) fn write_at_inner(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
+        self.write_unchecked(buf, offset)
+    }
+
+    /// Writes at an offset the caller checked: in the disk, or in the VM
+    /// state area after it.
+    pub(crate) fn write_unchecked(&self, buf: &[u8], offset: u64) -> Result<()> {
         if self.crypt.is_some() && !is_sector_aligned(offset, buf.len() as u64) {
             // Encryption works on whole sectors: read, modify, write them
             // (QEMU's block layer does the same for its 512-byte request
@@ -242,7 +254,7 @@ impl Qcow2 {
             self.read_at(&mut bounce, start)?;
             let at = (offset - start) as usize;
             bounce[at..at + buf.len()].copy_from_slice(buf);
-            return self.write_at_inner(&bounce, start);
+            return self.write_unchecked(&bounce, start);
         }
         let mut done = 0u64;
         let total = buf.len() as u64;

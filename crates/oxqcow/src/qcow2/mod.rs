@@ -296,7 +296,46 @@ impl Qcow2 {
 
     /// Reads `buf.len()` bytes at guest `offset`.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.lock_meta().check_usable()?;
         io::read(self, buf, offset)
+    }
+
+    /// Reads `buf.len()` bytes at `pos` in the VM state area, which lives
+    /// after the disk in the image's guest address space (QEMU's
+    /// `qcow2_load_vmstate`); what was never written reads as zeros.
+    pub fn read_vmstate(&self, buf: &mut [u8], pos: u64) -> Result<()> {
+        self.lock_meta().check_usable()?;
+        let offset = self.vm_state_range(pos, buf.len() as u64)?;
+        io::read_unchecked(self, buf, offset)
+    }
+
+    /// Writes `buf` at `pos` in the VM state area (QEMU's
+    /// `qcow2_save_vmstate`), growing the L1 table to map it.
+    pub fn write_vmstate(&self, buf: &[u8], pos: u64) -> Result<()> {
+        let offset = self.vm_state_range(pos, buf.len() as u64)?;
+        {
+            let mut m = self.lock_meta();
+            if let Err(e) = m.l1_covering(self.storage_ref(), offset, buf.len() as u64) {
+                if !matches!(
+                    e.kind(),
+                    crate::ErrorKind::ReadOnly | crate::ErrorKind::Failed | crate::ErrorKind::NoSpace
+                ) {
+                    m.fail(self.storage_ref(), &e);
+                }
+                return Err(e);
+            }
+        }
+        self.write_unchecked(buf, offset)?;
+        self.write_through()
+    }
+
+    /// The guest offset of `[pos, pos + len)` in the VM state area.
+    fn vm_state_range(&self, pos: u64, len: u64) -> Result<u64> {
+        let start = self.lock_meta().vm_state_offset();
+        match start.checked_add(pos).filter(|o| o.checked_add(len).is_some()) {
+            Some(offset) => Ok(offset),
+            None => Err(Error::OutOfBounds { offset: pos, len, size: u64::MAX - start }),
+        }
     }
 
     /// Writes `buf` at guest `offset`.

@@ -71,6 +71,12 @@ pub fn image<'s>(s: &'s Session) -> &'s Image {
     &s.image.as_ref().expect("commands that need an image are only run with one open").image
 }
 
+/// The open image with how it was opened (for reads, which copy on read
+/// with `-C`).
+pub fn opened<'s>(s: &'s Session) -> &'s crate::app::io_open::Opened {
+    s.image.as_ref().expect("commands that need an image are only run with one open")
+}
+
 /// A number argument, with qemu-io's message when it does not parse.
 pub fn num(arg: &str) -> Result<u64, Failed> {
     let parsed = qemu_strtosz(arg).and_then(|v| if v > i64::MAX as u64 { Err(SizeError::Range) } else { Ok(v) });
@@ -166,10 +172,21 @@ pub fn sector_aligned(offset: u64, count: u64) -> CmdResult {
     Ok(())
 }
 
-/// `-b`: the VM state area, which oxqcow does not have.
-pub fn vm_state_unsupported() -> CmdResult {
-    println!("-b: the VM state area is not supported by oxqcow");
-    Err(Failed)
+/// `read -b`: the VM state area, which only qcow2 has (QEMU's other
+/// drivers answer ENOTSUP).
+pub fn read_vmstate(img: &Image, buf: &mut [u8], pos: u64) -> oxqcow::Result<()> {
+    match img.as_qcow2() {
+        Some(q) => q.read_vmstate(buf, pos),
+        None => Err(oxqcow::Error::Unsupported("the VM state area".into())),
+    }
+}
+
+/// `write -b`: the VM state area, which only qcow2 has.
+pub fn write_vmstate(img: &Image, buf: &[u8], pos: u64) -> oxqcow::Result<()> {
+    match img.as_qcow2() {
+        Some(q) => q.write_vmstate(buf, pos),
+        None => Err(oxqcow::Error::Unsupported("the VM state area".into())),
+    }
 }
 
 /// The lengths of a vectored request: their sum, with qemu-io's checks.

@@ -1,6 +1,7 @@
 //! The qemu-io commands, one file per family (`read`, `write`, `discard`:
 //! flush, discard and truncate, `status`: alloc, map, length and info,
-//! `open`: open, close and quit), with argument handling in qemu-io's
+//! `open`: open, reopen, close and quit, `process`: sleep, sigraise, abort
+//! and the breakpoint commands), with argument handling in qemu-io's
 //! order (so the same mistake gets the same message), the request, and
 //! the report. This file holds the table of commands, the parsing of a
 //! command line and `help`.
@@ -8,6 +9,7 @@
 mod args;
 mod discard;
 mod open;
+mod process;
 mod read;
 mod status;
 mod write;
@@ -24,10 +26,12 @@ const HELP: CmdInfo = CmdInfo {
 
 /// The supported commands, sorted by name as qemu-io lists them.
 static COMMANDS: &[CmdInfo] = &[
+    process::ABORT,
     discard::AIO_FLUSH,
     read::AIO_READ,
     write::AIO_WRITE,
     status::ALLOC,
+    process::BREAK,
     open::CLOSE,
     discard::DISCARD,
     discard::FLUSH,
@@ -39,7 +43,13 @@ static COMMANDS: &[CmdInfo] = &[
     open::QUIT,
     read::READ,
     read::READV,
+    process::REMOVE_BREAK,
+    open::REOPEN,
+    process::RESUME,
+    process::SIGRAISE,
+    process::SLEEP,
     discard::TRUNCATE,
+    process::WAIT_BREAK,
     write::WRITE,
     write::WRITEV,
 ];

@@ -1,10 +1,8 @@
 //! The reading commands: `read`, `readv` and `aio_read`.
 
-use oxqcow::BlockDevice;
-
 use crate::app::messages::errno_text;
 use crate::io::cmds::args::{
-    buffer, cmd, image, iovec_len, num, parse_args, pattern, read_failed, sector_aligned, timed, vm_state_unsupported,
+    buffer, cmd, image, iovec_len, num, opened, parse_args, pattern, read_failed, read_vmstate, sector_aligned, timed,
     CmdInfo, MAX_REQUEST,
 };
 use crate::io::report::{dump, report};
@@ -146,10 +144,10 @@ fn read(s: &mut Session, info: &CmdInfo, argv: &[String]) -> CmdResult {
     }
     if vm_state {
         sector_aligned(offset, count)?;
-        return vm_state_unsupported();
     }
     let mut buf = buffer(count, 0xab)?;
-    let (res, t) = timed(|| image(s).read_at(&mut buf, offset));
+    let (res, t) =
+        timed(|| if vm_state { read_vmstate(image(s), &mut buf, offset) } else { opened(s).read_at(&mut buf, offset) });
     res.map_err(|e| read_failed("read", &e))?;
     let mut ret = Ok(());
     if let Some(p) = pat {
@@ -195,7 +193,7 @@ fn readv(s: &mut Session, info: &CmdInfo, argv: &[String], aio: bool) -> CmdResu
     let offset = num(&p.operands[0])?;
     let count = iovec_len(&p.operands[1..])?;
     let mut buf = buffer(count, 0xab)?;
-    let (res, t) = timed(|| image(s).read_at(&mut buf, offset));
+    let (res, t) = timed(|| opened(s).read_at(&mut buf, offset));
     let done = if aio { Ok(()) } else { Err(Failed) };
     if let Err(e) = res {
         println!("readv failed: {}", errno_text(&e));

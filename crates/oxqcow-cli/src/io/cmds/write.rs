@@ -6,7 +6,7 @@ use oxqcow::{BlockDevice, Image};
 use crate::app::messages::{errno_text, io_error_text};
 use crate::io::cmds::args::{
     buffer, cmd, image, iovec_len, may_unmap, num, parse_args, pattern, read_failed, sector_aligned, timed,
-    vm_state_unsupported, CmdInfo, MAX_REQUEST,
+    write_vmstate, CmdInfo, MAX_REQUEST,
 };
 use crate::io::report::report;
 use crate::io::session::{CmdResult, Failed, Session};
@@ -190,12 +190,11 @@ fn write(s: &mut Session, info: &CmdInfo, argv: &[String]) -> CmdResult {
     } else {
         buffer(count, pat.unwrap_or(0xcd))?
     };
-    if vm_state {
-        return vm_state_unsupported();
-    }
     let (res, t) = timed(|| {
         let img = image(s);
-        if zero && no_fallback {
+        if vm_state {
+            write_vmstate(img, &buf, offset)?;
+        } else if zero && no_fallback {
             // The engine's one rule for zeroing without writing data, as
             // NBD's fast zero and the FUSE hole punch follow it.
             if !img.write_zeroes_no_fallback(offset, count, may_unmap(s, unmap))? {

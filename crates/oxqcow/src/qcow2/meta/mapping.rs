@@ -261,8 +261,30 @@ impl Meta {
     /// have run since the caller's unlocked check).
     pub(crate) fn check_in_disk(&self, offset: u64, len: u64) -> Result<()> {
         let size = self.header.size;
+        // The VM state area after the disk (QEMU's qcow2_vm_state_offset),
+        // reached only through `Qcow2::read_vmstate`/`write_vmstate`.
+        if offset >= self.vm_state_offset() && offset.checked_add(len).is_some() {
+            return Ok(());
+        }
         if offset.checked_add(len).is_none_or(|end| end > size) {
             return Err(Error::OutOfBounds { offset, len, size });
+        }
+        Ok(())
+    }
+
+    /// Where the VM state area starts: the first L1 entry after the disk.
+    pub(crate) fn vm_state_offset(&self) -> u64 {
+        let g = &self.geometry;
+        g.l1_entries_for(self.header.size).saturating_mul(g.bytes_per_l2())
+    }
+
+    /// Grows the L1 table so that it maps `[offset, offset + len)` (a VM
+    /// state write: the disk's own range is always mapped).
+    pub(crate) fn l1_covering(&mut self, storage: &dyn Storage, offset: u64, len: u64) -> Result<()> {
+        let needed = self.geometry.l1_index(GuestOffset(offset + len.max(1) - 1)) + 1;
+        if needed > self.l1.len() as u64 {
+            self.check_writable()?;
+            self.grow_l1_to(storage, needed)?;
         }
         Ok(())
     }

@@ -500,9 +500,30 @@ impl Meta {
         if self.failed.is_none() {
             self.failed = Some(e.to_string());
         }
-        if e.kind() == crate::ErrorKind::Corrupt && !self.read_only {
+        if e.kind() != crate::ErrorKind::Corrupt {
+            return;
+        }
+        // QEMU's qcow2_signal_corruption: one message, the first time.
+        if !self.signaled_corruption {
+            self.signaled_corruption = true;
+            let line = if self.read_only {
+                format!("qcow2: Image is corrupt: {e}; further non-fatal corruption events will be suppressed")
+            } else {
+                format!("qcow2: Marking image as corrupt: {e}; further corruption events will be suppressed")
+            };
+            if let Some(sink) = &self.messages {
+                sink(crate::options::ImageMessage::Corruption(&line));
+            }
+        }
+        if !self.read_only {
             self.mark_corrupt(storage);
         }
+    }
+
+    /// Whether a corruption stopped the image (QEMU then drops the image's
+    /// driver: nothing is flushed at close).
+    pub(crate) fn stopped_by_corruption(&self) -> bool {
+        self.signaled_corruption && self.failed.is_some() && !self.read_only
     }
 
     fn mark_corrupt(&mut self, storage: &dyn Storage) {
@@ -528,8 +549,22 @@ impl Meta {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
+        self.check_usable()?;
         if let Some(f) = &self.failed {
             return Err(Error::Failed(f.clone()));
+        }
+        Ok(())
+    }
+
+    /// After a corruption stopped the image, QEMU's requests find no
+    /// driver and fail with ENOMEDIUM ("No medium found"), reads included.
+    pub(crate) fn check_usable(&self) -> Result<()> {
+        if self.stopped_by_corruption() {
+            return Err(Error::Io {
+                op: "using an image a corruption stopped",
+                offset: 0,
+                source: std::io::Error::from_raw_os_error(libc::ENOMEDIUM),
+            });
         }
         Ok(())
     }

@@ -69,11 +69,9 @@ impl MetadataMap {
 }
 
 /// The error for a refused write.
-pub(crate) fn overlap_error(template: u32, offset: u64, len: u64) -> Error {
-    Error::Corrupt(format!(
-        "Preventing invalid write on metadata (overlaps with {}) at offset 0x{offset:x}, {len} bytes",
-        template_name(template)
-    ))
+pub(crate) fn overlap_error(template: u32) -> Error {
+    // QEMU's words exactly: they are also the corruption message printed.
+    Error::Corrupt(format!("Preventing invalid write on metadata (overlaps with {})", template_name(template)))
 }
 
 #[cfg(test)]

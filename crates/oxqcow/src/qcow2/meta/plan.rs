@@ -281,7 +281,14 @@ impl Meta {
             }
         }
         self.mark_dirty(storage)?;
-        let new = self.alloc_clusters(storage, 1)?;
+        let new = self.alloc_clusters(storage, 1).map_err(|e| {
+            let at_zero = crate::qcow2::meta::refcount::alloc_at_zero("cluster");
+            if e.to_string() == at_zero.to_string() {
+                crate::qcow2::meta::refcount::alloc_at_zero("L2 table")
+            } else {
+                e
+            }
+        })?;
         let data = match current {
             Some(old) => {
                 self.load_l2(storage, old)?;

@@ -149,7 +149,7 @@ impl Refcounts {
     /// Fails when a write would overlap metadata outside `ignore`.
     pub(crate) fn check_write(&self, offset: u64, len: u64, ignore: u32) -> Result<()> {
         match self.overlap(offset, len, ignore) {
-            Some(t) => Err(overlap::overlap_error(t, offset, len)),
+            Some(t) => Err(overlap::overlap_error(t)),
             None => Ok(()),
         }
     }
@@ -360,6 +360,10 @@ impl Refcounts {
             }
             if run_len >= n {
                 if let Some((s, len)) = self.map.constant_overlap(run_start, n) {
+                    if run_start == 0 {
+                        // Where QEMU's allocator would return offset 0.
+                        return Err(alloc_at_zero("cluster"));
+                    }
                     return Err(Error::Corrupt(format!(
                         "refcounts say metadata clusters {s}..{} are free (refcount 0 for a used cluster)",
                         s + len
@@ -592,4 +596,10 @@ impl Refcounts {
         self.host_end = self.host_end.max(host_end);
         Ok(())
     }
+}
+
+/// QEMU's refusal to allocate `what` at offset 0 (the header), which a
+/// refcount of 0 for the header's cluster leads its allocator to.
+pub(crate) fn alloc_at_zero(what: &str) -> Error {
+    Error::Corrupt(format!("Preventing invalid allocation of {what} at offset 0"))
 }
