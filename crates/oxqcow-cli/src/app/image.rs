@@ -306,7 +306,7 @@ fn image_opts_from(
                     unknown.get_or_insert(key);
                 }
                 Err(e) => return Err(describe(&e)),
-                Ok(()) if crate::app::io_open::qcow2_only(&key) => qcow2_keys.push(key),
+                Ok(()) if oxqcow::options::is_qcow2_option(&key) => qcow2_keys.push(key),
                 Ok(()) => {}
             },
         }
@@ -322,7 +322,7 @@ fn image_opts_from(
             oxqcow::supported_format(probed).ok().map(|f| f.name().to_string())
         };
         match format.clone().or_else(probed) {
-            Some(f) if f != "qcow2" || !crate::app::io_open::qcow2_only(&key) => {
+            Some(f) if f != "qcow2" || !oxqcow::options::is_qcow2_option(&key) => {
                 return Err(format!("Block format '{f}' does not support the option '{key}'"))
             }
             Some(_) => {}

@@ -199,25 +199,6 @@ impl Opened {
     }
 }
 
-/// Runtime options only qcow2 has; raw refuses them as QEMU's raw driver does.
-pub(crate) fn qcow2_only(key: &str) -> bool {
-    key.starts_with("overlap-check")
-        || key.starts_with("encrypt.")
-        || matches!(
-            key,
-            "l2-cache-size"
-                | "l2-cache-entry-size"
-                | "refcount-cache-size"
-                | "cache-size"
-                | "cache-clean-interval"
-                | "pass-discard-request"
-                | "pass-discard-snapshot"
-                | "pass-discard-other"
-                | "lazy-refcounts"
-                | "discard-no-unref"
-        )
-}
-
 fn parse_bool(key: &str, value: &str) -> Result<bool, String> {
     oxqcow::options::parse_bool(key, value).map_err(|e| describe(&e))
 }
@@ -403,7 +384,7 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
     overlap_conflict(&runtime)?;
     for (key, value) in &runtime {
         let unsupported = || format!("Block format '{format_name}' does not support the option '{key}'");
-        if format == ImageFormat::Raw && qcow2_only(key) {
+        if format == ImageFormat::Raw && oxqcow::options::is_qcow2_option(key) {
             return Err(unsupported());
         }
         if let Err(e) = opts.apply_qemu_option(key, value) {

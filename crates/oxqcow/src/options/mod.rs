@@ -689,6 +689,26 @@ pub fn parse_bool(key: &str, value: &str) -> Result<bool> {
     }
 }
 
+/// Whether `key` is a runtime option only qcow2 has, which raw refuses as
+/// QEMU's raw driver does.
+pub fn is_qcow2_option(key: &str) -> bool {
+    key.starts_with("overlap-check")
+        || key.starts_with("encrypt.")
+        || matches!(
+            key,
+            "l2-cache-size"
+                | "l2-cache-entry-size"
+                | "refcount-cache-size"
+                | "cache-size"
+                | "cache-clean-interval"
+                | "pass-discard-request"
+                | "pass-discard-snapshot"
+                | "pass-discard-other"
+                | "lazy-refcounts"
+                | "discard-no-unref"
+        )
+}
+
 /// A number-typed option value as QemuOpts reads one (`qemu_strtou64`
 /// with base 0: decimal, `0x` hex or `0` octal; a minus sign wraps, as
 /// `strtoull` does), with QEMU's message naming `key`.
