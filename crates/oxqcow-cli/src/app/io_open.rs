@@ -227,7 +227,7 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
                 if o.format.is_none() && !o.read_only {
                     warn_probed_raw(n);
                 }
-                return Ok(Opened { image, unmap: spec.unmap });
+                return Ok(Opened { image, unmap: spec.unmap, copy_on_read: spec.copy_on_read });
             }
             // An NBD name stays whole: it is connected to below.
             None if NbdAddress::parse(n).is_some() => Some(n.to_string()),
@@ -240,7 +240,7 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
     if let Some(null) = take_null(&mut options, "")? {
         let o = OpenOptions { format: Some(ImageFormat::Raw), read_only: spec.read_only, ..OpenOptions::new() };
         let image = Image::open_storage(null, &o).map_err(|e| describe(&e))?;
-        return Ok(Opened { image, unmap: spec.unmap });
+        return Ok(Opened { image, unmap: spec.unmap, copy_on_read: spec.copy_on_read });
     }
     let data_file = take_null(&mut options, "data-file.")?;
     let mut file_child = take_null(&mut options, "file.")?;
@@ -424,7 +424,6 @@ fn check_node_name(name: &str) -> Result<(), String> {
     }
 }
 
-
 /// QEMU refuses `overlap-check` and `overlap-check.template` naming
 /// different modes, before it looks at either value.
 fn overlap_conflict(runtime: &[(String, String)]) -> Result<(), String> {
@@ -458,7 +457,7 @@ pub fn takes_option(format: ImageFormat, key: &str) -> bool {
     if GENERIC.contains(&key) {
         return true;
     }
-    if format != ImageFormat::Qcow2 && qcow2_only(key) {
+    if format != ImageFormat::Qcow2 && oxqcow::options::is_qcow2_option(key) {
         return false;
     }
     // The engine names the options it does not know "Invalid parameter".

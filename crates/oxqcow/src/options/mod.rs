@@ -230,13 +230,6 @@ pub struct OpenOptions {
     pub refcount_cache_size: Option<u64>,
     /// Combined cache size in bytes (`cache-size`).
     pub cache_size: Option<u64>,
-    /// `l2-cache-entry-size`: validated as QEMU validates it (a power of
-    /// two from 512 to the cluster size) and used to bound the L2 cache as
-    /// QEMU does; the cache itself holds whole tables.
-    pub l2_cache_entry_size: Option<u64>,
-    /// `cache-clean-interval` in seconds: validated as QEMU validates it;
-    /// the engine's caches hold no memory worth returning on a timer.
-    pub cache_clean_interval: Option<u64>,
     /// Punch holes in the host file for clusters freed by discard requests
     /// (`pass-discard-request`).
     pub discard_passthrough: bool,
@@ -314,8 +307,6 @@ impl std::fmt::Debug for OpenOptions {
             cache_clean_interval,
             refcount_cache_size,
             cache_size,
-            l2_cache_entry_size,
-            cache_clean_interval,
             discard_passthrough,
             discard_no_unref,
             detect_zeroes,
@@ -346,8 +337,6 @@ impl std::fmt::Debug for OpenOptions {
             .field("cache_clean_interval", cache_clean_interval)
             .field("refcount_cache_size", refcount_cache_size)
             .field("cache_size", cache_size)
-            .field("l2_cache_entry_size", l2_cache_entry_size)
-            .field("cache_clean_interval", cache_clean_interval)
             .field("discard_passthrough", discard_passthrough)
             .field("discard_no_unref", discard_no_unref)
             .field("detect_zeroes", detect_zeroes)
@@ -412,15 +401,6 @@ impl OpenOptions {
             "cache.no-flush" => self.cache = self.cache.with_no_flush(parse_bool(key, value)?),
             "refcount-cache-size" => self.refcount_cache_size = Some(size_option(key, value)?),
             "cache-size" => self.cache_size = Some(size_option(key, value)?),
-            "l2-cache-entry-size" => self.l2_cache_entry_size = Some(size_option(key, value)?),
-            "cache-clean-interval" => {
-                // QEMU reads numbers as unsigned 64-bit, so "-1" wraps.
-                let n = crate::qemu_syntax::parse_number_option(key, value).map_err(Error::InvalidArgument)?;
-                if n > u64::from(u32::MAX) {
-                    return Err(Error::InvalidArgument("Cache clean interval too big".into()));
-                }
-                self.cache_clean_interval = Some(n);
-            }
             "pass-discard-request" => self.discard_passthrough = parse_bool(key, value)?,
             "pass-discard-snapshot" => self.pass_discard_snapshot = Some(parse_bool(key, value)?),
             "pass-discard-other" => self.pass_discard_other = parse_bool(key, value)?,
