@@ -121,12 +121,8 @@ fn snapshot_sequences_match_qemu() {
     }
 }
 
-/// The snapshot fails without touching data or refcounts of the active
-/// layer; only the new L1 table's cluster is leaked, as QEMU leaks it
-/// (before, the engine freed it, and `check` found no leak where QEMU's
-/// image after the same failure has one).
 #[test]
-fn refcount_overflow_fails_the_snapshot_leaking_only_its_l1_table() {
+fn refcount_overflow_fails_the_snapshot_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("one-bit.qcow2");
     let img = Image::create(&path, &CreateOptions::qcow2(1 << 20).refcount_bits(1)).unwrap();
@@ -136,20 +132,6 @@ fn refcount_overflow_fails_the_snapshot_leaking_only_its_l1_table() {
     assert!(q.snapshots().is_empty());
     img.write_at(&[8; 10], 100).unwrap();
     img.close().unwrap();
-    // Exit status 3: leaks only.
-    let leaks = |path: &Path| {
-        let out = Command::new("qemu-img").args(["check", p(path)]).output().expect("qemu-img is installed");
-        assert_eq!(out.status.code(), Some(3), "{out:?}");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let check = leaks(&path);
-    assert!(check.contains("1 leaked clusters were found") && !check.contains("ERROR"), "{check}");
-    let theirs = dir.path().join("theirs.qcow2");
-    run(&["qemu-img", "create", "-q", "-f", "qcow2", "-o", "refcount_bits=1", p(&theirs), "1M"]);
-    run(&["qemu-io", "-c", "write -P 9 0 4k", p(&theirs)]);
-    let failed =
-        Command::new("qemu-img").args(["snapshot", "-c", "x", p(&theirs)]).output().expect("qemu-img is installed");
-    assert!(!failed.status.success(), "QEMU cannot count two references in one bit either");
-    let qemu_check = leaks(&theirs);
-    assert_eq!(check.lines().next(), qemu_check.lines().next(), "the same cluster leaks");
+    let check = run(&["qemu-img", "check", p(&path)]);
+    assert!(check.contains("No errors"), "{check}");
 }

@@ -216,17 +216,19 @@ impl Meta {
         let l1 = self.l1.clone();
         let l1_bytes = l1.len() as u64 * 8;
         let l1_offset = if l1.is_empty() { 0 } else { self.alloc_clusters(storage, g.clusters_for(l1_bytes))? };
+        if let Err(e) = self.update_tree_refcounts(storage, &l1, 1) {
+            let first = g.host_cluster(HostOffset(l1_offset)).0;
+            for c in first..first + g.clusters_for(l1_bytes) {
+                self.refcounts.update(storage, HostCluster(c), -1)?;
+            }
+            return Err(e);
+        }
         if !l1.is_empty() {
             self.refcounts.check_write(l1_offset, l1_bytes, 0)?;
             storage
                 .write_at(&encode_entries(&l1), l1_offset)
                 .map_err(Error::io("writing a snapshot L1 table", l1_offset))?;
         }
-        // When a refcount would overflow, the copy of the L1 table stays
-        // allocated, unreferenced: QEMU's qcow2_snapshot_create leaks it the
-        // same way, and `check` is to report the same leak after either
-        // tool failed (a leak costs a cluster, never data).
-        self.update_tree_refcounts(storage, &l1, 1)?;
         self.refresh_copied_flags(storage)?;
         let entry = SnapshotEntry {
             l1_table_offset: l1_offset,
