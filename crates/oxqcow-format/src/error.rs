@@ -89,6 +89,9 @@ pub enum FormatError {
     /// A LUKS header field is invalid (QEMU's message where it has one).
     #[error("{0}")]
     Luks(String),
+    /// A qcow (version 1) header field is invalid (QEMU's message).
+    #[error("{0}")]
+    Qcow(String),
     /// `crypt_method` above 2.
     #[error("Unsupported encryption method: {0}")]
     CryptMethod(u32),

@@ -163,7 +163,7 @@ fn parse_image_opts_for(spec: &str, io: bool) -> Result<(String, Option<String>,
             "driver" => format = Some(value),
             "file.driver" if value == "file" => {}
             "file.driver" => return Err(fail(format!("Unknown protocol '{value}'"))),
-            k if !io && k.ends_with("encrypt.key-secret") => {}
+            k if !io && k.ends_with("key-secret") => {}
             _ if crate::app::secrets::apply_open_option(&mut opts, &key, &value).map_err(fail)? => {}
             _ => opts.apply_qemu_option(&key, &value).map_err(|e| fail(describe(&e)))?,
         }

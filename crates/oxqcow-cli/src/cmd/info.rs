@@ -9,8 +9,10 @@
 use std::path::Path;
 
 use oxqcow::backing::BackingPolicy;
+use oxqcow::format::luks::LuksHeader;
+use oxqcow::format::qcow::QcowHeader;
 use oxqcow::format::SnapshotEntry;
-use oxqcow::{probe_format, FileStorage, Image, ImageFormat, OpenOptions, Qcow2, Qcow2Info, Storage};
+use oxqcow::{probe_format, FileStorage, Image, ImageFormat, Luks, OpenOptions, Qcow, Qcow2, Qcow2Info, Storage};
 use serde_json::{json, Map, Value};
 
 use crate::app::ctx::Ctx;
@@ -139,14 +141,17 @@ fn sectors_up(bytes: u64) -> u64 {
     bytes.div_ceil(512) * 512
 }
 
-/// What `info` describes: an open image, or, for a qcow2 image using
-/// features the engine cannot open yet (backing files that cannot be
-/// opened, external data files), what its header says.
+/// What `info` describes: an open image, or what a header says: of a
+/// qcow2 image that is encrypted, names an external data file or a backing
+/// file `--forbid-backing` refuses, and of every luks and qcow image (whose
+/// opening would need a secret, or the backing file).
 // One value per described image: the size difference costs nothing.
 #[allow(clippy::large_enum_variant)]
 enum Source {
     Open(Image),
     Header { storage: FileStorage, info: Qcow2Info, snapshots: Vec<SnapshotEntry> },
+    Luks { storage: FileStorage, header: LuksHeader },
+    Qcow { storage: FileStorage, header: QcowHeader, backing_file: Option<String> },
 }
 
 /// Opens one layer for `info` as qemu-img opens it (`BDRV_O_NO_BACKING |
@@ -158,6 +163,9 @@ enum Source {
 /// `--forbid-backing` refuses.
 fn open_source(path: &str, format: Option<&str>, mut opts: OpenOptions) -> Result<Source, String> {
     opts.backing = BackingPolicy::Ignore;
+    if let Some(source) = header_source(path, format, opts.force_share) {
+        return source;
+    }
     let header_only = || -> Option<(FileStorage, Qcow2Info, Vec<SnapshotEntry>)> {
         let storage = FileStorage::open(Path::new(path), false).ok()?;
         let qcow2 = match format {
@@ -197,11 +205,35 @@ fn open_source(path: &str, format: Option<&str>, mut opts: OpenOptions) -> Resul
     }
 }
 
+/// A luks or qcow image, described from its header under a shared lock;
+/// `None` for other formats, or when the file cannot be opened (opening
+/// it as an image then says why).
+fn header_source(path: &str, format: Option<&str>, force_share: bool) -> Option<Result<Source, String>> {
+    let storage = FileStorage::open(Path::new(path), false).ok()?;
+    let format = match format {
+        Some(f) => ImageFormat::from_name(f).ok()?,
+        None => probe_format(&storage, Some(Path::new(path))).ok()?,
+    };
+    if !matches!(format, ImageFormat::Luks | ImageFormat::Qcow) {
+        return None;
+    }
+    let fail = |e: oxqcow::Error| format!("Could not open '{path}': {}", crate::app::messages::describe(&e));
+    Some((|| {
+        storage.lock_image(Path::new(path), true, force_share).map_err(fail)?;
+        if format == ImageFormat::Luks {
+            let header = Luks::inspect(&storage).map_err(fail)?;
+            return Ok(Source::Luks { storage, header });
+        }
+        let (header, backing_file) = Qcow::read_header(&storage).map_err(fail)?;
+        Ok(Source::Qcow { storage, header, backing_file })
+    })())
+}
+
 /// The image as qemu's `BlockGraphInfo`, keys in QAPI order.
 fn graph_info(path: &str, source: &Source) -> Result<Value, String> {
     let storage: &dyn Storage = match source {
         Source::Open(image) => &**image.storage(),
-        Source::Header { storage, .. } => storage,
+        Source::Header { storage, .. } | Source::Luks { storage, .. } | Source::Qcow { storage, .. } => storage,
     };
     let file_len = storage.len().map_err(|e| format!("Could not get the file length of '{path}': {e}"))?;
     let allocated = storage.allocated_bytes().ok();
@@ -229,6 +261,38 @@ fn graph_info(path: &str, source: &Source) -> Result<Value, String> {
             top.insert("children".into(), json!([{"name": "file", "info": Value::Object(file)}]));
             return Ok(Value::Object(top));
         }
+        Source::Luks { header, .. } => {
+            top.insert("format".into(), json!("luks"));
+            top.insert("dirty-flag".into(), json!(false));
+            if let Some(a) = allocated {
+                top.insert("actual-size".into(), json!(a));
+            }
+            top.insert("virtual-size".into(), json!(sectors_up(file_len - header.payload_offset())));
+            top.insert("encrypted".into(), json!(true));
+            top.insert("format-specific".into(), json!({"type": "luks", "data": Value::Object(luks_info(header))}));
+            top.insert("children".into(), json!([{"name": "file", "info": Value::Object(file)}]));
+            return Ok(Value::Object(top));
+        }
+        Source::Qcow { header, backing_file, .. } => {
+            top.insert("format".into(), json!("qcow"));
+            top.insert("dirty-flag".into(), json!(false));
+            if let Some(a) = allocated {
+                top.insert("actual-size".into(), json!(a));
+            }
+            top.insert("virtual-size".into(), json!(header.disk_size()));
+            top.insert("cluster-size".into(), json!(header.cluster_size()));
+            if header.crypt_method != 0 {
+                top.insert("encrypted".into(), json!(true));
+            }
+            if let Some(b) = backing_file {
+                top.insert("backing-filename".into(), json!(b));
+                top.insert("full-backing-filename".into(), json!(full_backing_path(path, b)));
+            }
+            top.insert("children".into(), json!([{"name": "file", "info": Value::Object(file)}]));
+            return Ok(Value::Object(top));
+        }
+        // Described from their headers above, never opened here.
+        Source::Open(Image::Luks(_) | Image::Qcow(_)) => unreachable!("luks and qcow images are read as headers"),
         Source::Open(Image::Qcow2(q)) => (q.info(), q.snapshots()),
         Source::Header { info, snapshots, .. } => (info.clone(), snapshots.clone()),
     };
@@ -320,39 +384,46 @@ fn encrypt_info(qi: &Qcow2Info) -> Option<Value> {
     match qi.crypt_method {
         1 => Some(json!({"format": "aes"})),
         2 => {
-            let h = qi.luks.as_ref()?;
             let mut m = Map::new();
             m.insert("format".into(), json!("luks"));
-            m.insert("cipher-alg".into(), json!(h.cipher_alg.name()));
-            m.insert("cipher-mode".into(), json!(h.cipher_mode.name()));
-            m.insert("ivgen-alg".into(), json!(h.ivgen_alg.name()));
-            if let (oxqcow::format::luks::IvGenAlg::Essiv, Some(ih)) = (h.ivgen_alg, h.ivgen_hash_alg) {
-                m.insert("ivgen-hash-alg".into(), json!(ih.name()));
-            }
-            m.insert("hash-alg".into(), json!(h.hash_alg.name()));
-            m.insert("detached-header".into(), json!(false));
-            m.insert("payload-offset".into(), json!(h.payload_offset()));
-            m.insert("master-key-iters".into(), json!(h.master_key_iterations));
-            m.insert("uuid".into(), json!(h.uuid_str()));
-            let slots: Vec<Value> = h
-                .slots
-                .iter()
-                .map(|s| {
-                    let mut o = Map::new();
-                    o.insert("active".into(), json!(s.active));
-                    if s.active {
-                        o.insert("iters".into(), json!(s.iterations));
-                        o.insert("stripes".into(), json!(s.stripes));
-                    }
-                    o.insert("key-offset".into(), json!(u64::from(s.key_offset_sector) * 512));
-                    Value::Object(o)
-                })
-                .collect();
-            m.insert("slots".into(), Value::Array(slots));
+            m.extend(luks_info(qi.luks.as_ref()?));
             Some(Value::Object(m))
         }
         _ => None,
     }
+}
+
+/// A LUKS header as QEMU describes it (`QCryptoBlockInfoLUKS`): the luks
+/// format's format-specific information, and qcow2's `encrypt` member.
+fn luks_info(h: &LuksHeader) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("cipher-alg".into(), json!(h.cipher_alg.name()));
+    m.insert("cipher-mode".into(), json!(h.cipher_mode.name()));
+    m.insert("ivgen-alg".into(), json!(h.ivgen_alg.name()));
+    if let (oxqcow::format::luks::IvGenAlg::Essiv, Some(ih)) = (h.ivgen_alg, h.ivgen_hash_alg) {
+        m.insert("ivgen-hash-alg".into(), json!(ih.name()));
+    }
+    m.insert("hash-alg".into(), json!(h.hash_alg.name()));
+    m.insert("detached-header".into(), json!(false));
+    m.insert("payload-offset".into(), json!(h.payload_offset()));
+    m.insert("master-key-iters".into(), json!(h.master_key_iterations));
+    m.insert("uuid".into(), json!(h.uuid_str()));
+    let slots: Vec<Value> = h
+        .slots
+        .iter()
+        .map(|s| {
+            let mut o = Map::new();
+            o.insert("active".into(), json!(s.active));
+            if s.active {
+                o.insert("iters".into(), json!(s.iterations));
+                o.insert("stripes".into(), json!(s.stripes));
+            }
+            o.insert("key-offset".into(), json!(u64::from(s.key_offset_sector) * 512));
+            Value::Object(o)
+        })
+        .collect();
+    m.insert("slots".into(), Value::Array(slots));
+    m
 }
 
 /// Where QEMU looks for a backing file: relative names are relative to the

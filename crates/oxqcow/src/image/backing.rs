@@ -151,6 +151,7 @@ pub(crate) fn open_backing(
     // comes from `backing.encrypt.key-secret`.
     backing_opts.passphrase = opts.backing_passphrase.clone();
     backing_opts.backing_passphrase = None;
+    backing_opts.key_secret = None;
     // Backing files open read-only (no repair); their stale-bitmap warning
     // is not printed (only the top image's).
     backing_opts.messages = None;

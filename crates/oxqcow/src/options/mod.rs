@@ -19,6 +19,10 @@ pub enum ImageFormat {
     Qcow2,
     /// A flat image.
     Raw,
+    /// A LUKS1 encrypted volume (QEMU's `luks` driver).
+    Luks,
+    /// qcow version 1 (read only).
+    Qcow,
 }
 
 impl ImageFormat {
@@ -27,6 +31,8 @@ impl ImageFormat {
         match self {
             ImageFormat::Qcow2 => "qcow2",
             ImageFormat::Raw => "raw",
+            ImageFormat::Luks => "luks",
+            ImageFormat::Qcow => "qcow",
         }
     }
     /// Parses a format name.
@@ -34,6 +40,8 @@ impl ImageFormat {
         match name {
             "qcow2" => Ok(ImageFormat::Qcow2),
             "raw" => Ok(ImageFormat::Raw),
+            "luks" => Ok(ImageFormat::Luks),
+            "qcow" => Ok(ImageFormat::Qcow),
             other => Err(Error::InvalidArgument(format!("Unknown driver '{other}'"))),
         }
     }
@@ -191,6 +199,16 @@ pub struct OpenOptions {
     /// The passphrase of the backing image (QEMU's
     /// `backing.encrypt.key-secret`).
     pub backing_passphrase: Option<Vec<u8>>,
+    /// The passphrase of a luks image (the secret the luks driver's own
+    /// option, `key-secret`, names). Each format takes only its own
+    /// option: a qcow2 image refuses this one, a luks image `passphrase`.
+    /// Not passed down to backing files.
+    pub key_secret: Option<Vec<u8>>,
+    /// Open for metadata only (QEMU's `BDRV_O_NO_IO`, as `qemu-img create`
+    /// opens a backing file for its size): an encrypted image of any
+    /// layer whose secret is not given opens anyway, and reading or
+    /// writing its guest data fails. Passed down to backing files.
+    pub no_io: bool,
     /// Where the lines QEMU prints while opening and running the image go,
     /// in QEMU's order, as they happen (a repair can find billions of problems, so they are
     /// not collected). Without it the repair keeps the first
@@ -224,6 +242,8 @@ impl std::fmt::Debug for OpenOptions {
             data_file,
             passphrase,
             backing_passphrase,
+            key_secret,
+            no_io,
             messages,
         } = self;
         let secret = |p: &Option<Vec<u8>>| p.as_ref().map(|_| "<redacted>");
@@ -247,6 +267,8 @@ impl std::fmt::Debug for OpenOptions {
             .field("data_file", data_file)
             .field("passphrase", &secret(passphrase))
             .field("backing_passphrase", &secret(backing_passphrase))
+            .field("key_secret", &secret(key_secret))
+            .field("no_io", no_io)
             .field("messages", &messages.as_ref().map(|_| "<sink>"))
             .finish()
     }
