@@ -304,3 +304,36 @@ fn encrypted_qcow_v1_images_decrypt_as_qemu_decrypts_them() {
     s.assert_same(&["info", "e.qcow"]);
     s.assert_same(&["convert", "-O", "raw", "e.qcow", "x.raw"]);
 }
+
+/// Guards against `backing.driver` and `backing.file.filename` being
+/// refused ("does not support the option"): they name the backing image
+/// in place of what the header records, in qemu-io and in qemu-img alike.
+#[test]
+fn backing_options_replace_the_recorded_backing_file() {
+    let s = Scratch::new();
+    for (name, byte) in [("b1.qcow2", "0x11"), ("b2.qcow2", "0x22")] {
+        s.qemu_ok(&["create", "-q", "-f", "qcow2", name, "1M"]);
+        s.qemu_io("qcow2", name, &[&format!("write -P {byte} 0 1M")]);
+    }
+    s.qemu_ok(&["create", "-q", "-f", "qcow2", "-b", "b1.qcow2", "-F", "qcow2", "top.qcow2"]);
+    s.qemu_io("qcow2", "top.qcow2", &["write -P 0x33 0 4k"]);
+    for (spec, byte) in [
+        ("driver=qcow2,file.filename=top.qcow2,backing.driver=qcow2,backing.file.filename=b2.qcow2", "0x22"),
+        ("driver=qcow2,file.filename=top.qcow2,backing.file.filename=b2.qcow2", "0x22"),
+        ("driver=qcow2,file.filename=top.qcow2,backing.driver=qcow2", "0x11"),
+    ] {
+        // The rest of the first cluster was copied from b1 on write.
+        let read = format!("read -P {byte} 64k 960k");
+        let a = ["io", "--image-opts", spec, "-c", "read -P 0x33 0 4k", "-c", &read];
+        let o = s.ours_ok(&a);
+        assert!(!o.stdout.contains("failed"), "{spec}: {}", o.stdout);
+        s.ours_ok(&["convert", "--image-opts", spec, "-O", "raw", "ours.raw"]);
+        s.qemu_ok(&["convert", "--image-opts", spec, "-O", "raw", "theirs.raw"]);
+        assert_eq!(std::fs::read(s.path("ours.raw")).unwrap(), std::fs::read(s.path("theirs.raw")).unwrap(), "{spec}");
+    }
+    // Named raw, the backing qcow2 file is read as its bytes.
+    let spec = "driver=qcow2,file.filename=top.qcow2,backing.driver=raw,backing.file.filename=b2.qcow2";
+    s.ours_ok(&["convert", "--image-opts", spec, "-O", "raw", "ours.raw"]);
+    s.qemu_ok(&["convert", "--image-opts", spec, "-O", "raw", "theirs.raw"]);
+    assert_eq!(std::fs::read(s.path("ours.raw")).unwrap(), std::fs::read(s.path("theirs.raw")).unwrap());
+}

@@ -95,9 +95,12 @@ impl Image {
             ImageFormat::Luks => Image::Luks(Luks::open(storage, opts)?),
             ImageFormat::Qcow => {
                 let (_, name) = Qcow::read_header(&*storage)?;
-                // qcow records no backing format: the backing file is probed.
+                // qcow records no backing format: the backing file is probed
+                // unless `backing.driver` names it.
+                let name = opts.backing_file.as_ref().map(|f| f.to_string_lossy().into_owned()).or(name);
+                let format = opts.backing_format.map(ImageFormat::name);
                 let backing = match &name {
-                    Some(name) => open_backing(path, name, None, opts, chain)?,
+                    Some(name) => open_backing(path, name, format, opts, chain)?,
                     None => None,
                 };
                 Image::Qcow(Qcow::open(storage, opts, backing)?)
@@ -113,8 +116,15 @@ impl Image {
         // QEMU opens the data file while opening the image, before the
         // backing chain.
         let data = crate::image::data_file::open_for(path, &header, opts)?;
-        let backing = match &header.backing_file {
-            Some(name) => open_backing(path, name, header.extensions.backing_format.as_deref(), opts, chain)?,
+        // `backing.file.filename` and `backing.driver` take the place of
+        // what the header records.
+        let name = match &opts.backing_file {
+            Some(file) => Some(file.to_string_lossy().into_owned()),
+            None => header.backing_file.clone(),
+        };
+        let format = opts.backing_format.map(ImageFormat::name).or(header.extensions.backing_format.as_deref());
+        let backing = match &name {
+            Some(name) => open_backing(path, name, format, opts, chain)?,
             None => None,
         };
         Ok(Image::Qcow2(Qcow2::open_with(storage, opts, backing, data)?))

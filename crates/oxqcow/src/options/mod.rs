@@ -199,6 +199,14 @@ pub struct OpenOptions {
     /// The passphrase of the backing image (QEMU's
     /// `backing.encrypt.key-secret`).
     pub backing_passphrase: Option<Vec<u8>>,
+    /// The file to open as the backing image instead of the one the
+    /// header names (QEMU's `backing.file.filename`; relative to the
+    /// working directory, as QEMU takes it). Not passed down.
+    pub backing_file: Option<std::path::PathBuf>,
+    /// The format of the backing image, instead of the one the header
+    /// records or the probe finds (QEMU's `backing.driver`). Not passed
+    /// down.
+    pub backing_format: Option<ImageFormat>,
     /// The passphrase of a luks image (the secret the luks driver's own
     /// option, `key-secret`, names). Each format takes only its own
     /// option: a qcow2 image refuses this one, a luks image `passphrase`.
@@ -242,6 +250,8 @@ impl std::fmt::Debug for OpenOptions {
             data_file,
             passphrase,
             backing_passphrase,
+            backing_file,
+            backing_format,
             key_secret,
             no_io,
             messages,
@@ -267,6 +277,8 @@ impl std::fmt::Debug for OpenOptions {
             .field("data_file", data_file)
             .field("passphrase", &secret(passphrase))
             .field("backing_passphrase", &secret(backing_passphrase))
+            .field("backing_file", backing_file)
+            .field("backing_format", backing_format)
             .field("key_secret", &secret(key_secret))
             .field("no_io", no_io)
             .field("messages", &messages.as_ref().map(|_| "<sink>"))
@@ -321,6 +333,13 @@ impl OpenOptions {
             "driver" => self.format = Some(ImageFormat::from_name(value)?),
             "data-file" | "data-file.filename" => self.data_file = Some(value.into()),
             "data-file.driver" if value == "file" => {}
+            "backing.driver" => self.backing_format = Some(ImageFormat::from_name(value)?),
+            "backing.file.filename" | "backing.filename" => {
+                let path = std::path::absolute(value)
+                    .map_err(|e| Error::InvalidArgument(format!("Could not open backing file '{value}': {e}")))?;
+                self.backing_file = Some(path);
+            }
+            "backing.file.driver" if value == "file" => {}
             _ => return Err(Error::InvalidArgument(format!("Invalid parameter '{key}'"))),
         }
         Ok(())
