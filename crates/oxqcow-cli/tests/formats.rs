@@ -406,3 +406,25 @@ fn commit_unlocks_an_encrypted_chain_with_image_opts() {
     qemu_io(base, "read -P 0x9 64k 1M");
     qemu_io(top, "read -P 0x9 64k 1M");
 }
+
+/// Guards against `info --image-opts` naming an image opened with its
+/// secret by its file name: QEMU names it `json:{...}` with the options
+/// (members in its QDict order), as it does for every driver's "strong"
+/// options; other runtime options leave the file name.
+#[test]
+fn info_names_images_opened_with_secrets_as_qemu_does() {
+    let s = Scratch::new();
+    let o = "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10";
+    s.qemu_ok(&["create", "-q", "-f", "qcow2", "--object", SECRET, "-o", o, "e.qcow2", "1M"]);
+    s.qemu_ok(&args(&create_luks("l.luks", "")));
+    s.qemu_ok(&["create", "-q", "-f", "qcow2", "p.qcow2", "1M"]);
+    for spec in [
+        "driver=qcow2,file.filename=e.qcow2,encrypt.key-secret=sec0",
+        "driver=luks,file.filename=l.luks,key-secret=sec0",
+        "driver=qcow2,file.filename=p.qcow2,l2-cache-size=1M",
+    ] {
+        let out = s.assert_same(&["info", "--object", SECRET, "--image-opts", spec]);
+        assert_eq!(out.code, 0, "{spec}: {out:?}");
+        s.assert_same(&["info", "--output=json", "--object", SECRET, "--image-opts", spec]);
+    }
+}

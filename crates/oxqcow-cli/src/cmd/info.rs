@@ -125,6 +125,11 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             _ => break,
         }
     }
+    if image_opts {
+        if let Some(name) = strong_json_filename(filename, &infos[0]) {
+            infos[0]["filename"] = json!(name);
+        }
+    }
     match (output, chain) {
         (OutputFormat::Json, false) => print_json(&infos[0]),
         (OutputFormat::Json, true) => print_json(&Value::Array(infos)),
@@ -134,6 +139,42 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         }
     }
     0
+}
+
+/// The name QEMU gives an image opened with options that change what it
+/// reads (a driver's "strong" runtime options: the secret, qcow2's and
+/// qcow's `encrypt.key-secret`, luks's `key-secret`): `json:` and the
+/// options as a JSON object, members in QEMU's QDict order; `None` without
+/// such an option (the file name stands).
+fn strong_json_filename(spec: &str, info: &Value) -> Option<String> {
+    let format = info.get("format")?.as_str()?;
+    let strong = if format == "luks" { "key-secret" } else { "encrypt.key-secret" };
+    let pairs = oxqcow::qemu_syntax::split_options(spec);
+    let secret = pairs.iter().rev().find(|(k, _)| k == strong)?.1.clone();
+    let file = info.get("children")?.get(0)?.get("info")?.get("filename")?.as_str()?;
+    let file_obj = qdict_json(vec![("driver", json!("file").to_string()), ("filename", json!(file).to_string())]);
+    let top = qdict_json(vec![
+        ("driver", json!(format).to_string()),
+        ("file", file_obj),
+        (strong, json!(secret).to_string()),
+    ]);
+    Some(format!("json:{top}"))
+}
+
+/// A JSON object as QEMU's `qobject_to_json` writes a QDict: members (their
+/// values written already) in the order of its hash buckets (`tdb_hash`
+/// modulo 512), `": "` and `", "` between them.
+fn qdict_json(mut members: Vec<(&str, String)>) -> String {
+    fn bucket(key: &str) -> u32 {
+        let mut v = 0x238F_13AFu32.wrapping_mul(key.len() as u32);
+        for (i, c) in key.bytes().enumerate() {
+            v = v.wrapping_add(u32::from(c) << (i * 5 % 24));
+        }
+        1_103_515_243u32.wrapping_mul(v).wrapping_add(12345) % 512
+    }
+    members.sort_by_key(|(k, _)| bucket(k));
+    let body: Vec<String> = members.iter().map(|(k, v)| format!("{}: {v}", json!(k))).collect();
+    format!("{{{}}}", body.join(", "))
 }
 
 /// QEMU's block layer reports lengths in whole sectors.
