@@ -102,7 +102,9 @@ fn every_command_refuses_unimplemented_formats_without_touching_them() {
     let s = Scratch::new();
     std::fs::create_dir(s.path("mnt")).unwrap();
     let sock = s.path("sock").to_str().unwrap().to_string();
-    for (name, format) in foreign_images(&s) {
+    // luks and qcow are implemented (tests/formats.rs).
+    let unimplemented = foreign_images(&s).into_iter().filter(|(_, f)| !["luks", "qcow"].contains(f));
+    for (name, format) in unimplemented {
         let before = std::fs::read(s.path(name)).unwrap();
         let refusal = format!("Driver '{format}' is not whitelisted");
         let whole = format!("qemu-img: Could not open '{name}': {refusal}\n");

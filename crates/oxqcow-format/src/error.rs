@@ -91,6 +91,13 @@ pub enum FormatError {
     /// A LUKS header field is invalid (QEMU's message where it has one).
     #[error("{0}")]
     Luks(String),
+    /// A qcow (version 1) header field is invalid (QEMU's message).
+    #[error("{0}")]
+    Qcow(String),
+    /// The CRYPTO header extension and `crypt_method` disagree (QEMU's
+    /// messages, which name no extension number).
+    #[error("{0}")]
+    CryptoExtension(&'static str),
     /// `crypt_method` above 2.
     #[error("Unsupported encryption method: {0}")]
     CryptMethod(u32),

@@ -392,16 +392,12 @@ impl Header {
 
         let extensions = parse_extensions(cluster0, header_length as u64, ext_end, autoclear, cluster_size)?;
         if extensions.crypto.is_some() && crypt_method != crypt::LUKS {
-            return Err(FormatError::InvalidExtension {
-                magic: ext::CRYPTO,
-                reason: "CRYPTO header extension only expected with LUKS encryption method".into(),
-            });
+            return Err(FormatError::CryptoExtension(
+                "CRYPTO header extension only expected with LUKS encryption method",
+            ));
         }
         if crypt_method == crypt::LUKS && extensions.crypto.is_none() {
-            return Err(FormatError::InvalidExtension {
-                magic: ext::CRYPTO,
-                reason: "Missing CRYPTO header for crypt method 2".into(),
-            });
+            return Err(FormatError::CryptoExtension("Missing CRYPTO header for crypt method 2"));
         }
 
         let backing_file = if backing_file_offset != 0 {

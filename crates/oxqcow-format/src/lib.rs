@@ -4,7 +4,8 @@
 //! extensions, L1/L2 table entries, refcount table entries and refcount
 //! blocks of any width, compressed cluster descriptors, the snapshot table,
 //! the bitmap directory and bitmap tables, and the LUKS1 header of encrypted
-//! images; and the signatures by which QEMU recognises every format it
+//! images (and of the luks format); the header and table entries of qcow
+//! version 1 images (`qcow`); and the signatures by which QEMU recognises every format it
 //! probes ([`probe`]).
 //! It does no I/O and keeps no state; the engine (`oxqcow`) reads bytes from
 //! storage and hands them here, so that no logic module ever slices bytes.
@@ -19,6 +20,7 @@ pub mod header;
 pub mod limits;
 pub mod luks;
 pub mod probe;
+pub mod qcow;
 pub mod refcount;
 pub mod snapshot;
 pub mod table;

@@ -41,7 +41,14 @@ pub fn chain_layers(top: &Path, format: Option<ImageFormat>) -> Result<Vec<Chain
     let mut chain = Chain::new();
     loop {
         chain.enter(&path)?;
-        let opts = OpenOptions { read_only: true, format: fmt, backing: BackingPolicy::Ignore, ..Default::default() };
+        // The headers alone: encrypted layers open without their secrets.
+        let opts = OpenOptions {
+            read_only: true,
+            format: fmt,
+            backing: BackingPolicy::Ignore,
+            no_io: true,
+            ..Default::default()
+        };
         let image = Image::open(&path, &opts)?;
         let (name, bfmt) = match image.as_qcow2() {
             Some(q) => {
@@ -70,6 +77,19 @@ pub fn chain_layers(top: &Path, format: Option<ImageFormat>) -> Result<Vec<Chain
 /// unless `keep_top` (qemu-img commit's `-d`; with an explicit base QEMU
 /// keeps the top image too).
 pub fn commit(top: &Path, base: Option<&Path>, keep_top: bool, progress: Progress<'_>) -> Result<()> {
+    commit_with(top, &OpenOptions::default(), base, keep_top, progress)
+}
+
+/// [`commit`] with the top image's open options: its secret
+/// (`passphrase`), its backing file's (`backing_passphrase`, which unlocks
+/// the base when it is that backing file) and the backing file options.
+pub fn commit_with(
+    top: &Path,
+    opts: &OpenOptions,
+    base: Option<&Path>,
+    keep_top: bool,
+    progress: Progress<'_>,
+) -> Result<()> {
     let layers = chain_layers(top, None)?;
     if layers.len() < 2 {
         return Err(Error::InvalidArgument(format!("Image '{}' does not have a backing file", top.display())));
@@ -93,13 +113,17 @@ pub fn commit(top: &Path, base: Option<&Path>, keep_top: bool, progress: Progres
     };
     // The chain is only read, and the base is about to be opened for
     // writing by this very process: share it.
-    let top_image = Image::open(top, &OpenOptions { read_only: true, force_share: true, ..Default::default() })?;
+    let top_image = Image::open(top, &OpenOptions { read_only: true, force_share: true, ..opts.clone() })?;
     let base_layer = &layers[base_index];
     // The base is opened with its own backing chain: a version 2 image
     // with a backing file must write zeros as data (it has no zero flag),
     // which the engine only does when it knows about the backing file.
-    let base_image =
-        Image::open(&base_layer.path, &OpenOptions { format: Some(base_layer.format), ..Default::default() })?;
+    let base_opts = OpenOptions {
+        format: Some(base_layer.format),
+        passphrase: opts.backing_passphrase.clone().filter(|_| base_index == 1),
+        ..Default::default()
+    };
+    let base_image = Image::open(&base_layer.path, &base_opts)?;
     let size = top_image.len();
     if base_image.len() < size {
         base_image.resize(size, crate::options::Preallocation::Off)?;
@@ -136,7 +160,9 @@ pub fn commit(top: &Path, base: Option<&Path>, keep_top: bool, progress: Progres
     base_image.close()?;
     drop(top_image);
     if !keep_top && base.is_none() {
-        let top_rw = Image::open(top, &OpenOptions { backing: BackingPolicy::Ignore, ..Default::default() })?;
+        let top_opts =
+            OpenOptions { backing: BackingPolicy::Ignore, passphrase: opts.passphrase.clone(), ..Default::default() };
+        let top_rw = Image::open(top, &top_opts)?;
         if let Some(q) = top_rw.as_qcow2() {
             q.make_empty()?;
         }

@@ -1,7 +1,8 @@
 //! oxqcow: a qcow2 disk image engine.
 //!
-//! Open or create qcow2 (v2 and v3) and raw images and use them from many
-//! threads at once: [`Image`] / [`Qcow2`] / [`Raw`] take `&self` for every
+//! Open or create qcow2 (v2 and v3), raw and luks images, read qcow (v1)
+//! images, and use them from many threads at once: [`Image`] / [`Qcow2`] /
+//! [`Raw`] / [`Luks`] / [`Qcow`] take `&self` for every
 //! I/O call (`read_at`, `write_at`, `write_zeroes_at`, `discard`, `flush`,
 //! `block_status`), and the metadata lock is never held across guest data
 //! I/O. See ARCHITECTURE.md for the design and the crash-safety rules.
@@ -19,9 +20,11 @@ pub mod dirty;
 pub mod error;
 mod extent;
 pub mod image;
+pub mod luks;
 pub mod measure;
 pub mod names;
 pub mod options;
+pub mod qcow;
 mod qcow2;
 pub mod qemu_syntax;
 pub mod raw;
@@ -37,12 +40,14 @@ pub use dirty::DirtyBitmap;
 pub use error::{Error, ErrorKind, Result};
 pub use extent::Extent;
 pub use image::{probe, probe_format, supported_format, BlockDevice, Children, Image};
+pub use luks::Luks;
 pub use options::{
     CacheMode, Compat, CompressionType, CreateOptions, DetectZeroes, Encryption, EncryptionFormat, ImageFormat,
     ImageMessage, ImageMessages, OpenOptions, Preallocation,
 };
 pub use oxqcow_format as format;
 pub use oxqcow_format::probe::Probed;
+pub use qcow::Qcow;
 pub use qcow2::{Qcow2, Qcow2Info};
 pub use raw::Raw;
 pub use storage::{FileStorage, MemoryStorage, NullStorage, Storage};

@@ -1,4 +1,5 @@
-//! Space estimates for new images (`qemu-img measure`).
+//! Space estimates for new images (`qemu-img measure`): qcow2's, raw's and
+//! luks's.
 //!
 //! The numbers follow QEMU's `qcow2_measure` so that `oxqcow measure` and
 //! `qemu-img measure` agree byte for byte:
@@ -14,7 +15,9 @@
 
 use crate::error::{Error, Result};
 use crate::image::BlockDevice;
-use crate::options::{Compat, Preallocation};
+use oxqcow_format::luks::{HashAlg, IvGenAlg, LuksHeader};
+
+use crate::options::{Compat, LuksParams, Preallocation};
 
 /// Bytes per L1 entry.
 const L1_ENTRY_BYTES: u64 = 8;
@@ -183,6 +186,27 @@ pub fn measure_qcow2(
 /// rounded up to whole sectors as QEMU does.
 pub fn measure_raw(size: u64, source_len: Option<u64>) -> Measurement {
     let bytes = source_len.unwrap_or_else(|| size.div_ceil(SECTOR) * SECTOR);
+    Measurement { required: bytes, fully_allocated: bytes }
+}
+
+/// Where the payload of a LUKS header with these parameters starts (QEMU's
+/// `qcrypto_block_calculate_payload_offset`): the header and its eight key
+/// slots, laid out as creation lays them out.
+pub fn luks_payload_offset(params: &LuksParams) -> u64 {
+    let ivgen_hash = match params.ivgen_alg {
+        IvGenAlg::Essiv => Some(params.ivgen_hash_alg.unwrap_or(HashAlg::Sha256)),
+        _ => params.ivgen_hash_alg,
+    };
+    LuksHeader::layout(params.cipher_alg, params.cipher_mode, params.ivgen_alg, ivgen_hash, params.hash_alg, "")
+        .payload_offset()
+}
+
+/// Measures a new luks image of `size` bytes (the source's length when
+/// there is one): every payload sector is written, allocated or not, so
+/// both sizes are the header area plus the disk (QEMU's
+/// `block_crypto_measure`).
+pub fn measure_luks(params: &LuksParams, size: u64) -> Measurement {
+    let bytes = luks_payload_offset(params) + size;
     Measurement { required: bytes, fully_allocated: bytes }
 }
 

@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Barrier};
 
-use oxqcow::{BlockDevice, Compat, CreateOptions, Encryption, EncryptionFormat, Image, MemoryStorage};
+use oxqcow::{BlockDevice, Compat, CreateOptions, Encryption, EncryptionFormat, Image, ImageFormat, MemoryStorage};
 
 const CLUSTER: u64 = 64 << 10;
 
@@ -105,12 +105,24 @@ fn interleaved_writers_and_zeroers_keep_each_others_data() {
 /// sectors; some pieces are zeroed.
 #[test]
 fn partial_sector_writers_on_an_encrypted_image_keep_each_others_bytes() {
+    partial_sector_writers(ImageFormat::Qcow2);
+}
+
+/// The same on a luks image, whose partial-sector writes have their own
+/// read-patch-write path.
+#[test]
+fn partial_sector_writers_on_a_luks_image_keep_each_others_bytes() {
+    partial_sector_writers(ImageFormat::Luks);
+}
+
+fn partial_sector_writers(format: ImageFormat) {
     const THREADS: u64 = 8;
     const PIECE: u64 = 64;
     const SECTORS: u64 = 64;
     const DISK: u64 = 4 * CLUSTER;
     let luks = oxqcow::options::LuksParams { iter_time_ms: 10, ..Default::default() };
     let opts = CreateOptions {
+        format,
         encryption: Some(Encryption { format: EncryptionFormat::Luks(luks), passphrase: b"secret".to_vec() }),
         ..CreateOptions::qcow2(DISK)
     };
@@ -154,6 +166,8 @@ fn partial_sector_writers_on_an_encrypted_image_keep_each_others_bytes() {
             assert!(back.iter().all(|&b| b == byte), "thread {t}'s bytes at {offset} lost their {byte:#x}: {back:?}");
         }
     }
-    let report = img.check(None).unwrap();
-    assert!(report.corruptions == 0 && report.leaks == 0, "{report:?}");
+    if format == ImageFormat::Qcow2 {
+        let report = img.check(None).unwrap();
+        assert!(report.corruptions == 0 && report.leaks == 0, "{report:?}");
+    }
 }

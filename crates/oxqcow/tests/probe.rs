@@ -119,7 +119,10 @@ fn trailer_signatures_are_recognised_where_qemu_guesses_raw() {
 #[test]
 fn unimplemented_formats_are_refused_and_open_as_raw_when_named() {
     let dir = tempfile::tempdir().unwrap();
-    for (path, probed) in foreign_images(dir.path()) {
+    // luks and qcow are implemented (tests/formats.rs).
+    let unimplemented =
+        foreign_images(dir.path()).into_iter().filter(|(_, p)| !matches!(p, Probed::Luks | Probed::Qcow));
+    for (path, probed) in unimplemented {
         let before = std::fs::read(&path).unwrap();
         for read_only in [true, false] {
             let err = Image::open(&path, &OpenOptions::new().read_only(read_only)).err().expect("refused");

@@ -299,7 +299,7 @@ fn image_opts_from(
             "driver" => format = Some(value),
             "file.driver" if value == "file" => {}
             "file.driver" => return Err(format!("Unknown protocol '{value}'")),
-            k if !io && k.ends_with("encrypt.key-secret") => {}
+            k if !io && k.ends_with("key-secret") => {}
             _ if crate::app::secrets::apply_open_option(&mut opts, &key, &value)? => {}
             _ => match opts.apply_qemu_option(&key, &value) {
                 Err(e) if describe(&e).starts_with("Invalid parameter") => {

@@ -83,6 +83,35 @@ const QCOW2_OPTS: &[OptDesc] = &[
 /// raw's own options.
 const RAW_OPTS: &[OptDesc] = &[SIZE];
 
+/// luks's options, in QEMU's order (`block_crypto_create_opts_luks`).
+const LUKS_OPTS: &[OptDesc] = &[
+    SIZE,
+    desc("key-secret", OptType::Str, "ID of the secret that provides the keyslot passphrase", None),
+    desc("cipher-alg", OptType::Str, "Name of encryption cipher algorithm", None),
+    desc("cipher-mode", OptType::Str, "Name of encryption cipher mode", None),
+    desc("ivgen-alg", OptType::Str, "Name of IV generator algorithm", None),
+    desc("ivgen-hash-alg", OptType::Str, "Name of IV generator hash algorithm", None),
+    desc("hash-alg", OptType::Str, "Name of encryption hash algorithm", None),
+    desc("iter-time", OptType::Number, "Time to spend in PBKDF in milliseconds", None),
+    desc("detached-header", OptType::Bool, "Create a detached LUKS header", None),
+];
+
+/// qcow's options, in QEMU's order (oxqcow does not create qcow images,
+/// but lists what qemu-img takes).
+const QCOW_OPTS: &[OptDesc] = &[
+    SIZE,
+    desc("backing_file", OptType::Str, "File name of a base image", None),
+    desc("backing_fmt", OptType::Str, "Format of the backing image", None),
+    desc(
+        "encryption",
+        OptType::Bool,
+        "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)",
+        None,
+    ),
+    desc("encrypt.format", OptType::Str, "Encrypt the image, format choices: 'aes'", None),
+    desc("encrypt.key-secret", OptType::Str, "ID of the secret that provides the AES encryption key", None),
+];
+
 /// The file protocol's options, appended to every format's.
 const FILE_OPTS: &[OptDesc] = &[
     SIZE,
@@ -96,6 +125,8 @@ pub fn format_from_name(name: &str) -> Result<ImageFormat, String> {
     match name {
         "qcow2" => Ok(ImageFormat::Qcow2),
         "raw" => Ok(ImageFormat::Raw),
+        "luks" => Ok(ImageFormat::Luks),
+        "qcow" => Ok(ImageFormat::Qcow),
         other => Err(format!("Unknown file format '{other}'")),
     }
 }
@@ -104,6 +135,8 @@ fn format_opts(format: ImageFormat) -> &'static [OptDesc] {
     match format {
         ImageFormat::Qcow2 => QCOW2_OPTS,
         ImageFormat::Raw => RAW_OPTS,
+        ImageFormat::Luks => LUKS_OPTS,
+        ImageFormat::Qcow => QCOW_OPTS,
     }
 }
 
@@ -323,7 +356,14 @@ impl ImgOpts {
             }
             return Ok(o);
         }
+        if self.format == ImageFormat::Luks {
+            return self.luks_create_options(size);
+        }
         let mut o = CreateOptions::qcow2(size);
+        if self.format == ImageFormat::Qcow {
+            o.format = ImageFormat::Qcow;
+            return Ok(o);
+        }
         o.encryption = self.encryption()?;
         // Values of the wrong kind, in the order QEMU's QAPI visitor meets them.
         if let Some(v) = self.get_str("compat") {
@@ -365,7 +405,6 @@ impl ImgOpts {
     /// reads them (`QCryptoBlockCreateOptions`), with its messages; the
     /// secret is looked up by id.
     pub fn encryption(&self) -> Result<Option<Encryption>, String> {
-        use oxqcow::format::luks::{CipherAlg, CipherMode, HashAlg, IvGenAlg};
         let legacy = self.get_bool("encryption") == Some(true);
         let format = match (self.get_str("encrypt.format"), legacy) {
             (Some(_), true) => {
@@ -395,70 +434,113 @@ impl ImgOpts {
                 EncryptionFormat::Aes
             }
             "luks" => {
-                // QEMU's enum names; the hashes it knows that oxqcow cannot
-                // do yet are refused as such.
-                fn pick<T>(
-                    v: Option<&str>,
-                    name: &str,
-                    known: &[&str],
-                    parse: fn(&str) -> Option<T>,
-                ) -> Result<Option<T>, String> {
-                    let Some(v) = v else { return Ok(None) };
-                    if let Some(t) = parse(v) {
-                        return Ok(Some(t));
-                    }
-                    if known.contains(&v) {
-                        return Err(format!("not supported yet: {name} '{v}'"));
-                    }
-                    Err(format!("Parameter '{name}' does not accept value '{v}'"))
-                }
-                const HASHES: &[&str] = &["md5", "ripemd160", "sm3"];
-                let mut p = oxqcow::options::LuksParams::default();
-                // QAPI knows these names, but QEMU's LUKS has no cipher name
-                // for them (and this QEMU build no SM4): refused with its
-                // message once the secret is looked up, as
-                // `qcrypto_block_luks_create` does.
-                match self.get_str("encrypt.cipher-alg") {
-                    Some(a @ ("des" | "3des" | "sm4")) => unavailable = Some(a),
-                    a => {
-                        if let Some(a) = pick(a, "cipher-alg", &[], CipherAlg::from_name)? {
-                            p.cipher_alg = a;
-                        }
-                    }
-                }
-                if let Some(m) = pick(self.get_str("encrypt.cipher-mode"), "cipher-mode", &[], CipherMode::from_name)? {
-                    p.cipher_mode = m;
-                }
-                if let Some(g) = pick(self.get_str("encrypt.ivgen-alg"), "ivgen-alg", &[], IvGenAlg::from_name)? {
-                    p.ivgen_alg = g;
-                }
-                p.ivgen_hash_alg =
-                    pick(self.get_str("encrypt.ivgen-hash-alg"), "ivgen-hash-alg", HASHES, HashAlg::from_name)?;
-                if let Some(h) = pick(self.get_str("encrypt.hash-alg"), "hash-alg", HASHES, HashAlg::from_name)? {
-                    p.hash_alg = h;
-                }
-                if let Some(t) = self.get_number("encrypt.iter-time") {
-                    p.iter_time_ms = t;
-                }
+                let (p, a) = self.luks_params("encrypt.")?;
+                unavailable = a;
                 EncryptionFormat::Luks(p)
             }
             other => return Err(format!("Parameter 'format' does not accept value '{other}'")),
         };
-        let Some(id) = self.get_str("encrypt.key-secret") else {
-            return Err("Parameter 'encrypt.key-secret' is required for cipher".into());
-        };
-        let passphrase = crate::app::secrets::lookup(id)?;
-        if let Some(a) = unavailable {
-            return Err(format!("Algorithm '{a}' not supported"));
-        }
+        let passphrase = secret(self.get_str("encrypt.key-secret"), "encrypt.")?;
         if let EncryptionFormat::Luks(p) = &format {
-            if let (IvGenAlg::Essiv, h) = (p.ivgen_alg, p.ivgen_hash_alg.unwrap_or(HashAlg::Sha256)) {
-                oxqcow::format::luks::essiv_cipher(p.cipher_alg, h)?;
-            }
-            oxqcow::format::luks::check_mode(p.cipher_alg, p.cipher_mode)?;
+            check_luks_params(p, unavailable)?;
         }
         Ok(Some(Encryption { format, passphrase }))
     }
+
+    /// The LUKS parameters of the options named `PREFIX<name>` (`encrypt.`
+    /// for qcow2, none for luks), with QEMU's messages for values it does
+    /// not know; and the name of a cipher QEMU knows but cannot use, which
+    /// is refused once the secret is looked up, as
+    /// `qcrypto_block_luks_create` does.
+    fn luks_params(&self, prefix: &str) -> Result<(oxqcow::options::LuksParams, Option<&str>), String> {
+        use oxqcow::format::luks::{CipherAlg, CipherMode, HashAlg, IvGenAlg};
+        // QEMU's enum names; the hashes it knows that oxqcow cannot do yet
+        // are refused as such.
+        fn pick<T>(
+            v: Option<&str>,
+            name: &str,
+            known: &[&str],
+            parse: fn(&str) -> Option<T>,
+        ) -> Result<Option<T>, String> {
+            let Some(v) = v else { return Ok(None) };
+            if let Some(t) = parse(v) {
+                return Ok(Some(t));
+            }
+            if known.contains(&v) {
+                return Err(format!("not supported yet: {name} '{v}'"));
+            }
+            Err(format!("Parameter '{name}' does not accept value '{v}'"))
+        }
+        const HASHES: &[&str] = &["md5", "ripemd160", "sm3"];
+        let get = |name: &str| self.get_str(&format!("{prefix}{name}"));
+        let mut p = oxqcow::options::LuksParams::default();
+        let mut unavailable = None;
+        // QAPI knows these names, but QEMU's LUKS has no cipher name for
+        // them (and this QEMU build no SM4).
+        match get("cipher-alg") {
+            Some(a @ ("des" | "3des" | "sm4")) => unavailable = Some(a),
+            a => {
+                if let Some(a) = pick(a, "cipher-alg", &[], CipherAlg::from_name)? {
+                    p.cipher_alg = a;
+                }
+            }
+        }
+        if let Some(m) = pick(get("cipher-mode"), "cipher-mode", &[], CipherMode::from_name)? {
+            p.cipher_mode = m;
+        }
+        if let Some(g) = pick(get("ivgen-alg"), "ivgen-alg", &[], IvGenAlg::from_name)? {
+            p.ivgen_alg = g;
+        }
+        p.ivgen_hash_alg = pick(get("ivgen-hash-alg"), "ivgen-hash-alg", HASHES, HashAlg::from_name)?;
+        if let Some(h) = pick(get("hash-alg"), "hash-alg", HASHES, HashAlg::from_name)? {
+            p.hash_alg = h;
+        }
+        if let Some(t) = self.get_number(&format!("{prefix}iter-time")) {
+            p.iter_time_ms = t;
+        }
+        Ok((p, unavailable))
+    }
+
+    /// A luks image's creation options, checked in the order QEMU's luks
+    /// driver checks them.
+    fn luks_create_options(&self, size: u64) -> Result<CreateOptions, String> {
+        let mut o = CreateOptions { format: ImageFormat::Luks, size, size_given: true, ..Default::default() };
+        if let Some(p) = self.get_str("preallocation") {
+            // QEMU's luks driver parses it first, as a bare enum value.
+            o.preallocation = Preallocation::from_name(p).map_err(|_| format!("invalid parameter value: {p}"))?;
+        }
+        let (params, unavailable) = self.luks_params("")?;
+        // QEMU 10's qemu-img cannot make detached headers: its option list
+        // offers the option, its creation refuses it whatever the value.
+        if self.is_set("detached-header") {
+            return Err("Parameter 'detached-header' is unexpected".into());
+        }
+        let passphrase = secret(self.get_str("key-secret"), "")?;
+        check_luks_params(&params, unavailable)?;
+        o.encryption = Some(Encryption { format: EncryptionFormat::Luks(params), passphrase });
+        Ok(o)
+    }
+}
+
+/// The passphrase the secret option `PREFIXkey-secret` names, with QEMU's
+/// messages.
+fn secret(id: Option<&str>, prefix: &str) -> Result<Vec<u8>, String> {
+    let Some(id) = id else {
+        return Err(format!("Parameter '{prefix}key-secret' is required for cipher"));
+    };
+    crate::app::secrets::lookup(id)
+}
+
+/// Refuses LUKS parameters QEMU's creation refuses, with its messages.
+fn check_luks_params(p: &oxqcow::options::LuksParams, unavailable: Option<&str>) -> Result<(), String> {
+    use oxqcow::format::luks::{HashAlg, IvGenAlg};
+    if let Some(a) = unavailable {
+        return Err(format!("Algorithm '{a}' not supported"));
+    }
+    if let (IvGenAlg::Essiv, h) = (p.ivgen_alg, p.ivgen_hash_alg.unwrap_or(HashAlg::Sha256)) {
+        oxqcow::format::luks::essiv_cipher(p.cipher_alg, h)?;
+    }
+    oxqcow::format::luks::check_mode(p.cipher_alg, p.cipher_mode)
 }
 
 /// QEMU's boolean option values.

@@ -262,6 +262,7 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
     let mut runtime: Vec<(String, String)> = Vec::new();
     let mut passphrase = None;
     let mut backing_passphrase = None;
+    let mut key_secret = None;
     for (key, value) in options {
         match key.as_str() {
             "driver" => driver = Some(value),
@@ -286,15 +287,16 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
             "force-share" => spec.force_share = parse_bool(&key, &value)?,
             "cache.direct" | "file.cache.direct" => spec.direct = parse_bool(&key, &value)?,
             "cache.no-flush" | "file.cache.no-flush" => spec.no_flush = parse_bool(&key, &value)?,
-            "encrypt.key-secret" | "backing.encrypt.key-secret" => {
+            "encrypt.key-secret" | "backing.encrypt.key-secret" | "key-secret" => {
                 let Some(secret) = secrets.get(&value) else {
                     return Err(format!("No secret with id '{value}'"));
                 };
-                if key == "encrypt.key-secret" {
-                    passphrase = Some(secret.clone());
-                } else {
-                    backing_passphrase = Some(secret.clone());
-                }
+                let slot = match key.as_str() {
+                    "encrypt.key-secret" => &mut passphrase,
+                    "key-secret" => &mut key_secret,
+                    _ => &mut backing_passphrase,
+                };
+                *slot = Some(secret.clone());
             }
             "encrypt.format" => {}
             // Names for QMP, which oxqcow has no use for; `reopen` keeps
@@ -375,6 +377,7 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
     opts.force_share = spec.force_share;
     opts.passphrase = passphrase;
     opts.backing_passphrase = backing_passphrase;
+    opts.key_secret = key_secret;
     opts.messages = Some(open_messages());
     if protocol_only {
         opts.backing = BackingPolicy::Ignore;
@@ -384,7 +387,7 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
     overlap_conflict(&runtime)?;
     for (key, value) in &runtime {
         let unsupported = || format!("Block format '{format_name}' does not support the option '{key}'");
-        if format == ImageFormat::Raw && oxqcow::options::is_qcow2_option(key) {
+        if format != ImageFormat::Qcow2 && oxqcow::options::is_qcow2_option(key) {
             return Err(unsupported());
         }
         if let Err(e) = opts.apply_qemu_option(key, value) {

@@ -37,12 +37,13 @@ pub fn lookup(id: &str) -> Result<Vec<u8>, String> {
     secrets.get(id).cloned().ok_or_else(|| format!("No secret with id '{id}'"))
 }
 
-/// Applies an `encrypt.*` open option (`encrypt.key-secret=ID`,
-/// `backing.encrypt.key-secret=ID`, `encrypt.format=...`). `Ok(false)`
-/// when `key` is not one of them.
+/// Applies a secret open option (qcow2's and qcow's `encrypt.key-secret=ID`,
+/// `backing.encrypt.key-secret=ID`, `encrypt.format=...`; luks's
+/// `key-secret=ID`). `Ok(false)` when `key` is not one of them.
 pub fn apply_open_option(opts: &mut OpenOptions, key: &str, value: &str) -> Result<bool, String> {
     match key {
         "encrypt.key-secret" => opts.passphrase = Some(lookup(value)?),
+        "key-secret" => opts.key_secret = Some(lookup(value)?),
         "backing.encrypt.key-secret" => opts.backing_passphrase = Some(lookup(value)?),
         // The header says which format the image uses; QEMU checks the
         // option against it only to refuse a mismatch.

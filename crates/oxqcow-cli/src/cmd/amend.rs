@@ -81,6 +81,16 @@ const AMEND_OPTS: &[OptDesc] = &[
     OptDesc::new("refcount_bits", OptType::Number, "Width of a reference count entry in bits"),
 ];
 
+/// luks's amend options (QEMU's `block_crypto_amend_opts_luks`): qcow2's
+/// key slot options without their `encrypt.` prefix.
+const LUKS_AMEND_OPTS: &[OptDesc] = &[
+    OptDesc::new("state", OptType::Str, "Select new state of affected keyslots (active/inactive)"),
+    OptDesc::new("keyslot", OptType::Number, "Select a single keyslot to modify explicitly"),
+    OptDesc::new("old-secret", OptType::Str, "Select all keyslots that match this password"),
+    OptDesc::new("new-secret", OptType::Str, "New secret to set in the matching keyslots. Empty string to erase"),
+    OptDesc::new("iter-time", OptType::Number, "Time to spend in PBKDF in milliseconds"),
+];
+
 /// Runs `amend`.
 pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let p = match ctx.getopt("amend", args, SPEC) {
@@ -156,10 +166,26 @@ fn amend(
     if help {
         return print_amend_help(ctx, image.format().name());
     }
+    if let Image::Luks(l) = &image {
+        if let Err(msg) = check_types(options, ImageFormat::Luks, LUKS_AMEND_OPTS) {
+            return ctx.fail(&msg);
+        }
+        bar.print(0.0, 0);
+        let result = keyslot_change(&split_options(options), "", force)
+            .and_then(|c| l.amend_encryption(&c).map_err(|e| describe(&e)));
+        bar.print(100.0, 0);
+        if let Err(msg) = result {
+            return ctx.fail(&msg);
+        }
+        if let Err(e) = image.close() {
+            return ctx.fail(&describe(&e));
+        }
+        return 0;
+    }
     let Image::Qcow2(q) = &image else {
-        return ctx.fail("Format driver 'raw' does not support option amendment");
+        return ctx.fail(&format!("Format driver '{}' does not support option amendment", image.format().name()));
     };
-    if let Err(msg) = check_types(options) {
+    if let Err(msg) = check_types(options, ImageFormat::Qcow2, AMEND_OPTS) {
         return ctx.fail(&msg);
     }
     bar.print(0.0, 0);
@@ -167,9 +193,8 @@ fn amend(
         let mut status = |done: u64, total: u64| bar.print(100.0f32 * done as f32 / total as f32, 0);
         q.amend(&o, &mut status).map_err(|e| describe(&e))?;
         match keyslots {
-            Some(change) => {
-                keyslot_change(&change, force).and_then(|c| q.amend_encryption(&c).map_err(|e| describe(&e)))
-            }
+            Some(change) => keyslot_change(&change, "encrypt.", force)
+                .and_then(|c| q.amend_encryption(&c).map_err(|e| describe(&e))),
             None => Ok(()),
         }
     });
@@ -186,32 +211,33 @@ fn amend(
 /// qemu-img's `print_amend_option_help`.
 fn print_amend_help(ctx: &Ctx, format: &str) -> i32 {
     match format {
-        "qcow2" => {
-            let mut list: Vec<&OptDesc> = AMEND_OPTS.iter().collect();
+        "qcow2" | "luks" => {
+            let opts = if format == "qcow2" { AMEND_OPTS } else { LUKS_AMEND_OPTS };
+            let mut list: Vec<&OptDesc> = opts.iter().collect();
             list.sort_by_key(|d| d.name);
-            println!("Amend options for 'qcow2':");
+            println!("Amend options for '{format}':");
             for d in list {
                 println!("{}", d.help_line());
             }
             0
         }
-        "raw" => ctx.fail("Format driver 'raw' does not support option amendment"),
+        "raw" | "qcow" => ctx.fail(&format!("Format driver '{format}' does not support option amendment")),
         other => ctx.fail(&format!("Unknown file format '{other}'")),
     }
 }
 
 /// `qemu_opts_do_parse` against the amend options; when that fails but the
 /// creation options would take the string, QEMU adds a hint.
-fn check_types(options: &str) -> Result<(), String> {
+fn check_types(options: &str, format: ImageFormat, amend_opts: &[OptDesc]) -> Result<(), String> {
     for (key, value) in split_options(options) {
-        let err = match AMEND_OPTS.iter().find(|d| d.name == key) {
+        let err = match amend_opts.iter().find(|d| d.name == key) {
             Some(d) => match d.check(&value) {
                 Ok(()) => continue,
                 Err(e) => e,
             },
             None => format!("Invalid parameter '{key}'"),
         };
-        if imgopts::parses_with_create_opts(ImageFormat::Qcow2, AMEND_OPTS, options) {
+        if imgopts::parses_with_create_opts(format, amend_opts, options) {
             return Err(format!("{err}\nThis option is only supported for image creation"));
         }
         return Err(err);
@@ -272,20 +298,24 @@ fn to_amend_options(options: &str, info: &oxqcow::Qcow2Info) -> Result<(AmendOpt
     Ok((o, keyslots))
 }
 
-/// The LUKS key slot change the `encrypt.*` amend options ask for, with
-/// QEMU's messages (`QCryptoBlockAmendOptionsLUKS`).
-fn keyslot_change(pairs: &[(String, String)], force: bool) -> Result<KeyslotChange, String> {
-    let last = |k: &str| pairs.iter().rev().find(|(key, _)| key == k).map(|(_, v)| v.clone());
-    let state = match last("encrypt.state").as_deref() {
+/// The LUKS key slot change the amend options named `PREFIX<name>` ask
+/// for (`encrypt.` for qcow2, none for luks), with QEMU's messages
+/// (`QCryptoBlockAmendOptionsLUKS`).
+fn keyslot_change(pairs: &[(String, String)], prefix: &str, force: bool) -> Result<KeyslotChange, String> {
+    let last = |k: &str| {
+        let k = format!("{prefix}{k}");
+        pairs.iter().rev().find(|(key, _)| *key == k).map(|(_, v)| v.clone())
+    };
+    let state = match last("state").as_deref() {
         None => return Err("Parameter 'state' is missing".into()),
         Some("active") => true,
         Some("inactive") => false,
         Some(other) => return Err(format!("Parameter 'state' does not accept value '{other}'")),
     };
-    let keyslot = match last("encrypt.keyslot") {
+    let keyslot = match last("keyslot") {
         None => None,
         Some(v) => {
-            let n = imgopts::parse_number("encrypt.keyslot", &v)?;
+            let n = imgopts::parse_number("keyslot", &v)?;
             if n >= 8 {
                 return Err(format!("Invalid keyslot {n} specified, must be between 0 and 7"));
             }
@@ -293,8 +323,8 @@ fn keyslot_change(pairs: &[(String, String)], force: bool) -> Result<KeyslotChan
         }
     };
     let secret = |k: &str| last(k).map(|id| crate::app::secrets::lookup(&id)).transpose();
-    let old_secret = secret("encrypt.old-secret")?;
-    let new_secret = secret("encrypt.new-secret")?;
+    let old_secret = secret("old-secret")?;
+    let new_secret = secret("new-secret")?;
     if state {
         if old_secret.is_some() {
             return Err("'old-secret' must not be given when activating keyslots".into());
@@ -302,8 +332,8 @@ fn keyslot_change(pairs: &[(String, String)], force: bool) -> Result<KeyslotChan
         let Some(new_secret) = new_secret else {
             return Err("'new-secret' is required to activate a keyslot".into());
         };
-        let iter_time_ms = match last("encrypt.iter-time") {
-            Some(v) => imgopts::parse_number("encrypt.iter-time", &v)?,
+        let iter_time_ms = match last("iter-time") {
+            Some(v) => imgopts::parse_number("iter-time", &v)?,
             None => 2000,
         };
         Ok(KeyslotChange::Activate { keyslot, new_secret, iter_time_ms, force })

@@ -216,7 +216,7 @@ fn apply(image: &Image, source: Option<&Image>, action: &Action, name: &str, gra
             q.bitmap_contents(name).map_err(err)?;
             let bits: DirtyBitmap = match source.unwrap_or(image) {
                 Image::Qcow2(s) => s.bitmap_contents(src).map_err(err)?,
-                Image::Raw(_) => return Err(format!("Dirty bitmap '{src}' not found")),
+                _ => return Err(format!("Dirty bitmap '{src}' not found")),
             };
             q.bitmap_merge(name, &bits).map_err(err)
         }

@@ -119,7 +119,8 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         Ok(i) => i,
         Err(msg) => return ctx.fail(&msg),
     };
-    if let Image::Raw(_) = image {
+    // Only qcow2 has a checker (QEMU's raw, luks and qcow drivers have none).
+    if !matches!(image, Image::Qcow2(_)) {
         ctx.error("This image format does not support checks");
         return EXIT_NOT_SUPPORTED;
     }

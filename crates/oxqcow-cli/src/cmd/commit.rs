@@ -100,6 +100,15 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     if !is_cache_mode(&cache) {
         return ctx.fail(&format!("Invalid cache option: {cache}"));
     }
+    // The secrets (and backing options) of --image-opts unlock the chain
+    // the library reopens.
+    let open_opts = match common.image_opts {
+        true => match crate::app::image::parse_image_opts(filename) {
+            Ok((_, _, o)) => o,
+            Err(msg) => return ctx.fail(&msg),
+        },
+        false => oxqcow::OpenOptions::default(),
+    };
     let (image, filename) =
         match crate::app::image::open_operand(filename, common.image_opts, format.as_deref(), false, false) {
             Ok(i) => i,
@@ -137,8 +146,13 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             l.pace_total(done);
         }
     };
-    let res =
-        oxqcow::chain_ops::commit(Path::new(filename), base_path.as_deref().map(Path::new), keep_top, &mut on_progress);
+    let res = oxqcow::chain_ops::commit_with(
+        Path::new(filename),
+        &open_opts,
+        base_path.as_deref().map(Path::new),
+        keep_top,
+        &mut on_progress,
+    );
     match res {
         Ok(()) => {
             display.print(100.0, 0);

@@ -159,13 +159,15 @@ fn create(req: &Request) -> Result<(), String> {
         if !req.unsafe_backing {
             let path = backing_path(&host_filename(req.filename)?, backing);
             let shown = path.to_string_lossy();
-            let image =
-                open_image(&shown, backing_fmt.as_deref(), OpenOptions::new().read_only(true)).map_err(|msg| {
-                    // Here QEMU names the file once, not once per layer.
-                    let doubled = format!("Could not open '{shown}': ");
-                    let msg = msg.strip_prefix(&doubled).filter(|m| m.starts_with(&doubled)).unwrap_or(&msg);
-                    format!("{msg}\nCould not open backing image.")
-                })?;
+            // For its size only: an encrypted chain opens without its
+            // secrets, as qemu-img opens it (`BDRV_O_NO_IO`).
+            let only_size = OpenOptions { no_io: true, ..OpenOptions::new().read_only(true) };
+            let image = open_image(&shown, backing_fmt.as_deref(), only_size).map_err(|msg| {
+                // Here QEMU names the file once, not once per layer.
+                let doubled = format!("Could not open '{shown}': ");
+                let msg = msg.strip_prefix(&doubled).filter(|m| m.starts_with(&doubled)).unwrap_or(&msg);
+                format!("{msg}\nCould not open backing image.")
+            })?;
             if backing_fmt.is_none() {
                 return Err(format!(
                     "Backing file specified without backing format\nDetected format of {}.",

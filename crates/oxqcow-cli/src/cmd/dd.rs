@@ -163,7 +163,7 @@ fn dd(
     // QEMU's block layer sizes raw images in whole sectors.
     let input_len = match &source {
         Image::Raw(r) => r.len().div_ceil(512) * 512,
-        Image::Qcow2(q) => q.len(),
+        other => other.len(),
     };
     let (start, end) = copy_range(input_len, ops);
     let start = start.unwrap_or_else(|| {
@@ -171,8 +171,10 @@ fn dd(
         end
     });
     let mut create = match out_format {
-        ImageFormat::Qcow2 => CreateOptions::qcow2(end - start),
         ImageFormat::Raw => CreateOptions::raw(end - start),
+        // A luks target fails for want of a secret, as qemu-img dd's does
+        // (it takes no creation options).
+        format => CreateOptions { format, ..CreateOptions::qcow2(end - start) },
     };
     create.size_given = true;
     let target = Image::create(Path::new(output), &create).map_err(|e| {

@@ -9,8 +9,10 @@
 use std::path::Path;
 
 use oxqcow::backing::BackingPolicy;
+use oxqcow::format::luks::LuksHeader;
+use oxqcow::format::qcow::QcowHeader;
 use oxqcow::format::SnapshotEntry;
-use oxqcow::{probe_format, FileStorage, Image, ImageFormat, OpenOptions, Qcow2, Qcow2Info, Storage};
+use oxqcow::{probe_format, FileStorage, Image, ImageFormat, Luks, OpenOptions, Qcow, Qcow2, Qcow2Info, Storage};
 use oxqcow_nbd::client::NbdAddress;
 use serde_json::{json, Map, Value};
 
@@ -133,6 +135,11 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             _ => break,
         }
     }
+    if image_opts {
+        if let Some(name) = strong_json_filename(filename, &infos[0]) {
+            infos[0]["filename"] = json!(name);
+        }
+    }
     match (output, chain) {
         (OutputFormat::Json, false) => print_json(&infos[0]),
         (OutputFormat::Json, true) => print_json(&Value::Array(infos)),
@@ -142,6 +149,42 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         }
     }
     0
+}
+
+/// The name QEMU gives an image opened with options that change what it
+/// reads (a driver's "strong" runtime options: the secret, qcow2's and
+/// qcow's `encrypt.key-secret`, luks's `key-secret`): `json:` and the
+/// options as a JSON object, members in QEMU's QDict order; `None` without
+/// such an option (the file name stands).
+fn strong_json_filename(spec: &str, info: &Value) -> Option<String> {
+    let format = info.get("format")?.as_str()?;
+    let strong = if format == "luks" { "key-secret" } else { "encrypt.key-secret" };
+    let pairs = oxqcow::qemu_syntax::split_options(spec);
+    let secret = pairs.iter().rev().find(|(k, _)| k == strong)?.1.clone();
+    let file = info.get("children")?.get(0)?.get("info")?.get("filename")?.as_str()?;
+    let file_obj = qdict_json(vec![("driver", json!("file").to_string()), ("filename", json!(file).to_string())]);
+    let top = qdict_json(vec![
+        ("driver", json!(format).to_string()),
+        ("file", file_obj),
+        (strong, json!(secret).to_string()),
+    ]);
+    Some(format!("json:{top}"))
+}
+
+/// A JSON object as QEMU's `qobject_to_json` writes a QDict: members (their
+/// values written already) in the order of its hash buckets (`tdb_hash`
+/// modulo 512), `": "` and `", "` between them.
+fn qdict_json(mut members: Vec<(&str, String)>) -> String {
+    fn bucket(key: &str) -> u32 {
+        let mut v = 0x238F_13AFu32.wrapping_mul(key.len() as u32);
+        for (i, c) in key.bytes().enumerate() {
+            v = v.wrapping_add(u32::from(c) << (i * 5 % 24));
+        }
+        1_103_515_243u32.wrapping_mul(v).wrapping_add(12345) % 512
+    }
+    members.sort_by_key(|(k, _)| bucket(k));
+    let body: Vec<String> = members.iter().map(|(k, v)| format!("{}: {v}", json!(k))).collect();
+    format!("{{{}}}", body.join(", "))
 }
 
 /// QEMU's block layer reports lengths in whole sectors.
@@ -167,14 +210,17 @@ fn sectors_up(bytes: u64) -> u64 {
     bytes.div_ceil(512) * 512
 }
 
-/// What `info` describes: an open image, or, for a qcow2 image using
-/// features the engine cannot open yet (backing files that cannot be
-/// opened, external data files), what its header says.
+/// What `info` describes: an open image, or what a header says: of a
+/// qcow2 image that is encrypted, names an external data file or a backing
+/// file `--forbid-backing` refuses, and of every luks and qcow image (whose
+/// opening would need a secret, or the backing file).
 // One value per described image: the size difference costs nothing.
 #[allow(clippy::large_enum_variant)]
 enum Source {
     Open(Image),
     Header { storage: FileStorage, info: Qcow2Info, snapshots: Vec<SnapshotEntry> },
+    Luks { storage: FileStorage, header: LuksHeader },
+    Qcow { storage: FileStorage, header: QcowHeader, backing_file: Option<String> },
 }
 
 /// Opens one layer for `info` as qemu-img opens it (`BDRV_O_NO_BACKING |
@@ -186,6 +232,9 @@ enum Source {
 /// `--forbid-backing` refuses.
 fn open_source(path: &str, format: Option<&str>, mut opts: OpenOptions) -> Result<Source, String> {
     opts.backing = BackingPolicy::Ignore;
+    if let Some(source) = header_source(path, format, opts.force_share) {
+        return source;
+    }
     let header_only = || -> Option<(FileStorage, Qcow2Info, Vec<SnapshotEntry>)> {
         let storage = FileStorage::open(Path::new(path), false).ok()?;
         let qcow2 = match format {
@@ -225,11 +274,35 @@ fn open_source(path: &str, format: Option<&str>, mut opts: OpenOptions) -> Resul
     }
 }
 
+/// A luks or qcow image, described from its header under a shared lock;
+/// `None` for other formats, or when the file cannot be opened (opening
+/// it as an image then says why).
+fn header_source(path: &str, format: Option<&str>, force_share: bool) -> Option<Result<Source, String>> {
+    let storage = FileStorage::open(Path::new(path), false).ok()?;
+    let format = match format {
+        Some(f) => ImageFormat::from_name(f).ok()?,
+        None => probe_format(&storage, Some(Path::new(path))).ok()?,
+    };
+    if !matches!(format, ImageFormat::Luks | ImageFormat::Qcow) {
+        return None;
+    }
+    let fail = |e: oxqcow::Error| format!("Could not open '{path}': {}", crate::app::messages::describe(&e));
+    Some((|| {
+        storage.lock_image(Path::new(path), true, force_share).map_err(fail)?;
+        if format == ImageFormat::Luks {
+            let header = Luks::inspect(&storage).map_err(fail)?;
+            return Ok(Source::Luks { storage, header });
+        }
+        let (header, backing_file) = Qcow::read_header(&storage).map_err(fail)?;
+        Ok(Source::Qcow { storage, header, backing_file })
+    })())
+}
+
 /// The image as qemu's `BlockGraphInfo`, keys in QAPI order.
 fn graph_info(path: &str, source: &Source) -> Result<Value, String> {
     let storage: &dyn Storage = match source {
         Source::Open(image) => &**image.storage(),
-        Source::Header { storage, .. } => storage,
+        Source::Header { storage, .. } | Source::Luks { storage, .. } | Source::Qcow { storage, .. } => storage,
     };
     let file_len = storage.len().map_err(|e| format!("Could not get the file length of '{path}': {e}"))?;
     // An NBD export is named as QEMU names it.
@@ -271,6 +344,38 @@ fn graph_info(path: &str, source: &Source) -> Result<Value, String> {
             top.insert("children".into(), json!([{"name": "file", "info": Value::Object(file)}]));
             return Ok(Value::Object(top));
         }
+        Source::Luks { header, .. } => {
+            top.insert("format".into(), json!("luks"));
+            top.insert("dirty-flag".into(), json!(false));
+            if let Some(a) = allocated {
+                top.insert("actual-size".into(), json!(a));
+            }
+            top.insert("virtual-size".into(), json!(sectors_up(file_len - header.payload_offset())));
+            top.insert("encrypted".into(), json!(true));
+            top.insert("format-specific".into(), json!({"type": "luks", "data": Value::Object(luks_info(header))}));
+            top.insert("children".into(), json!([{"name": "file", "info": Value::Object(file)}]));
+            return Ok(Value::Object(top));
+        }
+        Source::Qcow { header, backing_file, .. } => {
+            top.insert("format".into(), json!("qcow"));
+            top.insert("dirty-flag".into(), json!(false));
+            if let Some(a) = allocated {
+                top.insert("actual-size".into(), json!(a));
+            }
+            top.insert("virtual-size".into(), json!(header.disk_size()));
+            top.insert("cluster-size".into(), json!(header.cluster_size()));
+            if header.crypt_method != 0 {
+                top.insert("encrypted".into(), json!(true));
+            }
+            if let Some(b) = backing_file {
+                top.insert("backing-filename".into(), json!(b));
+                top.insert("full-backing-filename".into(), json!(full_backing_path(path, b)));
+            }
+            top.insert("children".into(), json!([{"name": "file", "info": Value::Object(file)}]));
+            return Ok(Value::Object(top));
+        }
+        // Described from their headers above, never opened here.
+        Source::Open(Image::Luks(_) | Image::Qcow(_)) => unreachable!("luks and qcow images are read as headers"),
         Source::Open(Image::Qcow2(q)) => (q.info(), q.snapshots()),
         Source::Header { info, snapshots, .. } => (info.clone(), snapshots.clone()),
     };
@@ -362,39 +467,46 @@ fn encrypt_info(qi: &Qcow2Info) -> Option<Value> {
     match qi.crypt_method {
         1 => Some(json!({"format": "aes"})),
         2 => {
-            let h = qi.luks.as_ref()?;
             let mut m = Map::new();
             m.insert("format".into(), json!("luks"));
-            m.insert("cipher-alg".into(), json!(h.cipher_alg.name()));
-            m.insert("cipher-mode".into(), json!(h.cipher_mode.name()));
-            m.insert("ivgen-alg".into(), json!(h.ivgen_alg.name()));
-            if let (oxqcow::format::luks::IvGenAlg::Essiv, Some(ih)) = (h.ivgen_alg, h.ivgen_hash_alg) {
-                m.insert("ivgen-hash-alg".into(), json!(ih.name()));
-            }
-            m.insert("hash-alg".into(), json!(h.hash_alg.name()));
-            m.insert("detached-header".into(), json!(false));
-            m.insert("payload-offset".into(), json!(h.payload_offset()));
-            m.insert("master-key-iters".into(), json!(h.master_key_iterations));
-            m.insert("uuid".into(), json!(h.uuid_str()));
-            let slots: Vec<Value> = h
-                .slots
-                .iter()
-                .map(|s| {
-                    let mut o = Map::new();
-                    o.insert("active".into(), json!(s.active));
-                    if s.active {
-                        o.insert("iters".into(), json!(s.iterations));
-                        o.insert("stripes".into(), json!(s.stripes));
-                    }
-                    o.insert("key-offset".into(), json!(u64::from(s.key_offset_sector) * 512));
-                    Value::Object(o)
-                })
-                .collect();
-            m.insert("slots".into(), Value::Array(slots));
+            m.extend(luks_info(qi.luks.as_ref()?));
             Some(Value::Object(m))
         }
         _ => None,
     }
+}
+
+/// A LUKS header as QEMU describes it (`QCryptoBlockInfoLUKS`): the luks
+/// format's format-specific information, and qcow2's `encrypt` member.
+fn luks_info(h: &LuksHeader) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("cipher-alg".into(), json!(h.cipher_alg.name()));
+    m.insert("cipher-mode".into(), json!(h.cipher_mode.name()));
+    m.insert("ivgen-alg".into(), json!(h.ivgen_alg.name()));
+    if let (oxqcow::format::luks::IvGenAlg::Essiv, Some(ih)) = (h.ivgen_alg, h.ivgen_hash_alg) {
+        m.insert("ivgen-hash-alg".into(), json!(ih.name()));
+    }
+    m.insert("hash-alg".into(), json!(h.hash_alg.name()));
+    m.insert("detached-header".into(), json!(false));
+    m.insert("payload-offset".into(), json!(h.payload_offset()));
+    m.insert("master-key-iters".into(), json!(h.master_key_iterations));
+    m.insert("uuid".into(), json!(h.uuid_str()));
+    let slots: Vec<Value> = h
+        .slots
+        .iter()
+        .map(|s| {
+            let mut o = Map::new();
+            o.insert("active".into(), json!(s.active));
+            if s.active {
+                o.insert("iters".into(), json!(s.iterations));
+                o.insert("stripes".into(), json!(s.stripes));
+            }
+            o.insert("key-offset".into(), json!(u64::from(s.key_offset_sector) * 512));
+            Value::Object(o)
+        })
+        .collect();
+    m.insert("slots".into(), Value::Array(slots));
+    m
 }
 
 /// Where QEMU looks for a backing file: relative names are relative to the

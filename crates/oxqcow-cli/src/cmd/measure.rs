@@ -2,8 +2,9 @@
 //! given size or for converting an existing image. The arithmetic lives in
 //! the library ([`oxqcow::measure`]); this module parses and prints.
 
-use oxqcow::format::luks::{HashAlg, IvGenAlg, LuksHeader};
-use oxqcow::measure::{data_bytes, measure_qcow2, measure_raw, Measurement, Qcow2Layout};
+use oxqcow::measure::{
+    data_bytes, luks_payload_offset, measure_luks, measure_qcow2, measure_raw, Measurement, Qcow2Layout,
+};
 use oxqcow::{BlockDevice, Compat, Encryption, EncryptionFormat, Image, ImageFormat, OpenOptions, Preallocation};
 use serde_json::{json, Map, Value};
 
@@ -136,6 +137,8 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             Ok((measure_raw(opts.get_number("size").unwrap_or(0), source.as_ref().map(source_len)), None))
         }
         ImageFormat::Qcow2 => measure_qcow2_target(&opts, source.as_ref()),
+        ImageFormat::Luks => measure_luks_target(&opts, source.as_ref()),
+        ImageFormat::Qcow => Err(format!("Block driver '{out_fmt}' does not support size measurement")),
     };
     let (m, bitmaps) = match result {
         Ok(r) => r,
@@ -191,6 +194,19 @@ fn source_len(image: &Image) -> u64 {
     image.len().div_ceil(512) * 512
 }
 
+/// luks's measurement (QEMU's `block_crypto_measure`): its options are
+/// checked as creation checks them, the secret included.
+fn measure_luks_target(opts: &ImgOpts, source: Option<&Image>) -> Result<(Measurement, Option<u64>), String> {
+    let size = match source {
+        Some(image) => source_len(image),
+        None => opts.get_number("size").unwrap_or(0),
+    };
+    match opts.to_create_options()?.encryption {
+        Some(Encryption { format: EncryptionFormat::Luks(params), .. }) => Ok((measure_luks(&params, size), None)),
+        _ => Err("Parameter 'key-secret' is required for cipher".into()),
+    }
+}
+
 /// qcow2's measurement (QEMU's `qcow2_measure`), with its option checks in
 /// its order and the bitmap size when both images can carry bitmaps.
 fn measure_qcow2_target(opts: &ImgOpts, source: Option<&Image>) -> Result<(Measurement, Option<u64>), String> {
@@ -221,14 +237,7 @@ fn measure_qcow2_target(opts: &ImgOpts, source: Option<&Image>) -> Result<(Measu
     // A LUKS header takes whole clusters of its own (QEMU's
     // qcrypto_block_calculate_payload_offset, rounded up to clusters).
     let luks_bytes = match opts.encryption()? {
-        Some(Encryption { format: EncryptionFormat::Luks(p), .. }) => {
-            let ivhash = match p.ivgen_alg {
-                IvGenAlg::Essiv => Some(p.ivgen_hash_alg.unwrap_or(HashAlg::Sha256)),
-                _ => p.ivgen_hash_alg,
-            };
-            let h = LuksHeader::layout(p.cipher_alg, p.cipher_mode, p.ivgen_alg, ivhash, p.hash_alg, "");
-            h.payload_offset().div_ceil(cs) * cs
-        }
+        Some(Encryption { format: EncryptionFormat::Luks(p), .. }) => luks_payload_offset(&p).div_ceil(cs) * cs,
         _ => 0,
     };
     let (virtual_size, data) = match source {

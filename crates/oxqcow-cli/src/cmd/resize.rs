@@ -88,7 +88,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let current = match &image {
         // QEMU's block layer sizes raw images in whole sectors.
         Image::Raw(r) => r.len().div_ceil(512) * 512,
-        Image::Qcow2(q) => q.len(),
+        other => oxqcow::BlockDevice::len(other),
     };
     let total = if relative != 0 { i128::from(current) + relative * i128::from(n) } else { i128::from(n) };
     // QEMU computes in signed 64 bits.

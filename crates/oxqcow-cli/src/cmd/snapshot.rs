@@ -161,16 +161,6 @@ fn perform(ctx: &Ctx, image: &Image, action: Action) -> i32 {
             }
             0
         }
-        (Image::Raw(_), Action::List) => 0,
-        (Image::Raw(_), Action::Create(name)) => {
-            ctx.fail(&format!("Could not create snapshot '{name}': Operation not supported"))
-        }
-        (Image::Raw(_), Action::Apply(name)) => {
-            ctx.fail(&format!("Could not apply snapshot '{name}': Block driver does not support snapshots"))
-        }
-        (Image::Raw(_), Action::Delete(name)) => {
-            ctx.fail(&format!("Could not delete snapshot '{name}': snapshot not found"))
-        }
         (Image::Qcow2(q), Action::Create(name)) => {
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
             let template = SnapshotEntry {
@@ -220,6 +210,13 @@ fn perform(ctx: &Ctx, image: &Image, action: Action) -> i32 {
                 },
             }
         }
+        // Formats without snapshots fall back to the file, as QEMU's do.
+        (_, Action::List) => 0,
+        (_, Action::Create(name)) => ctx.fail(&format!("Could not create snapshot '{name}': Operation not supported")),
+        (_, Action::Apply(name)) => {
+            ctx.fail(&format!("Could not apply snapshot '{name}': Block driver does not support snapshots"))
+        }
+        (_, Action::Delete(name)) => ctx.fail(&format!("Could not delete snapshot '{name}': snapshot not found")),
     }
 }
 

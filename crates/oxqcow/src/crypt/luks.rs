@@ -213,7 +213,7 @@ pub fn create_luks(params: &LuksParams, passphrase: &[u8]) -> Result<(Vec<u8>, C
     let mut area = vec![0u8; h.payload_offset() as usize];
     set_slot(&mut h, &mut area, 0, &master, passphrase, params.iter_time_ms)?;
     area[..luks::HEADER_SIZE].copy_from_slice(&h.serialize());
-    let crypt = Crypt { sectors: SectorCrypt::for_luks(&h, &master)?, host_offsets: true, master_key: master };
+    let crypt = Crypt { sectors: Some(SectorCrypt::for_luks(&h, &master)?), host_offsets: true, master_key: master };
     Ok((area, crypt))
 }
 

@@ -40,7 +40,9 @@ pub const SECTOR: u64 = 512;
 
 /// The cipher state of an open encrypted image.
 pub struct Crypt {
-    sectors: SectorCrypt,
+    /// `None` for an image opened without its secret for its metadata
+    /// alone (QEMU's `BDRV_O_NO_IO`): every sector operation fails.
+    sectors: Option<SectorCrypt>,
     /// LUKS numbers sectors by host offset, legacy AES by guest offset.
     host_offsets: bool,
     /// The LUKS master key (kept to fill new key slots); empty for AES.
@@ -61,7 +63,16 @@ impl Crypt {
         let mut key = [0u8; 16];
         let n = passphrase.len().min(16);
         key[..n].copy_from_slice(&passphrase[..n]);
-        Crypt { sectors: SectorCrypt::legacy_aes(&key), host_offsets: false, master_key: Vec::new() }
+        Crypt { sectors: Some(SectorCrypt::legacy_aes(&key)), host_offsets: false, master_key: Vec::new() }
+    }
+
+    /// The state of an encrypted image opened without its secret, for its
+    /// metadata alone (QEMU's `BDRV_O_NO_IO`, e.g. the backing file
+    /// `qemu-img create` opens for its size): reading or writing guest data
+    /// fails instead of returning ciphertext. `host_offsets` as for the
+    /// image's format.
+    pub fn locked(host_offsets: bool) -> Crypt {
+        Crypt { sectors: None, host_offsets, master_key: Vec::new() }
     }
 
     /// Unlocks a LUKS header with `passphrase`, trying every active slot in
@@ -81,7 +92,7 @@ impl Crypt {
             }
             if let Some(key) = try_slot(header, slot, passphrase, read)? {
                 let sectors = SectorCrypt::for_luks(header, &key)?;
-                return Ok((Crypt { sectors, host_offsets: true, master_key: key }, i));
+                return Ok((Crypt { sectors: Some(sectors), host_offsets: true, master_key: key }, i));
             }
         }
         Err(Error::InvalidArgument("Invalid password, cannot unlock any keyslot".into()))
@@ -99,29 +110,32 @@ impl Crypt {
         self.host_offsets
     }
 
-    fn check(buf: &[u8], offset: u64) -> Result<()> {
+    fn sectors(&self, buf: &[u8], offset: u64) -> Result<&SectorCrypt> {
+        let Some(sectors) = &self.sectors else {
+            return Err(Error::InvalidArgument(
+                "the encrypted image was opened without its key, for its metadata only".into(),
+            ));
+        };
         if offset % SECTOR != 0 || buf.len() as u64 % SECTOR != 0 {
             return Err(Error::InvalidArgument(format!(
                 "encrypted I/O must cover whole 512-byte sectors (offset {offset}, length {})",
                 buf.len()
             )));
         }
-        Ok(())
+        Ok(sectors)
     }
 
     /// Encrypts `buf` in place; `offset` (a multiple of 512) numbers its
     /// first sector.
     pub fn encrypt(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        Self::check(buf, offset)?;
-        self.sectors.run(buf, offset / SECTOR, true);
+        self.sectors(buf, offset)?.run(buf, offset / SECTOR, true);
         Ok(())
     }
 
     /// Decrypts `buf` in place; `offset` (a multiple of 512) numbers its
     /// first sector.
     pub fn decrypt(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        Self::check(buf, offset)?;
-        self.sectors.run(buf, offset / SECTOR, false);
+        self.sectors(buf, offset)?.run(buf, offset / SECTOR, false);
         Ok(())
     }
 }
@@ -135,8 +149,13 @@ pub fn read_luks_header(storage: &dyn Storage, ext: &CryptoExtension) -> Result<
 
 /// The cipher state for an image with this header, or `None` when it is
 /// not encrypted. Without a passphrase an encrypted image is refused with
-/// QEMU's message.
-pub(crate) fn open_image(storage: &dyn Storage, header: &Header, passphrase: Option<&[u8]>) -> Result<Option<Crypt>> {
+/// QEMU's message, unless `no_io` (then it is [`Crypt::locked`]).
+pub(crate) fn open_image(
+    storage: &dyn Storage,
+    header: &Header,
+    passphrase: Option<&[u8]>,
+    no_io: bool,
+) -> Result<Option<Crypt>> {
     if header.crypt_method == crypt::NONE {
         return Ok(None);
     }
@@ -146,6 +165,9 @@ pub(crate) fn open_image(storage: &dyn Storage, header: &Header, passphrase: Opt
         _ => None,
     };
     let Some(passphrase) = passphrase else {
+        if no_io {
+            return Ok(Some(Crypt::locked(header.crypt_method == crypt::LUKS)));
+        }
         return Err(Error::InvalidArgument("Parameter 'encrypt.key-secret' is required for cipher".into()));
     };
     let Some((ext, luks)) = luks else {

@@ -158,6 +158,9 @@ pub(crate) fn open_backing(
     // comes from `backing.encrypt.key-secret`.
     backing_opts.passphrase = opts.backing_passphrase.clone();
     backing_opts.backing_passphrase = None;
+    backing_opts.key_secret = None;
+    backing_opts.backing_file = None;
+    backing_opts.backing_format = None;
     // Backing files open read-only (no repair); their stale-bitmap warning
     // is not printed (only the top image's).
     backing_opts.messages = None;

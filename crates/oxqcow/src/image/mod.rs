@@ -1,7 +1,8 @@
-//! One type for every format: [`Image`] opens qcow2 or raw (probing when the
-//! caller does not say, and refusing every other format the probe knows)
-//! and [`BlockDevice`] is what convert, compare, the NBD server and the
-//! cursor adapter work against.
+//! One type for every format: [`Image`] opens qcow2, raw, luks or qcow
+//! (version 1, read only), probing when the caller does not say and
+//! refusing every other format the probe knows, and [`BlockDevice`] is
+//! what convert, compare, the NBD server and the cursor adapter work
+//! against.
 
 pub mod backing;
 pub mod data_file;
@@ -15,7 +16,9 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::extent::Extent;
 use crate::image::backing::{open_backing, resolve_backing_path, BackingPolicy, Chain};
+use crate::luks::Luks;
 use crate::options::{CreateOptions, DetectZeroes, ImageFormat, OpenOptions, Preallocation};
+use crate::qcow::Qcow;
 use crate::qcow2::meta::check::{CheckReport, RepairMode};
 use crate::qcow2::Qcow2;
 use crate::raw::Raw;
@@ -217,6 +220,10 @@ pub enum Image {
     Qcow2(Qcow2),
     /// raw.
     Raw(Raw),
+    /// luks.
+    Luks(Luks),
+    /// qcow (version 1), read only.
+    Qcow(Qcow),
 }
 
 impl Image {
@@ -261,14 +268,41 @@ impl Image {
             Some(f) => f,
             None => probe_format(&*storage, Some(path))?,
         };
-        if format == ImageFormat::Raw {
-            let raw = Raw::open(storage, opts.read_only)?.with_detect_zeroes(opts.detect_zeroes);
-            return Ok(Image::Raw(if opts.format.is_none() { raw.probed() } else { raw }));
-        }
+        let image = match format {
+            ImageFormat::Raw => {
+                let raw = Raw::open(storage, opts.read_only)?.with_detect_zeroes(opts.detect_zeroes);
+                Image::Raw(if opts.format.is_none() { raw.probed() } else { raw })
+            }
+            ImageFormat::Luks => Image::Luks(Luks::open(storage, opts)?),
+            ImageFormat::Qcow => {
+                let (_, name) = Qcow::read_header(&*storage)?;
+                // qcow records no backing format: the backing file is probed
+                // unless `backing.driver` names it.
+                let name = opts.backing_file.as_ref().map(|f| f.to_string_lossy().into_owned()).or(name);
+                let format = opts.backing_format.map(ImageFormat::name);
+                let backing = match &name {
+                    Some(name) => open_backing(path, name, format, opts, chain)?,
+                    None => None,
+                };
+                Image::Qcow(Qcow::open(storage, opts, backing)?)
+            }
+            ImageFormat::Qcow2 => Image::open_qcow2(path, storage, opts, chain, children.data_file)?,
+        };
+        check_secret_options(format, opts)?;
+        Ok(image)
+    }
+
+    fn open_qcow2(
+        path: &Path,
+        storage: Arc<dyn Storage>,
+        opts: &OpenOptions,
+        chain: &mut Chain,
+        data_file: Option<Arc<dyn Storage>>,
+    ) -> Result<Image> {
         let header = crate::qcow2::read_header(&*storage)?;
         // QEMU opens the data file while opening the image, before the
         // backing chain.
-        let data = match children.data_file {
+        let data = match data_file {
             Some(d) if header.has_data_file() => Some(d),
             Some(_) => {
                 return Err(Error::InvalidArgument(
@@ -277,8 +311,15 @@ impl Image {
             }
             None => crate::image::data_file::open_for(path, &header, opts)?,
         };
-        let backing = match &header.backing_file {
-            Some(name) => open_backing(path, name, header.extensions.backing_format.as_deref(), opts, chain)?,
+        // `backing.file.filename` and `backing.driver` take the place of
+        // what the header records.
+        let name = match &opts.backing_file {
+            Some(file) => Some(file.to_string_lossy().into_owned()),
+            None => header.backing_file.clone(),
+        };
+        let format = opts.backing_format.map(ImageFormat::name).or(header.extensions.backing_format.as_deref());
+        let backing = match &name {
+            Some(name) => open_backing(path, name, format, opts, chain)?,
             None => None,
         };
         Ok(Image::Qcow2(Qcow2::open_with(storage, opts, backing, data)?))
@@ -292,13 +333,17 @@ impl Image {
             None => probe_format(&*storage, None)?,
         };
         check_generic_options(opts)?;
-        Ok(match format {
+        let image = match format {
             ImageFormat::Qcow2 => Image::Qcow2(Qcow2::open(storage, opts)?),
             ImageFormat::Raw => {
                 let raw = Raw::open(storage, opts.read_only)?.with_detect_zeroes(opts.detect_zeroes);
                 Image::Raw(if opts.format.is_none() { raw.probed() } else { raw })
             }
-        })
+            ImageFormat::Luks => Image::Luks(Luks::open(storage, opts)?),
+            ImageFormat::Qcow => Image::Qcow(Qcow::open(storage, opts, None)?),
+        };
+        check_secret_options(format, opts)?;
+        Ok(image)
     }
 
     /// Creates an image file at `path` (replacing any file there) and opens
@@ -319,13 +364,12 @@ impl Image {
             }
             if !opts.unsafe_backing || !opts.size_given {
                 let format = opts.backing_format.as_deref().map(ImageFormat::from_name).transpose()?;
-                let backing =
-                    Image::open(&backing_path, &OpenOptions { read_only: true, format, ..Default::default() })
-                        .map_err(|e| {
-                            Error::InvalidArgument(format!(
-                                "Could not open '{name}': {e}\nCould not open backing image."
-                            ))
-                        })?;
+                // For its size only: an encrypted chain opens without its
+                // secrets, as QEMU opens it (`BDRV_O_NO_IO`).
+                let only_size = OpenOptions { read_only: true, format, no_io: true, ..Default::default() };
+                let backing = Image::open(&backing_path, &only_size).map_err(|e| {
+                    Error::InvalidArgument(format!("Could not open '{name}': {e}\nCould not open backing image."))
+                })?;
                 if !opts.size_given {
                     opts.size = backing.len();
                     opts.size_given = true;
@@ -347,10 +391,10 @@ impl Image {
         crate::storage::lock::lock(storage.file(), LockSet::for_open(false, false), &path.display().to_string())?;
         storage.empty(path).map_err(Error::io("truncating the new image", 0))?;
         let result = Image::format_locked(path, Arc::new(storage), data, &opts);
-        if result.is_err() && opts.format == ImageFormat::Qcow2 {
+        if result.is_err() && matches!(opts.format, ImageFormat::Qcow2 | ImageFormat::Luks) {
             // The file is ours now and holds nothing of its former content:
-            // QEMU's qcow2 driver deletes what a failed creation left behind
-            // (its raw driver leaves the empty file).
+            // QEMU's qcow2 and luks drivers delete what a failed creation
+            // left behind (its raw driver leaves the empty file).
             let _ = std::fs::remove_file(path);
         }
         result
@@ -371,10 +415,18 @@ impl Image {
             image.set_cache_mode(opts.cache)?;
             return Ok(image);
         }
-        // Reopen so that the backing chain is attached.
+        // Reopen so that the backing chain is attached: the new image with
+        // its own passphrase, a backing file without one for its metadata
+        // (its secret is not known here).
         crate::qcow2::create_unattached(storage, data, opts)?.close()?;
         let policy = if opts.unsafe_backing { BackingPolicy::Ignore } else { BackingPolicy::Follow };
-        Image::open(path, &OpenOptions { cache: opts.cache, ..OpenOptions::new().backing(policy) })
+        let reopen = OpenOptions {
+            cache: opts.cache,
+            passphrase: opts.encryption.as_ref().map(|e| e.passphrase.clone()),
+            no_io: true,
+            ..OpenOptions::new().backing(policy)
+        };
+        Image::open(path, &reopen)
     }
 
     /// Creates an image on any storage.
@@ -383,6 +435,10 @@ impl Image {
             ImageFormat::Qcow2 => Image::Qcow2(Qcow2::create(storage, opts)?),
             // QEMU sizes new raw files in whole sectors too.
             ImageFormat::Raw => Image::Raw(Raw::create(storage, opts.size.div_ceil(512) * 512, opts.preallocation)?),
+            ImageFormat::Luks => Image::Luks(Luks::create(storage, opts)?),
+            ImageFormat::Qcow => {
+                return Err(Error::Unsupported("creating qcow (version 1) images; create qcow2 images".into()))
+            }
         })
     }
 
@@ -391,6 +447,9 @@ impl Image {
         match self {
             Image::Qcow2(q) => q.set_cache_mode(mode),
             Image::Raw(r) => r.set_cache_mode(mode),
+            Image::Luks(l) => l.set_cache_mode(mode),
+            // Nothing is ever written.
+            Image::Qcow(_) => Ok(()),
         }
     }
 
@@ -399,6 +458,8 @@ impl Image {
         match self {
             Image::Qcow2(_) => ImageFormat::Qcow2,
             Image::Raw(_) => ImageFormat::Raw,
+            Image::Luks(_) => ImageFormat::Luks,
+            Image::Qcow(_) => ImageFormat::Qcow,
         }
     }
 
@@ -407,6 +468,8 @@ impl Image {
         match self {
             Image::Qcow2(q) => q.storage(),
             Image::Raw(r) => r.storage(),
+            Image::Luks(l) => l.storage(),
+            Image::Qcow(q) => q.storage(),
         }
     }
 
@@ -414,8 +477,24 @@ impl Image {
     pub fn as_qcow2(&self) -> Option<&Qcow2> {
         match self {
             Image::Qcow2(q) => Some(q),
-            Image::Raw(_) => None,
+            _ => None,
         }
+    }
+
+    /// The backing image, when the image has one and it was opened.
+    pub fn backing(&self) -> Option<&Arc<Image>> {
+        match self {
+            Image::Qcow2(q) => q.backing(),
+            Image::Qcow(q) => q.backing(),
+            Image::Raw(_) | Image::Luks(_) => None,
+        }
+    }
+
+    /// Whether a new image of this format reads as zeros (QEMU's
+    /// `bdrv_has_zero_init`): a luks image's unwritten sectors decrypt to
+    /// noise, so a copy into one writes its zeros.
+    pub fn has_zero_init(&self) -> bool {
+        !matches!(self, Image::Luks(_))
     }
 
     /// Zeroes a range only where that costs no data writes (QEMU's
@@ -429,6 +508,9 @@ impl Image {
         let q = match self {
             Image::Raw(r) => return r.write_zeroes_no_fallback(offset, len, may_unmap),
             Image::Qcow2(q) => q,
+            // Zeros are ciphertext to write.
+            Image::Luks(l) => return l.write_zeroes_no_fallback(offset, len),
+            Image::Qcow(q) => return q.write_zeroes_at(offset, len, may_unmap).map(|()| false),
         };
         if q.is_read_only() {
             return Err(Error::ReadOnly);
@@ -445,14 +527,16 @@ impl Image {
         match self {
             Image::Qcow2(q) => q.resize(new_size, prealloc),
             Image::Raw(r) => r.resize(new_size, prealloc),
+            Image::Luks(l) => l.resize(new_size, prealloc),
+            Image::Qcow(q) => q.resize(),
         }
     }
 
-    /// Checks the image (qcow2 only; raw images cannot be checked).
+    /// Checks the image (qcow2 only; other formats cannot be checked).
     pub fn check(&self, repair: Option<RepairMode>) -> Result<CheckReport> {
         match self {
             Image::Qcow2(q) => q.check(repair),
-            Image::Raw(_) => Err(Error::Unsupported("checking raw images".into())),
+            other => Err(Error::Unsupported(format!("checking {} images", other.format().name()))),
         }
     }
 
@@ -460,7 +544,7 @@ impl Image {
     pub fn check_with(&self, repair: Option<RepairMode>, out: &mut dyn FnMut(&str)) -> Result<CheckReport> {
         match self {
             Image::Qcow2(q) => q.check_with(repair, out),
-            Image::Raw(_) => Err(Error::Unsupported("checking raw images".into())),
+            other => Err(Error::Unsupported(format!("checking {} images", other.format().name()))),
         }
     }
 
@@ -469,6 +553,8 @@ impl Image {
         match self {
             Image::Qcow2(q) => q.close(),
             Image::Raw(r) => r.flush(),
+            Image::Luks(l) => l.flush(),
+            Image::Qcow(q) => q.flush(),
         }
     }
 }
@@ -478,6 +564,8 @@ macro_rules! delegate {
         match $self {
             Image::Qcow2($inner) => $e,
             Image::Raw($inner) => $e,
+            Image::Luks($inner) => $e,
+            Image::Qcow($inner) => $e,
         }
     };
 }
@@ -542,3 +630,23 @@ macro_rules! impl_block_device {
 
 impl_block_device!(Qcow2);
 impl_block_device!(Raw);
+impl_block_device!(Luks);
+impl_block_device!(Qcow);
+
+/// Each format takes only its own secret option, as QEMU's drivers do: the
+/// other one is refused after the format's own open (QEMU's order: a
+/// missing or wrong secret of its own is reported first).
+fn check_secret_options(format: ImageFormat, opts: &OpenOptions) -> Result<()> {
+    let stray = match format {
+        ImageFormat::Luks if opts.key_secret.is_some() => opts.passphrase.as_ref().map(|_| "encrypt.key-secret"),
+        ImageFormat::Luks => None,
+        _ => opts.key_secret.as_ref().map(|_| "key-secret"),
+    };
+    match stray {
+        Some(option) => Err(Error::InvalidArgument(format!(
+            "Block format '{}' does not support the option '{option}'",
+            format.name()
+        ))),
+        None => Ok(()),
+    }
+}

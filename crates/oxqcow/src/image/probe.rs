@@ -48,6 +48,8 @@ pub fn supported_format(probed: Probed) -> Result<ImageFormat> {
     match probed {
         Probed::Qcow2 => Ok(ImageFormat::Qcow2),
         Probed::Raw => Ok(ImageFormat::Raw),
+        Probed::Luks => Ok(ImageFormat::Luks),
+        Probed::Qcow => Ok(ImageFormat::Qcow),
         other => Err(Error::UnsupportedFormat(other.name())),
     }
 }

@@ -19,6 +19,10 @@ pub enum ImageFormat {
     Qcow2,
     /// A flat image.
     Raw,
+    /// A LUKS1 encrypted volume (QEMU's `luks` driver).
+    Luks,
+    /// qcow version 1 (read only).
+    Qcow,
 }
 
 impl ImageFormat {
@@ -27,6 +31,8 @@ impl ImageFormat {
         match self {
             ImageFormat::Qcow2 => "qcow2",
             ImageFormat::Raw => "raw",
+            ImageFormat::Luks => "luks",
+            ImageFormat::Qcow => "qcow",
         }
     }
     /// Parses a format name.
@@ -34,6 +40,8 @@ impl ImageFormat {
         match name {
             "qcow2" => Ok(ImageFormat::Qcow2),
             "raw" => Ok(ImageFormat::Raw),
+            "luks" => Ok(ImageFormat::Luks),
+            "qcow" => Ok(ImageFormat::Qcow),
             other => Err(Error::InvalidArgument(format!("Unknown driver '{other}'"))),
         }
     }
@@ -285,6 +293,24 @@ pub struct OpenOptions {
     /// The passphrase of the backing image (QEMU's
     /// `backing.encrypt.key-secret`).
     pub backing_passphrase: Option<Vec<u8>>,
+    /// The file to open as the backing image instead of the one the
+    /// header names (QEMU's `backing.file.filename`; relative to the
+    /// working directory, as QEMU takes it). Not passed down.
+    pub backing_file: Option<std::path::PathBuf>,
+    /// The format of the backing image, instead of the one the header
+    /// records or the probe finds (QEMU's `backing.driver`). Not passed
+    /// down.
+    pub backing_format: Option<ImageFormat>,
+    /// The passphrase of a luks image (the secret the luks driver's own
+    /// option, `key-secret`, names). Each format takes only its own
+    /// option: a qcow2 image refuses this one, a luks image `passphrase`.
+    /// Not passed down to backing files.
+    pub key_secret: Option<Vec<u8>>,
+    /// Open for metadata only (QEMU's `BDRV_O_NO_IO`, as `qemu-img create`
+    /// opens a backing file for its size): an encrypted image of any
+    /// layer whose secret is not given opens anyway, and reading or
+    /// writing its guest data fails. Passed down to backing files.
+    pub no_io: bool,
     /// Where the lines QEMU prints while opening and running the image go,
     /// in QEMU's order, as they happen (a repair can find billions of problems, so they are
     /// not collected). Without it the repair keeps the first
@@ -325,6 +351,10 @@ impl std::fmt::Debug for OpenOptions {
             data_file,
             passphrase,
             backing_passphrase,
+            backing_file,
+            backing_format,
+            key_secret,
+            no_io,
             messages,
         } = self;
         let secret = |p: &Option<Vec<u8>>| p.as_ref().map(|_| "<redacted>");
@@ -355,6 +385,10 @@ impl std::fmt::Debug for OpenOptions {
             .field("data_file", data_file)
             .field("passphrase", &secret(passphrase))
             .field("backing_passphrase", &secret(backing_passphrase))
+            .field("backing_file", backing_file)
+            .field("backing_format", backing_format)
+            .field("key_secret", &secret(key_secret))
+            .field("no_io", no_io)
             .field("messages", &messages.as_ref().map(|_| "<sink>"))
             .finish()
     }
@@ -421,6 +455,13 @@ impl OpenOptions {
             "driver" => self.format = Some(ImageFormat::from_name(value)?),
             "data-file" | "data-file.filename" => self.data_file = Some(value.into()),
             "data-file.driver" if value == "file" => {}
+            "backing.driver" => self.backing_format = Some(ImageFormat::from_name(value)?),
+            "backing.file.filename" | "backing.filename" => {
+                let path = std::path::absolute(value)
+                    .map_err(|e| Error::InvalidArgument(format!("Could not open backing file '{value}': {e}")))?;
+                self.backing_file = Some(path);
+            }
+            "backing.file.driver" if value == "file" => {}
             _ => return Err(Error::InvalidArgument(format!("Invalid parameter '{key}'"))),
         }
         Ok(())

@@ -16,11 +16,12 @@ use crate::storage::{empty, Storage};
 
 impl crate::options::CreateOptions {
     /// Checks the options as creating a qcow2 image would, with QEMU's
-    /// messages, without touching any file.
+    /// messages, without touching any file (other formats are checked as
+    /// they are created).
     pub fn validate(&self) -> Result<()> {
         match self.format {
             crate::options::ImageFormat::Qcow2 => validate_create(self).map(|_| ()),
-            crate::options::ImageFormat::Raw => Ok(()),
+            _ => Ok(()),
         }
     }
 }

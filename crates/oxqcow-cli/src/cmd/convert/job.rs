@@ -46,8 +46,9 @@ pub fn run(
         in_order: a.in_order,
         compress: a.compress,
         min_sparse: a.min_sparse,
-        // A new image reads as zeros.
-        target_is_zero: !a.skip_create || a.target_is_zero,
+        // A new image reads as zeros, unless its format cannot say so (a
+        // luks image's unwritten sectors decrypt to noise).
+        target_is_zero: (!a.skip_create && target.has_zero_init()) || a.target_is_zero,
         salvage: a.salvage,
         copy_range: a.copy_range,
     };

@@ -69,10 +69,19 @@ pub fn create_options(
 ) -> Result<(ImageFormat, CreateOptions, Option<TargetBacking>), String> {
     let format = ImageFormat::from_name(out_fmt).map_err(|_| format!("Unknown file format '{out_fmt}'"))?;
     let mut opts = match format {
-        ImageFormat::Qcow2 => CreateOptions::qcow2(total),
+        ImageFormat::Qcow2 | ImageFormat::Qcow => CreateOptions { format, ..CreateOptions::qcow2(total) },
         ImageFormat::Raw => CreateOptions::raw(total),
+        // luks's options are all its own: read as create reads them.
+        ImageFormat::Luks => {
+            let mut io = ImgOpts::new(format);
+            if let Some(o) = &a.options {
+                io.parse(o)?;
+            }
+            io.set_number("size", total);
+            io.to_create_options()?
+        }
     };
-    if let Some(o) = &a.options {
+    if let Some(o) = a.options.as_ref().filter(|_| format != ImageFormat::Luks) {
         // The encryption options are read as create reads them (secrets by
         // id, QEMU's messages); the rest are the library's.
         let (enc, rest): (Vec<_>, Vec<_>) =

@@ -128,7 +128,8 @@ fn truncate(s: &mut Session, info: &CmdInfo, argv: &[String]) -> CmdResult {
                 return fail("Failed to grow the L1 table: File too large".into());
             }
         }
-        ImageFormat::Raw => {
+        // A luks image's payload is resized in the file, as raw is.
+        ImageFormat::Raw | ImageFormat::Luks => {
             if prealloc == Preallocation::Metadata {
                 return fail("Unsupported preallocation mode: metadata".into());
             }
@@ -136,6 +137,7 @@ fn truncate(s: &mut Session, info: &CmdInfo, argv: &[String]) -> CmdResult {
                 return fail("Preallocation can't be used for shrinking an image".into());
             }
         }
+        ImageFormat::Qcow => {}
     }
     img.resize(new_size, prealloc).or_else(|e| fail(describe(&e)))
 }
