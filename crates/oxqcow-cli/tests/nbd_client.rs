@@ -133,6 +133,34 @@ fn subcommands_read_exports_as_qemu_img_does() {
     }
 }
 
+/// `--image-opts driver=nbd,...` names the same export, with qemu-img's
+/// output.
+#[test]
+fn image_opts_name_exports() {
+    let s = Scratch::new();
+    image_with_data(&s, "a.qcow2");
+    let server = Server::unix(&s.path("a.qcow2"), false, &["-r", "-f", "qcow2", "-x", "disk"]);
+    let opts = format!("driver=nbd,server.type=unix,server.path={},export=disk", server.socket.display());
+    for args in [
+        // The protocol node is described alone, as QEMU describes it.
+        vec!["info", "--image-opts", opts.as_str()],
+        vec!["info", "--output=json", "--image-opts", opts.as_str()],
+        vec!["info", "--image-opts", "driver=file,filename=a.qcow2"],
+        vec!["map", "--output=json", "--image-opts", opts.as_str()],
+        vec!["compare", "--image-opts", opts.as_str(), "driver=qcow2,file.filename=a.qcow2"],
+    ] {
+        s.assert_same(&args);
+    }
+    let o = s.ours(&["info", "--image-opts", "driver=nbd,server.type=unix,export=disk"]);
+    assert_eq!(o.code, 1, "a unix server needs its path: {o:?}");
+    // qemu-io reads the export through the same options.
+    let cmds = ["-r", "--image-opts", "-c", "read -P 5 0 64k", "-c", "read -P 9 3M 1M", opts.as_str()];
+    let ours = our_io(&s.path(""), &cmds);
+    let theirs = qemu_io(&s.path(""), &cmds);
+    assert_eq!(ours.code, 0, "{ours:?}");
+    assert_eq!(without_timings(&ours.stdout), without_timings(&theirs.stdout));
+}
+
 /// Writes through the export land in the image: qemu-io reads back what
 /// `oxqcow io` wrote, and a convert into the export (`-n`) copies an image.
 #[test]

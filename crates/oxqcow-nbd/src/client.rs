@@ -76,6 +76,67 @@ impl NbdAddress {
         None
     }
 
+    /// The export that QEMU's nbd driver options name (`--image-opts
+    /// driver=nbd,server.type=unix,server.path=S,export=E`, or
+    /// `server.type=inet,server.host=H,server.port=P`; the legacy `path`,
+    /// `host` and `port` too). `options` are those other than `driver`;
+    /// the ones this function does not know are left for the caller.
+    pub fn from_options(options: &mut Vec<(String, String)>) -> Result<NbdAddress, String> {
+        let mut take = |keys: &[&str]| {
+            let mut found = None;
+            options.retain(|(k, v)| {
+                if keys.contains(&k.as_str()) {
+                    found = Some(v.clone());
+                    false
+                } else {
+                    true
+                }
+            });
+            found
+        };
+        let kind = take(&["server.type"]);
+        let path = take(&["server.path", "path"]);
+        let host = take(&["server.host", "host"]);
+        let port = take(&["server.port", "port"]);
+        let export = take(&["export"]).unwrap_or_default();
+        if take(&["tls-creds"]).is_some() {
+            return Err("TLS for NBD exports is not supported by oxqcow's NBD client yet".into());
+        }
+        let server = match (kind.as_deref(), path, host) {
+            (Some("unix") | None, Some(path), None) => NbdServer::Unix(path),
+            (Some("inet") | None, None, Some(host)) => {
+                let port = match port {
+                    Some(p) => p.parse().map_err(|_| format!("invalid port '{p}'"))?,
+                    None => DEFAULT_PORT,
+                };
+                NbdServer::Tcp { host, port }
+            }
+            (Some("unix"), None, _) => return Err("Parameter 'server.path' is missing".into()),
+            (Some("inet"), _, None) => return Err("Parameter 'server.host' is missing".into()),
+            (Some(other), _, _) if other != "unix" && other != "inet" => {
+                return Err(format!("Parameter 'server.type' does not accept value '{other}'"))
+            }
+            (None, None, None) => return Err("NBD server address missing".into()),
+            _ => return Err("Cannot use 'path' and 'host' together".into()),
+        };
+        Ok(NbdAddress { server, export })
+    }
+
+    /// A name [`NbdAddress::parse`] reads back as this address (QEMU's
+    /// `nbd:` syntax, which needs no escaping).
+    pub fn to_name(&self) -> String {
+        let server = match &self.server {
+            NbdServer::Unix(path) => format!("unix:{path}"),
+            NbdServer::Tcp { host, port } if host.contains(':') => format!("[{host}]:{port}"),
+            NbdServer::Tcp { host, port } => format!("{host}:{port}"),
+        };
+        if self.export.is_empty() {
+            format!("nbd:{server}")
+        } else {
+            format!("nbd:{server}:exportname={}", self.export)
+        }
+    }
+
     /// The name QEMU shows for this export (`info`'s "image:" line).
     pub fn display_name(&self) -> String {
         match &self.server {
@@ -806,6 +867,22 @@ mod tests {
         assert!(NbdAddress::parse("nbd+unix:///").unwrap().is_err());
         assert!(NbdAddress::parse("nbd://h:x").unwrap().is_err());
         assert!(NbdAddress::parse("nbd:unix:").unwrap().is_err());
+    }
+
+    #[test]
+    fn driver_options_name_exports() {
+        let opts = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut o = opts(&[("server.type", "unix"), ("server.path", "/s:x"), ("export", "e"), ("read-only", "on")]);
+        let a = NbdAddress::from_options(&mut o).unwrap();
+        assert_eq!(a, unix("/s:x", "e"));
+        assert_eq!(o, opts(&[("read-only", "on")]), "unknown options are left");
+        assert_eq!(NbdAddress::parse(&a.to_name()).unwrap().unwrap(), a);
+        let a = NbdAddress::from_options(&mut opts(&[("server.host", "::1"), ("server.port", "99")])).unwrap();
+        assert_eq!(a, tcp("::1", 99, ""));
+        assert_eq!(NbdAddress::parse(&a.to_name()).unwrap().unwrap(), a);
+        assert!(NbdAddress::from_options(&mut opts(&[("server.type", "unix")])).is_err());
+        assert!(NbdAddress::from_options(&mut opts(&[])).is_err());
+        assert!(NbdAddress::from_options(&mut opts(&[("path", "/s"), ("tls-creds", "t")])).is_err());
     }
 
     #[test]

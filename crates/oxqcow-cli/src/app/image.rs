@@ -273,11 +273,30 @@ fn parse_image_opts_for(spec: &str, io: bool) -> Result<(String, Option<String>,
     if !spec.contains('=') {
         return Err(fail(format!("Cannot find device='{spec}' nor node-name='{spec}'")));
     }
-    let (path, format, opts) = image_opts_from(split_noisily(&prog_name(), spec), io).map_err(fail)?;
+    let mut options = split_noisily(&prog_name(), spec);
+    // `driver=nbd`: the export is the image, read as raw (QEMU's protocol
+    // node); what is left are the generic options.
+    if options.iter().rev().find(|(k, _)| k == "driver").is_some_and(|(_, v)| v == "nbd") {
+        options.retain(|(k, _)| k != "driver");
+        let addr = NbdAddress::from_options(&mut options).map_err(fail)?;
+        let (_, _, opts) = image_opts_from(options, io).map_err(fail)?;
+        return Ok((addr.to_name(), Some("raw".into()), opts));
+    }
+    let (path, format, opts) = image_opts_from(options, io).map_err(fail)?;
+    // `driver=file`: the protocol node alone, its bytes as they are.
+    let format = format.map(|f| if f == "file" { "raw".to_string() } else { f });
     let Some(path) = path else {
         return Err(fail("A block device must be specified for \"file\"".to_string()));
     };
     Ok((path, format, opts))
+}
+
+/// Whether an `--image-opts` string opens a protocol node (`driver=file`,
+/// `driver=nbd`) rather than a format on top of one: qemu-img info then
+/// describes that node alone.
+pub fn image_opts_protocol(spec: &str) -> bool {
+    let options = oxqcow::qemu_syntax::split_options(spec);
+    options.iter().rev().find(|(k, _)| k == "driver").is_some_and(|(_, v)| v == "file" || v == "nbd")
 }
 
 /// The file name, the format and the open options that flattened image

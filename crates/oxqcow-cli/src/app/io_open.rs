@@ -258,6 +258,13 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
     if path.is_none() && file_child.is_some() {
         path = Some(String::new());
     }
+    // `driver=nbd`: the export, read as raw (QEMU's protocol node).
+    if options.iter().rev().find(|(k, _)| k == "driver").is_some_and(|(_, v)| v == "nbd") {
+        options.retain(|(k, _)| k != "driver");
+        let addr = NbdAddress::from_options(&mut options)?;
+        options.push(("driver".into(), "raw".into()));
+        path = Some(addr.to_name());
+    }
     let mut driver: Option<String> = None;
     let mut runtime: Vec<(String, String)> = Vec::new();
     let mut passphrase = None;

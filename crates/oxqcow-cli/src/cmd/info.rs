@@ -112,10 +112,16 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             Ok(s) => s,
             Err(msg) => return ctx.fail(&msg),
         };
-        let info = match graph_info(&path, &source) {
+        let mut info = match graph_info(&path, &source) {
             Ok(v) => v,
             Err(msg) => return ctx.fail(&msg),
         };
+        // A protocol node opened by its driver is described alone.
+        if image_opts && infos.is_empty() && crate::app::image::image_opts_protocol(filename) {
+            if let Some(file) = info.pointer("/children/0/info").cloned() {
+                info = file;
+            }
+        }
         let backing = info.get("full-backing-filename").and_then(Value::as_str).map(String::from);
         let backing_format = info.get("backing-filename-format").and_then(Value::as_str).map(String::from);
         infos.push(info);
@@ -528,7 +534,7 @@ fn human(info: &Value, indentation: usize, path: &str) -> String {
     let s = |k: &str| get(k).and_then(Value::as_str).unwrap_or_default().to_string();
     let n = |k: &str| get(k).and_then(Value::as_u64);
     let children = get("children").and_then(Value::as_array).cloned().unwrap_or_default();
-    let protocol = children.is_empty();
+    let protocol = indentation > 0 && children.is_empty();
     let mut out = String::new();
     let size = n("virtual-size").unwrap_or(0);
     let disk = n("actual-size").map_or_else(|| "unavailable".to_string(), size_to_str);
