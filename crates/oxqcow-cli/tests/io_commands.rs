@@ -297,3 +297,19 @@ fn read_only_by_option_alone_is_refused() {
     assert_eq!(ours.code, theirs.code);
     assert_same_content(&pair.qemu, &pair.ours, "read-only by option");
 }
+
+// Guards against `info` describing a null device as a raw image with a
+// cluster size and succeeding: QEMU names the null node (twice) or the raw
+// format above it, and the command fails, for qemu-io's exit code 1.
+#[test]
+fn info_on_null_devices_fails_as_qemus() {
+    let pair = Pair::new("qcow2", None, "1M");
+    for args in [
+        &["-f", "null-co", "-c", "reopen", "-c", "info", "json:{'driver': 'null-co', 'size': 65536}"][..],
+        &["-c", "info", "json:{'driver': 'null-aio', 'size': 65536}"],
+        &["-r", "-c", "info", "null-co://"],
+        &["-f", "raw", "-c", "info", "null-co://"],
+    ] {
+        compare_io(&pair, args);
+    }
+}

@@ -142,6 +142,9 @@ pub struct Opened {
     pub unmap: bool,
     /// Reads copy into the image what it does not allocate (`-C`).
     pub copy_on_read: bool,
+    /// The driver of a null device opened as the node itself (`json:{"driver":
+    /// "null-co"}`, `-f null-co`), which `info` names as QEMU does.
+    pub null_node: Option<String>,
 }
 
 impl Opened {
@@ -227,7 +230,7 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
                 if o.format.is_none() && !o.read_only {
                     warn_probed_raw(n);
                 }
-                return Ok(Opened { image, unmap: spec.unmap, copy_on_read: spec.copy_on_read });
+                return Ok(Opened { image, unmap: spec.unmap, copy_on_read: spec.copy_on_read, null_node: None });
             }
             // An NBD name stays whole: it is connected to below.
             None if NbdAddress::parse(n).is_some() => Some(n.to_string()),
@@ -238,9 +241,10 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
     // The null devices QEMU's null-co and null-aio drivers open: the
     // node itself, or the image's data file.
     if let Some(null) = take_null(&mut options, "")? {
+        let driver = null.driver_name().to_string();
         let o = OpenOptions { format: Some(ImageFormat::Raw), read_only: spec.read_only, ..OpenOptions::new() };
         let image = Image::open_storage(null, &o).map_err(|e| describe(&e))?;
-        return Ok(Opened { image, unmap: spec.unmap, copy_on_read: spec.copy_on_read });
+        return Ok(Opened { image, unmap: spec.unmap, copy_on_read: spec.copy_on_read, null_node: Some(driver) });
     }
     let data_file = take_null(&mut options, "data-file.")?;
     let mut file_child = take_null(&mut options, "file.")?;
@@ -414,7 +418,7 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
         warn_probed_raw(&shown);
     }
     let image = if spec.snapshot { temporary_overlay(image, &opts, spec.read_only)? } else { image };
-    Ok(Opened { image, unmap: spec.unmap, copy_on_read: spec.copy_on_read })
+    Ok(Opened { image, unmap: spec.unmap, copy_on_read: spec.copy_on_read, null_node: None })
 }
 
 /// The node-name options qemu-io accepts: the image's, its file's and its

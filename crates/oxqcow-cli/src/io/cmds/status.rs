@@ -4,7 +4,7 @@
 use oxqcow::{BlockDevice, Image};
 
 use crate::app::messages::errno_text;
-use crate::io::cmds::args::{cmd, image, num, CmdInfo};
+use crate::io::cmds::args::{cmd, image, num, opened, CmdInfo};
 use crate::io::report::human_size;
 use crate::io::session::{CmdResult, Failed, Session};
 
@@ -85,8 +85,18 @@ fn length(s: &mut Session, _: &CmdInfo, _: &[String]) -> CmdResult {
 }
 
 fn info(s: &mut Session, _: &CmdInfo, _: &[String]) -> CmdResult {
+    // A null device has no driver information to give: QEMU names the
+    // node (a null node twice, as its info names the node and the driver
+    // below it) and the command fails without a message.
+    if let Some(driver) = &opened(s).null_node {
+        println!("format name: {driver}\nformat name: {driver}");
+        return Err(Failed);
+    }
     let img = image(s);
     println!("format name: {}", img.format().name());
+    if img.storage().driver_name().starts_with("null") {
+        return Err(Failed);
+    }
     let Some(q) = img.as_qcow2() else {
         println!("cluster size: 0 bytes\nvm state offset: 0 bytes");
         return Ok(());
