@@ -235,16 +235,6 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// An OS error's text without Rust's " (os error N)" suffix, as QEMU
-/// prints it.
-fn os_text(e: &io::Error) -> String {
-    let text = e.to_string();
-    match text.find(" (os error ") {
-        Some(i) => text[..i].to_string(),
-        None => text,
-    }
-}
-
 /// Either kind of socket.
 enum Socket {
     Tcp(TcpStream),
@@ -385,10 +375,9 @@ impl NbdClient {
     /// Connects to `addr` and negotiates its export.
     pub fn connect(addr: &NbdAddress) -> io::Result<NbdClient> {
         let mut socket = match &addr.server {
-            NbdServer::Unix(path) => Socket::Unix(
-                UnixStream::connect(path)
-                    .map_err(|e| io::Error::new(e.kind(), format!("Failed to connect to '{path}': {}", os_text(&e))))?,
-            ),
+            NbdServer::Unix(path) => Socket::Unix(UnixStream::connect(path).map_err(|e| {
+                io::Error::new(e.kind(), format!("Failed to connect to '{path}': {}", crate::tls::strerror(&e)))
+            })?),
             NbdServer::Tcp { host, port } => Socket::Tcp(connect_tcp(host, *port)?),
         };
         let (size, flags, structured, allocation_context) = match negotiate(&mut socket, &addr.export) {
@@ -602,7 +591,7 @@ struct ServerErrno(io::Error);
 
 impl std::fmt::Display for ServerErrno {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", os_text(&self.0))
+        write!(f, "{}", crate::tls::strerror(&self.0))
     }
 }
 
@@ -625,7 +614,7 @@ fn connect_tcp(host: &str, port: u16) -> io::Result<TcpStream> {
         }
     }
     let e = last.unwrap_or_else(|| io::Error::from(io::ErrorKind::AddrNotAvailable));
-    Err(io::Error::new(e.kind(), format!("Failed to connect to '{host}:{port}': {}", os_text(&e))))
+    Err(io::Error::new(e.kind(), format!("Failed to connect to '{host}:{port}': {}", crate::tls::strerror(&e))))
 }
 
 /// Fixed newstyle negotiation ending in `NBD_OPT_GO`: the export's size and

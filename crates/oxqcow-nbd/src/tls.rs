@@ -74,7 +74,7 @@ pub struct TlsServer {
 
 /// The text of an OS error without Rust's " (os error N)" suffix, as QEMU
 /// prints `strerror`.
-fn strerror(e: &io::Error) -> String {
+pub(crate) fn strerror(e: &io::Error) -> String {
     let s = e.to_string();
     match s.find(" (os error ") {
         Some(i) => s[..i].to_string(),

@@ -20,14 +20,40 @@ use crate::app::qemu_opts::split_noisily;
 /// read-only export refused for writing. The reason on failure, without
 /// the "Could not open" that callers put in front.
 pub fn open_nbd(addr: Result<NbdAddress, String>, opts: &OpenOptions) -> Result<Image, String> {
-    let addr = addr?;
-    let client = NbdClient::connect(&addr).map_err(|e| e.to_string())?;
-    if client.is_read_only() && !opts.read_only {
-        return Err("Could not open image: Permission denied".into());
-    }
+    let client = connect_nbd(&addr?, opts.read_only)?;
     // A qcow2 image on an export that names a backing file is refused by
     // `open_storage`: there is no directory to resolve the name against.
     Image::open_storage(Arc::new(client), opts).map_err(|e| describe(&e))
+}
+
+/// Connects to the export at `addr` for an image opened `read_only` or
+/// not; a read-only export is refused for writing with QEMU's words.
+pub fn connect_nbd(addr: &NbdAddress, read_only: bool) -> Result<NbdClient, String> {
+    let client = NbdClient::connect(addr).map_err(|e| e.to_string())?;
+    if client.is_read_only() && !read_only {
+        return Err("Could not open image: Permission denied".into());
+    }
+    Ok(client)
+}
+
+/// The name QEMU shows for an image named `name`: an NBD export's in
+/// QEMU's URI form, any other as given.
+pub fn shown_name(name: &str) -> String {
+    match NbdAddress::parse(name) {
+        Some(Ok(addr)) => addr.display_name(),
+        _ => name.to_string(),
+    }
+}
+
+/// With `driver=nbd` among `options`: the export they name (QEMU's nbd
+/// protocol node), `driver` and the address options taken out of them.
+pub fn take_nbd_driver(options: &mut Vec<(String, String)>) -> Result<Option<NbdAddress>, String> {
+    let driver = options.iter().rev().find(|(k, _)| k == "driver").map(|(_, v)| v.as_str());
+    if driver != Some("nbd") {
+        return Ok(None);
+    }
+    options.retain(|(k, _)| k != "driver");
+    NbdAddress::from_options(options).map(Some)
 }
 
 /// Opens an image as qemu-img does, returning qemu-img's message on failure
@@ -227,11 +253,7 @@ fn chain_failure(path: &str, format: Option<ImageFormat>) -> Option<String> {
 /// the directory of the image that names it (`chain/top.qcow2` backed by
 /// `base.qcow2` gives `chain/base.qcow2`).
 pub fn chain_filenames(image: &Image, filename: &str) -> Vec<String> {
-    let top = match NbdAddress::parse(filename) {
-        Some(Ok(addr)) => addr.display_name(),
-        _ => filename.to_string(),
-    };
-    let mut names = vec![top];
+    let mut names = vec![shown_name(filename)];
     let mut layer = image;
     while let Some(q) = layer.as_qcow2() {
         let (Some(name), Some(backing)) = (q.info().backing_file, q.backing()) else { break };
@@ -276,9 +298,7 @@ fn parse_image_opts_for(spec: &str, io: bool) -> Result<(String, Option<String>,
     let mut options = split_noisily(&prog_name(), spec);
     // `driver=nbd`: the export is the image, read as raw (QEMU's protocol
     // node); what is left are the generic options.
-    if options.iter().rev().find(|(k, _)| k == "driver").is_some_and(|(_, v)| v == "nbd") {
-        options.retain(|(k, _)| k != "driver");
-        let addr = NbdAddress::from_options(&mut options).map_err(fail)?;
+    if let Some(addr) = take_nbd_driver(&mut options).map_err(fail)? {
         let (_, _, opts) = image_opts_from(options, io).map_err(fail)?;
         return Ok((addr.to_name(), Some("raw".into()), opts));
     }

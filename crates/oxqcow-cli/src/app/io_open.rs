@@ -15,10 +15,10 @@ use oxqcow::{
     OpenOptions, Probed, Qcow2, Storage,
 };
 
-use oxqcow_nbd::client::{NbdAddress, NbdClient};
+use oxqcow_nbd::client::NbdAddress;
 
 use crate::app::forbid_backing::backing_policy;
-use crate::app::image::{host_filename, null_by_name, take_null};
+use crate::app::image::{connect_nbd, host_filename, null_by_name, shown_name, take_nbd_driver, take_null};
 use crate::app::messages::{describe, errno_text, io_error_text, open_messages, warn_probed_raw};
 
 /// How to open an image: qemu-io's flags plus driver options.
@@ -263,9 +263,7 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
         path = Some(String::new());
     }
     // `driver=nbd`: the export, read as raw (QEMU's protocol node).
-    if options.iter().rev().find(|(k, _)| k == "driver").is_some_and(|(_, v)| v == "nbd") {
-        options.retain(|(k, _)| k != "driver");
-        let addr = NbdAddress::from_options(&mut options)?;
+    if let Some(addr) = take_nbd_driver(&mut options)? {
         options.push(("driver".into(), "raw".into()));
         path = Some(addr.to_name());
     }
@@ -340,16 +338,10 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
     };
     // An NBD export is the image's file: connected to once, and probed
     // and opened through that connection.
-    let mut shown = path.clone();
+    let shown = shown_name(&path);
     if file_child.is_none() {
         if let Some(addr) = NbdAddress::parse(&path) {
-            let addr = addr?;
-            let client = NbdClient::connect(&addr).map_err(|e| e.to_string())?;
-            if client.is_read_only() && !(spec.read_only || spec.snapshot) {
-                return Err("Could not open image: Permission denied".into());
-            }
-            shown = addr.display_name();
-            file_child = Some(Arc::new(client));
+            file_child = Some(Arc::new(connect_nbd(&addr?, spec.read_only || spec.snapshot)?));
         }
     }
     let probed = if let Some(file) = &file_child {

@@ -13,7 +13,6 @@ use oxqcow::format::luks::LuksHeader;
 use oxqcow::format::qcow::QcowHeader;
 use oxqcow::format::SnapshotEntry;
 use oxqcow::{probe_format, FileStorage, Image, ImageFormat, Luks, OpenOptions, Qcow, Qcow2, Qcow2Info, Storage};
-use oxqcow_nbd::client::NbdAddress;
 use serde_json::{json, Map, Value};
 
 use crate::app::ctx::Ctx;
@@ -312,8 +311,8 @@ fn graph_info(path: &str, source: &Source) -> Result<Value, String> {
     };
     let file_len = storage.len().map_err(|e| format!("Could not get the file length of '{path}': {e}"))?;
     // An NBD export is named as QEMU names it.
-    let nbd = NbdAddress::parse(path).and_then(Result::ok).map(|a| a.display_name());
-    let path = nbd.as_deref().unwrap_or(path);
+    let shown = crate::app::image::shown_name(path);
+    let path = shown.as_str();
     let allocated = storage.allocated_bytes().ok();
     // Another protocol than a host file (a null device) has no
     // format-specific facts and no dirty flag to report, at either level.
