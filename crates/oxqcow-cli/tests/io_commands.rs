@@ -6,27 +6,7 @@
 
 mod qemu_oracle;
 
-use qemu_oracle::{assert_check_clean, assert_same_content, normalize, run, with_image, Output, Pair};
-
-/// Runs `qemu-io ARGS` on one copy and `oxqcow io ARGS` on the other
-/// (`IMG` in an argument stands for the image) and compares everything.
-fn compare_io(pair: &Pair, args: &[&str]) -> Output {
-    qemu_oracle::require("qemu-io");
-    let theirs = run("qemu-io", &with_image(args, &pair.qemu), None);
-    let mut ox_args = vec!["io".to_string()];
-    ox_args.extend(with_image(args, &pair.ours));
-    let ours = run(qemu_oracle::oxqcow(), &ox_args, None);
-    let t = normalize(&theirs, Some(&pair.qemu), "qemu-io");
-    let o = normalize(&ours, Some(&pair.ours), "qemu-io");
-    assert_eq!(
-        o.stdout, t.stdout,
-        "stdout differs for {args:?}\n--- qemu-io:\n{}\n--- oxqcow:\n{}",
-        t.stdout, o.stdout
-    );
-    assert_eq!(o.stderr, t.stderr, "stderr differs for {args:?}");
-    assert_eq!(o.code, t.code, "exit code differs for {args:?}; qemu-io said:\n{}{}", theirs.stdout, theirs.stderr);
-    ours
-}
+use qemu_oracle::{assert_check_clean, assert_same_content, compare_io, normalize, run, with_image, Output, Pair};
 
 /// `-c CMD` for each command, then the image.
 fn io(pair: &Pair, cmds: &[&str]) -> Output {

@@ -183,3 +183,29 @@ pub fn guest_map(image: &Path) -> String {
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+/// Runs `qemu-io ARGS` on one copy and `oxqcow io ARGS` on the other
+/// (`IMG` in an argument stands for the image, `stdin` is fed to both)
+/// and asserts the same stdout, stderr and exit code (timings aside).
+pub fn compare_io_stdin(pair: &Pair, args: &[&str], stdin: Option<&str>) -> Output {
+    require("qemu-io");
+    let theirs = run("qemu-io", &with_image(args, &pair.qemu), stdin);
+    let mut ox_args = vec!["io".to_string()];
+    ox_args.extend(with_image(args, &pair.ours));
+    let ours = run(oxqcow(), &ox_args, stdin);
+    let t = normalize(&theirs, Some(&pair.qemu), "qemu-io");
+    let o = normalize(&ours, Some(&pair.ours), "qemu-io");
+    assert_eq!(
+        o.stdout, t.stdout,
+        "stdout differs for {args:?}\n--- qemu-io:\n{}\n--- oxqcow:\n{}",
+        t.stdout, o.stdout
+    );
+    assert_eq!(o.stderr, t.stderr, "stderr differs for {args:?}");
+    assert_eq!(o.code, t.code, "exit code differs for {args:?}; qemu-io said:\n{}{}", theirs.stdout, theirs.stderr);
+    ours
+}
+
+/// [`compare_io_stdin`] without input.
+pub fn compare_io(pair: &Pair, args: &[&str]) -> Output {
+    compare_io_stdin(pair, args, None)
+}
