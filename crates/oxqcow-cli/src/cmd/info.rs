@@ -314,25 +314,8 @@ fn graph_info(path: &str, source: &Source) -> Result<Value, String> {
     let shown = crate::app::image::shown_name(path);
     let path = shown.as_str();
     let allocated = storage.allocated_bytes().ok();
-    // Another protocol than a host file (a null device) has no
-    // format-specific facts and no dirty flag to report, at either level.
-    let protocol = storage.driver_name().to_string();
-    let host_file = protocol == "file";
-    let mut file = Map::new();
-    file.insert("filename".into(), json!(path));
-    file.insert("format".into(), json!(protocol));
-    if host_file {
-        file.insert("dirty-flag".into(), json!(false));
-    }
-    if let Some(a) = allocated {
-        file.insert("actual-size".into(), json!(a));
-    }
-    // Only a host file's length is shown in whole sectors.
-    file.insert("virtual-size".into(), json!(if host_file { sectors_up(file_len) } else { file_len }));
-    if host_file {
-        file.insert("format-specific".into(), json!({"type": "file", "data": {}}));
-    }
-    file.insert("children".into(), json!([]));
+    let host_file = storage.driver_name() == "file";
+    let file = protocol_node(path, storage, file_len, allocated);
 
     let mut top = Map::new();
     top.insert("filename".into(), json!(path));
@@ -401,7 +384,44 @@ fn graph_info(path: &str, source: &Source) -> Result<Value, String> {
             top.insert("backing-filename-format".into(), json!(f));
         }
     }
-    let snapshots: Vec<Value> = snapshots
+    let snapshots = snapshot_list(&snapshots);
+    if !snapshots.is_empty() {
+        top.insert("snapshots".into(), Value::Array(snapshots));
+    }
+    let data = qcow2_specific(&qi);
+    top.insert("format-specific".into(), json!({"type": "qcow2", "data": Value::Object(data)}));
+    top.insert("children".into(), json!([{"name": "file", "info": Value::Object(file)}]));
+    Ok(Value::Object(top))
+}
+
+/// The protocol node under an image (its file: a host file, an NBD
+/// export, a null device), keys in QAPI order.
+fn protocol_node(path: &str, storage: &dyn Storage, file_len: u64, allocated: Option<u64>) -> Map<String, Value> {
+    // Another protocol than a host file (a null device) has no
+    // format-specific facts and no dirty flag to report, at either level.
+    let protocol = storage.driver_name();
+    let host_file = protocol == "file";
+    let mut file = Map::new();
+    file.insert("filename".into(), json!(path));
+    file.insert("format".into(), json!(protocol));
+    if host_file {
+        file.insert("dirty-flag".into(), json!(false));
+    }
+    if let Some(a) = allocated {
+        file.insert("actual-size".into(), json!(a));
+    }
+    // Only a host file's length is shown in whole sectors.
+    file.insert("virtual-size".into(), json!(if host_file { sectors_up(file_len) } else { file_len }));
+    if host_file {
+        file.insert("format-specific".into(), json!({"type": "file", "data": {}}));
+    }
+    file.insert("children".into(), json!([]));
+    file
+}
+
+/// The snapshots as `SnapshotInfo` objects.
+fn snapshot_list(snapshots: &[SnapshotEntry]) -> Vec<Value> {
+    snapshots
         .iter()
         .map(|s| {
             let mut m = Map::new();
@@ -417,10 +437,11 @@ fn graph_info(path: &str, source: &Source) -> Result<Value, String> {
             }
             Value::Object(m)
         })
-        .collect();
-    if !snapshots.is_empty() {
-        top.insert("snapshots".into(), Value::Array(snapshots));
-    }
+        .collect()
+}
+
+/// qcow2's format-specific information (`ImageInfoSpecificQCow2`).
+fn qcow2_specific(qi: &Qcow2Info) -> Map<String, Value> {
     let mut data = Map::new();
     if qi.version == 2 {
         data.insert("compat".into(), json!("0.10"));
@@ -458,12 +479,10 @@ fn graph_info(path: &str, source: &Source) -> Result<Value, String> {
         }
     }
     data.insert("compression-type".into(), json!(qi.compression_type));
-    if let Some(e) = encrypt_info(&qi) {
+    if let Some(e) = encrypt_info(qi) {
         data.insert("encrypt".into(), e);
     }
-    top.insert("format-specific".into(), json!({"type": "qcow2", "data": Value::Object(data)}));
-    top.insert("children".into(), json!([{"name": "file", "info": Value::Object(file)}]));
-    Ok(Value::Object(top))
+    data
 }
 
 /// The `encrypt` member of qcow2's format-specific information
