@@ -555,16 +555,23 @@ impl Qcow2 {
                 return self.data.write_at(data, at.0).map_err(Error::io("writing guest data", at.0));
             }
         }
-        let head = self.read_cow(&alloc.head)?;
-        let tail = self.read_cow(&alloc.tail)?;
+        let head_len = alloc.head.as_ref().map_or(0, |r| r.len) as usize;
+        let tail_len = alloc.tail.as_ref().map_or(0, |r| r.len) as usize;
+        let total = head_len + data.len() + tail_len;
         let cs = self.geometry.cluster_size() as usize;
-        if head.len() + data.len() + tail.len() <= 4 * cs {
-            let mut buf = Vec::with_capacity(head.len() + data.len() + tail.len());
-            buf.extend_from_slice(&head);
-            buf.extend_from_slice(data);
-            buf.extend_from_slice(&tail);
+        if total <= 4 * cs {
+            // One write: head and tail are read straight into the buffer
+            // that carries the data, so a request holds one copy.
+            let _lease = self.cow_budget.take(total as u64);
+            let mut buf = vec![0u8; total];
+            self.read_cow_into(&alloc.head, &mut buf[..head_len])?;
+            buf[head_len..head_len + data.len()].copy_from_slice(data);
+            self.read_cow_into(&alloc.tail, &mut buf[head_len + data.len()..])?;
             return self.data.write_at(&buf, host.0).map_err(Error::io("writing guest data", host.0));
         }
+        let _lease = self.cow_budget.take((head_len + tail_len) as u64);
+        let head = self.read_cow(&alloc.head)?;
+        let tail = self.read_cow(&alloc.tail)?;
         let mut at = host;
         for part in [&head[..], data, &tail[..]] {
             if !part.is_empty() {
@@ -613,19 +620,30 @@ impl Qcow2 {
         alloc: &crate::qcow2::meta::plan::Allocation,
         data: &[u8],
     ) -> Result<()> {
-        let mut buf = self.read_cow(&alloc.head)?;
-        buf.extend_from_slice(data);
-        buf.extend_from_slice(&self.read_cow(&alloc.tail)?);
+        let head_len = alloc.head.as_ref().map_or(0, |r| r.len) as usize;
+        let tail_len = alloc.tail.as_ref().map_or(0, |r| r.len) as usize;
+        let _lease = self.cow_budget.take((head_len + data.len() + tail_len) as u64);
+        let mut buf = vec![0u8; head_len + data.len() + tail_len];
+        self.read_cow_into(&alloc.head, &mut buf[..head_len])?;
+        buf[head_len..head_len + data.len()].copy_from_slice(data);
+        self.read_cow_into(&alloc.tail, &mut buf[head_len + data.len()..])?;
         let host = alloc.host;
         c.encrypt(&mut buf, if c.uses_host_offset() { host.0 } else { alloc.guest.0 })?;
         self.data.write_at(&buf, host.0).map_err(Error::io("writing guest data", host.0))
     }
 
     pub(crate) fn read_cow(&self, region: &Option<crate::qcow2::meta::plan::CowRegion>) -> Result<Vec<u8>> {
-        let Some(r) = region else { return Ok(Vec::new()) };
-        let mut buf = vec![0u8; r.len as usize];
-        self.read_segments(&r.plan, r.guest, &mut buf)?;
+        let mut buf = vec![0u8; region.as_ref().map_or(0, |r| r.len as usize)];
+        self.read_cow_into(region, &mut buf)?;
         Ok(buf)
+    }
+
+    /// Reads a copy-on-write region into `out`, which is exactly its length.
+    fn read_cow_into(&self, region: &Option<crate::qcow2::meta::plan::CowRegion>, out: &mut [u8]) -> Result<()> {
+        match region {
+            Some(r) => self.read_segments(&r.plan, r.guest, out),
+            None => Ok(()),
+        }
     }
 
     /// Reads from the backing image; past its end everything reads as zeros.

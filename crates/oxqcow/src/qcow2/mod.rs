@@ -16,6 +16,7 @@
 
 mod admin;
 mod cleaner;
+mod cow_budget;
 mod create;
 mod io;
 pub(crate) mod meta;
@@ -128,6 +129,8 @@ pub struct Qcow2 {
     /// Keeps the read-modify-write of a partly written encrypted sector
     /// apart from other writes to that sector (unused without encryption).
     serialiser: crate::qcow2::serialise::RequestSerialiser,
+    /// Bounds the copy-on-write buffers of the writes in flight.
+    cow_budget: cow_budget::CowBudget,
 }
 
 impl Qcow2 {

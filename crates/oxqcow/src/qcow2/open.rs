@@ -104,6 +104,7 @@ pub(super) fn open(
         stale_bitmaps,
         crypt,
         serialiser: Default::default(),
+        cow_budget: Default::default(),
     })
 }
 
