@@ -222,7 +222,7 @@ impl NbdClient {
         }
         let cookie = conn.next_cookie;
         conn.next_cookie += 1;
-        let header = RequestHeader { flags, kind, cookie, offset, length }.encode();
+        let header = RequestHeader { flags, kind, cookie, offset, length: u64::from(length) }.encode(false);
         let result = (|| {
             let mut out = Vec::with_capacity(header.len() + payload.len());
             out.extend_from_slice(&header);
@@ -623,7 +623,7 @@ impl Drop for NbdClient {
     fn drop(&mut self) {
         let conn = self.conn.get_mut().unwrap_or_else(|p| p.into_inner());
         if !conn.broken {
-            let header = RequestHeader { flags: 0, kind: cmd::DISC, cookie: 0, offset: 0, length: 0 }.encode();
+            let header = RequestHeader { flags: 0, kind: cmd::DISC, cookie: 0, offset: 0, length: 0 }.encode(false);
             let _ = conn.socket.write_all(&header);
         }
     }
