@@ -27,6 +27,10 @@ pub struct NbdAddress {
     pub server: NbdServer,
     /// The export's name (empty: the default export).
     pub export: String,
+    /// The nbd driver's `x-dirty-bitmap`: block status read from this
+    /// metadata context instead of `base:allocation` (only through the
+    /// driver's options, as QEMU takes it).
+    pub x_dirty_bitmap: Option<String>,
 }
 
 impl NbdAddress {
@@ -71,6 +75,7 @@ impl NbdAddress {
         let host = take(&["server.host", "host"]);
         let port = take(&["server.port", "port"]);
         let export = take(&["export"]).unwrap_or_default();
+        let x_dirty_bitmap = take(&["x-dirty-bitmap"]);
         if take(&["tls-creds"]).is_some() {
             return Err("TLS for NBD exports is not supported by oxqcow's NBD client yet".into());
         }
@@ -91,12 +96,26 @@ impl NbdAddress {
             (None, None, None) => return Err("NBD server address missing".into()),
             _ => return Err("Cannot use 'path' and 'host' together".into()),
         };
-        Ok(NbdAddress { server, export })
+        Ok(NbdAddress { server, export, x_dirty_bitmap })
     }
 
-    /// A name [`NbdAddress::parse`] reads back as this address (QEMU's
-    /// `nbd:` syntax, which needs no escaping).
+    /// A name QEMU reads as this address: its `nbd:` syntax, which needs no
+    /// escaping and [`NbdAddress::parse`] reads back; with `x-dirty-bitmap`,
+    /// which only the driver's options carry, a `json:{...}` name of them.
     pub fn to_name(&self) -> String {
+        if let Some(context) = &self.x_dirty_bitmap {
+            let server = match &self.server {
+                NbdServer::Unix(path) => format!(r#"{{"type":"unix","path":{}}}"#, json_string(path)),
+                NbdServer::Tcp { host, port } => {
+                    format!(r#"{{"type":"inet","host":{},"port":"{port}"}}"#, json_string(host))
+                }
+            };
+            return format!(
+                r#"json:{{"driver":"nbd","server":{server},"export":{},"x-dirty-bitmap":{}}}"#,
+                json_string(&self.export),
+                json_string(context)
+            );
+        }
         let server = match &self.server {
             NbdServer::Unix(path) => format!("unix:{path}"),
             NbdServer::Tcp { host, port } if host.contains(':') => format!("[{host}]:{port}"),
@@ -134,7 +153,7 @@ fn parse_unix_uri(rest: &str) -> Result<NbdAddress, String> {
         }
     }
     let socket = socket.ok_or("missing socket parameter")?;
-    Ok(NbdAddress { server: NbdServer::Unix(socket), export: percent_decode(export) })
+    Ok(NbdAddress { server: NbdServer::Unix(socket), export: percent_decode(export), x_dirty_bitmap: None })
 }
 
 fn parse_tcp_uri(rest: &str) -> Result<NbdAddress, String> {
@@ -149,7 +168,7 @@ fn parse_tcp_uri(rest: &str) -> Result<NbdAddress, String> {
     if host.is_empty() {
         return Err("missing host".into());
     }
-    Ok(NbdAddress { server: NbdServer::Tcp { host, port }, export: percent_decode(path) })
+    Ok(NbdAddress { server: NbdServer::Tcp { host, port }, export: percent_decode(path), x_dirty_bitmap: None })
 }
 
 fn split_host_port(authority: &str) -> Result<(String, u16), String> {
@@ -179,13 +198,13 @@ fn parse_legacy(rest: &str) -> Result<NbdAddress, String> {
         if path.is_empty() {
             return Err("missing socket path".into());
         }
-        return Ok(NbdAddress { server: NbdServer::Unix(path.to_string()), export });
+        return Ok(NbdAddress { server: NbdServer::Unix(path.to_string()), export, x_dirty_bitmap: None });
     }
     let (host, port) = split_host_port(spec)?;
     if host.is_empty() {
         return Err("missing host".into());
     }
-    Ok(NbdAddress { server: NbdServer::Tcp { host, port }, export })
+    Ok(NbdAddress { server: NbdServer::Tcp { host, port }, export, x_dirty_bitmap: None })
 }
 
 fn percent_decode(s: &str) -> String {
@@ -207,16 +226,32 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// `s` as a JSON string literal.
+fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn unix(path: &str, export: &str) -> NbdAddress {
-        NbdAddress { server: NbdServer::Unix(path.into()), export: export.into() }
+        NbdAddress { server: NbdServer::Unix(path.into()), export: export.into(), x_dirty_bitmap: None }
     }
 
     fn tcp(host: &str, port: u16, export: &str) -> NbdAddress {
-        NbdAddress { server: NbdServer::Tcp { host: host.into(), port }, export: export.into() }
+        NbdAddress { server: NbdServer::Tcp { host: host.into(), port }, export: export.into(), x_dirty_bitmap: None }
     }
 
     #[test]
@@ -251,6 +286,10 @@ mod tests {
         assert!(NbdAddress::from_options(&mut opts(&[("server.type", "unix")])).is_err());
         assert!(NbdAddress::from_options(&mut opts(&[])).is_err());
         assert!(NbdAddress::from_options(&mut opts(&[("path", "/s"), ("tls-creds", "t")])).is_err());
+        let mut o = opts(&[("path", "/s"), ("x-dirty-bitmap", "qemu:allocation-depth")]);
+        let a = NbdAddress::from_options(&mut o).unwrap();
+        assert_eq!(a.x_dirty_bitmap.as_deref(), Some("qemu:allocation-depth"));
+        assert!(o.is_empty(), "x-dirty-bitmap is the driver's option");
     }
 
     #[test]

@@ -7,8 +7,9 @@
 //! request and its reply, so requests from many threads are serialised
 //! rather than pipelined (simple and always correct; the server side is
 //! where oxqcow's NBD speed lies). Structured replies are negotiated so
-//! that block status (`base:allocation`) tells holes from data; reads
-//! accept both reply kinds.
+//! that block status (`base:allocation`, or the context the nbd driver's
+//! `x-dirty-bitmap` names) tells holes from data; reads accept both reply
+//! kinds.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -16,11 +17,14 @@ use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use oxqcow::storage::Run;
 use oxqcow::Storage;
 
 pub use address::{NbdAddress, NbdServer, DEFAULT_PORT};
+pub use list::{list_exports, ExportInfo};
 
 mod address;
+mod list;
 
 use crate::proto::{
     client_flags, cmd, cmd_flags, handshake_flags, info, opt, rep, reply, transmission_flags, RequestHeader, IHAVEOPT,
@@ -94,7 +98,7 @@ enum ReplyInto<'a> {
     Nothing,
     /// A read's bytes.
     Read(&'a mut [u8]),
-    /// Block status extents (length, flags) of `base:allocation`.
+    /// Block status extents (length, flags) of the status context.
     Extents(&'a mut Vec<(u32, u32)>),
 }
 
@@ -104,8 +108,13 @@ pub struct NbdClient {
     size: u64,
     flags: u16,
     structured: bool,
-    /// The id the server gave `base:allocation`, when it agreed to it.
+    /// The id the server gave the status context (`base:allocation` or the
+    /// `x-dirty-bitmap` one), when it agreed to it.
     allocation_context: Option<u32>,
+    /// The status context is `qemu:allocation-depth` through
+    /// `x-dirty-bitmap`: depths past 2 read as 2, as QEMU folds them, so
+    /// that the two bits say "local" (1, a hole) or "backing" (2, zeros).
+    fold_depth: bool,
     max_request: u64,
 }
 
@@ -175,13 +184,9 @@ fn option_error(kind: u32, data: &[u8], export: &str) -> io::Error {
 impl NbdClient {
     /// Connects to `addr` and negotiates its export.
     pub fn connect(addr: &NbdAddress) -> io::Result<NbdClient> {
-        let mut socket = match &addr.server {
-            NbdServer::Unix(path) => Socket::Unix(UnixStream::connect(path).map_err(|e| {
-                io::Error::new(e.kind(), format!("Failed to connect to '{path}': {}", crate::tls::strerror(&e)))
-            })?),
-            NbdServer::Tcp { host, port } => Socket::Tcp(connect_tcp(host, *port)?),
-        };
-        let (size, flags, structured, allocation_context) = match negotiate(&mut socket, &addr.export) {
+        let mut socket = open_socket(&addr.server)?;
+        let context = addr.x_dirty_bitmap.as_deref();
+        let (size, flags, structured, allocation_context) = match negotiate(&mut socket, &addr.export, context) {
             Ok(n) => n,
             Err(e) => {
                 // End the negotiation politely, as QEMU's client does, so
@@ -199,6 +204,7 @@ impl NbdClient {
             flags,
             structured,
             allocation_context,
+            fold_depth: context == Some(ALLOCATION_DEPTH),
             max_request: MAX_REQUEST,
         })
     }
@@ -402,6 +408,50 @@ fn is_server_errno(e: &io::Error) -> bool {
     e.get_ref().is_some_and(|inner| inner.is::<ServerErrno>())
 }
 
+/// Connects to `server`, with QEMU's message on failure.
+fn open_socket(server: &NbdServer) -> io::Result<Socket> {
+    Ok(match server {
+        NbdServer::Unix(path) => Socket::Unix(UnixStream::connect(path).map_err(|e| {
+            io::Error::new(e.kind(), format!("Failed to connect to '{path}': {}", crate::tls::strerror(&e)))
+        })?),
+        NbdServer::Tcp { host, port } => Socket::Tcp(connect_tcp(host, *port)?),
+    })
+}
+
+/// The start of fixed newstyle negotiation: the server's greeting, the
+/// client's flags.
+fn greet(s: &mut Socket) -> io::Result<()> {
+    if read_u64(s)? != NBDMAGIC {
+        return Err(protocol_error("not an NBD server (bad magic)"));
+    }
+    if read_u64(s)? != IHAVEOPT {
+        return Err(protocol_error("the server speaks only the oldstyle protocol"));
+    }
+    let hflags = read_u16(s)?;
+    if hflags & handshake_flags::FIXED_NEWSTYLE == 0 {
+        return Err(protocol_error("the server does not speak fixed newstyle"));
+    }
+    let mut cflags = client_flags::FIXED_NEWSTYLE;
+    if hflags & handshake_flags::NO_ZEROES != 0 {
+        cflags |= client_flags::NO_ZEROES;
+    }
+    s.write_all(&cflags.to_be_bytes())
+}
+
+/// Sends an option without data and reads its answer: whether the server
+/// acknowledged it (an error reply is a refusal, not a failure).
+fn simple_option(s: &mut Socket, option: u32) -> io::Result<bool> {
+    send_option(s, option, &[])?;
+    loop {
+        let (kind, _) = read_option_reply(s, option)?;
+        match kind {
+            rep::ACK => return Ok(true),
+            k if k & (1 << 31) != 0 => return Ok(false),
+            _ => {}
+        }
+    }
+}
+
 fn connect_tcp(host: &str, port: u16) -> io::Result<TcpStream> {
     use std::net::ToSocketAddrs;
     let addrs = (host, port)
@@ -418,38 +468,19 @@ fn connect_tcp(host: &str, port: u16) -> io::Result<TcpStream> {
     Err(io::Error::new(e.kind(), format!("Failed to connect to '{host}:{port}': {}", crate::tls::strerror(&e))))
 }
 
-/// Fixed newstyle negotiation ending in `NBD_OPT_GO`: the export's size and
-/// transmission flags, whether structured replies are on, and the
-/// `base:allocation` context id.
-fn negotiate(s: &mut Socket, export: &str) -> io::Result<(u64, u16, bool, Option<u32>)> {
-    if read_u64(s)? != NBDMAGIC {
-        return Err(protocol_error("not an NBD server (bad magic)"));
-    }
-    if read_u64(s)? != IHAVEOPT {
-        return Err(protocol_error("the server speaks only the oldstyle protocol"));
-    }
-    let hflags = read_u16(s)?;
-    if hflags & handshake_flags::FIXED_NEWSTYLE == 0 {
-        return Err(protocol_error("the server does not speak fixed newstyle"));
-    }
-    let mut cflags = client_flags::FIXED_NEWSTYLE;
-    if hflags & handshake_flags::NO_ZEROES != 0 {
-        cflags |= client_flags::NO_ZEROES;
-    }
-    s.write_all(&cflags.to_be_bytes())?;
+const BASE_ALLOCATION: &str = "base:allocation";
+const ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
 
-    send_option(s, opt::STRUCTURED_REPLY, &[])?;
-    let structured = loop {
-        let (kind, _) = read_option_reply(s, opt::STRUCTURED_REPLY)?;
-        match kind {
-            rep::ACK => break true,
-            k if k & (1 << 31) != 0 => break false,
-            _ => {}
-        }
-    };
+/// Fixed newstyle negotiation ending in `NBD_OPT_GO`: the export's size and
+/// transmission flags, whether structured replies are on, and the status
+/// context's id: `base:allocation`'s, or that of `x_dirty_bitmap`, which
+/// the server must grant.
+fn negotiate(s: &mut Socket, export: &str, x_dirty_bitmap: Option<&str>) -> io::Result<(u64, u16, bool, Option<u32>)> {
+    greet(s)?;
+    let structured = simple_option(s, opt::STRUCTURED_REPLY)?;
     let mut allocation_context = None;
     if structured {
-        let name = b"base:allocation";
+        let name = x_dirty_bitmap.unwrap_or(BASE_ALLOCATION).as_bytes();
         let mut data = Vec::new();
         data.extend_from_slice(&(export.len() as u32).to_be_bytes());
         data.extend_from_slice(export.as_bytes());
@@ -468,6 +499,11 @@ fn negotiate(s: &mut Socket, export: &str) -> io::Result<(u64, u16, bool, Option
                 _ => {}
             }
         }
+    }
+    if x_dirty_bitmap.is_some() && allocation_context.is_none() {
+        // QEMU's nbd driver fails the open without a message of its own:
+        // the block layer's generic one is what shows.
+        return Err(io::Error::other("Could not open image: Invalid argument"));
     }
     let mut data = Vec::new();
     data.extend_from_slice(&(export.len() as u32).to_be_bytes());
@@ -584,11 +620,27 @@ impl Storage for NbdClient {
     }
 
     fn data_runs(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, u64, bool)>> {
+        // Data here is what is neither a hole nor zeros.
+        let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+        for r in self.allocation(offset, len)? {
+            let data = r.data && !r.zero;
+            match runs.last_mut() {
+                Some(last) if last.2 == data => last.1 += r.len,
+                _ => runs.push((r.offset, r.len, data)),
+            }
+        }
+        Ok(runs)
+    }
+
+    /// Block status as QEMU's nbd driver reads it: bit 0 (a hole) clears
+    /// "data", bit 1 sets "zero", whatever the context; a run that is
+    /// neither is not present. Past the export's end: zeros.
+    fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<Run>> {
         let end = offset.saturating_add(len).min(self.size);
         if self.allocation_context.is_none() || offset >= end {
-            return Ok(vec![(offset, len, true)]);
+            return Ok(vec![Run { offset, len, data: true, zero: false }]);
         }
-        let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+        let mut runs: Vec<Run> = Vec::new();
         let mut at = offset;
         while at < end {
             let n = (end - at).min(self.max_request.min(u64::from(u32::MAX)));
@@ -600,11 +652,11 @@ impl Storage for NbdClient {
                 if l == 0 {
                     break;
                 }
-                // Bit 0: a hole; bit 1: reads as zeros. Either way no data.
-                let data = flags & 0b11 == 0;
+                let flags = if self.fold_depth { flags.min(2) } else { flags };
+                let (data, zero) = (flags & 1 == 0, flags & 2 != 0);
                 match runs.last_mut() {
-                    Some(last) if last.2 == data && last.0 + last.1 == at => last.1 += l,
-                    _ => runs.push((at, l, data)),
+                    Some(last) if last.data == data && last.zero == zero => last.len += l,
+                    _ => runs.push(Run { offset: at, len: l, data, zero }),
                 }
                 at += l;
             }
@@ -613,7 +665,7 @@ impl Storage for NbdClient {
             }
         }
         if offset + len > end {
-            runs.push((end, offset + len - end, false));
+            runs.push(Run { offset: end, len: offset + len - end, data: false, zero: true });
         }
         Ok(runs)
     }
