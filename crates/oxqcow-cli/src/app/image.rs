@@ -29,7 +29,8 @@ pub fn open_nbd(addr: Result<NbdAddress, String>, opts: &OpenOptions) -> Result<
 /// Connects to the export at `addr` for an image opened `read_only` or
 /// not; a read-only export is refused for writing with QEMU's words.
 pub fn connect_nbd(addr: &NbdAddress, read_only: bool) -> Result<NbdClient, String> {
-    let client = NbdClient::connect(addr).map_err(|e| e.to_string())?;
+    let tls = addr.tls_creds.as_deref().map(crate::app::tlscreds::client_creds).transpose()?;
+    let client = NbdClient::connect(addr, tls.as_ref()).map_err(|e| e.to_string())?;
     if client.is_read_only() && !read_only {
         return Err("Could not open image: Permission denied".into());
     }

@@ -124,8 +124,7 @@ Listing exports:
                             -b HOST (default 0.0.0.0) and -p PORT
 
 Not supported: -o/--offset, -s/--snapshot, -c/--connect,
--d/--disconnect, --tls-authz, tls-creds-psk, SELinux labels,
-TLS with -L.
+-d/--disconnect, --tls-authz, tls-creds-psk, SELinux labels.
 ";
 
 /// qemu-nbd's default port.
@@ -151,6 +150,10 @@ struct Config {
     tls: Option<TlsServer>,
     /// `-L`: list a server's exports instead of serving.
     list: bool,
+    /// With `-L`: the id of the client TLS credentials, and the host name
+    /// the server's certificate must carry.
+    list_tls: Option<String>,
+    tls_hostname: Option<String>,
 }
 
 /// Runs `serve`.
@@ -298,7 +301,16 @@ fn list(ctx: &Ctx, cfg: &Config) -> i32 {
             NbdServer::Tcp { host, port }
         }
     };
-    let exports = match list_exports(&server) {
+    let tls = match cfg.list_tls.as_deref().map(crate::app::tlscreds::client_creds).transpose() {
+        Ok(t) => t,
+        Err(msg) => return ctx.fail(&format!("Failed to get TLS creds: {msg}")),
+    };
+    // The certificate names the host: --tls-hostname, else -b's host.
+    let hostname = cfg.tls_hostname.clone().or_else(|| match &server {
+        NbdServer::Tcp { host, .. } => Some(host.clone()),
+        NbdServer::Unix(_) => None,
+    });
+    let exports = match list_exports(&server, tls.as_ref(), hostname.as_deref()) {
         Ok(e) => e,
         Err(e) => return ctx.fail(&e.to_string()),
     };
@@ -372,6 +384,8 @@ fn parse(ctx: &Ctx, args: &[String]) -> Result<Config, i32> {
         export: ExportOptions::default(),
         tls: None,
         list: false,
+        list_tls: None,
+        tls_hostname: None,
     };
     // Options that describe the served image, which -L refuses.
     let mut per_device = false;
@@ -515,7 +529,14 @@ fn parse(ctx: &Ctx, args: &[String]) -> Result<Config, i32> {
     cfg.file = p.operands.first().cloned().unwrap_or_default();
     // qemu-nbd's checks, in its order.
     match tls_creds {
-        Some(_) if cfg.list => return fail("TLS is not supported by oxqcow's NBD client yet".into()),
+        Some(id) if cfg.list => {
+            if tls_authz.is_some() {
+                return fail("TLS authorization is incompatible with export list".into());
+            }
+            cfg.list_tls = Some(id);
+            cfg.tls_hostname = tls_hostname;
+            return Ok(cfg);
+        }
         Some(id) => {
             if tls_hostname.is_some() {
                 return fail("TLS hostname is only supported with export list".into());

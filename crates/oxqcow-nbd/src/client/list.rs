@@ -6,8 +6,8 @@
 
 use std::io;
 
-use super::{greet, open_socket, option_error, protocol_error, read_option_reply, send_option, simple_option};
-use super::{NbdServer, Socket};
+use super::{greeted, option_error, protocol_error, read_option_reply, send_option, simple_option};
+use super::{NbdServer, Socket, TlsClient};
 use crate::proto::{info, opt, rep};
 
 /// One export as the server describes it.
@@ -29,9 +29,14 @@ pub struct ExportInfo {
     pub contexts: Vec<String>,
 }
 
-/// Lists the exports of `server`.
-pub fn list_exports(server: &NbdServer) -> io::Result<Vec<ExportInfo>> {
-    let mut s = open_socket(server)?;
+/// Lists the exports of `server`, over TLS with `tls` (the server's
+/// certificate checked for `hostname`).
+pub fn list_exports(
+    server: &NbdServer,
+    tls: Option<&TlsClient>,
+    hostname: Option<&str>,
+) -> io::Result<Vec<ExportInfo>> {
+    let mut s = greeted(server, tls, hostname)?;
     let listed = list_on(&mut s);
     // Leave politely, as QEMU does; the reply does not matter.
     let _ = send_option(&mut s, opt::ABORT, &[]);
@@ -39,7 +44,6 @@ pub fn list_exports(server: &NbdServer) -> io::Result<Vec<ExportInfo>> {
 }
 
 fn list_on(s: &mut Socket) -> io::Result<Vec<ExportInfo>> {
-    greet(s)?;
     let extended = simple_option(s, opt::EXTENDED_HEADERS)?;
     let structured = extended || simple_option(s, opt::STRUCTURED_REPLY)?;
     send_option(s, opt::LIST, &[])?;
@@ -49,7 +53,7 @@ fn list_on(s: &mut Socket) -> io::Result<Vec<ExportInfo>> {
         match kind {
             rep::SERVER => exports.push(server_entry(&d)?),
             rep::ACK => break,
-            k if k & (1 << 31) != 0 => return Err(option_error(k, &d, "")),
+            k if k & (1 << 31) != 0 => return Err(option_error(k, &d, opt::LIST, "")),
             _ => {}
         }
     }
@@ -98,7 +102,7 @@ fn describe(s: &mut Socket, e: &mut ExportInfo) -> io::Result<()> {
                 }
             }
             rep::ACK => return Ok(()),
-            k if k & (1 << 31) != 0 => return Err(option_error(k, &d, &e.name)),
+            k if k & (1 << 31) != 0 => return Err(option_error(k, &d, opt::INFO, &e.name)),
             _ => {}
         }
     }

@@ -22,9 +22,11 @@ use oxqcow::Storage;
 
 pub use address::{NbdAddress, NbdServer, DEFAULT_PORT};
 pub use list::{list_exports, ExportInfo};
+pub use tls::TlsClient;
 
 mod address;
 mod list;
+mod tls;
 
 use crate::proto::{
     client_flags, cmd, cmd_flags, handshake_flags, info, opt, rep, reply, transmission_flags, RequestHeader, IHAVEOPT,
@@ -40,10 +42,11 @@ const MAX_REPLY_DATA: u32 = 1 << 20;
 /// How long one connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Either kind of socket.
+/// Either kind of socket, or one of them under TLS.
 enum Socket {
     Tcp(TcpStream),
     Unix(UnixStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, Socket>>),
 }
 
 impl Read for Socket {
@@ -51,6 +54,7 @@ impl Read for Socket {
         match self {
             Socket::Tcp(s) => s.read(buf),
             Socket::Unix(s) => s.read(buf),
+            Socket::Tls(s) => s.read(buf),
         }
     }
 }
@@ -60,10 +64,14 @@ impl Write for Socket {
         match self {
             Socket::Tcp(s) => s.write(buf),
             Socket::Unix(s) => s.write(buf),
+            Socket::Tls(s) => s.write(buf),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+        match self {
+            Socket::Tls(s) => s.flush(),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -168,23 +176,44 @@ fn read_option_reply(r: &mut impl Read, option: u32) -> io::Result<(u32, Vec<u8>
     Ok((kind, data))
 }
 
-/// The text of an error reply, in QEMU's manner.
-fn option_error(kind: u32, data: &[u8], export: &str) -> io::Error {
+/// QEMU's name of an option, for messages.
+fn option_name(option: u32) -> &'static str {
+    match option {
+        opt::EXPORT_NAME => "export name",
+        opt::ABORT => "abort",
+        opt::LIST => "list",
+        opt::STARTTLS => "starttls",
+        opt::INFO => "info",
+        opt::GO => "go",
+        opt::STRUCTURED_REPLY => "structured reply",
+        opt::LIST_META_CONTEXT => "list meta context",
+        opt::SET_META_CONTEXT => "set meta context",
+        opt::EXTENDED_HEADERS => "extended headers",
+        _ => "<unknown>",
+    }
+}
+
+/// The text of an error reply to `option`, in QEMU's manner.
+fn option_error(kind: u32, data: &[u8], option: u32, export: &str) -> io::Error {
     let detail = String::from_utf8_lossy(data).into_owned();
+    let o = format!("option {option} ({})", option_name(option));
     let what = match kind {
         rep::ERR_UNKNOWN => format!("Requested export not available\nserver reported: {detail}"),
-        rep::ERR_TLS_REQD => "TLS negotiation required before option 7 (go)".to_string(),
-        rep::ERR_POLICY => format!("Denied by server for option 7 (go)\nserver reported: {detail}"),
-        rep::ERR_SHUTDOWN => "Server shutting down before option 7 (go)".to_string(),
-        _ => format!("Option 7 (go) for export '{export}' failed: {detail}"),
+        rep::ERR_TLS_REQD => {
+            format!("TLS negotiation required before {o}\nDid you forget a valid tls-creds?\nserver reported: {detail}")
+        }
+        rep::ERR_POLICY => format!("Denied by server for {o}\nserver reported: {detail}"),
+        rep::ERR_SHUTDOWN => format!("Server shutting down before {o}"),
+        _ => format!("Option {option} ({}) for export '{export}' failed: {detail}", option_name(option)),
     };
     io::Error::other(what)
 }
 
 impl NbdClient {
-    /// Connects to `addr` and negotiates its export.
-    pub fn connect(addr: &NbdAddress) -> io::Result<NbdClient> {
-        let mut socket = open_socket(&addr.server)?;
+    /// Connects to `addr` and negotiates its export, over TLS with `tls`
+    /// (the credentials `addr.tls_creds` names: the caller holds them).
+    pub fn connect(addr: &NbdAddress, tls: Option<&TlsClient>) -> io::Result<NbdClient> {
+        let mut socket = greeted(&addr.server, tls, addr.tls_hostname())?;
         let context = addr.x_dirty_bitmap.as_deref();
         let (size, flags, structured, allocation_context) = match negotiate(&mut socket, &addr.export, context) {
             Ok(n) => n,
@@ -418,6 +447,17 @@ fn open_socket(server: &NbdServer) -> io::Result<Socket> {
     })
 }
 
+/// A connection to `server` past the greeting, under TLS when `tls` is
+/// given (the server's certificate checked for `hostname`).
+fn greeted(server: &NbdServer, tls: Option<&TlsClient>, hostname: Option<&str>) -> io::Result<Socket> {
+    let mut socket = open_socket(server)?;
+    greet(&mut socket)?;
+    match tls {
+        Some(creds) => tls::start(socket, creds, hostname),
+        None => Ok(socket),
+    }
+}
+
 /// The start of fixed newstyle negotiation: the server's greeting, the
 /// client's flags.
 fn greet(s: &mut Socket) -> io::Result<()> {
@@ -476,7 +516,6 @@ const ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
 /// context's id: `base:allocation`'s, or that of `x_dirty_bitmap`, which
 /// the server must grant.
 fn negotiate(s: &mut Socket, export: &str, x_dirty_bitmap: Option<&str>) -> io::Result<(u64, u16, bool, Option<u32>)> {
-    greet(s)?;
     let structured = simple_option(s, opt::STRUCTURED_REPLY)?;
     let mut allocation_context = None;
     if structured {
@@ -525,7 +564,7 @@ fn negotiate(s: &mut Socket, export: &str, x_dirty_bitmap: Option<&str>) -> io::
             }
             rep::ACK => break,
             rep::INFO => {}
-            k if k & (1 << 31) != 0 => return Err(option_error(k, &d, export)),
+            k if k & (1 << 31) != 0 => return Err(option_error(k, &d, opt::GO, export)),
             _ => {}
         }
     }
@@ -677,6 +716,11 @@ impl Drop for NbdClient {
         if !conn.broken {
             let header = RequestHeader { flags: 0, kind: cmd::DISC, cookie: 0, offset: 0, length: 0 }.encode(false);
             let _ = conn.socket.write_all(&header);
+            if let Socket::Tls(t) = &mut conn.socket {
+                // Tell the server the session ends cleanly (close_notify).
+                t.conn.send_close_notify();
+                let _ = t.flush();
+            }
         }
     }
 }
