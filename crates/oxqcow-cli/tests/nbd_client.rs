@@ -252,3 +252,143 @@ fn failures_are_worded_as_qemus() {
         "a read-only export is refused for writing as QEMU refuses it"
     );
 }
+
+/// A base with data in its first half and an overlay with data across the
+/// middle: every depth `qemu:allocation-depth` tells apart (0, 1, 2).
+fn overlay_chain(s: &Scratch) {
+    s.qemu_ok(&["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
+    s.qemu_io("qcow2", "base.qcow2", &["write -P 1 0 2M"]);
+    s.qemu_ok(&["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2", "4M"]);
+    s.qemu_io("qcow2", "top.qcow2", &["write -P 2 1M 2M"]);
+}
+
+/// The nbd driver's `x-dirty-bitmap=CONTEXT` reads block status from that
+/// context instead of `base:allocation`, its two low bits taken as QEMU
+/// takes them (bit 0 "hole": no data, bit 1 "zero"; allocation depths past
+/// 2 fold into 2), over qemu-nbd and `oxqcow serve`, through
+/// `--image-opts` and `json:` names, in map and in `oxqcow io`'s map; a
+/// context the server lacks fails the open as QEMU's does. Before, the
+/// option was ignored and base:allocation reported.
+#[test]
+fn x_dirty_bitmap_reads_the_named_context() {
+    let s = Scratch::new();
+    overlay_chain(&s);
+    for ours in [false, true] {
+        let server = Server::unix(&s.path("top.qcow2"), ours, &["-r", "-f", "qcow2", "-A"]);
+        let sock = server.socket.display().to_string();
+        let opts = format!("driver=nbd,server.type=unix,server.path={sock}");
+        let depth = format!("{opts},x-dirty-bitmap=qemu:allocation-depth");
+        let missing = format!("{opts},x-dirty-bitmap=qemu:dirty-bitmap:nope");
+        let json = format!(r#"json:{{"driver":"nbd","path":"{sock}","x-dirty-bitmap":"qemu:allocation-depth"}}"#);
+        let o = s.assert_same(&["map", "--output=json", "--image-opts", &depth]);
+        assert!(o.stdout.contains(r#""present": false"#), "the local layer reads as a hole: {}", o.stdout);
+        s.assert_same(&["map", "--output=json", "--image-opts", &opts]);
+        s.assert_same(&["map", "--image-opts", &depth]);
+        s.assert_same(&["map", "--output=json", &json]);
+        let o = s.assert_same(&["map", "--image-opts", &missing]);
+        assert_eq!(o.code, 1);
+        let cmds = ["-r", "--image-opts", "-c", "map", depth.as_str()];
+        let dir = s.path("");
+        let (o, q) = (our_io(&dir, &cmds), qemu_io(&dir, &cmds));
+        assert_eq!((o.code, o.stdout), (q.code, q.stdout), "oxqcow io map over x-dirty-bitmap");
+    }
+    // A dirty bitmap: its set bits read as holes.
+    s.qemu_ok(&["bitmap", "--add", "top.qcow2", "b0"]);
+    s.qemu_io("qcow2", "top.qcow2", &["write -P 3 512k 64k"]);
+    for ours in [false, true] {
+        let server = Server::unix(&s.path("top.qcow2"), ours, &["-r", "-f", "qcow2", "-B", "b0"]);
+        let bitmap = format!(
+            "driver=nbd,server.type=unix,server.path={},x-dirty-bitmap=qemu:dirty-bitmap:b0",
+            server.socket.display()
+        );
+        let o = s.assert_same(&["map", "--output=json", "--image-opts", &bitmap]);
+        assert!(o.stdout.contains(r#""start": 524288, "length": 65536"#), "{}", o.stdout);
+    }
+}
+
+/// `qemu-nbd` as a link to oxqcow, in `dir`.
+fn our_qemu_nbd(dir: &Path) -> PathBuf {
+    let link = dir.join("qemu-nbd");
+    if !link.exists() {
+        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_oxqcow"), &link).unwrap();
+    }
+    link
+}
+
+fn run_tool(tool: &Path, args: &[&str]) -> common::Out {
+    let o = Command::new(tool).args(args).output().unwrap_or_else(|e| panic!("{} is required: {e}", tool.display()));
+    common::Out {
+        code: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+/// `qemu-nbd --list` (`-L`), oxqcow's and QEMU's, against qemu-nbd and
+/// `oxqcow serve` exports of several kinds (read-only with allocation
+/// depth; named, described, shared, with a bitmap; over TCP): the same
+/// lines ("exports available", size, flags with their names, block sizes,
+/// "transaction size: 64-bit" from extended headers, the meta contexts),
+/// and the same refusals. Before, `-L` was refused as unsupported, and
+/// `oxqcow serve` refused extended headers (flags without
+/// block-status-payload, "transaction size: 32-bit").
+#[test]
+fn list_prints_what_qemu_nbd_prints() {
+    let s = Scratch::new();
+    overlay_chain(&s);
+    s.qemu_ok(&["bitmap", "--add", "base.qcow2", "b0"]);
+    let ours = our_qemu_nbd(&s.path(""));
+    let theirs = Path::new("qemu-nbd");
+    // The bitmap is exported read-only: a writable server killed at the
+    // end would leave it marked in use.
+    let exports: [(&str, &[&str]); 3] = [
+        ("top.qcow2", &["-r", "-f", "qcow2", "-A"]),
+        ("top.qcow2", &["-f", "qcow2", "-x", "disk", "-D", "a disk", "-e", "2"]),
+        ("base.qcow2", &["-r", "-f", "qcow2", "-B", "b0", "-x", "b"]),
+    ];
+    for (image, extra) in exports {
+        for serve_ours in [false, true] {
+            let server = Server::unix(&s.path(image), serve_ours, extra);
+            let sock = server.socket.display().to_string();
+            let args = ["-L", "-k", sock.as_str()];
+            let (o, q) = (run_tool(&ours, &args), run_tool(theirs, &args));
+            assert_eq!(q.code, 0, "{q:?}");
+            assert!(q.stdout.contains("transaction size: 64-bit"), "{}", q.stdout);
+            assert_eq!(o, q, "oxqcow's -L differs from qemu-nbd's against {extra:?} (oxqcow serve: {serve_ours})");
+        }
+    }
+    // Over TCP, by host and port.
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_oxqcow"))
+        .args(["serve", "-t", "-r", "-f", "qcow2", "-b", "127.0.0.1", "-p", &port])
+        .arg(s.path("top.qcow2"))
+        .spawn()
+        .unwrap();
+    let args = ["--list", "-b", "127.0.0.1", "-p", port.as_str()];
+    let mut q = run_tool(theirs, &args);
+    for _ in 0..500 {
+        if q.code == 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        q = run_tool(theirs, &args);
+    }
+    assert_eq!(run_tool(&ours, &args), q);
+    let _ = child.kill();
+    let _ = child.wait();
+    // Refusals, in qemu-nbd's words and order.
+    let missing = s.path("nope.sock").display().to_string();
+    for args in [
+        vec!["-L", "-k", missing.as_str()],
+        vec!["-L", "-k", missing.as_str(), "top.qcow2"],
+        vec!["-L", "-k", missing.as_str(), "-x", "e"],
+        vec!["-L", "-k", missing.as_str(), "-f", "raw"],
+        vec!["-L", "-k", missing.as_str(), "-A"],
+        vec!["-L", "-k", missing.as_str(), "--fork"],
+        vec!["-L", "-k", missing.as_str(), "--tls-hostname=h"],
+    ] {
+        let (o, q) = (run_tool(&ours, &args), run_tool(theirs, &args));
+        assert_eq!(q.code, 1, "{args:?}: {q:?}");
+        assert_eq!(o, q, "{args:?}");
+    }
+}

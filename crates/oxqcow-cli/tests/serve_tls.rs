@@ -383,3 +383,80 @@ fn broken_credentials_fail_at_startup_as_in_qemu_nbd() {
     assert!(msg.contains("--tls-authz is not supported"), "{msg}");
     assert_clean(&img);
 }
+
+/// stdout, stderr (the program's name made "qemu-img") and exit code.
+fn outcome(program: &str, args: &[&str]) -> (String, String, Option<i32>) {
+    let o = run(program, args);
+    let err = String::from_utf8_lossy(&o.stderr).replace("oxqcow:", "qemu-img:");
+    (String::from_utf8_lossy(&o.stdout).into_owned(), err, o.status.code())
+}
+
+/// `qemu-img ARGS` and `oxqcow ARGS` give the same outcome.
+fn assert_like_qemu_img(args: &[&str]) -> (String, String, Option<i32>) {
+    let q = outcome("qemu-img", args);
+    assert_eq!(outcome(OXQCOW, args), q, "oxqcow and qemu-img differ for {args:?}");
+    q
+}
+
+/// The NBD client over TLS (`tls-creds=ID` with a client `tls-creds-x509`
+/// object, `tls-hostname`), against `oxqcow serve` and qemu-nbd with TLS:
+/// maps and messages as qemu-img's (no host name on a Unix socket, a
+/// certificate for another host, TLS required but not asked for, TLS
+/// asked of a server without it), writes with `oxqcow io` that qemu-io
+/// reads back, and `serve -L --tls-creds` printing what `qemu-nbd -L`
+/// prints. Before, `tls-creds` was refused ("not supported ... yet").
+#[test]
+fn nbd_client_over_tls_as_qemu() {
+    require("qemu-nbd", "qemu-utils");
+    let t = Setup::new();
+    let img = t.image("disk.qcow2", "16M");
+    let img_s = img.to_str().unwrap().to_string();
+    qemu_io(&["-f", "qcow2", &img_s], &["write -P 0x5a 0 1M", "write -P 0xa5 4M 64k"]);
+    let ours_nbd = t.dir.path().join("qemu-nbd");
+    std::os::unix::fs::symlink(OXQCOW, &ours_nbd).unwrap();
+    let ours_nbd = ours_nbd.to_str().unwrap().to_string();
+    let client_object = format!("tls-creds-x509,id=c0,dir={},endpoint=client", t.s("client"));
+    let object = t.server_object("");
+    for qemu_server in [false, true] {
+        // A socket of its own: a killed server leaves its file behind.
+        let sock = t.s(if qemu_server { "qemu-tls.sock" } else { "tls.sock" });
+        let args = ["--object", object.as_str(), "--tls-creds", "tls0", "-f", "qcow2", img_s.as_str()];
+        let server = if qemu_server {
+            let child = Command::new("qemu-nbd").args(["-t", "-k", &sock]).args(args).spawn().expect("qemu-nbd");
+            let s = Server { child: Some(child), socket: PathBuf::from(&sock) };
+            wait_until("qemu-nbd's socket", || s.socket.exists());
+            s
+        } else {
+            Server::start(&sock, &args)
+        };
+        let base = format!("driver=nbd,server.type=unix,server.path={sock}");
+        let tls = format!("{base},tls-creds=c0");
+        let good = format!("{tls},tls-hostname=localhost");
+        let wrong = format!("{tls},tls-hostname=other");
+        let o = assert_like_qemu_img(&["map", "--output=json", "--object", &client_object, "--image-opts", &good]);
+        assert_eq!(o.2, Some(0), "{o:?}");
+        for target in [&tls, &wrong, &base] {
+            let o = assert_like_qemu_img(&["map", "--object", &client_object, "--image-opts", target]);
+            assert_eq!(o.2, Some(1), "{target}: {o:?}");
+        }
+        let io = ["--object", client_object.as_str(), "--image-opts", good.as_str(), "-c", "write -P 0x3c 8M 64k"];
+        let o = run(OXQCOW, &[&["io"][..], &io[..]].concat());
+        assert!(o.status.success(), "oxqcow io over TLS: {o:?}");
+        qemu_io(&["--object", &client_object, "--image-opts", &good], &["read -P 0x3c 8M 64k", "read -P 0x5a 0 1M"]);
+        let list = ["--object", client_object.as_str(), "--tls-creds", "c0", "-L", "-k", sock.as_str()];
+        for extra in [&["--tls-hostname", "localhost"][..], &[][..]] {
+            let args = [&list[..], extra].concat();
+            let (o, q) = (run(&ours_nbd, &args), run("qemu-nbd", &args));
+            assert_eq!(o.status.code(), q.status.code(), "-L {extra:?}");
+            assert_eq!(String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&q.stdout), "-L {extra:?}");
+            assert_eq!(String::from_utf8_lossy(&o.stderr), String::from_utf8_lossy(&q.stderr), "-L {extra:?}");
+        }
+        drop(server);
+    }
+    // TLS asked of a server that has none.
+    let sock = t.s("plain.sock");
+    let _server = Server::start(&sock, &["-r", "-f", "qcow2", &img_s]);
+    let target = format!("driver=nbd,server.type=unix,server.path={sock},tls-creds=c0,tls-hostname=localhost");
+    let o = assert_like_qemu_img(&["map", "--object", &client_object, "--image-opts", &target]);
+    assert!(o.1.contains("starttls"), "{o:?}");
+}

@@ -39,7 +39,7 @@ use crate::export::Export;
 use crate::handshake::{self, Outcome};
 use crate::memory::{Account, Memory, NoMemory};
 use crate::pool::Pool;
-use crate::proto::{self, Errno, RequestHeader};
+use crate::proto::{self, Errno};
 use crate::session::{Op, Payload, Refusal, Session};
 use crate::tls::{Relay, TlsServer};
 
@@ -416,12 +416,13 @@ fn read_requests(
     account: &Arc<Account>,
 ) {
     loop {
-        let mut hdr = [0u8; proto::REQUEST_HEADER_LEN];
-        if r.read_exact(&mut hdr).is_err() {
+        let mut hdr = [0u8; proto::EXTENDED_REQUEST_HEADER_LEN];
+        let hdr = &mut hdr[..session.header_len()];
+        if r.read_exact(hdr).is_err() {
             return;
         }
         // A bad magic leaves no way to find the next request: disconnect.
-        let Ok(h) = RequestHeader::parse(&hdr) else { return };
+        let Ok(h) = session.parse_header(hdr) else { return };
         let mut checked = session.check(&h);
         if checked == Ok(Op::Disconnect) {
             return;
@@ -442,6 +443,10 @@ fn read_requests(
                 }
             },
             Payload::Read(n) | Payload::Discard(n) => drop_payload = n,
+            Payload::Hangup => {
+                budget.release();
+                return;
+            }
         }
         if payload_granted > 0 {
             crate::session::fit(&mut payload, payload_granted);
@@ -482,7 +487,7 @@ fn read_requests(
             (Arc::clone(session), Arc::clone(outbox), Arc::clone(sock), Arc::clone(account));
         pool.submit(move || {
             let mut bytes = reply;
-            let ran = catch_unwind(AssertUnwindSafe(|| session.execute_into(&mut bytes, h.cookie, op, &payload)));
+            let ran = catch_unwind(AssertUnwindSafe(|| session.execute_into(&mut bytes, &h, op, &payload)));
             if ran.is_err() {
                 let internal = Refusal { errno: Errno::Io, message: "internal error".into() };
                 bytes = session.refusal_reply(&h, &internal);

@@ -136,11 +136,15 @@ impl Export {
     }
 
     /// The transmission flags, as qemu-nbd sets them: DF only with
-    /// structured replies, the write commands only when writable.
-    pub fn transmission_flags(&self, structured: bool) -> u16 {
+    /// structured replies, BLOCK_STAT_PAYLOAD only with extended headers,
+    /// the write commands only when writable.
+    pub fn transmission_flags(&self, structured: bool, extended: bool) -> u16 {
         let mut f = tf::HAS_FLAGS | tf::SEND_FLUSH | tf::SEND_FUA | tf::SEND_CACHE;
         if structured {
             f |= tf::SEND_DF;
+        }
+        if extended {
+            f |= tf::BLOCK_STAT_PAYLOAD;
         }
         if self.opts.read_only {
             f |= tf::READ_ONLY;

@@ -15,7 +15,7 @@ use oxqcow::{CreateOptions, Image, MemoryStorage};
 
 use crate::export::{Export, ExportOptions};
 use crate::handshake::{self, Contexts, Negotiated, Outcome};
-use crate::proto::{self, RequestHeader};
+use crate::proto;
 use crate::session::{Op, Payload, Session};
 
 /// Disk size of the fuzzing image.
@@ -93,12 +93,13 @@ pub fn drive_tls_session(data: &[u8]) -> Vec<u8> {
 
 /// Requests only. The first byte chooses the negotiated state: bit 0
 /// structured replies, bit 1 `base:allocation`, bit 2
-/// `qemu:allocation-depth`, bit 3 a read-only export, bit 4 discard.
+/// `qemu:allocation-depth`, bit 3 a read-only export, bit 4 discard, bit 5 extended headers.
 pub fn drive_requests(data: &[u8]) -> Vec<u8> {
     let Some((&cfg, rest)) = data.split_first() else { return Vec::new() };
     let structured = cfg & 1 != 0;
     let neg = Negotiated {
         structured,
+        extended: structured && cfg & 32 != 0,
         contexts: Contexts {
             base_allocation: structured && cfg & 2 != 0,
             allocation_depth: structured && cfg & 4 != 0,
@@ -117,14 +118,16 @@ pub fn drive_requests(data: &[u8]) -> Vec<u8> {
 /// The transmission loop of [`crate::conn`], run inline.
 fn transmission(session: &Session, input: &mut Cursor<&[u8]>, out: &mut Vec<u8>) {
     loop {
-        let mut hdr = [0u8; proto::REQUEST_HEADER_LEN];
-        if input.read_exact(&mut hdr).is_err() {
+        let mut hdr = [0u8; proto::EXTENDED_REQUEST_HEADER_LEN];
+        let hdr = &mut hdr[..session.header_len()];
+        if input.read_exact(hdr).is_err() {
             return;
         }
-        let Ok(h) = RequestHeader::parse(&hdr) else { return };
+        let Ok(h) = session.parse_header(hdr) else { return };
         let mut payload = Vec::new();
         match session.payload(&h) {
             Payload::None => {}
+            Payload::Hangup => return,
             Payload::Read(n) | Payload::Discard(n) => {
                 // The input bounds how much is read, whatever the header says.
                 match input.by_ref().take(u64::from(n)).read_to_end(&mut payload) {
@@ -138,7 +141,7 @@ fn transmission(session: &Session, input: &mut Cursor<&[u8]>, out: &mut Vec<u8>)
         }
         match session.check(&h) {
             Ok(Op::Disconnect) => return,
-            Ok(op) => out.extend(session.execute(h.cookie, op, &payload)),
+            Ok(op) => out.extend(session.execute(&h, op, &payload)),
             Err(r) => out.extend(session.refusal_reply(&h, &r)),
         }
     }

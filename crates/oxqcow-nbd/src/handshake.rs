@@ -108,6 +108,9 @@ impl Contexts {
 pub struct Negotiated {
     /// Structured replies are on.
     pub structured: bool,
+    /// Extended headers are on (64-bit requests and replies; implies
+    /// structured replies).
+    pub extended: bool,
     /// The metadata contexts BLOCK_STATUS reports.
     pub contexts: Contexts,
 }
@@ -265,7 +268,7 @@ fn options<S: Read + Write>(s: &mut S, export: &Export, tls: Tls, mut resume: Re
                     state.contexts = Contexts::default();
                 }
                 out.extend_from_slice(&export.size().to_be_bytes());
-                out.extend_from_slice(&export.transmission_flags(state.structured).to_be_bytes());
+                out.extend_from_slice(&export.transmission_flags(state.structured, state.extended).to_be_bytes());
                 if !no_zeroes {
                     out.extend_from_slice(&[0u8; 124]);
                 }
@@ -298,7 +301,7 @@ fn options<S: Read + Write>(s: &mut S, export: &Export, tls: Tls, mut resume: Re
                     send(s, &out)?;
                     continue;
                 }
-                let flags = export.transmission_flags(state.structured);
+                let flags = export.transmission_flags(state.structured, state.extended);
                 for kind in dedup(&req.requests) {
                     let payload = match kind {
                         info::NAME => proto::info_string(info::NAME, export.name()),
@@ -322,7 +325,14 @@ fn options<S: Read + Write>(s: &mut S, export: &Export, tls: Tls, mut resume: Re
                 continue;
             }
             ClientOption::StructuredReply => {
-                if state.structured {
+                if state.extended {
+                    proto::option_reply(
+                        &mut out,
+                        h.option,
+                        rep::ERR_EXT_HEADER_REQD,
+                        b"extended headers already negotiated",
+                    );
+                } else if state.structured {
                     proto::option_reply(&mut out, h.option, rep::ERR_INVALID, b"structured replies already on");
                 } else {
                     state.structured = true;
@@ -353,7 +363,18 @@ fn options<S: Read + Write>(s: &mut S, export: &Export, tls: Tls, mut resume: Re
                 }
             }
             ClientOption::ExtendedHeaders => {
-                proto::option_reply(&mut out, h.option, rep::ERR_UNSUP, b"extended headers are not supported");
+                if state.extended {
+                    proto::option_reply(&mut out, h.option, rep::ERR_INVALID, b"extended headers already negotiated");
+                } else {
+                    // Contexts chosen under the old framing are dropped: the
+                    // protocol lets a server forget them when the framing
+                    // changes, and the client sets them again.
+                    state.extended = true;
+                    state.structured = true;
+                    state.contexts = Contexts::default();
+                    contexts_for = None;
+                    proto::option_reply(&mut out, h.option, rep::ACK, &[]);
+                }
             }
             ClientOption::Unknown(code) => {
                 let msg = format!("option {code} is not supported");

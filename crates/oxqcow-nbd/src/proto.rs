@@ -20,6 +20,10 @@ pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 /// Magic of a structured reply chunk.
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+/// Magic of a request with a 64-bit length (extended headers).
+pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+/// Magic of a reply chunk with extended headers.
+pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 
 /// Handshake flags the server sends.
 pub mod handshake_flags {
@@ -63,6 +67,9 @@ pub mod transmission_flags {
     pub const SEND_CACHE: u16 = 1 << 10;
     /// `NBD_CMD_FLAG_FAST_ZERO` is supported.
     pub const SEND_FAST_ZERO: u16 = 1 << 11;
+    /// `NBD_CMD_BLOCK_STATUS` may carry a payload naming its contexts
+    /// (only with extended headers).
+    pub const BLOCK_STAT_PAYLOAD: u16 = 1 << 12;
 }
 
 /// Option codes (`NBD_OPT_*`).
@@ -85,7 +92,7 @@ pub mod opt {
     pub const LIST_META_CONTEXT: u32 = 9;
     /// Select metadata contexts.
     pub const SET_META_CONTEXT: u32 = 10;
-    /// Use 64-bit request and reply headers (refused here).
+    /// Use 64-bit request and reply headers.
     pub const EXTENDED_HEADERS: u32 = 11;
 }
 
@@ -114,6 +121,8 @@ pub mod rep {
     pub const ERR_SHUTDOWN: u32 = ERR | 7;
     /// The option's data is too large.
     pub const ERR_TOO_BIG: u32 = ERR | 9;
+    /// Extended headers were negotiated: structured replies alone cannot be.
+    pub const ERR_EXT_HEADER_REQD: u32 = ERR | 10;
 }
 
 /// Information types of `NBD_OPT_INFO` and `NBD_OPT_GO` (`NBD_INFO_*`).
@@ -160,6 +169,9 @@ pub mod cmd_flags {
     pub const REQ_ONE: u16 = 1 << 3;
     /// WRITE_ZEROES: fail rather than be slow.
     pub const FAST_ZERO: u16 = 1 << 4;
+    /// With extended headers: the length is that of a payload (WRITE's
+    /// data, BLOCK_STATUS's effect length and context ids).
+    pub const PAYLOAD_LEN: u16 = 1 << 5;
 }
 
 /// Structured reply flags and chunk types.
@@ -174,6 +186,9 @@ pub mod reply {
     pub const TYPE_OFFSET_HOLE: u16 = 2;
     /// Extents of one metadata context.
     pub const TYPE_BLOCK_STATUS: u16 = 5;
+    /// Extents of one metadata context with 64-bit lengths and flags
+    /// (extended headers).
+    pub const TYPE_BLOCK_STATUS_EXT: u16 = 6;
     /// An error.
     pub const TYPE_ERROR: u16 = (1 << 15) | 1;
 }
@@ -207,10 +222,14 @@ pub const MAX_STRING: usize = 4096;
 pub const OPTION_HEADER_LEN: usize = 16;
 /// Size of a transmission request header.
 pub const REQUEST_HEADER_LEN: usize = 28;
+/// Size of a transmission request header with extended headers.
+pub const EXTENDED_REQUEST_HEADER_LEN: usize = 32;
 /// Size of a simple reply.
 pub const SIMPLE_REPLY_LEN: usize = 16;
 /// Size of a structured reply chunk header.
 pub const CHUNK_HEADER_LEN: usize = 20;
+/// Size of a reply chunk header with extended headers.
+pub const EXTENDED_CHUNK_HEADER_LEN: usize = 32;
 
 fn be16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])
@@ -238,12 +257,15 @@ pub struct OptionHeader {
 pub enum FramingError {
     /// The magic number was wrong.
     BadMagic(u64),
+    /// A header of the wrong size for the negotiated framing.
+    BadLength(usize),
 }
 
 impl std::fmt::Display for FramingError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             FramingError::BadMagic(m) => write!(f, "bad magic {m:#x}"),
+            FramingError::BadLength(n) => write!(f, "request header of {n} bytes"),
         }
     }
 }
@@ -468,35 +490,51 @@ pub struct RequestHeader {
     pub cookie: u64,
     /// Offset.
     pub offset: u64,
-    /// Length.
-    pub length: u32,
+    /// Length (32 bits on the wire without extended headers).
+    pub length: u64,
 }
 
 impl RequestHeader {
-    /// Parses the 28 bytes of a request header.
-    pub fn parse(b: &[u8; REQUEST_HEADER_LEN]) -> Result<RequestHeader, FramingError> {
-        let magic = be32(b, 0);
-        if magic != REQUEST_MAGIC {
-            return Err(FramingError::BadMagic(u64::from(magic)));
+    /// Parses a request header: 28 bytes, or 32 with extended headers
+    /// (`extended`), whose magic differs; any other length is a framing
+    /// error.
+    pub fn parse(b: &[u8], extended: bool) -> Result<RequestHeader, FramingError> {
+        let (want, magic) = if extended {
+            (EXTENDED_REQUEST_HEADER_LEN, EXTENDED_REQUEST_MAGIC)
+        } else {
+            (REQUEST_HEADER_LEN, REQUEST_MAGIC)
+        };
+        if b.len() != want {
+            return Err(FramingError::BadLength(b.len()));
+        }
+        let got = be32(b, 0);
+        if got != magic {
+            return Err(FramingError::BadMagic(u64::from(got)));
         }
         Ok(RequestHeader {
             flags: be16(b, 4),
             kind: be16(b, 6),
             cookie: be64(b, 8),
             offset: be64(b, 16),
-            length: be32(b, 24),
+            length: if extended { be64(b, 24) } else { u64::from(be32(b, 24)) },
         })
     }
 
-    /// Encodes the header (for clients and tests).
-    pub fn encode(&self) -> [u8; REQUEST_HEADER_LEN] {
-        let mut b = [0u8; REQUEST_HEADER_LEN];
-        b[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        b[4..6].copy_from_slice(&self.flags.to_be_bytes());
-        b[6..8].copy_from_slice(&self.kind.to_be_bytes());
-        b[8..16].copy_from_slice(&self.cookie.to_be_bytes());
-        b[16..24].copy_from_slice(&self.offset.to_be_bytes());
-        b[24..].copy_from_slice(&self.length.to_be_bytes());
+    /// Encodes the header (for clients and tests): compact, its length cut
+    /// to 32 bits, or extended.
+    pub fn encode(&self, extended: bool) -> Vec<u8> {
+        let mut b = Vec::with_capacity(EXTENDED_REQUEST_HEADER_LEN);
+        let magic = if extended { EXTENDED_REQUEST_MAGIC } else { REQUEST_MAGIC };
+        b.extend_from_slice(&magic.to_be_bytes());
+        b.extend_from_slice(&self.flags.to_be_bytes());
+        b.extend_from_slice(&self.kind.to_be_bytes());
+        b.extend_from_slice(&self.cookie.to_be_bytes());
+        b.extend_from_slice(&self.offset.to_be_bytes());
+        if extended {
+            b.extend_from_slice(&self.length.to_be_bytes());
+        } else {
+            b.extend_from_slice(&(self.length as u32).to_be_bytes());
+        }
         b
     }
 }
@@ -510,51 +548,102 @@ pub fn simple_reply(cookie: u64, error: u32) -> [u8; SIMPLE_REPLY_LEN] {
     b
 }
 
-/// Appends a structured reply chunk header.
-pub fn chunk_header(out: &mut Vec<u8>, flags: u16, kind: u16, cookie: u64, length: u32) {
-    out.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+/// Whom a reply chunk answers, and how its header is framed: `offset` is
+/// the request's offset with extended headers (their chunk header repeats
+/// it), `None` for the compact structured header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplyTo {
+    /// The request's cookie.
+    pub cookie: u64,
+    /// The request's offset, with extended headers.
+    pub offset: Option<u64>,
+}
+
+impl ReplyTo {
+    /// The size of a chunk header in this framing.
+    pub fn header_len(&self) -> usize {
+        if self.offset.is_some() {
+            EXTENDED_CHUNK_HEADER_LEN
+        } else {
+            CHUNK_HEADER_LEN
+        }
+    }
+}
+
+/// Appends a reply chunk header.
+pub fn chunk_header(out: &mut Vec<u8>, flags: u16, kind: u16, to: ReplyTo, length: u32) {
+    let magic = if to.offset.is_some() { EXTENDED_REPLY_MAGIC } else { STRUCTURED_REPLY_MAGIC };
+    out.extend_from_slice(&magic.to_be_bytes());
     out.extend_from_slice(&flags.to_be_bytes());
     out.extend_from_slice(&kind.to_be_bytes());
-    out.extend_from_slice(&cookie.to_be_bytes());
-    out.extend_from_slice(&length.to_be_bytes());
+    out.extend_from_slice(&to.cookie.to_be_bytes());
+    match to.offset {
+        Some(offset) => {
+            out.extend_from_slice(&offset.to_be_bytes());
+            out.extend_from_slice(&u64::from(length).to_be_bytes());
+        }
+        None => out.extend_from_slice(&length.to_be_bytes()),
+    }
 }
 
 /// Appends an `NBD_REPLY_TYPE_ERROR` chunk that ends the reply. The message
 /// is cut to the protocol's string limit (on a character boundary).
-pub fn error_chunk(out: &mut Vec<u8>, cookie: u64, errno: Errno, message: &str) {
+pub fn error_chunk(out: &mut Vec<u8>, to: ReplyTo, errno: Errno, message: &str) {
     let mut cut = message.len().min(MAX_STRING);
     while !message.is_char_boundary(cut) {
         cut -= 1;
     }
     let msg = &message.as_bytes()[..cut];
-    chunk_header(out, reply::FLAG_DONE, reply::TYPE_ERROR, cookie, 6 + msg.len() as u32);
+    chunk_header(out, reply::FLAG_DONE, reply::TYPE_ERROR, to, 6 + msg.len() as u32);
     out.extend_from_slice(&(errno as u32).to_be_bytes());
     out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
     out.extend_from_slice(msg);
 }
 
 /// Appends an `NBD_REPLY_TYPE_OFFSET_HOLE` chunk.
-pub fn hole_chunk(out: &mut Vec<u8>, flags: u16, cookie: u64, offset: u64, length: u32) {
-    chunk_header(out, flags, reply::TYPE_OFFSET_HOLE, cookie, 12);
+pub fn hole_chunk(out: &mut Vec<u8>, flags: u16, to: ReplyTo, offset: u64, length: u32) {
+    chunk_header(out, flags, reply::TYPE_OFFSET_HOLE, to, 12);
     out.extend_from_slice(&offset.to_be_bytes());
     out.extend_from_slice(&length.to_be_bytes());
 }
 
 /// Appends an `NBD_REPLY_TYPE_OFFSET_DATA` chunk header and offset; the
 /// caller appends `length` bytes of data.
-pub fn data_chunk_header(out: &mut Vec<u8>, flags: u16, cookie: u64, offset: u64, length: u32) {
-    chunk_header(out, flags, reply::TYPE_OFFSET_DATA, cookie, 8 + length);
+pub fn data_chunk_header(out: &mut Vec<u8>, flags: u16, to: ReplyTo, offset: u64, length: u32) {
+    chunk_header(out, flags, reply::TYPE_OFFSET_DATA, to, 8 + length);
     out.extend_from_slice(&offset.to_be_bytes());
 }
 
-/// Appends an `NBD_REPLY_TYPE_BLOCK_STATUS` chunk: the context id and
-/// `(length, flags)` descriptors.
-pub fn block_status_chunk(out: &mut Vec<u8>, flags: u16, cookie: u64, context: u32, extents: &[(u32, u32)]) {
-    chunk_header(out, flags, reply::TYPE_BLOCK_STATUS, cookie, 4 + 8 * extents.len() as u32);
-    out.extend_from_slice(&context.to_be_bytes());
-    for (len, fl) in extents {
-        out.extend_from_slice(&len.to_be_bytes());
-        out.extend_from_slice(&fl.to_be_bytes());
+/// The size of a block status chunk of `extents` descriptors.
+pub fn block_status_chunk_len(to: ReplyTo, extents: usize) -> usize {
+    if to.offset.is_some() {
+        EXTENDED_CHUNK_HEADER_LEN + 8 + 16 * extents
+    } else {
+        CHUNK_HEADER_LEN + 4 + 8 * extents
+    }
+}
+
+/// Appends a block status chunk: the context id and `(length, flags)`
+/// descriptors; `NBD_REPLY_TYPE_BLOCK_STATUS_EXT` (a count, then 64-bit
+/// fields) with extended headers, else `NBD_REPLY_TYPE_BLOCK_STATUS`.
+pub fn block_status_chunk(out: &mut Vec<u8>, flags: u16, to: ReplyTo, context: u32, extents: &[(u64, u32)]) {
+    let n = extents.len();
+    if to.offset.is_some() {
+        chunk_header(out, flags, reply::TYPE_BLOCK_STATUS_EXT, to, 8 + 16 * n as u32);
+        out.extend_from_slice(&context.to_be_bytes());
+        out.extend_from_slice(&(n as u32).to_be_bytes());
+        for &(len, fl) in extents {
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(&u64::from(fl).to_be_bytes());
+        }
+    } else {
+        chunk_header(out, flags, reply::TYPE_BLOCK_STATUS, to, 4 + 8 * n as u32);
+        out.extend_from_slice(&context.to_be_bytes());
+        for &(len, fl) in extents {
+            // Compact replies come from windows below 4 GiB.
+            out.extend_from_slice(&(len as u32).to_be_bytes());
+            out.extend_from_slice(&fl.to_be_bytes());
+        }
     }
 }
 
@@ -631,17 +720,23 @@ mod tests {
     #[test]
     fn request_header_round_trip_and_bad_magic() {
         let h = RequestHeader { flags: 3, kind: cmd::WRITE, cookie: 0xdead_beef, offset: 1 << 40, length: 4096 };
-        assert_eq!(RequestHeader::parse(&h.encode()).unwrap(), h);
-        let mut b = h.encode();
+        assert_eq!(RequestHeader::parse(&h.encode(false), false).unwrap(), h);
+        let mut b = h.encode(false);
         b[0] ^= 1;
-        assert!(RequestHeader::parse(&b).is_err());
+        assert!(RequestHeader::parse(&b, false).is_err());
+        // Extended headers carry 64-bit lengths and their own magic; a
+        // compact header is not one.
+        let big = RequestHeader { length: 5 << 32, ..h };
+        assert_eq!(RequestHeader::parse(&big.encode(true), true).unwrap(), big);
+        assert!(RequestHeader::parse(&h.encode(false), true).is_err());
+        assert!(RequestHeader::parse(&h.encode(true)[..28], false).is_err());
     }
 
     #[test]
     fn error_messages_are_cut_on_char_boundaries() {
         let long = "é".repeat(3000);
         let mut out = Vec::new();
-        error_chunk(&mut out, 1, Errno::Io, &long);
+        error_chunk(&mut out, ReplyTo { cookie: 1, offset: None }, Errno::Io, &long);
         let len = u16::from_be_bytes([out[24], out[25]]) as usize;
         assert!(len <= MAX_STRING);
         assert!(std::str::from_utf8(&out[26..26 + len]).is_ok());

@@ -49,6 +49,10 @@ pub enum Listener {
         listener: UnixListener,
         /// Its path, removed on exit (None for inherited sockets).
         path: Option<PathBuf>,
+        /// The socket file's device and inode when bound: the path is
+        /// removed on exit only while it is still this file, not one a
+        /// successor server bound there meanwhile.
+        file_id: Option<(u64, u64)>,
     },
     /// A TCP socket.
     Tcp(TcpListener),
@@ -66,7 +70,8 @@ impl Listener {
             }
         }
         let listener = UnixListener::bind(path)?;
-        Ok(Listener::Unix { listener, path: Some(path.to_path_buf()) })
+        let file_id = std::fs::symlink_metadata(path).ok().map(|m| file_id(&m));
+        Ok(Listener::Unix { listener, path: Some(path.to_path_buf()), file_id })
     }
 
     /// Binds TCP on every address `host:port` resolves to.
@@ -254,11 +259,25 @@ impl Server {
         drop(st);
         drop(serving);
         for l in &listeners {
-            if let Listener::Unix { path: Some(p), .. } = &**l {
-                let _ = std::fs::remove_file(p);
+            if let Listener::Unix { path: Some(p), file_id: Some(id), .. } = &**l {
+                remove_if_same(p, *id);
             }
         }
         self.export.image().flush()
+    }
+}
+
+fn file_id(m: &std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (m.dev(), m.ino())
+}
+
+/// Removes the socket file at `path` if it is still the file `id` names:
+/// a server that stops after another one replaced its socket (a restart on
+/// the same path) leaves the new one alone.
+fn remove_if_same(path: &Path, id: (u64, u64)) {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| file_id(&m) == id) {
+        let _ = std::fs::remove_file(path);
     }
 }
 
@@ -333,5 +352,29 @@ fn accept_loop(l: &Listener, shared: &Arc<Shared>, serving: &Arc<Serving>, limit
             drop(st);
             shared.changed.notify_all();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server stopping after a successor bound the same path removed the
+    /// successor's socket (iotest 058 restarts qemu-nbd on one path and
+    /// sometimes found no socket).
+    #[test]
+    fn a_stopping_server_leaves_a_successors_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let first = Listener::bind_unix(&path).unwrap();
+        let second = Listener::bind_unix(&path).unwrap();
+        let id = |l: &Listener| match l {
+            Listener::Unix { file_id: Some(id), .. } => *id,
+            _ => panic!("a bound unix listener has a file id"),
+        };
+        remove_if_same(&path, id(&first));
+        assert!(path.exists(), "the successor's socket was removed");
+        remove_if_same(&path, id(&second));
+        assert!(!path.exists(), "a server removes its own socket");
     }
 }

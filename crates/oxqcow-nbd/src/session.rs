@@ -15,7 +15,7 @@ use oxqcow::{BlockDevice, Error as EngineError, ErrorKind};
 
 use crate::export::{DetectZeroes, Export, MAX_BLOCK};
 use crate::handshake::{Negotiated, CONTEXT_ALLOCATION_DEPTH, CONTEXT_BASE_ALLOCATION, CONTEXT_DIRTY_BITMAP};
-use crate::proto::{self, cmd, cmd_flags, reply, Errno, RequestHeader};
+use crate::proto::{self, cmd, cmd_flags, reply, Errno, FramingError, ReplyTo, RequestHeader};
 
 /// Block status is computed for at most this many bytes per request; the
 /// reply then covers less than asked, which the protocol allows, and the
@@ -64,7 +64,7 @@ pub enum Op {
         /// Offset.
         offset: u64,
         /// Length.
-        length: u32,
+        length: u64,
         /// Flush before replying.
         fua: bool,
     },
@@ -73,14 +73,14 @@ pub enum Op {
         /// Offset.
         offset: u64,
         /// Length.
-        length: u32,
+        length: u64,
     },
     /// Write zeros.
     WriteZeroes {
         /// Offset.
         offset: u64,
         /// Length.
-        length: u32,
+        length: u64,
         /// Keep the allocation (`NBD_CMD_FLAG_NO_HOLE`).
         no_hole: bool,
         /// Fail with ENOTSUP rather than write data (`NBD_CMD_FLAG_FAST_ZERO`).
@@ -92,10 +92,13 @@ pub enum Op {
     BlockStatus {
         /// Offset.
         offset: u64,
-        /// Length.
-        length: u32,
+        /// Length (0 when the payload gives it).
+        length: u64,
         /// One extent per context.
         one: bool,
+        /// The payload (`NBD_CMD_FLAG_PAYLOAD_LEN`) gives the length and
+        /// the contexts to report.
+        payload: bool,
     },
     /// Disconnect.
     Disconnect,
@@ -122,8 +125,12 @@ pub enum Payload {
     /// Read this many bytes of write data.
     Read(u32),
     /// Read and throw away this many bytes (a write payload over the
-    /// limit): the request is then refused, and the stream stays in step.
+    /// limit, a block status payload that names no valid contexts): the
+    /// request is then refused, and the stream stays in step.
     Discard(u32),
+    /// A payload too large to read or skip (an extended header's 64-bit
+    /// length): the connection ends, as qemu-nbd ends it.
+    Hangup,
 }
 
 /// One connection's transmission state.
@@ -143,12 +150,51 @@ impl Session {
         &self.export
     }
 
+    /// The size of a request header in the negotiated framing.
+    pub fn header_len(&self) -> usize {
+        if self.neg.extended {
+            proto::EXTENDED_REQUEST_HEADER_LEN
+        } else {
+            proto::REQUEST_HEADER_LEN
+        }
+    }
+
+    /// Parses a request header of [`Session::header_len`] bytes.
+    pub fn parse_header(&self, b: &[u8]) -> Result<RequestHeader, FramingError> {
+        RequestHeader::parse(b, self.neg.extended)
+    }
+
+    /// How a reply to `h` is framed.
+    pub fn reply_to(&self, h: &RequestHeader) -> ReplyTo {
+        ReplyTo { cookie: h.cookie, offset: self.neg.extended.then_some(h.offset) }
+    }
+
+    /// Whether `h` is a block status request whose payload names its
+    /// contexts (only with extended headers).
+    fn status_payload(&self, h: &RequestHeader) -> bool {
+        self.neg.extended && h.kind == cmd::BLOCK_STATUS && h.flags & cmd_flags::PAYLOAD_LEN != 0
+    }
+
+    /// Whether a block status payload of `n` bytes has a usable shape: the
+    /// effect length, then at most one id per selected context.
+    fn status_payload_fits(&self, n: u64) -> bool {
+        let ids = self.neg.contexts.list(self.export.bitmap()).len() as u64;
+        n % 4 == 0 && n >= 8 && n <= 8 + 4 * ids
+    }
+
     /// The bytes that follow `h` on the wire.
     pub fn payload(&self, h: &RequestHeader) -> Payload {
-        match (h.kind, h.length) {
-            (cmd::WRITE, n) if n > MAX_BLOCK => Payload::Discard(n),
-            (cmd::WRITE, n) => Payload::Read(n),
-            _ => Payload::None,
+        let carries = h.kind == cmd::WRITE || self.status_payload(h);
+        if !carries {
+            return Payload::None;
+        }
+        let Ok(n) = u32::try_from(h.length) else { return Payload::Hangup };
+        match h.kind {
+            cmd::WRITE if n > MAX_BLOCK => Payload::Discard(n),
+            cmd::WRITE => Payload::Read(n),
+            _ if n > MAX_BLOCK => Payload::Hangup,
+            _ if self.status_payload_fits(h.length) => Payload::Read(n),
+            _ => Payload::Discard(n),
         }
     }
 
@@ -160,7 +206,11 @@ impl Session {
         let mut valid = cmd_flags::FUA;
         match h.kind {
             cmd::READ if self.neg.structured => valid |= cmd_flags::DF,
+            cmd::WRITE if self.neg.extended => valid |= cmd_flags::PAYLOAD_LEN,
             cmd::WRITE_ZEROES => valid |= cmd_flags::NO_HOLE | cmd_flags::FAST_ZERO,
+            cmd::BLOCK_STATUS if self.neg.extended && self.neg.contexts.any() => {
+                valid |= cmd_flags::REQ_ONE | cmd_flags::PAYLOAD_LEN
+            }
             cmd::BLOCK_STATUS => valid |= cmd_flags::REQ_ONE,
             _ => {}
         }
@@ -182,12 +232,14 @@ impl Session {
             return Err(refuse(Errno::Inval, format!("unsupported flags {:#x} for command {}", h.flags, h.kind)));
         }
         let fua = h.flags & cmd_flags::FUA != 0;
-        if matches!(h.kind, cmd::READ | cmd::WRITE) && h.length > MAX_BLOCK {
+        if matches!(h.kind, cmd::READ | cmd::WRITE) && h.length > u64::from(MAX_BLOCK) {
             return Err(refuse(Errno::Inval, format!("length {} exceeds the maximum of {MAX_BLOCK}", h.length)));
         }
         let writes = matches!(h.kind, cmd::WRITE | cmd::WRITE_ZEROES | cmd::TRIM);
-        if !matches!(h.kind, cmd::DISC | cmd::FLUSH) {
-            let in_range = h.offset.checked_add(u64::from(h.length)).is_some_and(|end| end <= self.export.size());
+        // A block status payload's effect length is checked once it is read.
+        let status_payload = self.status_payload(h);
+        if !matches!(h.kind, cmd::DISC | cmd::FLUSH) && !status_payload {
+            let in_range = h.offset.checked_add(h.length).is_some_and(|end| end <= self.export.size());
             if !in_range {
                 let errno = if matches!(h.kind, cmd::WRITE | cmd::WRITE_ZEROES) { Errno::NoSpc } else { Errno::Inval };
                 return Err(refuse(
@@ -206,7 +258,8 @@ impl Session {
         }
         let (offset, length) = (h.offset, h.length);
         Ok(match h.kind {
-            cmd::READ => Op::Read { offset, length, df: h.flags & cmd_flags::DF != 0 },
+            // Lengths past the block size were refused above.
+            cmd::READ => Op::Read { offset, length: length as u32, df: h.flags & cmd_flags::DF != 0 },
             cmd::WRITE => Op::Write { offset, fua },
             cmd::DISC => Op::Disconnect,
             cmd::FLUSH => Op::Flush,
@@ -223,31 +276,54 @@ impl Session {
                 if !self.neg.contexts.any() {
                     return Err(refuse(Errno::Inval, "no metadata context was negotiated"));
                 }
+                let one = h.flags & cmd_flags::REQ_ONE != 0;
+                if status_payload {
+                    if !self.status_payload_fits(h.length) {
+                        return Err(refuse(Errno::Inval, "CMD_BLOCK_STATUS payload not valid"));
+                    }
+                    return Ok(Op::BlockStatus { offset, length: 0, one, payload: true });
+                }
                 if length == 0 {
                     return Err(refuse(Errno::Inval, "block status of zero bytes"));
                 }
-                Op::BlockStatus { offset, length, one: h.flags & cmd_flags::REQ_ONE != 0 }
+                Op::BlockStatus { offset, length, one, payload: false }
             }
         })
     }
 
     /// The encoded reply refusing a request.
     pub fn refusal_reply(&self, h: &RequestHeader, r: &Refusal) -> Vec<u8> {
-        self.error_reply(h.cookie, r.errno, &r.message)
+        self.error_reply(self.reply_to(h), r.errno, &r.message)
     }
 
-    fn error_reply(&self, cookie: u64, errno: Errno, message: &str) -> Vec<u8> {
+    fn error_reply(&self, to: ReplyTo, errno: Errno, message: &str) -> Vec<u8> {
         if self.neg.structured {
-            let mut out = Vec::with_capacity(proto::CHUNK_HEADER_LEN + 6 + message.len().min(proto::MAX_STRING));
-            proto::error_chunk(&mut out, cookie, errno, message);
+            let mut out = Vec::with_capacity(to.header_len() + 6 + message.len().min(proto::MAX_STRING));
+            proto::error_chunk(&mut out, to, errno, message);
             out
         } else {
-            proto::simple_reply(cookie, errno as u32).to_vec()
+            proto::simple_reply(to.cookie, errno as u32).to_vec()
         }
     }
 
-    fn ok_reply(&self, cookie: u64) -> Vec<u8> {
-        proto::simple_reply(cookie, 0).to_vec()
+    /// Success without data: a simple reply, or with extended headers
+    /// (which have no simple replies) an empty final chunk.
+    fn ok_reply(&self, to: ReplyTo) -> Vec<u8> {
+        if self.neg.extended {
+            let mut out = Vec::with_capacity(to.header_len());
+            proto::chunk_header(&mut out, reply::FLAG_DONE, reply::TYPE_NONE, to, 0);
+            out
+        } else {
+            proto::simple_reply(to.cookie, 0).to_vec()
+        }
+    }
+
+    fn chunk_header_len(&self) -> usize {
+        if self.neg.extended {
+            proto::EXTENDED_CHUNK_HEADER_LEN
+        } else {
+            proto::CHUNK_HEADER_LEN
+        }
     }
 
     /// The most bytes [`Session::execute_into`] puts in its buffer for a
@@ -256,11 +332,12 @@ impl Session {
     /// replies are small (at most an error message) and replace the buffer.
     pub fn reply_bound(&self, op: Op) -> usize {
         match op {
-            Op::Read { length, .. } if self.neg.structured => structured_read_bound(length),
+            Op::Read { length, .. } if self.neg.structured => structured_read_bound(self.chunk_header_len(), length),
             Op::Read { length, .. } => proto::SIMPLE_REPLY_LEN + length as usize,
             Op::BlockStatus { one, .. } => {
                 let extents = if one { 1 } else { MAX_EXTENTS };
-                self.neg.contexts.list(self.export.bitmap()).len() * (proto::CHUNK_HEADER_LEN + 4 + 8 * extents)
+                let to = ReplyTo { cookie: 0, offset: self.neg.extended.then_some(0) };
+                self.neg.contexts.list(self.export.bitmap()).len() * proto::block_status_chunk_len(to, extents)
             }
             _ => 0,
         }
@@ -270,50 +347,95 @@ impl Session {
     /// reads, its bytes: see `read_into`). With a capacity of at least
     /// [`Session::reply_bound`], a reply with data fits without
     /// reallocating.
-    pub fn execute_into(&self, out: &mut Vec<u8>, cookie: u64, op: Op, payload: &[u8]) {
+    pub fn execute_into(&self, out: &mut Vec<u8>, h: &RequestHeader, op: Op, payload: &[u8]) {
+        let to = self.reply_to(h);
         match op {
-            Op::Read { offset, length, df } => self.read_into(out, cookie, offset, length, df),
-            Op::BlockStatus { offset, length, one } => self.block_status(out, cookie, offset, length, one),
-            other => *out = self.execute(cookie, other, payload),
+            Op::Read { offset, length, df } => self.read_into(out, to, offset, length, df),
+            Op::BlockStatus { offset, length, one, payload: false } => {
+                self.block_status(out, to, offset, length, one, None)
+            }
+            Op::BlockStatus { offset, one, payload: true, .. } => match self.status_request(offset, payload) {
+                Ok((length, ids)) => self.block_status(out, to, offset, length, one, Some(&ids)),
+                Err(r) => *out = self.error_reply(to, r.errno, &r.message),
+            },
+            other => *out = self.execute(h, other, payload),
         }
+    }
+
+    /// The effect length and context ids of a block status payload, checked
+    /// as qemu-nbd checks them: each id one the client selected, none
+    /// twice, a length that is not zero and stays inside the export.
+    fn status_request(&self, offset: u64, payload: &[u8]) -> Result<(u64, Vec<u32>), Refusal> {
+        let invalid = || refuse(Errno::Inval, "CMD_BLOCK_STATUS payload not valid");
+        if !self.status_payload_fits(payload.len() as u64) {
+            return Err(invalid());
+        }
+        let (len, rest) = payload.split_at(8);
+        let length = u64::from_be_bytes(len.try_into().map_err(|_| invalid())?);
+        let selected: Vec<u32> = self.neg.contexts.list(self.export.bitmap()).iter().map(|c| c.0).collect();
+        let mut ids = Vec::new();
+        for id in rest.chunks_exact(4) {
+            let id = u32::from_be_bytes([id[0], id[1], id[2], id[3]]);
+            if !selected.contains(&id) || ids.contains(&id) {
+                return Err(invalid());
+            }
+            ids.push(id);
+        }
+        if ids.is_empty() {
+            return Err(invalid());
+        }
+        if length == 0 {
+            return Err(refuse(Errno::Inval, "block status of zero bytes"));
+        }
+        if offset.checked_add(length).is_none_or(|end| end > self.export.size()) {
+            return Err(refuse(
+                Errno::Inval,
+                format!(
+                    "request at offset {offset} with length {length} is past the end of the export ({} bytes)",
+                    self.export.size()
+                ),
+            ));
+        }
+        Ok((length, ids))
     }
 
     /// Runs `op` and returns its encoded reply. `payload` is the write data
     /// (empty for other commands).
-    pub fn execute(&self, cookie: u64, op: Op, payload: &[u8]) -> Vec<u8> {
+    pub fn execute(&self, h: &RequestHeader, op: Op, payload: &[u8]) -> Vec<u8> {
+        let to = self.reply_to(h);
         let done = |r: Result<(), EngineError>| match r {
-            Ok(()) => self.ok_reply(cookie),
-            Err(e) => self.error_reply(cookie, errno_of(&e), &e.to_string()),
+            Ok(()) => self.ok_reply(to),
+            Err(e) => self.error_reply(to, errno_of(&e), &e.to_string()),
         };
         let img = &*self.export.image;
         match op {
             Op::Read { offset, length, df } => {
                 let mut out = Vec::new();
-                self.read_into(&mut out, cookie, offset, length, df);
+                self.read_into(&mut out, to, offset, length, df);
                 out
             }
             Op::Write { offset, fua } => done(self.write(offset, payload).and_then(|()| flush_if(img, fua))),
             Op::Flush => done(img.flush()),
             Op::Trim { offset, length, fua } => {
-                let r = if self.export.opts.discard { img.discard(offset, u64::from(length)) } else { Ok(()) };
+                let r = if self.export.opts.discard { img.discard(offset, length) } else { Ok(()) };
                 done(r.and_then(|()| flush_if(img, fua)))
             }
             Op::Cache { offset, length } => done(self.cache(offset, length)),
             Op::WriteZeroes { offset, length, no_hole, fast, fua } => {
-                let len = u64::from(length);
+                let len = length;
                 let may_unmap = !no_hole && self.export.opts.discard;
                 if !fast {
                     return done(img.write_zeroes_at(offset, len, may_unmap).and_then(|()| flush_if(img, fua)));
                 }
                 match img.write_zeroes_no_fallback(offset, len, may_unmap) {
                     Ok(true) => done(flush_if(img, fua)),
-                    Ok(false) => self.error_reply(cookie, Errno::NotSup, "zeroing this range would write data"),
+                    Ok(false) => self.error_reply(to, Errno::NotSup, "zeroing this range would write data"),
                     Err(e) => done(Err(e)),
                 }
             }
-            Op::BlockStatus { offset, length, one } => {
+            op @ Op::BlockStatus { .. } => {
                 let mut out = Vec::new();
-                self.block_status(&mut out, cookie, offset, length, one);
+                self.execute_into(&mut out, h, op, payload);
                 out
             }
             Op::Disconnect => Vec::new(),
@@ -325,7 +447,8 @@ impl Session {
     /// Builds a READ reply in `out`. The bytes `out` holds may be left
     /// from an earlier reply: only what grows past its length is cleared,
     /// so a recycled buffer costs neither fresh pages nor zeroing.
-    fn read_into(&self, out: &mut Vec<u8>, cookie: u64, offset: u64, length: u32, df: bool) {
+    fn read_into(&self, out: &mut Vec<u8>, to: ReplyTo, offset: u64, length: u32, df: bool) {
+        let cookie = to.cookie;
         let img = &*self.export.image;
         let len = length as usize;
         if !self.neg.structured {
@@ -342,37 +465,38 @@ impl Session {
         }
         if length == 0 {
             out.clear();
-            proto::chunk_header(out, reply::FLAG_DONE, reply::TYPE_NONE, cookie, 0);
+            proto::chunk_header(out, reply::FLAG_DONE, reply::TYPE_NONE, to, 0);
             return;
         }
+        let head = to.header_len();
         // Runs of (offset, length, reads as zeros), holes only when the
         // client lets the reply be fragmented.
         let mut runs = if df { Vec::new() } else { self.read_runs(offset, u64::from(length)) };
         let mut size = 0usize;
         for &(_, l, hole) in &runs {
-            size += proto::CHUNK_HEADER_LEN + if hole { 12 } else { 8 + l as usize };
+            size += head + if hole { 12 } else { 8 + l as usize };
         }
         // Holes so short that their chunks outweigh their bytes are sent as
         // data: one chunk is smaller, and within `reply_bound`.
-        if df || size > structured_read_bound(length) {
-            (runs, size) = (vec![(offset, u64::from(length), false)], proto::CHUNK_HEADER_LEN + 8 + len);
+        if df || size > structured_read_bound(head, length) {
+            (runs, size) = (vec![(offset, u64::from(length), false)], head + 8 + len);
         }
         fit(out, size);
-        let mut header = Vec::with_capacity(proto::CHUNK_HEADER_LEN + 12);
+        let mut header = Vec::with_capacity(head + 12);
         let mut pos = 0;
         for (i, &(o, l, hole)) in runs.iter().enumerate() {
             let flags = if i + 1 == runs.len() { reply::FLAG_DONE } else { 0 };
             header.clear();
             if hole {
-                proto::hole_chunk(&mut header, flags, cookie, o, l as u32);
+                proto::hole_chunk(&mut header, flags, to, o, l as u32);
             } else {
-                proto::data_chunk_header(&mut header, flags, cookie, o, l as u32);
+                proto::data_chunk_header(&mut header, flags, to, o, l as u32);
             }
             out[pos..pos + header.len()].copy_from_slice(&header);
             pos += header.len();
             if !hole {
                 if let Err(e) = img.read_at(&mut out[pos..pos + l as usize], o) {
-                    *out = self.error_reply(cookie, errno_of(&e), &e.to_string());
+                    *out = self.error_reply(to, errno_of(&e), &e.to_string());
                     return;
                 }
                 pos += l as usize;
@@ -417,8 +541,8 @@ impl Session {
         img.write_at(data, offset)
     }
 
-    fn cache(&self, offset: u64, length: u32) -> Result<(), EngineError> {
-        let len = u64::from(length).min(CACHE_LIMIT);
+    fn cache(&self, offset: u64, length: u64) -> Result<(), EngineError> {
+        let len = length.min(CACHE_LIMIT);
         let mut buf = vec![0u8; (len as usize).min(CACHE_CHUNK)];
         let mut done = 0u64;
         while done < len {
@@ -430,46 +554,50 @@ impl Session {
     }
 
     /// The exported bitmap over the window: `(length, 1 if dirty)`.
-    fn dirty_extents(&self, window: u64, offset: u64, limit: usize) -> Result<Vec<(u32, u32)>, EngineError> {
+    fn dirty_extents(&self, window: u64, offset: u64, limit: usize) -> Result<Vec<(u64, u32)>, EngineError> {
         let (Some(name), Some(q)) = (self.export.bitmap(), self.export.image.as_qcow2()) else {
-            return Ok(vec![(window as u32, 0)]);
+            return Ok(vec![(window, 0)]);
         };
         let mut descs = Vec::new();
         for (len, dirty) in q.bitmap_extents(name, offset, window)? {
             if descs.len() == limit {
                 break;
             }
-            // The window is below 4 GiB, so every length fits.
-            descs.push((len as u32, u32::from(dirty)));
+            descs.push((len, u32::from(dirty)));
         }
         Ok(descs)
     }
 
-    /// The block status reply in `out` (emptied first).
-    fn block_status(&self, out: &mut Vec<u8>, cookie: u64, offset: u64, length: u32, one: bool) {
+    /// The block status reply in `out` (emptied first), for the selected
+    /// contexts or, from a payload, those of `only`.
+    fn block_status(&self, out: &mut Vec<u8>, to: ReplyTo, offset: u64, length: u64, one: bool, only: Option<&[u32]>) {
         out.clear();
-        let window = u64::from(length).min(if one { STATUS_WINDOW_ONE } else { STATUS_WINDOW });
+        // The window is below 4 GiB, so every extent fits a compact reply.
+        let window = length.min(if one { STATUS_WINDOW_ONE } else { STATUS_WINDOW });
         let extents = match self.export.image.block_status(offset, window) {
             Ok(e) => e,
             Err(e) => {
-                *out = self.error_reply(cookie, errno_of(&e), &e.to_string());
+                *out = self.error_reply(to, errno_of(&e), &e.to_string());
                 return;
             }
         };
         let limit = if one { 1 } else { MAX_EXTENTS };
-        let contexts = self.neg.contexts.list(self.export.bitmap());
+        let mut contexts = self.neg.contexts.list(self.export.bitmap());
+        if let Some(ids) = only {
+            contexts.retain(|c| ids.contains(&c.0));
+        }
         for (i, &(id, _)) in contexts.iter().enumerate() {
-            let mut descs: Vec<(u32, u32)> = Vec::new();
+            let mut descs: Vec<(u64, u32)> = Vec::new();
             if id == CONTEXT_DIRTY_BITMAP {
                 match self.dirty_extents(window, offset, limit) {
                     Ok(d) => descs = d,
                     Err(e) => {
-                        *out = self.error_reply(cookie, errno_of(&e), &e.to_string());
+                        *out = self.error_reply(to, errno_of(&e), &e.to_string());
                         return;
                     }
                 }
                 let flags = if i + 1 == contexts.len() { reply::FLAG_DONE } else { 0 };
-                proto::block_status_chunk(out, flags, cookie, id, &descs);
+                proto::block_status_chunk(out, flags, to, id, &descs);
                 continue;
             }
             let mut pos = offset;
@@ -488,9 +616,8 @@ impl Session {
                         0
                     }
                 };
-                // The window is below 4 GiB, so every length fits.
-                let len = e.length as u32;
-                if let Some(last) = descs.last_mut().filter(|l| l.1 == flags && l.0.checked_add(len).is_some()) {
+                let len = e.length;
+                if let Some(last) = descs.last_mut().filter(|l| l.1 == flags) {
                     last.0 += len;
                 } else if descs.len() == limit {
                     break;
@@ -499,11 +626,11 @@ impl Session {
                 }
             }
             if descs.is_empty() {
-                *out = self.error_reply(cookie, Errno::Io, "block status described nothing");
+                *out = self.error_reply(to, Errno::Io, "block status described nothing");
                 return;
             }
             let flags = if i + 1 == contexts.len() { reply::FLAG_DONE } else { 0 };
-            proto::block_status_chunk(out, flags, cookie, id, &descs);
+            proto::block_status_chunk(out, flags, to, id, &descs);
         }
     }
 }
@@ -512,12 +639,13 @@ impl Session {
 /// a short hole at either end of the range. Holes are whole sectors at
 /// least, so those inside the range cost less as hole chunks than as data;
 /// `read_into` sends a range that would need more as one data chunk.
-fn structured_read_bound(length: u32) -> usize {
+/// `head`: the size of a chunk header in the negotiated framing.
+fn structured_read_bound(head: usize, length: u32) -> usize {
     if length == 0 {
-        return proto::CHUNK_HEADER_LEN;
+        return head;
     }
-    let hole_and_split = 2 * proto::CHUNK_HEADER_LEN + 12 + 8;
-    proto::CHUNK_HEADER_LEN + 8 + length as usize + 2 * hole_and_split
+    let hole_and_split = 2 * head + 12 + 8;
+    head + 8 + length as usize + 2 * hole_and_split
 }
 
 /// Makes `v` exactly `n` bytes long, clearing only bytes it did not hold.

@@ -187,7 +187,7 @@ pub fn activated_listeners() -> Result<Option<Vec<Listener>>, String> {
         let owned = unsafe { OwnedFd::from_raw_fd(fd) };
         let unix = UnixListener::from(owned);
         if unix.local_addr().is_ok() {
-            out.push(Listener::Unix { listener: unix, path: None });
+            out.push(Listener::Unix { listener: unix, path: None, file_id: None });
         } else {
             let tcp = TcpListener::from(OwnedFd::from(unix));
             tcp.local_addr().map_err(|e| format!("socket activation: descriptor {fd} is not a socket: {e}"))?;

@@ -130,7 +130,11 @@ fn request_seeds_get_replies_and_mutations_do_not_panic() {
         let out = drive_requests(&seed);
         let simple = proto::SIMPLE_REPLY_MAGIC.to_be_bytes();
         let structured = proto::STRUCTURED_REPLY_MAGIC.to_be_bytes();
-        assert!(out.starts_with(&simple) || out.starts_with(&structured), "{name}: no reply to the first request");
+        let extended = proto::EXTENDED_REPLY_MAGIC.to_be_bytes();
+        assert!(
+            [simple, structured, extended].iter().any(|m| out.starts_with(m)),
+            "{name}: no reply to the first request"
+        );
         for _ in 0..300 {
             let m = mutate(&mut rng, &seed);
             let _ = drive_requests(&m);
@@ -141,7 +145,7 @@ fn request_seeds_get_replies_and_mutations_do_not_panic() {
 #[test]
 fn qemu_img_seed_reads_back_its_write() {
     // The seed writes 512 bytes of 0xab at 4096, then reads 128 KiB from 0
-    // with structured replies: the data chunk must carry the bytes.
+    // with extended headers: the data chunk must carry the bytes.
     let (_, seed) = seeds("nbd_session").into_iter().find(|(n, _)| n == "qemu-img").unwrap();
     let out = drive_session(&seed);
     let pattern = [0xabu8; 512];

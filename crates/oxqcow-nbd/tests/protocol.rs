@@ -8,7 +8,7 @@ use std::sync::Arc;
 use oxqcow::{BlockDevice, CreateOptions, Image, MemoryStorage};
 use oxqcow_nbd::handshake::{self, Contexts, Negotiated, Outcome, MAX_OPTIONS, MAX_OPTION_DATA};
 use oxqcow_nbd::proto::{self, cmd, cmd_flags, opt, rep, reply, Errno, RequestHeader};
-use oxqcow_nbd::session::{Op, Session};
+use oxqcow_nbd::session::{Op, Payload, Session};
 use oxqcow_nbd::{Export, ExportOptions};
 
 /// A client byte script on one side, the server's output on the other.
@@ -127,8 +127,12 @@ fn types(replies: &[Rep]) -> Vec<(u32, u32)> {
 const FIXED: u32 = 1;
 const NO_ZEROES: u32 = 2;
 
+/// QEMU 10's client asks for extended headers first; qemu-nbd 10 grants
+/// them (oxqcow refused them with ERR_UNSUP, so `qemu-nbd --list` said
+/// "transaction size: 32-bit" and no "block-status-payload" flag), and
+/// structured replies are then refused as implied.
 #[test]
-fn qemu_sequence_falls_back_from_extended_headers() {
+fn qemu_sequence_negotiates_extended_headers() {
     let e = export("", false);
     let (outcome, replies, rest) = handshake(
         &e,
@@ -144,14 +148,14 @@ fn qemu_sequence_falls_back_from_extended_headers() {
         Outcome::Transmission(n) => n,
         other => panic!("expected transmission, got {other:?}"),
     };
-    assert!(neg.structured);
+    assert!(neg.structured && neg.extended);
     assert_eq!(neg.contexts, Contexts { base_allocation: true, allocation_depth: false, dirty_bitmap: false });
     assert!(rest.is_empty());
     assert_eq!(
         types(&replies),
         vec![
-            (opt::EXTENDED_HEADERS, rep::ERR_UNSUP),
-            (opt::STRUCTURED_REPLY, rep::ACK),
+            (opt::EXTENDED_HEADERS, rep::ACK),
+            (opt::STRUCTURED_REPLY, rep::ERR_EXT_HEADER_REQD),
             (opt::SET_META_CONTEXT, rep::META_CONTEXT),
             (opt::SET_META_CONTEXT, rep::ACK),
             (opt::GO, rep::INFO),
@@ -166,10 +170,25 @@ fn qemu_sequence_falls_back_from_extended_headers() {
     assert_eq!(u32::from_be_bytes(bs[2..6].try_into().unwrap()), 1);
     assert_eq!(u32::from_be_bytes(bs[6..10].try_into().unwrap()), 4096);
     assert_eq!(u32::from_be_bytes(bs[10..14].try_into().unwrap()), 32 << 20);
-    // Export info: size and flags (qemu-nbd's 0x0ded less multi-conn here).
+    // Export info: size and flags (qemu-nbd's 0x1ded less multi-conn here).
     let ex = &replies[5].2;
     assert_eq!(u64::from_be_bytes(ex[2..10].try_into().unwrap()), DISK);
-    assert_eq!(u16::from_be_bytes([ex[10], ex[11]]), 0x0ded & !0x0100);
+    assert_eq!(u16::from_be_bytes([ex[10], ex[11]]), 0x1ded & !0x0100);
+}
+
+/// A client without extended headers (libnbd 1.14, QEMU before 9) gets
+/// the compact framing and no BLOCK_STAT_PAYLOAD flag.
+#[test]
+fn structured_replies_alone_keep_the_compact_framing() {
+    let e = export("", true);
+    let (outcome, replies, _) =
+        handshake(&e, FIXED | NO_ZEROES, &[option(opt::STRUCTURED_REPLY, &[]), option(opt::GO, &info_data("", &[]))]);
+    match outcome.unwrap() {
+        Outcome::Transmission(n) => assert!(n.structured && !n.extended),
+        other => panic!("expected transmission, got {other:?}"),
+    }
+    let ex = &replies[1].2;
+    assert_eq!(u16::from_be_bytes([ex[10], ex[11]]), 0x048f);
 }
 
 #[test]
@@ -331,11 +350,11 @@ fn set_meta_context_replaces_and_bare_namespaces_select_nothing() {
 }
 
 fn session(read_only: bool, structured: bool, contexts: Contexts) -> Session {
-    Session::new(export("", read_only), Negotiated { structured, contexts })
+    Session::new(export("", read_only), Negotiated { structured, extended: false, contexts })
 }
 
 fn req(kind: u16, flags: u16, offset: u64, length: u32) -> RequestHeader {
-    RequestHeader { flags, kind, cookie: 0x1234_5678_9abc_def0, offset, length }
+    RequestHeader { flags, kind, cookie: 0x1234_5678_9abc_def0, offset, length: u64::from(length) }
 }
 
 fn errno(s: &Session, h: RequestHeader) -> Errno {
@@ -395,7 +414,7 @@ fn chunks(mut b: &[u8], cookie: u64) -> Vec<(u16, u16, Vec<u8>)> {
 
 fn run(s: &Session, h: RequestHeader, payload: &[u8]) -> Vec<u8> {
     let op = s.check(&h).unwrap();
-    s.execute(h.cookie, op, payload)
+    s.execute(&h, op, payload)
 }
 
 #[test]
@@ -467,6 +486,82 @@ fn block_status_reports_both_contexts_and_honours_req_one() {
     assert_eq!(descs(&c[1].2), (1, vec![(c64, 1)]));
 }
 
+/// Parses a reply framed with extended headers into chunks: (flags, type,
+/// payload); every chunk repeats the request's cookie and offset.
+fn extended_chunks(mut b: &[u8], h: &RequestHeader) -> Vec<(u16, u16, Vec<u8>)> {
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        assert_eq!(&b[..4], &proto::EXTENDED_REPLY_MAGIC.to_be_bytes());
+        let flags = u16::from_be_bytes([b[4], b[5]]);
+        let kind = u16::from_be_bytes([b[6], b[7]]);
+        assert_eq!(u64::from_be_bytes(b[8..16].try_into().unwrap()), h.cookie);
+        assert_eq!(u64::from_be_bytes(b[16..24].try_into().unwrap()), h.offset);
+        let len = u64::from_be_bytes(b[24..32].try_into().unwrap()) as usize;
+        out.push((flags, kind, b[32..32 + len].to_vec()));
+        b = &b[32 + len..];
+    }
+    assert_eq!(out.last().map(|c| c.0 & reply::FLAG_DONE), Some(reply::FLAG_DONE), "last chunk has DONE");
+    out
+}
+
+/// `(context, [(length, flags)])` of an `NBD_REPLY_TYPE_BLOCK_STATUS_EXT`
+/// payload.
+fn extended_descs(p: &[u8]) -> (u32, Vec<(u64, u64)>) {
+    let id = u32::from_be_bytes(p[..4].try_into().unwrap());
+    let n = u32::from_be_bytes(p[4..8].try_into().unwrap()) as usize;
+    let d: Vec<(u64, u64)> = p[8..]
+        .chunks(16)
+        .map(|x| (u64::from_be_bytes(x[..8].try_into().unwrap()), u64::from_be_bytes(x[8..].try_into().unwrap())))
+        .collect();
+    assert_eq!(d.len(), n, "descriptor count");
+    (id, d)
+}
+
+/// With extended headers every reply is a chunk with the 32-byte header
+/// (no simple replies), lengths are 64-bit, and block status uses
+/// BLOCK_STATUS_EXT; a payload (NBD_CMD_FLAG_PAYLOAD_LEN) picks contexts.
+/// Guards the framing qemu-img/qemu-io 10 use against `oxqcow serve`.
+#[test]
+fn extended_headers_frame_every_reply() {
+    let both = Contexts { base_allocation: true, allocation_depth: true, dirty_bitmap: false };
+    let s = Session::new(export("", false), Negotiated { structured: true, extended: true, contexts: both });
+    assert_eq!(s.header_len(), proto::EXTENDED_REQUEST_HEADER_LEN);
+    let h = |kind, flags, offset, length: u64| RequestHeader { flags, kind, cookie: 77, offset, length };
+    let w = h(cmd::WRITE, cmd_flags::PAYLOAD_LEN, 0, CLUSTER);
+    assert_eq!(s.parse_header(&w.encode(true)).unwrap(), w);
+    let c = extended_chunks(&run(&s, w, &vec![1u8; CLUSTER as usize]), &w);
+    assert_eq!((c.len(), c[0].1), (1, reply::TYPE_NONE), "success is an empty chunk");
+    // A zero write longer than 4 GiB is refused only for its range.
+    let z = h(cmd::WRITE_ZEROES, 0, 0, 5 << 32);
+    assert_eq!(s.check(&z).unwrap_err().errno, Errno::NoSpc);
+    let b = h(cmd::BLOCK_STATUS, 0, 0, DISK);
+    let c = extended_chunks(&run(&s, b, &[]), &b);
+    assert_eq!(c.iter().map(|c| c.1).collect::<Vec<_>>(), vec![reply::TYPE_BLOCK_STATUS_EXT; 2]);
+    assert_eq!(extended_descs(&c[0].2), (0, vec![(CLUSTER, 0), (DISK - CLUSTER, 3)]));
+    assert_eq!(extended_descs(&c[1].2), (1, vec![(CLUSTER, 1), (DISK - CLUSTER, 0)]));
+    // The payload: effect length, then the ids wanted (depth only).
+    let mut payload = (2 * CLUSTER).to_be_bytes().to_vec();
+    payload.extend_from_slice(&1u32.to_be_bytes());
+    let p = h(cmd::BLOCK_STATUS, cmd_flags::PAYLOAD_LEN, 0, payload.len() as u64);
+    assert_eq!(s.payload(&p), Payload::Read(12));
+    let c = extended_chunks(&run(&s, p, &payload), &p);
+    assert_eq!(c.len(), 1);
+    assert_eq!(extended_descs(&c[0].2), (1, vec![(CLUSTER, 1), (CLUSTER, 0)]));
+    // An id never selected, or a payload of the wrong shape, is EINVAL.
+    let mut bad = (2 * CLUSTER).to_be_bytes().to_vec();
+    bad.extend_from_slice(&9u32.to_be_bytes());
+    let c = extended_chunks(&run(&s, p, &bad), &p);
+    assert_eq!((c[0].1, u32::from_be_bytes(c[0].2[..4].try_into().unwrap())), (reply::TYPE_ERROR, Errno::Inval as u32));
+    let odd = h(cmd::BLOCK_STATUS, cmd_flags::PAYLOAD_LEN, 0, 10);
+    assert_eq!(s.payload(&odd), Payload::Discard(10));
+    assert_eq!(s.check(&odd).unwrap_err().errno, Errno::Inval);
+    // A payload that cannot even be skipped ends the connection.
+    assert_eq!(s.payload(&h(cmd::WRITE, 0, 0, 1 << 40)), Payload::Hangup);
+    // Without extended headers the flag is refused.
+    let compact = session(false, true, both);
+    assert_eq!(errno(&compact, req(cmd::BLOCK_STATUS, cmd_flags::PAYLOAD_LEN, 0, 12)), Errno::Inval);
+}
+
 #[test]
 fn fast_zero_refuses_partial_clusters_with_data() {
     let s = session(false, true, Contexts::default());
@@ -504,7 +599,7 @@ fn replies_built_in_recycled_buffers_hold_nothing_old() {
         run(&s, req(cmd::WRITE, 0, CLUSTER, 8), b"newbytes");
         let mut out = vec![0xeeu8; 1 << 20];
         let h = req(cmd::READ, 0, CLUSTER - 8, 16);
-        s.execute_into(&mut out, h.cookie, s.check(&h).unwrap(), &[]);
+        s.execute_into(&mut out, &h, s.check(&h).unwrap(), &[]);
         assert!(!out.contains(&0xee), "structured={structured}: stale bytes in {out:?}");
         if structured {
             let c = chunks(&out, h.cookie);
@@ -516,7 +611,7 @@ fn replies_built_in_recycled_buffers_hold_nothing_old() {
         }
         // A small reply after a big one.
         let f = req(cmd::FLUSH, 0, 0, 0);
-        s.execute_into(&mut out, f.cookie, Op::Flush, &[]);
+        s.execute_into(&mut out, &f, Op::Flush, &[]);
         assert_eq!(out, proto::simple_reply(f.cookie, 0).to_vec());
     }
 }
@@ -621,9 +716,9 @@ fn replies_with_data_fit_in_their_bound() {
             let bound = s.reply_bound(op);
             let mut out = Vec::with_capacity(bound);
             let at = out.as_ptr();
-            s.execute_into(&mut out, h.cookie, op, &[]);
+            s.execute_into(&mut out, &h, op, &[]);
             assert!(out.len() <= bound && out.as_ptr() == at, "{h:?}: {} bytes in a bound of {bound}", out.len());
-            assert_eq!(out, s.execute(h.cookie, op, &[]), "{h:?}");
+            assert_eq!(out, s.execute(&h, op, &[]), "{h:?}");
         }
     }
 }

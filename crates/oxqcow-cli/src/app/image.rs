@@ -29,7 +29,8 @@ pub fn open_nbd(addr: Result<NbdAddress, String>, opts: &OpenOptions) -> Result<
 /// Connects to the export at `addr` for an image opened `read_only` or
 /// not; a read-only export is refused for writing with QEMU's words.
 pub fn connect_nbd(addr: &NbdAddress, read_only: bool) -> Result<NbdClient, String> {
-    let client = NbdClient::connect(addr).map_err(|e| e.to_string())?;
+    let tls = addr.tls_creds.as_deref().map(crate::app::tlscreds::client_creds).transpose()?;
+    let client = NbdClient::connect(addr, tls.as_ref()).map_err(|e| e.to_string())?;
     if client.is_read_only() && !read_only {
         return Err("Could not open image: Permission denied".into());
     }
@@ -37,12 +38,18 @@ pub fn connect_nbd(addr: &NbdAddress, read_only: bool) -> Result<NbdClient, Stri
 }
 
 /// The name QEMU shows for an image named `name`: an NBD export's in
-/// QEMU's URI form, any other as given.
+/// QEMU's URI form (a `json:{"driver":"nbd",...}` name's too: QEMU
+/// rebuilds the name of an nbd node from its address alone), any other as
+/// given.
 pub fn shown_name(name: &str) -> String {
-    match NbdAddress::parse(name) {
-        Some(Ok(addr)) => addr.display_name(),
-        _ => name.to_string(),
+    if let Some(Ok(addr)) = NbdAddress::parse(name) {
+        return addr.display_name();
     }
+    let json = name.strip_prefix("json:").and_then(|text| oxqcow::names::parse_json_name(text).ok());
+    if let Some(Ok(Some(addr))) = json.map(|mut options| take_nbd_driver(&mut options)) {
+        return addr.display_name();
+    }
+    name.to_string()
 }
 
 /// With `driver=nbd` among `options`: the export they name (QEMU's nbd
@@ -123,6 +130,17 @@ pub fn take_null(options: &mut Vec<(String, String)>, prefix: &str) -> Result<Op
 fn open_json(name: &str, options: Vec<(String, String)>, opts: OpenOptions) -> Result<Image, String> {
     let fail = |m: String| format!("Could not open '{name}': {m}");
     let mut options = options;
+    // `"driver":"nbd"`: the export is the node, its bytes as they are.
+    if let Some(addr) = take_nbd_driver(&mut options).map_err(fail)? {
+        let (_, _, json_opts) = image_opts_from(options, true).map_err(fail)?;
+        let o = OpenOptions {
+            format: Some(ImageFormat::Raw),
+            read_only: opts.read_only,
+            force_share: opts.force_share,
+            ..json_opts
+        };
+        return open_nbd(Ok(addr), &o).map_err(fail);
+    }
     if let Some(null) = take_null(&mut options, "").map_err(fail)? {
         let o = OpenOptions { format: Some(ImageFormat::Raw), read_only: opts.read_only, ..OpenOptions::new() };
         return Image::open_storage(null, &o).map_err(|e| fail(describe(&e)));

@@ -263,9 +263,13 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
         path = Some(String::new());
     }
     // `driver=nbd`: the export, read as raw (QEMU's protocol node).
+    let mut nbd_driver = None;
     if let Some(addr) = take_nbd_driver(&mut options)? {
         options.push(("driver".into(), "raw".into()));
         path = Some(addr.to_name());
+        // Connected to below, whole: its name may not say all of it
+        // (`x-dirty-bitmap`).
+        nbd_driver = Some(addr);
     }
     let mut driver: Option<String> = None;
     let mut runtime: Vec<(String, String)> = Vec::new();
@@ -340,7 +344,7 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
     // and opened through that connection.
     let shown = shown_name(&path);
     if file_child.is_none() {
-        if let Some(addr) = NbdAddress::parse(&path) {
+        if let Some(addr) = nbd_driver.map(Ok).or_else(|| NbdAddress::parse(&path)) {
             file_child = Some(Arc::new(connect_nbd(&addr?, spec.read_only || spec.snapshot)?));
         }
     }

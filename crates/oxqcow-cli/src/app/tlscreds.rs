@@ -1,6 +1,7 @@
 //! TLS credentials objects (`--object tls-creds-x509,id=ID,dir=DIR,...`),
 //! as QEMU's `crypto/tlscredsx509.c` defines them, kept by id for
-//! `serve --tls-creds ID`.
+//! `serve --tls-creds ID` (server endpoint) and for the NBD client's
+//! `tls-creds=ID` and `serve -L --tls-creds ID` (client endpoint).
 //!
 //! The shared `--object` parser ([`crate::app::objects::define`]) hands these
 //! types here with the id checked. Server credentials are loaded when the
@@ -14,15 +15,15 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
 
-use oxqcow_nbd::tls::{self, TlsServer};
+use oxqcow_nbd::client::TlsClient;
+use oxqcow_nbd::tls::TlsServer;
 
-use crate::app::messages::os_error;
-
-/// One `tls-creds-x509` object.
-struct Creds {
-    /// Loaded server credentials (`endpoint=server`); None for a client
-    /// endpoint, which nothing in oxqcow uses yet.
-    server: Option<TlsServer>,
+/// One `tls-creds-x509` object, loaded for its endpoint.
+enum Creds {
+    /// `endpoint=server`.
+    Server(TlsServer),
+    /// `endpoint=client` (QEMU's default).
+    Client(TlsClient),
 }
 
 static CREDS: Mutex<BTreeMap<String, Creds>> = Mutex::new(BTreeMap::new());
@@ -88,17 +89,13 @@ pub fn define(qom_type: &str, id: &str, params: &[(String, String)]) -> Result<(
     }
     let Some(dir) = dir.filter(|d| !d.is_empty()) else { return Err("Missing 'dir' property value".into()) };
     let loaded = if server {
-        Some(TlsServer::load_x509(Path::new(&dir), verify_peer)?)
+        Creds::Server(TlsServer::load_x509(Path::new(&dir), verify_peer)?)
     } else {
-        // A client endpoint needs the CA certificate; its own certificate
-        // is optional.
-        let ca = Path::new(&dir).join(tls::CA_CERT);
-        if let Err(e) = std::fs::File::open(&ca) {
-            return Err(format!("Unable to access credentials {}: {}", ca.display(), os_error(&e)));
-        }
-        None
+        // The CA certificate is required; the client's own certificate is
+        // optional.
+        Creds::Client(TlsClient::load_x509(Path::new(&dir))?)
     };
-    CREDS.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string(), Creds { server: loaded });
+    CREDS.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string(), loaded);
     Ok(())
 }
 
@@ -107,8 +104,19 @@ pub fn define(qom_type: &str, id: &str, params: &[(String, String)]) -> Result<(
 pub fn server_creds(id: &str) -> Result<TlsServer, String> {
     let creds = CREDS.lock().unwrap_or_else(|p| p.into_inner());
     match creds.get(id) {
-        Some(Creds { server: Some(s) }) => Ok(s.clone()),
-        Some(Creds { server: None }) => Err("Expected TLS credentials for a server endpoint".into()),
+        Some(Creds::Server(s)) => Ok(s.clone()),
+        Some(Creds::Client(_)) => Err("Expected TLS credentials for a server endpoint".into()),
+        None if crate::app::secrets::exists(id) => Err(format!("Object with id '{id}' is not TLS credentials")),
+        None => Err(format!("No TLS credentials with id '{id}'")),
+    }
+}
+
+/// The client credentials of object `id`, with QEMU's reasons.
+pub fn client_creds(id: &str) -> Result<TlsClient, String> {
+    let creds = CREDS.lock().unwrap_or_else(|p| p.into_inner());
+    match creds.get(id) {
+        Some(Creds::Client(c)) => Ok(c.clone()),
+        Some(Creds::Server(_)) => Err("Expected TLS credentials for a client endpoint".into()),
         None if crate::app::secrets::exists(id) => Err(format!("Object with id '{id}' is not TLS credentials")),
         None => Err(format!("No TLS credentials with id '{id}'")),
     }

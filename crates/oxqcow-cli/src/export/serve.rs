@@ -6,7 +6,9 @@
 //! qemu-nbd: parse, fork (`--fork`, before any thread exists), block the
 //! termination signals, open the image, listen, write the pid file, tell
 //! the parent we are up, serve, flush, clean up. With `--tls-creds`, every
-//! client must start TLS (see `oxqcow_nbd::tls`).
+//! client must start TLS (see `oxqcow_nbd::tls`). `-L`/`--list` makes it a
+//! client instead: it prints what a server exports, in qemu-nbd's format
+//! (the asking is `oxqcow_nbd::client::list_exports`).
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
@@ -15,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use oxqcow::{BlockDevice, CacheMode, OpenOptions};
+use oxqcow_nbd::client::{list_exports, NbdServer};
 use oxqcow_nbd::sys::{self, TerminationSignals};
 use oxqcow_nbd::{DetectZeroes, Export, ExportOptions, Listener, Server, ServerOptions, TlsServer};
 
@@ -116,8 +119,12 @@ Block device options:
       --detect-zeroes=MODE  set detect-zeroes mode (off, on, unmap)
       --image-opts          treat FILE as a full set of image options
 
+Listing exports:
+  -L, --list                list the exports of the server at -k PATH, or at
+                            -b HOST (default 0.0.0.0) and -p PORT
+
 Not supported: -o/--offset, -s/--snapshot, -c/--connect,
--d/--disconnect, -L/--list, --tls-authz, tls-creds-psk, SELinux labels.
+-d/--disconnect, --tls-authz, tls-creds-psk, SELinux labels.
 ";
 
 /// qemu-nbd's default port.
@@ -141,6 +148,12 @@ struct Config {
     handshake_limit: Option<Duration>,
     export: ExportOptions,
     tls: Option<TlsServer>,
+    /// `-L`: list a server's exports instead of serving.
+    list: bool,
+    /// With `-L`: the id of the client TLS credentials, and the host name
+    /// the server's certificate must carry.
+    list_tls: Option<String>,
+    tls_hostname: Option<String>,
 }
 
 /// Runs `serve`.
@@ -149,6 +162,9 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         Ok(c) => c,
         Err(code) => return code,
     };
+    if cfg.list {
+        return list(ctx, &cfg);
+    }
     let activated = match sys::activated_listeners() {
         Ok(a) => a,
         Err(msg) => return ctx.fail(&format!("Socket activation failed: {msg}")),
@@ -252,6 +268,82 @@ fn serve(
     }
 }
 
+/// qemu-nbd's names of the transmission flags, by bit.
+const FLAG_NAMES: [(u16, &str); 12] = [
+    (1, "readonly"),
+    (2, "flush"),
+    (3, "fua"),
+    (4, "rotational"),
+    (5, "trim"),
+    (6, "zeroes"),
+    (7, "df"),
+    (8, "multi"),
+    (9, "resize"),
+    (10, "cache"),
+    (11, "fast-zero"),
+    (12, "block-status-payload"),
+];
+
+/// `-L`: connects to the server the socket options name and prints its
+/// exports as qemu-nbd does.
+fn list(ctx: &Ctx, cfg: &Config) -> i32 {
+    let server = match &cfg.socket {
+        Some(path) => NbdServer::Unix(path.clone()),
+        None => {
+            let host = cfg.bind.as_deref().unwrap_or("0.0.0.0");
+            let port_text = cfg.port.as_deref().unwrap_or(DEFAULT_PORT);
+            let Ok(port) = port_text.parse() else {
+                return ctx.fail(&format!(
+                    "address resolution failed for {host}:{port_text}: Servname not supported for ai_socktype"
+                ));
+            };
+            let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+            NbdServer::Tcp { host, port }
+        }
+    };
+    let tls = match cfg.list_tls.as_deref().map(crate::app::tlscreds::client_creds).transpose() {
+        Ok(t) => t,
+        Err(msg) => return ctx.fail(&format!("Failed to get TLS creds: {msg}")),
+    };
+    // The certificate names the host: --tls-hostname, else -b's host.
+    let hostname = cfg.tls_hostname.clone().or_else(|| match &server {
+        NbdServer::Tcp { host, .. } => Some(host.clone()),
+        NbdServer::Unix(_) => None,
+    });
+    let exports = match list_exports(&server, tls.as_ref(), hostname.as_deref()) {
+        Ok(e) => e,
+        Err(e) => return ctx.fail(&e.to_string()),
+    };
+    let mut out = format!("exports available: {}\n", exports.len());
+    for e in &exports {
+        out += &format!(" export: '{}'\n", e.name);
+        if !e.description.is_empty() {
+            out += &format!("  description: {}\n", e.description);
+        }
+        if e.flags & oxqcow_nbd::proto::transmission_flags::HAS_FLAGS != 0 {
+            out += &format!("  size:  {}\n  flags: {:#x} (", e.size, e.flags);
+            for (bit, name) in FLAG_NAMES {
+                if e.flags & (1 << bit) != 0 {
+                    out += &format!(" {name}");
+                }
+            }
+            out += " )\n";
+        }
+        if let Some((min, opt, max)) = e.block_sizes.filter(|b| b.0 != 0) {
+            out += &format!("  min block: {min}\n  opt block: {opt}\n  max block: {max}\n");
+        }
+        out += &format!("  transaction size: {}\n", if e.extended { "64-bit" } else { "32-bit" });
+        if !e.contexts.is_empty() {
+            out += &format!("  available meta contexts: {}\n", e.contexts.len());
+            for c in &e.contexts {
+                out += &format!("   {c}\n");
+            }
+        }
+    }
+    print!("{out}");
+    0
+}
+
 fn listen(cfg: &Config) -> Result<Vec<Listener>, String> {
     if let Some(path) = &cfg.socket {
         return Listener::bind_unix(Path::new(path))
@@ -291,7 +383,12 @@ fn parse(ctx: &Ctx, args: &[String]) -> Result<Config, i32> {
         handshake_limit: Some(Duration::from_secs(10)),
         export: ExportOptions::default(),
         tls: None,
+        list: false,
+        list_tls: None,
+        tls_hostname: None,
     };
+    // Options that describe the served image, which -L refuses.
+    let mut per_device = false;
     let (mut tls_creds, mut tls_authz, mut tls_hostname) = (None, None, None);
     let mut detect = DetectZeroes::Off;
     let fail = |msg: String| Err(ctx.fail(&msg));
@@ -299,6 +396,23 @@ fn parse(ctx: &Ctx, args: &[String]) -> Result<Config, i32> {
     let mut common = CommonOpts::default();
     for (key, value) in p.opts {
         let v = value.unwrap_or_default();
+        per_device |= matches!(
+            key.as_str(),
+            "x" | "export-name"
+                | "D"
+                | "o"
+                | "c"
+                | "d"
+                | "f"
+                | "l"
+                | "s"
+                | "B"
+                | "A"
+                | "aio"
+                | "discard"
+                | "cache"
+                | "n"
+        );
         match key.as_str() {
             "h" => {
                 print!("{}", HELP.replace("PROG", &ctx.prog));
@@ -383,7 +497,7 @@ fn parse(ctx: &Ctx, args: &[String]) -> Result<Config, i32> {
             "s" => return fail("-s/--snapshot is not supported".into()),
             "B" => cfg.export.bitmap = Some(v),
             "c" | "d" => return fail("-c/--connect and -d/--disconnect (kernel NBD devices) are not supported".into()),
-            "L" => return fail("-L/--list is not supported (nbdinfo --list lists exports)".into()),
+            "L" => cfg.list = true,
             _ => {
                 if let Err(msg) = common.consume(&key, &v) {
                     return fail(msg);
@@ -397,14 +511,32 @@ fn parse(ctx: &Ctx, args: &[String]) -> Result<Config, i32> {
     if cfg.image_opts && cfg.format.is_some() {
         return fail("--image-opts and -f are mutually exclusive".into());
     }
-    if p.operands.len() != 1 {
+    if cfg.list {
+        if !p.operands.is_empty() {
+            return fail("List mode is incompatible with a file name".into());
+        }
+        if per_device {
+            return fail("List mode is incompatible with per-device settings".into());
+        }
+        if cfg.fork {
+            return fail("List mode is incompatible with forking".into());
+        }
+    } else if p.operands.len() != 1 {
         ctx.error("Invalid number of arguments");
         eprintln!("Try `{} --help' for more information.", ctx.invoked_as("serve"));
         return Err(1);
     }
-    cfg.file = p.operands[0].clone();
+    cfg.file = p.operands.first().cloned().unwrap_or_default();
     // qemu-nbd's checks, in its order.
     match tls_creds {
+        Some(id) if cfg.list => {
+            if tls_authz.is_some() {
+                return fail("TLS authorization is incompatible with export list".into());
+            }
+            cfg.list_tls = Some(id);
+            cfg.tls_hostname = tls_hostname;
+            return Ok(cfg);
+        }
         Some(id) => {
             if tls_hostname.is_some() {
                 return fail("TLS hostname is only supported with export list".into());
@@ -419,6 +551,7 @@ fn parse(ctx: &Ctx, args: &[String]) -> Result<Config, i32> {
         }
         None if tls_authz.is_some() => return fail("--tls-authz is not permitted without --tls-creds".into()),
         None if tls_hostname.is_some() => return fail("--tls-hostname is not permitted without --tls-creds".into()),
+        None if cfg.list => return Ok(cfg),
         None => {}
     }
     cfg.export.read_only = cfg.open.read_only;

@@ -72,8 +72,9 @@ impl Session<'_> {
         }
     }
 
-    /// Handles `--object`: secrets are kept for `encrypt.key-secret`,
-    /// other object types are refused.
+    /// Handles `--object`: secrets are kept for `encrypt.key-secret`, TLS
+    /// credentials go to the shared keeper (for an NBD export's
+    /// `tls-creds`), other object types are refused.
     pub fn add_object(&mut self, def: &str) -> Result<(), String> {
         let mut kind = None;
         let mut props = HashMap::new();
@@ -90,6 +91,9 @@ impl Session<'_> {
             println!("List of user creatable objects:\n  secret");
             std::process::exit(0);
         }
+        if kind == "tls-creds-x509" {
+            return crate::app::objects::define(def);
+        }
         const QEMU_TYPES: &[&str] = &[
             "authz-list",
             "authz-list-file",
@@ -104,7 +108,9 @@ impl Session<'_> {
             "tls-creds-x509",
         ];
         if QEMU_TYPES.contains(&kind.as_str()) {
-            return Err(format!("object type '{kind}' is not supported by oxqcow (only 'secret' is)"));
+            return Err(format!(
+                "object type '{kind}' is not supported by oxqcow (only 'secret' and 'tls-creds-x509' are)"
+            ));
         }
         if kind != "secret" {
             return Err(format!("Parameter 'qom-type' does not accept value '{kind}'"));

@@ -27,6 +27,16 @@ pub struct NbdAddress {
     pub server: NbdServer,
     /// The export's name (empty: the default export).
     pub export: String,
+    /// The nbd driver's `x-dirty-bitmap`: block status read from this
+    /// metadata context instead of `base:allocation` (only through the
+    /// driver's options, as QEMU takes it).
+    pub x_dirty_bitmap: Option<String>,
+    /// The nbd driver's `tls-creds`: the id of the `tls-creds-x509` object
+    /// (endpoint client) the connection starts TLS with.
+    pub tls_creds: Option<String>,
+    /// The nbd driver's `tls-hostname`: the name the server's certificate
+    /// must carry (else the TCP host).
+    pub tls_hostname: Option<String>,
 }
 
 impl NbdAddress {
@@ -71,9 +81,9 @@ impl NbdAddress {
         let host = take(&["server.host", "host"]);
         let port = take(&["server.port", "port"]);
         let export = take(&["export"]).unwrap_or_default();
-        if take(&["tls-creds"]).is_some() {
-            return Err("TLS for NBD exports is not supported by oxqcow's NBD client yet".into());
-        }
+        let x_dirty_bitmap = take(&["x-dirty-bitmap"]);
+        let tls_creds = take(&["tls-creds"]);
+        let tls_hostname = take(&["tls-hostname"]);
         let server = match (kind.as_deref(), path, host) {
             (Some("unix") | None, Some(path), None) => NbdServer::Unix(path),
             (Some("inet") | None, None, Some(host)) => {
@@ -91,12 +101,33 @@ impl NbdAddress {
             (None, None, None) => return Err("NBD server address missing".into()),
             _ => return Err("Cannot use 'path' and 'host' together".into()),
         };
-        Ok(NbdAddress { server, export })
+        Ok(NbdAddress { server, export, x_dirty_bitmap, tls_creds, tls_hostname })
     }
 
-    /// A name [`NbdAddress::parse`] reads back as this address (QEMU's
-    /// `nbd:` syntax, which needs no escaping).
+    /// A name QEMU reads as this address: its `nbd:` syntax, which needs no
+    /// escaping and [`NbdAddress::parse`] reads back; with `x-dirty-bitmap`,
+    /// which only the driver's options carry, a `json:{...}` name of them.
     pub fn to_name(&self) -> String {
+        let extra = [
+            ("x-dirty-bitmap", &self.x_dirty_bitmap),
+            ("tls-creds", &self.tls_creds),
+            ("tls-hostname", &self.tls_hostname),
+        ];
+        if extra.iter().any(|(_, v)| v.is_some()) {
+            let server = match &self.server {
+                NbdServer::Unix(path) => format!(r#"{{"type":"unix","path":{}}}"#, json_string(path)),
+                NbdServer::Tcp { host, port } => {
+                    format!(r#"{{"type":"inet","host":{},"port":"{port}"}}"#, json_string(host))
+                }
+            };
+            let mut name = format!(r#"json:{{"driver":"nbd","server":{server},"export":{}"#, json_string(&self.export));
+            for (key, value) in extra {
+                if let Some(v) = value {
+                    name += &format!(r#","{key}":{}"#, json_string(v));
+                }
+            }
+            return name + "}";
+        }
         let server = match &self.server {
             NbdServer::Unix(path) => format!("unix:{path}"),
             NbdServer::Tcp { host, port } if host.contains(':') => format!("[{host}]:{port}"),
@@ -106,6 +137,16 @@ impl NbdAddress {
             format!("nbd:{server}")
         } else {
             format!("nbd:{server}:exportname={}", self.export)
+        }
+    }
+
+    /// The host name the server's TLS certificate must carry:
+    /// `tls-hostname`, else the TCP host; none for a Unix socket.
+    pub fn tls_hostname(&self) -> Option<&str> {
+        match (&self.tls_hostname, &self.server) {
+            (Some(h), _) => Some(h),
+            (None, NbdServer::Tcp { host, .. }) => Some(host),
+            (None, NbdServer::Unix(_)) => None,
         }
     }
 
@@ -134,7 +175,13 @@ fn parse_unix_uri(rest: &str) -> Result<NbdAddress, String> {
         }
     }
     let socket = socket.ok_or("missing socket parameter")?;
-    Ok(NbdAddress { server: NbdServer::Unix(socket), export: percent_decode(export) })
+    Ok(NbdAddress {
+        server: NbdServer::Unix(socket),
+        export: percent_decode(export),
+        x_dirty_bitmap: None,
+        tls_creds: None,
+        tls_hostname: None,
+    })
 }
 
 fn parse_tcp_uri(rest: &str) -> Result<NbdAddress, String> {
@@ -149,7 +196,13 @@ fn parse_tcp_uri(rest: &str) -> Result<NbdAddress, String> {
     if host.is_empty() {
         return Err("missing host".into());
     }
-    Ok(NbdAddress { server: NbdServer::Tcp { host, port }, export: percent_decode(path) })
+    Ok(NbdAddress {
+        server: NbdServer::Tcp { host, port },
+        export: percent_decode(path),
+        x_dirty_bitmap: None,
+        tls_creds: None,
+        tls_hostname: None,
+    })
 }
 
 fn split_host_port(authority: &str) -> Result<(String, u16), String> {
@@ -179,13 +232,25 @@ fn parse_legacy(rest: &str) -> Result<NbdAddress, String> {
         if path.is_empty() {
             return Err("missing socket path".into());
         }
-        return Ok(NbdAddress { server: NbdServer::Unix(path.to_string()), export });
+        return Ok(NbdAddress {
+            server: NbdServer::Unix(path.to_string()),
+            export,
+            x_dirty_bitmap: None,
+            tls_creds: None,
+            tls_hostname: None,
+        });
     }
     let (host, port) = split_host_port(spec)?;
     if host.is_empty() {
         return Err("missing host".into());
     }
-    Ok(NbdAddress { server: NbdServer::Tcp { host, port }, export })
+    Ok(NbdAddress {
+        server: NbdServer::Tcp { host, port },
+        export,
+        x_dirty_bitmap: None,
+        tls_creds: None,
+        tls_hostname: None,
+    })
 }
 
 fn percent_decode(s: &str) -> String {
@@ -207,16 +272,44 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// `s` as a JSON string literal.
+fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn unix(path: &str, export: &str) -> NbdAddress {
-        NbdAddress { server: NbdServer::Unix(path.into()), export: export.into() }
+        NbdAddress {
+            server: NbdServer::Unix(path.into()),
+            export: export.into(),
+            x_dirty_bitmap: None,
+            tls_creds: None,
+            tls_hostname: None,
+        }
     }
 
     fn tcp(host: &str, port: u16, export: &str) -> NbdAddress {
-        NbdAddress { server: NbdServer::Tcp { host: host.into(), port }, export: export.into() }
+        NbdAddress {
+            server: NbdServer::Tcp { host: host.into(), port },
+            export: export.into(),
+            x_dirty_bitmap: None,
+            tls_creds: None,
+            tls_hostname: None,
+        }
     }
 
     #[test]
@@ -250,7 +343,14 @@ mod tests {
         assert_eq!(NbdAddress::parse(&a.to_name()).unwrap().unwrap(), a);
         assert!(NbdAddress::from_options(&mut opts(&[("server.type", "unix")])).is_err());
         assert!(NbdAddress::from_options(&mut opts(&[])).is_err());
-        assert!(NbdAddress::from_options(&mut opts(&[("path", "/s"), ("tls-creds", "t")])).is_err());
+        let tls =
+            NbdAddress::from_options(&mut opts(&[("path", "/s"), ("tls-creds", "t"), ("tls-hostname", "h")])).unwrap();
+        assert_eq!((tls.tls_creds.as_deref(), tls.tls_hostname()), (Some("t"), Some("h")));
+        assert!(tls.to_name().starts_with("json:"), "TLS settings survive the name");
+        let mut o = opts(&[("path", "/s"), ("x-dirty-bitmap", "qemu:allocation-depth")]);
+        let a = NbdAddress::from_options(&mut o).unwrap();
+        assert_eq!(a.x_dirty_bitmap.as_deref(), Some("qemu:allocation-depth"));
+        assert!(o.is_empty(), "x-dirty-bitmap is the driver's option");
     }
 
     #[test]

@@ -7,8 +7,9 @@
 //! request and its reply, so requests from many threads are serialised
 //! rather than pipelined (simple and always correct; the server side is
 //! where oxqcow's NBD speed lies). Structured replies are negotiated so
-//! that block status (`base:allocation`) tells holes from data; reads
-//! accept both reply kinds.
+//! that block status (`base:allocation`, or the context the nbd driver's
+//! `x-dirty-bitmap` names) tells holes from data; reads accept both reply
+//! kinds.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -16,11 +17,16 @@ use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use oxqcow::storage::Run;
 use oxqcow::Storage;
 
 pub use address::{NbdAddress, NbdServer, DEFAULT_PORT};
+pub use list::{list_exports, ExportInfo};
+pub use tls::TlsClient;
 
 mod address;
+mod list;
+mod tls;
 
 use crate::proto::{
     client_flags, cmd, cmd_flags, handshake_flags, info, opt, rep, reply, transmission_flags, RequestHeader, IHAVEOPT,
@@ -36,10 +42,11 @@ const MAX_REPLY_DATA: u32 = 1 << 20;
 /// How long one connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Either kind of socket.
+/// Either kind of socket, or one of them under TLS.
 enum Socket {
     Tcp(TcpStream),
     Unix(UnixStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, Socket>>),
 }
 
 impl Read for Socket {
@@ -47,6 +54,7 @@ impl Read for Socket {
         match self {
             Socket::Tcp(s) => s.read(buf),
             Socket::Unix(s) => s.read(buf),
+            Socket::Tls(s) => s.read(buf),
         }
     }
 }
@@ -56,10 +64,14 @@ impl Write for Socket {
         match self {
             Socket::Tcp(s) => s.write(buf),
             Socket::Unix(s) => s.write(buf),
+            Socket::Tls(s) => s.write(buf),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+        match self {
+            Socket::Tls(s) => s.flush(),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -94,7 +106,7 @@ enum ReplyInto<'a> {
     Nothing,
     /// A read's bytes.
     Read(&'a mut [u8]),
-    /// Block status extents (length, flags) of `base:allocation`.
+    /// Block status extents (length, flags) of the status context.
     Extents(&'a mut Vec<(u32, u32)>),
 }
 
@@ -104,8 +116,13 @@ pub struct NbdClient {
     size: u64,
     flags: u16,
     structured: bool,
-    /// The id the server gave `base:allocation`, when it agreed to it.
+    /// The id the server gave the status context (`base:allocation` or the
+    /// `x-dirty-bitmap` one), when it agreed to it.
     allocation_context: Option<u32>,
+    /// The status context is `qemu:allocation-depth` through
+    /// `x-dirty-bitmap`: depths past 2 read as 2, as QEMU folds them, so
+    /// that the two bits say "local" (1, a hole) or "backing" (2, zeros).
+    fold_depth: bool,
     max_request: u64,
 }
 
@@ -159,29 +176,46 @@ fn read_option_reply(r: &mut impl Read, option: u32) -> io::Result<(u32, Vec<u8>
     Ok((kind, data))
 }
 
-/// The text of an error reply, in QEMU's manner.
-fn option_error(kind: u32, data: &[u8], export: &str) -> io::Error {
+/// QEMU's name of an option, for messages.
+fn option_name(option: u32) -> &'static str {
+    match option {
+        opt::EXPORT_NAME => "export name",
+        opt::ABORT => "abort",
+        opt::LIST => "list",
+        opt::STARTTLS => "starttls",
+        opt::INFO => "info",
+        opt::GO => "go",
+        opt::STRUCTURED_REPLY => "structured reply",
+        opt::LIST_META_CONTEXT => "list meta context",
+        opt::SET_META_CONTEXT => "set meta context",
+        opt::EXTENDED_HEADERS => "extended headers",
+        _ => "<unknown>",
+    }
+}
+
+/// The text of an error reply to `option`, in QEMU's manner.
+fn option_error(kind: u32, data: &[u8], option: u32, export: &str) -> io::Error {
     let detail = String::from_utf8_lossy(data).into_owned();
+    let o = format!("option {option} ({})", option_name(option));
     let what = match kind {
         rep::ERR_UNKNOWN => format!("Requested export not available\nserver reported: {detail}"),
-        rep::ERR_TLS_REQD => "TLS negotiation required before option 7 (go)".to_string(),
-        rep::ERR_POLICY => format!("Denied by server for option 7 (go)\nserver reported: {detail}"),
-        rep::ERR_SHUTDOWN => "Server shutting down before option 7 (go)".to_string(),
-        _ => format!("Option 7 (go) for export '{export}' failed: {detail}"),
+        rep::ERR_TLS_REQD => {
+            format!("TLS negotiation required before {o}\nDid you forget a valid tls-creds?\nserver reported: {detail}")
+        }
+        rep::ERR_POLICY => format!("Denied by server for {o}\nserver reported: {detail}"),
+        rep::ERR_SHUTDOWN => format!("Server shutting down before {o}"),
+        _ => format!("Option {option} ({}) for export '{export}' failed: {detail}", option_name(option)),
     };
     io::Error::other(what)
 }
 
 impl NbdClient {
-    /// Connects to `addr` and negotiates its export.
-    pub fn connect(addr: &NbdAddress) -> io::Result<NbdClient> {
-        let mut socket = match &addr.server {
-            NbdServer::Unix(path) => Socket::Unix(UnixStream::connect(path).map_err(|e| {
-                io::Error::new(e.kind(), format!("Failed to connect to '{path}': {}", crate::tls::strerror(&e)))
-            })?),
-            NbdServer::Tcp { host, port } => Socket::Tcp(connect_tcp(host, *port)?),
-        };
-        let (size, flags, structured, allocation_context) = match negotiate(&mut socket, &addr.export) {
+    /// Connects to `addr` and negotiates its export, over TLS with `tls`
+    /// (the credentials `addr.tls_creds` names: the caller holds them).
+    pub fn connect(addr: &NbdAddress, tls: Option<&TlsClient>) -> io::Result<NbdClient> {
+        let mut socket = greeted(&addr.server, tls, addr.tls_hostname())?;
+        let context = addr.x_dirty_bitmap.as_deref();
+        let (size, flags, structured, allocation_context) = match negotiate(&mut socket, &addr.export, context) {
             Ok(n) => n,
             Err(e) => {
                 // End the negotiation politely, as QEMU's client does, so
@@ -199,6 +233,7 @@ impl NbdClient {
             flags,
             structured,
             allocation_context,
+            fold_depth: context == Some(ALLOCATION_DEPTH),
             max_request: MAX_REQUEST,
         })
     }
@@ -222,7 +257,7 @@ impl NbdClient {
         }
         let cookie = conn.next_cookie;
         conn.next_cookie += 1;
-        let header = RequestHeader { flags, kind, cookie, offset, length }.encode();
+        let header = RequestHeader { flags, kind, cookie, offset, length: u64::from(length) }.encode(false);
         let result = (|| {
             let mut out = Vec::with_capacity(header.len() + payload.len());
             out.extend_from_slice(&header);
@@ -402,6 +437,61 @@ fn is_server_errno(e: &io::Error) -> bool {
     e.get_ref().is_some_and(|inner| inner.is::<ServerErrno>())
 }
 
+/// Connects to `server`, with QEMU's message on failure.
+fn open_socket(server: &NbdServer) -> io::Result<Socket> {
+    Ok(match server {
+        NbdServer::Unix(path) => Socket::Unix(UnixStream::connect(path).map_err(|e| {
+            io::Error::new(e.kind(), format!("Failed to connect to '{path}': {}", crate::tls::strerror(&e)))
+        })?),
+        NbdServer::Tcp { host, port } => Socket::Tcp(connect_tcp(host, *port)?),
+    })
+}
+
+/// A connection to `server` past the greeting, under TLS when `tls` is
+/// given (the server's certificate checked for `hostname`).
+fn greeted(server: &NbdServer, tls: Option<&TlsClient>, hostname: Option<&str>) -> io::Result<Socket> {
+    let mut socket = open_socket(server)?;
+    greet(&mut socket)?;
+    match tls {
+        Some(creds) => tls::start(socket, creds, hostname),
+        None => Ok(socket),
+    }
+}
+
+/// The start of fixed newstyle negotiation: the server's greeting, the
+/// client's flags.
+fn greet(s: &mut Socket) -> io::Result<()> {
+    if read_u64(s)? != NBDMAGIC {
+        return Err(protocol_error("not an NBD server (bad magic)"));
+    }
+    if read_u64(s)? != IHAVEOPT {
+        return Err(protocol_error("the server speaks only the oldstyle protocol"));
+    }
+    let hflags = read_u16(s)?;
+    if hflags & handshake_flags::FIXED_NEWSTYLE == 0 {
+        return Err(protocol_error("the server does not speak fixed newstyle"));
+    }
+    let mut cflags = client_flags::FIXED_NEWSTYLE;
+    if hflags & handshake_flags::NO_ZEROES != 0 {
+        cflags |= client_flags::NO_ZEROES;
+    }
+    s.write_all(&cflags.to_be_bytes())
+}
+
+/// Sends an option without data and reads its answer: whether the server
+/// acknowledged it (an error reply is a refusal, not a failure).
+fn simple_option(s: &mut Socket, option: u32) -> io::Result<bool> {
+    send_option(s, option, &[])?;
+    loop {
+        let (kind, _) = read_option_reply(s, option)?;
+        match kind {
+            rep::ACK => return Ok(true),
+            k if k & (1 << 31) != 0 => return Ok(false),
+            _ => {}
+        }
+    }
+}
+
 fn connect_tcp(host: &str, port: u16) -> io::Result<TcpStream> {
     use std::net::ToSocketAddrs;
     let addrs = (host, port)
@@ -418,38 +508,18 @@ fn connect_tcp(host: &str, port: u16) -> io::Result<TcpStream> {
     Err(io::Error::new(e.kind(), format!("Failed to connect to '{host}:{port}': {}", crate::tls::strerror(&e))))
 }
 
-/// Fixed newstyle negotiation ending in `NBD_OPT_GO`: the export's size and
-/// transmission flags, whether structured replies are on, and the
-/// `base:allocation` context id.
-fn negotiate(s: &mut Socket, export: &str) -> io::Result<(u64, u16, bool, Option<u32>)> {
-    if read_u64(s)? != NBDMAGIC {
-        return Err(protocol_error("not an NBD server (bad magic)"));
-    }
-    if read_u64(s)? != IHAVEOPT {
-        return Err(protocol_error("the server speaks only the oldstyle protocol"));
-    }
-    let hflags = read_u16(s)?;
-    if hflags & handshake_flags::FIXED_NEWSTYLE == 0 {
-        return Err(protocol_error("the server does not speak fixed newstyle"));
-    }
-    let mut cflags = client_flags::FIXED_NEWSTYLE;
-    if hflags & handshake_flags::NO_ZEROES != 0 {
-        cflags |= client_flags::NO_ZEROES;
-    }
-    s.write_all(&cflags.to_be_bytes())?;
+const BASE_ALLOCATION: &str = "base:allocation";
+const ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
 
-    send_option(s, opt::STRUCTURED_REPLY, &[])?;
-    let structured = loop {
-        let (kind, _) = read_option_reply(s, opt::STRUCTURED_REPLY)?;
-        match kind {
-            rep::ACK => break true,
-            k if k & (1 << 31) != 0 => break false,
-            _ => {}
-        }
-    };
+/// Fixed newstyle negotiation ending in `NBD_OPT_GO`: the export's size and
+/// transmission flags, whether structured replies are on, and the status
+/// context's id: `base:allocation`'s, or that of `x_dirty_bitmap`, which
+/// the server must grant.
+fn negotiate(s: &mut Socket, export: &str, x_dirty_bitmap: Option<&str>) -> io::Result<(u64, u16, bool, Option<u32>)> {
+    let structured = simple_option(s, opt::STRUCTURED_REPLY)?;
     let mut allocation_context = None;
     if structured {
-        let name = b"base:allocation";
+        let name = x_dirty_bitmap.unwrap_or(BASE_ALLOCATION).as_bytes();
         let mut data = Vec::new();
         data.extend_from_slice(&(export.len() as u32).to_be_bytes());
         data.extend_from_slice(export.as_bytes());
@@ -468,6 +538,11 @@ fn negotiate(s: &mut Socket, export: &str) -> io::Result<(u64, u16, bool, Option
                 _ => {}
             }
         }
+    }
+    if x_dirty_bitmap.is_some() && allocation_context.is_none() {
+        // QEMU's nbd driver fails the open without a message of its own:
+        // the block layer's generic one is what shows.
+        return Err(io::Error::other("Could not open image: Invalid argument"));
     }
     let mut data = Vec::new();
     data.extend_from_slice(&(export.len() as u32).to_be_bytes());
@@ -489,7 +564,7 @@ fn negotiate(s: &mut Socket, export: &str) -> io::Result<(u64, u16, bool, Option
             }
             rep::ACK => break,
             rep::INFO => {}
-            k if k & (1 << 31) != 0 => return Err(option_error(k, &d, export)),
+            k if k & (1 << 31) != 0 => return Err(option_error(k, &d, opt::GO, export)),
             _ => {}
         }
     }
@@ -584,11 +659,27 @@ impl Storage for NbdClient {
     }
 
     fn data_runs(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, u64, bool)>> {
+        // Data here is what is neither a hole nor zeros.
+        let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+        for r in self.allocation(offset, len)? {
+            let data = r.data && !r.zero;
+            match runs.last_mut() {
+                Some(last) if last.2 == data => last.1 += r.len,
+                _ => runs.push((r.offset, r.len, data)),
+            }
+        }
+        Ok(runs)
+    }
+
+    /// Block status as QEMU's nbd driver reads it: bit 0 (a hole) clears
+    /// "data", bit 1 sets "zero", whatever the context; a run that is
+    /// neither is not present. Past the export's end: zeros.
+    fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<Run>> {
         let end = offset.saturating_add(len).min(self.size);
         if self.allocation_context.is_none() || offset >= end {
-            return Ok(vec![(offset, len, true)]);
+            return Ok(vec![Run { offset, len, data: true, zero: false }]);
         }
-        let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+        let mut runs: Vec<Run> = Vec::new();
         let mut at = offset;
         while at < end {
             let n = (end - at).min(self.max_request.min(u64::from(u32::MAX)));
@@ -600,11 +691,11 @@ impl Storage for NbdClient {
                 if l == 0 {
                     break;
                 }
-                // Bit 0: a hole; bit 1: reads as zeros. Either way no data.
-                let data = flags & 0b11 == 0;
+                let flags = if self.fold_depth { flags.min(2) } else { flags };
+                let (data, zero) = (flags & 1 == 0, flags & 2 != 0);
                 match runs.last_mut() {
-                    Some(last) if last.2 == data && last.0 + last.1 == at => last.1 += l,
-                    _ => runs.push((at, l, data)),
+                    Some(last) if last.data == data && last.zero == zero => last.len += l,
+                    _ => runs.push(Run { offset: at, len: l, data, zero }),
                 }
                 at += l;
             }
@@ -613,7 +704,7 @@ impl Storage for NbdClient {
             }
         }
         if offset + len > end {
-            runs.push((end, offset + len - end, false));
+            runs.push(Run { offset: end, len: offset + len - end, data: false, zero: true });
         }
         Ok(runs)
     }
@@ -623,8 +714,13 @@ impl Drop for NbdClient {
     fn drop(&mut self) {
         let conn = self.conn.get_mut().unwrap_or_else(|p| p.into_inner());
         if !conn.broken {
-            let header = RequestHeader { flags: 0, kind: cmd::DISC, cookie: 0, offset: 0, length: 0 }.encode();
+            let header = RequestHeader { flags: 0, kind: cmd::DISC, cookie: 0, offset: 0, length: 0 }.encode(false);
             let _ = conn.socket.write_all(&header);
+            if let Socket::Tls(t) = &mut conn.socket {
+                // Tell the server the session ends cleanly (close_notify).
+                t.conn.send_close_notify();
+                let _ = t.flush();
+            }
         }
     }
 }
