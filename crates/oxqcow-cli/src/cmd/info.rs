@@ -109,6 +109,11 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         }
         let source = match open_source(&path, format.as_deref(), opts) {
             Ok(s) => s,
+            // `--image-opts` of an HTTP(S) object open as a `json:` name;
+            // the message names the options as given.
+            Err(msg) if image_opts && infos.is_empty() && path.starts_with("json:") => {
+                return ctx.fail(&msg.replacen(&format!("'{path}'"), &format!("'{filename}'"), 1))
+            }
             Err(msg) => return ctx.fail(&msg),
         };
         let mut info = match graph_info(&path, &source) {
