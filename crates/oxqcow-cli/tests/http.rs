@@ -210,6 +210,9 @@ fn reading_commands_print_what_qemu_img_prints() {
     assert_same(&s, &["compare", local, &json]);
 }
 
+// Also guards the block status of a qcow2 image on a file whose
+// allocation is unknown: convert failed ("error while reading block
+// status at offset 0: unsupported") before it counted as not preallocated.
 #[test]
 fn convert_and_dd_copy_the_same_bytes_as_qemu_img() {
     let s = Scratch::new();
@@ -496,4 +499,34 @@ fn serve_exports_an_http_image_read_only() {
     let out = out.unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("curl driver does not support writes"));
+}
+
+#[test]
+fn mount_shows_an_http_image_read_only() {
+    let s = Scratch::new();
+    let web = Nginx::start();
+    served_image(&s, &web);
+    let url = web.url("a.qcow2");
+    s.qemu_ok(&["convert", "-O", "raw", "a.qcow2", "expected.raw"]);
+    let disk = s.path("disk");
+    std::fs::write(&disk, b"").unwrap();
+    let mut mount = Command::new(common::oxqcow()).args(["mount", "-r", &url]).arg(&disk).spawn().unwrap();
+    let mut mounted = false;
+    for _ in 0..500 {
+        if std::fs::metadata(&disk).is_ok_and(|m| m.len() == 64 << 20) {
+            mounted = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let same = mounted && std::fs::read(&disk).ok() == std::fs::read(s.path("expected.raw")).ok();
+    let unmounted = Command::new("fusermount3").arg("-u").arg(&disk).status();
+    let _ = mount.wait();
+    assert!(mounted, "the FUSE mount did not appear (needs /dev/fuse and fusermount3)");
+    assert!(unmounted.is_ok_and(|st| st.success()), "fusermount3 -u failed");
+    assert!(same, "the mounted disk differs from the image");
+    // Without -r: the curl driver's refusal.
+    let out = Command::new(common::oxqcow()).args(["mount", &url]).arg(&disk).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("curl driver does not support writes"), "{out:?}");
 }
