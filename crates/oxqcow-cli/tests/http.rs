@@ -208,6 +208,17 @@ fn reading_commands_print_what_qemu_img_prints() {
     let json = format!(r#"json:{{"driver":"qcow2","file":{{"driver":"http","url":"{url}"}}}}"#);
     assert_same(&s, &["info", &json]);
     assert_same(&s, &["compare", local, &json]);
+    // Options that change what is read name the image by a `json:` object
+    // of them, in QEMU's member order; readahead and timeout do not.
+    for spec in [
+        format!("driver=qcow2,file.driver=http,file.url={url},file.readahead=64k,file.cookie=a=b,file.username=u"),
+        format!("driver=http,url={url},sslverify=off,timeout=3"),
+    ] {
+        assert_same(&s, &["info", "--image-opts", &spec]);
+        assert_same(&s, &["info", "--output=json", "--image-opts", &spec]);
+    }
+    let json = format!(r#"json:{{"file.driver":"http","file.url":"{url}","file.cookie":"a=b"}}"#);
+    assert_same(&s, &["info", &json]);
 }
 
 // Also guards the block status of a qcow2 image on a file whose
