@@ -541,3 +541,47 @@ fn mount_shows_an_http_image_read_only() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("curl driver does not support writes"), "{out:?}");
 }
+
+/// Many threads reading ranges of every size at once (cached, fetched
+/// with readahead, split into parallel requests) get the object's bytes:
+/// QEMU's curl driver hangs now and then on parallel reads.
+#[test]
+fn concurrent_reads_of_every_size_get_the_object_s_bytes() {
+    let s = Scratch::new();
+    let web = Nginx::start();
+    served_image(&s, &web);
+    let expected = std::fs::read(web.www("a.qcow2")).unwrap();
+    let storage = HttpStorage::open(&HttpOptions::from_url(&web.url("a.qcow2"))).unwrap();
+    let len = expected.len() as u64;
+    std::thread::scope(|scope| {
+        for t in 0..8u64 {
+            let (storage, expected) = (&storage, &expected);
+            scope.spawn(move || {
+                let mut rng = common::Rng::new(t + 1);
+                for _ in 0..40 {
+                    let size = [512, 4096, 65536, 300 << 10, 1 << 20, 3 << 20][rng.below(6) as usize];
+                    let offset = rng.below(len + 4096) & !511;
+                    let mut buf = vec![0xeeu8; size];
+                    storage.read_at(&mut buf, offset).unwrap();
+                    let inside = len.saturating_sub(offset).min(size as u64) as usize;
+                    let at = offset.min(len) as usize;
+                    assert_eq!(&buf[..inside], &expected[at..at + inside], "{size} bytes at {offset}");
+                    assert!(buf[inside..].iter().all(|&b| b == 0), "past the end at {offset}");
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn a_server_that_goes_away_fails_the_read() {
+    let s = Scratch::new();
+    let web = Nginx::start();
+    served_image(&s, &web);
+    let storage = HttpStorage::open(&HttpOptions::from_url(&web.url("a.qcow2"))).unwrap();
+    let mut buf = vec![0u8; 4096];
+    storage.read_at(&mut buf, 0).unwrap();
+    drop(web);
+    let err = storage.read_at(&mut buf, 2 << 20).expect_err("a read from a stopped server succeeded");
+    assert!(!err.to_string().is_empty());
+}
