@@ -321,6 +321,9 @@ fn open_errors_are_qemu_s() {
         vec!["info".into(), "--image-opts".into(), format!("driver=http,url={url},cookie=a,cookie-secret=b")],
         vec!["info".into(), "--image-opts".into(), format!("driver=http,url={url},password-secret=nope")],
         vec!["convert".into(), "-O".into(), "raw".into(), "a.qcow2".into(), web.url("new.raw")],
+        vec!["convert".into(), "-n".into(), "-O".into(), "qcow2".into(), "a.qcow2".into(), url.clone()],
+        vec!["create".into(), "-f".into(), "qcow2".into(), web.url("new.qcow2"), "1M".into()],
+        vec!["amend".into(), "-o".into(), "compat=0.10".into(), url.clone()],
     ] {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = assert_same(&s, &args);
