@@ -198,10 +198,38 @@ fn transport_failure(url: &str, e: ureq::Error, started: Instant) -> io::Error {
         ureq::Error::ConnectionFailed => {
             format!("Failed to connect to {host} port {port} after {ms} ms: Couldn't connect to server")
         }
-        ureq::Error::Rustls(tls) => format!("SSL peer certificate or SSH remote key was not OK: {tls}"),
+        e if bad_certificate(&e) => certificate_failure(),
         other => other.to_string(),
     };
     failure(msg)
+}
+
+/// Whether a request failed on the server's certificate: rustls's error,
+/// however deep the errors around it nest it.
+fn bad_certificate(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut at = Some(e);
+    while let Some(err) = at {
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return matches!(tls, rustls::Error::InvalidCertificate(_));
+        }
+        // ureq's error gives no source: its I/O error is taken out by hand.
+        at = match err.downcast_ref::<ureq::Error>() {
+            Some(ureq::Error::Io(io)) => Some(io),
+            Some(ureq::Error::Rustls(tls)) => Some(tls),
+            _ => match err.downcast_ref::<io::Error>().and_then(io::Error::get_ref) {
+                Some(inner) => Some(inner),
+                None => err.source(),
+            },
+        };
+    }
+    false
+}
+
+/// curl's words (with GnuTLS, as Debian builds QEMU's, which verifies
+/// against the system's trust store) for a server certificate that does
+/// not verify.
+fn certificate_failure() -> String {
+    "server certificate verification failed. CAfile: none CRLfile: none".into()
 }
 
 /// One header's value as text.
