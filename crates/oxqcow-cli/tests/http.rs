@@ -76,6 +76,7 @@ impl Nginx {
                  location /novalidator/ {{ alias {p}/www/; etag off; add_header Last-Modified \"\"; }}\n\
                  location /auth/ {{ alias {p}/www/; auth_basic \"images\"; auth_basic_user_file {p}/htpasswd; }}\n\
                  location /slow/ {{ alias {p}/www/; limit_rate 1k; }}\n\
+                 location /cookie/ {{ alias {p}/www/; if ($cookie_session != \"s3cret\") {{ return 403; }} }}\n\
                }}\n\
              }}\n"
         );
@@ -346,6 +347,25 @@ fn credentials_come_from_secret_objects() {
             assert!(out.stderr.contains("The requested URL returned error: 401"), "{out:?}");
         }
     }
+}
+
+#[test]
+fn cookies_are_sent_as_given_or_from_a_secret() {
+    let s = Scratch::new();
+    let web = Nginx::start();
+    served_image(&s, &web);
+    let url = web.url("cookie/a.qcow2");
+    for (cookie, works) in
+        [("file.cookie=session=s3cret", true), ("file.cookie-secret=c", true), ("file.cookie=session=x", false)]
+    {
+        let opts = format!("driver=qcow2,file.driver=http,file.url={url},{cookie}");
+        let out = assert_same(
+            &s,
+            &["map", "--output=json", "--object", "secret,id=c,data=session=s3cret", "--image-opts", &opts],
+        );
+        assert_eq!(out.code == 0, works, "{cookie}: {out:?}");
+    }
+    assert!(assert_same(&s, &["info", &url]).stderr.contains("The requested URL returned error: 403"));
 }
 
 /// Rewrites a served file with other bytes and a later modification
