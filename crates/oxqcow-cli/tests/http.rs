@@ -75,6 +75,7 @@ impl Nginx {
                  location /noetag/ {{ alias {p}/www/; etag off; }}\n\
                  location /novalidator/ {{ alias {p}/www/; etag off; add_header Last-Modified \"\"; }}\n\
                  location /auth/ {{ alias {p}/www/; auth_basic \"images\"; auth_basic_user_file {p}/htpasswd; }}\n\
+                 location /liar/ {{ alias {p}/www/; max_ranges 0; add_header Accept-Ranges bytes; }}\n\
                  location /slow/ {{ alias {p}/www/; limit_rate 1k; }}\n\
                  location /cookie/ {{ alias {p}/www/; if ($cookie_session != \"s3cret\") {{ return 403; }} }}\n\
                }}\n\
@@ -298,6 +299,24 @@ fn servers_without_byte_ranges_are_refused() {
     served_image(&s, &web);
     let out = assert_same(&s, &["info", &web.url("norange/a.qcow2")]);
     assert!(out.stderr.contains("Server does not support 'range' (byte ranges)."), "{out:?}");
+}
+
+/// A server that says it serves byte ranges and answers every range with
+/// the whole object: a read of the whole object takes it, a read of a
+/// part fails rather than read the wrong bytes.
+#[test]
+fn whole_object_answers_serve_only_whole_object_reads() {
+    let s = Scratch::new();
+    let web = Nginx::start();
+    served_image(&s, &web);
+    let expected = std::fs::read(web.www("a.qcow2")).unwrap();
+    let storage = HttpStorage::open(&HttpOptions::from_url(&web.url("liar/a.qcow2"))).unwrap();
+    let mut whole = vec![0u8; expected.len()];
+    storage.read_at(&mut whole, 0).unwrap();
+    assert!(whole == expected);
+    let mut part = vec![0u8; 4096];
+    let err = storage.read_at(&mut part, 8192).expect_err("a part read from a whole-object answer");
+    assert_eq!(err.to_string(), "Server does not support 'range' (byte ranges).");
 }
 
 #[test]

@@ -32,6 +32,10 @@ pub const DEFAULT_TIMEOUT: u64 = 5;
 const MAX_TIMEOUT: u64 = 10000;
 /// How many readahead buffers are kept (QEMU's `CURL_NUM_STATES`).
 const CACHE_SLOTS: usize = 8;
+/// The most bytes the readahead buffers hold together: a large
+/// `readahead` is still fetched (as QEMU fetches it) but kept only while
+/// it fits.
+const CACHE_BYTES: usize = 64 << 20;
 /// Reads at least this long are not cached but split into parallel
 /// range requests of at least this size each.
 const PIECE: usize = 512 * 1024;
@@ -394,8 +398,12 @@ impl HttpStorage {
         let mut resp = req.call().map_err(|e| transport_failure(&self.url, e, started))?;
         let status = resp.status().as_u16();
         let changed = |what: String| failure(format!("{} changed since it was opened ({what})", self.url));
+        // A server may answer a range that is the whole object with all
+        // of it (200); any other 200 is the whole object for a part.
+        let whole = offset == 0 && buf.len() as u64 == self.len;
         match status {
             206 => {}
+            200 if whole => {}
             412 => return Err(changed("412 Precondition Failed".into())),
             200 => return Err(failure("Server does not support 'range' (byte ranges).")),
             s if s >= 400 => return Err(failure(format!("The requested URL returned error: {s}"))),
@@ -412,7 +420,12 @@ impl HttpStorage {
             }
         }
         let range = header(&resp, "content-range").unwrap_or_default();
+        let length = header(&resp, "content-length").and_then(|v| v.trim().parse::<u64>().ok());
         match content_range(&range) {
+            _ if status == 200 && length != Some(self.len) => {
+                return Err(changed(format!("its length {} is now {}", self.len, length.unwrap_or(0))));
+            }
+            _ if status == 200 => {}
             Some((first, l, total)) if first == offset && l == last && total == self.len => {}
             Some((_, _, total)) if total != self.len => {
                 return Err(changed(format!("its length {} is now {total}", self.len)));
@@ -438,7 +451,9 @@ impl HttpStorage {
     /// Reads a large range as parallel range requests.
     fn fetch_parallel(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let pieces = (buf.len() / PIECE).clamp(1, MAX_PIECES);
-        if pieces == 1 {
+        // The whole object is asked for whole: a server may answer that
+        // with all of it (200), which no piece could use.
+        if pieces == 1 || (offset == 0 && buf.len() as u64 == self.len) {
             return self.fetch(buf, offset);
         }
         let piece = buf.len().div_ceil(pieces);
@@ -481,7 +496,12 @@ impl HttpStorage {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         cache.clock += 1;
         let used = cache.clock;
-        if cache.slots.len() >= CACHE_SLOTS {
+        if data.len() > CACHE_BYTES {
+            return;
+        }
+        while cache.slots.len() >= CACHE_SLOTS
+            || cache.slots.iter().map(|c| c.data.len()).sum::<usize>() + data.len() > CACHE_BYTES
+        {
             if let Some(oldest) = cache.slots.iter().enumerate().min_by_key(|(_, c)| c.used).map(|(i, _)| i) {
                 cache.slots.swap_remove(oldest);
             }
