@@ -9,7 +9,8 @@
 # Then `oxqcow serve` against qemu-nbd on the same image with the same
 # clients (fio's nbd engine, nbdcopy) over a Unix socket: throughput of each,
 # best of REPEAT, and the ratio oxqcow/qemu-nbd (above 1.0 means oxqcow serves
-# faster). Needs fio and nbdcopy (apt-get install fio libnbd-bin).
+# faster). Needs fio and nbdcopy (apt-get install fio libnbd-bin), and for
+# the HTTP case nginx and qemu-block-extra (qemu-img's curl driver).
 #
 #   scripts/bench.sh                 # 1 GiB data set
 #   BENCH_SIZE_MB=256 scripts/bench.sh
@@ -147,6 +148,36 @@ verify_compressed
 bench_case "convert compressed qcow2->raw" clean_out \
     "$QEMU_IMG convert -f qcow2 -O raw $WORK/src-c.qcow2 $WORK/out.raw" \
     "$OX convert -f qcow2 -O raw $WORK/src-c.qcow2 $WORK/out.raw"
+
+# Reading over HTTP from nginx (started here on 127.0.0.1, serving $WORK):
+# qemu-img's curl driver with -m 1 (it hangs on parallel reads; it needs
+# qemu-block-extra), oxqcow with its defaults (parallel range requests).
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+if [[ $NBD != only && ( -z $ONLY || "convert qcow2->raw from nginx (http)" =~ $ONLY ) ]]; then
+    [[ -x $NGINX ]] || { echo "bench: nginx not found (apt-get install nginx)" >&2; exit 1; }
+    mkdir -p "$WORK/nginx/logs" "$WORK/nginx/tmp"
+    http_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    cat >"$WORK/nginx/nginx.conf" <<NGINX_CONF
+daemon off; master_process off; pid $WORK/nginx/pid; error_log $WORK/nginx/logs/error.log;
+events { worker_connections 256; }
+http { access_log off; client_body_temp_path $WORK/nginx/tmp; proxy_temp_path $WORK/nginx/tmp;
+  fastcgi_temp_path $WORK/nginx/tmp; uwsgi_temp_path $WORK/nginx/tmp; scgi_temp_path $WORK/nginx/tmp;
+  server { listen 127.0.0.1:$http_port; root $WORK; } }
+NGINX_CONF
+    "$NGINX" -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" &
+    nginx_pid=$!
+    for _ in $(seq 100); do
+        python3 -c "import socket; socket.create_connection(('127.0.0.1', $http_port))" 2>/dev/null && break
+        sleep 0.1
+    done
+    bench_case "convert qcow2->raw from nginx (http)" clean_out \
+        "$QEMU_IMG convert -m 1 -O raw http://127.0.0.1:$http_port/src.qcow2 $WORK/out.raw" \
+        "$OX convert -O raw http://127.0.0.1:$http_port/src.qcow2 $WORK/out.raw"
+    if (( last_ran )); then
+        cmp -s "$WORK/out.raw" "$WORK/src.raw" || { echo "bench: the copy from nginx differs" >&2; exit 1; }
+    fi
+    kill "$nginx_pid"; wait "$nginx_pid" || true
+fi
 
 reqs=$(( SIZE_MB * 256 / 2 ))
 bench_case "bench 4k read (qd 64)" nothing \

@@ -122,6 +122,16 @@ pub fn parse_number_option(name: &str, value: &str) -> Result<u64, String> {
     Ok(if negative { v.wrapping_neg() } else { v })
 }
 
+/// Parses a bool-typed QemuOpts value as QEMU does (on/off, yes/no,
+/// true/false, y/n).
+pub fn parse_bool_option(name: &str, value: &str) -> Result<bool, String> {
+    match value {
+        "on" | "yes" | "true" | "y" => Ok(true),
+        "off" | "no" | "false" | "n" => Ok(false),
+        _ => Err(format!("Parameter '{name}' expects 'on' or 'off'")),
+    }
+}
+
 /// One `key=value` of an option string.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OptionItem {

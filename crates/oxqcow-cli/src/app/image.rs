@@ -12,6 +12,7 @@ use oxqcow::{Children, Image, ImageFormat, OpenOptions, Storage};
 use oxqcow_nbd::client::{NbdAddress, NbdClient};
 
 use crate::app::forbid_backing::backing_policy;
+use crate::app::http::{http_name, json_name, names_http, open_http, take_http};
 use crate::app::messages::{describe, open_messages, prog_name, strerror, warn_probed_raw};
 use crate::app::qemu_opts::split_noisily;
 
@@ -39,9 +40,13 @@ pub fn connect_nbd(addr: &NbdAddress, read_only: bool) -> Result<NbdClient, Stri
 
 /// The name QEMU shows for an image named `name`: an NBD export's in
 /// QEMU's URI form (a `json:{"driver":"nbd",...}` name's too: QEMU
-/// rebuilds the name of an nbd node from its address alone), any other as
-/// given.
+/// rebuilds the name of an nbd node from its address alone), an HTTP(S)
+/// object's `json:` name that says no more than its URL as that URL, any
+/// other as given.
 pub fn shown_name(name: &str) -> String {
+    if let Some(url) = crate::app::http::plain_url(name) {
+        return url;
+    }
     if let Some(Ok(addr)) = NbdAddress::parse(name) {
         return addr.display_name();
     }
@@ -145,10 +150,17 @@ fn open_json(name: &str, options: Vec<(String, String)>, opts: OpenOptions) -> R
         let o = OpenOptions { format: Some(ImageFormat::Raw), read_only: opts.read_only, ..OpenOptions::new() };
         return Image::open_storage(null, &o).map_err(|e| fail(describe(&e)));
     }
-    let children = Children {
-        file: take_null(&mut options, "file.").map_err(fail)?,
-        data_file: take_null(&mut options, "data-file.").map_err(fail)?,
+    // An HTTP(S) object as the node itself: its bytes, as raw reads them.
+    if let Some(http) = take_http(&mut options, "").map_err(fail)? {
+        let o = OpenOptions { format: Some(ImageFormat::Raw), read_only: opts.read_only, ..OpenOptions::new() };
+        let storage = open_http(&http, opts.read_only).map_err(fail)?;
+        return Image::open_storage(storage, &o).map_err(|e| fail(describe(&e)));
+    }
+    let file = match take_http(&mut options, "file.").map_err(fail)? {
+        Some(http) => Some(open_http(&http, opts.read_only).map_err(fail)?),
+        None => take_null(&mut options, "file.").map_err(fail)?,
     };
+    let children = Children { file, data_file: take_null(&mut options, "data-file.").map_err(fail)? };
     let (path, format, json_opts) = image_opts_from(options, true).map_err(fail)?;
     let path = match (path, &children.file) {
         (Some(p), _) => p,
@@ -184,6 +196,12 @@ fn open_image_inner(name: &str, format: Option<&str>, opts: OpenOptions) -> Resu
     if let Some(addr) = NbdAddress::parse(name) {
         opts.format = format.map(ImageFormat::from_name).transpose().map_err(|e| fail(describe(&e)))?;
         return open_nbd(addr, &opts).map_err(fail);
+    }
+    if let Some(http) = http_name(name) {
+        opts.format = format.map(ImageFormat::from_name).transpose().map_err(|e| fail(describe(&e)))?;
+        let storage = open_http(&http, opts.read_only).map_err(fail)?;
+        // As on an NBD export, a backing file the image names is refused.
+        return Image::open_storage(storage, &opts).map_err(|e| fail(describe(&e)));
     }
     let host = host_filename(name).map_err(fail)?;
     let path = host.as_str();
@@ -320,6 +338,10 @@ fn parse_image_opts_for(spec: &str, io: bool) -> Result<(String, Option<String>,
         let (_, _, opts) = image_opts_from(options, io).map_err(fail)?;
         return Ok((addr.to_name(), Some("raw".into()), opts));
     }
+    // An HTTP(S) object: its options go on whole, as a `json:` name.
+    if names_http(&options) {
+        return Ok((json_name(&options), None, OpenOptions::new()));
+    }
     let (path, format, opts) = image_opts_from(options, io).map_err(fail)?;
     // `driver=file`: the protocol node alone, its bytes as they are.
     let format = format.map(|f| if f == "file" { "raw".to_string() } else { f });
@@ -330,11 +352,15 @@ fn parse_image_opts_for(spec: &str, io: bool) -> Result<(String, Option<String>,
 }
 
 /// Whether an `--image-opts` string opens a protocol node (`driver=file`,
-/// `driver=nbd`) rather than a format on top of one: qemu-img info then
+/// `driver=nbd`, `driver=http`) rather than a format on top of one: qemu-img info then
 /// describes that node alone.
 pub fn image_opts_protocol(spec: &str) -> bool {
     let options = oxqcow::qemu_syntax::split_options(spec);
-    options.iter().rev().find(|(k, _)| k == "driver").is_some_and(|(_, v)| v == "file" || v == "nbd")
+    options
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "driver")
+        .is_some_and(|(_, v)| matches!(v.as_str(), "file" | "nbd" | "http" | "https"))
 }
 
 /// The file name, the format and the open options that flattened image

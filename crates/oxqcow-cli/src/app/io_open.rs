@@ -18,6 +18,7 @@ use oxqcow::{
 use oxqcow_nbd::client::NbdAddress;
 
 use crate::app::forbid_backing::backing_policy;
+use crate::app::http::{http_name, open_http, take_http};
 use crate::app::image::{connect_nbd, host_filename, null_by_name, shown_name, take_nbd_driver, take_null};
 use crate::app::messages::{describe, errno_text, io_error_text, open_messages, warn_probed_raw};
 
@@ -233,7 +234,7 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
                 return Ok(Opened { image, unmap: spec.unmap, copy_on_read: spec.copy_on_read, null_node: None });
             }
             // An NBD name stays whole: it is connected to below.
-            None if NbdAddress::parse(n).is_some() => Some(n.to_string()),
+            None if NbdAddress::parse(n).is_some() || http_name(n).is_some() => Some(n.to_string()),
             None => Some(host_filename(n)?),
         },
         None => None,
@@ -246,8 +247,18 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
         let image = Image::open_storage(null, &o).map_err(|e| describe(&e))?;
         return Ok(Opened { image, unmap: spec.unmap, copy_on_read: spec.copy_on_read, null_node: Some(driver) });
     }
+    // An HTTP(S) object as the node itself, read as raw.
+    if let Some(http) = take_http(&mut options, "")? {
+        let storage = open_http(&http, spec.read_only || spec.snapshot)?;
+        let o = OpenOptions { format: Some(ImageFormat::Raw), read_only: true, ..OpenOptions::new() };
+        let image = Image::open_storage(storage, &o).map_err(|e| describe(&e))?;
+        return Ok(Opened { image, unmap: spec.unmap, copy_on_read: spec.copy_on_read, null_node: None });
+    }
     let data_file = take_null(&mut options, "data-file.")?;
-    let mut file_child = take_null(&mut options, "file.")?;
+    let mut file_child = match take_http(&mut options, "file.")? {
+        Some(http) => Some(open_http(&http, spec.read_only || spec.snapshot)?),
+        None => take_null(&mut options, "file.")?,
+    };
     // A format as the file's driver: that image, opened from the `file.*`
     // options, is this one's file (QEMU's nested format nodes).
     let nested = options.iter().any(|(k, v)| k == "file.driver" && ImageFormat::from_name(v).is_ok());
@@ -346,6 +357,8 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
     if file_child.is_none() {
         if let Some(addr) = nbd_driver.map(Ok).or_else(|| NbdAddress::parse(&path)) {
             file_child = Some(Arc::new(connect_nbd(&addr?, spec.read_only || spec.snapshot)?));
+        } else if let Some(http) = http_name(&path) {
+            file_child = Some(open_http(&http, spec.read_only || spec.snapshot)?);
         }
     }
     let probed = if let Some(file) = &file_child {

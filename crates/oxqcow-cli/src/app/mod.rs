@@ -10,6 +10,7 @@ pub mod common_opts;
 pub mod ctx;
 pub mod forbid_backing;
 pub mod getopt;
+pub mod http;
 pub mod image;
 pub mod imgopts;
 pub mod io_open;

@@ -127,6 +127,9 @@ struct Request<'a> {
 /// are returned without the file name prefix.
 fn create(req: &Request) -> Result<(), String> {
     let format = imgopts::format_from_name(req.fmt)?;
+    if let Some(refusal) = crate::app::http::no_creation(req.filename) {
+        return Err(refusal);
+    }
     let mut opts = ImgOpts::new(format);
     if let Some(o) = &req.options {
         opts.parse(o)?;

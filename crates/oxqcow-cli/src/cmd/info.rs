@@ -100,6 +100,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         }
     };
     let mut infos = Vec::new();
+    let first_path = path.clone();
     let (mut path, mut format, mut opts) = (path, format, opts.read_only(true));
     opts.force_share |= force_share;
     let mut layers = oxqcow::backing::Chain::new();
@@ -109,6 +110,11 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         }
         let source = match open_source(&path, format.as_deref(), opts) {
             Ok(s) => s,
+            // `--image-opts` of an HTTP(S) object open as a `json:` name;
+            // the message names the options as given.
+            Err(msg) if image_opts && infos.is_empty() && path.starts_with("json:") => {
+                return ctx.fail(&msg.replacen(&format!("'{path}'"), &format!("'{filename}'"), 1))
+            }
             Err(msg) => return ctx.fail(&msg),
         };
         let mut info = match graph_info(&path, &source) {
@@ -138,6 +144,13 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 opts.force_share = force_share;
             }
             _ => break,
+        }
+    }
+    let probed = infos[0].get("format").and_then(Value::as_str).map(String::from);
+    if let Some((top, file)) = http_json_filenames(&first_path, probed) {
+        infos[0]["filename"] = json!(top);
+        if let Some(child) = infos[0].pointer_mut("/children/0/info/filename") {
+            *child = json!(file);
         }
     }
     if image_opts {
@@ -174,6 +187,40 @@ fn strong_json_filename(spec: &str, info: &Value) -> Option<String> {
         (strong, json!(secret).to_string()),
     ]);
     Some(format!("json:{top}"))
+}
+
+/// The names QEMU gives an image on an HTTP(S) object opened from a
+/// `json:` name with options that change what it reads (the curl driver's
+/// strong options: `sslverify`, `cookie`, `username`, the secrets), as
+/// `json:` objects of those options, the URL and the driver: the image's
+/// (in its format as given, else as `probed`) and its file's (the same
+/// for the protocol node alone). `None` otherwise.
+fn http_json_filenames(name: &str, probed: Option<String>) -> Option<(String, String)> {
+    const STRONG: &[&str] = &["url", "sslverify", "cookie", "cookie-secret", "username", "password-secret"];
+    crate::app::http::plain_url(name).is_none().then_some(())?;
+    let options = oxqcow::names::parse_json_name(name.strip_prefix("json:")?).ok()?;
+    if !crate::app::http::names_http(&options) {
+        return None;
+    }
+    let nested = options.iter().any(|(k, v)| k == "file.driver" && crate::app::http::is_http_driver(v));
+    let prefix = if nested { "file." } else { "" };
+    let mut members = Vec::new();
+    let mut format = None;
+    for (k, v) in &options {
+        match k.strip_prefix(prefix) {
+            Some(key) if key == "driver" || STRONG.contains(&key) => members.push((key, json!(v).to_string())),
+            _ if k == "driver" => format = Some(v.clone()),
+            _ => {}
+        }
+    }
+    let file = format!("json:{}", qdict_json(members));
+    let top = match format.or(probed) {
+        Some(f) if nested => {
+            format!("json:{}", qdict_json(vec![("driver", json!(f).to_string()), ("file", file[5..].to_string())]))
+        }
+        _ => file.clone(),
+    };
+    Some((top, file))
 }
 
 /// A JSON object as QEMU's `qobject_to_json` writes a QDict: members (their

@@ -12,8 +12,8 @@
 mod json;
 
 /// QEMU's protocol prefixes that oxqcow implements, and the driver each
-/// selects: the three `file-posix` drivers, NBD's three spellings, and the
-/// null drivers.
+/// selects: the three `file-posix` drivers, NBD's three spellings, the
+/// null drivers, and the curl driver's `http` and `https`.
 const PROTOCOLS: &[(&str, &str)] = &[
     ("file", "file"),
     ("host_device", "host_device"),
@@ -23,6 +23,8 @@ const PROTOCOLS: &[(&str, &str)] = &[
     ("nbd+unix", "nbd"),
     ("null-co", "null-co"),
     ("null-aio", "null-aio"),
+    ("http", "http"),
+    ("https", "https"),
 ];
 
 /// What an image name names.
@@ -126,9 +128,13 @@ mod tests {
 
     #[test]
     fn other_protocols_keep_the_whole_name() {
-        for (name, driver) in
-            [("nbd:unix:/s", "nbd"), ("nbd+unix:///?socket=/s", "nbd"), ("nbd://h/e", "nbd"), ("null-co://", "null-co")]
-        {
+        for (name, driver) in [
+            ("nbd:unix:/s", "nbd"),
+            ("nbd+unix:///?socket=/s", "nbd"),
+            ("nbd://h/e", "nbd"),
+            ("null-co://", "null-co"),
+            ("https://h/x", "https"),
+        ] {
             assert_eq!(parse_image_name(name).unwrap(), ImageName::Protocol { driver, name: name.into() });
         }
         assert_eq!(parse_image_name("nbd+vsock://1:2/").unwrap_err(), "Unknown protocol 'nbd+vsock'");

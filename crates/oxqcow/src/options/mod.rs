@@ -703,11 +703,7 @@ impl CreateOptions {
 
 /// Parses a boolean as QEMU does (on/off, yes/no, true/false).
 pub fn parse_bool(key: &str, value: &str) -> Result<bool> {
-    match value {
-        "on" | "yes" | "true" | "y" => Ok(true),
-        "off" | "no" | "false" | "n" => Ok(false),
-        _ => Err(Error::InvalidArgument(format!("Parameter '{key}' expects 'on' or 'off'"))),
-    }
+    crate::qemu_syntax::parse_bool_option(key, value).map_err(Error::InvalidArgument)
 }
 
 /// Whether `key` is a runtime option only qcow2 has, which raw refuses as

@@ -5,6 +5,8 @@
 //! everything the engine does to the host goes through these calls.
 
 mod file;
+#[cfg(feature = "http")]
+pub mod http;
 pub(crate) mod lock;
 mod memory;
 mod null;
@@ -12,6 +14,8 @@ mod null;
 use std::io;
 
 pub use file::FileStorage;
+#[cfg(feature = "http")]
+pub use http::{HttpOptions, HttpStorage};
 pub use memory::MemoryStorage;
 pub use null::NullStorage;
 

@@ -191,6 +191,9 @@ pub fn target(a: &Args, out_fmt: &str, opts: &mut CreateOptions, has_backing: bo
         // Like qemu-img, create without looking at the backing file; opening
         // the new image below reports a backing file that cannot be opened.
         opts.unsafe_backing = true;
+        if let Some(refusal) = crate::app::http::no_creation(&a.target) {
+            return Err(refusal);
+        }
         let image = Image::create(Path::new(&a.target), opts).map_err(|e| {
             let why = match &e {
                 oxqcow::Error::Io { op: "creating the image", source, .. } => {

@@ -332,7 +332,12 @@ impl Meta {
         }
         let cs = self.geometry.cluster_size();
         let file_len = storage.len().map_err(Error::io("reading the file length", 0))?;
-        let allocated = storage.allocated_bytes().map_err(Error::io("reading the allocated file size", 0))?;
+        // A file whose allocation is unknown (an HTTP object) counts as not
+        // preallocated, as QEMU takes any failure here.
+        let Ok(allocated) = storage.allocated_bytes() else {
+            self.metadata_preallocation = Some(false);
+            return Ok(false);
+        };
         let real_clusters = allocated / cs;
         let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
         let end_cluster = file_len.div_ceil(cs);
