@@ -805,9 +805,12 @@ pub(crate) enum SnapshotRead {
     Check,
 }
 
-/// How much of the file one read of the snapshot table fetches: a table
-/// of many small entries costs few reads, a huge one little memory.
-const SNAPSHOT_READ_WINDOW: u64 = 1 << 20;
+/// The snapshot table is read in whole pages: a table of many small
+/// entries costs few reads, yet nothing is read past the page the last
+/// entry ends in. Reading further (as a larger window did) pulls pages of
+/// preallocated, unwritten clusters into the page cache, and the file
+/// system then reports them as data: `map` saw data where QEMU sees a hole.
+const SNAPSHOT_READ_PAGE: u64 = 4096;
 
 /// Reads and parses the `count` entries of the snapshot table at `base`
 /// entry by entry, as QEMU does;
@@ -831,7 +834,9 @@ pub(crate) fn read_snapshots(
         while done < out.len() {
             let pos = base.saturating_add(at + done as u64);
             if pos < window_start || pos >= window_start + window.len() as u64 {
-                let available = file_len.saturating_sub(pos).min(SNAPSHOT_READ_WINDOW);
+                let want = pos.saturating_add((out.len() - done) as u64);
+                let page_end = want.checked_next_multiple_of(SNAPSHOT_READ_PAGE).unwrap_or(u64::MAX);
+                let available = page_end.min(file_len).saturating_sub(pos);
                 if available == 0 {
                     if mode == SnapshotRead::Open {
                         return Err(oxqcow_format::FormatError::TablePastEof {
