@@ -181,6 +181,24 @@ pub enum FormatError {
         /// What is wrong.
         reason: String,
     },
+    /// A snapshot table entry has more extra data than QEMU accepts (QEMU's
+    /// text and hint; `check -r all` cuts it to the limit).
+    #[error(
+        "Too much extra metadata in snapshot table entry {index}\nYou can force-remove this extra metadata with qemu-img check -r all"
+    )]
+    SnapshotExtraData {
+        /// Position in the table.
+        index: u32,
+    },
+    /// The snapshot table grows past 64 MiB (QEMU's text and hint; `check
+    /// -r all` drops the entries from the one that crosses the limit).
+    #[error(
+        "Snapshot table is too big\nYou can force-remove all {overhanging} overhanging snapshots with qemu-img check -r all"
+    )]
+    SnapshotTableTooBig {
+        /// Entries from the one that crosses the limit to the end.
+        overhanging: u32,
+    },
     /// A value does not fit a header field.
     #[error("{field} value {value} does not fit the header")]
     FieldOverflow {

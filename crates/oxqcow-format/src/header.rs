@@ -170,6 +170,24 @@ pub fn validate_table(
     Ok(())
 }
 
+/// QEMU's bounds on the snapshot table pointer (`table` names it: the open
+/// says "Snapshot table", the check "snapshot table").
+pub fn validate_snapshot_table(
+    table: &'static str,
+    offset: u64,
+    entries: u32,
+    cluster_size: u64,
+) -> Result<(), FormatError> {
+    validate_table(
+        table,
+        offset,
+        u64::from(entries),
+        SNAPSHOT_HEADER_SIZE,
+        SNAPSHOT_HEADER_SIZE * u64::from(MAX_SNAPSHOTS),
+        cluster_size,
+    )
+}
+
 /// Reads the cluster size out of the first bytes of an image, after checking
 /// magic and version, so that the caller knows how much of cluster 0 to read
 /// before calling [`Header::parse`].
@@ -266,6 +284,17 @@ impl Header {
     /// Parses and validates cluster 0. `cluster0` holds at least the first
     /// cluster of the image (zero-filled past the end of a short file).
     pub fn parse(cluster0: &[u8]) -> Result<Header, FormatError> {
+        Self::parse_inner(cluster0, true)
+    }
+
+    /// As [`Header::parse`], but the snapshot table's count and offset are
+    /// left unchecked: QEMU opens an image for `check` without them, and
+    /// the check reports (and repairs) a bad table itself.
+    pub fn parse_for_check(cluster0: &[u8]) -> Result<Header, FormatError> {
+        Self::parse_inner(cluster0, false)
+    }
+
+    fn parse_inner(cluster0: &[u8], check_snapshot_table: bool) -> Result<Header, FormatError> {
         let cluster_bits = peek_cluster_bits(cluster0)?;
         let cluster_size = 1u64 << cluster_bits;
         if (cluster0.len() as u64) < cluster_size {
@@ -370,14 +399,9 @@ impl Header {
         )?;
         let nb_snapshots = raw.nb_snapshots.get();
         let snapshots_offset = raw.snapshots_offset.get();
-        validate_table(
-            "Snapshot table",
-            snapshots_offset,
-            u64::from(nb_snapshots),
-            SNAPSHOT_HEADER_SIZE,
-            SNAPSHOT_HEADER_SIZE * u64::from(MAX_SNAPSHOTS),
-            cluster_size,
-        )?;
+        if check_snapshot_table {
+            validate_snapshot_table("Snapshot table", snapshots_offset, nb_snapshots, cluster_size)?;
+        }
         let l1_size = raw.l1_size.get();
         let l1_table_offset = raw.l1_table_offset.get();
         validate_table("Active L1 table", l1_table_offset, u64::from(l1_size), 8, MAX_L1_BYTES, cluster_size)?;
@@ -479,6 +503,13 @@ impl Header {
                 });
             }
         }
+        Ok(())
+    }
+
+    /// Checks that the snapshot table lies inside a file of `file_len`
+    /// bytes and not on the header cluster (left out for `check`, which
+    /// reads the table as QEMU does: past the end of the file as zeros).
+    pub fn validate_snapshots_against_file(&self, file_len: u64) -> Result<(), FormatError> {
         if self.nb_snapshots > 0 {
             if self.snapshots_offset == 0 {
                 return Err(FormatError::TableOverlapsHeader { table: "Snapshot table", offset: 0 });
@@ -608,4 +639,10 @@ pub fn refcount_table_fields(offset: u64, clusters: u32) -> (u64, [u8; 12]) {
 /// dirty bit in place before the first write with lazy refcounts.
 pub fn incompatible_features_field(features: u64) -> (u64, [u8; 8]) {
     (72, features.to_be_bytes())
+}
+
+/// The header field `nb_snapshots` as written in place (QEMU's repair of
+/// a snapshot table with overhanging entries rewrites only this field).
+pub fn nb_snapshots_field(count: u32) -> (u64, [u8; 4]) {
+    (60, count.to_be_bytes())
 }

@@ -30,6 +30,6 @@ pub use bitmap::{BitmapDirEntry, BitmapTableEntry};
 pub use error::FormatError;
 pub use header::{Extensions, FeatureName, FeatureType, Header, UnknownExtension};
 pub use refcount::{RefcountBlock, RefcountTableEntry};
-pub use snapshot::{SnapshotEntry, SnapshotTable};
+pub use snapshot::{SnapshotEntry, SnapshotRepair, SnapshotTable};
 pub use table::{CompressedDescriptor, L1Entry, L2Bitmap, L2Entry, L2Mapping, Subcluster};
 pub use types::{Geometry, GuestCluster, GuestOffset, HostCluster, HostOffset};

@@ -6,6 +6,9 @@
 use crate::error::FormatError;
 use crate::limits::{MAX_SNAPSHOT_EXTRA_DATA, MAX_SNAPSHOT_TABLE_BYTES, SNAPSHOT_HEADER_SIZE};
 
+/// The extra data QEMU knows: VM state size, disk size, instruction count.
+const KNOWN_EXTRA: usize = 24;
+
 /// One snapshot table entry.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SnapshotEntry {
@@ -52,6 +55,22 @@ fn be32(b: &[u8], at: usize) -> u32 {
 }
 fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// An id or name as QEMU holds it: a C string, so it ends at the first
+/// NUL. Bytes that are not UTF-8 become U+FFFD; the result is cut to what
+/// the 16-bit length field can record again.
+fn c_string(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    let mut s = String::from_utf8_lossy(&bytes[..end]).into_owned();
+    if s.len() > usize::from(u16::MAX) {
+        let mut cut = usize::from(u16::MAX);
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
 }
 
 impl SnapshotEntry {
@@ -112,61 +131,108 @@ impl SnapshotTable {
         Ok(out)
     }
 
-    /// Parses `count` entries from `bytes` (the table's bytes, at most
-    /// [`MAX_SNAPSHOT_TABLE_BYTES`]).
-    pub fn parse(bytes: &[u8], count: u32) -> Result<SnapshotTable, FormatError> {
+    /// Reads `count` entries as QEMU's `qcow2_do_read_snapshots` does,
+    /// entry by entry through `read` (bytes at an offset relative to the
+    /// table's start; the caller decides what lies past the end of the
+    /// file). Without `repair`, an entry with more than
+    /// [`MAX_SNAPSHOT_EXTRA_DATA`] bytes of extra data, or a table that
+    /// grows past [`MAX_SNAPSHOT_TABLE_BYTES`], is QEMU's error. With it
+    /// (`check -r all`), such extra data is cut to the limit and the table
+    /// ends before the entry that crosses the limit; each repair is handed
+    /// to `repair` as it is made. `byte_size` is the span the entries
+    /// occupy on disk (cut extra data included), which is what a rewrite
+    /// frees.
+    pub fn read<E: From<FormatError>>(
+        count: u32,
+        mut repair: Option<&mut dyn FnMut(SnapshotRepair)>,
+        mut read: impl FnMut(u64, &mut [u8]) -> Result<(), E>,
+    ) -> Result<SnapshotTable, E> {
         let mut entries = Vec::with_capacity(count.min(1024) as usize);
-        let mut pos = 0usize;
+        // `offset` walks the disk; `table_length` counts what is kept, so
+        // cut extra data no longer counts against the limit.
+        let mut offset = 0u64;
+        let mut table_length = 0u64;
         for index in 0..count {
-            let bad = |reason: String| FormatError::InvalidSnapshot { index, reason };
-            let fixed = SNAPSHOT_HEADER_SIZE as usize;
-            if pos + fixed > bytes.len() {
-                return Err(bad(format!("entry at table offset {pos} runs past the end of the table")));
-            }
-            let e = &bytes[pos..];
-            let l1_table_offset = be64(e, 0);
-            let l1_size = be32(e, 8);
-            let id_size = be16(e, 12) as usize;
-            let name_size = be16(e, 14) as usize;
-            let date_sec = be32(e, 16);
-            let date_nsec = be32(e, 20);
-            let vm_clock_nsec = be64(e, 24);
-            let vm_state_size = be32(e, 32);
-            let extra_size = be32(e, 36);
+            let before = offset;
+            table_length = table_length.div_ceil(8) * 8;
+            offset = offset.div_ceil(8) * 8;
+            let mut h = [0u8; SNAPSHOT_HEADER_SIZE as usize];
+            read(offset, &mut h)?;
+            offset += SNAPSHOT_HEADER_SIZE;
+            let id_size = be16(&h, 12) as usize;
+            let name_size = be16(&h, 14) as usize;
+            let extra_size = be32(&h, 36);
+            let mut kept_extra = extra_size;
             if extra_size > MAX_SNAPSHOT_EXTRA_DATA {
-                return Err(bad(format!("extra_data_size {extra_size} exceeds {MAX_SNAPSHOT_EXTRA_DATA}")));
+                let Some(report) = repair.as_mut() else {
+                    return Err(FormatError::SnapshotExtraData { index }.into());
+                };
+                report(SnapshotRepair::ExtraDataDropped { index, size: extra_size });
+                kept_extra = MAX_SNAPSHOT_EXTRA_DATA;
             }
-            let extra_size = extra_size as usize;
-            let total = fixed + extra_size + id_size + name_size;
-            if pos + total > bytes.len() {
-                return Err(bad(format!("entry of {total} bytes runs past the end of the table")));
+            let mut known = [0u8; KNOWN_EXTRA];
+            let known_len = (extra_size as usize).min(KNOWN_EXTRA);
+            read(offset, &mut known[..known_len])?;
+            offset += known_len as u64;
+            let field = |at: usize| (known_len >= at + 8).then(|| be64(&known, at));
+            let mut unknown_extra = Vec::new();
+            if extra_size as usize > KNOWN_EXTRA {
+                unknown_extra = vec![0u8; kept_extra as usize - KNOWN_EXTRA];
+                read(offset, &mut unknown_extra)?;
+                offset += u64::from(extra_size) - KNOWN_EXTRA as u64;
             }
-            let extra = &e[fixed..fixed + extra_size];
-            let id = String::from_utf8_lossy(&e[fixed + extra_size..fixed + extra_size + id_size]).into_owned();
-            let name = String::from_utf8_lossy(&e[fixed + extra_size + id_size..total]).into_owned();
-            let field = |at: usize| (extra.len() >= at + 8).then(|| be64(extra, at));
-            let unknown_extra = if extra.len() > 24 { extra[24..].to_vec() } else { Vec::new() };
+            let mut id = vec![0u8; id_size];
+            read(offset, &mut id)?;
+            offset += id_size as u64;
+            let mut name = vec![0u8; name_size];
+            read(offset, &mut name)?;
+            offset += name_size as u64;
+            table_length += SNAPSHOT_HEADER_SIZE + u64::from(kept_extra) + (id_size + name_size) as u64;
+            if table_length > MAX_SNAPSHOT_TABLE_BYTES || offset > i32::MAX as u64 {
+                let overhanging = count - index;
+                let Some(report) = repair.as_mut() else {
+                    return Err(FormatError::SnapshotTableTooBig { overhanging }.into());
+                };
+                report(SnapshotRepair::Overhanging { count: overhanging });
+                offset = before;
+                break;
+            }
             entries.push(SnapshotEntry {
-                l1_table_offset,
-                l1_size,
-                id,
-                name,
-                date_sec,
-                date_nsec,
-                vm_clock_nsec,
-                vm_state_size,
+                l1_table_offset: be64(&h, 0),
+                l1_size: be32(&h, 8),
+                id: c_string(&id),
+                name: c_string(&name),
+                date_sec: be32(&h, 16),
+                date_nsec: be32(&h, 20),
+                vm_clock_nsec: be64(&h, 24),
+                vm_state_size: be32(&h, 32),
                 vm_state_size_large: field(0),
                 disk_size: field(8),
                 icount: field(16),
                 unknown_extra,
             });
-            pos += total.div_ceil(8) * 8;
-            if pos as u64 > MAX_SNAPSHOT_TABLE_BYTES {
-                return Err(bad("snapshot table exceeds 64 MiB".into()));
-            }
         }
-        Ok(SnapshotTable { entries, byte_size: pos as u64 })
+        Ok(SnapshotTable { entries, byte_size: offset })
     }
+}
+
+/// A repair [`SnapshotTable::read`] made, in the order QEMU reports them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapshotRepair {
+    /// Entry `index` had `size` bytes of extra data; all but the first
+    /// [`MAX_SNAPSHOT_EXTRA_DATA`] are dropped.
+    ExtraDataDropped {
+        /// Position in the table.
+        index: u32,
+        /// The extra data size the entry recorded.
+        size: u32,
+    },
+    /// The table crossed [`MAX_SNAPSHOT_TABLE_BYTES`]: the last `count`
+    /// entries are dropped.
+    Overhanging {
+        /// Entries dropped.
+        count: u32,
+    },
 }
 
 #[cfg(test)]
@@ -188,6 +254,22 @@ mod tests {
         e
     }
 
+    /// Reads from `bytes`; what lies past their end is an error.
+    fn parse(
+        bytes: &[u8],
+        count: u32,
+        repair: Option<&mut dyn FnMut(SnapshotRepair)>,
+    ) -> Result<SnapshotTable, FormatError> {
+        SnapshotTable::read(count, repair, |at, buf: &mut [u8]| {
+            let at = at as usize;
+            let src = bytes
+                .get(at..at + buf.len())
+                .ok_or(FormatError::InvalidSnapshot { index: 0, reason: format!("bytes at {at} past the end") })?;
+            buf.copy_from_slice(src);
+            Ok(())
+        })
+    }
+
     #[test]
     fn parses_entries() {
         let mut extra = Vec::new();
@@ -195,11 +277,11 @@ mod tests {
         extra.extend_from_slice(&(1u64 << 30).to_be_bytes());
         let mut t = entry("1", "snap", &extra);
         t.extend(entry("2", "other", &[]));
-        let table = SnapshotTable::parse(&t, 2).unwrap();
+        let table = parse(&t, 2, None).unwrap();
         assert_eq!(table.entries[0].disk_size, Some(1 << 30));
         assert_eq!(table.entries[0].icount, None);
         assert_eq!(table.entries[1].name, "other");
-        assert_eq!(table.byte_size, t.len() as u64);
+        assert_eq!(table.byte_size, t.len() as u64 - 2);
     }
 
     #[test]
@@ -211,10 +293,10 @@ mod tests {
         extra.extend_from_slice(b"futurefield!");
         let mut t = entry("1", "snap", &extra);
         t.extend(entry("22", "other name", &[]));
-        let table = SnapshotTable::parse(&t, 2).unwrap();
+        let table = parse(&t, 2, None).unwrap();
         assert_eq!(table.entries[0].unknown_extra, b"futurefield!");
         let bytes = SnapshotTable::serialize(&table.entries, 5 << 20).unwrap();
-        let again = SnapshotTable::parse(&bytes, 2).unwrap();
+        let again = parse(&bytes, 2, None).unwrap();
         assert_eq!(again.entries[0], table.entries[0]);
         // The entry without extra data gets QEMU's defaults written.
         assert_eq!(again.entries[1].disk_size, Some(5 << 20));
@@ -225,10 +307,76 @@ mod tests {
     #[test]
     fn rejects_overruns() {
         let t = entry("1", "snap", &[]);
-        assert!(SnapshotTable::parse(&t, 2).is_err());
-        assert!(SnapshotTable::parse(&t[..20], 1).is_err());
-        let mut big = entry("1", "x", &[]);
-        big[36..40].copy_from_slice(&2000u32.to_be_bytes());
-        assert!(SnapshotTable::parse(&big, 1).is_err());
+        assert!(parse(&t, 2, None).is_err());
+        assert!(parse(&t[..20], 1, None).is_err());
+    }
+
+    // Guards against the reader refusing, with a text of its own, what QEMU
+    // refuses with "Too much extra metadata" and repairs by cutting the
+    // extra data to 1024 bytes (keeping its first bytes and the entries
+    // that follow it).
+    #[test]
+    fn too_much_extra_data_is_refused_or_cut() {
+        let mut extra = vec![0u8; 2000];
+        extra[30] = 0xaa;
+        let mut t = entry("1", "big", &extra);
+        t.extend(entry("2", "next", &[0; 16]));
+        let err = parse(&t, 2, None).unwrap_err();
+        assert!(matches!(err, FormatError::SnapshotExtraData { index: 0 }));
+        assert_eq!(
+            err.to_string(),
+            "Too much extra metadata in snapshot table entry 0\nYou can force-remove this extra metadata with qemu-img check -r all"
+        );
+        let mut seen = Vec::new();
+        let table = parse(&t, 2, Some(&mut |r| seen.push(r))).unwrap();
+        assert_eq!(seen, [SnapshotRepair::ExtraDataDropped { index: 0, size: 2000 }]);
+        assert_eq!(table.entries[0].unknown_extra.len(), 1000);
+        assert_eq!(table.entries[0].unknown_extra[6], 0xaa);
+        assert_eq!(table.entries[1].name, "next");
+        // The span on disk still covers the whole of the cut extra data.
+        assert_eq!(table.byte_size, t.len() as u64 - 3);
+    }
+
+    // Guards against ids and names read past their first NUL: QEMU holds
+    // them as C strings, so an id of NUL bytes lists (and is written back)
+    // as an empty one, and a long run of bytes that are not UTF-8 must
+    // still fit the length field when the table is rewritten.
+    #[test]
+    fn ids_and_names_end_at_the_first_nul() {
+        let t = entry("7\0junk", "\0\0\0", &[]);
+        let table = parse(&t, 1, None).unwrap();
+        assert_eq!(table.entries[0].id, "7");
+        assert_eq!(table.entries[0].name, "");
+        let bad = c_string(&[0xff; 65535]);
+        assert!(bad.len() <= 65535 && bad.starts_with('\u{fffd}'));
+        assert!(SnapshotTable::serialize(&[SnapshotEntry { id: bad, ..Default::default() }], 0).is_ok());
+    }
+
+    // Guards against tables past 64 MiB: QEMU refuses them naming how many
+    // entries overhang, and its repair ends the table before the entry
+    // that crosses the limit.
+    #[test]
+    fn table_past_64_mib_is_refused_or_shortened() {
+        // Entries of 40 + 1024 + 65535 + 65535 bytes, padded to 8.
+        const SIZE: u64 = 132_136;
+        let count = (MAX_SNAPSHOT_TABLE_BYTES / SIZE + 3) as u32;
+        let mut fixed = [0u8; 40];
+        fixed[12..16].copy_from_slice(&[0xff; 4]);
+        fixed[36..40].copy_from_slice(&1024u32.to_be_bytes());
+        let mut synth = |at: u64, buf: &mut [u8]| -> Result<(), FormatError> {
+            for (i, b) in buf.iter_mut().enumerate() {
+                let pos = ((at + i as u64) % SIZE) as usize;
+                *b = if pos < 40 { fixed[pos] } else { b'x' };
+            }
+            Ok(())
+        };
+        let crossing = (MAX_SNAPSHOT_TABLE_BYTES / SIZE) as u32;
+        let err = SnapshotTable::read(count, None, &mut synth).unwrap_err();
+        assert!(matches!(err, FormatError::SnapshotTableTooBig { overhanging } if overhanging == count - crossing));
+        let mut seen = Vec::new();
+        let table = SnapshotTable::read(count, Some(&mut |r| seen.push(r)), &mut synth).unwrap();
+        assert_eq!(seen, [SnapshotRepair::Overhanging { count: count - crossing }]);
+        assert_eq!(table.entries.len(), crossing as usize);
+        assert_eq!(table.byte_size, u64::from(crossing) * SIZE - 2);
     }
 }

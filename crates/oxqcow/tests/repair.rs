@@ -202,3 +202,46 @@ fn collected_check_messages_are_capped() {
     assert_eq!(lines.load(std::sync::atomic::Ordering::Relaxed), LINES);
     assert!(q.open_repair().unwrap().messages.is_empty());
 }
+
+// Guards against an image with too much extra data in a snapshot table
+// entry being refused by the open meant for checking it: QEMU's check
+// opens it, says what is wrong, and its -r all keeps the entry with its
+// extra data cut to 1 KiB, after which the image opens normally.
+#[test]
+fn snapshot_extra_data_past_the_limit_is_checked_and_repaired() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.qcow2");
+    assert!(qemu(&["qemu-img", "create", "-q", "-f", "qcow2", p(&path), "16M"]).status.success());
+    for name in ["a", "b"] {
+        assert!(qemu(&["qemu-img", "snapshot", "-c", name, p(&path)]).status.success());
+    }
+    let bytes = std::fs::read(&path).unwrap();
+    let table = u64::from_be_bytes(bytes[64..72].try_into().unwrap());
+    let plain = OpenOptions { read_only: true, ..Default::default() };
+    assert_eq!(Image::open(&path, &plain).unwrap().len(), 16 << 20);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&1500u32.to_be_bytes(), table + 36).unwrap();
+    }
+    let err = Image::open(&path, &plain).err().expect("the open must refuse the table");
+    assert_eq!(
+        err.to_string(),
+        "Too much extra metadata in snapshot table entry 0\nYou can force-remove this extra metadata with qemu-img check -r all"
+    );
+    let img = Image::open(&path, &OpenOptions { repair: true, ..Default::default() }).unwrap();
+    let report = img.check(None).unwrap();
+    assert_eq!(report.error.as_deref(), Some("File too large"));
+    assert!(report.error_report.as_deref().unwrap().starts_with("ERROR failed to read the snapshot table: Too much"));
+    let repaired = img.check(Some(RepairMode::All)).unwrap();
+    assert_eq!(repaired.messages[0], "Discarding too much extra metadata in snapshot table entry 0 (1500 > 1024)");
+    assert!(repaired.corruptions_fixed >= 1 && repaired.corruptions == 0, "{repaired:?}");
+    img.close().unwrap();
+    let reopened = Image::open(&path, &plain).unwrap();
+    let Image::Qcow2(q) = &reopened else { panic!("qcow2 expected") };
+    // The entry keeps 1 KiB of extra data; its id and name were read past
+    // the extra data it claimed (inside the next entry), as QEMU reads them.
+    let extra: Vec<_> = q.snapshots().into_iter().map(|s| 24 + s.unknown_extra.len()).collect();
+    assert_eq!(extra, [1024, 24]);
+    assert_eq!(qemu_counts(&path), (0, 0));
+}

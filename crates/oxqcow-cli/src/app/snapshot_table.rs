@@ -26,8 +26,8 @@ pub fn snapshot_line(sn: &serde_json::Value) -> String {
 }
 
 /// One line of qemu's `bdrv_snapshot_dump`: `%-7s %-16s %8s %19s %15s %10s`
-/// (C pads by bytes, not characters), the instruction count left blank
-/// when not recorded.
+/// (C pads by bytes, not characters), the instruction count "--" when not
+/// recorded (-1).
 pub fn snapshot_row(
     id: &str,
     name: &str,
@@ -44,7 +44,7 @@ pub fn snapshot_row(
         secs % 60,
         (vm_clock_nsec / 1_000_000) % 1000
     );
-    let icount = icount.filter(|&i| i != u64::MAX).map(|i| i.to_string()).unwrap_or_default();
+    let icount = icount.filter(|&i| i != u64::MAX).map_or_else(|| "--".to_string(), |i| i.to_string());
     format!(
         "{} {} {} {} {} {}",
         pad_bytes(id, 7, true),
@@ -93,5 +93,15 @@ mod tests {
         assert_eq!(date_in(951_782_400, &utc), "2000-02-29 00:00:00");
         let paris = jiff::tz::TimeZone::posix("CET-1CEST,M3.5.0,M10.5.0/3").unwrap();
         assert_eq!(date_in(1_795_539_009, &paris), "2026-11-24 17:50:09");
+    }
+
+    // Guards against a blank ICOUNT column for snapshots that recorded no
+    // instruction count (v2 entries, short extra data): QEMU prints "--".
+    #[test]
+    fn unrecorded_icount_is_dashes() {
+        for icount in [None, Some(u64::MAX)] {
+            assert!(snapshot_row("1", "a", 0, 0, 0, icount).ends_with("         --"), "{icount:?}");
+        }
+        assert!(snapshot_row("1", "a", 0, 0, 0, Some(0)).ends_with("          0"));
     }
 }

@@ -169,7 +169,12 @@ fn run_check(ctx: &Ctx, image: &Image, repair: Option<RepairMode>) -> Result<Che
         .check_with(repair, &mut |line| crate::app::messages::stderr_line(line))
         .map_err(|e| ctx.fail(&format!("Check failed: {}", describe(&e))))?;
     match &report.error {
-        Some(reason) => Err(ctx.fail(&format!("Check failed: {reason}"))),
+        Some(reason) => {
+            if let Some(text) = &report.error_report {
+                ctx.error(text);
+            }
+            Err(ctx.fail(&format!("Check failed: {reason}")))
+        }
         None => Ok(report),
     }
 }

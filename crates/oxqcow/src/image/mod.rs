@@ -299,7 +299,7 @@ impl Image {
         chain: &mut Chain,
         data_file: Option<Arc<dyn Storage>>,
     ) -> Result<Image> {
-        let header = crate::qcow2::read_header(&*storage)?;
+        let header = crate::qcow2::read_header(&*storage, opts.repair)?;
         // QEMU opens the data file while opening the image, before the
         // backing chain.
         let data = match data_file {

@@ -7,7 +7,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use oxqcow_format::header::{autoclear, peek_cluster_bits, Header};
 
-use super::meta::read_snapshots;
+use super::meta::{read_snapshots, SnapshotRead};
 use super::meta::{DiscardModes, Meta};
 use super::{Qcow2, Qcow2Info};
 use crate::error::{Error, Result};
@@ -26,8 +26,11 @@ pub(super) fn open(
 ) -> Result<Qcow2> {
     let st = &*storage;
     let file_len = st.len().map_err(Error::io("reading the file length", 0))?;
-    let header = read_header(st)?;
+    let header = read_header(st, opts.repair)?;
     header.validate_against_file(file_len)?;
+    if !opts.repair {
+        header.validate_snapshots_against_file(file_len)?;
+    }
     let geometry = header.geometry();
 
     let crypt = crate::crypt::open_image(st, &header, opts.passphrase.as_deref(), opts.no_io)?;
@@ -114,9 +117,11 @@ pub(super) fn open(
 /// external data files, extended L2 entries, encryption).
 pub(super) fn inspect(storage: &dyn Storage) -> Result<(Qcow2Info, Vec<oxqcow_format::SnapshotEntry>)> {
     let file_len = storage.len().map_err(Error::io("reading the file length", 0))?;
-    let header = read_header(storage)?;
+    let header = read_header(storage, false)?;
     header.validate_against_file(file_len)?;
-    let snapshots = read_snapshots(storage, &header, file_len)?;
+    header.validate_snapshots_against_file(file_len)?;
+    let snapshots =
+        read_snapshots(storage, header.snapshots_offset, header.nb_snapshots, file_len, SnapshotRead::Open, None)?;
     let mut info = Qcow2Info::from_header(&header, snapshots.entries.len());
     info.bitmaps =
         crate::qcow2::meta::bitmap::read_directory(storage, &header, file_len)?.iter().map(Into::into).collect();
@@ -135,13 +140,15 @@ pub(super) const SECTOR_SIZE: u64 = 512;
 /// a tail of less than a sector is not part of the disk: not readable, not
 /// reported, not exported, and what QEMU writes back when it rewrites the
 /// header. Rounding here gives every user of the header that one view.
-pub(crate) fn read_header(storage: &dyn Storage) -> Result<Header> {
+/// `for_check` leaves the snapshot table pointer to the check
+/// ([`Header::parse_for_check`]).
+pub(crate) fn read_header(storage: &dyn Storage, for_check: bool) -> Result<Header> {
     let mut prefix = [0u8; 512];
     storage.read_at(&mut prefix, 0).map_err(Error::io("reading the qcow2 header", 0))?;
     let cluster_bits = peek_cluster_bits(&prefix)?;
     let mut cluster0 = vec![0u8; 1 << cluster_bits];
     storage.read_at(&mut cluster0, 0).map_err(Error::io("reading the qcow2 header", 0))?;
-    let mut header = Header::parse(&cluster0)?;
+    let mut header = if for_check { Header::parse_for_check(&cluster0)? } else { Header::parse(&cluster0)? };
     header.size -= header.size % SECTOR_SIZE;
     Ok(header)
 }

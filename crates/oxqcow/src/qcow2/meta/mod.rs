@@ -165,7 +165,15 @@ impl Meta {
             file_len,
             opts.repair,
         )?;
-        let snapshots = read_snapshots(st, &header, file_len)?;
+        // QEMU opens an image for a check without its snapshot table (the
+        // check reads and repairs it); a table that reads is kept, so the
+        // image stays usable.
+        let snapshots = if opts.repair {
+            read_snapshots(st, header.snapshots_offset, header.nb_snapshots, file_len, SnapshotRead::Check, None)
+                .unwrap_or_default()
+        } else {
+            read_snapshots(st, header.snapshots_offset, header.nb_snapshots, file_len, SnapshotRead::Open, None)?
+        };
         let lazy = opts.lazy_refcounts.unwrap_or(header.lazy_refcounts()) && header.version >= 3;
         let mut meta = Meta {
             header,
@@ -787,26 +795,71 @@ fn cache_tables(opts: &OpenOptions, geometry: &Geometry, size: u64) -> Result<(u
     Ok((l2_tables as usize, rc_tables as usize))
 }
 
-/// Reads and parses the snapshot table, growing the read as entries demand
-/// (never beyond the table's 64 MiB limit or the file's end).
-pub(crate) fn read_snapshots(storage: &dyn Storage, header: &Header, file_len: u64) -> Result<SnapshotTable> {
-    if header.nb_snapshots == 0 {
+/// How [`read_snapshots`] treats a damaged table.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SnapshotRead {
+    /// An open: a table reaching past the end of the file is refused.
+    Open,
+    /// A check (QEMU reads the table through its file driver): past the
+    /// end of the file reads as zeros.
+    Check,
+}
+
+/// The snapshot table is read in whole pages: a table of many small
+/// entries costs few reads, yet nothing is read past the page the last
+/// entry ends in. Reading further (as a larger window did) pulls pages of
+/// preallocated, unwritten clusters into the page cache, and the file
+/// system then reports them as data: `map` saw data where QEMU sees a hole.
+const SNAPSHOT_READ_PAGE: u64 = 4096;
+
+/// Reads and parses the `count` entries of the snapshot table at `base`
+/// entry by entry, as QEMU does;
+/// `repair` receives the repairs `check -r all` makes
+/// ([`SnapshotTable::read`]).
+pub(crate) fn read_snapshots(
+    storage: &dyn Storage,
+    base: u64,
+    count: u32,
+    file_len: u64,
+    mode: SnapshotRead,
+    repair: Option<&mut dyn FnMut(oxqcow_format::SnapshotRepair)>,
+) -> Result<SnapshotTable> {
+    if count == 0 {
         return Ok(SnapshotTable::default());
     }
-    let limit = oxqcow_format::limits::MAX_SNAPSHOT_TABLE_BYTES.min(file_len.saturating_sub(header.snapshots_offset));
-    let mut len = (u64::from(header.nb_snapshots) * 64).min(limit).max(1);
-    loop {
-        let mut buf = vec![0u8; len as usize];
-        storage
-            .read_at(&mut buf, header.snapshots_offset)
-            .map_err(Error::io("reading the snapshot table", header.snapshots_offset))?;
-        match SnapshotTable::parse(&buf, header.nb_snapshots) {
-            Ok(t) => return Ok(t),
-            Err(e) if len < limit => {
-                let _ = e;
-                len = (len * 2).min(limit);
+    let mut window_start = 0u64;
+    let mut window: Vec<u8> = Vec::new();
+    let mut read = |at: u64, out: &mut [u8]| -> Result<()> {
+        let mut done = 0usize;
+        while done < out.len() {
+            let pos = base.saturating_add(at + done as u64);
+            if pos < window_start || pos >= window_start + window.len() as u64 {
+                let want = pos.saturating_add((out.len() - done) as u64);
+                let page_end = want.checked_next_multiple_of(SNAPSHOT_READ_PAGE).unwrap_or(u64::MAX);
+                let available = page_end.min(file_len).saturating_sub(pos);
+                if available == 0 {
+                    if mode == SnapshotRead::Open {
+                        return Err(oxqcow_format::FormatError::TablePastEof {
+                            table: "Snapshot table",
+                            offset: base,
+                            length: at + out.len() as u64,
+                            file_len,
+                        }
+                        .into());
+                    }
+                    out[done..].fill(0);
+                    return Ok(());
+                }
+                window.resize(available as usize, 0);
+                storage.read_at(&mut window, pos).map_err(Error::io("reading the snapshot table", pos))?;
+                window_start = pos;
             }
-            Err(e) => return Err(e.into()),
+            let from = (pos - window_start) as usize;
+            let n = (window.len() - from).min(out.len() - done);
+            out[done..done + n].copy_from_slice(&window[from..from + n]);
+            done += n;
         }
-    }
+        Ok(())
+    };
+    SnapshotTable::read(count, repair, &mut read)
 }

@@ -63,15 +63,24 @@ impl MetadataMap {
     }
 
     /// Constant structures only (what must never be allocated).
-    pub(crate) fn constant_overlap(&self, first: u64, count: u64) -> Option<(u64, u64)> {
-        self.constant.iter().find(|&&(_, s, n)| n > 0 && first < s + n && s < first + count).map(|&(_, s, n)| (s, n))
+    /// Returns the structure's template and its first cluster.
+    pub(crate) fn constant_overlap(&self, first: u64, count: u64) -> Option<(u32, u64)> {
+        self.constant.iter().find(|&&(_, s, n)| n > 0 && first < s + n && s < first + count).map(|&(t, s, _)| (t, s))
     }
 }
+
+const OVERLAP_TEXT: &str = "Preventing invalid write on metadata";
 
 /// The error for a refused write.
 pub(crate) fn overlap_error(template: u32) -> Error {
     // QEMU's words exactly: they are also the corruption message printed.
-    Error::Corrupt(format!("Preventing invalid write on metadata (overlaps with {})", template_name(template)))
+    Error::Corrupt(format!("{OVERLAP_TEXT} (overlaps with {})", template_name(template)))
+}
+
+/// Whether `e` is a write refused by the overlap check (QEMU marks the
+/// image corrupt for it).
+pub(crate) fn is_overlap_error(e: &Error) -> bool {
+    matches!(e, Error::Corrupt(text) if text.starts_with(OVERLAP_TEXT))
 }
 
 #[cfg(test)]

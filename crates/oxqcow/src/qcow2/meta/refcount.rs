@@ -357,15 +357,14 @@ impl Refcounts {
                 }
             }
             if run_len >= n {
-                if let Some((s, len)) = self.map.constant_overlap(run_start, n) {
+                if let Some((template, _)) = self.map.constant_overlap(run_start, n) {
                     if run_start == 0 {
                         // Where QEMU's allocator would return offset 0.
                         return Err(alloc_at_zero("cluster"));
                     }
-                    return Err(Error::Corrupt(format!(
-                        "refcounts say metadata clusters {s}..{} are free (refcount 0 for a used cluster)",
-                        s + len
-                    )));
+                    // QEMU hands the clusters out and its overlap check
+                    // refuses the write that follows, in these words.
+                    return Err(overlap::overlap_error(template));
                 }
                 return Ok((run_start, first_free.unwrap_or(run_start)));
             }

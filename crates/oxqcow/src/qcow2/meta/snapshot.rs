@@ -132,13 +132,17 @@ impl Meta {
 
     /// Writes a new snapshot table, switches the header to it and frees the
     /// old one (giving its host space back when `modes` pass snapshot
-    /// discards, as QEMU frees it with `QCOW2_DISCARD_SNAPSHOT`).
+    /// discards, as QEMU frees it with `QCOW2_DISCARD_SNAPSHOT`). Returns
+    /// whether the old table was freed: as QEMU's `qcow2_free_clusters`,
+    /// a free that would take a refcount below zero changes none of them
+    /// (a table `check -r all` read from past the end of the file has no
+    /// refcounts) and the rewrite still stands.
     pub(crate) fn write_snapshot_table(
         &mut self,
         storage: &dyn Storage,
         entries: Vec<SnapshotEntry>,
         modes: DiscardModes,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let g = self.geometry;
         let bytes = SnapshotTable::serialize(&entries, self.header.size)?;
         let new_offset = if entries.is_empty() {
@@ -158,6 +162,18 @@ impl Meta {
         storage.sync().map_err(Error::io("syncing the header", 0))?;
         self.snapshots = SnapshotTable { byte_size: bytes.len() as u64, entries };
         let first = g.host_cluster(HostOffset(old_offset)).0;
+        let mut freeable = true;
+        for c in first..first + old_clusters {
+            if !freeable {
+                break;
+            }
+            freeable = self.refcounts.get(storage, HostCluster(c))? > 0;
+        }
+        if !freeable {
+            self.update_reserved();
+            self.load_inactive_map(storage)?;
+            return Ok(false);
+        }
         for c in first..first + old_clusters {
             if self.refcounts.update(storage, HostCluster(c), -1)? == 0 && modes.punches(FreeReason::Snapshot) {
                 let offset = g.cluster_offset(HostCluster(c)).0;
@@ -165,7 +181,8 @@ impl Meta {
             }
         }
         self.update_reserved();
-        self.load_inactive_map(storage)
+        self.load_inactive_map(storage)?;
+        Ok(true)
     }
 
     fn read_l1(&self, storage: &dyn Storage, offset: u64, entries: u32) -> Result<Vec<u64>> {

@@ -13,7 +13,8 @@
 //! broken, rebuilds them from the in-memory table in the clusters it says
 //! are free (QEMU's `rebuild_refcount_structure`), points the header at
 //! them, and frees the old ones. It also fixes COPIED flags, unaligned
-//! preallocated zero clusters and incomplete snapshot table entries.
+//! preallocated zero clusters and the snapshot table (`snapshots.rs`:
+//! incomplete entries, too much extra data, too many entries).
 //!
 //! Where QEMU's repair would fail (a rebuild whose new blocks land on a
 //! refcount block that a broken table entry still names), the rebuild here
@@ -34,6 +35,7 @@ mod compare;
 mod copied;
 mod imrt;
 mod rebuild;
+mod snapshots;
 
 use crate::error::{Error, Result};
 use crate::qcow2::meta::Meta;
@@ -83,6 +85,10 @@ pub struct CheckReport {
     /// When the check itself failed, the error text QEMU gives for it
     /// (`qemu-img` then prints "Check failed: TEXT" and no summary).
     pub error: Option<String>,
+    /// What QEMU reports with its program name in front (`error_report`)
+    /// just before such a failure, hint lines included ("ERROR failed to
+    /// read the snapshot table: ...").
+    pub error_report: Option<String>,
 }
 
 /// Most lines a collected [`CheckReport`] keeps. A damaged image can make
@@ -227,15 +233,10 @@ pub(crate) fn check(
     }
     // The snapshot table (QEMU's qcow2_check_read_snapshot_table).
     let mut snapshot_res = CheckReport::default();
-    let incomplete: Vec<usize> = if c.meta.header.version >= 3 {
-        (0..c.meta.snapshots.entries.len()).filter(|&i| c.meta.snapshots.entries[i].disk_size.is_none()).collect()
-    } else {
-        Vec::new()
-    };
-    for &i in &incomplete {
-        snapshot_res.corruptions += 1;
-        let verb = if fix.errors { "Repairing" } else { "ERROR" };
-        c.say(&format!("{verb} snapshot table entry {i} is incomplete"));
+    if let Err(stop) = c.read_snapshot_table(&mut snapshot_res, fix) {
+        report.check_errors += snapshot_res.check_errors;
+        report.error_report = snapshot_res.error_report.take();
+        return c.finish(report, Some(stop), snapshot_res);
     }
     let outcome = c.check_refcounts(&mut report, fix);
     let mut result = report;
@@ -246,19 +247,9 @@ pub(crate) fn check(
     // before anything else writes (a header write takes the table
     // location from it).
     c.reload_meta()?;
-    // qcow2_check_fix_snapshot_table.
-    if snapshot_res.corruptions > 0 && fix.errors {
-        let size = c.meta.header.size;
-        let mut entries = c.meta.snapshots.entries.clone();
-        for e in &mut entries {
-            e.disk_size.get_or_insert(size);
-            e.vm_state_size_large.get_or_insert(u64::from(e.vm_state_size));
-        }
-        let modes = crate::qcow2::meta::DiscardModes { snapshot: true, ..Default::default() };
-        c.meta.write_snapshot_table(storage, entries, modes)?;
-        c.meta.flush_all(storage)?;
-        snapshot_res.corruptions_fixed += snapshot_res.corruptions;
-        snapshot_res.corruptions = 0;
+    if let Err(stop) = c.fix_snapshot_table(&mut snapshot_res, fix) {
+        result.check_errors += snapshot_res.check_errors;
+        return c.finish(result, Some(stop), snapshot_res);
     }
     result.corruptions += snapshot_res.corruptions;
     result.corruptions_fixed += snapshot_res.corruptions_fixed;
