@@ -8,12 +8,14 @@ mod file;
 pub(crate) mod lock;
 mod memory;
 mod null;
+mod window;
 
 use std::io;
 
 pub use file::FileStorage;
 pub use memory::MemoryStorage;
 pub use null::NullStorage;
+pub use window::WindowStorage;
 
 /// The allocation of a run of storage bytes, as a protocol reports it
 /// (QEMU's block status of a protocol node).
