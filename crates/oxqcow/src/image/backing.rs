@@ -193,9 +193,12 @@ fn backing_options(opts: &OpenOptions) -> OpenOptions {
     backing_opts
 }
 
-/// Reads the options of a `json:{...}` node name (`text` after the
-/// prefix) into `opts`: its raw windows and runtime options. Returns the
-/// file it names and its driver, if it names one.
+/// Reads a `json:{...}` node name (`text` after the prefix): the file it
+/// names, its driver if it names one, and its raw windows (into `opts`).
+/// A header's name comes from whoever made the image, so it may say no
+/// more than a plain name and a backing format would (plus windows onto
+/// that file): any other option is refused, and the file goes through the
+/// caller's backing policy like any other name.
 pub(crate) fn json_node(text: &str, opts: &mut OpenOptions) -> Result<(PathBuf, Option<String>)> {
     let mut options = crate::names::parse_json_name(text).map_err(Error::InvalidArgument)?;
     opts.raw_windows = crate::options::take_raw_windows(&mut options).map_err(Error::InvalidArgument)?;
@@ -211,7 +214,11 @@ pub(crate) fn json_node(text: &str, opts: &mut OpenOptions) -> Result<(PathBuf, 
             },
             "file.driver" if value == "file" => {}
             "file.driver" => return Err(Error::InvalidArgument(format!("Unknown protocol '{value}'"))),
-            _ => opts.apply_qemu_option(&key, &value)?,
+            _ => {
+                return Err(Error::Unsupported(format!(
+                    "the option '{key}' in a json: backing file name (only a file, its format and raw windows)"
+                )))
+            }
         }
     }
     let path = path.ok_or_else(|| Error::InvalidArgument("A block device must be specified for \"file\"".into()))?;
