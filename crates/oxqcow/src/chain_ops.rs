@@ -30,6 +30,9 @@ pub struct ChainLayer {
     pub backing_name: Option<String>,
     /// The backing format as recorded in its header.
     pub backing_format: Option<String>,
+    /// The raw windows the layer is seen through (a `json:` backing file
+    /// name's `file.driver=raw` nodes).
+    pub raw_windows: Vec<crate::options::RawWindow>,
 }
 
 /// Lists the layers of the chain starting at `top` (following header names
@@ -38,6 +41,7 @@ pub fn chain_layers(top: &Path, format: Option<ImageFormat>) -> Result<Vec<Chain
     let mut layers: Vec<ChainLayer> = Vec::new();
     let mut path = top.to_path_buf();
     let mut fmt = format;
+    let mut windows = Vec::new();
     let mut chain = Chain::new();
     loop {
         chain.enter(&path)?;
@@ -47,6 +51,7 @@ pub fn chain_layers(top: &Path, format: Option<ImageFormat>) -> Result<Vec<Chain
             format: fmt,
             backing: BackingPolicy::Ignore,
             no_io: true,
+            raw_windows: windows.clone(),
             ..Default::default()
         };
         let image = Image::open(&path, &opts)?;
@@ -62,13 +67,24 @@ pub fn chain_layers(top: &Path, format: Option<ImageFormat>) -> Result<Vec<Chain
             format: image.format(),
             backing_name: name.clone(),
             backing_format: bfmt.clone(),
+            raw_windows: windows.clone(),
         });
         let Some(name) = name else { return Ok(layers) };
-        if name.starts_with("json:") {
-            return Err(Error::Unsupported(format!("json: pseudo-filenames as backing files ('{name}')")));
-        }
-        path = resolve_backing_path(&path, &name);
-        fmt = bfmt.as_deref().map(ImageFormat::from_name).transpose()?;
+        let driver = match name.strip_prefix("json:") {
+            Some(text) => {
+                let mut node = OpenOptions::default();
+                let (p, driver) = crate::image::backing::json_node(text, &mut node)?;
+                path = p;
+                windows = node.raw_windows;
+                driver
+            }
+            None => {
+                path = resolve_backing_path(&path, &name);
+                windows = Vec::new();
+                None
+            }
+        };
+        fmt = driver.or(bfmt).as_deref().map(ImageFormat::from_name).transpose()?;
     }
 }
 
@@ -121,6 +137,8 @@ pub fn commit_with(
     let base_opts = OpenOptions {
         format: Some(base_layer.format),
         passphrase: opts.backing_passphrase.clone().filter(|_| base_index == 1),
+        raw_windows: base_layer.raw_windows.clone(),
+        messages: opts.messages.clone(),
         ..Default::default()
     };
     let base_image = Image::open(&base_layer.path, &base_opts)?;
@@ -157,8 +175,8 @@ pub fn commit_with(
     }
     progress(size, size);
     base_image.flush()?;
-    base_image.close()?;
     drop(top_image);
+    // qemu-img empties the top before it closes the chain.
     if !keep_top && base.is_none() {
         let top_opts =
             OpenOptions { backing: BackingPolicy::Ignore, passphrase: opts.passphrase.clone(), ..Default::default() };
@@ -168,7 +186,12 @@ pub fn commit_with(
         }
         top_rw.close()?;
     }
-    Ok(())
+    // Inactivated first, then closed, as qemu-img commit does: a base
+    // whose bitmaps cannot be stored tries twice (each attempt reported to
+    // `opts.messages`), and the first failure is the commit's.
+    let inactivated = base_image.inactivate();
+    let closed = base_image.close();
+    inactivated.and(closed)
 }
 
 /// The granularity of QEMU's mirror job without a cluster size to follow.

@@ -85,6 +85,11 @@ pub enum Error {
     /// Another process (or open) holds a conflicting lock.
     #[error("{0}")]
     Locked(String),
+    /// Persistent bitmaps could not be stored at close (QEMU's "Lost
+    /// persistent bitmaps during inactivation"): the reason, as QEMU words
+    /// it. The image stays open, so that closing it tries again.
+    #[error("{0}")]
+    BitmapsLost(String),
     /// Sticky failure after a failed metadata write.
     #[error("an earlier metadata update failed ({0}); reopen the image")]
     Failed(String),
@@ -100,7 +105,8 @@ impl Error {
             Error::Corrupt(_) => ErrorKind::Corrupt,
             Error::OutOfBounds { .. } => ErrorKind::OutOfBounds,
             Error::ReadOnly => ErrorKind::ReadOnly,
-            Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
+            // QEMU's inactivation fails with EINVAL.
+            Error::InvalidArgument(_) | Error::BitmapsLost(_) => ErrorKind::InvalidArgument,
             Error::NoSpace(_) => ErrorKind::NoSpace,
             Error::Failed(_) => ErrorKind::Failed,
             Error::Locked(_) => ErrorKind::Locked,

@@ -139,7 +139,7 @@ fn create_with_backing_takes_its_size_and_reads_through() {
 }
 
 #[test]
-fn loops_json_names_and_forbidden_backing_are_refused() {
+fn loops_json_options_and_forbidden_backing_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let a = dir.path().join("a.qcow2");
     let b = dir.path().join("b.qcow2");
@@ -157,14 +157,24 @@ fn loops_json_names_and_forbidden_backing_are_refused() {
         "qcow2",
         "-u",
         "-b",
-        "json:{\"file.filename\":\"/etc/hostname\"}",
+        "json:{\"file.filename\":\"/etc/hostname\",\"file.locking\":\"off\"}",
         "-F",
         "raw",
         p(&j),
         "1M",
     ]);
-    let err = Image::open(&j, &OpenOptions::new().read_only(true)).err().expect("json: must be refused");
+    // A json: name may name a file, its format and raw windows, nothing
+    // more: options beyond what a plain name says are refused.
+    let err = Image::open(&j, &OpenOptions::new().read_only(true)).err().expect("json: options must be refused");
     assert!(err.to_string().contains("json:"), "{err}");
+    // The file it names goes through the backing policy like any name.
+    let named = dir.path().join("named.qcow2");
+    let json = format!("json:{{\"driver\":\"raw\",\"file\":{{\"filename\":\"{}\"}}}}", p(&a));
+    run(&["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", &json, "-F", "raw", p(&named), "1M"]);
+    let forbid = OpenOptions::new().read_only(true).backing(BackingPolicy::Forbid);
+    assert!(Image::open(&named, &forbid).is_err());
+    let follow = Image::open(&named, &OpenOptions::new().read_only(true)).expect("a json: name of a file is followed");
+    assert_eq!(follow.backing().map(|b| b.format()), Some(oxqcow::ImageFormat::Raw));
 
     let top = chain(dir.path());
     let forbid = OpenOptions::new().read_only(true).backing(BackingPolicy::Forbid);

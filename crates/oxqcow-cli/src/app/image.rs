@@ -252,7 +252,8 @@ fn chain_failure(path: &str, format: Option<ImageFormat>) -> Option<String> {
         let name = info.backing_file?;
         prefix.push_str("Could not open backing file: ");
         if name.starts_with("json:") {
-            return Some(format!("{prefix}json: pseudo-filenames are not supported as backing files"));
+            // The engine opened it and reports its own failure.
+            return None;
         }
         let next = resolve_backing_path(&layer_path, &name);
         let next_format = match info.backing_format.as_deref().map(ImageFormat::from_name) {
@@ -298,6 +299,18 @@ pub fn chain_filenames(image: &Image, filename: &str) -> Vec<String> {
         layer = backing;
     }
     names
+}
+
+/// Closes an image as qemu-img's `blk_unref` does: persistent bitmaps
+/// that cannot be stored were reported by the image's message sink ("Lost
+/// persistent bitmaps during inactivation ...") and do not fail the
+/// command (only `commit` and `bitmap` learn of it, by inactivating
+/// first); any other failure is returned.
+pub fn close_image(image: Image) -> oxqcow::Result<()> {
+    match image.close() {
+        Err(oxqcow::Error::BitmapsLost(_)) => Ok(()),
+        r => r,
+    }
 }
 
 /// Whether `mode` is one of QEMU's cache modes (`-t`/`-T`).
@@ -369,9 +382,11 @@ fn image_opts_from(
     options: Vec<(String, String)>,
     io: bool,
 ) -> Result<(Option<String>, Option<String>, OpenOptions), String> {
+    let mut options = options;
+    let mut opts = OpenOptions::new();
+    opts.raw_windows = oxqcow::options::take_raw_windows(&mut options)?;
     let mut path = None;
     let mut format = None;
-    let mut opts = OpenOptions::new();
     // Options no driver takes, and qcow2's, which raw does not take: QEMU
     // names the format that refuses them, so they are judged at the end.
     let mut unknown = None;

@@ -199,7 +199,7 @@ impl Opened {
 
     /// Flushes (unless `cache=unsafe`) and closes.
     pub fn close(self) -> Result<(), String> {
-        self.image.close().map_err(|e| describe(&e))
+        crate::app::image::close_image(self.image).map_err(|e| describe(&e))
     }
 }
 
@@ -259,6 +259,8 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
         Some(http) => Some(open_http(&http, spec.read_only || spec.snapshot)?),
         None => take_null(&mut options, "file.")?,
     };
+    // Raw nodes with `offset`/`size`: windows the engine puts over the file.
+    let raw_windows = oxqcow::options::take_raw_windows(&mut options)?;
     // A format as the file's driver: that image, opened from the `file.*`
     // options, is this one's file (QEMU's nested format nodes).
     let nested = options.iter().any(|(k, v)| k == "file.driver" && ImageFormat::from_name(v).is_ok());
@@ -374,7 +376,11 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
                 format!("Could not open '{path}': Is a directory")
             });
         }
-        oxqcow::probe(&storage, Some(Path::new(&path))).map_err(|e| describe(&e))?
+        let mut seen: Arc<dyn oxqcow::Storage> = Arc::new(storage);
+        for w in raw_windows.iter().rev() {
+            seen = Arc::new(oxqcow::storage::WindowStorage::new(seen, w.offset, w.size)?);
+        }
+        oxqcow::probe(&*seen, Some(Path::new(&path))).map_err(|e| describe(&e))?
     };
     if explicit == Some(ImageFormat::Qcow2) && probed != Probed::Qcow2 {
         return Err("Image is not in qcow2 format".into());
@@ -389,7 +395,7 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
 
     // Left unset when probed, so that the engine guards a probed raw
     // image's first sector.
-    let mut opts = OpenOptions { format: explicit, ..OpenOptions::new() };
+    let mut opts = OpenOptions { format: explicit, raw_windows, ..OpenOptions::new() };
     opts.read_only = spec.read_only || spec.snapshot;
     opts.discard_passthrough = spec.unmap;
     opts.unmap = spec.unmap;

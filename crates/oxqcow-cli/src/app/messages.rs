@@ -15,7 +15,8 @@ use oxqcow::{ImageMessage, ImageMessages};
 /// inconsistencies met and worked around later, and the corruption that
 /// stops the image.
 pub fn open_messages() -> ImageMessages {
-    Arc::new(|m| match m {
+    let node = generated_node_name();
+    Arc::new(move |m| match m {
         ImageMessage::StaleBitmaps(why) => {
             let prog = prog_name();
             // QEMU prints the second line with error_printf, without a newline.
@@ -27,7 +28,21 @@ pub fn open_messages() -> ImageMessages {
         ImageMessage::Repair(line) | ImageMessage::Inconsistency(line) | ImageMessage::Corruption(line) => {
             stderr_line(line)
         }
+        ImageMessage::BitmapsLost(why) => {
+            let prog = prog_name();
+            stderr_line(&format!("{prog}: Lost persistent bitmaps during inactivation of node '{node}': {why}"))
+        }
     })
+}
+
+/// A name for an image opened without a node name, in the form of QEMU's
+/// generated ones (`id_generate`): `#block`, a counter, two random digits.
+fn generated_node_name() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed) + 1;
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    format!("#block{n}{:02}", (nanos ^ std::process::id()) % 100)
 }
 
 /// The program name as invoked (the basename of argv[0]), for messages

@@ -177,7 +177,7 @@ fn amend(
         if let Err(msg) = result {
             return ctx.fail(&msg);
         }
-        if let Err(e) = image.close() {
+        if let Err(e) = crate::app::image::close_image(image) {
             return ctx.fail(&describe(&e));
         }
         return 0;
@@ -202,7 +202,7 @@ fn amend(
     if let Err(msg) = result {
         return ctx.fail(&msg);
     }
-    if let Err(e) = image.close() {
+    if let Err(e) = crate::app::image::close_image(image) {
         return ctx.fail(&describe(&e));
     }
     0

@@ -13,7 +13,7 @@ use oxqcow::{DirtyBitmap, Image, OpenOptions};
 use crate::app::ctx::Ctx;
 use crate::app::getopt::{HasArg, Opt};
 use crate::app::image::{open_image, parse_image_opts};
-use crate::app::messages::describe;
+use crate::app::messages::{describe, errno_text};
 use crate::app::numbers::cvtnum;
 use crate::app::CommonOpts;
 
@@ -180,11 +180,17 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             break;
         }
     }
-    if let Err(e) = image.close() {
-        if code == 0 {
-            return ctx.fail(&describe(&e));
-        }
+    // As qemu-img: the images are inactivated first, so that a failure
+    // (bitmaps that cannot be stored) is known and fails the command, then
+    // closed, which tries a failed inactivation again.
+    let source_inactivated = source.as_ref().map_or(Ok(()), Image::inactivate);
+    if let Err(e) = image.inactivate().and(source_inactivated) {
+        code = ctx.fail(&format!("Error while closing the image: {}", errno_text(&e)));
     }
+    drop(source);
+    // Its failure was reported by the sink (bitmaps lost again) or is the
+    // one just reported.
+    let _ = image.close();
     code
 }
 

@@ -146,7 +146,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         report.leaks_fixed = leaks_fixed;
         report.corruptions_fixed = corruptions_fixed;
     }
-    if let Err(e) = image.close() {
+    if let Err(e) = crate::app::image::close_image(image) {
         return ctx.fail(&format!("Check failed: {}", describe(&e)));
     }
     if !quiet {

@@ -109,6 +109,8 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         },
         false => oxqcow::OpenOptions::default(),
     };
+    // The base's lost bitmaps are reported as its close finds them.
+    let open_opts = oxqcow::OpenOptions { messages: Some(crate::app::messages::open_messages()), ..open_opts };
     let (image, filename) =
         match crate::app::image::open_operand(filename, common.image_opts, format.as_deref(), false, false) {
             Ok(i) => i,
@@ -161,6 +163,10 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 println!("Image committed.");
             }
             0
+        }
+        Err(e @ oxqcow::Error::BitmapsLost(_)) => {
+            display.end();
+            ctx.fail(&format!("Error while closing the image: {}", crate::app::messages::errno_text(&e)))
         }
         Err(e) => {
             display.end();

@@ -168,7 +168,9 @@ fn create(req: &Request) -> Result<(), String> {
             let image = open_image(&shown, backing_fmt.as_deref(), only_size).map_err(|msg| {
                 // Here QEMU names the file once, not once per layer.
                 let doubled = format!("Could not open '{shown}': ");
-                let msg = msg.strip_prefix(&doubled).filter(|m| m.starts_with(&doubled)).unwrap_or(&msg);
+                // A `json:` name has no file of its own to name.
+                let once = backing.starts_with("json:");
+                let msg = msg.strip_prefix(&doubled).filter(|m| once || m.starts_with(&doubled)).unwrap_or(&msg);
                 format!("{msg}\nCould not open backing image.")
             })?;
             if backing_fmt.is_none() {
@@ -229,7 +231,9 @@ fn too_large(fmt: &str) -> String {
 /// A relative backing file name is relative to the new image's directory.
 fn backing_path(image: &str, backing: &str) -> PathBuf {
     let b = Path::new(backing);
-    if b.is_absolute() {
+    // A `json:` name says everything itself (its file names are taken
+    // from the working directory).
+    if b.is_absolute() || backing.starts_with("json:") {
         return b.to_path_buf();
     }
     match Path::new(image).parent() {

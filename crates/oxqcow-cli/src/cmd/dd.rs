@@ -198,7 +198,8 @@ fn dd(
             .map_err(|e| format!("error while writing to output image file: {}", strerror(&e)))?;
         pos += n as u64;
     }
-    target.close().map_err(|e| format!("error while closing the output image: {}", strerror(&e)))
+    crate::app::image::close_image(target)
+        .map_err(|e| format!("error while closing the output image: {}", strerror(&e)))
 }
 
 #[cfg(test)]

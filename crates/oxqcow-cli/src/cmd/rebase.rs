@@ -178,7 +178,9 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let new_backing = backing.as_deref().map(|b| (b, backing_format));
     let opts = RebaseOptions { unsafe_mode, cache: cache_mode, backing_cache, compress };
     match rebase(filename, new_backing, opts, progress) {
-        Ok(()) => 0,
+        // Lost bitmaps were reported as the image closed, and do not fail
+        // qemu-img rebase.
+        Ok(()) | Err(oxqcow::Error::BitmapsLost(_)) => 0,
         Err(e) => ctx.fail(&format!("Could not change the backing file to '{shown}': {}", describe(&e))),
     }
 }

@@ -110,7 +110,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     if image.format() == ImageFormat::Qcow2 && total % 512 != 0 {
         return ctx.fail("The new size must be a multiple of 512");
     }
-    if let Err(e) = image.resize(total, prealloc).and_then(|()| image.close()) {
+    if let Err(e) = image.resize(total, prealloc).and_then(|()| crate::app::image::close_image(image)) {
         return ctx.fail(&describe(&e));
     }
     if !quiet {

@@ -140,7 +140,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         warn_probed_raw(&path);
     }
     let code = perform(ctx, &image, action);
-    if let Err(e) = image.close() {
+    if let Err(e) = crate::app::image::close_image(image) {
         if code == 0 {
             return ctx.fail(&describe(&e));
         }

@@ -7,7 +7,19 @@
 //! `aio_write` complete (and print their report) before the next command,
 //! which is one of the orders qemu-io itself may print them in.
 
+// Standard output inside `io/` goes through `out`, buffered as QEMU's
+// stdio buffers it (these shadow the standard macros in every module
+// below).
+macro_rules! print {
+    ($($arg:tt)*) => { $crate::io::out::write(format_args!($($arg)*)) };
+}
+macro_rules! println {
+    () => { $crate::io::out::write(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::io::out::write(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
 mod cmds;
+mod out;
 mod report;
 mod session;
 
@@ -73,6 +85,12 @@ fn usage(prog: &str) -> String {
 
 /// Runs `oxqcow io ARGS`.
 pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
+    let code = run_buffered(ctx, args);
+    out::flush();
+    code
+}
+
+fn run_buffered(ctx: &Ctx, args: &[String]) -> i32 {
     let (parsed, error) = getopt::parse_until_error(&ctx.argv0, args, MAIN_OPTIONS);
     let mut spec = OpenSpec::for_command_line();
     let mut commands: Vec<String> = Vec::new();
@@ -164,6 +182,5 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
 }
 
 fn flush_stdout() {
-    use std::io::Write;
-    let _ = std::io::stdout().flush();
+    out::flush();
 }

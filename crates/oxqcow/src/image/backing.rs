@@ -6,8 +6,9 @@
 //! decides ([`BackingPolicy`]): follow names (with format probing only when
 //! the image records no format, as QEMU does), refuse images that have a
 //! backing file, open images alone, or ask a [`BackingGate`] for every file.
-//! Chains are followed with loop detection and a depth limit; `json:`
-//! pseudo-filenames are refused.
+//! Chains are followed with loop detection and a depth limit; a `json:`
+//! pseudo-filename opens the node its options describe (a format over a
+//! file, possibly through raw windows).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -100,7 +101,9 @@ impl Chain {
 }
 
 /// Opens the backing file `name` (with recorded format `format`) of the
-/// image at `overlay`, through the policy of `opts`.
+/// image at `overlay`, through the policy of `opts`. A `json:{...}` name
+/// sets the backing node's options itself (its file name is taken as
+/// given, relative to the working directory, as QEMU takes it).
 pub(crate) fn open_backing(
     overlay: &Path,
     name: &str,
@@ -117,14 +120,18 @@ pub(crate) fn open_backing(
             overlay.display()
         )));
     }
-    if name.starts_with("json:") {
-        return Err(Error::Unsupported(format!("json: pseudo-filenames as backing files ('{name}')")));
-    }
-    let path = resolve_backing_path(overlay, name);
+    let mut backing_opts = backing_options(opts);
+    let (path, format) = match name.strip_prefix("json:") {
+        Some(text) => {
+            let (path, driver) = json_node(text, &mut backing_opts)?;
+            (path, driver.or(format.map(str::to_string)))
+        }
+        None => (resolve_backing_path(overlay, name), format.map(str::to_string)),
+    };
     // QEMU's file-posix drivers named as the backing format are the
     // backing node themselves: the file's bytes, as raw shows them.
-    let host_driver = format.filter(|f| crate::image::is_host_driver(f));
-    let format = match format {
+    let host_driver = format.as_deref().filter(|f| crate::image::is_host_driver(f));
+    let format = match format.as_deref() {
         Some(_) if host_driver.is_some() => Some(ImageFormat::Raw),
         Some(f) => Some(
             ImageFormat::from_name(f)
@@ -145,25 +152,7 @@ pub(crate) fn open_backing(
     if let Some(driver) = host_driver {
         crate::image::check_host_file(driver, &path)?;
     }
-    let mut backing_opts = opts.clone();
-    backing_opts.read_only = true;
     backing_opts.format = format;
-    backing_opts.repair = false;
-    // An explicit data file, and the internal snapshot to read, belong to
-    // the image they were given for (QEMU's `bdrv_snapshot_load_tmp`
-    // loads the snapshot of the top image; its backing file reads as it is).
-    backing_opts.data_file = None;
-    backing_opts.snapshot = None;
-    // As in QEMU, the overlay's secret is not the backing file's: that one
-    // comes from `backing.encrypt.key-secret`.
-    backing_opts.passphrase = opts.backing_passphrase.clone();
-    backing_opts.backing_passphrase = None;
-    backing_opts.key_secret = None;
-    backing_opts.backing_file = None;
-    backing_opts.backing_format = None;
-    // Backing files open read-only (no repair); their stale-bitmap warning
-    // is not printed (only the top image's).
-    backing_opts.messages = None;
     let image = Image::open_in_chain(&path, &backing_opts, chain, Default::default()).map_err(|e| match e {
         Error::Io { op: "opening the image", offset, source } => Error::Io {
             op: "opening the backing file",
@@ -176,4 +165,62 @@ pub(crate) fn open_backing(
         other => other,
     })?;
     Ok(Some(Arc::new(image)))
+}
+
+/// The options a backing file opens with: the overlay's, read-only,
+/// without what belongs to the overlay alone.
+fn backing_options(opts: &OpenOptions) -> OpenOptions {
+    let mut backing_opts = opts.clone();
+    backing_opts.read_only = true;
+    backing_opts.repair = false;
+    // An explicit data file, the raw windows over the file, and the
+    // internal snapshot to read belong to the image they were given for
+    // (QEMU's `bdrv_snapshot_load_tmp` loads the snapshot of the top
+    // image; its backing file reads as it is).
+    backing_opts.data_file = None;
+    backing_opts.raw_windows = Vec::new();
+    backing_opts.snapshot = None;
+    // As in QEMU, the overlay's secret is not the backing file's: that one
+    // comes from `backing.encrypt.key-secret`.
+    backing_opts.passphrase = opts.backing_passphrase.clone();
+    backing_opts.backing_passphrase = None;
+    backing_opts.key_secret = None;
+    backing_opts.backing_file = None;
+    backing_opts.backing_format = None;
+    // Backing files open read-only (no repair); their stale-bitmap warning
+    // is not printed (only the top image's).
+    backing_opts.messages = None;
+    backing_opts
+}
+
+/// Reads a `json:{...}` node name (`text` after the prefix): the file it
+/// names, its driver if it names one, and its raw windows (into `opts`).
+/// A header's name comes from whoever made the image, so it may say no
+/// more than a plain name and a backing format would (plus windows onto
+/// that file): any other option is refused, and the file goes through the
+/// caller's backing policy like any other name.
+pub(crate) fn json_node(text: &str, opts: &mut OpenOptions) -> Result<(PathBuf, Option<String>)> {
+    let mut options = crate::names::parse_json_name(text).map_err(Error::InvalidArgument)?;
+    opts.raw_windows = crate::options::take_raw_windows(&mut options).map_err(Error::InvalidArgument)?;
+    let mut path = None;
+    let mut driver = None;
+    for (key, value) in options {
+        match key.as_str() {
+            "driver" => driver = Some(value),
+            "file.filename" | "filename" | "file" => match crate::names::parse_image_name(&value) {
+                Ok(crate::names::ImageName::File { filename, .. }) => path = Some(PathBuf::from(filename)),
+                Ok(_) => return Err(Error::Unsupported(format!("'{value}' as a file in a json: backing file name"))),
+                Err(e) => return Err(Error::InvalidArgument(e)),
+            },
+            "file.driver" if value == "file" => {}
+            "file.driver" => return Err(Error::InvalidArgument(format!("Unknown protocol '{value}'"))),
+            _ => {
+                return Err(Error::Unsupported(format!(
+                    "the option '{key}' in a json: backing file name (only a file, its format and raw windows)"
+                )))
+            }
+        }
+    }
+    let path = path.ok_or_else(|| Error::InvalidArgument("A block device must be specified for \"file\"".into()))?;
+    Ok((path, driver))
 }

@@ -212,6 +212,14 @@ fn open_file(path: &Path, opts: &OpenOptions) -> Result<(Arc<dyn Storage>, bool)
     Ok((Arc::new(file), read_only))
 }
 
+/// `storage` as the raw nodes of `windows` (outermost first) show it.
+fn apply_raw_windows(storage: Arc<dyn Storage>, windows: &[crate::options::RawWindow]) -> Result<Arc<dyn Storage>> {
+    windows.iter().rev().try_fold(storage, |inner, w| {
+        let window = crate::storage::WindowStorage::new(inner, w.offset, w.size).map_err(Error::InvalidArgument)?;
+        Ok(Arc::new(window) as Arc<dyn Storage>)
+    })
+}
+
 /// An open image of any supported format.
 // One value per open image: the size difference between variants costs nothing.
 #[allow(clippy::large_enum_variant)]
@@ -256,6 +264,7 @@ impl Image {
             Some(file) => (file, opts.read_only),
             None => open_file(path, opts)?,
         };
+        let storage = apply_raw_windows(storage, &opts.raw_windows)?;
         let adjusted;
         let opts = if read_only == opts.read_only {
             opts
@@ -354,7 +363,16 @@ impl Image {
     pub fn create(path: &Path, opts: &CreateOptions) -> Result<Image> {
         let mut opts = opts.clone();
         if let Some(name) = opts.backing_file.clone() {
-            let backing_path = resolve_backing_path(path, &name);
+            // For its size only: an encrypted chain opens without its
+            // secrets, as QEMU opens it (`BDRV_O_NO_IO`).
+            let mut only_size = OpenOptions { read_only: true, no_io: true, ..Default::default() };
+            let could_not_open = |e: Error| {
+                Error::InvalidArgument(format!("Could not open '{name}': {e}\nCould not open backing image."))
+            };
+            let (backing_path, json_driver) = match name.strip_prefix("json:") {
+                Some(text) => crate::image::backing::json_node(text, &mut only_size).map_err(could_not_open)?,
+                None => (resolve_backing_path(path, &name), None),
+            };
             if let (Ok(a), Ok(b)) = (std::fs::canonicalize(&backing_path), std::fs::canonicalize(path)) {
                 if a == b {
                     return Err(Error::InvalidArgument(
@@ -363,13 +381,9 @@ impl Image {
                 }
             }
             if !opts.unsafe_backing || !opts.size_given {
-                let format = opts.backing_format.as_deref().map(ImageFormat::from_name).transpose()?;
-                // For its size only: an encrypted chain opens without its
-                // secrets, as QEMU opens it (`BDRV_O_NO_IO`).
-                let only_size = OpenOptions { read_only: true, format, no_io: true, ..Default::default() };
-                let backing = Image::open(&backing_path, &only_size).map_err(|e| {
-                    Error::InvalidArgument(format!("Could not open '{name}': {e}\nCould not open backing image."))
-                })?;
+                let format = json_driver.as_deref().or(opts.backing_format.as_deref());
+                only_size.format = format.map(ImageFormat::from_name).transpose()?;
+                let backing = Image::open(&backing_path, &only_size).map_err(could_not_open)?;
                 if !opts.size_given {
                     opts.size = backing.len();
                     opts.size_given = true;
@@ -546,6 +560,18 @@ impl Image {
             Image::Qcow2(q) => q.check_with(repair, out),
             other => Err(Error::Unsupported(format!("checking {} images", other.format().name()))),
         }
+    }
+
+    /// QEMU's inactivation of the image and of its backing chain (see
+    /// [`Qcow2::inactivate`]); other formats flush. The first failure is
+    /// returned, after every layer was tried.
+    pub fn inactivate(&self) -> Result<()> {
+        let own = match self {
+            Image::Qcow2(q) => q.inactivate(),
+            Image::Raw(_) | Image::Luks(_) | Image::Qcow(_) => self.flush(),
+        };
+        let below = self.backing().map_or(Ok(()), |b| b.inactivate());
+        own.and(below)
     }
 
     /// Flushes and closes.

@@ -5,11 +5,13 @@ mod amend;
 mod backing;
 mod encryption;
 pub mod overlap;
+mod raw_window;
 
 use crate::error::{Error, Result};
 pub use amend::{check_refcount_bits, AmendOptions};
 pub use backing::{BackingGate, BackingPolicy};
 pub use encryption::{Encryption, EncryptionFormat, KeyslotChange, LuksParams};
+pub use raw_window::{take_raw_windows, RawWindow};
 
 /// Image formats.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -209,6 +211,11 @@ pub enum ImageMessage<'a> {
     /// Marking image as corrupt: ...; further corruption events will be
     /// suppressed" on a writable image. Only the first is reported.
     Corruption(&'a str),
+    /// Persistent bitmaps that could not be stored when the image was
+    /// inactivated or closed (QEMU's "Lost persistent bitmaps during
+    /// inactivation of node ...: REASON"): the reason. Sent at every
+    /// attempt: a close after a failed inactivation tries again.
+    BitmapsLost(&'a str),
 }
 
 /// Receives the [`ImageMessage`]s of an open image as they happen.
@@ -286,6 +293,10 @@ pub struct OpenOptions {
     /// names (QEMU's `data-file` runtime option); only for images that
     /// have one. Not passed down to backing files.
     pub data_file: Option<std::path::PathBuf>,
+    /// Raw nodes between the image and its file (QEMU's `raw` driver with
+    /// `offset`/`size`, `file.driver=raw`), outermost first: the image
+    /// sees the file through these windows. Not passed down.
+    pub raw_windows: Vec<RawWindow>,
     /// The passphrase of an encrypted image (the bytes of the secret QEMU's
     /// `encrypt.key-secret` names). Opening an encrypted image for data
     /// without it fails; `Qcow2::inspect` needs none.
@@ -349,6 +360,7 @@ impl std::fmt::Debug for OpenOptions {
             overlap_check,
             overlap,
             data_file,
+            raw_windows,
             passphrase,
             backing_passphrase,
             backing_file,
@@ -383,6 +395,7 @@ impl std::fmt::Debug for OpenOptions {
             .field("overlap_check", overlap_check)
             .field("overlap", overlap)
             .field("data_file", data_file)
+            .field("raw_windows", raw_windows)
             .field("passphrase", &secret(passphrase))
             .field("backing_passphrase", &secret(backing_passphrase))
             .field("backing_file", backing_file)

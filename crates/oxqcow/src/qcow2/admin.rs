@@ -202,13 +202,20 @@ impl Qcow2 {
         res
     }
 
-    pub(crate) fn close_inner(&self) -> Result<()> {
+    /// The clean close (QEMU's `qcow2_inactivate`). With `last`, the image
+    /// counts as closed whatever happens; without, a failure to store the
+    /// bitmaps leaves it open, so that the close tries again (QEMU marks a
+    /// node inactive only when its inactivation succeeded, and its close
+    /// inactivates a node that is not).
+    pub(crate) fn close_inner(&self, last: bool) -> Result<()> {
         if self.closed.swap(true, Ordering::AcqRel) || self.read_only || self.lock_meta().stopped_by_corruption() {
             return Ok(());
         }
-        self.flush()?;
-        // As QEMU's qcow2_inactivate: bitmaps first, then the caches.
-        self.lock_meta().close(self.storage_ref())
+        let res = self.flush().and_then(|()| self.lock_meta().close(self.storage_ref()));
+        if !last && matches!(res, Err(Error::BitmapsLost(_))) {
+            self.closed.store(false, Ordering::Release);
+        }
+        res
     }
 
     /// Refuses internal snapshot operations on images with an external

@@ -487,7 +487,16 @@ impl Qcow2 {
 
     /// Flushes everything, clears the dirty bit and closes the image.
     pub fn close(self) -> Result<()> {
-        self.close_inner()
+        self.close_inner(true)
+    }
+
+    /// What closing writes, with the image kept (QEMU's inactivation, which
+    /// qemu-img runs before closing to learn whether it worked): bitmaps
+    /// stored, caches written, the dirty bit cleared. Nothing may be
+    /// written after it succeeded. When the bitmaps could not be stored
+    /// ([`Error::BitmapsLost`]), the close tries again.
+    pub fn inactivate(&self) -> Result<()> {
+        self.close_inner(false)
     }
 
     /// Adds or erases LUKS key slots with qemu-img amend's rules and
@@ -640,6 +649,6 @@ impl Qcow2 {
 
 impl Drop for Qcow2 {
     fn drop(&mut self) {
-        let _ = self.close_inner();
+        let _ = self.close_inner(true);
     }
 }

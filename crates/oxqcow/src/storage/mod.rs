@@ -10,6 +10,7 @@ pub mod http;
 pub(crate) mod lock;
 mod memory;
 mod null;
+mod window;
 
 use std::io;
 
@@ -18,6 +19,7 @@ pub use file::FileStorage;
 pub use http::{HttpOptions, HttpStorage};
 pub use memory::MemoryStorage;
 pub use null::NullStorage;
+pub use window::WindowStorage;
 
 /// The allocation of a run of storage bytes, as a protocol reports it
 /// (QEMU's block status of a protocol node).

@@ -76,6 +76,6 @@ fn convert(ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
         setup::copy_bitmaps(ctx, &sources[0], &target, a.skip_broken_bitmaps)?;
     }
     target.flush().map_err(|e| format!("error while flushing the target: {}", strerror(&e)))?;
-    target.close().map_err(|e| format!("error while closing the target: {}", strerror(&e)))?;
+    crate::app::image::close_image(target).map_err(|e| format!("error while closing the target: {}", strerror(&e)))?;
     Ok(())
 }

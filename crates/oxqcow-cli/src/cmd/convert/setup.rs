@@ -204,7 +204,8 @@ pub fn target(a: &Args, out_fmt: &str, opts: &mut CreateOptions, has_backing: bo
             format!("{}: error while converting {out_fmt}: {why}", a.target)
         })?;
         if has_backing {
-            image.close().map_err(|e| format!("error while closing the target: {}", strerror(&e)))?;
+            crate::app::image::close_image(image)
+                .map_err(|e| format!("error while closing the target: {}", strerror(&e)))?;
             None
         } else {
             Some(image)

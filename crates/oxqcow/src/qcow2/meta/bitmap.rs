@@ -317,28 +317,81 @@ impl Meta {
     }
 
     /// Writes a bitmap's data clusters and table; returns the table's place
-    /// and size (QEMU's `store_bitmap`).
-    fn store_bitmap_data(&mut self, storage: &dyn Storage, bm: &DirtyBitmap) -> Result<(u64, u32)> {
+    /// and size (QEMU's `store_bitmap`). On failure every cluster it took
+    /// is given back, and a host write that failed is worded as QEMU words
+    /// it ("Failed to write bitmap 'NAME' to file: REASON").
+    fn store_bitmap_data(&mut self, storage: &dyn Storage, name: &str, bm: &DirtyBitmap) -> Result<(u64, u32)> {
         let cs = self.geometry.cluster_size();
         let mut table = vec![0u64; bm.chunk_count()];
-        for (i, slot) in table.iter_mut().enumerate() {
-            if let Some(bytes) = bm.chunk_bytes(i, cs as usize) {
-                let at = self.alloc_clusters(storage, 1)?;
-                self.refcounts.check_write(at, cs, 0)?;
-                storage.write_at(&bytes, at).map_err(Error::io("writing bitmap data", at))?;
-                *slot = BitmapTableEntry::Data(at).raw();
+        let written = self.write_bitmap_clusters(storage, name, bm, &mut table);
+        if let Err(e) = written {
+            for &at in table.iter().filter(|&&at| at != 0) {
+                self.refcounts.update(storage, self.geometry.host_cluster(HostOffset(at)), -1)?;
             }
+            return Err(e);
         }
         let bytes = encode_entries(&table);
-        let at = self.alloc_clusters(storage, self.geometry.clusters_for(bytes.len() as u64))?;
-        self.refcounts.check_write(at, bytes.len() as u64, 0)?;
-        storage.write_at(&bytes, at).map_err(Error::io("writing a bitmap table", at))?;
+        let clusters = self.geometry.clusters_for(bytes.len() as u64);
+        let at = self.alloc_clusters(storage, clusters)?;
+        let stored = self
+            .refcounts
+            .check_write(at, bytes.len() as u64, 0)
+            .and_then(|()| storage.write_at(&bytes, at).map_err(|e| write_failed(name, &e)));
+        if let Err(e) = stored {
+            self.free_clusters_now(storage, at, clusters * cs)?;
+            for entry in table.iter().filter(|&&e| e != 0) {
+                self.refcounts.update(storage, self.geometry.host_cluster(HostOffset(*entry)), -1)?;
+            }
+            return Err(e);
+        }
         Ok((at, table.len() as u32))
     }
 
+    /// Writes the data clusters of a bitmap's set chunks, recording each
+    /// in `table` as soon as it is allocated (so that a failure can give
+    /// back exactly what was taken).
+    fn write_bitmap_clusters(
+        &mut self,
+        storage: &dyn Storage,
+        name: &str,
+        bm: &DirtyBitmap,
+        table: &mut [u64],
+    ) -> Result<()> {
+        let cs = self.geometry.cluster_size();
+        for (i, slot) in table.iter_mut().enumerate() {
+            if let Some(bytes) = bm.chunk_bytes(i, cs as usize) {
+                let at = self.alloc_clusters(storage, 1)?;
+                *slot = BitmapTableEntry::Data(at).raw();
+                self.refcounts.check_write(at, cs, 0)?;
+                storage.write_at(&bytes, at).map_err(|e| write_failed(name, &e))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Stores every consistent bitmap and clears their in-use flags (QEMU's
-    /// `qcow2_store_persistent_dirty_bitmaps`, run at close).
+    /// `qcow2_store_persistent_dirty_bitmaps`, run at close). When that
+    /// fails, the clusters taken for it are given back, the bitmaps stay
+    /// in use on disk and in memory (a later close tries again, as QEMU's
+    /// does), and the error is [`Error::BitmapsLost`].
     pub(crate) fn store_bitmaps(&mut self, storage: &dyn Storage) -> Result<()> {
+        let mut stored = Vec::new();
+        let result = self.try_store_bitmaps(storage, &mut stored);
+        if let Err(e) = result {
+            for e in &stored {
+                self.free_bitmap_clusters(storage, e)?;
+            }
+            return Err(match e {
+                Error::BitmapsLost(m) => Error::BitmapsLost(m),
+                other => Error::BitmapsLost(other.to_string()),
+            });
+        }
+        Ok(())
+    }
+
+    /// [`Meta::store_bitmaps`]'s work; `stored` receives the entries whose
+    /// clusters were written, for the caller to give back on failure.
+    fn try_store_bitmaps(&mut self, storage: &dyn Storage, stored: &mut Vec<BitmapDirEntry>) -> Result<()> {
         let cs = self.geometry.cluster_size();
         let size = self.header.size;
         let mut dir = self.bitmaps.dir.clone();
@@ -393,20 +446,19 @@ impl Meta {
             let Some(live) = self.bitmaps.live.iter().find(|l| l.name == e.name && !l.inconsistent) else {
                 continue;
             };
-            let empty;
             let data = match &live.data {
-                Some(d) => d,
-                None => {
-                    empty = DirtyBitmap::new(size, live.granularity_bits, cs);
-                    &empty
-                }
+                Some(d) => d.clone(),
+                None => DirtyBitmap::new(size, live.granularity_bits, cs),
             };
-            let data = data.clone();
-            let (offset, entries) = self.store_bitmap_data(storage, &data)?;
+            let name = live.name.clone();
+            let (offset, entries) = self.store_bitmap_data(storage, &name, &data)?;
             e.table_offset = offset;
             e.table_size = entries;
+            stored.push(e.clone());
         }
-        self.replace_directory(storage, dir)?;
+        self.replace_directory(storage, dir)
+            .map_err(|e| Error::BitmapsLost(format!("Failed to update bitmap extension: {}", errno_text(&e))))?;
+        stored.clear();
         for old in dropped {
             self.free_bitmap_clusters(storage, &old)?;
         }
@@ -603,4 +655,27 @@ pub fn bitmaps_size(bitmaps: &[BitmapInfo], len: u64, cluster_size: u64) -> u64 
         dir += dir_entry_size(b.name.len(), 0);
     }
     total + dir.div_ceil(cluster_size) * cluster_size
+}
+
+/// QEMU's message for a host write of a bitmap that failed.
+fn write_failed(name: &str, e: &std::io::Error) -> Error {
+    Error::BitmapsLost(format!("Failed to write bitmap '{name}' to file: {}", io_text(e)))
+}
+
+/// C's `strerror` text of a host error.
+fn io_text(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    match text.find(" (os error") {
+        Some(i) => text[..i].to_string(),
+        None => text,
+    }
+}
+
+/// The `strerror` text of an engine error, for QEMU's messages that end
+/// in one.
+fn errno_text(e: &Error) -> String {
+    match e {
+        Error::Io { source, .. } => io_text(source),
+        other => other.to_string(),
+    }
 }

@@ -386,6 +386,9 @@ impl Meta {
             return Ok(());
         }
         let stored = self.store_bitmaps(st);
+        if let (Err(Error::BitmapsLost(why)), Some(sink)) = (&stored, &self.messages) {
+            sink(crate::options::ImageMessage::BitmapsLost(why));
+        }
         self.flush_all(st)?;
         stored?;
         if self.header.is_dirty() {

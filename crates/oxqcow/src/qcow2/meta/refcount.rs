@@ -185,7 +185,15 @@ impl Refcounts {
         }
         let len = storage.len().map_err(Error::io("reading the file length", 0))?;
         if len < end {
-            storage.set_len(end).map_err(Error::io("extending the file over allocated clusters", len))?;
+            match storage.set_len(end) {
+                // A storage that keeps its length (a raw node with a
+                // `size`, a null device) cannot be covered: the allocation
+                // stands and the write into the cluster fails instead
+                // (ENOSPC past a raw window), as in QEMU, whose allocator
+                // never touches the file.
+                Err(e) if e.kind() == std::io::ErrorKind::Unsupported => return Ok(()),
+                r => r.map_err(Error::io("extending the file over allocated clusters", len))?,
+            }
         }
         self.covered_len = len.max(end);
         Ok(())
@@ -297,11 +305,13 @@ impl Refcounts {
     }
 
     /// Finds `n` contiguous clusters with refcount 0, starting at the hint.
-    /// Moves the hint to the first free cluster seen, so that later searches
-    /// do not rescan the used clusters before it.
+    /// Moves the hint to the run found, as QEMU's `free_cluster_index`
+    /// moves: free clusters passed over because the run did not fit there
+    /// stay behind it until a cluster below it is freed (so a run of many
+    /// clusters leaves smaller holes for later, as in QEMU's files).
     fn find_free(&mut self, storage: &dyn Storage, n: u64) -> Result<u64> {
-        let (start, first_free) = self.find_free_run(storage, n)?;
-        self.free_hint = first_free;
+        let (start, _) = self.find_free_run(storage, n)?;
+        self.free_hint = start;
         Ok(start)
     }
 
