@@ -8,7 +8,7 @@ use std::sync::MutexGuard;
 use oxqcow_format::{GuestOffset, L2Mapping};
 
 use super::meta::mapping::ReadSegment;
-use super::meta::plan::WritePlan;
+use super::meta::plan::{CompressedPlan, WritePlan};
 use super::meta::Meta;
 use super::{Qcow2, MAX_PENDING_FREES};
 use crate::error::{Error, Result};
@@ -271,6 +271,10 @@ impl Qcow2 {
             let chunk = &buf[done as usize..];
             match plan {
                 WritePlan::Wait => unreachable!("handled above"),
+                WritePlan::Reclaim => {
+                    drop(gate);
+                    self.flush()?;
+                }
                 WritePlan::InPlace { host, len } => {
                     let data = &chunk[..len as usize];
                     match &self.crypt {
@@ -690,12 +694,24 @@ impl Qcow2 {
     }
 
     pub(crate) fn write_compressed_cluster(&self, data: &[u8], offset: u64) -> Result<()> {
-        let gate = self.io_gate.read().unwrap_or_else(|p| p.into_inner());
-        let ((id, host), m) = self.meta_step(|m, st| m.plan_compressed(st, GuestOffset(offset), data.len() as u64))?;
-        drop(m);
-        let io = self.storage.write_at(data, host.0).map_err(Error::io("writing compressed data", host.0));
-        drop(gate);
-        self.finish_alloc(id, io).map(|_| ())
+        loop {
+            let gate = self.io_gate.read().unwrap_or_else(|p| p.into_inner());
+            let (plan, m) = self.meta_step(|m, st| {
+                Ok(match m.plan_compressed(st, GuestOffset(offset), data.len() as u64)? {
+                    CompressedPlan::Wait => None,
+                    plan => Some(plan),
+                })
+            })?;
+            drop(m);
+            let CompressedPlan::Write { id, host } = plan else {
+                drop(gate);
+                self.flush()?;
+                continue;
+            };
+            let io = self.storage.write_at(data, host.0).map_err(Error::io("writing compressed data", host.0));
+            drop(gate);
+            return self.finish_alloc(id, io).map(|_| ());
+        }
     }
 
     /// Ends the in-flight allocation `id` after its data I/O gave `io`:

@@ -305,6 +305,11 @@ impl Refcounts {
         Ok(start)
     }
 
+    /// The first free cluster, where the next allocation of one cluster goes.
+    pub(crate) fn first_free(&mut self, storage: &dyn Storage) -> Result<u64> {
+        self.find_free(storage, 1)
+    }
+
     fn find_free_run(&mut self, storage: &dyn Storage, n: u64) -> Result<(u64, u64)> {
         let rpb = self.geometry.refcounts_per_block();
         let order = self.geometry.refcount_order();
