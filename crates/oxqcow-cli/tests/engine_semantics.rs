@@ -228,3 +228,34 @@ fn writes_after_a_discard_reuse_the_freed_clusters_as_qemu_does() {
         s.assert_clean("o.qcow2");
     }
 }
+
+/// A write whose new clusters reach past the last refcount block's range
+/// put the new block at the first free cluster, before the data, so every
+/// later cluster (and the file's end) sat one cluster further up per block
+/// than in QEMU's image. QEMU picks the data run first and puts each new
+/// block right after it; the files must be byte for byte the same.
+#[test]
+fn new_refcount_blocks_go_past_the_clusters_being_allocated() {
+    let s = Scratch::new();
+    // 512 refcounts per 4 KiB block: 8 MiB of data needs five blocks.
+    let size = 8 << 20;
+    for who in ["q", "o"] {
+        let name = format!("{who}.qcow2");
+        s.qemu_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096,refcount_bits=64",
+            &name,
+            &size.to_string(),
+        ]);
+    }
+    let write = format!("write -P 1 0 {size}");
+    s.qemu_io("qcow2", "q.qcow2", &[&write]);
+    s.ours_ok(&["io", "-f", "qcow2", "-c", &write, "o.qcow2"]);
+    s.assert_clean("o.qcow2");
+    let (q, o) = (std::fs::read(s.path("q.qcow2")).unwrap(), std::fs::read(s.path("o.qcow2")).unwrap());
+    assert!(q == o, "the files differ (lengths {} and {})", q.len(), o.len());
+}
