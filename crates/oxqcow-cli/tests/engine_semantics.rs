@@ -189,7 +189,7 @@ fn repair_writes_an_l2_table_placed_over_the_old_refcount_table() {
 /// went to the end of the file where QEMU, which frees at once, reuses the
 /// freed clusters: `map` showed other host offsets. The engine now makes
 /// the discard durable before the allocation that would reuse them, and
-/// places data and new L2 tables as QEMU does.
+/// places data and new L2 tables (for writes and zero writes) as QEMU does.
 #[test]
 fn writes_after_a_discard_reuse_the_freed_clusters_as_qemu_does() {
     let s = Scratch::new();
@@ -202,7 +202,9 @@ fn writes_after_a_discard_reuse_the_freed_clusters_as_qemu_does() {
             "write -P 2 2M 192k",
             "write -P 3 6M 64k",
             "discard 0 64k",
-            "write -P 4 3M 128k",
+            // With 4 KiB clusters a zero write needs a new L2 table too.
+            "write -z 4M 64k",
+            "write -P 4 3M 16k",
         ];
         for who in ["q", "o"] {
             let name = format!("{who}.qcow2");

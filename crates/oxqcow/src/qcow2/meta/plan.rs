@@ -226,6 +226,15 @@ impl Meta {
         Ok(self.refcounts.first_free(storage).is_ok_and(|first| lowest < first))
     }
 
+    /// [`Meta::reclaim_first`] for a zero write at `at`, asked before its
+    /// metadata step: whether its L2 table must be allocated while a
+    /// deferred free leaves a lower cluster. A failure to tell says no;
+    /// the step itself meets it and reports it.
+    pub(crate) fn reclaim_for_table(&mut self, storage: &dyn Storage, at: GuestOffset) -> bool {
+        let l1_index = self.geometry.l1_index(at);
+        matches!(self.l2_needs_alloc(l1_index), Ok(true)) && matches!(self.reclaim_first(storage), Ok(true))
+    }
+
     /// Whether the L2 table of `l1_index` must be allocated (or copied) for
     /// a write: none, or one without COPIED. (A COPIED flag that its
     /// refcount contradicts is found only by `ensure_l2_for_write`.)
