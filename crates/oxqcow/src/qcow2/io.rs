@@ -8,7 +8,7 @@ use std::sync::MutexGuard;
 use oxqcow_format::{GuestOffset, L2Mapping};
 
 use super::meta::mapping::ReadSegment;
-use super::meta::plan::WritePlan;
+use super::meta::plan::{CompressedPlan, WritePlan};
 use super::meta::Meta;
 use super::{Qcow2, MAX_PENDING_FREES};
 use crate::error::{Error, Result};
@@ -271,6 +271,10 @@ impl Qcow2 {
             let chunk = &buf[done as usize..];
             match plan {
                 WritePlan::Wait => unreachable!("handled above"),
+                WritePlan::Reclaim => {
+                    drop(gate);
+                    self.flush()?;
+                }
                 WritePlan::InPlace { host, len } => {
                     let data = &chunk[..len as usize];
                     match &self.crypt {
@@ -353,6 +357,9 @@ impl Qcow2 {
         // subcluster and reaches the end of the disk (its zeroize has no
         // tail there), and always without subclusters.
         let whole_cluster = !g.extended_l2() || (start % cs == 0 && start + unit >= size);
+        if self.version() >= 3 {
+            self.reclaim_for_table(start)?;
+        }
         let (zeroed, pending) = {
             let _gate = self.io_gate.read().unwrap_or_else(|p| p.into_inner());
             // What the unit reads as is not metadata of this image: failing
@@ -459,7 +466,8 @@ impl Qcow2 {
             if self.lock_meta().backing_named() {
                 return self.write_zero_buffer(offset, end.min(size) - offset);
             }
-            return self.update_clusters(offset, g.align_up(end) - offset, |m, st, o, l| m.discard_range(st, o, l));
+            return self
+                .update_clusters(offset, g.align_up(end) - offset, false, |m, st, o, l| m.discard_range(st, o, l));
         }
         let head = end.min(g.align_up(offset)) - offset;
         let mid_start = offset + head;
@@ -479,7 +487,7 @@ impl Qcow2 {
             self.zero_subclusters(offset, head)?;
         }
         if mid_end > mid_start {
-            self.update_clusters(mid_start, g.align_up(mid_end) - mid_start, |m, st, o, l| {
+            self.update_clusters(mid_start, g.align_up(mid_end) - mid_start, true, |m, st, o, l| {
                 m.zero_range(st, o, l, may_unmap)
             })?;
         }
@@ -489,24 +497,43 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Flushes first when a zero write at `offset` has to allocate its L2
+    /// table while a deferred free leaves a lower cluster, so that the
+    /// table goes where QEMU puts it (see `Meta::reclaim_first`; writes
+    /// get the same from `WritePlan::Reclaim`). Only placement depends on
+    /// it: the allocator never hands out a cluster whose free is pending.
+    pub(crate) fn reclaim_for_table(&self, offset: u64) -> Result<()> {
+        let reclaim = self.lock_meta().reclaim_for_table(self.storage_ref(), GuestOffset(offset));
+        if reclaim {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
     /// Zero subclusters inside one cluster, waiting out allocations in flight.
     pub(crate) fn zero_subclusters(&self, offset: u64, len: u64) -> Result<()> {
+        self.reclaim_for_table(offset)?;
         let _gate = self.io_gate.read().unwrap_or_else(|p| p.into_inner());
         self.meta_step(|m, st| m.zero_subclusters(st, GuestOffset(offset), len)).map(|_| ())
     }
 
     /// Runs a whole-cluster metadata update in chunks of one L2 table,
-    /// waiting out in-flight allocations that overlap each chunk.
+    /// waiting out in-flight allocations that overlap each chunk. With
+    /// `tables` (zero writes), a chunk may need its L2 table allocated.
     pub(crate) fn update_clusters(
         &self,
         offset: u64,
         len: u64,
+        tables: bool,
         mut f: impl FnMut(&mut Meta, &dyn Storage, GuestOffset, u64) -> Result<bool>,
     ) -> Result<()> {
         let end = offset + len;
         let mut pos = offset;
         while pos < end {
             let chunk_end = end.min((self.geometry.l1_index(GuestOffset(pos)) + 1) * self.geometry.bytes_per_l2());
+            if tables {
+                self.reclaim_for_table(pos)?;
+            }
             let _gate = self.io_gate.read().unwrap_or_else(|p| p.into_inner());
             let ((), m) = self.meta_step(|m, st| Ok(f(m, st, GuestOffset(pos), chunk_end - pos)?.then_some(())))?;
             let pending = m.pending_free_count();
@@ -532,7 +559,7 @@ impl Qcow2 {
         if start >= end {
             return Ok(());
         }
-        self.update_clusters(start, end - start, |m, st, o, l| m.discard_range(st, o, l))
+        self.update_clusters(start, end - start, false, |m, st, o, l| m.discard_range(st, o, l))
     }
 
     /// Writes an allocated run: the copy-on-write head, the new data and the
@@ -708,12 +735,24 @@ impl Qcow2 {
     }
 
     pub(crate) fn write_compressed_cluster(&self, data: &[u8], offset: u64) -> Result<()> {
-        let gate = self.io_gate.read().unwrap_or_else(|p| p.into_inner());
-        let ((id, host), m) = self.meta_step(|m, st| m.plan_compressed(st, GuestOffset(offset), data.len() as u64))?;
-        drop(m);
-        let io = self.storage.write_at(data, host.0).map_err(Error::io("writing compressed data", host.0));
-        drop(gate);
-        self.finish_alloc(id, io).map(|_| ())
+        loop {
+            let gate = self.io_gate.read().unwrap_or_else(|p| p.into_inner());
+            let (plan, m) = self.meta_step(|m, st| {
+                Ok(match m.plan_compressed(st, GuestOffset(offset), data.len() as u64)? {
+                    CompressedPlan::Wait => None,
+                    plan => Some(plan),
+                })
+            })?;
+            drop(m);
+            let CompressedPlan::Write { id, host } = plan else {
+                drop(gate);
+                self.flush()?;
+                continue;
+            };
+            let io = self.storage.write_at(data, host.0).map_err(Error::io("writing compressed data", host.0));
+            drop(gate);
+            return self.finish_alloc(id, io).map(|_| ());
+        }
     }
 
     /// Ends the in-flight allocation `id` after its data I/O gave `io`:

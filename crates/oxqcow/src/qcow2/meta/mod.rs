@@ -11,6 +11,7 @@ mod crypt;
 pub(crate) mod data_file;
 pub mod mapping;
 pub mod overlap;
+pub(crate) mod pending;
 pub(crate) mod plan;
 pub(crate) mod refcount;
 pub(crate) mod resize;
@@ -83,7 +84,7 @@ pub(crate) struct Meta {
     next_inflight_id: u64,
     /// Host clusters whose refcount drops by one once the L2/L1 changes that
     /// stopped referencing them are durable.
-    pending_frees: Vec<(HostCluster, FreeReason)>,
+    pending_frees: pending::PendingFrees,
     /// Set when a metadata write failed: further writes are refused.
     failed: Option<String>,
     lazy_refcounts: bool,
@@ -184,7 +185,7 @@ impl Meta {
             refcounts,
             inflight: Vec::new(),
             next_inflight_id: 0,
-            pending_frees: Vec::new(),
+            pending_frees: pending::PendingFrees::default(),
             failed: None,
             lazy_refcounts: lazy,
             snapshots,
@@ -314,7 +315,7 @@ impl Meta {
     /// Takes the deferred frees, to apply once no request can still use
     /// the clusters.
     pub(crate) fn take_pending_frees(&mut self) -> Vec<(HostCluster, FreeReason)> {
-        std::mem::take(&mut self.pending_frees)
+        self.pending_frees.take()
     }
 
     /// Whether an allocation is in flight.
@@ -728,14 +729,23 @@ impl Meta {
         modes: DiscardModes,
     ) -> Result<()> {
         let cs = self.geometry.cluster_size();
+        let mut punched = Vec::new();
         for (c, reason) in frees {
             let left = self.refcounts.update(storage, c, -1)?;
             if left == 0 && modes.punches(reason) {
-                let offset = self.geometry.cluster_offset(c).0;
-                storage.punch_hole(offset, cs).map_err(Error::io("discarding a host cluster", offset))?;
+                punched.push(c.0);
             }
         }
-        Ok(())
+        // Adjacent clusters go out in one punch, as QEMU merges its queued
+        // discards: punching a run cluster by cluster splits the file's
+        // extents on the way, and the file system may keep the extent tree
+        // block that the split needed (a disk usage QEMU's does not have).
+        punched.sort_unstable();
+        let mut runs = punched.chunk_by(|a, b| b - a == 1);
+        runs.try_for_each(|run| {
+            let offset = run[0] * cs;
+            storage.punch_hole(offset, run.len() as u64 * cs).map_err(Error::io("discarding host clusters", offset))
+        })
     }
 }
 

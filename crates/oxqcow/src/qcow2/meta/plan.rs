@@ -131,6 +131,20 @@ pub(crate) enum WritePlan {
     InPlace { host: HostOffset, len: u64 },
     /// Write into newly allocated clusters.
     Allocate(Allocation),
+    /// Nothing planned: the write allocates, and a deferred free leaves a
+    /// cluster lower than the first free one. Flush (which applies the
+    /// frees) and plan again (see [`Meta::reclaim_first`]).
+    Reclaim,
+}
+
+/// The plan for a compressed write of one cluster.
+pub(crate) enum CompressedPlan {
+    /// Another request is allocating the cluster: wait and replan.
+    Wait,
+    /// Flush and plan again, as for [`WritePlan::Reclaim`].
+    Reclaim,
+    /// Write the compressed data at `host`; `id` is the allocation in flight.
+    Write { id: u64, host: HostOffset },
 }
 
 impl Meta {
@@ -190,6 +204,45 @@ impl Meta {
         self.copied_holds(storage, host, CopiedEntry::Data { l2_entry })
     }
 
+    /// Whether an allocation must wait for the deferred frees to be applied:
+    /// one of them leaves a cluster free below the first free one. QEMU
+    /// frees at once and allocates the lowest free clusters, so images
+    /// written the same way get the same layout (`qemu-img map` offsets)
+    /// only if freed clusters are reused as soon as QEMU reuses them. A
+    /// freed cluster may not take new data while an L2 or L1 entry on disk
+    /// may still point at it (a crash would show the new owner's data
+    /// there), so the caller flushes, which makes the table changes durable
+    /// before it applies the frees, and plans again.
+    pub(crate) fn reclaim_first(&mut self, storage: &dyn Storage) -> Result<bool> {
+        if self.pending_frees.is_empty() {
+            return Ok(false);
+        }
+        let refcounts = &mut self.refcounts;
+        let Some(lowest) = self.pending_frees.lowest_freed(|c| refcounts.get(storage, c))? else {
+            return Ok(false);
+        };
+        // Where the search fails, so does the allocation that follows,
+        // which reports it in its own words.
+        Ok(self.refcounts.first_free(storage).is_ok_and(|first| lowest < first))
+    }
+
+    /// [`Meta::reclaim_first`] for a zero write at `at`, asked before its
+    /// metadata step: whether its L2 table must be allocated while a
+    /// deferred free leaves a lower cluster. A failure to tell says no;
+    /// the step itself meets it and reports it.
+    pub(crate) fn reclaim_for_table(&mut self, storage: &dyn Storage, at: GuestOffset) -> bool {
+        let l1_index = self.geometry.l1_index(at);
+        matches!(self.l2_needs_alloc(l1_index), Ok(true)) && matches!(self.reclaim_first(storage), Ok(true))
+    }
+
+    /// Whether the L2 table of `l1_index` must be allocated (or copied) for
+    /// a write: none, or one without COPIED. (A COPIED flag that its
+    /// refcount contradicts is found only by `ensure_l2_for_write`.)
+    fn l2_needs_alloc(&self, l1_index: u64) -> Result<bool> {
+        let raw = self.l1.get(l1_index as usize).copied().unwrap_or(0);
+        Ok(self.l2_offset(l1_index)?.is_none() || !L1Entry(raw).copied())
+    }
+
     /// Allocates host clusters and extends the known end of the file.
     pub(crate) fn alloc_clusters(&mut self, storage: &dyn Storage, n: u64) -> Result<u64> {
         let c = self.refcounts.alloc(storage, n)?;
@@ -214,12 +267,12 @@ impl Meta {
         match old {
             L2Mapping::Compressed(d) => {
                 for c in self.compressed_clusters(&d) {
-                    self.pending_frees.push((HostCluster(c), reason));
+                    self.pending_frees.push(HostCluster(c), reason);
                 }
             }
             other => {
                 if let Some(host) = other.host_cluster() {
-                    self.pending_frees.push((self.geometry.host_cluster(host), reason));
+                    self.pending_frees.push(self.geometry.host_cluster(host), reason);
                 }
             }
         }
@@ -293,7 +346,7 @@ impl Meta {
             Some(old) => {
                 self.load_l2(storage, old)?;
                 let copy: Box<[u8]> = self.l2.peek(old).expect("just loaded").into();
-                self.pending_frees.push((self.geometry.host_cluster(HostOffset(old)), FreeReason::Other));
+                self.pending_frees.push(self.geometry.host_cluster(HostOffset(old)), FreeReason::Other);
                 copy
             }
             None => vec![0u8; self.geometry.cluster_size() as usize].into_boxed_slice(),
@@ -362,6 +415,9 @@ impl Meta {
             return Ok(WritePlan::Wait);
         }
         let l1_index = g.l1_index(GuestOffset(offset));
+        if self.l2_needs_alloc(l1_index)? && self.reclaim_first(storage)? {
+            return Ok(WritePlan::Reclaim);
+        }
         let table = self.ensure_l2_for_write(storage, l1_index)?;
         self.load_l2(storage, table)?;
         let index = g.l2_index(GuestOffset(offset));
@@ -375,6 +431,9 @@ impl Meta {
         let w = WriteStart { offset, end, first, table, index, limit, mapping: m0, bitmap: b0 };
         if let (true, L2Mapping::Normal { host, .. }) = (self.writable_in_place(storage, table, index, m0)?, m0) {
             return self.plan_in_place(storage, &w, host);
+        }
+        if self.data_file.is_none() && self.reclaim_first(storage)? {
+            return Ok(WritePlan::Reclaim);
         }
         self.plan_allocation(storage, &w)
     }
@@ -554,14 +613,19 @@ impl Meta {
         storage: &dyn Storage,
         at: GuestOffset,
         len: u64,
-    ) -> Result<Option<(u64, HostOffset)>> {
+    ) -> Result<CompressedPlan> {
         let offset = at.0;
         let g = self.geometry;
         let cluster = g.guest_cluster_index(GuestOffset(offset));
         if self.inflight_overlaps(cluster, 1) {
-            return Ok(None);
+            return Ok(CompressedPlan::Wait);
         }
         let l1_index = g.l1_index(GuestOffset(offset));
+        // Packing into the current cluster allocates nothing, but a flush
+        // for nothing is cheaper than predicting `alloc_bytes`.
+        if self.reclaim_first(storage)? {
+            return Ok(CompressedPlan::Reclaim);
+        }
         let table = self.ensure_l2_for_write(storage, l1_index)?;
         self.load_l2(storage, table)?;
         let index = g.l2_index(GuestOffset(offset));
@@ -594,7 +658,7 @@ impl Meta {
             start: GuestOffset(0),
             end: GuestOffset(0),
         });
-        Ok(Some((id, HostOffset(host))))
+        Ok(CompressedPlan::Write { id, host: HostOffset(host) })
     }
 
     /// Links the clusters of a finished allocation into the L2 table.
@@ -686,6 +750,7 @@ mod tests {
             WritePlan::Allocate(a) => a,
             WritePlan::InPlace { .. } => panic!("planned in place"),
             WritePlan::Wait => panic!("planned a wait"),
+            WritePlan::Reclaim => panic!("planned a reclaim"),
         }
     }
 

@@ -310,15 +310,22 @@ impl Refcounts {
     /// stay behind it until a cluster below it is freed (so a run of many
     /// clusters leaves smaller holes for later, as in QEMU's files).
     fn find_free(&mut self, storage: &dyn Storage, n: u64) -> Result<u64> {
-        let (start, _) = self.find_free_run(storage, n)?;
+        let (start, _) = self.find_free_run(storage, self.free_hint, n)?;
         self.free_hint = start;
         Ok(start)
     }
 
-    fn find_free_run(&mut self, storage: &dyn Storage, n: u64) -> Result<(u64, u64)> {
+    /// The first free cluster, where the next allocation of one cluster goes.
+    pub(crate) fn first_free(&mut self, storage: &dyn Storage) -> Result<u64> {
+        self.find_free(storage, 1)
+    }
+
+    /// The first run of `n` free clusters at or after `from`, and the
+    /// first free cluster seen.
+    fn find_free_run(&mut self, storage: &dyn Storage, from: u64, n: u64) -> Result<(u64, u64)> {
         let rpb = self.geometry.refcounts_per_block();
         let order = self.geometry.refcount_order();
-        let mut c = self.free_hint;
+        let mut c = from;
         let mut run_start = c;
         let mut run_len = 0u64;
         let mut first_free: Option<u64> = None;
@@ -386,7 +393,7 @@ impl Refcounts {
         assert!(n > 0);
         loop {
             let start = self.find_free(storage, n)?;
-            if self.ensure_blocks(storage, start, n)? {
+            if self.ensure_blocks(storage, start, start + n)? {
                 continue;
             }
             for c in start..start + n {
@@ -401,12 +408,15 @@ impl Refcounts {
         }
     }
 
-    /// Creates missing refcount blocks for `[start, start + n)`. Returns
-    /// true if it created one (the caller searches again: the new block may
-    /// occupy a cluster it had picked).
-    fn ensure_blocks(&mut self, storage: &dyn Storage, start: u64, n: u64) -> Result<bool> {
+    /// Creates missing refcount blocks for `[start, end)`, as QEMU's
+    /// `update_refcount` does once the run is picked: each new block goes
+    /// to the first free cluster past the run, so the run stays where it
+    /// was found (QEMU's layout; the data does not move up by a cluster
+    /// for each block). Returns true if it created one (the caller
+    /// searches again, and finds the same run).
+    fn ensure_blocks(&mut self, storage: &dyn Storage, start: u64, end: u64) -> Result<bool> {
         let first = self.geometry.reftable_index(HostCluster(start));
-        let last = self.geometry.reftable_index(HostCluster(start + n - 1));
+        let last = self.geometry.reftable_index(HostCluster(end - 1));
         for ti in first..=last {
             if self.block_offset(ti).is_some() {
                 continue;
@@ -414,15 +424,17 @@ impl Refcounts {
             if ti >= self.table.len() as u64 {
                 self.grow_table(storage, ti + 1)?;
             } else {
-                self.create_block(storage, ti)?;
+                self.create_block(storage, ti, end)?;
             }
             return Ok(true);
         }
         Ok(false)
     }
 
-    fn create_block(&mut self, storage: &dyn Storage, ti: u64) -> Result<()> {
-        let c = self.find_free(storage, 1)?;
+    /// Creates the block for table index `ti` at the first free cluster at
+    /// or after `from`.
+    fn create_block(&mut self, storage: &dyn Storage, ti: u64, from: u64) -> Result<()> {
+        let c = self.find_free_run(storage, from.max(self.free_hint), 1)?.0;
         let cti = self.geometry.reftable_index(HostCluster(c));
         let mut block = vec![0u8; self.geometry.cluster_size() as usize].into_boxed_slice();
         if cti == ti {
@@ -441,9 +453,9 @@ impl Refcounts {
             if cti >= self.table.len() as u64 {
                 self.grow_table(storage, cti + 1)?;
             } else {
-                self.create_block(storage, cti)?;
+                self.create_block(storage, cti, from)?;
             }
-            return self.create_block(storage, ti);
+            return self.create_block(storage, ti, from);
         }
         let offset = self.geometry.cluster_offset(HostCluster(c)).0;
         self.check_write(offset, self.geometry.cluster_size(), 0)?;

@@ -143,14 +143,14 @@ impl Meta {
                 if self.l2.contains(offset) {
                     self.l2.remove(offset);
                 }
-                self.pending_frees.push((g.host_cluster(HostOffset(offset)), FreeReason::Always));
+                self.pending_frees.push(g.host_cluster(HostOffset(offset)), FreeReason::Always);
                 self.set_l1(i, 0);
             }
         }
         self.header.size = new_size;
         self.write_header(storage)?;
         self.flush_all(storage)?;
-        let frees = std::mem::take(&mut self.pending_frees);
+        let frees = self.pending_frees.take();
         self.apply_frees(storage, frees, DiscardModes::default())?;
         self.flush_all(storage)?;
         // Give the space back: cut the file after the last used cluster.
@@ -189,7 +189,7 @@ impl Meta {
             pos = chunk_end;
         }
         self.flush_all(storage)?;
-        let frees = std::mem::take(&mut self.pending_frees);
+        let frees = self.pending_frees.take();
         self.apply_frees(storage, frees, DiscardModes::default())?;
         self.flush_all(storage)
     }
