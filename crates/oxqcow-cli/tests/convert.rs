@@ -415,3 +415,47 @@ fn snapshot_params_warn_as_qemu_img_warns() {
         s.assert_same(&["measure", "-l", l, "src.qcow2"]);
     }
 }
+
+/// The qcow2 file grows ahead of its allocations in large steps while
+/// convert writes it (`storage/grow_ahead.rs`); the reserve must be gone
+/// when convert ends: the file ends where qemu-img's ends, and QEMU's check
+/// reports the same image end and no leak.
+#[test]
+fn converted_files_end_where_qemu_img_ends_them() {
+    let s = Scratch::new();
+    common::random_raw(&s.path("src.raw"), 40 << 20, 13);
+    // Data filling the middle, so that the file grows past several steps.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::options().write(true).open(s.path("src.raw")).unwrap();
+        let mut data = vec![0u8; 12 << 20];
+        common::Rng::new(5).fill(&mut data);
+        f.write_all_at(&data, 10 << 20).unwrap();
+    }
+    s.qemu_ok(&["convert", "-O", "qcow2", "src.raw", "src.qcow2"]);
+    let end_offset = |image: &str| {
+        let o = s.qemu(&["check", "--output=json", image]);
+        assert_eq!(o.code, 0, "qemu-img check {image}: {o:?}");
+        let v: serde_json::Value = serde_json::from_str(&o.stdout).expect("check json");
+        (v["image-end-offset"].as_u64().unwrap(), v["leaks"].as_u64().unwrap_or(0))
+    };
+    let cases: &[&[&str]] = &[
+        &["-f", "raw", "-O", "qcow2", "src.raw"],
+        &["-f", "raw", "-O", "qcow2", "-o", "cluster_size=4k", "src.raw"],
+        &["-f", "qcow2", "-O", "qcow2", "src.qcow2"],
+        &["-f", "raw", "-O", "qcow2", "-t", "none", "-T", "none", "src.raw"],
+    ];
+    for args in cases {
+        let ours = [&args[..], &["ours.qcow2"]].concat();
+        let theirs = [&args[..], &["theirs.qcow2"]].concat();
+        let _ = std::fs::remove_file(s.path("ours.qcow2"));
+        let _ = std::fs::remove_file(s.path("theirs.qcow2"));
+        s.ours_ok(&[&["convert"], &ours[..]].concat());
+        s.qemu_ok(&[&["convert"], &theirs[..]].concat());
+        s.assert_clean("ours.qcow2");
+        s.assert_identical("src.raw", "ours.qcow2");
+        let len = |name: &str| std::fs::metadata(s.path(name)).unwrap().len();
+        assert_eq!(len("ours.qcow2"), len("theirs.qcow2"), "file length after convert {args:?}");
+        assert_eq!(end_offset("ours.qcow2"), end_offset("theirs.qcow2"), "check after convert {args:?}");
+    }
+}

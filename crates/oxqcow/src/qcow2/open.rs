@@ -12,7 +12,7 @@ use super::meta::{DiscardModes, Meta};
 use super::{Qcow2, Qcow2Info};
 use crate::error::{Error, Result};
 use crate::options::{ImageMessage, OpenOptions};
-use crate::storage::Storage;
+use crate::storage::{GrowAhead, Storage};
 
 /// Opens a qcow2 image with `backing` as its backing image and
 /// `data_file` as the storage of its guest data. An image whose header
@@ -24,6 +24,13 @@ pub(super) fn open(
     backing: Option<Arc<crate::image::Image>>,
     data_file: Option<Arc<dyn Storage>>,
 ) -> Result<Qcow2> {
+    // A writable image's file grows ahead of its allocations (see
+    // `storage/grow_ahead.rs`).
+    let storage: Arc<dyn Storage> = if opts.read_only {
+        storage
+    } else {
+        Arc::new(GrowAhead::new(storage).map_err(Error::io("reading the file length", 0))?)
+    };
     let st = &*storage;
     let file_len = st.len().map_err(Error::io("reading the file length", 0))?;
     let header = read_header(st, opts.repair)?;

@@ -5,6 +5,7 @@
 //! everything the engine does to the host goes through these calls.
 
 mod file;
+mod grow_ahead;
 #[cfg(feature = "http")]
 pub mod http;
 pub(crate) mod lock;
@@ -15,6 +16,7 @@ mod window;
 use std::io;
 
 pub use file::FileStorage;
+pub(crate) use grow_ahead::GrowAhead;
 #[cfg(feature = "http")]
 pub use http::{HttpOptions, HttpStorage};
 pub use memory::MemoryStorage;
@@ -49,6 +51,18 @@ pub trait Storage: Send + Sync {
     }
     /// Truncates or extends (with zeros).
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Makes the storage at least `end` bytes long (never shorter). A
+    /// storage may reserve up to `ahead` bytes more, which read as zeros,
+    /// do not count in [`Storage::len`] and are given back at the next
+    /// [`Storage::sync`] (the storage of a writable qcow2 image), so that a file that grows by many
+    /// small steps is extended by few calls.
+    fn extend_to(&self, end: u64, ahead: u64) -> io::Result<()> {
+        let _ = ahead;
+        if self.len()? < end {
+            self.set_len(end)?;
+        }
+        Ok(())
+    }
     /// Makes every completed write durable.
     fn sync(&self) -> io::Result<()>;
     /// Deallocates a range; it reads as zeros afterwards. The length is kept.

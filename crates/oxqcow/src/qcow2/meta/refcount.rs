@@ -23,6 +23,11 @@ use crate::qcow2::meta::cache::TableCache;
 use crate::qcow2::meta::overlap::{self, MetadataMap};
 use crate::storage::Storage;
 
+/// The least and the most the file is grown past an allocation that ends
+/// past it (see `Refcounts::cover_allocated`).
+const GROW_AHEAD_MIN: u64 = 1 << 20;
+const GROW_AHEAD_MAX: u64 = 64 << 20;
+
 /// The refcount structures of one image.
 pub(crate) struct Refcounts {
     geometry: Geometry,
@@ -175,6 +180,12 @@ impl Refcounts {
     /// or before the first byte of the newest cluster, so the truncate can
     /// only lengthen the file past them. (Done later, the newest cluster
     /// could be the one being written, and the truncate would cut it.)
+    ///
+    /// The file grows ahead of the allocations (`Storage::extend_to`: a
+    /// quarter of its length, between 1 and 64 MiB, on the storage a
+    /// writable image is opened through), so a copy that allocates run
+    /// after run extends it once per step, not once per run; the reserve
+    /// holds only free clusters and is cut off at the next sync.
     fn cover_allocated(&mut self, storage: &dyn Storage) -> Result<()> {
         if self.host_end == 0 {
             return Ok(());
@@ -183,19 +194,17 @@ impl Refcounts {
         if end <= self.covered_len {
             return Ok(());
         }
-        let len = storage.len().map_err(Error::io("reading the file length", 0))?;
-        if len < end {
-            match storage.set_len(end) {
-                // A storage that keeps its length (a raw node with a
-                // `size`, a null device) cannot be covered: the allocation
-                // stands and the write into the cluster fails instead
-                // (ENOSPC past a raw window), as in QEMU, whose allocator
-                // never touches the file.
-                Err(e) if e.kind() == std::io::ErrorKind::Unsupported => return Ok(()),
-                r => r.map_err(Error::io("extending the file over allocated clusters", len))?,
-            }
+        let ahead = (end / 4).clamp(GROW_AHEAD_MIN, GROW_AHEAD_MAX);
+        match storage.extend_to(end, ahead) {
+            // A storage that keeps its length (a raw node with a
+            // `size`, a null device) cannot be covered: the allocation
+            // stands and the write into the cluster fails instead
+            // (ENOSPC past a raw window), as in QEMU, whose allocator
+            // never touches the file.
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => return Ok(()),
+            r => r.map_err(Error::io("extending the file over allocated clusters", end))?,
         }
-        self.covered_len = len.max(end);
+        self.covered_len = end;
         Ok(())
     }
 
