@@ -3,7 +3,8 @@
 #
 # Every case runs both tools on identical inputs, alternating, REPEAT times,
 # and keeps each tool's best wall time. It prints one line per case with both
-# times, the ratio oxqcow/qemu-img (below 1.0 means oxqcow is faster) and
+# times, the ratio oxqcow/qemu-img (below 1.0 means oxqcow is faster; in
+# parentheses the lowest and highest ratio of the runs paired by repetition) and
 # oxqcow's peak RSS. Page cache is warm for both tools alike.
 #
 # Then `oxqcow serve` against qemu-nbd on the same image with the same
@@ -54,11 +55,22 @@ with open(path, "wb") as f:
 PY
 
 best() { sort -n | head -n 1; }
-# run LABEL CMD... : wall seconds and peak RSS (KiB) of one run
+# run CMD... : wall seconds and peak RSS (KiB) of one run (the wall
+# time to the microsecond: /usr/bin/time's %e has 10 ms steps, a large part
+# of a convert of a few hundred MiB from the page cache)
 run() {
-    /usr/bin/time -f "%e %M" -o "$WORK/time" "$@" >"$WORK/out" 2>"$WORK/err" || {
+    local t0 t1
+    t0=$(date +%s%N)
+    /usr/bin/time -f "%M" -o "$WORK/time" "$@" >"$WORK/out" 2>"$WORK/err" || {
         echo "bench: command failed: $*" >&2; cat "$WORK/err" >&2; exit 1; }
-    cat "$WORK/time"
+    t1=$(date +%s%N)
+    echo "$(awk -v ns=$(( t1 - t0 )) 'BEGIN { printf "%.6f", ns / 1e9 }') $(tail -n 1 "$WORK/time")"
+}
+
+# spread "OURS..." "THEIRS...": min..max of the ratios of the runs paired by
+# repetition (each pair ran back to back, so under load they share it).
+spread() {
+    python3 -c 'import sys; r = [a / max(b, 1e-3) for a, b in zip(map(float, sys.argv[1].split()), map(float, sys.argv[2].split()))]; print(f"{min(r):.2f}..{max(r):.2f}")' "$1" "$2"
 }
 
 results=()
@@ -80,8 +92,8 @@ bench_case() {
     local qt ot
     qt=$(printf '%s\n' "${q[@]}" | best)
     ot=$(printf '%s\n' "${o[@]}" | best)
-    results+=("$(printf '%-34s qemu-img %8.3fs  oxqcow %8.3fs  ratio %5.2f  oxqcow-rss %6d KiB' \
-        "$name" "$qt" "$ot" "$(python3 -c "print($ot/max($qt,1e-3))")" "$case_rss")")
+    results+=("$(printf '%-34s qemu-img %8.3fs  oxqcow %8.3fs  ratio %5.2f (%s)  oxqcow-rss %6d KiB' \
+        "$name" "$qt" "$ot" "$(python3 -c "print($ot/max($qt,1e-3))")" "$(spread "${o[*]}" "${q[*]}")" "$case_rss")")
 }
 
 nothing() { :; }
@@ -114,8 +126,9 @@ if [[ -z $ONLY || "cp --sparse=always" =~ $ONLY ]]; then
     ot=$(printf '%s\n' "${ox_times[@]}" | best)
     results+=("$(printf '%-34s qemu-img %8.3fs  cp       %8.3fs  ratio %5.2f  (cp/qemu-img)' \
         "cp --sparse=always raw (limit)" "$qt" "$ct" "$(python3 -c "print($ct/max($qt,1e-3))")")")
-    results+=("$(printf '%-34s cp       %8.3fs  oxqcow %8.3fs  ratio %5.2f  (oxqcow/cp)' \
-        "convert raw->qcow2 vs cp" "$ct" "$ot" "$(python3 -c "print($ot/max($ct,1e-3))")")")
+    results+=("$(printf '%-34s cp       %8.3fs  oxqcow %8.3fs  ratio %5.2f (%s)  (oxqcow/cp)' \
+        "convert raw->qcow2 vs cp" "$ct" "$ot" "$(python3 -c "print($ot/max($ct,1e-3))")" \
+        "$(spread "${ox_times[*]}" "${cp_times[*]}")")")
 fi
 bench_case "convert qcow2->raw" clean_out \
     "$QEMU_IMG convert -f qcow2 -O raw $WORK/src.qcow2 $WORK/out.raw" \
