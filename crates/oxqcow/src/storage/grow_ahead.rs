@@ -15,10 +15,10 @@
 //! in use, which check accepts (their refcount is 0 and nothing refers to
 //! them).
 //!
-//! Writes hold a shared gate and record their end before they start; the
-//! real length changes only under the exclusive gate. So a cut never
-//! removes a write in flight, and a growth never shortens the file under
-//! one, whoever calls them.
+//! Writes hold a shared gate and record their end before they start;
+//! truncations (growth and cut alike) take the gate exclusively and never
+//! go below the recorded end. So neither removes a write, whoever calls
+//! them.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,8 +32,8 @@ pub struct GrowAhead {
     /// The length reported: the end of the furthest write, extension or
     /// truncation.
     len: AtomicU64,
-    /// The real length of `inner` when it is more than `len` (the reserve
-    /// ends there); changes only under the exclusive gate.
+    /// A length `inner` is known to have (set under the exclusive gate);
+    /// the reserve ends there when it is more than `len`.
     reserved: AtomicU64,
     /// Shared by every request that may change what lies where; exclusive
     /// for changes of the real length.
@@ -102,7 +102,7 @@ impl Storage for GrowAhead {
     fn extend_to(&self, end: u64, ahead: u64) -> io::Result<()> {
         {
             let _g = self.shared();
-            if self.reserved.load(Ordering::Acquire) >= end || self.len.load(Ordering::Acquire) >= end {
+            if self.reserved.load(Ordering::Acquire) >= end {
                 // The file is that long already (the reserve cannot be cut
                 // while the gate is held).
                 self.reach(end);
@@ -110,9 +110,11 @@ impl Storage for GrowAhead {
             }
         }
         let _excl = self.gate.write().unwrap_or_else(|p| p.into_inner());
-        let reserved = self.reserved.load(Ordering::Acquire);
-        if reserved < end && self.len.load(Ordering::Acquire) < end {
-            let to = end.saturating_add(ahead);
+        if self.reserved.load(Ordering::Acquire) < end {
+            // No write is in flight, and none ended past `len`: growing to
+            // at least that never cuts one. (A write that reached `end`
+            // is not trusted to have done it: it may have failed.)
+            let to = end.saturating_add(ahead).max(self.len.load(Ordering::Acquire));
             self.inner.set_len(to)?;
             self.reserved.store(to, Ordering::Release);
         }
@@ -215,6 +217,39 @@ mod tests {
         assert_eq!(&bytes[..100], &[1; 100][..]);
         assert!(bytes[100..3500].iter().all(|&b| b == 0));
         assert_eq!(&bytes[3500..3510], &[7; 10][..]);
+    }
+
+    /// Memory that refuses writes.
+    struct Refusing(MemoryStorage);
+
+    impl Storage for Refusing {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.0.read_at(buf, offset)
+        }
+        fn write_at(&self, _: &[u8], _: u64) -> io::Result<()> {
+            Err(io::Error::from_raw_os_error(libc::EIO))
+        }
+        fn len(&self) -> io::Result<u64> {
+            self.0.len()
+        }
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            self.0.set_len(len)
+        }
+        fn sync(&self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A write counts in the length before it is issued (so that a cut
+    /// never removes it); one that failed must not stand in for an
+    /// extension, which would leave an allocated cluster past the end.
+    #[test]
+    fn a_failed_write_past_the_end_does_not_extend_the_file() {
+        let inner = Arc::new(Refusing(MemoryStorage::new()));
+        let g = GrowAhead::new(inner.clone()).unwrap();
+        assert!(g.write_at(&[1; 10], 5000).is_err());
+        g.extend_to(3000, 0).unwrap();
+        assert!(inner.len().unwrap() >= 3000, "the file ends at {}", inner.len().unwrap());
     }
 
     #[test]
