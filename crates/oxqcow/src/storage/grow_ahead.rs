@@ -16,9 +16,9 @@
 //! them).
 //!
 //! Writes hold a shared gate and record their end before they start;
-//! truncations (growth and cut alike) take the gate exclusively and never
-//! go below the recorded end. So neither removes a write, whoever calls
-//! them.
+//! growing the reserve and cutting it off take the gate exclusively and
+//! never go below the recorded end, so neither removes a write, whoever
+//! calls them (`set_len` sets the length asked for, as on any storage).
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
