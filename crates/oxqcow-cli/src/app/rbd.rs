@@ -1,0 +1,107 @@
+//! Ceph RBD images, named as QEMU's rbd driver names them: `rbd:pool/image...`
+//! file names and `driver=rbd` nodes (`--image-opts`, `json:{...}`, as the
+//! image itself or as its `file`), with `key-secret` (and the older
+//! `password-secret`) looked up among `--object secret`s. The storage is the
+//! `oxqcow-rbd` crate's, present with the cargo feature `rbd`; a build
+//! without it refuses these names.
+
+use std::sync::Arc;
+
+use oxqcow::Storage;
+
+/// Whether `name` is an `rbd:` file name.
+pub fn is_rbd_name(name: &str) -> bool {
+    matches!(oxqcow::names::parse_image_name(name), Ok(oxqcow::names::ImageName::Protocol { driver: "rbd", .. }))
+}
+
+/// Whether flattened image options open an RBD image anywhere (the node
+/// itself or its file): `--image-opts` then passes them on whole as a
+/// `json:` name.
+pub fn names_rbd(options: &[(String, String)]) -> bool {
+    options.iter().any(|(k, v)| (k == "driver" || k == "file.driver") && v == "rbd")
+}
+
+#[cfg(feature = "rbd")]
+mod imp {
+    use super::*;
+    use crate::app::secrets;
+    use oxqcow_rbd::{RbdOptions, RbdStorage};
+
+    fn open(o: &RbdOptions, read_only: bool) -> Result<Arc<dyn Storage>, String> {
+        Ok(Arc::new(RbdStorage::open(o, read_only)?))
+    }
+
+    /// Opens the image an `rbd:` file name names.
+    pub fn open_rbd_name(name: &str, read_only: bool) -> Result<Arc<dyn Storage>, String> {
+        open(&RbdOptions::from_filename(name)?, read_only)
+    }
+
+    /// Takes the options under `prefix` (`""` for the node itself, `file.`
+    /// for an image's file) out of `options` when `{prefix}driver` is
+    /// `rbd`, and opens the image they name.
+    pub fn take_rbd(
+        options: &mut Vec<(String, String)>,
+        prefix: &str,
+        read_only: bool,
+    ) -> Result<Option<Arc<dyn Storage>>, String> {
+        let key = format!("{prefix}driver");
+        if options.iter().rev().find(|(k, _)| *k == key).is_none_or(|(_, v)| v != "rbd") {
+            return Ok(None);
+        }
+        let (mine, rest): (Vec<_>, Vec<_>) =
+            std::mem::take(options).into_iter().partition(|(k, _)| k.starts_with(prefix));
+        *options = rest;
+        let mut secret = None;
+        let mut driver_options = Vec::new();
+        for (k, v) in mine {
+            match &k[prefix.len()..] {
+                "driver" => {}
+                "key-secret" | "password-secret" => {
+                    let bytes = secrets::lookup(&v)?;
+                    secret =
+                        Some(String::from_utf8(bytes).map_err(|_| format!("Data from secret {v} is not valid UTF-8"))?);
+                }
+                k => driver_options.push((k.to_string(), v)),
+            }
+        }
+        open(&RbdOptions::from_options(&driver_options, secret)?, read_only).map(Some)
+    }
+
+    /// Creates the empty image an `rbd:` file name names and opens it for
+    /// writing: the image format written onto it grows it (as QEMU's rbd
+    /// driver grows an image written past its end).
+    pub fn create_rbd_name(name: &str) -> Result<Arc<dyn Storage>, String> {
+        let o = RbdOptions::from_filename(name)?;
+        oxqcow_rbd::create(&o, 0)?;
+        open(&o, false)
+    }
+}
+
+#[cfg(not(feature = "rbd"))]
+mod imp {
+    use super::*;
+
+    const NOT_BUILT: &str = "the 'rbd' protocol is not supported by this build of oxqcow (cargo feature 'rbd')";
+
+    pub fn open_rbd_name(_name: &str, _read_only: bool) -> Result<Arc<dyn Storage>, String> {
+        Err(NOT_BUILT.into())
+    }
+
+    pub fn take_rbd(
+        options: &mut Vec<(String, String)>,
+        prefix: &str,
+        _read_only: bool,
+    ) -> Result<Option<Arc<dyn Storage>>, String> {
+        let key = format!("{prefix}driver");
+        match options.iter().rev().find(|(k, _)| *k == key) {
+            Some((_, v)) if v == "rbd" => Err(NOT_BUILT.into()),
+            _ => Ok(None),
+        }
+    }
+
+    pub fn create_rbd_name(_name: &str) -> Result<Arc<dyn Storage>, String> {
+        Err(NOT_BUILT.into())
+    }
+}
+
+pub use imp::{create_rbd_name, open_rbd_name, take_rbd};
