@@ -23,7 +23,7 @@ use crate::sys;
 /// forever): a cluster that is gone fails the command instead of hanging
 /// it. Each applies only when the configuration leaves it at its default.
 const TIMEOUTS: &[(&str, &str, &str)] =
-    &[("client_mount_timeout", "300", "30"), ("rados_osd_op_timeout", "0", "60"), ("rados_mon_op_timeout", "0", "60")];
+    &[("client_mount_timeout", "300", "15"), ("rados_osd_op_timeout", "0", "30"), ("rados_mon_op_timeout", "0", "30")];
 
 /// The text of an errno, as QEMU's `error_setg_errno` appends it.
 fn errno_text(errno: i32) -> String {

@@ -158,13 +158,13 @@ fn open_json(name: &str, options: Vec<(String, String)>, opts: OpenOptions) -> R
         return Image::open_storage(storage, &o).map_err(|e| fail(describe(&e)));
     }
     // An RBD image as the node itself: its bytes, as raw reads them.
-    if let Some(storage) = take_rbd(&mut options, "", opts.read_only).map_err(fail)? {
+    if let Some(storage) = take_rbd(&mut options, "", opts.read_only, &crate::app::secrets::lookup).map_err(fail)? {
         let o = OpenOptions { format: Some(ImageFormat::Raw), read_only: opts.read_only, ..OpenOptions::new() };
         return Image::open_storage(storage, &o).map_err(|e| fail(describe(&e)));
     }
     let file = match take_http(&mut options, "file.").map_err(fail)? {
         Some(http) => Some(open_http(&http, opts.read_only).map_err(fail)?),
-        None => match take_rbd(&mut options, "file.", opts.read_only).map_err(fail)? {
+        None => match take_rbd(&mut options, "file.", opts.read_only, &crate::app::secrets::lookup).map_err(fail)? {
             Some(rbd) => Some(rbd),
             None => take_null(&mut options, "file.").map_err(fail)?,
         },

@@ -255,8 +255,9 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
         let image = Image::open_storage(storage, &o).map_err(|e| describe(&e))?;
         return Ok(Opened { image, unmap: spec.unmap, copy_on_read: spec.copy_on_read, null_node: None });
     }
+    let lookup = |id: &str| secrets.get(id).cloned().ok_or_else(|| format!("No secret with id '{id}'"));
     // An RBD image as the node itself, read as raw.
-    if let Some(storage) = take_rbd(&mut options, "", spec.read_only || spec.snapshot)? {
+    if let Some(storage) = take_rbd(&mut options, "", spec.read_only || spec.snapshot, &lookup)? {
         let o = OpenOptions { format: Some(ImageFormat::Raw), read_only: spec.read_only, ..OpenOptions::new() };
         let image = Image::open_storage(storage, &o).map_err(|e| describe(&e))?;
         return Ok(Opened { image, unmap: spec.unmap, copy_on_read: spec.copy_on_read, null_node: None });
@@ -264,7 +265,7 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
     let data_file = take_null(&mut options, "data-file.")?;
     let mut file_child = match take_http(&mut options, "file.")? {
         Some(http) => Some(open_http(&http, spec.read_only || spec.snapshot)?),
-        None => match take_rbd(&mut options, "file.", spec.read_only || spec.snapshot)? {
+        None => match take_rbd(&mut options, "file.", spec.read_only || spec.snapshot, &lookup)? {
             Some(rbd) => Some(rbd),
             None => take_null(&mut options, "file.")?,
         },

@@ -24,7 +24,6 @@ pub fn names_rbd(options: &[(String, String)]) -> bool {
 #[cfg(feature = "rbd")]
 mod imp {
     use super::*;
-    use crate::app::secrets;
     use oxqcow_rbd::{RbdOptions, RbdStorage};
 
     fn open(o: &RbdOptions, read_only: bool) -> Result<Arc<dyn Storage>, String> {
@@ -38,11 +37,13 @@ mod imp {
 
     /// Takes the options under `prefix` (`""` for the node itself, `file.`
     /// for an image's file) out of `options` when `{prefix}driver` is
-    /// `rbd`, and opens the image they name.
+    /// `rbd`, and opens the image they name; `secrets` looks up the key
+    /// `key-secret` names (qemu-img's `--object`s, or qemu-io's).
     pub fn take_rbd(
         options: &mut Vec<(String, String)>,
         prefix: &str,
         read_only: bool,
+        secrets: &dyn Fn(&str) -> Result<Vec<u8>, String>,
     ) -> Result<Option<Arc<dyn Storage>>, String> {
         let key = format!("{prefix}driver");
         if options.iter().rev().find(|(k, _)| *k == key).is_none_or(|(_, v)| v != "rbd") {
@@ -57,7 +58,7 @@ mod imp {
             match &k[prefix.len()..] {
                 "driver" => {}
                 "key-secret" | "password-secret" => {
-                    let bytes = secrets::lookup(&v)?;
+                    let bytes = secrets(&v)?;
                     secret =
                         Some(String::from_utf8(bytes).map_err(|_| format!("Data from secret {v} is not valid UTF-8"))?);
                 }
@@ -91,6 +92,7 @@ mod imp {
         options: &mut Vec<(String, String)>,
         prefix: &str,
         _read_only: bool,
+        _secrets: &dyn Fn(&str) -> Result<Vec<u8>, String>,
     ) -> Result<Option<Arc<dyn Storage>>, String> {
         let key = format!("{prefix}driver");
         match options.iter().rev().find(|(k, _)| *k == key) {
