@@ -251,6 +251,34 @@ fn options_and_secrets(c: &Cluster) {
     assert!(o.stderr.contains("error connecting: Permission denied"), "{o:?}");
 }
 
+/// `serve` exports a qcow2 image stored on RBD; qemu-img reads it over NBD.
+fn serve(c: &Cluster) {
+    let s = Scratch::new();
+    let src = source(&s);
+    let img = c.name("served");
+    s.ours_ok(&["convert", "-O", "qcow2", &src, &img]);
+    let sock = s.path("nbd.sock");
+    let mut server = Command::new(env!("CARGO_BIN_EXE_oxqcow"))
+        .args(["serve", "-r", "-f", "qcow2", "-k"])
+        .arg(&sock)
+        .arg(&img)
+        .spawn()
+        .unwrap();
+    // The socket appears once the image is open; a server that died says so.
+    while !sock.exists() {
+        if let Some(status) = server.try_wait().unwrap() {
+            panic!("oxqcow serve exited: {status}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let o = s.qemu(&["compare", "-f", "qcow2", "-F", "raw", &src, &uri]);
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(o.code, 0, "{o:?}");
+    assert_eq!(o.stdout, "Images are identical.\n");
+}
+
 /// Wrong credentials, no such pool, no such image, a bad option: QEMU's
 /// messages; a refused connection fails instead of waiting (QEMU waits for
 /// librados's 300 s); a failed convert leaves no image behind.
@@ -305,6 +333,7 @@ fn main() {
         ("resize", resize),
         ("snapshot", snapshot),
         ("options_and_secrets", options_and_secrets),
+        ("serve", serve),
         ("errors", errors),
         ("osd_gone", osd_gone),
     ];
