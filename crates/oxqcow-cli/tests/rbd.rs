@@ -339,18 +339,31 @@ fn errors(c: &Cluster) {
     assert!(o.stderr.contains("error connecting: Connection timed out"), "{o:?}");
 }
 
-/// The OSD goes away: a convert into RBD fails with an error instead of
-/// hanging (librados's request timeouts), and says so. Runs last: the
-/// cluster cannot store data afterwards.
+/// The OSD goes away in the middle of a convert into RBD (held back by
+/// `-r`, so it is still copying when the image appears): the convert fails
+/// with an error instead of hanging (librados's request timeouts). Runs
+/// last: the cluster cannot store data afterwards.
 fn osd_gone(c: &Cluster) {
     let s = Scratch::new();
     let src = source(&s);
+    let vol = c.name("gone");
+    let mut convert = Command::new(env!("CARGO_BIN_EXE_oxqcow"))
+        .args(["convert", "-r", "512k", "-O", "raw", &src, &vol])
+        .current_dir(s.dir.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    while !c.images().contains(&"gone".to_string()) {
+        assert!(convert.try_wait().unwrap().is_none(), "the convert ended before the image appeared");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let pid = std::fs::read_to_string(c.dir.path().join("run/osd.0.pid")).unwrap();
     let status = Command::new("kill").args(["-KILL", pid.trim()]).status().unwrap();
     assert!(status.success());
-    let o = s.ours(&["convert", "-O", "raw", &src, &c.name("gone")]);
-    assert_eq!(o.code, 1, "{o:?}");
-    assert!(o.stderr.contains("Connection timed out"), "{o:?}");
+    let out = convert.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("Connection timed out"), "{stderr}");
 }
 
 /// A named case run against the shared cluster.
