@@ -100,6 +100,10 @@ fn convert_into_rbd_and_back(c: &Cluster) {
     let theirs = s.qemu_ok(&["map", "--output=json", "-f", "raw", &vol]);
     let ours = s.ours_ok(&["map", "--output=json", "-f", "raw", &vol]);
     assert_eq!(ours.stdout, theirs.stdout);
+    s.assert_same(&["info", &vol]);
+    s.assert_same(&["info", "--output=json", &vol]);
+    // A probed raw image opened for writing: QEMU's warning, naming the node.
+    s.assert_same(&["resize", &vol, "40M"]);
     // The data written shows as data, the rest as holes (diff iteration).
     assert!(ours.stdout.contains("\"data\": true"), "{}", ours.stdout);
     assert!(ours.stdout.contains("\"zero\": true, \"data\": false"), "{}", ours.stdout);
@@ -137,6 +141,10 @@ fn qcow2_on_rbd(c: &Cluster) {
     assert!(!o.stdout.contains("failed"), "{o:?}");
     let o = s.ours_ok(&["check", "-f", "qcow2", &img]);
     assert!(o.stdout.contains("No errors were found on the image."), "{o:?}");
+    // info names the nodes by their `json:` names and shows the object size
+    // as the file's cluster size, as QEMU does.
+    s.assert_same(&["info", &img]);
+    s.assert_same(&["info", "--output=json", &img]);
     // A qcow2 image converted onto RBD by oxqcow.
     let src = source(&s);
     let img = c.name("q-conv");

@@ -433,6 +433,16 @@ impl Storage for RbdStorage {
         "rbd"
     }
 
+    fn cluster_size(&self) -> Option<u64> {
+        let mut info = std::mem::MaybeUninit::<sys::ImageInfo>::zeroed();
+        // SAFETY: the image is open; `info` is writable for the size passed,
+        // which is the C struct's (same layout, `repr(C)`).
+        let r = unsafe { sys::rbd_stat(self.image, info.as_mut_ptr(), std::mem::size_of::<sys::ImageInfo>()) };
+        // SAFETY: zeroed is a valid value of the struct, and a successful
+        // `rbd_stat` filled it.
+        (r >= 0).then(|| unsafe { info.assume_init() }.obj_size)
+    }
+
     fn allocated_bytes(&self) -> io::Result<u64> {
         // QEMU's rbd driver does not report it ("disk size: unavailable").
         Err(io::Error::from_raw_os_error(libc::ENOTSUP))

@@ -20,6 +20,18 @@ pub const FEATURE_FAST_DIFF: u64 = 1 << 4;
 /// `RBD_FLAG_FAST_DIFF_INVALID`: the fast-diff map cannot be trusted.
 pub const FLAG_FAST_DIFF_INVALID: u64 = 1 << 1;
 
+/// `rbd_image_info_t`, filled by `rbd_stat`.
+#[repr(C)]
+pub struct ImageInfo {
+    pub size: u64,
+    pub obj_size: u64,
+    pub num_objs: u64,
+    pub order: c_int,
+    pub block_name_prefix: [c_char; 24],
+    pub parent_pool: i64,
+    pub parent_name: [c_char; 96],
+}
+
 /// `int (*librbd_diff_cb)(uint64_t offs, size_t len, int exists, void *arg)`.
 pub type DiffCallback = unsafe extern "C" fn(offs: u64, len: usize, exists: c_int, arg: *mut c_void) -> c_int;
 
@@ -43,6 +55,7 @@ extern "C" {
     pub fn rbd_open_read_only(io: IoCtx, name: *const c_char, image: *mut Image, snap_name: *const c_char) -> c_int;
     pub fn rbd_close(image: Image) -> c_int;
     pub fn rbd_get_size(image: Image, size: *mut u64) -> c_int;
+    pub fn rbd_stat(image: Image, info: *mut ImageInfo, infosize: usize) -> c_int;
     pub fn rbd_get_features(image: Image, features: *mut u64) -> c_int;
     pub fn rbd_get_flags(image: Image, flags: *mut u64) -> c_int;
     pub fn rbd_resize(image: Image, size: u64) -> c_int;

@@ -48,6 +48,9 @@ pub fn shown_name(name: &str) -> String {
     if let Some(url) = crate::app::http::plain_url(name) {
         return url;
     }
+    if let Some(node) = crate::app::rbd::rbd_node_json(name) {
+        return format!("json:{node}");
+    }
     if let Some(Ok(addr)) = NbdAddress::parse(name) {
         return addr.display_name();
     }
@@ -481,7 +484,8 @@ pub fn open_operand_for_writing(operand: &str, image_opts: bool, format: Option<
         if image_opts { parse_image_opts(operand)? } else { (operand.to_string(), format, OpenOptions::new()) };
     let image = open_image_as(&path, operand, format.as_deref(), opts.read_only(false))?;
     if format.is_none() && image.format() == ImageFormat::Raw {
-        warn_probed_raw(&path);
+        // An RBD image is named by its node's `json:` name, as QEMU names it.
+        warn_probed_raw(&crate::app::rbd::rbd_node_json(&path).map_or(path, |node| format!("json:{node}")));
     }
     Ok(image)
 }

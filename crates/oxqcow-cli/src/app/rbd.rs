@@ -68,6 +68,29 @@ mod imp {
         open(&RbdOptions::from_options(&driver_options, secret)?, read_only).map(Some)
     }
 
+    /// The name QEMU gives the rbd node an `rbd:` file name opens: its
+    /// options as a `json:` object (QDict order); `None` for other names.
+    pub fn rbd_node_json(name: &str) -> Option<String> {
+        if !is_rbd_name(name) {
+            return None;
+        }
+        let o = RbdOptions::from_filename(name).ok()?;
+        let s = |v: &str| serde_json::json!(v).to_string();
+        let mut members = vec![("pool", s(&o.pool)), ("image", s(&o.image))];
+        if let Some(conf) = &o.conf {
+            members.push(("conf", s(conf)));
+        }
+        if let Some(snap) = &o.snapshot {
+            members.push(("snapshot", s(snap)));
+        }
+        members.push(("driver", s("rbd")));
+        members.push(("namespace", s(&o.namespace)));
+        if let Some(user) = &o.user {
+            members.push(("user", s(user)));
+        }
+        Some(crate::app::qjson::qdict_compact(members))
+    }
+
     /// Creates the empty image an `rbd:` file name names and opens it for
     /// writing: the image format written onto it grows it (as QEMU's rbd
     /// driver grows an image written past its end).
@@ -104,6 +127,10 @@ mod imp {
     pub fn create_rbd_name(_name: &str) -> Result<Arc<dyn Storage>, String> {
         Err(NOT_BUILT.into())
     }
+
+    pub fn rbd_node_json(_name: &str) -> Option<String> {
+        None
+    }
 }
 
-pub use imp::{create_rbd_name, open_rbd_name, take_rbd};
+pub use imp::{create_rbd_name, open_rbd_name, rbd_node_json, take_rbd};
