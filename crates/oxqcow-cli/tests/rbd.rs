@@ -115,6 +115,11 @@ fn convert_into_rbd_and_back(c: &Cluster) {
     s.qemu_ok(&["convert", "-O", "raw", &src, &theirs_vol]);
     let o = s.ours_ok(&["compare", "-f", "raw", "-F", "raw", &vol, &theirs_vol]);
     assert_eq!(o.stdout, "Images are identical.\n");
+    // `-n` into the existing image (zeroing what the source has as zeros),
+    // then compared by both tools.
+    s.qemu_io("raw", &theirs_vol, &["write -P 0xee 0 8M"]);
+    s.ours_ok(&["convert", "-n", "-O", "raw", &src, &theirs_vol]);
+    s.assert_same(&["compare", "-f", "qcow2", "-F", "raw", &src, &theirs_vol]);
     // An image that exists already: qemu-img's message, and it is left alone.
     let before = s.qemu_ok(&["map", "--output=json", "-f", "raw", &vol]).stdout;
     s.assert_same(&["convert", "-O", "raw", &src, &vol]);
