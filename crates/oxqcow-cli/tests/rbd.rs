@@ -219,6 +219,12 @@ fn snapshot(c: &Cluster) {
     let o = s.ours(&["io", "-f", "raw", "-c", "write 0 4k", &snap]);
     assert_ne!(o.code, 0);
     assert!(o.stderr.contains("rbd snapshots are read-only"), "{o:?}");
+    // info lists the RBD image's snapshots under both nodes, as QEMU does.
+    for name in [&img, &snap] {
+        let o = s.assert_same(&["info", name]);
+        assert!(o.stdout.contains("Snapshot list:"), "{o:?}");
+        s.assert_same(&["info", "--output=json", name]);
+    }
     // A snapshot that does not exist: QEMU's message.
     let none = format!("rbd:rbd/snp@nope:conf={}", c.conf);
     s.assert_same(&["info", "-f", "raw", &none]);

@@ -443,6 +443,37 @@ impl Storage for RbdStorage {
         (r >= 0).then(|| unsafe { info.assume_init() }.obj_size)
     }
 
+    fn protocol_snapshots(&self) -> io::Result<Vec<(String, u64)>> {
+        // librbd wants room for one entry more than there are snapshots (an
+        // end marker) and says how many when there is not.
+        let mut room: c_int = 16;
+        loop {
+            let mut snaps: Vec<sys::SnapInfo> =
+                (0..room).map(|_| sys::SnapInfo { id: 0, size: 0, name: ptr::null() }).collect();
+            let mut max = room;
+            // SAFETY: the image is open; `snaps` holds `max` entries.
+            let n = unsafe { sys::rbd_snap_list(self.image, snaps.as_mut_ptr(), &mut max) };
+            if n == -libc::ERANGE && max > room {
+                room = max;
+                continue;
+            }
+            check(n)?;
+            let list = snaps[..n as usize]
+                .iter()
+                .map(|s| {
+                    // SAFETY: librbd set the first `n` names to NUL-terminated
+                    // strings, alive until `rbd_snap_list_end`.
+                    let name = unsafe { std::ffi::CStr::from_ptr(s.name) };
+                    (name.to_string_lossy().into_owned(), s.size)
+                })
+                .collect();
+            // SAFETY: the entries were filled by `rbd_snap_list` above and are
+            // released once, here.
+            unsafe { sys::rbd_snap_list_end(snaps.as_mut_ptr()) };
+            return Ok(list);
+        }
+    }
+
     fn allocated_bytes(&self) -> io::Result<u64> {
         // QEMU's rbd driver does not report it ("disk size: unavailable").
         Err(io::Error::from_raw_os_error(libc::ENOTSUP))

@@ -32,6 +32,15 @@ pub struct ImageInfo {
     pub parent_name: [c_char; 96],
 }
 
+/// `rbd_snap_info_t`, filled by `rbd_snap_list` (names freed by
+/// `rbd_snap_list_end`).
+#[repr(C)]
+pub struct SnapInfo {
+    pub id: u64,
+    pub size: u64,
+    pub name: *const c_char,
+}
+
 /// `int (*librbd_diff_cb)(uint64_t offs, size_t len, int exists, void *arg)`.
 pub type DiffCallback = unsafe extern "C" fn(offs: u64, len: usize, exists: c_int, arg: *mut c_void) -> c_int;
 
@@ -59,6 +68,8 @@ extern "C" {
     pub fn rbd_get_features(image: Image, features: *mut u64) -> c_int;
     pub fn rbd_get_flags(image: Image, flags: *mut u64) -> c_int;
     pub fn rbd_resize(image: Image, size: u64) -> c_int;
+    pub fn rbd_snap_list(image: Image, snaps: *mut SnapInfo, max_snaps: *mut c_int) -> c_int;
+    pub fn rbd_snap_list_end(snaps: *mut SnapInfo);
     pub fn rbd_read(image: Image, ofs: u64, len: usize, buf: *mut c_char) -> isize;
     pub fn rbd_write(image: Image, ofs: u64, len: usize, buf: *const c_char) -> isize;
     pub fn rbd_discard(image: Image, ofs: u64, len: u64) -> c_int;

@@ -373,9 +373,12 @@ fn graph_info(path: &str, source: &Source) -> Result<Value, String> {
             if host_file || protocol_is_rbd {
                 top.insert("dirty-flag".into(), json!(false));
             }
-            // QEMU's raw driver reports its file's cluster size.
+            // QEMU's raw driver reports its file's cluster size and snapshots.
             if let Some(cs) = storage.cluster_size() {
                 top.insert("cluster-size".into(), json!(cs));
+            }
+            if let Some(snaps) = protocol_snapshot_list(storage) {
+                top.insert("snapshots".into(), snaps);
             }
             if let Some(a) = allocated {
                 top.insert("actual-size".into(), json!(a));
@@ -470,11 +473,30 @@ fn protocol_node(path: &str, storage: &dyn Storage, file_len: u64, allocated: Op
     if let Some(cs) = storage.cluster_size() {
         file.insert("cluster-size".into(), json!(cs));
     }
+    if let Some(snaps) = protocol_snapshot_list(storage) {
+        file.insert("snapshots".into(), snaps);
+    }
     if host_file || rbd {
         file.insert("format-specific".into(), json!({"type": protocol, "data": {}}));
     }
     file.insert("children".into(), json!([]));
     file
+}
+
+/// A protocol's own snapshots (an RBD image's) as QEMU's rbd driver lists
+/// them: the name as id and name, the image size as VM state size, times
+/// zero; `None` when it has none.
+fn protocol_snapshot_list(storage: &dyn Storage) -> Option<Value> {
+    let snaps = storage.protocol_snapshots().ok().filter(|s| !s.is_empty())?;
+    Some(Value::Array(
+        snaps
+            .into_iter()
+            .map(|(name, size)| {
+                json!({"id": name, "name": name, "vm-state-size": size, "date-sec": 0, "date-nsec": 0,
+                       "vm-clock-sec": 0, "vm-clock-nsec": 0, "icount": 0})
+            })
+            .collect(),
+    ))
 }
 
 /// The snapshots as `SnapshotInfo` objects.

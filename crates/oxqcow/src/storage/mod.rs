@@ -137,6 +137,11 @@ pub trait Storage: Send + Sync {
     fn cluster_size(&self) -> Option<u64> {
         None
     }
+    /// The storage's own snapshots, name and size, as QEMU's protocol driver
+    /// lists them (an RBD image's), shown by `info`; none by default.
+    fn protocol_snapshots(&self) -> io::Result<Vec<(String, u64)>> {
+        Ok(Vec::new())
+    }
     /// Bytes the storage occupies on the host (for `disk size` in info).
     fn allocated_bytes(&self) -> io::Result<u64> {
         self.len()
