@@ -245,6 +245,12 @@ fn options_and_secrets(c: &Cluster) {
         c.conf
     );
     s.ours_ok(&["convert", "-O", "raw", &json, "opts.raw"]);
+    // info names these images as QEMU names them; an rbd node named alone is
+    // described alone.
+    let node = format!(r#"json:{{"driver":"rbd","pool":"rbd","image":"opts","conf":"{}"}}"#, c.conf);
+    for args in [&["info", "--image-opts", opts.as_str()][..], &["info", &json], &["info", "--output=json", &node]] {
+        s.assert_same(args);
+    }
     s.qemu_ok(&["compare", "-f", "raw", "-F", "qcow2", "opts.raw", &img]);
     // A configuration naming the monitors only: the key must come from the secret.
     let bare = s.path("bare.conf");

@@ -68,27 +68,64 @@ mod imp {
         open(&RbdOptions::from_options(&driver_options, secret)?, read_only).map(Some)
     }
 
-    /// The name QEMU gives the rbd node an `rbd:` file name opens: its
-    /// options as a `json:` object (QDict order); `None` for other names.
-    pub fn rbd_node_json(name: &str) -> Option<String> {
-        if !is_rbd_name(name) {
-            return None;
-        }
-        let o = RbdOptions::from_filename(name).ok()?;
+    /// The driver's options that name what an rbd node reads (QEMU's
+    /// `qemu_rbd_strong_runtime_opts`), which its `json:` name keeps.
+    const STRONG: &[&str] = &["pool", "namespace", "image", "conf", "snapshot", "user"];
+
+    /// The name QEMU gives the rbd node that an `rbd:` file name, or a
+    /// `json:` name with an rbd node (as the image or its `file`), opens:
+    /// its options as a JSON object (QDict order), and the format node's
+    /// driver above it in a `json:` name, if any; `None` for other names.
+    pub fn rbd_node(name: &str) -> Option<(String, Option<String>)> {
         let s = |v: &str| serde_json::json!(v).to_string();
-        let mut members = vec![("pool", s(&o.pool)), ("image", s(&o.image))];
-        if let Some(conf) = &o.conf {
-            members.push(("conf", s(conf)));
+        if is_rbd_name(name) {
+            let o = RbdOptions::from_filename(name).ok()?;
+            let mut members = vec![("pool", s(&o.pool)), ("image", s(&o.image))];
+            if let Some(conf) = &o.conf {
+                members.push(("conf", s(conf)));
+            }
+            if let Some(snap) = &o.snapshot {
+                members.push(("snapshot", s(snap)));
+            }
+            members.push(("driver", s("rbd")));
+            members.push(("namespace", s(&o.namespace)));
+            if let Some(user) = &o.user {
+                members.push(("user", s(user)));
+            }
+            return Some((crate::app::qjson::qdict_compact(members), None));
         }
-        if let Some(snap) = &o.snapshot {
-            members.push(("snapshot", s(snap)));
-        }
+        let options = oxqcow::names::parse_json_name(name.strip_prefix("json:")?).ok()?;
+        let driver = |key: &str| options.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+        let (prefix, format) = match (driver("driver"), driver("file.driver")) {
+            (Some("rbd"), _) => ("", None),
+            (Some(format), Some("rbd")) => ("file.", Some(format.to_string())),
+            _ => return None,
+        };
+        let mut members: Vec<(&str, String)> = options
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix(prefix).filter(|k| STRONG.contains(k)).map(|k| (k, s(v))))
+            .collect();
         members.push(("driver", s("rbd")));
-        members.push(("namespace", s(&o.namespace)));
-        if let Some(user) = &o.user {
-            members.push(("user", s(user)));
+        Some((crate::app::qjson::qdict_compact(members), format))
+    }
+
+    /// The `json:` name QEMU gives the rbd node `name` opens (see [`rbd_node`]).
+    pub fn rbd_node_json(name: &str) -> Option<String> {
+        rbd_node(name).map(|(node, _)| node)
+    }
+
+    /// The `json:` name QEMU gives the image `name` opens in `format` when
+    /// an rbd node is its file (an `rbd:` name, a `json:` name with an rbd
+    /// `file`), or the rbd node's when that is the image; `None` for other
+    /// names.
+    pub fn rbd_image_json(name: &str, format: &str) -> Option<String> {
+        let s = |v: &str| serde_json::json!(v).to_string();
+        let (node, named_format) = rbd_node(name)?;
+        if name.starts_with("json:") && named_format.is_none() {
+            return Some(format!("json:{node}"));
         }
-        Some(crate::app::qjson::qdict_compact(members))
+        let format = named_format.unwrap_or_else(|| format.to_string());
+        Some(format!("json:{}", crate::app::qjson::qdict_compact(vec![("driver", s(&format)), ("file", node)])))
     }
 
     /// Creates the empty image an `rbd:` file name names and opens it for
@@ -128,9 +165,17 @@ mod imp {
         Err(NOT_BUILT.into())
     }
 
+    pub fn rbd_node(_name: &str) -> Option<(String, Option<String>)> {
+        None
+    }
+
     pub fn rbd_node_json(_name: &str) -> Option<String> {
+        None
+    }
+
+    pub fn rbd_image_json(_name: &str, _format: &str) -> Option<String> {
         None
     }
 }
 
-pub use imp::{create_rbd_name, open_rbd_name, rbd_node_json, take_rbd};
+pub use imp::{create_rbd_name, open_rbd_name, rbd_image_json, rbd_node, rbd_node_json, take_rbd};

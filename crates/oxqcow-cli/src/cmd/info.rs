@@ -121,8 +121,11 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             Ok(v) => v,
             Err(msg) => return ctx.fail(&msg),
         };
-        // A protocol node opened by its driver is described alone.
-        if image_opts && infos.is_empty() && crate::app::image::image_opts_protocol(filename) {
+        // A protocol node opened by its driver is described alone (an rbd
+        // node named by a `json:` name too).
+        let rbd_node_alone =
+            path.starts_with("json:") && crate::app::rbd::rbd_node(&path).is_some_and(|(_, format)| format.is_none());
+        if infos.is_empty() && (rbd_node_alone || image_opts && crate::app::image::image_opts_protocol(filename)) {
             if let Some(file) = info.pointer("/children/0/info").cloned() {
                 info = file;
             }
@@ -155,10 +158,9 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     }
     // An RBD image: its format node named by its rbd node (which
     // `shown_name` gave the file), as QEMU names them.
-    if let Some(node) = crate::app::rbd::rbd_node_json(&first_path) {
-        let format = infos[0].get("format").and_then(Value::as_str).unwrap_or("raw").to_string();
-        let top = crate::app::qjson::qdict_compact(vec![("driver", json!(format).to_string()), ("file", node)]);
-        infos[0]["filename"] = json!(format!("json:{top}"));
+    let format = infos[0].get("format").and_then(Value::as_str).unwrap_or("raw").to_string();
+    if let Some(top) = crate::app::rbd::rbd_image_json(&first_path, &format) {
+        infos[0]["filename"] = json!(top);
     }
     if image_opts {
         if let Some(name) = strong_json_filename(filename, &infos[0]) {
