@@ -321,7 +321,10 @@ fn serve(c: &Cluster) {
         .spawn()
         .unwrap();
     // The socket appears once the image is open; a server that died says so.
-    while !sock.exists() {
+    for _ in 0..2400 {
+        if sock.exists() {
+            break;
+        }
         if let Some(status) = server.try_wait().unwrap() {
             panic!("oxqcow serve exited: {status}");
         }
@@ -333,6 +336,46 @@ fn serve(c: &Cluster) {
     let _ = server.wait();
     assert_eq!(o.code, 0, "{o:?}");
     assert_eq!(o.stdout, "Images are identical.\n");
+}
+
+/// `mount` shows an RBD image as a file through FUSE: it reads as the
+/// source, a write through the file lands in the RBD image.
+fn mount(c: &Cluster) {
+    use std::io::{Seek, SeekFrom, Write};
+    let s = Scratch::new();
+    let src = source(&s);
+    s.qemu_ok(&["convert", "-O", "raw", &src, "src.raw"]);
+    let img = c.name("mnt");
+    s.ours_ok(&["convert", "-O", "raw", &src, &img]);
+    let point = s.path("point");
+    std::fs::File::create(&point).unwrap();
+    let pidfile = s.path("pid");
+    let o = Command::new(env!("CARGO_BIN_EXE_oxqcow"))
+        .args(["mount", "--daemonize", "--pidfile"])
+        .arg(&pidfile)
+        .args(["-f", "raw", &img])
+        .arg(&point)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "mount: {}", String::from_utf8_lossy(&o.stderr));
+    let pid = std::fs::read_to_string(&pidfile).unwrap().trim().to_string();
+    let seen = std::fs::read(&point);
+    let written = std::fs::OpenOptions::new().write(true).open(&point).and_then(|mut f| {
+        f.seek(SeekFrom::Start(8 << 20))?;
+        f.write_all(&[0x5c; 65536])?;
+        f.sync_all()
+    });
+    let unmounted = Command::new("fusermount3").arg("-u").arg(&point).status().unwrap();
+    assert!(unmounted.success(), "fusermount3 -u failed");
+    // The server flushes and closes the image once unmounted.
+    let gone = (0..2400).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        !Path::new(&format!("/proc/{pid}")).exists()
+    });
+    assert!(gone, "oxqcow mount did not exit after the unmount");
+    assert!(seen.unwrap() == std::fs::read(s.path("src.raw")).unwrap(), "the mounted file differs from the source");
+    written.unwrap();
+    s.qemu_io("raw", &img, &["read -P 0x5c 8M 64k", "read -P 0xab 1M 3M"]);
 }
 
 /// Wrong credentials, no such pool, no such image, a bad option: QEMU's
@@ -404,6 +447,7 @@ fn main() {
         ("options_and_secrets", options_and_secrets),
         ("other_subcommands", other_subcommands),
         ("serve", serve),
+        ("mount", mount),
         ("errors", errors),
         ("osd_gone", osd_gone),
     ];
