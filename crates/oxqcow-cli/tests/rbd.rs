@@ -434,11 +434,43 @@ fn osd_gone(c: &Cluster) {
     assert!(stderr.contains("Connection timed out"), "{stderr}");
 }
 
+/// The storage itself: writes and zero writes past the end grow the image
+/// (as QEMU's rbd driver grows it), a punched hole keeps its length, reads
+/// past the end are zeros, allocation comes from diff iteration, and a
+/// read-only open refuses writes.
+fn storage(c: &Cluster) {
+    use oxqcow::Storage;
+    use oxqcow_rbd::{RbdOptions, RbdStorage};
+    let o = RbdOptions::from_filename(&c.name("raw-storage")).unwrap();
+    oxqcow_rbd::create(&o, 4 << 20).unwrap();
+    let st = RbdStorage::open(&o, false).unwrap();
+    assert_eq!(st.len().unwrap(), 4 << 20);
+    st.write_at(&[7u8; 4096], (4 << 20) - 2048).unwrap();
+    assert_eq!(st.len().unwrap(), (4 << 20) + 2048);
+    st.write_zeroes(12 << 20, 4096).unwrap();
+    assert_eq!(st.len().unwrap(), (12 << 20) + 4096);
+    st.punch_hole(12 << 20, 1 << 20).unwrap();
+    assert_eq!(st.len().unwrap(), (12 << 20) + 4096);
+    let mut buf = vec![1u8; 8192];
+    st.read_at(&mut buf, (12 << 20) - 4096).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+    st.read_at(&mut buf[..4096], (4 << 20) - 2048).unwrap();
+    assert!(buf[..4096].iter().all(|&b| b == 7));
+    let runs = st.data_runs(0, st.len().unwrap()).unwrap();
+    assert_eq!(runs.first(), Some(&(0, 8 << 20, true)), "{runs:?}");
+    assert!(runs.iter().all(|r| r.2 == (r.0 < 8 << 20)), "{runs:?}");
+    st.sync().unwrap();
+    drop(st);
+    let ro = RbdStorage::open(&o, true).unwrap();
+    assert_eq!(ro.write_at(&[0], 0).unwrap_err().raw_os_error(), Some(libc::EROFS));
+}
+
 /// A named case run against the shared cluster.
 type Case = (&'static str, fn(&Cluster));
 
 fn main() {
     let cases: &[Case] = &[
+        ("storage", storage),
         ("convert_into_rbd_and_back", convert_into_rbd_and_back),
         ("qcow2_on_rbd", qcow2_on_rbd),
         ("discard_and_map", discard_and_map),

@@ -226,6 +226,35 @@ impl RbdStorage {
         self.size.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Grows the image to hold `[offset, offset + len)` when it ends past
+    /// it, as QEMU's rbd driver does before a write or zero write.
+    fn grow_to(&self, offset: u64, len: u64) -> io::Result<()> {
+        let end = offset.checked_add(len).ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let mut size = self.size();
+        if end > *size {
+            // SAFETY: the image is open and writable.
+            check(unsafe { sys::rbd_resize(self.image, end) })?;
+            *size = end;
+        }
+        Ok(())
+    }
+
+    /// Zeroes the part of `[offset, offset + len)` inside the image.
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        let size = *self.size();
+        let len = len.min(size.saturating_sub(offset));
+        // librbd takes a size_t and splits the range itself; keep each call
+        // well inside an int's range of return values.
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(1 << 30);
+            // SAFETY: the image is open and writable.
+            check(unsafe { sys::rbd_write_zeroes(self.image, offset + done, n as usize, 0, 0) })?;
+            done += n;
+        }
+        Ok(())
+    }
+
     fn refuse_writes(&self) -> io::Result<()> {
         if self.read_only {
             return Err(io::Error::from_raw_os_error(libc::EROFS));
@@ -310,15 +339,7 @@ impl Storage for RbdStorage {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.refuse_writes()?;
-        let end = offset.checked_add(buf.len() as u64).ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
-        {
-            let mut size = self.size();
-            if end > *size {
-                // SAFETY: the image is open and writable.
-                check(unsafe { sys::rbd_resize(self.image, end) })?;
-                *size = end;
-            }
-        }
+        self.grow_to(offset, buf.len() as u64)?;
         let mut done = 0;
         while done < buf.len() {
             let part = &buf[done..];
@@ -357,23 +378,14 @@ impl Storage for RbdStorage {
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.write_zeroes(offset, len)
+        self.refuse_writes()?;
+        self.zero_range(offset, len)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         self.refuse_writes()?;
-        let size = *self.size();
-        let len = len.min(size.saturating_sub(offset));
-        // librbd takes a size_t and splits the range itself; keep each call
-        // well inside an int's range of return values.
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(1 << 30);
-            // SAFETY: the image is open and writable.
-            check(unsafe { sys::rbd_write_zeroes(self.image, offset + done, n as usize, 0, 0) })?;
-            done += n;
-        }
-        Ok(())
+        self.grow_to(offset, len)?;
+        self.zero_range(offset, len)
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
