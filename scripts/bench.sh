@@ -196,6 +196,7 @@ if [[ $NBD != only && ( -z $ONLY || "convert qcow2->raw into rbd" =~ $ONLY ) ]];
         rbd_rm bq; rbd_rm bo; rbd_rm bi
         r=$(run "$QEMU_IMG" convert -O raw "$WORK/src.qcow2" "rbd:rbd/bq:conf=$CONF"); qt=${r% *}
         r=$(run "$OX" convert -O raw "$WORK/src.qcow2" "rbd:rbd/bo:conf=$CONF"); ot=${r% *}
+        if (( ${r#* } > peak_rss )); then peak_rss=${r#* }; fi
         r=$(run rbd --conf "$CONF" import --no-progress "$WORK/src.raw" rbd/bi); it=${r% *}
         q_times+=("$qt"); o_times+=("$ot"); i_times+=("$it")
         oq+=("$(python3 -c "print($ot/max($qt,1e-3))")"); oi+=("$(python3 -c "print($ot/max($it,1e-3))")")
