@@ -10,8 +10,11 @@
 # Then `oxqcow serve` against qemu-nbd on the same image with the same
 # clients (fio's nbd engine, nbdcopy) over a Unix socket: throughput of each,
 # best of REPEAT, and the ratio oxqcow/qemu-nbd (above 1.0 means oxqcow serves
-# faster). Needs fio and nbdcopy (apt-get install fio libnbd-bin), and for
-# the HTTP case nginx and qemu-block-extra (qemu-img's curl driver).
+# faster). Needs fio and nbdcopy (apt-get install fio libnbd-bin), for
+# the HTTP case nginx and qemu-block-extra (qemu-img's curl driver), and for
+# the RBD case Ceph (ceph-mon ceph-osd ceph-mgr radosgw ceph-common: a
+# single-node cluster started here with scripts/ceph-cluster.sh) and
+# qemu-block-extra (qemu-img's rbd driver).
 #
 #   scripts/bench.sh                 # 1 GiB data set
 #   BENCH_SIZE_MB=256 scripts/bench.sh
@@ -31,7 +34,7 @@ command -v "$QEMU_IMG" >/dev/null || { echo "bench: $QEMU_IMG not found (apt-get
 cargo build --release -q --bin oxqcow
 OX=${CARGO_TARGET_DIR:-$PWD/target}/release/oxqcow
 NBD=${BENCH_NBD:-1}
-trap 'rm -rf "$WORK"' EXIT
+trap '[ -d "$WORK/ceph" ] && scripts/ceph-cluster.sh stop "$WORK/ceph"; rm -rf "$WORK"' EXIT
 
 # A mixed data set: random data, text, zero-filled runs and holes, in 1 MiB pieces.
 python3 - "$WORK/src.raw" "$SIZE_MB" <<'PY'
@@ -190,6 +193,38 @@ NGINX_CONF
         cmp -s "$WORK/out.raw" "$WORK/src.raw" || { echo "bench: the copy from nginx differs" >&2; exit 1; }
     fi
     kill "$nginx_pid"; wait "$nginx_pid" || true
+fi
+
+# Writing into RBD (a single-node memstore cluster started here on
+# 127.0.0.1): qemu-img's rbd driver and `rbd import` of the raw data set
+# (Ceph's own client) against oxqcow, each run into a new image removed
+# afterwards, interleaved. Ratios of the best times, and the spread
+# (min..max) of the ratios of the runs of one repetition.
+if [[ $NBD != only && ( -z $ONLY || "convert qcow2->raw into rbd" =~ $ONLY ) ]]; then
+    scripts/ceph-cluster.sh start "$WORK/ceph" >/dev/null
+    CONF=$WORK/ceph/ceph.conf
+    rbd_rm() { rbd --conf "$CONF" rm "rbd/$1" >/dev/null 2>&1 || true; }
+    q_times=(); o_times=(); i_times=(); oq=(); oi=()
+    for _ in $(seq "$REPEAT"); do
+        rbd_rm bq; rbd_rm bo; rbd_rm bi
+        r=$(run "$QEMU_IMG" convert -O raw "$WORK/src.qcow2" "rbd:rbd/bq:conf=$CONF"); qt=${r% *}
+        r=$(run "$OX" convert -O raw "$WORK/src.qcow2" "rbd:rbd/bo:conf=$CONF"); ot=${r% *}
+        if (( ${r#* } > peak_rss )); then peak_rss=${r#* }; fi
+        r=$(run rbd --conf "$CONF" import --no-progress "$WORK/src.raw" rbd/bi); it=${r% *}
+        q_times+=("$qt"); o_times+=("$ot"); i_times+=("$it")
+        oq+=("$(python3 -c "print($ot/max($qt,1e-3))")"); oi+=("$(python3 -c "print($ot/max($it,1e-3))")")
+    done
+    "$QEMU_IMG" compare -f raw -F raw "$WORK/src.raw" "rbd:rbd/bo:conf=$CONF" >/dev/null \
+        || { echo "bench: the copy into RBD differs" >&2; exit 1; }
+    spread() { printf '%s\n' "$@" | sort -g | sed -n '1p;$p' | paste -sd' ' | awk '{printf "%.2f..%.2f", $1, $2}'; }
+    qt=$(printf '%s\n' "${q_times[@]}" | best); ot=$(printf '%s\n' "${o_times[@]}" | best)
+    it=$(printf '%s\n' "${i_times[@]}" | best)
+    results+=("$(printf '%-34s qemu-img %8.3fs  oxqcow %8.3fs  ratio %5.2f  (runs %s)' \
+        "convert qcow2->raw into rbd" "$qt" "$ot" "$(python3 -c "print($ot/max($qt,1e-3))")" "$(spread "${oq[@]}")")")
+    results+=("$(printf '%-34s import   %8.3fs  oxqcow %8.3fs  ratio %5.2f  (runs %s, oxqcow/rbd import)' \
+        "  the same vs rbd import (raw)" "$it" "$ot" "$(python3 -c "print($ot/max($it,1e-3))")" "$(spread "${oi[@]}")")")
+    scripts/ceph-cluster.sh stop "$WORK/ceph"
+    rm -rf "$WORK/ceph"
 fi
 
 reqs=$(( SIZE_MB * 256 / 2 ))

@@ -15,6 +15,7 @@ use crate::app::forbid_backing::backing_policy;
 use crate::app::http::{http_name, json_name, names_http, open_http, take_http};
 use crate::app::messages::{describe, open_messages, prog_name, strerror, warn_probed_raw};
 use crate::app::qemu_opts::split_noisily;
+use crate::app::rbd::{is_rbd_name, names_rbd, open_rbd_name, take_rbd};
 
 /// Opens the image an NBD server exports (at `addr`, as parsed), as
 /// QEMU's nbd protocol driver does: its format probed or given, a
@@ -46,6 +47,9 @@ pub fn connect_nbd(addr: &NbdAddress, read_only: bool) -> Result<NbdClient, Stri
 pub fn shown_name(name: &str) -> String {
     if let Some(url) = crate::app::http::plain_url(name) {
         return url;
+    }
+    if let Some(node) = crate::app::rbd::rbd_node_json(name) {
+        return format!("json:{node}");
     }
     if let Some(Ok(addr)) = NbdAddress::parse(name) {
         return addr.display_name();
@@ -156,9 +160,17 @@ fn open_json(name: &str, options: Vec<(String, String)>, opts: OpenOptions) -> R
         let storage = open_http(&http, opts.read_only).map_err(fail)?;
         return Image::open_storage(storage, &o).map_err(|e| fail(describe(&e)));
     }
+    // An RBD image as the node itself: its bytes, as raw reads them.
+    if let Some(storage) = take_rbd(&mut options, "", opts.read_only, &crate::app::secrets::lookup).map_err(fail)? {
+        let o = OpenOptions { format: Some(ImageFormat::Raw), read_only: opts.read_only, ..OpenOptions::new() };
+        return Image::open_storage(storage, &o).map_err(|e| fail(describe(&e)));
+    }
     let file = match take_http(&mut options, "file.").map_err(fail)? {
         Some(http) => Some(open_http(&http, opts.read_only).map_err(fail)?),
-        None => take_null(&mut options, "file.").map_err(fail)?,
+        None => match take_rbd(&mut options, "file.", opts.read_only, &crate::app::secrets::lookup).map_err(fail)? {
+            Some(rbd) => Some(rbd),
+            None => take_null(&mut options, "file.").map_err(fail)?,
+        },
     };
     let children = Children { file, data_file: take_null(&mut options, "data-file.").map_err(fail)? };
     let (path, format, json_opts) = image_opts_from(options, true).map_err(fail)?;
@@ -201,6 +213,11 @@ fn open_image_inner(name: &str, format: Option<&str>, opts: OpenOptions) -> Resu
         opts.format = format.map(ImageFormat::from_name).transpose().map_err(|e| fail(describe(&e)))?;
         let storage = open_http(&http, opts.read_only).map_err(fail)?;
         // As on an NBD export, a backing file the image names is refused.
+        return Image::open_storage(storage, &opts).map_err(|e| fail(describe(&e)));
+    }
+    if is_rbd_name(name) {
+        opts.format = format.map(ImageFormat::from_name).transpose().map_err(|e| fail(describe(&e)))?;
+        let storage = open_rbd_name(name, opts.read_only).map_err(fail)?;
         return Image::open_storage(storage, &opts).map_err(|e| fail(describe(&e)));
     }
     let host = host_filename(name).map_err(fail)?;
@@ -352,7 +369,7 @@ fn parse_image_opts_for(spec: &str, io: bool) -> Result<(String, Option<String>,
         return Ok((addr.to_name(), Some("raw".into()), opts));
     }
     // An HTTP(S) object: its options go on whole, as a `json:` name.
-    if names_http(&options) {
+    if names_http(&options) || names_rbd(&options) {
         return Ok((json_name(&options), None, OpenOptions::new()));
     }
     let (path, format, opts) = image_opts_from(options, io).map_err(fail)?;
@@ -373,7 +390,7 @@ pub fn image_opts_protocol(spec: &str) -> bool {
         .iter()
         .rev()
         .find(|(k, _)| k == "driver")
-        .is_some_and(|(_, v)| matches!(v.as_str(), "file" | "nbd" | "http" | "https"))
+        .is_some_and(|(_, v)| matches!(v.as_str(), "file" | "nbd" | "http" | "https" | "rbd"))
 }
 
 /// The file name, the format and the open options that flattened image
@@ -467,7 +484,8 @@ pub fn open_operand_for_writing(operand: &str, image_opts: bool, format: Option<
         if image_opts { parse_image_opts(operand)? } else { (operand.to_string(), format, OpenOptions::new()) };
     let image = open_image_as(&path, operand, format.as_deref(), opts.read_only(false))?;
     if format.is_none() && image.format() == ImageFormat::Raw {
-        warn_probed_raw(&path);
+        // An RBD image is named by its node's `json:` name, as QEMU names it.
+        warn_probed_raw(&crate::app::rbd::rbd_node_json(&path).map_or(path, |node| format!("json:{node}")));
     }
     Ok(image)
 }

@@ -21,6 +21,7 @@ use crate::app::forbid_backing::backing_policy;
 use crate::app::http::{http_name, open_http, take_http};
 use crate::app::image::{connect_nbd, host_filename, null_by_name, shown_name, take_nbd_driver, take_null};
 use crate::app::messages::{describe, errno_text, io_error_text, open_messages, warn_probed_raw};
+use crate::app::rbd::{is_rbd_name, open_rbd_name, take_rbd};
 
 /// How to open an image: qemu-io's flags plus driver options.
 #[derive(Clone, Debug)]
@@ -234,7 +235,7 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
                 return Ok(Opened { image, unmap: spec.unmap, copy_on_read: spec.copy_on_read, null_node: None });
             }
             // An NBD name stays whole: it is connected to below.
-            None if NbdAddress::parse(n).is_some() || http_name(n).is_some() => Some(n.to_string()),
+            None if NbdAddress::parse(n).is_some() || http_name(n).is_some() || is_rbd_name(n) => Some(n.to_string()),
             None => Some(host_filename(n)?),
         },
         None => None,
@@ -254,10 +255,20 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
         let image = Image::open_storage(storage, &o).map_err(|e| describe(&e))?;
         return Ok(Opened { image, unmap: spec.unmap, copy_on_read: spec.copy_on_read, null_node: None });
     }
+    let lookup = |id: &str| secrets.get(id).cloned().ok_or_else(|| format!("No secret with id '{id}'"));
+    // An RBD image as the node itself, read as raw.
+    if let Some(storage) = take_rbd(&mut options, "", spec.read_only || spec.snapshot, &lookup)? {
+        let o = OpenOptions { format: Some(ImageFormat::Raw), read_only: spec.read_only, ..OpenOptions::new() };
+        let image = Image::open_storage(storage, &o).map_err(|e| describe(&e))?;
+        return Ok(Opened { image, unmap: spec.unmap, copy_on_read: spec.copy_on_read, null_node: None });
+    }
     let data_file = take_null(&mut options, "data-file.")?;
     let mut file_child = match take_http(&mut options, "file.")? {
         Some(http) => Some(open_http(&http, spec.read_only || spec.snapshot)?),
-        None => take_null(&mut options, "file.")?,
+        None => match take_rbd(&mut options, "file.", spec.read_only || spec.snapshot, &lookup)? {
+            Some(rbd) => Some(rbd),
+            None => take_null(&mut options, "file.")?,
+        },
     };
     // Raw nodes with `offset`/`size`: windows the engine puts over the file.
     let raw_windows = oxqcow::options::take_raw_windows(&mut options)?;
@@ -361,6 +372,8 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
             file_child = Some(Arc::new(connect_nbd(&addr?, spec.read_only || spec.snapshot)?));
         } else if let Some(http) = http_name(&path) {
             file_child = Some(open_http(&http, spec.read_only || spec.snapshot)?);
+        } else if is_rbd_name(&path) {
+            file_child = Some(open_rbd_name(&path, spec.read_only || spec.snapshot)?);
         }
     }
     let probed = if let Some(file) = &file_child {

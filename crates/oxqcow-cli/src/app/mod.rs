@@ -21,6 +21,7 @@ pub mod output;
 pub mod progress;
 pub mod qemu_opts;
 pub mod qjson;
+pub mod rbd;
 pub mod secrets;
 pub mod snapshot_param;
 pub mod snapshot_table;

@@ -105,6 +105,16 @@ fn write_string(out: &mut String, s: &str) {
     out.push('"');
 }
 
+/// A JSON object on one line as QEMU's `qobject_to_json` writes a QDict
+/// (the `json:{...}` names it gives nodes): members (their values written
+/// already) in the order of their hash buckets, `": "` and `", "` between
+/// them.
+pub fn qdict_compact(mut members: Vec<(&str, String)>) -> String {
+    members.sort_by_key(|(k, _)| bucket(k));
+    let body: Vec<String> = members.iter().map(|(k, v)| format!("{}: {v}", serde_json::json!(k))).collect();
+    format!("{{{}}}", body.join(", "))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -206,6 +206,10 @@ fn create(req: &Request) -> Result<(), String> {
             return Err(too_large(req.fmt));
         }
     }
+    if crate::app::rbd::is_rbd_name(req.filename) {
+        let storage = crate::app::rbd::create_rbd_name(req.filename)?;
+        return Image::create_storage(storage, &create_opts).and_then(Image::close).map_err(|e| describe(&e));
+    }
     let host = host_filename(req.filename).map_err(|m| format!("Could not create '{}': {m}", req.filename))?;
     let path = Path::new(&host);
     // The library removes what a failed qcow2 creation left behind, and

@@ -177,15 +177,21 @@ fn dd(
         format => CreateOptions { format, ..CreateOptions::qcow2(end - start) },
     };
     create.size_given = true;
-    let target = Image::create(Path::new(output), &create).map_err(|e| {
-        let why = match &e {
-            oxqcow::Error::Io { op: "creating the image", source, .. } => {
-                format!("Could not create '{output}': {}", os_error(source))
-            }
-            other => describe(other),
-        };
-        format!("{output}: error while creating output image: {why}")
-    })?;
+    let target = if crate::app::rbd::is_rbd_name(output) {
+        crate::app::rbd::create_rbd_name(output)
+            .and_then(|storage| Image::create_storage(storage, &create).map_err(|e| describe(&e)))
+            .map_err(|why| format!("{output}: error while creating output image: {why}"))
+    } else {
+        Image::create(Path::new(output), &create).map_err(|e| {
+            let why = match &e {
+                oxqcow::Error::Io { op: "creating the image", source, .. } => {
+                    format!("Could not create '{output}': {}", os_error(source))
+                }
+                other => describe(other),
+            };
+            format!("{output}: error while creating output image: {why}")
+        })
+    }?;
     let mut buf = vec![0u8; ops.block_size.min(end - start).max(1) as usize];
     let mut pos = start;
     while pos < end {

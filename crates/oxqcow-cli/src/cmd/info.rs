@@ -121,8 +121,11 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             Ok(v) => v,
             Err(msg) => return ctx.fail(&msg),
         };
-        // A protocol node opened by its driver is described alone.
-        if image_opts && infos.is_empty() && crate::app::image::image_opts_protocol(filename) {
+        // A protocol node opened by its driver is described alone (an rbd
+        // node named by a `json:` name too).
+        let rbd_node_alone =
+            path.starts_with("json:") && crate::app::rbd::rbd_node(&path).is_some_and(|(_, format)| format.is_none());
+        if infos.is_empty() && (rbd_node_alone || image_opts && crate::app::image::image_opts_protocol(filename)) {
             if let Some(file) = info.pointer("/children/0/info").cloned() {
                 info = file;
             }
@@ -153,6 +156,12 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             *child = json!(file);
         }
     }
+    // An RBD image: its format node named by its rbd node (which
+    // `shown_name` gave the file), as QEMU names them.
+    let format = infos[0].get("format").and_then(Value::as_str).unwrap_or("raw").to_string();
+    if let Some(top) = crate::app::rbd::rbd_image_json(&first_path, &format) {
+        infos[0]["filename"] = json!(top);
+    }
     if image_opts {
         if let Some(name) = strong_json_filename(filename, &infos[0]) {
             infos[0]["filename"] = json!(name);
@@ -180,8 +189,11 @@ fn strong_json_filename(spec: &str, info: &Value) -> Option<String> {
     let pairs = oxqcow::qemu_syntax::split_options(spec);
     let secret = pairs.iter().rev().find(|(k, _)| k == strong)?.1.clone();
     let file = info.get("children")?.get(0)?.get("info")?.get("filename")?.as_str()?;
-    let file_obj = qdict_json(vec![("driver", json!("file").to_string()), ("filename", json!(file).to_string())]);
-    let top = qdict_json(vec![
+    let file_obj = crate::app::qjson::qdict_compact(vec![
+        ("driver", json!("file").to_string()),
+        ("filename", json!(file).to_string()),
+    ]);
+    let top = crate::app::qjson::qdict_compact(vec![
         ("driver", json!(format).to_string()),
         ("file", file_obj),
         (strong, json!(secret).to_string()),
@@ -213,30 +225,20 @@ fn http_json_filenames(name: &str, probed: Option<String>) -> Option<(String, St
             _ => {}
         }
     }
-    let file = format!("json:{}", qdict_json(members));
+    let file = format!("json:{}", crate::app::qjson::qdict_compact(members));
     let top = match format.or(probed) {
         Some(f) if nested => {
-            format!("json:{}", qdict_json(vec![("driver", json!(f).to_string()), ("file", file[5..].to_string())]))
+            format!(
+                "json:{}",
+                crate::app::qjson::qdict_compact(vec![
+                    ("driver", json!(f).to_string()),
+                    ("file", file[5..].to_string())
+                ])
+            )
         }
         _ => file.clone(),
     };
     Some((top, file))
-}
-
-/// A JSON object as QEMU's `qobject_to_json` writes a QDict: members (their
-/// values written already) in the order of its hash buckets (`tdb_hash`
-/// modulo 512), `": "` and `", "` between them.
-fn qdict_json(mut members: Vec<(&str, String)>) -> String {
-    fn bucket(key: &str) -> u32 {
-        let mut v = 0x238F_13AFu32.wrapping_mul(key.len() as u32);
-        for (i, c) in key.bytes().enumerate() {
-            v = v.wrapping_add(u32::from(c) << (i * 5 % 24));
-        }
-        1_103_515_243u32.wrapping_mul(v).wrapping_add(12345) % 512
-    }
-    members.sort_by_key(|(k, _)| bucket(k));
-    let body: Vec<String> = members.iter().map(|(k, v)| format!("{}: {v}", json!(k))).collect();
-    format!("{{{}}}", body.join(", "))
 }
 
 /// QEMU's block layer reports lengths in whole sectors.
@@ -362,6 +364,7 @@ fn graph_info(path: &str, source: &Source) -> Result<Value, String> {
     let path = shown.as_str();
     let allocated = storage.allocated_bytes().ok();
     let host_file = storage.driver_name() == "file";
+    let protocol_is_rbd = storage.driver_name() == "rbd";
     let file = protocol_node(path, storage, file_len, allocated);
 
     let mut top = Map::new();
@@ -369,8 +372,15 @@ fn graph_info(path: &str, source: &Source) -> Result<Value, String> {
     let (qi, snapshots) = match source {
         Source::Open(Image::Raw(raw)) => {
             top.insert("format".into(), json!("raw"));
-            if host_file {
+            if host_file || protocol_is_rbd {
                 top.insert("dirty-flag".into(), json!(false));
+            }
+            // QEMU's raw driver reports its file's cluster size and snapshots.
+            if let Some(cs) = storage.cluster_size() {
+                top.insert("cluster-size".into(), json!(cs));
+            }
+            if let Some(snaps) = protocol_snapshot_list(storage) {
+                top.insert("snapshots".into(), snaps);
             }
             if let Some(a) = allocated {
                 top.insert("actual-size".into(), json!(a));
@@ -451,19 +461,44 @@ fn protocol_node(path: &str, storage: &dyn Storage, file_len: u64, allocated: Op
     let mut file = Map::new();
     file.insert("filename".into(), json!(path));
     file.insert("format".into(), json!(protocol));
-    if host_file {
+    // QEMU's rbd driver, like the file driver, has format-specific facts
+    // (none), a dirty flag and a length in whole sectors; it also reports
+    // the image's object size.
+    let rbd = protocol == "rbd";
+    if host_file || rbd {
         file.insert("dirty-flag".into(), json!(false));
     }
     if let Some(a) = allocated {
         file.insert("actual-size".into(), json!(a));
     }
-    // Only a host file's length is shown in whole sectors.
-    file.insert("virtual-size".into(), json!(if host_file { sectors_up(file_len) } else { file_len }));
-    if host_file {
-        file.insert("format-specific".into(), json!({"type": "file", "data": {}}));
+    file.insert("virtual-size".into(), json!(if host_file || rbd { sectors_up(file_len) } else { file_len }));
+    if let Some(cs) = storage.cluster_size() {
+        file.insert("cluster-size".into(), json!(cs));
+    }
+    if let Some(snaps) = protocol_snapshot_list(storage) {
+        file.insert("snapshots".into(), snaps);
+    }
+    if host_file || rbd {
+        file.insert("format-specific".into(), json!({"type": protocol, "data": {}}));
     }
     file.insert("children".into(), json!([]));
     file
+}
+
+/// A protocol's own snapshots (an RBD image's) as QEMU's rbd driver lists
+/// them: the name as id and name, the image size as VM state size, times
+/// zero; `None` when it has none.
+fn protocol_snapshot_list(storage: &dyn Storage) -> Option<Value> {
+    let snaps = storage.protocol_snapshots().ok().filter(|s| !s.is_empty())?;
+    Some(Value::Array(
+        snaps
+            .into_iter()
+            .map(|(name, size)| {
+                json!({"id": name, "name": name, "vm-state-size": size, "date-sec": 0, "date-nsec": 0,
+                       "vm-clock-sec": 0, "vm-clock-nsec": 0, "icount": 0})
+            })
+            .collect(),
+    ))
 }
 
 /// The snapshots as `SnapshotInfo` objects.

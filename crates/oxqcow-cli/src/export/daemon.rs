@@ -41,7 +41,7 @@ pub fn open_export_image(
     // Open errors name the option string with --image-opts, as QEMU's do.
     let image = open_image_as(&path, file, format.as_deref(), open.clone())?;
     if format.is_none() && image.format() == ImageFormat::Raw && !open.read_only {
-        warn_probed_raw(&path);
+        warn_probed_raw(&crate::app::rbd::rbd_node_json(&path).map_or_else(|| path.clone(), |n| format!("json:{n}")));
     }
     Ok(ExportImage { image, path })
 }

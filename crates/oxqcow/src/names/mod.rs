@@ -13,7 +13,7 @@ mod json;
 
 /// QEMU's protocol prefixes that oxqcow implements, and the driver each
 /// selects: the three `file-posix` drivers, NBD's three spellings, the
-/// null drivers, and the curl driver's `http` and `https`.
+/// null drivers, the curl driver's `http` and `https`, and `rbd`.
 const PROTOCOLS: &[(&str, &str)] = &[
     ("file", "file"),
     ("host_device", "host_device"),
@@ -25,6 +25,7 @@ const PROTOCOLS: &[(&str, &str)] = &[
     ("null-aio", "null-aio"),
     ("http", "http"),
     ("https", "https"),
+    ("rbd", "rbd"),
 ];
 
 /// What an image name names.

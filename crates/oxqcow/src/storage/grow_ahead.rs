@@ -185,6 +185,14 @@ impl Storage for GrowAhead {
         self.inner.set_ignore_sync(ignore)
     }
 
+    fn cluster_size(&self) -> Option<u64> {
+        self.inner.cluster_size()
+    }
+
+    fn protocol_snapshots(&self) -> io::Result<Vec<(String, u64)>> {
+        self.inner.protocol_snapshots()
+    }
+
     fn allocated_bytes(&self) -> io::Result<u64> {
         self.inner.allocated_bytes()
     }

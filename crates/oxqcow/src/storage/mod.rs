@@ -145,6 +145,17 @@ pub trait Storage: Send + Sync {
     fn set_ignore_sync(&self, ignore: bool) {
         let _ = ignore;
     }
+    /// The allocation unit the storage reports as QEMU's protocol driver
+    /// reports it (`bdrv_get_info`'s cluster size: an RBD image's object
+    /// size), shown by `info`; `None` when it has none.
+    fn cluster_size(&self) -> Option<u64> {
+        None
+    }
+    /// The storage's own snapshots, name and size, as QEMU's protocol driver
+    /// lists them (an RBD image's), shown by `info`; none by default.
+    fn protocol_snapshots(&self) -> io::Result<Vec<(String, u64)>> {
+        Ok(Vec::new())
+    }
     /// Bytes the storage occupies on the host (for `disk size` in info).
     fn allocated_bytes(&self) -> io::Result<u64> {
         self.len()

@@ -194,15 +194,21 @@ pub fn target(a: &Args, out_fmt: &str, opts: &mut CreateOptions, has_backing: bo
         if let Some(refusal) = crate::app::http::no_creation(&a.target) {
             return Err(refusal);
         }
-        let image = Image::create(Path::new(&a.target), opts).map_err(|e| {
-            let why = match &e {
-                oxqcow::Error::Io { op: "creating the image", source, .. } => {
-                    format!("Could not create '{}': {}", a.target, os_error(source))
-                }
-                other => describe(other),
-            };
-            format!("{}: error while converting {out_fmt}: {why}", a.target)
-        })?;
+        let image = if crate::app::rbd::is_rbd_name(&a.target) {
+            crate::app::rbd::create_rbd_name(&a.target)
+                .and_then(|storage| Image::create_storage(storage, opts).map_err(|e| describe(&e)))
+                .map_err(|why| format!("{}: error while converting {out_fmt}: {why}", a.target))
+        } else {
+            Image::create(Path::new(&a.target), opts).map_err(|e| {
+                let why = match &e {
+                    oxqcow::Error::Io { op: "creating the image", source, .. } => {
+                        format!("Could not create '{}': {}", a.target, os_error(source))
+                    }
+                    other => describe(other),
+                };
+                format!("{}: error while converting {out_fmt}: {why}", a.target)
+            })
+        }?;
         if has_backing {
             crate::app::image::close_image(image)
                 .map_err(|e| format!("error while closing the target: {}", strerror(&e)))?;
