@@ -743,3 +743,54 @@ fn concurrent_writers_through_the_mount() {
     }
     assert_clean(&img);
 }
+
+/// Names of the threads of `pid` that read FUSE requests (fuser names them
+/// `fuser-N`).
+fn serving_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter(|t| {
+            let comm = std::fs::read_to_string(t.as_ref().unwrap().path().join("comm")).unwrap_or_default();
+            comm.starts_with("fuser-")
+        })
+        .count()
+}
+
+/// Guards the default of one serving thread: with four (the old default)
+/// the kernel handed each request of a one-at-a-time stream to another
+/// thread, and every round trip paid a cross-CPU wakeup.
+#[test]
+fn one_thread_serves_unless_told_otherwise() {
+    let d = Dir::new();
+    let img = d.image("t.qcow2", "4M", &[]);
+    let point = d.point("disk");
+    let m = Mounted::new(&[], &img, &point);
+    assert_eq!(serving_threads(m.pid()), 1);
+    m.unmount_ok();
+    let m = Mounted::new(&["--threads", "3"], &img, &point);
+    assert_eq!(serving_threads(m.pid()), 3);
+    m.unmount_ok();
+}
+
+/// Guards the serving thread's kept read buffer: a read never shows what
+/// an earlier, larger read left in it (unallocated and zero clusters read
+/// as zeros after data, a short read at the end of the disk has only its
+/// own bytes). O_DIRECT makes the kernel pass each read on at its size.
+#[test]
+fn reads_after_larger_reads_show_only_their_own_bytes() {
+    let d = Dir::new();
+    let img = d.image("b.qcow2", "4M", &[]);
+    qemu_io(&img, &["write -P 0x11 0 1M", "write -z 2M 1M", "write -P 0x22 3M 1M"]);
+    let point = d.point("disk");
+    let m = Mounted::new(&["-r"], &img, &point);
+    let out = py(
+        "import mmap,os,sys; fd=os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECT)\n\
+         def rd(n, off):\n    b=mmap.mmap(-1, n); k=os.preadv(fd, [b], off); return sorted(set(bytes(b[:k]))), k\n\
+         print(rd(1 << 20, 0)); print(rd(4096, 1 << 20)); print(rd(65536, 2 << 20))\n\
+         print(rd(1 << 20, 3 << 20)); print(rd(1 << 20, (4 << 20) - 8192))",
+        &[m.path()],
+    );
+    m.unmount_ok();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines, ["([17], 1048576)", "([0], 4096)", "([0], 65536)", "([34], 1048576)", "([34], 8192)"]);
+}

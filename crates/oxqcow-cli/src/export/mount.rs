@@ -85,15 +85,21 @@ the disk to 0 bytes.
                             give host space back
       --growable            writes past the end grow the disk
       --allow-other=MODE    on, off or auto (default: on if the mount allows it)
-      --threads=N           threads serving requests (default 4)
+      --threads=N           threads serving requests (default 1, as QEMU)
       --daemonize           run in the background; exit once the file is mounted
                             (0), or with the error that prevented it
       --pidfile=PATH        write the serving process's ID to PATH once mounted
                             (removed at exit)
 ";
 
-/// Threads serving FUSE requests unless `--threads` says otherwise.
-const DEFAULT_THREADS: usize = 4;
+/// Threads serving FUSE requests unless `--threads` says otherwise. One, as
+/// QEMU's export serves them: the kernel hands each request to the reader
+/// that has waited longest, so with several threads a stream of requests
+/// one at a time (a program's read/write calls) hops to another thread,
+/// often on another CPU, for every request, and each round trip pays a
+/// cross-CPU wakeup; one thread keeps the stream on the CPU it shares with
+/// its caller. More threads only help requests that really run at once.
+const DEFAULT_THREADS: usize = 1;
 /// More is never useful: the kernel has that many requests in flight at most.
 const MAX_THREADS: usize = 64;
 

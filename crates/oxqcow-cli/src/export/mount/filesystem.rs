@@ -14,6 +14,7 @@
 //! hold `size_lock` exclusively and every other request holds it shared,
 //! so that a request clamped to the size it saw never meets a smaller disk.
 
+use std::cell::RefCell;
 use std::ffi::{OsStr, OsString};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
@@ -37,6 +38,9 @@ const FILE_IN_DIR_INO: INodeNo = INodeNo(2);
 /// kernel asks for far less; this only keeps a bogus request from
 /// allocating gigabytes).
 const MAX_READ: u32 = 64 << 20;
+/// Reads up to this size reuse the serving thread's buffer (the kernel asks
+/// for at most 1 MiB at a time, its default `max_pages`).
+const KEPT_READ_BUFFER: usize = 1 << 20;
 /// Block status is asked for in windows of this size, so that a seek over
 /// a huge fragmented disk never holds all of its extents at once.
 const STATUS_WINDOW: u64 = 1 << 30;
@@ -276,6 +280,32 @@ fn now() -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
 }
 
+thread_local! {
+    /// The serving thread's read buffer, kept between requests.
+    static READ_BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on a buffer of `n` bytes whose content is undefined (the
+/// engine's `read_at` fills all of it). Up to `KEPT_READ_BUFFER` bytes it is
+/// the thread's kept buffer: a fresh one per request costs a zeroed
+/// allocation, and from 128 KiB (the kernel's readahead requests) that is an
+/// mmap with a page fault per page and an munmap, every request.
+fn with_read_buffer<R>(n: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    if n > KEPT_READ_BUFFER {
+        return f(&mut vec![0u8; n]);
+    }
+    READ_BUFFER.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < n {
+                buf.resize(n, 0);
+            }
+            f(&mut buf[..n])
+        }
+        // Not reentrant in practice; a fresh buffer keeps it correct anyway.
+        Err(_) => f(&mut vec![0u8; n]),
+    })
+}
+
 /// With KEEP_SIZE a range is cut at the end of the disk; `None` when
 /// nothing of it is left. Past the end QEMU's length goes negative and
 /// the request fails with EIO.
@@ -432,11 +462,10 @@ impl Filesystem for DiskFs {
             return reply.data(&[]);
         }
         let n = u64::from(size).min(disk - offset) as usize;
-        let mut buf = vec![0u8; n];
-        match self.image.read_at(&mut buf, offset) {
-            Ok(()) => reply.data(&buf),
+        with_read_buffer(n, |buf| match self.image.read_at(buf, offset) {
+            Ok(()) => reply.data(buf),
             Err(e) => reply.error(errno_of(&e)),
-        }
+        });
     }
 
     /// Writes stop at the end of the disk (a short write), unless the
