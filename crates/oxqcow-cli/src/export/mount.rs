@@ -203,6 +203,9 @@ fn mount(cfg: &Config, image: &Arc<Image>, export: ExportConfig) -> std::io::Res
         // QEMU's export mounts with default_permissions: the kernel checks
         // the file's mode, and chmod means something.
         fuse.mount_options = vec![MountOption::FSName("oxqcow".into()), MountOption::DefaultPermissions];
+        // No writeback cache (QEMU sets none either): the kernel would take
+        // writes past the end of a disk that cannot grow, and acknowledge
+        // writes before the image has them whatever its cache mode.
         fuse.acl = if allow_other { SessionACL::All } else { SessionACL::Owner };
         fuse.n_threads = Some(cfg.threads);
         // One kernel channel per thread: requests are read in parallel.
