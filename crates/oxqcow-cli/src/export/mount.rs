@@ -69,7 +69,9 @@ allocation only grows the disk at its end), lseek SEEK_DATA/SEEK_HOLE from
 the image's allocation, truncate (resizes the image) and chmod. Its size is
 the disk size; writes stop at the end of the disk unless --growable. As
 with QEMU, opening the file with O_TRUNC (dd without conv=notrunc) resizes
-the disk to 0 bytes.
+the disk to 0 bytes. A write-only open bypasses the kernel's page cache
+while no open reads through it; opens that read while such a writer is
+open bypass it too (shared mmap of them fails with ENODEV).
 
   -h, --help                display this help and exit
   --object type,id=ID,...   define a 'secret' object (for encrypt.key-secret=ID
