@@ -21,6 +21,7 @@
 #   BENCH_ONLY='compress|compressed' scripts/bench.sh   # only the cases whose name matches
 #   BENCH_NBD=only scripts/bench.sh  # only the NBD figures (BENCH_NBD=0: none)
 #   BENCH_FUSE=0 scripts/bench.sh    # without the FUSE figures (oxqcow mount vs qemu-storage-daemon)
+#   BENCH_NBD=0 BENCH_ONLY=fuse BENCH_FUSE_REPEAT=9 scripts/bench.sh   # only the FUSE figures
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -407,13 +408,22 @@ if [[ $NBD != 0 ]]; then
 fi
 
 # ---- FUSE: oxqcow mount vs qemu-storage-daemon --export type=fuse ------------
-# dd through the mounted file, each run on a fresh mount (the kernel's page
+# Through the mounted file, each run on a fresh mount (the kernel's page
 # cache of the FUSE file starts empty; the image file's host cache is warm
-# for both). Needs /dev/fuse, fusermount3 and qemu-storage-daemon; skipped
-# with a note when one is missing. BENCH_FUSE=0 skips them; BENCH_NBD=0
-# BENCH_ONLY=fuse runs only them.
+# for both): dd with 1 MiB blocks, and fio's psync engine with 4 KiB blocks
+# (one request at a time, sequential and random, read and write; writes end
+# with an fsync, so what they measure has reached the image). Each case
+# runs qsd and oxqcow alternately BENCH_FUSE_REPEAT times (default 5); the
+# ratio oxqcow/qsd is the median of the runs' pairwise ratios, with their
+# min..max. oxqcow mount's peak RSS over all its runs is printed. Needs
+# /dev/fuse, fusermount3, fio and qemu-storage-daemon; skipped with a note
+# when one is missing. BENCH_FUSE=0 skips them; BENCH_NBD=0 BENCH_ONLY=fuse
+# runs only them.
 FUSE=${BENCH_FUSE:-1}
+FUSE_REPEAT=${BENCH_FUSE_REPEAT:-5}
+FUSE_RUNTIME=${BENCH_FUSE_RUNTIME:-5}
 fuse_results=()
+fuse_peak_rss=0
 MNT=$WORK/fuse-mnt
 fuse_pid=
 mounted() { grep -q " $MNT fuse" /proc/mounts; }
@@ -424,23 +434,44 @@ start_fuse() {
             --blockdev driver=qcow2,node-name=q,file=f \
             --export "type=fuse,id=e,node-name=q,mountpoint=$MNT,writable=on" 2>"$WORK/server.err" &
     else
-        "$OX" mount -f qcow2 "$2" "$MNT" 2>"$WORK/server.err" &
+        /usr/bin/time -f %M -o "$WORK/fuse-rss" "$OX" mount -f qcow2 "$2" "$MNT" 2>"$WORK/server.err" &
     fi
     fuse_pid=$!
     for _ in $(seq 3000); do mounted && return; sleep 0.02; done
     echo "bench: $1 FUSE export did not mount" >&2; cat "$WORK/server.err" >&2; exit 1
 }
 stop_fuse() {
-    if [[ $1 == qemu ]]; then kill "$fuse_pid"; else fusermount3 -u "$MNT"; fi
-    wait "$fuse_pid" || true; fuse_pid=
+    if [[ $1 == qemu ]]; then
+        kill "$fuse_pid"; wait "$fuse_pid" || true
+    else
+        fusermount3 -u "$MNT"
+        wait "$fuse_pid" || { echo "bench: oxqcow mount failed" >&2; cat "$WORK/server.err" >&2; exit 1; }
+        local rss; rss=$(tail -n 1 "$WORK/fuse-rss")
+        if (( rss > fuse_peak_rss )); then fuse_peak_rss=$rss; fi
+    fi
+    fuse_pid=
 }
 trap '[[ -n $server_pid ]] && kill "$server_pid"; mounted && fusermount3 -u "$MNT"; [[ -n $fuse_pid ]] && kill "$fuse_pid"; rm -rf "$WORK"' EXIT
 
-# fuse_case NAME IMAGE-SETUP DD-ARGS...: MiB/s of one dd, best of REPEAT.
-fuse_case() {
+# fuse_report NAME UNIT QSD-FIGURES OX-FIGURES: medians and the spread of
+# the pairwise ratios (figures space-separated; run i of one tool goes with
+# run i of the other, which ran right after it).
+fuse_report() {
+    fuse_results+=("$(python3 -c '
+import statistics, sys
+name, unit = sys.argv[1], sys.argv[2]
+q, o = ([float(x) for x in a.split()] for a in sys.argv[3:5])
+r = [b / max(a, 1e-9) for a, b in zip(q, o)]
+print(f"{name:<34} qsd {statistics.median(q):9.0f} {unit:<5}  oxqcow {statistics.median(o):9.0f} {unit:<5}  "
+      f"ratio {statistics.median(r):5.2f} ({min(r):.2f}..{max(r):.2f}, {len(r)} runs)")
+' "$@")")
+}
+
+# fuse_dd_case NAME IMAGE-SETUP DD-ARGS...: MiB/s of one dd per run.
+fuse_dd_case() {
     local name=$1 setup=$2 q=() o=() t; shift 2
     if [[ -n $ONLY && ! $name =~ $ONLY ]]; then return 0; fi
-    for _ in $(seq "$REPEAT"); do
+    for _ in $(seq "$FUSE_REPEAT"); do
         for kind in qemu ox; do
             $setup; start_fuse "$kind" "$NBD_IMAGE"
             t=$(run dd "${@//@MNT@/$MNT}" bs=1M status=none); stop_fuse "$kind"
@@ -448,19 +479,47 @@ fuse_case() {
             if [[ $kind == qemu ]]; then q+=("$t"); else o+=("$t"); fi
         done
     done
-    local qb ob
-    qb=$(printf '%s\n' "${q[@]}" | sort -g | tail -n 1)
-    ob=$(printf '%s\n' "${o[@]}" | sort -g | tail -n 1)
-    fuse_results+=("$(printf '%-34s qsd %9.0f MiB/s  oxqcow %9.0f MiB/s  ratio %5.2f' "$name" "$qb" "$ob" \
-        "$(python3 -c "print($ob / max($qb, 1e-9))")")")
+    fuse_report "$name" MiB/s "${q[*]}" "${o[*]}"
+}
+
+# fuse_fio_case NAME IMAGE-SETUP RW: IOPS of one fio psync 4 KiB job per
+# run, over the whole disk or for BENCH_FUSE_RUNTIME seconds, whichever
+# ends first (random jobs visit each block at most once: fio's random map).
+fuse_fio_case() {
+    local name=$1 setup=$2 rw=$3 q=() o=() r extra=()
+    if [[ -n $ONLY && ! $name =~ $ONLY ]]; then return 0; fi
+    if [[ $rw == *write ]]; then extra=(--end_fsync=1); fi
+    for _ in $(seq "$FUSE_REPEAT"); do
+        for kind in qemu ox; do
+            $setup; start_fuse "$kind" "$NBD_IMAGE"
+            fio --name=fuse --filename="$MNT" --ioengine=psync --rw="$rw" --bs=4k --size="${SIZE_MB}M" \
+                --runtime="$FUSE_RUNTIME" --fallocate=none "${extra[@]}" --output-format=json \
+                >"$WORK/fio.json" 2>"$WORK/fio.err" || {
+                echo "bench: fio failed" >&2; cat "$WORK/fio.err" >&2; exit 1; }
+            stop_fuse "$kind"
+            r=$(python3 -c '
+import json, sys
+job = json.load(open(sys.argv[1]))["jobs"][0]
+side = job["read"] if job["read"]["io_bytes"] else job["write"]
+print(round(side["iops"]))
+' "$WORK/fio.json")
+            if [[ $kind == qemu ]]; then q+=("$r"); else o+=("$r"); fi
+        done
+    done
+    fuse_report "$name" IOPS "${q[*]}" "${o[*]}"
 }
 
 if [[ $FUSE != 0 && $NBD != only ]]; then
-    if [[ ! -e /dev/fuse ]] || ! command -v fusermount3 >/dev/null || ! command -v qemu-storage-daemon >/dev/null; then
-        echo "bench: FUSE figures skipped (need /dev/fuse, fusermount3 and qemu-storage-daemon)" >&2
+    if [[ ! -e /dev/fuse ]] || ! command -v fusermount3 >/dev/null || ! command -v qemu-storage-daemon >/dev/null \
+        || ! command -v fio >/dev/null; then
+        echo "bench: FUSE figures skipped (need /dev/fuse, fusermount3, fio and qemu-storage-daemon)" >&2
     else
-        fuse_case "fuse dd 1M sequential read" data_image if=@MNT@ of=/dev/null
-        fuse_case "fuse dd 1M sequential write" empty_image if="$WORK/src.raw" of=@MNT@ conv=notrunc,fsync
+        fuse_dd_case "fuse dd 1M sequential read" data_image if=@MNT@ of=/dev/null
+        fuse_dd_case "fuse dd 1M sequential write" empty_image if="$WORK/src.raw" of=@MNT@ conv=notrunc,fsync
+        fuse_fio_case "fuse fio 4k sequential read" data_image read
+        fuse_fio_case "fuse fio 4k random read" data_image randread
+        fuse_fio_case "fuse fio 4k sequential write" empty_image write
+        fuse_fio_case "fuse fio 4k random write" empty_image randwrite
     fi
 fi
 
@@ -475,6 +534,9 @@ if (( ${#nbd_results[@]} )); then
     printf '%s\n' "${nbd_results[@]}"
 fi
 if (( ${#fuse_results[@]} )); then
-    echo "oxqcow mount vs qemu-storage-daemon FUSE export, ${SIZE_MB} MiB image, dd bs=1M, best of $REPEAT (ratio above 1.0: oxqcow faster)"
+    echo "oxqcow mount vs $(qemu-storage-daemon --version | sed -n 1p) FUSE export, ${SIZE_MB} MiB image,"
+    echo "median of $FUSE_REPEAT interleaved runs, ratio oxqcow/qsd with its min..max (above 1.0: oxqcow faster)"
+    echo "$(nproc) cores, load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
     printf '%s\n' "${fuse_results[@]}"
+    echo "oxqcow mount peak RSS: $fuse_peak_rss KiB"
 fi

@@ -743,3 +743,137 @@ fn concurrent_writers_through_the_mount() {
     }
     assert_clean(&img);
 }
+
+/// Names of the threads of `pid` that read FUSE requests (fuser names them
+/// `fuser-N`).
+fn serving_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter(|t| {
+            let comm = std::fs::read_to_string(t.as_ref().unwrap().path().join("comm")).unwrap_or_default();
+            comm.starts_with("fuser-")
+        })
+        .count()
+}
+
+/// Guards the default of one serving thread: with four (the old default)
+/// the kernel handed each request of a one-at-a-time stream to another
+/// thread, and every round trip paid a cross-CPU wakeup.
+#[test]
+fn one_thread_serves_unless_told_otherwise() {
+    let d = Dir::new();
+    let img = d.image("t.qcow2", "4M", &[]);
+    let point = d.point("disk");
+    let m = Mounted::new(&[], &img, &point);
+    assert_eq!(serving_threads(m.pid()), 1);
+    m.unmount_ok();
+    let m = Mounted::new(&["--threads", "3"], &img, &point);
+    assert_eq!(serving_threads(m.pid()), 3);
+    m.unmount_ok();
+}
+
+/// Guards the serving thread's kept read buffer: a read never shows what
+/// an earlier, larger read left in it (unallocated and zero clusters read
+/// as zeros after data, a short read at the end of the disk has only its
+/// own bytes). O_DIRECT makes the kernel pass each read on at its size.
+#[test]
+fn reads_after_larger_reads_show_only_their_own_bytes() {
+    let d = Dir::new();
+    let img = d.image("b.qcow2", "4M", &[]);
+    qemu_io(&img, &["write -P 0x11 0 1M", "write -z 2M 1M", "write -P 0x22 3M 1M"]);
+    let point = d.point("disk");
+    let m = Mounted::new(&["-r"], &img, &point);
+    let out = py(
+        "import mmap,os,sys; fd=os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECT)\n\
+         def rd(n, off):\n    b=mmap.mmap(-1, n); k=os.preadv(fd, [b], off); return sorted(set(bytes(b[:k]))), k\n\
+         print(rd(1 << 20, 0)); print(rd(4096, 1 << 20)); print(rd(65536, 2 << 20))\n\
+         print(rd(1 << 20, 3 << 20)); print(rd(1 << 20, (4 << 20) - 8192))",
+        &[m.path()],
+    );
+    m.unmount_ok();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines, ["([17], 1048576)", "([0], 4096)", "([0], 65536)", "([34], 1048576)", "([34], 8192)"]);
+}
+
+/// fsync of the mounted file makes everything written before it reach the
+/// image, metadata included, while the file stays mounted: QEMU (sharing
+/// the image read-only) reads the data and finds the image clean. 4 KiB
+/// writes one at a time, sequential and scattered, as programs write.
+#[test]
+fn fsync_through_the_mount_reaches_the_image_while_mounted() {
+    let d = Dir::new();
+    let img = d.image("f.qcow2", "16M", &[]);
+    let point = d.point("disk");
+    let m = Mounted::new(&[], &img, &point);
+    py(
+        "import os,sys; fd=os.open(sys.argv[1], os.O_WRONLY)\n\
+         for i in range(256):\n    os.pwrite(fd, bytes([0x31]) * 4096, i * 4096)\n\
+         for i in range(64):\n    os.pwrite(fd, bytes([0x32]) * 4096, (4 << 20) + (i * 37 % 64) * 135168)\n\
+         os.fsync(fd)",
+        &[m.path()],
+    );
+    let out = qemu_img(&["check", "-U", "-f", "qcow2", img.to_str().unwrap()]);
+    assert!(out.contains("No errors were found on the image."), "after fsync, while mounted:\n{out}");
+    let mut reads = vec!["read -P 0x31 0 1M".to_string(), "read -P 0 1M 3M".to_string()];
+    reads.extend((0..64u64).map(|i| format!("read -P 0x32 {} 4096", (4 << 20) + i * 135168)));
+    let reads: Vec<&str> = reads.iter().map(String::as_str).collect();
+    external::qemu_io(&["-U", "-r", "-f", "qcow2", img.to_str().unwrap()], &reads);
+    m.unmount_ok();
+    assert_clean(&img);
+}
+
+/// Write-only opens bypass the kernel's page cache (a third less copying
+/// for dd or cp into the file) only while no open reads through it, and
+/// every reader sees each write once it returned. Pages of the FUSE file
+/// in the page cache are counted with cachestat(2).
+#[test]
+fn write_only_opens_bypass_the_page_cache_and_readers_stay_coherent() {
+    let d = Dir::new();
+    let img = d.image("wo.qcow2", "8M", &[]);
+    qemu_io(&img, &["write -P 0x41 0 8M"]);
+    let point = d.point("disk");
+    let common = "import ctypes,os,sys\n\
+         libc=ctypes.CDLL(None, use_errno=True)\n\
+         def cached(fd, off, n):\n\
+         \x20   rng=(ctypes.c_uint64 * 2)(off, n); st=(ctypes.c_uint64 * 5)()\n\
+         \x20   assert libc.syscall(451, fd, ctypes.byref(rng), ctypes.byref(st), 0) == 0, ctypes.get_errno()\n\
+         \x20   return st[0]\n\
+         M=1 << 20\n";
+    // A writer alone: past the cache; a reader opened meanwhile too, and it
+    // sees every write.
+    let m = Mounted::new(&[], &img, &point);
+    let out = py(
+        &format!(
+            "{common}w=os.open(sys.argv[1], os.O_WRONLY)\n\
+             os.pwrite(w, b'\\x42' * M, 0); print(cached(w, 0, M))\n\
+             r=os.open(sys.argv[1], os.O_RDONLY)\n\
+             print(set(os.pread(r, M, 0)), cached(r, 0, M))\n\
+             os.pwrite(w, b'\\x43' * 4096, 8192); print(set(os.pread(r, 4096, 8192)))\n\
+             os.close(r); os.fsync(w); os.close(w)"
+        ),
+        &[m.path()],
+    );
+    m.unmount_ok();
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["0", "{66} 0", "{67}"]);
+    // A reader first: the writer goes through the cache, and the reader
+    // sees its writes.
+    let m = Mounted::new(&[], &img, &point);
+    let out = py(
+        &format!(
+            "{common}r=os.open(sys.argv[1], os.O_RDONLY)\n\
+             print(set(os.pread(r, M, 2 * M)), cached(r, 2 * M, M) > 0)\n\
+             w=os.open(sys.argv[1], os.O_WRONLY)\n\
+             os.pwrite(w, b'\\x44' * M, 2 * M); print(set(os.pread(r, M, 2 * M)))\n\
+             os.close(w); os.close(r)"
+        ),
+        &[m.path()],
+    );
+    m.unmount_ok();
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["{65} True", "{68}"]);
+    qemu_io(
+        &img,
+        &["read -P 0x42 0 8192", "read -P 0x43 8192 4096", "read -P 0x42 12288 1036288", "read -P 0x41 1M 1M"],
+    );
+    qemu_io(&img, &["read -P 0x44 2M 1M", "read -P 0x41 3M 5M"]);
+    assert_clean(&img);
+}

@@ -69,7 +69,9 @@ allocation only grows the disk at its end), lseek SEEK_DATA/SEEK_HOLE from
 the image's allocation, truncate (resizes the image) and chmod. Its size is
 the disk size; writes stop at the end of the disk unless --growable. As
 with QEMU, opening the file with O_TRUNC (dd without conv=notrunc) resizes
-the disk to 0 bytes.
+the disk to 0 bytes. A write-only open bypasses the kernel's page cache
+while no open reads through it; opens that read while such a writer is
+open bypass it too (shared mmap of them fails with ENODEV).
 
   -h, --help                display this help and exit
   --object type,id=ID,...   define a 'secret' object (for encrypt.key-secret=ID
@@ -85,15 +87,21 @@ the disk to 0 bytes.
                             give host space back
       --growable            writes past the end grow the disk
       --allow-other=MODE    on, off or auto (default: on if the mount allows it)
-      --threads=N           threads serving requests (default 4)
+      --threads=N           threads serving requests (default 1, as QEMU)
       --daemonize           run in the background; exit once the file is mounted
                             (0), or with the error that prevented it
       --pidfile=PATH        write the serving process's ID to PATH once mounted
                             (removed at exit)
 ";
 
-/// Threads serving FUSE requests unless `--threads` says otherwise.
-const DEFAULT_THREADS: usize = 4;
+/// Threads serving FUSE requests unless `--threads` says otherwise. One, as
+/// QEMU's export serves them: the kernel hands each request to the reader
+/// that has waited longest, so with several threads a stream of requests
+/// one at a time (a program's read/write calls) hops to another thread,
+/// often on another CPU, for every request, and each round trip pays a
+/// cross-CPU wakeup; one thread keeps the stream on the CPU it shares with
+/// its caller. More threads only help requests that really run at once.
+const DEFAULT_THREADS: usize = 1;
 /// More is never useful: the kernel has that many requests in flight at most.
 const MAX_THREADS: usize = 64;
 
@@ -197,6 +205,9 @@ fn mount(cfg: &Config, image: &Arc<Image>, export: ExportConfig) -> std::io::Res
         // QEMU's export mounts with default_permissions: the kernel checks
         // the file's mode, and chmod means something.
         fuse.mount_options = vec![MountOption::FSName("oxqcow".into()), MountOption::DefaultPermissions];
+        // No writeback cache (QEMU sets none either): the kernel would take
+        // writes past the end of a disk that cannot grow, and acknowledge
+        // writes before the image has them whatever its cache mode.
         fuse.acl = if allow_other { SessionACL::All } else { SessionACL::Owner };
         fuse.n_threads = Some(cfg.threads);
         // One kernel channel per thread: requests are read in parallel.

@@ -14,6 +14,7 @@
 //! hold `size_lock` exclusively and every other request holds it shared,
 //! so that a request clamped to the size it saw never meets a smaller disk.
 
+use std::cell::RefCell;
 use std::ffi::{OsStr, OsString};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
@@ -21,9 +22,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner, OpenFlags,
-    ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyWrite, Request,
-    TimeOrNow, WriteFlags,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner, OpenAccMode,
+    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyWrite,
+    Request, TimeOrNow, WriteFlags,
 };
 use oxqcow::{BlockDevice, Error as EngineError, ErrorKind, Image, Preallocation};
 
@@ -37,6 +38,9 @@ const FILE_IN_DIR_INO: INodeNo = INodeNo(2);
 /// kernel asks for far less; this only keeps a bogus request from
 /// allocating gigabytes).
 const MAX_READ: u32 = 64 << 20;
+/// Reads up to this size reuse the serving thread's buffer (the kernel asks
+/// for at most 1 MiB at a time, its default `max_pages`).
+const KEPT_READ_BUFFER: usize = 1 << 20;
 /// Block status is asked for in windows of this size, so that a seek over
 /// a huge fragmented disk never holds all of its extents at once.
 const STATUS_WINDOW: u64 = 1 << 30;
@@ -82,6 +86,75 @@ pub struct DiskFs {
     cfg: ExportConfig,
     owner: Mutex<Owner>,
     size_lock: RwLock<()>,
+    opens: Mutex<Opens>,
+}
+
+/// How one open of the disk file is served, kept in its file handle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u64)]
+enum OpenWay {
+    /// Write-only, through the kernel's page cache.
+    CachedWriter = 0,
+    /// Reads (and maybe writes) through the kernel's page cache.
+    CachedReader = 1,
+    /// Write-only, past the page cache (FOPEN_DIRECT_IO).
+    DirectWriter = 2,
+    /// Reads (and maybe writes) past the page cache.
+    DirectReader = 3,
+}
+
+impl OpenWay {
+    fn fopen_flags(self) -> FopenFlags {
+        match self {
+            OpenWay::CachedWriter | OpenWay::CachedReader => FopenFlags::empty(),
+            OpenWay::DirectWriter | OpenWay::DirectReader => FopenFlags::FOPEN_DIRECT_IO,
+        }
+    }
+}
+
+/// Which opens bypass the kernel's page cache. A write-only open does when
+/// no open that reads through the cache exists: through the cache each of
+/// its writes would be copied into pages of the FUSE file and out of them
+/// again to us, while direct the kernel hands us the writer's own pages
+/// (dd or cp into the file: a third less work per byte), and it can never
+/// read back what it wrote. The kernel drops the cached pages of a direct
+/// write's range before sending it, but a read through the cache racing
+/// with it could bring the old bytes back after that; so while a direct
+/// writer is open, opens that read bypass the cache too (no readahead,
+/// and shared mmap fails with ENODEV), and while a cached reader is open a
+/// writer goes through the cache. A release the kernel has not sent yet
+/// only errs on the cached side for writers and on the direct side for
+/// readers, both coherent.
+#[derive(Debug, Default)]
+struct Opens {
+    cached_readers: usize,
+    direct_writers: usize,
+}
+
+impl Opens {
+    fn open(&mut self, flags: OpenFlags) -> OpenWay {
+        let reads = flags.acc_mode() != OpenAccMode::O_WRONLY;
+        if reads {
+            if self.direct_writers > 0 {
+                return OpenWay::DirectReader;
+            }
+            self.cached_readers += 1;
+            return OpenWay::CachedReader;
+        }
+        if self.cached_readers > 0 {
+            return OpenWay::CachedWriter;
+        }
+        self.direct_writers += 1;
+        OpenWay::DirectWriter
+    }
+
+    fn release(&mut self, fh: u64) {
+        if fh == OpenWay::CachedReader as u64 {
+            self.cached_readers = self.cached_readers.saturating_sub(1);
+        } else if fh == OpenWay::DirectWriter as u64 {
+            self.direct_writers = self.direct_writers.saturating_sub(1);
+        }
+    }
 }
 
 impl DiskFs {
@@ -89,7 +162,7 @@ impl DiskFs {
     pub fn new(image: Arc<Image>, cfg: ExportConfig) -> DiskFs {
         let mode = if cfg.writable { 0o600 } else { 0o400 };
         let owner = Owner { mode, uid: rustix::process::getuid().as_raw(), gid: rustix::process::getgid().as_raw() };
-        DiskFs { image, cfg, owner: Mutex::new(owner), size_lock: RwLock::new(()) }
+        DiskFs { image, cfg, owner: Mutex::new(owner), size_lock: RwLock::new(()), opens: Mutex::new(Opens::default()) }
     }
 
     fn file_ino(&self) -> INodeNo {
@@ -276,6 +349,32 @@ fn now() -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
 }
 
+thread_local! {
+    /// The serving thread's read buffer, kept between requests.
+    static READ_BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on a buffer of `n` bytes whose content is undefined (the
+/// engine's `read_at` fills all of it). Up to `KEPT_READ_BUFFER` bytes it is
+/// the thread's kept buffer: a fresh one per request costs a zeroed
+/// allocation, and from 128 KiB (the kernel's readahead requests) that is an
+/// mmap with a page fault per page and an munmap, every request.
+fn with_read_buffer<R>(n: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    if n > KEPT_READ_BUFFER {
+        return f(&mut vec![0u8; n]);
+    }
+    READ_BUFFER.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < n {
+                buf.resize(n, 0);
+            }
+            f(&mut buf[..n])
+        }
+        // Not reentrant in practice; a fresh buffer keeps it correct anyway.
+        Err(_) => f(&mut vec![0u8; n]),
+    })
+}
+
 /// With KEEP_SIZE a range is cut at the end of the disk; `None` when
 /// nothing of it is left. Past the end QEMU's length goes negative and
 /// the request fails with EIO.
@@ -398,9 +497,10 @@ impl Filesystem for DiskFs {
         reply.attr(&TTL, &self.file_attr());
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         if ino == self.file_ino() {
-            reply.opened(FileHandle(0), FopenFlags::empty());
+            let way = self.opens.lock().unwrap_or_else(|p| p.into_inner()).open(flags);
+            reply.opened(FileHandle(way as u64), way.fopen_flags());
         } else if self.is_dir(ino) {
             reply.error(Errno::EISDIR);
         } else {
@@ -432,11 +532,10 @@ impl Filesystem for DiskFs {
             return reply.data(&[]);
         }
         let n = u64::from(size).min(disk - offset) as usize;
-        let mut buf = vec![0u8; n];
-        match self.image.read_at(&mut buf, offset) {
-            Ok(()) => reply.data(&buf),
+        with_read_buffer(n, |buf| match self.image.read_at(buf, offset) {
+            Ok(()) => reply.data(buf),
             Err(e) => reply.error(errno_of(&e)),
-        }
+        });
     }
 
     /// Writes stop at the end of the disk (a short write), unless the
@@ -486,6 +585,22 @@ impl Filesystem for DiskFs {
     /// Every `close` flushes the image, as QEMU's export does.
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
         reply_result(reply, self.image.flush().map_err(|e| errno_of(&e)));
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if ino == self.file_ino() {
+            self.opens.lock().unwrap_or_else(|p| p.into_inner()).release(fh.0);
+        }
+        reply.ok();
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
@@ -541,6 +656,29 @@ impl Filesystem for DiskFs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn write_only_opens_bypass_the_cache_only_while_no_cached_reader_is_open() {
+        let ro = OpenFlags(libc::O_RDONLY);
+        let wo = OpenFlags(libc::O_WRONLY);
+        let rw = OpenFlags(libc::O_RDWR);
+        let mut o = Opens::default();
+        let w = o.open(wo);
+        assert_eq!(w, OpenWay::DirectWriter);
+        // Readers meanwhile bypass the cache too, and do not count.
+        assert_eq!(o.open(ro), OpenWay::DirectReader);
+        assert_eq!(o.open(rw), OpenWay::DirectReader);
+        o.release(OpenWay::DirectReader as u64);
+        o.release(w as u64);
+        let r = o.open(rw);
+        assert_eq!(r, OpenWay::CachedReader);
+        assert_eq!(o.open(wo), OpenWay::CachedWriter);
+        o.release(OpenWay::CachedWriter as u64);
+        o.release(r as u64);
+        assert_eq!(o.open(wo), OpenWay::DirectWriter);
+        assert_eq!(OpenWay::DirectWriter.fopen_flags(), FopenFlags::FOPEN_DIRECT_IO);
+        assert_eq!(OpenWay::CachedReader.fopen_flags(), FopenFlags::empty());
+    }
 
     #[test]
     fn keep_size_clamps_at_the_end_and_fails_past_it() {
