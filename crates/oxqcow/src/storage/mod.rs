@@ -10,6 +10,10 @@ pub mod http;
 pub(crate) mod lock;
 mod memory;
 mod null;
+#[cfg(feature = "s3")]
+pub mod object;
+#[cfg(any(feature = "http", feature = "s3"))]
+mod ranged;
 mod window;
 
 use std::io;
@@ -19,6 +23,8 @@ pub use file::FileStorage;
 pub use http::{HttpOptions, HttpStorage};
 pub use memory::MemoryStorage;
 pub use null::NullStorage;
+#[cfg(feature = "s3")]
+pub use object::{ObjectOptions, ObjectStorage, ObjectUpload};
 pub use window::WindowStorage;
 
 /// The allocation of a run of storage bytes, as a protocol reports it
