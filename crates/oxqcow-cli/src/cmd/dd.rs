@@ -177,6 +177,9 @@ fn dd(
         format => CreateOptions { format, ..CreateOptions::qcow2(end - start) },
     };
     create.size_given = true;
+    if let Some(refusal) = crate::app::object::no_creation(output) {
+        return Err(refusal);
+    }
     let target = Image::create(Path::new(output), &create).map_err(|e| {
         let why = match &e {
             oxqcow::Error::Io { op: "creating the image", source, .. } => {
