@@ -246,6 +246,28 @@ fn reading_commands_read_objects() {
     assert!(!io.stdout.contains("fail") && !io.stderr.contains("fail"), "{io:?}");
     ox_ok(&s, &["dd", "-O", "raw", &format!("if={url}"), "of=dd.raw", "bs=1M"]);
     s.assert_identical(&src, "dd.raw");
+    // serve -r exports it; qemu-img reads the export (its one client: the
+    // server then exits).
+    let sock = s.path("nbd.sock");
+    let mut server = Command::new(env!("CARGO_BIN_EXE_oxqcow"))
+        .args(["serve", "-r", "-k"])
+        .arg(&sock)
+        .arg(&url)
+        .envs(c.env())
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    for _ in 0..300 {
+        if sock.exists() || server.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let export = format!("nbd+unix:///?socket={}", sock.display());
+    let o = s.qemu(&["compare", "-f", "qcow2", "-F", "raw", &src, &export]);
+    let _ = server.kill();
+    server.wait().unwrap();
+    assert_eq!(o.stdout, "Images are identical.\n", "{o:?}");
     // The same object as a node with options: `--image-opts` and `json:`,
     // the endpoint and credentials given there instead of the environment.
     let opts = format!(

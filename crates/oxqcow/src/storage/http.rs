@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use ureq::tls::{parse_pem, PemItem, RootCerts, TlsConfig};
 
-use super::ranged::{RangeFetch, RangedReader, MAX_PIECES};
+use super::ranged::{RangeFetch, RangedReader, MAX_PIECES, PIECE};
 use super::Storage;
 
 /// QEMU's default `readahead`: 256 KiB.
@@ -300,7 +300,7 @@ impl HttpStorage {
             pin: Pin::default(),
             cookie: opts.cookie.clone(),
             authorization,
-            reader: RangedReader::new(opts.readahead),
+            reader: RangedReader::new(opts.readahead, PIECE),
         };
         storage.head().map_err(opening)?;
         Ok(storage)

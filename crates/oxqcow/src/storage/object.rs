@@ -52,6 +52,11 @@ pub const SCHEMES: &[&str] = &["s3", "gs", "az"];
 pub const DEFAULT_READAHEAD: u64 = 1 << 20;
 /// Seconds one request may take by default.
 pub const DEFAULT_TIMEOUT: u64 = 30;
+/// Reads at least this long go as parallel range requests of at least
+/// this size: larger than the HTTP backend's, as each request to an
+/// object store costs more, and `convert`'s workers (2 MiB reads) are
+/// parallel already.
+const PIECE: usize = 4 << 20;
 /// Seconds connecting may take.
 const CONNECT_TIMEOUT: u64 = 5;
 /// How often a request that failed on the way (connection refused or
@@ -79,8 +84,9 @@ pub struct ObjectOptions {
     pub url: Option<String>,
     /// Bytes read beyond a small read, for the reads that follow.
     pub readahead: u64,
-    /// Seconds one request may take (0: no limit).
-    pub timeout: u64,
+    /// Seconds one request may take; `None`: what the environment says
+    /// (`AWS_TIMEOUT`, ...), else [`DEFAULT_TIMEOUT`].
+    pub timeout: Option<u64>,
     /// The store's own configuration keys (`endpoint`, `region`,
     /// `access_key_id`, `allow_http`, ... as `object_store` names them),
     /// over what the environment says.
@@ -89,7 +95,7 @@ pub struct ObjectOptions {
 
 impl Default for ObjectOptions {
     fn default() -> ObjectOptions {
-        ObjectOptions { url: None, readahead: DEFAULT_READAHEAD, timeout: DEFAULT_TIMEOUT, config: Vec::new() }
+        ObjectOptions { url: None, readahead: DEFAULT_READAHEAD, timeout: None, config: Vec::new() }
     }
 }
 
@@ -106,7 +112,10 @@ impl ObjectOptions {
         match key {
             "url" => self.url = Some(value.to_string()),
             "readahead" => self.readahead = crate::qemu_syntax::parse_size_option(key, value)?,
-            "timeout" => self.timeout = crate::qemu_syntax::parse_number_option(key, value)?,
+            "timeout" => match crate::qemu_syntax::parse_number_option(key, value)? {
+                0 => return Err("Parameter 'timeout' must be at least 1 (second)".into()),
+                seconds => self.timeout = Some(seconds),
+            },
             _ => self.config.push((key.to_string(), value.to_string())),
         }
         Ok(())
@@ -146,9 +155,14 @@ struct Remote {
 macro_rules! build_store {
     ($builder:ty, $key:ty, $scheme:expr, $url:expr, $opts:expr, $retry:expr) => {{
         let mut builder = <$builder>::from_env().with_url($url).with_retry($retry);
-        let timeout = format!("{}s", $opts.timeout);
-        if $opts.timeout > 0 {
-            builder = builder.with_config("timeout".parse::<$key>().map_err(|e| e.to_string())?, timeout);
+        let timeout_key = "timeout".parse::<$key>().map_err(|e| e.to_string())?;
+        let timeout = match $opts.timeout {
+            Some(seconds) => Some(seconds),
+            None if builder.get_config_value(&timeout_key).is_none() => Some(DEFAULT_TIMEOUT),
+            None => None,
+        };
+        if let Some(seconds) = timeout {
+            builder = builder.with_config(timeout_key, format!("{seconds}s"));
         }
         builder = builder
             .with_config("connect_timeout".parse::<$key>().map_err(|e| e.to_string())?, format!("{CONNECT_TIMEOUT}s"));
@@ -177,7 +191,7 @@ impl Remote {
                 base: 2.0,
             },
             max_retries: RETRIES,
-            retry_timeout: Duration::from_secs(opts.timeout.max(1) * (RETRIES as u64 + 1)),
+            retry_timeout: Duration::from_secs(opts.timeout.unwrap_or(DEFAULT_TIMEOUT) * (RETRIES as u64 + 1)),
         };
         let (scheme, store) = match scheme {
             "s3" => ("s3", build_store!(AmazonS3Builder, AmazonS3ConfigKey, "s3", &url, opts, retry)),
@@ -247,7 +261,8 @@ impl ObjectStorage {
     pub fn open(opts: &ObjectOptions) -> Result<ObjectStorage, String> {
         let remote = Remote::connect(opts)?;
         let meta = remote.run(remote.store.head(&remote.path)).map_err(|e| remote.failure(e).to_string())?;
-        Ok(ObjectStorage { remote, meta, reader: RangedReader::new(opts.readahead) })
+        let reader = RangedReader::new(opts.readahead, PIECE);
+        Ok(ObjectStorage { remote, meta, reader })
     }
 
     /// The object's URL.
@@ -439,7 +454,8 @@ mod tests {
         let mut o = ObjectOptions::from_url("s3://b/k");
         o.apply("readahead", "64k").unwrap();
         o.apply("timeout", "3").unwrap();
-        assert_eq!((o.readahead, o.timeout), (64 << 10, 3));
+        assert_eq!((o.readahead, o.timeout), (64 << 10, Some(3)));
+        assert!(o.apply("timeout", "0").is_err());
         assert_eq!(o.apply("timeout", "x").unwrap_err(), "Parameter 'timeout' expects a number");
         o.apply("bogus", "1").unwrap();
         let err = Remote::connect(&o).err().expect("an unknown key was taken");

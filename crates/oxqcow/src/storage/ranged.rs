@@ -13,9 +13,10 @@ const CACHE_SLOTS: usize = 8;
 /// `readahead` is still fetched (as QEMU fetches it) but kept only while
 /// it fits.
 const CACHE_BYTES: usize = 64 << 20;
-/// Reads at least this long are not cached but split into parallel
-/// range requests of at least this size each.
-const PIECE: usize = 512 * 1024;
+/// Reads at least this long are not cached but fetched directly, split
+/// into parallel range requests of at least the backend's piece size
+/// (the HTTP backend's is this one).
+pub(crate) const PIECE: usize = 512 * 1024;
 /// The most range requests one read runs at once.
 pub(crate) const MAX_PIECES: usize = 4;
 
@@ -45,13 +46,15 @@ struct Cache {
 /// The readahead buffers of one open object, and how it is read.
 pub(crate) struct RangedReader {
     readahead: u64,
+    piece: usize,
     cache: Mutex<Cache>,
 }
 
 impl RangedReader {
-    /// A reader fetching `readahead` bytes beyond each small read.
-    pub(crate) fn new(readahead: u64) -> RangedReader {
-        RangedReader { readahead, cache: Mutex::new(Cache::default()) }
+    /// A reader fetching `readahead` bytes beyond each small read, and
+    /// large reads in parallel pieces of at least `piece` bytes.
+    pub(crate) fn new(readahead: u64, piece: usize) -> RangedReader {
+        RangedReader { readahead, piece, cache: Mutex::new(Cache::default()) }
     }
 
     /// [`crate::Storage::read_at`] of the object `src` fetches.
@@ -64,7 +67,7 @@ impl RangedReader {
             return Ok(());
         }
         if data.len() >= PIECE {
-            return fetch_parallel(src, data, offset);
+            return fetch_parallel(src, data, offset, self.piece);
         }
         let want = (data.len() as u64 + self.readahead).min(len - offset) as usize;
         let mut ahead = Vec::new();
@@ -112,8 +115,8 @@ impl RangedReader {
 }
 
 /// Reads a large range as parallel range requests.
-fn fetch_parallel(src: &impl RangeFetch, buf: &mut [u8], offset: u64) -> io::Result<()> {
-    let pieces = (buf.len() / PIECE).clamp(1, MAX_PIECES);
+fn fetch_parallel(src: &impl RangeFetch, buf: &mut [u8], offset: u64, piece: usize) -> io::Result<()> {
+    let pieces = (buf.len() / piece).clamp(1, MAX_PIECES);
     // The whole object is asked for whole: an HTTP server may answer that
     // with all of it (200), which no piece could use.
     if pieces == 1 || (offset == 0 && buf.len() as u64 == src.object_len()) {
