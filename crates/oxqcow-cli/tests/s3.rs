@@ -8,10 +8,13 @@
 
 mod common;
 
-use std::net::TcpListener;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
+use std::sync::{Arc, Mutex};
 
 use common::{Out, Scratch};
 use oxqcow::storage::{ObjectOptions, ObjectStorage};
@@ -447,4 +450,93 @@ fn break_l2_entry(path: &Path, guest: u64) {
     let entry = l2 + 8 * ((guest >> 16) as usize % 8192);
     assert_ne!(be(entry), 0, "the cluster at {guest} is not allocated");
     common::patch(path, entry as u64, &(be(entry) | 0x2).to_be_bytes());
+}
+
+/// A TCP relay to radosgw that goes away for good once `budget` bytes
+/// went through it in the watched direction (`to_server` or back): its
+/// connections are cut and new ones refused, as a server that stops
+/// mid-transfer. Returns its port.
+fn vanishing_relay(server: &str, budget: u64, to_server: bool) -> u16 {
+    let server = server.strip_prefix("http://").unwrap().to_string();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let moved = Arc::new(AtomicU64::new(0));
+    let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { break };
+            if moved.load(Ordering::SeqCst) >= budget {
+                // Gone: the listener closes with this thread.
+                break;
+            }
+            let Ok(upstream) = TcpStream::connect(&server) else { break };
+            conns.lock().unwrap().extend([client.try_clone().unwrap(), upstream.try_clone().unwrap()]);
+            for (from, to, watched) in [
+                (client.try_clone().unwrap(), upstream.try_clone().unwrap(), to_server),
+                (upstream, client, !to_server),
+            ] {
+                let (moved, conns) = (moved.clone(), conns.clone());
+                std::thread::spawn(move || pump(from, to, watched.then_some((&*moved, budget)), &conns));
+            }
+        }
+    });
+    port
+}
+
+/// Copies `from` into `to` until either ends; a watched direction counts
+/// its bytes and cuts every connection when the budget is spent.
+fn pump(mut from: TcpStream, mut to: TcpStream, watch: Option<(&AtomicU64, u64)>, conns: &Mutex<Vec<TcpStream>>) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if let Some((moved, budget)) = watch {
+            if moved.fetch_add(n as u64, Ordering::SeqCst) + n as u64 >= budget {
+                for c in conns.lock().unwrap().iter() {
+                    let _ = c.shutdown(Shutdown::Both);
+                }
+                break;
+            }
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+// Nothing half-written when the server goes away mid-convert: reading
+// the source from it fails the convert and the new object's upload (to
+// a server still there) is aborted; a server lost while the parts go up
+// leaves no object at the key either.
+#[test]
+fn a_server_that_goes_away_mid_convert_leaves_no_object() {
+    let s = Scratch::new();
+    let c = cluster();
+    let b = c.bucket("vanishing");
+    let src = make_source(&s);
+    let url = format!("s3://{b}/disk.raw");
+    ox_ok(&s, &["convert", "-O", "raw", &src, &url]);
+    // The source through a relay that dies after 5 MiB of answers.
+    let port = vanishing_relay(&c.endpoint, 5 << 20, false);
+    let opts = format!("driver=raw,file.driver=s3,file.url={url},file.endpoint=http://127.0.0.1:{port}");
+    let target = format!("s3://{b}/copy.qcow2");
+    let o = ox(&s, &["convert", "--image-opts", &opts, "-O", "qcow2", &target]);
+    assert_eq!(o.code, 1, "{o:?}");
+    assert!(o.stderr.contains("error while reading"), "{o:?}");
+    assert!(!c.exists(&b, "copy.qcow2"));
+    assert_eq!(c.pending_uploads(&b), 0);
+    // The target's server lost after 20 MiB of parts went up: the object
+    // never appears (the abort cannot reach the server either: the
+    // unfinished upload stays there until the bucket's lifecycle rules
+    // or an operator remove it).
+    let port = vanishing_relay(&c.endpoint, 20 << 20, true);
+    let mut env = c.env();
+    env[0].1 = format!("http://127.0.0.1:{port}");
+    let o = ox_env(&s, &env, &["convert", "-O", "raw", &src, &format!("s3://{b}/lost.raw")]);
+    assert_eq!(o.code, 1, "{o:?}");
+    assert!(o.stderr.contains("error while uploading"), "{o:?}");
+    assert!(!c.exists(&b, "lost.raw"));
 }
