@@ -10,7 +10,9 @@
 //! uploaded when the conversion succeeded, as one multipart upload that
 //! is aborted when anything fails.
 
-use std::path::Path;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use oxqcow::storage::object::{ObjectOptions, ObjectStorage, ObjectUpload, NO_WRITES, SCHEMES};
@@ -85,12 +87,15 @@ pub fn names_object(options: &[(String, String)]) -> bool {
 }
 
 /// A new object that `convert` writes: the multipart upload started at
-/// the key, and the temporary file (in `$TMPDIR`, sparse) where the image
-/// is built. Dropped without [`StagedTarget::finish`], the upload is
-/// aborted and the file removed: the key holds what it held before.
+/// the key, and the temporary file where the image is built (sparse, in
+/// `$TMPDIR`, unlinked from the start so that even a killed process
+/// leaves no file behind; the image is created through its
+/// `/proc/self/fd` name). Dropped without [`StagedTarget::finish`], the
+/// upload is aborted and the file closed: the key holds what it held
+/// before.
 pub struct StagedTarget {
     upload: ObjectUpload,
-    file: tempfile::NamedTempFile,
+    file: File,
 }
 
 impl StagedTarget {
@@ -100,21 +105,19 @@ impl StagedTarget {
     pub fn start(name: &str) -> Result<Option<StagedTarget>, String> {
         let Some(opts) = object_name(name) else { return Ok(None) };
         let upload = ObjectUpload::start(&opts).map_err(|e| format!("Could not create '{name}': {e}"))?;
-        let file = tempfile::Builder::new()
-            .prefix("oxqcow-upload-")
-            .tempfile()
-            .map_err(|e| format!("Could not create a temporary file for '{name}': {e}"))?;
+        let file = tempfile::tempfile().map_err(|e| format!("Could not create a temporary file for '{name}': {e}"))?;
         Ok(Some(StagedTarget { upload, file }))
     }
 
-    /// Where the image is built.
-    pub fn path(&self) -> &Path {
-        self.file.path()
+    /// Where the image is built: the file's name through the descriptor
+    /// this process holds.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
     }
 
     /// Uploads the finished image; the object appears whole or not at all.
     pub fn finish(self) -> Result<(), String> {
         let url = self.upload.url().to_string();
-        self.upload.upload_file(self.file.as_file()).map_err(|e| format!("error while uploading '{url}': {e}"))
+        self.upload.upload_file(&self.file).map_err(|e| format!("error while uploading '{url}': {e}"))
     }
 }

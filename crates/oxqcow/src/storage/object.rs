@@ -201,6 +201,7 @@ impl Remote {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("oxqcow-object-store")
+            .on_thread_start(block_sigpipe)
             .enable_all()
             .build()
             .map_err(|e| format!("starting the object store client: {e}"))?;
@@ -208,6 +209,8 @@ impl Remote {
     }
 
     fn run<F: Future>(&self, f: F) -> F::Output {
+        // Futures polled here only hand their bytes to the connection
+        // tasks on the runtime's threads, which do the socket writes.
         self.runtime.block_on(f)
     }
 
@@ -222,6 +225,20 @@ impl Remote {
         };
         io::Error::new(kind, describe(&self.url, &e))
     }
+}
+
+/// Blocks SIGPIPE in a runtime thread. The HTTP client writes requests
+/// with `writev`, which raises SIGPIPE on a connection the server closed;
+/// the CLI restores its default action (death, as QEMU's tools die on a
+/// closed output pipe), so a server going away mid-upload killed the
+/// process before it could abort the upload. Blocked in the thread that
+/// writes, the signal stays pending there and the write fails with EPIPE.
+fn block_sigpipe() {
+    use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGPIPE);
+    // Failing leaves the mask as it was: nothing else to do.
+    let _ = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None);
 }
 
 /// A failed request in a few words: what went wrong, then the store's

@@ -270,7 +270,7 @@ fn staged_target(
         return Err(format!("Invalid cache option: {}", a.cache));
     }
     let staged = StagedTarget::start(&a.target)?.expect("the target names an object");
-    let image = Image::create(staged.path(), opts).map_err(|e| fail(&describe(&e)))?;
+    let image = Image::create(&staged.path(), opts).map_err(|e| fail(&describe(&e)))?;
     Ok((image, Some(staged)))
 }
 
