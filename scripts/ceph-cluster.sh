@@ -112,7 +112,10 @@ free_port() {
     while :; do
         p=$((20000 + RANDOM % 40000))
         case "$taken" in *" $p "* | *" $((p + 1)) "*) continue ;; esac
-        if [ -z "$(ss -Hltn "( sport = :$p or sport = :$((p + 1)) )" 2>/dev/null)" ]; then
+        # A connection that succeeds means a listener (bash's /dev/tcp:
+        # no tool needed).
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null \
+            && ! (exec 3<>"/dev/tcp/127.0.0.1/$((p + 1))") 2>/dev/null; then
             taken="$taken$p $((p + 1)) "
             echo "$p"
             return
@@ -223,7 +226,10 @@ timeout 60 radosgw-admin --conf "$conf" user create --uid=oxqcow --display-name=
     || fail "radosgw-admin user create failed"
 ready=
 for _ in $(seq 1 300); do
-    if curl -fsS -o /dev/null "http://127.0.0.1:$rgw_port/" 2>/dev/null; then
+    # An anonymous bucket listing answers 200 once radosgw serves (bash's
+    # /dev/tcp: no HTTP client needed).
+    if status=$(exec 3<>"/dev/tcp/127.0.0.1/$rgw_port" && printf 'GET / HTTP/1.0\r\n\r\n' >&3 \
+        && head -n 1 <&3) 2>/dev/null && [[ $status == "HTTP/1."?" 200"* ]]; then
         ready=1
         break
     fi
