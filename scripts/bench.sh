@@ -188,6 +188,7 @@ fi
 # multipart upload, against curl putting the same qcow2 bytes), not repeated:
 # the OSD keeps its data in memory and radosgw frees replaced objects late.
 if [[ $NBD != only && ( -z $ONLY || "convert qcow2->raw from S3 (radosgw)" =~ $ONLY ) ]]; then
+    command -v curl >/dev/null || { echo "bench: curl not found (apt-get install curl): the S3 case's reference" >&2; exit 1; }
     bash scripts/ceph-cluster.sh start "$WORK/ceph" >"$WORK/ceph.env" || {
         echo "bench: scripts/ceph-cluster.sh could not start a cluster" >&2; exit 1; }
     trap 'bash scripts/ceph-cluster.sh stop "$WORK/ceph" >/dev/null 2>&1 || true; rm -rf "$WORK"' EXIT
