@@ -38,17 +38,26 @@ fn script() -> PathBuf {
 fn cluster() -> &'static Cluster {
     static C: OnceLock<Cluster> = OnceLock::new();
     C.get_or_init(|| {
-        let dir = tempfile::Builder::new().prefix("oxqcow-ceph-").tempdir().unwrap().keep();
-        let out = Command::new("bash").arg(script()).arg("start").arg(&dir).output().unwrap();
-        if !out.status.success() {
+        // A start can lose a race for the random ports it picks (other
+        // clusters run on this machine): one more try before failing.
+        let mut failures = String::new();
+        let mut attempts = 0;
+        let (dir, out) = loop {
+            attempts += 1;
+            let dir = tempfile::Builder::new().prefix("oxqcow-ceph-").tempdir().unwrap().keep();
+            let out = Command::new("bash").arg(script()).arg("start").arg(&dir).output().unwrap();
+            if out.status.success() {
+                break (dir, out);
+            }
             let _ = Command::new("bash").arg(script()).arg("stop").arg(&dir).status();
-            panic!(
-                "scripts/ceph-cluster.sh could not start a cluster (it needs Debian's ceph-mon, ceph-osd, \
-                 ceph-mgr, radosgw and ceph-common): {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
+            let _ = std::fs::remove_dir_all(&dir);
+            failures += &format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            assert!(
+                attempts < 2,
+                "scripts/ceph-cluster.sh could not start a cluster, twice (it needs Debian's ceph-mon, \
+                 ceph-osd, ceph-mgr, radosgw and ceph-common): {failures}"
             );
-        }
+        };
         let watch = format!(
             "while kill -0 {pid} 2>/dev/null; do sleep 1; done; bash '{script}' stop '{dir}'; rm -rf '{dir}'",
             pid = std::process::id(),
