@@ -14,7 +14,8 @@
 # the HTTP case nginx and qemu-block-extra (qemu-img's curl driver), and for
 # the RBD case Ceph (ceph-mon ceph-osd ceph-mgr radosgw ceph-common: a
 # single-node cluster started here with scripts/ceph-cluster.sh) and
-# qemu-block-extra (qemu-img's rbd driver).
+# qemu-block-extra (qemu-img's rbd driver);
+# the S3 case Ceph's packages too (radosgw) and curl, its reference.
 #
 #   scripts/bench.sh                 # 1 GiB data set
 #   BENCH_SIZE_MB=256 scripts/bench.sh
@@ -226,6 +227,48 @@ if [[ $NBD != only && ( -z $ONLY || "convert qcow2->raw into rbd" =~ $ONLY ) ]];
         "  the same vs rbd import (raw)" "$it" "$ot" "$(python3 -c "print($ot/max($it,1e-3))")" "$(spread "${oi[@]}")")")
     scripts/ceph-cluster.sh stop "$WORK/ceph"
     rm -rf "$WORK/ceph"
+# Reading from S3 (radosgw, from scripts/ceph-cluster.sh, which needs Ceph's
+# packages). QEMU has no S3 driver, so the reference is curl downloading the
+# same object (signed with SigV4): the ratio is oxqcow's convert over curl's
+# transfer of the qcow2 bytes, i.e. what reading them as an image costs above
+# moving them. Then one upload each (convert -O qcow2 into a new object, a
+# multipart upload, against curl putting the same qcow2 bytes), not repeated:
+# the OSD keeps its data in memory and radosgw frees replaced objects late.
+if [[ $NBD != only && ( -z $ONLY || "convert qcow2->raw from S3 (radosgw)" =~ $ONLY ) ]]; then
+    command -v curl >/dev/null || { echo "bench: curl not found (apt-get install curl): the S3 case's reference" >&2; exit 1; }
+    bash scripts/ceph-cluster.sh start "$WORK/ceph" >"$WORK/ceph.env" || {
+        echo "bench: scripts/ceph-cluster.sh could not start a cluster" >&2; exit 1; }
+    trap 'bash scripts/ceph-cluster.sh stop "$WORK/ceph" >/dev/null 2>&1 || true; rm -rf "$WORK"' EXIT
+    # shellcheck disable=SC1091
+    . "$WORK/ceph.env"
+    export AWS_ENDPOINT_URL=$S3_ENDPOINT AWS_REGION=$S3_REGION AWS_ACCESS_KEY_ID=$S3_ACCESS_KEY \
+        AWS_SECRET_ACCESS_KEY=$S3_SECRET_KEY AWS_ALLOW_HTTP=true
+    # radosgw wants the payload's hash among the signed headers.
+    s3curl=(curl -sS --fail --aws-sigv4 "aws:amz:$S3_REGION:s3" -u "$S3_ACCESS_KEY:$S3_SECRET_KEY"
+        -H "x-amz-content-sha256: UNSIGNED-PAYLOAD")
+    "${s3curl[@]}" -X PUT "$S3_ENDPOINT/bench" >/dev/null
+    "${s3curl[@]}" -T "$WORK/src.qcow2" "$S3_ENDPOINT/bench/src.qcow2" >/dev/null
+    curl_times=()
+    ox_times=()
+    s3_rss=0
+    for _ in $(seq "$REPEAT"); do
+        clean_out; sync; r=$(run "${s3curl[@]}" -o "$WORK/out.qcow2" "$S3_ENDPOINT/bench/src.qcow2"); curl_times+=("${r% *}")
+        clean_out; sync; r=$(run "$OX" convert -O raw s3://bench/src.qcow2 "$WORK/out.raw"); ox_times+=("${r% *}")
+        if (( ${r#* } > s3_rss )); then s3_rss=${r#* }; fi
+    done
+    cmp -s "$WORK/out.raw" "$WORK/src.raw" || { echo "bench: the copy from S3 differs" >&2; exit 1; }
+    ct=$(printf '%s\n' "${curl_times[@]}" | best)
+    ot=$(printf '%s\n' "${ox_times[@]}" | best)
+    mb=$(( $(stat -c %s "$WORK/src.qcow2") >> 20 ))
+    results+=("$(printf '%-34s curl     %8.3fs  oxqcow %8.3fs  ratio %5.2f  oxqcow-rss %6d KiB  (%d MiB object, oxqcow/curl)' \
+        "convert qcow2->raw from S3 (radosgw)" "$ct" "$ot" "$(python3 -c "print($ot/max($ct,1e-3))")" "$s3_rss" "$mb")")
+    if (( s3_rss > peak_rss )); then peak_rss=$s3_rss; fi
+    r=$(run "${s3curl[@]}" -T "$WORK/src.qcow2" "$S3_ENDPOINT/bench/curl.qcow2"); ct=${r% *}
+    r=$(run "$OX" convert -f qcow2 -O qcow2 "$WORK/src.qcow2" s3://bench/ox.qcow2); ot=${r% *}
+    results+=("$(printf '%-34s curl     %8.3fs  oxqcow %8.3fs  ratio %5.2f  oxqcow-rss %6d KiB  (one run each)' \
+        "convert qcow2->qcow2 to S3 (upload)" "$ct" "$ot" "$(python3 -c "print($ot/max($ct,1e-3))")" "${r#* }")")
+    bash scripts/ceph-cluster.sh stop "$WORK/ceph" >/dev/null
+    trap 'rm -rf "$WORK"' EXIT
 fi
 
 reqs=$(( SIZE_MB * 256 / 2 ))

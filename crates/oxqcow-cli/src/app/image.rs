@@ -14,6 +14,7 @@ use oxqcow_nbd::client::{NbdAddress, NbdClient};
 use crate::app::forbid_backing::backing_policy;
 use crate::app::http::{http_name, json_name, names_http, open_http, take_http};
 use crate::app::messages::{describe, open_messages, prog_name, strerror, warn_probed_raw};
+use crate::app::object::{names_object, object_name, open_object, take_object};
 use crate::app::qemu_opts::split_noisily;
 use crate::app::rbd::{is_rbd_name, names_rbd, open_rbd_name, take_rbd};
 
@@ -165,11 +166,20 @@ fn open_json(name: &str, options: Vec<(String, String)>, opts: OpenOptions) -> R
         let o = OpenOptions { format: Some(ImageFormat::Raw), read_only: opts.read_only, ..OpenOptions::new() };
         return Image::open_storage(storage, &o).map_err(|e| fail(describe(&e)));
     }
+    // An object in an object store, the same way.
+    if let Some(object) = take_object(&mut options, "").map_err(fail)? {
+        let o = OpenOptions { format: Some(ImageFormat::Raw), read_only: opts.read_only, ..OpenOptions::new() };
+        let storage = open_object(&object, opts.read_only).map_err(fail)?;
+        return Image::open_storage(storage, &o).map_err(|e| fail(describe(&e)));
+    }
     let file = match take_http(&mut options, "file.").map_err(fail)? {
         Some(http) => Some(open_http(&http, opts.read_only).map_err(fail)?),
         None => match take_rbd(&mut options, "file.", opts.read_only, &crate::app::secrets::lookup).map_err(fail)? {
             Some(rbd) => Some(rbd),
-            None => take_null(&mut options, "file.").map_err(fail)?,
+            None => match take_object(&mut options, "file.").map_err(fail)? {
+                Some(object) => Some(open_object(&object, opts.read_only).map_err(fail)?),
+                None => take_null(&mut options, "file.").map_err(fail)?,
+            },
         },
     };
     let children = Children { file, data_file: take_null(&mut options, "data-file.").map_err(fail)? };
@@ -218,6 +228,11 @@ fn open_image_inner(name: &str, format: Option<&str>, opts: OpenOptions) -> Resu
     if is_rbd_name(name) {
         opts.format = format.map(ImageFormat::from_name).transpose().map_err(|e| fail(describe(&e)))?;
         let storage = open_rbd_name(name, opts.read_only).map_err(fail)?;
+        return Image::open_storage(storage, &opts).map_err(|e| fail(describe(&e)));
+    }
+    if let Some(object) = object_name(name) {
+        opts.format = format.map(ImageFormat::from_name).transpose().map_err(|e| fail(describe(&e)))?;
+        let storage = open_object(&object, opts.read_only).map_err(fail)?;
         return Image::open_storage(storage, &opts).map_err(|e| fail(describe(&e)));
     }
     let host = host_filename(name).map_err(fail)?;
@@ -369,7 +384,7 @@ fn parse_image_opts_for(spec: &str, io: bool) -> Result<(String, Option<String>,
         return Ok((addr.to_name(), Some("raw".into()), opts));
     }
     // An HTTP(S) object: its options go on whole, as a `json:` name.
-    if names_http(&options) || names_rbd(&options) {
+    if names_http(&options) || names_rbd(&options) || names_object(&options) {
         return Ok((json_name(&options), None, OpenOptions::new()));
     }
     let (path, format, opts) = image_opts_from(options, io).map_err(fail)?;
@@ -386,11 +401,9 @@ fn parse_image_opts_for(spec: &str, io: bool) -> Result<(String, Option<String>,
 /// describes that node alone.
 pub fn image_opts_protocol(spec: &str) -> bool {
     let options = oxqcow::qemu_syntax::split_options(spec);
-    options
-        .iter()
-        .rev()
-        .find(|(k, _)| k == "driver")
-        .is_some_and(|(_, v)| matches!(v.as_str(), "file" | "nbd" | "http" | "https" | "rbd"))
+    options.iter().rev().find(|(k, _)| k == "driver").is_some_and(|(_, v)| {
+        matches!(v.as_str(), "file" | "nbd" | "http" | "https" | "rbd") || crate::app::object::is_object_driver(v)
+    })
 }
 
 /// The file name, the format and the open options that flattened image

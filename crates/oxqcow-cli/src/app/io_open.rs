@@ -21,6 +21,7 @@ use crate::app::forbid_backing::backing_policy;
 use crate::app::http::{http_name, open_http, take_http};
 use crate::app::image::{connect_nbd, host_filename, null_by_name, shown_name, take_nbd_driver, take_null};
 use crate::app::messages::{describe, errno_text, io_error_text, open_messages, warn_probed_raw};
+use crate::app::object::{object_name, open_object, take_object};
 use crate::app::rbd::{is_rbd_name, open_rbd_name, take_rbd};
 
 /// How to open an image: qemu-io's flags plus driver options.
@@ -235,7 +236,13 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
                 return Ok(Opened { image, unmap: spec.unmap, copy_on_read: spec.copy_on_read, null_node: None });
             }
             // An NBD name stays whole: it is connected to below.
-            None if NbdAddress::parse(n).is_some() || http_name(n).is_some() || is_rbd_name(n) => Some(n.to_string()),
+            None if NbdAddress::parse(n).is_some()
+                || http_name(n).is_some()
+                || is_rbd_name(n)
+                || object_name(n).is_some() =>
+            {
+                Some(n.to_string())
+            }
             None => Some(host_filename(n)?),
         },
         None => None,
@@ -262,12 +269,22 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
         let image = Image::open_storage(storage, &o).map_err(|e| describe(&e))?;
         return Ok(Opened { image, unmap: spec.unmap, copy_on_read: spec.copy_on_read, null_node: None });
     }
+    // An object in an object store, the same way.
+    if let Some(object) = take_object(&mut options, "")? {
+        let storage = open_object(&object, spec.read_only || spec.snapshot)?;
+        let o = OpenOptions { format: Some(ImageFormat::Raw), read_only: true, ..OpenOptions::new() };
+        let image = Image::open_storage(storage, &o).map_err(|e| describe(&e))?;
+        return Ok(Opened { image, unmap: spec.unmap, copy_on_read: spec.copy_on_read, null_node: None });
+    }
     let data_file = take_null(&mut options, "data-file.")?;
     let mut file_child = match take_http(&mut options, "file.")? {
         Some(http) => Some(open_http(&http, spec.read_only || spec.snapshot)?),
         None => match take_rbd(&mut options, "file.", spec.read_only || spec.snapshot, &lookup)? {
             Some(rbd) => Some(rbd),
-            None => take_null(&mut options, "file.")?,
+            None => match take_object(&mut options, "file.")? {
+                Some(object) => Some(open_object(&object, spec.read_only || spec.snapshot)?),
+                None => take_null(&mut options, "file.")?,
+            },
         },
     };
     // Raw nodes with `offset`/`size`: windows the engine puts over the file.
@@ -374,6 +391,8 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
             file_child = Some(open_http(&http, spec.read_only || spec.snapshot)?);
         } else if is_rbd_name(&path) {
             file_child = Some(open_rbd_name(&path, spec.read_only || spec.snapshot)?);
+        } else if let Some(object) = object_name(&path) {
+            file_child = Some(open_object(&object, spec.read_only || spec.snapshot)?);
         }
     }
     let probed = if let Some(file) = &file_child {

@@ -16,6 +16,7 @@ pub mod imgopts;
 pub mod io_open;
 pub mod messages;
 pub mod numbers;
+pub mod object;
 pub mod objects;
 pub mod output;
 pub mod progress;

@@ -130,6 +130,9 @@ fn create(req: &Request) -> Result<(), String> {
     if let Some(refusal) = crate::app::http::no_creation(req.filename) {
         return Err(refusal);
     }
+    if let Some(refusal) = crate::app::object::no_creation(req.filename) {
+        return Err(refusal);
+    }
     let mut opts = ImgOpts::new(format);
     if let Some(o) = &req.options {
         opts.parse(o)?;

@@ -177,6 +177,9 @@ fn dd(
         format => CreateOptions { format, ..CreateOptions::qcow2(end - start) },
     };
     create.size_given = true;
+    if let Some(refusal) = crate::app::object::no_creation(output) {
+        return Err(refusal);
+    }
     let target = if crate::app::rbd::is_rbd_name(output) {
         crate::app::rbd::create_rbd_name(output)
             .and_then(|storage| Image::create_storage(storage, &create).map_err(|e| describe(&e)))

@@ -13,7 +13,8 @@ mod json;
 
 /// QEMU's protocol prefixes that oxqcow implements, and the driver each
 /// selects: the three `file-posix` drivers, NBD's three spellings, the
-/// null drivers, the curl driver's `http` and `https`, and `rbd`.
+/// null drivers, the curl driver's `http` and `https`, `rbd`, and the object
+/// stores oxqcow adds (`s3`, `gs`, `az`; QEMU has no such driver).
 const PROTOCOLS: &[(&str, &str)] = &[
     ("file", "file"),
     ("host_device", "host_device"),
@@ -26,6 +27,9 @@ const PROTOCOLS: &[(&str, &str)] = &[
     ("http", "http"),
     ("https", "https"),
     ("rbd", "rbd"),
+    ("s3", "s3"),
+    ("gs", "gs"),
+    ("az", "az"),
 ];
 
 /// What an image name names.

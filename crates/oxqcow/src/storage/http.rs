@@ -14,14 +14,15 @@
 //! Small reads fetch `readahead` bytes more and keep the result in a few
 //! buffers (QEMU keeps one per request state); large reads are split into
 //! range requests that run in parallel, over the agent's pool of
-//! keep-alive connections.
+//! keep-alive connections (`ranged.rs`, shared with the object store
+//! backend).
 
 use std::io::{self, Read};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use ureq::tls::{parse_pem, PemItem, RootCerts, TlsConfig};
 
+use super::ranged::{RangeFetch, RangedReader, MAX_PIECES, PIECE};
 use super::Storage;
 
 /// QEMU's default `readahead`: 256 KiB.
@@ -30,17 +31,6 @@ pub const DEFAULT_READAHEAD: u64 = 256 * 1024;
 pub const DEFAULT_TIMEOUT: u64 = 5;
 /// The largest `timeout` QEMU accepts (`CURL_TIMEOUT_MAX`).
 const MAX_TIMEOUT: u64 = 10000;
-/// How many readahead buffers are kept (QEMU's `CURL_NUM_STATES`).
-const CACHE_SLOTS: usize = 8;
-/// The most bytes the readahead buffers hold together: a large
-/// `readahead` is still fetched (as QEMU fetches it) but kept only while
-/// it fits.
-const CACHE_BYTES: usize = 64 << 20;
-/// Reads at least this long are not cached but split into parallel
-/// range requests of at least this size each.
-const PIECE: usize = 512 * 1024;
-/// The most range requests one read runs at once.
-const MAX_PIECES: usize = 4;
 /// The system's CA bundle (Debian's `ca-certificates`), which curl uses.
 const SYSTEM_CA_FILE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
@@ -132,20 +122,6 @@ struct Pin {
     last_modified: Option<String>,
 }
 
-/// A readahead buffer: bytes of the object from `start`.
-struct Cached {
-    start: u64,
-    data: Vec<u8>,
-    /// When it was last used, for eviction.
-    used: u64,
-}
-
-#[derive(Default)]
-struct Cache {
-    slots: Vec<Cached>,
-    clock: u64,
-}
-
 /// An object on an HTTP(S) server, read with range requests.
 pub struct HttpStorage {
     agent: ureq::Agent,
@@ -153,10 +129,9 @@ pub struct HttpStorage {
     url: String,
     len: u64,
     pin: Pin,
-    readahead: u64,
     cookie: Option<String>,
     authorization: Option<String>,
-    cache: Mutex<Cache>,
+    reader: RangedReader,
 }
 
 /// The message of a read or open that failed, in curl's words where
@@ -323,10 +298,9 @@ impl HttpStorage {
             url,
             len: 0,
             pin: Pin::default(),
-            readahead: opts.readahead,
             cookie: opts.cookie.clone(),
             authorization,
-            cache: Mutex::new(Cache::default()),
+            reader: RangedReader::new(opts.readahead, PIECE),
         };
         storage.head().map_err(opening)?;
         Ok(storage)
@@ -447,88 +421,21 @@ impl HttpStorage {
         body.read_exact(buf).map_err(timed_out)?;
         Ok(())
     }
+}
 
-    /// Reads a large range as parallel range requests.
-    fn fetch_parallel(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let pieces = (buf.len() / PIECE).clamp(1, MAX_PIECES);
-        // The whole object is asked for whole: a server may answer that
-        // with all of it (200), which no piece could use.
-        if pieces == 1 || (offset == 0 && buf.len() as u64 == self.len) {
-            return self.fetch(buf, offset);
-        }
-        let piece = buf.len().div_ceil(pieces);
-        std::thread::scope(|s| {
-            let handles: Vec<_> = buf
-                .chunks_mut(piece)
-                .enumerate()
-                .map(|(i, chunk)| s.spawn(move || self.fetch(chunk, offset + (i * piece) as u64)))
-                .collect();
-            // The first failure in offset order, after every piece ended.
-            let mut result = Ok(());
-            for h in handles {
-                let r = h.join().unwrap_or_else(|_| Err(failure("a range request's thread panicked")));
-                if result.is_ok() {
-                    result = r;
-                }
-            }
-            result
-        })
+impl RangeFetch for HttpStorage {
+    fn object_len(&self) -> u64 {
+        self.len
     }
 
-    /// Copies `buf.len()` bytes at `offset` from a readahead buffer that
-    /// holds them all; false when none does.
-    fn cached(&self, buf: &mut [u8], offset: u64) -> bool {
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        cache.clock += 1;
-        let now = cache.clock;
-        let end = offset + buf.len() as u64;
-        let Some(slot) = cache.slots.iter_mut().find(|c| c.start <= offset && end <= c.start + c.data.len() as u64)
-        else {
-            return false;
-        };
-        let at = (offset - slot.start) as usize;
-        buf.copy_from_slice(&slot.data[at..at + buf.len()]);
-        slot.used = now;
-        true
-    }
-
-    fn remember(&self, start: u64, data: Vec<u8>) {
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        cache.clock += 1;
-        let used = cache.clock;
-        if data.len() > CACHE_BYTES {
-            return;
-        }
-        while cache.slots.len() >= CACHE_SLOTS
-            || cache.slots.iter().map(|c| c.data.len()).sum::<usize>() + data.len() > CACHE_BYTES
-        {
-            if let Some(oldest) = cache.slots.iter().enumerate().min_by_key(|(_, c)| c.used).map(|(i, _)| i) {
-                cache.slots.swap_remove(oldest);
-            }
-        }
-        cache.slots.push(Cached { start, data, used });
+    fn fetch(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        HttpStorage::fetch(self, buf, offset)
     }
 }
 
 impl Storage for HttpStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let inside = self.len.saturating_sub(offset).min(buf.len() as u64) as usize;
-        let (data, past_end) = buf.split_at_mut(inside);
-        past_end.fill(0);
-        if data.is_empty() || self.cached(data, offset) {
-            return Ok(());
-        }
-        if data.len() >= PIECE {
-            return self.fetch_parallel(data, offset);
-        }
-        let want = (data.len() as u64 + self.readahead).min(self.len - offset) as usize;
-        let mut ahead = Vec::new();
-        ahead.try_reserve_exact(want).map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
-        ahead.resize(want, 0);
-        self.fetch(&mut ahead, offset)?;
-        data.copy_from_slice(&ahead[..data.len()]);
-        self.remember(offset, ahead);
-        Ok(())
+        self.reader.read_at(self, buf, offset)
     }
 
     fn write_at(&self, _buf: &[u8], _offset: u64) -> io::Result<()> {

@@ -11,6 +11,10 @@ pub mod http;
 pub(crate) mod lock;
 mod memory;
 mod null;
+#[cfg(feature = "s3")]
+pub mod object;
+#[cfg(any(feature = "http", feature = "s3"))]
+mod ranged;
 mod window;
 
 use std::io;
@@ -21,6 +25,8 @@ pub(crate) use grow_ahead::GrowAhead;
 pub use http::{HttpOptions, HttpStorage};
 pub use memory::MemoryStorage;
 pub use null::NullStorage;
+#[cfg(feature = "s3")]
+pub use object::{ObjectOptions, ObjectStorage, ObjectUpload};
 pub use window::WindowStorage;
 
 /// The allocation of a run of storage bytes, as a protocol reports it

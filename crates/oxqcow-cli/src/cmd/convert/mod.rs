@@ -47,7 +47,9 @@ fn convert(ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
     }
     let out_fmt = a.out_fmt.as_deref().unwrap_or("raw");
     let (_, mut opts, backing) = setup::create_options(a, out_fmt, total)?;
-    let target = setup::target(a, out_fmt, &mut opts, backing.is_some())?;
+    // A new object is built in `staged` and uploaded at the end; any
+    // early return drops it, which aborts the upload.
+    let (target, staged) = setup::target(a, out_fmt, &mut opts, backing.is_some())?;
     if a.bitmaps && target.as_qcow2().is_none_or(|q| q.header().version < 3) {
         return Err(format!("Format driver '{out_fmt}' does not support bitmaps"));
     }
@@ -77,5 +79,8 @@ fn convert(ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
     }
     target.flush().map_err(|e| format!("error while flushing the target: {}", strerror(&e)))?;
     crate::app::image::close_image(target).map_err(|e| format!("error while closing the target: {}", strerror(&e)))?;
-    Ok(())
+    match staged {
+        Some(staged) => staged.finish(),
+        None => Ok(()),
+    }
 }

@@ -16,6 +16,7 @@ use crate::app::forbid_backing::backing_forbidden;
 use crate::app::image::{is_cache_mode, open_image, open_image_as, open_operand, parse_image_opts};
 use crate::app::imgopts::ImgOpts;
 use crate::app::messages::{describe, os_error, strerror};
+use crate::app::object::{object_name, StagedTarget};
 
 /// Opens the sources (on their `-l` snapshot, in the `-T` cache mode), and
 /// the size of them all.
@@ -183,8 +184,18 @@ fn target_backing(a: &Args, opts: &mut CreateOptions, format: ImageFormat) -> Re
 
 /// Creates the target (unless `-n`) and opens it: with a backing file it
 /// is reopened so that the backing file is opened too; `-n` opens the
-/// existing one, from `--target-image-opts` or in `out_fmt`.
-pub fn target(a: &Args, out_fmt: &str, opts: &mut CreateOptions, has_backing: bool) -> Result<Image, String> {
+/// existing one, from `--target-image-opts` or in `out_fmt`. A new object
+/// in an object store is built in a temporary file, which the returned
+/// [`StagedTarget`] uploads once the conversion is done.
+pub fn target(
+    a: &Args,
+    out_fmt: &str,
+    opts: &mut CreateOptions,
+    has_backing: bool,
+) -> Result<(Image, Option<StagedTarget>), String> {
+    if !a.skip_create && object_name(&a.target).is_some() {
+        return staged_target(a, out_fmt, opts, has_backing);
+    }
     let created = if a.skip_create {
         None
     } else {
@@ -220,24 +231,53 @@ pub fn target(a: &Args, out_fmt: &str, opts: &mut CreateOptions, has_backing: bo
     if !is_cache_mode(&a.cache) {
         return Err(format!("Invalid cache option: {}", a.cache));
     }
-    Ok(match created {
-        Some(t) => t,
-        // Like qemu-img, which opens the target with unmap allowed: clusters
-        // freed by zeroing give their space back to the host.
-        None if a.target_image_opts => {
-            if a.out_fmt.is_some() {
-                return Err("--image-opts and --format are mutually exclusive".into());
+    Ok((
+        match created {
+            Some(t) => t,
+            // Like qemu-img, which opens the target with unmap allowed: clusters
+            // freed by zeroing give their space back to the host.
+            None if a.target_image_opts => {
+                if a.out_fmt.is_some() {
+                    return Err("--image-opts and --format are mutually exclusive".into());
+                }
+                let (path, fmt, mut opts) = parse_image_opts(&a.target)?;
+                opts.discard_passthrough = true;
+                open_image_as(&path, &a.target, fmt.as_deref(), opts)?
             }
-            let (path, fmt, mut opts) = parse_image_opts(&a.target)?;
-            opts.discard_passthrough = true;
-            open_image_as(&path, &a.target, fmt.as_deref(), opts)?
-        }
-        None => {
-            let mut opts = OpenOptions::new();
-            opts.discard_passthrough = true;
-            open_image(&a.target, Some(out_fmt), opts)?
-        }
-    })
+            None => {
+                let mut opts = OpenOptions::new();
+                opts.discard_passthrough = true;
+                open_image(&a.target, Some(out_fmt), opts)?
+            }
+        },
+        None,
+    ))
+}
+
+/// [`target`] for a new object: the upload is started first (a wrong
+/// endpoint, bucket or credentials fail before any copying), the image
+/// made in the staging file. What would make the image name other files
+/// (a backing file, an external data file) is refused: the names would be
+/// those of the staging file's directory.
+fn staged_target(
+    a: &Args,
+    out_fmt: &str,
+    opts: &mut CreateOptions,
+    has_backing: bool,
+) -> Result<(Image, Option<StagedTarget>), String> {
+    let fail = |why: &str| format!("{}: error while converting {out_fmt}: {why}", a.target);
+    if has_backing {
+        return Err(fail("a new object cannot have a backing file"));
+    }
+    if opts.data_file.is_some() {
+        return Err(fail("a new object cannot have an external data file"));
+    }
+    if !is_cache_mode(&a.cache) {
+        return Err(format!("Invalid cache option: {}", a.cache));
+    }
+    let staged = StagedTarget::start(&a.target)?.expect("the target names an object");
+    let image = Image::create(&staged.path(), opts).map_err(|e| fail(&describe(&e)))?;
+    Ok((image, Some(staged)))
 }
 
 /// The image the target's unallocated clusters read from (`-B`): the new
