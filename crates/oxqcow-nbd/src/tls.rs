@@ -17,7 +17,9 @@
 //! into one end of a Unix socket pair and encrypts what the connection
 //! code writes on the other end. The plain data path in `conn.rs` (its
 //! non-blocking sends and vectored writes on a socket) stays as it is; the
-//! cost is one copy per direction through the pair. The relay uses
+//! cost is one copy per direction through the pair. The NBD client
+//! (`client/tls.rs`) runs its side of a TLS session through the same
+//! relay ([`relay`]), "client" below being the server it talks to. The relay uses
 //! non-blocking sockets and `poll`, so it waits for whichever side can
 //! move, never blocks on one while the other has data.
 //!
@@ -38,7 +40,7 @@ use rustix::event::{poll, PollFd, PollFlags};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig, ServerConnection};
+use rustls::{Connection, RootCertStore, ServerConfig, ServerConnection};
 
 use crate::conn::Stream;
 
@@ -185,6 +187,14 @@ pub fn start<S: Read + Write>(tls: &TlsServer, io: &mut S, net: Stream) -> io::R
     while conn.is_handshaking() {
         conn.complete_io(io)?;
     }
+    relay(Connection::Server(conn), net)
+}
+
+/// Hands `net` and its TLS session `conn` (past the handshake, either
+/// side's) to a relay thread: the returned end of the pair carries the
+/// session in clear. The NBD client runs over TLS the same way, so that
+/// its reading and writing halves are plain sockets too.
+pub(crate) fn relay(mut conn: Connection, net: Stream) -> io::Result<(UnixStream, Relay)> {
     conn.set_buffer_limit(Some(RELAY_LIMIT));
     let (inner, outer) = UnixStream::pair()?;
     net.set_nonblocking(true)?;
@@ -211,7 +221,7 @@ pub fn start<S: Read + Write>(tls: &TlsServer, io: &mut S, net: Stream) -> io::R
 
 struct Pump {
     net: Stream,
-    tls: ServerConnection,
+    tls: Connection,
     /// The relay's end of the pair.
     local: UnixStream,
     /// Decrypted bytes not yet taken by the connection:
@@ -230,6 +240,23 @@ struct Pump {
     local_shut: bool,
     /// The connection closed its end: close_notify is queued.
     local_eof: bool,
+}
+
+/// The relay's writes to the peer, which never raise SIGPIPE: the NBD
+/// client runs in commands that restore its default action, and a server
+/// gone must end the relay, not the command.
+struct NoSignal<'a>(&'a Stream);
+
+impl Write for NoSignal<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        crate::sys::send_vectored(self.0.fd(), &[io::IoSlice::new(buf)])
+    }
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        crate::sys::send_vectored(self.0.fd(), bufs)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// What one step of the relay did.
@@ -373,7 +400,7 @@ impl Pump {
     fn flush(&mut self) -> Step {
         let mut progress = false;
         while self.tls.wants_write() {
-            match self.tls.write_tls(&mut self.net) {
+            match self.tls.write_tls(&mut NoSignal(&self.net)) {
                 Ok(_) => progress = true,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -399,7 +426,7 @@ impl Pump {
                 Ok(_) => Step::Progress,
                 Err(_) => {
                     // rustls queued an alert: send it if the socket takes it.
-                    let _ = self.tls.write_tls(&mut self.net);
+                    let _ = self.tls.write_tls(&mut NoSignal(&self.net));
                     Step::Done
                 }
             },
