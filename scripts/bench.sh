@@ -30,7 +30,8 @@ QEMU_IMG=${QEMU_IMG:-qemu-img}
 command -v "$QEMU_IMG" >/dev/null || { echo "bench: $QEMU_IMG not found (apt-get install qemu-utils)" >&2; exit 1; }
 
 cargo build --release -q --bin oxqcow
-OX=${CARGO_TARGET_DIR:-$PWD/target}/release/oxqcow
+# BENCH_OXQCOW=PATH: another oxqcow binary (an older build, for before/after figures).
+OX=${BENCH_OXQCOW:-${CARGO_TARGET_DIR:-$PWD/target}/release/oxqcow}
 NBD=${BENCH_NBD:-1}
 trap 'rm -rf "$WORK"' EXIT
 

@@ -10,7 +10,10 @@
 //!   not go out at once waits in the outbox for the writer thread, which
 //!   sends blocking, several replies per `writev`. Only the writer ever
 //!   blocks on the socket, so a client that stops reading stalls its own
-//!   connection and never a worker.
+//!   connection and never a worker. Under TLS workers never send: the
+//!   writer encrypts its batches itself and hands the records to the
+//!   client's socket (`tls::TlsSender`), while requests still come in
+//!   through the relay's pair.
 //!
 //! Requests in flight (queued, running or waiting to be sent) number at
 //! most [`MAX_INFLIGHT`] per connection, and the buffers they hold (write
@@ -41,7 +44,7 @@ use crate::memory::{Account, Memory, NoMemory};
 use crate::pool::Pool;
 use crate::proto::{self, Errno};
 use crate::session::{Op, Payload, Refusal, Session};
-use crate::tls::{Relay, TlsServer};
+use crate::tls::{Relay, TlsSender, TlsServer};
 
 /// Requests one connection may have in flight.
 pub const MAX_INFLIGHT: usize = 64;
@@ -245,6 +248,9 @@ struct Outbox {
     changed: Condvar,
     budget: Arc<Budget>,
     account: Arc<Account>,
+    /// Workers may send on the socket themselves: not under TLS, where
+    /// the writer alone encrypts and sends ([`TlsSender`]).
+    direct: bool,
 }
 
 impl Outbox {
@@ -268,7 +274,7 @@ impl Outbox {
             self.done(out);
             return;
         }
-        if q.busy || !q.replies.is_empty() {
+        if q.busy || !q.replies.is_empty() || !self.direct {
             q.replies.push_back(out);
             drop(q);
             self.changed.notify_one();
@@ -385,15 +391,17 @@ fn serve_stream(
     let session = Arc::new(Session::new(export, neg));
     let budget = Arc::new(Budget::new());
     let account = Arc::new(memory.account());
+    let tls_sender = relay.as_mut().and_then(Relay::take_sender);
     let outbox = Arc::new(Outbox {
         queue: Mutex::new(OutQueue { replies: VecDeque::new(), busy: false, closed: false, broken: false }),
         changed: Condvar::new(),
         budget: Arc::clone(&budget),
         account: Arc::clone(&account),
+        direct: tls_sender.is_none(),
     });
     let writer_box = Arc::clone(&outbox);
     let writer = std::thread::Builder::new().name("nbd-writer".into()).spawn(move || {
-        write_replies(&mut sender, &writer_box);
+        write_replies(&mut sender, &writer_box, tls_sender.as_ref());
     });
     let Ok(writer) = writer else { return };
     let sock = Arc::new(stream);
@@ -507,7 +515,9 @@ fn no_memory(e: NoMemory) -> Refusal {
 /// Sends the replies workers could not send themselves, blocking, several
 /// per system call. After a send failure the socket is shut down (which
 /// stops the reader) and every reply is dropped, releasing its budget.
-fn write_replies(s: &mut Stream, outbox: &Outbox) {
+/// Under TLS the replies go through `tls`, encrypted by this thread; `s`
+/// (the connection's end of the relay's pair) is then only shut down.
+fn write_replies(s: &mut Stream, outbox: &Outbox, tls: Option<&TlsSender>) {
     loop {
         let mut batch = {
             let mut q = outbox.lock();
@@ -521,7 +531,14 @@ fn write_replies(s: &mut Stream, outbox: &Outbox) {
             q.busy = true;
             q.replies.drain(..n).collect::<Vec<_>>()
         };
-        let ok = !outbox.lock().broken && write_all_vectored(s, &mut batch).is_ok();
+        let ok = !outbox.lock().broken
+            && match tls {
+                Some(t) => {
+                    let parts: Vec<&[u8]> = batch.iter().map(|o| &o.bytes[o.sent..]).collect();
+                    t.send_all(&parts).is_ok()
+                }
+                None => write_all_vectored(s, &mut batch).is_ok(),
+            };
         let mut q = outbox.lock();
         q.busy = false;
         if !ok && !q.broken {

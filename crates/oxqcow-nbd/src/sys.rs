@@ -236,3 +236,24 @@ fn empty_msghdr() -> libc::msghdr {
     // which all zeros (null pointers, zero lengths) is a valid value.
     unsafe { std::mem::zeroed() }
 }
+
+/// Asks for a socket send buffer of `bytes` (SO_SNDBUF; the kernel may
+/// give less, up to its `wmem_max`).
+pub fn set_send_buffer(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `value` lives across the call and its size is passed; `fd`
+    // is open for the borrow; setsockopt(2) only reads the value.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
