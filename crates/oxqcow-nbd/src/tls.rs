@@ -216,7 +216,7 @@ pub(crate) fn relay(mut conn: Connection, net: Stream) -> io::Result<(UnixStream
     let _ = crate::sys::set_send_buffer(inner.as_fd(), PAIR_BUFFER);
     net.set_nonblocking(true)?;
     outer.set_nonblocking(true)?;
-    let tls = Arc::new(Mutex::new(conn));
+    let tls = Arc::new(Mutex::new(Shared { conn, writer_busy: false }));
     let sender = TlsSender { tls: Arc::clone(&tls), net: net.try_clone()? };
     let relay = Pump {
         net,
@@ -241,7 +241,7 @@ pub(crate) fn relay(mut conn: Connection, net: Stream) -> io::Result<(UnixStream
 struct Pump {
     net: Stream,
     /// Shared with the connection's writer ([`TlsSender`]).
-    tls: Arc<Mutex<Connection>>,
+    tls: Arc<Mutex<Shared>>,
     /// The relay's end of the pair.
     local: UnixStream,
     /// Decrypted bytes not yet taken by the connection:
@@ -279,7 +279,35 @@ impl Write for NoSignal<'_> {
     }
 }
 
-fn lock(m: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
+/// The session, shared by the relay and the writer.
+struct Shared {
+    conn: Connection,
+    /// The writer is sending: the records rustls holds are its to send,
+    /// and the relay does not wake for the socket's room to send them.
+    writer_busy: bool,
+}
+
+impl std::ops::Deref for Shared {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for Shared {
+    fn deref_mut(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+}
+
+impl Shared {
+    /// Records the relay itself must wait to send.
+    fn relay_wants_write(&self) -> bool {
+        !self.writer_busy && self.conn.wants_write()
+    }
+}
+
+fn lock(m: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -292,7 +320,7 @@ fn lock(m: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
 /// session's lock to encrypt and to hand records to the socket, so the
 /// records leave in order.
 pub struct TlsSender {
-    tls: Arc<Mutex<Connection>>,
+    tls: Arc<Mutex<Shared>>,
     /// The peer's socket (non-blocking: the relay's).
     net: Stream,
 }
@@ -301,6 +329,13 @@ impl TlsSender {
     /// Encrypts and sends `parts`, in order, waiting (without the lock)
     /// while the socket is full.
     pub fn send_all(&self, parts: &[&[u8]]) -> io::Result<()> {
+        lock(&self.tls).writer_busy = true;
+        let sent = self.send(parts);
+        lock(&self.tls).writer_busy = false;
+        sent
+    }
+
+    fn send(&self, parts: &[&[u8]]) -> io::Result<()> {
         let mut parts = parts.iter().copied().filter(|p| !p.is_empty());
         let mut current = parts.next();
         loop {
@@ -537,11 +572,11 @@ impl Pump {
         if !self.peer_done && tls.wants_read() {
             net |= PollFlags::IN;
         }
-        if tls.wants_write() {
+        if tls.relay_wants_write() {
             net |= PollFlags::OUT;
         }
         let mut local = PollFlags::empty();
-        if !self.local_eof && self.to_net_pos == self.to_net_len && !tls.wants_write() {
+        if !self.local_eof && self.to_net_pos == self.to_net_len && !tls.relay_wants_write() {
             local |= PollFlags::IN;
         }
         if self.to_local_pos < self.to_local_len {
