@@ -22,7 +22,7 @@ use oxqcow_nbd::proto::{
     cmd, opt, rep, reply, EXTENDED_REPLY_MAGIC, IHAVEOPT, NBDMAGIC, OPTION_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC,
 };
 
-const SIZE: u64 = 16 << 20;
+const SIZE: u64 = 1 << 30;
 /// Requests in flight at once: one per client thread.
 const THREADS: usize = 4;
 const READ_LEN: usize = 64 << 10;
@@ -35,7 +35,13 @@ enum Script {
     Reverse,
     /// Closes the connection.
     Hangup,
+    /// Answers one block status request with as many extents as qemu-nbd
+    /// sends at most (131072), 512 bytes each, data and holes in turn.
+    ManyExtents,
 }
+
+/// qemu-nbd's most extents in one block status chunk.
+const QEMU_MAX_EXTENTS: usize = 1 << 17;
 
 /// The byte every export offset reads as.
 fn byte_at(offset: u64) -> u8 {
@@ -124,6 +130,9 @@ fn serve(listener: UnixListener, extended: bool, script: Script) -> io::Result<(
     let (mut s, _) = listener.accept()?;
     s.set_read_timeout(Some(Duration::from_secs(20)))?;
     negotiate(&mut s, extended)?;
+    if script == Script::ManyExtents {
+        return many_extents(&mut s, extended);
+    }
     let mut reads = Vec::new();
     while reads.len() < THREADS {
         let mut head = vec![0u8; if extended { 32 } else { 28 }];
@@ -146,6 +155,49 @@ fn serve(listener: UnixListener, extended: bool, script: Script) -> io::Result<(
         s.write_all(&data_chunk(extended, cookie, true, offset, &content(offset, READ_LEN / 2)))?;
     }
     // Wait for the client's disconnection.
+    let _ = s.read(&mut [0u8; 64]);
+    Ok(())
+}
+
+/// Reads one block status request and answers it with QEMU_MAX_EXTENTS
+/// extents of `base:allocation` (id 7).
+fn many_extents(s: &mut UnixStream, extended: bool) -> io::Result<()> {
+    let mut head = vec![0u8; if extended { 32 } else { 28 }];
+    s.read_exact(&mut head)?;
+    assert_eq!(u16::from_be_bytes([head[6], head[7]]), cmd::BLOCK_STATUS, "a block status request");
+    let cookie = u64::from_be_bytes(head[8..16].try_into().unwrap());
+    let mut payload = 7u32.to_be_bytes().to_vec();
+    if extended {
+        payload.extend_from_slice(&(QEMU_MAX_EXTENTS as u32).to_be_bytes());
+    }
+    for i in 0..QEMU_MAX_EXTENTS {
+        let flags = (i % 2) as u64 * 3;
+        if extended {
+            payload.extend_from_slice(&512u64.to_be_bytes());
+            payload.extend_from_slice(&flags.to_be_bytes());
+        } else {
+            payload.extend_from_slice(&512u32.to_be_bytes());
+            payload.extend_from_slice(&(flags as u32).to_be_bytes());
+        }
+    }
+    let kind = if extended { reply::TYPE_BLOCK_STATUS_EXT } else { reply::TYPE_BLOCK_STATUS };
+    let mut b = Vec::new();
+    if extended {
+        b.extend_from_slice(&EXTENDED_REPLY_MAGIC.to_be_bytes());
+        b.extend_from_slice(&reply::FLAG_DONE.to_be_bytes());
+        b.extend_from_slice(&kind.to_be_bytes());
+        b.extend_from_slice(&cookie.to_be_bytes());
+        b.extend_from_slice(&0u64.to_be_bytes());
+        b.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+    } else {
+        b.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        b.extend_from_slice(&reply::FLAG_DONE.to_be_bytes());
+        b.extend_from_slice(&kind.to_be_bytes());
+        b.extend_from_slice(&cookie.to_be_bytes());
+        b.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    }
+    b.extend_from_slice(&payload);
+    s.write_all(&b)?;
     let _ = s.read(&mut [0u8; 64]);
     Ok(())
 }
@@ -204,5 +256,27 @@ fn a_broken_connection_fails_every_request_in_flight() {
         let e = client.read_at(&mut [0u8; 512], 0).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
         server.join().unwrap().expect("the server got every request in flight at once");
+    }
+}
+
+/// Block status asked for a large window gets qemu-nbd's largest answer,
+/// 131072 extents (a compact chunk of 1 MiB and 4 bytes, an extended one
+/// of 2 MiB and 8), which is taken whole. Guards against the chunk limit
+/// of 1 MiB, which broke the connection once windows grew past 32 MiB.
+#[test]
+fn the_largest_block_status_answer_is_taken() {
+    for extended in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("s");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let server = std::thread::spawn(move || serve(listener, extended, Script::ManyExtents));
+        let client = connect(&socket);
+        let len = QEMU_MAX_EXTENTS as u64 * 512;
+        let runs = client.allocation(0, len).unwrap_or_else(|e| panic!("extended headers: {extended}: {e}"));
+        assert_eq!(runs.len(), QEMU_MAX_EXTENTS, "extended headers: {extended}");
+        assert!(runs[0].data && !runs[0].zero && !runs[1].data && runs[1].zero, "{:?}", &runs[..2]);
+        assert_eq!(runs.last().map(|r| r.offset + r.len), Some(len));
+        drop(client);
+        server.join().unwrap().unwrap();
     }
 }

@@ -37,6 +37,11 @@ use crate::proto::{reply, RequestHeader, EXTENDED_REPLY_MAGIC, SIMPLE_REPLY_MAGI
 /// a read's data mostly straight into the caller's buffer (`BufReader`
 /// hands large reads to the socket once it is drained).
 const READ_BUFFER: usize = 64 << 10;
+/// The largest block status chunk taken: qemu-nbd sends up to 131072
+/// extents in one (1 MiB of compact ones and their header, 2 MiB of
+/// extended ones), which the large requests of `NbdClient::allocation`
+/// can ask for; other servers may send more, within reason.
+const MAX_STATUS_CHUNK: u64 = 8 << 20;
 
 /// One request's header fields (the cookie is the connection's to give).
 #[derive(Clone, Copy)]
@@ -364,7 +369,7 @@ impl Wire {
                     return Err(protocol_error("block status chunk of the wrong kind"));
                 }
                 let (head, entry) = if ext { (8, 16) } else { (4, 8) };
-                if !(head..=u64::from(MAX_REPLY_DATA)).contains(&len) || (len - head) % entry != 0 {
+                if !(head..=MAX_STATUS_CHUNK).contains(&len) || (len - head) % entry != 0 {
                     return Err(protocol_error("bad block status chunk"));
                 }
                 let mut data = vec![0u8; len as usize];
