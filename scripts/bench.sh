@@ -340,19 +340,26 @@ nbd_report() {
         "$1" "${r[0]}" "$unit" "${r[1]}" "$unit" "${r[2]}" "${r[3]}" "${r[4]}")")
 }
 
-# nbdcopy_case NAME IMAGE-SETUP SRC DST: MiB/s of a whole-disk nbdcopy.
+# The CPU seconds (user and system) the server has used so far: less
+# sensitive to the machine's load than wall times.
+server_cpu() { awk '{ print ($14 + $15) / 100 }' "/proc/$server_pid/stat"; }
+
+# nbdcopy_case NAME IMAGE-SETUP SRC DST: MiB/s of a whole-disk nbdcopy,
+# and the least CPU time each server spent on it.
 nbdcopy_case() {
-    local name=$1 setup=$2 src=$3 dst=$4 q=() o=() t
+    local name=$1 setup=$2 src=$3 dst=$4 q=() o=() qc=() oc=() t c
     if [[ -n $ONLY && ! $name =~ $ONLY ]]; then return 0; fi
     for _ in $(seq "$NBD_REPEAT"); do
         for kind in qemu ox; do
             $setup; start_server "$kind" "$NBD_IMAGE"
-            t=$(run nbdcopy "${src//@URI@/"$URI"}" "${dst//@URI@/"$URI"}"); stop_server
+            t=$(run nbdcopy "${src//@URI@/"$URI"}" "${dst//@URI@/"$URI"}"); c=$(server_cpu); stop_server
             t=$(python3 -c "print($SIZE_MB / max(${t% *}, 1e-3))")
-            if [[ $kind == qemu ]]; then q+=("$t"); else o+=("$t"); fi
+            if [[ $kind == qemu ]]; then q+=("$t"); qc+=("$c"); else o+=("$t"); oc+=("$c"); fi
         done
     done
     nbd_report "$name" mibs "${q[*]}" "${o[*]}"
+    nbd_results[-1]+=$(printf '  server CPU %.2fs/%.2fs' "$(printf '%s\n' "${qc[@]}" | sort -g | head -n 1)" \
+        "$(printf '%s\n' "${oc[@]}" | sort -g | head -n 1)")
 }
 
 # The NBD client: a whole export (qcow2 served by qemu-nbd) copied to a
@@ -474,7 +481,8 @@ if (( ${#results[@]} )); then
 fi
 if (( ${#nbd_results[@]} )); then
     echo "oxqcow serve vs qemu-nbd, ${SIZE_MB} MiB image, unix socket, best of $NBD_REPEAT alternating" \
-        "(ratio of the bests above 1.0: oxqcow faster; in parentheses the lowest..highest ratio of a pair)"
+        "(ratio of the bests above 1.0: oxqcow faster; in parentheses the lowest..highest ratio of a pair;" \
+        "server CPU: the least user+system seconds of qemu-nbd/oxqcow for one copy)"
     printf '%s\n' "${nbd_results[@]}"
 fi
 if (( ${#client_results[@]} )); then
