@@ -10,10 +10,10 @@
 //!   not go out at once waits in the outbox for the writer thread, which
 //!   sends blocking, several replies per `writev`. Only the writer ever
 //!   blocks on the socket, so a client that stops reading stalls its own
-//!   connection and never a worker. Under TLS workers never send: the
-//!   writer encrypts its batches itself and hands the records to the
-//!   client's socket (`tls::TlsSender`), while requests still come in
-//!   through the relay's pair.
+//!   connection and never a worker. Under TLS the one sending (worker or
+//!   writer) encrypts the replies itself and hands the records to the
+//!   client's socket (`tls::TlsSender`; a worker without waiting), while
+//!   requests still come in through the relay's pair.
 //!
 //! Requests in flight (queued, running or waiting to be sent) number at
 //! most [`MAX_INFLIGHT`] per connection, and the buffers they hold (write
@@ -248,9 +248,10 @@ struct Outbox {
     changed: Condvar,
     budget: Arc<Budget>,
     account: Arc<Account>,
-    /// Workers may send on the socket themselves: not under TLS, where
-    /// the writer alone encrypts and sends ([`TlsSender`]).
-    direct: bool,
+    /// Under TLS, where replies go: encrypted by whoever sends them (a
+    /// worker finding the socket idle, or the writer), not through the
+    /// relay's pair.
+    tls: Option<TlsSender>,
 }
 
 impl Outbox {
@@ -274,7 +275,7 @@ impl Outbox {
             self.done(out);
             return;
         }
-        if q.busy || !q.replies.is_empty() || !self.direct {
+        if q.busy || !q.replies.is_empty() {
             q.replies.push_back(out);
             drop(q);
             self.changed.notify_one();
@@ -282,16 +283,28 @@ impl Outbox {
         }
         q.busy = true;
         drop(q);
-        let done = loop {
-            if out.sent == out.bytes.len() {
-                break true;
-            }
-            match crate::sys::send_nonblocking(sock.fd(), &out.bytes[out.sent..]) {
-                Ok(0) => break false,
-                Ok(n) => out.sent += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => break false,
-            }
+        let done = match &self.tls {
+            // What rustls did not take, or records the socket did not
+            // take, the writer sends (an entry whose bytes are all taken
+            // still makes it flush).
+            Some(t) => match t.try_send(&out.bytes) {
+                Ok((taken, flushed)) => {
+                    out.sent = taken;
+                    taken == out.bytes.len() && flushed
+                }
+                Err(_) => false,
+            },
+            None => loop {
+                if out.sent == out.bytes.len() {
+                    break true;
+                }
+                match crate::sys::send_nonblocking(sock.fd(), &out.bytes[out.sent..]) {
+                    Ok(0) => break false,
+                    Ok(n) => out.sent += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => break false,
+                }
+            },
         };
         let mut q = self.lock();
         q.busy = false;
@@ -397,11 +410,11 @@ fn serve_stream(
         changed: Condvar::new(),
         budget: Arc::clone(&budget),
         account: Arc::clone(&account),
-        direct: tls_sender.is_none(),
+        tls: tls_sender,
     });
     let writer_box = Arc::clone(&outbox);
     let writer = std::thread::Builder::new().name("nbd-writer".into()).spawn(move || {
-        write_replies(&mut sender, &writer_box, tls_sender.as_ref());
+        write_replies(&mut sender, &writer_box);
     });
     let Ok(writer) = writer else { return };
     let sock = Arc::new(stream);
@@ -515,9 +528,10 @@ fn no_memory(e: NoMemory) -> Refusal {
 /// Sends the replies workers could not send themselves, blocking, several
 /// per system call. After a send failure the socket is shut down (which
 /// stops the reader) and every reply is dropped, releasing its budget.
-/// Under TLS the replies go through `tls`, encrypted by this thread; `s`
-/// (the connection's end of the relay's pair) is then only shut down.
-fn write_replies(s: &mut Stream, outbox: &Outbox, tls: Option<&TlsSender>) {
+/// Under TLS the replies go through the outbox's `TlsSender`, encrypted by
+/// this thread; `s` (the connection's end of the relay's pair) is then
+/// only shut down.
+fn write_replies(s: &mut Stream, outbox: &Outbox) {
     loop {
         let mut batch = {
             let mut q = outbox.lock();
@@ -532,7 +546,7 @@ fn write_replies(s: &mut Stream, outbox: &Outbox, tls: Option<&TlsSender>) {
             q.replies.drain(..n).collect::<Vec<_>>()
         };
         let ok = !outbox.lock().broken
-            && match tls {
+            && match &outbox.tls {
                 Some(t) => {
                     let parts: Vec<&[u8]> = batch.iter().map(|o| &o.bytes[o.sent..]).collect();
                     t.send_all(&parts).is_ok()

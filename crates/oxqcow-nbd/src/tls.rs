@@ -335,6 +335,31 @@ impl TlsSender {
         sent
     }
 
+    /// Encrypts what of `bytes` rustls takes and sends the records the
+    /// socket takes, without waiting: the bytes taken, and whether every
+    /// record went out. A worker sends its reply so when the socket is
+    /// idle, sparing the writer a wake; the writer sends the rest.
+    pub fn try_send(&self, bytes: &[u8]) -> io::Result<(usize, bool)> {
+        let mut tls = lock(&self.tls);
+        let mut taken = 0;
+        while taken < bytes.len() {
+            let n = tls.writer().write(&bytes[taken..])?;
+            if n == 0 {
+                break;
+            }
+            taken += n;
+        }
+        while tls.wants_write() {
+            match tls.write_tls(&mut NoSignal(&self.net)) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((taken, !tls.wants_write()))
+    }
+
     fn send(&self, parts: &[&[u8]]) -> io::Result<()> {
         let mut parts = parts.iter().copied().filter(|p| !p.is_empty());
         let mut current = parts.next();
