@@ -475,6 +475,8 @@ impl Pump {
                 Err(_) => self.peer_done = true,
             }
         }
+        // Senders encrypt meanwhile.
+        drop(tls);
         while self.to_local_pos < self.to_local_len {
             match (&self.local).write(&self.to_local[self.to_local_pos..self.to_local_len]) {
                 Ok(n) => {
