@@ -9,8 +9,10 @@
 #
 # Then `oxqcow serve` against qemu-nbd on the same image with the same
 # clients (fio's nbd engine, nbdcopy) over a Unix socket: throughput of each,
-# best of REPEAT, and the ratio oxqcow/qemu-nbd (above 1.0 means oxqcow serves
-# faster). Needs fio and nbdcopy (apt-get install fio libnbd-bin), for
+# best of BENCH_NBD_REPEAT (5), and the ratio oxqcow/qemu-nbd (above 1.0 means oxqcow serves
+# faster), each ratio with its spread over the repetitions; and oxqcow's
+# NBD client: convert from qemu-nbd's export against qemu-img convert and
+# nbdcopy. Needs fio and nbdcopy (apt-get install fio libnbd-bin), for
 # the HTTP case nginx and qemu-block-extra (qemu-img's curl driver), and for
 # the RBD case Ceph (ceph-mon ceph-osd ceph-mgr radosgw ceph-common: a
 # single-node cluster started here with scripts/ceph-cluster.sh) and
@@ -34,7 +36,8 @@ QEMU_IMG=${QEMU_IMG:-qemu-img}
 command -v "$QEMU_IMG" >/dev/null || { echo "bench: $QEMU_IMG not found (apt-get install qemu-utils)" >&2; exit 1; }
 
 cargo build --release -q --bin oxqcow
-OX=${CARGO_TARGET_DIR:-$PWD/target}/release/oxqcow
+# BENCH_OXQCOW=PATH: another oxqcow binary (an older build, for before/after figures).
+OX=${BENCH_OXQCOW:-${CARGO_TARGET_DIR:-$PWD/target}/release/oxqcow}
 NBD=${BENCH_NBD:-1}
 trap '[ -d "$WORK/ceph" ] && scripts/ceph-cluster.sh stop "$WORK/ceph"; rm -rf "$WORK"' EXIT
 
@@ -323,8 +326,14 @@ bench_case "check 64 GiB, 4k clusters (prealloc)" nothing \
 fi
 
 # ---- NBD: oxqcow serve vs qemu-nbd ------------------------------------------
+# Each case runs NBD_REPEAT times, the two servers (or tools) alternating,
+# and states the ratio of the best figures with its spread: the lowest and
+# highest ratio of the repetitions' pairs (each pair ran back to back, so
+# the load of other processes on the machine tilts both alike).
 NBD_RUNTIME=${BENCH_NBD_RUNTIME:-10}
+NBD_REPEAT=${BENCH_NBD_REPEAT:-5}
 nbd_results=()
+client_results=()
 SOCK=$WORK/nbd.sock
 URI="nbd+unix:///?socket=$SOCK"
 server_pid=
@@ -389,7 +398,7 @@ PY
 nbd_case() {
     local name=$1 setup=$2 field=$3 q=() o=() r; shift 3
     if [[ -n $ONLY && ! $name =~ $ONLY ]]; then return 0; fi
-    for _ in $(seq "$REPEAT"); do
+    for _ in $(seq "$NBD_REPEAT"); do
         for kind in qemu ox; do
             $setup; start_server "$kind" "$NBD_IMAGE"
             r=$(fio_figure "$@"); stop_server
@@ -397,30 +406,77 @@ nbd_case() {
             if [[ $kind == qemu ]]; then q+=("$r"); else o+=("$r"); fi
         done
     done
-    nbd_report "$name" "$field" "$(printf '%s\n' "${q[@]}" | sort -g | tail -n 1)" \
-        "$(printf '%s\n' "${o[@]}" | sort -g | tail -n 1)"
+    nbd_report "$name" "$field" "${q[*]}" "${o[*]}"
 }
 
+# ratios higher|lower "QEMU-FIGURES" "OX-FIGURES": the best of each, the
+# ratio of the bests (oxqcow over qemu) and the spread of the pairs'
+# ratios, as "BEST-QEMU BEST-OX RATIO MIN MAX"; "higher" when a higher
+# figure is better (throughput), "lower" for times.
+ratios() {
+    python3 - "$@" <<'PY'
+import sys
+better, q, o = sys.argv[1], [float(x) for x in sys.argv[2].split()], [float(x) for x in sys.argv[3].split()]
+best = max if better == "higher" else min
+pairs = [b / max(a, 1e-9) for a, b in zip(q, o)]
+bq, bo = best(q), best(o)
+print(f"{bq} {bo} {bo / max(bq, 1e-9):.2f} {min(pairs):.2f} {max(pairs):.2f}")
+PY
+}
+
+# nbd_report NAME iops|mibs "QEMU-FIGURES" "OX-FIGURES"
 nbd_report() {
-    local unit=IOPS; [[ $2 == mibs ]] && unit=MiB/s
-    nbd_results+=("$(printf '%-34s qemu-nbd %9.0f %-5s  oxqcow %9.0f %-5s  ratio %5.2f' \
-        "$1" "$3" "$unit" "$4" "$unit" "$(python3 -c "print($4/max($3,1e-9))")")")
+    local unit=IOPS r; [[ $2 == mibs ]] && unit=MiB/s
+    read -r -a r <<<"$(ratios higher "$3" "$4")"
+    nbd_results+=("$(printf '%-34s qemu-nbd %9.0f %-5s  oxqcow %9.0f %-5s  ratio %5.2f  (%s..%s)' \
+        "$1" "${r[0]}" "$unit" "${r[1]}" "$unit" "${r[2]}" "${r[3]}" "${r[4]}")")
 }
 
-# nbdcopy_case NAME IMAGE-SETUP SRC DST: MiB/s of a whole-disk nbdcopy.
+# The CPU seconds (user and system) the server has used so far: less
+# sensitive to the machine's load than wall times.
+server_cpu() { awk '{ print ($14 + $15) / 100 }' "/proc/$server_pid/stat"; }
+
+# nbdcopy_case NAME IMAGE-SETUP SRC DST: MiB/s of a whole-disk nbdcopy,
+# and the least CPU time each server spent on it.
 nbdcopy_case() {
-    local name=$1 setup=$2 src=$3 dst=$4 q=() o=() t
+    local name=$1 setup=$2 src=$3 dst=$4 q=() o=() qc=() oc=() t c
     if [[ -n $ONLY && ! $name =~ $ONLY ]]; then return 0; fi
-    for _ in $(seq "$REPEAT"); do
+    for _ in $(seq "$NBD_REPEAT"); do
         for kind in qemu ox; do
             $setup; start_server "$kind" "$NBD_IMAGE"
-            t=$(run nbdcopy "${src//@URI@/"$URI"}" "${dst//@URI@/"$URI"}"); stop_server
+            t=$(run nbdcopy "${src//@URI@/"$URI"}" "${dst//@URI@/"$URI"}"); c=$(server_cpu); stop_server
             t=$(python3 -c "print($SIZE_MB / max(${t% *}, 1e-3))")
-            if [[ $kind == qemu ]]; then q+=("$t"); else o+=("$t"); fi
+            if [[ $kind == qemu ]]; then q+=("$t"); qc+=("$c"); else o+=("$t"); oc+=("$c"); fi
         done
     done
-    nbd_report "$name" mibs "$(printf '%s\n' "${q[@]}" | sort -g | tail -n 1)" \
-        "$(printf '%s\n' "${o[@]}" | sort -g | tail -n 1)"
+    nbd_report "$name" mibs "${q[*]}" "${o[*]}"
+    nbd_results[-1]+=$(printf '  server CPU %.2fs/%.2fs' "$(printf '%s\n' "${qc[@]}" | sort -g | head -n 1)" \
+        "$(printf '%s\n' "${oc[@]}" | sort -g | head -n 1)")
+}
+
+# The NBD client: a whole export (qcow2 served by qemu-nbd) copied to a
+# raw file by oxqcow convert (its default workers), by qemu-img convert
+# and by nbdcopy, in turn, NBD_REPEAT times; ratios of times, oxqcow's over
+# the other's (below 1.0: oxqcow faster), with their spread.
+client_case() {
+    local name="convert qcow2 from an NBD export to raw" q=() o=() n=() t r
+    if [[ -n $ONLY && ! $name =~ $ONLY ]]; then return 0; fi
+    data_image; start_server qemu "$NBD_IMAGE"
+    for _ in $(seq "$NBD_REPEAT"); do
+        clean_out; sync; t=$(run "$QEMU_IMG" convert -O raw "$URI" "$WORK/out.raw"); q+=("${t% *}")
+        clean_out; sync; t=$(run "$OX" convert -O raw "$URI" "$WORK/out.raw"); o+=("${t% *}")
+        clean_out; sync; t=$(run nbdcopy "$URI" "$WORK/out.raw"); n+=("${t% *}")
+    done
+    cmp -s "$WORK/out.raw" "$WORK/src.raw" || { echo "bench: nbdcopy's copy from the export differs" >&2; exit 1; }
+    clean_out; "$OX" convert -O raw "$URI" "$WORK/out.raw"
+    cmp -s "$WORK/out.raw" "$WORK/src.raw" || { echo "bench: oxqcow's copy from the export differs" >&2; exit 1; }
+    stop_server
+    read -r -a r <<<"$(ratios lower "${q[*]}" "${o[*]}")"
+    client_results+=("$(printf '%-40s qemu-img %7.3fs  oxqcow %7.3fs  ratio %5.2f  (%s..%s)' \
+        "$name" "${r[0]}" "${r[1]}" "${r[2]}" "${r[3]}" "${r[4]}")")
+    read -r -a r <<<"$(ratios lower "${n[*]}" "${o[*]}")"
+    client_results+=("$(printf '%-40s nbdcopy  %7.3fs  oxqcow %7.3fs  ratio %5.2f  (%s..%s)' \
+        "  (the same vs nbdcopy)" "${r[0]}" "${r[1]}" "${r[2]}" "${r[3]}" "${r[4]}")")
 }
 
 data_image() { NBD_IMAGE=$WORK/src.qcow2; }
@@ -439,6 +495,7 @@ if [[ $NBD != 0 ]]; then
     nbd_case "nbd fio 1M sequential write (qd 8)" empty_image mibs write 1M 8
     nbdcopy_case "nbdcopy export -> null" data_image @URI@ null:
     nbdcopy_case "nbdcopy raw -> export" empty_image "$WORK/src.raw" @URI@
+    client_case
     if command -v openssl >/dev/null; then
         make_tls
         with_tls
@@ -573,8 +630,15 @@ if (( ${#results[@]} )); then
     echo "oxqcow peak RSS: $peak_rss KiB"
 fi
 if (( ${#nbd_results[@]} )); then
-    echo "oxqcow serve vs qemu-nbd, ${SIZE_MB} MiB image, unix socket, best of $REPEAT (ratio above 1.0: oxqcow faster)"
+    echo "oxqcow serve vs qemu-nbd, ${SIZE_MB} MiB image, unix socket, best of $NBD_REPEAT alternating" \
+        "(ratio of the bests above 1.0: oxqcow faster; in parentheses the lowest..highest ratio of a pair;" \
+        "server CPU: the least user+system seconds of qemu-nbd/oxqcow for one copy)"
     printf '%s\n' "${nbd_results[@]}"
+fi
+if (( ${#client_results[@]} )); then
+    echo "NBD client: from qemu-nbd's export, ${SIZE_MB} MiB image, unix socket, best of $NBD_REPEAT alternating" \
+        "(time ratio below 1.0: oxqcow faster; in parentheses the lowest..highest ratio of a run's trio)"
+    printf '%s\n' "${client_results[@]}"
 fi
 if (( ${#fuse_results[@]} )); then
     echo "oxqcow mount vs $(qemu-storage-daemon --version | sed -n 1p) FUSE export, ${SIZE_MB} MiB image,"

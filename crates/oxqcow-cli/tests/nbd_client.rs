@@ -392,3 +392,128 @@ fn list_prints_what_qemu_nbd_prints() {
         assert_eq!(o, q, "{args:?}");
     }
 }
+
+/// A 48 MiB image of data runs, zeros and holes, spread so that convert's
+/// workers read and write different parts at once.
+fn image_for_converts(s: &Scratch, name: &str) {
+    s.qemu_ok(&["create", "-q", "-f", "qcow2", name, "48M"]);
+    let path = s.path(name);
+    let cmds = ["write -P 1 0 5M", "write -P 2 7M 3M", "write -z 12M 4M", "write -P 3 20M 10M", "write -P 4 40M 64k"];
+    let mut args = vec!["-f", "qcow2"];
+    for c in &cmds {
+        args.extend(["-c", c]);
+    }
+    args.push(path.to_str().unwrap());
+    let o = qemu_io(&s.path(""), &args);
+    assert_eq!(o.code, 0, "{o:?}");
+}
+
+/// Converts out of an export and into one with convert's parallel workers
+/// (`-m 8` and the default), which share the client's one connection with
+/// several requests in flight (issue 12: the client used to send one
+/// request at a time): to qcow2 and raw, against qemu-nbd and
+/// `oxqcow serve`, the copies as qemu-img compare sees them.
+#[test]
+fn parallel_converts_share_one_connection() {
+    let s = Scratch::new();
+    image_for_converts(&s, "src.qcow2");
+    for ours in [false, true] {
+        let server = Server::unix(&s.path("src.qcow2"), ours, &["-r", "-f", "qcow2"]);
+        let uri = server.uri();
+        for workers in [&[][..], &["-m", "8"][..], &["-m", "8", "-W"][..]] {
+            for fmt in ["qcow2", "raw"] {
+                let out = format!("out.{fmt}");
+                let _ = std::fs::remove_file(s.path(&out));
+                let args = [&["convert"][..], workers, &["-O", fmt, &uri, &out][..]].concat();
+                let o = s.ours(&args);
+                assert_eq!(o.code, 0, "{args:?} (oxqcow serve: {ours}): {o:?}");
+                s.qemu_ok(&["compare", "-f", "qcow2", "-F", fmt, "src.qcow2", &out]);
+            }
+        }
+        drop(server);
+        let _ = std::fs::remove_file(s.path("t.qcow2"));
+        s.qemu_ok(&["create", "-q", "-f", "qcow2", "t.qcow2", "48M"]);
+        let server = Server::unix(&s.path("t.qcow2"), ours, &["-f", "qcow2"]);
+        let uri = server.uri();
+        let o = s.ours(&["convert", "-n", "-m", "8", "-W", "-O", "raw", "src.qcow2", &uri]);
+        assert_eq!(o.code, 0, "convert into the export (oxqcow serve: {ours}): {o:?}");
+        s.qemu_ok(&["compare", "-F", "raw", "src.qcow2", &uri]);
+        drop(server);
+        s.qemu_ok(&["compare", "src.qcow2", "t.qcow2"]);
+    }
+}
+
+/// Waits for `child`, killing it and failing the test when it hangs.
+fn wait_or_hang(child: &mut Child, what: &str) -> std::process::Output {
+    for _ in 0..1200 {
+        if child.try_wait().unwrap().is_some() {
+            let mut out = std::process::Output { status: child.wait().unwrap(), stdout: vec![], stderr: vec![] };
+            use std::io::Read;
+            child.stderr.take().unwrap().read_to_end(&mut out.stderr).unwrap();
+            return out;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    panic!("{what} hung after its server was killed");
+}
+
+/// The bytes allocated to `path` on the host.
+fn host_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
+/// A server killed with requests in flight: convert fails as qemu-img does
+/// ("error while reading at byte N: Input/output error", or "writing" for
+/// a target export; exit code 1) instead of hanging or panicking. The
+/// copy is paced (`-r`) so that the kill lands in its middle; the server
+/// is killed once the copy's first data has landed.
+#[test]
+fn a_server_killed_mid_convert_fails_the_convert() {
+    let s = Scratch::new();
+    image_for_converts(&s, "src.qcow2");
+    for ours in [false, true] {
+        for into_export in [false, true] {
+            let _ = std::fs::remove_file(s.path("t.qcow2"));
+            let _ = std::fs::remove_file(s.path("out.raw"));
+            s.qemu_ok(&["create", "-q", "-f", "qcow2", "t.qcow2", "48M"]);
+            let exported = if into_export { "t.qcow2" } else { "src.qcow2" };
+            let mut server = Server::unix(&s.path(exported), ours, &["-f", "qcow2"]);
+            let uri = server.uri();
+            let args: Vec<&str> = if into_export {
+                vec!["convert", "-n", "-r", "4M", "-O", "raw", "src.qcow2", &uri]
+            } else {
+                vec!["convert", "-r", "4M", "-O", "raw", &uri, "out.raw"]
+            };
+            let mut child = Command::new(env!("CARGO_BIN_EXE_oxqcow"))
+                .args(&args)
+                .current_dir(s.path(""))
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            // The copy's first data: the export's image grows, or the
+            // output file gets blocks.
+            let landed = if into_export { s.path("t.qcow2") } else { s.path("out.raw") };
+            let start = host_bytes(&landed);
+            for _ in 0..600 {
+                if host_bytes(&landed) > start + (1 << 20) || child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            server.child.kill().unwrap();
+            let o = wait_or_hang(&mut child, "convert");
+            let err = String::from_utf8_lossy(&o.stderr);
+            let verb = if into_export { "writing" } else { "reading" };
+            let line = err.lines().next().unwrap_or("");
+            assert!(
+                line.starts_with(&format!("oxqcow: error while {verb} at byte "))
+                    && line.ends_with(": Input/output error"),
+                "oxqcow serve: {ours}, into the export: {into_export}: {err}"
+            );
+            assert_eq!(o.status.code(), Some(1), "{err}");
+            assert!(!err.contains("panicked"), "{err}");
+        }
+    }
+}

@@ -443,6 +443,16 @@ fn nbd_client_over_tls_as_qemu() {
         let o = run(OXQCOW, &[&["io"][..], &io[..]].concat());
         assert!(o.status.success(), "oxqcow io over TLS: {o:?}");
         qemu_io(&["--object", &client_object, "--image-opts", &good], &["read -P 0x3c 8M 64k", "read -P 0x5a 0 1M"]);
+        // Convert's workers in flight at once on the one TLS connection
+        // (the pipelined client; `oxqcow serve` encrypting replies in its
+        // writer), the copy the same as qemu-img's.
+        let (ours_out, qemu_out) = (t.s("ours-copy.raw"), t.s("qemu-copy.raw"));
+        for (tool, out) in [(OXQCOW, &ours_out), ("qemu-img", &qemu_out)] {
+            let args = ["convert", "-m", "8", "--object", &client_object, "--image-opts", &good, "-O", "raw", out];
+            let o = run(tool, &args);
+            assert!(o.status.success(), "{tool} convert over TLS: {o:?}");
+        }
+        assert!(std::fs::read(&ours_out).unwrap() == std::fs::read(&qemu_out).unwrap(), "the copies over TLS differ");
         let list = ["--object", client_object.as_str(), "--tls-creds", "c0", "-L", "-k", sock.as_str()];
         for extra in [&["--tls-hostname", "localhost"][..], &[][..]] {
             let args = [&list[..], extra].concat();

@@ -10,7 +10,10 @@
 //!   not go out at once waits in the outbox for the writer thread, which
 //!   sends blocking, several replies per `writev`. Only the writer ever
 //!   blocks on the socket, so a client that stops reading stalls its own
-//!   connection and never a worker.
+//!   connection and never a worker. Under TLS the one sending (worker or
+//!   writer) encrypts the replies itself and hands the records to the
+//!   client's socket (`tls::TlsSender`; a worker without waiting), while
+//!   requests still come in through the relay's pair.
 //!
 //! Requests in flight (queued, running or waiting to be sent) number at
 //! most [`MAX_INFLIGHT`] per connection, and the buffers they hold (write
@@ -41,7 +44,7 @@ use crate::memory::{Account, Memory, NoMemory};
 use crate::pool::Pool;
 use crate::proto::{self, Errno};
 use crate::session::{Op, Payload, Refusal, Session};
-use crate::tls::{Relay, TlsServer};
+use crate::tls::{Relay, TlsSender, TlsServer};
 
 /// Requests one connection may have in flight.
 pub const MAX_INFLIGHT: usize = 64;
@@ -245,6 +248,10 @@ struct Outbox {
     changed: Condvar,
     budget: Arc<Budget>,
     account: Arc<Account>,
+    /// Under TLS, where replies go: encrypted by whoever sends them (a
+    /// worker finding the socket idle, or the writer), not through the
+    /// relay's pair.
+    tls: Option<TlsSender>,
 }
 
 impl Outbox {
@@ -276,16 +283,28 @@ impl Outbox {
         }
         q.busy = true;
         drop(q);
-        let done = loop {
-            if out.sent == out.bytes.len() {
-                break true;
-            }
-            match crate::sys::send_nonblocking(sock.fd(), &out.bytes[out.sent..]) {
-                Ok(0) => break false,
-                Ok(n) => out.sent += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => break false,
-            }
+        let done = match &self.tls {
+            // What rustls did not take, or records the socket did not
+            // take, the writer sends (an entry whose bytes are all taken
+            // still makes it flush).
+            Some(t) => match t.try_send(&out.bytes) {
+                Ok((taken, flushed)) => {
+                    out.sent = taken;
+                    taken == out.bytes.len() && flushed
+                }
+                Err(_) => false,
+            },
+            None => loop {
+                if out.sent == out.bytes.len() {
+                    break true;
+                }
+                match crate::sys::send_nonblocking(sock.fd(), &out.bytes[out.sent..]) {
+                    Ok(0) => break false,
+                    Ok(n) => out.sent += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => break false,
+                }
+            },
         };
         let mut q = self.lock();
         q.busy = false;
@@ -385,11 +404,13 @@ fn serve_stream(
     let session = Arc::new(Session::new(export, neg));
     let budget = Arc::new(Budget::new());
     let account = Arc::new(memory.account());
+    let tls_sender = relay.as_mut().and_then(Relay::take_sender);
     let outbox = Arc::new(Outbox {
         queue: Mutex::new(OutQueue { replies: VecDeque::new(), busy: false, closed: false, broken: false }),
         changed: Condvar::new(),
         budget: Arc::clone(&budget),
         account: Arc::clone(&account),
+        tls: tls_sender,
     });
     let writer_box = Arc::clone(&outbox);
     let writer = std::thread::Builder::new().name("nbd-writer".into()).spawn(move || {
@@ -507,6 +528,9 @@ fn no_memory(e: NoMemory) -> Refusal {
 /// Sends the replies workers could not send themselves, blocking, several
 /// per system call. After a send failure the socket is shut down (which
 /// stops the reader) and every reply is dropped, releasing its budget.
+/// Under TLS the replies go through the outbox's `TlsSender`, encrypted by
+/// this thread; `s` (the connection's end of the relay's pair) is then
+/// only shut down.
 fn write_replies(s: &mut Stream, outbox: &Outbox) {
     loop {
         let mut batch = {
@@ -521,7 +545,14 @@ fn write_replies(s: &mut Stream, outbox: &Outbox) {
             q.busy = true;
             q.replies.drain(..n).collect::<Vec<_>>()
         };
-        let ok = !outbox.lock().broken && write_all_vectored(s, &mut batch).is_ok();
+        let ok = !outbox.lock().broken
+            && match &outbox.tls {
+                Some(t) => {
+                    let parts: Vec<&[u8]> = batch.iter().map(|o| &o.bytes[o.sent..]).collect();
+                    t.send_all(&parts).is_ok()
+                }
+                None => write_all_vectored(s, &mut batch).is_ok(),
+            };
         let mut q = outbox.lock();
         q.busy = false;
         if !ok && !q.broken {

@@ -1,7 +1,7 @@
 //! The operating-system calls the server needs and std does not offer:
 //! waking a blocked accept, termination signals, forking into the
 //! background, and the sockets systemd passes in; also `raise`, for
-//! qemu-io's `sigraise`. Every unsafe block of the
+//! qemu-io's `sigraise`; sends that never raise SIGPIPE. Every unsafe block of the
 //! crate is here, each with the reason it is sound.
 
 use std::io;
@@ -209,4 +209,51 @@ pub fn send_nonblocking(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
         return Err(io::Error::last_os_error());
     }
     Ok(n as usize)
+}
+
+/// Sends what of `bufs` the socket takes, blocking until some fits
+/// (`MSG_NOSIGNAL`: the NBD client runs in commands that restore SIGPIPE's
+/// default action, and a server gone mid-request must fail the request,
+/// not kill the command). Returns the bytes sent.
+pub fn send_vectored(fd: BorrowedFd<'_>, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+    let mut msg: libc::msghdr = empty_msghdr();
+    msg.msg_iov = bufs.as_ptr().cast_mut().cast();
+    msg.msg_iovlen = bufs.len().min(libc::UIO_MAXIOV as usize) as _;
+    // SAFETY: `IoSlice` is ABI-compatible with `iovec` (std guarantees it
+    // on Unix), every slice is readable for its length for the call, the
+    // header names no address and no control data, and `fd` is open for
+    // the borrow; sendmsg(2) only reads these buffers.
+    let n = unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// An empty `msghdr`.
+fn empty_msghdr() -> libc::msghdr {
+    // SAFETY: `msghdr` is a plain C struct of integers and pointers, for
+    // which all zeros (null pointers, zero lengths) is a valid value.
+    unsafe { std::mem::zeroed() }
+}
+
+/// Asks for a socket send buffer of `bytes` (SO_SNDBUF; the kernel may
+/// give less, up to its `wmem_max`).
+pub fn set_send_buffer(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `value` lives across the call and its size is passed; `fd`
+    // is open for the borrow; setsockopt(2) only reads the value.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

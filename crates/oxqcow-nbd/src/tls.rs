@@ -12,14 +12,19 @@
 //! DH parameters are parsed for their PEM frame and otherwise unused:
 //! rustls negotiates ECDHE (and TLS 1.3 groups) only.
 //!
-//! After the handshake ([`start`]), a relay thread per connection owns the
-//! client socket and the rustls state: it decrypts what the client sends
-//! into one end of a Unix socket pair and encrypts what the connection
-//! code writes on the other end. The plain data path in `conn.rs` (its
-//! non-blocking sends and vectored writes on a socket) stays as it is; the
-//! cost is one copy per direction through the pair. The relay uses
-//! non-blocking sockets and `poll`, so it waits for whichever side can
-//! move, never blocks on one while the other has data.
+//! After the handshake ([`start`]), a relay thread per connection reads
+//! the client socket and shares the rustls state (under a lock): it
+//! decrypts what the client sends into one end of a Unix socket pair and
+//! encrypts what the connection code writes on the other end (the rest of
+//! the negotiation). The connection's request path stays as it is, at the
+//! cost of one copy through the pair; its replies skip the pair: the
+//! connection's writer encrypts them and hands the records to the client
+//! socket itself ([`TlsSender`]), which saves two copies of every reply
+//! and a wake of the relay. The NBD client (`client/tls.rs`) runs its
+//! side of a TLS session through the relay alone ([`relay`]), "client"
+//! below being the server it talks to. The relay uses non-blocking
+//! sockets and `poll`, so it waits for whichever side can move, never
+//! blocks on one while the other has data.
 //!
 //! Shutdown, both ways: the client's close_notify or EOF (or the server
 //! shutting the client socket for reading) becomes EOF on the pair, so the
@@ -31,14 +36,14 @@
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use rustix::event::{poll, PollFd, PollFlags};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig, ServerConnection};
+use rustls::{Connection, RootCertStore, ServerConfig, ServerConnection};
 
 use crate::conn::Stream;
 
@@ -64,6 +69,11 @@ pub const DH_PARAMS: &str = "dh-params.pem";
 const RELAY_LIMIT: usize = 256 << 10;
 /// One read from the connection's end of the pair.
 const CHUNK: usize = 64 << 10;
+/// The send buffer of the pair's end that is not the relay's: what the
+/// NBD client writes (requests with up to 32 MiB of payload) passes
+/// through it, and with the default (about 200 KiB) a 256 KiB write woke
+/// the relay and waited for it twice.
+const PAIR_BUFFER: usize = 1 << 20;
 
 /// Server credentials: the rustls configuration every connection starts
 /// from.
@@ -166,9 +176,16 @@ impl TlsServer {
 /// The relay of one TLS connection (see the module doc).
 pub struct Relay {
     thread: JoinHandle<()>,
+    sender: Option<TlsSender>,
 }
 
 impl Relay {
+    /// The sending side of the session, for a connection that encrypts
+    /// its replies itself ([`TlsSender`]); once.
+    pub fn take_sender(&mut self) -> Option<TlsSender> {
+        self.sender.take()
+    }
+
     /// Waits until the relay has sent everything and ended. The caller must
     /// have closed (or shut down) its end of the pair first.
     pub fn join(self) {
@@ -185,13 +202,25 @@ pub fn start<S: Read + Write>(tls: &TlsServer, io: &mut S, net: Stream) -> io::R
     while conn.is_handshaking() {
         conn.complete_io(io)?;
     }
+    relay(Connection::Server(conn), net)
+}
+
+/// Hands `net` and its TLS session `conn` (past the handshake, either
+/// side's) to a relay thread: the returned end of the pair carries the
+/// session in clear. The NBD client runs over TLS the same way, so that
+/// its reading and writing halves are plain sockets too.
+pub(crate) fn relay(mut conn: Connection, net: Stream) -> io::Result<(UnixStream, Relay)> {
     conn.set_buffer_limit(Some(RELAY_LIMIT));
     let (inner, outer) = UnixStream::pair()?;
+    use std::os::fd::AsFd;
+    let _ = crate::sys::set_send_buffer(inner.as_fd(), PAIR_BUFFER);
     net.set_nonblocking(true)?;
     outer.set_nonblocking(true)?;
+    let tls = Arc::new(Mutex::new(Shared { conn, writer_busy: false }));
+    let sender = TlsSender { tls: Arc::clone(&tls), net: net.try_clone()? };
     let relay = Pump {
         net,
-        tls: conn,
+        tls,
         local: outer,
         // Allocated (and zeroed) once: the loops below fill them by
         // index, never by resizing, which zeroed a whole chunk per read.
@@ -206,12 +235,13 @@ pub fn start<S: Read + Write>(tls: &TlsServer, io: &mut S, net: Stream) -> io::R
         local_eof: false,
     };
     let thread = std::thread::Builder::new().name("nbd-tls".into()).spawn(move || relay.run())?;
-    Ok((inner, Relay { thread }))
+    Ok((inner, Relay { thread, sender: Some(sender) }))
 }
 
 struct Pump {
     net: Stream,
-    tls: ServerConnection,
+    /// Shared with the connection's writer ([`TlsSender`]).
+    tls: Arc<Mutex<Shared>>,
     /// The relay's end of the pair.
     local: UnixStream,
     /// Decrypted bytes not yet taken by the connection:
@@ -230,6 +260,144 @@ struct Pump {
     local_shut: bool,
     /// The connection closed its end: close_notify is queued.
     local_eof: bool,
+}
+
+/// The relay's writes to the peer, which never raise SIGPIPE: the NBD
+/// client runs in commands that restore its default action, and a server
+/// gone must end the relay, not the command.
+struct NoSignal<'a>(&'a Stream);
+
+impl Write for NoSignal<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        crate::sys::send_vectored(self.0.fd(), &[io::IoSlice::new(buf)])
+    }
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        crate::sys::send_vectored(self.0.fd(), bufs)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The session, shared by the relay and the writer.
+struct Shared {
+    conn: Connection,
+    /// The writer is sending: the records rustls holds are its to send,
+    /// and the relay does not wake for the socket's room to send them.
+    writer_busy: bool,
+}
+
+impl std::ops::Deref for Shared {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for Shared {
+    fn deref_mut(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+}
+
+impl Shared {
+    /// Records the relay itself must wait to send.
+    fn relay_wants_write(&self) -> bool {
+        !self.writer_busy && self.conn.wants_write()
+    }
+}
+
+fn lock(m: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The sending side of a TLS session, for the connection's writer: its
+/// replies are encrypted and sent to the peer by the writer itself rather
+/// than through the pair and the relay, which cost two more copies of
+/// every reply and a wake of the relay for each (most of the relay's time
+/// serving reads). The relay still decrypts what the peer sends, and sends
+/// what the session itself needs (alerts, close_notify); both take the
+/// session's lock to encrypt and to hand records to the socket, so the
+/// records leave in order.
+pub struct TlsSender {
+    tls: Arc<Mutex<Shared>>,
+    /// The peer's socket (non-blocking: the relay's).
+    net: Stream,
+}
+
+impl TlsSender {
+    /// Encrypts and sends `parts`, in order, waiting (without the lock)
+    /// while the socket is full.
+    pub fn send_all(&self, parts: &[&[u8]]) -> io::Result<()> {
+        lock(&self.tls).writer_busy = true;
+        let sent = self.send(parts);
+        lock(&self.tls).writer_busy = false;
+        sent
+    }
+
+    /// Encrypts what of `bytes` rustls takes and sends the records the
+    /// socket takes, without waiting: the bytes taken, and whether every
+    /// record went out. A worker sends its reply so when the socket is
+    /// idle, sparing the writer a wake; the writer sends the rest.
+    pub fn try_send(&self, bytes: &[u8]) -> io::Result<(usize, bool)> {
+        let mut tls = lock(&self.tls);
+        let mut taken = 0;
+        while taken < bytes.len() {
+            let n = tls.writer().write(&bytes[taken..])?;
+            if n == 0 {
+                break;
+            }
+            taken += n;
+        }
+        while tls.wants_write() {
+            match tls.write_tls(&mut NoSignal(&self.net)) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((taken, !tls.wants_write()))
+    }
+
+    fn send(&self, parts: &[&[u8]]) -> io::Result<()> {
+        let mut parts = parts.iter().copied().filter(|p| !p.is_empty());
+        let mut current = parts.next();
+        loop {
+            let blocked = {
+                let mut tls = lock(&self.tls);
+                // Plaintext in, as far as the session's limit lets.
+                while let Some(p) = current {
+                    let n = tls.writer().write(p)?;
+                    if n == 0 {
+                        break;
+                    }
+                    current = if n < p.len() { Some(&p[n..]) } else { parts.next() };
+                }
+                // Records out, as far as the socket takes them.
+                loop {
+                    if !tls.wants_write() {
+                        break false;
+                    }
+                    match tls.write_tls(&mut NoSignal(&self.net)) {
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break true,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            };
+            if blocked {
+                let mut fds = [PollFd::from_borrowed_fd(self.net.fd(), PollFlags::OUT)];
+                match poll(&mut fds, None) {
+                    Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            } else if current.is_none() {
+                return Ok(());
+            }
+        }
+    }
 }
 
 /// What one step of the relay did.
@@ -261,7 +429,7 @@ impl Pump {
                     Step::Done => return self.finish(),
                 }
             }
-            if self.local_eof && self.to_net_pos == self.to_net_len && !self.tls.wants_write() {
+            if self.local_eof && self.to_net_pos == self.to_net_len && !lock(&self.tls).wants_write() {
                 // Everything the connection wrote, and close_notify, are out.
                 let _ = self.net.shutdown(std::net::Shutdown::Write);
                 return;
@@ -280,6 +448,8 @@ impl Pump {
 
     /// Decrypted bytes to the connection.
     fn deliver(&mut self) -> Step {
+        let shared = Arc::clone(&self.tls);
+        let mut tls = lock(&shared);
         let mut progress = false;
         // Take plaintext out of rustls while there is room.
         while !self.peer_done && self.to_local_len - self.to_local_pos < RELAY_LIMIT {
@@ -293,7 +463,7 @@ impl Pump {
                 self.to_local_len -= self.to_local_pos;
                 self.to_local_pos = 0;
             }
-            let got = self.tls.reader().read(&mut self.to_local[self.to_local_len..]);
+            let got = tls.reader().read(&mut self.to_local[self.to_local_len..]);
             match got {
                 Ok(0) => self.peer_done = true,
                 Ok(n) => {
@@ -305,6 +475,8 @@ impl Pump {
                 Err(_) => self.peer_done = true,
             }
         }
+        // Senders encrypt meanwhile.
+        drop(tls);
         while self.to_local_pos < self.to_local_len {
             match (&self.local).write(&self.to_local[self.to_local_pos..self.to_local_len]) {
                 Ok(n) => {
@@ -332,10 +504,12 @@ impl Pump {
 
     /// Bytes from the connection into rustls, while it has room.
     fn take(&mut self) -> Step {
+        let shared = Arc::clone(&self.tls);
+        let mut tls = lock(&shared);
         let mut progress = false;
         loop {
             if self.to_net_pos < self.to_net_len {
-                match self.tls.writer().write(&self.to_net[self.to_net_pos..self.to_net_len]) {
+                match tls.writer().write(&self.to_net[self.to_net_pos..self.to_net_len]) {
                     Ok(0) => break,
                     Ok(n) => {
                         self.to_net_pos += n;
@@ -345,7 +519,11 @@ impl Pump {
                     Err(_) => return Step::Done,
                 }
             }
-            if self.local_eof || self.tls.wants_write() {
+            // Records pile up in rustls until its limit refuses more
+            // (`Ok(0)` above), so that each send to the peer carries many
+            // of them: one system call per 64 KiB cost a third of the
+            // relay's time in wakeups and switches.
+            if self.local_eof {
                 break;
             }
             self.to_net_pos = 0;
@@ -354,7 +532,7 @@ impl Pump {
             match got {
                 Ok(0) => {
                     self.local_eof = true;
-                    self.tls.send_close_notify();
+                    tls.send_close_notify();
                     progress = true;
                 }
                 Ok(n) => {
@@ -371,9 +549,11 @@ impl Pump {
 
     /// TLS records to the client.
     fn flush(&mut self) -> Step {
+        let shared = Arc::clone(&self.tls);
+        let mut tls = lock(&shared);
         let mut progress = false;
-        while self.tls.wants_write() {
-            match self.tls.write_tls(&mut self.net) {
+        while tls.wants_write() {
+            match tls.write_tls(&mut NoSignal(&self.net)) {
                 Ok(_) => progress = true,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -386,20 +566,22 @@ impl Pump {
     /// TLS records from the client, when rustls wants them (it does not
     /// while decrypted bytes wait in it: backpressure).
     fn receive(&mut self) -> Step {
-        if self.peer_done || !self.tls.wants_read() {
+        let shared = Arc::clone(&self.tls);
+        let mut tls = lock(&shared);
+        if self.peer_done || !tls.wants_read() {
             return Step::Idle;
         }
-        match self.tls.read_tls(&mut self.net) {
+        match tls.read_tls(&mut self.net) {
             Ok(0) => {
                 // rustls now reports the EOF through its reader.
-                let _ = self.tls.process_new_packets();
+                let _ = tls.process_new_packets();
                 Step::Progress
             }
-            Ok(_) => match self.tls.process_new_packets() {
+            Ok(_) => match tls.process_new_packets() {
                 Ok(_) => Step::Progress,
                 Err(_) => {
                     // rustls queued an alert: send it if the socket takes it.
-                    let _ = self.tls.write_tls(&mut self.net);
+                    let _ = tls.write_tls(&mut NoSignal(&self.net));
                     Step::Done
                 }
             },
@@ -411,20 +593,24 @@ impl Pump {
 
     /// Waits until a side can move; false when nothing could ever move.
     fn wait(&self) -> bool {
+        let shared = Arc::clone(&self.tls);
+        let tls = lock(&shared);
         let mut net = PollFlags::empty();
-        if !self.peer_done && self.tls.wants_read() {
+        if !self.peer_done && tls.wants_read() {
             net |= PollFlags::IN;
         }
-        if self.tls.wants_write() {
+        if tls.relay_wants_write() {
             net |= PollFlags::OUT;
         }
         let mut local = PollFlags::empty();
-        if !self.local_eof && self.to_net_pos == self.to_net_len && !self.tls.wants_write() {
+        if !self.local_eof && self.to_net_pos == self.to_net_len && !tls.relay_wants_write() {
             local |= PollFlags::IN;
         }
         if self.to_local_pos < self.to_local_len {
             local |= PollFlags::OUT;
         }
+        // The writer encrypts and sends meanwhile.
+        drop(tls);
         if net.is_empty() && local.is_empty() {
             return false;
         }

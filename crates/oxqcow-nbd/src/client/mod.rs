@@ -3,18 +3,17 @@
 //! it as on a file. QEMU's names for it (`nbd://`, `nbd+unix://`, `nbd:`)
 //! are read by [`NbdAddress::parse`].
 //!
-//! One connection, one request at a time: the socket is held for a whole
-//! request and its reply, so requests from many threads are serialised
-//! rather than pipelined (simple and always correct; the server side is
-//! where oxqcow's NBD speed lies). Structured replies are negotiated so
-//! that block status (`base:allocation`, or the context the nbd driver's
-//! `x-dirty-bitmap` names) tells holes from data; reads accept both reply
-//! kinds.
+//! One connection, pipelined (`wire.rs`): requests from many threads are
+//! in flight at once, each reply dispatched to its caller, so that
+//! convert's workers keep the server busy. Extended headers are asked
+//! for first, as QEMU's client asks, else structured replies, so that
+//! block status (`base:allocation`, or the context the nbd driver's
+//! `x-dirty-bitmap` names) tells holes from data; reads accept every reply
+//! kind.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use oxqcow::storage::Run;
@@ -27,103 +26,96 @@ pub use tls::TlsClient;
 mod address;
 mod list;
 mod tls;
+mod wire;
 
+use crate::conn::Stream;
 use crate::proto::{
-    client_flags, cmd, cmd_flags, handshake_flags, info, opt, rep, reply, transmission_flags, RequestHeader, IHAVEOPT,
-    NBDMAGIC, OPTION_REPLY_MAGIC, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC,
+    client_flags, cmd, cmd_flags, handshake_flags, info, opt, rep, transmission_flags, IHAVEOPT, NBDMAGIC,
+    OPTION_REPLY_MAGIC,
 };
+use crate::tls::Relay;
+use wire::{ReplyInto, Request, Wire};
 
-/// The largest request sent: 32 MiB, the most servers accept (the
+/// The largest read or write sent: 32 MiB, the most servers accept (the
 /// protocol's suggested maximum), unless the server says less.
 const MAX_REQUEST: u64 = 32 << 20;
+/// The most one block status request asks about: as much as a compact
+/// header's 32-bit length holds, on a 1 MiB grid (servers answer for less
+/// when they like; fewer round trips skip large holes faster).
+const MAX_STATUS: u64 = u32::MAX as u64 & !((1 << 20) - 1);
+/// With extended headers: a block status request's length is 64 bits.
+const MAX_STATUS_EXTENDED: u64 = 1 << 40;
 /// The most an option reply or a reply chunk other than data may carry:
 /// anything larger is a broken or hostile server.
 const MAX_REPLY_DATA: u32 = 1 << 20;
 /// How long one connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Either kind of socket, or one of them under TLS.
-enum Socket {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, Socket>>),
+/// A connection's socket: the server's, or under TLS the clear end of the
+/// relay's pair (the relay holds the server's).
+struct Socket {
+    stream: Stream,
+    relay: Option<Relay>,
+}
+
+impl Socket {
+    fn plain(stream: Stream) -> Socket {
+        Socket { stream, relay: None }
+    }
+
+    fn relayed(clear: UnixStream, relay: Relay) -> Socket {
+        Socket { stream: Stream::Unix(clear), relay: Some(relay) }
+    }
+
+    fn stream(&self) -> &Stream {
+        &self.stream
+    }
 }
 
 impl Read for Socket {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Socket::Tcp(s) => s.read(buf),
-            Socket::Unix(s) => s.read(buf),
-            Socket::Tls(s) => s.read(buf),
-        }
+        self.stream.read(buf)
     }
 }
 
+/// Writes never raise SIGPIPE: a server gone fails the write.
 impl Write for Socket {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Socket::Tcp(s) => s.write(buf),
-            Socket::Unix(s) => s.write(buf),
-            Socket::Tls(s) => s.write(buf),
-        }
+        crate::sys::send_vectored(self.stream.fd(), &[io::IoSlice::new(buf)])
+    }
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        crate::sys::send_vectored(self.stream.fd(), bufs)
     }
     fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Socket::Tls(s) => s.flush(),
-            _ => Ok(()),
+        Ok(())
+    }
+}
+
+impl Drop for Socket {
+    fn drop(&mut self) {
+        if let Some(relay) = self.relay.take() {
+            // The relay sends what was written and close_notify, then
+            // ends: the server sees the session end cleanly.
+            let _ = self.stream.shutdown(std::net::Shutdown::Write);
+            relay.join();
         }
     }
-}
-
-/// The connection, held for one request and its reply.
-struct Conn {
-    socket: Socket,
-    next_cookie: u64,
-    /// A failed request left the stream in an unknown state: every later
-    /// request fails rather than read someone else's reply.
-    broken: bool,
-}
-
-/// One request's header fields (the cookie is the connection's to give).
-#[derive(Clone, Copy)]
-struct Request {
-    kind: u16,
-    flags: u16,
-    offset: u64,
-    length: u32,
-}
-
-impl Request {
-    /// `length` is at most a request's maximum, which fits 32 bits.
-    fn new(kind: u16, flags: u16, offset: u64, length: u64) -> Request {
-        Request { kind, flags, offset, length: length as u32 }
-    }
-}
-
-/// Where a reply's payload goes.
-enum ReplyInto<'a> {
-    /// Nowhere: the reply carries none.
-    Nothing,
-    /// A read's bytes.
-    Read(&'a mut [u8]),
-    /// Block status extents (length, flags) of the status context.
-    Extents(&'a mut Vec<(u32, u32)>),
 }
 
 /// A connected NBD export.
 pub struct NbdClient {
-    conn: Mutex<Conn>,
+    wire: Wire,
     size: u64,
     flags: u16,
-    structured: bool,
-    /// The id the server gave the status context (`base:allocation` or the
-    /// `x-dirty-bitmap` one), when it agreed to it.
-    allocation_context: Option<u32>,
+    /// Whether the server gave the status context (`base:allocation` or
+    /// the `x-dirty-bitmap` one).
+    has_status: bool,
     /// The status context is `qemu:allocation-depth` through
     /// `x-dirty-bitmap`: depths past 2 read as 2, as QEMU folds them, so
     /// that the two bits say "local" (1, a hole) or "backing" (2, zeros).
     fold_depth: bool,
     max_request: u64,
+    max_status: u64,
 }
 
 fn protocol_error(msg: impl Into<String>) -> io::Error {
@@ -209,13 +201,23 @@ fn option_error(kind: u32, data: &[u8], option: u32, export: &str) -> io::Error 
     io::Error::other(what)
 }
 
+/// What the negotiation settled.
+struct Negotiated {
+    size: u64,
+    flags: u16,
+    extended: bool,
+    structured: bool,
+    /// The status context's id, when the server gave it.
+    status_context: Option<u32>,
+}
+
 impl NbdClient {
     /// Connects to `addr` and negotiates its export, over TLS with `tls`
     /// (the credentials `addr.tls_creds` names: the caller holds them).
     pub fn connect(addr: &NbdAddress, tls: Option<&TlsClient>) -> io::Result<NbdClient> {
         let mut socket = greeted(&addr.server, tls, addr.tls_hostname())?;
         let context = addr.x_dirty_bitmap.as_deref();
-        let (size, flags, structured, allocation_context) = match negotiate(&mut socket, &addr.export, context) {
+        let n = match negotiate(&mut socket, &addr.export, context) {
             Ok(n) => n,
             Err(e) => {
                 // End the negotiation politely, as QEMU's client does, so
@@ -224,17 +226,14 @@ impl NbdClient {
                 return Err(e);
             }
         };
-        if let Socket::Tcp(s) = &socket {
-            let _ = s.set_nodelay(true);
-        }
         Ok(NbdClient {
-            conn: Mutex::new(Conn { socket, next_cookie: 1, broken: false }),
-            size,
-            flags,
-            structured,
-            allocation_context,
+            wire: Wire::new(socket, n.extended, n.structured, n.status_context)?,
+            size: n.size,
+            flags: n.flags,
+            has_status: n.status_context.is_some(),
             fold_depth: context == Some(ALLOCATION_DEPTH),
             max_request: MAX_REQUEST,
+            max_status: if n.extended { MAX_STATUS_EXTENDED } else { MAX_STATUS },
         })
     }
 
@@ -247,135 +246,16 @@ impl NbdClient {
         self.flags & flag != 0
     }
 
-    /// Sends one request (with `payload` for writes) and reads its reply
-    /// into `read_into` (reads) or `extents` (block status).
-    fn request(&self, req: Request, payload: &[u8], mut into: ReplyInto<'_>) -> io::Result<()> {
-        let Request { kind, flags, offset, length } = req;
-        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        if conn.broken {
-            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "the NBD connection failed earlier"));
-        }
-        let cookie = conn.next_cookie;
-        conn.next_cookie += 1;
-        let header = RequestHeader { flags, kind, cookie, offset, length: u64::from(length) }.encode(false);
-        let result = (|| {
-            let mut out = Vec::with_capacity(header.len() + payload.len());
-            out.extend_from_slice(&header);
-            out.extend_from_slice(payload);
-            conn.socket.write_all(&out)?;
-            self.read_reply(&mut conn.socket, cookie, offset, length, &mut into)
-        })();
-        if let Err(e) = &result {
-            // An errno reply leaves the stream in step; anything else does not.
-            if !is_server_errno(e) {
-                conn.broken = true;
-            }
-        }
-        result
-    }
-
-    fn read_reply(
+    fn request(
         &self,
-        s: &mut Socket,
-        cookie: u64,
+        kind: u16,
+        flags: u16,
         offset: u64,
-        length: u32,
-        into: &mut ReplyInto<'_>,
+        length: u64,
+        payload: &[u8],
+        into: ReplyInto<'_>,
     ) -> io::Result<()> {
-        let mut failure: Option<io::Error> = None;
-        loop {
-            let magic = read_u32(s)?;
-            if magic == SIMPLE_REPLY_MAGIC {
-                let error = read_u32(s)?;
-                if read_u64(s)? != cookie {
-                    return Err(protocol_error("reply to another request"));
-                }
-                if error != 0 {
-                    return Err(server_errno(error));
-                }
-                if let ReplyInto::Read(buf) = into {
-                    s.read_exact(buf)?;
-                }
-                return Ok(());
-            }
-            if magic != STRUCTURED_REPLY_MAGIC || !self.structured {
-                return Err(protocol_error(format!("bad reply magic {magic:#x}")));
-            }
-            let chunk_flags = read_u16(s)?;
-            let kind = read_u16(s)?;
-            if read_u64(s)? != cookie {
-                return Err(protocol_error("reply to another request"));
-            }
-            let len = read_u32(s)?;
-            match kind {
-                reply::TYPE_OFFSET_DATA => {
-                    let at = read_u64(s)?;
-                    let n = u64::from(len.checked_sub(8).ok_or_else(|| protocol_error("short data chunk"))?);
-                    let ReplyInto::Read(buf) = into else { return Err(protocol_error("data for a non-read")) };
-                    let start = at.checked_sub(offset).filter(|st| st + n <= u64::from(length));
-                    let start = start.ok_or_else(|| protocol_error("data chunk outside the request"))?;
-                    s.read_exact(&mut buf[start as usize..(start + n) as usize])?;
-                }
-                reply::TYPE_OFFSET_HOLE => {
-                    if len != 12 {
-                        return Err(protocol_error("bad hole chunk"));
-                    }
-                    let at = read_u64(s)?;
-                    let n = u64::from(read_u32(s)?);
-                    let ReplyInto::Read(buf) = into else { return Err(protocol_error("hole for a non-read")) };
-                    let start = at.checked_sub(offset).filter(|st| st + n <= u64::from(length));
-                    let start = start.ok_or_else(|| protocol_error("hole chunk outside the request"))?;
-                    buf[start as usize..(start + n) as usize].fill(0);
-                }
-                reply::TYPE_BLOCK_STATUS => {
-                    if !(4..=MAX_REPLY_DATA).contains(&len) || (len - 4) % 8 != 0 {
-                        return Err(protocol_error("bad block status chunk"));
-                    }
-                    let context = read_u32(s)?;
-                    let mut data = vec![0u8; (len - 4) as usize];
-                    s.read_exact(&mut data)?;
-                    if let (true, ReplyInto::Extents(list)) = (Some(context) == self.allocation_context, &mut *into) {
-                        {
-                            for e in data.chunks_exact(8) {
-                                let l = u32::from_be_bytes([e[0], e[1], e[2], e[3]]);
-                                let f = u32::from_be_bytes([e[4], e[5], e[6], e[7]]);
-                                list.push((l, f));
-                            }
-                        }
-                    }
-                }
-                reply::TYPE_NONE => {
-                    if len != 0 {
-                        return Err(protocol_error("bad none chunk"));
-                    }
-                }
-                k if k & (1 << 15) != 0 => {
-                    if !(6..=MAX_REPLY_DATA).contains(&len) {
-                        return Err(protocol_error("bad error chunk"));
-                    }
-                    let error = read_u32(s)?;
-                    let mlen = read_u16(s)?;
-                    let mut rest = vec![0u8; (len - 6) as usize];
-                    s.read_exact(&mut rest)?;
-                    let _ = mlen;
-                    failure.get_or_insert_with(|| server_errno(error.max(1)));
-                }
-                _ => {
-                    // An unknown informational chunk: skip it.
-                    if len > MAX_REPLY_DATA {
-                        return Err(protocol_error("oversized reply chunk"));
-                    }
-                    let mut skip = vec![0u8; len as usize];
-                    s.read_exact(&mut skip)?;
-                }
-            }
-            if chunk_flags & reply::FLAG_DONE != 0 {
-                return match failure {
-                    Some(e) => Err(e),
-                    None => Ok(()),
-                };
-            }
-        }
+        self.wire.request(Request { kind, flags, offset, length }, payload, into)
     }
 
     /// `f(offset, len)` for each piece of `[offset, offset + len)` no
@@ -399,9 +279,7 @@ impl NbdClient {
 
     fn zeroes(&self, offset: u64, len: u64, flags: u16) -> io::Result<()> {
         self.check_range(offset, len)?;
-        self.in_pieces(offset, len, |o, n| {
-            self.request(Request::new(cmd::WRITE_ZEROES, flags, o, n), &[], ReplyInto::Nothing)
-        })
+        self.in_pieces(offset, len, |o, n| self.request(cmd::WRITE_ZEROES, flags, o, n, &[], ReplyInto::Nothing))
     }
 }
 
@@ -438,19 +316,23 @@ fn is_server_errno(e: &io::Error) -> bool {
 }
 
 /// Connects to `server`, with QEMU's message on failure.
-fn open_socket(server: &NbdServer) -> io::Result<Socket> {
+fn open_socket(server: &NbdServer) -> io::Result<Stream> {
     Ok(match server {
-        NbdServer::Unix(path) => Socket::Unix(UnixStream::connect(path).map_err(|e| {
+        NbdServer::Unix(path) => Stream::Unix(UnixStream::connect(path).map_err(|e| {
             io::Error::new(e.kind(), format!("Failed to connect to '{path}': {}", crate::tls::strerror(&e)))
         })?),
-        NbdServer::Tcp { host, port } => Socket::Tcp(connect_tcp(host, *port)?),
+        NbdServer::Tcp { host, port } => {
+            let s = connect_tcp(host, *port)?;
+            let _ = s.set_nodelay(true);
+            Stream::Tcp(s)
+        }
     })
 }
 
 /// A connection to `server` past the greeting, under TLS when `tls` is
 /// given (the server's certificate checked for `hostname`).
 fn greeted(server: &NbdServer, tls: Option<&TlsClient>, hostname: Option<&str>) -> io::Result<Socket> {
-    let mut socket = open_socket(server)?;
+    let mut socket = Socket::plain(open_socket(server)?);
     greet(&mut socket)?;
     match tls {
         Some(creds) => tls::start(socket, creds, hostname),
@@ -480,7 +362,7 @@ fn greet(s: &mut Socket) -> io::Result<()> {
 
 /// Sends an option without data and reads its answer: whether the server
 /// acknowledged it (an error reply is a refusal, not a failure).
-fn simple_option(s: &mut Socket, option: u32) -> io::Result<bool> {
+fn simple_option(s: &mut (impl Read + Write), option: u32) -> io::Result<bool> {
     send_option(s, option, &[])?;
     loop {
         let (kind, _) = read_option_reply(s, option)?;
@@ -512,11 +394,13 @@ const BASE_ALLOCATION: &str = "base:allocation";
 const ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
 
 /// Fixed newstyle negotiation ending in `NBD_OPT_GO`: the export's size and
-/// transmission flags, whether structured replies are on, and the status
-/// context's id: `base:allocation`'s, or that of `x_dirty_bitmap`, which
-/// the server must grant.
-fn negotiate(s: &mut Socket, export: &str, x_dirty_bitmap: Option<&str>) -> io::Result<(u64, u16, bool, Option<u32>)> {
-    let structured = simple_option(s, opt::STRUCTURED_REPLY)?;
+/// transmission flags, the reply framing (extended headers, as QEMU's
+/// client asks first, else structured replies), and the status context's
+/// id: `base:allocation`'s, or that of `x_dirty_bitmap`, which the server
+/// must grant.
+fn negotiate(s: &mut Socket, export: &str, x_dirty_bitmap: Option<&str>) -> io::Result<Negotiated> {
+    let extended = simple_option(s, opt::EXTENDED_HEADERS)?;
+    let structured = extended || simple_option(s, opt::STRUCTURED_REPLY)?;
     let mut allocation_context = None;
     if structured {
         let name = x_dirty_bitmap.unwrap_or(BASE_ALLOCATION).as_bytes();
@@ -569,7 +453,7 @@ fn negotiate(s: &mut Socket, export: &str, x_dirty_bitmap: Option<&str>) -> io::
         }
     }
     let (size, flags) = size_flags.ok_or_else(|| protocol_error("the server did not describe the export"))?;
-    Ok((size, flags, structured, allocation_context))
+    Ok(Negotiated { size, flags, extended, structured, status_context: allocation_context })
 }
 
 impl Storage for NbdClient {
@@ -581,7 +465,7 @@ impl Storage for NbdClient {
         while done < inside {
             let n = (inside - done).min(self.max_request as usize);
             let piece = &mut buf[done..done + n];
-            self.request(Request::new(cmd::READ, 0, offset + done as u64, n as u64), &[], ReplyInto::Read(piece))?;
+            self.request(cmd::READ, 0, offset + done as u64, n as u64, &[], ReplyInto::Read(piece))?;
             done += n;
         }
         Ok(())
@@ -592,8 +476,7 @@ impl Storage for NbdClient {
         let mut done = 0usize;
         while done < buf.len() {
             let n = (buf.len() - done).min(self.max_request as usize);
-            let req = Request::new(cmd::WRITE, 0, offset + done as u64, n as u64);
-            self.request(req, &buf[done..done + n], ReplyInto::Nothing)?;
+            self.request(cmd::WRITE, 0, offset + done as u64, n as u64, &buf[done..done + n], ReplyInto::Nothing)?;
             done += n;
         }
         Ok(())
@@ -614,7 +497,7 @@ impl Storage for NbdClient {
         if self.is_read_only() || !self.has(transmission_flags::SEND_FLUSH) {
             return Ok(());
         }
-        self.request(Request::new(cmd::FLUSH, 0, 0, 0), &[], ReplyInto::Nothing)
+        self.request(cmd::FLUSH, 0, 0, 0, &[], ReplyInto::Nothing)
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -676,18 +559,18 @@ impl Storage for NbdClient {
     /// neither is not present. Past the export's end: zeros.
     fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<Run>> {
         let end = offset.saturating_add(len).min(self.size);
-        if self.allocation_context.is_none() || offset >= end {
+        if !self.has_status || offset >= end {
             return Ok(vec![Run { offset, len, data: true, zero: false }]);
         }
         let mut runs: Vec<Run> = Vec::new();
         let mut at = offset;
         while at < end {
-            let n = (end - at).min(self.max_request.min(u64::from(u32::MAX)));
+            let n = (end - at).min(self.max_status);
             let mut extents = Vec::new();
-            self.request(Request::new(cmd::BLOCK_STATUS, 0, at, n), &[], ReplyInto::Extents(&mut extents))?;
+            self.request(cmd::BLOCK_STATUS, 0, at, n, &[], ReplyInto::Extents(&mut extents))?;
             let before = at;
             for (l, flags) in extents {
-                let l = u64::from(l).min(end - at);
+                let l = l.min(end - at);
                 if l == 0 {
                     break;
                 }
@@ -712,15 +595,6 @@ impl Storage for NbdClient {
 
 impl Drop for NbdClient {
     fn drop(&mut self) {
-        let conn = self.conn.get_mut().unwrap_or_else(|p| p.into_inner());
-        if !conn.broken {
-            let header = RequestHeader { flags: 0, kind: cmd::DISC, cookie: 0, offset: 0, length: 0 }.encode(false);
-            let _ = conn.socket.write_all(&header);
-            if let Socket::Tls(t) = &mut conn.socket {
-                // Tell the server the session ends cleanly (close_notify).
-                t.conn.send_close_notify();
-                let _ = t.flush();
-            }
-        }
+        self.wire.disconnect();
     }
 }

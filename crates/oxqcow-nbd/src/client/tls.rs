@@ -8,6 +8,9 @@
 //! is checked against the CA and against the host name: `tls-hostname`,
 //! else the TCP host; a Unix socket without `tls-hostname` has none, and
 //! QEMU then refuses ("No hostname for certificate validation").
+//! After the handshake the session runs through the server's relay
+//! thread (`crate::tls::relay`), so that the client's reading and writing
+//! halves are plain sockets, used by different threads at once.
 
 use std::io;
 use std::path::Path;
@@ -15,7 +18,7 @@ use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+use rustls::{ClientConfig, ClientConnection, Connection, RootCertStore};
 
 use super::{option_error, read_option_reply, send_option, Socket};
 use crate::proto::{opt, rep};
@@ -82,7 +85,9 @@ impl TlsClient {
 }
 
 /// Asks for TLS (NBD_OPT_STARTTLS) right after the greeting and runs the
-/// handshake, checking the server's certificate for `hostname`.
+/// handshake, checking the server's certificate for `hostname`; the rest
+/// of the connection runs through a relay (`crate::tls::relay`), over the
+/// returned socket in clear.
 pub(super) fn start(mut s: Socket, tls: &TlsClient, hostname: Option<&str>) -> io::Result<Socket> {
     let Some(hostname) = hostname else {
         return Err(io::Error::other("No hostname for certificate validation"));
@@ -104,7 +109,9 @@ pub(super) fn start(mut s: Socket, tls: &TlsClient, hostname: Option<&str>) -> i
             return Err(handshake_error(e, hostname));
         }
     }
-    Ok(Socket::Tls(Box::new(StreamOwned::new(conn, s))))
+    // The relay takes its own handle; this one closes with `s`.
+    let (clear, relay) = crate::tls::relay(Connection::Client(conn), s.stream().try_clone()?)?;
+    Ok(Socket::relayed(clear, relay))
 }
 
 /// A failed handshake in QEMU's words where they differ from rustls's.
