@@ -230,6 +230,8 @@ if [[ $NBD != only && ( -z $ONLY || "convert qcow2->raw into rbd" =~ $ONLY ) ]];
         "  the same vs rbd import (raw)" "$it" "$ot" "$(python3 -c "print($ot/max($it,1e-3))")" "$(spread "${oi[@]}")")")
     scripts/ceph-cluster.sh stop "$WORK/ceph"
     rm -rf "$WORK/ceph"
+fi
+
 # Reading from S3 (radosgw, from scripts/ceph-cluster.sh, which needs Ceph's
 # packages). QEMU has no S3 driver, so the reference is curl downloading the
 # same object (signed with SigV4): the ratio is oxqcow's convert over curl's
