@@ -57,6 +57,7 @@ struct Connection {
 
 impl Connection {
     fn open(o: &RbdOptions) -> Result<Connection, String> {
+        sys::load()?;
         let user = o.user.as_deref().map(|u| cstr(u, "user")).transpose()?;
         let mut cluster: sys::Rados = ptr::null_mut();
         // SAFETY: `cluster` is a valid out pointer; `user` is NULL or a
