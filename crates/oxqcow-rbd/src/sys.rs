@@ -90,6 +90,7 @@ macro_rules! ceph_api {
             /// # Safety
             /// As the C function's (see its header); [`load`] must have
             /// succeeded, which every handle's existence implies.
+            #[allow(clippy::too_many_arguments)] // the C signature's
             pub unsafe fn $name($($arg: $ty),*) $(-> $ret)? {
                 // SAFETY: the caller keeps the C function's contract.
                 unsafe { (api().$name)($($arg),*) }
