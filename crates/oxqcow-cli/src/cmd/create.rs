@@ -197,6 +197,7 @@ fn create(req: &Request) -> Result<(), String> {
     }
     let mut create_opts = opts.to_create_options()?;
     create_opts.unsafe_backing = req.unsafe_backing;
+    create_opts.protocols = crate::app::backing_protocols::protocols();
     create_opts.validate().map_err(|e| describe(&e))?;
     if format == ImageFormat::Qcow2 {
         let layout = Qcow2Layout {
@@ -240,7 +241,7 @@ fn backing_path(image: &str, backing: &str) -> PathBuf {
     let b = Path::new(backing);
     // A `json:` name says everything itself (its file names are taken
     // from the working directory).
-    if b.is_absolute() || backing.starts_with("json:") {
+    if b.is_absolute() || backing.starts_with("json:") || crate::app::backing_protocols::is_protocol_name(backing) {
         return b.to_path_buf();
     }
     match Path::new(image).parent() {
