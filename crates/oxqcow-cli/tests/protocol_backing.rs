@@ -50,13 +50,15 @@ impl NbdServer {
             .stdout(Stdio::null())
             .spawn()
             .expect("qemu-nbd is required by this test (install qemu-utils)");
+        // Made first, so that a server that never listens is killed too.
+        let server = NbdServer { child, _dir: dir, socket };
         for _ in 0..500 {
-            if socket.exists() {
-                return NbdServer { child, _dir: dir, socket };
+            if server.socket.exists() {
+                return server;
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        panic!("the NBD server did not create {}", socket.display());
+        panic!("the NBD server did not create {}", server.socket.display());
     }
 }
 
