@@ -110,6 +110,11 @@ fn overlays_match(s: &Scratch, backing: &str, fmt: &str) {
     s.ours_ok(&["convert", "-O", "raw", "theirs.qcow2", "theirs.raw"]);
     s.qemu_ok(&["convert", "-m", "1", "-O", "raw", "ours.qcow2", "ours.raw"]);
     assert!(std::fs::read(s.path("ours.raw")).unwrap() == std::fs::read(s.path("theirs.raw")).unwrap());
+    // convert -B: a new overlay on the same base, holding only what differs.
+    s.ours_ok(&["convert", "-O", "qcow2", "-B", backing, "-F", fmt, "theirs.qcow2", "converted.qcow2"]);
+    assert_eq!(s.qemu_ok(&["compare", "converted.qcow2", "theirs.qcow2"]).stdout, "Images are identical.\n");
+    s.assert_same(&["map", "--output=json", "converted.qcow2"]);
+    std::fs::remove_file(s.path("converted.qcow2")).unwrap();
     // qemu-io's reads of oxqcow's overlay: what was written, and the base.
     ours_io(
         s,

@@ -14,10 +14,9 @@ use std::sync::Arc;
 
 use oxqcow::options::ProtocolOpener;
 use oxqcow::Storage;
-use oxqcow_nbd::client::NbdAddress;
+use oxqcow_nbd::client::{NbdAddress, NbdClient};
 
 use crate::app::http::{http_name, open_http};
-use crate::app::image::connect_nbd;
 use crate::app::object::{object_name, open_object};
 use crate::app::rbd::{is_rbd_name, open_rbd_name};
 
@@ -44,6 +43,17 @@ impl ProtocolOpener for CliProtocols {
         };
         Some(opened.map_err(oxqcow::Error::InvalidArgument))
     }
+}
+
+/// Connects to the export at `addr` for an image opened `read_only` or
+/// not; a read-only export is refused for writing with QEMU's words.
+pub fn connect_nbd(addr: &NbdAddress, read_only: bool) -> Result<NbdClient, String> {
+    let tls = addr.tls_creds.as_deref().map(crate::app::tlscreds::client_creds).transpose()?;
+    let client = NbdClient::connect(addr, tls.as_ref()).map_err(|e| e.to_string())?;
+    if client.is_read_only() && !read_only {
+        return Err("Could not open image: Permission denied".into());
+    }
+    Ok(client)
 }
 
 /// Whether a backing file name names one of the protocols the CLI opens.

@@ -9,8 +9,9 @@ use oxqcow::names::ImageName;
 use std::sync::Arc;
 
 use oxqcow::{Children, Image, ImageFormat, OpenOptions, Storage};
-use oxqcow_nbd::client::{NbdAddress, NbdClient};
+use oxqcow_nbd::client::NbdAddress;
 
+pub use crate::app::backing_protocols::connect_nbd;
 use crate::app::backing_protocols::{is_protocol_name, protocols};
 use crate::app::forbid_backing::backing_policy;
 use crate::app::http::{http_name, json_name, names_http, open_http, take_http};
@@ -28,17 +29,6 @@ pub fn open_nbd(addr: Result<NbdAddress, String>, opts: &OpenOptions) -> Result<
     // A qcow2 image on an export that names a backing file is refused by
     // `open_storage`: there is no directory to resolve the name against.
     Image::open_storage(Arc::new(client), opts).map_err(|e| describe(&e))
-}
-
-/// Connects to the export at `addr` for an image opened `read_only` or
-/// not; a read-only export is refused for writing with QEMU's words.
-pub fn connect_nbd(addr: &NbdAddress, read_only: bool) -> Result<NbdClient, String> {
-    let tls = addr.tls_creds.as_deref().map(crate::app::tlscreds::client_creds).transpose()?;
-    let client = NbdClient::connect(addr, tls.as_ref()).map_err(|e| e.to_string())?;
-    if client.is_read_only() && !read_only {
-        return Err("Could not open image: Permission denied".into());
-    }
-    Ok(client)
 }
 
 /// The name QEMU shows for an image named `name`: an NBD export's in

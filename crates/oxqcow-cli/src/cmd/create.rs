@@ -197,7 +197,6 @@ fn create(req: &Request) -> Result<(), String> {
     }
     let mut create_opts = opts.to_create_options()?;
     create_opts.unsafe_backing = req.unsafe_backing;
-    create_opts.protocols = crate::app::backing_protocols::protocols();
     create_opts.validate().map_err(|e| describe(&e))?;
     if format == ImageFormat::Qcow2 {
         let layout = Qcow2Layout {
