@@ -199,3 +199,40 @@ fn unsafe_rebase_onto_an_nbd_base() {
     s.assert_same(&["info", "--backing-chain", "top.qcow2"]);
     ours_io(&s, &["-r", "-c", "read -P 0x11 10M 1M", "top.qcow2"]);
 }
+
+/// A chain base (nbd) <- mid <- top: oxqcow creates the layers (mid's
+/// base opened through the protocol while top is created), commits top
+/// into mid as qemu-img does, and the results compare equal.
+#[test]
+fn commit_into_a_layer_over_an_nbd_base() {
+    let s = Scratch::new();
+    let server = NbdServer::start(&make_base(&s), false);
+    let nbd = format!("nbd+unix:///?socket={}", server.socket.display());
+    for (tool_ours, dir) in [(true, "ours"), (false, "theirs")] {
+        std::fs::create_dir(s.path(dir)).unwrap();
+        let mid = format!("{dir}/mid.qcow2");
+        let top = format!("{dir}/top.qcow2");
+        let create_mid = ["create", "-q", "-f", "qcow2", "-b", &nbd, "-F", "raw", &mid];
+        let create_top = ["create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", &top];
+        let writes = ["write -P 0x21 2M 1M", "write -z 10M 64k"];
+        if tool_ours {
+            s.ours_ok(&create_mid);
+            s.ours_ok(&create_top);
+            ours_io(&s, &["-c", writes[0], "-c", writes[1], &top]);
+            s.ours_ok(&["commit", "-q", &top]);
+        } else {
+            s.qemu_ok(&create_mid);
+            s.qemu_ok(&create_top);
+            s.qemu_io("qcow2", &top, &writes);
+            s.qemu_ok(&["commit", "-q", &top]);
+        }
+    }
+    assert_eq!(s.qemu_ok(&["compare", "ours/mid.qcow2", "theirs/mid.qcow2"]).stdout, "Images are identical.\n");
+    let map =
+        |tool: fn(&Scratch, &[&str]) -> common::Out, image: &str| tool(&s, &["map", "--output=json", image]).stdout;
+    assert_eq!(map(Scratch::ours_ok, "ours/mid.qcow2"), map(Scratch::qemu_ok, "theirs/mid.qcow2"));
+    assert_eq!(
+        map(Scratch::ours_ok, "ours/top.qcow2"),
+        map(Scratch::qemu_ok, "theirs/top.qcow2").replace("theirs/", "ours/")
+    );
+}

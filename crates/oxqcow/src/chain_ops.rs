@@ -38,6 +38,13 @@ pub struct ChainLayer {
 /// Lists the layers of the chain starting at `top` (following header names
 /// the way `Image::open` does, without opening the images for I/O).
 pub fn chain_layers(top: &Path, format: Option<ImageFormat>) -> Result<Vec<ChainLayer>> {
+    chain_layers_with(top, format, &OpenOptions::default())
+}
+
+/// [`chain_layers`], with the protocols of `opts`: the listing ends above
+/// a backing file named by protocol (a read-only storage, never a base to
+/// write into).
+fn chain_layers_with(top: &Path, format: Option<ImageFormat>, opts: &OpenOptions) -> Result<Vec<ChainLayer>> {
     let mut layers: Vec<ChainLayer> = Vec::new();
     let mut path = top.to_path_buf();
     let mut fmt = format;
@@ -46,7 +53,7 @@ pub fn chain_layers(top: &Path, format: Option<ImageFormat>) -> Result<Vec<Chain
     loop {
         chain.enter(&path)?;
         // The headers alone: encrypted layers open without their secrets.
-        let opts = OpenOptions {
+        let layer_opts = OpenOptions {
             read_only: true,
             format: fmt,
             backing: BackingPolicy::Ignore,
@@ -54,7 +61,7 @@ pub fn chain_layers(top: &Path, format: Option<ImageFormat>) -> Result<Vec<Chain
             raw_windows: windows.clone(),
             ..Default::default()
         };
-        let image = Image::open(&path, &opts)?;
+        let image = Image::open(&path, &layer_opts)?;
         let (name, bfmt) = match image.as_qcow2() {
             Some(q) => {
                 let h = q.header();
@@ -70,6 +77,9 @@ pub fn chain_layers(top: &Path, format: Option<ImageFormat>) -> Result<Vec<Chain
             raw_windows: windows.clone(),
         });
         let Some(name) = name else { return Ok(layers) };
+        if opts.protocols.as_ref().is_some_and(|p| p.takes(&name)) {
+            return Ok(layers);
+        }
         let driver = match name.strip_prefix("json:") {
             Some(text) => {
                 let mut node = OpenOptions::default();
@@ -106,7 +116,7 @@ pub fn commit_with(
     keep_top: bool,
     progress: Progress<'_>,
 ) -> Result<()> {
-    let layers = chain_layers(top, None)?;
+    let layers = chain_layers_with(top, None, opts)?;
     if layers.len() < 2 {
         return Err(Error::InvalidArgument(format!("Image '{}' does not have a backing file", top.display())));
     }
@@ -139,6 +149,7 @@ pub fn commit_with(
         passphrase: opts.backing_passphrase.clone().filter(|_| base_index == 1),
         raw_windows: base_layer.raw_windows.clone(),
         messages: opts.messages.clone(),
+        protocols: opts.protocols.clone(),
         ..Default::default()
     };
     let base_image = Image::open(&base_layer.path, &base_opts)?;

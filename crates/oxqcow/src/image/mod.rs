@@ -365,7 +365,8 @@ impl Image {
         if let Some(name) = opts.backing_file.clone() {
             // For its size only: an encrypted chain opens without its
             // secrets, as QEMU opens it (`BDRV_O_NO_IO`).
-            let mut only_size = OpenOptions { read_only: true, no_io: true, ..Default::default() };
+            let mut only_size =
+                OpenOptions { read_only: true, no_io: true, protocols: opts.protocols.clone(), ..Default::default() };
             let could_not_open = |e: Error| {
                 Error::InvalidArgument(format!("Could not open '{name}': {e}\nCould not open backing image."))
             };
