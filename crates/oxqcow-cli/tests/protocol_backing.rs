@@ -236,3 +236,31 @@ fn commit_into_a_layer_over_an_nbd_base() {
         map(Scratch::qemu_ok, "theirs/top.qcow2").replace("theirs/", "ours/")
     );
 }
+
+/// Safe rebase onto an NBD base (the new backing file opened through the
+/// protocol) and off it again (the old one read through it), as qemu-img
+/// rebases: the same guest disk and the same allocation.
+#[test]
+fn safe_rebase_onto_and_off_an_nbd_base() {
+    let s = Scratch::new();
+    let server = NbdServer::start(&make_base(&s), false);
+    let nbd = format!("nbd+unix:///?socket={}", server.socket.display());
+    s.qemu_ok(&["create", "-q", "-f", "qcow2", "blank.qcow2", "64M"]);
+    s.qemu_io("qcow2", "blank.qcow2", &["write -P 0x33 9M 2M"]);
+    for (ours, dir) in [(true, "ours"), (false, "theirs")] {
+        std::fs::create_dir(s.path(dir)).unwrap();
+        let top = format!("{dir}/top.qcow2");
+        s.qemu_ok(&["create", "-q", "-f", "qcow2", "-b", "../blank.qcow2", "-F", "qcow2", &top]);
+        s.qemu_io("qcow2", &top, &["write -P 0x44 1M 64k"]);
+        let run = if ours { Scratch::ours_ok } else { Scratch::qemu_ok };
+        run(&s, &["rebase", "-q", "-b", &nbd, "-F", "raw", &top]);
+        std::fs::copy(s.path(&top), s.path(&format!("{dir}/on-nbd.qcow2"))).unwrap();
+        run(&s, &["rebase", "-q", "-b", "", &top]);
+    }
+    for name in ["on-nbd.qcow2", "top.qcow2"] {
+        let (a, b) = (format!("ours/{name}"), format!("theirs/{name}"));
+        assert_eq!(s.qemu_ok(&["compare", &a, &b]).stdout, "Images are identical.\n", "{name}");
+        let map = |image: &str| s.qemu_ok(&["map", "--output=json", image]).stdout;
+        assert_eq!(map(&a), map(&b), "{name}");
+    }
+}

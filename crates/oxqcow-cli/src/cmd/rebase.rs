@@ -176,7 +176,8 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     drop(image);
 
     let new_backing = backing.as_deref().map(|b| (b, backing_format));
-    let opts = RebaseOptions { unsafe_mode, cache: cache_mode, backing_cache, compress };
+    let protocols = crate::app::backing_protocols::protocols();
+    let opts = RebaseOptions { unsafe_mode, cache: cache_mode, backing_cache, compress, protocols };
     match rebase(filename, new_backing, opts, progress) {
         // Lost bitmaps were reported as the image closed, and do not fail
         // qemu-img rebase.
