@@ -264,3 +264,42 @@ fn safe_rebase_onto_and_off_an_nbd_base() {
         assert_eq!(map(&a), map(&b), "{name}");
     }
 }
+
+/// An overlay on an HTTPS base (nginx with a certificate of the test's own
+/// CA, trusted through `SSL_CERT_FILE`): created without a size, written,
+/// and read back with the base's data under the overlay's.
+#[test]
+fn an_overlay_on_an_https_base() {
+    let s = Scratch::new();
+    let web = Nginx::start();
+    std::fs::copy(make_base(&s), web.www("base.qcow2")).unwrap();
+    let url = web.tls_url("base.qcow2");
+    let run = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_oxqcow"))
+            .args(args)
+            .env("SSL_CERT_FILE", &web.ca_file)
+            .current_dir(s.dir.path())
+            .output()
+            .expect("running oxqcow");
+        assert!(o.status.success() && !String::from_utf8_lossy(&o.stdout).contains("failed"), "{args:?}: {o:?}");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    run(&["create", "-q", "-f", "qcow2", "-b", &url, "-F", "qcow2", "over.qcow2"]);
+    run(&["io", "-c", "write -P 0x66 1M 64k", "over.qcow2"]);
+    run(&[
+        "io",
+        "-r",
+        "-c",
+        "read -P 0x66 1M 64k",
+        "-c",
+        "read -P 0x5a 0 1M",
+        "-c",
+        "read -P 0x11 10M 1M",
+        "over.qcow2",
+    ]);
+    let info = run(&["info", "--backing-chain", "over.qcow2"]);
+    assert!(info.contains(&format!("backing file: {url}")) && info.contains(&format!("image: {url}")), "{info}");
+    // Without the CA the base cannot be trusted, and the overlay cannot open.
+    let o = s.ours(&["map", "over.qcow2"]);
+    assert!(o.code == 1 && o.stderr.contains("Could not open backing file: "), "{o:?}");
+}
