@@ -38,6 +38,13 @@ pub struct ChainLayer {
 /// Lists the layers of the chain starting at `top` (following header names
 /// the way `Image::open` does, without opening the images for I/O).
 pub fn chain_layers(top: &Path, format: Option<ImageFormat>) -> Result<Vec<ChainLayer>> {
+    chain_layers_with(top, format, &OpenOptions::default())
+}
+
+/// [`chain_layers`], with the protocols of `opts`: the listing ends above
+/// a backing file named by protocol (a read-only storage, never a base to
+/// write into).
+fn chain_layers_with(top: &Path, format: Option<ImageFormat>, opts: &OpenOptions) -> Result<Vec<ChainLayer>> {
     let mut layers: Vec<ChainLayer> = Vec::new();
     let mut path = top.to_path_buf();
     let mut fmt = format;
@@ -46,7 +53,7 @@ pub fn chain_layers(top: &Path, format: Option<ImageFormat>) -> Result<Vec<Chain
     loop {
         chain.enter(&path)?;
         // The headers alone: encrypted layers open without their secrets.
-        let opts = OpenOptions {
+        let layer_opts = OpenOptions {
             read_only: true,
             format: fmt,
             backing: BackingPolicy::Ignore,
@@ -54,7 +61,7 @@ pub fn chain_layers(top: &Path, format: Option<ImageFormat>) -> Result<Vec<Chain
             raw_windows: windows.clone(),
             ..Default::default()
         };
-        let image = Image::open(&path, &opts)?;
+        let image = Image::open(&path, &layer_opts)?;
         let (name, bfmt) = match image.as_qcow2() {
             Some(q) => {
                 let h = q.header();
@@ -70,6 +77,9 @@ pub fn chain_layers(top: &Path, format: Option<ImageFormat>) -> Result<Vec<Chain
             raw_windows: windows.clone(),
         });
         let Some(name) = name else { return Ok(layers) };
+        if opts.protocols.as_ref().is_some_and(|p| p.takes(&name)) {
+            return Ok(layers);
+        }
         let driver = match name.strip_prefix("json:") {
             Some(text) => {
                 let mut node = OpenOptions::default();
@@ -106,7 +116,7 @@ pub fn commit_with(
     keep_top: bool,
     progress: Progress<'_>,
 ) -> Result<()> {
-    let layers = chain_layers(top, None)?;
+    let layers = chain_layers_with(top, None, opts)?;
     if layers.len() < 2 {
         return Err(Error::InvalidArgument(format!("Image '{}' does not have a backing file", top.display())));
     }
@@ -139,6 +149,7 @@ pub fn commit_with(
         passphrase: opts.backing_passphrase.clone().filter(|_| base_index == 1),
         raw_windows: base_layer.raw_windows.clone(),
         messages: opts.messages.clone(),
+        protocols: opts.protocols.clone(),
         ..Default::default()
     };
     let base_image = Image::open(&base_layer.path, &base_opts)?;
@@ -225,7 +236,7 @@ fn chunks_above_base(top: &Image, base_index: usize, size: u64, grain: u64) -> R
 }
 
 /// How [`rebase`] works.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct RebaseOptions {
     /// Only rewrite the header (qemu-img rebase `-u`).
     pub unsafe_mode: bool,
@@ -236,6 +247,9 @@ pub struct RebaseOptions {
     /// Write the clusters copied into the image compressed (`-c`), where
     /// they are whole clusters the image does not hold yet.
     pub compress: bool,
+    /// Opens backing files named by protocol, the old and the new one
+    /// (see [`OpenOptions::protocols`]).
+    pub protocols: Option<std::sync::Arc<dyn crate::options::ProtocolOpener>>,
 }
 
 /// Changes the backing file of `top` to `new_backing` (`None`: no backing
@@ -251,21 +265,24 @@ pub fn rebase(
     // QEMU's file-posix drivers may be named as the backing format: the
     // header records the driver, and the file is read as raw shows it
     // (after the check that it is the kind of file the driver opens).
+    let takes = |name: &str| opts.protocols.as_ref().is_some_and(|p| p.takes(name));
+    // The new backing file, read-only: a protocol's storage as its opener
+    // gives it, a file relative to the image's directory.
+    let open_new = |name: &str, o: &OpenOptions| -> Result<Image> {
+        let o = OpenOptions { read_only: true, protocols: opts.protocols.clone(), ..o.clone() };
+        match opts.protocols.as_ref().filter(|p| p.takes(name)).and_then(|p| p.open_backing(name)) {
+            Some(storage) => Image::open_storage(storage?, &o),
+            None => Image::open(&resolve_backing_path(top, name), &o),
+        }
+    };
     let resolved_format = |name: &str, fmt: Option<&str>| -> Result<ImageFormat> {
         match fmt {
-            Some(d) if crate::image::is_host_driver(d) => {
+            Some(d) if crate::image::is_host_driver(d) && !takes(name) => {
                 crate::image::check_host_file(d, &resolve_backing_path(top, name))?;
                 Ok(ImageFormat::Raw)
             }
             Some(f) => ImageFormat::from_name(f),
-            None => {
-                let p = resolve_backing_path(top, name);
-                let probe = Image::open(
-                    &p,
-                    &OpenOptions { read_only: true, backing: BackingPolicy::Ignore, ..Default::default() },
-                )?;
-                Ok(probe.format())
-            }
+            None => Ok(open_new(name, &OpenOptions { backing: BackingPolicy::Ignore, ..Default::default() })?.format()),
         }
     };
     if opts.unsafe_mode {
@@ -283,14 +300,14 @@ pub fn rebase(
         }
         return img.close();
     }
-    let img = Image::open(top, &OpenOptions { cache: opts.cache, ..OpenOptions::new() })?;
+    let img =
+        Image::open(top, &OpenOptions { cache: opts.cache, protocols: opts.protocols.clone(), ..OpenOptions::new() })?;
     let q = img.as_qcow2().ok_or_else(|| Error::InvalidArgument("only qcow2 images have a backing file".into()))?;
     let new_image = match new_backing {
         Some((name, fmt)) => {
             let f = resolved_format(name, fmt)?;
-            let p = resolve_backing_path(top, name);
-            let o = OpenOptions { read_only: true, format: Some(f), cache: opts.backing_cache, ..Default::default() };
-            Some((Image::open(&p, &o)?, fmt.unwrap_or(f.name())))
+            let o = OpenOptions { format: Some(f), cache: opts.backing_cache, ..Default::default() };
+            Some((open_new(name, &o)?, fmt.unwrap_or(f.name())))
         }
         None => None,
     };

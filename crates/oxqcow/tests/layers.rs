@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 /// The layers, lowest first; each module is named by its path under `src`.
 const LAYERS: &[&[&str]] = &[
     &["error", "extent", "dirty", "qemu_syntax", "names"],
-    &["options", "compress", "storage"],
+    &["compress", "storage"],
+    // Above storage: a caller's `ProtocolOpener` hands storage to the engine.
+    &["options"],
     &["crypt"],
     &["qcow2::meta"],
     &["qcow2", "raw", "luks", "qcow"],

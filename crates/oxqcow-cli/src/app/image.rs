@@ -9,8 +9,10 @@ use oxqcow::names::ImageName;
 use std::sync::Arc;
 
 use oxqcow::{Children, Image, ImageFormat, OpenOptions, Storage};
-use oxqcow_nbd::client::{NbdAddress, NbdClient};
+use oxqcow_nbd::client::NbdAddress;
 
+pub use crate::app::backing_protocols::connect_nbd;
+use crate::app::backing_protocols::{is_protocol_name, protocols};
 use crate::app::forbid_backing::backing_policy;
 use crate::app::http::{http_name, json_name, names_http, open_http, take_http};
 use crate::app::messages::{describe, open_messages, prog_name, strerror, warn_probed_raw};
@@ -27,17 +29,6 @@ pub fn open_nbd(addr: Result<NbdAddress, String>, opts: &OpenOptions) -> Result<
     // A qcow2 image on an export that names a backing file is refused by
     // `open_storage`: there is no directory to resolve the name against.
     Image::open_storage(Arc::new(client), opts).map_err(|e| describe(&e))
-}
-
-/// Connects to the export at `addr` for an image opened `read_only` or
-/// not; a read-only export is refused for writing with QEMU's words.
-pub fn connect_nbd(addr: &NbdAddress, read_only: bool) -> Result<NbdClient, String> {
-    let tls = addr.tls_creds.as_deref().map(crate::app::tlscreds::client_creds).transpose()?;
-    let client = NbdClient::connect(addr, tls.as_ref()).map_err(|e| e.to_string())?;
-    if client.is_read_only() && !read_only {
-        return Err("Could not open image: Permission denied".into());
-    }
-    Ok(client)
 }
 
 /// The name QEMU shows for an image named `name`: an NBD export's in
@@ -191,6 +182,7 @@ fn open_json(name: &str, options: Vec<(String, String)>, opts: OpenOptions) -> R
     };
     let mut o = OpenOptions { read_only: opts.read_only, force_share: opts.force_share, ..json_opts };
     o.backing = backing_policy(opts.backing);
+    o.protocols = protocols();
     o.messages = opts.messages.or_else(|| Some(open_messages()));
     if let Some(f) = format {
         o.format = Some(ImageFormat::from_name(&f).map_err(|e| fail(describe(&e)))?);
@@ -214,6 +206,7 @@ fn open_image_inner(name: &str, format: Option<&str>, opts: OpenOptions) -> Resu
     }
     let mut opts = opts;
     opts.backing = backing_policy(opts.backing);
+    opts.protocols = protocols();
     opts.messages.get_or_insert_with(open_messages);
     if let Some(addr) = NbdAddress::parse(name) {
         opts.format = format.map(ImageFormat::from_name).transpose().map_err(|e| fail(describe(&e)))?;
@@ -287,6 +280,11 @@ fn chain_failure(path: &str, format: Option<ImageFormat>) -> Option<String> {
             // The engine opened it and reports its own failure.
             return None;
         }
+        if let Some(opened) = protocols().and_then(|p| p.open_backing(&name)) {
+            // A protocol's reason is its driver's own, as QEMU's; a
+            // protocol layer names no further backing file it could open.
+            return opened.err().map(|e| format!("{prefix}{}", describe(&e)));
+        }
         let next = resolve_backing_path(&layer_path, &name);
         let next_format = match info.backing_format.as_deref().map(ImageFormat::from_name) {
             None => None,
@@ -327,10 +325,20 @@ pub fn chain_filenames(image: &Image, filename: &str) -> Vec<String> {
     while let Some(q) = layer.as_qcow2() {
         let (Some(name), Some(backing)) = (q.info().backing_file, q.backing()) else { break };
         let last = names.last().expect("never empty");
-        names.push(resolve_backing_path(Path::new(last), &name).to_string_lossy().into_owned());
+        names.push(backing_filename(last, &name));
         layer = backing;
     }
     names
+}
+
+/// The name QEMU gives the backing file `name` recorded by the image named
+/// `overlay`: a protocol's name as it is, a file's relative to the
+/// overlay's directory.
+pub fn backing_filename(overlay: &str, name: &str) -> String {
+    if is_protocol_name(name) {
+        return shown_name(name);
+    }
+    resolve_backing_path(Path::new(overlay), name).to_string_lossy().into_owned()
 }
 
 /// Closes an image as qemu-img's `blk_unref` does: persistent bitmaps

@@ -360,6 +360,9 @@ impl ImgOpts {
             return self.luks_create_options(size);
         }
         let mut o = CreateOptions::qcow2(size);
+        // A backing file named by protocol is checked through the CLI's
+        // openers (create, convert -B).
+        o.protocols = crate::app::backing_protocols::protocols();
         if self.format == ImageFormat::Qcow {
             o.format = ImageFormat::Qcow;
             return Ok(o);

@@ -442,6 +442,7 @@ pub fn open(spec: &OpenSpec, name: Option<&str>, secrets: &HashMap<String, Vec<u
     }
     // `oxqcow --forbid-backing io ...` refuses images with backing files.
     opts.backing = backing_policy(opts.backing);
+    opts.protocols = crate::app::backing_protocols::protocols();
     overlap_conflict(&runtime)?;
     for (key, value) in &runtime {
         let unsupported = || format!("Block format '{format_name}' does not support the option '{key}'");

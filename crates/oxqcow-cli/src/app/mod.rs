@@ -6,6 +6,7 @@
 //! libraries; `cmd`, `io` and `export` import them, never the other way
 //! round (`tests/layers.rs` checks it).
 
+pub mod backing_protocols;
 pub mod common_opts;
 pub mod ctx;
 pub mod forbid_backing;

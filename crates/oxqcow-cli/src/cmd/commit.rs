@@ -110,7 +110,11 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         false => oxqcow::OpenOptions::default(),
     };
     // The base's lost bitmaps are reported as its close finds them.
-    let open_opts = oxqcow::OpenOptions { messages: Some(crate::app::messages::open_messages()), ..open_opts };
+    let open_opts = oxqcow::OpenOptions {
+        messages: Some(crate::app::messages::open_messages()),
+        protocols: crate::app::backing_protocols::protocols(),
+        ..open_opts
+    };
     let (image, filename) =
         match crate::app::image::open_operand(filename, common.image_opts, format.as_deref(), false, false) {
             Ok(i) => i,
@@ -190,8 +194,8 @@ fn chain(image: &Image, filename: &str) -> Vec<Layer> {
     let mut layer = image;
     while let Some(q) = layer.as_qcow2() {
         let (Some(name), Some(backing)) = (q.info().backing_file, q.backing()) else { break };
-        let path = resolve_backing_path(Path::new(&layers.last().expect("never empty").path), &name);
-        layers.push(Layer { path: path.to_string_lossy().into_owned(), recorded: Some(name) });
+        let path = crate::app::image::backing_filename(&layers.last().expect("never empty").path, &name);
+        layers.push(Layer { path, recorded: Some(name) });
         layer = backing;
     }
     layers

@@ -240,7 +240,7 @@ fn backing_path(image: &str, backing: &str) -> PathBuf {
     let b = Path::new(backing);
     // A `json:` name says everything itself (its file names are taken
     // from the working directory).
-    if b.is_absolute() || backing.starts_with("json:") {
+    if b.is_absolute() || backing.starts_with("json:") || crate::app::backing_protocols::is_protocol_name(backing) {
         return b.to_path_buf();
     }
     match Path::new(image).parent() {

@@ -618,7 +618,7 @@ fn luks_info(h: &LuksHeader) -> Map<String, Value> {
 /// Where QEMU looks for a backing file: relative names are relative to the
 /// directory of the image naming them.
 fn full_backing_path(image: &str, backing: &str) -> String {
-    if backing.starts_with('/') {
+    if backing.starts_with('/') || crate::app::backing_protocols::is_protocol_name(backing) {
         return backing.to_string();
     }
     match image.rfind('/') {

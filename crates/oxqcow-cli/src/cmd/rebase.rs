@@ -176,7 +176,8 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     drop(image);
 
     let new_backing = backing.as_deref().map(|b| (b, backing_format));
-    let opts = RebaseOptions { unsafe_mode, cache: cache_mode, backing_cache, compress };
+    let protocols = crate::app::backing_protocols::protocols();
+    let opts = RebaseOptions { unsafe_mode, cache: cache_mode, backing_cache, compress, protocols };
     match rebase(filename, new_backing, opts, progress) {
         // Lost bitmaps were reported as the image closed, and do not fail
         // qemu-img rebase.
@@ -190,7 +191,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
 /// exit code.
 fn check_new_backing(ctx: &Ctx, filename: &str, name: &str, fmt: &str) -> Result<(), i32> {
     let path = resolve_backing_path(Path::new(filename), name);
-    let path_str = path.to_string_lossy().into_owned();
+    let path_str = crate::app::image::backing_filename(filename, name);
     let fail = |why: &str| ctx.fail(&format!("Could not open new backing file '{name}': {why}"));
     let fmt = if oxqcow::image::is_host_driver(fmt) {
         oxqcow::image::check_host_file(fmt, &path).map_err(|e| fail(&describe(&e)))?;

@@ -121,6 +121,9 @@ pub(crate) fn open_backing(
         )));
     }
     let mut backing_opts = backing_options(opts);
+    if let Some(opener) = opts.protocols.as_ref().filter(|p| p.takes(name)) {
+        return open_protocol_backing(overlay, opener.as_ref(), name, format, opts, backing_opts, chain).map(Some);
+    }
     let (path, format) = match name.strip_prefix("json:") {
         Some(text) => {
             let (path, driver) = json_node(text, &mut backing_opts)?;
@@ -165,6 +168,48 @@ pub(crate) fn open_backing(
         other => other,
     })?;
     Ok(Some(Arc::new(image)))
+}
+
+/// [`open_backing`] for a name the caller's [`ProtocolOpener`] takes: the
+/// same policy (the gate sees the name), the storage from the opener, and
+/// QEMU's "Could not open backing file" when it cannot be reached.
+fn open_protocol_backing(
+    overlay: &Path,
+    opener: &dyn crate::options::ProtocolOpener,
+    name: &str,
+    format: Option<&str>,
+    opts: &OpenOptions,
+    mut backing_opts: OpenOptions,
+    chain: &mut Chain,
+) -> Result<Arc<Image>> {
+    let format = format
+        .map(|f| {
+            ImageFormat::from_name(f)
+                .map_err(|_| Error::Unsupported(format!("backing file format '{f}' (of '{name}')")))
+        })
+        .transpose()?;
+    match (&opts.backing, format) {
+        (BackingPolicy::FollowWithoutProbing, None) => {
+            return Err(Error::InvalidArgument(format!(
+                "'{}' names backing file '{name}' without its format, and probing is not allowed",
+                overlay.display()
+            )))
+        }
+        (BackingPolicy::Gate(gate), f) => gate.check(Path::new(name), f)?,
+        _ => {}
+    }
+    chain.enter(Path::new(name))?;
+    // QEMU's words: "Could not open backing file: REASON", the reason
+    // being the protocol driver's own.
+    let storage = match opener.open_backing(name) {
+        Some(Ok(storage)) => storage,
+        Some(Err(e)) => return Err(Error::InvalidArgument(format!("Could not open backing file: {e}"))),
+        None => {
+            return Err(Error::InvalidArgument(format!("Could not open backing file: Unknown protocol in '{name}'")))
+        }
+    };
+    backing_opts.format = format;
+    Ok(Arc::new(Image::open_storage(storage, &backing_opts)?))
 }
 
 /// The options a backing file opens with: the overlay's, read-only,

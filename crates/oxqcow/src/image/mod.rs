@@ -365,10 +365,28 @@ impl Image {
         if let Some(name) = opts.backing_file.clone() {
             // For its size only: an encrypted chain opens without its
             // secrets, as QEMU opens it (`BDRV_O_NO_IO`).
-            let mut only_size = OpenOptions { read_only: true, no_io: true, ..Default::default() };
+            let mut only_size =
+                OpenOptions { read_only: true, no_io: true, protocols: opts.protocols.clone(), ..Default::default() };
             let could_not_open = |e: Error| {
                 Error::InvalidArgument(format!("Could not open '{name}': {e}\nCould not open backing image."))
             };
+            if let Some(opener) = opts.protocols.clone().filter(|p| p.takes(&name)) {
+                if !opts.unsafe_backing || !opts.size_given {
+                    only_size.format = opts.backing_format.as_deref().map(ImageFormat::from_name).transpose()?;
+                    let storage = match opener.open_backing(&name) {
+                        Some(r) => r.map_err(could_not_open)?,
+                        None => {
+                            return Err(could_not_open(Error::InvalidArgument(format!("Unknown protocol '{name}'"))))
+                        }
+                    };
+                    let backing = Image::open_storage(storage, &only_size).map_err(could_not_open)?;
+                    if !opts.size_given {
+                        opts.size = backing.len();
+                        opts.size_given = true;
+                    }
+                }
+                return Image::create_file(path, &opts);
+            }
             let (backing_path, json_driver) = match name.strip_prefix("json:") {
                 Some(text) => crate::image::backing::json_node(text, &mut only_size).map_err(could_not_open)?,
                 None => (resolve_backing_path(path, &name), None),
@@ -390,6 +408,11 @@ impl Image {
                 }
             }
         }
+        Image::create_file(path, &opts)
+    }
+
+    /// The part of [`Image::create`] after the backing file was checked.
+    fn create_file(path: &Path, opts: &CreateOptions) -> Result<Image> {
         // QEMU creates the data file first: a data file in use stops the
         // creation before the image file is touched.
         let data = match (&opts.data_file, opts.format) {
@@ -404,7 +427,7 @@ impl Image {
         // and no removal after the failure (it is their image).
         crate::storage::lock::lock(storage.file(), LockSet::for_open(false, false), &path.display().to_string())?;
         storage.empty(path).map_err(Error::io("truncating the new image", 0))?;
-        let result = Image::format_locked(path, Arc::new(storage), data, &opts);
+        let result = Image::format_locked(path, Arc::new(storage), data, opts);
         if result.is_err() && matches!(opts.format, ImageFormat::Qcow2 | ImageFormat::Luks) {
             // The file is ours now and holds nothing of its former content:
             // QEMU's qcow2 and luks drivers delete what a failed creation
@@ -438,6 +461,7 @@ impl Image {
             cache: opts.cache,
             passphrase: opts.encryption.as_ref().map(|e| e.passphrase.clone()),
             no_io: true,
+            protocols: opts.protocols.clone(),
             ..OpenOptions::new().backing(policy)
         };
         Image::open(path, &reopen)

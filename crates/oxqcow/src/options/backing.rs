@@ -7,6 +7,22 @@ use std::sync::Arc;
 
 use super::ImageFormat;
 use crate::error::Result;
+use crate::storage::Storage;
+
+/// Opens backing files named by protocol (`http://...`, `nbd://...`,
+/// `rbd:...`, ...): the engine knows only host files, the caller knows the
+/// protocols. Consulted before a recorded name is resolved as a file, for
+/// every layer of a chain (backing options inherit it).
+pub trait ProtocolOpener: Send + Sync + std::fmt::Debug {
+    /// `None` when `name` names no protocol the opener takes (it is then
+    /// resolved as a host file); else the storage, opened read-only, or
+    /// why it could not be opened. `name` comes from an image header:
+    /// whoever made the image chose it.
+    fn open_backing(&self, name: &str) -> Option<Result<Arc<dyn Storage>>>;
+
+    /// Whether `name` is one the opener takes (no connection made).
+    fn takes(&self, name: &str) -> bool;
+}
 
 /// Decides whether a backing file may be opened.
 pub trait BackingGate: Send + Sync {

@@ -9,7 +9,7 @@ mod raw_window;
 
 use crate::error::{Error, Result};
 pub use amend::{check_refcount_bits, AmendOptions};
-pub use backing::{BackingGate, BackingPolicy};
+pub use backing::{BackingGate, BackingPolicy, ProtocolOpener};
 pub use encryption::{Encryption, EncryptionFormat, KeyslotChange, LuksParams};
 pub use raw_window::{take_raw_windows, RawWindow};
 
@@ -329,6 +329,10 @@ pub struct OpenOptions {
     /// the warning is [`crate::Qcow2::stale_bitmaps_warning`]. Not passed
     /// down to backing files.
     pub messages: Option<ImageMessages>,
+    /// Opens backing file names that name a protocol rather than a host
+    /// file (see [`ProtocolOpener`]); without it every name is a file.
+    /// Passed down to backing files.
+    pub protocols: Option<std::sync::Arc<dyn ProtocolOpener>>,
 }
 
 /// Passphrases are shown only as present or absent: options get logged.
@@ -368,6 +372,7 @@ impl std::fmt::Debug for OpenOptions {
             key_secret,
             no_io,
             messages,
+            protocols,
         } = self;
         let secret = |p: &Option<Vec<u8>>| p.as_ref().map(|_| "<redacted>");
         f.debug_struct("OpenOptions")
@@ -403,6 +408,7 @@ impl std::fmt::Debug for OpenOptions {
             .field("key_secret", &secret(key_secret))
             .field("no_io", no_io)
             .field("messages", &messages.as_ref().map(|_| "<sink>"))
+            .field("protocols", protocols)
             .finish()
     }
 }
@@ -565,6 +571,9 @@ pub struct CreateOptions {
     pub cache: CacheMode,
     /// Encrypt the new image (`encrypt.format` and `encrypt.key-secret`).
     pub encryption: Option<Encryption>,
+    /// Opens a backing file named by protocol, to check it and take its
+    /// size (see [`OpenOptions::protocols`]).
+    pub protocols: Option<std::sync::Arc<dyn ProtocolOpener>>,
 }
 
 impl Default for CreateOptions {
@@ -587,6 +596,7 @@ impl Default for CreateOptions {
             unsafe_backing: false,
             cache: CacheMode::Writeback,
             encryption: None,
+            protocols: None,
         }
     }
 }

@@ -6,7 +6,6 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use oxqcow::backing::resolve_backing_path;
 use oxqcow::qemu_syntax::split_options;
 use oxqcow::{BlockDevice, CacheMode, CreateOptions, Image, ImageFormat, OpenOptions, Preallocation};
 
@@ -291,8 +290,7 @@ pub fn backing_image(a: &Args, target: &Image, backing: Option<&TargetBacking>) 
             None => return Err(format!("Could not open '{}': the backing file was not opened", a.target)),
         },
         Some(b) => {
-            let path = resolve_backing_path(Path::new(&a.target), &b.name);
-            let shown = path.to_string_lossy().into_owned();
+            let shown = crate::app::image::backing_filename(&a.target, &b.name);
             Some(Arc::new(open_image(&shown, b.format.as_deref(), OpenOptions::new().read_only(true))?))
         }
     })
