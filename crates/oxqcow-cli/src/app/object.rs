@@ -6,17 +6,18 @@
 //!
 //! Objects are read in place and never written there: an open for
 //! writing and `create` are refused. `convert` writes a new object
-//! ([`StagedTarget`]): the image is built in a temporary file and
-//! uploaded when the conversion succeeded, as one multipart upload that
-//! is aborted when anything fails.
+//! ([`NewObject`]), uploaded while it is written, as one multipart upload
+//! that is completed when the conversion succeeded and aborted when
+//! anything fails.
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
-use std::path::PathBuf;
 use std::sync::Arc;
 
-use oxqcow::storage::object::{ObjectOptions, ObjectStorage, ObjectUpload, NO_WRITES, SCHEMES};
-use oxqcow::Storage;
+use oxqcow::copy::StatusCursor;
+use oxqcow::storage::object::{ObjectOptions, ObjectStorage, NO_WRITES, SCHEMES};
+use oxqcow::storage::ObjectWriter;
+use oxqcow::{Image, Storage};
+
+use crate::app::messages::{describe, strerror};
 
 /// Whether `driver` is one of the object stores oxqcow reads.
 pub fn is_object_driver(driver: &str) -> bool {
@@ -86,38 +87,81 @@ pub fn names_object(options: &[(String, String)]) -> bool {
     options.iter().any(|(k, v)| (k == "driver" || k == "file.driver") && is_object_driver(v))
 }
 
-/// A new object that `convert` writes: the multipart upload started at
-/// the key, and the temporary file where the image is built (sparse, in
-/// `$TMPDIR`, unlinked from the start so that even a killed process
-/// leaves no file behind; the image is created through its
-/// `/proc/self/fd` name). Dropped without [`StagedTarget::finish`], the
-/// upload is aborted and the file closed: the key holds what it held
-/// before.
-pub struct StagedTarget {
-    upload: ObjectUpload,
-    file: File,
+/// A new object that `convert` writes, uploaded while it is written
+/// ([`ObjectWriter`]): the image is made on [`NewObject::storage`], laid
+/// out for a front-to-back copy by [`NewObject::prepare`], and the upload
+/// completed by [`NewObject::finish`]. Dropped before that, the upload is
+/// aborted: the key holds what it held before.
+pub struct NewObject {
+    writer: Arc<ObjectWriter>,
 }
 
-impl StagedTarget {
+/// Data runs of the sources closer than this are reserved for as one
+/// (the reservation's list stays short for fragmented sources; the few
+/// clusters it overcounts cost a refcount block at most).
+const MERGE_GAP: u64 = 1 << 20;
+
+impl NewObject {
     /// Starts the upload at the key `name` names (so that a wrong
-    /// endpoint, bucket or credentials fail before any work) and makes
-    /// the temporary file.
-    pub fn start(name: &str) -> Result<Option<StagedTarget>, String> {
+    /// endpoint, bucket or credentials fail before any work).
+    pub fn start(name: &str) -> Result<Option<NewObject>, String> {
         let Some(opts) = object_name(name) else { return Ok(None) };
-        let upload = ObjectUpload::start(&opts).map_err(|e| format!("Could not create '{name}': {e}"))?;
-        let file = tempfile::tempfile().map_err(|e| format!("Could not create a temporary file for '{name}': {e}"))?;
-        Ok(Some(StagedTarget { upload, file }))
+        let writer = ObjectWriter::start(&opts).map_err(|e| format!("Could not create '{name}': {e}"))?;
+        Ok(Some(NewObject { writer: Arc::new(writer) }))
     }
 
-    /// Where the image is built: the file's name through the descriptor
-    /// this process holds.
-    pub fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+    /// Where the image is made.
+    pub fn storage(&self) -> Arc<dyn Storage> {
+        self.writer.clone()
     }
 
-    /// Uploads the finished image; the object appears whole or not at all.
+    /// Readies the new image `target` for the copy of `sources` (`total`
+    /// bytes): a qcow2 image gets the tables the copy will fill before
+    /// its first data cluster; then the upload streams what follows.
+    pub fn prepare(&self, target: &Image, sources: &[Image], total: u64) -> Result<(), String> {
+        if let Some(q) = target.as_qcow2() {
+            let ranges = data_ranges(sources)?;
+            q.reserve_for_copy(&ranges).map_err(|e| format!("error while laying out the target: {}", describe(&e)))?;
+        }
+        let made = self.writer.len().map_err(|e| e.to_string())?;
+        self.writer.stream(made.max(total).saturating_add(total / 64));
+        Ok(())
+    }
+
+    /// Completes the upload once the image is closed; the object appears
+    /// whole or not at all.
     pub fn finish(self) -> Result<(), String> {
-        let url = self.upload.url().to_string();
-        self.upload.upload_file(&self.file).map_err(|e| format!("error while uploading '{url}': {e}"))
+        match Arc::try_unwrap(self.writer) {
+            Ok(writer) => writer.finish(),
+            Err(_) => Err("error while uploading: the image was not closed".into()),
+        }
     }
+}
+
+/// The runs of `sources` (concatenated) that a copy may write: all but
+/// those known to read as zeros.
+fn data_ranges(sources: &[Image]) -> Result<Vec<(u64, u64)>, String> {
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    let mut base = 0;
+    for image in sources {
+        let mut cursor = StatusCursor::new(image);
+        let size = cursor.size();
+        let mut at = 0;
+        while at < size {
+            let e = cursor
+                .at(at)
+                .map_err(|e| format!("error while reading block status at offset {at}: {}", strerror(&e)))?;
+            at = e.offset + e.length;
+            if e.zero {
+                continue;
+            }
+            let (start, end) = (base + e.offset, base + at);
+            match ranges.last_mut() {
+                Some(last) if start - (last.0 + last.1) < MERGE_GAP => last.1 = end - last.0,
+                _ => ranges.push((start, end - start)),
+            }
+        }
+        base += size;
+    }
+    Ok(ranges)
 }

@@ -87,6 +87,14 @@ pub struct CopyOptions {
     /// (`copy_file_range`, `convert -C`), as they are: no zero detection
     /// in them. Chunks that cannot be copied so go through memory.
     pub copy_range: bool,
+    /// The target is written front to back (a new object uploaded while it
+    /// is written): chunks are written in guest order whatever the target
+    /// and `in_order` say, so a raw or luks target's bytes come in order,
+    /// and a qcow2 target's clusters are allocated in order (its tables
+    /// laid out ahead by [`crate::Qcow2::reserve_for_copy`]), each just
+    /// before it is written. Compressed chunks are not kept waiting: each
+    /// compressed write allocates its bytes as it writes them.
+    pub front_to_back: bool,
 }
 
 impl Default for CopyOptions {
@@ -98,6 +106,7 @@ impl Default for CopyOptions {
             min_sparse: 4096,
             target_is_zero: false,
             salvage: false,
+            front_to_back: false,
             copy_range: false,
         }
     }
@@ -249,7 +258,10 @@ pub fn copy(
         min_sparse: options.min_sparse,
         alignment: zeros::alignment(options.min_sparse),
         has_zero_init: options.target_is_zero,
-        in_order: options.in_order && !options.compress && target.format() != ImageFormat::Raw,
+        in_order: match options.front_to_back {
+            true => !options.compress,
+            false => options.in_order && !options.compress && target.format() != ImageFormat::Raw,
+        },
         data_total,
         salvage: options.salvage,
         copy_range: options.copy_range,

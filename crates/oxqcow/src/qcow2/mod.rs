@@ -428,6 +428,19 @@ impl Qcow2 {
         io::block_status(self, offset, len)
     }
 
+    /// Lays out the metadata a copy into this new image will need: the L2
+    /// tables of the guest ranges in `data` (those the copy may write) and
+    /// the refcount blocks for the file they make, all before the first
+    /// data cluster. A copy writing in guest order then only appends data
+    /// clusters past the file's end, each written once, and rewrites
+    /// nothing past it: what a target uploaded while it is written needs.
+    pub fn reserve_for_copy(&self, data: &[(u64, u64)]) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        self.exclusive(|m, st| m.reserve_for_copy(st, data))
+    }
+
     /// Changes the guest size. Growing maps the new space as `prealloc`
     /// says; shrinking frees every cluster past the new end.
     pub fn resize(&self, new_size: u64, prealloc: Preallocation) -> Result<()> {

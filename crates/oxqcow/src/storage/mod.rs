@@ -13,6 +13,8 @@ mod memory;
 mod null;
 #[cfg(feature = "s3")]
 pub mod object;
+#[cfg(feature = "s3")]
+pub mod object_writer;
 #[cfg(any(feature = "http", feature = "s3"))]
 mod ranged;
 mod window;
@@ -26,7 +28,9 @@ pub use http::{HttpOptions, HttpStorage};
 pub use memory::MemoryStorage;
 pub use null::NullStorage;
 #[cfg(feature = "s3")]
-pub use object::{ObjectOptions, ObjectStorage, ObjectUpload};
+pub use object::{ObjectOptions, ObjectStorage};
+#[cfg(feature = "s3")]
+pub use object_writer::ObjectWriter;
 pub use window::WindowStorage;
 
 /// The allocation of a run of storage bytes, as a protocol reports it

@@ -17,30 +17,23 @@
 //! parallel ranges as the HTTP backend reads (`ranged.rs`).
 //!
 //! Writing: objects cannot be rewritten in place, so [`ObjectStorage`]
-//! refuses writes. A finished image is uploaded whole ([`ObjectUpload`]):
-//! the multipart upload is started first (so a wrong endpoint, bucket or
-//! credentials fail before any work), its parts are sent in parallel at
-//! the end, and an upload that does not finish is aborted, so the key
-//! never holds half an image.
+//! refuses writes; a new object is written front to back while a
+//! `convert` makes it (`object_writer.rs`).
 //!
 //! `object_store` is asynchronous: each open object owns a small tokio
 //! runtime and the synchronous calls block on it.
 
-use std::fs::File;
 use std::future::Future;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
 use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
+use object_store::multipart::MultipartStore;
 use object_store::path::Path as ObjectPath;
-use object_store::{
-    BackoffConfig, GetOptions, GetRange, MultipartUpload, ObjectMeta, ObjectStore, ObjectStoreExt, RetryConfig,
-    WriteMultipart,
-};
+use object_store::{BackoffConfig, GetOptions, GetRange, ObjectMeta, ObjectStore, ObjectStoreExt, RetryConfig};
 
 use super::ranged::{RangeFetch, RangedReader};
 use super::Storage;
@@ -63,15 +56,6 @@ const CONNECT_TIMEOUT: u64 = 5;
 /// reset, timeout, 5xx) is tried again: a few, so that a server that is
 /// gone fails the command within seconds rather than minutes.
 const RETRIES: usize = 2;
-/// The size of an upload's parts: S3 takes parts of 5 MiB or more (but
-/// the last) and at most 10000 parts, so larger files get larger parts.
-const PART_SIZE: u64 = 8 << 20;
-/// S3's limit on the parts of one upload.
-const MAX_PARTS: u64 = 10_000;
-/// Parts sent at once; each holds a part's bytes in memory.
-const UPLOAD_CONCURRENCY: usize = 4;
-/// The largest file read into an upload at once.
-const READ_CHUNK: usize = 1 << 20;
 
 /// The refusal of writes to an object.
 pub const NO_WRITES: &str =
@@ -142,12 +126,14 @@ impl ObjectOptions {
 }
 
 /// One object, with the runtime its requests run on.
-struct Remote {
-    runtime: tokio::runtime::Runtime,
+pub(crate) struct Remote {
+    pub(crate) runtime: tokio::runtime::Runtime,
     store: Arc<dyn ObjectStore>,
-    path: ObjectPath,
-    url: String,
-    scheme: &'static str,
+    /// The same store, for uploads whose parts are numbered by the caller.
+    pub(crate) multipart: Arc<dyn MultipartStore>,
+    pub(crate) path: ObjectPath,
+    pub(crate) url: String,
+    pub(crate) scheme: &'static str,
 }
 
 /// Builds a store of `$builder`'s kind from the environment, the URL and
@@ -172,12 +158,13 @@ macro_rules! build_store {
                 .map_err(|_| format!("Block protocol '{}' doesn't support the option '{k}'", $scheme))?;
             builder = builder.with_config(key, v.clone());
         }
-        Arc::new(builder.build().map_err(|e| e.to_string())?) as Arc<dyn ObjectStore>
+        let store = Arc::new(builder.build().map_err(|e| e.to_string())?);
+        (store.clone() as Arc<dyn ObjectStore>, store as Arc<dyn MultipartStore>)
     }};
 }
 
 impl Remote {
-    fn connect(opts: &ObjectOptions) -> Result<Remote, String> {
+    pub(crate) fn connect(opts: &ObjectOptions) -> Result<Remote, String> {
         let (scheme, _bucket, key) = opts.location()?;
         let url = opts.url.clone().unwrap_or_default();
         let path = ObjectPath::parse(key).map_err(|e| format!("'{url}': invalid object key: {e}"))?;
@@ -193,29 +180,36 @@ impl Remote {
             max_retries: RETRIES,
             retry_timeout: Duration::from_secs(opts.timeout.unwrap_or(DEFAULT_TIMEOUT) * (RETRIES as u64 + 1)),
         };
-        let (scheme, store) = match scheme {
+        let (scheme, (store, multipart)) = match scheme {
             "s3" => ("s3", build_store!(AmazonS3Builder, AmazonS3ConfigKey, "s3", &url, opts, retry)),
             "gs" => ("gs", build_store!(GoogleCloudStorageBuilder, GoogleConfigKey, "gs", &url, opts, retry)),
             _ => ("az", build_store!(MicrosoftAzureBuilder, AzureConfigKey, "az", &url, opts, retry)),
         };
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("oxqcow-object-store")
-            .on_thread_start(block_sigpipe)
-            .enable_all()
-            .build()
-            .map_err(|e| format!("starting the object store client: {e}"))?;
-        Ok(Remote { runtime, store, path, url, scheme })
+        Ok(Remote { runtime: runtime()?, store, multipart, path, url, scheme })
     }
 
-    fn run<F: Future>(&self, f: F) -> F::Output {
+    /// A remote on an in-memory store, for the tests of what is built on
+    /// remotes.
+    #[cfg(test)]
+    pub(crate) fn in_memory(store: Arc<object_store::memory::InMemory>, key: &str) -> Remote {
+        Remote {
+            runtime: runtime().unwrap(),
+            store: store.clone(),
+            multipart: store,
+            path: ObjectPath::from(key),
+            url: format!("memory:///{key}"),
+            scheme: "s3",
+        }
+    }
+
+    pub(crate) fn run<F: Future>(&self, f: F) -> F::Output {
         // Futures polled here only hand their bytes to the connection
         // tasks on the runtime's threads, which do the socket writes.
         self.runtime.block_on(f)
     }
 
     /// The words for a failed request.
-    fn failure(&self, e: object_store::Error) -> io::Error {
+    pub(crate) fn failure(&self, e: object_store::Error) -> io::Error {
         let kind = match &e {
             object_store::Error::NotFound { .. } => io::ErrorKind::NotFound,
             object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
@@ -225,6 +219,17 @@ impl Remote {
         };
         io::Error::new(kind, describe(&self.url, &e))
     }
+}
+
+/// The runtime an object's requests run on.
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("oxqcow-object-store")
+        .on_thread_start(block_sigpipe)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the object store client: {e}"))
 }
 
 /// Blocks SIGPIPE in a runtime thread. The HTTP client writes requests
@@ -376,80 +381,6 @@ fn read_only() -> io::Error {
     io::Error::new(io::ErrorKind::ReadOnlyFilesystem, NO_WRITES)
 }
 
-/// A new object being written: a multipart upload started at the key,
-/// which [`ObjectUpload::upload_file`] fills and completes. Dropped
-/// without completing, the upload is aborted and the key left as it was.
-pub struct ObjectUpload {
-    remote: Remote,
-    upload: Option<Box<dyn MultipartUpload>>,
-}
-
-impl ObjectUpload {
-    /// Starts a multipart upload at the key `opts` name; this is where a
-    /// wrong endpoint, bucket or credentials show.
-    pub fn start(opts: &ObjectOptions) -> Result<ObjectUpload, String> {
-        let remote = Remote::connect(opts)?;
-        let upload = remote.run(remote.store.put_multipart(&remote.path)).map_err(|e| remote.failure(e).to_string())?;
-        Ok(ObjectUpload { remote, upload: Some(upload) })
-    }
-
-    /// The object's URL.
-    pub fn url(&self) -> &str {
-        &self.remote.url
-    }
-
-    /// Sends all of `file` as the object's bytes, in parallel parts, and
-    /// completes the upload: the object appears whole or not at all.
-    /// Any failure aborts the upload.
-    pub fn upload_file(mut self, file: &File) -> Result<(), String> {
-        let upload = self.upload.take().expect("an upload is started until it ends");
-        let fail = |e: object_store::Error| self.remote.failure(e).to_string();
-        let len = file.metadata().map_err(|e| format!("reading the image to upload: {e}"))?.len();
-        let part = part_size(len);
-        let mut write = WriteMultipart::new_with_chunk_size(upload, part as usize);
-        self.remote.run(async {
-            let mut buf = vec![0u8; READ_CHUNK];
-            let mut at = 0;
-            let mut sent = Ok(());
-            while at < len && sent.is_ok() {
-                let n = (len - at).min(READ_CHUNK as u64) as usize;
-                sent = match file.read_exact_at(&mut buf[..n], at) {
-                    Err(e) => Err(format!("reading the image to upload at byte {at}: {e}")),
-                    Ok(()) => write.wait_for_capacity(UPLOAD_CONCURRENCY).await.map_err(fail),
-                };
-                if sent.is_ok() {
-                    write.write(&buf[..n]);
-                    at += n as u64;
-                }
-            }
-            match sent {
-                Ok(()) => write.finish().await.map(|_| ()).map_err(fail),
-                Err(e) => {
-                    // The parts in flight are cancelled, the upload aborted
-                    // by its id.
-                    let _ = write.abort().await;
-                    Err(e)
-                }
-            }
-        })
-    }
-}
-
-impl Drop for ObjectUpload {
-    fn drop(&mut self) {
-        if let Some(mut upload) = self.upload.take() {
-            let _ = self.remote.run(upload.abort());
-        }
-    }
-}
-
-/// The part size for a file of `len` bytes: [`PART_SIZE`], or more when
-/// that would need more than [`MAX_PARTS`] parts (whole MiB).
-fn part_size(len: u64) -> u64 {
-    let needed = len.div_ceil(MAX_PARTS).next_multiple_of(1 << 20);
-    needed.max(PART_SIZE)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -477,14 +408,5 @@ mod tests {
         o.apply("bogus", "1").unwrap();
         let err = Remote::connect(&o).err().expect("an unknown key was taken");
         assert_eq!(err, "Block protocol 's3' doesn't support the option 'bogus'");
-    }
-
-    #[test]
-    fn parts_stay_within_s3_s_limits() {
-        assert_eq!(part_size(0), PART_SIZE);
-        assert_eq!(part_size(10 << 30), PART_SIZE);
-        // 1 TiB needs parts of at least 110 MB: 105 MiB whole.
-        assert_eq!(part_size(1 << 40), 105 << 20);
-        assert!(part_size(5 << 40).checked_mul(MAX_PARTS).unwrap() >= 5 << 40);
     }
 }

@@ -12,7 +12,8 @@ use crate::app::messages::{describe, strerror};
 use crate::app::progress::Progress;
 
 /// Copies `sources` into `target` (whose unallocated clusters read from
-/// `backing`) as the command line says.
+/// `backing`) as the command line says, `front_to_back` when the target
+/// must be (see [`CopyOptions::front_to_back`]).
 pub fn run(
     ctx: &Ctx,
     a: &Args,
@@ -20,6 +21,7 @@ pub fn run(
     target: &Image,
     backing: Option<&Image>,
     progress: &Progress,
+    front_to_back: bool,
 ) -> Result<(), String> {
     let rate = RateLimit::new(a.rate);
     let pace = |bytes: u64| {
@@ -51,6 +53,7 @@ pub fn run(
         target_is_zero: (!a.skip_create && target.has_zero_init()) || a.target_is_zero,
         salvage: a.salvage,
         copy_range: a.copy_range,
+        front_to_back,
     };
     let images: Vec<&Image> = sources.iter().collect();
     copy(&images, target, backing, &options, &hooks).map_err(|e| message(&e))

@@ -47,9 +47,9 @@ fn convert(ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
     }
     let out_fmt = a.out_fmt.as_deref().unwrap_or("raw");
     let (_, mut opts, backing) = setup::create_options(a, out_fmt, total)?;
-    // A new object is built in `staged` and uploaded at the end; any
-    // early return drops it, which aborts the upload.
-    let (target, staged) = setup::target(a, out_fmt, &mut opts, backing.is_some())?;
+    // A new object is uploaded while it is written, and completed at the
+    // end; any early return drops it, which aborts the upload.
+    let (target, object) = setup::target(a, out_fmt, &mut opts, backing.is_some())?;
     if a.bitmaps && target.as_qcow2().is_none_or(|q| q.header().version < 3) {
         return Err(format!("Format driver '{out_fmt}' does not support bitmaps"));
     }
@@ -65,7 +65,11 @@ fn convert(ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
     target
         .set_cache_mode(CacheMode::from_name(&a.cache).map_err(|e| describe(&e))?)
         .map_err(|e| format!("Could not open '{}': {}", a.target, describe(&e)))?;
-    job::run(ctx, a, &sources, &target, backing_image.as_deref(), progress)?;
+    if let Some(object) = &object {
+        object.prepare(&target, &sources, total)?;
+    }
+    // An object is uploaded while it is written: front to back.
+    job::run(ctx, a, &sources, &target, backing_image.as_deref(), progress, object.is_some())?;
     if a.compress && target.as_qcow2().is_some_and(|q| q.has_data_file()) {
         // qemu-img ends a compressed conversion with an empty compressed
         // write (to align the file end), which such targets refuse; it
@@ -79,8 +83,8 @@ fn convert(ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
     }
     target.flush().map_err(|e| format!("error while flushing the target: {}", strerror(&e)))?;
     crate::app::image::close_image(target).map_err(|e| format!("error while closing the target: {}", strerror(&e)))?;
-    match staged {
-        Some(staged) => staged.finish(),
+    match object {
+        Some(object) => object.finish(),
         None => Ok(()),
     }
 }

@@ -15,7 +15,7 @@ use crate::app::forbid_backing::backing_forbidden;
 use crate::app::image::{is_cache_mode, open_image, open_image_as, open_operand, parse_image_opts};
 use crate::app::imgopts::ImgOpts;
 use crate::app::messages::{describe, os_error, strerror};
-use crate::app::object::{object_name, StagedTarget};
+use crate::app::object::{object_name, NewObject};
 
 /// Opens the sources (on their `-l` snapshot, in the `-T` cache mode), and
 /// the size of them all.
@@ -184,16 +184,16 @@ fn target_backing(a: &Args, opts: &mut CreateOptions, format: ImageFormat) -> Re
 /// Creates the target (unless `-n`) and opens it: with a backing file it
 /// is reopened so that the backing file is opened too; `-n` opens the
 /// existing one, from `--target-image-opts` or in `out_fmt`. A new object
-/// in an object store is built in a temporary file, which the returned
-/// [`StagedTarget`] uploads once the conversion is done.
+/// in an object store is made on the returned [`NewObject`]'s storage,
+/// which uploads it while it is written.
 pub fn target(
     a: &Args,
     out_fmt: &str,
     opts: &mut CreateOptions,
     has_backing: bool,
-) -> Result<(Image, Option<StagedTarget>), String> {
+) -> Result<(Image, Option<NewObject>), String> {
     if !a.skip_create && object_name(&a.target).is_some() {
-        return staged_target(a, out_fmt, opts, has_backing);
+        return object_target(a, out_fmt, opts, has_backing);
     }
     let created = if a.skip_create {
         None
@@ -255,15 +255,15 @@ pub fn target(
 
 /// [`target`] for a new object: the upload is started first (a wrong
 /// endpoint, bucket or credentials fail before any copying), the image
-/// made in the staging file. What would make the image name other files
-/// (a backing file, an external data file) is refused: the names would be
-/// those of the staging file's directory.
-fn staged_target(
+/// made on the object. What would make the image name other files (a
+/// backing file, an external data file) is refused: the object could not
+/// find them again.
+fn object_target(
     a: &Args,
     out_fmt: &str,
     opts: &mut CreateOptions,
     has_backing: bool,
-) -> Result<(Image, Option<StagedTarget>), String> {
+) -> Result<(Image, Option<NewObject>), String> {
     let fail = |why: &str| format!("{}: error while converting {out_fmt}: {why}", a.target);
     if has_backing {
         return Err(fail("a new object cannot have a backing file"));
@@ -274,9 +274,9 @@ fn staged_target(
     if !is_cache_mode(&a.cache) {
         return Err(format!("Invalid cache option: {}", a.cache));
     }
-    let staged = StagedTarget::start(&a.target)?.expect("the target names an object");
-    let image = Image::create(&staged.path(), opts).map_err(|e| fail(&describe(&e)))?;
-    Ok((image, Some(staged)))
+    let object = NewObject::start(&a.target)?.expect("the target names an object");
+    let image = Image::create_storage(object.storage(), opts).map_err(|e| fail(&describe(&e)))?;
+    Ok((image, Some(object)))
 }
 
 /// The image the target's unallocated clusters read from (`-B`): the new

@@ -14,6 +14,7 @@ pub mod overlap;
 pub(crate) mod pending;
 pub(crate) mod plan;
 pub(crate) mod refcount;
+pub(crate) mod reserve;
 pub(crate) mod resize;
 pub(crate) mod snapshot;
 mod zero;

@@ -43,6 +43,10 @@ pub(crate) struct Refcounts {
     /// zero: the cluster may be reused for anything (an L2 table, say)
     /// before the next compressed write, which must then not pack into it.
     pub(crate) packing: Option<u64>,
+    /// Compressed data never packs into a cluster allocated before
+    /// another one (`Meta::reserve_for_copy`): the file is written front
+    /// to back.
+    pub(crate) append_only: bool,
     /// Where the metadata is, for overlap checks and the allocator.
     pub(crate) map: MetadataMap,
     /// Clusters holding refcount blocks.
@@ -115,6 +119,7 @@ impl Refcounts {
             blocks: TableCache::new(cache_tables),
             free_hint: 0,
             packing: None,
+            append_only: false,
             map: MetadataMap::default(),
             block_clusters,
             host_end: geometry.clusters_for(file_len),
@@ -408,6 +413,9 @@ impl Refcounts {
             for c in start..start + n {
                 self.update(storage, HostCluster(c), 1)?;
             }
+            if self.append_only {
+                self.packing = None;
+            }
             if start == self.free_hint {
                 self.free_hint = start + n;
             }
@@ -438,6 +446,25 @@ impl Refcounts {
             return Ok(true);
         }
         Ok(false)
+    }
+
+    /// Creates the refcount blocks for every cluster up to `more` clusters
+    /// past the last one allocated (the blocks made count among them), so
+    /// that allocating that many more creates none: the blocks lie before
+    /// those clusters instead of between them (`Meta::reserve_for_copy`).
+    pub(crate) fn cover_ahead(&mut self, storage: &dyn Storage, more: u64) -> Result<()> {
+        loop {
+            let end = self.host_end + more.max(1);
+            let last = self.geometry.reftable_index(HostCluster(end - 1));
+            let Some(missing) = (0..=last).find(|&ti| self.block_offset(ti).is_none()) else {
+                return Ok(());
+            };
+            if missing >= self.table.len() as u64 {
+                self.grow_table(storage, missing + 1)?;
+            } else {
+                self.create_block(storage, missing, self.host_end)?;
+            }
+        }
     }
 
     /// Creates the block for table index `ti` at the first free cluster at
