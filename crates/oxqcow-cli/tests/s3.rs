@@ -288,7 +288,7 @@ fn watch_scratch(child: &mut std::process::Child) -> (u64, usize) {
 // written, so the scratch file holds the head and a few parts, never the
 // image (watched through /proc while a rate-limited convert runs). For
 // qcow2 (its tables laid out before the data: plain, compressed, 4 KiB
-// clusters) and raw, what arrives is the image: qemu-img finds it clean
+// clusters, zeros written as data) and raw, what arrives is the image: qemu-img finds it clean
 // and identical to the source.
 #[test]
 fn convert_streams_objects_instead_of_staging_them() {
@@ -296,10 +296,13 @@ fn convert_streams_objects_instead_of_staging_them() {
     let c = cluster();
     let b = c.bucket("streamed");
     let src = make_big_source(&s);
-    let cases: [(&str, &[&str]); 4] = [
+    let cases: [(&str, &[&str]); 5] = [
         ("disk.qcow2", &["-O", "qcow2"]),
         ("small.qcow2", &["-O", "qcow2", "-o", "cluster_size=4k", "-m", "4", "-W"]),
         ("packed.qcow2", &["-O", "qcow2", "-c"]),
+        // Zeros written as data: every cluster is allocated (with 4 KiB
+        // clusters a refcount block covers 8 MiB, so the holes count).
+        ("full.qcow2", &["-O", "qcow2", "-o", "cluster_size=4k", "-S", "0"]),
         ("disk.raw", &["-O", "raw"]),
     ];
     for (key, opts) in cases {

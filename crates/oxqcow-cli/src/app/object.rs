@@ -116,11 +116,12 @@ impl NewObject {
     }
 
     /// Readies the new image `target` for the copy of `sources` (`total`
-    /// bytes): a qcow2 image gets the tables the copy will fill before
-    /// its first data cluster; then the upload streams what follows.
-    pub fn prepare(&self, target: &Image, sources: &[Image], total: u64) -> Result<(), String> {
+    /// bytes; zeros written as data too when `zeros_as_data`, `-S 0`): a
+    /// qcow2 image gets the tables the copy will fill before its first
+    /// data cluster; then the upload streams what follows.
+    pub fn prepare(&self, target: &Image, sources: &[Image], total: u64, zeros_as_data: bool) -> Result<(), String> {
         if let Some(q) = target.as_qcow2() {
-            let ranges = data_ranges(sources)?;
+            let ranges = if zeros_as_data { vec![(0, total)] } else { data_ranges(sources)? };
             q.reserve_for_copy(&ranges).map_err(|e| format!("error while laying out the target: {}", describe(&e)))?;
         }
         let made = self.writer.len().map_err(|e| e.to_string())?;
