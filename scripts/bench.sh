@@ -200,13 +200,29 @@ NGINX_CONF
     kill "$nginx_pid"; wait "$nginx_pid" || true
 fi
 
+# Starts a single-node Ceph cluster in $WORK/ceph, its env file in
+# $WORK/ceph.env. A start can lose a race for the random ports it picks
+# (or find radosgw slow to answer): one more try, as the tests make.
+ceph_start() {
+    local attempt
+    for attempt in 1 2; do
+        rm -rf "$WORK/ceph"
+        if bash scripts/ceph-cluster.sh start "$WORK/ceph" >"$WORK/ceph.env"; then
+            return 0
+        fi
+        bash scripts/ceph-cluster.sh stop "$WORK/ceph" >/dev/null 2>&1 || true
+        echo "bench: scripts/ceph-cluster.sh could not start a cluster (attempt $attempt)" >&2
+    done
+    exit 1
+}
+
 # Writing into RBD (a single-node memstore cluster started here on
 # 127.0.0.1): qemu-img's rbd driver and `rbd import` of the raw data set
 # (Ceph's own client) against oxqcow, each run into a new image removed
 # afterwards, interleaved. Ratios of the best times, and the spread
 # (min..max) of the ratios of the runs of one repetition.
 if [[ $NBD != only && ( -z $ONLY || "convert qcow2->raw into rbd" =~ $ONLY ) ]]; then
-    scripts/ceph-cluster.sh start "$WORK/ceph" >/dev/null
+    ceph_start
     CONF=$WORK/ceph/ceph.conf
     rbd_rm() { rbd --conf "$CONF" rm "rbd/$1" >/dev/null 2>&1 || true; }
     q_times=(); o_times=(); i_times=(); oq=(); oi=()
@@ -241,8 +257,7 @@ fi
 # the OSD keeps its data in memory and radosgw frees replaced objects late.
 if [[ $NBD != only && ( -z $ONLY || "convert qcow2->raw from S3 (radosgw)" =~ $ONLY ) ]]; then
     command -v curl >/dev/null || { echo "bench: curl not found (apt-get install curl): the S3 case's reference" >&2; exit 1; }
-    bash scripts/ceph-cluster.sh start "$WORK/ceph" >"$WORK/ceph.env" || {
-        echo "bench: scripts/ceph-cluster.sh could not start a cluster" >&2; exit 1; }
+    ceph_start
     trap 'bash scripts/ceph-cluster.sh stop "$WORK/ceph" >/dev/null 2>&1 || true; rm -rf "$WORK"' EXIT
     # shellcheck disable=SC1091
     . "$WORK/ceph.env"

@@ -228,8 +228,10 @@ ready=
 for _ in $(seq 1 300); do
     # An anonymous bucket listing answers 200 once radosgw serves (bash's
     # /dev/tcp: no HTTP client needed).
-    if status=$(exec 3<>"/dev/tcp/127.0.0.1/$rgw_port" && printf 'GET / HTTP/1.0\r\n\r\n' >&3 \
-        && head -n 1 <&3) 2>/dev/null && [[ $status == "HTTP/1."?" 200"* ]]; then
+    # (stderr is closed inside the substitution: a refused connection is
+    # reported by the subshell, past a redirection of the assignment.)
+    if status=$(exec 2>/dev/null 3<>"/dev/tcp/127.0.0.1/$rgw_port" && printf 'GET / HTTP/1.0\r\n\r\n' >&3 \
+        && head -n 1 <&3) && [[ $status == "HTTP/1."?" 200"* ]]; then
         ready=1
         break
     fi
