@@ -10,7 +10,6 @@ use std::io;
 use std::ptr;
 use std::sync::Mutex;
 
-use oxqcow::storage::Run;
 use oxqcow::Storage;
 
 use crate::options::RbdOptions;
@@ -432,14 +431,6 @@ impl Storage for RbdStorage {
         }
         push(&mut out, pos, end, false);
         Ok(out)
-    }
-
-    fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<Run>> {
-        Ok(self
-            .data_runs(offset, len)?
-            .into_iter()
-            .map(|(offset, len, data)| Run { offset, len, data, zero: !data })
-            .collect())
     }
 
     fn driver_name(&self) -> &str {
