@@ -10,6 +10,7 @@ use std::sync::Arc;
 use oxqcow::storage::http::{HttpOptions, HttpStorage, NO_WRITES};
 use oxqcow::Storage;
 
+use crate::app::node_options::take_node;
 use crate::app::secrets;
 
 /// Whether `driver` is one of the curl driver's protocols oxqcow reads.
@@ -33,23 +34,12 @@ pub fn http_name(name: &str) -> Option<HttpOptions> {
 /// `https`, and reads them as the curl driver does (secrets looked up,
 /// QEMU's checks and messages).
 pub fn take_http(options: &mut Vec<(String, String)>, prefix: &str) -> Result<Option<HttpOptions>, String> {
-    let key = format!("{prefix}driver");
-    let Some(driver) = options.iter().rev().find(|(k, _)| *k == key).map(|(_, v)| v.clone()) else {
-        return Ok(None);
-    };
-    if !is_http_driver(&driver) {
-        return Ok(None);
-    }
-    // At the node itself every option is the driver's; under `file.` only
-    // those with the prefix.
-    let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(options).into_iter().partition(|(k, _)| k.starts_with(prefix));
-    *options = rest;
+    let Some((driver, mine)) = take_node(options, prefix, is_http_driver) else { return Ok(None) };
     let mut http = HttpOptions::new(&driver);
     let mut cookie_secret = None;
     for (k, value) in mine {
-        let k = &k[prefix.len()..];
+        let k = k.as_str();
         match k {
-            "driver" => {}
             "password-secret" => http.password = Some(secret_text(&value)?),
             "cookie-secret" => cookie_secret = Some(value),
             "proxy-username" | "proxy-password-secret" => {

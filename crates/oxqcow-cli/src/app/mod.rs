@@ -16,6 +16,7 @@ pub mod image;
 pub mod imgopts;
 pub mod io_open;
 pub mod messages;
+pub mod node_options;
 pub mod numbers;
 pub mod object;
 pub mod objects;

@@ -18,6 +18,7 @@ use oxqcow::storage::ObjectWriter;
 use oxqcow::{Image, Storage};
 
 use crate::app::messages::{describe, strerror};
+use crate::app::node_options::take_node;
 
 /// Whether `driver` is one of the object stores oxqcow reads.
 pub fn is_object_driver(driver: &str) -> bool {
@@ -39,21 +40,10 @@ pub fn object_name(name: &str) -> Option<ObjectOptions> {
 /// an image's file) out of `options` when `{prefix}driver` is an object
 /// store's.
 pub fn take_object(options: &mut Vec<(String, String)>, prefix: &str) -> Result<Option<ObjectOptions>, String> {
-    let key = format!("{prefix}driver");
-    let Some(driver) = options.iter().rev().find(|(k, _)| *k == key).map(|(_, v)| v.clone()) else {
-        return Ok(None);
-    };
-    if !is_object_driver(&driver) {
-        return Ok(None);
-    }
-    let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(options).into_iter().partition(|(k, _)| k.starts_with(prefix));
-    *options = rest;
+    let Some((driver, mine)) = take_node(options, prefix, is_object_driver) else { return Ok(None) };
     let mut object = ObjectOptions::default();
     for (k, value) in mine {
-        match &k[prefix.len()..] {
-            "driver" => {}
-            k => object.apply(k, &value)?,
-        }
+        object.apply(&k, &value)?;
     }
     match object.url.as_deref() {
         None => return Err(format!("the '{driver}' driver requires an 'url' option")),

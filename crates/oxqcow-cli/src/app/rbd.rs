@@ -24,6 +24,7 @@ pub fn names_rbd(options: &[(String, String)]) -> bool {
 #[cfg(feature = "rbd")]
 mod imp {
     use super::*;
+    use crate::app::node_options::take_node;
     use oxqcow_rbd::{RbdOptions, RbdStorage};
 
     fn open(o: &RbdOptions, read_only: bool) -> Result<Arc<dyn Storage>, String> {
@@ -45,18 +46,11 @@ mod imp {
         read_only: bool,
         secrets: &dyn Fn(&str) -> Result<Vec<u8>, String>,
     ) -> Result<Option<Arc<dyn Storage>>, String> {
-        let key = format!("{prefix}driver");
-        if options.iter().rev().find(|(k, _)| *k == key).is_none_or(|(_, v)| v != "rbd") {
-            return Ok(None);
-        }
-        let (mine, rest): (Vec<_>, Vec<_>) =
-            std::mem::take(options).into_iter().partition(|(k, _)| k.starts_with(prefix));
-        *options = rest;
+        let Some((_, mine)) = take_node(options, prefix, |d| d == "rbd") else { return Ok(None) };
         let mut secret = None;
         let mut driver_options = Vec::new();
         for (k, v) in mine {
-            match &k[prefix.len()..] {
-                "driver" => {}
+            match k.as_str() {
                 "key-secret" | "password-secret" => {
                     let bytes = secrets(&v)?;
                     secret =
