@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use oxqcow::copy::StatusCursor;
+use oxqcow::copy::for_each_data_run;
 use oxqcow::storage::object::{ObjectOptions, ObjectStorage, NO_WRITES, SCHEMES};
 use oxqcow::storage::ObjectWriter;
 use oxqcow::{Image, Storage};
@@ -106,12 +106,12 @@ impl NewObject {
     }
 
     /// Readies the new image `target` for the copy of `sources` (`total`
-    /// bytes; zeros written as data too when `zeros_as_data`, `-S 0`): a
+    /// bytes, zeros runs of `min_sparse` bytes left out, as `-S` says): a
     /// qcow2 image gets the tables the copy will fill before its first
     /// data cluster; then the upload streams what follows.
-    pub fn prepare(&self, target: &Image, sources: &[Image], total: u64, zeros_as_data: bool) -> Result<(), String> {
+    pub fn prepare(&self, target: &Image, sources: &[Image], total: u64, min_sparse: u64) -> Result<(), String> {
         if let Some(q) = target.as_qcow2() {
-            let ranges = if zeros_as_data { vec![(0, total)] } else { data_ranges(sources)? };
+            let ranges = data_ranges(sources, min_sparse)?;
             q.reserve_for_copy(&ranges).map_err(|e| format!("error while laying out the target: {}", describe(&e)))?;
         }
         let made = self.writer.len().map_err(|e| e.to_string())?;
@@ -129,30 +129,15 @@ impl NewObject {
     }
 }
 
-/// The runs of `sources` (concatenated) that a copy may write: all but
-/// those known to read as zeros.
-fn data_ranges(sources: &[Image]) -> Result<Vec<(u64, u64)>, String> {
+/// The runs of `sources` (concatenated) that a copy writes as data,
+/// those less than [`MERGE_GAP`] apart joined.
+fn data_ranges(sources: &[Image], min_sparse: u64) -> Result<Vec<(u64, u64)>, String> {
+    let images: Vec<&Image> = sources.iter().collect();
     let mut ranges: Vec<(u64, u64)> = Vec::new();
-    let mut base = 0;
-    for image in sources {
-        let mut cursor = StatusCursor::new(image);
-        let size = cursor.size();
-        let mut at = 0;
-        while at < size {
-            let e = cursor
-                .at(at)
-                .map_err(|e| format!("error while reading block status at offset {at}: {}", strerror(&e)))?;
-            at = e.offset + e.length;
-            if e.zero {
-                continue;
-            }
-            let (start, end) = (base + e.offset, base + at);
-            match ranges.last_mut() {
-                Some(last) if start - (last.0 + last.1) < MERGE_GAP => last.1 = end - last.0,
-                _ => ranges.push((start, end - start)),
-            }
-        }
-        base += size;
-    }
+    let walked = for_each_data_run(&images, min_sparse, |start, len| match ranges.last_mut() {
+        Some(last) if start - (last.0 + last.1) < MERGE_GAP => last.1 = start + len - last.0,
+        _ => ranges.push((start, len)),
+    });
+    walked.map_err(|e| format!("error while reading block status at offset {}: {}", e.offset, strerror(&e.error)))?;
     Ok(ranges)
 }

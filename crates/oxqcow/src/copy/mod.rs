@@ -201,18 +201,26 @@ fn sources<'a>(images: &[&'a Image]) -> Result<Vec<Source<'a>>, CopyError> {
 /// count too when `min_sparse` is 0.
 pub fn data_bytes(images: &[&Image], min_sparse: u64) -> Result<u64, CopyError> {
     let mut n = 0;
+    for_each_data_run(images, min_sparse, |_, len| n += len)?;
+    Ok(n)
+}
+
+/// Calls `f` with the offset (in `images` concatenated) and the length of
+/// each run a copy reads and writes as data, front to back: the runs
+/// [`data_bytes`] counts.
+pub fn for_each_data_run(images: &[&Image], min_sparse: u64, mut f: impl FnMut(u64, u64)) -> Result<(), CopyError> {
     for s in sources(images)? {
         let mut cur = StatusCursor::new(s.image);
         let mut off = 0;
         while off < s.len {
             let e = cur.at(off).map_err(|e| CopyError::new(CopyStep::BlockStatus, off, e))?;
             if !e.zero || min_sparse == 0 {
-                n += e.length;
+                f(s.start + off, e.length);
             }
             off += e.length;
         }
     }
-    Ok(n)
+    Ok(())
 }
 
 /// Copies `images`, concatenated, to the start of `target`, which must be

@@ -66,7 +66,7 @@ fn convert(ctx: &Ctx, a: &Args, progress: &Progress) -> Result<(), String> {
         .set_cache_mode(CacheMode::from_name(&a.cache).map_err(|e| describe(&e))?)
         .map_err(|e| format!("Could not open '{}': {}", a.target, describe(&e)))?;
     if let Some(object) = &object {
-        object.prepare(&target, &sources, total, a.min_sparse == 0)?;
+        object.prepare(&target, &sources, total, a.min_sparse)?;
     }
     // An object is uploaded while it is written: front to back.
     job::run(ctx, a, &sources, &target, backing_image.as_deref(), progress, object.is_some())?;
