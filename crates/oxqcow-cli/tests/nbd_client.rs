@@ -5,66 +5,14 @@
 //! qemu-io reads and writes.
 
 mod common;
+mod nbd_server;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use common::Scratch;
-
-/// A server exporting one image, killed when dropped.
-struct Server {
-    child: Child,
-    _sockdir: tempfile::TempDir,
-    socket: PathBuf,
-}
-
-impl Server {
-    /// `qemu-nbd` (or `oxqcow serve` when `ours`) on a unix socket, with
-    /// `extra` flags, persistent so that many clients can come and go.
-    fn unix(image: &Path, ours: bool, extra: &[&str]) -> Server {
-        let sockdir = tempfile::tempdir().unwrap();
-        let socket = sockdir.path().join("nbd.sock");
-        let mut cmd = if ours {
-            let mut c = Command::new(env!("CARGO_BIN_EXE_oxqcow"));
-            c.arg("serve");
-            c
-        } else {
-            Command::new("qemu-nbd")
-        };
-        let child = cmd
-            .args(["-t", "-k"])
-            .arg(&socket)
-            .args(extra)
-            .arg(image)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("qemu-nbd is required by this test (install qemu-utils)");
-        wait_for(&socket);
-        Server { child, _sockdir: sockdir, socket }
-    }
-
-    fn uri(&self) -> String {
-        format!("nbd+unix:///?socket={}", self.socket.display())
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_for(socket: &Path) {
-    for _ in 0..500 {
-        if socket.exists() {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    panic!("the NBD server did not create {}", socket.display());
-}
+use nbd_server::Server;
 
 fn qemu_io(dir: &Path, args: &[&str]) -> common::Out {
     let o = Command::new("qemu-io").args(args).current_dir(dir).output().expect("qemu-io is required");

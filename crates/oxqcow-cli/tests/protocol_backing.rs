@@ -9,64 +9,24 @@
 //! identically through oxqcow.
 
 mod common;
+mod nbd_server;
 mod nginx;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 
 use common::Scratch;
+use nbd_server::Server;
 use nginx::{free_port, Nginx};
+
+/// How the NBD bases are served: read only, for several clients at once.
+const QCOW2_READ_ONLY: &[&str] = &["-e", "16", "-r", "-f", "qcow2"];
 
 /// A base image with data in two places, made by qemu-img and qemu-io.
 fn make_base(s: &Scratch) -> PathBuf {
     s.qemu_ok(&["create", "-q", "-f", "qcow2", "base.qcow2", "64M"]);
     s.qemu_io("qcow2", "base.qcow2", &["write -P 0x5a 0 3M", "write -P 0x11 10M 1M", "write -z 20M 64k"]);
     s.path("base.qcow2")
-}
-
-/// An NBD server exporting `image` (qcow2) on a unix socket, persistent
-/// and for several clients at once; killed when dropped.
-struct NbdServer {
-    child: Child,
-    _dir: tempfile::TempDir,
-    socket: PathBuf,
-}
-
-impl NbdServer {
-    fn start(image: &Path, ours: bool) -> NbdServer {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("nbd.sock");
-        let mut cmd = if ours {
-            let mut c = Command::new(env!("CARGO_BIN_EXE_oxqcow"));
-            c.arg("serve");
-            c
-        } else {
-            Command::new("qemu-nbd")
-        };
-        let child = cmd
-            .args(["-t", "-e", "16", "-r", "-f", "qcow2", "-k"])
-            .arg(&socket)
-            .arg(image)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("qemu-nbd is required by this test (install qemu-utils)");
-        // Made first, so that a server that never listens is killed too.
-        let server = NbdServer { child, _dir: dir, socket };
-        for _ in 0..500 {
-            if server.socket.exists() {
-                return server;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        panic!("the NBD server did not create {}", server.socket.display());
-    }
-}
-
-impl Drop for NbdServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Runs `oxqcow io` (qemu-io) in the scratch directory.
@@ -133,7 +93,7 @@ fn overlays_on_an_http_base() {
 #[test]
 fn overlays_on_an_nbd_base_served_by_qemu_nbd() {
     let s = Scratch::new();
-    let server = NbdServer::start(&make_base(&s), false);
+    let server = Server::unix(&make_base(&s), false, QCOW2_READ_ONLY);
     let socket = server.socket.display().to_string();
     overlays_match(&s, &format!("nbd+unix:///?socket={socket}"), "raw");
     // QEMU's older spelling of the same export.
@@ -145,8 +105,8 @@ fn overlays_on_an_nbd_base_served_by_qemu_nbd() {
 #[test]
 fn overlays_on_an_nbd_base_served_by_oxqcow_serve() {
     let s = Scratch::new();
-    let server = NbdServer::start(&make_base(&s), true);
-    overlays_match(&s, &format!("nbd+unix:///?socket={}", server.socket.display()), "raw");
+    let server = Server::unix(&make_base(&s), true, QCOW2_READ_ONLY);
+    overlays_match(&s, &server.uri(), "raw");
 }
 
 /// A backing server that cannot be reached fails the open with QEMU's
@@ -192,8 +152,8 @@ fn rbd_header_names_with_ceph_options_are_refused() {
 #[test]
 fn unsafe_rebase_onto_an_nbd_base() {
     let s = Scratch::new();
-    let server = NbdServer::start(&make_base(&s), false);
-    let nbd = format!("nbd+unix:///?socket={}", server.socket.display());
+    let server = Server::unix(&make_base(&s), false, QCOW2_READ_ONLY);
+    let nbd = server.uri();
     s.qemu_ok(&["create", "-q", "-f", "qcow2", "top.qcow2", "64M"]);
     s.ours_ok(&["rebase", "-u", "-b", &nbd, "-F", "raw", "top.qcow2"]);
     s.assert_same(&["info", "--backing-chain", "top.qcow2"]);
@@ -206,8 +166,8 @@ fn unsafe_rebase_onto_an_nbd_base() {
 #[test]
 fn commit_into_a_layer_over_an_nbd_base() {
     let s = Scratch::new();
-    let server = NbdServer::start(&make_base(&s), false);
-    let nbd = format!("nbd+unix:///?socket={}", server.socket.display());
+    let server = Server::unix(&make_base(&s), false, QCOW2_READ_ONLY);
+    let nbd = server.uri();
     for (tool_ours, dir) in [(true, "ours"), (false, "theirs")] {
         std::fs::create_dir(s.path(dir)).unwrap();
         let mid = format!("{dir}/mid.qcow2");
@@ -243,8 +203,8 @@ fn commit_into_a_layer_over_an_nbd_base() {
 #[test]
 fn safe_rebase_onto_and_off_an_nbd_base() {
     let s = Scratch::new();
-    let server = NbdServer::start(&make_base(&s), false);
-    let nbd = format!("nbd+unix:///?socket={}", server.socket.display());
+    let server = Server::unix(&make_base(&s), false, QCOW2_READ_ONLY);
+    let nbd = server.uri();
     s.qemu_ok(&["create", "-q", "-f", "qcow2", "blank.qcow2", "64M"]);
     s.qemu_io("qcow2", "blank.qcow2", &["write -P 0x33 9M 2M"]);
     for (ours, dir) in [(true, "ours"), (false, "theirs")] {
