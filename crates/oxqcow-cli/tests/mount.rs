@@ -657,6 +657,9 @@ fn command_line_errors() {
     let (code, err) = ox(&["-U", img.to_str().unwrap(), point.to_str().unwrap()]);
     assert_eq!(code, Some(1));
     assert!(err.contains("--force-share/-U can only be used with --read-only/-r"), "{err}");
+    let (code, err) = ox(&["--busy-poll=sometimes", img.to_str().unwrap(), point.to_str().unwrap()]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("Parameter 'busy-poll' does not accept value 'sometimes'"), "{err}");
     let absent = d.path("absent.qcow2");
     let (code, err) = ox(&[absent.to_str().unwrap(), point.to_str().unwrap()]);
     assert_eq!(code, Some(1));
@@ -875,5 +878,83 @@ fn write_only_opens_bypass_the_page_cache_and_readers_stay_coherent() {
         &["read -P 0x42 0 8192", "read -P 0x43 8192 4096", "read -P 0x42 12288 1036288", "read -P 0x41 1M 1M"],
     );
     qemu_io(&img, &["read -P 0x44 2M 1M", "read -P 0x41 3M 5M"]);
+    assert_clean(&img);
+}
+
+/// Whether the server's /dev/fuse open file is set to non-blocking reads
+/// (the O_NONBLOCK bit, 04000, of the octal `flags:` line of its fdinfo).
+fn device_nonblocking(pid: u32) -> bool {
+    let mut found = None;
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let fd = fd.unwrap();
+        if std::fs::read_link(fd.path()).is_ok_and(|t| t == Path::new("/dev/fuse")) {
+            let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_str().unwrap()))
+                .unwrap_or_default();
+            let flags = info.lines().find_map(|l| l.strip_prefix("flags:")).expect("fdinfo without flags");
+            let nonblocking = u32::from_str_radix(flags.trim(), 8).unwrap() & 0o4000 != 0;
+            found = Some(found.unwrap_or(false) || nonblocking);
+        }
+    }
+    found.expect("the server holds no /dev/fuse descriptor")
+}
+
+/// A stream of requests (a write and an fsync, which the kernel always
+/// passes on) from a child process, until `stop` exists (at least one).
+fn request_stream(file: &str, stop: &Path) -> Child {
+    Command::new("timeout")
+        .args([TIMEOUT, "python3", "-c"])
+        .arg(
+            "import os,sys; fd=os.open(sys.argv[1], os.O_RDWR)\n\
+             while True:\n    os.pwrite(fd, b'x' * 4096, 0); os.fsync(fd)\n    if os.path.exists(sys.argv[2]): break",
+        )
+        .args([file, stop.to_str().unwrap()])
+        .spawn()
+        .unwrap()
+}
+
+/// Busy polling (`--busy-poll`): while requests keep coming the server
+/// reads /dev/fuse without blocking, and once they stop it goes back to
+/// sleeping reads; with `--busy-poll=off` it never polls. The data written
+/// meanwhile reaches the image either way.
+#[test]
+fn busy_polls_while_requests_come_and_sleeps_when_quiet() {
+    require("python3", "python3");
+    let d = Dir::new();
+    let img = d.image("p.qcow2", "4M", &[]);
+    let point = d.point("disk");
+    let stop = d.path("stop");
+    let wait_for = |what: &str, cond: &dyn Fn() -> bool| {
+        let start = Instant::now();
+        while !cond() {
+            assert!(start.elapsed() < WAIT, "{what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+
+    let m = Mounted::new(&["--busy-poll=on"], &img, &point);
+    let pid = m.pid();
+    wait_for("an idle mount must sleep on the device", &|| !device_nonblocking(pid));
+    let mut stream = request_stream(m.path(), &stop);
+    wait_for("the server never polled during a stream of requests", &|| device_nonblocking(pid));
+    std::fs::write(&stop, b"").unwrap();
+    assert!(wait_child(&mut stream).success());
+    wait_for("the server kept polling after the requests stopped", &|| !device_nonblocking(pid));
+    m.unmount_ok();
+    qemu_io(&img, &["read -P 0x78 0 4096"]);
+    assert_clean(&img);
+
+    std::fs::remove_file(&stop).unwrap();
+    qemu_io(&img, &["write -P 0 0 4096"]);
+    let m = Mounted::new(&["--busy-poll=off"], &img, &point);
+    let pid = m.pid();
+    let mut stream = request_stream(m.path(), &stop);
+    for _ in 0..200 {
+        assert!(!device_nonblocking(pid), "--busy-poll=off polled");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::fs::write(&stop, b"").unwrap();
+    assert!(wait_child(&mut stream).success());
+    m.unmount_ok();
+    qemu_io(&img, &["read -P 0x78 0 4096"]);
     assert_clean(&img);
 }

@@ -28,6 +28,8 @@ use fuser::{
 };
 use oxqcow::{BlockDevice, Error as EngineError, ErrorKind, Image, Preallocation};
 
+use super::busy_poll::BusyPoll;
+
 /// How long the kernel may cache attributes and names (QEMU: 1 second).
 const TTL: Duration = Duration::from_secs(1);
 /// The directory holding the file, when the mount point is a directory.
@@ -87,6 +89,8 @@ pub struct DiskFs {
     owner: Mutex<Owner>,
     size_lock: RwLock<()>,
     opens: Mutex<Opens>,
+    /// Told of every request that a program's I/O stream makes.
+    poll: Arc<BusyPoll>,
 }
 
 /// How one open of the disk file is served, kept in its file handle.
@@ -159,10 +163,17 @@ impl Opens {
 
 impl DiskFs {
     /// A file system exporting `image`.
-    pub fn new(image: Arc<Image>, cfg: ExportConfig) -> DiskFs {
+    pub fn new(image: Arc<Image>, cfg: ExportConfig, poll: Arc<BusyPoll>) -> DiskFs {
         let mode = if cfg.writable { 0o600 } else { 0o400 };
         let owner = Owner { mode, uid: rustix::process::getuid().as_raw(), gid: rustix::process::getgid().as_raw() };
-        DiskFs { image, cfg, owner: Mutex::new(owner), size_lock: RwLock::new(()), opens: Mutex::new(Opens::default()) }
+        DiskFs {
+            image,
+            cfg,
+            owner: Mutex::new(owner),
+            size_lock: RwLock::new(()),
+            opens: Mutex::new(Opens::default()),
+            poll,
+        }
     }
 
     fn file_ino(&self) -> INodeNo {
@@ -420,6 +431,7 @@ impl Filesystem for DiskFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.poll.request();
         if ino == self.file_ino() {
             reply.attr(&TTL, &self.file_attr());
         } else if self.is_dir(ino) {
@@ -520,6 +532,7 @@ impl Filesystem for DiskFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.poll.request();
         if ino != self.file_ino() {
             return reply.error(Errno::EISDIR);
         }
@@ -553,6 +566,7 @@ impl Filesystem for DiskFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        self.poll.request();
         if ino != self.file_ino() {
             return reply.error(Errno::EISDIR);
         }
@@ -584,6 +598,7 @@ impl Filesystem for DiskFs {
 
     /// Every `close` flushes the image, as QEMU's export does.
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        self.poll.request();
         reply_result(reply, self.image.flush().map_err(|e| errno_of(&e)));
     }
 
@@ -604,6 +619,7 @@ impl Filesystem for DiskFs {
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        self.poll.request();
         reply_result(reply, self.image.flush().map_err(|e| errno_of(&e)));
     }
 
@@ -636,6 +652,7 @@ impl Filesystem for DiskFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        self.poll.request();
         if ino != self.file_ino() {
             return reply.error(Errno::EISDIR);
         }
@@ -643,6 +660,7 @@ impl Filesystem for DiskFs {
     }
 
     fn lseek(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+        self.poll.request();
         if ino != self.file_ino() {
             return reply.error(Errno::EISDIR);
         }
