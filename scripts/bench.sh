@@ -295,6 +295,7 @@ if [[ $NBD != only && ( -z $ONLY || "convert qcow2->raw from S3 (radosgw)" =~ $O
     if (( s3_rss > peak_rss )); then peak_rss=$s3_rss; fi
     r=$(run "${s3curl[@]}" -T "$WORK/src.qcow2" "$S3_ENDPOINT/bench/curl.qcow2"); ct=${r% *}
     r=$(run "$OX" convert -f qcow2 -O qcow2 "$WORK/src.qcow2" s3://bench/ox.qcow2); ot=${r% *}
+    if (( ${r#* } > peak_rss )); then peak_rss=${r#* }; fi
     results+=("$(printf '%-34s curl     %8.3fs  oxqcow %8.3fs  ratio %5.2f  oxqcow-rss %6d KiB  (one run each)' \
         "convert qcow2->qcow2 to S3 (upload)" "$ct" "$ot" "$(python3 -c "print($ot/max($ct,1e-3))")" "${r#* }")")
     bash scripts/ceph-cluster.sh stop "$WORK/ceph" >/dev/null

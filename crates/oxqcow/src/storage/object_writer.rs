@@ -9,8 +9,9 @@
 //! - the head (`[0, head_end)`): the bytes a writer rewrites until the end
 //!   (a qcow2 image's header, tables and refcounts, all laid out before
 //!   the data by `Qcow2::reserve_for_copy`). Kept in a scratch file and
-//!   sent last, as part 0; it is at least [`PART_SIZE`] long, as every
-//!   part but the last must be at least 5 MiB.
+//!   sent last, as the first parts (numbered when the stream starts, each
+//!   one to two part sizes long); it is at least [`PART_SIZE`] long, as
+//!   every part but the last must be at least 5 MiB.
 //! - the stream (`[head_end, ...)`): bytes written front to back, each
 //!   once. A part is sent as soon as the furthest write is [`LAG`] bytes
 //!   past its end and no write in progress touches it; its bytes are then
@@ -19,13 +20,18 @@
 //!   front to back), and so does the upload with it.
 //!
 //! So the scratch file holds the head and a few parts, not the image, and
-//! the upload runs along with the conversion. The object appears when
+//! the upload runs along with the conversion. In memory are only the parts
+//! on their way ([`UPLOAD_CONCURRENCY`] at most), in buffers that are
+//! reused rather than freed: freed buffers of this size raise glibc's mmap
+//! threshold, and the heap then kept ~30 MiB more than was in use. The object appears when
 //! [`ObjectWriter::finish`] completes the upload; dropped before that,
 //! the upload is aborted and the key keeps what it held.
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
 
 use object_store::multipart::PartId;
 use object_store::{MultipartId, PutPayload};
@@ -51,6 +57,7 @@ pub struct ObjectWriter {
     remote: Remote,
     id: MultipartId,
     scratch: FileStorage,
+    buffers: BufferPool,
     state: Mutex<Stream>,
 }
 
@@ -69,7 +76,9 @@ struct Stream {
     high: u64,
     /// Writes (and zeroings) in progress: their ranges.
     writing: Vec<(u64, u64)>,
-    /// The parts sent, by index (0: the head, sent last).
+    /// How many parts the head takes (numbered first, sent last).
+    head_parts: usize,
+    /// The parts sent, by index (the head's first, sent last).
     parts: Vec<Option<PartId>>,
     /// Parts on their way, oldest first.
     in_flight: VecDeque<(usize, JoinHandle<object_store::Result<PartId>>)>,
@@ -99,12 +108,13 @@ impl ObjectWriter {
             sent_to: 0,
             high: 0,
             writing: Vec::new(),
+            head_parts: 1,
             parts: vec![None],
             in_flight: VecDeque::new(),
             failed: None,
             done: false,
         });
-        Ok(ObjectWriter { remote, id, scratch: FileStorage::from_file(scratch), state })
+        Ok(ObjectWriter { remote, id, scratch: FileStorage::from_file(scratch), buffers: BufferPool::default(), state })
     }
 
     /// The object's URL.
@@ -126,6 +136,8 @@ impl ObjectWriter {
         st.head_end = Some(head_end);
         st.sent_to = head_end;
         st.part_size = part_size(expected_len.max(head_end));
+        st.head_parts = head_ranges(head_end, st.part_size).len();
+        st.parts = vec![None; st.head_parts];
     }
 
     /// Sends what is left and completes the upload: the object appears
@@ -137,6 +149,14 @@ impl ObjectWriter {
         }
         let len = st.len;
         let head = st.head_end.map_or(len, |h| h.min(len));
+        if st.parts.len() == st.head_parts {
+            // No part of the stream is numbered yet: the head's parts may
+            // be numbered afresh for its final length (the whole image when
+            // the stream never started, or one shorter than the head).
+            st.part_size = part_size(head);
+            st.head_parts = head_ranges(head, st.part_size).len();
+            st.parts = vec![None; st.head_parts];
+        }
         let sent = (|| {
             if st.head_end.is_some() {
                 while st.sent_to < len {
@@ -144,7 +164,9 @@ impl ObjectWriter {
                     self.send_tail(&mut st, from, to)?;
                 }
             }
-            self.send(&mut st, 0, 0, head)?;
+            for (index, (from, to)) in head_ranges(head, st.part_size).into_iter().enumerate() {
+                self.send(&mut st, index, from, to)?;
+            }
             while !st.in_flight.is_empty() {
                 self.settle_oldest(&mut st)?;
             }
@@ -235,20 +257,20 @@ impl ObjectWriter {
         Ok(())
     }
 
-    /// Sends `[from, to)` of the scratch file as part `index`, waiting for
-    /// the oldest part on its way when too many are.
+    /// Sends `[from, to)` of the scratch file as part `index`, first
+    /// waiting for the oldest part on its way when too many are.
     fn send(&self, st: &mut Stream, index: usize, from: u64, to: u64) -> io::Result<()> {
-        let mut bytes = vec![0u8; (to - from) as usize];
-        if let Err(e) = self.scratch.read_at(&mut bytes, from) {
-            return Err(self.fail(st, format!("reading the scratch file at byte {from}: {e}")));
-        }
-        let (store, path, id) = (self.remote.multipart.clone(), self.remote.path.clone(), self.id.clone());
-        let upload =
-            self.remote.runtime.spawn(async move { store.put_part(&path, &id, index, PutPayload::from(bytes)).await });
-        st.in_flight.push_back((index, upload));
-        while st.in_flight.len() > UPLOAD_CONCURRENCY {
+        while st.in_flight.len() >= UPLOAD_CONCURRENCY {
             self.settle_oldest(st)?;
         }
+        let mut part = self.buffers.take((to - from) as usize);
+        if let Err(e) = self.scratch.read_at(&mut part.bytes, from) {
+            return Err(self.fail(st, format!("reading the scratch file at byte {from}: {e}")));
+        }
+        let payload = PutPayload::from(Bytes::from_owner(part));
+        let (store, path, id) = (self.remote.multipart.clone(), self.remote.path.clone(), self.id.clone());
+        let upload = self.remote.runtime.spawn(async move { store.put_part(&path, &id, index, payload).await });
+        st.in_flight.push_back((index, upload));
         Ok(())
     }
 
@@ -335,6 +357,51 @@ impl Drop for ObjectWriter {
             upload.abort();
         }
         let _ = self.remote.run(self.remote.multipart.abort_multipart(&self.remote.path, &self.id));
+    }
+}
+
+/// The head's parts: `[0, head)` cut into pieces of `part_size`, the last
+/// one taking the rest (so each is one to two part sizes long), or one
+/// piece when the head is shorter than a part.
+fn head_ranges(head: u64, part_size: u64) -> Vec<(u64, u64)> {
+    let count = (head / part_size).max(1);
+    (0..count).map(|i| (i * part_size, if i + 1 == count { head } else { (i + 1) * part_size })).collect()
+}
+
+/// Buffers for parts on their way, kept for reuse: a part's buffer comes
+/// back when the upload lets go of it.
+#[derive(Clone, Default)]
+struct BufferPool(Arc<Mutex<Vec<Vec<u8>>>>);
+
+/// A part's bytes, owned by the upload until it is done with them.
+struct PartBuffer {
+    bytes: Vec<u8>,
+    pool: BufferPool,
+}
+
+impl BufferPool {
+    /// A buffer of `len` zeroed bytes.
+    fn take(&self, len: usize) -> PartBuffer {
+        let mut bytes = self.0.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_default();
+        bytes.clear();
+        bytes.resize(len, 0);
+        PartBuffer { bytes, pool: self.clone() }
+    }
+}
+
+impl AsRef<[u8]> for PartBuffer {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl Drop for PartBuffer {
+    fn drop(&mut self) {
+        let mut pool = self.pool.0.lock().unwrap_or_else(|p| p.into_inner());
+        // Never more than can be on their way at once, plus the one read.
+        if pool.len() <= UPLOAD_CONCURRENCY {
+            pool.push(std::mem::take(&mut self.bytes));
+        }
     }
 }
 
@@ -427,5 +494,63 @@ mod tests {
         // 1 TiB needs parts of at least 110 MB: 105 MiB whole.
         assert_eq!(part_size(1 << 40), 105 << 20);
         assert!(part_size(5 << 40).checked_mul(MAX_PARTS - 1).unwrap() >= 5 << 40);
+    }
+
+    #[test]
+    fn the_head_is_cut_into_parts_of_one_to_two_part_sizes() {
+        let p = PART_SIZE;
+        assert_eq!(head_ranges(0, p), [(0, 0)]);
+        assert_eq!(head_ranges(4096, p), [(0, 4096)]);
+        assert_eq!(head_ranges(p, p), [(0, p)]);
+        assert_eq!(head_ranges(2 * p - 1, p), [(0, 2 * p - 1)]);
+        assert_eq!(head_ranges(2 * p, p), [(0, p), (p, 2 * p)]);
+        assert_eq!(head_ranges(5 * p + 7, p), [(0, p), (p, 2 * p), (2 * p, 3 * p), (3 * p, 4 * p), (4 * p, 5 * p + 7)]);
+    }
+
+    /// The largest buffer the writer's pool kept, and how many it kept.
+    fn pool_use(pool: &BufferPool) -> (usize, usize) {
+        let kept = pool.0.lock().unwrap();
+        (kept.iter().map(Vec::capacity).max().unwrap_or(0), kept.len())
+    }
+
+    /// Guards memory: an image written without a stream (all of it head,
+    /// as with 512-byte clusters) used to be read into memory whole as one
+    /// part; a long head is sent in several parts, numbered before the
+    /// stream's.
+    #[test]
+    fn a_long_head_goes_in_several_parts_and_memory_holds_a_few() {
+        let (w, store) = writer();
+        let len = 5 * PART_SIZE + 12345;
+        w.write_at(&pattern(0, len as usize), 0).unwrap();
+        let pool = w.buffers.clone();
+        w.finish().unwrap();
+        assert!(object(&store).unwrap() == pattern(0, len as usize));
+        let (largest, kept) = pool_use(&pool);
+        assert!(largest < 2 * PART_SIZE as usize && kept <= UPLOAD_CONCURRENCY + 1, "{largest} bytes, {kept} buffers");
+
+        let (w, store) = writer();
+        let head = 2 * PART_SIZE + 4096;
+        w.write_at(&pattern(0, head as usize), 0).unwrap();
+        w.stream(100 << 20);
+        {
+            let st = w.lock();
+            assert_eq!((st.head_parts, st.parts.len()), (2, 2));
+        }
+        let mut at = head;
+        while at < 100 << 20 {
+            w.write_at(&pattern(at, 1 << 20), at).unwrap();
+            at += 1 << 20;
+        }
+        w.write_at(&[9u8; 512], PART_SIZE + 512).unwrap();
+        let pool = w.buffers.clone();
+        w.finish().unwrap();
+        let got = object(&store).unwrap();
+        assert_eq!(got.len() as u64, at);
+        assert_eq!(got[(PART_SIZE + 512) as usize..(PART_SIZE + 1024) as usize], [9u8; 512]);
+        let mut want = pattern(0, at as usize);
+        want[(PART_SIZE + 512) as usize..(PART_SIZE + 1024) as usize].fill(9);
+        assert!(got == want);
+        let (largest, kept) = pool_use(&pool);
+        assert!(largest < 2 * PART_SIZE as usize && kept <= UPLOAD_CONCURRENCY + 1, "{largest} bytes, {kept} buffers");
     }
 }
