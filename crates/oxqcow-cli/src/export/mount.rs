@@ -107,18 +107,19 @@ open bypass it too (shared mmap of them fails with ENODEV).
 /// that has waited longest, so with several threads a stream of requests
 /// one at a time (a program's read/write calls) hops to another thread,
 /// often on another CPU, for every request, and each round trip pays a
-/// cross-CPU wakeup; one thread keeps the stream on the CPU it shares with
-/// its caller. More threads only help requests that really run at once.
+/// wakeup of a sleeping thread; one thread serves the stream alone (and,
+/// busy polling, without sleeping between its requests). More threads
+/// only help requests that really run at once.
 const DEFAULT_THREADS: usize = 1;
+/// More is never useful: the kernel has that many requests in flight at most.
+const MAX_THREADS: usize = 64;
+
 /// Whether `--busy-poll=auto` polls: only where a CPU is left for the
 /// program using the file, which a polling thread would otherwise compete
 /// with for its only CPU.
 fn busy_poll_by_default() -> bool {
     std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2)
 }
-
-/// More is never useful: the kernel has that many requests in flight at most.
-const MAX_THREADS: usize = 64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum AllowOther {
