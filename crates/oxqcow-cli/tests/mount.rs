@@ -767,11 +767,24 @@ fn one_thread_serves_unless_told_otherwise() {
     let d = Dir::new();
     let img = d.image("t.qcow2", "4M", &[]);
     let point = d.point("disk");
+    // The file is mounted before the server starts its threads: a stat,
+    // which only a running thread answers, then a bounded wait for the
+    // expected count, which must then hold.
+    let settled = |m: &Mounted, want: usize| {
+        std::fs::metadata(m.path()).unwrap();
+        let start = Instant::now();
+        while serving_threads(m.pid()) < want {
+            assert!(start.elapsed() < WAIT, "{} serving threads, not {want}", serving_threads(m.pid()));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        serving_threads(m.pid())
+    };
     let m = Mounted::new(&[], &img, &point);
-    assert_eq!(serving_threads(m.pid()), 1);
+    assert_eq!(settled(&m, 1), 1);
     m.unmount_ok();
     let m = Mounted::new(&["--threads", "3"], &img, &point);
-    assert_eq!(serving_threads(m.pid()), 3);
+    assert_eq!(settled(&m, 3), 3);
     m.unmount_ok();
 }
 
