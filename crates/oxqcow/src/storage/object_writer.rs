@@ -88,6 +88,44 @@ struct Stream {
     done: bool,
 }
 
+impl Stream {
+    fn new() -> Stream {
+        Stream {
+            len: 0,
+            head_end: None,
+            part_size: PART_SIZE,
+            sent_to: 0,
+            high: 0,
+            writing: Vec::new(),
+            head_parts: 1,
+            parts: vec![None],
+            in_flight: VecDeque::new(),
+            failed: None,
+            done: false,
+        }
+    }
+
+    /// Numbers the parts of a head `head` bytes long, the stream's to
+    /// follow them in parts of `part_size`.
+    fn number_head(&mut self, head: u64, part_size: u64) {
+        self.part_size = part_size;
+        self.head_parts = head_ranges(head, part_size).len();
+        self.parts = vec![None; self.head_parts];
+    }
+
+    /// At the end, for an object of `len` bytes whose head is `head`
+    /// long: while no part of the stream is numbered yet, the head's parts
+    /// are numbered afresh for its final length (the whole image when the
+    /// stream never started, or one shorter than the head), with parts
+    /// large enough for everything still to send.
+    fn renumber_for(&mut self, len: u64, head: u64) {
+        if self.parts.len() == self.head_parts {
+            let size = self.part_size.max(part_size(len));
+            self.number_head(head, size);
+        }
+    }
+}
+
 impl ObjectWriter {
     /// Starts a multipart upload at the key `opts` name (so that a wrong
     /// endpoint, bucket or credentials fail before any work) and makes
@@ -101,19 +139,7 @@ impl ObjectWriter {
         let id =
             remote.run(remote.multipart.create_multipart(&remote.path)).map_err(|e| remote.failure(e).to_string())?;
         let scratch = tempfile::tempfile().map_err(|e| format!("Could not create a scratch file: {e}"))?;
-        let state = Mutex::new(Stream {
-            len: 0,
-            head_end: None,
-            part_size: PART_SIZE,
-            sent_to: 0,
-            high: 0,
-            writing: Vec::new(),
-            head_parts: 1,
-            parts: vec![None],
-            in_flight: VecDeque::new(),
-            failed: None,
-            done: false,
-        });
+        let state = Mutex::new(Stream::new());
         Ok(ObjectWriter { remote, id, scratch: FileStorage::from_file(scratch), buffers: BufferPool::default(), state })
     }
 
@@ -135,9 +161,7 @@ impl ObjectWriter {
         let head_end = st.high.max(PART_SIZE);
         st.head_end = Some(head_end);
         st.sent_to = head_end;
-        st.part_size = part_size(expected_len.max(head_end));
-        st.head_parts = head_ranges(head_end, st.part_size).len();
-        st.parts = vec![None; st.head_parts];
+        st.number_head(head_end, part_size(expected_len.max(head_end)));
     }
 
     /// Sends what is left and completes the upload: the object appears
@@ -149,14 +173,7 @@ impl ObjectWriter {
         }
         let len = st.len;
         let head = st.head_end.map_or(len, |h| h.min(len));
-        if st.parts.len() == st.head_parts {
-            // No part of the stream is numbered yet: the head's parts may
-            // be numbered afresh for its final length (the whole image when
-            // the stream never started, or one shorter than the head).
-            st.part_size = part_size(head);
-            st.head_parts = head_ranges(head, st.part_size).len();
-            st.parts = vec![None; st.head_parts];
-        }
+        st.renumber_for(len, head);
         let sent = (|| {
             if st.head_end.is_some() {
                 while st.sent_to < len {
@@ -494,6 +511,36 @@ mod tests {
         // 1 TiB needs parts of at least 110 MB: 105 MiB whole.
         assert_eq!(part_size(1 << 40), 105 << 20);
         assert!(part_size(5 << 40).checked_mul(MAX_PARTS - 1).unwrap() >= 5 << 40);
+    }
+
+    /// Guards the part count at the end: a streamed image whose stream
+    /// has sent nothing yet (its data was all in the head, the rest of a
+    /// large disk unwritten) must not be renumbered with parts sized for
+    /// the head alone, or the zeros still to send would need more parts
+    /// than S3 allows.
+    #[test]
+    fn parts_numbered_at_the_end_cover_the_whole_object() {
+        for (len, head_end, expected) in
+            [(1u64 << 40, PART_SIZE, 100u64 << 20), (200 << 30, 3 * PART_SIZE, 200 << 30), (1 << 40, 0, 0)]
+        {
+            let mut st = Stream::new();
+            st.len = len;
+            if head_end > 0 {
+                st.head_end = Some(head_end);
+                st.sent_to = head_end;
+                st.number_head(head_end, part_size(expected.max(head_end)));
+            }
+            let head = st.head_end.map_or(len, |h| h.min(len));
+            st.renumber_for(len, head);
+            let tail_parts = (len - head).div_ceil(st.part_size);
+            assert!(
+                st.head_parts as u64 + tail_parts <= MAX_PARTS,
+                "{len} bytes: {} + {tail_parts} parts",
+                st.head_parts
+            );
+            assert_eq!(st.parts.len(), st.head_parts);
+            assert!(head_ranges(head, st.part_size).iter().all(|&(a, b)| b - a <= 2 * st.part_size));
+        }
     }
 
     #[test]
