@@ -44,14 +44,9 @@ pub struct BusyPoll {
     requests: AtomicU64,
     /// Whether the device is read without blocking now.
     polling: AtomicBool,
-    /// Serialises the flag changes, and holds `stop`.
-    state: Mutex<Watch>,
+    /// Serialises the flag changes; true once stopped.
+    stopped: Mutex<bool>,
     changed: Condvar,
-}
-
-#[derive(Debug, Default)]
-struct Watch {
-    stopped: bool,
 }
 
 impl BusyPoll {
@@ -67,8 +62,8 @@ impl BusyPoll {
             return;
         }
         let Some(device) = self.device.get() else { return };
-        let state = self.lock();
-        if state.stopped || self.polling.load(Ordering::SeqCst) {
+        let stopped = self.lock();
+        if *stopped || self.polling.load(Ordering::SeqCst) {
             return;
         }
         // Were the flag not to change, requests are served as without
@@ -88,18 +83,18 @@ impl BusyPoll {
     /// The watcher: runs until [`BusyPoll::stop`], turning polling off
     /// after each quiet spell of [`QUIET`].
     pub fn watch(&self) {
-        let mut state = self.lock();
+        let mut stopped = self.lock();
         loop {
-            while !state.stopped && !self.polling.load(Ordering::SeqCst) {
-                state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+            while !*stopped && !self.polling.load(Ordering::SeqCst) {
+                stopped = self.changed.wait(stopped).unwrap_or_else(|p| p.into_inner());
             }
-            if state.stopped {
+            if *stopped {
                 return;
             }
             let seen = self.requests.load(Ordering::SeqCst);
-            let (s, _) = self.changed.wait_timeout(state, QUIET).unwrap_or_else(|p| p.into_inner());
-            state = s;
-            if state.stopped {
+            let (s, _) = self.changed.wait_timeout(stopped, QUIET).unwrap_or_else(|p| p.into_inner());
+            stopped = s;
+            if *stopped {
                 return;
             }
             if self.requests.load(Ordering::SeqCst) != seen {
@@ -116,12 +111,12 @@ impl BusyPoll {
 
     /// Ends [`BusyPoll::watch`]; requests no longer start polling.
     pub fn stop(&self) {
-        self.lock().stopped = true;
+        *self.lock() = true;
         self.changed.notify_all();
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Watch> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, bool> {
+        self.stopped.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
