@@ -3,7 +3,8 @@
 # seeded with valid images of several geometries made by the library, or
 # for the NBD targets with the client byte streams in fuzz/seeds/TARGET.
 # Usage: fuzz/run.sh [SECONDS] [TARGET]   (default 60 s, open_read_check;
-# the others are open_write_check, nbd_session, nbd_tls_session and nbd_requests)
+# the others are open_write_check, open_any_check, nbd_session, nbd_tls_session, nbd_requests
+# and nbd_client)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-60}"
@@ -19,6 +20,9 @@ elif [[ "$target" == nbd_* ]]; then
     cp fuzz/seeds/"$target"/* "$corpus"/
 else
     cargo run -q -p oxqcow-testkit --bin oxqcow-fuzz-seeds -- "$corpus"
+    if [[ "$target" == open_any_check ]]; then
+        cp fuzz/seeds/open_any_check/* "$corpus"/
+    fi
 fi
 cd fuzz
 cargo fuzz run -s none "$target" "corpus/$target" -- \

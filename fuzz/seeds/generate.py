@@ -5,6 +5,15 @@
                  qemu-img, nbdinfo and nbdcopy send, plus hostile variants.
   nbd_requests/  a configuration byte, then transmission requests (compact,
                  or extended when the byte's bit 5 asks for extended headers).
+  nbd_client/    a configuration byte, then what a server sends to oxqcow's
+                 NBD client (`oxqcow_nbd::fuzzing::drive_client`): as
+                 qemu-nbd answers with extended headers, with structured
+                 replies only, with simple replies only, the depth context,
+                 an export listing, and broken answers.
+  open_any_check/ images of the formats other than qcow2 that oxqcow
+                 opens, made by qemu-img (which this needs): qcow (v1)
+                 images, plain, compressed, with a backing name, AES
+                 encrypted, and a LUKS image's first 4 KiB (its header).
 
 The seeds are committed; rerun this after changing it. fuzz/run.sh copies
 them into the (git-ignored) corpus before fuzzing:
@@ -16,6 +25,8 @@ them and over mutations of them.
 """
 import os
 import struct
+import subprocess
+import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IHAVEOPT = 0x49484156454F5054
@@ -79,6 +90,107 @@ def io_requests(extended=False):
             + request(DISC, 0, 0, cookie=11, extended=x))
 
 
+# The server's side, for the nbd_client target.
+NBDMAGIC = 0x4E42444D41474943
+OPTION_REPLY_MAGIC = 0x0003E889045565A9
+SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, EXTENDED_REPLY_MAGIC = 0x67446698, 0x668E33EF, 0x6E8A278C
+REP_ACK, REP_SERVER, REP_INFO, REP_META_CONTEXT = 1, 2, 3, 4
+REP_ERR_UNSUP = (1 << 31) | 1
+INFO_EXPORT, INFO_BLOCK_SIZE = 0, 3
+DONE = 1
+CHUNK_NONE, CHUNK_DATA, CHUNK_HOLE, CHUNK_STATUS, CHUNK_STATUS_EXT, CHUNK_ERROR = 0, 1, 2, 5, 6, (1 << 15) | 1
+HAS_FLAGS, READ_ONLY, SEND_FLUSH, SEND_WRITE_ZEROES = 1, 2, 4, 64
+DISK = 1 << 20
+
+
+def greeting():
+    return struct.pack(">QQH", NBDMAGIC, IHAVEOPT, 3)
+
+
+def opt_reply(opt, kind, data=b""):
+    return struct.pack(">QIII", OPTION_REPLY_MAGIC, opt, kind, len(data)) + data
+
+
+def negotiation(framing, context="base:allocation", flags=HAS_FLAGS | SEND_FLUSH | SEND_WRITE_ZEROES):
+    """The answers to oxqcow's client: extended headers, structured replies
+    ("structured": extended refused) or neither ("simple"); the context;
+    the export's size and flags."""
+    out = greeting()
+    if framing == "extended":
+        out += opt_reply(OPT_EXTENDED, REP_ACK)
+    else:
+        out += opt_reply(OPT_EXTENDED, REP_ERR_UNSUP)
+        out += opt_reply(OPT_STRUCTURED_REPLY, REP_ACK if framing == "structured" else REP_ERR_UNSUP)
+    if framing != "simple":
+        out += (opt_reply(OPT_SET_META, REP_META_CONTEXT, struct.pack(">I", 1) + context.encode())
+                + opt_reply(OPT_SET_META, REP_ACK))
+    return (out + opt_reply(OPT_GO, REP_INFO, struct.pack(">HQH", INFO_EXPORT, DISK, flags))
+            + opt_reply(OPT_GO, REP_INFO, struct.pack(">HIII", INFO_BLOCK_SIZE, 1, 4096, 32 << 20))
+            + opt_reply(OPT_GO, REP_ACK))
+
+
+def chunk(framing, cookie, kind, payload, flags=DONE, offset=0):
+    if framing == "extended":
+        return struct.pack(">IHHQQQ", EXTENDED_REPLY_MAGIC, flags, kind, cookie, offset, len(payload)) + payload
+    return struct.pack(">IHHQI", STRUCTURED_REPLY_MAGIC, flags, kind, cookie, len(payload)) + payload
+
+
+def simple_reply(cookie, error=0, data=b""):
+    return struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, error, cookie) + data
+
+
+def status_reply(framing, cookie, extents):
+    if framing == "extended":
+        body = struct.pack(">II", 1, len(extents)) + b"".join(struct.pack(">QQ", l, f) for l, f in extents)
+        return chunk(framing, cookie, CHUNK_STATUS_EXT, body)
+    body = struct.pack(">I", 1) + b"".join(struct.pack(">II", l, f) for l, f in extents)
+    return chunk(framing, cookie, CHUNK_STATUS, body)
+
+
+def read_reply(framing, cookie, data):
+    """Data, then a hole, as qemu-nbd splits a read (simple: whole)."""
+    if framing == "simple":
+        return simple_reply(cookie, data=data)
+    half = len(data) // 2
+    return (chunk(framing, cookie, CHUNK_DATA, struct.pack(">Q", 0) + data[:half], flags=0)
+            + chunk(framing, cookie, CHUNK_HOLE, struct.pack(">QI", half, len(data) - half)))
+
+
+def done_reply(framing, cookie):
+    if framing == "extended":
+        return chunk(framing, cookie, CHUNK_NONE, b"")
+    return simple_reply(cookie)
+
+
+def client_session(framing, extents=((65536, 0), (DISK - 65536, 3)), context="base:allocation"):
+    """What the driver's client asks, answered in order: block status (with
+    a context), a 16 KiB read, a write, write zeroes, flush."""
+    out = negotiation(framing, context)
+    cookie = 1
+    if framing != "simple":
+        out += status_reply(framing, cookie, extents)
+        cookie += 1
+    out += read_reply(framing, cookie, b"\x5a" * 8192 + bytes(8192))
+    for c in range(cookie + 1, cookie + 4):
+        out += done_reply(framing, c)
+    return out
+
+
+def listing():
+    out = greeting() + opt_reply(OPT_EXTENDED, REP_ACK)
+    for name, desc in (("", "the default"), ("disk", "")):
+        out += opt_reply(OPT_LIST, REP_SERVER, struct.pack(">I", len(name)) + name.encode() + desc.encode())
+    out += opt_reply(OPT_LIST, REP_ACK)
+    for flags in (HAS_FLAGS | SEND_FLUSH, HAS_FLAGS | READ_ONLY):
+        out += (opt_reply(OPT_INFO, REP_INFO, struct.pack(">HQH", INFO_EXPORT, DISK, flags))
+                + opt_reply(OPT_INFO, REP_INFO, struct.pack(">HIII", INFO_BLOCK_SIZE, 1, 4096, 32 << 20))
+                + opt_reply(OPT_INFO, REP_ACK))
+        out += (opt_reply(OPT_LIST_META, REP_META_CONTEXT, struct.pack(">I", 1) + b"base:allocation")
+                + opt_reply(OPT_LIST_META, REP_META_CONTEXT, struct.pack(">I", 2) + b"qemu:allocation-depth")
+                + opt_reply(OPT_LIST_META, REP_ACK))
+    return out
+
+
 def write(target, name, data):
     d = os.path.join(HERE, target)
     os.makedirs(d, exist_ok=True)
@@ -104,3 +216,59 @@ write("nbd_requests", "read-only", bytes([0b01011]) + io_requests())
 write("nbd_requests", "hostile", bytes([0b11111]) + request(READ, 0xFFFFFFFFFFFFFFFF, 10) + request(99, 0, 0)
       + request(READ, 0, 1, flags=0xFFFF) + request(BLOCK_STATUS, 0, 0) + request(WRITE, (1 << 20) - 1, 2, payload=b"zz")
       + request(WRITE, 0, 40 << 20))
+
+write("nbd_client", "extended", bytes([0]) + client_session("extended"))
+write("nbd_client", "structured", bytes([0]) + client_session("structured"))
+write("nbd_client", "simple", bytes([0]) + client_session("simple"))
+write("nbd_client", "allocation-depth", bytes([2]) + client_session(
+    "extended", extents=((4096, 0), (4096, 1), (8192, 2), (DISK - 16384, 3)), context="qemu:allocation-depth"))
+write("nbd_client", "list", bytes([1]) + listing())
+# The read fails with an error chunk carrying a message; the writes go on.
+write("nbd_client", "read-error", bytes([0]) + negotiation("extended")
+      + status_reply("extended", 1, [(DISK, 0)])
+      + chunk("extended", 2, CHUNK_ERROR, struct.pack(">IH", 5, 7) + b"EIO now")
+      + b"".join(done_reply("extended", c) for c in (3, 4, 5)))
+# Broken: extents of length 0, a data chunk outside the read, a reply to a
+# cookie never sent.
+write("nbd_client", "hostile", bytes([0]) + negotiation("structured")
+      + status_reply("structured", 1, [(0, 0), (0xFFFFFFFF, 0xFFFFFFFF)])
+      + chunk("structured", 2, CHUNK_DATA, struct.pack(">Q", (1 << 64) - 8) + b"x" * 16)
+      + simple_reply(99))
+
+
+def qemu_img(*args):
+    subprocess.run(["qemu-img", *args], check=True, stdout=subprocess.DEVNULL)
+
+
+def qemu_io(fmt, path, *commands):
+    cmd = ["qemu-io", "-f", fmt]
+    for c in commands:
+        cmd += ["-c", c]
+    subprocess.run(cmd + [path], check=True, stdout=subprocess.DEVNULL)
+
+
+with tempfile.TemporaryDirectory() as tmp:
+    def path(name):
+        return os.path.join(tmp, name)
+
+    def seed(name, file_name, limit=None):
+        with open(path(file_name), "rb") as f:
+            write("open_any_check", name, f.read(limit))
+
+    qemu_img("create", "-q", "-f", "qcow", path("a.qcow"), "1M")
+    qemu_io("qcow", path("a.qcow"), "write -P 0x11 0 5000", "write -P 0x22 600k 8k")
+    seed("qcow", "a.qcow")
+    # qemu-img ends a compressed qcow convert with an error (its last,
+    # empty compressed write fails) after writing every cluster.
+    subprocess.run(["qemu-img", "convert", "-c", "-O", "qcow", path("a.qcow"), path("c.qcow")],
+                   stderr=subprocess.DEVNULL)
+    seed("qcow-compressed", "c.qcow")
+    qemu_img("create", "-q", "-f", "qcow", "-b", "a.qcow", "-F", "qcow", path("b.qcow"))
+    qemu_io("qcow", path("b.qcow"), "write -P 0x33 4096 4096")
+    seed("qcow-backing", "b.qcow")
+    qemu_img("create", "-q", "-f", "qcow", "--object", "secret,id=s,data=fuzz",
+             "-o", "encrypt.format=aes,encrypt.key-secret=s", path("e.qcow"), "1M")
+    seed("qcow-aes", "e.qcow")
+    qemu_img("create", "-q", "-f", "luks", "--object", "secret,id=s,data=fuzz",
+             "-o", "key-secret=s,iter-time=10", path("l.luks"), "1M")
+    seed("luks-header", "l.luks", 4096)

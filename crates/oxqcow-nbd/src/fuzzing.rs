@@ -7,11 +7,23 @@
 //! request parser and every command without learning the handshake first.
 //! [`drive_tls_session`] is [`drive_session`] on a server that requires
 //! TLS. All return what the server sent. None may panic on any input.
+//!
+//! [`drive_client`] turns it around: the byte string plays a server to
+//! oxqcow's NBD client (the one `nbd://` image names open), which lists
+//! exports or negotiates one and then reads, asks block status and
+//! writes. The client is built on a socket and its pipelined receiver
+//! on blocking reads, so this driver does use a socket pair and threads.
 
 use std::io::{self, Cursor, Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
-use oxqcow::{CreateOptions, Image, MemoryStorage};
+use oxqcow::storage::Run;
+use oxqcow::{CreateOptions, Image, MemoryStorage, Storage};
+
+use crate::client::{ExportInfo, NbdClient};
+use crate::conn::Stream;
 
 use crate::export::{Export, ExportOptions};
 use crate::handshake::{self, Contexts, Negotiated, Outcome};
@@ -144,5 +156,77 @@ fn transmission(session: &Session, input: &mut Cursor<&[u8]>, out: &mut Vec<u8>)
             Ok(op) => out.extend(session.execute(&h, op, &payload)),
             Err(r) => out.extend(session.refusal_reply(&h, &r)),
         }
+    }
+}
+
+/// What oxqcow's NBD client made of a server's byte string
+/// ([`drive_client`]); each field `None` when its step failed or did not run.
+#[derive(Debug, Default)]
+pub struct ClientRun {
+    /// Everything the client sent.
+    pub sent: Vec<u8>,
+    /// The exports listed (in listing mode).
+    pub listed: Option<Vec<ExportInfo>>,
+    /// The export's size, once negotiated.
+    pub size: Option<u64>,
+    /// Block status of the first MiB.
+    pub status: Option<Vec<Run>>,
+    /// The first 16 KiB, read.
+    pub read: Option<Vec<u8>>,
+    /// Whether the writes (512 bytes at 0, zeros at 4096, flush) succeeded.
+    pub wrote: Option<()>,
+}
+
+/// `data`'s first byte chooses what the client does: bit 0 lists the
+/// exports (`qemu-nbd --list`) instead of opening one, bit 1 opens with
+/// `x-dirty-bitmap=qemu:allocation-depth` (QEMU's way to read the depth
+/// context). The rest is what the server sends, from its greeting on;
+/// after it the server's side of the socket closes.
+pub fn drive_client(data: &[u8]) -> ClientRun {
+    let Some((&cfg, server_bytes)) = data.split_first() else { return ClientRun::default() };
+    let Ok((client_end, server_end)) = UnixStream::pair() else { return ClientRun::default() };
+    let (Ok(feeding), Ok(draining)) = (server_end.try_clone(), server_end.try_clone()) else {
+        return ClientRun::default();
+    };
+    let server_bytes = server_bytes.to_vec();
+    // Feeding and draining run apart: the client may send much before it
+    // reads (a write's payload) while the server's bytes fill the socket.
+    let feeder = std::thread::spawn(move || {
+        let mut s = feeding;
+        let _ = s.write_all(&server_bytes);
+        let _ = s.shutdown(Shutdown::Write);
+    });
+    let drainer = std::thread::spawn(move || {
+        let mut sent = Vec::new();
+        let _ = (&draining).read_to_end(&mut sent);
+        sent
+    });
+    let mut run = ClientRun::default();
+    if cfg & 1 != 0 {
+        run.listed = crate::client::list_over_stream(Stream::Unix(client_end)).ok();
+    } else {
+        let context = (cfg & 2 != 0).then_some("qemu:allocation-depth");
+        if let Ok(client) = NbdClient::over_stream(Stream::Unix(client_end), "", context) {
+            use_export(&client, &mut run);
+        }
+    }
+    // The client's socket is closed: the drainer sees the end.
+    let _ = feeder.join();
+    run.sent = drainer.join().unwrap_or_default();
+    drop(server_end);
+    run
+}
+
+/// The requests a convert or a qemu-io session sends, in a fixed order so
+/// that a seed can answer them by cookie.
+fn use_export(client: &NbdClient, run: &mut ClientRun) {
+    let Ok(size) = client.len() else { return };
+    run.size = Some(size);
+    run.status = client.allocation(0, size.min(1 << 20)).ok();
+    let mut buf = vec![0u8; size.min(16 << 10) as usize];
+    run.read = client.read_at(&mut buf, 0).ok().map(|()| buf);
+    if !client.is_read_only() && size >= 8192 {
+        let wrote = client.write_at(&[0xab; 512], 0).and_then(|()| client.write_zeroes(4096, 4096));
+        run.wrote = wrote.and_then(|()| client.sync()).ok();
     }
 }

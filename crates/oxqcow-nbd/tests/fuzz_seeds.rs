@@ -5,7 +5,8 @@
 
 use std::path::PathBuf;
 
-use oxqcow_nbd::fuzzing::{drive_requests, drive_session, drive_tls_session};
+use oxqcow::storage::Run;
+use oxqcow_nbd::fuzzing::{drive_client, drive_requests, drive_session, drive_tls_session};
 use oxqcow_nbd::proto;
 
 fn seeds(target: &str) -> Vec<(String, Vec<u8>)> {
@@ -150,4 +151,77 @@ fn qemu_img_seed_reads_back_its_write() {
     let out = drive_session(&seed);
     let pattern = [0xabu8; 512];
     assert!(out.windows(512).any(|w| w == pattern), "the written bytes were not read back");
+}
+
+/// The seeds that open an export answer every request the driver's client
+/// sends; what it made of them is what the seed says.
+#[test]
+fn client_seeds_are_understood_and_mutations_do_not_panic() {
+    let mut rng = Rng(0xc11e_47ff_0000_5eed);
+    let disk = 1u64 << 20;
+    let read = {
+        let mut v = vec![0x5a; 8192];
+        v.resize(16384, 0);
+        v
+    };
+    for (name, seed) in seeds("nbd_client") {
+        let run = drive_client(&seed);
+        let disc_compact = [proto::REQUEST_MAGIC.to_be_bytes().as_slice(), &[0, 0, 0, 2]].concat();
+        let disc_extended = [proto::EXTENDED_REQUEST_MAGIC.to_be_bytes().as_slice(), &[0, 0, 0, 2]].concat();
+        // The last request sent is NBD_CMD_DISC, in a 28-byte compact or a
+        // 32-byte extended header.
+        let disconnected = |sent: &[u8]| {
+            let tail = |n: usize| sent.get(sent.len().saturating_sub(n)..).unwrap_or_default();
+            tail(28).starts_with(&disc_compact) || tail(32).starts_with(&disc_extended)
+        };
+        let run_of = |offset, len, data, zero| Run { offset, len, data, zero };
+        match name.as_str() {
+            "extended" | "structured" | "simple" => {
+                assert_eq!(run.size, Some(disk), "{name}: size");
+                assert_eq!(run.read.as_deref(), Some(read.as_slice()), "{name}: read");
+                assert_eq!(run.wrote, Some(()), "{name}: writes");
+                let status = run.status.clone().unwrap_or_else(|| panic!("{name}: no block status"));
+                if name == "simple" {
+                    // No status context: all data, as QEMU's client says.
+                    assert_eq!(status, vec![run_of(0, disk, true, false)], "{name}");
+                } else {
+                    assert_eq!(status, vec![run_of(0, 65536, true, false), run_of(65536, disk - 65536, false, true)]);
+                }
+                assert!(disconnected(&run.sent), "{name}: the session did not end with NBD_CMD_DISC");
+            }
+            "allocation-depth" => {
+                // Depths past 2 fold into 2, as QEMU reads the context.
+                let status = run.status.clone().expect("allocation-depth: no block status");
+                assert_eq!(
+                    status,
+                    vec![
+                        run_of(0, 4096, true, false),
+                        run_of(4096, 4096, false, false),
+                        run_of(8192, disk - 8192, true, true)
+                    ]
+                );
+            }
+            "list" => {
+                let listed = run.listed.clone().expect("list: nothing listed");
+                let names: Vec<_> = listed.iter().map(|e| (e.name.as_str(), e.description.as_str())).collect();
+                assert_eq!(names, [("", "the default"), ("disk", "")]);
+                assert!(listed.iter().all(|e| e.size == disk && e.extended && e.contexts.len() == 2));
+                assert_eq!(listed[0].block_sizes, Some((1, 4096, 32 << 20)));
+                assert_ne!(listed[1].flags & proto::transmission_flags::READ_ONLY, 0);
+            }
+            "read-error" => {
+                assert!(run.read.is_none(), "read-error: the error chunk was not reported");
+                assert_eq!(run.wrote, Some(()), "read-error: an errno must not break the connection");
+            }
+            "hostile" => {
+                assert_eq!(run.size, Some(disk));
+                assert!(run.status.is_none() && run.read.is_none() && run.wrote.is_none(), "hostile: {run:?}");
+            }
+            other => panic!("a client seed this test does not know: {other}"),
+        }
+        for _ in 0..300 {
+            let m = mutate(&mut rng, &seed);
+            let _ = drive_client(&m);
+        }
+    }
 }

@@ -43,6 +43,16 @@ pub fn list_exports(
     listed
 }
 
+/// [`list_exports`] on a stream the caller connected: for the fuzz driver,
+/// which plays the server.
+pub(crate) fn list_over_stream(stream: crate::conn::Stream) -> io::Result<Vec<ExportInfo>> {
+    let mut s = Socket::plain(stream);
+    super::greet(&mut s)?;
+    let listed = list_on(&mut s);
+    let _ = send_option(&mut s, opt::ABORT, &[]);
+    listed
+}
+
 fn list_on(s: &mut Socket) -> io::Result<Vec<ExportInfo>> {
     let extended = simple_option(s, opt::EXTENDED_HEADERS)?;
     let structured = extended || simple_option(s, opt::STRUCTURED_REPLY)?;

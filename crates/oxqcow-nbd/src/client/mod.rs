@@ -20,6 +20,7 @@ use oxqcow::storage::Run;
 use oxqcow::Storage;
 
 pub use address::{NbdAddress, NbdServer, DEFAULT_PORT};
+pub(crate) use list::list_over_stream;
 pub use list::{list_exports, ExportInfo};
 pub use tls::TlsClient;
 
@@ -215,9 +216,21 @@ impl NbdClient {
     /// Connects to `addr` and negotiates its export, over TLS with `tls`
     /// (the credentials `addr.tls_creds` names: the caller holds them).
     pub fn connect(addr: &NbdAddress, tls: Option<&TlsClient>) -> io::Result<NbdClient> {
-        let mut socket = greeted(&addr.server, tls, addr.tls_hostname())?;
-        let context = addr.x_dirty_bitmap.as_deref();
-        let n = match negotiate(&mut socket, &addr.export, context) {
+        let socket = greeted(&addr.server, tls, addr.tls_hostname())?;
+        NbdClient::negotiated(socket, &addr.export, addr.x_dirty_bitmap.as_deref())
+    }
+
+    /// The whole client conversation (greeting, negotiation) on a stream
+    /// the caller connected: for the fuzz driver, which plays the server.
+    pub(crate) fn over_stream(stream: Stream, export: &str, x_dirty_bitmap: Option<&str>) -> io::Result<NbdClient> {
+        let mut socket = Socket::plain(stream);
+        greet(&mut socket)?;
+        NbdClient::negotiated(socket, export, x_dirty_bitmap)
+    }
+
+    /// Negotiates `export` on a connection past the greeting.
+    fn negotiated(mut socket: Socket, export: &str, context: Option<&str>) -> io::Result<NbdClient> {
+        let n = match negotiate(&mut socket, export, context) {
             Ok(n) => n,
             Err(e) => {
                 // End the negotiation politely, as QEMU's client does, so
