@@ -10,6 +10,28 @@ use super::{greeted, option_error, protocol_error, read_option_reply, send_optio
 use super::{NbdServer, Socket, TlsClient};
 use crate::proto::{info, opt, rep};
 
+/// The most a listing may hold, in bytes of reply data (names,
+/// descriptions, context names) plus [`REPLY_COST`] for each reply kept: a
+/// server that never ends its list must not fill the client's memory. A
+/// thousand exports with long names and a few contexts each take a few MiB.
+const MAX_LIST_BYTES: usize = 64 << 20;
+/// What one kept reply costs the listing's budget beyond its data (the
+/// `ExportInfo` or `String` that holds it).
+const REPLY_COST: usize = 128;
+
+/// What is left of a listing's [`MAX_LIST_BYTES`].
+struct Budget(usize);
+
+impl Budget {
+    fn take(&mut self, data: &[u8]) -> io::Result<()> {
+        self.0 = self
+            .0
+            .checked_sub(data.len() + REPLY_COST)
+            .ok_or_else(|| protocol_error(format!("the server's export list exceeds {} MiB", MAX_LIST_BYTES >> 20)))?;
+        Ok(())
+    }
+}
+
 /// One export as the server describes it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ExportInfo {
@@ -57,11 +79,15 @@ fn list_on(s: &mut Socket) -> io::Result<Vec<ExportInfo>> {
     let extended = simple_option(s, opt::EXTENDED_HEADERS)?;
     let structured = extended || simple_option(s, opt::STRUCTURED_REPLY)?;
     send_option(s, opt::LIST, &[])?;
+    let mut budget = Budget(MAX_LIST_BYTES);
     let mut exports = Vec::new();
     loop {
         let (kind, d) = read_option_reply(s, opt::LIST)?;
         match kind {
-            rep::SERVER => exports.push(server_entry(&d)?),
+            rep::SERVER => {
+                budget.take(&d)?;
+                exports.push(server_entry(&d)?);
+            }
             rep::ACK => break,
             k if k & (1 << 31) != 0 => return Err(option_error(k, &d, opt::LIST, "")),
             _ => {}
@@ -71,7 +97,7 @@ fn list_on(s: &mut Socket) -> io::Result<Vec<ExportInfo>> {
         e.extended = extended;
         describe(s, e)?;
         if structured {
-            e.contexts = contexts(s, &e.name)?;
+            e.contexts = contexts(s, &e.name, &mut budget)?;
         }
     }
     Ok(exports)
@@ -120,7 +146,7 @@ fn describe(s: &mut Socket, e: &mut ExportInfo) -> io::Result<()> {
 
 /// NBD_OPT_LIST_META_CONTEXT without a query: every context of `export`.
 /// A refusal lists none.
-fn contexts(s: &mut Socket, export: &str) -> io::Result<Vec<String>> {
+fn contexts(s: &mut Socket, export: &str, budget: &mut Budget) -> io::Result<Vec<String>> {
     let mut data = (export.len() as u32).to_be_bytes().to_vec();
     data.extend_from_slice(export.as_bytes());
     data.extend_from_slice(&0u32.to_be_bytes());
@@ -129,10 +155,68 @@ fn contexts(s: &mut Socket, export: &str) -> io::Result<Vec<String>> {
     loop {
         let (kind, d) = read_option_reply(s, opt::LIST_META_CONTEXT)?;
         match kind {
-            rep::META_CONTEXT if d.len() >= 4 => names.push(String::from_utf8_lossy(&d[4..]).into_owned()),
+            rep::META_CONTEXT if d.len() >= 4 => {
+                budget.take(&d)?;
+                names.push(String::from_utf8_lossy(&d[4..]).into_owned());
+            }
             rep::ACK => return Ok(names),
             k if k & (1 << 31) != 0 => return Ok(Vec::new()),
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fuzzing::drive_client;
+    use crate::proto::{IHAVEOPT, NBDMAGIC, OPTION_REPLY_MAGIC};
+
+    fn reply(out: &mut Vec<u8>, option: u32, kind: u32, data: &[u8]) {
+        out.extend_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
+        out.extend_from_slice(&option.to_be_bytes());
+        out.extend_from_slice(&kind.to_be_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(data);
+    }
+
+    /// A listing of `exports` entries with names of `name_len` bytes.
+    fn listing(exports: usize, name_len: usize) -> Vec<u8> {
+        let mut out = vec![1u8]; // the driver lists
+        out.extend_from_slice(&NBDMAGIC.to_be_bytes());
+        out.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        out.extend_from_slice(&3u16.to_be_bytes());
+        reply(&mut out, opt::EXTENDED_HEADERS, rep::ACK, &[]);
+        let mut entry = (name_len as u32).to_be_bytes().to_vec();
+        entry.resize(4 + name_len, b'n');
+        for _ in 0..exports {
+            reply(&mut out, opt::LIST, rep::SERVER, &entry);
+        }
+        reply(&mut out, opt::LIST, rep::ACK, &[]);
+        out
+    }
+
+    /// Whether the client read the list to its end: only after the list's
+    /// ACK does it send NBD_OPT_INFO for the first export. (Those answers
+    /// never come here: the stream ends, and the listing fails then.)
+    fn read_to_the_end(exports: usize, name_len: usize) -> bool {
+        let run = drive_client(&listing(exports, name_len));
+        assert!(run.listed.is_none());
+        let info = [IHAVEOPT.to_be_bytes().as_slice(), &opt::INFO.to_be_bytes()].concat();
+        run.sent.windows(info.len()).any(|w| w == info)
+    }
+
+    #[test]
+    fn an_endless_export_list_is_refused_before_it_fills_memory() {
+        // Just over the budget: 70 MiB of names in 1 MiB replies.
+        assert!(!read_to_the_end(70, (1 << 20) - 4), "a 70 MiB list was accepted");
+        // Tiny entries count too: 600000 of them are refused as well.
+        assert!(!read_to_the_end(600_000, 0), "600000 entries were accepted");
+    }
+
+    #[test]
+    fn a_large_but_plausible_list_is_read_whole() {
+        // 10000 exports with 100-byte names: ~2.3 MiB of the budget.
+        assert!(read_to_the_end(10_000, 100), "the list was not read to its end");
     }
 }
