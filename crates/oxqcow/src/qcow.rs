@@ -328,34 +328,49 @@ impl Qcow {
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.check(offset, len)?;
         let cs = self.header.cluster_size();
+        let span = self.header.l1_span();
+        let end = offset + len;
         let mut out = Vec::new();
         let mut pos = offset;
-        while pos < offset + len {
-            let in_cluster = pos % cs;
-            let n = (cs - in_cluster).min(offset + len - pos);
-            let (present, data, compressed, host) = match self.cluster(pos)? {
-                QcowCluster::Unallocated => (false, false, false, None),
-                QcowCluster::Compressed { .. } => (true, true, true, None),
-                QcowCluster::Normal(h) => (true, true, false, self.crypt.is_none().then_some(h + in_cluster)),
-            };
-            if !present && self.backing.is_some() {
-                self.backing_status(&mut out, pos, n)?;
-            } else {
-                let extent = Extent {
-                    offset: pos,
-                    length: n,
-                    present,
-                    zero: !data,
-                    data,
-                    compressed,
-                    host_offset: host,
-                    depth: 0,
-                };
-                push_extent(&mut out, extent);
+        // One L1 entry at a time: an unallocated one is a single run (a
+        // sparse image of terabytes would otherwise be walked cluster by
+        // cluster), an allocated one's L2 table is looked up once.
+        while pos < end {
+            let l1_index = pos / span;
+            let span_end = (l1_index + 1).saturating_mul(span).min(end);
+            let l2_offset = self.l1.get(l1_index as usize).copied().unwrap_or(0);
+            if l2_offset == 0 {
+                self.push_status(&mut out, pos, span_end - pos, QcowCluster::Unallocated)?;
+                pos = span_end;
+                continue;
             }
-            pos += n;
+            let table = self.l2_table(l1_index, l2_offset)?;
+            while pos < span_end {
+                let n = (cs - pos % cs).min(span_end - pos);
+                let l2_index = (pos >> self.header.cluster_bits) & (self.header.l2_entries() - 1);
+                self.push_status(&mut out, pos, n, self.header.cluster(table[l2_index as usize]))?;
+                pos += n;
+            }
         }
         Ok(out)
+    }
+
+    /// Adds the status of `[pos, pos + n)`, which `cluster` maps (one
+    /// cluster or less, or any run of unallocated ones).
+    fn push_status(&self, out: &mut Vec<Extent>, pos: u64, n: u64, cluster: QcowCluster) -> Result<()> {
+        let in_cluster = pos % self.header.cluster_size();
+        let (present, data, compressed, host) = match cluster {
+            QcowCluster::Unallocated => (false, false, false, None),
+            QcowCluster::Compressed { .. } => (true, true, true, None),
+            QcowCluster::Normal(h) => (true, true, false, self.crypt.is_none().then_some(h + in_cluster)),
+        };
+        if !present && self.backing.is_some() {
+            return self.backing_status(out, pos, n);
+        }
+        let extent =
+            Extent { offset: pos, length: n, present, zero: !data, data, compressed, host_offset: host, depth: 0 };
+        push_extent(out, extent);
+        Ok(())
     }
 
     /// The backing file's status of an unallocated run (one layer deeper),
