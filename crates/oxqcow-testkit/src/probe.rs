@@ -98,12 +98,10 @@ fn probe_with(storage: Arc<dyn Storage>, opts: &OpenOptions, limits: ProbeLimits
         Ok(i) => i,
         Err(e) => return Verdict::Refused { stage: Stage::Open, message: e.to_string() },
     };
-    let bytes_read = match opts.no_io {
-        true => 0,
-        false => match read_extents(&image, limits) {
-            Ok(n) => n,
-            Err(e) => return Verdict::Refused { stage: Stage::Read, message: e.to_string() },
-        },
+    let bytes_read = if opts.no_io { Ok(0) } else { read_extents(&image, limits) };
+    let bytes_read = match bytes_read {
+        Ok(n) => n,
+        Err(e) => return Verdict::Refused { stage: Stage::Read, message: e.to_string() },
     };
     if image.as_qcow2().is_none() {
         return Verdict::Checked { bytes_read, report: CheckReport::default() };

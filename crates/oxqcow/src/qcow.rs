@@ -193,16 +193,27 @@ impl Qcow {
         Ok(table)
     }
 
+    /// The L2 table L1 entry `l1_index` names; `None` when it names none
+    /// (or lies past the end of the file).
+    fn l2_of(&self, l1_index: u64) -> Result<Option<Arc<Vec<u64>>>> {
+        match self.l1.get(l1_index as usize).copied().unwrap_or(0) {
+            0 => Ok(None),
+            offset => self.l2_table(l1_index, offset).map(Some),
+        }
+    }
+
+    /// What guest offset `guest`'s entry in `table`, its L2 table, maps.
+    fn l2_entry(&self, table: &[u64], guest: u64) -> QcowCluster {
+        let l2_index = (guest >> self.header.cluster_bits) & (self.header.l2_entries() - 1);
+        self.header.cluster(table[l2_index as usize])
+    }
+
     /// What the cluster holding guest offset `guest` is.
     fn cluster(&self, guest: u64) -> Result<QcowCluster> {
-        let l1_index = guest / self.header.l1_span();
-        let l2_offset = self.l1.get(l1_index as usize).copied().unwrap_or(0);
-        if l2_offset == 0 {
-            return Ok(QcowCluster::Unallocated);
-        }
-        let table = self.l2_table(l1_index, l2_offset)?;
-        let l2_index = (guest >> self.header.cluster_bits) & (self.header.l2_entries() - 1);
-        Ok(self.header.cluster(table[l2_index as usize]))
+        Ok(match self.l2_of(guest / self.header.l1_span())? {
+            None => QcowCluster::Unallocated,
+            Some(table) => self.l2_entry(&table, guest),
+        })
     }
 
     /// Reads at `offset`.
@@ -338,17 +349,14 @@ impl Qcow {
         while pos < end {
             let l1_index = pos / span;
             let span_end = (l1_index + 1).saturating_mul(span).min(end);
-            let l2_offset = self.l1.get(l1_index as usize).copied().unwrap_or(0);
-            if l2_offset == 0 {
+            let Some(table) = self.l2_of(l1_index)? else {
                 self.push_status(&mut out, pos, span_end - pos, QcowCluster::Unallocated)?;
                 pos = span_end;
                 continue;
-            }
-            let table = self.l2_table(l1_index, l2_offset)?;
+            };
             while pos < span_end {
                 let n = (cs - pos % cs).min(span_end - pos);
-                let l2_index = (pos >> self.header.cluster_bits) & (self.header.l2_entries() - 1);
-                self.push_status(&mut out, pos, n, self.header.cluster(table[l2_index as usize]))?;
+                self.push_status(&mut out, pos, n, self.l2_entry(&table, pos))?;
                 pos += n;
             }
         }
