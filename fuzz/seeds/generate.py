@@ -14,6 +14,11 @@
                  opens, made by qemu-img (which this needs): qcow (v1)
                  images, plain, compressed, with a backing name, AES
                  encrypted, and a LUKS image's first 4 KiB (its header).
+  open_secret_check/ encrypted images made by qemu-img and written by
+                 qemu-io with the passphrase "fuzz" and the shortest
+                 iter-time: luks with four ciphers, modes, IV generators
+                 and hashes, qcow2 with LUKS and with AES, qcow with AES;
+                 each holds 0x5a at 0..4 KiB and 0xa5 at 40..48 KiB.
 
 The seeds are committed; rerun this after changing it. fuzz/run.sh copies
 them into the (git-ignored) corpus before fuzzing:
@@ -272,3 +277,41 @@ with tempfile.TemporaryDirectory() as tmp:
     qemu_img("create", "-q", "-f", "luks", "--object", "secret,id=s,data=fuzz",
              "-o", "key-secret=s,iter-time=10", path("l.luks"), "1M")
     seed("luks-header", "l.luks", 4096)
+
+    # Encrypted images: what `open_secret_check` unlocks. Ciphers with
+    # 16-byte keys keep a LUKS file near 580 KiB (eight slots of key
+    # material before the payload); XTS, which needs 32, twice that.
+    def encrypted_io(driver, file_name):
+        secret = "encrypt.key-secret" if driver != "luks" else "key-secret"
+        subprocess.run(["qemu-io", "--object", "secret,id=s,data=fuzz", "--image-opts",
+                        f"driver={driver},{secret}=s,file.filename={path(file_name)}",
+                        "-c", "write -P 0x5a 0 4k", "-c", "write -P 0xa5 40k 8k"],
+                       check=True, stdout=subprocess.DEVNULL)
+        with open(path(file_name), "rb") as f:
+            write("open_secret_check", file_name, f.read())
+
+    luks_specs = {
+        "luks-aes128-cbc-essiv-sha1": "cipher-alg=aes-128,cipher-mode=cbc,ivgen-alg=essiv,"
+                                      "ivgen-hash-alg=sha256,hash-alg=sha1",
+        "luks-cast5-cbc-plain64-sha512": "cipher-alg=cast5-128,cipher-mode=cbc,ivgen-alg=plain64,"
+                                         "hash-alg=sha512",
+        "luks-twofish128-ctr-plain-sha224": "cipher-alg=twofish-128,cipher-mode=ctr,ivgen-alg=plain,"
+                                            "hash-alg=sha224",
+        "luks-aes128-xts-plain64-sha256": "cipher-alg=aes-128,cipher-mode=xts,ivgen-alg=plain64,"
+                                          "hash-alg=sha256",
+    }
+    for name, spec in luks_specs.items():
+        qemu_img("create", "-q", "-f", "luks", "--object", "secret,id=s,data=fuzz",
+                 "-o", f"key-secret=s,iter-time=1,{spec}", path(name), "64K")
+        encrypted_io("luks", name)
+    qemu_img("create", "-q", "-f", "qcow2", "--object", "secret,id=s,data=fuzz",
+             "-o", "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=1,"
+             "encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=plain64,"
+             "cluster_size=4096", path("qcow2-luks-aes128-cbc-plain64"), "64K")
+    encrypted_io("qcow2", "qcow2-luks-aes128-cbc-plain64")
+    qemu_img("create", "-q", "-f", "qcow2", "--object", "secret,id=s,data=fuzz",
+             "-o", "encrypt.format=aes,encrypt.key-secret=s,cluster_size=512", path("qcow2-aes"), "64K")
+    encrypted_io("qcow2", "qcow2-aes")
+    qemu_img("create", "-q", "-f", "qcow", "--object", "secret,id=s,data=fuzz",
+             "-o", "encrypt.format=aes,encrypt.key-secret=s", path("qcow-aes"), "64K")
+    encrypted_io("qcow", "qcow-aes")

@@ -413,15 +413,16 @@ impl LuksHeader {
 
     /// The PBKDF2 work of an unlock attempt that tries every active slot
     /// (a wrong passphrase), or an error naming the slot at which it
-    /// passes [`MAX_UNLOCK_WORK`]. The engine asks before any PBKDF2 runs.
-    pub fn check_unlock_work(&self) -> Result<u64, FormatError> {
+    /// passes `limit` (in SHA-256 HMACs; [`MAX_UNLOCK_WORK`] unless the
+    /// caller chose another). The engine asks before any PBKDF2 runs.
+    pub fn check_unlock_work(&self, limit: u64) -> Result<u64, FormatError> {
         let mut total = 0;
         for (i, slot) in self.slots.iter().enumerate().filter(|(_, s)| s.active) {
             total += self.slot_work(slot);
-            if total > MAX_UNLOCK_WORK {
+            if total > limit {
                 return Err(luks(format!(
                     "Keyslot {i} iteration count {} (master key iteration count {}, hash {}) brings the PBKDF2 \
-                     work of an unlock to {total} SHA-256 HMACs, over oxqcow's limit of {MAX_UNLOCK_WORK}",
+                     work of an unlock to {total} SHA-256 HMACs, over oxqcow's limit of {limit}",
                     slot.iterations,
                     self.master_key_iterations,
                     self.hash_alg.name()

@@ -230,11 +230,59 @@ impl Storage for BoundedStorage {
 /// Every error is fine; a panic is a bug. Returns the final probe's
 /// verdict, `None` when the image did not open for writing.
 pub fn open_write_check(data: &[u8]) -> Option<Verdict> {
-    let limit = data.len() as u64 + (64 << 20);
-    let storage = Arc::new(BoundedStorage::new(data.to_vec(), limit));
+    let storage = Arc::new(BoundedStorage::new(data.to_vec(), data.len() as u64 + (64 << 20)));
     let opts = OpenOptions::new().format(ImageFormat::Qcow2).backing(BackingPolicy::Ignore);
     let dynamic: Arc<dyn Storage> = storage.clone();
-    let Ok(image) = Image::open_storage(dynamic, &opts) else { return None };
+    let image = Image::open_storage(dynamic, &opts).ok()?;
+    exercise_writes(image);
+    let after: Arc<dyn Storage> = Arc::new(MemoryStorage::from_bytes(storage.inner.to_bytes()));
+    Some(probe_storage(after, ProbeLimits::default()))
+}
+
+/// The passphrase of the `open_secret_check` seeds.
+pub const FUZZ_SECRET: &[u8] = b"fuzz";
+
+/// The PBKDF2 work (in SHA-256 HMACs) an `open_secret_check` input may make
+/// an unlock run: a few milliseconds. The seeds' headers, made with the
+/// shortest `iter-time`, need 1000 to 8000 per key slot; a mutated count
+/// beyond this is refused before any PBKDF2 runs, as an image over
+/// oxqcow's default bound is.
+pub const FUZZ_UNLOCK_WORK: u64 = 100_000;
+
+/// The fuzz body for encrypted images (LUKS, qcow2 with LUKS or AES, qcow
+/// with AES): `data` is probed for its format and unlocked with
+/// [`FUZZ_SECRET`], so that PBKDF2, the anti-forensic merge, the key
+/// slot's decryption with whatever cipher the header names, and the
+/// encrypted read, write and copy-on-write paths all see hostile bytes.
+/// Then as [`open_write_check`]: writes, close, and a read-only probe of
+/// the result (unlocked again). Every error is fine; a panic is a bug.
+/// `None` when the image did not open for writing.
+pub fn open_secret_check(data: &[u8]) -> Option<Verdict> {
+    let storage = Arc::new(BoundedStorage::new(data.to_vec(), data.len() as u64 + (64 << 20)));
+    let format = oxqcow::probe_format(&*storage, None).ok()?;
+    let dynamic: Arc<dyn Storage> = storage.clone();
+    let image = Image::open_storage(dynamic, &secret_options(format, false)).ok()?;
+    exercise_writes(image);
+    let after: Arc<dyn Storage> = Arc::new(MemoryStorage::from_bytes(storage.inner.to_bytes()));
+    Some(probe_with(after, &secret_options(format, true), ProbeLimits::default()))
+}
+
+/// Options that unlock an image of `format` with [`FUZZ_SECRET`] (each
+/// format takes its own option), within [`FUZZ_UNLOCK_WORK`].
+pub fn secret_options(format: ImageFormat, read_only: bool) -> OpenOptions {
+    let mut opts = OpenOptions::new().read_only(read_only).format(format).backing(BackingPolicy::Ignore);
+    match format {
+        ImageFormat::Luks => opts.key_secret = Some(FUZZ_SECRET.to_vec()),
+        _ => opts.passphrase = Some(FUZZ_SECRET.to_vec()),
+    }
+    opts.max_unlock_work = Some(FUZZ_UNLOCK_WORK);
+    opts
+}
+
+/// Writes, zeroes, discards and flushes at spread offsets of `image`, runs
+/// check, and closes it; errors are ignored (the image may be
+/// hostile).
+fn exercise_writes(image: Image) {
     let size = image.len();
     let cs = image.as_qcow2().map_or(512, |q| q.geometry().cluster_size());
     if size > 0 {
@@ -249,8 +297,6 @@ pub fn open_write_check(data: &[u8]) -> Option<Verdict> {
         let _ = image.check(None);
     }
     let _ = image.close();
-    let after: Arc<dyn Storage> = Arc::new(MemoryStorage::from_bytes(storage.inner.to_bytes()));
-    Some(probe_storage(after, ProbeLimits::default()))
 }
 
 /// Valid images of several geometries, made by the library and small

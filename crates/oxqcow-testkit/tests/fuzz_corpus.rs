@@ -5,12 +5,20 @@
 //! every input the fuzzer ever crashed on (fuzz/regressions/). The same
 //! for the write-path body of the `open_write_check` target, and for the
 //! `open_any_check` target's body over its committed seeds (qcow v1 and
-//! LUKS files made by qemu-img, fuzz/seeds/open_any_check/).
+//! LUKS files made by qemu-img, fuzz/seeds/open_any_check/), and for the
+//! `open_secret_check` target's over its encrypted images
+//! (fuzz/seeds/open_secret_check/).
 //!
 //! FUZZ_MUTATIONS sets the number of mutations per seed (default 300).
 
+use std::sync::Arc;
+
+use oxqcow::{BlockDevice, Image, MemoryStorage, Storage};
 use oxqcow_testkit::prng::Prng;
-use oxqcow_testkit::probe::{mutate, open_any_check, open_read_check, open_write_check, seed_images, Stage, Verdict};
+use oxqcow_testkit::probe::{
+    mutate, open_any_check, open_read_check, open_secret_check, open_write_check, secret_options, seed_images, Stage,
+    Verdict,
+};
 
 #[test]
 fn seed_images_probe_clean() {
@@ -86,8 +94,9 @@ fn fuzz_regressions_never_panic() {
     }
 }
 
-fn any_format_seeds() -> Vec<(String, Vec<u8>)> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds/open_any_check");
+/// The committed seeds of a fuzz target, by name.
+fn committed_seeds(target: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds").join(target);
     let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("reading seeds in {}: {e}", dir.display()))
         .map(|e| {
@@ -98,6 +107,10 @@ fn any_format_seeds() -> Vec<(String, Vec<u8>)> {
     out.sort();
     assert!(out.len() >= 5, "expected the committed seeds in {}", dir.display());
     out
+}
+
+fn any_format_seeds() -> Vec<(String, Vec<u8>)> {
+    committed_seeds("open_any_check")
 }
 
 #[test]
@@ -145,4 +158,66 @@ fn mutated_any_format_seeds_never_panic() {
             }
         }
     }
+}
+
+/// Every encrypted seed (made by qemu-img, written by qemu-io) unlocks with
+/// the fuzz passphrase within the fuzz bound on PBKDF2, and reads back
+/// what qemu-io wrote; the wrong passphrase is refused; the fuzz body's
+/// writes leave it clean.
+#[test]
+fn encrypted_seeds_unlock_and_read_what_qemu_wrote() {
+    let seeds = committed_seeds("open_secret_check");
+    for prefix in ["luks-", "qcow2-luks-", "qcow2-aes", "qcow-aes"] {
+        assert!(seeds.iter().any(|(n, _)| n.starts_with(prefix)), "no {prefix} seed");
+    }
+    for (name, bytes) in seeds {
+        let storage: Arc<dyn Storage> = Arc::new(MemoryStorage::from_bytes(bytes.clone()));
+        let format = oxqcow::probe_format(&*storage, None).unwrap();
+        let image = Image::open_storage(storage.clone(), &secret_options(format, true))
+            .unwrap_or_else(|e| panic!("seed {name} does not unlock: {e}"));
+        let mut buf = vec![0u8; 12 << 10];
+        image.read_at(&mut buf[..4096], 0).unwrap();
+        image.read_at(&mut buf[4096..], 40 << 10).unwrap();
+        assert!(buf[..4096].iter().all(|&b| b == 0x5a), "seed {name}: 0..4 KiB is not what qemu-io wrote");
+        assert!(buf[4096..].iter().all(|&b| b == 0xa5), "seed {name}: 40..48 KiB is not what qemu-io wrote");
+        drop(image);
+        let mut wrong = secret_options(format, true);
+        wrong.passphrase = wrong.passphrase.map(|_| b"wrong".to_vec());
+        wrong.key_secret = wrong.key_secret.map(|_| b"wrong".to_vec());
+        // A legacy AES key is the passphrase itself: any passphrase opens it.
+        if name != "qcow2-aes" && name != "qcow-aes" {
+            let e = Image::open_storage(storage, &wrong).err().unwrap_or_else(|| panic!("seed {name} opened"));
+            assert_eq!(e.to_string(), "Invalid password, cannot unlock any keyslot", "seed {name}");
+        }
+        let v = open_secret_check(&bytes).unwrap_or_else(|| panic!("seed {name} does not open for writing"));
+        assert!(v.is_clean(), "seed {name} after writes: {}", v.describe());
+        let Verdict::Checked { bytes_read, .. } = v else { unreachable!() };
+        assert!(bytes_read > 0, "seed {name}: nothing was read");
+    }
+}
+
+#[test]
+fn mutated_encrypted_seeds_never_panic() {
+    // Every input runs PBKDF2 twice: fewer mutations than elsewhere.
+    let per_seed: u64 = std::env::var("FUZZ_MUTATIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(300) / 3;
+    let mut unlocked = 0;
+    for (i, (name, bytes)) in committed_seeds("open_secret_check").into_iter().enumerate() {
+        let mut rng = Prng::new(0x5ec7e7 + i as u64);
+        for n in 0..per_seed {
+            let mut input = bytes.clone();
+            mutate(&mut input, &mut rng);
+            match std::panic::catch_unwind(|| open_secret_check(&input)) {
+                Ok(v) => unlocked += u64::from(v.is_some()),
+                Err(_) => {
+                    let path = std::env::temp_dir().join(format!("oxqcow-fuzz-secret-{name}-{n}"));
+                    std::fs::write(&path, &input).unwrap();
+                    panic!("seed {name}, mutation {n} panicked; input saved to {}", path.display());
+                }
+            }
+        }
+    }
+    // Some mutations must get past the unlock, or the encrypted paths
+    // after it saw none of them.
+    println!("{unlocked} mutated images unlocked");
+    assert!(unlocked > 0, "no mutated encrypted image unlocked");
 }

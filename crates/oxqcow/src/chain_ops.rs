@@ -147,6 +147,7 @@ pub fn commit_with(
     let base_opts = OpenOptions {
         format: Some(base_layer.format),
         passphrase: opts.backing_passphrase.clone().filter(|_| base_index == 1),
+        max_unlock_work: opts.max_unlock_work,
         raw_windows: base_layer.raw_windows.clone(),
         messages: opts.messages.clone(),
         protocols: opts.protocols.clone(),

@@ -94,7 +94,7 @@ impl Luks {
         let read = |offset: u64, buf: &mut [u8]| -> Result<()> {
             storage.read_at(buf, offset).map_err(Error::io("reading LUKS key material", offset))
         };
-        let (crypt, _) = Crypt::unlock_luks(&header, passphrase, &read)?;
+        let (crypt, _) = Crypt::unlock_luks(&header, passphrase, &read, opts.unlock_work_limit())?;
         Ok(Luks::new(storage, header, crypt, size, opts.read_only))
     }
 

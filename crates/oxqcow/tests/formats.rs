@@ -174,3 +174,46 @@ fn hostile_qcow_tables_give_errors() {
     assert_eq!(msg(&qcow_image(1, &[], &[])), "Image size is too small (must be at least 2 bytes)");
     assert_eq!(msg(&qcow_image(1 << 62, &[], &[])), "Image too large");
 }
+
+/// `max_unlock_work` bounds the PBKDF2 an open may run, for luks and for
+/// LUKS-encrypted qcow2 alike: under the image's cost the open is refused
+/// before any PBKDF2 (naming the slot, its counts and the bound); at it,
+/// the image opens.
+#[test]
+fn unlock_work_bound_is_the_openers_choice() {
+    let luks = Arc::new(MemoryStorage::new());
+    Image::create_storage(luks.clone() as Arc<dyn Storage>, &luks_options(65536)).unwrap().close().unwrap();
+    let qcow2 = Arc::new(MemoryStorage::new());
+    let encryption = luks_options(0).encryption;
+    let opts = CreateOptions { encryption, ..CreateOptions::qcow2(65536) };
+    Image::create_storage(qcow2.clone() as Arc<dyn Storage>, &opts).unwrap().close().unwrap();
+    for (storage, format) in [(luks, ImageFormat::Luks), (qcow2, ImageFormat::Qcow2)] {
+        let header = match format {
+            ImageFormat::Luks => oxqcow::Luks::inspect(&*storage).unwrap(),
+            _ => oxqcow::Qcow2::inspect(&*storage).unwrap().0.luks.unwrap(),
+        };
+        let cost = header.check_unlock_work(u64::MAX).unwrap();
+        let slot = header.slots[0];
+        let open = |max: Option<u64>| {
+            let mut opts = OpenOptions { format: Some(format), max_unlock_work: max, ..Default::default() };
+            match format {
+                ImageFormat::Luks => opts.key_secret = Some(b"secret".to_vec()),
+                _ => opts.passphrase = Some(b"secret".to_vec()),
+            }
+            Image::open_storage(storage.clone() as Arc<dyn Storage>, &opts)
+        };
+        assert_eq!(
+            open(Some(cost - 1)).err().expect("refused").to_string(),
+            format!(
+                "Keyslot 0 iteration count {} (master key iteration count {}, hash sha256) brings the PBKDF2 \
+                 work of an unlock to {cost} SHA-256 HMACs, over oxqcow's limit of {}",
+                slot.iterations,
+                header.master_key_iterations,
+                cost - 1
+            ),
+            "{format:?}"
+        );
+        assert_eq!(open(Some(cost)).expect("opens at its cost").len(), 65536);
+        assert_eq!(open(None).expect("opens with the default bound").len(), 65536);
+    }
+}

@@ -102,32 +102,36 @@ fn unlock_work_is_bounded() {
     // machine, by qemu-img (8.6 million iterations, digest 2.1 million)
     // and by oxqcow (10.8 and 2.8 million).
     let qemu_default = with_slots(8, 8_623_156, 2_085_359);
-    assert_eq!(qemu_default.check_unlock_work(), Ok(8 * (2 * 8_623_156 + 2_085_359)));
+    assert_eq!(qemu_default.check_unlock_work(MAX_UNLOCK_WORK), Ok(8 * (2 * 8_623_156 + 2_085_359)));
     let oxqcow_default = with_slots(8, 10_761_246, 2_772_250);
-    assert_eq!(oxqcow_default.check_unlock_work(), Ok(8 * (2 * 10_761_246 + 2_772_250)));
+    assert_eq!(oxqcow_default.check_unlock_work(MAX_UNLOCK_WORK), Ok(8 * (2 * 10_761_246 + 2_772_250)));
     // Eight slots of 100 million SHA-512 iterations: refused at the
     // first slot, by the field, value and limit.
     let mut h = with_slots(8, 100_000_000, 1000);
     h.hash_alg = HashAlg::Sha512;
     assert_eq!(
-        h.check_unlock_work().unwrap_err().to_string(),
+        h.check_unlock_work(MAX_UNLOCK_WORK).unwrap_err().to_string(),
         "Keyslot 0 iteration count 100000000 (master key iteration count 1000, hash sha512) brings the PBKDF2 \
          work of an unlock to 400004000 SHA-256 HMACs, over oxqcow's limit of 250000000"
     );
     // The sum over slots: one slot of 70 million (two HMACs each) fits,
     // the second passes the bound and is the one named.
     let mut h = with_slots(2, 70_000_000, 1000);
-    assert!(h.check_unlock_work().unwrap_err().to_string().starts_with("Keyslot 1 iteration count 70000000 "));
+    assert!(h
+        .check_unlock_work(MAX_UNLOCK_WORK)
+        .unwrap_err()
+        .to_string()
+        .starts_with("Keyslot 1 iteration count 70000000 "));
     h.slots[1].active = false;
-    assert_eq!(h.check_unlock_work(), Ok(140_001_000));
+    assert_eq!(h.check_unlock_work(MAX_UNLOCK_WORK), Ok(140_001_000));
     // The digest is paid once per slot tried.
     let h = with_slots(3, 1000, 83_332_000);
-    assert!(h.check_unlock_work().unwrap_err().to_string().starts_with(
+    assert!(h.check_unlock_work(MAX_UNLOCK_WORK).unwrap_err().to_string().starts_with(
         "Keyslot 2 iteration count 1000 (master key iteration count 83332000, hash sha256) brings the PBKDF2 \
          work of an unlock to 250002000 "
     ));
-    assert_eq!(with_slots(2, 1000, 83_332_000).check_unlock_work(), Ok(2 * (2000 + 83_332_000)));
-    assert_eq!(with_slots(0, 0, u32::MAX).check_unlock_work(), Ok(0));
+    assert_eq!(with_slots(2, 1000, 83_332_000).check_unlock_work(MAX_UNLOCK_WORK), Ok(2 * (2000 + 83_332_000)));
+    assert_eq!(with_slots(0, 0, u32::MAX).check_unlock_work(MAX_UNLOCK_WORK), Ok(0));
     // Parsing accepts any count (QEMU's info shows such headers).
     let h = with_slots(8, u32::MAX, u32::MAX);
     assert_eq!(LuksHeader::parse(&h.serialize(), h.payload_offset()), Ok(h));
@@ -197,4 +201,18 @@ fn hostile_fields_give_clean_errors() {
     b[40..49].copy_from_slice(b"cbc-essiv");
     b[108..112].copy_from_slice(&32u32.to_be_bytes());
     assert_eq!(err(&b, area), "Missing IV generator hash specification");
+}
+
+/// A caller may choose its own bound (a program opening images from
+/// strangers, or a fuzzer): the same sum, refused at the slot that passes it.
+#[test]
+fn unlock_work_bound_is_the_callers() {
+    let h = with_slots(3, 1000, 1000);
+    assert_eq!(h.check_unlock_work(9000), Ok(9000));
+    assert_eq!(
+        h.check_unlock_work(8999).unwrap_err().to_string(),
+        "Keyslot 2 iteration count 1000 (master key iteration count 1000, hash sha256) brings the PBKDF2 \
+         work of an unlock to 9000 SHA-256 HMACs, over oxqcow's limit of 8999"
+    );
+    assert!(h.check_unlock_work(2999).unwrap_err().to_string().starts_with("Keyslot 0 "));
 }

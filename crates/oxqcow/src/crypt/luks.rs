@@ -237,7 +237,7 @@ fn set_slot(
     with_slot.slots[index].active = true;
     with_slot.slots[index].iterations = iterations;
     with_slot
-        .check_unlock_work()
+        .check_unlock_work(luks::MAX_UNLOCK_WORK)
         .map_err(|e| Error::InvalidArgument(format!("{e} (use a shorter encrypt.iter-time)")))?;
     let mut slot_key = vec![0u8; key_len];
     pbkdf2(h.hash_alg, passphrase, &salt, iterations, &mut slot_key);
@@ -301,7 +301,7 @@ pub(crate) fn amend_keyslots(
         }
         KeyslotChange::Erase { keyslot, old_secret, force } => {
             // Trying the old secret runs PBKDF2 over the slots.
-            h.check_unlock_work()?;
+            h.check_unlock_work(luks::MAX_UNLOCK_WORK)?;
             let active = h.slots.iter().filter(|s| s.active).count();
             let read = |offset: u64, buf: &mut [u8]| -> Result<()> {
                 let at = ext.offset + offset;
@@ -420,14 +420,14 @@ mod tests {
             b.copy_from_slice(&area[o as usize..o as usize + b.len()]);
             Ok(())
         };
-        let (opened, slot) = Crypt::unlock_luks(&h, b"secret", &read).unwrap();
+        let (opened, slot) = Crypt::unlock_luks(&h, b"secret", &read, luks::MAX_UNLOCK_WORK).unwrap();
         assert_eq!(slot, 0);
         let mut a = vec![7u8; 1024];
         crypt.encrypt(&mut a, 4096).unwrap();
         assert_ne!(a, vec![7u8; 1024]);
         opened.decrypt(&mut a, 4096).unwrap();
         assert_eq!(a, vec![7u8; 1024]);
-        let e = Crypt::unlock_luks(&h, b"wrong", &read).unwrap_err();
+        let e = Crypt::unlock_luks(&h, b"wrong", &read, luks::MAX_UNLOCK_WORK).unwrap_err();
         assert_eq!(e.to_string(), "Invalid password, cannot unlock any keyslot");
     }
 }

@@ -29,6 +29,7 @@ use oxqcow_format::header::{crypt, CryptoExtension, Header};
 use oxqcow_format::luks::{self as luks_format, LuksHeader};
 
 use crate::error::{Error, Result};
+use crate::options::OpenOptions;
 use crate::storage::Storage;
 use cipher::SectorCrypt;
 pub(crate) use luks::amend_keyslots;
@@ -79,13 +80,15 @@ impl Crypt {
     /// order. `read` reads bytes of the header area (offset relative to the
     /// LUKS header). Returns the cipher state and the slot that opened.
     /// A header whose slots would make the attempt run more PBKDF2 than
-    /// [`luks_format::MAX_UNLOCK_WORK`] is refused before any runs.
+    /// `max_work` ([`luks_format::MAX_UNLOCK_WORK`] by default) is refused
+    /// before any runs.
     pub fn unlock_luks(
         header: &LuksHeader,
         passphrase: &[u8],
         read: &dyn Fn(u64, &mut [u8]) -> Result<()>,
+        max_work: u64,
     ) -> Result<(Crypt, usize)> {
-        header.check_unlock_work()?;
+        header.check_unlock_work(max_work)?;
         for (i, slot) in header.slots.iter().enumerate() {
             if !slot.active {
                 continue;
@@ -148,14 +151,11 @@ pub fn read_luks_header(storage: &dyn Storage, ext: &CryptoExtension) -> Result<
 }
 
 /// The cipher state for an image with this header, or `None` when it is
-/// not encrypted. Without a passphrase an encrypted image is refused with
-/// QEMU's message, unless `no_io` (then it is [`Crypt::locked`]).
-pub(crate) fn open_image(
-    storage: &dyn Storage,
-    header: &Header,
-    passphrase: Option<&[u8]>,
-    no_io: bool,
-) -> Result<Option<Crypt>> {
+/// not encrypted, opened with `opts.passphrase` within
+/// `opts.max_unlock_work`. Without a passphrase an encrypted image is
+/// refused with QEMU's message, unless `opts.no_io` (then it is
+/// [`Crypt::locked`]).
+pub(crate) fn open_image(storage: &dyn Storage, header: &Header, opts: &OpenOptions) -> Result<Option<Crypt>> {
     if header.crypt_method == crypt::NONE {
         return Ok(None);
     }
@@ -164,8 +164,8 @@ pub(crate) fn open_image(
         Some(ext) if header.crypt_method == crypt::LUKS => Some((ext, read_luks_header(storage, &ext)?)),
         _ => None,
     };
-    let Some(passphrase) = passphrase else {
-        if no_io {
+    let Some(passphrase) = opts.passphrase.as_deref() else {
+        if opts.no_io {
             return Ok(Some(Crypt::locked(header.crypt_method == crypt::LUKS)));
         }
         return Err(Error::InvalidArgument("Parameter 'encrypt.key-secret' is required for cipher".into()));
@@ -178,5 +178,5 @@ pub(crate) fn open_image(
         let at = ext.offset + offset;
         storage.read_at(buf, at).map_err(Error::io("reading LUKS key material", at))
     };
-    Ok(Some(Crypt::unlock_luks(&luks, passphrase, &read)?.0))
+    Ok(Some(Crypt::unlock_luks(&luks, passphrase, &read, opts.unlock_work_limit())?.0))
 }

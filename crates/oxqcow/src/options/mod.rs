@@ -322,6 +322,14 @@ pub struct OpenOptions {
     /// layer whose secret is not given opens anyway, and reading or
     /// writing its guest data fails. Passed down to backing files.
     pub no_io: bool,
+    /// The most PBKDF2 work one unlock attempt of a LUKS header may cost,
+    /// in SHA-256 HMACs (see [`oxqcow_format::luks::pbkdf2_work`]); a
+    /// header whose active key slots would cost more is refused before
+    /// any PBKDF2 runs. [`oxqcow_format::luks::MAX_UNLOCK_WORK`] (some
+    /// 25 s on a fast machine) when unset; a program that opens images
+    /// from strangers may want less. QEMU has no such bound. Passed down
+    /// to backing files.
+    pub max_unlock_work: Option<u64>,
     /// Where the lines QEMU prints while opening and running the image go,
     /// in QEMU's order, as they happen (a repair can find billions of problems, so they are
     /// not collected). Without it the repair keeps the first
@@ -371,6 +379,7 @@ impl std::fmt::Debug for OpenOptions {
             backing_format,
             key_secret,
             no_io,
+            max_unlock_work,
             messages,
             protocols,
         } = self;
@@ -407,6 +416,7 @@ impl std::fmt::Debug for OpenOptions {
             .field("backing_format", backing_format)
             .field("key_secret", &secret(key_secret))
             .field("no_io", no_io)
+            .field("max_unlock_work", max_unlock_work)
             .field("messages", &messages.as_ref().map(|_| "<sink>"))
             .field("protocols", protocols)
             .finish()
@@ -432,6 +442,11 @@ impl OpenOptions {
     pub fn backing(mut self, policy: BackingPolicy) -> Self {
         self.backing = policy;
         self
+    }
+    /// The PBKDF2 work bound of a LUKS unlock ([`Self::max_unlock_work`]),
+    /// or the default.
+    pub fn unlock_work_limit(&self) -> u64 {
+        self.max_unlock_work.unwrap_or(oxqcow_format::luks::MAX_UNLOCK_WORK)
     }
     /// Applies one QEMU runtime option (`l2-cache-size=1M`, ...).
     pub fn apply_qemu_option(&mut self, key: &str, value: &str) -> Result<()> {

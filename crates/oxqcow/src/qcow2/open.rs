@@ -40,7 +40,7 @@ pub(super) fn open(
     }
     let geometry = header.geometry();
 
-    let crypt = crate::crypt::open_image(st, &header, opts.passphrase.as_deref(), opts.no_io)?;
+    let crypt = crate::crypt::open_image(st, &header, opts)?;
     let data_file_raw = header.autoclear_features & autoclear::DATA_FILE_RAW != 0;
     match (header.has_data_file(), &data_file) {
         (true, None) => return Err(Error::InvalidArgument("'data-file' is required for this image".into())),
