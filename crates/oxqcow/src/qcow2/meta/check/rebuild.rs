@@ -20,8 +20,11 @@ impl Checker<'_> {
         for &e in &self.reftable {
             let offset = RefcountTableEntry(e).block_offset().map_or(0, |o| o.0);
             if offset != 0 {
-                out.insert(offset >> g.cluster_bits());
-                out.insert((offset + g.cluster_size() - 1) >> g.cluster_bits());
+                // An unaligned entry touches the next cluster too; one near
+                // the top of the address space must not overflow.
+                let first = offset >> g.cluster_bits();
+                out.insert(first);
+                out.insert(first + u64::from(g.offset_in_cluster(offset) != 0));
             }
         }
         out
