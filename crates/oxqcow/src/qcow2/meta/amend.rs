@@ -295,33 +295,34 @@ impl Meta {
         let new = walk.new;
         let new_bits = new.refcount_bits();
         let new_per_block = new.refcounts_per_block();
-        let mut block = vec![0u8; new.cluster_size() as usize];
-        let mut in_block = 0u64;
-        let mut empty = true;
+        let mut filling = NewBlock { bytes: vec![0u8; new.cluster_size() as usize], used: 0, empty: true };
         let mut allocated = false;
         let mut ti = 0u64;
         while ti < self.refcounts.table_entries().len() as u64 {
             let table_len = self.refcounts.table_entries().len() as i64;
             status.report(index * table_len + ti as i64, total * table_len);
             let offset = self.refcounts.table_entry(ti) & oxqcow_format::limits::HOST_OFFSET_MASK & !0x1ff;
-            let old_block = if offset == 0 {
-                None
-            } else {
-                if !old.is_cluster_aligned(offset) {
-                    return Err(Error::Corrupt("Image is corrupt (unaligned refblock offset)".into()));
+            if offset == 0 {
+                // No block: its refcounts are all zero. Whole runs of them
+                // are carried at once (QEMU steps through each, which made
+                // an amend of an empty 1 GiB image take a second).
+                let mut left = old.refcounts_per_block();
+                while left > 0 {
+                    allocated |= self.finish_if_full(storage, walk, &mut filling, write)?;
+                    let run = left.min(new_per_block - filling.used);
+                    filling.used += run;
+                    left -= run;
                 }
-                Some(self.refcounts.block_copy(storage, offset)?)
-            };
+                ti += 1;
+                continue;
+            }
+            if !old.is_cluster_aligned(offset) {
+                return Err(Error::Corrupt("Image is corrupt (unaligned refblock offset)".into()));
+            }
+            let old_block = self.refcounts.block_copy(storage, offset)?;
             for ri in 0..old.refcounts_per_block() {
-                if in_block >= new_per_block {
-                    allocated |= self.finish_new_block(storage, walk, &block, empty, write)?;
-                    walk.index += 1;
-                    in_block = 0;
-                    empty = true;
-                    block.fill(0);
-                }
-                let refcount =
-                    old_block.as_ref().map_or(0, |b| RefcountBlock::get(b, ri as usize, old.refcount_order()));
+                allocated |= self.finish_if_full(storage, walk, &mut filling, write)?;
+                let refcount = RefcountBlock::get(&old_block, ri as usize, old.refcount_order());
                 if new_bits < 64 && refcount >> new_bits != 0 {
                     let at = (ti * old.refcounts_per_block() + ri) << old.cluster_bits();
                     return Err(Error::InvalidArgument(format!(
@@ -330,19 +331,43 @@ impl Meta {
                     )));
                 }
                 if write && refcount != 0 {
-                    RefcountBlock::set(&mut block, in_block as usize, new.refcount_order(), refcount);
+                    RefcountBlock::set(&mut filling.bytes, filling.used as usize, new.refcount_order(), refcount);
                 }
-                in_block += 1;
-                empty &= refcount == 0;
+                filling.used += 1;
+                filling.empty &= refcount == 0;
             }
             ti += 1;
         }
-        if in_block > 0 {
-            allocated |= self.finish_new_block(storage, walk, &block, empty, write)?;
+        if filling.used > 0 {
+            allocated |= self.finish_new_block(storage, walk, &filling.bytes, filling.empty, write)?;
             walk.index += 1;
         }
         let table_len = self.refcounts.table_entries().len() as i64;
         status.report((index + 1) * table_len, total * table_len);
+        Ok(allocated)
+    }
+
+    /// Finishes `filling` when it holds a whole block of the new width
+    /// ([`Self::finish_new_block`]) and starts the next, empty one.
+    fn finish_if_full(
+        &mut self,
+        storage: &dyn Storage,
+        walk: &mut RefcountWalk,
+        filling: &mut NewBlock,
+        write: bool,
+    ) -> Result<bool> {
+        if filling.used < walk.new.refcounts_per_block() {
+            return Ok(false);
+        }
+        let allocated = self.finish_new_block(storage, walk, &filling.bytes, filling.empty, write)?;
+        walk.index += 1;
+        // Only a block that held a refcount has bytes to clear (the walk
+        // over an empty table would otherwise clear megabytes per block).
+        if !filling.empty {
+            filling.bytes.fill(0);
+        }
+        filling.used = 0;
+        filling.empty = true;
         Ok(allocated)
     }
 
@@ -557,6 +582,16 @@ impl Meta {
         }
         self.flush_all(storage)
     }
+}
+
+/// The refcount block of the new width that a walk is filling.
+struct NewBlock {
+    /// Its bytes (zeros where nothing was set).
+    bytes: Vec<u8>,
+    /// Refcounts carried into it so far.
+    used: u64,
+    /// Whether every refcount carried into it is zero.
+    empty: bool,
 }
 
 /// The new refcount table being built by [`Meta::change_refcount_order`].
