@@ -3,7 +3,7 @@
 # seeded with valid images of several geometries made by the library, or
 # for the NBD targets with the client byte streams in fuzz/seeds/TARGET.
 # Usage: fuzz/run.sh [SECONDS] [TARGET]   (default 60 s, open_read_check;
-# the others are open_write_check, open_any_check, open_secret_check, nbd_session,
+# the others are open_write_check, open_repair_check, open_any_check, open_secret_check, nbd_session,
 # nbd_tls_session, nbd_requests and nbd_client)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -8,8 +8,11 @@
 use std::sync::Arc;
 
 use oxqcow::backing::BackingPolicy;
+use oxqcow::options::{AmendOptions, Preallocation};
 use oxqcow::Storage;
-use oxqcow::{BlockDevice, CheckReport, Compat, CreateOptions, Image, ImageFormat, MemoryStorage, OpenOptions};
+use oxqcow::{
+    BlockDevice, CheckReport, Compat, CreateOptions, Image, ImageFormat, MemoryStorage, OpenOptions, Qcow2, RepairMode,
+};
 
 use crate::model::pattern;
 use crate::prng::Prng;
@@ -277,6 +280,76 @@ pub fn secret_options(format: ImageFormat, read_only: bool) -> OpenOptions {
     }
     opts.max_unlock_work = Some(FUZZ_UNLOCK_WORK);
     opts
+}
+
+/// What [`open_repair_check`] saw.
+#[derive(Debug)]
+pub struct RepairRun {
+    /// `check -r all`'s report, or its error.
+    pub repair: Result<CheckReport, String>,
+    /// A plain check right after a repair that returned a report.
+    pub recheck: Option<Result<CheckReport, String>>,
+    /// The maintenance operations that failed, with their errors.
+    pub refused: Vec<String>,
+    /// The read-only probe of the file after the repair and the
+    /// maintenance operations, closed.
+    pub after: Verdict,
+}
+
+/// The fuzz body for repair and maintenance: open `data` read-write for
+/// repair (growing the file to at most 64 MiB past its size), run `check
+/// -r all` and a check after it, then what `qemu-img snapshot`, `resize`,
+/// `amend` and `bitmap` do: create, apply and delete an internal snapshot
+/// around a write, grow and shrink, change the refcount width and back,
+/// add and remove a bitmap; close, and probe the result read-only. Every
+/// error is fine; a panic is a bug. `None` when the image did not open.
+pub fn open_repair_check(data: &[u8]) -> Option<RepairRun> {
+    let storage = Arc::new(BoundedStorage::new(data.to_vec(), data.len() as u64 + (64 << 20)));
+    let mut opts = OpenOptions::new().format(ImageFormat::Qcow2).backing(BackingPolicy::Ignore);
+    opts.repair = true;
+    let dynamic: Arc<dyn Storage> = storage.clone();
+    let image = Image::open_storage(dynamic, &opts).ok()?;
+    let repair = image.check(Some(RepairMode::All)).map_err(|e| e.to_string());
+    let recheck = repair.is_ok().then(|| image.check(None).map_err(|e| e.to_string()));
+    let mut refused = image.as_qcow2().map(|q| maintain(q, image.len())).unwrap_or_default();
+    if let Err(e) = image.close() {
+        refused.push(format!("close: {e}"));
+    }
+    let after: Arc<dyn Storage> = Arc::new(MemoryStorage::from_bytes(storage.inner.to_bytes()));
+    Some(RepairRun { repair, recheck, refused, after: probe_storage(after, ProbeLimits::default()) })
+}
+
+/// The maintenance operations of [`open_repair_check`] on an image of
+/// `size` guest bytes, each tried whatever the others did (the image may
+/// be hostile); returns the failures.
+fn maintain(q: &Qcow2, size: u64) -> Vec<String> {
+    let cs = q.geometry().cluster_size();
+    let mut refused = Vec::new();
+    let mut step = |what: &str, result: oxqcow::Result<()>| {
+        if let Err(e) = result {
+            refused.push(format!("{what}: {e}"));
+        }
+    };
+    step("snapshot create", q.snapshot_create("fuzz").map(drop));
+    if size > 0 {
+        step("write", q.write_at(&pattern(3, size / 2, 3000.min(size - size / 2)), size / 2));
+    }
+    step("snapshot apply", q.snapshot_apply("fuzz"));
+    step("snapshot delete", q.snapshot_delete("fuzz"));
+    step("grow", q.resize(size.saturating_add(3 * cs), Preallocation::Off));
+    step("shrink", q.resize(size, Preallocation::Off));
+    let bits = q.geometry().refcount_bits();
+    for width in [if bits == 16 { 4 } else { 16 }, bits] {
+        let amend = AmendOptions { refcount_bits: Some(width), ..Default::default() };
+        step(&format!("amend refcount_bits={width}"), q.amend(&amend, &mut |_, _| {}));
+    }
+    step("bitmap add", q.bitmap_add("fuzz", None, true));
+    if size > 0 {
+        step("write", q.write_at(&[7; 512][..512.min(size) as usize], 0));
+    }
+    step("bitmap remove", q.bitmap_remove("fuzz"));
+    step("flush", q.flush());
+    refused
 }
 
 /// Writes, zeroes, discards and flushes at spread offsets of `image`, runs

@@ -7,7 +7,9 @@
 //! `open_any_check` target's body over its committed seeds (qcow v1 and
 //! LUKS files made by qemu-img, fuzz/seeds/open_any_check/), and for the
 //! `open_secret_check` target's over its encrypted images
-//! (fuzz/seeds/open_secret_check/).
+//! (fuzz/seeds/open_secret_check/), and for the `open_repair_check`
+//! target's (repair, then snapshot, resize, amend and bitmap operations)
+//! over the library's seeds.
 //!
 //! FUZZ_MUTATIONS sets the number of mutations per seed (default 300).
 
@@ -16,8 +18,8 @@ use std::sync::Arc;
 use oxqcow::{BlockDevice, Image, MemoryStorage, Storage};
 use oxqcow_testkit::prng::Prng;
 use oxqcow_testkit::probe::{
-    mutate, open_any_check, open_read_check, open_secret_check, open_write_check, secret_options, seed_images, Stage,
-    Verdict,
+    mutate, open_any_check, open_read_check, open_repair_check, open_secret_check, open_write_check, secret_options,
+    seed_images, RepairRun, Stage, Verdict,
 };
 
 #[test]
@@ -220,4 +222,90 @@ fn mutated_encrypted_seeds_never_panic() {
     // after it saw none of them.
     println!("{unlocked} mutated images unlocked");
     assert!(unlocked > 0, "no mutated encrypted image unlocked");
+}
+
+/// The maintenance operations a version 2 image refuses, as qemu-img does:
+/// resizing with snapshots, other refcount widths, persistent bitmaps.
+const V2_REFUSALS: [&str; 5] = [
+    "grow: Can't resize a v2 image which has snapshots",
+    "shrink: Can't resize a v2 image which has snapshots",
+    "amend refcount_bits=4: Refcount widths other than 16 bits require compatibility level 1.1 or above \
+     (use compat=1.1 or greater)",
+    "bitmap add: Can't make bitmap 'fuzz' persistent in '#block101': Cannot store dirty bitmaps in qcow2 v2 files",
+    "bitmap remove: Dirty bitmap 'fuzz' not found",
+];
+
+/// What 1-bit refcounts refuse: a snapshot (every cluster would be
+/// referenced twice).
+const R1_REFUSALS: [&str; 3] = [
+    "snapshot create: refcount of cluster 5 would exceed the maximum 1 of 1-bit refcounts",
+    "snapshot apply: Can't find the snapshot 'fuzz'",
+    "snapshot delete: Can't find the snapshot 'fuzz'",
+];
+
+#[test]
+fn seed_images_survive_repair_and_maintenance() {
+    for (name, bytes) in seed_images() {
+        let run = open_repair_check(&bytes).unwrap_or_else(|| panic!("seed {name} does not open for repair"));
+        let fixed = run.repair.unwrap_or_else(|e| panic!("seed {name}: repair failed: {e}"));
+        assert_eq!(
+            (fixed.corruptions, fixed.leaks, fixed.corruptions_fixed, fixed.leaks_fixed),
+            (0, 0, 0, 0),
+            "{name}"
+        );
+        let recheck = run.recheck.expect("a recheck after the repair").unwrap();
+        assert_eq!((recheck.corruptions, recheck.leaks, recheck.check_errors), (0, 0, 0), "{name}");
+        let expected: &[&str] = if name.contains("-v2") {
+            &V2_REFUSALS
+        } else if name.contains("-r1-") {
+            &R1_REFUSALS
+        } else if name.contains("-bitmap") {
+            // As qemu-img snapshot -a refuses it.
+            &["snapshot apply: Device has active dirty bitmaps"]
+        } else {
+            &[]
+        };
+        assert_eq!(run.refused, expected, "seed {name}");
+        assert!(run.after.is_clean(), "seed {name} after maintenance: {}", run.after.describe());
+    }
+}
+
+/// Mutated images through repair and maintenance: no panic, and an image
+/// the repair left consistent stays without corruptions through snapshot,
+/// resize, amend and bitmap operations (leaks may appear: a refcount a
+/// mutation left on a cluster past the end of the file is not compared,
+/// as in QEMU, until the file grows over it).
+#[test]
+fn mutated_seed_images_survive_repair_and_maintenance() {
+    let per_seed: u64 = std::env::var("FUZZ_MUTATIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+    let mut consistent = 0;
+    for (i, (name, bytes)) in seed_images().into_iter().enumerate() {
+        let mut rng = Prng::new(0x4e9a1 + i as u64);
+        for n in 0..per_seed {
+            let mut input = bytes.clone();
+            mutate(&mut input, &mut rng);
+            let saved = || {
+                let path = std::env::temp_dir().join(format!("oxqcow-fuzz-repair-{name}-{n}.qcow2"));
+                std::fs::write(&path, &input).unwrap();
+                path
+            };
+            let Ok(run) = std::panic::catch_unwind(|| open_repair_check(&input)) else {
+                panic!("seed {name}, mutation {n} panicked; input saved to {}", saved().display());
+            };
+            let Some(RepairRun { recheck: Some(Ok(recheck)), after, .. }) = run else { continue };
+            if recheck.corruptions != 0 || recheck.check_errors != 0 {
+                continue;
+            }
+            consistent += 1;
+            if let Verdict::Checked { report, .. } = &after {
+                assert!(
+                    report.corruptions == 0 && report.check_errors == 0,
+                    "seed {name}, mutation {n}: consistent after repair, then {}; input saved to {}",
+                    after.describe(),
+                    saved().display()
+                );
+            }
+        }
+    }
+    assert!(consistent > 0, "no mutated image was consistent after its repair");
 }
