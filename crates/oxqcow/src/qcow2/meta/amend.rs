@@ -319,9 +319,16 @@ impl Meta {
             if !old.is_cluster_aligned(offset) {
                 return Err(Error::Corrupt("Image is corrupt (unaligned refblock offset)".into()));
             }
-            let old_block = self.refcounts.block_copy(storage, offset)?;
+            let mut old_block = self.refcounts.block_copy(storage, offset)?;
             for ri in 0..old.refcounts_per_block() {
-                allocated |= self.finish_if_full(storage, walk, &mut filling, write)?;
+                if self.finish_if_full(storage, walk, &mut filling, write)? {
+                    // The new block's cluster was counted in the old
+                    // structure, maybe in this very block: QEMU's walk reads
+                    // the block it is on live, so later refcounts of this
+                    // walk see the allocation.
+                    allocated = true;
+                    old_block = self.refcounts.block_copy(storage, offset)?;
+                }
                 let refcount = RefcountBlock::get(&old_block, ri as usize, old.refcount_order());
                 if new_bits < 64 && refcount >> new_bits != 0 {
                     let at = (ti * old.refcounts_per_block() + ri) << old.cluster_bits();
