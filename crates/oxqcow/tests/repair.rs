@@ -281,3 +281,26 @@ fn repair_of_an_image_with_bitmaps_keeps_its_snapshots() {
     Image::open(&path, &OpenOptions { read_only: true, ..Default::default() }).unwrap().read_at(&mut buf, 0).unwrap();
     assert!(buf.iter().all(|&b| b == 2), "the active layer's data changed");
 }
+
+// Guards against check judging references against the file's exact
+// length: QEMU's block layer counts a file in 512-byte sectors, so a file
+// cut 2 bytes past a sector boundary is as long as that whole sector to
+// its check. An L1 table 8 bytes into the cluster after the end is then a
+// missing refcount only, not a region "exceeding the end of the file by
+// one cluster or more", and the image end offset counts its cluster.
+#[test]
+fn check_counts_the_file_in_whole_sectors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cut.qcow2");
+    assert!(qemu(&["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", p(&path), "32k"])
+        .status
+        .success());
+    // Header, refcount table, refcount block; the L1 table at 0x600 is cut.
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(1030).unwrap();
+    let img = Image::open(&path, &OpenOptions { read_only: true, repair: true, ..Default::default() }).unwrap();
+    let report = img.check(None).unwrap();
+    assert_eq!((report.corruptions, report.leaks), qemu_counts(&path));
+    assert_eq!(report.messages, ["ERROR cluster 3 refcount=0 reference=1"]);
+    let json = String::from_utf8(qemu(&["qemu-img", "check", "--output=json", p(&path)]).stdout).unwrap();
+    assert!(json.contains(&format!("\"image-end-offset\": {},", report.image_end_offset)), "{json}");
+}

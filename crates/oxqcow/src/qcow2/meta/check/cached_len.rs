@@ -32,7 +32,11 @@ impl Storage for CachedLen<'_> {
     fn len(&self) -> std::io::Result<u64> {
         match self.len.load(Ordering::Relaxed) {
             UNKNOWN_LEN => {
-                let len = self.inner.len()?;
+                // QEMU's block layer counts a file in 512-byte sectors
+                // (`bdrv_getlength`): check judges references against the
+                // length rounded up, and what lies past the true end reads
+                // as zeros.
+                let len = self.inner.len()?.next_multiple_of(512);
                 self.len.store(len, Ordering::Relaxed);
                 Ok(len)
             }
