@@ -49,6 +49,12 @@ pub const MAX_REFCOUNT_ORDER: u32 = 6;
 /// `offset + length` can never overflow in either implementation.
 pub const MAX_OFFSET: u64 = i64::MAX as u64;
 
+/// The end of the last byte QEMU's block layer reads or writes
+/// (`BDRV_MAX_LENGTH`: `i64::MAX` aligned down to 1 GiB): a request past it
+/// fails with EIO before it reaches the file, where one past the file's
+/// end but below this reads zeros.
+pub const MAX_REQUEST_END: u64 = (i64::MAX as u64) & !((1 << 30) - 1);
+
 /// QEMU refuses guest sizes whose L1 index does not fit an `int`
 /// ("Image is too big").
 pub const MAX_L1_INDEX: u64 = i32::MAX as u64;

@@ -304,3 +304,41 @@ fn check_counts_the_file_in_whole_sectors() {
     let json = String::from_utf8(qemu(&["qemu-img", "check", "--output=json", p(&path)]).stdout).unwrap();
     assert!(json.contains(&format!("\"image-end-offset\": {},", report.image_end_offset)), "{json}");
 }
+
+// Guards against check reading a refcount block a broken table entry puts
+// past the end of QEMU's block layer (0xffff_ffff_ffff_ffff here) as
+// zeros: QEMU cannot read it ("Can't get refcount for cluster N:
+// Input/output error", a check error per cluster, no corruption), and its
+// repair then rebuilds the refcount structure; oxqcow's verdict, messages
+// and repaired file are qemu-img's.
+#[test]
+fn refcount_blocks_qemu_cannot_read_are_check_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let ours = dir.path().join("ours.qcow2");
+    let theirs = dir.path().join("theirs.qcow2");
+    assert!(qemu(&["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", p(&ours), "64k"])
+        .status
+        .success());
+    assert!(qemu(&["qemu-io", "-c", "write -P 1 0 4k", p(&ours)]).status.success());
+    let mut bytes = std::fs::read(&ours).unwrap();
+    let reftable = u64_at(&bytes, 48) as usize;
+    bytes[reftable..reftable + 8].fill(0xff);
+    std::fs::write(&ours, &bytes).unwrap();
+    std::fs::write(&theirs, &bytes).unwrap();
+    let out = qemu(&["qemu-img", "check", p(&theirs)]);
+    let theirs_lines: Vec<String> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| !l.starts_with("qemu-img:"))
+        .map(String::from)
+        .collect();
+    let img = Image::open(&ours, &OpenOptions { repair: true, ..Default::default() }).unwrap();
+    let report = img.check(None).unwrap();
+    assert_eq!(report.messages, theirs_lines);
+    assert_eq!((report.corruptions, report.leaks), qemu_counts(&theirs));
+    assert!(report.check_errors > 0 && report.messages[1] == "Can't get refcount for cluster 0: Input/output error");
+    img.check(Some(RepairMode::All)).unwrap();
+    img.close().unwrap();
+    assert!(qemu(&["qemu-img", "check", "-r", "all", p(&theirs)]).status.success());
+    assert!(std::fs::read(&ours).unwrap() == std::fs::read(&theirs).unwrap(), "the repaired files differ");
+    assert_eq!(qemu_counts(&ours), (0, 0));
+}

@@ -371,6 +371,10 @@ impl Checker<'_> {
             ))?;
             return Err(Stop::Errno(EIO));
         }
+        // A broken entry may name a block QEMU's block layer will not read.
+        if offset.checked_add(g.cluster_size()).is_none_or(|end| end > oxqcow_format::limits::MAX_REQUEST_END) {
+            return Err(Stop::Errno(EIO));
+        }
         self.load_block(offset)?;
         let (_, data, _) = self.block.as_ref().expect("just read");
         let index = (c & (g.refcounts_per_block() - 1)) as usize;
