@@ -34,7 +34,7 @@ pub(super) fn open(
     let st = &*storage;
     let file_len = st.len().map_err(Error::io("reading the file length", 0))?;
     let header = read_header(st, opts.repair)?;
-    header.validate_against_file(file_len)?;
+    header.validate_against_file(file_len, opts.repair)?;
     if !opts.repair {
         header.validate_snapshots_against_file(file_len)?;
     }
@@ -125,7 +125,7 @@ pub(super) fn open(
 pub(super) fn inspect(storage: &dyn Storage) -> Result<(Qcow2Info, Vec<oxqcow_format::SnapshotEntry>)> {
     let file_len = storage.len().map_err(Error::io("reading the file length", 0))?;
     let header = read_header(storage, false)?;
-    header.validate_against_file(file_len)?;
+    header.validate_against_file(file_len, false)?;
     header.validate_snapshots_against_file(file_len)?;
     let snapshots =
         read_snapshots(storage, header.snapshots_offset, header.nb_snapshots, file_len, SnapshotRead::Open, None)?;
