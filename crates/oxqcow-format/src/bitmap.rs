@@ -139,47 +139,58 @@ impl BitmapDirEntry {
 }
 
 /// Parses a bitmap directory of `nb_bitmaps` entries occupying exactly
-/// `buf` (the header extension's `bitmap_directory_size` bytes), as QEMU's
-/// `bitmap_list_load` does, with its messages.
+/// `dir_len` bytes (the header extension's `bitmap_directory_size`), as
+/// QEMU's `bitmap_list_load` does, with its messages. `buf` holds its
+/// first bytes; the rest reads as zeros, as QEMU reads a directory that
+/// runs past the end of the file (the first entry wholly past `buf` is then
+/// all zeros and fails, so a hostile size costs no allocation).
 pub fn parse_directory(
     buf: &[u8],
+    dir_len: u64,
     nb_bitmaps: u32,
     cluster_size: u64,
     image_len: u64,
 ) -> Result<Vec<BitmapDirEntry>, FormatError> {
-    if buf.is_empty() {
+    if dir_len == 0 {
         return Err(err("Requested bitmap directory size is zero"));
     }
-    if buf.len() as u64 > MAX_BITMAP_DIRECTORY_BYTES {
+    if dir_len > MAX_BITMAP_DIRECTORY_BYTES {
         return Err(err("Requested bitmap directory size is too big"));
     }
+    let len = dir_len as usize;
+    let byte = |i: usize| buf.get(i).copied().unwrap_or(0);
     let broken = || err("Broken bitmap directory");
     let mut entries = Vec::new();
     let mut pos = 0usize;
-    while pos < buf.len() {
-        if pos + BITMAP_DIR_ENTRY_HEADER > buf.len() {
+    while pos < len {
+        if pos + BITMAP_DIR_ENTRY_HEADER > len {
             return Err(broken());
         }
         if entries.len() as u64 >= u64::from(nb_bitmaps) {
             return Err(err("More bitmaps found than specified in header extension"));
         }
-        let e = &buf[pos..];
-        let table_offset = be64(e, 0);
-        let table_size = be32(e, 8);
-        let flags = be32(e, 12);
+        let mut e = [0u8; BITMAP_DIR_ENTRY_HEADER];
+        for (k, b) in e.iter_mut().enumerate() {
+            *b = byte(pos + k);
+        }
+        let table_offset = be64(&e, 0);
+        let table_size = be32(&e, 8);
+        let flags = be32(&e, 12);
         let type_ = e[16];
         let granularity_bits = e[17];
-        let name_size = usize::from(be16(e, 18));
-        let extra = be32(e, 20) as usize;
+        let name_size = usize::from(be16(&e, 18));
+        let extra = be32(&e, 20) as usize;
         let size = dir_entry_size(name_size, extra);
-        if pos as u64 + size > buf.len() as u64 {
+        if pos as u64 + size > len as u64 {
             return Err(broken());
         }
         if extra != 0 {
             return Err(err("Bitmap extra data is not supported"));
         }
-        let name_bytes = &e[BITMAP_DIR_ENTRY_HEADER..BITMAP_DIR_ENTRY_HEADER + name_size];
-        let name = String::from_utf8_lossy(name_bytes).into_owned();
+        // QEMU copies the name with g_strndup: it ends at a NUL.
+        let name_bytes: Vec<u8> =
+            (0..name_size).map(|k| byte(pos + BITMAP_DIR_ENTRY_HEADER + k)).take_while(|&b| b != 0).collect();
+        let name = String::from_utf8_lossy(&name_bytes).into_owned();
         let entry = BitmapDirEntry { table_offset, table_size, flags, granularity_bits, name };
         if !entry.satisfies_constraints(type_, cluster_size, image_len) {
             return Err(err(format!("Bitmap '{}' doesn't satisfy the constraints", entry.name)));
@@ -293,7 +304,33 @@ mod tests {
         assert_eq!(bytes.len(), 32 + 40);
         assert_eq!(&bytes[24..26], b"b0");
         assert_eq!(bytes[16], 1);
-        assert_eq!(parse_directory(&bytes, 2, 65536, 64 << 20).unwrap(), entries);
+        assert_eq!(parse_directory(&bytes, bytes.len() as u64, 2, 65536, 64 << 20).unwrap(), entries);
+    }
+
+    /// A directory cut by the end of the file reads as zeros past the cut,
+    /// as QEMU reads it: a cut name ends there, and the first entry
+    /// wholly past the cut is a zero entry that fails the constraints,
+    /// whatever the directory size claims.
+    #[test]
+    fn directory_past_the_bytes_read_is_zeros() {
+        let entries = vec![entry("b0", FLAG_AUTO), entry("a-longer-name", FLAG_AUTO)];
+        let bytes = serialize_directory(&entries, 65536, 64 << 20).unwrap();
+        let msg = |r: Result<Vec<BitmapDirEntry>, FormatError>| r.unwrap_err().to_string();
+        assert_eq!(
+            msg(parse_directory(&bytes[..32], 72 + 24, 3, 65536, 64 << 20)),
+            "Bitmap '' doesn't satisfy the constraints"
+        );
+        assert_eq!(
+            msg(parse_directory(&bytes[..32], MAX_BITMAP_DIRECTORY_BYTES, 3, 65536, 64 << 20)),
+            "Bitmap '' doesn't satisfy the constraints"
+        );
+        let cut = parse_directory(&bytes[..58], 72, 2, 65536, 64 << 20).unwrap();
+        // (QEMU's g_strndup ends the name at the first NUL.)
+        assert_eq!(cut[1].name, "a-");
+        assert_eq!(
+            parse_directory(&bytes[..32], 72, 1, 65536, 64 << 20).unwrap_err().to_string(),
+            "More bitmaps found than specified in header extension"
+        );
     }
 
     #[test]
@@ -301,27 +338,33 @@ mod tests {
         let bytes = serialize_directory(&[entry("b0", 0)], 65536, 1 << 20).unwrap();
         let msg = |r: Result<Vec<BitmapDirEntry>, FormatError>| r.unwrap_err().to_string();
         assert_eq!(
-            msg(parse_directory(&bytes, 2, 65536, 1 << 20)),
+            msg(parse_directory(&bytes, bytes.len() as u64, 2, 65536, 1 << 20)),
             "Less bitmaps found than specified in header extension"
         );
         assert_eq!(
-            msg(parse_directory(&bytes, 0, 65536, 1 << 20)),
+            msg(parse_directory(&bytes, bytes.len() as u64, 0, 65536, 1 << 20)),
             "More bitmaps found than specified in header extension"
         );
-        assert_eq!(msg(parse_directory(&bytes[..20], 1, 65536, 1 << 20)), "Broken bitmap directory");
-        assert_eq!(msg(parse_directory(&bytes[..30], 1, 65536, 1 << 20)), "Broken bitmap directory");
+        assert_eq!(msg(parse_directory(&bytes[..20], 20, 1, 65536, 1 << 20)), "Broken bitmap directory");
+        assert_eq!(msg(parse_directory(&bytes[..30], 30, 1, 65536, 1 << 20)), "Broken bitmap directory");
         let mut bad = bytes.clone();
         bad[17] = 8;
-        assert_eq!(msg(parse_directory(&bad, 1, 65536, 1 << 20)), "Bitmap 'b0' doesn't satisfy the constraints");
+        assert_eq!(
+            msg(parse_directory(&bad, bad.len() as u64, 1, 65536, 1 << 20)),
+            "Bitmap 'b0' doesn't satisfy the constraints"
+        );
         let mut extra = bytes.clone();
         extra[23] = 8;
         extra.extend_from_slice(&[0; 8]);
-        assert_eq!(msg(parse_directory(&extra, 1, 65536, 1 << 20)), "Bitmap extra data is not supported");
+        assert_eq!(
+            msg(parse_directory(&extra, extra.len() as u64, 1, 65536, 1 << 20)),
+            "Bitmap extra data is not supported"
+        );
         // A table too small for the disk is refused unless the bitmap is in use.
         let big = 1u64 << 50;
-        assert!(parse_directory(&bytes, 1, 65536, big).is_err());
+        assert!(parse_directory(&bytes, bytes.len() as u64, 1, 65536, big).is_err());
         let stale = serialize_directory(&[entry("b0", FLAG_IN_USE)], 65536, 1 << 20).unwrap();
-        assert!(parse_directory(&stale, 1, 65536, big).is_ok());
+        assert!(parse_directory(&stale, stale.len() as u64, 1, 65536, big).is_ok());
     }
 
     #[test]

@@ -81,20 +81,22 @@ fn past_eof(table: &'static str, offset: u64, length: u64, file_len: u64) -> Err
     Error::Format(FormatError::TablePastEof { table, offset, length, file_len })
 }
 
-/// Reads and parses the bitmap directory the header names (none: empty),
-/// after checking that it lies inside the file.
+/// Reads and parses the bitmap directory the header names (none: empty).
+/// What runs past the end of the file reads as zeros, as QEMU reads it
+/// (its first entry there fails the entry checks); only what lies inside
+/// the file is read into memory.
 pub(crate) fn read_directory(storage: &dyn Storage, header: &Header, file_len: u64) -> Result<Vec<BitmapDirEntry>> {
     let Some(ext) = &header.extensions.bitmaps else { return Ok(Vec::new()) };
     let (offset, size) = (ext.directory_offset, ext.directory_size);
     if size > MAX_BITMAP_DIRECTORY_BYTES {
         return Err(Error::Format(FormatError::Bitmap("Requested bitmap directory size is too big".into())));
     }
-    if offset.checked_add(size).is_none_or(|end| end > file_len) {
+    if offset.checked_add(size).is_none_or(|end| end > oxqcow_format::limits::MAX_REQUEST_END) {
         return Err(past_eof("Bitmap directory", offset, size, file_len));
     }
-    let mut buf = vec![0u8; size as usize];
+    let mut buf = vec![0u8; file_len.saturating_sub(offset).min(size) as usize];
     storage.read_at(&mut buf, offset).map_err(Error::io("reading the bitmap directory", offset))?;
-    Ok(parse_directory(&buf, ext.nb_bitmaps, header.cluster_size(), header.size)?)
+    Ok(parse_directory(&buf, size, ext.nb_bitmaps, header.cluster_size(), header.size)?)
 }
 
 /// Refuses bitmap tables that share clusters. Besides being corrupt, a

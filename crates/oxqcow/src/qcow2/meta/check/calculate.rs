@@ -284,7 +284,9 @@ impl Checker<'_> {
         // of the file read as zeros, as QEMU's reads do.
         let dir = self.read_padded(b.directory_offset, b.directory_size)?;
         let cs = self.g.cluster_size();
-        let Ok(entries) = oxqcow_format::bitmap::parse_directory(&dir, b.nb_bitmaps, cs, self.meta.header.size) else {
+        let Ok(entries) =
+            oxqcow_format::bitmap::parse_directory(&dir, dir.len() as u64, b.nb_bitmaps, cs, self.meta.header.size)
+        else {
             res.corruptions += 1;
             return Err(Stop::Errno(EINVAL));
         };
