@@ -4,6 +4,16 @@
 //! point; this file only takes the global options and dispatches.
 #![forbid(unsafe_code)]
 
+// Standard output goes through `app::stdout`, buffered as QEMU's stdio
+// buffers it; these shadow the standard macros in every module below.
+macro_rules! print {
+    ($($arg:tt)*) => { $crate::app::stdout::write(format_args!($($arg)*)) };
+}
+macro_rules! println {
+    () => { $crate::app::stdout::write(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::app::stdout::write(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
 mod app;
 mod cmd;
 mod export;
@@ -45,12 +55,14 @@ fn main() {
     if !serves {
         oxqcow_nbd::sys::default_sigpipe();
     }
-    std::process::exit(match tool {
+    let code = match tool {
         "qemu-io" => io::run(&ctx, rest),
         "qemu-nbd" => export::serve::run(&ctx, rest),
         "qemu-storage-daemon" => export::qsd::run(&ctx, rest),
         _ => run(&ctx, rest),
-    });
+    };
+    app::stdout::flush();
+    std::process::exit(code);
 }
 
 fn run(ctx: &Ctx, args: &[String]) -> i32 {

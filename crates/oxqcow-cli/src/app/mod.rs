@@ -28,6 +28,7 @@ pub mod rbd;
 pub mod secrets;
 pub mod snapshot_param;
 pub mod snapshot_table;
+pub mod stdout;
 pub mod tlscreds;
 pub mod version;
 

@@ -7,8 +7,6 @@
 //! print 0 and 100); indicatif renders the line through a terminal adapter
 //! that writes exactly the lines qemu-img writes.
 
-use std::fmt::Write as _;
-use std::io::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -77,9 +75,8 @@ impl Progress {
     pub fn end(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
-            let mut out = std::io::stdout().lock();
-            let _ = out.write_all(b"\n");
-            let _ = out.flush();
+            // Unflushed, as qemu's progress_simple_end leaves it.
+            print!("\n");
         }
     }
 }
@@ -120,16 +117,16 @@ impl TermLike for QemuLine {
         if self.written.swap(wanted, Ordering::AcqRel) == wanted {
             return Ok(());
         }
-        let mut line = String::with_capacity(s.len() + 1);
-        let _ = write!(line, "{s}\r");
-        let mut out = std::io::stdout().lock();
-        out.write_all(line.as_bytes())?;
-        out.flush()
+        // qemu's progress line is a printf and an fflush.
+        print!("{s}\r");
+        super::stdout::flush();
+        Ok(())
     }
     fn clear_line(&self) -> std::io::Result<()> {
         Ok(())
     }
     fn flush(&self) -> std::io::Result<()> {
-        std::io::stdout().flush()
+        super::stdout::flush();
+        Ok(())
     }
 }

@@ -194,6 +194,8 @@ fn create(req: &Request) -> Result<(), String> {
     }
     if !req.quiet {
         println!("Formatting '{}', fmt={} {}", req.filename, req.fmt, opts.summary());
+        // bdrv_img_create flushes it, so it comes before any error.
+        crate::app::stdout::flush();
     }
     let mut create_opts = opts.to_create_options()?;
     create_opts.unsafe_backing = req.unsafe_backing;

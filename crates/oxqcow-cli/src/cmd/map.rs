@@ -185,7 +185,7 @@ fn data_filenames(image: &oxqcow::Image, mut files: Vec<String>) -> Vec<String> 
 /// Prints the map of `[start, end)`, merging and printing as qemu-img does.
 /// `files` names the layers of the chain, top first.
 fn dump(image: &dyn BlockDevice, files: &[String], output: OutputFormat, start: u64, end: u64) -> Result<(), String> {
-    let mut out = std::io::stdout().lock();
+    let mut out = crate::app::stdout::Stdout;
     match output {
         OutputFormat::Human => writeln(&mut out, &format!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to"))?,
         OutputFormat::Json => write(&mut out, "[")?,

@@ -56,6 +56,8 @@ pub fn fork_daemon(ctx: &Ctx, failure: &str) -> Result<std::os::unix::net::UnixS
     use oxqcow_nbd::sys::{self, Forked};
     let (parent_end, child_end) =
         std::os::unix::net::UnixStream::pair().map_err(|e| ctx.fail(&format!("{failure}: {e}")))?;
+    // What is buffered would otherwise be written by both processes.
+    crate::app::stdout::flush();
     match sys::fork() {
         Err(e) => Err(ctx.fail(&format!("{failure}: {e}"))),
         Ok(Forked::Parent(child)) => {

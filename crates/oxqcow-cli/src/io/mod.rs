@@ -7,19 +7,7 @@
 //! `aio_write` complete (and print their report) before the next command,
 //! which is one of the orders qemu-io itself may print them in.
 
-// Standard output inside `io/` goes through `out`, buffered as QEMU's
-// stdio buffers it (these shadow the standard macros in every module
-// below).
-macro_rules! print {
-    ($($arg:tt)*) => { $crate::io::out::write(format_args!($($arg)*)) };
-}
-macro_rules! println {
-    () => { $crate::io::out::write(format_args!("\n")) };
-    ($($arg:tt)*) => { $crate::io::out::write(format_args!("{}\n", format_args!($($arg)*))) };
-}
-
 mod cmds;
-mod out;
 mod report;
 mod session;
 
@@ -30,6 +18,7 @@ use crate::app::ctx::Ctx;
 use crate::app::getopt::{self, HasArg, Opt};
 use crate::app::io_open::OpenSpec;
 use crate::app::qemu_opts::split_noisily;
+use crate::app::stdout;
 use session::Session;
 
 const MAIN_OPTIONS: &[Opt] = &[
@@ -85,12 +74,6 @@ fn usage(prog: &str) -> String {
 
 /// Runs `oxqcow io ARGS`.
 pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
-    let code = run_buffered(ctx, args);
-    out::flush();
-    code
-}
-
-fn run_buffered(ctx: &Ctx, args: &[String]) -> i32 {
     let (parsed, error) = getopt::parse_until_error(&ctx.argv0, args, MAIN_OPTIONS);
     let mut spec = OpenSpec::for_command_line();
     let mut commands: Vec<String> = Vec::new();
@@ -164,7 +147,7 @@ fn run_buffered(ctx: &Ctx, args: &[String]) -> i32 {
         let mut lines = stdin.lock().lines();
         while !session.quit {
             print!("{}> ", ctx.prog);
-            flush_stdout();
+            stdout::flush();
             let Some(Ok(line)) = lines.next() else { break };
             failed |= cmds::run_line(&mut session, &line).is_err();
         }
@@ -177,10 +160,6 @@ fn run_buffered(ctx: &Ctx, args: &[String]) -> i32 {
         }
     }
     failed |= session.close_image().is_err();
-    flush_stdout();
+    stdout::flush();
     i32::from(failed)
-}
-
-fn flush_stdout() {
-    out::flush();
 }

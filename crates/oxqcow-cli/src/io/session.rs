@@ -89,7 +89,7 @@ impl Session<'_> {
         let Some(kind) = kind else { return Err("Parameter 'qom-type' is missing".into()) };
         if kind == "help" {
             println!("List of user creatable objects:\n  secret");
-            crate::io::out::flush();
+            crate::app::stdout::flush();
             std::process::exit(0);
         }
         if kind == "tls-creds-x509" {

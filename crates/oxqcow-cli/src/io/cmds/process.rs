@@ -80,7 +80,7 @@ fn unsupported(what: &str) -> CmdResult {
 /// Both streams, as qemu-io flushes them before raising a signal (which
 /// may end the process without Rust's buffers being written).
 fn flush() {
-    crate::io::out::flush();
+    crate::app::stdout::flush();
     let _ = std::io::stderr().flush();
 }
 
