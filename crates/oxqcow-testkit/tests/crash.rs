@@ -686,7 +686,7 @@ fn crash_harness_detects_half_done_amends() {
         h.autoclear_features = 0;
     });
     let e = verify_crashed(v2, &full.tracker, CS, false).expect_err("zero clusters in a v2 image must fail");
-    assert!(e.contains("zero cluster flag in a version 2 image"), "{e}");
+    assert!(e.contains("Zero cluster entry found in pre-v3 image"), "{e}");
 }
 
 // ---------------------------------------------------------------------------

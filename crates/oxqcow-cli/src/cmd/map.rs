@@ -16,7 +16,7 @@ use crate::app::ctx::Ctx;
 use crate::app::forbid_backing::FORBID_BACKING;
 use crate::app::getopt::{self, HasArg, Opt};
 use crate::app::image::chain_filenames;
-use crate::app::messages::strerror;
+use crate::app::messages::errno_text;
 use crate::app::numbers::cvtnum;
 use crate::app::output::OutputFormat;
 use crate::app::CommonOpts;
@@ -182,6 +182,23 @@ fn data_filenames(image: &oxqcow::Image, mut files: Vec<String>) -> Vec<String> 
     files
 }
 
+/// The extents of `[offset, offset + len)`, or of the part before the
+/// first sector whose status cannot be read. qemu-img's map asks for one
+/// run of clusters at a time and prints what it learnt before the run that
+/// fails, so a window that fails is halved until the failure is found; the
+/// error comes once the window's first sector fails.
+fn status_up_to_error(image: &dyn BlockDevice, offset: u64, len: u64) -> oxqcow::Result<Vec<Extent>> {
+    const SECTOR: u64 = 512;
+    let mut len = len;
+    loop {
+        match image.block_status(offset, len) {
+            Ok(extents) => return Ok(extents),
+            Err(e) if len <= SECTOR => return Err(e),
+            Err(_) => len = (len / 2).next_multiple_of(SECTOR).min(len - SECTOR),
+        }
+    }
+}
+
 /// Prints the map of `[start, end)`, merging and printing as qemu-img does.
 /// `files` names the layers of the chain, top first.
 fn dump(image: &dyn BlockDevice, files: &[String], output: OutputFormat, start: u64, end: u64) -> Result<(), String> {
@@ -197,9 +214,8 @@ fn dump(image: &dyn BlockDevice, files: &[String], output: OutputFormat, start: 
         if pending.front().is_none_or(|e| e.offset + e.length <= offset) {
             pending.clear();
             let len = (end - offset).min(STATUS_WINDOW);
-            let extents = image
-                .block_status(offset, len)
-                .map_err(|e| format!("Could not read file metadata: {}", strerror(&e)))?;
+            let extents = status_up_to_error(image, offset, len)
+                .map_err(|e| format!("Could not read file metadata: {}", errno_text(&e)))?;
             pending.extend(extents.into_iter().filter(|e| e.length > 0));
             if pending.is_empty() {
                 return Err("Could not read file metadata: no extents returned".into());

@@ -94,7 +94,16 @@ pub(super) fn flush(q: &Qcow2) -> Result<()> {
 /// zeros at this level (as qemu-img map reports them).
 pub(super) fn block_status(q: &Qcow2, offset: u64, len: u64) -> Result<Vec<Extent>> {
     q.check_range(offset, len)?;
-    let mut own = q.lock_meta().block_status(q.storage_ref(), GuestOffset(offset), len)?;
+    let mut own = {
+        let mut m = q.lock_meta();
+        // Corruption met here is signalled as on a read (QEMU's block
+        // status goes through the same lookup).
+        m.block_status(q.storage_ref(), GuestOffset(offset), len).inspect_err(|e| {
+            if e.kind() == crate::ErrorKind::Corrupt {
+                m.fail(q.storage_ref(), e);
+            }
+        })?
+    };
     if q.crypt.is_some() {
         // The host bytes are ciphertext: as QEMU, no offset is reported
         // for them.

@@ -471,7 +471,15 @@ impl Meta {
     }
 
     fn expand_and_write_v2_header(&mut self, storage: &dyn Storage, status: &mut Status<'_>) -> Result<()> {
-        self.expand_zero_clusters(storage, status)?;
+        if let Err(e) = self.expand_zero_clusters(storage, status) {
+            if e.kind() != crate::ErrorKind::Corrupt {
+                return Err(e);
+            }
+            // As qcow2_downgrade: the corruption is signalled in its own
+            // words, the amend fails with EIO.
+            self.fail(storage, &e);
+            return Err(Error::Corrupt("Failed to turn zero into data clusters: Input/output error".into()));
+        }
         if self.header.incompatible_features & incompat::COMPRESSION != 0 {
             if self.has_compressed_clusters(storage)? {
                 return Err(Error::InvalidArgument(
@@ -523,8 +531,9 @@ impl Meta {
         let mut released = Vec::new();
         let mut visited = 0i64;
         for l1 in trees {
-            for &raw in &l1 {
+            for (l1_index, &raw) in l1.iter().enumerate() {
                 visited += 1;
+                self.check_l2_alignment(L1Entry(raw), l1_index as u64)?;
                 let Some(table) = L1Entry(raw).l2_offset() else {
                     status.report(visited, l1_entries);
                     continue;

@@ -3,12 +3,12 @@
 //! A lookup runs under the metadata lock and returns a plan; the caller
 //! performs the data I/O after releasing the lock.
 
-use oxqcow_format::table::{read_l2_bitmap, read_l2_word, L1Entry};
+use oxqcow_format::table::{read_l2_bitmap, read_l2_word, ClusterType, L1Entry};
 use oxqcow_format::{CompressedDescriptor, GuestOffset, HostOffset, L2Bitmap, L2Entry, L2Mapping};
 
 use crate::error::{Error, Result};
 use crate::extent::{push_extent, Extent};
-use crate::qcow2::meta::Meta;
+use crate::qcow2::meta::{alt_hex, Meta};
 use crate::storage::Storage;
 
 /// One piece of a read plan.
@@ -52,11 +52,22 @@ impl ReadSegment {
     }
 }
 
+/// Which kind of request looks a mapping up: QEMU words some corruption
+/// reports differently on its read and write paths.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Lookup {
+    /// A read or block status (`qcow2_get_host_offset`).
+    Read,
+    /// A write (`handle_copied`, `calculate_l2_meta`).
+    Write,
+}
+
 impl Meta {
     /// The L2 table offset for `l1_index`, or `None` when unallocated.
     pub(crate) fn l2_offset(&self, l1_index: u64) -> Result<Option<u64>> {
         let Some(&raw) = self.l1.get(l1_index as usize) else { return Ok(None) };
         let e = L1Entry(raw);
+        self.check_l2_alignment(e, l1_index)?;
         e.validate(&self.geometry).map_err(|err| Error::Corrupt(format!("L1 entry {l1_index} is invalid: {err}")))?;
         match e.l2_offset() {
             None => Ok(None),
@@ -73,6 +84,19 @@ impl Meta {
                 Ok(Some(o.0))
             }
         }
+    }
+
+    /// The corruption QEMU reports first when it follows an L1 entry: an
+    /// L2 table offset inside a cluster.
+    pub(crate) fn check_l2_alignment(&self, e: L1Entry, l1_index: u64) -> Result<()> {
+        if self.geometry.is_cluster_aligned(e.offset_bits()) {
+            return Ok(());
+        }
+        Err(Error::Corrupt(format!(
+            "L2 table offset {} unaligned (L1 index: {})",
+            alt_hex(e.offset_bits()),
+            alt_hex(l1_index)
+        )))
     }
 
     /// Makes sure the L2 table at `offset` is cached.
@@ -115,13 +139,27 @@ impl Meta {
 
     /// The decoded mapping and the validated subcluster bitmap of entry
     /// `index` of the cached table at `table`. An invalid bitmap is
-    /// corruption, as QEMU reports it ("Invalid cluster entry found").
-    pub(crate) fn mapping_with_bitmap(&mut self, table: u64, index: usize) -> Result<(L2Mapping, L2Bitmap)> {
+    /// corruption, reported in the words of the QEMU function that meets
+    /// it for this `lookup` (the two differ by one space).
+    pub(crate) fn mapping_with_bitmap(
+        &mut self,
+        table: u64,
+        index: usize,
+        lookup: Lookup,
+    ) -> Result<(L2Mapping, L2Bitmap)> {
         let m = self.mapping_at(table, index)?;
         let bitmap = self.l2_bitmap(table, index);
-        bitmap.validate(&m).map_err(|e| {
-            Error::Corrupt(format!("Invalid cluster entry found (L2 offset: 0x{table:x}, L2 index: 0x{index:x}): {e}"))
-        })?;
+        if bitmap.validate(&m).is_err() {
+            let gap = match lookup {
+                Lookup::Read => "  ",
+                Lookup::Write => " ",
+            };
+            return Err(Error::Corrupt(format!(
+                "Invalid cluster entry found{gap}(L2 offset: {}, L2 index: {})",
+                alt_hex(table),
+                alt_hex(index as u64)
+            )));
+        }
         Ok((m, bitmap))
     }
 
@@ -133,7 +171,20 @@ impl Meta {
 
     /// Decodes an entry, turning format errors into corruption reports that
     /// say where the entry is, and checking the host offset is in the file.
+    /// What QEMU detects at run time is reported in its words.
     pub(crate) fn decode(&self, entry: L2Entry, table: u64, index: usize) -> Result<L2Mapping> {
+        let ty = entry.cluster_type(self.geometry.extended_l2(), self.data_file.is_some());
+        let at = || format!("(L2 offset: {}, L2 index: {})", alt_hex(table), alt_hex(index as u64));
+        if self.header.version < 3 && matches!(ty, ClusterType::ZeroPlain | ClusterType::ZeroAlloc) {
+            return Err(Error::Corrupt(format!("Zero cluster entry found in pre-v3 image {}", at())));
+        }
+        if ty != ClusterType::Compressed && !self.geometry.is_cluster_aligned(entry.offset_bits()) {
+            return Err(Error::Corrupt(format!(
+                "Cluster allocation offset {} unaligned {}",
+                alt_hex(entry.offset_bits()),
+                at()
+            )));
+        }
         let m = entry
             .mapping_in(&self.geometry, self.header.version, self.data_file.is_some())
             .map_err(|e| Error::Corrupt(format!("L2 table at offset 0x{table:x}, entry {index}: {e}")))?;
@@ -222,7 +273,7 @@ impl Meta {
                         let in_cluster = g.offset_in_cluster(pos);
                         let piece = (cs - in_cluster).min(table_end - pos);
                         if g.extended_l2() {
-                            let (m, bitmap) = self.mapping_with_bitmap(table, index)?;
+                            let (m, bitmap) = self.mapping_with_bitmap(table, index, Lookup::Read)?;
                             self.check_data_file_host(&m, pos, index)?;
                             let sc_size = g.subcluster_size();
                             let mut at = in_cluster;

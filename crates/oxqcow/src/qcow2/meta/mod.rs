@@ -33,6 +33,16 @@ use cache::TableCache;
 use plan::Inflight;
 use refcount::Refcounts;
 
+/// printf's `%#x`, in which QEMU's messages print offsets and indexes:
+/// `0` for zero, `0x...` otherwise.
+pub(crate) fn alt_hex(v: u64) -> String {
+    if v == 0 {
+        "0".into()
+    } else {
+        format!("{v:#x}")
+    }
+}
+
 /// QEMU's default L2 cache limit on Linux (`DEFAULT_L2_CACHE_MAX_SIZE`).
 const DEFAULT_L2_CACHE_MAX: u64 = 32 << 20;
 /// QEMU's minimum L2 cache: two tables (`MIN_L2_CACHE_SIZE`).

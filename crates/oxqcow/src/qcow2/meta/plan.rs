@@ -14,12 +14,13 @@
 //! write into unallocated subclusters of a cluster of ours is an in-flight
 //! allocation that keeps its cluster and sets allocation bits on commit.
 
-use oxqcow_format::table::{write_l2_bitmap, write_l2_word, L1Entry};
+use oxqcow_format::table::{write_l2_bitmap, write_l2_word, ClusterType, L1Entry};
 use oxqcow_format::{GuestOffset, HostCluster, HostOffset, L2Bitmap, L2Entry, L2Mapping};
 
 use crate::error::{Error, Result};
-use crate::qcow2::meta::mapping::ReadSegment;
-use crate::qcow2::meta::{FreeReason, Meta};
+use crate::qcow2::meta::mapping::{Lookup, ReadSegment};
+use crate::qcow2::meta::refcount::allocating;
+use crate::qcow2::meta::{alt_hex, FreeReason, Meta};
 use crate::storage::Storage;
 
 /// A region of a new cluster to fill with old content: what the guest read
@@ -307,7 +308,7 @@ impl Meta {
         if offset != 0 && free_in_cluster >= size {
             self.refcounts.update(storage, g.host_cluster(HostOffset(offset)), 1)?;
         } else {
-            let new = self.alloc_clusters(storage, 1)?;
+            let new = self.alloc_clusters(storage, 1).map_err(|e| allocating("compressed cluster", e))?;
             if offset != 0 && g.align_up(offset) == new && size <= free_in_cluster + cs {
                 // Continue into the adjacent new cluster.
                 self.refcounts.update(storage, g.host_cluster(HostOffset(offset)), 1)?;
@@ -334,14 +335,7 @@ impl Meta {
             }
         }
         self.mark_dirty(storage)?;
-        let new = self.alloc_clusters(storage, 1).map_err(|e| {
-            let at_zero = crate::qcow2::meta::refcount::alloc_at_zero("cluster");
-            if e.to_string() == at_zero.to_string() {
-                crate::qcow2::meta::refcount::alloc_at_zero("L2 table")
-            } else {
-                e
-            }
-        })?;
+        let new = self.alloc_clusters(storage, 1).map_err(|e| allocating("L2 table", e))?;
         let data = match current {
             Some(old) => {
                 self.load_l2(storage, old)?;
@@ -426,7 +420,22 @@ impl Meta {
         let last_cluster = (end - 1) / cs; // inclusive
         let limit = last_cluster.min(table_end_cluster - 1);
 
-        let (m0, b0) = self.mapping_with_bitmap(table, index)?;
+        // A cluster QEMU would write in place is checked first
+        // (`handle_copied`), and reported in its words.
+        let entry = self.l2_entry(table, index);
+        let ty = entry.cluster_type(g.extended_l2(), self.data_file.is_some());
+        if entry.copied()
+            && matches!(ty, ClusterType::Normal | ClusterType::ZeroAlloc)
+            && !g.is_cluster_aligned(entry.offset_bits())
+        {
+            let kind = if ty == ClusterType::ZeroAlloc { "Preallocated zero" } else { "Data" };
+            return Err(Error::Corrupt(format!(
+                "{kind} cluster offset {} unaligned (guest offset: {})",
+                alt_hex(entry.offset_bits()),
+                alt_hex(offset)
+            )));
+        }
+        let (m0, b0) = self.mapping_with_bitmap(table, index, Lookup::Write)?;
         self.check_data_file_host(&m0, offset, index)?;
         let w = WriteStart { offset, end, first, table, index, limit, mapping: m0, bitmap: b0 };
         if let (true, L2Mapping::Normal { host, .. }) = (self.writable_in_place(storage, table, index, m0)?, m0) {
@@ -453,7 +462,7 @@ impl Meta {
         let mut next_host = host.0 + cs;
         while run_end <= limit && !self.inflight_overlaps(run_end, 1) {
             let i = index + (run_end - first) as usize;
-            let m = self.mapping_with_bitmap(table, i)?.0;
+            let m = self.mapping_with_bitmap(table, i, Lookup::Write)?.0;
             if m.host_cluster() != Some(HostOffset(next_host)) || !self.writable_in_place(storage, table, i, m)? {
                 break;
             }
@@ -475,7 +484,7 @@ impl Meta {
             _ => offset - in_cluster % sc,
         };
         let last_index = index + (run_end - 1 - first) as usize;
-        let (ml, bl) = self.mapping_with_bitmap(table, last_index)?;
+        let (ml, bl) = self.mapping_with_bitmap(table, last_index, Lookup::Write)?;
         let tail_to = match bl.subcluster(&ml, (g.offset_in_cluster(w_end - 1) / sc) as u32) {
             oxqcow_format::Subcluster::Normal => w_end,
             _ => w_end.div_ceil(sc) * sc,
@@ -513,7 +522,7 @@ impl Meta {
         let (mut last_mapping, mut last_bitmap) = (m0, b0);
         while first + count <= limit && !self.inflight_overlaps(first + count, 1) {
             let i = index + count as usize;
-            let (m, b) = self.mapping_with_bitmap(table, i)?;
+            let (m, b) = self.mapping_with_bitmap(table, i, Lookup::Write)?;
             if self.writable_in_place(storage, table, i, m)? {
                 break;
             }

@@ -389,12 +389,20 @@ impl Refcounts {
             }
             if run_len >= n {
                 if let Some((template, _)) = self.map.constant_overlap(run_start, n) {
-                    if run_start == 0 {
-                        // Where QEMU's allocator would return offset 0.
-                        return Err(alloc_at_zero("cluster"));
+                    if run_start == 0 && self.block_offset(0).is_none() {
+                        // QEMU's allocator hands out offset 0, then needs
+                        // the refcount block that would count it and puts
+                        // it on the next cluster it takes for free; when
+                        // that is metadata too, the block's write is what
+                        // its overlap check refuses.
+                        if let Some((next, _)) = self.map.constant_overlap(n, 1) {
+                            return Err(overlap::overlap_error(next));
+                        }
                     }
                     // QEMU hands the clusters out and its overlap check
-                    // refuses the write that follows, in these words.
+                    // refuses the write that follows, in these words
+                    // (unless the caller checks for offset 0 itself: see
+                    // `allocating`).
                     return Err(overlap::overlap_error(template));
                 }
                 return Ok((run_start, first_free.unwrap_or(run_start)));
@@ -652,4 +660,17 @@ impl Refcounts {
 /// refcount of 0 for the header's cluster leads its allocator to.
 pub(crate) fn alloc_at_zero(what: &str) -> Error {
     Error::Corrupt(format!("Preventing invalid allocation of {what} at offset 0"))
+}
+
+/// An allocation's error as QEMU reports it for `what`: the structures
+/// QEMU checks for offset 0 themselves (L2 tables, compressed clusters)
+/// are refused in their own words, where other allocations at offset 0
+/// only meet the overlap check of the write that follows.
+pub(crate) fn allocating(what: &str, e: Error) -> Error {
+    let at_header = overlap::overlap_error(overlap::MAIN_HEADER).to_string();
+    if matches!(&e, Error::Corrupt(text) if *text == at_header) {
+        alloc_at_zero(what)
+    } else {
+        e
+    }
 }

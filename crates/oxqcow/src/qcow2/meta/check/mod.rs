@@ -38,7 +38,7 @@ mod rebuild;
 mod snapshots;
 
 use crate::error::{Error, Result};
-use crate::qcow2::meta::Meta;
+use crate::qcow2::meta::{alt_hex, Meta};
 use crate::storage::Storage;
 use cached_len::{CachedLen, UNKNOWN_LEN};
 use imrt::Imrt;
@@ -139,15 +139,6 @@ impl From<Error> for Stop {
 }
 
 type Step<T> = std::result::Result<T, Stop>;
-
-/// printf's `%#x`: `0` for zero, `0x...` otherwise.
-fn alt_hex(v: u64) -> String {
-    if v == 0 {
-        "0".into()
-    } else {
-        format!("{v:#x}")
-    }
-}
 
 /// Which repairs a pass may make (QEMU's `BdrvCheckMode` bits).
 #[derive(Clone, Copy, Default)]
