@@ -319,23 +319,26 @@ impl Qcow2 {
         if len == 0 {
             return Ok(());
         }
-        // QEMU zeroes at subcluster granularity (the cluster without
-        // extended L2 entries): unaligned ends are handled one unit at a
-        // time, the aligned middle in metadata.
+        // QEMU's block layer splits a zero write at subcluster boundaries
+        // (the cluster without extended L2 entries): the unaligned ends
+        // are requests of their own, handled one unit at a time, the
+        // aligned middle in metadata. An end piece that reaches the end of
+        // the disk has no tail for qcow2 and is zeroed in metadata as it
+        // stands.
         let unit = self.geometry.subcluster_size();
         let size = self.len();
         let end = offset + len;
-        // The end of the disk counts as a unit boundary.
-        let aligned = |o: u64| o % unit == 0 || o == size;
-        let head_end = if aligned(offset) { offset } else { end.min(offset.div_ceil(unit) * unit) };
-        let tail_start = if aligned(end) { end } else { (end / unit * unit).max(head_end) };
+        let head_end = if offset % unit == 0 { offset } else { end.min(offset.div_ceil(unit) * unit) };
+        let tail_start = if end % unit == 0 { end } else { (end / unit * unit).max(head_end) };
         if head_end > offset {
             self.zero_partial(offset, head_end - offset, may_unmap)?;
         }
         if tail_start > head_end {
             self.zeroize(head_end, tail_start - head_end, may_unmap)?;
         }
-        if end > tail_start {
+        if end > tail_start && end == size {
+            self.zeroize(tail_start, end - tail_start, may_unmap)?;
+        } else if end > tail_start {
             self.zero_partial(tail_start, end - tail_start, may_unmap)?;
         }
         Ok(())
