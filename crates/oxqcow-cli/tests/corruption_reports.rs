@@ -233,3 +233,60 @@ fn allocations_misled_to_the_header_are_refused_as_qemu_refuses_them() {
         p.same_files(&[case.then]);
     }
 }
+
+// Guards against check refusing to open an image whose header gives its
+// refcount table no clusters: QEMU's open for check skips that test (the
+// normal open refuses the image, in both), so that the refcounts can be
+// rebuilt.
+#[test]
+fn check_repairs_a_refcount_table_of_no_clusters() {
+    let setup = written_image(&[]);
+    must(setup.path(), qemu_img(), &["snapshot", "-c", "s1", "t.qcow2"]);
+    must(setup.path(), qemu_io(), &["-c", "write -q -P 5 64k 192k", "t.qcow2"]);
+    patch(&setup.path().join("t.qcow2"), 56, &[0; 4]);
+    let p = Pair::from(setup.path());
+    let out = same(&p, "qemu-io", &["-c", "read 0 64k", "t.qcow2"]);
+    assert!(out.contains("Image does not contain a reference count table"), "{out}");
+    let out = same(&p, "qemu-img", &["check", "t.qcow2"]);
+    assert!(out.contains("ERROR cluster 0 refcount=0 reference=1"), "{out}");
+    let out = same(&p, "qemu-img", &["check", "-r", "all", "t.qcow2"]);
+    assert!(out.contains("No errors were found on the image."), "{out}");
+    p.same_files(&["check -r all"]);
+}
+
+// Guards against read-only opens refusing an image whose refcount table
+// or snapshot table runs past the end of the file (a truncated copy):
+// QEMU reads the missing part as zeros, so info, map, convert and
+// snapshot -l work on it. A read-write open still refuses it (QEMU's
+// allocator would take the clusters those zeros call free).
+#[test]
+fn read_only_opens_take_tables_past_the_end_of_the_file() {
+    let setup = written_image(&[]);
+    must(setup.path(), qemu_img(), &["snapshot", "-c", "s1", "t.qcow2"]);
+    must(setup.path(), qemu_io(), &["-c", "write -q -P 9 1M 64k", "t.qcow2"]);
+    let image = setup.path().join("t.qcow2");
+    let len = std::fs::metadata(&image).unwrap().len();
+    let past_end = len.next_multiple_of(65536);
+    // (header field, what it names)
+    for (field, what) in [(48u64, "refcount table"), (64, "snapshot table")] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(&image, dir.path().join("t.qcow2")).unwrap();
+        patch(&dir.path().join("t.qcow2"), field, &past_end.to_be_bytes());
+        let p = Pair::from(dir.path());
+        for args in [
+            &["info", "t.qcow2"][..],
+            &["map", "--output=json", "t.qcow2"],
+            &["snapshot", "-l", "t.qcow2"],
+            &["convert", "-O", "raw", "t.qcow2", "t.raw"],
+            &["check", "t.qcow2"],
+        ] {
+            same(&p, "qemu-img", args);
+        }
+        p.same_files(&[what]);
+        let (q, o) = (
+            joined(&p.qemu, true, "qemu-io", &["-c", "write 0 4k", "t.qcow2"]),
+            joined(&p.ox, false, "qemu-io", &["-c", "write 0 4k", "t.qcow2"]),
+        );
+        assert_ne!(q.0 + o.0, 0, "{what}: a write must fail in both: {q:?} {o:?}");
+    }
+}

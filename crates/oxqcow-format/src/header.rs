@@ -288,13 +288,14 @@ impl Header {
     }
 
     /// As [`Header::parse`], but the snapshot table's count and offset are
-    /// left unchecked: QEMU opens an image for `check` without them, and
-    /// the check reports (and repairs) a bad table itself.
+    /// left unchecked, and a refcount table of no clusters is taken: QEMU
+    /// opens an image for `check` without those checks, and the check
+    /// reports (and repairs) them itself.
     pub fn parse_for_check(cluster0: &[u8]) -> Result<Header, FormatError> {
         Self::parse_inner(cluster0, false)
     }
 
-    fn parse_inner(cluster0: &[u8], check_snapshot_table: bool) -> Result<Header, FormatError> {
+    fn parse_inner(cluster0: &[u8], strict: bool) -> Result<Header, FormatError> {
         let cluster_bits = peek_cluster_bits(cluster0)?;
         let cluster_size = 1u64 << cluster_bits;
         if (cluster0.len() as u64) < cluster_size {
@@ -385,7 +386,7 @@ impl Header {
         }
 
         let refcount_table_clusters = raw.refcount_table_clusters.get();
-        if refcount_table_clusters == 0 {
+        if refcount_table_clusters == 0 && strict {
             return Err(FormatError::NoRefcountTable);
         }
         let refcount_table_offset = raw.refcount_table_offset.get();
@@ -399,7 +400,7 @@ impl Header {
         )?;
         let nb_snapshots = raw.nb_snapshots.get();
         let snapshots_offset = raw.snapshots_offset.get();
-        if check_snapshot_table {
+        if strict {
             validate_snapshot_table("Snapshot table", snapshots_offset, nb_snapshots, cluster_size)?;
         }
         let l1_size = raw.l1_size.get();
@@ -473,10 +474,11 @@ impl Header {
     /// for the active L1 table: QEMU reads a truncated one with its missing
     /// entries as zeros (unallocated), which is what lets `check -r all`
     /// repair such an image, so the engine reads it that way too. With
-    /// `for_check` (the open `check` uses) the refcount table may run past
-    /// the end as well, read as zeros, so that check reports such an image
-    /// as QEMU's does and its repair rebuilds the refcounts.
-    pub fn validate_against_file(&self, file_len: u64, for_check: bool) -> Result<(), FormatError> {
+    /// `past_eof_as_zeros` (the opens of `check` and read-only opens) the
+    /// refcount table may run past the end as well, read as zeros, so that
+    /// check reports such an image as QEMU's does and its repair rebuilds
+    /// the refcounts, and a truncated image can be read and converted.
+    pub fn validate_against_file(&self, file_len: u64, past_eof_as_zeros: bool) -> Result<(), FormatError> {
         let cs = self.cluster_size();
         let tables = [
             ("Reference count table", self.refcount_table_offset, u64::from(self.refcount_table_clusters) * cs, true),
@@ -489,7 +491,7 @@ impl Header {
             if offset == 0 {
                 return Err(FormatError::TableOverlapsHeader { table, offset });
             }
-            if inside && !for_check && offset + length > file_len {
+            if inside && !past_eof_as_zeros && offset + length > file_len {
                 return Err(FormatError::TablePastEof { table, offset, length, file_len });
             }
         }
@@ -518,7 +520,7 @@ impl Header {
                 return Err(FormatError::TableOverlapsHeader { table: "Snapshot table", offset: 0 });
             }
             let min_len = u64::from(self.nb_snapshots) * SNAPSHOT_HEADER_SIZE;
-            if self.snapshots_offset + min_len > file_len {
+            if self.snapshots_offset.saturating_add(min_len) > file_len {
                 return Err(FormatError::TablePastEof {
                     table: "Snapshot table",
                     offset: self.snapshots_offset,

@@ -273,6 +273,8 @@ fn refcount_table_checks() {
     let mut b = valid_bytes();
     put32(&mut b, 56, 0);
     assert_eq!(parse_err(&b), FormatError::NoRefcountTable);
+    // The open for check takes it (and rebuilds the refcounts).
+    assert_eq!(Header::parse_for_check(&b).unwrap().refcount_table_clusters, 0);
     put32(&mut b, 56, 129); // 129 clusters of 64 KiB > 8 MiB
     assert!(matches!(parse_err(&b), FormatError::TableTooLarge { .. }));
     put32(&mut b, 56, 1);

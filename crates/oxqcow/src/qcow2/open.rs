@@ -34,9 +34,14 @@ pub(super) fn open(
     let st = &*storage;
     let file_len = st.len().map_err(Error::io("reading the file length", 0))?;
     let header = read_header(st, opts.repair)?;
-    header.validate_against_file(file_len, opts.repair)?;
+    // Tables past the end of the file read as zeros, as in QEMU, where
+    // nothing will be allocated from them: for check, and read-only.
+    let tables_past_eof = opts.repair || opts.read_only;
+    header.validate_against_file(file_len, tables_past_eof)?;
     if !opts.repair {
-        header.validate_snapshots_against_file(file_len)?;
+        // Read-only, only the snapshot table's place on the header counts
+        // (as a file of unbounded length).
+        header.validate_snapshots_against_file(if tables_past_eof { u64::MAX } else { file_len })?;
     }
     let geometry = header.geometry();
 
@@ -125,10 +130,11 @@ pub(super) fn open(
 pub(super) fn inspect(storage: &dyn Storage) -> Result<(Qcow2Info, Vec<oxqcow_format::SnapshotEntry>)> {
     let file_len = storage.len().map_err(Error::io("reading the file length", 0))?;
     let header = read_header(storage, false)?;
-    header.validate_against_file(file_len, false)?;
-    header.validate_snapshots_against_file(file_len)?;
+    // Read-only: tables past the end of the file read as zeros, as in QEMU.
+    header.validate_against_file(file_len, true)?;
+    header.validate_snapshots_against_file(u64::MAX)?;
     let snapshots =
-        read_snapshots(storage, header.snapshots_offset, header.nb_snapshots, file_len, SnapshotRead::Open, None)?;
+        read_snapshots(storage, header.snapshots_offset, header.nb_snapshots, file_len, SnapshotRead::Check, None)?;
     let mut info = Qcow2Info::from_header(&header, snapshots.entries.len());
     info.bitmaps =
         crate::qcow2::meta::bitmap::read_directory(storage, &header, file_len)?.iter().map(Into::into).collect();

@@ -184,7 +184,10 @@ impl Meta {
             read_snapshots(st, header.snapshots_offset, header.nb_snapshots, file_len, SnapshotRead::Check, None)
                 .unwrap_or_default()
         } else {
-            read_snapshots(st, header.snapshots_offset, header.nb_snapshots, file_len, SnapshotRead::Open, None)?
+            // Read-only, nothing is allocated from what the zeros past the
+            // end of the file would say: read them as QEMU does.
+            let mode = if read_only { SnapshotRead::Check } else { SnapshotRead::Open };
+            read_snapshots(st, header.snapshots_offset, header.nb_snapshots, file_len, mode, None)?
         };
         let lazy = opts.lazy_refcounts.unwrap_or(header.lazy_refcounts()) && header.version >= 3;
         let mut meta = Meta {
@@ -822,10 +825,11 @@ fn cache_tables(opts: &OpenOptions, geometry: &Geometry, size: u64) -> Result<(u
 /// How [`read_snapshots`] treats a damaged table.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SnapshotRead {
-    /// An open: a table reaching past the end of the file is refused.
+    /// A read-write open: a table reaching past the end of the file is
+    /// refused.
     Open,
-    /// A check (QEMU reads the table through its file driver): past the
-    /// end of the file reads as zeros.
+    /// A check or a read-only open (QEMU reads the table through its file
+    /// driver): past the end of the file reads as zeros.
     Check,
 }
 
