@@ -205,8 +205,9 @@ impl Meta {
         self.copied_holds(storage, host, CopiedEntry::Data { l2_entry })
     }
 
-    /// Whether an allocation must wait for the deferred frees to be applied:
-    /// one of them leaves a cluster free below the first free one. QEMU
+    /// Whether an allocation of `n` clusters must wait for the deferred
+    /// frees to be applied: one of them leaves a cluster free below the
+    /// first run of `n` free ones (it may complete a lower run). QEMU
     /// frees at once and allocates the lowest free clusters, so images
     /// written the same way get the same layout (`qemu-img map` offsets)
     /// only if freed clusters are reused as soon as QEMU reuses them. A
@@ -214,7 +215,7 @@ impl Meta {
     /// may still point at it (a crash would show the new owner's data
     /// there), so the caller flushes, which makes the table changes durable
     /// before it applies the frees, and plans again.
-    pub(crate) fn reclaim_first(&mut self, storage: &dyn Storage) -> Result<bool> {
+    pub(crate) fn reclaim_first(&mut self, storage: &dyn Storage, n: u64) -> Result<bool> {
         if self.pending_frees.is_empty() {
             return Ok(false);
         }
@@ -224,7 +225,7 @@ impl Meta {
         };
         // Where the search fails, so does the allocation that follows,
         // which reports it in its own words.
-        Ok(self.refcounts.first_free(storage).is_ok_and(|first| lowest < first))
+        Ok(self.refcounts.first_free_run(storage, n).is_ok_and(|first| lowest < first))
     }
 
     /// [`Meta::reclaim_first`] for a zero write at `at`, asked before its
@@ -233,7 +234,7 @@ impl Meta {
     /// the step itself meets it and reports it.
     pub(crate) fn reclaim_for_table(&mut self, storage: &dyn Storage, at: GuestOffset) -> bool {
         let l1_index = self.geometry.l1_index(at);
-        matches!(self.l2_needs_alloc(l1_index), Ok(true)) && matches!(self.reclaim_first(storage), Ok(true))
+        matches!(self.l2_needs_alloc(l1_index), Ok(true)) && matches!(self.reclaim_first(storage, 1), Ok(true))
     }
 
     /// Whether the L2 table of `l1_index` must be allocated (or copied) for
@@ -409,7 +410,7 @@ impl Meta {
             return Ok(WritePlan::Wait);
         }
         let l1_index = g.l1_index(GuestOffset(offset));
-        if self.l2_needs_alloc(l1_index)? && self.reclaim_first(storage)? {
+        if self.l2_needs_alloc(l1_index)? && self.reclaim_first(storage, 1)? {
             return Ok(WritePlan::Reclaim);
         }
         let table = self.ensure_l2_for_write(storage, l1_index)?;
@@ -440,9 +441,6 @@ impl Meta {
         let w = WriteStart { offset, end, first, table, index, limit, mapping: m0, bitmap: b0 };
         if let (true, L2Mapping::Normal { host, .. }) = (self.writable_in_place(storage, table, index, m0)?, m0) {
             return self.plan_in_place(storage, &w, host);
-        }
-        if self.data_file.is_none() && self.reclaim_first(storage)? {
-            return Ok(WritePlan::Reclaim);
         }
         self.plan_allocation(storage, &w)
     }
@@ -517,7 +515,6 @@ impl Meta {
         let in_cluster = g.offset_in_cluster(offset);
         let external = self.data_file.is_some();
         // Allocate a run of clusters that all need allocation.
-        self.mark_dirty(storage)?;
         let mut count = 1;
         let (mut last_mapping, mut last_bitmap) = (m0, b0);
         while first + count <= limit && !self.inflight_overlaps(first + count, 1) {
@@ -529,6 +526,10 @@ impl Meta {
             (last_mapping, last_bitmap) = (m, b);
             count += 1;
         }
+        if !external && self.reclaim_first(storage, count)? {
+            return Ok(WritePlan::Reclaim);
+        }
+        self.mark_dirty(storage)?;
         let host = if external {
             // QEMU's rule for data files: the cluster lives at its guest
             // offset, and has no refcount in the image file.
@@ -632,7 +633,7 @@ impl Meta {
         let l1_index = g.l1_index(GuestOffset(offset));
         // Packing into the current cluster allocates nothing, but a flush
         // for nothing is cheaper than predicting `alloc_bytes`.
-        if self.reclaim_first(storage)? {
+        if self.reclaim_first(storage, 1)? {
             return Ok(CompressedPlan::Reclaim);
         }
         let table = self.ensure_l2_for_write(storage, l1_index)?;

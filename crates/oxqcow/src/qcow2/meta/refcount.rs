@@ -329,9 +329,13 @@ impl Refcounts {
         Ok(start)
     }
 
-    /// The first free cluster, where the next allocation of one cluster goes.
-    pub(crate) fn first_free(&mut self, storage: &dyn Storage) -> Result<u64> {
-        self.find_free(storage, 1)
+    /// The first cluster of the first run of `n` free clusters, where the
+    /// next allocation of `n` clusters would go. Only a look: the search
+    /// hint stays where it was (an allocation moves it past the clusters
+    /// it passes over, as QEMU's free_cluster_index, which a look must
+    /// not do).
+    pub(crate) fn first_free_run(&mut self, storage: &dyn Storage, n: u64) -> Result<u64> {
+        Ok(self.find_free_run(storage, self.free_hint, n)?.0)
     }
 
     /// The first run of `n` free clusters at or after `from`, and the
