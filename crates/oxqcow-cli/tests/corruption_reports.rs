@@ -290,3 +290,25 @@ fn read_only_opens_take_tables_past_the_end_of_the_file() {
         assert_ne!(q.0 + o.0, 0, "{what}: a write must fail in both: {q:?} {o:?}");
     }
 }
+
+// Guards against read-only opens refusing an image for a damaged refcount
+// table entry (a block outside the image, reserved bits): QEMU opens it
+// and only what needs the block fails, so info, map, convert and check
+// work. (A read-write open still refuses it: see `Refcounts::load`.)
+#[test]
+fn read_only_opens_take_damaged_refcount_table_entries() {
+    for entry in [0x00ff_ffff_0000_0000u64, 0x10_0000_0000, 0x0000_0000_0002_0001] {
+        let setup = written_image(&[]);
+        patch(&setup.path().join("t.qcow2"), REFCOUNT_TABLE + 8, &entry.to_be_bytes());
+        let p = Pair::from(setup.path());
+        for args in [
+            &["info", "t.qcow2"][..],
+            &["map", "--output=json", "t.qcow2"],
+            &["convert", "-O", "raw", "t.qcow2", "t.raw"],
+            &["check", "t.qcow2"],
+        ] {
+            same(&p, "qemu-img", args);
+        }
+        p.same_files(&[&format!("{entry:#x}")]);
+    }
+}

@@ -175,7 +175,10 @@ impl Meta {
             header.refcount_table_clusters,
             rc_tables,
             file_len,
-            opts.repair,
+            // Read-only, nothing is allocated from the refcounts: a damaged
+            // refcount table entry is no reason to refuse the image (QEMU
+            // opens it and fails only what needs the block).
+            opts.repair || read_only,
         )?;
         // QEMU opens an image for a check without its snapshot table (the
         // check reads and repairs it); a table that reads is kept, so the

@@ -63,7 +63,12 @@ impl Refcounts {
         self.blocks.clean_unused()
     }
 
-    /// Reads the refcount table.
+    /// Reads the refcount table. A damaged entry (reserved bits, a block
+    /// outside the image) refuses the image unless `tolerant` (the opens
+    /// for check and read-only opens, which allocate nothing): then its
+    /// refcounts read as zeros. QEMU opens such an image read-write too and
+    /// fails only what needs the block; a read-write open here refuses it,
+    /// rather than trust the other entries of a table known to be damaged.
     pub(crate) fn load(
         storage: &dyn Storage,
         geometry: Geometry,
