@@ -155,7 +155,7 @@ fn invalid_subcluster_bitmaps_are_reported_as_qemu_reports_them() {
 // Guards against `map` failing as a whole at the first window holding a
 // damaged entry: qemu-img prints the extents before it, then
 // "Could not read file metadata: Input/output error" after the corruption
-// report, and stops.
+// report, and stops; qemu-io's map prints its runs up to the damage.
 #[test]
 fn map_prints_what_lies_before_a_damaged_entry() {
     let setup = tempfile::tempdir().unwrap();
@@ -176,6 +176,9 @@ fn map_prints_what_lies_before_a_damaged_entry() {
         // The report, the error and the three extents before the damage.
         assert!(out.contains("Could not read file metadata: Input/output error") && out.lines().count() >= 5, "{out}");
     }
+    // qemu-io's map prints the runs up to the damage, the last one cut there.
+    let out = same(&p, "qemu-io", &["-r", "-c", "map", "t.qcow2"]);
+    assert!(out.contains("Failed to get allocation status: Input/output error") && out.lines().count() >= 6, "{out}");
     p.same_files(&["map"]);
 }
 

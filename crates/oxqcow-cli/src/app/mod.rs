@@ -7,6 +7,7 @@
 //! round (`tests/layers.rs` checks it).
 
 pub mod backing_protocols;
+pub mod block_status;
 pub mod common_opts;
 pub mod ctx;
 pub mod forbid_backing;

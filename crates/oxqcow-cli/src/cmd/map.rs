@@ -12,6 +12,7 @@
 
 use oxqcow::{BlockDevice, Extent};
 
+use crate::app::block_status::status_up_to_error;
 use crate::app::ctx::Ctx;
 use crate::app::forbid_backing::FORBID_BACKING;
 use crate::app::getopt::{self, HasArg, Opt};
@@ -180,23 +181,6 @@ fn data_filenames(image: &oxqcow::Image, mut files: Vec<String>) -> Vec<String> 
         layer = q.backing().map(|b| &**b);
     }
     files
-}
-
-/// The extents of `[offset, offset + len)`, or of the part before the
-/// first sector whose status cannot be read. qemu-img's map asks for one
-/// run of clusters at a time and prints what it learnt before the run that
-/// fails, so a window that fails is halved until the failure is found; the
-/// error comes once the window's first sector fails.
-fn status_up_to_error(image: &dyn BlockDevice, offset: u64, len: u64) -> oxqcow::Result<Vec<Extent>> {
-    const SECTOR: u64 = 512;
-    let mut len = len;
-    loop {
-        match image.block_status(offset, len) {
-            Ok(extents) => return Ok(extents),
-            Err(e) if len <= SECTOR => return Err(e),
-            Err(_) => len = (len / 2).next_multiple_of(SECTOR).min(len - SECTOR),
-        }
-    }
 }
 
 /// Prints the map of `[start, end)`, merging and printing as qemu-img does.

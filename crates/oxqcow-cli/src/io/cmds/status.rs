@@ -3,6 +3,8 @@
 
 use oxqcow::{BlockDevice, Image};
 
+use crate::app::block_status::status_up_to_error;
+
 use crate::app::messages::errno_text;
 use crate::io::cmds::args::{cmd, image, num, opened, CmdInfo};
 use crate::io::report::human_size;
@@ -22,24 +24,30 @@ pub const LENGTH: CmdInfo = cmd("length", Some("l"), 0, Some(0), None, "gets the
 pub const MAP: CmdInfo = cmd("map", None, 0, Some(0), Some(""), "prints the allocated areas of a file", map);
 
 /// Runs of `[offset, offset + len)` as (length, allocated in this image),
-/// merged as qemu-io merges `bdrv_is_allocated` answers.
-fn allocation(img: &Image, offset: u64, len: u64) -> oxqcow::Result<Vec<(u64, bool)>> {
+/// merged as qemu-io merges `bdrv_is_allocated` answers, up to the first
+/// sector whose status cannot be read; then also the error.
+fn allocation(img: &Image, offset: u64, len: u64) -> (Vec<(u64, bool)>, Option<oxqcow::Error>) {
     let mut runs: Vec<(u64, bool)> = Vec::new();
     // Ask in bounded pieces so huge images need bounded memory.
     const PIECE: u64 = 1 << 40;
     let mut pos = offset;
     while pos < offset + len {
         let n = PIECE.min(offset + len - pos);
-        for e in img.block_status(pos, n)? {
+        let extents = match status_up_to_error(img, pos, n) {
+            Ok(extents) if !extents.is_empty() => extents,
+            Ok(_) => return (runs, Some(oxqcow::Error::Corrupt("block status described nothing".into()))),
+            Err(e) => return (runs, Some(e)),
+        };
+        for e in extents {
             let allocated = e.present && e.depth == 0;
             match runs.last_mut() {
                 Some((l, a)) if *a == allocated => *l += e.length,
                 _ => runs.push((e.length, allocated)),
             }
+            pos = e.offset + e.length;
         }
-        pos += n;
     }
-    Ok(runs)
+    (runs, None)
 }
 
 fn alloc(s: &mut Session, _: &CmdInfo, argv: &[String]) -> CmdResult {
@@ -51,10 +59,13 @@ fn alloc(s: &mut Session, _: &CmdInfo, argv: &[String]) -> CmdResult {
     let img = image(s);
     let size = img.len();
     count = if start >= size { 0 } else { count.min(size - start) };
-    let runs = allocation(img, start, count).map_err(|e| {
-        println!("is_allocated failed: {}", errno_text(&e));
-        Failed
-    })?;
+    let runs = match allocation(img, start, count) {
+        (runs, None) => runs,
+        (_, Some(e)) => {
+            println!("is_allocated failed: {}", errno_text(&e));
+            return Err(Failed);
+        }
+    };
     let allocated: u64 = runs.iter().filter(|r| r.1).map(|r| r.0).sum();
     println!("{allocated}/{count} bytes allocated at offset {}", human_size(start as f64));
     Ok(())
@@ -62,10 +73,8 @@ fn alloc(s: &mut Session, _: &CmdInfo, argv: &[String]) -> CmdResult {
 
 fn map(s: &mut Session, _: &CmdInfo, _: &[String]) -> CmdResult {
     let img = image(s);
-    let runs = allocation(img, 0, img.len()).map_err(|e| {
-        s.ctx.error(&format!("Failed to get allocation status: {}", errno_text(&e)));
-        Failed
-    })?;
+    // The runs before a failure are printed, then the failure.
+    let (runs, failure) = allocation(img, 0, img.len());
     let mut offset = 0u64;
     for (len, allocated) in runs {
         println!(
@@ -76,7 +85,13 @@ fn map(s: &mut Session, _: &CmdInfo, _: &[String]) -> CmdResult {
         );
         offset += len;
     }
-    Ok(())
+    match failure {
+        None => Ok(()),
+        Some(e) => {
+            s.ctx.error(&format!("Failed to get allocation status: {}", errno_text(&e)));
+            Err(Failed)
+        }
+    }
 }
 
 fn length(s: &mut Session, _: &CmdInfo, _: &[String]) -> CmdResult {
