@@ -46,7 +46,7 @@ fn u64_at(path: &Path, offset: u64) -> u64 {
     u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap())
 }
 
-/// A 64 MiB image with 64 KiB of data at offset 0, made by QEMU in a
+/// A 64 MiB image with data in its first two clusters, made by QEMU in a
 /// directory of its own; `extra` are more qemu-img create options.
 fn written_image(extra: &[&str]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
