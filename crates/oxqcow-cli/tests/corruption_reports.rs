@@ -315,3 +315,26 @@ fn read_only_opens_take_damaged_refcount_table_entries() {
         p.same_files(&[&format!("{entry:#x}")]);
     }
 }
+
+// Guards against the open for check and read-only opens refusing a
+// refcount table placed on the header ("Reference count table at offset
+// 0x0 overlaps the image header"): QEMU opens such an image, so info and
+// map work and check reports what it finds. Read-write opens still refuse
+// it. `check -r all` repairs it (QEMU's repair also grows the file to
+// 4 GiB; oxqcow's does not, so only the result's consistency is compared).
+#[test]
+fn a_refcount_table_on_the_header_is_read_and_repaired() {
+    let setup = written_image(&[]);
+    patch(&setup.path().join("t.qcow2"), 48, &0u64.to_be_bytes());
+    let p = Pair::from(setup.path());
+    for args in [&["info", "t.qcow2"][..], &["map", "--output=json", "t.qcow2"], &["check", "t.qcow2"]] {
+        same(&p, "qemu-img", args);
+    }
+    let (code, out) = joined(&p.ox, false, "qemu-io", &["-c", "write 0 4k", "t.qcow2"]);
+    assert!(code != 0 && out.contains("overlaps the image header"), "{out}");
+    let (code, out) = joined(&p.ox, false, "qemu-img", &["check", "-r", "all", "t.qcow2"]);
+    assert!(code == 0 && out.contains("No errors were found on the image."), "{out}");
+    must(&p.ox, qemu_img(), &["check", "t.qcow2"]);
+    let o = must(&p.ox, qemu_img(), &["compare", "-f", "qcow2", "-F", "qcow2", "t.qcow2", "../qemu/t.qcow2"]);
+    assert_eq!(o.stdout, "Images are identical.\n");
+}

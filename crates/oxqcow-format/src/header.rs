@@ -475,9 +475,10 @@ impl Header {
     /// entries as zeros (unallocated), which is what lets `check -r all`
     /// repair such an image, so the engine reads it that way too. With
     /// `past_eof_as_zeros` (the opens of `check` and read-only opens) the
-    /// refcount table may run past the end as well, read as zeros, so that
-    /// check reports such an image as QEMU's does and its repair rebuilds
-    /// the refcounts, and a truncated image can be read and converted.
+    /// refcount table may run past the end as well, read as zeros, or lie
+    /// on the header, so that check reports such an image as QEMU's does
+    /// and its repair rebuilds the refcounts, and a damaged or truncated
+    /// image can be read and converted.
     pub fn validate_against_file(&self, file_len: u64, past_eof_as_zeros: bool) -> Result<(), FormatError> {
         let cs = self.cluster_size();
         let tables = [
@@ -488,7 +489,7 @@ impl Header {
             if length == 0 {
                 continue;
             }
-            if offset == 0 {
+            if offset == 0 && !(inside && past_eof_as_zeros) {
                 return Err(FormatError::TableOverlapsHeader { table, offset });
             }
             if inside && !past_eof_as_zeros && offset + length > file_len {
